@@ -1,7 +1,7 @@
 """User-facing errors: one line that names the file/field and what was expected.
 
 Entry scripts wrap ``main`` with :func:`run_cli`; any :class:`SATError` is then printed as a single
-``error: ...`` line on stderr and the process exits with status 2, without a traceback.
+``error: ...`` message on stderr (one line; a list of mismatches adds one line per item) and the process exits with status 2, without a traceback.
 """
 import sys
 
@@ -27,7 +27,6 @@ def run_cli(main, argv=None):
     try:
         result = main(argv)
     except SATError as err:
-        message = " ".join(str(err).split("\n")) if "\n" not in str(err).strip() else str(err).strip()
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     return result

@@ -1,0 +1,281 @@
+"""SAT: DeiT vision transformer with a spatial-aware token (Wu et al., ICCV 2023).
+
+The token sequence is ``[cls, patch_1 .. patch_N, spatial]``. In every spatial-aware block the spatial
+token's attention logits over all keys, averaged over heads and squashed by a sigmoid, give a foreground
+probability ``P`` per token; the attention weights of every query to key ``k`` are multiplied by
+``P[k]``. This equals ``softmax(A) @ (P * V)``, so the fused path keeps scaled-dot-product attention
+kernels. The localization map is the mean of ``P`` over the spatial-aware blocks at the patch positions;
+classification is a 3x3 conv over the patch grid followed by global average pooling.
+"""
+import logging
+import os
+from functools import partial
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers.attention import Attention
+from timm.models import build_model_with_cfg, register_model
+from timm.models._registry import generate_default_cfgs
+from timm.models.vision_transformer import Block
+
+from utils.errors import CheckpointError
+
+__all__ = ["SATVisionTransformer", "SpatialAwareAttention", "SATBlock", "checkpoint_filter_fn"]
+
+_logger = logging.getLogger(__name__)
+
+ATTENTION_IMPLS = ("fused", "naive")
+
+
+class SpatialAwareAttention(Attention):
+    """Multi-head self-attention that can gate keys by the spatial token's foreground probability.
+
+    ``impl='fused'`` folds the probability into the values and calls
+    ``F.scaled_dot_product_attention``; ``impl='naive'`` builds the explicit attention matrix and
+    multiplies it after the softmax, as the official code does (reference for tests and benchmarks).
+    """
+
+    def __init__(self, *args, impl: str = "fused", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor, spatial_aware: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        prob = None
+        if spatial_aware:
+            # logits of the spatial (last) query over all keys, averaged over heads: (B, N)
+            spatial_logits = (q[:, :, -1:, :] * self.scale) @ k.transpose(-2, -1)
+            prob = spatial_logits.mean(dim=1).squeeze(1).sigmoid()
+        drop_p = self.attn_drop.p if self.training else 0.0
+        if self.impl == "fused":
+            if prob is not None:
+                v = v * prob[:, None, :, None].to(v.dtype)
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop_p)
+        else:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            attn = self.attn_drop(attn)
+            if prob is not None:
+                attn = attn * prob[:, None, None, :].to(attn.dtype)
+            x = attn @ v
+        x = self.proj(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        return self.proj_drop(x), prob
+
+
+class SATBlock(Block):
+    """timm pre-norm transformer block whose attention also returns the spatial probability."""
+
+    def __init__(self, dim: int, num_heads: int, spatial_aware: bool = False, **kwargs):
+        super().__init__(dim, num_heads, attn_layer=SpatialAwareAttention, **kwargs)
+        self.spatial_aware = spatial_aware
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        y, prob = self.attn(self.norm1(x), spatial_aware=self.spatial_aware)
+        x = x + self.drop_path1(self.ls1(y))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, prob
+
+
+class SATVisionTransformer(nn.Module):
+    """DeiT backbone + spatial-aware token + conv classification head.
+
+    ``forward(images)`` returns ``(logits, maps)``: logits (B, num_classes) and the fused localization
+    map (B, grid_h, grid_w) of raw sigmoid probabilities. ``forward(images, return_block_maps=True)``
+    adds the per-block maps (B, num_spatial_blocks, grid_h, grid_w).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        num_spatial_blocks: int = 3,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        attn_impl: str = "fused",
+    ):
+        super().__init__()
+        if not 1 <= num_spatial_blocks <= depth:
+            raise ValueError(f"num_spatial_blocks must be in [1, {depth}], got {num_spatial_blocks}")
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.num_spatial_blocks = num_spatial_blocks
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.grid_size = self.patch_embed.grid_size
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.loc_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.loc_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        first_spatial = depth - num_spatial_blocks
+        self.blocks = nn.ModuleList([
+            SATBlock(
+                embed_dim, num_heads, spatial_aware=i >= first_spatial,
+                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[i], norm_layer=norm_layer,
+            )
+            for i in range(depth)
+        ])
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Conv2d(embed_dim, num_classes, kernel_size=3, padding=1)
+        self.set_attention_impl(attn_impl)
+        self._init_weights()
+
+    def _init_weights(self):
+        for p in (self.cls_token, self.loc_token, self.pos_embed, self.loc_embed):
+            trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def set_attention_impl(self, impl: str):
+        """Switch every block between ``'fused'`` (SDPA, mask folded into V) and ``'naive'``."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        for block in self.blocks:
+            block.attn.impl = impl
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"cls_token", "loc_token", "pos_embed", "loc_embed"}
+
+    def spatial_parameters(self) -> List[nn.Parameter]:
+        """Parameters of the spatial token, its embedding, the spatial-aware blocks and the head."""
+        params = [self.loc_token, self.loc_embed]
+        for block in self.blocks:
+            if block.spatial_aware:
+                params += list(block.parameters())
+        return params + list(self.norm.parameters()) + list(self.head.parameters())
+
+    def forward(self, x: torch.Tensor, return_block_maps: bool = False):
+        B = x.shape[0]
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
+        x = torch.cat([x, (self.loc_token + self.loc_embed).expand(B, -1, -1)], dim=1)
+        x = self.pos_drop(x)
+        probs = []
+        for block in self.blocks:
+            x, prob = block(x)
+            if prob is not None:
+                probs.append(prob[:, 1:-1])
+        x = self.norm(x)
+        gh, gw = self.grid_size
+        patches = x[:, 1:-1].transpose(1, 2).reshape(B, self.embed_dim, gh, gw)
+        logits = self.head(patches).mean(dim=(2, 3))
+        block_maps = torch.stack(probs, dim=1).reshape(B, len(probs), gh, gw)
+        maps = block_maps.mean(dim=1)
+        if return_block_maps:
+            return logits, maps, block_maps
+        return logits, maps
+
+
+def checkpoint_filter_fn(state_dict: dict, model: SATVisionTransformer) -> dict:
+    """Adapt a DeiT / timm ViT (or SAT) state dict to ``model``.
+
+    Unwraps a ``'model'`` key, strips ``module.`` prefixes, drops the classifier and the official
+    smoothing kernel (``weight``) and resamples ``pos_embed`` to the model's grid. The keys of ``model``
+    that stay uninitialised are logged and stored in ``model.newly_initialized_keys``.
+    """
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    own = model.state_dict()
+    out, mismatched = {}, []
+    for key, value in state_dict.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        if key not in own or key.startswith("head."):
+            continue
+        if key == "pos_embed" and value.shape != own[key].shape:
+            value = resample_abs_pos_embed(value, new_size=model.grid_size, num_prefix_tokens=1)
+        if value.shape != own[key].shape:
+            mismatched.append(f"  {key}: pretrained {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+        out[key] = value
+    if mismatched:
+        raise CheckpointError("pretrained weights do not fit the model (wrong DeiT size?):\n" + "\n".join(mismatched))
+    model.newly_initialized_keys = sorted(k for k in own if k not in out)
+    _logger.info("pretrained weights: newly initialised keys: %s", ", ".join(model.newly_initialized_keys))
+    return out
+
+
+def _cfg(deit_name: str = "", **kwargs) -> dict:
+    return {
+        "hf_hub_id": f"timm/{deit_name}.fb_in1k" if deit_name else None,
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
+        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "deit_sat_tiny_patch16_224.fb_in1k": _cfg("deit_tiny_patch16_224"),
+    "deit_sat_small_patch16_224.fb_in1k": _cfg("deit_small_patch16_224"),
+    "deit_sat_base_patch16_224.fb_in1k": _cfg("deit_base_patch16_224"),
+    "deit_sat_nano_patch16_224.untrained": _cfg(),
+})
+
+
+def _create_sat(variant: str, pretrained=False, **kwargs) -> SATVisionTransformer:
+    """Build through timm's builder. ``pretrained`` is False, True (DeiT weights via timm) or a file path."""
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    if isinstance(pretrained, (str, bytes)) or hasattr(pretrained, "__fspath__"):
+        if not os.path.isfile(pretrained):
+            raise CheckpointError(f"pretrained weights {pretrained}: file not found")
+        overlay = dict(overlay or {}, file=str(pretrained), source="file", hf_hub_id=None)
+        pretrained = True
+    return build_model_with_cfg(
+        SATVisionTransformer, variant, pretrained,
+        pretrained_cfg_overlay=overlay,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_strict=False,
+        **kwargs,
+    )
+
+
+@register_model
+def deit_sat_tiny_patch16_224(pretrained=False, **kwargs) -> SATVisionTransformer:
+    """SAT on DeiT-Tiny: dim 192, 3 heads, depth 12."""
+    args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_sat("deit_sat_tiny_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def deit_sat_small_patch16_224(pretrained=False, **kwargs) -> SATVisionTransformer:
+    """SAT on DeiT-Small: dim 384, 6 heads, depth 12."""
+    args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_sat("deit_sat_small_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def deit_sat_base_patch16_224(pretrained=False, **kwargs) -> SATVisionTransformer:
+    """SAT on DeiT-Base: dim 768, 12 heads, depth 12."""
+    args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_sat("deit_sat_base_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def deit_sat_nano_patch16_224(pretrained=False, **kwargs) -> SATVisionTransformer:
+    """CPU-friendly demo size: dim 96, 3 heads, depth 6 (last 3 spatial-aware); no pretrained weights."""
+    args = dict(patch_size=16, embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.0)
+    return _create_sat("deit_sat_nano_patch16_224", pretrained, **dict(args, **kwargs))

@@ -1,0 +1,228 @@
+"""SAT model: official-checkpoint equivalence, registration, pretrained files, attention paths, errors."""
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import Model
+from Model import build_model, list_archs
+from Model.losses import (area_per_image, batch_area_loss, gaussian_kernel_3x3, normalization_loss,
+                          normalization_per_image, sat_loss)
+from utils.checkpoint import build_model_from_checkpoint, load_checkpoint, model_spec, save_checkpoint
+from utils.errors import CheckpointError, ConfigError
+
+from conftest import REPO_ROOT
+
+TINY = "deit_sat_tiny_patch16_224"
+NANO = "deit_sat_nano_patch16_224"
+OFFICIAL_CKPT = "sat_tiny_original_format.pth.tar"
+
+
+@pytest.fixture(scope="module")
+def official(original_sat_dir):
+    outputs = torch.load(original_sat_dir / "sat_tiny_outputs.pt")
+    return original_sat_dir / OFFICIAL_CKPT, outputs
+
+
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_official_checkpoint_reproduces_official_outputs(official, impl):
+    path, out = official
+    model = build_model(TINY, num_classes=10, attn_impl=impl)
+    meta = load_checkpoint(path, model)
+    assert meta == {"best_thr": 0.4, "epoch": 30}
+    model.eval()
+    with torch.no_grad():
+        logits, maps = model(out["input"])
+    torch.testing.assert_close(logits, out["logits_test"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(maps, out["maps_test"], atol=1e-5, rtol=0)
+    model.train()  # all drop rates are 0: train mode is deterministic
+    with torch.no_grad():
+        logits, maps = model(out["input"])
+    torch.testing.assert_close(logits, out["logits_train"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(area_per_image(maps), out["batch_area_per_image"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(normalization_per_image(maps), out["norm_per_image"], atol=1e-5, rtol=0)
+
+
+def test_official_checkpoint_rebuilds_with_arch_flag_only(official):
+    path, out = official
+    model, meta = build_model_from_checkpoint(path, arch=TINY)
+    assert model.num_classes == 10 and meta["epoch"] == 30
+
+
+def test_official_checkpoint_without_arch_asks_for_it(official):
+    with pytest.raises(CheckpointError, match="--arch"):
+        build_model_from_checkpoint(official[0])
+
+
+def test_kernel_matches_spec():
+    expected = torch.tensor([[0.0026284619, 0.0460116034, 0.0026284619],
+                             [0.0460116034, 0.8054397389, 0.0460116034],
+                             [0.0026284619, 0.0460116034, 0.0026284619]])
+    torch.testing.assert_close(gaussian_kernel_3x3()[0, 0], expected, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("arch,dim,heads", [
+    ("deit_sat_tiny_patch16_224", 192, 3),
+    ("deit_sat_small_patch16_224", 384, 6),
+    ("deit_sat_base_patch16_224", 768, 12),
+])
+def test_registered_archs_have_deit_dims_and_official_keys(arch, dim, heads):
+    model = timm.create_model(arch, num_classes=7)
+    assert model.embed_dim == dim and model.blocks[0].attn.num_heads == heads
+    assert [b.spatial_aware for b in model.blocks] == [False] * 9 + [True] * 3
+    keys = model.state_dict().keys()
+    assert len(keys) == 154  # official 155 minus the loss kernel ``weight``
+    assert model.head.weight.shape == (7, dim, 3, 3)
+    assert model.pretrained_cfg["hf_hub_id"] == f"timm/{arch.replace('_sat', '')}.fb_in1k"
+
+
+def test_list_archs_and_timm_registration():
+    assert set(list_archs()) == {TINY, NANO, "deit_sat_small_patch16_224", "deit_sat_base_patch16_224"}
+    assert all(name in timm.list_models("deit_sat_*") for name in list_archs())
+
+
+def test_forward_contract_shapes_and_range():
+    model = build_model(NANO, num_classes=4, img_size=112).eval()
+    with torch.no_grad():
+        logits, maps, block_maps = model(torch.randn(2, 3, 112, 112), return_block_maps=True)
+    assert logits.shape == (2, 4) and maps.shape == (2, 7, 7) and block_maps.shape == (2, 3, 7, 7)
+    assert (maps > 0).all() and (maps < 1).all()
+    torch.testing.assert_close(block_maps.mean(dim=1), maps)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_number_of_spatial_blocks(n):
+    model = build_model(NANO, num_classes=3, num_spatial_blocks=n)
+    assert sum(b.spatial_aware for b in model.blocks) == n
+    assert [b.spatial_aware for b in model.blocks][-n:] == [True] * n
+    _, _, block_maps = model(torch.randn(1, 3, 224, 224), return_block_maps=True)
+    assert block_maps.shape[1] == n
+
+
+def test_bad_number_of_spatial_blocks():
+    with pytest.raises(ValueError, match="num_spatial_blocks"):
+        build_model(NANO, num_classes=3, num_spatial_blocks=7)
+
+
+def test_fused_equals_naive_attention_fp32_with_gradients():
+    torch.manual_seed(0)
+    model = build_model(NANO, num_classes=5)
+    x = torch.randn(3, 3, 224, 224)
+    target = torch.tensor([0, 3, 4])
+    results = []
+    for impl in ("fused", "naive"):
+        model.set_attention_impl(impl)
+        model.zero_grad()
+        logits, maps = model(x)
+        sat_loss(logits, maps, target, area_thr=0.25)["loss"].backward()
+        results.append((logits.detach(), maps.detach(), model.loc_token.grad.clone(), model.blocks[-1].attn.qkv.weight.grad.clone()))
+    for fused, naive in zip(*results):
+        torch.testing.assert_close(fused, naive, atol=1e-5, rtol=1e-4)
+
+
+def test_spatial_probability_only_in_spatial_blocks():
+    model = build_model(NANO, num_classes=2)
+    x = torch.randn(1, 197 + 1, model.embed_dim)
+    for block in model.blocks:
+        _, prob = block(x)
+        assert (prob is not None) == block.spatial_aware
+
+
+def test_unknown_arch_lists_known_ones():
+    with pytest.raises(ConfigError) as err:
+        build_model("deit_sat_huge")
+    for name in list_archs():
+        assert name in str(err.value)
+
+
+def test_pretrained_local_deit_file(tmp_path):
+    torch.manual_seed(1)
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    path = tmp_path / "deit_tiny.pth"
+    torch.save({"model": deit.state_dict()}, path)
+    model = build_model(TINY, num_classes=20, pretrained=str(path))
+    assert model.newly_initialized_keys == ["head.bias", "head.weight", "loc_embed", "loc_token"]
+    torch.testing.assert_close(model.blocks[5].mlp.fc1.weight, deit.blocks[5].mlp.fc1.weight)
+    torch.testing.assert_close(model.pos_embed, deit.pos_embed)
+    # a bare timm state dict with DataParallel prefixes works too
+    torch.save({f"module.{k}": v for k, v in deit.state_dict().items()}, path)
+    bare = build_model(TINY, num_classes=20, pretrained=path)
+    torch.testing.assert_close(bare.cls_token, deit.cls_token)
+
+
+def test_pretrained_file_of_wrong_size_names_keys(tmp_path):
+    deit = timm.create_model("deit_small_patch16_224", pretrained=False)
+    path = tmp_path / "deit_small.pth"
+    torch.save(deit.state_dict(), path)
+    with pytest.raises(CheckpointError, match="patch_embed.proj.weight: pretrained"):
+        build_model(TINY, num_classes=20, pretrained=path)
+
+
+def test_pretrained_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        build_model(TINY, pretrained=str(tmp_path / "nope.pth"))
+
+
+def test_pretrained_pos_embed_resampled_for_other_img_size(tmp_path):
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    path = tmp_path / "deit.pth"
+    torch.save(deit.state_dict(), path)
+    model = build_model(TINY, num_classes=3, img_size=160, pretrained=path)
+    assert model.pos_embed.shape == (1, 101, 192)
+
+
+def test_own_checkpoint_roundtrip_records_model_spec(tmp_path):
+    model = build_model(NANO, num_classes=3, img_size=112, num_spatial_blocks=2)
+    path = tmp_path / "ckpt" / "last.pth"
+    save_checkpoint(dict(model_spec(model, NANO, ["a", "b", "c"], num_spatial_blocks=2),
+                         model=model.state_dict(), epoch=2, best_thr=0.35), path)
+    assert [p.name for p in path.parent.iterdir()] == ["last.pth"]  # no temp files left
+    rebuilt, meta = build_model_from_checkpoint(path)
+    assert meta["class_names"] == ["a", "b", "c"] and meta["epoch"] == 2 and meta["best_thr"] == 0.35
+    assert rebuilt.num_spatial_blocks == 2 and rebuilt.grid_size == (7, 7)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, rebuilt.state_dict()[key])
+
+
+def test_checkpoint_shape_mismatch_lists_each_key(tmp_path, official):
+    model = build_model(TINY, num_classes=12)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(official[0], model)
+    lines = str(err.value).splitlines()
+    assert OFFICIAL_CKPT in lines[0]
+    assert sorted(lines[1:]) == ["  head.bias: checkpoint (10,) vs model (12,)",
+                                 "  head.weight: checkpoint (10, 192, 3, 3) vs model (12, 192, 3, 3)"]
+
+
+def test_not_a_checkpoint_names_the_file(tmp_path):
+    bogus = tmp_path / "notes.pth"
+    bogus.write_text("hello")
+    with pytest.raises(CheckpointError, match="notes.pth is not a readable checkpoint"):
+        load_checkpoint(bogus, build_model(NANO, num_classes=2))
+    torch.save([1, 2, 3], bogus)
+    with pytest.raises(CheckpointError, match="notes.pth is not a checkpoint"):
+        load_checkpoint(bogus, build_model(NANO, num_classes=2))
+
+
+def test_losses_match_definitions():
+    maps = torch.rand(4, 14, 14)
+    assert torch.isclose(batch_area_loss(maps, 0.25), (maps.mean(dim=(1, 2)).mean() - 0.25).abs())
+    # area loss is the deviation of the batch mean, not the mean deviation
+    half = torch.stack([torch.zeros(14, 14), torch.ones(14, 14)])
+    assert batch_area_loss(half, 0.5) == 0
+    assert normalization_loss(torch.zeros(2, 5, 5)) == 0
+    smoothed = torch.nn.functional.conv2d(maps[:, None], gaussian_kernel_3x3(), padding=1)
+    assert torch.isclose(normalization_loss(maps), ((1 - smoothed) * smoothed).mean())
+    logits, target = torch.randn(4, 6), torch.tensor([0, 1, 2, 5])
+    terms = sat_loss(logits, maps, target, 0.3)
+    expected = torch.nn.functional.cross_entropy(logits, target) + batch_area_loss(maps, 0.3) + normalization_loss(maps)
+    assert torch.isclose(terms["loss"], expected)
+    assert set(terms) == {"loss", "ce", "area", "norm"}
+
+
+def test_import_model_registers_in_fresh_process():
+    code = "import Model, timm; m = timm.create_model('deit_sat_nano_patch16_224', num_classes=2); print(type(m).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "SATVisionTransformer"
