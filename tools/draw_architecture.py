@@ -1,0 +1,88 @@
+"""Draw the SAT architecture diagram shown in the README (img/architecture.png) with OpenCV.
+
+    python tools/draw_architecture.py [--output img/architecture.png]
+"""
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+INK = (40, 40, 40)
+BLUE = (222, 160, 80)      # BGR
+ORANGE = (60, 150, 245)
+GREEN = (110, 190, 90)
+GREY = (215, 215, 215)
+PURPLE = (200, 120, 170)
+
+
+def box(img, x0, y0, x1, y1, fill, text="", scale=0.5, text_color=INK):
+    cv2.rectangle(img, (x0, y0), (x1, y1), fill, -1, cv2.LINE_AA)
+    cv2.rectangle(img, (x0, y0), (x1, y1), INK, 1, cv2.LINE_AA)
+    for i, line in enumerate(text.split("\n")):
+        (w, h), _ = cv2.getTextSize(line, FONT, scale, 1)
+        n = len(text.split("\n"))
+        y = (y0 + y1) // 2 + h // 2 + int((i - (n - 1) / 2) * (h + 6))
+        cv2.putText(img, line, ((x0 + x1 - w) // 2, y), FONT, scale, text_color, 1, cv2.LINE_AA)
+
+
+def arrow(img, p, q, color=INK):
+    cv2.arrowedLine(img, p, q, color, 2, cv2.LINE_AA, tipLength=0.02 * 600 / max(1, int(np.hypot(q[0] - p[0], q[1] - p[1]))))
+
+
+def label(img, text, x, y, scale=0.5, color=INK):
+    cv2.putText(img, text, (x, y), FONT, scale, color, 1, cv2.LINE_AA)
+
+
+def draw() -> np.ndarray:
+    img = np.full((520, 1180, 3), 255, np.uint8)
+    label(img, "SAT: Spatial-Aware Token for weakly supervised object localization", 20, 28, 0.7)
+
+    # token sequence
+    label(img, "tokens", 20, 78)
+    box(img, 90, 60, 130, 92, GREY, "cls", 0.45)
+    for i in range(6):
+        box(img, 135 + 38 * i, 60, 170 + 38 * i, 92, BLUE, "p" if i < 5 else "...", 0.45)
+    box(img, 370, 60, 440, 92, ORANGE, "spatial", 0.45)
+    label(img, "DeiT patch tokens + pos_embed", 135, 54, 0.42)
+    label(img, "+ loc_embed (own)", 360, 54, 0.42)
+
+    # backbone blocks
+    box(img, 90, 140, 440, 190, GREY, "blocks 1 .. L-3: standard self-attention")
+    for j, y in enumerate((215, 285, 355)):
+        box(img, 90, y, 440, y + 50, BLUE, f"spatial-aware block {j + 1}: softmax(QK^T/sqrt(d)) @ (P * V)", 0.45)
+        arrow(img, (440, y + 25), (560, y + 25), ORANGE)
+        box(img, 560, y + 5, 760, y + 45, ORANGE, f"P{j + 1} = sigmoid(mean_h A[spatial, :])", 0.42)
+    for y0, y1 in ((92, 140), (190, 215), (265, 285), (335, 355)):
+        arrow(img, (265, y0), (265, y1))
+
+    # localization branch
+    box(img, 820, 280, 1000, 330, ORANGE, "map M = mean(P1..P3)\npatch positions, 14x14", 0.42)
+    for y in (240, 310, 380):
+        arrow(img, (760, y), (820, 305), ORANGE)
+    box(img, 1030, 220, 1160, 270, PURPLE, "area loss\n|mean(M) - lambda|", 0.42)
+    box(img, 1030, 340, 1160, 390, PURPLE, "norm loss\nmean((1-M')M')", 0.42)
+    arrow(img, (1000, 295), (1030, 250), PURPLE)
+    arrow(img, (1000, 315), (1030, 365), PURPLE)
+
+    # classification branch
+    arrow(img, (265, 405), (265, 430))
+    box(img, 90, 430, 440, 470, GREEN, "LayerNorm -> patch grid -> conv 3x3 -> GAP -> logits", 0.45)
+    arrow(img, (440, 450), (560, 450), GREEN)
+    box(img, 560, 430, 760, 470, PURPLE, "cross-entropy", 0.45)
+    label(img, "P gates every query's attention to key k by P[k] (foreground probability).", 20, 505, 0.45)
+    return img
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "img" / "architecture.png"))
+    args = parser.parse_args(argv)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(args.output, draw())
+    print(args.output)
+
+
+if __name__ == "__main__":
+    main()

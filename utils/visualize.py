@@ -1,0 +1,47 @@
+"""Overlays of localization maps: heat map blended on the image, predicted box (green), GT boxes (red)."""
+from pathlib import Path
+from typing import Optional, Sequence
+
+import cv2
+import numpy as np
+
+PRED_COLOR = (0, 255, 0)  # RGB
+GT_COLOR = (255, 0, 0)
+
+
+def heatmap_overlay(image: np.ndarray, score_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a [0, 1] score map (any size, resized bilinearly) as a JET heat map onto an RGB uint8 image."""
+    h, w = image.shape[:2]
+    resized = cv2.resize(np.asarray(score_map, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    heat = cv2.applyColorMap(np.uint8(np.clip(resized, 0, 1) * 255), cv2.COLORMAP_JET)[:, :, ::-1]
+    return np.uint8(np.clip((1 - alpha) * image.astype(np.float32) + alpha * heat, 0, 255))
+
+
+def draw_boxes(image: np.ndarray, boxes: Sequence[Sequence[float]], color, thickness: int = 2) -> np.ndarray:
+    """Draw (x0, y0, x1, y1) boxes on a copy of an RGB uint8 image."""
+    out = np.ascontiguousarray(image).copy()
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        cv2.rectangle(out, (int(x0), int(y0)), (int(x1), int(y1)), color, thickness)
+    return out
+
+
+def render_overlay(image: np.ndarray, score_map: np.ndarray, pred_box=None, gt_boxes=None,
+                   caption: Optional[str] = None) -> np.ndarray:
+    """Heat map + predicted box + GT boxes + an optional caption, as an RGB uint8 image."""
+    out = heatmap_overlay(image, score_map)
+    if gt_boxes is not None and len(gt_boxes):
+        out = draw_boxes(out, gt_boxes, GT_COLOR)
+    if pred_box is not None:
+        out = draw_boxes(out, [pred_box], PRED_COLOR)
+    if caption:
+        cv2.putText(out, caption, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+def save_rgb(path, image: np.ndarray) -> Path:
+    """Write an RGB uint8 image (PNG/JPEG by extension), creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.ascontiguousarray(image[:, :, ::-1])):
+        raise OSError(f"could not write image {path}")
+    return path
