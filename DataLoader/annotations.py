@@ -1,0 +1,95 @@
+"""Annotation records and strict parsing helpers shared by the dataset formats."""
+from dataclasses import dataclass
+
+import numpy as np
+
+from utils.errors import DataError
+
+# Boxes may overshoot the image by this many pixels (CUB boxes are floats, VOC boxes 1-based).
+BOX_TOLERANCE = 1.0
+
+
+@dataclass(slots=True)
+class Item:
+    """One image: path relative to the image root, 0-based label, and (eval splits) annotations."""
+
+    path: str
+    label: int
+    image_id: str = None
+    boxes: np.ndarray = None  # (K, 4) float32 x0, y0, x1, y1 in original pixels
+    size: tuple = None  # (W, H) when the annotation states it
+    source: str = ""  # where the boxes come from, for error messages
+    mask_paths: list = None  # absolute paths of the foreground masks (mask datasets)
+    ignore_path: str = None
+
+    def __post_init__(self):
+        if self.image_id is None:
+            self.image_id = self.path
+
+
+def bad_line(path, lineno, expected, line):
+    """The DataError for a malformed annotation line."""
+    return DataError(f"{path} line {lineno}: expected {expected}, got {line.strip()[:120]!r}")
+
+
+def lines_source(path, linenos):
+    """'<path> line 3' or '<path> lines 3, 4': where an item's boxes come from."""
+    plural = "s" if len(linenos) > 1 else ""
+    return f"{path} line{plural} {', '.join(map(str, linenos))}"
+
+
+def read_lines(path, expected):
+    """Lines of a text annotation file; DataError naming it when missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found (expected {expected})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read ({err.__class__.__name__}; expected {expected})") from None
+
+
+def read_table(path, types, expected, sep=None, header=None):
+    """Rows ``(line number, converted fields)`` of a file with one record per non-blank line.
+
+    ``types`` converts each column (int, float, str); the last column takes the rest of the line.
+    A line with fewer columns or a value that does not convert raises DataError naming the file,
+    the line and ``expected``. A first line whose first field is ``header`` is skipped.
+    """
+    rows = []
+    for lineno, line in enumerate(read_lines(path, expected), 1):
+        if not line.strip():
+            continue
+        fields = [field.strip() for field in line.strip().split(sep, len(types) - 1)]
+        if not rows and header is not None and fields[0] == header:
+            continue
+        if len(fields) != len(types):
+            raise bad_line(path, lineno, expected, line)
+        try:
+            rows.append((lineno, [convert(field) for convert, field in zip(types, fields)]))
+        except ValueError:
+            raise bad_line(path, lineno, expected, line) from None
+    return rows
+
+
+def check_boxes(boxes, size, where):
+    """Raise DataError unless every box has x1 > x0, y1 > y0 and lies inside the (W, H) image.
+
+    ``size`` may be None (not known yet): then only the lower bounds are checked.
+    """
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        text = f"({x0:g}, {y0:g}, {x1:g}, {y1:g})"
+        if not (x1 > x0 and y1 > y0):
+            raise DataError(f"{where}: box {text} has x1 <= x0 or y1 <= y0")
+        outside = min(x0, y0) < -BOX_TOLERANCE
+        if size is not None:
+            outside = outside or x1 > size[0] + BOX_TOLERANCE or y1 > size[1] + BOX_TOLERANCE
+        if outside:
+            image = f"the {size[0]}x{size[1]} image" if size is not None else "the image"
+            raise DataError(f"{where}: box {text} lies outside {image}")
+
+
+def check_label(label, valid, where):
+    """Raise DataError unless ``label`` is in the range ``valid``."""
+    if label not in valid:
+        raise DataError(f"{where}: label {label} outside the class range {valid.start}..{valid.stop - 1}")

@@ -1,0 +1,70 @@
+"""Dataset factory and the quick data-root check the command-line scripts run first."""
+from pathlib import Path
+
+from utils.errors import DataError
+
+from .cub import CUB_FILES, CUB_LAYOUT, load_cub
+from .dataset import WSOLDataset
+from .folder import FOLDER_LAYOUT, load_folder
+from .imagenet import load_imagenet
+from .subsets import few_shot
+from .transforms import test_transform, train_transform
+from .wsol_metadata import load_wsol
+
+FORMATS = ("cub", "imagenet", "wsol", "folder")
+SPLITS = ("train", "val", "test")
+LAYOUTS = {
+    "cub": CUB_LAYOUT,
+    "imagenet": "the ILSVRC2012 layout: train/<wnid>/ and/or val/",
+    "wsol": "the image root that wsolevaluation image ids are relative to",
+    "folder": f"the custom layout: {FOLDER_LAYOUT}",
+}
+# Entries of which at least one (imagenet, folder) or each (cub) must exist under the root.
+REQUIRED = {"cub": ("images", *CUB_FILES), "imagenet": ("train", "val"), "folder": ("train", "val", "test")}
+
+
+def check_data_root(fmt, root):
+    """Raise a one-line DataError when ``root`` is missing or lacks the files of format ``fmt``."""
+    if fmt not in FORMATS:
+        raise DataError(f"unknown dataset format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if root is None or not Path(root).is_dir():
+        raise DataError(f"data root {root}: not found (expected {LAYOUTS[fmt]})")
+    names = REQUIRED.get(fmt, ())
+    missing = [name for name in names if not (Path(root) / name).exists()]
+    if fmt == "cub" and missing:
+        raise DataError(f"data root {root}: missing {missing[0]} (expected {LAYOUTS[fmt]})")
+    if names and len(missing) == len(names):
+        raise DataError(f"data root {root}: missing {' and '.join(n + '/' for n in names)} "
+                        f"(expected {LAYOUTS[fmt]})")
+
+
+def build_dataset(fmt, root, split, transform=None, *, images_per_class=None, seed=0, metadata_root=None,
+                  val_boxes=None, strict=False):
+    """A WSOLDataset of ``split`` ('train', 'val' or 'test') of the data at ``root``.
+
+    fmt 'cub' | 'imagenet' | 'folder' read the layouts users have on disk ('test' of imagenet is the
+    ILSVRC val set; ``val_boxes`` overrides where its boxes come from, or the folder format's
+    boxes CSV). fmt 'wsol', or any fmt with ``metadata_root``, reads wsolevaluation metadata from
+    ``metadata_root/<split>/`` with images under ``root`` (``root/images`` for cub). ``transform``
+    defaults to the official train or test transform; ``images_per_class`` keeps a seeded few-shot
+    subset; ``strict`` turns unreadable train images into errors.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+    check_data_root(fmt, root)
+    if fmt == "wsol" or metadata_root is not None:
+        if metadata_root is None:
+            raise DataError(f"data root {root}: the wsol format needs --metadata-root (wsolevaluation metadata)")
+        image_root, items, classes = load_wsol(Path(root) / "images" if fmt == "cub" else root, metadata_root, split)
+    elif fmt == "cub":
+        image_root, items, classes = load_cub(root, split)
+    elif fmt == "imagenet":
+        image_root, items, classes = load_imagenet(root, split, val_boxes)
+    else:
+        image_root, items, classes = load_folder(root, split, val_boxes)
+    if images_per_class is not None:
+        items = few_shot(items, images_per_class, seed)
+    evaluation = split != "train"
+    if transform is None:
+        transform = test_transform() if evaluation else train_transform()
+    return WSOLDataset(image_root, items, classes, transform, evaluation=evaluation, strict=strict)

@@ -1,0 +1,79 @@
+"""The map-style dataset every format builds: image loading, the skip policy and sample dicts."""
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from utils.errors import DataError
+
+from .annotations import check_boxes
+
+# What PIL raises for missing, truncated or corrupt files.
+UNREADABLE = (OSError, ValueError, SyntaxError)
+
+
+class WSOLDataset(Dataset):
+    """Items of one split read from ``image_root``.
+
+    Train samples: ``{'image', 'label', 'index'}``. Evaluation samples (``evaluation=True``) add
+    ``'boxes'`` (K, 4) float32 in original pixels, ``'size'`` (W, H), ``'image_id'`` and, for mask
+    datasets, ``'mask_paths'`` and ``'ignore_path'``. An unreadable image in a train split gives
+    ``None`` and a warning naming the file (``collate_samples`` counts it) unless ``strict``; in an
+    evaluation split it is always a DataError, so that metrics cover the whole split.
+    """
+
+    def __init__(self, image_root, items, classes, transform, *, evaluation, strict=False):
+        self.image_root = str(image_root)
+        self.items = items
+        self.classes = list(classes)
+        self.transform = transform
+        self.evaluation = evaluation
+        self.strict = strict
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+    def __len__(self):
+        return len(self.items)
+
+    def image_path(self, index):
+        return os.path.join(self.image_root, self.items[index].path)
+
+    def _open(self, index, header_only):
+        """The RGB image (or only its (W, H) size); None when unreadable and skipping is allowed."""
+        path = self.image_path(index)
+        try:
+            with Image.open(path) as image:
+                return image.size if header_only else image.convert("RGB")
+        except UNREADABLE as err:
+            message = f"unreadable image {path} ({err.__class__.__name__}: {err})"
+            if self.strict or self.evaluation:
+                raise DataError(message) from None
+            warnings.warn(f"skipping {message}", RuntimeWarning, stacklevel=2)
+            return None
+
+    def check_item(self, index):
+        """Read the image header and check the item's boxes against its size; False if skipped."""
+        size = self._open(index, header_only=True)
+        item = self.items[index]
+        if size is not None and item.boxes is not None:
+            check_boxes(item.boxes, size, item.source)
+        return size is not None
+
+    def __getitem__(self, index):
+        image = self._open(index, header_only=False)
+        if image is None:
+            return None
+        item = self.items[index]
+        sample = {"image": self.transform(image), "label": item.label, "index": index}
+        if self.evaluation:
+            boxes = np.zeros((0, 4), np.float32) if item.boxes is None else item.boxes
+            check_boxes(boxes, image.size, item.source)
+            sample.update(boxes=torch.tensor(boxes), size=image.size, image_id=item.image_id)
+            if item.mask_paths is not None:
+                sample.update(mask_paths=list(item.mask_paths), ignore_path=item.ignore_path)
+        return sample

@@ -1,0 +1,138 @@
+"""Synthetic demo dataset in the CUB-200-2011 release format, so that everything runs without downloads.
+
+Each class is one large object with its own shape and two-colour pattern, covering 10-40% of the image
+(box area) at a random position and aspect ratio. The background is cluttered: smooth colour noise,
+pixel noise and small solid shapes in the colours of every class, so neither colour nor clutter tells
+the class; a model has to find the object. The box is the object's exact pixel extent.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from utils.errors import ConfigError
+
+DEFAULT_DEMO_ROOT = Path(__file__).resolve().parents[1] / "data" / "demo_cub"
+MANIFEST = "demo_manifest.json"
+GENERATOR = "SAT synthetic demo v1"
+
+# Masks in the object's frame: u, v in [-1, 1] across its box.
+SHAPES = {
+    "disc": lambda u, v: u ** 2 + v ** 2 <= 1,
+    "square": lambda u, v: np.ones_like(u, bool),
+    "triangle": lambda u, v: np.abs(u) <= (v + 1) / 2,
+    "diamond": lambda u, v: np.abs(u) + np.abs(v) <= 1,
+    "cross": lambda u, v: (np.abs(u) <= 0.34) | (np.abs(v) <= 0.34),
+    "ring": lambda u, v: (u ** 2 + v ** 2 <= 1) & (u ** 2 + v ** 2 >= 0.2),
+}
+# Where the second colour goes.
+PATTERNS = {
+    "rings": lambda u, v: np.floor(np.hypot(u, v) * 4) % 2 == 1,
+    "checker": lambda u, v: (np.floor((u + 1) * 2) + np.floor((v + 1) * 2)) % 2 == 1,
+    "hstripes": lambda u, v: np.floor((v + 1) * 3) % 2 == 1,
+    "vstripes": lambda u, v: np.floor((u + 1) * 3) % 2 == 1,
+    "dots": lambda u, v: ((u * 2.5) % 1 - 0.5) ** 2 + ((v * 2.5) % 1 - 0.5) ** 2 < 0.09,
+    "sectors": lambda u, v: np.floor((np.arctan2(v, u) + np.pi) / (np.pi / 4)) % 2 == 1,
+}
+# name, shape, pattern, first colour, second colour
+CLASS_TEMPLATES = (
+    ("Ringed_Disc", "disc", "rings", (220, 50, 40), (250, 210, 50)),
+    ("Checkered_Square", "square", "checker", (40, 80, 220), (240, 240, 240)),
+    ("Striped_Triangle", "triangle", "hstripes", (30, 160, 60), (20, 20, 20)),
+    ("Dotted_Diamond", "diamond", "dots", (190, 40, 190), (60, 220, 220)),
+    ("Barred_Cross", "cross", "vstripes", (250, 140, 20), (100, 40, 160)),
+    ("Sectored_Ring", "ring", "sectors", (240, 240, 240), (220, 50, 40)),
+)
+
+
+def _frame(size, x0, y0, width, height):
+    """u, v coordinates of every pixel centre in the frame of the box (x0, y0, width, height)."""
+    grid = np.arange(size) + 0.5
+    u = (grid[None, :] - x0 - width / 2) / (width / 2)
+    v = (grid[:, None] - y0 - height / 2) / (height / 2)
+    return np.broadcast_to(u, (size, size)), np.broadcast_to(v, (size, size))
+
+
+def _inside(u, v):
+    return (np.abs(u) <= 1) & (np.abs(v) <= 1)
+
+
+def _background(rng, size, palette):
+    """Smooth colour noise, pixel noise and small solid distractor shapes in the palette's colours."""
+    coarse = rng.uniform(70, 190, (5, 5, 3)).astype(np.uint8)
+    image = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), np.float32)
+    image += rng.normal(0, 10, image.shape)
+    shapes = list(SHAPES.values())
+    for _ in range(rng.integers(10, 19)):
+        side = rng.uniform(0.05, 0.12) * size
+        u, v = _frame(size, *rng.uniform(-side / 2, size - side / 2, 2), side, side)
+        mask = _inside(u, v) & shapes[rng.integers(len(shapes))](u, v)
+        image[mask] = palette[rng.integers(len(palette))]
+    return image
+
+
+def render_image(rng, template, size, palette):
+    """(uint8 HxWx3 image, box [x0, y0, x1, y1]) of one object of ``template`` on a cluttered background."""
+    _, shape, pattern, first, second = template
+    image = _background(rng, size, palette)
+    area, aspect = rng.uniform(0.10, 0.40), np.exp(rng.uniform(np.log(0.75), np.log(1.33)))
+    width = min(size * np.sqrt(area * aspect), 0.95 * size)
+    height = min(size * np.sqrt(area / aspect), 0.95 * size)
+    x0, y0 = rng.uniform(0, size - width), rng.uniform(0, size - height)
+    u, v = _frame(size, x0, y0, width, height)
+    mask = _inside(u, v) & SHAPES[shape](u, v)
+    shade = rng.uniform(0.85, 1.15)
+    colours = np.where(PATTERNS[pattern](u, v)[..., None], second, first) * shade
+    image[mask] = colours[mask] + rng.normal(0, 6, (mask.sum(), 3))
+    ys, xs = np.nonzero(mask)
+    box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+    return np.clip(image, 0, 255).astype(np.uint8), box
+
+
+def _write_lines(path, lines):
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+
+
+def make_demo_dataset(root=DEFAULT_DEMO_ROOT, num_classes=5, train_per_class=50, test_per_class=20,
+                      image_size=144, seed=0):
+    """Write the demo dataset as a CUB-200-2011 release under ``root`` and return ``root``.
+
+    Deterministic for the same arguments; a no-op when ``root`` already holds a complete dataset made
+    with them (the manifest is written last, so an interrupted run is regenerated).
+    """
+    if not 2 <= num_classes <= len(CLASS_TEMPLATES):
+        raise ConfigError(f"demo classes must be 2..{len(CLASS_TEMPLATES)}, got {num_classes}")
+    if min(train_per_class, test_per_class) < 1 or image_size < 32:
+        raise ConfigError(f"demo needs at least 1 train and 1 test image per class and images of 32 px or more, "
+                          f"got {train_per_class}, {test_per_class}, {image_size}")
+    root = Path(root)
+    params = {"generator": GENERATOR, "num_classes": num_classes, "train_per_class": train_per_class,
+              "test_per_class": test_per_class, "image_size": image_size, "seed": seed}
+    manifest = root / MANIFEST
+    if manifest.is_file() and json.loads(manifest.read_text(encoding="utf-8")) == params:
+        return root
+    manifest.unlink(missing_ok=True)
+
+    templates = CLASS_TEMPLATES[:num_classes]
+    palette = np.array([colour for template in templates for colour in template[3:]], np.float32)
+    images, labels, splits, boxes = [], [], [], []
+    for label, template in enumerate(templates):
+        folder = f"{label + 1:03d}.{template[0]}"
+        (root / "images" / folder).mkdir(parents=True, exist_ok=True)
+        for k in range(train_per_class + test_per_class):
+            rng = np.random.default_rng([seed, label, k])
+            pixels, (x0, y0, x1, y1) = render_image(rng, template, image_size, palette)
+            relpath = f"{folder}/{template[0]}_{k + 1:04d}.jpg"
+            Image.fromarray(pixels).save(root / "images" / relpath, quality=92)
+            image_id = len(images) + 1
+            images.append(f"{image_id} {relpath}")
+            labels.append(f"{image_id} {label + 1}")
+            splits.append(f"{image_id} {int(k < train_per_class)}")
+            boxes.append(f"{image_id} {x0:.1f} {y0:.1f} {x1 - x0:.1f} {y1 - y0:.1f}")
+    _write_lines(root / "classes.txt", [f"{i + 1} {i + 1:03d}.{t[0]}" for i, t in enumerate(templates)])
+    for name, lines in (("images.txt", images), ("image_class_labels.txt", labels),
+                        ("train_test_split.txt", splits), ("bounding_boxes.txt", boxes)):
+        _write_lines(root / name, lines)
+    manifest.write_text(json.dumps(params, indent=1), encoding="utf-8")
+    return root

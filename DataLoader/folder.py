@@ -1,0 +1,85 @@
+"""Custom data as image folders per class, ``<root>/<split>/<class>/<image>``, with optional boxes
+in ``<root>/boxes.csv`` (``image,x0,y0,x1,y1`` per box, image relative to root, header optional)."""
+import os
+from pathlib import Path
+
+import numpy as np
+
+from utils.errors import DataError
+
+from .annotations import Item, check_boxes, lines_source, read_table
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FOLDER_LAYOUT = "<split>/<class>/<image> folders"
+
+
+def _entries(directory):
+    try:
+        return sorted((entry.name, entry.is_dir()) for entry in os.scandir(directory)
+                      if not entry.name.startswith("."))
+    except OSError as err:
+        raise DataError(f"{directory}: cannot list the folder ({err.strerror})") from None
+
+
+def is_image_file(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def class_folders(directory):
+    """Sorted names of the class sub-folders of ``directory``."""
+    names = [name for name, is_dir in _entries(directory) if is_dir]
+    if not names:
+        raise DataError(f"{directory}: no class folders (expected {FOLDER_LAYOUT})")
+    return names
+
+
+def image_files(directory):
+    """Sorted image file names directly inside ``directory``."""
+    return [name for name, is_dir in _entries(directory) if not is_dir and is_image_file(name)]
+
+
+def scan_class_folders(root, split, classes):
+    """Items of ``<root>/<split>/<class>/<image>`` labelled by the class's index in ``classes``."""
+    split_dir = Path(root) / split
+    index = {name: label for label, name in enumerate(classes)}
+    items = []
+    for name in class_folders(split_dir):
+        if name not in index:
+            raise DataError(f"{split_dir / name}: class folder is not one of the {len(classes)} "
+                            f"train classes (label outside the class range)")
+        items += [Item(f"{split}/{name}/{file}", index[name]) for file in image_files(split_dir / name)]
+    if not items:
+        raise DataError(f"{split_dir}: no images found (expected {FOLDER_LAYOUT})")
+    return items
+
+
+def read_boxes_csv(path, root):
+    """{image path relative to root: (boxes, source)} from a boxes CSV."""
+    rows = {}
+    for lineno, (image, *box) in read_table(path, (str, float, float, float, float),
+                                            "'image,x0,y0,x1,y1'", sep=",", header="image"):
+        where = f"{path} line {lineno}"
+        if not os.path.exists(Path(root) / image):
+            raise DataError(f"{where}: image {Path(root) / image} not found")
+        check_boxes(box, None, where)
+        rows.setdefault(image, []).append((box, lineno))
+    return {image: (np.array([box for box, _ in entries], np.float32),
+                    lines_source(path, [lineno for _, lineno in entries]))
+            for image, entries in rows.items()}
+
+
+def load_folder(root, split, boxes_csv=None):
+    """(image root, items, class names) of ``<root>/<split>``; classes are the sorted train folders."""
+    root = Path(root)
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir}: not found (expected {FOLDER_LAYOUT})")
+    classes = class_folders(root / "train" if (root / "train").is_dir() else split_dir)
+    items = scan_class_folders(root, split, classes)
+    csv_path = Path(boxes_csv) if boxes_csv else root / "boxes.csv"
+    if split != "train" and (boxes_csv or csv_path.exists()):
+        boxes = read_boxes_csv(csv_path, root)
+        for item in items:
+            if item.path in boxes:
+                item.boxes, item.source = boxes[item.path]
+    return root, items, classes

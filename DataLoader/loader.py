@@ -1,0 +1,48 @@
+"""Batching: the collate function and the DataLoader factory."""
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+def collate_samples(samples):
+    """Stack 'image' and 'label' (LongTensor), keep other keys as lists, drop None samples.
+
+    ``batch['num_skipped']`` counts the dropped (unreadable) samples; a batch where every sample was
+    dropped has empty 'image' and 'label' tensors.
+    """
+    kept = [sample for sample in samples if sample is not None]
+    batch = {"num_skipped": len(samples) - len(kept)}
+    if not kept:
+        return {**batch, "image": torch.empty(0), "label": torch.empty(0, dtype=torch.long)}
+    for key in kept[0]:
+        values = [sample[key] for sample in kept]
+        if key == "image":
+            values = torch.stack(values)
+        elif key == "label":
+            values = torch.tensor(values, dtype=torch.long)
+        batch[key] = values
+    return batch
+
+
+def _seed_worker(worker_id):
+    """Seed numpy and random in each worker from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_loader(dataset, batch_size, *, train, workers, distributed=False, seed=0, drop_last=None):
+    """DataLoader over ``dataset`` with collate_samples; shuffled (and by default dropping the last
+    partial batch) when ``train``. Pinned memory with CUDA, persistent workers when workers > 0, a
+    DistributedSampler when ``distributed`` (call ``loader.sampler.set_epoch(epoch)`` each epoch; in
+    evaluation it pads the split to a multiple of the world size)."""
+    drop_last = train if drop_last is None else drop_last
+    sampler = DistributedSampler(dataset, shuffle=train, seed=seed) if distributed else None
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers, collate_fn=collate_samples, pin_memory=torch.cuda.is_available(),
+                      drop_last=drop_last, persistent_workers=workers > 0, worker_init_fn=_seed_worker,
+                      generator=generator)

@@ -1,0 +1,113 @@
+"""wsolevaluation metadata folders ``<metadata_root>/<split>/`` (CUB, ILSVRC, OpenImages30k):
+image_ids.txt, class_labels.txt (``id,class``), optional image_sizes.txt (``id,w,h``) and, for val/test,
+localization.txt (``id,x0,y0,x1,y1`` per box, or ``id,mask_path,ignore_path`` per mask)."""
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from utils.errors import DataError
+
+from .annotations import Item, check_boxes, check_label, lines_source, read_lines, read_table
+
+WSOL_LAYOUT = "wsolevaluation metadata: image_ids.txt, class_labels.txt, image_sizes.txt, localization.txt"
+LABELS_EXPECTED = "'image_id,class'"
+
+
+def _rows_by_id(path, types, expected, ids, unique=True):
+    """{image id: [(line number, other fields), ...]} of a CSV keyed by image id."""
+    table = {}
+    for lineno, (image_id, *rest) in read_table(path, types, expected, sep=","):
+        if image_id not in ids:
+            raise DataError(f"{path} line {lineno}: image {image_id!r} is not listed in image_ids.txt")
+        if unique and image_id in table:
+            raise DataError(f"{path} line {lineno}: duplicate entry for image {image_id!r}")
+        table.setdefault(image_id, []).append((lineno, rest))
+    return table
+
+
+def _entries(table, image_id, path):
+    if image_id not in table:
+        raise DataError(f"{path}: no entry for image {image_id!r} (listed in image_ids.txt)")
+    return table[image_id]
+
+
+def _num_classes(metadata_root, labels):
+    """1 + the largest label of the train split (this split's when there is no train metadata)."""
+    train_labels = Path(metadata_root) / "train" / "class_labels.txt"
+    if train_labels.is_file():
+        values = [label for _, (_, label) in read_table(train_labels, (str, int), LABELS_EXPECTED, sep=",")]
+    else:
+        values = [rows[0][1][0] for rows in labels.values()]
+    return max(values, default=-1) + 1
+
+
+def _existing(root, relpath, where):
+    path = Path(root) / relpath
+    if not os.path.exists(path):
+        raise DataError(f"{where}: file {path} not found")
+    return str(path)
+
+
+def _read_localization(path, ids):
+    """({image id: rows}, True for mask lines / False for box lines) of localization.txt."""
+    first = next((line for line in read_lines(path, "localization lines") if line.strip()), "")
+    if first.count(",") == 2:
+        expected = "'image_id,mask_path,ignore_path'"
+        return _rows_by_id(path, (str, str, str), expected, ids, unique=False), True
+    expected = "'image_id,x0,y0,x1,y1' (one line per box)"
+    return _rows_by_id(path, (str, float, float, float, float), expected, ids, unique=False), False
+
+
+def load_wsol(image_root, metadata_root, split):
+    """(image root, items, class names) of one wsolevaluation split; masks resolve against image_root."""
+    meta = Path(metadata_root) / split
+    if not meta.is_dir():
+        raise DataError(f"{meta}: metadata folder not found (expected {WSOL_LAYOUT})")
+    ids_path, labels_path = meta / "image_ids.txt", meta / "class_labels.txt"
+    ids = {}
+    for lineno, (image_id,) in read_table(ids_path, (str,), "'image_id' (a path under the image root)"):
+        _existing(image_root, image_id, f"{ids_path} line {lineno}")
+        ids[image_id] = lineno
+    labels = _rows_by_id(labels_path, (str, int), LABELS_EXPECTED, ids)
+    num_classes = _num_classes(metadata_root, labels)
+    sizes_path = meta / "image_sizes.txt"
+    sizes = _rows_by_id(sizes_path, (str, int, int), "'image_id,width,height'", ids) if sizes_path.exists() else {}
+    loc_path = meta / "localization.txt"
+    localization, masks = _read_localization(loc_path, ids) if split != "train" else ({}, False)
+
+    items = []
+    for image_id in ids:
+        [(lineno, (label,))] = _entries(labels, image_id, labels_path)
+        check_label(label, range(num_classes), f"{labels_path} line {lineno}")
+        item = Item(image_id, label, size=tuple(sizes[image_id][0][1]) if image_id in sizes else None)
+        if split != "train":
+            rows = _entries(localization, image_id, loc_path)
+            item.source = lines_source(loc_path, [lineno for lineno, _ in rows])
+            if masks:
+                item.mask_paths = [_existing(image_root, mask, item.source) for _, (mask, _) in rows]
+                ignores = [ignore for _, (_, ignore) in rows if ignore]
+                item.ignore_path = _existing(image_root, ignores[0], item.source) if ignores else None
+            else:
+                item.boxes = np.array([box for _, box in rows], np.float32)
+                check_boxes(item.boxes, item.size, item.source)
+        items.append(item)
+    return Path(image_root), items, [str(label) for label in range(num_classes)]
+
+
+def _read_mask(path, size):
+    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise DataError(f"{path}: unreadable mask (expected a grayscale PNG)")
+    return cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_NEAREST) > 0.5
+
+
+def load_mask(mask_paths, ignore_path=None, size=224):
+    """(foreground, ignore) boolean (size, size) arrays as wsolevaluation builds them for PxAP.
+
+    Foreground is the union of the instance masks; ignore is the ignore mask minus the foreground.
+    """
+    foreground = np.any([_read_mask(path, size) for path in mask_paths], axis=0)
+    ignore = np.zeros_like(foreground) if ignore_path is None else _read_mask(ignore_path, size) & ~foreground
+    return foreground, ignore

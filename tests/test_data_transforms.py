@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from DataLoader import transforms as T
+
+
+@pytest.fixture
+def image():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+
+
+def test_protocol_a_boxes_match_hand_computed_values():
+    boxes = [[10, 20, 300, 200], [390, 10, 400, 300]]
+    # x0: 10/400*256-16 = -9.6 -> 0; y0: 20/300*256-16 = 1.07 -> 1; x1: 176; y1: 154.67 -> 154.
+    # second box: x0 233.6 -> 233 (no upper clip on x0), y0 -> 0, x1 240 -> 223, y1 240 -> 223.
+    expected = [[0, 1, 176, 154], [233, 0, 223, 223]]
+    out = T.boxes_protocol_a(boxes, (400, 300))
+    assert out.dtype.kind == "i" and out.tolist() == expected
+
+
+def test_protocol_a_other_sizes_and_truncation_toward_zero():
+    # resize 320, crop 288 -> shift 16, clip 287; x1 = 10/400*320-16 = -8 stays -8 (int of a negative).
+    assert T.boxes_protocol_a([[0, 0, 10, 150]], (400, 300), 320, 288).tolist() == [[0, 0, -8, 144]]
+
+
+def test_protocol_b_boxes_match_hand_computed_values():
+    # 10*224/400 = 5.6 -> 5; 20*224/300 = 14.93 -> 14; 300*224/400 = 168; 200*224/300 = 149.33 -> 149.
+    assert T.boxes_protocol_b(np.array([[10., 20., 300., 200.]]), (400, 300)).tolist() == [[5, 14, 168, 149]]
+    assert T.boxes_protocol_b(torch.tensor([[0., 0., 400., 300.]]), (400, 300)).tolist() == [[0, 0, 224, 224]]
+
+
+def test_image_transform_shapes(image):
+    assert T.train_transform()(image).shape == (3, 224, 224)
+    assert T.test_transform()(image).shape == (3, 224, 224)
+    assert T.wsol_transform()(image).shape == (3, 224, 224)
+    assert T.test_transform(32, 40)(image).shape == (3, 32, 32)
+
+
+def test_tencrop_shape_and_centre_index(image):
+    crops = T.tencrop_transform()(image)
+    assert crops.shape == (10, 3, 224, 224)
+    assert torch.allclose(crops[4], T.test_transform()(image))
+    assert torch.allclose(crops[9], T.test_transform()(image.transpose(Image.FLIP_LEFT_RIGHT)))
+
+
+def test_denormalize_inverts_normalisation(image):
+    restored = T.denormalize(T.wsol_transform(80)(image.resize((80, 80))))
+    assert restored.dtype == np.uint8 and restored.shape == (80, 80, 3)
+    assert np.abs(restored.astype(int) - np.asarray(image.resize((80, 80)))).max() <= 1
