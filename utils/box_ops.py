@@ -1,0 +1,58 @@
+"""Small helpers shared by the two localization protocols: IoU (+1 convention) and counter state."""
+import numpy as np
+
+
+def as_numpy(x, dtype=None):
+    """Tensor or array-like -> numpy array (detached, on the CPU)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def iou_plus1(boxes_a, boxes_b):
+    """IoU matrix (N, M) of x0y0x1y1 boxes, areas counted as (x1 - x0 + 1) * (y1 - y0 + 1).
+
+    A non-positive union (only possible for malformed boxes) gives IoU 0, as in wsolevaluation.
+    """
+    a = as_numpy(boxes_a, np.float64).reshape(-1, 4)[:, None, :]
+    b = as_numpy(boxes_b, np.float64).reshape(-1, 4)[None, :, :]
+    inter_w = np.maximum(0, np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1)
+    inter_h = np.maximum(0, np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1)
+    inter = inter_w * inter_h
+    area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
+    area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
+    union = area_a + area_b - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def max_iou(pred_boxes, gt_boxes):
+    """For each predicted box (N, 4), its best IoU over the image's GT boxes (K, 4) -> (N,)."""
+    return iou_plus1(pred_boxes, gt_boxes).max(axis=1)
+
+
+class CounterState:
+    """Accumulator base: integer counter arrays named in ``COUNTERS``, summable across processes.
+
+    ``state()`` / ``merge(state)`` combine accumulators; ``reduce(fn)`` replaces every counter by
+    ``fn(counter)``, e.g. a DDP all-reduce (sum) of the array.
+    """
+
+    COUNTERS = ()
+
+    def state(self):
+        return {name: getattr(self, name).copy() for name in self.COUNTERS}
+
+    def merge(self, state):
+        for name in self.COUNTERS:
+            getattr(self, name)[...] += as_numpy(state[name], np.int64)
+        return self
+
+    def reduce(self, fn):
+        for name in self.COUNTERS:
+            counter = getattr(self, name)
+            counter[...] = as_numpy(fn(counter), np.int64).reshape(counter.shape)
+        return self
+
+    def _check_nonempty(self):
+        if int(self.num_images) == 0:
+            raise ValueError(f"{type(self).__name__}.compute(): no images were accumulated")
