@@ -75,6 +75,7 @@ def random_maps(num, size=14, seed=0):
 
 
 def ms_per_image(fn, maps, repeat):
+    """Best of `repeat` passes over the maps, in milliseconds per map."""
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()

@@ -1,11 +1,13 @@
 """Small helpers shared by the two localization protocols: IoU (+1 convention) and counter state."""
 import numpy as np
+import torch
 
 
 def as_numpy(x, dtype=None):
-    """Tensor or array-like -> numpy array (detached, on the CPU)."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+    """Tensor (detached, moved to the CPU; half precision widened exactly) or array-like -> numpy."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        x = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).numpy()
     return np.asarray(x, dtype=dtype)
 
 

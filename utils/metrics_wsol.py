@@ -1,6 +1,7 @@
 """Protocol B (wsolevaluation benchmark, Choe et al.): MaxBoxAcc, MaxBoxAccV2 and PxAP.
 
-Score map: bicubic resize to 224x224, min-max normalise to [0, 1] (constant or NaN map -> zeros).
+Score map: float64 bicubic resize to 224x224, min-max normalise to [0, 1] (constant after the resize,
+or NaN -> zeros).
 Boxes at CAM threshold t: uint8 map ``(s * 255)`` > ``int(t * its max)``, OpenCV contours (RETR_TREE,
 CHAIN_APPROX_SIMPLE), boundingRect -> [x, y, min(x + w, 223), min(y + h, 223)]; no contour -> [0, 0, 0, 0].
 MaxBoxAcc: largest contour (cv2.contourArea), IoU >= 0.5, best threshold. MaxBoxAccV2: all contours,
@@ -61,9 +62,9 @@ def flat_contour_boxes(score_map, thresholds=CAM_THRESHOLDS):
     contours, counts = [], []
     for t in thresholds:
         binary = cv2.threshold(score_u8, int(t * peak), 255, cv2.THRESH_BINARY)[1]  # u8 > int(t * peak)
-        found = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
-        contours += found
-        counts.append(len(found))
+        contours_t = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
+        contours += contours_t
+        counts.append(len(contours_t))
     boxes, areas = _boxes_and_areas(contours, width, height)
     counts = np.array(counts)
     starts = np.cumsum(counts) - counts
