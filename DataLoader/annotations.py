@@ -29,7 +29,7 @@ class Item:
 
 def bad_line(path, lineno, expected, line):
     """The DataError for a malformed annotation line."""
-    return DataError(f"{path} line {lineno}: expected {expected}, got {line.strip()[:120]!r}")
+    return DataError(f"{path} line {lineno}: expected {expected}, got '{line.strip()[:120]}'")
 
 
 def lines_source(path, linenos):

@@ -8,7 +8,6 @@ from .dataset import WSOLDataset
 from .folder import FOLDER_LAYOUT, load_folder
 from .imagenet import load_imagenet
 from .subsets import few_shot
-from .transforms import test_transform, train_transform
 from .wsol_metadata import load_wsol
 
 FORMATS = ("cub", "imagenet", "wsol", "folder")
@@ -66,5 +65,7 @@ def build_dataset(fmt, root, split, transform=None, *, images_per_class=None, se
         items = few_shot(items, images_per_class, seed)
     evaluation = split != "train"
     if transform is None:
+        from .transforms import test_transform, train_transform  # torchvision is slow to import
+
         transform = test_transform() if evaluation else train_transform()
     return WSOLDataset(image_root, items, classes, transform, evaluation=evaluation, strict=strict)

@@ -24,7 +24,9 @@ def main(argv=None):
     parser.add_argument("--strict-data", action="store_true", help="unreadable train images are errors")
     args = parser.parse_args(argv)
     for split in args.split:
-        dataset = build_dataset(args.format, args.data_root, split, images_per_class=args.images_per_class,
+        # Only headers are read, so the images need no transform.
+        dataset = build_dataset(args.format, args.data_root, split, lambda image: image,
+                                images_per_class=args.images_per_class,
                                 seed=args.seed, metadata_root=args.metadata_root, val_boxes=args.val_boxes,
                                 strict=args.strict_data)
         with warnings.catch_warnings(record=True) as skipped:

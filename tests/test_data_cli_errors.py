@@ -1,0 +1,160 @@
+"""Bad input through tools/check_dataset.py: exit 2, one 'error:' line naming the path, nothing written."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from DataLoader import make_demo_dataset
+from conftest import REPO_ROOT
+
+CHECK = str(REPO_ROOT / "tools" / "check_dataset.py")
+
+
+def edit_line(path, lineno, text):
+    lines = path.read_text().splitlines()
+    lines[lineno - 1] = text
+    path.write_text("\n".join(lines) + "\n")
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:150])
+
+
+def image(path, size=(40, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size).save(path)
+
+
+def imagenet_root(root):
+    image(root / "train/n01440764/a.JPEG")
+    image(root / "val/ILSVRC2012_val_00000001.JPEG")
+    return root
+
+
+def wsol_root(root):
+    image(root / "images/test/c/x.jpg")
+    image(root / "images/mask/x_m.png")
+    meta = root / "meta/test"
+    meta.mkdir(parents=True)
+    (meta / "image_ids.txt").write_text("test/c/x.jpg\n")
+    (meta / "class_labels.txt").write_text("test/c/x.jpg,0\n")
+    (meta / "localization.txt").write_text("test/c/x.jpg,mask/x_m.png,mask/x_ignore.png\n")
+    return root
+
+
+# name: (prepare(root) -> CLI arguments, pattern the single error line must match). ``root`` starts as a
+# copy of a demo CUB release (3 classes, ids 1-4 train / 5-6 test per class, 48x48) unless the case's
+# name is in OWN_DATA.
+CASES = {
+    "missing data root": (
+        lambda root: ["--format", "cub", "--data-root", str(root / "absent")],
+        r"data root \S+absent: not found \(expected the CUB-200-2011 release layout\)"),
+    "missing annotation file": (
+        lambda root: (root / "image_class_labels.txt").unlink() or ["--format", "cub", "--data-root", str(root)],
+        r"data root \S+: missing image_class_labels.txt \(expected the CUB-200-2011 release layout\)"),
+    "wrong column count": (
+        lambda root: edit_line(root / "images.txt", 3, "3") or ["--format", "cub", "--data-root", str(root)],
+        r"\S+images.txt line 3: expected 'image_id relative_path', got '3'"),
+    "non-numeric value": (
+        lambda root: edit_line(root / "bounding_boxes.txt", 2, "2 a 1 2 3") or
+        ["--format", "cub", "--data-root", str(root)],
+        r"\S+bounding_boxes.txt line 2: expected 'image_id x y width height', got '2 a 1 2 3'"),
+    "image listed but absent": (
+        lambda root: (root / "images/001.Ringed_Disc/Ringed_Disc_0004.jpg").unlink() or
+        ["--format", "cub", "--data-root", str(root)],
+        r"\S+images.txt line 4: image \S+/images/001.Ringed_Disc/Ringed_Disc_0004.jpg not found"),
+    "box outside the image": (
+        lambda root: edit_line(root / "bounding_boxes.txt", 6, "6 10.0 4.0 45.0 8.0") or
+        ["--format", "cub", "--data-root", str(root)],
+        r"\S+bounding_boxes.txt line 6: box \(10, 4, 55, 12\) lies outside the 48x48 image"),
+    "box with x1 <= x0": (
+        lambda root: edit_line(root / "bounding_boxes.txt", 2, "2 10.0 4.0 -3.0 8.0") or
+        ["--format", "cub", "--data-root", str(root)],
+        r"\S+bounding_boxes.txt line 2: box \(10, 4, 7, 12\) has x1 <= x0 or y1 <= y0"),
+    "label outside the class range": (
+        lambda root: edit_line(root / "image_class_labels.txt", 5, "5 4") or
+        ["--format", "cub", "--data-root", str(root)],
+        r"\S+image_class_labels.txt line 5: label 4 outside the class range 1..3"),
+    "unreadable train image with --strict-data": (
+        lambda root: truncate(root / "images/002.Checkered_Square/Checkered_Square_0001.jpg") or
+        ["--format", "cub", "--data-root", str(root), "--split", "train", "--strict-data"],
+        r"unreadable image \S+Checkered_Square_0001.jpg \(.*\)"),
+    "unreadable test image": (
+        lambda root: (root / "images/002.Checkered_Square/Checkered_Square_0005.jpg").write_bytes(b"") or
+        ["--format", "cub", "--data-root", str(root), "--split", "test"],
+        r"unreadable image \S+Checkered_Square_0005.jpg \(.*\)"),
+    "malformed val_gt.txt": (
+        lambda root: (imagenet_root(root) / "val_gt.txt").write_text(
+            "n01440764\\ILSVRC2012_val_00000001.JPEG 40 30 ; 1 2 3\n") and
+        ["--format", "imagenet", "--data-root", str(root), "--split", "test"],
+        r"\S+val_gt.txt line 1: expected '<wnid>\\<file> W H ; x0 y0 x1 y1 \[x0 y0 x1 y1 \.\.\.\]', "
+        r"got 'n01440764\\ILSVRC2012_val_00000001.JPEG 40 30 ; 1 2 3'"),
+    "missing --val-boxes file": (
+        lambda root: imagenet_root(root) and
+        ["--format", "imagenet", "--data-root", str(root), "--split", "test", "--val-boxes", str(root / "gt.csv")],
+        r"\S+gt.csv: val boxes not found \(expected a folder of PASCAL-VOC XML files, LOC_val_solution.csv or "
+        r"val_gt.txt\)"),
+    "missing ignore mask": (
+        lambda root: wsol_root(root) and ["--format", "wsol", "--data-root", str(root / "images"), "--split", "test",
+                                          "--metadata-root", str(root / "meta")],
+        r"\S+localization.txt line 1: file \S+mask/x_ignore.png not found"),
+}
+
+
+OWN_DATA = ("malformed val_gt.txt", "missing --val-boxes file", "missing ignore mask")
+
+
+def listing(root):
+    return sorted((str(p), p.stat().st_mtime_ns) for p in Path(root).rglob("*")) if root.exists() else []
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    base = make_demo_dataset(tmp_path_factory.mktemp("demo") / "cub", num_classes=3, train_per_class=4,
+                             test_per_class=2, image_size=48)
+    runs = {}
+    for index, (name, (prepare, _)) in enumerate(CASES.items()):
+        root = tmp_path_factory.mktemp(f"case{index}") / "data"
+        if name in OWN_DATA:
+            root.mkdir()
+        else:
+            shutil.copytree(base, root)
+        args = prepare(root)
+        runs[name] = (root, args, listing(root))
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+
+    def run(name):
+        root, args, before = runs[name]
+        done = subprocess.run([sys.executable, CHECK, *args], capture_output=True, text=True, env=env)
+        return name, (done, before, listing(root))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(pool.map(run, CASES))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_error_line(results, name):
+    done, before, after = results[name]
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert re.fullmatch(CASES[name][1], lines[0][len("error: "):]), lines[0]
+    assert after == before  # nothing written
+
+
+def test_unreadable_train_image_is_a_warning_without_strict(tmp_path):
+    root = make_demo_dataset(tmp_path / "cub", num_classes=2, train_per_class=2, test_per_class=1, image_size=40)
+    truncate(root / "images/001.Ringed_Disc/Ringed_Disc_0002.jpg")
+    done = subprocess.run([sys.executable, CHECK, "--format", "cub", "--data-root", str(root)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("warning: skipping unreadable image ") and "Ringed_Disc_0002.jpg" in done.stderr
+    assert done.stdout.splitlines() == ["train: 4 images, 2 classes, 0 boxes, 0 with masks, 1 unreadable (skipped)",
+                                        "test: 2 images, 2 classes, 2 boxes, 0 with masks, 0 unreadable (skipped)"]

@@ -1,0 +1,69 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from DataLoader import DEFAULT_DEMO_ROOT, build_dataset, make_demo_dataset
+from DataLoader.demo import MANIFEST
+from conftest import REPO_ROOT
+from utils.errors import ConfigError
+
+SMALL = dict(num_classes=4, train_per_class=3, test_per_class=2, image_size=64)
+
+
+def snapshot(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_deterministic_and_idempotent(tmp_path):
+    first = make_demo_dataset(tmp_path / "a", **SMALL)
+    second = make_demo_dataset(tmp_path / "b", **SMALL)
+    files = snapshot(first)
+    assert files == snapshot(second) and MANIFEST in files and len(files) == 6 + 4 * 5
+    stamp = (first / "images.txt").stat().st_mtime_ns
+    assert make_demo_dataset(first, **SMALL) == first
+    assert (first / "images.txt").stat().st_mtime_ns == stamp
+    assert snapshot(make_demo_dataset(tmp_path / "c", **dict(SMALL, seed=1))) != files
+
+
+def test_half_written_folder_is_regenerated(tmp_path):
+    root = make_demo_dataset(tmp_path / "demo", **SMALL)
+    files = snapshot(root)
+    (root / MANIFEST).unlink()
+    (root / "bounding_boxes.txt").write_text("1 2 3\n")
+    make_demo_dataset(root, **SMALL)
+    assert snapshot(root) == files
+
+
+def test_reads_back_as_cub_with_tight_boxes(tmp_path):
+    root = make_demo_dataset(tmp_path / "demo", **SMALL)
+    train, test = build_dataset("cub", root, "train"), build_dataset("cub", root, "test")
+    assert (len(train), len(test), test.num_classes) == (12, 8, 4)
+    for index in range(len(test)):
+        sample = test[index]
+        x0, y0, x1, y1 = sample["boxes"][0].tolist()
+        area = (x1 - x0) * (y1 - y0) / 64 ** 2
+        assert 0.08 <= area <= 0.42 and 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+        pixels = np.asarray(Image.open(test.image_path(index)).convert("RGB"), np.float32)
+        inside = pixels[int(y0):int(y1), int(x0):int(x1)]
+        # the object's two class colours make the box region differ from the background
+        assert np.abs(inside.mean((0, 1)) - pixels.mean((0, 1))).max() > 5
+
+
+def test_default_location_and_cli(tmp_path):
+    assert DEFAULT_DEMO_ROOT == REPO_ROOT / "data" / "demo_cub"
+    cli = [sys.executable, str(REPO_ROOT / "tools" / "make_demo_data.py"), "--output-dir", str(tmp_path / "d")]
+    done = subprocess.run(cli + ["--num-classes", "2", "--train-per-class", "1", "--test-per-class", "1"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and (tmp_path / "d" / MANIFEST).is_file()
+    bad = subprocess.run(cli[:-1] + [str(tmp_path / "e"), "--num-classes", "9"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: demo classes must be 2..6")
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_classes=1), dict(train_per_class=0), dict(image_size=8)])
+def test_bad_parameters(tmp_path, kwargs):
+    with pytest.raises(ConfigError, match="demo"):
+        make_demo_dataset(tmp_path, **kwargs)

@@ -1,0 +1,44 @@
+import pytest
+from PIL import Image
+
+from DataLoader import build_dataset
+from utils.errors import DataError
+
+
+@pytest.fixture
+def custom(tmp_path):
+    root = tmp_path / "mydata"
+    for split, count in (("train", 2), ("test", 1)):
+        for name in ("cat", "dog"):
+            for k in range(count):
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (40, 20), (1, 2, 3)).save(root / split / name / f"{k}.png")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_class_folders_and_optional_boxes(custom):
+    train = build_dataset("folder", custom, "train")
+    assert train.classes == ["cat", "dog"] and len(train) == 4
+    assert [item.label for item in train.items] == [0, 0, 1, 1]
+    test = build_dataset("folder", custom, "test")
+    assert test[0]["boxes"].shape == (0, 4) and test[0]["image_id"] == "test/cat/0.png"
+    (custom / "boxes.csv").write_text("image,x0,y0,x1,y1\ntest/dog/0.png,1,2,30,18\ntest/dog/0.png,0,0,5,5\n"
+                                      "test/cat/0.png,3,3,9,9\n")
+    test = build_dataset("folder", custom, "test")
+    assert test[1]["boxes"].tolist() == [[1, 2, 30, 18], [0, 0, 5, 5]] and test[1]["size"] == (40, 20)
+    assert test[0]["boxes"].tolist() == [[3, 3, 9, 9]] and test[1]["label"] == 1
+
+
+def test_explicit_boxes_csv_and_errors(custom, tmp_path):
+    (tmp_path / "b.csv").write_text("test/cat/0.png,3,3,2,9\n")
+    with pytest.raises(DataError, match=r"b.csv line 1: box \(3, 3, 2, 9\) has x1 <= x0"):
+        build_dataset("folder", custom, "test", val_boxes=tmp_path / "b.csv")
+    (tmp_path / "b.csv").write_text("test/cat/9.png,3,3,5,9\n")
+    with pytest.raises(DataError, match=r"b.csv line 1: image .*9.png not found"):
+        build_dataset("folder", custom, "test", val_boxes=tmp_path / "b.csv")
+    (custom / "test" / "bird").mkdir()
+    with pytest.raises(DataError, match="bird: class folder is not one of the 2 train classes"):
+        build_dataset("folder", custom, "test")
+    with pytest.raises(DataError, match="val: not found"):
+        build_dataset("folder", custom, "val")

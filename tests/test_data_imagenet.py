@@ -1,0 +1,136 @@
+import pytest
+from PIL import Image
+
+from DataLoader import build_dataset
+from utils.errors import DataError
+
+WNIDS = ["n01440764", "n01443537", "n02102040"]
+# val image -> (wnid, size, boxes); image 2 has two boxes
+VAL = {
+    1: ("n01443537", (40, 30), [[2, 3, 20, 25]]),
+    2: ("n01440764", (32, 48), [[1, 1, 16, 20], [10, 12, 30, 47]]),
+    3: ("n02102040", (36, 36), [[5, 5, 36, 36]]),
+}
+
+
+def val_name(i):
+    return f"ILSVRC2012_val_{i:08d}"
+
+
+def write_image(path, size):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 120, 150)).save(path)
+
+
+def write_xml(path, wnid, size, boxes):
+    objects = "".join(f"<object><name>{wnid}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+                      f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for b in boxes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"<annotation><filename>{path.stem}</filename><size><width>{size[0]}</width>"
+                    f"<height>{size[1]}</height><depth>3</depth></size>{objects}</annotation>")
+
+
+def write_csv(path):
+    rows = [f"{val_name(i)},{' '.join(f'{wnid} ' + ' '.join(map(str, b)) for b in boxes)}"
+            for i, (wnid, _, boxes) in VAL.items()]
+    path.write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+
+
+def write_val_gt(path):
+    rows = [f"{wnid}\\{val_name(i)}.JPEG {w} {h} ; {' '.join(str(v) for b in boxes for v in b)}"
+            for i, (wnid, (w, h), boxes) in VAL.items()]
+    path.write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture
+def imagenet(tmp_path):
+    root = tmp_path / "ILSVRC2012"
+    for k, wnid in enumerate(WNIDS):
+        for j in range(2):
+            write_image(root / "train" / wnid / f"{wnid}_{j}.JPEG", (32 + k, 32))
+    for i, (_, size, _) in VAL.items():
+        write_image(root / "val" / f"{val_name(i)}.JPEG", size)
+    return root
+
+
+def check_val(dataset):
+    assert dataset.classes == WNIDS and len(dataset) == 3
+    for index, (i, (wnid, size, boxes)) in enumerate(VAL.items()):
+        sample = dataset[index]
+        assert sample["label"] == WNIDS.index(wnid)
+        assert sample["size"] == size
+        assert sample["image_id"] == f"val/{val_name(i)}.JPEG"
+        assert sample["boxes"].tolist() == boxes
+
+
+def test_train_folders_give_sorted_wnid_labels(imagenet):
+    train = build_dataset("imagenet", imagenet, "train")
+    assert train.classes == WNIDS
+    assert [item.label for item in train.items] == [0, 0, 1, 1, 2, 2]
+    assert train.items[2].image_id == "train/n01443537/n01443537_0.JPEG"
+    assert set(train[0]) == {"image", "label", "index"}
+
+
+def test_val_boxes_from_xml_folder_multi_box(imagenet):
+    for i, (wnid, size, boxes) in VAL.items():
+        write_xml(imagenet / "val_boxes" / f"{val_name(i)}.xml", wnid, size, boxes)
+    check_val(build_dataset("imagenet", imagenet, "test"))
+
+
+def test_xml_files_beside_flat_val_images(imagenet):
+    for i, (wnid, size, boxes) in VAL.items():
+        write_xml(imagenet / "val" / f"{val_name(i)}.xml", wnid, size, boxes)
+    check_val(build_dataset("imagenet", imagenet, "test"))
+
+
+def test_val_boxes_from_loc_csv_multi_box(imagenet):
+    write_csv(imagenet / "LOC_val_solution.csv")
+    check_val(build_dataset("imagenet", imagenet, "test"))
+
+
+def test_val_boxes_from_official_val_gt_list_with_sorted_val(imagenet):
+    write_val_gt(imagenet / "val_gt.txt")
+    for i, (wnid, _, _) in VAL.items():
+        (imagenet / "val" / wnid).mkdir()
+        (imagenet / "val" / f"{val_name(i)}.JPEG").rename(imagenet / "val" / wnid / f"{val_name(i)}.JPEG")
+    dataset = build_dataset("imagenet", imagenet, "test")
+    check_val(dataset)
+    assert dataset.items[0].path == f"val/n01443537/{val_name(1)}.JPEG"
+
+
+def test_explicit_val_boxes_path_wins(imagenet, tmp_path):
+    write_csv(imagenet / "LOC_val_solution.csv")
+    (imagenet / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n")  # would give no images
+    write_val_gt(tmp_path / "my_gt.txt")
+    check_val(build_dataset("imagenet", imagenet, "test", val_boxes=tmp_path / "my_gt.txt"))
+
+
+def test_classes_from_boxes_without_train_folder(imagenet):
+    write_csv(imagenet / "LOC_val_solution.csv")
+    for path in sorted((imagenet / "train").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    (imagenet / "train").rmdir()
+    check_val(build_dataset("imagenet", imagenet, "test"))
+
+
+def test_val_errors(imagenet):
+    with pytest.raises(DataError, match="no ImageNet val boxes found"):
+        build_dataset("imagenet", imagenet, "test")
+    (imagenet / "val_gt.txt").write_text(f"n09999999\\{val_name(1)}.JPEG 40 30 ; 2 3 20 25\n")
+    with pytest.raises(DataError, match=r"val_gt.txt line 1: label 'n09999999' is not one of the 3 classes"):
+        build_dataset("imagenet", imagenet, "test")
+    (imagenet / "val_gt.txt").write_text(f"n01440764\\{val_name(1)}.JPEG 40 30 ; 2 3 20\n")
+    with pytest.raises(DataError, match=r"val_gt.txt line 1: expected"):
+        build_dataset("imagenet", imagenet, "test")
+    (imagenet / "val_gt.txt").write_text(f"n01440764\\{val_name(1)}.JPEG 40 30 ; 2 3 45 25\n")
+    with pytest.raises(DataError, match=r"val_gt.txt line 1: box \(2, 3, 45, 25\) lies outside the 40x30 image"):
+        build_dataset("imagenet", imagenet, "test")
+    (imagenet / "val_gt.txt").write_text(f"n01440764\\{val_name(7)}.JPEG 40 30 ; 2 3 20 25\n")
+    with pytest.raises(DataError, match=f"image .*{val_name(7)}.* not found"):
+        build_dataset("imagenet", imagenet, "test")
+    write_xml(imagenet / "val_boxes" / "bad.xml", "n01440764", (40, 30), [[2, 3, 20, 25]])
+    (imagenet / "val_boxes" / "bad.xml").write_text("<annotation><size><width>40</width>")
+    with pytest.raises(DataError, match=r"bad.xml line 1: malformed XML"):
+        build_dataset("imagenet", imagenet, "test")
+    with pytest.raises(DataError, match="ImageNet has no 'val' split"):
+        build_dataset("imagenet", imagenet, "val")

@@ -1,0 +1,57 @@
+import warnings
+
+import pytest
+import torch
+
+from DataLoader import build_dataset, build_loader, collate_samples, make_demo_dataset
+from utils.errors import DataError
+
+
+@pytest.fixture
+def cub(tmp_path):
+    root = make_demo_dataset(tmp_path / "cub", num_classes=2, train_per_class=3, test_per_class=1, image_size=40)
+    broken = root / "images" / "001.Ringed_Disc" / "Ringed_Disc_0002.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated JPEG
+    return root
+
+
+def test_collate_stacks_and_counts_skipped():
+    sample = {"image": torch.zeros(3, 4, 4), "label": 1, "index": 0, "image_id": "a"}
+    batch = collate_samples([sample, None, dict(sample, label=2, index=5)])
+    assert batch["image"].shape == (2, 3, 4, 4) and batch["label"].dtype == torch.long
+    assert batch["label"].tolist() == [1, 2] and batch["index"] == [0, 5] and batch["image_id"] == ["a", "a"]
+    assert batch["num_skipped"] == 1
+    empty = collate_samples([None, None])
+    assert empty["num_skipped"] == 2 and empty["label"].numel() == 0
+
+
+def test_truncated_train_image_is_skipped_with_warning(cub):
+    train = build_dataset("cub", cub, "train")
+    with pytest.warns(RuntimeWarning, match="skipping unreadable image .*Ringed_Disc_0002.jpg"):
+        assert train[1] is None
+    loader = build_loader(train, 4, train=True, workers=2, drop_last=False)
+    assert loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
+    for _ in range(2):  # two epochs over persistent workers
+        batches = list(loader)
+        assert sum(b["num_skipped"] for b in batches) == 1
+        assert sum(len(b["label"]) for b in batches) == 5
+
+
+def test_strict_data_and_evaluation_splits_raise(cub):
+    with pytest.raises(DataError, match="unreadable image .*Ringed_Disc_0002.jpg"):
+        build_dataset("cub", cub, "train", strict=True)[1]
+    (cub / "images" / "002.Checkered_Square" / "Checkered_Square_0004.jpg").write_bytes(b"junk")
+    test = build_dataset("cub", cub, "test")
+    with pytest.raises(DataError, match="unreadable image .*Checkered_Square_0004.jpg"):
+        test[1]
+
+
+def test_loader_is_reproducible_and_drops_last_when_training(cub):
+    train = build_dataset("cub", cub, "train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        orders = [[i for b in build_loader(train, 4, train=True, workers=0, seed=7) for i in b["index"]]
+                  for _ in range(2)]
+    assert orders[0] == orders[1] and len(orders[0]) in (3, 4)  # one full batch of 4, maybe one skipped
+    assert len(build_loader(train, 4, train=True, workers=0)) == 1
+    assert len(build_loader(train, 4, train=False, workers=0)) == 2

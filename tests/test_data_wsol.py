@@ -1,0 +1,134 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from DataLoader import build_dataset, build_loader, load_mask
+from utils.errors import DataError
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def write_image(path, size):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (10, 200, 30)).save(path)
+
+
+def write_metadata(meta, ids, labels, sizes=None, localization=None):
+    write(meta / "image_ids.txt", "".join(f"{i}\n" for i in ids))
+    write(meta / "class_labels.txt", "".join(f"{i},{label}\n" for i, label in zip(ids, labels)))
+    if sizes:
+        write(meta / "image_sizes.txt", "".join(f"{i},{w},{h}\n" for i, (w, h) in zip(ids, sizes)))
+    if localization:
+        write(meta / "localization.txt", "".join(f"{line}\n" for line in localization))
+
+
+@pytest.fixture
+def boxes_set(tmp_path):
+    """ILSVRC-style ids with a train, a train-fullsup val and a test split."""
+    images, meta = tmp_path / "images", tmp_path / "metadata"
+    for i in range(4):
+        write_image(images / f"train/n0{i % 2}/img{i}.JPEG", (40, 30))
+    write_image(images / "val2/a.JPEG", (40, 30))
+    write_image(images / "val/ILSVRC2012_val_00000001.JPEG", (50, 40))
+    write_image(images / "val/ILSVRC2012_val_00000002.JPEG", (30, 30))
+    write_metadata(meta / "train", [f"train/n0{i % 2}/img{i}.JPEG" for i in range(4)], [0, 1, 0, 1])
+    write_metadata(meta / "val", ["val2/a.JPEG"], [1], [(40, 30)], ["val2/a.JPEG,1,2,30,20"])
+    ids = ["val/ILSVRC2012_val_00000001.JPEG", "val/ILSVRC2012_val_00000002.JPEG"]
+    write_metadata(meta / "test", ids, [1, 0], [(50, 40), (30, 30)],
+                   [f"{ids[0]},1,1,20,20", f"{ids[0]},25,10,50,40", f"{ids[1]},0,0,29,29"])
+    return images, meta
+
+
+@pytest.fixture
+def mask_set(tmp_path):
+    """OpenImages-style: PNG instance masks and an ignore mask per image."""
+    images, meta = tmp_path / "OpenImages", tmp_path / "metadata"
+    ids = ["test/c1/x.jpg", "test/c2/y.jpg"]
+    for image_id in ids:
+        write_image(images / image_id, (32, 32))
+    for name, region in (("x_m1", (0, 0, 8, 8)), ("x_m2", (20, 20, 32, 32)), ("x_ig", (0, 0, 16, 16)),
+                         ("y_m1", (4, 4, 12, 12))):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[region[1]:region[3], region[0]:region[2]] = 255
+        (images / "mask").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(images / "mask" / f"{name}.png")
+    write_metadata(meta / "test", ids, [0, 1], [(32, 32), (32, 32)],
+                   [f"{ids[0]},mask/x_m1.png,mask/x_ig.png", f"{ids[0]},mask/x_m2.png,", f"{ids[1]},mask/y_m1.png,"])
+    write_metadata(meta / "train", ids, [0, 1])
+    return images, meta
+
+
+def test_box_metadata_splits(boxes_set):
+    images, meta = boxes_set
+    train = build_dataset("wsol", images, "train", metadata_root=meta)
+    assert len(train) == 4 and train.num_classes == 2 and train.classes == ["0", "1"]
+    assert set(train[0]) == {"image", "label", "index"}
+    val = build_dataset("wsol", images, "val", metadata_root=meta)
+    assert val[0]["image_id"] == "val2/a.JPEG" and val[0]["boxes"].tolist() == [[1, 2, 30, 20]]
+    test = build_dataset("wsol", images, "test", metadata_root=meta)
+    sample = test[0]
+    assert sample["label"] == 1 and sample["size"] == (50, 40)
+    assert sample["image_id"] == "val/ILSVRC2012_val_00000001.JPEG"
+    assert sample["boxes"].tolist() == [[1, 1, 20, 20], [25, 10, 50, 40]]
+    assert "mask_paths" not in sample
+    batch = next(iter(build_loader(test, 2, train=False, workers=0)))
+    assert batch["image"].shape == (2, 3, 224, 224) and batch["label"].tolist() == [1, 0]
+    assert [b.shape[0] for b in batch["boxes"]] == [2, 1] and batch["num_skipped"] == 0
+
+
+def test_mask_metadata_and_pxap_masks(mask_set):
+    images, meta = mask_set
+    test = build_dataset("wsol", images, "test", metadata_root=meta)
+    first, second = test[0], test[1]
+    assert first["mask_paths"] == [str(images / "mask/x_m1.png"), str(images / "mask/x_m2.png")]
+    assert first["ignore_path"] == str(images / "mask/x_ig.png")
+    assert second["ignore_path"] is None and first["boxes"].shape == (0, 4)
+    foreground, ignore = load_mask(first["mask_paths"], first["ignore_path"], size=32)
+    assert foreground.sum() == 64 + 144 and foreground[0, 0] and foreground[31, 31]
+    assert ignore.sum() == 256 - 64 and not (ignore & foreground).any()
+    foreground, ignore = load_mask(second["mask_paths"], None, size=16)
+    assert foreground.shape == (16, 16) and foreground.sum() == 16 and not ignore.any()
+
+
+def test_metadata_errors(boxes_set, tmp_path):
+    images, meta = boxes_set
+    with pytest.raises(DataError, match="needs --metadata-root"):
+        build_dataset("wsol", images, "test")
+    with pytest.raises(DataError, match="metadata folder not found"):
+        build_dataset("wsol", images, "test", metadata_root=tmp_path / "none")
+    write(meta / "test" / "class_labels.txt", "val/ILSVRC2012_val_00000001.JPEG,1\nval/ILSVRC2012_val_00000002.JPEG,2\n")
+    with pytest.raises(DataError, match=r"test/class_labels.txt line 2: label 2 outside the class range 0..1"):
+        build_dataset("wsol", images, "test", metadata_root=meta)
+    write(meta / "test" / "class_labels.txt", "val/ILSVRC2012_val_00000001.JPEG,1\nval/ILSVRC2012_val_00000002.JPEG,x\n")
+    with pytest.raises(DataError, match=r"test/class_labels.txt line 2: expected 'image_id,class'"):
+        build_dataset("wsol", images, "test", metadata_root=meta)
+    write(meta / "val" / "localization.txt", "val2/a.JPEG,1,2,42,20\n")
+    with pytest.raises(DataError, match=r"val/localization.txt line 1: box \(1, 2, 42, 20\) lies outside the 40x30"):
+        build_dataset("wsol", images, "val", metadata_root=meta)
+    write(meta / "val" / "localization.txt", "val2/b.JPEG,1,2,30,20\n")
+    with pytest.raises(DataError, match=r"localization.txt line 1: image 'val2/b.JPEG' is not listed"):
+        build_dataset("wsol", images, "val", metadata_root=meta)
+    (images / "val2/a.JPEG").unlink()
+    with pytest.raises(DataError, match=r"val/image_ids.txt line 1: file .*a.JPEG not found"):
+        build_dataset("wsol", images, "val", metadata_root=meta)
+
+
+def test_missing_mask_file(mask_set):
+    images, meta = mask_set
+    (images / "mask/x_m2.png").unlink()
+    with pytest.raises(DataError, match=r"localization.txt lines 1, 2: file .*x_m2.png not found"):
+        build_dataset("wsol", images, "test", metadata_root=meta)
+
+
+def test_cub_format_with_metadata_uses_the_images_folder(tmp_path):
+    root = tmp_path / "CUB_200_2011"
+    for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt",
+                 "classes.txt"):
+        write(root / name, "")
+    write_image(root / "images/001.A/a.jpg", (20, 20))
+    write_metadata(tmp_path / "meta/val", ["001.A/a.jpg"], [0], [(20, 20)], ["001.A/a.jpg,0,0,10,10"])
+    sample = build_dataset("cub", root, "val", metadata_root=tmp_path / "meta")[0]
+    assert sample["image_id"] == "001.A/a.jpg" and sample["boxes"].tolist() == [[0, 0, 10, 10]]
