@@ -44,17 +44,19 @@ def build_dataset(fmt, root, split, transform=None, *, images_per_class=None, se
     fmt 'cub' | 'imagenet' | 'folder' read the layouts users have on disk ('test' of imagenet is the
     ILSVRC val set; ``val_boxes`` overrides where its boxes come from, or the folder format's
     boxes CSV). fmt 'wsol', or any fmt with ``metadata_root``, reads wsolevaluation metadata from
-    ``metadata_root/<split>/`` with images under ``root`` (``root/images`` for cub). ``transform``
-    defaults to the official train or test transform; ``images_per_class`` keeps a seeded few-shot
-    subset; ``strict`` turns unreadable train images into errors.
+    ``metadata_root/<split>/`` with images under ``root`` (under ``root/images`` for a CUB release).
+    ``transform`` defaults to the official train or test transform; ``images_per_class`` keeps a
+    seeded few-shot subset; ``strict`` turns unreadable train images into errors.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
-    check_data_root(fmt, root)
+    check_data_root("wsol" if metadata_root is not None and fmt in FORMATS else fmt, root)
     if fmt == "wsol" or metadata_root is not None:
         if metadata_root is None:
             raise DataError(f"data root {root}: the wsol format needs --metadata-root (wsolevaluation metadata)")
-        image_root, items, classes = load_wsol(Path(root) / "images" if fmt == "cub" else root, metadata_root, split)
+        cub_images = Path(root) / "images"
+        image_root = cub_images if fmt == "cub" and cub_images.is_dir() else root
+        image_root, items, classes = load_wsol(image_root, metadata_root, split)
     elif fmt == "cub":
         image_root, items, classes = load_cub(root, split)
     elif fmt == "imagenet":

@@ -13,7 +13,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 FOLDER_LAYOUT = "<split>/<class>/<image> folders"
 
 
-def _entries(directory):
+def list_dir(directory):
+    """Sorted (name, is a folder) of the entries of ``directory``, hidden ones left out."""
     try:
         return sorted((entry.name, entry.is_dir()) for entry in os.scandir(directory)
                       if not entry.name.startswith("."))
@@ -27,7 +28,7 @@ def is_image_file(name):
 
 def class_folders(directory):
     """Sorted names of the class sub-folders of ``directory``."""
-    names = [name for name, is_dir in _entries(directory) if is_dir]
+    names = [name for name, is_dir in list_dir(directory) if is_dir]
     if not names:
         raise DataError(f"{directory}: no class folders (expected {FOLDER_LAYOUT})")
     return names
@@ -35,7 +36,7 @@ def class_folders(directory):
 
 def image_files(directory):
     """Sorted image file names directly inside ``directory``."""
-    return [name for name, is_dir in _entries(directory) if not is_dir and is_image_file(name)]
+    return [name for name, is_dir in list_dir(directory) if not is_dir and is_image_file(name)]
 
 
 def scan_class_folders(root, split, classes):

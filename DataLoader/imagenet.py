@@ -10,7 +10,7 @@ import numpy as np
 from utils.errors import DataError
 
 from .annotations import Item, bad_line, check_boxes, lines_source, read_lines
-from .folder import class_folders, image_files, scan_class_folders
+from .folder import class_folders, image_files, is_image_file, list_dir, scan_class_folders
 
 # Looked for under the data root, in this order, when no explicit val-boxes path is given.
 VAL_BOX_CANDIDATES = ("val_boxes", "bbox_val", "val_bbox", "bbox/val", "Annotations/CLS-LOC/val", "val",
@@ -32,7 +32,7 @@ class ValRecord:
 
 
 def _has_xml(directory):
-    return any(path.suffix.lower() == ".xml" for path in directory.iterdir())
+    return any(name.lower().endswith(".xml") for name, _ in list_dir(directory))
 
 
 def find_val_boxes(root, explicit=None):
@@ -124,8 +124,9 @@ def _val_images(val_dir):
     """{file stem: path relative to the data root} of val/, flat or sorted into <wnid>/ folders."""
     if not val_dir.is_dir():
         raise DataError(f"{val_dir}: not found (expected the ILSVRC2012 val images, flat or in <wnid>/ folders)")
-    found = {Path(name).stem: f"val/{name}" for name in image_files(val_dir)}
-    for wnid in (path.name for path in val_dir.iterdir() if path.is_dir()):
+    entries = list_dir(val_dir)
+    found = {Path(name).stem: f"val/{name}" for name, is_dir in entries if not is_dir and is_image_file(name)}
+    for wnid in (name for name, is_dir in entries if is_dir):
         found.update((Path(name).stem, f"val/{wnid}/{name}") for name in image_files(val_dir / wnid))
     return found
 

@@ -99,10 +99,11 @@ def test_metadata_errors(boxes_set, tmp_path):
         build_dataset("wsol", images, "test")
     with pytest.raises(DataError, match="metadata folder not found"):
         build_dataset("wsol", images, "test", metadata_root=tmp_path / "none")
-    write(meta / "test" / "class_labels.txt", "val/ILSVRC2012_val_00000001.JPEG,1\nval/ILSVRC2012_val_00000002.JPEG,2\n")
+    ids = ["val/ILSVRC2012_val_00000001.JPEG", "val/ILSVRC2012_val_00000002.JPEG"]
+    write(meta / "test" / "class_labels.txt", f"{ids[0]},1\n{ids[1]},2\n")
     with pytest.raises(DataError, match=r"test/class_labels.txt line 2: label 2 outside the class range 0..1"):
         build_dataset("wsol", images, "test", metadata_root=meta)
-    write(meta / "test" / "class_labels.txt", "val/ILSVRC2012_val_00000001.JPEG,1\nval/ILSVRC2012_val_00000002.JPEG,x\n")
+    write(meta / "test" / "class_labels.txt", f"{ids[0]},1\n{ids[1]},x\n")
     with pytest.raises(DataError, match=r"test/class_labels.txt line 2: expected 'image_id,class'"):
         build_dataset("wsol", images, "test", metadata_root=meta)
     write(meta / "val" / "localization.txt", "val2/a.JPEG,1,2,42,20\n")
@@ -123,12 +124,11 @@ def test_missing_mask_file(mask_set):
         build_dataset("wsol", images, "test", metadata_root=meta)
 
 
-def test_cub_format_with_metadata_uses_the_images_folder(tmp_path):
-    root = tmp_path / "CUB_200_2011"
-    for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt",
-                 "classes.txt"):
-        write(root / name, "")
-    write_image(root / "images/001.A/a.jpg", (20, 20))
+def test_cub_format_with_metadata(tmp_path):
     write_metadata(tmp_path / "meta/val", ["001.A/a.jpg"], [0], [(20, 20)], ["001.A/a.jpg,0,0,10,10"])
-    sample = build_dataset("cub", root, "val", metadata_root=tmp_path / "meta")[0]
-    assert sample["image_id"] == "001.A/a.jpg" and sample["boxes"].tolist() == [[0, 0, 10, 10]]
+    release, flat = tmp_path / "CUB_200_2011", tmp_path / "dataset_CUB"
+    write_image(release / "images/001.A/a.jpg", (20, 20))  # the CUB release: images under images/
+    write_image(flat / "001.A/a.jpg", (20, 20))  # wsolevaluation's dataset/CUB: class folders at the root
+    for root in (release, flat):
+        sample = build_dataset("cub", root, "val", metadata_root=tmp_path / "meta")[0]
+        assert sample["image_id"] == "001.A/a.jpg" and sample["boxes"].tolist() == [[0, 0, 10, 10]]
