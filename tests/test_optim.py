@@ -1,0 +1,85 @@
+"""Parameter groups, trainable subsets, lr schedules and AMP selection."""
+import contextlib
+
+import pytest
+import torch
+
+from Model import build_model
+from utils.amp import amp_dtype, autocast_settings, cpu_supports_bf16
+from utils.errors import ConfigError
+from utils.optim import build_optimizer, build_scheduler, lr_factor, param_groups, set_trainable
+
+NANO = "deit_sat_nano_patch16_224"
+
+
+@pytest.fixture
+def model():
+    return build_model(NANO, num_classes=4, img_size=64)
+
+
+def names(model, params):
+    ids = {id(p) for p in params}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def test_no_decay_on_1d_params_biases_tokens_and_embeddings(model):
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    skip = names(model, no_decay["params"])
+    assert {"cls_token", "loc_token", "pos_embed", "loc_embed", "norm.weight", "head.bias",
+            "blocks.0.attn.qkv.bias", "patch_embed.proj.bias"} <= skip
+    assert {"head.weight", "blocks.0.attn.qkv.weight", "patch_embed.proj.weight"} <= names(model, decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("which", ["all", "sat", "head"])
+def test_trainable_subsets(model, which):
+    count = set_trainable(model, which)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert count == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if which == "head":
+        assert trainable == {"head.weight", "head.bias"}
+    elif which == "sat":
+        assert {"loc_token", "loc_embed", "blocks.5.attn.qkv.weight", "blocks.3.mlp.fc1.bias", "norm.weight",
+                "head.weight"} <= trainable
+        assert not trainable & {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.2.attn.qkv.weight"}
+    else:
+        assert len(trainable) == len(list(model.parameters()))
+    groups = param_groups(model, 0.05)
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    with pytest.raises(ConfigError):
+        set_trainable(model, "backbone")
+
+
+def test_constant_schedule_is_constant_after_warmup(model):
+    optimizer = build_optimizer(model, 1e-3, 0.05)
+    scheduler = build_scheduler(optimizer, schedule="constant", lr=1e-3, min_lr=1e-6, epochs=3, warmup_epochs=1,
+                                steps_per_epoch=4)
+    lrs = []
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4:] == pytest.approx([1e-3] * 8)
+
+
+def test_cosine_schedule_reaches_min_lr():
+    factors = [lr_factor(s, schedule="cosine", total_steps=10, warmup_steps=0, min_ratio=0.01) for s in range(11)]
+    assert factors[0] == 1.0 and factors[5] == pytest.approx(0.505) and factors[10] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
+def test_amp_selection_on_cpu():
+    assert amp_dtype("cpu", "auto") is None and amp_dtype("cpu", False) is None
+    autocast, scaler = autocast_settings("cpu", False)
+    assert autocast is contextlib.nullcontext and scaler is None
+    if cpu_supports_bf16():
+        assert amp_dtype("cpu", True) == torch.bfloat16
+        autocast, scaler = autocast_settings("cpu", True)
+        with autocast():
+            assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+        assert scaler is None
+    else:
+        with pytest.raises(ConfigError, match="native bf16"):
+            amp_dtype("cpu", True)

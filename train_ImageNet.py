@@ -1,0 +1,15 @@
+"""Train SAT on ImageNet (ILSVRC2012 layout: train/<wnid>/, val/ + boxes), usually with several processes.
+
+    torchrun --nproc_per_node K train_ImageNet.py --config config/ILSVRC.yaml --data-root PATH --output-dir DIR
+    python -m torch.distributed.launch --nproc_per_node K train_ImageNet.py --config config/ILSVRC.yaml ...
+
+Multi-node: torchrun's --nnodes / --node-rank / --master-addr / --master-port (or --rdzv-*) flags.
+The model and schedule settings of any config apply; the data is always read in the ImageNet layout.
+"""
+import functools
+
+from utils.errors import run_cli
+from utils.trainer import main
+
+if __name__ == "__main__":
+    run_cli(functools.partial(main, imagenet=True))

@@ -1,0 +1,243 @@
+"""Training configuration: built-in defaults < YAML file (``--config``) < command-line flags.
+
+Every key of :data:`FIELDS` is a YAML key and a flag (``batch_size`` <-> ``--batch-size``); booleans
+also take ``--no-<flag>``. The resolved configuration is an ``argparse.Namespace`` and is saved as YAML
+next to the run's outputs.
+"""
+import argparse
+import difflib
+from pathlib import Path
+
+import yaml
+
+from utils.errors import ConfigError
+
+LR_SCHEDULES = ("constant", "cosine")
+TRAINABLE = ("all", "sat", "head")
+SELECTION_METRICS = ("top1_loc", "gt_known_loc", "top1_cls")
+
+
+class Field:
+    """One config key: default, kind ('int', 'float', 'str', 'bool', 'floats', 'amp', 'pretrained'),
+    whether ``null`` is allowed, allowed choices and help text."""
+
+    def __init__(self, default, kind, help, nullable=False, choices=None):
+        self.default, self.kind, self.help, self.nullable, self.choices = default, kind, help, nullable, choices
+
+
+FIELDS = {
+    # model
+    "arch": Field("deit_sat_tiny_patch16_224", "str", "model architecture (Model.list_archs())"),
+    "pretrained": Field(True, "pretrained", "true: DeiT ImageNet-1k weights via timm; false: random init; or a file"),
+    "img_size": Field(224, "int", "input crop size"),
+    "resize_size": Field(None, "int", "resize before cropping (default round(img_size * 256 / 224))", nullable=True),
+    "drop_path": Field(0.1, "float", "stochastic depth rate"),
+    "num_spatial_blocks": Field(3, "int", "number of final spatial-aware blocks"),
+    "attn_impl": Field("fused", "str", "attention implementation", choices=("fused", "naive")),
+    "area_thr": Field(0.25, "float", "area prior of the batch area loss (paper's lambda)"),
+    # optimisation
+    "epochs": Field(30, "int", "number of training epochs"),
+    "batch_size": Field(256, "int", "GLOBAL batch per optimizer step (split over processes and accumulation)"),
+    "accum_steps": Field(1, "int", "gradient accumulation steps per optimizer step"),
+    "lr": Field(1e-4, "float", "AdamW learning rate"),
+    "min_lr": Field(1e-6, "float", "final learning rate of the cosine schedule"),
+    "weight_decay": Field(0.05, "float", "AdamW weight decay (not on 1-D params, biases, tokens, embeddings)"),
+    "lr_schedule": Field("constant", "str", "constant (official behaviour) or cosine", choices=LR_SCHEDULES),
+    "warmup_epochs": Field(0.0, "float", "linear warm-up epochs (either schedule)"),
+    "clip_grad": Field(None, "float", "clip the gradient norm to this value", nullable=True),
+    "trainable": Field("all", "str", "parameters to train: all, sat (spatial token + spatial-aware blocks + "
+                                     "head) or head", choices=TRAINABLE),
+    # data
+    "data_format": Field("cub", "str", "dataset layout", choices=("cub", "imagenet", "wsol", "folder")),
+    "data_root": Field(None, "str", "dataset root (omitted: the synthetic demo dataset)", nullable=True),
+    "metadata_root": Field(None, "str", "wsolevaluation metadata folder (<split>/image_ids.txt ...)", nullable=True),
+    "val_boxes": Field(None, "str", "ImageNet val boxes (XML folder, LOC_val_solution.csv, val_gt.txt) or "
+                                    "the folder format's boxes CSV", nullable=True),
+    "val_split": Field(False, "bool", "select the model and threshold on the held-out 'val' split "
+                                      "(wsolevaluation train-fullsup) instead of test"),
+    "images_per_class": Field(None, "int", "few-shot: train on N images per class", nullable=True),
+    "workers": Field(8, "int", "data loading processes per training process"),
+    # evaluation
+    "eval_thresholds": Field([0.3, 0.35, 0.4, 0.45], "floats", "CAM thresholds searched at each evaluation"),
+    "eval_every": Field(1, "int", "evaluate every N epochs (and after the last)"),
+    "eval_batch_size": Field(None, "int", "evaluation batch per process (default: the training micro-batch)",
+                             nullable=True),
+    "selection_metric": Field("top1_loc", "str", "metric choosing best.pth (ties: gt_known_loc)",
+                              choices=SELECTION_METRICS),
+    "test_tencrop": Field(False, "bool", "ten-crop classification in the final test evaluation"),
+    "save_images": Field(0, "int", "final test evaluation: save overlays of the first N test images"),
+    # run
+    "output_dir": Field("output/run", "str", "folder for checkpoints, logs, metrics and results"),
+    "seed": Field(6, "int", "random seed (each process adds its rank)"),
+    "device": Field("auto", "str", "auto (CUDA when available), cuda or cpu", choices=("auto", "cuda", "cpu")),
+    "amp": Field("auto", "amp", "mixed precision: auto (CUDA bf16/fp16; off on CPU), true or false"),
+    "compile": Field(False, "bool", "torch.compile the model"),
+    "log_every": Field(20, "int", "read the losses back (one host sync) and log every N optimizer steps"),
+}
+CLI_ONLY = ("config", "resume", "local_rank")  # not saved with the configuration
+
+
+def _bool(text):
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(str(text).lower())
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
+def _amp(text):
+    return "auto" if str(text).lower() == "auto" else _bool(text)
+
+
+def _pretrained(text):
+    try:
+        return _bool(text)
+    except ValueError:
+        return str(text)
+
+
+CONVERTERS = {"int": int, "float": float, "str": str, "bool": _bool, "floats": float, "amp": _amp,
+              "pretrained": _pretrained}
+
+
+def _nullable(convert):
+    def parse(text):
+        return None if str(text).lower() in ("none", "null") else convert(text)
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def build_parser(description):
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file of config keys (flags override it)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                        help="continue a run: from PATH, or from <output-dir>/checkpoints/last.pth when no PATH")
+    # torch.distributed.launch passes --local-rank (older versions --local_rank); torchrun sets LOCAL_RANK.
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+    for key, field in FIELDS.items():
+        flag = "--" + key.replace("_", "-")
+        text = f"{field.help} (default: {field.default})"
+        if field.kind == "bool":
+            parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=text)
+        elif field.kind == "amp":
+            parser.add_argument(flag, dest=key, nargs="?", const=True, type=_amp, help=text + "; --amp = true")
+            parser.add_argument("--no-" + flag[2:], dest=key, action="store_false", help="same as --amp false")
+        else:
+            convert = _nullable(CONVERTERS[field.kind]) if field.nullable else CONVERTERS[field.kind]
+            parser.add_argument(flag, dest=key, type=convert, nargs="+" if field.kind == "floats" else None,
+                                choices=field.choices, metavar=key.upper(), help=text)
+    return parser
+
+
+def _check_value(key, value, where):
+    """The YAML value of ``key`` checked against its field (ints are accepted for floats)."""
+    field = FIELDS[key]
+    expected = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+                "floats": "a list of numbers", "amp": "auto, true or false",
+                "pretrained": "true, false or a file path"}[field.kind]
+    if value is None and field.nullable:
+        return None
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": is_number,
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "floats": isinstance(value, list) and bool(value)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
+        "amp": isinstance(value, bool) or value == "auto",
+        "pretrained": isinstance(value, (bool, str)),
+    }[field.kind]
+    if not ok:
+        raise ConfigError(f"{where}: {key} must be {expected}{' or null' if field.nullable else ''}, got {value!r}")
+    if field.choices and value not in field.choices:
+        raise ConfigError(f"{where}: {key} must be one of {', '.join(field.choices)}, got {value!r}")
+    if field.kind == "float":
+        return float(value)
+    if field.kind == "floats":
+        return [float(v) for v in value]
+    return value
+
+
+def load_yaml(path):
+    """The keys of a config file, checked: unknown keys and wrong types raise ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of config keys, got {type(data).__name__}")
+    values = {}
+    for key, value in data.items():
+        if key not in FIELDS:
+            close = difflib.get_close_matches(str(key), FIELDS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"config file {path}: unknown key {key!r}{hint}")
+        values[key] = _check_value(key, value, f"config file {path}")
+    return values
+
+
+def validate(cfg):
+    """Range checks across keys; raise ConfigError naming the key."""
+    positive = ("epochs", "batch_size", "accum_steps", "img_size", "eval_every", "log_every")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    for key in ("images_per_class", "eval_batch_size", "resize_size"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1 or null, got {getattr(cfg, key)}")
+    if cfg.img_size % 16:
+        raise ConfigError(f"img_size must be a multiple of the patch size 16, got {cfg.img_size}")
+    if cfg.resize_size is not None and cfg.resize_size < cfg.img_size:
+        raise ConfigError(f"resize_size ({cfg.resize_size}) must be at least img_size ({cfg.img_size})")
+    if not 0 < cfg.area_thr < 1:
+        raise ConfigError(f"area_thr must be in (0, 1), got {cfg.area_thr}")
+    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.weight_decay < 0:
+        raise ConfigError(f"lr must be > 0 and min_lr, weight_decay >= 0, got {cfg.lr}, {cfg.min_lr}, "
+                          f"{cfg.weight_decay}")
+    if not 0 <= cfg.warmup_epochs < cfg.epochs:
+        raise ConfigError(f"warmup_epochs must be in [0, epochs={cfg.epochs}), got {cfg.warmup_epochs}")
+    if not 0 <= cfg.drop_path < 1:
+        raise ConfigError(f"drop_path must be in [0, 1), got {cfg.drop_path}")
+    if cfg.clip_grad is not None and cfg.clip_grad <= 0:
+        raise ConfigError(f"clip_grad must be > 0 or null, got {cfg.clip_grad}")
+    if not all(0 <= t < 1 for t in cfg.eval_thresholds):
+        raise ConfigError(f"eval_thresholds must lie in [0, 1), got {cfg.eval_thresholds}")
+    if cfg.workers < 0 or cfg.save_images < 0:
+        raise ConfigError(f"workers and save_images must be >= 0, got {cfg.workers}, {cfg.save_images}")
+
+
+def parse_config(argv=None, description=None, default_config=None):
+    """Defaults < ``--config`` file (or ``default_config(cli)`` when no file is given) < flags.
+
+    Returns the resolved ``argparse.Namespace`` (config keys plus ``config``, ``resume``, ``local_rank``).
+    """
+    cli = vars(build_parser(description).parse_args(argv))
+    config_file = cli.get("config") or (default_config(cli) if default_config else None)
+    values = {key: field.default for key, field in FIELDS.items()}
+    if config_file:
+        values.update(load_yaml(config_file))
+    values.update({key: value for key, value in cli.items() if key in FIELDS})
+    cfg = argparse.Namespace(**values, config=str(config_file) if config_file else None,
+                             resume=cli.get("resume"), local_rank=cli.get("local_rank"))
+    validate(cfg)
+    return cfg
+
+
+def config_dict(cfg):
+    """The config keys of ``cfg`` (what is saved and compared on resume)."""
+    return {key: getattr(cfg, key) for key in FIELDS}
+
+
+def save_config(cfg, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# resolved configuration (from {cfg.config or 'built-in defaults'} and command-line flags)\n"
+    path.write_text(header + yaml.safe_dump(config_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,73 @@
+"""Run logging on rank 0: console + ``<output-dir>/log.txt``, one JSON line per epoch in
+``<output-dir>/metrics.jsonl`` and TensorBoard events in ``<output-dir>/tensorboard``.
+Other ranks log warnings and errors to the console only."""
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def setup_logging(output_dir, is_main=True, rank=0):
+    """Configure the root logger for this process (idempotent) and return the 'sat' logger."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter(FORMAT if is_main else f"[rank {rank}] {FORMAT}", "%H:%M:%S"))
+    root.addHandler(console)
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    if is_main:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(Path(output_dir) / "log.txt", encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter(FORMAT))
+        root.addHandler(file_handler)
+    return logging.getLogger("sat")
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one object per epoch, key ``epoch`` = completed epochs) and TensorBoard.
+
+    ``start_epoch``: the number of epochs already done (a resumed run); lines of later epochs, left by
+    a run killed after logging but before its checkpoint, are dropped so that each epoch appears once.
+    """
+
+    def __init__(self, output_dir, start_epoch=0, tensorboard=True):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if isinstance(record, dict) and record.get("epoch", math.inf) <= start_epoch:
+                    kept.append(line + "\n")
+        self.path.write_text("".join(kept), encoding="utf-8")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # slow import, rank 0 only
+
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_epoch + 1)
+
+    def log_epoch(self, record):
+        """Append ``record`` (must hold 'epoch'); scalars also go to TensorBoard at step = epoch."""
+        record = {key: _finite_or_none(value) for key, value in record.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key.replace(".", "/"), value, record["epoch"])
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,326 @@
+"""The shared body of train.py and train_ImageNet.py: configuration, data, model, optimizer, resume,
+the epoch loop (utils.engine), per-epoch evaluation and model selection, checkpoints and the final
+test evaluation of best.pth."""
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler, Subset
+
+from DataLoader import DEFAULT_DEMO_ROOT, build_dataset, build_loader, make_demo_dataset
+from Model import build_model
+from utils import distributed as dist_utils
+from utils.amp import autocast_settings, describe
+from utils.checkpoint import load_checkpoint, model_spec, save_checkpoint
+from utils.config import config_dict, parse_config, save_config
+from utils.engine import train_one_epoch
+from utils.errors import CheckpointError, ConfigError, DataError
+from utils.logger import MetricsLog, setup_logging
+from utils.optim import build_optimizer, build_scheduler, set_trainable
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
+               "best_threshold", "num_images")
+_logger = logging.getLogger("sat")
+
+
+# ----------------------------------------------------------------------------------------- seeds
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """This process's RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    version, mt_state, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "python": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state.tolist()), gauss))
+
+
+def set_loader_epoch(loader, epoch, seed):
+    """Make this epoch's shuffling depend only on (seed, epoch), so that a resumed run sees the same order."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    else:
+        loader.generator.manual_seed(seed + epoch)
+
+
+# ------------------------------------------------------------------------------------------ data
+def resolve_data(cfg, imagenet, info):
+    """(format, root): the configured data, or the synthetic demo dataset when no root is given."""
+    if imagenet and cfg.data_format != "imagenet":
+        _logger.info("train_ImageNet.py reads the ImageNet layout (data_format %s -> imagenet)", cfg.data_format)
+        cfg.data_format = "imagenet"
+    if cfg.data_root is not None:
+        return cfg.data_format, cfg.data_root
+    if imagenet:
+        raise ConfigError("train_ImageNet.py needs --data-root (the ILSVRC2012 folder with train/ and val/)")
+    if info.is_main:
+        make_demo_dataset(DEFAULT_DEMO_ROOT)
+    dist_utils.barrier()
+    _logger.info("no --data-root: training on the synthetic demo dataset at %s (CUB layout)", DEFAULT_DEMO_ROOT)
+    return "cub", str(DEFAULT_DEMO_ROOT)
+
+
+def build_datasets(cfg, fmt, root):
+    """Train, selection and test datasets; selection is the held-out 'val' split with --val-split,
+    else the test split (as the official code does)."""
+    from DataLoader.transforms import tencrop_transform, test_transform, train_transform
+
+    sizes = dict(img_size=cfg.img_size, resize_size=cfg.resize_size)
+    common = dict(metadata_root=cfg.metadata_root, val_boxes=cfg.val_boxes)
+    train = build_dataset(fmt, root, "train", train_transform(**sizes), images_per_class=cfg.images_per_class,
+                          seed=cfg.seed, **common)
+    test = build_dataset(fmt, root, "test", test_transform(**sizes), **common)
+    selection = build_dataset(fmt, root, "val", test_transform(**sizes), **common) if cfg.val_split else test
+    final = build_dataset(fmt, root, "test", tencrop_transform(**sizes), **common) if cfg.test_tencrop else test
+    return train, selection, final
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def run_evaluation(model, dataset, cfg, info, *, thresholds, tencrop=False, save_images=0, image_dir=None):
+    """Protocol A metrics of ``model`` on ``dataset`` (sharded over the processes, counts summed).
+
+    The single place where training calls the evaluation code.
+    """
+    from DataLoader.transforms import boxes_protocol_a, denormalize
+    from utils.metrics_sat import SATLocAccumulator, predict_box
+    from utils.visualize import render_overlay, save_rgb
+
+    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
+    loader = build_loader(shard, cfg.eval_batch_size, train=False, workers=cfg.workers)
+    autocast, _ = autocast_settings(info.device, cfg.amp)
+    accumulator = SATLocAccumulator(thresholds, cam_size=cfg.img_size)
+    overlays = []
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            images = batch["image"].to(info.device, non_blocking=True)
+            with autocast():
+                if tencrop:  # (B, 10, 3, H, W): class scores of the ten crops, map of the centre crop
+                    logits, maps = model(images.flatten(0, 1))
+                    scores = logits.float().softmax(dim=1).unflatten(0, images.shape[:2]).mean(dim=1)
+                    maps = maps.unflatten(0, images.shape[:2])[:, 4]
+                    images = images[:, 4]
+                else:
+                    scores, maps = model(images)
+            gt_boxes = [boxes_protocol_a(boxes, size, cfg.resize_size, cfg.img_size)
+                        for boxes, size in zip(batch["boxes"], batch["size"])]
+            accumulator.update(maps.float(), gt_boxes, scores.float(), batch["label"])
+            for k, index in enumerate(batch["index"]):  # dataset indices
+                if index < save_images:
+                    overlays.append((index, denormalize(images[k]), maps[k].float().cpu().numpy(), gt_boxes[k],
+                                     int(scores[k].argmax()), int(batch["label"][k])))
+    accumulator.reduce(lambda counts: dist_utils.all_reduce_sum(torch.as_tensor(counts, device=info.device)).cpu())
+    metrics = accumulator.compute()
+    for index, image, cam, gt, pred, label in overlays:
+        caption = f"gt {dataset.classes[label]} / pred {dataset.classes[pred]}"
+        box = predict_box(cam, metrics["best_threshold"], cfg.img_size)
+        save_rgb(Path(image_dir) / f"{index:05d}.png", render_overlay(image, cam, box, gt, caption))
+    return metrics
+
+
+def selection_score(metrics, metric):
+    """Ordering key of best.pth: the selection metric, then GT-known Loc."""
+    return [float(metrics[metric]), float(metrics["gt_known_loc"])]
+
+
+# ----------------------------------------------------------------------------------------- model
+def build_training_model(cfg, num_classes, info):
+    model = build_model(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained, img_size=cfg.img_size,
+                        drop_path_rate=cfg.drop_path, num_spatial_blocks=cfg.num_spatial_blocks,
+                        attn_impl=cfg.attn_impl)
+    trainable = set_trainable(model, cfg.trainable)
+    _logger.info("model %s: %.2fM parameters, %.2fM trainable (%s)", cfg.arch,
+                 sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6, cfg.trainable)
+    model.to(info.device)
+    train_model = model
+    if info.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    return model, train_model
+
+
+def resume_path(cfg, checkpoint_dir):
+    """The checkpoint to resume from, or None (``--resume`` without a path and no last.pth yet)."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        path = checkpoint_dir / "last.pth"
+        if not path.is_file():
+            _logger.info("--resume: no %s yet, starting from scratch", path)
+            return None
+        return path
+    return Path(cfg.resume)
+
+
+def restore(path, cfg, info, model, optimizer, scheduler, scaler):
+    """Load a last.pth into the training state; returns its metadata."""
+    meta = load_checkpoint(path, model)
+    missing = [key for key in ("optimizer", "scheduler", "epoch", "config") if key not in meta]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint of this project (no {', '.join(missing)}); "
+                              "to start from its weights use --pretrained PATH")
+    optimizer.load_state_dict(meta["optimizer"])
+    scheduler.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    changed = {key: (meta["config"].get(key), value) for key, value in config_dict(cfg).items()
+               if meta["config"].get(key) != value}
+    for key, (old, new) in changed.items():
+        _logger.warning("resume: %s was %r in the checkpoint, now %r", key, old, new)
+    states = meta.get("rng_states") or []
+    if len(states) == info.world_size:
+        set_rng_state(states[info.rank])
+    else:
+        _logger.warning("resume: %d processes now, %d saved RNG states: re-seeding", info.world_size, len(states))
+        seed_everything(cfg.seed + info.rank + 1000 * meta["epoch"])
+    _logger.info("resumed from %s: %d of %d epochs done", path, meta["epoch"], cfg.epochs)
+    return meta
+
+
+# ------------------------------------------------------------------------------------------- main
+def per_process_batch(cfg, world_size):
+    micro, rest = divmod(cfg.batch_size, world_size * cfg.accum_steps)
+    if rest or micro == 0:
+        raise ConfigError(f"batch_size {cfg.batch_size} (global, per optimizer step) must be a multiple of "
+                          f"processes ({world_size}) x accum_steps ({cfg.accum_steps})")
+    return micro
+
+
+def default_config(imagenet):
+    def choose(cli):
+        if imagenet:
+            return CONFIG_DIR / "ILSVRC.yaml"
+        return CONFIG_DIR / ("CUB.yaml" if cli.get("data_root") else "demo.yaml")
+    return choose
+
+
+def main(argv=None, imagenet=False):
+    """Entry point of train.py (``imagenet=False``) and train_ImageNet.py (``imagenet=True``)."""
+    description = f"Train SAT on {'ImageNet (ILSVRC2012)' if imagenet else 'CUB-200-2011 or other WSOL data'}"
+    cfg = parse_config(argv, description, default_config(imagenet))
+    info = dist_utils.init_distributed(cfg.device, cfg.local_rank)
+    try:
+        return train(cfg, info, imagenet)
+    finally:
+        dist_utils.cleanup()
+
+
+def train(cfg, info, imagenet=False):
+    output_dir = Path(cfg.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    setup_logging(output_dir, info.is_main, info.rank)
+    micro_batch = per_process_batch(cfg, info.world_size)
+    cfg.resize_size = cfg.resize_size or round(cfg.img_size * 256 / 224)
+    cfg.eval_batch_size = cfg.eval_batch_size or micro_batch
+    seed_everything(cfg.seed + info.rank)
+    _logger.info("config %s; %d process(es) on %s, global batch %d = %d per process x %d accumulation steps, %s",
+                 cfg.config or "(defaults)", info.world_size, info.device, cfg.batch_size, micro_batch,
+                 cfg.accum_steps, describe(info.device, cfg.amp))
+
+    fmt, root = resolve_data(cfg, imagenet, info)
+    train_set, selection_set, test_set = build_datasets(cfg, fmt, root)
+    selection_split = "val" if cfg.val_split else "test"
+    _logger.info("data %s at %s: %d train images, %d classes; model selection and threshold on the %s split%s",
+                 fmt, root, len(train_set), train_set.num_classes, selection_split,
+                 "" if cfg.val_split else " (no --val-split: as the official code does)")
+    if len(train_set) < micro_batch * info.world_size:
+        raise DataError(f"{root}: the train split has {len(train_set)} images, fewer than one batch "
+                        f"({micro_batch} x {info.world_size} processes); lower --batch-size")
+    train_loader = build_loader(train_set, micro_batch, train=True, workers=cfg.workers,
+                                distributed=info.distributed, seed=cfg.seed)
+
+    model, train_model = build_training_model(cfg, train_set.num_classes, info)
+    spec = model_spec(model, cfg.arch, train_set.classes, num_spatial_blocks=cfg.num_spatial_blocks)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
+    scheduler = build_scheduler(optimizer, schedule=cfg.lr_schedule, lr=cfg.lr, min_lr=cfg.min_lr,
+                                epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=steps_per_epoch)
+    autocast, scaler = autocast_settings(info.device, cfg.amp)
+
+    start_epoch, best, best_thr = 0, None, None
+    path = resume_path(cfg, checkpoint_dir)
+    if path is not None:
+        meta = restore(path, cfg, info, model, optimizer, scheduler, scaler)
+        start_epoch, best, best_thr = meta["epoch"], meta.get("best"), meta.get("best_thr")
+    metrics_log = MetricsLog(output_dir, start_epoch) if info.is_main else None
+    if info.is_main:
+        save_config(cfg, output_dir / "config.yaml")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        set_loader_epoch(train_loader, epoch, cfg.seed)
+        stats = train_one_epoch(train_model, train_loader, optimizer, scheduler, device=info.device, epoch=epoch,
+                                area_thr=cfg.area_thr, accum_steps=cfg.accum_steps, autocast=autocast,
+                                scaler=scaler, clip_grad=cfg.clip_grad, log_every=cfg.log_every,
+                                world_size=info.world_size, progress=info.is_main)
+        record = {"epoch": epoch + 1, **{f"train_{key}": value for key, value in stats.items()}}
+        is_best = False
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            metrics = run_evaluation(model, selection_set, cfg, info, thresholds=cfg.eval_thresholds)
+            best_thr = metrics["best_threshold"]
+            score = selection_score(metrics, cfg.selection_metric)
+            is_best = best is None or score > best["score"]
+            if is_best:
+                best = {"epoch": epoch + 1, "score": score, "threshold": best_thr}
+            record.update({f"{selection_split}_{key}": metrics[key] for key in RESULT_KEYS})
+            _logger.info("epoch %d %s: Top-1 Loc %.2f  GT-known Loc %.2f  Top-1 Cls %.2f  (threshold %.2f)%s",
+                         epoch + 1, selection_split, metrics["top1_loc"], metrics["gt_known_loc"],
+                         metrics["top1_cls"], best_thr, "  * best" if is_best else "")
+        rng_states = dist_utils.all_gather_object(rng_state())
+        if info.is_main:
+            state = {"model": model.state_dict(), "epoch": epoch + 1, "best_thr": best_thr, "config": config_dict(cfg),
+                     **spec}
+            if is_best:
+                save_checkpoint(state, checkpoint_dir / "best.pth")
+            save_checkpoint(dict(state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                 scaler=scaler.state_dict() if scaler is not None else None,
+                                 rng_states=rng_states, best=best), checkpoint_dir / "last.pth")
+            metrics_log.log_epoch(record)
+        _logger.info("epoch %d/%d done in %.0fs: loss %.4f (ce %.4f area %.4f norm %.4f), train acc %.2f, lr %.3g",
+                     epoch + 1, cfg.epochs, stats["time"], stats["loss"], stats["ce"], stats["area"], stats["norm"],
+                     stats["acc1"], stats["lr"])
+
+    if metrics_log is not None:
+        metrics_log.close()
+    return final_test(cfg, info, model, test_set, checkpoint_dir, output_dir)
+
+
+def final_test(cfg, info, model, test_set, checkpoint_dir, output_dir):
+    """Evaluate best.pth on the test split at its threshold; write results.json and optional overlays."""
+    dist_utils.barrier()
+    best_path = checkpoint_dir / "best.pth"
+    meta = load_checkpoint(best_path, model)
+    metrics = run_evaluation(model, test_set, cfg, info, thresholds=[meta["best_thr"]], tencrop=cfg.test_tencrop,
+                             save_images=cfg.save_images, image_dir=output_dir / "images")
+    results = {"checkpoint": str(best_path), "epoch": meta["epoch"], "split": "test",
+               "tencrop": cfg.test_tencrop, **{key: metrics[key] for key in RESULT_KEYS}}
+    if info.is_main:
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        rows = "\n".join(f"  {key:<15} {metrics[key]:8.2f}" for key in RESULT_KEYS[:8])
+        _logger.info("test results of %s (epoch %d, threshold %.2f%s):\n%s\nwritten to %s", best_path,
+                     meta["epoch"], meta["best_thr"], ", ten-crop classification" if cfg.test_tencrop else "", rows,
+                     output_dir / "results.json")
+    return results
