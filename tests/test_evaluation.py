@@ -1,0 +1,217 @@
+"""utils.evaluation: the views, evaluate() against a straightforward per-image recomputation with the
+metrics functions, the official fixture boxes through evaluate(), PxAP on synthetic masks, sharding."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from DataLoader import build_dataset, load_mask, make_demo_dataset
+from DataLoader import transforms as T
+from Model import build_model
+from utils.box_ops import iou_plus1
+from utils.checkpoint import build_model_from_checkpoint, model_spec, save_checkpoint
+from utils.errors import ConfigError, DataError
+from utils.evaluation import (ClassAccumulator, ShardSampler, build_eval_loader, default_resize_size, eval_transform,
+                              evaluate)
+from utils.metrics_sat import TRAIN_THRESHOLDS, SATLocAccumulator
+from utils.metrics_wsol import PxAPAccumulator, WSOLBoxAccumulator
+
+ARCH = "deit_sat_nano_patch16_224"
+CLASS_NAMES = ["Ringed_Disc", "Checkered_Square", "Striped_Triangle"]
+
+
+def tiny_demo(root):
+    """CUB-layout demo data: 3 classes, 4 test images each, 64x64."""
+    return make_demo_dataset(root, num_classes=3, train_per_class=1, test_per_class=4, image_size=64)
+
+
+def nano_model(num_classes=3, img_size=64, seed=0):
+    torch.manual_seed(seed)
+    return build_model(ARCH, num_classes=num_classes, img_size=img_size).eval()
+
+
+def save_nano_checkpoint(path, num_classes=3, img_size=64, best_thr=0.35):
+    model = nano_model(num_classes, img_size)
+    names = CLASS_NAMES[:num_classes] + [f"class{k}" for k in range(len(CLASS_NAMES), num_classes)]
+    save_checkpoint({"model": model.state_dict(), "epoch": 1, "best_thr": best_thr,
+                     **model_spec(model, ARCH, names)}, path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny forwards: one intra-op thread is faster, and much faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return tiny_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.mark.parametrize("protocol,tencrop,views", [("sat", False, 1), ("sat", True, 10), ("wsol", True, 1),
+                                                    ("both", False, 2), ("both", True, 11)])
+def test_eval_transform_views(protocol, tencrop, views):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8))
+    out = eval_transform(protocol, tencrop, img_size=64)(image)
+    assert out.shape == (views, 3, 64, 64)
+    resize = default_resize_size(64)
+    if protocol != "wsol":
+        centre = out[4] if tencrop else out[0]
+        assert torch.equal(centre, T.test_transform(64, resize)(image))
+        if tencrop:
+            assert torch.equal(out[:10], T.tencrop_transform(64, resize)(image))
+    if protocol != "sat":
+        assert torch.equal(out[-1], T.wsol_transform(64)(image))
+
+
+def _per_image_reference(model, dataset, img_size, thresholds):
+    """The metrics of protocol A (ten-crop) and B, one image and one forward at a time."""
+    resize = default_resize_size(img_size)
+    ten, plain = T.tencrop_transform(img_size, resize), T.wsol_transform(img_size)
+    sat, cls_b, boxes_b = SATLocAccumulator(thresholds, img_size), ClassAccumulator(), WSOLBoxAccumulator()
+    with torch.inference_mode():
+        for sample in dataset:
+            image, label, boxes = sample["image"], torch.tensor([sample["label"]]), sample["boxes"]
+            logits, maps = model(ten(image))
+            probs = logits.softmax(dim=1).mean(dim=0, keepdim=True)
+            sat.update(maps[4:5], [T.boxes_protocol_a(boxes, image.size, resize, img_size)], probs, label)
+            logits_b, map_b = model(plain(image)[None])
+            cls_b.update(logits_b, label)
+            boxes_b.update(map_b, [T.boxes_protocol_b(boxes, image.size)])
+    expected = sat.compute()
+    expected.update(wsol_top1_cls=cls_b.compute()["top1_cls"], wsol_top5_cls=cls_b.compute()["top5_cls"])
+    expected.update({k: v for k, v in boxes_b.compute().items() if k != "num_images"})
+    return expected
+
+
+@pytest.mark.parametrize("img_size", [64, 224])
+def test_evaluate_equals_per_image_recomputation(demo_root, img_size):
+    """Batched ten-crop + protocol B in one forward per batch == one image at a time."""
+    model = nano_model(img_size=img_size)
+    loader = build_eval_loader("cub", demo_root, "test", protocol="both", tencrop=True, img_size=img_size,
+                               batch_size=5, workers=0)
+    result = evaluate(model, loader, device="cpu", thresholds=TRAIN_THRESHOLDS, protocol="both", tencrop=True,
+                      img_size=img_size, progress=False, threads=2)
+    reference = _per_image_reference(model, build_dataset("cub", demo_root, "test", lambda im: im), img_size,
+                                     TRAIN_THRESHOLDS)
+    assert result == reference
+    assert result["num_images"] == 12
+
+
+class _FixtureMaps(torch.nn.Module):
+    """Stands in for a model: the image filled with value i gets fixture map i and class-i logits."""
+
+    def __init__(self, maps):
+        super().__init__()
+        self.maps = torch.from_numpy(maps).float()
+
+    def forward(self, x):
+        index = x[:, 0, 0, 0].round().long()
+        return torch.nn.functional.one_hot(index % 10, 10).float(), self.maps[index]
+
+
+def test_evaluate_reproduces_official_fixture_boxes(original_sat_dir):
+    """The official boxes of the fixture maps, through evaluate(): GT = the official box at 0.4 (as an
+    original-image box of a 256x256 image), so each threshold's hits follow from the official boxes."""
+    with np.load(original_sat_dir / "original_boxes.npz") as data:
+        maps, thresholds, official = data["maps"], data["thresholds"], data["boxes"]
+    gt = np.minimum(official[:, 2], 223)
+    labels = np.arange(len(maps)) % 10
+    labels[::3] = (labels[::3] + 1) % 10  # every third image misclassified
+    batches = []
+    for start in range(0, len(maps), 16):
+        index = list(range(start, min(start + 16, len(maps))))
+        batches.append({"image": torch.tensor(index).float().view(-1, 1, 1, 1).expand(-1, 3, 224, 224),
+                        "label": torch.from_numpy(labels[index]), "size": [(256, 256)] * len(index),
+                        "boxes": [torch.tensor(gt[i][None] + 16.0) for i in index],  # crop frame + 16
+                        "image_id": [str(i) for i in index], "index": index})
+    result = evaluate(_FixtureMaps(maps), batches, device="cpu", thresholds=thresholds, img_size=224, progress=False)
+
+    ious = np.stack([iou_plus1(official[:, t], gt).diagonal() for t in range(len(thresholds))], axis=1)
+    hit, top1 = ious >= 0.5, labels == np.arange(len(maps)) % 10
+    best = int(np.argmax(hit.sum(0) + (hit & top1[:, None]).sum(0)))
+    np.testing.assert_allclose(result["gt_known_loc_per_threshold"], 100 * hit.mean(0))
+    np.testing.assert_allclose(result["top1_loc_per_threshold"], 100 * (hit & top1[:, None]).mean(0))
+    assert result["best_threshold"] == pytest.approx(thresholds[best])
+    for level in (30, 50, 70):
+        assert result[f"iou{level}"] == pytest.approx(100 * (ious[:, best] >= level / 100).mean())
+    assert result["top1_cls"] == pytest.approx(100 * top1.mean())
+
+
+def test_official_release_checkpoint_through_evaluate(original_sat_dir):
+    """The release-format fixture loads with --arch and its classification comes out of evaluate()."""
+    model, meta = build_model_from_checkpoint(original_sat_dir / "sat_tiny_original_format.pth.tar",
+                                              arch="deit_sat_tiny_patch16_224")
+    outputs = torch.load(original_sat_dir / "sat_tiny_outputs.pt")
+    labels = outputs["logits_test"].argmax(dim=1)
+    batch = {"image": outputs["input"], "label": labels, "boxes": [torch.tensor([[16.0, 16.0, 200.0, 200.0]])] * 4,
+             "size": [(256, 256)] * 4, "image_id": list("abcd"), "index": [0, 1, 2, 3]}
+    result = evaluate(model, [batch], device="cpu", thresholds=[meta["best_thr"]], progress=False)
+    assert result["num_images"] == 4 and result["top1_cls"] == 100.0
+
+
+def _write_mask_dataset(root):
+    """wsolevaluation OpenImages-style metadata: two 48x48 images, instance masks and an ignore mask."""
+    images, meta = root / "images", root / "metadata" / "test"
+    meta.mkdir(parents=True)
+    ids, lines = ["test/a/x.jpg", "test/b/y.jpg"], []
+    rng = np.random.default_rng(0)
+    for k, image_id in enumerate(ids):
+        (images / image_id).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8)).save(images / image_id)
+        mask, ignore = np.zeros((48, 48), np.uint8), np.zeros((48, 48), np.uint8)
+        mask[8 + k * 10:30 + k * 10, 6:40] = 255
+        ignore[:, :4] = 255
+        (images / "masks").mkdir(exist_ok=True)
+        Image.fromarray(mask).save(images / f"masks/{k}_m.png")
+        Image.fromarray(ignore).save(images / f"masks/{k}_ig.png")
+        lines.append(f"{image_id},masks/{k}_m.png,masks/{k}_ig.png")
+    (meta / "image_ids.txt").write_text("\n".join(ids) + "\n")
+    (meta / "class_labels.txt").write_text(f"{ids[0]},0\n{ids[1]},1\n")
+    (meta / "localization.txt").write_text("\n".join(lines) + "\n")
+    return images, root / "metadata"
+
+
+def test_pxap_on_synthetic_masks(tmp_path):
+    images, metadata = _write_mask_dataset(tmp_path)
+    model = nano_model(num_classes=2)
+    loader = build_eval_loader("wsol", images, "test", protocol="wsol", tencrop=False, img_size=64, batch_size=4,
+                               workers=0, metadata_root=metadata)
+    result = evaluate(model, loader, device="cpu", protocol="wsol", img_size=64, progress=False)
+    assert "maxboxacc" not in result and 0 <= result["pxap"] <= 100
+
+    dataset = build_dataset("wsol", images, "test", lambda im: im, metadata_root=metadata)
+    with torch.inference_mode():  # the same batch of two as evaluate's, for identical float results
+        _, cams = model(torch.stack([T.wsol_transform(64)(sample["image"]) for sample in dataset]))
+    expected = PxAPAccumulator()
+    for sample, cam in zip(dataset, cams):
+        foreground, ignore = load_mask(sample["mask_paths"], sample["ignore_path"], 224)
+        expected.update(cam[None], foreground[None], ignore[None])
+    assert result["pxap"] == expected.compute()["pxap"]
+    with pytest.raises(DataError, match="no GT boxes"):
+        evaluate(model, build_eval_loader("wsol", images, "test", protocol="sat", tencrop=False, img_size=64,
+                                          batch_size=4, workers=0, metadata_root=metadata),
+                 device="cpu", protocol="sat", img_size=64, progress=False)
+
+
+def test_shard_sampler_covers_each_index_once():
+    shards = [list(ShardSampler(10, rank, 3)) for rank in range(3)]
+    assert sorted(sum(shards, [])) == list(range(10))
+    assert [len(ShardSampler(10, rank, 3)) for rank in range(3)] == [4, 3, 3]
+    assert list(ShardSampler(2, 2, 3)) == []
+
+
+def test_evaluate_argument_errors(demo_root):
+    model = nano_model()
+    loader = build_eval_loader("cub", demo_root, "test", protocol="sat", tencrop=False, img_size=64, batch_size=4,
+                               workers=0)
+    with pytest.raises(ConfigError, match="needs protocol B"):
+        evaluate(model, loader, device="cpu", img_size=64, save_scoremaps="x", progress=False)
+    with pytest.raises(ValueError, match="eval_transform"):
+        evaluate(model, loader, device="cpu", tencrop=True, img_size=64, progress=False)
+    with pytest.raises(ValueError, match="ShardSampler"):
+        evaluate(model, loader, device="cpu", img_size=64, distributed=True, progress=False)
