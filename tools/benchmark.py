@@ -1,0 +1,176 @@
+"""Throughput and peak memory of the training step and of evaluation, on synthetic in-memory batches.
+
+    python tools/benchmark.py --mode train --arch deit_sat_small_patch16_224 --batch-size 16 --steps 5
+    python tools/benchmark.py --mode eval --arch deit_sat_small_patch16_224 --batch-size 16 --compare-naive
+
+Train mode runs ``utils.engine.train_one_epoch`` (forward, SAT losses, backward, AdamW step) exactly as
+train.py does; eval mode runs ``utils.evaluation.evaluate`` (forward + map -> boxes + metrics) as the
+evaluators do. Defaults follow train.py (fused attention, automatic mixed precision). Prints one JSON
+line; ``--compare-naive`` also runs the in-project baseline (explicit attention matrices, fp32, no
+compile) in a fresh process and adds its numbers and the speed-up.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from Model import build_model  # noqa: E402
+from utils.amp import autocast_settings, describe  # noqa: E402
+from utils.engine import train_one_epoch  # noqa: E402
+from utils.evaluation import evaluate, view_counts  # noqa: E402
+from utils.metrics_sat import TRAIN_THRESHOLDS, SATLocAccumulator  # noqa: E402
+from utils.optim import build_optimizer, build_scheduler  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("train", "eval"), default="train")
+    p.add_argument("--arch", default="deit_sat_small_patch16_224")
+    p.add_argument("--num-classes", type=int, default=200)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (batches), after --warmup untimed ones")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--attention", choices=("fused", "naive"), default="fused")
+    p.add_argument("--no-amp", dest="amp", action="store_const", const=False, default="auto")
+    p.add_argument("--amp", dest="amp", action="store_const", const=True, help="force autocast (CPU: bf16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--protocol", choices=("sat", "wsol", "both"), default="sat", help="eval mode")
+    p.add_argument("--tencrop", action="store_true", help="eval mode: ten-crop classification")
+    p.add_argument("--thresholds", type=float, nargs="+", default=list(TRAIN_THRESHOLDS), help="eval mode")
+    p.add_argument("--compare-naive", action="store_true", help="also run the naive fp32 baseline")
+    return p.parse_args(argv)
+
+
+def synthetic_train_batches(n, batch_size, img_size, num_classes, gen):
+    return [{"image": torch.randn(batch_size, 3, img_size, img_size, generator=gen),
+             "label": torch.randint(0, num_classes, (batch_size,), generator=gen), "num_skipped": 0}
+            for _ in range(n)]
+
+
+def synthetic_eval_batches(n, batch_size, img_size, num_classes, num_views, gen):
+    batches = []
+    for b in range(n):
+        boxes = [torch.tensor([[20.0, 30.0, 180.0, 200.0]]) for _ in range(batch_size)]
+        batches.append({
+            "image": torch.randn(batch_size, num_views, 3, img_size, img_size, generator=gen),
+            "label": torch.randint(0, num_classes, (batch_size,), generator=gen), "num_skipped": 0,
+            "boxes": boxes, "size": [(224, 224)] * batch_size,
+            "image_id": [f"synthetic/{b}_{i}.jpg" for i in range(batch_size)],
+            "index": list(range(b * batch_size, (b + 1) * batch_size)),
+        })
+    return batches
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_train(args, model, device):
+    autocast, scaler = autocast_settings(device, args.amp)
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)
+    scheduler = build_scheduler(optimizer, schedule="constant", lr=1e-4, min_lr=1e-6, epochs=1, warmup_epochs=0,
+                                steps_per_epoch=args.warmup + args.steps)
+    gen = torch.Generator().manual_seed(0)
+    batches = synthetic_train_batches(args.steps, args.batch_size, args.img_size, args.num_classes, gen)
+    kwargs = dict(device=device, epoch=0, area_thr=0.25, autocast=autocast, scaler=scaler, progress=False,
+                  log_every=10**9)
+    train_one_epoch(model, batches[:args.warmup], optimizer, scheduler, **kwargs)
+    sync(device)
+    start = time.perf_counter()
+    train_one_epoch(model, batches, optimizer, scheduler, **kwargs)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def box_ms_per_image(thresholds, n=64, seed=0):
+    """Protocol A box extraction + IoU for ``thresholds``, per image, on random-blob 14x14 maps."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:14, :14]
+    maps = np.stack([np.exp(-((xx - rng.uniform(2, 12)) ** 2 + (yy - rng.uniform(2, 12)) ** 2) / rng.uniform(4, 20))
+                     for _ in range(n)]).astype(np.float32)
+    acc = SATLocAccumulator(thresholds)
+    gt = [np.array([[30, 40, 150, 170]])] * n
+    start = time.perf_counter()
+    acc.update(maps, gt, np.zeros((n, 5), np.float32), np.zeros(n, np.int64))
+    return (time.perf_counter() - start) * 1000 / n
+
+
+def run_eval(args, model, device):
+    n_a, n_b = view_counts(args.protocol, args.tencrop)
+    gen = torch.Generator().manual_seed(0)
+    batches = synthetic_eval_batches(args.warmup + args.steps, args.batch_size, args.img_size, args.num_classes,
+                                     n_a + n_b, gen)
+    kwargs = dict(device=device, thresholds=args.thresholds, protocol=args.protocol, tencrop=args.tencrop,
+                  amp=args.amp, img_size=args.img_size, progress=False)
+    evaluate(model, batches[:args.warmup], **kwargs)
+    sync(device)
+    start = time.perf_counter()
+    evaluate(model, batches[args.warmup:], **kwargs)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def benchmark(args):
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = build_model(args.arch, num_classes=args.num_classes, img_size=args.img_size,
+                        drop_path_rate=0.1 if args.mode == "train" else 0.0, attn_impl=args.attention).to(device)
+    if args.compile:
+        model = torch.compile(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elapsed = (run_train if args.mode == "train" else run_eval)(args, model, device)
+    images = args.steps * args.batch_size
+    result = {
+        "mode": args.mode, "arch": args.arch, "batch_size": args.batch_size, "steps": args.steps,
+        "img_size": args.img_size, "device": str(device), "attention": args.attention,
+        "precision": describe(device, args.amp), "compile": args.compile,
+        "images_per_second": round(images / elapsed, 3), "ms_per_step": round(elapsed * 1000 / args.steps, 2),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU",
+    }
+    if args.mode == "eval":
+        result.update(protocol=args.protocol, tencrop=args.tencrop, thresholds=args.thresholds,
+                      box_ms_per_image=round(box_ms_per_image(args.thresholds), 3))
+    return result
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    result = benchmark(args)
+    if args.compare_naive:
+        base_argv = [a for a in argv if a not in ("--compare-naive", "--compile", "--amp", "--no-amp")]
+        base_argv = [a for i, a in enumerate(base_argv) if a != "--attention" and (i == 0 or base_argv[i - 1] != "--attention")]
+        out = subprocess.run([sys.executable, __file__, *base_argv, "--attention", "naive", "--no-amp"],
+                             check=True, capture_output=True, text=True).stdout
+        base = json.loads(out.strip().splitlines()[-1])
+        result.update(baseline={k: base[k] for k in ("attention", "precision", "images_per_second", "peak_memory_mb")},
+                      speedup=round(result["images_per_second"] / base["images_per_second"], 3),
+                      memory_ratio=round(result["peak_memory_mb"] / base["peak_memory_mb"], 3))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
