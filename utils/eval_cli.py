@@ -58,7 +58,7 @@ def build_parser(kind, parser_class=argparse.ArgumentParser, **kwargs):
     p.add_argument("--thresholds", type=float, nargs="+", default=spec["thresholds"], metavar="T",
                    help=f"protocol A localization thresholds (default: {spec['thresholds']})")
     p.add_argument("--tencrop", action=argparse.BooleanOptionalAction, default=spec["tencrop"],
-                   help="protocol A ten-crop classification")
+                   help=f"protocol A ten-crop classification (default: {'on' if spec['tencrop'] else 'off'})")
     p.add_argument("--resize-size", type=int,
                    help="protocol A resize before the centre crop (default: the checkpoint's training setting, "
                         "else 256/224 x the input size)")

@@ -197,7 +197,7 @@ class _BatchScorer:
             else:
                 score, gt = wsol_score_map(out["maps_b"][k]), gt_b[k]
                 box = contour_boxes(score, self.thresholds[:1])[1][0]
-                iou = max_iou(box[None], gt)[0] if len(gt) else float("nan")
+                iou = max_iou(box[None], gt)[0] if len(gt) else None  # mask datasets have no boxes
             self._overlay(ids[k], crop, score, box, gt, pred, iou)
         return counters
 
@@ -205,7 +205,7 @@ class _BatchScorer:
         from utils.visualize import render_overlay, save_rgb
 
         name = self.class_names[pred] if self.class_names else str(pred)
-        caption = f"{name}  IoU {iou:.2f} @ {self.thresholds[0]:g}"
+        caption = name if iou is None else f"{name}  IoU {iou:.2f} @ {self.thresholds[0]:g}"
         save_rgb((self.save_images / image_id).with_suffix(".png"), render_overlay(crop, score, box, gt, caption))
 
 
