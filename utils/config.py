@@ -202,8 +202,8 @@ def validate(cfg):
     if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.weight_decay < 0:
         raise ConfigError(f"lr must be > 0 and min_lr, weight_decay >= 0, got {cfg.lr}, {cfg.min_lr}, "
                           f"{cfg.weight_decay}")
-    if not 0 <= cfg.warmup_epochs < cfg.epochs:
-        raise ConfigError(f"warmup_epochs must be in [0, epochs={cfg.epochs}), got {cfg.warmup_epochs}")
+    if cfg.warmup_epochs < 0:
+        raise ConfigError(f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
     if not 0 <= cfg.drop_path < 1:
         raise ConfigError(f"drop_path must be in [0, 1), got {cfg.drop_path}")
     if cfg.clip_grad is not None and cfg.clip_grad <= 0:

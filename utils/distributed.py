@@ -45,7 +45,7 @@ def init_distributed(device="auto", local_rank_arg=None):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
     if world_size == 1:
-        return DistInfo(device=select_device(device, local_rank))
+        return DistInfo(local_rank=local_rank, device=select_device(device, local_rank))
     if "RANK" not in os.environ:
         raise ConfigError("WORLD_SIZE is set but RANK is not: launch with torchrun or torch.distributed.launch")
     info = DistInfo(int(os.environ["RANK"]), world_size, local_rank, select_device(device, local_rank))

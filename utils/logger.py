@@ -11,20 +11,23 @@ FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 def setup_logging(output_dir, is_main=True, rank=0):
-    """Configure the root logger for this process (idempotent) and return the 'sat' logger."""
+    """Configure the root logger for this process and return the 'sat' logger. Handlers added by an
+    earlier call are replaced (several runs in one process, e.g. tests); others are left alone."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
+    for handler in [h for h in root.handlers if getattr(h, "_sat_run", False)]:
         root.removeHandler(handler)
         handler.close()
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter(FORMAT if is_main else f"[rank {rank}] {FORMAT}", "%H:%M:%S"))
-    root.addHandler(console)
-    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    handlers = [console]
     if is_main:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(Path(output_dir) / "log.txt", encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter(FORMAT))
-        root.addHandler(file_handler)
+        handlers.append(logging.FileHandler(Path(output_dir) / "log.txt", encoding="utf-8"))
+        handlers[-1].setFormatter(logging.Formatter(FORMAT))
+    for handler in handlers:
+        handler._sat_run = True
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
     return logging.getLogger("sat")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler, Subset
+from torch.utils.data import DistributedSampler
 
 from DataLoader import DEFAULT_DEMO_ROOT, build_dataset, build_loader, make_demo_dataset
 from Model import build_model
@@ -18,6 +18,7 @@ from utils.amp import autocast_settings, describe
 from utils.checkpoint import load_checkpoint, model_spec, save_checkpoint
 from utils.config import config_dict, parse_config, save_config
 from utils.engine import train_one_epoch
+from utils.evaluation import build_eval_loader, evaluate
 from utils.errors import CheckpointError, ConfigError, DataError
 from utils.logger import MetricsLog, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
@@ -82,62 +83,39 @@ def resolve_data(cfg, imagenet, info):
     return "cub", str(DEFAULT_DEMO_ROOT)
 
 
-def build_datasets(cfg, fmt, root):
-    """Train, selection and test datasets; selection is the held-out 'val' split with --val-split,
-    else the test split (as the official code does)."""
-    from DataLoader.transforms import tencrop_transform, test_transform, train_transform
+def build_loaders(cfg, fmt, root, info, micro_batch):
+    """Train loader, selection loader (the held-out 'val' split with --val-split, else test, as the
+    official code does) and the final test loader (ten-crop classification with test_tencrop)."""
+    from DataLoader.transforms import train_transform
 
-    sizes = dict(img_size=cfg.img_size, resize_size=cfg.resize_size)
     common = dict(metadata_root=cfg.metadata_root, val_boxes=cfg.val_boxes)
-    train = build_dataset(fmt, root, "train", train_transform(**sizes), images_per_class=cfg.images_per_class,
-                          seed=cfg.seed, **common)
-    test = build_dataset(fmt, root, "test", test_transform(**sizes), **common)
-    selection = build_dataset(fmt, root, "val", test_transform(**sizes), **common) if cfg.val_split else test
-    final = build_dataset(fmt, root, "test", tencrop_transform(**sizes), **common) if cfg.test_tencrop else test
-    return train, selection, final
+    train_set = build_dataset(fmt, root, "train", train_transform(cfg.img_size, cfg.resize_size),
+                              images_per_class=cfg.images_per_class, seed=cfg.seed, **common)
+    if len(train_set) < micro_batch * info.world_size:
+        raise DataError(f"{root}: the train split has {len(train_set)} images, fewer than one batch "
+                        f"({micro_batch} x {info.world_size} processes); lower --batch-size")
+    train_loader = build_loader(train_set, micro_batch, train=True, workers=cfg.workers,
+                                distributed=info.distributed, seed=cfg.seed)
+
+    def eval_loader(split, tencrop):
+        return build_eval_loader(fmt, root, split, protocol="sat", tencrop=tencrop, img_size=cfg.img_size,
+                                 resize_size=cfg.resize_size, batch_size=cfg.eval_batch_size, workers=cfg.workers,
+                                 distributed=info.distributed, **common)
+
+    selection_loader = eval_loader("val" if cfg.val_split else "test", tencrop=False)
+    same = not cfg.val_split and not cfg.test_tencrop
+    test_loader = selection_loader if same else eval_loader("test", tencrop=cfg.test_tencrop)
+    return train_loader, selection_loader, test_loader
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def run_evaluation(model, dataset, cfg, info, *, thresholds, tencrop=False, save_images=0, image_dir=None):
-    """Protocol A metrics of ``model`` on ``dataset`` (sharded over the processes, counts summed).
-
-    The single place where training calls the evaluation code.
-    """
-    from DataLoader.transforms import boxes_protocol_a, denormalize
-    from utils.metrics_sat import SATLocAccumulator, predict_box
-    from utils.visualize import render_overlay, save_rgb
-
-    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
-    loader = build_loader(shard, cfg.eval_batch_size, train=False, workers=cfg.workers)
-    autocast, _ = autocast_settings(info.device, cfg.amp)
-    accumulator = SATLocAccumulator(thresholds, cam_size=cfg.img_size)
-    overlays = []
-    model.eval()
-    with torch.no_grad():
-        for batch in loader:
-            images = batch["image"].to(info.device, non_blocking=True)
-            with autocast():
-                if tencrop:  # (B, 10, 3, H, W): class scores of the ten crops, map of the centre crop
-                    logits, maps = model(images.flatten(0, 1))
-                    scores = logits.float().softmax(dim=1).unflatten(0, images.shape[:2]).mean(dim=1)
-                    maps = maps.unflatten(0, images.shape[:2])[:, 4]
-                    images = images[:, 4]
-                else:
-                    scores, maps = model(images)
-            gt_boxes = [boxes_protocol_a(boxes, size, cfg.resize_size, cfg.img_size)
-                        for boxes, size in zip(batch["boxes"], batch["size"])]
-            accumulator.update(maps.float(), gt_boxes, scores.float(), batch["label"])
-            for k, index in enumerate(batch["index"]):  # dataset indices
-                if index < save_images:
-                    overlays.append((index, denormalize(images[k]), maps[k].float().cpu().numpy(), gt_boxes[k],
-                                     int(scores[k].argmax()), int(batch["label"][k])))
-    accumulator.reduce(lambda counts: dist_utils.all_reduce_sum(torch.as_tensor(counts, device=info.device)).cpu())
-    metrics = accumulator.compute()
-    for index, image, cam, gt, pred, label in overlays:
-        caption = f"gt {dataset.classes[label]} / pred {dataset.classes[pred]}"
-        box = predict_box(cam, metrics["best_threshold"], cfg.img_size)
-        save_rgb(Path(image_dir) / f"{index:05d}.png", render_overlay(image, cam, box, gt, caption))
-    return metrics
+def run_evaluation(model, loader, cfg, info, *, thresholds, tencrop=False, save_images=0, image_dir=None):
+    """Protocol A metrics of ``model`` on an evaluation loader (this process's shard; counts summed over
+    the processes); overlays of the first ``save_images`` images into ``image_dir``.
+    The single place where training calls the evaluation code."""
+    return evaluate(model, loader, device=info.device, thresholds=thresholds, protocol="sat", tencrop=tencrop,
+                    amp=cfg.amp, img_size=cfg.img_size, resize_size=cfg.resize_size, distributed=info.distributed,
+                    save_images=image_dir if save_images else None, max_images=save_images, progress=info.is_main)
 
 
 def selection_score(metrics, metric):
@@ -242,16 +220,11 @@ def train(cfg, info, imagenet=False):
                  cfg.accum_steps, describe(info.device, cfg.amp))
 
     fmt, root = resolve_data(cfg, imagenet, info)
-    train_set, selection_set, test_set = build_datasets(cfg, fmt, root)
-    selection_split = "val" if cfg.val_split else "test"
-    _logger.info("data %s at %s: %d train images, %d classes; model selection and threshold on the %s split%s",
-                 fmt, root, len(train_set), train_set.num_classes, selection_split,
-                 "" if cfg.val_split else " (no --val-split: as the official code does)")
-    if len(train_set) < micro_batch * info.world_size:
-        raise DataError(f"{root}: the train split has {len(train_set)} images, fewer than one batch "
-                        f"({micro_batch} x {info.world_size} processes); lower --batch-size")
-    train_loader = build_loader(train_set, micro_batch, train=True, workers=cfg.workers,
-                                distributed=info.distributed, seed=cfg.seed)
+    train_loader, selection_loader, test_loader = build_loaders(cfg, fmt, root, info, micro_batch)
+    train_set, selection_split = train_loader.dataset, "val" if cfg.val_split else "test"
+    _logger.info("data %s at %s: %d train images, %d classes; model selection and threshold on the %s split "
+                 "(%d images)%s", fmt, root, len(train_set), train_set.num_classes, selection_split,
+                 len(selection_loader.dataset), "" if cfg.val_split else " (no --val-split: as the official code does)")
 
     model, train_model = build_training_model(cfg, train_set.num_classes, info)
     spec = model_spec(model, cfg.arch, train_set.classes, num_spatial_blocks=cfg.num_spatial_blocks)
@@ -279,7 +252,7 @@ def train(cfg, info, imagenet=False):
         record = {"epoch": epoch + 1, **{f"train_{key}": value for key, value in stats.items()}}
         is_best = False
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            metrics = run_evaluation(model, selection_set, cfg, info, thresholds=cfg.eval_thresholds)
+            metrics = run_evaluation(model, selection_loader, cfg, info, thresholds=cfg.eval_thresholds)
             best_thr = metrics["best_threshold"]
             score = selection_score(metrics, cfg.selection_metric)
             is_best = best is None or score > best["score"]
@@ -291,29 +264,31 @@ def train(cfg, info, imagenet=False):
                          metrics["top1_cls"], best_thr, "  * best" if is_best else "")
         rng_states = dist_utils.all_gather_object(rng_state())
         if info.is_main:
+            # last.pth is written last: a run killed before it redoes this epoch, and on resume
+            # MetricsLog drops the metrics line written here, so that every epoch is logged once.
             state = {"model": model.state_dict(), "epoch": epoch + 1, "best_thr": best_thr, "config": config_dict(cfg),
                      **spec}
             if is_best:
                 save_checkpoint(state, checkpoint_dir / "best.pth")
+            metrics_log.log_epoch(record)
             save_checkpoint(dict(state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                  scaler=scaler.state_dict() if scaler is not None else None,
                                  rng_states=rng_states, best=best), checkpoint_dir / "last.pth")
-            metrics_log.log_epoch(record)
         _logger.info("epoch %d/%d done in %.0fs: loss %.4f (ce %.4f area %.4f norm %.4f), train acc %.2f, lr %.3g",
                      epoch + 1, cfg.epochs, stats["time"], stats["loss"], stats["ce"], stats["area"], stats["norm"],
                      stats["acc1"], stats["lr"])
 
     if metrics_log is not None:
         metrics_log.close()
-    return final_test(cfg, info, model, test_set, checkpoint_dir, output_dir)
+    return final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir)
 
 
-def final_test(cfg, info, model, test_set, checkpoint_dir, output_dir):
+def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir):
     """Evaluate best.pth on the test split at its threshold; write results.json and optional overlays."""
     dist_utils.barrier()
     best_path = checkpoint_dir / "best.pth"
     meta = load_checkpoint(best_path, model)
-    metrics = run_evaluation(model, test_set, cfg, info, thresholds=[meta["best_thr"]], tencrop=cfg.test_tencrop,
+    metrics = run_evaluation(model, test_loader, cfg, info, thresholds=[meta["best_thr"]], tencrop=cfg.test_tencrop,
                              save_images=cfg.save_images, image_dir=output_dir / "images")
     results = {"checkpoint": str(best_path), "epoch": meta["epoch"], "split": "test",
                "tencrop": cfg.test_tencrop, **{key: metrics[key] for key in RESULT_KEYS}}

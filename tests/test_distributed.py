@@ -1,0 +1,106 @@
+"""DDP on the CPU: train_ImageNet.py with 2 gloo processes under torchrun and torch.distributed.launch,
+on a tiny generated ILSVRC2012 layout (train/<wnid>/, flat val/ + LOC_val_solution.csv)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from DataLoader.demo import CLASS_TEMPLATES, render_image
+from utils.checkpoint import read_checkpoint
+from utils.distributed import init_distributed
+
+from conftest import REPO_ROOT
+
+WNIDS = ["n01440764", "n01443537", "n02102040"]
+RUN = ["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
+       "--batch-size", "8", "--eval-batch-size", "4", "--epochs", "1", "--workers", "0", "--log-every", "1",
+       "--warmup-epochs", "0"]
+
+
+@pytest.fixture(scope="module")
+def imagenet_root(tmp_path_factory):
+    """3 classes x 8 train images, 2 val images per class with their boxes in LOC_val_solution.csv."""
+    root = tmp_path_factory.mktemp("data") / "ILSVRC2012"
+    templates = CLASS_TEMPLATES[:len(WNIDS)]
+    palette = np.array([colour for t in templates for colour in t[3:]], np.float32)
+    rows = ["ImageId,PredictionString"]
+    for label, (wnid, template) in enumerate(zip(WNIDS, templates)):
+        (root / "train" / wnid).mkdir(parents=True)
+        for k in range(8):
+            pixels, _ = render_image(np.random.default_rng([label, k]), template, 64, palette)
+            Image.fromarray(pixels).save(root / "train" / wnid / f"{wnid}_{k}.JPEG")
+        for k in range(2):
+            pixels, box = render_image(np.random.default_rng([label, 100 + k]), template, 64, palette)
+            name = f"ILSVRC2012_val_{label * 2 + k + 1:08d}"
+            (root / "val").mkdir(exist_ok=True)
+            Image.fromarray(pixels).save(root / "val" / f"{name}.JPEG")
+            rows.append(f"{name},{wnid} {' '.join(map(str, box))}")
+    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def launch(launcher, imagenet_root, out, timeout=240):
+    """Run a launcher command; on timeout kill its whole process group (the workers too)."""
+    proc = subprocess.Popen([sys.executable, "-m", *launcher, "train_ImageNet.py", *RUN, "--data-root",
+                             str(imagenet_root), "--output-dir", str(out)], cwd=REPO_ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    return proc.returncode, stdout, stderr
+
+
+def check_run(out, returncode, stdout, stderr):
+    assert returncode == 0, stdout[-2000:] + stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "2 process(es) on cpu, global batch 8 = 4 per process x 1 accumulation steps" in log
+    assert "data imagenet at" in log and "train_ImageNet.py reads the ImageNet layout" in log
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
+    record = json.loads(lines[0])
+    assert record["train_images"] == 24 and record["train_steps"] == 3  # global counts over both processes
+    last = read_checkpoint(out / "checkpoints" / "last.pth")
+    assert last["epoch"] == 1 and len(last["rng_states"]) == 2 and last["class_names"] == WNIDS
+    assert not any(key.startswith("module.") for key in last["model"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_images"] == 6  # each val image counted once over the two shards
+
+
+def test_torchrun_two_gloo_processes(imagenet_root, tmp_path):
+    out = tmp_path / "run"
+    check_run(out, *launch(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"], imagenet_root, out))
+
+
+def test_legacy_launch_passes_local_rank(imagenet_root, tmp_path):
+    out = tmp_path / "run"
+    launcher = ["torch.distributed.launch", "--nproc_per_node", "2", "--master_port", free_port()]
+    check_run(out, *launch(launcher, imagenet_root, out))
+
+
+def test_single_process_without_launcher(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    info = init_distributed("cpu", local_rank_arg=None)
+    assert (info.rank, info.world_size, info.distributed, info.is_main, info.device.type) == (0, 1, False, True, "cpu")
+
+
+def test_local_rank_argument_when_the_environment_lacks_it(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert init_distributed("cpu", local_rank_arg=3).local_rank == 3
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert init_distributed("cpu", local_rank_arg=3).local_rank == 1

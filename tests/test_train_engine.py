@@ -1,0 +1,107 @@
+"""The shared training loop: accumulation, trainable subsets, AMP on/off, NaN detection, RNG state."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from Model import build_model
+from utils.amp import autocast_settings, cpu_supports_bf16
+from utils.engine import NonFiniteLossError, train_one_epoch
+from utils.optim import build_optimizer, build_scheduler, set_trainable
+from utils.trainer import per_process_batch, rng_state, set_rng_state
+from utils.config import parse_config
+from utils.errors import ConfigError
+
+NANO = "deit_sat_nano_patch16_224"
+IMG = 48
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return build_model(NANO, num_classes=3, img_size=IMG)
+
+
+def batches(n, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"image": torch.randn(size, 3, IMG, IMG, generator=g), "label": torch.randint(0, 3, (size,), generator=g),
+             "num_skipped": 0} for _ in range(n)]
+
+
+def run(model, loader, accum_steps=1, lr=1e-3, **kwargs):
+    optimizer = build_optimizer(model, lr, 0.05)
+    scheduler = build_scheduler(optimizer, schedule="constant", lr=lr, min_lr=0, epochs=1, warmup_epochs=0,
+                                steps_per_epoch=-(-len(loader) // accum_steps))
+    kwargs.setdefault("area_thr", 0.25)
+    stats = train_one_epoch(model, loader, optimizer, scheduler, device="cpu", epoch=0, accum_steps=accum_steps,
+                            progress=False, **kwargs)
+    return stats, optimizer, scheduler
+
+
+def test_accumulation_matches_one_large_batch():
+    # area_thr below every map mean keeps |mean - thr| linear, so two half batches give the same gradient
+    big = batches(2, 8)
+    halves = [{"image": b["image"][s], "label": b["label"][s], "num_skipped": 0}
+              for b in big for s in (slice(0, 4), slice(4, 8))]
+    whole, accumulated = make_model(), make_model()
+    stats_whole, _, sched_whole = run(whole, big, area_thr=1e-4)
+    stats_acc, _, sched_acc = run(accumulated, halves, accum_steps=2, area_thr=1e-4)
+    assert sched_whole.last_epoch == sched_acc.last_epoch == 2 and stats_acc["steps"] == 2
+    assert stats_whole["images"] == stats_acc["images"] == 16
+    for a, b in zip(whole.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert stats_whole["ce"] == pytest.approx(stats_acc["ce"], rel=1e-3)
+
+
+def test_partial_accumulation_group_at_epoch_end_still_steps():
+    stats, optimizer, scheduler = run(make_model(), batches(5, 2), accum_steps=2)
+    assert stats["steps"] == 3 and scheduler.last_epoch == 3
+
+
+@pytest.mark.parametrize("which", ["sat", "head"])
+def test_frozen_parameters_do_not_change(which):
+    model = make_model()
+    set_trainable(model, which)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    run(model, batches(2, 4))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != p.requires_grad, name
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_amp_on_and_off(amp):
+    if amp and not cpu_supports_bf16():
+        pytest.skip("no native bf16 on this CPU")
+    autocast, scaler = autocast_settings("cpu", amp)
+    stats, _, _ = run(make_model(), batches(2, 4), autocast=autocast, scaler=scaler)
+    assert np.isfinite(stats["loss"]) and stats["steps"] == 2
+
+
+def test_non_finite_loss_names_the_step():
+    loader = batches(4, 2)
+    loader[2]["image"][0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, optimizer step 3 of the epoch \(global step 3\)"):
+        run(make_model(), loader, log_every=100)
+
+
+def test_max_steps_and_skipped_images():
+    loader = batches(4, 2)
+    loader[0]["num_skipped"] = 1
+    stats, _, scheduler = run(make_model(), loader, max_steps=2)
+    assert stats["steps"] == 2 and scheduler.last_epoch == 2 and stats["images"] == 4 and stats["num_skipped"] == 1
+
+
+def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = random.random(), np.random.rand(), torch.rand(1)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_global_batch_split_over_processes_and_accumulation():
+    cfg = parse_config(["--batch-size", "64", "--accum-steps", "2"])
+    assert per_process_batch(cfg, 4) == 8
+    with pytest.raises(ConfigError, match="batch_size 64 .* multiple of processes \\(3\\) x accum_steps \\(2\\)"):
+        per_process_batch(cfg, 3)
