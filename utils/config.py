@@ -107,8 +107,10 @@ def _nullable(convert):
 
 
 def build_parser(description):
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="YAML file of config keys (flags override it)")
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+                                     epilog="Flags override the --config file, which overrides the built-in defaults.")
+    parser.add_argument("--config", help="YAML file of config keys (default: train.py config/demo.yaml without "
+                                         "--data-root, else config/CUB.yaml; train_ImageNet.py config/ILSVRC.yaml)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                         help="continue a run: from PATH, or from <output-dir>/checkpoints/last.pth when no PATH")
     # torch.distributed.launch passes --local-rank (older versions --local_rank); torchrun sets LOCAL_RANK.
@@ -116,7 +118,7 @@ def build_parser(description):
                         help=argparse.SUPPRESS)
     for key, field in FIELDS.items():
         flag = "--" + key.replace("_", "-")
-        text = f"{field.help} (default: {field.default})"
+        text = field.help if field.default is None else f"{field.help} (built-in default: {field.default})"
         if field.kind == "bool":
             parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=text)
         elif field.kind == "amp":
@@ -125,7 +127,7 @@ def build_parser(description):
         else:
             convert = _nullable(CONVERTERS[field.kind]) if field.nullable else CONVERTERS[field.kind]
             parser.add_argument(flag, dest=key, type=convert, nargs="+" if field.kind == "floats" else None,
-                                choices=field.choices, metavar=key.upper(), help=text)
+                                choices=field.choices, metavar=None if field.choices else key.upper(), help=text)
     return parser
 
 

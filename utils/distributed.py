@@ -84,11 +84,3 @@ def all_gather_object(obj):
     dist.all_gather_object(out, obj)
     return out
 
-
-def broadcast_object(obj, src=0):
-    """``obj`` of process ``src`` on every process."""
-    if not _active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

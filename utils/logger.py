@@ -10,13 +10,19 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
-def setup_logging(output_dir, is_main=True, rank=0):
-    """Configure the root logger for this process and return the 'sat' logger. Handlers added by an
-    earlier call are replaced (several runs in one process, e.g. tests); others are left alone."""
+def close_logging():
+    """Remove and close the handlers added by :func:`setup_logging` (others are left alone)."""
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "_sat_run", False)]:
         root.removeHandler(handler)
         handler.close()
+
+
+def setup_logging(output_dir, is_main=True, rank=0):
+    """Configure the root logger for this process and return the 'sat' logger; replaces the handlers
+    of an earlier call (several runs in one process, e.g. tests)."""
+    close_logging()
+    root = logging.getLogger()
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter(FORMAT if is_main else f"[rank {rank}] {FORMAT}", "%H:%M:%S"))
     handlers = [console]

@@ -20,7 +20,7 @@ from utils.config import config_dict, parse_config, save_config
 from utils.engine import train_one_epoch
 from utils.evaluation import build_eval_loader, evaluate
 from utils.errors import CheckpointError, ConfigError, DataError
-from utils.logger import MetricsLog, setup_logging
+from utils.logger import MetricsLog, close_logging, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -36,13 +36,14 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state():
-    """This process's RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+def rng_state(device="cpu"):
+    """This process's RNG states (CPU, its GPU, numpy, random) in a form ``torch.load(weights_only=True)``
+    accepts."""
     version, mt_state, gauss = random.getstate()
     _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None,
         "numpy": [torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
         "python": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
     }
@@ -50,8 +51,8 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, mt_state, gauss = state["python"]
@@ -204,6 +205,7 @@ def main(argv=None, imagenet=False):
     try:
         return train(cfg, info, imagenet)
     finally:
+        close_logging()
         dist_utils.cleanup()
 
 
@@ -262,7 +264,7 @@ def train(cfg, info, imagenet=False):
             _logger.info("epoch %d %s: Top-1 Loc %.2f  GT-known Loc %.2f  Top-1 Cls %.2f  (threshold %.2f)%s",
                          epoch + 1, selection_split, metrics["top1_loc"], metrics["gt_known_loc"],
                          metrics["top1_cls"], best_thr, "  * best" if is_best else "")
-        rng_states = dist_utils.all_gather_object(rng_state())
+        rng_states = dist_utils.all_gather_object(rng_state(info.device))
         if info.is_main:
             # last.pth is written last: a run killed before it redoes this epoch, and on resume
             # MetricsLog drops the metrics line written here, so that every epoch is logged once.
