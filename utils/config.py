@@ -74,7 +74,6 @@ FIELDS = {
     "compile": Field(False, "bool", "torch.compile the model"),
     "log_every": Field(20, "int", "read the losses back (one host sync) and log every N optimizer steps"),
 }
-CLI_ONLY = ("config", "resume", "local_rank")  # not saved with the configuration
 
 
 def _bool(text):
