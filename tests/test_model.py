@@ -226,3 +226,21 @@ def test_import_model_registers_in_fresh_process():
     code = "import Model, timm; m = timm.create_model('deit_sat_nano_patch16_224', num_classes=2); print(type(m).__name__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "SATVisionTransformer"
+
+
+def test_bf16_autocast_stays_close_to_fp32(official):
+    """The documented AMP tolerance (README, Performance): maps within 1e-2, same top-1 class."""
+    from utils.amp import cpu_supports_bf16
+
+    if not cpu_supports_bf16():
+        pytest.skip("this CPU has no native bf16")
+    path, out = official
+    model, _ = build_model_from_checkpoint(path, arch=TINY)
+    model.eval()
+    with torch.no_grad():
+        logits32, maps32 = model(out["input"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits16, maps16 = model(out["input"])
+    assert (maps16.float() - maps32).abs().max() < 1e-2
+    assert (logits16.float() - logits32).abs().max() < 2e-2
+    assert torch.equal(logits16.argmax(1), logits32.argmax(1))

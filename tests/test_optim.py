@@ -71,7 +71,8 @@ def test_cosine_schedule_reaches_min_lr():
 
 
 def test_amp_selection_on_cpu():
-    assert amp_dtype("cpu", "auto") is None and amp_dtype("cpu", False) is None
+    assert amp_dtype("cpu", False) is None
+    assert amp_dtype("cpu", "auto") == (torch.bfloat16 if cpu_supports_bf16() else None)
     autocast, scaler = autocast_settings("cpu", False)
     assert autocast is contextlib.nullcontext and scaler is None
     if cpu_supports_bf16():

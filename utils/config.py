@@ -27,7 +27,7 @@ class Field:
 
 FIELDS = {
     # model
-    "arch": Field("deit_sat_tiny_patch16_224", "str", "model architecture (Model.list_archs())"),
+    "arch": Field("deit_sat_small_patch16_224", "str", "model architecture (Model.list_archs())"),
     "pretrained": Field(True, "pretrained", "true: DeiT ImageNet-1k weights via timm; false: random init; or a file"),
     "img_size": Field(224, "int", "input crop size"),
     "resize_size": Field(None, "int", "resize before cropping (default round(img_size * 256 / 224))", nullable=True),

@@ -3,6 +3,7 @@ and evaluator_ImageNet.py (ILSVRC2012 layout): flags, ``--config`` YAML defaults
 ``<output-dir>/metrics.json``."""
 import argparse
 import json
+import os
 import logging
 from pathlib import Path
 
@@ -68,11 +69,13 @@ def build_parser(kind, parser_class=argparse.ArgumentParser, **kwargs):
     p.add_argument("--max-images", type=int, metavar="N", help="overlays of the first N images only")
     p.add_argument("--output-dir", default="output/eval", help="metrics.json and log.txt (default: output/eval)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes (default: 4)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data loading processes (default: 4, at most the number of CPUs)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="default: cuda when available, else cpu")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="mixed-precision forward (default: off, as the official evaluators)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default="auto",
+                   help="bf16 autocast forward (default: on where CUDA or the CPU supports bf16 natively; metrics "
+                        "stay within the tolerance in README, Performance); --no-amp: fp32 as the official evaluators")
     return p
 
 
@@ -186,6 +189,7 @@ def _best_thresholds(metrics):
 
 def main(argv=None, kind="cub"):
     """Evaluate a checkpoint as the flags say; returns the record written to metrics.json."""
+    from utils.amp import describe
     from utils.checkpoint import build_model_from_checkpoint
     from utils.distributed import cleanup, init_distributed
     from utils.evaluation import build_eval_loader, default_resize_size, evaluate
@@ -211,8 +215,9 @@ def main(argv=None, kind="cub"):
                                   f"at {root} has {loader.dataset.num_classes}")
         arch = args.arch or meta.get("arch")
         _logger.info("evaluating %s (%s, %d classes, input %d) on %d images of %s, protocol %s, thresholds %s, "
-                     "%s", args.checkpoint, arch, model.num_classes, img_size, len(loader.dataset), root,
-                     args.protocol, args.thresholds, "ten-crop" if tencrop else "single crop")
+                     "%s, %s", args.checkpoint, arch, model.num_classes, img_size, len(loader.dataset), root,
+                     args.protocol, args.thresholds, "ten-crop" if tencrop else "single crop",
+                     describe(info.device, args.amp))
         metrics = evaluate(model.to(info.device), loader, device=info.device, thresholds=args.thresholds,
                            protocol=args.protocol, tencrop=tencrop, amp=args.amp, img_size=img_size,
                            resize_size=resize_size, distributed=info.distributed,
@@ -221,7 +226,8 @@ def main(argv=None, kind="cub"):
         record = {"checkpoint": str(args.checkpoint), "arch": arch, "num_classes": model.num_classes,
                   "img_size": img_size, "resize_size": resize_size, "data_format": fmt, "data_root": str(root),
                   "split": getattr(args, "split", "test"), "protocol": args.protocol,
-                  "thresholds": args.thresholds, "tencrop": tencrop, **metrics,
+                  "thresholds": args.thresholds, "tencrop": tencrop,
+                  "precision": describe(info.device, args.amp), **metrics,
                   "best_thresholds": _best_thresholds(metrics)}
         if info.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
