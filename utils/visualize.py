@@ -34,7 +34,11 @@ def render_overlay(image: np.ndarray, score_map: np.ndarray, pred_box=None, gt_b
     if pred_box is not None:
         out = draw_boxes(out, [pred_box], PRED_COLOR)
     if caption:
-        cv2.putText(out, caption, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+        font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.4
+        width = cv2.getTextSize(caption, font, scale, 1)[0][0]
+        scale *= min(1.0, (out.shape[1] - 8) / max(width, 1))  # shrink to fit the image width
+        cv2.putText(out, caption, (4, 12), font, scale, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(out, caption, (4, 12), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
     return out
 
 

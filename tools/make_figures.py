@@ -1,6 +1,9 @@
-"""Draw the SAT architecture diagram shown in the README (img/architecture.png) with OpenCV.
+"""Draw the README figures: the architecture diagram and a grid of demo overlays (OpenCV).
 
-    python tools/draw_architecture.py [--output img/architecture.png]
+    python tools/make_figures.py [--demo-run output/demo] [--output-dir img]
+
+writes img/architecture.png and, when the demo run's overlays exist (``python train.py --config
+config/demo.yaml``), img/demo_overlays.png with the first images of each class.
 """
 import argparse
 from pathlib import Path
@@ -75,13 +78,34 @@ def draw() -> np.ndarray:
     return img
 
 
+def overlay_grid(image_dir: Path, per_class: int = 4, tile: int = 160) -> np.ndarray:
+    """Rows of classes, ``per_class`` overlays each (sorted file names), every tile ``tile`` px."""
+    rows = []
+    for class_dir in sorted(p for p in image_dir.iterdir() if p.is_dir()):
+        tiles = [cv2.resize(cv2.imread(str(f)), (tile, tile), interpolation=cv2.INTER_AREA)
+                 for f in sorted(class_dir.glob("*.png"))[:per_class]]
+        tiles += [np.full((tile, tile, 3), 255, np.uint8)] * (per_class - len(tiles))
+        rows.append(np.concatenate(tiles, axis=1))
+    if not rows:
+        raise FileNotFoundError(f"no overlays under {image_dir}")
+    return np.concatenate(rows, axis=0)
+
+
 def main(argv=None):
+    repo = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "img" / "architecture.png"))
+    parser.add_argument("--output-dir", default=str(repo / "img"))
+    parser.add_argument("--demo-run", default=str(repo / "output" / "demo"), help="output folder of a demo run")
+    parser.add_argument("--per-class", type=int, default=4)
     args = parser.parse_args(argv)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(args.output, draw())
-    print(args.output)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out / "architecture.png"), draw())
+    print(out / "architecture.png")
+    images = Path(args.demo_run) / "images"
+    if images.is_dir():
+        cv2.imwrite(str(out / "demo_overlays.png"), overlay_grid(images, args.per_class))
+        print(out / "demo_overlays.png")
 
 
 if __name__ == "__main__":
