@@ -162,3 +162,20 @@ def test_train_py_error_exit_without_traceback(data_root, tmp_path):
 def test_imagenet_script_needs_a_data_root(tmp_path):
     with pytest.raises(ConfigError, match="train_ImageNet.py needs --data-root"):
         main([*TINY, "--output-dir", str(tmp_path)], imagenet=True)
+
+
+def test_unreadable_train_image_skipped_or_fatal_with_strict_data(tmp_path):
+    root = make_demo_dataset(tmp_path / "cub", num_classes=3, train_per_class=8, test_per_class=4, image_size=64)
+    split = dict(line.split() for line in (root / "train_test_split.txt").read_text().splitlines())
+    paths = dict(line.split() for line in (root / "images.txt").read_text().splitlines())
+    broken = root / "images" / paths[next(i for i, is_train in split.items() if is_train == "1")]
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated file
+    proc = train_py(*args(str(root), tmp_path / "skip", "--epochs", "1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "skip" / "log.txt").read_text()
+    assert "1 unreadable training images skipped" in log
+    assert broken.name in proc.stderr + proc.stdout
+    strict = train_py(*args(str(root), tmp_path / "strict", "--epochs", "1", "--strict-data", "--workers", "2"))
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr
+    error_lines = [line for line in strict.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and broken.name in error_lines[0]

@@ -57,6 +57,7 @@ FIELDS = {
                                       "(wsolevaluation train-fullsup) instead of test"),
     "images_per_class": Field(None, "int", "few-shot: train on N images per class", nullable=True),
     "workers": Field(8, "int", "data loading processes per training process"),
+    "strict_data": Field(False, "bool", "stop at an unreadable training image instead of skipping it with a warning"),
     # evaluation
     "eval_thresholds": Field([0.3, 0.35, 0.4, 0.45], "floats", "CAM thresholds searched at each evaluation"),
     "eval_every": Field(1, "int", "evaluate every N epochs (and after the last)"),

@@ -22,11 +22,21 @@ class ConfigError(SATError):
     """A config file or command-line option is invalid."""
 
 
+def user_message(err: SATError) -> str:
+    """The error's own message; for one re-raised from a DataLoader worker (whose text carries the
+    worker's traceback), only the original message line."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(f"{type(err).__name__}: ", 1)[-1]
+    return text
+
+
 def run_cli(main, argv=None):
-    """Run ``main(argv)``; turn :class:`SATError` into a one-line message and exit status 2."""
+    """Run ``main(argv)``; turn :class:`SATError` into an ``error:`` message and exit status 2."""
     try:
         result = main(argv)
     except SATError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
     return result

@@ -91,7 +91,8 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
 
     common = dict(metadata_root=cfg.metadata_root, val_boxes=cfg.val_boxes)
     train_set = build_dataset(fmt, root, "train", train_transform(cfg.img_size, cfg.resize_size),
-                              images_per_class=cfg.images_per_class, seed=cfg.seed, **common)
+                              images_per_class=cfg.images_per_class, seed=cfg.seed, strict=cfg.strict_data,
+                              **common)
     if len(train_set) < micro_batch * info.world_size:
         raise DataError(f"{root}: the train split has {len(train_set)} images, fewer than one batch "
                         f"({micro_batch} x {info.world_size} processes); lower --batch-size")
@@ -276,6 +277,9 @@ def train(cfg, info, imagenet=False):
             save_checkpoint(dict(state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                  scaler=scaler.state_dict() if scaler is not None else None,
                                  rng_states=rng_states, best=best), checkpoint_dir / "last.pth")
+        if stats["num_skipped"]:
+            _logger.warning("epoch %d: %d unreadable training images skipped (named in the warnings above; "
+                            "--strict-data makes them an error)", epoch + 1, stats["num_skipped"])
         _logger.info("epoch %d/%d done in %.0fs: loss %.4f (ce %.4f area %.4f norm %.4f), train acc %.2f, lr %.3g",
                      epoch + 1, cfg.epochs, stats["time"], stats["loss"], stats["ce"], stats["area"], stats["norm"],
                      stats["acc1"], stats["lr"])
