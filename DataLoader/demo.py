@@ -1,9 +1,11 @@
 """Synthetic demo dataset in the CUB-200-2011 release format, so that everything runs without downloads.
 
 Each class is one large object with its own shape and two-colour pattern, covering 10-40% of the image
-(box area) at a random position and aspect ratio. The background is cluttered: smooth colour noise,
-pixel noise and small solid shapes in the colours of every class, so neither colour nor clutter tells
-the class; a model has to find the object. The box is the object's exact pixel extent.
+(box area) at a random position and aspect ratio. Objects are saturated and patterned; the background is
+cluttered but muted, the same for every class: smooth grey-ish noise, pixel noise and small solid shapes of
+every class's shape in low-saturation colours. So the clutter tells nothing about the class, a model has to
+find the object, and what sets objects apart from clutter (saturated colour, pattern, size) is shared by all
+classes -- SAT's one class-agnostic localization map can learn it. The box is the object's exact pixel extent.
 """
 import json
 from pathlib import Path
@@ -15,7 +17,7 @@ from utils.errors import ConfigError
 
 DEFAULT_DEMO_ROOT = Path(__file__).resolve().parents[1] / "data" / "demo_cub"
 MANIFEST = "demo_manifest.json"
-GENERATOR = "SAT synthetic demo v1"
+GENERATOR = "SAT synthetic demo v2"
 
 # Masks in the object's frame: u, v in [-1, 1] across its box.
 SHAPES = {
@@ -38,11 +40,11 @@ PATTERNS = {
 # name, shape, pattern, first colour, second colour
 CLASS_TEMPLATES = (
     ("Ringed_Disc", "disc", "rings", (220, 50, 40), (250, 210, 50)),
-    ("Checkered_Square", "square", "checker", (40, 80, 220), (240, 240, 240)),
+    ("Checkered_Square", "square", "checker", (40, 80, 220), (250, 220, 40)),
     ("Striped_Triangle", "triangle", "hstripes", (30, 160, 60), (20, 20, 20)),
     ("Dotted_Diamond", "diamond", "dots", (190, 40, 190), (60, 220, 220)),
     ("Barred_Cross", "cross", "vstripes", (250, 140, 20), (100, 40, 160)),
-    ("Sectored_Ring", "ring", "sectors", (240, 240, 240), (220, 50, 40)),
+    ("Sectored_Ring", "ring", "sectors", (30, 190, 200), (220, 50, 40)),
 )
 
 
@@ -58,24 +60,28 @@ def _inside(u, v):
     return (np.abs(u) <= 1) & (np.abs(v) <= 1)
 
 
-def _background(rng, size, palette):
-    """Smooth colour noise, pixel noise and small solid distractor shapes in the palette's colours."""
-    coarse = rng.uniform(70, 190, (5, 5, 3)).astype(np.uint8)
+def _background(rng, size):
+    """Muted clutter, independent of the class: smooth grey-ish noise with a faint tint, pixel noise and
+    small solid distractor shapes in low-saturation colours near the background's brightness."""
+    grey = rng.uniform(70, 190, (5, 5, 1))
+    coarse = np.clip(grey + rng.uniform(-12, 12, (5, 5, 3)), 0, 255).astype(np.uint8)
     image = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), np.float32)
-    image += rng.normal(0, 10, image.shape)
+    image += rng.normal(0, 8, image.shape)
     shapes = list(SHAPES.values())
     for _ in range(rng.integers(10, 19)):
         side = rng.uniform(0.05, 0.12) * size
         u, v = _frame(size, *rng.uniform(-side / 2, size - side / 2, 2), side, side)
         mask = _inside(u, v) & shapes[rng.integers(len(shapes))](u, v)
-        image[mask] = palette[rng.integers(len(palette))]
+        if mask.any():
+            level = image[mask].mean() + rng.choice([-1, 1]) * rng.uniform(20, 45)
+            image[mask] = level + rng.uniform(-12, 12, 3)
     return image
 
 
-def render_image(rng, template, size, palette):
+def render_image(rng, template, size):
     """(uint8 HxWx3 image, box [x0, y0, x1, y1]) of one object of ``template`` on a cluttered background."""
     _, shape, pattern, first, second = template
-    image = _background(rng, size, palette)
+    image = _background(rng, size)
     area, aspect = rng.uniform(0.10, 0.40), np.exp(rng.uniform(np.log(0.75), np.log(1.33)))
     width = min(size * np.sqrt(area * aspect), 0.95 * size)
     height = min(size * np.sqrt(area / aspect), 0.95 * size)
@@ -115,14 +121,13 @@ def make_demo_dataset(root=DEFAULT_DEMO_ROOT, num_classes=5, train_per_class=50,
     manifest.unlink(missing_ok=True)
 
     templates = CLASS_TEMPLATES[:num_classes]
-    palette = np.array([colour for template in templates for colour in template[3:]], np.float32)
     images, labels, splits, boxes = [], [], [], []
     for label, template in enumerate(templates):
         folder = f"{label + 1:03d}.{template[0]}"
         (root / "images" / folder).mkdir(parents=True, exist_ok=True)
         for k in range(train_per_class + test_per_class):
             rng = np.random.default_rng([seed, label, k])
-            pixels, (x0, y0, x1, y1) = render_image(rng, template, image_size, palette)
+            pixels, (x0, y0, x1, y1) = render_image(rng, template, image_size)
             relpath = f"{folder}/{template[0]}_{k + 1:04d}.jpg"
             Image.fromarray(pixels).save(root / "images" / relpath, quality=92)
             image_id = len(images) + 1

@@ -28,15 +28,14 @@ def imagenet_root(tmp_path_factory):
     """3 classes x 8 train images, 2 val images per class with their boxes in LOC_val_solution.csv."""
     root = tmp_path_factory.mktemp("data") / "ILSVRC2012"
     templates = CLASS_TEMPLATES[:len(WNIDS)]
-    palette = np.array([colour for t in templates for colour in t[3:]], np.float32)
     rows = ["ImageId,PredictionString"]
     for label, (wnid, template) in enumerate(zip(WNIDS, templates)):
         (root / "train" / wnid).mkdir(parents=True)
         for k in range(8):
-            pixels, _ = render_image(np.random.default_rng([label, k]), template, 64, palette)
+            pixels, _ = render_image(np.random.default_rng([label, k]), template, 64)
             Image.fromarray(pixels).save(root / "train" / wnid / f"{wnid}_{k}.JPEG")
         for k in range(2):
-            pixels, box = render_image(np.random.default_rng([label, 100 + k]), template, 64, palette)
+            pixels, box = render_image(np.random.default_rng([label, 100 + k]), template, 64)
             name = f"ILSVRC2012_val_{label * 2 + k + 1:08d}"
             (root / "val").mkdir(exist_ok=True)
             Image.fromarray(pixels).save(root / "val" / f"{name}.JPEG")
