@@ -17,7 +17,7 @@ from utils.errors import ConfigError
 
 DEFAULT_DEMO_ROOT = Path(__file__).resolve().parents[1] / "data" / "demo_cub"
 MANIFEST = "demo_manifest.json"
-GENERATOR = "SAT synthetic demo v2"
+GENERATOR = "SAT synthetic demo v3"
 
 # Masks in the object's frame: u, v in [-1, 1] across its box.
 SHAPES = {
@@ -42,7 +42,7 @@ CLASS_TEMPLATES = (
     ("Ringed_Disc", "disc", "rings", (220, 50, 40), (250, 210, 50)),
     ("Checkered_Square", "square", "checker", (40, 80, 220), (250, 220, 40)),
     ("Striped_Triangle", "triangle", "hstripes", (30, 160, 60), (20, 20, 20)),
-    ("Dotted_Diamond", "diamond", "dots", (190, 40, 190), (60, 220, 220)),
+    ("Dotted_Diamond", "diamond", "dots", (230, 40, 150), (250, 240, 60)),
     ("Barred_Cross", "cross", "vstripes", (250, 140, 20), (100, 40, 160)),
     ("Sectored_Ring", "ring", "sectors", (30, 190, 200), (220, 50, 40)),
 )
