@@ -161,13 +161,15 @@ def _check_value(key, value, where):
     return value
 
 
-def load_yaml(path):
-    """The keys of a config file, checked: unknown keys and wrong types raise ConfigError."""
+def read_yaml_mapping(path):
+    """A YAML file's top-level mapping ({} for an empty file); ConfigError naming the file (and line)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: not found") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path}: not readable ({err.strerror})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -176,6 +178,12 @@ def load_yaml(path):
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_yaml(path):
+    """The keys of a config file, checked: unknown keys and wrong types raise ConfigError."""
+    data = read_yaml_mapping(path)
     values = {}
     for key, value in data.items():
         if key not in FIELDS:

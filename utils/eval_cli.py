@@ -3,12 +3,11 @@ and evaluator_ImageNet.py (ILSVRC2012 layout): flags, ``--config`` YAML defaults
 ``<output-dir>/metrics.json``."""
 import argparse
 import json
-import os
 import logging
+import os
 from pathlib import Path
 
-import yaml
-
+from utils.config import read_yaml_mapping
 from utils.errors import CheckpointError, ConfigError
 
 _logger = logging.getLogger("sat")
@@ -81,14 +80,7 @@ def build_parser(kind, parser_class=argparse.ArgumentParser, **kwargs):
 
 def _config_argv(path, defaults):
     """The flags that the keys of a YAML config file stand for (unknown keys -> ConfigError)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path}: not found") from None
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"config file {path}: not readable YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of flag names, got {type(data).__name__}")
+    data = read_yaml_mapping(path)
     argv = []
     for key, value in data.items():
         if key not in defaults or key == "config":
