@@ -1,7 +1,7 @@
 """SAT models. Importing this package registers the ``deit_sat_*`` architectures with timm."""
 import timm
 
-from utils.errors import ConfigError
+from utils.errors import CheckpointError, ConfigError
 
 from . import sat  # noqa: F401  (registers the architectures)
 from .losses import batch_area_loss, normalization_loss, sat_loss
@@ -24,4 +24,12 @@ def build_model(arch: str, num_classes: int = 1000, pretrained=False, **override
     """
     if arch not in list_archs():
         raise ConfigError(f"unknown arch {arch!r}; known: {', '.join(list_archs())}")
-    return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **overrides)
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **overrides)
+    except OSError as err:  # hub / network / cache errors of the pretrained download
+        if pretrained is not True:
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"could not get the DeiT weights of {arch} from the timm hub ({reason}); download "
+                              "them once with network access, or pass a local file (--pretrained PATH) or "
+                              "--pretrained false") from None

@@ -1,4 +1,5 @@
 """SAT model: official-checkpoint equivalence, registration, pretrained files, attention paths, errors."""
+import os
 import subprocess
 import sys
 
@@ -244,3 +245,14 @@ def test_bf16_autocast_stays_close_to_fp32(official):
     assert (maps16.float() - maps32).abs().max() < 1e-2
     assert (logits16.float() - logits32).abs().max() < 2e-2
     assert torch.equal(logits16.argmax(1), logits32.argmax(1))
+
+
+def test_pretrained_hub_unreachable_is_one_clear_error():
+    code = ("import Model\nfrom utils.errors import run_cli\n"
+            "run_cli(lambda argv: Model.build_model('deit_sat_tiny_patch16_224', num_classes=3, pretrained=True))")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "error: could not get the DeiT weights of deit_sat_tiny_patch16_224" in out.stderr
+    assert "--pretrained PATH" in out.stderr
