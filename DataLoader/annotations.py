@@ -72,6 +72,29 @@ def read_table(path, types, expected, sep=None, header=None):
     return rows
 
 
+def rows_by_id(path, types, expected, known_ids=None, listed_in="", sep=None, unique=True):
+    """{image id: [(line number, other fields), ...]} of a file keyed by its first column.
+
+    An id outside ``known_ids`` (when given; ``listed_in`` names their file) or, with ``unique``, a
+    repeated id raises DataError naming the file and line.
+    """
+    table = {}
+    for lineno, (image_id, *rest) in read_table(path, types, expected, sep=sep):
+        if known_ids is not None and image_id not in known_ids:
+            raise DataError(f"{path} line {lineno}: image {image_id!r} is not listed in {listed_in}")
+        if unique and image_id in table:
+            raise DataError(f"{path} line {lineno}: duplicate entry for image {image_id!r}")
+        table.setdefault(image_id, []).append((lineno, rest))
+    return table
+
+
+def entries(table, image_id, path, listed_in):
+    """The rows of ``image_id`` in a :func:`rows_by_id` table; DataError when the file has none."""
+    if image_id not in table:
+        raise DataError(f"{path}: no entry for image {image_id!r} (listed in {listed_in})")
+    return table[image_id]
+
+
 def check_boxes(boxes, size, where):
     """Raise DataError unless every box has x1 > x0, y1 > y0 and lies inside the (W, H) image.
 

@@ -7,28 +7,10 @@ import numpy as np
 
 from utils.errors import DataError
 
-from .annotations import Item, bad_line, check_boxes, check_label, lines_source, read_table
+from .annotations import Item, bad_line, check_boxes, check_label, entries, lines_source, read_table, rows_by_id
 
 CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt", "classes.txt")
 CUB_LAYOUT = "the CUB-200-2011 release layout"
-
-
-def _rows_by_id(path, types, expected, known_ids=None):
-    """{image id: (line number, other fields)} of a file keyed by image id; ids must be unique."""
-    table = {}
-    for lineno, (image_id, *rest) in read_table(path, types, expected):
-        if image_id in table:
-            raise DataError(f"{path} line {lineno}: duplicate image id {image_id}")
-        if known_ids is not None and image_id not in known_ids:
-            raise DataError(f"{path} line {lineno}: image id {image_id} is not listed in images.txt")
-        table[image_id] = (lineno, rest)
-    return table
-
-
-def _entry(table, image_id, path):
-    if image_id not in table:
-        raise DataError(f"{path}: no entry for image id {image_id} (listed in images.txt)")
-    return table[image_id]
 
 
 def _read_boxes(path, known_ids):
@@ -67,17 +49,17 @@ def load_cub(root, split):
     root = Path(root)
     classes = read_classes(root / "classes.txt")
     images_path = root / "images.txt"
-    images = _rows_by_id(images_path, (int, str), "'image_id relative_path'")
+    images = rows_by_id(images_path, (int, str), "'image_id relative_path'")
     labels_path, split_path, boxes_path = (root / name for name in CUB_FILES[1:4])
-    labels = _rows_by_id(labels_path, (int, int), "'image_id class_id'", images)
-    is_train = _rows_by_id(split_path, (int, int), "'image_id is_training_image'", images)
+    labels = rows_by_id(labels_path, (int, int), "'image_id class_id'", images, "images.txt")
+    is_train = rows_by_id(split_path, (int, int), "'image_id is_training_image'", images, "images.txt")
     boxes = _read_boxes(boxes_path, images)
 
     items = []
-    for image_id, (lineno, (relpath,)) in images.items():
-        label_line, (label,) = _entry(labels, image_id, labels_path)
+    for image_id, [(lineno, (relpath,))] in images.items():
+        [(label_line, (label,))] = entries(labels, image_id, labels_path, "images.txt")
         check_label(label, range(1, len(classes) + 1), f"{labels_path} line {label_line}")
-        flag_line, (flag,) = _entry(is_train, image_id, split_path)
+        [(flag_line, (flag,))] = entries(is_train, image_id, split_path, "images.txt")
         if flag not in (0, 1):
             raise bad_line(split_path, flag_line, "'image_id is_training_image' with is_training_image 0 or 1",
                            f"{image_id} {flag}")
@@ -87,7 +69,7 @@ def load_cub(root, split):
             raise DataError(f"{images_path} line {lineno}: image {root / 'images' / relpath} not found")
         item = Item(relpath, label - 1)
         if split == "test":
-            image_boxes, box_lines = _entry(boxes, image_id, boxes_path)
+            image_boxes, box_lines = entries(boxes, image_id, boxes_path, "images.txt")
             item.boxes = np.array(image_boxes, np.float32)
             item.source = lines_source(boxes_path, box_lines)
         items.append(item)

@@ -9,28 +9,11 @@ import numpy as np
 
 from utils.errors import DataError
 
-from .annotations import Item, check_boxes, check_label, lines_source, read_lines, read_table
+from .annotations import Item, check_boxes, check_label, entries, lines_source, read_lines, read_table, rows_by_id
 
 WSOL_LAYOUT = "wsolevaluation metadata: image_ids.txt, class_labels.txt, image_sizes.txt, localization.txt"
 LABELS_EXPECTED = "'image_id,class'"
-
-
-def _rows_by_id(path, types, expected, ids, unique=True):
-    """{image id: [(line number, other fields), ...]} of a CSV keyed by image id."""
-    table = {}
-    for lineno, (image_id, *rest) in read_table(path, types, expected, sep=","):
-        if image_id not in ids:
-            raise DataError(f"{path} line {lineno}: image {image_id!r} is not listed in image_ids.txt")
-        if unique and image_id in table:
-            raise DataError(f"{path} line {lineno}: duplicate entry for image {image_id!r}")
-        table.setdefault(image_id, []).append((lineno, rest))
-    return table
-
-
-def _entries(table, image_id, path):
-    if image_id not in table:
-        raise DataError(f"{path}: no entry for image {image_id!r} (listed in image_ids.txt)")
-    return table[image_id]
+IDS_FILE = "image_ids.txt"
 
 
 def _num_classes(metadata_root, labels):
@@ -55,9 +38,9 @@ def _read_localization(path, ids):
     first = next((line for line in read_lines(path, "localization lines") if line.strip()), "")
     if first.count(",") == 2:
         expected = "'image_id,mask_path,ignore_path'"
-        return _rows_by_id(path, (str, str, str), expected, ids, unique=False), True
+        return rows_by_id(path, (str, str, str), expected, ids, IDS_FILE, sep=",", unique=False), True
     expected = "'image_id,x0,y0,x1,y1' (one line per box)"
-    return _rows_by_id(path, (str, float, float, float, float), expected, ids, unique=False), False
+    return rows_by_id(path, (str, float, float, float, float), expected, ids, IDS_FILE, sep=",", unique=False), False
 
 
 def load_wsol(image_root, metadata_root, split):
@@ -70,20 +53,21 @@ def load_wsol(image_root, metadata_root, split):
     for lineno, (image_id,) in read_table(ids_path, (str,), "'image_id' (a path under the image root)"):
         _existing(image_root, image_id, f"{ids_path} line {lineno}")
         ids[image_id] = lineno
-    labels = _rows_by_id(labels_path, (str, int), LABELS_EXPECTED, ids)
+    labels = rows_by_id(labels_path, (str, int), LABELS_EXPECTED, ids, IDS_FILE, sep=",")
     num_classes = _num_classes(metadata_root, labels)
     sizes_path = meta / "image_sizes.txt"
-    sizes = _rows_by_id(sizes_path, (str, int, int), "'image_id,width,height'", ids) if sizes_path.exists() else {}
+    sizes = (rows_by_id(sizes_path, (str, int, int), "'image_id,width,height'", ids, IDS_FILE, sep=",")
+             if sizes_path.exists() else {})
     loc_path = meta / "localization.txt"
     localization, masks = _read_localization(loc_path, ids) if split != "train" else ({}, False)
 
     items = []
     for image_id in ids:
-        [(lineno, (label,))] = _entries(labels, image_id, labels_path)
+        [(lineno, (label,))] = entries(labels, image_id, labels_path, IDS_FILE)
         check_label(label, range(num_classes), f"{labels_path} line {lineno}")
         item = Item(image_id, label, size=tuple(sizes[image_id][0][1]) if image_id in sizes else None)
         if split != "train":
-            rows = _entries(localization, image_id, loc_path)
+            rows = entries(localization, image_id, loc_path, IDS_FILE)
             item.source = lines_source(loc_path, [lineno for lineno, _ in rows])
             if masks:
                 item.mask_paths = [_existing(image_root, mask, item.source) for _, (mask, _) in rows]
