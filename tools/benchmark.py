@@ -147,7 +147,8 @@ def benchmark(args):
         "images_per_second": round(images / elapsed, 3), "ms_per_step": round(elapsed * 1000 / args.steps, 2),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU",
+        "machine": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                    else f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU"),
     }
     if args.mode == "eval":
         result.update(protocol=args.protocol, tencrop=args.tencrop, thresholds=args.thresholds,
@@ -160,12 +161,13 @@ def main(argv=None):
     args = parse_args(argv)
     result = benchmark(args)
     if args.compare_naive:
-        base_argv = [a for a in argv if a not in ("--compare-naive", "--compile", "--amp", "--no-amp")]
-        base_argv = [a for i, a in enumerate(base_argv) if a != "--attention" and (i == 0 or base_argv[i - 1] != "--attention")]
+        # the same flags, then the baseline's (argparse keeps the last --attention / --amp / --no-amp)
+        base_argv = [a for a in argv if a not in ("--compare-naive", "--compile")]
         out = subprocess.run([sys.executable, __file__, *base_argv, "--attention", "naive", "--no-amp"],
                              check=True, capture_output=True, text=True).stdout
         base = json.loads(out.strip().splitlines()[-1])
-        result.update(baseline={k: base[k] for k in ("attention", "precision", "images_per_second", "peak_memory_mb")},
+        keys = ("attention", "precision", "images_per_second", "peak_memory_mb")
+        result.update(baseline={k: base[k] for k in keys},
                       speedup=round(result["images_per_second"] / base["images_per_second"], 3),
                       memory_ratio=round(result["peak_memory_mb"] / base["peak_memory_mb"], 3))
     print(json.dumps(result))

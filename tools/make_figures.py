@@ -31,7 +31,8 @@ def box(img, x0, y0, x1, y1, fill, text="", scale=0.5, text_color=INK):
 
 
 def arrow(img, p, q, color=INK):
-    cv2.arrowedLine(img, p, q, color, 2, cv2.LINE_AA, tipLength=0.02 * 600 / max(1, int(np.hypot(q[0] - p[0], q[1] - p[1]))))
+    length = max(1, int(np.hypot(q[0] - p[0], q[1] - p[1])))
+    cv2.arrowedLine(img, p, q, color, 2, cv2.LINE_AA, tipLength=12 / length)  # 12 px heads
 
 
 def label(img, text, x, y, scale=0.5, color=INK):

@@ -1,7 +1,8 @@
 """User-facing errors: one line that names the file/field and what was expected.
 
-Entry scripts wrap ``main`` with :func:`run_cli`; any :class:`SATError` is then printed as a single
-``error: ...`` message on stderr (one line; a list of mismatches adds one line per item) and the process exits with status 2, without a traceback.
+Entry scripts wrap ``main`` with :func:`run_cli`; any :class:`SATError` is then printed as an ``error: ...``
+line on stderr (a list of mismatches adds one line per item) and the process exits with status 2, without
+a traceback.
 """
 import sys
 
