@@ -18,7 +18,7 @@ from utils.amp import autocast_settings, describe
 from utils.checkpoint import load_checkpoint, model_spec, save_checkpoint
 from utils.config import config_dict, parse_config, save_config
 from utils.engine import train_one_epoch
-from utils.evaluation import build_eval_loader, evaluate
+from utils.evaluation import build_eval_loader, default_resize_size, evaluate
 from utils.errors import CheckpointError, ConfigError, DataError
 from utils.logger import MetricsLog, close_logging, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
@@ -215,7 +215,7 @@ def train(cfg, info, imagenet=False):
     checkpoint_dir = output_dir / "checkpoints"
     setup_logging(output_dir, info.is_main, info.rank)
     micro_batch = per_process_batch(cfg, info.world_size)
-    cfg.resize_size = cfg.resize_size or round(cfg.img_size * 256 / 224)
+    cfg.resize_size = cfg.resize_size or default_resize_size(cfg.img_size)
     cfg.eval_batch_size = cfg.eval_batch_size or micro_batch
     seed_everything(cfg.seed + info.rank)
     _logger.info("config %s; %d process(es) on %s, global batch %d = %d per process x %d accumulation steps, %s",
