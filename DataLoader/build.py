@@ -3,23 +3,32 @@ from pathlib import Path
 
 from utils.errors import DataError
 
+from .aircraft import AIRCRAFT_LAYOUT, load_aircraft
+from .cars import CARS_LAYOUT, load_cars
 from .cub import CUB_FILES, CUB_LAYOUT, load_cub
 from .dataset import WSOLDataset
+from .dogs import DOGS_LAYOUT, load_dogs
 from .folder import FOLDER_LAYOUT, load_folder
 from .imagenet import load_imagenet
 from .subsets import few_shot
 from .wsol_metadata import load_wsol
 
-FORMATS = ("cub", "imagenet", "wsol", "folder")
+FORMATS = ("cub", "imagenet", "wsol", "folder", "dogs", "cars", "aircraft")
 SPLITS = ("train", "val", "test")
 LAYOUTS = {
     "cub": CUB_LAYOUT,
     "imagenet": "the ILSVRC2012 layout: train/<wnid>/ and/or val/",
     "wsol": "the image root that wsolevaluation image ids are relative to",
     "folder": f"the custom layout: {FOLDER_LAYOUT}",
+    "dogs": DOGS_LAYOUT,
+    "cars": CARS_LAYOUT,
+    "aircraft": AIRCRAFT_LAYOUT,
 }
-# Entries of which at least one (imagenet, folder) or each (cub) must exist under the root.
-REQUIRED = {"cub": ("images", *CUB_FILES), "imagenet": ("train", "val"), "folder": ("train", "val", "test")}
+# Entries of which each (EACH_REQUIRED) or at least one (ANY_REQUIRED) must exist under the root.
+EACH_REQUIRED = {"cub": ("images", *CUB_FILES), "dogs": ("Images", "Annotation")}
+ANY_REQUIRED = {"imagenet": ("train", "val"), "folder": ("train", "val", "test"), "cars": ("cars_train", "cars_test"),
+                "aircraft": ("data", "images")}
+LOADERS = {"cub": load_cub, "dogs": load_dogs, "cars": load_cars, "aircraft": load_aircraft}
 
 
 def check_data_root(fmt, root):
@@ -28,11 +37,11 @@ def check_data_root(fmt, root):
         raise DataError(f"unknown dataset format {fmt!r} (expected one of {', '.join(FORMATS)})")
     if root is None or not Path(root).is_dir():
         raise DataError(f"data root {root}: not found (expected {LAYOUTS[fmt]})")
-    names = REQUIRED.get(fmt, ())
-    missing = [name for name in names if not (Path(root) / name).exists()]
-    if fmt == "cub" and missing:
+    missing = [name for name in EACH_REQUIRED.get(fmt, ()) if not (Path(root) / name).exists()]
+    if missing:
         raise DataError(f"data root {root}: missing {missing[0]} (expected {LAYOUTS[fmt]})")
-    if names and len(missing) == len(names):
+    names = ANY_REQUIRED.get(fmt, ())
+    if names and not any((Path(root) / name).exists() for name in names):
         raise DataError(f"data root {root}: missing {' and '.join(n + '/' for n in names)} "
                         f"(expected {LAYOUTS[fmt]})")
 
@@ -41,7 +50,8 @@ def build_dataset(fmt, root, split, transform=None, *, images_per_class=None, se
                   val_boxes=None, strict=False):
     """A WSOLDataset of ``split`` ('train', 'val' or 'test') of the data at ``root``.
 
-    fmt 'cub' | 'imagenet' | 'folder' read the layouts users have on disk ('test' of imagenet is the
+    fmt 'cub' | 'imagenet' | 'folder' | 'dogs' | 'cars' | 'aircraft' read the layouts users have on
+    disk, each as distributed ('test' of imagenet is the
     ILSVRC val set; ``val_boxes`` overrides where its boxes come from, or the folder format's
     boxes CSV). fmt 'wsol', or any fmt with ``metadata_root``, reads wsolevaluation metadata from
     ``metadata_root/<split>/`` with images under ``root`` (under ``root/images`` for a CUB release).
@@ -57,8 +67,8 @@ def build_dataset(fmt, root, split, transform=None, *, images_per_class=None, se
         cub_images = Path(root) / "images"
         image_root = cub_images if fmt == "cub" and cub_images.is_dir() else root
         image_root, items, classes = load_wsol(image_root, metadata_root, split)
-    elif fmt == "cub":
-        image_root, items, classes = load_cub(root, split)
+    elif fmt in LOADERS:
+        image_root, items, classes = LOADERS[fmt](root, split)
     elif fmt == "imagenet":
         image_root, items, classes = load_imagenet(root, split, val_boxes)
     else:

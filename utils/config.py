@@ -48,7 +48,8 @@ FIELDS = {
     "trainable": Field("all", "str", "parameters to train: all, sat (spatial token + spatial-aware blocks + "
                                      "head) or head", choices=TRAINABLE),
     # data
-    "data_format": Field("cub", "str", "dataset layout", choices=("cub", "imagenet", "wsol", "folder")),
+    "data_format": Field("cub", "str", "dataset layout",
+                         choices=("cub", "imagenet", "wsol", "folder", "dogs", "cars", "aircraft")),
     "data_root": Field(None, "str", "dataset root (omitted: the synthetic demo dataset)", nullable=True),
     "metadata_root": Field(None, "str", "wsolevaluation metadata folder (<split>/image_ids.txt ...)", nullable=True),
     "val_boxes": Field(None, "str", "ImageNet val boxes (XML folder, LOC_val_solution.csv, val_gt.txt) or "

@@ -38,9 +38,10 @@ def build_parser(kind, parser_class=argparse.ArgumentParser, **kwargs):
     p = parser_class(description=spec["description"], **kwargs)
     if kind == "cub":
         p.add_argument("--data-root", help="dataset root (default: the built-in demo data, generated if missing)")
-        p.add_argument("--format", default="cub", choices=("cub", "wsol", "folder"),
+        p.add_argument("--format", default="cub", choices=("cub", "wsol", "folder", "dogs", "cars", "aircraft"),
                        help="cub: CUB-200-2011 release; wsol: wsolevaluation metadata (needs --metadata-root), "
-                            "images under --data-root; folder: <split>/<class>/<image> (default: cub)")
+                            "images under --data-root; folder: <split>/<class>/<image>; dogs, cars, aircraft: "
+                            "the Stanford Dogs, Stanford Cars, FGVC-Aircraft releases (default: cub)")
         p.add_argument("--metadata-root", help="wsolevaluation metadata folder holding <split>/image_ids.txt ...")
         p.add_argument("--split", default="test", choices=("test", "val"),
                        help="test, or val (wsolevaluation train-fullsup) (default: test)")

@@ -1,0 +1,69 @@
+"""Stanford Dogs release: ``Images/<wnid>-<breed>/<file>.jpg``, ``Annotation/<wnid>-<breed>/<file>`` (PASCAL
+VOC XML without extension, one <object> per dog) and ``lists/{train,test}_list.mat`` (``file_list``,
+``annotation_list``, ``labels`` 1-based) or the same lists extracted next to ``Images/``."""
+from pathlib import Path
+
+from utils.errors import DataError
+
+from .annotations import Item, check_label
+from .folder import class_folders
+from .imagenet import read_voc_xml
+from .matlab import entry_number, entry_text, read_mat
+
+DOGS_LAYOUT = ("the Stanford Dogs release layout: Images/<wnid>-<breed>/, Annotation/<wnid>-<breed>/, "
+               "lists/train_list.mat and test_list.mat")
+LIST_VARIABLES = ("file_list", "annotation_list", "labels")
+
+
+def find_list(root, split):
+    """``lists/<split>_list.mat``, or ``<split>_list.mat`` directly under the root (lists.tar extracted there)."""
+    name = f"{split}_list.mat"
+    for path in (root / "lists" / name, root / name):
+        if path.is_file():
+            return path
+    raise DataError(f"{root / 'lists' / name}: file not found (expected {DOGS_LAYOUT})")
+
+
+def load_dogs(root, split):
+    """(image root, items, class names) of the 'train' or 'test' split of a Stanford Dogs release.
+
+    Classes are the sorted ``Images/`` folders (the release's label order, as ImageFolder in the official
+    code); a list entry whose label disagrees with its folder is an error. Test items carry every box
+    of their annotation file, in original pixels as written there.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"{root}: Stanford Dogs has no '{split}' split (train/test)")
+    root = Path(root)
+    classes = class_folders(root / "Images")
+    path = find_list(root, split)
+    lists = read_mat(path, LIST_VARIABLES, f"variables {', '.join(LIST_VARIABLES)} ({DOGS_LAYOUT})")
+    files, annotations, labels = (lists[name] for name in LIST_VARIABLES)
+    if not len(files) == len(annotations) == len(labels):
+        raise DataError(f"{path}: file_list, annotation_list and labels differ in length "
+                        f"({len(files)}, {len(annotations)}, {len(labels)})")
+    items = []
+    for index, (file, annotation, label) in enumerate(zip(files, annotations, labels), 1):
+        where = f"entry {index}"
+        file = entry_text(file, path, where, "file_list '<wnid>-<breed>/<file>.jpg'")
+        label = entry_number(label, path, where, "labels (1-based class index)")
+        if label != int(label):
+            raise DataError(f"{path} {where}: expected an integer label, got {label:g}")
+        check_label(int(label), range(1, len(classes) + 1), f"{path} {where}")
+        folder = file.split("/")[0]
+        if folder != classes[int(label) - 1]:
+            raise DataError(f"{path} {where}: label {int(label)} is class {classes[int(label) - 1]!r} but the "
+                            f"file is in {folder!r}")
+        if not (root / "Images" / file).is_file():
+            raise DataError(f"{path} {where}: image {root / 'Images' / file} not found")
+        item = Item(file, int(label) - 1)
+        if split == "test":
+            annotation = entry_text(annotation, path, where, "annotation_list '<wnid>-<breed>/<file>'")
+            xml = root / "Annotation" / annotation
+            if not xml.is_file():
+                raise DataError(f"{path} {where}: annotation {xml} not found")
+            record = read_voc_xml(xml)
+            item.boxes, item.size, item.source = record.boxes, record.size, record.source
+        items.append(item)
+    if not items:
+        raise DataError(f"{path}: lists no images (expected {DOGS_LAYOUT})")
+    return root / "Images", items, classes
