@@ -1,5 +1,5 @@
-"""DDP on the CPU: train_ImageNet.py with 2 gloo processes under torchrun and torch.distributed.launch,
-on a tiny generated ILSVRC2012 layout (train/<wnid>/, flat val/ + LOC_val_solution.csv)."""
+"""DDP on the CPU: train_ImageNet.py with 2 gloo processes under torchrun, torch.distributed.launch and as
+SLURM srun tasks, on a tiny generated ILSVRC2012 layout (train/<wnid>/, flat val/ + LOC_val_solution.csv)."""
 import json
 import os
 import signal
@@ -13,7 +13,8 @@ from PIL import Image
 
 from DataLoader.demo import CLASS_TEMPLATES, render_image
 from utils.checkpoint import read_checkpoint
-from utils.distributed import init_distributed
+from utils.distributed import expand_nodelist, init_distributed, slurm_environment
+from utils.errors import ConfigError
 
 from conftest import REPO_ROOT
 
@@ -91,7 +92,7 @@ def test_legacy_launch_passes_local_rank(imagenet_root, tmp_path):
 
 
 def test_single_process_without_launcher(monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
     info = init_distributed("cpu", local_rank_arg=None)
     assert (info.rank, info.world_size, info.distributed, info.is_main, info.device.type) == (0, 1, False, True, "cpu")
@@ -103,3 +104,56 @@ def test_local_rank_argument_when_the_environment_lacks_it(monkeypatch):
     assert init_distributed("cpu", local_rank_arg=3).local_rank == 3
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert init_distributed("cpu", local_rank_arg=3).local_rank == 1
+
+
+# ------------------------------------------------------------------------------------------ SLURM
+def test_slurm_node_lists_expand_as_scontrol_show_hostnames():
+    assert expand_nodelist("node07") == ["node07"]
+    assert expand_nodelist("node[01-03,07]") == ["node01", "node02", "node03", "node07"]
+    assert expand_nodelist("gpu-a[9-11],cpu5") == ["gpu-a9", "gpu-a10", "gpu-a11", "cpu5"]
+    assert expand_nodelist("r[1-2]-n[08-09]") == ["r1-n08", "r1-n09", "r2-n08", "r2-n09"]
+    with pytest.raises(ConfigError, match="node list 'n\\[a-b\\]'"):
+        expand_nodelist("n[a-b]")
+
+
+def test_slurm_environment_and_torchrun_precedence():
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+             "SLURM_JOB_NODELIST": "node[03-04]"}
+    assert slurm_environment(slurm) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                        "MASTER_ADDR": "node03", "MASTER_PORT": str(20000 + 123456 % 20000)}
+    # the step's node list first; MASTER_ADDR / MASTER_PORT already set are kept
+    assert slurm_environment({**slurm, "SLURM_STEP_NODELIST": "gpu[2-3]"})["MASTER_ADDR"] == "gpu2"
+    kept = slurm_environment({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "1234"})
+    assert (kept["MASTER_ADDR"], kept["MASTER_PORT"]) == ("head", "1234")
+    # torchrun started inside an srun task: its variables win; a batch script without srun tasks: nothing
+    assert slurm_environment({**slurm, "WORLD_SIZE": "16", "RANK": "3"}) == {}
+    assert slurm_environment({"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "node1"}) == {}
+    assert slurm_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == {"RANK": "0", "WORLD_SIZE": "1",
+                                                                             "LOCAL_RANK": "0"}
+
+
+def test_srun_tasks_form_one_two_process_job_without_torchrun(imagenet_root, tmp_path):
+    """Two processes with the variables srun gives its tasks (no WORLD_SIZE / MASTER_*): one gloo job."""
+    out = tmp_path / "run"
+    port = int(free_port())
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not key.startswith("SLURM_")}
+    env.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=str(port - 20000))
+    procs = [subprocess.Popen([sys.executable, "train_ImageNet.py", *RUN, "--device", "cpu", "--data-root",
+                               str(imagenet_root), "--output-dir", str(out)], cwd=REPO_ROOT, text=True,
+                              env=dict(env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+             for rank in range(2)]
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=240))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            outputs.append(proc.communicate())
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    check_run(out, 0, *outputs[0])
+    assert f"processes started by srun (2 SLURM tasks, master localhost:{port})" in (out / "log.txt").read_text()

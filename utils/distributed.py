@@ -1,13 +1,20 @@
-"""Process-group setup for torchrun (environment variables) and ``torch.distributed.launch``
-(``--local-rank`` argument), NCCL on GPUs and gloo on the CPU, plus small collective helpers that
-are no-ops in a single process."""
+"""Process-group setup for torchrun (environment variables), ``torch.distributed.launch``
+(``--local-rank`` argument) and SLURM's ``srun`` (one task per GPU, no torchrun), NCCL on GPUs and gloo
+on the CPU, plus small collective helpers that are no-ops in a single process."""
+import itertools
 import os
+import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from utils.errors import ConfigError
+
+SLURM_PORT_BASE = 20000  # MASTER_PORT under srun: SLURM_PORT_BASE + job id % SLURM_PORT_RANGE
+SLURM_PORT_RANGE = 20000
 
 
 @dataclass
@@ -16,6 +23,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launcher: str = ""  # how the processes were started, when not obvious (srun)
 
     @property
     def distributed(self):
@@ -36,19 +44,90 @@ def select_device(device="auto", local_rank=0):
     return torch.device("cuda", local_rank)
 
 
+# ------------------------------------------------------------------------------------------ SLURM
+def expand_nodelist(nodelist):
+    """Host names of a SLURM node list, in order: ``node[01-03,07],gpu5`` -> node01 node02 node03 node07
+    gpu5 (zero padding kept, several bracket groups in one name expanded left to right)."""
+    hosts = []
+    for name in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
+        parts = re.split(r"\[([^\]]*)\]", name)  # literal, ranges, literal, ranges, ..., literal
+        choices = []
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                choices.append([part])
+                continue
+            values = []
+            for item in part.split(","):
+                first, _, last = item.partition("-")
+                if not first.isdigit() or (last and not last.isdigit()):
+                    raise ConfigError(f"SLURM node list {nodelist!r}: cannot read the range {item!r}")
+                values += [str(n).zfill(len(first)) for n in range(int(first), int(last or first) + 1)]
+            choices.append(values)
+        hosts += ["".join(combination) for combination in itertools.product(*choices)]
+    return hosts
+
+
+def first_host(nodelist):
+    """The first host of a SLURM node list: ``scontrol show hostnames`` when available, else
+    :func:`expand_nodelist`."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    hosts = expand_nodelist(nodelist)
+    if not hosts:
+        raise ConfigError(f"SLURM node list {nodelist!r} names no host; set MASTER_ADDR")
+    return hosts[0]
+
+
+def slurm_environment(environ):
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) for a process
+    started by ``srun``, or {} when this is not an srun task or a launcher (torchrun) already set
+    WORLD_SIZE. MASTER_ADDR / MASTER_PORT already in the environment are kept; otherwise the first
+    host of the step's node list and a port derived from the job id (the same in every task)."""
+    if "WORLD_SIZE" in environ or "SLURM_PROCID" not in environ or "SLURM_NTASKS" not in environ:
+        return {}
+    env = {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_NTASKS"],
+           "LOCAL_RANK": environ.get("SLURM_LOCALID", "0")}
+    if int(env["WORLD_SIZE"]) == 1:
+        return env
+    nodelist = next((environ[key] for key in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                     if environ.get(key)), None)
+    if "MASTER_ADDR" not in environ and nodelist is None:
+        raise ConfigError("SLURM: SLURM_NTASKS > 1 but no SLURM_JOB_NODELIST / SLURM_NODELIST to find the "
+                          "master host; set MASTER_ADDR")
+    env["MASTER_ADDR"] = environ.get("MASTER_ADDR") or first_host(nodelist)
+    job_id = environ.get("SLURM_JOB_ID", environ.get("SLURM_JOBID", "0"))
+    env["MASTER_PORT"] = environ.get("MASTER_PORT") or str(SLURM_PORT_BASE + int(job_id) % SLURM_PORT_RANGE)
+    return env
+
+
 def init_distributed(device="auto", local_rank_arg=None):
     """Join the process group when launched with WORLD_SIZE > 1; return the DistInfo of this process.
 
-    RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT come from the launcher's environment; the local rank
-    from LOCAL_RANK or, with ``torch.distributed.launch``, from its ``--local-rank`` argument.
+    RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT come from the launcher's environment (torchrun,
+    ``torch.distributed.launch``) or, for tasks started by ``srun`` without torchrun, from SLURM's
+    (:func:`slurm_environment`); the local rank from LOCAL_RANK or, with ``torch.distributed.launch``,
+    from its ``--local-rank`` argument.
     """
+    slurm = slurm_environment(os.environ)
+    os.environ.update(slurm)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
     if world_size == 1:
         return DistInfo(local_rank=local_rank, device=select_device(device, local_rank))
     if "RANK" not in os.environ:
         raise ConfigError("WORLD_SIZE is set but RANK is not: launch with torchrun or torch.distributed.launch")
-    info = DistInfo(int(os.environ["RANK"]), world_size, local_rank, select_device(device, local_rank))
+    gpu = local_rank
+    if slurm and torch.cuda.is_available() and torch.cuda.device_count() == 1:
+        gpu = 0  # srun --gpus-per-task=1 / --gpu-bind: each task sees only its own GPU
+    info = DistInfo(int(os.environ["RANK"]), world_size, local_rank, select_device(device, gpu))
+    if slurm:
+        info.launcher = "srun ({} SLURM tasks, master {MASTER_ADDR}:{MASTER_PORT})".format(world_size, **os.environ)
     backend = "nccl" if info.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=world_size,
                             device_id=info.device if backend == "nccl" else None)

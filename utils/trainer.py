@@ -221,6 +221,8 @@ def train(cfg, info, imagenet=False):
     _logger.info("config %s; %d process(es) on %s, global batch %d = %d per process x %d accumulation steps, %s",
                  cfg.config or "(defaults)", info.world_size, info.device, cfg.batch_size, micro_batch,
                  cfg.accum_steps, describe(info.device, cfg.amp))
+    if info.launcher:
+        _logger.info("processes started by %s", info.launcher)
 
     fmt, root = resolve_data(cfg, imagenet, info)
     train_loader, selection_loader, test_loader = build_loaders(cfg, fmt, root, info, micro_batch)
