@@ -2,6 +2,7 @@
 SLURM srun tasks, on a tiny generated ILSVRC2012 layout (train/<wnid>/, flat val/ + LOC_val_solution.csv)."""
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,7 +14,8 @@ from PIL import Image
 
 from DataLoader.demo import CLASS_TEMPLATES, render_image
 from utils.checkpoint import read_checkpoint
-from utils.distributed import expand_nodelist, init_distributed, slurm_environment
+from utils.distributed import (SLURM_PORT_BASE, SLURM_PORT_RANGE, expand_nodelist, init_distributed,
+                               slurm_environment)
 from utils.errors import ConfigError
 
 from conftest import REPO_ROOT
@@ -107,6 +109,18 @@ def test_local_rank_argument_when_the_environment_lacks_it(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ SLURM
+def free_slurm_port():
+    """A free port that a SLURM job id maps to (SLURM_PORT_BASE + job id % SLURM_PORT_RANGE)."""
+    for port in random.Random().sample(range(SLURM_PORT_BASE, SLURM_PORT_BASE + SLURM_PORT_RANGE), 100):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port in the SLURM port range")
+
+
 def test_slurm_node_lists_expand_as_scontrol_show_hostnames():
     assert expand_nodelist("node07") == ["node07"]
     assert expand_nodelist("node[01-03,07]") == ["node01", "node02", "node03", "node07"]
@@ -120,7 +134,7 @@ def test_slurm_environment_and_torchrun_precedence():
     slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
              "SLURM_JOB_NODELIST": "node[03-04]"}
     assert slurm_environment(slurm) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
-                                        "MASTER_ADDR": "node03", "MASTER_PORT": str(20000 + 123456 % 20000)}
+                                        "MASTER_ADDR": "node03", "MASTER_PORT": "23456"}  # 20000 + 123456 % 20000
     # the step's node list first; MASTER_ADDR / MASTER_PORT already set are kept
     assert slurm_environment({**slurm, "SLURM_STEP_NODELIST": "gpu[2-3]"})["MASTER_ADDR"] == "gpu2"
     kept = slurm_environment({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "1234"})
@@ -135,11 +149,12 @@ def test_slurm_environment_and_torchrun_precedence():
 def test_srun_tasks_form_one_two_process_job_without_torchrun(imagenet_root, tmp_path):
     """Two processes with the variables srun gives its tasks (no WORLD_SIZE / MASTER_*): one gloo job."""
     out = tmp_path / "run"
-    port = int(free_port())
+    port = free_slurm_port()
     env = {key: value for key, value in os.environ.items()
            if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
            and not key.startswith("SLURM_")}
-    env.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=str(port - 20000))
+    job_id = port - SLURM_PORT_BASE + 7 * SLURM_PORT_RANGE  # a job id whose derived port is free
+    env.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=str(job_id))
     procs = [subprocess.Popen([sys.executable, "train_ImageNet.py", *RUN, "--device", "cpu", "--data-root",
                                str(imagenet_root), "--output-dir", str(out)], cwd=REPO_ROOT, text=True,
                               env=dict(env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
