@@ -1,6 +1,6 @@
 """The map-style dataset every format builds: image loading, the skip policy and sample dicts."""
 import os
-import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -15,13 +15,20 @@ from .annotations import check_boxes
 UNREADABLE = (OSError, ValueError, SyntaxError)
 
 
+class Skipped(NamedTuple):
+    """What an unreadable train image gives instead of a sample: ``collate_samples`` drops it and
+    lists ``message`` (naming the file) in ``batch['skipped']``, which the training loop logs."""
+    message: str
+
+
 class WSOLDataset(Dataset):
     """Items of one split read from ``image_root``.
 
     Train samples: ``{'image', 'label', 'index'}``. Evaluation samples (``evaluation=True``) add
     ``'boxes'`` (K, 4) float32 in original pixels, ``'size'`` (W, H), ``'image_id'`` and, for mask
-    datasets, ``'mask_paths'`` and ``'ignore_path'``. An unreadable image in a train split gives
-    ``None`` and a warning naming the file (``collate_samples`` counts it) unless ``strict``; in an
+    datasets, ``'mask_paths'`` and ``'ignore_path'``. An unreadable image in a train split gives a
+    ``Skipped`` naming the file (dropped by ``collate_samples``, logged by the training loop in the
+    main process, so that it reaches log.txt whatever the warning filters) unless ``strict``; in an
     evaluation split it is always a DataError, so that metrics cover the whole split.
     """
 
@@ -44,7 +51,7 @@ class WSOLDataset(Dataset):
         return os.path.join(self.image_root, self.items[index].path)
 
     def _open(self, index, header_only):
-        """The RGB image (or only its (W, H) size); None when unreadable and skipping is allowed."""
+        """The RGB image (or only its (W, H) size); a Skipped when unreadable and skipping is allowed."""
         path = self.image_path(index)
         try:
             with Image.open(path) as image:
@@ -53,21 +60,20 @@ class WSOLDataset(Dataset):
             message = f"unreadable image {path} ({err.__class__.__name__}: {err})"
             if self.strict or self.evaluation:
                 raise DataError(message) from None
-            warnings.warn(f"skipping {message}", RuntimeWarning, stacklevel=2)
-            return None
+            return Skipped(f"skipping {message}")
 
     def check_item(self, index):
         """Read the image header and check the item's boxes against its size; False if skipped."""
         size = self._open(index, header_only=True)
         item = self.items[index]
-        if size is not None and item.boxes is not None:
+        if not isinstance(size, Skipped) and item.boxes is not None:
             check_boxes(item.boxes, size, item.source)
-        return size is not None
+        return not isinstance(size, Skipped)
 
     def __getitem__(self, index):
         image = self._open(index, header_only=False)
-        if image is None:
-            return None
+        if isinstance(image, Skipped):
+            return image
         item = self.items[index]
         sample = {"image": self.transform(image), "label": item.label, "index": index}
         if self.evaluation:

@@ -5,15 +5,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .dataset import Skipped
+
 
 def collate_samples(samples):
-    """Stack 'image' and 'label' (LongTensor), keep other keys as lists, drop None samples.
+    """Stack 'image' and 'label' (LongTensor), keep other keys as lists, drop Skipped (and None) samples.
 
-    ``batch['num_skipped']`` counts the dropped (unreadable) samples; a batch where every sample was
-    dropped has empty 'image' and 'label' tensors.
+    ``batch['num_skipped']`` counts the dropped (unreadable) samples and ``batch['skipped']`` lists the
+    Skipped messages; a batch where every sample was dropped has empty 'image' and 'label' tensors.
     """
-    kept = [sample for sample in samples if sample is not None]
-    batch = {"num_skipped": len(samples) - len(kept)}
+    kept = [sample for sample in samples if isinstance(sample, dict)]
+    skipped = [sample.message for sample in samples if isinstance(sample, Skipped)]
+    batch = {"num_skipped": len(samples) - len(kept), "skipped": skipped}
     if not kept:
         return {**batch, "image": torch.empty(0), "label": torch.empty(0, dtype=torch.long)}
     for key in kept[0]:

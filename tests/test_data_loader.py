@@ -1,9 +1,11 @@
+import re
 import warnings
 
 import pytest
 import torch
 
 from DataLoader import build_dataset, build_loader, collate_samples, make_demo_dataset
+from DataLoader.dataset import Skipped
 from utils.errors import DataError
 
 
@@ -17,23 +19,27 @@ def cub(tmp_path):
 
 def test_collate_stacks_and_counts_skipped():
     sample = {"image": torch.zeros(3, 4, 4), "label": 1, "index": 0, "image_id": "a"}
-    batch = collate_samples([sample, None, dict(sample, label=2, index=5)])
+    batch = collate_samples([sample, Skipped("skipping unreadable image x.jpg"), dict(sample, label=2, index=5)])
     assert batch["image"].shape == (2, 3, 4, 4) and batch["label"].dtype == torch.long
     assert batch["label"].tolist() == [1, 2] and batch["index"] == [0, 5] and batch["image_id"] == ["a", "a"]
-    assert batch["num_skipped"] == 1
-    empty = collate_samples([None, None])
-    assert empty["num_skipped"] == 2 and empty["label"].numel() == 0
+    assert batch["num_skipped"] == 1 and batch["skipped"] == ["skipping unreadable image x.jpg"]
+    empty = collate_samples([Skipped("a"), Skipped("b")])
+    assert empty["num_skipped"] == 2 and empty["label"].numel() == 0 and empty["skipped"] == ["a", "b"]
 
 
-def test_truncated_train_image_is_skipped_with_warning(cub):
+def test_truncated_train_image_is_skipped_and_named(cub):
     train = build_dataset("cub", cub, "train")
-    with pytest.warns(RuntimeWarning, match="skipping unreadable image .*Ringed_Disc_0002.jpg"):
-        assert train[1] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named in the sample, not through the warnings machinery
+        skipped = train[1]
+    assert isinstance(skipped, Skipped) and re.search("skipping unreadable image .*Ringed_Disc_0002.jpg",
+                                                      skipped.message)
     loader = build_loader(train, 4, train=True, workers=2, drop_last=False)
     assert loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
     for _ in range(2):  # two epochs over persistent workers
         batches = list(loader)
         assert sum(b["num_skipped"] for b in batches) == 1
+        assert [m for b in batches for m in b["skipped"]] == [skipped.message]
         assert sum(len(b["label"]) for b in batches) == 5
 
 
@@ -48,10 +54,8 @@ def test_strict_data_and_evaluation_splits_raise(cub):
 
 def test_loader_is_reproducible_and_drops_last_when_training(cub):
     train = build_dataset("cub", cub, "train")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        orders = [[i for b in build_loader(train, 4, train=True, workers=0, seed=7) for i in b["index"]]
-                  for _ in range(2)]
+    orders = [[i for b in build_loader(train, 4, train=True, workers=0, seed=7) for i in b["index"]]
+              for _ in range(2)]
     assert orders[0] == orders[1] and len(orders[0]) in (3, 4)  # one full batch of 4, maybe one skipped
     assert len(build_loader(train, 4, train=True, workers=0)) == 1
     assert len(build_loader(train, 4, train=False, workers=0)) == 2

@@ -23,7 +23,7 @@ from conftest import REPO_ROOT
 WNIDS = ["n01440764", "n01443537", "n02102040"]
 RUN = ["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
        "--batch-size", "8", "--eval-batch-size", "4", "--epochs", "1", "--workers", "0", "--log-every", "1",
-       "--warmup-epochs", "0"]
+       "--warmup-epochs", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

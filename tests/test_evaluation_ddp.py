@@ -48,9 +48,10 @@ def test_two_process_evaluation_equals_single_process(tmp_path):
     # 9 test images: DistributedSampler would pad the two shards to 5 + 5
     root = make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=1, test_per_class=3, image_size=64)
     checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
-    # fork: the children reuse the imported modules (spawn would re-import torch and timm, ~5 s)
+    # fork: the children reuse the imported modules (spawn would re-import torch and timm, ~5 s); not
+    # once CUDA is initialised in this process (earlier tests on a GPU machine): a forked child cannot use it
     mp.start_processes(_rank, args=(_free_port(), str(root), str(checkpoint), str(tmp_path)), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn" if torch.cuda.is_initialized() else "fork")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -34,12 +34,18 @@ class DistInfo:
         return self.rank == 0
 
 
-def select_device(device="auto", local_rank=0):
-    """``auto``: this process's GPU when CUDA is available, else the CPU."""
+def select_device(device="auto", local_rank=0, local_processes=1):
+    """``auto``: this process's GPU when CUDA is available, else the CPU. ``local_processes``: the
+    processes on this node (torchrun's LOCAL_WORLD_SIZE), each of which needs its own visible GPU."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda requested but CUDA is not available; use --device cpu")
     if device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
+    visible, needed = torch.cuda.device_count(), max(local_processes, local_rank + 1)
+    if needed > visible:
+        raise ConfigError(f"device {device}: {needed} processes on this node but {visible} visible GPU(s) "
+                          f"(local rank {local_rank}); launch at most {visible} (--nproc_per_node {visible}) "
+                          "or use --device cpu")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -118,14 +124,15 @@ def init_distributed(device="auto", local_rank_arg=None):
     os.environ.update(slurm)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if world_size == 1:
-        return DistInfo(local_rank=local_rank, device=select_device(device, local_rank))
+        return DistInfo(local_rank=local_rank, device=select_device(device, local_rank, local_processes))
     if "RANK" not in os.environ:
         raise ConfigError("WORLD_SIZE is set but RANK is not: launch with torchrun or torch.distributed.launch")
     gpu = local_rank
     if slurm and torch.cuda.is_available() and torch.cuda.device_count() == 1:
         gpu = 0  # srun --gpus-per-task=1 / --gpu-bind: each task sees only its own GPU
-    info = DistInfo(int(os.environ["RANK"]), world_size, local_rank, select_device(device, gpu))
+    info = DistInfo(int(os.environ["RANK"]), world_size, local_rank, select_device(device, gpu, local_processes))
     if slurm:
         info.launcher = "srun ({} SLURM tasks, master {MASTER_ADDR}:{MASTER_PORT})".format(world_size, **os.environ)
     backend = "nccl" if info.device.type == "cuda" else "gloo"

@@ -67,6 +67,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, *, device, epoch, area_
             group_size = min(accum_steps, num_batches - step * accum_steps)
             last_of_group = position == group_size - 1
             counts[2] += batch["num_skipped"]
+            for message in batch.get("skipped", ()):
+                _logger.warning("epoch %d: %s", epoch + 1, message)
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
             if len(images):

@@ -280,7 +280,7 @@ def train(cfg, info, imagenet=False):
                                  scaler=scaler.state_dict() if scaler is not None else None,
                                  rng_states=rng_states, best=best), checkpoint_dir / "last.pth")
         if stats["num_skipped"]:
-            _logger.warning("epoch %d: %d unreadable training images skipped (named in the warnings above; "
+            _logger.warning("epoch %d: %d unreadable training images skipped (named in the log above; "
                             "--strict-data makes them an error)", epoch + 1, stats["num_skipped"])
         _logger.info("epoch %d/%d done in %.0fs: loss %.4f (ce %.4f area %.4f norm %.4f), train acc %.2f, lr %.3g",
                      epoch + 1, cfg.epochs, stats["time"], stats["loss"], stats["ce"], stats["area"], stats["norm"],

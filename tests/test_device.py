@@ -1,0 +1,181 @@
+"""Device selection, and the tests that mean CUDA: AMP training steps, NCCL with one torchrun process,
+kill-and-resume on a GPU. The CUDA tests skip (with the reason) on a machine without one; the rest
+of the suite passes --device cpu wherever it means the CPU."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from DataLoader import make_demo_dataset
+from Model import build_model
+from utils.amp import autocast_settings
+from utils.checkpoint import build_model_from_checkpoint, read_checkpoint
+from utils.distributed import init_distributed, select_device
+from utils.engine import train_one_epoch
+from utils.errors import ConfigError
+from utils.evaluation import build_eval_loader, evaluate
+from utils.optim import build_optimizer, build_scheduler
+
+from conftest import REPO_ROOT
+from test_evaluation import save_nano_checkpoint
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+TINY = ["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
+        "--batch-size", "8", "--eval-batch-size", "12", "--eval-every", "1", "--workers", "0", "--log-every", "1",
+        "--warmup-epochs", "0", "--save-images", "0"]
+
+
+@pytest.fixture
+def one_visible_gpu(monkeypatch):
+    """Pretend CUDA is available with one GPU; selecting a device index must never reach the driver."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    def set_device(index):
+        raise AssertionError(f"torch.cuda.set_device({index}) called")
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_more_processes_than_visible_gpus_is_a_one_line_error(one_visible_gpu, monkeypatch, device):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError) as err:
+        init_distributed(device)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "2 processes on this node but 1 visible GPU(s)" in message
+    assert "--nproc_per_node 1" in message and "--device cpu" in message
+    # rank 0 of the same launch fails the same way instead of waiting for its peer
+    with pytest.raises(ConfigError, match="2 processes on this node but 1 visible GPU"):
+        select_device(device, local_rank=0, local_processes=2)
+    assert select_device("cpu", local_rank=1, local_processes=2) == torch.device("cpu")
+
+
+def test_cuda_requested_without_cuda_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA is not available; use --device cpu"):
+        select_device("cuda")
+    assert select_device("auto") == torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------ CUDA only
+def _train_steps(autocast, scaler, steps=3):
+    torch.manual_seed(0)
+    model = build_model("deit_sat_nano_patch16_224", num_classes=3, img_size=48).cuda()
+    optimizer = build_optimizer(model, 1e-3, 0.05)
+    scheduler = build_scheduler(optimizer, schedule="constant", lr=1e-3, min_lr=0, epochs=1, warmup_epochs=0,
+                                steps_per_epoch=steps)
+    g = torch.Generator().manual_seed(0)
+    loader = [{"image": torch.randn(4, 3, 48, 48, generator=g), "label": torch.randint(0, 3, (4,), generator=g),
+               "num_skipped": 0} for _ in range(steps)]
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train_one_epoch(model, loader, optimizer, scheduler, device=torch.device("cuda"), epoch=0, area_thr=0.25,
+                            autocast=autocast, scaler=scaler, clip_grad=1.0, progress=False)
+    changed = sum(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    return stats, changed
+
+
+@needs_cuda
+def test_amp_training_steps_on_cuda():
+    autocast, scaler = autocast_settings("cuda", "auto")  # bf16 where supported, else fp16 + grad scaler
+    stats, changed = _train_steps(autocast, scaler)
+    assert stats["steps"] == 3 and stats["images"] == 12 and torch.isfinite(torch.tensor(stats["loss"]))
+    assert changed > 0
+    # the fp16 + GradScaler path (GPUs without bf16) on any GPU
+    fp16 = lambda: torch.autocast("cuda", dtype=torch.float16)  # noqa: E731
+    stats, changed = _train_steps(fp16, torch.amp.GradScaler("cuda"))
+    assert stats["steps"] == 3 and torch.isfinite(torch.tensor(stats["loss"])) and changed > 0
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _nccl_rank(rank, port, root, checkpoint, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        model, _ = build_model_from_checkpoint(checkpoint)
+        loader = build_eval_loader("cub", root, "test", protocol="both", tencrop=False, img_size=64, batch_size=4,
+                                   workers=0, distributed=True)
+        result = evaluate(model.cuda(), loader, device="cuda", protocol="both", img_size=64, distributed=True,
+                          progress=False)
+        with open(out, "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_cuda
+def test_nccl_one_process(tmp_path):
+    """One torchrun process trains on cuda:0; a one-process NCCL group evaluates like no group at all."""
+    root = make_demo_dataset(tmp_path / "cub", num_classes=3, train_per_class=4, test_per_class=2, image_size=64)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           "train.py", *TINY, "--epochs", "1", "--batch-size", "4", "--device", "cuda",
+                           "--data-root", str(root), "--output-dir", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 process(es) on cuda:0" in (out / "log.txt").read_text()
+
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
+    mp.start_processes(_nccl_rank, args=(free_port(), str(root), str(checkpoint), str(tmp_path / "nccl.json")),
+                       nprocs=1, start_method="spawn")
+    model, _ = build_model_from_checkpoint(checkpoint)
+    loader = build_eval_loader("cub", root, "test", protocol="both", tencrop=False, img_size=64, batch_size=4,
+                               workers=0)
+    single = evaluate(model.cuda(), loader, device="cuda", protocol="both", img_size=64, progress=False)
+    assert json.loads((tmp_path / "nccl.json").read_text()) == json.loads(json.dumps(single))
+
+
+DETERMINISTIC = ("import sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); "
+                 "torch.backends.cudnn.benchmark = False; from utils.errors import run_cli; "
+                 "from utils.trainer import main; run_cli(main, sys.argv[1:])")
+
+
+@needs_cuda
+def test_kill_and_resume_on_cuda_within_tolerance(tmp_path):
+    """CUDA kernels (atomics in backward passes) need not be bit-reproducible, even with deterministic
+    algorithms where they exist (set here, with CUBLAS_WORKSPACE_CONFIG): the resumed run's weights
+    must equal the uninterrupted run's within rtol 1e-3, atol 1e-4 (the CPU test demands equality)."""
+    root = str(make_demo_dataset(tmp_path / "cub", num_classes=3, train_per_class=8, test_per_class=4,
+                                 image_size=64))
+    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+
+    def command(out, *extra):
+        return [sys.executable, "-c", DETERMINISTIC, *TINY, "--epochs", "3", "--device", "cuda", "--data-root", root,
+                "--output-dir", str(out), *extra]
+
+    reference = tmp_path / "reference"
+    done = subprocess.run(command(reference), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = out / "checkpoints" / "last.pth"
+    deadline = time.time() + 180
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_checkpoint(last)["epoch"] < 3, "the run ended before it could be killed"
+    resumed = subprocess.run(command(out, "--resume"), cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (read_checkpoint(path / "checkpoints" / "last.pth") for path in (reference, out))
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-3, atol=1e-4, msg=key)
