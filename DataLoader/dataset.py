@@ -63,12 +63,15 @@ class WSOLDataset(Dataset):
             return Skipped(f"skipping {message}")
 
     def check_item(self, index):
-        """Read the image header and check the item's boxes against its size; False if skipped."""
+        """Read the image header and check the item's boxes against its size; the Skipped of an
+        unreadable image that may be skipped, else None."""
         size = self._open(index, header_only=True)
+        if isinstance(size, Skipped):
+            return size
         item = self.items[index]
-        if not isinstance(size, Skipped) and item.boxes is not None:
+        if item.boxes is not None:
             check_boxes(item.boxes, size, item.source)
-        return not isinstance(size, Skipped)
+        return None
 
     def __getitem__(self, index):
         image = self._open(index, header_only=False)

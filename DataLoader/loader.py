@@ -9,7 +9,8 @@ from .dataset import Skipped
 
 
 def collate_samples(samples):
-    """Stack 'image' and 'label' (LongTensor), keep other keys as lists, drop Skipped (and None) samples.
+    """Stack 'image' (a tensor, or each tensor of a dict of them) and 'label' (LongTensor), keep other
+    keys as lists, drop Skipped (and None) samples.
 
     ``batch['num_skipped']`` counts the dropped (unreadable) samples and ``batch['skipped']`` lists the
     Skipped messages; a batch where every sample was dropped has empty 'image' and 'label' tensors.
@@ -21,7 +22,10 @@ def collate_samples(samples):
         return {**batch, "image": torch.empty(0), "label": torch.empty(0, dtype=torch.long)}
     for key in kept[0]:
         values = [sample[key] for sample in kept]
-        if key == "image":
+        if key == "image" and isinstance(values[0], dict):  # uint8 pixels and crops (device_transforms)
+            values = {k: torch.stack([v[k] for v in values]) if torch.is_tensor(v0) else v0
+                      for k, v0 in values[0].items()}
+        elif key == "image":
             values = torch.stack(values)
         elif key == "label":
             values = torch.tensor(values, dtype=torch.long)

@@ -2,7 +2,6 @@
 boxes against the image sizes, and print the counts."""
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,15 +28,13 @@ def main(argv=None):
                                 images_per_class=args.images_per_class,
                                 seed=args.seed, metadata_root=args.metadata_root, val_boxes=args.val_boxes,
                                 strict=args.strict_data)
-        with warnings.catch_warnings(record=True) as skipped:
-            warnings.simplefilter("always")
-            readable = sum(dataset.check_item(index) for index in range(len(dataset)))
-        for warning in skipped:
-            print(f"warning: {warning.message}", file=sys.stderr)
+        skipped = [s for s in map(dataset.check_item, range(len(dataset))) if s is not None]
+        for item in skipped:
+            print(f"warning: {item.message}", file=sys.stderr)
         boxes = sum(len(item.boxes) for item in dataset.items if item.boxes is not None)
         masks = sum(1 for item in dataset.items if item.mask_paths is not None)
         print(f"{split}: {len(dataset)} images, {dataset.num_classes} classes, {boxes} boxes, "
-              f"{masks} with masks, {len(dataset) - readable} unreadable (skipped)")
+              f"{masks} with masks, {len(skipped)} unreadable (skipped)")
 
 
 if __name__ == "__main__":

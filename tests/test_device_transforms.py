@@ -1,0 +1,86 @@
+"""The device-side input pipeline gives the tensors of the official torchvision transforms: train
+(RandomCrop + flip from the same RNG draws), centre crop, ten-crop and the wsol resize, also through
+loader workers and the prefetching iterator."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from DataLoader import build_dataset, build_loader, collate_samples, make_demo_dataset
+from DataLoader.device_transforms import EvalPixels, TrainPixels, on_device, tencrop_boxes, to_device
+from DataLoader.transforms import train_transform
+from utils.evaluation import EvalViews, view_counts
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA GPU (none visible)"))]
+
+
+def images(n=8, seed=0):
+    """RGB images of assorted sizes and aspect ratios, smaller and larger than the resize."""
+    rng = np.random.default_rng(seed)
+    sizes = [(50, 40), (97, 61), (64, 64), (33, 120), (150, 90), (71, 72), (40, 200), (81, 53)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes[:n]]
+
+
+def batch_of(samples):
+    return collate_samples([{"image": s, "label": 0} for s in samples])["image"]
+
+
+def test_tencrop_boxes_follow_torchvision_order():
+    # 8x8 image, 5x5 crops: corners, centre (offset round(1.5) = 2), then the mirrored image's five
+    assert tencrop_boxes(8, 5) == [(0, 0, 0), (0, 3, 0), (3, 0, 0), (3, 3, 0), (2, 2, 0),
+                                   (0, 3, 1), (0, 0, 1), (3, 3, 1), (3, 0, 1), (2, 1, 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("img_size, resize_size", [(64, 72), (64, 75)])  # gap 11: centre offset round(5.5) = 6
+def test_train_crops_and_flips_equal_the_official_transform(device, img_size, resize_size):
+    pictures = images()
+    torch.manual_seed(3)
+    official = torch.stack([train_transform(img_size, resize_size)(p) for p in pictures])
+    torch.manual_seed(3)
+    samples = [TrainPixels(img_size, resize_size)(p) for p in pictures]
+    assert {int(s["crops"][2]) for s in samples} == {0, 1}  # both flip branches are exercised
+    ours = to_device(batch_of(samples), device)
+    assert ours.device.type == device and ours.dtype == torch.float32 and ours.shape == official.shape
+    torch.testing.assert_close(ours.cpu(), official, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("protocol, tencrop", [("sat", False), ("sat", True), ("wsol", False), ("both", True)])
+@pytest.mark.parametrize("img_size, resize_size", [(64, 72), (64, 75)])
+def test_eval_views_equal_the_official_transforms(device, protocol, tencrop, img_size, resize_size):
+    pictures = images()
+    official = torch.stack([EvalViews(protocol, tencrop, img_size, resize_size)(p) for p in pictures])
+    ours = to_device(batch_of([EvalPixels(*view_counts(protocol, tencrop), img_size, resize_size)(p)
+                               for p in pictures]), device)
+    assert ours.shape == official.shape == (8, sum(view_counts(protocol, tencrop)), 3, img_size, img_size)
+    torch.testing.assert_close(ours.cpu(), official, rtol=0, atol=1e-6)
+
+
+def test_loader_workers_draw_the_official_random_crops(tmp_path):
+    """Two workers, the same seed: the device path yields the batches of the torchvision path."""
+    root = make_demo_dataset(tmp_path / "cub", num_classes=2, train_per_class=6, test_per_class=1, image_size=48)
+
+    def batches(transform):
+        dataset = build_dataset("cub", root, "train", transform)
+        loader = build_loader(dataset, 4, train=True, workers=2, seed=5)
+        return [(b["index"], b["image"]) for b in on_device(loader, "cpu")]
+
+    official, ours = batches(train_transform(40, 44)), batches(TrainPixels(40, 44))
+    assert [i for i, _ in official] == [i for i, _ in ours] and len(ours) == 3
+    for (_, a), (_, b) in zip(official, ours):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_device_keeps_order_and_other_keys(device):
+    pictures = images(4)
+    loader = [collate_samples([{"image": EvalPixels(1, 0, 32, 36)(p), "label": k, "index": k}])
+              for k, p in enumerate(pictures)]
+    out = list(on_device(loader, device))
+    assert len(on_device(loader, device)) == 4 and [b["index"] for b in out] == [[0], [1], [2], [3]]
+    assert all(b["image"].device.type == device and b["image"].shape == (1, 1, 3, 32, 32) for b in out)
+    assert all(b["label"].device.type == "cpu" for b in out)  # only the images move
+    official = torch.stack([EvalViews("sat", False, 32, 36)(p) for p in pictures])
+    torch.testing.assert_close(torch.cat([b["image"].cpu() for b in out]), official, rtol=0, atol=1e-6)
