@@ -1,76 +1,19 @@
-"""The official transforms split in two, so that the device does the per-pixel work.
+"""The device half of the input pipeline: crop, flip, ToTensor scaling and Normalize of uint8 batches.
 
-In the loader workers (``TrainPixels``, ``EvalPixels``): PIL decoding and ``Resize`` exactly as the
-official transforms (same pixels), returned as uint8 HWC tensors, plus the crops to take from them:
-``(top, left, flip)`` rows, the random ones drawn with torch's RNG in the same calls and order as
-``RandomCrop`` + ``RandomHorizontalFlip`` (same crops for the same seed). On the device
-(``to_device``): crop, flip, ``ToTensor`` scaling and ``Normalize``, in the official order of float
-operations. A uint8 256x256 batch is 50 MB per 256 images against 1.5 GB for ten float crops, and the
-copy is ``non_blocking`` from pinned memory; ``on_device`` prefetches the next batch on a side CUDA
-stream while the current one is computed. The result equals the torchvision transforms: bit for bit on
-the CPU, within 1 ulp on CUDA (tests/test_device_transforms.py).
+The loader workers run ``DataLoader.transforms.TrainPixels`` / ``EvalPixels``: PIL decoding and
+``Resize`` exactly as the official transforms (same pixels), returned as uint8 HWC tensors with the
+crops to take from them as ``(top, left, flip)`` rows, the random ones drawn with torch's RNG in the
+same calls and order as ``RandomCrop`` + ``RandomHorizontalFlip`` (same crops for the same seed).
+Here (``to_device``) the crops, flips, x / 255 and (x - mean) / std run on the device, in the
+official order of float operations. A uint8 256x256 batch is 50 MB per 256 images against 1.5 GB
+for ten float crops; the copy is ``non_blocking`` from pinned memory, and ``on_device`` prepares the
+next batch on a side CUDA stream while the current one is computed. The result equals the torchvision
+transforms: bit for bit on the CPU, within 1e-6 on CUDA (tests/test_device_transforms.py).
 """
-import numpy as np
 import torch
-from torchvision import transforms as T
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
-
-
-def centre_offset(size, crop_size):
-    """torchvision's CenterCrop offset (``round`` of half the gap, ties to even)."""
-    return int(round((size - crop_size) / 2.0))
-
-
-def tencrop_boxes(size, crop_size):
-    """TenCrop's (top, left, flip) in its order: corners, centre, then the same crops of the mirrored
-    image, i.e. the mirrored positions of the original, flipped."""
-    far, mid = size - crop_size, centre_offset(size, crop_size)
-    five = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
-    return [(top, left, 0) for top, left in five] + [(top, far - left, 1) for top, left in five]
-
-
-def _pixels(image):
-    return torch.from_numpy(np.array(image, dtype=np.uint8))  # RGB PIL image -> (H, W, 3)
-
-
-class TrainPixels:
-    """PIL image -> ``{'pixels': uint8 (R, R, 3), 'crops': (top, left, flip)}``: Resize((R, R)), then the
-    parameters of RandomCrop(S) and RandomHorizontalFlip drawn as those transforms draw them."""
-
-    def __init__(self, img_size=224, resize_size=256):
-        self.img_size = img_size
-        self.resize = T.Resize((resize_size, resize_size))
-
-    def __call__(self, image):
-        image = self.resize(image)
-        top, left, _, _ = T.RandomCrop.get_params(image, (self.img_size, self.img_size))
-        flip = int(torch.rand(1) < 0.5)
-        return {"pixels": _pixels(image), "crops": torch.tensor([top, left, flip]), "crop_size": self.img_size}
-
-
-class EvalPixels:
-    """PIL image -> the uint8 sources of the evaluation views: ``'pixels'`` (Resize((R, R))) with its
-    ``'crops'`` (1 centre crop or the 10 of TenCrop) when protocol A is on, and ``'wsol'``
-    (Resize((S, S)), the whole view) when protocol B is on; ``to_device`` gives the same
-    (V, 3, S, S) stack as ``utils.evaluation.EvalViews``."""
-
-    def __init__(self, n_a, n_b, img_size=224, resize_size=256):
-        self.img_size = img_size
-        self.resize_a = T.Resize((resize_size, resize_size)) if n_a else None
-        self.resize_b = T.Resize((img_size, img_size)) if n_b else None
-        if n_a:
-            mid = centre_offset(resize_size, img_size)
-            boxes = tencrop_boxes(resize_size, img_size) if n_a == 10 else [(mid, mid, 0)]
-            self.crops = torch.tensor(boxes)
-
-    def __call__(self, image):
-        out = {}
-        if self.resize_a is not None:
-            out.update(pixels=_pixels(self.resize_a(image)), crops=self.crops, crop_size=self.img_size)
-        if self.resize_b is not None:
-            out["wsol"] = _pixels(self.resize_b(image))
-        return out
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def crop_views(pixels, crops, crop_size):

@@ -1,6 +1,7 @@
 """Batching: the collate function and the DataLoader factory."""
 import random
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -33,11 +34,13 @@ def collate_samples(samples):
     return batch
 
 
-def _seed_worker(worker_id):
-    """Seed numpy and random in each worker from torch's per-worker seed."""
+def init_worker(worker_id):
+    """Seed numpy and random in each worker from torch's per-worker seed; one OpenCV thread per worker
+    (torch already runs one), so that the workers do not oversubscribe the cores."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    cv2.setNumThreads(1)
 
 
 def build_loader(dataset, batch_size, *, train, workers, distributed=False, seed=0, drop_last=None):
@@ -51,5 +54,5 @@ def build_loader(dataset, batch_size, *, train, workers, distributed=False, seed
     generator.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                       num_workers=workers, collate_fn=collate_samples, pin_memory=torch.cuda.is_available(),
-                      drop_last=drop_last, persistent_workers=workers > 0, worker_init_fn=_seed_worker,
+                      drop_last=drop_last, persistent_workers=workers > 0, worker_init_fn=init_worker,
                       generator=generator)

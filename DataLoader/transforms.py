@@ -1,10 +1,11 @@
-"""Official image transforms (SPEC 3) and GT-box mappings of protocols A and B (SPEC 5, 6)."""
+"""Official image transforms (SPEC 3), their uint8 halves for the device pipeline (``TrainPixels``,
+``EvalPixels``; the other half is DataLoader/device_transforms.py) and GT-box mappings of protocols A and B
+(SPEC 5, 6)."""
 import numpy as np
 import torch
 from torchvision import transforms as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .device_transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _to_normalized_tensor():
@@ -37,6 +38,62 @@ def wsol_transform(img_size=224):
     return T.Compose([T.Resize((img_size, img_size)), *_to_normalized_tensor()])
 
 
+def centre_offset(size, crop_size):
+    """torchvision's CenterCrop offset (``round`` of half the gap, ties to even)."""
+    return int(round((size - crop_size) / 2.0))
+
+
+def tencrop_boxes(size, crop_size):
+    """TenCrop's (top, left, flip) in its order: corners, centre, then the same crops of the mirrored
+    image, i.e. the mirrored positions of the original, flipped."""
+    far, mid = size - crop_size, centre_offset(size, crop_size)
+    five = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
+    return [(top, left, 0) for top, left in five] + [(top, far - left, 1) for top, left in five]
+
+
+def _pixels(image):
+    return torch.from_numpy(np.array(image, dtype=np.uint8))  # RGB PIL image -> (H, W, 3)
+
+
+class TrainPixels:
+    """PIL image -> ``{'pixels': uint8 (R, R, 3), 'crops': (top, left, flip)}``: Resize((R, R)), then the
+    parameters of RandomCrop(S) and RandomHorizontalFlip drawn as those transforms draw them."""
+
+    def __init__(self, img_size=224, resize_size=256):
+        self.img_size = img_size
+        self.resize = T.Resize((resize_size, resize_size))
+
+    def __call__(self, image):
+        image = self.resize(image)
+        top, left, _, _ = T.RandomCrop.get_params(image, (self.img_size, self.img_size))
+        flip = int(torch.rand(1) < 0.5)
+        return {"pixels": _pixels(image), "crops": torch.tensor([top, left, flip]), "crop_size": self.img_size}
+
+
+class EvalPixels:
+    """PIL image -> the uint8 sources of the evaluation views: ``'pixels'`` (Resize((R, R))) with its
+    ``'crops'`` (1 centre crop or the 10 of TenCrop) when protocol A is on, and ``'wsol'``
+    (Resize((S, S)), the whole view) when protocol B is on; ``to_device`` gives the same
+    (V, 3, S, S) stack as ``utils.evaluation.EvalViews``."""
+
+    def __init__(self, n_a, n_b, img_size=224, resize_size=256):
+        self.img_size = img_size
+        self.resize_a = T.Resize((resize_size, resize_size)) if n_a else None
+        self.resize_b = T.Resize((img_size, img_size)) if n_b else None
+        if n_a:
+            mid = centre_offset(resize_size, img_size)
+            boxes = tencrop_boxes(resize_size, img_size) if n_a == 10 else [(mid, mid, 0)]
+            self.crops = torch.tensor(boxes)
+
+    def __call__(self, image):
+        out = {}
+        if self.resize_a is not None:
+            out.update(pixels=_pixels(self.resize_a(image)), crops=self.crops, crop_size=self.img_size)
+        if self.resize_b is not None:
+            out["wsol"] = _pixels(self.resize_b(image))
+        return out
+
+
 def denormalize(tensor):
     """A normalised (3, H, W) image tensor -> uint8 (H, W, 3) numpy array for overlays."""
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -53,7 +110,7 @@ def boxes_protocol_a(boxes, size, resize_size=256, crop_size=224):
     """Original-pixel boxes -> the official SAT crop frame: resize to 256x256, shift, clip to 223."""
     boxes = _as_boxes(boxes)
     width, height = size
-    shift = (resize_size - crop_size) // 2
+    shift = centre_offset(resize_size, crop_size)  # where CenterCrop cut the image (16 for 256 -> 224)
     # x / W * 256 in the official order (divide first), then shift and clip.
     mapped = boxes / np.array([width, height] * 2) * resize_size - shift
     mapped[:, :2] = np.maximum(mapped[:, :2], 0)

@@ -26,6 +26,14 @@ def test_protocol_a_other_sizes_and_truncation_toward_zero():
     assert T.boxes_protocol_a([[0, 0, 10, 150]], (400, 300), 320, 288).tolist() == [[0, 0, -8, 144]]
 
 
+def test_protocol_a_shift_is_the_centre_crop_offset_for_odd_gaps(image):
+    # resize 75, crop 64: CenterCrop cuts at round(5.5) = 6 (ties to even), not 11 // 2 = 5
+    assert T.boxes_protocol_a([[8, 8, 40, 40]], (80, 80), 75, 64).tolist() == [[1, 1, 31, 31]]
+    resized = np.asarray(image.resize((75, 75), Image.BILINEAR))
+    crop = np.asarray(T.test_transform(64, 75).transforms[1](Image.fromarray(resized)))
+    assert np.array_equal(crop, resized[6:70, 6:70])
+
+
 def test_protocol_b_boxes_match_hand_computed_values():
     # 10*224/400 = 5.6 -> 5; 20*224/300 = 14.93 -> 14; 300*224/400 = 168; 200*224/300 = 149.33 -> 149.
     assert T.boxes_protocol_b(np.array([[10., 20., 300., 200.]]), (400, 300)).tolist() == [[5, 14, 168, 149]]

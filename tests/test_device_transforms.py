@@ -7,9 +7,13 @@ import torch
 from PIL import Image
 
 from DataLoader import build_dataset, build_loader, collate_samples, make_demo_dataset
-from DataLoader.device_transforms import EvalPixels, TrainPixels, on_device, tencrop_boxes, to_device
-from DataLoader.transforms import train_transform
-from utils.evaluation import EvalViews, view_counts
+from DataLoader.device_transforms import on_device, to_device
+from DataLoader.transforms import EvalPixels, TrainPixels, tencrop_boxes, train_transform
+from utils.checkpoint import build_model_from_checkpoint
+from utils.evaluation import EvalViews, build_eval_loader, eval_transform, evaluate, view_counts
+
+from test_evaluation import save_nano_checkpoint
+from test_train_engine import make_model, run
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="needs a CUDA GPU (none visible)"))]
@@ -84,3 +88,25 @@ def test_on_device_keeps_order_and_other_keys(device):
     assert all(b["label"].device.type == "cpu" for b in out)  # only the images move
     official = torch.stack([EvalViews("sat", False, 32, 36)(p) for p in pictures])
     torch.testing.assert_close(torch.cat([b["image"].cpu() for b in out]), official, rtol=0, atol=1e-6)
+
+
+def test_training_and_evaluation_on_pixels_equal_the_official_path(tmp_path):
+    """train_one_epoch and evaluate take the uint8 batches (the hooks) and give the same results."""
+    root = make_demo_dataset(tmp_path / "cub", num_classes=3, train_per_class=4, test_per_class=2, image_size=56)
+    trained = []
+    for transform in (train_transform(48, 54), TrainPixels(48, 54)):
+        dataset = build_dataset("cub", root, "train", transform)
+        model = make_model()
+        stats, _, _ = run(model, build_loader(dataset, 4, train=True, workers=0, seed=1))
+        trained.append((stats["loss"], [p.detach().clone() for p in model.parameters()]))
+    assert trained[0][0] == trained[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(trained[0][1], trained[1][1]))
+
+    model, _ = build_model_from_checkpoint(save_nano_checkpoint(tmp_path / "nano.pth"))
+    settings = dict(protocol="both", tencrop=True, img_size=64)
+    pixels = build_eval_loader("cub", root, "test", batch_size=4, workers=0, **settings)
+    assert isinstance(pixels.dataset.transform, EvalPixels)
+    official = build_loader(build_dataset("cub", root, "test", eval_transform(**settings)), 4, train=False,
+                            workers=0)
+    assert evaluate(model, pixels, device="cpu", progress=False, **settings) == \
+        evaluate(model, official, device="cpu", progress=False, **settings)

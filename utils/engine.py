@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from DataLoader.device_transforms import on_device
 from Model.losses import sat_loss
 from utils.distributed import all_reduce_sum
 from utils.errors import DataError, SATError
@@ -60,7 +61,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, *, device, epoch, area_
     redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
     optimizer.zero_grad(set_to_none=True)
     with bar, redirect:
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(on_device(loader, device)):
             if i >= num_batches:
                 break
             step, position = divmod(i, accum_steps)

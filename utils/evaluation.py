@@ -5,8 +5,11 @@ the benchmark's score maps and overlay images.
 Views: the loader's dataset is built with ``eval_transform(protocol, tencrop, img_size)``, which turns
 each decoded image into one (V, 3, S, S) stack: the protocol A views first (the centre crop, or the
 ten crops of TenCrop with the centre crop at index 4), then the protocol B view (plain resize).
-``evaluate`` forwards all views of a batch in one call. Protocol B works in the benchmark's 224x224
-frame whatever the model's input size: score maps are resized to 224 and GT boxes scaled to it.
+``build_eval_loader`` uses its uint8 half ``DataLoader.transforms.EvalPixels`` instead: the workers only
+decode and resize, and ``evaluate`` crops and normalises on its device (DataLoader/device_transforms.py,
+the same tensors). ``evaluate`` forwards all views of a batch in one call. Protocol B works in the
+benchmark's 224x224 frame whatever the model's input size: score maps are resized to 224 and GT boxes
+scaled to it.
 
 The per-image box extraction (OpenCV, which releases the GIL) runs in a thread pool while the next
 batch is forwarded; each task fills its own counters, merged afterwards and, under DDP, all-reduced.
@@ -21,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
+
+from DataLoader.device_transforms import on_device
 
 from utils.box_ops import CounterState, max_iou
 from utils.errors import ConfigError, DataError
@@ -89,9 +94,11 @@ def build_eval_loader(fmt, root, split, *, protocol, tencrop, img_size, batch_si
     """Loader over ``split`` of a dataset (DataLoader.build_dataset formats) with the views ``evaluate``
     needs; ``distributed``: this process's shard (ShardSampler)."""
     from DataLoader import build_dataset, collate_samples
+    from DataLoader.transforms import EvalPixels
 
-    dataset = build_dataset(fmt, root, split, eval_transform(protocol, tencrop, img_size, resize_size),
-                            metadata_root=metadata_root, val_boxes=val_boxes)
+    # uint8 pixels and crops; evaluate makes the views on its device (equal to eval_transform's)
+    pixels = EvalPixels(*view_counts(protocol, tencrop), img_size, resize_size or default_resize_size(img_size))
+    dataset = build_dataset(fmt, root, split, pixels, metadata_root=metadata_root, val_boxes=val_boxes)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False,
                       sampler=ShardSampler(len(dataset)) if distributed else None,
                       num_workers=workers, collate_fn=collate_samples, pin_memory=torch.cuda.is_available(),
@@ -296,7 +303,7 @@ def evaluate(model, loader, *, device, thresholds=TRAIN_THRESHOLDS, protocol="sa
     try:
         with ThreadPoolExecutor(threads) as pool, torch.inference_mode():
             pending = deque()
-            for batch in _progress(loader, progress and rank == 0):
+            for batch in _progress(on_device(loader, device), progress and rank == 0):
                 images = batch["image"]
                 views = images if images.dim() == 5 else images[:, None]  # (B, V, 3, S, S)
                 if views.shape[1] != n_a + n_b or views.shape[-1] != img_size:

@@ -87,10 +87,10 @@ def resolve_data(cfg, imagenet, info):
 def build_loaders(cfg, fmt, root, info, micro_batch):
     """Train loader, selection loader (the held-out 'val' split with --val-split, else test, as the
     official code does) and the final test loader (ten-crop classification with test_tencrop)."""
-    from DataLoader.transforms import train_transform
+    from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
 
     common = dict(metadata_root=cfg.metadata_root, val_boxes=cfg.val_boxes)
-    train_set = build_dataset(fmt, root, "train", train_transform(cfg.img_size, cfg.resize_size),
+    train_set = build_dataset(fmt, root, "train", TrainPixels(cfg.img_size, cfg.resize_size),
                               images_per_class=cfg.images_per_class, seed=cfg.seed, strict=cfg.strict_data,
                               **common)
     if len(train_set) < micro_batch * info.world_size:
