@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from DataLoader import make_demo_dataset
 from conftest import REPO_ROOT
 
 SMALL = ["--arch", "deit_sat_nano_patch16_224", "--img-size", "64", "--batch-size", "2", "--steps", "1",
@@ -33,3 +34,13 @@ def test_eval_benchmark_reports_box_cost():
         "eval", "both", "fp32", "naive")
     assert result["images_per_second"] > 0 and result["box_ms_per_image"] > 0
     assert result["thresholds"] == [0.3, 0.35, 0.4, 0.45]
+
+
+@pytest.mark.parametrize("mode, pipeline", [("train", "device"), ("eval", "host")])
+def test_benchmark_from_image_files(tmp_path, mode, pipeline):
+    root = make_demo_dataset(tmp_path / "cub", num_classes=3, train_per_class=2, test_per_class=2, image_size=64)
+    result = run("--mode", mode, "--data-root", str(root), "--workers", "1", "--pipeline", pipeline,
+                 "--protocol", "both", "--tencrop")
+    assert (result["mode"], result["pipeline"], result["workers"], result["images_in_split"]) == (mode, pipeline, 1, 6)
+    for key in ("images_per_second", "data_images_per_second", "step_images_per_second"):
+        assert result[key] > 0, key

@@ -1,15 +1,26 @@
-"""Throughput and peak memory of the training step and of evaluation, on synthetic in-memory batches.
+"""Throughput and peak memory of the training step and of evaluation, on synthetic in-memory batches
+or, with --data-root, end to end from image files (and of the input pipeline alone).
 
     python tools/benchmark.py --mode train --arch deit_sat_small_patch16_224 --batch-size 16 --steps 5
     python tools/benchmark.py --mode eval --arch deit_sat_small_patch16_224 --batch-size 16 --compare-naive
+    python tools/benchmark.py --mode train --data-root data/demo_cub --workers 2 --batch-size 16 --steps 5
 
 Train mode runs ``utils.engine.train_one_epoch`` (forward, SAT losses, backward, AdamW step) exactly as
 train.py does; eval mode runs ``utils.evaluation.evaluate`` (forward + map -> boxes + metrics) as the
 evaluators do. Defaults follow train.py (fused attention, automatic mixed precision). Prints one JSON
 line; ``--compare-naive`` also runs the in-project baseline (explicit attention matrices, fp32, no
 compile) in a fresh process and adds its numbers and the speed-up.
+
+``--data-root DIR`` (a dataset of ``--data-format``; train mode reads its train split, eval mode its
+test split) reads real files through the loaders of train.py / the evaluators (``--workers``
+processes) and reports three rates: ``data_images_per_second`` (loader, decoding, crops and
+normalisation on the device, no model), ``images_per_second`` (end to end: the same batches through
+the training step or the evaluation) and ``step_images_per_second`` (the step alone on in-memory
+batches of the same shape), with ``end_to_end_vs_step`` and ``end_to_end_vs_data``. ``--pipeline
+host`` times the official torchvision transforms in the workers instead of the device pipeline.
 """
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -24,10 +35,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from DataLoader import FORMATS, build_dataset, build_loader  # noqa: E402
+from DataLoader.device_transforms import on_device  # noqa: E402
+from DataLoader.transforms import EvalPixels, TrainPixels, train_transform  # noqa: E402
 from Model import build_model  # noqa: E402
 from utils.amp import autocast_settings, describe  # noqa: E402
 from utils.engine import train_one_epoch  # noqa: E402
-from utils.evaluation import evaluate, view_counts  # noqa: E402
+from utils.evaluation import default_resize_size, eval_transform, evaluate, view_counts  # noqa: E402
 from utils.metrics_sat import TRAIN_THRESHOLDS, SATLocAccumulator  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -50,6 +64,13 @@ def parse_args(argv=None):
     p.add_argument("--tencrop", action="store_true", help="eval mode: ten-crop classification")
     p.add_argument("--thresholds", type=float, nargs="+", default=list(TRAIN_THRESHOLDS), help="eval mode")
     p.add_argument("--compare-naive", action="store_true", help="also run the naive fp32 baseline")
+    p.add_argument("--data-root", help="read this dataset's image files (train or test split) end to end")
+    p.add_argument("--data-format", choices=FORMATS, default="cub", help="with --data-root")
+    p.add_argument("--workers", type=int, default=4, help="with --data-root: loader worker processes")
+    p.add_argument("--resize-size", type=int, help="with --data-root (default 256/224 x --img-size)")
+    p.add_argument("--pipeline", choices=("device", "host"), default="device",
+                   help="with --data-root: crops and normalisation on the device (train.py, evaluators) or "
+                        "the torchvision transforms in the workers (the official pipeline)")
     return p.parse_args(argv)
 
 
@@ -73,6 +94,51 @@ def synthetic_eval_batches(n, batch_size, img_size, num_classes, num_views, gen)
     return batches
 
 
+class Take:
+    """The next ``n`` batches of an iterator, with a length (train_one_epoch and evaluate ask for it)."""
+
+    def __init__(self, iterator, n):
+        self.iterator, self.n = iterator, n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(self.iterator, self.n)
+
+
+def endless(loader):
+    while True:
+        yield from loader
+
+
+def file_loader(args):
+    """The loader train.py (train mode) or the evaluators (eval mode) build for --data-root."""
+    resize = args.resize_size or default_resize_size(args.img_size)
+    device = args.pipeline == "device"
+    if args.mode == "train":
+        transform = TrainPixels(args.img_size, resize) if device else train_transform(args.img_size, resize)
+    else:
+        n_a, n_b = view_counts(args.protocol, args.tencrop)
+        transform = (EvalPixels(n_a, n_b, args.img_size, resize) if device
+                     else eval_transform(args.protocol, args.tencrop, args.img_size, resize))
+    dataset = build_dataset(args.data_format, args.data_root, "train" if args.mode == "train" else "test",
+                            transform)
+    return build_loader(dataset, args.batch_size, train=args.mode == "train", workers=args.workers)
+
+
+def time_data(args, batches, device):
+    """Seconds to load ``args.steps`` batches onto ``device`` (after ``args.warmup`` untimed ones)."""
+    for _ in on_device(Take(batches, args.warmup), device):
+        pass
+    sync(device)
+    start = time.perf_counter()
+    for _ in on_device(Take(batches, args.steps), device):
+        pass
+    sync(device)
+    return time.perf_counter() - start
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -84,19 +150,25 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_train(args, model, device):
+def run_train(args, model, device, batches=None):
+    """Seconds of ``args.steps`` training steps (after ``args.warmup``) over ``batches`` (an iterator of
+    loader batches), or over synthetic in-memory batches."""
     autocast, scaler = autocast_settings(device, args.amp)
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)
     scheduler = build_scheduler(optimizer, schedule="constant", lr=1e-4, min_lr=1e-6, epochs=1, warmup_epochs=0,
                                 steps_per_epoch=args.warmup + args.steps)
-    gen = torch.Generator().manual_seed(0)
-    batches = synthetic_train_batches(args.steps, args.batch_size, args.img_size, args.num_classes, gen)
+    if batches is None:
+        gen = torch.Generator().manual_seed(0)
+        timed = synthetic_train_batches(args.steps, args.batch_size, args.img_size, args.num_classes, gen)
+        warm = timed[:args.warmup]
+    else:
+        warm, timed = Take(batches, args.warmup), Take(batches, args.steps)
     kwargs = dict(device=device, epoch=0, area_thr=0.25, autocast=autocast, scaler=scaler, progress=False,
                   log_every=10**9)
-    train_one_epoch(model, batches[:args.warmup], optimizer, scheduler, **kwargs)
+    train_one_epoch(model, warm, optimizer, scheduler, **kwargs)
     sync(device)
     start = time.perf_counter()
-    train_one_epoch(model, batches, optimizer, scheduler, **kwargs)
+    train_one_epoch(model, timed, optimizer, scheduler, **kwargs)
     sync(device)
     return time.perf_counter() - start
 
@@ -114,17 +186,20 @@ def box_ms_per_image(thresholds, n=64, seed=0):
     return (time.perf_counter() - start) * 1000 / n
 
 
-def run_eval(args, model, device):
-    n_a, n_b = view_counts(args.protocol, args.tencrop)
-    gen = torch.Generator().manual_seed(0)
-    batches = synthetic_eval_batches(args.warmup + args.steps, args.batch_size, args.img_size, args.num_classes,
-                                     n_a + n_b, gen)
+def run_eval(args, model, device, batches=None):
+    """Seconds of evaluating ``args.steps`` batches (after ``args.warmup``) from ``batches`` (an iterator
+    of loader batches), or synthetic in-memory batches."""
+    if batches is None:
+        n_a, n_b = view_counts(args.protocol, args.tencrop)
+        gen = torch.Generator().manual_seed(0)
+        batches = iter(synthetic_eval_batches(args.warmup + args.steps, args.batch_size, args.img_size,
+                                              args.num_classes, n_a + n_b, gen))
     kwargs = dict(device=device, thresholds=args.thresholds, protocol=args.protocol, tencrop=args.tencrop,
-                  amp=args.amp, img_size=args.img_size, progress=False)
-    evaluate(model, batches[:args.warmup], **kwargs)
+                  amp=args.amp, img_size=args.img_size, resize_size=args.resize_size, progress=False)
+    evaluate(model, Take(batches, args.warmup), **kwargs)
     sync(device)
     start = time.perf_counter()
-    evaluate(model, batches[args.warmup:], **kwargs)
+    evaluate(model, Take(batches, args.steps), **kwargs)
     sync(device)
     return time.perf_counter() - start
 
@@ -138,8 +213,16 @@ def benchmark(args):
         model = torch.compile(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    elapsed = (run_train if args.mode == "train" else run_eval)(args, model, device)
+    run = run_train if args.mode == "train" else run_eval
     images = args.steps * args.batch_size
+    if args.data_root:
+        loader = file_loader(args)
+        batches = endless(loader)  # one iterator: the workers keep loading ahead
+        data_elapsed = time_data(args, batches, device)
+        elapsed = run(args, model, device, batches)
+        step_elapsed = run(args, model, device)
+    else:
+        elapsed = run(args, model, device)
     result = {
         "mode": args.mode, "arch": args.arch, "batch_size": args.batch_size, "steps": args.steps,
         "img_size": args.img_size, "device": str(device), "attention": args.attention,
@@ -150,6 +233,13 @@ def benchmark(args):
         "machine": (torch.cuda.get_device_name(device) if device.type == "cuda"
                     else f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU"),
     }
+    if args.data_root:
+        data_rate, step_rate = images / data_elapsed, images / step_elapsed
+        result.update(data_root=args.data_root, data_format=args.data_format, workers=args.workers,
+                      pipeline=args.pipeline, images_in_split=len(loader.dataset),
+                      data_images_per_second=round(data_rate, 3), step_images_per_second=round(step_rate, 3),
+                      end_to_end_vs_step=round(result["images_per_second"] / step_rate, 3),
+                      end_to_end_vs_data=round(result["images_per_second"] / data_rate, 3))
     if args.mode == "eval":
         result.update(protocol=args.protocol, tencrop=args.tencrop, thresholds=args.thresholds,
                       box_ms_per_image=round(box_ms_per_image(args.thresholds), 3))
