@@ -11,9 +11,9 @@ from pathlib import Path
 import yaml
 
 from utils.errors import ConfigError
+from utils.optim import trainable_blocks
 
 LR_SCHEDULES = ("constant", "cosine")
-TRAINABLE = ("all", "sat", "head")
 SELECTION_METRICS = ("top1_loc", "gt_known_loc", "top1_cls")
 
 
@@ -46,7 +46,7 @@ FIELDS = {
     "warmup_epochs": Field(0.0, "float", "linear warm-up epochs (either schedule)"),
     "clip_grad": Field(None, "float", "clip the gradient norm to this value", nullable=True),
     "trainable": Field("all", "str", "parameters to train: all, sat (spatial token + spatial-aware blocks + "
-                                     "head) or head", choices=TRAINABLE),
+                                     "head), head, or last:K (spatial token + the last K blocks + head)"),
     # data
     "data_format": Field("cub", "str", "dataset layout",
                          choices=("cub", "imagenet", "wsol", "folder", "dogs", "cars", "aircraft")),
@@ -221,6 +221,7 @@ def validate(cfg):
         raise ConfigError(f"clip_grad must be > 0 or null, got {cfg.clip_grad}")
     if not all(0 <= t < 1 for t in cfg.eval_thresholds):
         raise ConfigError(f"eval_thresholds must lie in [0, 1), got {cfg.eval_thresholds}")
+    trainable_blocks(cfg.trainable)
     if cfg.workers < 0 or cfg.save_images < 0:
         raise ConfigError(f"workers and save_images must be >= 0, got {cfg.workers}, {cfg.save_images}")
 

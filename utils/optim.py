@@ -6,10 +6,23 @@ import torch
 from utils.errors import ConfigError
 
 
+def trainable_blocks(which):
+    """The ``k`` of ``last:k`` (None for 'all', 'sat', 'head'); ConfigError for anything else."""
+    if which in ("all", "sat", "head"):
+        return None
+    name, _, k = which.partition(":")
+    if name != "last" or not k.isdigit():
+        raise ConfigError(f"trainable must be all, sat, head or last:K (K = number of final blocks), got {which!r}")
+    return int(k)
+
+
 def set_trainable(model, which="all"):
     """Freeze everything but ``which``: 'all', 'sat' (spatial token, its embedding, the spatial-aware
-    blocks, final norm and head: the paper's parameter-efficient setting) or 'head'.
+    blocks, final norm and head: the paper's parameter-efficient setting), 'head', or 'last:K' (spatial
+    token, its embedding, the last K blocks, final norm and head: the fine-tuned-parameters sweep of the
+    paper's Figure 1; with the last 3 blocks spatial-aware, last:3 is 'sat').
     Returns the number of trainable parameters."""
+    k = trainable_blocks(which)
     if which == "all":
         chosen = list(model.parameters())
     elif which == "sat":
@@ -17,7 +30,11 @@ def set_trainable(model, which="all"):
     elif which == "head":
         chosen = list(model.head.parameters())
     else:
-        raise ConfigError(f"trainable must be all, sat or head, got {which!r}")
+        if k > len(model.blocks):
+            raise ConfigError(f"trainable {which}: the model has only {len(model.blocks)} blocks")
+        blocks = model.blocks[len(model.blocks) - k:]
+        chosen = [model.loc_token, model.loc_embed, *blocks.parameters(), *model.norm.parameters(),
+                  *model.head.parameters()]
     chosen_ids = {id(p) for p in chosen}
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen_ids)

@@ -299,7 +299,8 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir):
     metrics = run_evaluation(model, test_loader, cfg, info, thresholds=[meta["best_thr"]], tencrop=cfg.test_tencrop,
                              save_images=cfg.save_images, image_dir=output_dir / "images")
     results = {"checkpoint": str(best_path), "epoch": meta["epoch"], "split": "test",
-               "tencrop": cfg.test_tencrop, **{key: metrics[key] for key in RESULT_KEYS}}
+               "tencrop": cfg.test_tencrop, **{key: metrics[key] for key in RESULT_KEYS},
+               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if info.is_main:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         rows = "\n".join(f"  {key:<15} {metrics[key]:8.2f}" for key in RESULT_KEYS[:8])

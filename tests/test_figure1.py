@@ -1,0 +1,104 @@
+"""The paper's Figure 1 sweep: ``--trainable last:K`` subsets, config/ILSVRC_fewshot.yaml, and
+tools/figure1.py (the sweep's commands, collecting results.json files into the two curves, the PNG)."""
+import json
+
+import cv2
+import pytest
+import yaml
+
+from DataLoader import make_demo_dataset
+from Model import build_model
+from utils.config import load_yaml
+from utils.errors import ConfigError
+from utils.optim import set_trainable
+from utils.trainer import main as train_main
+
+from conftest import REPO_ROOT
+from tools import figure1
+
+# deit_sat_nano_patch16_224 with 3 classes: dim 96, depth 6, MLP ratio 2, a 3x3 conv head.
+BLOCK = (96 * 288 + 288) + (96 * 96 + 96) + (96 * 192 + 192) + (192 * 96 + 96) + 2 * 2 * 96  # qkv proj fc1 fc2 norms
+HEAD_AND_TOKEN = (96 * 3 * 9 + 3) + 96 + 96 + 2 * 96  # head conv, loc_token, loc_embed, final norm
+
+
+@pytest.fixture
+def nano():
+    return build_model("deit_sat_nano_patch16_224", num_classes=3, pretrained=False, img_size=64)
+
+
+def test_trainable_last_k_blocks(nano):
+    assert set_trainable(nano, "last:0") == HEAD_AND_TOKEN == 2979
+    assert set_trainable(nano, "last:2") == HEAD_AND_TOKEN + 2 * BLOCK
+    trained = {name for name, p in nano.named_parameters() if p.requires_grad}
+    assert {"blocks.4.attn.qkv.weight", "blocks.5.mlp.fc2.bias", "loc_token", "loc_embed", "norm.weight",
+            "head.weight"} <= trained
+    assert not trained & {"blocks.3.attn.qkv.weight", "cls_token", "pos_embed", "patch_embed.proj.weight"}
+    # the last 3 blocks are the spatial-aware ones: last:3 is the paper's parameter-efficient 'sat'
+    assert set_trainable(nano, "last:3") == set_trainable(nano, "sat")
+    with pytest.raises(ConfigError, match="only 6 blocks"):
+        set_trainable(nano, "last:7")
+    with pytest.raises(ConfigError, match="last:K"):
+        set_trainable(nano, "last:-1")
+
+
+def test_fewshot_config_is_the_imagenet_config_with_fewer_images():
+    imagenet, fewshot = (load_yaml(REPO_ROOT / "config" / name) for name in ("ILSVRC.yaml", "ILSVRC_fewshot.yaml"))
+    changed = {key for key in imagenet if fewshot.get(key) != imagenet[key]}
+    assert set(fewshot) == set(imagenet)
+    assert changed == {"images_per_class", "batch_size", "epochs", "eval_every", "output_dir"}
+    assert fewshot["images_per_class"] == 1  # the paper's extreme setting
+
+
+def test_sweep_commands():
+    runs = figure1.sweep("/data/ILSVRC2012", "out", launcher="torchrun --nproc_per_node 8")
+    commands = {folder.name: " ".join(command) for folder, command in runs}
+    assert set(commands) == {"full", "shots_1", "shots_3", "shots_5", "shots_10", "last_0", "last_3", "last_6",
+                             "last_9"}
+    assert commands["shots_3"].startswith("torchrun --nproc_per_node 8 train_ImageNet.py --data-root "
+                                          "/data/ILSVRC2012 --config config/ILSVRC_fewshot.yaml")
+    assert "--images-per-class 3 --output-dir out/shots_3" in commands["shots_3"]
+    assert "--config config/ILSVRC.yaml --trainable last:6 --output-dir out/last_6" in commands["last_6"]
+
+
+def fake_run(folder, images_per_class, trainable, params, loc):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"images_per_class": images_per_class,
+                                                        "trainable": trainable}))
+    (folder / "results.json").write_text(json.dumps({"gt_known_loc": loc, "trainable_params": params}))
+
+
+def test_collect_and_draw(tmp_path):
+    """A real tiny training run (--trainable last:1) and fake ImageNet-sized results, collected and drawn."""
+    runs = tmp_path / "runs"
+    data = make_demo_dataset(tmp_path / "data", num_classes=3, train_per_class=4, test_per_class=2, image_size=64)
+    train_main(["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
+                "--batch-size", "4", "--epochs", "1", "--workers", "0", "--save-images", "0", "--data-root",
+                str(data), "--output-dir", str(runs / "tiny_last_1"), "--trainable", "last:1"])
+    tiny = json.loads((runs / "tiny_last_1" / "results.json").read_text())
+    assert tiny["trainable_params"] == HEAD_AND_TOKEN + BLOCK
+    assert "M trainable (last:1)" in (runs / "tiny_last_1" / "log.txt").read_text()
+
+    fake_run(runs / "full", None, "all", 25_123_432, 73.0)
+    for n, loc in ((10, 72.5), (1, 70.1), (3, 71.2)):
+        fake_run(runs / f"shots_{n}", n, "all", 25_123_432, loc)
+    for k, params, loc in ((3, 8_781_928, 72.0), (0, 3_458_536, 71.1)):
+        fake_run(runs / f"last_{k}", None, f"last:{k}", params, loc)
+    png = tmp_path / "figure1.png"
+    rows = figure1.main(["collect", str(runs), "--output", str(png)])
+    assert len(rows) == 7
+    table = json.loads((runs / "figure1.json").read_text())
+    assert table["shots"] == [[1, 70.1], [3, 71.2], [10, 72.5], [None, 73.0]]
+    assert table["params_m"] == [[tiny["trainable_params"] / 1e6, tiny["gt_known_loc"]], [3.458536, 71.1],
+                                 [8.781928, 72.0], [25.123432, 73.0]]
+    image = cv2.imread(str(png))
+    assert image.shape == (440, 960, 3)
+    for bgr in (figure1.OURS, figure1.PAPER):  # both curves are drawn
+        assert ((image == bgr).all(axis=2)).sum() > 100
+
+
+def test_collect_names_a_results_file_without_parameter_count(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text("trainable: all\n")
+    (tmp_path / "old" / "results.json").write_text('{"gt_known_loc": 70.0}')
+    with pytest.raises(SystemExit, match="old/results.json: no trainable_params"):
+        figure1.main(["collect", str(tmp_path), "--output", str(tmp_path / "f.png")])

@@ -1,0 +1,188 @@
+"""Figure 1 of the paper: GT-known Loc on ImageNet against (a) training images per class and (b) the
+number of fine-tuned parameters, measured by this code beside the paper's points.
+
+    # print (or, with --execute, run one after the other) the training runs of the sweep
+    python tools/figure1.py run --data-root /data/ILSVRC2012 --runs-dir output/figure1 \
+        [--launcher "torchrun --nproc_per_node 8"] [--execute]
+    # collect the runs' results.json into a table and draw the figure
+    python tools/figure1.py collect output/figure1 [--output img/figure1.png]
+
+The sweep: config/ILSVRC_fewshot.yaml with 1 / 3 / 5 / 10 images per class (everything trained), and
+config/ILSVRC.yaml on the full training set with ``--trainable last:k`` (the head, the spatial token and
+the last k blocks) for k = 0 / 3 / 6 / 9, plus the full run (everything trained on all images). ``collect``
+reads every ``results.json`` below the folder with the ``config.yaml`` beside it; it writes
+``figure1.json`` there and the PNG.
+"""
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHOTS = (1, 3, 5, 10)
+LAST_BLOCKS = (0, 3, 6, 9)
+# The paper's Figure 1 (ImageNet, DeiT-S): GT-known Loc per training images per class (None: all), and
+# per fine-tuned parameters in millions, read off the figure's bubble sizes (approximate).
+PAPER_SHOTS = {1: 70.9, 3: 71.9, 5: 72.6, 10: 72.9, None: 73.1}
+PAPER_PARAMS = {4.5: 71.4, 9.0: 72.2, 15.0: 72.9, 20.0: 73.1}
+
+
+# ------------------------------------------------------------------------------------------- sweep
+def sweep(data_root, runs_dir, launcher="python", shots=SHOTS, last_blocks=LAST_BLOCKS):
+    """(run folder, command) of each training run of the figure."""
+    base = [*shlex.split(launcher), "train_ImageNet.py", "--data-root", str(data_root)]
+    runs = [(Path(runs_dir) / "full", [*base, "--config", "config/ILSVRC.yaml"])]
+    runs += [(Path(runs_dir) / f"shots_{n}", [*base, "--config", "config/ILSVRC_fewshot.yaml",
+                                              "--images-per-class", str(n)]) for n in shots]
+    runs += [(Path(runs_dir) / f"last_{k}", [*base, "--config", "config/ILSVRC.yaml", "--trainable", f"last:{k}"])
+             for k in last_blocks]
+    return [(folder, [*command, "--output-dir", str(folder)]) for folder, command in runs]
+
+
+# ----------------------------------------------------------------------------------------- collect
+def collect(runs_dir):
+    """Rows {run, images_per_class, trainable, trainable_params, gt_known_loc} of every finished run
+    (a results.json with its config.yaml) below ``runs_dir``, sorted by folder."""
+    rows = []
+    for results_path in sorted(Path(runs_dir).rglob("results.json")):
+        config_path = results_path.parent / "config.yaml"
+        if not config_path.is_file():
+            raise SystemExit(f"error: {config_path}: missing (every run folder has the config.yaml of its run)")
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        missing = [key for key in ("gt_known_loc", "trainable_params") if key not in results]
+        if missing:
+            raise SystemExit(f"error: {results_path}: no {', '.join(missing)} (a results.json of train.py expected)")
+        rows.append({"run": str(results_path.parent.relative_to(runs_dir)),
+                     "images_per_class": config.get("images_per_class"), "trainable": config.get("trainable", "all"),
+                     "trainable_params": int(results["trainable_params"]),
+                     "gt_known_loc": float(results["gt_known_loc"])})
+    return rows
+
+
+def curves(rows):
+    """The two measured curves: (a) [(images per class or None for all, GT-known Loc)] of the runs that
+    train everything, by images per class with the full-data run last; (b) [(trainable parameters in
+    millions, GT-known Loc)] of the full-data runs, by parameters."""
+    shots = sorted(((row["images_per_class"], row["gt_known_loc"]) for row in rows if row["trainable"] == "all"),
+                   key=lambda point: float("inf") if point[0] is None else point[0])
+    params = sorted((row["trainable_params"] / 1e6, row["gt_known_loc"]) for row in rows
+                    if row["images_per_class"] is None)
+    return shots, params
+
+
+# -------------------------------------------------------------------------------------------- draw
+INK, GRID, OURS, PAPER = (40, 40, 40), (225, 225, 225), (40, 40, 220), (150, 150, 150)  # BGR
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def _panel(img, x0, title, xlabel, ticks, measured, paper, y_range):
+    """One plot in the 480 x 420 px area starting at column ``x0``; ``ticks`` [(x, label)], points
+    [(x, y)] in the same x units."""
+    left, top, width, height = x0 + 60, 40, 390, 320
+    (xlo, xhi), (ylo, yhi) = (min(t for t, _ in ticks), max(t for t, _ in ticks)), y_range
+    xlo, xhi = xlo - 0.06 * (xhi - xlo), xhi + 0.06 * (xhi - xlo)
+
+    def at(x, y):
+        return (int(left + (x - xlo) / (xhi - xlo) * width), int(top + height - (y - ylo) / (yhi - ylo) * height))
+
+    for y in np.arange(np.ceil(ylo), yhi + 1e-9, 1.0):
+        cv2.line(img, at(xlo, y), at(xhi, y), GRID, 1)
+        cv2.putText(img, f"{y:g}", (left - 30, at(xlo, y)[1] + 5), FONT, 0.45, INK, 1, cv2.LINE_AA)
+    cv2.rectangle(img, (left, top), (left + width, top + height), INK, 1)
+    for x, text in ticks:
+        px = at(x, ylo)[0]
+        cv2.line(img, (px, top + height), (px, top + height + 5), INK, 1)
+        cv2.putText(img, text, (px - 4 * len(text), top + height + 22), FONT, 0.45, INK, 1, cv2.LINE_AA)
+    cv2.putText(img, xlabel, (left + width // 2 - 5 * len(xlabel), top + height + 48), FONT, 0.5, INK, 1,
+                cv2.LINE_AA)
+    cv2.putText(img, title, (left, top - 14), FONT, 0.55, INK, 1, cv2.LINE_AA)
+    for points, color, marker, dy in ((paper, PAPER, cv2.MARKER_STAR, -10), (measured, OURS, cv2.MARKER_DIAMOND, 22)):
+        pixels = [at(x, min(max(y, ylo), yhi)) for x, y in points]
+        for p, q in zip(pixels, pixels[1:]):
+            cv2.line(img, p, q, color, 2, cv2.LINE_AA)
+        for (x, y), p in zip(points, pixels):
+            cv2.drawMarker(img, p, color, marker, 14, 2, cv2.LINE_AA)
+            cv2.putText(img, f"{y:.1f}", (p[0] - 14, p[1] + dy), FONT, 0.4, color, 1, cv2.LINE_AA)
+    for i, (name, color) in enumerate((("this code", OURS), ("paper", PAPER))):
+        y = top + height - 40 + 18 * i
+        cv2.line(img, (left + width - 110, y), (left + width - 85, y), color, 2, cv2.LINE_AA)
+        cv2.putText(img, name, (left + width - 78, y + 5), FONT, 0.45, color, 1, cv2.LINE_AA)
+
+
+def draw(shots, params, path):
+    """Write the two-panel PNG: GT-known Loc against images per class (the full training set at 'full')
+    and against fine-tuned parameters, the measured points beside the paper's."""
+    def shot_x(n, full_at):
+        return full_at if n is None else n
+
+    full_at = 15  # where 'full' sits on the images-per-class axis
+    paper_shots = [(shot_x(n, full_at), y) for n, y in PAPER_SHOTS.items()]
+    measured_shots = [(shot_x(n, full_at), y) for n, y in shots]
+    values = [y for _, y in [*paper_shots, *measured_shots, *params, *PAPER_PARAMS.items()]]
+    y_range = (np.floor(min(values)) - 0.5, np.ceil(max(values)) + 0.5)
+    img = np.full((440, 960, 3), 255, np.uint8)
+    _panel(img, 0, "GT-known Loc vs training images per class", "images per class",
+           [(n, str(n)) for n in SHOTS] + [(full_at, "full")], measured_shots, paper_shots, y_range)
+    xmax = max([20.0, *(x for x, _ in params)])
+    _panel(img, 480, "GT-known Loc vs fine-tuned parameters", "fine-tuned parameters (M)",
+           [(x, f"{x:g}") for x in np.arange(0, xmax + 1e-9, 5.0)], params, sorted(PAPER_PARAMS.items()), y_range)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), img):
+        raise SystemExit(f"error: {path}: could not write the PNG")
+
+
+# ---------------------------------------------------------------------------------------------- cli
+def table(shots, params):
+    lines = ["| images per class | GT-known Loc | paper |", "| --: | --: | --: |"]
+    lines += [f"| {'full' if n is None else n} | {y:.2f} | {PAPER_SHOTS.get(n, float('nan')):.1f} |" for n, y in shots]
+    lines += ["", "| fine-tuned parameters (M) | GT-known Loc |", "| --: | --: |"]
+    lines += [f"| {x:.2f} | {y:.2f} |" for x, y in params]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="print (or run with --execute) the sweep's training commands")
+    run.add_argument("--data-root", required=True, help="ILSVRC2012 folder")
+    run.add_argument("--runs-dir", default="output/figure1", help="one run folder per point is made in it")
+    run.add_argument("--launcher", default="python", help='e.g. "torchrun --nproc_per_node 8" or "srun python"')
+    run.add_argument("--execute", action="store_true", help="run the commands one after the other (skips runs "
+                                                            "whose results.json exists)")
+    coll = sub.add_parser("collect", help="table and PNG from the runs' results.json files")
+    coll.add_argument("runs_dir", help="the --runs-dir of the sweep (every results.json below it is read)")
+    coll.add_argument("--output", default="img/figure1.png", help="PNG to write")
+    args = parser.parse_args(argv)
+
+    if args.command == "run":
+        where = (lambda path: Path(path).resolve()) if args.execute else str  # commands run in the repository
+        for folder, command in sweep(where(args.data_root), where(args.runs_dir), args.launcher):
+            print(shlex.join(command), flush=True)
+            if args.execute and not (folder / "results.json").is_file():
+                status = subprocess.run(command, cwd=REPO_ROOT).returncode
+                if status:
+                    raise SystemExit(f"error: the run into {folder} failed with status {status}")
+        return None
+    runs_dir = Path(args.runs_dir)
+    rows = collect(runs_dir)
+    if not rows:
+        raise SystemExit(f"error: {runs_dir}: no results.json found below it")
+    shots, params = curves(rows)
+    (runs_dir / "figure1.json").write_text(json.dumps({"runs": rows, "shots": shots, "params_m": params},
+                                                      indent=1) + "\n", encoding="utf-8")
+    draw(shots, params, args.output)
+    print(table(shots, params))
+    print(f"written: {runs_dir / 'figure1.json'}, {args.output}")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
