@@ -1,7 +1,7 @@
 """Evaluate a SAT checkpoint on CUB-200-2011 (official defaults: threshold 0.4, ten-crop classification),
 wsolevaluation metadata (--format wsol) or a custom folder dataset; without --data-root on the demo data.
 
-    python evaluator.py --data-root data/CUB_200_2011 --checkpoint best.pth --protocol both
+    python evaluator.py --data-root data/CUB_200_2011 --checkpoint best.pth --eval-protocol both
 """
 import functools
 

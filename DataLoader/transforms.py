@@ -1,6 +1,7 @@
-"""Official image transforms (SPEC 3), their uint8 halves for the device pipeline (``TrainPixels``,
-``EvalPixels``; the other half is DataLoader/device_transforms.py) and GT-box mappings of protocols A and B
-(SPEC 5, 6)."""
+"""Official image transforms (the official DataLoader/*.py), their uint8 halves for the device pipeline
+(``TrainPixels``, ``EvalPixels``; the other half is DataLoader/device_transforms.py) and GT-box mappings of
+the official SAT protocol (the official ``load_test_bbox``) and of the wsolevaluation protocol (README,
+"Evaluation")."""
 import numpy as np
 import torch
 from torchvision import transforms as T
@@ -19,7 +20,7 @@ def train_transform(img_size=224, resize_size=256):
 
 
 def test_transform(img_size=224, resize_size=256):
-    """Resize((256, 256)) -> CenterCrop(224) -> ToTensor -> Normalize (protocol A)."""
+    """Resize((256, 256)) -> CenterCrop(224) -> ToTensor -> Normalize (the `centre` view)."""
     return T.Compose([T.Resize((resize_size, resize_size)), T.CenterCrop(img_size), *_to_normalized_tensor()])
 
 
@@ -34,7 +35,7 @@ def tencrop_transform(img_size=224, resize_size=256):
 
 
 def wsol_transform(img_size=224):
-    """Resize((224, 224)) without crop -> ToTensor -> Normalize (protocol B)."""
+    """Resize((224, 224)) without crop -> ToTensor -> Normalize (the `wsol` view)."""
     return T.Compose([T.Resize((img_size, img_size)), *_to_normalized_tensor()])
 
 
@@ -74,7 +75,7 @@ class EvalPixels:
     """PIL image -> the uint8 sources of the evaluation views: ``'pixels'`` (Resize((R, R))) with its
     ``'crops'`` (1 centre crop or the 10 of TenCrop) when protocol A is on, and ``'wsol'``
     (Resize((S, S)), the whole view) when protocol B is on; ``to_device`` gives the same
-    (V, 3, S, S) stack as ``utils.evaluation.EvalViews``."""
+    (V, 3, S, S) stack as ``DataLoader.eval_views.EvalViews``."""
 
     def __init__(self, n_a, n_b, img_size=224, resize_size=256):
         self.img_size = img_size

@@ -22,6 +22,7 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import Block
 
+from utils.checkpoint import clean_state_dict
 from utils.errors import CheckpointError
 
 __all__ = ["SATVisionTransformer", "SpatialAwareAttention", "SATBlock", "checkpoint_filter_fn"]
@@ -201,8 +202,7 @@ def checkpoint_filter_fn(state_dict: dict, model: SATVisionTransformer) -> dict:
         state_dict = state_dict["model"]
     own = model.state_dict()
     out, mismatched = {}, []
-    for key, value in state_dict.items():
-        key = key[len("module."):] if key.startswith("module.") else key
+    for key, value in clean_state_dict(state_dict).items():
         if key not in own or key.startswith("head."):
             continue
         if key == "pos_embed" and value.shape != own[key].shape:

@@ -8,9 +8,11 @@ from PIL import Image
 
 from DataLoader import build_dataset, build_loader, collate_samples, make_demo_dataset
 from DataLoader.device_transforms import on_device, to_device
+from DataLoader.eval_loader import build_eval_loader
+from DataLoader.eval_views import EvalViews
 from DataLoader.transforms import EvalPixels, TrainPixels, tencrop_boxes, train_transform
-from utils.checkpoint import build_model_from_checkpoint
-from utils.evaluation import EvalViews, build_eval_loader, eval_transform, evaluate, view_counts
+from Model import build_model_from_checkpoint
+from utils.evaluation import evaluate
 
 from test_evaluation import save_nano_checkpoint
 from test_train_engine import make_model, run
@@ -55,10 +57,11 @@ def test_train_crops_and_flips_equal_the_official_transform(device, img_size, re
 @pytest.mark.parametrize("img_size, resize_size", [(64, 72), (64, 75)])
 def test_eval_views_equal_the_official_transforms(device, protocol, tencrop, img_size, resize_size):
     pictures = images()
-    official = torch.stack([EvalViews(protocol, tencrop, img_size, resize_size)(p) for p in pictures])
-    ours = to_device(batch_of([EvalPixels(*view_counts(protocol, tencrop), img_size, resize_size)(p)
-                               for p in pictures]), device)
-    assert ours.shape == official.shape == (8, sum(view_counts(protocol, tencrop)), 3, img_size, img_size)
+    views = EvalViews(protocol, tencrop, img_size, resize_size)
+    official = torch.stack([views(p) for p in pictures])
+    ours = to_device(batch_of([views.pixels()(p) for p in pictures]), device)
+    num_views = (10 if tencrop else 1) * (protocol != "wsol") + (protocol != "sat")
+    assert ours.shape == official.shape == (8, num_views, 3, img_size, img_size)
     torch.testing.assert_close(ours.cpu(), official, rtol=0, atol=1e-6)
 
 
@@ -106,7 +109,6 @@ def test_training_and_evaluation_on_pixels_equal_the_official_path(tmp_path):
     settings = dict(protocol="both", tencrop=True, img_size=64)
     pixels = build_eval_loader("cub", root, "test", batch_size=4, workers=0, **settings)
     assert isinstance(pixels.dataset.transform, EvalPixels)
-    official = build_loader(build_dataset("cub", root, "test", eval_transform(**settings)), 4, train=False,
-                            workers=0)
-    assert evaluate(model, pixels, device="cpu", progress=False, **settings) == \
-        evaluate(model, official, device="cpu", progress=False, **settings)
+    official = build_loader(build_dataset("cub", root, "test", EvalViews(**settings)), 4, train=False, workers=0)
+    assert evaluate(model, pixels, "cpu", threshold=0.4, per_image=True, progress=False) == \
+        evaluate(model, official, "cpu", threshold=0.4, per_image=True, progress=False)

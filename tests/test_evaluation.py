@@ -9,15 +9,18 @@ from DataLoader import build_dataset, load_mask, make_demo_dataset
 from DataLoader import transforms as T
 from Model import build_model
 from utils.box_ops import iou_plus1
-from utils.checkpoint import build_model_from_checkpoint, model_spec, save_checkpoint
+from DataLoader.eval_loader import ShardSampler, build_eval_loader
+from DataLoader.eval_views import EvalViews, default_resize_size
+from Model import build_model_from_checkpoint
+from utils.checkpoint import model_spec, save_checkpoint
 from utils.errors import ConfigError, DataError
-from utils.evaluation import (ClassAccumulator, ShardSampler, build_eval_loader, default_resize_size, eval_transform,
-                              evaluate)
+from utils.evaluation import LOC_KEYS, evaluate
+from utils.metrics import ClassAccumulator
 from utils.metrics_sat import TRAIN_THRESHOLDS, SATLocAccumulator
 from utils.metrics_wsol import PxAPAccumulator, WSOLBoxAccumulator
 
 ARCH = "deit_sat_nano_patch16_224"
-CLASS_NAMES = ["Ringed_Disc", "Checkered_Square", "Striped_Triangle"]
+CLASS_NAMES = ["001.Ringed_Disc", "002.Checkered_Square", "003.Striped_Triangle"]  # the demo data's
 
 
 def tiny_demo(root):
@@ -56,7 +59,7 @@ def demo_root(tmp_path_factory):
                                                     ("both", False, 2), ("both", True, 11)])
 def test_eval_transform_views(protocol, tencrop, views):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8))
-    out = eval_transform(protocol, tencrop, img_size=64)(image)
+    out = EvalViews(protocol, tencrop, img_size=64)(image)
     assert out.shape == (views, 3, 64, 64)
     resize = default_resize_size(64)
     if protocol != "wsol":
@@ -82,7 +85,10 @@ def _per_image_reference(model, dataset, img_size, thresholds):
             logits_b, map_b = model(plain(image)[None])
             cls_b.update(logits_b, label)
             boxes_b.update(map_b, [T.boxes_protocol_b(boxes, image.size)])
-    expected = sat.compute()
+    best = sat.compute()
+    expected = {key: best[key] for key in ("num_images", "top1_cls", "top5_cls", "best_threshold", "thresholds",
+                                           "gt_known_loc_per_threshold", "top1_loc_per_threshold") if key in best}
+    expected.update(thresholds=list(thresholds), at_best_threshold={key: best[key] for key in LOC_KEYS})
     expected.update(wsol_top1_cls=cls_b.compute()["top1_cls"], wsol_top5_cls=cls_b.compute()["top5_cls"])
     expected.update({k: v for k, v in boxes_b.compute().items() if k != "num_images"})
     return expected
@@ -94,8 +100,8 @@ def test_evaluate_equals_per_image_recomputation(demo_root, img_size):
     model = nano_model(img_size=img_size)
     loader = build_eval_loader("cub", demo_root, "test", protocol="both", tencrop=True, img_size=img_size,
                                batch_size=5, workers=0)
-    result = evaluate(model, loader, device="cpu", thresholds=TRAIN_THRESHOLDS, protocol="both", tencrop=True,
-                      img_size=img_size, progress=False, threads=2)
+    result = evaluate(model, loader, "cpu", thresholds=TRAIN_THRESHOLDS, progress=False, threads=2)
+    result.pop("curves")
     reference = _per_image_reference(model, build_dataset("cub", demo_root, "test", lambda im: im), img_size,
                                      TRAIN_THRESHOLDS)
     assert result == reference
@@ -129,16 +135,17 @@ def test_evaluate_reproduces_official_fixture_boxes(original_sat_dir):
                         "label": torch.from_numpy(labels[index]), "size": [(256, 256)] * len(index),
                         "boxes": [torch.tensor(gt[i][None] + 16.0) for i in index],  # crop frame + 16
                         "image_id": [str(i) for i in index], "index": index})
-    result = evaluate(_FixtureMaps(maps), batches, device="cpu", thresholds=thresholds, img_size=224, progress=False)
+    result = evaluate(_FixtureMaps(maps), batches, "cpu", thresholds=thresholds, views=EvalViews("sat", img_size=224),
+                      progress=False)
 
     ious = np.stack([iou_plus1(official[:, t], gt).diagonal() for t in range(len(thresholds))], axis=1)
     hit, top1 = ious >= 0.5, labels == np.arange(len(maps)) % 10
     best = int(np.argmax(hit.sum(0) + (hit & top1[:, None]).sum(0)))
     np.testing.assert_allclose(result["gt_known_loc_per_threshold"], 100 * hit.mean(0))
     np.testing.assert_allclose(result["top1_loc_per_threshold"], 100 * (hit & top1[:, None]).mean(0))
-    assert result["best_threshold"] == pytest.approx(thresholds[best])
+    assert result["best_threshold"] == pytest.approx(thresholds[best]) and "gt_known_loc" not in result
     for level in (30, 50, 70):
-        assert result[f"iou{level}"] == pytest.approx(100 * (ious[:, best] >= level / 100).mean())
+        assert result["at_best_threshold"][f"iou{level}"] == pytest.approx(100 * (ious[:, best] >= level / 100).mean())
     assert result["top1_cls"] == pytest.approx(100 * top1.mean())
 
 
@@ -150,7 +157,7 @@ def test_official_release_checkpoint_through_evaluate(original_sat_dir):
     labels = outputs["logits_test"].argmax(dim=1)
     batch = {"image": outputs["input"], "label": labels, "boxes": [torch.tensor([[16.0, 16.0, 200.0, 200.0]])] * 4,
              "size": [(256, 256)] * 4, "image_id": list("abcd"), "index": [0, 1, 2, 3]}
-    result = evaluate(model, [batch], device="cpu", thresholds=[meta["best_thr"]], progress=False)
+    result = evaluate(model, [batch], "cpu", threshold=meta["best_thr"], views=EvalViews("sat"), progress=False)
     assert result["num_images"] == 4 and result["top1_cls"] == 100.0
 
 
@@ -181,7 +188,7 @@ def test_pxap_on_synthetic_masks(tmp_path):
     model = nano_model(num_classes=2)
     loader = build_eval_loader("wsol", images, "test", protocol="wsol", tencrop=False, img_size=64, batch_size=4,
                                workers=0, metadata_root=metadata)
-    result = evaluate(model, loader, device="cpu", protocol="wsol", img_size=64, progress=False)
+    result = evaluate(model, loader, "cpu", progress=False)
     assert "maxboxacc" not in result and 0 <= result["pxap"] <= 100
 
     dataset = build_dataset("wsol", images, "test", lambda im: im, metadata_root=metadata)
@@ -195,7 +202,7 @@ def test_pxap_on_synthetic_masks(tmp_path):
     with pytest.raises(DataError, match="no GT boxes"):
         evaluate(model, build_eval_loader("wsol", images, "test", protocol="sat", tencrop=False, img_size=64,
                                           batch_size=4, workers=0, metadata_root=metadata),
-                 device="cpu", protocol="sat", img_size=64, progress=False)
+                 "cpu", threshold=0.4, progress=False)
 
 
 def test_shard_sampler_covers_each_index_once():
@@ -209,9 +216,11 @@ def test_evaluate_argument_errors(demo_root):
     model = nano_model()
     loader = build_eval_loader("cub", demo_root, "test", protocol="sat", tencrop=False, img_size=64, batch_size=4,
                                workers=0)
-    with pytest.raises(ConfigError, match="needs protocol B"):
-        evaluate(model, loader, device="cpu", img_size=64, save_scoremaps="x", progress=False)
-    with pytest.raises(ValueError, match="eval_transform"):
-        evaluate(model, loader, device="cpu", tencrop=True, img_size=64, progress=False)
+    with pytest.raises(ConfigError, match="needs the wsolevaluation protocol"):
+        evaluate(model, loader, "cpu", threshold=0.4, save_scoremaps="x", progress=False)
+    with pytest.raises(ValueError, match="do not fit EvalViews"):
+        evaluate(model, loader, "cpu", threshold=0.4, views=EvalViews("sat", tencrop=True, img_size=64), progress=False)
     with pytest.raises(ValueError, match="ShardSampler"):
-        evaluate(model, loader, device="cpu", img_size=64, distributed=True, progress=False)
+        evaluate(model, loader, "cpu", threshold=0.4, distributed=True, progress=False)
+    with pytest.raises(ConfigError, match="reported threshold"):
+        evaluate(model, loader, "cpu", thresholds=[0.3, 0.4], per_image=True, progress=False)

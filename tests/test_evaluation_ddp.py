@@ -9,8 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from DataLoader import make_demo_dataset
-from utils.checkpoint import build_model_from_checkpoint
-from utils.evaluation import build_eval_loader, evaluate
+from DataLoader.eval_loader import build_eval_loader
+from Model import build_model_from_checkpoint
+from utils.evaluation import evaluate
 
 from test_evaluation import save_nano_checkpoint
 
@@ -20,9 +21,8 @@ SETTINGS = dict(protocol="both", tencrop=True, img_size=64, batch_size=2, worker
 def _evaluate(root, checkpoint, distributed, scoremaps):
     model, _ = build_model_from_checkpoint(checkpoint)
     loader = build_eval_loader("cub", root, "test", distributed=distributed, **SETTINGS)
-    settings = {k: v for k, v in SETTINGS.items() if k not in ("batch_size", "workers")}
-    return evaluate(model, loader, device="cpu", distributed=distributed, save_scoremaps=scoremaps, progress=False,
-                    **settings)
+    return evaluate(model, loader, "cpu", threshold=0.4, distributed=distributed, save_scoremaps=scoremaps,
+                    per_image=True, progress=False)
 
 
 def _rank(rank, port, root, checkpoint, out_dir):

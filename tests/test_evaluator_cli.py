@@ -1,5 +1,6 @@
 """evaluator.py and evaluator_ImageNet.py end to end on small generated data with a random nano model;
 flag defaults and --config precedence; one-line errors for bad checkpoints."""
+import csv
 import json
 import logging
 import os
@@ -8,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO_ROOT
@@ -54,20 +56,22 @@ def keep_logging():
 def test_cub_evaluator_both_protocols_end_to_end(cub, tmp_path):
     root, checkpoint = cub
     out = tmp_path / "out"
-    proc = run_script("evaluator.py", "--data-root", root, "--checkpoint", checkpoint, "--protocol", "both",
+    proc = run_script("evaluator.py", "--data-root", root, "--checkpoint", checkpoint, "--eval-protocol", "both",
                       "--save-scoremaps", out / "scoremaps", "--save-images", out / "images", "--max-images", 5,
                       "--output-dir", out, "--batch-size", 5, "--workers", 1, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    assert "Protocol A (official SAT)" in proc.stdout and "Protocol B (wsolevaluation" in proc.stdout
+    assert "Official SAT protocol: 12 images, ten-crop classification, threshold 0.4" in proc.stdout
+    assert "wsolevaluation protocol (224x224" in proc.stdout and "WARNING" not in proc.stdout
     assert "Top-1 Loc" in proc.stdout and "MaxBoxAccV2" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["num_images"] == 12 and metrics["tencrop"] is True and metrics["thresholds"] == [0.4]
+    assert metrics["num_images"] == 12 and metrics["tencrop"] is True and metrics["threshold"] == 0.4
+    assert metrics["precision"] == "fp32" and "best_threshold" not in metrics
     assert metrics["checkpoint"] == str(checkpoint) and metrics["arch"] == "deit_sat_nano_patch16_224"
     for key in SAT_KEYS[1:] + WSOL_KEYS:
         assert 0 <= metrics[key] <= 100, key
     assert set(metrics["maxboxaccv2_per_iou"]) == {"30", "50", "70"}
-    assert metrics["best_thresholds"]["sat"] == 0.4 and "maxboxacc" in metrics["best_thresholds"]["wsol"]
-    assert "Protocol B" in (out / "log.txt").read_text()
+    assert 0 <= metrics["maxboxacc_threshold"] < 1
+    assert "wsolevaluation protocol" in (out / "log.txt").read_text()
 
     dataset = build_dataset("cub", root, "test", lambda image: image)
     rescored = WSOLBoxAccumulator()
@@ -102,14 +106,16 @@ def test_imagenet_evaluator_with_config_file(tmp_path):
     root = _write_imagenet(tmp_path / "ILSVRC2012")
     checkpoint = save_nano_checkpoint(tmp_path / "nano.pth", num_classes=len(WNIDS))
     config = tmp_path / "eval.yaml"
-    config.write_text(f"checkpoint: {checkpoint}\nthresholds: [0.3, 0.5]\nbatch_size: 4\nworkers: 0\n"
-                      f"device: cpu\nprotocol: wsol\n")
+    config.write_text(f"checkpoint: {checkpoint}\nthresholds: [0.5, 0.3]\neval_batch_size: 4\nworkers: 0\n"
+                      f"device: cpu\neval_protocol: wsol\n")
     out = tmp_path / "out"
-    proc = run_script("evaluator_ImageNet.py", "--data-root", root, "--config", config, "--protocol", "sat",
+    proc = run_script("evaluator_ImageNet.py", "--data-root", root, "--config", config, "--eval-protocol", "sat",
                       "--output-dir", out, "--save-images", out / "images")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["protocol"] == "sat" and metrics["thresholds"] == [0.3, 0.5] and metrics["tencrop"] is False
+    assert metrics["eval_protocol"] == "sat" and metrics["threshold"] == 0.3 and metrics["tencrop"] is False
+    assert metrics["search_thresholds"] == [0.5, 0.3] and metrics["thresholds"] == [0.3, 0.5]
+    assert metrics["best_threshold"] in (0.3, 0.5) and "chosen on the evaluated split" in proc.stdout
     assert metrics["num_images"] == 6 and metrics["data_format"] == "imagenet"
     assert all(0 <= metrics[key] <= 100 for key in SAT_KEYS[1:]) and "maxboxacc" not in metrics
     assert len(metrics["gt_known_loc_per_threshold"]) == 2 and "per threshold" in proc.stdout
@@ -117,30 +123,46 @@ def test_imagenet_evaluator_with_config_file(tmp_path):
 
 
 def test_official_defaults_and_config_precedence(tmp_path):
+    # the official evaluator.py: threshold [0.4], tencrop True; evaluator_ImageNet.py: [0.3], tencrop False;
+    # both fp32 (no autocast) and Resize 256 -> crop 224 (resize_size None: 256/224 x the model's input size)
     cub = parse_args(["--checkpoint", "c.pth"], "cub")
-    assert cub.thresholds == [0.4] and cub.tencrop and cub.protocol == "sat" and cub.format == "cub"
+    assert cub.threshold == 0.4 and cub.thresholds == [] and cub.tencrop and cub.amp is False
+    assert cub.eval_protocol == "auto" and cub.format == "cub" and cub.resize_size is None
     imagenet = parse_args(["--checkpoint", "c.pth", "--data-root", "d"], "imagenet")
-    assert imagenet.thresholds == [0.3] and not imagenet.tencrop
+    assert imagenet.threshold == 0.3 and imagenet.thresholds == [] and not imagenet.tencrop and imagenet.amp is False
+    assert parse_args(["--checkpoint", "c.pth", "--amp"], "cub").amp is True
     config = tmp_path / "c.yaml"
-    config.write_text("batch_size: 7\ntencrop: false\nthresholds: [0.2, 0.25]\ndata_root: /data\n")
+    config.write_text("eval_batch_size: 7\ntencrop: false\nthresholds: [0.2, 0.25]\ndata_root: /data\n")
     args = parse_args(["--config", str(config), "--checkpoint", "c.pth", "--batch-size", "3"], "cub")
     assert (args.batch_size, args.tencrop, args.thresholds, args.data_root) == (3, False, [0.2, 0.25], "/data")
-    config.write_text("batch_size: 7\nthreshold: 0.3\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'threshold'"):
+    config.write_text("eval_batch_size: 7\nthreshhold: 0.3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'threshhold' \(did you mean threshold\?\)"):
         parse_args(["--config", str(config), "--checkpoint", "c.pth"], "cub")
-    config.write_text("batch_size: seven\n")
+    config.write_text("eval_batch_size: seven\n")
     with pytest.raises(ConfigError, match=r"c.yaml: argument --batch-size: invalid int value"):
         parse_args(["--config", str(config), "--checkpoint", "c.pth"], "cub")
     with pytest.raises(SystemExit):
         parse_args(["--data-root", "d"], "imagenet")  # --checkpoint missing
 
 
+@pytest.mark.parametrize("argv", [["--threshold", "1.5"], ["--thresholds", "0.3", "-0.2"], ["--threshold", "x"],
+                                  ["--thresh", "0.3"], ["--batch", "4"]])
+def test_bad_thresholds_and_abbreviations_are_rejected(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--checkpoint", "c.pth", *argv], "cub")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert ("must lie in [0, 1]" in err or "expected a number" in err) if argv[0] in ("--threshold", "--thresholds") \
+        else "unrecognized arguments" in err
+
+
 def _one_error_line(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda a: main(a, kind="cub"), argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
-    return err
+    lines = [line for line in capsys.readouterr().err.strip().replace("\r", "\n").splitlines()
+             if not line.startswith("eval:")]  # the progress bar aside
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
 
 
 def test_checkpoint_errors_are_one_line(cub, tmp_path, capsys, keep_logging):
@@ -148,11 +170,120 @@ def test_checkpoint_errors_are_one_line(cub, tmp_path, capsys, keep_logging):
     common = ["--data-root", str(root), "--output-dir", str(tmp_path / "out"), "--workers", "0", "--device", "cpu"]
     not_a_checkpoint = tmp_path / "notes.pth"
     not_a_checkpoint.write_text("hello")
-    other_classes = save_nano_checkpoint(tmp_path / "five.pth", num_classes=5)
+    other_classes = save_nano_checkpoint(tmp_path / "two.pth", num_classes=2)
     assert str(not_a_checkpoint) in _one_error_line(capsys, ["--checkpoint", str(not_a_checkpoint), *common])
     err = _one_error_line(capsys, ["--checkpoint", str(other_classes), *common])
-    assert str(other_classes) in err and "5 classes" in err and "has 3" in err
+    assert err == (f"error: checkpoint {other_classes} predicts 2 classes but the data has 3; classes outside the "
+                   "model: 003.Striped_Triangle")
 
     proc = run_script("evaluator.py", "--checkpoint", tmp_path / "absent.pth", *common)  # the real script
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: checkpoint {tmp_path / 'absent.pth'}: file not found"
+
+
+def _read_per_image(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_per_image_csv_recomputes_the_summary_exactly(cub, tmp_path):
+    root, checkpoint = cub
+    out = tmp_path / "out"
+    record = main(["--data-root", str(root), "--checkpoint", str(checkpoint), "--output-dir", str(out),
+                   "--threshold", "0.35", "--batch-size", "5", "--workers", "0", "--device", "cpu"], kind="cub")
+    rows = _read_per_image(out / "per_image.csv")
+    assert len(rows) == record["num_images"] == 12 and rows[0]["image_id"].startswith("001.")
+    labels = [int(row["label"]) for row in rows]
+    top5 = [[int(c) for c in row["top5"].split()] for row in rows]
+    ious = [float(row["iou"]) for row in rows]
+    top1 = [t[0] == label for t, label in zip(top5, labels)]
+    in_top5 = [label in t for t, label in zip(top5, labels)]
+    recomputed = {
+        "top1_cls": 100 * sum(top1) / 12, "top5_cls": 100 * sum(in_top5) / 12,
+        "gt_known_loc": 100 * sum(i >= 0.5 for i in ious) / 12,
+        "top1_loc": 100 * sum(t and i >= 0.5 for t, i in zip(top1, ious)) / 12,
+        "top5_loc": 100 * sum(t and i >= 0.5 for t, i in zip(in_top5, ious)) / 12,
+        **{f"iou{level}": 100 * sum(i >= level / 100 for i in ious) / 12 for level in (30, 50, 70)}}
+    for key, value in recomputed.items():
+        assert record[key] == pytest.approx(value, abs=1e-12), key
+    assert [bool(int(row["cls_correct"])) for row in rows] == top1
+    for row in rows:  # the crop box maps to original pixels through the centre crop: 64 of 73, offset 4
+        crop, original = np.array(row["box_crop"].split(), float), np.array(row["box_original"].split(), float)
+        np.testing.assert_allclose(original, np.clip((crop + 4) * 64 / 73, 0, 64))
+    per_class = record["per_class"]
+    assert list(per_class) == ["001.Ringed_Disc", "002.Checkered_Square", "003.Striped_Triangle"]
+    assert [c["num_images"] for c in per_class.values()] == [4, 4, 4]
+    assert sum(c["top1_cls"] for c in per_class.values()) / 3 == pytest.approx(record["top1_cls"])
+    assert "GT-known Loc" in (out / "log.txt").read_text().split("per class")[1]
+
+
+def test_training_config_file_is_accepted(cub, tmp_path):
+    root, checkpoint = cub
+    args = parse_args(["--config", str(REPO_ROOT / "config" / "CUB.yaml"), "--checkpoint", "c.pth"], "cub")
+    assert args.format == "cub" and args.amp is False and args.batch_size == 32 and args.output_dir == "output/eval"
+    assert "lr" in args.ignored_config_keys and "epochs" in args.ignored_config_keys
+    config = tmp_path / "train.yaml"
+    config.write_text(f"data_root: {root}\ndata_format: cub\nepochs: 3\nlr: 0.001\nbatch_size: 512\n"
+                      "eval_batch_size: 6\nworkers: 0\namp: true\noutput_dir: somewhere\n")
+    args = parse_args(["--config", str(config), "--checkpoint", str(checkpoint)], "cub")
+    assert (args.data_root, args.batch_size, args.workers, args.amp) == (str(root), 6, 0, False)
+    imagenet = parse_args(["--config", str(REPO_ROOT / "config" / "ILSVRC.yaml"), "--checkpoint", "c", "--data-root",
+                           "d"], "imagenet")
+    assert imagenet.threshold == 0.3 and "data_format" in imagenet.ignored_config_keys
+
+
+def test_format_imagenet_points_to_the_imagenet_evaluator(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--checkpoint", "c.pth", "--format", "imagenet"], "cub")
+    assert "use evaluator_ImageNet.py" in capsys.readouterr().err
+
+
+def test_class_subset_and_foreign_classes(cub, tmp_path, caplog, keep_logging):
+    root, _ = cub
+    bigger = save_nano_checkpoint(tmp_path / "five.pth", num_classes=5)
+    common = ["--data-root", str(root), "--output-dir", str(tmp_path / "out"), "--workers", "0", "--device", "cpu"]
+    with caplog.at_level(logging.WARNING):
+        record = main(["--checkpoint", str(bigger), *common], kind="cub")
+    assert record["num_images"] == 12 and "class subset" in caplog.text
+    renamed = tmp_path / "renamed.pth"
+    ckpt = torch.load(bigger, weights_only=True)
+    ckpt["class_names"] = ["a", "b", "c", "d", "e"]
+    torch.save(ckpt, renamed)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        main(["--checkpoint", str(renamed), *common], kind="cub")
+    assert "data '001.Ringed_Disc' vs checkpoint 'a'" in caplog.text
+
+
+def test_official_format_checkpoint_needs_no_arch_and_nan_maps_are_one_line(cub, tmp_path, capsys, keep_logging):
+    root, checkpoint = cub
+    ckpt = torch.load(checkpoint, weights_only=True)
+    official = tmp_path / "best_loc.pth.tar"  # the release format: 'module.' keys, no arch / classes recorded
+    torch.save({"model": {f"module.{k}": v for k, v in ckpt["model"].items()}, "best_thr": 0.4, "epoch": 30},
+               official)
+    common = ["--data-root", str(root), "--output-dir", str(tmp_path / "out"), "--workers", "0", "--device", "cpu"]
+    record = main(["--checkpoint", str(official), *common], kind="cub")
+    assert record["arch"] == "deit_sat_nano_patch16_224" and record["num_classes"] == 3
+    capsys.readouterr()
+    err = _one_error_line(capsys, ["--checkpoint", str(official), "--arch", "deit_sat_small_patch16_224", *common])
+    assert "does not fit --arch deit_sat_small_patch16_224" in err and "deit_sat_nano_patch16_224" in err
+    nan_maps = tmp_path / "nan_maps.pth"  # finite weights whose maps overflow to Inf / NaN
+    ckpt["model"]["blocks.5.attn.qkv.weight"] *= 1e30
+    torch.save(ckpt, nan_maps)
+    err = _one_error_line(capsys, ["--checkpoint", str(nan_maps), *common])
+    assert err.startswith(f"error: checkpoint {nan_maps}: the model outputs NaN/Inf") and "first 001." in err
+
+
+def test_wsol_curves_threshold_and_overlays(cub, tmp_path):
+    root, checkpoint = cub
+    out = tmp_path / "out"
+    record = main(["--data-root", str(root), "--checkpoint", str(checkpoint), "--output-dir", str(out),
+                   "--eval-protocol", "wsol", "--wsol-threshold", "0.25", "--save-images", str(out / "images"),
+                   "--max-images", "2", "--workers", "0", "--device", "cpu"], kind="cub")
+    curves = json.loads((out / "wsol_curves.json").read_text())["box_accuracy"]
+    assert len(curves["cam_thresholds"]) == 100 and max(curves["boxacc"]) == record["maxboxacc"]
+    at = record["at_wsol_threshold"]
+    assert at["wsol_threshold"] == 0.25 and at["boxacc"] == curves["boxacc"][25]
+    assert at["boxaccv2_per_iou"][50] == curves["boxaccv2_per_iou"]["50"][25]
+    assert Image.open(out / "wsol_curves.png").size[0] > 0 and not (out / "per_image.csv").exists()
+    assert len(list((out / "images").rglob("*.png"))) == 2

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.box_ops import CounterState, iou_plus1, max_iou
+from utils.box_ops import iou_plus1, max_iou
+from utils.metrics import CounterState
 
 
 def test_iou_plus1_hand_computed():

@@ -1,15 +1,18 @@
 """tools/predict.py: the crop-to-original box mapping, and the script end to end on CPU."""
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from DataLoader.eval_views import crop_box_to_original
 from DataLoader.transforms import boxes_protocol_a
-from tools.predict import crop_box_to_original, full_image_map, main as predict_main
+from tools.predict import full_image_map, main as predict_main
 from utils.errors import run_cli
 
-from test_evaluation import save_nano_checkpoint
+from test_evaluation import CLASS_NAMES, save_nano_checkpoint, tiny_demo
 from test_evaluator_cli import run_script
 
 
@@ -44,7 +47,7 @@ def test_predict_end_to_end(tmp_path):
         w, h = sizes[type(folder)(pred["image"])]
         x0, y0, x1, y1 = pred["box"]
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and pred["image_size"] == [w, h]
-        assert pred["class_name"] in ("Ringed_Disc", "Checkered_Square", "Striped_Triangle")
+        assert pred["class_name"] in ("001.Ringed_Disc", "002.Checkered_Square", "003.Striped_Triangle")
         assert len(pred["top5"]) == 3 and pred["top5"][0]["score"] == pred["score"]
         assert Image.open(pred["overlay"]).size == (w, h)
 
@@ -55,3 +58,60 @@ def test_bad_path_is_one_error_line(tmp_path, capsys):
         run_cli(predict_main, ["--checkpoint", "unused.pth", str(tmp_path / "missing.jpg")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'missing.jpg'}: not found (expected an image file or a folder of images)\n"
+
+
+def test_threshold_outside_unit_interval_is_rejected(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main(["--checkpoint", "unused.pth", "--threshold", "1.5", str(tmp_path)])
+    assert exit_info.value.code == 2 and "must lie in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_whole_crop_maps_back_on_a_wide_image():
+    # 400x100 image: resized to 256x256, the 224 crop starts at 16; x scale 400/256, y scale 100/256
+    np.testing.assert_allclose(crop_box_to_original([0, 0, 224, 224], (400, 100), 256, 224), [25, 6.25, 375, 93.75])
+    np.testing.assert_allclose(crop_box_to_original([100, 50, 120, 60], (400, 100), 256, 224),
+                               [116 * 400 / 256, 66 * 100 / 256, 136 * 400 / 256, 76 * 100 / 256])
+
+
+def test_coco_output_matches_the_evaluator(tmp_path):
+    root = tiny_demo(tmp_path / "demo")
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
+    wide = tmp_path / "wide.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 400, 3), np.uint8)).save(wide)
+    evaluated = run_script("evaluator.py", "--data-root", root, "--checkpoint", checkpoint, "--no-tencrop",
+                           "--threshold", "0.35", "--batch-size", 12, "--workers", 0, "--device", "cpu",
+                           "--output-dir", tmp_path / "eval")
+    assert evaluated.returncode == 0, evaluated.stderr
+    with open(tmp_path / "eval" / "per_image.csv", newline="") as f:
+        rows = {row["image_id"]: row for row in csv.DictReader(f)}
+    images = [root / "images" / image_id for image_id in rows]
+    coco_path = tmp_path / "pseudo.json"
+    proc = run_script("tools/predict.py", "--checkpoint", checkpoint, "--threshold", "0.35", "--batch-size", 12,
+                      "--device", "cpu", "--output-dir", tmp_path / "pred", "--coco", coco_path, *images, wide)
+    assert proc.returncode == 0, proc.stderr
+    coco = json.loads(coco_path.read_text())
+    # schema: what detection libraries (pycocotools, detectron2, mmdet) read
+    assert set(coco) == {"images", "annotations", "categories"}
+    assert [c["name"] for c in coco["categories"]] == CLASS_NAMES and [c["id"] for c in coco["categories"]] == [1, 2, 3]
+    image_ids = {image["id"] for image in coco["images"]}
+    assert len(image_ids) == len(coco["images"]) == 13
+    for image in coco["images"]:
+        assert set(image) == {"id", "file_name", "width", "height"} and Path(image["file_name"]).is_file()
+    for ann in coco["annotations"]:
+        assert {"id", "image_id", "category_id", "bbox", "score", "area", "iscrowd"} <= set(ann)
+        assert ann["image_id"] in image_ids and ann["category_id"] in (1, 2, 3) and 0 <= ann["score"] <= 1
+        x, y, w, h = ann["bbox"]
+        assert w > 0 and h > 0 and ann["area"] == pytest.approx(w * h)
+    by_file = {image["file_name"]: image for image in coco["images"]}
+    anns = {ann["image_id"]: ann for ann in coco["annotations"]}
+    wide_image = by_file[str(wide)]
+    assert (wide_image["width"], wide_image["height"]) == (400, 60)
+    x, y, w, h = anns[wide_image["id"]]["bbox"]
+    assert 0 <= x and x + w <= 400 and 0 <= y and y + h <= 60
+    hits = []
+    for image_id, row in rows.items():  # the same boxes as the evaluator's, in original pixels
+        x, y, w, h = anns[by_file[str(root / "images" / image_id)]["id"]]["bbox"]
+        assert [x, y, x + w, y + h] == pytest.approx([float(v) for v in row["box_original"].split()], abs=1e-9)
+        hits.append(int(row["gt_known"]))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 100 * sum(hits) / len(hits) == pytest.approx(metrics["gt_known_loc"])

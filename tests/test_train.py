@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from DataLoader import make_demo_dataset
-from utils.checkpoint import build_model_from_checkpoint, read_checkpoint
+from Model import build_model_from_checkpoint
+from utils.checkpoint import read_checkpoint
 from utils.errors import ConfigError, run_cli
 from utils.trainer import main
 

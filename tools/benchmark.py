@@ -37,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader import FORMATS, build_dataset, build_loader  # noqa: E402
 from DataLoader.device_transforms import on_device  # noqa: E402
-from DataLoader.transforms import EvalPixels, TrainPixels, train_transform  # noqa: E402
+from DataLoader.eval_views import EvalViews, default_resize_size  # noqa: E402
+from DataLoader.transforms import TrainPixels, train_transform  # noqa: E402
 from Model import build_model  # noqa: E402
 from utils.amp import autocast_settings, describe  # noqa: E402
 from utils.engine import train_one_epoch  # noqa: E402
-from utils.evaluation import default_resize_size, eval_transform, evaluate, view_counts  # noqa: E402
+from utils.evaluation import evaluate  # noqa: E402
 from utils.metrics_sat import TRAIN_THRESHOLDS, SATLocAccumulator  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -119,9 +120,8 @@ def file_loader(args):
     if args.mode == "train":
         transform = TrainPixels(args.img_size, resize) if device else train_transform(args.img_size, resize)
     else:
-        n_a, n_b = view_counts(args.protocol, args.tencrop)
-        transform = (EvalPixels(n_a, n_b, args.img_size, resize) if device
-                     else eval_transform(args.protocol, args.tencrop, args.img_size, resize))
+        views = EvalViews(args.protocol, args.tencrop, args.img_size, resize)
+        transform = views.pixels() if device else views
     dataset = build_dataset(args.data_format, args.data_root, "train" if args.mode == "train" else "test",
                             transform)
     return build_loader(dataset, args.batch_size, train=args.mode == "train", workers=args.workers)
@@ -189,13 +189,12 @@ def box_ms_per_image(thresholds, n=64, seed=0):
 def run_eval(args, model, device, batches=None):
     """Seconds of evaluating ``args.steps`` batches (after ``args.warmup``) from ``batches`` (an iterator
     of loader batches), or synthetic in-memory batches."""
+    views = EvalViews(args.protocol, args.tencrop, args.img_size, args.resize_size)
     if batches is None:
-        n_a, n_b = view_counts(args.protocol, args.tencrop)
         gen = torch.Generator().manual_seed(0)
         batches = iter(synthetic_eval_batches(args.warmup + args.steps, args.batch_size, args.img_size,
-                                              args.num_classes, n_a + n_b, gen))
-    kwargs = dict(device=device, thresholds=args.thresholds, protocol=args.protocol, tencrop=args.tencrop,
-                  amp=args.amp, img_size=args.img_size, resize_size=args.resize_size, progress=False)
+                                              args.num_classes, views.num_views, gen))
+    kwargs = dict(device=device, thresholds=args.thresholds, views=views, amp=args.amp, progress=False)
     evaluate(model, Take(batches, args.warmup), **kwargs)
     sync(device)
     start = time.perf_counter()

@@ -1,10 +1,13 @@
 """Predict the class and the object box of single images with a SAT checkpoint (CPU is fine).
 
-Each image goes through the protocol A view (Resize((256, 256)) -> CenterCrop(224), scaled to the model's
+Each image goes through the ``centre`` view (Resize((256, 256)) -> CenterCrop(224), scaled to the model's
 input size); the box found at the threshold in the crop is mapped back to the original image's pixels.
-Writes ``<output-dir>/predictions.json`` and one overlay PNG per image, and prints one line per image.
+Writes ``<output-dir>/predictions.json`` and one overlay PNG per image, prints one line per image and,
+with ``--coco FILE``, writes the boxes as COCO-format pseudo-labels (bbox = [x, y, w, h] in original pixels,
+category_id = class index + 1, categories named from the checkpoint).
 
     python tools/predict.py --checkpoint best.pth --output-dir preds photo.jpg more_photos/
+    python tools/predict.py --checkpoint best.pth --coco pseudo_labels.json images/
 """
 import argparse
 import json
@@ -12,16 +15,24 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from DataLoader.eval_views import EvalViews, crop_box_to_original  # noqa: E402
+from DataLoader.transforms import centre_offset  # noqa: E402
+from DataLoader.folder import is_image_file  # noqa: E402
+from Model import build_model_from_checkpoint  # noqa: E402
+from utils.distributed import select_device  # noqa: E402
 from utils.errors import DataError, run_cli  # noqa: E402
+from utils.eval_cli import cam_threshold  # noqa: E402
+from utils.metrics_sat import boxes_at_thresholds, normalize_map_sat  # noqa: E402
+from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
 
 def image_paths(inputs):
     """The image files among ``inputs`` and, recursively and sorted, inside the folders among them."""
-    from DataLoader.folder import is_image_file
-
     paths = []
     for name in inputs:
         path = Path(name)
@@ -38,8 +49,6 @@ def image_paths(inputs):
 
 
 def load_rgb(path):
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -47,26 +56,27 @@ def load_rgb(path):
         raise DataError(f"{path}: not a readable image ({err.__class__.__name__}: {err})") from None
 
 
-def crop_offset(resize_size, img_size):
-    """Left/top of torchvision's CenterCrop(img_size) in the resize_size x resize_size image."""
-    return int(round((resize_size - img_size) / 2.0))
-
-
-def crop_box_to_original(box, size, resize_size, img_size):
-    """An (exclusive-max) box in the centre crop -> original pixels (W, H = size), clipped to the image."""
-    width, height = size
-    offset = crop_offset(resize_size, img_size)
-    scale = np.array([width, height, width, height]) / resize_size
-    original = (np.asarray(box, np.float64) + offset) * scale
-    return np.clip(original, 0, [width, height, width, height])
-
-
 def full_image_map(score, resize_size, img_size):
     """A crop-frame [0, 1] map placed in the resized frame (zeros outside the crop), for overlays."""
     canvas = np.zeros((resize_size, resize_size), np.float32)
-    offset = crop_offset(resize_size, img_size)
+    offset = centre_offset(resize_size, img_size)
     canvas[offset:offset + img_size, offset:offset + img_size] = score
     return canvas
+
+
+def coco_record(predictions, class_names):
+    """COCO detection format: images (id, file_name, width, height), one annotation per image
+    (bbox [x, y, w, h] in original pixels, category_id = class + 1, score) and the categories."""
+    images, annotations = [], []
+    for k, pred in enumerate(predictions, start=1):
+        width, height = pred["image_size"]
+        x0, y0, x1, y1 = pred["box"]
+        images.append({"id": k, "file_name": pred["image"], "width": width, "height": height})
+        annotations.append({"id": k, "image_id": k, "category_id": pred["class"] + 1,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+                            "score": pred["score"]})
+    categories = [{"id": k + 1, "name": name} for k, name in enumerate(class_names)]
+    return {"images": images, "annotations": annotations, "categories": categories}
 
 
 def _unique_png(output_dir, stem, used):
@@ -79,12 +89,13 @@ def _unique_png(output_dir, stem, used):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--arch", help="architecture, for files that do not record it (official releases)")
     parser.add_argument("--num-classes", type=int, help="classes, for files that do not record them")
-    parser.add_argument("--threshold", type=float,
+    parser.add_argument("--threshold", type=cam_threshold,
                         help="localization threshold (default: the checkpoint's best_thr, else 0.4)")
     parser.add_argument("--resize-size", type=int,
                         help="resize before the centre crop (default: the checkpoint's training setting, "
@@ -92,27 +103,19 @@ def main(argv=None):
     parser.add_argument("--output-dir", default="output/predict", help="default: output/predict")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--coco", metavar="FILE", help="also write the boxes as a COCO-format detection file")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from DataLoader.transforms import test_transform
-    from utils.checkpoint import build_model_from_checkpoint
-    from utils.distributed import select_device
-    from utils.evaluation import default_resize_size
-    from utils.metrics_sat import boxes_at_thresholds, normalize_map_sat
-    from utils.visualize import render_overlay, save_rgb
 
     paths = image_paths(args.inputs)
     device = select_device(args.device)
     model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     model.to(device).eval()
     img_size = int(model.patch_embed.img_size[0])
-    resize_size = (args.resize_size or (meta.get("config") or {}).get("resize_size")
-                   or default_resize_size(img_size))
+    view = EvalViews("sat", tencrop=False, img_size=img_size,
+                     resize_size=args.resize_size or (meta.get("config") or {}).get("resize_size"))
+    resize_size = view.resize_size
     threshold = args.threshold if args.threshold is not None else float(meta.get("best_thr") or 0.4)
     names = meta.get("class_names") or [str(k) for k in range(model.num_classes)]
-    transform = test_transform(img_size, resize_size)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -121,7 +124,7 @@ def main(argv=None):
         chunk = paths[start:start + args.batch_size]
         images = [load_rgb(path) for path in chunk]
         with torch.inference_mode():
-            logits, maps = model(torch.stack([transform(image) for image in images]).to(device))
+            logits, maps = model(torch.stack([view(image)[0] for image in images]).to(device))
         probs = logits.float().softmax(dim=1).cpu()
         top = probs.topk(min(5, model.num_classes), dim=1)
         for k, (path, image) in enumerate(zip(chunk, images)):
@@ -133,16 +136,21 @@ def main(argv=None):
                     "score": float(top.values[k, 0]),
                     "top5": [{"class": c, "class_name": names[c], "score": float(p)}
                              for c, p in zip(classes, top.values[k].tolist())],
-                    "box": [round(float(v), 1) for v in box], "image_size": list(image.size)}
+                    "box": [float(v) for v in box], "image_size": list(image.size)}
             overlay = render_overlay(np.asarray(image), full_image_map(score, resize_size, img_size), box,
                                      caption=f"{pred['class_name']} {pred['score']:.0%}")
             pred["overlay"] = str(save_rgb(_unique_png(output_dir, path.stem, used), overlay))
             predictions.append(pred)
-            print(f"{path}: {pred['class_name']} ({pred['score']:.1%}) box {pred['box']}")
+            print(f"{path}: {pred['class_name']} ({pred['score']:.1%}) box {[round(v, 1) for v in pred['box']]}")
     record = {"checkpoint": str(args.checkpoint), "threshold": threshold, "img_size": img_size,
               "resize_size": resize_size, "predictions": predictions}
     (output_dir / "predictions.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(f"{len(predictions)} predictions written to {output_dir / 'predictions.json'}")
+    if args.coco:
+        coco = Path(args.coco)
+        coco.parent.mkdir(parents=True, exist_ok=True)
+        coco.write_text(json.dumps(coco_record(predictions, names)) + "\n", encoding="utf-8")
+        print(f"COCO-format boxes written to {coco}")
     return record
 
 

@@ -1,4 +1,5 @@
-"""Small helpers shared by the two localization protocols: IoU (+1 convention) and counter state."""
+"""Box helpers shared by the two localization protocols: IoU with the +1 pixel convention (the official
+``utils/accuracy.py``'s ``IoU`` and wsolevaluation's ``calculate_multiple_iou``)."""
 import numpy as np
 import torch
 
@@ -30,31 +31,3 @@ def iou_plus1(boxes_a, boxes_b):
 def max_iou(pred_boxes, gt_boxes):
     """For each predicted box (N, 4), its best IoU over the image's GT boxes (K, 4) -> (N,)."""
     return iou_plus1(pred_boxes, gt_boxes).max(axis=1)
-
-
-class CounterState:
-    """Accumulator base: integer counter arrays named in ``COUNTERS``, summable across processes.
-
-    ``state()`` / ``merge(state)`` combine accumulators; ``reduce(fn)`` replaces every counter by
-    ``fn(counter)``, e.g. a DDP all-reduce (sum) of the array.
-    """
-
-    COUNTERS = ()
-
-    def state(self):
-        return {name: getattr(self, name).copy() for name in self.COUNTERS}
-
-    def merge(self, state):
-        for name in self.COUNTERS:
-            getattr(self, name)[...] += as_numpy(state[name], np.int64)
-        return self
-
-    def reduce(self, fn):
-        for name in self.COUNTERS:
-            counter = getattr(self, name)
-            counter[...] = as_numpy(fn(counter), np.int64).reshape(counter.shape)
-        return self
-
-    def _check_nonempty(self):
-        if int(self.num_images) == 0:
-            raise ValueError(f"{type(self).__name__}.compute(): no images were accumulated")

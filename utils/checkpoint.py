@@ -1,4 +1,5 @@
-"""Checkpoints: atomic saving, and loading of this project's files and of the official SAT release.
+"""Checkpoints: atomic saving, and reading / loading of this project's files and of the official SAT release
+(``Model.build_model_from_checkpoint`` rebuilds the model a file holds).
 
 Official release files are legacy ``torch.save`` dicts ``{'model', 'best_thr', 'epoch'}`` whose keys carry
 ``module.`` and which hold the fixed smoothing kernel as ``weight``. This project's files add what is
@@ -68,18 +69,19 @@ def clean_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
 
 
 def _mismatch_report(path, state_dict, model) -> Optional[str]:
+    """One line: how many keys differ between the checkpoint and the model, and the first few."""
     own = model.state_dict()
-    lines = []
+    differ = []
     for key in sorted(set(own) | set(state_dict)):
         if key not in state_dict:
-            lines.append(f"  {key}: missing in checkpoint (model {tuple(own[key].shape)})")
+            differ.append(f"{key} missing")
         elif key not in own:
-            lines.append(f"  {key}: unexpected in checkpoint {tuple(state_dict[key].shape)}")
+            differ.append(f"{key} unexpected")
         elif own[key].shape != state_dict[key].shape:
-            lines.append(f"  {key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}")
-    if not lines:
+            differ.append(f"{key} {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}")
+    if not differ:
         return None
-    return f"checkpoint {path} does not fit the model ({len(lines)} keys differ):\n" + "\n".join(lines)
+    return f"checkpoint {path} does not fit the model ({len(differ)} keys differ, first: {'; '.join(differ[:3])})"
 
 
 def load_checkpoint(path, model: torch.nn.Module, strict: bool = True) -> Dict[str, Any]:
@@ -87,12 +89,12 @@ def load_checkpoint(path, model: torch.nn.Module, strict: bool = True) -> Dict[s
 
     Returns the metadata (everything but the weights): ``epoch``, ``best_thr`` and, for this project's
     files, ``arch``, ``num_classes``, ``class_names``, optimizer state and so on.
-    Raises :class:`CheckpointError` naming the file and each differing key.
+    Raises :class:`CheckpointError` naming the file, the number of differing keys and the first ones.
     """
-    return _load_weights(read_checkpoint(path), path, model, strict)
+    return load_state(read_checkpoint(path), path, model, strict)
 
 
-def _load_weights(ckpt: Dict[str, Any], path, model: torch.nn.Module, strict: bool = True) -> Dict[str, Any]:
+def load_state(ckpt: Dict[str, Any], path, model: torch.nn.Module, strict: bool = True) -> Dict[str, Any]:
     state_dict = clean_state_dict(ckpt["model"])
     for key in _IGNORED_KEYS & set(state_dict):
         if key not in model.state_dict():
@@ -116,28 +118,3 @@ def model_spec(model, arch: str, class_names=None, **model_kwargs) -> Dict[str, 
         "model_kwargs": dict(model_kwargs),
         "class_names": list(class_names) if class_names is not None else None,
     }
-
-
-def build_model_from_checkpoint(path, arch: Optional[str] = None, num_classes: Optional[int] = None, **overrides):
-    """Rebuild the model a checkpoint was trained with and load its weights; returns ``(model, meta)``.
-
-    ``arch`` / ``num_classes`` are needed only for files that do not record them (official releases);
-    ``num_classes`` is then read off the head's shape.
-    """
-    from Model import build_model  # local import: Model imports utils
-
-    ckpt = read_checkpoint(path)
-    arch = arch or ckpt.get("arch")
-    if not arch:
-        raise CheckpointError(f"checkpoint {path} does not record its architecture: pass --arch")
-    state_dict = clean_state_dict(ckpt["model"])
-    if num_classes is None:
-        num_classes = ckpt.get("num_classes")
-    if num_classes is None and "head.weight" in state_dict:
-        num_classes = int(state_dict["head.weight"].shape[0])
-    kwargs = dict(ckpt.get("model_kwargs") or {})
-    if ckpt.get("img_size"):
-        kwargs.setdefault("img_size", ckpt["img_size"])
-    kwargs.update(overrides)
-    model = build_model(arch, num_classes=num_classes, **kwargs)
-    return model, _load_weights(ckpt, path, model)

@@ -1,25 +1,57 @@
-"""Command line shared by evaluator.py (CUB release, wsolevaluation metadata, custom folders, demo data)
-and evaluator_ImageNet.py (ILSVRC2012 layout): flags, ``--config`` YAML defaults, the run, tables and
-``<output-dir>/metrics.json``."""
+"""The job runner of evaluator.py (CUB release, wsolevaluation metadata, custom folders, demo data) and
+evaluator_ImageNet.py (ILSVRC2012 layout): flags, ``--config`` (an evaluation file or the training config),
+the model from its checkpoint, the run, tables and ``<output-dir>/metrics.json``, ``per_image.csv``,
+``wsol_curves.json`` / ``.png``."""
 import argparse
+import csv
+import dataclasses
+import difflib
 import json
 import logging
 import os
 from pathlib import Path
 
-from utils.config import read_yaml_mapping
-from utils.errors import CheckpointError, ConfigError
+from DataLoader import FORMATS
+from DataLoader.eval_loader import build_eval_loader, demo_data_root, protocol_for_data
+from DataLoader.eval_views import PROTOCOLS
+from Model import build_model_from_checkpoint
+from utils import config as train_config
+from utils.amp import describe
+from utils.distributed import cleanup, init_distributed
+from utils.errors import CheckpointError, ConfigError, DataError
+from utils.evaluation import NonFiniteOutputError, evaluate
+from utils.logger import close_logging, setup_logging
+from utils.metrics_sat import OFFICIAL_THRESHOLD
+from utils.visualize import plot_curves
 
 _logger = logging.getLogger("sat")
 
-# Per script: what it reads and the official evaluator's defaults (SPEC 5).
+# Per script: what it reads and the defaults of the official evaluator.py / evaluator_ImageNet.py
+# (wpy1999/SAT): threshold 0.4 with ten-crop classification on CUB, 0.3 with the centre crop on ImageNet.
 SCRIPTS = {
     "cub": {"description": "Evaluate a SAT checkpoint on CUB-200-2011 (default), wsolevaluation metadata "
-                           "(--format wsol) or a custom folder dataset; without --data-root on the demo data.",
-            "thresholds": [0.4], "tencrop": True},
+                           "(--format wsol), another dataset format or a custom folder dataset; without "
+                           "--data-root on the demo data.",
+            "threshold": OFFICIAL_THRESHOLD["cub"], "tencrop": True},
     "imagenet": {"description": "Evaluate a SAT checkpoint on the ILSVRC2012 validation set.",
-                 "thresholds": [0.3], "tencrop": False},
+                 "threshold": OFFICIAL_THRESHOLD["imagenet"], "tencrop": False},
 }
+# Keys of a training config file (utils/config.py) that mean an evaluator flag under another name.
+TRAINING_KEYS = {"data_format": "format", "eval_batch_size": "batch_size"}
+# Evaluator flags a training config file also has, with another meaning there (global training batch,
+# training precision, the run folder): ignored when they come from a config file.
+NOT_FROM_CONFIG = ("batch_size", "amp", "output_dir")
+
+
+def cam_threshold(text):
+    """argparse type of a CAM threshold: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a CAM threshold must lie in [0, 1], got {text}")
+    return value
 
 
 class _ConfigParser(argparse.ArgumentParser):
@@ -35,13 +67,14 @@ class _ConfigParser(argparse.ArgumentParser):
 
 def build_parser(kind, parser_class=argparse.ArgumentParser, **kwargs):
     spec = SCRIPTS[kind]
-    p = parser_class(description=spec["description"], **kwargs)
+    p = parser_class(description=spec["description"], allow_abbrev=False, **kwargs)
     if kind == "cub":
         p.add_argument("--data-root", help="dataset root (default: the built-in demo data, generated if missing)")
-        p.add_argument("--format", default="cub", choices=("cub", "wsol", "folder", "dogs", "cars", "aircraft"),
+        p.add_argument("--format", default="cub", choices=FORMATS,
                        help="cub: CUB-200-2011 release; wsol: wsolevaluation metadata (needs --metadata-root), "
                             "images under --data-root; folder: <split>/<class>/<image>; dogs, cars, aircraft: "
-                            "the Stanford Dogs, Stanford Cars, FGVC-Aircraft releases (default: cub)")
+                            "the Stanford Dogs, Stanford Cars, FGVC-Aircraft releases; imagenet: use "
+                            "evaluator_ImageNet.py (default: cub)")
         p.add_argument("--metadata-root", help="wsolevaluation metadata folder holding <split>/image_ids.txt ...")
         p.add_argument("--split", default="test", choices=("test", "val"),
                        help="test, or val (wsolevaluation train-fullsup) (default: test)")
@@ -51,82 +84,96 @@ def build_parser(kind, parser_class=argparse.ArgumentParser, **kwargs):
         p.add_argument("--val-boxes", help="val boxes: XML folder, LOC_val_solution.csv or val_gt.txt "
                                            "(default: looked for under --data-root)")
     p.add_argument("--checkpoint", help="checkpoint of this project or an official SAT release file (required)")
-    p.add_argument("--config", help="YAML file of flag defaults (keys: flag names with underscores)")
-    p.add_argument("--arch", help="architecture, for files that do not record it (official releases)")
-    p.add_argument("--num-classes", type=int, help="classes, for files that do not record them")
-    p.add_argument("--protocol", default="sat", choices=("sat", "wsol", "both"),
-                   help="sat: official Top-1/Top-5/GT-known Loc; wsol: MaxBoxAcc/MaxBoxAccV2/PxAP; both")
-    p.add_argument("--thresholds", type=float, nargs="+", default=spec["thresholds"], metavar="T",
-                   help=f"protocol A localization thresholds (default: {spec['thresholds']})")
+    p.add_argument("--config", help="YAML file: evaluator flag names with underscores, or the training config "
+                                    "(its evaluation and data keys are used, the rest ignored)")
+    p.add_argument("--arch", help="architecture (default: recorded in the file, or read off its weights' shapes)")
+    p.add_argument("--num-classes", type=int, help="classes (default: read off the head's shape)")
+    p.add_argument("--eval-protocol", default="auto", choices=PROTOCOLS + ("auto",),
+                   help="sat: official SAT (Top-1/Top-5/GT-known Loc); wsol: wsolevaluation (MaxBoxAcc, "
+                        "MaxBoxAccV2, PxAP); both; cls: classification only; auto: sat with boxes, wsol with "
+                        "masks only, cls with neither (default: auto)")
+    p.add_argument("--threshold", type=cam_threshold, default=spec["threshold"], metavar="T",
+                   help=f"official-protocol CAM threshold of the reported metrics (default: {spec['threshold']}, "
+                        "the official evaluator's)")
+    p.add_argument("--thresholds", type=cam_threshold, nargs="+", default=[], metavar="T",
+                   help="official-protocol thresholds to search on the evaluated split: the best one (GT-known + "
+                        "Top-1 Loc) is reported separately under best_threshold, never as the headline number")
+    p.add_argument("--wsol-threshold", type=cam_threshold, metavar="T",
+                   help="wsolevaluation: also report box accuracy at this CAM threshold (e.g. maxboxacc_threshold "
+                        "chosen on --split val), and draw overlays at it (default: at maxboxacc's threshold)")
     p.add_argument("--tencrop", action=argparse.BooleanOptionalAction, default=spec["tencrop"],
-                   help=f"protocol A ten-crop classification (default: {'on' if spec['tencrop'] else 'off'})")
+                   help=f"ten-crop classification, official protocol (default: {'on' if spec['tencrop'] else 'off'})")
     p.add_argument("--resize-size", type=int,
-                   help="protocol A resize before the centre crop (default: the checkpoint's training setting, "
+                   help="resize before the centre crop (default: the checkpoint's training setting, "
                         "else 256/224 x the input size)")
     p.add_argument("--save-scoremaps", metavar="DIR",
-                   help="write <image_id>.npy protocol B score maps (224x224, [0, 1]) for wsolevaluation")
+                   help="write <image_id>.npy wsolevaluation score maps (224x224, [0, 1])")
     p.add_argument("--save-images", metavar="DIR", help="write <image_id>.png overlays (heat map, boxes)")
     p.add_argument("--max-images", type=int, metavar="N", help="overlays of the first N images only")
-    p.add_argument("--output-dir", default="output/eval", help="metrics.json and log.txt (default: output/eval)")
+    p.add_argument("--output-dir", default="output/eval",
+                   help="metrics.json, per_image.csv, log.txt (default: output/eval)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="data loading processes (default: 4, at most the number of CPUs)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="default: cuda when available, else cpu")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default="auto",
-                   help="bf16 autocast forward (default: on where CUDA or the CPU supports bf16 natively; metrics "
-                        "stay within the tolerance in README, Performance); --no-amp: fp32 as the official evaluators")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast forward where CUDA or the CPU supports it (faster; numbers may differ "
+                        "slightly, see README, Performance) (default: off, fp32 as the official evaluators)")
     return p
 
 
 def _config_argv(path, defaults):
-    """The flags that the keys of a YAML config file stand for (unknown keys -> ConfigError)."""
-    data = read_yaml_mapping(path)
-    argv = []
+    """The flags that the keys of a YAML config file stand for: evaluator flag names, and the keys of a
+    training config that concern evaluation (``TRAINING_KEYS``); other training keys are ignored (logged),
+    unknown keys are a ConfigError."""
+    data = train_config.read_yaml_mapping(path)
+    argv, ignored = [], []
     for key, value in data.items():
-        if key not in defaults or key == "config":
-            raise ConfigError(f"config file {path}: unknown key {key!r} (known: {', '.join(sorted(defaults))})")
-        flag = "--" + key.replace("_", "-")
-        if isinstance(defaults[key], bool) and isinstance(value, bool):
+        dest = TRAINING_KEYS.get(key, key)
+        if dest not in defaults or dest == "config" or key in NOT_FROM_CONFIG:
+            if key in train_config.FIELDS or key in NOT_FROM_CONFIG:
+                ignored.append(key)
+                continue
+            close = difflib.get_close_matches(str(key), list(defaults) + list(train_config.FIELDS), n=1)
+            raise ConfigError(f"config file {path}: unknown key {key!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(defaults[dest], bool) and isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, list):
             argv += [flag, *map(str, value)]
         elif value is not None:
             argv += [flag, str(value)]
-    return argv
+    return argv, ignored
 
 
 def parse_args(argv, kind):
     """Flags over ``--config`` values over defaults; --checkpoint (and ImageNet's --data-root) required."""
     parser = build_parser(kind)
     args = parser.parse_args(argv)
+    args.ignored_config_keys = []
     if args.config:
-        config_argv = _config_argv(args.config, vars(parser.parse_args([])))
+        defaults = vars(parser.parse_args([]))
+        if kind == "imagenet":
+            defaults.pop("format", None)
+        config_argv, ignored = _config_argv(args.config, defaults)
         from_file = build_parser(kind, _ConfigParser, source=args.config).parse_args(config_argv)
-        parser.set_defaults(**{key: value for key, value in vars(from_file).items() if key != "config"})
+        parser.set_defaults(**{key: value for key, value in vars(from_file).items()
+                               if key != "config" and key in _given(config_argv)})
         args = parser.parse_args(argv)
+        args.ignored_config_keys = ignored
     for name in ("checkpoint",) + (("data_root",) if kind == "imagenet" else ()):
         if getattr(args, name) is None:
             parser.error(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
+    if kind == "cub" and args.format == "imagenet":
+        parser.error("--format imagenet: use evaluator_ImageNet.py, which reads the ILSVRC2012 layout with the "
+                     "official ImageNet settings (threshold 0.3, centre crop)")
     return args
 
 
-def _data(args, kind, info):
-    """(format, root) to read: the ImageNet layout, the given data, or the demo data."""
-    if kind == "imagenet":
-        return "imagenet", args.data_root
-    if args.data_root is not None:
-        return args.format, args.data_root
-    if args.format != "cub":
-        raise ConfigError(f"--format {args.format} needs --data-root")
-    from DataLoader import DEFAULT_DEMO_ROOT, make_demo_dataset
-    from utils.distributed import barrier
-
-    if info.is_main:
-        make_demo_dataset(DEFAULT_DEMO_ROOT)
-    barrier()
-    _logger.info("no --data-root: evaluating on the built-in demo data at %s", DEFAULT_DEMO_ROOT)
-    return "cub", str(DEFAULT_DEMO_ROOT)
+def _given(config_argv):
+    """The argparse dests of the flags in a config-derived argv."""
+    return {arg[2:].replace("-", "_").removeprefix("no_") for arg in config_argv if arg.startswith("--")}
 
 
 def _row(cells):
@@ -140,19 +187,31 @@ def _table(title, columns):
 
 
 def format_tables(metrics, protocol, tencrop):
-    """Readable protocol A and/or protocol B tables of a metrics dict."""
+    """Readable tables of a metrics dict: official protocol, wsolevaluation protocol, classification."""
     tables = []
+    classification = "ten-crop" if tencrop else "centre-crop"
+    if protocol == "cls":
+        tables.append(_table(f"Classification ({classification}): {metrics['num_images']} images",
+                             [("Top-1 Cls", metrics["top1_cls"]), ("Top-5 Cls", metrics["top5_cls"])]))
     if protocol in ("sat", "both"):
-        classification = "ten-crop" if tencrop else "centre-crop"
         tables.append(_table(
-            f"Protocol A (official SAT): {metrics['num_images']} images, {classification} classification, "
-            f"best threshold {metrics['best_threshold']:g}",
+            f"Official SAT protocol: {metrics['num_images']} images, {classification} classification, "
+            f"threshold {metrics['threshold']:g}",
             [("Top-1 Cls", metrics["top1_cls"]), ("Top-5 Cls", metrics["top5_cls"]),
              ("Top-1 Loc", metrics["top1_loc"]), ("Top-5 Loc", metrics["top5_loc"]),
              ("GT-known Loc", metrics["gt_known_loc"]), ("IoU30", metrics["iou30"]),
              ("IoU50", metrics["iou50"]), ("IoU70", metrics["iou70"])]))
-        if len(metrics["thresholds"]) > 1:
-            tables.append(_table("Protocol A per threshold (GT-known Loc / Top-1 Loc)", [
+        if "best_threshold" in metrics:
+            best = metrics["at_best_threshold"]
+            tables.append(_table(
+                f"Official SAT protocol at best_threshold {metrics['best_threshold']:g}, chosen on the evaluated "
+                f"split ({metrics.get('split', 'this split')}) among {metrics['search_thresholds']}: not the "
+                "reported result",
+                [("Top-1 Loc", best["top1_loc"]), ("Top-5 Loc", best["top5_loc"]),
+                 ("GT-known Loc", best["gt_known_loc"]), ("IoU30", best["iou30"]), ("IoU50", best["iou50"]),
+                 ("IoU70", best["iou70"])]))
+        if len(metrics.get("thresholds", [])) > 1:
+            tables.append(_table("Official SAT protocol per threshold (GT-known Loc / Top-1 Loc)", [
                 (f"{t:g}", f"{gt:.2f} / {top1:.2f}") for t, gt, top1 in zip(
                     metrics["thresholds"], metrics["gt_known_loc_per_threshold"], metrics["top1_loc_per_threshold"])]))
     if protocol in ("wsol", "both"):
@@ -163,70 +222,164 @@ def format_tables(metrics, protocol, tencrop):
             columns += [(f"V2 IoU{iou}", acc) for iou, acc in metrics["maxboxaccv2_per_iou"].items()]
         if "pxap" in metrics:
             columns += [("PxAP", metrics["pxap"])]
-        tables.append(_table(f"Protocol B (wsolevaluation, 224x224 score maps): {metrics['num_images']} images",
+        tables.append(_table(f"wsolevaluation protocol (224x224 score maps): {metrics['num_images']} images",
                              columns))
+        if "at_wsol_threshold" in metrics:
+            fixed = metrics["at_wsol_threshold"]
+            tables.append(_table(f"wsolevaluation box accuracy at the given CAM threshold {fixed['wsol_threshold']:g}",
+                                 [("BoxAcc", fixed["boxacc"]), ("BoxAccV2", fixed["boxaccv2"])]
+                                 + [(f"V2 IoU{iou}", acc) for iou, acc in fixed["boxaccv2_per_iou"].items()]))
     return "\n\n".join(tables)
 
 
-def _best_thresholds(metrics):
-    best = {}
-    if "best_threshold" in metrics:
-        best["sat"] = metrics["best_threshold"]
-    if "maxboxacc_threshold" in metrics:
-        best["wsol"] = {"maxboxacc": metrics["maxboxacc_threshold"],
-                        "maxboxaccv2_per_iou": metrics["maxboxaccv2_threshold_per_iou"]}
-    if "piou_threshold" in metrics:
-        best["wsol_piou"] = metrics["piou_threshold"]
-    return best
+def format_per_class(per_class):
+    """The per-class table of log.txt: Top-1 Cls / Top-1 Loc / GT-known Loc (%) per class."""
+    width = max([5] + [len(name) for name in per_class])
+    lines = [f"{'class':<{width}}  images  Top-1 Cls  Top-1 Loc  GT-known Loc"]
+    lines += [f"{name:<{width}}  {m['num_images']:6d}  {m['top1_cls']:9.2f}  {m['top1_loc']:9.2f}  "
+              f"{m['gt_known_loc']:12.2f}" for name, m in per_class.items()]
+    return "\n".join(lines)
+
+
+PER_IMAGE_COLUMNS = ("image_id", "label", "top5", "score", "box_crop", "box_original", "iou", "cls_correct",
+                     "top1_loc", "gt_known")
+
+
+def write_per_image(path, rows):
+    """``per_image.csv``: one row per image; lists space-separated, floats written exactly (repr)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(PER_IMAGE_COLUMNS)
+        for row in rows:
+            writer.writerow([" ".join(map(repr, row[key])) if isinstance(row[key], list) else
+                             int(row[key]) if isinstance(row[key], bool) else
+                             repr(row[key]) if isinstance(row[key], float) else row[key] for key in PER_IMAGE_COLUMNS])
+
+
+def write_curves(output_dir, curves):
+    """``wsol_curves.json`` and ``wsol_curves.png``: box accuracy against the CAM threshold (per IoU) and
+    the PxAP precision-recall curve."""
+    (output_dir / "wsol_curves.json").write_text(json.dumps(curves, indent=1) + "\n", encoding="utf-8")
+    panels = []
+    if "box_accuracy" in curves:
+        box = curves["box_accuracy"]
+        series = {"MaxBoxAcc (largest, IoU 50)": box["boxacc"]}
+        series.update({f"V2 IoU{iou}": acc for iou, acc in box["boxaccv2_per_iou"].items()})
+        panels.append(("box accuracy (%) vs CAM threshold", box["cam_thresholds"],
+                       {name: values for name, values in series.items()}, (0, 1), (0, 100)))
+    if "pxap" in curves:
+        pr = curves["pxap"]
+        points = [(r, p) for r, p in zip(pr["recall"], pr["precision"]) if p is not None]
+        panels.append(("PxAP: precision vs recall", [r for r, _ in points], {"precision": [p for _, p in points]},
+                       (0, 1), (0, 1)))
+    if panels:
+        plot_curves(output_dir / "wsol_curves.png", panels)
+
+
+def match_classes(dataset, model, meta, checkpoint):
+    """Align the dataset's labels with the model's classes: by name when the checkpoint records its class
+    names (a class subset is remapped, with a warning), else by index. A class the model lacks is an
+    error; names that differ are a warning naming a few."""
+    names = meta.get("class_names")
+    if names and set(dataset.classes) <= set(names) and dataset.classes != list(names):
+        index = {name: k for k, name in enumerate(names)}
+        mapping = [index[name] for name in dataset.classes]
+        dataset.items = [dataclasses.replace(item, label=mapping[item.label]) for item in dataset.items]
+        dataset.classes = list(names)
+        _logger.warning("the data has %d of the checkpoint's %d classes: evaluating on that class subset, labels "
+                        "matched by name", len(mapping), len(names))
+        return
+    if dataset.num_classes > model.num_classes:
+        extra = dataset.classes[model.num_classes:][:3]
+        raise CheckpointError(f"checkpoint {checkpoint} predicts {model.num_classes} classes but the data has "
+                              f"{dataset.num_classes}; classes outside the model: {', '.join(map(str, extra))}")
+    if names and list(names[:dataset.num_classes]) != list(dataset.classes):
+        differ = [(a, b) for a, b in zip(dataset.classes, names) if a != b][:3]
+        _logger.warning("the checkpoint's class names differ from the data's (labels matched by index), e.g. %s",
+                        "; ".join(f"data {a!r} vs checkpoint {b!r}" for a, b in differ))
+    if dataset.num_classes < model.num_classes:
+        _logger.warning("the data has %d classes, the model predicts %d: evaluating on a class subset (labels "
+                        "taken as the model's first %d classes)", dataset.num_classes, model.num_classes,
+                        dataset.num_classes)
+        dataset.classes = list(dataset.classes) + [str(k) for k in range(dataset.num_classes, model.num_classes)]
+
+
+def _data(args, kind, info):
+    """(format, root) to read: the ImageNet layout, the given data, or the demo data."""
+    if kind == "imagenet":
+        return "imagenet", args.data_root
+    if args.data_root is not None:
+        return args.format, args.data_root
+    if args.format != "cub":
+        raise ConfigError(f"--format {args.format} needs --data-root")
+    return "cub", demo_data_root(info.is_main)
 
 
 def main(argv=None, kind="cub"):
     """Evaluate a checkpoint as the flags say; returns the record written to metrics.json."""
-    from utils.amp import describe
-    from utils.checkpoint import build_model_from_checkpoint
-    from utils.distributed import cleanup, init_distributed
-    from utils.evaluation import build_eval_loader, default_resize_size, evaluate
-    from utils.logger import setup_logging
-
     args = parse_args(argv, kind)
     info = init_distributed(args.device)
     try:
-        output_dir = Path(args.output_dir)
-        setup_logging(output_dir, info.is_main, info.rank)
-        model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
-        img_size = int(model.patch_embed.img_size[0])
-        resize_size = (args.resize_size or (meta.get("config") or {}).get("resize_size")
-                       or default_resize_size(img_size))
-        fmt, root = _data(args, kind, info)
-        tencrop = args.tencrop and args.protocol != "wsol"
-        loader = build_eval_loader(fmt, root, getattr(args, "split", "test"), protocol=args.protocol,
-                                   tencrop=tencrop, img_size=img_size, resize_size=resize_size,
-                                   batch_size=args.batch_size, workers=args.workers, distributed=info.distributed,
-                                   metadata_root=getattr(args, "metadata_root", None), val_boxes=args.val_boxes)
-        if loader.dataset.num_classes != model.num_classes:
-            raise CheckpointError(f"checkpoint {args.checkpoint} predicts {model.num_classes} classes but the data "
-                                  f"at {root} has {loader.dataset.num_classes}")
-        arch = args.arch or meta.get("arch")
-        _logger.info("evaluating %s (%s, %d classes, input %d) on %d images of %s, protocol %s, thresholds %s, "
-                     "%s, %s", args.checkpoint, arch, model.num_classes, img_size, len(loader.dataset), root,
-                     args.protocol, args.thresholds, "ten-crop" if tencrop else "single crop",
-                     describe(info.device, args.amp))
-        metrics = evaluate(model.to(info.device), loader, device=info.device, thresholds=args.thresholds,
-                           protocol=args.protocol, tencrop=tencrop, amp=args.amp, img_size=img_size,
-                           resize_size=resize_size, distributed=info.distributed,
-                           save_scoremaps=args.save_scoremaps, save_images=args.save_images,
-                           max_images=args.max_images, progress=info.is_main)
-        record = {"checkpoint": str(args.checkpoint), "arch": arch, "num_classes": model.num_classes,
-                  "img_size": img_size, "resize_size": resize_size, "data_format": fmt, "data_root": str(root),
-                  "split": getattr(args, "split", "test"), "protocol": args.protocol,
-                  "thresholds": args.thresholds, "tencrop": tencrop,
-                  "precision": describe(info.device, args.amp), **metrics,
-                  "best_thresholds": _best_thresholds(metrics)}
-        if info.is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "metrics.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-            _logger.info("\n%s\n", format_tables(record, args.protocol, tencrop))
-            _logger.info("metrics written to %s", output_dir / "metrics.json")
-        return record
+        return run(args, kind, info)
     finally:
+        close_logging()
         cleanup()
+
+
+def run(args, kind, info):
+    output_dir = Path(args.output_dir)
+    setup_logging(output_dir, info.is_main, info.rank)
+    if args.ignored_config_keys:
+        _logger.info("config %s: ignored keys that do not concern evaluation: %s", args.config,
+                     ", ".join(args.ignored_config_keys))
+    model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
+    img_size = int(model.patch_embed.img_size[0])
+    resize_size = args.resize_size or (meta.get("config") or {}).get("resize_size")
+    fmt, root = _data(args, kind, info)
+    split = getattr(args, "split", "test")
+    protocol = args.eval_protocol
+    common = dict(img_size=img_size, resize_size=resize_size, batch_size=args.batch_size, workers=args.workers,
+                  distributed=info.distributed, metadata_root=getattr(args, "metadata_root", None),
+                  val_boxes=args.val_boxes)
+    loader = build_eval_loader(fmt, root, split, protocol="sat" if protocol == "auto" else protocol,
+                               tencrop=args.tencrop, **common)
+    if protocol == "auto":
+        protocol = protocol_for_data(loader.dataset)
+        _logger.info("--eval-protocol auto: %s (%s)", protocol, {"sat": "the data has boxes", "wsol": "masks only",
+                                                                "cls": "neither boxes nor masks"}[protocol])
+        if protocol != "sat":
+            loader = build_eval_loader(fmt, root, split, protocol=protocol, tencrop=args.tencrop, **common)
+    match_classes(loader.dataset, model, meta, args.checkpoint)
+    views = loader.dataset.transform
+    arch = meta.get("arch") or args.arch
+    _logger.info("evaluating %s (%s, %d classes, input %d) on %d images of %s, protocol %s, views %s, "
+                 "threshold %g%s, %s", args.checkpoint, arch, model.num_classes, img_size, len(loader.dataset), root,
+                 protocol, "+".join(views.views), args.threshold,
+                 f" (searching {args.thresholds} for best_threshold)" if args.thresholds else "",
+                 describe(info.device, args.amp))
+    official = protocol in ("sat", "both")
+    try:
+        metrics = evaluate(model.to(info.device), loader, info.device, threshold=args.threshold if official else None,
+                           thresholds=args.thresholds if official else (), wsol_threshold=args.wsol_threshold,
+                           amp=args.amp, distributed=info.distributed, save_scoremaps=args.save_scoremaps,
+                           save_images=args.save_images, max_images=args.max_images, per_image=official,
+                           progress=info.is_main)
+    except NonFiniteOutputError as err:
+        raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
+    rows, curves = metrics.pop("per_image", None), metrics.pop("curves", None)
+    record = {"checkpoint": str(args.checkpoint), "arch": arch, "num_classes": model.num_classes,
+              "img_size": img_size, "resize_size": views.resize_size, "data_format": fmt, "data_root": str(root),
+              "split": split, "eval_protocol": protocol, "views": list(views.views), "tencrop": views.tencrop,
+              "precision": describe(info.device, args.amp), "search_thresholds": args.thresholds, **metrics}
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        _logger.info("\n%s\n", format_tables(record, protocol, views.tencrop))
+        if rows is not None:
+            write_per_image(output_dir / "per_image.csv", rows)
+            _logger.info("per class (official protocol, threshold %g):\n%s", args.threshold,
+                         format_per_class(record["per_class"]))
+        if curves:
+            write_curves(output_dir, curves)
+        _logger.info("metrics written to %s", output_dir / "metrics.json")
+    return record

@@ -1,18 +1,14 @@
-"""Evaluation engine: one pass over a loader scores protocol A (official SAT: Top-1 / Top-5 / GT-known
-Loc, SPEC 5) and/or protocol B (wsolevaluation: MaxBoxAcc, MaxBoxAccV2, PxAP, SPEC 6), and can save
-the benchmark's score maps and overlay images.
+"""Evaluation loop: one pass over a loader scores the official SAT protocol (``sat``, the official
+evaluator.py's ``val_loc_one_epoch``) and/or the wsolevaluation protocol (``wsol``), or classification
+only (``cls``); README, "Evaluation", maps each official function to its counterpart here.
 
-Views: the loader's dataset is built with ``eval_transform(protocol, tencrop, img_size)``, which turns
-each decoded image into one (V, 3, S, S) stack: the protocol A views first (the centre crop, or the
-ten crops of TenCrop with the centre crop at index 4), then the protocol B view (plain resize).
-``build_eval_loader`` uses its uint8 half ``DataLoader.transforms.EvalPixels`` instead: the workers only
-decode and resize, and ``evaluate`` crops and normalises on its device (DataLoader/device_transforms.py,
-the same tensors). ``evaluate`` forwards all views of a batch in one call. Protocol B works in the
-benchmark's 224x224 frame whatever the model's input size: score maps are resized to 224 and GT boxes
-scaled to it.
-
-The per-image box extraction (OpenCV, which releases the GIL) runs in a thread pool while the next
-batch is forwarded; each task fills its own counters, merged afterwards and, under DDP, all-reduced.
+The loader's dataset transform is a ``DataLoader.eval_views.EvalViews``: it names the protocol and the
+views (``centre`` or ``tencrop`` for the official protocol, ``wsol``), stacked per image as (V, 3, S, S).
+Per batch: ``batch_to_device`` moves the views to the device; ``forward_views`` runs all views in one
+call and returns class scores and maps per protocol; ``BatchScorer`` does the per-image CPU work (GT
+boxes in each protocol's frame, boxes, counters, per-image rows, files) in a thread pool (OpenCV
+releases the GIL) while the next batch is forwarded. Counters are summed over batches and, under DDP,
+over processes.
 """
 import os
 from collections import deque
@@ -23,118 +19,56 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
 
-from DataLoader.device_transforms import on_device
-
-from utils.box_ops import CounterState, max_iou
-from utils.errors import ConfigError, DataError
-from utils.metrics_sat import TRAIN_THRESHOLDS, SATLocAccumulator, boxes_at_thresholds, normalize_map_sat, topk_correct
+from DataLoader.device_transforms import on_device, to_device
+from DataLoader.eval_loader import ShardSampler
+from DataLoader.eval_views import TENCROP_CENTRE, crop_box_to_original
+from DataLoader.transforms import boxes_protocol_a, boxes_protocol_b, denormalize
+from DataLoader.wsol_metadata import load_mask
+from utils.amp import autocast_settings
+from utils.box_ops import max_iou
+from utils.distributed import all_gather_object, all_reduce_sum
+from utils.errors import ConfigError, DataError, SATError
+from utils.metrics import ClassAccumulator
+from utils.metrics_sat import SATLocAccumulator, normalize_map_sat
 from utils.metrics_wsol import SCORE_MAP_SIZE, PxAPAccumulator, WSOLBoxAccumulator, contour_boxes, wsol_score_map
+from utils.visualize import render_overlay, save_rgb
 
-PROTOCOLS = ("sat", "wsol", "both")
-TENCROP_CENTER = 4  # torchvision TenCrop order: four corners, centre, then the same flipped
-
-
-def default_resize_size(img_size):
-    """The official Resize((256, 256)) before CenterCrop(224), scaled to other input sizes."""
-    return round(img_size * 256 / 224)
+LOC_KEYS = ("gt_known_loc", "top1_loc", "top5_loc", "iou30", "iou50", "iou70")
 
 
-def view_counts(protocol, tencrop):
-    """(protocol A views, protocol B views) per image: (1 or 10, 0), (0, 1) or (1 or 10, 1)."""
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {protocol!r} (expected one of {', '.join(PROTOCOLS)})")
-    return (0 if protocol == "wsol" else 10 if tencrop else 1), int(protocol != "sat")
+class NonFiniteOutputError(SATError):
+    """The model gave NaN or Inf class scores or maps (as wsolevaluation, such maps are not scored)."""
 
 
-class EvalViews:
-    """PIL image -> (V, 3, S, S): the protocol A view(s), then the protocol B view (see module doc)."""
-
-    def __init__(self, protocol="sat", tencrop=False, img_size=224, resize_size=None):
-        from DataLoader import transforms as T  # torchvision is slow to import
-
-        n_a, n_b = view_counts(protocol, tencrop)
-        resize_size = resize_size or default_resize_size(img_size)
-        self.transforms = []
-        if n_a:
-            crop = T.tencrop_transform if tencrop else T.test_transform
-            self.transforms.append(crop(img_size, resize_size))
-        if n_b:
-            self.transforms.append(T.wsol_transform(img_size))
-
-    def __call__(self, image):
-        views = [transform(image) for transform in self.transforms]
-        return torch.cat([view.reshape(-1, *view.shape[-3:]) for view in views])
+def sat_metrics(acc, threshold, thresholds):
+    """Official-protocol metrics of an accumulator: the headline keys at ``threshold`` (when given), and
+    the one of ``thresholds`` maximising GT-known + Top-1 Loc on the evaluated split as
+    ``best_threshold`` with its metrics under ``at_best_threshold`` (when ``thresholds`` are given)."""
+    out = acc.compute_at(threshold) if threshold is not None else {}
+    if thresholds:
+        best = acc.compute(thresholds)
+        out.update({key: best[key] for key in ("num_images", "top1_cls", "top5_cls")})
+        out.update(best_threshold=best["best_threshold"], at_best_threshold={key: best[key] for key in LOC_KEYS})
+    if len(acc.thresholds) > 1:
+        every = acc.compute()
+        out.update(thresholds=acc.thresholds, gt_known_loc_per_threshold=every["gt_known_loc_per_threshold"],
+                   top1_loc_per_threshold=every["top1_loc_per_threshold"])
+    return out
 
 
-def eval_transform(protocol="sat", tencrop=False, img_size=224, resize_size=None):
-    """The dataset transform ``evaluate`` expects for these settings (resize default 256/224 * img_size)."""
-    return EvalViews(protocol, tencrop, img_size, resize_size)
+class Counters:
+    """The accumulators of one evaluation, or of one batch (merged into the evaluation's)."""
 
-
-class ShardSampler(Sampler):
-    """Indices rank, rank + world_size, ...: disjoint shards that cover the dataset exactly once
-    (unlike DistributedSampler, no padding duplicates). rank / world_size default to the process group."""
-
-    def __init__(self, length, rank=None, world_size=None):
-        self.length = length
-        self.rank = dist.get_rank() if rank is None else rank
-        self.world_size = dist.get_world_size() if world_size is None else world_size
-
-    def __iter__(self):
-        return iter(range(self.rank, self.length, self.world_size))
-
-    def __len__(self):
-        return len(range(self.rank, self.length, self.world_size))
-
-
-def build_eval_loader(fmt, root, split, *, protocol, tencrop, img_size, batch_size, workers, distributed=False,
-                      metadata_root=None, val_boxes=None, resize_size=None):
-    """Loader over ``split`` of a dataset (DataLoader.build_dataset formats) with the views ``evaluate``
-    needs; ``distributed``: this process's shard (ShardSampler)."""
-    from DataLoader import build_dataset, collate_samples
-    from DataLoader.transforms import EvalPixels
-
-    # uint8 pixels and crops; evaluate makes the views on its device (equal to eval_transform's)
-    pixels = EvalPixels(*view_counts(protocol, tencrop), img_size, resize_size or default_resize_size(img_size))
-    dataset = build_dataset(fmt, root, split, pixels, metadata_root=metadata_root, val_boxes=val_boxes)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                      sampler=ShardSampler(len(dataset)) if distributed else None,
-                      num_workers=workers, collate_fn=collate_samples, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0)
-
-
-class ClassAccumulator(CounterState):
-    """Top-1 / top-5 classification hits (protocol B reports the classification of its own view)."""
-
-    COUNTERS = ("num_images", "top1", "top5")
-
-    def __init__(self):
-        self.num_images, self.top1, self.top5 = (np.zeros((), np.int64) for _ in range(3))
-
-    def update(self, scores, labels):
-        top1, top5 = topk_correct(scores, labels)
-        self.num_images += len(top1)
-        self.top1 += top1.sum()
-        self.top5 += top5.sum()
-
-    def compute(self):
-        self._check_nonempty()
-        pct = 100.0 / int(self.num_images)
-        return {"num_images": int(self.num_images), "top1_cls": float(self.top1 * pct),
-                "top5_cls": float(self.top5 * pct)}
-
-
-class _Counters:
-    """All accumulators of one evaluation, or of one batch (merged into the evaluation's)."""
-
-    def __init__(self, n_a, n_b, thresholds, cam_size):
+    def __init__(self, protocol, thresholds, cam_size):
         self.parts = {}
-        if n_a:
+        if protocol in ("sat", "both"):
             self.parts["sat"] = SATLocAccumulator(thresholds, cam_size)
-        if n_b:
-            self.parts.update(cls_b=ClassAccumulator(), boxes_b=WSOLBoxAccumulator(), pxap=PxAPAccumulator())
+        if protocol == "cls":
+            self.parts["cls"] = ClassAccumulator()
+        if protocol in ("wsol", "both"):
+            self.parts.update(wsol_cls=ClassAccumulator(), wsol_boxes=WSOLBoxAccumulator(), pxap=PxAPAccumulator())
 
     def merge(self, other):
         for name, acc in self.parts.items():
@@ -144,158 +78,244 @@ class _Counters:
         for acc in self.parts.values():
             acc.reduce(fn)
 
-    def metrics(self, protocol):
-        out = self.parts["sat"].compute() if "sat" in self.parts else {}
-        if "cls_b" in self.parts:
-            cls_b = self.parts["cls_b"].compute()
+    def metrics(self, protocol, threshold, thresholds, wsol_threshold=None):
+        out = sat_metrics(self.parts["sat"], threshold, thresholds) if "sat" in self.parts else {}
+        if "cls" in self.parts:
+            out.update(self.parts["cls"].compute())
+        if "wsol_cls" in self.parts:
+            classification = self.parts["wsol_cls"].compute()
             if protocol == "wsol":
-                out.update(cls_b)
-            else:  # 'both': protocol A's classification (ten-crop or centre crop) keeps the plain keys
-                out.update(wsol_top1_cls=cls_b["top1_cls"], wsol_top5_cls=cls_b["top5_cls"])
-            for name in ("boxes_b", "pxap"):  # box metrics need boxes, PxAP masks: report what the data has
-                if int(self.parts[name].num_images):
-                    out.update({k: v for k, v in self.parts[name].compute().items() if k != "num_images"})
+                out.update(classification)
+            else:  # 'both': the official view's classification keeps the plain keys
+                out.update(wsol_top1_cls=classification["top1_cls"], wsol_top5_cls=classification["top5_cls"])
+            boxes, pxap = self.parts["wsol_boxes"], self.parts["pxap"]
+            if int(boxes.num_images):  # box metrics need boxes, PxAP masks: report what the data has
+                out.update({k: v for k, v in boxes.compute().items() if k != "num_images"})
+                if wsol_threshold is not None:
+                    out["at_wsol_threshold"] = boxes.compute_at(wsol_threshold)
+            if int(pxap.num_images):
+                out.update({k: v for k, v in pxap.compute().items() if k != "num_images"})
+        return out
+
+    def curves(self):
+        """wsolevaluation curves: box accuracy against the CAM threshold, the PxAP precision-recall curve."""
+        out = {}
+        if "wsol_boxes" in self.parts and int(self.parts["wsol_boxes"].num_images):
+            out["box_accuracy"] = self.parts["wsol_boxes"].curves()
+        if "pxap" in self.parts and int(self.parts["pxap"].num_images):
+            out["pxap"] = self.parts["pxap"].curves()
         return out
 
 
-class _BatchScorer:
-    """The per-image CPU work of a batch: GT boxes in each protocol's frame, counters, score maps, overlays."""
-
-    def __init__(self, n_a, n_b, thresholds, img_size, resize_size, save_scoremaps, save_images, class_names):
-        self.n_a, self.n_b = n_a, n_b
-        self.thresholds, self.img_size, self.resize_size = thresholds, img_size, resize_size
-        self.save_scoremaps = Path(save_scoremaps) if save_scoremaps else None
-        self.save_images = Path(save_images) if save_images else None
-        self.class_names = class_names
-
-    def __call__(self, batch, out, crops):
-        from DataLoader import load_mask
-        from DataLoader.transforms import boxes_protocol_a, boxes_protocol_b
-
-        counters = _Counters(self.n_a, self.n_b, self.thresholds, self.img_size)
-        labels, boxes, sizes, ids = batch["label"], batch["boxes"], batch["size"], batch["image_id"]
-        if self.n_a:
-            if any(len(b) == 0 for b in boxes):
-                missing = next(i for i, b in zip(ids, boxes) if len(b) == 0)
-                raise DataError(f"image {missing} has no GT boxes: protocol A (sat) needs boxes; "
-                                "use --protocol wsol for mask datasets")
-            gt_a = [boxes_protocol_a(b, s, self.resize_size, self.img_size) for b, s in zip(boxes, sizes)]
-            ious_a = counters.parts["sat"].update(out["maps_a"], gt_a, out["scores_a"], labels)
-        if self.n_b:
-            gt_b = [boxes_protocol_b(b, s, SCORE_MAP_SIZE) for b, s in zip(boxes, sizes)]
-            counters.parts["cls_b"].update(out["scores_b"], labels)
-            with_boxes = [i for i, b in enumerate(gt_b) if len(b)]
-            if with_boxes:
-                counters.parts["boxes_b"].update(out["maps_b"][with_boxes], [gt_b[i] for i in with_boxes])
-            if "mask_paths" in batch:
-                masks = [load_mask(paths, ignore, SCORE_MAP_SIZE)
-                         for paths, ignore in zip(batch["mask_paths"], batch["ignore_path"])]
-                counters.parts["pxap"].update(out["maps_b"], *map(np.stack, zip(*masks)))
-            if self.save_scoremaps:
-                for image_id, cam in zip(ids, out["maps_b"]):
-                    path = self.save_scoremaps / f"{image_id}.npy"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    np.save(path, wsol_score_map(cam))
-        for k, crop in crops.items():
-            pred = int(np.argmax(out["scores_a" if self.n_a else "scores_b"][k]))
-            if self.n_a:
-                score = normalize_map_sat(out["maps_a"][k], self.img_size)
-                box, gt, iou = boxes_at_thresholds(score, self.thresholds[:1])[0], gt_a[k], ious_a[k, 0]
-            else:
-                score, gt = wsol_score_map(out["maps_b"][k]), gt_b[k]
-                box = contour_boxes(score, self.thresholds[:1])[1][0]
-                iou = max_iou(box[None], gt)[0] if len(gt) else None  # mask datasets have no boxes
-            self._overlay(ids[k], crop, score, box, gt, pred, iou)
-        return counters
-
-    def _overlay(self, image_id, crop, score, box, gt, pred, iou):
-        from utils.visualize import render_overlay, save_rgb
-
-        name = self.class_names[pred] if self.class_names else str(pred)
-        caption = name if iou is None else f"{name}  IoU {iou:.2f} @ {self.thresholds[0]:g}"
-        save_rgb((self.save_images / image_id).with_suffix(".png"), render_overlay(crop, score, box, gt, caption))
+def batch_to_device(batch, device):
+    """The batch's views on ``device``, as (B, V, 3, S, S): uint8 pixels (``EvalViews.pixels``) are cropped
+    and normalised there (DataLoader/device_transforms.py), normalised views only copied."""
+    views = to_device(batch["image"], device)
+    return views if views.dim() == 5 else views[:, None]
 
 
-def _forward(model, views, n_a, autocast):
-    """Model outputs of all views in one call -> per-protocol scores and maps as float32 numpy arrays."""
+def forward_views(model, views, layout, autocast):
+    """All views of a batch in one forward -> ``{'sat' | 'wsol': (scores, maps)}`` as float32 numpy.
+
+    ``tencrop``: mean of the ten softmaxes (official), map of the centre crop; ``centre`` / ``wsol``:
+    the view's logits and map. The official view's outputs are keyed 'sat' (also for protocol 'cls').
+    """
     batch, num_views = views.shape[:2]
     with autocast():
         logits, maps = model(views.flatten(0, 1))
     logits = logits.float().unflatten(0, (batch, num_views))
     maps = maps.float().unflatten(0, (batch, num_views))
     out = {}
-    if n_a == 10:  # ten-crop: mean of the ten softmaxes, map of the centre crop
-        out.update(scores_a=logits[:, :10].softmax(dim=-1).mean(dim=1), maps_a=maps[:, TENCROP_CENTER])
-    elif n_a == 1:
-        out.update(scores_a=logits[:, 0], maps_a=maps[:, 0])
-    if num_views > n_a:
-        out.update(scores_b=logits[:, n_a], maps_b=maps[:, n_a])
-    return {key: value.cpu().numpy() for key, value in out.items()}
+    for view, where in layout.slices.items():
+        if view == "tencrop":
+            scores, cam = logits[:, where].softmax(dim=-1).mean(dim=1), maps[:, where.start + TENCROP_CENTRE]
+        else:
+            scores, cam = logits[:, where.start], maps[:, where.start]
+        out["wsol" if view == "wsol" else "sat"] = (scores.cpu().numpy(), cam.cpu().numpy())
+    return out
 
 
-def _overlay_crops(images, batch, n_a, max_images):
-    """{position in batch: uint8 RGB image} of the batch's images that get an overlay: the protocol A
-    centre crop, or the protocol B view resized to the 224x224 score-map frame."""
-    from DataLoader.transforms import denormalize
+def check_finite(out, image_ids):
+    """NonFiniteOutputError naming the first images whose scores or maps hold NaN or Inf."""
+    bad = np.zeros(len(image_ids), bool)
+    for scores, maps in out.values():
+        bad |= ~np.isfinite(scores).all(axis=1) | ~np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)
+    if bad.any():
+        names = [str(image_ids[k]) for k in np.flatnonzero(bad)[:3]]
+        raise NonFiniteOutputError(f"the model outputs NaN/Inf scores or maps for {int(bad.sum())} image(s) of a "
+                                   f"batch, first {', '.join(names)}")
 
-    view = TENCROP_CENTER if n_a == 10 else 0  # 'wsol': the protocol B view is the only one
+
+def _softmax(scores):
+    exp = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class BatchScorer:
+    """The per-image CPU work of one batch: GT boxes in each protocol's frame, boxes and counters,
+    per-image rows (official protocol, at ``threshold``), score maps and overlays."""
+
+    def __init__(self, layout, thresholds, threshold, save_scoremaps, save_images, class_names):
+        self.layout, self.thresholds, self.threshold = layout, thresholds, threshold
+        self.save_scoremaps = Path(save_scoremaps) if save_scoremaps else None
+        self.save_images = Path(save_images) if save_images else None
+        self.class_names = class_names
+
+    def __call__(self, batch, out, crops):
+        layout, protocol = self.layout, self.layout.protocol
+        counters = Counters(protocol, self.thresholds, layout.img_size)
+        labels, boxes, sizes, ids = batch["label"], batch["boxes"], batch["size"], batch["image_id"]
+        rows = []
+        if "cls" in counters.parts:
+            counters.parts["cls"].update(out["sat"][0], labels)
+        if "sat" in counters.parts:
+            missing = next((i for i, b in zip(ids, boxes) if len(b) == 0), None)
+            if missing is not None:
+                raise DataError(f"image {missing} has no GT boxes: the official SAT protocol (sat) needs boxes; "
+                                "use --eval-protocol wsol for mask datasets, cls for neither")
+            gt_sat = [boxes_protocol_a(b, s, layout.resize_size, layout.img_size) for b, s in zip(boxes, sizes)]
+            scores, maps = out["sat"]
+            sat_boxes = counters.parts["sat"].boxes(maps)
+            ious = counters.parts["sat"].update_boxes(sat_boxes, gt_sat, scores, labels)
+            if self.threshold is not None:
+                column = self.thresholds.index(self.threshold)
+                rows = self._rows(batch, scores, sat_boxes[:, column], ious[:, column])
+        if "wsol" in out:
+            scores, maps = out["wsol"]
+            gt_wsol = [boxes_protocol_b(b, s, SCORE_MAP_SIZE) for b, s in zip(boxes, sizes)]
+            counters.parts["wsol_cls"].update(scores, labels)
+            with_boxes = [i for i, b in enumerate(gt_wsol) if len(b)]
+            if with_boxes:
+                counters.parts["wsol_boxes"].update(maps[with_boxes], [gt_wsol[i] for i in with_boxes])
+            if "mask_paths" in batch:
+                masks = [load_mask(paths, ignore, SCORE_MAP_SIZE)
+                         for paths, ignore in zip(batch["mask_paths"], batch["ignore_path"])]
+                counters.parts["pxap"].update(maps, *map(np.stack, zip(*masks)))
+            if self.save_scoremaps:
+                for image_id, cam in zip(ids, maps):
+                    path = self.save_scoremaps / f"{image_id}.npy"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(path, wsol_score_map(cam))
+        for k, crop in crops.items():
+            if "sat" in counters.parts:
+                column = self.thresholds.index(self.threshold)
+                self.overlay(ids[k], crop, out["sat"][1][k], "sat", self.threshold, sat_boxes[k, column], gt_sat[k],
+                             int(np.argmax(out["sat"][0][k])))
+            elif "wsol" in out and self.threshold is not None:  # wsol at a given CAM threshold
+                self.overlay(ids[k], crop, out["wsol"][1][k], "wsol", self.threshold, None,
+                             boxes_protocol_b(boxes[k], sizes[k], SCORE_MAP_SIZE), int(np.argmax(out["wsol"][0][k])))
+        return counters, rows
+
+    def _rows(self, batch, scores, boxes, ious):
+        """One record per image at the reported threshold (see ``per_image.csv`` in README)."""
+        layout = self.layout
+        probs = scores if layout.tencrop else _softmax(scores.astype(np.float64))
+        top5 = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+        rows = []
+        for k, (image_id, label, size) in enumerate(zip(batch["image_id"], batch["label"].tolist(), batch["size"])):
+            top5_k = [int(c) for c in top5[k]]
+            rows.append({
+                "index": int(batch["index"][k]), "image_id": image_id, "label": int(label), "top5": top5_k, "score": float(probs[k, top5_k[0]]),
+                "box_crop": [int(v) for v in boxes[k]],
+                "box_original": crop_box_to_original(boxes[k], size, layout.resize_size, layout.img_size).tolist(),
+                "iou": float(ious[k]), "cls_correct": top5_k[0] == label, "gt_known": bool(ious[k] >= 0.5),
+                "top1_loc": top5_k[0] == label and bool(ious[k] >= 0.5)})
+        return rows
+
+    def overlay(self, image_id, crop, cam, protocol, threshold, box, gt, pred):
+        """One overlay PNG: heat map, predicted box at ``threshold`` (green), GT boxes (red), caption."""
+        if protocol == "sat":
+            score = normalize_map_sat(cam, self.layout.img_size)
+        else:
+            score = wsol_score_map(cam)
+            box = contour_boxes(score, [threshold])[1][0]
+        name = self.class_names[pred] if self.class_names else str(pred)
+        caption = f"{name}  IoU {max_iou(np.asarray(box)[None], gt)[0]:.2f} @ {threshold:g}" if len(gt) else name
+        save_rgb((self.save_images / image_id).with_suffix(".png"), render_overlay(crop, score, box, gt, caption))
+
+
+def per_class_metrics(rows, class_names):
+    """Top-1 Cls / Top-1 Loc / GT-known Loc (%) per class, from the per-image rows."""
+    out = {}
+    for label in sorted({row["label"] for row in rows}):
+        mine = [row for row in rows if row["label"] == label]
+        name = class_names[label] if class_names and label < len(class_names) else str(label)
+        out[name] = {"num_images": len(mine), **{key: 100.0 * sum(row[flag] for row in mine) / len(mine) for key, flag
+                     in (("top1_cls", "cls_correct"), ("top1_loc", "top1_loc"), ("gt_known_loc", "gt_known"))}}
+    return out
+
+
+def _overlay_crops(views, batch, layout, max_images):
+    """{position in batch: uint8 RGB image} of the batch's images that get an overlay: the official
+    centre crop, or the wsol view resized to the 224x224 score-map frame."""
+    official = next((view for view in ("centre", "tencrop") if view in layout.slices), None)
+    index = layout.slices[official or "wsol"].start + (TENCROP_CENTRE if official == "tencrop" else 0)
     crops = {}
-    for k, index in enumerate(batch["index"]):
-        if max_images is None or index < max_images:
-            crop = denormalize(images[k, view])
-            if not n_a and crop.shape[0] != SCORE_MAP_SIZE:
+    for k, position in enumerate(batch["index"]):
+        if max_images is None or position < max_images:
+            crop = denormalize(views[k, index])
+            if official is None and crop.shape[0] != SCORE_MAP_SIZE:
                 crop = cv2.resize(crop, (SCORE_MAP_SIZE, SCORE_MAP_SIZE), interpolation=cv2.INTER_LINEAR)
             crops[k] = crop
     return crops
 
 
-def _autocast(device, amp):
-    from utils.amp import autocast_settings
-
-    return autocast_settings(device, amp)[0]
-
-
-def _all_reduce_sum(device):
-    on_device = dist.get_backend() == "nccl"
+def _sum_over_processes(device):
+    """Counter -> its sum over the processes (on the device for NCCL, on the CPU for gloo)."""
+    nccl = dist.get_backend() == "nccl"
 
     def reduce(counter):
-        tensor = torch.as_tensor(counter, dtype=torch.int64, device=device if on_device else "cpu")
-        dist.all_reduce(tensor)
-        return tensor.cpu()
+        return all_reduce_sum(torch.as_tensor(counter, dtype=torch.int64, device=device if nccl else "cpu")).cpu()
     return reduce
 
 
-def evaluate(model, loader, *, device, thresholds=TRAIN_THRESHOLDS, protocol="sat", tencrop=False, amp=False,
-             img_size=224, distributed=False, save_scoremaps=None, save_images=None, max_images=None,
-             progress=True, resize_size=None, threads=None):
-    """Metrics (percentages) of ``model`` on ``loader``, whose dataset was built with
-    ``eval_transform(protocol, tencrop, img_size, resize_size)`` (e.g. by ``build_eval_loader``).
+def evaluate(model, loader, device, *, threshold=None, thresholds=(), wsol_threshold=None, amp=False,
+             distributed=False, save_scoremaps=None, save_images=None, max_images=None, per_image=False,
+             progress=True, threads=None, views=None):
+    """Metrics (percentages) of ``model`` on ``loader``, whose dataset's transform is an ``EvalViews``
+    (e.g. from ``DataLoader.eval_loader.build_eval_loader``): it gives the protocol and the views.
+    ``views``: that ``EvalViews``, for a loader without a dataset (an iterable of batches).
 
-    protocol 'sat': num_images, top1_cls, top5_cls, gt_known_loc, top1_loc, top5_loc, best_threshold,
-    iou30/50/70 (at the best of ``thresholds``) and per-threshold lists. 'wsol': num_images,
-    top1_cls, top5_cls (of the 224 view) and, as the data allows, maxboxacc, maxboxaccv2,
-    maxboxaccv2_per_iou and their best CAM thresholds (boxes) and pxap (masks). 'both': protocol A's
-    keys plus protocol B's (B's classification as wsol_top1_cls / wsol_top5_cls).
+    Official protocol (``sat`` / ``both``; at least one of ``threshold`` / ``thresholds``): num_images,
+    top1_cls, top5_cls and, at ``threshold`` (the reported CAM threshold, e.g. the official 0.4),
+    threshold, gt_known_loc, top1_loc, top5_loc, iou30/50/70; with ``thresholds``, the one of them
+    maximising GT-known + Top-1 Loc on this split as best_threshold, its metrics under at_best_threshold
+    (the official train.py's per-epoch search); with several thresholds in all, per-threshold lists.
+    ``wsol``: num_images, top1_cls, top5_cls (of the wsol view) and, as the data allows, maxboxacc,
+    maxboxaccv2, maxboxaccv2_per_iou and their best CAM thresholds (boxes), pxap (masks), ``curves``;
+    ``wsol_threshold`` (e.g. chosen on val) adds box accuracies at that CAM threshold (at_wsol_threshold).
+    ``both``: the official keys plus wsol's (its classification as wsol_top1_cls / wsol_top5_cls).
+    ``cls``: num_images, top1_cls, top5_cls. ``amp``: autocast as utils.amp (default fp32, as official).
 
     ``distributed``: the loader holds this rank's shard (ShardSampler); counters are summed over the
     ranks so that every rank returns the same metrics, and each rank writes its own images' files.
-    ``save_scoremaps``: folder for ``<image_id>.npy`` benchmark score maps (needs protocol B).
-    ``save_images``: folder for ``<image_id>.png`` overlays of the images with dataset index below
-    ``max_images`` (None: all), on the protocol A centre crop ('wsol': the 224 resize), with the box
-    at the first of ``thresholds``. ``threads``: workers of the CPU box-extraction pool.
+    ``save_scoremaps``: folder for ``<image_id>.npy`` wsolevaluation score maps. ``save_images``: folder
+    for ``<image_id>.png`` overlays of the images with dataset index below ``max_images`` (None: all),
+    drawn at the threshold whose numbers are reported (wsol: ``wsol_threshold``, else maxboxacc's).
+    ``per_image``: add ``per_image`` rows (official protocol, at ``threshold``) and ``per_class``.
+    ``threads``: workers of the CPU box-extraction pool.
     """
-    n_a, n_b = view_counts(protocol, tencrop)
-    if save_scoremaps and not n_b:
-        raise ConfigError("saving score maps needs protocol B: use protocol 'wsol' or 'both'")
+    layout = views or getattr(loader.dataset.transform, "layout", loader.dataset.transform)
+    protocol = layout.protocol
+    thresholds = [float(t) for t in thresholds]
+    threshold = None if threshold is None else float(threshold)
+    evaluated = list(dict.fromkeys(([threshold] if threshold is not None else []) + thresholds))
+    if protocol in ("sat", "both") and not evaluated:
+        raise ConfigError("the official SAT protocol needs the reported threshold and/or thresholds to search")
+    if protocol in ("sat", "both") and (save_images or per_image) and threshold is None:
+        raise ConfigError("overlays and per-image rows are at the reported threshold: pass threshold")
+    if save_scoremaps and "wsol" not in layout.slices:
+        raise ConfigError("saving score maps needs the wsolevaluation protocol: use protocol 'wsol' or 'both'")
     if distributed and not isinstance(loader.sampler, ShardSampler):
         raise ValueError("distributed evaluation needs a loader with a ShardSampler (build_eval_loader)")
     device = torch.device(device)
-    thresholds = [float(t) for t in thresholds]
     model = getattr(model, "module", model)  # DDP wrapper: no collectives in the forward of uneven shards
-    scorer = _BatchScorer(n_a, n_b, thresholds, img_size, resize_size or default_resize_size(img_size),
-                          save_scoremaps, save_images, getattr(getattr(loader, "dataset", None), "classes", None))
-    total = _Counters(n_a, n_b, thresholds, img_size)
-    autocast = _autocast(device, amp)
+    class_names = getattr(getattr(loader, "dataset", None), "classes", None)
+    wsol_overlays = protocol == "wsol" and save_images is not None
+    scorer = BatchScorer(layout, evaluated, wsol_threshold if protocol == "wsol" else threshold, save_scoremaps,
+                         save_images, class_names)
+    total, rows, pending_overlays = Counters(protocol, evaluated, layout.img_size), [], []
+    autocast = autocast_settings(device, amp)[0]
     rank = dist.get_rank() if distributed else 0
     threads = threads or min(4, os.cpu_count() or 1)
     was_training = model.training
@@ -303,31 +323,44 @@ def evaluate(model, loader, *, device, thresholds=TRAIN_THRESHOLDS, protocol="sa
     try:
         with ThreadPoolExecutor(threads) as pool, torch.inference_mode():
             pending = deque()
-            for batch in _progress(on_device(loader, device), progress and rank == 0):
-                images = batch["image"]
-                views = images if images.dim() == 5 else images[:, None]  # (B, V, 3, S, S)
-                if views.shape[1] != n_a + n_b or views.shape[-1] != img_size:
-                    raise ValueError(f"batch views {tuple(views.shape[1:])} do not fit protocol {protocol!r}, "
-                                     f"tencrop={tencrop}, img_size={img_size}: build the dataset with "
-                                     "eval_transform(protocol, tencrop, img_size)")
-                out = _forward(model, views.to(device, non_blocking=True), n_a, autocast)
-                crops = _overlay_crops(views, batch, n_a, max_images) if save_images else {}
+            batches = on_device(loader, device)  # on CUDA, the next batch is prepared on a side stream
+            for batch in tqdm(batches, desc="eval", unit="batch", dynamic_ncols=True, disable=not progress or rank):
+                views_on_device = batch_to_device(batch, device)
+                if views_on_device.shape[1] != layout.num_views or views_on_device.shape[-1] != layout.img_size:
+                    raise ValueError(f"batch views {tuple(views_on_device.shape[1:])} do not fit {layout}")
+                out = forward_views(model, views_on_device, layout, autocast)
+                check_finite(out, batch["image_id"])
+                crops = _overlay_crops(views_on_device, batch, layout, max_images) if save_images else {}
+                if wsol_overlays and wsol_threshold is None:  # drawn once maxboxacc's threshold is known
+                    scores, maps = out["wsol"]
+                    pending_overlays += [(batch["image_id"][k], crop, maps[k], batch["boxes"][k], batch["size"][k],
+                                          int(np.argmax(scores[k]))) for k, crop in crops.items()]
+                    crops = {}
                 annotations = {key: value for key, value in batch.items() if key != "image"}
                 pending.append(pool.submit(scorer, annotations, out, crops))
                 while len(pending) > 2 * threads or (pending and pending[0].done()):
-                    total.merge(pending.popleft().result())
+                    counters, batch_rows = pending.popleft().result()
+                    total.merge(counters)
+                    rows += batch_rows
             while pending:
-                total.merge(pending.popleft().result())
+                counters, batch_rows = pending.popleft().result()
+                total.merge(counters)
+                rows += batch_rows
     finally:
         model.train(was_training)
     if distributed:
-        total.reduce(_all_reduce_sum(device))
-    return total.metrics(protocol)
-
-
-def _progress(loader, enabled):
-    if not enabled:
-        return loader
-    from tqdm import tqdm
-
-    return tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True)
+        total.reduce(_sum_over_processes(device))
+    metrics = total.metrics(protocol, threshold, thresholds, wsol_threshold)
+    curves = total.curves()
+    if curves:
+        metrics["curves"] = curves
+    chosen = metrics.get("maxboxacc_threshold", metrics.get("piou_threshold"))  # boxes, else masks
+    if pending_overlays and chosen is not None:
+        for image_id, crop, cam, boxes, size, pred in pending_overlays:
+            scorer.overlay(image_id, crop, cam, "wsol", chosen, None,
+                           boxes_protocol_b(boxes, size, SCORE_MAP_SIZE), pred)
+    if per_image:
+        rows = [row for part in all_gather_object(rows) for row in part] if distributed else rows
+        metrics["per_image"] = sorted(rows, key=lambda row: row["index"])
+        metrics["per_class"] = per_class_metrics(rows, class_names)
+    return metrics

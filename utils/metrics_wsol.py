@@ -1,4 +1,5 @@
-"""Protocol B (wsolevaluation benchmark, Choe et al.): MaxBoxAcc, MaxBoxAccV2 and PxAP.
+"""The wsolevaluation protocol (``wsol``; Choe et al., wsolevaluation's ``evaluation.py``: ``BoxEvaluator``,
+``MaskEvaluator``): MaxBoxAcc, MaxBoxAccV2 and PxAP.
 
 Score map: float64 bicubic resize to 224x224, min-max normalise to [0, 1] (constant after the resize,
 or NaN -> zeros).
@@ -10,7 +11,8 @@ IoU 30/50/70 each at its own best threshold, averaged. PxAP: area under the pixe
 import cv2
 import numpy as np
 
-from utils.box_ops import CounterState, as_numpy, max_iou
+from utils.box_ops import as_numpy, max_iou
+from utils.metrics import CounterState
 
 CAM_THRESHOLDS = np.arange(0, 1, 0.01)
 IOU_THRESHOLDS = (30, 50, 70)
@@ -105,6 +107,30 @@ class WSOLBoxAccumulator(CounterState):
             self.hits_all += best_all[None] >= iou_levels
             self.num_images += 1
 
+    def threshold_index(self, cam_threshold):
+        """Index of a CAM threshold of the grid (e.g. a maxboxacc_threshold chosen on another split)."""
+        index = int(np.abs(self.cam_thresholds - float(cam_threshold)).argmin())
+        if abs(self.cam_thresholds[index] - float(cam_threshold)) > 1e-6:
+            raise ValueError(f"CAM threshold {cam_threshold} is not on the wsolevaluation grid (0, 0.01, ..., 0.99)")
+        return index
+
+    def compute_at(self, cam_threshold):
+        """Box accuracies (%) at one fixed CAM threshold: boxacc (largest contour, IoU >= 0.5) and
+        boxaccv2 (all contours, mean over the IoU thresholds), for a threshold chosen on another split."""
+        self._check_nonempty()
+        index = self.threshold_index(cam_threshold)
+        pct = 100.0 / int(self.num_images)
+        per_iou = {i: float(self.hits_all[k, index] * pct) for k, i in enumerate(self.iou_thresholds)}
+        return {"wsol_threshold": float(self.cam_thresholds[index]), "boxacc": float(self.hits_largest[index] * pct),
+                "boxaccv2": float(np.mean(list(per_iou.values()))), "boxaccv2_per_iou": per_iou}
+
+    def curves(self):
+        """Box accuracy (%) against the CAM threshold: largest contour at IoU 0.5, and all contours per IoU."""
+        self._check_nonempty()
+        pct = 100.0 / int(self.num_images)
+        return {"cam_thresholds": self.cam_thresholds.tolist(), "boxacc": (self.hits_largest * pct).tolist(),
+                "boxaccv2_per_iou": {i: (self.hits_all[k] * pct).tolist() for k, i in enumerate(self.iou_thresholds)}}
+
     def compute(self):
         """maxboxacc, maxboxaccv2 (%), per-IoU V2 accuracies and the best CAM thresholds."""
         self._check_nonempty()
@@ -153,14 +179,29 @@ class PxAPAccumulator(CounterState):
             self.hist_bg += np.bincount(bins[~fg & ~ign], minlength=len(self.hist_bg))
             self.num_images += 1
 
-    def compute(self):
-        """pxap (%), and the best pixel IoU (%) over CAM thresholds (piou) with its threshold."""
+    def _counts(self):
+        """Pixel counts (tp, fp, fn) for scores >= 2, >= 1, >= t_last, ..., >= t_0 (descending)."""
         self._check_nonempty()
         if self.hist_fg.sum() == 0:
             raise ValueError("PxAP: no foreground pixel in the ground truth")
-        tp = self.hist_fg[::-1].cumsum()  # scores >= 2, >= 1, >= t_last, ..., >= t_0
+        tp = self.hist_fg[::-1].cumsum()
         fp = self.hist_bg[::-1].cumsum()
-        fn = self.hist_fg.sum() - tp
+        return tp, fp, self.hist_fg.sum() - tp
+
+    def curves(self):
+        """The pixel precision-recall curve PxAP integrates, by ascending CAM threshold (precision of a
+        threshold without predicted pixels: null)."""
+        tp, fp, fn = self._counts()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            precision = tp / (tp + fp)
+        order = np.arange(len(tp))[::-1][: len(self.cam_thresholds)]  # t_0, ..., t_last
+        return {"cam_thresholds": self.cam_thresholds.tolist(),
+                "precision": [None if np.isnan(p) else float(p) for p in precision[order]],
+                "recall": (tp / (tp + fn))[order].tolist()}
+
+    def compute(self):
+        """pxap (%), and the best pixel IoU (%) over CAM thresholds (piou) with its threshold."""
+        tp, fp, fn = self._counts()
         predicted = (tp + fp) != 0
         with np.errstate(divide="ignore", invalid="ignore"):
             precision = tp / (tp + fp)

@@ -11,14 +11,16 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-from DataLoader import DEFAULT_DEMO_ROOT, build_dataset, build_loader, make_demo_dataset
+from DataLoader import build_dataset, build_loader
+from DataLoader.eval_loader import build_eval_loader, demo_data_root
+from DataLoader.eval_views import default_resize_size
 from Model import build_model
 from utils import distributed as dist_utils
 from utils.amp import autocast_settings, describe
 from utils.checkpoint import load_checkpoint, model_spec, save_checkpoint
 from utils.config import config_dict, parse_config, save_config
 from utils.engine import train_one_epoch
-from utils.evaluation import build_eval_loader, default_resize_size, evaluate
+from utils.evaluation import evaluate
 from utils.errors import CheckpointError, ConfigError, DataError
 from utils.logger import MetricsLog, close_logging, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
@@ -77,11 +79,7 @@ def resolve_data(cfg, imagenet, info):
         return cfg.data_format, cfg.data_root
     if imagenet:
         raise ConfigError("train_ImageNet.py needs --data-root (the ILSVRC2012 folder with train/ and val/)")
-    if info.is_main:
-        make_demo_dataset(DEFAULT_DEMO_ROOT)
-    dist_utils.barrier()
-    _logger.info("no --data-root: training on the synthetic demo dataset at %s (CUB layout)", DEFAULT_DEMO_ROOT)
-    return "cub", str(DEFAULT_DEMO_ROOT)
+    return "cub", demo_data_root(info.is_main)
 
 
 def build_loaders(cfg, fmt, root, info, micro_batch):
@@ -115,9 +113,11 @@ def run_evaluation(model, loader, cfg, info, *, thresholds, tencrop=False, save_
     """Protocol A metrics of ``model`` on an evaluation loader (this process's shard; counts summed over
     the processes); overlays of the first ``save_images`` images into ``image_dir``.
     The single place where training calls the evaluation code."""
-    return evaluate(model, loader, device=info.device, thresholds=thresholds, protocol="sat", tencrop=tencrop,
-                    amp=cfg.amp, img_size=cfg.img_size, resize_size=cfg.resize_size, distributed=info.distributed,
-                    save_images=image_dir if save_images else None, max_images=save_images, progress=info.is_main)
+    metrics = evaluate(model, loader, info.device, thresholds=thresholds,
+                       threshold=thresholds[0] if len(thresholds) == 1 else None, amp=cfg.amp,
+                       distributed=info.distributed, save_images=image_dir if save_images else None,
+                       max_images=save_images, progress=info.is_main)
+    return {**metrics, **metrics["at_best_threshold"]}  # at the best of ``thresholds``, as the official train.py
 
 
 def selection_score(metrics, metric):

@@ -49,3 +49,37 @@ def save_rgb(path, image: np.ndarray) -> Path:
     if not cv2.imwrite(str(path), np.ascontiguousarray(image[:, :, ::-1])):
         raise OSError(f"could not write image {path}")
     return path
+
+
+SERIES_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]  # RGB
+
+
+def plot_curves(path, panels, panel_size=(480, 360)):
+    """Line plots side by side, drawn with OpenCV: ``panels`` = [(title, x values, {name: y values},
+    (x_min, x_max), (y_min, y_max))]. Writes a PNG and returns its path."""
+    width, height = panel_size
+    left, right, top, bottom = 48, 12, 28, 36
+    images = []
+    for title, xs, series, (x0, x1), (y0, y1) in panels:
+        image = np.full((height, width, 3), 255, np.uint8)
+        def point(x, y):
+            return (int(left + (x - x0) / (x1 - x0) * (width - left - right)),
+                    int(height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)))
+        cv2.rectangle(image, point(x0, y0), point(x1, y1), (0, 0, 0), 1)
+        for k in range(6):
+            fraction = k / 5
+            x, y = x0 + fraction * (x1 - x0), y0 + fraction * (y1 - y0)
+            cv2.putText(image, f"{x:g}", (point(x, y0)[0] - 8, height - bottom + 16), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.35, (0, 0, 0), 1, cv2.LINE_AA)
+            cv2.putText(image, f"{y:g}", (4, point(x0, y)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1,
+                        cv2.LINE_AA)
+        for k, (name, ys) in enumerate(series.items()):
+            color = SERIES_COLORS[k % len(SERIES_COLORS)]
+            line = np.array([point(x, y) for x, y in zip(xs, ys)], np.int32)
+            if len(line):
+                cv2.polylines(image, [line], False, color, 2, cv2.LINE_AA)
+            cv2.putText(image, name, (left + 8, top + 16 + 14 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, color, 1,
+                        cv2.LINE_AA)
+        cv2.putText(image, title, (left, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        images.append(image)
+    return save_rgb(path, np.concatenate(images, axis=1))

@@ -1,0 +1,87 @@
+"""The views an evaluation feeds the model, and the protocols that use them.
+
+Views (one name each, used in code, flags, metrics.json and README):
+- ``centre``: Resize((resize_size, resize_size)) -> CenterCrop(img_size), the official test view;
+- ``tencrop``: TenCrop(img_size) of the same resized image, for classification (the mean of the ten
+  softmaxes); its centre crop, index 4, is the ``centre`` view and gives the map;
+- ``wsol``: Resize((img_size, img_size)) without crop, the wsolevaluation view.
+
+Protocols (flag ``--eval-protocol``): ``sat`` = the official SAT protocol (evaluator.py's
+``val_loc_one_epoch``: Top-1 / Top-5 / GT-known Loc at a fixed CAM threshold, on the ``centre`` or
+``tencrop`` view); ``wsol`` = the wsolevaluation protocol (MaxBoxAcc, MaxBoxAccV2, PxAP, on the ``wsol``
+view); ``both``; ``cls`` = classification only (data with neither boxes nor masks).
+"""
+import numpy as np
+import torch
+
+from utils.errors import ConfigError
+
+from . import transforms as T
+
+VIEWS = ("centre", "tencrop", "wsol")
+PROTOCOLS = ("sat", "wsol", "both", "cls")
+TENCROP_CENTRE = 4  # torchvision TenCrop order: four corners, centre, then the same flipped
+VIEW_SIZES = {"centre": 1, "tencrop": 10, "wsol": 1}
+
+
+def default_resize_size(img_size):
+    """The official Resize((256, 256)) before CenterCrop(224), scaled to other input sizes."""
+    return round(img_size * 256 / 224)
+
+
+def crop_box_to_original(box, size, resize_size, img_size):
+    """An (exclusive-max) box in the ``centre`` view -> original pixels (W, H = size), clipped to the image."""
+    width, height = size
+    scale = np.array([width, height, width, height], np.float64) / resize_size
+    original = (np.asarray(box, np.float64) + T.centre_offset(resize_size, img_size)) * scale
+    return np.clip(original, 0, [width, height, width, height])
+
+
+def protocol_views(protocol, tencrop=False):
+    """The views a protocol reads: ``sat`` / ``cls`` -> (centre | tencrop), ``wsol`` -> (wsol), ``both`` -> both."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r} (expected one of {', '.join(PROTOCOLS)})")
+    official = ("tencrop" if tencrop else "centre",) if protocol != "wsol" else ()
+    return official + (("wsol",) if protocol in ("wsol", "both") else ())
+
+
+class EvalViews:
+    """PIL image -> (V, 3, S, S): the views of ``protocol`` stacked in order; ``slices[view]`` locates each.
+
+    ``evaluate`` reads the protocol and the view settings from this transform of the loader's dataset.
+    """
+
+    def __init__(self, protocol="sat", tencrop=False, img_size=224, resize_size=None):
+        self.protocol, self.views = protocol, protocol_views(protocol, tencrop)
+        self.img_size = int(img_size)
+        self.resize_size = int(resize_size or default_resize_size(img_size))
+        builders = {"centre": T.test_transform, "tencrop": T.tencrop_transform}
+        self.transforms = [T.wsol_transform(self.img_size) if view == "wsol"
+                           else builders[view](self.img_size, self.resize_size) for view in self.views]
+        self.slices, start = {}, 0
+        for view in self.views:
+            self.slices[view] = slice(start, start + VIEW_SIZES[view])
+            start += VIEW_SIZES[view]
+        self.num_views = start
+
+    def pixels(self):
+        """The uint8 worker half of these views (``transforms.EvalPixels``: decode and resize only;
+        ``evaluate`` crops and normalises on its device, the same tensors), with these views as its
+        ``layout``."""
+        official = next((self.slices[view] for view in ("centre", "tencrop") if view in self.slices), None)
+        pixels = T.EvalPixels(0 if official is None else official.stop - official.start, int("wsol" in self.slices),
+                              self.img_size, self.resize_size)
+        pixels.layout = self
+        return pixels
+
+    @property
+    def tencrop(self):
+        return "tencrop" in self.views
+
+    def __call__(self, image):
+        views = [transform(image) for transform in self.transforms]
+        return torch.cat([view.reshape(-1, *view.shape[-3:]) for view in views])
+
+    def __repr__(self):
+        return f"EvalViews({self.protocol!r}, views={list(self.views)}, img_size={self.img_size}, " \
+               f"resize_size={self.resize_size})"
