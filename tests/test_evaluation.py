@@ -224,3 +224,13 @@ def test_evaluate_argument_errors(demo_root):
         evaluate(model, loader, "cpu", threshold=0.4, distributed=True, progress=False)
     with pytest.raises(ConfigError, match="reported threshold"):
         evaluate(model, loader, "cpu", thresholds=[0.3, 0.4], per_image=True, progress=False)
+
+
+def test_box_process_pool_gives_the_same_numbers(demo_root):
+    model = nano_model()
+    loader = build_eval_loader("cub", demo_root, "test", protocol="both", tencrop=True, img_size=64, batch_size=3,
+                               workers=0)
+    settings = dict(threshold=0.4, thresholds=TRAIN_THRESHOLDS, per_image=True, progress=False)
+    threads = evaluate(model, loader, "cpu", **settings)
+    processes = evaluate(model, loader, "cpu", box_processes=2, **settings)
+    assert processes == threads and len(processes["per_image"]) == 12

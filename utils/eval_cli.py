@@ -115,6 +115,9 @@ def build_parser(kind, parser_class=argparse.ArgumentParser, **kwargs):
     p.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="data loading processes (default: 4, at most the number of CPUs)")
+    p.add_argument("--box-processes", type=int, default=0, metavar="N",
+                   help="extract boxes in N processes instead of threads: scales with cores, same numbers "
+                        "(default: 0, a thread pool)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="default: cuda when available, else cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
@@ -363,7 +366,7 @@ def run(args, kind, info):
                            thresholds=args.thresholds if official else (), wsol_threshold=args.wsol_threshold,
                            amp=args.amp, distributed=info.distributed, save_scoremaps=args.save_scoremaps,
                            save_images=args.save_images, max_images=args.max_images, per_image=official,
-                           progress=info.is_main)
+                           box_processes=args.box_processes, progress=info.is_main)
     except NonFiniteOutputError as err:
         raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
     rows, curves = metrics.pop("per_image", None), metrics.pop("curves", None)

@@ -12,7 +12,8 @@ over processes.
 """
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -260,6 +261,21 @@ def _overlay_crops(views, batch, layout, max_images):
     return crops
 
 
+def _init_box_process():
+    """Box-pool process: one OpenCV thread (the pool's processes are the parallelism)."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def box_pool(threads, processes=0):
+    """The executor of the per-batch CPU work: ``processes`` > 0 -> a process pool (forked, as DataLoader
+    workers are: the children run NumPy / OpenCV / CPU torch only), else a thread pool."""
+    if processes:
+        return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_init_box_process)
+    return ThreadPoolExecutor(threads)
+
+
 def _sum_over_processes(device):
     """Counter -> its sum over the processes (on the device for NCCL, on the CPU for gloo)."""
     nccl = dist.get_backend() == "nccl"
@@ -271,7 +287,7 @@ def _sum_over_processes(device):
 
 def evaluate(model, loader, device, *, threshold=None, thresholds=(), wsol_threshold=None, amp=False,
              distributed=False, save_scoremaps=None, save_images=None, max_images=None, per_image=False,
-             progress=True, threads=None, views=None):
+             progress=True, threads=None, box_processes=0, views=None):
     """Metrics (percentages) of ``model`` on ``loader``, whose dataset's transform is an ``EvalViews``
     (e.g. from ``DataLoader.eval_loader.build_eval_loader``): it gives the protocol and the views.
     ``views``: that ``EvalViews``, for a loader without a dataset (an iterable of batches).
@@ -293,7 +309,8 @@ def evaluate(model, loader, device, *, threshold=None, thresholds=(), wsol_thres
     for ``<image_id>.png`` overlays of the images with dataset index below ``max_images`` (None: all),
     drawn at the threshold whose numbers are reported (wsol: ``wsol_threshold``, else maxboxacc's).
     ``per_image``: add ``per_image`` rows (official protocol, at ``threshold``) and ``per_class``.
-    ``threads``: workers of the CPU box-extraction pool.
+    ``threads``: workers of the CPU box-extraction thread pool (OpenCV releases the GIL); ``box_processes``
+    > 0: a pool of that many processes instead, which scales with cores (the same boxes and metrics).
     """
     layout = views or getattr(loader.dataset.transform, "layout", loader.dataset.transform)
     protocol = layout.protocol
@@ -317,11 +334,11 @@ def evaluate(model, loader, device, *, threshold=None, thresholds=(), wsol_thres
     total, rows, pending_overlays = Counters(protocol, evaluated, layout.img_size), [], []
     autocast = autocast_settings(device, amp)[0]
     rank = dist.get_rank() if distributed else 0
-    threads = threads or min(4, os.cpu_count() or 1)
+    threads = box_processes or threads or min(4, os.cpu_count() or 1)
     was_training = model.training
     model.eval()
     try:
-        with ThreadPoolExecutor(threads) as pool, torch.inference_mode():
+        with box_pool(threads, box_processes) as pool, torch.inference_mode():
             pending = deque()
             batches = on_device(loader, device)  # on CUDA, the next batch is prepared on a side stream
             for batch in tqdm(batches, desc="eval", unit="batch", dynamic_ncols=True, disable=not progress or rank):
