@@ -15,13 +15,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from DataLoader import make_demo_dataset
-from Model import build_model
+from DataLoader.eval_loader import build_eval_loader
+from Model import build_model, build_model_from_checkpoint
 from utils.amp import autocast_settings
-from utils.checkpoint import build_model_from_checkpoint, read_checkpoint
+from utils.checkpoint import read_checkpoint
 from utils.distributed import init_distributed, select_device
 from utils.engine import train_one_epoch
 from utils.errors import ConfigError
-from utils.evaluation import build_eval_loader, evaluate
+from utils.evaluation import evaluate
 from utils.optim import build_optimizer, build_scheduler
 
 from conftest import REPO_ROOT
@@ -111,8 +112,7 @@ def _nccl_rank(rank, port, root, checkpoint, out):
         model, _ = build_model_from_checkpoint(checkpoint)
         loader = build_eval_loader("cub", root, "test", protocol="both", tencrop=False, img_size=64, batch_size=4,
                                    workers=0, distributed=True)
-        result = evaluate(model.cuda(), loader, device="cuda", protocol="both", img_size=64, distributed=True,
-                          progress=False)
+        result = evaluate(model.cuda(), loader, "cuda", threshold=0.4, distributed=True, progress=False)
         with open(out, "w") as f:
             json.dump(result, f)
     finally:
@@ -137,7 +137,7 @@ def test_nccl_one_process(tmp_path):
     model, _ = build_model_from_checkpoint(checkpoint)
     loader = build_eval_loader("cub", root, "test", protocol="both", tencrop=False, img_size=64, batch_size=4,
                                workers=0)
-    single = evaluate(model.cuda(), loader, device="cuda", protocol="both", img_size=64, progress=False)
+    single = evaluate(model.cuda(), loader, "cuda", threshold=0.4, progress=False)
     assert json.loads((tmp_path / "nccl.json").read_text()) == json.loads(json.dumps(single))
 
 
