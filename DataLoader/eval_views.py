@@ -85,3 +85,8 @@ class EvalViews:
     def __repr__(self):
         return f"EvalViews({self.protocol!r}, views={list(self.views)}, img_size={self.img_size}, " \
                f"resize_size={self.resize_size})"
+
+
+def views_of(dataset):
+    """The ``EvalViews`` a dataset's samples follow: its transform, or the layout of its uint8 half."""
+    return getattr(dataset.transform, "layout", dataset.transform)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from DataLoader import FORMATS
 from DataLoader.eval_loader import build_eval_loader, demo_data_root, protocol_for_data
-from DataLoader.eval_views import PROTOCOLS
+from DataLoader.eval_views import PROTOCOLS, views_of
 from Model import build_model_from_checkpoint
 from utils import config as train_config
 from utils.amp import describe
@@ -353,7 +353,7 @@ def run(args, kind, info):
         if protocol != "sat":
             loader = build_eval_loader(fmt, root, split, protocol=protocol, tencrop=args.tencrop, **common)
     match_classes(loader.dataset, model, meta, args.checkpoint)
-    views = loader.dataset.transform
+    views = views_of(loader.dataset)
     arch = meta.get("arch") or args.arch
     _logger.info("evaluating %s (%s, %d classes, input %d) on %d images of %s, protocol %s, views %s, "
                  "threshold %g%s, %s", args.checkpoint, arch, model.num_classes, img_size, len(loader.dataset), root,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from DataLoader.device_transforms import on_device, to_device
 from DataLoader.eval_loader import ShardSampler
-from DataLoader.eval_views import TENCROP_CENTRE, crop_box_to_original
+from DataLoader.eval_views import TENCROP_CENTRE, crop_box_to_original, views_of
 from DataLoader.transforms import boxes_protocol_a, boxes_protocol_b, denormalize
 from DataLoader.wsol_metadata import load_mask
 from utils.amp import autocast_settings
@@ -312,7 +312,7 @@ def evaluate(model, loader, device, *, threshold=None, thresholds=(), wsol_thres
     ``threads``: workers of the CPU box-extraction thread pool (OpenCV releases the GIL); ``box_processes``
     > 0: a pool of that many processes instead, which scales with cores (the same boxes and metrics).
     """
-    layout = views or getattr(loader.dataset.transform, "layout", loader.dataset.transform)
+    layout = views or views_of(loader.dataset)
     protocol = layout.protocol
     thresholds = [float(t) for t in thresholds]
     threshold = None if threshold is None else float(threshold)
