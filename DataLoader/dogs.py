@@ -8,7 +8,7 @@ from utils.errors import DataError
 from .annotations import Item, check_label
 from .folder import class_folders
 from .imagenet import read_voc_xml
-from .matlab import entry_number, entry_text, read_mat
+from .matlab import entry_integer, entry_text, read_mat
 
 DOGS_LAYOUT = ("the Stanford Dogs release layout: Images/<wnid>-<breed>/, Annotation/<wnid>-<breed>/, "
                "lists/train_list.mat and test_list.mat")
@@ -45,17 +45,15 @@ def load_dogs(root, split):
     for index, (file, annotation, label) in enumerate(zip(files, annotations, labels), 1):
         where = f"entry {index}"
         file = entry_text(file, path, where, "file_list '<wnid>-<breed>/<file>.jpg'")
-        label = entry_number(label, path, where, "labels (1-based class index)")
-        if label != int(label):
-            raise DataError(f"{path} {where}: expected an integer label, got {label:g}")
-        check_label(int(label), range(1, len(classes) + 1), f"{path} {where}")
+        label = entry_integer(label, path, where, "labels (1-based class index)")
+        check_label(label, range(1, len(classes) + 1), f"{path} {where}")
         folder = file.split("/")[0]
-        if folder != classes[int(label) - 1]:
-            raise DataError(f"{path} {where}: label {int(label)} is class {classes[int(label) - 1]!r} but the "
+        if folder != classes[label - 1]:
+            raise DataError(f"{path} {where}: label {label} is class {classes[label - 1]!r} but the "
                             f"file is in {folder!r}")
         if not (root / "Images" / file).is_file():
             raise DataError(f"{path} {where}: image {root / 'Images' / file} not found")
-        item = Item(file, int(label) - 1)
+        item = Item(file, label - 1)
         if split == "test":
             annotation = entry_text(annotation, path, where, "annotation_list '<wnid>-<breed>/<file>'")
             xml = root / "Annotation" / annotation

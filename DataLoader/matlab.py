@@ -49,6 +49,14 @@ def entry_number(value, path, where, what):
     raise DataError(f"{path} {where}: expected {what} as a number, got {_show(value)}")
 
 
+def entry_integer(value, path, where, what):
+    """A scalar integral MATLAB entry (labels, flags) as int; DataError naming ``where`` otherwise."""
+    number = entry_number(value, path, where, what)
+    if number != int(number):
+        raise DataError(f"{path} {where}: expected {what} as an integer, got {number:g}")
+    return int(number)
+
+
 def _show(value):
     text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
     return text[:80]

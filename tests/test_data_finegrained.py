@@ -175,6 +175,34 @@ def test_cars_devkit_files_in_the_root(cars):
     assert len(build_dataset("cars", cars, "test")) == 2
 
 
+def write_all_images_annotations(path, tests):
+    """cars_annos.mat of the car_ims/ layout: every image of CARS renumbered, train ones first."""
+    rows = CARS["train"] + CARS["test"]
+    fields = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")
+    annotations = np.zeros((1, len(rows)), dtype=[(field, object) for field in fields])
+    for index, ((_, _, box, label), test) in enumerate(zip(rows, tests)):
+        annotations[0, index] = (f"car_ims/{index + 1:06d}.jpg", *map(np.uint16, box), np.uint8(label),
+                                 np.uint8(test))
+    scipy.io.savemat(path, {"annotations": annotations,
+                            "class_names": np.array(CAR_CLASSES, dtype=object).reshape(1, -1)})
+
+
+def test_cars_all_images_layout(tmp_path):
+    root = tmp_path / "stanford_cars"
+    for index, (_, size, *_) in enumerate(CARS["train"] + CARS["test"]):
+        image(root / "car_ims" / f"{index + 1:06d}.jpg", size)
+    write_all_images_annotations(root / "cars_annos.mat", [0, 0, 0, 1, 1])
+    train, test = build_dataset("cars", root, "train"), build_dataset("cars", root, "test")
+    assert train.classes == CAR_CLASSES
+    assert [(item.path, item.label) for item in train.items] == [
+        ("car_ims/000001.jpg", 0), ("car_ims/000002.jpg", 2), ("car_ims/000003.jpg", 1)]
+    assert [(item.path, item.label, item.boxes.tolist()) for item in test.items] == [
+        ("car_ims/000004.jpg", 1, [[2, 3, 44, 28]]), ("car_ims/000005.jpg", 2, [[4, 6, 25, 33]])]
+    assert test[0]["size"] == (44, 28)
+    write_all_images_annotations(root / "cars_annos.mat", [0, 0, 2, 1, 1])
+    assert cars_error(root) == f"{root / 'cars_annos.mat'} annotations entry 3: expected test 0 or 1, got 2"
+
+
 def cars_error(cars, split="test"):
     with pytest.raises(DataError) as err:
         dataset = build_dataset("cars", cars, split)
