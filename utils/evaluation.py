@@ -268,10 +268,11 @@ def _init_box_process():
 
 
 def box_pool(threads, processes=0):
-    """The executor of the per-batch CPU work: ``processes`` > 0 -> a process pool (forked, as DataLoader
-    workers are: the children run NumPy / OpenCV / CPU torch only), else a thread pool."""
+    """The executor of the per-batch CPU work: ``processes`` > 0 -> a process pool, else a thread pool.
+    The pool's processes come from a fork server, not from a fork of this process: a child forked while
+    OpenCV's or OpenMP's worker threads hold a lock deadlocks in its first OpenCV call."""
     if processes:
-        return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+        return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("forkserver"),
                                    initializer=_init_box_process)
     return ThreadPoolExecutor(threads)
 
