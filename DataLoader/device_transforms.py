@@ -18,9 +18,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def crop_views(pixels, crops, crop_size):
     """uint8 (B, R, R, 3) and (B, [V,] 3) crop rows -> uint8 (B, [V,] 3, S, S): each row's S x S crop at
-    (top, left), mirrored left-right when flip is 1."""
+    (top, left), mirrored left-right when flip is 1. Crops the same for every image (evaluation, given
+    on the CPU) are slices; per-image crops (training) one gather on the pixels' device."""
     single = crops.dim() == 2
     crops = crops[:, None] if single else crops
+    if crops.device.type == "cpu" and bool((crops == crops[:1]).all()):  # evaluation: the same crops for all
+        views = [pixels[:, top:top + crop_size, left:left + crop_size] for top, left, _ in crops[0].tolist()]
+        views = torch.stack([v.flip(2) if flip else v for v, (_, _, flip) in zip(views, crops[0].tolist())], 1)
+        views = views.permute(0, 1, 4, 2, 3)
+        return views[:, 0] if single else views
     steps = torch.arange(crop_size, device=pixels.device)
     top, left, flip = (crops[..., k, None] for k in range(3))  # (B, V, 1) each
     rows = top + steps
@@ -48,7 +54,9 @@ def to_device(images, device):
     views = []
     if "pixels" in images:
         pixels = images["pixels"].to(device, non_blocking=True)
-        crops = images["crops"].to(device, non_blocking=True)
+        crops = images["crops"]
+        if not bool((crops == crops[:1]).all()):  # random training crops: gathered on the device
+            crops = crops.to(device, non_blocking=True)
         views.append(crop_views(pixels, crops, images["crop_size"]))
     if "wsol" in images:
         views.append(images["wsol"].to(device, non_blocking=True).permute(0, 3, 1, 2)[:, None])
