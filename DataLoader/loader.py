@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .dataset import Skipped
+from .sampler import ResumableSampler
 
 
 def collate_samples(samples):
@@ -44,15 +45,20 @@ def init_worker(worker_id):
 
 
 def build_loader(dataset, batch_size, *, train, workers, distributed=False, seed=0, drop_last=None):
-    """DataLoader over ``dataset`` with collate_samples; shuffled (and by default dropping the last
-    partial batch) when ``train``. Pinned memory with CUDA, persistent workers when workers > 0, a
-    DistributedSampler when ``distributed`` (call ``loader.sampler.set_epoch(epoch)`` each epoch; in
-    evaluation it pads the split to a multiple of the world size)."""
+    """DataLoader over ``dataset`` with collate_samples. ``train``: shuffled by a ResumableSampler (this
+    process's share when ``distributed``; call ``loader.sampler.set_epoch(epoch[, start_batch])`` each
+    epoch) and by default dropping the last partial batch. Evaluation: in order, through a
+    DistributedSampler when ``distributed`` (it pads the split to a multiple of the world size). Pinned
+    memory with CUDA, persistent workers when workers > 0."""
     drop_last = train if drop_last is None else drop_last
-    sampler = DistributedSampler(dataset, shuffle=train, seed=seed) if distributed else None
+    if train:  # one process: the same order as DistributedSampler's with one replica
+        sampler = ResumableSampler(dataset, batch_size, num_replicas=None if distributed else 1,
+                                   rank=None if distributed else 0, seed=seed)
+    else:
+        sampler = DistributedSampler(dataset, shuffle=False, seed=seed) if distributed else None
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       num_workers=workers, collate_fn=collate_samples, pin_memory=torch.cuda.is_available(),
                       drop_last=drop_last, persistent_workers=workers > 0, worker_init_fn=init_worker,
                       generator=generator)

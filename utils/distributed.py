@@ -162,6 +162,13 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def all_reduce_max(tensor):
+    """Element-wise maximum of ``tensor`` over all processes (in place; returned for chaining)."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_gather_object(obj):
     """List of ``obj`` from every process, in rank order."""
     if not _active():

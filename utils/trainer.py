@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 
 from DataLoader import build_dataset, build_loader
 from DataLoader.eval_loader import build_eval_loader, demo_data_root
@@ -61,12 +60,11 @@ def set_rng_state(state):
     random.setstate((version, tuple(mt_state.tolist()), gauss))
 
 
-def set_loader_epoch(loader, epoch, seed):
-    """Make this epoch's shuffling depend only on (seed, epoch), so that a resumed run sees the same order."""
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    else:
-        loader.generator.manual_seed(seed + epoch)
+def set_loader_epoch(loader, epoch, seed, start_batch=0):
+    """Make this epoch's order (the sampler's) and the workers' seeds (the loader's generator) depend only
+    on (seed, epoch), so that a resumed run sees the same samples; ``start_batch``: resume mid-epoch."""
+    loader.sampler.set_epoch(epoch, start_batch)
+    loader.generator.manual_seed(seed + epoch)
 
 
 # ------------------------------------------------------------------------------------------ data

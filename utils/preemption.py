@@ -1,0 +1,111 @@
+"""Preemption: SIGTERM and SIGUSR1 (what SLURM sends before a time limit or a preemption, see
+``sbatch --signal``) ask training to save ``last.pth`` at the next optimizer step and stop cleanly;
+the job then continues with ``--resume``."""
+import shlex
+import signal
+import sys
+
+import torch
+
+from utils.distributed import all_reduce_max
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after saving its state. ``exit_status`` is 128 + the signal number,
+    the status of a process that signal ended, so that job scripts do not take the run as finished."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
+class StepCheckpoint:
+    """Mid-epoch checkpoints and clean stops. Called by the engine after each optimizer step as
+    ``on_step`` (bind the 0-based ``epoch`` with functools.partial): every ``save_every_steps`` optimizer
+    steps of the run (not at an epoch's last step: the end-of-epoch checkpoint follows) and when a stop
+    signal has arrived, ``save(epoch, steps_done, meters)`` writes last.pth with the position in the epoch
+    (collective) and returns its path; after a signal, :class:`Preempted` is raised. With several
+    processes, agreeing on a signal costs an all-reduce and a host sync, so they look for one every
+    ``check_every`` steps (and at each periodic save); one process looks at every step."""
+
+    def __init__(self, stop, save, *, steps_per_epoch, save_every_steps=None, check_every=1, device="cpu",
+                 world_size=1):
+        self.stop, self.save = stop, save
+        self.steps_per_epoch, self.save_every_steps, self.check_every = steps_per_epoch, save_every_steps, check_every
+        self.device, self.world_size = device, world_size
+
+    @property
+    def resume(self):
+        return resume_command(distributed=self.world_size > 1)
+
+    def __call__(self, epoch, steps_done, meters):
+        step = epoch * self.steps_per_epoch + steps_done  # optimizer steps of the run
+        due = bool(self.save_every_steps) and step % self.save_every_steps == 0 and steps_done < self.steps_per_epoch
+        look = self.world_size == 1 or due or step % self.check_every == 0
+        signum = self.stop.received_by_any(self.device, self.world_size) if look else 0
+        if due or signum:
+            path = self.save(epoch, steps_done, meters)
+        if signum:
+            raise Preempted(f"stopped by {signal_name(signum)} at epoch {epoch + 1}, optimizer step {steps_done}/"
+                            f"{self.steps_per_epoch}: {path} saved; continue with: {self.resume}", signum)
+
+    def end_of_epoch(self, epoch, path):
+        """After the end-of-epoch last.pth: raise :class:`Preempted` if a stop signal arrived (collective)."""
+        signum = self.stop.received_by_any(self.device, self.world_size)
+        if signum:
+            raise Preempted(f"stopped by {signal_name(signum)} after epoch {epoch + 1}: {path} saved; continue "
+                            f"with: {self.resume}", signum)
+
+
+class StopSignals:
+    """Context manager: while active, the signals of ``STOP_SIGNALS`` are recorded instead of ending
+    the process; :meth:`received_by_any` tells whether to stop."""
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.signals = signals
+        self.received = 0  # the first signal number received by this process, 0 for none
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.received = self.received or signum
+
+    def __enter__(self):
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def received_by_any(self, device="cpu", world_size=1):
+        """The stop signal received by this process or, with several processes, by any of them (the
+        highest number); 0 for none. A collective call when ``world_size > 1``."""
+        if world_size == 1:
+            return self.received
+        return int(all_reduce_max(torch.tensor([self.received], device=device)).item())
+
+
+def resume_command(argv=None, distributed=False):
+    """The command line that continues this run: the same arguments with ``--resume`` (from the run's
+    last.pth) instead of any ``--resume PATH`` / ``--overwrite``; for several processes, to be started by
+    the same launcher."""
+    argv = list(sys.argv if argv is None else argv)
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value and not arg.startswith("-"):
+            skip_value = False
+            continue
+        skip_value = arg == "--resume"
+        if arg in ("--resume", "--overwrite") or arg.startswith("--resume="):
+            continue
+        kept.append(arg)
+    command = shlex.join([*kept, "--resume"])
+    return f"the same launcher (torchrun, srun ...) with {command}" if distributed else f"python {command}"
+
+
+def signal_name(signum):
+    return signal.Signals(signum).name
