@@ -1,20 +1,29 @@
-import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-# The spec and the official-code fixtures live beside the checkout (../shared); SAT_SHARED overrides.
-SHARED_DIR = Path(os.environ.get("SAT_SHARED", REPO_ROOT.parent / "shared"))
-ORIGINAL_SAT_DIR = SHARED_DIR / "fixtures" / "original_sat"
+# Numbers produced by the official SAT code, shipped with the tests (fixtures/original_sat_narrow/README.md):
+# the official model class at width 48, loaded here as DeiT-Tiny's architecture with embed_dim=48.
+OFFICIAL_DIR = REPO_ROOT / "tests" / "fixtures" / "original_sat_narrow"
+OFFICIAL_CKPT = OFFICIAL_DIR / "sat_narrow_original_format.pth.tar"
+OFFICIAL_ARCH = "deit_sat_tiny_patch16_224"
+OFFICIAL_MODEL_KWARGS = {"embed_dim": 48}
 
 
 @pytest.fixture(scope="session")
-def original_sat_dir():
-    """Folder with the official-code fixtures; tests using it skip when ../shared is absent."""
-    if not ORIGINAL_SAT_DIR.is_dir():
-        pytest.skip(f"official SAT fixtures not found at {ORIGINAL_SAT_DIR} (set SAT_SHARED to ../shared)")
-    return ORIGINAL_SAT_DIR
+def official_outputs():
+    """The official model's inputs and outputs (eval and train mode) for OFFICIAL_CKPT."""
+    return torch.load(OFFICIAL_DIR / "sat_narrow_outputs.pt")
+
+
+@pytest.fixture(scope="session")
+def official_boxes():
+    """Maps, thresholds, the official evaluator's boxes, GT boxes and official IoUs."""
+    with np.load(OFFICIAL_DIR / "original_boxes.npz") as data:
+        return {key: data[key] for key in data.files}

@@ -19,6 +19,8 @@ from utils.metrics import ClassAccumulator
 from utils.metrics_sat import TRAIN_THRESHOLDS, SATLocAccumulator
 from utils.metrics_wsol import PxAPAccumulator, WSOLBoxAccumulator
 
+from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS
+
 ARCH = "deit_sat_nano_patch16_224"
 CLASS_NAMES = ["001.Ringed_Disc", "002.Checkered_Square", "003.Striped_Triangle"]  # the demo data's
 
@@ -120,11 +122,10 @@ class _FixtureMaps(torch.nn.Module):
         return torch.nn.functional.one_hot(index % 10, 10).float(), self.maps[index]
 
 
-def test_evaluate_reproduces_official_fixture_boxes(original_sat_dir):
+def test_evaluate_reproduces_official_fixture_boxes(official_boxes):
     """The official boxes of the fixture maps, through evaluate(): GT = the official box at 0.4 (as an
     original-image box of a 256x256 image), so each threshold's hits follow from the official boxes."""
-    with np.load(original_sat_dir / "original_boxes.npz") as data:
-        maps, thresholds, official = data["maps"], data["thresholds"], data["boxes"]
+    maps, thresholds, official = official_boxes["maps"], official_boxes["thresholds"], official_boxes["boxes"]
     gt = np.minimum(official[:, 2], 223)
     labels = np.arange(len(maps)) % 10
     labels[::3] = (labels[::3] + 1) % 10  # every third image misclassified
@@ -149,16 +150,15 @@ def test_evaluate_reproduces_official_fixture_boxes(original_sat_dir):
     assert result["top1_cls"] == pytest.approx(100 * top1.mean())
 
 
-def test_official_release_checkpoint_through_evaluate(original_sat_dir):
+def test_official_release_checkpoint_through_evaluate(official_outputs):
     """The release-format fixture loads with --arch and its classification comes out of evaluate()."""
-    model, meta = build_model_from_checkpoint(original_sat_dir / "sat_tiny_original_format.pth.tar",
-                                              arch="deit_sat_tiny_patch16_224")
-    outputs = torch.load(original_sat_dir / "sat_tiny_outputs.pt")
-    labels = outputs["logits_test"].argmax(dim=1)
-    batch = {"image": outputs["input"], "label": labels, "boxes": [torch.tensor([[16.0, 16.0, 200.0, 200.0]])] * 4,
-             "size": [(256, 256)] * 4, "image_id": list("abcd"), "index": [0, 1, 2, 3]}
+    model, meta = build_model_from_checkpoint(OFFICIAL_CKPT, arch=OFFICIAL_ARCH, **OFFICIAL_MODEL_KWARGS)
+    labels = official_outputs["logits_test"].argmax(dim=1)
+    batch = {"image": official_outputs["input"], "label": labels,
+             "boxes": [torch.tensor([[16.0, 16.0, 200.0, 200.0]])] * 2, "size": [(256, 256)] * 2,
+             "image_id": list("ab"), "index": [0, 1]}
     result = evaluate(model, [batch], "cpu", threshold=meta["best_thr"], views=EvalViews("sat"), progress=False)
-    assert result["num_images"] == 4 and result["top1_cls"] == 100.0
+    assert result["num_images"] == 2 and result["top1_cls"] == 100.0
 
 
 def _write_mask_dataset(root):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from tools.bench_boxes import naive_wsol_boxes, random_maps
+from reference_boxes import naive_wsol_boxes, random_maps
 from utils.metrics_wsol import (CAM_THRESHOLDS, PxAPAccumulator, WSOLBoxAccumulator, contour_boxes,
                                 normalize_map_wsol, wsol_score_map)
 
@@ -104,7 +104,7 @@ def test_hole_contours_count_for_all_contours():
     assert result["maxboxaccv2_per_iou"] == {30: 100.0, 50: 100.0, 70: 100.0}
 
 
-def test_matches_naive_benchmark_reference():
+def test_matches_reference_implementation():
     maps = [wsol_score_map(m) for m in random_maps(12, seed=2)]
     maps.append(_score((10, 30, 10, 30), (100, 120, 100, 120)))  # equal areas: the first contour wins
     for score in maps:

@@ -12,56 +12,60 @@ from Model import build_model, list_archs
 from Model.losses import (area_per_image, batch_area_loss, gaussian_kernel_3x3, normalization_loss,
                           normalization_per_image, sat_loss)
 from Model import build_model_from_checkpoint
-from utils.checkpoint import load_checkpoint, model_spec, save_checkpoint
+from utils.checkpoint import load_checkpoint, model_spec, read_checkpoint, save_checkpoint
 from utils.errors import CheckpointError, ConfigError
 
-from conftest import REPO_ROOT
+from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_ROOT
 
 TINY = "deit_sat_tiny_patch16_224"
 NANO = "deit_sat_nano_patch16_224"
-OFFICIAL_CKPT = "sat_tiny_original_format.pth.tar"
-
-
-@pytest.fixture(scope="module")
-def official(original_sat_dir):
-    outputs = torch.load(original_sat_dir / "sat_tiny_outputs.pt")
-    return original_sat_dir / OFFICIAL_CKPT, outputs
 
 
 @pytest.mark.parametrize("impl", ["fused", "naive"])
-def test_official_checkpoint_reproduces_official_outputs(official, impl):
-    path, out = official
-    model = build_model(TINY, num_classes=10, attn_impl=impl)
-    meta = load_checkpoint(path, model)
+def test_official_checkpoint_reproduces_official_outputs(official_outputs, impl):
+    out = official_outputs
+    model = build_model(OFFICIAL_ARCH, num_classes=10, attn_impl=impl, **OFFICIAL_MODEL_KWARGS)
+    meta = load_checkpoint(OFFICIAL_CKPT, model)
     assert meta == {"best_thr": 0.4, "epoch": 30}
     model.eval()
     with torch.no_grad():
         logits, maps = model(out["input"])
-    torch.testing.assert_close(logits, out["logits_test"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(maps, out["maps_test"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, out["logits_test"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(maps, out["maps_test"], atol=1e-6, rtol=0)
     model.train()  # all drop rates are 0: train mode is deterministic
     with torch.no_grad():
         logits, maps = model(out["input"])
-    torch.testing.assert_close(logits, out["logits_train"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(area_per_image(maps), out["batch_area_per_image"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(normalization_per_image(maps), out["norm_per_image"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, out["logits_train"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(area_per_image(maps), out["batch_area_per_image"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(normalization_per_image(maps), out["norm_per_image"], atol=1e-6, rtol=0)
 
 
-def test_official_checkpoint_rebuilds_with_arch_flag_only(official):
-    path, out = official
-    model, meta = build_model_from_checkpoint(path, arch=TINY)
+def test_official_checkpoint_rebuilds_with_arch_flag_only():
+    model, meta = build_model_from_checkpoint(OFFICIAL_CKPT, arch=OFFICIAL_ARCH, **OFFICIAL_MODEL_KWARGS)
     assert model.num_classes == 10 and meta["epoch"] == 30
 
 
-def test_official_checkpoint_architecture_read_off_its_shapes(official):
-    model, meta = build_model_from_checkpoint(official[0])  # the release file records no architecture
+def official_format_file(model, path):
+    """``model`` saved as the official release saves checkpoints (legacy format, 'module.' prefixes, kernel)."""
+    state = {f"module.{key}": value for key, value in model.state_dict().items()}
+    state["module.weight"] = gaussian_kernel_3x3()
+    torch.save({"model": state, "best_thr": 0.4, "epoch": 30}, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def test_official_checkpoint_architecture_read_off_its_shapes(tmp_path):
+    path = official_format_file(build_model(TINY, num_classes=10), tmp_path / "best_loc.pth.tar")
+    model, meta = build_model_from_checkpoint(path)  # the release file records no architecture
     assert model.embed_dim == 192 and len(model.blocks) == 12 and model.num_classes == 10 and meta["epoch"] == 30
     with pytest.raises(CheckpointError) as err:
-        build_model_from_checkpoint(official[0], arch="deit_sat_small_patch16_224")
-    assert str(err.value) == (f"checkpoint {official[0]} does not fit --arch deit_sat_small_patch16_224: it has the "
+        build_model_from_checkpoint(path, arch="deit_sat_small_patch16_224")
+    assert str(err.value) == (f"checkpoint {path} does not fit --arch deit_sat_small_patch16_224: it has the "
                               "shapes of deit_sat_tiny_patch16_224 (embed dim 192, depth 12); drop --arch")
     with pytest.raises(CheckpointError, match="has 10 classes, not --num-classes 200"):
-        build_model_from_checkpoint(official[0], num_classes=200)
+        build_model_from_checkpoint(path, num_classes=200)
+    # the width-48 official fixture fits no registered architecture
+    with pytest.raises(CheckpointError, match="embed dim 48 and depth 12 fit no registered SAT architecture"):
+        build_model_from_checkpoint(OFFICIAL_CKPT)
 
 
 def test_non_finite_weights_are_one_line_naming_the_checkpoint(tmp_path):
@@ -91,15 +95,15 @@ def test_registered_archs_have_deit_dims_and_official_keys(arch, dim, heads):
     model = timm.create_model(arch, num_classes=7)
     assert model.embed_dim == dim and model.blocks[0].attn.num_heads == heads
     assert [b.spatial_aware for b in model.blocks] == [False] * 9 + [True] * 3
-    keys = model.state_dict().keys()
-    assert len(keys) == 154  # official 155 minus the loss kernel ``weight``
+    official = read_checkpoint(OFFICIAL_CKPT)["model"]  # official keys: 'module.' + ours + the loss kernel
+    assert {f"module.{key}" for key in model.state_dict()} | {"module.weight"} == set(official)
     assert model.head.weight.shape == (7, dim, 3, 3)
     assert model.pretrained_cfg["hf_hub_id"] == f"timm/{arch.replace('_sat', '')}.fb_in1k"
 
 
-def test_list_archs_and_timm_registration():
-    assert set(list_archs()) == {TINY, NANO, "deit_sat_small_patch16_224", "deit_sat_base_patch16_224"}
-    assert all(name in timm.list_models("deit_sat_*") for name in list_archs())
+def test_list_archs_names_the_sat_models_only():
+    assert list_archs() == ["deit_sat_base_patch16_224", NANO, "deit_sat_small_patch16_224", TINY]
+    assert "deit_tiny_patch16_224" in timm.list_models()  # timm's own DeiT is no SAT arch
 
 
 def test_forward_contract_shapes_and_range():
@@ -205,12 +209,12 @@ def test_own_checkpoint_roundtrip_records_model_spec(tmp_path):
         assert torch.equal(value, rebuilt.state_dict()[key])
 
 
-def test_checkpoint_shape_mismatch_is_one_line(tmp_path, official):
-    model = build_model(TINY, num_classes=12)
+def test_checkpoint_shape_mismatch_is_one_line():
+    model = build_model(OFFICIAL_ARCH, num_classes=12, **OFFICIAL_MODEL_KWARGS)
     with pytest.raises(CheckpointError) as err:
-        load_checkpoint(official[0], model)
-    assert str(err.value) == (f"checkpoint {official[0]} does not fit the model (2 keys differ, first: head.bias "
-                              "(10,) vs model (12,); head.weight (10, 192, 3, 3) vs model (12, 192, 3, 3))")
+        load_checkpoint(OFFICIAL_CKPT, model)
+    assert str(err.value) == (f"checkpoint {OFFICIAL_CKPT} does not fit the model (2 keys differ, first: head.bias "
+                              "(10,) vs model (12,); head.weight (10, 48, 3, 3) vs model (12, 48, 3, 3))")
 
 
 def test_not_a_checkpoint_names_the_file(tmp_path):
@@ -223,20 +227,35 @@ def test_not_a_checkpoint_names_the_file(tmp_path):
         load_checkpoint(bogus, build_model(NANO, num_classes=2))
 
 
-def test_losses_match_definitions():
-    maps = torch.rand(4, 14, 14)
-    assert torch.isclose(batch_area_loss(maps, 0.25), (maps.mean(dim=(1, 2)).mean() - 0.25).abs())
-    # area loss is the deviation of the batch mean, not the mean deviation
-    half = torch.stack([torch.zeros(14, 14), torch.ones(14, 14)])
-    assert batch_area_loss(half, 0.5) == 0
+def test_losses_on_hand_checked_maps():
+    # area: |mean over the batch of each map's mean - area_thr|, the deviation of the batch mean
+    half = torch.stack([torch.zeros(14, 14), torch.ones(14, 14)])  # map means 0 and 1
+    assert batch_area_loss(half, 0.5) == 0  # (the mean deviation would be 0.5)
+    assert batch_area_loss(half, 0.3).item() == pytest.approx(0.2)
+    # normalization: the smoothed map M' of a single pixel 0.5 is 0.5 x the kernel centre 0.8054397389,
+    # (1 - M') M' = 0.4027198695 x 0.5972801305 = 0.2405365762
+    assert normalization_loss(torch.full((2, 1, 1), 0.5)).item() == pytest.approx(0.2405365762, abs=1e-7)
     assert normalization_loss(torch.zeros(2, 5, 5)) == 0
-    smoothed = torch.nn.functional.conv2d(maps[:, None], gaussian_kernel_3x3(), padding=1)
-    assert torch.isclose(normalization_loss(maps), ((1 - smoothed) * smoothed).mean())
-    logits, target = torch.randn(4, 6), torch.tensor([0, 1, 2, 5])
-    terms = sat_loss(logits, maps, target, 0.3)
-    expected = torch.nn.functional.cross_entropy(logits, target) + batch_area_loss(maps, 0.3) + normalization_loss(maps)
-    assert torch.isclose(terms["loss"], expected)
+    # one pixel of 1 in the middle of 3x3: M' is the kernel, mean of (1 - k) k over its 9 entries
+    one = torch.zeros(1, 3, 3)
+    one[0, 1, 1] = 1
+    assert normalization_loss(one).item() == pytest.approx(0.0380856579, abs=1e-7)
+    # total: cross-entropy of uniform logits over 4 classes is ln 4, plus area |0.5 - 0.3| plus normalization
+    terms = sat_loss(torch.zeros(2, 4), torch.full((2, 1, 1), 0.5), torch.tensor([0, 3]), area_thr=0.3)
     assert set(terms) == {"loss", "ce", "area", "norm"}
+    assert terms["ce"].item() == pytest.approx(1.3862944, abs=1e-6)
+    assert terms["area"].item() == pytest.approx(0.2, abs=1e-7)
+    assert terms["loss"].item() == pytest.approx(1.3862944 + 0.2 + 0.2405365762, abs=1e-6)
+
+
+def test_losses_match_official_per_image_terms(official_outputs):
+    """The official training step's per-image area and normalization terms, for the official maps."""
+    model, _ = build_model_from_checkpoint(OFFICIAL_CKPT, arch=OFFICIAL_ARCH, **OFFICIAL_MODEL_KWARGS)
+    with torch.no_grad():
+        logits, maps = model.train()(official_outputs["input"])
+    area = official_outputs["batch_area_per_image"]
+    assert batch_area_loss(maps, 0.25).item() == pytest.approx((area.mean() - 0.25).abs().item(), abs=1e-6)
+    assert normalization_loss(maps).item() == pytest.approx(official_outputs["norm_per_image"].mean().item(), abs=1e-6)
 
 
 def test_import_model_registers_in_fresh_process():
@@ -245,14 +264,14 @@ def test_import_model_registers_in_fresh_process():
     assert out.stdout.strip() == "SATVisionTransformer"
 
 
-def test_bf16_autocast_stays_close_to_fp32(official):
+def test_bf16_autocast_stays_close_to_fp32(official_outputs):
     """The documented AMP tolerance (README, Performance): maps within 1e-2, same top-1 class."""
     from utils.amp import cpu_supports_bf16
 
     if not cpu_supports_bf16():
         pytest.skip("this CPU has no native bf16")
-    path, out = official
-    model, _ = build_model_from_checkpoint(path, arch=TINY)
+    out = official_outputs
+    model, _ = build_model_from_checkpoint(OFFICIAL_CKPT, arch=OFFICIAL_ARCH, **OFFICIAL_MODEL_KWARGS)
     model.eval()
     with torch.no_grad():
         logits32, maps32 = model(out["input"])

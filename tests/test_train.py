@@ -118,7 +118,9 @@ def test_resume_drops_metrics_of_unsaved_epochs_and_extends_a_run(data_root, tmp
 def test_resume_without_checkpoint_starts_from_scratch(data_root, tmp_path):
     out = tmp_path / "run"
     main(args(data_root, out, "--epochs", "1", "--resume"))
-    assert "no " in (out / "log.txt").read_text() and epochs_logged(out) == [1]
+    log = (out / "log.txt").read_text()
+    assert f"--resume: no {out / 'checkpoints' / 'last.pth'} yet, starting from scratch" in log
+    assert epochs_logged(out) == [1]
 
 
 def test_few_shot_and_trainable_subset(data_root, tmp_path):
