@@ -1,0 +1,32 @@
+"""hubconf.py: torch.hub.load(<repo dir>, <arch>, source='local', ...) builds SAT models and loads checkpoints."""
+import torch
+
+import hubconf
+from Model import SATVisionTransformer
+
+from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_ROOT
+
+
+def test_one_entry_point_per_architecture():
+    entry_points = sorted(name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_"))
+    assert entry_points == ["deit_sat_base_patch16_224", "deit_sat_nano_patch16_224", "deit_sat_small_patch16_224",
+                            "deit_sat_tiny_patch16_224"]
+    assert hubconf.dependencies == ["torch", "timm"]
+    assert hubconf.deit_sat_small_patch16_224.__doc__.startswith("SAT on DeiT-Small: dim 384, 6 heads, depth 12.")
+
+
+def test_hub_load_local_random_weights():
+    model = torch.hub.load(str(REPO_ROOT), "deit_sat_small_patch16_224", source="local", pretrained=False,
+                           num_classes=5)
+    assert isinstance(model, SATVisionTransformer)
+    assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads, model.num_classes) == (384, 12, 6, 5)
+
+
+def test_hub_load_local_official_checkpoint(official_outputs):
+    model = torch.hub.load(str(REPO_ROOT), OFFICIAL_ARCH, source="local", checkpoint=str(OFFICIAL_CKPT),
+                           **OFFICIAL_MODEL_KWARGS)
+    assert model.num_classes == 10  # read off the official file's head
+    with torch.no_grad():
+        logits, maps = model.eval()(official_outputs["input"])
+    torch.testing.assert_close(logits, official_outputs["logits_test"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(maps, official_outputs["maps_test"], atol=1e-6, rtol=0)
