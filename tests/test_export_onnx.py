@@ -1,0 +1,38 @@
+"""tools/export_onnx.py: the exported file gives the official model's logits and maps under onnxruntime."""
+import json
+
+import pytest
+import torch
+
+from tools.export_onnx import main
+from utils.checkpoint import build_model_from_checkpoint, model_spec, save_checkpoint
+
+from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS
+
+pytest.importorskip("onnxscript", reason="the ONNX exporter needs onnx + onnxscript (requirements-dev.txt)")
+ort = pytest.importorskip("onnxruntime", reason="checking the export needs onnxruntime (requirements-dev.txt)")
+
+
+def test_export_of_official_weights_gives_official_outputs(tmp_path, capsys, official_outputs):
+    # the official weights, saved as this project's checkpoint (which records embed_dim=48 for rebuilding)
+    model, _ = build_model_from_checkpoint(OFFICIAL_CKPT, arch=OFFICIAL_ARCH, **OFFICIAL_MODEL_KWARGS)
+    checkpoint = tmp_path / "best.pth"
+    save_checkpoint(dict(model_spec(model, OFFICIAL_ARCH, **OFFICIAL_MODEL_KWARGS), model=model.state_dict()),
+                    checkpoint)
+    output = tmp_path / "onnx" / "sat.onnx"
+    main(["--checkpoint", str(checkpoint), "--output", str(output)])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["inputs"] == {"images": ["batch", 3, 224, 224]}
+    assert record["outputs"] == {"logits": ["batch", 10], "maps": ["batch", 14, 14]}
+    assert max(record["onnxruntime_max_abs_diff"].values()) < 1e-5  # the tool's own check
+    assert [p.name for p in output.parent.iterdir()] == ["sat.onnx"]  # one file, no temporary left
+
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    assert [o.name for o in session.get_outputs()] == ["logits", "maps"]
+    images = official_outputs["input"]
+    logits, maps = session.run(None, {"images": images.numpy()})
+    torch.testing.assert_close(torch.from_numpy(logits), official_outputs["logits_test"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(maps), official_outputs["maps_test"], atol=1e-5, rtol=0)
+    _, maps = session.run(None, {"images": images[1:].numpy()})  # another batch size
+    torch.testing.assert_close(torch.from_numpy(maps), official_outputs["maps_test"][1:], atol=1e-5, rtol=0)

@@ -1,0 +1,101 @@
+"""Export a SAT checkpoint to ONNX: input ``images``, outputs ``logits`` and the localization map ``maps``.
+
+``images`` (B, 3, S, S) is a batch normalised with the ImageNet mean / std at the model's input size S (224 for
+the released models); ``logits`` (B, num_classes); ``maps`` (B, S/16, S/16), the fused map of the spatial-aware
+blocks (sigmoid probabilities) from which the evaluators draw boxes. The graph is the eval-mode forward with a
+dynamic batch dimension, written as one file by torch's default (torch.export-based) exporter, which needs the
+`onnx` and `onnxscript` packages. When onnxruntime is installed the file is run on a random batch and compared
+with PyTorch; a difference above --atol is an error and nothing is written. Prints one JSON line.
+
+    python tools/export_onnx.py --checkpoint output/demo/checkpoints/best.pth --output sat.onnx
+    python tools/export_onnx.py --checkpoint best_loc.pth.tar --arch deit_sat_small_patch16_224 --output sat.onnx
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.checkpoint import build_model_from_checkpoint  # noqa: E402
+from utils.errors import ConfigError, SATError, run_cli  # noqa: E402
+
+INPUT_NAMES = ["images"]
+OUTPUT_NAMES = ["logits", "maps"]
+
+
+def example_images(model, batch_size, seed=0):
+    """A random batch at the model's input size."""
+    height, width = model.patch_embed.img_size
+    return torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def export_onnx(model, path, opset_version=None):
+    """Write ``model``'s eval-mode forward ``images -> (logits, maps)`` to ``path``, batch size dynamic."""
+    model.eval()
+    try:
+        torch.onnx.export(model, (example_images(model, 2),), str(path), input_names=INPUT_NAMES,
+                          output_names=OUTPUT_NAMES, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                          opset_version=opset_version, external_data=False, dynamo=True, verbose=False)
+    except ImportError as err:  # onnx / onnxscript missing
+        raise ConfigError(f"exporting to ONNX needs the onnx and onnxscript packages ({err}): "
+                          "pip install -r requirements-dev.txt") from None
+
+
+def onnxruntime_max_abs_diff(model, path, batch_size=3):
+    """Run ``path`` with onnxruntime on a random batch: max |ONNX - PyTorch| per output, or None when
+    onnxruntime is not installed."""
+    try:
+        import onnxruntime  # optional: only for this check
+    except ImportError:
+        return None
+    images = example_images(model, batch_size, seed=1)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: images.numpy()})
+    with torch.no_grad():
+        expected = model.eval()(images)
+    return {name: float((torch.from_numpy(out) - ref).abs().max())
+            for name, out, ref in zip(OUTPUT_NAMES, outputs, expected)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--checkpoint", required=True, help="this project's checkpoint or an official release file")
+    parser.add_argument("--arch", help="architecture, for files that do not record it (official releases)")
+    parser.add_argument("--num-classes", type=int, help="classes, for files that do not record them")
+    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    parser.add_argument("--atol", type=float, default=1e-4, help="largest accepted |ONNX - PyTorch| (default 1e-4)")
+    args = parser.parse_args(argv)
+
+    model, _ = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    try:
+        export_onnx(model, tmp, args.opset)
+        diff = onnxruntime_max_abs_diff(model, tmp)
+        if diff is not None and max(diff.values()) > args.atol:
+            raise SATError(f"{args.output}: onnxruntime differs from PyTorch by {diff} (> --atol {args.atol}); "
+                              "not written")
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    height, width = model.patch_embed.img_size
+    record = {"output": str(output), "checkpoint": str(args.checkpoint),
+              "inputs": {"images": ["batch", 3, height, width]},
+              "outputs": {"logits": ["batch", model.num_classes], "maps": ["batch", *model.grid_size]},
+              "onnxruntime_max_abs_diff": diff if diff is not None else "onnxruntime not installed: not checked"}
+    print(json.dumps(record))
+    return record
+
+
+if __name__ == "__main__":
+    run_cli(main)
