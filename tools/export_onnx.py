@@ -8,7 +8,7 @@ dynamic batch dimension, written as one file by torch's default (torch.export-ba
 with PyTorch; a difference above --atol is an error and nothing is written. Prints one JSON line.
 
     python tools/export_onnx.py --checkpoint output/demo/checkpoints/best.pth --output sat.onnx
-    python tools/export_onnx.py --checkpoint best_loc.pth.tar --arch deit_sat_small_patch16_224 --output sat.onnx
+    python tools/export_onnx.py --checkpoint best_loc.pth.tar --output sat.onnx   # an official release file
 """
 import argparse
 import json
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.checkpoint import build_model_from_checkpoint  # noqa: E402
+from Model import build_model_from_checkpoint  # noqa: E402
 from utils.errors import ConfigError, SATError, run_cli  # noqa: E402
 
 INPUT_NAMES = ["images"]
@@ -66,8 +66,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True, help="this project's checkpoint or an official release file")
-    parser.add_argument("--arch", help="architecture, for files that do not record it (official releases)")
-    parser.add_argument("--num-classes", type=int, help="classes, for files that do not record them")
+    parser.add_argument("--arch", help="architecture (default: recorded in the file, or read off its weights' shapes)")
+    parser.add_argument("--num-classes", type=int, help="classes (default: read off the head's shape)")
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     parser.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest accepted |ONNX - PyTorch| (default 1e-4)")
