@@ -190,8 +190,16 @@ def test_per_image_csv_recomputes_the_summary_exactly(cub, tmp_path):
     root, checkpoint = cub
     out = tmp_path / "out"
     record = main(["--data-root", str(root), "--checkpoint", str(checkpoint), "--output-dir", str(out),
-                   "--threshold", "0.35", "--batch-size", "5", "--workers", "0", "--device", "cpu"], kind="cub")
+                   "--threshold", "0.35", "--batch-size", "5", "--workers", "0", "--device", "cpu",
+                   "--save-boxes", str(out / "boxes.json")], kind="cub")
     rows = _read_per_image(out / "per_image.csv")
+    coco = json.loads((out / "boxes.json").read_text())
+    assert [image["file_name"] for image in coco["images"]] == [row["image_id"] for row in rows]
+    assert all((image["width"], image["height"]) == (64, 64) for image in coco["images"])
+    for ann, row in zip(coco["annotations"], rows):
+        x, y, w, h = ann["bbox"]
+        assert [x, y, x + w, y + h] == pytest.approx([float(v) for v in row["box_original"].split()], abs=1e-9)
+        assert ann["category_id"] == int(row["top5"].split()[0]) + 1
     assert len(rows) == record["num_images"] == 12 and rows[0]["image_id"].startswith("001.")
     labels = [int(row["label"]) for row in rows]
     top5 = [[int(c) for c in row["top5"].split()] for row in rows]

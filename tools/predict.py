@@ -26,7 +26,7 @@ from DataLoader.folder import is_image_file  # noqa: E402
 from Model import build_model_from_checkpoint  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.errors import DataError, run_cli  # noqa: E402
-from utils.eval_cli import cam_threshold  # noqa: E402
+from utils.eval_cli import cam_threshold, coco_detections  # noqa: E402
 from utils.metrics_sat import boxes_at_thresholds, normalize_map_sat  # noqa: E402
 from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
@@ -62,21 +62,6 @@ def full_image_map(score, resize_size, img_size):
     offset = centre_offset(resize_size, img_size)
     canvas[offset:offset + img_size, offset:offset + img_size] = score
     return canvas
-
-
-def coco_record(predictions, class_names):
-    """COCO detection format: images (id, file_name, width, height), one annotation per image
-    (bbox [x, y, w, h] in original pixels, category_id = class + 1, score) and the categories."""
-    images, annotations = [], []
-    for k, pred in enumerate(predictions, start=1):
-        width, height = pred["image_size"]
-        x0, y0, x1, y1 = pred["box"]
-        images.append({"id": k, "file_name": pred["image"], "width": width, "height": height})
-        annotations.append({"id": k, "image_id": k, "category_id": pred["class"] + 1,
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
-                            "score": pred["score"]})
-    categories = [{"id": k + 1, "name": name} for k, name in enumerate(class_names)]
-    return {"images": images, "annotations": annotations, "categories": categories}
 
 
 def _unique_png(output_dir, stem, used):
@@ -149,7 +134,9 @@ def main(argv=None):
     if args.coco:
         coco = Path(args.coco)
         coco.parent.mkdir(parents=True, exist_ok=True)
-        coco.write_text(json.dumps(coco_record(predictions, names)) + "\n", encoding="utf-8")
+        entries = [{"file_name": p["image"], "size": p["image_size"], "class": p["class"], "score": p["score"],
+                    "box": p["box"]} for p in predictions]
+        coco.write_text(json.dumps(coco_detections(entries, names)) + "\n", encoding="utf-8")
         print(f"COCO-format boxes written to {coco}")
     return record
 

@@ -110,6 +110,9 @@ def build_parser(kind, parser_class=argparse.ArgumentParser, **kwargs):
                    help="write <image_id>.npy wsolevaluation score maps (224x224, [0, 1])")
     p.add_argument("--save-images", metavar="DIR", help="write <image_id>.png overlays (heat map, boxes)")
     p.add_argument("--max-images", type=int, metavar="N", help="overlays of the first N images only")
+    p.add_argument("--save-boxes", metavar="FILE",
+                   help="write the official protocol's boxes of the whole split (at --threshold, original pixels) "
+                        "as a COCO-format detection file (file_name: the image id)")
     p.add_argument("--output-dir", default="output/eval",
                    help="metrics.json, per_image.csv, log.txt (default: output/eval)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
@@ -139,7 +142,8 @@ def _config_argv(path, defaults):
                 ignored.append(key)
                 continue
             close = difflib.get_close_matches(str(key), list(defaults) + list(train_config.FIELDS), n=1)
-            raise ConfigError(f"config file {path}: unknown key {key!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"config file {path}: unknown key {key!r}{hint}")
         flag = "--" + dest.replace("_", "-")
         if isinstance(defaults[dest], bool) and isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
@@ -245,7 +249,7 @@ def format_per_class(per_class):
 
 
 PER_IMAGE_COLUMNS = ("image_id", "label", "top5", "score", "box_crop", "box_original", "iou", "cls_correct",
-                     "top1_loc", "gt_known")
+                     "top1_loc", "gt_known", "width", "height")
 
 
 def write_per_image(path, rows):
@@ -257,6 +261,21 @@ def write_per_image(path, rows):
             writer.writerow([" ".join(map(repr, row[key])) if isinstance(row[key], list) else
                              int(row[key]) if isinstance(row[key], bool) else
                              repr(row[key]) if isinstance(row[key], float) else row[key] for key in PER_IMAGE_COLUMNS])
+
+
+def coco_detections(entries, class_names):
+    """COCO detection format of one box per image: images (id, file_name, width, height), annotations
+    (bbox [x, y, w, h] in original pixels, category_id = class + 1, score, area, iscrowd 0) and the
+    categories named ``class_names``. ``entries``: dicts with file_name, size (W, H), class, score, box."""
+    images, annotations = [], []
+    for k, entry in enumerate(entries, start=1):
+        (width, height), (x0, y0, x1, y1) = entry["size"], entry["box"]
+        images.append({"id": k, "file_name": entry["file_name"], "width": int(width), "height": int(height)})
+        annotations.append({"id": k, "image_id": k, "category_id": int(entry["class"]) + 1,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+                            "score": float(entry["score"])})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": k + 1, "name": name} for k, name in enumerate(class_names)]}
 
 
 def write_curves(output_dir, curves):
@@ -380,6 +399,13 @@ def run(args, kind, info):
         _logger.info("\n%s\n", format_tables(record, protocol, views.tencrop))
         if rows is not None:
             write_per_image(output_dir / "per_image.csv", rows)
+            if args.save_boxes:
+                entries = [{"file_name": row["image_id"], "size": (row["width"], row["height"]),
+                            "class": row["top5"][0], "score": row["score"], "box": row["box_original"]} for row in rows]
+                Path(args.save_boxes).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.save_boxes).write_text(json.dumps(coco_detections(entries, loader.dataset.classes)) + "\n",
+                                                 encoding="utf-8")
+                _logger.info("COCO-format boxes written to %s", args.save_boxes)
             _logger.info("per class (official protocol, threshold %g):\n%s", args.threshold,
                          format_per_class(record["per_class"]))
         if curves:

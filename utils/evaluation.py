@@ -2,8 +2,10 @@
 evaluator.py's ``val_loc_one_epoch``) and/or the wsolevaluation protocol (``wsol``), or classification
 only (``cls``); README, "Evaluation", maps each official function to its counterpart here.
 
-The loader's dataset transform is a ``DataLoader.eval_views.EvalViews``: it names the protocol and the
-views (``centre`` or ``tencrop`` for the official protocol, ``wsol``), stacked per image as (V, 3, S, S).
+The loader's dataset follows a ``DataLoader.eval_views.EvalViews`` (``views_of``): it names the protocol
+and the views (``centre`` or ``tencrop`` for the official protocol, ``wsol``), stacked per image as
+(V, 3, S, S); its samples hold their uint8 sources (``EvalViews.pixels``), cropped and normalised here on
+the device.
 Per batch: ``batch_to_device`` moves the views to the device; ``forward_views`` runs all views in one
 call and returns class scores and maps per protocol; ``BatchScorer`` does the per-image CPU work (GT
 boxes in each protocol's frame, boxes, counters, per-image rows, files) in a thread pool (OpenCV
@@ -211,16 +213,17 @@ class BatchScorer:
         """One record per image at the reported threshold (see ``per_image.csv`` in README)."""
         layout = self.layout
         probs = scores if layout.tencrop else _softmax(scores.astype(np.float64))
-        top5 = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+        top5 = torch.as_tensor(scores).topk(min(5, scores.shape[1]), dim=1).indices.numpy()  # as topk_correct
         rows = []
         for k, (image_id, label, size) in enumerate(zip(batch["image_id"], batch["label"].tolist(), batch["size"])):
             top5_k = [int(c) for c in top5[k]]
             rows.append({
-                "index": int(batch["index"][k]), "image_id": image_id, "label": int(label), "top5": top5_k, "score": float(probs[k, top5_k[0]]),
+                "index": int(batch["index"][k]), "image_id": image_id, "label": int(label), "top5": top5_k,
+                "score": float(probs[k, top5_k[0]]),
                 "box_crop": [int(v) for v in boxes[k]],
                 "box_original": crop_box_to_original(boxes[k], size, layout.resize_size, layout.img_size).tolist(),
                 "iou": float(ious[k]), "cls_correct": top5_k[0] == label, "gt_known": bool(ious[k] >= 0.5),
-                "top1_loc": top5_k[0] == label and bool(ious[k] >= 0.5)})
+                "top1_loc": top5_k[0] == label and bool(ious[k] >= 0.5), "width": int(size[0]), "height": int(size[1])})
         return rows
 
     def overlay(self, image_id, crop, cam, protocol, threshold, box, gt, pred):
