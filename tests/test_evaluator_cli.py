@@ -295,3 +295,17 @@ def test_wsol_curves_threshold_and_overlays(cub, tmp_path):
     assert at["boxaccv2_per_iou"][50] == curves["boxaccv2_per_iou"]["50"][25]
     assert Image.open(out / "wsol_curves.png").size[0] > 0 and not (out / "per_image.csv").exists()
     assert len(list((out / "images").rglob("*.png"))) == 2
+
+
+def test_auto_protocol_is_classification_only_without_boxes_or_masks(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (40, 56, 3), np.uint8)).save(tmp_path / "data" / split / name / "x.png")
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth", num_classes=2)
+    out = tmp_path / "out"
+    record = main(["--data-root", str(tmp_path / "data"), "--format", "folder", "--checkpoint", str(checkpoint),
+                   "--output-dir", str(out), "--workers", "0", "--device", "cpu"], kind="cub")
+    assert record["eval_protocol"] == "cls" and record["num_images"] == 2 and record["views"] == ["tencrop"]
+    assert 0 <= record["top1_cls"] <= 100 and "gt_known_loc" not in record and not (out / "per_image.csv").exists()
