@@ -314,7 +314,8 @@ def evaluate(model, loader, device, *, threshold=None, thresholds=(), wsol_thres
     drawn at the threshold whose numbers are reported (wsol: ``wsol_threshold``, else maxboxacc's).
     ``per_image``: add ``per_image`` rows (official protocol, at ``threshold``) and ``per_class``.
     ``threads``: workers of the CPU box-extraction thread pool (OpenCV releases the GIL); ``box_processes``
-    > 0: a pool of that many processes instead, which scales with cores (the same boxes and metrics).
+    > 0: a pool of that many processes instead (started once per call, a few seconds), which scales with
+    cores (the same boxes and metrics).
     """
     layout = views or views_of(loader.dataset)
     protocol = layout.protocol
