@@ -4,6 +4,7 @@ import yaml
 
 from utils.config import FIELDS, load_yaml, parse_config, save_config
 from utils.errors import ConfigError
+from utils.evaluation import default_resize_size
 
 from conftest import REPO_ROOT
 
@@ -22,13 +23,38 @@ def test_shipped_configs_list_every_key_and_load(name):
     assert set(values) == set(FIELDS)
 
 
-def test_official_defaults():
-    cub = parse_config(["--config", str(CONFIGS / "CUB.yaml")])
-    assert (cub.lr, cub.batch_size, cub.epochs, cub.area_thr, cub.drop_path, cub.weight_decay, cub.seed) == \
-        (1e-4, 256, 30, 0.25, 0.1, 0.05, 6)
-    assert cub.lr_schedule == "constant" and cub.eval_thresholds == [0.3, 0.35, 0.4, 0.45]
-    imagenet = parse_config(["--config", str(CONFIGS / "ILSVRC.yaml")])
-    assert (imagenet.lr, imagenet.batch_size, imagenet.epochs, imagenet.area_thr) == (1.5e-5, 512, 1, 0.35)
+# The official code's values (wpy1999/SAT train.py + evaluator.py for CUB, train_ImageNet.py +
+# evaluator_ImageNet.py for ImageNet), written out by hand: a default that drifts fails here.
+OFFICIAL_CUB = dict(
+    arch="deit_sat_small_patch16_224", pretrained=True, img_size=224, resize_size=256, drop_path=0.1, area_thr=0.25,
+    area_loss_scope="global",  # nn.DataParallel gathers the per-image areas of the whole batch
+    epochs=30, batch_size=256, accum_steps=1, lr=1e-4, weight_decay=0.05, lr_schedule="constant", warmup_epochs=0,
+    clip_grad=None, trainable="all",
+    decay_tokens=True,  # create_optimizerv2(args, nn.DataParallel(model)): the wrapper hides no_weight_decay()
+    drop_last=False,  # its CUB train DataLoader has no drop_last
+    eval_thresholds=[0.3, 0.35, 0.4, 0.45], eval_start_epoch=26, eval_every=1,  # evaluate_epoch=25: `epoch >= 25`
+    selection_metric="loc",  # best_loc.pth.tar: top1_acc + gt_acc, the file its evaluator loads
+    threshold=0.4, test_tencrop=True,  # evaluator.py: --threshold [0.4], --tencrop True
+    val_split=False, seed=6, amp=False)
+OFFICIAL_IMAGENET = dict(
+    OFFICIAL_CUB, area_thr=0.35, area_loss_scope="process",  # DDP: each GPU's own batch
+    epochs=1,  # `break  ## 1 epoch is enough`
+    eval_start_epoch=1,  # it evaluates nothing while training: the one epoch is the last, evaluated anyway
+    batch_size=512, lr=1.5e-5, drop_last=True, threshold=0.3, test_tencrop=False)  # evaluator_ImageNet.py
+for _official in (OFFICIAL_CUB, OFFICIAL_IMAGENET):
+    del _official["pretrained"]  # a key of ours; both official scripts load DeiT weights (pretrained=True)
+
+
+@pytest.mark.parametrize("argv, official", [
+    ([], OFFICIAL_CUB),  # built-in defaults
+    (["--config", str(CONFIGS / "CUB.yaml")], OFFICIAL_CUB),
+    (["--config", str(CONFIGS / "ILSVRC.yaml")], OFFICIAL_IMAGENET),
+])
+def test_official_defaults(argv, official):
+    cfg = parse_config(argv)
+    cfg.resize_size = cfg.resize_size or default_resize_size(cfg.img_size)  # null: 256/224 x img_size
+    assert {key: getattr(cfg, key) for key in official} == official
+    assert cfg.pretrained is True
 
 
 def test_flags_override_yaml_which_overrides_defaults(tmp_path):
@@ -39,7 +65,8 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.amp, cfg.val_split) == (3, 0.01, 8, False, False)
     assert cfg.eval_thresholds == [0.2, 0.4] and cfg.images_per_class == 2 and cfg.clip_grad is None
     assert cfg.pretrained == "weights.pth" and cfg.weight_decay == FIELDS["weight_decay"].default
-    assert parse_config(["--amp"]).amp is True and parse_config([]).amp == "auto"
+    assert parse_config(["--amp"]).amp is True and parse_config([]).amp is False
+    assert parse_config(["--amp", "auto"]).amp == "auto"
     assert parse_config(["--pretrained", "false"]).pretrained is False
 
 
@@ -63,10 +90,13 @@ def test_default_config_file_is_used_without_config(tmp_path):
     ("epochs: 2.5\n", "epochs must be an integer"),
     ("lr: fast\n", "lr must be a number"),
     ("amp: maybe\n", "amp must be auto, true or false"),
+    ("selection_metric: best\n", "selection_metric must be one of loc, top1_loc"),
+    ("area_loss_scope: node\n", "area_loss_scope must be one of global, process"),
     ("lr_schedule: step\n", "lr_schedule must be one of constant, cosine"),
     ("eval_thresholds: 0.4\n", "eval_thresholds must be a list of numbers"),
     ("- a\n- b\n", "expected a mapping"),
     ("epochs: [1\n", "invalid YAML"),
+    ("epochs: 3\nlr: 1e-4\nbatch_size 8\nseed: 1\nworkers: 2\n", "line 3: invalid YAML"),
 ])
 def test_bad_yaml_values_name_the_file_and_key(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -86,6 +116,19 @@ def test_range_checks(argv, message):
     with pytest.raises(ConfigError) as err:
         parse_config(argv)
     assert message in str(err.value)
+
+
+def test_yaml_numbers_in_exponent_notation(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string; config files accept it as the number it is
+    cfg = parse_config(["--config", write(tmp_path, "lr: 1e-3\nmin_lr: 5E-7\nweight_decay: 1.0e-2\n")])
+    assert (cfg.lr, cfg.min_lr, cfg.weight_decay) == (1e-3, 5e-7, 1e-2)
+
+
+def test_abbreviated_flags_are_rejected(capsys):
+    for flag in ("--epoch", "--lr-schedul"):
+        with pytest.raises(SystemExit):
+            parse_config([flag, "3"])
+        assert "unrecognized arguments" in capsys.readouterr().err
 
 
 def test_missing_config_file():

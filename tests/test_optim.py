@@ -22,13 +22,22 @@ def names(model, params):
     return {name for name, p in model.named_parameters() if id(p) in ids}
 
 
-def test_no_decay_on_1d_params_biases_tokens_and_embeddings(model):
+TOKENS = {"cls_token", "loc_token", "pos_embed", "loc_embed"}
+
+
+def test_official_groups_decay_tokens_but_not_1d_params_and_biases(model):
+    # The official optimizer is built on nn.DataParallel(model): the wrapper has no no_weight_decay(), so its
+    # skip set is empty and the (1, N, D) tokens and embeddings are decayed; only 1-D params and biases are not.
     decay, no_decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    skip = names(model, no_decay["params"])
-    assert {"cls_token", "loc_token", "pos_embed", "loc_embed", "norm.weight", "head.bias",
-            "blocks.0.attn.qkv.bias", "patch_embed.proj.bias"} <= skip
-    assert {"head.weight", "blocks.0.attn.qkv.weight", "patch_embed.proj.weight"} <= names(model, decay["params"])
+    assert TOKENS | {"head.weight", "blocks.0.attn.qkv.weight", "patch_embed.proj.weight"} <= names(model, decay["params"])
+    assert {"norm.weight", "head.bias", "blocks.0.attn.qkv.bias", "patch_embed.proj.bias"} <= names(model, no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_decay_tokens_false_exempts_the_tokens_and_embeddings(model):
+    decay, no_decay = param_groups(model, 0.05, decay_tokens=False)
+    assert TOKENS <= names(model, no_decay["params"]) and not TOKENS & names(model, decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
@@ -71,6 +80,7 @@ def test_cosine_schedule_reaches_min_lr():
 
 
 def test_amp_selection_on_cpu():
+    assert amp_dtype("cpu") is None  # fp32 unless asked for
     assert amp_dtype("cpu", False) is None
     assert amp_dtype("cpu", "auto") == (torch.bfloat16 if cpu_supports_bf16() else None)
     autocast, scaler = autocast_settings("cpu", False)

@@ -6,23 +6,29 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from DataLoader import make_demo_dataset
-from Model import build_model_from_checkpoint
+from Model import build_model, build_model_from_checkpoint
 from utils.checkpoint import read_checkpoint
 from utils.errors import ConfigError, run_cli
-from utils.trainer import main
+from utils.eval_cli import main as eval_main
+from utils.trainer import checkpoint_weights, main
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SHARED_DIR
+
+NARROW_FIXTURE_DIRS = [REPO_ROOT / "tests" / "fixtures" / "original_sat_narrow",
+                       SHARED_DIR / "fixtures" / "original_sat_narrow"]
 
 # Tiny runs: 3 classes x 8 train / 4 test images of 64 px, nano model at 64 px, batch 8.
 TINY = ["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
-        "--batch-size", "8", "--eval-batch-size", "12", "--eval-every", "1", "--workers", "0", "--log-every", "1",
-        "--warmup-epochs", "0", "--save-images", "0"]
+        "--batch-size", "8", "--eval-batch-size", "12", "--eval-start-epoch", "1", "--eval-every", "1", "--workers",
+        "0", "--log-every", "1", "--warmup-epochs", "0", "--save-images", "0", "--no-test-tencrop",
+        "--no-report-best-threshold"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,7 @@ def epochs_logged(out):
 def test_train_py_end_to_end(data_root, tmp_path):
     out = tmp_path / "run"
     proc = train_py(*args(data_root, out, "--epochs", "2", "--save-images", "2", "--lr", "2e-3",
-                                       "--lr-schedule", "constant"))
+                                       "--lr-schedule", "constant", "--test-tencrop", "--report-best-threshold"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert epochs_logged(out) == [1, 2]
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -57,7 +63,7 @@ def test_train_py_end_to_end(data_root, tmp_path):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert (saved["epochs"], saved["lr"], saved["batch_size"], saved["data_root"]) == (2, 2e-3, 8, data_root)
     log = (out / "log.txt").read_text()
-    assert "model selection and threshold on the test split" in log and "test results of" in log
+    assert "model selection on the test split" in log and "test results of" in log
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(list((out / "images").rglob("*.png"))) == 2
 
@@ -67,9 +73,18 @@ def test_train_py_end_to_end(data_root, tmp_path):
     assert last["best_thr"] in saved["eval_thresholds"] and len(last["rng_states"]) == 1
     model, meta = build_model_from_checkpoint(out / "checkpoints" / "best.pth")
     results = json.loads((out / "results.json").read_text())
-    assert results["epoch"] == meta["epoch"] == last["best"]["epoch"]
-    assert results["best_threshold"] == meta["best_thr"] and results["num_images"] == 12
-    assert {"top1_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou70"} <= set(results)
+    assert results["epoch"] == meta["epoch"] == last["best"]["best.pth"]["epoch"]
+    assert (results["threshold"], results["tencrop"], results["precision"], results["num_images"]) == \
+        (0.4, True, "fp32", 12)
+    section = results["best_threshold"]
+    assert section["chosen_on"] == "test" and section["threshold"] in saved["eval_thresholds"]
+    # The top level is what the evaluator CLI reports for best.pth with its defaults (CUB: 0.4, ten-crop, fp32).
+    eval_main(["--checkpoint", str(out / "checkpoints" / "best.pth"), "--data-root", data_root, "--output-dir",
+               str(tmp_path / "eval"), "--workers", "0"])
+    official = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert official["threshold"] == 0.4 and official["tencrop"] and official["precision"] == "fp32"
+    keys = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70", "num_images")
+    assert {key: results[key] for key in keys} == {key: official[key] for key in keys}
 
 
 def test_kill_and_resume_gives_the_uninterrupted_run(data_root, tmp_path):
@@ -185,3 +200,75 @@ def test_unreadable_train_image_skipped_or_fatal_with_strict_data(tmp_path):
     assert strict.returncode == 2 and "Traceback" not in strict.stderr
     error_lines = [line for line in strict.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and broken.name in error_lines[0]
+
+
+def write_metadata(root, meta):
+    """wsolevaluation-style metadata of a CUB-layout folder: its train and test splits, and a train-fullsup
+    'val' split of the first train image of each class."""
+    def table(name):
+        return [line.split() for line in (root / name).read_text().splitlines()]
+    ids, labels = dict(table("images.txt")), dict(table("image_class_labels.txt"))
+    boxes = {key: list(map(float, box)) for key, *box in table("bounding_boxes.txt")}
+    is_train = dict(table("train_test_split.txt"))
+    train = [k for k in ids if is_train[k] == "1"]
+    val = [next(k for k in train if labels[k] == label) for label in sorted(set(labels.values()))]
+    for split, keys in (("train", train), ("val", val), ("test", [k for k in ids if is_train[k] == "0"])):
+        (meta / split).mkdir(parents=True)
+        (meta / split / "image_ids.txt").write_text("".join(f"{ids[k]}\n" for k in keys))
+        (meta / split / "class_labels.txt").write_text("".join(f"{ids[k]},{int(labels[k]) - 1}\n" for k in keys))
+        (meta / split / "image_sizes.txt").write_text("".join(f"{ids[k]},64,64\n" for k in keys))
+        (meta / split / "localization.txt").write_text("".join(
+            f"{ids[k]},{x:g},{y:g},{x + w:g},{y + h:g}\n" for k in keys for x, y, w, h in [boxes[k]]))
+
+
+def test_training_with_val_split_selects_on_val_and_tests_on_test(data_root, tmp_path):
+    meta = tmp_path / "metadata"
+    write_metadata(Path(data_root), meta)
+    out = tmp_path / "run"
+    main(args(data_root, out, "--epochs", "1", "--val-split", "--metadata-root", str(meta)))
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert record["val_num_images"] == 3 and "test_top1_loc" not in record
+    assert "model selection on the val split (3 images)" in (out / "log.txt").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["split"] == "test" and results["num_images"] == 12
+
+
+def test_best_pth_is_the_first_epoch_with_the_best_loc_sum_and_loads_into_the_official_class(data_root, tmp_path):
+    out = tmp_path / "run"
+    main(args(data_root, out, "--epochs", "3", "--lr", "3e-3", "--lr-schedule", "constant"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    loc = [r["test_top1_loc"] + r["test_gt_known_loc"] for r in records]
+    top1 = [r["test_top1_loc"] for r in records]
+    expected = {"best.pth": loc.index(max(loc)) + 1, "best_top1_loc.pth": top1.index(max(top1)) + 1}
+    for name, epoch in expected.items():
+        saved = read_checkpoint(out / "checkpoints" / name)
+        assert saved["epoch"] == epoch and saved["best_thr"] == records[epoch - 1]["test_best_threshold"], name
+    # the official SAT class's state dict: no 'module.' prefix, its smoothing kernel 'weight' included
+    weights = read_checkpoint(out / "checkpoints" / "best.pth")["model"]
+    assert "weight" in weights and not any(key.startswith("module.") for key in weights)
+    assert weights["weight"].shape == (1, 1, 3, 3)
+
+
+def test_checkpoint_weights_have_the_official_names_and_shapes():
+    # The official class at width 48 (12 blocks, 10 classes) saved 'module.'-prefixed keys; our model at the
+    # same size, saved as training saves it, must match them one to one (so load_state_dict(strict=True) works).
+    fixture = next((d / "sat_narrow_original_format.pth.tar" for d in NARROW_FIXTURE_DIRS
+                    if (d / "sat_narrow_original_format.pth.tar").is_file()), None)
+    if fixture is None:
+        pytest.skip("official narrow fixture not found (tests/fixtures or ../shared/fixtures)")
+    official = torch.load(fixture, map_location="cpu", weights_only=False)["model"]
+    official = {key.removeprefix("module."): value.shape for key, value in official.items()}
+    model = build_model("deit_sat_tiny_patch16_224", num_classes=10, embed_dim=48)
+    ours = {key: value.shape for key, value in checkpoint_weights(model).items()}
+    assert ours == official
+
+
+def test_compile_flag_trains(data_root, tmp_path):
+    try:
+        torch.compile(torch.nn.Linear(2, 2))(torch.ones(1, 2))
+    except Exception as err:  # no C++ compiler or unsupported platform for inductor
+        pytest.skip(f"torch.compile cannot run here: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+    out = tmp_path / "run"
+    main(args(data_root, out, "--epochs", "1", "--compile", "--batch-size", "12"))
+    assert epochs_logged(out) == [1]
+    assert not any(key.startswith("_orig_mod.") for key in read_checkpoint(out / "checkpoints" / "best.pth")["model"])

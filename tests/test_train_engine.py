@@ -1,4 +1,5 @@
-"""The shared training loop: accumulation, trainable subsets, AMP on/off, NaN detection, RNG state."""
+"""The shared training loop: accumulation, trainable subsets, AMP on/off, the loss scaler, NaN detection, RNG
+state, the evaluation schedule and the best-checkpoint rule."""
 import random
 
 import numpy as np
@@ -6,10 +7,11 @@ import pytest
 import torch
 
 from Model import build_model
-from utils.amp import autocast_settings, cpu_supports_bf16
+from Model.losses import SATLoss
+from utils.amp import LossScaler, autocast_context, cpu_supports_bf16
 from utils.engine import NonFiniteLossError, train_one_epoch
 from utils.optim import build_optimizer, build_scheduler, set_trainable
-from utils.trainer import per_process_batch, rng_state, set_rng_state
+from utils.trainer import per_process_batch, rng_state, set_rng_state, should_evaluate, update_best
 from utils.config import parse_config
 from utils.errors import ConfigError
 
@@ -28,12 +30,12 @@ def batches(n, size, seed=0):
              "num_skipped": 0} for _ in range(n)]
 
 
-def run(model, loader, accum_steps=1, lr=1e-3, **kwargs):
+def run(model, loader, accum_steps=1, lr=1e-3, area_thr=0.25, amp=False, **kwargs):
     optimizer = build_optimizer(model, lr, 0.05)
     scheduler = build_scheduler(optimizer, schedule="constant", lr=lr, min_lr=0, epochs=1, warmup_epochs=0,
                                 steps_per_epoch=-(-len(loader) // accum_steps))
-    kwargs.setdefault("area_thr", 0.25)
-    stats = train_one_epoch(model, loader, optimizer, scheduler, device="cpu", epoch=0, accum_steps=accum_steps,
+    stats = train_one_epoch(model, SATLoss(area_thr), loader, optimizer, "cpu", 0, LossScaler("cpu", amp),
+                            scheduler=scheduler, accum_steps=accum_steps, autocast=autocast_context("cpu", amp),
                             progress=False, **kwargs)
     return stats, optimizer, scheduler
 
@@ -72,8 +74,7 @@ def test_frozen_parameters_do_not_change(which):
 def test_amp_on_and_off(amp):
     if amp and not cpu_supports_bf16():
         pytest.skip("no native bf16 on this CPU")
-    autocast, scaler = autocast_settings("cpu", amp)
-    stats, _, _ = run(make_model(), batches(2, 4), autocast=autocast, scaler=scaler)
+    stats, _, _ = run(make_model(), batches(2, 4), amp=amp)
     assert np.isfinite(stats["loss"]) and stats["steps"] == 2
 
 
@@ -105,3 +106,52 @@ def test_global_batch_split_over_processes_and_accumulation():
     assert per_process_batch(cfg, 4) == 8
     with pytest.raises(ConfigError, match="batch_size 64 .* multiple of processes \\(3\\) x accum_steps \\(2\\)"):
         per_process_batch(cfg, 3)
+
+
+def test_loss_scaler_unscales_before_clipping_and_skips_overflowing_steps():
+    # An enabled GradScaler (the fp16 path): gradients are unscaled before clipping, so the update is the
+    # true gradient clipped to norm 1 (hand-checked: grad (3, 4) has norm 5 -> (0.6, 0.8)).
+    p = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([p], lr=1.0)
+    loss_scaler = LossScaler("cpu")
+    loss_scaler.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    norm = loss_scaler((p * torch.tensor([3.0, 4.0])).sum(), optimizer, clip_grad=1.0)
+    assert norm.item() == pytest.approx(5.0)
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.6, -0.8]))
+    optimizer.zero_grad()
+    loss_scaler((p * float("inf")).sum(), optimizer, clip_grad=1.0)  # overflow: no step, smaller scale
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.6, -0.8]))
+    assert loss_scaler.state_dict()["scale"] == 2.0 ** 11
+    # disabled (fp32, bf16): plain backward and step, nothing to save
+    fp32 = LossScaler("cpu")
+    assert not fp32.enabled and fp32.state_dict() == {}
+
+
+def test_best_checkpoint_rule():
+    # Official: each file keeps the first epoch with a strictly higher value; best.pth (selection 'loc')
+    # maximises Top-1 Loc + GT-known Loc, best_top1_loc.pth / best_gt_known_loc.pth their own metric.
+    cfg = parse_config(["--selection-metric", "loc"])
+    history = [(50.0, 70.0), (55.0, 60.0), (52.0, 75.0), (50.0, 77.0), (55.0, 61.0)]  # (top1_loc, gt_known)
+    best, improved = {}, []
+    for epoch, (top1, gt_known) in enumerate(history):
+        metrics = {"top1_loc": top1, "gt_known_loc": gt_known, "top1_cls": 80.0, "best_threshold": 0.3 + epoch / 100}
+        improved.append(update_best(best, metrics, cfg, epoch))
+    assert {name: entry["epoch"] for name, entry in best.items()} == \
+        {"best.pth": 3, "best_top1_loc.pth": 2, "best_gt_known_loc.pth": 4}
+    assert best["best.pth"]["value"] == 127.0 and best["best.pth"]["threshold"] == 0.32
+    assert improved[4] == [] and improved[1] == ["best_top1_loc.pth"]  # 55 ties 55 and 116 < 127: nothing
+    top1 = {}
+    for epoch, (t, g) in enumerate(history):
+        update_best(top1, {"top1_loc": t, "gt_known_loc": g, "best_threshold": 0.4}, parse_config(
+            ["--selection-metric", "top1_loc"]), epoch)
+    assert top1["best.pth"]["epoch"] == 2
+
+
+@pytest.mark.parametrize("epochs, start, every, expected", [
+    (30, 26, 1, [26, 27, 28, 29, 30]),  # official CUB
+    (3, 26, 1, [3]),  # short runs still evaluate their last epoch
+    (10, 1, 4, [4, 8, 10]),
+])
+def test_evaluation_schedule(epochs, start, every, expected):
+    cfg = parse_config(["--epochs", str(epochs), "--eval-start-epoch", str(start), "--eval-every", str(every)])
+    assert [e + 1 for e in range(epochs) if should_evaluate(cfg, e)] == expected

@@ -6,6 +6,7 @@ next to the run's outputs.
 """
 import argparse
 import difflib
+import re
 from pathlib import Path
 
 import yaml
@@ -14,7 +15,9 @@ from utils.errors import ConfigError
 from utils.optim import trainable_blocks
 
 LR_SCHEDULES = ("constant", "cosine")
-SELECTION_METRICS = ("top1_loc", "gt_known_loc", "top1_cls")
+AREA_LOSS_SCOPES = ("global", "process")
+# best.pth rule: 'loc' = Top-1 Loc + GT-known Loc, the official best_loc checkpoint (its evaluator and model zoo).
+SELECTION_METRICS = ("loc", "top1_loc", "gt_known_loc", "top1_cls")
 
 
 class Field:
@@ -35,13 +38,22 @@ FIELDS = {
     "num_spatial_blocks": Field(3, "int", "number of final spatial-aware blocks"),
     "attn_impl": Field("fused", "str", "attention implementation", choices=("fused", "naive")),
     "area_thr": Field(0.25, "float", "area prior of the batch area loss (paper's lambda)"),
+    "area_loss_scope": Field("global", "str", "images the batch area loss averages over: global = one micro-batch "
+                                              "of every process (official CUB run: DataParallel, 256 images), "
+                                              "process = each process's own micro-batch (official ImageNet run: "
+                                              "DDP)", choices=AREA_LOSS_SCOPES),
     # optimisation
     "epochs": Field(30, "int", "number of training epochs"),
     "batch_size": Field(256, "int", "GLOBAL batch per optimizer step (split over processes and accumulation)"),
-    "accum_steps": Field(1, "int", "gradient accumulation steps per optimizer step"),
+    "accum_steps": Field(1, "int", "micro-batches per optimizer step (gradient accumulation); each micro-batch "
+                                   "has its own batch area loss (over batch_size / accum_steps images), so K > 1 "
+                                   "changes that loss; images per epoch are unchanged"),
     "lr": Field(1e-4, "float", "AdamW learning rate"),
     "min_lr": Field(1e-6, "float", "final learning rate of the cosine schedule"),
-    "weight_decay": Field(0.05, "float", "AdamW weight decay (not on 1-D params, biases, tokens, embeddings)"),
+    "weight_decay": Field(0.05, "float", "AdamW weight decay (never on 1-D parameters and biases)"),
+    "decay_tokens": Field(True, "bool", "weight decay also on cls_token, loc_token, pos_embed, loc_embed (official: "
+                                        "its optimizer is built on the DataParallel/DDP wrapper, which hides the "
+                                        "model's no_weight_decay(); false exempts them as DeiT does)"),
     "lr_schedule": Field("constant", "str", "constant (official behaviour) or cosine", choices=LR_SCHEDULES),
     "warmup_epochs": Field(0.0, "float", "linear warm-up epochs (either schedule)"),
     "clip_grad": Field(None, "float", "clip the gradient norm to this value", nullable=True),
@@ -58,21 +70,34 @@ FIELDS = {
                                       "(wsolevaluation train-fullsup) instead of test"),
     "images_per_class": Field(None, "int", "few-shot: train on N images per class", nullable=True),
     "workers": Field(8, "int", "data loading processes per training process"),
+    "drop_last": Field(False, "bool", "drop each epoch's last partial training batch (official: kept by train.py "
+                                      "on CUB, dropped by train_ImageNet.py)"),
     "strict_data": Field(False, "bool", "stop at an unreadable training image instead of skipping it with a warning"),
     # evaluation
     "eval_thresholds": Field([0.3, 0.35, 0.4, 0.45], "floats", "CAM thresholds searched at each evaluation"),
-    "eval_every": Field(1, "int", "evaluate every N epochs (and after the last)"),
+    "eval_start_epoch": Field(26, "int", "first epoch (1-based) evaluated for model selection (official CUB: 26 "
+                                         "of 30); the last epoch is always evaluated"),
+    "eval_every": Field(1, "int", "from eval_start_epoch, evaluate every N epochs (and after the last)"),
     "eval_batch_size": Field(None, "int", "evaluation batch per process (default: the training micro-batch)",
                              nullable=True),
-    "selection_metric": Field("top1_loc", "str", "metric choosing best.pth (ties: gt_known_loc)",
-                              choices=SELECTION_METRICS),
-    "test_tencrop": Field(False, "bool", "ten-crop classification in the final test evaluation"),
+    "selection_metric": Field("loc", "str", "metric choosing best.pth, the first epoch reaching its maximum: loc = "
+                                            "Top-1 Loc + GT-known Loc (official best_loc), top1_loc, gt_known_loc "
+                                            "or top1_cls", choices=SELECTION_METRICS),
+    "threshold": Field(0.4, "float", "CAM threshold of the final test metrics in results.json (official "
+                                     "evaluators: CUB 0.4, ImageNet 0.3)"),
+    "test_tencrop": Field(True, "bool", "ten-crop classification in the final test evaluation (official: CUB yes, "
+                                        "ImageNet no)"),
+    "report_best_threshold": Field(False, "bool", "results.json also gets a 'best_threshold' section: the test "
+                                                  "metrics at the best of eval_thresholds, chosen on the test "
+                                                  "split itself (one more test pass)"),
     "save_images": Field(0, "int", "final test evaluation: save overlays of the first N test images"),
     # run
     "output_dir": Field("output/run", "str", "folder for checkpoints, logs, metrics and results"),
     "seed": Field(6, "int", "random seed (each process adds its rank)"),
     "device": Field("auto", "str", "auto (CUDA when available), cuda or cpu", choices=("auto", "cuda", "cpu")),
-    "amp": Field("auto", "amp", "mixed precision: auto (CUDA bf16/fp16; off on CPU), true or false"),
+    "amp": Field(False, "amp", "mixed precision: false = fp32 (official); true = bf16 autocast (CUDA: fp16 + "
+                               "grad scaler on GPUs without bf16; CPU: needs native bf16); auto = true where "
+                               "supported, else fp32. The final test is always fp32"),
     "compile": Field(False, "bool", "torch.compile the model"),
     "log_every": Field(20, "int", "read the losses back (one host sync) and log every N optimizer steps"),
 }
@@ -108,7 +133,7 @@ def _nullable(convert):
 
 
 def build_parser(description):
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
                                      epilog="Flags override the --config file, which overrides the built-in defaults.")
     parser.add_argument("--config", help="YAML file of config keys (default: train.py config/demo.yaml without "
                                          "--data-root, else config/CUB.yaml; train_ImageNet.py config/ILSVRC.yaml)")
@@ -162,18 +187,38 @@ def _check_value(key, value, where):
     return value
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads numbers as YAML 1.2 does: ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _error_line(err):
+    """1-based line of a YAML error: where the unfinished key, quote or bracket starts (PyYAML notices it
+    lines later), else where the parser stopped."""
+    context = getattr(err, "context", None) or ""
+    mark = getattr(err, "context_mark", None) if "block" not in context else None
+    mark = mark or getattr(err, "problem_mark", None)
+    return mark.line + 1 if mark else None
+
+
 def read_yaml_mapping(path):
     """A YAML file's top-level mapping ({} for an empty file); ConfigError naming the file (and line)."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_Loader)
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: not found") from None
     except OSError as err:
         raise ConfigError(f"config file {path}: not readable ({err.strerror})") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
+        line = _error_line(err)
+        where = f" line {line}" if line else ""
         raise ConfigError(f"config file {path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
     if data is None:
         return {}
@@ -197,7 +242,7 @@ def load_yaml(path):
 
 def validate(cfg):
     """Range checks across keys; raise ConfigError naming the key."""
-    positive = ("epochs", "batch_size", "accum_steps", "img_size", "eval_every", "log_every")
+    positive = ("epochs", "batch_size", "accum_steps", "img_size", "eval_start_epoch", "eval_every", "log_every")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
@@ -222,6 +267,8 @@ def validate(cfg):
     if not all(0 <= t < 1 for t in cfg.eval_thresholds):
         raise ConfigError(f"eval_thresholds must lie in [0, 1), got {cfg.eval_thresholds}")
     trainable_blocks(cfg.trainable)
+    if not 0 <= cfg.threshold < 1:
+        raise ConfigError(f"threshold must lie in [0, 1), got {cfg.threshold}")
     if cfg.workers < 0 or cfg.save_images < 0:
         raise ConfigError(f"workers and save_images must be >= 0, got {cfg.workers}, {cfg.save_images}")
 

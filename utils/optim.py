@@ -41,10 +41,12 @@ def set_trainable(model, which="all"):
     return sum(p.numel() for p in chosen)
 
 
-def param_groups(model, weight_decay):
+def param_groups(model, weight_decay, decay_tokens=True):
     """Two AdamW groups of the trainable parameters: decayed weights, and no decay for 1-D parameters
-    (norms, biases) and the names in ``model.no_weight_decay()`` (tokens, position embeddings)."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    (norms, biases) and, unless ``decay_tokens``, the names in ``model.no_weight_decay()`` (cls_token,
+    loc_token, pos_embed, loc_embed). ``decay_tokens=True`` is the official behaviour: its optimizer is
+    built on the DataParallel/DDP wrapper, which has no ``no_weight_decay()``, so the tokens are decayed."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") and not decay_tokens else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -53,10 +55,10 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model, lr, weight_decay):
+def build_optimizer(model, lr, weight_decay, decay_tokens=True):
     """AdamW over :func:`param_groups`; the fused kernel on CPU and CUDA (4x faster steps than the loop)."""
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=fused)
+    return torch.optim.AdamW(param_groups(model, weight_decay, decay_tokens), lr=lr, fused=fused)
 
 
 def lr_factor(step, *, schedule, total_steps, warmup_steps=0, min_ratio=0.0):

@@ -14,8 +14,9 @@ from DataLoader import build_dataset, build_loader
 from DataLoader.eval_loader import build_eval_loader, demo_data_root
 from DataLoader.eval_views import default_resize_size
 from Model import build_model
+from Model.losses import SATLoss, gaussian_kernel_3x3
 from utils import distributed as dist_utils
-from utils.amp import autocast_settings, describe
+from utils.amp import LossScaler, autocast_context, describe
 from utils.checkpoint import load_checkpoint, model_spec, save_checkpoint
 from utils.config import config_dict, parse_config, save_config
 from utils.engine import train_one_epoch
@@ -26,7 +27,10 @@ from utils.optim import build_optimizer, build_scheduler, set_trainable
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
-               "best_threshold", "num_images")
+               "num_images")
+# The checkpoints kept during training, each the first epoch reaching the maximum of its metric, as the
+# official train.py keeps best_loc / best_top1 / best_gt; best.pth follows selection_metric (official: loc).
+EXTRA_BEST = {"best_top1_loc.pth": "top1_loc", "best_gt_known_loc.pth": "gt_known_loc"}
 _logger = logging.getLogger("sat")
 
 
@@ -93,7 +97,7 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
         raise DataError(f"{root}: the train split has {len(train_set)} images, fewer than one batch "
                         f"({micro_batch} x {info.world_size} processes); lower --batch-size")
     train_loader = build_loader(train_set, micro_batch, train=True, workers=cfg.workers,
-                                distributed=info.distributed, seed=cfg.seed)
+                                distributed=info.distributed, seed=cfg.seed, drop_last=cfg.drop_last)
 
     def eval_loader(split, tencrop):
         return build_eval_loader(fmt, root, split, protocol="sat", tencrop=tencrop, img_size=cfg.img_size,
@@ -107,20 +111,52 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def run_evaluation(model, loader, cfg, info, *, thresholds, tencrop=False, save_images=0, image_dir=None):
-    """Protocol A metrics of ``model`` on an evaluation loader (this process's shard; counts summed over
-    the processes); overlays of the first ``save_images`` images into ``image_dir``.
+def run_evaluation(model, loader, cfg, info, *, threshold=None, thresholds=(), amp=False, save_images=0,
+                   image_dir=None):
+    """Metrics of ``model`` on an evaluation loader (this process's shard; counts summed over the processes;
+    the loader's views say the protocol): at ``threshold``, and/or at the best of ``thresholds``;
+    overlays of the first ``save_images`` images into ``image_dir``.
     The single place where training calls the evaluation code."""
-    metrics = evaluate(model, loader, info.device, thresholds=thresholds,
-                       threshold=thresholds[0] if len(thresholds) == 1 else None, amp=cfg.amp,
+    metrics = evaluate(model, loader, info.device, threshold=threshold, thresholds=thresholds, amp=amp,
                        distributed=info.distributed, save_images=image_dir if save_images else None,
                        max_images=save_images, progress=info.is_main)
-    return {**metrics, **metrics["at_best_threshold"]}  # at the best of ``thresholds``, as the official train.py
+    if threshold is None:  # selection: the metrics at the best of ``thresholds``, as the official train.py
+        metrics.update(metrics["at_best_threshold"])
+    return metrics
 
 
-def selection_score(metrics, metric):
-    """Ordering key of best.pth: the selection metric, then GT-known Loc."""
-    return [float(metrics[metric]), float(metrics["gt_known_loc"])]
+def should_evaluate(cfg, epoch):
+    """Whether the model after ``epoch`` (0-based) is evaluated for selection: from eval_start_epoch every
+    eval_every epochs (official CUB: every epoch from 26 of 30), and always after the last epoch."""
+    done = epoch + 1
+    return done == cfg.epochs or (done >= cfg.eval_start_epoch and done % cfg.eval_every == 0)
+
+
+def selection_value(metrics, metric):
+    """The value best.pth maximises: ``loc`` is Top-1 Loc + GT-known Loc (official best_loc), else the metric."""
+    if metric == "loc":
+        return float(metrics["top1_loc"]) + float(metrics["gt_known_loc"])
+    return float(metrics[metric])
+
+
+def update_best(best, metrics, cfg, epoch):
+    """Update ``best`` ({checkpoint file: {'metric', 'value', 'epoch', 'threshold'}}) with this epoch's
+    metrics; a file improves only on a strictly higher value (the first epoch wins ties, as the official
+    ``>``). Returns the files this epoch improved."""
+    improved = []
+    for name, metric in {"best.pth": cfg.selection_metric, **EXTRA_BEST}.items():
+        value = selection_value(metrics, metric)
+        if name not in best or value > best[name]["value"]:
+            best[name] = {"metric": metric, "value": value, "epoch": epoch + 1,
+                          "threshold": metrics["best_threshold"]}
+            improved.append(name)
+    return improved
+
+
+def checkpoint_weights(model):
+    """The state dict saved in checkpoints: the official model class's parameter names and shapes,
+    including its fixed smoothing kernel ``weight``, so that the official ``SAT`` loads it strictly."""
+    return {**model.state_dict(), "weight": gaussian_kernel_3x3()}
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -154,17 +190,16 @@ def resume_path(cfg, checkpoint_dir):
     return Path(cfg.resume)
 
 
-def restore(path, cfg, info, model, optimizer, scheduler, scaler):
+def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler):
     """Load a last.pth into the training state; returns its metadata."""
     meta = load_checkpoint(path, model)
-    missing = [key for key in ("optimizer", "scheduler", "epoch", "config") if key not in meta]
+    missing = [key for key in ("optimizer", "scheduler", "epoch", "config", "best") if key not in meta]
     if missing:
         raise CheckpointError(f"{path} is not a training checkpoint of this project (no {', '.join(missing)}); "
                               "to start from its weights use --pretrained PATH")
     optimizer.load_state_dict(meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
-    if scaler is not None and meta.get("scaler"):
-        scaler.load_state_dict(meta["scaler"])
+    loss_scaler.load_state_dict(meta.get("scaler"))
     changed = {key: (meta["config"].get(key), value) for key, value in config_dict(cfg).items()
                if meta["config"].get(key) != value}
     for key, (old, new) in changed.items():
@@ -216,93 +251,113 @@ def train(cfg, info, imagenet=False):
     cfg.resize_size = cfg.resize_size or default_resize_size(cfg.img_size)
     cfg.eval_batch_size = cfg.eval_batch_size or micro_batch
     seed_everything(cfg.seed + info.rank)
-    _logger.info("config %s; %d process(es) on %s, global batch %d = %d per process x %d accumulation steps, %s",
-                 cfg.config or "(defaults)", info.world_size, info.device, cfg.batch_size, micro_batch,
-                 cfg.accum_steps, describe(info.device, cfg.amp))
+    _logger.info("config %s; %d process(es) on %s, global batch %d = %d per process x %d accumulation steps, %s; "
+                 "batch area loss over %s", cfg.config or "(defaults)", info.world_size, info.device, cfg.batch_size,
+                 micro_batch, cfg.accum_steps, describe(info.device, cfg.amp),
+                 f"{micro_batch * (info.world_size if cfg.area_loss_scope == 'global' else 1)} images "
+                 f"({cfg.area_loss_scope} micro-batch)")
     if info.launcher:
         _logger.info("processes started by %s", info.launcher)
 
     fmt, root = resolve_data(cfg, imagenet, info)
     train_loader, selection_loader, test_loader = build_loaders(cfg, fmt, root, info, micro_batch)
     train_set, selection_split = train_loader.dataset, "val" if cfg.val_split else "test"
-    _logger.info("data %s at %s: %d train images, %d classes; model selection and threshold on the %s split "
-                 "(%d images)%s", fmt, root, len(train_set), train_set.num_classes, selection_split,
-                 len(selection_loader.dataset), "" if cfg.val_split else " (no --val-split: as the official code does)")
+    _logger.info("data %s at %s: %d train images, %d classes; model selection on the %s split (%d images)%s",
+                 fmt, root, len(train_set), train_set.num_classes, selection_split, len(selection_loader.dataset),
+                 "" if cfg.val_split else " (no --val-split: as the official code does)")
 
     model, train_model = build_training_model(cfg, train_set.num_classes, info)
     spec = model_spec(model, cfg.arch, train_set.classes, num_spatial_blocks=cfg.num_spatial_blocks)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    criterion = SATLoss(cfg.area_thr, cfg.area_loss_scope)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.decay_tokens)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
     scheduler = build_scheduler(optimizer, schedule=cfg.lr_schedule, lr=cfg.lr, min_lr=cfg.min_lr,
                                 epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=steps_per_epoch)
-    autocast, scaler = autocast_settings(info.device, cfg.amp)
+    loss_scaler = LossScaler(info.device, cfg.amp)
+    autocast = autocast_context(info.device, cfg.amp)
 
-    start_epoch, best, best_thr = 0, None, None
+    start_epoch, best = 0, {}
     path = resume_path(cfg, checkpoint_dir)
     if path is not None:
-        meta = restore(path, cfg, info, model, optimizer, scheduler, scaler)
-        start_epoch, best, best_thr = meta["epoch"], meta.get("best"), meta.get("best_thr")
+        meta = restore(path, cfg, info, model, optimizer, scheduler, loss_scaler)
+        start_epoch, best = meta["epoch"], meta["best"]
     metrics_log = MetricsLog(output_dir, start_epoch) if info.is_main else None
     if info.is_main:
         save_config(cfg, output_dir / "config.yaml")
 
     for epoch in range(start_epoch, cfg.epochs):
         set_loader_epoch(train_loader, epoch, cfg.seed)
-        stats = train_one_epoch(train_model, train_loader, optimizer, scheduler, device=info.device, epoch=epoch,
-                                area_thr=cfg.area_thr, accum_steps=cfg.accum_steps, autocast=autocast,
-                                scaler=scaler, clip_grad=cfg.clip_grad, log_every=cfg.log_every,
-                                world_size=info.world_size, progress=info.is_main)
+        stats = train_one_epoch(train_model, criterion, train_loader, optimizer, info.device, epoch, loss_scaler,
+                                scheduler=scheduler, accum_steps=cfg.accum_steps, autocast=autocast,
+                                clip_grad=cfg.clip_grad, log_every=cfg.log_every, world_size=info.world_size,
+                                progress=info.is_main)
         record = {"epoch": epoch + 1, **{f"train_{key}": value for key, value in stats.items()}}
-        is_best = False
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            metrics = run_evaluation(model, selection_loader, cfg, info, thresholds=cfg.eval_thresholds)
-            best_thr = metrics["best_threshold"]
-            score = selection_score(metrics, cfg.selection_metric)
-            is_best = best is None or score > best["score"]
-            if is_best:
-                best = {"epoch": epoch + 1, "score": score, "threshold": best_thr}
-            record.update({f"{selection_split}_{key}": metrics[key] for key in RESULT_KEYS})
-            _logger.info("epoch %d %s: Top-1 Loc %.2f  GT-known Loc %.2f  Top-1 Cls %.2f  (threshold %.2f)%s",
-                         epoch + 1, selection_split, metrics["top1_loc"], metrics["gt_known_loc"],
-                         metrics["top1_cls"], best_thr, "  * best" if is_best else "")
+        metrics, improved = None, []
+        if should_evaluate(cfg, epoch):
+            metrics = run_evaluation(model, selection_loader, cfg, info, thresholds=cfg.eval_thresholds, amp=cfg.amp)
+            improved = update_best(best, metrics, cfg, epoch)
+            record.update({f"{selection_split}_{key}": metrics[key] for key in (*RESULT_KEYS, "best_threshold")})
         rng_states = dist_utils.all_gather_object(rng_state(info.device))
         if info.is_main:
-            # last.pth is written last: a run killed before it redoes this epoch, and on resume
-            # MetricsLog drops the metrics line written here, so that every epoch is logged once.
-            state = {"model": model.state_dict(), "epoch": epoch + 1, "best_thr": best_thr, "config": config_dict(cfg),
-                     **spec}
-            if is_best:
-                save_checkpoint(state, checkpoint_dir / "best.pth")
-            metrics_log.log_epoch(record)
-            save_checkpoint(dict(state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                 scaler=scaler.state_dict() if scaler is not None else None,
-                                 rng_states=rng_states, best=best), checkpoint_dir / "last.pth")
-        if stats["num_skipped"]:
-            _logger.warning("epoch %d: %d unreadable training images skipped (named in the log above; "
-                            "--strict-data makes them an error)", epoch + 1, stats["num_skipped"])
-        _logger.info("epoch %d/%d done in %.0fs: loss %.4f (ce %.4f area %.4f norm %.4f), train acc %.2f, lr %.3g",
-                     epoch + 1, cfg.epochs, stats["time"], stats["loss"], stats["ce"], stats["area"], stats["norm"],
-                     stats["acc1"], stats["lr"])
+            save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best, metrics_log, record,
+                       training_state=dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                           scaler=loss_scaler.state_dict(), rng_states=rng_states))
+        log_epoch(cfg, epoch, stats, metrics, improved, selection_split)
 
     if metrics_log is not None:
         metrics_log.close()
     return final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir)
 
 
+def save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best, metrics_log, record,
+               training_state):
+    """Rank 0: the improved best checkpoints, the metrics line, then last.pth. last.pth is written last:
+    a run killed before it redoes this epoch, and on resume MetricsLog drops the metrics line written here,
+    so that every epoch is logged once."""
+    state = {"model": checkpoint_weights(model), "epoch": epoch + 1, "config": config_dict(cfg), **spec,
+             "best_thr": metrics["best_threshold"] if metrics else None}
+    for name in improved:
+        save_checkpoint(dict(state, selection=best[name]), checkpoint_dir / name)
+    metrics_log.log_epoch(record)
+    save_checkpoint(dict(state, **training_state, best=best), checkpoint_dir / "last.pth")
+
+
+def log_epoch(cfg, epoch, stats, metrics, improved, split):
+    if metrics is not None:
+        _logger.info("epoch %d %s: Top-1 Loc %.2f  GT-known Loc %.2f  Top-1 Cls %.2f  (best of the thresholds: "
+                     "%.2f)%s", epoch + 1, split, metrics["top1_loc"], metrics["gt_known_loc"], metrics["top1_cls"],
+                     metrics["best_threshold"], "  * best" if "best.pth" in improved else "")
+    if stats["num_skipped"]:
+        _logger.warning("epoch %d: %d unreadable training images skipped (named in the log above; "
+                        "--strict-data makes them an error)", epoch + 1, stats["num_skipped"])
+    _logger.info("epoch %d/%d done in %.0fs: loss %.4f (ce %.4f area %.4f norm %.4f), train acc %.2f, lr %.3g",
+                 epoch + 1, cfg.epochs, stats["time"], stats["loss"], stats["ce"], stats["area"], stats["norm"],
+                 stats["acc1"], stats["lr"])
+
+
 def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir):
-    """Evaluate best.pth on the test split at its threshold; write results.json and optional overlays."""
+    """Evaluate best.pth on the test split as the official evaluator does (fp32, at ``threshold``, ten-crop
+    classification with test_tencrop) and write results.json; with report_best_threshold, also the
+    metrics at the best of eval_thresholds, chosen on the test split itself, under 'best_threshold'."""
     dist_utils.barrier()
     best_path = checkpoint_dir / "best.pth"
     meta = load_checkpoint(best_path, model)
-    metrics = run_evaluation(model, test_loader, cfg, info, thresholds=[meta["best_thr"]], tencrop=cfg.test_tencrop,
+    metrics = run_evaluation(model, test_loader, cfg, info, threshold=cfg.threshold,
+                             thresholds=cfg.eval_thresholds if cfg.report_best_threshold else (),
                              save_images=cfg.save_images, image_dir=output_dir / "images")
-    results = {"checkpoint": str(best_path), "epoch": meta["epoch"], "split": "test",
-               "tencrop": cfg.test_tencrop, **{key: metrics[key] for key in RESULT_KEYS},
+    results = {"checkpoint": str(best_path), "epoch": meta["epoch"], "selection": meta["selection"], "split": "test",
+               "threshold": cfg.threshold, "tencrop": cfg.test_tencrop, "precision": "fp32",
+               **{key: metrics[key] for key in RESULT_KEYS},
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if cfg.report_best_threshold:
+        results["best_threshold"] = {
+            "threshold": metrics["best_threshold"], "chosen_on": "test",
+            "note": "threshold maximising Top-1 + GT-known Loc on the evaluated split itself (not held out)",
+            **{key: metrics[key] for key in ("num_images", "top1_cls", "top5_cls")}, **metrics["at_best_threshold"]}
     if info.is_main:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         rows = "\n".join(f"  {key:<15} {metrics[key]:8.2f}" for key in RESULT_KEYS[:8])
-        _logger.info("test results of %s (epoch %d, threshold %.2f%s):\n%s\nwritten to %s", best_path,
-                     meta["epoch"], meta["best_thr"], ", ten-crop classification" if cfg.test_tencrop else "", rows,
+        _logger.info("test results of %s (epoch %d, threshold %.2f, %s classification, fp32):\n%s\nwritten to %s",
+                     best_path, meta["epoch"], cfg.threshold, "ten-crop" if cfg.test_tencrop else "centre-crop", rows,
                      output_dir / "results.json")
     return results
