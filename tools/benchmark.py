@@ -40,7 +40,8 @@ from DataLoader.device_transforms import on_device  # noqa: E402
 from DataLoader.eval_views import EvalViews, default_resize_size  # noqa: E402
 from DataLoader.transforms import TrainPixels, train_transform  # noqa: E402
 from Model import build_model  # noqa: E402
-from utils.amp import autocast_settings, describe  # noqa: E402
+from Model.losses import SATLoss  # noqa: E402
+from utils.amp import LossScaler, autocast_context, describe  # noqa: E402
 from utils.engine import train_one_epoch  # noqa: E402
 from utils.evaluation import evaluate  # noqa: E402
 from utils.metrics_sat import TRAIN_THRESHOLDS, SATLocAccumulator  # noqa: E402
@@ -153,7 +154,6 @@ def sync(device):
 def run_train(args, model, device, batches=None):
     """Seconds of ``args.steps`` training steps (after ``args.warmup``) over ``batches`` (an iterator of
     loader batches), or over synthetic in-memory batches."""
-    autocast, scaler = autocast_settings(device, args.amp)
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)
     scheduler = build_scheduler(optimizer, schedule="constant", lr=1e-4, min_lr=1e-6, epochs=1, warmup_epochs=0,
                                 steps_per_epoch=args.warmup + args.steps)
@@ -163,12 +163,12 @@ def run_train(args, model, device, batches=None):
         warm = timed[:args.warmup]
     else:
         warm, timed = Take(batches, args.warmup), Take(batches, args.steps)
-    kwargs = dict(device=device, epoch=0, area_thr=0.25, autocast=autocast, scaler=scaler, progress=False,
-                  log_every=10**9)
-    train_one_epoch(model, warm, optimizer, scheduler, **kwargs)
+    criterion, loss_scaler = SATLoss(area_thr=0.25), LossScaler(device, args.amp)
+    kwargs = dict(scheduler=scheduler, autocast=autocast_context(device, args.amp), progress=False, log_every=10**9)
+    train_one_epoch(model, criterion, warm, optimizer, device, 0, loss_scaler, **kwargs)
     sync(device)
     start = time.perf_counter()
-    train_one_epoch(model, timed, optimizer, scheduler, **kwargs)
+    train_one_epoch(model, criterion, timed, optimizer, device, 0, loss_scaler, **kwargs)
     sync(device)
     return time.perf_counter() - start
 
