@@ -4,7 +4,7 @@ import yaml
 
 from utils.config import FIELDS, load_yaml, parse_config, save_config
 from utils.errors import ConfigError
-from utils.evaluation import default_resize_size
+from DataLoader.eval_views import default_resize_size
 
 from conftest import REPO_ROOT
 
