@@ -19,10 +19,7 @@ from utils.errors import ConfigError, run_cli
 from utils.eval_cli import main as eval_main
 from utils.trainer import checkpoint_weights, main
 
-from conftest import REPO_ROOT, SHARED_DIR
-
-NARROW_FIXTURE_DIRS = [REPO_ROOT / "tests" / "fixtures" / "original_sat_narrow",
-                       SHARED_DIR / "fixtures" / "original_sat_narrow"]
+from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_ROOT
 
 # Tiny runs: 3 classes x 8 train / 4 test images of 64 px, nano model at 64 px, batch 8.
 TINY = ["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
@@ -252,13 +249,9 @@ def test_best_pth_is_the_first_epoch_with_the_best_loc_sum_and_loads_into_the_of
 def test_checkpoint_weights_have_the_official_names_and_shapes():
     # The official class at width 48 (12 blocks, 10 classes) saved 'module.'-prefixed keys; our model at the
     # same size, saved as training saves it, must match them one to one (so load_state_dict(strict=True) works).
-    fixture = next((d / "sat_narrow_original_format.pth.tar" for d in NARROW_FIXTURE_DIRS
-                    if (d / "sat_narrow_original_format.pth.tar").is_file()), None)
-    if fixture is None:
-        pytest.skip("official narrow fixture not found (tests/fixtures or ../shared/fixtures)")
-    official = torch.load(fixture, map_location="cpu", weights_only=False)["model"]
+    official = torch.load(OFFICIAL_CKPT, map_location="cpu", weights_only=False)["model"]
     official = {key.removeprefix("module."): value.shape for key, value in official.items()}
-    model = build_model("deit_sat_tiny_patch16_224", num_classes=10, embed_dim=48)
+    model = build_model(OFFICIAL_ARCH, num_classes=10, **OFFICIAL_MODEL_KWARGS)
     ours = {key: value.shape for key, value in checkpoint_weights(model).items()}
     assert ours == official
 
