@@ -1,16 +1,25 @@
-"""Building blocks of preemption and mid-epoch resume: the resumable sampler, the stop-signal guard (one
-process and two agreeing), the resume command."""
+"""Mid-epoch resume and preemption: the resumable sampler, the stop-signal guard, the resume command, and
+train.py stopped by SIGTERM mid-epoch then resumed ending with the weights of the uninterrupted run."""
+import functools
+import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import time
 
+import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
+from DataLoader import make_demo_dataset
 from DataLoader.sampler import ResumableSampler
+from Model.losses import SATLoss
+from utils.checkpoint import read_checkpoint
 from utils.preemption import StopSignals, resume_command
+from utils.trainer import main as train_main
 
 from conftest import REPO_ROOT
 
@@ -66,6 +75,122 @@ def test_resume_command():
     assert resume_command(["train.py", "--resume", "--epochs", "3"]) == "python train.py --epochs 3 --resume"
     assert resume_command(["train_ImageNet.py", "--epochs", "3"], distributed=True) == \
         "the same launcher (torchrun, srun ...) with train_ImageNet.py --epochs 3 --resume"
+
+
+# ----------------------------------------------------------------------------- train.py end to end
+# 3 classes x 8 train images, batch 4: 6 optimizer steps per epoch, 2 epochs. Drop-path and the random
+# crops / flips (workers 0: the main process's RNG) make the result depend on the restored RNG states.
+EPOCHS, STEPS = 2, 6
+IGNORED = {"train_time", "train_images_per_sec"}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(make_demo_dataset(tmp_path_factory.mktemp("data") / "cub", num_classes=3, train_per_class=8,
+                                 test_per_class=4, image_size=64))
+
+
+def run_args(data_root, out, *extra):
+    return ["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
+            "--batch-size", "4", "--eval-batch-size", "12", "--epochs", str(EPOCHS), "--workers", "0",
+            "--log-every", "1", "--warmup-epochs", "0", "--drop-path", "0.1", "--save-images", "0", "--device", "cpu",
+            "--data-root", data_root, "--output-dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    train_main(run_args(data_root, out))
+    return out
+
+
+def metrics_lines(out):
+    return [{k: v for k, v in json.loads(line).items() if k not in IGNORED}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(out, reference):
+    a, b = (read_checkpoint(path / "checkpoints" / "last.pth") for path in (reference, out))
+    assert a["epoch"] == b["epoch"] == EPOCHS and "epoch_step" not in b
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert metrics_lines(out) == metrics_lines(reference)  # each epoch logged once, same losses and metrics
+    results = json.loads((out / "results.json").read_text())
+    assert results == {**json.loads((reference / "results.json").read_text()), "checkpoint": results["checkpoint"]}
+
+
+class InterruptingLoss(SATLoss):
+    """The SAT criterion that, at its ``at``-th call (one per optimizer step here), sends this process
+    ``signum`` (a real signal, handled by the real handler) or raises (a crash: nothing saved then)."""
+
+    def __init__(self, *args, at, signum=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls, self.at, self.signum = 0, at, signum
+
+    def forward(self, *args):
+        self.calls += 1
+        if self.calls == self.at:
+            if self.signum is None:
+                raise RuntimeError("simulated crash")
+            os.kill(os.getpid(), self.signum)
+        return super().forward(*args)
+
+
+def interrupt(monkeypatch, **kwargs):
+    monkeypatch.setattr("utils.trainer.SATLoss", functools.partial(InterruptingLoss, **kwargs))
+
+
+def test_signal_mid_epoch_then_resume_gives_the_uninterrupted_run(data_root, reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    interrupt(monkeypatch, at=4, signum=signal.SIGTERM)  # during optimizer step 4 of epoch 1
+    with pytest.raises(SystemExit) as stopped:
+        train_main(run_args(data_root, out))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    last = read_checkpoint(out / "checkpoints" / "last.pth")
+    assert (last["epoch"], last["epoch_step"]) == (0, 4)  # saved at the end of that step
+    log = (out / "log.txt").read_text()
+    assert f"stopped by SIGTERM at epoch 1, optimizer step 4/{STEPS}: {out / 'checkpoints' / 'last.pth'} saved; " \
+           "continue with: python " in log
+    assert not (out / "metrics.jsonl").read_text()
+
+    monkeypatch.undo()
+    train_main(run_args(data_root, out, "--resume"))
+    assert "0 of 2 epochs done, and 4 optimizer steps of epoch 1" in (out / "log.txt").read_text()
+    assert_same_run(out, reference)
+
+
+def test_periodic_checkpoint_then_crash_then_resume(data_root, reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    interrupt(monkeypatch, at=11)  # crash in step 11 of 12; the last save was after step 8 (epoch 2, step 2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_main(run_args(data_root, out, "--save-every-steps", "4"))
+    last = read_checkpoint(out / "checkpoints" / "last.pth")
+    assert (last["epoch"], last["epoch_step"]) == (1, 2) and len(last["epoch_meters"]) == 1
+    monkeypatch.undo()
+    train_main(run_args(data_root, out, "--save-every-steps", "4", "--resume"))
+    assert_same_run(out, reference)
+
+
+def test_train_py_killed_with_sigterm_resumes_with_the_printed_command(data_root, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *run_args(data_root, out)], cwd=REPO_ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log, deadline = out / "log.txt", time.time() + 180
+    while proc.poll() is None and time.time() < deadline and \
+            not (log.is_file() and f"epoch 1 step 2/{STEPS}" in log.read_text()):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    message = [line for line in stdout.splitlines() if "stopped by SIGTERM" in line]
+    assert len(message) == 1 and "Traceback" not in stderr
+    command = message[0].split("continue with: ")[1]
+    assert command == shlex.join(["python", "train.py", *run_args(data_root, out), "--resume"])
+    resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(out, reference)
 
 
 AGREE = """

@@ -99,6 +99,9 @@ FIELDS = {
                                "grad scaler on GPUs without bf16; CPU: needs native bf16); auto = true where "
                                "supported, else fp32. The final test is always fp32"),
     "compile": Field(False, "bool", "torch.compile the model"),
+    "save_every_steps": Field(None, "int", "also write last.pth every N optimizer steps, with the position in the "
+                                           "epoch (--resume then continues mid-epoch); null: at each epoch's end only",
+                              nullable=True),
     "log_every": Field(20, "int", "read the losses back (one host sync) and log every N optimizer steps"),
 }
 
@@ -246,7 +249,7 @@ def validate(cfg):
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    for key in ("images_per_class", "eval_batch_size", "resize_size"):
+    for key in ("images_per_class", "eval_batch_size", "resize_size", "save_every_steps"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1 or null, got {getattr(cfg, key)}")
     if cfg.img_size % 16:

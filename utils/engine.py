@@ -28,8 +28,14 @@ class Meters:
     """Named sums kept as device tensors (adding never waits for the device); ``totals()`` sums them over
     the processes in one all-reduce and reads them back."""
 
-    def __init__(self, names, device):
+    def __init__(self, names, device, state=None):
         self.sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in names}
+        for name, value in (state or {}).items():
+            self.sums[name] += value.to(device)
+
+    def state(self):
+        """This process's sums, on the CPU (saved with a mid-epoch last.pth)."""
+        return {name: value.cpu() for name, value in self.sums.items()}
 
     def update(self, **values):
         for name, value in values.items():
@@ -55,7 +61,7 @@ def _check_window(window, first_step, epoch, world_size):
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_scaler, *, scheduler, accum_steps=1,
                     autocast=contextlib.nullcontext, clip_grad=None, log_every=20, max_steps=None, world_size=1,
-                    progress=True):
+                    progress=True, start_step=0, meters_state=None, on_step=None):
     """Train ``model`` (possibly DDP-wrapped) for one pass over ``loader``.
 
     ``criterion(logits, maps, labels)`` returns the loss terms (Model.losses.SATLoss); ``loss_scaler``
@@ -65,23 +71,28 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
     group size, so the batch area loss is computed per micro-batch. ``max_steps`` stops after that many
     optimizer steps (benchmarks).
 
+    Mid-epoch resume: ``start_step`` optimizer steps of the epoch are done (the loader then yields only the
+    rest, see DataLoader.sampler) and ``meters_state`` holds their sums. ``on_step(steps_done, meters)`` is
+    called after each optimizer step (utils.preemption.StepCheckpoint: saves last.pth, may stop the run).
+
     Returns the epoch's averages over all processes: loss, ce, area, norm (per micro-batch), acc1 (%),
     plus lr (last), steps, images, num_skipped (unreadable images dropped), time (s) and images_per_sec.
     """
     model.train()
-    num_batches = len(loader) if max_steps is None else min(len(loader), max_steps * accum_steps)
+    done = start_step * accum_steps  # micro-batches of the epoch before this call
+    num_batches = done + len(loader) if max_steps is None else min(done + len(loader), max_steps * accum_steps)
     num_steps = math.ceil(num_batches / accum_steps)
-    first_step = scheduler.last_epoch  # optimizer steps done before this epoch
-    meters = Meters((*LOSS_KEYS, "correct", "batches", "images", "skipped"), device)
+    first_step = scheduler.last_epoch - start_step  # optimizer steps done before this epoch
+    meters = Meters((*LOSS_KEYS, "correct", "batches", "images", "skipped"), device, meters_state)
     window = []  # (optimizer step, loss) since the last read-back
     lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
-    bar = tqdm(total=num_batches, desc=f"epoch {epoch + 1}", disable=not progress, dynamic_ncols=True,
+    bar = tqdm(total=num_batches, initial=done, desc=f"epoch {epoch + 1}", disable=not progress, dynamic_ncols=True,
                leave=False)
     redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
     optimizer.zero_grad(set_to_none=True)
     with bar, redirect:
-        for i, batch in enumerate(on_device(loader, device)):
+        for i, batch in enumerate(on_device(loader, device), start=done):
             if i >= num_batches:
                 break
             step, position = divmod(i, accum_steps)
@@ -118,6 +129,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
                     sums = torch.stack([meters.sums[key] for key in (*LOSS_KEYS, "batches")]).tolist()
                     _logger.info("epoch %d step %d/%d  %s  lr %.3g", epoch + 1, step + 1, num_steps,
                                  "  ".join(f"{k} {v / sums[-1]:.4f}" for k, v in zip(LOSS_KEYS, sums)), lr)
+                if on_step is not None:
+                    on_step(step + 1, meters)
             bar.update(1)
     elapsed = time.perf_counter() - start
     totals = meters.totals()

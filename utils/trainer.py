@@ -1,6 +1,7 @@
 """The shared body of train.py and train_ImageNet.py: configuration, data, model, optimizer, resume,
 the epoch loop (utils.engine), per-epoch evaluation and model selection, checkpoints and the final
 test evaluation of best.pth."""
+import functools
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from utils.evaluation import evaluate
 from utils.errors import CheckpointError, ConfigError, DataError
 from utils.logger import MetricsLog, close_logging, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
+from utils.preemption import Preempted, StepCheckpoint, StopSignals
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
@@ -210,7 +212,13 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler):
     else:
         _logger.warning("resume: %d processes now, %d saved RNG states: re-seeding", info.world_size, len(states))
         seed_everything(cfg.seed + info.rank + 1000 * meta["epoch"])
-    _logger.info("resumed from %s: %d of %d epochs done", path, meta["epoch"], cfg.epochs)
+    position = meta.get("epoch_step", 0)
+    if position and len(meta["epoch_meters"]) != info.world_size:
+        _logger.warning("resume: %d processes now, %d when saved in the middle of an epoch: the rest of epoch %d "
+                        "is split differently (some samples may repeat or be left out)", info.world_size,
+                        len(meta["epoch_meters"]), meta["epoch"] + 1)
+    _logger.info("resumed from %s: %d of %d epochs done%s", path, meta["epoch"], cfg.epochs,
+                 f", and {position} optimizer steps of epoch {meta['epoch'] + 1}" if position else "")
     return meta
 
 
@@ -238,6 +246,10 @@ def main(argv=None, imagenet=False):
     info = dist_utils.init_distributed(cfg.device, cfg.local_rank)
     try:
         return train(cfg, info, imagenet)
+    except Preempted as stop:
+        if info.is_main:
+            _logger.warning("%s", stop)
+        raise SystemExit(stop.exit_status) from None
     finally:
         close_logging()
         dist_utils.cleanup()
@@ -276,36 +288,64 @@ def train(cfg, info, imagenet=False):
     loss_scaler = LossScaler(info.device, cfg.amp)
     autocast = autocast_context(info.device, cfg.amp)
 
-    start_epoch, best = 0, {}
+    start_epoch, start_step, meters_state, best = 0, 0, None, {}
     path = resume_path(cfg, checkpoint_dir)
     if path is not None:
         meta = restore(path, cfg, info, model, optimizer, scheduler, loss_scaler)
-        start_epoch, best = meta["epoch"], meta["best"]
+        start_epoch, start_step, best = meta["epoch"], meta.get("epoch_step", 0), meta["best"]
+        if start_step and len(meta["epoch_meters"]) == info.world_size:
+            meters_state = meta["epoch_meters"][info.rank]
     metrics_log = MetricsLog(output_dir, start_epoch) if info.is_main else None
     if info.is_main:
         save_config(cfg, output_dir / "config.yaml")
 
-    for epoch in range(start_epoch, cfg.epochs):
-        set_loader_epoch(train_loader, epoch, cfg.seed)
-        stats = train_one_epoch(train_model, criterion, train_loader, optimizer, info.device, epoch, loss_scaler,
-                                scheduler=scheduler, accum_steps=cfg.accum_steps, autocast=autocast,
-                                clip_grad=cfg.clip_grad, log_every=cfg.log_every, world_size=info.world_size,
-                                progress=info.is_main)
-        record = {"epoch": epoch + 1, **{f"train_{key}": value for key, value in stats.items()}}
-        metrics, improved = None, []
-        if should_evaluate(cfg, epoch):
-            metrics = run_evaluation(model, selection_loader, cfg, info, thresholds=cfg.eval_thresholds, amp=cfg.amp)
-            improved = update_best(best, metrics, cfg, epoch)
-            record.update({f"{selection_split}_{key}": metrics[key] for key in (*RESULT_KEYS, "best_threshold")})
-        rng_states = dist_utils.all_gather_object(rng_state(info.device))
-        if info.is_main:
-            save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best, metrics_log, record,
-                       training_state=dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                           scaler=loss_scaler.state_dict(), rng_states=rng_states))
-        log_epoch(cfg, epoch, stats, metrics, improved, selection_split)
+    def training_state():
+        return dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    scaler=loss_scaler.state_dict())
 
-    if metrics_log is not None:
-        metrics_log.close()
+    def save_position(epoch, steps_done, meters):
+        """last.pth in the middle of ``epoch``: its optimizer steps done and each process's RNG state and
+        running sums, so that --resume continues exactly there. Collective."""
+        states = dist_utils.all_gather_object((rng_state(info.device), meters.state()))
+        if info.is_main:
+            save_checkpoint({"model": checkpoint_weights(model), "epoch": epoch, "epoch_step": steps_done,
+                             "config": config_dict(cfg), **spec, "best_thr": None, **training_state(),
+                             "rng_states": [rng for rng, _ in states], "epoch_meters": [sums for _, sums in states],
+                             "best": best}, checkpoint_dir / "last.pth")
+        return checkpoint_dir / "last.pth"
+
+    stop = StopSignals()
+    checkpointer = StepCheckpoint(stop, save_position, steps_per_epoch=steps_per_epoch,
+                                  save_every_steps=cfg.save_every_steps, check_every=cfg.log_every,
+                                  device=info.device, world_size=info.world_size)
+    try:
+        with stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                first_step = start_step if epoch == start_epoch else 0
+                set_loader_epoch(train_loader, epoch, cfg.seed, first_step * cfg.accum_steps)
+                stats = train_one_epoch(train_model, criterion, train_loader, optimizer, info.device, epoch,
+                                        loss_scaler, scheduler=scheduler, accum_steps=cfg.accum_steps,
+                                        autocast=autocast, clip_grad=cfg.clip_grad, log_every=cfg.log_every,
+                                        world_size=info.world_size, progress=info.is_main, start_step=first_step,
+                                        meters_state=meters_state if first_step else None,
+                                        on_step=functools.partial(checkpointer, epoch))
+                record = {"epoch": epoch + 1, **{f"train_{key}": value for key, value in stats.items()}}
+                metrics, improved = None, []
+                if should_evaluate(cfg, epoch):
+                    metrics = run_evaluation(model, selection_loader, cfg, info, thresholds=cfg.eval_thresholds,
+                                             amp=cfg.amp)
+                    improved = update_best(best, metrics, cfg, epoch)
+                    record.update({f"{selection_split}_{key}": metrics[key]
+                                   for key in (*RESULT_KEYS, "best_threshold")})
+                rng_states = dist_utils.all_gather_object(rng_state(info.device))
+                if info.is_main:
+                    save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best, metrics_log, record,
+                               training_state=dict(training_state(), rng_states=rng_states))
+                log_epoch(cfg, epoch, stats, metrics, improved, selection_split)
+                checkpointer.end_of_epoch(epoch, checkpoint_dir / "last.pth")
+    finally:
+        if metrics_log is not None:
+            metrics_log.close()
     return final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir)
 
 
