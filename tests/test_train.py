@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from DataLoader import make_demo_dataset
 from Model import build_model, build_model_from_checkpoint
@@ -265,3 +267,96 @@ def test_compile_flag_trains(data_root, tmp_path):
     main(args(data_root, out, "--epochs", "1", "--compile", "--batch-size", "12"))
     assert epochs_logged(out) == [1]
     assert not any(key.startswith("_orig_mod.") for key in read_checkpoint(out / "checkpoints" / "best.pth")["model"])
+
+
+def test_existing_run_folder_is_refused_without_resume_or_overwrite(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(args(data_root, out, "--epochs", "1"))
+    before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, args(data_root, out, "--epochs", "1"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "holds a previous run" in err and "--resume to continue it, --overwrite to start again" in err
+    assert (out / "metrics.jsonl").read_text() == before  # nothing touched
+    (out / "images").mkdir()
+    main(args(data_root, out, "--epochs", "1", "--overwrite"))
+    assert epochs_logged(out) == [1] and not (out / "images").exists()
+    assert (out / "log.txt").read_text().count("config ") == 1  # the old log went too
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command(data_root, tmp_path):
+    out = tmp_path / "run"
+    argv = args(data_root, out, "--epochs", "50")
+    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    last = out / "checkpoints" / "last.pth"
+    deadline = time.time() + 180
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stdout.splitlines() if "interrupted" in line]
+    assert len(lines) == 1, stdout[-2000:]
+    assert "interrupted in epoch" in lines[0] and f"{last} holds" in lines[0]
+    command = lines[0].split("resume with: ")[1]
+    assert command.startswith("python train.py ") and command.endswith(" --resume") and str(out) in command
+
+
+def test_training_on_data_without_boxes_is_classification_only(tmp_path):
+    root = tmp_path / "folder"
+    for split, count in (("train", 6), ("test", 2)):
+        for label, colour in enumerate(((200, 30, 30), (30, 30, 200))):
+            (root / split / f"c{label}").mkdir(parents=True)
+            for k in range(count):
+                Image.new("RGB", (40, 40), colour).save(root / split / f"c{label}" / f"{k}.png")
+    out = tmp_path / "run"
+    main(args(str(root), out, "--data-format", "folder", "--epochs", "1", "--test-tencrop"))
+    log = (out / "log.txt").read_text()
+    assert "evaluation: classification only (eval_protocol auto; the evaluation split has neither boxes nor " \
+           "masks); best.pth by top1_cls (selection_metric loc does not exist" in log
+    results = json.loads((out / "results.json").read_text())
+    assert results["eval_protocol"] == "cls" and results["selection"]["metric"] == "top1_cls"
+    assert {"top1_cls", "top5_cls", "num_images"} <= set(results) and "top1_loc" not in results
+    assert results["num_images"] == 4 and not results["tencrop"]
+    assert not (out / "checkpoints" / "best_top1_loc.pth").exists()
+    with pytest.raises(ConfigError, match="eval_protocol sat needs boxes in the evaluation split, which has "
+                                          "neither boxes nor masks: use --eval-protocol cls"):
+        main(args(str(root), tmp_path / "sat", "--data-format", "folder", "--epochs", "1", "--eval-protocol", "sat"))
+
+
+def test_training_on_mask_data_selects_on_pxap(tmp_path):
+    images, meta = tmp_path / "images", tmp_path / "metadata"
+    rng = np.random.default_rng(0)
+    rows = {"train": [], "test": []}
+    for split, count in (("train", 4), ("test", 2)):
+        for label in range(2):
+            for k in range(count):
+                image_id = f"{split}/c{label}/{k}.png"
+                pixels = rng.integers(0, 60, (48, 48, 3), dtype=np.uint8)
+                pixels[10:30, 12:36] = (220, 40, 40) if label == 0 else (40, 40, 220)
+                (images / image_id).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(images / image_id)
+                rows[split].append((image_id, label))
+    (images / "mask").mkdir()
+    mask = np.zeros((48, 48), np.uint8)
+    mask[10:30, 12:36] = 255
+    Image.fromarray(mask).save(images / "mask" / "object.png")
+    for split, entries in rows.items():
+        (meta / split).mkdir(parents=True)
+        (meta / split / "image_ids.txt").write_text("".join(f"{i}\n" for i, _ in entries))
+        (meta / split / "class_labels.txt").write_text("".join(f"{i},{label}\n" for i, label in entries))
+        (meta / split / "image_sizes.txt").write_text("".join(f"{i},48,48\n" for i, _ in entries))
+        if split == "test":
+            (meta / split / "localization.txt").write_text("".join(f"{i},mask/object.png,\n" for i, _ in entries))
+    out = tmp_path / "run"
+    main(args(str(images), out, "--data-format", "wsol", "--metadata-root", str(meta), "--epochs", "1",
+              "--batch-size", "4"))
+    assert "evaluation: wsolevaluation protocol (eval_protocol auto; the evaluation split has masks); best.pth " \
+           "by pxap" in (out / "log.txt").read_text()
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert 0 <= record["test_pxap"] <= 100 and "test_top1_loc" not in record
+    results = json.loads((out / "results.json").read_text())
+    assert results["eval_protocol"] == "wsol" and results["selection"]["metric"] == "pxap" and "pxap" in results

@@ -130,21 +130,24 @@ def test_loss_scaler_unscales_before_clipping_and_skips_overflowing_steps():
 def test_best_checkpoint_rule():
     # Official: each file keeps the first epoch with a strictly higher value; best.pth (selection 'loc')
     # maximises Top-1 Loc + GT-known Loc, best_top1_loc.pth / best_gt_known_loc.pth their own metric.
-    cfg = parse_config(["--selection-metric", "loc"])
     history = [(50.0, 70.0), (55.0, 60.0), (52.0, 75.0), (50.0, 77.0), (55.0, 61.0)]  # (top1_loc, gt_known)
     best, improved = {}, []
     for epoch, (top1, gt_known) in enumerate(history):
         metrics = {"top1_loc": top1, "gt_known_loc": gt_known, "top1_cls": 80.0, "best_threshold": 0.3 + epoch / 100}
-        improved.append(update_best(best, metrics, cfg, epoch))
+        improved.append(update_best(best, metrics, "loc", epoch))
     assert {name: entry["epoch"] for name, entry in best.items()} == \
         {"best.pth": 3, "best_top1_loc.pth": 2, "best_gt_known_loc.pth": 4}
     assert best["best.pth"]["value"] == 127.0 and best["best.pth"]["threshold"] == 0.32
     assert improved[4] == [] and improved[1] == ["best_top1_loc.pth"]  # 55 ties 55 and 116 < 127: nothing
     top1 = {}
     for epoch, (t, g) in enumerate(history):
-        update_best(top1, {"top1_loc": t, "gt_known_loc": g, "best_threshold": 0.4}, parse_config(
-            ["--selection-metric", "top1_loc"]), epoch)
+        update_best(top1, {"top1_loc": t, "gt_known_loc": g, "best_threshold": 0.4}, "top1_loc", epoch)
     assert top1["best.pth"]["epoch"] == 2
+    # without the official protocol (wsolevaluation, classification only) only best.pth is kept
+    pxap = {}
+    for epoch, value in enumerate([40.0, 45.0, 45.0]):
+        update_best(pxap, {"pxap": value, "top1_cls": 90.0}, "pxap", epoch, official=False)
+    assert list(pxap) == ["best.pth"] and pxap["best.pth"]["epoch"] == 2 and pxap["best.pth"]["threshold"] is None
 
 
 @pytest.mark.parametrize("epochs, start, every, expected", [

@@ -16,8 +16,10 @@ from utils.optim import trainable_blocks
 
 LR_SCHEDULES = ("constant", "cosine")
 AREA_LOSS_SCOPES = ("global", "process")
-# best.pth rule: 'loc' = Top-1 Loc + GT-known Loc, the official best_loc checkpoint (its evaluator and model zoo).
-SELECTION_METRICS = ("loc", "top1_loc", "gt_known_loc", "top1_cls")
+EVAL_PROTOCOLS = ("auto", "sat", "wsol", "both", "cls")
+# best.pth rule: 'loc' = Top-1 Loc + GT-known Loc, the official best_loc checkpoint (its evaluator and model zoo);
+# maxboxaccv2 / pxap: wsolevaluation protocol (boxes / masks).
+SELECTION_METRICS = ("loc", "top1_loc", "gt_known_loc", "top1_cls", "maxboxaccv2", "pxap")
 
 
 class Field:
@@ -80,9 +82,15 @@ FIELDS = {
     "eval_every": Field(1, "int", "from eval_start_epoch, evaluate every N epochs (and after the last)"),
     "eval_batch_size": Field(None, "int", "evaluation batch per process (default: the training micro-batch)",
                              nullable=True),
+    "eval_protocol": Field("auto", "str", "how training evaluates: sat = official SAT protocol (needs boxes), wsol "
+                                          "= wsolevaluation protocol (MaxBoxAcc/MaxBoxAccV2 with boxes, PxAP with "
+                                          "masks), both, cls = classification only; auto = from the data (boxes -> "
+                                          "sat, masks only -> wsol, neither -> cls), logged", choices=EVAL_PROTOCOLS),
     "selection_metric": Field("loc", "str", "metric choosing best.pth, the first epoch reaching its maximum: loc = "
-                                            "Top-1 Loc + GT-known Loc (official best_loc), top1_loc, gt_known_loc "
-                                            "or top1_cls", choices=SELECTION_METRICS),
+                                            "Top-1 Loc + GT-known Loc (official best_loc), top1_loc, gt_known_loc, "
+                                            "top1_cls, maxboxaccv2 or pxap; one the evaluation does not produce "
+                                            "falls back (logged) to the protocol's first: loc, maxboxaccv2 or pxap, "
+                                            "top1_cls", choices=SELECTION_METRICS),
     "threshold": Field(0.4, "float", "CAM threshold of the final test metrics in results.json (official "
                                      "evaluators: CUB 0.4, ImageNet 0.3)"),
     "test_tencrop": Field(True, "bool", "ten-crop classification in the final test evaluation (official: CUB yes, "
@@ -142,6 +150,9 @@ def build_parser(description):
                                          "--data-root, else config/CUB.yaml; train_ImageNet.py config/ILSVRC.yaml)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                         help="continue a run: from PATH, or from <output-dir>/checkpoints/last.pth when no PATH")
+    parser.add_argument("--overwrite", action="store_true", default=False,
+                        help="start again in an --output-dir that holds a previous run (its checkpoints, metrics, "
+                             "results, logs and images are deleted first); without it such a folder is refused")
     # torch.distributed.launch passes --local-rank (older versions --local_rank); torchrun sets LOCAL_RANK.
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                         help=argparse.SUPPRESS)
@@ -279,7 +290,8 @@ def validate(cfg):
 def parse_config(argv=None, description=None, default_config=None):
     """Defaults < ``--config`` file (or ``default_config(cli)`` when no file is given) < flags.
 
-    Returns the resolved ``argparse.Namespace`` (config keys plus ``config``, ``resume``, ``local_rank``).
+    Returns the resolved ``argparse.Namespace`` (config keys plus ``config``, ``resume``, ``overwrite``,
+    ``local_rank``).
     """
     cli = vars(build_parser(description).parse_args(argv))
     config_file = cli.get("config") or (default_config(cli) if default_config else None)
@@ -288,7 +300,8 @@ def parse_config(argv=None, description=None, default_config=None):
         values.update(load_yaml(config_file))
     values.update({key: value for key, value in cli.items() if key in FIELDS})
     cfg = argparse.Namespace(**values, config=str(config_file) if config_file else None,
-                             resume=cli.get("resume"), local_rank=cli.get("local_rank"))
+                             resume=cli.get("resume"), overwrite=cli.get("overwrite", False),
+                             local_rank=cli.get("local_rank"))
     validate(cfg)
     return cfg
 

@@ -6,14 +6,17 @@ import json
 import logging
 import math
 import random
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from DataLoader import build_dataset, build_loader
-from DataLoader.eval_loader import build_eval_loader, demo_data_root
-from DataLoader.eval_views import default_resize_size
+from DataLoader.eval_loader import build_eval_loader, demo_data_root, protocol_for_data
+from DataLoader.eval_views import EvalViews, default_resize_size
 from Model import build_model
 from Model.losses import SATLoss, gaussian_kernel_3x3
 from utils import distributed as dist_utils
@@ -25,7 +28,7 @@ from utils.evaluation import evaluate
 from utils.errors import CheckpointError, ConfigError, DataError
 from utils.logger import MetricsLog, close_logging, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
-from utils.preemption import Preempted, StepCheckpoint, StopSignals
+from utils.preemption import Preempted, StepCheckpoint, StopSignals, resume_command
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
@@ -88,7 +91,8 @@ def resolve_data(cfg, imagenet, info):
 
 def build_loaders(cfg, fmt, root, info, micro_batch):
     """Train loader, selection loader (the held-out 'val' split with --val-split, else test, as the
-    official code does) and the final test loader (ten-crop classification with test_tencrop)."""
+    official code does), the final test loader (ten-crop classification with test_tencrop) and the
+    evaluation plan (:func:`plan_evaluation`) for what the data's evaluation splits hold."""
     from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
 
     common = dict(metadata_root=cfg.metadata_root, val_boxes=cfg.val_boxes)
@@ -101,18 +105,70 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
     train_loader = build_loader(train_set, micro_batch, train=True, workers=cfg.workers,
                                 distributed=info.distributed, seed=cfg.seed, drop_last=cfg.drop_last)
 
-    def eval_loader(split, tencrop):
-        return build_eval_loader(fmt, root, split, protocol="sat", tencrop=tencrop, img_size=cfg.img_size,
+    def eval_loader(split, protocol, tencrop):
+        return build_eval_loader(fmt, root, split, protocol=protocol, tencrop=tencrop, img_size=cfg.img_size,
                                  resize_size=cfg.resize_size, batch_size=cfg.eval_batch_size, workers=cfg.workers,
                                  distributed=info.distributed, **common)
 
-    selection_loader = eval_loader("val" if cfg.val_split else "test", tencrop=False)
-    same = not cfg.val_split and not cfg.test_tencrop
-    test_loader = selection_loader if same else eval_loader("test", tencrop=cfg.test_tencrop)
-    return train_loader, selection_loader, test_loader
+    selection_loader = eval_loader("val" if cfg.val_split else "test", "sat", tencrop=False)
+    plan = plan_evaluation(cfg, selection_loader.dataset)
+    if plan.protocol != "sat":  # built with the official protocol's views before the data was known
+        selection_loader.dataset.transform = EvalViews(plan.protocol, False, cfg.img_size, cfg.resize_size).pixels()
+    tencrop = cfg.test_tencrop and plan.official
+    test_loader = selection_loader if not cfg.val_split and not tencrop else \
+        eval_loader("test", plan.protocol, tencrop=tencrop)
+    return train_loader, selection_loader, test_loader, plan
 
 
 # ------------------------------------------------------------------------------------ evaluation
+@dataclass
+class EvalPlan:
+    """How training evaluates: ``protocol`` (eval_protocol resolved from the data, evaluate()'s protocol),
+    ``annotations`` ('boxes', 'masks' or None) and the ``selection_metric`` that exists for them."""
+    protocol: str
+    annotations: Optional[str]
+    selection_metric: str
+
+    @property
+    def official(self):
+        """Whether the official SAT protocol is part of the evaluation (thresholds, best_top1 / best_gt files)."""
+        return self.protocol in ("sat", "both")
+
+
+def annotations_of(dataset):
+    """'boxes', 'masks' or None: the localization annotations of an evaluation split (protocol_for_data's
+    reading of the data)."""
+    return {"sat": "boxes", "wsol": "masks", "cls": None}[protocol_for_data(dataset)]
+
+
+def metrics_of(protocol, annotations):
+    """The selection metrics an evaluation produces, the natural choice first."""
+    official = ("loc", "top1_loc", "gt_known_loc")
+    wsol = {"boxes": ("maxboxaccv2",), "masks": ("pxap",), None: ()}[annotations]
+    return {"sat": official, "wsol": wsol, "both": official + wsol, "cls": ()}[protocol] + ("top1_cls",)
+
+
+def plan_evaluation(cfg, dataset):
+    """Resolve eval_protocol ('auto': boxes -> sat, masks only -> wsol, neither -> cls) and the selection
+    metric for the data of ``dataset``; log both. ConfigError for a protocol the data cannot support."""
+    annotations = annotations_of(dataset)
+    automatic = {"boxes": "sat", "masks": "wsol", None: "cls"}[annotations]
+    protocol = automatic if cfg.eval_protocol == "auto" else cfg.eval_protocol
+    needs = {"sat": "boxes", "both": "boxes", "wsol": annotations or "boxes or masks"}.get(protocol)
+    if needs is not None and needs != annotations:
+        raise ConfigError(f"eval_protocol {protocol} needs {needs} in the evaluation split, which has "
+                          f"{annotations or 'neither boxes nor masks'}: use --eval-protocol {automatic} (or auto)")
+    available = metrics_of(protocol, annotations)
+    metric = cfg.selection_metric if cfg.selection_metric in available else available[0]
+    names = {"sat": "official SAT protocol", "wsol": "wsolevaluation protocol", "both": "official SAT and "
+             "wsolevaluation protocols", "cls": "classification only"}
+    _logger.info("evaluation: %s (eval_protocol %s; the evaluation split has %s); best.pth by %s%s", names[protocol],
+                 cfg.eval_protocol, annotations or "neither boxes nor masks", metric,
+                 "" if metric == cfg.selection_metric else f" (selection_metric {cfg.selection_metric} does not "
+                 f"exist for this evaluation)")
+    return EvalPlan(protocol, annotations, metric)
+
+
 def run_evaluation(model, loader, cfg, info, *, threshold=None, thresholds=(), amp=False, save_images=0,
                    image_dir=None):
     """Metrics of ``model`` on an evaluation loader (this process's shard; counts summed over the processes;
@@ -122,9 +178,15 @@ def run_evaluation(model, loader, cfg, info, *, threshold=None, thresholds=(), a
     metrics = evaluate(model, loader, info.device, threshold=threshold, thresholds=thresholds, amp=amp,
                        distributed=info.distributed, save_images=image_dir if save_images else None,
                        max_images=save_images, progress=info.is_main)
-    if threshold is None:  # selection: the metrics at the best of ``thresholds``, as the official train.py
+    if threshold is None and "at_best_threshold" in metrics:  # selection: at the best of ``thresholds`` (official)
         metrics.update(metrics["at_best_threshold"])
     return metrics
+
+
+def scalars(metrics):
+    """The numeric entries of an evaluation's metrics (no per-threshold lists or per-IoU tables)."""
+    return {key: value for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def should_evaluate(cfg, epoch):
@@ -141,16 +203,17 @@ def selection_value(metrics, metric):
     return float(metrics[metric])
 
 
-def update_best(best, metrics, cfg, epoch):
+def update_best(best, metrics, selection_metric, epoch, official=True):
     """Update ``best`` ({checkpoint file: {'metric', 'value', 'epoch', 'threshold'}}) with this epoch's
     metrics; a file improves only on a strictly higher value (the first epoch wins ties, as the official
-    ``>``). Returns the files this epoch improved."""
+    ``>``). ``official``: the official SAT protocol was evaluated, so best_top1_loc.pth and
+    best_gt_known_loc.pth are kept too. Returns the files this epoch improved."""
     improved = []
-    for name, metric in {"best.pth": cfg.selection_metric, **EXTRA_BEST}.items():
+    for name, metric in {"best.pth": selection_metric, **(EXTRA_BEST if official else {})}.items():
         value = selection_value(metrics, metric)
         if name not in best or value > best[name]["value"]:
             best[name] = {"metric": metric, "value": value, "epoch": epoch + 1,
-                          "threshold": metrics["best_threshold"]}
+                          "threshold": metrics.get("best_threshold")}
             improved.append(name)
     return improved
 
@@ -244,20 +307,71 @@ def main(argv=None, imagenet=False):
     description = f"Train SAT on {'ImageNet (ILSVRC2012)' if imagenet else 'CUB-200-2011 or other WSOL data'}"
     cfg = parse_config(argv, description, default_config(imagenet))
     info = dist_utils.init_distributed(cfg.device, cfg.local_rank)
+    progress = {"epoch": None, "saved": None}
     try:
-        return train(cfg, info, imagenet)
+        return train(cfg, info, imagenet, progress)
     except Preempted as stop:
         if info.is_main:
             _logger.warning("%s", stop)
         raise SystemExit(stop.exit_status) from None
+    except KeyboardInterrupt:
+        if info.is_main:
+            script = "train_ImageNet.py" if imagenet else "train.py"
+            _logger.warning("%s", interrupted_message(cfg, info, progress, script, argv))
+        raise SystemExit(130) from None
     finally:
         close_logging()
         dist_utils.cleanup()
 
 
-def train(cfg, info, imagenet=False):
+def interrupted_message(cfg, info, progress, script, argv):
+    """One line after Ctrl-C: where training stopped, what is saved, and the command that resumes it
+    (``utils.preemption.resume_command``, as after SIGTERM / SIGUSR1)."""
+    command = resume_command(None if argv is None else [script, *argv], distributed=info.world_size > 1)
+    where = "before training started" if progress["epoch"] is None else (
+        "in the final test" if progress["epoch"] >= cfg.epochs else f"in epoch {progress['epoch'] + 1}/{cfg.epochs}")
+    last = Path(cfg.output_dir) / "checkpoints" / "last.pth"
+    if progress["saved"]:
+        saved = f"{last} holds {progress['saved']} finished epoch(s)"
+    elif last.exists():
+        saved = f"{last} holds the last saved position"
+    else:
+        saved = "no checkpoint yet"
+    return f"interrupted {where}; {saved}; resume with: {command}"
+
+
+# What a run writes into --output-dir; a folder holding the first three is a previous run.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.json", "config.yaml", "log.txt", "tensorboard", "images")
+
+
+def prepare_output_dir(cfg, output_dir, info):
+    """Refuse to write into a folder holding a previous run unless --resume (continue it) or --overwrite
+    (delete its outputs first): one-line ConfigError, nothing touched."""
+    if cfg.resume is not None and cfg.overwrite:
+        raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
+    previous = [name for name in RUN_OUTPUTS[:3] if (output_dir / name).exists()]
+    if not previous or cfg.resume is not None:
+        return
+    if not cfg.overwrite:
+        raise ConfigError(f"{output_dir} holds a previous run ({', '.join(previous)}): --resume to continue it, "
+                          "--overwrite to start again, or choose another --output-dir")
+    if info.is_main:
+        for name in RUN_OUTPUTS:
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    dist_utils.barrier()
+
+
+def train(cfg, info, imagenet=False, progress=None):
+    """One training run (see the module doc); ``progress`` ({'epoch', 'saved'}) is kept up to date for the
+    message after an interruption."""
+    progress = {} if progress is None else progress
     output_dir = Path(cfg.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
+    prepare_output_dir(cfg, output_dir, info)
     setup_logging(output_dir, info.is_main, info.rank)
     micro_batch = per_process_batch(cfg, info.world_size)
     cfg.resize_size = cfg.resize_size or default_resize_size(cfg.img_size)
@@ -272,7 +386,7 @@ def train(cfg, info, imagenet=False):
         _logger.info("processes started by %s", info.launcher)
 
     fmt, root = resolve_data(cfg, imagenet, info)
-    train_loader, selection_loader, test_loader = build_loaders(cfg, fmt, root, info, micro_batch)
+    train_loader, selection_loader, test_loader, plan = build_loaders(cfg, fmt, root, info, micro_batch)
     train_set, selection_split = train_loader.dataset, "val" if cfg.val_split else "test"
     _logger.info("data %s at %s: %d train images, %d classes; model selection on the %s split (%d images)%s",
                  fmt, root, len(train_set), train_set.num_classes, selection_split, len(selection_loader.dataset),
@@ -295,6 +409,7 @@ def train(cfg, info, imagenet=False):
         start_epoch, start_step, best = meta["epoch"], meta.get("epoch_step", 0), meta["best"]
         if start_step and len(meta["epoch_meters"]) == info.world_size:
             meters_state = meta["epoch_meters"][info.rank]
+    progress.update(epoch=start_epoch, saved=start_epoch, step=start_step)
     metrics_log = MetricsLog(output_dir, start_epoch) if info.is_main else None
     if info.is_main:
         save_config(cfg, output_dir / "config.yaml")
@@ -321,6 +436,7 @@ def train(cfg, info, imagenet=False):
     try:
         with stop:
             for epoch in range(start_epoch, cfg.epochs):
+                progress["epoch"] = epoch
                 first_step = start_step if epoch == start_epoch else 0
                 set_loader_epoch(train_loader, epoch, cfg.seed, first_step * cfg.accum_steps)
                 stats = train_one_epoch(train_model, criterion, train_loader, optimizer, info.device, epoch,
@@ -332,21 +448,23 @@ def train(cfg, info, imagenet=False):
                 record = {"epoch": epoch + 1, **{f"train_{key}": value for key, value in stats.items()}}
                 metrics, improved = None, []
                 if should_evaluate(cfg, epoch):
-                    metrics = run_evaluation(model, selection_loader, cfg, info, thresholds=cfg.eval_thresholds,
-                                             amp=cfg.amp)
-                    improved = update_best(best, metrics, cfg, epoch)
-                    record.update({f"{selection_split}_{key}": metrics[key]
-                                   for key in (*RESULT_KEYS, "best_threshold")})
+                    metrics = run_evaluation(model, selection_loader, cfg, info,
+                                             thresholds=cfg.eval_thresholds if plan.official else (), amp=cfg.amp)
+                    improved = update_best(best, metrics, plan.selection_metric, epoch, plan.official)
+                    shown = (*RESULT_KEYS, "best_threshold") if plan.official else scalars(metrics)
+                    record.update({f"{selection_split}_{key}": metrics[key] for key in shown})
                 rng_states = dist_utils.all_gather_object(rng_state(info.device))
                 if info.is_main:
                     save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best, metrics_log, record,
                                training_state=dict(training_state(), rng_states=rng_states))
-                log_epoch(cfg, epoch, stats, metrics, improved, selection_split)
+                progress["saved"] = epoch + 1
+                log_epoch(cfg, epoch, stats, metrics, improved, selection_split, plan)
                 checkpointer.end_of_epoch(epoch, checkpoint_dir / "last.pth")
     finally:
         if metrics_log is not None:
             metrics_log.close()
-    return final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir)
+    progress["epoch"] = cfg.epochs
+    return final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan)
 
 
 def save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best, metrics_log, record,
@@ -355,18 +473,24 @@ def save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best,
     a run killed before it redoes this epoch, and on resume MetricsLog drops the metrics line written here,
     so that every epoch is logged once."""
     state = {"model": checkpoint_weights(model), "epoch": epoch + 1, "config": config_dict(cfg), **spec,
-             "best_thr": metrics["best_threshold"] if metrics else None}
+             "best_thr": metrics.get("best_threshold") if metrics else None}
     for name in improved:
         save_checkpoint(dict(state, selection=best[name]), checkpoint_dir / name)
     metrics_log.log_epoch(record)
     save_checkpoint(dict(state, **training_state, best=best), checkpoint_dir / "last.pth")
 
 
-def log_epoch(cfg, epoch, stats, metrics, improved, split):
+def log_epoch(cfg, epoch, stats, metrics, improved, split, plan):
     if metrics is not None:
-        _logger.info("epoch %d %s: Top-1 Loc %.2f  GT-known Loc %.2f  Top-1 Cls %.2f  (best of the thresholds: "
-                     "%.2f)%s", epoch + 1, split, metrics["top1_loc"], metrics["gt_known_loc"], metrics["top1_cls"],
-                     metrics["best_threshold"], "  * best" if "best.pth" in improved else "")
+        best_mark = "  * best" if "best.pth" in improved else ""
+        if plan.official:
+            _logger.info("epoch %d %s: Top-1 Loc %.2f  GT-known Loc %.2f  Top-1 Cls %.2f  (best of the thresholds: "
+                         "%.2f)%s", epoch + 1, split, metrics["top1_loc"], metrics["gt_known_loc"],
+                         metrics["top1_cls"], metrics["best_threshold"], best_mark)
+        else:
+            shown = tuple(key for key in ("maxboxaccv2", "pxap") if key in metrics) + ("top1_cls",)
+            _logger.info("epoch %d %s: %s%s", epoch + 1, split,
+                         "  ".join(f"{key} {metrics[key]:.2f}" for key in shown), best_mark)
     if stats["num_skipped"]:
         _logger.warning("epoch %d: %d unreadable training images skipped (named in the log above; "
                         "--strict-data makes them an error)", epoch + 1, stats["num_skipped"])
@@ -375,29 +499,36 @@ def log_epoch(cfg, epoch, stats, metrics, improved, split):
                  stats["acc1"], stats["lr"])
 
 
-def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir):
+def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan):
     """Evaluate best.pth on the test split as the official evaluator does (fp32, at ``threshold``, ten-crop
     classification with test_tencrop) and write results.json; with report_best_threshold, also the
-    metrics at the best of eval_thresholds, chosen on the test split itself, under 'best_threshold'."""
+    metrics at the best of eval_thresholds, chosen on the test split itself, under 'best_threshold'.
+    Without boxes: the plan's protocol (wsolevaluation metrics, or classification only)."""
     dist_utils.barrier()
     best_path = checkpoint_dir / "best.pth"
     meta = load_checkpoint(best_path, model)
-    metrics = run_evaluation(model, test_loader, cfg, info, threshold=cfg.threshold,
-                             thresholds=cfg.eval_thresholds if cfg.report_best_threshold else (),
+    official = plan.official
+    metrics = run_evaluation(model, test_loader, cfg, info, threshold=cfg.threshold if official else None,
+                             thresholds=cfg.eval_thresholds if cfg.report_best_threshold and official else (),
                              save_images=cfg.save_images, image_dir=output_dir / "images")
+    tencrop = cfg.test_tencrop and official
     results = {"checkpoint": str(best_path), "epoch": meta["epoch"], "selection": meta["selection"], "split": "test",
-               "threshold": cfg.threshold, "tencrop": cfg.test_tencrop, "precision": "fp32",
-               **{key: metrics[key] for key in RESULT_KEYS},
+               "eval_protocol": plan.protocol, **({"threshold": cfg.threshold} if official else {}),
+               "tencrop": tencrop, "precision": "fp32",
+               **({key: metrics[key] for key in RESULT_KEYS} if official else scalars(metrics)),
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    if cfg.report_best_threshold:
+    if cfg.report_best_threshold and official:
         results["best_threshold"] = {
             "threshold": metrics["best_threshold"], "chosen_on": "test",
             "note": "threshold maximising Top-1 + GT-known Loc on the evaluated split itself (not held out)",
             **{key: metrics[key] for key in ("num_images", "top1_cls", "top5_cls")}, **metrics["at_best_threshold"]}
     if info.is_main:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        rows = "\n".join(f"  {key:<15} {metrics[key]:8.2f}" for key in RESULT_KEYS[:8])
-        _logger.info("test results of %s (epoch %d, threshold %.2f, %s classification, fp32):\n%s\nwritten to %s",
-                     best_path, meta["epoch"], cfg.threshold, "ten-crop" if cfg.test_tencrop else "centre-crop", rows,
-                     output_dir / "results.json")
+        shown = RESULT_KEYS[:8] if official else [key for key in scalars(metrics)
+                                                  if key != "num_images" and not key.endswith("threshold")]
+        rows = "\n".join(f"  {key:<15} {metrics[key]:8.2f}" for key in shown)
+        setting = (f"threshold {cfg.threshold:.2f}, {'ten-crop' if tencrop else 'centre-crop'} classification"
+                   if plan.official else plan.protocol)
+        _logger.info("test results of %s (epoch %d, %s, fp32):\n%s\nwritten to %s", best_path, meta["epoch"],
+                     setting, rows, output_dir / "results.json")
     return results
