@@ -134,8 +134,9 @@ def _val_images(val_dir):
 def load_imagenet(root, split, val_boxes=None):
     """(image root, items, class names) of 'train' or 'test' (= the ILSVRC2012 val set)."""
     if split not in ("train", "test"):
-        raise DataError(f"{root}: ImageNet has no '{split}' split here (train/test, test = ILSVRC val); "
-                        "pass --metadata-root for the wsolevaluation val split")
+        raise DataError(f"{root}: ImageNet has no '{split}' split here: the ILSVRC2012 validation set is the "
+                        "'test' split (--split test), as train_ImageNet.py and evaluator_ImageNet.py call it; "
+                        "a 'val' split exists with wsolevaluation metadata (--metadata-root)")
     root = Path(root)
     train_dir = root / "train"
     if split == "train":

@@ -291,3 +291,17 @@ def test_pretrained_hub_unreachable_is_one_clear_error():
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "error: could not get the DeiT weights of deit_sat_tiny_patch16_224" in out.stderr
     assert "--pretrained PATH" in out.stderr
+
+
+def test_pretrained_without_network_fails_at_once_with_the_same_error(tmp_path):
+    """Not offline mode and nothing cached: the hub probe (one TCP connection) fails instead of the
+    download's retries; the host is made unresolvable so that the test means the same with network."""
+    code = ("import Model\nfrom utils.errors import run_cli\n"
+            "run_cli(lambda argv: Model.build_model('deit_sat_tiny_patch16_224', num_classes=3, pretrained=True))")
+    env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower() and key != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="https://sat-hub-probe.invalid", HF_HOME=str(tmp_path / "hf"))
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "error: could not get the DeiT weights of deit_sat_tiny_patch16_224 from the timm hub" in out.stderr
+    assert "--pretrained PATH" in out.stderr

@@ -33,7 +33,8 @@ def main(argv=None):
             print(f"warning: {item.message}", file=sys.stderr)
         boxes = sum(len(item.boxes) for item in dataset.items if item.boxes is not None)
         masks = sum(1 for item in dataset.items if item.mask_paths is not None)
-        print(f"{split}: {len(dataset)} images, {dataset.num_classes} classes, {boxes} boxes, "
+        name = "test (the ILSVRC2012 val set)" if args.format == "imagenet" and split == "test" else split
+        print(f"{name}: {len(dataset)} images, {dataset.num_classes} classes, {boxes} boxes, "
               f"{masks} with masks, {len(skipped)} unreadable (skipped)")
 
 
