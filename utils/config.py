@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from utils.errors import ConfigError
+from utils.metrics_sat import TRAIN_THRESHOLDS
 from utils.optim import trainable_blocks
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -76,7 +77,7 @@ FIELDS = {
                                       "on CUB, dropped by train_ImageNet.py)"),
     "strict_data": Field(False, "bool", "stop at an unreadable training image instead of skipping it with a warning"),
     # evaluation
-    "eval_thresholds": Field([0.3, 0.35, 0.4, 0.45], "floats", "CAM thresholds searched at each evaluation"),
+    "eval_thresholds": Field(list(TRAIN_THRESHOLDS), "floats", "CAM thresholds searched at each evaluation"),
     "eval_start_epoch": Field(26, "int", "first epoch (1-based) evaluated for model selection (official CUB: 26 "
                                          "of 30); the last epoch is always evaluated"),
     "eval_every": Field(1, "int", "from eval_start_epoch, evaluate every N epochs (and after the last)"),

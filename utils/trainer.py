@@ -17,6 +17,7 @@ import torch
 from DataLoader import build_dataset, build_loader
 from DataLoader.eval_loader import build_eval_loader, demo_data_root, protocol_for_data
 from DataLoader.eval_views import EvalViews, default_resize_size
+from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
 from Model import build_model
 from Model.losses import SATLoss, gaussian_kernel_3x3
 from utils import distributed as dist_utils
@@ -93,8 +94,6 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
     """Train loader, selection loader (the held-out 'val' split with --val-split, else test, as the
     official code does), the final test loader (ten-crop classification with test_tencrop) and the
     evaluation plan (:func:`plan_evaluation`) for what the data's evaluation splits hold."""
-    from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
-
     common = dict(metadata_root=cfg.metadata_root, val_boxes=cfg.val_boxes)
     train_set = build_dataset(fmt, root, "train", TrainPixels(cfg.img_size, cfg.resize_size),
                               images_per_class=cfg.images_per_class, seed=cfg.seed, strict=cfg.strict_data,
