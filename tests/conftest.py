@@ -1,4 +1,6 @@
+import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,3 +29,17 @@ def official_boxes():
     """Maps, thresholds, the official evaluator's boxes, GT boxes and official IoUs."""
     with np.load(OFFICIAL_DIR / "original_boxes.npz") as data:
         return {key: data[key] for key in data.files}
+
+
+def free_port():
+    """A free TCP port on the loopback interface, for a local process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_file(proc, path, timeout=180):
+    """Wait until ``path`` exists, ``proc`` has exited or ``timeout`` seconds have passed."""
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)

@@ -4,7 +4,6 @@ computes it per micro-batch (with DDP, the micro-batches of all processes, all-r
 per optimizer step: ``no_sync``). The data make the scope matter: one half of the batch has small maps,
 the other large ones, and the area prior lies between the halves' mean areas."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -15,6 +14,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from Model.losses import SATLoss, sat_loss
 from utils.amp import LossScaler
 from utils.engine import train_one_epoch
+from conftest import free_port
 
 AREA_THR = 0.45
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
@@ -99,14 +99,9 @@ def _rank(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_scopes_under_two_process_ddp_and_accumulation(tmp_path):
-    mp.start_processes(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_rank, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     whole = reference_grads([list(range(8))])  # DataParallel: one batch of 8
     halves = reference_grads([list(range(4)), list(range(4, 8))])

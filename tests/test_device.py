@@ -4,10 +4,8 @@ of the suite passes --device cpu wherever it means the CPU."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -25,7 +23,7 @@ from utils.errors import ConfigError
 from utils.evaluation import evaluate
 from utils.optim import build_optimizer, build_scheduler
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port, wait_for_file
 from test_evaluation import save_nano_checkpoint
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
@@ -98,11 +96,6 @@ def test_amp_training_steps_on_cuda():
     assert stats["steps"] == 3 and torch.isfinite(torch.tensor(stats["loss"])) and changed > 0
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _nccl_rank(rank, port, root, checkpoint, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -166,9 +159,7 @@ def test_kill_and_resume_on_cuda_within_tolerance(tmp_path):
     proc = subprocess.Popen(command(out), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     last = out / "checkpoints" / "last.pth"
-    deadline = time.time() + 180
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    wait_for_file(proc, last)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert read_checkpoint(last)["epoch"] < 3, "the run ended before it could be killed"

@@ -18,7 +18,7 @@ from utils.distributed import (SLURM_PORT_BASE, SLURM_PORT_RANGE, expand_nodelis
                                slurm_environment)
 from utils.errors import ConfigError
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port
 
 WNIDS = ["n01440764", "n01443537", "n02102040"]
 RUN = ["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
@@ -46,11 +46,6 @@ def imagenet_root(tmp_path_factory):
     (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
     return root
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
 
 
 def launch(launcher, imagenet_root, out, timeout=240):
@@ -89,7 +84,7 @@ def test_torchrun_two_gloo_processes(imagenet_root, tmp_path):
 
 def test_legacy_launch_passes_local_rank(imagenet_root, tmp_path):
     out = tmp_path / "run"
-    launcher = ["torch.distributed.launch", "--nproc_per_node", "2", "--master_port", free_port()]
+    launcher = ["torch.distributed.launch", "--nproc_per_node", "2", "--master_port", str(free_port())]
     check_run(out, *launch(launcher, imagenet_root, out))
 
 

@@ -2,7 +2,6 @@
 summed so that both ranks return the single-process metrics, each rank writing its own score maps."""
 import json
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -14,6 +13,7 @@ from Model import build_model_from_checkpoint
 from utils.evaluation import evaluate
 
 from test_evaluation import save_nano_checkpoint
+from conftest import free_port
 
 SETTINGS = dict(protocol="both", tencrop=True, img_size=64, batch_size=2, workers=0)
 
@@ -38,11 +38,6 @@ def _rank(rank, port, root, checkpoint, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_process_evaluation_equals_single_process(tmp_path):
     # 9 test images: DistributedSampler would pad the two shards to 5 + 5
@@ -50,7 +45,7 @@ def test_two_process_evaluation_equals_single_process(tmp_path):
     checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
     # fork: the children reuse the imported modules (spawn would re-import torch and timm, ~5 s); not
     # once CUDA is initialised in this process (earlier tests on a GPU machine): a forked child cannot use it
-    mp.start_processes(_rank, args=(_free_port(), str(root), str(checkpoint), str(tmp_path)), nprocs=2,
+    mp.start_processes(_rank, args=(free_port(), str(root), str(checkpoint), str(tmp_path)), nprocs=2,
                        start_method="spawn" if torch.cuda.is_initialized() else "fork")
 
     threads = torch.get_num_threads()

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from utils.errors import ConfigError, run_cli
 from utils.eval_cli import main as eval_main
 from utils.trainer import checkpoint_weights, main
 
-from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_ROOT
+from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_ROOT, wait_for_file
 
 # Tiny runs: 3 classes x 8 train / 4 test images of 64 px, nano model at 64 px, batch 8.
 TINY = ["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
@@ -95,9 +94,7 @@ def test_kill_and_resume_gives_the_uninterrupted_run(data_root, tmp_path):
     proc = subprocess.Popen([sys.executable, "train.py", *args(data_root, out, *epochs)], cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = out / "checkpoints" / "last.pth"
-    deadline = time.time() + 180
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    wait_for_file(proc, last)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = read_checkpoint(last)["epoch"]
@@ -292,9 +289,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(data_root, tmp_path):
     proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     last = out / "checkpoints" / "last.pth"
-    deadline = time.time() + 180
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_file(proc, last)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
