@@ -1,7 +1,9 @@
 """Device selection, and the tests that mean CUDA: AMP training steps, NCCL with one torchrun process,
 kill-and-resume on a GPU. The CUDA tests skip (with the reason) on a machine without one; the rest
 of the suite passes --device cpu wherever it means the CPU."""
+import functools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +17,8 @@ import torch.multiprocessing as mp
 from DataLoader import make_demo_dataset
 from DataLoader.eval_loader import build_eval_loader
 from Model import build_model, build_model_from_checkpoint
-from utils.amp import autocast_settings
+from Model.losses import SATLoss
+from utils.amp import LossScaler, autocast_context, describe
 from utils.checkpoint import read_checkpoint
 from utils.distributed import init_distributed, select_device
 from utils.engine import train_one_epoch
@@ -68,9 +71,11 @@ def test_cuda_requested_without_cuda_is_an_error(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ CUDA only
-def _train_steps(autocast, scaler, steps=3):
+def _train_steps(amp, device="cuda", steps=3, fp16=False):
+    """``steps`` training steps of a nano model under ``amp`` (utils.amp), or fp16 autocast + GradScaler
+    (the path of GPUs without bf16) with ``fp16``; the stats and how many parameters changed."""
     torch.manual_seed(0)
-    model = build_model("deit_sat_nano_patch16_224", num_classes=3, img_size=48).cuda()
+    model = build_model("deit_sat_nano_patch16_224", num_classes=3, img_size=48).to(device)
     optimizer = build_optimizer(model, 1e-3, 0.05)
     scheduler = build_scheduler(optimizer, schedule="constant", lr=1e-3, min_lr=0, epochs=1, warmup_epochs=0,
                                 steps_per_epoch=steps)
@@ -78,23 +83,26 @@ def _train_steps(autocast, scaler, steps=3):
     loader = [{"image": torch.randn(4, 3, 48, 48, generator=g), "label": torch.randint(0, 3, (4,), generator=g),
                "num_skipped": 0} for _ in range(steps)]
     before = [p.detach().clone() for p in model.parameters()]
-    stats = train_one_epoch(model, loader, optimizer, scheduler, device=torch.device("cuda"), epoch=0, area_thr=0.25,
-                            autocast=autocast, scaler=scaler, clip_grad=1.0, progress=False)
+    loss_scaler = LossScaler(device, amp)
+    autocast = autocast_context(device, amp)
+    if fp16:
+        loss_scaler.scaler = torch.amp.GradScaler(torch.device(device).type)
+        autocast = functools.partial(torch.autocast, device_type=torch.device(device).type, dtype=torch.float16)
+    stats = train_one_epoch(model, SATLoss(area_thr=0.25), loader, optimizer, torch.device(device), 0, loss_scaler,
+                            scheduler=scheduler, autocast=autocast, clip_grad=1.0, progress=False)
     changed = sum(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     return stats, changed
 
 
 @needs_cuda
 def test_amp_training_steps_on_cuda():
-    autocast, scaler = autocast_settings("cuda", "auto")  # bf16 where supported, else fp16 + grad scaler
-    stats, changed = _train_steps(autocast, scaler)
-    assert stats["steps"] == 3 and stats["images"] == 12 and torch.isfinite(torch.tensor(stats["loss"]))
+    assert describe("cuda", True) == "bf16 autocast"  # every GPU of the bf16 era (Ampere and later)
+    stats, changed = _train_steps(True)
+    assert stats["steps"] == 3 and stats["images"] == 12 and math.isfinite(stats["loss"])
     assert changed > 0
     # the fp16 + GradScaler path (GPUs without bf16) on any GPU
-    fp16 = lambda: torch.autocast("cuda", dtype=torch.float16)  # noqa: E731
-    stats, changed = _train_steps(fp16, torch.amp.GradScaler("cuda"))
-    assert stats["steps"] == 3 and torch.isfinite(torch.tensor(stats["loss"])) and changed > 0
-
+    stats, changed = _train_steps(True, fp16=True)
+    assert stats["steps"] == 3 and math.isfinite(stats["loss"]) and changed > 0
 
 
 def _nccl_rank(rank, port, root, checkpoint, out):

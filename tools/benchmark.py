@@ -8,7 +8,8 @@ or, with --data-root, end to end from image files (and of the input pipeline alo
 Train mode runs ``utils.engine.train_one_epoch`` (forward, SAT losses, backward, AdamW step) exactly as
 train.py does; eval mode runs ``utils.evaluation.evaluate`` (forward + map -> boxes + metrics) as the
 evaluators do. Defaults follow train.py (fused attention, automatic mixed precision). Prints one JSON
-line; ``--compare-naive`` also runs the in-project baseline (explicit attention matrices, fp32, no
+line; Eval mode also reports ``forward_images_per_second`` (the model's forward alone on the same batch shape, no
+boxes or metrics) and ``eval_vs_forward`` (in-memory evaluation rate over it). ``--compare-naive`` also runs the in-project baseline (explicit attention matrices, fp32, no
 compile) in a fresh process and adds its numbers and the speed-up.
 
 ``--data-root DIR`` (a dataset of ``--data-format``; train mode reads its train split, eval mode its
@@ -186,6 +187,26 @@ def box_ms_per_image(thresholds, n=64, seed=0):
     return (time.perf_counter() - start) * 1000 / n
 
 
+def run_forward(args, model, device):
+    """Seconds of the model's forward alone over ``args.steps`` synthetic evaluation batches (all views,
+    no box extraction, no metrics): the rate evaluation is compared with."""
+    views = EvalViews(args.protocol, args.tencrop, args.img_size, args.resize_size)
+    gen = torch.Generator().manual_seed(0)
+    batches = [b["image"].to(device) for b in synthetic_eval_batches(
+        args.warmup + args.steps, args.batch_size, args.img_size, args.num_classes, views.num_views, gen)]
+    autocast = autocast_context(device, args.amp)
+    model.eval()
+    with torch.no_grad():
+        for i, images in enumerate(batches):
+            if i == args.warmup:
+                sync(device)
+                start = time.perf_counter()
+            with autocast():
+                model(images.flatten(0, 1))
+    sync(device)
+    return time.perf_counter() - start
+
+
 def run_eval(args, model, device, batches=None):
     """Seconds of evaluating ``args.steps`` batches (after ``args.warmup``) from ``batches`` (an iterator
     of loader batches), or synthetic in-memory batches."""
@@ -220,6 +241,7 @@ def benchmark(args):
         data_elapsed = time_data(args, batches, device)
         elapsed = run(args, model, device, batches)
         step_elapsed = run(args, model, device)
+        data_rate, step_rate = images / data_elapsed, images / step_elapsed
     else:
         elapsed = run(args, model, device)
     result = {
@@ -233,13 +255,16 @@ def benchmark(args):
                     else f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU"),
     }
     if args.data_root:
-        data_rate, step_rate = images / data_elapsed, images / step_elapsed
         result.update(data_root=args.data_root, data_format=args.data_format, workers=args.workers,
                       pipeline=args.pipeline, images_in_split=len(loader.dataset),
                       data_images_per_second=round(data_rate, 3), step_images_per_second=round(step_rate, 3),
                       end_to_end_vs_step=round(result["images_per_second"] / step_rate, 3),
                       end_to_end_vs_data=round(result["images_per_second"] / data_rate, 3))
     if args.mode == "eval":
+        forward_rate = images / run_forward(args, model, device)
+        result.update(forward_images_per_second=round(forward_rate, 3),
+                      eval_vs_forward=round((step_rate if args.data_root else result["images_per_second"])
+                                            / forward_rate, 3))
         result.update(protocol=args.protocol, tencrop=args.tencrop, thresholds=args.thresholds,
                       box_ms_per_image=round(box_ms_per_image(args.thresholds), 3))
     return result
