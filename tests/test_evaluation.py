@@ -1,5 +1,7 @@
 """utils.evaluation: the views, evaluate() against a straightforward per-image recomputation with the
 metrics functions, the official fixture boxes through evaluate(), PxAP on synthetic masks, sharding."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from DataLoader.eval_views import EvalViews, default_resize_size
 from Model import build_model_from_checkpoint
 from utils.checkpoint import model_spec, save_checkpoint
 from utils.errors import ConfigError, DataError
-from utils.evaluation import LOC_KEYS, evaluate
+from utils.evaluation import LOC_KEYS, default_box_processes, evaluate
 from utils.metrics import ClassAccumulator
 from utils.metrics_sat import TRAIN_THRESHOLDS, SATLocAccumulator
 from utils.metrics_wsol import PxAPAccumulator, WSOLBoxAccumulator
@@ -234,3 +236,11 @@ def test_box_process_pool_gives_the_same_numbers(demo_root):
     threads = evaluate(model, loader, "cpu", **settings)
     processes = evaluate(model, loader, "cpu", box_processes=2, **settings)
     assert processes == threads and len(processes["per_image"]) == 12
+
+
+@pytest.mark.parametrize("device, cpus, expected", [("cuda", 16, 8), ("cuda", 64, 8), ("cuda", 8, 4), ("cuda", 4, 0),
+                                                    ("cpu", 16, 0)])
+def test_box_processes_default_scales_on_gpu_machines_only(monkeypatch, device, cpus, expected):
+    """README (Performance): on a GPU machine a thread pool halves the evaluation rate (GIL); CPU runs keep threads."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert default_box_processes(device) == expected

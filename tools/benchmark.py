@@ -7,10 +7,11 @@ or, with --data-root, end to end from image files (and of the input pipeline alo
 
 Train mode runs ``utils.engine.train_one_epoch`` (forward, SAT losses, backward, AdamW step) exactly as
 train.py does; eval mode runs ``utils.evaluation.evaluate`` (forward + map -> boxes + metrics) as the
-evaluators do. Defaults follow train.py (fused attention, automatic mixed precision). Prints one JSON
-line; Eval mode also reports ``forward_images_per_second`` (the model's forward alone on the same batch shape, no
-boxes or metrics) and ``eval_vs_forward`` (in-memory evaluation rate over it). ``--compare-naive`` also runs the in-project baseline (explicit attention matrices, fp32, no
-compile) in a fresh process and adds its numbers and the speed-up.
+evaluators do. Defaults follow train.py (fused attention, fp32; ``--amp`` for bf16 autocast). Prints one JSON
+line. Eval mode also reports ``forward_images_per_second`` (the model's forward alone on the same batch
+shape, no boxes or metrics) and ``eval_vs_forward`` (the evaluation rate over it). ``--compare-naive`` also
+runs the in-project baseline (explicit attention matrices, fp32, no compile) in a fresh process and adds its
+numbers and the speed-up.
 
 ``--data-root DIR`` (a dataset of ``--data-format``; train mode reads its train split, eval mode its
 test split) reads real files through the loaders of train.py / the evaluators (``--workers``
@@ -60,12 +61,14 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--attention", choices=("fused", "naive"), default="fused")
-    p.add_argument("--no-amp", dest="amp", action="store_const", const=False, default="auto")
-    p.add_argument("--amp", dest="amp", action="store_const", const=True, help="force autocast (CPU: bf16)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast, as train.py --amp (default: fp32, as train.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--protocol", choices=("sat", "wsol", "both"), default="sat", help="eval mode")
     p.add_argument("--tencrop", action="store_true", help="eval mode: ten-crop classification")
     p.add_argument("--thresholds", type=float, nargs="+", default=list(TRAIN_THRESHOLDS), help="eval mode")
+    p.add_argument("--box-processes", type=int, default=None, metavar="N",
+                   help="eval mode: box extraction processes (default: as evaluator.py; 0: a thread pool)")
     p.add_argument("--compare-naive", action="store_true", help="also run the naive fp32 baseline")
     p.add_argument("--data-root", help="read this dataset's image files (train or test split) end to end")
     p.add_argument("--data-format", choices=FORMATS, default="cub", help="with --data-root")
@@ -130,15 +133,19 @@ def file_loader(args):
 
 
 def time_data(args, batches, device):
-    """Seconds to load ``args.steps`` batches onto ``device`` (after ``args.warmup`` untimed ones)."""
-    for _ in on_device(Take(batches, args.warmup), device):
+    """Images per second of loading batches onto ``device`` in the steady state: the batches the workers
+    loaded ahead (2 per worker) and ``args.warmup`` more are taken untimed, then at least ``args.steps``
+    and 2 per worker are timed, so that no batch loaded before the clock started is counted."""
+    ahead = 2 * max(args.workers, 1) + args.warmup
+    for _ in on_device(Take(batches, ahead), device):
         pass
     sync(device)
+    timed = max(args.steps, 2 * max(args.workers, 1))
     start = time.perf_counter()
-    for _ in on_device(Take(batches, args.steps), device):
+    for _ in on_device(Take(batches, timed), device):
         pass
     sync(device)
-    return time.perf_counter() - start
+    return timed * args.batch_size / (time.perf_counter() - start)
 
 
 def peak_memory_mb(device):
@@ -215,7 +222,8 @@ def run_eval(args, model, device, batches=None):
         gen = torch.Generator().manual_seed(0)
         batches = iter(synthetic_eval_batches(args.warmup + args.steps, args.batch_size, args.img_size,
                                               args.num_classes, views.num_views, gen))
-    kwargs = dict(device=device, thresholds=args.thresholds, views=views, amp=args.amp, progress=False)
+    kwargs = dict(device=device, thresholds=args.thresholds, views=views, amp=args.amp, progress=False,
+                  box_processes=args.box_processes)
     evaluate(model, Take(batches, args.warmup), **kwargs)
     sync(device)
     start = time.perf_counter()
@@ -238,10 +246,10 @@ def benchmark(args):
     if args.data_root:
         loader = file_loader(args)
         batches = endless(loader)  # one iterator: the workers keep loading ahead
-        data_elapsed = time_data(args, batches, device)
+        data_rate = time_data(args, batches, device)
         elapsed = run(args, model, device, batches)
         step_elapsed = run(args, model, device)
-        data_rate, step_rate = images / data_elapsed, images / step_elapsed
+        step_rate = images / step_elapsed
     else:
         elapsed = run(args, model, device)
     result = {

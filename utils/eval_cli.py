@@ -9,6 +9,7 @@ import difflib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from DataLoader import FORMATS
@@ -118,9 +119,9 @@ def build_parser(kind, parser_class=argparse.ArgumentParser, **kwargs):
     p.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="data loading processes (default: 4, at most the number of CPUs)")
-    p.add_argument("--box-processes", type=int, default=0, metavar="N",
-                   help="extract boxes in N processes instead of threads: scales with cores, same numbers "
-                        "(default: 0, a thread pool)")
+    p.add_argument("--box-processes", type=int, default=None, metavar="N",
+                   help="extract boxes in N processes (0: a thread pool): same numbers, scales with cores "
+                        "(default: half the CPUs, at most 8, on a GPU machine with 8+ CPUs; else 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="default: cuda when available, else cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
@@ -380,6 +381,7 @@ def run(args, kind, info):
                  f" (searching {args.thresholds} for best_threshold)" if args.thresholds else "",
                  describe(info.device, args.amp))
     official = protocol in ("sat", "both")
+    start = time.perf_counter()
     try:
         metrics = evaluate(model.to(info.device), loader, info.device, threshold=args.threshold if official else None,
                            thresholds=args.thresholds if official else (), wsol_threshold=args.wsol_threshold,
@@ -388,6 +390,9 @@ def run(args, kind, info):
                            box_processes=args.box_processes, progress=info.is_main)
     except NonFiniteOutputError as err:
         raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
+    seconds = time.perf_counter() - start
+    _logger.info("evaluated %d images in %.1f s (%.0f images/s, loading and box extraction included)",
+                 metrics["num_images"], seconds, metrics["num_images"] / seconds)
     rows, curves = metrics.pop("per_image", None), metrics.pop("curves", None)
     record = {"checkpoint": str(args.checkpoint), "arch": arch, "num_classes": model.num_classes,
               "img_size": img_size, "resize_size": views.resize_size, "data_format": fmt, "data_root": str(root),

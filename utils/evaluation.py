@@ -270,6 +270,14 @@ def _init_box_process():
     torch.set_num_threads(1)
 
 
+def default_box_processes(device):
+    """``box_processes`` when not given: on a GPU machine with 8 or more CPUs, half of them (at most 8),
+    so that box extraction keeps up with the GPU's forwards (a thread pool serialises on the GIL and
+    halves the rate: README, Performance); else 0, a thread pool (CPU runs, where the forward is slower)."""
+    cpus = os.cpu_count() or 1
+    return min(8, cpus // 2) if torch.device(device).type == "cuda" and cpus >= 8 else 0
+
+
 def box_pool(threads, processes=0):
     """The executor of the per-batch CPU work: ``processes`` > 0 -> a process pool, else a thread pool.
     The pool's processes come from a fork server, not from a fork of this process: a child forked while
@@ -291,7 +299,7 @@ def _sum_over_processes(device):
 
 def evaluate(model, loader, device, *, threshold=None, thresholds=(), wsol_threshold=None, amp=False,
              distributed=False, save_scoremaps=None, save_images=None, max_images=None, per_image=False,
-             progress=True, threads=None, box_processes=0, views=None):
+             progress=True, threads=None, box_processes=None, views=None):
     """Metrics (percentages) of ``model`` on ``loader``, whose dataset's transform is an ``EvalViews``
     (e.g. from ``DataLoader.eval_loader.build_eval_loader``): it gives the protocol and the views.
     ``views``: that ``EvalViews``, for a loader without a dataset (an iterable of batches).
@@ -315,7 +323,7 @@ def evaluate(model, loader, device, *, threshold=None, thresholds=(), wsol_thres
     ``per_image``: add ``per_image`` rows (official protocol, at ``threshold``) and ``per_class``.
     ``threads``: workers of the CPU box-extraction thread pool (OpenCV releases the GIL); ``box_processes``
     > 0: a pool of that many processes instead (started once per call, a few seconds), which scales with
-    cores (the same boxes and metrics).
+    cores (the same boxes and metrics); None: ``default_box_processes(device)``.
     """
     layout = views or views_of(loader.dataset)
     protocol = layout.protocol
@@ -339,6 +347,7 @@ def evaluate(model, loader, device, *, threshold=None, thresholds=(), wsol_thres
     total, rows, pending_overlays = Counters(protocol, evaluated, layout.img_size), [], []
     autocast = autocast_settings(device, amp)[0]
     rank = dist.get_rank() if distributed else 0
+    box_processes = default_box_processes(device) if box_processes is None else box_processes
     threads = box_processes or threads or min(4, os.cpu_count() or 1)
     was_training = model.training
     model.eval()
