@@ -39,6 +39,7 @@ class WSOLDataset(Dataset):
         self.transform = transform
         self.evaluation = evaluation
         self.strict = strict
+        self.cache = None  # an ImageCache (DataLoader/image_cache.py): resized pixels of the images read before
 
     @property
     def num_classes(self):
@@ -73,16 +74,32 @@ class WSOLDataset(Dataset):
             check_boxes(item.boxes, size, item.source)
         return None
 
-    def __getitem__(self, index):
+    def _transformed(self, index):
+        """(the transform's output, the original (W, H)) of image ``index``, through the cache if any; a
+        Skipped for an unreadable image that may be skipped."""
+        cached = self.cache.get(index) if self.cache is not None else None
+        if cached is not None:
+            pixels, size = cached
+            return self.transform.from_resized(pixels), size
         image = self._open(index, header_only=False)
         if isinstance(image, Skipped):
-            return image
+            return image, None
+        if self.cache is None:
+            return self.transform(image), image.size
+        pixels = self.transform.resized(image)
+        self.cache.put(index, pixels, image.size)
+        return self.transform.from_resized(pixels), image.size
+
+    def __getitem__(self, index):
+        transformed, size = self._transformed(index)
+        if isinstance(transformed, Skipped):
+            return transformed
         item = self.items[index]
-        sample = {"image": self.transform(image), "label": item.label, "index": index}
+        sample = {"image": transformed, "label": item.label, "index": index}
         if self.evaluation:
             boxes = np.zeros((0, 4), np.float32) if item.boxes is None else item.boxes
-            check_boxes(boxes, image.size, item.source)
-            sample.update(boxes=torch.tensor(boxes), size=image.size, image_id=item.image_id)
+            check_boxes(boxes, size, item.source)
+            sample.update(boxes=torch.tensor(boxes), size=size, image_id=item.image_id)
             if item.mask_paths is not None:
                 sample.update(mask_paths=list(item.mask_paths), ignore_path=item.ignore_path)
         return sample

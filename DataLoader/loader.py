@@ -1,7 +1,6 @@
 """Batching: the collate function and the DataLoader factory."""
 import random
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -36,12 +35,11 @@ def collate_samples(samples):
 
 
 def init_worker(worker_id):
-    """Seed numpy and random in each worker from torch's per-worker seed; one OpenCV thread per worker
-    (torch already runs one), so that the workers do not oversubscribe the cores."""
+    """Seed numpy and random in each worker from torch's per-worker seed. (Each worker runs one torch
+    thread, set by the DataLoader, and one OpenCV thread, inherited: utils/cv.py.)"""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    cv2.setNumThreads(1)
 
 
 def build_loader(dataset, batch_size, *, train, workers, distributed=False, seed=0, drop_last=None):

@@ -58,17 +58,27 @@ def _pixels(image):
 
 class TrainPixels:
     """PIL image -> ``{'pixels': uint8 (R, R, 3), 'crops': (top, left, flip)}``: Resize((R, R)), then the
-    parameters of RandomCrop(S) and RandomHorizontalFlip drawn as those transforms draw them."""
+    parameters of RandomCrop(S) and RandomHorizontalFlip drawn as those transforms draw them.
+
+    ``resized`` / ``from_resized`` are the two halves, for an image cache (DataLoader/image_cache.py) that
+    keeps ``resized``'s pixels (``cache_size`` = R)."""
 
     def __init__(self, img_size=224, resize_size=256):
         self.img_size = img_size
+        self.cache_size = resize_size
         self.resize = T.Resize((resize_size, resize_size))
 
-    def __call__(self, image):
-        image = self.resize(image)
-        top, left, _, _ = T.RandomCrop.get_params(image, (self.img_size, self.img_size))
+    def resized(self, image):
+        return _pixels(self.resize(image))
+
+    def from_resized(self, pixels):
+        pixels = torch.as_tensor(pixels)
+        top, left, _, _ = T.RandomCrop.get_params(pixels.permute(2, 0, 1), (self.img_size, self.img_size))
         flip = int(torch.rand(1) < 0.5)
-        return {"pixels": _pixels(image), "crops": torch.tensor([top, left, flip]), "crop_size": self.img_size}
+        return {"pixels": pixels, "crops": torch.tensor([top, left, flip]), "crop_size": self.img_size}
+
+    def __call__(self, image):
+        return self.from_resized(self.resized(image))
 
 
 class EvalPixels:
@@ -81,15 +91,21 @@ class EvalPixels:
         self.img_size = img_size
         self.resize_a = T.Resize((resize_size, resize_size)) if n_a else None
         self.resize_b = T.Resize((img_size, img_size)) if n_b else None
+        # an image cache can stand for resize_a alone (the wsol view resizes the original image)
+        self.cache_size = resize_size if n_a and not n_b else None
         if n_a:
             mid = centre_offset(resize_size, img_size)
             boxes = tencrop_boxes(resize_size, img_size) if n_a == 10 else [(mid, mid, 0)]
             self.crops = torch.tensor(boxes)
 
+    def resized(self, image):
+        return _pixels(self.resize_a(image))
+
+    def from_resized(self, pixels):
+        return {"pixels": torch.as_tensor(pixels), "crops": self.crops, "crop_size": self.img_size}
+
     def __call__(self, image):
-        out = {}
-        if self.resize_a is not None:
-            out.update(pixels=_pixels(self.resize_a(image)), crops=self.crops, crop_size=self.img_size)
+        out = self.from_resized(self.resized(image)) if self.resize_a is not None else {}
         if self.resize_b is not None:
             out["wsol"] = _pixels(self.resize_b(image))
         return out

@@ -4,7 +4,7 @@ localization.txt (``id,x0,y0,x1,y1`` per box, or ``id,mask_path,ignore_path`` pe
 import os
 from pathlib import Path
 
-import cv2
+from utils.cv import cv2
 import numpy as np
 
 from utils.errors import DataError

@@ -18,7 +18,7 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
+from utils.cv import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -265,8 +265,8 @@ def _overlay_crops(views, batch, layout, max_images):
 
 
 def _init_box_process():
-    """Box-pool process: one OpenCV thread (the pool's processes are the parallelism)."""
-    cv2.setNumThreads(1)
+    """Box-pool process: one torch thread and (utils/cv.py) one OpenCV thread: the processes are the
+    parallelism."""
     torch.set_num_threads(1)
 
 

@@ -7,7 +7,7 @@ skimage's ``measure.label`` + ``count_max``) -> box [min_x, min_y, max_x + 1, ma
 ``regionprops`` bbox); no foreground -> the whole crop. IoU with the +1 convention, best over the
 image's GT boxes.
 """
-import cv2
+from utils.cv import cv2
 import numpy as np
 
 from utils.box_ops import as_numpy, max_iou

@@ -17,6 +17,7 @@ import torch
 from DataLoader import build_dataset, build_loader
 from DataLoader.eval_loader import build_eval_loader, demo_data_root, protocol_for_data
 from DataLoader.eval_views import EvalViews, default_resize_size
+from DataLoader.image_cache import attach_image_cache
 from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
 from Model import build_model
 from Model.losses import SATLoss, gaussian_kernel_3x3
@@ -116,6 +117,9 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
     tencrop = cfg.test_tencrop and plan.official
     test_loader = selection_loader if not cfg.val_split and not tencrop else \
         eval_loader("test", plan.protocol, tencrop=tencrop)
+    if cfg.cache_images:
+        for dataset in dict.fromkeys(loader.dataset for loader in (train_loader, selection_loader, test_loader)):
+            attach_image_cache(dataset, Path(cfg.output_dir) / IMAGE_CACHE)
     return train_loader, selection_loader, test_loader, plan
 
 
@@ -340,6 +344,7 @@ def interrupted_message(cfg, info, progress, script, argv):
 
 
 # What a run writes into --output-dir; a folder holding the first three is a previous run.
+IMAGE_CACHE = "image_cache"  # cache_images: one file per split (DataLoader/image_cache.py)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.json", "config.yaml", "log.txt", "tensorboard", "images")
 
 
@@ -463,7 +468,11 @@ def train(cfg, info, imagenet=False, progress=None):
         if metrics_log is not None:
             metrics_log.close()
     progress["epoch"] = cfg.epochs
-    return final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan)
+    results = final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan)
+    dist_utils.barrier()
+    if info.is_main and cfg.cache_images:  # a finished run does not need it again; an interrupted one keeps it
+        shutil.rmtree(output_dir / IMAGE_CACHE, ignore_errors=True)
+    return results
 
 
 def save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best, metrics_log, record,

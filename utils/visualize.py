@@ -2,7 +2,7 @@
 from pathlib import Path
 from typing import Optional, Sequence
 
-import cv2
+from utils.cv import cv2
 import numpy as np
 
 PRED_COLOR = (0, 255, 0)  # RGB

@@ -1,0 +1,110 @@
+"""``cache_images``: the decoded, resized uint8 pixels of a split in one file, filled as the loader reads
+them, so that later epochs skip JPEG decoding and resizing.
+
+The file (``<folder>/<host>-<digest>_<R>px.cache``, named by the machine, the split's image paths and R) holds a flag byte and the
+original (W, H) per image, then the (N, R, R, 3) pixels. A worker that decodes image i writes its pixels,
+its size, then its flag; any process reading a set flag gets exactly what ``Resize((R, R))`` gave (the same
+samples as without the cache, tests/test_image_cache.py). The file is mapped shared, so the loader's worker
+processes and the processes of one node fill and read one copy (CUB: 2.3 GB at R = 256; the page cache
+keeps it in memory when it fits). It is keyed by the image paths, not their contents: delete it if images
+change in place. train.py removes it at the end of a finished run; an interrupted run keeps it for --resume.
+"""
+import hashlib
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+_logger = logging.getLogger("sat")
+HEADER_ALIGN = 4096
+
+
+class ImageCache:
+    """Pixels of ``num_images`` images resized to ``size`` x ``size``, by dataset index."""
+
+    def __init__(self, path, num_images, size):
+        self.path, self.num_images, self.size = Path(path), int(num_images), int(size)
+        self.sizes_offset = self.num_images
+        header = self.num_images * 9  # flags (1 byte) + original (W, H) (2 x int32) per image
+        self.pixels_offset = -(-header // HEADER_ALIGN) * HEADER_ALIGN
+        self.nbytes = self.pixels_offset + self.num_images * self.size * self.size * 3
+        self._create()
+        self._map = None
+
+    def _create(self):
+        """Create the file (sparse: disk is used as images are written) unless it exists; atomic, so that
+        concurrent processes of one run end up with one file."""
+        if self.path.exists():
+            if self.path.stat().st_size != self.nbytes:
+                raise ValueError(f"image cache {self.path} has {self.path.stat().st_size} bytes, expected "
+                                 f"{self.nbytes}: delete it")
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            os.ftruncate(fd, self.nbytes)
+            os.close(fd)
+            try:
+                os.link(tmp, self.path)  # fails if another process created it first: use theirs
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+
+    def _arrays(self):
+        if self._map is None:  # opened lazily in each process (a worker maps the file itself)
+            raw = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(self.nbytes,))
+            self._map = (raw[:self.num_images],
+                         raw[self.sizes_offset:self.sizes_offset + self.num_images * 8].view(np.int32).reshape(-1, 2),
+                         raw[self.pixels_offset:].reshape(self.num_images, self.size, self.size, 3))
+        return self._map
+
+    def get(self, index):
+        """``(pixels (R, R, 3) uint8, (W, H))`` of image ``index``, or None when it is not cached yet."""
+        flags, sizes, pixels = self._arrays()
+        if not flags[index]:
+            return None
+        return np.array(pixels[index]), tuple(int(v) for v in sizes[index])
+
+    def put(self, index, pixels, size):
+        flags, sizes, cached = self._arrays()
+        cached[index] = pixels
+        sizes[index] = size
+        flags[index] = 1  # last: a reader never sees the flag before the pixels
+
+    def num_cached(self):
+        return int(np.count_nonzero(self._arrays()[0]))
+
+    def remove(self):
+        self._map = None
+        self.path.unlink(missing_ok=True)
+
+    def __getstate__(self):  # workers started by spawn map the file themselves
+        return {**self.__dict__, "_map": None}
+
+
+def cache_name(dataset, size):
+    """File name of a dataset's cache: this machine's name (the processes of one node share a file; nodes
+    never share one, even in a folder on a network file system) and a digest of the image paths (in
+    order) and the resize size."""
+    digest = hashlib.sha1(str(size).encode())
+    for index in range(len(dataset)):
+        digest.update(dataset.image_path(index).encode() + b"\0")
+    return f"{socket.gethostname()}-{digest.hexdigest()[:16]}_{size}px.cache"
+
+
+def attach_image_cache(dataset, folder):
+    """Give ``dataset`` (a WSOLDataset) an ImageCache under ``folder`` when its transform reads only the
+    ``Resize((R, R))`` of each image (TrainPixels, EvalPixels of protocol sat / cls); returns the cache,
+    or None (logged) for a transform that needs the original image (protocol B's whole-image view)."""
+    resize_size = getattr(dataset.transform, "cache_size", None)
+    if resize_size is None:
+        _logger.info("cache_images: not for %s (it resizes the original image itself)", type(dataset.transform).__name__)
+        return None
+    dataset.cache = ImageCache(Path(folder) / cache_name(dataset, resize_size), len(dataset), resize_size)
+    _logger.info("cache_images: %d images at %dx%d in %s (%.1f GB when full, %d cached)", len(dataset), resize_size,
+                 resize_size, dataset.cache.path, dataset.cache.nbytes / 1e9, dataset.cache.num_cached())
+    return dataset.cache

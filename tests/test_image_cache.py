@@ -1,0 +1,96 @@
+"""cache_images: the cached samples are the uncached ones (bit for bit), later passes read no image file,
+and a training run with the cache ends with the weights of the same run without it."""
+import shutil
+
+import pytest
+import torch
+
+from DataLoader import build_dataset, build_loader, make_demo_dataset
+from DataLoader.eval_views import EvalViews
+from DataLoader.dataset import Skipped
+from DataLoader.image_cache import attach_image_cache
+from DataLoader.transforms import TrainPixels
+from utils.checkpoint import read_checkpoint
+from utils.errors import DataError
+from utils.trainer import main
+
+from test_train import TINY
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    return make_demo_dataset(tmp_path / "cub", num_classes=3, train_per_class=4, test_per_class=3, image_size=80)
+
+
+def samples(dataset, seed=0):
+    """Every sample with the random crops drawn from ``seed`` (torch's RNG, as in a loader worker)."""
+    torch.manual_seed(seed)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            if key == "image":
+                assert x[key].keys() == y[key].keys()
+                for part in x[key]:
+                    assert torch.equal(torch.as_tensor(x[key][part]), torch.as_tensor(y[key][part])), part
+            elif torch.is_tensor(x[key]):
+                assert torch.equal(x[key], y[key]), key
+            else:
+                assert x[key] == y[key], key
+
+
+@pytest.mark.parametrize("split, transform", [
+    ("train", TrainPixels(64, 72)),
+    ("test", EvalViews("sat", False, 64, 72).pixels()),
+    ("test", EvalViews("sat", True, 64, 72).pixels()),
+])
+def test_cached_samples_equal_decoded_ones_and_need_no_file(tmp_path, data_root, split, transform):
+    plain = build_dataset("cub", data_root, split, transform)
+    cached = build_dataset("cub", data_root, split, transform)
+    cache = attach_image_cache(cached, tmp_path / "cache")
+    expected = samples(plain)
+    assert_same(samples(cached), expected)  # the first pass decodes and fills the cache
+    assert cache.num_cached() == len(cached)
+    shutil.move(data_root / "images", tmp_path / "moved")  # nothing left to decode
+    assert_same(samples(cached), expected)
+    if split == "train":
+        assert isinstance(plain[0], Skipped)  # the files are really gone
+    else:
+        with pytest.raises(DataError, match="unreadable image"):
+            plain[0]
+
+
+def test_cache_is_shared_by_loader_workers_and_found_again(tmp_path, data_root):
+    dataset = build_dataset("cub", data_root, "train", TrainPixels(64, 72))
+    cache = attach_image_cache(dataset, tmp_path / "cache")
+    loader = build_loader(dataset, 4, train=True, workers=2, seed=0)
+    loader.sampler.set_epoch(0)
+    seen = sorted(i for batch in loader for i in batch["index"])
+    assert seen == list(range(len(dataset)))
+    assert cache.num_cached() == len(dataset)  # written by the worker processes, visible here
+    reopened = build_dataset("cub", data_root, "train", TrainPixels(64, 72))
+    assert attach_image_cache(reopened, tmp_path / "cache").path == cache.path
+    assert reopened.cache.num_cached() == len(dataset)
+    other_size = build_dataset("cub", data_root, "train", TrainPixels(64, 80))
+    assert attach_image_cache(other_size, tmp_path / "cache").path != cache.path
+
+
+def test_whole_image_views_are_not_cached(tmp_path, data_root):
+    """Protocol B resizes the original image: its loader reads the files (and says so)."""
+    dataset = build_dataset("cub", data_root, "test", EvalViews("both", False, 64, 72).pixels())
+    assert attach_image_cache(dataset, tmp_path / "cache") is None and dataset.cache is None
+
+
+def test_training_with_cache_gives_the_same_run(tmp_path, data_root):
+    common = [*TINY, "--data-root", str(data_root), "--epochs", "2", "--workers", "1", "--device", "cpu"]
+    main([*common, "--output-dir", str(tmp_path / "plain")])
+    main([*common, "--output-dir", str(tmp_path / "cached"), "--cache-images"])
+    a, b = (read_checkpoint(tmp_path / run / "checkpoints" / "last.pth")["model"] for run in ("plain", "cached"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = (tmp_path / "cached" / "log.txt").read_text()
+    assert "cache_images: 12 images" in log and "cache_images: 9 images" in log
+    assert not (tmp_path / "cached" / "image_cache").exists()  # removed at the end of the finished run
