@@ -1,4 +1,6 @@
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -7,6 +9,8 @@ import torch
 from DataLoader import build_dataset, build_loader, collate_samples, make_demo_dataset
 from DataLoader.dataset import Skipped
 from utils.errors import DataError
+
+from conftest import REPO_ROOT
 
 
 @pytest.fixture
@@ -59,3 +63,17 @@ def test_loader_is_reproducible_and_drops_last_when_training(cub):
     assert orders[0] == orders[1] and len(orders[0]) in (3, 4)  # one full batch of 4, maybe one skipped
     assert len(build_loader(train, 4, train=True, workers=0)) == 1
     assert len(build_loader(train, 4, train=False, workers=0)) == 2
+
+
+def test_opencv_runs_no_pool_threads_so_workers_fork_safely():
+    """A loader worker forked while OpenCV's pool threads held a lock hung in its first OpenCV call (seen
+    after an evaluation): the project's OpenCV work must start no threads in the calling process."""
+    code = ("import os, sys, numpy as np; sys.path.insert(0, '.'); import DataLoader; "
+            "from utils.metrics_sat import SATLocAccumulator; import cv2; "
+            "before = len(os.listdir('/proc/self/task')); "
+            "maps = np.random.default_rng(0).random((8, 14, 14), dtype=np.float32); "
+            "[SATLocAccumulator().boxes(maps) for _ in range(20)]; cv2.resize(np.ones((900, 900), np.float32), (2000, 2000)); "
+            "print(cv2.getNumThreads(), len(os.listdir('/proc/self/task')) - before)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "0"]
