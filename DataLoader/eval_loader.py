@@ -39,10 +39,12 @@ def build_eval_loader(fmt, root, split, *, protocol, tencrop, img_size, batch_si
     on its device); ``distributed``: this process's shard."""
     views = EvalViews(protocol, tencrop, img_size, resize_size)
     dataset = build_dataset(fmt, root, split, views.pixels(), metadata_root=metadata_root, val_boxes=val_boxes)
+    # Its own generator: without one, each pass draws the workers' base seed from torch's global RNG, and the
+    # training crops after an evaluation would depend on the evaluation schedule.
     return DataLoader(dataset, batch_size=batch_size, shuffle=False,
                       sampler=ShardSampler(len(dataset)) if distributed else None,
                       num_workers=workers, collate_fn=collate_samples, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
 
 
 def protocol_for_data(dataset):

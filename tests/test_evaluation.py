@@ -214,6 +214,18 @@ def test_shard_sampler_covers_each_index_once():
     assert list(ShardSampler(2, 2, 3)) == []
 
 
+def test_evaluation_loader_draws_nothing_from_the_global_rng(demo_root):
+    """Evaluating during training must not move torch's global RNG: the training crops and flips after an
+    evaluation (and so the trained model) would otherwise depend on the evaluation schedule."""
+    loader = build_eval_loader("cub", demo_root, "test", protocol="sat", tencrop=False, img_size=64, batch_size=4,
+                               workers=0)
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    assert sum(len(batch["label"]) for batch in loader) == len(loader.dataset)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_evaluate_argument_errors(demo_root):
     model = nano_model()
     loader = build_eval_loader("cub", demo_root, "test", protocol="sat", tencrop=False, img_size=64, batch_size=4,
