@@ -15,6 +15,11 @@ from .annotations import check_boxes
 UNREADABLE = (OSError, ValueError, SyntaxError)
 
 
+def unreadable_message(path, err):
+    """How an unreadable image is named, in Skipped messages and DataErrors alike."""
+    return f"unreadable image {path} ({err.__class__.__name__}: {err})"
+
+
 class Skipped(NamedTuple):
     """What an unreadable train image gives instead of a sample: ``collate_samples`` drops it and
     lists ``message`` (naming the file) in ``batch['skipped']``, which the training loop logs."""
@@ -52,13 +57,17 @@ class WSOLDataset(Dataset):
         return os.path.join(self.image_root, self.items[index].path)
 
     def _open(self, index, header_only):
-        """The RGB image (or only its (W, H) size); a Skipped when unreadable and skipping is allowed."""
+        """The RGB image (or only its (W, H) size); a Skipped when unreadable and skipping is allowed.
+        A transform with ``gpu_decode`` gets the image opened but not decoded (header read: size, format,
+        mode), and decodes on the device (DataLoader/gpu_decode.py)."""
         path = self.image_path(index)
         try:
             with Image.open(path) as image:
-                return image.size if header_only else image.convert("RGB")
+                if header_only:
+                    return image.size
+                return image if getattr(self.transform, "gpu_decode", False) else image.convert("RGB")
         except UNREADABLE as err:
-            message = f"unreadable image {path} ({err.__class__.__name__}: {err})"
+            message = unreadable_message(path, err)
             if self.strict or self.evaluation:
                 raise DataError(message) from None
             return Skipped(f"skipping {message}")
@@ -96,6 +105,8 @@ class WSOLDataset(Dataset):
             return transformed
         item = self.items[index]
         sample = {"image": transformed, "label": item.label, "index": index}
+        if getattr(self.transform, "gpu_decode", False):  # a file that fails to decode there: skip or DataError
+            sample["image"]["strict"] = self.strict or self.evaluation
         if self.evaluation:
             boxes = np.zeros((0, 4), np.float32) if item.boxes is None else item.boxes
             check_boxes(boxes, size, item.source)

@@ -9,8 +9,12 @@ official order of float operations. A uint8 256x256 batch is 50 MB per 256 image
 for ten float crops; the copy is ``non_blocking`` from pinned memory, and ``on_device`` prepares the
 next batch on a side CUDA stream while the current one is computed. The result equals the torchvision
 transforms: bit for bit on the CPU, within 1e-6 on CUDA (tests/test_device_transforms.py).
+With ``--gpu-decode`` the workers return file bytes instead, decoded and resized here first
+(DataLoader/gpu_decode.py).
 """
 import torch
+
+from .gpu_decode import decode_batch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,9 +67,17 @@ def to_device(images, device):
     return normalize(views[0] if len(views) == 1 else torch.cat(views, dim=1))
 
 
+def batch_on_device(batch, device):
+    """The batch with its 'image' through ``to_device`` (file bytes decoded first: ``decode_batch``, which
+    may drop unreadable images from the batch)."""
+    if isinstance(batch["image"], dict) and "encoded" in batch["image"]:
+        batch = decode_batch(batch, device)
+    return {**batch, "image": to_device(batch["image"], device)}
+
+
 class on_device:
-    """Iterate over ``loader`` with each batch's 'image' already through ``to_device``; on CUDA the next
-    batch is copied and transformed on a side stream while the caller computes on the current one."""
+    """Iterate over ``loader`` with each batch through ``batch_on_device``; on CUDA the next batch is
+    copied and transformed on a side stream while the caller computes on the current one."""
 
     def __init__(self, loader, device):
         self.loader, self.device = loader, torch.device(device)
@@ -76,13 +88,13 @@ class on_device:
     def __iter__(self):
         if self.device.type != "cuda":
             for batch in self.loader:
-                yield {**batch, "image": to_device(batch["image"], self.device)}
+                yield batch_on_device(batch, self.device)
             return
         stream = torch.cuda.Stream(self.device)
         pending = None
         for batch in self.loader:
             with torch.cuda.stream(stream):
-                ready = {**batch, "image": to_device(batch["image"], self.device)}
+                ready = batch_on_device(batch, self.device)
             if pending is not None:
                 yield pending
             torch.cuda.current_stream(self.device).wait_stream(stream)

@@ -33,12 +33,13 @@ class ShardSampler(Sampler):
 
 
 def build_eval_loader(fmt, root, split, *, protocol, tencrop, img_size, batch_size, workers, distributed=False,
-                      metadata_root=None, val_boxes=None, resize_size=None):
+                      metadata_root=None, val_boxes=None, resize_size=None, gpu_decode=False):
     """Loader over ``split`` of a dataset (``build_dataset`` formats) whose samples hold the uint8 sources of
     the views of ``protocol`` (``EvalViews.pixels``, read back by ``evaluate``, which crops and normalises
-    on its device); ``distributed``: this process's shard."""
+    on its device; ``gpu_decode``: the file bytes, decoded there too); ``distributed``: this process's shard."""
     views = EvalViews(protocol, tencrop, img_size, resize_size)
-    dataset = build_dataset(fmt, root, split, views.pixels(), metadata_root=metadata_root, val_boxes=val_boxes)
+    dataset = build_dataset(fmt, root, split, views.pixels(gpu_decode), metadata_root=metadata_root,
+                            val_boxes=val_boxes)
     # Its own generator: without one, each pass draws the workers' base seed from torch's global RNG, and the
     # training crops after an evaluation would depend on the evaluation schedule.
     return DataLoader(dataset, batch_size=batch_size, shuffle=False,

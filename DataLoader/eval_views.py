@@ -64,13 +64,13 @@ class EvalViews:
             start += VIEW_SIZES[view]
         self.num_views = start
 
-    def pixels(self):
+    def pixels(self, gpu_decode=False):
         """The uint8 worker half of these views (``transforms.EvalPixels``: decode and resize only;
         ``evaluate`` crops and normalises on its device, the same tensors), with these views as its
-        ``layout``."""
+        ``layout``. ``gpu_decode``: the file bytes, decoded and resized on the device too."""
         official = next((self.slices[view] for view in ("centre", "tencrop") if view in self.slices), None)
         pixels = T.EvalPixels(0 if official is None else official.stop - official.start, int("wsol" in self.slices),
-                              self.img_size, self.resize_size)
+                              self.img_size, self.resize_size, gpu_decode=gpu_decode)
         pixels.layout = self
         return pixels
 

@@ -6,12 +6,14 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .dataset import Skipped
+from .gpu_decode import PER_IMAGE, pack
 from .sampler import ResumableSampler
 
 
 def collate_samples(samples):
-    """Stack 'image' (a tensor, or each tensor of a dict of them) and 'label' (LongTensor), keep other
-    keys as lists, drop Skipped (and None) samples.
+    """Stack 'image' (a tensor, or each tensor of a dict of them; the files' bytes of ``gpu_decode``
+    concatenated, see ``gpu_decode.pack``) and 'label' (LongTensor), keep other keys as lists, drop
+    Skipped (and None) samples.
 
     ``batch['num_skipped']`` counts the dropped (unreadable) samples and ``batch['skipped']`` lists the
     Skipped messages; a batch where every sample was dropped has empty 'image' and 'label' tensors.
@@ -24,8 +26,10 @@ def collate_samples(samples):
     for key in kept[0]:
         values = [sample[key] for sample in kept]
         if key == "image" and isinstance(values[0], dict):  # uint8 pixels and crops (device_transforms)
-            values = {k: torch.stack([v[k] for v in values]) if torch.is_tensor(v0) else v0
-                      for k, v0 in values[0].items()}
+            values = {k: [v[k] for v in values] if k in PER_IMAGE else torch.stack([v[k] for v in values])
+                      if torch.is_tensor(v0) else v0 for k, v0 in values[0].items()}
+            if "encoded" in values:  # --gpu-decode: the files' bytes
+                values.update(pack(values["encoded"]))
         elif key == "image":
             values = torch.stack(values)
         elif key == "label":

@@ -1,10 +1,12 @@
 """Official image transforms (the official DataLoader/*.py), their uint8 halves for the device pipeline
-(``TrainPixels``, ``EvalPixels``; the other half is DataLoader/device_transforms.py) and GT-box mappings of
+(``TrainPixels``, ``EvalPixels``; the other half is DataLoader/device_transforms.py; with ``gpu_decode``
+they return the file's bytes, decoded by DataLoader/gpu_decode.py) and GT-box mappings of
 the official SAT protocol (the official ``load_test_bbox``) and of the wsolevaluation protocol (README,
 "Evaluation")."""
 import numpy as np
 import torch
 from torchvision import transforms as T
+from torchvision.io import read_file
 
 from .device_transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -56,28 +58,47 @@ def _pixels(image):
     return torch.from_numpy(np.array(image, dtype=np.uint8))  # RGB PIL image -> (H, W, 3)
 
 
+def draw_crop(size, crop_size):
+    """(top, left, flip) of RandomCrop(crop_size) + RandomHorizontalFlip for a size x size image, drawn with
+    the same torch RNG calls as those transforms (``RandomCrop.get_params`` itself, given a tensor of that
+    shape that holds no memory)."""
+    shape_only = torch.empty((1, 1, 1), dtype=torch.uint8).expand(3, size, size)
+    top, left, _, _ = T.RandomCrop.get_params(shape_only, (crop_size, crop_size))
+    flip = int(torch.rand(1) < 0.5)
+    return torch.tensor([top, left, flip])
+
+
+def file_bytes(image):
+    """``gpu_decode``: a PIL image opened but not decoded -> its file's bytes (uint8), path, and whether the
+    batched JPEG decoder can take it (``'jpeg'``: a JPEG of 1 or 3 components; not CMYK, PNG, ...)."""
+    return {"encoded": read_file(image.filename), "path": image.filename,
+            "jpeg": image.format == "JPEG" and image.mode in ("RGB", "L")}
+
+
 class TrainPixels:
     """PIL image -> ``{'pixels': uint8 (R, R, 3), 'crops': (top, left, flip)}``: Resize((R, R)), then the
     parameters of RandomCrop(S) and RandomHorizontalFlip drawn as those transforms draw them.
+    ``gpu_decode``: the dataset gives the image undecoded (``gpu_decode`` attribute), and the result holds
+    its file's bytes (``encoded``) and ``resize_size`` instead of pixels, with the same crops.
+    ``resized`` / ``from_resized`` are the two halves of the PIL path, for an image cache
+    (DataLoader/image_cache.py) that keeps ``resized``'s pixels (``cache_size`` = R)."""
 
-    ``resized`` / ``from_resized`` are the two halves, for an image cache (DataLoader/image_cache.py) that
-    keeps ``resized``'s pixels (``cache_size`` = R)."""
-
-    def __init__(self, img_size=224, resize_size=256):
-        self.img_size = img_size
-        self.cache_size = resize_size
+    def __init__(self, img_size=224, resize_size=256, gpu_decode=False):
+        self.img_size, self.resize_size, self.gpu_decode = img_size, resize_size, gpu_decode
         self.resize = T.Resize((resize_size, resize_size))
+        self.cache_size = None if gpu_decode else resize_size
 
     def resized(self, image):
         return _pixels(self.resize(image))
 
     def from_resized(self, pixels):
-        pixels = torch.as_tensor(pixels)
-        top, left, _, _ = T.RandomCrop.get_params(pixels.permute(2, 0, 1), (self.img_size, self.img_size))
-        flip = int(torch.rand(1) < 0.5)
-        return {"pixels": pixels, "crops": torch.tensor([top, left, flip]), "crop_size": self.img_size}
+        return {"pixels": torch.as_tensor(pixels), "crops": draw_crop(self.resize_size, self.img_size),
+                "crop_size": self.img_size}
 
     def __call__(self, image):
+        if self.gpu_decode:
+            return {**file_bytes(image), "resize_size": self.resize_size,
+                    "crops": draw_crop(self.resize_size, self.img_size), "crop_size": self.img_size}
         return self.from_resized(self.resized(image))
 
 
@@ -85,14 +106,16 @@ class EvalPixels:
     """PIL image -> the uint8 sources of the evaluation views: ``'pixels'`` (Resize((R, R))) with its
     ``'crops'`` (1 centre crop or the 10 of TenCrop) when protocol A is on, and ``'wsol'``
     (Resize((S, S)), the whole view) when protocol B is on; ``to_device`` gives the same
-    (V, 3, S, S) stack as ``DataLoader.eval_views.EvalViews``."""
+    (V, 3, S, S) stack as ``DataLoader.eval_views.EvalViews``. ``gpu_decode``: the file's bytes
+    (``encoded``) with the sizes to resize to on the device (``resize_size`` for protocol A,
+    ``wsol_size`` for protocol B: one decode, two resizes)."""
 
-    def __init__(self, n_a, n_b, img_size=224, resize_size=256):
-        self.img_size = img_size
+    def __init__(self, n_a, n_b, img_size=224, resize_size=256, gpu_decode=False):
+        self.img_size, self.resize_size, self.gpu_decode = img_size, resize_size, gpu_decode
         self.resize_a = T.Resize((resize_size, resize_size)) if n_a else None
         self.resize_b = T.Resize((img_size, img_size)) if n_b else None
         # an image cache can stand for resize_a alone (the wsol view resizes the original image)
-        self.cache_size = resize_size if n_a and not n_b else None
+        self.cache_size = resize_size if n_a and not n_b and not gpu_decode else None
         if n_a:
             mid = centre_offset(resize_size, img_size)
             boxes = tencrop_boxes(resize_size, img_size) if n_a == 10 else [(mid, mid, 0)]
@@ -105,9 +128,12 @@ class EvalPixels:
         return {"pixels": torch.as_tensor(pixels), "crops": self.crops, "crop_size": self.img_size}
 
     def __call__(self, image):
-        out = self.from_resized(self.resized(image)) if self.resize_a is not None else {}
+        out = file_bytes(image) if self.gpu_decode else {}
+        if self.resize_a is not None:
+            out.update({"resize_size": self.resize_size, "crops": self.crops, "crop_size": self.img_size}
+                       if self.gpu_decode else self.from_resized(self.resized(image)))
         if self.resize_b is not None:
-            out["wsol"] = _pixels(self.resize_b(image))
+            out.update({"wsol_size": self.img_size} if self.gpu_decode else {"wsol": _pixels(self.resize_b(image))})
         return out
 
 

@@ -79,9 +79,13 @@ def test_cache_is_shared_by_loader_workers_and_found_again(tmp_path, data_root):
     assert attach_image_cache(other_size, tmp_path / "cache").path != cache.path
 
 
-def test_whole_image_views_are_not_cached(tmp_path, data_root):
-    """Protocol B resizes the original image: its loader reads the files (and says so)."""
-    dataset = build_dataset("cub", data_root, "test", EvalViews("both", False, 64, 72).pixels())
+@pytest.mark.parametrize("split, transform", [("test", EvalViews("both", False, 64, 72).pixels()),
+                                              ("train", TrainPixels(64, 72, gpu_decode=True)),
+                                              ("test", EvalViews("sat", False, 64, 72).pixels(gpu_decode=True))])
+def test_whole_image_views_and_gpu_decode_are_not_cached(tmp_path, data_root, split, transform):
+    """Protocol B resizes the original image and --gpu-decode decodes on the device: their loaders read the
+    files (and say so)."""
+    dataset = build_dataset("cub", data_root, split, transform)
     assert attach_image_cache(dataset, tmp_path / "cache") is None and dataset.cache is None
 
 

@@ -77,7 +77,13 @@ def parse_args(argv=None):
     p.add_argument("--pipeline", choices=("device", "host"), default="device",
                    help="with --data-root: crops and normalisation on the device (train.py, evaluators) or "
                         "the torchvision transforms in the workers (the official pipeline)")
-    return p.parse_args(argv)
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="with --data-root and --pipeline device: decode and resize on the device (train.py / "
+                        "evaluator.py --gpu-decode)")
+    args = p.parse_args(argv)
+    if args.gpu_decode and (args.pipeline != "device" or not args.data_root):
+        p.error("--gpu-decode decodes image files on the device: it needs --data-root and --pipeline device")
+    return args
 
 
 def synthetic_train_batches(n, batch_size, img_size, num_classes, gen):
@@ -123,10 +129,11 @@ def file_loader(args):
     resize = args.resize_size or default_resize_size(args.img_size)
     device = args.pipeline == "device"
     if args.mode == "train":
-        transform = TrainPixels(args.img_size, resize) if device else train_transform(args.img_size, resize)
+        transform = TrainPixels(args.img_size, resize, args.gpu_decode) if device \
+            else train_transform(args.img_size, resize)
     else:
         views = EvalViews(args.protocol, args.tencrop, args.img_size, resize)
-        transform = views.pixels() if device else views
+        transform = views.pixels(args.gpu_decode) if device else views
     dataset = build_dataset(args.data_format, args.data_root, "train" if args.mode == "train" else "test",
                             transform)
     return build_loader(dataset, args.batch_size, train=args.mode == "train", workers=args.workers)
@@ -264,7 +271,7 @@ def benchmark(args):
     }
     if args.data_root:
         result.update(data_root=args.data_root, data_format=args.data_format, workers=args.workers,
-                      pipeline=args.pipeline, images_in_split=len(loader.dataset),
+                      pipeline=args.pipeline, gpu_decode=args.gpu_decode, images_in_split=len(loader.dataset),
                       data_images_per_second=round(data_rate, 3), step_images_per_second=round(step_rate, 3),
                       end_to_end_vs_step=round(result["images_per_second"] / step_rate, 3),
                       end_to_end_vs_data=round(result["images_per_second"] / data_rate, 3))

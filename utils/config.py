@@ -79,6 +79,8 @@ FIELDS = {
                                          "(filled during the first epoch; same samples, later epochs skip decoding; "
                                          "CUB: 2.3 GB of disk / page cache); removed when the run finishes"),
     "strict_data": Field(False, "bool", "stop at an unreadable training image instead of skipping it with a warning"),
+    "gpu_decode": Field(False, "bool", "decode JPEGs (batched nvJPEG on CUDA) and resize on the device instead of PIL "
+                                       "in the workers; pixels differ slightly from PIL's (README, Performance)"),
     # evaluation
     "eval_thresholds": Field(list(TRAIN_THRESHOLDS), "floats", "CAM thresholds searched at each evaluation"),
     "eval_start_epoch": Field(26, "int", "first epoch (1-based) evaluated for model selection (official CUB: 26 "

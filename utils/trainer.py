@@ -96,7 +96,7 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
     official code does), the final test loader (ten-crop classification with test_tencrop) and the
     evaluation plan (:func:`plan_evaluation`) for what the data's evaluation splits hold."""
     common = dict(metadata_root=cfg.metadata_root, val_boxes=cfg.val_boxes)
-    train_set = build_dataset(fmt, root, "train", TrainPixels(cfg.img_size, cfg.resize_size),
+    train_set = build_dataset(fmt, root, "train", TrainPixels(cfg.img_size, cfg.resize_size, cfg.gpu_decode),
                               images_per_class=cfg.images_per_class, seed=cfg.seed, strict=cfg.strict_data,
                               **common)
     if len(train_set) < micro_batch * info.world_size:
@@ -108,12 +108,13 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
     def eval_loader(split, protocol, tencrop):
         return build_eval_loader(fmt, root, split, protocol=protocol, tencrop=tencrop, img_size=cfg.img_size,
                                  resize_size=cfg.resize_size, batch_size=cfg.eval_batch_size, workers=cfg.workers,
-                                 distributed=info.distributed, **common)
+                                 distributed=info.distributed, gpu_decode=cfg.gpu_decode, **common)
 
     selection_loader = eval_loader("val" if cfg.val_split else "test", "sat", tencrop=False)
     plan = plan_evaluation(cfg, selection_loader.dataset)
     if plan.protocol != "sat":  # built with the official protocol's views before the data was known
-        selection_loader.dataset.transform = EvalViews(plan.protocol, False, cfg.img_size, cfg.resize_size).pixels()
+        selection_loader.dataset.transform = EvalViews(plan.protocol, False, cfg.img_size,
+                                                       cfg.resize_size).pixels(cfg.gpu_decode)
     tencrop = cfg.test_tencrop and plan.official
     test_loader = selection_loader if not cfg.val_split and not tencrop else \
         eval_loader("test", plan.protocol, tencrop=tencrop)
