@@ -99,10 +99,13 @@ def cache_name(dataset, size):
 def attach_image_cache(dataset, folder):
     """Give ``dataset`` (a WSOLDataset) an ImageCache under ``folder`` when its transform reads only the
     ``Resize((R, R))`` of each image (TrainPixels, EvalPixels of protocol sat / cls); returns the cache,
-    or None (logged) for a transform that needs the original image (protocol B's whole-image view)."""
+    or None (logged) for a transform that needs the original image (protocol B's whole-image view) or its
+    file (``gpu_decode``)."""
     resize_size = getattr(dataset.transform, "cache_size", None)
     if resize_size is None:
-        _logger.info("cache_images: not for %s (it resizes the original image itself)", type(dataset.transform).__name__)
+        why = "--gpu-decode decodes on the device" if getattr(dataset.transform, "gpu_decode", False) else \
+            "the wsol view resizes the original image"
+        _logger.info("cache_images: not for the loader of %d images (%s)", len(dataset), why)
         return None
     dataset.cache = ImageCache(Path(folder) / cache_name(dataset, resize_size), len(dataset), resize_size)
     _logger.info("cache_images: %d images at %dx%d in %s (%.1f GB when full, %d cached)", len(dataset), resize_size,
