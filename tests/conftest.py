@@ -31,6 +31,16 @@ def official_boxes():
         return {key: data[key] for key in data.files}
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny forwards: one intra-op thread is faster, and much faster on a busy 2-core machine (a module asks
+    for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port():
     """A free TCP port on the loopback interface, for a local process group."""
     with socket.socket() as sock:
