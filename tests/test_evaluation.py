@@ -244,9 +244,12 @@ def test_box_process_pool_gives_the_same_numbers(demo_root):
     assert processes == threads and len(processes["per_image"]) == 12
 
 
-@pytest.mark.parametrize("device, cpus, expected", [("cuda", 16, 8), ("cuda", 64, 8), ("cuda", 8, 4), ("cuda", 4, 0),
-                                                    ("cpu", 16, 0)])
-def test_box_processes_default_scales_on_gpu_machines_only(monkeypatch, device, cpus, expected):
-    """README (Performance): on a GPU machine a thread pool halves the evaluation rate (GIL); CPU runs keep threads."""
+@pytest.mark.parametrize("device, cpus, local, expected", [
+    ("cuda", 16, 1, 8), ("cuda", 64, 1, 8), ("cuda", 8, 1, 4), ("cuda", 4, 1, 2), ("cuda", 2, 1, 0),
+    ("cuda", 64, 8, 4), ("cuda", 16, 8, 0), ("cpu", 16, 1, 0)])
+def test_box_processes_default_scales_on_gpu_machines_only(monkeypatch, device, cpus, local, expected):
+    """README (Performance): on a GPU machine a thread pool halves the evaluation rate (GIL); CPU runs keep
+    threads; the processes of one node share its CPUs."""
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
     assert default_box_processes(device) == expected

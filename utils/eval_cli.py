@@ -124,7 +124,7 @@ def build_parser(kind, parser_class=argparse.ArgumentParser, **kwargs):
                         "workers: faster, pixels differ slightly from PIL's (README, Performance) (default: off)")
     p.add_argument("--box-processes", type=int, default=None, metavar="N",
                    help="extract boxes in N processes (0: a thread pool): same numbers, scales with cores "
-                        "(default: half the CPUs, at most 8, on a GPU machine with 8+ CPUs; else 0)")
+                        "(default on a GPU machine: half of this process's share of the CPUs, at most 8; else 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="default: cuda when available, else cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,

@@ -271,11 +271,15 @@ def _init_box_process():
 
 
 def default_box_processes(device):
-    """``box_processes`` when not given: on a GPU machine with 8 or more CPUs, half of them (at most 8),
-    so that box extraction keeps up with the GPU's forwards (a thread pool serialises on the GIL and
-    halves the rate: README, Performance); else 0, a thread pool (CPU runs, where the forward is slower)."""
-    cpus = os.cpu_count() or 1
-    return min(8, cpus // 2) if torch.device(device).type == "cuda" and cpus >= 8 else 0
+    """``box_processes`` when not given: on a GPU machine, half of this process's share of the CPUs (the CPUs
+    over the processes of this node, LOCAL_WORLD_SIZE), at most 8, so that box extraction keeps up with the
+    GPU's forwards (a thread pool serialises on the GIL and halved the rate: README, Measured on GPUs); 0 (a
+    thread pool) when that is fewer than 2, and on CPUs, where the forward is the slower part."""
+    if torch.device(device).type != "cuda":
+        return 0
+    share = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    processes = min(8, share // 2)
+    return processes if processes >= 2 else 0
 
 
 def box_pool(threads, processes=0):
