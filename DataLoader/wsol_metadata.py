@@ -4,9 +4,9 @@ localization.txt (``id,x0,y0,x1,y1`` per box, or ``id,mask_path,ignore_path`` pe
 import os
 from pathlib import Path
 
-from utils.cv import cv2
 import numpy as np
 
+from utils.cv import cv2
 from utils.errors import DataError
 
 from .annotations import Item, check_boxes, check_label, entries, lines_source, read_lines, read_table, rows_by_id

@@ -121,7 +121,7 @@ def build_parser(kind, parser_class=argparse.ArgumentParser, **kwargs):
                    help="data loading processes (default: 4, at most the number of CPUs)")
     p.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=False,
                    help="decode the JPEGs (batched nvJPEG on CUDA) and resize on the device instead of PIL in the "
-                        "workers: faster, pixels differ slightly from PIL's (README, Performance) (default: off)")
+                        "workers; pixels differ slightly from PIL's (README, Performance) (default: off)")
     p.add_argument("--box-processes", type=int, default=None, metavar="N",
                    help="extract boxes in N processes (0: a thread pool): same numbers, scales with cores "
                         "(default on a GPU machine: half of this process's share of the CPUs, at most 8; else 0)")

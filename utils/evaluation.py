@@ -18,7 +18,6 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-from utils.cv import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -31,6 +30,7 @@ from DataLoader.transforms import boxes_protocol_a, boxes_protocol_b, denormaliz
 from DataLoader.wsol_metadata import load_mask
 from utils.amp import autocast_settings
 from utils.box_ops import max_iou
+from utils.cv import cv2
 from utils.distributed import all_gather_object, all_reduce_sum
 from utils.errors import ConfigError, DataError, SATError
 from utils.metrics import ClassAccumulator

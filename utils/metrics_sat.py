@@ -7,10 +7,10 @@ skimage's ``measure.label`` + ``count_max``) -> box [min_x, min_y, max_x + 1, ma
 ``regionprops`` bbox); no foreground -> the whole crop. IoU with the +1 convention, best over the
 image's GT boxes.
 """
-from utils.cv import cv2
 import numpy as np
 
 from utils.box_ops import as_numpy, max_iou
+from utils.cv import cv2
 from utils.metrics import CounterState, topk_correct
 
 TRAIN_THRESHOLDS = (0.3, 0.35, 0.4, 0.45)  # official train.py's --threshold list, searched each evaluation

@@ -8,10 +8,10 @@ CHAIN_APPROX_SIMPLE), boundingRect -> [x, y, min(x + w, 223), min(y + h, 223)]; 
 MaxBoxAcc: largest contour (cv2.contourArea), IoU >= 0.5, best threshold. MaxBoxAccV2: all contours,
 IoU 30/50/70 each at its own best threshold, averaged. PxAP: area under the pixel PR curve.
 """
-from utils.cv import cv2
 import numpy as np
 
 from utils.box_ops import as_numpy, max_iou
+from utils.cv import cv2
 from utils.metrics import CounterState
 
 CAM_THRESHOLDS = np.arange(0, 1, 0.01)

@@ -470,9 +470,10 @@ def train(cfg, info, imagenet=False, progress=None):
             metrics_log.close()
     progress["epoch"] = cfg.epochs
     results = final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan)
-    dist_utils.barrier()
-    if info.is_main and cfg.cache_images:  # a finished run does not need it again; an interrupted one keeps it
-        shutil.rmtree(output_dir / IMAGE_CACHE, ignore_errors=True)
+    if cfg.cache_images:  # a finished run does not need it again; an interrupted one keeps it
+        dist_utils.barrier()  # every process is done reading it
+        if info.is_main:
+            shutil.rmtree(output_dir / IMAGE_CACHE, ignore_errors=True)
     return results
 
 

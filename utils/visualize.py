@@ -2,8 +2,9 @@
 from pathlib import Path
 from typing import Optional, Sequence
 
-from utils.cv import cv2
 import numpy as np
+
+from utils.cv import cv2
 
 PRED_COLOR = (0, 255, 0)  # RGB
 GT_COLOR = (255, 0, 0)
