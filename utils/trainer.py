@@ -139,10 +139,8 @@ class EvalPlan:
         return self.protocol in ("sat", "both")
 
 
-def annotations_of(dataset):
-    """'boxes', 'masks' or None: the localization annotations of an evaluation split (protocol_for_data's
-    reading of the data)."""
-    return {"sat": "boxes", "wsol": "masks", "cls": None}[protocol_for_data(dataset)]
+# The localization annotations behind each protocol that protocol_for_data reads off an evaluation split.
+ANNOTATIONS = {"sat": "boxes", "wsol": "masks", "cls": None}
 
 
 def metrics_of(protocol, annotations):
@@ -155,8 +153,8 @@ def metrics_of(protocol, annotations):
 def plan_evaluation(cfg, dataset):
     """Resolve eval_protocol ('auto': boxes -> sat, masks only -> wsol, neither -> cls) and the selection
     metric for the data of ``dataset``; log both. ConfigError for a protocol the data cannot support."""
-    annotations = annotations_of(dataset)
-    automatic = {"boxes": "sat", "masks": "wsol", None: "cls"}[annotations]
+    automatic = protocol_for_data(dataset)
+    annotations = ANNOTATIONS[automatic]
     protocol = automatic if cfg.eval_protocol == "auto" else cfg.eval_protocol
     needs = {"sat": "boxes", "both": "boxes", "wsol": annotations or "boxes or masks"}.get(protocol)
     if needs is not None and needs != annotations:
