@@ -2,16 +2,15 @@
 padding, and the demo data used when a script is given no data root."""
 import logging
 
-import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 from utils.distributed import barrier
 
 from .build import build_dataset
 from .demo import DEFAULT_DEMO_ROOT, make_demo_dataset
 from .eval_views import EvalViews
-from .loader import collate_samples
+from .loader import BatchLoader
 
 _logger = logging.getLogger("sat")
 
@@ -40,12 +39,7 @@ def build_eval_loader(fmt, root, split, *, protocol, tencrop, img_size, batch_si
     views = EvalViews(protocol, tencrop, img_size, resize_size)
     dataset = build_dataset(fmt, root, split, views.pixels(gpu_decode), metadata_root=metadata_root,
                             val_boxes=val_boxes)
-    # Its own generator: without one, each pass draws the workers' base seed from torch's global RNG, and the
-    # training crops after an evaluation would depend on the evaluation schedule.
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                      sampler=ShardSampler(len(dataset)) if distributed else None,
-                      num_workers=workers, collate_fn=collate_samples, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+    return BatchLoader(dataset, batch_size, ShardSampler(len(dataset)) if distributed else None, workers=workers)
 
 
 def protocol_for_data(dataset):

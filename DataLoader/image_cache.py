@@ -12,6 +12,7 @@ change in place. train.py removes it at the end of a finished run; an interrupte
 import hashlib
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -22,15 +23,28 @@ _logger = logging.getLogger("sat")
 HEADER_ALIGN = 4096
 
 
+def header_bytes(num_images):
+    """Flags (1 byte) and original (W, H) (2 x int32) per image, padded to a page."""
+    return -(-num_images * 9 // HEADER_ALIGN) * HEADER_ALIGN
+
+
+def cache_bytes(num_images, size):
+    return header_bytes(num_images) + num_images * size * size * 3
+
+
+def unfilled_bytes(folder):
+    """Disk space the cache files in ``folder`` have yet to take (they are sparse until filled)."""
+    return sum(max(0, stat.st_size - stat.st_blocks * 512) for stat in (path.stat() for path in folder.glob("*.cache")))
+
+
 class ImageCache:
     """Pixels of ``num_images`` images resized to ``size`` x ``size``, by dataset index."""
 
     def __init__(self, path, num_images, size):
         self.path, self.num_images, self.size = Path(path), int(num_images), int(size)
         self.sizes_offset = self.num_images
-        header = self.num_images * 9  # flags (1 byte) + original (W, H) (2 x int32) per image
-        self.pixels_offset = -(-header // HEADER_ALIGN) * HEADER_ALIGN
-        self.nbytes = self.pixels_offset + self.num_images * self.size * self.size * 3
+        self.pixels_offset = header_bytes(self.num_images)
+        self.nbytes = cache_bytes(self.num_images, self.size)
         self._create()
         self._map = None
 
@@ -100,14 +114,26 @@ def attach_image_cache(dataset, folder):
     """Give ``dataset`` (a WSOLDataset) an ImageCache under ``folder`` when its transform reads only the
     ``Resize((R, R))`` of each image (TrainPixels, EvalPixels of protocol sat / cls); returns the cache,
     or None (logged) for a transform that needs the original image (protocol B's whole-image view) or its
-    file (``gpu_decode``)."""
+    file (``gpu_decode``), or when the disk has no room for it (a warning; the run goes on uncached)."""
     resize_size = getattr(dataset.transform, "cache_size", None)
     if resize_size is None:
         why = "--gpu-decode decodes on the device" if getattr(dataset.transform, "gpu_decode", False) else \
             "the wsol view resizes the original image"
         _logger.info("cache_images: not for the loader of %d images (%s)", len(dataset), why)
         return None
-    dataset.cache = ImageCache(Path(folder) / cache_name(dataset, resize_size), len(dataset), resize_size)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / cache_name(dataset, resize_size)
+    # A write to a mapped page the disk has no room for kills the worker (SIGBUS): check first, counting the
+    # caches of this folder not filled yet (the other splits, another run's).
+    needed = unfilled_bytes(folder) + (0 if path.exists() else cache_bytes(len(dataset), resize_size))
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        _logger.warning("cache_images: not for the loader of %d images: %s has %.1f GB free, its image caches "
+                        "need %.1f GB more (free some space or use a --output-dir on a larger disk)", len(dataset),
+                        folder, free / 1e9, needed / 1e9)
+        return None
+    dataset.cache = ImageCache(path, len(dataset), resize_size)
     _logger.info("cache_images: %d images at %dx%d in %s (%.1f GB when full, %d cached)", len(dataset), resize_size,
                  resize_size, dataset.cache.path, dataset.cache.nbytes / 1e9, dataset.cache.num_cached())
     return dataset.cache

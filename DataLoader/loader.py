@@ -1,13 +1,20 @@
-"""Batching: the collate function and the DataLoader factory."""
+"""Batching: the collate function, the loader that spreads each batch over the workers, and its factory."""
+import queue
 import random
+import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler, SequentialSampler
 
 from .dataset import Skipped
 from .gpu_decode import PER_IMAGE, pack
 from .sampler import ResumableSampler
+
+MIN_PART = 4  # images per worker task, at least: smaller slices cost more in overhead than they save
+PREFETCH_BATCHES = 4  # slices each worker loads ahead: with one slice of each batch per worker, 4 batches
+READY_BATCHES = 2  # joined batches waiting for the caller
 
 
 def collate_samples(samples):
@@ -46,21 +53,166 @@ def init_worker(worker_id):
     random.seed(seed)
 
 
-def build_loader(dataset, batch_size, *, train, workers, distributed=False, seed=0, drop_last=None):
-    """DataLoader over ``dataset`` with collate_samples. ``train``: shuffled by a ResumableSampler (this
-    process's share when ``distributed``; call ``loader.sampler.set_epoch(epoch[, start_batch])`` each
-    epoch) and by default dropping the last partial batch. Evaluation: in order, through a
-    DistributedSampler when ``distributed`` (it pads the split to a multiple of the world size). Pinned
-    memory with CUDA, persistent workers when workers > 0."""
+def merge_batches(parts, pin_memory=False):
+    """Collated parts of one batch -> the batch ``collate_samples`` would give for all their samples: tensors
+    concatenated (into pinned memory when ``pin_memory``, ready for a ``non_blocking`` copy), lists
+    joined, values common to every sample (crop sizes) kept once, skipped samples counted over all parts."""
+    kept = [part for part in parts if len(part["label"])]
+    batch = {"num_skipped": sum(part["num_skipped"] for part in parts),
+             "skipped": [message for part in parts for message in part["skipped"]]}
+    if not kept:
+        return {**parts[0], **batch}
+    for key in kept[0]:
+        if key not in batch:
+            batch[key] = _merge([part[key] for part in kept], pin_memory)
+    return batch
+
+
+def _merge(values, pin_memory):
+    first = values[0]
+    if isinstance(first, dict):
+        return {key: _merge([value[key] for value in values], pin_memory) for key in first}
+    if isinstance(first, list):
+        return [item for value in values for item in value]
+    if not torch.is_tensor(first):
+        return first
+    if not pin_memory:
+        return torch.cat(values)
+    out = torch.empty((sum(len(value) for value in values), *first.shape[1:]), dtype=first.dtype, pin_memory=True)
+    return torch.cat(values, out=out)
+
+
+def split_batch(indices, parts):
+    """A batch's indices -> ``parts`` consecutive slices of nearly equal length (fewer for a short batch)."""
+    parts = min(parts, len(indices))
+    return [indices[len(indices) * k // parts:len(indices) * (k + 1) // parts] for k in range(parts)]
+
+
+class _Parts(Sampler):
+    """The index lists the workers are given in one pass: set by BatchLoader before each pass."""
+
+    def __init__(self):
+        self.parts = []
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    def __len__(self):
+        return len(self.parts)
+
+
+class BatchLoader:
+    """Batches of ``batch_size`` samples of ``dataset`` in ``sampler``'s order (in order without one), each
+    read by ``parts`` workers at once: every batch is split into ``parts`` slices, each loaded and collated by
+    one worker, and a thread of the main process joins them (``merge_batches``, into pinned memory with
+    CUDA) while the caller computes on the previous batch. The batches are those of a DataLoader of the same
+    sampler and batch size; only which worker reads which sample changes.
+
+    Why: a worker that loads a whole batch makes the first batch of every pass wait for one worker to decode
+    all of it (each epoch and each evaluation starts idle) and leaves workers idle in the last round of a
+    pass; with slices every worker works on every batch. ``parts`` defaults to the number of workers (at
+    most one per ``MIN_PART`` images); 1 loads whole batches, as a plain DataLoader (and the official code)
+    does. Persistent workers when workers > 0. ``sampler``, ``dataset`` and ``generator`` (the workers'
+    base seed, see ``utils.trainer.set_loader_epoch``) are those of the underlying DataLoader."""
+
+    def __init__(self, dataset, batch_size, sampler=None, *, workers, drop_last=False, seed=0, parts=None):
+        self.dataset, self.sampler = dataset, sampler
+        self.batch_sampler = BatchSampler(SequentialSampler(dataset) if sampler is None else sampler, batch_size,
+                                          drop_last)
+        self.parts = max(1, min(workers, batch_size // MIN_PART) if parts is None else parts)
+        self.pin_memory = torch.cuda.is_available()
+        self.generator = torch.Generator().manual_seed(seed)
+        self._parts = _Parts() if self.parts > 1 else None
+        self._joiner = None
+        self.loader = DataLoader(dataset, batch_sampler=self.batch_sampler if self._parts is None else self._parts,
+                                 num_workers=workers, collate_fn=collate_samples,
+                                 pin_memory=self.pin_memory and self._parts is None, persistent_workers=workers > 0,
+                                 worker_init_fn=init_worker, generator=self.generator,
+                                 prefetch_factor=PREFETCH_BATCHES if workers > 0 and self._parts is not None else None)
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        if self._parts is None:
+            yield from self.loader
+            return
+        if self._joiner is not None:  # a pass left early whose generator is still referenced
+            self._joiner.stop()
+        batches = [split_batch(indices, self.parts) for indices in self.batch_sampler]
+        self._parts.parts = [part for parts in batches for part in parts]
+        self._joiner = joiner = _Joiner(iter(self.loader), [len(parts) for parts in batches], self.pin_memory)
+        try:
+            yield from joiner
+        finally:
+            joiner.stop()
+
+
+class _Joiner:
+    """A thread that takes the parts of each batch from a DataLoader iterator (receiving them from the
+    workers) and joins them, ``READY_BATCHES`` batches ahead; iterating gives the batches, or raises what
+    the thread met (an unreadable image with --strict-data, a worker's crash)."""
+
+    def __init__(self, loaded, parts_per_batch, pin_memory):
+        self.loaded, self.parts_per_batch, self.pin_memory = loaded, parts_per_batch, pin_memory
+        self.ready, self.stopping = queue.Queue(maxsize=READY_BATCHES), threading.Event()
+        # pinned memory is allocated in the context of the thread's device: the caller's (one per DDP process)
+        self.device = torch.cuda.current_device() if pin_memory else None
+        self.thread = threading.Thread(target=self._run, name="sat-batch-joiner", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        torch.set_num_threads(1)  # this thread's copies only (the setting is per thread), as the DataLoader's pin thread
+        if self.device is not None:
+            torch.cuda.set_device(self.device)
+        try:
+            for num_parts in self.parts_per_batch:
+                if not self._put(merge_batches([next(self.loaded) for _ in range(num_parts)], self.pin_memory)):
+                    return
+            self._put(_END)
+        except BaseException as err:  # handed to the caller's thread
+            self._put(_Failed(err))
+
+    def _put(self, item):
+        while not self.stopping.is_set():
+            try:
+                self.ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __iter__(self):
+        while True:
+            item = self.ready.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    def stop(self):
+        """Stop the thread (a pass left early): after this, the DataLoader may start its next pass."""
+        self.stopping.set()
+        self.thread.join()
+
+
+_END = object()
+
+
+class _Failed(NamedTuple):
+    error: BaseException
+
+
+def build_loader(dataset, batch_size, *, train, workers, distributed=False, seed=0, drop_last=None, parts=None):
+    """BatchLoader over ``dataset``. ``train``: shuffled by a ResumableSampler (this process's share when
+    ``distributed``; call ``loader.sampler.set_epoch(epoch[, start_batch])`` each epoch) and by default
+    dropping the last partial batch. Evaluation: in order, through a DistributedSampler when
+    ``distributed`` (it pads the split to a multiple of the world size)."""
     drop_last = train if drop_last is None else drop_last
     if train:  # one process: the same order as DistributedSampler's with one replica
         sampler = ResumableSampler(dataset, batch_size, num_replicas=None if distributed else 1,
                                    rank=None if distributed else 0, seed=seed)
     else:
         sampler = DistributedSampler(dataset, shuffle=False, seed=seed) if distributed else None
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                      num_workers=workers, collate_fn=collate_samples, pin_memory=torch.cuda.is_available(),
-                      drop_last=drop_last, persistent_workers=workers > 0, worker_init_fn=init_worker,
-                      generator=generator)
+    return BatchLoader(dataset, batch_size, sampler, workers=workers, drop_last=drop_last, seed=seed, parts=parts)

@@ -43,3 +43,11 @@ def test_benchmark_from_image_files(tmp_path, mode, pipeline):
     assert (result["mode"], result["pipeline"], result["workers"], result["images_in_split"]) == (mode, pipeline, 1, 6)
     for key in ("images_per_second", "data_images_per_second", "step_images_per_second"):
         assert result[key] > 0, key
+
+
+def test_loader_benchmark_compares_whole_batches_and_slices():
+    result = run("--mode", "loader", "--workers", "2", "--batch-size", "8", "--images", "24", "--image-ms", "1",
+                 "--step-ms", "1")
+    assert result["whole_batches"]["batch_parts"] == 1 and result["slices"]["batch_parts"] == 2
+    for name in ("whole_batches", "slices"):
+        assert result[name]["images_per_second"] > 0 and result[name]["vs_step"] > 0

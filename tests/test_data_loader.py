@@ -6,7 +6,11 @@ import warnings
 import pytest
 import torch
 
+from torch.utils.data import Dataset, get_worker_info
+
 from DataLoader import build_dataset, build_loader, collate_samples, make_demo_dataset
+from DataLoader.eval_views import EvalViews
+from DataLoader.loader import merge_batches
 from DataLoader.dataset import Skipped
 from utils.errors import DataError
 
@@ -39,7 +43,7 @@ def test_truncated_train_image_is_skipped_and_named(cub):
     assert isinstance(skipped, Skipped) and re.search("skipping unreadable image .*Ringed_Disc_0002.jpg",
                                                       skipped.message)
     loader = build_loader(train, 4, train=True, workers=2, drop_last=False)
-    assert loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
+    assert loader.loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
     for _ in range(2):  # two epochs over persistent workers
         batches = list(loader)
         assert sum(b["num_skipped"] for b in batches) == 1
@@ -77,3 +81,59 @@ def test_opencv_runs_no_pool_threads_so_workers_fork_safely():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["1", "0"]
+
+
+class WhoLoads(Dataset):
+    """Sample i names the worker that loaded it."""
+
+    def __len__(self):
+        return 30
+
+    def __getitem__(self, index):
+        return {"image": torch.zeros(1), "label": get_worker_info().id, "index": index}
+
+
+def test_each_batch_is_loaded_by_every_worker():
+    """A worker that loads a whole batch makes each pass wait for it and idles the others in the last round;
+    the loader gives each worker a slice of every batch (the last, short one too)."""
+    for parts, expected in ((None, [{0, 1, 2}] * 3), (1, [{0}, {1}, {2}])):
+        loader = build_loader(WhoLoads(), 12, train=False, workers=3, parts=parts)
+        batches = list(loader)
+        assert len(loader) == len(batches) == 3
+        assert [b["index"] for b in batches] == [list(range(0, 12)), list(range(12, 24)), list(range(24, 30))]
+        assert [set(b["label"].tolist()) for b in batches] == expected
+
+
+def test_batches_loaded_in_slices_equal_whole_batches(cub):
+    """Same samples, pixels, order and skipped files whether a batch is loaded whole or in slices."""
+    train = build_dataset("cub", cub, "train", EvalViews("sat", False, 32, 36).pixels())
+    whole, sliced = (list(build_loader(train, 5, train=False, workers=2, parts=parts)) for parts in (1, None))
+    assert len(whole) == len(sliced) == 2
+    for a, b in zip(whole, sliced):
+        assert a["index"] == b["index"] and torch.equal(a["label"], b["label"])
+        assert torch.equal(a["image"]["pixels"], b["image"]["pixels"]) and a["image"]["pixels"].shape[1:] == (36, 36, 3)
+        assert torch.equal(a["image"]["crops"], b["image"]["crops"]) and a["image"]["crop_size"] == 32
+        assert a["num_skipped"] == b["num_skipped"] and a["skipped"] == b["skipped"]
+    assert sum(b["num_skipped"] for b in sliced) == 1 and "Ringed_Disc_0002.jpg" in sliced[0]["skipped"][0]
+
+
+def test_merge_batches_joins_parts_and_counts_skipped():
+    part = {"image": {"pixels": torch.ones(2, 3), "crops": torch.zeros(2, 3), "crop_size": 7}, "label": torch.tensor([1, 2]),
+            "index": [4, 5], "num_skipped": 1, "skipped": ["skipping a.jpg"]}
+    empty = collate_samples([Skipped("skipping b.jpg")])
+    merged = merge_batches([part, empty, {**part, "index": [9, 8], "label": torch.tensor([3, 4]), "num_skipped": 0,
+                                          "skipped": []}])
+    assert merged["index"] == [4, 5, 9, 8] and merged["label"].tolist() == [1, 2, 3, 4]
+    assert merged["image"]["pixels"].shape == (4, 3) and merged["image"]["crop_size"] == 7
+    assert merged["num_skipped"] == 2 and merged["skipped"] == ["skipping a.jpg", "skipping b.jpg"]
+    nothing = merge_batches([empty, empty])
+    assert nothing["num_skipped"] == 2 and nothing["label"].numel() == 0 and len(nothing["skipped"]) == 2
+
+
+def test_a_pass_left_early_does_not_disturb_the_next(cub):
+    loader = build_loader(WhoLoads(), 12, train=False, workers=3)
+    early = iter(loader)
+    assert next(early)["index"] == list(range(12))  # left there, still referenced
+    assert [b["index"] for b in loader] == [list(range(0, 12)), list(range(12, 24)), list(range(24, 30))]
+    with pytest.raises(DataError, match="unreadable image .*Ringed_Disc_0002.jpg"):  # raised in a worker
+        list(build_loader(build_dataset("cub", cub, "train", strict=True), 4, train=False, workers=2, parts=2))

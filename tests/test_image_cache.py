@@ -1,6 +1,8 @@
 """cache_images: the cached samples are the uncached ones (bit for bit), later passes read no image file,
 and a training run with the cache ends with the weights of the same run without it."""
+import logging
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,7 +10,8 @@ import torch
 from DataLoader import build_dataset, build_loader, make_demo_dataset
 from DataLoader.eval_views import EvalViews
 from DataLoader.dataset import Skipped
-from DataLoader.image_cache import attach_image_cache
+from DataLoader import image_cache
+from DataLoader.image_cache import attach_image_cache, cache_bytes
 from DataLoader.transforms import TrainPixels
 from utils.checkpoint import read_checkpoint
 from utils.errors import DataError
@@ -87,6 +90,22 @@ def test_whole_image_views_and_gpu_decode_are_not_cached(tmp_path, data_root, sp
     files (and say so)."""
     dataset = build_dataset("cub", data_root, split, transform)
     assert attach_image_cache(dataset, tmp_path / "cache") is None and dataset.cache is None
+
+
+def test_no_cache_where_the_disk_has_no_room(tmp_path, data_root, monkeypatch, caplog):
+    """A worker writing a mapped page the disk cannot hold dies of SIGBUS: a cache that may not fit is not
+    made (a warning; the loader reads the files), counting the space the folder's other caches still need."""
+    train = build_dataset("cub", data_root, "train", TrainPixels(64, 72))
+    test = build_dataset("cub", data_root, "test", EvalViews("sat", False, 64, 72).pixels())
+    free = cache_bytes(len(train), 72) + cache_bytes(len(test), 72) - 1
+    monkeypatch.setattr(image_cache.shutil, "disk_usage", lambda folder: SimpleNamespace(free=free))
+    folder = tmp_path / "cache"
+    assert attach_image_cache(train, folder) is not None  # fits alone
+    with caplog.at_level(logging.WARNING):
+        assert attach_image_cache(test, folder) is None and test.cache is None
+    assert "not for the loader of 9 images" in caplog.text and "image caches need" in caplog.text
+    samples(train)  # the train cache is filled: it needs no more space
+    assert attach_image_cache(test, folder) is not None
 
 
 def test_training_with_cache_gives_the_same_run(tmp_path, data_root):

@@ -1,5 +1,6 @@
 """Throughput and peak memory of the training step and of evaluation, on synthetic in-memory batches
-or, with --data-root, end to end from image files (and of the input pipeline alone).
+or, with --data-root, end to end from image files (and of the input pipeline alone); and how the loader
+schedules its workers (--mode loader).
 
     python tools/benchmark.py --mode train --arch deit_sat_small_patch16_224 --batch-size 16 --steps 5
     python tools/benchmark.py --mode eval --arch deit_sat_small_patch16_224 --batch-size 16 --compare-naive
@@ -20,6 +21,19 @@ normalisation on the device, no model), ``images_per_second`` (end to end: the s
 the training step or the evaluation) and ``step_images_per_second`` (the step alone on in-memory
 batches of the same shape), with ``end_to_end_vs_step`` and ``end_to_end_vs_data``. ``--pipeline
 host`` times the official torchvision transforms in the workers instead of the device pipeline.
+``--time-pass`` adds ``data_pass_images_per_second``: the loader alone over the whole split, from the start
+of a pass to its last batch (the second pass: workers already started), i.e. an epoch's data rate with
+its pipeline fill and last round, which the steady-state rate leaves out; ``--batch-parts 1`` loads whole
+batches per worker (a plain DataLoader, the official code) instead of one slice of each batch per worker
+(DataLoader.loader.BatchLoader).
+
+``--mode loader`` measures the loader's scheduling alone, on any machine: ``--images`` items that each take
+``--image-ms`` of waiting in a worker (a stand-in for decoding: waiting, so that ``--workers`` workers run side
+by side even on a 2-core machine) are consumed by a loop that waits ``--step-ms`` per batch (a stand-in for the
+training step). It reports one pass's rate (the second: workers started) with whole batches per worker and
+with slices (``--batch-parts``, default: as train.py), each as a ratio of the step-only rate. The defaults are
+the H200 runs of README "Measured on GPUs": 14 workers, batches of 256, the fp32 DeiT-S step (215 ms), 4,000
+images, and 3.7 ms per image and worker, the value for which whole batches give the measured 913 images/s.
 """
 import argparse
 import itertools
@@ -34,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,7 +67,7 @@ from utils.optim import build_optimizer, build_scheduler  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=("train", "eval"), default="train")
+    p.add_argument("--mode", choices=("train", "eval", "loader"), default="train")
     p.add_argument("--arch", default="deit_sat_small_patch16_224")
     p.add_argument("--num-classes", type=int, default=200)
     p.add_argument("--img-size", type=int, default=224)
@@ -77,9 +92,17 @@ def parse_args(argv=None):
     p.add_argument("--pipeline", choices=("device", "host"), default="device",
                    help="with --data-root: crops and normalisation on the device (train.py, evaluators) or "
                         "the torchvision transforms in the workers (the official pipeline)")
-    p.add_argument("--gpu-decode", action="store_true",
+    p.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=False,
                    help="with --data-root and --pipeline device: decode and resize on the device (train.py / "
                         "evaluator.py --gpu-decode)")
+    p.add_argument("--batch-parts", type=int, default=None, metavar="N",
+                   help="with --data-root: workers loading each batch (default: as train.py, one slice per "
+                        "worker; 1: whole batches, as a plain DataLoader)")
+    p.add_argument("--time-pass", action="store_true",
+                   help="with --data-root: also time a whole pass over the split (data only)")
+    p.add_argument("--images", type=int, default=4000, help="loader mode: items in a pass")
+    p.add_argument("--image-ms", type=float, default=3.7, help="loader mode: a worker's time per item")
+    p.add_argument("--step-ms", type=float, default=215.0, help="loader mode: the step's time per batch")
     args = p.parse_args(argv)
     if args.gpu_decode and (args.pipeline != "device" or not args.data_root):
         p.error("--gpu-decode decodes image files on the device: it needs --data-root and --pipeline device")
@@ -136,12 +159,23 @@ def file_loader(args):
         transform = views.pixels(args.gpu_decode) if device else views
     dataset = build_dataset(args.data_format, args.data_root, "train" if args.mode == "train" else "test",
                             transform)
-    return build_loader(dataset, args.batch_size, train=args.mode == "train", workers=args.workers)
+    return build_loader(dataset, args.batch_size, train=args.mode == "train", workers=args.workers,
+                        parts=args.batch_parts)
+
+
+def time_pass(loader, device):
+    """Images per second of the second of two whole passes of ``loader`` onto ``device`` (no model)."""
+    for _ in range(2):
+        start, images = time.perf_counter(), 0
+        for batch in on_device(loader, device):
+            images += len(batch["label"])
+        sync(device)
+    return images / (time.perf_counter() - start)
 
 
 def time_data(args, batches, device):
-    """Images per second of loading batches onto ``device`` in the steady state: the batches the workers
-    loaded ahead (2 per worker) and ``args.warmup`` more are taken untimed, then at least ``args.steps``
+    """Images per second of loading batches onto ``device`` in the steady state: 2 batches per worker (at
+    least what the workers load ahead) and ``args.warmup`` more are taken untimed, then at least ``args.steps``
     and 2 per worker are timed, so that no batch loaded before the clock started is counted."""
     ahead = 2 * max(args.workers, 1) + args.warmup
     for _ in on_device(Take(batches, ahead), device):
@@ -239,7 +273,45 @@ def run_eval(args, model, device, batches=None):
     return time.perf_counter() - start
 
 
+class WaitingItems(Dataset):
+    """``n`` items that each take ``ms`` milliseconds in the worker that loads them."""
+
+    def __init__(self, n, ms):
+        self.n, self.ms = n, ms
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        time.sleep(self.ms / 1000)
+        return {"image": torch.zeros(1), "label": 0, "index": index}
+
+
+def run_loader(args):
+    """--mode loader: the second pass of each loader, whole batches then slices, through a loop that waits
+    ``--step-ms`` per batch."""
+    step_rate = args.batch_size / (args.step_ms / 1000)
+    result = {"mode": "loader", "workers": args.workers, "batch_size": args.batch_size, "images": args.images,
+              "image_ms": args.image_ms, "step_ms": args.step_ms, "step_images_per_second": round(step_rate, 3)}
+    for name, parts in (("whole_batches", 1), ("slices", args.batch_parts)):
+        loader = build_loader(WaitingItems(args.images, args.image_ms), args.batch_size, train=True,
+                              workers=args.workers, parts=parts, drop_last=False)
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            start, first = time.perf_counter(), None
+            for _ in loader:
+                first = time.perf_counter() - start if first is None else first
+                time.sleep(args.step_ms / 1000)
+            elapsed = time.perf_counter() - start
+        rate = args.images / elapsed
+        result[name] = {"batch_parts": loader.parts, "images_per_second": round(rate, 3),
+                        "vs_step": round(rate / step_rate, 3), "first_batch_seconds": round(first, 3)}
+    return result
+
+
 def benchmark(args):
+    if args.mode == "loader":
+        return run_loader(args)
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = build_model(args.arch, num_classes=args.num_classes, img_size=args.img_size,
@@ -252,6 +324,7 @@ def benchmark(args):
     images = args.steps * args.batch_size
     if args.data_root:
         loader = file_loader(args)
+        pass_rate = time_pass(loader, device) if args.time_pass else None
         batches = endless(loader)  # one iterator: the workers keep loading ahead
         data_rate = time_data(args, batches, device)
         elapsed = run(args, model, device, batches)
@@ -272,9 +345,12 @@ def benchmark(args):
     if args.data_root:
         result.update(data_root=args.data_root, data_format=args.data_format, workers=args.workers,
                       pipeline=args.pipeline, gpu_decode=args.gpu_decode, images_in_split=len(loader.dataset),
+                      batch_parts=loader.parts,
                       data_images_per_second=round(data_rate, 3), step_images_per_second=round(step_rate, 3),
                       end_to_end_vs_step=round(result["images_per_second"] / step_rate, 3),
                       end_to_end_vs_data=round(result["images_per_second"] / data_rate, 3))
+        if pass_rate is not None:
+            result.update(data_pass_images_per_second=round(pass_rate, 3))
     if args.mode == "eval":
         forward_rate = images / run_forward(args, model, device)
         result.update(forward_images_per_second=round(forward_rate, 3),
