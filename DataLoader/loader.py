@@ -112,14 +112,17 @@ class BatchLoader:
     all of it (each epoch and each evaluation starts idle) and leaves workers idle in the last round of a
     pass; with slices every worker works on every batch. ``parts`` defaults to the number of workers (at
     most one per ``MIN_PART`` images); 1 loads whole batches, as a plain DataLoader (and the official code)
-    does. Persistent workers when workers > 0. ``sampler``, ``dataset`` and ``generator`` (the workers'
-    base seed, see ``utils.trainer.set_loader_epoch``) are those of the underlying DataLoader."""
+    does, and so does a loader without workers. Persistent workers when workers > 0. ``sampler``, ``dataset``
+    and ``generator`` (the workers' base seed, see ``utils.trainer.set_loader_epoch``) are those of the
+    underlying DataLoader."""
 
     def __init__(self, dataset, batch_size, sampler=None, *, workers, drop_last=False, seed=0, parts=None):
         self.dataset, self.sampler = dataset, sampler
         self.batch_sampler = BatchSampler(SequentialSampler(dataset) if sampler is None else sampler, batch_size,
                                           drop_last)
-        self.parts = max(1, min(workers, batch_size // MIN_PART) if parts is None else parts)
+        # without workers the samples are read in this process: by the caller's thread (its RNG draws the crops)
+        parts = min(workers, batch_size // MIN_PART) if parts is None else parts
+        self.parts = max(1, parts) if workers else 1
         self.pin_memory = torch.cuda.is_available()
         self.generator = torch.Generator().manual_seed(seed)
         self._parts = _Parts() if self.parts > 1 else None
@@ -162,7 +165,7 @@ class _Joiner:
         self.thread.start()
 
     def _run(self):
-        torch.set_num_threads(1)  # this thread's copies only (the setting is per thread), as the DataLoader's pin thread
+        torch.set_num_threads(1)  # for this thread's copies (a per-thread setting), as in the DataLoader's pin thread
         if self.device is not None:
             torch.cuda.set_device(self.device)
         try:

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from DataLoader import make_demo_dataset
+from DataLoader import build_dataset, build_loader, make_demo_dataset
 from DataLoader.eval_loader import build_eval_loader
+from DataLoader.eval_views import EvalViews
 from Model import build_model, build_model_from_checkpoint
 from Model.losses import SATLoss
 from utils.amp import LossScaler, autocast_context, describe
@@ -178,3 +179,16 @@ def test_kill_and_resume_on_cuda_within_tolerance(tmp_path):
     assert a["epoch"] == b["epoch"] == 3
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+@needs_cuda
+def test_batches_joined_from_worker_slices_are_pinned_and_equal_on_cuda(tmp_path):
+    """With CUDA the loader joins each batch's slices into pinned memory (for non_blocking copies) in its own
+    thread, which allocates in the caller's device context; the result equals whole batches."""
+    root = make_demo_dataset(tmp_path / "cub", num_classes=2, train_per_class=8, test_per_class=1, image_size=48)
+    dataset = build_dataset("cub", root, "train", EvalViews("sat", False, 32, 36).pixels())
+    whole, sliced = (list(build_loader(dataset, 8, train=False, workers=2, parts=parts)) for parts in (1, 2))
+    assert len(whole) == len(sliced) == 2
+    for a, b in zip(whole, sliced):
+        assert b["image"]["pixels"].is_pinned() and torch.equal(a["image"]["pixels"], b["image"]["pixels"])
+        assert a["index"] == b["index"]
