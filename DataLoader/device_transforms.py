@@ -12,6 +12,8 @@ transforms: bit for bit on the CPU, within 1e-6 on CUDA (tests/test_device_trans
 With ``--gpu-decode`` the workers return file bytes instead, decoded and resized here first
 (DataLoader/gpu_decode.py).
 """
+import time
+
 import torch
 
 from .gpu_decode import decode_batch
@@ -77,22 +79,34 @@ def batch_on_device(batch, device):
 
 class on_device:
     """Iterate over ``loader`` with each batch through ``batch_on_device``; on CUDA the next batch is
-    copied and transformed on a side stream while the caller computes on the current one."""
+    copied and transformed on a side stream while the caller computes on the current one. ``wait``: the
+    seconds the caller waited for the loader (an input-bound loop waits; a device-bound one does not)."""
 
     def __init__(self, loader, device):
         self.loader, self.device = loader, torch.device(device)
+        self.wait = 0.0
 
     def __len__(self):
         return len(self.loader)
 
+    def _loaded(self):
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.wait += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
+
     def __iter__(self):
         if self.device.type != "cuda":
-            for batch in self.loader:
+            for batch in self._loaded():
                 yield batch_on_device(batch, self.device)
             return
         stream = torch.cuda.Stream(self.device)
         pending = None
-        for batch in self.loader:
+        for batch in self._loaded():
             with torch.cuda.stream(stream):
                 ready = batch_on_device(batch, self.device)
             if pending is not None:

@@ -1,6 +1,7 @@
 """The shared training loop: accumulation, trainable subsets, AMP on/off, the loss scaler, NaN detection, RNG
 state, the evaluation schedule and the best-checkpoint rule."""
 import random
+import time
 
 import numpy as np
 import pytest
@@ -158,3 +159,25 @@ def test_best_checkpoint_rule():
 def test_evaluation_schedule(epochs, start, every, expected):
     cfg = parse_config(["--epochs", str(epochs), "--eval-start-epoch", str(start), "--eval-every", str(every)])
     assert [e + 1 for e in range(epochs) if should_evaluate(cfg, e)] == expected
+
+
+class SlowLoader:
+    """Batches that each take ``seconds`` to arrive, as from an input-bound loader."""
+
+    def __init__(self, batches, seconds):
+        self.batches, self.seconds = batches, seconds
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            time.sleep(self.seconds)
+            yield batch
+
+
+def test_epoch_reports_the_time_spent_waiting_for_data():
+    stats, _, _ = run(make_model(), SlowLoader(batches(3, 2), 0.2))
+    assert 0.6 <= stats["data_wait"] <= stats["time"]  # three waits of 0.2 s, within the epoch
+    stats, _, _ = run(make_model(), batches(3, 2))
+    assert 0 <= stats["data_wait"] < 0.2  # batches already in memory

@@ -76,7 +76,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
     called after each optimizer step (utils.preemption.StepCheckpoint: saves last.pth, may stop the run).
 
     Returns the epoch's averages over all processes: loss, ce, area, norm (per micro-batch), acc1 (%),
-    plus lr (last), steps, images, num_skipped (unreadable images dropped), time (s) and images_per_sec.
+    plus lr (last), steps, images, num_skipped (unreadable images dropped), time (s), images_per_sec and
+    data_wait (s of ``time`` this process waited for the loader: the loop is input-bound when it is large).
     """
     model.train()
     done = start_step * accum_steps  # micro-batches of the epoch before this call
@@ -92,7 +93,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
     redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
     optimizer.zero_grad(set_to_none=True)
     with bar, redirect:
-        for i, batch in enumerate(on_device(loader, device), start=done):
+        loaded = on_device(loader, device)
+        for i, batch in enumerate(loaded, start=done):
             if i >= num_batches:
                 break
             step, position = divmod(i, accum_steps)
@@ -137,5 +139,6 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
     batches, images = max(totals["batches"], 1), totals["images"]
     stats = {key: totals[key] / batches for key in LOSS_KEYS}
     stats.update(acc1=100.0 * totals["correct"] / max(images, 1), lr=lr, steps=num_steps, images=int(images),
-                 num_skipped=int(totals["skipped"]), time=elapsed, images_per_sec=images / max(elapsed, 1e-9))
+                 num_skipped=int(totals["skipped"]), time=elapsed, images_per_sec=images / max(elapsed, 1e-9),
+                 data_wait=loaded.wait)
     return stats

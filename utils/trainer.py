@@ -502,9 +502,10 @@ def log_epoch(cfg, epoch, stats, metrics, improved, split, plan):
     if stats["num_skipped"]:
         _logger.warning("epoch %d: %d unreadable training images skipped (named in the log above; "
                         "--strict-data makes them an error)", epoch + 1, stats["num_skipped"])
-    _logger.info("epoch %d/%d done in %.0fs: loss %.4f (ce %.4f area %.4f norm %.4f), train acc %.2f, lr %.3g",
-                 epoch + 1, cfg.epochs, stats["time"], stats["loss"], stats["ce"], stats["area"], stats["norm"],
-                 stats["acc1"], stats["lr"])
+    _logger.info("epoch %d/%d done in %.0fs (%.0f%% of it waiting for data): loss %.4f (ce %.4f area %.4f norm "
+                 "%.4f), train acc %.2f, lr %.3g", epoch + 1, cfg.epochs, stats["time"],
+                 100 * stats["data_wait"] / max(stats["time"], 1e-9), stats["loss"], stats["ce"], stats["area"],
+                 stats["norm"], stats["acc1"], stats["lr"])
 
 
 def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan):
