@@ -48,10 +48,10 @@ def imagenet_root(tmp_path_factory):
 
 
 
-def launch(launcher, imagenet_root, out, timeout=240):
+def launch(launcher, imagenet_root, out, *extra, timeout=240):
     """Run a launcher command; on timeout kill its whole process group (the workers too)."""
     proc = subprocess.Popen([sys.executable, "-m", *launcher, "train_ImageNet.py", *RUN, "--data-root",
-                             str(imagenet_root), "--output-dir", str(out)], cwd=REPO_ROOT, text=True,
+                             str(imagenet_root), "--output-dir", str(out), *extra], cwd=REPO_ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -61,25 +61,30 @@ def launch(launcher, imagenet_root, out, timeout=240):
     return proc.returncode, stdout, stderr
 
 
-def check_run(out, returncode, stdout, stderr):
+def check_run(out, returncode, stdout, stderr, epochs=1):
     assert returncode == 0, stdout[-2000:] + stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "2 process(es) on cpu, global batch 8 = 4 per process x 1 accumulation steps" in log
     assert "data imagenet at" in log and "train_ImageNet.py reads the ImageNet layout" in log
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1]
-    record = json.loads(lines[0])
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, epochs + 1))
+    record = json.loads(lines[-1])
     assert record["train_images"] == 24 and record["train_steps"] == 3  # global counts over both processes
     last = read_checkpoint(out / "checkpoints" / "last.pth")
-    assert last["epoch"] == 1 and len(last["rng_states"]) == 2 and last["class_names"] == WNIDS
+    assert last["epoch"] == epochs and len(last["rng_states"]) == 2 and last["class_names"] == WNIDS
     assert not any(key.startswith("module.") for key in last["model"])
     results = json.loads((out / "results.json").read_text())
     assert results["num_images"] == 6  # each val image counted once over the two shards
 
 
-def test_torchrun_two_gloo_processes(imagenet_root, tmp_path):
-    out = tmp_path / "run"
-    check_run(out, *launch(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"], imagenet_root, out))
+def test_torchrun_two_gloo_processes_overwrite_and_resume(imagenet_root, tmp_path):
+    """A run, then in the same folder: --overwrite (every process must agree that there is a run to delete,
+    whichever looks first) and --resume for one more epoch."""
+    out, torchrun = tmp_path / "run", ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    check_run(out, *launch(torchrun, imagenet_root, out))
+    (out / "metrics.jsonl").write_text('{"epoch": 7}\n')  # gone with the overwrite
+    check_run(out, *launch(torchrun, imagenet_root, out, "--overwrite"))
+    check_run(out, *launch(torchrun, imagenet_root, out, "--resume", "--epochs", "2"), epochs=2)
 
 
 def test_legacy_launch_passes_local_rank(imagenet_root, tmp_path):

@@ -352,7 +352,9 @@ def prepare_output_dir(cfg, output_dir, info):
     (delete its outputs first): one-line ConfigError, nothing touched."""
     if cfg.resume is not None and cfg.overwrite:
         raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
-    previous = [name for name in RUN_OUTPUTS[:3] if (output_dir / name).exists()]
+    # what the main process finds, for every process, before it deletes anything (a process that looked after
+    # the deletion would skip the barrier below)
+    previous = dist_utils.all_gather_object([name for name in RUN_OUTPUTS[:3] if (output_dir / name).exists()])[0]
     if not previous or cfg.resume is not None:
         return
     if not cfg.overwrite:
