@@ -7,9 +7,10 @@ and the views (``centre`` or ``tencrop`` for the official protocol, ``wsol``), s
 (V, 3, S, S); its samples hold their uint8 sources (``EvalViews.pixels``), cropped and normalised here on
 the device.
 Per batch: ``batch_to_device`` moves the views to the device; ``forward_views`` runs all views in one
-call and returns class scores and maps per protocol; ``BatchScorer`` does the per-image CPU work (GT
-boxes in each protocol's frame, boxes, counters, per-image rows, files) in a thread pool (OpenCV
-releases the GIL) while the next batch is forwarded. Counters are summed over batches and, under DDP,
+call and returns class scores and maps per protocol (copied to the CPU while the next batch's forward is
+queued, so that the device does not wait for the CPU work); ``BatchScorer`` does the per-image CPU work (GT
+boxes in each protocol's frame, boxes, counters, per-image rows, files) in a pool of threads or processes
+while the next batches are forwarded. Counters are summed over batches and, under DDP,
 over processes.
 """
 import os
@@ -118,7 +119,8 @@ def batch_to_device(batch, device):
 
 
 def forward_views(model, views, layout, autocast):
-    """All views of a batch in one forward -> ``{'sat' | 'wsol': (scores, maps)}`` as float32 numpy.
+    """All views of a batch in one forward -> ``{'sat' | 'wsol': (scores, maps)}`` as float32 CPU tensors,
+    copied ``non_blocking`` from a CUDA device: ``HostOutputs.numpy`` waits for them.
 
     ``tencrop``: mean of the ten softmaxes (official), map of the centre crop; ``centre`` / ``wsol``:
     the view's logits and map. The official view's outputs are keyed 'sat' (also for protocol 'cls').
@@ -134,8 +136,26 @@ def forward_views(model, views, layout, autocast):
             scores, cam = logits[:, where].softmax(dim=-1).mean(dim=1), maps[:, where.start + TENCROP_CENTRE]
         else:
             scores, cam = logits[:, where.start], maps[:, where.start]
-        out["wsol" if view == "wsol" else "sat"] = (scores.cpu().numpy(), cam.cpu().numpy())
-    return out
+        out["wsol" if view == "wsol" else "sat"] = (scores.to("cpu", non_blocking=True),
+                                                     cam.to("cpu", non_blocking=True))
+    return HostOutputs(out, views.device)
+
+
+class HostOutputs:
+    """A batch's outputs on their way to the CPU: ``numpy()`` waits for the copies (a CUDA event) and gives
+    ``{'sat' | 'wsol': (scores, maps)}`` as numpy, so that the next batch's forward can be queued first."""
+
+    def __init__(self, outputs, device):
+        self.outputs = outputs
+        self.copied = None
+        if device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record(torch.cuda.current_stream(device))
+
+    def numpy(self):
+        if self.copied is not None:
+            self.copied.synchronize()
+        return {key: (scores.numpy(), maps.numpy()) for key, (scores, maps) in self.outputs.items()}
 
 
 def check_finite(out, image_ids):
@@ -358,29 +378,40 @@ def evaluate(model, loader, device, *, threshold=None, thresholds=(), wsol_thres
     try:
         with box_pool(threads, box_processes) as pool, torch.inference_mode():
             pending = deque()
-            batches = on_device(loader, device)  # on CUDA, the next batch is prepared on a side stream
-            for batch in tqdm(batches, desc="eval", unit="batch", dynamic_ncols=True, disable=not progress or rank):
-                views_on_device = batch_to_device(batch, device)
-                if views_on_device.shape[1] != layout.num_views or views_on_device.shape[-1] != layout.img_size:
-                    raise ValueError(f"batch views {tuple(views_on_device.shape[1:])} do not fit {layout}")
-                out = forward_views(model, views_on_device, layout, autocast)
+
+            def score(batch, outputs, crops):
+                """The CPU side of a batch, once the next batch's forward is queued on the device."""
+                out = outputs.numpy()
                 check_finite(out, batch["image_id"])
-                crops = _overlay_crops(views_on_device, batch, layout, max_images) if save_images else {}
                 if wsol_overlays and wsol_threshold is None:  # drawn once maxboxacc's threshold is known
                     scores, maps = out["wsol"]
-                    pending_overlays += [(batch["image_id"][k], crop, maps[k], batch["boxes"][k], batch["size"][k],
-                                          int(np.argmax(scores[k]))) for k, crop in crops.items()]
+                    pending_overlays.extend((batch["image_id"][k], crop, maps[k], batch["boxes"][k], batch["size"][k],
+                                             int(np.argmax(scores[k]))) for k, crop in crops.items())
                     crops = {}
                 annotations = {key: value for key, value in batch.items() if key != "image"}
                 pending.append(pool.submit(scorer, annotations, out, crops))
                 while len(pending) > 2 * threads or (pending and pending[0].done()):
                     counters, batch_rows = pending.popleft().result()
                     total.merge(counters)
-                    rows += batch_rows
+                    rows.extend(batch_rows)
+
+            batches = on_device(loader, device)  # on CUDA, the next batch is prepared on a side stream
+            previous = None
+            for batch in tqdm(batches, desc="eval", unit="batch", dynamic_ncols=True, disable=not progress or rank):
+                views_on_device = batch_to_device(batch, device)
+                if views_on_device.shape[1] != layout.num_views or views_on_device.shape[-1] != layout.img_size:
+                    raise ValueError(f"batch views {tuple(views_on_device.shape[1:])} do not fit {layout}")
+                outputs = forward_views(model, views_on_device, layout, autocast)
+                crops = _overlay_crops(views_on_device, batch, layout, max_images) if save_images else {}
+                if previous is not None:
+                    score(*previous)
+                previous = batch, outputs, crops
+            if previous is not None:
+                score(*previous)
             while pending:
                 counters, batch_rows = pending.popleft().result()
                 total.merge(counters)
-                rows += batch_rows
+                rows.extend(batch_rows)
     finally:
         model.train(was_training)
     if distributed:
