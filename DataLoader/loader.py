@@ -114,7 +114,8 @@ class BatchLoader:
     most one per ``MIN_PART`` images); 1 loads whole batches, as a plain DataLoader (and the official code)
     does, and so does a loader without workers. Persistent workers when workers > 0. ``sampler``, ``dataset``
     and ``generator`` (the workers' base seed, see ``utils.trainer.set_loader_epoch``) are those of the
-    underlying DataLoader."""
+    underlying DataLoader; the generator is the loader's own (seeded with ``seed``): without one, each pass
+    would draw from torch's global RNG, and the training crops would depend on how often evaluation ran."""
 
     def __init__(self, dataset, batch_size, sampler=None, *, workers, drop_last=False, seed=0, parts=None):
         self.dataset, self.sampler = dataset, sampler

@@ -390,7 +390,11 @@ def evaluate(model, loader, device, *, threshold=None, thresholds=(), wsol_thres
                     crops = {}
                 annotations = {key: value for key, value in batch.items() if key != "image"}
                 pending.append(pool.submit(scorer, annotations, out, crops))
-                while len(pending) > 2 * threads or (pending and pending[0].done()):
+                collect(keep=2 * threads)
+
+            def collect(keep):
+                """Merge the finished batches in order, waiting while more than ``keep`` are pending."""
+                while pending and (len(pending) > keep or pending[0].done()):
                     counters, batch_rows = pending.popleft().result()
                     total.merge(counters)
                     rows.extend(batch_rows)
@@ -408,10 +412,7 @@ def evaluate(model, loader, device, *, threshold=None, thresholds=(), wsol_thres
                 previous = batch, outputs, crops
             if previous is not None:
                 score(*previous)
-            while pending:
-                counters, batch_rows = pending.popleft().result()
-                total.merge(counters)
-                rows.extend(batch_rows)
+            collect(keep=0)
     finally:
         model.train(was_training)
     if distributed:
