@@ -1,4 +1,5 @@
 """Batching: the collate function, the loader that spreads each batch over the workers, and its factory."""
+import hashlib
 import queue
 import random
 import threading
@@ -6,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from .dataset import Skipped
 from .gpu_decode import PER_IMAGE, pack
@@ -88,17 +89,38 @@ def split_batch(indices, parts):
     return [indices[len(indices) * k // parts:len(indices) * (k + 1) // parts] for k in range(parts)]
 
 
-class _Parts(Sampler):
-    """The index lists the workers are given in one pass: set by BatchLoader before each pass."""
+class _Keys(Sampler):
+    """The keys the workers are given in one pass, a list per slice: set by BatchLoader before each pass."""
 
     def __init__(self):
-        self.parts = []
+        self.slices = []
 
     def __iter__(self):
-        return iter(self.parts)
+        return iter(self.slices)
 
     def __len__(self):
-        return len(self.parts)
+        return len(self.slices)
+
+
+def sample_seed(seed, epoch, index):
+    """The seed of sample ``index``'s random draws in ``epoch``: a function of these three alone."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+class _SeededSamples(Dataset):
+    """``dataset`` read by ``(index, seed)`` keys: torch's RNG is seeded with ``seed`` before each sample, so
+    that a sample's random crop does not depend on which worker reads it, nor on what that worker read before."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        torch.manual_seed(seed)
+        return self.dataset[index]
 
 
 class BatchLoader:
@@ -106,45 +128,54 @@ class BatchLoader:
     read by ``parts`` workers at once: every batch is split into ``parts`` slices, each loaded and collated by
     one worker, and a thread of the main process joins them (``merge_batches``, into pinned memory with
     CUDA) while the caller computes on the previous batch. The batches are those of a DataLoader of the same
-    sampler and batch size; only which worker reads which sample changes.
+    sampler and batch size.
 
     Why: a worker that loads a whole batch makes the first batch of every pass wait for one worker to decode
     all of it (each epoch and each evaluation starts idle) and leaves workers idle in the last round of a
     pass; with slices every worker works on every batch. ``parts`` defaults to the number of workers (at
     most one per ``MIN_PART`` images); 1 loads whole batches, as a plain DataLoader (and the official code)
-    does, and so does a loader without workers. Persistent workers when workers > 0. ``sampler``, ``dataset``
-    and ``generator`` (the workers' base seed, see ``utils.trainer.set_loader_epoch``) are those of the
-    underlying DataLoader; the generator is the loader's own (seeded with ``seed``): without one, each pass
-    would draw from torch's global RNG, and the training crops would depend on how often evaluation ran."""
+    does.
+
+    With workers, each sample's random draws (the training crop and flip) are seeded by ``sample_seed(seed,
+    epoch, index)`` (``epoch``: the sampler's), so that they are the same whatever the number of workers,
+    slices or processes, and a run resumed in the middle of an epoch draws what the uninterrupted run drew.
+    Without workers the samples are read by the caller's thread, with its RNG, in order (no slices): also
+    reproducible, with other crops. Persistent workers when workers > 0. ``sampler`` and ``dataset`` are
+    those given; ``generator`` (seeded with ``seed``) gives the workers' base seed (numpy and random in
+    ``init_worker``): without a generator of its own, each pass would draw from torch's global RNG."""
 
     def __init__(self, dataset, batch_size, sampler=None, *, workers, drop_last=False, seed=0, parts=None):
-        self.dataset, self.sampler = dataset, sampler
+        self.dataset, self.sampler, self.seed = dataset, sampler, seed
         self.batch_sampler = BatchSampler(SequentialSampler(dataset) if sampler is None else sampler, batch_size,
                                           drop_last)
-        # without workers the samples are read in this process: by the caller's thread (its RNG draws the crops)
         parts = min(workers, batch_size // MIN_PART) if parts is None else parts
         self.parts = max(1, parts) if workers else 1
         self.pin_memory = torch.cuda.is_available()
         self.generator = torch.Generator().manual_seed(seed)
-        self._parts = _Parts() if self.parts > 1 else None
+        self._keys = _Keys() if workers else None
         self._joiner = None
-        self.loader = DataLoader(dataset, batch_sampler=self.batch_sampler if self._parts is None else self._parts,
-                                 num_workers=workers, collate_fn=collate_samples,
-                                 pin_memory=self.pin_memory and self._parts is None, persistent_workers=workers > 0,
-                                 worker_init_fn=init_worker, generator=self.generator,
-                                 prefetch_factor=PREFETCH_BATCHES if workers > 0 and self._parts is not None else None)
+        self.loader = DataLoader(_SeededSamples(dataset) if workers else dataset,
+                                 batch_sampler=self._keys if workers else self.batch_sampler, num_workers=workers,
+                                 collate_fn=collate_samples, pin_memory=self.pin_memory and self.parts == 1,
+                                 persistent_workers=workers > 0, worker_init_fn=init_worker, generator=self.generator,
+                                 prefetch_factor=PREFETCH_BATCHES if self.parts > 1 else None)
 
     def __len__(self):
         return len(self.batch_sampler)
 
     def __iter__(self):
-        if self._parts is None:
+        if self._keys is None:
             yield from self.loader
             return
         if self._joiner is not None:  # a pass left early whose generator is still referenced
             self._joiner.stop()
+        epoch = getattr(self.sampler, "epoch", 0)
         batches = [split_batch(indices, self.parts) for indices in self.batch_sampler]
-        self._parts.parts = [part for parts in batches for part in parts]
+        self._keys.slices = [[(index, sample_seed(self.seed, epoch, index)) for index in part]
+                             for parts in batches for part in parts]
+        if self.parts == 1:
+            yield from self.loader
+            return
         self._joiner = joiner = _Joiner(iter(self.loader), [len(parts) for parts in batches], self.pin_memory)
         try:
             yield from joiner

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset, get_worker_info
 from DataLoader import build_dataset, build_loader, collate_samples, make_demo_dataset
 from DataLoader.eval_views import EvalViews
 from DataLoader.loader import merge_batches
+from DataLoader.transforms import TrainPixels
 from DataLoader.dataset import Skipped
 from utils.errors import DataError
 
@@ -138,3 +139,20 @@ def test_a_pass_left_early_does_not_disturb_the_next(cub):
     assert [b["index"] for b in loader] == [list(range(0, 12)), list(range(12, 24)), list(range(24, 30))]
     with pytest.raises(DataError, match="unreadable image .*Ringed_Disc_0002.jpg"):  # raised in a worker
         list(build_loader(build_dataset("cub", cub, "train", strict=True), 4, train=False, workers=2, parts=2))
+
+
+def test_training_crops_depend_on_seed_epoch_and_sample_only(cub):
+    """With workers, a sample's crop is the same whatever the worker count and slices, and whether the epoch
+    starts at its first batch or is resumed later; a new epoch draws anew."""
+    train = build_dataset("cub", cub, "train", TrainPixels(32, 36))
+
+    def crops(workers, parts, epoch, start_batch=0):
+        loader = build_loader(train, 4, train=True, workers=workers, seed=3, parts=parts, drop_last=False)
+        loader.sampler.set_epoch(epoch, start_batch)
+        return {i: tuple(crop) for batch in loader for i, crop in zip(batch["index"], batch["image"]["crops"].tolist())}
+
+    first = crops(2, 2, epoch=0)
+    assert len(first) == 5 and crops(3, 1, epoch=0) == first  # (one of the 6 images is unreadable)
+    resumed = crops(1, 1, epoch=0, start_batch=1)
+    assert 0 < len(resumed) < 5 and all(first[i] == crop for i, crop in resumed.items())
+    assert crops(2, 2, epoch=1) != first

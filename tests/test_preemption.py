@@ -160,6 +160,20 @@ def test_signal_mid_epoch_then_resume_gives_the_uninterrupted_run(data_root, ref
     assert_same_run(out, reference)
 
 
+def test_with_workers_a_resumed_run_on_other_workers_gives_the_uninterrupted_run(data_root, tmp_path, monkeypatch):
+    """Loader workers draw each sample's crop from (seed, epoch, index): a run stopped mid-epoch and resumed
+    with another number of workers (and slices) ends as the uninterrupted run."""
+    reference = tmp_path / "reference"
+    train_main(run_args(data_root, reference, "--workers", "2"))
+    out = tmp_path / "run"
+    interrupt(monkeypatch, at=4, signum=signal.SIGTERM)
+    with pytest.raises(SystemExit):
+        train_main(run_args(data_root, out, "--workers", "2"))
+    monkeypatch.undo()
+    train_main(run_args(data_root, out, "--workers", "1", "--resume"))
+    assert_same_run(out, reference)
+
+
 def test_periodic_checkpoint_then_crash_then_resume(data_root, reference, tmp_path, monkeypatch):
     out = tmp_path / "run"
     interrupt(monkeypatch, at=11)  # crash in step 11 of 12; the last save was after step 8 (epoch 2, step 2)
