@@ -72,8 +72,9 @@ def set_rng_state(state):
 
 
 def set_loader_epoch(loader, epoch, seed, start_batch=0):
-    """Make this epoch's order (the sampler's) and the workers' seeds (the loader's generator) depend only
-    on (seed, epoch), so that a resumed run sees the same samples; ``start_batch``: resume mid-epoch."""
+    """Make this epoch's order (the sampler's, which also keys each image's crop seed in the loader workers:
+    DataLoader.loader.BatchLoader) and the loader's generator depend only on (seed, epoch), so that a resumed
+    run sees the same samples; ``start_batch``: resume mid-epoch."""
     loader.sampler.set_epoch(epoch, start_batch)
     loader.generator.manual_seed(seed + epoch)
 
