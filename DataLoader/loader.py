@@ -142,8 +142,8 @@ class BatchLoader:
     slices or processes, and a run resumed in the middle of an epoch draws what the uninterrupted run drew.
     Without workers the samples are read by the caller's thread, with its RNG, in order (no slices): also
     reproducible, with other crops. Persistent workers when workers > 0. ``sampler`` and ``dataset`` are
-    those given; ``generator`` (seeded with ``seed``) gives the workers' base seed (numpy and random in
-    ``init_worker``): without a generator of its own, each pass would draw from torch's global RNG."""
+    those given. The DataLoader gets a generator of its own (seeded with ``seed``) for the workers' base seed:
+    without one it would draw that seed from torch's global RNG, which the training run's draws come from."""
 
     def __init__(self, dataset, batch_size, sampler=None, *, workers, drop_last=False, seed=0, parts=None):
         self.dataset, self.sampler, self.seed = dataset, sampler, seed
@@ -152,13 +152,13 @@ class BatchLoader:
         parts = min(workers, batch_size // MIN_PART) if parts is None else parts
         self.parts = max(1, parts) if workers else 1
         self.pin_memory = torch.cuda.is_available()
-        self.generator = torch.Generator().manual_seed(seed)
         self._keys = _Keys() if workers else None
         self._joiner = None
         self.loader = DataLoader(_SeededSamples(dataset) if workers else dataset,
                                  batch_sampler=self._keys if workers else self.batch_sampler, num_workers=workers,
                                  collate_fn=collate_samples, pin_memory=self.pin_memory and self.parts == 1,
-                                 persistent_workers=workers > 0, worker_init_fn=init_worker, generator=self.generator,
+                                 persistent_workers=workers > 0, worker_init_fn=init_worker,
+                                 generator=torch.Generator().manual_seed(seed),
                                  prefetch_factor=PREFETCH_BATCHES if self.parts > 1 else None)
 
     def __len__(self):

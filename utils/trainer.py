@@ -71,14 +71,6 @@ def set_rng_state(state):
     random.setstate((version, tuple(mt_state.tolist()), gauss))
 
 
-def set_loader_epoch(loader, epoch, seed, start_batch=0):
-    """Make this epoch's order (the sampler's, which also keys each image's crop seed in the loader workers:
-    DataLoader.loader.BatchLoader) and the loader's generator depend only on (seed, epoch), so that a resumed
-    run sees the same samples; ``start_batch``: resume mid-epoch."""
-    loader.sampler.set_epoch(epoch, start_batch)
-    loader.generator.manual_seed(seed + epoch)
-
-
 # ------------------------------------------------------------------------------------------ data
 def resolve_data(cfg, imagenet, info):
     """(format, root): the configured data, or the synthetic demo dataset when no root is given."""
@@ -444,7 +436,9 @@ def train(cfg, info, imagenet=False, progress=None):
             for epoch in range(start_epoch, cfg.epochs):
                 progress["epoch"] = epoch
                 first_step = start_step if epoch == start_epoch else 0
-                set_loader_epoch(train_loader, epoch, cfg.seed, first_step * cfg.accum_steps)
+                # this epoch's order, and each image's crop seed in the loader workers (BatchLoader), depend
+                # only on (seed, epoch): a resumed run sees the samples of the uninterrupted one
+                train_loader.sampler.set_epoch(epoch, first_step * cfg.accum_steps)
                 stats = train_one_epoch(train_model, criterion, train_loader, optimizer, info.device, epoch,
                                         loss_scaler, scheduler=scheduler, accum_steps=cfg.accum_steps,
                                         autocast=autocast, clip_grad=cfg.clip_grad, log_every=cfg.log_every,
