@@ -89,17 +89,29 @@ def split_batch(indices, parts):
     return [indices[len(indices) * k // parts:len(indices) * (k + 1) // parts] for k in range(parts)]
 
 
-class _Keys(Sampler):
-    """The keys the workers are given in one pass, a list per slice: set by BatchLoader before each pass."""
+class _Slices(Sampler):
+    """The keys the workers are given, a list per slice of each batch of ``batch_sampler``: ``(index, epoch)``
+    (``epoch``: the sampler's, read at the start of each pass). Made as the loader asks for them, so that a
+    pass starts without first going through all its indices."""
 
-    def __init__(self):
-        self.slices = []
+    def __init__(self, batch_sampler, parts):
+        self.batch_sampler, self.parts = batch_sampler, parts
+
+    def parts_per_batch(self):
+        """How many slices each batch of a pass has (``split_batch`` of batches of the sampler's length)."""
+        size, sampler = self.batch_sampler.batch_size, self.batch_sampler.sampler
+        full, rest = divmod(len(sampler), size)
+        lengths = [size] * full + ([rest] if rest and not self.batch_sampler.drop_last else [])
+        return [min(self.parts, length) for length in lengths]
 
     def __iter__(self):
-        return iter(self.slices)
+        epoch = getattr(self.batch_sampler.sampler, "epoch", 0)
+        for indices in self.batch_sampler:
+            for part in split_batch(indices, self.parts):
+                yield [(index, epoch) for index in part]
 
     def __len__(self):
-        return len(self.slices)
+        return sum(self.parts_per_batch())
 
 
 def sample_seed(seed, epoch, index):
@@ -108,19 +120,20 @@ def sample_seed(seed, epoch, index):
 
 
 class _SeededSamples(Dataset):
-    """``dataset`` read by ``(index, seed)`` keys: torch's CPU RNG is seeded with ``seed`` before each sample,
-    so that a sample's random crop does not depend on which worker reads it, nor on what that worker read
-    before."""
+    """``dataset`` read by ``(index, epoch)`` keys: torch's CPU RNG is seeded with ``sample_seed(seed, epoch,
+    index)`` before each sample, so that a sample's random crop does not depend on which worker reads it, nor
+    on what that worker read before."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        index, seed = key
-        torch.default_generator.manual_seed(seed)  # the CPU generator of the crops (torch.manual_seed: 100x slower)
+        index, epoch = key
+        # the CPU generator the crops draw from (torch.manual_seed, which also queues CUDA seeding: 100x slower)
+        torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
         return self.dataset[index]
 
 
@@ -146,17 +159,18 @@ class BatchLoader:
     without one it would draw that seed from torch's global RNG, which the training run's draws come from."""
 
     def __init__(self, dataset, batch_size, sampler=None, *, workers, drop_last=False, seed=0, parts=None):
-        self.dataset, self.sampler, self.seed = dataset, sampler, seed
+        self.dataset, self.sampler = dataset, sampler
         self.batch_sampler = BatchSampler(SequentialSampler(dataset) if sampler is None else sampler, batch_size,
                                           drop_last)
         parts = min(workers, batch_size // MIN_PART) if parts is None else parts
         self.parts = max(1, parts) if workers else 1
         self.pin_memory = torch.cuda.is_available()
-        self._keys = _Keys() if workers else None
+        self._slices = _Slices(self.batch_sampler, self.parts) if workers else None
         self._joiner = None
-        self.loader = DataLoader(_SeededSamples(dataset) if workers else dataset,
-                                 batch_sampler=self._keys if workers else self.batch_sampler, num_workers=workers,
-                                 collate_fn=collate_samples, pin_memory=self.pin_memory and self.parts == 1,
+        self.loader = DataLoader(_SeededSamples(dataset, seed) if workers else dataset,
+                                 batch_sampler=self.batch_sampler if self._slices is None else self._slices,
+                                 num_workers=workers, collate_fn=collate_samples,
+                                 pin_memory=self.pin_memory and self.parts == 1,
                                  persistent_workers=workers > 0, worker_init_fn=init_worker,
                                  generator=torch.Generator().manual_seed(seed),
                                  prefetch_factor=PREFETCH_BATCHES if self.parts > 1 else None)
@@ -165,19 +179,12 @@ class BatchLoader:
         return len(self.batch_sampler)
 
     def __iter__(self):
-        if self._keys is None:
-            yield from self.loader
-            return
         if self._joiner is not None:  # a pass left early whose generator is still referenced
             self._joiner.stop()
-        epoch = getattr(self.sampler, "epoch", 0)
-        batches = [split_batch(indices, self.parts) for indices in self.batch_sampler]
-        self._keys.slices = [[(index, sample_seed(self.seed, epoch, index)) for index in part]
-                             for parts in batches for part in parts]
         if self.parts == 1:
             yield from self.loader
             return
-        self._joiner = joiner = _Joiner(iter(self.loader), [len(parts) for parts in batches], self.pin_memory)
+        self._joiner = joiner = _Joiner(iter(self.loader), self._slices.parts_per_batch(), self.pin_memory)
         try:
             yield from joiner
         finally:

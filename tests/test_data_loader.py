@@ -156,3 +156,16 @@ def test_training_crops_depend_on_seed_epoch_and_sample_only(cub):
     resumed = crops(1, 1, epoch=0, start_batch=1)
     assert 0 < len(resumed) < 5 and all(first[i] == crop for i, crop in resumed.items())
     assert crops(2, 2, epoch=1) != first
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_slices_of_a_resumed_epoch_form_its_batches(drop_last):
+    """The slices are made as the workers ask for them; the joined batches of an epoch resumed at its second
+    batch are the batches a plain loader gives (the short last one, or none with drop_last)."""
+    batches = {}
+    for parts in (1, 3):
+        loader = build_loader(WhoLoads(), 12, train=True, workers=3, parts=parts, drop_last=drop_last)
+        loader.sampler.set_epoch(2, start_batch=1)
+        batches[parts] = [b["index"] for b in loader]
+        assert len(loader) == len(batches[parts])
+    assert batches[3] == batches[1] and [len(b) for b in batches[3]] == ([12] if drop_last else [12, 6])
