@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from utils.errors import ConfigError
-from utils.metrics_sat import TRAIN_THRESHOLDS
+from utils.metrics import TRAIN_THRESHOLDS
 from utils.optim import trainable_blocks
 
 LR_SCHEDULES = ("constant", "cosine")
