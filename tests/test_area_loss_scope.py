@@ -1,9 +1,10 @@
-"""Which images the batch area loss averages over: ``global`` under 2-process gloo DDP equals the official
-DataParallel loss on the whole batch, ``process`` is each process's own batch, a group size N gives on 1, 2
-or 4 processes the loss on the concatenated batch cut into groups of N, and gradient accumulation computes
-it per micro-batch (with DDP, the micro-batches of all processes, all-reducing gradients once per optimizer
-step: ``no_sync``). The data make the scope matter: one half of the batch has small maps, the other large
-ones, and the area prior lies between the halves' mean areas."""
+"""Which images the batch area loss averages over: ``global`` (and a group size of the whole batch) under
+2-process gloo DDP equals the official DataParallel loss on the whole batch, ``process`` (and a group size
+of one process's batch) is each process's own batch, a group size N gives on 1, 2 or 4 processes the loss
+on the concatenated batch cut into groups of N, and gradient accumulation computes it per micro-batch
+(with DDP, the micro-batches of all processes, all-reducing gradients once per optimizer step:
+``no_sync``). The data make the scope matter: one half of the batch has small maps, the other large ones,
+and the area prior lies between the halves' mean areas."""
 import os
 import warnings
 
@@ -81,10 +82,10 @@ def _rank(rank, port, out_dir):
     try:
         result = {}
         half = list(range(4 * rank, 4 * rank + 4))
-        for scope in ("global", "process"):
+        for scope in ("global", "process", 8, 4):
             model = nn.parallel.DistributedDataParallel(Toy())
             logits, maps = model(images()[half])
-            SATLoss(AREA_THR, scope)(logits, maps, LABELS[half])["loss"].backward()
+            SATLoss(AREA_THR, scope, micro_batch=4)(logits, maps, LABELS[half])["loss"].backward()
             result[scope] = grads(model.module)
         # accumulation: 2 micro-batches of 2 images per process; count the gradient all-reduces
         model = nn.parallel.DistributedDataParallel(Toy())
@@ -110,8 +111,8 @@ def test_scopes_under_two_process_ddp_and_accumulation(tmp_path):
     halves = reference_grads([list(range(4)), list(range(4, 8))])
     assert not torch.allclose(whole, halves, atol=1e-3)  # the data make the scope matter
     for r in ranks:
-        torch.testing.assert_close(r["global"], whole, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(r["process"], halves, atol=1e-6, rtol=1e-5)
+        for scope, expected in (("global", whole), (8, whole), ("process", halves), (4, halves)):
+            torch.testing.assert_close(r[scope], expected, atol=1e-6, rtol=1e-5)
     # with accumulation, each micro-batch's area spans the k-th micro-batch of every process
     expected = reference_grads([[0, 1, 4, 5], [2, 3, 6, 7]])
     for r in ranks:
