@@ -27,8 +27,10 @@ class Skipped(NamedTuple):
 
 
 def size_differences(batch):
-    """Images of an evaluation batch whose file is not the size their annotation states."""
-    return sum(tuple(size) != tuple(file_size) for size, file_size in zip(batch["size"], batch["file_size"]))
+    """Images of an evaluation batch whose file is not the size their annotation states (none in a batch
+    without ``'file_size'``, e.g. one built by hand)."""
+    sizes = batch.get("size", ())
+    return sum(tuple(size) != tuple(file_size) for size, file_size in zip(sizes, batch.get("file_size", sizes)))
 
 
 def size_difference_warning(count):
