@@ -116,6 +116,7 @@ def test_val_gt_sizes_map_the_boxes_where_they_differ_from_the_files(imagenet):
     assert boxes_protocol_a(samples[0]["boxes"], samples[0]["size"]).tolist() == [[0, 9, 112, 197]]
     batch = collate_samples(samples)
     assert size_differences(batch) == 2 and size_difference_warning(2).startswith("2 image(s) are not the size")
+    assert size_differences({"size": batch["size"]}) == 0  # a batch built by hand
 
 
 def test_explicit_val_boxes_path_wins(imagenet, tmp_path):
