@@ -37,7 +37,7 @@ OFFICIAL_CUB = dict(
     threshold=0.4, test_tencrop=True,  # evaluator.py: --threshold [0.4], --tencrop True
     val_split=False, seed=6, amp=False)
 OFFICIAL_IMAGENET = dict(
-    OFFICIAL_CUB, area_thr=0.35, area_loss_scope="process",  # DDP: each GPU's own batch
+    OFFICIAL_CUB, area_thr=0.35, area_loss_scope=128,  # DDP: each of its 4 GPUs' own batch of 512 / 4
     epochs=1,  # `break  ## 1 epoch is enough`
     eval_start_epoch=1,  # it evaluates nothing while training: the one epoch is the last, evaluated anyway
     batch_size=512, lr=1.5e-5, drop_last=True, threshold=0.3, test_tencrop=False)  # evaluator_ImageNet.py
@@ -91,7 +91,8 @@ def test_default_config_file_is_used_without_config(tmp_path):
     ("lr: fast\n", "lr must be a number"),
     ("amp: maybe\n", "amp must be auto, true or false"),
     ("selection_metric: best\n", "selection_metric must be one of loc, top1_loc"),
-    ("area_loss_scope: node\n", "area_loss_scope must be one of global, process"),
+    ("area_loss_scope: node\n", "area_loss_scope must be one of global, process or a number of images >= 1"),
+    ("area_loss_scope: 0\n", "area_loss_scope must be one of global, process or a number of images >= 1"),
     ("lr_schedule: step\n", "lr_schedule must be one of constant, cosine"),
     ("eval_thresholds: 0.4\n", "eval_thresholds must be a list of numbers"),
     ("- a\n- b\n", "expected a mapping"),
@@ -140,6 +141,16 @@ def test_bad_flag_value_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--lr-schedule", "step"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_area_loss_scope_takes_a_name_or_a_group_size(tmp_path, capsys):
+    assert parse_config(["--area-loss-scope", "process"]).area_loss_scope == "process"
+    assert parse_config(["--area-loss-scope", "64"]).area_loss_scope == 64
+    assert parse_config(["--config", write(tmp_path, "area_loss_scope: 32\n")]).area_loss_scope == 32
+    for bad in ("0", "node", "1.5"):
+        with pytest.raises(SystemExit):
+            parse_config(["--area-loss-scope", bad])
+        assert "argument --area-loss-scope" in capsys.readouterr().err
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -24,8 +24,8 @@ SELECTION_METRICS = ("loc", "top1_loc", "gt_known_loc", "top1_cls", "maxboxaccv2
 
 
 class Field:
-    """One config key: default, kind ('int', 'float', 'str', 'bool', 'floats', 'amp', 'pretrained'),
-    whether ``null`` is allowed, allowed choices and help text."""
+    """One config key: default, kind ('int', 'float', 'str', 'bool', 'floats', 'amp', 'pretrained',
+    'area_scope'), whether ``null`` is allowed, allowed choices and help text."""
 
     def __init__(self, default, kind, help, nullable=False, choices=None):
         self.default, self.kind, self.help, self.nullable, self.choices = default, kind, help, nullable, choices
@@ -41,10 +41,13 @@ FIELDS = {
     "num_spatial_blocks": Field(3, "int", "number of final spatial-aware blocks"),
     "attn_impl": Field("fused", "str", "attention implementation", choices=("fused", "naive")),
     "area_thr": Field(0.25, "float", "area prior of the batch area loss (paper's lambda)"),
-    "area_loss_scope": Field("global", "str", "images the batch area loss averages over: global = one micro-batch "
-                                              "of every process (official CUB run: DataParallel, 256 images), "
-                                              "process = each process's own micro-batch (official ImageNet run: "
-                                              "DDP)", choices=AREA_LOSS_SCOPES),
+    "area_loss_scope": Field("global", "area_scope", "images the batch area loss averages over: global = one "
+                                                     "micro-batch of every process (official CUB run: DataParallel, "
+                                                     "256 images); process = each process's own micro-batch; N (an "
+                                                     "integer) = groups of N images of the processes' micro-batches "
+                                                     "in rank order, one term per group, averaged (official ImageNet "
+                                                     "run: DDP, 128 images on each of its 4 GPUs: 128 on any number "
+                                                     "of processes)"),
     # optimisation
     "epochs": Field(30, "int", "number of training epochs"),
     "batch_size": Field(256, "int", "GLOBAL batch per optimizer step (split over processes and accumulation)"),
@@ -131,6 +134,15 @@ def _amp(text):
     return "auto" if str(text).lower() == "auto" else _bool(text)
 
 
+def _area_scope(text):
+    """'global', 'process' or a group size in images (>= 1)."""
+    if text in AREA_LOSS_SCOPES:
+        return text
+    if re.fullmatch(r"\d+", str(text)) and int(text) >= 1:
+        return int(text)
+    raise ValueError(text)
+
+
 def _pretrained(text):
     try:
         return _bool(text)
@@ -139,7 +151,7 @@ def _pretrained(text):
 
 
 CONVERTERS = {"int": int, "float": float, "str": str, "bool": _bool, "floats": float, "amp": _amp,
-              "pretrained": _pretrained}
+              "pretrained": _pretrained, "area_scope": _area_scope}
 
 
 def _nullable(convert):
@@ -182,7 +194,8 @@ def _check_value(key, value, where):
     field = FIELDS[key]
     expected = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
                 "floats": "a list of numbers", "amp": "auto, true or false",
-                "pretrained": "true, false or a file path"}[field.kind]
+                "pretrained": "true, false or a file path",
+                "area_scope": f"one of {', '.join(AREA_LOSS_SCOPES)} or a number of images >= 1"}[field.kind]
     if value is None and field.nullable:
         return None
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -195,6 +208,7 @@ def _check_value(key, value, where):
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
         "amp": isinstance(value, bool) or value == "auto",
         "pretrained": isinstance(value, (bool, str)),
+        "area_scope": value in AREA_LOSS_SCOPES or (type(value) is int and value >= 1),
     }[field.kind]
     if not ok:
         raise ConfigError(f"{where}: {key} must be {expected}{' or null' if field.nullable else ''}, got {value!r}")
