@@ -31,7 +31,8 @@ def write_run(folder, metrics, rows=None, curves=None):
     (folder / "metrics.json").write_text(json.dumps(metrics))
     if rows is not None:
         lines = ["image_id,label,top5,gt_known,top1_loc,iou"]
-        lines += [f"{image_id},{label},{label} {1 - label},{gt},{top1},{iou!r}" for image_id, label, gt, top1, iou in rows]
+        lines += [f"{image_id},{label},{label} {1 - label},{gt},{top1},{iou!r}"
+                  for image_id, label, gt, top1, iou in rows]
         (folder / "per_image.csv").write_text("\n".join(lines) + "\n")
     if curves is not None:
         (folder / "wsol_curves.json").write_text(json.dumps(curves))

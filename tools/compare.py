@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.errors import ConfigError, DataError, run_cli  # noqa: E402
 from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noqa: E402
 
-# metrics.json keys that describe the model or the inputs rather than a result
-SETTINGS = ("num_classes", "img_size", "resize_size", "search_thresholds", "thresholds", "per_class")
+# metrics.json keys not in the table: settings of the model and inputs, the threshold lists (their results
+# are the <metric>@<threshold> rows) and per_class (a table of its own)
+NOT_TABULATED = ("num_classes", "img_size", "resize_size", "search_thresholds", "thresholds", "per_class")
 PER_THRESHOLD = "_per_threshold"
 PER_IMAGE_FLAGS = ("gt_known", "top1_loc")
 MAX_CLASSES_DRAWN = 40
@@ -77,7 +78,7 @@ def metric_rows(metrics, prefix=""):
     each ``<metric>_per_threshold`` list as ``<metric>@<threshold>`` rows by rising threshold."""
     out = []
     for key, value in metrics.items():
-        if key in SETTINGS and not prefix:
+        if key in NOT_TABULATED and not prefix:
             continue
         if isinstance(value, dict):
             out += metric_rows(value, f"{prefix}{key}.")
@@ -107,7 +108,9 @@ def metric_table(runs):
 def _cell(metric, value):
     if value is None:
         return "-"
-    if isinstance(value, int) or "threshold" in metric.rsplit(".", 1)[-1]:
+    if isinstance(value, int):
+        return str(value)
+    if "threshold" in metric.rsplit(".", 1)[-1]:
         return f"{value:g}"
     return f"{value:.2f}"
 
