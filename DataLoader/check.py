@@ -1,4 +1,5 @@
-"""The check of built splits before training: every image opens and is complete, every box lies inside its image.
+"""The check of built splits before training: every image opens and is complete, and in evaluation splits every
+box lies inside its image.
 
 A header alone does not show a truncated file (its header is intact), so the cheap check also reads the last
 bytes of each file: a JPEG ends with its end marker FF D9 (after any zero padding), a PNG with its IEND chunk.
@@ -116,8 +117,9 @@ class CheckReport:
 
 def check_split(dataset, split, workers=0, decode=False, progress=False):
     """A :class:`CheckReport` of every item of ``dataset`` (a WSOLDataset), read by ``workers`` processes
-    (0: in this process)."""
-    jobs = [(dataset.image_path(index), item.boxes, item.source, decode) for index, item in enumerate(dataset.items)]
+    (0: in this process). Boxes are checked in evaluation splits only: training does not use them."""
+    jobs = [(dataset.image_path(index), item.boxes if dataset.evaluation else None, item.source, decode)
+            for index, item in enumerate(dataset.items)]
     chunks = Chunks(jobs)
     processes = min(workers, len(chunks))
     start = time.perf_counter()

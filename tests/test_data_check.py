@@ -95,7 +95,8 @@ def test_box_outside_its_image_is_found(tmp_path):
     noise((40, 30)).save(tmp_path / "b.jpg")
     report = check_split(split_of(tmp_path, ["a.jpg", "b.jpg"], {"a.jpg": (1, 1, 39, 29), "b.jpg": (2, 3, 45, 20)}),
                          "test")
-    assert report.bad == [(str(tmp_path / "b.jpg"), "boxes.txt line 2: box (2, 3, 45, 20) lies outside the 40x30 image")]
+    assert report.bad == [(str(tmp_path / "b.jpg"),
+                           "boxes.txt line 2: box (2, 3, 45, 20) lies outside the 40x30 image")]
 
 
 def test_bad_evaluation_images_are_one_error_line(cub):
@@ -118,6 +119,8 @@ def test_bad_evaluation_images_are_one_error_line(cub):
 def test_bad_train_images_are_skipped_unless_strict(cub, caplog):
     bad = cub_paths(cub, train=True)[1]
     bad.write_bytes(bad.read_bytes()[:-30])
+    boxes = cub / "bounding_boxes.txt"  # a train box outside its image: training does not use it
+    boxes.write_text("1 10 10 90 20\n" + "".join(line + "\n" for line in boxes.read_text().splitlines()[1:]))
     train, test = (build_dataset("cub", cub, split, lambda image: image) for split in ("train", "test"))
     with caplog.at_level(logging.INFO, logger="sat"):
         reports = check_splits(train, {"test": test})  # the train split only when asked

@@ -1,5 +1,6 @@
-"""Validate a dataset without writing anything: build each split, check every image (it opens and is complete,
-its boxes lie inside it) as train.py does before training, and print the counts and every bad image."""
+"""Validate a dataset without writing anything: build each split, check every image (it opens and is complete;
+in evaluation splits its boxes lie inside it) as train.py does before training, and print the counts and every
+bad image."""
 import argparse
 import os
 import sys
