@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from DataLoader import build_dataset, build_loader
+from DataLoader.check import check_splits
 from DataLoader.eval_loader import ANNOTATIONS, build_eval_loader, protocol_for_data, resolve_data
 from DataLoader.eval_views import default_resize_size, views_of
 from DataLoader.image_cache import attach_image_cache
@@ -32,8 +33,8 @@ from utils.checkpoint import (checkpoint_weights, load_checkpoint, model_spec, r
                               save_checkpoint, seed_everything)
 from utils.config import config_dict, parse_config, save_config
 from utils.engine import evaluate, train_one_epoch
-from utils.errors import ConfigError, DataError, run_cli
-from utils.logger import MetricsLog, close_logging, setup_logging
+from utils.errors import ConfigError, DataError, SATError, run_cli
+from utils.logger import MetricsLog, close_logging, log_error, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 from utils.preemption import Preempted, StepCheckpoint, StopSignals, resume_command
 
@@ -66,6 +67,9 @@ def main(argv=None, imagenet=False):
             script = "train_ImageNet.py" if imagenet else "train.py"
             _logger.warning("%s", interrupted_message(cfg, info, progress, script, argv))
         raise SystemExit(130) from None
+    except SATError as err:
+        log_error(err)  # the terminal gets the line from run_cli
+        raise
     finally:
         close_logging()
         dist_utils.cleanup()
@@ -99,6 +103,7 @@ def train(cfg, info, imagenet=False, progress=None):
     _logger.info("data %s at %s: %d train images, %d classes; model selection on the %s split (%d images)%s",
                  fmt, root, len(train_set), train_set.num_classes, selection_split, len(selection_loader.dataset),
                  "" if cfg.val_split else " (no --val-split: as the official code does)")
+    check_data(cfg, info, train_set, {selection_split: selection_loader.dataset, "test": test_loader.dataset})
 
     # model, loss, optimizer and learning-rate schedule
     model, train_model = build_training_model(cfg, train_set.num_classes, info)
@@ -227,6 +232,22 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
         for dataset in dict.fromkeys(loader.dataset for loader in (train_loader, selection_loader, test_loader)):
             attach_image_cache(dataset, Path(cfg.output_dir) / IMAGE_CACHE)
     return train_loader, selection_loader, test_loader, plan
+
+
+def check_data(cfg, info, train_set, eval_sets):
+    """Before the first step: every image of the evaluation splits (and of the training split with
+    check_train_split) complete and its boxes inside it (DataLoader/check.py); one DataError line otherwise,
+    on every process, so that a broken test image is not found after training."""
+    failure = None
+    if info.is_main:  # one process reads the files
+        try:
+            check_splits(train_set, eval_sets, workers=cfg.workers, check_train=cfg.check_train_split,
+                         strict=cfg.strict_data, progress=True)
+        except DataError as err:
+            failure = str(err)
+    failure = dist_utils.all_gather_object(failure)[0]
+    if failure is not None:
+        raise DataError(failure)
 
 
 # ----------------------------------------------------------------------------------- evaluation plan

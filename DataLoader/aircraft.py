@@ -40,7 +40,8 @@ def read_variants(path):
 
 
 def load_aircraft(root, split):
-    """(image root, items, variant names) of the 'train' (= trainval) or 'test' split of FGVC-Aircraft."""
+    """(image root, items, variant names) of the 'train' (= trainval) or 'test' split of FGVC-Aircraft; items
+    carry their box (images_box.txt is required for the test split only)."""
     if split not in SPLIT_FILES:
         raise DataError(f"{root}: FGVC-Aircraft has no '{split}' split here (train = trainval, test)")
     data = data_folder(root)
@@ -48,8 +49,8 @@ def load_aircraft(root, split):
     index = {name: label for label, name in enumerate(classes)}
     split_path = data / SPLIT_FILES[split]
     rows = read_table(split_path, (str, str), "'image_id variant'")
-    if split == "test":
-        boxes_path = data / "images_box.txt"
+    boxes_path, boxes = data / "images_box.txt", {}
+    if split == "test" or boxes_path.exists():
         boxes = rows_by_id(boxes_path, (str, float, float, float, float), "'image_id xmin ymin xmax ymax'")
     items = []
     for lineno, (image_id, variant) in rows:
@@ -60,7 +61,7 @@ def load_aircraft(root, split):
         if not (data / "images" / path).is_file():
             raise DataError(f"{where}: image {data / 'images' / path} not found")
         item = Item(path, index[variant])
-        if split == "test":
+        if split == "test" or image_id in boxes:
             [(box_line, box)] = entries(boxes, image_id, boxes_path, SPLIT_FILES[split])
             item.source = lines_source(boxes_path, [box_line])
             check_boxes(box, None, item.source)

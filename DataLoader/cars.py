@@ -59,7 +59,7 @@ def entry(index):
 def load_cars(root, split):
     """(image root, items, class names) of the 'train' or 'test' split of a Stanford Cars release.
 
-    One box per image; test items carry it in original pixels as the annotations give it (1-based
+    One box per image; items carry it in original pixels as the annotations give it (1-based
     inclusive, so x2 may equal the image width). The cars_train/ + devkit layout is used when its
     folder for ``split`` exists, else car_ims/ + cars_annos.mat.
     """
@@ -93,12 +93,9 @@ def load_cars(root, split):
         check_label(label, range(1, len(classes) + 1), where)
         if not (root / relpath).is_file():
             raise DataError(f"{where}: image {root / relpath} not found")
-        item = Item(relpath, label - 1)
-        if split == "test":
-            box = [entry_number(columns[field][index], path, entry(index), field) for field in BOX_FIELDS]
-            check_boxes(box, None, where)
-            item.boxes, item.source = np.array([box], np.float32), where
-        items.append(item)
+        box = [entry_number(columns[field][index], path, entry(index), field) for field in BOX_FIELDS]
+        check_boxes(box, None, where)
+        items.append(Item(relpath, label - 1, boxes=np.array([box], np.float32), source=where))
     if not items:
         raise DataError(f"{path}: no {split} images annotated (expected {CARS_LAYOUT})")
     return root, items, classes

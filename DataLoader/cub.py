@@ -42,7 +42,8 @@ def read_classes(path):
 
 
 def load_cub(root, split):
-    """(image root, items, class names) of the 'train' or 'test' split of a CUB release at ``root``."""
+    """(image root, items, class names) of the 'train' or 'test' split of a CUB release at ``root``; items
+    carry their boxes (every test image must have one, a train image may have none)."""
     if split not in ("train", "test"):
         raise DataError(f"{root}: CUB-200-2011 has no '{split}' split (train/test); "
                         "pass --metadata-root for the wsolevaluation val split")
@@ -68,7 +69,7 @@ def load_cub(root, split):
         if not os.path.exists(root / "images" / relpath):
             raise DataError(f"{images_path} line {lineno}: image {root / 'images' / relpath} not found")
         item = Item(relpath, label - 1)
-        if split == "test":
+        if split == "test" or image_id in boxes:
             image_boxes, box_lines = entries(boxes, image_id, boxes_path, "images.txt")
             item.boxes = np.array(image_boxes, np.float32)
             item.source = lines_source(boxes_path, box_lines)

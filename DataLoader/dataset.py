@@ -74,32 +74,19 @@ class WSOLDataset(Dataset):
     def image_path(self, index):
         return os.path.join(self.image_root, self.items[index].path)
 
-    def _open(self, index, header_only):
-        """The RGB image (or only its (W, H) size); a Skipped when unreadable and skipping is allowed.
+    def _open(self, index):
+        """The RGB image; a Skipped when unreadable and skipping is allowed.
         A transform with ``gpu_decode`` gets the image opened but not decoded (header read: size, format,
         mode), and decodes on the device (DataLoader/gpu_decode.py)."""
         path = self.image_path(index)
         try:
             with Image.open(path) as image:
-                if header_only:
-                    return image.size
                 return image if getattr(self.transform, "gpu_decode", False) else image.convert("RGB")
         except UNREADABLE as err:
             message = unreadable_message(path, err)
             if self.strict or self.evaluation:
                 raise DataError(message) from None
             return Skipped(f"skipping {message}")
-
-    def check_item(self, index):
-        """Read the image header and check the item's boxes against its size; the Skipped of an
-        unreadable image that may be skipped, else None."""
-        size = self._open(index, header_only=True)
-        if isinstance(size, Skipped):
-            return size
-        item = self.items[index]
-        if item.boxes is not None:
-            check_boxes(item.boxes, item.size or size, item.source)
-        return None
 
     def _transformed(self, index):
         """(the transform's output, the original (W, H)) of image ``index``, through the cache if any; a
@@ -108,7 +95,7 @@ class WSOLDataset(Dataset):
         if cached is not None:
             pixels, size = cached
             return self.transform.from_resized(pixels), size
-        image = self._open(index, header_only=False)
+        image = self._open(index)
         if isinstance(image, Skipped):
             return image, None
         if self.cache is None:

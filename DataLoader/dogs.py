@@ -28,8 +28,8 @@ def load_dogs(root, split):
     """(image root, items, class names) of the 'train' or 'test' split of a Stanford Dogs release.
 
     Classes are the sorted ``Images/`` folders (the release's label order, as ImageFolder in the official
-    code); a list entry whose label disagrees with its folder is an error. Test items carry every box
-    of their annotation file, in original pixels as written there.
+    code); a list entry whose label disagrees with its folder is an error. Items carry every box of their
+    annotation file, in original pixels as written there (a test image must have one, a train image may not).
     """
     if split not in ("train", "test"):
         raise DataError(f"{root}: Stanford Dogs has no '{split}' split (train/test)")
@@ -54,11 +54,10 @@ def load_dogs(root, split):
         if not (root / "Images" / file).is_file():
             raise DataError(f"{path} {where}: image {root / 'Images' / file} not found")
         item = Item(file, label - 1)
-        if split == "test":
-            annotation = entry_text(annotation, path, where, "annotation_list '<wnid>-<breed>/<file>'")
-            xml = root / "Annotation" / annotation
-            if not xml.is_file():
-                raise DataError(f"{path} {where}: annotation {xml} not found")
+        xml = root / "Annotation" / entry_text(annotation, path, where, "annotation_list '<wnid>-<breed>/<file>'")
+        if split == "test" and not xml.is_file():
+            raise DataError(f"{path} {where}: annotation {xml} not found")
+        if xml.is_file():
             record = read_voc_xml(xml)
             item.boxes, item.size, item.source = record.boxes, record.size, record.source
         items.append(item)

@@ -51,3 +51,15 @@ def test_loader_benchmark_compares_whole_batches_and_slices():
     assert result["whole_batches"]["batch_parts"] == 1 and result["slices"]["batch_parts"] == 2
     for name in ("whole_batches", "slices"):
         assert result[name]["images_per_second"] > 0 and result[name]["vs_step"] > 0
+
+
+def test_check_benchmark_times_each_method(tmp_path):
+    root = make_demo_dataset(tmp_path / "cub", num_classes=2, train_per_class=1, test_per_class=3, image_size=40)
+    result = run("--mode", "check", "--data-root", str(root), "--images", "4", "--workers", "2")
+    assert (result["mode"], result["split"], result["images"], result["workers"]) == ("check", "test", 4, 2)
+    methods = ["header", "marker_serial", "marker_workers", "decode_serial", "decode_workers"]
+    assert list(result["images_per_second"]) == methods and all(result["images_per_second"][m] > 0 for m in methods)
+    assert result["marker_vs_header"] > 0 and result["decode_vs_marker"] > 0
+    assert result["workers_vs_serial"]["marker"] > 0 and result["workers_vs_serial"]["decode"] > 0
+    assert list(result["seconds"]) == ["cub", "imagenet_val", "imagenet_train"]
+    assert all(list(seconds) == methods for seconds in result["seconds"].values())

@@ -72,7 +72,8 @@ CASES = {
     "box outside the image": (
         lambda root: edit_line(root / "bounding_boxes.txt", 6, "6 10.0 4.0 45.0 8.0") or
         ["--format", "cub", "--data-root", str(root)],
-        r"\S+bounding_boxes.txt line 6: box \(10, 4, 55, 12\) lies outside the 48x48 image"),
+        r"test split: 1 bad image of 6: \S+.jpg \(\S+bounding_boxes.txt line 6: box \(10, 4, 55, 12\) lies outside "
+        r"the 48x48 image\)"),
     "box with x1 <= x0": (
         lambda root: edit_line(root / "bounding_boxes.txt", 2, "2 10.0 4.0 -3.0 8.0") or
         ["--format", "cub", "--data-root", str(root)],
@@ -84,11 +85,11 @@ CASES = {
     "unreadable train image with --strict-data": (
         lambda root: truncate(root / "images/002.Checkered_Square/Checkered_Square_0001.jpg") or
         ["--format", "cub", "--data-root", str(root), "--split", "train", "--strict-data"],
-        r"unreadable image \S+Checkered_Square_0001.jpg \(.*\)"),
+        r"train split: 1 bad image of 12: \S+Checkered_Square_0001.jpg \(OSError: Truncated File Read\)"),
     "unreadable test image": (
         lambda root: (root / "images/002.Checkered_Square/Checkered_Square_0005.jpg").write_bytes(b"") or
         ["--format", "cub", "--data-root", str(root), "--split", "test"],
-        r"unreadable image \S+Checkered_Square_0005.jpg \(.*\)"),
+        r"test split: 1 bad image of 6: \S+Checkered_Square_0005.jpg \(not an image file PIL recognises\)"),
     "malformed val_gt.txt": (
         lambda root: (imagenet_root(root) / "val_gt.txt").write_text(
             "n01440764\\ILSVRC2012_val_00000001.JPEG 40 30 ; 1 2 3\n") and
@@ -154,7 +155,10 @@ def test_unreadable_train_image_is_a_warning_without_strict(tmp_path):
     truncate(root / "images/001.Ringed_Disc/Ringed_Disc_0002.jpg")
     done = subprocess.run([sys.executable, CHECK, "--format", "cub", "--data-root", str(root)],
                           capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stderr.startswith("warning: skipping unreadable image ") and "Ringed_Disc_0002.jpg" in done.stderr
-    assert done.stdout.splitlines() == ["train: 4 images, 2 classes, 0 boxes, 0 with masks, 1 unreadable (skipped)",
-                                        "test: 2 images, 2 classes, 2 boxes, 0 with masks, 0 unreadable (skipped)"]
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.splitlines()[:-1] == [
+        "train: 4 images, 2 classes, 4 boxes, 0 with masks, 1 bad (skipped in training)",
+        f"  {root / 'images/001.Ringed_Disc/Ringed_Disc_0002.jpg'}: OSError: Truncated File Read",
+        "test: 2 images, 2 classes, 2 boxes, 0 with masks, 0 bad"]
+    assert re.fullmatch(r"checked the headers, end markers and boxes of 6 images in \d+\.\ds",
+                        done.stdout.splitlines()[-1])

@@ -9,6 +9,7 @@ import scipy.io
 from PIL import Image
 
 from DataLoader import FORMATS, build_dataset
+from DataLoader.check import check_split
 from tools.check_dataset import main as check_main
 from utils.config import FIELDS, load_yaml, parse_config
 from utils.errors import DataError, run_cli
@@ -76,7 +77,7 @@ def test_dogs_release(dogs):
     assert [(item.path, item.label) for item in train.items] == [
         ("n02085620-Chihuahua/n02085620_10074.jpg", 0), ("n02085782-Japanese_spaniel/n02085782_82.jpg", 1),
         ("n02085782-Japanese_spaniel/n02085782_919.jpg", 1)]
-    assert all(item.boxes is None for item in train.items)
+    assert [item.boxes.tolist() for item in train.items] == [[[4, 3, 30, 25]], [[2, 2, 28, 38]], [[5, 6, 25, 27]]]
     first, second = test[0], test[1]
     assert (first["label"], first["size"], first["boxes"].tolist()) == (0, (36, 36), [[0, 2, 35, 36]])
     assert (second["label"], second["size"]) == (1, (50, 32))
@@ -117,6 +118,8 @@ def test_dogs_bad_input(dogs):
     assert dogs_error(dogs) == f"{xml}: box (24, 5, 60, 31) lies outside the 50x32 image"
     xml.unlink()
     assert dogs_error(dogs) == f"{test_list} entry 2: annotation {xml} not found"
+    (dogs / "Annotation" / DOG_CLASSES[1] / "n02085782_82").unlink()  # a train image may have none
+    assert [item.boxes is None for item in build_dataset("dogs", dogs, "train").items] == [False, True, False]
     (dogs / "Images" / DOG_CLASSES[0] / "n02085620_10074.jpg").unlink()
     assert dogs_error(dogs, "train") == (f"{dogs / 'lists/train_list.mat'} entry 1: image "
                                          f"{dogs / 'Images' / DOG_CLASSES[0] / 'n02085620_10074.jpg'} not found")
@@ -162,7 +165,7 @@ def test_cars_release(cars):
     assert train.classes == test.classes == CAR_CLASSES
     assert [(item.path, item.label) for item in train.items] == [
         ("cars_train/00001.jpg", 0), ("cars_train/00002.jpg", 2), ("cars_train/00003.jpg", 1)]
-    assert all(item.boxes is None for item in train.items)
+    assert [item.boxes.tolist() for item in train.items] == [[[3, 2, 38, 29]], [[1, 1, 36, 24]], [[5, 5, 20, 20]]]
     first, second = test[0], test[1]
     # 1-based inclusive: the box of the first test image touches the right and bottom edges (x2 = W, y2 = H)
     assert (first["label"], first["size"], first["boxes"].tolist()) == (1, (44, 28), [[2, 3, 44, 28]])
@@ -203,11 +206,16 @@ def test_cars_all_images_layout(tmp_path):
     assert cars_error(root) == f"{root / 'cars_annos.mat'} annotations entry 3: expected test 0 or 1, got 2"
 
 
-def cars_error(cars, split="test"):
+def first_problem(fmt, root, split):
+    """The DataError message of building ``split``, else the reason of its first bad item."""
     with pytest.raises(DataError) as err:
-        dataset = build_dataset("cars", cars, split)
-        [dataset.check_item(index) for index in range(len(dataset))]
+        for _, reason in check_split(build_dataset(fmt, root, split), split).bad[:1]:
+            raise DataError(reason)
     return str(err.value)
+
+
+def cars_error(cars, split="test"):
+    return first_problem("cars", cars, split)
 
 
 def test_cars_bad_input(cars):
@@ -260,6 +268,7 @@ def test_aircraft_release(aircraft):
     assert train.classes == test.classes == VARIANTS
     assert [(item.path, item.label) for item in train.items] == [("1025794.jpg", 0), ("1340192.jpg", 1),
                                                                  ("2054409.jpg", 2)]
+    assert [item.boxes.tolist() for item in train.items] == [[[0, 4, 40, 30]], [[3, 3, 25, 25]], [[1, 2, 28, 27]]]
     first, second = test[0], test[1]
     assert (first["label"], first["size"], first["boxes"].tolist()) == (2, (40, 30), [[2, 1, 39, 29]])
     assert (second["label"], second["boxes"].tolist()) == (1, [[0, 0, 20, 35]])  # kept as written (no shift)
@@ -267,10 +276,7 @@ def test_aircraft_release(aircraft):
 
 
 def aircraft_error(aircraft, split="test"):
-    with pytest.raises(DataError) as err:
-        dataset = build_dataset("aircraft", aircraft, split)
-        [dataset.check_item(index) for index in range(len(dataset))]
-    return str(err.value)
+    return first_problem("aircraft", aircraft, split)
 
 
 def test_aircraft_bad_input(aircraft):
@@ -287,6 +293,9 @@ def test_aircraft_bad_input(aircraft):
     test.write_text("0034309 F/A-18\n0056978 Boeing 747\n")
     assert aircraft_error(aircraft) == (f"{test} line 2: variant 'Boeing 747' is not listed in variants.txt "
                                         "(unknown class)")
+    boxes.unlink()  # training needs no boxes; evaluation does
+    assert all(item.boxes is None for item in build_dataset("aircraft", aircraft, "train").items)
+    assert aircraft_error(aircraft) == f"{boxes}: file not found (expected 'image_id xmin ymin xmax ymax')"
     (data / "images_variant_trainval.txt").unlink()
     assert aircraft_error(aircraft, "train") == (f"{data / 'images_variant_trainval.txt'}: file not found "
                                                  "(expected 'image_id variant')")
@@ -298,13 +307,14 @@ def test_aircraft_bad_input(aircraft):
 def test_check_dataset_reports_each_format(dogs, cars, aircraft, capsys):
     for fmt, root in (("dogs", dogs), ("cars", cars), ("aircraft", aircraft)):
         run_cli(check_main, ["--format", fmt, "--data-root", str(root)])
-    assert capsys.readouterr().out.splitlines() == [
-        "train: 3 images, 2 classes, 0 boxes, 0 with masks, 0 unreadable (skipped)",
-        "test: 2 images, 2 classes, 3 boxes, 0 with masks, 0 unreadable (skipped)",
-        "train: 3 images, 3 classes, 0 boxes, 0 with masks, 0 unreadable (skipped)",
-        "test: 2 images, 3 classes, 2 boxes, 0 with masks, 0 unreadable (skipped)",
-        "train: 3 images, 3 classes, 0 boxes, 0 with masks, 0 unreadable (skipped)",
-        "test: 2 images, 3 classes, 2 boxes, 0 with masks, 0 unreadable (skipped)"]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if not line.startswith("checked ")] == [
+        "train: 3 images, 2 classes, 3 boxes, 0 with masks, 0 bad",
+        "test: 2 images, 2 classes, 3 boxes, 0 with masks, 0 bad",
+        "train: 3 images, 3 classes, 3 boxes, 0 with masks, 0 bad",
+        "test: 2 images, 3 classes, 2 boxes, 0 with masks, 0 bad",
+        "train: 3 images, 3 classes, 3 boxes, 0 with masks, 0 bad",
+        "test: 2 images, 3 classes, 2 boxes, 0 with masks, 0 bad"]
 
 
 def test_check_dataset_error_is_one_line(cars, capsys):
@@ -312,8 +322,9 @@ def test_check_dataset_error_is_one_line(cars, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(check_main, ["--format", "cars", "--data-root", str(cars), "--split", "test"])
     assert exit_info.value.code == 2
-    assert re.fullmatch(r"error: \S+cars_test_annos_withlabels.mat annotations entry 1: box \(4, 6, 25, 42\) "
-                        r"lies outside the 30x40 image\n", capsys.readouterr().err)
+    assert re.fullmatch(r"error: test split: 1 bad image of 1: \S+00002.jpg \(\S+cars_test_annos_withlabels.mat "
+                        r"annotations entry 1: box \(4, 6, 25, 42\) lies outside the 30x40 image\)\n",
+                        capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("name, fmt", [("Dogs.yaml", "dogs"), ("Cars.yaml", "cars"), ("Aircraft.yaml", "aircraft")])

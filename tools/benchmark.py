@@ -34,6 +34,13 @@ training step). It reports one pass's rate (the second: workers started) with wh
 with slices (``--batch-parts``, default: as train.py), each as a ratio of the step-only rate. The defaults are
 the H200 runs of README "Measured on GPUs": 14 workers, batches of 256, the fp32 DeiT-S step (215 ms), 4,000
 images, and 3.7 ms per image and worker, the value for which whole batches give the measured 913 images/s.
+
+``--mode check --data-root DIR`` times the check of a split before training (DataLoader/check.py) on the first
+``--images`` items of ``--split``: the header alone (what tools/check_dataset.py read before), the default check
+(header, boxes and end marker) and the full decode, each in this process and over ``--workers`` processes, after
+one untimed pass that brings the files into the page cache; the ratios of the rates, and with each rate the
+seconds it gives for a split of CUB's (11,788 images), ImageNet val's (50,000) and ImageNet train's (1,281,167)
+size.
 """
 import argparse
 import itertools
@@ -48,11 +55,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from DataLoader import FORMATS, build_dataset, build_loader  # noqa: E402
+from DataLoader import FORMATS, SPLITS, build_dataset, build_loader  # noqa: E402
+from DataLoader.check import check_split, image_problem  # noqa: E402
 from DataLoader.device_transforms import on_device  # noqa: E402
 from DataLoader.eval_views import EvalViews, default_resize_size  # noqa: E402
 from DataLoader.transforms import TrainPixels, train_transform  # noqa: E402
@@ -67,7 +76,7 @@ from utils.optim import build_optimizer, build_scheduler  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=("train", "eval", "loader"), default="train")
+    p.add_argument("--mode", choices=("train", "eval", "loader", "check"), default="train")
     p.add_argument("--arch", default="deit_sat_small_patch16_224")
     p.add_argument("--num-classes", type=int, default=200)
     p.add_argument("--img-size", type=int, default=224)
@@ -100,12 +109,16 @@ def parse_args(argv=None):
                         "worker; 1: whole batches, as a plain DataLoader)")
     p.add_argument("--time-pass", action="store_true",
                    help="with --data-root: also time a whole pass over the split (data only)")
-    p.add_argument("--images", type=int, default=4000, help="loader mode: items in a pass")
+    p.add_argument("--images", type=int, default=4000,
+                   help="loader mode: items in a pass; check mode: items checked (the first of the split)")
+    p.add_argument("--split", choices=SPLITS, default="test", help="check mode: the split checked")
     p.add_argument("--image-ms", type=float, default=3.7, help="loader mode: a worker's time per item")
     p.add_argument("--step-ms", type=float, default=215.0, help="loader mode: the step's time per batch")
     args = p.parse_args(argv)
     if args.gpu_decode and (args.pipeline != "device" or not args.data_root):
         p.error("--gpu-decode decodes image files on the device: it needs --data-root and --pipeline device")
+    if args.mode == "check" and not args.data_root:
+        p.error("--mode check reads image files: it needs --data-root")
     return args
 
 
@@ -309,9 +322,41 @@ def run_loader(args):
     return result
 
 
+# Images in the splits whose check time --mode check reports.
+CHECK_SIZES = {"cub": 11788, "imagenet_val": 50000, "imagenet_train": 1281167}
+
+
+def run_check(args):
+    """--mode check: images per second of each way of checking the first ``--images`` items of a split."""
+    dataset = build_dataset(args.data_format, args.data_root, args.split, lambda image: image)
+    dataset.items = dataset.items[:args.images]
+    for index in range(len(dataset)):  # untimed: every file into the page cache
+        image_problem(dataset.image_path(index), decode=False)
+    start = time.perf_counter()
+    for index in range(len(dataset)):
+        Image.open(dataset.image_path(index)).close()  # the header alone
+    rates = {"header": len(dataset) / (time.perf_counter() - start)}
+    for method, decode in (("marker", False), ("decode", True)):
+        for workers in (0, args.workers):
+            report = check_split(dataset, args.split, workers, decode)
+            rates[f"{method}_{'serial' if workers == 0 else 'workers'}"] = report.checked / report.seconds
+    return {"mode": "check", "data_root": args.data_root, "data_format": args.data_format, "split": args.split,
+            "images": len(dataset), "workers": args.workers, "cpus": os.cpu_count(),
+            "load_average": round(os.getloadavg()[0], 2),
+            "images_per_second": {name: round(rate, 1) for name, rate in rates.items()},
+            "marker_vs_header": round(rates["marker_serial"] / rates["header"], 3),
+            "decode_vs_marker": round(rates["decode_serial"] / rates["marker_serial"], 3),
+            "workers_vs_serial": {method: round(rates[f"{method}_workers"] / rates[f"{method}_serial"], 3)
+                                  for method in ("marker", "decode")},
+            "seconds": {name: {method: round(size / rate, 1) for method, rate in rates.items()}
+                        for name, size in CHECK_SIZES.items()}}
+
+
 def benchmark(args):
     if args.mode == "loader":
         return run_loader(args)
+    if args.mode == "check":
+        return run_check(args)
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = build_model(args.arch, num_classes=args.num_classes, img_size=args.img_size,

@@ -1,13 +1,16 @@
-"""Validate a dataset without writing anything: build each split, read every image header, check the
-boxes against the image sizes, and print the counts."""
+"""Validate a dataset without writing anything: build each split, check every image (it opens and is complete;
+in evaluation splits its boxes lie inside it) as train.py does before training, and print the counts and every
+bad image."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader import FORMATS, SPLITS, build_dataset  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
+from DataLoader.check import METHODS, check_split  # noqa: E402
+from utils.errors import DataError, run_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -20,22 +23,34 @@ def main(argv=None):
                                             "or the folder format's boxes CSV")
     parser.add_argument("--images-per-class", type=int, help="check the seeded few-shot subset only")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--strict-data", action="store_true", help="unreadable train images are errors")
+    parser.add_argument("--strict-data", action="store_true", help="bad train images are errors")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes reading the images")
+    parser.add_argument("--decode", action="store_true",
+                        help="decode every image in full (default: header and end marker; a file without its "
+                             "end marker is decoded)")
     args = parser.parse_args(argv)
+    fatal, checked, seconds = [], 0, 0.0
     for split in args.split:
-        # Only headers are read, so the images need no transform.
+        # The check reads the files itself, so the images need no transform.
         dataset = build_dataset(args.format, args.data_root, split, lambda image: image,
                                 images_per_class=args.images_per_class,
                                 seed=args.seed, metadata_root=args.metadata_root, val_boxes=args.val_boxes,
                                 strict=args.strict_data)
-        skipped = [s for s in map(dataset.check_item, range(len(dataset))) if s is not None]
-        for item in skipped:
-            print(f"warning: {item.message}", file=sys.stderr)
+        report = check_split(dataset, split, args.workers, args.decode, progress=sys.stderr.isatty())
+        checked, seconds = checked + report.checked, seconds + report.seconds
+        skipped = split == "train" and not args.strict_data
+        if report.bad and not skipped:
+            fatal.append(report)
         boxes = sum(len(item.boxes) for item in dataset.items if item.boxes is not None)
         masks = sum(1 for item in dataset.items if item.mask_paths is not None)
         name = "test (the ILSVRC2012 val set)" if args.format == "imagenet" and split == "test" else split
-        print(f"{name}: {len(dataset)} images, {dataset.num_classes} classes, {boxes} boxes, "
-              f"{masks} with masks, {len(skipped)} unreadable (skipped)")
+        print(f"{name}: {len(dataset)} images, {dataset.num_classes} classes, {boxes} boxes, {masks} with masks, "
+              f"{len(report.bad)} bad{' (skipped in training)' if skipped and report.bad else ''}")
+        for path, reason in report.bad:
+            print(f"  {path}: {reason}")
+    print(f"checked the {METHODS[args.decode]} of {checked} images in {seconds:.1f}s")
+    if fatal:
+        raise DataError(fatal[0].summary())
 
 
 if __name__ == "__main__":

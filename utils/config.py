@@ -81,6 +81,9 @@ FIELDS = {
     "cache_images": Field(False, "bool", "keep each split's decoded, resized images in <output_dir>/image_cache "
                                          "(filled during the first epoch; same samples, later epochs skip decoding; "
                                          "CUB: 2.3 GB of disk / page cache); removed when the run finishes"),
+    "check_train_split": Field(False, "bool", "also check every training image before the first step (the "
+                                              "evaluation splits always are); bad ones are skipped, or an error "
+                                              "with strict_data"),
     "strict_data": Field(False, "bool", "stop at an unreadable training image instead of skipping it with a warning"),
     "gpu_decode": Field(False, "bool", "decode JPEGs (batched nvJPEG on CUDA) and resize on the device instead of PIL "
                                        "in the workers; pixels differ slightly from PIL's (README, Performance)"),

@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+from utils.errors import user_message
+
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
@@ -16,6 +18,15 @@ def close_logging():
     for handler in [h for h in root.handlers if getattr(h, "_sat_run", False)]:
         root.removeHandler(handler)
         handler.close()
+
+
+def log_error(err):
+    """Write an error's one line (utils.errors.user_message) into log.txt, where the run has one; the terminal
+    gets it from run_cli."""
+    record = logging.LogRecord("sat", logging.ERROR, __file__, 0, "error: %s", (user_message(err),), None)
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "_sat_run", False) and isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def setup_logging(output_dir, is_main=True, rank=0):

@@ -1,0 +1,161 @@
+"""The check of built splits before training: every image opens and is complete, and in evaluation splits every
+box lies inside its image.
+
+A header alone does not show a truncated file (its header is intact), so the cheap check also reads the last
+bytes of each file: a JPEG ends with its end marker FF D9 (after any zero padding), a PNG with its IEND chunk.
+A file without one (or of another format) is decoded in full and is bad only if that fails, as it would in
+training: a JPEG with bytes after its end marker is not rejected. ``decode=True`` decodes every file (about 20
+times slower). Files are read by DataLoader worker processes, as the training loader reads them (a pool of a
+fork server or of spawned processes would import torch again in each process: seconds before the first file).
+"""
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from utils.errors import DataError
+
+from .annotations import check_boxes
+from .dataset import UNREADABLE
+
+_logger = logging.getLogger("sat")
+
+# Bytes read from the end of a file for its end marker, and how each format's last bytes must look once
+# trailing zero bytes are stripped (PNG: the IEND chunk's type and CRC).
+TAIL_BYTES = 1024
+END_MARKERS = {"JPEG": (b"\xff\xd9", "end marker"), "PNG": (b"IEND\xaeB`\x82", "IEND chunk")}
+# Items per task of a worker process; a split of fewer than two tasks is checked in this process.
+CHUNK = 256
+# Bad files named in a one-line summary.
+NAMED = 3
+# What the check reads, without and with ``decode``.
+METHODS = {False: "headers, end markers and boxes", True: "full decodes and boxes"}
+
+
+def ends_with_marker(path, fmt):
+    """Whether the file ends with the end marker of ``fmt``; None for a format without one here."""
+    if fmt not in END_MARKERS:
+        return None
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - TAIL_BYTES))
+        return f.read().rstrip(b"\0").endswith(END_MARKERS[fmt][0])
+
+
+def unreadable_reason(err):
+    """Why a file does not open or decode, without its path (the report names it)."""
+    if isinstance(err, FileNotFoundError):
+        return "file not found"
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image file PIL recognises"
+    return f"{err.__class__.__name__}: {err}"
+
+
+def image_problem(path, decode=False):
+    """((W, H), None) for a complete image, else (None, why it is unreadable)."""
+    try:
+        with Image.open(path) as image:
+            size, fmt = image.size, image.format
+            complete = ends_with_marker(path, fmt)
+            if decode or not complete:
+                try:
+                    image.load()
+                except UNREADABLE as err:
+                    return None, (f"truncated {fmt}: no {END_MARKERS[fmt][1]}" if complete is False
+                                  else unreadable_reason(err))
+    except UNREADABLE as err:
+        return None, unreadable_reason(err)
+    return size, None
+
+
+def item_problem(job):
+    """Why item ``job`` = (path, boxes or None, the image size the annotation states or None, where the boxes
+    come from, decode) is bad, or None; boxes are checked against the stated size, else the file's."""
+    path, boxes, stated_size, source, decode = job
+    size, reason = image_problem(path, decode)
+    if reason is None and boxes is not None:
+        try:
+            check_boxes(boxes, stated_size or size, source)
+        except DataError as err:
+            reason = str(err)
+    return reason
+
+
+class Chunks(Dataset):
+    """The reasons of ``jobs`` (:func:`item_problem`) in runs of CHUNK: one run per task of a worker."""
+
+    def __init__(self, jobs):
+        self.jobs = jobs
+
+    def __len__(self):
+        return math.ceil(len(self.jobs) / CHUNK)
+
+    def __getitem__(self, index):
+        return [item_problem(job) for job in self.jobs[index * CHUNK:(index + 1) * CHUNK]]
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_split` found in one split: the items checked, the bad ones as (path, reason) in
+    dataset order, and how long it took."""
+    split: str
+    checked: int
+    bad: list
+    seconds: float
+
+    def summary(self):
+        """One line: the split, how many bad images, and the first NAMED of them."""
+        named = ", ".join(f"{path} ({reason})" for path, reason in self.bad[:NAMED])
+        if len(self.bad) == 1:
+            return f"{self.split} split: 1 bad image of {self.checked}: {named}"
+        more = ", ... (tools/check_dataset.py lists them all)" if len(self.bad) > NAMED else ""
+        return f"{self.split} split: {len(self.bad)} bad images of {self.checked}, first {named}{more}"
+
+
+def check_split(dataset, split, workers=0, decode=False, progress=False):
+    """A :class:`CheckReport` of every item of ``dataset`` (a WSOLDataset), read by ``workers`` processes
+    (0: in this process). Boxes are checked in evaluation splits only: training does not use them."""
+    jobs = [(dataset.image_path(index), item.boxes if dataset.evaluation else None, item.size, item.source, decode)
+            for index, item in enumerate(dataset.items)]
+    chunks = Chunks(jobs)
+    processes = min(workers, len(chunks))
+    start = time.perf_counter()
+    runs = DataLoader(chunks, batch_size=None, num_workers=processes) if processes > 1 else \
+        map(chunks.__getitem__, range(len(chunks)))
+    reasons = []
+    with tqdm(total=len(jobs), desc=f"check {split}", unit="image", disable=not progress, dynamic_ncols=True,
+              delay=2, leave=False) as bar:  # a bar only for checks that take a while
+        for run in runs:
+            reasons += run
+            bar.update(len(run))
+    bad = [(job[0], reason) for job, reason in zip(jobs, reasons) if reason is not None]
+    return CheckReport(split, len(jobs), bad, time.perf_counter() - start)
+
+
+def check_splits(train_set, eval_sets, workers=0, check_train=False, strict=False, decode=False, progress=False):
+    """Check the evaluation splits (``eval_sets``: {split name: WSOLDataset}) and, with ``check_train``, the
+    training split before training starts; the reports.
+
+    A bad evaluation image raises a one-line DataError (metrics must cover the whole split), as does a bad
+    training image with ``strict``; otherwise bad training images are named in a warning and skipped in
+    training, as they are when met there.
+    """
+    splits = dict(eval_sets)
+    if check_train:
+        splits["train"] = train_set
+    reports = []
+    for split, dataset in splits.items():
+        report = check_split(dataset, split, workers, decode, progress)
+        reports.append(report)
+        if report.bad and (split != "train" or strict):
+            raise DataError(report.summary())
+        if report.bad:
+            _logger.warning("%s (skipped in training; --strict-data makes them an error)", report.summary())
+    _logger.info("checked the %s of %s in %.1fs", METHODS[decode],
+                 " and ".join(f"the {r.split} split ({r.checked} images)" for r in reports),
+                 sum(r.seconds for r in reports))
+    return reports
