@@ -1,12 +1,367 @@
 """Evaluate a SAT checkpoint on CUB-200-2011 (official defaults: threshold 0.4, ten-crop classification),
-wsolevaluation metadata (--format wsol) or a custom folder dataset; without --data-root on the demo data.
+wsolevaluation metadata (--format wsol), another dataset format or a custom folder dataset; without --data-root
+on the demo data. evaluator_ImageNet.py runs the same job on ILSVRC2012 with ImageNet's defaults.
 
     python evaluator.py --data-root data/CUB_200_2011 --checkpoint best.pth --eval-protocol both
-"""
-import functools
 
-from utils.errors import run_cli
-from utils.eval_cli import main
+The job: flags (and --config) -> the model from its checkpoint -> the evaluation loader -> ``evaluate`` (loader
+-> forward -> boxes -> metrics, utils/engine.py) -> tables, metrics.json, per_image.csv and the other files
+(docs/evaluation.md).
+"""
+import argparse
+import csv
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from DataLoader import FORMATS
+from DataLoader.eval_loader import build_eval_loader, resolve_data
+from DataLoader.eval_views import PROTOCOLS, views_of
+from utils import config as train_config
+from utils.amp import describe
+from utils.checkpoint import build_model_from_checkpoint
+from utils.distributed import cleanup, init_distributed
+from utils.engine import NonFiniteOutputError, evaluate
+from utils.errors import CheckpointError, ConfigError, DataError, run_cli
+from utils.logger import close_logging, setup_logging
+from utils.metrics import format_per_class, format_tables
+from utils.visualize import plot_curves
+
+_logger = logging.getLogger("sat")
+
+# The official evaluator.py / evaluator_ImageNet.py: threshold 0.4 with ten-crop classification on CUB, 0.3
+# with the centre crop on ImageNet.
+SCRIPTS = {
+    False: {"description": "Evaluate a SAT checkpoint on CUB-200-2011 (default), wsolevaluation metadata "
+                           "(--format wsol), another dataset format or a custom folder dataset; without "
+                           "--data-root on the demo data.",
+            "threshold": 0.4, "tencrop": True},
+    True: {"description": "Evaluate a SAT checkpoint on the ILSVRC2012 validation set.",
+           "threshold": 0.3, "tencrop": False},
+}
+# Keys of a training config file (utils/config.py) that mean an evaluator flag under another name.
+TRAINING_KEYS = {"data_format": "format", "eval_batch_size": "batch_size"}
+# Evaluator flags a training config file also has, with another meaning there (global training batch,
+# training precision, the run folder): ignored when they come from a config file.
+NOT_FROM_CONFIG = ("batch_size", "amp", "output_dir")
+
+
+def cam_threshold(text):
+    """argparse type of a CAM threshold: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a CAM threshold must lie in [0, 1], got {text}")
+    return value
+
+
+class _ConfigParser(argparse.ArgumentParser):
+    """Parses the flags a config file stands for; errors name the file."""
+
+    def __init__(self, source, **kwargs):
+        super().__init__(**kwargs)
+        self.source = source
+
+    def error(self, message):
+        raise ConfigError(f"config file {self.source}: {message}")
+
+
+def build_parser(imagenet, parser_class=argparse.ArgumentParser, **kwargs):
+    spec = SCRIPTS[imagenet]
+    p = parser_class(description=spec["description"], allow_abbrev=False, **kwargs)
+    if not imagenet:
+        p.add_argument("--data-root", help="dataset root (default: the built-in demo data, generated if missing)")
+        p.add_argument("--format", default="cub", choices=FORMATS,
+                       help="cub: CUB-200-2011 release; wsol: wsolevaluation metadata (needs --metadata-root), "
+                            "images under --data-root; folder: <split>/<class>/<image>; dogs, cars, aircraft: "
+                            "the Stanford Dogs, Stanford Cars, FGVC-Aircraft releases; imagenet: use "
+                            "evaluator_ImageNet.py (default: cub)")
+        p.add_argument("--metadata-root", help="wsolevaluation metadata folder holding <split>/image_ids.txt ...")
+        p.add_argument("--split", default="test", choices=("test", "val"),
+                       help="test, or val (wsolevaluation train-fullsup) (default: test)")
+        p.add_argument("--val-boxes", help="boxes CSV of the folder format (default: <data-root>/boxes.csv)")
+    else:
+        p.add_argument("--data-root", help="ILSVRC2012 folder with val/ (and train/<wnid>/ for the class list)")
+        p.add_argument("--val-boxes", help="val boxes: XML folder, LOC_val_solution.csv or val_gt.txt "
+                                           "(default: looked for under --data-root)")
+    p.add_argument("--checkpoint", help="checkpoint of this project or an official SAT release file (required)")
+    p.add_argument("--config", help="YAML file: evaluator flag names with underscores, or the training config "
+                                    "(its evaluation and data keys are used, the rest ignored)")
+    p.add_argument("--arch", help="architecture (default: recorded in the file, or read off its weights' shapes)")
+    p.add_argument("--num-classes", type=int, help="classes (default: read off the head's shape)")
+    p.add_argument("--eval-protocol", default="auto", choices=PROTOCOLS + ("auto",),
+                   help="sat: official SAT (Top-1/Top-5/GT-known Loc); wsol: wsolevaluation (MaxBoxAcc, "
+                        "MaxBoxAccV2, PxAP); both; cls: classification only; auto: sat with boxes, wsol with "
+                        "masks only, cls with neither (default: auto)")
+    p.add_argument("--threshold", type=cam_threshold, default=spec["threshold"], metavar="T",
+                   help=f"official-protocol CAM threshold of the reported metrics (default: {spec['threshold']}, "
+                        "the official evaluator's)")
+    p.add_argument("--thresholds", type=cam_threshold, nargs="+", default=[], metavar="T",
+                   help="official-protocol thresholds to search on the evaluated split: the best one (GT-known + "
+                        "Top-1 Loc) is reported separately under best_threshold, never as the headline number")
+    p.add_argument("--wsol-threshold", type=cam_threshold, metavar="T",
+                   help="wsolevaluation: also report box accuracy at this CAM threshold (e.g. maxboxacc_threshold "
+                        "chosen on --split val), and draw overlays at it (default: at maxboxacc's threshold)")
+    p.add_argument("--tencrop", action=argparse.BooleanOptionalAction, default=spec["tencrop"],
+                   help=f"ten-crop classification, official protocol (default: {'on' if spec['tencrop'] else 'off'})")
+    p.add_argument("--resize-size", type=int,
+                   help="resize before the centre crop (default: the checkpoint's training setting, "
+                        "else 256/224 x the input size)")
+    p.add_argument("--save-scoremaps", metavar="DIR",
+                   help="write <image_id>.npy wsolevaluation score maps (224x224, [0, 1])")
+    p.add_argument("--save-images", metavar="DIR", help="write <image_id>.png overlays (heat map, boxes)")
+    p.add_argument("--max-images", type=int, metavar="N", help="overlays of the first N images only")
+    p.add_argument("--save-boxes", metavar="FILE",
+                   help="write the official protocol's boxes of the whole split (at --threshold, original pixels) "
+                        "as a COCO-format detection file (file_name: the image id)")
+    p.add_argument("--output-dir", default="output/eval",
+                   help="metrics.json, per_image.csv, log.txt (default: output/eval)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data loading processes (default: 4, at most the number of CPUs)")
+    p.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode the JPEGs (batched nvJPEG on CUDA) and resize on the device instead of PIL in the "
+                        "workers; pixels differ slightly from PIL's (README, Performance) (default: off)")
+    p.add_argument("--box-processes", type=int, default=None, metavar="N",
+                   help="extract boxes in N processes (0: a thread pool): same numbers, scales with cores "
+                        "(default on a GPU machine: half of this process's share of the CPUs, at most 8; else 0)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast forward where CUDA or the CPU supports it (faster; numbers may differ "
+                        "slightly, see README, Performance) (default: off, fp32 as the official evaluators)")
+    return p
+
+
+def _config_argv(path, defaults):
+    """The flags that the keys of a YAML config file stand for: evaluator flag names, and the keys of a
+    training config that concern evaluation (``TRAINING_KEYS``); other training keys are ignored (logged),
+    unknown keys are a ConfigError."""
+    data = train_config.read_yaml_mapping(path)
+    argv, ignored = [], []
+    for key, value in data.items():
+        dest = TRAINING_KEYS.get(key, key)
+        if dest not in defaults or dest == "config" or key in NOT_FROM_CONFIG:
+            if key in train_config.FIELDS or key in NOT_FROM_CONFIG:
+                ignored.append(key)
+                continue
+            close = difflib.get_close_matches(str(key), list(defaults) + list(train_config.FIELDS), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"config file {path}: unknown key {key!r}{hint}")
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(defaults[dest], bool) and isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv, ignored
+
+
+def parse_args(argv, imagenet=False):
+    """Flags over ``--config`` values over defaults; --checkpoint (and ImageNet's --data-root) required."""
+    parser = build_parser(imagenet)
+    args = parser.parse_args(argv)
+    args.ignored_config_keys = []
+    if args.config:
+        defaults = vars(parser.parse_args([]))
+        if imagenet:
+            defaults.pop("format", None)
+        config_argv, ignored = _config_argv(args.config, defaults)
+        from_file = build_parser(imagenet, _ConfigParser, source=args.config).parse_args(config_argv)
+        parser.set_defaults(**{key: value for key, value in vars(from_file).items()
+                               if key != "config" and key in _given(config_argv)})
+        args = parser.parse_args(argv)
+        args.ignored_config_keys = ignored
+    for name in ("checkpoint",) + (("data_root",) if imagenet else ()):
+        if getattr(args, name) is None:
+            parser.error(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
+    if not imagenet and args.format == "imagenet":
+        parser.error("--format imagenet: use evaluator_ImageNet.py, which reads the ILSVRC2012 layout with the "
+                     "official ImageNet settings (threshold 0.3, centre crop)")
+    return args
+
+
+def _given(config_argv):
+    """The argparse dests of the flags in a config-derived argv."""
+    return {arg[2:].replace("-", "_").removeprefix("no_") for arg in config_argv if arg.startswith("--")}
+
+
+def main(argv=None, imagenet=False):
+    """Evaluate a checkpoint as the flags say; returns the record written to metrics.json."""
+    args = parse_args(argv, imagenet)
+    info = init_distributed(args.device)
+    try:
+        return evaluate_checkpoint(args, imagenet, info)
+    finally:
+        close_logging()
+        cleanup()
+
+
+def evaluate_checkpoint(args, imagenet, info):
+    """The evaluation job: model, loader, ``evaluate``, then the tables and files of the output folder."""
+    output_dir = Path(args.output_dir)
+    setup_logging(output_dir, info.is_main, info.rank)
+    if args.ignored_config_keys:
+        _logger.info("config %s: ignored keys that do not concern evaluation: %s", args.config,
+                     ", ".join(args.ignored_config_keys))
+    model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
+    img_size = int(model.patch_embed.img_size[0])
+    resize_size = args.resize_size or (meta.get("config") or {}).get("resize_size")
+    fmt, root = resolve_data(getattr(args, "format", "imagenet"), args.data_root, imagenet, info.is_main)
+    split = getattr(args, "split", "test")
+    loader = build_eval_loader(fmt, root, split, protocol=args.eval_protocol, tencrop=args.tencrop,
+                               img_size=img_size, resize_size=resize_size, batch_size=args.batch_size,
+                               workers=args.workers, distributed=info.distributed,
+                               metadata_root=getattr(args, "metadata_root", None), val_boxes=args.val_boxes,
+                               gpu_decode=args.gpu_decode)
+    views = views_of(loader.dataset)
+    protocol = views.protocol
+    if args.eval_protocol == "auto":
+        _logger.info("--eval-protocol auto: %s (%s)", protocol, {"sat": "the data has boxes", "wsol": "masks only",
+                                                                "cls": "neither boxes nor masks"}[protocol])
+    match_classes(loader.dataset, model, meta, args.checkpoint)
+    arch = meta.get("arch") or args.arch
+    _logger.info("evaluating %s (%s, %d classes, input %d) on %d images of %s, protocol %s, views %s, "
+                 "threshold %g%s, %s", args.checkpoint, arch, model.num_classes, img_size, len(loader.dataset), root,
+                 protocol, "+".join(views.names), args.threshold,
+                 f" (searching {args.thresholds} for best_threshold)" if args.thresholds else "",
+                 describe(info.device, args.amp))
+    sat = protocol in ("sat", "both")
+    if args.save_boxes and protocol == "wsol":
+        raise ConfigError("--save-boxes writes the sat protocol's boxes: use --eval-protocol both (or sat / cls)")
+    start = time.perf_counter()
+    try:
+        metrics = evaluate(loader, model.to(info.device), info.device,
+                           threshold=args.threshold if protocol != "wsol" else None,
+                           thresholds=args.thresholds if sat else (), wsol_threshold=args.wsol_threshold,
+                           amp=args.amp, distributed=info.distributed, save_maps=args.save_scoremaps,
+                           overlay_dir=args.save_images, overlays=args.max_images, per_image=True,
+                           box_processes=args.box_processes, progress=info.is_main)
+    except NonFiniteOutputError as err:
+        raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
+    seconds = time.perf_counter() - start
+    _logger.info("evaluated %d images in %.1f s (%.0f images/s, loading and box extraction included)",
+                 metrics["num_images"], seconds, metrics["num_images"] / seconds)
+    rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)
+    record = {"checkpoint": str(args.checkpoint), "arch": arch, "num_classes": model.num_classes,
+              "img_size": img_size, "resize_size": views.resize_size, "data_format": fmt, "data_root": str(root),
+              "split": split, "eval_protocol": protocol, "views": list(views.names), "tencrop": views.tencrop,
+              "precision": describe(info.device, args.amp), "search_thresholds": args.thresholds, **metrics}
+    if info.is_main:
+        write_outputs(args, output_dir, record, rows, curves, loader.dataset.classes)
+    return record
+
+
+def write_outputs(args, output_dir, record, rows, curves, class_names):
+    """metrics.json, the tables in the log, per_image.csv, the COCO boxes (--save-boxes) and the wsol curves."""
+    protocol = record["eval_protocol"]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    _logger.info("\n%s\n", format_tables(record, protocol, record["tencrop"]))
+    write_per_image(output_dir / "per_image.csv", rows)
+    if args.save_boxes:
+        entries = [{"file_name": row["image_id"], "size": (row["width"], row["height"]), "class": row["top5"][0],
+                    "score": row["score"], "box": row["box_original"]} for row in rows]
+        Path(args.save_boxes).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save_boxes).write_text(json.dumps(coco_detections(entries, class_names)) + "\n", encoding="utf-8")
+        _logger.info("COCO-format boxes written to %s%s", args.save_boxes,
+                     "" if protocol != "cls" else " (predictions: the data has no boxes to score them against)")
+    if "per_class" in record:
+        _logger.info("per class (sat protocol, threshold %g):\n%s", args.threshold,
+                     format_per_class(record["per_class"]))
+    if curves:
+        write_curves(output_dir, curves)
+    _logger.info("metrics written to %s", output_dir / "metrics.json")
+
+
+PER_IMAGE_COLUMNS = ("image_id", "label", "top5", "score", "box_crop", "box_original", "iou", "cls_correct",
+                     "top1_loc", "gt_known", "width", "height")
+
+
+def write_per_image(path, rows):
+    """``per_image.csv``: one row per image; lists space-separated, floats written exactly (repr), empty
+    cells where the data has nothing to score (no GT boxes)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(PER_IMAGE_COLUMNS)
+        for row in rows:
+            writer.writerow([" ".join(map(repr, row[key])) if isinstance(row[key], list) else
+                             int(row[key]) if isinstance(row[key], bool) else
+                             repr(row[key]) if isinstance(row[key], float) else
+                             "" if row[key] is None else row[key] for key in PER_IMAGE_COLUMNS])
+
+
+def coco_detections(entries, class_names):
+    """COCO detection format of one box per image: images (id, file_name, width, height), annotations
+    (bbox [x, y, w, h] in original pixels, category_id = class + 1, score, area, iscrowd 0) and the
+    categories named ``class_names``. ``entries``: dicts with file_name, size (W, H), class, score, box."""
+    images, annotations = [], []
+    for k, entry in enumerate(entries, start=1):
+        (width, height), (x0, y0, x1, y1) = entry["size"], entry["box"]
+        images.append({"id": k, "file_name": entry["file_name"], "width": int(width), "height": int(height)})
+        annotations.append({"id": k, "image_id": k, "category_id": int(entry["class"]) + 1,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+                            "score": float(entry["score"])})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": k + 1, "name": name} for k, name in enumerate(class_names)]}
+
+
+def write_curves(output_dir, curves):
+    """``wsol_curves.json`` and ``wsol_curves.png``: box accuracy against the CAM threshold (per IoU) and
+    the PxAP precision-recall curve."""
+    (output_dir / "wsol_curves.json").write_text(json.dumps(curves, indent=1) + "\n", encoding="utf-8")
+    panels = []
+    if "box_accuracy" in curves:
+        box = curves["box_accuracy"]
+        series = {"MaxBoxAcc (largest, IoU 50)": box["boxacc"]}
+        series.update({f"V2 IoU{iou}": acc for iou, acc in box["boxaccv2_per_iou"].items()})
+        panels.append(("box accuracy (%) vs CAM threshold", box["cam_thresholds"],
+                       {name: values for name, values in series.items()}, (0, 1), (0, 100)))
+    if "pxap" in curves:
+        pr = curves["pxap"]
+        points = [(r, p) for r, p in zip(pr["recall"], pr["precision"]) if p is not None]
+        panels.append(("PxAP: precision vs recall", [r for r, _ in points], {"precision": [p for _, p in points]},
+                       (0, 1), (0, 1)))
+    if panels:
+        plot_curves(output_dir / "wsol_curves.png", panels)
+
+
+def match_classes(dataset, model, meta, checkpoint):
+    """Align the dataset's labels with the model's classes: by name when the checkpoint records its class
+    names (a class subset is remapped, with a warning), else by index. A class the model lacks is an
+    error; names that differ are a warning naming a few."""
+    names = meta.get("class_names")
+    if names and set(dataset.classes) <= set(names) and dataset.classes != list(names):
+        index = {name: k for k, name in enumerate(names)}
+        mapping = [index[name] for name in dataset.classes]
+        dataset.items = [dataclasses.replace(item, label=mapping[item.label]) for item in dataset.items]
+        dataset.classes = list(names)
+        _logger.warning("the data has %d of the checkpoint's %d classes: evaluating on that class subset, labels "
+                        "matched by name", len(mapping), len(names))
+        return
+    if dataset.num_classes > model.num_classes:
+        extra = dataset.classes[model.num_classes:][:3]
+        raise CheckpointError(f"checkpoint {checkpoint} predicts {model.num_classes} classes but the data has "
+                              f"{dataset.num_classes}; classes outside the model: {', '.join(map(str, extra))}")
+    if names and list(names[:dataset.num_classes]) != list(dataset.classes):
+        differ = [(a, b) for a, b in zip(dataset.classes, names) if a != b][:3]
+        _logger.warning("the checkpoint's class names differ from the data's (labels matched by index), e.g. %s",
+                        "; ".join(f"data {a!r} vs checkpoint {b!r}" for a, b in differ))
+    if dataset.num_classes < model.num_classes:
+        _logger.warning("the data has %d classes, the model predicts %d: evaluating on a class subset (labels "
+                        "taken as the model's first %d classes)", dataset.num_classes, model.num_classes,
+                        dataset.num_classes)
+        dataset.classes = list(dataset.classes) + [str(k) for k in range(dataset.num_classes, model.num_classes)]
+
+
+
 
 if __name__ == "__main__":
-    run_cli(functools.partial(main, kind="cub"))
+    run_cli(main)

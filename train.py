@@ -4,10 +4,438 @@
     python train.py                       # demo: config/demo.yaml on the generated synthetic dataset
     torchrun --nproc_per_node K train.py --config config/CUB.yaml --data-root PATH
 
-Every config key is also a flag (``python train.py --help``); ``--resume`` continues a run.
+The procedure, as the official train.py: config -> data -> model -> loss, optimizer, schedule -> (resume) ->
+epochs of ``train_one_epoch``, each followed from ``eval_start_epoch`` on by an evaluation that keeps the best
+checkpoints -> the final test of best.pth (results.json). train_ImageNet.py runs the same with ImageNet's
+config. Every config key is also a flag (``python train.py --help``); ``--resume`` continues a run.
 """
-from utils.errors import run_cli
-from utils.trainer import main
+import functools
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from DataLoader import build_dataset, build_loader
+from DataLoader.eval_loader import ANNOTATIONS, build_eval_loader, protocol_for_data, resolve_data
+from DataLoader.eval_views import default_resize_size, views_of
+from DataLoader.image_cache import attach_image_cache
+from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
+from Model import SATLoss, build_model
+from utils import distributed as dist_utils
+from utils.amp import LossScaler, autocast_context, describe
+from utils.checkpoint import (checkpoint_weights, load_checkpoint, model_spec, resume_path, restore, rng_state,
+                              save_checkpoint, seed_everything)
+from utils.config import config_dict, parse_config, save_config
+from utils.engine import evaluate, train_one_epoch
+from utils.errors import ConfigError, DataError, run_cli
+from utils.logger import MetricsLog, close_logging, setup_logging
+from utils.optim import build_optimizer, build_scheduler, set_trainable
+from utils.preemption import Preempted, StepCheckpoint, StopSignals, resume_command
+
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
+               "num_images")
+# The checkpoints kept during training, each the first epoch reaching the maximum of its metric, as the
+# official train.py keeps best_loc / best_top1 / best_gt; best.pth follows selection_metric (official: loc).
+EXTRA_BEST = {"best_top1_loc.pth": "top1_loc", "best_gt_known_loc.pth": "gt_known_loc"}
+# What a run writes into --output-dir; a folder holding the first three is a previous run.
+IMAGE_CACHE = "image_cache"  # cache_images: one file per split (DataLoader/image_cache.py)
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.json", "config.yaml", "log.txt", "tensorboard", "overlays")
+_logger = logging.getLogger("sat")
+
+
+def main(argv=None, imagenet=False):
+    """Entry point of train.py (``imagenet=False``) and train_ImageNet.py (``imagenet=True``)."""
+    description = f"Train SAT on {'ImageNet (ILSVRC2012)' if imagenet else 'CUB-200-2011 or other WSOL data'}"
+    cfg = parse_config(argv, description, default_config(imagenet))
+    info = dist_utils.init_distributed(cfg.device, cfg.local_rank)
+    progress = {"epoch": None, "saved": None}
+    try:
+        return train(cfg, info, imagenet, progress)
+    except Preempted as stop:
+        if info.is_main:
+            _logger.warning("%s", stop)
+        raise SystemExit(stop.exit_status) from None
+    except KeyboardInterrupt:
+        if info.is_main:
+            script = "train_ImageNet.py" if imagenet else "train.py"
+            _logger.warning("%s", interrupted_message(cfg, info, progress, script, argv))
+        raise SystemExit(130) from None
+    finally:
+        close_logging()
+        dist_utils.cleanup()
+
+
+def train(cfg, info, imagenet=False, progress=None):
+    """One training run; ``progress`` ({'epoch', 'saved'}) is kept up to date for the message after an
+    interruption. Returns the record written to results.json."""
+    progress = {} if progress is None else progress
+    output_dir = Path(cfg.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    prepare_output_dir(cfg, output_dir, info)
+    setup_logging(output_dir, info.is_main, info.rank)
+    micro_batch = per_process_batch(cfg, info.world_size)
+    cfg.resize_size = cfg.resize_size or default_resize_size(cfg.img_size)
+    cfg.eval_batch_size = cfg.eval_batch_size or micro_batch
+    seed_everything(cfg.seed + info.rank)
+    _logger.info("config %s; %d process(es) on %s, global batch %d = %d per process x %d accumulation steps, %s; "
+                 "batch area loss over %s", cfg.config or "(defaults)", info.world_size, info.device, cfg.batch_size,
+                 micro_batch, cfg.accum_steps, describe(info.device, cfg.amp),
+                 f"{micro_batch * (info.world_size if cfg.area_loss_scope == 'global' else 1)} images "
+                 f"({cfg.area_loss_scope} micro-batch)")
+    if info.launcher:
+        _logger.info("processes started by %s", info.launcher)
+
+    # data: the training split, the split that selects best.pth, and the final test split
+    fmt, root = resolve_data(cfg.data_format, cfg.data_root, imagenet, info.is_main)
+    cfg.data_format = fmt
+    train_loader, selection_loader, test_loader, plan = build_loaders(cfg, fmt, root, info, micro_batch)
+    train_set, selection_split = train_loader.dataset, "val" if cfg.val_split else "test"
+    _logger.info("data %s at %s: %d train images, %d classes; model selection on the %s split (%d images)%s",
+                 fmt, root, len(train_set), train_set.num_classes, selection_split, len(selection_loader.dataset),
+                 "" if cfg.val_split else " (no --val-split: as the official code does)")
+
+    # model, loss, optimizer and learning-rate schedule
+    model, train_model = build_training_model(cfg, train_set.num_classes, info)
+    spec = model_spec(model, cfg.arch, train_set.classes, num_spatial_blocks=cfg.num_spatial_blocks)
+    criterion = SATLoss(cfg.area_thr, cfg.area_loss_scope)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.decay_tokens)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
+    scheduler = build_scheduler(optimizer, schedule=cfg.lr_schedule, lr=cfg.lr, min_lr=cfg.min_lr,
+                                epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=steps_per_epoch)
+    loss_scaler = LossScaler(info.device, cfg.amp)
+    autocast = autocast_context(info.device, cfg.amp)
+
+    # resume: weights, optimizer, schedule, RNG states and the position in the epoch of last.pth
+    start_epoch, start_step, meters_state, best = 0, 0, None, {}
+    path = resume_path(cfg, checkpoint_dir)
+    if path is not None:
+        meta = restore(path, cfg, info, model, optimizer, scheduler, loss_scaler)
+        start_epoch, start_step, best = meta["epoch"], meta.get("epoch_step", 0), meta["best"]
+        if start_step and len(meta["epoch_meters"]) == info.world_size:
+            meters_state = meta["epoch_meters"][info.rank]
+    progress.update(epoch=start_epoch, saved=start_epoch, step=start_step)
+    metrics_log = MetricsLog(output_dir, start_epoch) if info.is_main else None
+    if info.is_main:
+        save_config(cfg, output_dir / "config.yaml")
+
+    def training_state():
+        return dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    scaler=loss_scaler.state_dict())
+
+    def save_position(epoch, steps_done, meters):
+        """last.pth in the middle of ``epoch``: its optimizer steps done and each process's RNG state and
+        running sums, so that --resume continues exactly there. Collective."""
+        states = dist_utils.all_gather_object((rng_state(info.device), meters.state()))
+        if info.is_main:
+            save_checkpoint({"model": checkpoint_weights(model), "epoch": epoch, "epoch_step": steps_done,
+                             "config": config_dict(cfg), **spec, "best_thr": None, **training_state(),
+                             "rng_states": [rng for rng, _ in states], "epoch_meters": [sums for _, sums in states],
+                             "best": best}, checkpoint_dir / "last.pth")
+        return checkpoint_dir / "last.pth"
+
+    # the epochs: train, evaluate (from eval_start_epoch), keep the best checkpoints, save last.pth
+    stop = StopSignals()
+    checkpointer = StepCheckpoint(stop, save_position, steps_per_epoch=steps_per_epoch,
+                                  save_every_steps=cfg.save_every_steps, check_every=cfg.log_every,
+                                  device=info.device, world_size=info.world_size)
+    try:
+        with stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                progress["epoch"] = epoch
+                first_step = start_step if epoch == start_epoch else 0
+                # this epoch's order, and each image's crop seed in the loader workers (BatchLoader), depend
+                # only on (seed, epoch): a resumed run sees the samples of the uninterrupted one
+                train_loader.sampler.set_epoch(epoch, first_step * cfg.accum_steps)
+                stats = train_one_epoch(train_model, criterion, train_loader, optimizer, info.device, epoch,
+                                        loss_scaler, scheduler=scheduler, accum_steps=cfg.accum_steps,
+                                        autocast=autocast, clip_grad=cfg.clip_grad, log_every=cfg.log_every,
+                                        world_size=info.world_size, progress=info.is_main, start_step=first_step,
+                                        meters_state=meters_state if first_step else None,
+                                        on_step=functools.partial(checkpointer, epoch))
+                record = {"epoch": epoch + 1, **{f"train_{key}": value for key, value in stats.items()}}
+                metrics, improved = None, []
+                if should_evaluate(cfg, epoch):
+                    metrics = evaluate(selection_loader, model, info.device,
+                                       thresholds=cfg.eval_thresholds if plan.sat else (), amp=cfg.amp,
+                                       distributed=info.distributed, progress=info.is_main)
+                    metrics.update(metrics.get("at_best_threshold", {}))  # model selection: at the best threshold
+                    improved = update_best(best, metrics, plan.selection_metric, epoch, plan.sat)
+                    shown = (*RESULT_KEYS, "best_threshold") if plan.sat else scalars(metrics)
+                    record.update({f"{selection_split}_{key}": metrics[key] for key in shown})
+                rng_states = dist_utils.all_gather_object(rng_state(info.device))
+                if info.is_main:
+                    save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best, metrics_log, record,
+                               training_state=dict(training_state(), rng_states=rng_states))
+                progress["saved"] = epoch + 1
+                log_epoch(cfg, epoch, stats, metrics, improved, selection_split, plan)
+                checkpointer.end_of_epoch(epoch, checkpoint_dir / "last.pth")
+    finally:
+        if metrics_log is not None:
+            metrics_log.close()
+
+    # the final test of best.pth, as the official evaluator
+    progress["epoch"] = cfg.epochs
+    results = final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan)
+    if cfg.cache_images:  # a finished run does not need it again; an interrupted one keeps it
+        dist_utils.barrier()  # every process is done reading it
+        if info.is_main:
+            shutil.rmtree(output_dir / IMAGE_CACHE, ignore_errors=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------- data
+def per_process_batch(cfg, world_size):
+    """Images per process and micro-batch: the global ``batch_size`` over processes and accumulation steps."""
+    micro, rest = divmod(cfg.batch_size, world_size * cfg.accum_steps)
+    if rest or micro == 0:
+        raise ConfigError(f"batch_size {cfg.batch_size} (global, per optimizer step) must be a multiple of "
+                          f"processes ({world_size}) x accum_steps ({cfg.accum_steps})")
+    return micro
+
+
+def build_loaders(cfg, fmt, root, info, micro_batch):
+    """Train loader, selection loader (the held-out 'val' split with --val-split, else test, as the official
+    code does), the final test loader (ten-crop classification with ``tencrop``) and the :class:`EvalPlan`
+    for what the evaluation splits hold."""
+    common = dict(metadata_root=cfg.metadata_root, val_boxes=cfg.val_boxes)
+    train_set = build_dataset(fmt, root, "train", TrainPixels(cfg.img_size, cfg.resize_size, cfg.gpu_decode),
+                              images_per_class=cfg.images_per_class, seed=cfg.seed, strict=cfg.strict_data,
+                              **common)
+    if len(train_set) < micro_batch * info.world_size:
+        raise DataError(f"{root}: the train split has {len(train_set)} images, fewer than one batch "
+                        f"({micro_batch} x {info.world_size} processes); lower --batch-size")
+    train_loader = build_loader(train_set, micro_batch, train=True, workers=cfg.workers,
+                                distributed=info.distributed, seed=cfg.seed, drop_last=cfg.drop_last)
+
+    def eval_loader(split, protocol, tencrop):
+        return build_eval_loader(fmt, root, split, protocol=protocol, tencrop=tencrop, img_size=cfg.img_size,
+                                 resize_size=cfg.resize_size, batch_size=cfg.eval_batch_size, workers=cfg.workers,
+                                 distributed=info.distributed, gpu_decode=cfg.gpu_decode, **common)
+
+    selection_loader = eval_loader("val" if cfg.val_split else "test", cfg.eval_protocol, tencrop=False)
+    plan = plan_evaluation(cfg, selection_loader.dataset)
+    tencrop = cfg.test_tencrop and plan.sat
+    test_loader = selection_loader if not cfg.val_split and not tencrop else \
+        eval_loader("test", plan.protocol, tencrop=tencrop)
+    if cfg.cache_images:
+        for dataset in dict.fromkeys(loader.dataset for loader in (train_loader, selection_loader, test_loader)):
+            attach_image_cache(dataset, Path(cfg.output_dir) / IMAGE_CACHE)
+    return train_loader, selection_loader, test_loader, plan
+
+
+# ----------------------------------------------------------------------------------- evaluation plan
+@dataclass
+class EvalPlan:
+    """How training evaluates: ``protocol`` (eval_protocol resolved from the data), the ``annotations`` of the
+    evaluation split ('boxes', 'masks' or None) and the ``selection_metric`` that exists for them."""
+    protocol: str
+    annotations: object
+    selection_metric: str
+
+    @property
+    def sat(self):
+        """Whether the sat protocol is evaluated (map thresholds, best_top1 / best_gt files)."""
+        return self.protocol in ("sat", "both")
+
+
+def selection_metrics(protocol, annotations):
+    """The selection metrics an evaluation produces, the natural choice first."""
+    sat = ("loc", "top1_loc", "gt_known_loc")
+    wsol = {"boxes": ("maxboxaccv2",), "masks": ("pxap",), None: ()}[annotations]
+    return {"sat": sat, "wsol": wsol, "both": sat + wsol, "cls": ()}[protocol] + ("top1_cls",)
+
+
+def plan_evaluation(cfg, dataset):
+    """The :class:`EvalPlan` of the evaluation split ``dataset`` (whose views follow the resolved protocol);
+    logs the protocol and the selection metric."""
+    protocol = views_of(dataset).protocol
+    annotations = ANNOTATIONS[protocol_for_data(dataset)]
+    available = selection_metrics(protocol, annotations)
+    metric = cfg.selection_metric if cfg.selection_metric in available else available[0]
+    names = {"sat": "sat protocol", "wsol": "wsol protocol", "both": "sat and wsol protocols",
+             "cls": "classification only"}
+    _logger.info("evaluation: %s (eval_protocol %s; the evaluation split has %s); best.pth by %s%s", names[protocol],
+                 cfg.eval_protocol, annotations or "neither boxes nor masks", metric,
+                 "" if metric == cfg.selection_metric else f" (selection_metric {cfg.selection_metric} does not "
+                 f"exist for this evaluation)")
+    return EvalPlan(protocol, annotations, metric)
+
+
+def should_evaluate(cfg, epoch):
+    """Whether the model after ``epoch`` (0-based) is evaluated for selection: from eval_start_epoch every
+    eval_every epochs (official CUB: every epoch from 26 of 30), and always after the last epoch."""
+    done = epoch + 1
+    return done == cfg.epochs or (done >= cfg.eval_start_epoch and done % cfg.eval_every == 0)
+
+
+def scalars(metrics):
+    """The numeric entries of an evaluation's metrics (no per-threshold lists or per-IoU tables)."""
+    return {key: value for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def selection_value(metrics, metric):
+    """The value best.pth maximises: ``loc`` is Top-1 Loc + GT-known Loc (official best_loc), else the metric."""
+    if metric == "loc":
+        return float(metrics["top1_loc"]) + float(metrics["gt_known_loc"])
+    return float(metrics[metric])
+
+
+def update_best(best, metrics, selection_metric, epoch, sat=True):
+    """Update ``best`` ({checkpoint file: {'metric', 'value', 'epoch', 'threshold'}}) with this epoch's
+    metrics; a file improves only on a strictly higher value (the first epoch wins ties, as the official
+    ``>``); with the sat protocol, best_top1_loc.pth and best_gt_known_loc.pth too. Returns the improved files."""
+    improved = []
+    for name, metric in {"best.pth": selection_metric, **(EXTRA_BEST if sat else {})}.items():
+        value = selection_value(metrics, metric)
+        if name not in best or value > best[name]["value"]:
+            best[name] = {"metric": metric, "value": value, "epoch": epoch + 1,
+                          "threshold": metrics.get("best_threshold")}
+            improved.append(name)
+    return improved
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_training_model(cfg, num_classes, info):
+    """(the model, the module that trains it: DDP-wrapped and / or compiled as configured)."""
+    model = build_model(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained, img_size=cfg.img_size,
+                        drop_path_rate=cfg.drop_path, num_spatial_blocks=cfg.num_spatial_blocks,
+                        attn_impl=cfg.attn_impl)
+    trainable = set_trainable(model, cfg.trainable)
+    _logger.info("model %s: %.2fM parameters, %.2fM trainable (%s)", cfg.arch,
+                 sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6, cfg.trainable)
+    model.to(info.device)
+    train_model = model
+    if info.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    return model, train_model
+
+
+# ------------------------------------------------------------------------------------------- each epoch
+def save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best, metrics_log, record,
+               training_state):
+    """Rank 0: the improved best checkpoints, the metrics line, then last.pth, written last: a run killed
+    before it redoes this epoch, and on resume MetricsLog drops the line written here (each epoch logged once)."""
+    state = {"model": checkpoint_weights(model), "epoch": epoch + 1, "config": config_dict(cfg), **spec,
+             "best_thr": metrics.get("best_threshold") if metrics else None}
+    for name in improved:
+        save_checkpoint(dict(state, selection=best[name]), checkpoint_dir / name)
+    metrics_log.log_epoch(record)
+    save_checkpoint(dict(state, **training_state, best=best), checkpoint_dir / "last.pth")
+
+
+def log_epoch(cfg, epoch, stats, metrics, improved, split, plan):
+    if metrics is not None:
+        best_mark = "  * best" if "best.pth" in improved else ""
+        if plan.sat:
+            _logger.info("epoch %d %s: Top-1 Loc %.2f  GT-known Loc %.2f  Top-1 Cls %.2f  (best of the thresholds: "
+                         "%.2f)%s", epoch + 1, split, metrics["top1_loc"], metrics["gt_known_loc"],
+                         metrics["top1_cls"], metrics["best_threshold"], best_mark)
+        else:
+            shown = tuple(key for key in ("maxboxaccv2", "pxap") if key in metrics) + ("top1_cls",)
+            _logger.info("epoch %d %s: %s%s", epoch + 1, split,
+                         "  ".join(f"{key} {metrics[key]:.2f}" for key in shown), best_mark)
+    if stats["num_skipped"]:
+        _logger.warning("epoch %d: %d unreadable training images skipped (named in the log above; "
+                        "--strict-data makes them an error)", epoch + 1, stats["num_skipped"])
+    _logger.info("epoch %d/%d done in %.0fs (%.0f%% of it waiting for data): loss %.4f (ce %.4f area %.4f norm "
+                 "%.4f), train acc %.2f, lr %.3g", epoch + 1, cfg.epochs, stats["time"],
+                 100 * stats["data_wait"] / max(stats["time"], 1e-9), stats["loss"], stats["ce"], stats["area"],
+                 stats["norm"], stats["acc1"], stats["lr"])
+
+
+# ------------------------------------------------------------------------------------------- final test
+def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan):
+    """Evaluate best.pth on the test split as the official evaluator does (fp32, at ``threshold``, ten-crop
+    classification with ``tencrop``) and write results.json; with report_best_threshold, also the metrics at
+    the best of eval_thresholds chosen on the test split itself (labelled so). Without boxes: the plan's
+    protocol (wsol metrics, or classification only)."""
+    dist_utils.barrier()
+    best_path = checkpoint_dir / "best.pth"
+    meta = load_checkpoint(best_path, model)
+    sat = plan.sat
+    metrics = evaluate(test_loader, model, info.device, threshold=cfg.threshold if sat else None,
+                       thresholds=cfg.eval_thresholds if cfg.report_best_threshold and sat else (),
+                       distributed=info.distributed, overlay_dir=output_dir / "overlays" if cfg.save_images else None,
+                       overlays=cfg.save_images, progress=info.is_main)
+    tencrop = cfg.test_tencrop and sat
+    results = {"checkpoint": str(best_path), "epoch": meta["epoch"], "selection": meta["selection"], "split": "test",
+               "eval_protocol": plan.protocol, **({"threshold": cfg.threshold} if sat else {}),
+               "tencrop": tencrop, "precision": "fp32",
+               **({key: metrics[key] for key in RESULT_KEYS} if sat else scalars(metrics)),
+               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if cfg.report_best_threshold and sat:
+        results["best_threshold"] = {
+            "threshold": metrics["best_threshold"], "chosen_on": "test",
+            "note": "threshold maximising Top-1 + GT-known Loc on the evaluated split itself (not held out)",
+            **{key: metrics[key] for key in ("num_images", "top1_cls", "top5_cls")}, **metrics["at_best_threshold"]}
+    if info.is_main:
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        shown = RESULT_KEYS[:8] if sat else [key for key in scalars(metrics)
+                                             if key != "num_images" and not key.endswith("threshold")]
+        rows = "\n".join(f"  {key:<15} {metrics[key]:8.2f}" for key in shown)
+        setting = (f"threshold {cfg.threshold:.2f}, {'ten-crop' if tencrop else 'centre-crop'} classification"
+                   if sat else plan.protocol)
+        _logger.info("test results of %s (epoch %d, %s, fp32):\n%s\nwritten to %s", best_path, meta["epoch"],
+                     setting, rows, output_dir / "results.json")
+    return results
+
+
+# ------------------------------------------------------------------------------------ the run's folder
+def default_config(imagenet):
+    def choose(cli):
+        if imagenet:
+            return CONFIG_DIR / "ILSVRC.yaml"
+        return CONFIG_DIR / ("CUB.yaml" if cli.get("data_root") else "demo.yaml")
+    return choose
+
+
+def prepare_output_dir(cfg, output_dir, info):
+    """Refuse to write into a folder holding a previous run unless --resume (continue it) or --overwrite
+    (delete its outputs first): one-line ConfigError, nothing touched."""
+    if cfg.resume is not None and cfg.overwrite:
+        raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
+    # what the main process finds, for every process, before it deletes anything (a process that looked after
+    # the deletion would skip the barrier below)
+    previous = dist_utils.all_gather_object([name for name in RUN_OUTPUTS[:3] if (output_dir / name).exists()])[0]
+    if not previous or cfg.resume is not None:
+        return
+    if not cfg.overwrite:
+        raise ConfigError(f"{output_dir} holds a previous run ({', '.join(previous)}): --resume to continue it, "
+                          "--overwrite to start again, or choose another --output-dir")
+    if info.is_main:
+        for name in RUN_OUTPUTS:
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    dist_utils.barrier()
+
+
+def interrupted_message(cfg, info, progress, script, argv):
+    """One line after Ctrl-C: where training stopped, what is saved, and the command that resumes it (as after
+    SIGTERM / SIGUSR1)."""
+    command = resume_command(None if argv is None else [script, *argv], distributed=info.world_size > 1)
+    where = "before training started" if progress["epoch"] is None else (
+        "in the final test" if progress["epoch"] >= cfg.epochs else f"in epoch {progress['epoch'] + 1}/{cfg.epochs}")
+    last = Path(cfg.output_dir) / "checkpoints" / "last.pth"
+    if progress["saved"]:
+        saved = f"{last} holds {progress['saved']} finished epoch(s)"
+    elif last.exists():
+        saved = f"{last} holds the last saved position"
+    else:
+        saved = "no checkpoint yet"
+    return f"interrupted {where}; {saved}; resume with: {command}"
+
 
 if __name__ == "__main__":
     run_cli(main)

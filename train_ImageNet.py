@@ -1,4 +1,5 @@
-"""Train SAT on ImageNet (ILSVRC2012 layout: train/<wnid>/, val/ + boxes), usually with several processes.
+"""Train SAT on ImageNet (ILSVRC2012 layout: train/<wnid>/, val/ + boxes), usually with several processes:
+the procedure of train.py with config/ILSVRC.yaml's settings.
 
     torchrun --nproc_per_node K train_ImageNet.py --config config/ILSVRC.yaml --data-root PATH --output-dir DIR
     python -m torch.distributed.launch --nproc_per_node K train_ImageNet.py --config config/ILSVRC.yaml ...
@@ -8,8 +9,8 @@ The model and schedule settings of any config apply; the data is always read in 
 """
 import functools
 
+from train import main
 from utils.errors import run_cli
-from utils.trainer import main
 
 if __name__ == "__main__":
     run_cli(functools.partial(main, imagenet=True))

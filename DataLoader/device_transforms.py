@@ -53,7 +53,7 @@ def normalize(views):
 
 def to_device(images, device):
     """A collated batch's 'image' -> normalised float32 on ``device``: (B, 3, S, S) for train pixels,
-    (B, V, 3, S, S) for evaluation views (protocol A crops, then the wsol view). Tensors (images
+    (B, V, 3, S, S) for evaluation views (the sat views' crops, then the wsol view). Tensors (images
     already transformed on the host) are only copied."""
     if torch.is_tensor(images):
         return images.to(device, non_blocking=True)

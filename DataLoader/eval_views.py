@@ -11,7 +11,6 @@ Protocols (flag ``--eval-protocol``): ``sat`` = the official SAT protocol (evalu
 ``tencrop`` view); ``wsol`` = the wsolevaluation protocol (MaxBoxAcc, MaxBoxAccV2, PxAP, on the ``wsol``
 view); ``both``; ``cls`` = classification only (data with neither boxes nor masks).
 """
-import numpy as np
 import torch
 
 from utils.errors import ConfigError
@@ -29,14 +28,6 @@ def default_resize_size(img_size):
     return round(img_size * 256 / 224)
 
 
-def crop_box_to_original(box, size, resize_size, img_size):
-    """An (exclusive-max) box in the ``centre`` view -> original pixels (W, H = size), clipped to the image."""
-    width, height = size
-    scale = np.array([width, height, width, height], np.float64) / resize_size
-    original = (np.asarray(box, np.float64) + T.centre_offset(resize_size, img_size)) * scale
-    return np.clip(original, 0, [width, height, width, height])
-
-
 def protocol_views(protocol, tencrop=False):
     """The views a protocol reads: ``sat`` / ``cls`` -> (centre | tencrop), ``wsol`` -> (wsol), ``both`` -> both."""
     if protocol not in PROTOCOLS:
@@ -52,41 +43,41 @@ class EvalViews:
     """
 
     def __init__(self, protocol="sat", tencrop=False, img_size=224, resize_size=None):
-        self.protocol, self.views = protocol, protocol_views(protocol, tencrop)
+        self.protocol, self.names = protocol, protocol_views(protocol, tencrop)
         self.img_size = int(img_size)
         self.resize_size = int(resize_size or default_resize_size(img_size))
         builders = {"centre": T.test_transform, "tencrop": T.tencrop_transform}
         self.transforms = [T.wsol_transform(self.img_size) if view == "wsol"
-                           else builders[view](self.img_size, self.resize_size) for view in self.views]
+                           else builders[view](self.img_size, self.resize_size) for view in self.names]
         self.slices, start = {}, 0
-        for view in self.views:
+        for view in self.names:
             self.slices[view] = slice(start, start + VIEW_SIZES[view])
             start += VIEW_SIZES[view]
         self.num_views = start
 
     def pixels(self, gpu_decode=False):
         """The uint8 worker half of these views (``transforms.EvalPixels``: decode and resize only;
-        ``evaluate`` crops and normalises on its device, the same tensors), with these views as its
-        ``layout``. ``gpu_decode``: the file bytes, decoded and resized on the device too."""
-        official = next((self.slices[view] for view in ("centre", "tencrop") if view in self.slices), None)
-        pixels = T.EvalPixels(0 if official is None else official.stop - official.start, int("wsol" in self.slices),
+        ``evaluate`` crops and normalises on its device, the same tensors), with these ``views`` attached.
+        ``gpu_decode``: the file bytes, decoded and resized on the device too."""
+        sat_views = next((self.slices[view] for view in ("centre", "tencrop") if view in self.slices), None)
+        pixels = T.EvalPixels(0 if sat_views is None else sat_views.stop - sat_views.start, "wsol" in self.slices,
                               self.img_size, self.resize_size, gpu_decode=gpu_decode)
-        pixels.layout = self
+        pixels.views = self
         return pixels
 
     @property
     def tencrop(self):
-        return "tencrop" in self.views
+        return "tencrop" in self.names
 
     def __call__(self, image):
         views = [transform(image) for transform in self.transforms]
         return torch.cat([view.reshape(-1, *view.shape[-3:]) for view in views])
 
     def __repr__(self):
-        return f"EvalViews({self.protocol!r}, views={list(self.views)}, img_size={self.img_size}, " \
+        return f"EvalViews({self.protocol!r}, views={list(self.names)}, img_size={self.img_size}, " \
                f"resize_size={self.resize_size})"
 
 
 def views_of(dataset):
-    """The ``EvalViews`` a dataset's samples follow: its transform, or the layout of its uint8 half."""
-    return getattr(dataset.transform, "layout", dataset.transform)
+    """The ``EvalViews`` a dataset's samples follow: its transform, or the views of its uint8 half."""
+    return getattr(dataset.transform, "views", dataset.transform)

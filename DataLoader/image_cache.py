@@ -113,7 +113,7 @@ def cache_name(dataset, size):
 def attach_image_cache(dataset, folder):
     """Give ``dataset`` (a WSOLDataset) an ImageCache under ``folder`` when its transform reads only the
     ``Resize((R, R))`` of each image (TrainPixels, EvalPixels of protocol sat / cls); returns the cache,
-    or None (logged) for a transform that needs the original image (protocol B's whole-image view) or its
+    or None (logged) for a transform that needs the original image (the wsol view of the whole image) or its
     file (``gpu_decode``), or when the disk has no room for it (a warning; the run goes on uncached)."""
     resize_size = getattr(dataset.transform, "cache_size", None)
     if resize_size is None:

@@ -1,12 +1,12 @@
-"""Official image transforms (the official DataLoader/*.py), their uint8 halves for the device pipeline
+"""Official image transforms (the official DataLoader/*.py) and their uint8 halves for the device pipeline
 (``TrainPixels``, ``EvalPixels``; the other half is DataLoader/device_transforms.py; with ``gpu_decode``
-they return the file's bytes, decoded by DataLoader/gpu_decode.py) and GT-box mappings of
-the official SAT protocol (the official ``load_test_bbox``) and of the wsolevaluation protocol (README,
-"Evaluation")."""
+they return the file's bytes, decoded by DataLoader/gpu_decode.py)."""
 import numpy as np
 import torch
 from torchvision import transforms as T
 from torchvision.io import read_file
+
+from utils.boxes import centre_offset
 
 from .device_transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -39,11 +39,6 @@ def tencrop_transform(img_size=224, resize_size=256):
 def wsol_transform(img_size=224):
     """Resize((224, 224)) without crop -> ToTensor -> Normalize (the `wsol` view)."""
     return T.Compose([T.Resize((img_size, img_size)), *_to_normalized_tensor()])
-
-
-def centre_offset(size, crop_size):
-    """torchvision's CenterCrop offset (``round`` of half the gap, ties to even)."""
-    return int(round((size - crop_size) / 2.0))
 
 
 def tencrop_boxes(size, crop_size):
@@ -103,37 +98,36 @@ class TrainPixels:
 
 
 class EvalPixels:
-    """PIL image -> the uint8 sources of the evaluation views: ``'pixels'`` (Resize((R, R))) with its
-    ``'crops'`` (1 centre crop or the 10 of TenCrop) when protocol A is on, and ``'wsol'``
-    (Resize((S, S)), the whole view) when protocol B is on; ``to_device`` gives the same
-    (V, 3, S, S) stack as ``DataLoader.eval_views.EvalViews``. ``gpu_decode``: the file's bytes
-    (``encoded``) with the sizes to resize to on the device (``resize_size`` for protocol A,
-    ``wsol_size`` for protocol B: one decode, two resizes)."""
+    """PIL image -> the uint8 sources of the evaluation views: ``'pixels'`` (Resize((R, R))) with its ``'crops'``
+    (the centre crop, or the 10 of TenCrop) for the ``num_sat_views`` sat views, and ``'wsol'`` (Resize((S, S)),
+    the whole image) for the wsol view; ``to_device`` gives the same (V, 3, S, S) stack as
+    ``DataLoader.eval_views.EvalViews``. ``gpu_decode``: the file's bytes (``encoded``) with the sizes to resize
+    to on the device (``resize_size`` for the sat views, ``wsol_size`` for the wsol view: one decode)."""
 
-    def __init__(self, n_a, n_b, img_size=224, resize_size=256, gpu_decode=False):
+    def __init__(self, num_sat_views, wsol, img_size=224, resize_size=256, gpu_decode=False):
         self.img_size, self.resize_size, self.gpu_decode = img_size, resize_size, gpu_decode
-        self.resize_a = T.Resize((resize_size, resize_size)) if n_a else None
-        self.resize_b = T.Resize((img_size, img_size)) if n_b else None
-        # an image cache can stand for resize_a alone (the wsol view resizes the original image)
-        self.cache_size = resize_size if n_a and not n_b and not gpu_decode else None
-        if n_a:
+        self.resize_sat = T.Resize((resize_size, resize_size)) if num_sat_views else None
+        self.resize_wsol = T.Resize((img_size, img_size)) if wsol else None
+        # an image cache can stand for resize_sat alone (the wsol view resizes the original image)
+        self.cache_size = resize_size if num_sat_views and not wsol and not gpu_decode else None
+        if num_sat_views:
             mid = centre_offset(resize_size, img_size)
-            boxes = tencrop_boxes(resize_size, img_size) if n_a == 10 else [(mid, mid, 0)]
+            boxes = tencrop_boxes(resize_size, img_size) if num_sat_views == 10 else [(mid, mid, 0)]
             self.crops = torch.tensor(boxes)
 
     def resized(self, image):
-        return _pixels(self.resize_a(image))
+        return _pixels(self.resize_sat(image))
 
     def from_resized(self, pixels):
         return {"pixels": torch.as_tensor(pixels), "crops": self.crops, "crop_size": self.img_size}
 
     def __call__(self, image):
         out = file_bytes(image) if self.gpu_decode else {}
-        if self.resize_a is not None:
+        if self.resize_sat is not None:
             out.update({"resize_size": self.resize_size, "crops": self.crops, "crop_size": self.img_size}
                        if self.gpu_decode else self.from_resized(self.resized(image)))
-        if self.resize_b is not None:
-            out.update({"wsol_size": self.img_size} if self.gpu_decode else {"wsol": _pixels(self.resize_b(image))})
+        if self.resize_wsol is not None:
+            out.update({"wsol_size": self.img_size} if self.gpu_decode else {"wsol": _pixels(self.resize_wsol(image))})
         return out
 
 
@@ -143,26 +137,3 @@ def denormalize(tensor):
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     image = (tensor.detach().cpu().float() * std + mean).clamp(0, 1)
     return (image * 255).round().byte().permute(1, 2, 0).numpy()
-
-
-def _as_boxes(boxes):
-    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-
-
-def boxes_protocol_a(boxes, size, resize_size=256, crop_size=224):
-    """Original-pixel boxes -> the official SAT crop frame: resize to 256x256, shift, clip to 223."""
-    boxes = _as_boxes(boxes)
-    width, height = size
-    shift = centre_offset(resize_size, crop_size)  # where CenterCrop cut the image (16 for 256 -> 224)
-    # x / W * 256 in the official order (divide first), then shift and clip.
-    mapped = boxes / np.array([width, height] * 2) * resize_size - shift
-    mapped[:, :2] = np.maximum(mapped[:, :2], 0)
-    mapped[:, 2:] = np.minimum(mapped[:, 2:], crop_size - 1)
-    return np.trunc(mapped).astype(np.int64)
-
-
-def boxes_protocol_b(boxes, size, img_size=224):
-    """Original-pixel boxes -> the wsolevaluation 224x224 frame: int(x * 224 / W), int(y * 224 / H)."""
-    boxes = _as_boxes(boxes)
-    width, height = size
-    return np.trunc(boxes * img_size / np.array([width, height] * 2)).astype(np.int64)

@@ -1,9 +1,7 @@
-"""Straightforward reference implementations of the box extraction, used as test oracles and as the
-baseline of tools/bench_boxes.py.
+"""Straightforward reference implementations of the box extraction, used as test oracles.
 
 They follow the structure of the original code (per threshold: binarise, label or find contours, then
-per-component / per-contour work) rather than the vectorised paths of utils/metrics_sat.py and
-utils/metrics_wsol.py they check.
+per-component / per-contour work) rather than the vectorised paths of utils/boxes.py they check.
 """
 import cv2
 import numpy as np

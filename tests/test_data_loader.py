@@ -74,7 +74,7 @@ def test_opencv_runs_no_pool_threads_so_workers_fork_safely():
     """A loader worker forked while OpenCV's pool threads held a lock hung in its first OpenCV call (seen
     after an evaluation): the project's OpenCV work must start no threads in the calling process."""
     code = ("import os, sys, numpy as np; sys.path.insert(0, '.'); import DataLoader; "
-            "from utils.metrics_sat import SATLocAccumulator; import cv2; "
+            "from utils.metrics import SATLocAccumulator; import cv2; "
             "before = len(os.listdir('/proc/self/task')); "
             "maps = np.random.default_rng(0).random((8, 14, 14), dtype=np.float32); "
             "[SATLocAccumulator().boxes(maps) for _ in range(20)]; cv2.resize(np.ones((900, 900), np.float32), (2000, 2000)); "

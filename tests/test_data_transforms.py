@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from DataLoader import transforms as T
+from utils.boxes import gt_boxes_sat, gt_boxes_wsol
 
 
 @pytest.fixture
@@ -17,18 +18,18 @@ def test_protocol_a_boxes_match_hand_computed_values():
     # x0: 10/400*256-16 = -9.6 -> 0; y0: 20/300*256-16 = 1.07 -> 1; x1: 176; y1: 154.67 -> 154.
     # second box: x0 233.6 -> 233 (no upper clip on x0), y0 -> 0, x1 240 -> 223, y1 240 -> 223.
     expected = [[0, 1, 176, 154], [233, 0, 223, 223]]
-    out = T.boxes_protocol_a(boxes, (400, 300))
+    out = gt_boxes_sat(boxes, (400, 300))
     assert out.dtype.kind == "i" and out.tolist() == expected
 
 
 def test_protocol_a_other_sizes_and_truncation_toward_zero():
     # resize 320, crop 288 -> shift 16, clip 287; x1 = 10/400*320-16 = -8 stays -8 (int of a negative).
-    assert T.boxes_protocol_a([[0, 0, 10, 150]], (400, 300), 320, 288).tolist() == [[0, 0, -8, 144]]
+    assert gt_boxes_sat([[0, 0, 10, 150]], (400, 300), 320, 288).tolist() == [[0, 0, -8, 144]]
 
 
 def test_protocol_a_shift_is_the_centre_crop_offset_for_odd_gaps(image):
     # resize 75, crop 64: CenterCrop cuts at round(5.5) = 6 (ties to even), not 11 // 2 = 5
-    assert T.boxes_protocol_a([[8, 8, 40, 40]], (80, 80), 75, 64).tolist() == [[1, 1, 31, 31]]
+    assert gt_boxes_sat([[8, 8, 40, 40]], (80, 80), 75, 64).tolist() == [[1, 1, 31, 31]]
     resized = np.asarray(image.resize((75, 75), Image.BILINEAR))
     crop = np.asarray(T.test_transform(64, 75).transforms[1](Image.fromarray(resized)))
     assert np.array_equal(crop, resized[6:70, 6:70])
@@ -36,8 +37,8 @@ def test_protocol_a_shift_is_the_centre_crop_offset_for_odd_gaps(image):
 
 def test_protocol_b_boxes_match_hand_computed_values():
     # 10*224/400 = 5.6 -> 5; 20*224/300 = 14.93 -> 14; 300*224/400 = 168; 200*224/300 = 149.33 -> 149.
-    assert T.boxes_protocol_b(np.array([[10., 20., 300., 200.]]), (400, 300)).tolist() == [[5, 14, 168, 149]]
-    assert T.boxes_protocol_b(torch.tensor([[0., 0., 400., 300.]]), (400, 300)).tolist() == [[0, 0, 224, 224]]
+    assert gt_boxes_wsol(np.array([[10., 20., 300., 200.]]), (400, 300)).tolist() == [[5, 14, 168, 149]]
+    assert gt_boxes_wsol(torch.tensor([[0., 0., 400., 300.]]), (400, 300)).tolist() == [[0, 0, 224, 224]]
 
 
 def test_image_transform_shapes(image):

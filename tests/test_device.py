@@ -17,14 +17,15 @@ import torch.multiprocessing as mp
 from DataLoader import build_dataset, build_loader, make_demo_dataset
 from DataLoader.eval_loader import build_eval_loader
 from DataLoader.eval_views import EvalViews
-from Model import build_model, build_model_from_checkpoint
+from Model import build_model
+from utils.checkpoint import build_model_from_checkpoint
 from Model.losses import SATLoss
 from utils.amp import LossScaler, autocast_context, describe
 from utils.checkpoint import read_checkpoint
 from utils.distributed import init_distributed, select_device
 from utils.engine import train_one_epoch
 from utils.errors import ConfigError
-from utils.evaluation import evaluate
+from utils.engine import evaluate
 from utils.optim import build_optimizer, build_scheduler
 
 from conftest import REPO_ROOT, free_port, wait_for_file
@@ -114,7 +115,7 @@ def _nccl_rank(rank, port, root, checkpoint, out):
         model, _ = build_model_from_checkpoint(checkpoint)
         loader = build_eval_loader("cub", root, "test", protocol="both", tencrop=False, img_size=64, batch_size=4,
                                    workers=0, distributed=True)
-        result = evaluate(model.cuda(), loader, "cuda", threshold=0.4, distributed=True, progress=False)
+        result = evaluate(loader, model.cuda(), "cuda", threshold=0.4, distributed=True, progress=False)
         with open(out, "w") as f:
             json.dump(result, f)
     finally:
@@ -139,13 +140,13 @@ def test_nccl_one_process(tmp_path):
     model, _ = build_model_from_checkpoint(checkpoint)
     loader = build_eval_loader("cub", root, "test", protocol="both", tencrop=False, img_size=64, batch_size=4,
                                workers=0)
-    single = evaluate(model.cuda(), loader, "cuda", threshold=0.4, progress=False)
+    single = evaluate(loader, model.cuda(), "cuda", threshold=0.4, progress=False)
     assert json.loads((tmp_path / "nccl.json").read_text()) == json.loads(json.dumps(single))
 
 
 DETERMINISTIC = ("import sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); "
                  "torch.backends.cudnn.benchmark = False; from utils.errors import run_cli; "
-                 "from utils.trainer import main; run_cli(main, sys.argv[1:])")
+                 "from train import main; run_cli(main, sys.argv[1:])")
 
 
 @needs_cuda

@@ -11,8 +11,8 @@ from DataLoader.device_transforms import on_device, to_device
 from DataLoader.eval_loader import build_eval_loader
 from DataLoader.eval_views import EvalViews
 from DataLoader.transforms import EvalPixels, TrainPixels, tencrop_boxes, train_transform
-from Model import build_model_from_checkpoint
-from utils.evaluation import evaluate
+from utils.checkpoint import build_model_from_checkpoint
+from utils.engine import evaluate
 
 from test_evaluation import save_nano_checkpoint
 from test_train_engine import make_model, run
@@ -110,5 +110,5 @@ def test_training_and_evaluation_on_pixels_equal_the_official_path(tmp_path):
     pixels = build_eval_loader("cub", root, "test", batch_size=4, workers=0, **settings)
     assert isinstance(pixels.dataset.transform, EvalPixels)
     official = build_loader(build_dataset("cub", root, "test", EvalViews(**settings)), 4, train=False, workers=0)
-    assert evaluate(model, pixels, "cpu", threshold=0.4, per_image=True, progress=False) == \
-        evaluate(model, official, "cpu", threshold=0.4, per_image=True, progress=False)
+    assert evaluate(pixels, model, "cpu", threshold=0.4, per_image=True, progress=False) == \
+        evaluate(official, model, "cpu", threshold=0.4, per_image=True, progress=False)

@@ -9,17 +9,15 @@ from PIL import Image
 
 from DataLoader import build_dataset, load_mask, make_demo_dataset
 from DataLoader import transforms as T
-from Model import build_model
-from utils.box_ops import iou_plus1
 from DataLoader.eval_loader import ShardSampler, build_eval_loader
 from DataLoader.eval_views import EvalViews, default_resize_size
-from Model import build_model_from_checkpoint
-from utils.checkpoint import model_spec, save_checkpoint
+from Model import build_model
+from utils.boxes import gt_boxes_sat, gt_boxes_wsol, iou_plus1
+from utils.checkpoint import build_model_from_checkpoint, model_spec, save_checkpoint
+from utils.engine import default_box_processes, evaluate
 from utils.errors import ConfigError, DataError
-from utils.evaluation import LOC_KEYS, default_box_processes, evaluate
-from utils.metrics import ClassAccumulator
-from utils.metrics_sat import TRAIN_THRESHOLDS, SATLocAccumulator
-from utils.metrics_wsol import PxAPAccumulator, WSOLBoxAccumulator
+from utils.metrics import (LOC_KEYS, TRAIN_THRESHOLDS, ClassAccumulator, PxAPAccumulator, SATLocAccumulator,
+                           WSOLBoxAccumulator)
 
 from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS
 
@@ -79,10 +77,10 @@ def _per_image_reference(model, dataset, img_size, thresholds):
             image, label, boxes = sample["image"], torch.tensor([sample["label"]]), sample["boxes"]
             logits, maps = model(ten(image))
             probs = logits.softmax(dim=1).mean(dim=0, keepdim=True)
-            sat.update(maps[4:5], [T.boxes_protocol_a(boxes, image.size, resize, img_size)], probs, label)
+            sat.update(maps[4:5], [gt_boxes_sat(boxes, image.size, resize, img_size)], probs, label)
             logits_b, map_b = model(plain(image)[None])
             cls_b.update(logits_b, label)
-            boxes_b.update(map_b, [T.boxes_protocol_b(boxes, image.size)])
+            boxes_b.update(map_b, [gt_boxes_wsol(boxes, image.size)])
     best = sat.compute()
     expected = {key: best[key] for key in ("num_images", "top1_cls", "top5_cls", "best_threshold", "thresholds",
                                            "gt_known_loc_per_threshold", "top1_loc_per_threshold") if key in best}
@@ -98,7 +96,7 @@ def test_evaluate_equals_per_image_recomputation(demo_root, img_size):
     model = nano_model(img_size=img_size)
     loader = build_eval_loader("cub", demo_root, "test", protocol="both", tencrop=True, img_size=img_size,
                                batch_size=5, workers=0)
-    result = evaluate(model, loader, "cpu", thresholds=TRAIN_THRESHOLDS, progress=False, threads=2)
+    result = evaluate(loader, model, "cpu", thresholds=TRAIN_THRESHOLDS, progress=False, threads=2)
     result.pop("curves")
     reference = _per_image_reference(model, build_dataset("cub", demo_root, "test", lambda im: im), img_size,
                                      TRAIN_THRESHOLDS)
@@ -132,7 +130,7 @@ def test_evaluate_reproduces_official_fixture_boxes(official_boxes):
                         "label": torch.from_numpy(labels[index]), "size": [(256, 256)] * len(index),
                         "boxes": [torch.tensor(gt[i][None] + 16.0) for i in index],  # crop frame + 16
                         "image_id": [str(i) for i in index], "index": index})
-    result = evaluate(_FixtureMaps(maps), batches, "cpu", thresholds=thresholds, views=EvalViews("sat", img_size=224),
+    result = evaluate(batches, _FixtureMaps(maps), "cpu", thresholds=thresholds, views=EvalViews("sat", img_size=224),
                       progress=False)
 
     ious = np.stack([iou_plus1(official[:, t], gt).diagonal() for t in range(len(thresholds))], axis=1)
@@ -153,7 +151,7 @@ def test_official_release_checkpoint_through_evaluate(official_outputs):
     batch = {"image": official_outputs["input"], "label": labels,
              "boxes": [torch.tensor([[16.0, 16.0, 200.0, 200.0]])] * 2, "size": [(256, 256)] * 2,
              "image_id": list("ab"), "index": [0, 1]}
-    result = evaluate(model, [batch], "cpu", threshold=meta["best_thr"], views=EvalViews("sat"), progress=False)
+    result = evaluate([batch], model, "cpu", threshold=meta["best_thr"], views=EvalViews("sat"), progress=False)
     assert result["num_images"] == 2 and result["top1_cls"] == 100.0
 
 
@@ -184,7 +182,7 @@ def test_pxap_on_synthetic_masks(tmp_path):
     model = nano_model(num_classes=2)
     loader = build_eval_loader("wsol", images, "test", protocol="wsol", tencrop=False, img_size=64, batch_size=4,
                                workers=0, metadata_root=metadata)
-    result = evaluate(model, loader, "cpu", progress=False)
+    result = evaluate(loader, model, "cpu", progress=False)
     assert "maxboxacc" not in result and 0 <= result["pxap"] <= 100
 
     dataset = build_dataset("wsol", images, "test", lambda im: im, metadata_root=metadata)
@@ -195,10 +193,9 @@ def test_pxap_on_synthetic_masks(tmp_path):
         foreground, ignore = load_mask(sample["mask_paths"], sample["ignore_path"], 224)
         expected.update(cam[None], foreground[None], ignore[None])
     assert result["pxap"] == expected.compute()["pxap"]
-    with pytest.raises(DataError, match="no GT boxes"):
-        evaluate(model, build_eval_loader("wsol", images, "test", protocol="sat", tencrop=False, img_size=64,
-                                          batch_size=4, workers=0, metadata_root=metadata),
-                 "cpu", threshold=0.4, progress=False)
+    with pytest.raises(ConfigError, match="eval_protocol sat needs boxes"):
+        build_eval_loader("wsol", images, "test", protocol="sat", tencrop=False, img_size=64, batch_size=4, workers=0,
+                          metadata_root=metadata)
 
 
 def test_shard_sampler_covers_each_index_once():
@@ -224,14 +221,12 @@ def test_evaluate_argument_errors(demo_root):
     model = nano_model()
     loader = build_eval_loader("cub", demo_root, "test", protocol="sat", tencrop=False, img_size=64, batch_size=4,
                                workers=0)
-    with pytest.raises(ConfigError, match="needs the wsolevaluation protocol"):
-        evaluate(model, loader, "cpu", threshold=0.4, save_scoremaps="x", progress=False)
     with pytest.raises(ValueError, match="do not fit EvalViews"):
-        evaluate(model, loader, "cpu", threshold=0.4, views=EvalViews("sat", tencrop=True, img_size=64), progress=False)
+        evaluate(loader, model, "cpu", threshold=0.4, views=EvalViews("sat", tencrop=True, img_size=64), progress=False)
     with pytest.raises(ValueError, match="ShardSampler"):
-        evaluate(model, loader, "cpu", threshold=0.4, distributed=True, progress=False)
+        evaluate(loader, model, "cpu", threshold=0.4, distributed=True, progress=False)
     with pytest.raises(ConfigError, match="reported threshold"):
-        evaluate(model, loader, "cpu", thresholds=[0.3, 0.4], per_image=True, progress=False)
+        evaluate(loader, model, "cpu", thresholds=[0.3, 0.4], per_image=True, progress=False)
 
 
 def test_box_process_pool_gives_the_same_numbers(demo_root):
@@ -239,8 +234,8 @@ def test_box_process_pool_gives_the_same_numbers(demo_root):
     loader = build_eval_loader("cub", demo_root, "test", protocol="both", tencrop=True, img_size=64, batch_size=3,
                                workers=0)
     settings = dict(threshold=0.4, thresholds=TRAIN_THRESHOLDS, per_image=True, progress=False)
-    threads = evaluate(model, loader, "cpu", **settings)
-    processes = evaluate(model, loader, "cpu", box_processes=2, **settings)
+    threads = evaluate(loader, model, "cpu", **settings)
+    processes = evaluate(loader, model, "cpu", box_processes=2, **settings)
     assert processes == threads and len(processes["per_image"]) == 12
 
 

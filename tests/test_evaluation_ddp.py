@@ -1,5 +1,5 @@
 """Distributed evaluation with two gloo processes: disjoint shards without padding duplicates, counters
-summed so that both ranks return the single-process metrics, each rank writing its own score maps."""
+summed so that both ranks return the single-process metrics, each rank writing its own localization maps."""
 import json
 import os
 
@@ -9,8 +9,8 @@ import torch.multiprocessing as mp
 
 from DataLoader import make_demo_dataset
 from DataLoader.eval_loader import build_eval_loader
-from Model import build_model_from_checkpoint
-from utils.evaluation import evaluate
+from utils.checkpoint import build_model_from_checkpoint
+from utils.engine import evaluate
 
 from test_evaluation import save_nano_checkpoint
 from conftest import free_port
@@ -21,7 +21,7 @@ SETTINGS = dict(protocol="both", tencrop=True, img_size=64, batch_size=2, worker
 def _evaluate(root, checkpoint, distributed, scoremaps):
     model, _ = build_model_from_checkpoint(checkpoint)
     loader = build_eval_loader("cub", root, "test", distributed=distributed, **SETTINGS)
-    return evaluate(model, loader, "cpu", threshold=0.4, distributed=distributed, save_scoremaps=scoremaps,
+    return evaluate(loader, model, "cpu", threshold=0.4, distributed=distributed, save_maps=scoremaps,
                     per_image=True, progress=False)
 
 
@@ -59,4 +59,4 @@ def test_two_process_evaluation_equals_single_process(tmp_path):
     single = json.loads(json.dumps(single))  # the same int-keyed dicts as the ranks' JSON
     assert ranks[0]["result"] == ranks[1]["result"] == single
     assert single["num_images"] == 9
-    assert len(list((tmp_path / "scoremaps").rglob("*.npy"))) == 9
+    assert [len(list((tmp_path / "scoremaps" / key).rglob("*.npy"))) for key in ("sat", "wsol")] == [9, 9]

@@ -14,10 +14,10 @@ from PIL import Image
 
 from conftest import REPO_ROOT
 from DataLoader import build_dataset
-from DataLoader.transforms import boxes_protocol_b
+from utils.boxes import gt_boxes_wsol
 from utils.errors import ConfigError, run_cli
-from utils.eval_cli import main, parse_args
-from utils.metrics_wsol import WSOLBoxAccumulator
+from evaluator import main, parse_args
+from utils.metrics import WSOLBoxAccumulator
 
 from test_evaluation import save_nano_checkpoint, tiny_demo
 
@@ -60,8 +60,8 @@ def test_cub_evaluator_both_protocols_end_to_end(cub, tmp_path):
                       "--save-scoremaps", out / "scoremaps", "--save-images", out / "images", "--max-images", 5,
                       "--output-dir", out, "--batch-size", 5, "--workers", 1, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    assert "Official SAT protocol: 12 images, ten-crop classification, threshold 0.4" in proc.stdout
-    assert "wsolevaluation protocol (224x224" in proc.stdout and "WARNING" not in proc.stdout
+    assert "sat protocol (official SAT): 12 images, ten-crop classification, threshold 0.4" in proc.stdout
+    assert "wsol protocol (wsolevaluation, 224x224" in proc.stdout and "WARNING" not in proc.stdout
     assert "Top-1 Loc" in proc.stdout and "MaxBoxAccV2" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 12 and metrics["tencrop"] is True and metrics["threshold"] == 0.4
@@ -71,14 +71,14 @@ def test_cub_evaluator_both_protocols_end_to_end(cub, tmp_path):
         assert 0 <= metrics[key] <= 100, key
     assert set(metrics["maxboxaccv2_per_iou"]) == {"30", "50", "70"}
     assert 0 <= metrics["maxboxacc_threshold"] < 1
-    assert "wsolevaluation protocol" in (out / "log.txt").read_text()
+    assert "wsol protocol (wsolevaluation" in (out / "log.txt").read_text()
 
     dataset = build_dataset("cub", root, "test", lambda image: image)
     rescored = WSOLBoxAccumulator()
     for sample in dataset:  # the score maps, named by image id, re-scored as the benchmark would
-        score = np.load(out / "scoremaps" / f"{sample['image_id']}.npy")
+        score = np.load(out / "scoremaps" / "wsol" / f"{sample['image_id']}.npy")
         assert score.shape == (224, 224) and score.dtype == np.float64 and score.min() >= 0 and score.max() <= 1
-        rescored.update(score[None], [boxes_protocol_b(sample["boxes"], sample["size"])])
+        rescored.update(score[None], [gt_boxes_wsol(sample["boxes"], sample["size"])])
     assert rescored.compute()["maxboxacc"] == metrics["maxboxacc"]
     assert rescored.compute()["maxboxaccv2"] == metrics["maxboxaccv2"]
     overlays = sorted((out / "images").rglob("*.png"))
@@ -118,38 +118,38 @@ def test_imagenet_evaluator_with_config_file(tmp_path):
     assert metrics["best_threshold"] in (0.3, 0.5) and "chosen on the evaluated split" in proc.stdout
     assert metrics["num_images"] == 6 and metrics["data_format"] == "imagenet"
     assert all(0 <= metrics[key] <= 100 for key in SAT_KEYS[1:]) and "maxboxacc" not in metrics
-    assert len(metrics["gt_known_loc_per_threshold"]) == 2 and "per threshold" in proc.stdout
+    assert len(metrics["gt_known_loc_per_threshold"]) == 2 and "per map threshold" in proc.stdout
     assert sorted(p.name for p in (out / "images" / "val").iterdir())[0] == "ILSVRC2012_val_00000001.png"
 
 
 def test_official_defaults_and_config_precedence(tmp_path):
     # the official evaluator.py: threshold [0.4], tencrop True; evaluator_ImageNet.py: [0.3], tencrop False;
     # both fp32 (no autocast) and Resize 256 -> crop 224 (resize_size None: 256/224 x the model's input size)
-    cub = parse_args(["--checkpoint", "c.pth"], "cub")
+    cub = parse_args(["--checkpoint", "c.pth"])
     assert cub.threshold == 0.4 and cub.thresholds == [] and cub.tencrop and cub.amp is False
     assert cub.eval_protocol == "auto" and cub.format == "cub" and cub.resize_size is None
-    imagenet = parse_args(["--checkpoint", "c.pth", "--data-root", "d"], "imagenet")
+    imagenet = parse_args(["--checkpoint", "c.pth", "--data-root", "d"], imagenet=True)
     assert imagenet.threshold == 0.3 and imagenet.thresholds == [] and not imagenet.tencrop and imagenet.amp is False
-    assert parse_args(["--checkpoint", "c.pth", "--amp"], "cub").amp is True
+    assert parse_args(["--checkpoint", "c.pth", "--amp"]).amp is True
     config = tmp_path / "c.yaml"
     config.write_text("eval_batch_size: 7\ntencrop: false\nthresholds: [0.2, 0.25]\ndata_root: /data\n")
-    args = parse_args(["--config", str(config), "--checkpoint", "c.pth", "--batch-size", "3"], "cub")
+    args = parse_args(["--config", str(config), "--checkpoint", "c.pth", "--batch-size", "3"])
     assert (args.batch_size, args.tencrop, args.thresholds, args.data_root) == (3, False, [0.2, 0.25], "/data")
     config.write_text("eval_batch_size: 7\nthreshhold: 0.3\n")
     with pytest.raises(ConfigError, match=r"unknown key 'threshhold' \(did you mean threshold\?\)"):
-        parse_args(["--config", str(config), "--checkpoint", "c.pth"], "cub")
+        parse_args(["--config", str(config), "--checkpoint", "c.pth"])
     config.write_text("eval_batch_size: seven\n")
     with pytest.raises(ConfigError, match=r"c.yaml: argument --batch-size: invalid int value"):
-        parse_args(["--config", str(config), "--checkpoint", "c.pth"], "cub")
+        parse_args(["--config", str(config), "--checkpoint", "c.pth"])
     with pytest.raises(SystemExit):
-        parse_args(["--data-root", "d"], "imagenet")  # --checkpoint missing
+        parse_args(["--data-root", "d"], imagenet=True)  # --checkpoint missing
 
 
 @pytest.mark.parametrize("argv", [["--threshold", "1.5"], ["--thresholds", "0.3", "-0.2"], ["--threshold", "x"],
                                   ["--thresh", "0.3"], ["--batch", "4"]])
 def test_bad_thresholds_and_abbreviations_are_rejected(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--checkpoint", "c.pth", *argv], "cub")
+        parse_args(["--checkpoint", "c.pth", *argv])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert ("must lie in [0, 1]" in err or "expected a number" in err) if argv[0] in ("--threshold", "--thresholds") \
@@ -158,7 +158,7 @@ def test_bad_thresholds_and_abbreviations_are_rejected(argv, capsys):
 
 def _one_error_line(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda a: main(a, kind="cub"), argv)
+        run_cli(lambda a: main(a), argv)
     lines = [line for line in capsys.readouterr().err.strip().replace("\r", "\n").splitlines()
              if not line.startswith("eval:")]  # the progress bar aside
     assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
@@ -191,7 +191,7 @@ def test_per_image_csv_recomputes_the_summary_exactly(cub, tmp_path):
     out = tmp_path / "out"
     record = main(["--data-root", str(root), "--checkpoint", str(checkpoint), "--output-dir", str(out),
                    "--threshold", "0.35", "--batch-size", "5", "--workers", "0", "--device", "cpu",
-                   "--save-boxes", str(out / "boxes.json")], kind="cub")
+                   "--save-boxes", str(out / "boxes.json")])
     rows = _read_per_image(out / "per_image.csv")
     coco = json.loads((out / "boxes.json").read_text())
     assert [image["file_name"] for image in coco["images"]] == [row["image_id"] for row in rows]
@@ -227,22 +227,22 @@ def test_per_image_csv_recomputes_the_summary_exactly(cub, tmp_path):
 
 def test_training_config_file_is_accepted(cub, tmp_path):
     root, checkpoint = cub
-    args = parse_args(["--config", str(REPO_ROOT / "config" / "CUB.yaml"), "--checkpoint", "c.pth"], "cub")
+    args = parse_args(["--config", str(REPO_ROOT / "config" / "CUB.yaml"), "--checkpoint", "c.pth"])
     assert args.format == "cub" and args.amp is False and args.batch_size == 32 and args.output_dir == "output/eval"
     assert "lr" in args.ignored_config_keys and "epochs" in args.ignored_config_keys
     config = tmp_path / "train.yaml"
     config.write_text(f"data_root: {root}\ndata_format: cub\nepochs: 3\nlr: 0.001\nbatch_size: 512\n"
                       "eval_batch_size: 6\nworkers: 0\namp: true\noutput_dir: somewhere\n")
-    args = parse_args(["--config", str(config), "--checkpoint", str(checkpoint)], "cub")
+    args = parse_args(["--config", str(config), "--checkpoint", str(checkpoint)])
     assert (args.data_root, args.batch_size, args.workers, args.amp) == (str(root), 6, 0, False)
     imagenet = parse_args(["--config", str(REPO_ROOT / "config" / "ILSVRC.yaml"), "--checkpoint", "c", "--data-root",
-                           "d"], "imagenet")
+                           "d"], imagenet=True)
     assert imagenet.threshold == 0.3 and "data_format" in imagenet.ignored_config_keys
 
 
 def test_format_imagenet_points_to_the_imagenet_evaluator(capsys):
     with pytest.raises(SystemExit):
-        parse_args(["--checkpoint", "c.pth", "--format", "imagenet"], "cub")
+        parse_args(["--checkpoint", "c.pth", "--format", "imagenet"])
     assert "use evaluator_ImageNet.py" in capsys.readouterr().err
 
 
@@ -251,7 +251,7 @@ def test_class_subset_and_foreign_classes(cub, tmp_path, caplog, keep_logging):
     bigger = save_nano_checkpoint(tmp_path / "five.pth", num_classes=5)
     common = ["--data-root", str(root), "--output-dir", str(tmp_path / "out"), "--workers", "0", "--device", "cpu"]
     with caplog.at_level(logging.WARNING):
-        record = main(["--checkpoint", str(bigger), *common], kind="cub")
+        record = main(["--checkpoint", str(bigger), *common])
     assert record["num_images"] == 12 and "class subset" in caplog.text
     renamed = tmp_path / "renamed.pth"
     ckpt = torch.load(bigger, weights_only=True)
@@ -259,7 +259,7 @@ def test_class_subset_and_foreign_classes(cub, tmp_path, caplog, keep_logging):
     torch.save(ckpt, renamed)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        main(["--checkpoint", str(renamed), *common], kind="cub")
+        main(["--checkpoint", str(renamed), *common])
     assert "data '001.Ringed_Disc' vs checkpoint 'a'" in caplog.text
 
 
@@ -270,7 +270,7 @@ def test_official_format_checkpoint_needs_no_arch_and_nan_maps_are_one_line(cub,
     torch.save({"model": {f"module.{k}": v for k, v in ckpt["model"].items()}, "best_thr": 0.4, "epoch": 30},
                official)
     common = ["--data-root", str(root), "--output-dir", str(tmp_path / "out"), "--workers", "0", "--device", "cpu"]
-    record = main(["--checkpoint", str(official), *common], kind="cub")
+    record = main(["--checkpoint", str(official), *common])
     assert record["arch"] == "deit_sat_nano_patch16_224" and record["num_classes"] == 3
     capsys.readouterr()
     err = _one_error_line(capsys, ["--checkpoint", str(official), "--arch", "deit_sat_small_patch16_224", *common])
@@ -287,13 +287,15 @@ def test_wsol_curves_threshold_and_overlays(cub, tmp_path):
     out = tmp_path / "out"
     record = main(["--data-root", str(root), "--checkpoint", str(checkpoint), "--output-dir", str(out),
                    "--eval-protocol", "wsol", "--wsol-threshold", "0.25", "--save-images", str(out / "images"),
-                   "--max-images", "2", "--workers", "0", "--device", "cpu"], kind="cub")
+                   "--max-images", "2", "--workers", "0", "--device", "cpu"])
     curves = json.loads((out / "wsol_curves.json").read_text())["box_accuracy"]
     assert len(curves["cam_thresholds"]) == 100 and max(curves["boxacc"]) == record["maxboxacc"]
     at = record["at_wsol_threshold"]
     assert at["wsol_threshold"] == 0.25 and at["boxacc"] == curves["boxacc"][25]
     assert at["boxaccv2_per_iou"][50] == curves["boxaccv2_per_iou"]["50"][25]
-    assert Image.open(out / "wsol_curves.png").size[0] > 0 and not (out / "per_image.csv").exists()
+    assert Image.open(out / "wsol_curves.png").size[0] > 0
+    rows = list(csv.DictReader(open(out / "per_image.csv")))  # each image's prediction, no sat box or IoU
+    assert len(rows) == 12 and all(row["iou"] == "" and row["box_crop"] == "" and row["top5"] for row in rows)
     assert len(list((out / "images").rglob("*.png"))) == 2
 
 
@@ -306,6 +308,8 @@ def test_auto_protocol_is_classification_only_without_boxes_or_masks(tmp_path):
     checkpoint = save_nano_checkpoint(tmp_path / "nano.pth", num_classes=2)
     out = tmp_path / "out"
     record = main(["--data-root", str(tmp_path / "data"), "--format", "folder", "--checkpoint", str(checkpoint),
-                   "--output-dir", str(out), "--workers", "0", "--device", "cpu"], kind="cub")
+                   "--output-dir", str(out), "--workers", "0", "--device", "cpu"])
     assert record["eval_protocol"] == "cls" and record["num_images"] == 2 and record["views"] == ["tencrop"]
-    assert 0 <= record["top1_cls"] <= 100 and "gt_known_loc" not in record and not (out / "per_image.csv").exists()
+    assert 0 <= record["top1_cls"] <= 100 and "gt_known_loc" not in record
+    rows = list(csv.DictReader(open(out / "per_image.csv")))  # predictions: class and box, nothing to score
+    assert len(rows) == 2 and all(row["iou"] == "" and len(row["box_original"].split()) == 4 for row in rows)

@@ -11,7 +11,7 @@ from Model import build_model
 from utils.config import load_yaml
 from utils.errors import ConfigError
 from utils.optim import set_trainable
-from utils.trainer import main as train_main
+from train import main as train_main
 
 from conftest import REPO_ROOT
 from tools import figure1

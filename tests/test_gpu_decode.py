@@ -19,9 +19,9 @@ from DataLoader.transforms import TrainPixels
 from Model import build_model
 from train import main as train_main
 from utils.errors import DataError
-from utils.eval_cli import main as eval_main
-from utils.evaluation import evaluate
-from utils.metrics_sat import TRAIN_THRESHOLDS
+from evaluator import main as eval_main
+from utils.engine import evaluate
+from utils.metrics import TRAIN_THRESHOLDS
 
 from conftest import REPO_ROOT
 
@@ -195,7 +195,7 @@ def _eval_metrics(root, gpu_decode, device):
     model = build_model("deit_sat_nano_patch16_224", num_classes=2, img_size=64).eval().to(device)
     loader = build_eval_loader("cub", root, "test", protocol="both", tencrop=True, img_size=64, batch_size=4,
                                workers=0, gpu_decode=gpu_decode)
-    return evaluate(model, loader, device, threshold=0.4, thresholds=TRAIN_THRESHOLDS, progress=False)
+    return evaluate(loader, model, device, threshold=0.4, thresholds=TRAIN_THRESHOLDS, progress=False)
 
 
 def _compare_metrics(root, device):
@@ -246,7 +246,7 @@ def test_train_and_evaluator_scripts_with_gpu_decode(tmp_path):
     assert len(losses[True]) == 2 and np.allclose(losses[True], losses[False], rtol=0.01)
     records = [eval_main(["--data-root", root, "--checkpoint", str(tmp_path / "run0" / "checkpoints" / "best.pth"),
                           "--output-dir", str(tmp_path / f"eval{int(flag)}"), "--eval-protocol", "both", "--tencrop",
-                          "--workers", "0", "--device", "cpu", *(["--gpu-decode"] if flag else [])], kind="cub")
+                          "--workers", "0", "--device", "cpu", *(["--gpu-decode"] if flag else [])])
                for flag in (False, True)]
     keys = [k for k, v in records[0].items() if isinstance(v, float)]
     assert {"top1_loc", "maxboxaccv2"} <= set(keys)

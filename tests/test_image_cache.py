@@ -15,7 +15,7 @@ from DataLoader.image_cache import attach_image_cache, cache_bytes
 from DataLoader.transforms import TrainPixels
 from utils.checkpoint import read_checkpoint
 from utils.errors import DataError
-from utils.trainer import main
+from train import main
 
 from test_train import TINY
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.box_ops import iou_plus1, max_iou
+from utils.boxes import iou_plus1, max_iou
 from utils.metrics import CounterState
 
 

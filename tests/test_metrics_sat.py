@@ -3,9 +3,8 @@ import pytest
 import torch
 
 from reference_boxes import naive_sat_boxes, random_maps
-from utils.box_ops import max_iou
-from utils.metrics_sat import (SATLocAccumulator, boxes_at_thresholds, normalize_map_sat, predict_box,
-                               topk_correct)
+from utils.boxes import max_iou, sat_box, sat_boxes, sat_map
+from utils.metrics import SATLocAccumulator, topk_correct
 
 
 @pytest.fixture(scope="module")
@@ -15,20 +14,20 @@ def original(official_boxes):
 
 def test_reproduces_official_boxes_and_ious(original):
     for i, cam_map in enumerate(original["maps"]):
-        boxes = boxes_at_thresholds(normalize_map_sat(cam_map), original["thresholds"])
+        boxes = sat_boxes(sat_map(cam_map), original["thresholds"])
         np.testing.assert_array_equal(boxes, original["boxes"][i], err_msg=f"map {i}")
         np.testing.assert_array_equal(max_iou(boxes, original["gt_boxes"][i][None]), original["iou"][i])
 
 
 def test_normalize_map_sat():
-    norm = normalize_map_sat(np.arange(196, dtype=np.float32).reshape(14, 14))
+    norm = sat_map(np.arange(196, dtype=np.float32).reshape(14, 14))
     assert norm.shape == (224, 224) and norm.dtype == np.float32
     assert norm.min() == 0 and 0.9999 < norm.max() < 1
-    assert not normalize_map_sat(np.full((14, 14), 0.5)).any()  # constant map -> zeros
+    assert not sat_map(np.full((14, 14), 0.5)).any()  # constant map -> zeros
 
 
 def test_no_foreground_gives_whole_crop():
-    np.testing.assert_array_equal(boxes_at_thresholds(np.zeros((224, 224), np.float32), [0.3, 0.5]),
+    np.testing.assert_array_equal(sat_boxes(np.zeros((224, 224), np.float32), [0.3, 0.5]),
                                   [[0, 0, 224, 224]] * 2)
 
 
@@ -36,14 +35,14 @@ def test_largest_component_and_exclusive_box():
     norm = np.zeros((224, 224), np.float32)
     norm[10:20, 30:35] = 0.9  # 50 pixels
     norm[100:110, 100:120] = 0.6  # 200 pixels, gone above 0.6
-    np.testing.assert_array_equal(boxes_at_thresholds(norm, [0.5, 0.6]), [[100, 100, 120, 110], [30, 10, 35, 20]])
+    np.testing.assert_array_equal(sat_boxes(norm, [0.5, 0.6]), [[100, 100, 120, 110], [30, 10, 35, 20]])
 
 
 def test_diagonal_pixels_are_8_connected():
     norm = np.zeros((224, 224), np.float32)
     norm[[5, 6, 7], [5, 6, 7]] = 1  # 3 diagonal pixels: one component of 3
     norm[50, 50:52] = 1  # 2 pixels
-    np.testing.assert_array_equal(boxes_at_thresholds(norm, [0.5]), [[5, 5, 8, 8]])
+    np.testing.assert_array_equal(sat_boxes(norm, [0.5]), [[5, 5, 8, 8]])
 
 
 def test_tie_takes_first_component_in_raster_order():
@@ -52,19 +51,19 @@ def test_tie_takes_first_component_in_raster_order():
     norm = np.zeros((224, 224), np.float32)
     norm[1:3, 0] = 1
     norm[0, 5:7] = 1
-    np.testing.assert_array_equal(boxes_at_thresholds(norm, [0.5]), [[5, 0, 7, 1]])
+    np.testing.assert_array_equal(sat_boxes(norm, [0.5]), [[5, 0, 7, 1]])
 
 
 def test_matches_reference_on_random_maps():
     thresholds = [0.2, 0.3, 0.35, 0.4, 0.45, 0.6]
     for cam_map in random_maps(24, seed=1):
-        np.testing.assert_array_equal(boxes_at_thresholds(normalize_map_sat(cam_map), thresholds),
+        np.testing.assert_array_equal(sat_boxes(sat_map(cam_map), thresholds),
                                       naive_sat_boxes(cam_map, thresholds))
 
 
 def test_predict_box_is_the_row_at_that_threshold(original):
     cam_map = original["maps"][5]
-    np.testing.assert_array_equal(predict_box(torch.from_numpy(cam_map), 0.35), original["boxes"][5][1])
+    np.testing.assert_array_equal(sat_box(torch.from_numpy(cam_map), 0.35), original["boxes"][5][1])
 
 
 def test_topk_correct_numpy_and_few_classes():

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from reference_boxes import naive_wsol_boxes, random_maps
-from utils.metrics_wsol import (CAM_THRESHOLDS, PxAPAccumulator, WSOLBoxAccumulator, contour_boxes,
-                                normalize_map_wsol, wsol_score_map)
+from utils.boxes import WSOL_THRESHOLDS, contour_boxes, wsol_map
+from utils.metrics import PxAPAccumulator, WSOLBoxAccumulator
 
 
 def _score(*regions, value=1.0):
@@ -22,20 +22,20 @@ def _box_result(maps, gts):
 
 
 def test_score_map_resize_and_normalise():
-    score = wsol_score_map(torch.rand(14, 14))
+    score = wsol_map(torch.rand(14, 14))
     assert score.shape == (224, 224) and score.dtype == np.float64
     assert score.min() == 0 and score.max() == 1
-    np.testing.assert_array_equal(normalize_map_wsol(score), score)  # idempotent on a score map
-    assert not wsol_score_map(np.full((224, 224), 0.3)).any()  # constant -> zeros
+    np.testing.assert_array_equal(wsol_map(score), score)  # idempotent on a score map
+    assert not wsol_map(np.full((224, 224), 0.3)).any()  # constant -> zeros
     nan_map = np.ones((14, 14))
     nan_map[0, 0] = np.nan
-    assert not wsol_score_map(nan_map).any()
+    assert not wsol_map(nan_map).any()
 
 
 def test_saved_score_map_gives_identical_counts(tmp_path):
     raw = random_maps(3, seed=4)
     for i, cam_map in enumerate(raw):
-        np.save(tmp_path / f"{i}.npy", wsol_score_map(cam_map))
+        np.save(tmp_path / f"{i}.npy", wsol_map(cam_map))
     reread = np.stack([np.load(tmp_path / f"{i}.npy") for i in range(3)])
     gts = [np.array([[30, 40, 150, 170]])] * 3
     direct, from_file = WSOLBoxAccumulator(), WSOLBoxAccumulator()
@@ -66,7 +66,7 @@ def test_box_is_clipped_to_223():
 
 
 def test_all_zero_map_gives_zero_boxes():
-    all_boxes, largest = contour_boxes(wsol_score_map(np.zeros((14, 14))), CAM_THRESHOLDS)
+    all_boxes, largest = contour_boxes(wsol_map(np.zeros((14, 14))), WSOL_THRESHOLDS)
     assert not largest.any() and all(b.tolist() == [[0, 0, 0, 0]] for b in all_boxes)
     result = _box_result([np.zeros((14, 14))], [[[0, 0, 9, 9]]])  # IoU 1 / 100
     assert result["maxboxacc"] == result["maxboxaccv2"] == 0.0
@@ -105,11 +105,11 @@ def test_hole_contours_count_for_all_contours():
 
 
 def test_matches_reference_implementation():
-    maps = [wsol_score_map(m) for m in random_maps(12, seed=2)]
+    maps = [wsol_map(m) for m in random_maps(12, seed=2)]
     maps.append(_score((10, 30, 10, 30), (100, 120, 100, 120)))  # equal areas: the first contour wins
     for score in maps:
         all_boxes, largest = contour_boxes(score)
-        ref_all, ref_largest = naive_wsol_boxes(score, CAM_THRESHOLDS)
+        ref_all, ref_largest = naive_wsol_boxes(score, WSOL_THRESHOLDS)
         np.testing.assert_array_equal(largest, ref_largest)
         assert all(np.array_equal(a, r) for a, r in zip(all_boxes, ref_all))
 

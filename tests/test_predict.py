@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from DataLoader.eval_views import crop_box_to_original
-from DataLoader.transforms import boxes_protocol_a
+from utils.boxes import crop_box_to_original, gt_boxes_sat
 from tools.predict import full_image_map, main as predict_main
 from utils.errors import run_cli
 
@@ -20,7 +19,7 @@ def test_crop_box_maps_back_to_original_pixels():
     # the whole 224 crop of a 512x256 image is its central 224/256 part
     np.testing.assert_allclose(crop_box_to_original([0, 0, 224, 224], (512, 256), 256, 224), [32, 16, 480, 240])
     original = np.array([[100.0, 50.0, 300.0, 200.0]])
-    crop = boxes_protocol_a(original, (400, 300))  # truncates to whole crop pixels
+    crop = gt_boxes_sat(original, (400, 300))  # truncates to whole crop pixels
     np.testing.assert_allclose(crop_box_to_original(crop[0], (400, 300), 256, 224), original[0], atol=400 / 256)
     np.testing.assert_allclose(crop_box_to_original([-20, 0, 300, 10], (100, 100), 256, 224), [0, 6.25, 100, 10.16],
                                atol=0.01)  # clipped to the image

@@ -19,7 +19,7 @@ from DataLoader.sampler import ResumableSampler
 from Model.losses import SATLoss
 from utils.checkpoint import read_checkpoint
 from utils.preemption import StopSignals, resume_command
-from utils.trainer import main as train_main
+from train import main as train_main
 
 from conftest import REPO_ROOT
 
@@ -138,7 +138,7 @@ class InterruptingLoss(SATLoss):
 
 
 def interrupt(monkeypatch, **kwargs):
-    monkeypatch.setattr("utils.trainer.SATLoss", functools.partial(InterruptingLoss, **kwargs))
+    monkeypatch.setattr("train.SATLoss", functools.partial(InterruptingLoss, **kwargs))
 
 
 def test_signal_mid_epoch_then_resume_gives_the_uninterrupted_run(data_root, reference, tmp_path, monkeypatch):

@@ -14,11 +14,11 @@ import yaml
 from PIL import Image
 
 from DataLoader import make_demo_dataset
-from Model import build_model, build_model_from_checkpoint
-from utils.checkpoint import read_checkpoint
+from Model import build_model
+from utils.checkpoint import build_model_from_checkpoint, checkpoint_weights, read_checkpoint
 from utils.errors import ConfigError, run_cli
-from utils.eval_cli import main as eval_main
-from utils.trainer import checkpoint_weights, main
+from evaluator import main as eval_main
+from train import main
 
 from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_ROOT, wait_for_file
 
@@ -63,7 +63,7 @@ def test_train_py_end_to_end(data_root, tmp_path):
     log = (out / "log.txt").read_text()
     assert "model selection on the test split" in log and "test results of" in log
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert len(list((out / "images").rglob("*.png"))) == 2
+    assert len(list((out / "overlays").rglob("*.png"))) == 2
 
     last = read_checkpoint(out / "checkpoints" / "last.pth")  # weights_only=True
     assert last["epoch"] == 2 and last["arch"] == "deit_sat_nano_patch16_224" and last["img_size"] == 64
@@ -175,7 +175,7 @@ def test_train_py_error_exit_without_traceback(data_root, tmp_path):
 
 
 def test_imagenet_script_needs_a_data_root(tmp_path):
-    with pytest.raises(ConfigError, match="train_ImageNet.py needs --data-root"):
+    with pytest.raises(ConfigError, match="the ImageNet scripts need --data-root"):
         main([*TINY, "--output-dir", str(tmp_path)], imagenet=True)
 
 
@@ -277,9 +277,9 @@ def test_existing_run_folder_is_refused_without_resume_or_overwrite(data_root, t
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "holds a previous run" in err and "--resume to continue it, --overwrite to start again" in err
     assert (out / "metrics.jsonl").read_text() == before  # nothing touched
-    (out / "images").mkdir()
+    (out / "overlays").mkdir()
     main(args(data_root, out, "--epochs", "1", "--overwrite"))
-    assert epochs_logged(out) == [1] and not (out / "images").exists()
+    assert epochs_logged(out) == [1] and not (out / "overlays").exists()
     assert (out / "log.txt").read_text().count("config ") == 1  # the old log went too
 
 
@@ -349,7 +349,7 @@ def test_training_on_mask_data_selects_on_pxap(tmp_path):
     out = tmp_path / "run"
     main(args(str(images), out, "--data-format", "wsol", "--metadata-root", str(meta), "--epochs", "1",
               "--batch-size", "4"))
-    assert "evaluation: wsolevaluation protocol (eval_protocol auto; the evaluation split has masks); best.pth " \
+    assert "evaluation: wsol protocol (eval_protocol auto; the evaluation split has masks); best.pth " \
            "by pxap" in (out / "log.txt").read_text()
     record = json.loads((out / "metrics.jsonl").read_text())
     assert 0 <= record["test_pxap"] <= 100 and "test_top1_loc" not in record

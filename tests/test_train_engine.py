@@ -12,7 +12,8 @@ from Model.losses import SATLoss
 from utils.amp import LossScaler, autocast_context, cpu_supports_bf16
 from utils.engine import NonFiniteLossError, train_one_epoch
 from utils.optim import build_optimizer, build_scheduler, set_trainable
-from utils.trainer import per_process_batch, rng_state, set_rng_state, should_evaluate, update_best
+from train import per_process_batch, should_evaluate, update_best
+from utils.checkpoint import rng_state, set_rng_state
 from utils.config import parse_config
 from utils.errors import ConfigError
 
@@ -147,7 +148,7 @@ def test_best_checkpoint_rule():
     # without the official protocol (wsolevaluation, classification only) only best.pth is kept
     pxap = {}
     for epoch, value in enumerate([40.0, 45.0, 45.0]):
-        update_best(pxap, {"pxap": value, "top1_cls": 90.0}, "pxap", epoch, official=False)
+        update_best(pxap, {"pxap": value, "top1_cls": 90.0}, "pxap", epoch, sat=False)
     assert list(pxap) == ["best.pth"] and pxap["best.pth"]["epoch"] == 2 and pxap["best.pth"]["threshold"] is None
 
 

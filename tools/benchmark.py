@@ -60,8 +60,8 @@ from Model import build_model  # noqa: E402
 from Model.losses import SATLoss  # noqa: E402
 from utils.amp import LossScaler, autocast_context, describe  # noqa: E402
 from utils.engine import train_one_epoch  # noqa: E402
-from utils.evaluation import evaluate  # noqa: E402
-from utils.metrics_sat import TRAIN_THRESHOLDS, SATLocAccumulator  # noqa: E402
+from utils.engine import evaluate  # noqa: E402
+from utils.metrics import TRAIN_THRESHOLDS, SATLocAccumulator  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler  # noqa: E402
 
 
@@ -265,10 +265,10 @@ def run_eval(args, model, device, batches=None):
                                               args.num_classes, views.num_views, gen))
     kwargs = dict(device=device, thresholds=args.thresholds, views=views, amp=args.amp, progress=False,
                   box_processes=args.box_processes)
-    evaluate(model, Take(batches, args.warmup), **kwargs)
+    evaluate(Take(batches, args.warmup), model, **kwargs)
     sync(device)
     start = time.perf_counter()
-    evaluate(model, Take(batches, args.steps), **kwargs)
+    evaluate(Take(batches, args.steps), model, **kwargs)
     sync(device)
     return time.perf_counter() - start
 

@@ -20,14 +20,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from DataLoader.eval_views import EvalViews, crop_box_to_original  # noqa: E402
-from DataLoader.transforms import centre_offset  # noqa: E402
+from DataLoader.eval_views import EvalViews  # noqa: E402
 from DataLoader.folder import is_image_file  # noqa: E402
-from Model import build_model_from_checkpoint  # noqa: E402
+from utils.checkpoint import build_model_from_checkpoint  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.errors import DataError, run_cli  # noqa: E402
-from utils.eval_cli import cam_threshold, coco_detections  # noqa: E402
-from utils.metrics_sat import boxes_at_thresholds, normalize_map_sat  # noqa: E402
+from evaluator import cam_threshold, coco_detections  # noqa: E402
+from utils.boxes import centre_offset, crop_box_to_original, sat_boxes, sat_map  # noqa: E402
 from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
 
@@ -113,8 +112,8 @@ def main(argv=None):
         probs = logits.float().softmax(dim=1).cpu()
         top = probs.topk(min(5, model.num_classes), dim=1)
         for k, (path, image) in enumerate(zip(chunk, images)):
-            score = normalize_map_sat(maps[k].float().cpu(), img_size)
-            crop_box = boxes_at_thresholds(score, [threshold])[0]
+            score = sat_map(maps[k].float().cpu(), img_size)
+            crop_box = sat_boxes(score, [threshold])[0]
             box = crop_box_to_original(crop_box, image.size, resize_size, img_size)
             classes = top.indices[k].tolist()
             pred = {"image": str(path), "class": classes[0], "class_name": names[classes[0]],

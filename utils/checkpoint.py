@@ -1,23 +1,25 @@
-"""Checkpoints: atomic saving, and reading / loading of this project's files and of the official SAT release
-(``Model.build_model_from_checkpoint`` rebuilds the model a file holds).
+"""Checkpoints: atomic saving; reading this project's files and the official SAT release and rebuilding the
+model they hold; the training state of a run (optimizer, scheduler, scaler, RNG states) and resuming it.
 
 Official release files are legacy ``torch.save`` dicts ``{'model', 'best_thr', 'epoch'}`` whose keys carry
-``module.`` and which hold the fixed smoothing kernel as ``weight``. This project's files add what is
-needed to rebuild the model (``arch``, ``num_classes``, ``img_size``, ``model_kwargs``, ``class_names``)
-and, for resuming, the optimizer / scheduler / scaler / RNG states and the config. ``epoch`` always
-counts completed epochs.
+``module.`` and which hold the fixed smoothing kernel as ``weight``. This project's files add what rebuilds the
+model (``arch``, ``num_classes``, ``img_size``, ``model_kwargs``, ``class_names``) and, in ``last.pth``, the
+training state and the config. ``epoch`` counts completed epochs.
 """
 import logging
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 
+from utils.config import config_dict
 from utils.errors import CheckpointError
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("sat")
 
 FORMAT_VERSION = 1
 _IGNORED_KEYS = {"weight"}  # official files store the fixed 3x3 smoothing kernel as a model buffer
@@ -118,3 +120,147 @@ def model_spec(model, arch: str, class_names=None, **model_kwargs) -> Dict[str, 
         "model_kwargs": dict(model_kwargs),
         "class_names": list(class_names) if class_names is not None else None,
     }
+
+
+def checkpoint_weights(model):
+    """The state dict saved in checkpoints: the official model class's parameter names and shapes,
+    including its fixed smoothing kernel ``weight``, so that the official ``SAT`` loads it strictly."""
+    from Model.losses import gaussian_kernel_3x3  # Model/sat.py imports this module: imported on use
+    return {**model.state_dict(), "weight": gaussian_kernel_3x3()}
+
+
+# -------------------------------------------------------------------------------- rebuilding the model
+# (embed dim, depth) -> architecture: DeiT-Tiny / Small / Base and the CPU demo size.
+ARCH_BY_SHAPE = {(192, 12): "deit_sat_tiny_patch16_224", (384, 12): "deit_sat_small_patch16_224",
+                 (768, 12): "deit_sat_base_patch16_224", (96, 6): "deit_sat_nano_patch16_224"}
+PATCH_SIZE = 16
+
+
+def weight_shapes(state_dict):
+    """(embed dim, depth, classes, input size) of a SAT state dict, from its tensors' shapes."""
+    if "pos_embed" not in state_dict or "head.weight" not in state_dict:
+        return None
+    embed_dim = int(state_dict["pos_embed"].shape[-1])
+    depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+    grid = round((state_dict["pos_embed"].shape[1] - 1) ** 0.5)
+    return embed_dim, depth, int(state_dict["head.weight"].shape[0]), grid * PATCH_SIZE
+
+
+def check_finite_weights(state_dict, path):
+    """CheckpointError naming the first tensors holding NaN or Inf."""
+    bad = [key for key, value in state_dict.items()
+           if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds NaN/Inf weights in {len(bad)} tensor(s), first "
+                              f"{', '.join(bad[:3])}")
+
+
+def build_model_from_checkpoint(path, arch=None, num_classes=None, **overrides):
+    """Rebuild the model a checkpoint holds and load its weights; returns ``(model, meta)`` (the file's
+    metadata, with ``arch`` the architecture built).
+
+    The architecture, classes and input size come from the file (this project's) or its shapes
+    (official releases); ``arch`` / ``num_classes`` given for a file that fits another one -> one-line
+    CheckpointError naming the one it fits.
+    """
+    ckpt = read_checkpoint(path)
+    state_dict = clean_state_dict(ckpt["model"])
+    check_finite_weights(state_dict, path)
+    shapes = weight_shapes(state_dict)
+    if shapes is None:
+        raise CheckpointError(f"checkpoint {path} is not a SAT model (no pos_embed / head.weight)")
+    recorded, fitted = ckpt.get("arch"), ARCH_BY_SHAPE.get(shapes[:2])
+    if arch and fitted and arch != fitted and "embed_dim" not in overrides:
+        raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: it "
+                              f"{'records' if recorded else 'has the shapes of'} {recorded or fitted} "
+                              f"(embed dim {shapes[0]}, depth {shapes[1]}); drop --arch")
+    if num_classes is not None and num_classes != shapes[2]:
+        raise CheckpointError(f"checkpoint {path} has {shapes[2]} classes, not --num-classes {num_classes}; "
+                              "drop --num-classes")
+    name = recorded or arch or fitted
+    if name is None:
+        raise CheckpointError(f"checkpoint {path}: embed dim {shapes[0]} and depth {shapes[1]} fit no registered "
+                              "SAT architecture; pass --arch (and the model's options)")
+    kwargs = dict(ckpt.get("model_kwargs") or {})
+    kwargs.setdefault("img_size", ckpt.get("img_size") or shapes[3])
+    kwargs.update(overrides)
+    from Model.build import build_model  # Model/sat.py imports this module: imported on use
+
+    model = build_model(name, num_classes=shapes[2], **kwargs)
+    if not recorded and not arch:
+        _logger.info("checkpoint %s records no architecture: %s from its shapes (embed dim %d, depth %d, "
+                     "%d classes)", path, fitted, *shapes[:3])
+    return model, {**load_state(ckpt, path, model), "arch": name}
+
+
+# -------------------------------------------------------------------------------- training state
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state(device="cpu"):
+    """This process's RNG states (CPU, its GPU, numpy, random) in a form ``torch.load(weights_only=True)``
+    accepts."""
+    version, mt_state, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None,
+        "numpy": [torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "python": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state.tolist()), gauss))
+
+
+def resume_path(cfg, checkpoint_dir):
+    """The checkpoint to resume from, or None (``--resume`` without a path and no last.pth yet)."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        path = checkpoint_dir / "last.pth"
+        if not path.is_file():
+            _logger.info("--resume: no %s yet, starting from scratch", path)
+            return None
+        return path
+    return Path(cfg.resume)
+
+
+def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler):
+    """Load a last.pth into the training state; returns its metadata."""
+    meta = load_checkpoint(path, model)
+    missing = [key for key in ("optimizer", "scheduler", "epoch", "config", "best") if key not in meta]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint of this project (no {', '.join(missing)}); "
+                              "to start from its weights use --pretrained PATH")
+    optimizer.load_state_dict(meta["optimizer"])
+    scheduler.load_state_dict(meta["scheduler"])
+    loss_scaler.load_state_dict(meta.get("scaler"))
+    changed = {key: (meta["config"].get(key), value) for key, value in config_dict(cfg).items()
+               if meta["config"].get(key) != value}
+    for key, (old, new) in changed.items():
+        _logger.warning("resume: %s was %r in the checkpoint, now %r", key, old, new)
+    states = meta.get("rng_states") or []
+    if len(states) == info.world_size:
+        set_rng_state(states[info.rank])
+    else:
+        _logger.warning("resume: %d processes now, %d saved RNG states: re-seeding", info.world_size, len(states))
+        seed_everything(cfg.seed + info.rank + 1000 * meta["epoch"])
+    position = meta.get("epoch_step", 0)
+    if position and len(meta["epoch_meters"]) != info.world_size:
+        _logger.warning("resume: %d processes now, %d when saved in the middle of an epoch: the rest of epoch %d "
+                        "is split differently (some samples may repeat or be left out)", info.world_size,
+                        len(meta["epoch_meters"]), meta["epoch"] + 1)
+    _logger.info("resumed from %s: %d of %d epochs done%s", path, meta["epoch"], cfg.epochs,
+                 f", and {position} optimizer steps of epoch {meta['epoch'] + 1}" if position else "")
+    return meta

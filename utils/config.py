@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from utils.errors import ConfigError
-from utils.metrics_sat import TRAIN_THRESHOLDS
+from utils.metrics import TRAIN_THRESHOLDS
 from utils.optim import trainable_blocks
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"

@@ -1,20 +1,39 @@
-"""The training loop shared by train.py, train_ImageNet.py and the benchmark, in the shape of MAE's
-``engine_finetune.train_one_epoch``: forward under autocast, the SAT criterion, then the loss scaler does
-backward, clipping and the optimizer step. Gradient accumulation, DDP (``no_sync`` between the micro-batches
-of a step) and no host-device synchronisation between logging steps: the meters sum tensors on the device
-and are read back every ``log_every`` optimizer steps."""
+"""One epoch of training and one pass of evaluation, the two loops the scripts run (as DeiT's / MAE's
+engine): ``train_one_epoch`` (forward under autocast, the SAT criterion, backward / clip / step through the
+loss scaler, gradient accumulation, DDP) and ``evaluate`` (loader -> forward -> boxes -> metrics of the sat
+and / or wsol protocol, utils/boxes.py and utils/metrics.py). Neither synchronises host and device per batch:
+training meters sum device tensors read back every ``log_every`` steps; evaluation copies a batch's outputs to
+the CPU while the next batch's forward is queued, and extracts boxes in a pool of threads or processes.
+"""
 import contextlib
 import logging
 import math
+import multiprocessing
+import os
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from DataLoader.device_transforms import on_device
-from utils.distributed import all_reduce_sum
-from utils.errors import DataError, SATError
+from DataLoader.device_transforms import on_device, to_device
+from DataLoader.eval_loader import ShardSampler
+from DataLoader.eval_views import TENCROP_CENTRE, views_of
+from DataLoader.transforms import denormalize
+from DataLoader.wsol_metadata import load_mask
+from utils.amp import autocast_settings
+from utils.boxes import (WSOL_MAP_SIZE, contour_boxes, crop_box_to_original, gt_boxes_sat, gt_boxes_wsol, max_iou,
+                         sat_boxes, sat_map, wsol_map)
+from utils.cv import cv2
+from utils.distributed import all_gather_object, all_reduce_sum
+from utils.errors import ConfigError, DataError, SATError
+from utils.metrics import Counters, per_class_metrics
+from utils.visualize import render_overlay, save_rgb
 
 LOSS_KEYS = ("loss", "ce", "area", "norm")
 _logger = logging.getLogger("sat")
@@ -142,3 +161,310 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
                  num_skipped=int(totals["skipped"]), time=elapsed, images_per_sec=images / max(elapsed, 1e-9),
                  data_wait=loaded.wait)
     return stats
+
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+class NonFiniteOutputError(SATError):
+    """The model gave NaN or Inf class scores or maps (as wsolevaluation, such maps are not scored)."""
+
+
+def forward_views(model, images, views, autocast):
+    """All views of a batch, ``images`` (B, V, 3, S, S), in one forward -> ``{'sat' | 'wsol': (scores,
+    loc_maps)}`` as float32 CPU tensors copied ``non_blocking``: ``HostOutputs.numpy`` waits for them.
+    ``tencrop``: the mean of the ten softmaxes and the centre crop's map (official); ``centre`` / ``wsol``:
+    the view's logits and map. The sat view's outputs are keyed 'sat' (also for protocol 'cls')."""
+    batch, num_views = images.shape[:2]
+    with autocast():
+        logits, loc_maps = model(images.flatten(0, 1))
+    logits = logits.float().unflatten(0, (batch, num_views))
+    loc_maps = loc_maps.float().unflatten(0, (batch, num_views))
+    out = {}
+    for view, where in views.slices.items():
+        if view == "tencrop":
+            scores, loc_map = logits[:, where].softmax(dim=-1).mean(dim=1), loc_maps[:, where.start + TENCROP_CENTRE]
+        else:
+            scores, loc_map = logits[:, where.start], loc_maps[:, where.start]
+        out["wsol" if view == "wsol" else "sat"] = (scores.to("cpu", non_blocking=True),
+                                                     loc_map.to("cpu", non_blocking=True))
+    return HostOutputs(out, images.device)
+
+
+class HostOutputs:
+    """A batch's outputs on their way to the CPU: ``numpy()`` waits for the copies (a CUDA event) and gives
+    ``{'sat' | 'wsol': (scores, loc_maps)}`` as numpy, so that the next batch's forward is queued first."""
+
+    def __init__(self, outputs, device):
+        self.outputs = outputs
+        self.copied = None
+        if device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record(torch.cuda.current_stream(device))
+
+    def numpy(self):
+        if self.copied is not None:
+            self.copied.synchronize()
+        return {key: (scores.numpy(), loc_maps.numpy()) for key, (scores, loc_maps) in self.outputs.items()}
+
+
+def check_finite(out, image_ids):
+    """NonFiniteOutputError naming the first images whose scores or maps hold NaN or Inf."""
+    bad = np.zeros(len(image_ids), bool)
+    for scores, loc_maps in out.values():
+        bad |= ~np.isfinite(scores).all(axis=1) | ~np.isfinite(loc_maps.reshape(len(loc_maps), -1)).all(axis=1)
+    if bad.any():
+        names = [str(image_ids[k]) for k in np.flatnonzero(bad)[:3]]
+        raise NonFiniteOutputError(f"the model outputs NaN/Inf scores or maps for {int(bad.sum())} image(s) of a "
+                                   f"batch, first {', '.join(names)}")
+
+
+def _softmax(scores):
+    exp = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class BatchScorer:
+    """The CPU work of one batch: GT boxes in each protocol's frame, boxes, counters, per-image rows (at
+    ``threshold``), saved maps and overlays. Runs in a thread or a process of the box pool."""
+
+    def __init__(self, views, thresholds, threshold, save_maps, overlay_dir, class_names):
+        self.views, self.thresholds, self.threshold = views, thresholds, threshold
+        self.save_maps = Path(save_maps) if save_maps else None
+        self.overlay_dir = Path(overlay_dir) if overlay_dir else None
+        self.class_names = class_names
+
+    def __call__(self, batch, out, crops):
+        views, protocol = self.views, self.views.protocol
+        counters = Counters(protocol, self.thresholds, views.img_size)
+        labels, boxes, sizes, ids = batch["label"], batch["boxes"], batch["size"], batch["image_id"]
+        pred_boxes = ious = gt_sat = None
+        if "cls" in counters.parts:
+            counters.parts["cls"].update(out["sat"][0], labels)
+        if "sat" in counters.parts:
+            missing = next((i for i, b in zip(ids, boxes) if len(b) == 0), None)
+            if missing is not None:
+                raise DataError(f"image {missing} has no GT boxes: the sat protocol needs boxes; use "
+                                "--eval-protocol wsol for mask datasets, cls for neither")
+            gt_sat = [gt_boxes_sat(b, s, views.resize_size, views.img_size) for b, s in zip(boxes, sizes)]
+            scores, loc_maps = out["sat"]
+            pred_boxes = counters.parts["sat"].boxes(loc_maps)
+            ious = counters.parts["sat"].update_boxes(pred_boxes, gt_sat, scores, labels)
+        elif "sat" in out and self.thresholds:  # no GT boxes: the boxes are still predictions
+            pred_boxes = np.stack([sat_boxes(sat_map(m, views.img_size), self.thresholds) for m in out["sat"][1]])
+        if "wsol" in out:
+            scores, loc_maps = out["wsol"]
+            gt_wsol = [gt_boxes_wsol(b, s, WSOL_MAP_SIZE) for b, s in zip(boxes, sizes)]
+            counters.parts["wsol_cls"].update(scores, labels)
+            with_boxes = [i for i, b in enumerate(gt_wsol) if len(b)]
+            if with_boxes:
+                counters.parts["wsol_boxes"].update(loc_maps[with_boxes], [gt_wsol[i] for i in with_boxes])
+            if "mask_paths" in batch:
+                masks = [load_mask(paths, ignore, WSOL_MAP_SIZE)
+                         for paths, ignore in zip(batch["mask_paths"], batch["ignore_path"])]
+                counters.parts["pxap"].update(loc_maps, *map(np.stack, zip(*masks)))
+        if self.save_maps:
+            self._save_maps(ids, out)
+        column = self.thresholds.index(self.threshold) if pred_boxes is not None and self.threshold is not None \
+            else None
+        rows = self._rows(batch, out, pred_boxes, ious, column)
+        for k, crop in crops.items():
+            if column is not None:
+                self.overlay(ids[k], crop, out["sat"][1][k], "sat", self.threshold, pred_boxes[k, column],
+                             gt_sat[k] if gt_sat else np.zeros((0, 4)), int(np.argmax(out["sat"][0][k])))
+            elif "wsol" in out and self.threshold is not None:  # wsol at a given map threshold
+                self.overlay(ids[k], crop, out["wsol"][1][k], "wsol", self.threshold, None,
+                             gt_boxes_wsol(boxes[k], sizes[k], WSOL_MAP_SIZE), int(np.argmax(out["wsol"][0][k])))
+        return counters, rows
+
+    def _save_maps(self, ids, out):
+        """``<save_maps>/sat/<id>.npy``: the raw localization map of the sat view (before any normalisation);
+        ``<save_maps>/wsol/<id>.npy``: the wsol protocol's 224x224 map in [0, 1], as wsolevaluation reads it."""
+        for key, save in (("sat", lambda m: m), ("wsol", wsol_map)):
+            if key in out:
+                for image_id, loc_map in zip(ids, out[key][1]):
+                    path = self.save_maps / key / f"{image_id}.npy"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(path, save(loc_map))
+
+    def _rows(self, batch, out, pred_boxes, ious, column):
+        """One record per image: the prediction of the sat view (of the wsol view without one) and, at the
+        reported threshold, its box and, with GT boxes, its IoU (per_image.csv, docs/evaluation.md)."""
+        key = "sat" if "sat" in out else "wsol"
+        scores = out[key][0]
+        probs = scores if self.views.tencrop and key == "sat" else _softmax(scores.astype(np.float64))
+        top5 = torch.as_tensor(scores).topk(min(5, scores.shape[1]), dim=1).indices.numpy()  # as topk_correct
+        rows = []
+        for k, (image_id, label, size) in enumerate(zip(batch["image_id"], batch["label"].tolist(), batch["size"])):
+            top5_k = [int(c) for c in top5[k]]
+            row = {"index": int(batch["index"][k]), "image_id": image_id, "label": int(label), "top5": top5_k,
+                   "score": float(probs[k, top5_k[0]]), "box_crop": None, "box_original": None, "iou": None,
+                   "cls_correct": top5_k[0] == label, "gt_known": None, "top1_loc": None,
+                   "width": int(size[0]), "height": int(size[1])}
+            if column is not None:
+                box = pred_boxes[k, column]
+                row.update(box_crop=[int(v) for v in box], box_original=crop_box_to_original(
+                    box, size, self.views.resize_size, self.views.img_size).tolist())
+                if ious is not None:
+                    hit = bool(ious[k, column] >= 0.5)
+                    row.update(iou=float(ious[k, column]), gt_known=hit, top1_loc=top5_k[0] == label and hit)
+            rows.append(row)
+        return rows
+
+    def overlay(self, image_id, crop, loc_map, protocol, threshold, box, gt, pred):
+        """One overlay PNG: heat map, predicted box at ``threshold`` (green), GT boxes (red), caption."""
+        if protocol == "sat":
+            normalised = sat_map(loc_map, self.views.img_size)
+        else:
+            normalised = wsol_map(loc_map)
+            box = contour_boxes(normalised, [threshold])[1][0]
+        name = self.class_names[pred] if self.class_names else str(pred)
+        caption = f"{name}  IoU {max_iou(np.asarray(box)[None], gt)[0]:.2f} @ {threshold:g}" if len(gt) else name
+        save_rgb((self.overlay_dir / image_id).with_suffix(".png"),
+                 render_overlay(crop, normalised, box, gt, caption))
+
+
+def _overlay_crops(images, batch, views, overlays):
+    """{position in batch: uint8 RGB image} of the batch's images that get an overlay (dataset index below
+    ``overlays``; None: all): the sat view's centre crop, or the wsol view at the 224x224 map size."""
+    sat_view = next((view for view in ("centre", "tencrop") if view in views.slices), None)
+    index = views.slices[sat_view or "wsol"].start + (TENCROP_CENTRE if sat_view == "tencrop" else 0)
+    crops = {}
+    for k, position in enumerate(batch["index"]):
+        if overlays is None or position < overlays:
+            crop = denormalize(images[k, index])
+            if sat_view is None and crop.shape[0] != WSOL_MAP_SIZE:
+                crop = cv2.resize(crop, (WSOL_MAP_SIZE, WSOL_MAP_SIZE), interpolation=cv2.INTER_LINEAR)
+            crops[k] = crop
+    return crops
+
+
+def _init_box_process():
+    """Box-pool process: one torch thread and (utils/cv.py) one OpenCV thread: the processes are the
+    parallelism."""
+    torch.set_num_threads(1)
+
+
+def default_box_processes(device):
+    """``box_processes`` when not given: on a GPU machine half of this process's share of the CPUs (over the
+    node's processes, LOCAL_WORLD_SIZE), at most 8, so that box extraction keeps up with the forwards (a
+    thread pool serialises on the GIL); 0 (a thread pool) when that is fewer than 2, and on CPUs."""
+    if torch.device(device).type != "cuda":
+        return 0
+    share = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    processes = min(8, share // 2)
+    return processes if processes >= 2 else 0
+
+
+def box_pool(threads, processes=0):
+    """The executor of the per-batch CPU work: ``processes`` > 0 -> a process pool from a fork server (a
+    child forked while OpenCV's or OpenMP's threads hold a lock deadlocks), else a thread pool."""
+    if processes:
+        return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("forkserver"),
+                                   initializer=_init_box_process)
+    return ThreadPoolExecutor(threads)
+
+
+def _sum_over_processes(device):
+    """Counter -> its sum over the processes (on the device for NCCL, on the CPU for gloo)."""
+    nccl = dist.get_backend() == "nccl"
+
+    def reduce(counter):
+        return all_reduce_sum(torch.as_tensor(counter, dtype=torch.int64, device=device if nccl else "cpu")).cpu()
+    return reduce
+
+
+def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_threshold=None, amp=False,
+             distributed=False, save_maps=None, overlay_dir=None, overlays=None, per_image=False,
+             progress=True, threads=None, box_processes=None, views=None):
+    """Metrics (percentages; keys in docs/evaluation.md) of ``model`` on ``loader``, whose dataset's transform
+    is an ``EvalViews`` (``views``: that EvalViews, for a loader without a dataset): it gives the protocol.
+
+    sat: at ``threshold`` (the reported map threshold) and/or the best of ``thresholds`` (chosen on this
+    split: model selection); wsol: every map threshold of its grid, and box accuracy at ``wsol_threshold``.
+    ``distributed``: the loader holds this rank's shard (ShardSampler); counters are summed over the ranks.
+    ``save_maps``: folder for the localization maps; ``overlay_dir``: overlay PNGs of the images with dataset
+    index below ``overlays`` (None: all); ``per_image``: add ``per_image`` rows (and ``per_class`` for sat).
+    Box extraction runs in ``box_processes`` processes (None: ``default_box_processes``) or ``threads`` threads.
+    """
+    views = views or views_of(loader.dataset)
+    protocol = views.protocol
+    thresholds = [float(t) for t in thresholds]
+    threshold = None if threshold is None else float(threshold)
+    evaluated = list(dict.fromkeys(([threshold] if threshold is not None else []) + thresholds))
+    if protocol in ("sat", "both") and not evaluated:
+        raise ConfigError("the sat protocol needs the reported threshold and/or thresholds to search")
+    if protocol in ("sat", "both") and (overlay_dir or per_image) and threshold is None:
+        raise ConfigError("overlays and per-image rows are at the reported threshold: pass threshold")
+    if distributed and not isinstance(loader.sampler, ShardSampler):
+        raise ValueError("distributed evaluation needs a loader with a ShardSampler (build_eval_loader)")
+    device = torch.device(device)
+    model = getattr(model, "module", model)  # DDP wrapper: no collectives in the forward of uneven shards
+    class_names = getattr(getattr(loader, "dataset", None), "classes", None)
+    wsol_overlays = protocol == "wsol" and overlay_dir is not None
+    scorer = BatchScorer(views, evaluated, wsol_threshold if protocol == "wsol" else threshold, save_maps,
+                         overlay_dir, class_names)
+    total, rows, pending_overlays = Counters(protocol, evaluated, views.img_size), [], []
+    autocast = autocast_settings(device, amp)[0]
+    rank = dist.get_rank() if distributed else 0
+    box_processes = default_box_processes(device) if box_processes is None else box_processes
+    threads = box_processes or threads or min(4, os.cpu_count() or 1)
+    was_training = model.training
+    model.eval()
+    try:
+        with box_pool(threads, box_processes) as pool, torch.inference_mode():
+            pending = deque()
+
+            def score(batch, outputs, crops):
+                """The CPU side of a batch, once the next batch's forward is queued on the device."""
+                out = outputs.numpy()
+                check_finite(out, batch["image_id"])
+                if wsol_overlays and wsol_threshold is None:  # drawn once maxboxacc's threshold is known
+                    scores, loc_maps = out["wsol"]
+                    pending_overlays.extend((batch["image_id"][k], crop, loc_maps[k], batch["boxes"][k],
+                                             batch["size"][k], int(np.argmax(scores[k]))) for k, crop in crops.items())
+                    crops = {}
+                annotations = {key: value for key, value in batch.items() if key != "image"}
+                pending.append(pool.submit(scorer, annotations, out, crops))
+                collect(keep=2 * threads)
+
+            def collect(keep):
+                """Merge the finished batches in order, waiting while more than ``keep`` are pending."""
+                while pending and (len(pending) > keep or pending[0].done()):
+                    counters, batch_rows = pending.popleft().result()
+                    total.merge(counters)
+                    rows.extend(batch_rows)
+
+            batches = on_device(loader, device)  # on CUDA, the next batch is prepared on a side stream
+            previous = None
+            for batch in tqdm(batches, desc="eval", unit="batch", dynamic_ncols=True, disable=not progress or rank):
+                images = to_device(batch["image"], device)
+                images = images if images.dim() == 5 else images[:, None]  # (B, V, 3, S, S)
+                if images.shape[1] != views.num_views or images.shape[-1] != views.img_size:
+                    raise ValueError(f"batch views {tuple(images.shape[1:])} do not fit {views}")
+                outputs = forward_views(model, images, views, autocast)
+                crops = _overlay_crops(images, batch, views, overlays) if overlay_dir else {}
+                if previous is not None:
+                    score(*previous)
+                previous = batch, outputs, crops
+            if previous is not None:
+                score(*previous)
+            collect(keep=0)
+    finally:
+        model.train(was_training)
+    if distributed:
+        total.reduce(_sum_over_processes(device))
+    metrics = total.metrics(protocol, threshold, thresholds, wsol_threshold)
+    curves = total.curves()
+    if curves:
+        metrics["curves"] = curves
+    chosen = metrics.get("maxboxacc_threshold", metrics.get("piou_threshold"))  # boxes, else masks
+    if pending_overlays and chosen is not None:
+        for image_id, crop, loc_map, boxes, size, pred in pending_overlays:
+            scorer.overlay(image_id, crop, loc_map, "wsol", chosen, None, gt_boxes_wsol(boxes, size, WSOL_MAP_SIZE),
+                           pred)
+    if per_image:
+        rows = [row for part in all_gather_object(rows) for row in part] if distributed else rows
+        metrics["per_image"] = sorted(rows, key=lambda row: row["index"])
+        if protocol in ("sat", "both"):
+            metrics["per_class"] = per_class_metrics(rows, class_names)
+    return metrics
