@@ -432,7 +432,8 @@ def build_parser(script, defaults=None):
                                help=text + "; --amp = true")
             group.add_argument("--no-" + flag[2:], dest=key, action="store_false", help="same as --amp false")
         else:
-            metavar = "{" + ",".join(field.choices) + "}" if field.choices else METAVARS.get(key, {"int": "N", "float": "X"}.get(field.kind, key.upper()))
+            metavar = "{" + ",".join(field.choices) + "}" if field.choices else \
+                METAVARS.get(key, {"int": "N", "float": "X"}.get(field.kind, key.upper()))
             group.add_argument(flag, dest=key, type=field.parse, nargs="+" if field.kind == "floats" else None,
                                metavar=metavar, help=text)
     return parser
@@ -511,7 +512,8 @@ def parse_config(argv=None, script="train"):
     values.update({key: value for key, value in cli.items() if key in values})
     cfg = argparse.Namespace(**values, config=None if config is None else str(config), ignored_config_keys=ignored)
     if script in TRAINERS:
-        cfg.resume, cfg.overwrite, cfg.local_rank = cli.get("resume"), cli.get("overwrite", False), cli.get("local_rank")
+        cfg.resume, cfg.overwrite = cli.get("resume"), cli.get("overwrite", False)
+        cfg.local_rank = cli.get("local_rank")
     elif cfg.eval_batch_size is None:
         cfg.eval_batch_size = EVALUATOR_BATCH
     validate(cfg, script)
