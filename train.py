@@ -25,6 +25,7 @@ from DataLoader.eval_views import default_resize_size, views_of
 from DataLoader.image_cache import attach_image_cache
 from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
 from Model import SATLoss, build_model
+from Model.losses import area_span
 from utils import distributed as dist_utils
 from utils.amp import LossScaler, autocast_context, describe
 from utils.checkpoint import (checkpoint_weights, load_checkpoint, model_spec, resume_path, restore, rng_state,
@@ -83,8 +84,8 @@ def train(cfg, info, imagenet=False, progress=None):
     _logger.info("config %s; %d process(es) on %s, global batch %d = %d per process x %d accumulation steps, %s; "
                  "batch area loss over %s", cfg.config or "(defaults)", info.world_size, info.device, cfg.batch_size,
                  micro_batch, cfg.accum_steps, describe(info.device, cfg.amp),
-                 f"{micro_batch * (info.world_size if cfg.area_loss_scope == 'global' else 1)} images "
-                 f"({cfg.area_loss_scope} micro-batch)")
+                 f"{area_span(cfg.area_loss_scope, micro_batch, info.world_size)} images (area_loss_scope "
+                 f"{cfg.area_loss_scope})")
     if cfg.ignored_config_keys:
         _logger.info("config %s: evaluator keys, not read by training: %s", cfg.config,
                      ", ".join(cfg.ignored_config_keys))
@@ -103,7 +104,7 @@ def train(cfg, info, imagenet=False, progress=None):
     # model, loss, optimizer and learning-rate schedule
     model, train_model = build_training_model(cfg, train_set.num_classes, info)
     spec = model_spec(model, cfg.arch, train_set.classes, num_spatial_blocks=cfg.num_spatial_blocks)
-    criterion = SATLoss(cfg.area_thr, cfg.area_loss_scope)
+    criterion = SATLoss(cfg.area_thr, cfg.area_loss_scope, micro_batch=micro_batch)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.decay_tokens)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
     scheduler = build_scheduler(optimizer, schedule=cfg.lr_schedule, lr=cfg.lr, min_lr=cfg.min_lr,

@@ -26,15 +26,33 @@ class Skipped(NamedTuple):
     message: str
 
 
+def size_differences(batch):
+    """Images of an evaluation batch whose file is not the size their annotation states (none in a batch
+    without ``'file_size'``, e.g. one built by hand)."""
+    sizes = batch.get("size", ())
+    return sum(tuple(size) != tuple(file_size) for size, file_size in zip(sizes, batch.get("file_size", sizes)))
+
+
+def size_difference_warning(count):
+    """The one warning of an evaluation over ``count`` (> 0) images counted by :func:`size_differences`."""
+    return (f"{count} image(s) are not the size their box annotation states: their boxes are mapped into the "
+            "crop with the stated size, as the official code does")
+
+
 class WSOLDataset(Dataset):
     """Items of one split read from ``image_root``.
 
     Train samples: ``{'image', 'label', 'index'}``. Evaluation samples (``evaluation=True``) add
-    ``'boxes'`` (K, 4) float32 in original pixels, ``'size'`` (W, H), ``'image_id'`` and, for mask
-    datasets, ``'mask_paths'`` and ``'ignore_path'``. An unreadable image in a train split gives a
-    ``Skipped`` naming the file (dropped by ``collate_samples``, logged by the training loop in the
-    main process, so that it reaches log.txt whatever the warning filters) unless ``strict``; in an
-    evaluation split it is always a DataError, so that metrics cover the whole split.
+    ``'boxes'`` (K, 4) float32 in original pixels, ``'size'`` (W, H) of those pixels, ``'file_size'`` (W, H)
+    of the decoded file, ``'image_id'`` and, for mask datasets, ``'mask_paths'`` and ``'ignore_path'``.
+    ``'size'`` is the size the annotation states where it states one (ImageNet val_gt.txt and XML files,
+    Stanford Dogs XML files, wsolevaluation image_sizes.txt), else the file's: boxes are mapped into the
+    crop with it, as the official code maps them with the sizes written in its box lists.
+
+    An unreadable image in a train split gives a ``Skipped`` naming the file (dropped by
+    ``collate_samples``, logged by the training loop in the main process, so that it reaches log.txt
+    whatever the warning filters) unless ``strict``; in an evaluation split it is always a DataError, so
+    that metrics cover the whole split.
     """
 
     def __init__(self, image_root, items, classes, transform, *, evaluation, strict=False):
@@ -80,7 +98,7 @@ class WSOLDataset(Dataset):
             return size
         item = self.items[index]
         if item.boxes is not None:
-            check_boxes(item.boxes, size, item.source)
+            check_boxes(item.boxes, item.size or size, item.source)
         return None
 
     def _transformed(self, index):
@@ -100,7 +118,7 @@ class WSOLDataset(Dataset):
         return self.transform.from_resized(pixels), image.size
 
     def __getitem__(self, index):
-        transformed, size = self._transformed(index)
+        transformed, file_size = self._transformed(index)
         if isinstance(transformed, Skipped):
             return transformed
         item = self.items[index]
@@ -109,8 +127,9 @@ class WSOLDataset(Dataset):
             sample["image"]["strict"] = self.strict or self.evaluation
         if self.evaluation:
             boxes = np.zeros((0, 4), np.float32) if item.boxes is None else item.boxes
+            size = item.size or file_size
             check_boxes(boxes, size, item.source)
-            sample.update(boxes=torch.tensor(boxes), size=size, image_id=item.image_id)
+            sample.update(boxes=torch.tensor(boxes), size=size, file_size=file_size, image_id=item.image_id)
             if item.mask_paths is not None:
                 sample.update(mask_paths=list(item.mask_paths), ignore_path=item.ignore_path)
         return sample

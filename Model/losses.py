@@ -1,20 +1,45 @@
 """SAT losses: batch area loss, normalization loss and their sum with cross-entropy (paper, Sec. 3.3).
 
 The batch area loss is ``|mean area over a batch - lambda|``: which images form that batch changes the loss
-(it is not a mean of per-image terms). ``area_scope`` names it: ``process`` = the images this process
-forwards in one call (its micro-batch), ``global`` = the micro-batches of all processes, averaged through a
-differentiable all-reduce, as the official CUB run's DataParallel gathered its 256 per-image areas.
+(it is not a mean of per-image terms). ``area_scope`` says which, for one call (one micro-batch per process):
+``process`` = this process's images; ``global`` = the images of all processes, summed through a differentiable
+all-reduce, as the official CUB run's DataParallel gathered its 256 per-image areas; an integer N = the images
+of all processes in rank order, cut into consecutive groups of N images, one area term per group, averaged, as
+the official ImageNet run's DDP gave each of its 4 GPUs its own 128 images (whatever the number of processes).
 """
 import math
 from typing import Dict
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 
 AREA_SCOPES = ("global", "process")
+
+
+def check_area_scope(area_scope):
+    """``area_scope`` if it is 'global', 'process' or a group size in images (an int >= 1); else ValueError."""
+    if area_scope in AREA_SCOPES or (type(area_scope) is int and area_scope >= 1):
+        return area_scope
+    raise ValueError(f"area_scope must be one of {AREA_SCOPES} or a number of images >= 1, got {area_scope!r}")
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over all processes, differentiable: each input's gradient is the sum of all processes' output
+    gradients (what torch.distributed.nn.functional.all_reduce computed before its deprecation)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
 
 
 def gaussian_kernel_3x3() -> torch.Tensor:
@@ -35,21 +60,52 @@ def area_per_image(maps: torch.Tensor) -> torch.Tensor:
     return maps.flatten(1).mean(dim=1)
 
 
-def mean_area(maps: torch.Tensor, area_scope: str = "process") -> torch.Tensor:
-    """Mean of the per-image areas over this process's batch, or with ``area_scope='global'`` (and an
-    initialised process group) over the batches of all processes, differentiable in every process's maps."""
+def _process():
+    """(number of processes, this process's rank): (1, 0) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def area_span(area_scope, micro_batch, world_size=1):
+    """Images in one area term (the last group of an integer scope may hold fewer) when each of
+    ``world_size`` processes forwards ``micro_batch`` images per call."""
+    check_area_scope(area_scope)
+    if area_scope == "process":
+        return micro_batch
+    return world_size * micro_batch if area_scope == "global" else min(area_scope, world_size * micro_batch)
+
+
+def batch_area_loss(maps: torch.Tensor, area_thr: float, area_scope="process", micro_batch=None) -> torch.Tensor:
+    """``|mean area of a batch - area_thr|``, averaged over the batches ``area_scope`` (see the module) makes.
+
+    Image i of the process of rank r has the place ``r * micro_batch + i`` in the global micro-batch;
+    ``micro_batch`` is the size of every process's call when no image was dropped (a process with fewer
+    images leaves the others' groups as they are; needed for a group size with several processes, else
+    this call's size). With ``global`` or a group size every process returns the same value,
+    differentiable in every process's maps.
+    """
     areas = area_per_image(maps)
-    if area_scope not in AREA_SCOPES:
-        raise ValueError(f"area_scope must be one of {AREA_SCOPES}, got {area_scope!r}")
-    if area_scope == "process" or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return areas.mean()
-    total, count = dist_nn.all_reduce(torch.stack([areas.sum(), areas.new_tensor(float(len(areas)))]))
-    return total / count
-
-
-def batch_area_loss(maps: torch.Tensor, area_thr: float, area_scope: str = "process") -> torch.Tensor:
-    """``|mean over the batch of the per-image area - area_thr|``; ``area_scope``: see :func:`mean_area`."""
-    return (mean_area(maps, area_scope) - area_thr).abs()
+    check_area_scope(area_scope)
+    if area_scope == "process":
+        return (areas.mean() - area_thr).abs()
+    world_size, rank = _process()
+    if micro_batch is None and world_size > 1 and area_scope != "global":
+        # each process's count of groups would follow its own batch: one with a dropped image would hang
+        raise ValueError("an area group size with several processes needs micro_batch")
+    micro_batch = micro_batch or len(areas)
+    if len(areas) > micro_batch:
+        raise ValueError(f"{len(areas)} maps in one call, more than micro_batch={micro_batch}")
+    group_size = area_span(area_scope, micro_batch, world_size)
+    num_groups = -(-world_size * micro_batch // group_size)
+    place = rank * micro_batch + torch.arange(len(areas), device=areas.device)
+    member = (place // group_size == torch.arange(num_groups, device=areas.device)[:, None]).to(areas.dtype)
+    stats = torch.stack([(member * areas).sum(dim=1), member.sum(dim=1)])  # (2, groups): area sums, counts
+    if world_size > 1:
+        stats = AllReduceSum.apply(stats)
+    sums, counts = stats
+    filled = (counts > 0).to(areas.dtype)  # a partial last batch leaves some groups empty
+    return ((sums / counts.clamp(min=1) - area_thr).abs() * filled).sum() / filled.sum()
 
 
 def normalization_per_image(maps: torch.Tensor) -> torch.Tensor:
@@ -65,7 +121,7 @@ def normalization_loss(maps: torch.Tensor) -> torch.Tensor:
 
 
 def sat_loss(logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, area_thr: float,
-             area_scope: str = "process") -> Dict[str, torch.Tensor]:
+             area_scope="process", micro_batch=None) -> Dict[str, torch.Tensor]:
     """Total SAT loss = cross-entropy + batch area loss + normalization loss (all weights 1).
 
     Returns a dict with ``loss`` (to backpropagate) and the detached terms ``ce``, ``area``, ``norm``.
@@ -73,7 +129,7 @@ def sat_loss(logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, ar
     """
     maps = maps.float()
     ce = F.cross_entropy(logits.float(), targets)
-    area = batch_area_loss(maps, area_thr, area_scope)
+    area = batch_area_loss(maps, area_thr, area_scope, micro_batch)
     norm = normalization_loss(maps)
     loss = ce + area + norm
     return {"loss": loss, "ce": ce.detach(), "area": area.detach(), "norm": norm.detach()}
@@ -82,19 +138,18 @@ def sat_loss(logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, ar
 class SATLoss(nn.Module):
     """The training criterion: ``criterion(logits, maps, targets)`` -> :func:`sat_loss`'s dict.
 
-    ``area_scope='global'`` under DDP equals the official DataParallel loss on the concatenated batch:
-    each process backpropagates the same area term, the all-reduce's backward sums the gradients of all
-    processes' areas, and DDP's gradient averaging divides by the number of processes again.
+    Under DDP, ``global`` and group sizes equal the official loss on the concatenated batch: each process
+    backpropagates the same area term, the all-reduce's backward sums the gradients of all processes' areas,
+    and DDP's gradient averaging divides by the number of processes again. ``micro_batch``: images each
+    process forwards per call (see :func:`batch_area_loss`).
     """
 
-    def __init__(self, area_thr: float, area_scope: str = "global"):
+    def __init__(self, area_thr: float, area_scope="global", micro_batch=None):
         super().__init__()
-        if area_scope not in AREA_SCOPES:
-            raise ValueError(f"area_scope must be one of {AREA_SCOPES}, got {area_scope!r}")
-        self.area_thr, self.area_scope = area_thr, area_scope
+        self.area_thr, self.area_scope, self.micro_batch = area_thr, check_area_scope(area_scope), micro_batch
 
     def forward(self, logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return sat_loss(logits, maps, targets, self.area_thr, self.area_scope)
+        return sat_loss(logits, maps, targets, self.area_thr, self.area_scope, self.micro_batch)
 
     def extra_repr(self) -> str:
-        return f"area_thr={self.area_thr}, area_scope={self.area_scope}"
+        return f"area_thr={self.area_thr}, area_scope={self.area_scope}, micro_batch={self.micro_batch}"

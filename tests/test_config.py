@@ -69,7 +69,7 @@ OFFICIAL_CUB = dict(
     threshold=0.4, tencrop=True,  # evaluator.py: --threshold [0.4], --tencrop True
     val_split=False, seed=6, amp=False)
 OFFICIAL_IMAGENET = dict(
-    OFFICIAL_CUB, area_thr=0.35, area_loss_scope="process",  # DDP: each GPU's own batch
+    OFFICIAL_CUB, area_thr=0.35, area_loss_scope=128,  # DDP: each of its 4 GPUs' own batch of 512 / 4
     epochs=1,  # `break  ## 1 epoch is enough`
     eval_start_epoch=1,  # it evaluates nothing while training: the one epoch is the last, evaluated anyway
     batch_size=512, lr=1.5e-5, drop_last=True, threshold=0.3, tencrop=False)  # evaluator_ImageNet.py
@@ -131,6 +131,8 @@ def test_flags_override_the_file_which_overrides_defaults(tmp_path):
     assert cfg.eval_thresholds == [0.2, 0.4] and cfg.images_per_class == 2 and cfg.clip_grad is None
     assert cfg.pretrained == "weights.pth" and cfg.weight_decay == FIELDS["weight_decay"].default
     assert cfg.overlays == "all" and train("--overlays", "5").overlays == 5
+    assert train("--area-loss-scope", "process").area_loss_scope == "process"
+    assert train("--area-loss-scope", "64").area_loss_scope == 64
     assert train("--amp").amp is True and train().amp is False and train("--amp", "auto").amp == "auto"
     assert train("--pretrained", "false").pretrained is False
 
@@ -214,9 +216,10 @@ def test_bad_base_names_the_file(tmp_path, files, message):
     ("amp: maybe\n", "amp must be true, false or auto"),
     ("threshold: 1.5\n", "threshold must be a number in [0, 1], got 1.5"),
     ("area_thr: 1\n", "area_thr must be a number in (0, 1)"),
-    ("overlays: -2\n", "overlays must be an integer >= 0 or all"),
+    ("overlays: -2\n", "overlays must be all or an integer >= 0"),
     ("selection_metric: best\n", "selection_metric must be one of loc, top1_loc"),
-    ("area_loss_scope: node\n", "area_loss_scope must be one of global, process"),
+    ("area_loss_scope: node\n", "area_loss_scope must be global, process or an integer >= 1, got 'node'"),
+    ("area_loss_scope: 0\n", "area_loss_scope must be global, process or an integer >= 1, got 0"),
     ("eval_thresholds: 0.4\n", "eval_thresholds must be a list of numbers in [0, 1]"),
     ("test_tencrop: false\n", "test_tencrop was renamed: use tencrop"),
     ("save_images: 4\n", "save_images was renamed: use overlays (overlays are written to <output_dir>/overlays/)"),
@@ -243,6 +246,8 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
     ("train", ["--epochs", "0"], "--epochs: expected an integer >= 1, got '0'"),
     ("train", ["--epochs"], "--epochs: expected one argument"),
     ("train", ["--lr-schedule", "step"], "--lr-schedule: expected one of constant, cosine, got 'step'"),
+    ("train", ["--area-loss-scope", "1.5"], "--area-loss-scope: expected global, process or an integer >= 1, got "
+                                            "'1.5'"),
     ("train", ["--area-thr", "1.5"], "--area-thr: expected a number in (0, 1), got '1.5'"),
     ("train", ["--eval-thresholds", "0.3", "1.2"], "--eval-thresholds: expected numbers in [0, 1], got '1.2'"),
     ("train", ["--save-images", "4"], "--save-images was renamed: use --overlays N (overlays are written to "
@@ -261,7 +266,7 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
     ("evaluate", ["--max-images", "3"], "--max-images was renamed: use --overlays N (overlays are written to "
                                         "<output-dir>/overlays/)"),
     ("evaluate", ["--save-scoremaps", "d"], "--save-scoremaps was renamed: use --save-maps DIR"),
-    ("evaluate", ["--overlays", "some"], "--overlays: expected an integer >= 0 or all, got 'some'"),
+    ("evaluate", ["--overlays", "some"], "--overlays: expected all or an integer >= 0, got 'some'"),
     ("evaluate", ["--data-format", "imagenet"], "--data-format imagenet: use evaluator_ImageNet.py"),
     ("evaluate_imagenet", ["--data-format", "cub"], "unknown flag --data-format (evaluator_ImageNet.py does not "
                                                     "take it; train.py, train_ImageNet.py and evaluator.py do)"),

@@ -2,6 +2,9 @@ import pytest
 from PIL import Image
 
 from DataLoader import build_dataset
+from DataLoader.dataset import size_difference_warning, size_differences
+from DataLoader.loader import collate_samples
+from utils.boxes import gt_boxes_sat
 from utils.errors import DataError
 
 WNIDS = ["n01440764", "n01443537", "n02102040"]
@@ -96,6 +99,24 @@ def test_val_boxes_from_official_val_gt_list_with_sorted_val(imagenet):
     dataset = build_dataset("imagenet", imagenet, "test")
     check_val(dataset)
     assert dataset.items[0].path == f"val/n01443537/{val_name(1)}.JPEG"
+
+
+def test_val_gt_sizes_map_the_boxes_where_they_differ_from_the_files(imagenet):
+    # val_gt.txt states twice each file's size (the files are half-size copies), boxes in the stated pixels,
+    # except image 3, whose stated size is its file's
+    rows = [f"{wnid}\\{val_name(i)}.JPEG {w * k} {h * k} ; {' '.join(str(v * k) for b in boxes for v in b)}"
+            for i, (wnid, (w, h), boxes) in VAL.items() for k in [1 if i == 3 else 2]]
+    (imagenet / "val_gt.txt").write_text("\n".join(rows) + "\n")
+    dataset = build_dataset("imagenet", imagenet, "test")
+    samples = [dataset[index] for index in range(len(dataset))]  # boxes beyond the files' pixels: no error
+    assert [s["size"] for s in samples] == [(80, 60), (64, 96), (36, 36)]
+    assert [s["file_size"] for s in samples] == [size for _, size, _ in VAL.values()]
+    # the official load_test_bbox: int(max(x / W * 256 - 16, 0)), int(min(x / W * 256 - 16, 223)), W from the
+    # list (the file's W, H would give 9, 35, 223, 223)
+    assert gt_boxes_sat(samples[0]["boxes"], samples[0]["size"]).tolist() == [[0, 9, 112, 197]]
+    batch = collate_samples(samples)
+    assert size_differences(batch) == 2 and size_difference_warning(2).startswith("2 image(s) are not the size")
+    assert size_differences({"size": batch["size"]}) == 0  # a batch built by hand
 
 
 def test_explicit_val_boxes_path_wins(imagenet, tmp_path):

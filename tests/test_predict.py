@@ -1,17 +1,23 @@
-"""tools/predict.py: the crop-to-original box mapping, and the script end to end on CPU."""
+"""tools/predict.py: the crop-to-original box mapping, the script end to end on CPU, unreadable and repeated
+images, the per-block maps."""
 import csv
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from utils.boxes import crop_box_to_original, gt_boxes_sat
+from Model import build_model
 from tools.predict import full_image_map, main as predict_main
+from utils.checkpoint import model_spec, save_checkpoint
 from utils.errors import run_cli
 
-from test_evaluation import CLASS_NAMES, save_nano_checkpoint, tiny_demo
+from test_evaluation import ARCH, CLASS_NAMES, save_nano_checkpoint, tiny_demo
 from test_evaluator_cli import run_script
 
 
@@ -114,3 +120,77 @@ def test_coco_output_matches_the_evaluator(tmp_path):
         hits.append(int(row["gt_known"]))
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert 100 * sum(hits) / len(hits) == pytest.approx(metrics["gt_known_loc"])
+
+
+def write_images(folder, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (w, h) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(folder / name)
+    return folder
+
+
+def png_header(width, height):
+    """A PNG holding only its header: RGB, ``width`` x ``height``."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_unreadable_images_are_skipped_and_a_file_given_twice_is_predicted_once(tmp_path, capsys):
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
+    folder = write_images(tmp_path / "photos", {"good.jpg": (40, 30), "cut.png": (64, 64)})
+    data = (folder / "cut.png").read_bytes()
+    (folder / "cut.png").write_bytes(data[:len(data) // 2])  # truncated
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    (folder / "huge.png").write_bytes(png_header(100_000, 100_000))  # PIL's DecompressionBombError, no OSError
+    (folder / "sub").mkdir()
+    again = folder / "sub" / ".." / "good.jpg"  # the same file, spelt otherwise
+    record = predict_main(["--checkpoint", str(checkpoint), "--device", "cpu", "--output-dir", str(tmp_path / "out"),
+                           str(folder), str(folder / "good.jpg"), str(again)])
+    err = capsys.readouterr().err.splitlines()
+    assert [pred["image"] for pred in record["predictions"]] == [str(folder / "good.jpg")]
+    unreadable = ("broken.jpg", "cut.png", "huge.png")
+    assert [item["image"] for item in record["skipped"]] == [str(folder / name) for name in unreadable]
+    assert len(err) == 4 and err[-1] == "3 of 4 images skipped: unreadable (named above)"
+    for line, name in zip(err, unreadable):
+        assert line.startswith(f"warning: {folder / name}: not a readable image (") and line.endswith("; skipped")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png", "predictions.json"]
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text()) == record
+
+
+def test_no_readable_image_is_an_error(tmp_path, capsys):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(predict_main, ["--checkpoint", str(save_nano_checkpoint(tmp_path / "nano.pth")), "--device", "cpu",
+                               "--output-dir", str(tmp_path / "out"), str(tmp_path / "broken.jpg")])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and err[-1] == "error: none of the 1 images could be read"
+    assert err[0].startswith(f"warning: {tmp_path / 'broken.jpg'}: not a readable image (")
+    assert not (tmp_path / "out" / "predictions.json").exists()
+
+
+@pytest.mark.parametrize("num_spatial_blocks", [3, 1])
+def test_blocks_draws_each_spatial_aware_block_beside_the_fused_map(tmp_path, num_spatial_blocks):
+    torch.manual_seed(0)
+    model = build_model(ARCH, num_classes=3, img_size=64, num_spatial_blocks=num_spatial_blocks)
+    checkpoint = tmp_path / "nano.pth"
+    save_checkpoint({"model": model.state_dict(), **model_spec(model, ARCH, CLASS_NAMES,
+                                                              num_spatial_blocks=num_spatial_blocks)}, checkpoint)
+    folder = write_images(tmp_path / "photos", {"wide.jpg": (90, 60)})
+    record = predict_main(["--checkpoint", str(checkpoint), "--device", "cpu", "--output-dir", str(tmp_path / "out"),
+                           "--blocks", str(folder)])
+    [pred] = record["predictions"]
+    blocks = [str(k) for k in range(7 - num_spatial_blocks, 7)]  # the nano model's last blocks of 6
+    assert list(pred["block_boxes"]) == blocks
+    panels = np.asarray(Image.open(pred["blocks_overlay"]))
+    assert Path(pred["blocks_overlay"]).name == "wide_blocks.png" and panels.shape == (60, 90 * (len(blocks) + 1), 3)
+    fused, overlay = panels[:, -90:], np.asarray(Image.open(pred["overlay"]))
+    below_caption = slice(20, None)
+    assert np.array_equal(fused[below_caption], overlay[below_caption])  # the fused panel is the overlay
+    if num_spatial_blocks == 1:  # one block: its map is the fused map
+        assert pred["block_boxes"]["6"] == pred["box"]
+        assert np.array_equal(panels[below_caption, :90], fused[below_caption])
+    else:
+        assert not np.array_equal(panels[below_caption, :90], panels[below_caption, 90:180])

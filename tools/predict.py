@@ -4,10 +4,13 @@ Each image goes through the ``centre`` view (Resize((256, 256)) -> CenterCrop(22
 input size); the box found at the threshold in the crop is mapped back to the original image's pixels.
 Writes ``<output-dir>/predictions.json`` and one overlay PNG per image, prints one line per image and,
 with ``--coco FILE``, writes the boxes as COCO-format pseudo-labels (bbox = [x, y, w, h] in original pixels,
-category_id = class index + 1, categories named from the checkpoint).
+category_id = class index + 1, categories named from the checkpoint). ``--blocks`` also draws the map of
+each spatial-aware block beside the fused map. An image given twice is predicted once; an unreadable one
+is named and skipped.
 
     python tools/predict.py --checkpoint best.pth --output-dir preds photo.jpg more_photos/
     python tools/predict.py --checkpoint best.pth --coco pseudo_labels.json images/
+    python tools/predict.py --checkpoint best.pth --blocks photo.jpg
 """
 import argparse
 import json
@@ -22,16 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader.eval_views import EvalViews  # noqa: E402
 from DataLoader.folder import is_image_file  # noqa: E402
+from utils.boxes import centre_offset, crop_box_to_original, sat_boxes, sat_map  # noqa: E402
 from utils.checkpoint import build_model_from_checkpoint  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.errors import DataError, run_cli  # noqa: E402
 from evaluator import cam_threshold, coco_detections  # noqa: E402
-from utils.boxes import centre_offset, crop_box_to_original, sat_boxes, sat_map  # noqa: E402
 from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
 
 def image_paths(inputs):
-    """The image files among ``inputs`` and, recursively and sorted, inside the folders among them."""
+    """The image files among ``inputs`` and, recursively and sorted, inside the folders among them; a file
+    reached twice (also through a link) is kept once, where it first comes."""
     paths = []
     for name in inputs:
         path = Path(name)
@@ -44,14 +48,18 @@ def image_paths(inputs):
             paths.append(path)
         else:
             raise DataError(f"{path}: not found (expected an image file or a folder of images)")
-    return paths
+    unique = {}
+    for path in paths:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def load_rgb(path):
+    """The image as RGB; any failure to decode it (decoders raise many kinds of errors) is a DataError."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as err:
+    except Exception as err:
         raise DataError(f"{path}: not a readable image ({err.__class__.__name__}: {err})") from None
 
 
@@ -61,6 +69,15 @@ def full_image_map(score, resize_size, img_size):
     offset = centre_offset(resize_size, img_size)
     canvas[offset:offset + img_size, offset:offset + img_size] = score
     return canvas
+
+
+def map_overlay(image, loc_map, threshold, resize_size, img_size, caption):
+    """(box in original pixels, overlay) of one localization map of the centre crop: normalised as the sat
+    protocol does, boxed at ``threshold``."""
+    score = sat_map(loc_map.float().cpu(), img_size)
+    crop_box = sat_boxes(score, [threshold])[0]
+    box = [float(v) for v in crop_box_to_original(crop_box, image.size, resize_size, img_size)]
+    return box, render_overlay(np.asarray(image), full_image_map(score, resize_size, img_size), box, caption=caption)
 
 
 def _unique_png(output_dir, stem, used):
@@ -88,6 +105,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--coco", metavar="FILE", help="also write the boxes as a COCO-format detection file")
+    parser.add_argument("--blocks", action="store_true",
+                        help="also write <image>_blocks.png: the map of each spatial-aware block and the fused map "
+                             "side by side, each boxed at the threshold")
     args = parser.parse_args(argv)
 
     paths = image_paths(args.inputs)
@@ -103,31 +123,53 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    predictions, used = [], set()
+    predictions, skipped, used = [], [], set()
+    blocks = [k + 1 for k, block in enumerate(model.blocks) if block.spatial_aware]
     for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start:start + args.batch_size]
-        images = [load_rgb(path) for path in chunk]
+        chunk = []
+        for path in paths[start:start + args.batch_size]:
+            try:
+                chunk.append((path, load_rgb(path)))
+            except DataError as err:
+                print(f"warning: {err}; skipped", file=sys.stderr)
+                skipped.append({"image": str(path), "error": str(err)})
+        if not chunk:
+            continue
+        views = torch.stack([view(image)[0] for _, image in chunk]).to(device)
         with torch.inference_mode():
-            logits, maps = model(torch.stack([view(image)[0] for image in images]).to(device))
+            outputs = model(views, return_block_maps=args.blocks)
+        logits, maps = outputs[:2]
         probs = logits.float().softmax(dim=1).cpu()
         top = probs.topk(min(5, model.num_classes), dim=1)
-        for k, (path, image) in enumerate(zip(chunk, images)):
-            score = sat_map(maps[k].float().cpu(), img_size)
-            crop_box = sat_boxes(score, [threshold])[0]
-            box = crop_box_to_original(crop_box, image.size, resize_size, img_size)
+        for k, (path, image) in enumerate(chunk):
             classes = top.indices[k].tolist()
             pred = {"image": str(path), "class": classes[0], "class_name": names[classes[0]],
                     "score": float(top.values[k, 0]),
                     "top5": [{"class": c, "class_name": names[c], "score": float(p)}
-                             for c, p in zip(classes, top.values[k].tolist())],
-                    "box": [float(v) for v in box], "image_size": list(image.size)}
-            overlay = render_overlay(np.asarray(image), full_image_map(score, resize_size, img_size), box,
-                                     caption=f"{pred['class_name']} {pred['score']:.0%}")
-            pred["overlay"] = str(save_rgb(_unique_png(output_dir, path.stem, used), overlay))
+                             for c, p in zip(classes, top.values[k].tolist())]}
+            box, overlay = map_overlay(image, maps[k], threshold, resize_size, img_size,
+                                       f"{pred['class_name']} {pred['score']:.0%}")
+            pred.update(box=box, image_size=list(image.size))
+            png = _unique_png(output_dir, path.stem, used)
+            pred["overlay"] = str(save_rgb(png, overlay))
+            if args.blocks:
+                panels, pred["block_boxes"] = [], {}
+                for block, loc_map in zip(blocks, outputs[2][k]):
+                    pred["block_boxes"][str(block)], panel = map_overlay(image, loc_map, threshold, resize_size,
+                                                                         img_size, f"block {block}")
+                    panels.append(panel)
+                fused = map_overlay(image, maps[k], threshold, resize_size, img_size,
+                                    f"fused: {pred['class_name']} {pred['score']:.0%}")[1]
+                pred["blocks_overlay"] = str(save_rgb(_unique_png(output_dir, f"{png.stem}_blocks", used),
+                                                      np.concatenate(panels + [fused], axis=1)))
             predictions.append(pred)
             print(f"{path}: {pred['class_name']} ({pred['score']:.1%}) box {[round(v, 1) for v in pred['box']]}")
+    if skipped:
+        print(f"{len(skipped)} of {len(paths)} images skipped: unreadable (named above)", file=sys.stderr)
+    if not predictions:
+        raise DataError(f"none of the {len(paths)} images could be read")
     record = {"checkpoint": str(args.checkpoint), "threshold": threshold, "img_size": img_size,
-              "resize_size": resize_size, "predictions": predictions}
+              "resize_size": resize_size, "predictions": predictions, "skipped": skipped}
     (output_dir / "predictions.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(f"{len(predictions)} predictions written to {output_dir / 'predictions.json'}")
     if args.coco:

@@ -68,14 +68,14 @@ class Field:
     """One config key: section, default, kind, description (help) and the values it accepts.
 
     kind: 'int', 'float', 'str', 'bool', 'floats' (a list), 'amp' (true, false or auto), 'pretrained' (true,
-    false or a file), 'count' (an integer >= 0 or all). ``domain``: '>= 1', '> 0', '[0, 1]', '(0, 1)' ...
-    ``scripts``: those that take it (default: by section). ``evaluator_default``: the evaluators' own default.
+    false or a file). ``domain``: '>= 1', '> 0', '[0, 1]', '(0, 1)' ... ``words``: names an 'int' key also
+    takes. ``scripts``: those that take it (default: by section). ``evaluator_default``: the evaluators' own.
     """
 
-    def __init__(self, section, default, kind, help, *, domain=None, choices=None, nullable=False, scripts=None,
-                 evaluator_default=_SAME):
+    def __init__(self, section, default, kind, help, *, domain=None, choices=None, words=(), nullable=False,
+                 scripts=None, evaluator_default=_SAME):
         self.section, self.default, self.kind, self.help = section, default, kind, help
-        self.domain, self.choices, self.nullable = domain, choices, nullable
+        self.domain, self.choices, self.words, self.nullable = domain, choices, words, nullable
         self.scripts = scripts or (EVALUATORS if section == "evaluator" else TRAINERS)
         self.evaluator_default = default if evaluator_default is _SAME else evaluator_default
 
@@ -86,23 +86,23 @@ class Field:
         else:
             text = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
                     "floats": "a list of numbers", "amp": "true, false or auto",
-                    "pretrained": "true, false or a file path", "count": "an integer >= 0 or all"}[self.kind]
+                    "pretrained": "true, false or a file path"}[self.kind]
             if self.domain:
                 text += (" in " if self.domain[0] in "[(" else " ") + self.domain
+        if self.words:
+            text = ", ".join(self.words) + " or " + text
         return text + (" or null" if self.nullable else "")
 
     def check(self, value):
         """``value`` as read from YAML, checked (ints are accepted for floats); ValueError if it does not fit."""
-        if value is None and self.nullable:
-            return None
+        if (value is None and self.nullable) or value in self.words:
+            return value
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = {"int": isinstance(value, int) and not isinstance(value, bool), "float": number,
               "str": isinstance(value, str), "bool": isinstance(value, bool),
               "floats": isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                          for v in value),
-              "amp": isinstance(value, bool) or value == "auto", "pretrained": isinstance(value, (bool, str)),
-              "count": value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0),
-              }[self.kind]
+              "amp": isinstance(value, bool) or value == "auto", "pretrained": isinstance(value, (bool, str))}[self.kind]
         numbers = value if self.kind == "floats" else [value] if self.kind in ("int", "float") else []
         if not ok or (self.choices and value not in self.choices) or not all(_within(v, self.domain) for v in numbers):
             raise ValueError(self.expected())
@@ -114,9 +114,11 @@ class Field:
         """A flag's text as a value of this key (argparse type); for 'floats', one element."""
         if self.nullable and text.lower() in ("none", "null"):
             return None
+        if text in self.words:
+            return text
         try:
-            value = {"int": int, "float": float, "str": str, "floats": float, "amp": _amp, "pretrained": _pretrained,
-                     "count": lambda t: t if t == "all" else int(t)}[self.kind](text)
+            value = {"int": int, "float": float, "str": str, "floats": float, "amp": _amp,
+                     "pretrained": _pretrained}[self.kind](text)
             return self.check([value])[0] if self.kind == "floats" else self.check(value)
         except ValueError:
             expected = "numbers" + self.expected().removeprefix("a list of numbers") if self.kind == "floats" \
@@ -169,9 +171,10 @@ FIELDS = {
     "attn_impl": Field("model", "fused", "str", "attention implementation", choices=("fused", "naive")),
     "area_thr": Field("model", 0.25, "float", "area prior of the batch area loss (the paper's lambda)",
                       domain="(0, 1)"),
-    "area_loss_scope": Field("model", "global", "str", "images the batch area loss averages over: global = one "
-                             "micro-batch of every process, process = each process's own micro-batch",
-                             choices=("global", "process")),
+    "area_loss_scope": Field("model", "global", "int", "images the batch area loss averages over: global = one "
+                             "micro-batch of every process; process = each process's own micro-batch; N = groups of "
+                             "N images of the processes' micro-batches in rank order, one term per group, averaged",
+                             domain=">= 1", words=("global", "process")),
     # optimisation
     "epochs": Field("optimisation", 30, "int", "training epochs", domain=">= 1"),
     "batch_size": Field("optimisation", 256, "int", "GLOBAL batch of one optimizer step: each process loads "
@@ -241,8 +244,9 @@ FIELDS = {
     "report_best_threshold": Field("test", False, "bool", "results.json also gets a 'best_threshold' section: the "
                                    "test metrics at the best of eval_thresholds, chosen on the test split itself "
                                    "(one more test pass)"),
-    "overlays": Field("test", 0, "count", "draw the overlays (map, boxes) of the first N images in dataset order "
-                      "into <output_dir>/overlays/; 0: none, all: every image", scripts=BOTH),
+    "overlays": Field("test", 0, "int", "draw the overlays (map, boxes) of the first N images in dataset order "
+                      "into <output_dir>/overlays/; 0: none, all: every image", domain=">= 0", words=("all",),
+                      scripts=BOTH),
     # run
     "output_dir": Field("run", "output/run", "str", "folder of the outputs: checkpoints, logs, metrics, results "
                         "(the evaluators: output/eval)", scripts=BOTH, evaluator_default="output/eval"),
@@ -285,7 +289,7 @@ FIELDS = {
                            "numbers, scales with cores (null: on a GPU machine half of this process's share of the "
                            "CPUs, at most 8; else 0)", domain=">= 0", nullable=True),
 }
-METAVARS = {"save_maps": "DIR", "maps": "DIR", "save_boxes": "FILE", "checkpoint": "FILE", "overlays": "N|all",
+METAVARS = {"area_loss_scope": "{global,process,N}", "save_maps": "DIR", "maps": "DIR", "save_boxes": "FILE", "checkpoint": "FILE", "overlays": "N|all",
             "threshold": "T", "thresholds": "T", "wsol_threshold": "T", "eval_thresholds": "T"}
 # Keys and flags of earlier versions: (new key, what its value is now, why).
 RENAMED = {

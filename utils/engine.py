@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from DataLoader.dataset import size_difference_warning, size_differences
 from DataLoader.device_transforms import on_device, to_device
 from DataLoader.eval_loader import ShardSampler
 from DataLoader.eval_views import TENCROP_CENTRE, views_of
@@ -404,6 +405,7 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     scorer = BatchScorer(views, evaluated, wsol_threshold if protocol == "wsol" else threshold, save_maps,
                          overlay_dir, class_names)
     total, rows, pending_overlays = Counters(protocol, evaluated, views.img_size), [], []
+    size_mismatches = 0  # images whose file is not the size their annotation states
     autocast = autocast_settings(device, amp)[0]
     rank = dist.get_rank() if distributed else 0
     box_processes = default_box_processes(device) if box_processes is None else box_processes
@@ -416,8 +418,10 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
 
             def score(batch, outputs, crops):
                 """The CPU side of a batch, once the next batch's forward is queued on the device."""
+                nonlocal size_mismatches
                 out = outputs.numpy()
                 check_finite(out, batch["image_id"])
+                size_mismatches += size_differences(batch)
                 if wsol_overlays and wsol_threshold is None:  # drawn once maxboxacc's threshold is known
                     scores, loc_maps = out["wsol"]
                     pending_overlays.extend((batch["image_id"][k], crop, loc_maps[k], batch["boxes"][k],
@@ -453,6 +457,9 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
         model.train(was_training)
     if distributed:
         total.reduce(_sum_over_processes(device))
+        size_mismatches = int(_sum_over_processes(device)(size_mismatches))
+    if size_mismatches and rank == 0:
+        _logger.warning(size_difference_warning(size_mismatches))
     metrics = total.metrics(protocol, threshold, thresholds, wsol_threshold)
     curves = total.curves()
     if curves:

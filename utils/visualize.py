@@ -55,32 +55,89 @@ def save_rgb(path, image: np.ndarray) -> Path:
 SERIES_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]  # RGB
 
 
+def line_panel(title, series, x_range, y_range, size=(480, 360)):
+    """One line plot drawn with OpenCV, as an RGB uint8 image: ``series`` = {name: (x values, y values)}."""
+    (x0, x1), (y0, y1), (width, height) = x_range, y_range, size
+    left, right, top, bottom = 48, 12, 28, 36
+    image = np.full((height, width, 3), 255, np.uint8)
+
+    def point(x, y):
+        return (int(left + (x - x0) / (x1 - x0) * (width - left - right)),
+                int(height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)))
+    cv2.rectangle(image, point(x0, y0), point(x1, y1), (0, 0, 0), 1)
+    for k in range(6):
+        fraction = k / 5
+        x, y = x0 + fraction * (x1 - x0), y0 + fraction * (y1 - y0)
+        cv2.putText(image, f"{x:g}", (point(x, y0)[0] - 8, height - bottom + 16), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.35, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(image, f"{y:g}", (4, point(x0, y)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    for k, (name, (xs, ys)) in enumerate(series.items()):
+        color = SERIES_COLORS[k % len(SERIES_COLORS)]
+        line = np.array([point(x, y) for x, y in zip(xs, ys)], np.int32)
+        if len(line):
+            cv2.polylines(image, [line], False, color, 2, cv2.LINE_AA)
+        cv2.putText(image, name, (left + 8, top + 16 + 14 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, color, 1,
+                    cv2.LINE_AA)
+    cv2.putText(image, title, (left, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return image
+
+
+def bar_panel(title, labels, series, y_range, size=(480, 360)):
+    """Grouped bars drawn with OpenCV, as an RGB uint8 image: one group per label (written upright below
+    its group), one bar per series (``series`` = {name: one value per label}); bars 6 to 24 pixels wide,
+    the panel wider than ``size`` when the groups need it."""
+    (y0, y1), height = y_range, size[1]
+    left, right, top, gap = 48, 12, 28, 4
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.35
+    names = [str(label)[:28] for label in labels]
+    bottom = 8 + max([cv2.getTextSize(name, font, scale, 1)[0][0] for name in names] + [0])
+    bar_width = int(np.clip((size[0] - left - right) // max(1, len(names)) // max(1, len(series)), 6, 24))
+    group = len(series) * bar_width + gap
+    width = max(size[0], left + right + len(names) * group)
+    image = np.full((height + bottom, width, 3), 255, np.uint8)
+    base = height - 8
+
+    def level(y):
+        return int(base - (min(max(y, y0), y1) - y0) / (y1 - y0) * (base - top))
+    cv2.rectangle(image, (left, level(y1)), (width - right, base), (0, 0, 0), 1)
+    for k in range(6):
+        y = y0 + k / 5 * (y1 - y0)
+        cv2.putText(image, f"{y:g}", (4, level(y) + 4), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    for g, name in enumerate(names):
+        x = left + gap + g * group
+        for k, values in enumerate(series.values()):
+            if values[g] is not None:
+                cv2.rectangle(image, (x + k * bar_width, level(values[g])), (x + (k + 1) * bar_width - 1, base),
+                              SERIES_COLORS[k % len(SERIES_COLORS)], -1)
+        text_width = cv2.getTextSize(name, font, scale, 1)[0][0]
+        strip = np.full((12, text_width + 2, 3), 255, np.uint8)
+        cv2.putText(strip, name, (1, 9), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+        strip = cv2.rotate(strip, cv2.ROTATE_90_CLOCKWISE)  # reads top to bottom
+        column = x + max(0, (group - gap - strip.shape[1]) // 2)
+        image[base + 4:base + 4 + strip.shape[0], column:column + strip.shape[1]] = strip[:, :width - column]
+    for k, name in enumerate(series):
+        cv2.putText(image, name, (left + 8, top + 16 + 14 * k), font, 0.4, SERIES_COLORS[k % len(SERIES_COLORS)],
+                    1, cv2.LINE_AA)
+    cv2.putText(image, title, (left, 18), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return image
+
+
+def stack_panels(rows):
+    """Panels side by side in each row, rows top to bottom (narrower rows padded white), as one image."""
+    lines = []
+    for row in rows:
+        height = max(panel.shape[0] for panel in row)
+        lines.append(np.concatenate([np.pad(panel, ((0, height - panel.shape[0]), (0, 0), (0, 0)),
+                                            constant_values=255) for panel in row], axis=1))
+    width = max(line.shape[1] for line in lines)
+    return np.concatenate([np.pad(line, ((0, 0), (0, width - line.shape[1]), (0, 0)), constant_values=255)
+                           for line in lines], axis=0)
+
+
 def plot_curves(path, panels, panel_size=(480, 360)):
     """Line plots side by side, drawn with OpenCV: ``panels`` = [(title, x values, {name: y values},
     (x_min, x_max), (y_min, y_max))]. Writes a PNG and returns its path."""
-    width, height = panel_size
-    left, right, top, bottom = 48, 12, 28, 36
-    images = []
-    for title, xs, series, (x0, x1), (y0, y1) in panels:
-        image = np.full((height, width, 3), 255, np.uint8)
-        def point(x, y):
-            return (int(left + (x - x0) / (x1 - x0) * (width - left - right)),
-                    int(height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)))
-        cv2.rectangle(image, point(x0, y0), point(x1, y1), (0, 0, 0), 1)
-        for k in range(6):
-            fraction = k / 5
-            x, y = x0 + fraction * (x1 - x0), y0 + fraction * (y1 - y0)
-            cv2.putText(image, f"{x:g}", (point(x, y0)[0] - 8, height - bottom + 16), cv2.FONT_HERSHEY_SIMPLEX,
-                        0.35, (0, 0, 0), 1, cv2.LINE_AA)
-            cv2.putText(image, f"{y:g}", (4, point(x0, y)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1,
-                        cv2.LINE_AA)
-        for k, (name, ys) in enumerate(series.items()):
-            color = SERIES_COLORS[k % len(SERIES_COLORS)]
-            line = np.array([point(x, y) for x, y in zip(xs, ys)], np.int32)
-            if len(line):
-                cv2.polylines(image, [line], False, color, 2, cv2.LINE_AA)
-            cv2.putText(image, name, (left + 8, top + 16 + 14 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, color, 1,
-                        cv2.LINE_AA)
-        cv2.putText(image, title, (left, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-        images.append(image)
-    return save_rgb(path, np.concatenate(images, axis=1))
+    return save_rgb(path, stack_panels([[line_panel(title, {name: (xs, ys) for name, ys in series.items()},
+                                                    x_range, y_range, panel_size)
+                                         for title, xs, series, x_range, y_range in panels]]))

@@ -1,0 +1,120 @@
+"""tools/compare.py on two small hand-written evaluator output folders (counts checked by hand)."""
+import csv
+import json
+
+import cv2
+import pytest
+
+from tools.compare import main as compare_main, metric_rows
+from utils.errors import run_cli
+
+# per_image.csv of the two runs: image_id, label, gt_known, top1_loc, iou
+ROWS_A = [("a", 0, 1, 1, 0.8), ("b", 0, 1, 0, 0.6), ("c", 0, 0, 0, 0.2), ("d", 1, 1, 1, 0.7), ("e", 1, 0, 0, 0.1)]
+ROWS_B = [("b", 0, 0, 0, 0.3), ("c", 0, 1, 1, 0.6), ("d", 1, 1, 0, 0.65), ("e", 1, 0, 0, 0.2), ("f", 1, 1, 1, 0.9)]
+METRICS_A = {"checkpoint": "sat.pth", "split": "test", "eval_protocol": "sat", "num_classes": 2, "img_size": 224,
+             "tencrop": True, "num_images": 5, "top1_cls": 80.0, "threshold": 0.4, "gt_known_loc": 60.0,
+             "top1_loc": 40.0, "thresholds": [0.4, 0.2], "gt_known_loc_per_threshold": [60.0, 20.0],
+             "top1_loc_per_threshold": [40.0, 20.0],
+             "per_class": {"cat": {"num_images": 3, "top1_cls": 100.0, "top1_loc": 33.3, "gt_known_loc": 66.7},
+                           "dog": {"num_images": 2, "top1_cls": 50.0, "top1_loc": 50.0, "gt_known_loc": 50.0}}}
+METRICS_B = {"split": "test", "eval_protocol": "both", "num_images": 5, "top1_cls": 60.0, "threshold": 0.4,
+             "gt_known_loc": 60.0, "top1_loc": 40.0, "maxboxacc": 70.0, "maxboxacc_threshold": 0.35,
+             "maxboxaccv2_per_iou": {"30": 90.0, "50": 70.0, "70": 20.0},
+             "per_class": {"dog": {"num_images": 3, "top1_cls": 66.7, "top1_loc": 66.7, "gt_known_loc": 66.7},
+                           "bird": {"num_images": 2, "top1_cls": 50.0, "top1_loc": 0.0, "gt_known_loc": 50.0}}}
+CURVES_B = {"box_accuracy": {"cam_thresholds": [0.0, 0.5], "boxacc": [10.0, 70.0],
+                             "boxaccv2_per_iou": {"30": [20.0, 90.0], "50": [10.0, 70.0], "70": [0.0, 20.0]}}}
+
+
+def write_run(folder, metrics, rows=None, curves=None):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    if rows is not None:
+        lines = ["image_id,label,top5,gt_known,top1_loc,iou"]
+        lines += [f"{image_id},{label},{label} {1 - label},{gt},{top1},{iou!r}"
+                  for image_id, label, gt, top1, iou in rows]
+        (folder / "per_image.csv").write_text("\n".join(lines) + "\n")
+    if curves is not None:
+        (folder / "wsol_curves.json").write_text(json.dumps(curves))
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path):
+    return (write_run(tmp_path / "sat", METRICS_A, ROWS_A),
+            write_run(tmp_path / "other", METRICS_B, ROWS_B, CURVES_B))
+
+
+def test_table_lists_every_metric_of_every_run(runs, tmp_path, capsys):
+    record = compare_main([*map(str, runs), "--output-dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    table = record["metrics"]
+    assert list(table) == ["num_images", "top1_cls", "threshold", "gt_known_loc", "gt_known_loc@0.2",
+                           "gt_known_loc@0.4", "top1_loc", "top1_loc@0.2", "top1_loc@0.4", "maxboxacc",
+                           "maxboxacc_threshold", "maxboxaccv2_per_iou.30", "maxboxaccv2_per_iou.50",
+                           "maxboxaccv2_per_iou.70"]
+    assert table["gt_known_loc@0.2"] == {"sat": 20.0, "other": None}
+    assert table["maxboxaccv2_per_iou.70"] == {"sat": None, "other": 20.0}
+    assert table["top1_cls"] == {"sat": 80.0, "other": 60.0}
+    lines = out.splitlines()
+    assert any(line.split() == ["metric", "sat", "other"] for line in lines)
+    assert any(line.split() == ["gt_known_loc@0.2", "20.00", "-"] for line in lines)
+    assert any(line.split() == ["maxboxacc_threshold", "-", "0.35"] for line in lines)
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["metrics"] == table
+    assert record["per_class_gt_known_loc"] == {"cat": {"sat": 66.7, "other": None},
+                                                "dog": {"sat": 50.0, "other": 66.7},
+                                                "bird": {"sat": None, "other": 50.0}}
+
+
+def test_per_image_wins_and_losses_on_the_shared_images(runs, tmp_path, capsys):
+    record = compare_main([*map(str, runs), "--output-dir", str(tmp_path / "out")])
+    counts = record["per_image"]["sat vs other"]
+    # shared: b, c, d, e; a only in sat, f only in other
+    assert (counts["shared"], counts["only_in_a"], counts["only_in_b"]) == (4, 1, 1)
+    assert counts["gt_known"] == {"a_only": 1, "b_only": 1, "both": 1, "neither": 1}  # b / c / d / e
+    assert counts["top1_loc"] == {"a_only": 1, "b_only": 1, "both": 0, "neither": 2}  # d / c / - / b, e
+    out = capsys.readouterr().out
+    assert "per image on the 4 images both evaluated (1 images only in sat and 1 only in other left out)" in out
+    assert "gt_known: sat right and other wrong 1, other right and sat wrong 1 (both right 1, both wrong 1)" in out
+    with open(counts["differing"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["image_id"] for row in rows] == ["b", "c", "d"]
+    assert rows[0] == {"image_id": "b", "label": "0", "gt_known_sat": "1", "gt_known_other": "0", "top1_loc_sat": "0",
+                       "top1_loc_other": "0", "iou_sat": "0.6", "iou_other": "0.3"}
+
+
+def test_figure_has_the_curves_and_the_per_class_bars(runs, tmp_path):
+    compare_main([*map(str, runs), "--output-dir", str(tmp_path / "out")])
+    image = cv2.imread(str(tmp_path / "out" / "compare.png"))
+    # first row: GT-known per map threshold (sat) and wsol box accuracy (other), 480x360 each; second: bars
+    assert image.shape[1] == 960 and image.shape[0] > 2 * 360
+    assert (image[:360, :480] != 255).any(axis=2).sum() > 1000 and (image[360:] != 255).any(axis=2).sum() > 1000
+
+
+def test_runs_without_per_image_rows_or_curves_still_compare(tmp_path, capsys):
+    first = write_run(tmp_path / "x", {"num_images": 3, "maxboxacc": 50.0})
+    second = write_run(tmp_path / "y", {"num_images": 4, "maxboxacc": 25.0})
+    record = compare_main([str(first), str(second), "--output-dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert record["per_image"] == {} and "x vs y: no per-image comparison (x and y: no per_image.csv)" in out
+    assert "the runs evaluated different numbers of images (x 3, y 4)" in out
+    assert not (tmp_path / "out" / "compare.png").exists()
+
+
+def test_folder_without_metrics_is_one_error_line(tmp_path, runs, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(compare_main, [str(runs[0]), str(tmp_path / "empty"), "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'empty'}: no metrics.json (expected an evaluator "
+                                       "output folder)\n")
+    (tmp_path / "empty" / "metrics.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        run_cli(compare_main, [str(runs[0]), str(tmp_path / "empty")])
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'empty' / 'metrics.json'}: not valid JSON (")
+
+
+def test_metric_rows_flatten_nested_results_and_skip_settings():
+    rows = metric_rows({"img_size": 224, "tencrop": True, "views": ["centre"], "at_best_threshold": {"iou50": 1.5},
+                        "thresholds": [0.5, 0.1], "top1_loc_per_threshold": [3.0, 4.0], "pxap": 7.25})
+    assert rows == [("at_best_threshold.iou50", 1.5), ("top1_loc@0.1", 4.0), ("top1_loc@0.5", 3.0), ("pxap", 7.25)]

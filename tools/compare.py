@@ -1,0 +1,280 @@
+"""Compare evaluation runs: the folders the evaluator writes (metrics.json, per_image.csv, wsol_curves.json).
+
+Prints one table of every metric of every run ('-' where a run lacks it) and writes to ``--output-dir``:
+``compare.json`` (the table, per-class GT-known Loc, per-image counts), ``compare.png`` (GT-known Loc per
+map threshold, wsol box accuracy per CAM threshold, the PxAP curve, GT-known Loc per class, as far as the
+runs hold them) and, for the first run against each other one, ``per_image_<A>_vs_<B>.csv``: the images
+both evaluated on which they differ in GT-known or Top-1 Loc. Runs that evaluated different images are
+compared per image on the images they share.
+
+    python tools/compare.py output/eval_sat output/eval_other --output-dir output/compare
+"""
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.errors import ConfigError, DataError, run_cli  # noqa: E402
+from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noqa: E402
+
+# metrics.json keys not in the table: settings of the model and inputs, the threshold lists (their results
+# are the <metric>@<threshold> rows) and per_class (a table of its own)
+NOT_TABULATED = ("num_classes", "img_size", "resize_size", "search_thresholds", "thresholds", "per_class")
+PER_THRESHOLD = "_per_threshold"
+PER_IMAGE_FLAGS = ("gt_known", "top1_loc")
+MAX_CLASSES_DRAWN = 40
+
+
+class Run:
+    """One evaluator output folder: its metrics, and its per-image rows and wsol curves when written."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise DataError(f"{self.folder}: not found (expected an evaluator output folder with metrics.json)")
+        self.metrics = _read_json(self.folder / "metrics.json", "an evaluator output folder")
+        curves = self.folder / "wsol_curves.json"
+        self.curves = _read_json(curves, "the evaluator's wsol curves") if curves.is_file() else {}
+        per_image = self.folder / "per_image.csv"
+        self.rows = read_per_image(per_image) if per_image.is_file() else None
+
+
+def _read_json(path, what):
+    if not path.is_file():
+        raise DataError(f"{path.parent}: no {path.name} (expected {what})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_per_image(path):
+    """{image_id: row} of a per_image.csv, with the GT-known and Top-1 Loc flags as booleans."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("image_id",) + PER_IMAGE_FLAGS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+        rows = {}
+        for lineno, row in enumerate(reader, start=2):
+            for flag in PER_IMAGE_FLAGS:
+                if row[flag] not in ("0", "1"):
+                    raise DataError(f"{path} line {lineno}: {flag} must be 0 or 1, got {row[flag]!r}")
+                row[flag] = row[flag] == "1"
+            rows[row["image_id"]] = row
+    return rows
+
+
+def metric_rows(metrics, prefix=""):
+    """(name, value) of every numeric result in a metrics.json record: nested keys joined with '.', and
+    each ``<metric>_per_threshold`` list as ``<metric>@<threshold>`` rows by rising threshold."""
+    out = []
+    for key, value in metrics.items():
+        if key in NOT_TABULATED and not prefix:
+            continue
+        if isinstance(value, dict):
+            out += metric_rows(value, f"{prefix}{key}.")
+        elif key.endswith(PER_THRESHOLD) and isinstance(value, list) and not prefix:
+            base = key[:-len(PER_THRESHOLD)]
+            out += [(f"{base}@{t:g}", v) for t, v in sorted(zip(metrics.get("thresholds", []), value))]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((prefix + key, value))
+    return out
+
+
+def metric_table(runs):
+    """{metric: {run name: value or None}}, metrics in the order they first appear, the ``<metric>@<t>`` rows
+    of all runs together by rising threshold."""
+    table, groups = {}, {}
+    for name, run in runs.items():
+        for metric, value in metric_rows(run.metrics):
+            table.setdefault(metric, {})[name] = value
+            groups.setdefault(metric.split("@")[0], len(groups))
+
+    def order(metric):
+        base, _, threshold = metric.partition("@")
+        return groups[base], float(threshold or 0)
+    return {metric: {name: table[metric].get(name) for name in runs} for metric in sorted(table, key=order)}
+
+
+def _cell(metric, value):
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    if "threshold" in metric.rsplit(".", 1)[-1]:
+        return f"{value:g}"
+    return f"{value:.2f}"
+
+
+def format_table(table, names):
+    width = max([len("metric")] + [len(metric) for metric in table])
+    columns = [max(9, len(name)) for name in names]
+    lines = [f"{'metric':<{width}}" + "".join(f"  {name:>{w}}" for name, w in zip(names, columns))]
+    lines += [f"{metric:<{width}}" + "".join(f"  {_cell(metric, values[name]):>{w}}" for name, w in zip(names, columns))
+              for metric, values in table.items()]
+    return "\n".join(lines)
+
+
+def per_image_comparison(a, b):
+    """Counts of images both runs evaluated where one is right and the other wrong, per flag, how many
+    images each run alone holds, and the shared images on which the runs differ."""
+    shared = [image_id for image_id in a if image_id in b]
+    counts = {flag: {"a_only": sum(a[i][flag] and not b[i][flag] for i in shared),
+                     "b_only": sum(b[i][flag] and not a[i][flag] for i in shared),
+                     "both": sum(a[i][flag] and b[i][flag] for i in shared),
+                     "neither": sum(not a[i][flag] and not b[i][flag] for i in shared)} for flag in PER_IMAGE_FLAGS}
+    differing = [i for i in shared if any(a[i][flag] != b[i][flag] for flag in PER_IMAGE_FLAGS)]
+    return {"shared": len(shared), "only_in_a": len(a) - len(shared), "only_in_b": len(b) - len(shared),
+            **counts}, differing
+
+
+def write_differing(path, a, b, names, differing):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "label"] + [f"{flag}_{name}" for flag in PER_IMAGE_FLAGS for name in names]
+                        + [f"iou_{name}" for name in names])
+        for image_id in differing:
+            writer.writerow([image_id, a[image_id].get("label", "")]
+                            + [int(rows[image_id][flag]) for flag in PER_IMAGE_FLAGS for rows in (a, b)]
+                            + [rows[image_id].get("iou", "") for rows in (a, b)])
+
+
+def per_class_table(runs):
+    """{class: {run name: GT-known Loc or None}} over the classes of every run holding per_class."""
+    table = {}
+    for name, run in runs.items():
+        for cls, values in (run.metrics.get("per_class") or {}).items():
+            table.setdefault(cls, {})[name] = values.get("gt_known_loc")
+    return {cls: {name: values.get(name) for name in runs} for cls, values in table.items()}
+
+
+def figure_panels(runs, per_class):
+    """The panels of compare.png: curves first, then the per-class bars (rows of panels)."""
+    curves = []
+    sat = {name: sorted(zip(run.metrics["thresholds"], run.metrics["gt_known_loc_per_threshold"]))
+           for name, run in runs.items() if len(run.metrics.get("gt_known_loc_per_threshold", [])) > 1}
+    if sat:
+        curves.append(line_panel("GT-known Loc (%) vs map threshold",
+                                 {name: tuple(zip(*points)) for name, points in sat.items()},
+                                 (0, 1), (0, 100)))
+    boxes = {name: (run.curves["box_accuracy"]["cam_thresholds"], run.curves["box_accuracy"]["boxacc"])
+             for name, run in runs.items() if "box_accuracy" in run.curves}
+    if boxes:
+        curves.append(line_panel("wsol: box accuracy (%, largest box, IoU 50) vs CAM threshold", boxes, (0, 1),
+                                 (0, 100)))
+    pr = {}
+    for name, run in runs.items():
+        if "pxap" in run.curves:
+            points = [(r, p) for r, p in zip(run.curves["pxap"]["recall"], run.curves["pxap"]["precision"])
+                      if p is not None]
+            pr[name] = tuple(zip(*points)) if points else ((), ())
+    if pr:
+        curves.append(line_panel("wsol: PxAP precision vs recall", pr, (0, 1), (0, 1)))
+    rows = [curves] if curves else []
+    if per_class:
+        names = list(runs)
+        classes = list(per_class)
+        title = "GT-known Loc (%) per class"
+        if len(classes) > MAX_CLASSES_DRAWN:
+            def spread(cls):
+                values = [v for v in per_class[cls].values() if v is not None]
+                return max(values) - min(values) if values else 0.0
+            keep = set(sorted(classes, key=spread, reverse=True)[:MAX_CLASSES_DRAWN])
+            classes = [cls for cls in classes if cls in keep]
+            title += f": the {MAX_CLASSES_DRAWN} of {len(per_class)} classes where the runs differ most"
+        rows.append([bar_panel(title, classes, {name: [per_class[cls][name] for cls in classes] for name in names},
+                               (0, 100))])
+    return rows
+
+
+def run_names(folders, names):
+    """The runs' names: --names, else the folders' names (their paths where two share a name)."""
+    if names is not None:
+        if len(names) != len(folders):
+            raise ConfigError(f"--names: {len(names)} names for {len(folders)} runs")
+    else:
+        names = [Path(f).name or str(f) for f in folders]
+        if len(set(names)) < len(names):
+            names = [str(f) for f in folders]
+    if len(set(names)) < len(names):
+        raise ConfigError("the runs need distinct names: give --names")
+    return names
+
+
+def _file_part(name):
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
+
+
+def _json_value(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="evaluator output folders (the first is the baseline "
+                                                                "of the per-image comparison)")
+    parser.add_argument("--names", nargs="+", help="the runs' names in the table (default: the folders' names)")
+    parser.add_argument("--output-dir", default="output/compare", help="default: output/compare")
+    args = parser.parse_args(argv)
+
+    names = run_names(args.runs, args.names)
+    runs = {name: Run(folder) for name, folder in zip(names, args.runs)}
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name, run in runs.items():
+        meta = [f"{key} {run.metrics[key]}" for key in ("checkpoint", "split", "eval_protocol") if key in run.metrics]
+        print(f"{name}: {run.folder}" + (f" ({', '.join(meta)})" if meta else ""))
+    table = metric_table(runs)
+    print("\n" + format_table(table, names))
+    counted = {name: run.metrics.get("num_images") for name, run in runs.items()}
+    if len(set(counted.values())) > 1:
+        print("the runs evaluated different numbers of images (" + ", ".join(f"{n} {c}" for n, c in counted.items())
+              + "): their metrics are over different image sets")
+
+    comparisons = {}
+    first, *others = names
+    for other in others:
+        a, b = runs[first].rows, runs[other].rows
+        if a is None or b is None:
+            lacking = " and ".join(name for name, rows in ((first, a), (other, b)) if rows is None)
+            print(f"\n{first} vs {other}: no per-image comparison ({lacking}: no per_image.csv)")
+            continue
+        counts, differing = per_image_comparison(a, b)
+        path = output_dir / f"per_image_{_file_part(first)}_vs_{_file_part(other)}.csv"
+        write_differing(path, a, b, (first, other), differing)
+        comparisons[f"{first} vs {other}"] = {**counts, "differing": str(path)}
+        left_out = (f" ({counts['only_in_a']} images only in {first} and {counts['only_in_b']} only in {other} "
+                    "left out)" if counts["only_in_a"] or counts["only_in_b"] else "")
+        print(f"\n{first} vs {other}, per image on the {counts['shared']} images both evaluated{left_out}:")
+        for flag in PER_IMAGE_FLAGS:
+            c = counts[flag]
+            print(f"  {flag}: {first} right and {other} wrong {c['a_only']}, {other} right and {first} wrong "
+                  f"{c['b_only']} (both right {c['both']}, both wrong {c['neither']})")
+        print(f"  the {len(differing)} differing images: {path}")
+
+    per_class = per_class_table(runs)
+    record = {"runs": {name: str(run.folder) for name, run in runs.items()},
+              "metrics": {metric: {name: _json_value(value) for name, value in values.items()}
+                          for metric, values in table.items()},
+              "per_class_gt_known_loc": per_class, "per_image": comparisons}
+    (output_dir / "compare.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    rows = figure_panels(runs, per_class)
+    if rows:
+        save_rgb(output_dir / "compare.png", stack_panels(rows))
+    figure = f" and {output_dir / 'compare.png'}" if rows else ""
+    print(f"\ncomparison written to {output_dir / 'compare.json'}{figure}")
+    return record
+
+
+if __name__ == "__main__":
+    run_cli(main)
