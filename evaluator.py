@@ -1,6 +1,6 @@
 """Evaluate a SAT checkpoint on CUB-200-2011 (official defaults: threshold 0.4, ten-crop classification),
-wsolevaluation metadata (--format wsol), another dataset format or a custom folder dataset; without --data-root
-on the demo data. evaluator_ImageNet.py runs the same job on ILSVRC2012 with ImageNet's defaults.
+wsolevaluation metadata (--data-format wsol), another dataset format or a custom folder dataset; without
+--data-root on the demo data. evaluator_ImageNet.py runs the same job on ILSVRC2012 with ImageNet's defaults.
 
     python evaluator.py --data-root data/CUB_200_2011 --checkpoint best.pth --eval-protocol both
 
@@ -8,23 +8,19 @@ The job: flags (and --config) -> the model from its checkpoint -> the evaluation
 -> forward -> boxes -> metrics, utils/engine.py) -> tables, metrics.json, per_image.csv and the other files
 (docs/evaluation.md).
 """
-import argparse
 import csv
 import dataclasses
-import difflib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
-from DataLoader import FORMATS
 from DataLoader.eval_loader import build_eval_loader, resolve_data
-from DataLoader.eval_views import PROTOCOLS, views_of
-from utils import config as train_config
+from DataLoader.eval_views import views_of
 from utils.amp import describe
 from utils.checkpoint import build_model_from_checkpoint
 from utils.distributed import cleanup, init_distributed
+from utils.config import parse_config
 from utils.engine import NonFiniteOutputError, evaluate
 from utils.errors import CheckpointError, ConfigError, DataError, run_cli
 from utils.logger import close_logging, setup_logging
@@ -33,169 +29,12 @@ from utils.visualize import plot_curves
 
 _logger = logging.getLogger("sat")
 
-# The official evaluator.py / evaluator_ImageNet.py: threshold 0.4 with ten-crop classification on CUB, 0.3
-# with the centre crop on ImageNet.
-SCRIPTS = {
-    False: {"description": "Evaluate a SAT checkpoint on CUB-200-2011 (default), wsolevaluation metadata "
-                           "(--format wsol), another dataset format or a custom folder dataset; without "
-                           "--data-root on the demo data.",
-            "threshold": 0.4, "tencrop": True},
-    True: {"description": "Evaluate a SAT checkpoint on the ILSVRC2012 validation set.",
-           "threshold": 0.3, "tencrop": False},
-}
-# Keys of a training config file (utils/config.py) that mean an evaluator flag under another name.
-TRAINING_KEYS = {"data_format": "format", "eval_batch_size": "batch_size"}
-# Evaluator flags a training config file also has, with another meaning there (global training batch,
-# training precision, the run folder): ignored when they come from a config file.
-NOT_FROM_CONFIG = ("batch_size", "amp", "output_dir")
-
-
-def cam_threshold(text):
-    """argparse type of a CAM threshold: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"a CAM threshold must lie in [0, 1], got {text}")
-    return value
-
-
-class _ConfigParser(argparse.ArgumentParser):
-    """Parses the flags a config file stands for; errors name the file."""
-
-    def __init__(self, source, **kwargs):
-        super().__init__(**kwargs)
-        self.source = source
-
-    def error(self, message):
-        raise ConfigError(f"config file {self.source}: {message}")
-
-
-def build_parser(imagenet, parser_class=argparse.ArgumentParser, **kwargs):
-    spec = SCRIPTS[imagenet]
-    p = parser_class(description=spec["description"], allow_abbrev=False, **kwargs)
-    if not imagenet:
-        p.add_argument("--data-root", help="dataset root (default: the built-in demo data, generated if missing)")
-        p.add_argument("--format", default="cub", choices=FORMATS,
-                       help="cub: CUB-200-2011 release; wsol: wsolevaluation metadata (needs --metadata-root), "
-                            "images under --data-root; folder: <split>/<class>/<image>; dogs, cars, aircraft: "
-                            "the Stanford Dogs, Stanford Cars, FGVC-Aircraft releases; imagenet: use "
-                            "evaluator_ImageNet.py (default: cub)")
-        p.add_argument("--metadata-root", help="wsolevaluation metadata folder holding <split>/image_ids.txt ...")
-        p.add_argument("--split", default="test", choices=("test", "val"),
-                       help="test, or val (wsolevaluation train-fullsup) (default: test)")
-        p.add_argument("--val-boxes", help="boxes CSV of the folder format (default: <data-root>/boxes.csv)")
-    else:
-        p.add_argument("--data-root", help="ILSVRC2012 folder with val/ (and train/<wnid>/ for the class list)")
-        p.add_argument("--val-boxes", help="val boxes: XML folder, LOC_val_solution.csv or val_gt.txt "
-                                           "(default: looked for under --data-root)")
-    p.add_argument("--checkpoint", help="checkpoint of this project or an official SAT release file (required)")
-    p.add_argument("--config", help="YAML file: evaluator flag names with underscores, or the training config "
-                                    "(its evaluation and data keys are used, the rest ignored)")
-    p.add_argument("--arch", help="architecture (default: recorded in the file, or read off its weights' shapes)")
-    p.add_argument("--num-classes", type=int, help="classes (default: read off the head's shape)")
-    p.add_argument("--eval-protocol", default="auto", choices=PROTOCOLS + ("auto",),
-                   help="sat: official SAT (Top-1/Top-5/GT-known Loc); wsol: wsolevaluation (MaxBoxAcc, "
-                        "MaxBoxAccV2, PxAP); both; cls: classification only; auto: sat with boxes, wsol with "
-                        "masks only, cls with neither (default: auto)")
-    p.add_argument("--threshold", type=cam_threshold, default=spec["threshold"], metavar="T",
-                   help=f"official-protocol CAM threshold of the reported metrics (default: {spec['threshold']}, "
-                        "the official evaluator's)")
-    p.add_argument("--thresholds", type=cam_threshold, nargs="+", default=[], metavar="T",
-                   help="official-protocol thresholds to search on the evaluated split: the best one (GT-known + "
-                        "Top-1 Loc) is reported separately under best_threshold, never as the headline number")
-    p.add_argument("--wsol-threshold", type=cam_threshold, metavar="T",
-                   help="wsolevaluation: also report box accuracy at this CAM threshold (e.g. maxboxacc_threshold "
-                        "chosen on --split val), and draw overlays at it (default: at maxboxacc's threshold)")
-    p.add_argument("--tencrop", action=argparse.BooleanOptionalAction, default=spec["tencrop"],
-                   help=f"ten-crop classification, official protocol (default: {'on' if spec['tencrop'] else 'off'})")
-    p.add_argument("--resize-size", type=int,
-                   help="resize before the centre crop (default: the checkpoint's training setting, "
-                        "else 256/224 x the input size)")
-    p.add_argument("--save-scoremaps", metavar="DIR",
-                   help="write <image_id>.npy wsolevaluation score maps (224x224, [0, 1])")
-    p.add_argument("--save-images", metavar="DIR", help="write <image_id>.png overlays (heat map, boxes)")
-    p.add_argument("--max-images", type=int, metavar="N", help="overlays of the first N images only")
-    p.add_argument("--save-boxes", metavar="FILE",
-                   help="write the official protocol's boxes of the whole split (at --threshold, original pixels) "
-                        "as a COCO-format detection file (file_name: the image id)")
-    p.add_argument("--output-dir", default="output/eval",
-                   help="metrics.json, per_image.csv, log.txt (default: output/eval)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="data loading processes (default: 4, at most the number of CPUs)")
-    p.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=False,
-                   help="decode the JPEGs (batched nvJPEG on CUDA) and resize on the device instead of PIL in the "
-                        "workers; pixels differ slightly from PIL's (README, Performance) (default: off)")
-    p.add_argument("--box-processes", type=int, default=None, metavar="N",
-                   help="extract boxes in N processes (0: a thread pool): same numbers, scales with cores "
-                        "(default on a GPU machine: half of this process's share of the CPUs, at most 8; else 0)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="default: cuda when available, else cpu")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="bf16 autocast forward where CUDA or the CPU supports it (faster; numbers may differ "
-                        "slightly, see README, Performance) (default: off, fp32 as the official evaluators)")
-    return p
-
-
-def _config_argv(path, defaults):
-    """The flags that the keys of a YAML config file stand for: evaluator flag names, and the keys of a
-    training config that concern evaluation (``TRAINING_KEYS``); other training keys are ignored (logged),
-    unknown keys are a ConfigError."""
-    data = train_config.read_yaml_mapping(path)
-    argv, ignored = [], []
-    for key, value in data.items():
-        dest = TRAINING_KEYS.get(key, key)
-        if dest not in defaults or dest == "config" or key in NOT_FROM_CONFIG:
-            if key in train_config.FIELDS or key in NOT_FROM_CONFIG:
-                ignored.append(key)
-                continue
-            close = difflib.get_close_matches(str(key), list(defaults) + list(train_config.FIELDS), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"config file {path}: unknown key {key!r}{hint}")
-        flag = "--" + dest.replace("_", "-")
-        if isinstance(defaults[dest], bool) and isinstance(value, bool):
-            argv.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        elif value is not None:
-            argv += [flag, str(value)]
-    return argv, ignored
-
-
-def parse_args(argv, imagenet=False):
-    """Flags over ``--config`` values over defaults; --checkpoint (and ImageNet's --data-root) required."""
-    parser = build_parser(imagenet)
-    args = parser.parse_args(argv)
-    args.ignored_config_keys = []
-    if args.config:
-        defaults = vars(parser.parse_args([]))
-        if imagenet:
-            defaults.pop("format", None)
-        config_argv, ignored = _config_argv(args.config, defaults)
-        from_file = build_parser(imagenet, _ConfigParser, source=args.config).parse_args(config_argv)
-        parser.set_defaults(**{key: value for key, value in vars(from_file).items()
-                               if key != "config" and key in _given(config_argv)})
-        args = parser.parse_args(argv)
-        args.ignored_config_keys = ignored
-    for name in ("checkpoint",) + (("data_root",) if imagenet else ()):
-        if getattr(args, name) is None:
-            parser.error(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
-    if not imagenet and args.format == "imagenet":
-        parser.error("--format imagenet: use evaluator_ImageNet.py, which reads the ILSVRC2012 layout with the "
-                     "official ImageNet settings (threshold 0.3, centre crop)")
-    return args
-
-
-def _given(config_argv):
-    """The argparse dests of the flags in a config-derived argv."""
-    return {arg[2:].replace("-", "_").removeprefix("no_") for arg in config_argv if arg.startswith("--")}
-
 
 def main(argv=None, imagenet=False):
     """Evaluate a checkpoint as the flags say; returns the record written to metrics.json."""
-    args = parse_args(argv, imagenet)
+    args = parse_config(argv, "evaluate_imagenet" if imagenet else "evaluate")
+    if args.maps is not None:
+        raise ConfigError("--maps: scoring saved maps is not wired into this evaluator yet; pass --checkpoint")
     info = init_distributed(args.device)
     try:
         return evaluate_checkpoint(args, imagenet, info)
@@ -209,15 +48,15 @@ def evaluate_checkpoint(args, imagenet, info):
     output_dir = Path(args.output_dir)
     setup_logging(output_dir, info.is_main, info.rank)
     if args.ignored_config_keys:
-        _logger.info("config %s: ignored keys that do not concern evaluation: %s", args.config,
-                     ", ".join(args.ignored_config_keys))
+        _logger.info("config %s: not read by the evaluator (model, optimisation, run and training-only keys): %s",
+                     args.config, ", ".join(args.ignored_config_keys))
     model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     img_size = int(model.patch_embed.img_size[0])
     resize_size = args.resize_size or (meta.get("config") or {}).get("resize_size")
-    fmt, root = resolve_data(getattr(args, "format", "imagenet"), args.data_root, imagenet, info.is_main)
+    fmt, root = resolve_data(getattr(args, "data_format", "imagenet"), args.data_root, imagenet, info.is_main)
     split = getattr(args, "split", "test")
     loader = build_eval_loader(fmt, root, split, protocol=args.eval_protocol, tencrop=args.tencrop,
-                               img_size=img_size, resize_size=resize_size, batch_size=args.batch_size,
+                               img_size=img_size, resize_size=resize_size, batch_size=args.eval_batch_size,
                                workers=args.workers, distributed=info.distributed,
                                metadata_root=getattr(args, "metadata_root", None), val_boxes=args.val_boxes,
                                gpu_decode=args.gpu_decode)
@@ -241,8 +80,9 @@ def evaluate_checkpoint(args, imagenet, info):
         metrics = evaluate(loader, model.to(info.device), info.device,
                            threshold=args.threshold if protocol != "wsol" else None,
                            thresholds=args.thresholds if sat else (), wsol_threshold=args.wsol_threshold,
-                           amp=args.amp, distributed=info.distributed, save_maps=args.save_scoremaps,
-                           overlay_dir=args.save_images, overlays=args.max_images, per_image=True,
+                           amp=args.amp, distributed=info.distributed, save_maps=args.save_maps,
+                           overlay_dir=output_dir / "overlays" if args.overlays else None,
+                           overlays=None if args.overlays == "all" else args.overlays, per_image=True,
                            box_processes=args.box_processes, progress=info.is_main)
     except NonFiniteOutputError as err:
         raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
@@ -359,7 +199,6 @@ def match_classes(dataset, model, meta, checkpoint):
                         "taken as the model's first %d classes)", dataset.num_classes, model.num_classes,
                         dataset.num_classes)
         dataset.classes = list(dataset.classes) + [str(k) for k in range(dataset.num_classes, model.num_classes)]
-
 
 
 

@@ -38,7 +38,6 @@ from utils.logger import MetricsLog, close_logging, log_error, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 from utils.preemption import Preempted, StepCheckpoint, StopSignals, resume_command
 
-CONFIG_DIR = Path(__file__).resolve().parent / "config"
 RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
                "num_images")
 # The checkpoints kept during training, each the first epoch reaching the maximum of its metric, as the
@@ -52,8 +51,7 @@ _logger = logging.getLogger("sat")
 
 def main(argv=None, imagenet=False):
     """Entry point of train.py (``imagenet=False``) and train_ImageNet.py (``imagenet=True``)."""
-    description = f"Train SAT on {'ImageNet (ILSVRC2012)' if imagenet else 'CUB-200-2011 or other WSOL data'}"
-    cfg = parse_config(argv, description, default_config(imagenet))
+    cfg = parse_config(argv, "train_imagenet" if imagenet else "train")
     info = dist_utils.init_distributed(cfg.device, cfg.local_rank)
     progress = {"epoch": None, "saved": None}
     try:
@@ -92,6 +90,9 @@ def train(cfg, info, imagenet=False, progress=None):
                  micro_batch, cfg.accum_steps, describe(info.device, cfg.amp),
                  f"{area_span(cfg.area_loss_scope, micro_batch, info.world_size)} images (area_loss_scope "
                  f"{cfg.area_loss_scope})")
+    if cfg.ignored_config_keys:
+        _logger.info("config %s: evaluator keys, not read by training: %s", cfg.config,
+                     ", ".join(cfg.ignored_config_keys))
     if info.launcher:
         _logger.info("processes started by %s", info.launcher)
 
@@ -225,7 +226,7 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
 
     selection_loader = eval_loader("val" if cfg.val_split else "test", cfg.eval_protocol, tencrop=False)
     plan = plan_evaluation(cfg, selection_loader.dataset)
-    tencrop = cfg.test_tencrop and plan.sat
+    tencrop = cfg.tencrop and plan.sat
     test_loader = selection_loader if not cfg.val_split and not tencrop else \
         eval_loader("test", plan.protocol, tencrop=tencrop)
     if cfg.cache_images:
@@ -386,9 +387,9 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan):
     sat = plan.sat
     metrics = evaluate(test_loader, model, info.device, threshold=cfg.threshold if sat else None,
                        thresholds=cfg.eval_thresholds if cfg.report_best_threshold and sat else (),
-                       distributed=info.distributed, overlay_dir=output_dir / "overlays" if cfg.save_images else None,
-                       overlays=cfg.save_images, progress=info.is_main)
-    tencrop = cfg.test_tencrop and sat
+                       distributed=info.distributed, overlay_dir=output_dir / "overlays" if cfg.overlays else None,
+                       overlays=None if cfg.overlays == "all" else cfg.overlays, progress=info.is_main)
+    tencrop = cfg.tencrop and sat
     results = {"checkpoint": str(best_path), "epoch": meta["epoch"], "selection": meta["selection"], "split": "test",
                "eval_protocol": plan.protocol, **({"threshold": cfg.threshold} if sat else {}),
                "tencrop": tencrop, "precision": "fp32",
@@ -412,14 +413,6 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan):
 
 
 # ------------------------------------------------------------------------------------ the run's folder
-def default_config(imagenet):
-    def choose(cli):
-        if imagenet:
-            return CONFIG_DIR / "ILSVRC.yaml"
-        return CONFIG_DIR / ("CUB.yaml" if cli.get("data_root") else "demo.yaml")
-    return choose
-
-
 def prepare_output_dir(cfg, output_dir, info):
     """Refuse to write into a folder holding a previous run unless --resume (continue it) or --overwrite
     (delete its outputs first): one-line ConfigError, nothing touched."""

@@ -34,7 +34,7 @@ from test_evaluation import save_nano_checkpoint
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 TINY = ["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
         "--batch-size", "8", "--eval-batch-size", "12", "--eval-every", "1", "--workers", "0", "--log-every", "1",
-        "--warmup-epochs", "0", "--save-images", "0"]
+        "--warmup-epochs", "0", "--overlays", "0"]
 
 
 @pytest.fixture

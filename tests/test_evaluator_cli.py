@@ -1,5 +1,5 @@
 """evaluator.py and evaluator_ImageNet.py end to end on small generated data with a random nano model;
-flag defaults and --config precedence; one-line errors for bad checkpoints."""
+one-line errors for bad checkpoints (flags and config files: tests/test_config.py)."""
 import csv
 import json
 import logging
@@ -15,8 +15,8 @@ from PIL import Image
 from conftest import REPO_ROOT
 from DataLoader import build_dataset
 from utils.boxes import gt_boxes_wsol
-from utils.errors import ConfigError, run_cli
-from evaluator import main, parse_args
+from utils.errors import run_cli
+from evaluator import main
 from utils.metrics import WSOLBoxAccumulator
 
 from test_evaluation import save_nano_checkpoint, tiny_demo
@@ -57,8 +57,8 @@ def test_cub_evaluator_both_protocols_end_to_end(cub, tmp_path):
     root, checkpoint = cub
     out = tmp_path / "out"
     proc = run_script("evaluator.py", "--data-root", root, "--checkpoint", checkpoint, "--eval-protocol", "both",
-                      "--save-scoremaps", out / "scoremaps", "--save-images", out / "images", "--max-images", 5,
-                      "--output-dir", out, "--batch-size", 5, "--workers", 1, "--device", "cpu")
+                      "--save-maps", out / "maps", "--overlays", 5, "--output-dir", out, "--eval-batch-size", 5,
+                      "--workers", 1, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert "sat protocol (official SAT): 12 images, ten-crop classification, threshold 0.4" in proc.stdout
     assert "wsol protocol (wsolevaluation, 224x224" in proc.stdout and "WARNING" not in proc.stdout
@@ -76,13 +76,13 @@ def test_cub_evaluator_both_protocols_end_to_end(cub, tmp_path):
     dataset = build_dataset("cub", root, "test", lambda image: image)
     rescored = WSOLBoxAccumulator()
     for sample in dataset:  # the score maps, named by image id, re-scored as the benchmark would
-        score = np.load(out / "scoremaps" / "wsol" / f"{sample['image_id']}.npy")
+        score = np.load(out / "maps" / "wsol" / f"{sample['image_id']}.npy")
         assert score.shape == (224, 224) and score.dtype == np.float64 and score.min() >= 0 and score.max() <= 1
         rescored.update(score[None], [gt_boxes_wsol(sample["boxes"], sample["size"])])
     assert rescored.compute()["maxboxacc"] == metrics["maxboxacc"]
     assert rescored.compute()["maxboxaccv2"] == metrics["maxboxaccv2"]
-    overlays = sorted((out / "images").rglob("*.png"))
-    assert len(overlays) == 5 and overlays[0].relative_to(out / "images").parts[0].startswith("001.")
+    overlays = sorted((out / "overlays").rglob("*.png"))
+    assert len(overlays) == 5 and overlays[0].relative_to(out / "overlays").parts[0].startswith("001.")
     assert Image.open(overlays[0]).size == (64, 64)
 
 
@@ -106,11 +106,10 @@ def test_imagenet_evaluator_with_config_file(tmp_path):
     root = _write_imagenet(tmp_path / "ILSVRC2012")
     checkpoint = save_nano_checkpoint(tmp_path / "nano.pth", num_classes=len(WNIDS))
     config = tmp_path / "eval.yaml"
-    config.write_text(f"checkpoint: {checkpoint}\nthresholds: [0.5, 0.3]\neval_batch_size: 4\nworkers: 0\n"
-                      f"device: cpu\neval_protocol: wsol\n")
+    config.write_text(f"checkpoint: {checkpoint}\nthresholds: [0.5, 0.3]\neval_batch_size: 4\neval_protocol: wsol\n")
     out = tmp_path / "out"
     proc = run_script("evaluator_ImageNet.py", "--data-root", root, "--config", config, "--eval-protocol", "sat",
-                      "--output-dir", out, "--save-images", out / "images")
+                      "--output-dir", out, "--overlays", "all", "--workers", 0, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_protocol"] == "sat" and metrics["threshold"] == 0.3 and metrics["tencrop"] is False
@@ -119,41 +118,7 @@ def test_imagenet_evaluator_with_config_file(tmp_path):
     assert metrics["num_images"] == 6 and metrics["data_format"] == "imagenet"
     assert all(0 <= metrics[key] <= 100 for key in SAT_KEYS[1:]) and "maxboxacc" not in metrics
     assert len(metrics["gt_known_loc_per_threshold"]) == 2 and "per map threshold" in proc.stdout
-    assert sorted(p.name for p in (out / "images" / "val").iterdir())[0] == "ILSVRC2012_val_00000001.png"
-
-
-def test_official_defaults_and_config_precedence(tmp_path):
-    # the official evaluator.py: threshold [0.4], tencrop True; evaluator_ImageNet.py: [0.3], tencrop False;
-    # both fp32 (no autocast) and Resize 256 -> crop 224 (resize_size None: 256/224 x the model's input size)
-    cub = parse_args(["--checkpoint", "c.pth"])
-    assert cub.threshold == 0.4 and cub.thresholds == [] and cub.tencrop and cub.amp is False
-    assert cub.eval_protocol == "auto" and cub.format == "cub" and cub.resize_size is None
-    imagenet = parse_args(["--checkpoint", "c.pth", "--data-root", "d"], imagenet=True)
-    assert imagenet.threshold == 0.3 and imagenet.thresholds == [] and not imagenet.tencrop and imagenet.amp is False
-    assert parse_args(["--checkpoint", "c.pth", "--amp"]).amp is True
-    config = tmp_path / "c.yaml"
-    config.write_text("eval_batch_size: 7\ntencrop: false\nthresholds: [0.2, 0.25]\ndata_root: /data\n")
-    args = parse_args(["--config", str(config), "--checkpoint", "c.pth", "--batch-size", "3"])
-    assert (args.batch_size, args.tencrop, args.thresholds, args.data_root) == (3, False, [0.2, 0.25], "/data")
-    config.write_text("eval_batch_size: 7\nthreshhold: 0.3\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'threshhold' \(did you mean threshold\?\)"):
-        parse_args(["--config", str(config), "--checkpoint", "c.pth"])
-    config.write_text("eval_batch_size: seven\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: argument --batch-size: invalid int value"):
-        parse_args(["--config", str(config), "--checkpoint", "c.pth"])
-    with pytest.raises(SystemExit):
-        parse_args(["--data-root", "d"], imagenet=True)  # --checkpoint missing
-
-
-@pytest.mark.parametrize("argv", [["--threshold", "1.5"], ["--thresholds", "0.3", "-0.2"], ["--threshold", "x"],
-                                  ["--thresh", "0.3"], ["--batch", "4"]])
-def test_bad_thresholds_and_abbreviations_are_rejected(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--checkpoint", "c.pth", *argv])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2
-    assert ("must lie in [0, 1]" in err or "expected a number" in err) if argv[0] in ("--threshold", "--thresholds") \
-        else "unrecognized arguments" in err
+    assert sorted(p.name for p in (out / "overlays" / "val").iterdir())[0] == "ILSVRC2012_val_00000001.png"
 
 
 def _one_error_line(capsys, argv):
@@ -190,7 +155,7 @@ def test_per_image_csv_recomputes_the_summary_exactly(cub, tmp_path):
     root, checkpoint = cub
     out = tmp_path / "out"
     record = main(["--data-root", str(root), "--checkpoint", str(checkpoint), "--output-dir", str(out),
-                   "--threshold", "0.35", "--batch-size", "5", "--workers", "0", "--device", "cpu",
+                   "--threshold", "0.35", "--eval-batch-size", "5", "--workers", "0", "--device", "cpu",
                    "--save-boxes", str(out / "boxes.json")])
     rows = _read_per_image(out / "per_image.csv")
     coco = json.loads((out / "boxes.json").read_text())
@@ -223,27 +188,6 @@ def test_per_image_csv_recomputes_the_summary_exactly(cub, tmp_path):
     assert [c["num_images"] for c in per_class.values()] == [4, 4, 4]
     assert sum(c["top1_cls"] for c in per_class.values()) / 3 == pytest.approx(record["top1_cls"])
     assert "GT-known Loc" in (out / "log.txt").read_text().split("per class")[1]
-
-
-def test_training_config_file_is_accepted(cub, tmp_path):
-    root, checkpoint = cub
-    args = parse_args(["--config", str(REPO_ROOT / "config" / "CUB.yaml"), "--checkpoint", "c.pth"])
-    assert args.format == "cub" and args.amp is False and args.batch_size == 32 and args.output_dir == "output/eval"
-    assert "lr" in args.ignored_config_keys and "epochs" in args.ignored_config_keys
-    config = tmp_path / "train.yaml"
-    config.write_text(f"data_root: {root}\ndata_format: cub\nepochs: 3\nlr: 0.001\nbatch_size: 512\n"
-                      "eval_batch_size: 6\nworkers: 0\namp: true\noutput_dir: somewhere\n")
-    args = parse_args(["--config", str(config), "--checkpoint", str(checkpoint)])
-    assert (args.data_root, args.batch_size, args.workers, args.amp) == (str(root), 6, 0, False)
-    imagenet = parse_args(["--config", str(REPO_ROOT / "config" / "ILSVRC.yaml"), "--checkpoint", "c", "--data-root",
-                           "d"], imagenet=True)
-    assert imagenet.threshold == 0.3 and "data_format" in imagenet.ignored_config_keys
-
-
-def test_format_imagenet_points_to_the_imagenet_evaluator(capsys):
-    with pytest.raises(SystemExit):
-        parse_args(["--checkpoint", "c.pth", "--format", "imagenet"])
-    assert "use evaluator_ImageNet.py" in capsys.readouterr().err
 
 
 def test_class_subset_and_foreign_classes(cub, tmp_path, caplog, keep_logging):
@@ -286,8 +230,8 @@ def test_wsol_curves_threshold_and_overlays(cub, tmp_path):
     root, checkpoint = cub
     out = tmp_path / "out"
     record = main(["--data-root", str(root), "--checkpoint", str(checkpoint), "--output-dir", str(out),
-                   "--eval-protocol", "wsol", "--wsol-threshold", "0.25", "--save-images", str(out / "images"),
-                   "--max-images", "2", "--workers", "0", "--device", "cpu"])
+                   "--eval-protocol", "wsol", "--wsol-threshold", "0.25", "--overlays", "2", "--workers", "0",
+                   "--device", "cpu"])
     curves = json.loads((out / "wsol_curves.json").read_text())["box_accuracy"]
     assert len(curves["cam_thresholds"]) == 100 and max(curves["boxacc"]) == record["maxboxacc"]
     at = record["at_wsol_threshold"]
@@ -296,7 +240,7 @@ def test_wsol_curves_threshold_and_overlays(cub, tmp_path):
     assert Image.open(out / "wsol_curves.png").size[0] > 0
     rows = list(csv.DictReader(open(out / "per_image.csv")))  # each image's prediction, no sat box or IoU
     assert len(rows) == 12 and all(row["iou"] == "" and row["box_crop"] == "" and row["top5"] for row in rows)
-    assert len(list((out / "images").rglob("*.png"))) == 2
+    assert len(list((out / "overlays").rglob("*.png"))) == 2
 
 
 def test_auto_protocol_is_classification_only_without_boxes_or_masks(tmp_path):
@@ -307,7 +251,7 @@ def test_auto_protocol_is_classification_only_without_boxes_or_masks(tmp_path):
             Image.fromarray(rng.integers(0, 255, (40, 56, 3), np.uint8)).save(tmp_path / "data" / split / name / "x.png")
     checkpoint = save_nano_checkpoint(tmp_path / "nano.pth", num_classes=2)
     out = tmp_path / "out"
-    record = main(["--data-root", str(tmp_path / "data"), "--format", "folder", "--checkpoint", str(checkpoint),
+    record = main(["--data-root", str(tmp_path / "data"), "--data-format", "folder", "--checkpoint", str(checkpoint),
                    "--output-dir", str(out), "--workers", "0", "--device", "cpu"])
     assert record["eval_protocol"] == "cls" and record["num_images"] == 2 and record["views"] == ["tencrop"]
     assert 0 <= record["top1_cls"] <= 100 and "gt_known_loc" not in record

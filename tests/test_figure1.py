@@ -72,7 +72,7 @@ def test_collect_and_draw(tmp_path):
     runs = tmp_path / "runs"
     data = make_demo_dataset(tmp_path / "data", num_classes=3, train_per_class=4, test_per_class=2, image_size=64)
     train_main(["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
-                "--batch-size", "4", "--epochs", "1", "--workers", "0", "--save-images", "0", "--data-root",
+                "--batch-size", "4", "--epochs", "1", "--workers", "0", "--overlays", "0", "--data-root",
                 str(data), "--output-dir", str(runs / "tiny_last_1"), "--trainable", "last:1"])
     tiny = json.loads((runs / "tiny_last_1" / "results.json").read_text())
     assert tiny["trainable_params"] == HEAD_AND_TOKEN + BLOCK

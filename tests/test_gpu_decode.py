@@ -234,7 +234,7 @@ def test_train_and_evaluator_scripts_with_gpu_decode(tmp_path):
     root = str(make_demo_dataset(tmp_path / "cub", num_classes=3, train_per_class=8, test_per_class=4, image_size=64))
     common = ["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--data-root", root, "--img-size", "64",
               "--resize-size", "72", "--batch-size", "8", "--eval-batch-size", "12", "--eval-start-epoch", "2",
-              "--workers", "0", "--warmup-epochs", "0", "--save-images", "0", "--no-test-tencrop",
+              "--workers", "0", "--warmup-epochs", "0", "--overlays", "0", "--no-tencrop",
               "--no-report-best-threshold", "--epochs", "2", "--device", "cpu"]
     losses = {}
     for gpu_decode in (False, True):

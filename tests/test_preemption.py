@@ -93,7 +93,7 @@ def data_root(tmp_path_factory):
 def run_args(data_root, out, *extra):
     return ["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
             "--batch-size", "4", "--eval-batch-size", "12", "--epochs", str(EPOCHS), "--workers", "0",
-            "--log-every", "1", "--warmup-epochs", "0", "--drop-path", "0.1", "--save-images", "0", "--device", "cpu",
+            "--log-every", "1", "--warmup-epochs", "0", "--drop-path", "0.1", "--overlays", "0", "--device", "cpu",
             "--data-root", data_root, "--output-dir", str(out), *extra]
 
 

@@ -25,7 +25,7 @@ from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_R
 # Tiny runs: 3 classes x 8 train / 4 test images of 64 px, nano model at 64 px, batch 8.
 TINY = ["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
         "--batch-size", "8", "--eval-batch-size", "12", "--eval-start-epoch", "1", "--eval-every", "1", "--workers",
-        "0", "--log-every", "1", "--warmup-epochs", "0", "--save-images", "0", "--no-test-tencrop",
+        "0", "--log-every", "1", "--warmup-epochs", "0", "--overlays", "0", "--no-tencrop",
         "--no-report-best-threshold"]
 
 
@@ -50,8 +50,8 @@ def epochs_logged(out):
 
 def test_train_py_end_to_end(data_root, tmp_path):
     out = tmp_path / "run"
-    proc = train_py(*args(data_root, out, "--epochs", "2", "--save-images", "2", "--lr", "2e-3",
-                                       "--lr-schedule", "constant", "--test-tencrop", "--report-best-threshold"))
+    proc = train_py(*args(data_root, out, "--epochs", "2", "--overlays", "2", "--lr", "2e-3",
+                                       "--lr-schedule", "constant", "--tencrop", "--report-best-threshold"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert epochs_logged(out) == [1, 2]
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -171,7 +171,7 @@ def test_user_errors_are_one_line(data_root, tmp_path, capsys, extra, message):
 def test_train_py_error_exit_without_traceback(data_root, tmp_path):
     proc = train_py(*args(data_root, tmp_path / "run", "--images-per-class", "0"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: images_per_class must be at least 1"), proc.stderr
+    assert proc.stderr == "error: --images-per-class: expected an integer >= 1 or null, got '0'\n", proc.stderr
 
 
 def test_imagenet_script_needs_a_data_root(tmp_path):
@@ -308,7 +308,7 @@ def test_training_on_data_without_boxes_is_classification_only(tmp_path):
             for k in range(count):
                 Image.new("RGB", (40, 40), colour).save(root / split / f"c{label}" / f"{k}.png")
     out = tmp_path / "run"
-    main(args(str(root), out, "--data-format", "folder", "--epochs", "1", "--test-tencrop"))
+    main(args(str(root), out, "--data-format", "folder", "--epochs", "1", "--tencrop"))
     log = (out / "log.txt").read_text()
     assert "evaluation: classification only (eval_protocol auto; the evaluation split has neither boxes nor " \
            "masks); best.pth by top1_cls (selection_metric loc does not exist" in log

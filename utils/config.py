@@ -1,12 +1,17 @@
-"""Training configuration: built-in defaults < YAML file (``--config``) < command-line flags.
+"""The config keys of training and evaluation, one schema: built-in defaults < config file < flags.
 
-Every key of :data:`FIELDS` is a YAML key and a flag (``batch_size`` <-> ``--batch-size``); booleans
-also take ``--no-<flag>``. The resolved configuration is an ``argparse.Namespace`` and is saved as YAML
-next to the run's outputs.
+Every key of :data:`FIELDS` is a config-file key and a flag (``eval_batch_size`` <-> ``--eval-batch-size``;
+booleans also take ``--no-<flag>``). Its section says which scripts read it from a config file: the training
+scripts read every section but ``evaluator``; the evaluators read data, evaluation, test and evaluator keys,
+and take the model from the checkpoint and the run's settings (output folder, device, precision, workers)
+from their own command line. ``python -m utils.config --markdown`` writes the reference, docs/config.md.
 """
 import argparse
+import dataclasses
 import difflib
+import os
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -15,115 +20,121 @@ from utils.errors import ConfigError
 from utils.metrics import TRAIN_THRESHOLDS
 from utils.optim import trainable_blocks
 
-LR_SCHEDULES = ("constant", "cosine")
-AREA_LOSS_SCOPES = ("global", "process")
-EVAL_PROTOCOLS = ("auto", "sat", "wsol", "both", "cls")
-# best.pth rule: 'loc' = Top-1 Loc + GT-known Loc, the official best_loc checkpoint (its evaluator and model zoo);
-# maxboxaccv2 / pxap: wsolevaluation protocol (boxes / masks).
-SELECTION_METRICS = ("loc", "top1_loc", "gt_known_loc", "top1_cls", "maxboxaccv2", "pxap")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+TRAINERS = ("train", "train_imagenet")
+EVALUATORS = ("evaluate", "evaluate_imagenet")
+BOTH = TRAINERS + EVALUATORS
+NOT_IMAGENET_EVAL = TRAINERS + ("evaluate",)  # evaluator_ImageNet.py always reads the ILSVRC2012 layout
+
+SECTIONS = {
+    "model": "The network. The evaluators take it from the checkpoint; --arch and --resize-size on their "
+             "command line override what the checkpoint records.",
+    "optimisation": "How training updates the weights.",
+    "data": "What is read and how.",
+    "evaluation": "The evaluations during training (model selection) and the evaluators' forward passes.",
+    "test": "The reported numbers: train.py's final test of best.pth (results.json) and the evaluators' "
+            "metrics.json.",
+    "run": "Settings of one job, not of the experiment: flags of each script; only the training scripts read "
+           "them from a config file (an evaluator given a training config must not write into its run folder).",
+    "evaluator": "Keys of evaluator.py and evaluator_ImageNet.py only; the training scripts ignore them.",
+}
+FILE_SECTIONS = {"train": tuple(s for s in SECTIONS if s != "evaluator"),
+                 "evaluate": ("data", "evaluation", "test", "evaluator")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Script:
+    """A script's file name, --help description and the config file of its defaults."""
+    file: str
+    description: str
+    defaults: str
+
+
+SCRIPTS = {
+    "train": Script("train.py", "Train SAT on CUB-200-2011 or other WSOL data (the synthetic demo without "
+                                "--data-root).", "CUB.yaml"),
+    "train_imagenet": Script("train_ImageNet.py", "Train SAT on ImageNet (ILSVRC2012).", "ILSVRC.yaml"),
+    "evaluate": Script("evaluator.py", "Evaluate a SAT checkpoint on CUB-200-2011, another dataset format or a "
+                                       "folder dataset; without --data-root on the demo data.", "CUB.yaml"),
+    "evaluate_imagenet": Script("evaluator_ImageNet.py", "Evaluate a SAT checkpoint on the ILSVRC2012 validation "
+                                                         "set.", "ILSVRC.yaml"),
+}
+DEMO_CONFIG = "demo.yaml"  # train.py without --config and --data-root
+EVALUATOR_BATCH = 32  # the evaluators' eval_batch_size when it is null (no training micro-batch to follow)
+_SAME = object()
 
 
 class Field:
-    """One config key: default, kind ('int', 'float', 'str', 'bool', 'floats', 'amp', 'pretrained',
-    'area_scope'), whether ``null`` is allowed, allowed choices and help text."""
+    """One config key: section, default, kind, description (help) and the values it accepts.
 
-    def __init__(self, default, kind, help, nullable=False, choices=None):
-        self.default, self.kind, self.help, self.nullable, self.choices = default, kind, help, nullable, choices
+    kind: 'int', 'float', 'str', 'bool', 'floats' (a list), 'amp' (true, false or auto), 'pretrained' (true,
+    false or a file). ``domain``: '>= 1', '> 0', '[0, 1]', '(0, 1)' ... ``words``: names an 'int' key also
+    takes. ``scripts``: those that take it (default: by section). ``evaluator_default``: the evaluators' own.
+    """
+
+    def __init__(self, section, default, kind, help, *, domain=None, choices=None, words=(), nullable=False,
+                 scripts=None, evaluator_default=_SAME):
+        self.section, self.default, self.kind, self.help = section, default, kind, help
+        self.domain, self.choices, self.words, self.nullable = domain, choices, words, nullable
+        self.scripts = scripts or (EVALUATORS if section == "evaluator" else TRAINERS)
+        self.evaluator_default = default if evaluator_default is _SAME else evaluator_default
+
+    def expected(self):
+        """What the key accepts, in words."""
+        if self.choices:
+            text = "one of " + ", ".join(self.choices)
+        else:
+            text = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+                    "floats": "a list of numbers", "amp": "true, false or auto",
+                    "pretrained": "true, false or a file path"}[self.kind]
+            if self.domain:
+                text += (" in " if self.domain[0] in "[(" else " ") + self.domain
+        if self.words:
+            text = ", ".join(self.words) + " or " + text
+        return text + (" or null" if self.nullable else "")
+
+    def check(self, value):
+        """``value`` as read from YAML, checked (ints are accepted for floats); ValueError if it does not fit."""
+        if (value is None and self.nullable) or value in self.words:
+            return value
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool), "float": number,
+              "str": isinstance(value, str), "bool": isinstance(value, bool),
+              "floats": isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         for v in value),
+              "amp": isinstance(value, bool) or value == "auto", "pretrained": isinstance(value, (bool, str))}[self.kind]
+        numbers = value if self.kind == "floats" else [value] if self.kind in ("int", "float") else []
+        if not ok or (self.choices and value not in self.choices) or not all(_within(v, self.domain) for v in numbers):
+            raise ValueError(self.expected())
+        if self.kind == "float":
+            return float(value)
+        return [float(v) for v in value] if self.kind == "floats" else value
+
+    def parse(self, text):
+        """A flag's text as a value of this key (argparse type); for 'floats', one element."""
+        if self.nullable and text.lower() in ("none", "null"):
+            return None
+        if text in self.words:
+            return text
+        try:
+            value = {"int": int, "float": float, "str": str, "floats": float, "amp": _amp,
+                     "pretrained": _pretrained}[self.kind](text)
+            return self.check([value])[0] if self.kind == "floats" else self.check(value)
+        except ValueError:
+            expected = "numbers" + self.expected().removeprefix("a list of numbers") if self.kind == "floats" \
+                else self.expected()
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
 
 
-FIELDS = {
-    # model
-    "arch": Field("deit_sat_small_patch16_224", "str", "model architecture (Model.list_archs())"),
-    "pretrained": Field(True, "pretrained", "true: DeiT ImageNet-1k weights via timm; false: random init; or a file"),
-    "img_size": Field(224, "int", "input crop size"),
-    "resize_size": Field(None, "int", "resize before cropping (default round(img_size * 256 / 224))", nullable=True),
-    "drop_path": Field(0.1, "float", "stochastic depth rate"),
-    "num_spatial_blocks": Field(3, "int", "number of final spatial-aware blocks"),
-    "attn_impl": Field("fused", "str", "attention implementation", choices=("fused", "naive")),
-    "area_thr": Field(0.25, "float", "area prior of the batch area loss (paper's lambda)"),
-    "area_loss_scope": Field("global", "area_scope", "images the batch area loss averages over: global = one "
-                                                     "micro-batch of every process (official CUB run: DataParallel, "
-                                                     "256 images); process = each process's own micro-batch; N (an "
-                                                     "integer) = groups of N images of the processes' micro-batches "
-                                                     "in rank order, one term per group, averaged (official ImageNet "
-                                                     "run: DDP, 128 images on each of its 4 GPUs: 128 on any number "
-                                                     "of processes)"),
-    # optimisation
-    "epochs": Field(30, "int", "number of training epochs"),
-    "batch_size": Field(256, "int", "GLOBAL batch per optimizer step (split over processes and accumulation)"),
-    "accum_steps": Field(1, "int", "micro-batches per optimizer step (gradient accumulation); each micro-batch "
-                                   "has its own batch area loss (over batch_size / accum_steps images), so K > 1 "
-                                   "changes that loss; images per epoch are unchanged"),
-    "lr": Field(1e-4, "float", "AdamW learning rate"),
-    "min_lr": Field(1e-6, "float", "final learning rate of the cosine schedule"),
-    "weight_decay": Field(0.05, "float", "AdamW weight decay (never on 1-D parameters and biases)"),
-    "decay_tokens": Field(True, "bool", "weight decay also on cls_token, loc_token, pos_embed, loc_embed (official: "
-                                        "its optimizer is built on the DataParallel/DDP wrapper, which hides the "
-                                        "model's no_weight_decay(); false exempts them as DeiT does)"),
-    "lr_schedule": Field("constant", "str", "constant (official behaviour) or cosine", choices=LR_SCHEDULES),
-    "warmup_epochs": Field(0.0, "float", "linear warm-up epochs (either schedule)"),
-    "clip_grad": Field(None, "float", "clip the gradient norm to this value", nullable=True),
-    "trainable": Field("all", "str", "parameters to train: all, sat (spatial token + spatial-aware blocks + "
-                                     "head), head, or last:K (spatial token + the last K blocks + head)"),
-    # data
-    "data_format": Field("cub", "str", "dataset layout",
-                         choices=("cub", "imagenet", "wsol", "folder", "dogs", "cars", "aircraft")),
-    "data_root": Field(None, "str", "dataset root (omitted: the synthetic demo dataset)", nullable=True),
-    "metadata_root": Field(None, "str", "wsolevaluation metadata folder (<split>/image_ids.txt ...)", nullable=True),
-    "val_boxes": Field(None, "str", "ImageNet val boxes (XML folder, LOC_val_solution.csv, val_gt.txt) or "
-                                    "the folder format's boxes CSV", nullable=True),
-    "val_split": Field(False, "bool", "select the model and threshold on the held-out 'val' split "
-                                      "(wsolevaluation train-fullsup) instead of test"),
-    "images_per_class": Field(None, "int", "few-shot: train on N images per class", nullable=True),
-    "workers": Field(8, "int", "data loading processes per training process"),
-    "drop_last": Field(False, "bool", "drop each epoch's last partial training batch (official: kept by train.py "
-                                      "on CUB, dropped by train_ImageNet.py)"),
-    "cache_images": Field(False, "bool", "keep each split's decoded, resized images in <output_dir>/image_cache "
-                                         "(filled during the first epoch; same samples, later epochs skip decoding; "
-                                         "CUB: 2.3 GB of disk / page cache); removed when the run finishes"),
-    "check_train_split": Field(False, "bool", "also check every training image before the first step (the "
-                                              "evaluation splits always are); bad ones are skipped, or an error "
-                                              "with strict_data"),
-    "strict_data": Field(False, "bool", "stop at an unreadable training image instead of skipping it with a warning"),
-    "gpu_decode": Field(False, "bool", "decode JPEGs (batched nvJPEG on CUDA) and resize on the device instead of PIL "
-                                       "in the workers; pixels differ slightly from PIL's (README, Performance)"),
-    # evaluation
-    "eval_thresholds": Field(list(TRAIN_THRESHOLDS), "floats", "CAM thresholds searched at each evaluation"),
-    "eval_start_epoch": Field(26, "int", "first epoch (1-based) evaluated for model selection (official CUB: 26 "
-                                         "of 30); the last epoch is always evaluated"),
-    "eval_every": Field(1, "int", "from eval_start_epoch, evaluate every N epochs (and after the last)"),
-    "eval_batch_size": Field(None, "int", "evaluation batch per process (default: the training micro-batch)",
-                             nullable=True),
-    "eval_protocol": Field("auto", "str", "how training evaluates: sat = official SAT protocol (needs boxes), wsol "
-                                          "= wsolevaluation protocol (MaxBoxAcc/MaxBoxAccV2 with boxes, PxAP with "
-                                          "masks), both, cls = classification only; auto = from the data (boxes -> "
-                                          "sat, masks only -> wsol, neither -> cls), logged", choices=EVAL_PROTOCOLS),
-    "selection_metric": Field("loc", "str", "metric choosing best.pth, the first epoch reaching its maximum: loc = "
-                                            "Top-1 Loc + GT-known Loc (official best_loc), top1_loc, gt_known_loc, "
-                                            "top1_cls, maxboxaccv2 or pxap; one the evaluation does not produce "
-                                            "falls back (logged) to the protocol's first: loc, maxboxaccv2 or pxap, "
-                                            "top1_cls", choices=SELECTION_METRICS),
-    "threshold": Field(0.4, "float", "CAM threshold of the final test metrics in results.json (official "
-                                     "evaluators: CUB 0.4, ImageNet 0.3)"),
-    "test_tencrop": Field(True, "bool", "ten-crop classification in the final test evaluation (official: CUB yes, "
-                                        "ImageNet no)"),
-    "report_best_threshold": Field(False, "bool", "results.json also gets a 'best_threshold' section: the test "
-                                                  "metrics at the best of eval_thresholds, chosen on the test "
-                                                  "split itself (one more test pass)"),
-    "save_images": Field(0, "int", "final test evaluation: save overlays of the first N test images"),
-    # run
-    "output_dir": Field("output/run", "str", "folder for checkpoints, logs, metrics and results"),
-    "seed": Field(6, "int", "random seed (each process adds its rank)"),
-    "device": Field("auto", "str", "auto (CUDA when available), cuda or cpu", choices=("auto", "cuda", "cpu")),
-    "amp": Field(False, "amp", "mixed precision: false = fp32 (official); true = bf16 autocast (CUDA: fp16 + "
-                               "grad scaler on GPUs without bf16; CPU: needs native bf16); auto = true where "
-                               "supported, else fp32. The final test is always fp32"),
-    "compile": Field(False, "bool", "torch.compile the model"),
-    "save_every_steps": Field(None, "int", "also write last.pth every N optimizer steps, with the position in the "
-                                           "epoch (--resume then continues mid-epoch); null: at each epoch's end only",
-                              nullable=True),
-    "log_every": Field(20, "int", "read the losses back (one host sync) and log every N optimizer steps"),
-}
+def _within(value, domain):
+    if domain is None:
+        return True
+    if domain[0] in "[(":
+        low, high = (float(bound) for bound in domain[1:-1].split(","))
+        return (low <= value if domain[0] == "[" else low < value) and (value <= high if domain[-1] == "]"
+                                                                       else value < high)
+    op, bound = domain.split()
+    return value >= float(bound) if op == ">=" else value > float(bound)
 
 
 def _bool(text):
@@ -134,96 +145,187 @@ def _bool(text):
 
 
 def _amp(text):
-    return "auto" if str(text).lower() == "auto" else _bool(text)
-
-
-def _area_scope(text):
-    """'global', 'process' or a group size in images (>= 1)."""
-    if text in AREA_LOSS_SCOPES:
-        return text
-    if re.fullmatch(r"\d+", str(text)) and int(text) >= 1:
-        return int(text)
-    raise ValueError(text)
+    return "auto" if text.lower() == "auto" else _bool(text)
 
 
 def _pretrained(text):
     try:
         return _bool(text)
     except ValueError:
-        return str(text)
+        return text
 
 
-CONVERTERS = {"int": int, "float": float, "str": str, "bool": _bool, "floats": float, "amp": _amp,
-              "pretrained": _pretrained, "area_scope": _area_scope}
+FIELDS = {
+    # model
+    "arch": Field("model", "deit_sat_small_patch16_224", "str", "model architecture (Model.list_archs()); the "
+                  "evaluators: the one the checkpoint records, else read off its weights' shapes",
+                  scripts=BOTH, evaluator_default=None),
+    "pretrained": Field("model", True, "pretrained", "initial weights: true = DeiT ImageNet-1k via timm, false = "
+                        "random, or a weights file"),
+    "img_size": Field("model", 224, "int", "input crop size (a multiple of the patch size 16)", domain=">= 16"),
+    "resize_size": Field("model", None, "int", "resize before cropping (null: round(img_size * 256 / 224)); the "
+                         "evaluators: the checkpoint's training setting", domain=">= 1", nullable=True,
+                         scripts=BOTH),
+    "drop_path": Field("model", 0.1, "float", "stochastic depth rate", domain="[0, 1)"),
+    "num_spatial_blocks": Field("model", 3, "int", "number of final spatial-aware blocks", domain=">= 0"),
+    "attn_impl": Field("model", "fused", "str", "attention implementation", choices=("fused", "naive")),
+    "area_thr": Field("model", 0.25, "float", "area prior of the batch area loss (the paper's lambda)",
+                      domain="(0, 1)"),
+    "area_loss_scope": Field("model", "global", "int", "images the batch area loss averages over: global = one "
+                             "micro-batch of every process; process = each process's own micro-batch; N = groups of "
+                             "N images of the processes' micro-batches in rank order, one term per group, averaged",
+                             domain=">= 1", words=("global", "process")),
+    # optimisation
+    "epochs": Field("optimisation", 30, "int", "training epochs", domain=">= 1"),
+    "batch_size": Field("optimisation", 256, "int", "GLOBAL batch of one optimizer step: each process loads "
+                        "batch_size / (processes x accum_steps) images per micro-batch (must divide exactly)",
+                        domain=">= 1"),
+    "accum_steps": Field("optimisation", 1, "int", "micro-batches per optimizer step (gradient accumulation); each "
+                         "micro-batch has its own batch area loss, so K > 1 changes that loss; images per epoch "
+                         "are unchanged", domain=">= 1"),
+    "lr": Field("optimisation", 1e-4, "float", "AdamW learning rate", domain="> 0"),
+    "min_lr": Field("optimisation", 1e-6, "float", "final learning rate of the cosine schedule", domain=">= 0"),
+    "weight_decay": Field("optimisation", 0.05, "float", "AdamW weight decay (never on 1-D parameters and biases)",
+                          domain=">= 0"),
+    "decay_tokens": Field("optimisation", True, "bool", "weight decay also on cls_token, loc_token, pos_embed, "
+                          "loc_embed (false exempts them, as DeiT does)"),
+    "lr_schedule": Field("optimisation", "constant", "str", "learning-rate schedule after the warm-up",
+                         choices=("constant", "cosine")),
+    "warmup_epochs": Field("optimisation", 0.0, "float", "linear warm-up epochs (either schedule)", domain=">= 0"),
+    "clip_grad": Field("optimisation", None, "float", "clip the gradient norm to this value", domain="> 0",
+                       nullable=True),
+    "trainable": Field("optimisation", "all", "str", "parameters to train: all, sat (spatial token + spatial-aware "
+                       "blocks + head), head, or last:K (spatial token + the last K blocks + head)"),
+    # data
+    "data_format": Field("data", "cub", "str", "dataset format (evaluator_ImageNet.py: always imagenet)",
+                         choices=("cub", "imagenet", "wsol", "folder", "dogs", "cars", "aircraft"),
+                         scripts=NOT_IMAGENET_EVAL),
+    "data_root": Field("data", None, "str", "dataset root (null: the synthetic demo dataset; train_ImageNet.py and "
+                       "evaluator_ImageNet.py need one)", nullable=True, scripts=BOTH),
+    "metadata_root": Field("data", None, "str", "wsolevaluation metadata folder (<split>/image_ids.txt ...)",
+                           nullable=True, scripts=NOT_IMAGENET_EVAL),
+    "val_boxes": Field("data", None, "str", "ImageNet val boxes (XML folder, LOC_val_solution.csv or val_gt.txt; "
+                       "null: looked for under data_root) or the folder format's boxes CSV (null: "
+                       "<data_root>/boxes.csv)", nullable=True, scripts=BOTH),
+    "val_split": Field("data", False, "bool", "select the model and threshold on the held-out 'val' split "
+                       "(wsolevaluation train-fullsup) instead of test"),
+    "images_per_class": Field("data", None, "int", "few-shot: train on N images per class", domain=">= 1",
+                              nullable=True),
+    "drop_last": Field("data", False, "bool", "drop each epoch's last partial training batch"),
+    "check_train_split": Field("data", False, "bool", "also check every training image before the first step (the "
+                               "evaluation splits always are; bad ones are then skipped, or an error with "
+                               "strict_data)"),
+    "strict_data": Field("data", False, "bool", "stop at an unreadable training image instead of skipping it with "
+                         "a warning"),
+    "gpu_decode": Field("data", False, "bool", "decode JPEGs (batched nvJPEG on CUDA) and resize on the device "
+                        "instead of PIL in the workers; pixels differ slightly from PIL's", scripts=BOTH),
+    # evaluation
+    "eval_thresholds": Field("evaluation", list(TRAIN_THRESHOLDS), "floats", "map thresholds searched at each "
+                             "evaluation during training", domain="[0, 1]"),
+    "eval_start_epoch": Field("evaluation", 26, "int", "first epoch (1-based) evaluated for model selection; the "
+                              "last epoch is always evaluated", domain=">= 1"),
+    "eval_every": Field("evaluation", 1, "int", "from eval_start_epoch, evaluate every N epochs (and after the "
+                        "last)", domain=">= 1"),
+    "eval_batch_size": Field("evaluation", None, "int", "images per evaluation forward per process (null: train.py "
+                             f"the training micro-batch, the evaluators {EVALUATOR_BATCH})", domain=">= 1",
+                             nullable=True, scripts=BOTH),
+    "eval_protocol": Field("evaluation", "auto", "str", "sat = the sat protocol (Top-1 / Top-5 / GT-known Loc, "
+                           "needs boxes), wsol = the wsol protocol (MaxBoxAcc / MaxBoxAccV2 with boxes, PxAP with "
+                           "masks), both, cls = classification only; auto = from the data (boxes: sat, masks "
+                           "only: wsol, neither: cls), logged", choices=("auto", "sat", "wsol", "both", "cls"),
+                           scripts=BOTH),
+    "selection_metric": Field("evaluation", "loc", "str", "metric choosing best.pth, the first epoch reaching its "
+                              "maximum: loc = Top-1 Loc + GT-known Loc, top1_loc, gt_known_loc, top1_cls, "
+                              "maxboxaccv2 or pxap; one the evaluation does not produce falls back (logged) to "
+                              "the protocol's first: loc, maxboxaccv2 or pxap, top1_cls",
+                              choices=("loc", "top1_loc", "gt_known_loc", "top1_cls", "maxboxaccv2", "pxap")),
+    # test
+    "threshold": Field("test", 0.4, "float", "map threshold of the reported sat-protocol numbers", domain="[0, 1]",
+                       scripts=BOTH),
+    "tencrop": Field("test", True, "bool", "ten-crop classification in the reported numbers (sat protocol)",
+                     scripts=BOTH),
+    "report_best_threshold": Field("test", False, "bool", "results.json also gets a 'best_threshold' section: the "
+                                   "test metrics at the best of eval_thresholds, chosen on the test split itself "
+                                   "(one more test pass)"),
+    "overlays": Field("test", 0, "int", "draw the overlays (map, boxes) of the first N images in dataset order "
+                      "into <output_dir>/overlays/; 0: none, all: every image", domain=">= 0", words=("all",),
+                      scripts=BOTH),
+    # run
+    "output_dir": Field("run", "output/run", "str", "folder of the outputs: checkpoints, logs, metrics, results "
+                        "(the evaluators: output/eval)", scripts=BOTH, evaluator_default="output/eval"),
+    "seed": Field("run", 6, "int", "random seed (each process adds its rank)"),
+    "device": Field("run", "auto", "str", "auto = CUDA when available", choices=("auto", "cuda", "cpu"),
+                    scripts=BOTH),
+    "amp": Field("run", False, "amp", "mixed precision: false = fp32; true = bf16 autocast (CUDA: fp16 + grad "
+                 "scaler on GPUs without bf16; CPU: needs native bf16); auto = true where supported, else fp32. "
+                 "train.py's final test is always fp32", scripts=BOTH),
+    "workers": Field("run", 8, "int", "data loading processes per process (the evaluators: 4, at most the number "
+                     "of CPUs)", domain=">= 0", scripts=BOTH, evaluator_default=min(4, os.cpu_count() or 1)),
+    "cache_images": Field("run", False, "bool", "keep each split's decoded, resized images in "
+                          "<output_dir>/image_cache (filled during the first epoch; later epochs skip decoding); "
+                          "removed when the run finishes"),
+    "compile": Field("run", False, "bool", "torch.compile the model"),
+    "save_every_steps": Field("run", None, "int", "also write last.pth every N optimizer steps, with the position "
+                              "in the epoch (--resume then continues mid-epoch); null: at each epoch's end only",
+                              domain=">= 1", nullable=True),
+    "log_every": Field("run", 20, "int", "read the losses back (one host sync) and log every N optimizer steps",
+                       domain=">= 1"),
+    # evaluator
+    "checkpoint": Field("evaluator", None, "str", "checkpoint of this project or an official SAT release file",
+                        nullable=True),
+    "maps": Field("evaluator", None, "str", "evaluate saved localization maps of any method instead of a "
+                  "checkpoint (docs/evaluation.md)", nullable=True),
+    "num_classes": Field("evaluator", None, "int", "classes of the model (null: read off the head's shape)",
+                         domain=">= 1", nullable=True),
+    "split": Field("evaluator", "test", "str", "split to evaluate: test, or val (wsolevaluation train-fullsup)",
+                   choices=("test", "val"), scripts=("evaluate",)),
+    "thresholds": Field("evaluator", [], "floats", "map thresholds searched on the evaluated split: the best (GT-known "
+                        "+ Top-1 Loc) is reported under best_threshold, never as the headline", domain="[0, 1]"),
+    "wsol_threshold": Field("evaluator", None, "float", "wsol protocol: also report box accuracy at this map "
+                            "threshold (e.g. maxboxacc_threshold chosen on --split val) and draw overlays at it "
+                            "(null: at MaxBoxAcc's)", domain="[0, 1]", nullable=True),
+    "save_maps": Field("evaluator", None, "str", "write each image's normalised maps as DIR/sat/<image_id>.npy and "
+                       "DIR/wsol/<image_id>.npy", nullable=True),
+    "save_boxes": Field("evaluator", None, "str", "write the sat protocol's boxes of the whole split (at threshold, "
+                        "original pixels) as a COCO-format detection FILE (file_name: the image id)", nullable=True),
+    "box_processes": Field("evaluator", None, "int", "extract boxes in N processes (0: a thread pool): same "
+                           "numbers, scales with cores (null: on a GPU machine half of this process's share of the "
+                           "CPUs, at most 8; else 0)", domain=">= 0", nullable=True),
+}
+METAVARS = {"area_loss_scope": "{global,process,N}", "save_maps": "DIR", "maps": "DIR", "save_boxes": "FILE", "checkpoint": "FILE", "overlays": "N|all",
+            "threshold": "T", "thresholds": "T", "wsol_threshold": "T", "eval_thresholds": "T"}
+# Keys and flags of earlier versions: (new key, what its value is now, why).
+RENAMED = {
+    "test_tencrop": ("tencrop", "", ""),
+    "save_images": ("overlays", " N", " (overlays are written to <output-dir>/overlays/)"),
+    "max_images": ("overlays", " N", " (overlays are written to <output-dir>/overlays/)"),
+    "save_scoremaps": ("save_maps", " DIR", ""),
+    "format": ("data_format", "", ""),
+    "batch_size": ("eval_batch_size", " N", ""),  # the evaluators' --batch-size; training's batch_size stays
+}
 
 
-def _nullable(convert):
-    def parse(text):
-        return None if str(text).lower() in ("none", "null") else convert(text)
-    parse.__name__ = convert.__name__
-    return parse
+def keys_of(script):
+    """The keys ``script`` takes (as flags and, by section, from a config file)."""
+    return [key for key, field in FIELDS.items() if script in field.scripts]
 
 
-def build_parser(description):
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
-                                     epilog="Flags override the --config file, which overrides the built-in defaults.")
-    parser.add_argument("--config", help="YAML file of config keys (default: train.py config/demo.yaml without "
-                                         "--data-root, else config/CUB.yaml; train_ImageNet.py config/ILSVRC.yaml)")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                        help="continue a run: from PATH, or from <output-dir>/checkpoints/last.pth when no PATH")
-    parser.add_argument("--overwrite", action="store_true", default=False,
-                        help="start again in an --output-dir that holds a previous run (its checkpoints, metrics, "
-                             "results, logs and images are deleted first); without it such a folder is refused")
-    # torch.distributed.launch passes --local-rank (older versions --local_rank); torchrun sets LOCAL_RANK.
-    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
-                        help=argparse.SUPPRESS)
-    for key, field in FIELDS.items():
-        flag = "--" + key.replace("_", "-")
-        text = field.help if field.default is None else f"{field.help} (built-in default: {field.default})"
-        if field.kind == "bool":
-            parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=text)
-        elif field.kind == "amp":
-            parser.add_argument(flag, dest=key, nargs="?", const=True, type=_amp, help=text + "; --amp = true")
-            parser.add_argument("--no-" + flag[2:], dest=key, action="store_false", help="same as --amp false")
-        else:
-            convert = _nullable(CONVERTERS[field.kind]) if field.nullable else CONVERTERS[field.kind]
-            parser.add_argument(flag, dest=key, type=convert, nargs="+" if field.kind == "floats" else None,
-                                choices=field.choices, metavar=None if field.choices else key.upper(), help=text)
-    return parser
+def _reads(script, key):
+    """Whether ``script`` takes ``key`` from a config file: its section is one the script reads."""
+    return key in keys_of(script) and FIELDS[key].section in FILE_SECTIONS[_kind(script)]
 
 
-def _check_value(key, value, where):
-    """The YAML value of ``key`` checked against its field (ints are accepted for floats)."""
-    field = FIELDS[key]
-    expected = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-                "floats": "a list of numbers", "amp": "auto, true or false",
-                "pretrained": "true, false or a file path",
-                "area_scope": f"one of {', '.join(AREA_LOSS_SCOPES)} or a number of images >= 1"}[field.kind]
-    if value is None and field.nullable:
-        return None
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": is_number,
-        "str": isinstance(value, str),
-        "bool": isinstance(value, bool),
-        "floats": isinstance(value, list) and bool(value)
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
-        "amp": isinstance(value, bool) or value == "auto",
-        "pretrained": isinstance(value, (bool, str)),
-        "area_scope": value in AREA_LOSS_SCOPES or (type(value) is int and value >= 1),
-    }[field.kind]
-    if not ok:
-        raise ConfigError(f"{where}: {key} must be {expected}{' or null' if field.nullable else ''}, got {value!r}")
-    if field.choices and value not in field.choices:
-        raise ConfigError(f"{where}: {key} must be one of {', '.join(field.choices)}, got {value!r}")
-    if field.kind == "float":
-        return float(value)
-    if field.kind == "floats":
-        return [float(v) for v in value]
-    return value
+def _kind(script):
+    return "train" if script in TRAINERS else "evaluate"
 
 
+def defaults_of(script):
+    """The built-in defaults of ``script``'s keys (its config file of defaults not applied)."""
+    evaluator = script in EVALUATORS
+    return {key: FIELDS[key].evaluator_default if evaluator else FIELDS[key].default for key in keys_of(script)}
+
+
+# ------------------------------------------------------------------------------------------ files
 class _Loader(yaml.SafeLoader):
     """SafeLoader that reads numbers as YAML 1.2 does: ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``)."""
 
@@ -264,74 +366,192 @@ def read_yaml_mapping(path):
     return data
 
 
-def load_yaml(path):
-    """The keys of a config file, checked: unknown keys and wrong types raise ConfigError."""
+def load_yaml(path, _seen=()):
+    """The keys of a config file, checked, over those of its ``base:`` file (a path relative to it);
+    unknown or renamed keys and wrong values raise ConfigError naming the file."""
+    path = Path(path)
     data = read_yaml_mapping(path)
     values = {}
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"config file {path}: base must be a config file path, got {base!r}")
+        base_path = path.parent / base
+        if base_path.resolve() in _seen or base_path.resolve() == path.resolve():
+            raise ConfigError(f"config file {path}: base {base} includes this file again")
+        values = load_yaml(base_path, _seen + (path.resolve(),))
     for key, value in data.items():
         if key not in FIELDS:
+            if key in RENAMED:
+                new, _, why = RENAMED[key]
+                raise ConfigError(f"config file {path}: {key} was renamed: use {new}{why.replace('-', '_')}")
             close = difflib.get_close_matches(str(key), FIELDS, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"config file {path}: unknown key {key!r}{hint}")
-        values[key] = _check_value(key, value, f"config file {path}")
+        try:
+            values[key] = FIELDS[key].check(value)
+        except ValueError as err:
+            raise ConfigError(f"config file {path}: {key} must be {err}, got {value!r}") from None
     return values
 
 
-def validate(cfg):
-    """Range checks across keys; raise ConfigError naming the key."""
-    positive = ("epochs", "batch_size", "accum_steps", "img_size", "eval_start_epoch", "eval_every", "log_every")
-    for key in positive:
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    for key in ("images_per_class", "eval_batch_size", "resize_size", "save_every_steps"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            raise ConfigError(f"{key} must be at least 1 or null, got {getattr(cfg, key)}")
-    if cfg.img_size % 16:
-        raise ConfigError(f"img_size must be a multiple of the patch size 16, got {cfg.img_size}")
-    if cfg.resize_size is not None and cfg.resize_size < cfg.img_size:
-        raise ConfigError(f"resize_size ({cfg.resize_size}) must be at least img_size ({cfg.img_size})")
-    if not 0 < cfg.area_thr < 1:
-        raise ConfigError(f"area_thr must be in (0, 1), got {cfg.area_thr}")
-    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.weight_decay < 0:
-        raise ConfigError(f"lr must be > 0 and min_lr, weight_decay >= 0, got {cfg.lr}, {cfg.min_lr}, "
-                          f"{cfg.weight_decay}")
-    if cfg.warmup_epochs < 0:
-        raise ConfigError(f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
-    if not 0 <= cfg.drop_path < 1:
-        raise ConfigError(f"drop_path must be in [0, 1), got {cfg.drop_path}")
-    if cfg.clip_grad is not None and cfg.clip_grad <= 0:
-        raise ConfigError(f"clip_grad must be > 0 or null, got {cfg.clip_grad}")
-    if not all(0 <= t < 1 for t in cfg.eval_thresholds):
-        raise ConfigError(f"eval_thresholds must lie in [0, 1), got {cfg.eval_thresholds}")
-    trainable_blocks(cfg.trainable)
-    if not 0 <= cfg.threshold < 1:
-        raise ConfigError(f"threshold must lie in [0, 1), got {cfg.threshold}")
-    if cfg.workers < 0 or cfg.save_images < 0:
-        raise ConfigError(f"workers and save_images must be >= 0, got {cfg.workers}, {cfg.save_images}")
+# ------------------------------------------------------------------------------------------ flags
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one ConfigError line naming the flag (``--help`` keeps the usage)."""
+
+    def error(self, message):
+        raise ConfigError(re.sub(r"^argument (--[\w-]+)(/--no-[\w-]+)?: ", r"\1: ", message))
 
 
-def parse_config(argv=None, description=None, default_config=None):
-    """Defaults < ``--config`` file (or ``default_config(cli)`` when no file is given) < flags.
+def build_parser(script, defaults=None):
+    """The flags of ``script``; ``defaults`` (shown in --help): :func:`script_defaults`."""
+    spec, evaluator = SCRIPTS[script], script in EVALUATORS
+    parser = _Parser(prog=spec.file, description=spec.description, argument_default=argparse.SUPPRESS,
+                     allow_abbrev=False, epilog="Flags override the --config file, which overrides the defaults "
+                                                "(every key: docs/config.md).")
+    if evaluator:
+        parser.add_argument("--config", metavar="FILE", help="YAML file of config keys, e.g. a training config: "
+                            f"its {', '.join(FILE_SECTIONS['evaluate'])} keys are read, the others ignored "
+                            f"(defaults: config/{spec.defaults})")
+    else:
+        parser.add_argument("--config", metavar="FILE", help="YAML file of config keys (default: " + (
+            f"config/{DEMO_CONFIG} without --data-root, else config/{spec.defaults})" if script == "train"
+            else f"config/{spec.defaults})"))
+        parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
+                            help="continue a run: from PATH, or from <output-dir>/checkpoints/last.pth when no PATH")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="start again in an --output-dir that holds a previous run (its checkpoints, "
+                                 "metrics, results, logs and images are deleted first); without it such a folder "
+                                 "is refused")
+        # torch.distributed.launch passes --local-rank (older versions --local_rank); torchrun sets LOCAL_RANK.
+        parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    defaults = script_defaults(script) if defaults is None else defaults
+    groups = {section: parser.add_argument_group(section, text) for section, text in SECTIONS.items()
+              if any(FIELDS[key].section == section for key in defaults)}
+    for key, default in defaults.items():
+        field, flag = FIELDS[key], "--" + key.replace("_", "-")
+        group = groups[field.section]
+        text = field.help if default in (None, []) else f"{field.help} (default: {_show(default)})"
+        if field.kind == "bool":
+            group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=text)
+        elif field.kind == "amp":
+            group.add_argument(flag, dest=key, nargs="?", const=True, type=field.parse, metavar="{true,false,auto}",
+                               help=text + "; --amp = true")
+            group.add_argument("--no-" + flag[2:], dest=key, action="store_false", help="same as --amp false")
+        else:
+            metavar = "{" + ",".join(field.choices) + "}" if field.choices else \
+                METAVARS.get(key, {"int": "N", "float": "X"}.get(field.kind, key.upper()))
+            group.add_argument(flag, dest=key, type=field.parse, nargs="+" if field.kind == "floats" else None,
+                               metavar=metavar, help=text)
+    return parser
 
-    Returns the resolved ``argparse.Namespace`` (config keys plus ``config``, ``resume``, ``overwrite``,
-    ``local_rank``).
-    """
-    cli = vars(build_parser(description).parse_args(argv))
-    config_file = cli.get("config") or (default_config(cli) if default_config else None)
-    values = {key: field.default for key, field in FIELDS.items()}
-    if config_file:
-        values.update(load_yaml(config_file))
-    values.update({key: value for key, value in cli.items() if key in FIELDS})
-    cfg = argparse.Namespace(**values, config=str(config_file) if config_file else None,
-                             resume=cli.get("resume"), overwrite=cli.get("overwrite", False),
-                             local_rank=cli.get("local_rank"))
-    validate(cfg)
+
+def _unknown_flag(token, script, parser):
+    """The error line of a command-line word the parser does not know."""
+    flag = token.split("=", 1)[0]
+    if not flag.startswith("-"):
+        return f"unexpected argument {token!r}"
+    name = flag.lstrip("-")
+    negated, key = name.startswith("no-"), name.removeprefix("no-").replace("-", "_")
+    if key in RENAMED and key not in keys_of(script):
+        new, metavar, why = RENAMED[key]
+        new_flag = "--" + ("no-" if negated else "") + new.replace("_", "-")
+        return f"{flag} was renamed: use {new_flag}{'' if negated else metavar}{why}"
+    if key in FIELDS:
+        others = [SCRIPTS[s].file for s in FIELDS[key].scripts]
+        return (f"unknown flag {flag} ({SCRIPTS[script].file} does not take it; {', '.join(others[:-1])}"
+                f"{' and ' if len(others) > 1 else ''}{others[-1]} do)")
+    # what a flag (or a renamed one) stands for now
+    meaning = {option: option for option in parser._option_string_actions if option.startswith("--")
+               and option != "--help"}
+    meaning.update({"--" + old.replace("_", "-"): "--" + new.replace("_", "-") for old, (new, _, _) in RENAMED.items()
+                    if old not in keys_of(script)})
+    prefixed = [option for option in meaning if option.startswith(flag)]
+    close = difflib.get_close_matches(flag, prefixed or meaning, n=1, cutoff=0 if prefixed else 0.6)
+    if close:
+        return f"unknown flag {flag} (did you mean {meaning[close[0]]}?)"
+    return f"unknown flag {flag}"
+
+
+# ---------------------------------------------------------------------------------------- resolve
+def script_defaults(script):
+    """``script``'s defaults: the built-in ones, and for the evaluators the keys of their config file of
+    defaults (config/CUB.yaml, config/ILSVRC.yaml) that they read."""
+    values = defaults_of(script)
+    if script in EVALUATORS:
+        values.update(_read(CONFIG_DIR / SCRIPTS[script].defaults, script)[0])
+    return values
+
+
+def _read(path, script):
+    """(values ``script`` reads from the config file, the keys it ignores)."""
+    values = load_yaml(path)
+    return ({key: value for key, value in values.items() if _reads(script, key)},
+            [key for key in values if not _reads(script, key)])
+
+
+def _default_config(script, data_root):
+    if script == "train" and data_root is None:
+        return CONFIG_DIR / DEMO_CONFIG
+    return CONFIG_DIR / SCRIPTS[script].defaults
+
+
+def parse_config(argv=None, script="train"):
+    """The resolved configuration of ``script`` (train, train_imagenet, evaluate, evaluate_imagenet): defaults <
+    config file < flags. The training scripts read ``--config`` or, without it, their config file of defaults
+    (said on stdout); the evaluators read ``--config`` over theirs. Returns an ``argparse.Namespace`` of the
+    script's keys plus ``config`` and ``ignored_config_keys`` (keys of --config the script does not read), and
+    for training ``resume``, ``overwrite``, ``local_rank``."""
+    values = script_defaults(script)
+    parser = build_parser(script, values)
+    cli, extra = parser.parse_known_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    if extra:
+        raise ConfigError(_unknown_flag(extra[0], script, parser))
+    cli = vars(cli)
+    ignored, config = [], cli.get("config")
+    if script in TRAINERS and config is None:
+        config = _default_config(script, cli.get("data_root"))
+        if os.environ.get("RANK", "0") == "0":
+            print(f"no --config: using config/{config.name}", flush=True)
+    if config is not None:
+        read, ignored = _read(config, script)
+        values.update(read)
+    values.update({key: value for key, value in cli.items() if key in values})
+    cfg = argparse.Namespace(**values, config=None if config is None else str(config), ignored_config_keys=ignored)
+    if script in TRAINERS:
+        cfg.resume, cfg.overwrite = cli.get("resume"), cli.get("overwrite", False)
+        cfg.local_rank = cli.get("local_rank")
+    elif cfg.eval_batch_size is None:
+        cfg.eval_batch_size = EVALUATOR_BATCH
+    validate(cfg, script)
     return cfg
+
+
+def validate(cfg, script):
+    """Checks across keys (each key's own values are checked as it is read); ConfigError naming the keys."""
+    if script in TRAINERS:
+        if cfg.img_size % 16:
+            raise ConfigError(f"img_size must be a multiple of the patch size 16, got {cfg.img_size}")
+        if cfg.resize_size is not None and cfg.resize_size < cfg.img_size:
+            raise ConfigError(f"resize_size ({cfg.resize_size}) must be at least img_size ({cfg.img_size})")
+        if not cfg.eval_thresholds:
+            raise ConfigError("eval_thresholds must list at least one map threshold")
+        trainable_blocks(cfg.trainable)
+        return
+    if cfg.checkpoint is None and cfg.maps is None:
+        raise ConfigError("--checkpoint is required (on the command line or in --config), or --maps DIR")
+    if cfg.checkpoint is not None and cfg.maps is not None:
+        raise ConfigError("--checkpoint and --maps exclude each other: one is evaluated")
+    if script == "evaluate_imagenet" and cfg.data_root is None:
+        raise ConfigError("--data-root is required (the ILSVRC2012 folder with val/ and train/<wnid>/)")
+    if script == "evaluate" and cfg.data_format == "imagenet":
+        raise ConfigError("--data-format imagenet: use evaluator_ImageNet.py, which reads the ILSVRC2012 layout with "
+                          "the official ImageNet settings (config/ILSVRC.yaml)")
 
 
 def config_dict(cfg):
     """The config keys of ``cfg`` (what is saved and compared on resume)."""
-    return {key: getattr(cfg, key) for key in FIELDS}
+    return {key: getattr(cfg, key) for key in FIELDS if hasattr(cfg, key)}
 
 
 def save_config(cfg, path):
@@ -339,3 +559,44 @@ def save_config(cfg, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     header = f"# resolved configuration (from {cfg.config or 'built-in defaults'} and command-line flags)\n"
     path.write_text(header + yaml.safe_dump(config_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# -------------------------------------------------------------------------------------- reference
+def _show(value):
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def _scripts_label(scripts):
+    trains = [SCRIPTS[s].file for s in scripts if s in TRAINERS]
+    evaluates = [SCRIPTS[s].file for s in scripts if s in EVALUATORS]
+    return ", ".join((["training"] if len(trains) == 2 else trains) + (["evaluators"] if len(evaluates) == 2
+                                                                        else evaluates))
+
+
+def markdown():
+    """docs/config.md: every key by section (name, default, accepted values, scripts, description)."""
+    lines = ["# Config keys", "",
+             "Generated from `utils/config.py` by `python -m utils.config --markdown > docs/config.md`.", "",
+             "Every key is a config-file key and a flag (`eval_batch_size` -> `--eval-batch-size`; booleans also "
+             "take `--no-...`). Flags override the config file, which overrides the defaults. A config file may "
+             "start from another one: `base: CUB.yaml` (a path relative to the file), then states what differs.",
+             "",
+             "Defaults: the built-in ones are the official CUB settings (`config/CUB.yaml`). `train.py` without "
+             f"`--config` reads `config/CUB.yaml` (`config/{DEMO_CONFIG}` without `--data-root`), "
+             "`train_ImageNet.py` `config/ILSVRC.yaml`. `evaluator.py` takes the data, evaluation and test keys "
+             "of `config/CUB.yaml` as its defaults, `evaluator_ImageNet.py` those of `config/ILSVRC.yaml` "
+             "(threshold 0.3, no ten-crop); a `--config` file overrides them.", ""]
+    for section, text in SECTIONS.items():
+        lines += [f"## {section}", "", text, "", "| key | default | values | scripts | description |",
+                  "| :-- | :-- | :-- | :-- | :-- |"]
+        lines += [f"| `{key}` | `{_show(field.default)}` | {field.expected()} | {_scripts_label(field.scripts)} | "
+                  f"{field.help.replace('<', '&lt;')} |"
+                  for key, field in FIELDS.items() if field.section == section]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m utils.config --markdown > docs/config.md")
+    print(markdown(), end="")
