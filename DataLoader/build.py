@@ -3,15 +3,15 @@ from pathlib import Path
 
 from utils.errors import DataError
 
-from .aircraft import AIRCRAFT_LAYOUT, load_aircraft
-from .cars import CARS_LAYOUT, load_cars
-from .cub import CUB_FILES, CUB_LAYOUT, load_cub
+from .formats.aircraft import AIRCRAFT_LAYOUT, load_aircraft
+from .formats.cars import CARS_LAYOUT, load_cars
+from .formats.cub import CUB_FILES, CUB_LAYOUT, load_cub
 from .dataset import WSOLDataset
-from .dogs import DOGS_LAYOUT, load_dogs
-from .folder import FOLDER_LAYOUT, load_folder
-from .imagenet import load_imagenet
+from .formats.dogs import DOGS_LAYOUT, load_dogs
+from .formats.folder import FOLDER_LAYOUT, load_folder
+from .formats.imagenet import load_imagenet
 from .subsets import few_shot
-from .wsol_metadata import load_wsol
+from .formats.wsol import load_wsol
 
 FORMATS = ("cub", "imagenet", "wsol", "folder", "dogs", "cars", "aircraft")
 SPLITS = ("train", "val", "test")
@@ -48,16 +48,11 @@ def check_data_root(fmt, root):
 
 def build_dataset(fmt, root, split, transform=None, *, images_per_class=None, seed=0, metadata_root=None,
                   val_boxes=None, strict=False):
-    """A WSOLDataset of ``split`` ('train', 'val' or 'test') of the data at ``root``.
-
-    fmt 'cub' | 'imagenet' | 'folder' | 'dogs' | 'cars' | 'aircraft' read the layouts users have on
-    disk, each as distributed ('test' of imagenet is the
-    ILSVRC val set; ``val_boxes`` overrides where its boxes come from, or the folder format's
-    boxes CSV). fmt 'wsol', or any fmt with ``metadata_root``, reads wsolevaluation metadata from
-    ``metadata_root/<split>/`` with images under ``root`` (under ``root/images`` for a CUB release).
-    ``transform`` defaults to the official train or test transform; ``images_per_class`` keeps a
-    seeded few-shot subset; ``strict`` turns unreadable train images into errors.
-    """
+    """A WSOLDataset of ``split`` ('train', 'val' or 'test'; ImageNet's 'test' is its val set) of the data at
+    ``root`` in format ``fmt`` (FORMATS, each as distributed; 'wsol' or any format with ``metadata_root``:
+    wsolevaluation metadata). ``val_boxes``: ImageNet's box source or the folder format's CSV; ``transform``:
+    the official one by default; ``images_per_class``: a seeded few-shot subset; ``strict``: unreadable
+    training images are errors."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
     check_data_root("wsol" if metadata_root is not None and fmt in FORMATS else fmt, root)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from utils.errors import DataError
 
-from .annotations import check_boxes
+from .formats.annotations import check_boxes
 from .dataset import UNREADABLE
 
 _logger = logging.getLogger("sat")

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from utils.errors import DataError
 
-from .annotations import check_boxes
+from .formats.annotations import check_boxes
 
 # What PIL raises for missing, truncated or corrupt files.
 UNREADABLE = (OSError, ValueError, SyntaxError)
@@ -40,20 +40,11 @@ def size_difference_warning(count):
 
 
 class WSOLDataset(Dataset):
-    """Items of one split read from ``image_root``.
-
-    Train samples: ``{'image', 'label', 'index'}``. Evaluation samples (``evaluation=True``) add
-    ``'boxes'`` (K, 4) float32 in original pixels, ``'size'`` (W, H) of those pixels, ``'file_size'`` (W, H)
-    of the decoded file, ``'image_id'`` and, for mask datasets, ``'mask_paths'`` and ``'ignore_path'``.
-    ``'size'`` is the size the annotation states where it states one (ImageNet val_gt.txt and XML files,
-    Stanford Dogs XML files, wsolevaluation image_sizes.txt), else the file's: boxes are mapped into the
-    crop with it, as the official code maps them with the sizes written in its box lists.
-
-    An unreadable image in a train split gives a ``Skipped`` naming the file (dropped by
-    ``collate_samples``, logged by the training loop in the main process, so that it reaches log.txt
-    whatever the warning filters) unless ``strict``; in an evaluation split it is always a DataError, so
-    that metrics cover the whole split.
-    """
+    """Items of one split read from ``image_root``: samples ``{'image', 'label', 'index'}``, and in evaluation
+    splits also ``'boxes'`` (original pixels), ``'size'`` (the size the annotation states, else the file's: the
+    official code maps boxes with its lists' sizes), ``'file_size'``, ``'image_id'`` and mask paths.
+    An unreadable training image gives a ``Skipped`` naming it (dropped and logged by the training loop)
+    unless ``strict``; in an evaluation split it is a DataError, so that metrics cover the whole split."""
 
     def __init__(self, image_root, items, classes, transform, *, evaluation, strict=False):
         self.image_root = str(image_root)

@@ -138,25 +138,13 @@ class _SeededSamples(Dataset):
 
 
 class BatchLoader:
-    """Batches of ``batch_size`` samples of ``dataset`` in ``sampler``'s order (in order without one), each
-    read by ``parts`` workers at once: every batch is split into ``parts`` slices, each loaded and collated by
-    one worker, and a thread of the main process joins them (``merge_batches``, into pinned memory with
-    CUDA) while the caller computes on the previous batch. The batches are those of a DataLoader of the same
-    sampler and batch size.
-
-    Why: a worker that loads a whole batch makes the first batch of every pass wait for one worker to decode
-    all of it (each epoch and each evaluation starts idle) and leaves workers idle in the last round of a
-    pass; with slices every worker works on every batch. ``parts`` defaults to the number of workers (at
-    most one per ``MIN_PART`` images); 1 loads whole batches, as a plain DataLoader (and the official code)
-    does.
-
-    With workers, each sample's random draws (the training crop and flip) are seeded by ``sample_seed(seed,
-    epoch, index)`` (``epoch``: the sampler's), so that they are the same whatever the number of workers,
-    slices or processes, and a run resumed in the middle of an epoch draws what the uninterrupted run drew.
-    Without workers the samples are read by the caller's thread, with its RNG, in order (no slices): also
-    reproducible, with other crops. Persistent workers when workers > 0. ``sampler`` and ``dataset`` are
-    those given. The DataLoader gets a generator of its own (seeded with ``seed``) for the workers' base seed:
-    without one it would draw that seed from torch's global RNG, which the training run's draws come from."""
+    """The batches of a DataLoader of the same ``sampler`` and ``batch_size``, each split into ``parts`` slices
+    loaded by all workers at once and joined by a thread of the main process (into pinned memory with CUDA)
+    while the caller computes: a worker loading a whole batch leaves every pass's start waiting for it.
+    With workers each sample's crop and flip are seeded by ``sample_seed(seed, epoch, index)``: the same for
+    any number of workers, slices or processes, and after a mid-epoch resume. Without workers the caller's
+    thread reads the samples in order with its RNG. The workers' base seed comes from a generator of its own,
+    so that loading draws nothing from torch's global RNG."""
 
     def __init__(self, dataset, batch_size, sampler=None, *, workers, drop_last=False, seed=0, parts=None):
         self.dataset, self.sampler = dataset, sampler

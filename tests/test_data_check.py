@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from DataLoader import WSOLDataset, build_dataset, make_demo_dataset
-from DataLoader.annotations import Item
+from DataLoader.formats.annotations import Item
 from DataLoader.check import CHUNK, check_split, check_splits
 from tools.check_dataset import main as check_main
 from utils.errors import DataError, run_cli
@@ -154,7 +154,7 @@ def test_workers_find_what_one_process_finds(tmp_path):
 
 
 def test_check_dataset_counts_the_boxes_it_read_and_reports_truncated_files(cub, capsys):
-    run_cli(check_main, ["--format", "cub", "--data-root", str(cub)])
+    run_cli(check_main, ["--data-format", "cub", "--data-root", str(cub)])
     lines = capsys.readouterr().out.splitlines()
     assert lines[:-1] == ["train: 6 images, 2 classes, 6 boxes, 0 with masks, 0 bad",
                           "test: 4 images, 2 classes, 4 boxes, 0 with masks, 0 bad"]
@@ -164,7 +164,7 @@ def test_check_dataset_counts_the_boxes_it_read_and_reports_truncated_files(cub,
     bad = cub_paths(cub, train=False)[0]
     bad.write_bytes(bad.read_bytes()[:-30])
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(check_main, ["--format", "cub", "--data-root", str(cub)])
+        run_cli(check_main, ["--data-format", "cub", "--data-root", str(cub)])
     assert exit_info.value.code == 2
     out, err = capsys.readouterr()
     assert out.splitlines()[:-1] == ["train: 6 images, 2 classes, 5 boxes, 0 with masks, 0 bad",

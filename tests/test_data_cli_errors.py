@@ -53,56 +53,56 @@ def wsol_root(root):
 # name is in OWN_DATA.
 CASES = {
     "missing data root": (
-        lambda root: ["--format", "cub", "--data-root", str(root / "absent")],
+        lambda root: ["--data-format", "cub", "--data-root", str(root / "absent")],
         r"data root \S+absent: not found \(expected the CUB-200-2011 release layout\)"),
     "missing annotation file": (
-        lambda root: (root / "image_class_labels.txt").unlink() or ["--format", "cub", "--data-root", str(root)],
+        lambda root: (root / "image_class_labels.txt").unlink() or ["--data-format", "cub", "--data-root", str(root)],
         r"data root \S+: missing image_class_labels.txt \(expected the CUB-200-2011 release layout\)"),
     "wrong column count": (
-        lambda root: edit_line(root / "images.txt", 3, "3") or ["--format", "cub", "--data-root", str(root)],
+        lambda root: edit_line(root / "images.txt", 3, "3") or ["--data-format", "cub", "--data-root", str(root)],
         r"\S+images.txt line 3: expected 'image_id relative_path', got '3'"),
     "non-numeric value": (
         lambda root: edit_line(root / "bounding_boxes.txt", 2, "2 a 1 2 3") or
-        ["--format", "cub", "--data-root", str(root)],
+        ["--data-format", "cub", "--data-root", str(root)],
         r"\S+bounding_boxes.txt line 2: expected 'image_id x y width height', got '2 a 1 2 3'"),
     "image listed but absent": (
         lambda root: (root / "images/001.Ringed_Disc/Ringed_Disc_0004.jpg").unlink() or
-        ["--format", "cub", "--data-root", str(root)],
+        ["--data-format", "cub", "--data-root", str(root)],
         r"\S+images.txt line 4: image \S+/images/001.Ringed_Disc/Ringed_Disc_0004.jpg not found"),
     "box outside the image": (
         lambda root: edit_line(root / "bounding_boxes.txt", 6, "6 10.0 4.0 45.0 8.0") or
-        ["--format", "cub", "--data-root", str(root)],
+        ["--data-format", "cub", "--data-root", str(root)],
         r"test split: 1 bad image of 6: \S+.jpg \(\S+bounding_boxes.txt line 6: box \(10, 4, 55, 12\) lies outside "
         r"the 48x48 image\)"),
     "box with x1 <= x0": (
         lambda root: edit_line(root / "bounding_boxes.txt", 2, "2 10.0 4.0 -3.0 8.0") or
-        ["--format", "cub", "--data-root", str(root)],
+        ["--data-format", "cub", "--data-root", str(root)],
         r"\S+bounding_boxes.txt line 2: box \(10, 4, 7, 12\) has x1 <= x0 or y1 <= y0"),
     "label outside the class range": (
         lambda root: edit_line(root / "image_class_labels.txt", 5, "5 4") or
-        ["--format", "cub", "--data-root", str(root)],
+        ["--data-format", "cub", "--data-root", str(root)],
         r"\S+image_class_labels.txt line 5: label 4 outside the class range 1..3"),
     "unreadable train image with --strict-data": (
         lambda root: truncate(root / "images/002.Checkered_Square/Checkered_Square_0001.jpg") or
-        ["--format", "cub", "--data-root", str(root), "--split", "train", "--strict-data"],
+        ["--data-format", "cub", "--data-root", str(root), "--split", "train", "--strict-data"],
         r"train split: 1 bad image of 12: \S+Checkered_Square_0001.jpg \(OSError: Truncated File Read\)"),
     "unreadable test image": (
         lambda root: (root / "images/002.Checkered_Square/Checkered_Square_0005.jpg").write_bytes(b"") or
-        ["--format", "cub", "--data-root", str(root), "--split", "test"],
+        ["--data-format", "cub", "--data-root", str(root), "--split", "test"],
         r"test split: 1 bad image of 6: \S+Checkered_Square_0005.jpg \(not an image file PIL recognises\)"),
     "malformed val_gt.txt": (
         lambda root: (imagenet_root(root) / "val_gt.txt").write_text(
             "n01440764\\ILSVRC2012_val_00000001.JPEG 40 30 ; 1 2 3\n") and
-        ["--format", "imagenet", "--data-root", str(root), "--split", "test"],
+        ["--data-format", "imagenet", "--data-root", str(root), "--split", "test"],
         r"\S+val_gt.txt line 1: expected '<wnid>\\<file> W H ; x0 y0 x1 y1 \[x0 y0 x1 y1 \.\.\.\]', "
         r"got 'n01440764\\ILSVRC2012_val_00000001.JPEG 40 30 ; 1 2 3'"),
     "missing --val-boxes file": (
         lambda root: imagenet_root(root) and
-        ["--format", "imagenet", "--data-root", str(root), "--split", "test", "--val-boxes", str(root / "gt.csv")],
+        ["--data-format", "imagenet", "--data-root", str(root), "--split", "test", "--val-boxes", str(root / "gt.csv")],
         r"\S+gt.csv: val boxes not found \(expected a folder of PASCAL-VOC XML files, LOC_val_solution.csv or "
         r"val_gt.txt\)"),
     "missing ignore mask": (
-        lambda root: wsol_root(root) and ["--format", "wsol", "--data-root", str(root / "images"), "--split", "test",
+        lambda root: wsol_root(root) and ["--data-format", "wsol", "--data-root", str(root / "images"), "--split", "test",
                                           "--metadata-root", str(root / "meta")],
         r"\S+localization.txt line 1: file \S+mask/x_ignore.png not found"),
 }
@@ -153,7 +153,7 @@ def test_bad_input_is_one_error_line(results, name):
 def test_unreadable_train_image_is_a_warning_without_strict(tmp_path):
     root = make_demo_dataset(tmp_path / "cub", num_classes=2, train_per_class=2, test_per_class=1, image_size=40)
     truncate(root / "images/001.Ringed_Disc/Ringed_Disc_0002.jpg")
-    done = subprocess.run([sys.executable, CHECK, "--format", "cub", "--data-root", str(root)],
+    done = subprocess.run([sys.executable, CHECK, "--data-format", "cub", "--data-root", str(root)],
                           capture_output=True, text=True)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert done.stdout.splitlines()[:-1] == [

@@ -306,7 +306,7 @@ def test_aircraft_bad_input(aircraft):
 # ---------------------------------------------------------------- CLI and configs
 def test_check_dataset_reports_each_format(dogs, cars, aircraft, capsys):
     for fmt, root in (("dogs", dogs), ("cars", cars), ("aircraft", aircraft)):
-        run_cli(check_main, ["--format", fmt, "--data-root", str(root)])
+        run_cli(check_main, ["--data-format", fmt, "--data-root", str(root)])
     lines = capsys.readouterr().out.splitlines()
     assert [line for line in lines if not line.startswith("checked ")] == [
         "train: 3 images, 2 classes, 3 boxes, 0 with masks, 0 bad",
@@ -320,7 +320,7 @@ def test_check_dataset_reports_each_format(dogs, cars, aircraft, capsys):
 def test_check_dataset_error_is_one_line(cars, capsys):
     write_car_annotations(cars / "devkit" / CAR_FILES["test"], [("00002.jpg", None, (4, 6, 25, 42), 3)])
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(check_main, ["--format", "cars", "--data-root", str(cars), "--split", "test"])
+        run_cli(check_main, ["--data-format", "cars", "--data-root", str(cars), "--split", "test"])
     assert exit_info.value.code == 2
     assert re.fullmatch(r"error: test split: 1 bad image of 1: \S+00002.jpg \(\S+cars_test_annos_withlabels.mat "
                         r"annotations entry 1: box \(4, 6, 25, 42\) lies outside the 30x40 image\)\n",

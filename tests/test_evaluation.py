@@ -15,7 +15,7 @@ from Model import build_model
 from utils.boxes import gt_boxes_sat, gt_boxes_wsol, iou_plus1
 from utils.checkpoint import build_model_from_checkpoint, model_spec, save_checkpoint
 from utils.engine import default_box_processes, evaluate
-from utils.errors import ConfigError, DataError
+from utils.errors import ConfigError
 from utils.metrics import (LOC_KEYS, TRAIN_THRESHOLDS, ClassAccumulator, PxAPAccumulator, SATLocAccumulator,
                            WSOLBoxAccumulator)
 

@@ -67,8 +67,9 @@ def test_bad_path_is_one_error_line(tmp_path, capsys):
 
 def test_threshold_outside_unit_interval_is_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        predict_main(["--checkpoint", "unused.pth", "--threshold", "1.5", str(tmp_path)])
-    assert exit_info.value.code == 2 and "must lie in [0, 1], got 1.5" in capsys.readouterr().err
+        run_cli(predict_main, ["--checkpoint", "unused.pth", "--threshold", "1.5", str(tmp_path)])
+    assert exit_info.value.code == 2  # one line, no usage
+    assert capsys.readouterr().err == "error: --threshold: expected a number in [0, 1], got '1.5'\n"
 
 
 def test_whole_crop_maps_back_on_a_wide_image():
@@ -84,14 +85,14 @@ def test_coco_output_matches_the_evaluator(tmp_path):
     wide = tmp_path / "wide.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 400, 3), np.uint8)).save(wide)
     evaluated = run_script("evaluator.py", "--data-root", root, "--checkpoint", checkpoint, "--no-tencrop",
-                           "--threshold", "0.35", "--batch-size", 12, "--workers", 0, "--device", "cpu",
+                           "--threshold", "0.35", "--eval-batch-size", 12, "--workers", 0, "--device", "cpu",
                            "--output-dir", tmp_path / "eval")
     assert evaluated.returncode == 0, evaluated.stderr
     with open(tmp_path / "eval" / "per_image.csv", newline="") as f:
         rows = {row["image_id"]: row for row in csv.DictReader(f)}
     images = [root / "images" / image_id for image_id in rows]
     coco_path = tmp_path / "pseudo.json"
-    proc = run_script("tools/predict.py", "--checkpoint", checkpoint, "--threshold", "0.35", "--batch-size", 12,
+    proc = run_script("tools/predict.py", "--checkpoint", checkpoint, "--threshold", "0.35", "--eval-batch-size", 12,
                       "--device", "cpu", "--output-dir", tmp_path / "pred", "--coco", coco_path, *images, wide)
     assert proc.returncode == 0, proc.stderr
     coco = json.loads(coco_path.read_text())

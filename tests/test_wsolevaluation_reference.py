@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from utils.boxes import gt_boxes_wsol
-from DataLoader.wsol_metadata import load_mask, load_wsol
+from DataLoader.formats.wsol import load_mask, load_wsol
 from utils.metrics import IOU_THRESHOLDS, PxAPAccumulator, WSOLBoxAccumulator
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "wsolevaluation"

@@ -1,7 +1,6 @@
 """Validate a dataset without writing anything: build each split, check every image (it opens and is complete;
 in evaluation splits its boxes lie inside it) as train.py does before training, and print the counts and every
 bad image."""
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -10,12 +9,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader import FORMATS, SPLITS, build_dataset  # noqa: E402
 from DataLoader.check import METHODS, check_split  # noqa: E402
+from utils.config import OneLineParser  # noqa: E402
 from utils.errors import DataError, run_cli  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser = OneLineParser(description=__doc__)
+    parser.add_argument("--data-format", required=True, choices=FORMATS)
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--split", nargs="+", choices=SPLITS, default=["train", "test"])
     parser.add_argument("--metadata-root", help="wsolevaluation metadata folder (holds <split>/ folders)")
@@ -32,7 +32,7 @@ def main(argv=None):
     fatal, checked, seconds = [], 0, 0.0
     for split in args.split:
         # The check reads the files itself, so the images need no transform.
-        dataset = build_dataset(args.format, args.data_root, split, lambda image: image,
+        dataset = build_dataset(args.data_format, args.data_root, split, lambda image: image,
                                 images_per_class=args.images_per_class,
                                 seed=args.seed, metadata_root=args.metadata_root, val_boxes=args.val_boxes,
                                 strict=args.strict_data)
@@ -43,7 +43,7 @@ def main(argv=None):
             fatal.append(report)
         boxes = sum(len(item.boxes) for item in dataset.items if item.boxes is not None)
         masks = sum(1 for item in dataset.items if item.mask_paths is not None)
-        name = "test (the ILSVRC2012 val set)" if args.format == "imagenet" and split == "test" else split
+        name = "test (the ILSVRC2012 val set)" if args.data_format == "imagenet" and split == "test" else split
         print(f"{name}: {len(dataset)} images, {dataset.num_classes} classes, {boxes} boxes, {masks} with masks, "
               f"{len(report.bad)} bad{' (skipped in training)' if skipped and report.bad else ''}")
         for path, reason in report.bad:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.config import OneLineParser  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli  # noqa: E402
 from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noqa: E402
 
@@ -219,7 +220,7 @@ def _json_value(value):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="evaluator output folders (the first is the baseline "
                                                                 "of the per-image comparison)")

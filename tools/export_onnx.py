@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.checkpoint import build_model_from_checkpoint  # noqa: E402
+from utils.config import OneLineParser  # noqa: E402
 from utils.errors import ConfigError, SATError, run_cli  # noqa: E402
 
 INPUT_NAMES = ["images"]
@@ -63,7 +64,7 @@ def onnxruntime_max_abs_diff(model, path, batch_size=3):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True, help="this project's checkpoint or an official release file")
     parser.add_argument("--arch", help="architecture (default: recorded in the file, or read off its weights' shapes)")

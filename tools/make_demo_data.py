@@ -1,16 +1,16 @@
 """Write the synthetic demo dataset (CUB-200-2011 release format); a no-op when it is already complete."""
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader.demo import DEFAULT_DEMO_ROOT, make_demo_dataset  # noqa: E402
+from utils.config import OneLineParser  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = OneLineParser(description=__doc__)
     parser.add_argument("--output-dir", default=str(DEFAULT_DEMO_ROOT), help="dataset folder (default %(default)s)")
     parser.add_argument("--num-classes", type=int, default=5)
     parser.add_argument("--train-per-class", type=int, default=50)

@@ -24,12 +24,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader.eval_views import EvalViews  # noqa: E402
-from DataLoader.folder import is_image_file  # noqa: E402
+from DataLoader.formats.folder import is_image_file  # noqa: E402
 from utils.boxes import centre_offset, crop_box_to_original, sat_boxes, sat_map  # noqa: E402
 from utils.checkpoint import build_model_from_checkpoint  # noqa: E402
+from utils.config import FIELDS, OneLineParser  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.errors import DataError, run_cli  # noqa: E402
-from evaluator import cam_threshold, coco_detections  # noqa: E402
+from evaluator import coco_detections  # noqa: E402
 from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
 
@@ -90,13 +91,13 @@ def _unique_png(output_dir, stem, used):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--arch", help="architecture, for files that do not record it (official releases)")
     parser.add_argument("--num-classes", type=int, help="classes, for files that do not record them")
-    parser.add_argument("--threshold", type=cam_threshold,
+    parser.add_argument("--threshold", type=FIELDS["threshold"].parse,
                         help="localization threshold (default: the checkpoint's best_thr, else 0.4)")
     parser.add_argument("--resize-size", type=int,
                         help="resize before the centre crop (default: the checkpoint's training setting, "

@@ -396,7 +396,7 @@ def load_yaml(path, _seen=()):
 
 
 # ------------------------------------------------------------------------------------------ flags
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one ConfigError line naming the flag (``--help`` keeps the usage)."""
 
     def error(self, message):
@@ -406,7 +406,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(script, defaults=None):
     """The flags of ``script``; ``defaults`` (shown in --help): :func:`script_defaults`."""
     spec, evaluator = SCRIPTS[script], script in EVALUATORS
-    parser = _Parser(prog=spec.file, description=spec.description, argument_default=argparse.SUPPRESS,
+    parser = OneLineParser(prog=spec.file, description=spec.description, argument_default=argparse.SUPPRESS,
                      allow_abbrev=False, epilog="Flags override the --config file, which overrides the defaults "
                                                 "(every key: docs/config.md).")
     if evaluator:

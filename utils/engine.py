@@ -26,7 +26,7 @@ from DataLoader.device_transforms import on_device, to_device
 from DataLoader.eval_loader import ShardSampler
 from DataLoader.eval_views import TENCROP_CENTRE, views_of
 from DataLoader.transforms import denormalize
-from DataLoader.wsol_metadata import load_mask
+from DataLoader.formats.wsol import load_mask
 from utils.amp import autocast_settings
 from utils.boxes import (WSOL_MAP_SIZE, contour_boxes, crop_box_to_original, gt_boxes_sat, gt_boxes_wsol, max_iou,
                          sat_boxes, sat_map, wsol_map)
