@@ -15,8 +15,9 @@ import logging
 import time
 from pathlib import Path
 
-from DataLoader.eval_loader import build_eval_loader, resolve_data
-from DataLoader.eval_views import views_of
+from DataLoader.build import build_dataset
+from DataLoader.eval_loader import build_eval_loader, resolve_data, resolve_protocol
+from DataLoader.eval_views import EvalViews, views_of
 from utils.amp import describe
 from utils.checkpoint import build_model_from_checkpoint
 from utils.distributed import cleanup, init_distributed
@@ -25,31 +26,36 @@ from utils.engine import NonFiniteOutputError, evaluate
 from utils.errors import CheckpointError, ConfigError, DataError, run_cli
 from utils.logger import close_logging, setup_logging
 from utils.metrics import format_per_class, format_tables
+from utils.saved_maps import SavedMaps, drop_class_metrics, map_loader, read_predictions, saved_view, write_saved_view
 from utils.visualize import plot_curves
 
 _logger = logging.getLogger("sat")
 
 
 def main(argv=None, imagenet=False):
-    """Evaluate a checkpoint as the flags say; returns the record written to metrics.json."""
+    """Evaluate a checkpoint (or saved maps) as the flags say; returns the record written to metrics.json."""
     args = parse_config(argv, "evaluate_imagenet" if imagenet else "evaluate")
-    if args.maps is not None:
-        raise ConfigError("--maps: scoring saved maps is not wired into this evaluator yet; pass --checkpoint")
     info = init_distributed(args.device)
     try:
-        return evaluate_checkpoint(args, imagenet, info)
+        return (evaluate_checkpoint if args.maps is None else evaluate_maps)(args, imagenet, info)
     finally:
         close_logging()
         cleanup()
 
 
-def evaluate_checkpoint(args, imagenet, info):
-    """The evaluation job: model, loader, ``evaluate``, then the tables and files of the output folder."""
+def start_logging(args, info):
+    """The output folder, with log.txt started; the --config keys the evaluator does not read, logged."""
     output_dir = Path(args.output_dir)
     setup_logging(output_dir, info.is_main, info.rank)
     if args.ignored_config_keys:
         _logger.info("config %s: not read by the evaluator (model, optimisation, run and training-only keys): %s",
                      args.config, ", ".join(args.ignored_config_keys))
+    return output_dir
+
+
+def evaluate_checkpoint(args, imagenet, info):
+    """The evaluation job: model, loader, ``evaluate``, then the tables and files of the output folder."""
+    output_dir = start_logging(args, info)
     model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     img_size = int(model.patch_embed.img_size[0])
     resize_size = args.resize_size or (meta.get("config") or {}).get("resize_size")
@@ -86,6 +92,8 @@ def evaluate_checkpoint(args, imagenet, info):
                            box_processes=args.box_processes, progress=info.is_main)
     except NonFiniteOutputError as err:
         raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
+    if args.save_maps and info.is_main:
+        write_saved_view(args.save_maps, views.img_size, views.resize_size)
     seconds = time.perf_counter() - start
     _logger.info("evaluated %d images in %.1f s (%.0f images/s, loading and box extraction included)",
                  metrics["num_images"], seconds, metrics["num_images"] / seconds)
@@ -99,12 +107,59 @@ def evaluate_checkpoint(args, imagenet, info):
     return record
 
 
+def evaluate_maps(args, imagenet, info):
+    """Saved maps of any method (utils/saved_maps.py) through the same ``evaluate``: a loader of the split's
+    annotations without pixels, the maps and the predictions' classes in place of the forward."""
+    output_dir = start_logging(args, info)
+    fmt, root = resolve_data(getattr(args, "data_format", "imagenet"), args.data_root, imagenet, info.is_main)
+    split = getattr(args, "split", "test")
+    dataset = build_dataset(fmt, root, split, metadata_root=getattr(args, "metadata_root", None),
+                            val_boxes=args.val_boxes)
+    protocol, _ = resolve_protocol(args.eval_protocol, dataset)
+    if protocol == "cls":
+        raise ConfigError(f"--maps: the {split} split of {root} has neither boxes nor masks: no localization to score")
+    if args.save_boxes and (protocol == "wsol" or not args.predictions):
+        raise ConfigError("--save-boxes with --maps writes the sat protocol's boxes with their predicted classes: "
+                          "use --eval-protocol both (or sat) and --predictions")
+    views = EvalViews(protocol, False, *saved_view(args.maps, args.resize_size))
+    num_classes = max(args.num_classes or 0, dataset.num_classes)  # predictions may name classes beyond the data's
+    dataset.classes += [str(k) for k in range(dataset.num_classes, num_classes)]
+    ids = [item.image_id for item in dataset.items]
+    predictions = read_predictions(args.predictions, ids, num_classes) if args.predictions else None
+    maps = SavedMaps(args.maps, views, predictions, num_classes, args.allow_constant_maps)
+    loader = map_loader(dataset, views, None if args.overlays == "all" else args.overlays, args.eval_batch_size,
+                        args.workers, info.distributed)
+    _logger.info("scoring the maps in %s on %d images of %s, protocol %s (sat maps: the centre %d crop of %dx%d), "
+                 "threshold %g; %s", args.maps, len(dataset), root, protocol, views.img_size, views.resize_size,
+                 views.resize_size, args.threshold, f"classes from {args.predictions}" if predictions else
+                 "no --predictions: no Top-1 / Top-5 Loc or Cls (GT-known Loc and the wsol metrics only)")
+    sat = protocol in ("sat", "both")
+    metrics = evaluate(loader, None, info.device, threshold=args.threshold if protocol != "wsol" else None,
+                       thresholds=args.thresholds if sat else (), wsol_threshold=args.wsol_threshold,
+                       distributed=info.distributed, overlay_dir=output_dir / "overlays" if args.overlays else None,
+                       overlays=None if args.overlays == "all" else args.overlays, per_image=True,
+                       box_processes=args.box_processes, progress=info.is_main, saved_maps=maps)
+    if predictions is None:
+        drop_class_metrics(metrics)
+    rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)
+    record = {"maps": str(args.maps), "predictions": args.predictions, "num_classes": num_classes,
+              "img_size": views.img_size, "resize_size": views.resize_size, "data_format": fmt, "data_root": str(root),
+              "split": split, "eval_protocol": protocol, "views": list(views.names), "tencrop": False,
+              "search_thresholds": args.thresholds, **metrics}
+    if info.is_main:
+        write_outputs(args, output_dir, record, rows, curves, dataset.classes)
+    return record
+
+
 def write_outputs(args, output_dir, record, rows, curves, class_names):
     """metrics.json, the tables in the log, per_image.csv, the COCO boxes (--save-boxes) and the wsol curves."""
     protocol = record["eval_protocol"]
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    _logger.info("\n%s\n", format_tables(record, protocol, record["tencrop"]))
+    classification = "ten-crop" if record["tencrop"] else "centre-crop"
+    if "maps" in record:
+        classification = f"{record['predictions']}'s" if record["predictions"] else "no predictions: no"
+    _logger.info("\n%s\n", format_tables(record, protocol, classification))
     write_per_image(output_dir / "per_image.csv", rows)
     if args.save_boxes:
         entries = [{"file_name": row["image_id"], "size": (row["width"], row["height"]), "class": row["top5"][0],

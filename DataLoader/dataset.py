@@ -99,15 +99,22 @@ class WSOLDataset(Dataset):
         transformed, file_size = self._transformed(index)
         if isinstance(transformed, Skipped):
             return transformed
-        item = self.items[index]
-        sample = {"image": transformed, "label": item.label, "index": index}
+        sample = {"image": transformed, "label": self.items[index].label, "index": index}
         if getattr(self.transform, "gpu_decode", False):  # a file that fails to decode there: skip or DataError
             sample["image"]["strict"] = self.strict or self.evaluation
         if self.evaluation:
-            boxes = np.zeros((0, 4), np.float32) if item.boxes is None else item.boxes
-            size = item.size or file_size
-            check_boxes(boxes, size, item.source)
-            sample.update(boxes=torch.tensor(boxes), size=size, file_size=file_size, image_id=item.image_id)
-            if item.mask_paths is not None:
-                sample.update(mask_paths=list(item.mask_paths), ignore_path=item.ignore_path)
+            sample.update(self.annotations(index, file_size))
         return sample
+
+    def annotations(self, index, file_size):
+        """What an evaluation sample of item ``index`` holds besides its pixels and label: ``'boxes'``, ``'size'``
+        (the stated one, else ``file_size``), ``'file_size'``, ``'image_id'`` and the mask paths of a mask
+        dataset; boxes outside the image are a DataError."""
+        item = self.items[index]
+        boxes = np.zeros((0, 4), np.float32) if item.boxes is None else item.boxes
+        size = item.size or file_size
+        check_boxes(boxes, size, item.source)
+        out = {"boxes": torch.tensor(boxes), "size": size, "file_size": file_size, "image_id": item.image_id}
+        if item.mask_paths is not None:
+            out.update(mask_paths=list(item.mask_paths), ignore_path=item.ignore_path)
+        return out

@@ -58,7 +58,8 @@ def _read_json(path, what):
 
 
 def read_per_image(path):
-    """{image_id: row} of a per_image.csv, with the GT-known and Top-1 Loc flags as booleans."""
+    """{image_id: row} of a per_image.csv, with the GT-known and Top-1 Loc flags as booleans (None where the
+    cell is empty: not evaluated, e.g. Top-1 Loc of saved maps scored without predictions)."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in ("image_id",) + PER_IMAGE_FLAGS if c not in (reader.fieldnames or [])]
@@ -67,9 +68,9 @@ def read_per_image(path):
         rows = {}
         for lineno, row in enumerate(reader, start=2):
             for flag in PER_IMAGE_FLAGS:
-                if row[flag] not in ("0", "1"):
-                    raise DataError(f"{path} line {lineno}: {flag} must be 0 or 1, got {row[flag]!r}")
-                row[flag] = row[flag] == "1"
+                if row[flag] not in ("0", "1", ""):
+                    raise DataError(f"{path} line {lineno}: {flag} must be 0, 1 or empty, got {row[flag]!r}")
+                row[flag] = None if row[flag] == "" else row[flag] == "1"
             rows[row["image_id"]] = row
     return rows
 
@@ -126,14 +127,16 @@ def format_table(table, names):
 
 
 def per_image_comparison(a, b):
-    """Counts of images both runs evaluated where one is right and the other wrong, per flag, how many
-    images each run alone holds, and the shared images on which the runs differ."""
+    """Counts of images both runs evaluated where one is right and the other wrong, per flag both runs hold,
+    how many images each run alone holds, and the shared images on which the runs differ."""
     shared = [image_id for image_id in a if image_id in b]
+    flags = [flag for flag in PER_IMAGE_FLAGS if all(a[i][flag] is not None and b[i][flag] is not None
+                                                     for i in shared)]
     counts = {flag: {"a_only": sum(a[i][flag] and not b[i][flag] for i in shared),
                      "b_only": sum(b[i][flag] and not a[i][flag] for i in shared),
                      "both": sum(a[i][flag] and b[i][flag] for i in shared),
-                     "neither": sum(not a[i][flag] and not b[i][flag] for i in shared)} for flag in PER_IMAGE_FLAGS}
-    differing = [i for i in shared if any(a[i][flag] != b[i][flag] for flag in PER_IMAGE_FLAGS)]
+                     "neither": sum(not a[i][flag] and not b[i][flag] for i in shared)} for flag in flags}
+    differing = [i for i in shared if any(a[i][flag] != b[i][flag] for flag in flags)]
     return {"shared": len(shared), "only_in_a": len(a) - len(shared), "only_in_b": len(b) - len(shared),
             **counts}, differing
 
@@ -145,7 +148,8 @@ def write_differing(path, a, b, names, differing):
                         + [f"iou_{name}" for name in names])
         for image_id in differing:
             writer.writerow([image_id, a[image_id].get("label", "")]
-                            + [int(rows[image_id][flag]) for flag in PER_IMAGE_FLAGS for rows in (a, b)]
+                            + ["" if rows[image_id][flag] is None else int(rows[image_id][flag])
+                               for flag in PER_IMAGE_FLAGS for rows in (a, b)]
                             + [rows[image_id].get("iou", "") for rows in (a, b)])
 
 
@@ -257,7 +261,7 @@ def main(argv=None):
         left_out = (f" ({counts['only_in_a']} images only in {first} and {counts['only_in_b']} only in {other} "
                     "left out)" if counts["only_in_a"] or counts["only_in_b"] else "")
         print(f"\n{first} vs {other}, per image on the {counts['shared']} images both evaluated{left_out}:")
-        for flag in PER_IMAGE_FLAGS:
+        for flag in (flag for flag in PER_IMAGE_FLAGS if flag in counts):
             c = counts[flag]
             print(f"  {flag}: {first} right and {other} wrong {c['a_only']}, {other} right and {first} wrong "
                   f"{c['b_only']} (both right {c['both']}, both wrong {c['neither']})")

@@ -275,6 +275,11 @@ FIELDS = {
                         nullable=True),
     "maps": Field("evaluator", None, "str", "evaluate saved localization maps of any method instead of a "
                   "checkpoint (docs/evaluation.md)", nullable=True),
+    "predictions": Field("evaluator", None, "str", "with --maps: CSV of each image's top-5 classes (columns image_id, "
+                         "top5; an evaluator's per_image.csv is one) for Top-1 / Top-5 Loc and Cls; null: GT-known "
+                         "Loc and the wsol metrics only", nullable=True),
+    "allow_constant_maps": Field("evaluator", False, "bool", "with --maps: score a constant map (all zeros once "
+                                 "normalised, as wsolevaluation scores it) instead of stopping at it"),
     "num_classes": Field("evaluator", None, "int", "classes of the model (null: read off the head's shape)",
                          domain=">= 1", nullable=True),
     "split": Field("evaluator", "test", "str", "split to evaluate: test, or val (wsolevaluation train-fullsup)",
@@ -292,7 +297,8 @@ FIELDS = {
                            "numbers, scales with cores (null: on a GPU machine half of this process's share of the "
                            "CPUs, at most 8; else 0)", domain=">= 0", nullable=True),
 }
-METAVARS = {"area_loss_scope": "{global,process,N}", "save_maps": "DIR", "maps": "DIR", "save_boxes": "FILE", "checkpoint": "FILE", "overlays": "N|all",
+METAVARS = {"area_loss_scope": "{global,process,N}", "save_maps": "DIR", "maps": "DIR", "predictions": "FILE",
+            "save_boxes": "FILE", "checkpoint": "FILE", "overlays": "N|all",
             "threshold": "T", "thresholds": "T", "wsol_threshold": "T", "eval_thresholds": "T"}
 # Keys and flags of earlier versions: (new key, what its value is now, why).
 RENAMED = {
@@ -542,6 +548,10 @@ def validate(cfg, script):
         raise ConfigError("--checkpoint is required (on the command line or in --config), or --maps DIR")
     if cfg.checkpoint is not None and cfg.maps is not None:
         raise ConfigError("--checkpoint and --maps exclude each other: one is evaluated")
+    if cfg.predictions is not None and cfg.maps is None:
+        raise ConfigError("--predictions goes with --maps (a checkpoint predicts its own classes)")
+    if cfg.save_maps is not None and cfg.maps is not None:
+        raise ConfigError("--save-maps with --maps: the maps are saved already")
     if script == "evaluate_imagenet" and cfg.data_root is None:
         raise ConfigError("--data-root is required (the ILSVRC2012 folder with val/ and train/<wnid>/)")
     if script == "evaluate" and cfg.data_format == "imagenet":

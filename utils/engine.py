@@ -226,13 +226,18 @@ def _softmax(scores):
 
 class BatchScorer:
     """The CPU work of one batch: GT boxes in each protocol's frame, boxes, counters, per-image rows (at
-    ``threshold``), saved maps and overlays. Runs in a thread or a process of the box pool."""
+    ``threshold``), saved maps and overlays. Runs in a thread or a process of the box pool.
 
-    def __init__(self, views, thresholds, threshold, save_maps, overlay_dir, class_names):
+    ``from_files``: the outputs are saved maps (utils/saved_maps.py): their wsol maps are the 224x224 maps to
+    score as they are, their scores only rank the predicted classes (no probabilities), or are None where no
+    classes were predicted."""
+
+    def __init__(self, views, thresholds, threshold, save_maps, overlay_dir, class_names, from_files=False):
         self.views, self.thresholds, self.threshold = views, thresholds, threshold
         self.save_maps = Path(save_maps) if save_maps else None
         self.overlay_dir = Path(overlay_dir) if overlay_dir else None
         self.class_names = class_names
+        self.from_files = from_files
 
     def __call__(self, batch, out, crops):
         views, protocol = self.views, self.views.protocol
@@ -255,14 +260,16 @@ class BatchScorer:
         if "wsol" in out:
             scores, loc_maps = out["wsol"]
             gt_wsol = [gt_boxes_wsol(b, s, WSOL_MAP_SIZE) for b, s in zip(boxes, sizes)]
-            counters.parts["wsol_cls"].update(scores, labels)
+            if scores is not None:
+                counters.parts["wsol_cls"].update(scores, labels)
             with_boxes = [i for i, b in enumerate(gt_wsol) if len(b)]
             if with_boxes:
-                counters.parts["wsol_boxes"].update(loc_maps[with_boxes], [gt_wsol[i] for i in with_boxes])
+                counters.parts["wsol_boxes"].update(loc_maps[with_boxes], [gt_wsol[i] for i in with_boxes],
+                                                    normalised=self.from_files)
             if "mask_paths" in batch:
                 masks = [load_mask(paths, ignore, WSOL_MAP_SIZE)
                          for paths, ignore in zip(batch["mask_paths"], batch["ignore_path"])]
-                counters.parts["pxap"].update(loc_maps, *map(np.stack, zip(*masks)))
+                counters.parts["pxap"].update(loc_maps, *map(np.stack, zip(*masks)), normalised=self.from_files)
         if self.save_maps:
             self._save_maps(ids, out)
         column = self.thresholds.index(self.threshold) if pred_boxes is not None and self.threshold is not None \
@@ -271,10 +278,10 @@ class BatchScorer:
         for k, crop in crops.items():
             if column is not None:
                 self.overlay(ids[k], crop, out["sat"][1][k], "sat", self.threshold, pred_boxes[k, column],
-                             gt_sat[k] if gt_sat else np.zeros((0, 4)), int(np.argmax(out["sat"][0][k])))
+                             gt_sat[k] if gt_sat else np.zeros((0, 4)), predicted_class(out["sat"][0], k))
             elif "wsol" in out and self.threshold is not None:  # wsol at a given map threshold
                 self.overlay(ids[k], crop, out["wsol"][1][k], "wsol", self.threshold, None,
-                             gt_boxes_wsol(boxes[k], sizes[k], WSOL_MAP_SIZE), int(np.argmax(out["wsol"][0][k])))
+                             gt_boxes_wsol(boxes[k], sizes[k], WSOL_MAP_SIZE), predicted_class(out["wsol"][0], k))
         return counters, rows
 
     def _save_maps(self, ids, out):
@@ -292,22 +299,27 @@ class BatchScorer:
         reported threshold, its box and, with GT boxes, its IoU (per_image.csv, docs/evaluation.md)."""
         key = "sat" if "sat" in out else "wsol"
         scores = out[key][0]
-        probs = scores if self.views.tencrop and key == "sat" else _softmax(scores.astype(np.float64))
-        top5 = torch.as_tensor(scores).topk(min(5, scores.shape[1]), dim=1).indices.numpy()  # as topk_correct
+        predicted = scores is not None  # None: saved maps without predictions
+        probs = None  # saved maps: their scores rank the predicted classes, they are no probabilities
+        if predicted and not self.from_files:
+            probs = scores if self.views.tencrop and key == "sat" else _softmax(scores.astype(np.float64))
+        top5 = (torch.as_tensor(scores).topk(min(5, scores.shape[1]), dim=1).indices.numpy() if predicted
+                else np.zeros((len(batch["image_id"]), 0), np.int64))  # as topk_correct
         rows = []
         for k, (image_id, label, size) in enumerate(zip(batch["image_id"], batch["label"].tolist(), batch["size"])):
             top5_k = [int(c) for c in top5[k]]
             row = {"index": int(batch["index"][k]), "image_id": image_id, "label": int(label), "top5": top5_k,
-                   "score": float(probs[k, top5_k[0]]), "box_crop": None, "box_original": None, "iou": None,
-                   "cls_correct": top5_k[0] == label, "gt_known": None, "top1_loc": None,
-                   "width": int(size[0]), "height": int(size[1])}
+                   "score": None if probs is None else float(probs[k, top5_k[0]]), "box_crop": None,
+                   "box_original": None, "iou": None, "cls_correct": top5_k[0] == label if predicted else None,
+                   "gt_known": None, "top1_loc": None, "width": int(size[0]), "height": int(size[1])}
             if column is not None:
                 box = pred_boxes[k, column]
                 row.update(box_crop=[int(v) for v in box], box_original=crop_box_to_original(
                     box, size, self.views.resize_size, self.views.img_size).tolist())
                 if ious is not None:
                     hit = bool(ious[k, column] >= 0.5)
-                    row.update(iou=float(ious[k, column]), gt_known=hit, top1_loc=top5_k[0] == label and hit)
+                    row.update(iou=float(ious[k, column]), gt_known=hit,
+                               top1_loc=top5_k[0] == label and hit if predicted else None)
             rows.append(row)
         return rows
 
@@ -316,12 +328,18 @@ class BatchScorer:
         if protocol == "sat":
             normalised = sat_map(loc_map, self.views.img_size)
         else:
-            normalised = wsol_map(loc_map)
+            normalised = loc_map if self.from_files else wsol_map(loc_map)
             box = contour_boxes(normalised, [threshold])[1][0]
-        name = self.class_names[pred] if self.class_names else str(pred)
-        caption = f"{name}  IoU {max_iou(np.asarray(box)[None], gt)[0]:.2f} @ {threshold:g}" if len(gt) else name
+        name = "" if pred is None else self.class_names[pred] if self.class_names else str(pred)
+        caption = f"{name}  IoU {max_iou(np.asarray(box)[None], gt)[0]:.2f} @ {threshold:g}".strip() if len(gt) \
+            else name
         save_rgb((self.overlay_dir / image_id).with_suffix(".png"),
                  render_overlay(crop, normalised, box, gt, caption))
+
+
+def predicted_class(scores, k):
+    """The top class of image ``k`` of a batch's scores; None without scores (saved maps without predictions)."""
+    return None if scores is None else int(np.argmax(scores[k]))
 
 
 def _overlay_crops(images, batch, views, overlays):
@@ -376,7 +394,7 @@ def _sum_over_processes(device):
 
 def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_threshold=None, amp=False,
              distributed=False, save_maps=None, overlay_dir=None, overlays=None, per_image=False,
-             progress=True, threads=None, box_processes=None, views=None):
+             progress=True, threads=None, box_processes=None, views=None, saved_maps=None):
     """Metrics (percentages; keys in docs/evaluation.md) of ``model`` on ``loader``, whose dataset's transform
     is an ``EvalViews`` (``views``: that EvalViews, for a loader without a dataset): it gives the protocol.
 
@@ -386,6 +404,8 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     ``save_maps``: folder for the localization maps; ``overlay_dir``: overlay PNGs of the images with dataset
     index below ``overlays`` (None: all); ``per_image``: add ``per_image`` rows (and ``per_class`` for sat).
     Box extraction runs in ``box_processes`` processes (None: ``default_box_processes``) or ``threads`` threads.
+    ``saved_maps``: a ``SavedMaps`` (utils/saved_maps.py) giving each batch's outputs from files instead of a
+    forward of ``model`` (None); its loader's batches hold no pixels, and ``'crop'``: those of the overlays.
     """
     views = views or views_of(loader.dataset)
     protocol = views.protocol
@@ -403,15 +423,16 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     class_names = getattr(getattr(loader, "dataset", None), "classes", None)
     wsol_overlays = protocol == "wsol" and overlay_dir is not None
     scorer = BatchScorer(views, evaluated, wsol_threshold if protocol == "wsol" else threshold, save_maps,
-                         overlay_dir, class_names)
+                         overlay_dir, class_names, from_files=saved_maps is not None)
     total, rows, pending_overlays = Counters(protocol, evaluated, views.img_size), [], []
     size_mismatches = 0  # images whose file is not the size their annotation states
     autocast = autocast_settings(device, amp)[0]
     rank = dist.get_rank() if distributed else 0
     box_processes = default_box_processes(device) if box_processes is None else box_processes
     threads = box_processes or threads or min(4, os.cpu_count() or 1)
-    was_training = model.training
-    model.eval()
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
     try:
         with box_pool(threads, box_processes) as pool, torch.inference_mode():
             pending = deque()
@@ -419,15 +440,18 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
             def score(batch, outputs, crops):
                 """The CPU side of a batch, once the next batch's forward is queued on the device."""
                 nonlocal size_mismatches
-                out = outputs.numpy()
-                check_finite(out, batch["image_id"])
+                if saved_maps is None:
+                    out = outputs.numpy()
+                    check_finite(out, batch["image_id"])
+                else:  # read and checked by saved_maps
+                    out = outputs
                 size_mismatches += size_differences(batch)
                 if wsol_overlays and wsol_threshold is None:  # drawn once maxboxacc's threshold is known
                     scores, loc_maps = out["wsol"]
                     pending_overlays.extend((batch["image_id"][k], crop, loc_maps[k], batch["boxes"][k],
-                                             batch["size"][k], int(np.argmax(scores[k]))) for k, crop in crops.items())
+                                             batch["size"][k], predicted_class(scores, k)) for k, crop in crops.items())
                     crops = {}
-                annotations = {key: value for key, value in batch.items() if key != "image"}
+                annotations = {key: value for key, value in batch.items() if key not in ("image", "crop")}
                 pending.append(pool.submit(scorer, annotations, out, crops))
                 collect(keep=2 * threads)
 
@@ -438,9 +462,13 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
                     total.merge(counters)
                     rows.extend(batch_rows)
 
-            batches = on_device(loader, device)  # on CUDA, the next batch is prepared on a side stream
+            # on CUDA, the next batch is prepared on a side stream
+            batches = on_device(loader, device) if saved_maps is None else loader
             previous = None
             for batch in tqdm(batches, desc="eval", unit="batch", dynamic_ncols=True, disable=not progress or rank):
+                if saved_maps is not None:  # outputs read from files: no forward to queue first
+                    score(batch, saved_maps(batch), {k: c for k, c in enumerate(batch["crop"]) if c is not None})
+                    continue
                 images = to_device(batch["image"], device)
                 images = images if images.dim() == 5 else images[:, None]  # (B, V, 3, S, S)
                 if images.shape[1] != views.num_views or images.shape[-1] != views.img_size:
@@ -454,7 +482,8 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
                 score(*previous)
             collect(keep=0)
     finally:
-        model.train(was_training)
+        if model is not None:
+            model.train(was_training)
     if distributed:
         total.reduce(_sum_over_processes(device))
         size_mismatches = int(_sum_over_processes(device)(size_mismatches))

@@ -89,9 +89,10 @@ class SATLocAccumulator(CounterState):
         self.top5_loc = np.zeros(num, np.int64)
 
     def boxes(self, maps):
-        """The sat boxes (B, T, 4) of raw localization maps (B, h, w) at each map threshold, in crop pixels."""
+        """The sat boxes (B, T, 4) of raw localization maps (B, h, w), or a list of maps of any sizes, at each map
+        threshold, in crop pixels."""
         return np.stack([sat_boxes(sat_map(m, self.map_size), self.thresholds)
-                         for m in as_numpy(maps, np.float32)]).reshape(-1, len(self.thresholds), 4)
+                         for m in maps]).reshape(-1, len(self.thresholds), 4)
 
     def update(self, maps, gt_boxes, scores, labels):
         """maps (B, h, w) raw; gt_boxes: B arrays (K, 4) in crop pixels; scores (B, C) logits or probs.
@@ -101,8 +102,9 @@ class SATLocAccumulator(CounterState):
         return self.update_boxes(self.boxes(maps), gt_boxes, scores, labels)
 
     def update_boxes(self, boxes, gt_boxes, scores, labels):
-        """``update`` with the boxes (B, T, 4) already extracted by ``boxes``."""
-        top1, top5 = topk_correct(scores, labels)
+        """``update`` with the boxes (B, T, 4) already extracted by ``boxes``; ``scores`` None: no predicted
+        classes (saved maps without predictions), so no image counts as correctly classified."""
+        top1, top5 = topk_correct(scores, labels) if scores is not None else [np.zeros(len(boxes), bool)] * 2
         ious = np.stack([max_iou(b, gt) for b, gt in zip(boxes, gt_boxes)]).reshape(len(boxes), -1)
         hits = ious[None] >= IOU_LEVELS[:, None, None]  # (3, B, T)
         self.num_images += len(boxes)
@@ -162,11 +164,13 @@ class WSOLBoxAccumulator(CounterState):
         self.hits_largest = np.zeros(len(self.cam_thresholds), np.int64)  # largest contour, IoU >= 0.5
         self.hits_all = np.zeros((len(self.iou_thresholds), len(self.cam_thresholds)), np.int64)
 
-    def update(self, maps, gt_boxes):
-        """maps (B, h, w) raw or score maps; gt_boxes: B arrays (K, 4) in 224x224-resized pixels."""
+    def update(self, maps, gt_boxes, normalised=False):
+        """maps (B, h, w) raw or score maps; gt_boxes: B arrays (K, 4) in 224x224-resized pixels.
+        ``normalised``: the maps are already the 224x224 maps to score (saved maps, scored as they are)."""
         iou_levels = np.array(self.iou_thresholds)[:, None] / 100
         for cam_map, gt in zip(as_numpy(maps), gt_boxes):
-            boxes, counts, largest = flat_contour_boxes(wsol_map(cam_map), self.cam_thresholds)
+            boxes, counts, largest = flat_contour_boxes(cam_map if normalised else wsol_map(cam_map),
+                                                        self.cam_thresholds)
             best_all = np.maximum.reduceat(max_iou(boxes, gt), np.cumsum(counts) - counts)
             self.hits_largest += max_iou(largest, gt) >= 0.5
             self.hits_all += best_all[None] >= iou_levels
@@ -228,15 +232,16 @@ class PxAPAccumulator(CounterState):
         self.hist_fg = np.zeros(len(self.bin_edges) - 1, np.int64)
         self.hist_bg = np.zeros(len(self.bin_edges) - 1, np.int64)
 
-    def update(self, maps, masks, ignore_masks=None):
+    def update(self, maps, masks, ignore_masks=None, normalised=False):
         """maps (B, h, w); masks (B, 224, 224) nonzero = foreground; ignore_masks likewise (optional).
+        ``normalised``: the maps are already the 224x224 maps to score (saved maps, scored as they are).
 
         Ignored pixels are those in an ignore mask and outside the foreground (as the benchmark).
         """
         masks = as_numpy(masks) != 0
         ignore = np.zeros_like(masks) if ignore_masks is None else as_numpy(ignore_masks) != 0
         for cam_map, fg, ign in zip(as_numpy(maps), masks, ignore):
-            score = wsol_map(cam_map)
+            score = cam_map if normalised else wsol_map(cam_map)
             if fg.shape != score.shape or ign.shape != score.shape:
                 raise ValueError(f"masks must be {score.shape}, got {fg.shape} and ignore {ign.shape}")
             bins = np.searchsorted(self.bin_edges, score, side="right") - 1  # np.histogram's bins, faster
@@ -322,11 +327,12 @@ class Counters:
         if "cls" in self.parts:
             out.update(self.parts["cls"].compute())
         if "wsol_cls" in self.parts:
-            classification = self.parts["wsol_cls"].compute()
-            if protocol == "wsol":
-                out.update(classification)
-            else:  # 'both': the sat view's classification keeps the plain keys
-                out.update(wsol_top1_cls=classification["top1_cls"], wsol_top5_cls=classification["top5_cls"])
+            if int(self.parts["wsol_cls"].num_images):  # none: no class predictions for the wsol view (saved maps)
+                classification = self.parts["wsol_cls"].compute()
+                if protocol == "wsol":
+                    out.update(classification)
+                else:  # 'both': the sat view's classification keeps the plain keys
+                    out.update(wsol_top1_cls=classification["top1_cls"], wsol_top5_cls=classification["top5_cls"])
             boxes, pxap = self.parts["wsol_boxes"], self.parts["pxap"]
             if int(boxes.num_images):  # box metrics need boxes, PxAP masks: report what the data has
                 out.update({k: v for k, v in boxes.compute().items() if k != "num_images"})
@@ -334,6 +340,7 @@ class Counters:
                     out["at_wsol_threshold"] = boxes.compute_at(wsol_threshold)
             if int(pxap.num_images):
                 out.update({k: v for k, v in pxap.compute().items() if k != "num_images"})
+            out.setdefault("num_images", int(max(boxes.num_images, pxap.num_images)))
         return out
 
     def curves(self):
@@ -347,13 +354,15 @@ class Counters:
 
 
 def per_class_metrics(rows, class_names):
-    """Top-1 Cls / Top-1 Loc / GT-known Loc (%) per class, from the per-image rows."""
+    """Top-1 Cls / Top-1 Loc / GT-known Loc (%) per class, from the per-image rows (those the rows hold: no
+    classes predicted, as saved maps without predictions, leave Top-1 Cls and Loc out)."""
     out = {}
     for label in sorted({row["label"] for row in rows}):
         mine = [row for row in rows if row["label"] == label]
         name = class_names[label] if class_names and label < len(class_names) else str(label)
         out[name] = {"num_images": len(mine), **{key: 100.0 * sum(row[flag] for row in mine) / len(mine) for key, flag
-                     in (("top1_cls", "cls_correct"), ("top1_loc", "top1_loc"), ("gt_known_loc", "gt_known"))}}
+                     in (("top1_cls", "cls_correct"), ("top1_loc", "top1_loc"), ("gt_known_loc", "gt_known"))
+                     if all(row[flag] is not None for row in mine)}}
     return out
 
 
@@ -362,15 +371,17 @@ def _row(cells):
 
 
 def _table(title, columns):
-    """A titled two-line table of (name, value) columns; floats with two decimals."""
-    cells = [(name, f"{value:.2f}" if isinstance(value, float) else str(value)) for name, value in columns]
+    """A titled two-line table of (name, value) columns; floats with two decimals, None as n/a (not reported)."""
+    cells = [(name, f"{value:.2f}" if isinstance(value, float) else "n/a" if value is None else str(value))
+             for name, value in columns]
     return "\n".join([title, _row([(n, n) for n, _ in cells]), _row(cells)])
 
 
-def format_tables(metrics, protocol, tencrop):
-    """Readable tables of a metrics dict: sat protocol, wsol protocol, classification."""
+def format_tables(metrics, protocol, classification):
+    """Readable tables of a metrics dict: sat protocol, wsol protocol, classification. ``classification``: where
+    the classes come from (ten-crop, centre-crop, a predictions file). A metric the dict lacks (no classes
+    predicted) reads n/a."""
     tables = []
-    classification = "ten-crop" if tencrop else "centre-crop"
     if protocol == "cls":
         tables.append(_table(f"Classification ({classification}): {metrics['num_images']} images",
                              [("Top-1 Cls", metrics["top1_cls"]), ("Top-5 Cls", metrics["top5_cls"])]))
@@ -378,8 +389,8 @@ def format_tables(metrics, protocol, tencrop):
         tables.append(_table(
             f"sat protocol (official SAT): {metrics['num_images']} images, {classification} classification, "
             f"threshold {metrics['threshold']:g}",
-            [("Top-1 Cls", metrics["top1_cls"]), ("Top-5 Cls", metrics["top5_cls"]),
-             ("Top-1 Loc", metrics["top1_loc"]), ("Top-5 Loc", metrics["top5_loc"]),
+            [("Top-1 Cls", metrics.get("top1_cls")), ("Top-5 Cls", metrics.get("top5_cls")),
+             ("Top-1 Loc", metrics.get("top1_loc")), ("Top-5 Loc", metrics.get("top5_loc")),
              ("GT-known Loc", metrics["gt_known_loc"]), ("IoU30", metrics["iou30"]),
              ("IoU50", metrics["iou50"]), ("IoU70", metrics["iou70"])]))
         if "best_threshold" in metrics:
@@ -388,16 +399,19 @@ def format_tables(metrics, protocol, tencrop):
                 f"sat protocol at best_threshold {metrics['best_threshold']:g}, chosen on the evaluated "
                 f"split ({metrics.get('split', 'this split')}) among {metrics['search_thresholds']}: not the "
                 "reported result",
-                [("Top-1 Loc", best["top1_loc"]), ("Top-5 Loc", best["top5_loc"]),
+                [("Top-1 Loc", best.get("top1_loc")), ("Top-5 Loc", best.get("top5_loc")),
                  ("GT-known Loc", best["gt_known_loc"]), ("IoU30", best["iou30"]), ("IoU50", best["iou50"]),
                  ("IoU70", best["iou70"])]))
         if len(metrics.get("thresholds", [])) > 1:
+            top1 = metrics.get("top1_loc_per_threshold") or [None] * len(metrics["thresholds"])
             tables.append(_table("sat protocol per map threshold (GT-known Loc / Top-1 Loc)", [
-                (f"{t:g}", f"{gt:.2f} / {top1:.2f}") for t, gt, top1 in zip(
-                    metrics["thresholds"], metrics["gt_known_loc_per_threshold"], metrics["top1_loc_per_threshold"])]))
+                (f"{t:g}", f"{gt:.2f} / " + ("n/a" if loc is None else f"{loc:.2f}")) for t, gt, loc in zip(
+                    metrics["thresholds"], metrics["gt_known_loc_per_threshold"], top1)]))
     if protocol in ("wsol", "both"):
         prefix = "wsol_" if protocol == "both" else ""
-        columns = [("Top-1 Cls", metrics[prefix + "top1_cls"]), ("Top-5 Cls", metrics[prefix + "top5_cls"])]
+        columns = []  # with both protocols, saved maps' classes are reported once, in the sat table
+        if protocol == "wsol" or prefix + "top1_cls" in metrics:
+            columns += [(f"Top-{k} Cls", metrics.get(f"{prefix}top{k}_cls")) for k in (1, 5)]
         if "maxboxacc" in metrics:
             columns += [("MaxBoxAcc", metrics["maxboxacc"]), ("MaxBoxAccV2", metrics["maxboxaccv2"])]
             columns += [(f"V2 IoU{iou}", acc) for iou, acc in metrics["maxboxaccv2_per_iou"].items()]
@@ -417,6 +431,10 @@ def format_per_class(per_class):
     """The per-class table of log.txt: Top-1 Cls / Top-1 Loc / GT-known Loc (%) per class."""
     width = max([5] + [len(name) for name in per_class])
     lines = [f"{'class':<{width}}  images  Top-1 Cls  Top-1 Loc  GT-known Loc"]
-    lines += [f"{name:<{width}}  {m['num_images']:6d}  {m['top1_cls']:9.2f}  {m['top1_loc']:9.2f}  "
-              f"{m['gt_known_loc']:12.2f}" for name, m in per_class.items()]
+    lines += [f"{name:<{width}}  {m['num_images']:6d}  {_percent(m, 'top1_cls', 9)}  {_percent(m, 'top1_loc', 9)}  "
+              f"{_percent(m, 'gt_known_loc', 12)}" for name, m in per_class.items()]
     return "\n".join(lines)
+
+
+def _percent(metrics, key, width):
+    return f"{metrics[key]:{width}.2f}" if key in metrics else f"{'n/a':>{width}}"

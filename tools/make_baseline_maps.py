@@ -1,0 +1,51 @@
+"""Write a trivial localization baseline as saved maps: the same centred Gaussian for every image of a split,
+one whole-image map per image named as ``evaluator.py --maps DIR`` reads them (``DIR/<image_id>.npy``).
+
+It guesses "the object is in the middle": the floor any WSOL method should clear under both protocols.
+
+    python tools/make_baseline_maps.py output/maps_gaussian            # the built-in demo data's test split
+    python evaluator.py --maps output/maps_gaussian --eval-protocol both --output-dir output/eval_gaussian
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from DataLoader import FORMATS, build_dataset  # noqa: E402
+from DataLoader.eval_loader import resolve_data  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+
+
+def centred_gaussian(size, sigma):
+    """A size x size map exp(-r^2 / (2 sigma^2)), r the distance to the centre in units of the side."""
+    x = (np.arange(size) + 0.5) / size - 0.5
+    return np.exp(-(x[None, :] ** 2 + x[:, None] ** 2) / (2 * sigma ** 2)).astype(np.float32)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", help="folder of the maps")
+    parser.add_argument("--data-root", help="dataset folder (default: the built-in demo data)")
+    parser.add_argument("--data-format", default="cub", choices=FORMATS)
+    parser.add_argument("--metadata-root", help="wsolevaluation metadata folder (holds <split>/ folders)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--size", type=int, default=224, help="map side in pixels (default %(default)s)")
+    parser.add_argument("--sigma", type=float, default=0.25, help="Gaussian width, in units of the image side "
+                                                                  "(default %(default)s)")
+    args = parser.parse_args(argv)
+    fmt, root = resolve_data(args.data_format, args.data_root)
+    dataset = build_dataset(fmt, root, args.split, lambda image: image, metadata_root=args.metadata_root)
+    loc_map = centred_gaussian(args.size, args.sigma)
+    for item in dataset.items:
+        path = Path(args.output) / f"{item.image_id}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, loc_map)
+    print(f"{len(dataset.items)} maps ({args.size}x{args.size} centred Gaussian, sigma {args.sigma:g}) written to "
+          f"{args.output}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,251 @@
+"""Saved localization maps of any method, scored in place of a model's outputs (``evaluator.py --maps DIR``).
+
+``SavedMaps`` gives each batch's ``{'sat' | 'wsol': (scores, loc_maps)}`` from files, as ``forward_views`` gives
+a model's, so that ``evaluate`` (utils/engine.py) scores them as it scores a checkpoint; the classes come from an
+optional predictions file. ``MapSamples`` are the split's samples without pixels (only the overlays' are read).
+
+A map file is named as wsolevaluation names it: the image id with ``.npy`` (or ``.png``) appended, in the id's
+subfolders. DIR holds either the folders ``--save-maps`` writes, ``sat/`` (the raw map of the sat protocol's
+centre view) and ``wsol/`` (the wsol protocol's 224x224 map), or one whole-image map per image, of any size,
+which each protocol takes through its own view (:func:`centre_view_map`, :func:`wsol_score_map`).
+"""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from DataLoader.dataset import UNREADABLE, unreadable_message
+from DataLoader.eval_loader import ShardSampler
+from DataLoader.loader import BatchLoader
+from utils.boxes import WSOL_MAP_SIZE, centre_offset, wsol_map
+from utils.errors import ConfigError, DataError
+
+MAP_SUFFIXES = (".npy", ".png")
+VIEW_FILE = "views.json"  # beside sat/: the centre view (img_size, resize_size) the sat maps are of
+PREDICTION_COLUMNS = ("image_id", "top5")
+# metrics.json keys that need each image's predicted classes
+CLASS_KEYS = ("top1_cls", "top5_cls", "top1_loc", "top5_loc", "top1_loc_per_threshold")
+
+
+def map_folders(root, protocol):
+    """{protocol key: (folder, whole-image maps?)} of a maps folder: ``sat/`` and ``wsol/`` as ``--save-maps``
+    writes them, or the folder itself holding whole-image maps for both."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"maps {root}: not found (expected a folder of maps named <image_id>.npy)")
+    keys = {"sat": ("sat",), "wsol": ("wsol",), "both": ("sat", "wsol")}[protocol]
+    if not (root / "sat").is_dir() and not (root / "wsol").is_dir():
+        return {key: (root, True) for key in keys}
+    missing = [key for key in keys if not (root / key).is_dir()]
+    if missing:
+        raise DataError(f"maps {root}: no {missing[0]}/ folder, which the {missing[0]} protocol reads (saved with "
+                        f"another --eval-protocol?)")
+    return {key: (root / key, False) for key in keys}
+
+
+def saved_view(root, resize_size=None):
+    """(img_size, resize_size) of the centre view the maps are of: ``DIR/views.json`` (written by --save-maps),
+    else 224 and ``resize_size`` or 256 (the official Resize((256, 256)) -> CenterCrop(224))."""
+    path = Path(root) / VIEW_FILE
+    if not path.is_file():
+        return WSOL_MAP_SIZE, resize_size or 256
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if resize_size is not None and resize_size != saved["resize_size"]:
+        raise ConfigError(f"--resize-size {resize_size}: the maps in {root} are of the centre crop of a "
+                          f"{saved['resize_size']}x{saved['resize_size']} image ({path})")
+    return saved["img_size"], saved["resize_size"]
+
+
+def write_saved_view(root, img_size, resize_size):
+    """``DIR/views.json``: the centre view the sat maps of ``--save-maps DIR`` are of."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    (Path(root) / VIEW_FILE).write_text(json.dumps({"img_size": img_size, "resize_size": resize_size}) + "\n",
+                                        encoding="utf-8")
+
+
+def read_map(folder, image_id, allow_constant=False):
+    """The map of ``image_id`` in ``folder`` as a 2-D float array: ``<id>.npy`` (floats as stored, other
+    numbers as float64) or ``<id>.png`` (grayscale, scaled to [0, 1]). One-line DataError for a missing or
+    unreadable file, a map that is not 2-D, holds NaN / Inf, or is constant (unless ``allow_constant``)."""
+    path = next((p for p in (Path(folder) / f"{image_id}{suffix}" for suffix in MAP_SUFFIXES) if p.is_file()), None)
+    if path is None:
+        raise DataError(f"no map for image {image_id}: {Path(folder) / image_id}.npy (or .png) not found")
+    try:
+        if path.suffix == ".npy":
+            loc_map = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as image:
+                if image.mode not in ("L", "I;16", "I"):
+                    raise DataError(f"map {path}: a {image.mode} PNG, expected grayscale (8 or 16 bit)")
+                loc_map = np.asarray(image, np.float32) / (255 if image.mode == "L" else 65535)
+    except (OSError, ValueError) as err:
+        raise DataError(f"map {path}: unreadable ({err.__class__.__name__}: {err})") from None
+    if loc_map.ndim != 2 or 0 in loc_map.shape:
+        raise DataError(f"map {path}: shape {loc_map.shape}, expected a 2-D map (height, width)")
+    if loc_map.dtype.kind not in "fiub":
+        raise DataError(f"map {path}: dtype {loc_map.dtype}, expected numbers")
+    if loc_map.dtype.kind != "f":
+        loc_map = loc_map.astype(np.float64)
+    if not np.isfinite(loc_map).all():
+        raise DataError(f"map {path}: holds NaN or Inf")
+    if not allow_constant and loc_map.min() == loc_map.max():
+        raise DataError(f"map {path}: constant ({loc_map.flat[0]:g}), it localizes nothing; "
+                        "--allow-constant-maps scores it (all zeros once normalised, as wsolevaluation does)")
+    return loc_map
+
+
+def centre_view_map(whole, resize_size, img_size):
+    """A whole-image map -> the map of the sat protocol's centre view: resized to resize_size x resize_size as
+    the image is (Resize((256, 256)): PIL bilinear, here on the float32 map), then CenterCrop(img_size)."""
+    resized = np.asarray(Image.fromarray(np.asarray(whole, np.float32)).resize((resize_size, resize_size),
+                                                                               Image.BILINEAR))
+    top = centre_offset(resize_size, img_size)
+    return resized[top:top + img_size, top:top + img_size]
+
+
+def wsol_score_map(loc_map):
+    """A map read from a file -> the wsol protocol's 224x224 map (float64): a 224x224 map in [0, 1] as it is
+    (wsolevaluation's evaluation.py scores its score maps unchanged), any other through ``wsol_map`` (bicubic
+    resize to 224, then min-max: as its inference.py makes them)."""
+    loc_map = np.asarray(loc_map, np.float64)
+    if loc_map.shape == (WSOL_MAP_SIZE, WSOL_MAP_SIZE) and loc_map.min() >= 0 and loc_map.max() <= 1:
+        return loc_map
+    return wsol_map(loc_map)
+
+
+def read_predictions(path, image_ids, num_classes):
+    """{image id: classes, best first} of a predictions CSV: a header naming ``image_id`` and ``top5`` (the
+    top min(5, num_classes) class indices, space-separated; other columns ignored, so an evaluator's
+    per_image.csv is one), one row per image of the split. One-line DataError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"predictions {path}: file not found")
+    want = min(5, num_classes)
+    predictions, lines, known = {}, {}, set(image_ids)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in PREDICTION_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"predictions {path}: no column {missing[0]} (expected a header naming image_id and "
+                            f"top5, found {', '.join(reader.fieldnames or []) or 'an empty file'})")
+        for lineno, row in enumerate(reader, start=2):
+            image_id, cells = row["image_id"], (row["top5"] or "").split()
+            if image_id in lines:
+                raise DataError(f"predictions {path} line {lineno}: image {image_id} again (first on line "
+                                f"{lines[image_id]})")
+            try:
+                classes = [int(c) for c in cells]
+            except ValueError:
+                raise DataError(f"predictions {path} line {lineno}: top5 {row['top5']!r}, expected class indices "
+                                "separated by spaces") from None
+            if len(classes) != want or len(set(classes)) != want:
+                raise DataError(f"predictions {path} line {lineno}: top5 {row['top5']!r}, expected {want} distinct "
+                                "class indices, best first")
+            wrong = next((c for c in classes if not 0 <= c < num_classes), None)
+            if wrong is not None:
+                raise DataError(f"predictions {path} line {lineno}: class {wrong} out of range (the data has "
+                                f"{num_classes} classes: 0 to {num_classes - 1})")
+            predictions[image_id], lines[image_id] = classes, lineno
+    unknown = [image_id for image_id in predictions if image_id not in known]
+    if unknown:
+        raise DataError(f"predictions {path}: {len(unknown)} image id(s) not in the evaluated split, first "
+                        f"{unknown[0]} (line {lines[unknown[0]]})")
+    absent = [image_id for image_id in image_ids if image_id not in predictions]
+    if absent:
+        raise DataError(f"predictions {path}: no prediction for {len(absent)} image(s) of the split, first "
+                        f"{absent[0]}")
+    return predictions
+
+
+class SavedMaps:
+    """A batch -> ``{'sat' | 'wsol': (scores, loc_maps)}`` read from ``root`` for the protocols of ``views``:
+    the sat view's raw maps (those of whole-image maps: :func:`centre_view_map`), the wsol protocol's 224x224
+    maps ready to score (:func:`wsol_score_map`), and scores that rank each image's predicted classes first
+    (``topk`` gives them in order; None without predictions; the classes are reported once: with both
+    protocols, under the sat view)."""
+
+    def __init__(self, root, views, predictions=None, num_classes=None, allow_constant=False):
+        self.views, self.predictions, self.num_classes = views, predictions, num_classes
+        self.folders = map_folders(root, views.protocol)
+        self.allow_constant = allow_constant
+
+    def scores(self, image_ids):
+        if self.predictions is None:
+            return None
+        scores = np.zeros((len(image_ids), self.num_classes), np.float32)
+        for k, image_id in enumerate(image_ids):
+            classes = self.predictions[image_id]
+            scores[k, classes] = np.arange(len(classes), 0, -1)
+        return scores
+
+    def sat_map(self, image_id):
+        folder, whole_image = self.folders["sat"]
+        loc_map = read_map(folder, image_id, self.allow_constant)
+        return centre_view_map(loc_map, self.views.resize_size, self.views.img_size) if whole_image else loc_map
+
+    def wsol_map(self, image_id):
+        return wsol_score_map(read_map(self.folders["wsol"][0], image_id, self.allow_constant))
+
+    def __call__(self, batch):
+        ids = batch["image_id"]
+        scores, out = self.scores(ids), {}
+        if "sat" in self.folders:
+            maps = [self.sat_map(image_id) for image_id in ids]  # maps of several sizes stay a list
+            out["sat"] = (scores, np.stack(maps) if len({m.shape for m in maps}) == 1 else maps)
+        if "wsol" in self.folders:
+            out["wsol"] = (None if "sat" in out else scores, np.stack([self.wsol_map(image_id) for image_id in ids]))
+        return out
+
+
+class MapSamples(Dataset):
+    """The evaluation samples of ``dataset`` without pixels, for scoring saved maps: label, index and
+    annotations, the image's size read from its header only where the annotation states none, and ``'crop'``:
+    for an image that gets an overlay (dataset index below ``overlays``; None: all) the uint8 pixels of the view
+    it is drawn on (the centre view, or without a sat view the image resized to 224x224), else None."""
+
+    def __init__(self, dataset, views, overlays=0):
+        self.dataset, self.transform, self.overlays = dataset, views, overlays
+        self.items, self.classes = dataset.items, dataset.classes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def _crop(self, image):
+        views = self.transform
+        if "wsol" in views.slices and len(views.slices) == 1:
+            return np.asarray(image.convert("RGB").resize((WSOL_MAP_SIZE, WSOL_MAP_SIZE), Image.BILINEAR))
+        resized = np.asarray(image.convert("RGB").resize((views.resize_size, views.resize_size), Image.BILINEAR))
+        top = centre_offset(views.resize_size, views.img_size)
+        return resized[top:top + views.img_size, top:top + views.img_size]
+
+    def __getitem__(self, index):
+        item = self.dataset.items[index]
+        crop, file_size = None, item.size
+        drawn = self.overlays is None or index < self.overlays
+        if drawn or item.size is None:
+            path = self.dataset.image_path(index)
+            try:
+                with Image.open(path) as image:
+                    file_size = image.size
+                    crop = self._crop(image) if drawn else None
+            except UNREADABLE as err:
+                raise DataError(unreadable_message(path, err)) from None
+        return {"crop": crop, "label": item.label, "index": index, **self.dataset.annotations(index, file_size)}
+
+
+def map_loader(dataset, views, overlays, batch_size, workers, distributed=False):
+    """The loader of ``MapSamples``: batches in dataset order (this process's shard when ``distributed``)."""
+    return BatchLoader(MapSamples(dataset, views, overlays), batch_size,
+                       ShardSampler(len(dataset)) if distributed else None, workers=workers)
+
+
+def drop_class_metrics(metrics):
+    """Without predictions: the metrics that need each image's classes left out (not reported as zeros)."""
+    for key in CLASS_KEYS:
+        metrics.pop(key, None)
+    for key in CLASS_KEYS:
+        metrics.get("at_best_threshold", {}).pop(key, None)
+    return metrics
