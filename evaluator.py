@@ -6,7 +6,10 @@ wsolevaluation metadata (--data-format wsol), another dataset format or a custom
 
 The job: flags (and --config) -> the model from its checkpoint -> the evaluation loader -> ``evaluate`` (loader
 -> forward -> boxes -> metrics, utils/engine.py) -> tables, metrics.json, per_image.csv and the other files
-(docs/evaluation.md).
+(docs/evaluation.md). With ``--maps DIR`` instead of a checkpoint, the saved maps of any method take the
+forward's place (utils/saved_maps.py):
+
+    python evaluator.py --data-root data/CUB_200_2011 --maps maps/ --predictions top5.csv --eval-protocol both
 """
 import csv
 import dataclasses
@@ -118,9 +121,9 @@ def evaluate_maps(args, imagenet, info):
     protocol, _ = resolve_protocol(args.eval_protocol, dataset)
     if protocol == "cls":
         raise ConfigError(f"--maps: the {split} split of {root} has neither boxes nor masks: no localization to score")
-    if args.save_boxes and (protocol == "wsol" or not args.predictions):
-        raise ConfigError("--save-boxes with --maps writes the sat protocol's boxes with their predicted classes: "
-                          "use --eval-protocol both (or sat) and --predictions")
+    if args.save_boxes:
+        raise ConfigError("--save-boxes with --maps: COCO detections need class scores, which saved maps and "
+                          "predictions do not carry (per_image.csv holds the boxes)")
     views = EvalViews(protocol, False, *saved_view(args.maps, args.resize_size))
     num_classes = max(args.num_classes or 0, dataset.num_classes)  # predictions may name classes beyond the data's
     dataset.classes += [str(k) for k in range(dataset.num_classes, num_classes)]
@@ -129,11 +132,11 @@ def evaluate_maps(args, imagenet, info):
     maps = SavedMaps(args.maps, views, predictions, num_classes, args.allow_constant_maps)
     loader = map_loader(dataset, views, None if args.overlays == "all" else args.overlays, args.eval_batch_size,
                         args.workers, info.distributed)
-    _logger.info("scoring the maps in %s on %d images of %s, protocol %s (sat maps: the centre %d crop of %dx%d), "
-                 "threshold %g; %s", args.maps, len(dataset), root, protocol, views.img_size, views.resize_size,
-                 views.resize_size, args.threshold, f"classes from {args.predictions}" if predictions else
-                 "no --predictions: no Top-1 / Top-5 Loc or Cls (GT-known Loc and the wsol metrics only)")
     sat = protocol in ("sat", "both")
+    _logger.info("scoring the maps in %s on %d images of %s, protocol %s%s; %s", args.maps, len(dataset), root,
+                 protocol, f" (sat: the centre {views.img_size} crop of {views.resize_size}x{views.resize_size}, "
+                 f"threshold {args.threshold:g})" if sat else "", f"classes from {args.predictions}" if predictions
+                 else "no --predictions: no Top-1 / Top-5 Loc or Cls (GT-known Loc and the wsol metrics only)")
     metrics = evaluate(loader, None, info.device, threshold=args.threshold if protocol != "wsol" else None,
                        thresholds=args.thresholds if sat else (), wsol_threshold=args.wsol_threshold,
                        distributed=info.distributed, overlay_dir=output_dir / "overlays" if args.overlays else None,

@@ -2,6 +2,8 @@
 one whole-image map per image named as ``evaluator.py --maps DIR`` reads them (``DIR/<image_id>.npy``).
 
 It guesses "the object is in the middle": the floor any WSOL method should clear under both protocols.
+``--img-size`` / ``--resize-size`` write ``views.json``: the sat protocol's centre view to take the maps
+through, e.g. that of a model trained at another input size (default: the official 224 of 256).
 
     python tools/make_baseline_maps.py output/maps_gaussian            # the built-in demo data's test split
     python evaluator.py --maps output/maps_gaussian --eval-protocol both --output-dir output/eval_gaussian
@@ -16,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader import FORMATS, build_dataset  # noqa: E402
 from DataLoader.eval_loader import resolve_data  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
+from utils.errors import ConfigError, run_cli  # noqa: E402
+from utils.saved_maps import write_saved_view  # noqa: E402
 
 
 def centred_gaussian(size, sigma):
@@ -35,7 +38,11 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=224, help="map side in pixels (default %(default)s)")
     parser.add_argument("--sigma", type=float, default=0.25, help="Gaussian width, in units of the image side "
                                                                   "(default %(default)s)")
+    parser.add_argument("--img-size", type=int, help="with --resize-size: the centre view's crop size")
+    parser.add_argument("--resize-size", type=int, help="with --img-size: the size the image is resized to first")
     args = parser.parse_args(argv)
+    if (args.img_size is None) != (args.resize_size is None):
+        raise ConfigError("--img-size and --resize-size go together (the centre img_size crop of a resize_size image)")
     fmt, root = resolve_data(args.data_format, args.data_root)
     dataset = build_dataset(fmt, root, args.split, lambda image: image, metadata_root=args.metadata_root)
     loc_map = centred_gaussian(args.size, args.sigma)
@@ -43,6 +50,8 @@ def main(argv=None):
         path = Path(args.output) / f"{item.image_id}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, loc_map)
+    if args.img_size is not None:
+        write_saved_view(args.output, args.img_size, args.resize_size)
     print(f"{len(dataset.items)} maps ({args.size}x{args.size} centred Gaussian, sigma {args.sigma:g}) written to "
           f"{args.output}")
 

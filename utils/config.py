@@ -54,8 +54,9 @@ SCRIPTS = {
     "train": Script("train.py", "Train SAT on CUB-200-2011 or other WSOL data (the synthetic demo without "
                                 "--data-root).", "CUB.yaml"),
     "train_imagenet": Script("train_ImageNet.py", "Train SAT on ImageNet (ILSVRC2012).", "ILSVRC.yaml"),
-    "evaluate": Script("evaluator.py", "Evaluate a SAT checkpoint on CUB-200-2011, another dataset format or a "
-                                       "folder dataset; without --data-root on the demo data.", "CUB.yaml"),
+    "evaluate": Script("evaluator.py", "Evaluate a SAT checkpoint (or with --maps any method's saved maps) on "
+                                       "CUB-200-2011, another dataset format or a folder dataset; without "
+                                       "--data-root on the demo data.", "CUB.yaml"),
     "evaluate_imagenet": Script("evaluator_ImageNet.py", "Evaluate a SAT checkpoint on the ILSVRC2012 validation "
                                                          "set.", "ILSVRC.yaml"),
 }

@@ -24,7 +24,7 @@ from utils.boxes import WSOL_MAP_SIZE, centre_offset, wsol_map
 from utils.errors import ConfigError, DataError
 
 MAP_SUFFIXES = (".npy", ".png")
-VIEW_FILE = "views.json"  # beside sat/: the centre view (img_size, resize_size) the sat maps are of
+VIEW_FILE = "views.json"  # the centre view (img_size, resize_size) of the sat protocol on these maps
 PREDICTION_COLUMNS = ("image_id", "top5")
 # metrics.json keys that need each image's predicted classes
 CLASS_KEYS = ("top1_cls", "top5_cls", "top1_loc", "top5_loc", "top1_loc_per_threshold")
@@ -47,10 +47,13 @@ def map_folders(root, protocol):
 
 
 def saved_view(root, resize_size=None):
-    """(img_size, resize_size) of the centre view the maps are of: ``DIR/views.json`` (written by --save-maps),
-    else 224 and ``resize_size`` or 256 (the official Resize((256, 256)) -> CenterCrop(224))."""
+    """(img_size, resize_size) of the sat protocol's centre view on the maps of ``root``: ``DIR/views.json``
+    (written by --save-maps: the view the sat/ maps are of; beside whole-image maps: the view to take them
+    through), else 224 and ``resize_size`` or 256 (the official Resize((256, 256)) -> CenterCrop(224))."""
     path = Path(root) / VIEW_FILE
     if not path.is_file():
+        if resize_size is not None and resize_size < WSOL_MAP_SIZE:
+            raise ConfigError(f"--resize-size {resize_size}: the centre view crops 224 pixels, resize to at least 224")
         return WSOL_MAP_SIZE, resize_size or 256
     saved = json.loads(path.read_text(encoding="utf-8"))
     if resize_size is not None and resize_size != saved["resize_size"]:
@@ -60,7 +63,7 @@ def saved_view(root, resize_size=None):
 
 
 def write_saved_view(root, img_size, resize_size):
-    """``DIR/views.json``: the centre view the sat maps of ``--save-maps DIR`` are of."""
+    """``DIR/views.json``: the sat protocol's centre view on the maps of DIR (see :func:`saved_view`)."""
     Path(root).mkdir(parents=True, exist_ok=True)
     (Path(root) / VIEW_FILE).write_text(json.dumps({"img_size": img_size, "resize_size": resize_size}) + "\n",
                                         encoding="utf-8")
@@ -78,7 +81,7 @@ def read_map(folder, image_id, allow_constant=False):
             loc_map = np.load(path, allow_pickle=False)
         else:
             with Image.open(path) as image:
-                if image.mode not in ("L", "I;16", "I"):
+                if image.mode not in ("L", "I;16"):
                     raise DataError(f"map {path}: a {image.mode} PNG, expected grayscale (8 or 16 bit)")
                 loc_map = np.asarray(image, np.float32) / (255 if image.mode == "L" else 65535)
     except (OSError, ValueError) as err:
@@ -125,7 +128,7 @@ def read_predictions(path, image_ids, num_classes):
         raise DataError(f"predictions {path}: file not found")
     want = min(5, num_classes)
     predictions, lines, known = {}, {}, set(image_ids)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = [c for c in PREDICTION_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:

@@ -1,0 +1,239 @@
+"""evaluator.py --maps: saved maps scored as a checkpoint's outputs are. The round trip checkpoint ->
+--save-maps -> --maps gives the checkpoint's numbers under both protocols; wsolevaluation-format maps give
+wsolevaluation's own numbers (tests/fixtures/wsolevaluation); whole-image maps go through each protocol's
+view; bad maps and predictions are one error line."""
+import csv
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision import transforms as T
+
+from DataLoader import build_dataset
+from evaluator import main
+from tools.compare import main as compare
+from tools.make_baseline_maps import main as make_baseline_maps
+from utils.saved_maps import centre_view_map
+
+from test_evaluation import save_nano_checkpoint, tiny_demo
+from test_evaluator_cli import _one_error_line, _write_imagenet, keep_logging  # noqa: F401 (a fixture)
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "wsolevaluation"
+EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
+CPU = ["--workers", "0", "--device", "cpu"]
+# metrics.json keys that name what was evaluated rather than measure it
+SETTINGS = ("checkpoint", "arch", "precision", "maps", "predictions", "tencrop", "views")
+# the wsol view's own classification: a forward that saved maps do not have (their classes are reported once)
+WSOL_VIEW_CLASSES = ("wsol_top1_cls", "wsol_top5_cls")
+
+
+@pytest.fixture(scope="module")
+def cub(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cub")
+    return tiny_demo(tmp / "demo"), save_nano_checkpoint(tmp / "nano.pth")
+
+
+def _make_maps():
+    spec = importlib.util.spec_from_file_location("make_maps", FIXTURES / "make_maps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_maps
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("protocol", ["both", "wsol"])
+def test_round_trip_gives_the_checkpoint_numbers(cub, tmp_path, protocol):
+    root, checkpoint = cub
+    common = ["--data-root", str(root), "--eval-protocol", protocol, "--threshold", "0.7", "--thresholds", "0.6",
+              "0.7", "0.8", "--overlays", "3", "--eval-batch-size", "5", *CPU]
+    direct = main(["--checkpoint", str(checkpoint), "--save-maps", str(tmp_path / "maps"),
+                   "--output-dir", str(tmp_path / "direct"), *common])
+    saved = main(["--maps", str(tmp_path / "maps"), "--predictions", str(tmp_path / "direct" / "per_image.csv"),
+                  "--output-dir", str(tmp_path / "saved"), *common])
+    assert {k: v for k, v in saved.items() if k not in SETTINGS} == \
+        {k: v for k, v in direct.items() if k not in SETTINGS + WSOL_VIEW_CLASSES}
+    if protocol == "both":  # numbers that are not all zeros, on both protocols
+        assert direct["top1_loc"] > 0 and direct["gt_known_loc"] > 0 and direct["maxboxacc"] > 0
+        assert saved["img_size"] == 64 and saved["resize_size"] == 73  # the centre view of the saved maps
+    for name in ("metrics.json", "wsol_curves.json"):
+        on_disk = [json.loads((tmp_path / run / name).read_text()) for run in ("direct", "saved")]
+        assert [{k: v for k, v in d.items() if k not in SETTINGS + WSOL_VIEW_CLASSES} for d in on_disk[:1]] == \
+            [{k: v for k, v in d.items() if k not in SETTINGS} for d in on_disk[1:]]
+    direct_rows, saved_rows = (_rows(tmp_path / run / "per_image.csv") for run in ("direct", "saved"))
+    assert [{k: v for k, v in row.items() if k != "score"} for row in saved_rows] == \
+        [{k: v for k, v in row.items() if k != "score"} for row in direct_rows]
+    assert all(row["score"] == "" for row in saved_rows)  # saved maps' classes come without probabilities
+    overlays = sorted(p.relative_to(tmp_path / "direct") for p in (tmp_path / "direct" / "overlays").rglob("*.png"))
+    assert len(overlays) == 3 and all((tmp_path / "saved" / path).is_file() for path in overlays)
+    for path in overlays if protocol == "both" else ():  # the centre view's pixels, the same map, box and caption
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "direct" / path)),
+                              np.asarray(Image.open(tmp_path / "saved" / path)))
+
+
+def _wsol_split(tmp_path, dataset, kind, transform=None):
+    """(data root with the split's images as empty files, masks copied; flat maps folder) of a fixture set."""
+    images = tmp_path / "images"
+    ids = (FIXTURES / "metadata" / dataset / "test" / "image_ids.txt").read_text().split()
+    for image_id in ids:
+        (images / image_id).parent.mkdir(parents=True, exist_ok=True)
+        (images / image_id).touch()
+    if dataset == "OpenImages":
+        shutil.copytree(FIXTURES / "masks" / "OpenImages", images, dirs_exist_ok=True)
+    for image_id, loc_map in _make_maps()(dataset)[kind].items():
+        path = tmp_path / "maps" / f"{image_id}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, loc_map if transform is None else transform(loc_map))
+    return ["--data-format", "wsol", "--data-root", str(images), "--metadata-root",
+            str(FIXTURES / "metadata" / dataset), "--maps", str(tmp_path / "maps"), "--output-dir",
+            str(tmp_path / "out"), *CPU]
+
+
+@pytest.mark.parametrize("kind", ["scoremaps", "cams"])
+def test_wsolevaluation_format_maps_give_its_numbers(tmp_path, kind):
+    """224x224 score maps are scored as they are, raw maps of other sizes resized and normalised as its
+    inference.py does; the last raw map is constant (scored once allowed)."""
+    expected = EXPECTED["CUB"][kind]
+    allow = ["--allow-constant-maps"] * (kind == "cams")
+    record = main(_wsol_split(tmp_path / "cub", "CUB", kind) + ["--eval-protocol", "wsol", *allow])
+    assert record["eval_protocol"] == "wsol" and record["num_images"] == 12
+    assert record["maxboxacc"] == expected["maxboxacc"] and record["maxboxaccv2"] == expected["maxboxaccv2"]
+    assert {str(k): v for k, v in record["maxboxaccv2_per_iou"].items()} == \
+        expected["all_contours"]["max_box_acc_per_iou"]
+    assert "top1_cls" not in record and "top1_loc" not in record  # no predictions: not reported, not zeros
+    expected = EXPECTED["OpenImages"][kind]
+    record = main(_wsol_split(tmp_path / "oi", "OpenImages", kind) + allow)
+    assert record["pxap"] == expected["pxap"] and "maxboxacc" not in record
+
+
+def test_score_maps_in_part_of_the_unit_range_are_not_normalised_again(tmp_path):
+    """wsolevaluation's evaluation.py scores a 224x224 map in [0, 1] unchanged: maps squeezed into [0.2, 0.8]
+    give its PxAP of 44.298 (min-max normalising them again would give back the 44.350 of the originals)."""
+    record = main(_wsol_split(tmp_path, "OpenImages", "scoremaps", lambda m: 0.2 + 0.6 * m))
+    assert record["pxap"] == pytest.approx(44.298, abs=5e-4)
+    assert abs(record["pxap"] - EXPECTED["OpenImages"]["scoremaps"]["pxap"]) > 0.04
+
+
+def test_whole_image_maps_go_through_each_protocols_view(cub, tmp_path):
+    root, _ = cub
+    dataset = build_dataset("cub", root, "test", lambda image: image)
+    whole = np.random.default_rng(0).random((30, 50)).astype(np.float32)
+    image = Image.fromarray(whole)  # a float image through the image's own transform: Resize, then CenterCrop
+    assert np.array_equal(centre_view_map(whole, 256, 224), np.asarray(T.CenterCrop(224)(T.Resize((256, 256))(image))))
+    for item in dataset.items:  # oracle maps: 1 on the GT box, 0 elsewhere, at a quarter of the image's resolution
+        (width, height), (x0, y0, x1, y1) = item.size or (64, 64), item.boxes[0] / 4
+        oracle = np.zeros((16, 16), np.float32)
+        oracle[int(np.ceil(y0)):int(y1), int(np.ceil(x0)):int(x1)] = 1
+        path = tmp_path / "oracle" / f"{item.image_id}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, oracle)
+    record = main(["--data-root", str(root), "--maps", str(tmp_path / "oracle"), "--eval-protocol", "both",
+                   "--output-dir", str(tmp_path / "out"), *CPU])
+    assert record["img_size"] == 224 and record["resize_size"] == 256  # no views.json: the official centre view
+    assert record["gt_known_loc"] == 100.0 and record["maxboxacc"] == 100.0 and record["iou70"] > 50
+
+
+def test_imagenet_layout_and_wsol_overlays(tmp_path):
+    root = _write_imagenet(tmp_path / "ILSVRC2012")
+    make_baseline_maps([str(tmp_path / "maps"), "--data-root", str(root), "--data-format", "imagenet", "--size", "20"])
+    record = main(["--data-root", str(root), "--maps", str(tmp_path / "maps"), "--eval-protocol", "wsol",
+                   "--overlays", "all", "--output-dir", str(tmp_path / "out"), *CPU], imagenet=True)
+    assert record["data_format"] == "imagenet" and record["num_images"] == 6 and 0 <= record["maxboxacc"] <= 100
+    overlays = sorted((tmp_path / "out" / "overlays" / "val").iterdir())
+    assert len(overlays) == 6 and Image.open(overlays[0]).size == (224, 224)  # drawn at MaxBoxAcc's threshold
+
+
+def test_evaluate_your_own_method_example(cub, tmp_path, capsys):
+    """docs/evaluation.md's worked example on demo data: SAT's saved maps and a centred Gaussian baseline
+    (scored with and without SAT's predictions), compared."""
+    root, checkpoint = cub
+    data = ["--data-root", str(root), "--eval-protocol", "both", *CPU]
+    main(["--checkpoint", str(checkpoint), "--save-maps", str(tmp_path / "maps_sat"),
+          "--output-dir", str(tmp_path / "eval_sat"), *data])
+    make_baseline_maps([str(tmp_path / "maps_gaussian"), "--data-root", str(root), "--img-size", "64",
+                        "--resize-size", "73"])  # the nano model's centre view
+    assert np.load(tmp_path / "maps_gaussian" / "001.Ringed_Disc" / "Ringed_Disc_0002.jpg.npy").shape == (224, 224)
+    predictions = str(tmp_path / "eval_sat" / "per_image.csv")
+    sat = main(["--maps", str(tmp_path / "maps_sat"), "--predictions", predictions,
+                "--output-dir", str(tmp_path / "eval_sat_maps"), *data])
+    gaussian = main(["--maps", str(tmp_path / "maps_gaussian"), "--predictions", predictions,
+                     "--output-dir", str(tmp_path / "eval_gaussian"), *data])
+    alone = main(["--maps", str(tmp_path / "maps_gaussian"), "--output-dir", str(tmp_path / "eval_alone"), *data])
+    assert gaussian["top1_cls"] == sat["top1_cls"]  # the same classes, other maps, the same centre view
+    assert (gaussian["img_size"], gaussian["resize_size"]) == (sat["img_size"], sat["resize_size"]) == (64, 73)
+    assert {k: v for k, v in alone.items() if k in ("gt_known_loc", "maxboxacc", "maxboxaccv2")} == \
+        {k: v for k, v in gaussian.items() if k in ("gt_known_loc", "maxboxacc", "maxboxaccv2")}
+    assert not {"top1_cls", "top5_cls", "top1_loc", "top5_loc"} & set(alone)
+    log = (tmp_path / "eval_alone" / "log.txt").read_text()
+    assert "no --predictions: no Top-1 / Top-5 Loc or Cls" in log and "n/a" in log
+    capsys.readouterr()
+    table = compare([str(tmp_path / "eval_sat_maps"), str(tmp_path / "eval_gaussian"), str(tmp_path / "eval_alone"),
+                     "--output-dir", str(tmp_path / "compare")])["metrics"]
+    assert table["gt_known_loc"] == {"eval_sat_maps": sat["gt_known_loc"], "eval_gaussian": gaussian["gt_known_loc"],
+                                     "eval_alone": alone["gt_known_loc"]}
+    assert table["top1_loc"]["eval_alone"] is None
+    assert "eval_sat_maps vs eval_alone, per image on the 12 images" in capsys.readouterr().out
+
+
+def _bad(tmp_path, name, loc_map):
+    path = tmp_path / name / "001.Ringed_Disc" / "Ringed_Disc_0002.jpg.npy"
+    shutil.copytree(tmp_path / "good", tmp_path / name)
+    np.save(path, loc_map)
+    return path
+
+
+def test_bad_maps_and_predictions_are_one_line(cub, tmp_path, capsys, keep_logging):
+    root, _ = cub
+    make_baseline_maps([str(tmp_path / "good"), "--data-root", str(root), "--size", "8"])
+    common = ["--data-root", str(root), "--output-dir", str(tmp_path / "out"), *CPU]
+
+    def error(*flags):
+        return _one_error_line(capsys, ["--maps", *map(str, flags), *common])
+
+    missing = tmp_path / "missing"
+    shutil.copytree(tmp_path / "good", missing)
+    (missing / "002.Checkered_Square" / "Checkered_Square_0003.jpg.npy").unlink()
+    image_id = "002.Checkered_Square/Checkered_Square_0003.jpg"
+    assert error(missing) == f"error: no map for image {image_id}: {missing / image_id}.npy (or .png) not found"
+    nan = np.ones((8, 8), np.float32)
+    nan[2, 3] = np.nan
+    path = _bad(tmp_path, "nan", nan)
+    assert error(tmp_path / "nan") == f"error: map {path}: holds NaN or Inf"
+    path = _bad(tmp_path, "constant", np.full((8, 8), 0.5, np.float32))
+    assert error(tmp_path / "constant").startswith(f"error: map {path}: constant (0.5), it localizes nothing; "
+                                                   "--allow-constant-maps scores it")
+    assert main(["--maps", str(tmp_path / "constant"), "--allow-constant-maps", *common])["num_images"] == 12
+    capsys.readouterr()
+    path = _bad(tmp_path, "rgb", np.ones((8, 8, 3), np.float32))
+    assert error(tmp_path / "rgb") == f"error: map {path}: shape (8, 8, 3), expected a 2-D map (height, width)"
+    (tmp_path / "sat_only" / "sat").mkdir(parents=True)  # saved with --eval-protocol sat
+    assert error(tmp_path / "sat_only", "--eval-protocol", "both") == (
+        f"error: maps {tmp_path / 'sat_only'}: no wsol/ folder, which the wsol protocol reads (saved with another "
+        "--eval-protocol?)")
+
+    ids = [item.image_id for item in build_dataset("cub", root, "test", lambda image: image).items]
+    table = tmp_path / "predictions.csv"
+
+    def predictions(rows, header="image_id,top5"):
+        table.write_text("\n".join([header] + rows) + "\n")
+        return error(tmp_path / "good", "--predictions", table)
+
+    good = [f"{image_id},0 1 2" for image_id in ids]
+    assert predictions(good[1:]) == f"error: predictions {table}: no prediction for 1 image(s) of the split, first " \
+                                    f"{ids[0]}"
+    assert predictions(good + ["stranger.jpg,0 1 2"]) == f"error: predictions {table}: 1 image id(s) not in the " \
+                                                         "evaluated split, first stranger.jpg (line 14)"
+    assert predictions(good[:1] + [f"{ids[1]},0 3 1"] + good[2:]) == f"error: predictions {table} line 3: class 3 " \
+                                                                     "out of range (the data has 3 classes: 0 to 2)"
+    assert predictions(good[:1] + [f"{ids[1]},0 1"] + good[2:]) == f"error: predictions {table} line 3: top5 '0 1', " \
+                                                                   "expected 3 distinct class indices, best first"
+    assert predictions(good, "id,classes").startswith(f"error: predictions {table}: no column image_id")
+    assert _one_error_line(capsys, ["--checkpoint", "x.pth", "--predictions", str(table), *common]) == \
+        "error: --predictions goes with --maps (a checkpoint predicts its own classes)"
