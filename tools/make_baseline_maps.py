@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader import FORMATS, build_dataset  # noqa: E402
 from DataLoader.eval_loader import resolve_data  # noqa: E402
+from utils.config import OneLineParser  # noqa: E402
 from utils.errors import ConfigError, run_cli  # noqa: E402
 from utils.saved_maps import write_saved_view  # noqa: E402
 
@@ -29,7 +30,7 @@ def centred_gaussian(size, sigma):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", help="folder of the maps")
     parser.add_argument("--data-root", help="dataset folder (default: the built-in demo data)")
     parser.add_argument("--data-format", default="cub", choices=FORMATS)

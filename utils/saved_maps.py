@@ -176,6 +176,7 @@ class SavedMaps:
         self.allow_constant = allow_constant
 
     def scores(self, image_ids):
+        """(B, classes): 5, 4, ... 1 at each image's predicted classes, 0 elsewhere; None without predictions."""
         if self.predictions is None:
             return None
         scores = np.zeros((len(image_ids), self.num_classes), np.float32)
@@ -247,8 +248,7 @@ def map_loader(dataset, views, overlays, batch_size, workers, distributed=False)
 
 def drop_class_metrics(metrics):
     """Without predictions: the metrics that need each image's classes left out (not reported as zeros)."""
-    for key in CLASS_KEYS:
-        metrics.pop(key, None)
-    for key in CLASS_KEYS:
-        metrics.get("at_best_threshold", {}).pop(key, None)
+    for part in (metrics, metrics.get("at_best_threshold", {})):
+        for key in CLASS_KEYS:
+            part.pop(key, None)
     return metrics
