@@ -27,7 +27,7 @@ from utils.distributed import cleanup, init_distributed
 from utils.config import parse_config
 from utils.engine import NonFiniteOutputError, evaluate
 from utils.errors import CheckpointError, ConfigError, DataError, run_cli
-from utils.logger import close_logging, setup_logging
+from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
 from utils.saved_maps import SavedMaps, drop_class_metrics, map_loader, read_predictions, saved_view, write_saved_view
 from utils.visualize import plot_curves
@@ -41,6 +41,9 @@ def main(argv=None, imagenet=False):
     info = init_distributed(args.device)
     try:
         return (evaluate_checkpoint if args.maps is None else evaluate_maps)(args, imagenet, info)
+    except Exception as err:
+        log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)
+        raise
     finally:
         close_logging()
         cleanup()

@@ -20,7 +20,7 @@ dependencies = ["torch", "timm"]
 def _entry_point(arch):
     def entry_point(pretrained=False, checkpoint=None, **kwargs):
         if checkpoint is not None:
-            return _build_model_from_checkpoint(checkpoint, arch=arch, **kwargs)[0]
+            return _build_model_from_checkpoint(checkpoint, arch=arch, spelling="hub", **kwargs)[0]
         return _build_model(arch, pretrained=pretrained, **kwargs)
 
     entry_point.__name__ = entry_point.__qualname__ = arch

@@ -21,6 +21,7 @@ import torch
 
 from DataLoader import build_dataset, build_loader
 from DataLoader.check import check_splits
+from DataLoader.device_transforms import on_device
 from DataLoader.eval_loader import ANNOTATIONS, build_eval_loader, protocol_for_data, resolve_data
 from DataLoader.eval_views import default_resize_size, views_of
 from DataLoader.image_cache import attach_image_cache
@@ -30,11 +31,11 @@ from Model.losses import area_span
 from utils import distributed as dist_utils
 from utils.amp import LossScaler, autocast_context, describe
 from utils.checkpoint import (checkpoint_weights, load_checkpoint, model_spec, resume_path, restore, rng_state,
-                              save_checkpoint, seed_everything)
+                              save_checkpoint, seed_everything, set_rng_state)
 from utils.config import config_dict, parse_config, save_config
 from utils.engine import evaluate, train_one_epoch
-from utils.errors import ConfigError, DataError, SATError, run_cli
-from utils.logger import MetricsLog, close_logging, log_error, setup_logging
+from utils.errors import CheckpointError, ConfigError, DataError, run_cli, user_message
+from utils.logger import MetricsLog, close_logging, log_error, open_log_file, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 from utils.preemption import Preempted, StepCheckpoint, StopSignals, resume_command
 
@@ -43,7 +44,7 @@ RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "
 # The checkpoints kept during training, each the first epoch reaching the maximum of its metric, as the
 # official train.py keeps best_loc / best_top1 / best_gt; best.pth follows selection_metric (official: loc).
 EXTRA_BEST = {"best_top1_loc.pth": "top1_loc", "best_gt_known_loc.pth": "gt_known_loc"}
-# What a run writes into --output-dir; a folder holding the first three is a previous run.
+# What a run writes into --output-dir (--overwrite deletes them).
 IMAGE_CACHE = "image_cache"  # cache_images: one file per split (DataLoader/image_cache.py)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.json", "config.yaml", "log.txt", "tensorboard", "overlays")
 _logger = logging.getLogger("sat")
@@ -53,34 +54,40 @@ def main(argv=None, imagenet=False):
     """Entry point of train.py (``imagenet=False``) and train_ImageNet.py (``imagenet=True``)."""
     cfg = parse_config(argv, "train_imagenet" if imagenet else "train")
     info = dist_utils.init_distributed(cfg.device, cfg.local_rank)
+    script = "train_ImageNet.py" if imagenet else "train.py"
+    resume = resume_command(None if argv is None else [script, *argv], distributed=info.world_size > 1)
     progress = {"epoch": None, "saved": None}
     try:
-        return train(cfg, info, imagenet, progress)
+        return train(cfg, info, imagenet, progress, resume)
     except Preempted as stop:
         if info.is_main:
             _logger.warning("%s", stop)
         raise SystemExit(stop.exit_status) from None
     except KeyboardInterrupt:
         if info.is_main:
-            script = "train_ImageNet.py" if imagenet else "train.py"
-            _logger.warning("%s", interrupted_message(cfg, info, progress, script, argv))
+            _logger.warning("%s", interrupted_message(cfg, progress, resume))
         raise SystemExit(130) from None
-    except SATError as err:
-        log_error(err)  # the terminal gets the line from run_cli
+    except Exception as err:
+        log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)
         raise
     finally:
         close_logging()
         dist_utils.cleanup()
 
 
-def train(cfg, info, imagenet=False, progress=None):
+def train(cfg, info, imagenet=False, progress=None, resume=None):
     """One training run; ``progress`` ({'epoch', 'saved'}) is kept up to date for the message after an
-    interruption. Returns the record written to results.json."""
+    interruption; ``resume``: the command that continues the run (default: from sys.argv), for the lines of
+    errors that stop it. Returns the record written to results.json."""
     progress = {} if progress is None else progress
+    resume = resume or resume_command(distributed=info.world_size > 1)
     output_dir = Path(cfg.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
-    prepare_output_dir(cfg, output_dir, info)
-    setup_logging(output_dir, info.is_main, info.rank)
+    replaced = previous_outputs(cfg, output_dir, info)
+    setup_logging(output_dir, info.is_main, info.rank, log_file=not replaced)  # not into the old run's log
+    if replaced:
+        _logger.info("--overwrite: the previous run's %s in %s go once this run has its data, model and first "
+                     "batch", ", ".join(replaced), output_dir)
     micro_batch = per_process_batch(cfg, info.world_size)
     cfg.resize_size = cfg.resize_size or default_resize_size(cfg.img_size)
     cfg.eval_batch_size = cfg.eval_batch_size or micro_batch
@@ -116,14 +123,19 @@ def train(cfg, info, imagenet=False, progress=None):
                                 epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=steps_per_epoch)
     loss_scaler = LossScaler(info.device, cfg.amp)
     autocast = autocast_context(info.device, cfg.amp)
+    if replaced:  # the new run can start: the old one goes
+        load_first_batch(train_loader, info)
+        delete_outputs(output_dir, replaced, info)
 
     # resume: weights, optimizer, schedule, RNG states and the position in the epoch of last.pth
-    start_epoch, start_step, meters_state, best = 0, 0, None, {}
+    # (a last.pth saved when the evaluation after an epoch failed holds that epoch's training: ``trained``)
+    start_epoch, start_step, meters_state, best, trained = 0, 0, None, {}, None
     path = resume_path(cfg, checkpoint_dir)
     if path is not None:
-        meta = restore(path, cfg, info, model, optimizer, scheduler, loss_scaler)
+        meta = restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per_epoch)
         start_epoch, start_step, best = meta["epoch"], meta.get("epoch_step", 0), meta["best"]
-        if start_step and len(meta["epoch_meters"]) == info.world_size:
+        trained = meta.get("epoch_stats")
+        if start_step and not trained and len(meta["epoch_meters"]) == info.world_size:
             meters_state = meta["epoch_meters"][info.rank]
     progress.update(epoch=start_epoch, saved=start_epoch, step=start_step)
     metrics_log = MetricsLog(output_dir, start_epoch) if info.is_main else None
@@ -138,11 +150,20 @@ def train(cfg, info, imagenet=False, progress=None):
         """last.pth in the middle of ``epoch``: its optimizer steps done and each process's RNG state and
         running sums, so that --resume continues exactly there. Collective."""
         states = dist_utils.all_gather_object((rng_state(info.device), meters.state()))
+        return save_last(epoch, steps_done, rng_states=[rng for rng, _ in states],
+                         epoch_meters=[sums for _, sums in states])
+
+    def save_trained(epoch, stats, rng):
+        """last.pth after the training of ``epoch`` when its evaluation failed: the epoch's statistics and each
+        process's RNG state ``rng`` from before the evaluation, so that --resume evaluates it as the
+        uninterrupted run would have. Collective."""
+        return save_last(epoch, steps_per_epoch, rng_states=dist_utils.all_gather_object(rng), epoch_stats=stats)
+
+    def save_last(epoch, steps_done, **position):
         if info.is_main:
             save_checkpoint({"model": checkpoint_weights(model), "epoch": epoch, "epoch_step": steps_done,
                              "config": config_dict(cfg), **spec, "best_thr": None, **training_state(),
-                             "rng_states": [rng for rng, _ in states], "epoch_meters": [sums for _, sums in states],
-                             "best": best}, checkpoint_dir / "last.pth")
+                             **position, "best": best}, checkpoint_dir / "last.pth")
         return checkpoint_dir / "last.pth"
 
     # the epochs: train, evaluate (from eval_start_epoch), keep the best checkpoints, save last.pth
@@ -155,21 +176,31 @@ def train(cfg, info, imagenet=False, progress=None):
             for epoch in range(start_epoch, cfg.epochs):
                 progress["epoch"] = epoch
                 first_step = start_step if epoch == start_epoch else 0
-                # this epoch's order, and each image's crop seed in the loader workers (BatchLoader), depend
-                # only on (seed, epoch): a resumed run sees the samples of the uninterrupted one
-                train_loader.sampler.set_epoch(epoch, first_step * cfg.accum_steps)
-                stats = train_one_epoch(train_model, criterion, train_loader, optimizer, info.device, epoch,
-                                        loss_scaler, scheduler=scheduler, accum_steps=cfg.accum_steps,
-                                        autocast=autocast, clip_grad=cfg.clip_grad, log_every=cfg.log_every,
-                                        world_size=info.world_size, progress=info.is_main, start_step=first_step,
-                                        meters_state=meters_state if first_step else None,
-                                        on_step=functools.partial(checkpointer, epoch))
+                if trained and epoch == start_epoch:
+                    stats = trained
+                else:
+                    # this epoch's order, and each image's crop seed in the loader workers (BatchLoader), depend
+                    # only on (seed, epoch): a resumed run sees the samples of the uninterrupted one
+                    train_loader.sampler.set_epoch(epoch, first_step * cfg.accum_steps)
+                    stats = train_one_epoch(train_model, criterion, train_loader, optimizer, info.device, epoch,
+                                            loss_scaler, scheduler=scheduler, accum_steps=cfg.accum_steps,
+                                            autocast=autocast, clip_grad=cfg.clip_grad, log_every=cfg.log_every,
+                                            world_size=info.world_size, progress=info.is_main,
+                                            start_step=first_step, meters_state=meters_state if first_step else None,
+                                            on_step=functools.partial(checkpointer, epoch))
                 record = {"epoch": epoch + 1, **{f"train_{key}": value for key, value in stats.items()}}
                 metrics, improved = None, []
                 if should_evaluate(cfg, epoch):
-                    metrics = evaluate(selection_loader, model, info.device,
-                                       thresholds=cfg.eval_thresholds if plan.sat else (), amp=cfg.amp,
-                                       distributed=info.distributed, progress=info.is_main)
+                    before = rng_state(info.device)
+                    try:
+                        metrics = evaluate(selection_loader, model, info.device,
+                                           thresholds=cfg.eval_thresholds if plan.sat else (), amp=cfg.amp,
+                                           distributed=info.distributed, progress=info.is_main)
+                    except DataError as err:  # a file changed under the run (every process raises it)
+                        path = save_trained(epoch, stats, before)
+                        raise DataError(f"the evaluation after epoch {epoch + 1} failed: {user_message(err)}; the "
+                                        f"epoch's training is saved in {path}: once the data is fixed, continue "
+                                        f"with (it evaluates epoch {epoch + 1} again): {resume}") from None
                     metrics.update(metrics.get("at_best_threshold", {}))  # model selection: at the best threshold
                     improved = update_best(best, metrics, plan.selection_metric, epoch, plan.sat)
                     shown = (*RESULT_KEYS, "best_threshold") if plan.sat else scalars(metrics)
@@ -181,13 +212,19 @@ def train(cfg, info, imagenet=False, progress=None):
                 progress["saved"] = epoch + 1
                 log_epoch(cfg, epoch, stats, metrics, improved, selection_split, plan)
                 checkpointer.end_of_epoch(epoch, checkpoint_dir / "last.pth")
+    except CheckpointError as err:  # a checkpoint could not be written
+        raise CheckpointError(f"{err}; once that is fixed, continue with: {resume}") from None
     finally:
         if metrics_log is not None:
             metrics_log.close()
 
     # the final test of best.pth, as the official evaluator
     progress["epoch"] = cfg.epochs
-    results = final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan)
+    try:
+        results = final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan)
+    except DataError as err:
+        raise DataError(f"the final test failed: {user_message(err)}; every epoch is saved in {checkpoint_dir}: "
+                        f"once the data is fixed, run the final test again with: {resume}") from None
     if cfg.cache_images:  # a finished run does not need it again; an interrupted one keeps it
         dist_utils.barrier()  # every process is done reading it
         if info.is_main:
@@ -413,33 +450,64 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan):
 
 
 # ------------------------------------------------------------------------------------ the run's folder
-def prepare_output_dir(cfg, output_dir, info):
-    """Refuse to write into a folder holding a previous run unless --resume (continue it) or --overwrite
-    (delete its outputs first): one-line ConfigError, nothing touched."""
+def previous_outputs(cfg, output_dir, info):
+    """The outputs of an earlier run in ``output_dir`` that this one replaces (--overwrite; deleted by
+    ``delete_outputs`` once this run can start), as the main process finds them, on every process. A folder
+    holding a checkpoint or results.json holds a previous run: refused without --resume or --overwrite
+    (one-line ConfigError, nothing touched); what a start that failed before its first checkpoint left is
+    reused as it is."""
     if cfg.resume is not None and cfg.overwrite:
         raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
-    # what the main process finds, for every process, before it deletes anything (a process that looked after
-    # the deletion would skip the barrier below)
-    previous = dist_utils.all_gather_object([name for name in RUN_OUTPUTS[:3] if (output_dir / name).exists()])[0]
-    if not previous or cfg.resume is not None:
-        return
-    if not cfg.overwrite:
-        raise ConfigError(f"{output_dir} holds a previous run ({', '.join(previous)}): --resume to continue it, "
+    run = [f"checkpoints/{path.name}" for path in sorted((output_dir / "checkpoints").glob("*.pth"))]
+    if (output_dir / "results.json").exists():
+        run.append("results.json")
+    outputs = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    run, outputs = dist_utils.all_gather_object((run, outputs))[0]
+    if cfg.resume is not None:
+        return []
+    if run and not cfg.overwrite:
+        raise ConfigError(f"{output_dir} holds a previous run ({', '.join(run)}): --resume to continue it, "
                           "--overwrite to start again, or choose another --output-dir")
+    return outputs if cfg.overwrite else []
+
+
+def load_first_batch(train_loader, info):
+    """Read the first training batch (to the device), as a check before --overwrite deletes anything; the RNG
+    states are put back, so that the run draws what it would have drawn without it. One DataError on every
+    process when one of them could not."""
+    state = rng_state(info.device)
+    failure = None
+    try:
+        batches = iter(on_device(train_loader, info.device))
+        next(batches, None)
+        batches.close()
+    except DataError as err:
+        failure = user_message(err)
+    finally:
+        set_rng_state(state)
+    failure = next((message for message in dist_utils.all_gather_object(failure) if message), None)
+    if failure is not None:
+        raise DataError(failure)
+
+
+def delete_outputs(output_dir, names, info):
+    """The main process deletes ``names`` (of RUN_OUTPUTS) from ``output_dir`` and starts log.txt; every
+    process waits for it."""
     if info.is_main:
-        for name in RUN_OUTPUTS:
+        for name in names:
             path = output_dir / name
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+        open_log_file(output_dir)
+        _logger.info("--overwrite: deleted the previous run's %s in %s", ", ".join(names), output_dir)
     dist_utils.barrier()
 
 
-def interrupted_message(cfg, info, progress, script, argv):
+def interrupted_message(cfg, progress, resume):
     """One line after Ctrl-C: where training stopped, what is saved, and the command that resumes it (as after
     SIGTERM / SIGUSR1)."""
-    command = resume_command(None if argv is None else [script, *argv], distributed=info.world_size > 1)
     where = "before training started" if progress["epoch"] is None else (
         "in the final test" if progress["epoch"] >= cfg.epochs else f"in epoch {progress['epoch'] + 1}/{cfg.epochs}")
     last = Path(cfg.output_dir) / "checkpoints" / "last.pth"
@@ -449,7 +517,7 @@ def interrupted_message(cfg, info, progress, script, argv):
         saved = f"{last} holds the last saved position"
     else:
         saved = "no checkpoint yet"
-    return f"interrupted {where}; {saved}; resume with: {command}"
+    return f"interrupted {where}; {saved}; resume with: {resume}"
 
 
 if __name__ == "__main__":

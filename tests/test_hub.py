@@ -1,8 +1,11 @@
 """hubconf.py: torch.hub.load(<repo dir>, <arch>, source='local', ...) builds SAT models and loads checkpoints."""
+import pytest
 import torch
 
 import hubconf
-from Model import SATVisionTransformer
+from Model import SATVisionTransformer, build_model
+from utils.checkpoint import model_spec, save_checkpoint
+from utils.errors import CheckpointError
 
 from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_ROOT
 
@@ -30,3 +33,17 @@ def test_hub_load_local_official_checkpoint(official_outputs):
         logits, maps = model.eval()(official_outputs["input"])
     torch.testing.assert_close(logits, official_outputs["logits_test"], atol=1e-6, rtol=0)
     torch.testing.assert_close(maps, official_outputs["maps_test"], atol=1e-6, rtol=0)
+
+
+def test_hub_checkpoint_errors_name_the_entry_point_and_keyword(tmp_path):
+    nano = "deit_sat_nano_patch16_224"
+    path = tmp_path / "nano.pth"
+    model = build_model(nano, num_classes=3)
+    save_checkpoint({"model": model.state_dict(), **model_spec(model, nano)}, path)
+    with pytest.raises(CheckpointError) as err:
+        torch.hub.load(str(REPO_ROOT), "deit_sat_tiny_patch16_224", source="local", checkpoint=str(path))
+    assert str(err.value) == (f"checkpoint {path} does not fit the entry point deit_sat_tiny_patch16_224: it records "
+                              f"{nano} (embed dim 96, depth 6); load it with torch.hub's entry point {nano}")
+    with pytest.raises(CheckpointError) as err:
+        torch.hub.load(str(REPO_ROOT), nano, source="local", checkpoint=str(path), num_classes=5)
+    assert str(err.value) == f"checkpoint {path} has 3 classes, not num_classes=5; leave out num_classes="

@@ -227,6 +227,32 @@ def test_not_a_checkpoint_names_the_file(tmp_path):
         load_checkpoint(bogus, build_model(NANO, num_classes=2))
 
 
+@pytest.mark.parametrize("content, what", [
+    (bytes(range(7, 256)) * 64, "not a torch.save file (neither a zip archive nor a pickle)"),
+    (b"", "the file is empty"),
+    (b"\x80\x04\x95" + bytes(64), "a pickle that a safe load cannot read: not written by torch.save, or holding "
+                                  "more than tensors and plain containers ("),  # (torch's reason)
+])
+def test_unreadable_checkpoint_says_what_the_file_is_not_and_never_to_load_it_unsafely(tmp_path, content, what):
+    path = tmp_path / "download.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    assert str(err.value).startswith(f"{path} is not a readable checkpoint: {what}")
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_state_dict_layout_and_module_prefixes_load(tmp_path):
+    model = build_model(NANO, num_classes=3)
+    path = tmp_path / "other_project.pth"
+    torch.save({"state_dict": {f"module.{key}": value for key, value in model.state_dict().items()}, "epoch": 7},
+               path)
+    rebuilt, meta = build_model_from_checkpoint(path)
+    assert meta["epoch"] == 7 and meta["arch"] == NANO and rebuilt.num_classes == 3
+    for key, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+
+
 def test_losses_on_hand_checked_maps():
     # area: |mean over the batch of each map's mean - area_thr|, the deviation of the batch mean
     half = torch.stack([torch.zeros(14, 14), torch.ones(14, 14)])  # map means 0 and 1

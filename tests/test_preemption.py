@@ -179,6 +179,8 @@ def test_periodic_checkpoint_then_crash_then_resume(data_root, reference, tmp_pa
     interrupt(monkeypatch, at=11)  # crash in step 11 of 12; the last save was after step 8 (epoch 2, step 2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_main(run_args(data_root, out, "--save-every-steps", "4"))
+    log = (out / "log.txt").read_text()  # an unexpected error too, with its traceback
+    assert "ERROR error: RuntimeError: simulated crash\nTraceback (most recent call last):" in log
     last = read_checkpoint(out / "checkpoints" / "last.pth")
     assert (last["epoch"], last["epoch_step"]) == (1, 2) and len(last["epoch_meters"]) == 1
     monkeypatch.undo()

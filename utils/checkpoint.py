@@ -6,10 +6,13 @@ Official release files are legacy ``torch.save`` dicts ``{'model', 'best_thr', '
 model (``arch``, ``num_classes``, ``img_size``, ``model_kwargs``, ``class_names``) and, in ``last.pth``, the
 training state and the config. ``epoch`` counts completed epochs.
 """
+import errno
 import logging
 import os
 import random
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -26,9 +29,13 @@ _IGNORED_KEYS = {"weight"}  # official files store the fixed 3x3 smoothing kerne
 
 
 def save_checkpoint(state: Dict[str, Any], path) -> None:
-    """Write ``state`` with ``torch.save`` atomically: temp file in the same folder, fsync, rename."""
+    """Write ``state`` with ``torch.save`` atomically: temp file in the same folder, fsync, rename; a write that
+    fails (a full disk) leaves the previous file as it was, removes the temp file and raises a one-line
+    CheckpointError. Temp files of this name left by a killed process are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -36,27 +43,62 @@ def save_checkpoint(state: Dict[str, Any], path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        if not isinstance(err, OSError):
+            raise
+        reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        kept = f"the previous {path.name} is left as it was" if path.exists() else "nothing was written"
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}; {kept}") from None
+
+
+ZIP_HEADER = b"PK\x03\x04"  # torch.save's archive; the legacy format is a pickle (first byte 0x80)
+
+
+def _unreadable(path, err):
+    """What ``path`` is, given that torch.load(weights_only=True) failed on it with ``err``; never torch's
+    advice to load it with weights_only=False (which runs whatever code an unknown file holds)."""
+    with open(path, "rb") as f:
+        head = f.read(len(ZIP_HEADER))
+    text = str(err).strip()
+    if not head:
+        return "the file is empty"
+    if head == ZIP_HEADER:
+        detail = text.split(". ")[0].removeprefix("PytorchStreamReader failed reading zip archive: ")
+        return f"a torch.save archive cut short or damaged, as by an interrupted write or copy ({detail})"
+    if head[:1] != b"\x80":
+        return "not a torch.save file (neither a zip archive nor a pickle)"
+    if "weights_only" in text:
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        return ("a pickle that a safe load cannot read: not written by torch.save, or holding more than tensors "
+                "and plain containers"
+                + (f" ({detail.group(1).strip()})" if detail else ""))
+    return f"a pickle cut short or damaged ({type(err).__name__}{': ' + text.splitlines()[0] if text else ''})"
 
 
 def read_checkpoint(path) -> Dict[str, Any]:
-    """Load a checkpoint file to CPU and check that it holds a state dict."""
+    """Load a checkpoint file to CPU and check that it holds a state dict: ``{'model': ...}`` (this project's
+    and the official files), ``{'state_dict': ...}`` (as many PyTorch projects save them; returned under
+    'model') or a bare state dict."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: file not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it does not expect: the error says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for non-checkpoint files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint (expected a torch.save file): {reason}") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint: {_unreadable(path, err)}") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         return ckpt
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
+        meta = {key: value for key, value in ckpt.items() if key != "state_dict"}
+        return {**meta, "model": ckpt["state_dict"]}
     if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return {"model": ckpt}  # a bare state dict
-    raise CheckpointError(f"{path} is not a checkpoint: expected a state dict or a dict with a 'model' state dict")
+    raise CheckpointError(f"{path} is not a checkpoint: expected a state dict or a dict with a 'model' or "
+                          "'state_dict' state dict")
 
 
 def clean_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -155,14 +197,26 @@ def check_finite_weights(state_dict, path):
                               f"{', '.join(bad[:3])}")
 
 
-def build_model_from_checkpoint(path, arch=None, num_classes=None, **overrides):
+# How a caller gives the architecture and the number of classes, for the lines that say a checkpoint contradicts
+# them: the scripts' flags, or torch.hub's entry point (hubconf.py) and keyword argument.
+SPELLINGS = {
+    "flags": {"arch": "--arch {}", "num_classes": "--num-classes {}", "fix_arch": "drop --arch",
+              "fix_classes": "drop --num-classes"},
+    "hub": {"arch": "the entry point {}", "num_classes": "num_classes={}",
+            "fix_arch": "load it with torch.hub's entry point {}", "fix_classes": "leave out num_classes="},
+}
+
+
+def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="flags", **overrides):
     """Rebuild the model a checkpoint holds and load its weights; returns ``(model, meta)`` (the file's
     metadata, with ``arch`` the architecture built).
 
     The architecture, classes and input size come from the file (this project's) or its shapes
     (official releases); ``arch`` / ``num_classes`` given for a file that fits another one -> one-line
-    CheckpointError naming the one it fits.
+    CheckpointError naming the one it fits, with the options spelt as the caller gives them (``spelling``:
+    a key of SPELLINGS).
     """
+    words = SPELLINGS[spelling]
     ckpt = read_checkpoint(path)
     state_dict = clean_state_dict(ckpt["model"])
     check_finite_weights(state_dict, path)
@@ -171,12 +225,13 @@ def build_model_from_checkpoint(path, arch=None, num_classes=None, **overrides):
         raise CheckpointError(f"checkpoint {path} is not a SAT model (no pos_embed / head.weight)")
     recorded, fitted = ckpt.get("arch"), ARCH_BY_SHAPE.get(shapes[:2])
     if arch and fitted and arch != fitted and "embed_dim" not in overrides:
-        raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: it "
+        raise CheckpointError(f"checkpoint {path} does not fit {words['arch'].format(arch)}: it "
                               f"{'records' if recorded else 'has the shapes of'} {recorded or fitted} "
-                              f"(embed dim {shapes[0]}, depth {shapes[1]}); drop --arch")
+                              f"(embed dim {shapes[0]}, depth {shapes[1]}); "
+                              f"{words['fix_arch'].format(recorded or fitted)}")
     if num_classes is not None and num_classes != shapes[2]:
-        raise CheckpointError(f"checkpoint {path} has {shapes[2]} classes, not --num-classes {num_classes}; "
-                              "drop --num-classes")
+        raise CheckpointError(f"checkpoint {path} has {shapes[2]} classes, not "
+                              f"{words['num_classes'].format(num_classes)}; {words['fix_classes']}")
     name = recorded or arch or fitted
     if name is None:
         raise CheckpointError(f"checkpoint {path}: embed dim {shapes[0]} and depth {shapes[1]} fit no registered "
@@ -236,16 +291,35 @@ def resume_path(cfg, checkpoint_dir):
     return Path(cfg.resume)
 
 
-def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler):
-    """Load a last.pth into the training state; returns its metadata."""
-    meta = load_checkpoint(path, model)
-    missing = [key for key in ("optimizer", "scheduler", "epoch", "config", "best") if key not in meta]
-    if missing:
+TRAINING_STATE = ("optimizer", "scheduler", "epoch", "config", "best")  # what last.pth adds to the weights
+
+
+def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per_epoch):
+    """Load a checkpoint of this run into the training state; returns its metadata. From last.pth: all of it
+    (weights, optimizer, schedule, RNG states, position in the epoch); from a best*.pth written by training:
+    its weights and epoch and the schedule at that epoch, with fresh optimizer moments (it holds no optimizer
+    state). A file that does not load: one line naming the newest checkpoint of the run that does."""
+    path = Path(path)
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as err:
+        if not path.is_file():
+            raise
+        raise CheckpointError(f"--resume: {err}; {_instead(path)}") from None
+    meta = load_state(ckpt, path, model)
+    if all(key in meta for key in TRAINING_STATE):
+        optimizer.load_state_dict(meta["optimizer"])
+        scheduler.load_state_dict(meta["scheduler"])
+        loss_scaler.load_state_dict(meta.get("scaler"))
+    elif {"epoch", "config", "selection"} <= set(meta):
+        _logger.warning("resume from %s: its weights after epoch %d; it holds no optimizer state: AdamW's moments "
+                        "start again from zero", path, meta["epoch"])
+        set_schedule(optimizer, scheduler, meta["epoch"] * steps_per_epoch)
+        meta["best"] = best_of_run(path.parent, meta["epoch"])
+    else:
+        missing = [key for key in TRAINING_STATE if key not in meta]
         raise CheckpointError(f"{path} is not a training checkpoint of this project (no {', '.join(missing)}); "
                               "to start from its weights use --pretrained PATH")
-    optimizer.load_state_dict(meta["optimizer"])
-    scheduler.load_state_dict(meta["scheduler"])
-    loss_scaler.load_state_dict(meta.get("scaler"))
     changed = {key: (meta["config"].get(key), value) for key, value in config_dict(cfg).items()
                if meta["config"].get(key) != value}
     for key, (old, new) in changed.items():
@@ -254,13 +328,60 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler):
     if len(states) == info.world_size:
         set_rng_state(states[info.rank])
     else:
-        _logger.warning("resume: %d processes now, %d saved RNG states: re-seeding", info.world_size, len(states))
+        if states:
+            _logger.warning("resume: %d processes now, %d saved RNG states: re-seeding", info.world_size,
+                            len(states))
         seed_everything(cfg.seed + info.rank + 1000 * meta["epoch"])
     position = meta.get("epoch_step", 0)
-    if position and len(meta["epoch_meters"]) != info.world_size:
-        _logger.warning("resume: %d processes now, %d when saved in the middle of an epoch: the rest of epoch %d "
-                        "is split differently (some samples may repeat or be left out)", info.world_size,
-                        len(meta["epoch_meters"]), meta["epoch"] + 1)
-    _logger.info("resumed from %s: %d of %d epochs done%s", path, meta["epoch"], cfg.epochs,
-                 f", and {position} optimizer steps of epoch {meta['epoch'] + 1}" if position else "")
+    if "epoch_stats" in meta:
+        where = f", and the training of epoch {meta['epoch'] + 1}, whose evaluation runs again"
+    else:
+        where = f", and {position} optimizer steps of epoch {meta['epoch'] + 1}" if position else ""
+        if position and len(meta["epoch_meters"]) != info.world_size:
+            _logger.warning("resume: %d processes now, %d when saved in the middle of an epoch: the rest of epoch "
+                            "%d is split differently (some samples may repeat or be left out)", info.world_size,
+                            len(meta["epoch_meters"]), meta["epoch"] + 1)
+    _logger.info("resumed from %s: %d of %d epochs done%s", path, meta["epoch"], cfg.epochs, where)
     return meta
+
+
+def set_schedule(optimizer, scheduler, steps):
+    """Put a LambdaLR schedule (and the optimizer's learning rates) where ``steps`` optimizer steps leave it."""
+    lrs = [base * factor(steps) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    scheduler.load_state_dict({**scheduler.state_dict(), "last_epoch": steps, "_step_count": steps + 1,
+                               "_last_lr": lrs})
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+
+
+def best_of_run(checkpoint_dir, epoch):
+    """The ``best`` record of the best*.pth files in ``checkpoint_dir`` saved up to ``epoch`` (each file's
+    ``selection``), for a run resumed from one of them."""
+    best = {}
+    for path in sorted(Path(checkpoint_dir).glob("best*.pth")):
+        try:
+            meta = read_checkpoint(path)
+        except CheckpointError:
+            continue
+        if isinstance(meta.get("selection"), dict) and meta.get("epoch", epoch + 1) <= epoch:
+            best[path.name] = meta["selection"]
+    return best
+
+
+def _instead(path):
+    """What to resume from when ``path`` does not load: the newest checkpoint of its folder that does and
+    that training wrote (at the same epoch: one with the optimizer state, else best.pth), or starting again."""
+    found = []
+    for other in Path(path).parent.glob("*.pth"):
+        try:
+            meta = read_checkpoint(other) if other != path else {}
+        except CheckpointError:
+            continue
+        if "epoch" in meta and "config" in meta:
+            found.append((meta["epoch"], "optimizer" in meta, other.name == "best.pth", other))
+    if not found:
+        return f"no other checkpoint in {Path(path).parent} loads: start again with --overwrite"
+    epoch, full, _, newest = max(found)
+    state = "" if full else ", its weights only: it holds no optimizer state, whose moments start again"
+    return f"the newest checkpoint of the run that loads is {newest} (epoch {epoch}{state}): continue from it " \
+           f"with --resume {newest}"

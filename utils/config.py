@@ -428,8 +428,8 @@ def build_parser(script, defaults=None):
                             help="continue a run: from PATH, or from <output-dir>/checkpoints/last.pth when no PATH")
         parser.add_argument("--overwrite", action="store_true",
                             help="start again in an --output-dir that holds a previous run (its checkpoints, "
-                                 "metrics, results, logs and images are deleted first); without it such a folder "
-                                 "is refused")
+                                 "metrics, results, logs and images are deleted once the new run has its data, "
+                                 "model and first batch); without it such a folder is refused")
         # torch.distributed.launch passes --local-rank (older versions --local_rank); torchrun sets LOCAL_RANK.
         parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     defaults = script_defaults(script) if defaults is None else defaults

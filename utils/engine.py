@@ -32,7 +32,7 @@ from utils.boxes import (WSOL_MAP_SIZE, contour_boxes, crop_box_to_original, gt_
                          sat_boxes, sat_map, wsol_map)
 from utils.cv import cv2
 from utils.distributed import all_gather_object, all_reduce_sum
-from utils.errors import ConfigError, DataError, SATError
+from utils.errors import ConfigError, DataError, SATError, user_message
 from utils.metrics import Counters, per_class_metrics
 from utils.visualize import render_overlay, save_rgb
 
@@ -433,6 +433,7 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     was_training = model is not None and model.training
     if model is not None:
         model.eval()
+    failure = None  # a file this process could not read: with several processes, each stops on it (below)
     try:
         with box_pool(threads, box_processes) as pool, torch.inference_mode():
             pending = deque()
@@ -481,9 +482,17 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
             if previous is not None:
                 score(*previous)
             collect(keep=0)
+    except DataError as err:
+        failure = err
     finally:
         if model is not None:
             model.train(was_training)
+    if distributed:  # the loop holds no collectives: every process gets here, and all stop on one's failure
+        failed = [message for message in all_gather_object(failure and user_message(failure)) if message]
+        if failed:
+            raise DataError(failed[0])
+    if failure is not None:
+        raise failure
     if distributed:
         total.reduce(_sum_over_processes(device))
         size_mismatches = int(_sum_over_processes(device)(size_mismatches))

@@ -7,45 +7,89 @@ import math
 import sys
 from pathlib import Path
 
-from utils.errors import user_message
+from utils.errors import SATError, user_message
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 def close_logging():
     """Remove and close the handlers added by :func:`setup_logging` (others are left alone)."""
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "_sat_run", False)]:
-        root.removeHandler(handler)
+    for handler in _run_handlers():
+        logging.getLogger().removeHandler(handler)
         handler.close()
 
 
 def log_error(err):
-    """Write an error's one line (utils.errors.user_message) into log.txt, where the run has one; the terminal
-    gets it from run_cli."""
-    record = logging.LogRecord("sat", logging.ERROR, __file__, 0, "error: %s", (user_message(err),), None)
-    for handler in logging.getLogger().handlers:
-        if getattr(handler, "_sat_run", False) and isinstance(handler, logging.FileHandler):
+    """Write an error into log.txt, where the run has one: a SATError's one line (utils.errors.user_message),
+    any other exception with its traceback. The terminal gets it from run_cli (or Python)."""
+    if isinstance(err, SATError):
+        record = logging.LogRecord("sat", logging.ERROR, __file__, 0, "error: %s", (user_message(err),), None)
+    else:
+        record = logging.LogRecord("sat", logging.ERROR, __file__, 0, "error: %s: %s", (type(err).__name__, err),
+                                   (type(err), err, err.__traceback__))
+    for handler in _run_handlers():
+        if isinstance(handler, RunLogFile):
             handler.handle(record)
 
 
-def setup_logging(output_dir, is_main=True, rank=0):
+def _run_handlers():
+    return [handler for handler in logging.getLogger().handlers if getattr(handler, "_sat_run", False)]
+
+
+class RunLogFile(logging.FileHandler):
+    """``log.txt``. A line that cannot be written (a full disk) is left out of it without a traceback on the
+    terminal, which shows every line already."""
+
+    def handleError(self, record):
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
+
+
+class PendingLog(logging.Handler):
+    """The records meant for log.txt while it may not be written yet (``setup_logging(log_file=False)``):
+    :func:`open_log_file` writes them there; a run that stops before that leaves no trace in the folder."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def setup_logging(output_dir, is_main=True, rank=0, log_file=True):
     """Configure the root logger for this process and return the 'sat' logger; replaces the handlers
-    of an earlier call (several runs in one process, e.g. tests)."""
+    of an earlier call (several runs in one process, e.g. tests). ``log_file=False``: the main process's
+    log.txt is opened later, by :func:`open_log_file` (the folder still holds a previous run's log)."""
     close_logging()
     root = logging.getLogger()
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter(FORMAT if is_main else f"[rank {rank}] {FORMAT}", "%H:%M:%S"))
-    handlers = [console]
+    _add(console)
     if is_main:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(output_dir) / "log.txt", encoding="utf-8"))
-        handlers[-1].setFormatter(logging.Formatter(FORMAT))
-    for handler in handlers:
-        handler._sat_run = True
-        root.addHandler(handler)
+        if log_file:
+            open_log_file(output_dir)
+        else:
+            _add(PendingLog())
     root.setLevel(logging.INFO if is_main else logging.WARNING)
     return logging.getLogger("sat")
+
+
+def open_log_file(output_dir):
+    """Start writing ``<output_dir>/log.txt`` (appending), first with the records kept until now."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    handler = RunLogFile(Path(output_dir) / "log.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter(FORMAT))
+    for pending in [h for h in _run_handlers() if isinstance(h, PendingLog)]:
+        logging.getLogger().removeHandler(pending)
+        for record in pending.records:
+            handler.handle(record)
+    _add(handler)
+
+
+def _add(handler):
+    handler._sat_run = True
+    logging.getLogger().addHandler(handler)
 
 
 def _finite_or_none(value):

@@ -1,0 +1,217 @@
+"""Faults that must lose nothing: a start that fails under --overwrite, an evaluation that fails after an epoch's
+training, a kill or a full disk while a checkpoint is written, a truncated last.pth on --resume; each error one
+line on the terminal and in log.txt."""
+import errno
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from utils.checkpoint import read_checkpoint, save_checkpoint
+from utils.errors import run_cli
+from evaluator import main as eval_main
+
+import test_train
+from conftest import REPO_ROOT
+from test_train import args, epochs_logged
+
+data_root = test_train.data_root  # the tiny dataset fixture
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_root, tmp_path_factory):
+    """A finished one-epoch run (checkpoints, metrics, results, TensorBoard, log); tests work on copies."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train.main(args(data_root, out, "--epochs", "1"))
+    return out
+
+
+def copy_run(finished_run, tmp_path):
+    return shutil.copytree(finished_run, tmp_path / "run")
+
+
+def files(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def split_images(root, split):
+    """The image files of a CUB-layout dataset's 'train' or 'test' split."""
+    is_train = dict(line.split() for line in (root / "train_test_split.txt").read_text().splitlines())
+    return [root / "images" / path for image_id, path in
+            (line.split() for line in (root / "images.txt").read_text().splitlines())
+            if is_train[image_id] == ("1" if split == "train" else "0")]
+
+
+def error_line(err, exit_info):
+    """The one error line in ``err`` (stderr, beside progress bars) of a script that stopped with exit status 2."""
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and err.endswith(lines[0] + "\n"), err
+    assert "Traceback" not in err and "weights_only" not in err
+    return lines[0]
+
+
+def test_overwrite_that_cannot_start_leaves_the_old_run_intact(data_root, finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    before = files(out)
+    assert {"checkpoints/last.pth", "checkpoints/best.pth", "results.json", "log.txt"} <= set(before)
+    assert any(name.startswith("tensorboard/") for name in before)
+    # fails with the data (fewer than one batch)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args(data_root, out, "--epochs", "1", "--overwrite", "--images-per-class", "2"))
+    assert "fewer than one batch" in error_line(capsys.readouterr().err, exit_info)
+    assert files(out) == before  # nothing deleted, nothing appended to the old run's log
+    # fails in the first batch, once data and model are built: every training image cut short, --strict-data
+    broken = shutil.copytree(data_root, tmp_path / "broken")
+    for image in split_images(broken, "train"):
+        image.write_bytes(image.read_bytes()[:100])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args(str(broken), out, "--epochs", "1", "--overwrite", "--strict-data"))
+    captured = capsys.readouterr()
+    assert error_line(captured.err, exit_info).startswith(f"error: unreadable image {broken / 'images'}")
+    assert "model deit_sat_nano_patch16_224" in captured.out  # data and model were built
+    assert files(out) == before
+
+
+def test_a_failed_start_is_not_a_previous_run(data_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.txt").write_text("12:00:00 ERROR error: the start that failed\n")
+    (out / "config.yaml").write_text("epochs: 1\n")
+    (out / "metrics.jsonl").write_text("")
+    train.main(args(data_root, out, "--epochs", "1"))  # no --overwrite needed
+    assert epochs_logged(out) == [1] and (out / "checkpoints" / "last.pth").is_file()
+    assert (out / "log.txt").read_text().startswith("12:00:00 ERROR error: the start that failed\n")
+
+
+def test_evaluation_failing_after_an_epoch_keeps_its_training(data_root, finished_run, tmp_path, capsys, monkeypatch):
+    """A test image cut short after the check before training: the evaluation after epoch 1 fails; last.pth
+    keeps the epoch's training, and --resume evaluates it again, ending as the uninterrupted run."""
+    root = shutil.copytree(data_root, tmp_path / "data")
+    test_image = split_images(root, "test")[0]
+    good = test_image.read_bytes()
+    check_data = train.check_data
+
+    def check_then_cut(*check_args):
+        check_data(*check_args)
+        test_image.write_bytes(good[:100])  # the file changes under the run
+
+    monkeypatch.setattr(train, "check_data", check_then_cut)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args(str(root), out, "--epochs", "1"))
+    line = error_line(capsys.readouterr().err, exit_info)
+    last = out / "checkpoints" / "last.pth"
+    assert line.startswith(f"error: the evaluation after epoch 1 failed: unreadable image {test_image}")
+    assert f"the epoch's training is saved in {last}" in line and line.endswith(" --resume")
+    assert line in (out / "log.txt").read_text()
+    saved = read_checkpoint(last)
+    assert saved["epoch"] == 0 and saved["epoch_stats"]["steps"] == 3 and not (out / "metrics.jsonl").read_text()
+
+    monkeypatch.undo()
+    test_image.write_bytes(good)
+    train.main(args(str(root), out, "--epochs", "1", "--resume"))
+    log = (out / "log.txt").read_text()
+    resumed = log.split("resumed from")[1]
+    assert resumed.startswith(f" {last}: 0 of 1 epochs done, and the training of epoch 1, whose evaluation runs again")
+    assert "epoch 1 step" not in resumed  # not trained again
+    assert json.loads((out / "metrics.jsonl").read_text())["train_loss"] == saved["epoch_stats"]["loss"]
+    ours, reference = (json.loads((run / "results.json").read_text()) for run in (out, finished_run))
+    assert {**ours, "checkpoint": None} == {**reference, "checkpoint": None}
+    for name, weights in read_checkpoint(finished_run / "checkpoints" / "last.pth")["model"].items():
+        assert torch.equal(read_checkpoint(last)["model"][name], weights), name
+
+
+KILLED_WRITER = """
+import io, sys, time
+import torch
+from utils.checkpoint import save_checkpoint
+
+def half_then_wait(state, f):  # a large write, stopped in the middle
+    buffer = io.BytesIO()
+    torch_save(state, buffer)
+    f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(600)
+
+torch_save, torch.save = torch.save, half_then_wait
+save_checkpoint({"model": {"w": torch.full((1 << 20,), 2.0)}, "epoch": 2}, sys.argv[1])
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "checkpoints" / "last.pth"
+    save_checkpoint({"model": {"w": torch.ones(1 << 20)}, "epoch": 1}, path)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], cwd=REPO_ROOT, text=True,
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+    finally:
+        proc.kill()  # SIGKILL
+        proc.wait()
+    left = [p.name for p in path.parent.iterdir() if p != path]
+    assert len(left) == 1 and left[0].startswith(".last.pth.")  # the killed write's temp file
+    kept = read_checkpoint(path)
+    assert kept["epoch"] == 1 and torch.equal(kept["model"]["w"], torch.ones(1 << 20))
+    save_checkpoint({"model": {"w": torch.zeros(4)}, "epoch": 3}, path)  # the next save clears the leftover
+    assert [p.name for p in path.parent.iterdir()] == ["last.pth"] and read_checkpoint(path)["epoch"] == 3
+
+
+def test_full_disk_when_saving_keeps_the_previous_checkpoint(data_root, tmp_path, capsys, monkeypatch):
+    torch_save = torch.save
+
+    def disk_full_at_epoch_2(state, f):  # last.pth of epoch 2: part of it written, then the disk is full
+        if state.get("epoch") == 2 and "optimizer" in state:
+            buffer = io.BytesIO()
+            torch_save(state, buffer)
+            f.write(buffer.getvalue()[:4096])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        torch_save(state, f)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_epoch_2)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args(data_root, out, "--epochs", "2"))
+    line = error_line(capsys.readouterr().err, exit_info)
+    last = out / "checkpoints" / "last.pth"
+    assert line.startswith(f"error: could not write checkpoint {last}: no space left on the device; the previous "
+                           "last.pth is left as it was; once that is fixed, continue with: python train.py ")
+    assert line.endswith(" --resume") and line in (out / "log.txt").read_text()
+    assert read_checkpoint(last)["epoch"] == 1
+    assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_truncated_last_pth_on_resume_names_the_newest_loadable_checkpoint(data_root, finished_run, tmp_path,
+                                                                           capsys):
+    out = copy_run(finished_run, tmp_path)
+    last, best = out / "checkpoints" / "last.pth", out / "checkpoints" / "best.pth"
+    last.write_bytes(last.read_bytes()[:len(last.read_bytes()) // 2])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args(data_root, out, "--epochs", "2", "--resume"))
+    assert error_line(capsys.readouterr().err, exit_info) == (
+        f"error: --resume: {last} is not a readable checkpoint: a torch.save archive cut short or damaged, as by an "
+        "interrupted write or copy (failed finding central directory); the newest checkpoint of the run that loads "
+        f"is {best} (epoch 1, its weights only: it holds no optimizer state, whose moments start again): continue "
+        f"from it with --resume {best}")
+    train.main(args(data_root, out, "--epochs", "2", "--resume", str(best)))
+    assert epochs_logged(out) == [1, 2] and read_checkpoint(last)["epoch"] == 2
+    assert f"resume from {best}: its weights after epoch 1; it holds no optimizer state" in \
+        (out / "log.txt").read_text()
+
+
+def test_evaluator_errors_reach_its_log_without_unsafe_advice(data_root, tmp_path, capsys):
+    random_bytes = tmp_path / "model.pth"
+    random_bytes.write_bytes(bytes(range(7, 256)) * 16)
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(eval_main, ["--checkpoint", str(random_bytes), "--data-root", data_root, "--output-dir", str(out)])
+    line = error_line(capsys.readouterr().err, exit_info)
+    assert line == f"error: {random_bytes} is not a readable checkpoint: not a torch.save file (neither a zip " \
+                   "archive nor a pickle)"
+    assert line in (out / "log.txt").read_text()
