@@ -1,10 +1,11 @@
 """Bad input through tools/check_dataset.py: exit 2, one 'error:' line naming the path, nothing written."""
-import os
+import contextlib
+import io
 import re
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from PIL import Image
 
 from DataLoader import make_demo_dataset
 from conftest import REPO_ROOT
+from tools.check_dataset import main as check_main
+from utils.errors import run_cli
 
 CHECK = str(REPO_ROOT / "tools" / "check_dataset.py")
 
@@ -128,24 +131,21 @@ def results(tmp_path_factory):
             shutil.copytree(base, root)
         args = prepare(root)
         runs[name] = (root, args, listing(root))
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-
-    def run(name):
-        root, args, before = runs[name]
-        done = subprocess.run([sys.executable, CHECK, *args], capture_output=True, text=True, env=env)
-        return name, (done, before, listing(root))
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(pool.map(run, CASES))
+    for name, (root, args, before) in runs.items():  # in this process: the script's main under run_cli
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr), warnings.catch_warnings(), pytest.raises(SystemExit) as exit_info:
+            warnings.simplefilter("ignore")
+            run_cli(check_main, args)
+        runs[name] = (exit_info.value.code, stderr.getvalue(), before, listing(root))
+    return runs
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_error_line(results, name):
-    done, before, after = results[name]
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    code, stderr, before, after = results[name]
+    assert code == 2, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert re.fullmatch(CASES[name][1], lines[0][len("error: "):]), lines[0]
     assert after == before  # nothing written
 

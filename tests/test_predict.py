@@ -92,7 +92,7 @@ def test_coco_output_matches_the_evaluator(tmp_path):
         rows = {row["image_id"]: row for row in csv.DictReader(f)}
     images = [root / "images" / image_id for image_id in rows]
     coco_path = tmp_path / "pseudo.json"
-    proc = run_script("tools/predict.py", "--checkpoint", checkpoint, "--threshold", "0.35", "--eval-batch-size", 12,
+    proc = run_script("tools/predict.py", "--checkpoint", checkpoint, "--threshold", "0.35", "--batch-size", 12,
                       "--device", "cpu", "--output-dir", tmp_path / "pred", "--coco", coco_path, *images, wide)
     assert proc.returncode == 0, proc.stderr
     coco = json.loads(coco_path.read_text())

@@ -128,7 +128,7 @@ def test_whole_image_maps_go_through_each_protocols_view(cub, tmp_path):
     image = Image.fromarray(whole)  # a float image through the image's own transform: Resize, then CenterCrop
     assert np.array_equal(centre_view_map(whole, 256, 224), np.asarray(T.CenterCrop(224)(T.Resize((256, 256))(image))))
     for item in dataset.items:  # oracle maps: 1 on the GT box, 0 elsewhere, at a quarter of the image's resolution
-        (width, height), (x0, y0, x1, y1) = item.size or (64, 64), item.boxes[0] / 4
+        x0, y0, x1, y1 = item.boxes[0] / 4
         oracle = np.zeros((16, 16), np.float32)
         oracle[int(np.ceil(y0)):int(y1), int(np.ceil(x0)):int(x1)] = 1
         path = tmp_path / "oracle" / f"{item.image_id}.npy"

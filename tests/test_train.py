@@ -1,5 +1,6 @@
 """train.py end to end on a tiny generated CUB-layout dataset: outputs, checkpoints, kill-and-resume,
 few-shot, trainable subsets, flags and user errors."""
+import functools
 import json
 import os
 import signal
@@ -255,11 +256,10 @@ def test_checkpoint_weights_have_the_official_names_and_shapes():
     assert ours == official
 
 
-def test_compile_flag_trains(data_root, tmp_path):
-    try:
-        torch.compile(torch.nn.Linear(2, 2))(torch.ones(1, 2))
-    except Exception as err:  # no C++ compiler or unsupported platform for inductor
-        pytest.skip(f"torch.compile cannot run here: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+def test_compile_flag_trains(data_root, tmp_path, monkeypatch):
+    # TorchDynamo traces the model as with the default backend; the eager backend skips inductor's code
+    # generation (30 s on a 2-core machine), which is torch's concern, not this project's
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     out = tmp_path / "run"
     main(args(data_root, out, "--epochs", "1", "--compile", "--batch-size", "12"))
     assert epochs_logged(out) == [1]
