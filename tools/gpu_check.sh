@@ -4,7 +4,7 @@
 # to end (PIL, --cache-images --amp, --gpu-decode --amp) against it; evaluation end to end against loading alone
 # and against the forward alone; evaluator.py as users run it. Prints ONE markdown table (card, versions, date;
 # measured value, ratio, target, met) and writes it to $OUT (or /tmp) as gpu_check.md / .json, with the log.
-# About 7 minutes on one H100 / H200 with 16 cores. Run from anywhere:
+# About 8 minutes on one H100 / H200 with 16 cores (the suite at most 4). Run from anywhere:
 #
 #   tools/gpu_check.sh                       # one GPU
 #   tools/gpu_check.sh --device cpu --quick  # tiny sizes on the CPU: the same runs and table, in a few minutes
@@ -67,7 +67,7 @@ if [ $TESTS = 1 ]; then
   t "## test suite"
   XDIST="" && python3 -c "import xdist" 2>/dev/null && XDIST="-n 16"
   echo "pytest ${XDIST:-(no pytest-xdist: one process)}"
-  timeout 300 python3 -m pytest -q -p no:cacheprovider $XDIST > "$RUNS/pytest.txt" 2>&1
+  timeout 240 python3 -m pytest -q -p no:cacheprovider $XDIST > "$RUNS/pytest.txt" 2>&1
   grep -E "passed|failed|error|FAILED|ERROR" "$RUNS/pytest.txt" | tail -15 | cut -c1-400
 else
   rm -f "$RUNS/pytest.txt"
