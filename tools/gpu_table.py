@@ -74,9 +74,9 @@ def evaluator_rate(run_dir):
             found = EVALUATED.findall((Path(run_dir) / name).read_text(encoding="utf-8", errors="replace"))
         except OSError:
             continue
-        if found:
-            images, seconds, _ = found[-1]
-            return int(images), float(seconds), int(images) / max(float(seconds), 1e-9)
+        if found:  # the logged rate: its seconds are rounded to 0.1 s
+            images, seconds, rate = found[-1]
+            return int(images), float(seconds), float(rate)
     return None
 
 
