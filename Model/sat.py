@@ -32,12 +32,20 @@ _logger = logging.getLogger(__name__)
 ATTENTION_IMPLS = ("fused", "naive")
 
 
+def cpu_bf16_training(x: torch.Tensor) -> bool:
+    """Whether ``x`` is on a CPU, under bf16 autocast, with gradients recorded."""
+    return (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
 class SpatialAwareAttention(Attention):
     """Multi-head self-attention that can gate keys by the spatial token's foreground probability.
 
     ``impl='fused'`` folds the probability into the values and calls
-    ``F.scaled_dot_product_attention``; ``impl='naive'`` builds the explicit attention matrix and
-    multiplies it after the softmax, as the official code does (reference for tests and benchmarks).
+    ``F.scaled_dot_product_attention`` (training under bf16 autocast on a CPU: the same product with
+    explicit matrices, whose bf16 backward is faster there than that kernel's); ``impl='naive'`` builds
+    the explicit attention matrix and multiplies it after the softmax, as the official code does
+    (reference for tests and benchmarks).
     """
 
     def __init__(self, *args, impl: str = "fused", **kwargs):
@@ -56,7 +64,10 @@ class SpatialAwareAttention(Attention):
         if self.impl == "fused":
             if prob is not None:
                 v = v * prob[:, None, :, None].to(v.dtype)
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop_p)
+            if cpu_bf16_training(x):
+                x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+            else:
+                x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop_p)
         else:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             attn = self.attn_drop(attn)

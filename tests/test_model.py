@@ -145,6 +145,40 @@ def test_fused_equals_naive_attention_fp32_with_gradients():
         torch.testing.assert_close(fused, naive, atol=1e-5, rtol=1e-4)
 
 
+def test_cpu_bf16_training_attention_matches_the_kernel_and_the_naive_path():
+    """Training under bf16 autocast on a CPU multiplies explicit matrices instead of calling
+    scaled_dot_product_attention (faster there): the kernel's outputs (no gradients recorded), and the
+    naive path's outputs and gradients under the same autocast, to bf16's precision. The query / key
+    weights are scaled up so that attention is peaked (a wrong softmax scale moves every number by > 5%)."""
+    from utils.amp import cpu_supports_bf16
+
+    if not cpu_supports_bf16():
+        pytest.skip("this CPU has no native bf16")
+    torch.manual_seed(0)
+    model = build_model(NANO, num_classes=5)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(8)
+    x, target = torch.randn(3, 3, 224, 224), torch.tensor([0, 3, 4])
+
+    def relative(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            kernel = model(x)
+        results = []
+        for impl in ("fused", "naive"):
+            model.set_attention_impl(impl)
+            model.zero_grad()
+            logits, maps = model(x)
+            sat_loss(logits.float(), maps.float(), target, area_thr=0.25)["loss"].backward()
+            results.append((logits.detach(), maps.detach(), model.loc_token.grad.clone(),
+                            model.blocks[-1].attn.qkv.weight.grad.clone()))
+    assert max(relative(out, ref) for out, ref in zip(results[0], kernel)) < 0.025
+    assert max(relative(fused, naive) for fused, naive in zip(*results)) < 0.025
+
+
 def test_spatial_probability_only_in_spatial_blocks():
     model = build_model(NANO, num_classes=2)
     x = torch.randn(1, 197 + 1, model.embed_dim)

@@ -5,7 +5,11 @@
 
 Images are 300-500 px a side (CUB's are about 500 x 375) with smooth colour fields, an ellipse (its box in
 bounding_boxes.txt) and sensor-like noise, saved at JPEG quality 90: their decoding cost is close to real
-photos', which is what the benchmark measures. Written by ``--processes`` processes; deterministic.
+photos', which is what the benchmark measures. The labels say nothing about the pixels. ``--learnable``
+draws instead each class's own object (DataLoader/demo.py's generator: a shape, a pattern and two colours
+per class, on a cluttered background shared by all classes; square images of 300-500 px) with its exact box,
+so that classification and localization can be learned (accuracy checks). Written by ``--processes``
+processes; deterministic.
 """
 import argparse
 import os
@@ -18,7 +22,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.errors import run_cli  # noqa: E402
+from DataLoader.demo import CLASS_TEMPLATES, PATTERNS, SHAPES, render_image  # noqa: E402
+from utils.errors import ConfigError, run_cli  # noqa: E402
 
 
 def render(index, seed, min_size, max_size):
@@ -33,14 +38,39 @@ def render(index, seed, min_size, max_size):
     return np.clip(pixels, 0, 255).astype(np.uint8), (x, y, w, h)
 
 
+def learnable_template(label):
+    """Class ``label``'s object for DataLoader.demo.render_image: every combination of the demo's shapes,
+    patterns and colour pairs (the shape changes fastest), so that classes below 36 differ in shape or pattern."""
+    shapes, patterns = list(SHAPES), list(PATTERNS)
+    first, second = CLASS_TEMPLATES[label // (len(shapes) * len(patterns))][3:]
+    return (f"class_{label + 1:03d}", shapes[label % len(shapes)],
+            patterns[label // len(shapes) % len(patterns)], first, second)
+
+
+# classes --learnable can tell apart
+LEARNABLE_CLASSES = len(SHAPES) * len(PATTERNS) * len(CLASS_TEMPLATES)
+
+
+def render_learnable(index, label, seed, min_size, max_size):
+    """Image ``index`` of class ``label`` drawn by the demo generator: pixels and box (x, y, width, height)."""
+    rng = np.random.default_rng([seed, index])
+    pixels, (x0, y0, x1, y1) = render_image(rng, learnable_template(label), int(rng.integers(min_size, max_size + 1)))
+    return pixels, (x0, y0, x1 - x0, y1 - y0)
+
+
 def write_image(job):
-    index, root, relpath, seed, min_size, max_size = job
-    pixels, box = render(index, seed, min_size, max_size)
+    index, label, root, relpath, seed, min_size, max_size, learnable = job
+    pixels, box = render_learnable(index, label, seed, min_size, max_size) if learnable \
+        else render(index, seed, min_size, max_size)
     Image.fromarray(pixels).save(Path(root) / "images" / relpath, quality=90)
     return box
 
 
-def make_benchmark_data(root, train, test, num_classes=200, min_size=300, max_size=500, seed=0, processes=None):
+def make_benchmark_data(root, train, test, num_classes=200, min_size=300, max_size=500, seed=0, processes=None,
+                        learnable=False):
+    if learnable and num_classes > LEARNABLE_CLASSES:
+        raise ConfigError(f"--learnable draws at most {LEARNABLE_CLASSES} distinct classes, got --num-classes "
+                          f"{num_classes}")
     root = Path(root)
     classes = [f"{c + 1:03d}.class_{c + 1:03d}" for c in range(num_classes)]
     for name in classes:
@@ -48,7 +78,8 @@ def make_benchmark_data(root, train, test, num_classes=200, min_size=300, max_si
     total = train + test
     labels = [i % num_classes for i in range(total)]
     paths = [f"{classes[label]}/image_{i + 1:06d}.jpg" for i, label in enumerate(labels)]
-    jobs = [(i, str(root), path, seed, min_size, max_size) for i, path in enumerate(paths)]
+    jobs = [(i, label, str(root), path, seed, min_size, max_size, learnable)
+            for i, (label, path) in enumerate(zip(labels, paths))]
     with ProcessPoolExecutor(processes or os.cpu_count()) as pool:
         boxes = list(pool.map(write_image, jobs, chunksize=32))
     rows = range(1, total + 1)
@@ -75,9 +106,11 @@ def main(argv=None):
     parser.add_argument("--max-size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--processes", type=int, default=None, help="default: one per core")
+    parser.add_argument("--learnable", action="store_true",
+                        help=f"each class its own object (at most {LEARNABLE_CLASSES} classes), exact boxes")
     args = parser.parse_args(argv)
     root = make_benchmark_data(args.output_dir, args.train, args.test, args.num_classes, args.min_size, args.max_size,
-                               args.seed, args.processes)
+                               args.seed, args.processes, args.learnable)
     print(f"{args.train} train + {args.test} test images at {root}")
 
 

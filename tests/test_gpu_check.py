@@ -1,0 +1,179 @@
+"""tools/gpu_table.py on the outputs of a real `tools/gpu_check.sh --device cpu --quick` run (captured in
+tests/fixtures/gpu_check_runs; the full quick run takes minutes on a 2-core machine), the shell scripts'
+syntax, and make_benchmark_data.py --learnable."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+
+import gpu_table  # noqa: E402
+from make_benchmark_data import LEARNABLE_CLASSES, learnable_template, make_benchmark_data  # noqa: E402
+from make_benchmark_data import main as make_data_main  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+
+RUNS = REPO_ROOT / "tests" / "fixtures" / "gpu_check_runs"
+
+
+@pytest.fixture
+def runs(tmp_path):
+    shutil.copytree(RUNS, tmp_path / "runs")
+    return tmp_path / "runs"
+
+
+def load(name):
+    return json.loads((RUNS / name).read_text())
+
+
+def epoch2(name):
+    lines = (RUNS / name / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])
+
+
+def test_check_rows_read_the_runs_and_compare_with_their_references(runs):
+    rows = gpu_table.check_rows(runs)
+    assert len(rows) == 13
+    fp32, bf16 = load("step_fp32.json")["images_per_second"], load("step_bf16.json")["images_per_second"]
+    pil, cache = epoch2("train_pil_fp32"), epoch2("train_cache_bf16")
+    by_what = {row.what: row for row in rows}
+    train = by_what["`train.py`, PIL decoding in the workers (default), fp32, epoch 2"]
+    assert train.number == pil["train_images_per_sec"]
+    assert train.ratio == f"{pil['train_images_per_sec'] / fp32:.2f} of the fp32 step"
+    assert train.met == ("yes" if round(pil["train_images_per_sec"] / fp32, 2) >= 0.9 else "no")
+    cached = by_what["`train.py --cache-images --amp`, epoch 2"]
+    assert cached.ratio == f"{cache['train_images_per_sec'] / bf16:.2f} of the bf16 step"
+    centre = load("eval_centre.json")
+    row = next(r for r in rows if r.what.startswith("evaluation, centre crop, PIL"))
+    assert row.number == centre["images_per_second"] and row.ratio == f"{centre['end_to_end_vs_data']:.2f} of data-only"
+    tencrop = load("eval_tencrop.json")
+    row = next(r for r in rows if r.what.startswith("evaluation, ten-crop"))
+    assert row.ratio == f"{tencrop['images_per_second'] / tencrop['forward_images_per_second']:.2f} of forward-only"
+    row = next(r for r in rows if r.what.startswith("`evaluator.py --gpu-decode`"))
+    assert row.what.endswith("16 images") and row.number == 7  # "16 images in 2.2 s (7 images/s"
+    assert row.target == ">= 2,500 img/s" and row.met == "no"
+    assert row.ratio == f"process start to exit {float((RUNS / 'evaluator_gpu_decode' / 'wall_s').read_text()):.1f} s"
+    assert rows[-1].value == "not run" and rows[-1].met == "not run"  # no test suite in --quick
+
+
+@pytest.mark.parametrize("share, met", [(0.95, "yes"), (0.897, "yes"), (0.85, "no")])
+def test_train_row_meets_its_target_at_ninety_percent_of_the_step(runs, share, met):
+    fp32 = load("step_fp32.json")["images_per_second"]
+    path = runs / "train_pil_fp32" / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[-1]["train_images_per_sec"] = share * fp32
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = gpu_table.train_row(runs, "train_pil_fp32", "train", fp32, "fp32")
+    assert (row.met, row.ratio) == (met, f"{share:.2f} of the fp32 step")
+
+
+def test_missing_or_failed_runs_show_as_not_run(runs):
+    shutil.rmtree(runs / "train_cache_bf16")
+    (runs / "eval_tencrop.json").write_text("Traceback (most recent call last):\n")  # a run that failed
+    (runs / "step_fp32.json").unlink()  # no reference: the PIL train row cannot be compared
+    rows = {row.what: row for row in gpu_table.check_rows(runs)}
+    assert rows["`train.py --cache-images --amp`"].met == "not run"
+    assert rows["evaluation, ten-crop, PIL, end to end (`benchmark --data-root`)"].value == "not run"
+    assert rows["training step alone, fp32, in-memory batches"].value == "not run"
+    pil = next(r for w, r in rows.items() if w.startswith("`train.py`, PIL"))
+    assert (pil.ratio, pil.met) == ("no step rate", "not run")
+
+
+@pytest.mark.parametrize("summary, counts, met", [
+    ("= 3 failed, 300 passed, 12 skipped in 181.20s (0:03:01) =", {"failed": 3, "passed": 300, "skipped": 12}, "no"),
+    ("308 passed, 2 skipped, 1 warning in 95.11s (0:01:35)", {"passed": 308, "skipped": 2}, "yes"),
+    ("1 passed, 1 error in 3.02s", {"passed": 1, "errors": 1}, "no"),
+])
+def test_suite_row_from_pytest_summary(runs, summary, counts, met):
+    (runs / "pytest.txt").write_text(f"....F...\nFAILED tests/test_x.py::test_y - assert 1 == 2\n{summary}\n")
+    assert gpu_table.pytest_counts(runs / "pytest.txt") == counts
+    assert gpu_table.suite_row(runs).met == met
+
+
+def write_results(runs, name, gt_known_loc, top1_cls):
+    (runs / name).mkdir(parents=True)
+    (runs / name / "results.json").write_text(json.dumps({"gt_known_loc": gt_known_loc, "top1_cls": top1_cls}))
+
+
+def test_accuracy_rows_pass_when_the_fast_mean_lies_within_the_official_seeds(tmp_path):
+    for seed, (loc, cls) in enumerate([(60.0, 80.0), (64.0, 82.0), (62.0, 81.0)], 1):
+        write_results(tmp_path, f"acc_official_s{seed}", loc, cls)
+    for seed, (loc, cls) in enumerate([(61.0, 84.0), (65.0, 85.0), (63.0, 83.0)], 1):
+        write_results(tmp_path, f"acc_fast_s{seed}", loc, cls)
+    loc, cls = gpu_table.accuracy_rows(tmp_path)
+    assert (loc.number, loc.met) == (63.0, "yes") and loc.ratio.startswith("official 60.00-64.00")
+    assert (cls.number, cls.met) == (84.0, "no")  # above the official seeds' range: not within it
+    shutil.rmtree(tmp_path / "acc_official_s2")
+    shutil.rmtree(tmp_path / "acc_official_s3")
+    assert all(row.met == "not run" for row in gpu_table.accuracy_rows(tmp_path))  # one seed is no spread
+
+
+def test_record_rows_time_the_recipe_and_the_sustained_rate(tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(RUNS / "train_pil_fp32", runs / "cub_fast")
+    (runs / "cub_fast" / "results.json").write_text("{}")
+    (runs / "cub_fast" / "wall_s").write_text("95.5\n")
+    shutil.copytree(RUNS / "train_cache_bf16", runs / "imagenet_pil_bf16")
+    rows = gpu_table.record_rows(runs)
+    assert (rows[0].value, rows[0].target, rows[0].met) == ("96 s to results.json", "< 120 s", "yes")
+    assert rows[1].met == "not run"  # no cub_fast_no_compile run
+    rate = epoch2("train_cache_bf16")["train_images_per_sec"]
+    sustained = next(r for r in rows if r.what.startswith("ImageNet-sized sustained training rate, PIL"))
+    assert sustained.number == rate and sustained.met == ("yes" if rate >= 2200 else "no")
+    assert sustained.what.endswith("32 files")
+
+
+def test_cli_writes_the_markdown_table_and_its_json(runs, tmp_path):
+    out = subprocess.run([sys.executable, "tools/gpu_table.py", "check", str(runs), "--output",
+                          str(tmp_path / "t.md"), "--note", "quick."], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    table = (tmp_path / "t.md").read_text()
+    assert out.stdout.strip() == table.strip()
+    env = load("env.json")
+    assert f"{env['date']}, {env['card']}, {env['cores']} CPU cores, torch {env['torch']}" in table
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert lines[:2] == ["| what | measured | ratio | target | met |", "| :-- | --: | :-- | :-- | :-- |"]
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert [row["what"] for row in saved["rows"]] == [line.split(" | ")[0][2:] for line in lines[2:]]
+    assert len(saved["rows"]) == 13 and saved["note"] == "quick."
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_record.sh"])
+def test_scripts_parse_and_refuse_unknown_options(script):
+    path = REPO_ROOT / "tools" / script
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    out = subprocess.run(["bash", str(path), "--nope"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "unknown option --nope" in out.stderr
+
+
+def test_learnable_data_draws_each_class_object_with_its_exact_box(tmp_path):
+    templates = {learnable_template(label)[1:] for label in range(LEARNABLE_CLASSES)}
+    assert len(templates) == LEARNABLE_CLASSES  # every class its own object
+    root = make_benchmark_data(tmp_path / "d", train=2, test=2, num_classes=2, min_size=64, max_size=80,
+                               processes=1, learnable=True)
+    boxes = [line.split()[1:] for line in (root / "bounding_boxes.txt").read_text().splitlines()]
+    images = [line.split()[1] for line in (root / "images.txt").read_text().splitlines()]
+    for relpath, (x, y, w, h) in zip(images, boxes):
+        pixels = np.asarray(Image.open(root / "images" / relpath), np.int16)
+        # the object is saturated, the background muted: the saturated pixels span the box
+        saturated = (pixels.max(-1) - pixels.min(-1)) > 90
+        ys, xs = np.nonzero(saturated)
+        assert abs(xs.min() - float(x)) <= 2 and abs(xs.max() + 1 - float(x) - float(w)) <= 2
+        assert abs(ys.min() - float(y)) <= 2 and abs(ys.max() + 1 - float(y) - float(h)) <= 2
+    assert "class_001" in images[0] and "class_002" in images[1]
+
+
+def test_learnable_data_refuses_more_classes_than_it_can_draw(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(make_data_main, ["--output-dir", str(tmp_path / "d"), "--learnable", "--num-classes",
+                                 str(LEARNABLE_CLASSES + 1)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: --learnable draws at most 216 distinct classes, got --num-classes 217\n"
+    assert not (tmp_path / "d").exists()

@@ -1,0 +1,112 @@
+#!/bin/bash
+# GPU check: the test suite with CUDA present, then every row of the GPU table (README, "Measured on GPUs")
+# measured on synthetic photo-sized JPEGs (tools/make_benchmark_data.py): the training step alone; train.py end
+# to end (PIL, --cache-images --amp, --gpu-decode --amp) against it; evaluation end to end against loading alone
+# and against the forward alone; evaluator.py as users run it. Prints ONE markdown table (card, versions, date;
+# measured value, ratio, target, met) and writes it to $OUT (or /tmp) as gpu_check.md / .json, with the log.
+# About 8 minutes on one H100 / H200 with 16 cores (the suite at most 4). Run from anywhere:
+#
+#   tools/gpu_check.sh                       # one GPU
+#   tools/gpu_check.sh --device cpu --quick  # tiny sizes on the CPU: the same runs and table, in a few minutes
+#
+# Options: --device cuda|cpu, --quick (tiny model, images and batches; no test suite), --no-tests,
+# --work DIR (data and runs; default /tmp/gpu_check). Each run is limited by `timeout`; a run that fails or
+# times out shows as "not run" in the table.
+set -u
+DEVICE=cuda QUICK=0 TESTS=1 WORK=/tmp/gpu_check
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE=$2; shift 2 ;;
+    --quick) QUICK=1; TESTS=0; shift ;;
+    --tests) TESTS=1; shift ;;
+    --no-tests) TESTS=0; shift ;;
+    --work) WORK=$2; shift 2 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+cd "$(dirname "$0")/.." || exit 2
+source tools/gpu_lib.sh
+OUTDIR=${OUT:-/tmp}
+RUNS=$WORK/runs DATA=$WORK/data
+mkdir -p "$OUTDIR" "$RUNS"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+exec > >(tee "$OUTDIR/gpu_check.log") 2>&1
+
+if [ $QUICK = 1 ]; then
+  ARCH=deit_sat_nano_patch16_224 IMG=64 RESIZE=72 TRAIN_N=32 TEST_N=16 CLASSES=4 MIN_PX=80 MAX_PX=120
+  BS=8 EVAL_BS=8 TENCROP_BS=4 STEPS=2 WARMUP=1 WORKERS=2 TIMEOUT=300
+else
+  ARCH=deit_sat_small_patch16_224 IMG=224 RESIZE=256 TRAIN_N=4000 TEST_N=4000 CLASSES=200 MIN_PX=300 MAX_PX=500
+  BS=256 EVAL_BS=256 TENCROP_BS=64 STEPS=6 WARMUP=2 WORKERS=14 TIMEOUT=180
+fi
+NOTE="DeiT-S SAT at 224 px"
+[ $QUICK = 1 ] && NOTE="--quick: nano SAT at $IMG px, not comparable with the targets"
+NOTE="$NOTE; $TRAIN_N train + $TEST_N test synthetic JPEGs of $MIN_PX-$MAX_PX px, $CLASSES classes; train.py:"
+NOTE="$NOTE CUB.yaml, 2 epochs, random init, batch $BS, $WORKERS workers. Targets: one H100-class GPU, 16 cores."
+
+T0=$(date +%s)
+# bench NAME ARGS...: tools/benchmark.py's JSON line into RUNS/NAME.json
+bench() {
+  local name=$1; shift
+  t "$name: benchmark.py $*"
+  timeout "$TIMEOUT" python3 tools/benchmark.py --device "$DEVICE" --arch "$ARCH" --img-size $IMG \
+      --resize-size $RESIZE --num-classes $CLASSES --steps $STEPS --warmup $WARMUP "$@" \
+      > "$RUNS/$name.json" 2> "$RUNS/$name.err"
+  echo "  rc $?"; tail -c 400 "$RUNS/$name.json"; echo
+}
+
+t "## machine"
+python3 tools/gpu_table.py env --device "$DEVICE" | tee "$RUNS/env.json"
+[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+t "## data"
+make_data "$DATA" --train $TRAIN_N --test $TEST_N --num-classes $CLASSES --min-size $MIN_PX --max-size $MAX_PX
+
+if [ $TESTS = 1 ]; then
+  t "## test suite"
+  XDIST="" && python3 -c "import xdist" 2>/dev/null && XDIST="-n 16"
+  echo "pytest ${XDIST:-(no pytest-xdist: one process)}"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider $XDIST > "$RUNS/pytest.txt" 2>&1
+  grep -E "passed|failed|error|FAILED|ERROR" "$RUNS/pytest.txt" | tail -15 | cut -c1-400
+else
+  rm -f "$RUNS/pytest.txt"
+fi
+
+t "## the training step alone"
+bench step_fp32 --mode train --batch-size $BS --no-amp
+bench step_bf16 --mode train --batch-size $BS --amp
+
+t "## train.py end to end (epoch 2 of 2)"
+TENCROP_OFF=$(flag train.py --no-tencrop --no-test-tencrop)  # the final test's ten-crop is timed separately
+train() {
+  local name=$1; shift
+  run "$name" python3 train.py --config config/CUB.yaml --data-root "$DATA" --pretrained false --epochs 2 \
+      --arch "$ARCH" --img-size $IMG --resize-size $RESIZE --batch-size $BS --eval-batch-size $EVAL_BS \
+      --workers $WORKERS --device "$DEVICE" $TENCROP_OFF --output-dir "$RUNS/$name" "$@"
+}
+train train_pil_fp32
+train train_cache_bf16 --cache-images --amp
+train train_gpu_decode_bf16 --gpu-decode --amp
+
+t "## evaluation: end to end against loading alone / the forward alone"
+bench eval_centre --mode eval --data-root "$DATA" --workers $WORKERS --batch-size $EVAL_BS
+bench eval_gpu_decode --mode eval --data-root "$DATA" --workers $WORKERS --batch-size $EVAL_BS --gpu-decode
+bench eval_tencrop --mode eval --data-root "$DATA" --workers $WORKERS --batch-size $TENCROP_BS --tencrop
+bench eval_memory --mode eval --batch-size $EVAL_BS
+
+t "## evaluator.py as users run it (the checkpoint of train_pil_fp32)"
+EVAL_BATCH=$(flag evaluator.py --eval-batch-size --batch-size)
+CKPT=$RUNS/train_pil_fp32/checkpoints/best.pth
+evaluator() {
+  local name=$1 batch=$2; shift 2
+  run "$name" python3 evaluator.py --data-root "$DATA" --checkpoint "$CKPT" --workers $WORKERS --device "$DEVICE" \
+      $EVAL_BATCH $batch --output-dir "$RUNS/$name" "$@"
+}
+evaluator evaluator_centre $EVAL_BS --no-tencrop
+evaluator evaluator_gpu_decode $EVAL_BS --no-tencrop --gpu-decode
+evaluator evaluator_tencrop $TENCROP_BS --tencrop
+
+t "## table"
+python3 tools/gpu_table.py check "$RUNS" --output "$OUTDIR/gpu_check.md" --note "$NOTE"
+t "done: $OUTDIR/gpu_check.md, $OUTDIR/gpu_check.json, $OUTDIR/gpu_check.log"

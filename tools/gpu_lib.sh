@@ -1,0 +1,32 @@
+# Shell helpers of tools/gpu_check.sh and tools/gpu_record.sh (sourced). They expect RUNS (the folder the
+# runs write into), TIMEOUT (seconds per run) and T0 (the start, in seconds since the epoch).
+
+# t MESSAGE: the message with the seconds since the start
+t() { echo "[t+$(( $(date +%s) - T0 ))s] $*"; }
+
+# run NAME CMD...: CMD's output into RUNS/NAME/stdout.txt and, when it succeeds, its wall time (process start
+# to exit) into RUNS/NAME/wall_s; RUNS/NAME is emptied first (train.py refuses a folder holding a run)
+run() {
+  local dir=$RUNS/$1; shift
+  rm -rf "$dir"; mkdir -p "$dir"
+  t "$(basename "$dir"): $*"
+  local start end rc
+  start=$(date +%s.%N)
+  timeout "$TIMEOUT" "$@" > "$dir/stdout.txt" 2>&1; rc=$?
+  end=$(date +%s.%N)
+  [ $rc = 0 ] && awk "BEGIN { printf \"%.2f\n\", $end - $start }" > "$dir/wall_s"
+  echo "  rc $rc"; tail -n 2 "$dir/stdout.txt" | cut -c1-300
+}
+
+# flag SCRIPT NEW OLD: NEW if `SCRIPT --help` lists it, else OLD (flags being renamed)
+flag() { if python3 "$1" --help 2>/dev/null | grep -q -- "$2"; then echo "$2"; else echo "$3"; fi; }
+
+# make_data DIR ARGS...: tools/make_benchmark_data.py into DIR, unless DIR already holds it with these ARGS
+make_data() {
+  local dir=$1; shift
+  local stamp="$*"
+  if [ "$(cat "$dir/made_with" 2>/dev/null)" != "$stamp" ]; then
+    rm -rf "$dir"
+    python3 tools/make_benchmark_data.py --output-dir "$dir" "$@" && echo "$stamp" > "$dir/made_with"
+  fi
+}

@@ -1,0 +1,102 @@
+#!/bin/bash
+# The one-GPU record (config/CUB_fast.yaml) on synthetic data: (1) the full CUB recipe end to end, process start
+# to results.json, on 5,994 + 5,794 CUB-sized JPEGs (goal: under 2 minutes on one H200), with and without
+# compile; (2) the sustained training rate over 20,480 ImageNet-sized files, 1,000 classes, bf16, PIL and
+# --gpu-decode (goal: >= 2,200 images/s); (3) accuracy: the fast and the official recipe (CUB.yaml), 3 seeds each,
+# a shortened from-scratch schedule on data whose labels can be learned (make_benchmark_data.py --learnable),
+# GT-known Loc and Top-1 Cls; passed when the fast recipe's mean lies within the official seeds' range.
+# Prints ONE markdown table and writes it to $OUT (or /tmp) as gpu_record.md / .json, with the log.
+#
+#   tools/gpu_record.sh                             # one GPU, all three parts (about 15 minutes)
+#   tools/gpu_record.sh --parts cub,imagenet        # some of them: cub, imagenet, accuracy
+#   tools/gpu_record.sh --device cpu --quick        # tiny sizes on the CPU: the same runs and table
+#
+# Options: --device cuda|cpu, --quick (nano model, tiny data, 2 epochs, 2 seeds, no compile), --parts LIST,
+# --official-time (also time the full recipe with CUB.yaml), --work DIR (default /tmp/gpu_record).
+# All runs start from random weights (--pretrained false: no download).
+set -u
+DEVICE=cuda QUICK=0 PARTS=cub,imagenet,accuracy OFFICIAL_TIME=0 WORK=/tmp/gpu_record
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE=$2; shift 2 ;;
+    --quick) QUICK=1; shift ;;
+    --parts) PARTS=$2; shift 2 ;;
+    --official-time) OFFICIAL_TIME=1; shift ;;
+    --work) WORK=$2; shift 2 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+cd "$(dirname "$0")/.." || exit 2
+source tools/gpu_lib.sh
+OUTDIR=${OUT:-/tmp}
+RUNS=$WORK/runs
+mkdir -p "$OUTDIR" "$RUNS"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+exec > >(tee "$OUTDIR/gpu_record.log") 2>&1
+T0=$(date +%s)
+part() { case ",$PARTS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
+if [ $QUICK = 1 ]; then
+  # the plumbing only: a nano model at 64 px, 2 epochs, 2 seeds; no compile (minutes on a CPU)
+  CUB_DATA="--train 40 --test 16 --num-classes 4 --min-size 80 --max-size 120"
+  IN_DATA="--train 64 --test 8 --num-classes 8 --min-size 80 --max-size 120"
+  ACC_DATA="--learnable --train 32 --test 16 --num-classes 4 --min-size 80 --max-size 120"
+  SMALL="--arch deit_sat_nano_patch16_224 --img-size 64 --resize-size 72 --batch-size 8 --eval-batch-size 8 \
+    --workers 2 --no-compile"
+  CUB_EPOCHS="--epochs 2" SEEDS="1 2" TIMEOUT=600
+  ACC_SCHEDULE="--epochs 2 --eval-start-epoch 1 --lr 5e-4"
+else
+  CUB_DATA="--train 5994 --test 5794 --num-classes 200"    # CUB-200-2011's splits
+  IN_DATA="--train 20480 --test 512 --num-classes 1000"
+  ACC_DATA="--learnable --train 3600 --test 1080 --num-classes 36"
+  SMALL="" CUB_EPOCHS="" SEEDS="1 2 3" TIMEOUT=600
+  # from scratch (no pretrained weights on the GPU machine): a higher rate with warm-up, cosine, clipping and
+  # more steps per epoch than the fine-tuning recipe; the same for both recipes, which then differ only in
+  # CUB_fast.yaml's keys
+  ACC_SCHEDULE="--epochs 15 --eval-start-epoch 13 --lr 5e-4 --lr-schedule cosine --warmup-epochs 1 --clip-grad 1.0 \
+    --batch-size 64"
+fi
+TENCROP_OFF=$(flag train.py --no-tencrop --no-test-tencrop)
+# train NAME CONFIG ARGS...: train.py on CONFIG, random init, into RUNS/NAME
+train() {
+  local name=$1 config=$2; shift 2
+  run "$name" python3 train.py --config "config/$config" --pretrained false --device "$DEVICE" $SMALL \
+      --output-dir "$RUNS/$name" "$@"
+}
+
+t "## machine"
+python3 tools/gpu_table.py env --device "$DEVICE" | tee "$RUNS/env.json"
+
+if part cub; then
+  t "## the full CUB recipe, CUB-sized data"
+  make_data "$WORK/cub" $CUB_DATA
+  train cub_fast CUB_fast.yaml --data-root "$WORK/cub" $CUB_EPOCHS
+  train cub_fast_no_compile CUB_fast.yaml --data-root "$WORK/cub" $CUB_EPOCHS --no-compile
+  [ $OFFICIAL_TIME = 1 ] && train cub_official CUB.yaml --data-root "$WORK/cub" $CUB_EPOCHS
+fi
+
+if part imagenet; then
+  t "## sustained rate, ImageNet-sized data: one epoch over every file, bf16, no cache (ImageNet does not fit one)"
+  make_data "$WORK/imagenet" $IN_DATA
+  for decode in pil gpu_decode; do
+    extra="" && [ $decode = gpu_decode ] && extra=--gpu-decode
+    train imagenet_${decode}_bf16 CUB_fast.yaml --data-root "$WORK/imagenet" --epochs 1 --no-cache-images \
+        --no-compile $TENCROP_OFF $extra
+  done
+fi
+
+if part accuracy; then
+  t "## accuracy: fast vs official recipe, learnable synthetic data, seeds $SEEDS"
+  make_data "$WORK/learnable" $ACC_DATA
+  for seed in $SEEDS; do
+    train acc_official_s$seed CUB.yaml --data-root "$WORK/learnable" --seed $seed $ACC_SCHEDULE
+    train acc_fast_s$seed CUB_fast.yaml --data-root "$WORK/learnable" --seed $seed $ACC_SCHEDULE
+  done
+fi
+
+t "## table"
+NOTE="Synthetic JPEGs of 300-500 px, random init."
+[ $QUICK = 1 ] && NOTE="--quick: nano SAT at 64 px, tiny data, 2 epochs: the plumbing, not comparable with the goals."
+python3 tools/gpu_table.py record "$RUNS" --output "$OUTDIR/gpu_record.md" --note "$NOTE"
+t "done: $OUTDIR/gpu_record.md, $OUTDIR/gpu_record.json, $OUTDIR/gpu_record.log"

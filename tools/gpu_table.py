@@ -1,0 +1,380 @@
+"""The tables of tools/gpu_check.sh (the input pipeline and evaluation where users run them, against their
+targets) and tools/gpu_record.sh (the one-GPU record: CUB_fast.yaml end to end, the ImageNet-sized rate,
+fast vs official accuracy), read from what their runs left in one folder.
+
+    python tools/gpu_table.py env --device cuda > RUNS/env.json      # the machine, at the start of a check
+    python tools/gpu_table.py check RUNS [--output FILE.md]          # markdown table; FILE.json alongside
+    python tools/gpu_table.py record RUNS [--output FILE.md]
+
+What each run leaves (names under RUNS): ``<name>.json`` the stdout of tools/benchmark.py (its last JSON
+line); ``<name>/`` the --output-dir of train.py (metrics.jsonl, results.json) or evaluator.py (log.txt);
+``<name>/wall_s`` seconds from process start to exit; ``pytest.txt`` the suite's output. A run that is missing
+or failed shows as "not run", and its row as not met.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+
+# ------------------------------------------------------------------------------------------- readers
+def last_json(path):
+    """The last line of ``path`` that parses as a JSON object, or None."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def last_epoch(run_dir):
+    """The metrics.jsonl record of a train.py run's last epoch, or None."""
+    records = []
+    try:
+        for line in (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    except OSError:
+        return None
+    return max(records, key=lambda r: r.get("epoch", 0)) if records else None
+
+
+def train_rates(run_dir, first_epoch=2):
+    """train_images_per_sec of every epoch from ``first_epoch`` (the first decodes into the cache, compiles)."""
+    try:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    return [r["train_images_per_sec"] for r in records if r.get("epoch", 0) >= first_epoch]
+
+
+EVALUATED = re.compile(r"evaluated (\d+) images in ([\d.]+) s \(([\d.]+) images/s")
+
+
+def evaluator_rate(run_dir):
+    """(images, seconds, images/s) of an evaluator.py run, from the line its log ends the evaluation with."""
+    for name in ("log.txt", "stdout.txt"):
+        try:
+            found = EVALUATED.findall((Path(run_dir) / name).read_text(encoding="utf-8", errors="replace"))
+        except OSError:
+            continue
+        if found:  # the logged rate: its seconds are rounded to 0.1 s
+            images, seconds, rate = found[-1]
+            return int(images), float(seconds), float(rate)
+    return None
+
+
+def wall_seconds(run_dir):
+    try:
+        return float((Path(run_dir) / "wall_s").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def results(run_dir):
+    try:
+        return json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+PYTEST_COUNTS = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)")
+
+
+def pytest_counts(path):
+    """{'passed': n, 'failed': n, ...} from pytest's final summary line, or None."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        found = PYTEST_COUNTS.findall(line)
+        if found and (" in " in line or line.startswith("=")):
+            counts = {}
+            for n, word in found:
+                key = "errors" if word.startswith("error") else word
+                counts[key] = counts.get(key, 0) + int(n)
+            return counts
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- rows
+@dataclass
+class Row:
+    """One line of a table: what was measured, its value, a ratio to what it is compared with, the
+    target and whether it is met ('yes', 'no', 'not run', or '' for a reference row)."""
+    what: str
+    value: str
+    ratio: str = ""
+    target: str = ""
+    met: str = ""
+    number: Optional[float] = None
+
+
+def fmt(x):
+    """A rate or count: whole numbers, one decimal below 100."""
+    return f"{x:,.1f}" if abs(x) < 100 and x != int(x) else f"{x:,.0f}"
+
+
+def verdict(ok):
+    return "yes" if ok else "no"
+
+
+def at_least(ratio, target):
+    """A ratio shown with two decimals meets ``target`` as shown (0.897 is shown, and counted, as 0.90)."""
+    return round(ratio, 2) >= target
+
+
+def not_run(what, target=""):
+    return Row(what, "not run", "", target, "not run" if target else "")
+
+
+def step_rows(runs):
+    """The training step alone (fp32, bf16): the references of the train.py rows."""
+    rows, rates = [], {}
+    for name, label in (("step_fp32", "fp32"), ("step_bf16", "bf16 (`--amp`)")):
+        out = last_json(runs / f"{name}.json")
+        what = f"training step alone, {label}, in-memory batches"
+        if not out:
+            rows.append(not_run(what))
+            continue
+        rates[name] = out["images_per_second"]
+        what += f", batch {out['batch_size']}"
+        ratio = f"{out['images_per_second'] / rates['step_fp32']:.2f}x fp32" \
+            if name == "step_bf16" and "step_fp32" in rates else ""
+        rows.append(Row(what, f"{fmt(out['images_per_second'])} img/s ({out['peak_memory_mb'] / 1024:.1f} GB)",
+                        ratio, number=out["images_per_second"]))
+    return rows, rates
+
+
+def train_row(runs, name, what, step_rate, step_name, target=0.9):
+    """A train.py run's last epoch against the step alone: >= ``target`` of it."""
+    goal = f">= {target:.2f} of the {step_name} step"
+    record = last_epoch(runs / name)
+    if not record or "train_images_per_sec" not in record:
+        return not_run(what, goal)
+    rate = record["train_images_per_sec"]
+    what = f"{what}, epoch {record['epoch']}"
+    wait = record.get("train_data_wait", 0) / max(record.get("train_time", 0), 1e-9)
+    value = f"{fmt(rate)} img/s ({100 * wait:.0f}% waiting for data)"
+    if not step_rate:
+        return Row(what, value, "no step rate", goal, "not run", rate)
+    ratio = rate / step_rate
+    return Row(what, value, f"{ratio:.2f} of the {step_name} step", goal, verdict(at_least(ratio, target)), rate)
+
+
+def eval_vs_data_row(runs, name, what, target=0.9):
+    """tools/benchmark.py --mode eval --data-root: end to end against loading alone."""
+    goal = f">= {target:.2f} of data-only"
+    out = last_json(runs / f"{name}.json")
+    if not out:
+        return not_run(what, goal)
+    ratio = out["end_to_end_vs_data"]
+    return Row(f"{what}, batch {out['batch_size']}, {out['workers']} workers",
+               f"{fmt(out['images_per_second'])} img/s (data only {fmt(out['data_images_per_second'])})",
+               f"{ratio:.2f} of data-only", goal, verdict(at_least(ratio, target)), out["images_per_second"])
+
+
+def eval_vs_forward_row(runs, name, what, target=0.9):
+    """tools/benchmark.py --mode eval: the evaluation rate against the model's forward alone."""
+    goal = f">= {target:.2f} of forward-only"
+    out = last_json(runs / f"{name}.json")
+    if not out:
+        return not_run(what, goal)
+    # from files: the end-to-end rate (benchmark's eval_vs_forward takes its in-memory step there)
+    ratio = out["images_per_second"] / out["forward_images_per_second"]
+    return Row(f"{what}, batch {out['batch_size']}", f"{fmt(out['images_per_second'])} img/s "
+               f"(forward only {fmt(out['forward_images_per_second'])})", f"{ratio:.2f} of forward-only", goal,
+               verdict(at_least(ratio, target)), out["images_per_second"])
+
+
+def evaluator_row(runs, name, what, min_rate=None):
+    """An evaluator.py run: its logged rate over the whole split (loading and boxes included) and its wall time."""
+    goal = f">= {fmt(min_rate)} img/s" if min_rate else ""
+    found = evaluator_rate(runs / name)
+    if not found:
+        return not_run(what, goal)
+    images, seconds, rate = found
+    wall = wall_seconds(runs / name)
+    ratio = f"process start to exit {wall:.1f} s" if wall is not None else ""
+    return Row(f"{what}, {fmt(images)} images", f"{fmt(rate)} img/s ({seconds:.1f} s)", ratio, goal,
+               verdict(rate >= min_rate) if min_rate else "", rate)
+
+
+def suite_row(runs):
+    counts = pytest_counts(runs / "pytest.txt")
+    if counts is None:
+        return not_run("test suite, CUDA present", "no failures")
+    failed = counts.get("failed", 0) + counts.get("errors", 0)
+    value = ", ".join(f"{n} {key}" for key, n in counts.items())
+    return Row("test suite, CUDA present", value, "", "no failures", verdict(failed == 0 and counts.get("passed", 0)))
+
+
+def check_rows(runs):
+    runs = Path(runs)
+    rows, steps = step_rows(runs)
+    fp32, bf16 = steps.get("step_fp32"), steps.get("step_bf16")
+    rows += [
+        train_row(runs, "train_pil_fp32", "`train.py`, PIL decoding in the workers (default), fp32", fp32, "fp32"),
+        train_row(runs, "train_cache_bf16", "`train.py --cache-images --amp`", bf16, "bf16"),
+        train_row(runs, "train_gpu_decode_bf16", "`train.py --gpu-decode --amp`", bf16, "bf16"),
+        eval_vs_data_row(runs, "eval_centre", "evaluation, centre crop, PIL, end to end (`benchmark --data-root`)"),
+        eval_vs_data_row(runs, "eval_gpu_decode", "evaluation, centre crop, `--gpu-decode`, end to end "
+                                                  "(`benchmark --data-root`)"),
+        eval_vs_forward_row(runs, "eval_tencrop", "evaluation, ten-crop, PIL, end to end (`benchmark --data-root`)"),
+        eval_vs_forward_row(runs, "eval_memory", "evaluation, in-memory batches, boxes included (`benchmark`)"),
+        evaluator_row(runs, "evaluator_centre", "`evaluator.py`, centre crop, PIL", 1300),
+        evaluator_row(runs, "evaluator_gpu_decode", "`evaluator.py --gpu-decode`, centre crop", 2500),
+        evaluator_row(runs, "evaluator_tencrop", "`evaluator.py --tencrop`, PIL", 300),
+        suite_row(runs),
+    ]
+    return rows
+
+
+def record_time_row(runs, name, what, seconds=120):
+    goal = f"< {seconds} s"
+    wall, res = wall_seconds(runs / name), results(runs / name)
+    if wall is None or res is None:
+        return not_run(what, goal)
+    rates = train_rates(runs / name)
+    ratio = f"epochs 2+: median {fmt(statistics.median(rates))} img/s" if rates else ""
+    return Row(what, f"{wall:.0f} s to results.json", ratio, goal, verdict(wall < seconds), wall)
+
+
+def sustained_row(runs, name, what, rate=2200):
+    goal = f">= {fmt(rate)} img/s"
+    record = last_epoch(runs / name)
+    if not record or "train_images_per_sec" not in record:
+        return not_run(what, goal)
+    value = record["train_images_per_sec"]
+    images = record.get("train_images")
+    wait = record.get("train_data_wait", 0) / max(record.get("train_time", 0), 1e-9)
+    return Row(f"{what}{f', {fmt(images)} files' if images else ''}",
+               f"{fmt(value)} img/s ({100 * wait:.0f}% waiting for data)", "", goal, verdict(value >= rate), value)
+
+
+def accuracy_rows(runs):
+    """Fast against official recipe, seeds acc_<recipe>_s<seed>: the fast recipe's mean within the official
+    recipe's seed spread (its lowest to its highest seed), for GT-known Loc and Top-1 Cls."""
+    found = {"official": {}, "fast": {}}
+    for path in sorted(Path(runs).glob("acc_*_s*")):
+        match = re.fullmatch(r"acc_(official|fast)_s(\d+)", path.name)
+        res = results(path)
+        if match and res:
+            found[match.group(1)][int(match.group(2))] = res
+    rows = []
+    for key, label in (("gt_known_loc", "GT-known Loc"), ("top1_cls", "Top-1 Cls")):
+        what = f"accuracy, {label}: fast recipe (bf16) vs official (fp32)"
+        goal = "fast mean within the official seeds' range"
+        if len(found["official"]) < 2 or not found["fast"]:
+            rows.append(not_run(what, goal))
+            continue
+        official = [res[key] for _, res in sorted(found["official"].items())]
+        fast = [res[key] for _, res in sorted(found["fast"].items())]
+        mean = statistics.mean(fast)
+        low, high = min(official), max(official)
+        rows.append(Row(f"{what}, seeds {', '.join(map(str, sorted(found['fast'])))}",
+                        f"fast mean {mean:.2f} ({', '.join(f'{v:.2f}' for v in fast)})",
+                        f"official {low:.2f}-{high:.2f} ({', '.join(f'{v:.2f}' for v in official)})", goal,
+                        verdict(low <= mean <= high), mean))
+    return rows
+
+
+def record_rows(runs):
+    runs = Path(runs)
+    rows = [record_time_row(runs, "cub_fast", "full CUB recipe, `CUB_fast.yaml`, process start to results.json"),
+            record_time_row(runs, "cub_fast_no_compile", "the same with `--no-compile`")]
+    official = Path(runs) / "cub_official"
+    if official.exists():
+        rows.append(record_time_row(runs, "cub_official", "the same with `CUB.yaml` (official recipe)", 10**6))
+        rows[-1].target, rows[-1].met = "", ""
+    rows += [sustained_row(runs, "imagenet_pil_bf16", "ImageNet-sized sustained training rate, PIL, bf16"),
+             sustained_row(runs, "imagenet_gpu_decode_bf16", "ImageNet-sized sustained training rate, "
+                                                             "`--gpu-decode`, bf16")]
+    return rows + accuracy_rows(runs)
+
+
+# ---------------------------------------------------------------------------------------------- output
+def environment(device):
+    """The machine and versions, for the table's header."""
+    import torch
+    versions = {"torch": torch.__version__}
+    for module in ("torchvision", "timm", "cv2", "PIL"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            versions[module] = None
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        card = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+            card += f", driver {driver}"
+        except (OSError, IndexError, subprocess.SubprocessError):
+            pass
+    else:
+        card = f"no GPU: {platform.processor() or platform.machine()} CPU"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "device": device, "card": card, "cores": cores, **versions}
+
+
+def markdown(title, env, rows, note=""):
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "torchvision", "timm", "cv2", "PIL") if env.get(k))
+    lines = [f"### {title}", "", f"{env.get('date', '?')}, {env.get('card', '?')}, {env.get('cores', '?')} CPU cores, "
+             f"{versions}.{(' ' + note) if note else ''}", "",
+             "| what | measured | ratio | target | met |", "| :-- | --: | :-- | :-- | :-- |"]
+    lines += [f"| {r.what} | {r.value} | {r.ratio} | {r.target} | {r.met} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+TITLES = {"check": "GPU check: the input pipeline and evaluation where users run them",
+          "record": "One-GPU record: `config/CUB_fast.yaml`"}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("kind", choices=("env", "check", "record"))
+    p.add_argument("runs", nargs="?", help="the folder the runs wrote into")
+    p.add_argument("--device", default="cuda", help="env: the device measured")
+    p.add_argument("--output", help="also write the table to this file (and the rows as JSON next to it)")
+    p.add_argument("--note", default="", help="a sentence added under the title (sizes, mode)")
+    args = p.parse_args(argv)
+    if args.kind == "env":
+        print(json.dumps(environment(args.device)))
+        return None
+    if not args.runs:
+        p.error(f"{args.kind} needs the runs folder")
+    runs = Path(args.runs)
+    env = last_json(runs / "env.json") or {}
+    rows = check_rows(runs) if args.kind == "check" else record_rows(runs)
+    table = markdown(TITLES[args.kind], env, rows, args.note)
+    print(table)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table, encoding="utf-8")
+        out.with_suffix(".json").write_text(json.dumps({"env": env, "note": args.note,
+                                                        "rows": [asdict(r) for r in rows]}, indent=1) + "\n",
+                                            encoding="utf-8")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
