@@ -78,12 +78,11 @@ bench step_fp32 --mode train --batch-size $BS --no-amp
 bench step_bf16 --mode train --batch-size $BS --amp
 
 t "## train.py end to end (epoch 2 of 2)"
-TENCROP_OFF=$(flag train.py --no-tencrop --no-test-tencrop)  # the final test's ten-crop is timed separately
 train() {
   local name=$1; shift
   run "$name" python3 train.py --config config/CUB.yaml --data-root "$DATA" --pretrained false --epochs 2 \
       --arch "$ARCH" --img-size $IMG --resize-size $RESIZE --batch-size $BS --eval-batch-size $EVAL_BS \
-      --workers $WORKERS --device "$DEVICE" $TENCROP_OFF --output-dir "$RUNS/$name" "$@"
+      --workers $WORKERS --device "$DEVICE" --no-tencrop --output-dir "$RUNS/$name" "$@"
 }
 train train_pil_fp32
 train train_cache_bf16 --cache-images --amp
@@ -96,12 +95,11 @@ bench eval_tencrop --mode eval --data-root "$DATA" --workers $WORKERS --batch-si
 bench eval_memory --mode eval --batch-size $EVAL_BS
 
 t "## evaluator.py as users run it (the checkpoint of train_pil_fp32)"
-EVAL_BATCH=$(flag evaluator.py --eval-batch-size --batch-size)
 CKPT=$RUNS/train_pil_fp32/checkpoints/best.pth
 evaluator() {
   local name=$1 batch=$2; shift 2
   run "$name" python3 evaluator.py --data-root "$DATA" --checkpoint "$CKPT" --workers $WORKERS --device "$DEVICE" \
-      $EVAL_BATCH $batch --output-dir "$RUNS/$name" "$@"
+      --eval-batch-size $batch --output-dir "$RUNS/$name" "$@"
 }
 evaluator evaluator_centre $EVAL_BS --no-tencrop
 evaluator evaluator_gpu_decode $EVAL_BS --no-tencrop --gpu-decode

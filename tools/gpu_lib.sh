@@ -18,8 +18,6 @@ run() {
   echo "  rc $rc"; tail -n 2 "$dir/stdout.txt" | cut -c1-300
 }
 
-# flag SCRIPT NEW OLD: NEW if `SCRIPT --help` lists it, else OLD (flags being renamed)
-flag() { if python3 "$1" --help 2>/dev/null | grep -q -- "$2"; then echo "$2"; else echo "$3"; fi; }
 
 # make_data DIR ARGS...: tools/make_benchmark_data.py into DIR, unless DIR already holds it with these ARGS
 make_data() {

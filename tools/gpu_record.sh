@@ -57,7 +57,6 @@ else
   ACC_SCHEDULE="--epochs 15 --eval-start-epoch 13 --lr 5e-4 --lr-schedule cosine --warmup-epochs 1 --clip-grad 1.0 \
     --batch-size 64"
 fi
-TENCROP_OFF=$(flag train.py --no-tencrop --no-test-tencrop)
 # train NAME CONFIG ARGS...: train.py on CONFIG, random init, into RUNS/NAME
 train() {
   local name=$1 config=$2; shift 2
@@ -82,7 +81,7 @@ if part imagenet; then
   for decode in pil gpu_decode; do
     extra="" && [ $decode = gpu_decode ] && extra=--gpu-decode
     train imagenet_${decode}_bf16 CUB_fast.yaml --data-root "$WORK/imagenet" --epochs 1 --no-cache-images \
-        --no-compile $TENCROP_OFF $extra
+        --no-compile --no-tencrop $extra
   done
 fi
 
