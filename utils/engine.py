@@ -82,23 +82,12 @@ def _check_window(window, first_step, epoch, world_size):
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_scaler, *, scheduler, accum_steps=1,
                     autocast=contextlib.nullcontext, clip_grad=None, log_every=20, max_steps=None, world_size=1,
                     progress=True, start_step=0, meters_state=None, on_step=None):
-    """Train ``model`` (possibly DDP-wrapped) for one pass over ``loader``.
-
-    ``criterion(logits, maps, labels)`` returns the loss terms (Model.losses.SATLoss); ``loss_scaler``
-    (utils.amp.LossScaler) does backward, clipping to ``clip_grad`` and the step; ``scheduler`` is stepped
-    once per optimizer step. Each loader batch is one micro-batch; ``accum_steps`` micro-batches make an
-    optimizer step (the last, partial group of an epoch too), each backpropagating its loss divided by the
-    group size, so the batch area loss is computed per micro-batch. ``max_steps`` stops after that many
-    optimizer steps (benchmarks).
-
-    Mid-epoch resume: ``start_step`` optimizer steps of the epoch are done (the loader then yields only the
-    rest, see DataLoader.sampler) and ``meters_state`` holds their sums. ``on_step(steps_done, meters)`` is
-    called after each optimizer step (utils.preemption.StepCheckpoint: saves last.pth, may stop the run).
-
-    Returns the epoch's averages over all processes: loss, ce, area, norm (per micro-batch), acc1 (%),
-    plus lr (last), steps, images, num_skipped (unreadable images dropped), time (s), images_per_sec and
-    data_wait (s of ``time`` this process waited for the loader: the loop is input-bound when it is large).
-    """
+    """Train ``model`` (possibly DDP-wrapped) for one pass over ``loader``: ``criterion(logits, loc_maps, labels)``
+    (SATLoss), backward / clipping / step through ``loss_scaler``, ``scheduler`` stepped per optimizer step.
+    ``accum_steps`` micro-batches make a step (each its own batch area loss); ``start_step`` / ``meters_state``
+    continue an epoch resumed in its middle; ``on_step(steps_done, meters)`` runs after each step (mid-epoch
+    checkpoints, stops). Returns the epoch's averages over the processes (metrics.jsonl's train_* keys,
+    docs/training.md)."""
     model.train()
     done = start_step * accum_steps  # micro-batches of the epoch before this call
     num_batches = done + len(loader) if max_steps is None else min(done + len(loader), max_steps * accum_steps)
@@ -246,17 +235,15 @@ class BatchScorer:
         pred_boxes = ious = gt_sat = None
         if "cls" in counters.parts:
             counters.parts["cls"].update(out["sat"][0], labels)
+        if "sat" in out and self.thresholds:  # the sat boxes at each map threshold (predictions without GT too)
+            pred_boxes = np.stack([sat_boxes(sat_map(m, views.img_size), self.thresholds) for m in out["sat"][1]])
         if "sat" in counters.parts:
             missing = next((i for i, b in zip(ids, boxes) if len(b) == 0), None)
             if missing is not None:
                 raise DataError(f"image {missing} has no GT boxes: the sat protocol needs boxes; use "
                                 "--eval-protocol wsol for mask datasets, cls for neither")
             gt_sat = [gt_boxes_sat(b, s, views.resize_size, views.img_size) for b, s in zip(boxes, sizes)]
-            scores, loc_maps = out["sat"]
-            pred_boxes = counters.parts["sat"].boxes(loc_maps)
-            ious = counters.parts["sat"].update_boxes(pred_boxes, gt_sat, scores, labels)
-        elif "sat" in out and self.thresholds:  # no GT boxes: the boxes are still predictions
-            pred_boxes = np.stack([sat_boxes(sat_map(m, views.img_size), self.thresholds) for m in out["sat"][1]])
+            ious = counters.parts["sat"].update_boxes(pred_boxes, gt_sat, out["sat"][0], labels)
         if "wsol" in out:
             scores, loc_maps = out["wsol"]
             gt_wsol = [gt_boxes_wsol(b, s, WSOL_MAP_SIZE) for b, s in zip(boxes, sizes)]
