@@ -95,7 +95,8 @@ def evaluate_checkpoint(args, imagenet, info):
                            amp=args.amp, distributed=info.distributed, save_maps=args.save_maps,
                            overlay_dir=output_dir / "overlays" if args.overlays else None,
                            overlays=None if args.overlays == "all" else args.overlays, per_image=True,
-                           box_processes=args.box_processes, progress=info.is_main)
+                           overlay_blocks=args.overlay_blocks, box_processes=args.box_processes,
+                           progress=info.is_main)
     except NonFiniteOutputError as err:
         raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
     if args.save_maps and info.is_main:
@@ -124,6 +125,9 @@ def evaluate_maps(args, imagenet, info):
     protocol, _ = resolve_protocol(args.eval_protocol, dataset)
     if protocol == "cls":
         raise ConfigError(f"--maps: the {split} split of {root} has neither boxes nor masks: no localization to score")
+    if args.overlay_blocks:
+        raise ConfigError("--overlay-blocks with --maps: saved maps hold the fused map only (tools/predict.py "
+                          "--blocks draws a checkpoint's block maps)")
     if args.save_boxes:
         raise ConfigError("--save-boxes with --maps: COCO detections need class scores, which saved maps and "
                           "predictions do not carry (per_image.csv holds the boxes)")
@@ -215,7 +219,7 @@ def coco_detections(entries, class_names):
 
 
 def write_curves(output_dir, curves):
-    """``wsol_curves.json`` and ``wsol_curves.png``: box accuracy against the CAM threshold (per IoU) and
+    """``wsol_curves.json`` and ``wsol_curves.png``: box accuracy against the map threshold (per IoU) and
     the PxAP precision-recall curve."""
     (output_dir / "wsol_curves.json").write_text(json.dumps(curves, indent=1) + "\n", encoding="utf-8")
     panels = []
@@ -223,7 +227,7 @@ def write_curves(output_dir, curves):
         box = curves["box_accuracy"]
         series = {"MaxBoxAcc (largest, IoU 50)": box["boxacc"]}
         series.update({f"V2 IoU{iou}": acc for iou, acc in box["boxaccv2_per_iou"].items()})
-        panels.append(("box accuracy (%) vs CAM threshold", box["cam_thresholds"],
+        panels.append(("box accuracy (%) vs map threshold", box["cam_thresholds"],
                        {name: values for name, values in series.items()}, (0, 1), (0, 100)))
     if "pxap" in curves:
         pr = curves["pxap"]

@@ -1,14 +1,14 @@
 """The views an evaluation feeds the model, and the protocols that use them.
 
-Views (one name each, used in code, flags, metrics.json and README):
+Views (one name each, used in code, flags, metrics.json and docs):
 - ``centre``: Resize((resize_size, resize_size)) -> CenterCrop(img_size), the official test view;
 - ``tencrop``: TenCrop(img_size) of the same resized image, for classification (the mean of the ten
   softmaxes); its centre crop, index 4, is the ``centre`` view and gives the map;
 - ``wsol``: Resize((img_size, img_size)) without crop, the wsolevaluation view.
 
 Protocols (flag ``--eval-protocol``): ``sat`` = the official SAT protocol (evaluator.py's
-``val_loc_one_epoch``: Top-1 / Top-5 / GT-known Loc at a fixed CAM threshold, on the ``centre`` or
-``tencrop`` view); ``wsol`` = the wsolevaluation protocol (MaxBoxAcc, MaxBoxAccV2, PxAP, on the ``wsol``
+``val_loc_one_epoch``: Top-1 / Top-5 / GT-known Loc at a fixed map threshold, on the ``centre`` or
+``tencrop`` view); ``wsol`` = wsolevaluation's protocol (MaxBoxAcc, MaxBoxAccV2, PxAP, on the ``wsol``
 view); ``both``; ``cls`` = classification only (data with neither boxes nor masks).
 """
 import torch

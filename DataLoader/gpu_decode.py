@@ -5,7 +5,7 @@ drawn as the PIL path draws them; here a batch is decoded with ``torchvision.io.
 batched nvJPEG on CUDA; libjpeg on the CPU), each image resized to (R, R) (and to (S, S) for the ``wsol``
 view) with bilinear antialiased interpolation rounded back to uint8, giving the same uint8 sources as the
 PIL path for ``device_transforms.to_device``. Pixels differ slightly from PIL's (nvJPEG's IDCT and
-upsampling, float interpolation against PIL's fixed point; README, "Performance"), so it is a named option,
+upsampling, float interpolation against PIL's fixed point; docs/performance.md), so it is a named option,
 not the default.
 
 Files the batched decoder cannot take (not JPEG, CMYK, or refused by nvJPEG) are decoded one by one: on

@@ -7,9 +7,9 @@ import cv2
 import numpy as np
 
 
-def naive_sat_boxes(cam_map, thresholds, cam_size=224):
-    """Official-style protocol A: per threshold, label, count pixels per label, keep the largest."""
-    m = np.asarray(cam_map, dtype=np.float32)
+def naive_sat_boxes(loc_map, thresholds, cam_size=224):
+    """Official-style sat protocol: per threshold, label, count pixels per label, keep the largest."""
+    m = np.asarray(loc_map, dtype=np.float32)
     norm = cv2.resize((m - m.min()) / (m.max() - m.min() + np.float32(1e-5)), (cam_size, cam_size))
     boxes = []
     for t in thresholds:
@@ -25,10 +25,10 @@ def naive_sat_boxes(cam_map, thresholds, cam_size=224):
     return np.array(boxes, dtype=np.int64)
 
 
-def naive_wsol_boxes(score_map, thresholds):
-    """wsolevaluation-style protocol B: per threshold cv2.threshold + findContours + per-contour loops."""
-    height, width = score_map.shape
-    score_u8 = np.expand_dims((score_map * 255).astype(np.uint8), 2)
+def naive_wsol_boxes(normalised, thresholds):
+    """wsolevaluation-style wsol protocol: per threshold cv2.threshold + findContours + per-contour loops."""
+    height, width = normalised.shape
+    score_u8 = np.expand_dims((normalised * 255).astype(np.uint8), 2)
     all_boxes, largest = [], []
     for t in thresholds:
         _, binary = cv2.threshold(score_u8, int(t * np.max(score_u8)), 255, cv2.THRESH_BINARY)

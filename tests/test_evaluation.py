@@ -68,7 +68,7 @@ def test_eval_transform_views(protocol, tencrop, views):
 
 
 def _per_image_reference(model, dataset, img_size, thresholds):
-    """The metrics of protocol A (ten-crop) and B, one image and one forward at a time."""
+    """The metrics of the sat (ten-crop) and wsol protocols, one image and one forward at a time."""
     resize = default_resize_size(img_size)
     ten, plain = T.tencrop_transform(img_size, resize), T.wsol_transform(img_size)
     sat, cls_b, boxes_b = SATLocAccumulator(thresholds, img_size), ClassAccumulator(), WSOLBoxAccumulator()
@@ -92,7 +92,7 @@ def _per_image_reference(model, dataset, img_size, thresholds):
 
 @pytest.mark.parametrize("img_size", [64, 224])
 def test_evaluate_equals_per_image_recomputation(demo_root, img_size):
-    """Batched ten-crop + protocol B in one forward per batch == one image at a time."""
+    """Batched ten-crop + the wsol view in one forward per batch == one image at a time."""
     model = nano_model(img_size=img_size)
     loader = build_eval_loader("cub", demo_root, "test", protocol="both", tencrop=True, img_size=img_size,
                                batch_size=5, workers=0)
@@ -187,11 +187,11 @@ def test_pxap_on_synthetic_masks(tmp_path):
 
     dataset = build_dataset("wsol", images, "test", lambda im: im, metadata_root=metadata)
     with torch.inference_mode():  # the same batch of two as evaluate's, for identical float results
-        _, cams = model(torch.stack([T.wsol_transform(64)(sample["image"]) for sample in dataset]))
+        _, loc_maps = model(torch.stack([T.wsol_transform(64)(sample["image"]) for sample in dataset]))
     expected = PxAPAccumulator()
-    for sample, cam in zip(dataset, cams):
+    for sample, loc_map in zip(dataset, loc_maps):
         foreground, ignore = load_mask(sample["mask_paths"], sample["ignore_path"], 224)
-        expected.update(cam[None], foreground[None], ignore[None])
+        expected.update(loc_map[None], foreground[None], ignore[None])
     assert result["pxap"] == expected.compute()["pxap"]
     with pytest.raises(ConfigError, match="eval_protocol sat needs boxes"):
         build_eval_loader("wsol", images, "test", protocol="sat", tencrop=False, img_size=64, batch_size=4, workers=0,

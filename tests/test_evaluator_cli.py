@@ -257,3 +257,23 @@ def test_auto_protocol_is_classification_only_without_boxes_or_masks(tmp_path):
     assert 0 <= record["top1_cls"] <= 100 and "gt_known_loc" not in record
     rows = list(csv.DictReader(open(out / "per_image.csv")))  # predictions: class and box, nothing to score
     assert len(rows) == 2 and all(row["iou"] == "" and len(row["box_original"].split()) == 4 for row in rows)
+
+
+def test_overlays_show_each_block_map_beside_the_fused_one(cub, tmp_path):
+    """--overlay-blocks: one panel per spatial-aware block, then the fused map's panel, which is the plain
+    overlay; the blocks' panels differ from it (each its own map and box)."""
+    root, checkpoint = cub
+    common = ["--data-root", str(root), "--checkpoint", str(checkpoint), "--overlays", "2", "--no-tencrop",
+              "--workers", "0", "--device", "cpu"]
+    main(common + ["--output-dir", str(tmp_path / "plain")])
+    main(common + ["--output-dir", str(tmp_path / "blocks"), "--overlay-blocks"])
+    plain = sorted((tmp_path / "plain" / "overlays").rglob("*.png"))
+    assert len(plain) == 2
+    for path in plain:
+        fused = np.asarray(Image.open(path))
+        panels = np.asarray(Image.open(tmp_path / "blocks" / "overlays" / path.relative_to(tmp_path / "plain" /
+                                                                                           "overlays")))
+        width = fused.shape[1]
+        assert panels.shape == (fused.shape[0], width * 4, 3)  # the nano model's 3 spatial-aware blocks + fused
+        assert np.array_equal(panels[:, 3 * width:], fused)
+        assert not np.array_equal(panels[:, :width], fused)

@@ -86,7 +86,7 @@ def test_cache_is_shared_by_loader_workers_and_found_again(tmp_path, data_root):
                                               ("train", TrainPixels(64, 72, gpu_decode=True)),
                                               ("test", EvalViews("sat", False, 64, 72).pixels(gpu_decode=True))])
 def test_whole_image_views_and_gpu_decode_are_not_cached(tmp_path, data_root, split, transform):
-    """Protocol B resizes the original image and --gpu-decode decodes on the device: their loaders read the
+    """The wsol view resizes the original image and --gpu-decode decodes on the device: their loaders read the
     files (and say so)."""
     dataset = build_dataset("cub", data_root, split, transform)
     assert attach_image_cache(dataset, tmp_path / "cache") is None and dataset.cache is None

@@ -13,8 +13,8 @@ def original(official_boxes):
 
 
 def test_reproduces_official_boxes_and_ious(original):
-    for i, cam_map in enumerate(original["maps"]):
-        boxes = sat_boxes(sat_map(cam_map), original["thresholds"])
+    for i, loc_map in enumerate(original["maps"]):
+        boxes = sat_boxes(sat_map(loc_map), original["thresholds"])
         np.testing.assert_array_equal(boxes, original["boxes"][i], err_msg=f"map {i}")
         np.testing.assert_array_equal(max_iou(boxes, original["gt_boxes"][i][None]), original["iou"][i])
 
@@ -56,14 +56,14 @@ def test_tie_takes_first_component_in_raster_order():
 
 def test_matches_reference_on_random_maps():
     thresholds = [0.2, 0.3, 0.35, 0.4, 0.45, 0.6]
-    for cam_map in random_maps(24, seed=1):
-        np.testing.assert_array_equal(sat_boxes(sat_map(cam_map), thresholds),
-                                      naive_sat_boxes(cam_map, thresholds))
+    for loc_map in random_maps(24, seed=1):
+        np.testing.assert_array_equal(sat_boxes(sat_map(loc_map), thresholds),
+                                      naive_sat_boxes(loc_map, thresholds))
 
 
 def test_predict_box_is_the_row_at_that_threshold(original):
-    cam_map = original["maps"][5]
-    np.testing.assert_array_equal(sat_box(torch.from_numpy(cam_map), 0.35), original["boxes"][5][1])
+    loc_map = original["maps"][5]
+    np.testing.assert_array_equal(sat_box(torch.from_numpy(loc_map), 0.35), original["boxes"][5][1])
 
 
 def test_topk_correct_numpy_and_few_classes():

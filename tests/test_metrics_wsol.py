@@ -34,8 +34,8 @@ def test_score_map_resize_and_normalise():
 
 def test_saved_score_map_gives_identical_counts(tmp_path):
     raw = random_maps(3, seed=4)
-    for i, cam_map in enumerate(raw):
-        np.save(tmp_path / f"{i}.npy", wsol_map(cam_map))
+    for i, loc_map in enumerate(raw):
+        np.save(tmp_path / f"{i}.npy", wsol_map(loc_map))
     reread = np.stack([np.load(tmp_path / f"{i}.npy") for i in range(3)])
     gts = [np.array([[30, 40, 150, 170]])] * 3
     direct, from_file = WSOLBoxAccumulator(), WSOLBoxAccumulator()

@@ -145,7 +145,7 @@ def test_best_checkpoint_rule():
     for epoch, (t, g) in enumerate(history):
         update_best(top1, {"top1_loc": t, "gt_known_loc": g, "best_threshold": 0.4}, "top1_loc", epoch)
     assert top1["best.pth"]["epoch"] == 2
-    # without the official protocol (wsolevaluation, classification only) only best.pth is kept
+    # without the sat protocol (wsol, classification only) only best.pth is kept
     pxap = {}
     for epoch, value in enumerate([40.0, 45.0, 45.0]):
         update_best(pxap, {"pxap": value, "top1_cls": 90.0}, "pxap", epoch, sat=False)

@@ -3,7 +3,7 @@
 ``amp`` is False (the default everywhere: fp32, as the official code), True or 'auto'.
 True: bf16 autocast on CUDA (fp16 with a GradScaler on GPUs without bf16) and on CPUs with native bf16
 (AVX512-BF16 / AMX through oneDNN); a CPU without it is an error. 'auto': as True where supported, else fp32.
-The measured effect of ``--amp`` on speed and metrics is in the README (Performance, Differences).
+The measured effect of ``--amp`` on speed and metrics is in docs/performance.md.
 """
 import contextlib
 import functools

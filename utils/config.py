@@ -279,6 +279,8 @@ FIELDS = {
     "predictions": Field("evaluator", None, "str", "with --maps: CSV of each image's top-5 classes (columns image_id, "
                          "top5; an evaluator's per_image.csv is one) for Top-1 / Top-5 Loc and Cls; null: GT-known "
                          "Loc and the wsol metrics only", nullable=True),
+    "overlay_blocks": Field("evaluator", False, "bool", "overlays also show each spatial-aware block's map and box "
+                            "beside the fused one (the paper's visualization; with --checkpoint)"),
     "allow_constant_maps": Field("evaluator", False, "bool", "with --maps: score a constant map (all zeros once "
                                  "normalised, as wsolevaluation scores it) instead of stopping at it"),
     "num_classes": Field("evaluator", None, "int", "classes of the model (null: read off the head's shape)",

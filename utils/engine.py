@@ -29,7 +29,7 @@ from DataLoader.transforms import denormalize
 from DataLoader.formats.wsol import load_mask
 from utils.amp import autocast_settings
 from utils.boxes import (WSOL_MAP_SIZE, contour_boxes, crop_box_to_original, gt_boxes_sat, gt_boxes_wsol, max_iou,
-                         sat_boxes, sat_map, wsol_map)
+                         sat_box, sat_boxes, sat_map, wsol_map)
 from utils.cv import cv2
 from utils.distributed import all_gather_object, all_reduce_sum
 from utils.errors import ConfigError, DataError, SATError, user_message
@@ -159,24 +159,27 @@ class NonFiniteOutputError(SATError):
     """The model gave NaN or Inf class scores or maps (as wsolevaluation, such maps are not scored)."""
 
 
-def forward_views(model, images, views, autocast):
+def forward_views(model, images, views, autocast, blocks=False):
     """All views of a batch, ``images`` (B, V, 3, S, S), in one forward -> ``{'sat' | 'wsol': (scores,
     loc_maps)}`` as float32 CPU tensors copied ``non_blocking``: ``HostOutputs.numpy`` waits for them.
     ``tencrop``: the mean of the ten softmaxes and the centre crop's map (official); ``centre`` / ``wsol``:
-    the view's logits and map. The sat view's outputs are keyed 'sat' (also for protocol 'cls')."""
+    the view's logits and map. The sat view's outputs are keyed 'sat' (also for protocol 'cls'); ``blocks``
+    adds 'blocks': (None, each spatial-aware block's map of the sat view (B, K, h, w)), for overlays."""
     batch, num_views = images.shape[:2]
     with autocast():
-        logits, loc_maps = model(images.flatten(0, 1))
+        flat = images.flatten(0, 1)
+        logits, loc_maps, *block_maps = model(flat, return_block_maps=True) if blocks else model(flat)
     logits = logits.float().unflatten(0, (batch, num_views))
     loc_maps = loc_maps.float().unflatten(0, (batch, num_views))
     out = {}
     for view, where in views.slices.items():
-        if view == "tencrop":
-            scores, loc_map = logits[:, where].softmax(dim=-1).mean(dim=1), loc_maps[:, where.start + TENCROP_CENTRE]
-        else:
-            scores, loc_map = logits[:, where.start], loc_maps[:, where.start]
+        centre = where.start + TENCROP_CENTRE if view == "tencrop" else where.start  # the view of the map
+        scores = logits[:, where].softmax(dim=-1).mean(dim=1) if view == "tencrop" else logits[:, where.start]
         out["wsol" if view == "wsol" else "sat"] = (scores.to("cpu", non_blocking=True),
-                                                     loc_map.to("cpu", non_blocking=True))
+                                                     loc_maps[:, centre].to("cpu", non_blocking=True))
+        if block_maps and view != "wsol":
+            out["blocks"] = (None, block_maps[0].float().unflatten(0, (batch, num_views))[:, centre]
+                             .to("cpu", non_blocking=True))
     return HostOutputs(out, images.device)
 
 
@@ -194,14 +197,17 @@ class HostOutputs:
     def numpy(self):
         if self.copied is not None:
             self.copied.synchronize()
-        return {key: (scores.numpy(), loc_maps.numpy()) for key, (scores, loc_maps) in self.outputs.items()}
+        return {key: (None if scores is None else scores.numpy(), loc_maps.numpy())
+                for key, (scores, loc_maps) in self.outputs.items()}
 
 
 def check_finite(out, image_ids):
     """NonFiniteOutputError naming the first images whose scores or maps hold NaN or Inf."""
     bad = np.zeros(len(image_ids), bool)
     for scores, loc_maps in out.values():
-        bad |= ~np.isfinite(scores).all(axis=1) | ~np.isfinite(loc_maps.reshape(len(loc_maps), -1)).all(axis=1)
+        bad |= ~np.isfinite(loc_maps.reshape(len(loc_maps), -1)).all(axis=1)
+        if scores is not None:
+            bad |= ~np.isfinite(scores).all(axis=1)
     if bad.any():
         names = [str(image_ids[k]) for k in np.flatnonzero(bad)[:3]]
         raise NonFiniteOutputError(f"the model outputs NaN/Inf scores or maps for {int(bad.sum())} image(s) of a "
@@ -265,7 +271,8 @@ class BatchScorer:
         for k, crop in crops.items():
             if column is not None:
                 self.overlay(ids[k], crop, out["sat"][1][k], "sat", self.threshold, pred_boxes[k, column],
-                             gt_sat[k] if gt_sat else np.zeros((0, 4)), predicted_class(out["sat"][0], k))
+                             gt_sat[k] if gt_sat else np.zeros((0, 4)), predicted_class(out["sat"][0], k),
+                             out["blocks"][1][k] if "blocks" in out else ())
             elif "wsol" in out and self.threshold is not None:  # wsol at a given map threshold
                 self.overlay(ids[k], crop, out["wsol"][1][k], "wsol", self.threshold, None,
                              gt_boxes_wsol(boxes[k], sizes[k], WSOL_MAP_SIZE), predicted_class(out["wsol"][0], k))
@@ -310,8 +317,12 @@ class BatchScorer:
             rows.append(row)
         return rows
 
-    def overlay(self, image_id, crop, loc_map, protocol, threshold, box, gt, pred):
-        """One overlay PNG: heat map, predicted box at ``threshold`` (green), GT boxes (red), caption."""
+    def overlay(self, image_id, crop, loc_map, protocol, threshold, box, gt, pred, block_maps=()):
+        """One overlay PNG: heat map, predicted box at ``threshold`` (green), GT boxes (red), caption; with
+        ``block_maps`` (sat), each spatial-aware block's map and box first, then the fused map (the paper's
+        visualization)."""
+        panels = [render_overlay(crop, sat_map(m, self.views.img_size), sat_box(m, threshold, self.views.img_size),
+                                 gt, f"block {k + 1} of {len(block_maps)}") for k, m in enumerate(block_maps)]
         if protocol == "sat":
             normalised = sat_map(loc_map, self.views.img_size)
         else:
@@ -320,8 +331,8 @@ class BatchScorer:
         name = "" if pred is None else self.class_names[pred] if self.class_names else str(pred)
         caption = f"{name}  IoU {max_iou(np.asarray(box)[None], gt)[0]:.2f} @ {threshold:g}".strip() if len(gt) \
             else name
-        save_rgb((self.overlay_dir / image_id).with_suffix(".png"),
-                 render_overlay(crop, normalised, box, gt, caption))
+        panels.append(render_overlay(crop, normalised, box, gt, caption))
+        save_rgb((self.overlay_dir / image_id).with_suffix(".png"), np.concatenate(panels, axis=1))
 
 
 def predicted_class(scores, k):
@@ -381,7 +392,7 @@ def _sum_over_processes(device):
 
 def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_threshold=None, amp=False,
              distributed=False, save_maps=None, overlay_dir=None, overlays=None, per_image=False,
-             progress=True, threads=None, box_processes=None, views=None, saved_maps=None):
+             progress=True, threads=None, box_processes=None, views=None, saved_maps=None, overlay_blocks=False):
     """Metrics (percentages; keys in docs/evaluation.md) of ``model`` on ``loader``, whose dataset's transform
     is an ``EvalViews`` (``views``: that EvalViews, for a loader without a dataset): it gives the protocol.
 
@@ -389,7 +400,7 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     split: model selection); wsol: every map threshold of its grid, and box accuracy at ``wsol_threshold``.
     ``distributed``: the loader holds this rank's shard (ShardSampler); counters are summed over the ranks.
     ``save_maps``: folder for the localization maps; ``overlay_dir``: overlay PNGs of the images with dataset
-    index below ``overlays`` (None: all); ``per_image``: add ``per_image`` rows (and ``per_class`` for sat).
+    index below ``overlays`` (None: all; ``overlay_blocks``: each block's map beside the fused one); ``per_image``: add ``per_image`` rows (and ``per_class`` for sat).
     Box extraction runs in ``box_processes`` processes (None: ``default_box_processes``) or ``threads`` threads.
     ``saved_maps``: a ``SavedMaps`` (utils/saved_maps.py) giving each batch's outputs from files instead of a
     forward of ``model`` (None); its loader's batches hold no pixels, and ``'crop'``: those of the overlays.
@@ -461,7 +472,7 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
                 images = images if images.dim() == 5 else images[:, None]  # (B, V, 3, S, S)
                 if images.shape[1] != views.num_views or images.shape[-1] != views.img_size:
                     raise ValueError(f"batch views {tuple(images.shape[1:])} do not fit {views}")
-                outputs = forward_views(model, images, views, autocast)
+                outputs = forward_views(model, images, views, autocast, blocks=overlay_blocks and bool(overlay_dir))
                 crops = _overlay_crops(images, batch, views, overlays) if overlay_dir else {}
                 if previous is not None:
                     score(*previous)
