@@ -277,3 +277,20 @@ def test_overlays_show_each_block_map_beside_the_fused_one(cub, tmp_path):
         assert panels.shape == (fused.shape[0], width * 4, 3)  # the nano model's 3 spatial-aware blocks + fused
         assert np.array_equal(panels[:, 3 * width:], fused)
         assert not np.array_equal(panels[:, :width], fused)
+
+
+@pytest.mark.parametrize("config", ["CUB.yaml", "demo.yaml"])
+def test_training_config_writes_nothing_outside_the_output_dir(cub, tmp_path, monkeypatch, config):
+    """A training config given to the evaluator (as the docs suggest) reads its data / evaluation / test keys;
+    its overlays key is a count (demo.yaml: 100) and every file goes under --output-dir, none into the working
+    directory (where a count read as a folder name once wrote '0/' and '100/')."""
+    root, checkpoint = cub
+    cwd, out = tmp_path / "cwd", tmp_path / "out"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    record = main(["--config", str(REPO_ROOT / "config" / config), "--data-root", str(root), "--checkpoint",
+                   str(checkpoint), "--output-dir", str(out), "--workers", "0", "--device", "cpu"])
+    assert list(cwd.iterdir()) == []
+    assert record["threshold"] == 0.4 and (out / "metrics.json").is_file()
+    overlays = list((out / "overlays").rglob("*.png")) if (out / "overlays").exists() else []
+    assert len(overlays) == (12 if config == "demo.yaml" else 0)  # all 12 test images of the tiny demo
