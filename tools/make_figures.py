@@ -103,7 +103,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out / "architecture.png"), draw())
     print(out / "architecture.png")
-    images = Path(args.demo_run) / "images"
+    images = Path(args.demo_run) / "overlays"
     if images.is_dir():
         cv2.imwrite(str(out / "demo_overlays.png"), overlay_grid(images, args.per_class))
         print(out / "demo_overlays.png")
