@@ -59,6 +59,21 @@ def start_logging(args, info):
     return output_dir
 
 
+def evaluate_settings(args, protocol, output_dir, info):
+    """The ``evaluate`` arguments both jobs take from the flags: the map thresholds of the protocol, overlays,
+    per-image rows, box processes."""
+    return dict(threshold=args.threshold if protocol != "wsol" else None,
+                thresholds=args.thresholds if protocol in ("sat", "both") else (), wsol_threshold=args.wsol_threshold,
+                distributed=info.distributed, overlay_dir=output_dir / "overlays" if args.overlays else None,
+                overlays=overlay_count(args), per_image=True, box_processes=args.box_processes,
+                progress=info.is_main)
+
+
+def overlay_count(args):
+    """--overlays as ``evaluate`` takes it: a number of images, None for all."""
+    return None if args.overlays == "all" else args.overlays
+
+
 def evaluate_checkpoint(args, imagenet, info):
     """The evaluation job: model, loader, ``evaluate``, then the tables and files of the output folder."""
     output_dir = start_logging(args, info)
@@ -84,19 +99,12 @@ def evaluate_checkpoint(args, imagenet, info):
                  protocol, "+".join(views.names), args.threshold,
                  f" (searching {args.thresholds} for best_threshold)" if args.thresholds else "",
                  describe(info.device, args.amp))
-    sat = protocol in ("sat", "both")
     if args.save_boxes and protocol == "wsol":
         raise ConfigError("--save-boxes writes the sat protocol's boxes: use --eval-protocol both (or sat / cls)")
     start = time.perf_counter()
     try:
-        metrics = evaluate(loader, model.to(info.device), info.device,
-                           threshold=args.threshold if protocol != "wsol" else None,
-                           thresholds=args.thresholds if sat else (), wsol_threshold=args.wsol_threshold,
-                           amp=args.amp, distributed=info.distributed, save_maps=args.save_maps,
-                           overlay_dir=output_dir / "overlays" if args.overlays else None,
-                           overlays=None if args.overlays == "all" else args.overlays, per_image=True,
-                           overlay_blocks=args.overlay_blocks, box_processes=args.box_processes,
-                           progress=info.is_main)
+        metrics = evaluate(loader, model.to(info.device), info.device, amp=args.amp, save_maps=args.save_maps,
+                           overlay_blocks=args.overlay_blocks, **evaluate_settings(args, protocol, output_dir, info))
     except NonFiniteOutputError as err:
         raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
     if args.save_maps and info.is_main:
@@ -137,18 +145,13 @@ def evaluate_maps(args, imagenet, info):
     ids = [item.image_id for item in dataset.items]
     predictions = read_predictions(args.predictions, ids, num_classes) if args.predictions else None
     maps = SavedMaps(args.maps, views, predictions, num_classes, args.allow_constant_maps)
-    loader = map_loader(dataset, views, None if args.overlays == "all" else args.overlays, args.eval_batch_size,
-                        args.workers, info.distributed)
+    loader = map_loader(dataset, views, overlay_count(args), args.eval_batch_size, args.workers, info.distributed)
     sat = protocol in ("sat", "both")
     _logger.info("scoring the maps in %s on %d images of %s, protocol %s%s; %s", args.maps, len(dataset), root,
                  protocol, f" (sat: the centre {views.img_size} crop of {views.resize_size}x{views.resize_size}, "
                  f"threshold {args.threshold:g})" if sat else "", f"classes from {args.predictions}" if predictions
                  else "no --predictions: no Top-1 / Top-5 Loc or Cls (GT-known Loc and the wsol metrics only)")
-    metrics = evaluate(loader, None, info.device, threshold=args.threshold if protocol != "wsol" else None,
-                       thresholds=args.thresholds if sat else (), wsol_threshold=args.wsol_threshold,
-                       distributed=info.distributed, overlay_dir=output_dir / "overlays" if args.overlays else None,
-                       overlays=None if args.overlays == "all" else args.overlays, per_image=True,
-                       box_processes=args.box_processes, progress=info.is_main, saved_maps=maps)
+    metrics = evaluate(loader, None, info.device, saved_maps=maps, **evaluate_settings(args, protocol, output_dir, info))
     if predictions is None:
         drop_class_metrics(metrics)
     rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)
