@@ -10,10 +10,11 @@
 #   tools/gpu_check.sh --device cpu --quick  # tiny sizes on the CPU: the same runs and table, in a few minutes
 #
 # Options: --device cuda|cpu, --quick (tiny model, images and batches; no test suite), --no-tests,
-# --work DIR (data and runs; default /tmp/gpu_check). Each run is limited by `timeout`; a run that fails or
-# times out shows as "not run" in the table.
+# --work DIR (data and runs; default /tmp/gpu_check), --timeout S (each run; default 180, --quick 300),
+# --suite-timeout S (default 240). Each run is limited by `timeout`; a run that fails or times out shows as
+# "not run" in the table. The data is made while the suite runs (both use only the CPU).
 set -u
-DEVICE=cuda QUICK=0 TESTS=1 WORK=/tmp/gpu_check
+DEVICE=cuda QUICK=0 TESTS=1 WORK=/tmp/gpu_check RUN_TIMEOUT="" SUITE_TIMEOUT=240
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -21,7 +22,9 @@ while [ $# -gt 0 ]; do
     --tests) TESTS=1; shift ;;
     --no-tests) TESTS=0; shift ;;
     --work) WORK=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --timeout) RUN_TIMEOUT=$2; shift 2 ;;
+    --suite-timeout) SUITE_TIMEOUT=$2; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -40,6 +43,7 @@ else
   ARCH=deit_sat_small_patch16_224 IMG=224 RESIZE=256 TRAIN_N=4000 TEST_N=4000 CLASSES=200 MIN_PX=300 MAX_PX=500
   BS=256 EVAL_BS=256 TENCROP_BS=64 STEPS=6 WARMUP=2 WORKERS=14 TIMEOUT=180
 fi
+[ -n "$RUN_TIMEOUT" ] && TIMEOUT=$RUN_TIMEOUT
 NOTE="DeiT-S SAT at 224 px"
 [ $QUICK = 1 ] && NOTE="--quick: nano SAT at $IMG px, not comparable with the targets"
 NOTE="$NOTE; $TRAIN_N train + $TEST_N test synthetic JPEGs of $MIN_PX-$MAX_PX px, $CLASSES classes; train.py:"
@@ -60,18 +64,20 @@ t "## machine"
 python3 tools/gpu_table.py env --device "$DEVICE" | tee "$RUNS/env.json"
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
-t "## data"
-make_data "$DATA" --train $TRAIN_N --test $TEST_N --num-classes $CLASSES --min-size $MIN_PX --max-size $MAX_PX
+t "## data (in the background while the suite runs)"
+make_data "$DATA" --train $TRAIN_N --test $TEST_N --num-classes $CLASSES --min-size $MIN_PX --max-size $MAX_PX &
+DATA_PID=$!
 
 if [ $TESTS = 1 ]; then
   t "## test suite"
   XDIST="" && python3 -c "import xdist" 2>/dev/null && XDIST="-n 16"
   echo "pytest ${XDIST:-(no pytest-xdist: one process)}"
-  timeout 240 python3 -m pytest -q -p no:cacheprovider $XDIST > "$RUNS/pytest.txt" 2>&1
+  timeout "$SUITE_TIMEOUT" python3 -m pytest -q -p no:cacheprovider $XDIST > "$RUNS/pytest.txt" 2>&1
   grep -E "passed|failed|error|FAILED|ERROR" "$RUNS/pytest.txt" | tail -15 | cut -c1-400
 else
   rm -f "$RUNS/pytest.txt"
 fi
+wait $DATA_PID || { echo "error: tools/make_benchmark_data.py failed" >&2; exit 1; }
 
 t "## the training step alone"
 bench step_fp32 --mode train --batch-size $BS --no-amp

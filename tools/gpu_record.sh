@@ -12,10 +12,11 @@
 #   tools/gpu_record.sh --device cpu --quick        # tiny sizes on the CPU: the same runs and table
 #
 # Options: --device cuda|cpu, --quick (nano model, tiny data, 2 epochs, 2 seeds, no compile), --parts LIST,
-# --official-time (also time the full recipe with CUB.yaml), --work DIR (default /tmp/gpu_record).
+# --official-time (also time the full recipe with CUB.yaml), --work DIR (default /tmp/gpu_record),
+# --timeout S (each run; default 600).
 # All runs start from random weights (--pretrained false: no download).
 set -u
-DEVICE=cuda QUICK=0 PARTS=cub,imagenet,accuracy OFFICIAL_TIME=0 WORK=/tmp/gpu_record
+DEVICE=cuda QUICK=0 PARTS=cub,imagenet,accuracy OFFICIAL_TIME=0 WORK=/tmp/gpu_record TIMEOUT=600
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -23,7 +24,8 @@ while [ $# -gt 0 ]; do
     --parts) PARTS=$2; shift 2 ;;
     --official-time) OFFICIAL_TIME=1; shift ;;
     --work) WORK=$2; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --timeout) TIMEOUT=$2; shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -44,13 +46,13 @@ if [ $QUICK = 1 ]; then
   ACC_DATA="--learnable --train 32 --test 16 --num-classes 4 --min-size 80 --max-size 120"
   SMALL="--arch deit_sat_nano_patch16_224 --img-size 64 --resize-size 72 --batch-size 8 --eval-batch-size 8 \
     --workers 2 --no-compile"
-  CUB_EPOCHS="--epochs 2" SEEDS="1 2" TIMEOUT=600
+  CUB_EPOCHS="--epochs 2" SEEDS="1 2"
   ACC_SCHEDULE="--epochs 2 --eval-start-epoch 1 --lr 5e-4"
 else
   CUB_DATA="--train 5994 --test 5794 --num-classes 200"    # CUB-200-2011's splits
   IN_DATA="--train 20480 --test 512 --num-classes 1000"
   ACC_DATA="--learnable --train 3600 --test 1080 --num-classes 36"
-  SMALL="" CUB_EPOCHS="" SEEDS="1 2 3" TIMEOUT=600
+  SMALL="" CUB_EPOCHS="" SEEDS="1 2 3"
   # from scratch (no pretrained weights on the GPU machine): a higher rate with warm-up, cosine, clipping and
   # more steps per epoch than the fine-tuning recipe; the same for both recipes, which then differ only in
   # CUB_fast.yaml's keys
