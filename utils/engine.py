@@ -374,10 +374,13 @@ def default_box_processes(device):
 
 def box_pool(threads, processes=0):
     """The executor of the per-batch CPU work: ``processes`` > 0 -> a process pool from a fork server (a
-    child forked while OpenCV's or OpenMP's threads hold a lock deadlocks), else a thread pool."""
+    child forked while OpenCV's or OpenMP's threads hold a lock deadlocks), else a thread pool. The fork
+    server imports this module (torch, OpenCV) once, before it forks: without that, every child of every
+    pool imported them again, 11 s per evaluation on a 16-core GPU machine (docs/performance.md)."""
     if processes:
-        return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("forkserver"),
-                                   initializer=_init_box_process)
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["__main__", __name__])  # no effect once the server runs
+        return ProcessPoolExecutor(processes, mp_context=context, initializer=_init_box_process)
     return ThreadPoolExecutor(threads)
 
 
