@@ -93,7 +93,23 @@ def test_missing_or_failed_runs_show_as_not_run(runs):
 def test_suite_row_from_pytest_summary(runs, summary, counts, met):
     (runs / "pytest.txt").write_text(f"....F...\nFAILED tests/test_x.py::test_y - assert 1 == 2\n{summary}\n")
     assert gpu_table.pytest_counts(runs / "pytest.txt") == counts
-    assert gpu_table.suite_row(runs).met == met
+    row = gpu_table.suite_row(runs)
+    assert row.met == met and row.ratio == "failed: tests/test_x.py::test_y"
+
+
+def test_suite_row_of_a_stopped_verbose_run_counts_the_tests_so_far_and_names_the_failures(runs):
+    (runs / "pytest.txt").write_text(
+        "[gw0] [ 10%] PASSED tests/test_a.py::test_one \n[gw1] [ 20%] FAILED tests/test_b.py::test_two[cuda] \n"
+        "[gw0] [ 30%] SKIPPED tests/test_c.py::test_three \n[gw2] [ 40%] PASSED tests/test_a.py::test_four \n")
+    assert gpu_table.pytest_counts(runs / "pytest.txt") == {"passed": 2, "failed": 1, "skipped": 1, "stopped": True}
+    row = gpu_table.suite_row(runs)
+    assert (row.value, row.met) == ("2 passed, 1 failed, 1 skipped", "no")
+    assert row.ratio == "stopped at its time limit: counts so far; failed: tests/test_b.py::test_two[cuda]"
+    (runs / "pytest.txt").write_text("tests/test_a.py::test_one PASSED  [ 50%]\ntests/test_a.py::test_two[x] ERROR [100%]\n")
+    row = gpu_table.suite_row(runs)  # without pytest-xdist
+    assert (row.value, row.met, row.ratio.split("; ")[1]) == ("1 passed, 1 errors", "no", "failed: tests/test_a.py::test_two[x]")
+    (runs / "pytest.txt").write_text("[gw0] [ 10%] PASSED tests/test_a.py::test_one \n")
+    assert gpu_table.suite_row(runs).met == "not run"
 
 
 def write_results(runs, name, gt_known_loc, top1_cls):

@@ -95,10 +95,22 @@ def results(run_dir):
 
 
 PYTEST_COUNTS = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)")
+# one line per test with -v: "[gw0] [ 10%] PASSED tests/..." (pytest-xdist) or "tests/... PASSED [ 10%]"
+PYTEST_OUTCOME = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (tests/\S+)|^(tests/\S+) "
+                            r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def _outcomes(lines):
+    """(outcome, test id) of each per-test line."""
+    for line in lines:
+        m = PYTEST_OUTCOME.search(line)
+        if m:
+            yield (m.group(1), m.group(2)) if m.group(1) else (m.group(4), m.group(3))
 
 
 def pytest_counts(path):
-    """{'passed': n, 'failed': n, ...} from pytest's final summary line, or None."""
+    """{'passed': n, 'failed': n, ...} from pytest's final summary line; without one (the suite was stopped),
+    the per-test lines of ``pytest -v`` counted so far, with 'stopped': True. None when neither is there."""
     try:
         lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
@@ -111,7 +123,21 @@ def pytest_counts(path):
                 key = "errors" if word.startswith("error") else word
                 counts[key] = counts.get(key, 0) + int(n)
             return counts
-    return None
+    keys = {"PASSED": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped", "XFAIL": "xfailed",
+            "XPASS": "xpassed"}
+    counts = {}
+    for outcome, _ in _outcomes(lines):
+        counts[keys[outcome]] = counts.get(keys[outcome], 0) + 1
+    return {**counts, "stopped": True} if counts else None
+
+
+def pytest_failures(path):
+    """The ids of the tests that failed or errored, in the order pytest reported them."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    return list(dict.fromkeys(test for outcome, test in _outcomes(text.splitlines()) if outcome in ("FAILED", "ERROR")))
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -221,9 +247,14 @@ def suite_row(runs):
     counts = pytest_counts(runs / "pytest.txt")
     if counts is None:
         return not_run("test suite, CUDA present", "no failures")
+    stopped = counts.pop("stopped", False)
     failed = counts.get("failed", 0) + counts.get("errors", 0)
     value = ", ".join(f"{n} {key}" for key, n in counts.items())
-    return Row("test suite, CUDA present", value, "", "no failures", verdict(failed == 0 and counts.get("passed", 0)))
+    failures = pytest_failures(runs / "pytest.txt")
+    ratio = "; ".join(["stopped at its time limit: counts so far"] * stopped
+                      + ([f"failed: {', '.join(failures[:4])}" + (" ..." if len(failures) > 4 else "")] if failures else []))
+    met = "no" if failed else ("not run" if stopped else verdict(bool(counts.get("passed", 0))))
+    return Row("test suite, CUDA present", value, ratio, "no failures", met)
 
 
 def check_rows(runs):
