@@ -33,7 +33,7 @@ from utils.amp import LossScaler, autocast_context, describe
 from utils.checkpoint import (checkpoint_weights, load_checkpoint, model_spec, resume_path, restore, rng_state,
                               save_checkpoint, seed_everything, set_rng_state)
 from utils.config import config_dict, parse_config, save_config
-from utils.engine import evaluate, train_one_epoch
+from utils.engine import CompiledFullBatches, evaluate, train_one_epoch
 from utils.errors import CheckpointError, ConfigError, DataError, run_cli, user_message
 from utils.logger import MetricsLog, close_logging, log_error, open_log_file, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
@@ -114,7 +114,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None):
     check_data(cfg, info, train_set, {selection_split: selection_loader.dataset, "test": test_loader.dataset})
 
     # model, loss, optimizer and learning-rate schedule
-    model, train_model = build_training_model(cfg, train_set.num_classes, info)
+    model, train_model = build_training_model(cfg, train_set.num_classes, info, micro_batch)
     spec = model_spec(model, cfg.arch, train_set.classes, num_spatial_blocks=cfg.num_spatial_blocks)
     criterion = SATLoss(cfg.area_thr, cfg.area_loss_scope, micro_batch=micro_batch)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.decay_tokens)
@@ -361,8 +361,9 @@ def update_best(best, metrics, selection_metric, epoch, sat=True):
 
 
 # ------------------------------------------------------------------------------------------------ model
-def build_training_model(cfg, num_classes, info):
-    """(the model, the module that trains it: DDP-wrapped and / or compiled as configured)."""
+def build_training_model(cfg, num_classes, info, micro_batch):
+    """(the model, the module that trains it: DDP-wrapped and / or compiled as configured; compiled for
+    batches of ``micro_batch`` images)."""
     model = build_model(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained, img_size=cfg.img_size,
                         drop_path_rate=cfg.drop_path, num_spatial_blocks=cfg.num_spatial_blocks,
                         attn_impl=cfg.attn_impl)
@@ -375,7 +376,7 @@ def build_training_model(cfg, num_classes, info):
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        train_model = CompiledFullBatches(train_model, micro_batch)
     return model, train_model
 
 

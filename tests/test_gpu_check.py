@@ -138,7 +138,7 @@ def test_record_rows_time_the_recipe_and_the_sustained_rate(tmp_path):
     shutil.copytree(RUNS / "train_cache_bf16", runs / "imagenet_pil_bf16")
     rows = gpu_table.record_rows(runs)
     assert (rows[0].value, rows[0].target, rows[0].met) == ("96 s to results.json", "< 120 s", "yes")
-    assert rows[1].met == "not run"  # no cub_fast_no_compile run
+    assert rows[1].met == "not run"  # no cub_fast_compile run
     rate = epoch2("train_cache_bf16")["train_images_per_sec"]
     sustained = next(r for r in rows if r.what.startswith("ImageNet-sized sustained training rate, PIL"))
     assert sustained.number == rate and sustained.met == ("yes" if rate >= 2200 else "no")

@@ -256,13 +256,21 @@ def test_checkpoint_weights_have_the_official_names_and_shapes():
     assert ours == official
 
 
-def test_compile_flag_trains(data_root, tmp_path, monkeypatch):
-    # TorchDynamo traces the model as with the default backend; the eager backend skips inductor's code
+def test_compile_flag_trains_and_compiles_the_full_batch_once(data_root, tmp_path, monkeypatch):
+    # TorchDynamo traces the model as with the default backend; a counting eager backend skips inductor's code
     # generation (30 s on a 2-core machine), which is torch's concern, not this project's
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append([tuple(x.shape) for x in example_inputs if torch.is_tensor(x) and x.shape[1:] == (3, 64, 64)])
+        return graph.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
     out = tmp_path / "run"
-    main(args(data_root, out, "--epochs", "1", "--compile", "--batch-size", "12"))
-    assert epochs_logged(out) == [1]
+    # 24 images in batches of 10, 10 and 4 over 2 epochs: the batch of 4 runs eagerly instead of a second compile
+    main(args(data_root, out, "--epochs", "2", "--compile", "--batch-size", "10", "--eval-start-epoch", "2"))
+    assert epochs_logged(out) == [1, 2]
+    assert graphs == [[(10, 3, 64, 64)]]  # one graph, compiled once, for the full batch
     assert not any(key.startswith("_orig_mod.") for key in read_checkpoint(out / "checkpoints" / "best.pth")["model"])
 
 

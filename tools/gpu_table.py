@@ -330,7 +330,7 @@ def accuracy_rows(runs):
 def record_rows(runs):
     runs = Path(runs)
     rows = [record_time_row(runs, "cub_fast", "full CUB recipe, `CUB_fast.yaml`, process start to results.json"),
-            record_time_row(runs, "cub_fast_no_compile", "the same with `--no-compile`")]
+            record_time_row(runs, "cub_fast_compile", "the same with `--compile`")]
     official = Path(runs) / "cub_official"
     if official.exists():
         rows.append(record_time_row(runs, "cub_official", "the same with `CUB.yaml` (official recipe)", 10**6))

@@ -66,6 +66,23 @@ class Meters:
         return dict(zip(self.sums, values))
 
 
+class CompiledFullBatches:
+    """``torch.compile(module)`` for batches of ``batch_size`` images; any other size (the epoch's last partial
+    batch of the official CUB recipe, a batch short of unreadable files) runs ``module`` eagerly, where
+    torch.compile would compile the model a second time for a dynamic batch size. ``train()``, ``no_sync()``
+    (DDP) and other attributes are the module's."""
+
+    def __init__(self, module, batch_size):
+        self.module, self.batch_size = module, batch_size
+        self.compiled = torch.compile(module, dynamic=False)
+
+    def __call__(self, images, *args, **kwargs):
+        return (self.compiled if len(images) == self.batch_size else self.module)(images, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
 def _check_window(window, first_step, epoch, world_size):
     """Raise NonFiniteLossError naming the first optimizer step whose loss (averaged over the
     processes) is not finite; ``window`` holds one loss tensor per micro-batch since the last check.
