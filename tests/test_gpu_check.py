@@ -105,9 +105,11 @@ def test_suite_row_of_a_stopped_verbose_run_counts_the_tests_so_far_and_names_th
     row = gpu_table.suite_row(runs)
     assert (row.value, row.met) == ("2 passed, 1 failed, 1 skipped", "no")
     assert row.ratio == "stopped at its time limit: counts so far; failed: tests/test_b.py::test_two[cuda]"
-    (runs / "pytest.txt").write_text("tests/test_a.py::test_one PASSED  [ 50%]\ntests/test_a.py::test_two[x] ERROR [100%]\n")
-    row = gpu_table.suite_row(runs)  # without pytest-xdist
-    assert (row.value, row.met, row.ratio.split("; ")[1]) == ("1 passed, 1 errors", "no", "failed: tests/test_a.py::test_two[x]")
+    (runs / "pytest.txt").write_text(  # without pytest-xdist
+        "tests/test_a.py::test_one PASSED  [ 50%]\ntests/test_a.py::test_two[x] ERROR [100%]\n")
+    row = gpu_table.suite_row(runs)
+    assert (row.value, row.met) == ("1 passed, 1 errors", "no")
+    assert row.ratio.split("; ")[1] == "failed: tests/test_a.py::test_two[x]"
     (runs / "pytest.txt").write_text("[gw0] [ 10%] PASSED tests/test_a.py::test_one \n")
     assert gpu_table.suite_row(runs).met == "not run"
 

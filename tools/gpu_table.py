@@ -251,8 +251,8 @@ def suite_row(runs):
     failed = counts.get("failed", 0) + counts.get("errors", 0)
     value = ", ".join(f"{n} {key}" for key, n in counts.items())
     failures = pytest_failures(runs / "pytest.txt")
-    ratio = "; ".join(["stopped at its time limit: counts so far"] * stopped
-                      + ([f"failed: {', '.join(failures[:4])}" + (" ..." if len(failures) > 4 else "")] if failures else []))
+    named = [f"failed: {', '.join(failures[:4])}" + (" ..." if len(failures) > 4 else "")] if failures else []
+    ratio = "; ".join(["stopped at its time limit: counts so far"] * stopped + named)
     met = "no" if failed else ("not run" if stopped else verdict(bool(counts.get("passed", 0))))
     return Row("test suite, CUDA present", value, ratio, "no failures", met)
 
