@@ -100,7 +100,8 @@ def test_suite_row_from_pytest_summary(runs, summary, counts, met):
 def test_suite_row_of_a_stopped_verbose_run_counts_the_tests_so_far_and_names_the_failures(runs):
     (runs / "pytest.txt").write_text(
         "[gw0] [ 10%] PASSED tests/test_a.py::test_one \n[gw1] [ 20%] FAILED tests/test_b.py::test_two[cuda] \n"
-        "[gw0] [ 30%] SKIPPED tests/test_c.py::test_three \n[gw2] [ 40%] PASSED tests/test_a.py::test_four \n")
+        "[gw0] [ 30%] SKIPPED tests/test_c.py::test_three \n"
+        "[gw2] [ 40%] PASSED tests/test_a.py::test_four[1 failed, 3 passed in 2.00s] \n")  # an id, not the summary
     assert gpu_table.pytest_counts(runs / "pytest.txt") == {"passed": 2, "failed": 1, "skipped": 1, "stopped": True}
     row = gpu_table.suite_row(runs)
     assert (row.value, row.met) == ("2 passed, 1 failed, 1 skipped", "no")

@@ -117,7 +117,7 @@ def pytest_counts(path):
         return None
     for line in reversed(lines):
         found = PYTEST_COUNTS.findall(line)
-        if found and (" in " in line or line.startswith("=")):
+        if found and " in " in line and line[:1] in "=0123456789":  # not a test id holding such words
             counts = {}
             for n, word in found:
                 key = "errors" if word.startswith("error") else word
