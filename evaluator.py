@@ -25,7 +25,7 @@ from utils.amp import describe
 from utils.checkpoint import build_model_from_checkpoint
 from utils.distributed import cleanup, init_distributed
 from utils.config import parse_config
-from utils.engine import NonFiniteOutputError, evaluate
+from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
 from utils.errors import CheckpointError, ConfigError, DataError, run_cli
 from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
@@ -110,8 +110,7 @@ def evaluate_checkpoint(args, imagenet, info):
     if args.save_maps and info.is_main:
         write_saved_view(args.save_maps, views.img_size, views.resize_size)
     seconds = time.perf_counter() - start
-    _logger.info("evaluated %d images in %.1f s (%.0f images/s, loading and box extraction included)",
-                 metrics["num_images"], seconds, metrics["num_images"] / seconds)
+    log_evaluation_time(metrics, seconds)
     rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)
     record = {"checkpoint": str(args.checkpoint), "arch": arch, "num_classes": model.num_classes,
               "img_size": img_size, "resize_size": views.resize_size, "data_format": fmt, "data_root": str(root),

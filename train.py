@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from utils.amp import LossScaler, autocast_context, describe
 from utils.checkpoint import (checkpoint_weights, load_checkpoint, model_spec, resume_path, restore, rng_state,
                               save_checkpoint, seed_everything, set_rng_state)
 from utils.config import config_dict, parse_config, save_config
-from utils.engine import CompiledFullBatches, evaluate, train_one_epoch
+from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
 from utils.errors import CheckpointError, ConfigError, DataError, run_cli, user_message
 from utils.logger import MetricsLog, close_logging, log_error, open_log_file, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
@@ -191,7 +192,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None):
                 record = {"epoch": epoch + 1, **{f"train_{key}": value for key, value in stats.items()}}
                 metrics, improved = None, []
                 if should_evaluate(cfg, epoch):
-                    before = rng_state(info.device)
+                    before, started = rng_state(info.device), time.perf_counter()
                     try:
                         metrics = evaluate(selection_loader, model, info.device,
                                            thresholds=cfg.eval_thresholds if plan.sat else (), amp=cfg.amp,
@@ -205,6 +206,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None):
                     improved = update_best(best, metrics, plan.selection_metric, epoch, plan.sat)
                     shown = (*RESULT_KEYS, "best_threshold") if plan.sat else scalars(metrics)
                     record.update({f"{selection_split}_{key}": metrics[key] for key in shown})
+                    record[f"{selection_split}_time"] = time.perf_counter() - started  # seconds, loading included
                 rng_states = dist_utils.all_gather_object(rng_state(info.device))
                 if info.is_main:
                     save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best, metrics_log, record,
@@ -422,11 +424,14 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan):
     dist_utils.barrier()
     best_path = checkpoint_dir / "best.pth"
     meta = load_checkpoint(best_path, model)
-    sat = plan.sat
+    sat, started = plan.sat, time.perf_counter()
     metrics = evaluate(test_loader, model, info.device, threshold=cfg.threshold if sat else None,
                        thresholds=cfg.eval_thresholds if cfg.report_best_threshold and sat else (),
                        distributed=info.distributed, overlay_dir=output_dir / "overlays" if cfg.overlays else None,
                        overlays=None if cfg.overlays == "all" else cfg.overlays, progress=info.is_main)
+    seconds = time.perf_counter() - started
+    if info.is_main:
+        log_evaluation_time(metrics, seconds)
     tencrop = cfg.tencrop and sat
     results = {"checkpoint": str(best_path), "epoch": meta["epoch"], "selection": meta["selection"], "split": "test",
                "eval_protocol": plan.protocol, **({"threshold": cfg.threshold} if sat else {}),

@@ -139,8 +139,13 @@ def test_record_rows_time_the_recipe_and_the_sustained_rate(tmp_path):
     (runs / "cub_fast" / "results.json").write_text("{}")
     (runs / "cub_fast" / "wall_s").write_text("95.5\n")
     shutil.copytree(RUNS / "train_cache_bf16", runs / "imagenet_pil_bf16")
+    records = gpu_table.epoch_records(runs / "cub_fast")  # epochs of 13.1 s and 4.2 s; epoch 2 evaluated in 6 s
+    records[1]["test_time"] = 6.0
+    (runs / "cub_fast" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (runs / "cub_fast" / "stdout.txt").write_text("... INFO evaluated 5794 images in 20.2 s (287 images/s, loading")
     rows = gpu_table.record_rows(runs)
     assert (rows[0].value, rows[0].target, rows[0].met) == ("96 s to results.json", "< 120 s", "yes")
+    assert rows[0].ratio.endswith("; training 17 s, 1 evaluation 6 s, final test 20 s, the rest 52 s")
     assert rows[1].met == "not run"  # no cub_fast_compile run
     rate = epoch2("train_cache_bf16")["train_images_per_sec"]
     sustained = next(r for r in rows if r.what.startswith("ImageNet-sized sustained training rate, PIL"))

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,18 +52,22 @@ def epochs_logged(out):
 
 def test_train_py_end_to_end(data_root, tmp_path):
     out = tmp_path / "run"
+    started = time.perf_counter()
     proc = train_py(*args(data_root, out, "--epochs", "2", "--overlays", "2", "--lr", "2e-3",
                                        "--lr-schedule", "constant", "--tencrop", "--report-best-threshold"))
+    proc_seconds = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert epochs_logged(out) == [1, 2]
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"train_loss", "train_ce", "train_area", "train_norm", "train_acc1", "train_lr", "test_top1_loc",
-            "test_gt_known_loc", "test_best_threshold"} <= set(record)
+            "test_gt_known_loc", "test_best_threshold", "test_time"} <= set(record)
+    assert 0 < record["test_time"] < proc_seconds
     assert record["train_lr"] == 2e-3
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert (saved["epochs"], saved["lr"], saved["batch_size"], saved["data_root"]) == (2, 2e-3, 8, data_root)
     log = (out / "log.txt").read_text()
     assert "model selection on the test split" in log and "test results of" in log
+    assert "evaluated 12 images in" in log  # the final test's time
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(list((out / "overlays").rglob("*.png"))) == 2
 

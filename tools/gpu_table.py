@@ -54,14 +54,34 @@ def last_epoch(run_dir):
     return max(records, key=lambda r: r.get("epoch", 0)) if records else None
 
 
-def train_rates(run_dir, first_epoch=2):
-    """train_images_per_sec of every epoch from ``first_epoch`` (the first decodes into the cache, compiles)."""
+def epoch_records(run_dir):
+    """The metrics.jsonl records of a train.py run ([] without one)."""
     try:
         lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     except OSError:
         return []
-    records = [json.loads(line) for line in lines if line.startswith("{")]
-    return [r["train_images_per_sec"] for r in records if r.get("epoch", 0) >= first_epoch]
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def train_rates(run_dir, first_epoch=2):
+    """train_images_per_sec of every epoch from ``first_epoch`` (the first decodes into the cache, compiles)."""
+    return [r["train_images_per_sec"] for r in epoch_records(run_dir) if r.get("epoch", 0) >= first_epoch]
+
+
+def time_split(run_dir, wall):
+    """Where a train.py run's ``wall`` seconds went: training (the epochs' train_time), the selection
+    evaluations (test_time / val_time), the final test (its 'evaluated ... in X s' line) and the rest
+    (start-up, data check, checkpoints, exit), as text; '' without metrics.jsonl."""
+    records = epoch_records(run_dir)
+    if not records:
+        return ""
+    train = sum(r.get("train_time", 0) for r in records)
+    evals = [r[key] for r in records for key in ("test_time", "val_time") if key in r]
+    final = evaluator_rate(run_dir)
+    final = final[1] if final else 0.0
+    parts = [f"training {train:.0f} s", f"{len(evals)} evaluation{'s' * (len(evals) != 1)} {sum(evals):.0f} s", f"final test {final:.0f} s",
+             f"the rest {wall - train - sum(evals) - final:.0f} s"]
+    return ", ".join(parts)
 
 
 EVALUATED = re.compile(r"evaluated (\d+) images in ([\d.]+) s \(([\d.]+) images/s")
@@ -284,7 +304,8 @@ def record_time_row(runs, name, what, seconds=120):
     if wall is None or res is None:
         return not_run(what, goal)
     rates = train_rates(runs / name)
-    ratio = f"epochs 2+: median {fmt(statistics.median(rates))} img/s" if rates else ""
+    ratio = "; ".join(([f"epochs 2+: median {fmt(statistics.median(rates))} img/s"] if rates else [])
+                      + [part for part in [time_split(runs / name, wall)] if part])
     return Row(what, f"{wall:.0f} s to results.json", ratio, goal, verdict(wall < seconds), wall)
 
 

@@ -401,6 +401,12 @@ def box_pool(threads, processes=0):
     return ThreadPoolExecutor(threads)
 
 
+def log_evaluation_time(metrics, seconds):
+    """The line of an evaluation's rate (tools/gpu_table.py reads it from the scripts' output)."""
+    _logger.info("evaluated %d images in %.1f s (%.0f images/s, loading and box extraction included)",
+                 metrics["num_images"], seconds, metrics["num_images"] / max(seconds, 1e-9))
+
+
 def _sum_over_processes(device):
     """Counter -> its sum over the processes (on the device for NCCL, on the CPU for gloo)."""
     nccl = dist.get_backend() == "nccl"
