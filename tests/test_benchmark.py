@@ -21,15 +21,15 @@ def run(*argv):
 
 def test_train_benchmark_with_naive_baseline():
     result = run("--mode", "train", "--compare-naive")
-    assert (result["mode"], result["attention"], result["steps"], result["batch_size"]) == ("train", "fused", 1, 2)
+    assert (result["mode"], result["attn_impl"], result["steps"], result["batch_size"]) == ("train", "fused", 1, 2)
     assert result["images_per_second"] > 0 and result["peak_memory_mb"] > 0
-    assert result["baseline"]["attention"] == "naive" and result["baseline"]["precision"] == "fp32"
+    assert result["baseline"]["attn_impl"] == "naive" and result["baseline"]["precision"] == "fp32"
     assert result["speedup"] > 0 and result["memory_ratio"] > 0  # ratios of two measured runs, no fixed values
 
 
 def test_eval_benchmark_reports_box_cost():
-    result = run("--mode", "eval", "--protocol", "both", "--no-amp", "--attention", "naive")
-    assert (result["mode"], result["protocol"], result["precision"], result["attention"]) == (
+    result = run("--mode", "eval", "--protocol", "both", "--no-amp", "--attn-impl", "naive")
+    assert (result["mode"], result["protocol"], result["precision"], result["attn_impl"]) == (
         "eval", "both", "fp32", "naive")
     assert result["images_per_second"] > 0 and result["box_ms_per_image"] > 0
     assert result["thresholds"] == [0.3, 0.35, 0.4, 0.45]

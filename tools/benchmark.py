@@ -84,7 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps (batches), after --warmup untimed ones")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--attention", choices=("fused", "naive"), default="fused")
+    p.add_argument("--attn-impl", choices=("fused", "naive"), default="fused",
+                   help="attention implementation, as the config key attn_impl")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast, as train.py --amp (default: fp32, as train.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -360,7 +361,7 @@ def benchmark(args):
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = build_model(args.arch, num_classes=args.num_classes, img_size=args.img_size,
-                        drop_path_rate=0.1 if args.mode == "train" else 0.0, attn_impl=args.attention).to(device)
+                        drop_path_rate=0.1 if args.mode == "train" else 0.0, attn_impl=args.attn_impl).to(device)
     if args.compile:
         model = torch.compile(model)
     if device.type == "cuda":
@@ -379,7 +380,7 @@ def benchmark(args):
         elapsed = run(args, model, device)
     result = {
         "mode": args.mode, "arch": args.arch, "batch_size": args.batch_size, "steps": args.steps,
-        "img_size": args.img_size, "device": str(device), "attention": args.attention,
+        "img_size": args.img_size, "device": str(device), "attn_impl": args.attn_impl,
         "precision": describe(device, args.amp), "compile": args.compile,
         "images_per_second": round(images / elapsed, 3), "ms_per_step": round(elapsed * 1000 / args.steps, 2),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
@@ -411,12 +412,12 @@ def main(argv=None):
     args = parse_args(argv)
     result = benchmark(args)
     if args.compare_naive:
-        # the same flags, then the baseline's (argparse keeps the last --attention / --amp / --no-amp)
+        # the same flags, then the baseline's (argparse keeps the last --attn-impl / --amp / --no-amp)
         base_argv = [a for a in argv if a not in ("--compare-naive", "--compile")]
-        out = subprocess.run([sys.executable, __file__, *base_argv, "--attention", "naive", "--no-amp"],
+        out = subprocess.run([sys.executable, __file__, *base_argv, "--attn-impl", "naive", "--no-amp"],
                              check=True, capture_output=True, text=True).stdout
         base = json.loads(out.strip().splitlines()[-1])
-        keys = ("attention", "precision", "images_per_second", "peak_memory_mb")
+        keys = ("attn_impl", "precision", "images_per_second", "peak_memory_mb")
         result.update(baseline={k: base[k] for k in keys},
                       speedup=round(result["images_per_second"] / base["images_per_second"], 3),
                       memory_ratio=round(result["peak_memory_mb"] / base["peak_memory_mb"], 3))
