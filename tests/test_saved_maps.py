@@ -3,10 +3,8 @@
 wsolevaluation's own numbers (tests/fixtures/wsolevaluation); whole-image maps go through each protocol's
 view; bad maps and predictions are one error line."""
 import csv
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +19,8 @@ from utils.saved_maps import centre_view_map
 
 from test_evaluation import save_nano_checkpoint, tiny_demo
 from test_evaluator_cli import _one_error_line, _write_imagenet, keep_logging  # noqa: F401 (a fixture)
+from test_wsolevaluation_reference import EXPECTED, FIXTURES, make_maps, write_split_images
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "wsolevaluation"
-EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 CPU = ["--workers", "0", "--device", "cpu"]
 # metrics.json keys that name what was evaluated rather than measure it
 SETTINGS = ("checkpoint", "arch", "precision", "maps", "predictions", "tencrop", "views")
@@ -35,13 +32,6 @@ WSOL_VIEW_CLASSES = ("wsol_top1_cls", "wsol_top5_cls")
 def cub(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cub")
     return tiny_demo(tmp / "demo"), save_nano_checkpoint(tmp / "nano.pth")
-
-
-def _make_maps():
-    spec = importlib.util.spec_from_file_location("make_maps", FIXTURES / "make_maps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_maps
 
 
 def _rows(path):
@@ -81,13 +71,8 @@ def test_round_trip_gives_the_checkpoint_numbers(cub, tmp_path, protocol):
 def _wsol_split(tmp_path, dataset, kind, transform=None):
     """(data root with the split's images as empty files, masks copied; flat maps folder) of a fixture set."""
     images = tmp_path / "images"
-    ids = (FIXTURES / "metadata" / dataset / "test" / "image_ids.txt").read_text().split()
-    for image_id in ids:
-        (images / image_id).parent.mkdir(parents=True, exist_ok=True)
-        (images / image_id).touch()
-    if dataset == "OpenImages":
-        shutil.copytree(FIXTURES / "masks" / "OpenImages", images, dirs_exist_ok=True)
-    for image_id, loc_map in _make_maps()(dataset)[kind].items():
+    write_split_images(dataset, images)
+    for image_id, loc_map in make_maps(dataset)[kind].items():
         path = tmp_path / "maps" / f"{image_id}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, loc_map if transform is None else transform(loc_map))

@@ -28,15 +28,20 @@ def _make_maps():
 make_maps = _make_maps()
 
 
-def split_items(dataset, image_root):
-    """The test split read by this project's wsolevaluation metadata reader; the image files it checks for
-    are empty placeholders, the masks are the fixture's."""
+def write_split_images(dataset, image_root):
+    """The fixture set's test images under ``image_root`` as empty placeholders (the readers check that they
+    exist), with the fixture's masks."""
     ids = (FIXTURES / "metadata" / dataset / "test" / "image_ids.txt").read_text().split()
     for image_id in ids:
         (image_root / image_id).parent.mkdir(parents=True, exist_ok=True)
         (image_root / image_id).touch()
     if dataset == "OpenImages":
         shutil.copytree(FIXTURES / "masks" / "OpenImages", image_root, dirs_exist_ok=True)
+
+
+def split_items(dataset, image_root):
+    """The test split read by this project's wsolevaluation metadata reader (``write_split_images``)."""
+    write_split_images(dataset, image_root)
     return load_wsol(image_root, FIXTURES / "metadata" / dataset, "test")[1]
 
 
