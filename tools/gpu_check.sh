@@ -30,11 +30,8 @@ while [ $# -gt 0 ]; do
 done
 cd "$(dirname "$0")/.." || exit 2
 source tools/gpu_lib.sh
-OUTDIR=${OUT:-/tmp}
 RUNS=$WORK/runs DATA=$WORK/data
-mkdir -p "$OUTDIR" "$RUNS"
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-exec > >(tee "$OUTDIR/gpu_check.log") 2>&1
+start_log gpu_check
 
 if [ $QUICK = 1 ]; then
   ARCH=deit_sat_nano_patch16_224 IMG=64 RESIZE=72 TRAIN_N=32 TEST_N=16 CLASSES=4 MIN_PX=80 MAX_PX=120

@@ -1,6 +1,15 @@
 # Shell helpers of tools/gpu_check.sh and tools/gpu_record.sh (sourced). They expect RUNS (the folder the
 # runs write into), TIMEOUT (seconds per run) and T0 (the start, in seconds since the epoch).
 
+# start_log NAME: OUTDIR ($OUT, else /tmp) and RUNS made, unbuffered Python, and everything from here on
+# printed and copied to OUTDIR/NAME.log
+start_log() {
+  OUTDIR=${OUT:-/tmp}
+  mkdir -p "$OUTDIR" "$RUNS"
+  export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+  exec > >(tee "$OUTDIR/$1.log") 2>&1
+}
+
 # t MESSAGE: the message with the seconds since the start
 t() { echo "[t+$(( $(date +%s) - T0 ))s] $*"; }
 

@@ -31,11 +31,8 @@ while [ $# -gt 0 ]; do
 done
 cd "$(dirname "$0")/.." || exit 2
 source tools/gpu_lib.sh
-OUTDIR=${OUT:-/tmp}
 RUNS=$WORK/runs
-mkdir -p "$OUTDIR" "$RUNS"
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-exec > >(tee "$OUTDIR/gpu_record.log") 2>&1
+start_log gpu_record
 T0=$(date +%s)
 part() { case ",$PARTS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
