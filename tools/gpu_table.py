@@ -40,8 +40,8 @@ def last_json(path):
     return None
 
 
-def last_epoch(run_dir):
-    """The metrics.jsonl record of a train.py run's last epoch, or None."""
+def epoch_records(run_dir):
+    """The metrics.jsonl records of a train.py run, skipping a line cut short ([] without the file)."""
     records = []
     try:
         for line in (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
@@ -50,17 +50,14 @@ def last_epoch(run_dir):
             except json.JSONDecodeError:
                 continue
     except OSError:
-        return None
-    return max(records, key=lambda r: r.get("epoch", 0)) if records else None
-
-
-def epoch_records(run_dir):
-    """The metrics.jsonl records of a train.py run ([] without one)."""
-    try:
-        lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
         return []
-    return [json.loads(line) for line in lines if line.startswith("{")]
+    return records
+
+
+def last_epoch(run_dir):
+    """The metrics.jsonl record of a train.py run's last epoch, or None."""
+    records = epoch_records(run_dir)
+    return max(records, key=lambda r: r.get("epoch", 0)) if records else None
 
 
 def train_rates(run_dir, first_epoch=2):
@@ -79,8 +76,8 @@ def time_split(run_dir, wall):
     evals = [r[key] for r in records for key in ("test_time", "val_time") if key in r]
     final = evaluator_rate(run_dir)
     final = final[1] if final else 0.0
-    parts = [f"training {train:.0f} s", f"{len(evals)} evaluation{'s' * (len(evals) != 1)} {sum(evals):.0f} s", f"final test {final:.0f} s",
-             f"the rest {wall - train - sum(evals) - final:.0f} s"]
+    parts = [f"training {train:.0f} s", f"{len(evals)} evaluation{'s' * (len(evals) != 1)} {sum(evals):.0f} s",
+             f"final test {final:.0f} s", f"the rest {wall - train - sum(evals) - final:.0f} s"]
     return ", ".join(parts)
 
 
