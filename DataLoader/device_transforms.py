@@ -12,10 +12,14 @@ transforms: bit for bit on the CPU, within 1e-6 on CUDA (tests/test_device_trans
 With ``--gpu-decode`` the workers return file bytes instead, decoded and resized here first
 (DataLoader/gpu_decode.py).
 """
+import contextlib
+import functools
+import itertools
 import time
 
 import torch
 
+from .background import Background
 from .gpu_decode import decode_batch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,40 +83,88 @@ def batch_on_device(batch, device):
 
 class on_device:
     """Iterate over ``loader`` with each batch through ``batch_on_device``; on CUDA the next batch is
-    copied and transformed on a side stream while the caller computes on the current one. ``wait``: the
-    seconds the caller waited for the loader (an input-bound loop waits; a device-bound one does not)."""
+    copied and transformed on a side stream while the caller computes on the current one. On CUDA, batches
+    of file bytes (``--gpu-decode``) are prepared in a thread of their own (``Background``), ``AHEAD``
+    batches ahead: decoding holds its calling thread about as long as a training step (nvJPEG's Huffman
+    stage runs on the CPU, without the GIL), which the step would otherwise wait for. ``background``: None
+    (that choice), True or False (on the CPU a loader without workers would read its samples, drawing from
+    torch's global RNG, in that thread while the caller's step draws from it too: not the default there).
+    ``wait``: the seconds the caller waited for its next batch (an input-bound loop waits; a device-bound
+    one does not)."""
 
-    def __init__(self, loader, device):
-        self.loader, self.device = loader, torch.device(device)
+    AHEAD = 2
+
+    def __init__(self, loader, device, background=None):
+        self.loader, self.device, self.background = loader, torch.device(device), background
         self.wait = 0.0
 
     def __len__(self):
         return len(self.loader)
 
-    def _loaded(self):
-        batches = iter(self.loader)
+    def _timed(self, items):
+        """``items`` with the time the caller waited for each added to ``wait``."""
         while True:
             start = time.perf_counter()
-            batch = next(batches, None)
+            item = next(items, None)
             self.wait += time.perf_counter() - start
-            if batch is None:
+            if item is None:
                 return
-            yield batch
+            yield item
+
+    def _prepared(self, first, rest):
+        """``first``, then the batches of ``rest``, through ``batch_on_device``; on CUDA on a side stream,
+        each with the event that ends its work. Closing it closes ``rest`` (the loader's pass)."""
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        try:
+            for batch in itertools.chain([first], rest):
+                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                    ready = batch_on_device(batch, self.device)
+                    done = torch.cuda.Event() if cuda else None
+                    if cuda:
+                        done.record(stream)
+                yield ready, done
+        finally:
+            close = getattr(rest, "close", None)
+            if close is not None:
+                close()
 
     def __iter__(self):
-        if self.device.type != "cuda":
-            for batch in self._loaded():
-                yield batch_on_device(batch, self.device)
+        batches = iter(self.loader)
+        start = time.perf_counter()
+        first = next(batches, None)
+        self.wait += time.perf_counter() - start
+        if first is None:
             return
-        stream = torch.cuda.Stream(self.device)
-        pending = None
-        for batch in self._loaded():
-            with torch.cuda.stream(stream):
-                ready = batch_on_device(batch, self.device)
-            if pending is not None:
-                yield pending
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            ready["image"].record_stream(torch.cuda.current_stream(self.device))
-            pending = ready
-        if pending is not None:
-            yield pending
+        background = self.background
+        if background is None:
+            background = self.device.type == "cuda" and isinstance(first["image"], dict) and "encoded" in first["image"]
+        if background:
+            setup = None
+            if self.device.type == "cuda":  # the thread's current device: this one's when the index is not given
+                index = torch.cuda.current_device() if self.device.index is None else self.device.index
+                setup = functools.partial(torch.cuda.set_device, index)
+            thread = Background(self._prepared(first, batches), self.AHEAD, setup, name="sat-on-device")
+            try:
+                for item in self._timed(iter(thread)):
+                    yield self._ready(*item)
+            finally:
+                thread.stop()
+            return
+        prepared = self._prepared(first, self._timed(batches))
+        if self.device.type != "cuda":  # in order, nothing ahead (the samples' RNG draws too)
+            yield from (batch for batch, _ in prepared)
+            return
+        pending = next(prepared)  # one batch ahead: the next is prepared on the side stream during the step
+        for item in prepared:
+            yield self._ready(*pending)
+            pending = item
+        yield self._ready(*pending)
+
+    def _ready(self, batch, done):
+        """The caller's stream waits for the batch's preparation and keeps its images' memory until it is done."""
+        if done is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            batch["image"].record_stream(current)
+        return batch

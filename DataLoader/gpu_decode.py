@@ -82,16 +82,18 @@ def resize(images, size):
     """uint8 (3, H, W) images of any sizes -> uint8 (N, size, size, 3) as PIL's Resize((size, size)):
     antialiased bilinear, in PIL's two passes (width, then height) each rounded to integers (one pass
     of float interpolation rounds differently at ~18% of the pixels, two passes at ~0.3%). Images of
-    one shape are resized together."""
-    out = torch.empty((len(images), size, size, 3), dtype=torch.uint8, device=images[0].device)
+    one shape are resized together and put back in order by one stack (no index tensor copied to the
+    device: a copy from pageable memory waits for the stream, once per shape)."""
     shapes = {}
     for k, image in enumerate(images):
         shapes.setdefault(tuple(image.shape), []).append(k)
+    resized = [None] * len(images)
     for (_, height, _), indices in shapes.items():
         group = torch.stack([images[k] for k in indices]).float()
-        group = _bilinear(_bilinear(group, height, size), size, size)
-        out[torch.tensor(indices, device=out.device)] = group.to(torch.uint8).permute(0, 2, 3, 1)
-    return out
+        group = _bilinear(_bilinear(group, height, size), size, size).to(torch.uint8)
+        for k, image in zip(indices, group):
+            resized[k] = image
+    return torch.stack(resized).permute(0, 2, 3, 1).contiguous()
 
 
 def _select(value, kept):

@@ -1,14 +1,12 @@
 """Batching: the collate function, the loader that spreads each batch over the workers, and its factory."""
 import hashlib
-import queue
 import random
-import threading
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
+from .background import Background
 from .dataset import Skipped
 from .gpu_decode import PER_IMAGE, pack
 from .sampler import ResumableSampler
@@ -172,67 +170,24 @@ class BatchLoader:
         if self.parts == 1:
             yield from self.loader
             return
-        self._joiner = joiner = _Joiner(iter(self.loader), self._slices.parts_per_batch(), self.pin_memory)
-        try:
-            yield from joiner
-        finally:
-            joiner.stop()
+        device = torch.cuda.current_device() if self.pin_memory else None  # one per DDP process
+        self._joiner = joiner = Background(_joined(iter(self.loader), self._slices.parts_per_batch(), self.pin_memory),
+                                           READY_BATCHES, _join_thread_setup(device), name="sat-batch-joiner")
+        yield from joiner
 
 
-class _Joiner:
-    """A thread that takes the parts of each batch from a DataLoader iterator (receiving them from the
-    workers) and joins them, ``READY_BATCHES`` batches ahead; iterating gives the batches, or raises what
-    the thread met (an unreadable image with --strict-data, a worker's crash)."""
+def _joined(loaded, parts_per_batch, pin_memory):
+    """Each batch from the parts the DataLoader iterator ``loaded`` receives from the workers."""
+    for num_parts in parts_per_batch:
+        yield merge_batches([next(loaded) for _ in range(num_parts)], pin_memory)
 
-    def __init__(self, loaded, parts_per_batch, pin_memory):
-        self.loaded, self.parts_per_batch, self.pin_memory = loaded, parts_per_batch, pin_memory
-        self.ready, self.stopping = queue.Queue(maxsize=READY_BATCHES), threading.Event()
-        # pinned memory is allocated in the context of the thread's device: the caller's (one per DDP process)
-        self.device = torch.cuda.current_device() if pin_memory else None
-        self.thread = threading.Thread(target=self._run, name="sat-batch-joiner", daemon=True)
-        self.thread.start()
 
-    def _run(self):
+def _join_thread_setup(device):
+    def setup():
         torch.set_num_threads(1)  # for this thread's copies (a per-thread setting), as in the DataLoader's pin thread
-        if self.device is not None:
-            torch.cuda.set_device(self.device)
-        try:
-            for num_parts in self.parts_per_batch:
-                if not self._put(merge_batches([next(self.loaded) for _ in range(num_parts)], self.pin_memory)):
-                    return
-            self._put(_END)
-        except BaseException as err:  # handed to the caller's thread
-            self._put(_Failed(err))
-
-    def _put(self, item):
-        while not self.stopping.is_set():
-            try:
-                self.ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def __iter__(self):
-        while True:
-            item = self.ready.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item
-
-    def stop(self):
-        """Stop the thread (a pass left early): after this, the DataLoader may start its next pass."""
-        self.stopping.set()
-        self.thread.join()
-
-
-_END = object()
-
-
-class _Failed(NamedTuple):
-    error: BaseException
+        if device is not None:  # pinned memory is allocated in the context of the thread's device: the caller's
+            torch.cuda.set_device(device)
+    return setup
 
 
 def build_loader(dataset, batch_size, *, train, workers, distributed=False, seed=0, drop_last=None, parts=None):

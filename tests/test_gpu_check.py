@@ -146,7 +146,9 @@ def test_record_rows_time_the_recipe_and_the_sustained_rate(tmp_path):
     rows = gpu_table.record_rows(runs)
     assert (rows[0].value, rows[0].target, rows[0].met) == ("96 s to results.json", "< 120 s", "yes")
     assert rows[0].ratio.endswith("; training 17 s, 1 evaluation 6 s, final test 20 s, the rest 52 s")
-    assert rows[1].met == "not run"  # no cub_fast_compile run
+    assert not any("--compile" in row.what for row in rows)  # no cub_fast_compile run (gpu_record.sh --compile-time)
+    shutil.copytree(runs / "cub_fast", runs / "cub_fast_compile")
+    assert gpu_table.record_rows(runs)[1].what == "the same with `--compile`"
     rate = epoch2("train_cache_bf16")["train_images_per_sec"]
     sustained = next(r for r in rows if r.what.startswith("ImageNet-sized sustained training rate, PIL"))
     assert sustained.number == rate and sustained.met == ("yes" if rate >= 2200 else "no")

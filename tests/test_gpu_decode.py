@@ -3,6 +3,7 @@ against the PIL path (the official transforms' pixels): same labels, order and c
 measured tolerance, non-JPEG files falling back, unreadable files named, evaluation metrics close."""
 import io
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -188,6 +189,53 @@ def test_unreadable_evaluation_file_is_a_data_error(small):
                                workers=0, gpu_decode=True)
     with pytest.raises(DataError, match=f"^unreadable image {path} \\(OSError"):
         list(on_device(loader, "cpu"))
+
+
+def _threads():
+    return {thread.name for thread in threading.enumerate()}
+
+
+def _train_loader(root, strict=False):
+    dataset = build_dataset("cub", root, "train", TrainPixels(64, 72, True), strict=strict)
+    return build_loader(dataset, 2, train=True, workers=2, seed=0)
+
+
+def _one_pass(loader, device, background):
+    """(index, image on the CPU, whether on_device's thread ran) of each batch of epoch 0."""
+    loader.sampler.set_epoch(0)
+    return [(b["index"], b["image"].cpu(), "sat-on-device" in _threads())
+            for b in on_device(loader, device, background=background)]
+
+
+def test_background_thread_gives_the_same_batches_and_stops(small):
+    """On CUDA, --gpu-decode batches are prepared in a thread (on_device's background; forced here on the
+    CPU): the batches of the caller's thread in the same order, a pass left early stops the thread so that the
+    loader's persistent workers serve the next pass, and an unreadable file's DataError reaches the caller."""
+    loader = _train_loader(small)
+    plain, threaded = _one_pass(loader, "cpu", None), _one_pass(loader, "cpu", True)
+    assert [i for i, _, _ in threaded] == [i for i, _, _ in plain] and len(plain) == 3
+    assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(plain, threaded))
+    assert [t for _, _, t in plain] == [False] * 3 and [t for _, _, t in threaded] == [True] * 3  # CPU: not by default
+    early = iter(on_device(loader, "cpu", background=True))
+    next(early)
+    early.close()
+    assert "sat-on-device" not in _threads()
+    assert [i for i, _, _ in _one_pass(loader, "cpu", True)] == [i for i, _, _ in plain]
+    path = _truncate(small, "train")
+    with pytest.raises(DataError, match=f"^unreadable image {path} \\(OSError"):
+        _one_pass(_train_loader(small, strict=True), "cpu", True)
+    assert "sat-on-device" not in _threads()
+
+
+@CUDA
+def test_cuda_decodes_in_the_background_by_default(small):
+    """On CUDA (a device without an index, as users give it) the thread decodes by default, and gives the
+    batches the caller's thread gives."""
+    loader = _train_loader(small)
+    threaded, plain = _one_pass(loader, "cuda", None), _one_pass(loader, "cuda", False)
+    assert [t for _, _, t in threaded] == [True] * 3 and [t for _, _, t in plain] == [False] * 3
+    assert [i for i, _, _ in threaded] == [i for i, _, _ in plain]
+    assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(plain, threaded))
 
 
 def _eval_metrics(root, gpu_decode, device):

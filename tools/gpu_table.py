@@ -347,8 +347,9 @@ def accuracy_rows(runs):
 
 def record_rows(runs):
     runs = Path(runs)
-    rows = [record_time_row(runs, "cub_fast", "full CUB recipe, `CUB_fast.yaml`, process start to results.json"),
-            record_time_row(runs, "cub_fast_compile", "the same with `--compile`")]
+    rows = [record_time_row(runs, "cub_fast", "full CUB recipe, `CUB_fast.yaml`, process start to results.json")]
+    if (runs / "cub_fast_compile").exists():  # gpu_record.sh --compile-time
+        rows.append(record_time_row(runs, "cub_fast_compile", "the same with `--compile`"))
     official = Path(runs) / "cub_official"
     if official.exists():
         rows.append(record_time_row(runs, "cub_official", "the same with `CUB.yaml` (official recipe)", 10**6))
