@@ -87,10 +87,11 @@ class on_device:
     of file bytes (``--gpu-decode``) are prepared in a thread of their own (``Background``), ``AHEAD``
     batches ahead: decoding holds its calling thread about as long as a training step (nvJPEG's Huffman
     stage runs on the CPU, without the GIL), which the step would otherwise wait for. ``background``: None
-    (that choice), True or False (on the CPU a loader without workers would read its samples, drawing from
-    torch's global RNG, in that thread while the caller's step draws from it too: not the default there).
-    ``wait``: the seconds the caller waited for its next batch (an input-bound loop waits; a device-bound
-    one does not)."""
+    (that choice), True or False. Nothing is read ahead on the CPU (nothing to overlap) nor from a loader
+    whose samples draw their crops from the caller's RNG (``reads_in_caller``: no workers): a checkpoint
+    saved after a step would hold the RNG state after the next batch's draws, and a resumed run would crop
+    that batch differently. ``wait``: the seconds the caller waited for its next batch (an input-bound loop
+    waits; a device-bound one does not)."""
 
     AHEAD = 2
 
@@ -136,9 +137,10 @@ class on_device:
         self.wait += time.perf_counter() - start
         if first is None:
             return
+        ahead = self.device.type == "cuda" and not getattr(self.loader, "reads_in_caller", False)
         background = self.background
         if background is None:
-            background = self.device.type == "cuda" and isinstance(first["image"], dict) and "encoded" in first["image"]
+            background = ahead and isinstance(first["image"], dict) and "encoded" in first["image"]
         if background:
             setup = None
             if self.device.type == "cuda":  # the thread's current device: this one's when the index is not given
@@ -152,8 +154,8 @@ class on_device:
                 thread.stop()
             return
         prepared = self._prepared(first, self._timed(batches))
-        if self.device.type != "cuda":  # in order, nothing ahead (the samples' RNG draws too)
-            yield from (batch for batch, _ in prepared)
+        if not ahead:
+            yield from (self._ready(*item) for item in prepared)
             return
         pending = next(prepared)  # one batch ahead: the next is prepared on the side stream during the step
         for item in prepared:

@@ -150,6 +150,7 @@ class BatchLoader:
                                           drop_last)
         parts = min(workers, batch_size // MIN_PART) if parts is None else parts
         self.parts = max(1, parts) if workers else 1
+        self.reads_in_caller = not workers  # samples read (crops drawn from torch's RNG) as the caller iterates
         self.pin_memory = torch.cuda.is_available()
         self._slices = _Slices(self.batch_sampler, self.parts) if workers else None
         self._joiner = None

@@ -81,6 +81,24 @@ def test_loader_workers_draw_the_official_random_crops(tmp_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_loader_without_workers_is_not_read_ahead(tmp_path, device):
+    """Without workers the samples' crops are drawn from torch's RNG as the loader is read. on_device reads no
+    batch ahead of such a loader, so that with batch k the caller sees the RNG state right after batch k's
+    draws: the state a checkpoint after step k saves, from which a resumed run draws batch k + 1."""
+    root = make_demo_dataset(tmp_path / "cub", num_classes=2, train_per_class=6, test_per_class=1, image_size=48)
+    loader = build_loader(build_dataset("cub", root, "train", TrainPixels(40, 44)), 4, train=True, workers=0)
+
+    def states(batches):
+        loader.sampler.set_epoch(0)
+        torch.manual_seed(0)
+        return [torch.get_rng_state() for _ in batches]
+
+    alone = states(loader)
+    assert len(alone) == 3 and not torch.equal(alone[0], alone[1])
+    assert all(torch.equal(a, b) for a, b in zip(alone, states(on_device(loader, device))))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_on_device_keeps_order_and_other_keys(device):
     pictures = images(4)
     loader = [collate_samples([{"image": EvalPixels(1, 0, 32, 36)(p), "label": k, "index": k}])

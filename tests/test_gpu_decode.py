@@ -201,7 +201,7 @@ def _train_loader(root, strict=False):
 
 
 def _one_pass(loader, device, background):
-    """(index, image on the CPU, whether on_device's thread ran) of each batch of epoch 0."""
+    """(index, image on the CPU, whether on_device's thread was running) of each batch of epoch 0."""
     loader.sampler.set_epoch(0)
     return [(b["index"], b["image"].cpu(), "sat-on-device" in _threads())
             for b in on_device(loader, device, background=background)]
@@ -215,7 +215,8 @@ def test_background_thread_gives_the_same_batches_and_stops(small):
     plain, threaded = _one_pass(loader, "cpu", None), _one_pass(loader, "cpu", True)
     assert [i for i, _, _ in threaded] == [i for i, _, _ in plain] and len(plain) == 3
     assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(plain, threaded))
-    assert [t for _, _, t in plain] == [False] * 3 and [t for _, _, t in threaded] == [True] * 3  # CPU: not by default
+    # the thread runs while the first batch is used (it may have ended by the last); on the CPU not by default
+    assert threaded[0][2] and not any(t for _, _, t in plain)
     early = iter(on_device(loader, "cpu", background=True))
     next(early)
     early.close()
@@ -233,7 +234,7 @@ def test_cuda_decodes_in_the_background_by_default(small):
     batches the caller's thread gives."""
     loader = _train_loader(small)
     threaded, plain = _one_pass(loader, "cuda", None), _one_pass(loader, "cuda", False)
-    assert [t for _, _, t in threaded] == [True] * 3 and [t for _, _, t in plain] == [False] * 3
+    assert threaded[0][2] and not any(t for _, _, t in plain)
     assert [i for i, _, _ in threaded] == [i for i, _, _ in plain]
     assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(plain, threaded))
 
