@@ -69,8 +69,11 @@ if [ $TESTS = 1 ]; then
   t "## test suite"
   XDIST="" && python3 -c "import xdist" 2>/dev/null && XDIST="-n 16"
   echo "pytest ${XDIST:-(no pytest-xdist: one process)}"
-  # -v: one line per test as it ends, so that a suite stopped at its limit still names its failures
-  timeout "$SUITE_TIMEOUT" python3 -m pytest -v -p no:cacheprovider --durations=10 $XDIST > "$RUNS/pytest.txt" 2>&1
+  # -v: one line per test as it ends, so that a suite stopped at its limit still names its failures. With
+  # pytest-xdist one torch thread per test process (and the processes they start): 16 processes of 16 threads
+  # each on 16 cores would spend the suite's time switching threads.
+  env ${XDIST:+OMP_NUM_THREADS=1} timeout "$SUITE_TIMEOUT" python3 -m pytest -v -p no:cacheprovider --durations=10 $XDIST \
+      > "$RUNS/pytest.txt" 2>&1
   grep -E "^(FAILED|ERROR) |^=+ .*[0-9]+ (passed|failed)|^[0-9.]+s (call|setup)" "$RUNS/pytest.txt" | tail -25 | cut -c1-300
 else
   rm -f "$RUNS/pytest.txt"
