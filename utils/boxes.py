@@ -118,6 +118,12 @@ def sat_boxes(normalised, thresholds):
     return boxes
 
 
+def sat_boxes_of_maps(loc_maps, thresholds, size=224):
+    """The sat boxes (int (B, T, 4)) of raw localization maps (B, h, w), or a list of maps of any sizes, at each
+    map threshold, in crop pixels."""
+    return np.stack([sat_boxes(sat_map(m, size), thresholds) for m in loc_maps]).reshape(-1, len(thresholds), 4)
+
+
 def sat_box(loc_map, threshold, size=224):
     """The sat box (4,) of a raw localization map at one map threshold (overlays, predictions)."""
     return sat_boxes(sat_map(loc_map, size), [threshold])[0]

@@ -29,7 +29,7 @@ from DataLoader.transforms import denormalize
 from DataLoader.formats.wsol import load_mask
 from utils.amp import autocast_settings
 from utils.boxes import (WSOL_MAP_SIZE, contour_boxes, crop_box_to_original, gt_boxes_sat, gt_boxes_wsol, max_iou,
-                         sat_box, sat_boxes, sat_map, wsol_map)
+                         sat_box, sat_boxes_of_maps, sat_map, wsol_map)
 from utils.cv import cv2
 from utils.distributed import all_gather_object, all_reduce_sum
 from utils.errors import ConfigError, DataError, SATError, user_message
@@ -259,7 +259,7 @@ class BatchScorer:
         if "cls" in counters.parts:
             counters.parts["cls"].update(out["sat"][0], labels)
         if "sat" in out and self.thresholds:  # the sat boxes at each map threshold (predictions without GT too)
-            pred_boxes = np.stack([sat_boxes(sat_map(m, views.img_size), self.thresholds) for m in out["sat"][1]])
+            pred_boxes = sat_boxes_of_maps(out["sat"][1], self.thresholds, views.img_size)
         if "sat" in counters.parts:
             missing = next((i for i, b in zip(ids, boxes) if len(b) == 0), None)
             if missing is not None:
@@ -426,7 +426,8 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     split: model selection); wsol: every map threshold of its grid, and box accuracy at ``wsol_threshold``.
     ``distributed``: the loader holds this rank's shard (ShardSampler); counters are summed over the ranks.
     ``save_maps``: folder for the localization maps; ``overlay_dir``: overlay PNGs of the images with dataset
-    index below ``overlays`` (None: all; ``overlay_blocks``: each block's map beside the fused one); ``per_image``: add ``per_image`` rows (and ``per_class`` for sat).
+    index below ``overlays`` (None: all; ``overlay_blocks``: each block's map beside the fused one);
+    ``per_image``: add ``per_image`` rows (and ``per_class`` for sat).
     Box extraction runs in ``box_processes`` processes (None: ``default_box_processes``) or ``threads`` threads.
     ``saved_maps``: a ``SavedMaps`` (utils/saved_maps.py) giving each batch's outputs from files instead of a
     forward of ``model`` (None); its loader's batches hold no pixels, and ``'crop'``: those of the overlays.

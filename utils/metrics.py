@@ -8,7 +8,7 @@ Top-5 / GT-known Loc and IoU30/50/70 (:class:`SATLocAccumulator`). ``wsol`` (wso
 import numpy as np
 import torch
 
-from utils.boxes import WSOL_THRESHOLDS, as_numpy, flat_contour_boxes, max_iou, sat_boxes, sat_map, wsol_map
+from utils.boxes import WSOL_THRESHOLDS, as_numpy, flat_contour_boxes, max_iou, sat_boxes_of_maps, wsol_map
 
 TRAIN_THRESHOLDS = (0.3, 0.35, 0.4, 0.45)  # official train.py's --threshold list, searched each evaluation
 IOU_LEVELS = np.array([0.3, 0.5, 0.7])  # rows of the sat IoU hit counters; 0.5 is GT-known Loc
@@ -91,8 +91,7 @@ class SATLocAccumulator(CounterState):
     def boxes(self, maps):
         """The sat boxes (B, T, 4) of raw localization maps (B, h, w), or a list of maps of any sizes, at each map
         threshold, in crop pixels."""
-        return np.stack([sat_boxes(sat_map(m, self.map_size), self.thresholds)
-                         for m in maps]).reshape(-1, len(self.thresholds), 4)
+        return sat_boxes_of_maps(maps, self.thresholds, self.map_size)
 
     def update(self, maps, gt_boxes, scores, labels):
         """maps (B, h, w) raw; gt_boxes: B arrays (K, 4) in crop pixels; scores (B, C) logits or probs.
