@@ -3,15 +3,15 @@ from pathlib import Path
 
 from utils.errors import DataError
 
+from .dataset import WSOLDataset
 from .formats.aircraft import AIRCRAFT_LAYOUT, load_aircraft
 from .formats.cars import CARS_LAYOUT, load_cars
 from .formats.cub import CUB_FILES, CUB_LAYOUT, load_cub
-from .dataset import WSOLDataset
 from .formats.dogs import DOGS_LAYOUT, load_dogs
 from .formats.folder import FOLDER_LAYOUT, load_folder
 from .formats.imagenet import load_imagenet
-from .subsets import few_shot
 from .formats.wsol import load_wsol
+from .subsets import few_shot
 
 FORMATS = ("cub", "imagenet", "wsol", "folder", "dogs", "cars", "aircraft")
 SPLITS = ("train", "val", "test")

@@ -32,8 +32,9 @@ batches per worker (a plain DataLoader, the official code) instead of one slice 
 by side even on a 2-core machine) are consumed by a loop that waits ``--step-ms`` per batch (a stand-in for the
 training step). It reports one pass's rate (the second: workers started) with whole batches per worker and
 with slices (``--batch-parts``, default: as train.py), each as a ratio of the step-only rate. The defaults are
-the H200 runs of docs/performance.md, "Measured on GPUs": 14 workers, batches of 256, the fp32 DeiT-S step (215 ms), 4,000
-images, and 3.7 ms per image and worker, the value for which whole batches give the measured 913 images/s.
+the H200 runs of docs/performance.md, "Measured on GPUs": 14 workers, batches of 256, the fp32 DeiT-S step
+(215 ms), 4,000 images, and 3.7 ms per image and worker, the value for which whole batches give the measured 913
+images/s.
 
 ``--mode check --data-root DIR`` times the check of a split before training (DataLoader/check.py) on the first
 ``--images`` items of ``--split``: the header alone (what tools/check_dataset.py read before), the default check

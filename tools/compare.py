@@ -225,7 +225,7 @@ def _json_value(value):
 
 def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+                           allow_abbrev=False)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="evaluator output folders (the first is the baseline "
                                                                 "of the per-image comparison)")
     parser.add_argument("--names", nargs="+", help="the runs' names in the table (default: the folders' names)")

@@ -65,7 +65,7 @@ def onnxruntime_max_abs_diff(model, path, batch_size=3):
 
 def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+                           allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True, help="this project's checkpoint or an official release file")
     parser.add_argument("--arch", help="architecture (default: recorded in the file, or read off its weights' shapes)")
     parser.add_argument("--num-classes", type=int, help="classes (default: read off the head's shape)")

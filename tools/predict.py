@@ -92,7 +92,7 @@ def _unique_png(output_dir, stem, used):
 
 def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+                           allow_abbrev=False)
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--arch", help="architecture, for files that do not record it (official releases)")

@@ -416,8 +416,8 @@ def build_parser(script, defaults=None):
     """The flags of ``script``; ``defaults`` (shown in --help): :func:`script_defaults`."""
     spec, evaluator = SCRIPTS[script], script in EVALUATORS
     parser = OneLineParser(prog=spec.file, description=spec.description, argument_default=argparse.SUPPRESS,
-                     allow_abbrev=False, epilog="Flags override the --config file, which overrides the defaults "
-                                                "(every key: docs/config.md).")
+                           allow_abbrev=False, epilog="Flags override the --config file, which overrides the "
+                                                      "defaults (every key: docs/config.md).")
     if evaluator:
         parser.add_argument("--config", metavar="FILE", help="YAML file of config keys, e.g. a training config: "
                             f"its {', '.join(FILE_SECTIONS['evaluate'])} keys are read, the others ignored "
