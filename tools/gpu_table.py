@@ -25,13 +25,17 @@ from typing import Optional
 
 
 # ------------------------------------------------------------------------------------------- readers
-def last_json(path):
-    """The last line of ``path`` that parses as a JSON object, or None."""
+def text_lines(path):
+    """The lines of a run's text file (undecodable bytes replaced), or None without the file."""
     try:
-        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+        return Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return None
-    for line in reversed(lines):
+
+
+def last_json(path):
+    """The last line of ``path`` that parses as a JSON object, or None."""
+    for line in reversed(text_lines(path) or []):
         if line.startswith("{"):
             try:
                 return json.loads(line)
@@ -128,10 +132,7 @@ def _outcomes(lines):
 def pytest_counts(path):
     """{'passed': n, 'failed': n, ...} from pytest's final summary line; without one (the suite was stopped),
     the per-test lines of ``pytest -v`` counted so far, with 'stopped': True. None when neither is there."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
+    lines = text_lines(path) or []
     for line in reversed(lines):
         found = PYTEST_COUNTS.findall(line)
         if found and " in " in line and line[:1] in "=0123456789":  # not a test id holding such words
@@ -150,11 +151,8 @@ def pytest_counts(path):
 
 def pytest_failures(path):
     """The ids of the tests that failed or errored, in the order pytest reported them."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    return list(dict.fromkeys(test for outcome, test in _outcomes(text.splitlines()) if outcome in ("FAILED", "ERROR")))
+    return list(dict.fromkeys(test for outcome, test in _outcomes(text_lines(path) or [])
+                              if outcome in ("FAILED", "ERROR")))
 
 
 # ---------------------------------------------------------------------------------------------- rows
