@@ -59,7 +59,11 @@ class Background:
                 if item is _END:
                     return
                 if isinstance(item, _Failed):
-                    raise item.error
+                    error, item = item.error, None
+                    try:
+                        raise error
+                    finally:
+                        del error  # this frame, kept by the error's traceback, must not keep the error
                 yield item
         finally:
             self.stop()

@@ -52,8 +52,8 @@ def _decode_one(data, device):
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
             return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).to(device)
-    except UNREADABLE as err:
-        return err
+    except UNREADABLE as err:  # only its message is used; its traceback would keep the callers' frames in a cycle
+        return err.with_traceback(None)
 
 
 def decode(encoded, jpeg, device):

@@ -1,6 +1,7 @@
 """Batching: the collate function, the loader that spreads each batch over the workers, and its factory."""
 import hashlib
 import random
+import traceback
 
 import numpy as np
 import torch
@@ -168,13 +169,22 @@ class BatchLoader:
     def __iter__(self):
         if self._joiner is not None:  # a pass left early whose generator is still referenced
             self._joiner.stop()
+        try:
+            yield from self._batches()
+        except Exception as err:
+            # torch re-raises a worker's error from a frame that holds it: a reference cycle through the pass's
+            # iterator, left to the garbage collector, which closes the iterator's queues before shutting its
+            # workers down and so waits 5 s for each of them. The finished frames' locals are not needed.
+            traceback.clear_frames(err.__traceback__)
+            raise
+
+    def _batches(self):
         if self.parts == 1:
-            yield from self.loader
-            return
+            return iter(self.loader)
         device = torch.cuda.current_device() if self.pin_memory else None  # one per DDP process
-        self._joiner = joiner = Background(_joined(iter(self.loader), self._slices.parts_per_batch(), self.pin_memory),
-                                           READY_BATCHES, _join_thread_setup(device), name="sat-batch-joiner")
-        yield from joiner
+        self._joiner = Background(_joined(iter(self.loader), self._slices.parts_per_batch(), self.pin_memory),
+                                  READY_BATCHES, _join_thread_setup(device), name="sat-batch-joiner")
+        return self._joiner
 
 
 def _joined(loaded, parts_per_batch, pin_memory):

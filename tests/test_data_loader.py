@@ -1,7 +1,9 @@
+import gc
 import re
 import subprocess
 import sys
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -139,6 +141,39 @@ def test_a_pass_left_early_does_not_disturb_the_next(cub):
     assert [b["index"] for b in loader] == [list(range(0, 12)), list(range(12, 24)), list(range(24, 30))]
     with pytest.raises(DataError, match="unreadable image .*Ringed_Disc_0002.jpg"):  # raised in a worker
         list(build_loader(build_dataset("cub", cub, "train", strict=True), 4, train=False, workers=2, parts=2))
+
+
+class FailsWhileMarked(WhoLoads):
+    """WhoLoads whose sample 5 raises a DataError while the file ``marker`` exists."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __getitem__(self, index):
+        if index == 5 and self.marker.exists():
+            raise DataError(f"unreadable image {index}")
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("parts", [None, 1])
+def test_a_loader_whose_pass_failed_serves_the_next_and_is_freed_at_once(tmp_path, parts):
+    """After a worker's error the loader serves the next pass, and nothing keeps it in a reference cycle: left
+    to the garbage collector, its workers would each cost a 5 s join timeout whenever it ran (the suite's
+    slowest test had been the next one, for no reason of its own)."""
+    marker = tmp_path / "broken"
+    marker.touch()
+    gc.disable()
+    try:
+        loader = build_loader(FailsWhileMarked(marker), 12, train=False, workers=3, parts=parts)
+        with pytest.raises(DataError, match="unreadable image 5"):
+            list(loader)
+        marker.unlink()
+        assert [b["index"] for b in loader] == [list(range(0, 12)), list(range(12, 24)), list(range(24, 30))]
+        freed = weakref.ref(loader)
+        del loader
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 def test_training_crops_depend_on_seed_epoch_and_sample_only(cub):

@@ -1,9 +1,11 @@
 """--gpu-decode (DataLoader/gpu_decode.py): file bytes from the workers, decoded and resized on the device,
 against the PIL path (the official transforms' pixels): same labels, order and crops, pixels within a
 measured tolerance, non-JPEG files falling back, unreadable files named, evaluation metrics close."""
+import gc
 import io
 import json
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -210,7 +212,8 @@ def _one_pass(loader, device, background):
 def test_background_thread_gives_the_same_batches_and_stops(small):
     """On CUDA, --gpu-decode batches are prepared in a thread (on_device's background; forced here on the
     CPU): the batches of the caller's thread in the same order, a pass left early stops the thread so that the
-    loader's persistent workers serve the next pass, and an unreadable file's DataError reaches the caller."""
+    loader's persistent workers serve the next pass, and an unreadable file's DataError reaches the caller
+    (leaving its loader to be freed at once)."""
     loader = _train_loader(small)
     plain, threaded = _one_pass(loader, "cpu", None), _one_pass(loader, "cpu", True)
     assert [i for i, _, _ in threaded] == [i for i, _, _ in plain] and len(plain) == 3
@@ -223,8 +226,16 @@ def test_background_thread_gives_the_same_batches_and_stops(small):
     assert "sat-on-device" not in _threads()
     assert [i for i, _, _ in _one_pass(loader, "cpu", True)] == [i for i, _, _ in plain]
     path = _truncate(small, "train")
-    with pytest.raises(DataError, match=f"^unreadable image {path} \\(OSError"):
-        _one_pass(_train_loader(small, strict=True), "cpu", True)
+    strict = _train_loader(small, strict=True)
+    gc.disable()
+    try:
+        with pytest.raises(DataError, match=f"^unreadable image {path} \\(OSError"):
+            _one_pass(strict, "cpu", True)
+        freed = weakref.ref(strict)
+        del strict
+        assert freed() is None  # in no reference cycle: the garbage collector would wait 5 s for each worker
+    finally:
+        gc.enable()
     assert "sat-on-device" not in _threads()
 
 
