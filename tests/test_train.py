@@ -299,8 +299,10 @@ def test_existing_run_folder_is_refused_without_resume_or_overwrite(data_root, t
 def test_ctrl_c_prints_one_line_with_the_resume_command(data_root, tmp_path):
     out = tmp_path / "run"
     argv = args(data_root, out, "--epochs", "50")
+    # (SIGINT as at a terminal: a shell starts background jobs with it ignored, which train.py then inherits)
     proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     last = out / "checkpoints" / "last.pth"
     wait_for_file(proc, last)
     proc.send_signal(signal.SIGINT)
