@@ -1,7 +1,10 @@
 """Distributed evaluation with two gloo processes: disjoint shards without padding duplicates, counters
-summed so that both ranks return the single-process metrics, each rank writing its own localization maps."""
+summed so that both ranks return the single-process metrics, each rank writing its own localization maps; an
+unreadable image in one shard stops both ranks."""
 import json
 import os
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -11,6 +14,7 @@ from DataLoader import make_demo_dataset
 from DataLoader.eval_loader import build_eval_loader
 from utils.checkpoint import build_model_from_checkpoint
 from utils.engine import evaluate
+from utils.errors import DataError, user_message
 
 from test_evaluation import save_nano_checkpoint
 from conftest import free_port
@@ -30,33 +34,57 @@ def _rank(rank, port, root, checkpoint, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        result = _evaluate(root, checkpoint, True, os.path.join(out_dir, "scoremaps"))
+        try:
+            record = {"result": _evaluate(root, checkpoint, True, os.path.join(out_dir, "scoremaps")),
+                      "shard": len(build_eval_loader("cub", root, "test", distributed=True, **SETTINGS).sampler)}
+        except DataError as err:
+            record = {"error": user_message(err)}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"result": result, "shard": len(build_eval_loader("cub", root, "test", distributed=True,
-                                                                           **SETTINGS).sampler)}, f)
+            json.dump(record, f)
     finally:
         dist.destroy_process_group()
 
+
+def _two_ranks(root, checkpoint, out_dir):
+    """Each rank's JSON record; the ranks must end within 2 minutes (a rank left in a collective would not)."""
+    # fork: the children reuse the imported modules (spawn would re-import torch and timm, ~5 s); not
+    # once CUDA is initialised in this process (earlier tests on a GPU machine): a forked child cannot use it
+    ranks = mp.start_processes(_rank, args=(free_port(), str(root), str(checkpoint), str(out_dir)), nprocs=2,
+                               start_method="spawn" if torch.cuda.is_initialized() else "fork", join=False)
+    deadline = time.monotonic() + 120
+    try:
+        while not ranks.join(timeout=5):  # True once every rank has ended (False: one has, or none yet)
+            assert time.monotonic() < deadline, "a rank did not end"
+    finally:
+        for process in ranks.processes:
+            process.kill()
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 def test_two_process_evaluation_equals_single_process(tmp_path):
     # 9 test images: DistributedSampler would pad the two shards to 5 + 5
     root = make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=1, test_per_class=3, image_size=64)
     checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
-    # fork: the children reuse the imported modules (spawn would re-import torch and timm, ~5 s); not
-    # once CUDA is initialised in this process (earlier tests on a GPU machine): a forked child cannot use it
-    mp.start_processes(_rank, args=(free_port(), str(root), str(checkpoint), str(tmp_path)), nprocs=2,
-                       start_method="spawn" if torch.cuda.is_initialized() else "fork")
-
+    ranks = _two_ranks(root, checkpoint, tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         single = _evaluate(root, checkpoint, False, None)
     finally:
         torch.set_num_threads(threads)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["shard"] for r in ranks] == [5, 4]
     single = json.loads(json.dumps(single))  # the same int-keyed dicts as the ranks' JSON
     assert ranks[0]["result"] == ranks[1]["result"] == single
     assert single["num_images"] == 9
     assert [len(list((tmp_path / "scoremaps" / key).rglob("*.npy"))) for key in ("sat", "wsol")] == [9, 9]
+
+
+def test_an_unreadable_image_in_one_shard_stops_both_ranks_with_its_name(tmp_path):
+    """Only the rank whose shard holds the file reads it; both raise the same DataError naming it, instead of
+    one waiting for ever in the collectives that end the evaluation."""
+    root = make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=1, test_per_class=3, image_size=64)
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
+    broken = Path(build_eval_loader("cub", root, "test", **SETTINGS).dataset.image_path(1))  # rank 1: 1, 3 ...
+    broken.write_bytes(broken.read_bytes()[:100])
+    errors = [r.get("error") for r in _two_ranks(root, checkpoint, tmp_path)]
+    assert errors[0] == errors[1] and errors[0].startswith(f"unreadable image {broken} (OSError")
