@@ -177,6 +177,9 @@ def test_scripts_parse_and_refuse_unknown_options(script):
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
     out = subprocess.run(["bash", str(path), "--nope"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "unknown option --nope" in out.stderr
+    out = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, timeout=30)
+    header = path.read_text().split("\nset -u\n")[0].splitlines()[1:]  # the comment under the shebang, whole
+    assert out.returncode == 0 and out.stdout.splitlines() == header and "# Options: --device" in out.stdout
 
 
 def test_learnable_data_draws_each_class_object_with_its_exact_box(tmp_path):

@@ -10,23 +10,30 @@
 #   tools/gpu_record.sh                             # one GPU, all three parts (about 15 minutes)
 #   tools/gpu_record.sh --parts cub,imagenet        # some of them: cub, imagenet, accuracy
 #   tools/gpu_record.sh --device cpu --quick        # tiny sizes on the CPU: the same runs and table
+#   tools/gpu_record.sh --device cpu --parts accuracy --small-model --seeds "1 2 3 4 5"
+#                                                   # the accuracy part with a nano SAT at 64 px (about 15 min
+#                                                   # on a 2-core CPU): bf16 against fp32 where no GPU is lent
 #
-# Options: --device cuda|cpu, --quick (nano model, tiny data, 2 epochs, 2 seeds), --parts LIST, --compile-time
+# Options: --device cuda|cpu, --quick (nano model, tiny data, 2 epochs, 2 seeds), --small-model (nano model at
+# 64 px, 2 workers, images of 80-120 px; the data's counts and the schedule of the full runs), --seeds LIST, --parts LIST, --compile-time
 # (also time the full recipe with --compile: 3+ minutes, slower than without on an H200), --official-time (also
 # with CUB.yaml), --work DIR (default /tmp/gpu_record), --timeout S (each run; default 600).
 # All runs start from random weights (--pretrained false: no download).
 set -u
-DEVICE=cuda QUICK=0 PARTS=cub,imagenet,accuracy COMPILE_TIME=0 OFFICIAL_TIME=0 WORK=/tmp/gpu_record TIMEOUT=600
+DEVICE=cuda QUICK=0 SMALL_MODEL=0 SEEDS_ARG="" PARTS=cub,imagenet,accuracy COMPILE_TIME=0 OFFICIAL_TIME=0
+WORK=/tmp/gpu_record TIMEOUT=600
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
+    --small-model) SMALL_MODEL=1; shift ;;
+    --seeds) SEEDS_ARG=$2; shift 2 ;;
     --parts) PARTS=$2; shift 2 ;;
     --compile-time) COMPILE_TIME=1; shift ;;
     --official-time) OFFICIAL_TIME=1; shift ;;
     --work) WORK=$2; shift 2 ;;
     --timeout) TIMEOUT=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,7 +63,12 @@ else
   # CUB_fast.yaml's keys
   ACC_SCHEDULE="--epochs 15 --eval-start-epoch 13 --lr 5e-4 --lr-schedule cosine --warmup-epochs 1 --clip-grad 1.0 \
     --batch-size 64"
+  if [ $SMALL_MODEL = 1 ]; then  # images of 80-120 px: a 72 px resize needs no more, and the CPU decodes them
+    SMALL="--arch deit_sat_nano_patch16_224 --img-size 64 --resize-size 72 --workers 2"
+    ACC_DATA="$ACC_DATA --min-size 80 --max-size 120"
+  fi
 fi
+[ -n "$SEEDS_ARG" ] && SEEDS=$SEEDS_ARG
 # train NAME CONFIG ARGS...: train.py on CONFIG, random init, into RUNS/NAME
 train() {
   local name=$1 config=$2; shift 2
@@ -97,5 +109,7 @@ fi
 t "## table"
 NOTE="Synthetic JPEGs of 300-500 px, random init."
 [ $QUICK = 1 ] && NOTE="--quick: nano SAT at 64 px, tiny data, 2 epochs: the plumbing, not comparable with the goals."
+[ $QUICK = 0 ] && [ $SMALL_MODEL = 1 ] && NOTE="--small-model: nano SAT at 64 px, 2 workers, on $DEVICE; the data and \
+schedule of the full runs. Times are not comparable with the goals."
 python3 tools/gpu_table.py record "$RUNS" --output "$OUTDIR/gpu_record.md" --note "$NOTE"
 t "done: $OUTDIR/gpu_record.md, $OUTDIR/gpu_record.json, $OUTDIR/gpu_record.log"
