@@ -150,7 +150,8 @@ def evaluate_maps(args, imagenet, info):
                  protocol, f" (sat: the centre {views.img_size} crop of {views.resize_size}x{views.resize_size}, "
                  f"threshold {args.threshold:g})" if sat else "", f"classes from {args.predictions}" if predictions
                  else "no --predictions: no Top-1 / Top-5 Loc or Cls (GT-known Loc and the wsol metrics only)")
-    metrics = evaluate(loader, None, info.device, saved_maps=maps, **evaluate_settings(args, protocol, output_dir, info))
+    metrics = evaluate(loader, None, info.device, saved_maps=maps,
+                       **evaluate_settings(args, protocol, output_dir, info))
     if predictions is None:
         drop_class_metrics(metrics)
     rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)

@@ -26,8 +26,8 @@ LAYOUTS = {
 }
 # Entries of which each (EACH_REQUIRED) or at least one (ANY_REQUIRED) must exist under the root.
 EACH_REQUIRED = {"cub": ("images", *CUB_FILES), "dogs": ("Images", "Annotation")}
-ANY_REQUIRED = {"imagenet": ("train", "val"), "folder": ("train", "val", "test"), "cars": ("cars_train", "cars_test", "car_ims"),
-                "aircraft": ("data", "images")}
+ANY_REQUIRED = {"imagenet": ("train", "val"), "folder": ("train", "val", "test"),
+                "cars": ("cars_train", "cars_test", "car_ims"), "aircraft": ("data", "images")}
 LOADERS = {"cub": load_cub, "dogs": load_dogs, "cars": load_cars, "aircraft": load_aircraft}
 
 

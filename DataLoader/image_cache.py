@@ -1,13 +1,14 @@
 """``cache_images``: the decoded, resized uint8 pixels of a split in one file, filled as the loader reads
 them, so that later epochs skip JPEG decoding and resizing.
 
-The file (``<folder>/<host>-<digest>_<R>px.cache``, named by the machine, the split's image paths and R) holds a flag byte and the
-original (W, H) per image, then the (N, R, R, 3) pixels. A worker that decodes image i writes its pixels,
-its size, then its flag; any process reading a set flag gets exactly what ``Resize((R, R))`` gave (the same
-samples as without the cache, tests/test_image_cache.py). The file is mapped shared, so the loader's worker
-processes and the processes of one node fill and read one copy (CUB: 2.3 GB at R = 256; the page cache
-keeps it in memory when it fits). It is keyed by the image paths, not their contents: delete it if images
-change in place. train.py removes it at the end of a finished run; an interrupted run keeps it for --resume.
+The file (``<folder>/<host>-<digest>_<R>px.cache``, named by the machine, the split's image paths and R) holds
+a flag byte and the original (W, H) per image, then the (N, R, R, 3) pixels. A worker that decodes image i
+writes its pixels, its size, then its flag; any process reading a set flag gets exactly what ``Resize((R, R))``
+gave (the same samples as without the cache, tests/test_image_cache.py). The file is mapped shared, so the
+loader's worker processes and the processes of one node fill and read one copy (CUB: 2.3 GB at R = 256; the
+page cache keeps it in memory when it fits). It is keyed by the image paths, not their contents: delete it if
+images change in place. train.py removes it at the end of a finished run; an interrupted run keeps it for
+--resume.
 """
 import hashlib
 import logging

@@ -105,8 +105,8 @@ CASES = {
         r"\S+gt.csv: val boxes not found \(expected a folder of PASCAL-VOC XML files, LOC_val_solution.csv or "
         r"val_gt.txt\)"),
     "missing ignore mask": (
-        lambda root: wsol_root(root) and ["--data-format", "wsol", "--data-root", str(root / "images"), "--split", "test",
-                                          "--metadata-root", str(root / "meta")],
+        lambda root: wsol_root(root) and ["--data-format", "wsol", "--data-root", str(root / "images"),
+                                          "--split", "test", "--metadata-root", str(root / "meta")],
         r"\S+localization.txt line 1: file \S+mask/x_ignore.png not found"),
 }
 

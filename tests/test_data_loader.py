@@ -79,7 +79,8 @@ def test_opencv_runs_no_pool_threads_so_workers_fork_safely():
             "from utils.metrics import SATLocAccumulator; import cv2; "
             "before = len(os.listdir('/proc/self/task')); "
             "maps = np.random.default_rng(0).random((8, 14, 14), dtype=np.float32); "
-            "[SATLocAccumulator().boxes(maps) for _ in range(20)]; cv2.resize(np.ones((900, 900), np.float32), (2000, 2000)); "
+            "[SATLocAccumulator().boxes(maps) for _ in range(20)]; "
+            "cv2.resize(np.ones((900, 900), np.float32), (2000, 2000)); "
             "print(cv2.getNumThreads(), len(os.listdir('/proc/self/task')) - before)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

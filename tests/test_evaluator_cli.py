@@ -248,7 +248,8 @@ def test_auto_protocol_is_classification_only_without_boxes_or_masks(tmp_path):
     for split in ("train", "test"):
         for name in ("a", "b"):
             (tmp_path / "data" / split / name).mkdir(parents=True)
-            Image.fromarray(rng.integers(0, 255, (40, 56, 3), np.uint8)).save(tmp_path / "data" / split / name / "x.png")
+            pixels = rng.integers(0, 255, (40, 56, 3), np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / split / name / "x.png")
     checkpoint = save_nano_checkpoint(tmp_path / "nano.pth", num_classes=2)
     out = tmp_path / "out"
     record = main(["--data-root", str(tmp_path / "data"), "--data-format", "folder", "--checkpoint", str(checkpoint),

@@ -11,7 +11,8 @@ from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_R
 
 
 def test_one_entry_point_per_architecture():
-    entry_points = sorted(name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_"))
+    entry_points = sorted(name for name in dir(hubconf)
+                          if callable(getattr(hubconf, name)) and not name.startswith("_"))
     assert entry_points == ["deit_sat_base_patch16_224", "deit_sat_nano_patch16_224", "deit_sat_small_patch16_224",
                             "deit_sat_tiny_patch16_224"]
     assert hubconf.dependencies == ["torch", "timm"]

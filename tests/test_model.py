@@ -7,7 +7,6 @@ import pytest
 import timm
 import torch
 
-import Model
 from Model import build_model, list_archs
 from Model.losses import (area_per_image, batch_area_loss, gaussian_kernel_3x3, normalization_loss,
                           normalization_per_image, sat_loss)
@@ -140,7 +139,8 @@ def test_fused_equals_naive_attention_fp32_with_gradients():
         model.zero_grad()
         logits, maps = model(x)
         sat_loss(logits, maps, target, area_thr=0.25)["loss"].backward()
-        results.append((logits.detach(), maps.detach(), model.loc_token.grad.clone(), model.blocks[-1].attn.qkv.weight.grad.clone()))
+        results.append((logits.detach(), maps.detach(), model.loc_token.grad.clone(),
+                        model.blocks[-1].attn.qkv.weight.grad.clone()))
     for fused, naive in zip(*results):
         torch.testing.assert_close(fused, naive, atol=1e-5, rtol=1e-4)
 
@@ -319,7 +319,8 @@ def test_losses_match_official_per_image_terms(official_outputs):
 
 
 def test_import_model_registers_in_fresh_process():
-    code = "import Model, timm; m = timm.create_model('deit_sat_nano_patch16_224', num_classes=2); print(type(m).__name__)"
+    code = ("import Model, timm; m = timm.create_model('deit_sat_nano_patch16_224', num_classes=2); "
+            "print(type(m).__name__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "SATVisionTransformer"
 

@@ -30,8 +30,9 @@ def test_official_groups_decay_tokens_but_not_1d_params_and_biases(model):
     # skip set is empty and the (1, N, D) tokens and embeddings are decayed; only 1-D params and biases are not.
     decay, no_decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert TOKENS | {"head.weight", "blocks.0.attn.qkv.weight", "patch_embed.proj.weight"} <= names(model, decay["params"])
-    assert {"norm.weight", "head.bias", "blocks.0.attn.qkv.bias", "patch_embed.proj.bias"} <= names(model, no_decay["params"])
+    decayed, not_decayed = names(model, decay["params"]), names(model, no_decay["params"])
+    assert TOKENS | {"head.weight", "blocks.0.attn.qkv.weight", "patch_embed.proj.weight"} <= decayed
+    assert {"norm.weight", "head.bias", "blocks.0.attn.qkv.bias", "patch_embed.proj.bias"} <= not_decayed
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 

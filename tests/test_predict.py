@@ -62,7 +62,8 @@ def test_bad_path_is_one_error_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(predict_main, ["--checkpoint", "unused.pth", str(tmp_path / "missing.jpg")])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'missing.jpg'}: not found (expected an image file or a folder of images)\n"
+    expected = f"error: {tmp_path / 'missing.jpg'}: not found (expected an image file or a folder of images)\n"
+    assert capsys.readouterr().err == expected
 
 
 def test_threshold_outside_unit_interval_is_rejected(tmp_path, capsys):

@@ -174,7 +174,8 @@ def _bad(tmp_path, name, loc_map):
     return path
 
 
-def test_bad_maps_and_predictions_are_one_line(cub, tmp_path, capsys, keep_logging):
+@pytest.mark.usefixtures("keep_logging")
+def test_bad_maps_and_predictions_are_one_line(cub, tmp_path, capsys):
     root, _ = cub
     make_baseline_maps([str(tmp_path / "good"), "--data-root", str(root), "--size", "8"])
     common = ["--data-root", str(root), "--output-dir", str(tmp_path / "out"), *CPU]

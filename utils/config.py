@@ -103,7 +103,8 @@ class Field:
               "str": isinstance(value, str), "bool": isinstance(value, bool),
               "floats": isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                          for v in value),
-              "amp": isinstance(value, bool) or value == "auto", "pretrained": isinstance(value, (bool, str))}[self.kind]
+              "amp": isinstance(value, bool) or value == "auto",
+              "pretrained": isinstance(value, (bool, str))}[self.kind]
         numbers = value if self.kind == "floats" else [value] if self.kind in ("int", "float") else []
         if not ok or (self.choices and value not in self.choices) or not all(_within(v, self.domain) for v in numbers):
             raise ValueError(self.expected())
