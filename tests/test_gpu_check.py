@@ -127,7 +127,11 @@ def test_accuracy_rows_pass_when_the_fast_mean_lies_within_the_official_seeds(tm
         write_results(tmp_path, f"acc_fast_s{seed}", loc, cls)
     loc, cls = gpu_table.accuracy_rows(tmp_path)
     assert (loc.number, loc.met) == (63.0, "yes") and loc.ratio.startswith("official 60.00-64.00")
+    assert loc.ratio.endswith("same seed, fast - official: mean +1.00 (+1.00, +1.00, +1.00)")
     assert (cls.number, cls.met) == (84.0, "no")  # above the official seeds' range: not within it
+    assert cls.ratio.endswith("mean +3.00 (+4.00, +3.00, +2.00)")
+    shutil.rmtree(tmp_path / "acc_fast_s3")
+    assert gpu_table.accuracy_rows(tmp_path)[1].ratio.endswith("mean +3.50 (+4.00, +3.00)")  # the seeds both ran
     shutil.rmtree(tmp_path / "acc_official_s2")
     shutil.rmtree(tmp_path / "acc_official_s3")
     assert all(row.met == "not run" for row in gpu_table.accuracy_rows(tmp_path))  # one seed is no spread

@@ -109,7 +109,7 @@ fi
 t "## table"
 NOTE="Synthetic JPEGs of 300-500 px, random init."
 [ $QUICK = 1 ] && NOTE="--quick: nano SAT at 64 px, tiny data, 2 epochs: the plumbing, not comparable with the goals."
-[ $QUICK = 0 ] && [ $SMALL_MODEL = 1 ] && NOTE="--small-model: nano SAT at 64 px, 2 workers, on $DEVICE; the data and \
+[ $QUICK = 0 ] && [ $SMALL_MODEL = 1 ] && NOTE="--small-model: nano SAT at 64 px, 2 workers, on $DEVICE; the data's counts (images of 80-120 px) and the \
 schedule of the full runs. Times are not comparable with the goals."
 python3 tools/gpu_table.py record "$RUNS" --output "$OUTDIR/gpu_record.md" --note "$NOTE"
 t "done: $OUTDIR/gpu_record.md, $OUTDIR/gpu_record.json, $OUTDIR/gpu_record.log"
