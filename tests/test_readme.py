@@ -26,3 +26,30 @@ def test_documented_python_snippets_run_as_written(doc, section):
         out = subprocess.run([sys.executable, "-"], input=code, cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=300)
         assert out.returncode == 0, f"{doc} {section!r} snippet failed:\n{out.stderr[-3000:]}"
+
+
+def heading_anchors(path):
+    """The anchors GitHub gives the headings of a markdown file: lower case, punctuation dropped, spaces as -."""
+    anchors = set()
+    for heading in re.findall(r"^#+ (.*)$", path.read_text(encoding="utf-8"), flags=re.M):
+        anchor = unique = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        suffix = 0
+        while unique in anchors:  # a repeated heading: -1, -2 ...
+            suffix += 1
+            unique = f"{anchor}-{suffix}"
+        anchors.add(unique)
+    return anchors
+
+
+def test_links_between_the_docs_reach_their_files_and_headings():
+    docs = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    broken = []
+    for doc in docs:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target):  # a web address
+                continue
+            file, _, anchor = target.partition("#")
+            path = (doc.parent / file).resolve() if file else doc
+            if not path.exists() or (anchor and anchor not in heading_anchors(path)):
+                broken.append(f"{doc.relative_to(REPO_ROOT)}: {target}")
+    assert not broken
