@@ -15,9 +15,10 @@
 #                                                   # on a 2-core CPU): bf16 against fp32 where no GPU is lent
 #
 # Options: --device cuda|cpu, --quick (nano model, tiny data, 2 epochs, 2 seeds), --small-model (nano model at
-# 64 px, 2 workers, images of 80-120 px; the data's counts and the schedule of the full runs), --seeds LIST, --parts LIST, --compile-time
-# (also time the full recipe with --compile: 3+ minutes, slower than without on an H200), --official-time (also
-# with CUB.yaml), --work DIR (default /tmp/gpu_record), --timeout S (each run; default 600).
+# 64 px, 2 workers, images of 80-120 px; the data's counts and the schedule of the full runs), --seeds LIST,
+# --parts LIST, --compile-time (also time the full recipe with --compile: 3+ minutes, slower than without on an
+# H200), --official-time (also with CUB.yaml), --work DIR (default /tmp/gpu_record), --timeout S (each run;
+# default 600).
 # All runs start from random weights (--pretrained false: no download).
 set -u
 DEVICE=cuda QUICK=0 SMALL_MODEL=0 SEEDS_ARG="" PARTS=cub,imagenet,accuracy COMPILE_TIME=0 OFFICIAL_TIME=0
@@ -109,7 +110,7 @@ fi
 t "## table"
 NOTE="Synthetic JPEGs of 300-500 px, random init."
 [ $QUICK = 1 ] && NOTE="--quick: nano SAT at 64 px, tiny data, 2 epochs: the plumbing, not comparable with the goals."
-[ $QUICK = 0 ] && [ $SMALL_MODEL = 1 ] && NOTE="--small-model: nano SAT at 64 px, 2 workers, on $DEVICE; the data's counts (images of 80-120 px) and the \
-schedule of the full runs. Times are not comparable with the goals."
+[ $QUICK = 0 ] && [ $SMALL_MODEL = 1 ] && NOTE="--small-model: nano SAT at 64 px, 2 workers, on $DEVICE; the \
+data's counts (images of 80-120 px) and the schedule of the full runs. Times are not comparable with the goals."
 python3 tools/gpu_table.py record "$RUNS" --output "$OUTDIR/gpu_record.md" --note "$NOTE"
 t "done: $OUTDIR/gpu_record.md, $OUTDIR/gpu_record.json, $OUTDIR/gpu_record.log"

@@ -337,10 +337,10 @@ def accuracy_rows(runs):
         fast = [res[key] for _, res in sorted(found["fast"].items())]
         mean = statistics.mean(fast)
         low, high = min(official), max(official)
-        paired = [found["fast"][seed][key] - found["official"][seed][key]
-                  for seed in sorted(found["fast"].keys() & found["official"].keys())]
-        paired = (f"; same seed, fast - official: mean {statistics.mean(paired):+.2f} "
-                  f"({', '.join(f'{d:+.2f}' for d in paired)})") if paired else ""
+        differences = [found["fast"][seed][key] - found["official"][seed][key]
+                       for seed in sorted(found["fast"].keys() & found["official"].keys())]
+        paired = (f"; same seed, fast - official: mean {statistics.mean(differences):+.2f} "
+                  f"({', '.join(f'{d:+.2f}' for d in differences)})") if differences else ""
         rows.append(Row(f"{what}, seeds {', '.join(map(str, sorted(found['fast'])))}",
                         f"fast mean {mean:.2f} ({', '.join(f'{v:.2f}' for v in fast)})",
                         f"official {low:.2f}-{high:.2f} ({', '.join(f'{v:.2f}' for v in official)}){paired}", goal,
