@@ -1,3 +1,4 @@
+import gc
 import socket
 import sys
 import time
@@ -39,6 +40,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def collector_off():
+    """Python's cyclic garbage collector off during the test: what is still alive after its last reference
+    went is held by a reference cycle."""
+    gc.disable()
+    yield
+    gc.enable()
 
 
 def free_port():

@@ -1,4 +1,3 @@
-import gc
 import re
 import subprocess
 import sys
@@ -156,6 +155,7 @@ class FailsWhileMarked(WhoLoads):
         return super().__getitem__(index)
 
 
+@pytest.mark.usefixtures("collector_off")
 @pytest.mark.parametrize("parts", [None, 1])
 def test_a_loader_whose_pass_failed_serves_the_next_and_is_freed_at_once(tmp_path, parts):
     """After a worker's error the loader serves the next pass, and nothing keeps it in a reference cycle: left
@@ -163,18 +163,14 @@ def test_a_loader_whose_pass_failed_serves_the_next_and_is_freed_at_once(tmp_pat
     slowest test had been the next one, for no reason of its own)."""
     marker = tmp_path / "broken"
     marker.touch()
-    gc.disable()
-    try:
-        loader = build_loader(FailsWhileMarked(marker), 12, train=False, workers=3, parts=parts)
-        with pytest.raises(DataError, match="unreadable image 5"):
-            list(loader)
-        marker.unlink()
-        assert [b["index"] for b in loader] == [list(range(0, 12)), list(range(12, 24)), list(range(24, 30))]
-        freed = weakref.ref(loader)
-        del loader
-        assert freed() is None
-    finally:
-        gc.enable()
+    loader = build_loader(FailsWhileMarked(marker), 12, train=False, workers=3, parts=parts)
+    with pytest.raises(DataError, match="unreadable image 5"):
+        list(loader)
+    marker.unlink()
+    assert [b["index"] for b in loader] == [list(range(0, 12)), list(range(12, 24)), list(range(24, 30))]
+    freed = weakref.ref(loader)
+    del loader
+    assert freed() is None
 
 
 def test_training_crops_depend_on_seed_epoch_and_sample_only(cub):

@@ -1,7 +1,6 @@
 """--gpu-decode (DataLoader/gpu_decode.py): file bytes from the workers, decoded and resized on the device,
 against the PIL path (the official transforms' pixels): same labels, order and crops, pixels within a
 measured tolerance, non-JPEG files falling back, unreadable files named, evaluation metrics close."""
-import gc
 import io
 import json
 import threading
@@ -209,7 +208,7 @@ def _one_pass(loader, device, background):
             for b in on_device(loader, device, background=background)]
 
 
-def test_background_thread_gives_the_same_batches_and_stops(small):
+def test_background_thread_gives_the_same_batches_and_stops(small, collector_off):
     """On CUDA, --gpu-decode batches are prepared in a thread (on_device's background; forced here on the
     CPU): the batches of the caller's thread in the same order, a pass left early stops the thread so that the
     loader's persistent workers serve the next pass, and an unreadable file's DataError reaches the caller
@@ -227,15 +226,11 @@ def test_background_thread_gives_the_same_batches_and_stops(small):
     assert [i for i, _, _ in _one_pass(loader, "cpu", True)] == [i for i, _, _ in plain]
     path = _truncate(small, "train")
     strict = _train_loader(small, strict=True)
-    gc.disable()
-    try:
-        with pytest.raises(DataError, match=f"^unreadable image {path} \\(OSError"):
-            _one_pass(strict, "cpu", True)
-        freed = weakref.ref(strict)
-        del strict
-        assert freed() is None  # in no reference cycle: the garbage collector would wait 5 s for each worker
-    finally:
-        gc.enable()
+    with pytest.raises(DataError, match=f"^unreadable image {path} \\(OSError"):
+        _one_pass(strict, "cpu", True)
+    freed = weakref.ref(strict)
+    del strict
+    assert freed() is None  # in no reference cycle: the garbage collector would wait 5 s for each worker
     assert "sat-on-device" not in _threads()
 
 
