@@ -14,7 +14,8 @@ from DataLoader.eval_views import EvalViews, default_resize_size
 from Model import build_model
 from utils.boxes import gt_boxes_sat, gt_boxes_wsol, iou_plus1
 from utils.checkpoint import build_model_from_checkpoint, model_spec, save_checkpoint
-from utils.engine import box_pool, default_box_processes, evaluate
+from utils import engine
+from utils.engine import box_pool, default_box_processes, evaluate, images_per_forward
 from utils.errors import ConfigError
 from utils.metrics import (LOC_KEYS, TRAIN_THRESHOLDS, ClassAccumulator, PxAPAccumulator, SATLocAccumulator,
                            WSOLBoxAccumulator)
@@ -90,18 +91,33 @@ def _per_image_reference(model, dataset, img_size, thresholds):
     return expected
 
 
-@pytest.mark.parametrize("img_size", [64, 224])
-def test_evaluate_equals_per_image_recomputation(demo_root, img_size):
-    """Batched ten-crop + the wsol view in one forward per batch == one image at a time."""
+@pytest.mark.parametrize("img_size, part", [(64, None), (224, None), (224, 16)])
+def test_evaluate_equals_per_image_recomputation(demo_root, img_size, part, monkeypatch):
+    """Batched ten-crop + the wsol view, 5 x 11 views per batch in one forward or (``part``) in forwards of
+    16 images, the size the CPU activation budget then gives == one image at a time."""
     model = nano_model(img_size=img_size)
+    if part:  # the nano model's MLP hidden layer at 224 px: 198 tokens x 192 features x 4 bytes per image
+        monkeypatch.setattr(engine, "CPU_ACTIVATION_BYTES", part * 198 * 192 * 4 + 100)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(len(args[0])))
     loader = build_eval_loader("cub", demo_root, "test", protocol="both", tencrop=True, img_size=img_size,
                                batch_size=5, workers=0)
     result = evaluate(loader, model, "cpu", thresholds=TRAIN_THRESHOLDS, progress=False, threads=2)
     result.pop("curves")
+    assert forwards == ([16, 16, 16, 7] if part else [55]) * 2 + ([16, 6] if part else [22])  # 12 images
     reference = _per_image_reference(model, build_dataset("cub", demo_root, "test", lambda im: im), img_size,
                                      TRAIN_THRESHOLDS)
     assert result == reference
     assert result["num_images"] == 12
+
+
+def test_cpu_forwards_keep_the_mlp_activation_within_10_mib():
+    """DeiT-S at 224 px: 198 tokens x 1,536 hidden features = 1.16 MiB per image in fp32, so 8 images per
+    forward (the fastest of 4-32 measured on a 2-core CPU), 17 in bf16; the whole batch on other devices."""
+    model, images = build_model("deit_sat_small_patch16_224", num_classes=2), torch.empty(64, 3, 224, 224)
+    assert images_per_forward(model, images) == 8 and images_per_forward(model, images.to("meta")) == 64
+    with torch.autocast("cpu", torch.bfloat16):
+        assert images_per_forward(model, images) == 17
 
 
 class _FixtureMaps(torch.nn.Module):

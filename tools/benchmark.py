@@ -70,7 +70,7 @@ from Model import build_model  # noqa: E402
 from Model.losses import SATLoss  # noqa: E402
 from utils.amp import LossScaler, autocast_context, describe  # noqa: E402
 from utils.engine import train_one_epoch  # noqa: E402
-from utils.engine import evaluate  # noqa: E402
+from utils.engine import evaluate, forward_in_parts  # noqa: E402
 from utils.metrics import TRAIN_THRESHOLDS, SATLocAccumulator  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -265,7 +265,7 @@ def run_forward(args, model, device):
                 sync(device)
                 start = time.perf_counter()
             with autocast():
-                model(images.flatten(0, 1))
+                forward_in_parts(model, images.flatten(0, 1))
     sync(device)
     return time.perf_counter() - start
 

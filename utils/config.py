@@ -228,8 +228,9 @@ FIELDS = {
                               "last epoch is always evaluated", domain=">= 1"),
     "eval_every": Field("evaluation", 1, "int", "from eval_start_epoch, evaluate every N epochs (and after the "
                         "last)", domain=">= 1"),
-    "eval_batch_size": Field("evaluation", None, "int", "images per evaluation forward per process (null: train.py "
-                             f"the training micro-batch, the evaluators {EVALUATOR_BATCH})", domain=">= 1",
+    "eval_batch_size": Field("evaluation", None, "int", "images per evaluation batch per process (null: train.py "
+                             f"the training micro-batch, the evaluators {EVALUATOR_BATCH}); on a CPU, the forward "
+                             "takes a batch in parts of a few images", domain=">= 1",
                              nullable=True, scripts=BOTH),
     "eval_protocol": Field("evaluation", "auto", "str", "sat = the sat protocol (Top-1 / Top-5 / GT-known Loc, "
                            "needs boxes), wsol = the wsol protocol (MaxBoxAcc / MaxBoxAccV2 with boxes, PxAP with "

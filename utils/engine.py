@@ -176,16 +176,39 @@ class NonFiniteOutputError(SATError):
     """The model gave NaN or Inf class scores or maps (as wsolevaluation, such maps are not scored)."""
 
 
+CPU_ACTIVATION_BYTES = 10 * 2**20
+
+
+def images_per_forward(model, images):
+    """Images per forward in evaluation: on a CPU, as many as keep a forward's largest activation (the MLP's
+    hidden layer, every token) within ``CPU_ACTIVATION_BYTES``, where the caches make the forward 1.1-1.3x
+    faster than whole batches of 32 (docs/performance.md, "CPU: this project against the official code"); the
+    whole batch on GPUs and for models other than SAT's. Each image's outputs are its own either way."""
+    if images.device.type != "cpu" or not hasattr(model, "blocks") or not hasattr(model, "grid_size"):
+        return len(images)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else images.dtype
+    tokens = model.grid_size[0] * model.grid_size[1] + 2  # patches, the class token and the spatial token
+    per_image = tokens * model.blocks[0].mlp.fc1.out_features * dtype.itemsize
+    return max(1, CPU_ACTIVATION_BYTES // per_image)
+
+
+def forward_in_parts(model, images, return_block_maps=False):
+    """``model(images)`` as forwards of ``images_per_forward`` images each, their outputs joined."""
+    kwargs = {"return_block_maps": True} if return_block_maps else {}
+    parts = [model(part, **kwargs) for part in images.split(images_per_forward(model, images))]
+    return parts[0] if len(parts) == 1 else tuple(torch.cat(out) for out in zip(*parts))
+
+
 def forward_views(model, images, views, autocast, blocks=False):
-    """All views of a batch, ``images`` (B, V, 3, S, S), in one forward -> ``{'sat' | 'wsol': (scores,
-    loc_maps)}`` as float32 CPU tensors copied ``non_blocking``: ``HostOutputs.numpy`` waits for them.
-    ``tencrop``: the mean of the ten softmaxes and the centre crop's map (official); ``centre`` / ``wsol``:
+    """All views of a batch, ``images`` (B, V, 3, S, S), through the model (``forward_in_parts``) -> ``{'sat' |
+    'wsol': (scores, loc_maps)}`` as float32 CPU tensors copied ``non_blocking``: ``HostOutputs.numpy`` waits for
+    them. ``tencrop``: the mean of the ten softmaxes and the centre crop's map (official); ``centre`` / ``wsol``:
     the view's logits and map. The sat view's outputs are keyed 'sat' (also for protocol 'cls'); ``blocks``
     adds 'blocks': (None, each spatial-aware block's map of the sat view (B, K, h, w)), for overlays."""
     batch, num_views = images.shape[:2]
     with autocast():
         flat = images.flatten(0, 1)
-        logits, loc_maps, *block_maps = model(flat, return_block_maps=True) if blocks else model(flat)
+        logits, loc_maps, *block_maps = forward_in_parts(model, flat, return_block_maps=blocks)
     logits = logits.float().unflatten(0, (batch, num_views))
     loc_maps = loc_maps.float().unflatten(0, (batch, num_views))
     out = {}
