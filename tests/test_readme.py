@@ -53,3 +53,20 @@ def test_links_between_the_docs_reach_their_files_and_headings():
             if not path.exists() or (anchor and anchor not in heading_anchors(path)):
                 broken.append(f"{doc.relative_to(REPO_ROOT)}: {target}")
     assert not broken
+
+
+def test_the_quick_start_states_the_versions_requirements_admit():
+    """README's 'admits torch A - B, torchvision C - D' is requirements.txt's ranges: each lower bound, and the
+    minor version below each cap."""
+    requirements = (REPO_ROOT / "requirements.txt").read_text()
+    pins = {name: (low, high) for name, low, high in
+            re.findall(r"^(torch|torchvision)>=([\d.]+),<([\d.]+)$", requirements, flags=re.M)}
+    stated = re.search(r"admits torch ([\d.]+) - ([\d.]+), torchvision ([\d.]+) - ([\d.]+)",
+                       (REPO_ROOT / "README.md").read_text())
+    assert stated and set(pins) == {"torch", "torchvision"}
+
+    def below(cap):
+        major, minor = cap.split(".")
+        return f"{major}.{int(minor) - 1}"
+    assert stated.groups() == (pins["torch"][0], below(pins["torch"][1]),
+                               pins["torchvision"][0], below(pins["torchvision"][1]))
