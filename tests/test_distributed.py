@@ -77,20 +77,16 @@ def check_run(out, returncode, stdout, stderr, epochs=1):
     assert results["num_images"] == 6  # each val image counted once over the two shards
 
 
-def test_torchrun_two_gloo_processes_overwrite_and_resume(imagenet_root, tmp_path):
-    """A run, then in the same folder: --overwrite (every process must agree that there is a run to delete,
-    whichever looks first) and --resume for one more epoch."""
+def test_legacy_launch_then_torchrun_overwrite_and_resume(imagenet_root, tmp_path):
+    """A run under torch.distributed.launch (which passes --local-rank), then in the same folder under torchrun:
+    --overwrite (every process must agree that there is a run to delete, whichever looks first) and --resume for
+    one more epoch."""
     out, torchrun = tmp_path / "run", ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    check_run(out, *launch(torchrun, imagenet_root, out))
+    legacy = ["torch.distributed.launch", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    check_run(out, *launch(legacy, imagenet_root, out))
     (out / "metrics.jsonl").write_text('{"epoch": 7}\n')  # gone with the overwrite
     check_run(out, *launch(torchrun, imagenet_root, out, "--overwrite"))
     check_run(out, *launch(torchrun, imagenet_root, out, "--resume", "--epochs", "2"), epochs=2)
-
-
-def test_legacy_launch_passes_local_rank(imagenet_root, tmp_path):
-    out = tmp_path / "run"
-    launcher = ["torch.distributed.launch", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    check_run(out, *launch(launcher, imagenet_root, out))
 
 
 def test_single_process_without_launcher(monkeypatch):
