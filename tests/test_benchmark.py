@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from DataLoader import make_demo_dataset
+from tools.benchmark import main as benchmark_main
 from conftest import REPO_ROOT
 
 SMALL = ["--arch", "deit_sat_nano_patch16_224", "--img-size", "64", "--batch-size", "2", "--steps", "1",
@@ -13,14 +14,16 @@ SMALL = ["--arch", "deit_sat_nano_patch16_224", "--img-size", "64", "--batch-siz
 
 
 def run(*argv):
-    out = subprocess.run([sys.executable, "tools/benchmark.py", *SMALL, *argv], cwd=REPO_ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """tools/benchmark.py's result, run in this process."""
+    return benchmark_main([*SMALL, *argv])
 
 
 def test_train_benchmark_with_naive_baseline():
-    result = run("--mode", "train", "--compare-naive")
+    """As a user runs it: the script prints its result as the last line (the baseline: another process)."""
+    out = subprocess.run([sys.executable, "tools/benchmark.py", *SMALL, "--mode", "train", "--compare-naive"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
     assert (result["mode"], result["attn_impl"], result["steps"], result["batch_size"]) == ("train", "fused", 1, 2)
     assert result["images_per_second"] > 0 and result["peak_memory_mb"] > 0
     assert result["baseline"]["attn_impl"] == "naive" and result["baseline"]["precision"] == "fp32"

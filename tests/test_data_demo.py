@@ -8,7 +8,8 @@ from PIL import Image
 from DataLoader import DEFAULT_DEMO_ROOT, build_dataset, make_demo_dataset
 from DataLoader.demo import MANIFEST
 from conftest import REPO_ROOT
-from utils.errors import ConfigError
+from tools.make_demo_data import main as make_demo_data
+from utils.errors import ConfigError, run_cli
 
 SMALL = dict(num_classes=4, train_per_class=3, test_per_class=2, image_size=64)
 
@@ -52,14 +53,15 @@ def test_reads_back_as_cub_with_tight_boxes(tmp_path):
         assert np.abs(inside.mean((0, 1)) - pixels.mean((0, 1))).max() > 5
 
 
-def test_default_location_and_cli(tmp_path):
+def test_default_location_and_cli(tmp_path, capsys):
     assert DEFAULT_DEMO_ROOT == REPO_ROOT / "data" / "demo_cub"
     cli = [sys.executable, str(REPO_ROOT / "tools" / "make_demo_data.py"), "--output-dir", str(tmp_path / "d")]
     done = subprocess.run(cli + ["--num-classes", "2", "--train-per-class", "1", "--test-per-class", "1"],
                           capture_output=True, text=True)
     assert done.returncode == 0 and (tmp_path / "d" / MANIFEST).is_file()
-    bad = subprocess.run(cli[:-1] + [str(tmp_path / "e"), "--num-classes", "9"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: demo classes must be 2..6")
+    with pytest.raises(SystemExit) as bad:  # the script's error path, in this process
+        run_cli(make_demo_data, ["--output-dir", str(tmp_path / "e"), "--num-classes", "9"])
+    assert bad.value.code == 2 and capsys.readouterr().err.startswith("error: demo classes must be 2..6")
     assert not (tmp_path / "e").exists()
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from utils.boxes import crop_box_to_original, gt_boxes_sat
 from Model import build_model
+from evaluator import main as eval_main
 from tools.predict import full_image_map, main as predict_main
 from utils.checkpoint import model_spec, save_checkpoint
 from utils.errors import run_cli
@@ -43,7 +44,7 @@ def test_predict_end_to_end(tmp_path):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(path)
     out = tmp_path / "out"
     proc = run_script("tools/predict.py", "--checkpoint", checkpoint, "--output-dir", out, "--device", "cpu",
-                      folder, tmp_path / "single.jpg")
+                      folder, tmp_path / "single.jpg")  # the script, as users run it
     assert proc.returncode == 0, proc.stderr
     assert len([line for line in proc.stdout.splitlines() if " box [" in line]) == 3
     record = json.loads((out / "predictions.json").read_text())
@@ -85,17 +86,14 @@ def test_coco_output_matches_the_evaluator(tmp_path):
     checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
     wide = tmp_path / "wide.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 400, 3), np.uint8)).save(wide)
-    evaluated = run_script("evaluator.py", "--data-root", root, "--checkpoint", checkpoint, "--no-tencrop",
-                           "--threshold", "0.35", "--eval-batch-size", 12, "--workers", 0, "--device", "cpu",
-                           "--output-dir", tmp_path / "eval")
-    assert evaluated.returncode == 0, evaluated.stderr
+    eval_main(["--data-root", str(root), "--checkpoint", str(checkpoint), "--no-tencrop", "--threshold", "0.35",
+               "--eval-batch-size", "12", "--workers", "0", "--device", "cpu", "--output-dir", str(tmp_path / "eval")])
     with open(tmp_path / "eval" / "per_image.csv", newline="") as f:
         rows = {row["image_id"]: row for row in csv.DictReader(f)}
     images = [root / "images" / image_id for image_id in rows]
     coco_path = tmp_path / "pseudo.json"
-    proc = run_script("tools/predict.py", "--checkpoint", checkpoint, "--threshold", "0.35", "--batch-size", 12,
-                      "--device", "cpu", "--output-dir", tmp_path / "pred", "--coco", coco_path, *images, wide)
-    assert proc.returncode == 0, proc.stderr
+    predict_main(["--checkpoint", str(checkpoint), "--threshold", "0.35", "--batch-size", "12", "--device", "cpu",
+                  "--output-dir", str(tmp_path / "pred"), "--coco", str(coco_path), *map(str, images), str(wide)])
     coco = json.loads(coco_path.read_text())
     # schema: what detection libraries (pycocotools, detectron2, mmdet) read
     assert set(coco) == {"images", "annotations", "categories"}
