@@ -45,7 +45,7 @@ def parse_args(argv=None):
                    help="torch threads per process (default 1: on a machine shared with other jobs, a thread that "
                         "waits at every operator for a descheduled sibling would dominate the times)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time ours with bf16 autocast in training (default: where the CPU has native bf16)")
+                   help="also time ours with bf16 autocast (default: where the CPU has native bf16)")
     p.add_argument("--worker", choices=("official", "ours"), help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=("train", "eval"), help=argparse.SUPPRESS)
     p.add_argument("--worker-amp", action="store_true", help=argparse.SUPPRESS)
@@ -167,7 +167,7 @@ def variants(args, amp):
     for mode in args.modes:
         runs[f"{mode}_official_fp32"] = common + ["--worker", "official", "--mode", mode]
         runs[f"{mode}_ours_fp32"] = common + ["--worker", "ours", "--mode", mode]
-        if mode == "train" and amp:
+        if amp:
             runs[f"{mode}_ours_bf16"] = common + ["--worker", "ours", "--mode", mode, "--worker-amp"]
     return runs
 
