@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -56,6 +57,15 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_ranks(fn, args, nprocs, join=True):
+    """``mp.start_processes`` for a test's local process group: fork, so that the children reuse the imported
+    modules (spawn would import torch and timm again, ~5 s), but spawn once CUDA is initialised in this process
+    (by an earlier test on a GPU machine): a forked child cannot use CUDA, and forking a process that runs the
+    CUDA driver's threads is unsafe."""
+    return mp.start_processes(fn, args=args, nprocs=nprocs, join=join,
+                              start_method="spawn" if torch.cuda.is_initialized() else "fork")
 
 
 def wait_for_file(proc, path, timeout=180):

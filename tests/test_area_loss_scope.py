@@ -10,7 +10,6 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -18,7 +17,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from Model.losses import SATLoss, area_span, batch_area_loss, normalization_loss, sat_loss
 from utils.amp import LossScaler
 from utils.engine import train_one_epoch
-from conftest import free_port
+from conftest import free_port, start_ranks
 
 AREA_THR = 0.45
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
@@ -105,7 +104,7 @@ def _rank(rank, port, out_dir):
 
 
 def test_scopes_under_two_process_ddp_and_accumulation(tmp_path):
-    mp.start_processes(_rank, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    start_ranks(_rank, (free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     whole = reference_grads([list(range(8))])  # DataParallel: one batch of 8
     halves = reference_grads([list(range(4)), list(range(4, 8))])
@@ -207,8 +206,7 @@ def run_group_cases(world_size, out_dir):
     if world_size == 1:
         return [group_cases(0, 1)]
     out_dir.mkdir()
-    mp.start_processes(_group_rank, args=(world_size, free_port(), str(out_dir)), nprocs=world_size,
-                       start_method="fork")
+    start_ranks(_group_rank, (world_size, free_port(), str(out_dir)), nprocs=world_size)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from DataLoader import make_demo_dataset
 from DataLoader.eval_loader import build_eval_loader
@@ -17,7 +16,7 @@ from utils.engine import evaluate
 from utils.errors import DataError, user_message
 
 from test_evaluation import save_nano_checkpoint
-from conftest import free_port
+from conftest import free_port, start_ranks
 
 SETTINGS = dict(protocol="both", tencrop=True, img_size=64, batch_size=2, workers=0)
 
@@ -47,10 +46,7 @@ def _rank(rank, port, root, checkpoint, out_dir):
 
 def _two_ranks(root, checkpoint, out_dir):
     """Each rank's JSON record; the ranks must end within 2 minutes (a rank left in a collective would not)."""
-    # fork: the children reuse the imported modules (spawn would re-import torch and timm, ~5 s); not
-    # once CUDA is initialised in this process (earlier tests on a GPU machine): a forked child cannot use it
-    ranks = mp.start_processes(_rank, args=(free_port(), str(root), str(checkpoint), str(out_dir)), nprocs=2,
-                               start_method="spawn" if torch.cuda.is_initialized() else "fork", join=False)
+    ranks = start_ranks(_rank, (free_port(), str(root), str(checkpoint), str(out_dir)), nprocs=2, join=False)
     deadline = time.monotonic() + 120
     try:
         while not ranks.join(timeout=5):  # True once every rank has ended (False: one has, or none yet)
