@@ -60,6 +60,11 @@ def decode(encoded, jpeg, device):
     """File bytes (a list of uint8 tensors) -> a list of uint8 (3, H, W) RGB tensors on ``device`` (or
     the exception of a file no decoder reads). ``jpeg[k]``: file k may go to the batched decoder."""
     device = torch.device(device)
+    if device.type == "cuda":
+        # torchvision's nvJPEG decode allocates its outputs on the current stream but writes them on a stream of
+        # its own without waiting for this one (pytorch/vision#9606): memory freed here while queued kernels
+        # still read it (the previous batch's) would be overwritten under them. Wait for those kernels first.
+        torch.cuda.current_stream(device).synchronize()
     images = [None] * len(encoded)
     batched = [k for k, ok in enumerate(jpeg) if ok]
     if batched:

@@ -61,11 +61,11 @@ def free_port():
 
 def start_ranks(fn, args, nprocs, join=True):
     """``mp.start_processes`` for a test's local process group: fork, so that the children reuse the imported
-    modules (spawn would import torch and timm again, ~5 s), but spawn once CUDA is initialised in this process
-    (by an earlier test on a GPU machine): a forked child cannot use CUDA, and forking a process that runs the
-    CUDA driver's threads is unsafe."""
+    modules (spawn would import torch and timm again, ~5 s), but spawn on a GPU machine: once this process has
+    asked whether CUDA is available (the CUDA tests' skip markers do), a forked child that touches CUDA fails
+    ("Cannot re-initialize CUDA in forked subprocess"), and the loaders pin their batches where CUDA is."""
     return mp.start_processes(fn, args=args, nprocs=nprocs, join=join,
-                              start_method="spawn" if torch.cuda.is_initialized() else "fork")
+                              start_method="spawn" if torch.cuda.is_available() else "fork")
 
 
 def wait_for_file(proc, path, timeout=180):

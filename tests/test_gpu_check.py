@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -173,6 +174,25 @@ def test_cli_writes_the_markdown_table_and_its_json(runs, tmp_path):
     saved = json.loads((tmp_path / "t.json").read_text())
     assert [row["what"] for row in saved["rows"]] == [line.split(" | ")[0][2:] for line in lines[2:]]
     assert len(saved["rows"]) == 13 and saved["note"] == "quick."
+
+
+def test_each_run_leaves_the_table_so_far_and_the_runs_small_files(runs, tmp_path):
+    """gpu_lib.sh's ``run`` ends with ``snapshot``: a script stopped at a time limit keeps what it measured."""
+    (runs / "train_pil_fp32" / "checkpoints").mkdir(exist_ok=True)
+    (runs / "train_pil_fp32" / "checkpoints" / "last.pth").write_bytes(bytes(4 * 2**20))  # 4 MB: left out
+    out = tmp_path / "out"
+    script = (f"source tools/gpu_lib.sh; RUNS={runs} OUTDIR={out} KIND=check NOTE=cut. TIMEOUT=30 T0=$(date +%s); "
+              "mkdir -p $OUTDIR; run late_run echo measured")
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    table = (out / "gpu_check.md").read_text()
+    assert "cut." in table and "| `train.py`, PIL decoding in the workers (default), fp32, epoch 2 | 7.6 img/s" in table
+    assert json.loads((out / "gpu_check.json").read_text())["note"] == "cut."
+    with tarfile.open(out / "gpu_check_runs.tgz") as tar:
+        names = set(tar.getnames())
+        assert tar.extractfile("./late_run/stdout.txt").read() == b"measured\n"
+    assert {"./step_fp32.json", "./env.json", "./train_pil_fp32/metrics.jsonl"} <= names
+    assert "./train_pil_fp32/checkpoints/last.pth" not in names
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_record.sh"])

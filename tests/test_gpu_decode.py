@@ -170,9 +170,14 @@ def small(tmp_path):
     return make_demo_dataset(tmp_path / "small", num_classes=2, train_per_class=3, test_per_class=2, image_size=150)
 
 
-def test_unreadable_train_file_is_skipped_and_named(small):
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unreadable_train_file_is_skipped_and_named(small, device):
+    """On CUDA, nvJPEG must refuse the truncated file as libjpeg does (not give a partly grey image)."""
     path = _truncate(small, "train")
-    pil, gpu = train_batches(small, False, "cpu"), train_batches(small, True, "cpu")
+    pil, gpu = train_batches(small, False, "cpu"), train_batches(small, True, device)
     for batches in (pil, gpu):  # the same file skipped, in the same batch, with the same message
         assert sum(b["num_skipped"] for b in batches) == 1
         assert [b["skipped"] for b in batches] == [b["skipped"] for b in pil]
@@ -181,15 +186,40 @@ def test_unreadable_train_file_is_skipped_and_named(small):
     for a, b in zip(pil, gpu):
         assert torch.equal(a["label"], b["label"]) and len(b["image"]) == len(b["label"]) == len(b["index"])
     with pytest.raises(DataError, match=f"^unreadable image {path} \\(OSError"):
-        train_batches(small, True, "cpu", strict=True)
+        train_batches(small, True, device, strict=True)
 
 
-def test_unreadable_evaluation_file_is_a_data_error(small):
+@pytest.mark.parametrize("device", DEVICES)
+def test_unreadable_evaluation_file_is_a_data_error(small, device):
     path = _truncate(small, "test")
     loader = build_eval_loader("cub", small, "test", protocol="both", tencrop=False, img_size=64, batch_size=4,
                                workers=0, gpu_decode=True)
     with pytest.raises(DataError, match=f"^unreadable image {path} \\(OSError"):
-        list(on_device(loader, "cpu"))
+        list(on_device(loader, device))
+
+
+@CUDA
+def test_cuda_decode_waits_for_the_callers_queued_work():
+    """torchvision's nvJPEG decode writes on a stream of its own without waiting for the caller's
+    (pytorch/vision#9606), into blocks the caching allocator may hand out while the caller's queued kernels
+    still read them. ``decode`` waits first: sums queued behind a 20 ms kernel, of blocks freed before the
+    decode of as many images of the same size, read the values written before them."""
+    size, n = 64, 16
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), 200, np.uint8)).save(buffer, format="JPEG")
+    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    sums = torch.zeros(n, dtype=torch.int64, device="cuda")
+    for _ in range(5):
+        blocks = [torch.full((3, size, size), 7, dtype=torch.uint8, device="cuda") for _ in range(n)]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(40_000_000)  # about 20 ms of GPU clock cycles: the sums below are still queued
+        for k, block in enumerate(blocks):
+            sums[k] = block.sum()
+        del blocks, block
+        decoded = decode([data] * n, [True] * n, "cuda")
+        torch.cuda.synchronize()
+        assert sums.tolist() == [7 * 3 * size * size] * n
+        assert all(image.shape == (3, size, size) for image in decoded)
 
 
 def _threads():

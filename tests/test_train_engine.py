@@ -129,6 +129,20 @@ def test_loss_scaler_unscales_before_clipping_and_skips_overflowing_steps():
     assert not fp32.enabled and fp32.state_dict() == {}
 
 
+def test_a_group_without_gradients_steps_nothing():
+    # Every image of an accumulation group unreadable: no gradient at all. With an enabled GradScaler (the fp16
+    # path) a step would fail ("No inf checks were recorded for this optimizer"); nothing changes instead.
+    p = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([p], lr=1.0)
+    loss_scaler = LossScaler("cpu")
+    loss_scaler.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    loss_scaler((p * torch.tensor([0.3, 0.4])).sum(), optimizer, clip_grad=1.0)
+    optimizer.zero_grad(set_to_none=True)
+    assert loss_scaler.step(optimizer, clip_grad=1.0) is None
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.3, -0.4]))
+    assert loss_scaler.state_dict()["scale"] == 2.0 ** 12
+
+
 def test_best_checkpoint_rule():
     # Official: each file keeps the first epoch with a strictly higher value; best.pth (selection 'loc')
     # maximises Top-1 Loc + GT-known Loc, best_top1_loc.pth / best_gt_known_loc.pth their own metric.

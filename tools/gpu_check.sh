@@ -3,7 +3,8 @@
 # measured on synthetic photo-sized JPEGs (tools/make_benchmark_data.py): the training step alone; train.py end
 # to end (PIL, --cache-images --amp, --gpu-decode --amp) against it; evaluation end to end against loading alone
 # and against the forward alone; evaluator.py as users run it. Prints ONE markdown table (card, versions, date;
-# measured value, ratio, target, met) and writes it to $OUT (or /tmp) as gpu_check.md / .json, with the log.
+# measured value, ratio, target, met) and writes it to $OUT (or /tmp) as gpu_check.md / .json, with the log and
+# the runs' small files (gpu_check_runs.tgz), both also after each run: a check stopped early leaves its rows.
 # About 8 minutes on one H100 / H200 with 16 cores (the suite at most 4). Run from anywhere:
 #
 #   tools/gpu_check.sh                       # one GPU
@@ -55,6 +56,7 @@ bench() {
       --resize-size $RESIZE --num-classes $CLASSES --steps $STEPS --warmup $WARMUP "$@" \
       > "$RUNS/$name.json" 2> "$RUNS/$name.err"
   echo "  rc $?"; tail -c 400 "$RUNS/$name.json"; echo
+  snapshot
 }
 
 t "## machine"
@@ -71,10 +73,15 @@ if [ $TESTS = 1 ]; then
   echo "pytest ${XDIST:-(no pytest-xdist: one process)}"
   # -v: one line per test as it ends, so that a suite stopped at its limit still names its failures. With
   # pytest-xdist one torch thread per test process (and the processes they start): 16 processes of 16 threads
-  # each on 16 cores would spend the suite's time switching threads.
+  # each on 16 cores would spend the suite's time switching threads. The files with CUDA-only tests, or with
+  # process groups started beside CUDA, go first: a suite stopped at its limit has run them.
+  FILES=(tests/test_device.py tests/test_device_transforms.py tests/test_gpu_decode.py tests/test_data_loader.py
+         tests/test_evaluation_ddp.py tests/test_area_loss_scope.py)
+  for f in tests/test_*.py; do [[ " ${FILES[*]} " == *" $f "* ]] || FILES+=("$f"); done
   env ${XDIST:+OMP_NUM_THREADS=1} timeout "$SUITE_TIMEOUT" python3 -m pytest -v -p no:cacheprovider --durations=10 $XDIST \
-      > "$RUNS/pytest.txt" 2>&1
+      "${FILES[@]}" > "$RUNS/pytest.txt" 2>&1
   grep -E "^(FAILED|ERROR) |^=+ .*[0-9]+ (passed|failed)|^[0-9.]+s (call|setup)" "$RUNS/pytest.txt" | tail -25 | cut -c1-300
+  snapshot
 else
   rm -f "$RUNS/pytest.txt"
 fi
@@ -114,4 +121,4 @@ evaluator evaluator_tencrop $TENCROP_BS --tencrop
 
 t "## table"
 python3 tools/gpu_table.py check "$RUNS" --output "$OUTDIR/gpu_check.md" --note "$NOTE"
-t "done: $OUTDIR/gpu_check.md, $OUTDIR/gpu_check.json, $OUTDIR/gpu_check.log"
+t "done: $OUTDIR/gpu_check.md, .json, .log and gpu_check_runs.tgz"

@@ -2,9 +2,9 @@
 # runs write into), TIMEOUT (seconds per run) and T0 (the start, in seconds since the epoch).
 
 # start_log NAME: OUTDIR ($OUT, else /tmp) and RUNS made, unbuffered Python, and everything from here on
-# printed and copied to OUTDIR/NAME.log
+# printed and copied to OUTDIR/NAME.log; NAME gpu_check or gpu_record also names the table of ``snapshot``
 start_log() {
-  OUTDIR=${OUT:-/tmp}
+  OUTDIR=${OUT:-/tmp} KIND=${1#gpu_}
   mkdir -p "$OUTDIR" "$RUNS"
   export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
   exec > >(tee "$OUTDIR/$1.log") 2>&1
@@ -25,6 +25,15 @@ run() {
   end=$(date +%s.%N)
   [ $rc = 0 ] && awk "BEGIN { printf \"%.2f\n\", $end - $start }" > "$dir/wall_s"
   echo "  rc $rc"; tail -n 2 "$dir/stdout.txt" | cut -c1-300
+  snapshot
+}
+
+# snapshot: the table of the runs so far (tools/gpu_table.py KIND, NOTE under its title) into OUTDIR/gpu_KIND.md /
+# .json, and the runs' files under 3 MB (outputs, logs, metrics; no checkpoints) into OUTDIR/gpu_KIND_runs.tgz,
+# after each run: a script stopped at a time limit (a GPU machine's per-command limit) leaves what it measured
+snapshot() {
+  python3 tools/gpu_table.py "$KIND" "$RUNS" --output "$OUTDIR/gpu_$KIND.md" --note "${NOTE:-}" > /dev/null 2>&1
+  (cd "$RUNS" && find . -type f -size -3M -print0 | tar czf "$OUTDIR/gpu_${KIND}_runs.tgz" --null -T -) 2> /dev/null
 }
 
 

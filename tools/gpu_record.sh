@@ -5,7 +5,8 @@
 # images/s); (3) accuracy: the fast and the official recipe (CUB.yaml), 3 seeds each,
 # a shortened from-scratch schedule on data whose labels can be learned (make_benchmark_data.py --learnable),
 # GT-known Loc and Top-1 Cls; passed when the fast recipe's mean lies within the official seeds' range.
-# Prints ONE markdown table and writes it to $OUT (or /tmp) as gpu_record.md / .json, with the log.
+# Prints ONE markdown table and writes it to $OUT (or /tmp) as gpu_record.md / .json, with the log and the runs'
+# small files (gpu_record_runs.tgz), both also after each run: a record stopped early leaves its rows.
 #
 #   tools/gpu_record.sh                             # one GPU, all three parts (about 15 minutes)
 #   tools/gpu_record.sh --parts cub,imagenet        # some of them: cub, imagenet, accuracy
@@ -70,6 +71,10 @@ else
   fi
 fi
 [ -n "$SEEDS_ARG" ] && SEEDS=$SEEDS_ARG
+NOTE="Synthetic JPEGs of 300-500 px, random init."
+[ $QUICK = 1 ] && NOTE="--quick: nano SAT at 64 px, tiny data, 2 epochs: the plumbing, not comparable with the goals."
+[ $QUICK = 0 ] && [ $SMALL_MODEL = 1 ] && NOTE="--small-model: nano SAT at 64 px, 2 workers, on $DEVICE; the \
+data's counts (images of 80-120 px) and the schedule of the full runs. Times are not comparable with the goals."
 # train NAME CONFIG ARGS...: train.py on CONFIG, random init, into RUNS/NAME
 train() {
   local name=$1 config=$2; shift 2
@@ -108,9 +113,5 @@ if part accuracy; then
 fi
 
 t "## table"
-NOTE="Synthetic JPEGs of 300-500 px, random init."
-[ $QUICK = 1 ] && NOTE="--quick: nano SAT at 64 px, tiny data, 2 epochs: the plumbing, not comparable with the goals."
-[ $QUICK = 0 ] && [ $SMALL_MODEL = 1 ] && NOTE="--small-model: nano SAT at 64 px, 2 workers, on $DEVICE; the \
-data's counts (images of 80-120 px) and the schedule of the full runs. Times are not comparable with the goals."
 python3 tools/gpu_table.py record "$RUNS" --output "$OUTDIR/gpu_record.md" --note "$NOTE"
-t "done: $OUTDIR/gpu_record.md, $OUTDIR/gpu_record.json, $OUTDIR/gpu_record.log"
+t "done: $OUTDIR/gpu_record.md, .json, .log and gpu_record_runs.tgz"

@@ -82,7 +82,11 @@ class LossScaler:
 
     def step(self, optimizer, *, clip_grad=None):
         """Unscale, clip the gradient norm of the optimizer's parameters to ``clip_grad`` (None: no
-        clipping) and step (skipped by the GradScaler when fp16 gradients overflowed)."""
+        clipping) and step (skipped by the GradScaler when fp16 gradients overflowed). Without any gradient
+        (every image of an accumulation group unreadable) there is nothing to step: skipped (an enabled
+        GradScaler would fail: it found no gradient to check for overflow)."""
+        if all(p.grad is None for group in optimizer.param_groups for p in group["params"]):
+            return None
         norm = None
         if clip_grad is not None:
             self.scaler.unscale_(optimizer)
