@@ -36,6 +36,12 @@ NAMED = 3
 METHODS = {False: "headers, end markers and boxes", True: "full decodes and boxes"}
 
 
+def tail_has_end_marker(tail, fmt):
+    """Whether ``tail``, a file's last bytes, ends with the end marker of ``fmt`` once trailing zero bytes
+    are stripped."""
+    return tail.rstrip(b"\0").endswith(END_MARKERS[fmt][0])
+
+
 def ends_with_marker(path, fmt):
     """Whether the file ends with the end marker of ``fmt``; None for a format without one here."""
     if fmt not in END_MARKERS:
@@ -43,7 +49,7 @@ def ends_with_marker(path, fmt):
     with open(path, "rb") as f:
         f.seek(0, 2)
         f.seek(max(0, f.tell() - TAIL_BYTES))
-        return f.read().rstrip(b"\0").endswith(END_MARKERS[fmt][0])
+        return tail_has_end_marker(f.read(), fmt)
 
 
 def unreadable_reason(err):

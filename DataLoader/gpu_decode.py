@@ -39,12 +39,14 @@ def unpack(images):
     return list(torch.split(images["encoded"], images["encoded_sizes"].tolist()))
 
 
-def _decode_one(data, device):
-    """One file's bytes -> uint8 (3, H, W) RGB on ``device``; the error if no decoder reads it."""
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        pass
+def _decode_one(data, device, jpeg):
+    """One file's bytes -> uint8 (3, H, W) RGB on ``device``; the error if no decoder reads it. ``jpeg``: the
+    device's JPEG decoder may take it (``transforms.file_bytes``), else torchvision's or PIL's on the CPU."""
+    if jpeg:
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            pass
     try:
         return decode_image(data, mode=ImageReadMode.RGB).to(device)
     except RuntimeError:
@@ -74,7 +76,8 @@ def decode(encoded, jpeg, device):
                 images[k] = image
         except RuntimeError:  # one file refused fails the whole batch: each is retried below
             pass
-    return [image if image is not None else _decode_one(data, device) for image, data in zip(images, encoded)]
+    return [image if image is not None else _decode_one(data, device, ok)
+            for image, data, ok in zip(images, encoded, jpeg)]
 
 
 def _bilinear(images, height, width):

@@ -8,6 +8,7 @@ from torchvision.io import read_file
 
 from utils.boxes import centre_offset
 
+from .check import TAIL_BYTES, tail_has_end_marker
 from .device_transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -65,9 +66,13 @@ def draw_crop(size, crop_size):
 
 def file_bytes(image):
     """``gpu_decode``: a PIL image opened but not decoded -> its file's bytes (uint8), path, and whether the
-    batched JPEG decoder can take it (``'jpeg'``: a JPEG of 1 or 3 components; not CMYK, PNG, ...)."""
-    return {"encoded": read_file(image.filename), "path": image.filename,
-            "jpeg": image.format == "JPEG" and image.mode in ("RGB", "L")}
+    JPEG decoder of the device may take it (``'jpeg'``: a JPEG of 1 or 3 components, not CMYK, PNG, ..., that
+    ends with its end marker: nvJPEG's hardware path may give a truncated file's missing part as grey instead of
+    failing, where libjpeg and PIL refuse it, as the PIL path does)."""
+    encoded = read_file(image.filename)
+    jpeg = (image.format == "JPEG" and image.mode in ("RGB", "L")
+            and tail_has_end_marker(encoded[-TAIL_BYTES:].numpy().tobytes(), "JPEG"))
+    return {"encoded": encoded, "path": image.filename, "jpeg": jpeg}
 
 
 class TrainPixels:

@@ -170,6 +170,18 @@ def small(tmp_path):
     return make_demo_dataset(tmp_path / "small", num_classes=2, train_per_class=3, test_per_class=2, image_size=150)
 
 
+def test_only_complete_jpegs_go_to_the_devices_decoder(small):
+    """A JPEG cut short (no end marker) is left to libjpeg / PIL, which refuse it (nvJPEG's hardware path may
+    not); zero bytes after the end marker, as some writers leave, are no cut."""
+    cut = _truncate(small, "train")
+    padded = build_dataset("cub", small, "train").image_path(1)
+    with open(padded, "ab") as f:
+        f.write(bytes(100))
+    encoded = train_batches(small, True)
+    flags = dict(zip(sum((b["image"]["path"] for b in encoded), []), sum((b["image"]["jpeg"] for b in encoded), [])))
+    assert flags[str(cut)] is False and flags[str(padded)] is True and sum(flags.values()) == len(flags) - 1 == 5
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 

@@ -109,7 +109,7 @@ def test_no_cache_where_the_disk_has_no_room(tmp_path, data_root, monkeypatch, c
 
 
 def test_training_with_cache_gives_the_same_run(tmp_path, data_root):
-    common = [*TINY, "--data-root", str(data_root), "--epochs", "2", "--workers", "1", "--device", "cpu"]
+    common = [*TINY, "--data-root", str(data_root), "--epochs", "2", "--workers", "1"]
     main([*common, "--output-dir", str(tmp_path / "plain")])
     main([*common, "--output-dir", str(tmp_path / "cached"), "--cache-images"])
     a, b = (read_checkpoint(tmp_path / run / "checkpoints" / "last.pth")["model"] for run in ("plain", "cached"))

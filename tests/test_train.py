@@ -24,11 +24,12 @@ from train import main
 
 from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_ROOT, wait_for_file
 
-# Tiny runs: 3 classes x 8 train / 4 test images of 64 px, nano model at 64 px, batch 8.
+# Tiny runs: 3 classes x 8 train / 4 test images of 64 px, nano model at 64 px, batch 8, on the CPU (bit-identical
+# runs; on a GPU machine, test_train_py_end_to_end runs at device auto and tests/test_device.py on CUDA).
 TINY = ["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
         "--batch-size", "8", "--eval-batch-size", "12", "--eval-start-epoch", "1", "--eval-every", "1", "--workers",
         "0", "--log-every", "1", "--warmup-epochs", "0", "--overlays", "0", "--no-tencrop",
-        "--no-report-best-threshold"]
+        "--no-report-best-threshold", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,8 @@ def test_train_py_end_to_end(data_root, tmp_path):
     out = tmp_path / "run"
     started = time.perf_counter()
     proc = train_py(*args(data_root, out, "--epochs", "2", "--overlays", "2", "--lr", "2e-3",
-                                       "--lr-schedule", "constant", "--tencrop", "--report-best-threshold"))
+                                       "--lr-schedule", "constant", "--tencrop", "--report-best-threshold",
+                                       "--device", "auto"))  # the GPU where there is one, as users run it
     proc_seconds = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert epochs_logged(out) == [1, 2]
@@ -92,7 +94,7 @@ def test_train_py_end_to_end(data_root, tmp_path):
 
 
 def test_kill_and_resume_gives_the_uninterrupted_run(data_root, tmp_path):
-    epochs = ["--epochs", "3", "--device", "cpu"]  # bit-identical on the CPU; CUDA: tests/test_device.py
+    epochs = ["--epochs", "3"]  # bit-identical on the CPU; CUDA: tests/test_device.py
     reference = tmp_path / "reference"
     main(args(data_root, reference, *epochs))
 
