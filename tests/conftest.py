@@ -59,6 +59,12 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def rendezvous(folder):
+    """``init_method`` of a test's local process group: a file store in ``folder`` (a fresh one per group), where
+    a free TCP port could be taken by another test process before the group binds it."""
+    return f"file://{Path(folder).resolve() / 'rendezvous'}"
+
+
 def start_ranks(fn, args, nprocs, join=True):
     """``mp.start_processes`` for a test's local process group: fork, so that the children reuse the imported
     modules (spawn would import torch and timm again, ~5 s), but spawn on a GPU machine: once this process has

@@ -17,7 +17,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from Model.losses import SATLoss, area_span, batch_area_loss, normalization_loss, sat_loss
 from utils.amp import LossScaler
 from utils.engine import train_one_epoch
-from conftest import free_port, start_ranks
+from conftest import rendezvous, start_ranks
 
 AREA_THR = 0.45
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
@@ -74,10 +74,9 @@ def batch(indices):
     return {"image": images()[indices], "label": LABELS[indices], "num_skipped": 0}
 
 
-def _rank(rank, port, out_dir):
+def _rank(rank, init_method, out_dir):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         result = {}
         half = list(range(4 * rank, 4 * rank + 4))
@@ -104,7 +103,7 @@ def _rank(rank, port, out_dir):
 
 
 def test_scopes_under_two_process_ddp_and_accumulation(tmp_path):
-    start_ranks(_rank, (free_port(), str(tmp_path)), nprocs=2)
+    start_ranks(_rank, (rendezvous(tmp_path), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     whole = reference_grads([list(range(8))])  # DataParallel: one batch of 8
     halves = reference_grads([list(range(4)), list(range(4, 8))])
@@ -191,10 +190,9 @@ def group_cases(rank, world_size):
     return result
 
 
-def _group_rank(rank, world_size, port, out_dir):
+def _group_rank(rank, world_size, init_method, out_dir):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         torch.save(group_cases(rank, world_size), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -206,7 +204,7 @@ def run_group_cases(world_size, out_dir):
     if world_size == 1:
         return [group_cases(0, 1)]
     out_dir.mkdir()
-    start_ranks(_group_rank, (world_size, free_port(), str(out_dir)), nprocs=world_size)
+    start_ranks(_group_rank, (world_size, rendezvous(out_dir), str(out_dir)), nprocs=world_size)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
 
 

@@ -28,7 +28,7 @@ from utils.errors import ConfigError
 from utils.engine import evaluate
 from utils.optim import build_optimizer, build_scheduler
 
-from conftest import REPO_ROOT, free_port, wait_for_file
+from conftest import REPO_ROOT, rendezvous, wait_for_file
 from test_evaluation import save_nano_checkpoint
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
@@ -107,10 +107,9 @@ def test_amp_training_steps_on_cuda():
     assert stats["steps"] == 3 and math.isfinite(stats["loss"]) and changed > 0
 
 
-def _nccl_rank(rank, port, root, checkpoint, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _nccl_rank(rank, init_method, root, checkpoint, out):
     torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    dist.init_process_group("nccl", init_method=init_method, rank=0, world_size=1, device_id=torch.device("cuda", 0))
     try:
         model, _ = build_model_from_checkpoint(checkpoint)
         loader = build_eval_loader("cub", root, "test", protocol="both", tencrop=False, img_size=64, batch_size=4,
@@ -135,7 +134,7 @@ def test_nccl_one_process(tmp_path):
     assert "1 process(es) on cuda:0" in (out / "log.txt").read_text()
 
     checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
-    mp.start_processes(_nccl_rank, args=(free_port(), str(root), str(checkpoint), str(tmp_path / "nccl.json")),
+    mp.start_processes(_nccl_rank, args=(rendezvous(tmp_path), str(root), str(checkpoint), str(tmp_path / "nccl.json")),
                        nprocs=1, start_method="spawn")
     model, _ = build_model_from_checkpoint(checkpoint)
     loader = build_eval_loader("cub", root, "test", protocol="both", tencrop=False, img_size=64, batch_size=4,

@@ -16,7 +16,7 @@ from utils.engine import evaluate
 from utils.errors import DataError, user_message
 
 from test_evaluation import save_nano_checkpoint
-from conftest import free_port, start_ranks
+from conftest import rendezvous, start_ranks
 
 SETTINGS = dict(protocol="both", tencrop=True, img_size=64, batch_size=2, workers=0)
 
@@ -28,10 +28,9 @@ def _evaluate(root, checkpoint, distributed, scoremaps):
                     per_image=True, progress=False)
 
 
-def _rank(rank, port, root, checkpoint, out_dir):
+def _rank(rank, init_method, root, checkpoint, out_dir):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         try:
             record = {"result": _evaluate(root, checkpoint, True, os.path.join(out_dir, "scoremaps")),
@@ -46,7 +45,7 @@ def _rank(rank, port, root, checkpoint, out_dir):
 
 def _two_ranks(root, checkpoint, out_dir):
     """Each rank's JSON record; the ranks must end within 2 minutes (a rank left in a collective would not)."""
-    ranks = start_ranks(_rank, (free_port(), str(root), str(checkpoint), str(out_dir)), nprocs=2, join=False)
+    ranks = start_ranks(_rank, (rendezvous(out_dir), str(root), str(checkpoint), str(out_dir)), nprocs=2, join=False)
     deadline = time.monotonic() + 120
     try:
         while not ranks.join(timeout=5):  # True once every rank has ended (False: one has, or none yet)
