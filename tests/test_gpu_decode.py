@@ -187,7 +187,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_unreadable_train_file_is_skipped_and_named(small, device):
-    """On CUDA, nvJPEG must refuse the truncated file as libjpeg does (not give a partly grey image)."""
+    """On CUDA too: the truncated file goes to libjpeg / PIL (no end marker), which refuse it."""
     path = _truncate(small, "train")
     pil, gpu = train_batches(small, False, "cpu"), train_batches(small, True, device)
     for batches in (pil, gpu):  # the same file skipped, in the same batch, with the same message
