@@ -12,7 +12,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from DataLoader import build_dataset, build_loader, make_demo_dataset
 from DataLoader.eval_loader import build_eval_loader
@@ -28,7 +27,7 @@ from utils.errors import ConfigError
 from utils.engine import evaluate
 from utils.optim import build_optimizer, build_scheduler
 
-from conftest import REPO_ROOT, rendezvous, wait_for_file
+from conftest import REPO_ROOT, rendezvous, start_ranks, wait_for_file
 from test_evaluation import save_nano_checkpoint
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
@@ -134,8 +133,7 @@ def test_nccl_one_process(tmp_path):
     assert "1 process(es) on cuda:0" in (out / "log.txt").read_text()
 
     checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
-    mp.start_processes(_nccl_rank, args=(rendezvous(tmp_path), str(root), str(checkpoint), str(tmp_path / "nccl.json")),
-                       nprocs=1, start_method="spawn")
+    start_ranks(_nccl_rank, (rendezvous(tmp_path), str(root), str(checkpoint), str(tmp_path / "nccl.json")), nprocs=1)
     model, _ = build_model_from_checkpoint(checkpoint)
     loader = build_eval_loader("cub", root, "test", protocol="both", tencrop=False, img_size=64, batch_size=4,
                                workers=0)
