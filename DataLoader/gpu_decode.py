@@ -60,7 +60,8 @@ def _decode_one(data, device, jpeg):
 
 def decode(encoded, jpeg, device):
     """File bytes (a list of uint8 tensors) -> a list of uint8 (3, H, W) RGB tensors on ``device`` (or
-    the exception of a file no decoder reads). ``jpeg[k]``: file k may go to the batched decoder."""
+    the exception of a file no decoder reads). ``jpeg[k]``: file k may go to the device's JPEG decoder (batched,
+    else alone; ``transforms.file_bytes``), else to the CPU decoders."""
     device = torch.device(device)
     if device.type == "cuda":
         # torchvision's nvJPEG decode allocates its outputs on the current stream but writes them on a stream of
