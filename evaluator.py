@@ -103,8 +103,9 @@ def evaluate_checkpoint(args, imagenet, info):
         raise ConfigError("--save-boxes writes the sat protocol's boxes: use --eval-protocol both (or sat / cls)")
     start = time.perf_counter()
     try:
-        metrics = evaluate(loader, model.to(info.device), info.device, amp=args.amp, save_maps=args.save_maps,
-                           overlay_blocks=args.overlay_blocks, **evaluate_settings(args, protocol, output_dir, info))
+        metrics = evaluate(loader, model.to(info.device), info.device, amp=args.amp, compile=args.compile,
+                           save_maps=args.save_maps, overlay_blocks=args.overlay_blocks,
+                           **evaluate_settings(args, protocol, output_dir, info))
     except NonFiniteOutputError as err:
         raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
     if args.save_maps and info.is_main:
@@ -115,7 +116,8 @@ def evaluate_checkpoint(args, imagenet, info):
     record = {"checkpoint": str(args.checkpoint), "arch": arch, "num_classes": model.num_classes,
               "img_size": img_size, "resize_size": views.resize_size, "data_format": fmt, "data_root": str(root),
               "split": split, "eval_protocol": protocol, "views": list(views.names), "tencrop": views.tencrop,
-              "precision": describe(info.device, args.amp), "search_thresholds": args.thresholds, **metrics}
+              "precision": describe(info.device, args.amp), "compile": args.compile,
+              "search_thresholds": args.thresholds, **metrics}
     if info.is_main:
         write_outputs(args, output_dir, record, rows, curves, loader.dataset.classes)
     return record

@@ -3,7 +3,6 @@ import os
 from typing import NamedTuple
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -41,8 +40,9 @@ def size_difference_warning(count):
 
 class WSOLDataset(Dataset):
     """Items of one split read from ``image_root``: samples ``{'image', 'label', 'index'}``, and in evaluation
-    splits also ``'boxes'`` (original pixels), ``'size'`` (the size the annotation states, else the file's: the
-    official code maps boxes with its lists' sizes), ``'file_size'``, ``'image_id'`` and mask paths.
+    splits also ``'boxes'`` (original pixels, a float32 (N, 4) numpy array), ``'size'`` (the size the annotation
+    states, else the file's: the official code maps boxes with its lists' sizes), ``'file_size'``, ``'image_id'``
+    and mask paths.
     An unreadable training image gives a ``Skipped`` naming it (dropped and logged by the training loop)
     unless ``strict``; in an evaluation split it is a DataError, so that metrics cover the whole split."""
 
@@ -114,7 +114,10 @@ class WSOLDataset(Dataset):
         boxes = np.zeros((0, 4), np.float32) if item.boxes is None else item.boxes
         size = item.size or file_size
         check_boxes(boxes, size, item.source)
-        out = {"boxes": torch.tensor(boxes), "size": size, "file_size": file_size, "image_id": item.image_id}
+        # numpy, not a tensor: a batch's list of per-image tensors would cross from a worker with one file
+        # descriptor each, and an evaluation batch of 256 ran out of a 1024 limit (ulimit -n)
+        out = {"boxes": np.asarray(boxes, np.float32), "size": size, "file_size": file_size,
+               "image_id": item.image_id}
         if item.mask_paths is not None:
             out.update(mask_paths=list(item.mask_paths), ignore_path=item.ignore_path)
         return out

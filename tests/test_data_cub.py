@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from DataLoader import build_dataset, build_loader, make_demo_dataset
 from utils.errors import DataError
@@ -34,7 +33,7 @@ def test_test_items_carry_original_boxes_size_and_image_id(cub):
     assert sample["label"] == 1 and sample["index"] == 3
     assert sample["image_id"] == "002.Checkered_Square/Checkered_Square_0007.jpg"
     assert sample["size"] == (48, 48)
-    assert sample["boxes"].dtype == torch.float32
+    assert sample["boxes"].dtype == np.float32
     assert sample["boxes"].tolist() == [boxes[14]]
 
 

@@ -1,6 +1,7 @@
 """evaluator.py and evaluator_ImageNet.py end to end on small generated data with a random nano model;
 one-line errors for bad checkpoints (flags and config files: tests/test_config.py)."""
 import csv
+import functools
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT
-from DataLoader import build_dataset
+from DataLoader import build_dataset, make_demo_dataset
 from utils.boxes import gt_boxes_wsol
 from utils.errors import run_cli
 from evaluator import main
@@ -102,6 +103,28 @@ def _write_imagenet(root):
     return root
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="file-descriptor sharing of worker tensors is Linux's")
+def test_a_large_evaluation_batch_fits_a_low_open_file_limit(tmp_path):
+    """150 images in one batch from 2 workers at ulimit -n 64. When boxes were tensors, each image's crossed
+    from its worker with its own file descriptor: this run hung on 'Too many open files' (and a batch of 256
+    failed at the common limit of 1024, so that training crashed at its first evaluation)."""
+    import resource
+
+    root = make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=1, test_per_class=50, image_size=48)
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "evaluator.py"), "--data-root", str(root),
+                           "--checkpoint", str(checkpoint), "--eval-batch-size", "150", "--workers", "2",
+                           "--output-dir", str(tmp_path / "out"), "--device", "cpu"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, preexec_fn=low_limit,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["num_images"] == 150
+
+
 def test_imagenet_evaluator_with_config_file(tmp_path):
     root = _write_imagenet(tmp_path / "ILSVRC2012")
     checkpoint = save_nano_checkpoint(tmp_path / "nano.pth", num_classes=len(WNIDS))
@@ -144,6 +167,28 @@ def test_checkpoint_errors_are_one_line(cub, tmp_path, capsys, keep_logging):
     proc = run_script("evaluator.py", "--checkpoint", tmp_path / "absent.pth", *common)  # the real script
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: checkpoint {tmp_path / 'absent.pth'}: file not found"
+
+
+def test_compile_flag_compiles_the_full_forward_once_and_changes_no_number(cub, tmp_path, monkeypatch,
+                                                                           keep_logging):
+    # a counting eager backend traces the model as the default one does, without inductor's code generation
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append([tuple(x.shape) for x in example_inputs if torch.is_tensor(x) and x.shape[1:] == (3, 64, 64)])
+        return graph.forward
+
+    root, checkpoint = cub
+    common = ["--data-root", str(root), "--checkpoint", str(checkpoint), "--eval-batch-size", "5", "--workers", "0",
+              "--device", "cpu", "--eval-protocol", "both"]
+    eager = main([*common, "--output-dir", str(tmp_path / "eager")])
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
+    compiled = main([*common, "--output-dir", str(tmp_path / "compiled"), "--compile"])
+    # 12 images in batches of 5, 5 and 2, 11 views each (ten crops and the wsol view): the last batch runs eagerly
+    assert graphs == [[(55, 3, 64, 64)]]
+    assert (eager["compile"], compiled["compile"]) == (False, True)
+    assert {k: v for k, v in compiled.items() if k != "compile"} == \
+        {k: v for k, v in eager.items() if k != "compile"}
 
 
 def _read_per_image(path):

@@ -69,8 +69,7 @@ from DataLoader.transforms import TrainPixels, train_transform  # noqa: E402
 from Model import build_model  # noqa: E402
 from Model.losses import SATLoss  # noqa: E402
 from utils.amp import LossScaler, autocast_context, describe  # noqa: E402
-from utils.engine import train_one_epoch  # noqa: E402
-from utils.engine import evaluate, forward_in_parts  # noqa: E402
+from utils.engine import CompiledFullBatches, evaluate, forward_in_parts, train_one_epoch  # noqa: E402
 from utils.metrics import TRAIN_THRESHOLDS, SATLocAccumulator  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -89,7 +88,8 @@ def parse_args(argv=None):
                    help="attention implementation, as the config key attn_impl")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast, as train.py --amp (default: fp32, as train.py)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model as the scripts' --compile does "
+                   "(full batches; eval: full forwards)")
     p.add_argument("--protocol", choices=("sat", "wsol", "both"), default="sat", help="eval mode")
     p.add_argument("--tencrop", action="store_true", help="eval mode: ten-crop classification")
     p.add_argument("--thresholds", type=float, nargs="+", default=list(TRAIN_THRESHOLDS), help="eval mode")
@@ -259,6 +259,7 @@ def run_forward(args, model, device):
         args.warmup + args.steps, args.batch_size, args.img_size, args.num_classes, views.num_views, gen)]
     autocast = autocast_context(device, args.amp)
     model.eval()
+    model = CompiledFullBatches(model) if args.compile else model
     with torch.no_grad():
         for i, images in enumerate(batches):
             if i == args.warmup:
@@ -279,7 +280,7 @@ def run_eval(args, model, device, batches=None):
         batches = iter(synthetic_eval_batches(args.warmup + args.steps, args.batch_size, args.img_size,
                                               args.num_classes, views.num_views, gen))
     kwargs = dict(device=device, thresholds=args.thresholds, views=views, amp=args.amp, progress=False,
-                  box_processes=args.box_processes)
+                  box_processes=args.box_processes, compile=args.compile)
     evaluate(Take(batches, args.warmup), model, **kwargs)
     sync(device)
     start = time.perf_counter()
@@ -363,8 +364,8 @@ def benchmark(args):
     device = torch.device(args.device)
     model = build_model(args.arch, num_classes=args.num_classes, img_size=args.img_size,
                         drop_path_rate=0.1 if args.mode == "train" else 0.0, attn_impl=args.attn_impl).to(device)
-    if args.compile:
-        model = torch.compile(model)
+    if args.compile and args.mode == "train":
+        model = CompiledFullBatches(model, args.batch_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run = run_train if args.mode == "train" else run_eval

@@ -46,9 +46,11 @@ def parse_args(argv=None):
                         "waits at every operator for a descheduled sibling would dominate the times)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="also time ours with bf16 autocast (default: where the CPU has native bf16)")
+    p.add_argument("--compile", action="store_true", help="also time ours in fp32 with --compile (torch.compile)")
     p.add_argument("--worker", choices=("official", "ours"), help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=("train", "eval"), help=argparse.SUPPRESS)
     p.add_argument("--worker-amp", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-compile", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -136,10 +138,13 @@ def ours_measure(args):
     bench = benchmark.parse_args(["--mode", args.mode, "--arch", args.arch, "--num-classes", str(args.num_classes),
                                   "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                                   "--warmup", "0" if args.mode == "train" else "1",
-                                  "--device", "cpu", "--amp" if args.worker_amp else "--no-amp"])
+                                  "--device", "cpu", "--amp" if args.worker_amp else "--no-amp",
+                                  *(["--compile"] if args.worker_compile else [])])
     torch.manual_seed(0)
     model = benchmark.build_model(args.arch, num_classes=args.num_classes,
                                   drop_path_rate=0.1 if args.mode == "train" else 0.0)
+    if bench.compile and args.mode == "train":  # as benchmark() does; evaluation compiles in run_eval
+        model = benchmark.CompiledFullBatches(model, args.batch_size)
     run = benchmark.run_train if args.mode == "train" else benchmark.run_eval
     return lambda: run(bench, model, torch.device("cpu"))
 
@@ -167,6 +172,8 @@ def variants(args, amp):
     for mode in args.modes:
         runs[f"{mode}_official_fp32"] = common + ["--worker", "official", "--mode", mode]
         runs[f"{mode}_ours_fp32"] = common + ["--worker", "ours", "--mode", mode]
+        if args.compile:
+            runs[f"{mode}_ours_fp32_compile"] = common + ["--worker", "ours", "--mode", mode, "--worker-compile"]
         if amp:
             runs[f"{mode}_ours_bf16"] = common + ["--worker", "ours", "--mode", mode, "--worker-amp"]
     return runs

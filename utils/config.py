@@ -267,7 +267,8 @@ FIELDS = {
     "cache_images": Field("run", False, "bool", "keep each split's decoded, resized images in "
                           "<output_dir>/image_cache (filled during the first epoch; later epochs skip decoding); "
                           "removed when the run finishes"),
-    "compile": Field("run", False, "bool", "torch.compile the model"),
+    "compile": Field("run", False, "bool", "torch.compile the model for its full batches (other sizes run eagerly; "
+                     "the evaluators: their forwards, whose size on a CPU is a part of a batch)", scripts=BOTH),
     "save_every_steps": Field("run", None, "int", "also write last.pth every N optimizer steps, with the position "
                               "in the epoch (--resume then continues mid-epoch); null: at each epoch's end only",
                               domain=">= 1", nullable=True),

@@ -67,16 +67,19 @@ class Meters:
 
 
 class CompiledFullBatches:
-    """``torch.compile(module)`` for batches of ``batch_size`` images; any other size (the epoch's last partial
-    batch of the official CUB recipe, a batch short of unreadable files) runs ``module`` eagerly, where
-    torch.compile would compile the model a second time for a dynamic batch size. ``train()``, ``no_sync()``
-    (DDP) and other attributes are the module's."""
+    """``torch.compile(module)`` for batches of ``batch_size`` images (None: the first call's size, in evaluation
+    the size of its forwards); any other size (the epoch's last partial batch of the official CUB recipe, a batch
+    short of unreadable files, a split's last batch) runs ``module`` eagerly, where torch.compile would compile the
+    model a second time for a dynamic batch size. ``train()``, ``no_sync()`` (DDP) and other attributes are the
+    module's."""
 
-    def __init__(self, module, batch_size):
+    def __init__(self, module, batch_size=None):
         self.module, self.batch_size = module, batch_size
         self.compiled = torch.compile(module, dynamic=False)
 
     def __call__(self, images, *args, **kwargs):
+        if self.batch_size is None:
+            self.batch_size = len(images)
         return (self.compiled if len(images) == self.batch_size else self.module)(images, *args, **kwargs)
 
     def __getattr__(self, name):
@@ -441,7 +444,8 @@ def _sum_over_processes(device):
 
 def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_threshold=None, amp=False,
              distributed=False, save_maps=None, overlay_dir=None, overlays=None, per_image=False,
-             progress=True, threads=None, box_processes=None, views=None, saved_maps=None, overlay_blocks=False):
+             progress=True, threads=None, box_processes=None, views=None, saved_maps=None, overlay_blocks=False,
+             compile=False):
     """Metrics (percentages; keys in docs/evaluation.md) of ``model`` on ``loader``, whose dataset's transform
     is an ``EvalViews`` (``views``: that EvalViews, for a loader without a dataset): it gives the protocol.
 
@@ -454,6 +458,7 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     Box extraction runs in ``box_processes`` processes (None: ``default_box_processes``) or ``threads`` threads.
     ``saved_maps``: a ``SavedMaps`` (utils/saved_maps.py) giving each batch's outputs from files instead of a
     forward of ``model`` (None); its loader's batches hold no pixels, and ``'crop'``: those of the overlays.
+    ``compile``: the forwards of the full size through ``torch.compile`` (``CompiledFullBatches``).
     """
     views = views or views_of(loader.dataset)
     protocol = views.protocol
@@ -481,6 +486,7 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     was_training = model is not None and model.training
     if model is not None:
         model.eval()
+    forward = CompiledFullBatches(model) if compile and model is not None else model
     failure = None  # a file this process could not read: with several processes, each stops on it (below)
     try:
         with box_pool(threads, box_processes) as pool, torch.inference_mode():
@@ -522,7 +528,7 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
                 images = images if images.dim() == 5 else images[:, None]  # (B, V, 3, S, S)
                 if images.shape[1] != views.num_views or images.shape[-1] != views.img_size:
                     raise ValueError(f"batch views {tuple(images.shape[1:])} do not fit {views}")
-                outputs = forward_views(model, images, views, autocast, blocks=overlay_blocks and bool(overlay_dir))
+                outputs = forward_views(forward, images, views, autocast, blocks=overlay_blocks and bool(overlay_dir))
                 crops = _overlay_crops(images, batch, views, overlays) if overlay_dir else {}
                 if previous is not None:
                     score(*previous)
