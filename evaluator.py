@@ -86,7 +86,7 @@ def evaluate_checkpoint(args, imagenet, info):
                                img_size=img_size, resize_size=resize_size, batch_size=args.eval_batch_size,
                                workers=args.workers, distributed=info.distributed,
                                metadata_root=getattr(args, "metadata_root", None), val_boxes=args.val_boxes,
-                               gpu_decode=args.gpu_decode)
+                               gpu_decode=args.gpu_decode, pin_memory=info.device.type == "cuda")
     views = views_of(loader.dataset)
     protocol = views.protocol
     if args.eval_protocol == "auto":

@@ -255,13 +255,16 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
     if len(train_set) < micro_batch * info.world_size:
         raise DataError(f"{root}: the train split has {len(train_set)} images, fewer than one batch "
                         f"({micro_batch} x {info.world_size} processes); lower --batch-size")
+    pin_memory = info.device.type == "cuda"
     train_loader = build_loader(train_set, micro_batch, train=True, workers=cfg.workers,
-                                distributed=info.distributed, seed=cfg.seed, drop_last=cfg.drop_last)
+                                distributed=info.distributed, seed=cfg.seed, drop_last=cfg.drop_last,
+                                pin_memory=pin_memory)
 
     def eval_loader(split, protocol, tencrop):
         return build_eval_loader(fmt, root, split, protocol=protocol, tencrop=tencrop, img_size=cfg.img_size,
                                  resize_size=cfg.resize_size, batch_size=cfg.eval_batch_size, workers=cfg.workers,
-                                 distributed=info.distributed, gpu_decode=cfg.gpu_decode, **common)
+                                 distributed=info.distributed, gpu_decode=cfg.gpu_decode, pin_memory=pin_memory,
+                                 **common)
 
     selection_loader = eval_loader("val" if cfg.val_split else "test", cfg.eval_protocol, tencrop=False)
     plan = plan_evaluation(cfg, selection_loader.dataset)

@@ -34,15 +34,17 @@ class ShardSampler(Sampler):
 
 
 def build_eval_loader(fmt, root, split, *, protocol, tencrop, img_size, batch_size, workers, distributed=False,
-                      metadata_root=None, val_boxes=None, resize_size=None, gpu_decode=False):
+                      metadata_root=None, val_boxes=None, resize_size=None, gpu_decode=False, pin_memory=None):
     """Loader over ``split`` of a dataset (``build_dataset`` formats) whose samples hold the uint8 sources of
     the views of ``protocol`` ('auto': :func:`resolve_protocol`; ``EvalViews.pixels``, read back by
     ``evaluate``, which crops and normalises on its device; ``gpu_decode``: the file bytes, decoded there too);
-    ``distributed``: this process's shard. ``views_of(loader.dataset)`` tells the protocol chosen."""
+    ``distributed``: this process's shard; ``pin_memory``: BatchLoader's. ``views_of(loader.dataset)`` tells the
+    protocol chosen."""
     dataset = build_dataset(fmt, root, split, metadata_root=metadata_root, val_boxes=val_boxes)
     protocol, _ = resolve_protocol(protocol, dataset)
     dataset.transform = EvalViews(protocol, tencrop, img_size, resize_size).pixels(gpu_decode)
-    return BatchLoader(dataset, batch_size, ShardSampler(len(dataset)) if distributed else None, workers=workers)
+    return BatchLoader(dataset, batch_size, ShardSampler(len(dataset)) if distributed else None, workers=workers,
+                       pin_memory=pin_memory)
 
 
 def resolve_data(fmt, root, imagenet=False, is_main=True):

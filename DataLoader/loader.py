@@ -143,16 +143,19 @@ class BatchLoader:
     With workers each sample's crop and flip are seeded by ``sample_seed(seed, epoch, index)``: the same for
     any number of workers, slices or processes, and after a mid-epoch resume. Without workers the caller's
     thread reads the samples in order with its RNG. The workers' base seed comes from a generator of its own,
-    so that loading draws nothing from torch's global RNG."""
+    so that loading draws nothing from torch's global RNG. ``pin_memory``: join the batches into pinned memory,
+    for a CUDA device (None: wherever CUDA is available; a run on the CPU of a GPU machine passes False and
+    touches no CUDA)."""
 
-    def __init__(self, dataset, batch_size, sampler=None, *, workers, drop_last=False, seed=0, parts=None):
+    def __init__(self, dataset, batch_size, sampler=None, *, workers, drop_last=False, seed=0, parts=None,
+                 pin_memory=None):
         self.dataset, self.sampler = dataset, sampler
         self.batch_sampler = BatchSampler(SequentialSampler(dataset) if sampler is None else sampler, batch_size,
                                           drop_last)
         parts = min(workers, batch_size // MIN_PART) if parts is None else parts
         self.parts = max(1, parts) if workers else 1
         self.reads_in_caller = not workers  # samples read (crops drawn from torch's RNG) as the caller iterates
-        self.pin_memory = torch.cuda.is_available()
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._slices = _Slices(self.batch_sampler, self.parts) if workers else None
         self._joiner = None
         self.loader = DataLoader(_SeededSamples(dataset, seed) if workers else dataset,
@@ -201,15 +204,17 @@ def _join_thread_setup(device):
     return setup
 
 
-def build_loader(dataset, batch_size, *, train, workers, distributed=False, seed=0, drop_last=None, parts=None):
+def build_loader(dataset, batch_size, *, train, workers, distributed=False, seed=0, drop_last=None, parts=None,
+                 pin_memory=None):
     """BatchLoader over ``dataset``. ``train``: shuffled by a ResumableSampler (this process's share when
     ``distributed``; call ``loader.sampler.set_epoch(epoch[, start_batch])`` each epoch) and by default
     dropping the last partial batch. Evaluation: in order, through a DistributedSampler when
-    ``distributed`` (it pads the split to a multiple of the world size)."""
+    ``distributed`` (it pads the split to a multiple of the world size). ``pin_memory``: BatchLoader's."""
     drop_last = train if drop_last is None else drop_last
     if train:  # one process: the same order as DistributedSampler's with one replica
         sampler = ResumableSampler(dataset, batch_size, num_replicas=None if distributed else 1,
                                    rank=None if distributed else 0, seed=seed)
     else:
         sampler = DistributedSampler(dataset, shuffle=False, seed=seed) if distributed else None
-    return BatchLoader(dataset, batch_size, sampler, workers=workers, drop_last=drop_last, seed=seed, parts=parts)
+    return BatchLoader(dataset, batch_size, sampler, workers=workers, drop_last=drop_last, seed=seed, parts=parts,
+                       pin_memory=pin_memory)

@@ -20,8 +20,11 @@ from Model import build_model
 from utils.checkpoint import build_model_from_checkpoint, checkpoint_weights, read_checkpoint
 from utils.errors import ConfigError, run_cli
 from evaluator import main as eval_main
-from train import main
+from train import build_loaders, main
+from utils.config import parse_config
+from utils.distributed import init_distributed
 
+from test_evaluation import save_nano_checkpoint
 from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_ROOT, wait_for_file
 
 # Tiny runs: 3 classes x 8 train / 4 test images of 64 px, nano model at 64 px, batch 8, on the CPU (bit-identical
@@ -279,6 +282,23 @@ def test_compile_flag_trains_and_compiles_the_full_batch_once(data_root, tmp_pat
     assert epochs_logged(out) == [1, 2]
     assert graphs == [[(10, 3, 64, 64)]]  # one graph, compiled once, for the full batch
     assert not any(key.startswith("_orig_mod.") for key in read_checkpoint(out / "checkpoints" / "best.pth")["model"])
+
+
+def test_cpu_runs_on_a_gpu_machine_pin_nothing(data_root, tmp_path, monkeypatch):
+    """--device cpu where CUDA is available: the loaders used to pin their batches anyway (a CUDA context in
+    each process, and in a forked test rank a failure). Here CUDA is announced but absent, so any pinning
+    fails ("no NVIDIA driver"). train.py's loaders, then evaluator.py end to end."""
+    cfg = parse_config(args(data_root, tmp_path / "run", "--workers", "2"), "train")
+    info = init_distributed("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    train_loader, selection_loader, test_loader, _ = build_loaders(cfg, "cub", data_root, info, micro_batch=8)
+    train_loader.sampler.set_epoch(0)
+    for loader in (train_loader, selection_loader, test_loader):
+        assert not next(iter(loader))["image"]["pixels"].is_pinned()
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
+    record = eval_main(["--data-root", data_root, "--checkpoint", str(checkpoint), "--workers", "2", "--device",
+                        "cpu", "--output-dir", str(tmp_path / "eval"), "--eval-batch-size", "12"])
+    assert record["num_images"] == 12
 
 
 def test_existing_run_folder_is_refused_without_resume_or_overwrite(data_root, tmp_path, capsys):

@@ -175,7 +175,7 @@ def file_loader(args):
     dataset = build_dataset(args.data_format, args.data_root, "train" if args.mode == "train" else "test",
                             transform)
     return build_loader(dataset, args.batch_size, train=args.mode == "train", workers=args.workers,
-                        parts=args.batch_parts)
+                        parts=args.batch_parts, pin_memory=torch.device(args.device).type == "cuda")
 
 
 def time_pass(loader, device):

@@ -241,9 +241,10 @@ class MapSamples(Dataset):
 
 
 def map_loader(dataset, views, overlays, batch_size, workers, distributed=False):
-    """The loader of ``MapSamples``: batches in dataset order (this process's shard when ``distributed``)."""
+    """The loader of ``MapSamples``: batches in dataset order (this process's shard when ``distributed``),
+    on the CPU (the maps are scored there: nothing is pinned)."""
     return BatchLoader(MapSamples(dataset, views, overlays), batch_size,
-                       ShardSampler(len(dataset)) if distributed else None, workers=workers)
+                       ShardSampler(len(dataset)) if distributed else None, workers=workers, pin_memory=False)
 
 
 def drop_class_metrics(metrics):
