@@ -355,17 +355,22 @@ def run_check(args):
                         for name, size in CHECK_SIZES.items()}}
 
 
+def bench_model(args, device):
+    """The timed model, seeded: drop path in train mode, and ``--compile`` as train.py does it (evaluation
+    compiles inside ``evaluate``)."""
+    torch.manual_seed(0)
+    model = build_model(args.arch, num_classes=args.num_classes, img_size=args.img_size,
+                        drop_path_rate=0.1 if args.mode == "train" else 0.0, attn_impl=args.attn_impl).to(device)
+    return CompiledFullBatches(model, args.batch_size) if args.compile and args.mode == "train" else model
+
+
 def benchmark(args):
     if args.mode == "loader":
         return run_loader(args)
     if args.mode == "check":
         return run_check(args)
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    model = build_model(args.arch, num_classes=args.num_classes, img_size=args.img_size,
-                        drop_path_rate=0.1 if args.mode == "train" else 0.0, attn_impl=args.attn_impl).to(device)
-    if args.compile and args.mode == "train":
-        model = CompiledFullBatches(model, args.batch_size)
+    model = bench_model(args, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run = run_train if args.mode == "train" else run_eval

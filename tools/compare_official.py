@@ -140,11 +140,7 @@ def ours_measure(args):
                                   "--warmup", "0" if args.mode == "train" else "1",
                                   "--device", "cpu", "--amp" if args.worker_amp else "--no-amp",
                                   *(["--compile"] if args.worker_compile else [])])
-    torch.manual_seed(0)
-    model = benchmark.build_model(args.arch, num_classes=args.num_classes,
-                                  drop_path_rate=0.1 if args.mode == "train" else 0.0)
-    if bench.compile and args.mode == "train":  # as benchmark() does; evaluation compiles in run_eval
-        model = benchmark.CompiledFullBatches(model, args.batch_size)
+    model = benchmark.bench_model(bench, torch.device("cpu"))
     run = benchmark.run_train if args.mode == "train" else benchmark.run_eval
     return lambda: run(bench, model, torch.device("cpu"))
 
