@@ -21,8 +21,8 @@ from pathlib import Path
 from DataLoader.build import build_dataset
 from DataLoader.eval_loader import build_eval_loader, resolve_data, resolve_protocol
 from DataLoader.eval_views import EvalViews, views_of
+from Model import build_model_from_checkpoint
 from utils.amp import describe
-from utils.checkpoint import build_model_from_checkpoint
 from utils.distributed import cleanup, init_distributed
 from utils.config import parse_config
 from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time

@@ -11,7 +11,7 @@ of classes: the entry point gives the first, the head's shape the second). Other
 constructor options (``num_classes``, ``img_size``, ``num_spatial_blocks``, ``attn_impl``, ...).
 """
 from Model import build_model as _build_model
-from utils.checkpoint import build_model_from_checkpoint as _build_model_from_checkpoint
+from Model import build_model_from_checkpoint as _build_model_from_checkpoint
 from Model import sat as _sat
 
 dependencies = ["torch", "timm"]

@@ -27,11 +27,11 @@ from DataLoader.eval_loader import ANNOTATIONS, build_eval_loader, protocol_for_
 from DataLoader.eval_views import default_resize_size, views_of
 from DataLoader.image_cache import attach_image_cache
 from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
-from Model import SATLoss, build_model
+from Model import SATLoss, build_model, checkpoint_weights
 from Model.losses import area_span
 from utils import distributed as dist_utils
 from utils.amp import LossScaler, autocast_context, describe
-from utils.checkpoint import (checkpoint_weights, load_checkpoint, model_spec, resume_path, restore, rng_state,
+from utils.checkpoint import (load_checkpoint, model_spec, resume_path, restore, rng_state,
                               save_checkpoint, seed_everything, set_rng_state)
 from utils.config import config_dict, parse_config, save_config
 from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch

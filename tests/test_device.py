@@ -16,8 +16,7 @@ import torch.distributed as dist
 from DataLoader import build_dataset, build_loader, make_demo_dataset
 from DataLoader.eval_loader import build_eval_loader
 from DataLoader.eval_views import EvalViews
-from Model import build_model
-from utils.checkpoint import build_model_from_checkpoint
+from Model import build_model, build_model_from_checkpoint
 from Model.losses import SATLoss
 from utils.amp import LossScaler, autocast_context, describe
 from utils.checkpoint import read_checkpoint

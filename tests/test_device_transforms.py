@@ -11,7 +11,7 @@ from DataLoader.device_transforms import on_device, to_device
 from DataLoader.eval_loader import build_eval_loader
 from DataLoader.eval_views import EvalViews
 from DataLoader.transforms import EvalPixels, TrainPixels, tencrop_boxes, train_transform
-from utils.checkpoint import build_model_from_checkpoint
+from Model import build_model_from_checkpoint
 from utils.engine import evaluate
 
 from test_evaluation import save_nano_checkpoint

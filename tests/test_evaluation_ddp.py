@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from DataLoader import make_demo_dataset
 from DataLoader.eval_loader import build_eval_loader
-from utils.checkpoint import build_model_from_checkpoint
+from Model import build_model_from_checkpoint
 from utils.engine import evaluate
 from utils.errors import DataError, user_message
 

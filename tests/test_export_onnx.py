@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from utils.checkpoint import build_model_from_checkpoint
+from Model import build_model_from_checkpoint
 from tools.export_onnx import main
 from utils.checkpoint import model_spec, save_checkpoint
 

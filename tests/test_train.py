@@ -16,8 +16,8 @@ import yaml
 from PIL import Image
 
 from DataLoader import make_demo_dataset
-from Model import build_model
-from utils.checkpoint import build_model_from_checkpoint, checkpoint_weights, read_checkpoint
+from Model import build_model, build_model_from_checkpoint, checkpoint_weights
+from utils.checkpoint import read_checkpoint
 from utils.errors import ConfigError, run_cli
 from evaluator import main as eval_main
 from train import build_loaders, main

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.checkpoint import build_model_from_checkpoint  # noqa: E402
+from Model import build_model_from_checkpoint  # noqa: E402
 from utils.config import OneLineParser  # noqa: E402
 from utils.errors import ConfigError, SATError, run_cli  # noqa: E402
 

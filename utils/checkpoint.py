@@ -1,5 +1,6 @@
-"""Checkpoints: atomic saving; reading this project's files and the official SAT release and rebuilding the
-model they hold; the training state of a run (optimizer, scheduler, scaler, RNG states) and resuming it.
+"""Checkpoints: atomic saving; reading this project's files and the official SAT release and loading their
+weights into a model (``Model.build_model_from_checkpoint`` rebuilds the model they hold); the
+training state of a run (optimizer, scheduler, scaler, RNG states) and resuming it.
 
 Official release files are legacy ``torch.save`` dicts ``{'model', 'best_thr', 'epoch'}`` whose keys carry
 ``module.`` and which hold the fixed smoothing kernel as ``weight``. This project's files add what rebuilds the
@@ -164,30 +165,6 @@ def model_spec(model, arch: str, class_names=None, **model_kwargs) -> Dict[str, 
     }
 
 
-def checkpoint_weights(model):
-    """The state dict saved in checkpoints: the official model class's parameter names and shapes,
-    including its fixed smoothing kernel ``weight``, so that the official ``SAT`` loads it strictly."""
-    from Model.losses import gaussian_kernel_3x3  # Model/sat.py imports this module: imported on use
-    return {**model.state_dict(), "weight": gaussian_kernel_3x3()}
-
-
-# -------------------------------------------------------------------------------- rebuilding the model
-# (embed dim, depth) -> architecture: DeiT-Tiny / Small / Base and the CPU demo size.
-ARCH_BY_SHAPE = {(192, 12): "deit_sat_tiny_patch16_224", (384, 12): "deit_sat_small_patch16_224",
-                 (768, 12): "deit_sat_base_patch16_224", (96, 6): "deit_sat_nano_patch16_224"}
-PATCH_SIZE = 16
-
-
-def weight_shapes(state_dict):
-    """(embed dim, depth, classes, input size) of a SAT state dict, from its tensors' shapes."""
-    if "pos_embed" not in state_dict or "head.weight" not in state_dict:
-        return None
-    embed_dim = int(state_dict["pos_embed"].shape[-1])
-    depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
-    grid = round((state_dict["pos_embed"].shape[1] - 1) ** 0.5)
-    return embed_dim, depth, int(state_dict["head.weight"].shape[0]), grid * PATCH_SIZE
-
-
 def check_finite_weights(state_dict, path):
     """CheckpointError naming the first tensors holding NaN or Inf."""
     bad = [key for key, value in state_dict.items()
@@ -195,57 +172,6 @@ def check_finite_weights(state_dict, path):
     if bad:
         raise CheckpointError(f"checkpoint {path} holds NaN/Inf weights in {len(bad)} tensor(s), first "
                               f"{', '.join(bad[:3])}")
-
-
-# How a caller gives the architecture and the number of classes, for the lines that say a checkpoint contradicts
-# them: the scripts' flags, or torch.hub's entry point (hubconf.py) and keyword argument.
-SPELLINGS = {
-    "flags": {"arch": "--arch {}", "num_classes": "--num-classes {}", "fix_arch": "drop --arch",
-              "fix_classes": "drop --num-classes"},
-    "hub": {"arch": "the entry point {}", "num_classes": "num_classes={}",
-            "fix_arch": "load it with torch.hub's entry point {}", "fix_classes": "leave out num_classes="},
-}
-
-
-def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="flags", **overrides):
-    """Rebuild the model a checkpoint holds and load its weights; returns ``(model, meta)`` (the file's
-    metadata, with ``arch`` the architecture built).
-
-    The architecture, classes and input size come from the file (this project's) or its shapes
-    (official releases); ``arch`` / ``num_classes`` given for a file that fits another one -> one-line
-    CheckpointError naming the one it fits, with the options spelt as the caller gives them (``spelling``:
-    a key of SPELLINGS).
-    """
-    words = SPELLINGS[spelling]
-    ckpt = read_checkpoint(path)
-    state_dict = clean_state_dict(ckpt["model"])
-    check_finite_weights(state_dict, path)
-    shapes = weight_shapes(state_dict)
-    if shapes is None:
-        raise CheckpointError(f"checkpoint {path} is not a SAT model (no pos_embed / head.weight)")
-    recorded, fitted = ckpt.get("arch"), ARCH_BY_SHAPE.get(shapes[:2])
-    if arch and fitted and arch != fitted and "embed_dim" not in overrides:
-        raise CheckpointError(f"checkpoint {path} does not fit {words['arch'].format(arch)}: it "
-                              f"{'records' if recorded else 'has the shapes of'} {recorded or fitted} "
-                              f"(embed dim {shapes[0]}, depth {shapes[1]}); "
-                              f"{words['fix_arch'].format(recorded or fitted)}")
-    if num_classes is not None and num_classes != shapes[2]:
-        raise CheckpointError(f"checkpoint {path} has {shapes[2]} classes, not "
-                              f"{words['num_classes'].format(num_classes)}; {words['fix_classes']}")
-    name = recorded or arch or fitted
-    if name is None:
-        raise CheckpointError(f"checkpoint {path}: embed dim {shapes[0]} and depth {shapes[1]} fit no registered "
-                              "SAT architecture; pass --arch (and the model's options)")
-    kwargs = dict(ckpt.get("model_kwargs") or {})
-    kwargs.setdefault("img_size", ckpt.get("img_size") or shapes[3])
-    kwargs.update(overrides)
-    from Model.build import build_model  # Model/sat.py imports this module: imported on use
-
-    model = build_model(name, num_classes=shapes[2], **kwargs)
-    if not recorded and not arch:
-        _logger.info("checkpoint %s records no architecture: %s from its shapes (embed dim %d, depth %d, "
-                     "%d classes)", path, fitted, *shapes[:3])
-    return model, {**load_state(ckpt, path, model), "arch": name}
 
 
 # -------------------------------------------------------------------------------- training state
