@@ -151,8 +151,10 @@ def train(cfg, info, imagenet=False, progress=None, resume=None):
         """last.pth in the middle of ``epoch``: its optimizer steps done and each process's RNG state and
         running sums, so that --resume continues exactly there. Collective."""
         states = dist_utils.all_gather_object((rng_state(info.device), meters.state()))
-        return save_last(epoch, steps_done, rng_states=[rng for rng, _ in states],
+        path = save_last(epoch, steps_done, rng_states=[rng for rng, _ in states],
                          epoch_meters=[sums for _, sums in states])
+        progress.update(saved=epoch, step=steps_done)
+        return path
 
     def save_trained(epoch, stats, rng):
         """last.pth after the training of ``epoch`` when its evaluation failed: the epoch's statistics and each
@@ -211,7 +213,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None):
                 if info.is_main:
                     save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best, metrics_log, record,
                                training_state=dict(training_state(), rng_states=rng_states))
-                progress["saved"] = epoch + 1
+                progress.update(saved=epoch + 1, step=0)
                 log_epoch(cfg, epoch, stats, metrics, improved, selection_split, plan)
                 checkpointer.end_of_epoch(epoch, checkpoint_dir / "last.pth")
     except CheckpointError as err:  # a checkpoint could not be written
@@ -462,9 +464,9 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan):
 def previous_outputs(cfg, output_dir, info):
     """The outputs of an earlier run in ``output_dir`` that this one replaces (--overwrite; deleted by
     ``delete_outputs`` once this run can start), as the main process finds them, on every process. A folder
-    holding a checkpoint or results.json holds a previous run: refused without --resume or --overwrite
-    (one-line ConfigError, nothing touched); what a start that failed before its first checkpoint left is
-    reused as it is."""
+    holding a checkpoint or results.json holds a previous run: refused without --resume or --overwrite, and
+    with a plain --resume when it has no last.pth (one-line ConfigError, nothing touched); what a start that
+    failed before its first checkpoint left is reused as it is."""
     if cfg.resume is not None and cfg.overwrite:
         raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
     run = [f"checkpoints/{path.name}" for path in sorted((output_dir / "checkpoints").glob("*.pth"))]
@@ -472,6 +474,11 @@ def previous_outputs(cfg, output_dir, info):
         run.append("results.json")
     outputs = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
     run, outputs = dist_utils.all_gather_object((run, outputs))[0]
+    if cfg.resume == "auto" and run and "checkpoints/last.pth" not in run:  # not a start: nothing to continue
+        best = "checkpoints/best.pth"
+        continue_from = f"--resume {output_dir / best} continues from its weights, " if best in run else ""
+        raise ConfigError(f"--resume: {output_dir} holds a previous run ({', '.join(run)}) but no "
+                          f"checkpoints/last.pth: {continue_from}--overwrite starts again")
     if cfg.resume is not None:
         return []
     if run and not cfg.overwrite:
@@ -520,8 +527,11 @@ def interrupted_message(cfg, progress, resume):
     where = "before training started" if progress["epoch"] is None else (
         "in the final test" if progress["epoch"] >= cfg.epochs else f"in epoch {progress['epoch'] + 1}/{cfg.epochs}")
     last = Path(cfg.output_dir) / "checkpoints" / "last.pth"
-    if progress["saved"]:
-        saved = f"{last} holds {progress['saved']} finished epoch(s)"
+    held = [f"{progress['saved']} finished epoch(s)"] if progress["saved"] else []
+    if progress.get("step"):  # a mid-epoch save (save_every_steps)
+        held.append(f"{progress['step']} optimizer steps of epoch {progress['saved'] + 1}")
+    if held:
+        saved = f"{last} holds {' and '.join(held)}"
     elif last.exists():
         saved = f"{last} holds the last saved position"
     else:

@@ -66,8 +66,10 @@ def build_dataset(fmt, root, split, transform=None, *, images_per_class=None, se
         image_root, items, classes = LOADERS[fmt](root, split)
     elif fmt == "imagenet":
         image_root, items, classes = load_imagenet(root, split, val_boxes)
-    else:
+    elif fmt == "folder":
         image_root, items, classes = load_folder(root, split, val_boxes)
+    else:
+        raise DataError(f"dataset format {fmt!r} has no reader in DataLoader/build.py (LOADERS)")
     if images_per_class is not None:
         items = few_shot(items, images_per_class, seed)
     evaluation = split != "train"

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from utils.distributed import barrier
-from utils.errors import ConfigError
+from utils.errors import ConfigError, DataError
 
 from .build import build_dataset
 from .demo import DEFAULT_DEMO_ROOT, make_demo_dataset
@@ -91,4 +91,20 @@ def resolve_protocol(requested, dataset):
     if needs is not None and needs != annotations:
         raise ConfigError(f"eval_protocol {protocol} needs {needs} in the evaluation split, which has "
                           f"{annotations or 'neither boxes nor masks'}: use --eval-protocol {automatic} (or auto)")
+    if protocol != "cls" and annotations is not None:
+        check_every_image_annotated(dataset, annotations)
     return protocol, annotations
+
+
+def check_every_image_annotated(dataset, annotations):
+    """DataError when some images of an evaluation split have the split's annotations ('boxes' or 'masks') and
+    others do not (e.g. a boxes.csv that misses images): said when the loader is built, not by the evaluation
+    that reaches the first such image, after training."""
+    if annotations == "boxes":
+        missing = [item for item in dataset.items if item.boxes is None or len(item.boxes) == 0]
+    else:
+        missing = [item for item in dataset.items if not item.mask_paths]
+    if missing:
+        raise DataError(f"{dataset.image_root}: {len(missing)} of the {len(dataset.items)} evaluation images have "
+                        f"no {annotations} (first: {missing[0].path}); "
+                        "localization metrics need every image annotated: add them, or --eval-protocol cls")

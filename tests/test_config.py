@@ -270,6 +270,8 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
     ("evaluate", ["--data-format", "imagenet"], "--data-format imagenet: use evaluator_ImageNet.py"),
     ("evaluate_imagenet", ["--data-format", "cub"], "unknown flag --data-format (evaluator_ImageNet.py does not "
                                                     "take it; train.py, train_ImageNet.py and evaluator.py do)"),
+    ("evaluate_imagenet", ["--format", "cub"], "--format was renamed --data-format, which evaluator_ImageNet.py "
+                                               "does not take (train.py, train_ImageNet.py and evaluator.py do)"),
 ])
 def test_flag_errors_are_one_line(capsys, script, argv, message):
     common = {"train": [], "evaluate": ["--checkpoint", "c"], "evaluate_imagenet": ["--checkpoint", "c",

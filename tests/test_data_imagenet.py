@@ -91,6 +91,17 @@ def test_val_boxes_from_loc_csv_multi_box(imagenet):
     check_val(build_dataset("imagenet", imagenet, "test"))
 
 
+def test_val_images_the_boxes_do_not_name_are_left_out_with_a_warning(imagenet, caplog):
+    write_csv(imagenet / "LOC_val_solution.csv")
+    write_image(imagenet / "val" / f"{val_name(4)}.JPEG", (30, 30))
+    write_image(imagenet / "val" / f"{val_name(5)}.JPEG", (30, 30))
+    with caplog.at_level("WARNING", logger="sat"):
+        check_val(build_dataset("imagenet", imagenet, "test"))
+    csv = imagenet / "LOC_val_solution.csv"
+    assert caplog.messages == [f"{imagenet / 'val'} holds 5 images, the val boxes ({csv}) name 3: the other 2 are "
+                               "not evaluated"]
+
+
 def test_val_boxes_from_official_val_gt_list_with_sorted_val(imagenet):
     write_val_gt(imagenet / "val_gt.txt")
     for i, (wnid, _, _) in VAL.items():

@@ -10,13 +10,16 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import train
 from utils.checkpoint import read_checkpoint, save_checkpoint
 from utils.errors import run_cli
 from evaluator import main as eval_main
+from tools.check_dataset import main as check_main
 
 import test_train
+from test_evaluation import save_nano_checkpoint
 from conftest import REPO_ROOT
 from test_train import args, epochs_logged
 
@@ -130,6 +133,7 @@ def test_evaluation_failing_after_an_epoch_keeps_its_training(data_root, finishe
 KILLED_WRITER = """
 import io, sys, time
 import torch
+from PIL import Image
 from utils.checkpoint import save_checkpoint
 
 def half_then_wait(state, f):  # a large write, stopped in the middle
@@ -215,3 +219,30 @@ def test_evaluator_errors_reach_its_log_without_unsafe_advice(data_root, tmp_pat
     assert line == f"error: {random_bytes} is not a readable checkpoint: not a torch.save file (neither a zip " \
                    "archive nor a pickle)"
     assert line in (out / "log.txt").read_text()
+
+
+def test_a_boxes_csv_that_misses_test_images_stops_before_training(tmp_path, capsys):
+    root = tmp_path / "mydata"
+    for split, count in (("train", 4), ("test", 2)):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            for k in range(count):
+                Image.new("RGB", (64, 48), (40 * k, 90, 160)).save(root / split / name / f"{k}.png")
+    (root / "boxes.csv").write_text("image,x0,y0,x1,y1\ntest/cat/0.png,1,2,30,18\ntest/cat/1.png,0,0,5,5\n"
+                                    "test/dog/1.png,3,3,9,9\n")  # test/dog/0.png has none
+    expected = f"error: {root}: 1 of the 4 evaluation images have no boxes (first: test/dog/0.png); localization " \
+               "metrics need every image annotated: add them, or --eval-protocol cls"
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args(str(root), out, "--data-format", "folder", "--epochs", "1"))
+    assert error_line(capsys.readouterr().err, exit_info) == expected
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    with pytest.raises(SystemExit) as exit_info:  # the evaluator says the same before its forward
+        run_cli(eval_main, ["--data-format", "folder", "--data-root", str(root), "--checkpoint",
+                            str(save_nano_checkpoint(tmp_path / "nano.pth", num_classes=2)), "--output-dir",
+                            str(tmp_path / "eval")])
+    assert error_line(capsys.readouterr().err, exit_info) == expected
+    with pytest.raises(SystemExit) as exit_info:  # and tools/check_dataset.py, after listing the splits
+        run_cli(check_main, ["--data-format", "folder", "--data-root", str(root), "--workers", "0"])
+    assert error_line(capsys.readouterr().err, exit_info) == expected
+    train.main(args(str(root), tmp_path / "cls", "--data-format", "folder", "--epochs", "1", "--eval-protocol", "cls"))

@@ -4,6 +4,7 @@ import torch
 
 from reference_boxes import naive_sat_boxes, random_maps
 from utils.boxes import max_iou, sat_box, sat_boxes, sat_map
+from train import update_best
 from utils.metrics import SATLocAccumulator, topk_correct
 
 
@@ -137,6 +138,33 @@ def test_best_threshold_maximises_gt_known_plus_top1_first_on_ties():
     assert _with_counts([0.3, 0.4, 0.5], [4, 6, 5], [6, 4, 5])["best_threshold"] == 0.3  # three-way tie
     result = _with_counts([0.3, 0.4], [0, 0], [0, 0])
     assert result["best_threshold"] == 0.3 and result["gt_known_loc"] == 0.0
+
+
+def official_percent(count, num_images):
+    """A rate as the official code computes it: utils/accuracy.py's AverageMeter fed 100 or 0 per image
+    (``updata(val, n)``: sum += val * n, cnt += n, avg = sum / cnt)."""
+    total = cnt = 0.0
+    for k in range(num_images):
+        total += (100 if k < count else 0) * 1.0
+        cnt += 1.0
+    return total / cnt
+
+
+def test_equal_hit_counts_are_ranked_as_the_official_floats_rank_them():
+    """On the CUB test set (5,794 images), equal GT-known + Top-1 hit counts can give different official sums
+    of percentages; the official ``>`` then picks the larger, which is not always the first."""
+    n = 5794
+    # thresholds: 5320 + 3682 = 4501 + 4501 hits, official sums 155.3676216775975 < 155.36762167759753
+    result = _with_counts([0.3, 0.35], [5320, 4501], [3682, 4501], num_images=n)
+    assert official_percent(5320, n) + official_percent(3682, n) < official_percent(4501, n) * 2
+    assert result["best_threshold"] == 0.35
+    assert (result["gt_known_loc"], result["top1_loc"]) == (official_percent(4501, n), official_percent(4501, n))
+    # epochs (official train.py keeps best_loc on top1_acc + gt_acc > best_loc): 4502 + 4502 then 4503 + 4501
+    best = {}
+    for epoch, (gt_known, top1_loc) in enumerate([(4502, 4502), (4503, 4501)]):
+        update_best(best, _with_counts([0.4], [gt_known], [top1_loc], num_images=n), "loc", epoch)
+    assert official_percent(4502, n) * 2 < official_percent(4503, n) + official_percent(4501, n)
+    assert best["best.pth"]["epoch"] == 2
 
 
 def test_compute_without_images_raises():

@@ -312,6 +312,17 @@ def test_existing_run_folder_is_refused_without_resume_or_overwrite(data_root, t
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "holds a previous run" in err and "--resume to continue it, --overwrite to start again" in err
     assert (out / "metrics.jsonl").read_text() == before  # nothing touched
+    last, best = out / "checkpoints" / "last.pth", (out / "checkpoints" / "best.pth").read_bytes()
+    last.rename(tmp_path / "last.pth")  # a finished run without its last.pth is not a start: --resume is refused
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, args(data_root, out, "--epochs", "1", "--resume"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == (
+        f"error: --resume: {out} holds a previous run (checkpoints/best.pth, checkpoints/best_gt_known_loc.pth, "
+        f"checkpoints/best_top1_loc.pth, results.json) but no checkpoints/last.pth: --resume "
+        f"{out / 'checkpoints' / 'best.pth'} continues from its weights, --overwrite starts again\n")
+    assert (out / "checkpoints" / "best.pth").read_bytes() == best and not last.exists()
+    (tmp_path / "last.pth").rename(last)
     (out / "overlays").mkdir()
     main(args(data_root, out, "--epochs", "1", "--overwrite"))
     assert epochs_logged(out) == [1] and not (out / "overlays").exists()

@@ -12,7 +12,7 @@ from Model.losses import SATLoss
 from utils.amp import LossScaler, autocast_context, cpu_supports_bf16
 from utils.engine import NonFiniteLossError, train_one_epoch
 from utils.optim import build_optimizer, build_scheduler, set_trainable
-from train import per_process_batch, should_evaluate, update_best
+from train import interrupted_message, per_process_batch, should_evaluate, update_best
 from utils.checkpoint import rng_state, set_rng_state
 from utils.config import parse_config
 from utils.errors import ConfigError
@@ -174,6 +174,23 @@ def test_best_checkpoint_rule():
 def test_evaluation_schedule(epochs, start, every, expected):
     cfg = parse_config(["--epochs", str(epochs), "--eval-start-epoch", str(start), "--eval-every", str(every)])
     assert [e + 1 for e in range(epochs) if should_evaluate(cfg, e)] == expected
+
+
+def test_ctrl_c_line_says_what_last_pth_holds(tmp_path):
+    cfg = parse_config(["--epochs", "30", "--output-dir", str(tmp_path)])
+    last = tmp_path / "checkpoints" / "last.pth"
+
+    def line(epoch, saved, step=0):
+        return interrupted_message(cfg, {"epoch": epoch, "saved": saved, "step": step}, "python train.py --resume")
+
+    assert line(None, None) == "interrupted before training started; no checkpoint yet; resume with: python " \
+                               "train.py --resume"
+    assert line(2, 2) == f"interrupted in epoch 3/30; {last} holds 2 finished epoch(s); resume with: python " \
+                         "train.py --resume"
+    assert line(2, 2, 250) == f"interrupted in epoch 3/30; {last} holds 2 finished epoch(s) and 250 optimizer " \
+                              "steps of epoch 3; resume with: python train.py --resume"
+    assert line(0, 0, 250).startswith(f"interrupted in epoch 1/30; {last} holds 250 optimizer steps of epoch 1;")
+    assert line(30, 30).startswith("interrupted in the final test;")
 
 
 class SlowLoader:

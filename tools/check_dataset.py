@@ -1,6 +1,6 @@
 """Validate a dataset without writing anything: build each split, check every image (it opens and is complete;
-in evaluation splits its boxes lie inside it) as train.py does before training, and print the counts and every
-bad image."""
+in evaluation splits its boxes lie inside it, and every image has boxes or masks when some have) as train.py
+does before training, and print the counts and every bad image."""
 import os
 import sys
 from pathlib import Path
@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader import FORMATS, SPLITS, build_dataset  # noqa: E402
 from DataLoader.check import METHODS, check_split  # noqa: E402
+from DataLoader.eval_loader import ANNOTATIONS, check_every_image_annotated, protocol_for_data  # noqa: E402
 from utils.config import OneLineParser  # noqa: E402
 from utils.errors import DataError, run_cli  # noqa: E402
 
@@ -40,7 +41,13 @@ def main(argv=None):
         checked, seconds = checked + report.checked, seconds + report.seconds
         skipped = split == "train" and not args.strict_data
         if report.bad and not skipped:
-            fatal.append(report)
+            fatal.append(report.summary())
+        annotations = ANNOTATIONS[protocol_for_data(dataset)] if split != "train" else None
+        if annotations is not None:
+            try:
+                check_every_image_annotated(dataset, annotations)
+            except DataError as err:
+                fatal.append(str(err))
         boxes = sum(len(item.boxes) for item in dataset.items if item.boxes is not None)
         masks = sum(1 for item in dataset.items if item.mask_paths is not None)
         name = "test (the ILSVRC2012 val set)" if args.data_format == "imagenet" and split == "test" else split
@@ -50,7 +57,7 @@ def main(argv=None):
             print(f"  {path}: {reason}")
     print(f"checked the {METHODS[args.decode]} of {checked} images in {seconds:.1f}s")
     if fatal:
-        raise DataError(fatal[0].summary())
+        raise DataError(fatal[0])
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ BOTH = TRAINERS + EVALUATORS
 NOT_IMAGENET_EVAL = TRAINERS + ("evaluate",)  # evaluator_ImageNet.py always reads the ILSVRC2012 layout
 
 SECTIONS = {
-    "model": "The network. The evaluators take it from the checkpoint; --arch and --resize-size on their "
-             "command line override what the checkpoint records.",
+    "model": "The network. The evaluators take it from the checkpoint; --resize-size on their command line "
+             "overrides the checkpoint's setting, and --arch, never needed, must name the architecture the file "
+             "holds.",
     "optimisation": "How training updates the weights.",
     "data": "What is read and how.",
     "evaluation": "The evaluations during training (model selection) and the evaluators' forward passes.",
@@ -160,7 +161,8 @@ def _pretrained(text):
 FIELDS = {
     # model
     "arch": Field("model", "deit_sat_small_patch16_224", "str", "model architecture (Model.list_archs()); the "
-                  "evaluators: the one the checkpoint records, else read off its weights' shapes",
+                  "evaluators: the one the checkpoint records, else read off its weights' shapes (--arch: only "
+                  "one the file fits)",
                   scripts=BOTH, evaluator_default=None),
     "pretrained": Field("model", True, "pretrained", "initial weights: true = DeiT ImageNet-1k via timm, false = "
                         "random, or a weights file"),
@@ -182,9 +184,9 @@ FIELDS = {
     "batch_size": Field("optimisation", 256, "int", "GLOBAL batch of one optimizer step: each process loads "
                         "batch_size / (processes x accum_steps) images per micro-batch (must divide exactly)",
                         domain=">= 1"),
-    "accum_steps": Field("optimisation", 1, "int", "micro-batches per optimizer step (gradient accumulation); each "
-                         "micro-batch has its own batch area loss, so K > 1 changes that loss; images per epoch "
-                         "are unchanged", domain=">= 1"),
+    "accum_steps": Field("optimisation", 1, "int", "micro-batches per optimizer step (gradient accumulation, their "
+                         "gradients averaged); each micro-batch has its own batch area loss, so K > 1 changes that "
+                         "loss; images per epoch are unchanged", domain=">= 1"),
     "lr": Field("optimisation", 1e-4, "float", "AdamW learning rate", domain="> 0"),
     "min_lr": Field("optimisation", 1e-6, "float", "final learning rate of the cosine schedule", domain=">= 0"),
     "weight_decay": Field("optimisation", 0.05, "float", "AdamW weight decay (never on 1-D parameters and biases)",
@@ -196,10 +198,12 @@ FIELDS = {
     "warmup_epochs": Field("optimisation", 0.0, "float", "linear warm-up epochs (either schedule)", domain=">= 0"),
     "clip_grad": Field("optimisation", None, "float", "clip the gradient norm to this value", domain="> 0",
                        nullable=True),
-    "trainable": Field("optimisation", "all", "str", "parameters to train: all, sat (spatial token + spatial-aware "
-                       "blocks + head), head, or last:K (spatial token + the last K blocks + head)"),
+    "trainable": Field("optimisation", "all", "str", "parameters to train: all, sat (spatial token and its embedding "
+                       "+ spatial-aware blocks + final norm + head), head, or last:K (the same with the last K "
+                       "blocks)"),
     # data
-    "data_format": Field("data", "cub", "str", "dataset format (evaluator_ImageNet.py: always imagenet)",
+    "data_format": Field("data", "cub", "str", "dataset format (train_ImageNet.py, evaluator_ImageNet.py: always "
+                         "imagenet)",
                          choices=("cub", "imagenet", "wsol", "folder", "dogs", "cars", "aircraft"),
                          scripts=NOT_IMAGENET_EVAL),
     "data_root": Field("data", None, "str", "dataset root (null: the synthetic demo dataset; train_ImageNet.py and "
@@ -224,10 +228,10 @@ FIELDS = {
     # evaluation
     "eval_thresholds": Field("evaluation", list(TRAIN_THRESHOLDS), "floats", "map thresholds searched at each "
                              "evaluation during training", domain="[0, 1]"),
-    "eval_start_epoch": Field("evaluation", 26, "int", "first epoch (1-based) evaluated for model selection; the "
-                              "last epoch is always evaluated", domain=">= 1"),
-    "eval_every": Field("evaluation", 1, "int", "from eval_start_epoch, evaluate every N epochs (and after the "
-                        "last)", domain=">= 1"),
+    "eval_start_epoch": Field("evaluation", 26, "int", "the epochs (1-based) evaluated for model selection start "
+                              "here; the last epoch is always evaluated", domain=">= 1"),
+    "eval_every": Field("evaluation", 1, "int", "from eval_start_epoch on, evaluate the epochs whose number is "
+                        "a multiple of N (and the last)", domain=">= 1"),
     "eval_batch_size": Field("evaluation", None, "int", "images per evaluation batch per process (null: train.py "
                              f"the training micro-batch, the evaluators {EVALUATOR_BATCH}); on a CPU, the forward "
                              "takes a batch in parts of a few images", domain=">= 1",
@@ -249,13 +253,14 @@ FIELDS = {
                      scripts=BOTH),
     "report_best_threshold": Field("test", False, "bool", "results.json also gets a 'best_threshold' section: the "
                                    "test metrics at the best of eval_thresholds, chosen on the test split itself "
-                                   "(one more test pass)"),
+                                   "(scored in the same test pass)"),
     "overlays": Field("test", 0, "int", "draw the overlays (map, boxes) of the first N images in dataset order "
                       "into <output_dir>/overlays/; 0: none, all: every image", domain=">= 0", words=("all",),
                       scripts=BOTH),
     # run
     "output_dir": Field("run", "output/run", "str", "folder of the outputs: checkpoints, logs, metrics, results "
-                        "(the evaluators: output/eval)", scripts=BOTH, evaluator_default="output/eval"),
+                        "(the config files set their own, e.g. output/cub; the evaluators: output/eval)",
+                        scripts=BOTH, evaluator_default="output/eval"),
     "seed": Field("run", 6, "int", "random seed (each process adds its rank)"),
     "device": Field("run", "auto", "str", "auto = CUDA when available", choices=("auto", "cuda", "cpu"),
                     scripts=BOTH),
@@ -468,6 +473,10 @@ def _unknown_flag(token, script, parser):
     if key in RENAMED and key not in keys_of(script):
         new, metavar, why = RENAMED[key]
         new_flag = "--" + ("no-" if negated else "") + new.replace("_", "-")
+        if new not in keys_of(script):
+            others = [SCRIPTS[s].file for s in FIELDS[new].scripts]
+            return (f"{flag} was renamed {new_flag}, which {SCRIPTS[script].file} does not take "
+                    f"({', '.join(others[:-1])}{' and ' if len(others) > 1 else ''}{others[-1]} do)")
         return f"{flag} was renamed: use {new_flag}{'' if negated else metavar}{why}"
     if key in FIELDS:
         others = [SCRIPTS[s].file for s in FIELDS[key].scripts]

@@ -44,6 +44,14 @@ class CounterState:
             raise ValueError(f"{type(self).__name__}.compute(): no images were accumulated")
 
 
+def percent(count, num_images):
+    """``count`` of ``num_images`` in %, as (100 * count) / num_images: to the last bit the average of the official
+    AverageMeter over 100 or 0 per image (and wsolevaluation's ``count * 100. / cnt``). Thresholds and epochs are
+    ranked by sums of these values, and equal counts can round to different sums, so the rounding is the
+    official one."""
+    return 100.0 * np.asarray(count, np.float64) / int(num_images)
+
+
 def topk_correct(scores, labels, ks=(1, 5)):
     """Per image, whether the label is among the top-k scores, for each k -> list of bool (B,)."""
     scores, labels = torch.as_tensor(scores), torch.as_tensor(labels).reshape(-1, 1)
@@ -69,9 +77,8 @@ class ClassAccumulator(CounterState):
 
     def compute(self):
         self._check_nonempty()
-        pct = 100.0 / int(self.num_images)
-        return {"num_images": int(self.num_images), "top1_cls": float(self.top1 * pct),
-                "top5_cls": float(self.top5 * pct)}
+        return {"num_images": int(self.num_images), "top1_cls": float(percent(self.top1, self.num_images)),
+                "top5_cls": float(percent(self.top5, self.num_images))}
 
 
 class SATLocAccumulator(CounterState):
@@ -116,15 +123,14 @@ class SATLocAccumulator(CounterState):
 
     def _rates(self, index):
         """Localization metrics (%) at ``self.thresholds[index]``."""
-        pct = 100.0 / int(self.num_images)
-        iou30, iou50, iou70 = (self.iou_hits[:, index] * pct).tolist()
-        return {"gt_known_loc": iou50, "top1_loc": float(self.top1_loc[index] * pct),
-                "top5_loc": float(self.top5_loc[index] * pct), "iou30": iou30, "iou50": iou50, "iou70": iou70}
+        iou30, iou50, iou70 = percent(self.iou_hits[:, index], self.num_images).tolist()
+        return {"gt_known_loc": iou50, "top1_loc": float(percent(self.top1_loc[index], self.num_images)),
+                "top5_loc": float(percent(self.top5_loc[index], self.num_images)), "iou30": iou30, "iou50": iou50,
+                "iou70": iou70}
 
     def _classification(self):
-        pct = 100.0 / int(self.num_images)
-        return {"num_images": int(self.num_images), "top1_cls": float(self.top1_cls * pct),
-                "top5_cls": float(self.top5_cls * pct)}
+        return {"num_images": int(self.num_images), "top1_cls": float(percent(self.top1_cls, self.num_images)),
+                "top5_cls": float(percent(self.top5_cls, self.num_images))}
 
     def compute_at(self, threshold):
         """Metrics (%) at one of the accumulated thresholds (the official evaluator with one threshold)."""
@@ -136,18 +142,19 @@ class SATLocAccumulator(CounterState):
 
     def compute(self, candidates=None):
         """Metrics (%) at the threshold maximising GT-known + Top-1 Loc among ``candidates`` (default: all
-        accumulated thresholds; the first on ties), as the official ``val_loc_one_epoch`` with a list."""
+        accumulated thresholds), as the official ``val_loc_one_epoch`` with a list: the sum of the two
+        percentages as the official code rounds them (:func:`percent`), the first of equal sums."""
         self._check_nonempty()
         candidates = self.thresholds if candidates is None else [float(t) for t in candidates]
         indices = [self.thresholds.index(t) for t in candidates]
-        best = indices[int(np.argmax((self.iou_hits[1] + self.top1_loc)[indices]))]
-        pct = 100.0 / int(self.num_images)
+        gt_known, top1_loc = percent(self.iou_hits[1], self.num_images), percent(self.top1_loc, self.num_images)
+        best = indices[int(np.argmax((gt_known + top1_loc)[indices]))]
         return {
             **self._classification(),
             **self._rates(best),
             "best_threshold": self.thresholds[best],
-            "gt_known_loc_per_threshold": (self.iou_hits[1] * pct).tolist(),
-            "top1_loc_per_threshold": (self.top1_loc * pct).tolist(),
+            "gt_known_loc_per_threshold": gt_known.tolist(),
+            "top1_loc_per_threshold": top1_loc.tolist(),
         }
 
 
@@ -187,23 +194,25 @@ class WSOLBoxAccumulator(CounterState):
         boxaccv2 (all contours, mean over the IoU thresholds), for a threshold chosen on another split."""
         self._check_nonempty()
         index = self.threshold_index(cam_threshold)
-        pct = 100.0 / int(self.num_images)
-        per_iou = {i: float(self.hits_all[k, index] * pct) for k, i in enumerate(self.iou_thresholds)}
-        return {"wsol_threshold": float(self.cam_thresholds[index]), "boxacc": float(self.hits_largest[index] * pct),
+        per_iou = {i: float(percent(self.hits_all[k, index], self.num_images))
+                   for k, i in enumerate(self.iou_thresholds)}
+        return {"wsol_threshold": float(self.cam_thresholds[index]),
+                "boxacc": float(percent(self.hits_largest[index], self.num_images)),
                 "boxaccv2": float(np.mean(list(per_iou.values()))), "boxaccv2_per_iou": per_iou}
 
     def curves(self):
         """Box accuracy (%) against the map threshold: largest contour at IoU 0.5, and all contours per IoU."""
         self._check_nonempty()
-        pct = 100.0 / int(self.num_images)
-        return {"cam_thresholds": self.cam_thresholds.tolist(), "boxacc": (self.hits_largest * pct).tolist(),
-                "boxaccv2_per_iou": {i: (self.hits_all[k] * pct).tolist() for k, i in enumerate(self.iou_thresholds)}}
+        return {"cam_thresholds": self.cam_thresholds.tolist(),
+                "boxacc": percent(self.hits_largest, self.num_images).tolist(),
+                "boxaccv2_per_iou": {i: percent(self.hits_all[k], self.num_images).tolist()
+                                     for k, i in enumerate(self.iou_thresholds)}}
 
     def compute(self):
         """maxboxacc, maxboxaccv2 (%), per-IoU V2 accuracies and the best map thresholds."""
         self._check_nonempty()
-        acc_largest = self.hits_largest * 100.0 / int(self.num_images)
-        acc_all = self.hits_all * 100.0 / int(self.num_images)
+        acc_largest = percent(self.hits_largest, self.num_images)
+        acc_all = percent(self.hits_all, self.num_images)
         best_all = acc_all.argmax(axis=1)
         return {
             "num_images": int(self.num_images),
@@ -359,8 +368,9 @@ def per_class_metrics(rows, class_names):
     for label in sorted({row["label"] for row in rows}):
         mine = [row for row in rows if row["label"] == label]
         name = class_names[label] if class_names and label < len(class_names) else str(label)
-        out[name] = {"num_images": len(mine), **{key: 100.0 * sum(row[flag] for row in mine) / len(mine) for key, flag
-                     in (("top1_cls", "cls_correct"), ("top1_loc", "top1_loc"), ("gt_known_loc", "gt_known"))
+        out[name] = {"num_images": len(mine), **{key: float(percent(sum(row[flag] for row in mine), len(mine)))
+                     for key, flag in (("top1_cls", "cls_correct"), ("top1_loc", "top1_loc"),
+                                       ("gt_known_loc", "gt_known"))
                      if all(row[flag] is not None for row in mine)}}
     return out
 

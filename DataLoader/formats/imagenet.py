@@ -1,6 +1,7 @@
 """ImageNet ILSVRC2012: ``train/<wnid>/`` folders (class index = sorted wnids), ``val/`` flat or in
 ``<wnid>/`` folders, and val labels + boxes from per-image PASCAL-VOC XML files, LOC_val_solution.csv
 or the official SAT ``val_gt.txt`` list."""
+import logging
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -11,6 +12,8 @@ from utils.errors import DataError
 
 from .annotations import Item, bad_line, check_boxes, lines_source, read_lines
 from .folder import class_folders, image_files, is_image_file, list_dir, scan_class_folders
+
+_logger = logging.getLogger("sat")
 
 # Looked for under the data root, in this order, when no explicit val-boxes path is given.
 VAL_BOX_CANDIDATES = ("val_boxes", "bbox_val", "val_bbox", "bbox/val", "Annotations/CLS-LOC/val", "val",
@@ -145,7 +148,8 @@ def load_imagenet(root, split, val_boxes=None):
         classes = class_folders(train_dir)
         return root, scan_class_folders(root, "train", classes), classes
 
-    records = sorted(read_val_records(find_val_boxes(root, val_boxes)), key=lambda r: r.stem)
+    box_source = find_val_boxes(root, val_boxes)
+    records = sorted(read_val_records(box_source), key=lambda r: r.stem)
     if not records:
         raise DataError(f"{root}: the val boxes list no images (expected {VAL_BOX_KINDS})")
     classes = class_folders(train_dir) if train_dir.is_dir() else sorted({r.wnid for r in records})
@@ -162,4 +166,8 @@ def load_imagenet(root, split, val_boxes=None):
         path = images[record.stem]
         items.append(Item(path, index[record.wnid], image_id="val/" + path.rsplit("/", 1)[-1],
                           boxes=record.boxes, size=record.size, source=record.source))
+    if len(images) > len(items):  # the split is the images the box list names
+        _logger.warning("%s holds %d images, the val boxes (%s) name %d: the other %d are not evaluated",
+                        root / "val", len(images), box_source, len(items),
+                        len(images) - len(items))
     return root, items, classes
