@@ -23,6 +23,7 @@ from DataLoader.eval_loader import build_eval_loader, resolve_data, resolve_prot
 from DataLoader.eval_views import EvalViews, views_of
 from Model import build_model_from_checkpoint
 from utils.amp import describe
+from utils.boxes import coco_detections
 from utils.distributed import cleanup, init_distributed
 from utils.config import parse_config
 from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
@@ -93,7 +94,7 @@ def evaluate_checkpoint(args, imagenet, info):
         _logger.info("--eval-protocol auto: %s (%s)", protocol, {"sat": "the data has boxes", "wsol": "masks only",
                                                                 "cls": "neither boxes nor masks"}[protocol])
     match_classes(loader.dataset, model, meta, args.checkpoint)
-    arch = meta.get("arch") or args.arch
+    arch = meta["arch"]
     _logger.info("evaluating %s (%s, %d classes, input %d) on %d images of %s, protocol %s, views %s, "
                  "threshold %g%s, %s", args.checkpoint, arch, model.num_classes, img_size, len(loader.dataset), root,
                  protocol, "+".join(views.names), args.threshold,
@@ -131,7 +132,7 @@ def evaluate_maps(args, imagenet, info):
     split = getattr(args, "split", "test")
     dataset = build_dataset(fmt, root, split, metadata_root=getattr(args, "metadata_root", None),
                             val_boxes=args.val_boxes)
-    protocol, _ = resolve_protocol(args.eval_protocol, dataset)
+    protocol = resolve_protocol(args.eval_protocol, dataset)
     if protocol == "cls":
         raise ConfigError(f"--maps: the {split} split of {root} has neither boxes nor masks: no localization to score")
     if args.overlay_blocks:
@@ -206,21 +207,6 @@ def write_per_image(path, rows):
                              int(row[key]) if isinstance(row[key], bool) else
                              repr(row[key]) if isinstance(row[key], float) else
                              "" if row[key] is None else row[key] for key in PER_IMAGE_COLUMNS])
-
-
-def coco_detections(entries, class_names):
-    """COCO detection format of one box per image: images (id, file_name, width, height), annotations
-    (bbox [x, y, w, h] in original pixels, category_id = class + 1, score, area, iscrowd 0) and the
-    categories named ``class_names``. ``entries``: dicts with file_name, size (W, H), class, score, box."""
-    images, annotations = [], []
-    for k, entry in enumerate(entries, start=1):
-        (width, height), (x0, y0, x1, y1) = entry["size"], entry["box"]
-        images.append({"id": k, "file_name": entry["file_name"], "width": int(width), "height": int(height)})
-        annotations.append({"id": k, "image_id": k, "category_id": int(entry["class"]) + 1,
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
-                            "score": float(entry["score"])})
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": k + 1, "name": name} for k, name in enumerate(class_names)]}
 
 
 def write_curves(output_dir, curves):

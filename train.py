@@ -23,7 +23,7 @@ import torch
 from DataLoader import build_dataset, build_loader
 from DataLoader.check import check_splits
 from DataLoader.device_transforms import on_device
-from DataLoader.eval_loader import ANNOTATIONS, build_eval_loader, protocol_for_data, resolve_data
+from DataLoader.eval_loader import build_eval_loader, resolve_data, split_annotations
 from DataLoader.eval_views import default_resize_size, views_of
 from DataLoader.image_cache import attach_image_cache
 from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
@@ -42,6 +42,7 @@ from utils.preemption import Preempted, StepCheckpoint, StopSignals, resume_comm
 
 RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
                "num_images")
+SAT_THRESHOLD_KEYS = ("threshold", "best_threshold")  # recorded on their own (results.json: the search's section)
 # The checkpoints kept during training, each the first epoch reaching the maximum of its metric, as the
 # official train.py keeps best_loc / best_top1 / best_gt; best.pth follows selection_metric (official: loc).
 EXTRA_BEST = {"best_top1_loc.pth": "top1_loc", "best_gt_known_loc.pth": "gt_known_loc"}
@@ -84,7 +85,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None):
     resume = resume or resume_command(distributed=info.world_size > 1)
     output_dir = Path(cfg.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
-    replaced = previous_outputs(cfg, output_dir, info)
+    replaced = previous_outputs(cfg, output_dir)
     setup_logging(output_dir, info.is_main, info.rank, log_file=not replaced)  # not into the old run's log
     if replaced:
         _logger.info("--overwrite: the previous run's %s in %s go once this run has its data, model and first "
@@ -173,7 +174,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None):
     stop = StopSignals()
     checkpointer = StepCheckpoint(stop, save_position, steps_per_epoch=steps_per_epoch,
                                   save_every_steps=cfg.save_every_steps, check_every=cfg.log_every,
-                                  device=info.device, world_size=info.world_size)
+                                  device=info.device, world_size=info.world_size, resume=resume)
     try:
         with stop:
             for epoch in range(start_epoch, cfg.epochs):
@@ -206,7 +207,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None):
                                         f"with (it evaluates epoch {epoch + 1} again): {resume}") from None
                     metrics.update(metrics.get("at_best_threshold", {}))  # model selection: at the best threshold
                     improved = update_best(best, metrics, plan.selection_metric, epoch, plan.sat)
-                    shown = (*RESULT_KEYS, "best_threshold") if plan.sat else scalars(metrics)
+                    shown = (*recorded_keys(metrics, plan), *(("best_threshold",) if plan.sat else ()))
                     record.update({f"{selection_split}_{key}": metrics[key] for key in shown})
                     record[f"{selection_split}_time"] = time.perf_counter() - started  # seconds, loading included
                 rng_states = dist_utils.all_gather_object(rng_state(info.device))
@@ -270,7 +271,7 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
 
     selection_loader = eval_loader("val" if cfg.val_split else "test", cfg.eval_protocol, tencrop=False)
     plan = plan_evaluation(cfg, selection_loader.dataset)
-    tencrop = cfg.tencrop and plan.sat
+    tencrop = cfg.tencrop and plan.classifies_official_view
     test_loader = selection_loader if not cfg.val_split and not tencrop else \
         eval_loader("test", plan.protocol, tencrop=tencrop)
     if cfg.cache_images:
@@ -298,16 +299,21 @@ def check_data(cfg, info, train_set, eval_sets):
 # ----------------------------------------------------------------------------------- evaluation plan
 @dataclass
 class EvalPlan:
-    """How training evaluates: ``protocol`` (eval_protocol resolved from the data), the ``annotations`` of the
-    evaluation split ('boxes', 'masks' or None) and the ``selection_metric`` that exists for them."""
+    """How training evaluates: ``protocol`` (eval_protocol resolved from the data) and the ``selection_metric``
+    that exists for the evaluation split's annotations."""
     protocol: str
-    annotations: object
     selection_metric: str
 
     @property
     def sat(self):
         """Whether the sat protocol is evaluated (map thresholds, best_top1 / best_gt files)."""
         return self.protocol in ("sat", "both")
+
+    @property
+    def classifies_official_view(self):
+        """Whether classification is scored on the official test view (centre or ten-crop): every protocol
+        but wsol, which scores its own whole-image view."""
+        return self.protocol != "wsol"
 
 
 def selection_metrics(protocol, annotations):
@@ -321,7 +327,7 @@ def plan_evaluation(cfg, dataset):
     """The :class:`EvalPlan` of the evaluation split ``dataset`` (whose views follow the resolved protocol);
     logs the protocol and the selection metric."""
     protocol = views_of(dataset).protocol
-    annotations = ANNOTATIONS[protocol_for_data(dataset)]
+    annotations = split_annotations(dataset)
     available = selection_metrics(protocol, annotations)
     metric = cfg.selection_metric if cfg.selection_metric in available else available[0]
     names = {"sat": "sat protocol", "wsol": "wsol protocol", "both": "sat and wsol protocols",
@@ -330,7 +336,7 @@ def plan_evaluation(cfg, dataset):
                  cfg.eval_protocol, annotations or "neither boxes nor masks", metric,
                  "" if metric == cfg.selection_metric else f" (selection_metric {cfg.selection_metric} does not "
                  f"exist for this evaluation)")
-    return EvalPlan(protocol, annotations, metric)
+    return EvalPlan(protocol, metric)
 
 
 def should_evaluate(cfg, epoch):
@@ -344,6 +350,15 @@ def scalars(metrics):
     """The numeric entries of an evaluation's metrics (no per-threshold lists or per-IoU tables)."""
     return {key: value for key, value in metrics.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def recorded_keys(metrics, plan):
+    """The metrics an evaluation's line in metrics.jsonl and results.json hold: RESULT_KEYS under the sat
+    protocol, every scalar metric under the others, and under both the sat protocol's with the wsol ones."""
+    keys = RESULT_KEYS if plan.sat else ()
+    if plan.protocol != "sat":
+        keys += tuple(key for key in scalars(metrics) if key not in keys and key not in SAT_THRESHOLD_KEYS)
+    return keys
 
 
 def selection_value(metrics, metric):
@@ -403,14 +418,14 @@ def save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best,
 def log_epoch(cfg, epoch, stats, metrics, improved, split, plan):
     if metrics is not None:
         best_mark = "  * best" if "best.pth" in improved else ""
+        wsol = "  ".join(f"{key} {metrics[key]:.2f}" for key in ("maxboxaccv2", "pxap") if key in metrics)
         if plan.sat:
             _logger.info("epoch %d %s: Top-1 Loc %.2f  GT-known Loc %.2f  Top-1 Cls %.2f  (best of the thresholds: "
-                         "%.2f)%s", epoch + 1, split, metrics["top1_loc"], metrics["gt_known_loc"],
-                         metrics["top1_cls"], metrics["best_threshold"], best_mark)
+                         "%.2f)%s%s", epoch + 1, split, metrics["top1_loc"], metrics["gt_known_loc"],
+                         metrics["top1_cls"], metrics["best_threshold"], f"  {wsol}" if wsol else "", best_mark)
         else:
-            shown = tuple(key for key in ("maxboxaccv2", "pxap") if key in metrics) + ("top1_cls",)
-            _logger.info("epoch %d %s: %s%s", epoch + 1, split,
-                         "  ".join(f"{key} {metrics[key]:.2f}" for key in shown), best_mark)
+            _logger.info("epoch %d %s: %s%s", epoch + 1, split, "  ".join(filter(None, (wsol, f"top1_cls "
+                         f"{metrics['top1_cls']:.2f}"))), best_mark)
     if stats["num_skipped"]:
         _logger.warning("epoch %d: %d unreadable training images skipped (named in the log above; "
                         "--strict-data makes them an error)", epoch + 1, stats["num_skipped"])
@@ -437,11 +452,11 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan):
     seconds = time.perf_counter() - started
     if info.is_main:
         log_evaluation_time(metrics, seconds)
-    tencrop = cfg.tencrop and sat
+    tencrop = cfg.tencrop and plan.classifies_official_view
     results = {"checkpoint": str(best_path), "epoch": meta["epoch"], "selection": meta["selection"], "split": "test",
                "eval_protocol": plan.protocol, **({"threshold": cfg.threshold} if sat else {}),
                "tencrop": tencrop, "precision": "fp32",
-               **({key: metrics[key] for key in RESULT_KEYS} if sat else scalars(metrics)),
+               **{key: metrics[key] for key in recorded_keys(metrics, plan)},
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if cfg.report_best_threshold and sat:
         results["best_threshold"] = {
@@ -450,18 +465,18 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan):
             **{key: metrics[key] for key in ("num_images", "top1_cls", "top5_cls")}, **metrics["at_best_threshold"]}
     if info.is_main:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        shown = RESULT_KEYS[:8] if sat else [key for key in scalars(metrics)
-                                             if key != "num_images" and not key.endswith("threshold")]
+        shown = [key for key in recorded_keys(metrics, plan) if key != "num_images" and not key.endswith("threshold")]
         rows = "\n".join(f"  {key:<15} {metrics[key]:8.2f}" for key in shown)
-        setting = (f"threshold {cfg.threshold:.2f}, {'ten-crop' if tencrop else 'centre-crop'} classification"
-                   if sat else plan.protocol)
+        classification = f"{'ten-crop' if tencrop else 'centre-crop'} classification"
+        setting = (f"threshold {cfg.threshold:.2f}, {classification}" if sat else
+                   f"{plan.protocol}, {classification}" if plan.classifies_official_view else plan.protocol)
         _logger.info("test results of %s (epoch %d, %s, fp32):\n%s\nwritten to %s", best_path, meta["epoch"],
                      setting, rows, output_dir / "results.json")
     return results
 
 
 # ------------------------------------------------------------------------------------ the run's folder
-def previous_outputs(cfg, output_dir, info):
+def previous_outputs(cfg, output_dir):
     """The outputs of an earlier run in ``output_dir`` that this one replaces (--overwrite; deleted by
     ``delete_outputs`` once this run can start), as the main process finds them, on every process. A folder
     holding a checkpoint or results.json holds a previous run: refused without --resume or --overwrite, and

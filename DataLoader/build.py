@@ -37,13 +37,27 @@ def check_data_root(fmt, root):
         raise DataError(f"unknown dataset format {fmt!r} (expected one of {', '.join(FORMATS)})")
     if root is None or not Path(root).is_dir():
         raise DataError(f"data root {root}: not found (expected {LAYOUTS[fmt]})")
+    problem = _layout_problem(fmt, root)
+    if problem:
+        others = [other for other in LOOKS_LIKE if other != fmt and not _layout_problem(other, root)]
+        hint = f"; its entries fit --data-format {' or '.join(others)}" if others else ""
+        raise DataError(f"data root {root}: {problem} (expected {LAYOUTS[fmt]}){hint}")
+
+
+# Formats whose entries tell a root apart, for the hint of a wrong --data-format (not: the wsol image root, which
+# has no fixed entries, nor Aircraft's images/, which a CUB root has too).
+LOOKS_LIKE = ("cub", "folder", "dogs", "cars")
+
+
+def _layout_problem(fmt, root):
+    """What ``root`` lacks of format ``fmt``'s entries, or None."""
     missing = [name for name in EACH_REQUIRED.get(fmt, ()) if not (Path(root) / name).exists()]
     if missing:
-        raise DataError(f"data root {root}: missing {missing[0]} (expected {LAYOUTS[fmt]})")
+        return f"missing {missing[0]}"
     names = ANY_REQUIRED.get(fmt, ())
     if names and not any((Path(root) / name).exists() for name in names):
-        raise DataError(f"data root {root}: missing {' and '.join(n + '/' for n in names)} "
-                        f"(expected {LAYOUTS[fmt]})")
+        return f"has none of {', '.join(n + '/' for n in names)}"
+    return None
 
 
 def build_dataset(fmt, root, split, transform=None, *, images_per_class=None, seed=0, metadata_root=None,

@@ -41,7 +41,7 @@ def build_eval_loader(fmt, root, split, *, protocol, tencrop, img_size, batch_si
     ``distributed``: this process's shard; ``pin_memory``: BatchLoader's. ``views_of(loader.dataset)`` tells the
     protocol chosen."""
     dataset = build_dataset(fmt, root, split, metadata_root=metadata_root, val_boxes=val_boxes)
-    protocol, _ = resolve_protocol(protocol, dataset)
+    protocol = resolve_protocol(protocol, dataset)
     dataset.transform = EvalViews(protocol, tencrop, img_size, resize_size).pixels(gpu_decode)
     return BatchLoader(dataset, batch_size, ShardSampler(len(dataset)) if distributed else None, workers=workers,
                        pin_memory=pin_memory)
@@ -81,11 +81,16 @@ def protocol_for_data(dataset):
     return "cls"
 
 
+def split_annotations(dataset):
+    """What an evaluation split holds to localize against: 'boxes', 'masks' or None."""
+    return ANNOTATIONS[protocol_for_data(dataset)]
+
+
 def resolve_protocol(requested, dataset):
-    """(protocol, annotations) of an evaluation: ``requested`` ('auto' resolved by :func:`protocol_for_data`)
-    and the annotations the split holds ('boxes', 'masks' or None); ConfigError when they cannot support it."""
+    """The protocol of an evaluation of ``dataset``: ``requested``, 'auto' resolved by :func:`protocol_for_data`;
+    ConfigError when the split's annotations cannot support it, DataError when some of its images lack them."""
     automatic = protocol_for_data(dataset)
-    annotations = ANNOTATIONS[automatic]
+    annotations = split_annotations(dataset)
     protocol = automatic if requested == "auto" else requested
     needs = {"sat": "boxes", "both": "boxes", "wsol": annotations or "boxes or masks"}.get(protocol)
     if needs is not None and needs != annotations:
@@ -93,7 +98,7 @@ def resolve_protocol(requested, dataset):
                           f"{annotations or 'neither boxes nor masks'}: use --eval-protocol {automatic} (or auto)")
     if protocol != "cls" and annotations is not None:
         check_every_image_annotated(dataset, annotations)
-    return protocol, annotations
+    return protocol
 
 
 def check_every_image_annotated(dataset, annotations):

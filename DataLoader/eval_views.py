@@ -17,7 +17,6 @@ from utils.errors import ConfigError
 
 from . import transforms as T
 
-VIEWS = ("centre", "tencrop", "wsol")
 PROTOCOLS = ("sat", "wsol", "both", "cls")
 TENCROP_CENTRE = 4  # torchvision TenCrop order: four corners, centre, then the same flipped
 VIEW_SIZES = {"centre": 1, "tencrop": 10, "wsol": 1}
@@ -46,6 +45,9 @@ class EvalViews:
         self.protocol, self.names = protocol, protocol_views(protocol, tencrop)
         self.img_size = int(img_size)
         self.resize_size = int(resize_size or default_resize_size(img_size))
+        if self.resize_size < self.img_size and self.names != ("wsol",):
+            raise ConfigError(f"resize_size {self.resize_size} (--resize-size) is smaller than the input size "
+                              f"{self.img_size}: the {self.names[0]} view crops {self.img_size} pixels of it")
         builders = {"centre": T.test_transform, "tencrop": T.tencrop_transform}
         self.transforms = [T.wsol_transform(self.img_size) if view == "wsol"
                            else builders[view](self.img_size, self.resize_size) for view in self.names]

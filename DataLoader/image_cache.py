@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.errors import DataError
+
 _logger = logging.getLogger("sat")
 HEADER_ALIGN = 4096
 
@@ -54,8 +56,8 @@ class ImageCache:
         concurrent processes of one run end up with one file."""
         if self.path.exists():
             if self.path.stat().st_size != self.nbytes:
-                raise ValueError(f"image cache {self.path} has {self.path.stat().st_size} bytes, expected "
-                                 f"{self.nbytes}: delete it")
+                raise DataError(f"image cache {self.path} has {self.path.stat().st_size} bytes, expected "
+                                f"{self.nbytes}: delete it (the run writes it again)")
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
@@ -92,10 +94,6 @@ class ImageCache:
 
     def num_cached(self):
         return int(np.count_nonzero(self._arrays()[0]))
-
-    def remove(self):
-        self._map = None
-        self.path.unlink(missing_ok=True)
 
     def __getstate__(self):  # workers started by spawn map the file themselves
         return {**self.__dict__, "_map": None}

@@ -5,7 +5,7 @@ import traceback
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from .background import Background
 from .dataset import Skipped
@@ -208,13 +208,12 @@ def build_loader(dataset, batch_size, *, train, workers, distributed=False, seed
                  pin_memory=None):
     """BatchLoader over ``dataset``. ``train``: shuffled by a ResumableSampler (this process's share when
     ``distributed``; call ``loader.sampler.set_epoch(epoch[, start_batch])`` each epoch) and by default
-    dropping the last partial batch. Evaluation: in order, through a DistributedSampler when
-    ``distributed`` (it pads the split to a multiple of the world size). ``pin_memory``: BatchLoader's."""
+    dropping the last partial batch. Otherwise in order, in this process (sharded evaluation loaders:
+    DataLoader/eval_loader.py). ``pin_memory``: BatchLoader's."""
     drop_last = train if drop_last is None else drop_last
+    sampler = None
     if train:  # one process: the same order as DistributedSampler's with one replica
         sampler = ResumableSampler(dataset, batch_size, num_replicas=None if distributed else 1,
                                    rank=None if distributed else 0, seed=seed)
-    else:
-        sampler = DistributedSampler(dataset, shuffle=False, seed=seed) if distributed else None
     return BatchLoader(dataset, batch_size, sampler, workers=workers, drop_last=drop_last, seed=seed, parts=parts,
                        pin_memory=pin_memory)

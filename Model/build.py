@@ -32,6 +32,9 @@ def build_model(arch: str, num_classes: int = 1000, pretrained=False, **override
     """
     if arch not in list_archs():
         raise ConfigError(f"unknown arch {arch!r}; known: {', '.join(list_archs())}")
+    if pretrained is True and not timm.models.get_pretrained_cfg(arch).hf_hub_id:
+        raise ConfigError(f"{arch} has no DeiT weights to start from: --pretrained false (random initialisation) "
+                          "or --pretrained PATH (a weights file)")
     try:
         if pretrained is True:
             _check_hub_reachable(arch)

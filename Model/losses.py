@@ -1,7 +1,7 @@
 """SAT losses: batch area loss, normalization loss and their sum with cross-entropy (paper, Sec. 3.3).
 
 The batch area loss is ``|mean area over a batch - lambda|``: which images form that batch changes the loss
-(it is not a mean of per-image terms). ``area_scope`` says which, for one call (one micro-batch per process):
+(it is not a mean of per-image terms). ``area_loss_scope`` says which, for one call (one micro-batch per process):
 ``process`` = this process's images; ``global`` = the images of all processes, summed through a differentiable
 all-reduce, as the official CUB run's DataParallel gathered its 256 per-image areas; an integer N = the images
 of all processes in rank order, cut into consecutive groups of N images, one area term per group, averaged, as
@@ -15,14 +15,15 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-AREA_SCOPES = ("global", "process")
+AREA_LOSS_SCOPES = ("global", "process")
 
 
-def check_area_scope(area_scope):
-    """``area_scope`` if it is 'global', 'process' or a group size in images (an int >= 1); else ValueError."""
-    if area_scope in AREA_SCOPES or (type(area_scope) is int and area_scope >= 1):
-        return area_scope
-    raise ValueError(f"area_scope must be one of {AREA_SCOPES} or a number of images >= 1, got {area_scope!r}")
+def check_area_loss_scope(area_loss_scope):
+    """``area_loss_scope`` if it is 'global', 'process' or a group size in images (an int >= 1); else ValueError."""
+    if area_loss_scope in AREA_LOSS_SCOPES or (type(area_loss_scope) is int and area_loss_scope >= 1):
+        return area_loss_scope
+    raise ValueError(f"area_loss_scope must be one of {AREA_LOSS_SCOPES} or a number of images >= 1, got "
+                     f"{area_loss_scope!r}")
 
 
 class AllReduceSum(torch.autograd.Function):
@@ -67,17 +68,17 @@ def _process():
     return 1, 0
 
 
-def area_span(area_scope, micro_batch, world_size=1):
+def area_span(area_loss_scope, micro_batch, world_size=1):
     """Images in one area term (the last group of an integer scope may hold fewer) when each of
     ``world_size`` processes forwards ``micro_batch`` images per call."""
-    check_area_scope(area_scope)
-    if area_scope == "process":
+    check_area_loss_scope(area_loss_scope)
+    if area_loss_scope == "process":
         return micro_batch
-    return world_size * micro_batch if area_scope == "global" else min(area_scope, world_size * micro_batch)
+    return world_size * micro_batch if area_loss_scope == "global" else min(area_loss_scope, world_size * micro_batch)
 
 
-def batch_area_loss(maps: torch.Tensor, area_thr: float, area_scope="process", micro_batch=None) -> torch.Tensor:
-    """``|mean area of a batch - area_thr|``, averaged over the batches ``area_scope`` (see the module) makes.
+def batch_area_loss(maps: torch.Tensor, area_thr: float, area_loss_scope="global", micro_batch=None) -> torch.Tensor:
+    """``|mean area of a batch - area_thr|``, averaged over the batches ``area_loss_scope`` (see the module) makes.
 
     Image i of the process of rank r has the place ``r * micro_batch + i`` in the global micro-batch;
     ``micro_batch`` is the size of every process's call when no image was dropped (a process with fewer
@@ -86,17 +87,17 @@ def batch_area_loss(maps: torch.Tensor, area_thr: float, area_scope="process", m
     differentiable in every process's maps.
     """
     areas = area_per_image(maps)
-    check_area_scope(area_scope)
-    if area_scope == "process":
+    check_area_loss_scope(area_loss_scope)
+    if area_loss_scope == "process":
         return (areas.mean() - area_thr).abs()
     world_size, rank = _process()
-    if micro_batch is None and world_size > 1 and area_scope != "global":
+    if micro_batch is None and world_size > 1 and area_loss_scope != "global":
         # each process's count of groups would follow its own batch: one with a dropped image would hang
         raise ValueError("an area group size with several processes needs micro_batch")
     micro_batch = micro_batch or len(areas)
     if len(areas) > micro_batch:
         raise ValueError(f"{len(areas)} maps in one call, more than micro_batch={micro_batch}")
-    group_size = area_span(area_scope, micro_batch, world_size)
+    group_size = area_span(area_loss_scope, micro_batch, world_size)
     num_groups = -(-world_size * micro_batch // group_size)
     place = rank * micro_batch + torch.arange(len(areas), device=areas.device)
     member = (place // group_size == torch.arange(num_groups, device=areas.device)[:, None]).to(areas.dtype)
@@ -121,7 +122,7 @@ def normalization_loss(maps: torch.Tensor) -> torch.Tensor:
 
 
 def sat_loss(logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, area_thr: float,
-             area_scope="process", micro_batch=None) -> Dict[str, torch.Tensor]:
+             area_loss_scope="global", micro_batch=None) -> Dict[str, torch.Tensor]:
     """Total SAT loss = cross-entropy + batch area loss + normalization loss (all weights 1).
 
     Returns a dict with ``loss`` (to backpropagate) and the detached terms ``ce``, ``area``, ``norm``.
@@ -129,7 +130,7 @@ def sat_loss(logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, ar
     """
     maps = maps.float()
     ce = F.cross_entropy(logits.float(), targets)
-    area = batch_area_loss(maps, area_thr, area_scope, micro_batch)
+    area = batch_area_loss(maps, area_thr, area_loss_scope, micro_batch)
     norm = normalization_loss(maps)
     loss = ce + area + norm
     return {"loss": loss, "ce": ce.detach(), "area": area.detach(), "norm": norm.detach()}
@@ -144,12 +145,13 @@ class SATLoss(nn.Module):
     process forwards per call (see :func:`batch_area_loss`).
     """
 
-    def __init__(self, area_thr: float, area_scope="global", micro_batch=None):
+    def __init__(self, area_thr: float, area_loss_scope="global", micro_batch=None):
         super().__init__()
-        self.area_thr, self.area_scope, self.micro_batch = area_thr, check_area_scope(area_scope), micro_batch
+        self.area_thr, self.micro_batch = area_thr, micro_batch
+        self.area_loss_scope = check_area_loss_scope(area_loss_scope)
 
     def forward(self, logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return sat_loss(logits, maps, targets, self.area_thr, self.area_scope, self.micro_batch)
+        return sat_loss(logits, maps, targets, self.area_thr, self.area_loss_scope, self.micro_batch)
 
     def extra_repr(self) -> str:
-        return f"area_thr={self.area_thr}, area_scope={self.area_scope}, micro_batch={self.micro_batch}"
+        return f"area_thr={self.area_thr}, area_loss_scope={self.area_loss_scope}, micro_batch={self.micro_batch}"

@@ -23,7 +23,7 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import Block
 
 from utils.checkpoint import clean_state_dict
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, ConfigError
 
 __all__ = ["SATVisionTransformer", "SpatialAwareAttention", "SATBlock", "checkpoint_filter_fn"]
 
@@ -119,7 +119,8 @@ class SATVisionTransformer(nn.Module):
     ):
         super().__init__()
         if not 1 <= num_spatial_blocks <= depth:
-            raise ValueError(f"num_spatial_blocks must be in [1, {depth}], got {num_spatial_blocks}")
+            raise ConfigError(f"num_spatial_blocks must be in [1, {depth}] (the model's depth), got "
+                              f"{num_spatial_blocks}")
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
         self.num_spatial_blocks = num_spatial_blocks

@@ -244,6 +244,7 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
     ("train", ["extra"], "unexpected argument 'extra'"),
     ("train", ["--epochs", "x"], "--epochs: expected an integer >= 1, got 'x'"),
     ("train", ["--epochs", "0"], "--epochs: expected an integer >= 1, got '0'"),
+    ("train", ["--num-spatial-blocks", "0"], "--num-spatial-blocks: expected an integer >= 1, got '0'"),
     ("train", ["--epochs"], "--epochs: expected one argument"),
     ("train", ["--lr-schedule", "step"], "--lr-schedule: expected one of constant, cosine, got 'step'"),
     ("train", ["--area-loss-scope", "1.5"], "--area-loss-scope: expected global, process or an integer >= 1, got "

@@ -108,10 +108,15 @@ CASES = {
         lambda root: wsol_root(root) and ["--data-format", "wsol", "--data-root", str(root / "images"),
                                           "--split", "test", "--metadata-root", str(root / "meta")],
         r"\S+localization.txt line 1: file \S+mask/x_ignore.png not found"),
+    "folder data read as cub": (
+        lambda root: image(root / "train/c/x.jpg") or image(root / "test/c/x.jpg") or
+        ["--data-format", "cub", "--data-root", str(root)],
+        r"data root \S+: missing images \(expected the CUB-200-2011 release layout\); its entries fit --data-format "
+        r"folder"),
 }
 
 
-OWN_DATA = ("malformed val_gt.txt", "missing --val-boxes file", "missing ignore mask")
+OWN_DATA = ("malformed val_gt.txt", "missing --val-boxes file", "missing ignore mask", "folder data read as cub")
 
 
 def listing(root):

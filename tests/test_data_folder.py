@@ -28,6 +28,10 @@ def test_class_folders_and_optional_boxes(custom):
     test = build_dataset("folder", custom, "test")
     assert test[1]["boxes"].tolist() == [[1, 2, 30, 18], [0, 0, 5, 5]] and test[1]["size"] == (40, 20)
     assert test[0]["boxes"].tolist() == [[3, 3, 9, 9]] and test[1]["label"] == 1
+    # the same paths written as ./test/... or absolute name the same images
+    (custom / "boxes.csv").write_text(f"./test/dog/0.png,1,2,30,18\n{custom}/test/cat/0.png,3,3,9,9\n")
+    test = build_dataset("folder", custom, "test")
+    assert test[1]["boxes"].tolist() == [[1, 2, 30, 18]] and test[0]["boxes"].tolist() == [[3, 3, 9, 9]]
 
 
 def test_explicit_boxes_csv_and_errors(custom, tmp_path):
@@ -36,6 +40,10 @@ def test_explicit_boxes_csv_and_errors(custom, tmp_path):
         build_dataset("folder", custom, "test", val_boxes=tmp_path / "b.csv")
     (tmp_path / "b.csv").write_text("test/cat/9.png,3,3,5,9\n")
     with pytest.raises(DataError, match=r"b.csv line 1: image .*9.png not found"):
+        build_dataset("folder", custom, "test", val_boxes=tmp_path / "b.csv")
+    (tmp_path / "b.csv").write_text(f"{custom}/../elsewhere.png,3,3,5,9\n")
+    (tmp_path / "elsewhere.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"b.csv line 1: image .*elsewhere.png is not under the data root"):
         build_dataset("folder", custom, "test", val_boxes=tmp_path / "b.csv")
     (custom / "test" / "bird").mkdir()
     with pytest.raises(DataError, match="bird: class folder is not one of the 2 train classes"):

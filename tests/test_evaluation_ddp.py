@@ -13,7 +13,7 @@ from DataLoader import make_demo_dataset
 from DataLoader.eval_loader import build_eval_loader
 from Model import build_model_from_checkpoint
 from utils.engine import evaluate
-from utils.errors import DataError, user_message
+from utils.errors import DataError, SATError, user_message
 
 from test_evaluation import save_nano_checkpoint
 from conftest import rendezvous, start_ranks
@@ -43,9 +43,9 @@ def _rank(rank, init_method, root, checkpoint, out_dir):
         dist.destroy_process_group()
 
 
-def _two_ranks(root, checkpoint, out_dir):
+def _two_ranks(root, checkpoint, out_dir, rank_fn=_rank):
     """Each rank's JSON record; the ranks must end within 2 minutes (a rank left in a collective would not)."""
-    ranks = start_ranks(_rank, (rendezvous(out_dir), str(root), str(checkpoint), str(out_dir)), nprocs=2, join=False)
+    ranks = start_ranks(rank_fn, (rendezvous(out_dir), str(root), str(checkpoint), str(out_dir)), nprocs=2, join=False)
     deadline = time.monotonic() + 120
     try:
         while not ranks.join(timeout=5):  # True once every rank has ended (False: one has, or none yet)
@@ -83,3 +83,30 @@ def test_an_unreadable_image_in_one_shard_stops_both_ranks_with_its_name(tmp_pat
     broken.write_bytes(broken.read_bytes()[:100])
     errors = [r.get("error") for r in _two_ranks(root, checkpoint, tmp_path)]
     assert errors[0] == errors[1] and errors[0].startswith(f"unreadable image {broken} (OSError")
+
+
+def _rank_with_nan_outputs_on_rank_1(rank, init_method, root, checkpoint, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    try:
+        model, _ = build_model_from_checkpoint(checkpoint)
+        if rank == 1:  # a model that diverged, seen on one rank's shard only
+            model.register_forward_hook(lambda module, inputs, out: (out[0] * float("nan"), *out[1:]))
+        loader = build_eval_loader("cub", root, "test", distributed=True, **SETTINGS)
+        try:
+            evaluate(loader, model, "cpu", threshold=0.4, distributed=True, progress=False)
+            record = {"error": None}
+        except SATError as err:
+            record = {"error": user_message(err), "type": type(err).__name__}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(record, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nan_outputs_on_one_rank_stop_both_ranks_with_the_same_error(tmp_path):
+    root = make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=1, test_per_class=3, image_size=64)
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
+    ranks = _two_ranks(root, checkpoint, tmp_path, _rank_with_nan_outputs_on_rank_1)
+    assert ranks[0] == ranks[1] and ranks[0]["type"] == "NonFiniteOutputError"
+    assert ranks[0]["error"].startswith("the model outputs NaN/Inf scores or maps for 2 image(s) of a batch, first ")

@@ -271,6 +271,14 @@ def test_official_format_checkpoint_needs_no_arch_and_nan_maps_are_one_line(cub,
     assert err.startswith(f"error: checkpoint {nan_maps}: the model outputs NaN/Inf") and "first 001." in err
 
 
+def test_a_resize_smaller_than_the_input_is_one_line(cub, tmp_path, capsys, keep_logging):
+    root, checkpoint = cub  # a 64 px model
+    err = _one_error_line(capsys, ["--checkpoint", str(checkpoint), "--data-root", str(root), "--resize-size", "48",
+                                   "--output-dir", str(tmp_path / "out"), "--workers", "0", "--device", "cpu"])
+    assert err == "error: resize_size 48 (--resize-size) is smaller than the input size 64: the tencrop view crops " \
+                  "64 pixels of it"
+
+
 def test_wsol_curves_threshold_and_overlays(cub, tmp_path):
     root, checkpoint = cub
     out = tmp_path / "out"

@@ -81,6 +81,11 @@ def test_cache_is_shared_by_loader_workers_and_found_again(tmp_path, data_root):
     assert reopened.cache.num_cached() == len(dataset)
     other_size = build_dataset("cub", data_root, "train", TrainPixels(64, 80))
     assert attach_image_cache(other_size, tmp_path / "cache").path != cache.path
+    with open(cache.path, "r+b") as f:  # a cache file cut short is one error line, not a traceback
+        f.truncate(100)
+    with pytest.raises(DataError, match=f"image cache {cache.path} has 100 bytes, expected {cache.nbytes}: delete "
+                                        r"it \(the run writes it again\)"):
+        attach_image_cache(reopened, tmp_path / "cache")
 
 
 @pytest.mark.parametrize("split, transform", [("test", EvalViews("both", False, 64, 72).pixels()),

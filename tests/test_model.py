@@ -123,7 +123,7 @@ def test_number_of_spatial_blocks(n):
 
 
 def test_bad_number_of_spatial_blocks():
-    with pytest.raises(ValueError, match="num_spatial_blocks"):
+    with pytest.raises(ConfigError, match=r"num_spatial_blocks must be in \[1, 6\] \(the model's depth\), got 7"):
         build_model(NANO, num_classes=3, num_spatial_blocks=7)
 
 
@@ -206,6 +206,11 @@ def test_pretrained_local_deit_file(tmp_path):
     torch.save({f"module.{k}": v for k, v in deit.state_dict().items()}, path)
     bare = build_model(TINY, num_classes=20, pretrained=path)
     torch.testing.assert_close(bare.cls_token, deit.cls_token)
+
+
+def test_pretrained_true_for_an_arch_without_deit_weights_is_one_config_error():
+    with pytest.raises(ConfigError, match=f"^{NANO} has no DeiT weights to start from: --pretrained false"):
+        build_model(NANO, num_classes=3, pretrained=True)
 
 
 def test_pretrained_file_of_wrong_size_names_keys(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from Model import build_model
-from utils.amp import amp_dtype, autocast_settings, cpu_supports_bf16
+from utils.amp import LossScaler, amp_dtype, autocast_context, cpu_supports_bf16
 from utils.errors import ConfigError
 from utils.optim import build_optimizer, build_scheduler, lr_factor, param_groups, set_trainable
 
@@ -84,14 +84,13 @@ def test_amp_selection_on_cpu():
     assert amp_dtype("cpu") is None  # fp32 unless asked for
     assert amp_dtype("cpu", False) is None
     assert amp_dtype("cpu", "auto") == (torch.bfloat16 if cpu_supports_bf16() else None)
-    autocast, scaler = autocast_settings("cpu", False)
-    assert autocast is contextlib.nullcontext and scaler is None
+    assert autocast_context("cpu", False) is contextlib.nullcontext
+    assert not LossScaler("cpu", False).enabled
     if cpu_supports_bf16():
         assert amp_dtype("cpu", True) == torch.bfloat16
-        autocast, scaler = autocast_settings("cpu", True)
-        with autocast():
+        with autocast_context("cpu", True)():
             assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
-        assert scaler is None
+        assert not LossScaler("cpu", True).enabled  # bf16 needs no grad scaler
     else:
         with pytest.raises(ConfigError, match="native bf16"):
             amp_dtype("cpu", True)

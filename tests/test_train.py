@@ -166,6 +166,21 @@ def test_accumulation_and_no_amp_flags(data_root, tmp_path):
     assert "global batch 8 = 4 per process x 2 accumulation steps, fp32" in log
 
 
+def test_both_protocols_record_the_wsol_metrics_too(data_root, tmp_path):
+    out = tmp_path / "run"
+    main(args(data_root, out, "--epochs", "1", "--eval-protocol", "both", "--selection-metric", "maxboxaccv2"))
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert {"test_top1_loc", "test_best_threshold", "test_maxboxacc", "test_maxboxaccv2", "test_wsol_top1_cls"} \
+        <= set(record)
+    results = json.loads((out / "results.json").read_text())
+    assert results["selection"]["metric"] == "maxboxaccv2" and results["eval_protocol"] == "both"
+    assert results["selection"]["value"] == record["test_maxboxaccv2"] and results["threshold"] == 0.4
+    assert {"top1_loc", "gt_known_loc", "maxboxacc", "maxboxaccv2"} <= set(results)
+    assert "best_threshold" not in results  # that key is --report-best-threshold's section
+    log = (out / "log.txt").read_text()
+    assert f"maxboxaccv2 {record['test_maxboxaccv2']:.2f}" in log and "maxboxaccv2" in log.split("test results")[-1]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "6", "--accum-steps", "4"], "batch_size 6 (global, per optimizer step) must be a multiple"),
     (["--val-split"], "no 'val' split"),
@@ -363,7 +378,12 @@ def test_training_on_data_without_boxes_is_classification_only(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["eval_protocol"] == "cls" and results["selection"]["metric"] == "top1_cls"
     assert {"top1_cls", "top5_cls", "num_images"} <= set(results) and "top1_loc" not in results
-    assert results["num_images"] == 4 and not results["tencrop"]
+    assert results["num_images"] == 4 and results["tencrop"]  # classification on the official view, as evaluator.py
+    assert "(epoch 1, cls, ten-crop classification, fp32)" in log
+    evaluated = eval_main(["--data-format", "folder", "--data-root", str(root), "--checkpoint",
+                           str(out / "checkpoints" / "best.pth"), "--output-dir", str(tmp_path / "eval"),
+                           "--workers", "0", "--device", "cpu"])
+    assert evaluated["views"] == ["tencrop"] and evaluated["top1_cls"] == results["top1_cls"]
     assert not (out / "checkpoints" / "best_top1_loc.pth").exists()
     with pytest.raises(ConfigError, match="eval_protocol sat needs boxes in the evaluation split, which has "
                                           "neither boxes nor masks: use --eval-protocol cls"):

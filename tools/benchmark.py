@@ -7,7 +7,7 @@ schedules its workers (--mode loader).
     python tools/benchmark.py --mode train --data-root data/demo_cub --workers 2 --batch-size 16 --steps 5
 
 Train mode runs ``utils.engine.train_one_epoch`` (forward, SAT losses, backward, AdamW step) exactly as
-train.py does; eval mode runs ``utils.evaluation.evaluate`` (forward + map -> boxes + metrics) as the
+train.py does; eval mode runs ``utils.engine.evaluate`` (forward + map -> boxes + metrics) as the
 evaluators do. Defaults follow train.py (fused attention, fp32; ``--amp`` for bf16 autocast). Prints one JSON
 line. Eval mode also reports ``forward_images_per_second`` (the model's forward alone on the same batch
 shape, no boxes or metrics) and ``eval_vs_forward`` (the evaluation rate over it). ``--compare-naive`` also

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader import FORMATS, SPLITS, build_dataset  # noqa: E402
 from DataLoader.check import METHODS, check_split  # noqa: E402
-from DataLoader.eval_loader import ANNOTATIONS, check_every_image_annotated, protocol_for_data  # noqa: E402
+from DataLoader.eval_loader import check_every_image_annotated, split_annotations  # noqa: E402
 from utils.config import OneLineParser  # noqa: E402
 from utils.errors import DataError, run_cli  # noqa: E402
 
@@ -42,7 +42,7 @@ def main(argv=None):
         skipped = split == "train" and not args.strict_data
         if report.bad and not skipped:
             fatal.append(report.summary())
-        annotations = ANNOTATIONS[protocol_for_data(dataset)] if split != "train" else None
+        annotations = split_annotations(dataset) if split != "train" else None
         if annotations is not None:
             try:
                 check_every_image_annotated(dataset, annotations)

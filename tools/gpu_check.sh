@@ -1,5 +1,5 @@
 #!/bin/bash
-# GPU check: the test suite with CUDA present, then every row of the GPU table (README, "Measured on GPUs")
+# GPU check: the test suite with CUDA present, then every row of the GPU table (docs/performance.md, "Measured on GPUs")
 # measured on synthetic photo-sized JPEGs (tools/make_benchmark_data.py): the training step alone; train.py end
 # to end (PIL, --cache-images --amp, --gpu-decode --amp) against it; evaluation end to end against loading alone
 # and against the forward alone; evaluator.py as users run it. Prints ONE markdown table (card, versions, date;

@@ -25,12 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader.eval_views import EvalViews  # noqa: E402
 from DataLoader.formats.folder import is_image_file  # noqa: E402
-from utils.boxes import centre_offset, crop_box_to_original, sat_boxes, sat_map  # noqa: E402
+from utils.boxes import centre_offset, coco_detections, crop_box_to_original, sat_boxes, sat_map  # noqa: E402
 from Model import build_model_from_checkpoint  # noqa: E402
 from utils.config import FIELDS, OneLineParser  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.errors import DataError, run_cli  # noqa: E402
-from evaluator import coco_detections  # noqa: E402
 from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
 

@@ -42,13 +42,6 @@ def autocast_context(device, amp=False):
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
-def autocast_settings(device, amp=False):
-    """``(autocast, scaler)``: :func:`autocast_context` and a GradScaler (fp16 only, else None)."""
-    device = torch.device(device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype(device, amp) == torch.float16 else None
-    return autocast_context(device, amp), scaler
-
-
 def describe(device, amp=False):
     """Human-readable precision, e.g. 'bf16 autocast' or 'fp32', for logs."""
     dtype = amp_dtype(device, amp)
@@ -63,8 +56,6 @@ class LossScaler:
     Holds a ``torch.amp.GradScaler`` that is enabled only under fp16 autocast; disabled, its scale,
     unscale and step calls are the plain backward and ``optimizer.step()``.
     """
-
-    state_dict_key = "scaler"
 
     def __init__(self, device, amp=False):
         device = torch.device(device)

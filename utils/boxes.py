@@ -1,4 +1,5 @@
-"""Map -> box for both protocols, ground-truth boxes in each protocol's frame, and IoU.
+"""Map -> box for both protocols, ground-truth boxes in each protocol's frame, IoU, and boxes as a COCO
+detection file (:func:`coco_detections`).
 
 ``sat`` (the official SAT / TS-CAM protocol, official ``utils/func.py`` + evaluator.py): localization map ->
 min-max normalise -> bilinear 224x224 (:func:`sat_map`) -> at each map threshold t: pixels > t, largest
@@ -187,3 +188,18 @@ def contour_boxes(normalised, thresholds=WSOL_THRESHOLDS):
     """(list of T arrays (K_t, 4): all contour boxes per map threshold, (T, 4): largest-contour boxes)."""
     boxes, counts, largest = flat_contour_boxes(normalised, thresholds)
     return np.split(boxes, np.cumsum(counts)[:-1]), largest
+
+
+def coco_detections(entries, class_names):
+    """COCO detection format of one box per image: images (id, file_name, width, height), annotations
+    (bbox [x, y, w, h] in original pixels, category_id = class + 1, score, area, iscrowd 0) and the
+    categories named ``class_names``. ``entries``: dicts with file_name, size (W, H), class, score, box."""
+    images, annotations = [], []
+    for k, entry in enumerate(entries, start=1):
+        (width, height), (x0, y0, x1, y1) = entry["size"], entry["box"]
+        images.append({"id": k, "file_name": entry["file_name"], "width": int(width), "height": int(height)})
+        annotations.append({"id": k, "image_id": k, "category_id": int(entry["class"]) + 1,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+                            "score": float(entry["score"])})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": k + 1, "name": name} for k, name in enumerate(class_names)]}

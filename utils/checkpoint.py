@@ -4,8 +4,8 @@ training state of a run (optimizer, scheduler, scaler, RNG states) and resuming 
 
 Official release files are legacy ``torch.save`` dicts ``{'model', 'best_thr', 'epoch'}`` whose keys carry
 ``module.`` and which hold the fixed smoothing kernel as ``weight``. This project's files add what rebuilds the
-model (``arch``, ``num_classes``, ``img_size``, ``model_kwargs``, ``class_names``) and, in ``last.pth``, the
-training state and the config. ``epoch`` counts completed epochs.
+model (``arch``, ``num_classes``, ``img_size``, ``model_kwargs``, ``class_names``) and the config; ``last.pth``
+also the training state. ``epoch`` counts completed epochs.
 """
 import errno
 import logging

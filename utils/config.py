@@ -171,7 +171,7 @@ FIELDS = {
                          "evaluators: the checkpoint's training setting", domain=">= 1", nullable=True,
                          scripts=BOTH),
     "drop_path": Field("model", 0.1, "float", "stochastic depth rate", domain="[0, 1)"),
-    "num_spatial_blocks": Field("model", 3, "int", "number of final spatial-aware blocks", domain=">= 0"),
+    "num_spatial_blocks": Field("model", 3, "int", "number of final spatial-aware blocks", domain=">= 1"),
     "attn_impl": Field("model", "fused", "str", "attention implementation", choices=("fused", "naive")),
     "area_thr": Field("model", 0.25, "float", "area prior of the batch area loss (the paper's lambda)",
                       domain="(0, 1)"),
@@ -300,8 +300,9 @@ FIELDS = {
     "wsol_threshold": Field("evaluator", None, "float", "wsol protocol: also report box accuracy at this map "
                             "threshold (e.g. maxboxacc_threshold chosen on --split val) and draw overlays at it "
                             "(null: at MaxBoxAcc's)", domain="[0, 1]", nullable=True),
-    "save_maps": Field("evaluator", None, "str", "write each image's normalised maps as DIR/sat/<image_id>.npy and "
-                       "DIR/wsol/<image_id>.npy", nullable=True),
+    "save_maps": Field("evaluator", None, "str", "write each image's maps: the raw sat map as "
+                       "DIR/sat/<image_id>.npy, the wsol map (224 x 224, in [0, 1]) as DIR/wsol/<image_id>.npy",
+                       nullable=True),
     "save_boxes": Field("evaluator", None, "str", "write the sat protocol's boxes of the whole split (at threshold, "
                         "original pixels) as a COCO-format detection FILE (file_name: the image id)", nullable=True),
     "box_processes": Field("evaluator", None, "int", "extract boxes in N processes (0: a thread pool): same "

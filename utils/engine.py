@@ -27,7 +27,7 @@ from DataLoader.eval_loader import ShardSampler
 from DataLoader.eval_views import TENCROP_CENTRE, views_of
 from DataLoader.transforms import denormalize
 from DataLoader.formats.wsol import load_mask
-from utils.amp import autocast_settings
+from utils.amp import autocast_context
 from utils.boxes import (WSOL_MAP_SIZE, contour_boxes, crop_box_to_original, gt_boxes_sat, gt_boxes_wsol, max_iou,
                          sat_box, sat_boxes_of_maps, sat_map, wsol_map)
 from utils.cv import cv2
@@ -479,7 +479,7 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
                          overlay_dir, class_names, from_files=saved_maps is not None)
     total, rows, pending_overlays = Counters(protocol, evaluated, views.img_size), [], []
     size_mismatches = 0  # images whose file is not the size their annotation states
-    autocast = autocast_settings(device, amp)[0]
+    autocast = autocast_context(device, amp)
     rank = dist.get_rank() if distributed else 0
     box_processes = default_box_processes(device) if box_processes is None else box_processes
     threads = box_processes or threads or min(4, os.cpu_count() or 1)
@@ -536,15 +536,17 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
             if previous is not None:
                 score(*previous)
             collect(keep=0)
-    except DataError as err:
+    except (DataError, NonFiniteOutputError) as err:
         failure = err
     finally:
         if model is not None:
             model.train(was_training)
     if distributed:  # the loop holds no collectives: every process gets here, and all stop on one's failure
-        failed = [message for message in all_gather_object(failure and user_message(failure)) if message]
+        shared = failure and (type(failure) is NonFiniteOutputError, user_message(failure))
+        failed = [failed for failed in all_gather_object(shared) if failed]
         if failed:
-            raise DataError(failed[0])
+            nonfinite, message = failed[0]
+            raise (NonFiniteOutputError if nonfinite else DataError)(message)
     if failure is not None:
         raise failure
     if distributed:

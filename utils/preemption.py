@@ -28,17 +28,15 @@ class StepCheckpoint:
     signal has arrived, ``save(epoch, steps_done, meters)`` writes last.pth with the position in the epoch
     (collective) and returns its path; after a signal, :class:`Preempted` is raised. With several
     processes, agreeing on a signal costs an all-reduce and a host sync, so they look for one every
-    ``check_every`` steps (and at each periodic save); one process looks at every step."""
+    ``check_every`` steps (and at each periodic save); one process looks at every step. ``resume``: the command
+    that continues the run, for the line of a stop (default: :func:`resume_command` of this process's argv)."""
 
     def __init__(self, stop, save, *, steps_per_epoch, save_every_steps=None, check_every=1, device="cpu",
-                 world_size=1):
+                 world_size=1, resume=None):
         self.stop, self.save = stop, save
         self.steps_per_epoch, self.save_every_steps, self.check_every = steps_per_epoch, save_every_steps, check_every
         self.device, self.world_size = device, world_size
-
-    @property
-    def resume(self):
-        return resume_command(distributed=self.world_size > 1)
+        self.resume = resume or resume_command(distributed=world_size > 1)
 
     def __call__(self, epoch, steps_done, meters):
         step = epoch * self.steps_per_epoch + steps_done  # optimizer steps of the run

@@ -55,13 +55,18 @@ def scan_class_folders(root, split, classes):
 
 
 def read_boxes_csv(path, root):
-    """{image path relative to root: (boxes, source)} from a boxes CSV."""
+    """{image path relative to root: (boxes, source)} from a boxes CSV (its paths relative to root, as
+    ``test/cat/1.jpg`` or ``./test/cat/1.jpg``, or absolute under root)."""
     rows = {}
     for lineno, (image, *box) in read_table(path, (str, float, float, float, float),
                                             "'image,x0,y0,x1,y1'", sep=",", header="image"):
         where = f"{path} line {lineno}"
         if not os.path.exists(Path(root) / image):
             raise DataError(f"{where}: image {Path(root) / image} not found")
+        relative = os.path.relpath(Path(root) / image, root).replace(os.sep, "/")
+        if relative.startswith("../"):
+            raise DataError(f"{where}: image {image} is not under the data root {root}")
+        image = relative
         check_boxes(box, None, where)
         rows.setdefault(image, []).append((box, lineno))
     return {image: (np.array([box for box, _ in entries], np.float32),
