@@ -90,7 +90,7 @@ def resolve_protocol(requested, dataset):
     """The protocol of an evaluation of ``dataset``: ``requested``, 'auto' resolved by :func:`protocol_for_data`;
     ConfigError when the split's annotations cannot support it, DataError when some of its images lack them."""
     automatic = protocol_for_data(dataset)
-    annotations = split_annotations(dataset)
+    annotations = ANNOTATIONS[automatic]
     protocol = automatic if requested == "auto" else requested
     needs = {"sat": "boxes", "both": "boxes", "wsol": annotations or "boxes or masks"}.get(protocol)
     if needs is not None and needs != annotations:
