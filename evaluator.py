@@ -24,16 +24,21 @@ from DataLoader.eval_views import EvalViews, views_of
 from Model import build_model_from_checkpoint
 from utils.amp import describe
 from utils.boxes import coco_detections
-from utils.distributed import cleanup, init_distributed
+from utils.distributed import all_gather_object, cleanup, init_distributed
 from utils.config import parse_config
 from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
 from utils.errors import CheckpointError, ConfigError, DataError, run_cli
 from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
+from utils.outputs import delete_outputs, previous_outputs
 from utils.saved_maps import SavedMaps, drop_class_metrics, map_loader, read_predictions, saved_view, write_saved_view
 from utils.visualize import plot_curves
 
 _logger = logging.getLogger("sat")
+# What an evaluation writes into --output-dir besides log.txt (--overwrite replaces them); the overlays are
+# drawn into OVERLAYS_PARTIAL and become "overlays" once the evaluation is complete.
+EVAL_OUTPUTS = ("metrics.json", "per_image.csv", "wsol_curves.json", "wsol_curves.png", "overlays")
+OVERLAYS_PARTIAL = "overlays.partial"
 
 
 def main(argv=None, imagenet=False):
@@ -51,21 +56,36 @@ def main(argv=None, imagenet=False):
 
 
 def start_logging(args, info):
-    """The output folder, with log.txt started; the --config keys the evaluator does not read, logged."""
+    """(output folder, the previous evaluation's files there that this one replaces), with log.txt started
+    (appended to) and the --config keys the evaluator does not read logged. A folder holding an evaluation
+    is refused without --overwrite (one ConfigError line on every process)."""
     output_dir = Path(args.output_dir)
+    failure, previous = None, []
+    if info.is_main:
+        try:
+            previous = previous_outputs(output_dir, EVAL_OUTPUTS, args.overwrite, "evaluation")
+            delete_outputs(output_dir, [OVERLAYS_PARTIAL])  # left by an evaluation that did not finish
+        except ConfigError as err:
+            failure = str(err)
+    failure, previous = all_gather_object((failure, previous))[0]
+    if failure is not None:
+        raise ConfigError(failure)
     setup_logging(output_dir, info.is_main, info.rank)
+    if previous:
+        _logger.info("--overwrite: the previous evaluation's %s in %s are replaced once this one is complete",
+                     ", ".join(previous), output_dir)
     if args.ignored_config_keys:
         _logger.info("config %s: not read by the evaluator (model, optimisation, run and training-only keys): %s",
                      args.config, ", ".join(args.ignored_config_keys))
-    return output_dir
+    return output_dir, previous
 
 
 def evaluate_settings(args, protocol, output_dir, info):
     """The ``evaluate`` arguments both jobs take from the flags: the map thresholds of the protocol, overlays,
-    per-image rows, box processes."""
+    (drawn into OVERLAYS_PARTIAL until the evaluation is complete), per-image rows, box processes."""
     return dict(threshold=args.threshold if protocol != "wsol" else None,
                 thresholds=args.thresholds if protocol in ("sat", "both") else (), wsol_threshold=args.wsol_threshold,
-                distributed=info.distributed, overlay_dir=output_dir / "overlays" if args.overlays else None,
+                distributed=info.distributed, overlay_dir=output_dir / OVERLAYS_PARTIAL if args.overlays else None,
                 overlays=overlay_count(args), per_image=True, box_processes=args.box_processes,
                 progress=info.is_main)
 
@@ -77,7 +97,7 @@ def overlay_count(args):
 
 def evaluate_checkpoint(args, imagenet, info):
     """The evaluation job: model, loader, ``evaluate``, then the tables and files of the output folder."""
-    output_dir = start_logging(args, info)
+    output_dir, previous = start_logging(args, info)
     model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     img_size = int(model.patch_embed.img_size[0])
     resize_size = args.resize_size or (meta.get("config") or {}).get("resize_size")
@@ -93,7 +113,7 @@ def evaluate_checkpoint(args, imagenet, info):
     if args.eval_protocol == "auto":
         _logger.info("--eval-protocol auto: %s (%s)", protocol, {"sat": "the data has boxes", "wsol": "masks only",
                                                                 "cls": "neither boxes nor masks"}[protocol])
-    match_classes(loader.dataset, model, meta, args.checkpoint)
+    labels_matched_by = match_classes(loader.dataset, model, meta, args.checkpoint)
     arch = meta["arch"]
     _logger.info("evaluating %s (%s, %d classes, input %d) on %d images of %s, protocol %s, views %s, "
                  "threshold %g%s, %s", args.checkpoint, arch, model.num_classes, img_size, len(loader.dataset), root,
@@ -115,19 +135,20 @@ def evaluate_checkpoint(args, imagenet, info):
     log_evaluation_time(metrics, seconds)
     rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)
     record = {"checkpoint": str(args.checkpoint), "arch": arch, "num_classes": model.num_classes,
-              "img_size": img_size, "resize_size": views.resize_size, "data_format": fmt, "data_root": str(root),
-              "split": split, "eval_protocol": protocol, "views": list(views.names), "tencrop": views.tencrop,
+              "labels_matched_by": labels_matched_by, "img_size": img_size, "resize_size": views.resize_size,
+              "data_format": fmt, "data_root": str(root), "split": split, "eval_protocol": protocol,
+              "views": list(views.names), "tencrop": views.tencrop,
               "precision": describe(info.device, args.amp), "compile": args.compile,
               "search_thresholds": args.thresholds, **metrics}
     if info.is_main:
-        write_outputs(args, output_dir, record, rows, curves, loader.dataset.classes)
+        write_outputs(args, output_dir, previous, record, rows, curves, loader.dataset.classes)
     return record
 
 
 def evaluate_maps(args, imagenet, info):
     """Saved maps of any method (utils/saved_maps.py) through the same ``evaluate``: a loader of the split's
     annotations without pixels, the maps and the predictions' classes in place of the forward."""
-    output_dir = start_logging(args, info)
+    output_dir, previous = start_logging(args, info)
     fmt, root = resolve_data(getattr(args, "data_format", "imagenet"), args.data_root, imagenet, info.is_main)
     split = getattr(args, "split", "test")
     dataset = build_dataset(fmt, root, split, metadata_root=getattr(args, "metadata_root", None),
@@ -163,13 +184,17 @@ def evaluate_maps(args, imagenet, info):
               "split": split, "eval_protocol": protocol, "views": list(views.names), "tencrop": False,
               "search_thresholds": args.thresholds, **metrics}
     if info.is_main:
-        write_outputs(args, output_dir, record, rows, curves, dataset.classes)
+        write_outputs(args, output_dir, previous, record, rows, curves, dataset.classes)
     return record
 
 
-def write_outputs(args, output_dir, record, rows, curves, class_names):
-    """metrics.json, the tables in the log, per_image.csv, the COCO boxes (--save-boxes) and the wsol curves."""
+def write_outputs(args, output_dir, previous, record, rows, curves, class_names):
+    """metrics.json, the tables in the log, per_image.csv, the COCO boxes (--save-boxes), the wsol curves and
+    the overlays, in place of ``previous`` (the files of an earlier evaluation, --overwrite)."""
     protocol = record["eval_protocol"]
+    delete_outputs(output_dir, previous)
+    if (output_dir / OVERLAYS_PARTIAL).exists():
+        (output_dir / OVERLAYS_PARTIAL).rename(output_dir / "overlays")
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     classification = "ten-crop" if record["tencrop"] else "centre-crop"
@@ -232,7 +257,8 @@ def write_curves(output_dir, curves):
 def match_classes(dataset, model, meta, checkpoint):
     """Align the dataset's labels with the model's classes: by name when the checkpoint records its class
     names (a class subset is remapped, with a warning), else by index. A class the model lacks is an
-    error; names that differ are a warning naming a few."""
+    error; names that differ are a warning naming a few. Returns how labels were matched ("name" or
+    "index"), for metrics.json."""
     names = meta.get("class_names")
     if names and set(dataset.classes) <= set(names) and dataset.classes != list(names):
         index = {name: k for k, name in enumerate(names)}
@@ -241,12 +267,13 @@ def match_classes(dataset, model, meta, checkpoint):
         dataset.classes = list(names)
         _logger.warning("the data has %d of the checkpoint's %d classes: evaluating on that class subset, labels "
                         "matched by name", len(mapping), len(names))
-        return
+        return "name"
     if dataset.num_classes > model.num_classes:
         extra = dataset.classes[model.num_classes:][:3]
         raise CheckpointError(f"checkpoint {checkpoint} predicts {model.num_classes} classes but the data has "
                               f"{dataset.num_classes}; classes outside the model: {', '.join(map(str, extra))}")
-    if names and list(names[:dataset.num_classes]) != list(dataset.classes):
+    matched = "name" if names and list(names[:dataset.num_classes]) == list(dataset.classes) else "index"
+    if names and matched == "index":
         differ = [(a, b) for a, b in zip(dataset.classes, names) if a != b][:3]
         _logger.warning("the checkpoint's class names differ from the data's (labels matched by index), e.g. %s",
                         "; ".join(f"data {a!r} vs checkpoint {b!r}" for a, b in differ))
@@ -255,7 +282,7 @@ def match_classes(dataset, model, meta, checkpoint):
                         "taken as the model's first %d classes)", dataset.num_classes, model.num_classes,
                         dataset.num_classes)
         dataset.classes = list(dataset.classes) + [str(k) for k in range(dataset.num_classes, model.num_classes)]
-
+    return matched
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, tra
 from utils.errors import CheckpointError, ConfigError, DataError, run_cli, user_message
 from utils.logger import MetricsLog, close_logging, log_error, open_log_file, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
+from utils.outputs import delete_outputs
 from utils.preemption import Preempted, StepCheckpoint, StopSignals, resume_command
 
 RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
@@ -127,7 +128,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None):
     autocast = autocast_context(info.device, cfg.amp)
     if replaced:  # the new run can start: the old one goes
         load_first_batch(train_loader, info)
-        delete_outputs(output_dir, replaced, info)
+        replace_previous_run(output_dir, replaced, info)
 
     # resume: weights, optimizer, schedule, RNG states and the position in the epoch of last.pth
     # (a last.pth saved when the evaluation after an epoch failed holds that epoch's training: ``trained``)
@@ -478,7 +479,7 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan):
 # ------------------------------------------------------------------------------------ the run's folder
 def previous_outputs(cfg, output_dir):
     """The outputs of an earlier run in ``output_dir`` that this one replaces (--overwrite; deleted by
-    ``delete_outputs`` once this run can start), as the main process finds them, on every process. A folder
+    ``replace_previous_run`` once this run can start), as the main process finds them, on every process. A folder
     holding a checkpoint or results.json holds a previous run: refused without --resume or --overwrite, and
     with a plain --resume when it has no last.pth (one-line ConfigError, nothing touched); what a start that
     failed before its first checkpoint left is reused as it is."""
@@ -521,16 +522,11 @@ def load_first_batch(train_loader, info):
         raise DataError(failure)
 
 
-def delete_outputs(output_dir, names, info):
+def replace_previous_run(output_dir, names, info):
     """The main process deletes ``names`` (of RUN_OUTPUTS) from ``output_dir`` and starts log.txt; every
     process waits for it."""
     if info.is_main:
-        for name in names:
-            path = output_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        delete_outputs(output_dir, names)
         open_log_file(output_dir)
         _logger.info("--overwrite: deleted the previous run's %s in %s", ", ".join(names), output_dir)
     dist_utils.barrier()

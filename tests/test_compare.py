@@ -118,3 +118,29 @@ def test_metric_rows_flatten_nested_results_and_skip_settings():
     rows = metric_rows({"img_size": 224, "tencrop": True, "views": ["centre"], "at_best_threshold": {"iou50": 1.5},
                         "thresholds": [0.5, 0.1], "top1_loc_per_threshold": [3.0, 4.0], "pxap": 7.25})
     assert rows == [("at_best_threshold.iou50", 1.5), ("top1_loc@0.1", 4.0), ("top1_loc@0.5", 3.0), ("pxap", 7.25)]
+
+
+def test_an_earlier_comparison_is_refused_then_replaced_with_overwrite(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    compare_main([*map(str, runs), "--output-dir", str(out)])
+    old_csv = out / "per_image_sat_vs_other.csv"
+    (out / "notes.txt").write_text("mine")
+    assert old_csv.exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(compare_main, [*map(str, runs), "--output-dir", str(out)])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        f"error: {out} holds a previous comparison (compare.json): --overwrite to replace it, or choose another "
+        "--output-dir\n")
+    record = compare_main([*map(str, runs), "--names", "A", "B", "--output-dir", str(out), "--overwrite"])
+    assert not old_csv.exists() and (out / "per_image_A_vs_B.csv").exists() and list(record["runs"]) == ["A", "B"]
+    assert (out / "notes.txt").read_text() == "mine"  # not the tool's: kept
+
+
+def test_runs_on_different_data_are_pointed_out(tmp_path, capsys):
+    first = write_run(tmp_path / "x", {"num_images": 3, "data_format": "cub", "data_root": "data/CUB", "split": "test"})
+    second = write_run(tmp_path / "y", {"num_images": 3, "data_format": "cub", "data_root": "data/CUB", "split": "val"})
+    compare_main([str(first), str(second), "--output-dir", str(tmp_path / "out")])
+    assert "the runs read different data (x: cub data/CUB test; y: cub data/CUB val)" in capsys.readouterr().out
+    compare_main([str(first), str(first), "--names", "a", "b", "--output-dir", str(tmp_path / "same")])
+    assert "different data" not in capsys.readouterr().out

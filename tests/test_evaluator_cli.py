@@ -238,18 +238,20 @@ def test_per_image_csv_recomputes_the_summary_exactly(cub, tmp_path):
 def test_class_subset_and_foreign_classes(cub, tmp_path, caplog, keep_logging):
     root, _ = cub
     bigger = save_nano_checkpoint(tmp_path / "five.pth", num_classes=5)
-    common = ["--data-root", str(root), "--output-dir", str(tmp_path / "out"), "--workers", "0", "--device", "cpu"]
+    common = ["--data-root", str(root), "--output-dir", str(tmp_path / "out"), "--workers", "0", "--device", "cpu",
+              "--overwrite"]
     with caplog.at_level(logging.WARNING):
         record = main(["--checkpoint", str(bigger), *common])
-    assert record["num_images"] == 12 and "class subset" in caplog.text
+    assert record["num_images"] == 12 and "class subset" in caplog.text and record["labels_matched_by"] == "name"
     renamed = tmp_path / "renamed.pth"
     ckpt = torch.load(bigger, weights_only=True)
     ckpt["class_names"] = ["a", "b", "c", "d", "e"]
     torch.save(ckpt, renamed)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        main(["--checkpoint", str(renamed), *common])
-    assert "data '001.Ringed_Disc' vs checkpoint 'a'" in caplog.text
+        record = main(["--checkpoint", str(renamed), *common])
+    assert "data '001.Ringed_Disc' vs checkpoint 'a'" in caplog.text and record["labels_matched_by"] == "index"
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["labels_matched_by"] == "index"
 
 
 def test_official_format_checkpoint_needs_no_arch_and_nan_maps_are_one_line(cub, tmp_path, capsys, keep_logging):
@@ -258,7 +260,8 @@ def test_official_format_checkpoint_needs_no_arch_and_nan_maps_are_one_line(cub,
     official = tmp_path / "best_loc.pth.tar"  # the release format: 'module.' keys, no arch / classes recorded
     torch.save({"model": {f"module.{k}": v for k, v in ckpt["model"].items()}, "best_thr": 0.4, "epoch": 30},
                official)
-    common = ["--data-root", str(root), "--output-dir", str(tmp_path / "out"), "--workers", "0", "--device", "cpu"]
+    common = ["--data-root", str(root), "--output-dir", str(tmp_path / "out"), "--workers", "0", "--device", "cpu",
+              "--overwrite"]
     record = main(["--checkpoint", str(official), *common])
     assert record["arch"] == "deit_sat_nano_patch16_224" and record["num_classes"] == 3
     capsys.readouterr()
@@ -348,3 +351,28 @@ def test_training_config_writes_nothing_outside_the_output_dir(cub, tmp_path, mo
     assert record["threshold"] == 0.4 and (out / "metrics.json").is_file()
     overlays = list((out / "overlays").rglob("*.png")) if (out / "overlays").exists() else []
     assert len(overlays) == (12 if config == "demo.yaml" else 0)  # all 12 test images of the tiny demo
+
+
+def test_an_earlier_evaluation_is_kept_until_overwrite_replaces_it(cub, tmp_path, capsys, keep_logging):
+    root, checkpoint = cub
+    out = tmp_path / "out"
+    common = ["--data-root", str(root), "--output-dir", str(out), "--workers", "0", "--device", "cpu"]
+    main(["--checkpoint", str(checkpoint), *common, "--eval-protocol", "both", "--overlays", "3"])
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != "log.txt"}
+    assert {p.name for p in before} >= {"metrics.json", "per_image.csv", "wsol_curves.json", "wsol_curves.png"}
+    capsys.readouterr()
+    err = _one_error_line(capsys, ["--checkpoint", str(checkpoint), *common])
+    assert err == (f"error: {out} holds a previous evaluation (metrics.json, per_image.csv, wsol_curves.json, "
+                   "wsol_curves.png, overlays): --overwrite to replace it, or choose another --output-dir")
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["model"]["blocks.5.attn.qkv.weight"] *= 1e30  # NaN maps: the evaluation stops half way
+    torch.save(ckpt, tmp_path / "nan.pth")
+    err = _one_error_line(capsys, ["--checkpoint", str(tmp_path / "nan.pth"), *common, "--overwrite",
+                                   "--overlays", "1"])
+    assert "NaN" in err
+    assert {path: path.read_bytes() for path in before} == before  # nothing replaced by a run that failed
+    record = main(["--checkpoint", str(checkpoint), *common, "--overwrite", "--eval-protocol", "sat",
+                   "--overlays", "1"])
+    assert record["eval_protocol"] == "sat" and json.loads((out / "metrics.json").read_text()) == record
+    assert not (out / "wsol_curves.json").exists() and not (out / "overlays.partial").exists()
+    assert len(list((out / "overlays").rglob("*.png"))) == 1  # none of the earlier three left

@@ -194,3 +194,26 @@ def test_blocks_draws_each_spatial_aware_block_beside_the_fused_map(tmp_path, nu
         assert np.array_equal(panels[below_caption, :90], fused[below_caption])
     else:
         assert not np.array_equal(panels[below_caption, :90], panels[below_caption, 90:180])
+
+
+def test_earlier_predictions_are_refused_then_replaced_and_inputs_never_overwritten(tmp_path, capsys):
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(photos / name)
+    originals = {p.name: p.read_bytes() for p in photos.iterdir()}
+    common = ["--checkpoint", str(checkpoint), "--device", "cpu", "--output-dir", str(photos)]
+    first = predict_main([*common, str(photos)])  # overlays into the input folder: new names, inputs kept
+    assert [Path(p["overlay"]).name for p in first["predictions"]] == ["a_2.png", "b_2.png"]
+    assert all((photos / name).read_bytes() == data for name, data in originals.items())
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(predict_main, [*common, str(photos / "a.png")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        f"error: {photos} holds a previous prediction run (predictions.json): --overwrite to replace it, or choose "
+        "another --output-dir\n")
+    second = predict_main([*common, "--overwrite", str(photos / "a.png")])
+    assert [Path(p["overlay"]).name for p in second["predictions"]] == ["a_2.png"]
+    assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a_2.png", "b.png", "predictions.json"]
+    assert all((photos / name).read_bytes() == data for name, data in originals.items())

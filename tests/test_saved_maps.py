@@ -23,7 +23,8 @@ from test_wsolevaluation_reference import EXPECTED, FIXTURES, make_maps, write_s
 
 CPU = ["--workers", "0", "--device", "cpu"]
 # metrics.json keys that name what was evaluated rather than measure it
-SETTINGS = ("checkpoint", "arch", "precision", "compile", "maps", "predictions", "tencrop", "views")
+SETTINGS = ("checkpoint", "arch", "labels_matched_by", "precision", "compile", "maps", "predictions", "tencrop",
+            "views")
 # the wsol view's own classification: a forward that saved maps do not have (their classes are reported once)
 WSOL_VIEW_CLASSES = ("wsol_top1_cls", "wsol_top5_cls")
 
@@ -178,7 +179,7 @@ def _bad(tmp_path, name, loc_map):
 def test_bad_maps_and_predictions_are_one_line(cub, tmp_path, capsys):
     root, _ = cub
     make_baseline_maps([str(tmp_path / "good"), "--data-root", str(root), "--size", "8"])
-    common = ["--data-root", str(root), "--output-dir", str(tmp_path / "out"), *CPU]
+    common = ["--data-root", str(root), "--output-dir", str(tmp_path / "out"), "--overwrite", *CPU]
 
     def error(*flags):
         return _one_error_line(capsys, ["--maps", *map(str, flags), *common])

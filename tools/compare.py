@@ -5,7 +5,8 @@ Prints one table of every metric of every run ('-' where a run lacks it) and wri
 map threshold, wsol box accuracy per CAM threshold, the PxAP curve, GT-known Loc per class, as far as the
 runs hold them) and, for the first run against each other one, ``per_image_<A>_vs_<B>.csv``: the images
 both evaluated on which they differ in GT-known or Top-1 Loc. Runs that evaluated different images are
-compared per image on the images they share.
+compared per image on the images they share. An --output-dir holding a comparison is refused unless
+--overwrite.
 
     python tools/compare.py output/eval_sat output/eval_other --output-dir output/compare
 """
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.config import OneLineParser  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli  # noqa: E402
+from utils.outputs import delete_outputs, previous_outputs  # noqa: E402
 from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noqa: E402
 
 # metrics.json keys not in the table: settings of the model and inputs, the threshold lists (their results
@@ -28,6 +30,7 @@ from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noq
 NOT_TABULATED = ("num_classes", "img_size", "resize_size", "search_thresholds", "thresholds", "per_class")
 PER_THRESHOLD = "_per_threshold"
 PER_IMAGE_FLAGS = ("gt_known", "top1_loc")
+DATA_KEYS = ("data_format", "data_root", "split")  # metrics.json keys naming the data a run evaluated
 MAX_CLASSES_DRAWN = 40
 
 
@@ -230,11 +233,18 @@ def main(argv=None):
                                                                 "of the per-image comparison)")
     parser.add_argument("--names", nargs="+", help="the runs' names in the table (default: the folders' names)")
     parser.add_argument("--output-dir", default="output/compare", help="default: output/compare")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the comparison --output-dir holds (compare.json, compare.png, the per-image "
+                             "CSVs); without it such a folder is refused")
     args = parser.parse_args(argv)
 
+    output_dir = Path(args.output_dir)
+    previous = previous_outputs(output_dir, ["compare.json"], args.overwrite, "comparison")
     names = run_names(args.runs, args.names)
     runs = {name: Run(folder) for name, folder in zip(names, args.runs)}
-    output_dir = Path(args.output_dir)
+    if previous:  # once the runs are read
+        delete_outputs(output_dir, ["compare.json", "compare.png",
+                                    *(p.name for p in output_dir.glob("per_image_*_vs_*.csv"))])
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, run in runs.items():
         meta = [f"{key} {run.metrics[key]}" for key in ("checkpoint", "split", "eval_protocol") if key in run.metrics]
@@ -245,6 +255,10 @@ def main(argv=None):
     if len(set(counted.values())) > 1:
         print("the runs evaluated different numbers of images (" + ", ".join(f"{n} {c}" for n, c in counted.items())
               + "): their metrics are over different image sets")
+    read = {name: " ".join(str(run.metrics.get(key, "?")) for key in DATA_KEYS) for name, run in runs.items()}
+    if len(set(read.values())) > 1:
+        print("the runs read different data (" + "; ".join(f"{n}: {d}" for n, d in read.items()) + "): the "
+              "per-image comparison below counts the images they share by name")
 
     comparisons = {}
     first, *others = names

@@ -6,7 +6,8 @@ Writes ``<output-dir>/predictions.json`` and one overlay PNG per image, prints o
 with ``--coco FILE``, writes the boxes as COCO-format pseudo-labels (bbox = [x, y, w, h] in original pixels,
 category_id = class index + 1, categories named from the checkpoint). ``--blocks`` also draws the map of
 each spatial-aware block beside the fused map. An image given twice is predicted once; an unreadable one
-is named and skipped.
+is named and skipped. An --output-dir holding earlier predictions is refused unless --overwrite; overlay
+names never replace a file already there.
 
     python tools/predict.py --checkpoint best.pth --output-dir preds photo.jpg more_photos/
     python tools/predict.py --checkpoint best.pth --coco pseudo_labels.json images/
@@ -30,6 +31,7 @@ from Model import build_model_from_checkpoint  # noqa: E402
 from utils.config import FIELDS, OneLineParser  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.errors import DataError, run_cli  # noqa: E402
+from utils.outputs import delete_outputs, previous_outputs  # noqa: E402
 from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
 
@@ -80,9 +82,25 @@ def map_overlay(image, loc_map, threshold, resize_size, img_size, caption):
     return box, render_overlay(np.asarray(image), full_image_map(score, resize_size, img_size), box, caption=caption)
 
 
+def previous_predictions(output_dir, overwrite):
+    """The files of the predictions ``output_dir`` holds (predictions.json and the PNGs it names), which this
+    run replaces with --overwrite (refused without)."""
+    record = Path(output_dir) / "predictions.json"
+    if not record.exists():
+        return []
+    try:
+        old = json.loads(record.read_text(encoding="utf-8"))["predictions"]
+        pngs = [Path(p[key]).name for p in old for key in ("overlay", "blocks_overlay") if key in p]
+    except (ValueError, KeyError, TypeError):
+        pngs = []  # not written by this tool: only the json is replaced
+    found = previous_outputs(output_dir, ["predictions.json"], overwrite, "prediction run")
+    return found + [png for png in pngs if (Path(output_dir) / png).is_file()]
+
+
 def _unique_png(output_dir, stem, used):
+    """A new PNG path in ``output_dir``: never a file already there (an input image may live in it)."""
     name, k = stem, 1
-    while name in used:
+    while name in used or (output_dir / f"{name}.png").exists():
         k += 1
         name = f"{stem}_{k}"
     used.add(name)
@@ -102,6 +120,9 @@ def main(argv=None):
                         help="resize before the centre crop (default: the checkpoint's training setting, "
                              "else 256/224 x the input size)")
     parser.add_argument("--output-dir", default="output/predict", help="default: output/predict")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the predictions --output-dir holds (predictions.json and its overlays); "
+                             "without it such a folder is refused")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--coco", metavar="FILE", help="also write the boxes as a COCO-format detection file")
@@ -110,6 +131,8 @@ def main(argv=None):
                              "side by side, each boxed at the threshold")
     args = parser.parse_args(argv)
 
+    output_dir = Path(args.output_dir)
+    previous = previous_predictions(output_dir, args.overwrite)
     paths = image_paths(args.inputs)
     device = select_device(args.device)
     model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
@@ -120,7 +143,7 @@ def main(argv=None):
     resize_size = view.resize_size
     threshold = args.threshold if args.threshold is not None else float(meta.get("best_thr") or 0.4)
     names = meta.get("class_names") or [str(k) for k in range(model.num_classes)]
-    output_dir = Path(args.output_dir)
+    delete_outputs(output_dir, previous)  # once the checkpoint and the images are found
     output_dir.mkdir(parents=True, exist_ok=True)
 
     predictions, skipped, used = [], [], set()

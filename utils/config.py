@@ -431,6 +431,10 @@ def build_parser(script, defaults=None):
         parser.add_argument("--config", metavar="FILE", help="YAML file of config keys, e.g. a training config: "
                             f"its {', '.join(FILE_SECTIONS['evaluate'])} keys are read, the others ignored "
                             f"(defaults: config/{spec.defaults})")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace the evaluation an --output-dir holds (its metrics.json, per_image.csv, "
+                                 "wsol curves and overlays, once the new evaluation is complete); without it "
+                                 "such a folder is refused")
     else:
         parser.add_argument("--config", metavar="FILE", help="YAML file of config keys (default: " + (
             f"config/{DEMO_CONFIG} without --data-root, else config/{spec.defaults})" if script == "train"
@@ -522,8 +526,8 @@ def parse_config(argv=None, script="train"):
     """The resolved configuration of ``script`` (train, train_imagenet, evaluate, evaluate_imagenet): defaults <
     config file < flags. The training scripts read ``--config`` or, without it, their config file of defaults
     (said on stdout); the evaluators read ``--config`` over theirs. Returns an ``argparse.Namespace`` of the
-    script's keys plus ``config`` and ``ignored_config_keys`` (keys of --config the script does not read), and
-    for training ``resume``, ``overwrite``, ``local_rank``."""
+    script's keys plus ``config``, ``ignored_config_keys`` (keys of --config the script does not read) and
+    ``overwrite``, and for training ``resume`` and ``local_rank``."""
     values = script_defaults(script)
     parser = build_parser(script, values)
     cli, extra = parser.parse_known_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
@@ -540,9 +544,9 @@ def parse_config(argv=None, script="train"):
         values.update(read)
     values.update({key: value for key, value in cli.items() if key in values})
     cfg = argparse.Namespace(**values, config=None if config is None else str(config), ignored_config_keys=ignored)
+    cfg.overwrite = cli.get("overwrite", False)
     if script in TRAINERS:
-        cfg.resume, cfg.overwrite = cli.get("resume"), cli.get("overwrite", False)
-        cfg.local_rank = cli.get("local_rank")
+        cfg.resume, cfg.local_rank = cli.get("resume"), cli.get("local_rank")
     elif cfg.eval_batch_size is None:
         cfg.eval_batch_size = EVALUATOR_BATCH
     validate(cfg, script)
