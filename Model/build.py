@@ -11,9 +11,8 @@ import timm
 from utils.checkpoint import check_finite_weights, clean_state_dict, load_state, read_checkpoint
 from utils.errors import CheckpointError, ConfigError
 
-from . import sat  # noqa: F401  (registers the architectures)
 from .losses import gaussian_kernel_3x3
-from .sat import SATVisionTransformer
+from .sat import ARCH_ARGS, SATVisionTransformer  # importing sat registers the architectures
 
 _logger = logging.getLogger("sat")
 
@@ -57,8 +56,7 @@ def checkpoint_weights(model):
 
 # -------------------------------------------------------------------------------- from a checkpoint
 # (embed dim, depth) -> architecture: DeiT-Tiny / Small / Base and the CPU demo size.
-ARCH_BY_SHAPE = {(192, 12): "deit_sat_tiny_patch16_224", (384, 12): "deit_sat_small_patch16_224",
-                 (768, 12): "deit_sat_base_patch16_224", (96, 6): "deit_sat_nano_patch16_224"}
+ARCH_BY_SHAPE = {(args["embed_dim"], args["depth"]): name for name, args in ARCH_ARGS.items()}
 PATCH_SIZE = 16
 
 

@@ -248,8 +248,19 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# The registered architectures' shapes (Model/build.py also tells them apart by these in checkpoints).
+ARCH_ARGS = {
+    "deit_sat_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "deit_sat_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "deit_sat_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "deit_sat_nano_patch16_224": dict(patch_size=16, embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.0),
+}
+
+
 def _create_sat(variant: str, pretrained=False, **kwargs) -> SATVisionTransformer:
-    """Build through timm's builder. ``pretrained`` is False, True (DeiT weights via timm) or a file path."""
+    """Build ``variant`` (its ARCH_ARGS, overridden by ``kwargs``) through timm's builder. ``pretrained`` is
+    False, True (DeiT weights via timm) or a file path."""
+    kwargs = dict(ARCH_ARGS[variant], **kwargs)
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
     if isinstance(pretrained, (str, bytes)) or hasattr(pretrained, "__fspath__"):
         if not os.path.isfile(pretrained):
@@ -268,26 +279,22 @@ def _create_sat(variant: str, pretrained=False, **kwargs) -> SATVisionTransforme
 @register_model
 def deit_sat_tiny_patch16_224(pretrained=False, **kwargs) -> SATVisionTransformer:
     """SAT on DeiT-Tiny: dim 192, 3 heads, depth 12."""
-    args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
-    return _create_sat("deit_sat_tiny_patch16_224", pretrained, **dict(args, **kwargs))
+    return _create_sat("deit_sat_tiny_patch16_224", pretrained, **kwargs)
 
 
 @register_model
 def deit_sat_small_patch16_224(pretrained=False, **kwargs) -> SATVisionTransformer:
     """SAT on DeiT-Small: dim 384, 6 heads, depth 12."""
-    args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
-    return _create_sat("deit_sat_small_patch16_224", pretrained, **dict(args, **kwargs))
+    return _create_sat("deit_sat_small_patch16_224", pretrained, **kwargs)
 
 
 @register_model
 def deit_sat_base_patch16_224(pretrained=False, **kwargs) -> SATVisionTransformer:
     """SAT on DeiT-Base: dim 768, 12 heads, depth 12."""
-    args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
-    return _create_sat("deit_sat_base_patch16_224", pretrained, **dict(args, **kwargs))
+    return _create_sat("deit_sat_base_patch16_224", pretrained, **kwargs)
 
 
 @register_model
 def deit_sat_nano_patch16_224(pretrained=False, **kwargs) -> SATVisionTransformer:
     """CPU-friendly demo size: dim 96, 3 heads, depth 6 (last 3 spatial-aware); no pretrained weights."""
-    args = dict(patch_size=16, embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.0)
-    return _create_sat("deit_sat_nano_patch16_224", pretrained, **dict(args, **kwargs))
+    return _create_sat("deit_sat_nano_patch16_224", pretrained, **kwargs)

@@ -36,6 +36,14 @@ def test_eval_benchmark_reports_box_cost():
         "eval", "both", "fp32", "naive")
     assert result["images_per_second"] > 0 and result["box_ms_per_image"] > 0
     assert result["thresholds"] == [0.3, 0.35, 0.4, 0.45]
+    assert "box_ms_per_image" not in run("--mode", "eval", "--protocol", "wsol")  # a sat protocol cost
+
+
+def test_compare_naive_needs_a_model_mode(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run("--mode", "loader", "--compare-naive")
+    assert exit_info.value.code == 2 and "--compare-naive compares the model's naive fp32 baseline: --mode train " \
+        "or eval, not loader" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode, pipeline", [("train", "device"), ("eval", "host")])

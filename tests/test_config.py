@@ -5,7 +5,10 @@ import argparse
 import pytest
 import yaml
 
-from DataLoader.eval_views import default_resize_size
+from DataLoader import FORMATS
+from DataLoader.eval_views import PROTOCOLS, default_resize_size
+from Model.sat import ATTENTION_IMPLS
+from train import selection_metrics
 from utils.config import FIELDS, SECTIONS, keys_of, load_yaml, markdown, parse_config, save_config
 from utils.errors import ConfigError, run_cli
 
@@ -223,6 +226,8 @@ def test_bad_base_names_the_file(tmp_path, files, message):
     ("eval_thresholds: 0.4\n", "eval_thresholds must be a list of numbers in [0, 1]"),
     ("test_tencrop: false\n", "test_tencrop was renamed: use tencrop"),
     ("save_images: 4\n", "save_images was renamed: use overlays (overlays are written to <output_dir>/overlays/)"),
+    ("epochz: 3\nlr: 1e-4\ntest_tencrop: false\nzzz: 1\n", "c.yaml: unknown key 'epochz' (did you mean epochs?); "
+     "test_tencrop was renamed: use tencrop; unknown key 'zzz'"),  # every one in the line, in file order
     ("- a\n- b\n", "expected a mapping"),
     ("epochs: [1\n", "invalid YAML"),
     ("epochs: 3\nlr: 1e-4\nbatch_size 8\nseed: 1\nworkers: 2\n", "line 3: invalid YAML"),
@@ -328,3 +333,12 @@ def test_saved_config_round_trips(tmp_path):
 def test_reference_page_is_current():
     # regenerate with: python -m utils.config --markdown > docs/config.md
     assert (REPO_ROOT / "docs" / "config.md").read_text() == markdown()
+
+
+def test_choice_lists_are_those_of_the_code_that_reads_them():
+    assert FIELDS["data_format"].choices == FORMATS
+    assert FIELDS["eval_protocol"].choices == ("auto", *PROTOCOLS)
+    assert FIELDS["attn_impl"].choices == ATTENTION_IMPLS
+    every_selection = {metric for protocol in PROTOCOLS for annotations in ("boxes", "masks", None)
+                       for metric in selection_metrics(protocol, annotations)}
+    assert set(FIELDS["selection_metric"].choices) == every_selection

@@ -8,10 +8,10 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from DataLoader import FORMATS, build_dataset
+from DataLoader import build_dataset
 from DataLoader.check import check_split
 from tools.check_dataset import main as check_main
-from utils.config import FIELDS, load_yaml, parse_config
+from utils.config import load_yaml, parse_config
 from utils.errors import DataError, run_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "config"
@@ -336,6 +336,3 @@ def test_configs_are_cubs_settings_on_their_format(name, fmt):
     cfg = parse_config(["--config", str(CONFIGS / name)])
     assert (cfg.data_format, cfg.lr, cfg.batch_size, cfg.epochs) == (fmt, 1e-4, 256, 30)
 
-
-def test_config_knows_every_dataset_format():
-    assert FIELDS["data_format"].choices == FORMATS

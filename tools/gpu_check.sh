@@ -10,7 +10,8 @@
 #   tools/gpu_check.sh                       # one GPU
 #   tools/gpu_check.sh --device cpu --quick  # tiny sizes on the CPU: the same runs and table, in a few minutes
 #
-# Options: --device cuda|cpu, --quick (tiny model, images and batches; no test suite), --no-tests,
+# Options: --device cuda|cpu, --quick (tiny model, images and batches; no test suite), --tests (after --quick:
+# the suite too), --no-tests,
 # --work DIR (data and runs; default /tmp/gpu_check), --timeout S (each run; default 180, --quick 300),
 # --suite-timeout S (default 240). Each run is limited by `timeout`; a run that fails or times out shows as
 # "not run" in the table. The data is made while the suite runs (both use only the CPU).

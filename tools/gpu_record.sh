@@ -67,6 +67,7 @@ else
     --batch-size 64"
   if [ $SMALL_MODEL = 1 ]; then  # images of 80-120 px: a 72 px resize needs no more, and the CPU decodes them
     SMALL="--arch deit_sat_nano_patch16_224 --img-size 64 --resize-size 72 --workers 2"
+    CUB_DATA="$CUB_DATA --min-size 80 --max-size 120" IN_DATA="$IN_DATA --min-size 80 --max-size 120"
     ACC_DATA="$ACC_DATA --min-size 80 --max-size 120"
   fi
 fi

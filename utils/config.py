@@ -18,7 +18,7 @@ import yaml
 
 from utils.errors import ConfigError
 from utils.metrics import TRAIN_THRESHOLDS
-from utils.optim import trainable_blocks
+from utils.optim import SCHEDULES, trainable_blocks
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 TRAINERS = ("train", "train_imagenet")
@@ -194,7 +194,7 @@ FIELDS = {
     "decay_tokens": Field("optimisation", True, "bool", "weight decay also on cls_token, loc_token, pos_embed, "
                           "loc_embed (false exempts them, as DeiT does)"),
     "lr_schedule": Field("optimisation", "constant", "str", "learning-rate schedule after the warm-up",
-                         choices=("constant", "cosine")),
+                         choices=SCHEDULES),
     "warmup_epochs": Field("optimisation", 0.0, "float", "linear warm-up epochs (either schedule)", domain=">= 0"),
     "clip_grad": Field("optimisation", None, "float", "clip the gradient norm to this value", domain="> 0",
                        nullable=True),
@@ -384,6 +384,15 @@ def read_yaml_mapping(path):
     return data
 
 
+def _unknown_key(key):
+    """What a config file key that is not in FIELDS is: renamed (to what) or unknown (the nearest key)."""
+    if key in RENAMED:
+        new, _, why = RENAMED[key]
+        return f"{key} was renamed: use {new}{why.replace('-', '_')}"
+    close = difflib.get_close_matches(str(key), FIELDS, n=1)
+    return f"unknown key {key!r}" + (f" (did you mean {close[0]}?)" if close else "")
+
+
 def load_yaml(path, _seen=()):
     """The keys of a config file, checked, over those of its ``base:`` file (a path relative to it);
     unknown or renamed keys and wrong values raise ConfigError naming the file."""
@@ -398,14 +407,10 @@ def load_yaml(path, _seen=()):
         if base_path.resolve() in _seen or base_path.resolve() == path.resolve():
             raise ConfigError(f"config file {path}: base {base} includes this file again")
         values = load_yaml(base_path, _seen + (path.resolve(),))
+    unknown = [_unknown_key(key) for key in data if key not in FIELDS]
+    if unknown:  # all of them in the one line
+        raise ConfigError(f"config file {path}: {'; '.join(unknown)}")
     for key, value in data.items():
-        if key not in FIELDS:
-            if key in RENAMED:
-                new, _, why = RENAMED[key]
-                raise ConfigError(f"config file {path}: {key} was renamed: use {new}{why.replace('-', '_')}")
-            close = difflib.get_close_matches(str(key), FIELDS, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"config file {path}: unknown key {key!r}{hint}")
         try:
             values[key] = FIELDS[key].check(value)
         except ValueError as err:

@@ -5,6 +5,8 @@ import torch
 
 from utils.errors import ConfigError
 
+SCHEDULES = ("constant", "cosine")  # lr_schedule: constant is the official behaviour
+
 
 def trainable_blocks(which):
     """The ``k`` of ``last:k`` (None for 'all', 'sat', 'head'); ConfigError for anything else."""
@@ -75,7 +77,7 @@ def lr_factor(step, *, schedule, total_steps, warmup_steps=0, min_ratio=0.0):
 def build_scheduler(optimizer, *, schedule, lr, min_lr, epochs, warmup_epochs, steps_per_epoch):
     """LambdaLR stepped once per optimizer step. ``constant`` is the official behaviour (the official
     script builds a cosine schedule but never steps it); ``cosine`` decays to ``min_lr``."""
-    if schedule not in ("constant", "cosine"):
+    if schedule not in SCHEDULES:
         raise ConfigError(f"lr_schedule must be constant or cosine, got {schedule!r}")
 
     def factor(step):
