@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from DataLoader.build import build_dataset
+from DataLoader.check import check_split
 from DataLoader.eval_loader import build_eval_loader, resolve_data, resolve_protocol
 from DataLoader.eval_views import EvalViews, views_of
 from Model import build_model_from_checkpoint
@@ -27,7 +28,7 @@ from utils.boxes import coco_detections
 from utils.distributed import all_gather_object, cleanup, init_distributed
 from utils.config import parse_config
 from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
-from utils.errors import CheckpointError, ConfigError, DataError, run_cli
+from utils.errors import CheckpointError, ConfigError, DataError, run_cli, user_message
 from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
 from utils.outputs import delete_outputs, previous_outputs
@@ -129,6 +130,8 @@ def evaluate_checkpoint(args, imagenet, info):
                            **evaluate_settings(args, protocol, output_dir, info))
     except NonFiniteOutputError as err:
         raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
+    except DataError as err:  # e.g. an unreadable image: name every bad one of the split, not only the first
+        raise DataError(bad_images(loader.dataset, split, args.workers, info) or user_message(err)) from None
     if args.save_maps and info.is_main:
         write_saved_view(args.save_maps, views.img_size, views.resize_size)
     seconds = time.perf_counter() - start
@@ -143,6 +146,17 @@ def evaluate_checkpoint(args, imagenet, info):
     if info.is_main:
         write_outputs(args, output_dir, previous, record, rows, curves, loader.dataset.classes)
     return record
+
+
+def bad_images(dataset, split, workers, info):
+    """After an evaluation stopped at a bad image: the line of the split's check (DataLoader/check.py, headers
+    and end markers, as train.py checks before training), naming how many are bad and the first few; None when
+    it finds none (the error was another) or on the other processes."""
+    if not info.is_main:
+        return None
+    _logger.info("the evaluation stopped: checking every image of the %s split (headers, end markers)", split)
+    report = check_split(dataset, split, workers)
+    return report.summary() if report.bad else None
 
 
 def evaluate_maps(args, imagenet, info):

@@ -376,3 +376,16 @@ def test_an_earlier_evaluation_is_kept_until_overwrite_replaces_it(cub, tmp_path
     assert record["eval_protocol"] == "sat" and json.loads((out / "metrics.json").read_text()) == record
     assert not (out / "wsol_curves.json").exists() and not (out / "overlays.partial").exists()
     assert len(list((out / "overlays").rglob("*.png"))) == 1  # none of the earlier three left
+
+
+def test_an_evaluation_stopped_by_a_bad_image_names_every_bad_image(cub, tmp_path, capsys, keep_logging):
+    _, checkpoint = cub
+    root = tiny_demo(tmp_path / "demo")
+    dataset = build_dataset("cub", root, "test", lambda image: image)
+    bad = [dataset.image_path(index) for index in (2, 9)]
+    for path in bad:  # cut short: the header opens, decoding fails
+        with open(path, "r+b") as f:
+            f.truncate(300)
+    err = _one_error_line(capsys, ["--checkpoint", str(checkpoint), "--data-root", str(root), "--output-dir",
+                                   str(tmp_path / "out"), "--workers", "0", "--device", "cpu"])
+    assert err.startswith(f"error: test split: 2 bad images of 12, first {bad[0]} (") and f", {bad[1]} (" in err
