@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -31,23 +32,32 @@ from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
 from utils.errors import CheckpointError, ConfigError, DataError, run_cli, user_message
 from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
-from utils.outputs import delete_outputs, previous_outputs
+from utils.outputs import Staged, delete_outputs, partial_name, previous_outputs
 from utils.saved_maps import SavedMaps, drop_class_metrics, map_loader, read_predictions, saved_view, write_saved_view
 from utils.visualize import plot_curves
 
 _logger = logging.getLogger("sat")
-# What an evaluation writes into --output-dir besides log.txt (--overwrite replaces them); the overlays are
-# drawn into OVERLAYS_PARTIAL and become "overlays" once the evaluation is complete.
-EVAL_OUTPUTS = ("metrics.json", "per_image.csv", "wsol_curves.json", "wsol_curves.png", "overlays")
-OVERLAYS_PARTIAL = "overlays.partial"
+# What an evaluation writes into --output-dir besides log.txt (--overwrite replaces them), each written under
+# its partial_name until the evaluation is complete; "overlays" counts as the evaluation's only beside one of
+# the files (train.py's final test draws overlays too).
+EVAL_FILES = ("metrics.json", "per_image.csv", "wsol_curves.json", "wsol_curves.png")
+OVERLAYS = "overlays"
+PARTIALS = [partial_name(name) for name in EVAL_FILES + (OVERLAYS,)]
 
 
 def main(argv=None, imagenet=False):
     """Evaluate a checkpoint (or saved maps) as the flags say; returns the record written to metrics.json."""
     args = parse_config(argv, "evaluate_imagenet" if imagenet else "evaluate")
     info = init_distributed(args.device)
+    job = evaluate_checkpoint if args.maps is None else evaluate_maps
     try:
-        return (evaluate_checkpoint if args.maps is None else evaluate_maps)(args, imagenet, info)
+        output_dir, previous = start_logging(args, info)
+        try:
+            return job(args, imagenet, info, output_dir, previous)
+        except BaseException:
+            if info.is_main:  # what this evaluation had begun to write; the earlier one stays whole
+                delete_outputs(output_dir, PARTIALS)
+            raise
     except Exception as err:
         log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)
         raise
@@ -59,13 +69,13 @@ def main(argv=None, imagenet=False):
 def start_logging(args, info):
     """(output folder, the previous evaluation's files there that this one replaces), with log.txt started
     (appended to) and the --config keys the evaluator does not read logged. A folder holding an evaluation
-    is refused without --overwrite (one ConfigError line on every process)."""
+    is refused without --overwrite, as are output paths that cannot be written (one ConfigError line on every
+    process, before the model is built)."""
     output_dir = Path(args.output_dir)
     failure, previous = None, []
     if info.is_main:
         try:
-            previous = previous_outputs(output_dir, EVAL_OUTPUTS, args.overwrite, "evaluation")
-            delete_outputs(output_dir, [OVERLAYS_PARTIAL])  # left by an evaluation that did not finish
+            previous = check_output_paths(args, output_dir)
         except ConfigError as err:
             failure = str(err)
     failure, previous = all_gather_object((failure, previous))[0]
@@ -81,13 +91,35 @@ def start_logging(args, info):
     return output_dir, previous
 
 
+def check_output_paths(args, output_dir):
+    """The previous evaluation's files in ``output_dir`` (utils/outputs.py: refused without --overwrite); a
+    ConfigError for an overlays/ folder no evaluation wrote when this one draws overlays, and for --save-boxes /
+    --save-maps paths of the wrong kind. Removes what an evaluation that did not finish left."""
+    previous = previous_outputs(output_dir, EVAL_FILES, args.overwrite, "evaluation")
+    if (output_dir / OVERLAYS).exists():
+        if previous:
+            previous.append(OVERLAYS)
+        elif args.overlays:
+            raise ConfigError(f"{output_dir} holds an {OVERLAYS}/ folder that no evaluation wrote (train.py's final "
+                              "test draws one): choose another --output-dir for the overlays")
+    if args.save_boxes and Path(args.save_boxes).is_dir():
+        raise ConfigError(f"--save-boxes {args.save_boxes}: a folder; expected the path of a JSON file")
+    if args.save_boxes and any(p.exists() and not p.is_dir() for p in Path(args.save_boxes).parents):
+        raise ConfigError(f"--save-boxes {args.save_boxes}: a parent of it is a file, not a folder")
+    if args.save_maps and Path(args.save_maps).exists() and not Path(args.save_maps).is_dir():
+        raise ConfigError(f"--save-maps {args.save_maps}: not a folder")
+    delete_outputs(output_dir, PARTIALS)
+    return previous
+
+
 def evaluate_settings(args, protocol, output_dir, info):
-    """The ``evaluate`` arguments both jobs take from the flags: the map thresholds of the protocol, overlays,
-    (drawn into OVERLAYS_PARTIAL until the evaluation is complete), per-image rows, box processes."""
+    """The ``evaluate`` arguments both jobs take from the flags: the map thresholds of the protocol, overlays
+    (drawn under their partial_name until the evaluation is complete), per-image rows, box processes."""
+    overlay_dir = output_dir / partial_name(OVERLAYS) if args.overlays else None
     return dict(threshold=args.threshold if protocol != "wsol" else None,
                 thresholds=args.thresholds if protocol in ("sat", "both") else (), wsol_threshold=args.wsol_threshold,
-                distributed=info.distributed, overlay_dir=output_dir / OVERLAYS_PARTIAL if args.overlays else None,
-                overlays=overlay_count(args), per_image=True, box_processes=args.box_processes,
+                distributed=info.distributed, overlay_dir=overlay_dir, overlays=overlay_count(args),
+                per_image=True, box_processes=args.box_processes,
                 progress=info.is_main)
 
 
@@ -96,9 +128,8 @@ def overlay_count(args):
     return None if args.overlays == "all" else args.overlays
 
 
-def evaluate_checkpoint(args, imagenet, info):
+def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
     """The evaluation job: model, loader, ``evaluate``, then the tables and files of the output folder."""
-    output_dir, previous = start_logging(args, info)
     model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     img_size = int(model.patch_embed.img_size[0])
     resize_size = args.resize_size or (meta.get("config") or {}).get("resize_size")
@@ -131,7 +162,8 @@ def evaluate_checkpoint(args, imagenet, info):
     except NonFiniteOutputError as err:
         raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
     except DataError as err:  # e.g. an unreadable image: name every bad one of the split, not only the first
-        raise DataError(bad_images(loader.dataset, split, args.workers, info) or user_message(err)) from None
+        found = all_gather_object(bad_images(loader.dataset, split, args.workers, info))[0]
+        raise DataError(found or user_message(err)) from None
     if args.save_maps and info.is_main:
         write_saved_view(args.save_maps, views.img_size, views.resize_size)
     seconds = time.perf_counter() - start
@@ -139,8 +171,8 @@ def evaluate_checkpoint(args, imagenet, info):
     rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)
     record = {"checkpoint": str(args.checkpoint), "arch": arch, "num_classes": model.num_classes,
               "labels_matched_by": labels_matched_by, "img_size": img_size, "resize_size": views.resize_size,
-              "data_format": fmt, "data_root": str(root), "split": split, "eval_protocol": protocol,
-              "views": list(views.names), "tencrop": views.tencrop,
+              "data_format": fmt, "data_root": os.path.abspath(root), "split": split,
+              "eval_protocol": protocol, "views": list(views.names), "tencrop": views.tencrop,
               "precision": describe(info.device, args.amp), "compile": args.compile,
               "search_thresholds": args.thresholds, **metrics}
     if info.is_main:
@@ -159,10 +191,9 @@ def bad_images(dataset, split, workers, info):
     return report.summary() if report.bad else None
 
 
-def evaluate_maps(args, imagenet, info):
+def evaluate_maps(args, imagenet, info, output_dir, previous):
     """Saved maps of any method (utils/saved_maps.py) through the same ``evaluate``: a loader of the split's
     annotations without pixels, the maps and the predictions' classes in place of the forward."""
-    output_dir, previous = start_logging(args, info)
     fmt, root = resolve_data(getattr(args, "data_format", "imagenet"), args.data_root, imagenet, info.is_main)
     split = getattr(args, "split", "test")
     dataset = build_dataset(fmt, root, split, metadata_root=getattr(args, "metadata_root", None),
@@ -194,7 +225,8 @@ def evaluate_maps(args, imagenet, info):
         drop_class_metrics(metrics)
     rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)
     record = {"maps": str(args.maps), "predictions": args.predictions, "num_classes": num_classes,
-              "img_size": views.img_size, "resize_size": views.resize_size, "data_format": fmt, "data_root": str(root),
+              "img_size": views.img_size, "resize_size": views.resize_size, "data_format": fmt,
+              "data_root": os.path.abspath(root),
               "split": split, "eval_protocol": protocol, "views": list(views.names), "tencrop": False,
               "search_thresholds": args.thresholds, **metrics}
     if info.is_main:
@@ -204,30 +236,33 @@ def evaluate_maps(args, imagenet, info):
 
 def write_outputs(args, output_dir, previous, record, rows, curves, class_names):
     """metrics.json, the tables in the log, per_image.csv, the COCO boxes (--save-boxes), the wsol curves and
-    the overlays, in place of ``previous`` (the files of an earlier evaluation, --overwrite)."""
+    the overlays, each written under its partial name, then moved in place of ``previous`` (the files of an
+    earlier evaluation, --overwrite) together: a failure before leaves the earlier evaluation as it was."""
     protocol = record["eval_protocol"]
-    delete_outputs(output_dir, previous)
-    if (output_dir / OVERLAYS_PARTIAL).exists():
-        (output_dir / OVERLAYS_PARTIAL).rename(output_dir / "overlays")
+    staged = Staged()
+    staged.path(output_dir / OVERLAYS)  # drawn there by ``evaluate``
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    staged.path(output_dir / "metrics.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     classification = "ten-crop" if record["tencrop"] else "centre-crop"
     if "maps" in record:
         classification = f"{record['predictions']}'s" if record["predictions"] else "no predictions: no"
     _logger.info("\n%s\n", format_tables(record, protocol, classification))
-    write_per_image(output_dir / "per_image.csv", rows)
+    write_per_image(staged.path(output_dir / "per_image.csv"), rows)
     if args.save_boxes:
         entries = [{"file_name": row["image_id"], "size": (row["width"], row["height"]), "class": row["top5"][0],
                     "score": row["score"], "box": row["box_original"]} for row in rows]
         Path(args.save_boxes).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save_boxes).write_text(json.dumps(coco_detections(entries, class_names)) + "\n", encoding="utf-8")
+        staged.path(args.save_boxes).write_text(json.dumps(coco_detections(entries, class_names)) + "\n",
+                                                encoding="utf-8")
+    if curves:
+        write_curves(output_dir, curves, staged)
+    staged.commit(output_dir, stale=[name for name in previous if output_dir / name not in staged.paths])
+    if args.save_boxes:
         _logger.info("COCO-format boxes written to %s%s", args.save_boxes,
                      "" if protocol != "cls" else " (predictions: the data has no boxes to score them against)")
     if "per_class" in record:
         _logger.info("per class (sat protocol, threshold %g):\n%s", args.threshold,
                      format_per_class(record["per_class"]))
-    if curves:
-        write_curves(output_dir, curves)
     _logger.info("metrics written to %s", output_dir / "metrics.json")
 
 
@@ -248,10 +283,10 @@ def write_per_image(path, rows):
                              "" if row[key] is None else row[key] for key in PER_IMAGE_COLUMNS])
 
 
-def write_curves(output_dir, curves):
-    """``wsol_curves.json`` and ``wsol_curves.png``: box accuracy against the map threshold (per IoU) and
-    the PxAP precision-recall curve."""
-    (output_dir / "wsol_curves.json").write_text(json.dumps(curves, indent=1) + "\n", encoding="utf-8")
+def write_curves(output_dir, curves, staged):
+    """``wsol_curves.json`` and ``wsol_curves.png`` (``staged``: utils/outputs.Staged): box accuracy against
+    the map threshold (per IoU) and the PxAP precision-recall curve."""
+    staged.path(output_dir / "wsol_curves.json").write_text(json.dumps(curves, indent=1) + "\n", encoding="utf-8")
     panels = []
     if "box_accuracy" in curves:
         box = curves["box_accuracy"]
@@ -265,7 +300,7 @@ def write_curves(output_dir, curves):
         panels.append(("PxAP: precision vs recall", [r for r, _ in points], {"precision": [p for _, p in points]},
                        (0, 1), (0, 1)))
     if panels:
-        plot_curves(output_dir / "wsol_curves.png", panels)
+        plot_curves(staged.path(output_dir / "wsol_curves.png"), panels)
 
 
 def match_classes(dataset, model, meta, checkpoint):

@@ -50,6 +50,7 @@ EXTRA_BEST = {"best_top1_loc.pth": "top1_loc", "best_gt_known_loc.pth": "gt_know
 # What a run writes into --output-dir (--overwrite deletes them).
 IMAGE_CACHE = "image_cache"  # cache_images: one file per split (DataLoader/image_cache.py)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.json", "config.yaml", "log.txt", "tensorboard", "overlays")
+EVALUATION_FILES = ("metrics.json", "per_image.csv")  # evaluator.py's: a new run does not start beside them
 _logger = logging.getLogger("sat")
 
 
@@ -497,6 +498,10 @@ def previous_outputs(cfg, output_dir):
                           f"checkpoints/last.pth: {continue_from}--overwrite starts again")
     if cfg.resume is not None:
         return []
+    evaluation = dist_utils.all_gather_object([name for name in EVALUATION_FILES if (output_dir / name).exists()])[0]
+    if evaluation:  # not this script's to delete, nor to mix overlays with
+        raise ConfigError(f"{output_dir} holds an evaluator's outputs ({', '.join(evaluation)}): choose another "
+                          "--output-dir")
     if run and not cfg.overwrite:
         raise ConfigError(f"{output_dir} holds a previous run ({', '.join(run)}): --resume to continue it, "
                           "--overwrite to start again, or choose another --output-dir")

@@ -130,8 +130,8 @@ def test_an_earlier_comparison_is_refused_then_replaced_with_overwrite(runs, tmp
     with pytest.raises(SystemExit) as exit_info:
         run_cli(compare_main, [*map(str, runs), "--output-dir", str(out)])
     assert exit_info.value.code == 2 and capsys.readouterr().err == (
-        f"error: {out} holds a previous comparison (compare.json): --overwrite to replace it, or choose another "
-        "--output-dir\n")
+        f"error: {out} holds a previous comparison (compare.json, compare.png, per_image_sat_vs_other.csv): "
+        "--overwrite to replace it, or choose another --output-dir\n")
     record = compare_main([*map(str, runs), "--names", "A", "B", "--output-dir", str(out), "--overwrite"])
     assert not old_csv.exists() and (out / "per_image_A_vs_B.csv").exists() and list(record["runs"]) == ["A", "B"]
     assert (out / "notes.txt").read_text() == "mine"  # not the tool's: kept
@@ -144,3 +144,16 @@ def test_runs_on_different_data_are_pointed_out(tmp_path, capsys):
     assert "the runs read different data (x: cub data/CUB test; y: cub data/CUB val)" in capsys.readouterr().out
     compare_main([str(first), str(first), "--names", "a", "b", "--output-dir", str(tmp_path / "same")])
     assert "different data" not in capsys.readouterr().out
+    third = write_run(tmp_path / "z", {"num_images": 3, "split": "test"})  # keys a run lacks are not compared
+    compare_main([str(first), str(third), "--output-dir", str(tmp_path / "lacking")])
+    assert "different data" not in capsys.readouterr().out
+    for flags, message in ((["--names", "a", "a"], "--names: the runs' names must differ"),
+                           ([], "a run folder is given twice: give --names that differ")):
+        with pytest.raises(SystemExit):
+            run_cli(compare_main, [str(first), str(first), *flags, "--output-dir", str(tmp_path / "never")])
+        assert capsys.readouterr().err == f"error: {message}\n"
+    (third / "per_image.csv").write_bytes(b"image_id,gt_known,top1_loc\n\xff\xfe,1,1\n")
+    with pytest.raises(SystemExit):
+        run_cli(compare_main, [str(first), str(third), "--output-dir", str(tmp_path / "never")])
+    assert capsys.readouterr().err == f"error: {third / 'per_image.csv'}: not UTF-8 text (expected the " \
+        "evaluator's per_image.csv)\n"

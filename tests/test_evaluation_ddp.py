@@ -16,7 +16,7 @@ from utils.engine import evaluate
 from utils.errors import DataError, SATError, user_message
 
 from test_evaluation import save_nano_checkpoint
-from conftest import rendezvous, start_ranks
+from conftest import free_port, rendezvous, start_ranks
 
 SETTINGS = dict(protocol="both", tencrop=True, img_size=64, batch_size=2, workers=0)
 
@@ -110,3 +110,40 @@ def test_nan_outputs_on_one_rank_stop_both_ranks_with_the_same_error(tmp_path):
     ranks = _two_ranks(root, checkpoint, tmp_path, _rank_with_nan_outputs_on_rank_1)
     assert ranks[0] == ranks[1] and ranks[0]["type"] == "NonFiniteOutputError"
     assert ranks[0]["error"].startswith("the model outputs NaN/Inf scores or maps for 2 image(s) of a batch, first ")
+
+
+def _evaluator_rank(rank, port, root, checkpoint, out_dir):
+    """evaluator.py's main as torchrun starts it (the env:// rendezvous)."""
+    from evaluator import main
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=port)
+    try:
+        main(["--data-root", root, "--checkpoint", checkpoint, "--output-dir", os.path.join(out_dir, "eval"),
+              "--device", "cpu", "--workers", "0", "--eval-batch-size", "2"])
+        record = {"error": None}
+    except SATError as err:
+        record = {"error": user_message(err)}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+
+
+def test_the_evaluator_stopped_by_bad_images_names_them_all_on_every_rank(tmp_path):
+    """Rank 0 checks the split while the other waits for its line: one error, the same on both ranks."""
+    root = make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=1, test_per_class=3, image_size=64)
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
+    dataset = build_eval_loader("cub", root, "test", **SETTINGS).dataset
+    broken = [Path(dataset.image_path(index)) for index in (1, 2)]  # one in each rank's shard
+    for path in broken:
+        path.write_bytes(path.read_bytes()[:100])
+    ranks = start_ranks(_evaluator_rank, (str(free_port()), str(root), str(checkpoint), str(tmp_path)), nprocs=2,
+                        join=False)
+    deadline = time.monotonic() + 120
+    try:
+        while not ranks.join(timeout=5):
+            assert time.monotonic() < deadline, "a rank did not end"
+    finally:
+        for process in ranks.processes:
+            process.kill()
+    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in range(2)]
+    assert errors[0] == errors[1] and errors[0].startswith(f"test split: 2 bad images of 9, first {broken[0]} (")

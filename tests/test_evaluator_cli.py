@@ -354,28 +354,52 @@ def test_training_config_writes_nothing_outside_the_output_dir(cub, tmp_path, mo
 
 
 def test_an_earlier_evaluation_is_kept_until_overwrite_replaces_it(cub, tmp_path, capsys, keep_logging):
-    root, checkpoint = cub
+    _, checkpoint = cub
+    root = tiny_demo(tmp_path / "demo")
     out = tmp_path / "out"
-    common = ["--data-root", str(root), "--output-dir", str(out), "--workers", "0", "--device", "cpu"]
-    main(["--checkpoint", str(checkpoint), *common, "--eval-protocol", "both", "--overlays", "3"])
+    common = ["--checkpoint", str(checkpoint), "--data-root", str(root), "--output-dir", str(out), "--workers", "0",
+              "--device", "cpu", "--eval-batch-size", "2"]
+    main([*common, "--eval-protocol", "both", "--overlays", "3"])
     before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != "log.txt"}
     assert {p.name for p in before} >= {"metrics.json", "per_image.csv", "wsol_curves.json", "wsol_curves.png"}
     capsys.readouterr()
-    err = _one_error_line(capsys, ["--checkpoint", str(checkpoint), *common])
+    err = _one_error_line(capsys, common)
     assert err == (f"error: {out} holds a previous evaluation (metrics.json, per_image.csv, wsol_curves.json, "
-                   "wsol_curves.png, overlays): --overwrite to replace it, or choose another --output-dir")
-    ckpt = torch.load(checkpoint, weights_only=True)
-    ckpt["model"]["blocks.5.attn.qkv.weight"] *= 1e30  # NaN maps: the evaluation stops half way
-    torch.save(ckpt, tmp_path / "nan.pth")
-    err = _one_error_line(capsys, ["--checkpoint", str(tmp_path / "nan.pth"), *common, "--overwrite",
-                                   "--overlays", "1"])
-    assert "NaN" in err
+                   "wsol_curves.png): --overwrite to replace it, or choose another --output-dir")
+    dataset = build_dataset("cub", root, "test", lambda image: image)
+    with open(dataset.image_path(9), "r+b") as f:  # the 5th batch: the first 4 have drawn their overlays by then
+        f.truncate(300)
+    err = _one_error_line(capsys, [*common, "--overwrite", "--overlays", "all"])
+    assert "1 bad image of 12" in err
     assert {path: path.read_bytes() for path in before} == before  # nothing replaced by a run that failed
-    record = main(["--checkpoint", str(checkpoint), *common, "--overwrite", "--eval-protocol", "sat",
-                   "--overlays", "1"])
+    assert sorted(p.name for p in out.iterdir()) == sorted({p.relative_to(out).parts[0] for p in before} | {"log.txt"})
+    Image.new("RGB", (64, 64)).save(dataset.image_path(9))
+    record = main([*common, "--overwrite", "--eval-protocol", "sat", "--overlays", "1"])
     assert record["eval_protocol"] == "sat" and json.loads((out / "metrics.json").read_text()) == record
     assert not (out / "wsol_curves.json").exists() and not (out / "overlays.partial").exists()
     assert len(list((out / "overlays").rglob("*.png"))) == 1  # none of the earlier three left
+    assert not [p for p in out.iterdir() if ".partial" in p.name]
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_evaluating(cub, tmp_path, capsys, keep_logging):
+    root, checkpoint = cub
+    common = ["--checkpoint", str(checkpoint), "--data-root", str(root), "--workers", "0", "--device", "cpu"]
+    (tmp_path / "file").write_text("x")
+    train_run = tmp_path / "train_run"  # train.py's final test drew overlays there
+    (train_run / "overlays").mkdir(parents=True)
+    cases = {("--output-dir", tmp_path / "file"): f"--output-dir {tmp_path / 'file'}: not a folder",
+             ("--output-dir", train_run, "--overlays", "2"): f"{train_run} holds an overlays/ folder that no "
+             "evaluation wrote (train.py's final test draws one): choose another --output-dir for the overlays",
+             ("--save-boxes", tmp_path): f"--save-boxes {tmp_path}: a folder; expected the path of a JSON file",
+             ("--save-boxes", tmp_path / "file" / "b.json"): f"--save-boxes {tmp_path / 'file' / 'b.json'}: a parent "
+             "of it is a file, not a folder",
+             ("--save-maps", tmp_path / "file"): f"--save-maps {tmp_path / 'file'}: not a folder"}
+    for flags, message in cases.items():
+        flags = [*map(str, flags)] + ([] if "--output-dir" in flags else ["--output-dir", str(tmp_path / "out")])
+        assert _one_error_line(capsys, [*common, *flags]) == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+    main([*common, "--output-dir", str(train_run)])  # no overlays drawn: training's are left alone
+    assert (train_run / "overlays").is_dir() and (train_run / "metrics.json").exists()
 
 
 def test_an_evaluation_stopped_by_a_bad_image_names_every_bad_image(cub, tmp_path, capsys, keep_logging):

@@ -3,6 +3,7 @@ images, the per-block maps."""
 import csv
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -213,7 +214,17 @@ def test_earlier_predictions_are_refused_then_replaced_and_inputs_never_overwrit
     assert exit_info.value.code == 2 and capsys.readouterr().err == (
         f"error: {photos} holds a previous prediction run (predictions.json): --overwrite to replace it, or choose "
         "another --output-dir\n")
-    second = predict_main([*common, "--overwrite", str(photos / "a.png")])
-    assert [Path(p["overlay"]).name for p in second["predictions"]] == ["a_2.png"]
-    assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a_2.png", "b.png", "predictions.json"]
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit):  # a run that fails leaves the earlier predictions whole
+        run_cli(predict_main, [*common, "--overwrite", str(tmp_path / "broken.png")])
+    assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a_2.png", "b.png", "b_2.png", "predictions.json"]
+    time.sleep(1.1)
+    mine = Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8))
+    mine.save(photos / "b_2.png")  # the user's own file, saved under an earlier overlay's name
+    second = predict_main([*common, "--overwrite", str(photos)])  # the earlier overlays are not inputs
+    assert [Path(p["image"]).name for p in second["predictions"]] == ["a.png", "b.png", "b_2.png"]
+    assert [Path(p["overlay"]).name for p in second["predictions"]] == ["a_2.png", "b_3.png", "b_2_2.png"]
+    assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a_2.png", "b.png", "b_2.png", "b_2_2.png",
+                                                         "b_3.png", "predictions.json"]
+    assert np.array_equal(np.asarray(Image.open(photos / "b_2.png")), np.asarray(mine))
     assert all((photos / name).read_bytes() == data for name, data in originals.items())

@@ -342,6 +342,15 @@ def test_existing_run_folder_is_refused_without_resume_or_overwrite(data_root, t
     main(args(data_root, out, "--epochs", "1", "--overwrite"))
     assert epochs_logged(out) == [1] and not (out / "overlays").exists()
     assert (out / "log.txt").read_text().count("config ") == 1  # the old log went too
+    evaluated = tmp_path / "evaluated"  # an evaluator's output folder: not a place to start a run, even --overwrite
+    evaluated.mkdir()
+    (evaluated / "metrics.json").write_text("{}")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_cli(main, args(data_root, evaluated, "--epochs", "1", "--overwrite"))
+    assert capsys.readouterr().err == f"error: {evaluated} holds an evaluator's outputs (metrics.json): choose " \
+        "another --output-dir\n"
+    assert sorted(p.name for p in evaluated.iterdir()) == ["metrics.json"]
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command(data_root, tmp_path):

@@ -63,6 +63,13 @@ def _read_json(path, what):
 def read_per_image(path):
     """{image_id: row} of a per_image.csv, with the GT-known and Top-1 Loc flags as booleans (None where the
     cell is empty: not evaluated, e.g. Top-1 Loc of saved maps scored without predictions)."""
+    try:
+        return _per_image_rows(path)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text (expected the evaluator's per_image.csv)") from None
+
+
+def _per_image_rows(path):
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in ("image_id",) + PER_IMAGE_FLAGS if c not in (reader.fieldnames or [])]
@@ -206,7 +213,8 @@ def figure_panels(runs, per_class):
 
 def run_names(folders, names):
     """The runs' names: --names, else the folders' names (their paths where two share a name)."""
-    if names is not None:
+    given = names is not None
+    if given:
         if len(names) != len(folders):
             raise ConfigError(f"--names: {len(names)} names for {len(folders)} runs")
     else:
@@ -214,7 +222,8 @@ def run_names(folders, names):
         if len(set(names)) < len(names):
             names = [str(f) for f in folders]
     if len(set(names)) < len(names):
-        raise ConfigError("the runs need distinct names: give --names")
+        raise ConfigError("--names: the runs' names must differ" if given else
+                          "a run folder is given twice: give --names that differ")
     return names
 
 
@@ -239,12 +248,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     output_dir = Path(args.output_dir)
-    previous = previous_outputs(output_dir, ["compare.json"], args.overwrite, "comparison")
+    written = ["compare.json", "compare.png", *sorted(p.name for p in output_dir.glob("per_image_*_vs_*.csv"))]
+    previous = previous_outputs(output_dir, written, args.overwrite, "comparison")
     names = run_names(args.runs, args.names)
     runs = {name: Run(folder) for name, folder in zip(names, args.runs)}
-    if previous:  # once the runs are read
-        delete_outputs(output_dir, ["compare.json", "compare.png",
-                                    *(p.name for p in output_dir.glob("per_image_*_vs_*.csv"))])
+    delete_outputs(output_dir, previous)  # once the runs are read (a comparison takes a moment: not staged)
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, run in runs.items():
         meta = [f"{key} {run.metrics[key]}" for key in ("checkpoint", "split", "eval_protocol") if key in run.metrics]
@@ -255,10 +263,11 @@ def main(argv=None):
     if len(set(counted.values())) > 1:
         print("the runs evaluated different numbers of images (" + ", ".join(f"{n} {c}" for n, c in counted.items())
               + "): their metrics are over different image sets")
-    read = {name: " ".join(str(run.metrics.get(key, "?")) for key in DATA_KEYS) for name, run in runs.items()}
+    keys = [key for key in DATA_KEYS if all(key in run.metrics for run in runs.values())]
+    read = {name: " ".join(str(run.metrics[key]) for key in keys) for name, run in runs.items()}
     if len(set(read.values())) > 1:
-        print("the runs read different data (" + "; ".join(f"{n}: {d}" for n, d in read.items()) + "): the "
-              "per-image comparison below counts the images they share by name")
+        print("the runs read different data (" + "; ".join(f"{n}: {d}" for n, d in read.items()) + "); images "
+              "are matched by id in the per-image comparisons")
 
     comparisons = {}
     first, *others = names

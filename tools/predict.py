@@ -30,19 +30,21 @@ from utils.boxes import centre_offset, coco_detections, crop_box_to_original, sa
 from Model import build_model_from_checkpoint  # noqa: E402
 from utils.config import FIELDS, OneLineParser  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
-from utils.errors import DataError, run_cli  # noqa: E402
-from utils.outputs import delete_outputs, previous_outputs  # noqa: E402
+from utils.errors import ConfigError, DataError, run_cli  # noqa: E402
+from utils.outputs import Staged, previous_outputs  # noqa: E402
 from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
 
-def image_paths(inputs):
-    """The image files among ``inputs`` and, recursively and sorted, inside the folders among them; a file
-    reached twice (also through a link) is kept once, where it first comes."""
+def image_paths(inputs, outputs=()):
+    """The image files among ``inputs`` and, recursively and sorted, inside the folders among them but not
+    among ``outputs`` (the overlays of earlier predictions: resolved paths); a file reached twice (also through
+    a link) is kept once, where it first comes."""
     paths = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p.name))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p.name)
+                           and p.resolve() not in outputs)
             if not found:
                 raise DataError(f"{path}: no image files in this folder")
             paths += found
@@ -83,24 +85,28 @@ def map_overlay(image, loc_map, threshold, resize_size, img_size, caption):
 
 
 def previous_predictions(output_dir, overwrite):
-    """The files of the predictions ``output_dir`` holds (predictions.json and the PNGs it names), which this
-    run replaces with --overwrite (refused without)."""
+    """The files of the predictions ``output_dir`` holds, which this run replaces with --overwrite (refused
+    without): predictions.json and the PNGs it names, those no newer than it (a file saved there since under
+    such a name is not this tool's)."""
     record = Path(output_dir) / "predictions.json"
-    if not record.exists():
+    found = previous_outputs(output_dir, ["predictions.json"], overwrite, "prediction run")
+    if not found:
         return []
     try:
         old = json.loads(record.read_text(encoding="utf-8"))["predictions"]
         pngs = [Path(p[key]).name for p in old for key in ("overlay", "blocks_overlay") if key in p]
     except (ValueError, KeyError, TypeError):
         pngs = []  # not written by this tool: only the json is replaced
-    found = previous_outputs(output_dir, ["predictions.json"], overwrite, "prediction run")
-    return found + [png for png in pngs if (Path(output_dir) / png).is_file()]
+    written = record.stat().st_mtime
+    return found + [png for png in pngs if (Path(output_dir) / png).is_file()
+                    and (Path(output_dir) / png).stat().st_mtime <= written + 1]
 
 
-def _unique_png(output_dir, stem, used):
-    """A new PNG path in ``output_dir``: never a file already there (an input image may live in it)."""
+def _unique_png(output_dir, stem, used, free):
+    """A new PNG path in ``output_dir``: never a file already there (an input image may live in it) unless
+    it is in ``free`` (an earlier run's overlay, replaced)."""
     name, k = stem, 1
-    while name in used or (output_dir / f"{name}.png").exists():
+    while name in used or (f"{name}.png" not in free and (output_dir / f"{name}.png").exists()):
         k += 1
         name = f"{stem}_{k}"
     used.add(name)
@@ -116,14 +122,14 @@ def main(argv=None):
     parser.add_argument("--num-classes", type=int, help="classes, for files that do not record them")
     parser.add_argument("--threshold", type=FIELDS["threshold"].parse,
                         help="localization threshold (default: the checkpoint's best_thr, else 0.4)")
-    parser.add_argument("--resize-size", type=int,
+    parser.add_argument("--resize-size", type=_positive,
                         help="resize before the centre crop (default: the checkpoint's training setting, "
                              "else 256/224 x the input size)")
     parser.add_argument("--output-dir", default="output/predict", help="default: output/predict")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the predictions --output-dir holds (predictions.json and its overlays); "
                              "without it such a folder is refused")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=_positive, default=16)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--coco", metavar="FILE", help="also write the boxes as a COCO-format detection file")
     parser.add_argument("--blocks", action="store_true",
@@ -132,20 +138,40 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     output_dir = Path(args.output_dir)
+    if args.coco and Path(args.coco).is_dir():
+        raise ConfigError(f"--coco {args.coco}: a folder; expected the path of a JSON file")
     previous = previous_predictions(output_dir, args.overwrite)
-    paths = image_paths(args.inputs)
+    paths = image_paths(args.inputs, outputs={(output_dir / name).resolve() for name in previous})
+    inputs = {path.resolve() for path in paths}
+    previous = [name for name in previous if (output_dir / name).resolve() not in inputs]  # never an input
     device = select_device(args.device)
     model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     model.to(device).eval()
     img_size = int(model.patch_embed.img_size[0])
     view = EvalViews("sat", tencrop=False, img_size=img_size,
                      resize_size=args.resize_size or (meta.get("config") or {}).get("resize_size"))
-    resize_size = view.resize_size
     threshold = args.threshold if args.threshold is not None else float(meta.get("best_thr") or 0.4)
     names = meta.get("class_names") or [str(k) for k in range(model.num_classes)]
-    delete_outputs(output_dir, previous)  # once the checkpoint and the images are found
     output_dir.mkdir(parents=True, exist_ok=True)
+    staged = Staged()  # the new files, moved in place of the previous ones once every image is predicted
+    try:
+        record = predict(args, model, paths, view, threshold, names, output_dir, staged, set(previous))
+        staged.commit(output_dir, stale=[name for name in previous if output_dir / name not in staged.paths])
+    except BaseException:
+        for partial in staged.paths.values():
+            partial.unlink(missing_ok=True)
+        raise
+    print(f"{len(record['predictions'])} predictions written to {output_dir / 'predictions.json'}")
+    if args.coco:
+        print(f"COCO-format boxes written to {args.coco}")
+    return record
 
+
+def predict(args, model, paths, view, threshold, names, output_dir, staged, free):
+    """Predict ``paths`` in batches: the record of predictions.json, written with the overlays and the COCO
+    file under their ``staged`` names; ``free``: the earlier run's overlay names, which new overlays may take."""
+    img_size, resize_size = view.img_size, view.resize_size
+    device = next(model.parameters()).device
     predictions, skipped, used = [], [], set()
     blocks = [k + 1 for k, block in enumerate(model.blocks) if block.spatial_aware]
     for start in range(0, len(paths), args.batch_size):
@@ -173,8 +199,9 @@ def main(argv=None):
             box, overlay = map_overlay(image, maps[k], threshold, resize_size, img_size,
                                        f"{pred['class_name']} {pred['score']:.0%}")
             pred.update(box=box, image_size=list(image.size))
-            png = _unique_png(output_dir, path.stem, used)
-            pred["overlay"] = str(save_rgb(png, overlay))
+            png = _unique_png(output_dir, path.stem, used, free)
+            save_rgb(staged.path(png), overlay)
+            pred["overlay"] = str(png)
             if args.blocks:
                 panels, pred["block_boxes"] = [], {}
                 for block, loc_map in zip(blocks, outputs[2][k]):
@@ -183,8 +210,9 @@ def main(argv=None):
                     panels.append(panel)
                 fused = map_overlay(image, maps[k], threshold, resize_size, img_size,
                                     f"fused: {pred['class_name']} {pred['score']:.0%}")[1]
-                pred["blocks_overlay"] = str(save_rgb(_unique_png(output_dir, f"{png.stem}_blocks", used),
-                                                      np.concatenate(panels + [fused], axis=1)))
+                blocks_png = _unique_png(output_dir, f"{png.stem}_blocks", used, free)
+                save_rgb(staged.path(blocks_png), np.concatenate(panels + [fused], axis=1))
+                pred["blocks_overlay"] = str(blocks_png)
             predictions.append(pred)
             print(f"{path}: {pred['class_name']} ({pred['score']:.1%}) box {[round(v, 1) for v in pred['box']]}")
     if skipped:
@@ -193,16 +221,24 @@ def main(argv=None):
         raise DataError(f"none of the {len(paths)} images could be read")
     record = {"checkpoint": str(args.checkpoint), "threshold": threshold, "img_size": img_size,
               "resize_size": resize_size, "predictions": predictions, "skipped": skipped}
-    (output_dir / "predictions.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    print(f"{len(predictions)} predictions written to {output_dir / 'predictions.json'}")
+    staged.path(output_dir / "predictions.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     if args.coco:
-        coco = Path(args.coco)
-        coco.parent.mkdir(parents=True, exist_ok=True)
+        Path(args.coco).parent.mkdir(parents=True, exist_ok=True)
         entries = [{"file_name": p["image"], "size": p["image_size"], "class": p["class"], "score": p["score"],
                     "box": p["box"]} for p in predictions]
-        coco.write_text(json.dumps(coco_detections(entries, names)) + "\n", encoding="utf-8")
-        print(f"COCO-format boxes written to {coco}")
+        staged.path(args.coco).write_text(json.dumps(coco_detections(entries, names)) + "\n", encoding="utf-8")
     return record
+
+
+def _positive(text):
+    """An integer >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 if __name__ == "__main__":

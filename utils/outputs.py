@@ -1,16 +1,28 @@
 """An output folder that already holds a previous run's results: refused unless ``--overwrite``, and then
-only what the job itself writes is deleted, once the new run is ready to replace it. Nothing else in the
+only what the job itself writes is replaced, once the new run is complete (``Staged``). Nothing else in the
 folder is touched, so a folder shared with other files (or with another job's outputs) keeps them.
 """
+import os
 import shutil
 from pathlib import Path
 
 from .errors import ConfigError
 
+PARTIAL = ".partial"  # marks the outputs being written, until Staged.commit moves them in place
+
+
+def partial_name(name):
+    """Where output ``name`` is written until it is complete: ``metrics.json`` -> ``metrics.partial.json``
+    (the extension kept: image writers choose the format by it), ``overlays`` -> ``overlays.partial``."""
+    path = Path(name)
+    return str(path.with_name(f"{path.stem}{PARTIAL}{path.suffix}"))
+
 
 def previous_outputs(output_dir, names, overwrite, what="run"):
     """Those of ``names`` (paths relative to ``output_dir``) that the folder holds; a one-line ConfigError
-    when it holds any and ``overwrite`` is false."""
+    when it holds any and ``overwrite`` is false, or when ``output_dir`` is not a folder."""
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise ConfigError(f"--output-dir {output_dir}: not a folder")
     found = [name for name in names if (Path(output_dir) / name).exists()]
     if found and not overwrite:
         raise ConfigError(f"{output_dir} holds a previous {what} ({', '.join(found)}): --overwrite to replace it, "
@@ -26,3 +38,28 @@ def delete_outputs(output_dir, names):
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+class Staged:
+    """New outputs written beside their final paths (:func:`partial_name`) and moved in place together by
+    :meth:`commit`, so that a run that fails before it leaves the previous outputs as they were."""
+
+    def __init__(self):
+        self.paths = {}  # final path -> staged path
+
+    def path(self, final):
+        """Where to write the output whose final path is ``final`` (a file or a folder)."""
+        final = Path(final)
+        self.paths[final] = Path(partial_name(final))
+        return self.paths[final]
+
+    def commit(self, output_dir, stale=()):
+        """Delete ``stale`` (names in ``output_dir`` of the previous run), then move every staged output that
+        was written in place of its final path (a folder there is replaced whole)."""
+        delete_outputs(output_dir, stale)
+        for final, staged in self.paths.items():
+            if not staged.exists():
+                continue
+            if final.is_dir() and not final.is_symlink():
+                shutil.rmtree(final)
+            os.replace(staged, final)
