@@ -7,6 +7,7 @@ import pytest
 
 from DataLoader import make_demo_dataset
 from tools.benchmark import main as benchmark_main
+from utils.errors import run_cli
 from conftest import REPO_ROOT
 
 SMALL = ["--arch", "deit_sat_nano_patch16_224", "--img-size", "64", "--batch-size", "2", "--steps", "1",
@@ -39,11 +40,28 @@ def test_eval_benchmark_reports_box_cost():
     assert "box_ms_per_image" not in run("--mode", "eval", "--protocol", "wsol")  # a sat protocol cost
 
 
-def test_compare_naive_needs_a_model_mode(capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--mode", "loader", "--compare-naive"], "--compare-naive compares the model's naive fp32 baseline: --mode "
+     "train or eval, not loader"),
+    (["--steps", "0"], "--steps: expected an integer >= 1, got '0'"),
+    (["--batch-size", "x"], "--batch-size: expected an integer >= 1, got 'x'"),
+    (["--img-size", "50"], "--img-size: expected a multiple of the patch size 16, got 50"),
+    (["--thresholds", "2"], "--thresholds: expected a number in [0, 1], got '2'"),
+    (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    (["--arch", "foo"], "unknown arch 'foo'"),
+])
+def test_bad_flags_are_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run("--mode", "loader", "--compare-naive")
-    assert exit_info.value.code == 2 and "--compare-naive compares the model's naive fp32 baseline: --mode train " \
-        "or eval, not loader" in capsys.readouterr().err
+        run_cli(lambda argv: run(*argv), flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_short_batches_count_the_images_they_hold(tmp_path):
+    root = make_demo_dataset(tmp_path / "cub", num_classes=3, train_per_class=1, test_per_class=2, image_size=64)
+    result = benchmark_main([*SMALL, "--mode", "eval", "--data-root", str(root), "--workers", "0", "--batch-size",
+                             "8", "--steps", "2"])  # a test split of 6: every batch holds 6 images, not 8
+    assert result["images_per_second"] * result["ms_per_step"] / 1000 == pytest.approx(6, rel=0.01)
 
 
 @pytest.mark.parametrize("mode, pipeline", [("train", "device"), ("eval", "host")])

@@ -68,23 +68,26 @@ from DataLoader.eval_views import EvalViews, default_resize_size  # noqa: E402
 from DataLoader.transforms import TrainPixels, train_transform  # noqa: E402
 from Model import build_model  # noqa: E402
 from Model.losses import SATLoss  # noqa: E402
+from Model.sat import ATTENTION_IMPLS  # noqa: E402
 from utils.amp import LossScaler, autocast_context, describe  # noqa: E402
+from utils.config import FIELDS, OneLineParser  # noqa: E402
 from utils.engine import CompiledFullBatches, evaluate, forward_in_parts, train_one_epoch  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 from utils.metrics import TRAIN_THRESHOLDS, SATLocAccumulator  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--mode", choices=("train", "eval", "loader", "check"), default="train")
     p.add_argument("--arch", default="deit_sat_small_patch16_224")
     p.add_argument("--num-classes", type=int, default=200)
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=5, help="timed steps (batches), after --warmup untimed ones")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=positive, default=16)
+    p.add_argument("--steps", type=positive, default=5, help="timed steps (batches), after --warmup untimed ones")
+    p.add_argument("--warmup", type=non_negative, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--attn-impl", choices=("fused", "naive"), default="fused",
+    p.add_argument("--attn-impl", choices=ATTENTION_IMPLS, default="fused",
                    help="attention implementation, as the config key attn_impl")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast, as train.py --amp (default: fp32, as train.py)")
@@ -92,13 +95,14 @@ def parse_args(argv=None):
                    "(full batches; eval: full forwards)")
     p.add_argument("--protocol", choices=("sat", "wsol", "both"), default="sat", help="eval mode")
     p.add_argument("--tencrop", action="store_true", help="eval mode: ten-crop classification")
-    p.add_argument("--thresholds", type=float, nargs="+", default=list(TRAIN_THRESHOLDS), help="eval mode")
+    p.add_argument("--thresholds", type=FIELDS["threshold"].parse, nargs="+", default=list(TRAIN_THRESHOLDS),
+                   help="eval mode")
     p.add_argument("--box-processes", type=int, default=None, metavar="N",
                    help="eval mode: box extraction processes (default: as evaluator.py; 0: a thread pool)")
     p.add_argument("--compare-naive", action="store_true", help="also run the naive fp32 baseline")
     p.add_argument("--data-root", help="read this dataset's image files (train or test split) end to end")
     p.add_argument("--data-format", choices=FORMATS, default="cub", help="with --data-root")
-    p.add_argument("--workers", type=int, default=4, help="with --data-root: loader worker processes")
+    p.add_argument("--workers", type=non_negative, default=4, help="with --data-root: loader worker processes")
     p.add_argument("--resize-size", type=int, help="with --data-root (default 256/224 x --img-size)")
     p.add_argument("--pipeline", choices=("device", "host"), default="device",
                    help="with --data-root: crops and normalisation on the device (train.py, evaluators) or "
@@ -111,7 +115,7 @@ def parse_args(argv=None):
                         "worker; 1: whole batches, as a plain DataLoader)")
     p.add_argument("--time-pass", action="store_true",
                    help="with --data-root: also time a whole pass over the split (data only)")
-    p.add_argument("--images", type=int, default=4000,
+    p.add_argument("--images", type=positive, default=4000,
                    help="loader mode: items in a pass; check mode: items checked (the first of the split)")
     p.add_argument("--split", choices=SPLITS, default="test", help="check mode: the split checked")
     p.add_argument("--image-ms", type=float, default=3.7, help="loader mode: a worker's time per item")
@@ -123,7 +127,35 @@ def parse_args(argv=None):
         p.error(f"--compare-naive compares the model's naive fp32 baseline: --mode train or eval, not {args.mode}")
     if args.mode == "check" and not args.data_root:
         p.error("--mode check reads image files: it needs --data-root")
+    if args.img_size % 16:
+        p.error(f"--img-size: expected a multiple of the patch size 16, got {args.img_size}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible here")
     return args
+
+
+def positive(text):
+    """An integer >= 1 (argparse type)."""
+    return _integer(text, 1)
+
+
+def non_negative(text):
+    """An integer >= 0 (argparse type)."""
+    return _integer(text, 0)
+
+
+def _integer(text, least):
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+    return value
 
 
 def synthetic_train_batches(n, batch_size, img_size, num_classes, gen):
@@ -147,16 +179,19 @@ def synthetic_eval_batches(n, batch_size, img_size, num_classes, num_views, gen)
 
 
 class Take:
-    """The next ``n`` batches of an iterator, with a length (train_one_epoch and evaluate ask for it)."""
+    """The next ``n`` batches of an iterator, with a length (train_one_epoch and evaluate ask for it); counts
+    the images it yields."""
 
     def __init__(self, iterator, n):
-        self.iterator, self.n = iterator, n
+        self.iterator, self.n, self.images = iterator, n, 0
 
     def __len__(self):
         return self.n
 
     def __iter__(self):
-        return itertools.islice(self.iterator, self.n)
+        for batch in itertools.islice(self.iterator, self.n):
+            self.images += len(batch["label"])  # a split's last batch may be short
+            yield batch
 
 
 def endless(loader):
@@ -198,12 +233,12 @@ def time_data(args, batches, device):
     for _ in on_device(Take(batches, ahead), device):
         pass
     sync(device)
-    timed = max(args.steps, 2 * max(args.workers, 1))
+    timed = Take(batches, max(args.steps, 2 * max(args.workers, 1)))
     start = time.perf_counter()
-    for _ in on_device(Take(batches, timed), device):
+    for _ in on_device(timed, device):
         pass
     sync(device)
-    return timed * args.batch_size / (time.perf_counter() - start)
+    return timed.images / (time.perf_counter() - start)
 
 
 def peak_memory_mb(device):
@@ -218,15 +253,15 @@ def sync(device):
 
 
 def run_train(args, model, device, batches=None):
-    """Seconds of ``args.steps`` training steps (after ``args.warmup``) over ``batches`` (an iterator of
-    loader batches), or over synthetic in-memory batches."""
+    """(seconds, images) of ``args.steps`` training steps (after ``args.warmup``) over ``batches`` (an
+    iterator of loader batches), or over synthetic in-memory batches."""
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)
     scheduler = build_scheduler(optimizer, schedule="constant", lr=1e-4, min_lr=1e-6, epochs=1, warmup_epochs=0,
                                 steps_per_epoch=args.warmup + args.steps)
     if batches is None:
         gen = torch.Generator().manual_seed(0)
         timed = synthetic_train_batches(args.steps, args.batch_size, args.img_size, args.num_classes, gen)
-        warm = timed[:args.warmup]
+        warm, timed = timed[:args.warmup], Take(iter(timed), args.steps)
     else:
         warm, timed = Take(batches, args.warmup), Take(batches, args.steps)
     criterion, loss_scaler = SATLoss(area_thr=0.25), LossScaler(device, args.amp)
@@ -236,7 +271,7 @@ def run_train(args, model, device, batches=None):
     start = time.perf_counter()
     train_one_epoch(model, criterion, timed, optimizer, device, 0, loss_scaler, **kwargs)
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, timed.images
 
 
 def box_ms_per_image(thresholds, img_size=224, n=64, seed=0):
@@ -276,8 +311,8 @@ def run_forward(args, model, device):
 
 
 def run_eval(args, model, device, batches=None):
-    """Seconds of evaluating ``args.steps`` batches (after ``args.warmup``) from ``batches`` (an iterator
-    of loader batches), or synthetic in-memory batches."""
+    """(seconds, images) of evaluating ``args.steps`` batches (after ``args.warmup``) from ``batches`` (an
+    iterator of loader batches), or synthetic in-memory batches."""
     views = EvalViews(args.protocol, args.tencrop, args.img_size, args.resize_size)
     if batches is None:
         gen = torch.Generator().manual_seed(0)
@@ -287,10 +322,11 @@ def run_eval(args, model, device, batches=None):
                   box_processes=args.box_processes, compile=args.compile)
     evaluate(Take(batches, args.warmup), model, **kwargs)
     sync(device)
+    timed = Take(batches, args.steps)
     start = time.perf_counter()
-    evaluate(Take(batches, args.steps), model, **kwargs)
+    evaluate(timed, model, **kwargs)
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, timed.images
 
 
 class WaitingItems(Dataset):
@@ -378,17 +414,16 @@ def benchmark(args):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run = run_train if args.mode == "train" else run_eval
-    images = args.steps * args.batch_size
     if args.data_root:
         loader = file_loader(args)
         pass_rate = time_pass(loader, device) if args.time_pass else None
         batches = endless(loader)  # one iterator: the workers keep loading ahead
         data_rate = time_data(args, batches, device)
-        elapsed = run(args, model, device, batches)
-        step_elapsed = run(args, model, device)
-        step_rate = images / step_elapsed
+        elapsed, images = run(args, model, device, batches)
+        step_elapsed, step_images = run(args, model, device)
+        step_rate = step_images / step_elapsed
     else:
-        elapsed = run(args, model, device)
+        elapsed, images = run(args, model, device)
     result = {
         "mode": args.mode, "arch": args.arch, "batch_size": args.batch_size, "steps": args.steps,
         "img_size": args.img_size, "device": str(device), "attn_impl": args.attn_impl,
@@ -409,7 +444,7 @@ def benchmark(args):
         if pass_rate is not None:
             result.update(data_pass_images_per_second=round(pass_rate, 3))
     if args.mode == "eval":
-        forward_rate = images / run_forward(args, model, device)
+        forward_rate = args.steps * args.batch_size / run_forward(args, model, device)
         result.update(forward_images_per_second=round(forward_rate, 3),
                       eval_vs_forward=round((step_rate if args.data_root else result["images_per_second"])
                                             / forward_rate, 3))
@@ -438,4 +473,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
