@@ -163,6 +163,8 @@ def test_checkpoint_errors_are_one_line(cub, tmp_path, capsys, keep_logging):
     err = _one_error_line(capsys, ["--checkpoint", str(other_classes), *common])
     assert err == (f"error: checkpoint {other_classes} predicts 2 classes but the data has 3; classes outside the "
                    "model: 003.Striped_Triangle")
+    assert _one_error_line(capsys, ["--checkpoint", str(root), *common]) == \
+        f"error: checkpoint {root}: a folder, not a checkpoint file"
 
     proc = run_script("evaluator.py", "--checkpoint", tmp_path / "absent.pth", *common)  # the real script
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -224,3 +224,16 @@ def test_bad_maps_and_predictions_are_one_line(cub, tmp_path, capsys):
     assert predictions(good, "id,classes").startswith(f"error: predictions {table}: no column image_id")
     assert _one_error_line(capsys, ["--checkpoint", "x.pth", "--predictions", str(table), *common]) == \
         "error: --predictions goes with --maps (a checkpoint predicts its own classes)"
+    table.write_bytes(b"image_id,top5\n\xff\xfe,0 1 2\n")
+    assert error(tmp_path / "good", "--predictions", table) == f"error: predictions {table}: not UTF-8 text " \
+        "(expected a CSV with image_id and top5 columns)"
+    assert error(tmp_path / "good", "--predictions", tmp_path) == f"error: predictions {tmp_path}: a folder, not a file"
+    assert error(table) == f"error: maps {table}: a file (expected a folder of maps named <image_id>.npy)"
+    view_file = tmp_path / "good" / "views.json"
+    expected = 'expected {"img_size": N, "resize_size": M} with M >= N >= 16'
+    for text, message in (("{bad", "not a maps view file (JSONDecodeError: "),
+                          ('{"img_size": 64}', "not a maps view file (KeyError: 'resize_size'); " + expected),
+                          ('{"img_size": "a", "resize_size": 72}', '{"img_size": "a", "resize_size": 72}; ' + expected),
+                          ('{"img_size": 64, "resize_size": 32}', '{"img_size": 64, "resize_size": 32}; ' + expected)):
+        view_file.write_text(text)
+        assert error(tmp_path / "good").startswith(f"error: {view_file}: {message}")

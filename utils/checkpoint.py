@@ -84,7 +84,8 @@ def read_checkpoint(path) -> Dict[str, Any]:
     'model') or a bare state dict."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: file not found")
+        raise CheckpointError(f"checkpoint {path}: " + ("a folder, not a checkpoint file" if path.is_dir() else
+                                                         "file not found"))
     try:
         with warnings.catch_warnings():  # torch's note on a pickle protocol it does not expect: the error says it
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -35,7 +35,8 @@ def map_folders(root, protocol):
     writes them, or the folder itself holding whole-image maps for both."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"maps {root}: not found (expected a folder of maps named <image_id>.npy)")
+        raise DataError(f"maps {root}: {'a file' if root.exists() else 'not found'} (expected a folder of maps "
+                        "named <image_id>.npy)")
     keys = {"sat": ("sat",), "wsol": ("wsol",), "both": ("sat", "wsol")}[protocol]
     if not (root / "sat").is_dir() and not (root / "wsol").is_dir():
         return {key: (root, True) for key in keys}
@@ -55,11 +56,26 @@ def saved_view(root, resize_size=None):
         if resize_size is not None and resize_size < WSOL_MAP_SIZE:
             raise ConfigError(f"--resize-size {resize_size}: the centre view crops 224 pixels, resize to at least 224")
         return WSOL_MAP_SIZE, resize_size or 256
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved = read_view_file(path)
     if resize_size is not None and resize_size != saved["resize_size"]:
         raise ConfigError(f"--resize-size {resize_size}: the maps in {root} are of the centre crop of a "
                           f"{saved['resize_size']}x{saved['resize_size']} image ({path})")
     return saved["img_size"], saved["resize_size"]
+
+
+def read_view_file(path):
+    """{'img_size', 'resize_size'} of a ``views.json``: integers, resize_size at least img_size (one-line
+    DataError naming the file otherwise)."""
+    expected = 'expected {"img_size": N, "resize_size": M} with M >= N >= 16'
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        sizes = {key: saved[key] for key in ("img_size", "resize_size")}
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: not a maps view file ({err.__class__.__name__}: {err}); {expected}") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes.values()) or \
+            not 16 <= sizes["img_size"] <= sizes["resize_size"]:
+        raise DataError(f"{path}: {json.dumps(sizes)}; {expected}")
+    return sizes
 
 
 def write_saved_view(root, img_size, resize_size):
@@ -125,7 +141,15 @@ def read_predictions(path, image_ids, num_classes):
     per_image.csv is one), one row per image of the split. One-line DataError naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"predictions {path}: file not found")
+        raise DataError(f"predictions {path}: {'a folder, not a file' if path.is_dir() else 'file not found'}")
+    try:
+        return _read_predictions(path, image_ids, num_classes)
+    except UnicodeDecodeError:
+        raise DataError(f"predictions {path}: not UTF-8 text (expected a CSV with image_id and top5 columns)") \
+            from None
+
+
+def _read_predictions(path, image_ids, num_classes):
     want = min(5, num_classes)
     predictions, lines, known = {}, {}, set(image_ids)
     with open(path, newline="", encoding="utf-8-sig") as f:
