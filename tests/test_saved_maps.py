@@ -15,6 +15,7 @@ from DataLoader import build_dataset
 from evaluator import main
 from tools.compare import main as compare
 from tools.make_baseline_maps import main as make_baseline_maps
+from utils.errors import run_cli
 from utils.saved_maps import centre_view_map
 
 from test_evaluation import save_nano_checkpoint, tiny_demo
@@ -134,6 +135,22 @@ def test_imagenet_layout_and_wsol_overlays(tmp_path):
     assert record["data_format"] == "imagenet" and record["num_images"] == 6 and 0 <= record["maxboxacc"] <= 100
     overlays = sorted((tmp_path / "out" / "overlays" / "val").iterdir())
     assert len(overlays) == 6 and Image.open(overlays[0]).size == (224, 224)  # drawn at MaxBoxAcc's threshold
+
+
+def test_baseline_maps_need_a_new_folder_and_sane_values(cub, tmp_path, capsys):
+    root, _ = cub
+    (tmp_path / "used" / "sat").mkdir(parents=True)  # e.g. a --save-maps folder: its sat/ maps would be scored
+    for flags, message in (([tmp_path / "used"], f"{tmp_path / 'used'}: not empty; expected a new or empty folder "
+                                                 "(maps already there would be scored with these)"),
+                           ([tmp_path / "m", "--sigma", "0"], "--sigma: expected a number >= 0.001, got '0'"),
+                           ([tmp_path / "m", "--size", "0"], "--size: expected an integer >= 1, got '0'"),
+                           ([tmp_path / "m", "--img-size", "64", "--resize-size", "32"], "--resize-size 32: the "
+                            "centre view crops --img-size 64 pixels of it, resize to at least that"),
+                           ([tmp_path / "m", "--sig", "0.3"], "unrecognized arguments: --sig 0.3")):
+        with pytest.raises(SystemExit):
+            run_cli(make_baseline_maps, [*map(str, flags), "--data-root", str(root)])
+        assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert not (tmp_path / "m").exists()
 
 
 def test_evaluate_your_own_method_example(cub, tmp_path, capsys):

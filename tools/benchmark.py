@@ -70,7 +70,7 @@ from Model import build_model  # noqa: E402
 from Model.losses import SATLoss  # noqa: E402
 from Model.sat import ATTENTION_IMPLS  # noqa: E402
 from utils.amp import LossScaler, autocast_context, describe  # noqa: E402
-from utils.config import FIELDS, OneLineParser  # noqa: E402
+from utils.config import FIELDS, OneLineParser, at_least  # noqa: E402
 from utils.engine import CompiledFullBatches, evaluate, forward_in_parts, train_one_epoch  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.metrics import TRAIN_THRESHOLDS, SATLocAccumulator  # noqa: E402
@@ -83,9 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--arch", default="deit_sat_small_patch16_224")
     p.add_argument("--num-classes", type=int, default=200)
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch-size", type=positive, default=16)
-    p.add_argument("--steps", type=positive, default=5, help="timed steps (batches), after --warmup untimed ones")
-    p.add_argument("--warmup", type=non_negative, default=2)
+    p.add_argument("--batch-size", type=at_least(1), default=16)
+    p.add_argument("--steps", type=at_least(1), default=5, help="timed steps (batches), after --warmup untimed ones")
+    p.add_argument("--warmup", type=at_least(0), default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--attn-impl", choices=ATTENTION_IMPLS, default="fused",
                    help="attention implementation, as the config key attn_impl")
@@ -102,7 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--compare-naive", action="store_true", help="also run the naive fp32 baseline")
     p.add_argument("--data-root", help="read this dataset's image files (train or test split) end to end")
     p.add_argument("--data-format", choices=FORMATS, default="cub", help="with --data-root")
-    p.add_argument("--workers", type=non_negative, default=4, help="with --data-root: loader worker processes")
+    p.add_argument("--workers", type=at_least(0), default=4, help="with --data-root: loader worker processes")
     p.add_argument("--resize-size", type=int, help="with --data-root (default 256/224 x --img-size)")
     p.add_argument("--pipeline", choices=("device", "host"), default="device",
                    help="with --data-root: crops and normalisation on the device (train.py, evaluators) or "
@@ -115,7 +115,7 @@ def parse_args(argv=None):
                         "worker; 1: whole batches, as a plain DataLoader)")
     p.add_argument("--time-pass", action="store_true",
                    help="with --data-root: also time a whole pass over the split (data only)")
-    p.add_argument("--images", type=positive, default=4000,
+    p.add_argument("--images", type=at_least(1), default=4000,
                    help="loader mode: items in a pass; check mode: items checked (the first of the split)")
     p.add_argument("--split", choices=SPLITS, default="test", help="check mode: the split checked")
     p.add_argument("--image-ms", type=float, default=3.7, help="loader mode: a worker's time per item")
@@ -136,26 +136,6 @@ def parse_args(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible here")
     return args
-
-
-def positive(text):
-    """An integer >= 1 (argparse type)."""
-    return _integer(text, 1)
-
-
-def non_negative(text):
-    """An integer >= 0 (argparse type)."""
-    return _integer(text, 0)
-
-
-def _integer(text, least):
-    try:
-        value = int(text)
-    except ValueError:
-        value = least - 1
-    if value < least:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
-    return value
 
 
 def synthetic_train_batches(n, batch_size, img_size, num_classes, gen):

@@ -10,12 +10,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from DataLoader import FORMATS, SPLITS, build_dataset  # noqa: E402
 from DataLoader.check import METHODS, check_split  # noqa: E402
 from DataLoader.eval_loader import check_every_image_annotated, split_annotations  # noqa: E402
-from utils.config import OneLineParser  # noqa: E402
+from utils.config import OneLineParser, at_least  # noqa: E402
 from utils.errors import DataError, run_cli  # noqa: E402
 
 
 def main(argv=None):
-    parser = OneLineParser(description=__doc__)
+    parser = OneLineParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--data-format", required=True, choices=FORMATS)
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--split", nargs="+", choices=SPLITS, default=["train", "test"])
@@ -25,7 +25,7 @@ def main(argv=None):
     parser.add_argument("--images-per-class", type=int, help="check the seeded few-shot subset only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strict-data", action="store_true", help="bad train images are errors")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes reading the images")
+    parser.add_argument("--workers", type=at_least(0), default=os.cpu_count(), help="processes reading the images")
     parser.add_argument("--decode", action="store_true",
                         help="decode every image in full (default: header and end marker; a file without its "
                              "end marker is decoded)")

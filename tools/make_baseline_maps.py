@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader import FORMATS, build_dataset  # noqa: E402
 from DataLoader.eval_loader import resolve_data  # noqa: E402
-from utils.config import OneLineParser  # noqa: E402
+from utils.config import OneLineParser, at_least  # noqa: E402
 from utils.errors import ConfigError, run_cli  # noqa: E402
 from utils.saved_maps import write_saved_view  # noqa: E402
 
@@ -30,20 +30,29 @@ def centred_gaussian(size, sigma):
 
 
 def main(argv=None):
-    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output", help="folder of the maps")
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           allow_abbrev=False)
+    parser.add_argument("output", help="folder of the maps: a new or empty one")
     parser.add_argument("--data-root", help="dataset folder (default: the built-in demo data)")
     parser.add_argument("--data-format", default="cub", choices=FORMATS)
     parser.add_argument("--metadata-root", help="wsolevaluation metadata folder (holds <split>/ folders)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--size", type=int, default=224, help="map side in pixels (default %(default)s)")
-    parser.add_argument("--sigma", type=float, default=0.25, help="Gaussian width, in units of the image side "
-                                                                  "(default %(default)s)")
-    parser.add_argument("--img-size", type=int, help="with --resize-size: the centre view's crop size")
-    parser.add_argument("--resize-size", type=int, help="with --img-size: the size the image is resized to first")
+    parser.add_argument("--size", type=at_least(1), default=224, help="map side in pixels (default %(default)s)")
+    parser.add_argument("--sigma", type=at_least(1e-3, float), default=0.25,
+                        help="Gaussian width, in units of the image side (default %(default)s)")
+    parser.add_argument("--img-size", type=at_least(16), help="with --resize-size: the centre view's crop size")
+    parser.add_argument("--resize-size", type=at_least(16),
+                        help="with --img-size: the size the image is resized to first")
     args = parser.parse_args(argv)
     if (args.img_size is None) != (args.resize_size is None):
         raise ConfigError("--img-size and --resize-size go together (the centre img_size crop of a resize_size image)")
+    if args.img_size is not None and args.resize_size < args.img_size:
+        raise ConfigError(f"--resize-size {args.resize_size}: the centre view crops --img-size {args.img_size} "
+                          "pixels of it, resize to at least that")
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConfigError(f"{output}: {'not a folder' if not output.is_dir() else 'not empty'}; expected a new or "
+                          "empty folder (maps already there would be scored with these)")
     fmt, root = resolve_data(args.data_format, args.data_root)
     dataset = build_dataset(fmt, root, args.split, lambda image: image, metadata_root=args.metadata_root)
     loc_map = centred_gaussian(args.size, args.sigma)

@@ -10,7 +10,7 @@ from utils.errors import run_cli  # noqa: E402
 
 
 def main(argv=None):
-    parser = OneLineParser(description=__doc__)
+    parser = OneLineParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--output-dir", default=str(DEFAULT_DEMO_ROOT), help="dataset folder (default %(default)s)")
     parser.add_argument("--num-classes", type=int, default=5)
     parser.add_argument("--train-per-class", type=int, default=50)

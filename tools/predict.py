@@ -28,7 +28,7 @@ from DataLoader.eval_views import EvalViews  # noqa: E402
 from DataLoader.formats.folder import is_image_file  # noqa: E402
 from utils.boxes import centre_offset, coco_detections, crop_box_to_original, sat_boxes, sat_map  # noqa: E402
 from Model import build_model_from_checkpoint  # noqa: E402
-from utils.config import FIELDS, OneLineParser  # noqa: E402
+from utils.config import FIELDS, OneLineParser, at_least  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli  # noqa: E402
 from utils.outputs import Staged, previous_outputs  # noqa: E402
@@ -122,14 +122,14 @@ def main(argv=None):
     parser.add_argument("--num-classes", type=int, help="classes, for files that do not record them")
     parser.add_argument("--threshold", type=FIELDS["threshold"].parse,
                         help="localization threshold (default: the checkpoint's best_thr, else 0.4)")
-    parser.add_argument("--resize-size", type=_positive,
+    parser.add_argument("--resize-size", type=at_least(1),
                         help="resize before the centre crop (default: the checkpoint's training setting, "
                              "else 256/224 x the input size)")
     parser.add_argument("--output-dir", default="output/predict", help="default: output/predict")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the predictions --output-dir holds (predictions.json and its overlays); "
                              "without it such a folder is refused")
-    parser.add_argument("--batch-size", type=_positive, default=16)
+    parser.add_argument("--batch-size", type=at_least(1), default=16)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--coco", metavar="FILE", help="also write the boxes as a COCO-format detection file")
     parser.add_argument("--blocks", action="store_true",
@@ -228,17 +228,6 @@ def predict(args, model, paths, view, threshold, names, output_dir, staged, free
                     "box": p["box"]} for p in predictions]
         staged.path(args.coco).write_text(json.dumps(coco_detections(entries, names)) + "\n", encoding="utf-8")
     return record
-
-
-def _positive(text):
-    """An integer >= 1 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 if __name__ == "__main__":

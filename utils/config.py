@@ -426,6 +426,20 @@ class OneLineParser(argparse.ArgumentParser):
         raise ConfigError(re.sub(r"^argument (--[\w-]+)(/--no-[\w-]+)?: ", r"\1: ", message))
 
 
+def at_least(least, kind=int):
+    """An argparse type for the tools' flags: a number of ``kind`` (int or float) >= ``least``."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= least:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} >= {least}, "
+                                             f"got {text!r}")
+        return value
+    return parse
+
+
 def build_parser(script, defaults=None):
     """The flags of ``script``; ``defaults`` (shown in --help): :func:`script_defaults`."""
     spec, evaluator = SCRIPTS[script], script in EVALUATORS
