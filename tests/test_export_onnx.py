@@ -1,5 +1,7 @@
 """tools/export_onnx.py: the exported file gives the official model's logits and maps under onnxruntime."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from Model import build_model_from_checkpoint
 from tools.export_onnx import main
 from utils.checkpoint import model_spec, save_checkpoint
+from utils.errors import run_cli
 
 from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS
 
@@ -27,6 +30,10 @@ def test_export_of_official_weights_gives_official_outputs(tmp_path, capsys, off
     assert record["outputs"] == {"logits": ["batch", 10], "maps": ["batch", 14, 14]}
     assert max(record["onnxruntime_max_abs_diff"].values()) < 1e-5  # the tool's own check
     assert [p.name for p in output.parent.iterdir()] == ["sat.onnx"]  # one file, no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(output.stat().st_mode) == 0o666 & ~umask  # as any file written with open()
+    assert record["opset"] >= 18
 
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
@@ -37,3 +44,12 @@ def test_export_of_official_weights_gives_official_outputs(tmp_path, capsys, off
     torch.testing.assert_close(torch.from_numpy(maps), official_outputs["maps_test"], atol=1e-5, rtol=0)
     _, maps = session.run(None, {"images": images[1:].numpy()})  # another batch size
     torch.testing.assert_close(torch.from_numpy(maps), official_outputs["maps_test"][1:], atol=1e-5, rtol=0)
+
+
+def test_bad_output_and_values_are_one_line(tmp_path, capsys):
+    for flags, message in ((["--output", str(tmp_path)], f"--output {tmp_path}: a folder; expected the path of the "
+                                                         ".onnx file to write"),
+                           (["--output", "x.onnx", "--atol", "-1"], "--atol: expected a number >= 0, got '-1'")):
+        with pytest.raises(SystemExit):
+            run_cli(main, ["--checkpoint", str(OFFICIAL_CKPT), *flags])
+        assert capsys.readouterr().err == f"error: {message}\n"

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from Model import build_model_from_checkpoint  # noqa: E402
-from utils.config import OneLineParser  # noqa: E402
+from utils.config import OneLineParser, at_least  # noqa: E402
 from utils.errors import ConfigError, SATError, run_cli  # noqa: E402
 
 INPUT_NAMES = ["images"]
@@ -45,6 +45,13 @@ def export_onnx(model, path, opset_version=None):
     except ImportError as err:  # onnx / onnxscript missing
         raise ConfigError(f"exporting to ONNX needs the onnx and onnxscript packages ({err}): "
                           "pip install -r requirements-dev.txt") from None
+
+
+def written_opset(path):
+    """The default-domain opset version of the ONNX file ``path``."""
+    import onnx  # the exporter needs it: installed
+    model = onnx.load(str(path), load_external_data=False)
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def onnxruntime_max_abs_diff(model, path, batch_size=3):
@@ -70,17 +77,27 @@ def main(argv=None):
     parser.add_argument("--arch", help="architecture (default: recorded in the file, or read off its weights' shapes)")
     parser.add_argument("--num-classes", type=int, help="classes (default: read off the head's shape)")
     parser.add_argument("--output", required=True, help="the .onnx file to write")
-    parser.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
-    parser.add_argument("--atol", type=float, default=1e-4, help="largest accepted |ONNX - PyTorch| (default 1e-4)")
+    parser.add_argument("--opset", type=at_least(1), help="ONNX opset version (default: the exporter's)")
+    parser.add_argument("--atol", type=at_least(0, float), default=1e-4,
+                        help="largest accepted |ONNX - PyTorch| (default 1e-4)")
     args = parser.parse_args(argv)
 
-    model, _ = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     output = Path(args.output)
+    if output.is_dir():
+        raise ConfigError(f"--output {output}: a folder; expected the path of the .onnx file to write")
+    model, _ = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp's file is private)
     try:
         export_onnx(model, tmp, args.opset)
+        opset = written_opset(tmp)
+        if args.opset is not None and opset != args.opset:
+            raise SATError(f"{args.output}: the exporter wrote opset {opset}, not the --opset {args.opset} asked "
+                           "for; not written")
         diff = onnxruntime_max_abs_diff(model, tmp)
         if diff is not None and max(diff.values()) > args.atol:
             raise SATError(f"{args.output}: onnxruntime differs from PyTorch by {diff} (> --atol {args.atol}); "
@@ -90,7 +107,7 @@ def main(argv=None):
         if os.path.exists(tmp):
             os.unlink(tmp)
     height, width = model.patch_embed.img_size
-    record = {"output": str(output), "checkpoint": str(args.checkpoint),
+    record = {"output": str(output), "checkpoint": str(args.checkpoint), "opset": opset,
               "inputs": {"images": ["batch", 3, height, width]},
               "outputs": {"logits": ["batch", model.num_classes], "maps": ["batch", *model.grid_size]},
               "onnxruntime_max_abs_diff": diff if diff is not None else "onnxruntime not installed: not checked"}
