@@ -9,7 +9,7 @@ import yaml
 from DataLoader import make_demo_dataset
 from Model import build_model
 from utils.config import load_yaml
-from utils.errors import ConfigError
+from utils.errors import ConfigError, DataError
 from utils.optim import set_trainable
 from train import main as train_main
 
@@ -100,5 +100,12 @@ def test_collect_names_a_results_file_without_parameter_count(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.yaml").write_text("trainable: all\n")
     (tmp_path / "old" / "results.json").write_text('{"gt_known_loc": 70.0}')
-    with pytest.raises(SystemExit, match="old/results.json: no trainable_params"):
+    with pytest.raises(DataError, match="old/results.json: no trainable_params"):
         figure1.main(["collect", str(tmp_path), "--output", str(tmp_path / "f.png")])
+    (tmp_path / "old" / "results.json").write_text("{not json")
+    with pytest.raises(DataError, match="old/results.json: not valid JSON"):
+        figure1.main(["collect", str(tmp_path), "--output", str(tmp_path / "f.png")])
+    with pytest.raises(ConfigError, match="expected a .png"):
+        figure1.main(["collect", str(tmp_path), "--output", str(tmp_path / "f.xyz")])
+    with pytest.raises(DataError, match="nothere: not found"):
+        figure1.main(["collect", str(tmp_path / "nothere")])

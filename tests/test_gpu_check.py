@@ -230,3 +230,24 @@ def test_learnable_data_refuses_more_classes_than_it_can_draw(tmp_path, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "error: --learnable draws at most 216 distinct classes, got --num-classes 217\n"
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-classes", "0"], "--num-classes: expected an integer >= 1, got '0'"),
+    (["--min-size", "100", "--max-size", "50"], "--max-size 50 is below --min-size 100"),
+    (["--processes", "-1"], "--processes: expected an integer >= 1, got '-1'"),
+    (["--train", "-2"], "--train: expected an integer >= 1, got '-2'"),
+])
+def test_benchmark_data_values_are_checked(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        run_cli(make_data_main, ["--output-dir", str(tmp_path / "d"), *flags])
+    assert capsys.readouterr().err == f"error: {message}\n" and not (tmp_path / "d").exists()
+
+
+def test_benchmark_data_goes_into_a_new_folder(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "old.jpg").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        run_cli(make_data_main, ["--output-dir", str(tmp_path / "d"), "--train", "1", "--test", "1"])
+    assert capsys.readouterr().err == f"error: --output-dir {tmp_path / 'd'}: not empty; expected a new or empty " \
+        "folder (images of another set would stay in it)\n"

@@ -22,9 +22,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from utils.config import OneLineParser, read_yaml_mapping  # noqa: E402
+from utils.errors import ConfigError, DataError, run_cli  # noqa: E402
 SHOTS = (1, 3, 5, 10)
 LAST_BLOCKS = (0, 3, 6, 9)
 # The paper's Figure 1 (ImageNet, DeiT-S): GT-known Loc per training images per class (None: all), and
@@ -53,12 +56,15 @@ def collect(runs_dir):
     for results_path in sorted(Path(runs_dir).rglob("results.json")):
         config_path = results_path.parent / "config.yaml"
         if not config_path.is_file():
-            raise SystemExit(f"error: {config_path}: missing (every run folder has the config.yaml of its run)")
-        results = json.loads(results_path.read_text(encoding="utf-8"))
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+            raise DataError(f"{config_path}: missing (every run folder has the config.yaml of its run)")
+        try:
+            results = json.loads(results_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DataError(f"{results_path}: not valid JSON ({err})") from None
+        config = read_yaml_mapping(config_path)
         missing = [key for key in ("gt_known_loc", "trainable_params") if key not in results]
         if missing:
-            raise SystemExit(f"error: {results_path}: no {', '.join(missing)} (a results.json of train.py expected)")
+            raise DataError(f"{results_path}: no {', '.join(missing)} (a results.json of train.py expected)")
         rows.append({"run": str(results_path.parent.relative_to(runs_dir)),
                      "images_per_class": config.get("images_per_class"), "trainable": config.get("trainable", "all"),
                      "trainable_params": int(results["trainable_params"]),
@@ -135,7 +141,7 @@ def draw(shots, params, path):
            [(x, f"{x:g}") for x in np.arange(0, xmax + 1e-9, 5.0)], params, sorted(PAPER_PARAMS.items()), y_range)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), img):
-        raise SystemExit(f"error: {path}: could not write the PNG")
+        raise DataError(f"{path}: could not write the PNG")
 
 
 # ---------------------------------------------------------------------------------------------- cli
@@ -148,8 +154,8 @@ def table(shots, params):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                           allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="print (or run with --execute) the sweep's training commands")
     run.add_argument("--data-root", required=True, help="ILSVRC2012 folder")
@@ -169,12 +175,18 @@ def main(argv=None):
             if args.execute and not (folder / "results.json").is_file():
                 status = subprocess.run(command, cwd=REPO_ROOT).returncode
                 if status:
-                    raise SystemExit(f"error: the run into {folder} failed with status {status}")
+                    raise DataError(f"the run into {folder} failed with status {status}")
         return None
     runs_dir = Path(args.runs_dir)
+    if Path(args.output).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise ConfigError(f"--output {args.output}: expected a .png (or .jpg) file")
+    if Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output}: a folder; expected the path of a PNG file")
+    if not runs_dir.is_dir():
+        raise DataError(f"{runs_dir}: not found (expected the --runs-dir of the sweep)")
     rows = collect(runs_dir)
     if not rows:
-        raise SystemExit(f"error: {runs_dir}: no results.json found below it")
+        raise DataError(f"{runs_dir}: no results.json found below it")
     shots, params = curves(rows)
     (runs_dir / "figure1.json").write_text(json.dumps({"runs": rows, "shots": shots, "params_m": params},
                                                       indent=1) + "\n", encoding="utf-8")
@@ -185,4 +197,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    run_cli(main)

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader.demo import CLASS_TEMPLATES, PATTERNS, SHAPES, render_image  # noqa: E402
+from utils.config import OneLineParser, at_least  # noqa: E402
 from utils.errors import ConfigError, run_cli  # noqa: E402
 
 
@@ -97,18 +98,25 @@ def make_benchmark_data(root, train, test, num_classes=200, min_size=300, max_si
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--train", type=int, default=2000, help="training images")
-    parser.add_argument("--test", type=int, default=2000, help="test images")
-    parser.add_argument("--num-classes", type=int, default=200)
-    parser.add_argument("--min-size", type=int, default=300)
-    parser.add_argument("--max-size", type=int, default=500)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           allow_abbrev=False)
+    parser.add_argument("--output-dir", required=True, help="a new or empty folder")
+    parser.add_argument("--train", type=at_least(1), default=2000, help="training images")
+    parser.add_argument("--test", type=at_least(1), default=2000, help="test images")
+    parser.add_argument("--num-classes", type=at_least(1), default=200)
+    parser.add_argument("--min-size", type=at_least(32), default=300, help="smallest image side in pixels")
+    parser.add_argument("--max-size", type=at_least(32), default=500, help="largest image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--processes", type=int, default=None, help="default: one per core")
+    parser.add_argument("--processes", type=at_least(1), default=None, help="default: one per core")
     parser.add_argument("--learnable", action="store_true",
                         help=f"each class its own object (at most {LEARNABLE_CLASSES} classes), exact boxes")
     args = parser.parse_args(argv)
+    if args.max_size < args.min_size:
+        raise ConfigError(f"--max-size {args.max_size} is below --min-size {args.min_size}")
+    output = Path(args.output_dir)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConfigError(f"--output-dir {output}: {'not a folder' if not output.is_dir() else 'not empty'}; "
+                          "expected a new or empty folder (images of another set would stay in it)")
     root = make_benchmark_data(args.output_dir, args.train, args.test, args.num_classes, args.min_size, args.max_size,
                                args.seed, args.processes, args.learnable)
     print(f"{args.train} train + {args.test} test images at {root}")

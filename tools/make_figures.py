@@ -5,11 +5,16 @@
 writes img/architecture.png and, when the demo run's overlays exist (``python train.py --config
 config/demo.yaml``), img/demo_overlays.png with the first images of each class.
 """
-import argparse
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.config import OneLineParser, at_least  # noqa: E402
+from utils.errors import ConfigError, DataError, run_cli  # noqa: E402
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 INK = (40, 40, 40)
@@ -88,26 +93,31 @@ def overlay_grid(image_dir: Path, per_class: int = 4, tile: int = 160) -> np.nda
         tiles += [np.full((tile, tile, 3), 255, np.uint8)] * (per_class - len(tiles))
         rows.append(np.concatenate(tiles, axis=1))
     if not rows:
-        raise FileNotFoundError(f"no overlays under {image_dir}")
+        raise DataError(f"{image_dir}: no overlays (class folders of PNGs) in it")
     return np.concatenate(rows, axis=0)
 
 
 def main(argv=None):
     repo = Path(__file__).resolve().parents[1]
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_run = repo / "output" / "demo"
+    parser = OneLineParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--output-dir", default=str(repo / "img"))
-    parser.add_argument("--demo-run", default=str(repo / "output" / "demo"), help="output folder of a demo run")
-    parser.add_argument("--per-class", type=int, default=4)
+    parser.add_argument("--demo-run", help=f"output folder of a demo run (default: {default_run}, when it exists)")
+    parser.add_argument("--per-class", type=at_least(1), default=4)
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out}: not a folder")
+    images = Path(args.demo_run or default_run) / "overlays"
+    if args.demo_run and not images.is_dir():
+        raise DataError(f"--demo-run {args.demo_run}: no overlays/ folder (expected the output folder of a demo run)")
     out.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out / "architecture.png"), draw())
     print(out / "architecture.png")
-    images = Path(args.demo_run) / "overlays"
     if images.is_dir():
         cv2.imwrite(str(out / "demo_overlays.png"), overlay_grid(images, args.per_class))
         print(out / "demo_overlays.png")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
