@@ -216,7 +216,7 @@ def test_bad_maps_and_predictions_are_one_line(cub, tmp_path, capsys):
     assert main(["--maps", str(tmp_path / "constant"), "--allow-constant-maps", *common])["num_images"] == 12
     capsys.readouterr()
     path = _bad(tmp_path, "rgb", np.ones((8, 8, 3), np.float32))
-    assert error(tmp_path / "rgb") == f"error: map {path}: shape (8, 8, 3), expected a 2-D map (height, width)"
+    assert error(tmp_path / "rgb") == f"error: map {path}: shape (8, 8, 3), expected a non-empty 2-D map (height, width)"
     (tmp_path / "sat_only" / "sat").mkdir(parents=True)  # saved with --eval-protocol sat
     assert error(tmp_path / "sat_only", "--eval-protocol", "both") == (
         f"error: maps {tmp_path / 'sat_only'}: no wsol/ folder, which the wsol protocol reads (saved with another "

@@ -2,7 +2,7 @@
 
 Prints one table of every metric of every run ('-' where a run lacks it) and writes to ``--output-dir``:
 ``compare.json`` (the table, per-class GT-known Loc, per-image counts), ``compare.png`` (GT-known Loc per
-map threshold, wsol box accuracy per CAM threshold, the PxAP curve, GT-known Loc per class, as far as the
+map threshold, wsol box accuracy per map threshold, the PxAP curve, GT-known Loc per class, as far as the
 runs hold them) and, for the first run against each other one, ``per_image_<A>_vs_<B>.csv``: the images
 both evaluated on which they differ in GT-known or Top-1 Loc. Runs that evaluated different images are
 compared per image on the images they share. An --output-dir holding a comparison is refused unless
@@ -184,7 +184,7 @@ def figure_panels(runs, per_class):
     boxes = {name: (run.curves["box_accuracy"]["cam_thresholds"], run.curves["box_accuracy"]["boxacc"])
              for name, run in runs.items() if "box_accuracy" in run.curves}
     if boxes:
-        curves.append(line_panel("wsol: box accuracy (%, largest box, IoU 50) vs CAM threshold", boxes, (0, 1),
+        curves.append(line_panel("wsol: box accuracy (%, largest box, IoU 50) vs map threshold", boxes, (0, 1),
                                  (0, 100)))
     pr = {}
     for name, run in runs.items():

@@ -103,7 +103,7 @@ def read_map(folder, image_id, allow_constant=False):
     except (OSError, ValueError) as err:
         raise DataError(f"map {path}: unreadable ({err.__class__.__name__}: {err})") from None
     if loc_map.ndim != 2 or 0 in loc_map.shape:
-        raise DataError(f"map {path}: shape {loc_map.shape}, expected a 2-D map (height, width)")
+        raise DataError(f"map {path}: shape {loc_map.shape}, expected a non-empty 2-D map (height, width)")
     if loc_map.dtype.kind not in "fiub":
         raise DataError(f"map {path}: dtype {loc_map.dtype}, expected numbers")
     if loc_map.dtype.kind != "f":
