@@ -57,6 +57,8 @@ def main(argv=None, imagenet=False):
         except BaseException:
             if info.is_main:  # what this evaluation had begun to write; the earlier one stays whole
                 delete_outputs(output_dir, PARTIALS)
+                if args.save_boxes:
+                    Path(partial_name(args.save_boxes)).unlink(missing_ok=True)
             raise
     except Exception as err:
         log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)
@@ -201,6 +203,10 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
     protocol = resolve_protocol(args.eval_protocol, dataset)
     if protocol == "cls":
         raise ConfigError(f"--maps: the {split} split of {root} has neither boxes nor masks: no localization to score")
+    unused = [flag for flag, on in (("--amp", args.amp), ("--compile", args.compile),
+                                    ("--gpu-decode", args.gpu_decode)) if on]
+    if unused:
+        _logger.warning("--maps: %s not used (saved maps need no forward and no decoding)", ", ".join(unused))
     if args.overlay_blocks:
         raise ConfigError("--overlay-blocks with --maps: saved maps hold the fused map only (tools/predict.py "
                           "--blocks draws a checkpoint's block maps)")

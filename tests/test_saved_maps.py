@@ -4,6 +4,7 @@ wsolevaluation's own numbers (tests/fixtures/wsolevaluation); whole-image maps g
 view; bad maps and predictions are one error line."""
 import csv
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -216,7 +217,8 @@ def test_bad_maps_and_predictions_are_one_line(cub, tmp_path, capsys):
     assert main(["--maps", str(tmp_path / "constant"), "--allow-constant-maps", *common])["num_images"] == 12
     capsys.readouterr()
     path = _bad(tmp_path, "rgb", np.ones((8, 8, 3), np.float32))
-    assert error(tmp_path / "rgb") == f"error: map {path}: shape (8, 8, 3), expected a non-empty 2-D map (height, width)"
+    assert error(tmp_path / "rgb") == \
+        f"error: map {path}: shape (8, 8, 3), expected a non-empty 2-D map (height, width)"
     (tmp_path / "sat_only" / "sat").mkdir(parents=True)  # saved with --eval-protocol sat
     assert error(tmp_path / "sat_only", "--eval-protocol", "both") == (
         f"error: maps {tmp_path / 'sat_only'}: no wsol/ folder, which the wsol protocol reads (saved with another "
@@ -254,3 +256,13 @@ def test_bad_maps_and_predictions_are_one_line(cub, tmp_path, capsys):
                           ('{"img_size": 64, "resize_size": 32}', '{"img_size": 64, "resize_size": 32}; ' + expected)):
         view_file.write_text(text)
         assert error(tmp_path / "good").startswith(f"error: {view_file}: {message}")
+
+
+@pytest.mark.usefixtures("keep_logging")
+def test_flags_of_the_forward_are_named_as_unused_with_maps(cub, tmp_path, caplog):
+    root, _ = cub
+    make_baseline_maps([str(tmp_path / "maps"), "--data-root", str(root), "--size", "8"])
+    with caplog.at_level(logging.WARNING):
+        main(["--maps", str(tmp_path / "maps"), "--data-root", str(root), "--amp", "--compile",
+              "--output-dir", str(tmp_path / "out"), *CPU])
+    assert "--maps: --amp, --compile not used (saved maps need no forward and no decoding)" in caplog.text
