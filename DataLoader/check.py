@@ -1,5 +1,5 @@
 """The check of built splits before training: every image opens and is complete, and in evaluation splits every
-box lies inside its image.
+box lies inside its image and every mask opens and is complete.
 
 A header alone does not show a truncated file (its header is intact), so the cheap check also reads the last
 bytes of each file: a JPEG ends with its end marker FF D9 (after any zero padding), a PNG with its IEND chunk.
@@ -80,14 +80,19 @@ def image_problem(path, decode=False):
 
 def item_problem(job):
     """Why item ``job`` = (path, boxes or None, the image size the annotation states or None, where the boxes
-    come from, decode) is bad, or None; boxes are checked against the stated size, else the file's."""
-    path, boxes, stated_size, source, decode = job
+    come from, its mask files, decode) is bad, or None; boxes are checked against the stated size, else the
+    file's; masks as images are."""
+    path, boxes, stated_size, source, masks, decode = job
     size, reason = image_problem(path, decode)
     if reason is None and boxes is not None:
         try:
             check_boxes(boxes, stated_size or size, source)
         except DataError as err:
             reason = str(err)
+    for mask in masks if reason is None else ():
+        problem = image_problem(mask, decode)[1]
+        if problem is not None:
+            return f"mask {mask}: {problem}"
     return reason
 
 
@@ -122,11 +127,16 @@ class CheckReport:
         return f"{self.split} split: {len(self.bad)} bad images of {self.checked}, first {named}{more}"
 
 
+def mask_files(item):
+    """The mask files of an item (wsol masks and its ignore mask), if any."""
+    return [*(item.mask_paths or []), *([item.ignore_path] if getattr(item, "ignore_path", None) else [])]
+
+
 def check_split(dataset, split, workers=0, decode=False, progress=False):
     """A :class:`CheckReport` of every item of ``dataset`` (a WSOLDataset), read by ``workers`` processes
     (0: in this process). Boxes are checked in evaluation splits only: training does not use them."""
-    jobs = [(dataset.image_path(index), item.boxes if dataset.evaluation else None, item.size, item.source, decode)
-            for index, item in enumerate(dataset.items)]
+    jobs = [(dataset.image_path(index), item.boxes if dataset.evaluation else None, item.size, item.source,
+             mask_files(item) if dataset.evaluation else [], decode) for index, item in enumerate(dataset.items)]
     chunks = Chunks(jobs)
     processes = min(workers, len(chunks))
     start = time.perf_counter()

@@ -167,3 +167,21 @@ def test_val_errors(imagenet):
     with pytest.raises(DataError, match=r"ImageNet has no 'val' split here: the ILSVRC2012 validation set is "
                                         r"the 'test' split \(--split test\)"):
         build_dataset("imagenet", imagenet, "val")
+
+
+def test_a_bom_uppercase_xml_and_repeated_lines(imagenet):
+    """As Excel / Notepad write CSVs (a UTF-8 BOM) and as some copies name the XML files; an image listed twice
+    would be evaluated twice."""
+    csv = imagenet / "LOC_val_solution.csv"
+    write_csv(csv)
+    csv.write_bytes(b"\xef\xbb\xbf" + csv.read_bytes())
+    check_val(build_dataset("imagenet", imagenet, "test"))
+    lines = csv.read_text(encoding="utf-8-sig").splitlines()
+    csv.write_text("\n".join(lines + [lines[2]]) + "\n")
+    with pytest.raises(DataError, match=f"LOC_val_solution.csv line 5: image {val_name(2)} again \\(first at "
+                                        ".*LOC_val_solution.csv line 3\\)"):
+        build_dataset("imagenet", imagenet, "test")
+    csv.unlink()
+    for i, (wnid, size, boxes) in VAL.items():
+        write_xml(imagenet / "val_boxes" / f"{val_name(i)}.XML", wnid, size, boxes)
+    check_val(build_dataset("imagenet", imagenet, "test"))

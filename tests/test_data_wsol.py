@@ -3,6 +3,7 @@ import pytest
 from PIL import Image
 
 from DataLoader import build_dataset, build_loader, load_mask
+from DataLoader.check import check_split
 from utils.errors import DataError
 
 
@@ -132,3 +133,15 @@ def test_cub_format_with_metadata(tmp_path):
     for root in (release, flat):
         sample = build_dataset("cub", root, "val", metadata_root=tmp_path / "meta")[0]
         assert sample["image_id"] == "001.A/a.jpg" and sample["boxes"].tolist() == [[0, 0, 10, 10]]
+
+
+def test_the_check_of_a_split_reads_its_masks(mask_set):
+    images, meta = mask_set
+    dataset = build_dataset("wsol", images, "test", metadata_root=meta)
+    assert check_split(dataset, "test").bad == []
+    (images / "mask/x_ig.png").write_bytes(b"garbage")  # an ignore mask, as the evaluation reads it
+    (images / "mask/y_m1.png").write_bytes((images / "mask/x_m1.png").read_bytes()[:60])  # cut short
+    bad = check_split(dataset, "test").bad
+    assert [path for path, _ in bad] == [dataset.image_path(0), dataset.image_path(1)]
+    assert bad[0][1] == f"mask {images / 'mask/x_ig.png'}: not an image file PIL recognises"
+    assert bad[1][1].startswith(f"mask {images / 'mask/y_m1.png'}: ")

@@ -41,7 +41,7 @@ def lines_source(path, linenos):
 def read_lines(path, expected):
     """Lines of a text annotation file; DataError naming it when missing or unreadable."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM (Excel, Notepad) is not part of the first line
             return f.read().splitlines()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found (expected {expected})") from None

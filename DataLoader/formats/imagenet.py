@@ -119,8 +119,14 @@ def read_val_gt(path):
 def read_val_records(source):
     """ValRecords from an XML folder, a .csv file or a val_gt.txt-style list."""
     if source.is_dir():
-        return [read_voc_xml(path) for path in sorted(source.glob("*.xml"))]
-    return read_loc_csv(source) if source.suffix.lower() == ".csv" else read_val_gt(source)
+        return [read_voc_xml(path) for path in sorted(source.iterdir()) if path.suffix.lower() == ".xml"]
+    records = read_loc_csv(source) if source.suffix.lower() == ".csv" else read_val_gt(source)
+    first = {}
+    for record in records:  # an image listed twice would be evaluated twice
+        if record.stem in first:
+            raise DataError(f"{record.source}: image {record.stem} again (first at {first[record.stem]})")
+        first[record.stem] = record.source
+    return records
 
 
 def _val_images(val_dir):
