@@ -49,7 +49,8 @@ SAT_THRESHOLD_KEYS = ("threshold", "best_threshold")  # recorded on their own (r
 EXTRA_BEST = {"best_top1_loc.pth": "top1_loc", "best_gt_known_loc.pth": "gt_known_loc"}
 # What a run writes into --output-dir (--overwrite deletes them).
 IMAGE_CACHE = "image_cache"  # cache_images: one file per split (DataLoader/image_cache.py)
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.json", "config.yaml", "log.txt", "tensorboard", "overlays")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.json", "config.yaml", "log.txt", "tensorboard", "overlays",
+               IMAGE_CACHE)
 EVALUATION_FILES = ("metrics.json", "per_image.csv")  # evaluator.py's: a new run does not start beside them
 _logger = logging.getLogger("sat")
 
@@ -486,6 +487,8 @@ def previous_outputs(cfg, output_dir):
     failed before its first checkpoint left is reused as it is."""
     if cfg.resume is not None and cfg.overwrite:
         raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
+    if any(path.exists() and not path.is_dir() for path in (output_dir, *output_dir.parents)):
+        raise ConfigError(f"--output-dir {output_dir}: a file, or inside one; expected a folder")
     run = [f"checkpoints/{path.name}" for path in sorted((output_dir / "checkpoints").glob("*.pth"))]
     if (output_dir / "results.json").exists():
         run.append("results.json")
@@ -496,12 +499,12 @@ def previous_outputs(cfg, output_dir):
         continue_from = f"--resume {output_dir / best} continues from its weights, " if best in run else ""
         raise ConfigError(f"--resume: {output_dir} holds a previous run ({', '.join(run)}) but no "
                           f"checkpoints/last.pth: {continue_from}--overwrite starts again")
-    if cfg.resume is not None:
-        return []
     evaluation = dist_utils.all_gather_object([name for name in EVALUATION_FILES if (output_dir / name).exists()])[0]
-    if evaluation:  # not this script's to delete, nor to mix overlays with
+    if evaluation and not (cfg.resume is not None and run):  # a new run: not beside an evaluator's files
         raise ConfigError(f"{output_dir} holds an evaluator's outputs ({', '.join(evaluation)}): choose another "
                           "--output-dir")
+    if cfg.resume is not None:
+        return []
     if run and not cfg.overwrite:
         raise ConfigError(f"{output_dir} holds a previous run ({', '.join(run)}): --resume to continue it, "
                           "--overwrite to start again, or choose another --output-dir")

@@ -21,7 +21,7 @@ TRAINING_KEYS = {key for key, field in FIELDS.items() if field.section != "evalu
 def write(tmp_path, text, name="c.yaml"):
     path = tmp_path / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     return str(path)
 
 
@@ -229,6 +229,7 @@ def test_bad_base_names_the_file(tmp_path, files, message):
     ("epochz: 3\nlr: 1e-4\ntest_tencrop: false\nzzz: 1\n", "c.yaml: unknown key 'epochz' (did you mean epochs?); "
      "test_tencrop was renamed: use tencrop; unknown key 'zzz'"),  # every one in the line, in file order
     ("- a\n- b\n", "expected a mapping"),
+    ("# caf\xe9\nepochs: 1\n".encode("latin-1"), "not UTF-8 text (byte 5)"),
     ("epochs: [1\n", "invalid YAML"),
     ("epochs: 3\nlr: 1e-4\nbatch_size 8\nseed: 1\nworkers: 2\n", "line 3: invalid YAML"),
 ])

@@ -339,8 +339,10 @@ def test_existing_run_folder_is_refused_without_resume_or_overwrite(data_root, t
     assert (out / "checkpoints" / "best.pth").read_bytes() == best and not last.exists()
     (tmp_path / "last.pth").rename(last)
     (out / "overlays").mkdir()
+    (out / "image_cache").mkdir()  # left by an interrupted --cache-images run
+    (out / "image_cache" / "test.cache").write_bytes(b"x")
     main(args(data_root, out, "--epochs", "1", "--overwrite"))
-    assert epochs_logged(out) == [1] and not (out / "overlays").exists()
+    assert epochs_logged(out) == [1] and not (out / "overlays").exists() and not (out / "image_cache").exists()
     assert (out / "log.txt").read_text().count("config ") == 1  # the old log went too
     evaluated = tmp_path / "evaluated"  # an evaluator's output folder: not a place to start a run, even --overwrite
     evaluated.mkdir()
@@ -351,6 +353,14 @@ def test_existing_run_folder_is_refused_without_resume_or_overwrite(data_root, t
     assert capsys.readouterr().err == f"error: {evaluated} holds an evaluator's outputs (metrics.json): choose " \
         "another --output-dir\n"
     assert sorted(p.name for p in evaluated.iterdir()) == ["metrics.json"]
+    with pytest.raises(SystemExit):  # --resume with no run there starts one: refused as well
+        run_cli(main, args(data_root, evaluated, "--epochs", "1", "--resume"))
+    assert "holds an evaluator's outputs (metrics.json)" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    for folder in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(SystemExit):
+            run_cli(main, args(data_root, folder, "--epochs", "1"))
+        assert capsys.readouterr().err == f"error: --output-dir {folder}: a file, or inside one; expected a folder\n"
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command(data_root, tmp_path):

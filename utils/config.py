@@ -373,6 +373,8 @@ def read_yaml_mapping(path):
         raise ConfigError(f"config file {path}: not found") from None
     except OSError as err:
         raise ConfigError(f"config file {path}: not readable ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {err.start})") from None
     except yaml.YAMLError as err:
         line = _error_line(err)
         where = f" line {line}" if line else ""
