@@ -199,7 +199,7 @@ def test_base_config_is_inherited_relative_to_the_file(tmp_path):
 @pytest.mark.parametrize("files, message", [
     ({"c.yaml": "base: a.yaml\n", "a.yaml": "base: c.yaml\n"}, "a.yaml: base c.yaml includes this file again"),
     ({"c.yaml": "base: c.yaml\n"}, "c.yaml: base c.yaml includes this file again"),
-    ({"c.yaml": "base: missing.yaml\n"}, "missing.yaml: not found"),
+    ({"c.yaml": "base: missing.yaml\n"}, "c.yaml: base missing.yaml: "),
     ({"c.yaml": "base: a.yaml\n", "a.yaml": "epochz: 1\n"}, "a.yaml: unknown key 'epochz'"),
     ({"c.yaml": "base: [a.yaml]\n"}, "c.yaml: base must be a config file path"),
 ])
@@ -260,6 +260,7 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
     ("train", ["--save-images", "4"], "--save-images was renamed: use --overlays N (overlays are written to "
                                       "<output-dir>/overlays/)"),
     ("train", ["--no-test-tencrop"], "--no-test-tencrop was renamed: use --no-tencrop"),
+    ("train", ["--no-epochs"], "unknown flag --no-epochs (--epochs is not a true/false flag: give it a value)"),
     ("evaluate", ["--threshold", "1.5"], "--threshold: expected a number in [0, 1], got '1.5'"),
     ("evaluate", ["--thresholds", "0.3", "-0.2"], "--thresholds: expected numbers in [0, 1], got '-0.2'"),
     ("evaluate", ["--thresh", "0.3"], "unknown flag --thresh (did you mean --threshold?)"),

@@ -408,6 +408,8 @@ def load_yaml(path, _seen=()):
         base_path = path.parent / base
         if base_path.resolve() in _seen or base_path.resolve() == path.resolve():
             raise ConfigError(f"config file {path}: base {base} includes this file again")
+        if not base_path.is_file():
+            raise ConfigError(f"config file {path}: base {base}: {base_path} not found (a path relative to this file)")
         values = load_yaml(base_path, _seen + (path.resolve(),))
     unknown = [_unknown_key(key) for key in data if key not in FIELDS]
     if unknown:  # all of them in the one line
@@ -504,6 +506,8 @@ def _unknown_flag(token, script, parser):
             return (f"{flag} was renamed {new_flag}, which {SCRIPTS[script].file} does not take "
                     f"({', '.join(others[:-1])}{' and ' if len(others) > 1 else ''}{others[-1]} do)")
         return f"{flag} was renamed: use {new_flag}{'' if negated else metavar}{why}"
+    if key in FIELDS and negated and FIELDS[key].kind != "bool" and key in keys_of(script):
+        return f"unknown flag {flag} (--{key.replace('_', '-')} is not a true/false flag: give it a value)"
     if key in FIELDS:
         others = [SCRIPTS[s].file for s in FIELDS[key].scripts]
         return (f"unknown flag {flag} ({SCRIPTS[script].file} does not take it; {', '.join(others[:-1])}"
