@@ -262,7 +262,7 @@ def write_outputs(args, output_dir, previous, record, rows, curves, class_names)
                                                 encoding="utf-8")
     if curves:
         write_curves(output_dir, curves, staged)
-    staged.commit(output_dir, stale=[name for name in previous if output_dir / name not in staged.paths])
+    staged.commit(output_dir, previous)
     if args.save_boxes:
         _logger.info("COCO-format boxes written to %s%s", args.save_boxes,
                      "" if protocol != "cls" else " (predictions: the data has no boxes to score them against)")

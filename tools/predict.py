@@ -156,10 +156,9 @@ def main(argv=None):
     staged = Staged()  # the new files, moved in place of the previous ones once every image is predicted
     try:
         record = predict(args, model, paths, view, threshold, names, output_dir, staged, set(previous))
-        staged.commit(output_dir, stale=[name for name in previous if output_dir / name not in staged.paths])
+        staged.commit(output_dir, previous)
     except BaseException:
-        for partial in staged.paths.values():
-            partial.unlink(missing_ok=True)
+        staged.discard()
         raise
     print(f"{len(record['predictions'])} predictions written to {output_dir / 'predictions.json'}")
     if args.coco:

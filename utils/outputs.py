@@ -53,13 +53,19 @@ class Staged:
         self.paths[final] = Path(partial_name(final))
         return self.paths[final]
 
-    def commit(self, output_dir, stale=()):
-        """Delete ``stale`` (names in ``output_dir`` of the previous run), then move every staged output that
-        was written in place of its final path (a folder there is replaced whole)."""
-        delete_outputs(output_dir, stale)
+    def commit(self, output_dir, previous=()):
+        """Delete the names of ``previous`` (the earlier run's, in ``output_dir``) that no staged output replaces,
+        then move every staged output that was written in place of its final path (a folder there is replaced
+        whole)."""
+        delete_outputs(output_dir, [name for name in previous if Path(output_dir) / name not in self.paths])
         for final, staged in self.paths.items():
             if not staged.exists():
                 continue
             if final.is_dir() and not final.is_symlink():
                 shutil.rmtree(final)
             os.replace(staged, final)
+
+    def discard(self):
+        """Delete what was staged (after a failure: the previous outputs stay as they were)."""
+        for staged in self.paths.values():
+            delete_outputs(staged.parent, [staged.name])
