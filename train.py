@@ -38,7 +38,7 @@ from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, tra
 from utils.errors import CheckpointError, ConfigError, DataError, run_cli, user_message
 from utils.logger import MetricsLog, close_logging, log_error, open_log_file, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
-from utils.outputs import delete_outputs
+from utils.outputs import check_output_folder, delete_outputs
 from utils.preemption import Preempted, StepCheckpoint, StopSignals, resume_command
 
 RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
@@ -487,8 +487,7 @@ def previous_outputs(cfg, output_dir):
     failed before its first checkpoint left is reused as it is."""
     if cfg.resume is not None and cfg.overwrite:
         raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
-    if any(path.exists() and not path.is_dir() for path in (output_dir, *output_dir.parents)):
-        raise ConfigError(f"--output-dir {output_dir}: a file, or inside one; expected a folder")
+    check_output_folder(output_dir)
     run = [f"checkpoints/{path.name}" for path in sorted((output_dir / "checkpoints").glob("*.pth"))]
     if (output_dir / "results.json").exists():
         run.append("results.json")

@@ -389,7 +389,8 @@ def test_output_paths_that_cannot_be_written_are_refused_before_evaluating(cub, 
     (tmp_path / "file").write_text("x")
     train_run = tmp_path / "train_run"  # train.py's final test drew overlays there
     (train_run / "overlays").mkdir(parents=True)
-    cases = {("--output-dir", tmp_path / "file"): f"--output-dir {tmp_path / 'file'}: not a folder",
+    cases = {("--output-dir", tmp_path / "file"): f"--output-dir {tmp_path / 'file'}: a file, or inside one; "
+             "expected a folder",
              ("--output-dir", train_run, "--overlays", "2"): f"{train_run} holds an overlays/ folder that no "
              "evaluation wrote (train.py's final test draws one): choose another --output-dir for the overlays",
              ("--save-boxes", tmp_path): f"--save-boxes {tmp_path}: a folder; expected the path of a JSON file",

@@ -18,11 +18,17 @@ def partial_name(name):
     return str(path.with_name(f"{path.stem}{PARTIAL}{path.suffix}"))
 
 
+def check_output_folder(output_dir):
+    """A one-line ConfigError when ``output_dir`` is a file or lies inside one."""
+    output_dir = Path(output_dir)
+    if any(path.exists() and not path.is_dir() for path in (output_dir, *output_dir.parents)):
+        raise ConfigError(f"--output-dir {output_dir}: a file, or inside one; expected a folder")
+
+
 def previous_outputs(output_dir, names, overwrite, what="run"):
     """Those of ``names`` (paths relative to ``output_dir``) that the folder holds; a one-line ConfigError
-    when it holds any and ``overwrite`` is false, or when ``output_dir`` is not a folder."""
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise ConfigError(f"--output-dir {output_dir}: not a folder")
+    when it holds any and ``overwrite`` is false, or when ``output_dir`` cannot be a folder."""
+    check_output_folder(output_dir)
     found = [name for name in names if (Path(output_dir) / name).exists()]
     if found and not overwrite:
         raise ConfigError(f"{output_dir} holds a previous {what} ({', '.join(found)}): --overwrite to replace it, "
