@@ -1,4 +1,6 @@
 """Dataset factory and the quick data-root check the command-line scripts run first."""
+import itertools
+import os
 from pathlib import Path
 
 from utils.errors import DataError
@@ -32,21 +34,49 @@ LOADERS = {"cub": load_cub, "dogs": load_dogs, "cars": load_cars, "aircraft": lo
 
 
 def check_data_root(fmt, root):
-    """Raise a one-line DataError when ``root`` is missing or lacks the files of format ``fmt``."""
+    """Raise a one-line DataError when ``root`` is missing or lacks the files of format ``fmt``, with a hint when
+    its entries fit another format or one of its subfolders fits ``fmt`` (a release extracted into ``root``)."""
     if fmt not in FORMATS:
         raise DataError(f"unknown dataset format {fmt!r} (expected one of {', '.join(FORMATS)})")
     if root is None or not Path(root).is_dir():
         raise DataError(f"data root {root}: not found (expected {LAYOUTS[fmt]})")
     problem = _layout_problem(fmt, root)
     if problem:
-        others = [other for other in LOOKS_LIKE if other != fmt and not _layout_problem(other, root)]
-        hint = f"; its entries fit --data-format {' or '.join(others)}" if others else ""
-        raise DataError(f"data root {root}: {problem} (expected {LAYOUTS[fmt]}){hint}")
+        raise DataError(f"data root {root}: {problem} (expected {LAYOUTS[fmt]}){_root_hint(fmt, root)}")
+
+
+def _root_hint(fmt, root):
+    """What to try for a ``root`` that lacks format ``fmt``'s entries: the formats its entries fit, else the
+    one subfolder that fits ``fmt``; '' when neither."""
+    others = [other for other in LOOKS_LIKE if other != fmt and not _layout_problem(other, root)]
+    if others:
+        # The ImageNet scripts read the ILSVRC2012 layout whatever --data-format says, so the flag is named with
+        # the scripts that take it (train.py also takes --data-format imagenet: the wording holds for both).
+        scripts = " (a flag of train.py / evaluator.py; the ImageNet scripts read only the ILSVRC2012 layout)"
+        return f"; its entries fit --data-format {' or '.join(others)}{scripts if fmt == 'imagenet' else ''}"
+    inner = _subfolder_fitting(fmt, root)
+    return f"; did you mean --data-root {inner}?" if inner else ""
 
 
 # Formats whose entries tell a root apart, for the hint of a wrong --data-format (not: the wsol image root, which
 # has no fixed entries, nor Aircraft's images/, which a CUB root has too).
 LOOKS_LIKE = ("cub", "folder", "dogs", "cars")
+# A root with more entries than this is not searched for a subfolder that fits (the hint must stay cheap).
+SUBFOLDER_SEARCH_LIMIT = 100
+
+
+def _subfolder_fitting(fmt, root):
+    """The one immediate subfolder of ``root`` that has format ``fmt``'s entries (e.g. the CUB_200_2011/ of a
+    folder the release was extracted into), or None: none, several, or ``root`` too large to look."""
+    try:
+        with os.scandir(root) as scan:
+            entries = list(itertools.islice(scan, SUBFOLDER_SEARCH_LIMIT + 1))
+        if len(entries) > SUBFOLDER_SEARCH_LIMIT:
+            return None
+        fitting = [entry.path for entry in entries if entry.is_dir() and not _layout_problem(fmt, entry.path)]
+    except OSError:  # an unreadable root or subfolder: no hint
+        return None
+    return fitting[0] if len(fitting) == 1 else None
 
 
 def _layout_problem(fmt, root):

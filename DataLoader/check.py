@@ -11,7 +11,7 @@ fork server or of spawned processes would import torch again in each process: se
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from utils.errors import DataError
 
 from .formats.annotations import check_boxes
-from .dataset import UNREADABLE
+from .dataset import UNREADABLE, size_difference_warning
 
 _logger = logging.getLogger("sat")
 
@@ -79,9 +79,9 @@ def image_problem(path, decode=False):
 
 
 def item_problem(job):
-    """Why item ``job`` = (path, boxes or None, the image size the annotation states or None, where the boxes
-    come from, its mask files, decode) is bad, or None; boxes are checked against the stated size, else the
-    file's; masks as images are."""
+    """(why item ``job`` = (path, boxes or None, the image size the annotation states or None, where the boxes
+    come from, its mask files, decode) is bad or None, the file's (W, H) or None); boxes are checked against the
+    stated size, else the file's; masks as images are."""
     path, boxes, stated_size, source, masks, decode = job
     size, reason = image_problem(path, decode)
     if reason is None and boxes is not None:
@@ -92,12 +92,12 @@ def item_problem(job):
     for mask in masks if reason is None else ():
         problem = image_problem(mask, decode)[1]
         if problem is not None:
-            return f"mask {mask}: {problem}"
-    return reason
+            return f"mask {mask}: {problem}", size
+    return reason, size
 
 
 class Chunks(Dataset):
-    """The reasons of ``jobs`` (:func:`item_problem`) in runs of CHUNK: one run per task of a worker."""
+    """:func:`item_problem` of ``jobs`` in runs of CHUNK: one run per task of a worker."""
 
     def __init__(self, jobs):
         self.jobs = jobs
@@ -112,11 +112,13 @@ class Chunks(Dataset):
 @dataclass
 class CheckReport:
     """What :func:`check_split` found in one split: the items checked, the bad ones as (path, reason) in
-    dataset order, and how long it took."""
+    dataset order, how long it took, and the images with boxes whose file is not the size their annotation
+    states, as (path, stated (W, H), file (W, H), where the boxes come from)."""
     split: str
     checked: int
     bad: list
     seconds: float
+    other_size: list = field(default_factory=list)
 
     def summary(self):
         """One line: the split, how many bad images, and the first NAMED of them."""
@@ -125,6 +127,15 @@ class CheckReport:
             return f"{self.split} split: 1 bad image of {self.checked}: {named}"
         more = ", ... (tools/check_dataset.py lists them all)" if len(self.bad) > NAMED else ""
         return f"{self.split} split: {len(self.bad)} bad images of {self.checked}, first {named}{more}"
+
+    def size_warning(self):
+        """One line on the images whose file is not the size their annotation states (a box inside the stated
+        size may lie outside the file), naming the first; None when there are none."""
+        if not self.other_size:
+            return None
+        path, stated, size, source = self.other_size[0]
+        first = f", first {path} ({source} states {stated[0]}x{stated[1]}, the file is {size[0]}x{size[1]})"
+        return f"{self.split} split: {size_difference_warning(len(self.other_size), first)}"
 
 
 def mask_files(item):
@@ -142,14 +153,17 @@ def check_split(dataset, split, workers=0, decode=False, progress=False):
     start = time.perf_counter()
     runs = DataLoader(chunks, batch_size=None, num_workers=processes) if processes > 1 else \
         map(chunks.__getitem__, range(len(chunks)))
-    reasons = []
+    results = []
     with tqdm(total=len(jobs), desc=f"check {split}", unit="image", disable=not progress, dynamic_ncols=True,
               delay=2, leave=False) as bar:  # a bar only for checks that take a while
         for run in runs:
-            reasons += run
+            results += run
             bar.update(len(run))
-    bad = [(job[0], reason) for job, reason in zip(jobs, reasons) if reason is not None]
-    return CheckReport(split, len(jobs), bad, time.perf_counter() - start)
+    bad = [(job[0], reason) for job, (reason, _) in zip(jobs, results) if reason is not None]
+    other_size = [(path, tuple(stated), tuple(size), source)
+                  for (path, boxes, stated, source, *_), (_, size) in zip(jobs, results)
+                  if boxes is not None and stated and size and tuple(stated) != tuple(size)]
+    return CheckReport(split, len(jobs), bad, time.perf_counter() - start, other_size)
 
 
 def check_splits(train_set, eval_sets, workers=0, check_train=False, strict=False, decode=False, progress=False):

@@ -32,10 +32,11 @@ def size_differences(batch):
     return sum(tuple(size) != tuple(file_size) for size, file_size in zip(sizes, batch.get("file_size", sizes)))
 
 
-def size_difference_warning(count):
-    """The one warning of an evaluation over ``count`` (> 0) images counted by :func:`size_differences`."""
-    return (f"{count} image(s) are not the size their box annotation states: their boxes are mapped into the "
-            "crop with the stated size, as the official code does")
+def size_difference_warning(count, first=""):
+    """The one warning of an evaluation over ``count`` (> 0) images counted by :func:`size_differences`;
+    ``first`` (', first <image> (...)') names one of them."""
+    return (f"{count} image(s) are not the size their box annotation states{first}: their boxes are mapped into "
+            "the crop with the stated size, as the official code does")
 
 
 class WSOLDataset(Dataset):

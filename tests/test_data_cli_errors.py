@@ -113,6 +113,15 @@ CASES = {
         ["--data-format", "cub", "--data-root", str(root)],
         r"data root \S+: missing images \(expected the CUB-200-2011 release layout\); its entries fit --data-format "
         r"folder"),
+    "release extracted into the data root": (  # the CUB tarball extracts to CUB_200_2011/ (here: data/)
+        lambda root: ["--data-format", "cub", "--data-root", str(root.parent)],
+        r"data root (\S+): missing images \(expected the CUB-200-2011 release layout\); "
+        r"did you mean --data-root \1/data\?"),
+    "cub data read as imagenet": (
+        lambda root: ["--data-format", "imagenet", "--data-root", str(root), "--split", "test"],
+        r"data root \S+: has none of train/, val/ \(expected the ILSVRC2012 layout: train/<wnid>/ and/or val/\); "
+        r"its entries fit --data-format cub \(a flag of train.py / evaluator.py; the ImageNet scripts read only "
+        r"the ILSVRC2012 layout\)"),
 }
 
 

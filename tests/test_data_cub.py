@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from DataLoader import build_dataset, build_loader, make_demo_dataset
+from DataLoader import build_dataset, build_loader, check_data_root, make_demo_dataset
 from utils.errors import DataError
 
 
@@ -83,3 +83,21 @@ def test_box_outside_image_is_found_at_read_time(cub):
     with pytest.raises(DataError, match=r"bounding_boxes.txt line 6: box \(10, 10, 55, 30\) lies outside the 48x48"):
         test[0]
     assert np.allclose(test.items[1].boxes, [read_boxes(cub)[7]])
+
+
+def test_a_root_one_level_up_hints_the_one_subfolder_that_fits(tmp_path):
+    def error(fmt, root):
+        with pytest.raises(DataError) as err:
+            check_data_root(fmt, root)
+        return str(err.value)
+
+    (tmp_path / "ILSVRC2012/train").mkdir(parents=True)  # any format: here ImageNet's train/ and/or val/
+    (tmp_path / "notes").mkdir()
+    assert error("imagenet", tmp_path).endswith(f"; did you mean --data-root {tmp_path / 'ILSVRC2012'}?")
+    (tmp_path / "copy/val").mkdir(parents=True)  # two subfolders fit: no guess
+    assert error("imagenet", tmp_path).endswith("(expected the ILSVRC2012 layout: train/<wnid>/ and/or val/)")
+    crowded = tmp_path / "crowded"
+    (crowded / "ILSVRC2012/val").mkdir(parents=True)
+    for index in range(100):  # a large root is not searched
+        (crowded / f"f{index}").touch()
+    assert error("imagenet", crowded).endswith("and/or val/)")

@@ -317,6 +317,18 @@ def test_check_dataset_reports_each_format(dogs, cars, aircraft, capsys):
         "test: 2 images, 3 classes, 2 boxes, 0 with masks, 0 bad"]
 
 
+def test_check_dataset_warns_of_an_xml_size_that_is_not_the_files(dogs, capsys):
+    big = dogs / "Images" / DOG_CLASSES[0] / "n02085620_1152.jpg"
+    image(big, (72, 72))  # its XML states 36x36, and its box fits that: boxes are mapped with 36x36
+    run_cli(check_main, ["--data-format", "dogs", "--data-root", str(dogs), "--split", "test"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [
+        "test: 2 images, 2 classes, 3 boxes, 0 with masks, 0 bad",
+        f"  warning: test split: 1 image(s) are not the size their box annotation states, first {big} "
+        f"({dogs / 'Annotation' / DOG_CLASSES[0] / 'n02085620_1152'} states 36x36, the file is 72x72): their boxes "
+        "are mapped into the crop with the stated size, as the official code does"]
+
+
 def test_check_dataset_error_is_one_line(cars, capsys):
     write_car_annotations(cars / "devkit" / CAR_FILES["test"], [("00002.jpg", None, (4, 6, 25, 42), 3)])
     with pytest.raises(SystemExit) as exit_info:

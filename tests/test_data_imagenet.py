@@ -164,6 +164,13 @@ def test_val_errors(imagenet):
     (imagenet / "val_boxes" / "bad.xml").write_text("<annotation><size><width>40</width>")
     with pytest.raises(DataError, match=r"bad.xml line 1: malformed XML"):
         build_dataset("imagenet", imagenet, "test")
+    (imagenet / "val_boxes" / "bad.xml").write_text("<annotation><size><width>40</width></size></annotation>")
+    with pytest.raises(DataError, match=r"bad.xml: no <size/height> \(expected a number there\)"):
+        build_dataset("imagenet", imagenet, "test")
+    (imagenet / "val_boxes" / "bad.xml").write_text("<annotation><size><width>40</width><height>x</height></size>"
+                                                    "</annotation>")
+    with pytest.raises(DataError, match=r"bad.xml: expected a number in <size/height>, got 'x'"):
+        build_dataset("imagenet", imagenet, "test")
     with pytest.raises(DataError, match=r"ImageNet has no 'val' split here: the ILSVRC2012 validation set is "
                                         r"the 'test' split \(--split test\)"):
         build_dataset("imagenet", imagenet, "val")

@@ -135,6 +135,19 @@ def test_cub_format_with_metadata(tmp_path):
         assert sample["image_id"] == "001.A/a.jpg" and sample["boxes"].tolist() == [[0, 0, 10, 10]]
 
 
+def test_box_outside_the_size_image_sizes_txt_states_names_that_line(tmp_path):
+    meta = tmp_path / "meta/val"
+    write_image(tmp_path / "CUB_200_2011/images/001.A/a.jpg", (40, 30))
+    write_image(tmp_path / "CUB_200_2011/images/001.A/b.jpg", (40, 30))
+    ids = ["001.A/a.jpg", "001.A/b.jpg"]
+    write_metadata(meta, ids, [0, 0], [(40, 30), (20, 15)], [f"{ids[0]},0,0,10,10", f"{ids[1]},1,2,30,20"])
+    with pytest.raises(DataError) as err:  # the box fits the 40x30 file: the stated size is wrong
+        build_dataset("cub", tmp_path / "CUB_200_2011", "val", metadata_root=tmp_path / "meta")
+    assert str(err.value) == (f"{meta / 'localization.txt'} line 2: box (1, 2, 30, 20) lies outside the 20x15 image "
+                              f"that {meta / 'image_sizes.txt'} line 2 states (likely a wrong size there: compare "
+                              "it with the image file)")
+
+
 def test_the_check_of_a_split_reads_its_masks(mask_set):
     images, meta = mask_set
     dataset = build_dataset("wsol", images, "test", metadata_root=meta)

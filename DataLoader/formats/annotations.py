@@ -95,10 +95,12 @@ def entries(table, image_id, path, listed_in):
     return table[image_id]
 
 
-def check_boxes(boxes, size, where):
+def check_boxes(boxes, size, where, size_from=None):
     """Raise DataError unless every box has x1 > x0, y1 > y0 and lies inside the (W, H) image.
 
-    ``size`` may be None (not known yet): then only the lower bounds are checked.
+    ``size`` may be None (not known yet): then only the lower bounds are checked. ``size_from`` names the
+    line of another file that states ``size`` (wsolevaluation's image_sizes.txt): a box outside it then names
+    that line as the likely culprit, since a box beyond a wrongly stated size looks like a wrong box.
     """
     for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         text = f"({x0:g}, {y0:g}, {x1:g}, {y1:g})"
@@ -109,7 +111,9 @@ def check_boxes(boxes, size, where):
             outside = outside or x1 > size[0] + BOX_TOLERANCE or y1 > size[1] + BOX_TOLERANCE
         if outside:
             image = f"the {size[0]}x{size[1]} image" if size is not None else "the image"
-            raise DataError(f"{where}: box {text} lies outside {image}")
+            stated = (f" that {size_from} states (likely a wrong size there: compare it with the image file)"
+                      if size_from and size is not None else "")
+            raise DataError(f"{where}: box {text} lies outside {image}{stated}")
 
 
 def check_label(label, valid, where):

@@ -54,10 +54,13 @@ def find_val_boxes(root, explicit=None):
 
 
 def _xml_number(node, tag, path):
+    """The number in element ``tag`` (a path such as 'size/width') of ``node``; DataError naming it otherwise."""
     text = node.findtext(tag)
+    if text is None:
+        raise DataError(f"{path}: no <{tag}> (expected a number there)")
     try:
         return float(text)
-    except (TypeError, ValueError):
+    except ValueError:
         raise DataError(f"{path}: expected a number in <{tag}>, got {text!r}") from None
 
 

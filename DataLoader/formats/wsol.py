@@ -65,7 +65,8 @@ def load_wsol(image_root, metadata_root, split):
     for image_id in ids:
         [(lineno, (label,))] = entries(labels, image_id, labels_path, IDS_FILE)
         check_label(label, range(num_classes), f"{labels_path} line {lineno}")
-        item = Item(image_id, label, size=tuple(sizes[image_id][0][1]) if image_id in sizes else None)
+        [(size_line, size)] = sizes.get(image_id, [(None, None)])
+        item = Item(image_id, label, size=tuple(size) if size else None)
         if split != "train":
             rows = entries(localization, image_id, loc_path, IDS_FILE)
             item.source = lines_source(loc_path, [lineno for lineno, _ in rows])
@@ -75,7 +76,8 @@ def load_wsol(image_root, metadata_root, split):
                 item.ignore_path = _existing(image_root, ignores[0], item.source) if ignores else None
             else:
                 item.boxes = np.array([box for _, box in rows], np.float32)
-                check_boxes(item.boxes, item.size, item.source)
+                check_boxes(item.boxes, item.size, item.source,
+                            size_from=f"{sizes_path} line {size_line}" if size_line else None)
         items.append(item)
     return Path(image_root), items, [str(label) for label in range(num_classes)]
 
