@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from DataLoader import FORMATS
+from DataLoader.build import LAYOUTS, LOADERS
 from DataLoader.eval_views import PROTOCOLS, default_resize_size
 from Model.sat import ATTENTION_IMPLS
 from train import selection_metrics
@@ -224,6 +225,10 @@ def test_bad_base_names_the_file(tmp_path, files, message):
     ("area_loss_scope: node\n", "area_loss_scope must be global, process or an integer >= 1, got 'node'"),
     ("area_loss_scope: 0\n", "area_loss_scope must be global, process or an integer >= 1, got 0"),
     ("eval_thresholds: 0.4\n", "eval_thresholds must be a list of numbers in [0, 1]"),
+    ("eval_thresholds: []\n", "eval_thresholds must be a list of numbers in [0, 1] (at least one), got []"),
+    ("img_size: 100\n", "img_size must be an integer >= 16 (a multiple of 16), got 100"),
+    ("trainable: last:x\n", "trainable must be all, sat, head or last:K, got 'last:x'"),
+    ("lr: 1e-4\nepochs: 3\nlr: 1e-3\n", "c.yaml line 3: invalid YAML (key lr given twice)"),
     ("test_tencrop: false\n", "test_tencrop was renamed: use tencrop"),
     ("save_images: 4\n", "save_images was renamed: use overlays (overlays are written to <output_dir>/overlays/)"),
     ("epochz: 3\nlr: 1e-4\ntest_tencrop: false\nzzz: 1\n", "c.yaml: unknown key 'epochz' (did you mean epochs?); "
@@ -248,6 +253,10 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
     ("train", ["--checkpoint", "c"], "unknown flag --checkpoint (train.py does not take it; evaluator.py and "
                                      "evaluator_ImageNet.py do)"),
     ("train", ["extra"], "unexpected argument 'extra'"),
+    ("train", ["--val-split", "true"], "--val-split takes no value (--no-val-split for false), got 'true'"),
+    ("train", ["--overwrite", "yes"], "--overwrite takes no value, got 'yes'"),
+    ("train", ["--img-size", "100"], "--img-size: expected an integer >= 16 (a multiple of 16), got '100'"),
+    ("train", ["--trainable", "some"], "--trainable: expected all, sat, head or last:K, got 'some'"),
     ("train", ["--epochs", "x"], "--epochs: expected an integer >= 1, got 'x'"),
     ("train", ["--epochs", "0"], "--epochs: expected an integer >= 1, got '0'"),
     ("train", ["--num-spatial-blocks", "0"], "--num-spatial-blocks: expected an integer >= 1, got '0'"),
@@ -294,14 +303,26 @@ def test_flag_errors_are_one_line(capsys, script, argv, message):
     ("evaluate", [], "--checkpoint is required"),
     ("evaluate", ["--checkpoint", "c", "--maps", "m"], "--checkpoint and --maps exclude each other"),
     ("evaluate_imagenet", ["--checkpoint", "c"], "--data-root is required"),
-    ("train", ["--img-size", "100"], "img_size must be a multiple of the patch size 16"),
-    ("train", ["--img-size", "224", "--resize-size", "200"], "resize_size (200) must be at least img_size (224)"),
-    ("train", ["--trainable", "some"], "trainable must be all, sat, head or last:K"),
+    ("train", ["--img-size", "224", "--resize-size", "200"], "resize_size must be at least img_size: --resize-size "
+                                                             "200, --img-size 224"),
+    ("train", ["--resume", "--overwrite"], "--resume continues the run in --output-dir and --overwrite deletes it"),
+    ("train_imagenet", ["--data-format", "cub"], "--data-format cub: train_ImageNet.py reads only the ImageNet "
+                                                 "layout (ILSVRC2012); train.py reads the other formats"),
 ])
 def test_checks_across_keys(script, argv, message):
     with pytest.raises(ConfigError) as err:
         parse_config(argv, script)
     assert message in str(err.value)
+
+
+def test_checks_across_keys_name_the_config_file_or_the_default(tmp_path):
+    path = write(tmp_path, "resize_size: 100\n")
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--config", path], "train")
+    assert str(err.value) == f"resize_size must be at least img_size: resize_size: 100 (config file {path}), " \
+                             "img_size: 224 (default)"
+    # a config file given to train_ImageNet.py may name another format: its model and schedule settings apply
+    assert parse_config(["--config", str(REPO_ROOT / "config" / "CUB.yaml")], "train_imagenet").data_format == "cub"
 
 
 def test_help_keeps_the_usage(capsys):
@@ -339,6 +360,8 @@ def test_reference_page_is_current():
 
 def test_choice_lists_are_those_of_the_code_that_reads_them():
     assert FIELDS["data_format"].choices == FORMATS
+    assert set(LAYOUTS) == set(FORMATS)  # each format's expected layout, for its error lines
+    assert set(LOADERS) | {"imagenet", "folder", "wsol"} == set(FORMATS)  # a reader each (three take more arguments)
     assert FIELDS["eval_protocol"].choices == ("auto", *PROTOCOLS)
     assert FIELDS["attn_impl"].choices == ATTENTION_IMPLS
     every_selection = {metric for protocol in PROTOCOLS for annotations in ("boxes", "masks", None)

@@ -29,7 +29,8 @@ def amp_dtype(device, amp=False):
         if cpu_supports_bf16():
             return torch.bfloat16
         if amp is True:
-            raise ConfigError("amp: true needs CUDA or a CPU with native bf16 (AVX512-BF16/AMX); use --no-amp")
+            raise ConfigError("--amp (amp: true) needs CUDA or a CPU with native bf16 (AVX512-BF16/AMX): use --no-amp, "
+                              "or amp: auto (bf16 where the device has it)")
     return None
 
 

@@ -71,13 +71,15 @@ class Field:
 
     kind: 'int', 'float', 'str', 'bool', 'floats' (a list), 'amp' (true, false or auto), 'pretrained' (true,
     false or a file). ``domain``: '>= 1', '> 0', '[0, 1]', '(0, 1)' ... ``words``: names an 'int' key also
-    takes. ``scripts``: those that take it (default: by section). ``evaluator_default``: the evaluators' own.
+    takes. ``rule``: (test, what it asks in words) for what the kind and domain do not say. ``scripts``: those
+    that take it (default: by section). ``evaluator_default``: the evaluators' own.
     """
 
     def __init__(self, section, default, kind, help, *, domain=None, choices=None, words=(), nullable=False,
-                 scripts=None, evaluator_default=_SAME):
+                 rule=None, scripts=None, evaluator_default=_SAME):
         self.section, self.default, self.kind, self.help = section, default, kind, help
         self.domain, self.choices, self.words, self.nullable = domain, choices, words, nullable
+        self.rule = rule
         self.scripts = scripts or (EVALUATORS if section == "evaluator" else TRAINERS)
         self.evaluator_default = default if evaluator_default is _SAME else evaluator_default
 
@@ -91,6 +93,8 @@ class Field:
                     "pretrained": "true, false or a file path"}[self.kind]
             if self.domain:
                 text += (" in " if self.domain[0] in "[(" else " ") + self.domain
+        if self.rule:
+            text = self.rule[1] if self.kind == "str" else f"{text} ({self.rule[1]})"
         if self.words:
             text = ", ".join(self.words) + " or " + text
         return text + (" or null" if self.nullable else "")
@@ -107,7 +111,8 @@ class Field:
               "amp": isinstance(value, bool) or value == "auto",
               "pretrained": isinstance(value, (bool, str))}[self.kind]
         numbers = value if self.kind == "floats" else [value] if self.kind in ("int", "float") else []
-        if not ok or (self.choices and value not in self.choices) or not all(_within(v, self.domain) for v in numbers):
+        if not ok or (self.choices and value not in self.choices) or not all(_within(v, self.domain) for v in numbers) \
+                or (self.rule and not self.rule[0](value)):
             raise ValueError(self.expected())
         if self.kind == "float":
             return float(value)
@@ -124,9 +129,19 @@ class Field:
                      "pretrained": _pretrained}[self.kind](text)
             return self.check([value])[0] if self.kind == "floats" else self.check(value)
         except ValueError:
-            expected = "numbers" + self.expected().removeprefix("a list of numbers") if self.kind == "floats" \
-                else self.expected()
+            expected = self.expected()
+            if self.kind == "floats":  # one element: what each number must be
+                expected = "numbers" + expected.removeprefix("a list of numbers").split(" (")[0]
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def _parses(parse, value):
+    """Whether ``parse(value)`` accepts ``value`` (raises no ConfigError)."""
+    try:
+        parse(value)
+    except ConfigError:
+        return False
+    return True
 
 
 def _within(value, domain):
@@ -166,7 +181,8 @@ FIELDS = {
                   scripts=BOTH, evaluator_default=None),
     "pretrained": Field("model", True, "pretrained", "initial weights: true = DeiT ImageNet-1k via timm, false = "
                         "random, or a weights file"),
-    "img_size": Field("model", 224, "int", "input crop size (a multiple of the patch size 16)", domain=">= 16"),
+    "img_size": Field("model", 224, "int", "input crop size (a multiple of the patch size 16)", domain=">= 16",
+                      rule=(lambda size: size % 16 == 0, "a multiple of 16")),
     "resize_size": Field("model", None, "int", "resize before cropping (null: round(img_size * 256 / 224)); the "
                          "evaluators: the checkpoint's training setting", domain=">= 1", nullable=True,
                          scripts=BOTH),
@@ -200,7 +216,7 @@ FIELDS = {
                        nullable=True),
     "trainable": Field("optimisation", "all", "str", "parameters to train: all, sat (spatial token and its embedding "
                        "+ spatial-aware blocks + final norm + head), head, or last:K (the same with the last K "
-                       "blocks)"),
+                       "blocks)", rule=(lambda which: _parses(trainable_blocks, which), "all, sat, head or last:K")),
     # data
     "data_format": Field("data", "cub", "str", "dataset format (train_ImageNet.py, evaluator_ImageNet.py: always "
                          "imagenet)",
@@ -227,7 +243,7 @@ FIELDS = {
                         "instead of PIL in the workers; pixels differ slightly from PIL's", scripts=BOTH),
     # evaluation
     "eval_thresholds": Field("evaluation", list(TRAIN_THRESHOLDS), "floats", "map thresholds searched at each "
-                             "evaluation during training", domain="[0, 1]"),
+                             "evaluation during training", domain="[0, 1]", rule=(bool, "at least one")),
     "eval_start_epoch": Field("evaluation", 26, "int", "the epochs (1-based) evaluated for model selection start "
                               "here; the last epoch is always evaluated", domain=">= 1"),
     "eval_every": Field("evaluation", 1, "int", "from eval_start_epoch on, evaluate the epochs whose number is "
@@ -348,6 +364,26 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that reads numbers as YAML 1.2 does: ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``)."""
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping of a config file (PyYAML would keep the last silently)."""
+
+    def __init__(self, key, mark):
+        super().__init__(f"{key} given twice")
+        self.problem, self.problem_mark = f"key {key} given twice", mark
+
+
+def _mapping_once(loader, node, deep=False):
+    """YAML mappings whose keys are each given once."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise DuplicateKey(key, key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
@@ -491,10 +527,15 @@ def build_parser(script, defaults=None):
     return parser
 
 
-def _unknown_flag(token, script, parser):
-    """The error line of a command-line word the parser does not know."""
+def _unknown_flag(token, script, parser, argv=()):
+    """The error line of a command-line word the parser does not know (``argv``: the command line it is in)."""
     flag = token.split("=", 1)[0]
     if not flag.startswith("-"):
+        before = argv[argv.index(token) - 1] if token in argv and argv.index(token) else None
+        action = parser._option_string_actions.get(before)
+        if action is not None and action.nargs == 0:  # a value after a true/false flag: --val-split true
+            negated = f" (--no-{before[2:]} for false)" if isinstance(action, argparse.BooleanOptionalAction) else ""
+            return f"{before} takes no value{negated}, got {token!r}"
         return f"unexpected argument {token!r}"
     name = flag.lstrip("-")
     negated, key = name.startswith("no-"), name.removeprefix("no-").replace("-", "_")
@@ -551,43 +592,54 @@ def parse_config(argv=None, script="train"):
     """The resolved configuration of ``script`` (train, train_imagenet, evaluate, evaluate_imagenet): defaults <
     config file < flags. The training scripts read ``--config`` or, without it, their config file of defaults
     (said on stdout); the evaluators read ``--config`` over theirs. Returns an ``argparse.Namespace`` of the
-    script's keys plus ``config``, ``ignored_config_keys`` (keys of --config the script does not read) and
-    ``overwrite``, and for training ``resume`` and ``local_rank``."""
+    script's keys plus ``config``, ``ignored_config_keys`` (keys of --config the script does not read),
+    ``from_file`` (the keys read from it) and ``overwrite``, and for training ``resume`` and ``local_rank``."""
     values = script_defaults(script)
     parser = build_parser(script, values)
-    cli, extra = parser.parse_known_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    cli, extra = parser.parse_known_args(argv)
     if extra:
-        raise ConfigError(_unknown_flag(extra[0], script, parser))
+        raise ConfigError(_unknown_flag(extra[0], script, parser, argv))
     cli = vars(cli)
     ignored, config = [], cli.get("config")
     if script in TRAINERS and config is None:
         config = _default_config(script, cli.get("data_root"))
         if os.environ.get("RANK", "0") == "0":
             print(f"no --config: using config/{config.name}", flush=True)
+    read = {}
     if config is not None:
         read, ignored = _read(config, script)
         values.update(read)
-    values.update({key: value for key, value in cli.items() if key in values})
-    cfg = argparse.Namespace(**values, config=None if config is None else str(config), ignored_config_keys=ignored)
+    flags = [key for key in cli if key in values]
+    values.update({key: cli[key] for key in flags})
+    cfg = argparse.Namespace(**values, config=None if config is None else str(config), ignored_config_keys=ignored,
+                             from_file=sorted(read))
     cfg.overwrite = cli.get("overwrite", False)
     if script in TRAINERS:
         cfg.resume, cfg.local_rank = cli.get("resume"), cli.get("local_rank")
     elif cfg.eval_batch_size is None:
         cfg.eval_batch_size = EVALUATOR_BATCH
-    validate(cfg, script)
+    validate(cfg, script, flags)
     return cfg
 
 
-def validate(cfg, script):
-    """Checks across keys (each key's own values are checked as it is read); ConfigError naming the keys."""
+def validate(cfg, script, flags=()):
+    """Checks across keys (each key's own values are checked as it is read); ConfigError naming each key as it
+    was given (``flags``: the keys given as flags; the others come from the config file or the defaults)."""
+    def named(key):
+        value = _show(getattr(cfg, key))
+        if key in flags:
+            return f"--{key.replace('_', '-')} {value}"
+        return f"{key}: {value} ({'config file ' + cfg.config if key in cfg.from_file else 'default'})"
+
     if script in TRAINERS:
-        if cfg.img_size % 16:
-            raise ConfigError(f"img_size must be a multiple of the patch size 16, got {cfg.img_size}")
+        if cfg.resume is not None and cfg.overwrite:
+            raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
         if cfg.resize_size is not None and cfg.resize_size < cfg.img_size:
-            raise ConfigError(f"resize_size ({cfg.resize_size}) must be at least img_size ({cfg.img_size})")
-        if not cfg.eval_thresholds:
-            raise ConfigError("eval_thresholds must list at least one map threshold")
-        trainable_blocks(cfg.trainable)
+            raise ConfigError(f"resize_size must be at least img_size: {named('resize_size')}, {named('img_size')}")
+        if script == "train_imagenet" and "data_format" in flags and cfg.data_format != "imagenet":
+            raise ConfigError(f"--data-format {cfg.data_format}: train_ImageNet.py reads only the ImageNet layout "
+                              f"(ILSVRC2012); train.py reads the other formats")
         return
     if cfg.checkpoint is None and cfg.maps is None:
         raise ConfigError("--checkpoint is required (on the command line or in --config), or --maps DIR")
