@@ -32,7 +32,7 @@ from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
 from utils.errors import CheckpointError, ConfigError, DataError, run_cli, user_message
 from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
-from utils.outputs import Staged, delete_outputs, partial_name, previous_outputs
+from utils.outputs import FolderLock, Staged, delete_outputs, partial_name, previous_outputs
 from utils.saved_maps import SavedMaps, drop_class_metrics, map_loader, read_predictions, saved_view, write_saved_view
 from utils.visualize import plot_curves
 
@@ -50,8 +50,9 @@ def main(argv=None, imagenet=False):
     args = parse_config(argv, "evaluate_imagenet" if imagenet else "evaluate")
     info = init_distributed(args.device)
     job = evaluate_checkpoint if args.maps is None else evaluate_maps
+    lock = FolderLock(args.output_dir, "evaluator_ImageNet.py" if imagenet else "evaluator.py")
     try:
-        output_dir, previous = start_logging(args, info)
+        output_dir, previous = start_logging(args, info, lock)
         try:
             return job(args, imagenet, info, output_dir, previous)
         except BaseException:
@@ -64,20 +65,24 @@ def main(argv=None, imagenet=False):
         log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)
         raise
     finally:
+        lock.release()
         close_logging()
         cleanup()
 
 
-def start_logging(args, info):
+def start_logging(args, info, lock):
     """(output folder, the previous evaluation's files there that this one replaces), with log.txt started
-    (appended to) and the --config keys the evaluator does not read logged. A folder holding an evaluation
-    is refused without --overwrite, as are output paths that cannot be written (one ConfigError line on every
-    process, before the model is built)."""
+    (appended to) and the --config keys the evaluator does not read logged. A folder holding an evaluation is
+    refused without --overwrite, as are output paths that cannot be written; then the main process takes the
+    folder's ``lock`` (utils/outputs.FolderLock: refused while another job writes into the folder). One
+    ConfigError line on every process, before the model is built."""
     output_dir = Path(args.output_dir)
     failure, previous = None, []
     if info.is_main:
         try:
             previous = check_output_paths(args, output_dir)
+            lock.acquire()
+            delete_outputs(output_dir, PARTIALS)  # what an evaluation that did not finish left (not a running one's)
         except ConfigError as err:
             failure = str(err)
     failure, previous = all_gather_object((failure, previous))[0]
@@ -96,7 +101,7 @@ def start_logging(args, info):
 def check_output_paths(args, output_dir):
     """The previous evaluation's files in ``output_dir`` (utils/outputs.py: refused without --overwrite); a
     ConfigError for an overlays/ folder no evaluation wrote when this one draws overlays, and for --save-boxes /
-    --save-maps paths of the wrong kind. Removes what an evaluation that did not finish left."""
+    --save-maps paths of the wrong kind."""
     previous = previous_outputs(output_dir, EVAL_FILES, args.overwrite, "evaluation")
     if (output_dir / OVERLAYS).exists():
         if previous:
@@ -110,7 +115,6 @@ def check_output_paths(args, output_dir):
         raise ConfigError(f"--save-boxes {args.save_boxes}: a parent of it is a file, not a folder")
     if args.save_maps and Path(args.save_maps).exists() and not Path(args.save_maps).is_dir():
         raise ConfigError(f"--save-maps {args.save_maps}: not a folder")
-    delete_outputs(output_dir, PARTIALS)
     return previous
 
 

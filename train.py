@@ -31,15 +31,15 @@ from Model import SATLoss, build_model, checkpoint_weights
 from Model.losses import area_span
 from utils import distributed as dist_utils
 from utils.amp import LossScaler, autocast_context, describe
-from utils.checkpoint import (load_checkpoint, model_spec, resume_path, restore, rng_state,
+from utils.checkpoint import (carry_best, load_checkpoint, model_spec, resume_path, restore, rng_state,
                               save_checkpoint, seed_everything, set_rng_state)
 from utils.config import config_dict, parse_config, save_config
 from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
 from utils.errors import CheckpointError, ConfigError, DataError, run_cli, user_message
 from utils.logger import MetricsLog, close_logging, log_error, open_log_file, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
-from utils.outputs import check_output_folder, delete_outputs
-from utils.preemption import Preempted, StepCheckpoint, StopSignals, resume_command
+from utils.outputs import FolderLock, check_output_folder, delete_outputs, write_text_atomic
+from utils.preemption import Preempted, StepCheckpoint, StopAtOnce, StopSignals, resume_command, signal_name
 
 RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
                "num_images")
@@ -62,8 +62,9 @@ def main(argv=None, imagenet=False):
     script = "train_ImageNet.py" if imagenet else "train.py"
     resume = resume_command(None if argv is None else [script, *argv], distributed=info.world_size > 1)
     progress = {"epoch": None, "saved": None}
+    lock = FolderLock(cfg.output_dir, script)
     try:
-        return train(cfg, info, imagenet, progress, resume)
+        return train(cfg, info, imagenet, progress, resume, lock)
     except Preempted as stop:
         if info.is_main:
             _logger.warning("%s", stop)
@@ -76,19 +77,23 @@ def main(argv=None, imagenet=False):
         log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)
         raise
     finally:
+        lock.release()
         close_logging()
         dist_utils.cleanup()
 
 
-def train(cfg, info, imagenet=False, progress=None, resume=None):
+def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     """One training run; ``progress`` ({'epoch', 'saved'}) is kept up to date for the message after an
     interruption; ``resume``: the command that continues the run (default: from sys.argv), for the lines of
-    errors that stop it. Returns the record written to results.json."""
+    errors that stop it; ``lock``: the output folder's FolderLock, taken once the folder is found fit (the
+    caller releases it). Returns the record written to results.json."""
     progress = {} if progress is None else progress
     resume = resume or resume_command(distributed=info.world_size > 1)
     output_dir = Path(cfg.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     replaced = previous_outputs(cfg, output_dir)
+    if lock is not None:
+        lock_output_dir(lock, info)
     setup_logging(output_dir, info.is_main, info.rank, log_file=not replaced)  # not into the old run's log
     if replaced:
         _logger.info("--overwrite: the previous run's %s in %s go once this run has its data, model and first "
@@ -142,6 +147,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None):
         trained = meta.get("epoch_stats")
         if start_step and not trained and len(meta["epoch_meters"]) == info.world_size:
             meters_state = meta["epoch_meters"][info.rank]
+        best = resumed_best(best, path, checkpoint_dir, start_epoch, cfg, info)
     progress.update(epoch=start_epoch, saved=start_epoch, step=start_step)
     metrics_log = MetricsLog(output_dir, start_epoch) if info.is_main else None
     if info.is_main:
@@ -229,14 +235,19 @@ def train(cfg, info, imagenet=False, progress=None, resume=None):
     # the final test of best.pth, as the official evaluator
     progress["epoch"] = cfg.epochs
     try:
-        results = final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan)
-    except DataError as err:
-        raise DataError(f"the final test failed: {user_message(err)}; every epoch is saved in {checkpoint_dir}: "
-                        f"once the data is fixed, run the final test again with: {resume}") from None
-    if cfg.cache_images:  # a finished run does not need it again; an interrupted one keeps it
-        dist_utils.barrier()  # every process is done reading it
-        if info.is_main:
-            shutil.rmtree(output_dir / IMAGE_CACHE, ignore_errors=True)
+        with StopAtOnce(lambda name: interrupted_message(cfg, progress, resume, f"stopped by {name}")):
+            results = final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan)
+    except (DataError, CheckpointError) as err:
+        fixed = "the data" if isinstance(err, DataError) else "that"
+        raise type(err)(f"the final test failed: {user_message(err)}; every epoch is saved in {checkpoint_dir}: "
+                        f"once {fixed} is fixed, run the final test again with: {resume}") from None
+    with StopSignals() as stop:  # the run is complete: a signal now only ends it
+        if cfg.cache_images:  # a finished run does not need it again; an interrupted one keeps it
+            dist_utils.barrier()  # every process is done reading it
+            if info.is_main:
+                shutil.rmtree(output_dir / IMAGE_CACHE, ignore_errors=True)
+    if stop.received and info.is_main:
+        _logger.info("%s received after the final test: the run is complete", signal_name(stop.received))
     return results
 
 
@@ -467,7 +478,7 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan):
             "note": "threshold maximising Top-1 + GT-known Loc on the evaluated split itself (not held out)",
             **{key: metrics[key] for key in ("num_images", "top1_cls", "top5_cls")}, **metrics["at_best_threshold"]}
     if info.is_main:
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         shown = [key for key in recorded_keys(metrics, plan) if key != "num_images" and not key.endswith("threshold")]
         rows = "\n".join(f"  {key:<15} {metrics[key]:8.2f}" for key in shown)
         classification = f"{'ten-crop' if tencrop else 'centre-crop'} classification"
@@ -485,8 +496,6 @@ def previous_outputs(cfg, output_dir):
     holding a checkpoint or results.json holds a previous run: refused without --resume or --overwrite, and
     with a plain --resume when it has no last.pth (one-line ConfigError, nothing touched); what a start that
     failed before its first checkpoint left is reused as it is."""
-    if cfg.resume is not None and cfg.overwrite:
-        raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
     check_output_folder(output_dir)
     run = [f"checkpoints/{path.name}" for path in sorted((output_dir / "checkpoints").glob("*.pth"))]
     if (output_dir / "results.json").exists():
@@ -508,6 +517,48 @@ def previous_outputs(cfg, output_dir):
         raise ConfigError(f"{output_dir} holds a previous run ({', '.join(run)}): --resume to continue it, "
                           "--overwrite to start again, or choose another --output-dir")
     return outputs if cfg.overwrite else []
+
+
+def resumed_best(best, path, checkpoint_dir, epochs_done, cfg, info):
+    """The ``best`` record a resumed run continues with. Resumed from another folder's checkpoint ``path``, its
+    best checkpoints are copied into this run's folder; those not found are selected again by this run's
+    evaluations (a warning). A run with no epoch left to train and no best.pth is refused (one line): its final
+    test would have nothing to test."""
+    carried, failure = None, None
+    if info.is_main:
+        try:
+            carried, copied, dropped = carry_best(best, Path(path).parent, checkpoint_dir)
+        except CheckpointError as err:
+            failure, copied, dropped = str(err), (), ()
+        if copied:
+            _logger.info("--resume: copied %s from %s into %s", ", ".join(copied), Path(path).parent, checkpoint_dir)
+        if dropped:
+            _logger.warning("--resume: %s not found beside %s: this run's evaluations select %s again",
+                            ", ".join(f"{name} (epoch {best[name]['epoch']})" for name in dropped), path,
+                            "it" if len(dropped) == 1 else "them")
+    best, failure = dist_utils.all_gather_object((carried, failure))[0]
+    if failure is not None:
+        raise CheckpointError(failure)
+    if "best.pth" not in best and epochs_done >= cfg.epochs:
+        raise ConfigError(f"--resume {path}: {epochs_done} epochs done and --epochs {cfg.epochs}, so none is left to "
+                          f"train, and the run has no best.pth for its final test (no evaluation selected one): "
+                          f"raise --epochs above {epochs_done}")
+    return best
+
+
+def lock_output_dir(lock, info):
+    """The main process takes the output folder's ``lock`` (utils/outputs.FolderLock) for the run: a job started
+    into the folder while this one writes it is refused, as this one is when another job holds it (one
+    ConfigError line, on every process)."""
+    failure = None
+    if info.is_main:
+        try:
+            lock.acquire()
+        except ConfigError as err:
+            failure = str(err)
+    failure = dist_utils.all_gather_object(failure)[0]
+    if failure is not None:
+        raise ConfigError(failure)
 
 
 def load_first_batch(train_loader, info):
@@ -539,9 +590,9 @@ def replace_previous_run(output_dir, names, info):
     dist_utils.barrier()
 
 
-def interrupted_message(cfg, progress, resume):
-    """One line after Ctrl-C: where training stopped, what is saved, and the command that resumes it (as after
-    SIGTERM / SIGUSR1)."""
+def interrupted_message(cfg, progress, resume, cause="interrupted"):
+    """One line after Ctrl-C (or a stop signal in the final test): where training stopped, what is saved, and the
+    command that resumes it (as after SIGTERM / SIGUSR1 during the epochs)."""
     where = "before training started" if progress["epoch"] is None else (
         "in the final test" if progress["epoch"] >= cfg.epochs else f"in epoch {progress['epoch'] + 1}/{cfg.epochs}")
     last = Path(cfg.output_dir) / "checkpoints" / "last.pth"
@@ -554,7 +605,7 @@ def interrupted_message(cfg, progress, resume):
         saved = f"{last} holds the last saved position"
     else:
         saved = "no checkpoint yet"
-    return f"interrupted {where}; {saved}; resume with: {resume}"
+    return f"{cause} {where}; {saved}; resume with: {resume}"
 
 
 if __name__ == "__main__":

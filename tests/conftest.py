@@ -1,5 +1,7 @@
+import contextlib
 import gc
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,3 +81,34 @@ def wait_for_file(proc, path, timeout=180):
     deadline = time.time() + timeout
     while not path.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
+
+
+HOLDER = """
+import sys, time
+from utils.outputs import FolderLock
+FolderLock(sys.argv[1], sys.argv[2]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@contextlib.contextmanager
+def folder_locked_by(folder, job):
+    """Another process holding ``folder``'s FolderLock (utils/outputs.py) as ``job``, as a running job does;
+    killed at the end (which frees the lock: tested)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), job], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def refused_for_lock(line, folder, job, holder):
+    """Whether ``line`` is the one-line refusal of a job started into ``folder`` while ``holder`` (``job``) holds
+    it."""
+    return line.startswith(f"error: --output-dir {folder}: another job is writing into it ({job}, pid {holder.pid} "
+                           "on ") and line.endswith(f"; {folder / '.lock'}): wait for it to end, or choose another "
+                                                    "--output-dir")

@@ -8,6 +8,8 @@ import pytest
 from tools.compare import main as compare_main, metric_rows
 from utils.errors import run_cli
 
+from conftest import folder_locked_by, refused_for_lock
+
 # per_image.csv of the two runs: image_id, label, gt_known, top1_loc, iou
 ROWS_A = [("a", 0, 1, 1, 0.8), ("b", 0, 1, 0, 0.6), ("c", 0, 0, 0, 0.2), ("d", 1, 1, 1, 0.7), ("e", 1, 0, 0, 0.1)]
 ROWS_B = [("b", 0, 0, 0, 0.3), ("c", 0, 1, 1, 0.6), ("d", 1, 1, 0, 0.65), ("e", 1, 0, 0, 0.2), ("f", 1, 1, 1, 0.9)]
@@ -157,3 +159,13 @@ def test_runs_on_different_data_are_pointed_out(tmp_path, capsys):
         run_cli(compare_main, [str(first), str(third), "--output-dir", str(tmp_path / "never")])
     assert capsys.readouterr().err == f"error: {third / 'per_image.csv'}: not UTF-8 text (expected the " \
         "evaluator's per_image.csv)\n"
+
+
+def test_a_comparison_into_a_folder_another_job_writes_is_refused(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    with folder_locked_by(out, "evaluator.py") as holder:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(compare_main, [*map(str, runs), "--output-dir", str(out)])
+        assert exit_info.value.code == 2
+        assert refused_for_lock(capsys.readouterr().err.rstrip("\n"), out, "evaluator.py", holder)
+        assert [path.name for path in out.iterdir()] == [".lock"]

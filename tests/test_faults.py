@@ -4,7 +4,9 @@ line on the terminal and in log.txt."""
 import errno
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -15,12 +17,13 @@ from PIL import Image
 import train
 from utils.checkpoint import read_checkpoint, save_checkpoint
 from utils.errors import run_cli
+from utils.outputs import FolderLock
 from evaluator import main as eval_main
 from tools.check_dataset import main as check_main
 
 import test_train
 from test_evaluation import save_nano_checkpoint
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, folder_locked_by, refused_for_lock
 from test_train import args, epochs_logged
 
 data_root = test_train.data_root  # the tiny dataset fixture
@@ -246,3 +249,94 @@ def test_a_boxes_csv_that_misses_test_images_stops_before_training(tmp_path, cap
         run_cli(check_main, ["--data-format", "folder", "--data-root", str(root), "--workers", "0"])
     assert error_line(capsys.readouterr().err, exit_info) == expected
     train.main(args(str(root), tmp_path / "cls", "--data-format", "folder", "--epochs", "1", "--eval-protocol", "cls"))
+
+
+def test_resume_from_another_folders_last_pth_carries_its_best_checkpoints(data_root, finished_run, tmp_path):
+    """Resumed from another run's last.pth with no epoch left (or none improving), the final test reads
+    best.pth in the new folder: the resumed run's best checkpoints are copied there."""
+    out = tmp_path / "continued"
+    results = train.main(args(data_root, out, "--epochs", "1", "--resume",
+                              str(finished_run / "checkpoints" / "last.pth")))
+    for name in ("best.pth", "best_top1_loc.pth", "best_gt_known_loc.pth"):
+        assert (out / "checkpoints" / name).read_bytes() == (finished_run / "checkpoints" / name).read_bytes()
+    reference = json.loads((finished_run / "results.json").read_text())
+    assert {**results, "checkpoint": None} == {**reference, "checkpoint": None}
+    assert f"--resume: copied best.pth, best_top1_loc.pth, best_gt_known_loc.pth from {finished_run / 'checkpoints'}" \
+        in (out / "log.txt").read_text()
+
+
+def test_resume_with_no_epoch_left_and_no_best_pth_is_refused(data_root, finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    for best in (out / "checkpoints").glob("best*.pth"):
+        best.unlink()
+    before = files(out)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args(data_root, out, "--epochs", "1", "--resume"))
+    assert error_line(capsys.readouterr().err, exit_info) == (
+        f"error: --resume {out / 'checkpoints' / 'last.pth'}: 1 epochs done and --epochs 1, so none is left to train, "
+        "and the run has no best.pth for its final test (no evaluation selected one): raise --epochs above 1")
+    assert {name: data for name, data in files(out).items() if name != "log.txt"} == \
+        {name: data for name, data in before.items() if name != "log.txt"}
+    assert "best.pth (epoch 1), best_top1_loc.pth (epoch 1), best_gt_known_loc.pth (epoch 1) not found beside" in \
+        (out / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("script, holder_script", [("train.py", "evaluator.py"), ("evaluator.py", "train.py")])
+def test_a_job_into_a_folder_another_job_writes_is_refused(data_root, tmp_path, capsys, script, holder_script):
+    out = tmp_path / "run"
+    with folder_locked_by(out, holder_script) as holder:
+        (out / "metrics.partial.json").write_text("being written")
+        before = files(out)
+        with pytest.raises(SystemExit) as exit_info:
+            if script == "train.py":
+                run_cli(train.main, args(data_root, out, "--epochs", "1"))
+            else:  # the evaluator removes an unfinished evaluation's partial files: not those of a running one
+                run_cli(eval_main, ["--checkpoint", str(save_nano_checkpoint(tmp_path / "nano.pth")), "--data-root",
+                                    data_root, "--output-dir", str(out)])
+        assert refused_for_lock(error_line(capsys.readouterr().err, exit_info), out, holder_script, holder)
+        assert files(out) == before and sorted(path.name for path in out.iterdir()) == [".lock",
+                                                                                         "metrics.partial.json"]
+    FolderLock(out, script).acquire().release()  # the holder was killed: no stale lock
+
+
+def test_a_stop_signal_in_the_final_test_ends_with_the_resume_command(data_root, tmp_path, monkeypatch):
+    final_test = train.final_test
+
+    def signalled(*test_args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return final_test(*test_args)
+
+    monkeypatch.setattr(train, "final_test", signalled)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args(data_root, out, "--epochs", "1"))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert not (out / "results.json").exists()
+    assert f"stopped by SIGTERM in the final test; {out / 'checkpoints' / 'last.pth'} holds 1 finished epoch(s); " \
+        "resume with: python " in (out / "log.txt").read_text()
+    monkeypatch.undo()
+    train.main(args(data_root, out, "--epochs", "1", "--resume"))  # runs the final test again
+    assert json.loads((out / "results.json").read_text())["epoch"] == 1 and epochs_logged(out) == [1]
+
+
+def test_the_lock_file_goes_with_its_job_and_a_file_removed_meanwhile_is_not_locked(tmp_path, monkeypatch):
+    lock = FolderLock(tmp_path / "out", "train.py").acquire()
+    assert (tmp_path / "out" / ".lock").read_text().startswith(f"train.py, pid {os.getpid()} on ")
+    lock.release()
+    assert not (tmp_path / "out" / ".lock").exists()
+    # the job holding the file opened here ends (and removes it) before the lock is taken: the new file is locked
+    import utils.outputs as outputs
+    lockf, calls = outputs.fcntl.lockf, []
+
+    def ended_meanwhile(fd, operation):
+        if not calls:
+            (tmp_path / "out" / ".lock").unlink()
+            (tmp_path / "out" / ".lock").write_text("")
+        calls.append(fd)
+        return lockf(fd, operation)
+
+    monkeypatch.setattr(outputs.fcntl, "lockf", ended_meanwhile)
+    lock = FolderLock(tmp_path / "out", "evaluator.py").acquire()
+    assert len(calls) == 2 and os.fstat(lock.fd).st_ino == (tmp_path / "out" / ".lock").stat().st_ino
+    assert (tmp_path / "out" / ".lock").read_text().startswith("evaluator.py, pid ")
+    lock.release()

@@ -21,6 +21,7 @@ from utils.errors import run_cli
 
 from test_evaluation import ARCH, CLASS_NAMES, save_nano_checkpoint, tiny_demo
 from test_evaluator_cli import run_script
+from conftest import folder_locked_by, refused_for_lock
 
 
 def test_crop_box_maps_back_to_original_pixels():
@@ -228,3 +229,16 @@ def test_earlier_predictions_are_refused_then_replaced_and_inputs_never_overwrit
                                                          "b_3.png", "predictions.json"]
     assert np.array_equal(np.asarray(Image.open(photos / "b_2.png")), np.asarray(mine))
     assert all((photos / name).read_bytes() == data for name, data in originals.items())
+
+
+def test_predictions_into_a_folder_another_job_writes_are_refused(tmp_path, capsys):
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    with folder_locked_by(out, "tools/predict.py") as holder:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(predict_main, ["--checkpoint", str(checkpoint), "--output-dir", str(out), "--device", "cpu",
+                                   str(tmp_path / "a.png")])
+        assert exit_info.value.code == 2
+        assert refused_for_lock(capsys.readouterr().err.rstrip("\n"), out, "tools/predict.py", holder)
+        assert [path.name for path in out.iterdir()] == [".lock"]

@@ -24,3 +24,19 @@ def test_boxes_and_caption_are_drawn(tmp_path):
     assert out[0:16, 30:60].max() > 150  # the caption, shrunk to fit, is drawn in white
     path = save_rgb(tmp_path / "sub" / "overlay.png", out)
     assert np.array_equal(cv2.imread(str(path))[:, :, ::-1], out)
+
+
+def test_make_figures_draws_the_architecture_and_a_grid_of_a_runs_overlays(tmp_path):
+    from tools.make_figures import main as make_figures
+    run = tmp_path / "demo_run"
+    colours = {"001.a": [(0, 0, 255), (0, 255, 0), (255, 0, 0)], "002.b": [(9, 9, 9)]}
+    for name, fills in colours.items():
+        (run / "overlays" / name).mkdir(parents=True)
+        for k, fill in enumerate(fills):
+            cv2.imwrite(str(run / "overlays" / name / f"{k}.png"), np.full((40, 60, 3), fill, np.uint8))
+    make_figures(["--demo-run", str(run), "--output-dir", str(tmp_path / "img"), "--per-class", "2"])
+    assert cv2.imread(str(tmp_path / "img" / "architecture.png")) is not None
+    grid = cv2.imread(str(tmp_path / "img" / "demo_overlays.png"))
+    assert grid.shape == (2 * 160, 2 * 160, 3)  # a row per class, the first 2 overlays of each, 160 px tiles
+    assert (grid[80, 80] == (0, 0, 255)).all() and (grid[80, 240] == (0, 255, 0)).all()
+    assert (grid[240, 80] == (9, 9, 9)).all() and (grid[240, 240] == 255).all()  # a short class: padded white

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.config import OneLineParser  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli  # noqa: E402
-from utils.outputs import delete_outputs, previous_outputs  # noqa: E402
+from utils.outputs import FolderLock, delete_outputs, previous_outputs  # noqa: E402
 from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noqa: E402
 
 # metrics.json keys not in the table: settings of the model and inputs, the threshold lists (their results
@@ -252,8 +252,15 @@ def main(argv=None):
     previous = previous_outputs(output_dir, written, args.overwrite, "comparison")
     names = run_names(args.runs, args.names)
     runs = {name: Run(folder) for name, folder in zip(names, args.runs)}
+    with FolderLock(output_dir, "tools/compare.py"):  # refused while another job writes into the folder
+        return compare(runs, output_dir, previous)
+
+
+def compare(runs, output_dir, previous):
+    """Print the comparison of ``runs`` ({name: Run}, the first the baseline) and write it into ``output_dir``,
+    replacing the ``previous`` comparison's files there; returns the record of compare.json."""
+    names = list(runs)
     delete_outputs(output_dir, previous)  # once the runs are read (a comparison takes a moment: not staged)
-    output_dir.mkdir(parents=True, exist_ok=True)
     for name, run in runs.items():
         meta = [f"{key} {run.metrics[key]}" for key in ("checkpoint", "split", "eval_protocol") if key in run.metrics]
         print(f"{name}: {run.folder}" + (f" ({', '.join(meta)})" if meta else ""))

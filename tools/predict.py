@@ -31,7 +31,7 @@ from Model import build_model_from_checkpoint  # noqa: E402
 from utils.config import FIELDS, OneLineParser, at_least  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli  # noqa: E402
-from utils.outputs import Staged, previous_outputs  # noqa: E402
+from utils.outputs import FolderLock, Staged, previous_outputs  # noqa: E402
 from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
 
@@ -152,14 +152,14 @@ def main(argv=None):
                      resize_size=args.resize_size or (meta.get("config") or {}).get("resize_size"))
     threshold = args.threshold if args.threshold is not None else float(meta.get("best_thr") or 0.4)
     names = meta.get("class_names") or [str(k) for k in range(model.num_classes)]
-    output_dir.mkdir(parents=True, exist_ok=True)
     staged = Staged()  # the new files, moved in place of the previous ones once every image is predicted
-    try:
-        record = predict(args, model, paths, view, threshold, names, output_dir, staged, set(previous))
-        staged.commit(output_dir, previous)
-    except BaseException:
-        staged.discard()
-        raise
+    with FolderLock(output_dir, "tools/predict.py"):  # refused while another job writes into the folder
+        try:
+            record = predict(args, model, paths, view, threshold, names, output_dir, staged, set(previous))
+            staged.commit(output_dir, previous)
+        except BaseException:
+            staged.discard()
+            raise
     print(f"{len(record['predictions'])} predictions written to {output_dir / 'predictions.json'}")
     if args.coco:
         print(f"COCO-format boxes written to {args.coco}")

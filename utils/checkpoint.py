@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -293,6 +294,39 @@ def best_of_run(checkpoint_dir, epoch):
         if isinstance(meta.get("selection"), dict) and meta.get("epoch", epoch + 1) <= epoch:
             best[path.name] = meta["selection"]
     return best
+
+
+def carry_best(best, source_dir, checkpoint_dir):
+    """The best checkpoints of a run resumed from another folder (``source_dir``) into ``checkpoint_dir``:
+    each file of ``best`` ({name: selection record}) that ``checkpoint_dir`` lacks is copied from ``source_dir``
+    when the file there is the one recorded (the final test reads best.pth in the run's own folder). Returns
+    (``best`` without the files found nowhere, so that this run's evaluations select them again, the names
+    copied, the names dropped)."""
+    source_dir, checkpoint_dir = Path(source_dir), Path(checkpoint_dir)
+    kept, copied, dropped = {}, [], []
+    for name, record in best.items():
+        target, source = checkpoint_dir / name, source_dir / name
+        if target.is_file():
+            kept[name] = record
+            continue
+        try:
+            found = read_checkpoint(source).get("selection") if source.is_file() else None
+        except CheckpointError:
+            found = None
+        if found != record:
+            dropped.append(name)
+            continue
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint_dir / f".{name}.copy.tmp"
+        try:
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"could not copy {source} to {target}: {err.strerror or err}") from None
+        kept[name] = record
+        copied.append(name)
+    return kept, copied, dropped
 
 
 def _instead(path):

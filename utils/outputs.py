@@ -2,11 +2,22 @@
 only what the job itself writes is replaced, once the new run is complete (``Staged``). Nothing else in the
 folder is touched, so a folder shared with other files (or with another job's outputs) keeps them.
 """
+import datetime
+import errno
+import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 from .errors import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: runs are not locked
+    fcntl = None
+
+_logger = logging.getLogger("sat")
 
 PARTIAL = ".partial"  # marks the outputs being written, until Staged.commit moves them in place
 
@@ -34,6 +45,18 @@ def previous_outputs(output_dir, names, overwrite, what="run"):
         raise ConfigError(f"{output_dir} holds a previous {what} ({', '.join(found)}): --overwrite to replace it, "
                           "or choose another --output-dir")
     return found
+
+
+def write_text_atomic(path, text):
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file renamed in place: a reader, or a job killed
+    while writing, never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def delete_outputs(output_dir, names):
@@ -75,3 +98,62 @@ class Staged:
         """Delete what was staged (after a failure: the previous outputs stay as they were)."""
         for staged in self.paths.values():
             delete_outputs(staged.parent, [staged.name])
+
+
+class FolderLock:
+    """An exclusive lock on an output folder while a job (``job``: the script's name) writes into it
+    (``<folder>/.lock``, removed when the job ends): a second job started into the same folder (one job submitted
+    twice, an evaluation into a folder a run is writing) is refused with one line naming the holder, instead of
+    both writing the same files. A POSIX record lock: the system releases it when the process ends, even
+    killed (the file a killed job leaves is free), and NFS shares it between nodes. Where the file system has
+    no locks, the job runs unlocked with a warning."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder, job):
+        self.path, self.job, self.fd = Path(folder) / self.NAME, job, None
+
+    def acquire(self):
+        """Take the lock (creating the folder); a ConfigError when another process holds it. Returns self."""
+        check_output_folder(self.path.parent)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            return self
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = os.read(fd, 300).decode("utf-8", "replace").strip() or "a job that has not said which"
+                os.close(fd)
+                if err.errno not in (errno.EACCES, errno.EAGAIN):
+                    _logger.warning("%s: the file system offers no lock (%s): nothing keeps a second job from "
+                                    "writing into this folder at the same time", self.path, err.strerror or err)
+                    return self
+                raise ConfigError(f"--output-dir {self.path.parent}: another job is writing into it ({holder}; "
+                                  f"{self.path}): wait for it to end, or choose another --output-dir") from None
+            try:
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:  # the file of a job that just ended and removed it: lock the one at the path now
+                os.close(fd)
+                continue
+            since = datetime.datetime.now().isoformat(timespec="seconds")
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{self.job}, pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode())
+            self.fd = fd
+        return self
+
+    def release(self):
+        """Remove the lock file, then free the lock (in that order: a job waiting on the old file retries)."""
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

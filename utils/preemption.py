@@ -87,6 +87,19 @@ class StopSignals:
         return int(all_reduce_max(torch.tensor([self.received], device=device)).item())
 
 
+class StopAtOnce(StopSignals):
+    """:class:`StopSignals` whose signal raises :class:`Preempted` at once, with the line ``message(signal
+    name)``: for work that saves nothing and that ``--resume`` redoes (the final test), so that the job ends at
+    once with the command that continues it (a plain SIGTERM ends it without a word)."""
+
+    def __init__(self, message, signals=STOP_SIGNALS):
+        super().__init__(signals)
+        self.message = message
+
+    def _handle(self, signum, frame):
+        raise Preempted(self.message(signal_name(signum)), signum)
+
+
 def resume_command(argv=None, distributed=False):
     """The command line that continues this run: the same arguments with ``--resume`` (from the run's
     last.pth) instead of any ``--resume PATH`` / ``--overwrite``; for several processes, to be started by
