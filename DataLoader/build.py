@@ -26,10 +26,11 @@ LAYOUTS = {
     "cars": CARS_LAYOUT,
     "aircraft": AIRCRAFT_LAYOUT,
 }
-# Entries of which each (EACH_REQUIRED) or at least one (ANY_REQUIRED) must exist under the root.
-EACH_REQUIRED = {"cub": ("images", *CUB_FILES), "dogs": ("Images", "Annotation")}
-ANY_REQUIRED = {"imagenet": ("train", "val"), "folder": ("train", "val", "test"),
-                "cars": ("cars_train", "cars_test", "car_ims"), "aircraft": ("data", "images")}
+# Entries (folders end in /) of which each (EACH_REQUIRED) or at least one (ANY_REQUIRED) must exist under the
+# root. Aircraft: the release root or its data/ folder, told by variants.txt (its images/ a CUB root has too).
+EACH_REQUIRED = {"cub": ("images/", *CUB_FILES), "dogs": ("Images/", "Annotation/")}
+ANY_REQUIRED = {"imagenet": ("train/", "val/"), "folder": ("train/", "val/", "test/"),
+                "cars": ("cars_train/", "cars_test/", "car_ims/"), "aircraft": ("data/variants.txt", "variants.txt")}
 LOADERS = {"cub": load_cub, "dogs": load_dogs, "cars": load_cars, "aircraft": load_aircraft}
 
 
@@ -59,8 +60,8 @@ def _root_hint(fmt, root):
 
 
 # Formats whose entries tell a root apart, for the hint of a wrong --data-format (not: the wsol image root, which
-# has no fixed entries, nor Aircraft's images/, which a CUB root has too).
-LOOKS_LIKE = ("cub", "folder", "dogs", "cars")
+# has no fixed entries).
+LOOKS_LIKE = ("cub", "folder", "dogs", "cars", "aircraft")
 # A root with more entries than this is not searched for a subfolder that fits (the hint must stay cheap).
 SUBFOLDER_SEARCH_LIMIT = 100
 
@@ -83,10 +84,10 @@ def _layout_problem(fmt, root):
     """What ``root`` lacks of format ``fmt``'s entries, or None."""
     missing = [name for name in EACH_REQUIRED.get(fmt, ()) if not (Path(root) / name).exists()]
     if missing:
-        return f"missing {missing[0]}"
+        return f"missing {', '.join(missing)}"
     names = ANY_REQUIRED.get(fmt, ())
     if names and not any((Path(root) / name).exists() for name in names):
-        return f"has none of {', '.join(n + '/' for n in names)}"
+        return f"has none of {', '.join(names)}"
     return None
 
 

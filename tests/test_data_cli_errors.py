@@ -111,12 +111,18 @@ CASES = {
     "folder data read as cub": (
         lambda root: image(root / "train/c/x.jpg") or image(root / "test/c/x.jpg") or
         ["--data-format", "cub", "--data-root", str(root)],
-        r"data root \S+: missing images \(expected the CUB-200-2011 release layout\); its entries fit --data-format "
-        r"folder"),
+        r"data root \S+: missing images/, images.txt, image_class_labels.txt, train_test_split.txt, "
+        r"bounding_boxes.txt, classes.txt \(expected the CUB-200-2011 release layout\); its entries fit "
+        r"--data-format folder"),
     "release extracted into the data root": (  # the CUB tarball extracts to CUB_200_2011/ (here: data/)
         lambda root: ["--data-format", "cub", "--data-root", str(root.parent)],
-        r"data root (\S+): missing images \(expected the CUB-200-2011 release layout\); "
+        r"data root (\S+): missing images/, images.txt, image_class_labels.txt, train_test_split.txt, "
+        r"bounding_boxes.txt, classes.txt \(expected the CUB-200-2011 release layout\); "
         r"did you mean --data-root \1/data\?"),
+    "cub data read as aircraft": (  # CUB has images/ as FGVC-Aircraft's data/ does, but no variants.txt
+        lambda root: ["--data-format", "aircraft", "--data-root", str(root), "--split", "test"],
+        r"data root \S+: has none of data/variants.txt, variants.txt \(expected the FGVC-Aircraft 2013b release "
+        r"layout: data/images/, .*\); its entries fit --data-format cub$"),
     "cub data read as imagenet": (
         lambda root: ["--data-format", "imagenet", "--data-root", str(root), "--split", "test"],
         r"data root \S+: has none of train/, val/ \(expected the ILSVRC2012 layout: train/<wnid>/ and/or val/\); "
