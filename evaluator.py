@@ -72,16 +72,18 @@ def main(argv=None, imagenet=False):
 
 def start_logging(args, info, lock):
     """(output folder, the previous evaluation's files there that this one replaces), with log.txt started
-    (appended to) and the --config keys the evaluator does not read logged. A folder holding an evaluation is
-    refused without --overwrite, as are output paths that cannot be written; then the main process takes the
-    folder's ``lock`` (utils/outputs.FolderLock: refused while another job writes into the folder). One
-    ConfigError line on every process, before the model is built."""
+    (appended to) and the --config keys the evaluator does not read logged. The main process takes the folder's
+    ``lock`` (utils/outputs.FolderLock: refused while another job writes into the folder); a folder holding an
+    evaluation is refused without --overwrite, as are output paths that cannot be written. One ConfigError line
+    on every process, before the model is built."""
     output_dir = Path(args.output_dir)
     failure, previous = None, []
     if info.is_main:
         try:
+            if output_dir.is_dir():  # first: another job writing into the folder is what to say
+                lock.acquire()
             previous = check_output_paths(args, output_dir)
-            lock.acquire()
+            lock.acquire()  # (a new folder is created once the paths are found fit)
             delete_outputs(output_dir, PARTIALS)  # what an evaluation that did not finish left (not a running one's)
         except ConfigError as err:
             failure = str(err)

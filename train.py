@@ -31,7 +31,7 @@ from Model import SATLoss, build_model, checkpoint_weights
 from Model.losses import area_span
 from utils import distributed as dist_utils
 from utils.amp import LossScaler, autocast_context, describe
-from utils.checkpoint import (carry_best, load_checkpoint, model_spec, resume_path, restore, rng_state,
+from utils.checkpoint import (carry_best, copy_checkpoint, load_checkpoint, model_spec, resume_path, restore, rng_state,
                               save_checkpoint, seed_everything, set_rng_state)
 from utils.config import config_dict, parse_config, save_config
 from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
@@ -85,15 +85,15 @@ def main(argv=None, imagenet=False):
 def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     """One training run; ``progress`` ({'epoch', 'saved'}) is kept up to date for the message after an
     interruption; ``resume``: the command that continues the run (default: from sys.argv), for the lines of
-    errors that stop it; ``lock``: the output folder's FolderLock, taken once the folder is found fit (the
-    caller releases it). Returns the record written to results.json."""
+    errors that stop it; ``lock``: the output folder's FolderLock, taken first (the caller releases it).
+    Returns the record written to results.json."""
     progress = {} if progress is None else progress
     resume = resume or resume_command(distributed=info.world_size > 1)
     output_dir = Path(cfg.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
-    replaced = previous_outputs(cfg, output_dir)
-    if lock is not None:
+    if lock is not None:  # first: another job writing into the folder is what to say
         lock_output_dir(lock, info)
+    replaced = previous_outputs(cfg, output_dir)
     setup_logging(output_dir, info.is_main, info.rank, log_file=not replaced)  # not into the old run's log
     if replaced:
         _logger.info("--overwrite: the previous run's %s in %s go once this run has its data, model and first "
@@ -147,7 +147,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
         trained = meta.get("epoch_stats")
         if start_step and not trained and len(meta["epoch_meters"]) == info.world_size:
             meters_state = meta["epoch_meters"][info.rank]
-        best = resumed_best(best, path, checkpoint_dir, start_epoch, cfg, info)
+        best = carry_over(best, path, checkpoint_dir, start_epoch, "optimizer" in meta, cfg, info)
     progress.update(epoch=start_epoch, saved=start_epoch, step=start_step)
     metrics_log = MetricsLog(output_dir, start_epoch) if info.is_main else None
     if info.is_main:
@@ -234,14 +234,14 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
 
     # the final test of best.pth, as the official evaluator
     progress["epoch"] = cfg.epochs
-    try:
-        with StopAtOnce(lambda name: interrupted_message(cfg, progress, resume, f"stopped by {name}")):
-            results = final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan)
-    except (DataError, CheckpointError) as err:
-        fixed = "the data" if isinstance(err, DataError) else "that"
-        raise type(err)(f"the final test failed: {user_message(err)}; every epoch is saved in {checkpoint_dir}: "
-                        f"once {fixed} is fixed, run the final test again with: {resume}") from None
-    with StopSignals() as stop:  # the run is complete: a signal now only ends it
+    with StopSignals() as stop:  # once the test is evaluated, a signal only ends the run (see final_test)
+        try:
+            results = final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, stopped=lambda
+                                 name: interrupted_message(cfg, progress, resume, f"stopped by {name}"))
+        except (DataError, CheckpointError) as err:
+            fixed = "the data" if isinstance(err, DataError) else "that"
+            raise type(err)(f"the final test failed: {user_message(err)}; every epoch is saved in {checkpoint_dir}: "
+                            f"once {fixed} is fixed, run the final test again with: {resume}") from None
         if cfg.cache_images:  # a finished run does not need it again; an interrupted one keeps it
             dist_utils.barrier()  # every process is done reading it
             if info.is_main:
@@ -450,19 +450,21 @@ def log_epoch(cfg, epoch, stats, metrics, improved, split, plan):
 
 
 # ------------------------------------------------------------------------------------------- final test
-def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan):
+def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, stopped=None):
     """Evaluate best.pth on the test split as the official evaluator does (fp32, at ``threshold``, ten-crop
     classification with ``tencrop``) and write results.json; with report_best_threshold, also the metrics at
     the best of eval_thresholds chosen on the test split itself (labelled so). Without boxes: the plan's
-    protocol (wsol metrics, or classification only)."""
+    protocol (wsol metrics, or classification only). A stop signal while best.pth is loaded and evaluated
+    raises Preempted at once with the line ``stopped(signal name)`` (utils/preemption.StopAtOnce)."""
     dist_utils.barrier()
     best_path = checkpoint_dir / "best.pth"
-    meta = load_checkpoint(best_path, model)
     sat, started = plan.sat, time.perf_counter()
-    metrics = evaluate(test_loader, model, info.device, threshold=cfg.threshold if sat else None,
-                       thresholds=cfg.eval_thresholds if cfg.report_best_threshold and sat else (),
-                       distributed=info.distributed, overlay_dir=output_dir / "overlays" if cfg.overlays else None,
-                       overlays=None if cfg.overlays == "all" else cfg.overlays, progress=info.is_main)
+    with StopAtOnce(stopped or (lambda name: f"stopped by {name} in the final test")):
+        meta = load_checkpoint(best_path, model)
+        metrics = evaluate(test_loader, model, info.device, threshold=cfg.threshold if sat else None,
+                           thresholds=cfg.eval_thresholds if cfg.report_best_threshold and sat else (),
+                           distributed=info.distributed, overlay_dir=output_dir / "overlays" if cfg.overlays else None,
+                           overlays=None if cfg.overlays == "all" else cfg.overlays, progress=info.is_main)
     seconds = time.perf_counter() - started
     if info.is_main:
         log_evaluation_time(metrics, seconds)
@@ -493,15 +495,20 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan):
 def previous_outputs(cfg, output_dir):
     """The outputs of an earlier run in ``output_dir`` that this one replaces (--overwrite; deleted by
     ``replace_previous_run`` once this run can start), as the main process finds them, on every process. A folder
-    holding a checkpoint or results.json holds a previous run: refused without --resume or --overwrite, and
-    with a plain --resume when it has no last.pth (one-line ConfigError, nothing touched); what a start that
-    failed before its first checkpoint left is reused as it is."""
+    holding a checkpoint or results.json holds a previous run: refused without --resume or --overwrite, with a
+    plain --resume when it has no last.pth, and with --resume of another folder's checkpoint (one-line
+    ConfigError, nothing touched); what a start that failed before its first checkpoint left is reused as it is."""
     check_output_folder(output_dir)
     run = [f"checkpoints/{path.name}" for path in sorted((output_dir / "checkpoints").glob("*.pth"))]
     if (output_dir / "results.json").exists():
         run.append("results.json")
     outputs = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
     run, outputs = dist_utils.all_gather_object((run, outputs))[0]
+    elsewhere = cfg.resume not in (None, "auto") and \
+        Path(cfg.resume).resolve().parent != (output_dir / "checkpoints").resolve()
+    if elsewhere and run:  # another run's checkpoint into a folder holding a run: the two would mix
+        raise ConfigError(f"--resume {cfg.resume}: {output_dir} holds another run ({', '.join(run)}): continue that "
+                          "run in a new --output-dir, or this folder's own run with --resume alone")
     if cfg.resume == "auto" and run and "checkpoints/last.pth" not in run:  # not a start: nothing to continue
         best = "checkpoints/best.pth"
         continue_from = f"--resume {output_dir / best} continues from its weights, " if best in run else ""
@@ -519,15 +526,20 @@ def previous_outputs(cfg, output_dir):
     return outputs if cfg.overwrite else []
 
 
-def resumed_best(best, path, checkpoint_dir, epochs_done, cfg, info):
-    """The ``best`` record a resumed run continues with. Resumed from another folder's checkpoint ``path``, its
-    best checkpoints are copied into this run's folder; those not found are selected again by this run's
-    evaluations (a warning). A run with no epoch left to train and no best.pth is refused (one line): its final
-    test would have nothing to test."""
-    carried, failure = None, None
+def carry_over(best, path, checkpoint_dir, epochs_done, full_state, cfg, info):
+    """The ``best`` record a resumed run continues with. Resumed from another folder's checkpoint ``path``, the
+    run moves into ``checkpoint_dir``: its best checkpoints are copied there (those not found are selected again
+    by this run's evaluations, with a warning), and ``path`` as last.pth when it holds the training state
+    (``full_state``), so that a plain --resume continues the run there. A run with no epoch left to train and no
+    best.pth is refused (one line): its final test would have nothing to test."""
+    carried, failure = best, None
     if info.is_main:
         try:
             carried, copied, dropped = carry_best(best, Path(path).parent, checkpoint_dir)
+            last = checkpoint_dir / "last.pth"
+            if full_state and not last.exists():
+                copy_checkpoint(path, last)
+                copied.append(f"{Path(path).name} (as last.pth)")
         except CheckpointError as err:
             failure, copied, dropped = str(err), (), ()
         if copied:
@@ -536,14 +548,14 @@ def resumed_best(best, path, checkpoint_dir, epochs_done, cfg, info):
             _logger.warning("--resume: %s not found beside %s: this run's evaluations select %s again",
                             ", ".join(f"{name} (epoch {best[name]['epoch']})" for name in dropped), path,
                             "it" if len(dropped) == 1 else "them")
-    best, failure = dist_utils.all_gather_object((carried, failure))[0]
+    carried, failure = dist_utils.all_gather_object((carried, failure))[0]
     if failure is not None:
         raise CheckpointError(failure)
-    if "best.pth" not in best and epochs_done >= cfg.epochs:
+    if "best.pth" not in carried and epochs_done >= cfg.epochs:
         raise ConfigError(f"--resume {path}: {epochs_done} epochs done and --epochs {cfg.epochs}, so none is left to "
-                          f"train, and the run has no best.pth for its final test (no evaluation selected one): "
-                          f"raise --epochs above {epochs_done}")
-    return best
+                          f"train, and {checkpoint_dir} has no best.pth for the final test: raise --epochs above "
+                          f"{epochs_done}")
+    return carried
 
 
 def lock_output_dir(lock, info):

@@ -255,6 +255,9 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
     ("train", ["extra"], "unexpected argument 'extra'"),
     ("train", ["--val-split", "true"], "--val-split takes no value (--no-val-split for false), got 'true'"),
     ("train", ["--overwrite", "yes"], "--overwrite takes no value, got 'yes'"),
+    ("train", ["--no-val-split", "false"], "--no-val-split takes no value (--val-split for true), got 'false'"),
+    ("train", ["--epochs", "5", "--val-split", "5"], "--val-split takes no value (--no-val-split for false), got "
+                                                     "'5'"),
     ("train", ["--img-size", "100"], "--img-size: expected an integer >= 16 (a multiple of 16), got '100'"),
     ("train", ["--trainable", "some"], "--trainable: expected all, sat, head or last:K, got 'some'"),
     ("train", ["--epochs", "x"], "--epochs: expected an integer >= 1, got 'x'"),
@@ -331,6 +334,13 @@ def test_help_keeps_the_usage(capsys):
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and out.startswith("usage: evaluator_ImageNet.py")
     assert "--threshold T" in out and "(default: 0.3)" in out and "--data-format" not in out
+
+
+def test_yaml_merge_keys_and_non_scalar_keys(tmp_path):
+    path = write(tmp_path, "<<: {lr: 0.001, epochs: 3}\nseed: 7\n")
+    assert {key: load_yaml(path)[key] for key in ("lr", "epochs", "seed")} == {"lr": 0.001, "epochs": 3, "seed": 7}
+    with pytest.raises(ConfigError, match=r"c.yaml line 1: invalid YAML \(found unhashable key\)"):
+        load_yaml(write(tmp_path, "? [a, b]\n: 1\n"))
 
 
 def test_yaml_numbers_in_exponent_notation(tmp_path):

@@ -16,7 +16,7 @@ from PIL import Image
 
 import train
 from utils.checkpoint import read_checkpoint, save_checkpoint
-from utils.errors import run_cli
+from utils.errors import ConfigError, run_cli
 from utils.outputs import FolderLock
 from evaluator import main as eval_main
 from tools.check_dataset import main as check_main
@@ -251,18 +251,26 @@ def test_a_boxes_csv_that_misses_test_images_stops_before_training(tmp_path, cap
     train.main(args(str(root), tmp_path / "cls", "--data-format", "folder", "--epochs", "1", "--eval-protocol", "cls"))
 
 
-def test_resume_from_another_folders_last_pth_carries_its_best_checkpoints(data_root, finished_run, tmp_path):
-    """Resumed from another run's last.pth with no epoch left (or none improving), the final test reads
-    best.pth in the new folder: the resumed run's best checkpoints are copied there."""
-    out = tmp_path / "continued"
-    results = train.main(args(data_root, out, "--epochs", "1", "--resume",
-                              str(finished_run / "checkpoints" / "last.pth")))
-    for name in ("best.pth", "best_top1_loc.pth", "best_gt_known_loc.pth"):
-        assert (out / "checkpoints" / name).read_bytes() == (finished_run / "checkpoints" / name).read_bytes()
+def test_resume_from_another_folders_last_pth_carries_the_run_over(data_root, finished_run, tmp_path, capsys):
+    """Resumed from another run's last.pth into a new folder, the run moves there: its best checkpoints (the final
+    test reads best.pth in the run's folder) and last.pth (a plain --resume continues there) are copied. The same
+    command again is refused: another run's checkpoint into a folder holding a run would mix the two."""
+    out, source = tmp_path / "continued", finished_run / "checkpoints"
+    results = train.main(args(data_root, out, "--epochs", "1", "--resume", str(source / "last.pth")))
+    for name in ("best.pth", "best_top1_loc.pth", "best_gt_known_loc.pth", "last.pth"):
+        assert (out / "checkpoints" / name).read_bytes() == (source / name).read_bytes()
     reference = json.loads((finished_run / "results.json").read_text())
     assert {**results, "checkpoint": None} == {**reference, "checkpoint": None}
-    assert f"--resume: copied best.pth, best_top1_loc.pth, best_gt_known_loc.pth from {finished_run / 'checkpoints'}" \
-        in (out / "log.txt").read_text()
+    assert f"--resume: copied best.pth, best_top1_loc.pth, best_gt_known_loc.pth, last.pth (as last.pth) from " \
+        f"{source} into {out / 'checkpoints'}" in (out / "log.txt").read_text()
+    before = files(out)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args(data_root, out, "--epochs", "1", "--resume", str(source / "last.pth")))
+    assert error_line(capsys.readouterr().err, exit_info).startswith(
+        f"error: --resume {source / 'last.pth'}: {out} holds another run (checkpoints/best.pth, ")
+    assert files(out) == before
+    train.main(args(data_root, out, "--epochs", "2", "--resume"))  # the run goes on in its new folder
+    assert epochs_logged(out) == [2] and read_checkpoint(out / "checkpoints" / "last.pth")["epoch"] == 2
 
 
 def test_resume_with_no_epoch_left_and_no_best_pth_is_refused(data_root, finished_run, tmp_path, capsys):
@@ -274,7 +282,7 @@ def test_resume_with_no_epoch_left_and_no_best_pth_is_refused(data_root, finishe
         run_cli(train.main, args(data_root, out, "--epochs", "1", "--resume"))
     assert error_line(capsys.readouterr().err, exit_info) == (
         f"error: --resume {out / 'checkpoints' / 'last.pth'}: 1 epochs done and --epochs 1, so none is left to train, "
-        "and the run has no best.pth for its final test (no evaluation selected one): raise --epochs above 1")
+        f"and {out / 'checkpoints'} has no best.pth for the final test: raise --epochs above 1")
     assert {name: data for name, data in files(out).items() if name != "log.txt"} == \
         {name: data for name, data in before.items() if name != "log.txt"}
     assert "best.pth (epoch 1), best_top1_loc.pth (epoch 1), best_gt_known_loc.pth (epoch 1) not found beside" in \
@@ -300,13 +308,15 @@ def test_a_job_into_a_folder_another_job_writes_is_refused(data_root, tmp_path, 
 
 
 def test_a_stop_signal_in_the_final_test_ends_with_the_resume_command(data_root, tmp_path, monkeypatch):
-    final_test = train.final_test
+    """A signal while best.pth loads stops at once (not reported as a damaged checkpoint); one after results.json
+    is written ends a complete run."""
+    load_checkpoint = train.load_checkpoint
 
-    def signalled(*test_args):
+    def signalled(*load_args):
         os.kill(os.getpid(), signal.SIGTERM)
-        return final_test(*test_args)
+        return load_checkpoint(*load_args)
 
-    monkeypatch.setattr(train, "final_test", signalled)
+    monkeypatch.setattr(train, "load_checkpoint", signalled)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         train.main(args(data_root, out, "--epochs", "1"))
@@ -315,8 +325,18 @@ def test_a_stop_signal_in_the_final_test_ends_with_the_resume_command(data_root,
     assert f"stopped by SIGTERM in the final test; {out / 'checkpoints' / 'last.pth'} holds 1 finished epoch(s); " \
         "resume with: python " in (out / "log.txt").read_text()
     monkeypatch.undo()
-    train.main(args(data_root, out, "--epochs", "1", "--resume"))  # runs the final test again
-    assert json.loads((out / "results.json").read_text())["epoch"] == 1 and epochs_logged(out) == [1]
+    write_text_atomic = train.write_text_atomic
+
+    def written_then_signalled(*write_args):
+        write_text_atomic(*write_args)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train, "write_text_atomic", written_then_signalled)
+    results = train.main(args(data_root, out, "--epochs", "1", "--resume"))  # runs the final test again
+    assert json.loads((out / "results.json").read_text()) == results and results["epoch"] == 1
+    assert epochs_logged(out) == [1]
+    assert (out / "log.txt").read_text().rstrip().endswith("SIGTERM received after the final test: the run is "
+                                                           "complete")
 
 
 def test_the_lock_file_goes_with_its_job_and_a_file_removed_meanwhile_is_not_locked(tmp_path, monkeypatch):
@@ -340,3 +360,10 @@ def test_the_lock_file_goes_with_its_job_and_a_file_removed_meanwhile_is_not_loc
     assert len(calls) == 2 and os.fstat(lock.fd).st_ino == (tmp_path / "out" / ".lock").stat().st_ino
     assert (tmp_path / "out" / ".lock").read_text().startswith("evaluator.py, pid ")
     lock.release()
+    # a folder that cannot hold the lock: one line, not a traceback
+    (tmp_path / "odd" / ".lock").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"--output-dir \S+odd: cannot write its lock file \S+odd/.lock \(Is a "
+                                          r"directory\)$"):
+        FolderLock(tmp_path / "odd", "train.py").acquire()
+    with pytest.raises(ConfigError, match=r"--output-dir /proc/sat_out: cannot be created \("):
+        FolderLock("/proc/sat_out", "train.py").acquire()

@@ -316,17 +316,24 @@ def carry_best(best, source_dir, checkpoint_dir):
         if found != record:
             dropped.append(name)
             continue
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint_dir / f".{name}.copy.tmp"
-        try:
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"could not copy {source} to {target}: {err.strerror or err}") from None
+        copy_checkpoint(source, target)
         kept[name] = record
         copied.append(name)
     return kept, copied, dropped
+
+
+def copy_checkpoint(source, target):
+    """Copy checkpoint ``source`` to ``target`` atomically (a temp file renamed); a one-line CheckpointError
+    when it cannot be written."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.copy.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not copy {source} to {target}: {err.strerror or err}") from None
 
 
 def _instead(path):

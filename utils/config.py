@@ -373,9 +373,12 @@ class DuplicateKey(yaml.YAMLError):
 
 
 def _mapping_once(loader, node, deep=False):
-    """YAML mappings whose keys are each given once."""
+    """YAML mappings whose keys are each given once (merge keys ``<<`` and keys that are not plain values are
+    left to PyYAML, which merges or reports them)."""
     seen = set()
     for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise DuplicateKey(key, key_node.start_mark)
@@ -531,11 +534,13 @@ def _unknown_flag(token, script, parser, argv=()):
     """The error line of a command-line word the parser does not know (``argv``: the command line it is in)."""
     flag = token.split("=", 1)[0]
     if not flag.startswith("-"):
-        before = argv[argv.index(token) - 1] if token in argv and argv.index(token) else None
-        action = parser._option_string_actions.get(before)
-        if action is not None and action.nargs == 0:  # a value after a true/false flag: --val-split true
-            negated = f" (--no-{before[2:]} for false)" if isinstance(action, argparse.BooleanOptionalAction) else ""
-            return f"{before} takes no value{negated}, got {token!r}"
+        for before in (argv[k - 1] for k in range(1, len(argv)) if argv[k] == token):
+            action = parser._option_string_actions.get(before)
+            if action is not None and action.nargs == 0:  # a value after a true/false flag: --val-split true
+                other = before.replace("--no-", "--", 1) if before.startswith("--no-") else "--no-" + before[2:]
+                negated = (f" ({other} for {'true' if before.startswith('--no-') else 'false'})"
+                           if isinstance(action, argparse.BooleanOptionalAction) else "")
+                return f"{before} takes no value{negated}, got {token!r}"
         return f"unexpected argument {token!r}"
     name = flag.lstrip("-")
     negated, key = name.startswith("no-"), name.removeprefix("no-").replace("-", "_")

@@ -114,41 +114,58 @@ class FolderLock:
         self.path, self.job, self.fd = Path(folder) / self.NAME, job, None
 
     def acquire(self):
-        """Take the lock (creating the folder); a ConfigError when another process holds it. Returns self."""
-        check_output_folder(self.path.parent)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if fcntl is None:
+        """Take the lock (creating the folder; nothing when this lock holds it already); a ConfigError when
+        another process holds it or the folder cannot be written. Returns self."""
+        if self.fd is not None:
             return self
-        while self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        check_output_folder(self.path.parent)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--output-dir {self.path.parent}: cannot be created ({err.strerror or err})") from None
+        for _ in range(10) if fcntl is not None else ():  # a lock file removed meanwhile: try the new one
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as err:
+                raise ConfigError(f"--output-dir {self.path.parent}: cannot write its lock file {self.path} "
+                                  f"({err.strerror or err})") from None
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
                 holder = os.read(fd, 300).decode("utf-8", "replace").strip() or "a job that has not said which"
                 os.close(fd)
+                if err.errno == errno.ESTALE:  # NFS: removed on the server since it was opened
+                    continue
                 if err.errno not in (errno.EACCES, errno.EAGAIN):
                     _logger.warning("%s: the file system offers no lock (%s): nothing keeps a second job from "
                                     "writing into this folder at the same time", self.path, err.strerror or err)
                     return self
                 raise ConfigError(f"--output-dir {self.path.parent}: another job is writing into it ({holder}; "
                                   f"{self.path}): wait for it to end, or choose another --output-dir") from None
-            try:
-                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                current = False
-            if not current:  # the file of a job that just ended and removed it: lock the one at the path now
-                os.close(fd)
-                continue
-            since = datetime.datetime.now().isoformat(timespec="seconds")
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{self.job}, pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode())
-            self.fd = fd
+            if self._is_current(fd):
+                since = datetime.datetime.now().isoformat(timespec="seconds")
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{self.job}, pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode())
+                self.fd = fd
+                return self
+            os.close(fd)  # the file of a job that has just ended and removed it: lock the one at the path now
+        if fcntl is not None:
+            _logger.warning("%s: kept changing while it was being locked: this job runs unlocked", self.path)
         return self
 
+    def _is_current(self, fd):
+        """Whether ``fd`` is the file at the lock's path (not one removed since it was opened)."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
     def release(self):
-        """Remove the lock file, then free the lock (in that order: a job waiting on the old file retries)."""
+        """Remove the lock file (when it is still this lock's), then free the lock: in that order, a job that
+        opened the file meanwhile finds it removed and takes the new one."""
         if self.fd is not None:
-            self.path.unlink(missing_ok=True)
+            if self._is_current(self.fd):
+                self.path.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
 

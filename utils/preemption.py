@@ -12,9 +12,11 @@ from utils.distributed import all_reduce_max
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
-class Preempted(Exception):
+class Preempted(BaseException):
     """Training stopped on a signal after saving its state. ``exit_status`` is 128 + the signal number,
-    the status of a process that signal ended, so that job scripts do not take the run as finished."""
+    the status of a process that signal ended, so that job scripts do not take the run as finished. A
+    BaseException, as KeyboardInterrupt: raised from a signal handler (:class:`StopAtOnce`), it must pass
+    through the ``except Exception`` of the code it lands in (a checkpoint reader, a logging handler)."""
 
     def __init__(self, message, signum):
         super().__init__(message)
@@ -90,7 +92,8 @@ class StopSignals:
 class StopAtOnce(StopSignals):
     """:class:`StopSignals` whose signal raises :class:`Preempted` at once, with the line ``message(signal
     name)``: for work that saves nothing and that ``--resume`` redoes (the final test), so that the job ends at
-    once with the command that continues it (a plain SIGTERM ends it without a word)."""
+    once with the command that continues it (a plain SIGTERM ends it without a word). Each process acts on its
+    own signal, with no agreement: every process must receive it (SLURM and torchrun send it to all)."""
 
     def __init__(self, message, signals=STOP_SIGNALS):
         super().__init__(signals)
