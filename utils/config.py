@@ -434,9 +434,10 @@ def _unknown_key(key):
     return f"unknown key {key!r}" + (f" (did you mean {close[0]}?)" if close else "")
 
 
-def load_yaml(path, _seen=()):
+def load_yaml(path, _seen=(), sources=None):
     """The keys of a config file, checked, over those of its ``base:`` file (a path relative to it);
-    unknown or renamed keys and wrong values raise ConfigError naming the file."""
+    unknown or renamed keys and wrong values raise ConfigError naming the file. ``sources``: a dict that
+    receives the file each key was read from."""
     path = Path(path)
     data = read_yaml_mapping(path)
     values = {}
@@ -449,7 +450,7 @@ def load_yaml(path, _seen=()):
             raise ConfigError(f"config file {path}: base {base} includes this file again")
         if not base_path.is_file():
             raise ConfigError(f"config file {path}: base {base}: {base_path} not found (a path relative to this file)")
-        values = load_yaml(base_path, _seen + (path.resolve(),))
+        values = load_yaml(base_path, _seen + (path.resolve(),), sources)
     unknown = [_unknown_key(key) for key in data if key not in FIELDS]
     if unknown:  # all of them in the one line
         raise ConfigError(f"config file {path}: {'; '.join(unknown)}")
@@ -458,6 +459,8 @@ def load_yaml(path, _seen=()):
             values[key] = FIELDS[key].check(value)
         except ValueError as err:
             raise ConfigError(f"config file {path}: {key} must be {err}, got {value!r}") from None
+        if sources is not None:
+            sources[key] = str(path)
     return values
 
 
@@ -581,10 +584,12 @@ def script_defaults(script):
 
 
 def _read(path, script):
-    """(values ``script`` reads from the config file, the keys it ignores)."""
-    values = load_yaml(path)
-    return ({key: value for key, value in values.items() if _reads(script, key)},
-            [key for key in values if not _reads(script, key)])
+    """(values ``script`` reads from the config file, the keys it ignores, {key read: the file that gave it}:
+    the file or its ``base:``)."""
+    sources = {}
+    values = load_yaml(path, sources=sources)
+    read = {key: value for key, value in values.items() if _reads(script, key)}
+    return read, [key for key in values if not _reads(script, key)], {key: sources[key] for key in read}
 
 
 def _default_config(script, data_root):
@@ -598,7 +603,8 @@ def parse_config(argv=None, script="train"):
     config file < flags. The training scripts read ``--config`` or, without it, their config file of defaults
     (said on stdout); the evaluators read ``--config`` over theirs. Returns an ``argparse.Namespace`` of the
     script's keys plus ``config``, ``ignored_config_keys`` (keys of --config the script does not read),
-    ``from_file`` (the keys read from it) and ``overwrite``, and for training ``resume`` and ``local_rank``."""
+    ``from_file`` ({key read from it: the file, --config or its base}) and ``overwrite``, and for training
+    ``resume`` and ``local_rank``."""
     values = script_defaults(script)
     parser = build_parser(script, values)
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
@@ -611,14 +617,14 @@ def parse_config(argv=None, script="train"):
         config = _default_config(script, cli.get("data_root"))
         if os.environ.get("RANK", "0") == "0":
             print(f"no --config: using config/{config.name}", flush=True)
-    read = {}
+    read, from_file = {}, {}
     if config is not None:
-        read, ignored = _read(config, script)
+        read, ignored, from_file = _read(config, script)
         values.update(read)
     flags = [key for key in cli if key in values]
     values.update({key: cli[key] for key in flags})
     cfg = argparse.Namespace(**values, config=None if config is None else str(config), ignored_config_keys=ignored,
-                             from_file=sorted(read))
+                             from_file=from_file)
     cfg.overwrite = cli.get("overwrite", False)
     if script in TRAINERS:
         cfg.resume, cfg.local_rank = cli.get("resume"), cli.get("local_rank")
@@ -635,7 +641,7 @@ def validate(cfg, script, flags=()):
         value = _show(getattr(cfg, key))
         if key in flags:
             return f"--{key.replace('_', '-')} {value}"
-        return f"{key}: {value} ({'config file ' + cfg.config if key in cfg.from_file else 'default'})"
+        return f"{key}: {value} ({'config file ' + cfg.from_file[key] if key in cfg.from_file else 'default'})"
 
     if script in TRAINERS:
         if cfg.resume is not None and cfg.overwrite:
