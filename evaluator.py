@@ -29,7 +29,7 @@ from utils.boxes import coco_detections
 from utils.distributed import all_gather_object, cleanup, init_distributed
 from utils.config import parse_config
 from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
-from utils.errors import CheckpointError, ConfigError, DataError, run_cli, user_message
+from utils.errors import CheckpointError, ConfigError, DataError, output_error, run_cli, user_message
 from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
 from utils.outputs import FolderLock, Staged, delete_outputs, partial_name, previous_outputs
@@ -87,6 +87,8 @@ def start_logging(args, info, lock):
             delete_outputs(output_dir, PARTIALS)  # what an evaluation that did not finish left (not a running one's)
         except ConfigError as err:
             failure = str(err)
+        except OSError as err:  # the folder cannot be written: said on every process, not a hang
+            failure = str(output_error(err))
     failure, previous = all_gather_object((failure, previous))[0]
     if failure is not None:
         raise ConfigError(failure)

@@ -35,7 +35,7 @@ from utils.checkpoint import (carry_best, copy_checkpoint, load_checkpoint, mode
                               save_checkpoint, seed_everything, set_rng_state)
 from utils.config import config_dict, parse_config, save_config
 from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
-from utils.errors import CheckpointError, ConfigError, DataError, run_cli, user_message
+from utils.errors import CheckpointError, ConfigError, DataError, OutputError, run_cli, user_message
 from utils.logger import MetricsLog, close_logging, log_error, open_log_file, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 from utils.outputs import FolderLock, check_output_folder, delete_outputs, write_text_atomic
@@ -149,9 +149,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
             meters_state = meta["epoch_meters"][info.rank]
         best = carry_over(best, path, checkpoint_dir, start_epoch, "optimizer" in meta, cfg, info)
     progress.update(epoch=start_epoch, saved=start_epoch, step=start_step)
-    metrics_log = MetricsLog(output_dir, start_epoch) if info.is_main else None
-    if info.is_main:
-        save_config(cfg, output_dir / "config.yaml")
+    metrics_log = dist_utils.run_on_main(info.is_main, MetricsLog, output_dir, start_epoch)
+    dist_utils.run_on_main(info.is_main, save_config, cfg, output_dir / "config.yaml")
 
     def training_state():
         return dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -173,10 +172,10 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
         return save_last(epoch, steps_per_epoch, rng_states=dist_utils.all_gather_object(rng), epoch_stats=stats)
 
     def save_last(epoch, steps_done, **position):
-        if info.is_main:
-            save_checkpoint({"model": checkpoint_weights(model), "epoch": epoch, "epoch_step": steps_done,
-                             "config": config_dict(cfg), **spec, "best_thr": None, **training_state(),
-                             **position, "best": best}, checkpoint_dir / "last.pth")
+        """last.pth, written by the main process (a failure is raised on every process). Collective."""
+        dist_utils.run_on_main(info.is_main, lambda: save_checkpoint(
+            {"model": checkpoint_weights(model), "epoch": epoch, "epoch_step": steps_done, "config": config_dict(cfg),
+             **spec, "best_thr": None, **training_state(), **position, "best": best}, checkpoint_dir / "last.pth"))
         return checkpoint_dir / "last.pth"
 
     # the epochs: train, evaluate (from eval_start_epoch), keep the best checkpoints, save last.pth
@@ -220,14 +219,17 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
                     record.update({f"{selection_split}_{key}": metrics[key] for key in shown})
                     record[f"{selection_split}_time"] = time.perf_counter() - started  # seconds, loading included
                 rng_states = dist_utils.all_gather_object(rng_state(info.device))
-                if info.is_main:
-                    save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best, metrics_log, record,
-                               training_state=dict(training_state(), rng_states=rng_states))
+                dist_utils.run_on_main(info.is_main, save_epoch, checkpoint_dir, model, spec, cfg, epoch, metrics,
+                                       improved, best, metrics_log, record,
+                                       training_state=dict(training_state(), rng_states=rng_states))
                 progress.update(saved=epoch + 1, step=0)
                 log_epoch(cfg, epoch, stats, metrics, improved, selection_split, plan)
                 checkpointer.end_of_epoch(epoch, checkpoint_dir / "last.pth")
-    except CheckpointError as err:  # a checkpoint could not be written
-        raise CheckpointError(f"{err}; once that is fixed, continue with: {resume}") from None
+    except (CheckpointError, OutputError) as err:  # a checkpoint or the metrics could not be written
+        if (checkpoint_dir / "last.pth").exists():
+            raise type(err)(f"{err}; once that is fixed, continue with: {resume}") from None
+        start_again = resume.removesuffix("--resume") + "--overwrite"  # nothing to continue from yet
+        raise type(err)(f"{err}; once that is fixed, start again with: {start_again}") from None
     finally:
         if metrics_log is not None:
             metrics_log.close()
@@ -238,7 +240,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
         try:
             results = final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, stopped=lambda
                                  name: interrupted_message(cfg, progress, resume, f"stopped by {name}"))
-        except (DataError, CheckpointError) as err:
+        except (DataError, CheckpointError, OutputError) as err:
             fixed = "the data" if isinstance(err, DataError) else "that"
             raise type(err)(f"the final test failed: {user_message(err)}; every epoch is saved in {checkpoint_dir}: "
                             f"once {fixed} is fixed, run the final test again with: {resume}") from None
@@ -299,9 +301,14 @@ def check_data(cfg, info, train_set, eval_sets):
     check_train_split) complete and its boxes inside it (DataLoader/check.py); one DataError line otherwise,
     on every process, so that a broken test image is not found after training."""
     failure = None
+    # --strict-data with several processes: a bad training image would stop one process alone mid-epoch while
+    # the others wait in the gradient all-reduce, so the training split is checked first
+    check_train = cfg.check_train_split or (cfg.strict_data and info.world_size > 1)
     if info.is_main:  # one process reads the files
+        if check_train and not cfg.check_train_split:
+            _logger.info("--strict-data with %d processes: checking the training split too", info.world_size)
         try:
-            check_splits(train_set, eval_sets, workers=cfg.workers, check_train=cfg.check_train_split,
+            check_splits(train_set, eval_sets, workers=cfg.workers, check_train=check_train,
                          strict=cfg.strict_data, progress=True)
         except DataError as err:
             failure = str(err)
@@ -479,8 +486,9 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, 
             "threshold": metrics["best_threshold"], "chosen_on": "test",
             "note": "threshold maximising Top-1 + GT-known Loc on the evaluated split itself (not held out)",
             **{key: metrics[key] for key in ("num_images", "top1_cls", "top5_cls")}, **metrics["at_best_threshold"]}
+    dist_utils.run_on_main(info.is_main, write_text_atomic, output_dir / "results.json",
+                           json.dumps(results, indent=2) + "\n")
     if info.is_main:
-        write_text_atomic(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         shown = [key for key in recorded_keys(metrics, plan) if key != "num_images" and not key.endswith("threshold")]
         rows = "\n".join(f"  {key:<15} {metrics[key]:8.2f}" for key in shown)
         classification = f"{'ten-crop' if tencrop else 'centre-crop'} classification"
@@ -594,12 +602,13 @@ def load_first_batch(train_loader, info):
 
 def replace_previous_run(output_dir, names, info):
     """The main process deletes ``names`` (of RUN_OUTPUTS) from ``output_dir`` and starts log.txt; every
-    process waits for it."""
-    if info.is_main:
+    process waits for it (and stops if it failed)."""
+    def replace():
         delete_outputs(output_dir, names)
         open_log_file(output_dir)
         _logger.info("--overwrite: deleted the previous run's %s in %s", ", ".join(names), output_dir)
-    dist_utils.barrier()
+
+    dist_utils.run_on_main(info.is_main, replace)
 
 
 def interrupted_message(cfg, progress, resume, cause="interrupted"):

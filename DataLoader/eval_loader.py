@@ -6,7 +6,7 @@ import logging
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from utils.distributed import barrier
+from utils.distributed import run_on_main
 from utils.errors import ConfigError, DataError
 
 from .build import build_dataset
@@ -60,9 +60,7 @@ def resolve_data(fmt, root, imagenet=False, is_main=True):
         return fmt, root
     if fmt != "cub":
         raise ConfigError(f"data_format {fmt} needs --data-root (only the built-in demo data needs none)")
-    if is_main:
-        make_demo_dataset(DEFAULT_DEMO_ROOT)
-    barrier()  # every process waits for the main one to write it
+    run_on_main(is_main, make_demo_dataset, DEFAULT_DEMO_ROOT)  # every process waits for the main one to write it
     _logger.info("no --data-root: using the built-in demo data at %s (CUB layout)", DEFAULT_DEMO_ROOT)
     return "cub", str(DEFAULT_DEMO_ROOT)
 

@@ -189,3 +189,20 @@ def test_training_stops_before_its_first_step_on_a_truncated_test_image(cub, tmp
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
     assert not (out / "results.json").exists()
     assert message in (out / "log.txt").read_text()
+
+
+def test_strict_data_with_several_processes_checks_the_training_split_first(cub):
+    """A bad training image with --strict-data would stop one process alone mid-epoch (the others waiting for its
+    gradients): with several processes it is found before training; with one, it stops training where met."""
+    from types import SimpleNamespace
+    from train import check_data
+
+    bad = cub_paths(cub, train=True)[2]
+    bad.write_bytes(bad.read_bytes()[:-30])
+    train_set, test_set = (build_dataset("cub", cub, split) for split in ("train", "test"))
+    cfg = SimpleNamespace(workers=0, check_train_split=False, strict_data=True)
+    check_data(cfg, SimpleNamespace(is_main=True, world_size=1), train_set, {"test": test_set})  # not checked
+    with pytest.raises(DataError, match=re.escape(f"train split: 1 bad image of 6: {bad} (truncated JPEG")):
+        check_data(cfg, SimpleNamespace(is_main=True, world_size=2), train_set, {"test": test_set})
+    check_data(SimpleNamespace(**{**vars(cfg), "strict_data": False}), SimpleNamespace(is_main=True, world_size=2),
+               train_set, {"test": test_set})  # skipped in training: nothing to stop

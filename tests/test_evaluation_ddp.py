@@ -1,6 +1,7 @@
 """Distributed evaluation with two gloo processes: disjoint shards without padding duplicates, counters
 summed so that both ranks return the single-process metrics, each rank writing its own localization maps; an
 unreadable image in one shard stops both ranks."""
+import errno
 import json
 import os
 import time
@@ -110,6 +111,49 @@ def test_nan_outputs_on_one_rank_stop_both_ranks_with_the_same_error(tmp_path):
     ranks = _two_ranks(root, checkpoint, tmp_path, _rank_with_nan_outputs_on_rank_1)
     assert ranks[0] == ranks[1] and ranks[0]["type"] == "NonFiniteOutputError"
     assert ranks[0]["error"].startswith("the model outputs NaN/Inf scores or maps for 2 image(s) of a batch, first ")
+
+
+def _rank_with_a_full_disk(rank, init_method, root, checkpoint, out_dir):
+    """Rank 1's --save-maps meets a full disk; then rank 0 alone fails to write a file (run_on_main)."""
+    import numpy as np
+    from utils.distributed import run_on_main
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    record = {}
+    try:
+        if rank == 1:
+            def full(path, *args, **kwargs):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            np.save = full
+        try:
+            _evaluate(root, checkpoint, True, os.path.join(out_dir, "scoremaps"))
+        except SATError as err:
+            record["evaluate"] = [type(err).__name__, user_message(err)]
+
+        def write_results():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(out_dir, "results.json"))
+        try:
+            run_on_main(rank == 0, write_results)
+        except SATError as err:
+            record["run_on_main"] = [type(err).__name__, user_message(err)]
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(record, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_file_one_rank_cannot_write_stops_both_ranks_with_one_line(tmp_path):
+    """An OSError writing one rank's saved maps, or the main process's files, is raised on every rank as one
+    OutputError line: no rank is left waiting in a collective for one that stopped (a hang under NCCL)."""
+    root = make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=1, test_per_class=3, image_size=64)
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
+    ranks = _two_ranks(root, checkpoint, tmp_path, _rank_with_a_full_disk)
+    assert ranks[0] == ranks[1]
+    kind, message = ranks[0]["evaluate"]
+    assert kind == "OutputError" and message.startswith(f"could not write {tmp_path / 'scoremaps'}")
+    assert message.endswith(".npy: no space left on the device")
+    assert ranks[0]["run_on_main"] == ["OutputError", f"could not write {tmp_path / 'results.json'}: no space left "
+                                                      "on the device"]
 
 
 def _evaluator_rank(rank, port, root, checkpoint, out_dir):

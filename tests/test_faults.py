@@ -194,6 +194,37 @@ def test_full_disk_when_saving_keeps_the_previous_checkpoint(data_root, tmp_path
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_full_disk_for_the_metrics_or_results_is_one_line_with_the_resume_command(data_root, tmp_path, capsys,
+                                                                                   monkeypatch):
+    def full(path, *_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    log_epoch = train.MetricsLog.log_epoch
+    monkeypatch.setattr(train.MetricsLog, "log_epoch", lambda log, record: full(log.path))
+    first = tmp_path / "first"  # in epoch 1: no last.pth to continue from
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args(data_root, first, "--epochs", "1"))
+    line = error_line(capsys.readouterr().err, exit_info)
+    assert line.startswith(f"error: could not write {first / 'metrics.jsonl'}: no space left on the device; once "
+                           "that is fixed, start again with: python train.py ") and line.endswith(" --overwrite")
+    monkeypatch.setattr(train.MetricsLog, "log_epoch",
+                        lambda log, record: full(log.path) if record["epoch"] == 2 else log_epoch(log, record))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args(data_root, out, "--epochs", "2"))
+    line = error_line(capsys.readouterr().err, exit_info)
+    assert line.startswith(f"error: could not write {out / 'metrics.jsonl'}: no space left on the device; once that "
+                           "is fixed, continue with: python train.py ") and line.endswith(" --resume")
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "write_text_atomic", full)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args(data_root, out, "--epochs", "2", "--resume"))
+    line = error_line(capsys.readouterr().err, exit_info)
+    assert line.startswith(f"error: the final test failed: could not write {out / 'results.json'}: no space left on "
+                           f"the device; every epoch is saved in {out / 'checkpoints'}: once that is fixed, run the "
+                           "final test again with: python train.py ")
+
+
 def test_truncated_last_pth_on_resume_names_the_newest_loadable_checkpoint(data_root, finished_run, tmp_path,
                                                                            capsys):
     out = copy_run(finished_run, tmp_path)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, OutputError, SATError, output_error, user_message
 
 SLURM_PORT_BASE = 20000  # MASTER_PORT under srun: SLURM_PORT_BASE + job id % SLURM_PORT_RANGE
 SLURM_PORT_RANGE = 20000
@@ -167,6 +167,26 @@ def all_reduce_max(tensor):
     if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def run_on_main(is_main, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on the main process only (the files only it writes); returns its result there,
+    None elsewhere. Its failure, a SATError or an OSError (a full disk: an OutputError line), is raised on
+    every process, so that none goes on into a collective that the stopped main process never joins (a hang
+    under NCCL). Collective."""
+    result, failure = None, None
+    if is_main:
+        try:
+            result = fn(*args, **kwargs)
+        except SATError as err:
+            failure = (type(err), user_message(err))
+        except OSError as err:
+            failure = (OutputError, str(output_error(err)))
+    failure = all_gather_object(failure)[0]
+    if failure is not None:
+        kind, message = failure
+        raise kind(message)
+    return result
 
 
 def all_gather_object(obj):

@@ -32,7 +32,7 @@ from utils.boxes import (WSOL_MAP_SIZE, contour_boxes, crop_box_to_original, gt_
                          sat_box, sat_boxes_of_maps, sat_map, wsol_map)
 from utils.cv import cv2
 from utils.distributed import all_gather_object, all_reduce_sum
-from utils.errors import ConfigError, DataError, SATError, user_message
+from utils.errors import ConfigError, DataError, OutputError, SATError, user_message, writing_outputs
 from utils.metrics import Counters, per_class_metrics
 from utils.visualize import render_overlay, save_rgb
 
@@ -307,7 +307,8 @@ class BatchScorer:
                          for paths, ignore in zip(batch["mask_paths"], batch["ignore_path"])]
                 counters.parts["pxap"].update(loc_maps, *map(np.stack, zip(*masks)), normalised=self.from_files)
         if self.save_maps:
-            self._save_maps(ids, out)
+            with writing_outputs():
+                self._save_maps(ids, out)
         column = self.thresholds.index(self.threshold) if pred_boxes is not None and self.threshold is not None \
             else None
         rows = self._rows(batch, out, pred_boxes, ious, column)
@@ -375,7 +376,8 @@ class BatchScorer:
         caption = f"{name}  IoU {max_iou(np.asarray(box)[None], gt)[0]:.2f} @ {threshold:g}".strip() if len(gt) \
             else name
         panels.append(render_overlay(crop, normalised, box, gt, caption))
-        save_rgb((self.overlay_dir / image_id).with_suffix(".png"), np.concatenate(panels, axis=1))
+        with writing_outputs():
+            save_rgb((self.overlay_dir / image_id).with_suffix(".png"), np.concatenate(panels, axis=1))
 
 
 def predicted_class(scores, k):
@@ -536,17 +538,17 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
             if previous is not None:
                 score(*previous)
             collect(keep=0)
-    except (DataError, NonFiniteOutputError) as err:
+    except (DataError, NonFiniteOutputError, OutputError) as err:  # OutputError: an overlay or a saved map
         failure = err
     finally:
         if model is not None:
             model.train(was_training)
     if distributed:  # the loop holds no collectives: every process gets here, and all stop on one's failure
-        shared = failure and (type(failure) is NonFiniteOutputError, user_message(failure))
+        shared = failure and (type(failure), user_message(failure))
         failed = [failed for failed in all_gather_object(shared) if failed]
         if failed:
-            nonfinite, message = failed[0]
-            raise (NonFiniteOutputError if nonfinite else DataError)(message)
+            kind, message = failed[0]
+            raise kind(message)
     if failure is not None:
         raise failure
     if distributed:

@@ -4,6 +4,8 @@ Entry scripts wrap ``main`` with :func:`run_cli`; any :class:`SATError` is then 
 line on stderr (a list of mismatches adds one line per item) and the process exits with status 2, without
 a traceback.
 """
+import contextlib
+import errno
 import sys
 
 
@@ -21,6 +23,25 @@ class CheckpointError(SATError):
 
 class ConfigError(SATError):
     """A config file or command-line option is invalid."""
+
+
+class OutputError(SATError):
+    """An output file cannot be written (a full disk, a folder without write permission)."""
+
+
+def output_error(err: OSError) -> OutputError:
+    """The one-line OutputError of an OSError met while writing an output: the file and the reason."""
+    reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    return OutputError(f"could not write {err.filename}: {reason}" if err.filename else f"could not write: {reason}")
+
+
+@contextlib.contextmanager
+def writing_outputs():
+    """Context manager: an OSError raised while writing outputs becomes its one-line :func:`output_error`."""
+    try:
+        yield
+    except OSError as err:
+        raise output_error(err) from None
 
 
 def user_message(err: SATError) -> str:

@@ -1,4 +1,5 @@
 """Overlays of localization maps: heat map blended on the image, predicted box (green), GT boxes (red)."""
+import errno
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -48,7 +49,7 @@ def save_rgb(path, image: np.ndarray) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), np.ascontiguousarray(image[:, :, ::-1])):
-        raise OSError(f"could not write image {path}")
+        raise OSError(errno.EIO, "OpenCV could not write the image (a full disk, or no write permission?)", str(path))
     return path
 
 
