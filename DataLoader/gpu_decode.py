@@ -63,6 +63,8 @@ def decode(encoded, jpeg, device):
     the exception of a file no decoder reads). ``jpeg[k]``: file k may go to the device's JPEG decoder (batched,
     else alone; ``transforms.file_bytes``), else to the CPU decoders."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # one spelling: torchvision rebuilds its decoder (and
+        device = torch.device("cuda", torch.cuda.current_device())  # leaks the old one) when the device differs
     if device.type == "cuda":
         # torchvision's nvJPEG decode allocates its outputs on the current stream but writes them on a stream of
         # its own without waiting for this one (pytorch/vision#9606): memory freed here while queued kernels

@@ -7,6 +7,7 @@ all-reduce, as the official CUB run's DataParallel gathered its 256 per-image ar
 of all processes in rank order, cut into consecutive groups of N images, one area term per group, averaged, as
 the official ImageNet run's DDP gave each of its 4 GPUs its own 128 images (whatever the number of processes).
 """
+import functools
 import math
 from typing import Dict
 
@@ -109,10 +110,18 @@ def batch_area_loss(maps: torch.Tensor, area_thr: float, area_loss_scope="global
     return ((sums / counts.clamp(min=1) - area_thr).abs() * filled).sum() / filled.sum()
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_on(device, dtype):
+    """The smoothing kernel on ``device`` in ``dtype``, copied once: a copy per step from pageable memory would
+    make the host wait for the GPU's queued work (the whole forward) at every step. A normal tensor even when
+    first asked for under inference mode, so that training can use it afterwards."""
+    with torch.inference_mode(False):
+        return _KERNEL.to(device=device, dtype=dtype)
+
+
 def normalization_per_image(maps: torch.Tensor) -> torch.Tensor:
     """``mean((1 - M') * M')`` per image, M' the map smoothed by the fixed kernel (zero padding)."""
-    kernel = _KERNEL.to(device=maps.device, dtype=maps.dtype)
-    smoothed = F.conv2d(maps.unsqueeze(1), kernel, padding=1)
+    smoothed = F.conv2d(maps.unsqueeze(1), _kernel_on(maps.device, maps.dtype), padding=1)
     return ((1 - smoothed) * smoothed).flatten(1).mean(dim=1)
 
 

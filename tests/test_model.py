@@ -370,3 +370,15 @@ def test_pretrained_without_network_fails_at_once_with_the_same_error(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "error: could not get the DeiT weights of deit_sat_tiny_patch16_224 from the timm hub" in out.stderr
     assert "--pretrained PATH" in out.stderr
+
+
+def test_the_smoothing_kernel_first_made_under_inference_mode_serves_training():
+    """The loss's kernel is copied to a device once (Model/losses.py); made first in an inference-mode
+    evaluation, it must still be usable by a training step's backward."""
+    from Model.losses import _kernel_on, normalization_loss
+    _kernel_on.cache_clear()
+    with torch.inference_mode():  # float64: a copy of the float32 kernel (as on a GPU), made in inference mode
+        normalization_loss(torch.rand(2, 4, 4, dtype=torch.float64))
+    maps = torch.rand(2, 4, 4, dtype=torch.float64, requires_grad=True)
+    normalization_loss(maps).backward()
+    assert maps.grad is not None and maps.grad.abs().sum() > 0

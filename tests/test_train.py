@@ -89,7 +89,7 @@ def test_train_py_end_to_end(data_root, tmp_path):
     assert section["chosen_on"] == "test" and section["threshold"] in saved["eval_thresholds"]
     # The top level is what the evaluator CLI reports for best.pth with its defaults (CUB: 0.4, ten-crop, fp32).
     eval_main(["--checkpoint", str(out / "checkpoints" / "best.pth"), "--data-root", data_root, "--output-dir",
-               str(tmp_path / "eval"), "--workers", "0"])
+               str(tmp_path / "eval"), "--workers", "0", "--eval-batch-size", "12"])  # the run's batch: same sums
     official = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert official["threshold"] == 0.4 and official["tencrop"] and official["precision"] == "fp32"
     keys = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70", "num_images")

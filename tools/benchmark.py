@@ -138,24 +138,31 @@ def parse_args(argv=None):
     return args
 
 
-def synthetic_train_batches(n, batch_size, img_size, num_classes, gen):
-    return [{"image": torch.randn(batch_size, 3, img_size, img_size, generator=gen),
-             "label": torch.randint(0, num_classes, (batch_size,), generator=gen), "num_skipped": 0}
+def synthetic_train_batches(n, batch_size, img_size, num_classes, gen, pin=False):
+    """In-memory training batches (``pin``: in pinned memory, as the loaders give them on CUDA, so that the
+    step's non_blocking copies do not wait)."""
+    return [{"image": _pinned(torch.randn(batch_size, 3, img_size, img_size, generator=gen), pin),
+             "label": _pinned(torch.randint(0, num_classes, (batch_size,), generator=gen), pin), "num_skipped": 0}
             for _ in range(n)]
 
 
-def synthetic_eval_batches(n, batch_size, img_size, num_classes, num_views, gen):
+def synthetic_eval_batches(n, batch_size, img_size, num_classes, num_views, gen, pin=False):
+    """In-memory evaluation batches of ``num_views`` views per image (``pin``: as synthetic_train_batches)."""
     batches = []
     for b in range(n):
         boxes = [torch.tensor([[20.0, 30.0, 180.0, 200.0]]) for _ in range(batch_size)]
         batches.append({
-            "image": torch.randn(batch_size, num_views, 3, img_size, img_size, generator=gen),
+            "image": _pinned(torch.randn(batch_size, num_views, 3, img_size, img_size, generator=gen), pin),
             "label": torch.randint(0, num_classes, (batch_size,), generator=gen), "num_skipped": 0,
             "boxes": boxes, "size": [(224, 224)] * batch_size,
             "image_id": [f"synthetic/{b}_{i}.jpg" for i in range(batch_size)],
             "index": list(range(b * batch_size, (b + 1) * batch_size)),
         })
     return batches
+
+
+def _pinned(tensor, pin):
+    return tensor.pin_memory() if pin else tensor
 
 
 class Take:
@@ -240,7 +247,8 @@ def run_train(args, model, device, batches=None):
                                 steps_per_epoch=args.warmup + args.steps)
     if batches is None:
         gen = torch.Generator().manual_seed(0)
-        timed = synthetic_train_batches(args.steps, args.batch_size, args.img_size, args.num_classes, gen)
+        timed = synthetic_train_batches(args.steps, args.batch_size, args.img_size, args.num_classes, gen,
+                                        pin=device.type == "cuda")
         warm, timed = timed[:args.warmup], Take(iter(timed), args.steps)
     else:
         warm, timed = Take(batches, args.warmup), Take(batches, args.steps)
@@ -297,7 +305,7 @@ def run_eval(args, model, device, batches=None):
     if batches is None:
         gen = torch.Generator().manual_seed(0)
         batches = iter(synthetic_eval_batches(args.warmup + args.steps, args.batch_size, args.img_size,
-                                              args.num_classes, views.num_views, gen))
+                                              args.num_classes, views.num_views, gen, pin=device.type == "cuda"))
     kwargs = dict(device=device, thresholds=args.thresholds, views=views, amp=args.amp, progress=False,
                   box_processes=args.box_processes, compile=args.compile)
     evaluate(Take(batches, args.warmup), model, **kwargs)

@@ -24,7 +24,8 @@ def amp_dtype(device, amp=False):
     if amp is False:
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # native bf16 only (Ampere and later): emulated bf16 (V100, T4) is slow; those GPUs get fp16 + GradScaler
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu":
         if cpu_supports_bf16():
             return torch.bfloat16
