@@ -29,7 +29,8 @@ from utils.boxes import coco_detections
 from utils.distributed import all_gather_object, cleanup, init_distributed
 from utils.config import parse_config
 from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
-from utils.errors import CheckpointError, ConfigError, DataError, output_error, run_cli, user_message
+from utils.errors import (CheckpointError, ConfigError, DataError, output_error, run_cli, user_message,
+                          writing_outputs)
 from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
 from utils.outputs import FolderLock, Staged, delete_outputs, partial_name, previous_outputs
@@ -255,22 +256,23 @@ def write_outputs(args, output_dir, previous, record, rows, curves, class_names)
     protocol = record["eval_protocol"]
     staged = Staged()
     staged.path(output_dir / OVERLAYS)  # drawn there by ``evaluate``
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staged.path(output_dir / "metrics.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     classification = "ten-crop" if record["tencrop"] else "centre-crop"
     if "maps" in record:
         classification = f"{record['predictions']}'s" if record["predictions"] else "no predictions: no"
-    _logger.info("\n%s\n", format_tables(record, protocol, classification))
-    write_per_image(staged.path(output_dir / "per_image.csv"), rows)
-    if args.save_boxes:
-        entries = [{"file_name": row["image_id"], "size": (row["width"], row["height"]), "class": row["top5"][0],
-                    "score": row["score"], "box": row["box_original"]} for row in rows]
-        Path(args.save_boxes).parent.mkdir(parents=True, exist_ok=True)
-        staged.path(args.save_boxes).write_text(json.dumps(coco_detections(entries, class_names)) + "\n",
-                                                encoding="utf-8")
-    if curves:
-        write_curves(output_dir, curves, staged)
-    staged.commit(output_dir, previous)
+    with writing_outputs(output_dir):  # a full disk: one line (and main() removes what was staged)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        staged.path(output_dir / "metrics.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        _logger.info("\n%s\n", format_tables(record, protocol, classification))
+        write_per_image(staged.path(output_dir / "per_image.csv"), rows)
+        if args.save_boxes:
+            entries = [{"file_name": row["image_id"], "size": (row["width"], row["height"]),
+                        "class": row["top5"][0], "score": row["score"], "box": row["box_original"]} for row in rows]
+            Path(args.save_boxes).parent.mkdir(parents=True, exist_ok=True)
+            staged.path(args.save_boxes).write_text(json.dumps(coco_detections(entries, class_names)) + "\n",
+                                                    encoding="utf-8")
+        if curves:
+            write_curves(output_dir, curves, staged)
+        staged.commit(output_dir, previous)
     if args.save_boxes:
         _logger.info("COCO-format boxes written to %s%s", args.save_boxes,
                      "" if protocol != "cls" else " (predictions: the data has no boxes to score them against)")

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -140,7 +141,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     # resume: weights, optimizer, schedule, RNG states and the position in the epoch of last.pth
     # (a last.pth saved when the evaluation after an epoch failed holds that epoch's training: ``trained``)
     start_epoch, start_step, meters_state, best, trained = 0, 0, None, {}, None
-    path = resume_path(cfg, checkpoint_dir)
+    path = resumed_from = resume_path(cfg, checkpoint_dir)
     if path is not None:
         meta = restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per_epoch)
         start_epoch, start_step, best = meta["epoch"], meta.get("epoch_step", 0), meta["best"]
@@ -226,10 +227,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
                 log_epoch(cfg, epoch, stats, metrics, improved, selection_split, plan)
                 checkpointer.end_of_epoch(epoch, checkpoint_dir / "last.pth")
     except (CheckpointError, OutputError) as err:  # a checkpoint or the metrics could not be written
-        if (checkpoint_dir / "last.pth").exists():
-            raise type(err)(f"{err}; once that is fixed, continue with: {resume}") from None
-        start_again = resume.removesuffix("--resume") + "--overwrite"  # nothing to continue from yet
-        raise type(err)(f"{err}; once that is fixed, start again with: {start_again}") from None
+        raise type(err)(f"{err}; once that is fixed, {how_to_continue(checkpoint_dir, resumed_from, resume)}") \
+            from None
     finally:
         if metrics_log is not None:
             metrics_log.close()
@@ -609,6 +608,18 @@ def replace_previous_run(output_dir, names, info):
         _logger.info("--overwrite: deleted the previous run's %s in %s", ", ".join(names), output_dir)
 
     dist_utils.run_on_main(info.is_main, replace)
+
+
+def how_to_continue(checkpoint_dir, resumed_from, resume):
+    """The command that continues a run stopped by a file it could not write: ``resume`` (from last.pth);
+    before the run has a last.pth, from the checkpoint it was resumed from (``resumed_from``: its copy in the run's
+    folder when there is one), or, for a run started afresh, the same command with --overwrite."""
+    if (checkpoint_dir / "last.pth").exists():
+        return f"continue with: {resume}"
+    if resumed_from is not None:
+        copy = checkpoint_dir / Path(resumed_from).name
+        return f"continue with: {resume} {shlex.quote(str(copy if copy.exists() else resumed_from))}"
+    return f"start again with: {resume.removesuffix('--resume')}--overwrite"
 
 
 def interrupted_message(cfg, progress, resume, cause="interrupted"):

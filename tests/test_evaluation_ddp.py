@@ -136,6 +136,24 @@ def _rank_with_a_full_disk(rank, init_method, root, checkpoint, out_dir):
             run_on_main(rank == 0, write_results)
         except SATError as err:
             record["run_on_main"] = [type(err).__name__, user_message(err)]
+        try:  # a bug on the main process: its traceback there, one line elsewhere
+            run_on_main(rank == 0, lambda: 1 / 0)
+        except (SATError, ZeroDivisionError) as err:
+            record["bug"] = [type(err).__name__, str(err)]
+        # wsol overlays are drawn once the evaluation's threshold is known, after its last shared step
+        import utils.engine as engine
+        if rank == 0:
+            def full_png(path, image):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a real full disk: no file named
+            engine.save_rgb = full_png
+        model, _ = build_model_from_checkpoint(checkpoint)
+        loader = build_eval_loader("cub", root, "test", distributed=True, **{**SETTINGS, "protocol": "wsol",
+                                                                            "tencrop": False})
+        try:
+            evaluate(loader, model, "cpu", distributed=True, overlay_dir=Path(out_dir) / "overlays", overlays=2,
+                     per_image=True, progress=False)
+        except SATError as err:
+            record["wsol_overlays"] = [type(err).__name__, user_message(err)]
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(record, f)
     finally:
@@ -148,12 +166,18 @@ def test_a_file_one_rank_cannot_write_stops_both_ranks_with_one_line(tmp_path):
     root = make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=1, test_per_class=3, image_size=64)
     checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
     ranks = _two_ranks(root, checkpoint, tmp_path, _rank_with_a_full_disk)
-    assert ranks[0] == ranks[1]
+    assert ranks[0]["evaluate"] == ranks[1]["evaluate"] and ranks[0]["run_on_main"] == ranks[1]["run_on_main"]
     kind, message = ranks[0]["evaluate"]
     assert kind == "OutputError" and message.startswith(f"could not write {tmp_path / 'scoremaps'}")
     assert message.endswith(".npy: no space left on the device")
     assert ranks[0]["run_on_main"] == ["OutputError", f"could not write {tmp_path / 'results.json'}: no space left "
                                                       "on the device"]
+    assert ranks[0]["bug"] == ["ZeroDivisionError", "division by zero"]
+    assert ranks[1]["bug"] == ["SATError", "the main process failed: ZeroDivisionError: division by zero"]
+    kind, message = ranks[1]["wsol_overlays"]
+    assert kind == "OutputError" and ranks[0]["wsol_overlays"] == ranks[1]["wsol_overlays"]
+    assert message.startswith(f"could not write {tmp_path / 'overlays'}") and message.endswith(
+        ".png: no space left on the device")
 
 
 def _evaluator_rank(rank, port, root, checkpoint, out_dir):

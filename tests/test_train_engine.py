@@ -12,7 +12,7 @@ from Model.losses import SATLoss
 from utils.amp import LossScaler, autocast_context, cpu_supports_bf16
 from utils.engine import NonFiniteLossError, train_one_epoch
 from utils.optim import build_optimizer, build_scheduler, set_trainable
-from train import interrupted_message, per_process_batch, should_evaluate, update_best
+from train import how_to_continue, interrupted_message, per_process_batch, should_evaluate, update_best
 from utils.checkpoint import rng_state, set_rng_state
 from utils.config import parse_config
 from utils.errors import ConfigError
@@ -213,3 +213,19 @@ def test_epoch_reports_the_time_spent_waiting_for_data():
     assert 0.6 <= stats["data_wait"] <= stats["time"]  # three waits of 0.2 s, within the epoch
     stats, _, _ = run(make_model(), batches(3, 2))
     assert 0 <= stats["data_wait"] < 0.2  # batches already in memory
+
+
+def test_how_to_continue_after_a_file_could_not_be_written(tmp_path):
+    resume = "python train.py --output-dir out --resume"
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    # a run started afresh, stopped before its first last.pth: nothing to continue from
+    assert how_to_continue(checkpoints, None, resume) == "start again with: python train.py --output-dir out " \
+                                                         "--overwrite"
+    # resumed from another folder's best.pth (no optimizer state: no last.pth here yet), its copy here first
+    other = tmp_path / "other run" / "best.pth"
+    assert how_to_continue(checkpoints, other, resume) == f"continue with: {resume} '{other}'"
+    (checkpoints / "best.pth").write_bytes(b"")
+    assert how_to_continue(checkpoints, other, resume) == f"continue with: {resume} {checkpoints / 'best.pth'}"
+    (checkpoints / "last.pth").write_bytes(b"")
+    assert how_to_continue(checkpoints, other, resume) == f"continue with: {resume}"

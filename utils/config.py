@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, writing_outputs
 from utils.metrics import TRAIN_THRESHOLDS
 from utils.optim import SCHEDULES, trainable_blocks
 
@@ -673,10 +673,12 @@ def config_dict(cfg):
 
 
 def save_config(cfg, path):
+    """The resolved configuration as YAML (a run's config.yaml); an OSError is one OutputError line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = f"# resolved configuration (from {cfg.config or 'built-in defaults'} and command-line flags)\n"
-    path.write_text(header + yaml.safe_dump(config_dict(cfg), sort_keys=False), encoding="utf-8")
+    with writing_outputs(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + yaml.safe_dump(config_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
 # -------------------------------------------------------------------------------------- reference

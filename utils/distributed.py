@@ -174,7 +174,7 @@ def run_on_main(is_main, fn, *args, **kwargs):
     None elsewhere. Its failure, a SATError or an OSError (a full disk: an OutputError line), is raised on
     every process, so that none goes on into a collective that the stopped main process never joins (a hang
     under NCCL). Collective."""
-    result, failure = None, None
+    result, failure, bug = None, None, None
     if is_main:
         try:
             result = fn(*args, **kwargs)
@@ -182,7 +182,11 @@ def run_on_main(is_main, fn, *args, **kwargs):
             failure = (type(err), user_message(err))
         except OSError as err:
             failure = (OutputError, str(output_error(err)))
+        except Exception as err:  # a bug: the main process shows its traceback, the others stop with one line
+            bug, failure = err, (SATError, f"the main process failed: {type(err).__name__}: {err}")
     failure = all_gather_object(failure)[0]
+    if bug is not None:
+        raise bug
     if failure is not None:
         kind, message = failure
         raise kind(message)

@@ -307,8 +307,7 @@ class BatchScorer:
                          for paths, ignore in zip(batch["mask_paths"], batch["ignore_path"])]
                 counters.parts["pxap"].update(loc_maps, *map(np.stack, zip(*masks)), normalised=self.from_files)
         if self.save_maps:
-            with writing_outputs():
-                self._save_maps(ids, out)
+            self._save_maps(ids, out)
         column = self.thresholds.index(self.threshold) if pred_boxes is not None and self.threshold is not None \
             else None
         rows = self._rows(batch, out, pred_boxes, ious, column)
@@ -329,8 +328,9 @@ class BatchScorer:
             if key in out:
                 for image_id, loc_map in zip(ids, out[key][1]):
                     path = self.save_maps / key / f"{image_id}.npy"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    np.save(path, save(loc_map))
+                    with writing_outputs(path):
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        np.save(path, save(loc_map))
 
     def _rows(self, batch, out, pred_boxes, ious, column):
         """One record per image: the prediction of the sat view (of the wsol view without one) and, at the
@@ -376,8 +376,9 @@ class BatchScorer:
         caption = f"{name}  IoU {max_iou(np.asarray(box)[None], gt)[0]:.2f} @ {threshold:g}".strip() if len(gt) \
             else name
         panels.append(render_overlay(crop, normalised, box, gt, caption))
-        with writing_outputs():
-            save_rgb((self.overlay_dir / image_id).with_suffix(".png"), np.concatenate(panels, axis=1))
+        path = (self.overlay_dir / image_id).with_suffix(".png")
+        with writing_outputs(path):
+            save_rgb(path, np.concatenate(panels, axis=1))
 
 
 def predicted_class(scores, k):
@@ -561,10 +562,19 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     if curves:
         metrics["curves"] = curves
     chosen = metrics.get("maxboxacc_threshold", metrics.get("piou_threshold"))  # boxes, else masks
-    if pending_overlays and chosen is not None:
-        for image_id, crop, loc_map, boxes, size, pred in pending_overlays:
-            scorer.overlay(image_id, crop, loc_map, "wsol", chosen, None, gt_boxes_wsol(boxes, size, WSOL_MAP_SIZE),
-                           pred)
+    if pending_overlays and chosen is not None:  # drawn by the processes that hold them: a failure is shared
+        try:
+            for image_id, crop, loc_map, boxes, size, pred in pending_overlays:
+                scorer.overlay(image_id, crop, loc_map, "wsol", chosen, None,
+                               gt_boxes_wsol(boxes, size, WSOL_MAP_SIZE), pred)
+        except OutputError as err:
+            failure = err
+    if wsol_overlays and wsol_threshold is None and chosen is not None and distributed:  # alike on every process
+        failed = [failed for failed in all_gather_object(failure and user_message(failure)) if failed]
+        if failed:
+            raise OutputError(failed[0])
+    if failure is not None:
+        raise failure
     if per_image:
         rows = [row for part in all_gather_object(rows) for row in part] if distributed else rows
         metrics["per_image"] = sorted(rows, key=lambda row: row["index"])

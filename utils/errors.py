@@ -29,19 +29,22 @@ class OutputError(SATError):
     """An output file cannot be written (a full disk, a folder without write permission)."""
 
 
-def output_error(err: OSError) -> OutputError:
-    """The one-line OutputError of an OSError met while writing an output: the file and the reason."""
+def output_error(err: OSError, path=None) -> OutputError:
+    """The one-line OutputError of an OSError met while writing an output: the file (the error's, else
+    ``path``: a full disk's error names none) and the reason."""
     reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-    return OutputError(f"could not write {err.filename}: {reason}" if err.filename else f"could not write: {reason}")
+    where = err.filename or path
+    return OutputError(f"could not write {where}: {reason}" if where else f"could not write: {reason}")
 
 
 @contextlib.contextmanager
-def writing_outputs():
-    """Context manager: an OSError raised while writing outputs becomes its one-line :func:`output_error`."""
+def writing_outputs(path=None):
+    """Context manager: an OSError raised while writing outputs (``path``, when the error names no file)
+    becomes its one-line :func:`output_error`."""
     try:
         yield
     except OSError as err:
-        raise output_error(err) from None
+        raise output_error(err, path) from None
 
 
 def user_message(err: SATError) -> str:

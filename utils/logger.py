@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from utils.errors import SATError, user_message
+from utils.errors import SATError, user_message, writing_outputs
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -114,7 +114,8 @@ class MetricsLog:
                     continue
                 if isinstance(record, dict) and record.get("epoch", math.inf) <= start_epoch:
                     kept.append(line + "\n")
-        self.path.write_text("".join(kept), encoding="utf-8")
+        with writing_outputs(self.path):
+            self.path.write_text("".join(kept), encoding="utf-8")
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import, rank 0 only
@@ -124,7 +125,7 @@ class MetricsLog:
     def log_epoch(self, record):
         """Append ``record`` (must hold 'epoch'); scalars also go to TensorBoard at step = epoch."""
         record = {key: _finite_or_none(value) for key, value in record.items()}
-        with open(self.path, "a", encoding="utf-8") as f:
+        with writing_outputs(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():

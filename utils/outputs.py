@@ -10,7 +10,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, writing_outputs
 
 try:
     import fcntl
@@ -49,12 +49,13 @@ def previous_outputs(output_dir, names, overwrite, what="run"):
 
 def write_text_atomic(path, text):
     """Write ``text`` (UTF-8) to ``path`` through a temporary file renamed in place: a reader, or a job killed
-    while writing, never leaves a half-written file."""
+    while writing, never leaves a half-written file. An OSError (a full disk) is one OutputError line."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        with writing_outputs(path):
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
