@@ -33,7 +33,7 @@ from utils.errors import (CheckpointError, ConfigError, DataError, output_error,
                           writing_outputs)
 from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
-from utils.outputs import FolderLock, Staged, delete_outputs, partial_name, previous_outputs
+from utils.outputs import FolderLock, Staged, check_output_file, delete_outputs, partial_name, previous_outputs
 from utils.saved_maps import SavedMaps, drop_class_metrics, map_loader, read_predictions, saved_view, write_saved_view
 from utils.visualize import plot_curves
 
@@ -114,10 +114,8 @@ def check_output_paths(args, output_dir):
         elif args.overlays:
             raise ConfigError(f"{output_dir} holds an {OVERLAYS}/ folder that no evaluation wrote (train.py's final "
                               "test draws one): choose another --output-dir for the overlays")
-    if args.save_boxes and Path(args.save_boxes).is_dir():
-        raise ConfigError(f"--save-boxes {args.save_boxes}: a folder; expected the path of a JSON file")
-    if args.save_boxes and any(p.exists() and not p.is_dir() for p in Path(args.save_boxes).parents):
-        raise ConfigError(f"--save-boxes {args.save_boxes}: a parent of it is a file, not a folder")
+    if args.save_boxes:
+        check_output_file("--save-boxes", args.save_boxes)
     if args.save_maps and Path(args.save_maps).exists() and not Path(args.save_maps).is_dir():
         raise ConfigError(f"--save-maps {args.save_maps}: not a folder")
     return previous

@@ -40,7 +40,8 @@ from utils.errors import CheckpointError, ConfigError, DataError, OutputError, r
 from utils.logger import MetricsLog, close_logging, log_error, open_log_file, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 from utils.outputs import FolderLock, check_output_folder, delete_outputs, write_text_atomic
-from utils.preemption import Preempted, StepCheckpoint, StopAtOnce, StopSignals, resume_command, signal_name
+from utils.preemption import (Preempted, StepCheckpoint, StopAtOnce, StopSignals, ignore_stop_signals,
+                              resume_command, signal_name)
 
 RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
                "num_images")
@@ -539,30 +540,26 @@ def carry_over(best, path, checkpoint_dir, epochs_done, full_state, cfg, info):
     by this run's evaluations, with a warning), and ``path`` as last.pth when it holds the training state
     (``full_state``), so that a plain --resume continues the run there. A run with no epoch left to train and no
     best.pth is refused (one line): its final test would have nothing to test."""
-    carried, failure = best, None
-    if info.is_main:
-        try:
-            carried, copied, dropped = carry_best(best, Path(path).parent, checkpoint_dir)
-            last = checkpoint_dir / "last.pth"
-            if full_state and not last.exists():
-                copy_checkpoint(path, last)
-                copied.append(f"{Path(path).name} (as last.pth)")
-        except CheckpointError as err:
-            failure, copied, dropped = str(err), (), ()
+    def carry():
+        carried, _, _ = carry_best(best, Path(path).parent, checkpoint_dir, copy=False)
+        if "best.pth" not in carried and epochs_done >= cfg.epochs:  # refused before anything is copied
+            raise ConfigError(f"--resume {path}: {epochs_done} epochs done and --epochs {cfg.epochs}, so none is "
+                              f"left to train, and {checkpoint_dir} has no best.pth for the final test: raise "
+                              f"--epochs above {epochs_done}")
+        carried, copied, dropped = carry_best(best, Path(path).parent, checkpoint_dir)
+        last = checkpoint_dir / "last.pth"
+        if full_state and not last.exists():
+            copy_checkpoint(path, last)
+            copied.append(f"{Path(path).name} (as last.pth)")
         if copied:
             _logger.info("--resume: copied %s from %s into %s", ", ".join(copied), Path(path).parent, checkpoint_dir)
         if dropped:
             _logger.warning("--resume: %s not found beside %s: this run's evaluations select %s again",
                             ", ".join(f"{name} (epoch {best[name]['epoch']})" for name in dropped), path,
                             "it" if len(dropped) == 1 else "them")
-    carried, failure = dist_utils.all_gather_object((carried, failure))[0]
-    if failure is not None:
-        raise CheckpointError(failure)
-    if "best.pth" not in carried and epochs_done >= cfg.epochs:
-        raise ConfigError(f"--resume {path}: {epochs_done} epochs done and --epochs {cfg.epochs}, so none is left to "
-                          f"train, and {checkpoint_dir} has no best.pth for the final test: raise --epochs above "
-                          f"{epochs_done}")
-    return carried
+        return carried
+
+    return dist_utils.all_gather_object(dist_utils.run_on_main(info.is_main, carry))[0]
 
 
 def lock_output_dir(lock, info):
@@ -642,3 +639,4 @@ def interrupted_message(cfg, progress, resume, cause="interrupted"):
 
 if __name__ == "__main__":
     run_cli(main)
+    ignore_stop_signals()  # the run is complete

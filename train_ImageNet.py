@@ -11,6 +11,8 @@ import functools
 
 from train import main
 from utils.errors import run_cli
+from utils.preemption import ignore_stop_signals
 
 if __name__ == "__main__":
     run_cli(functools.partial(main, imagenet=True))
+    ignore_stop_signals()  # the run is complete

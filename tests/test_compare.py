@@ -169,3 +169,21 @@ def test_a_comparison_into_a_folder_another_job_writes_is_refused(runs, tmp_path
         assert exit_info.value.code == 2
         assert refused_for_lock(capsys.readouterr().err.rstrip("\n"), out, "evaluator.py", holder)
         assert [path.name for path in out.iterdir()] == [".lock"]
+
+
+def test_a_comparison_that_fails_to_write_leaves_the_previous_one(runs, tmp_path, capsys, monkeypatch):
+    import errno
+    import tools.compare as compare_tool
+    out = tmp_path / "out"
+    compare_main([*map(str, runs), "--output-dir", str(out)])
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def full(path, image):
+        raise OSError(errno.ENOSPC, "No space left on device")  # a full disk names no file
+
+    monkeypatch.setattr(compare_tool, "save_rgb", full)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(compare_main, [*map(str, runs), "--names", "A", "B", "--output-dir", str(out), "--overwrite"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: could not write {out}: no space left on the device\n"
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # the previous comparison, whole

@@ -242,3 +242,13 @@ def test_predictions_into_a_folder_another_job_writes_are_refused(tmp_path, caps
         assert exit_info.value.code == 2
         assert refused_for_lock(capsys.readouterr().err.rstrip("\n"), out, "tools/predict.py", holder)
         assert [path.name for path in out.iterdir()] == [".lock"]
+
+
+def test_a_coco_path_that_cannot_be_written_is_refused_before_predicting(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(predict_main, ["--checkpoint", "unused.pth", "--coco", str(tmp_path / "file" / "boxes.json"),
+                               str(tmp_path / "file")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: --coco {tmp_path / 'file' / 'boxes.json'}: a parent of it is a file, " \
+                                      "not a folder\n"

@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.config import OneLineParser  # noqa: E402
-from utils.errors import ConfigError, DataError, run_cli  # noqa: E402
-from utils.outputs import FolderLock, delete_outputs, previous_outputs  # noqa: E402
+from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
+from utils.outputs import FolderLock, Staged, previous_outputs  # noqa: E402
 from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noqa: E402
 
 # metrics.json keys not in the table: settings of the model and inputs, the threshold lists (their results
@@ -252,15 +252,21 @@ def main(argv=None):
     previous = previous_outputs(output_dir, written, args.overwrite, "comparison")
     names = run_names(args.runs, args.names)
     runs = {name: Run(folder) for name, folder in zip(names, args.runs)}
-    with FolderLock(output_dir, "tools/compare.py"):  # refused while another job writes into the folder
-        return compare(runs, output_dir, previous)
+    staged = Staged()  # the new files, moved in place of the previous comparison's once all are written
+    with FolderLock(output_dir, "tools/compare.py"), writing_outputs(output_dir):  # one line for a full disk
+        try:
+            record = compare(runs, output_dir, staged)
+            staged.commit(output_dir, previous)
+        except BaseException:
+            staged.discard()
+            raise
+    return record
 
 
-def compare(runs, output_dir, previous):
-    """Print the comparison of ``runs`` ({name: Run}, the first the baseline) and write it into ``output_dir``,
-    replacing the ``previous`` comparison's files there; returns the record of compare.json."""
+def compare(runs, output_dir, staged):
+    """Print the comparison of ``runs`` ({name: Run}, the first the baseline) and write it into ``output_dir``
+    (each file at ``staged``'s partial name: utils/outputs.Staged); returns the record of compare.json."""
     names = list(runs)
-    delete_outputs(output_dir, previous)  # once the runs are read (a comparison takes a moment: not staged)
     for name, run in runs.items():
         meta = [f"{key} {run.metrics[key]}" for key in ("checkpoint", "split", "eval_protocol") if key in run.metrics]
         print(f"{name}: {run.folder}" + (f" ({', '.join(meta)})" if meta else ""))
@@ -286,7 +292,7 @@ def compare(runs, output_dir, previous):
             continue
         counts, differing = per_image_comparison(a, b)
         path = output_dir / f"per_image_{_file_part(first)}_vs_{_file_part(other)}.csv"
-        write_differing(path, a, b, (first, other), differing)
+        write_differing(staged.path(path), a, b, (first, other), differing)
         comparisons[f"{first} vs {other}"] = {**counts, "differing": str(path)}
         left_out = (f" ({counts['only_in_a']} images only in {first} and {counts['only_in_b']} only in {other} "
                     "left out)" if counts["only_in_a"] or counts["only_in_b"] else "")
@@ -302,10 +308,10 @@ def compare(runs, output_dir, previous):
               "metrics": {metric: {name: _json_value(value) for name, value in values.items()}
                           for metric, values in table.items()},
               "per_class_gt_known_loc": per_class, "per_image": comparisons}
-    (output_dir / "compare.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    staged.path(output_dir / "compare.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     rows = figure_panels(runs, per_class)
     if rows:
-        save_rgb(output_dir / "compare.png", stack_panels(rows))
+        save_rgb(staged.path(output_dir / "compare.png"), stack_panels(rows))
     figure = f" and {output_dir / 'compare.png'}" if rows else ""
     print(f"\ncomparison written to {output_dir / 'compare.json'}{figure}")
     return record

@@ -30,8 +30,8 @@ from utils.boxes import centre_offset, coco_detections, crop_box_to_original, sa
 from Model import build_model_from_checkpoint  # noqa: E402
 from utils.config import FIELDS, OneLineParser, at_least  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
-from utils.errors import ConfigError, DataError, run_cli  # noqa: E402
-from utils.outputs import FolderLock, Staged, previous_outputs  # noqa: E402
+from utils.errors import DataError, run_cli, writing_outputs  # noqa: E402
+from utils.outputs import FolderLock, Staged, check_output_file, previous_outputs  # noqa: E402
 from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
 
@@ -138,8 +138,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     output_dir = Path(args.output_dir)
-    if args.coco and Path(args.coco).is_dir():
-        raise ConfigError(f"--coco {args.coco}: a folder; expected the path of a JSON file")
+    if args.coco:
+        check_output_file("--coco", args.coco)
     previous = previous_predictions(output_dir, args.overwrite)
     paths = image_paths(args.inputs, outputs={(output_dir / name).resolve() for name in previous})
     inputs = {path.resolve() for path in paths}
@@ -153,7 +153,7 @@ def main(argv=None):
     threshold = args.threshold if args.threshold is not None else float(meta.get("best_thr") or 0.4)
     names = meta.get("class_names") or [str(k) for k in range(model.num_classes)]
     staged = Staged()  # the new files, moved in place of the previous ones once every image is predicted
-    with FolderLock(output_dir, "tools/predict.py"):  # refused while another job writes into the folder
+    with FolderLock(output_dir, "tools/predict.py"), writing_outputs(output_dir):  # one line for a full disk
         try:
             record = predict(args, model, paths, view, threshold, names, output_dir, staged, set(previous))
             staged.commit(output_dir, previous)

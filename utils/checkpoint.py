@@ -48,11 +48,22 @@ def save_checkpoint(state: Dict[str, Any], path) -> None:
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if not isinstance(err, OSError):
+        cause = _os_error_in(err)
+        if cause is None:
             raise
-        reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        reason = "no space left on the device" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
         kept = f"the previous {path.name} is left as it was" if path.exists() else "nothing was written"
         raise CheckpointError(f"could not write checkpoint {path}: {reason}; {kept}") from None
+
+
+def _os_error_in(err):
+    """The OSError ``err`` is, or was raised from or while handling (torch's archive writer turns a full disk
+    met half way through into a RuntimeError: "unexpected pos ..."); None if there is none."""
+    for _ in range(5):
+        if err is None or isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 ZIP_HEADER = b"PK\x03\x04"  # torch.save's archive; the legacy format is a pickle (first byte 0x80)
@@ -296,12 +307,12 @@ def best_of_run(checkpoint_dir, epoch):
     return best
 
 
-def carry_best(best, source_dir, checkpoint_dir):
+def carry_best(best, source_dir, checkpoint_dir, copy=True):
     """The best checkpoints of a run resumed from another folder (``source_dir``) into ``checkpoint_dir``:
     each file of ``best`` ({name: selection record}) that ``checkpoint_dir`` lacks is copied from ``source_dir``
     when the file there is the one recorded (the final test reads best.pth in the run's own folder). Returns
     (``best`` without the files found nowhere, so that this run's evaluations select them again, the names
-    copied, the names dropped)."""
+    copied, the names dropped); with ``copy`` false, only what a copy would return."""
     source_dir, checkpoint_dir = Path(source_dir), Path(checkpoint_dir)
     kept, copied, dropped = {}, [], []
     for name, record in best.items():
@@ -316,7 +327,8 @@ def carry_best(best, source_dir, checkpoint_dir):
         if found != record:
             dropped.append(name)
             continue
-        copy_checkpoint(source, target)
+        if copy:
+            copy_checkpoint(source, target)
         kept[name] = record
         copied.append(name)
     return kept, copied, dropped
@@ -348,7 +360,8 @@ def _instead(path):
         if "epoch" in meta and "config" in meta:
             found.append((meta["epoch"], "optimizer" in meta, other.name == "best.pth", other))
     if not found:
-        return f"no other checkpoint in {Path(path).parent} loads: start again with --overwrite"
+        return (f"no other checkpoint in {Path(path).parent} loads: start again (the command without --resume, "
+                "with --overwrite if --output-dir holds a run)")
     epoch, full, _, newest = max(found)
     state = "" if full else ", its weights only: it holds no optimizer state, whose moments start again"
     return f"the newest checkpoint of the run that loads is {newest} (epoch {epoch}{state}): continue from it " \

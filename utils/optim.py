@@ -33,7 +33,8 @@ def set_trainable(model, which="all"):
         chosen = list(model.head.parameters())
     else:
         if k > len(model.blocks):
-            raise ConfigError(f"trainable {which}: the model has only {len(model.blocks)} blocks")
+            raise ConfigError(f"--trainable {which} (trainable: {which}): the model has only {len(model.blocks)} "
+                              "blocks")
         blocks = model.blocks[len(model.blocks) - k:]
         chosen = [model.loc_token, model.loc_embed, *blocks.parameters(), *model.norm.parameters(),
                   *model.head.parameters()]

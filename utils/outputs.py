@@ -36,6 +36,19 @@ def check_output_folder(output_dir):
         raise ConfigError(f"--output-dir {output_dir}: a file, or inside one; expected a folder")
 
 
+def check_output_file(flag, path):
+    """A one-line ConfigError, before any work, for the path ``flag`` names when no file can be written there:
+    a folder, a path under a file, or under a folder this process may not write into."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: a folder; expected the path of a JSON file")
+    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
+        raise ConfigError(f"{flag} {path}: a parent of it is a file, not a folder")
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: no permission to write into {existing}")
+
+
 def previous_outputs(output_dir, names, overwrite, what="run"):
     """Those of ``names`` (paths relative to ``output_dir``) that the folder holds; a one-line ConfigError
     when it holds any and ``overwrite`` is false, or when ``output_dir`` cannot be a folder."""

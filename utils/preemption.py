@@ -103,6 +103,14 @@ class StopAtOnce(StopSignals):
         raise Preempted(self.message(signal_name(signum)), signum)
 
 
+def ignore_stop_signals():
+    """For a script whose run is complete: a stop signal while the interpreter exits (its garbage collection can
+    take seconds) must not end it with the status of a stopped run (143), which job scripts take as a reason to
+    requeue it."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def resume_command(argv=None, distributed=False):
     """The command line that continues this run: the same arguments with ``--resume`` (from the run's
     last.pth) instead of any ``--resume PATH`` / ``--overwrite``; for several processes, to be started by
