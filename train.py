@@ -65,8 +65,9 @@ def main(argv=None, imagenet=False):
     resume = resume_command(None if argv is None else [script, *argv], distributed=info.world_size > 1)
     progress = {"epoch": None, "saved": None}
     lock = FolderLock(cfg.output_dir, script)
-    try:
-        return train(cfg, info, imagenet, progress, resume, lock)
+    try:  # a stop signal outside the epochs (which save first) and the final test ends the run with this line
+        with StopAtOnce(lambda name: interrupted_message(cfg, progress, resume, f"stopped by {name}")):
+            return train(cfg, info, imagenet, progress, resume, lock)
     except Preempted as stop:
         if info.is_main:
             _logger.warning("%s", stop)
@@ -248,8 +249,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
             dist_utils.barrier()  # every process is done reading it
             if info.is_main:
                 shutil.rmtree(output_dir / IMAGE_CACHE, ignore_errors=True)
-    if stop.received and info.is_main:
-        _logger.info("%s received after the final test: the run is complete", signal_name(stop.received))
+        if stop.received and info.is_main:
+            _logger.info("%s received after the final test: the run is complete", signal_name(stop.received))
     return results
 
 

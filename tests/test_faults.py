@@ -344,6 +344,7 @@ def test_a_job_into_a_folder_another_job_writes_is_refused(data_root, tmp_path, 
     FolderLock(out, script).acquire().release()  # the holder was killed: no stale lock
 
 
+@pytest.mark.usefixtures("sigterm_not_handled_fails")
 def test_a_stop_signal_in_the_final_test_ends_with_the_resume_command(data_root, tmp_path, monkeypatch):
     """A signal while best.pth loads stops at once (not reported as a damaged checkpoint); one after results.json
     is written ends a complete run."""
@@ -374,6 +375,40 @@ def test_a_stop_signal_in_the_final_test_ends_with_the_resume_command(data_root,
     assert epochs_logged(out) == [1]
     assert (out / "log.txt").read_text().rstrip().endswith("SIGTERM received after the final test: the run is "
                                                            "complete")
+
+
+@pytest.fixture
+def sigterm_not_handled_fails():
+    """While the test runs, a SIGTERM that the code under test does not handle fails the test (instead of ending
+    the test process, as the default handler would)."""
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached the test's handler: the code under test did not handle it")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.usefixtures("sigterm_not_handled_fails")
+def test_a_stop_signal_before_training_starts_ends_with_one_line_and_frees_the_folder(data_root, tmp_path,
+                                                                                       monkeypatch):
+    check_data = train.check_data
+
+    def signalled(*check_args):  # SIGTERM while the data is checked: nothing saved yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        return check_data(*check_args)
+
+    monkeypatch.setattr(train, "check_data", signalled)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args(data_root, out, "--epochs", "1"))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM before training started; no checkpoint yet; resume with: python " in \
+        (out / "log.txt").read_text()
+    assert not (out / FolderLock.NAME).exists()
+    monkeypatch.undo()
+    train.main(args(data_root, out, "--epochs", "1", "--resume"))  # the printed command starts the run
+    assert epochs_logged(out) == [1]
 
 
 def test_the_lock_file_goes_with_its_job_and_a_file_removed_meanwhile_is_not_locked(tmp_path, monkeypatch):
