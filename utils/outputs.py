@@ -1,6 +1,8 @@
-"""An output folder that already holds a previous run's results: refused unless ``--overwrite``, and then
-only what the job itself writes is replaced, once the new run is complete (``Staged``). Nothing else in the
-folder is touched, so a folder shared with other files (or with another job's outputs) keeps them.
+"""The jobs' output folders and files. A folder that already holds a previous run's results: refused unless
+``--overwrite``, and then only what the job itself writes is replaced, once the new run is complete
+(``Staged``). Nothing else in the folder is touched, so a folder shared with other files (or with another job's
+outputs) keeps them. One job at a time per folder (``FolderLock``); output paths checked before the work
+(``check_output_folder``, ``check_output_file``); files written whole (``write_text_atomic``).
 """
 import datetime
 import errno
