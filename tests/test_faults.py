@@ -291,6 +291,8 @@ def test_resume_from_another_folders_last_pth_carries_the_run_over(data_root, fi
     command again is refused: another run's checkpoint into a folder holding a run would mix the two."""
     out, source = tmp_path / "continued", finished_run / "checkpoints"
     results = train.main(args(data_root, out, "--epochs", "1", "--resume", str(source / "last.pth")))
+    assert f"resumed from {source / 'last.pth'}: 1 epochs done, --epochs 1: no epoch left to train, the final " \
+        "test runs" in (out / "log.txt").read_text()
     for name in ("best.pth", "best_top1_loc.pth", "best_gt_known_loc.pth", "last.pth"):
         assert (out / "checkpoints" / name).read_bytes() == (source / name).read_bytes()
     reference = json.loads((finished_run / "results.json").read_text())

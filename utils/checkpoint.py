@@ -280,7 +280,11 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
             _logger.warning("resume: %d processes now, %d when saved in the middle of an epoch: the rest of epoch "
                             "%d is split differently (some samples may repeat or be left out)", info.world_size,
                             len(meta["epoch_meters"]), meta["epoch"] + 1)
-    _logger.info("resumed from %s: %d of %d epochs done%s", path, meta["epoch"], cfg.epochs, where)
+    if meta["epoch"] >= cfg.epochs and not position and "epoch_stats" not in meta:  # nothing left to train
+        _logger.info("resumed from %s: %d epochs done, --epochs %d: no epoch left to train, the final test runs",
+                     path, meta["epoch"], cfg.epochs)
+    else:
+        _logger.info("resumed from %s: %d of %d epochs done%s", path, meta["epoch"], cfg.epochs, where)
     return meta
 
 
