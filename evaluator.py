@@ -26,11 +26,10 @@ from DataLoader.eval_views import EvalViews, views_of
 from Model import build_model_from_checkpoint
 from utils.amp import describe
 from utils.boxes import coco_detections
-from utils.distributed import all_gather_object, cleanup, init_distributed
+from utils.distributed import all_gather_object, cleanup, init_distributed, run_on_main
 from utils.config import parse_config
 from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
-from utils.errors import (CheckpointError, ConfigError, DataError, output_error, run_cli, user_message,
-                          writing_outputs)
+from utils.errors import CheckpointError, ConfigError, DataError, run_cli, user_message, writing_outputs
 from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
 from utils.outputs import FolderLock, Staged, check_output_file, delete_outputs, partial_name, previous_outputs
@@ -75,24 +74,19 @@ def start_logging(args, info, lock):
     """(output folder, the previous evaluation's files there that this one replaces), with log.txt started
     (appended to) and the --config keys the evaluator does not read logged. The main process takes the folder's
     ``lock`` (utils/outputs.FolderLock: refused while another job writes into the folder); a folder holding an
-    evaluation is refused without --overwrite, as are output paths that cannot be written. One ConfigError line
-    on every process, before the model is built."""
+    evaluation is refused without --overwrite, as are output paths that cannot be written. One line on every
+    process (utils.distributed.run_on_main), before the model is built."""
     output_dir = Path(args.output_dir)
-    failure, previous = None, []
-    if info.is_main:
-        try:
-            if output_dir.is_dir():  # first: another job writing into the folder is what to say
-                lock.acquire()
-            previous = check_output_paths(args, output_dir)
-            lock.acquire()  # (a new folder is created once the paths are found fit)
-            delete_outputs(output_dir, PARTIALS)  # what an evaluation that did not finish left (not a running one's)
-        except ConfigError as err:
-            failure = str(err)
-        except OSError as err:  # the folder cannot be written: said on every process, not a hang
-            failure = str(output_error(err))
-    failure, previous = all_gather_object((failure, previous))[0]
-    if failure is not None:
-        raise ConfigError(failure)
+
+    def prepare():
+        if output_dir.is_dir():  # first: another job writing into the folder is what to say
+            lock.acquire()
+        previous = check_output_paths(args, output_dir)
+        lock.acquire()  # (a new folder is created once the paths are found fit)
+        delete_outputs(output_dir, PARTIALS)  # what an evaluation that did not finish left (not a running one's)
+        return previous
+
+    previous = all_gather_object(run_on_main(info.is_main, prepare))[0]
     setup_logging(output_dir, info.is_main, info.rank)
     if previous:
         _logger.info("--overwrite: the previous evaluation's %s in %s are replaced once this one is complete",

@@ -94,8 +94,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     resume = resume or resume_command(distributed=info.world_size > 1)
     output_dir = Path(cfg.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
-    if lock is not None:  # first: another job writing into the folder is what to say
-        lock_output_dir(lock, info)
+    if lock is not None:  # first: another job writing into the folder is what to say (on every process)
+        dist_utils.run_on_main(info.is_main, lock.acquire)
     replaced = previous_outputs(cfg, output_dir)
     setup_logging(output_dir, info.is_main, info.rank, log_file=not replaced)  # not into the old run's log
     if replaced:
@@ -300,22 +300,14 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
 def check_data(cfg, info, train_set, eval_sets):
     """Before the first step: every image of the evaluation splits (and of the training split with
     check_train_split) complete and its boxes inside it (DataLoader/check.py); one DataError line otherwise,
-    on every process, so that a broken test image is not found after training."""
-    failure = None
+    on every process, so that a broken test image is not found after training. One process reads the files."""
     # --strict-data with several processes: a bad training image would stop one process alone mid-epoch while
     # the others wait in the gradient all-reduce, so the training split is checked first
     check_train = cfg.check_train_split or (cfg.strict_data and info.world_size > 1)
-    if info.is_main:  # one process reads the files
-        if check_train and not cfg.check_train_split:
-            _logger.info("--strict-data with %d processes: checking the training split too", info.world_size)
-        try:
-            check_splits(train_set, eval_sets, workers=cfg.workers, check_train=check_train,
-                         strict=cfg.strict_data, progress=True)
-        except DataError as err:
-            failure = str(err)
-    failure = dist_utils.all_gather_object(failure)[0]
-    if failure is not None:
-        raise DataError(failure)
+    if info.is_main and check_train and not cfg.check_train_split:
+        _logger.info("--strict-data with %d processes: checking the training split too", info.world_size)
+    dist_utils.run_on_main(info.is_main, check_splits, train_set, eval_sets, workers=cfg.workers,
+                           check_train=check_train, strict=cfg.strict_data, progress=True)
 
 
 # ----------------------------------------------------------------------------------- evaluation plan
@@ -561,21 +553,6 @@ def carry_over(best, path, checkpoint_dir, epochs_done, full_state, cfg, info):
         return carried
 
     return dist_utils.all_gather_object(dist_utils.run_on_main(info.is_main, carry))[0]
-
-
-def lock_output_dir(lock, info):
-    """The main process takes the output folder's ``lock`` (utils/outputs.FolderLock) for the run: a job started
-    into the folder while this one writes it is refused, as this one is when another job holds it (one
-    ConfigError line, on every process)."""
-    failure = None
-    if info.is_main:
-        try:
-            lock.acquire()
-        except ConfigError as err:
-            failure = str(err)
-    failure = dist_utils.all_gather_object(failure)[0]
-    if failure is not None:
-        raise ConfigError(failure)
 
 
 def load_first_batch(train_loader, info):

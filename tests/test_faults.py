@@ -346,17 +346,22 @@ def test_a_job_into_a_folder_another_job_writes_is_refused(data_root, tmp_path, 
     FolderLock(out, script).acquire().release()  # the holder was killed: no stale lock
 
 
+def sigterm_first(monkeypatch, name):
+    """train.``name`` sends this process a SIGTERM, then does its work."""
+    function = getattr(train, name)
+
+    def signalled(*call_args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return function(*call_args)
+
+    monkeypatch.setattr(train, name, signalled)
+
+
 @pytest.mark.usefixtures("sigterm_not_handled_fails")
 def test_a_stop_signal_in_the_final_test_ends_with_the_resume_command(data_root, tmp_path, monkeypatch):
     """A signal while best.pth loads stops at once (not reported as a damaged checkpoint); one after results.json
     is written ends a complete run."""
-    load_checkpoint = train.load_checkpoint
-
-    def signalled(*load_args):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return load_checkpoint(*load_args)
-
-    monkeypatch.setattr(train, "load_checkpoint", signalled)
+    sigterm_first(monkeypatch, "load_checkpoint")
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         train.main(args(data_root, out, "--epochs", "1"))
@@ -394,13 +399,7 @@ def sigterm_not_handled_fails():
 @pytest.mark.usefixtures("sigterm_not_handled_fails")
 def test_a_stop_signal_before_training_starts_ends_with_one_line_and_frees_the_folder(data_root, tmp_path,
                                                                                        monkeypatch):
-    check_data = train.check_data
-
-    def signalled(*check_args):  # SIGTERM while the data is checked: nothing saved yet
-        os.kill(os.getpid(), signal.SIGTERM)
-        return check_data(*check_args)
-
-    monkeypatch.setattr(train, "check_data", signalled)
+    sigterm_first(monkeypatch, "check_data")  # SIGTERM while the data is checked: nothing saved yet
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         train.main(args(data_root, out, "--epochs", "1"))
