@@ -2,6 +2,7 @@
 tests/fixtures/gpu_check_runs; the full quick run takes minutes on a 2-core machine), the shell scripts'
 syntax, and make_benchmark_data.py --learnable."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -193,6 +194,32 @@ def test_each_run_leaves_the_table_so_far_and_the_runs_small_files(runs, tmp_pat
         assert tar.extractfile("./late_run/stdout.txt").read() == b"measured\n"
     assert {"./step_fp32.json", "./env.json", "./train_pil_fp32/metrics.jsonl"} <= names
     assert "./train_pil_fp32/checkpoints/last.pth" not in names
+
+
+def test_requirements_of_this_environment_are_met_and_unmet_ones_are_named(tmp_path):
+    import numpy
+    assert gpu_table.unmet_requirements() == []  # the suite runs where requirements.txt was installed
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("# a comment\nnumpy>=1.0  # met\nnumpy>=99,<100\nno-such-package-sat>=1\nPyYAML\n")
+    assert gpu_table.unmet_requirements(reqs) == [f"numpy {numpy.__version__} (needs <100,>=99)",
+                                                  "no-such-package-sat missing (needs >=1)"]
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_record.sh"])
+def test_scripts_stop_at_once_when_requirements_are_not_met(tmp_path, script):
+    """A GPU machine brings its own packages: with one too old, every run would fail after minutes of device
+    time; the scripts stop at the machine's description and say what to carry."""
+    (tmp_path / "tools").mkdir()
+    for name in (script, "gpu_lib.sh", "gpu_table.py"):
+        shutil.copy(REPO_ROOT / "tools" / name, tmp_path / "tools" / name)
+    (tmp_path / "requirements.txt").write_text("numpy>=99\n")
+    out = subprocess.run(["bash", str(tmp_path / "tools" / script), "--device", "cpu", "--quick", "--work",
+                          str(tmp_path / "work")], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OUT": str(tmp_path / "out")})
+    assert out.returncode == 2
+    assert "error: requirements.txt is not met: numpy " in out.stdout and "(needs >=99)" in out.stdout
+    assert "--wheels DIR" in out.stdout and "step_fp32" not in out.stdout and "## data" not in out.stdout
+    assert (tmp_path / "out" / f"{script[:-3]}.log").read_text() == out.stdout
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_record.sh"])

@@ -13,10 +13,11 @@
 # Options: --device cuda|cpu, --quick (tiny model, images and batches; no test suite), --tests (after --quick:
 # the suite too), --no-tests,
 # --work DIR (data and runs; default /tmp/gpu_check), --timeout S (each run; default 180, --quick 300),
-# --suite-timeout S (default 240). Each run is limited by `timeout`; a run that fails or times out shows as
-# "not run" in the table. The data is made while the suite runs (both use only the CPU).
+# --suite-timeout S (default 240), --wheels DIR (wheels installed first, without an index: what the machine lacks
+# or has too old; the check stops at once when requirements.txt is not met). Each run is limited by `timeout`;
+# a run that fails or times out shows as "not run" in the table. The data is made while the suite runs (both use only the CPU).
 set -u
-DEVICE=cuda QUICK=0 TESTS=1 WORK=/tmp/gpu_check RUN_TIMEOUT="" SUITE_TIMEOUT=240
+DEVICE=cuda QUICK=0 TESTS=1 WORK=/tmp/gpu_check RUN_TIMEOUT="" SUITE_TIMEOUT=240 WHEELS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -24,6 +25,7 @@ while [ $# -gt 0 ]; do
     --tests) TESTS=1; shift ;;
     --no-tests) TESTS=0; shift ;;
     --work) WORK=$2; shift 2 ;;
+    --wheels) WHEELS=$2; shift 2 ;;
     --timeout) RUN_TIMEOUT=$2; shift 2 ;;
     --suite-timeout) SUITE_TIMEOUT=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
@@ -61,7 +63,7 @@ bench() {
 }
 
 t "## machine"
-python3 tools/gpu_table.py env --device "$DEVICE" | tee "$RUNS/env.json"
+machine_env
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 t "## data (in the background while the suite runs)"

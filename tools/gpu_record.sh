@@ -19,11 +19,11 @@
 # 64 px, 2 workers, images of 80-120 px; the data's counts and the schedule of the full runs), --seeds LIST,
 # --parts LIST, --compile-time (also time the full recipe with --compile: 3+ minutes, slower than without on an
 # H200), --official-time (also with CUB.yaml), --work DIR (default /tmp/gpu_record), --timeout S (each run;
-# default 600).
+# default 600), --wheels DIR (as tools/gpu_check.sh's).
 # All runs start from random weights (--pretrained false: no download).
 set -u
 DEVICE=cuda QUICK=0 SMALL_MODEL=0 SEEDS_ARG="" PARTS=cub,imagenet,accuracy COMPILE_TIME=0 OFFICIAL_TIME=0
-WORK=/tmp/gpu_record TIMEOUT=600
+WORK=/tmp/gpu_record TIMEOUT=600 WHEELS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -34,6 +34,7 @@ while [ $# -gt 0 ]; do
     --compile-time) COMPILE_TIME=1; shift ;;
     --official-time) OFFICIAL_TIME=1; shift ;;
     --work) WORK=$2; shift 2 ;;
+    --wheels) WHEELS=$2; shift 2 ;;
     --timeout) TIMEOUT=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -84,7 +85,7 @@ train() {
 }
 
 t "## machine"
-python3 tools/gpu_table.py env --device "$DEVICE" | tee "$RUNS/env.json"
+machine_env
 
 if part cub; then
   t "## the full CUB recipe, CUB-sized data"

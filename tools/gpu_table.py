@@ -2,7 +2,8 @@
 targets) and tools/gpu_record.sh (the one-GPU record: CUB_fast.yaml end to end, the ImageNet-sized rate,
 fast vs official accuracy), read from what their runs left in one folder.
 
-    python tools/gpu_table.py env --device cuda > RUNS/env.json      # the machine, at the start of a check
+    python tools/gpu_table.py env --device cuda > RUNS/env.json      # the machine, at the start of a check;
+                                                                     # exit 2 if requirements.txt is not met
     python tools/gpu_table.py check RUNS [--output FILE.md]          # markdown table; FILE.json alongside
     python tools/gpu_table.py record RUNS [--output FILE.md]
 
@@ -364,6 +365,27 @@ def record_rows(runs):
 
 
 # ---------------------------------------------------------------------------------------------- output
+def unmet_requirements(path=Path(__file__).resolve().parents[1] / "requirements.txt"):
+    """What this Python lacks of ``path`` ("timm 0.9.16 (needs >=1.0.23,<2)"): a GPU machine comes with its own
+    packages, and a check run on a missing or too old one would fail in every run."""
+    from importlib.metadata import PackageNotFoundError, version
+    from packaging.requirements import Requirement
+    unmet = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        try:
+            found = version(req.name)
+        except PackageNotFoundError:
+            unmet.append(f"{req.name} missing (needs {req.specifier or 'any version'})")
+            continue
+        if not req.specifier.contains(found, prereleases=True):
+            unmet.append(f"{req.name} {found} (needs {req.specifier})")
+    return unmet
+
+
 def environment(device):
     """The machine and versions, for the table's header."""
     import torch
@@ -411,6 +433,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.kind == "env":
         print(json.dumps(environment(args.device)))
+        unmet = unmet_requirements()
+        if unmet:
+            raise SystemExit("error: requirements.txt is not met: " + "; ".join(unmet) + ". Carry wheels of "
+                             "these (pip download --no-deps NAME==VERSION -d DIR) and pass --wheels DIR")
         return None
     if not args.runs:
         p.error(f"{args.kind} needs the runs folder")
