@@ -136,6 +136,8 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
     model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     img_size = int(model.patch_embed.img_size[0])
     resize_size = args.resize_size or (meta.get("config") or {}).get("resize_size")
+    if args.data_root is None and not imagenet:
+        check_trained_on_demo(meta, args.checkpoint)
     fmt, root = resolve_data(getattr(args, "data_format", "imagenet"), args.data_root, imagenet, info.is_main)
     split = getattr(args, "split", "test")
     loader = build_eval_loader(fmt, root, split, protocol=args.eval_protocol, tencrop=args.tencrop,
@@ -181,6 +183,17 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
     if info.is_main:
         write_outputs(args, output_dir, previous, record, rows, curves, loader.dataset.classes)
     return record
+
+
+def check_trained_on_demo(meta, checkpoint):
+    """Without --data-root the evaluator reads the built-in demo data, which only a checkpoint trained on it
+    (its recorded config has no data_root) fits; any other (a released one, one trained on CUB) would be scored on
+    5 demo classes without a word: ConfigError naming the data it was trained on."""
+    config = meta.get("config")
+    if config is None or config.get("data_root") is not None:
+        trained_on = f"was trained on {config['data_root']}" if config else "records no training data"
+        raise ConfigError(f"no --data-root: the evaluator would read the built-in demo data, but checkpoint "
+                          f"{checkpoint} {trained_on}: pass --data-root (the dataset to evaluate on)")
 
 
 def bad_images(dataset, split, workers, info):

@@ -45,7 +45,7 @@ from utils.preemption import (Preempted, StepCheckpoint, StopAtOnce, StopSignals
 
 RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
                "num_images")
-SAT_THRESHOLD_KEYS = ("threshold", "best_threshold")  # recorded on their own (results.json: the search's section)
+SAT_THRESHOLD_KEYS = ("threshold", "best_threshold")  # recorded on their own (results.json: with at_best_threshold)
 # The checkpoints kept during training, each the first epoch reaching the maximum of its metric, as the
 # official train.py keeps best_loc / best_top1 / best_gt; best.pth follows selection_metric (official: loc).
 EXTRA_BEST = {"best_top1_loc.pth": "top1_loc", "best_gt_known_loc.pth": "gt_known_loc"}
@@ -475,9 +475,10 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, 
                **{key: metrics[key] for key in recorded_keys(metrics, plan)},
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if cfg.report_best_threshold and sat:
-        results["best_threshold"] = {
-            "threshold": metrics["best_threshold"], "chosen_on": "test",
-            "note": "threshold maximising Top-1 + GT-known Loc on the evaluated split itself (not held out)",
+        results["best_threshold"] = metrics["best_threshold"]  # as in the evaluators' metrics.json
+        results["at_best_threshold"] = {
+            "chosen_on": "test", "note": "the threshold maximising Top-1 + GT-known Loc on the evaluated split "
+                                         "itself (not held out)",
             **{key: metrics[key] for key in ("num_images", "top1_cls", "top5_cls")}, **metrics["at_best_threshold"]}
     dist_utils.run_on_main(info.is_main, write_text_atomic, output_dir / "results.json",
                            json.dumps(results, indent=2) + "\n")

@@ -1,6 +1,7 @@
 """Dataset factory and the quick data-root check the command-line scripts run first."""
 import itertools
 import os
+import re
 from pathlib import Path
 
 from utils.errors import DataError
@@ -48,7 +49,11 @@ def check_data_root(fmt, root):
 
 def _root_hint(fmt, root):
     """What to try for a ``root`` that lacks format ``fmt``'s entries: the formats its entries fit, else the
-    one subfolder that fits ``fmt``; '' when neither."""
+    one subfolder that fits ``fmt``; '' when neither. An ILSVRC2012 root (which the folder format's entries fit
+    too) is sent to the ImageNet scripts."""
+    if fmt != "imagenet" and _looks_like_imagenet(root):
+        return "; it looks like ILSVRC2012 (wnid folders / ILSVRC2012_val_ files): train_ImageNet.py and " \
+               "evaluator_ImageNet.py read it"
     others = [other for other in LOOKS_LIKE if other != fmt and not _layout_problem(other, root)]
     if others:
         # The ImageNet scripts read the ILSVRC2012 layout whatever --data-format says, so the flag is named with
@@ -64,6 +69,21 @@ def _root_hint(fmt, root):
 LOOKS_LIKE = ("cub", "folder", "dogs", "cars", "aircraft")
 # A root with more entries than this is not searched for a subfolder that fits (the hint must stay cheap).
 SUBFOLDER_SEARCH_LIMIT = 100
+
+
+IMAGENET_NAME = re.compile(r"n\d{8}|ILSVRC2012_val_\d{8}\.JPEG")
+
+
+def _looks_like_imagenet(root):
+    """Whether the first entries of ``root``'s train/ or val/ are ImageNet's (wnid folders, val file names)."""
+    for split in ("train", "val"):
+        try:
+            with os.scandir(Path(root) / split) as scan:
+                if any(IMAGENET_NAME.fullmatch(entry.name) for entry in itertools.islice(scan, 20)):
+                    return True
+        except OSError:  # absent or unreadable: no hint from it
+            continue
+    return False
 
 
 def _subfolder_fitting(fmt, root):

@@ -206,3 +206,17 @@ def test_strict_data_with_several_processes_checks_the_training_split_first(cub)
         check_data(cfg, SimpleNamespace(is_main=True, world_size=2), train_set, {"test": test_set})
     check_data(SimpleNamespace(**{**vars(cfg), "strict_data": False}), SimpleNamespace(is_main=True, world_size=2),
                train_set, {"test": test_set})  # skipped in training: nothing to stop
+
+
+def test_check_dataset_checks_the_few_shot_subset_training_uses(tmp_path, capsys):
+    """--images-per-class: by default the tool checks the subset training draws with its default seed (6), not
+    another one; the images outside it are broken here, so checking another subset would report them."""
+    root = make_demo_dataset(tmp_path / "cub", num_classes=2, train_per_class=6, test_per_class=1, image_size=40)
+    chosen = {item.path for item in build_dataset("cub", root, "train", images_per_class=2, seed=6).items}
+    assert chosen != {item.path for item in build_dataset("cub", root, "train", images_per_class=2, seed=0).items}
+    for path in cub_paths(root, train=True):
+        if str(path.relative_to(root / "images")) not in chosen:
+            path.write_bytes(path.read_bytes()[:-30])
+    run_cli(check_main, ["--data-format", "cub", "--data-root", str(root), "--split", "train",
+                         "--images-per-class", "2"])
+    assert capsys.readouterr().out.splitlines()[0] == "train: 4 images, 2 classes, 4 boxes, 0 with masks, 0 bad"

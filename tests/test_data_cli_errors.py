@@ -114,6 +114,11 @@ CASES = {
         r"data root \S+: missing images/, images.txt, image_class_labels.txt, train_test_split.txt, "
         r"bounding_boxes.txt, classes.txt \(expected the CUB-200-2011 release layout\); its entries fit "
         r"--data-format folder"),
+    "imagenet data read as cub": (  # the folder format's entries fit it too: the ImageNet scripts are named
+        lambda root: imagenet_root(root) and ["--data-format", "cub", "--data-root", str(root)],
+        r"data root \S+: missing images/, images.txt, image_class_labels.txt, train_test_split.txt, "
+        r"bounding_boxes.txt, classes.txt \(expected the CUB-200-2011 release layout\); it looks like ILSVRC2012 "
+        r"\(wnid folders / ILSVRC2012_val_ files\): train_ImageNet.py and evaluator_ImageNet.py read it$"),
     "release extracted into the data root": (  # the CUB tarball extracts to CUB_200_2011/ (here: data/)
         lambda root: ["--data-format", "cub", "--data-root", str(root.parent)],
         r"data root (\S+): missing images/, images.txt, image_class_labels.txt, train_test_split.txt, "
@@ -131,7 +136,8 @@ CASES = {
 }
 
 
-OWN_DATA = ("malformed val_gt.txt", "missing --val-boxes file", "missing ignore mask", "folder data read as cub")
+OWN_DATA = ("malformed val_gt.txt", "missing --val-boxes file", "missing ignore mask", "folder data read as cub",
+            "imagenet data read as cub")
 
 
 def listing(root):

@@ -171,8 +171,8 @@ def test_val_errors(imagenet):
                                                     "</annotation>")
     with pytest.raises(DataError, match=r"bad.xml: expected a number in <size/height>, got 'x'"):
         build_dataset("imagenet", imagenet, "test")
-    with pytest.raises(DataError, match=r"ImageNet has no 'val' split here: the ILSVRC2012 validation set is "
-                                        r"the 'test' split \(--split test\)"):
+    with pytest.raises(DataError, match=r"ILSVRC2012 has no 'val' split of its own .*; a held-out 'val' split "
+                                        r"\(--val-split\) needs wsolevaluation metadata: --metadata-root DIR"):
         build_dataset("imagenet", imagenet, "val")
 
 

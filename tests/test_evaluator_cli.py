@@ -276,6 +276,22 @@ def test_official_format_checkpoint_needs_no_arch_and_nan_maps_are_one_line(cub,
     assert err.startswith(f"error: checkpoint {nan_maps}: the model outputs NaN/Inf") and "first 001." in err
 
 
+def test_no_data_root_refuses_a_checkpoint_not_trained_on_the_demo(cub, tmp_path, capsys, keep_logging):
+    """Without --data-root the evaluator reads the built-in demo data: a released checkpoint (no config) or one
+    trained on a dataset is refused before anything is read, rather than scored on the demo's classes."""
+    _, checkpoint = cub
+    common = ["--output-dir", str(tmp_path / "out"), "--workers", "0", "--device", "cpu"]
+    err = _one_error_line(capsys, ["--checkpoint", str(checkpoint), *common])
+    assert err == (f"error: no --data-root: the evaluator would read the built-in demo data, but checkpoint "
+                   f"{checkpoint} records no training data: pass --data-root (the dataset to evaluate on)")
+    trained = torch.load(checkpoint, weights_only=False)
+    trained["config"] = {"data_root": "/data/CUB_200_2011"}
+    torch.save(trained, tmp_path / "cub.pth")
+    err = _one_error_line(capsys, ["--checkpoint", str(tmp_path / "cub.pth"), *common])
+    assert "checkpoint " + str(tmp_path / "cub.pth") + " was trained on /data/CUB_200_2011: pass --data-root" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 def test_a_resize_smaller_than_the_input_is_one_line(cub, tmp_path, capsys, keep_logging):
     root, checkpoint = cub  # a 64 px model
     err = _one_error_line(capsys, ["--checkpoint", str(checkpoint), "--data-root", str(root), "--resize-size", "48",

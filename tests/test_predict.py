@@ -94,8 +94,8 @@ def test_coco_output_matches_the_evaluator(tmp_path):
         rows = {row["image_id"]: row for row in csv.DictReader(f)}
     images = [root / "images" / image_id for image_id in rows]
     coco_path = tmp_path / "pseudo.json"
-    predict_main(["--checkpoint", str(checkpoint), "--threshold", "0.35", "--batch-size", "12", "--device", "cpu",
-                  "--output-dir", str(tmp_path / "pred"), "--coco", str(coco_path), *map(str, images), str(wide)])
+    predict_main(["--checkpoint", str(checkpoint), "--threshold", "0.35", "--eval-batch-size", "12", "--device", "cpu",
+                  "--output-dir", str(tmp_path / "pred"), "--save-boxes", str(coco_path), *map(str, images), str(wide)])
     coco = json.loads(coco_path.read_text())
     # schema: what detection libraries (pycocotools, detectron2, mmdet) read
     assert set(coco) == {"images", "annotations", "categories"}
@@ -182,7 +182,7 @@ def test_blocks_draws_each_spatial_aware_block_beside_the_fused_map(tmp_path, nu
                                                               num_spatial_blocks=num_spatial_blocks)}, checkpoint)
     folder = write_images(tmp_path / "photos", {"wide.jpg": (90, 60)})
     record = predict_main(["--checkpoint", str(checkpoint), "--device", "cpu", "--output-dir", str(tmp_path / "out"),
-                           "--blocks", str(folder)])
+                           "--overlay-blocks", str(folder)])
     [pred] = record["predictions"]
     blocks = [str(k) for k in range(7 - num_spatial_blocks, 7)]  # the nano model's last blocks of 6
     assert list(pred["block_boxes"]) == blocks
@@ -247,8 +247,18 @@ def test_predictions_into_a_folder_another_job_writes_are_refused(tmp_path, caps
 def test_a_coco_path_that_cannot_be_written_is_refused_before_predicting(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(predict_main, ["--checkpoint", "unused.pth", "--coco", str(tmp_path / "file" / "boxes.json"),
+        run_cli(predict_main, ["--checkpoint", "unused.pth", "--save-boxes", str(tmp_path / "file" / "boxes.json"),
                                str(tmp_path / "file")])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == f"error: --coco {tmp_path / 'file' / 'boxes.json'}: a parent of it is a file, " \
-                                      "not a folder\n"
+    assert capsys.readouterr().err == f"error: --save-boxes {tmp_path / 'file' / 'boxes.json'}: a parent of it is a " \
+                                      "file, not a folder\n"
+
+
+@pytest.mark.parametrize("old, new", [("--coco=x.json", "--save-boxes"), ("--blocks", "--overlay-blocks"),
+                                      ("--batch-size", "--eval-batch-size")])
+def test_the_earlier_flag_names_say_their_new_names(tmp_path, capsys, old, new):
+    """The flags are named as the evaluators name the same things; the earlier names say so in one line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(predict_main, ["--checkpoint", "unused.pth", old, "4", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {old.split('=')[0]} was renamed: use {new} (as the evaluators call it)\n"

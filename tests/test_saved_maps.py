@@ -130,8 +130,11 @@ def test_whole_image_maps_go_through_each_protocols_view(cub, tmp_path):
 
 def test_imagenet_layout_and_wsol_overlays(tmp_path):
     root = _write_imagenet(tmp_path / "ILSVRC2012")
-    make_baseline_maps([str(tmp_path / "maps"), "--data-root", str(root), "--data-format", "imagenet", "--size", "20"])
-    record = main(["--data-root", str(root), "--maps", str(tmp_path / "maps"), "--eval-protocol", "wsol",
+    boxes = (root / "LOC_val_solution.csv").rename(tmp_path / "LOC_val_solution.csv")  # boxes kept elsewhere
+    make_baseline_maps([str(tmp_path / "maps"), "--data-root", str(root), "--data-format", "imagenet", "--size", "20",
+                        "--val-boxes", str(boxes)])
+    record = main(["--data-root", str(root), "--val-boxes", str(boxes), "--maps", str(tmp_path / "maps"),
+                   "--eval-protocol", "wsol",
                    "--overlays", "all", "--output-dir", str(tmp_path / "out"), *CPU], imagenet=True)
     assert record["data_format"] == "imagenet" and record["num_images"] == 6 and 0 <= record["maxboxacc"] <= 100
     overlays = sorted((tmp_path / "out" / "overlays" / "val").iterdir())

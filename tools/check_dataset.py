@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from DataLoader import FORMATS, SPLITS, build_dataset  # noqa: E402
 from DataLoader.check import METHODS, check_split  # noqa: E402
 from DataLoader.eval_loader import check_every_image_annotated, split_annotations  # noqa: E402
-from utils.config import OneLineParser, at_least  # noqa: E402
+from utils.config import FIELDS, OneLineParser, at_least  # noqa: E402
 from utils.errors import DataError, run_cli  # noqa: E402
 
 
@@ -23,7 +23,9 @@ def main(argv=None):
     parser.add_argument("--val-boxes", help="ImageNet val boxes (XML folder, LOC_val_solution.csv or val_gt.txt), "
                                             "or the folder format's boxes CSV")
     parser.add_argument("--images-per-class", type=int, help="check the seeded few-shot subset only")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=FIELDS["seed"].default,
+                        help="the training seed, which picks the --images-per-class subset (default %(default)s, "
+                             "training's)")
     parser.add_argument("--strict-data", action="store_true", help="bad train images are errors")
     parser.add_argument("--workers", type=at_least(0), default=os.cpu_count(), help="processes reading the images")
     parser.add_argument("--decode", action="store_true",

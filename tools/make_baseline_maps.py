@@ -36,6 +36,8 @@ def main(argv=None):
     parser.add_argument("--data-root", help="dataset folder (default: the built-in demo data)")
     parser.add_argument("--data-format", default="cub", choices=FORMATS)
     parser.add_argument("--metadata-root", help="wsolevaluation metadata folder (holds <split>/ folders)")
+    parser.add_argument("--val-boxes", help="ImageNet val boxes or the folder format's boxes CSV, where not under "
+                                            "the data root (as evaluator.py --val-boxes)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--size", type=at_least(1), default=224, help="map side in pixels (default %(default)s)")
     parser.add_argument("--sigma", type=at_least(1e-3, float), default=0.25,
@@ -54,7 +56,8 @@ def main(argv=None):
         raise ConfigError(f"{output}: {'not a folder' if not output.is_dir() else 'not empty'}; expected a new or "
                           "empty folder (maps already there would be scored with these)")
     fmt, root = resolve_data(args.data_format, args.data_root)
-    dataset = build_dataset(fmt, root, args.split, lambda image: image, metadata_root=args.metadata_root)
+    dataset = build_dataset(fmt, root, args.split, lambda image: image, metadata_root=args.metadata_root,
+                            val_boxes=args.val_boxes)
     loc_map = centred_gaussian(args.size, args.sigma)
     for item in dataset.items:
         path = Path(args.output) / f"{item.image_id}.npy"

@@ -3,15 +3,15 @@
 Each image goes through the ``centre`` view (Resize((256, 256)) -> CenterCrop(224), scaled to the model's
 input size); the box found at the threshold in the crop is mapped back to the original image's pixels.
 Writes ``<output-dir>/predictions.json`` and one overlay PNG per image, prints one line per image and,
-with ``--coco FILE``, writes the boxes as COCO-format pseudo-labels (bbox = [x, y, w, h] in original pixels,
-category_id = class index + 1, categories named from the checkpoint). ``--blocks`` also draws the map of
+with ``--save-boxes FILE``, writes the boxes as COCO-format pseudo-labels (bbox = [x, y, w, h] in original pixels,
+category_id = class index + 1, categories named from the checkpoint). ``--overlay-blocks`` also draws the map of
 each spatial-aware block beside the fused map. An image given twice is predicted once; an unreadable one
 is named and skipped. An --output-dir holding earlier predictions is refused unless --overwrite; overlay
 names never replace a file already there.
 
     python tools/predict.py --checkpoint best.pth --output-dir preds photo.jpg more_photos/
-    python tools/predict.py --checkpoint best.pth --coco pseudo_labels.json images/
-    python tools/predict.py --checkpoint best.pth --blocks photo.jpg
+    python tools/predict.py --checkpoint best.pth --save-boxes pseudo_labels.json images/
+    python tools/predict.py --checkpoint best.pth --overlay-blocks photo.jpg
 """
 import argparse
 import json
@@ -30,7 +30,7 @@ from utils.boxes import centre_offset, coco_detections, crop_box_to_original, sa
 from Model import build_model_from_checkpoint  # noqa: E402
 from utils.config import FIELDS, OneLineParser, at_least  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
-from utils.errors import DataError, run_cli, writing_outputs  # noqa: E402
+from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
 from utils.outputs import FolderLock, Staged, check_output_file, previous_outputs  # noqa: E402
 from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
@@ -113,6 +113,10 @@ def _unique_png(output_dir, stem, used, free):
     return output_dir / f"{name}.png"
 
 
+# Flags of earlier versions, named as the evaluators name them now.
+RENAMED = {"--coco": "--save-boxes", "--blocks": "--overlay-blocks", "--batch-size": "--eval-batch-size"}
+
+
 def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)
@@ -129,17 +133,21 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the predictions --output-dir holds (predictions.json and its overlays); "
                              "without it such a folder is refused")
-    parser.add_argument("--batch-size", type=at_least(1), default=16)
+    parser.add_argument("--eval-batch-size", type=at_least(1), default=16, help="images per forward (default 16)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--coco", metavar="FILE", help="also write the boxes as a COCO-format detection file")
-    parser.add_argument("--blocks", action="store_true",
+    parser.add_argument("--save-boxes", metavar="FILE", help="also write the boxes as a COCO-format detection file")
+    parser.add_argument("--overlay-blocks", action="store_true",
                         help="also write <image>_blocks.png: the map of each spatial-aware block and the fused map "
                              "side by side, each boxed at the threshold")
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
+    renamed = next((arg.split("=")[0] for arg in argv if arg.split("=")[0] in RENAMED), None)
+    if renamed:
+        raise ConfigError(f"{renamed} was renamed: use {RENAMED[renamed]} (as the evaluators call it)")
     args = parser.parse_args(argv)
 
     output_dir = Path(args.output_dir)
-    if args.coco:
-        check_output_file("--coco", args.coco)
+    if args.save_boxes:
+        check_output_file("--save-boxes", args.save_boxes)
     previous = previous_predictions(output_dir, args.overwrite)
     paths = image_paths(args.inputs, outputs={(output_dir / name).resolve() for name in previous})
     inputs = {path.resolve() for path in paths}
@@ -161,8 +169,8 @@ def main(argv=None):
             staged.discard()
             raise
     print(f"{len(record['predictions'])} predictions written to {output_dir / 'predictions.json'}")
-    if args.coco:
-        print(f"COCO-format boxes written to {args.coco}")
+    if args.save_boxes:
+        print(f"COCO-format boxes written to {args.save_boxes}")
     return record
 
 
@@ -173,9 +181,9 @@ def predict(args, model, paths, view, threshold, names, output_dir, staged, free
     device = next(model.parameters()).device
     predictions, skipped, used = [], [], set()
     blocks = [k + 1 for k, block in enumerate(model.blocks) if block.spatial_aware]
-    for start in range(0, len(paths), args.batch_size):
+    for start in range(0, len(paths), args.eval_batch_size):
         chunk = []
-        for path in paths[start:start + args.batch_size]:
+        for path in paths[start:start + args.eval_batch_size]:
             try:
                 chunk.append((path, load_rgb(path)))
             except DataError as err:
@@ -185,7 +193,7 @@ def predict(args, model, paths, view, threshold, names, output_dir, staged, free
             continue
         views = torch.stack([view(image)[0] for _, image in chunk]).to(device)
         with torch.inference_mode():
-            outputs = model(views, return_block_maps=args.blocks)
+            outputs = model(views, return_block_maps=args.overlay_blocks)
         logits, maps = outputs[:2]
         probs = logits.float().softmax(dim=1).cpu()
         top = probs.topk(min(5, model.num_classes), dim=1)
@@ -201,7 +209,7 @@ def predict(args, model, paths, view, threshold, names, output_dir, staged, free
             png = _unique_png(output_dir, path.stem, used, free)
             save_rgb(staged.path(png), overlay)
             pred["overlay"] = str(png)
-            if args.blocks:
+            if args.overlay_blocks:
                 panels, pred["block_boxes"] = [], {}
                 for block, loc_map in zip(blocks, outputs[2][k]):
                     pred["block_boxes"][str(block)], panel = map_overlay(image, loc_map, threshold, resize_size,
@@ -221,11 +229,11 @@ def predict(args, model, paths, view, threshold, names, output_dir, staged, free
     record = {"checkpoint": str(args.checkpoint), "threshold": threshold, "img_size": img_size,
               "resize_size": resize_size, "predictions": predictions, "skipped": skipped}
     staged.path(output_dir / "predictions.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    if args.coco:
-        Path(args.coco).parent.mkdir(parents=True, exist_ok=True)
+    if args.save_boxes:
+        Path(args.save_boxes).parent.mkdir(parents=True, exist_ok=True)
         entries = [{"file_name": p["image"], "size": p["image_size"], "class": p["class"], "score": p["score"],
                     "box": p["box"]} for p in predictions]
-        staged.path(args.coco).write_text(json.dumps(coco_detections(entries, names)) + "\n", encoding="utf-8")
+        staged.path(args.save_boxes).write_text(json.dumps(coco_detections(entries, names)) + "\n", encoding="utf-8")
     return record
 
 

@@ -222,8 +222,9 @@ FIELDS = {
                          "imagenet)",
                          choices=("cub", "imagenet", "wsol", "folder", "dogs", "cars", "aircraft"),
                          scripts=NOT_IMAGENET_EVAL),
-    "data_root": Field("data", None, "str", "dataset root (null: the synthetic demo dataset; train_ImageNet.py and "
-                       "evaluator_ImageNet.py need one)", nullable=True, scripts=BOTH),
+    "data_root": Field("data", None, "str", "dataset root (null: the synthetic demo dataset, which evaluator.py "
+                       "reads only for a checkpoint trained on it; train_ImageNet.py and evaluator_ImageNet.py need "
+                       "one)", nullable=True, scripts=BOTH),
     "metadata_root": Field("data", None, "str", "wsolevaluation metadata folder (<split>/image_ids.txt ...)",
                            nullable=True, scripts=NOT_IMAGENET_EVAL),
     "val_boxes": Field("data", None, "str", "ImageNet val boxes (XML folder, LOC_val_solution.csv or val_gt.txt; "
@@ -267,9 +268,9 @@ FIELDS = {
                        scripts=BOTH),
     "tencrop": Field("test", True, "bool", "ten-crop classification in the reported numbers (sat protocol)",
                      scripts=BOTH),
-    "report_best_threshold": Field("test", False, "bool", "results.json also gets a 'best_threshold' section: the "
-                                   "test metrics at the best of eval_thresholds, chosen on the test split itself "
-                                   "(scored in the same test pass)"),
+    "report_best_threshold": Field("test", False, "bool", "results.json also gets best_threshold, the best of "
+                                   "eval_thresholds chosen on the test split itself, and the test metrics at it "
+                                   "under at_best_threshold (scored in the same test pass)"),
     "overlays": Field("test", 0, "int", "draw the overlays (map, boxes) of the first N images in dataset order "
                       "into <output_dir>/overlays/; 0: none, all: every image", domain=">= 0", words=("all",),
                       scripts=BOTH),

@@ -146,9 +146,9 @@ def _val_images(val_dir):
 def load_imagenet(root, split, val_boxes=None):
     """(image root, items, class names) of 'train' or 'test' (= the ILSVRC2012 val set)."""
     if split not in ("train", "test"):
-        raise DataError(f"{root}: ImageNet has no '{split}' split here: the ILSVRC2012 validation set is the "
-                        "'test' split (--split test), as train_ImageNet.py and evaluator_ImageNet.py call it; "
-                        "a 'val' split exists with wsolevaluation metadata (--metadata-root)")
+        raise DataError(f"{root}: ILSVRC2012 has no '{split}' split of its own (its validation set is the 'test' "
+                        "split, which the ImageNet scripts evaluate); a held-out 'val' split (--val-split) needs "
+                        "wsolevaluation metadata: --metadata-root DIR with val/image_ids.txt ...")
     root = Path(root)
     train_dir = root / "train"
     if split == "train":
