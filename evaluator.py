@@ -16,9 +16,11 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
+from DataLoader import DEFAULT_DEMO_ROOT
 from DataLoader.build import build_dataset
 from DataLoader.check import check_split
 from DataLoader.eval_loader import build_eval_loader, resolve_data, resolve_protocol
@@ -32,6 +34,7 @@ from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
 from utils.errors import CheckpointError, ConfigError, DataError, run_cli, user_message, writing_outputs
 from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
+from utils.preemption import StopAtOnce, exit_when_stopped
 from utils.outputs import FolderLock, Staged, check_output_file, delete_outputs, partial_name, previous_outputs
 from utils.saved_maps import SavedMaps, drop_class_metrics, map_loader, read_predictions, saved_view, write_saved_view
 from utils.visualize import plot_curves
@@ -51,16 +54,21 @@ def main(argv=None, imagenet=False):
     info = init_distributed(args.device)
     job = evaluate_checkpoint if args.maps is None else evaluate_maps
     lock = FolderLock(args.output_dir, "evaluator_ImageNet.py" if imagenet else "evaluator.py")
-    try:
-        output_dir, previous = start_logging(args, info, lock)
-        try:
-            return job(args, imagenet, info, output_dir, previous)
-        except BaseException:
-            if info.is_main:  # what this evaluation had begun to write; the earlier one stays whole
-                delete_outputs(output_dir, PARTIALS)
-                if args.save_boxes:
-                    Path(partial_name(args.save_boxes)).unlink(missing_ok=True)
-            raise
+    stopped = f"the evaluation stopped: nothing of it was kept (the outputs in {args.output_dir} are as they were)"
+    try:  # SIGTERM (a job's time limit), Ctrl-C: what was begun is removed; one line, the status of a stopped job
+        with exit_when_stopped(info.is_main, lambda: f"{stopped}; interrupted"), \
+                StopAtOnce(lambda name: f"{stopped}; stopped by {name}"):
+            output_dir, previous = start_logging(args, info, lock)
+            try:
+                return job(args, imagenet, info, output_dir, previous)
+            except BaseException:
+                if info.is_main:  # what this evaluation had begun to write; the earlier one stays whole
+                    delete_outputs(output_dir, PARTIALS)
+                    if args.save_boxes:
+                        Path(partial_name(args.save_boxes)).unlink(missing_ok=True)
+                    if args.save_maps:
+                        shutil.rmtree(partial_name(args.save_maps), ignore_errors=True)
+                raise
     except Exception as err:
         log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)
         raise
@@ -84,6 +92,8 @@ def start_logging(args, info, lock):
         previous = check_output_paths(args, output_dir)
         lock.acquire()  # (a new folder is created once the paths are found fit)
         delete_outputs(output_dir, PARTIALS)  # what an evaluation that did not finish left (not a running one's)
+        if args.save_maps:
+            shutil.rmtree(partial_name(args.save_maps), ignore_errors=True)
         return previous
 
     previous = all_gather_object(run_on_main(info.is_main, prepare))[0]
@@ -109,10 +119,30 @@ def check_output_paths(args, output_dir):
             raise ConfigError(f"{output_dir} holds an {OVERLAYS}/ folder that no evaluation wrote (train.py's final "
                               "test draws one): choose another --output-dir for the overlays")
     if args.save_boxes:
-        check_output_file("--save-boxes", args.save_boxes)
-    if args.save_maps and Path(args.save_maps).exists() and not Path(args.save_maps).is_dir():
-        raise ConfigError(f"--save-maps {args.save_maps}: not a folder")
+        own = [output_dir / name for name in (*EVAL_FILES, *PARTIALS, "log.txt")]
+        check_output_file("--save-boxes", args.save_boxes, args.overwrite, outputs=own)
+    if args.save_maps:
+        check_maps_folder(args.save_maps, args.overwrite)
     return previous
+
+
+SAVED_MAPS = ("sat", "wsol", "views.json")  # what --save-maps writes into its folder
+
+
+def check_maps_folder(folder, overwrite):
+    """ConfigError for a --save-maps folder that is a file, holds other files than saved maps (never touched:
+    maps mixed from two sources would be scored as one method's), or earlier saved maps without --overwrite."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--save-maps {folder}: not a folder")
+    entries = sorted(os.listdir(folder)) if folder.is_dir() else []
+    others = [name for name in entries if name not in SAVED_MAPS]
+    if others:
+        raise ConfigError(f"--save-maps {folder}: holds other files than saved maps ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder")
+    if entries and not overwrite:
+        raise ConfigError(f"--save-maps {folder}: holds earlier saved maps: --overwrite to replace them (once this "
+                          "evaluation is complete), or choose another folder")
 
 
 def evaluate_settings(args, protocol, output_dir, info):
@@ -162,15 +192,16 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
     start = time.perf_counter()
     try:
         metrics = evaluate(loader, model.to(info.device), info.device, amp=args.amp, compile=args.compile,
-                           save_maps=args.save_maps, overlay_blocks=args.overlay_blocks,
+                           save_maps=args.save_maps and partial_name(args.save_maps),
+                           overlay_blocks=args.overlay_blocks,
                            **evaluate_settings(args, protocol, output_dir, info))
     except NonFiniteOutputError as err:
         raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
     except DataError as err:  # e.g. an unreadable image: name every bad one of the split, not only the first
         found = all_gather_object(bad_images(loader.dataset, split, args.workers, info))[0]
         raise DataError(found or user_message(err)) from None
-    if args.save_maps and info.is_main:
-        write_saved_view(args.save_maps, views.img_size, views.resize_size)
+    if args.save_maps and info.is_main:  # moved in place by write_outputs, with the other outputs
+        write_saved_view(partial_name(args.save_maps), views.img_size, views.resize_size)
     seconds = time.perf_counter() - start
     log_evaluation_time(metrics, seconds)
     rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)
@@ -187,10 +218,11 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
 
 def check_trained_on_demo(meta, checkpoint):
     """Without --data-root the evaluator reads the built-in demo data, which only a checkpoint trained on it
-    (its recorded config has no data_root) fits; any other (a released one, one trained on CUB) would be scored on
-    5 demo classes without a word: ConfigError naming the data it was trained on."""
+    (its recorded config has no data_root, or that of the demo data) fits; any other (a released one, one
+    trained on CUB) would be scored on 5 demo classes without a word: ConfigError naming its training data."""
     config = meta.get("config")
-    if config is None or config.get("data_root") is not None:
+    trained_root = config and config.get("data_root")
+    if config is None or trained_root is not None and Path(trained_root).resolve() != DEFAULT_DEMO_ROOT.resolve():
         trained_on = f"was trained on {config['data_root']}" if config else "records no training data"
         raise ConfigError(f"no --data-root: the evaluator would read the built-in demo data, but checkpoint "
                           f"{checkpoint} {trained_on}: pass --data-root (the dataset to evaluate on)")
@@ -222,8 +254,8 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
     if unused:
         _logger.warning("--maps: %s not used (saved maps need no forward and no decoding)", ", ".join(unused))
     if args.overlay_blocks:
-        raise ConfigError("--overlay-blocks with --maps: saved maps hold the fused map only (tools/predict.py "
-                          "--blocks draws a checkpoint's block maps)")
+        raise ConfigError("--overlay-blocks with --maps: saved maps hold the fused map only (a checkpoint's "
+                          "block maps: --checkpoint, or tools/predict.py --overlay-blocks)")
     if args.save_boxes:
         raise ConfigError("--save-boxes with --maps: COCO detections need class scores, which saved maps and "
                           "predictions do not carry (per_image.csv holds the boxes)")
@@ -261,6 +293,8 @@ def write_outputs(args, output_dir, previous, record, rows, curves, class_names)
     protocol = record["eval_protocol"]
     staged = Staged()
     staged.path(output_dir / OVERLAYS)  # drawn there by ``evaluate``
+    if args.save_maps:
+        staged.path(args.save_maps)  # written there by ``evaluate`` (check_maps_folder: only earlier maps replaced)
     classification = "ten-crop" if record["tencrop"] else "centre-crop"
     if "maps" in record:
         classification = f"{record['predictions']}'s" if record["predictions"] else "no predictions: no"

@@ -40,7 +40,7 @@ from utils.errors import CheckpointError, ConfigError, DataError, OutputError, r
 from utils.logger import MetricsLog, close_logging, log_error, open_log_file, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 from utils.outputs import FolderLock, check_output_folder, delete_outputs, write_text_atomic
-from utils.preemption import (Preempted, StepCheckpoint, StopAtOnce, StopSignals, ignore_stop_signals,
+from utils.preemption import (StepCheckpoint, StopAtOnce, StopSignals, exit_when_stopped, ignore_stop_signals,
                               resume_command, signal_name)
 
 RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
@@ -66,16 +66,9 @@ def main(argv=None, imagenet=False):
     progress = {"epoch": None, "saved": None}
     lock = FolderLock(cfg.output_dir, script)
     try:  # a stop signal outside the epochs (which save first) and the final test ends the run with this line
-        with StopAtOnce(lambda name: interrupted_message(cfg, progress, resume, f"stopped by {name}")):
+        with exit_when_stopped(info.is_main, lambda: interrupted_message(cfg, progress, resume)), \
+                StopAtOnce(lambda name: interrupted_message(cfg, progress, resume, f"stopped by {name}")):
             return train(cfg, info, imagenet, progress, resume, lock)
-    except Preempted as stop:
-        if info.is_main:
-            _logger.warning("%s", stop)
-        raise SystemExit(stop.exit_status) from None
-    except KeyboardInterrupt:
-        if info.is_main:
-            _logger.warning("%s", interrupted_message(cfg, progress, resume))
-        raise SystemExit(130) from None
     except Exception as err:
         log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)
         raise

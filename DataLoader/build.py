@@ -41,7 +41,8 @@ def check_data_root(fmt, root):
     if fmt not in FORMATS:
         raise DataError(f"unknown dataset format {fmt!r} (expected one of {', '.join(FORMATS)})")
     if root is None or not Path(root).is_dir():
-        raise DataError(f"data root {root}: not found (expected {LAYOUTS[fmt]})")
+        found = "a file, not a folder" if root is not None and Path(root).exists() else "not found"
+        raise DataError(f"data root {root}: {found} (expected {LAYOUTS[fmt]})")
     problem = _layout_problem(fmt, root)
     if problem:
         raise DataError(f"data root {root}: {problem} (expected {LAYOUTS[fmt]}){_root_hint(fmt, root)}")
@@ -111,6 +112,19 @@ def _layout_problem(fmt, root):
     return None
 
 
+def check_listed_once(items, image_root, split):
+    """DataError naming the first image that a split lists twice (under two ids, as a repeated id is said where
+    the annotation file is read): it would be trained on, or scored, twice."""
+    seen = {}
+    for item in items:
+        first = seen.setdefault(item.path, item)
+        if first is not item:
+            where = f" ({first.source}; {item.source})" if first.source and item.source else \
+                f" (as {first.image_id!r} and {item.image_id!r})" if first.image_id != item.image_id else ""
+            raise DataError(f"image {Path(image_root) / item.path} is listed twice in the {split} split{where}: it "
+                            "would count twice")
+
+
 def build_dataset(fmt, root, split, transform=None, *, images_per_class=None, seed=0, metadata_root=None,
                   val_boxes=None, strict=False):
     """A WSOLDataset of ``split`` ('train', 'val' or 'test'; ImageNet's 'test' is its val set) of the data at
@@ -135,6 +149,7 @@ def build_dataset(fmt, root, split, transform=None, *, images_per_class=None, se
         image_root, items, classes = load_folder(root, split, val_boxes)
     else:
         raise DataError(f"dataset format {fmt!r} has no reader in DataLoader/build.py (LOADERS)")
+    check_listed_once(items, image_root, split)
     if images_per_class is not None:
         items = few_shot(items, images_per_class, seed)
     evaluation = split != "train"

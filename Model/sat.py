@@ -8,7 +8,6 @@ kernels. The localization map is the mean of ``P`` over the spatial-aware blocks
 classification is a 3x3 conv over the patch grid followed by global average pooling.
 """
 import logging
-import os
 from functools import partial
 from typing import List, Optional, Tuple
 
@@ -22,7 +21,7 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import Block
 
-from utils.checkpoint import clean_state_dict
+from utils.checkpoint import clean_state_dict, read_checkpoint
 from utils.errors import CheckpointError, ConfigError
 
 __all__ = ["SATVisionTransformer", "SpatialAwareAttention", "SATBlock", "checkpoint_filter_fn"]
@@ -220,10 +219,11 @@ def checkpoint_filter_fn(state_dict: dict, model: SATVisionTransformer) -> dict:
         if key == "pos_embed" and value.shape != own[key].shape:
             value = resample_abs_pos_embed(value, new_size=model.grid_size, num_prefix_tokens=1)
         if value.shape != own[key].shape:
-            mismatched.append(f"  {key}: pretrained {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+            mismatched.append(f"{key}: pretrained {tuple(value.shape)} vs model {tuple(own[key].shape)}")
         out[key] = value
     if mismatched:
-        raise CheckpointError("pretrained weights do not fit the model (wrong DeiT size?):\n" + "\n".join(mismatched))
+        raise CheckpointError(f"pretrained weights do not fit the model (wrong DeiT size?): {len(mismatched)} "
+                              f"tensors differ, e.g. {'; '.join(mismatched[:2])}")
     model.newly_initialized_keys = sorted(k for k in own if k not in out)
     _logger.info("pretrained weights: newly initialised keys: %s", ", ".join(model.newly_initialized_keys))
     return out
@@ -261,19 +261,19 @@ def _create_sat(variant: str, pretrained=False, **kwargs) -> SATVisionTransforme
     """Build ``variant`` (its ARCH_ARGS, overridden by ``kwargs``) through timm's builder. ``pretrained`` is
     False, True (DeiT weights via timm) or a file path."""
     kwargs = dict(ARCH_ARGS[variant], **kwargs)
-    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    weights = None
     if isinstance(pretrained, (str, bytes)) or hasattr(pretrained, "__fspath__"):
-        if not os.path.isfile(pretrained):
-            raise CheckpointError(f"pretrained weights {pretrained}: file not found")
-        overlay = dict(overlay or {}, file=str(pretrained), source="file", hf_hub_id=None)
-        pretrained = True
-    return build_model_with_cfg(
+        # a local file: read as the checkpoints are (one-line errors for a folder, a file that is no state dict)
+        weights, pretrained = read_checkpoint(pretrained, "pretrained weights")["model"], False
+    model = build_model_with_cfg(
         SATVisionTransformer, variant, pretrained,
-        pretrained_cfg_overlay=overlay,
         pretrained_filter_fn=checkpoint_filter_fn,
         pretrained_strict=False,
         **kwargs,
     )
+    if weights is not None:
+        model.load_state_dict(checkpoint_filter_fn(weights, model), strict=False)
+    return model
 
 
 @register_model

@@ -227,6 +227,7 @@ def test_bad_base_names_the_file(tmp_path, files, message):
     ("eval_thresholds: 0.4\n", "eval_thresholds must be a list of numbers in [0, 1]"),
     ("eval_thresholds: []\n", "eval_thresholds must be a list of numbers in [0, 1] (at least one), got []"),
     ("img_size: 100\n", "img_size must be an integer >= 16 (a multiple of 16), got 100"),
+    ("lr: .inf\n", "lr must be a number > 0, got inf"),
     ("trainable: last:x\n", "trainable must be all, sat, head or last:K, got 'last:x'"),
     ("lr: 1e-4\nepochs: 3\nlr: 1e-3\n", "c.yaml line 3: invalid YAML (key lr given twice)"),
     ("test_tencrop: false\n", "test_tencrop was renamed: use tencrop"),
@@ -268,6 +269,12 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
     ("train", ["--area-loss-scope", "1.5"], "--area-loss-scope: expected global, process or an integer >= 1, got "
                                             "'1.5'"),
     ("train", ["--area-thr", "1.5"], "--area-thr: expected a number in (0, 1), got '1.5'"),
+    # not finite: --lr inf trained to a NaN loss, after --overwrite had deleted the previous run
+    ("train", ["--lr", "inf"], "--lr: expected a number > 0, got 'inf'"),
+    ("train", ["--weight-decay", "1e400"], "--weight-decay: expected a number >= 0, got '1e400'"),
+    ("train", ["--min-lr", "inf"], "--min-lr: expected a number >= 0, got 'inf'"),
+    ("train", ["--warmup-epochs", "inf"], "--warmup-epochs: expected a number >= 0, got 'inf'"),
+    ("train", ["--eval-thresholds", "0.3", "nan"], "--eval-thresholds: expected numbers in [0, 1], got 'nan'"),
     ("train", ["--eval-thresholds", "0.3", "1.2"], "--eval-thresholds: expected numbers in [0, 1], got '1.2'"),
     ("train", ["--save-images", "4"], "--save-images was renamed: use --overlays N (overlays are written to "
                                       "<output-dir>/overlays/)"),

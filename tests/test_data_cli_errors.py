@@ -58,6 +58,9 @@ CASES = {
     "missing data root": (
         lambda root: ["--data-format", "cub", "--data-root", str(root / "absent")],
         r"data root \S+absent: not found \(expected the CUB-200-2011 release layout\)"),
+    "data root is a file": (
+        lambda root: ["--data-format", "cub", "--data-root", str(root / "images.txt")],
+        r"data root \S+images.txt: a file, not a folder \(expected the CUB-200-2011 release layout\)"),
     "missing annotation file": (
         lambda root: (root / "image_class_labels.txt").unlink() or ["--data-format", "cub", "--data-root", str(root)],
         r"data root \S+: missing image_class_labels.txt \(expected the CUB-200-2011 release layout\)"),

@@ -101,3 +101,20 @@ def test_a_root_one_level_up_hints_the_one_subfolder_that_fits(tmp_path):
     for index in range(100):  # a large root is not searched
         (crowded / f"f{index}").touch()
     assert error("imagenet", crowded).endswith("and/or val/)")
+
+
+def test_an_image_listed_twice_is_an_error(cub):
+    """Under a second id, with its own label, split and box lines: scored twice if read (a repeated id is the
+    annotation reader's error)."""
+    image_id, path = (cub / "images.txt").read_text().splitlines()[-1].split()
+    new = str(len((cub / "images.txt").read_text().splitlines()) + 1)
+    for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt"):
+        last = (cub / name).read_text().splitlines()[-1].split()
+        with open(cub / name, "a") as f:
+            f.write(" ".join([new, *last[1:]]) + "\n")
+    boxes = cub / "bounding_boxes.txt"
+    lines = len(boxes.read_text().splitlines())
+    with pytest.raises(DataError) as err:
+        build_dataset("cub", cub, "test")
+    assert str(err.value) == f"image {cub / 'images' / path} is listed twice in the test split ({boxes} line " \
+                             f"{lines - 1}; {boxes} line {lines}): it would count twice"

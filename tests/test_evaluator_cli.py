@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT
-from DataLoader import build_dataset, make_demo_dataset
+from DataLoader import DEFAULT_DEMO_ROOT, build_dataset, make_demo_dataset
 from utils.boxes import gt_boxes_wsol
 from utils.errors import run_cli
-from evaluator import main
+from evaluator import check_trained_on_demo, main
 from utils.metrics import WSOLBoxAccumulator
 
 from test_evaluation import save_nano_checkpoint, tiny_demo
@@ -289,6 +289,8 @@ def test_no_data_root_refuses_a_checkpoint_not_trained_on_the_demo(cub, tmp_path
     torch.save(trained, tmp_path / "cub.pth")
     err = _one_error_line(capsys, ["--checkpoint", str(tmp_path / "cub.pth"), *common])
     assert "checkpoint " + str(tmp_path / "cub.pth") + " was trained on /data/CUB_200_2011: pass --data-root" in err
+    for demo in (None, str(DEFAULT_DEMO_ROOT), os.path.relpath(DEFAULT_DEMO_ROOT)):  # trained on the demo data
+        check_trained_on_demo({"config": {"data_root": demo}}, "demo.pth")
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
@@ -412,13 +414,23 @@ def test_output_paths_that_cannot_be_written_are_refused_before_evaluating(cub, 
              ("--save-boxes", tmp_path): f"--save-boxes {tmp_path}: a folder; expected the path of a JSON file",
              ("--save-boxes", tmp_path / "file" / "b.json"): f"--save-boxes {tmp_path / 'file' / 'b.json'}: a parent "
              "of it is a file, not a folder",
-             ("--save-maps", tmp_path / "file"): f"--save-maps {tmp_path / 'file'}: not a folder"}
+             ("--save-maps", tmp_path / "file"): f"--save-maps {tmp_path / 'file'}: not a folder",
+             # files that are not earlier COCO boxes are never replaced: the checkpoint, the job's own outputs
+             ("--save-boxes", checkpoint): f"--save-boxes {checkpoint}: an existing file that is not a COCO detection "
+             "file (never replaced); choose another path",
+             ("--save-boxes", tmp_path / "out" / "metrics.json"): f"--save-boxes {tmp_path / 'out' / 'metrics.json'}: "
+             "a file this job writes itself; choose another path",
+             ("--save-boxes", tmp_path / "coco.json"): f"--save-boxes {tmp_path / 'coco.json'}: holds earlier COCO "
+             "boxes: --overwrite to replace them, or choose another path"}
+    (tmp_path / "coco.json").write_text('{"images": [], "annotations": [], "categories": []}')
     for flags, message in cases.items():
         flags = [*map(str, flags)] + ([] if "--output-dir" in flags else ["--output-dir", str(tmp_path / "out")])
         assert _one_error_line(capsys, [*common, *flags]) == f"error: {message}"
     assert not (tmp_path / "out").exists()
     main([*common, "--output-dir", str(train_run)])  # no overlays drawn: training's are left alone
     assert (train_run / "overlays").is_dir() and (train_run / "metrics.json").exists()
+    main([*common, "--output-dir", str(tmp_path / "out"), "--save-boxes", str(tmp_path / "coco.json"), "--overwrite"])
+    assert len(json.loads((tmp_path / "coco.json").read_text())["images"]) == 12  # the earlier boxes replaced
 
 
 def test_an_evaluation_stopped_by_a_bad_image_names_every_bad_image(cub, tmp_path, capsys, keep_logging):

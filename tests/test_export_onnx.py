@@ -49,7 +49,10 @@ def test_export_of_official_weights_gives_official_outputs(tmp_path, capsys, off
 def test_bad_output_and_values_are_one_line(tmp_path, capsys):
     for flags, message in ((["--output", str(tmp_path)], f"--output {tmp_path}: a folder; expected the path of the "
                                                          ".onnx file to write"),
-                           (["--output", "x.onnx", "--atol", "-1"], "--atol: expected a number >= 0, got '-1'")):
+                           (["--output", "x.onnx", "--atol", "-1"], "--atol: expected a number >= 0, got '-1'"),
+                           (["--output", str(OFFICIAL_CKPT)], f"--output {OFFICIAL_CKPT}: an existing file that "
+                                                              "is not an .onnx file (never replaced); choose another "
+                                                              "path")):
         with pytest.raises(SystemExit):
             run_cli(main, ["--checkpoint", str(OFFICIAL_CKPT), *flags])
         assert capsys.readouterr().err == f"error: {message}\n"

@@ -440,3 +440,39 @@ def test_the_lock_file_goes_with_its_job_and_a_file_removed_meanwhile_is_not_loc
         FolderLock(tmp_path / "odd", "train.py").acquire()
     with pytest.raises(ConfigError, match=r"--output-dir /proc/sat_out: cannot be created \("):
         FolderLock("/proc/sat_out", "train.py").acquire()
+
+
+@pytest.mark.usefixtures("sigterm_not_handled_fails")
+@pytest.mark.parametrize("stop, status", [("SIGTERM", 128 + signal.SIGTERM), ("Ctrl-C", 130)])
+def test_a_stopped_evaluation_leaves_the_earlier_one_whole_and_says_so(data_root, tmp_path, monkeypatch, stop,
+                                                                       status):
+    """SIGTERM (a job's time limit) or Ctrl-C while an evaluation writes its outputs: one line, the status of a
+    stopped job, the earlier evaluation's files as they were and no partial files (SIGTERM ended the process
+    without a word and left them; Ctrl-C printed a traceback)."""
+    import evaluator
+    out, maps = tmp_path / "eval", tmp_path / "maps"
+    flags = ["--checkpoint", str(save_nano_checkpoint(tmp_path / "nano.pth")), "--data-root", data_root,
+             "--output-dir", str(out), "--overlays", "2", "--save-maps", str(maps), "--workers", "0",
+             "--device", "cpu"]
+    eval_main(flags)
+    before, maps_before = files(out), files(maps)
+    write_per_image = evaluator.write_per_image
+
+    def stopped(*call_args):
+        write_per_image(*call_args)  # metrics.json, overlays and maps staged: the moment with most to undo
+        if stop == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluator, "write_per_image", stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main([*flags, "--overwrite"])
+    assert exit_info.value.code == status
+    after = files(out)
+    log = after.pop("log.txt")
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items()
+                                                                if k not in ("log.txt", ".lock")}
+    assert files(maps) == maps_before and not list(tmp_path.glob("*.partial*")) and not list(out.glob("*.partial*"))
+    assert f"the evaluation stopped: nothing of it was kept (the outputs in {out} are as they were); " \
+           f"{'stopped by SIGTERM' if stop == 'SIGTERM' else 'interrupted'}" in log.decode()

@@ -217,13 +217,37 @@ def test_pretrained_file_of_wrong_size_names_keys(tmp_path):
     deit = timm.create_model("deit_small_patch16_224", pretrained=False)
     path = tmp_path / "deit_small.pth"
     torch.save(deit.state_dict(), path)
-    with pytest.raises(CheckpointError, match="patch_embed.proj.weight: pretrained"):
+    with pytest.raises(CheckpointError) as err:  # one line, not one per tensor
         build_model(TINY, num_classes=20, pretrained=path)
+    # every tensor of the 12 blocks (12 each), the tokens, patch embedding and final norm: 12 * 12 + 6
+    assert str(err.value) == "pretrained weights do not fit the model (wrong DeiT size?): 150 tensors differ, e.g. " \
+                             "cls_token: pretrained (1, 1, 384) vs model (1, 1, 192); pos_embed: pretrained " \
+                             "(1, 197, 384) vs model (1, 197, 192)"
 
 
-def test_pretrained_missing_file(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
-        build_model(TINY, pretrained=str(tmp_path / "nope.pth"))
+def test_pretrained_files_that_are_not_weights_are_one_line(tmp_path):
+    """Read as checkpoints are: a text file, an empty one, a dict without a state dict (tracebacks before)."""
+    (tmp_path / "text.pth").write_text("hello")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save({"model": [1, 2, 3]}, tmp_path / "list.pth")
+    for name, message in (("nope.pth", "pretrained weights {}: file not found"),
+                          ("", "pretrained weights {}: a folder, not a pretrained weights file"),
+                          ("text.pth", "{} is not a readable checkpoint"),
+                          ("empty.pth", "{} is not a readable checkpoint"),
+                          ("list.pth", "{} is not a checkpoint: expected a state dict")):
+        path = tmp_path / name
+        with pytest.raises(CheckpointError) as err:
+            build_model(TINY, pretrained=str(path))
+        assert str(err.value).startswith(message.format(path)) and "\n" not in str(err.value), str(err.value)
+
+
+def test_pretrained_safetensors_file(tmp_path):
+    """timm's hub weights are .safetensors files: a local copy loads as a .pth does."""
+    from safetensors.torch import save_file
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    save_file(deit.state_dict(), tmp_path / "model.safetensors")
+    model = build_model(TINY, num_classes=20, pretrained=tmp_path / "model.safetensors")
+    torch.testing.assert_close(model.blocks[11].attn.qkv.weight, deit.blocks[11].attn.qkv.weight)
 
 
 def test_pretrained_pos_embed_resampled_for_other_img_size(tmp_path):

@@ -254,6 +254,23 @@ def test_a_coco_path_that_cannot_be_written_is_refused_before_predicting(tmp_pat
                                       "file, not a folder\n"
 
 
+def test_save_boxes_never_replaces_an_input_or_the_predictions(tmp_path, capsys):
+    """--save-boxes naming an input image, the checkpoint or predictions.json is refused before anything is read
+    (it used to be replaced by the COCO file); an earlier COCO file needs --overwrite."""
+    image = tmp_path / "a.jpg"
+    Image.new("RGB", (20, 20)).save(image)
+    (tmp_path / "boxes.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    cases = {image: "an existing file that is not a COCO detection file (never replaced); choose another path",
+             tmp_path / "out" / "predictions.json": "a file this job writes itself; choose another path",
+             tmp_path / "boxes.json": "holds earlier COCO boxes: --overwrite to replace them, or choose another path"}
+    for path, message in cases.items():
+        with pytest.raises(SystemExit):
+            run_cli(predict_main, ["--checkpoint", "unused.pth", "--output-dir", str(tmp_path / "out"),
+                                   "--save-boxes", str(path), str(image)])
+        assert capsys.readouterr().err == f"error: --save-boxes {path}: {message}\n"
+    assert Image.open(image).size == (20, 20) and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("old, new", [("--coco=x.json", "--save-boxes"), ("--blocks", "--overlay-blocks"),
                                       ("--batch-size", "--eval-batch-size")])
 def test_the_earlier_flag_names_say_their_new_names(tmp_path, capsys, old, new):

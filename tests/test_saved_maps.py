@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,13 +145,16 @@ def test_imagenet_layout_and_wsol_overlays(tmp_path):
 def test_baseline_maps_need_a_new_folder_and_sane_values(cub, tmp_path, capsys):
     root, _ = cub
     (tmp_path / "used" / "sat").mkdir(parents=True)  # e.g. a --save-maps folder: its sat/ maps would be scored
+    (tmp_path / "file").write_text("x")
     for flags, message in (([tmp_path / "used"], f"{tmp_path / 'used'}: not empty; expected a new or empty folder "
                                                  "(maps already there would be scored with these)"),
                            ([tmp_path / "m", "--sigma", "0"], "--sigma: expected a number >= 0.001, got '0'"),
                            ([tmp_path / "m", "--size", "0"], "--size: expected an integer >= 1, got '0'"),
                            ([tmp_path / "m", "--img-size", "64", "--resize-size", "32"], "--resize-size 32: the "
                             "centre view crops --img-size 64 pixels of it, resize to at least that"),
-                           ([tmp_path / "m", "--sig", "0.3"], "unrecognized arguments: --sig 0.3")):
+                           ([tmp_path / "m", "--sig", "0.3"], "unrecognized arguments: --sig 0.3"),
+                           ([tmp_path / "file" / "m"], f"could not write {tmp_path / 'file' / 'm'}/001.Ringed_Disc: "
+                                                       "Not a directory")):
         with pytest.raises(SystemExit):
             run_cli(make_baseline_maps, [*map(str, flags), "--data-root", str(root)])
         assert capsys.readouterr().err.startswith(f"error: {message}")
@@ -222,6 +226,8 @@ def test_bad_maps_and_predictions_are_one_line(cub, tmp_path, capsys):
     path = _bad(tmp_path, "rgb", np.ones((8, 8, 3), np.float32))
     assert error(tmp_path / "rgb") == \
         f"error: map {path}: shape (8, 8, 3), expected a non-empty 2-D map (height, width)"
+    assert error(tmp_path / "good", "--overlay-blocks") == "error: --overlay-blocks with --maps: saved maps hold the " \
+        "fused map only (a checkpoint's block maps: --checkpoint, or tools/predict.py --overlay-blocks)"
     (tmp_path / "sat_only" / "sat").mkdir(parents=True)  # saved with --eval-protocol sat
     assert error(tmp_path / "sat_only", "--eval-protocol", "both") == (
         f"error: maps {tmp_path / 'sat_only'}: no wsol/ folder, which the wsol protocol reads (saved with another "
@@ -269,3 +275,34 @@ def test_flags_of_the_forward_are_named_as_unused_with_maps(cub, tmp_path, caplo
         main(["--maps", str(tmp_path / "maps"), "--data-root", str(root), "--amp", "--compile",
               "--output-dir", str(tmp_path / "out"), *CPU])
     assert "--maps: --amp, --compile not used (saved maps need no forward and no decoding)" in caplog.text
+
+
+@pytest.mark.usefixtures("keep_logging")
+def test_save_maps_replaces_only_earlier_maps_and_only_once_complete(cub, tmp_path, capsys):
+    """A --save-maps folder holding maps is refused without --overwrite (two evaluations' maps mixed would be
+    scored as one method's), one holding anything else always; with --overwrite the earlier maps are replaced
+    whole once the evaluation is complete, and stay as they were when it fails."""
+    root, checkpoint = cub
+    maps, data = tmp_path / "maps", ["--checkpoint", str(checkpoint), "--data-root", str(root), *CPU]
+    main([*data, "--save-maps", str(maps), "--eval-protocol", "both", "--output-dir", str(tmp_path / "e1")])
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in maps.rglob("*"))
+    assert (maps / "wsol").is_dir() and (maps / "sat").is_dir()
+    assert _one_error_line(capsys, [*data, "--save-maps", str(maps), "--output-dir", str(tmp_path / "e2")]) == \
+        f"error: --save-maps {maps}: holds earlier saved maps: --overwrite to replace them (once this evaluation " \
+        "is complete), or choose another folder"
+    make_baseline_maps([str(tmp_path / "gaussian"), "--data-root", str(root), "--size", "8"])
+    assert _one_error_line(capsys, [*data, "--save-maps", str(tmp_path / "gaussian"), "--overwrite",
+                                    "--output-dir", str(tmp_path / "e2")]) == \
+        f"error: --save-maps {tmp_path / 'gaussian'}: holds other files than saved maps (001.Ringed_Disc, " \
+        "002.Checkered_Square, 003.Striped_Triangle); choose a new or empty folder"
+    broken = tmp_path / "broken"  # the evaluation stops at its 10th image, after maps of the first were written
+    shutil.copytree(root, broken)
+    path = Path(build_dataset("cub", broken, "test", lambda image: image).image_path(9))
+    path.write_bytes(path.read_bytes()[:300])
+    _one_error_line(capsys, [*data[:2], "--data-root", str(broken), *CPU, "--eval-batch-size", "4", "--save-maps",
+                             str(maps), "--overwrite", "--output-dir", str(tmp_path / "e3")])
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in maps.rglob("*")) == before
+    assert not (tmp_path / "maps.partial").exists()
+    main([*data, "--save-maps", str(maps), "--overwrite", "--eval-protocol", "sat", "--output-dir",
+          str(tmp_path / "e4")])
+    assert sorted(p.name for p in maps.iterdir()) == ["sat", "views.json"]  # the earlier wsol/ maps gone

@@ -16,7 +16,8 @@ from utils.errors import DataError, run_cli  # noqa: E402
 
 def main(argv=None):
     parser = OneLineParser(description=__doc__, allow_abbrev=False)
-    parser.add_argument("--data-format", required=True, choices=FORMATS)
+    parser.add_argument("--data-format", default=FIELDS["data_format"].default, choices=FORMATS,
+                        help="as training's (default %(default)s)")
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--split", nargs="+", choices=SPLITS, default=["train", "test"])
     parser.add_argument("--metadata-root", help="wsolevaluation metadata folder (holds <split>/ folders)")

@@ -85,6 +85,9 @@ def main(argv=None):
     output = Path(args.output)
     if output.is_dir():
         raise ConfigError(f"--output {output}: a folder; expected the path of the .onnx file to write")
+    if output.exists() and output.suffix.lower() != ".onnx":  # e.g. the checkpoint itself: never replaced
+        raise ConfigError(f"--output {output}: an existing file that is not an .onnx file (never replaced); "
+                          "choose another path")
     model, _ = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)

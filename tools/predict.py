@@ -31,7 +31,7 @@ from Model import build_model_from_checkpoint  # noqa: E402
 from utils.config import FIELDS, OneLineParser, at_least  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
-from utils.outputs import FolderLock, Staged, check_output_file, previous_outputs  # noqa: E402
+from utils.outputs import FolderLock, Staged, check_output_file, partial_name, previous_outputs  # noqa: E402
 from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
 
@@ -122,8 +122,8 @@ def main(argv=None):
                            allow_abbrev=False)
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS")
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--arch", help="architecture, for files that do not record it (official releases)")
-    parser.add_argument("--num-classes", type=int, help="classes, for files that do not record them")
+    parser.add_argument("--arch", help="architecture (default: recorded in the file, or read off its weights' shapes)")
+    parser.add_argument("--num-classes", type=int, help="classes (default: read off the head's shape)")
     parser.add_argument("--threshold", type=FIELDS["threshold"].parse,
                         help="localization threshold (default: the checkpoint's best_thr, else 0.4)")
     parser.add_argument("--resize-size", type=at_least(1),
@@ -131,8 +131,8 @@ def main(argv=None):
                              "else 256/224 x the input size)")
     parser.add_argument("--output-dir", default="output/predict", help="default: output/predict")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the predictions --output-dir holds (predictions.json and its overlays); "
-                             "without it such a folder is refused")
+                        help="replace the predictions --output-dir holds (predictions.json and its overlays) and "
+                             "an earlier --save-boxes file; without it they are refused")
     parser.add_argument("--eval-batch-size", type=at_least(1), default=16, help="images per forward (default 16)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--save-boxes", metavar="FILE", help="also write the boxes as a COCO-format detection file")
@@ -147,7 +147,8 @@ def main(argv=None):
 
     output_dir = Path(args.output_dir)
     if args.save_boxes:
-        check_output_file("--save-boxes", args.save_boxes)
+        check_output_file("--save-boxes", args.save_boxes, args.overwrite,
+                          outputs=[output_dir / "predictions.json", output_dir / partial_name("predictions.json")])
     previous = previous_predictions(output_dir, args.overwrite)
     paths = image_paths(args.inputs, outputs={(output_dir / name).resolve() for name in previous})
     inputs = {path.resolve() for path in paths}

@@ -90,18 +90,23 @@ def _unreadable(path, err):
     return f"a pickle cut short or damaged ({type(err).__name__}{': ' + text.splitlines()[0] if text else ''})"
 
 
-def read_checkpoint(path) -> Dict[str, Any]:
+def read_checkpoint(path, what="checkpoint") -> Dict[str, Any]:
     """Load a checkpoint file to CPU and check that it holds a state dict: ``{'model': ...}`` (this project's
     and the official files), ``{'state_dict': ...}`` (as many PyTorch projects save them; returned under
-    'model') or a bare state dict."""
+    'model') or a bare state dict (also as .safetensors). ``what`` names the file in the errors (e.g.
+    'pretrained weights')."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: " + ("a folder, not a checkpoint file" if path.is_dir() else
-                                                         "file not found"))
+        raise CheckpointError(f"{what} {path}: " + (f"a folder, not a {what} file" if path.is_dir() else
+                                                  "file not found"))
     try:
         with warnings.catch_warnings():  # torch's note on a pickle protocol it does not expect: the error says it
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if path.suffix == ".safetensors":  # e.g. timm's weights from the Hugging Face hub
+                from safetensors.torch import load_file  # a dependency of timm
+                ckpt = load_file(path, device="cpu")
+            else:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for non-checkpoint files
         raise CheckpointError(f"{path} is not a readable checkpoint: {_unreadable(path, err)}") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):

@@ -9,6 +9,7 @@ from their own command line. ``python -m utils.config --markdown`` writes the re
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
@@ -112,7 +113,7 @@ class Field:
               "pretrained": isinstance(value, (bool, str))}[self.kind]
         numbers = value if self.kind == "floats" else [value] if self.kind in ("int", "float") else []
         if not ok or (self.choices and value not in self.choices) or not all(_within(v, self.domain) for v in numbers) \
-                or (self.rule and not self.rule[0](value)):
+                or not all(math.isfinite(v) for v in numbers) or (self.rule and not self.rule[0](value)):
             raise ValueError(self.expected())
         if self.kind == "float":
             return float(value)

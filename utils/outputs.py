@@ -6,6 +6,7 @@ outputs) keeps them. One job at a time per folder (``FolderLock``); output paths
 """
 import datetime
 import errno
+import json
 import logging
 import os
 import shutil
@@ -38,17 +39,39 @@ def check_output_folder(output_dir):
         raise ConfigError(f"--output-dir {output_dir}: a file, or inside one; expected a folder")
 
 
-def check_output_file(flag, path):
-    """A one-line ConfigError, before any work, for the path ``flag`` names when no file can be written there:
-    a folder, a path under a file, or under a folder this process may not write into."""
+def check_output_file(flag, path, overwrite=False, outputs=()):
+    """A one-line ConfigError, before any work, for the COCO boxes file ``flag`` names when it cannot or may not
+    be written there: a folder, a path under a file or under a folder this process may not write into, one of
+    ``outputs`` (the job's own files), an existing file that is not a COCO detection file (a checkpoint, an input
+    image, metrics: never replaced), or an earlier COCO file without ``overwrite``."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{flag} {path}: a folder; expected the path of a JSON file")
+    if path.resolve() in {Path(output).resolve() for output in outputs}:
+        raise ConfigError(f"{flag} {path}: a file this job writes itself; choose another path")
+    if path.exists():
+        if not is_coco_detections(path):
+            raise ConfigError(f"{flag} {path}: an existing file that is not a COCO detection file (never "
+                              "replaced); choose another path")
+        if not overwrite:
+            raise ConfigError(f"{flag} {path}: holds earlier COCO boxes: --overwrite to replace them, or choose "
+                              "another path")
     if any(parent.exists() and not parent.is_dir() for parent in path.parents):
         raise ConfigError(f"{flag} {path}: a parent of it is a file, not a folder")
     existing = next(parent for parent in path.absolute().parents if parent.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {path}: no permission to write into {existing}")
+
+
+def is_coco_detections(path):
+    """Whether ``path`` is a JSON object with COCO's images, annotations and categories (what --save-boxes
+    writes)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            record = json.load(file)
+    except (OSError, ValueError):  # unreadable, not UTF-8 text, not JSON
+        return False
+    return isinstance(record, dict) and {"images", "annotations", "categories"} <= set(record)
 
 
 def previous_outputs(output_dir, names, overwrite, what="run"):

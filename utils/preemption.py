@@ -1,6 +1,8 @@
 """Preemption: SIGTERM and SIGUSR1 (what SLURM sends before a time limit or a preemption, see
 ``sbatch --signal``) ask training to save ``last.pth`` at the next optimizer step and stop cleanly;
 the job then continues with ``--resume``."""
+import contextlib
+import logging
 import shlex
 import signal
 import sys
@@ -9,6 +11,7 @@ import torch
 
 from utils.distributed import all_reduce_max
 
+_logger = logging.getLogger("sat")
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
@@ -101,6 +104,22 @@ class StopAtOnce(StopSignals):
 
     def _handle(self, signum, frame):
         raise Preempted(self.message(signal_name(signum)), signum)
+
+
+@contextlib.contextmanager
+def exit_when_stopped(is_main, interrupted):
+    """A job's end on :class:`Preempted` (its line) or Ctrl-C (the line ``interrupted()``): logged by the main
+    process, then SystemExit with the status of a stopped process (128 + the signal, 130), not a traceback."""
+    try:
+        yield
+    except Preempted as stop:
+        if is_main:
+            _logger.warning("%s", stop)
+        raise SystemExit(stop.exit_status) from None
+    except KeyboardInterrupt:
+        if is_main:
+            _logger.warning("%s", interrupted())
+        raise SystemExit(130) from None
 
 
 def ignore_stop_signals():
