@@ -31,11 +31,11 @@ from utils.boxes import coco_detections
 from utils.distributed import all_gather_object, cleanup, init_distributed, run_on_main
 from utils.config import parse_config
 from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
-from utils.errors import CheckpointError, ConfigError, DataError, run_cli, user_message, writing_outputs
+from utils.errors import CheckpointError, ConfigError, DataError, echoed, run_cli, writing_outputs
 from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
 from utils.preemption import StopAtOnce, exit_when_stopped
-from utils.outputs import FolderLock, Staged, check_output_file, delete_outputs, partial_name, previous_outputs
+from utils.outputs import FolderLock, Staged, check_output_file, partial_name, previous_outputs
 from utils.saved_maps import SavedMaps, drop_class_metrics, map_loader, read_predictions, saved_view, write_saved_view
 from utils.visualize import plot_curves
 
@@ -61,13 +61,11 @@ def main(argv=None, imagenet=False):
             output_dir, previous = start_logging(args, info, lock)
             try:
                 return job(args, imagenet, info, output_dir, previous)
-            except BaseException:
-                if info.is_main:  # what this evaluation had begun to write; the earlier one stays whole
-                    delete_outputs(output_dir, PARTIALS)
-                    if args.save_boxes:
-                        Path(partial_name(args.save_boxes)).unlink(missing_ok=True)
-                    if args.save_maps:
-                        shutil.rmtree(partial_name(args.save_maps), ignore_errors=True)
+            except BaseException as err:
+                # an error: every process has stopped writing (errors are shared), the main one cleans up; a
+                # stop signal: each process cleans up as it stops, the last after the others' last file
+                if info.is_main or not isinstance(err, Exception):
+                    discard_partials(args, output_dir)
                 raise
     except Exception as err:
         log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)
@@ -76,6 +74,18 @@ def main(argv=None, imagenet=False):
         lock.release()
         close_logging()
         cleanup()
+
+
+def discard_partials(args, output_dir):
+    """Delete what an evaluation had begun to write (its partial files and folders, the --save-maps and
+    --save-boxes ones); the earlier evaluation stays whole. Another process may delete the same at once."""
+    paths = [output_dir / name for name in PARTIALS] + [Path(partial_name(path)) for path in
+                                                        (args.save_maps, args.save_boxes) if path]
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def start_logging(args, info, lock):
@@ -91,9 +101,7 @@ def start_logging(args, info, lock):
             lock.acquire()
         previous = check_output_paths(args, output_dir)
         lock.acquire()  # (a new folder is created once the paths are found fit)
-        delete_outputs(output_dir, PARTIALS)  # what an evaluation that did not finish left (not a running one's)
-        if args.save_maps:
-            shutil.rmtree(partial_name(args.save_maps), ignore_errors=True)
+        discard_partials(args, output_dir)  # what an evaluation that did not finish left (not a running one's)
         return previous
 
     previous = all_gather_object(run_on_main(info.is_main, prepare))[0]
@@ -199,7 +207,7 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
         raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
     except DataError as err:  # e.g. an unreadable image: name every bad one of the split, not only the first
         found = all_gather_object(bad_images(loader.dataset, split, args.workers, info))[0]
-        raise DataError(found or user_message(err)) from None
+        raise (DataError(found) if info.is_main else echoed(DataError(found))) if found else err from None
     if args.save_maps and info.is_main:  # moved in place by write_outputs, with the other outputs
         write_saved_view(partial_name(args.save_maps), views.img_size, views.resize_size)
     seconds = time.perf_counter() - start

@@ -219,7 +219,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
                                        improved, best, metrics_log, record,
                                        training_state=dict(training_state(), rng_states=rng_states))
                 progress.update(saved=epoch + 1, step=0)
-                log_epoch(cfg, epoch, stats, metrics, improved, selection_split, plan)
+                if info.is_main:  # the epoch's numbers are global: logged once
+                    log_epoch(cfg, epoch, stats, metrics, improved, selection_split, plan)
                 checkpointer.end_of_epoch(epoch, checkpoint_dir / "last.pth")
     except (CheckpointError, OutputError) as err:  # a checkpoint or the metrics could not be written
         raise type(err)(f"{err}; once that is fixed, {how_to_continue(checkpoint_dir, resumed_from, resume)}") \
@@ -563,9 +564,7 @@ def load_first_batch(train_loader, info):
         failure = user_message(err)
     finally:
         set_rng_state(state)
-    failure = next((message for message in dist_utils.all_gather_object(failure) if message), None)
-    if failure is not None:
-        raise DataError(failure)
+    dist_utils.raise_first(dist_utils.all_gather_object(failure), DataError)
 
 
 def replace_previous_run(output_dir, names, info):

@@ -62,7 +62,13 @@ def _root_hint(fmt, root):
         scripts = " (a flag of train.py / evaluator.py; the ImageNet scripts read only the ILSVRC2012 layout)"
         return f"; its entries fit --data-format {' or '.join(others)}{scripts if fmt == 'imagenet' else ''}"
     inner = _subfolder_fitting(fmt, root)
+    if inner is None and fmt == "imagenet":  # Kaggle's download: the images two or three levels down
+        inner = next((str(Path(root) / sub) for sub in KAGGLE_IMAGE_ROOTS
+                      if not _layout_problem(fmt, Path(root) / sub)), None)
     return f"; did you mean --data-root {inner}?" if inner else ""
+
+
+KAGGLE_IMAGE_ROOTS = ("ILSVRC/Data/CLS-LOC", "Data/CLS-LOC")
 
 
 # Formats whose entries tell a root apart, for the hint of a wrong --data-format (not: the wsol image root, which
@@ -135,6 +141,9 @@ def build_dataset(fmt, root, split, transform=None, *, images_per_class=None, se
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
     check_data_root("wsol" if metadata_root is not None and fmt in FORMATS else fmt, root)
+    if val_boxes is not None and (fmt not in ("imagenet", "folder") or metadata_root is not None):
+        raise DataError(f"--val-boxes {val_boxes}: only the imagenet and folder formats read it (here: "
+                        f"{'wsolevaluation metadata, whose boxes are in --metadata-root' if metadata_root else fmt})")
     if fmt == "wsol" or metadata_root is not None:
         if metadata_root is None:
             raise DataError(f"data root {root}: the wsol format needs --metadata-root (wsolevaluation metadata)")

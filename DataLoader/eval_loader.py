@@ -110,4 +110,5 @@ def check_every_image_annotated(dataset, annotations):
     if missing:
         raise DataError(f"{dataset.image_root}: {len(missing)} of the {len(dataset.items)} evaluation images have "
                         f"no {annotations} (first: {missing[0].path}); "
-                        "localization metrics need every image annotated: add them, or --eval-protocol cls")
+                        "localization metrics need every image annotated: add them, or evaluate classification "
+                        "only (--eval-protocol cls)")

@@ -92,3 +92,6 @@ def test_check_benchmark_times_each_method(tmp_path):
     assert result["workers_vs_serial"]["marker"] > 0 and result["workers_vs_serial"]["decode"] > 0
     assert list(result["seconds"]) == ["cub", "imagenet_val", "imagenet_train"]
     assert all(list(seconds) == methods for seconds in result["seconds"].values())
+    serial = run("--mode", "check", "--data-root", str(root), "--images", "4", "--workers", "0")  # a KeyError before
+    assert list(serial["images_per_second"]) == ["header", "marker_serial", "decode_serial"]
+    assert serial["workers_vs_serial"] == {}

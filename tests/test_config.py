@@ -299,6 +299,8 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
                                                     "take it; train.py, train_ImageNet.py and evaluator.py do)"),
     ("evaluate_imagenet", ["--format", "cub"], "--format was renamed --data-format, which evaluator_ImageNet.py "
                                                "does not take (train.py, train_ImageNet.py and evaluator.py do)"),
+    ("evaluate_imagenet", ["--split", "val"], "unknown flag --split (evaluator_ImageNet.py does not take it; "
+                                              "evaluator.py does)"),
 ])
 def test_flag_errors_are_one_line(capsys, script, argv, message):
     common = {"train": [], "evaluate": ["--checkpoint", "c"], "evaluate_imagenet": ["--checkpoint", "c",

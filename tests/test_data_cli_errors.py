@@ -58,6 +58,9 @@ CASES = {
     "missing data root": (
         lambda root: ["--data-format", "cub", "--data-root", str(root / "absent")],
         r"data root \S+absent: not found \(expected the CUB-200-2011 release layout\)"),
+    "val boxes for a format that has its own": (  # ignored without a word before
+        lambda root: ["--data-format", "cub", "--data-root", str(root), "--val-boxes", str(root / "gt.csv")],
+        r"--val-boxes \S+gt.csv: only the imagenet and folder formats read it \(here: cub\)"),
     "data root is a file": (
         lambda root: ["--data-format", "cub", "--data-root", str(root / "images.txt")],
         r"data root \S+images.txt: a file, not a folder \(expected the CUB-200-2011 release layout\)"),

@@ -91,6 +91,26 @@ def test_val_boxes_from_loc_csv_multi_box(imagenet):
     check_val(build_dataset("imagenet", imagenet, "test"))
 
 
+@pytest.mark.parametrize("boxes", ["xml", "csv"])
+def test_kaggle_download_layout(imagenet, tmp_path, boxes):
+    """Kaggle's ILSVRC/Data/CLS-LOC/{train,val}: its boxes are found where Kaggle puts them (the XML folder under
+    ILSVRC/Annotations, the CSV beside ILSVRC/), and a root above the images is told the path to pass."""
+    kaggle = tmp_path / "kaggle"
+    images = kaggle / "ILSVRC" / "Data" / "CLS-LOC"
+    images.parent.mkdir(parents=True)
+    imagenet.rename(images)
+    if boxes == "xml":
+        for i, (wnid, size, image_boxes) in VAL.items():
+            write_xml(kaggle / "ILSVRC" / "Annotations" / "CLS-LOC" / "val" / f"{val_name(i)}.xml", wnid, size,
+                      image_boxes)
+    else:
+        write_csv(kaggle / "LOC_val_solution.csv")
+    check_val(build_dataset("imagenet", images, "test"))
+    for root in (kaggle, kaggle / "ILSVRC"):
+        with pytest.raises(DataError, match=f"; did you mean --data-root {images}\\?$"):
+            build_dataset("imagenet", root, "test")
+
+
 def test_val_images_the_boxes_do_not_name_are_left_out_with_a_warning(imagenet, caplog):
     write_csv(imagenet / "LOC_val_solution.csv")
     write_image(imagenet / "val" / f"{val_name(4)}.JPEG", (30, 30))

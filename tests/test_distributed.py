@@ -168,3 +168,25 @@ def test_srun_tasks_form_one_two_process_job_without_torchrun(imagenet_root, tmp
         assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
     check_run(out, 0, *outputs[0])
     assert f"processes started by srun (2 SLURM tasks, master localhost:{port})" in (out / "log.txt").read_text()
+
+
+def test_each_process_writes_its_warnings_into_the_log(imagenet_root, tmp_path):
+    """Unreadable training images are skipped by the process whose batch holds them: the other process's lines
+    reach log.txt too, marked [rank 1] (only its terminal had them, so the error of a process that stopped a
+    job alone was missing from the log)."""
+    import shutil
+    root = tmp_path / "ILSVRC2012"
+    shutil.copytree(imagenet_root, root)
+    bad = sorted((root / "train").rglob("*_1.JPEG"))  # one image of each class: never a whole batch of 4
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:200])
+    out = tmp_path / "run"
+    returncode, stdout, stderr = launch(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"], root,
+                                        out)
+    assert returncode == 0, stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    rank1 = [line for line in log.splitlines() if line.startswith("[rank 1] ")]
+    assert rank1 and all(" WARNING epoch 1: skipping unreadable image " in line for line in rank1), rank1
+    assert log.count("3 unreadable training images skipped") == 1  # a global count: said once
+    named = [str(path) for path in bad if str(path) in log]
+    assert len(named) == len(bad)  # every skipped image is in the log, whichever process read it

@@ -37,7 +37,7 @@ def _rank(rank, init_method, root, checkpoint, out_dir):
             record = {"result": _evaluate(root, checkpoint, True, os.path.join(out_dir, "scoremaps")),
                       "shard": len(build_eval_loader("cub", root, "test", distributed=True, **SETTINGS).sampler)}
         except DataError as err:
-            record = {"error": user_message(err)}
+            record = {"error": user_message(err), "echo": err.echo}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(record, f)
     finally:
@@ -82,8 +82,10 @@ def test_an_unreadable_image_in_one_shard_stops_both_ranks_with_its_name(tmp_pat
     checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
     broken = Path(build_eval_loader("cub", root, "test", **SETTINGS).dataset.image_path(1))  # rank 1: 1, 3 ...
     broken.write_bytes(broken.read_bytes()[:100])
-    errors = [r.get("error") for r in _two_ranks(root, checkpoint, tmp_path)]
+    ranks = _two_ranks(root, checkpoint, tmp_path)
+    errors = [r.get("error") for r in ranks]
     assert errors[0] == errors[1] and errors[0].startswith(f"unreadable image {broken} (OSError")
+    assert [r["echo"] for r in ranks] == [True, False]  # rank 1 met it and prints it; rank 0 stops silently
 
 
 def _rank_with_nan_outputs_on_rank_1(rank, init_method, root, checkpoint, out_dir):
@@ -191,7 +193,7 @@ def _evaluator_rank(rank, port, root, checkpoint, out_dir):
               "--device", "cpu", "--workers", "0", "--eval-batch-size", "2"])
         record = {"error": None}
     except SATError as err:
-        record = {"error": user_message(err)}
+        record = {"error": user_message(err), "echo": err.echo}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
 
@@ -213,5 +215,9 @@ def test_the_evaluator_stopped_by_bad_images_names_them_all_on_every_rank(tmp_pa
     finally:
         for process in ranks.processes:
             process.kill()
-    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in range(2)]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    errors = [record["error"] for record in records]
     assert errors[0] == errors[1] and errors[0].startswith(f"test split: 2 bad images of 9, first {broken[0]} (")
+    assert [record["echo"] for record in records] == [False, True]  # rank 0 found them: printed once, by rank 0
+    log = (tmp_path / "eval" / "log.txt").read_text()
+    assert log.count("ERROR error: test split: 2 bad images") == 1 and "[rank 1]" not in log  # once, not per rank

@@ -368,7 +368,7 @@ def run_check(args):
         Image.open(dataset.image_path(index)).close()  # the header alone
     rates = {"header": len(dataset) / (time.perf_counter() - start)}
     for method, decode in (("marker", False), ("decode", True)):
-        for workers in (0, args.workers):
+        for workers in dict.fromkeys((0, args.workers)):  # --workers 0: the serial rates only
             report = check_split(dataset, args.split, workers, decode)
             rates[f"{method}_{'serial' if workers == 0 else 'workers'}"] = report.checked / report.seconds
     return {"mode": "check", "data_root": args.data_root, "data_format": args.data_format, "split": args.split,
@@ -378,7 +378,7 @@ def run_check(args):
             "marker_vs_header": round(rates["marker_serial"] / rates["header"], 3),
             "decode_vs_marker": round(rates["decode_serial"] / rates["marker_serial"], 3),
             "workers_vs_serial": {method: round(rates[f"{method}_workers"] / rates[f"{method}_serial"], 3)
-                                  for method in ("marker", "decode")},
+                                  for method in ("marker", "decode") if f"{method}_workers" in rates},
             "seconds": {name: {method: round(size / rate, 1) for method, rate in rates.items()}
                         for name, size in CHECK_SIZES.items()}}
 

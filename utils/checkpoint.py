@@ -244,6 +244,7 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
     its weights and epoch and the schedule at that epoch, with fresh optimizer moments (it holds no optimizer
     state). A file that does not load: one line naming the newest checkpoint of the run that does."""
     path = Path(path)
+    warn = _logger.warning if info.is_main else (lambda *args: None)  # the same on every process: said once
     try:
         ckpt = read_checkpoint(path)
     except CheckpointError as err:
@@ -256,8 +257,8 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
         scheduler.load_state_dict(meta["scheduler"])
         loss_scaler.load_state_dict(meta.get("scaler"))
     elif {"epoch", "config", "selection"} <= set(meta):
-        _logger.warning("resume from %s: its weights after epoch %d; it holds no optimizer state: AdamW's moments "
-                        "start again from zero", path, meta["epoch"])
+        warn("resume from %s: its weights after epoch %d; it holds no optimizer state: AdamW's moments "
+             "start again from zero", path, meta["epoch"])
         set_schedule(optimizer, scheduler, meta["epoch"] * steps_per_epoch)
         meta["best"] = best_of_run(path.parent, meta["epoch"])
     else:
@@ -267,14 +268,14 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
     changed = {key: (meta["config"].get(key), value) for key, value in config_dict(cfg).items()
                if meta["config"].get(key) != value}
     for key, (old, new) in changed.items():
-        _logger.warning("resume: %s was %r in the checkpoint, now %r", key, old, new)
+        warn("resume: %s was %r in the checkpoint, now %r", key, old, new)
     states = meta.get("rng_states") or []
     if len(states) == info.world_size:
         set_rng_state(states[info.rank])
     else:
         if states:
-            _logger.warning("resume: %d processes now, %d saved RNG states: re-seeding", info.world_size,
-                            len(states))
+            warn("resume: %d processes now, %d saved RNG states: re-seeding", info.world_size,
+                 len(states))
         seed_everything(cfg.seed + info.rank + 1000 * meta["epoch"])
     position = meta.get("epoch_step", 0)
     if "epoch_stats" in meta:
@@ -282,9 +283,9 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
     else:
         where = f", and {position} optimizer steps of epoch {meta['epoch'] + 1}" if position else ""
         if position and len(meta["epoch_meters"]) != info.world_size:
-            _logger.warning("resume: %d processes now, %d when saved in the middle of an epoch: the rest of epoch "
-                            "%d is split differently (some samples may repeat or be left out)", info.world_size,
-                            len(meta["epoch_meters"]), meta["epoch"] + 1)
+            warn("resume: %d processes now, %d when saved in the middle of an epoch: the rest of epoch "
+                 "%d is split differently (some samples may repeat or be left out)", info.world_size,
+                 len(meta["epoch_meters"]), meta["epoch"] + 1)
     if meta["epoch"] >= cfg.epochs and not position and "epoch_stats" not in meta:  # nothing left to train
         _logger.info("resumed from %s: %d epochs done, --epochs %d: no epoch left to train, the final test runs",
                      path, meta["epoch"], cfg.epochs)

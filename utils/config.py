@@ -535,6 +535,12 @@ def build_parser(script, defaults=None):
     return parser
 
 
+def _scripts_that_do(scripts):
+    """'a.py does' / 'a.py and b.py do' / 'a.py, b.py and c.py do'."""
+    names = f"{', '.join(scripts[:-1])}{' and ' if len(scripts) > 1 else ''}{scripts[-1]}"
+    return f"{names} {'do' if len(scripts) > 1 else 'does'}"
+
+
 def _unknown_flag(token, script, parser, argv=()):
     """The error line of a command-line word the parser does not know (``argv``: the command line it is in)."""
     flag = token.split("=", 1)[0]
@@ -555,14 +561,13 @@ def _unknown_flag(token, script, parser, argv=()):
         if new not in keys_of(script):
             others = [SCRIPTS[s].file for s in FIELDS[new].scripts]
             return (f"{flag} was renamed {new_flag}, which {SCRIPTS[script].file} does not take "
-                    f"({', '.join(others[:-1])}{' and ' if len(others) > 1 else ''}{others[-1]} do)")
+                    f"({_scripts_that_do(others)})")
         return f"{flag} was renamed: use {new_flag}{'' if negated else metavar}{why}"
     if key in FIELDS and negated and FIELDS[key].kind != "bool" and key in keys_of(script):
         return f"unknown flag {flag} (--{key.replace('_', '-')} is not a true/false flag: give it a value)"
     if key in FIELDS:
         others = [SCRIPTS[s].file for s in FIELDS[key].scripts]
-        return (f"unknown flag {flag} ({SCRIPTS[script].file} does not take it; {', '.join(others[:-1])}"
-                f"{' and ' if len(others) > 1 else ''}{others[-1]} do)")
+        return f"unknown flag {flag} ({SCRIPTS[script].file} does not take it; {_scripts_that_do(others)})"
     # what a flag (or a renamed one) stands for now
     meaning = {option: option for option in parser._option_string_actions if option.startswith("--")
                and option != "--help"}

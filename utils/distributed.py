@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.errors import ConfigError, OutputError, SATError, output_error, user_message
+from utils.errors import ConfigError, OutputError, SATError, echoed, output_error, user_message
 
 SLURM_PORT_BASE = 20000  # MASTER_PORT under srun: SLURM_PORT_BASE + job id % SLURM_PORT_RANGE
 SLURM_PORT_RANGE = 20000
@@ -189,8 +189,19 @@ def run_on_main(is_main, fn, *args, **kwargs):
         raise bug
     if failure is not None:
         kind, message = failure
-        raise kind(message)
+        raise kind(message) if is_main else echoed(kind(message))
     return result
+
+
+def raise_first(failures, kind=None):
+    """After ``all_gather_object`` of each process's failure (a message, or (type, message); None for none):
+    raise the first process's on every process (``kind``: the type of plain messages), marked as an echo
+    (utils.errors.echoed) on the others; nothing when none failed."""
+    origin = next((rank for rank, failure in enumerate(failures) if failure), None)
+    if origin is None:
+        return
+    error = kind(failures[origin]) if kind else failures[origin][0](failures[origin][1])
+    raise error if origin == (dist.get_rank() if _active() else 0) else echoed(error)
 
 
 def all_gather_object(obj):

@@ -31,7 +31,7 @@ from utils.amp import autocast_context
 from utils.boxes import (WSOL_MAP_SIZE, contour_boxes, crop_box_to_original, gt_boxes_sat, gt_boxes_wsol, max_iou,
                          sat_box, sat_boxes_of_maps, sat_map, wsol_map)
 from utils.cv import cv2
-from utils.distributed import all_gather_object, all_reduce_sum
+from utils.distributed import all_gather_object, all_reduce_sum, raise_first
 from utils.errors import ConfigError, DataError, OutputError, SATError, user_message, writing_outputs
 from utils.metrics import Counters, per_class_metrics
 from utils.visualize import render_overlay, save_rgb
@@ -545,11 +545,7 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
         if model is not None:
             model.train(was_training)
     if distributed:  # the loop holds no collectives: every process gets here, and all stop on one's failure
-        shared = failure and (type(failure), user_message(failure))
-        failed = [failed for failed in all_gather_object(shared) if failed]
-        if failed:
-            kind, message = failed[0]
-            raise kind(message)
+        raise_first(all_gather_object(failure and (type(failure), user_message(failure))))
     if failure is not None:
         raise failure
     if distributed:
@@ -570,9 +566,7 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
         except OutputError as err:
             failure = err
     if wsol_overlays and wsol_threshold is None and chosen is not None and distributed:  # alike on every process
-        failed = [failed for failed in all_gather_object(failure and user_message(failure)) if failed]
-        if failed:
-            raise OutputError(failed[0])
+        raise_first(all_gather_object(failure and user_message(failure)), OutputError)
     if failure is not None:
         raise failure
     if per_image:

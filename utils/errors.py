@@ -10,7 +10,16 @@ import sys
 
 
 class SATError(Exception):
-    """Base class of errors caused by user input (files, flags, configs)."""
+    """Base class of errors caused by user input (files, flags, configs). ``echo``: raised by a process that
+    only received it from the one that met it (several processes stop on one's error), which prints it alone."""
+
+    echo = False
+
+
+def echoed(err: SATError) -> SATError:
+    """``err`` marked as another process's error (see ``SATError.echo``)."""
+    err.echo = True
+    return err
 
 
 class DataError(SATError):
@@ -58,10 +67,12 @@ def user_message(err: SATError) -> str:
 
 
 def run_cli(main, argv=None):
-    """Run ``main(argv)``; turn :class:`SATError` into an ``error:`` message and exit status 2."""
+    """Run ``main(argv)``; turn :class:`SATError` into an ``error:`` message and exit status 2 (the process that
+    met an error shared by several prints it, not each of them)."""
     try:
         result = main(argv)
     except SATError as err:
-        print(f"error: {user_message(err)}", file=sys.stderr)
+        if not err.echo:
+            print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
     return result

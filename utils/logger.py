@@ -1,6 +1,7 @@
 """Run logging on rank 0: console + ``<output-dir>/log.txt``, one JSON line per epoch in
 ``<output-dir>/metrics.jsonl`` and TensorBoard events in ``<output-dir>/tensorboard``.
-Other ranks log warnings and errors to the console only."""
+Other ranks log their warnings and errors to the console and, marked ``[rank N]``, to log.txt: the error of
+one process that stops a multi-process job is there too."""
 import json
 import logging
 import math
@@ -20,8 +21,11 @@ def close_logging():
 
 
 def log_error(err):
-    """Write an error into log.txt, where the run has one: a SATError's one line (utils.errors.user_message),
-    any other exception with its traceback. The terminal gets it from run_cli (or Python)."""
+    """Write an error into log.txt, where the run has one: a SATError's one line (utils.errors.user_message;
+    an echo of another process's is written by that one), any other exception with its traceback. The terminal
+    gets it from run_cli (or Python)."""
+    if getattr(err, "echo", False):
+        return
     if isinstance(err, SATError):
         record = logging.LogRecord("sat", logging.ERROR, __file__, 0, "error: %s", (user_message(err),), None)
     else:
@@ -71,15 +75,17 @@ def setup_logging(output_dir, is_main=True, rank=0, log_file=True):
             open_log_file(output_dir)
         else:
             _add(PendingLog())
+    elif log_file:  # (not while the main process may still replace a previous run's log)
+        open_log_file(output_dir, f"[rank {rank}] {FORMAT}")
     root.setLevel(logging.INFO if is_main else logging.WARNING)
     return logging.getLogger("sat")
 
 
-def open_log_file(output_dir):
+def open_log_file(output_dir, line_format=FORMAT):
     """Start writing ``<output_dir>/log.txt`` (appending), first with the records kept until now."""
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     handler = RunLogFile(Path(output_dir) / "log.txt", encoding="utf-8")
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(logging.Formatter(line_format))
     for pending in [h for h in _run_handlers() if isinstance(h, PendingLog)]:
         logging.getLogger().removeHandler(pending)
         for record in pending.records:

@@ -2,6 +2,7 @@
 ``<wnid>/`` folders, and val labels + boxes from per-image PASCAL-VOC XML files, LOC_val_solution.csv
 or the official SAT ``val_gt.txt`` list."""
 import logging
+import os
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -18,6 +19,9 @@ _logger = logging.getLogger("sat")
 # Looked for under the data root, in this order, when no explicit val-boxes path is given.
 VAL_BOX_CANDIDATES = ("val_boxes", "bbox_val", "val_bbox", "bbox/val", "Annotations/CLS-LOC/val", "val",
                       "LOC_val_solution.csv", "val_gt.txt")
+# Kaggle's download (ILSVRC/Data/CLS-LOC/{train,val}/ is the image root): its boxes, relative to that root.
+KAGGLE_ROOT = ("Data", "CLS-LOC")
+KAGGLE_BOX_CANDIDATES = ("../../Annotations/CLS-LOC/val", "../../../LOC_val_solution.csv")
 VAL_BOX_KINDS = "a folder of PASCAL-VOC XML files, LOC_val_solution.csv or val_gt.txt"
 CSV_EXPECTED = "'ImageId,wnid xmin ymin xmax ymax [wnid xmin ymin xmax ymax ...]'"
 VAL_GT_EXPECTED = "'<wnid>\\<file> W H ; x0 y0 x1 y1 [x0 y0 x1 y1 ...]'"
@@ -45,8 +49,9 @@ def find_val_boxes(root, explicit=None):
         if not path.exists():
             raise DataError(f"{path}: val boxes not found (expected {VAL_BOX_KINDS})")
         return path
-    for candidate in VAL_BOX_CANDIDATES:
-        path = Path(root) / candidate
+    kaggle = Path(root).resolve().parts[-2:] == KAGGLE_ROOT
+    for candidate in VAL_BOX_CANDIDATES + (KAGGLE_BOX_CANDIDATES if kaggle else ()):
+        path = Path(os.path.normpath(Path(root) / candidate))  # (the Kaggle candidates climb out of root)
         if path.is_file() or (path.is_dir() and _has_xml(path)):
             return path
     raise DataError(f"{root}: no ImageNet val boxes found (looked for {', '.join(VAL_BOX_CANDIDATES)}); "
