@@ -28,7 +28,7 @@ from DataLoader.eval_views import EvalViews, views_of
 from Model import build_model_from_checkpoint
 from utils.amp import describe
 from utils.boxes import coco_detections
-from utils.distributed import all_gather_object, cleanup, init_distributed, run_on_main
+from utils.distributed import all_gather_object, cleanup, init_distributed, run_everywhere, run_on_main
 from utils.config import parse_config
 from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
 from utils.errors import CheckpointError, ConfigError, DataError, echoed, run_cli, writing_outputs
@@ -170,25 +170,33 @@ def overlay_count(args):
 
 
 def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
-    """The evaluation job: model, loader, ``evaluate``, then the tables and files of the output folder."""
-    model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
+    """The evaluation job: model, loader, ``evaluate``, then the tables and files of the output folder. (Each
+    process loads the model and the data; an error there is said once: run_everywhere.)"""
+    def load_model():
+        model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
+        if args.data_root is None and not imagenet:
+            check_trained_on_demo(meta, args.checkpoint)
+        return model, meta
+
+    def load_data():
+        loader = build_eval_loader(fmt, root, split, protocol=args.eval_protocol, tencrop=args.tencrop,
+                                   img_size=img_size, resize_size=resize_size, batch_size=args.eval_batch_size,
+                                   workers=args.workers, distributed=info.distributed,
+                                   metadata_root=getattr(args, "metadata_root", None), val_boxes=args.val_boxes,
+                                   gpu_decode=args.gpu_decode, pin_memory=info.device.type == "cuda")
+        return loader, match_classes(loader.dataset, model, meta, args.checkpoint)
+
+    model, meta = run_everywhere(load_model)
     img_size = int(model.patch_embed.img_size[0])
     resize_size = args.resize_size or (meta.get("config") or {}).get("resize_size")
-    if args.data_root is None and not imagenet:
-        check_trained_on_demo(meta, args.checkpoint)
     fmt, root = resolve_data(getattr(args, "data_format", "imagenet"), args.data_root, imagenet, info.is_main)
     split = getattr(args, "split", "test")
-    loader = build_eval_loader(fmt, root, split, protocol=args.eval_protocol, tencrop=args.tencrop,
-                               img_size=img_size, resize_size=resize_size, batch_size=args.eval_batch_size,
-                               workers=args.workers, distributed=info.distributed,
-                               metadata_root=getattr(args, "metadata_root", None), val_boxes=args.val_boxes,
-                               gpu_decode=args.gpu_decode, pin_memory=info.device.type == "cuda")
+    loader, labels_matched_by = run_everywhere(load_data)
     views = views_of(loader.dataset)
     protocol = views.protocol
     if args.eval_protocol == "auto":
         _logger.info("--eval-protocol auto: %s (%s)", protocol, {"sat": "the data has boxes", "wsol": "masks only",
                                                                 "cls": "neither boxes nor masks"}[protocol])
-    labels_matched_by = match_classes(loader.dataset, model, meta, args.checkpoint)
     arch = meta["arch"]
     _logger.info("evaluating %s (%s, %d classes, input %d) on %d images of %s, protocol %s, views %s, "
                  "threshold %g%s, %s", args.checkpoint, arch, model.num_classes, img_size, len(loader.dataset), root,
@@ -204,7 +212,8 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
                            overlay_blocks=args.overlay_blocks,
                            **evaluate_settings(args, protocol, output_dir, info))
     except NonFiniteOutputError as err:
-        raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
+        error = DataError(f"checkpoint {args.checkpoint}: {err}")
+        raise echoed(error) if err.echo else error from None
     except DataError as err:  # e.g. an unreadable image: name every bad one of the split, not only the first
         found = all_gather_object(bad_images(loader.dataset, split, args.workers, info))[0]
         raise (DataError(found) if info.is_main else echoed(DataError(found))) if found else err from None

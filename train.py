@@ -112,7 +112,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     # data: the training split, the split that selects best.pth, and the final test split
     fmt, root = resolve_data(cfg.data_format, cfg.data_root, imagenet, info.is_main)
     cfg.data_format = fmt
-    train_loader, selection_loader, test_loader, plan = build_loaders(cfg, fmt, root, info, micro_batch)
+    train_loader, selection_loader, test_loader, plan = dist_utils.run_everywhere(build_loaders, cfg, fmt, root, info,
+                                                                                 micro_batch)
     train_set, selection_split = train_loader.dataset, "val" if cfg.val_split else "test"
     _logger.info("data %s at %s: %d train images, %d classes; model selection on the %s split (%d images)%s",
                  fmt, root, len(train_set), train_set.num_classes, selection_split, len(selection_loader.dataset),

@@ -221,3 +221,23 @@ def test_the_evaluator_stopped_by_bad_images_names_them_all_on_every_rank(tmp_pa
     assert [record["echo"] for record in records] == [False, True]  # rank 0 found them: printed once, by rank 0
     log = (tmp_path / "eval" / "log.txt").read_text()
     assert log.count("ERROR error: test split: 2 bad images") == 1 and "[rank 1]" not in log  # once, not per rank
+
+
+def test_an_error_every_rank_meets_loading_is_said_once(tmp_path):
+    """A checkpoint or data every process reads and finds bad: each stops with the line, printed and logged by
+    rank 0 only (it was printed once per process)."""
+    root = make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=1, test_per_class=3, image_size=64)
+    (tmp_path / "bad.pth").write_text("not a checkpoint")
+    ranks = start_ranks(_evaluator_rank, (str(free_port()), str(root), str(tmp_path / "bad.pth"), str(tmp_path)),
+                        nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    try:
+        while not ranks.join(timeout=5):
+            assert time.monotonic() < deadline, "a rank did not end"
+    finally:
+        for process in ranks.processes:
+            process.kill()
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert records[0]["error"] == records[1]["error"] and "is not a readable checkpoint" in records[0]["error"]
+    assert [record["echo"] for record in records] == [False, True]
+    assert (tmp_path / "eval" / "log.txt").read_text().count("is not a readable checkpoint") == 1

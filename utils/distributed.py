@@ -193,6 +193,19 @@ def run_on_main(is_main, fn, *args, **kwargs):
     return result
 
 
+def run_everywhere(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on every process, for work that holds no collective operation (building datasets,
+    loading a checkpoint): its SATError is raised on every process once all have run it, printed and logged by
+    the first process that met it (the others' are echoes), instead of once per process. Collective."""
+    result, failure = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except SATError as err:
+        failure = (type(err), user_message(err))
+    raise_first(all_gather_object(failure))
+    return result
+
+
 def raise_first(failures, kind=None):
     """After ``all_gather_object`` of each process's failure (a message, or (type, message); None for none):
     raise the first process's on every process (``kind``: the type of plain messages), marked as an echo
