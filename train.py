@@ -9,6 +9,7 @@ epochs of ``train_one_epoch``, each followed from ``eval_start_epoch`` on by an 
 checkpoints -> the final test of best.pth (results.json). train_ImageNet.py runs the same with ImageNet's
 config. Every config key is also a flag (``python train.py --help``); ``--resume`` continues a run.
 """
+import collections
 import functools
 import json
 import logging
@@ -118,6 +119,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     _logger.info("data %s at %s: %d train images, %d classes; model selection on the %s split (%d images)%s",
                  fmt, root, len(train_set), train_set.num_classes, selection_split, len(selection_loader.dataset),
                  "" if cfg.val_split else " (no --val-split: as the official code does)")
+    if cfg.images_per_class and info.is_main:
+        log_short_classes(train_set, cfg.images_per_class)
     check_data(cfg, info, train_set, {selection_split: selection_loader.dataset, "test": test_loader.dataset})
 
     # model, loss, optimizer and learning-rate schedule
@@ -290,6 +293,16 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
         for dataset in dict.fromkeys(loader.dataset for loader in (train_loader, selection_loader, test_loader)):
             attach_image_cache(dataset, Path(cfg.output_dir) / IMAGE_CACHE)
     return train_loader, selection_loader, test_loader, plan
+
+
+def log_short_classes(train_set, images_per_class):
+    """--images-per-class N: a warning when some classes have fewer than N training images (all of theirs are
+    used), since the run is named by N (config.yaml, tools/figure1.py)."""
+    counts = collections.Counter(item.label for item in train_set.items)
+    short = [count for count in counts.values() if count < images_per_class]
+    if short:
+        _logger.warning("--images-per-class %d: %d of the %d classes have fewer training images (as few as %d): all "
+                        "of theirs are used", images_per_class, len(short), len(counts), min(short))
 
 
 def check_data(cfg, info, train_set, eval_sets):

@@ -100,6 +100,16 @@ def _write_lines(path, lines):
     path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
+def _complete(root):
+    """Whether every file the demo's images.txt lists, and the annotation files, are there (a file deleted since
+    it was made: the demo is written again rather than refused as a broken dataset)."""
+    names = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt", "classes.txt")
+    if not all((root / name).is_file() for name in names):
+        return False
+    lines = (root / "images.txt").read_text(encoding="utf-8").splitlines()
+    return all((root / "images" / line.split(maxsplit=1)[1]).is_file() for line in lines if line.strip())
+
+
 def make_demo_dataset(root=DEFAULT_DEMO_ROOT, num_classes=5, train_per_class=50, test_per_class=20,
                       image_size=144, seed=0):
     """Write the demo dataset as a CUB-200-2011 release under ``root`` and return ``root``.
@@ -116,7 +126,7 @@ def make_demo_dataset(root=DEFAULT_DEMO_ROOT, num_classes=5, train_per_class=50,
     params = {"generator": GENERATOR, "num_classes": num_classes, "train_per_class": train_per_class,
               "test_per_class": test_per_class, "image_size": image_size, "seed": seed}
     manifest = root / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text(encoding="utf-8")) == params:
+    if manifest.is_file() and json.loads(manifest.read_text(encoding="utf-8")) == params and _complete(root):
         return root
     manifest.unlink(missing_ok=True)
 

@@ -36,6 +36,9 @@ def test_half_written_folder_is_regenerated(tmp_path):
     (root / "bounding_boxes.txt").write_text("1 2 3\n")
     make_demo_dataset(root, **SMALL)
     assert snapshot(root) == files
+    next((root / "images").rglob("*.jpg")).unlink()  # an image deleted since: written again, not "not found"
+    make_demo_dataset(root, **SMALL)
+    assert snapshot(root) == files
 
 
 def test_reads_back_as_cub_with_tight_boxes(tmp_path):

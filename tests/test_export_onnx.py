@@ -56,3 +56,17 @@ def test_bad_output_and_values_are_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit):
             run_cli(main, ["--checkpoint", str(OFFICIAL_CKPT), *flags])
         assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_an_opset_the_exporter_cannot_write_is_one_line(tmp_path, capsys, caplog):
+    """--opset 14: the exporter writes 18 (after onnxscript's failed conversion, whose traceback it logged):
+    refused in one line, no traceback, nothing written."""
+    from test_evaluation import save_nano_checkpoint
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "x.onnx"), "--opset", "14"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert not [record for record in caplog.records if record.name.startswith("onnxscript")]  # its traceback
+    assert err.endswith(f"error: {tmp_path / 'x.onnx'}: the exporter wrote opset 18, not the --opset 14 asked "
+                        "for; not written\n") and not (tmp_path / "x.onnx").exists()

@@ -109,3 +109,9 @@ def test_collect_names_a_results_file_without_parameter_count(tmp_path):
         figure1.main(["collect", str(tmp_path), "--output", str(tmp_path / "f.xyz")])
     with pytest.raises(DataError, match="nothere: not found"):
         figure1.main(["collect", str(tmp_path / "nothere")])
+
+
+@pytest.mark.parametrize("ylo, yhi, step", [(64.5, 71.5, 1), (57.5, 72.5, 2), (-0.5, 74.5, 10), (0, 100, 10)])
+def test_the_y_grid_keeps_at_most_ten_labels(ylo, yhi, step):
+    """The paper's ranges (a few points) get a label per point; a smoke run's 0-74 one every 10, not 75."""
+    assert figure1.grid_step(ylo, yhi) == step

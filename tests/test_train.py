@@ -2,6 +2,7 @@
 few-shot, trainable subsets, flags and user errors."""
 import functools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from Model import build_model, build_model_from_checkpoint, checkpoint_weights
 from utils.checkpoint import read_checkpoint
 from utils.errors import ConfigError, run_cli
 from evaluator import main as eval_main
-from train import build_loaders, main
+from train import build_loaders, log_short_classes, main
 from utils.config import parse_config
 from utils.distributed import init_distributed
 
@@ -155,6 +156,17 @@ def test_few_shot_and_trainable_subset(data_root, tmp_path):
     optimized = sum(len(group["params"]) for group in last["optimizer"]["param_groups"])
     assert optimized == len(model.spatial_parameters())
     assert "trainable (sat)" in (out / "log.txt").read_text()
+
+
+def test_few_shot_larger_than_a_class_is_said(data_root, caplog):
+    """--images-per-class above a class's images uses all of them: said, as the run is named by the number."""
+    from DataLoader import build_dataset
+    train_set = build_dataset("cub", data_root, "train", images_per_class=10)  # 3 classes of 8 training images
+    with caplog.at_level(logging.WARNING, logger="sat"):
+        log_short_classes(train_set, 10)
+        log_short_classes(build_dataset("cub", data_root, "train", images_per_class=8), 8)
+    assert [record.getMessage() for record in caplog.records] == [
+        "--images-per-class 10: 3 of the 3 classes have fewer training images (as few as 8): all of theirs are used"]
 
 
 def test_accumulation_and_no_amp_flags(data_root, tmp_path):

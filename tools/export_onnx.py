@@ -12,6 +12,7 @@ with PyTorch; a difference above --atol is an error and nothing is written. Prin
 """
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -38,6 +39,9 @@ def example_images(model, batch_size, seed=0):
 def export_onnx(model, path, opset_version=None):
     """Write ``model``'s eval-mode forward ``images -> (logits, maps)`` to ``path``, batch size dynamic."""
     model.eval()
+    converter = logging.getLogger("onnxscript")  # its failed conversion to an older opset logs a traceback; the
+    level = converter.level                        # opset written is checked after (main), with one line
+    converter.setLevel(logging.CRITICAL)
     try:
         torch.onnx.export(model, (example_images(model, 2),), str(path), input_names=INPUT_NAMES,
                           output_names=OUTPUT_NAMES, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
@@ -45,6 +49,8 @@ def export_onnx(model, path, opset_version=None):
     except ImportError as err:  # onnx / onnxscript missing
         raise ConfigError(f"exporting to ONNX needs the onnx and onnxscript packages ({err}): "
                           "pip install -r requirements-dev.txt") from None
+    finally:
+        converter.setLevel(level)
 
 
 def written_opset(path):

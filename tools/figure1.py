@@ -88,6 +88,12 @@ INK, GRID, OURS, PAPER = (40, 40, 40), (225, 225, 225), (40, 40, 220), (150, 150
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
+def grid_step(ylo, yhi):
+    """The y grid's step: 1 point over the paper's few-point ranges, coarser so that a wide range (a smoke run
+    far from the paper) gets at most 10 labels rather than a column of overprinted ones."""
+    return next(step for step in (1, 2, 5, 10, 20, 25, 50, 100) if (yhi - ylo) / step <= 10)
+
+
 def _panel(img, x0, title, xlabel, ticks, measured, paper, y_range):
     """One plot in the 480 x 420 px area starting at column ``x0``; ``ticks`` [(x, label)], points
     [(x, y)] in the same x units."""
@@ -98,7 +104,8 @@ def _panel(img, x0, title, xlabel, ticks, measured, paper, y_range):
     def at(x, y):
         return (int(left + (x - xlo) / (xhi - xlo) * width), int(top + height - (y - ylo) / (yhi - ylo) * height))
 
-    for y in np.arange(np.ceil(ylo), yhi + 1e-9, 1.0):
+    step = grid_step(ylo, yhi)
+    for y in np.arange(np.ceil(ylo / step) * step, yhi + 1e-9, step):
         cv2.line(img, at(xlo, y), at(xhi, y), GRID, 1)
         cv2.putText(img, f"{y:g}", (left - 30, at(xlo, y)[1] + 5), FONT, 0.45, INK, 1, cv2.LINE_AA)
     cv2.rectangle(img, (left, top), (left + width, top + height), INK, 1)
