@@ -95,3 +95,14 @@ def test_check_benchmark_times_each_method(tmp_path):
     serial = run("--mode", "check", "--data-root", str(root), "--images", "4", "--workers", "0")  # a KeyError before
     assert list(serial["images_per_second"]) == ["header", "marker_serial", "decode_serial"]
     assert serial["workers_vs_serial"] == {}
+
+
+def test_check_benchmark_reads_boxes_kept_elsewhere(tmp_path):
+    """--val-boxes (and --metadata-root) reach the dataset as in the scripts: an ImageNet root whose boxes are
+    not under it (the flags were missing: such data could not be benchmarked)."""
+    from test_evaluator_cli import _write_imagenet
+    root = _write_imagenet(tmp_path / "ILSVRC2012")
+    boxes = (root / "LOC_val_solution.csv").rename(tmp_path / "boxes.csv")
+    result = run("--mode", "check", "--data-format", "imagenet", "--data-root", str(root), "--val-boxes", str(boxes),
+                 "--images", "4", "--workers", "0")
+    assert result["images"] == 4 and result["data_format"] == "imagenet"

@@ -102,6 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--compare-naive", action="store_true", help="also run the naive fp32 baseline")
     p.add_argument("--data-root", help="read this dataset's image files (train or test split) end to end")
     p.add_argument("--data-format", choices=FORMATS, default="cub", help="with --data-root")
+    p.add_argument("--metadata-root", help="with --data-root: wsolevaluation metadata (the wsol format needs it)")
+    p.add_argument("--val-boxes", help="with --data-root: ImageNet val boxes or the folder format's boxes CSV")
     p.add_argument("--workers", type=at_least(0), default=4, help="with --data-root: loader worker processes")
     p.add_argument("--resize-size", type=int, help="with --data-root (default 256/224 x --img-size)")
     p.add_argument("--pipeline", choices=("device", "host"), default="device",
@@ -197,7 +199,7 @@ def file_loader(args):
         views = EvalViews(args.protocol, args.tencrop, args.img_size, resize)
         transform = views.pixels(args.gpu_decode) if device else views
     dataset = build_dataset(args.data_format, args.data_root, "train" if args.mode == "train" else "test",
-                            transform)
+                            transform, metadata_root=args.metadata_root, val_boxes=args.val_boxes)
     return build_loader(dataset, args.batch_size, train=args.mode == "train", workers=args.workers,
                         parts=args.batch_parts, pin_memory=torch.device(args.device).type == "cuda")
 
@@ -359,7 +361,8 @@ CHECK_SIZES = {"cub": 11788, "imagenet_val": 50000, "imagenet_train": 1281167}
 
 def run_check(args):
     """--mode check: images per second of each way of checking the first ``--images`` items of a split."""
-    dataset = build_dataset(args.data_format, args.data_root, args.split, lambda image: image)
+    dataset = build_dataset(args.data_format, args.data_root, args.split, lambda image: image,
+                            metadata_root=args.metadata_root, val_boxes=args.val_boxes)
     dataset.items = dataset.items[:args.images]
     for index in range(len(dataset)):  # untimed: every file into the page cache
         image_problem(dataset.image_path(index), decode=False)
