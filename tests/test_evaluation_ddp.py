@@ -44,9 +44,11 @@ def _rank(rank, init_method, root, checkpoint, out_dir):
         dist.destroy_process_group()
 
 
-def _two_ranks(root, checkpoint, out_dir, rank_fn=_rank):
-    """Each rank's JSON record; the ranks must end within 2 minutes (a rank left in a collective would not)."""
-    ranks = start_ranks(rank_fn, (rendezvous(out_dir), str(root), str(checkpoint), str(out_dir)), nprocs=2, join=False)
+def _two_ranks(root, checkpoint, out_dir, rank_fn=_rank, init=None):
+    """Each rank's JSON record; the ranks must end within 2 minutes (a rank left in a collective would not).
+    ``init``: what ``rank_fn`` takes first (default: a file rendezvous; _evaluator_rank: a port)."""
+    init = rendezvous(out_dir) if init is None else init
+    ranks = start_ranks(rank_fn, (init, str(root), str(checkpoint), str(out_dir)), nprocs=2, join=False)
     deadline = time.monotonic() + 120
     try:
         while not ranks.join(timeout=5):  # True once every rank has ended (False: one has, or none yet)
@@ -206,16 +208,7 @@ def test_the_evaluator_stopped_by_bad_images_names_them_all_on_every_rank(tmp_pa
     broken = [Path(dataset.image_path(index)) for index in (1, 2)]  # one in each rank's shard
     for path in broken:
         path.write_bytes(path.read_bytes()[:100])
-    ranks = start_ranks(_evaluator_rank, (str(free_port()), str(root), str(checkpoint), str(tmp_path)), nprocs=2,
-                        join=False)
-    deadline = time.monotonic() + 120
-    try:
-        while not ranks.join(timeout=5):
-            assert time.monotonic() < deadline, "a rank did not end"
-    finally:
-        for process in ranks.processes:
-            process.kill()
-    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    records = _two_ranks(root, checkpoint, tmp_path, _evaluator_rank, init=str(free_port()))
     errors = [record["error"] for record in records]
     assert errors[0] == errors[1] and errors[0].startswith(f"test split: 2 bad images of 9, first {broken[0]} (")
     assert [record["echo"] for record in records] == [False, True]  # rank 0 found them: printed once, by rank 0
@@ -228,16 +221,7 @@ def test_an_error_every_rank_meets_loading_is_said_once(tmp_path):
     rank 0 only (it was printed once per process)."""
     root = make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=1, test_per_class=3, image_size=64)
     (tmp_path / "bad.pth").write_text("not a checkpoint")
-    ranks = start_ranks(_evaluator_rank, (str(free_port()), str(root), str(tmp_path / "bad.pth"), str(tmp_path)),
-                        nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    try:
-        while not ranks.join(timeout=5):
-            assert time.monotonic() < deadline, "a rank did not end"
-    finally:
-        for process in ranks.processes:
-            process.kill()
-    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    records = _two_ranks(root, tmp_path / "bad.pth", tmp_path, _evaluator_rank, init=str(free_port()))
     assert records[0]["error"] == records[1]["error"] and "is not a readable checkpoint" in records[0]["error"]
     assert [record["echo"] for record in records] == [False, True]
     assert (tmp_path / "eval" / "log.txt").read_text().count("is not a readable checkpoint") == 1

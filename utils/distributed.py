@@ -184,12 +184,10 @@ def run_on_main(is_main, fn, *args, **kwargs):
             failure = (OutputError, str(output_error(err)))
         except Exception as err:  # a bug: the main process shows its traceback, the others stop with one line
             bug, failure = err, (SATError, f"the main process failed: {type(err).__name__}: {err}")
-    failure = all_gather_object(failure)[0]
+    failures = all_gather_object(failure)  # only the main process's can be set
     if bug is not None:
         raise bug
-    if failure is not None:
-        kind, message = failure
-        raise kind(message) if is_main else echoed(kind(message))
+    raise_first(failures)
     return result
 
 
