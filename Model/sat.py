@@ -172,6 +172,12 @@ class SATVisionTransformer(nn.Module):
     def no_weight_decay(self):
         return {"cls_token", "loc_token", "pos_embed", "loc_embed"}
 
+    @property
+    def spatial_layers(self) -> List[int]:
+        """The layer numbers (1-based) of the spatial-aware blocks, e.g. [10, 11, 12] for DeiT-S: the names of
+        the per-block maps in overlays and predictions."""
+        return [k + 1 for k, block in enumerate(self.blocks) if block.spatial_aware]
+
     def spatial_parameters(self) -> List[nn.Parameter]:
         """Parameters of the spatial token, its embedding, the spatial-aware blocks and the head."""
         params = [self.loc_token, self.loc_embed]

@@ -348,6 +348,14 @@ def test_help_keeps_the_usage(capsys):
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and out.startswith("usage: evaluator_ImageNet.py")
     assert "--threshold T" in out and "(default: 0.3)" in out and "--data-format" not in out
+    # the formats a script takes: evaluator.py refuses imagenet, train_ImageNet.py reads only it
+    for script, formats in (("evaluate", "{cub,wsol,folder,dogs,cars,aircraft}"), ("train_imagenet", "{imagenet}"),
+                            ("train", "{cub,imagenet,wsol,folder,dogs,cars,aircraft}")):
+        with pytest.raises(SystemExit):
+            parse_config(["--help"], script)
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"--data-format {formats} dataset format" in out
+        assert ("(default: imagenet)" if script == "train_imagenet" else "(default: cub)") in out
 
 
 def test_yaml_merge_keys_and_non_scalar_keys(tmp_path):

@@ -93,6 +93,7 @@ def test_registered_archs_have_deit_dims_and_official_keys(arch, dim, heads):
     model = timm.create_model(arch, num_classes=7)
     assert model.embed_dim == dim and model.blocks[0].attn.num_heads == heads
     assert [b.spatial_aware for b in model.blocks] == [False] * 9 + [True] * 3
+    assert model.spatial_layers == [10, 11, 12]  # the names of the block maps in overlays and predictions
     official = read_checkpoint(OFFICIAL_CKPT)["model"]  # official keys: 'module.' + ours + the loss kernel
     assert {f"module.{key}" for key in model.state_dict()} | {"module.weight"} == set(official)
     assert model.head.weight.shape == (7, dim, 3, 3)
@@ -118,6 +119,7 @@ def test_number_of_spatial_blocks(n):
     model = build_model(NANO, num_classes=3, num_spatial_blocks=n)
     assert sum(b.spatial_aware for b in model.blocks) == n
     assert [b.spatial_aware for b in model.blocks][-n:] == [True] * n
+    assert model.spatial_layers == list(range(len(model.blocks) - n + 1, len(model.blocks) + 1))
     _, _, block_maps = model(torch.randn(1, 3, 224, 224), return_block_maps=True)
     assert block_maps.shape[1] == n
 

@@ -226,6 +226,11 @@ def test_bad_maps_and_predictions_are_one_line(cub, tmp_path, capsys):
     path = _bad(tmp_path, "rgb", np.ones((8, 8, 3), np.float32))
     assert error(tmp_path / "rgb") == \
         f"error: map {path}: shape (8, 8, 3), expected a non-empty 2-D map (height, width)"
+    for name, content in (("text", b"0.1 0.2\n0.3 0.4\n"), ("npz", b"PK\x03\x04")):  # np.savetxt's, np.savez's
+        path = _bad(tmp_path, name, np.zeros(1))
+        path.write_bytes(content)  # numpy called the text "pickled (object) data"; an .npz gave a traceback
+        assert error(tmp_path / name) == \
+            f"error: map {path}: not a NumPy .npy file (no NPY header), expected an array written by np.save"
     assert error(tmp_path / "good", "--overlay-blocks") == "error: --overlay-blocks with --maps: saved maps hold the " \
         "fused map only (a checkpoint's block maps: --checkpoint, or tools/predict.py --overlay-blocks)"
     (tmp_path / "sat_only" / "sat").mkdir(parents=True)  # saved with --eval-protocol sat

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import signal
+import re
 import subprocess
 import sys
 import time
@@ -136,6 +137,13 @@ def test_resume_drops_metrics_of_unsaved_epochs_and_extends_a_run(data_root, tmp
     # --resume on a finished run: nothing to train, the final test runs again
     main(args(data_root, out, "--epochs", "2", "--resume"))
     assert epochs_logged(out) == [1, 2]
+    # fewer epochs than done: refused before config.yaml is rewritten with them
+    config = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=rf"^--resume {re.escape(str(out / 'checkpoints' / 'last.pth'))}: 2 epochs "
+                       r"done, more than --epochs 1: a run is not shortened once trained; --epochs 2 runs its final "
+                       r"test again, --overwrite \(or a new --output-dir\) trains 1 epoch\(s\) anew$"):
+        main(args(data_root, out, "--epochs", "1", "--resume"))
+    assert (out / "config.yaml").read_text() == config and epochs_logged(out) == [1, 2]
 
 
 def test_resume_without_checkpoint_starts_from_scratch(data_root, tmp_path):

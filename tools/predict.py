@@ -181,7 +181,6 @@ def predict(args, model, paths, view, threshold, names, output_dir, staged, free
     img_size, resize_size = view.img_size, view.resize_size
     device = next(model.parameters()).device
     predictions, skipped, used = [], [], set()
-    blocks = [k + 1 for k, block in enumerate(model.blocks) if block.spatial_aware]
     for start in range(0, len(paths), args.eval_batch_size):
         chunk = []
         for path in paths[start:start + args.eval_batch_size]:
@@ -212,7 +211,7 @@ def predict(args, model, paths, view, threshold, names, output_dir, staged, free
             pred["overlay"] = str(png)
             if args.overlay_blocks:
                 panels, pred["block_boxes"] = [], {}
-                for block, loc_map in zip(blocks, outputs[2][k]):
+                for block, loc_map in zip(model.spatial_layers, outputs[2][k]):
                     pred["block_boxes"][str(block)], panel = map_overlay(image, loc_map, threshold, resize_size,
                                                                          img_size, f"block {block}")
                     panels.append(panel)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from utils.config import config_dict
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, ConfigError
 
 _logger = logging.getLogger("sat")
 
@@ -252,6 +252,10 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
             raise
         raise CheckpointError(f"--resume: {err}; {_instead(path)}") from None
     meta = load_state(ckpt, path, model)
+    if isinstance(meta.get("epoch"), int) and meta["epoch"] > cfg.epochs:  # before config.yaml says otherwise
+        raise ConfigError(f"--resume {path}: {meta['epoch']} epochs done, more than --epochs {cfg.epochs}: a run is "
+                          f"not shortened once trained; --epochs {meta['epoch']} runs its final test again, "
+                          f"--overwrite (or a new --output-dir) trains {cfg.epochs} epoch(s) anew")
     if all(key in meta for key in TRAINING_STATE):
         optimizer.load_state_dict(meta["optimizer"])
         scheduler.load_state_dict(meta["scheduler"])

@@ -219,8 +219,8 @@ FIELDS = {
                        "+ spatial-aware blocks + final norm + head), head, or last:K (the same with the last K "
                        "blocks)", rule=(lambda which: _parses(trainable_blocks, which), "all, sat, head or last:K")),
     # data
-    "data_format": Field("data", "cub", "str", "dataset format (train_ImageNet.py, evaluator_ImageNet.py: always "
-                         "imagenet)",
+    "data_format": Field("data", "cub", "str", "dataset format (train_ImageNet.py and evaluator_ImageNet.py read "
+                         "only imagenet)",
                          choices=("cub", "imagenet", "wsol", "folder", "dogs", "cars", "aircraft"),
                          scripts=NOT_IMAGENET_EVAL),
     "data_root": Field("data", None, "str", "dataset root (null: the synthetic demo dataset, which evaluator.py "
@@ -519,7 +519,10 @@ def build_parser(script, defaults=None):
               if any(FIELDS[key].section == section for key in defaults)}
     for key, default in defaults.items():
         field, flag = FIELDS[key], "--" + key.replace("_", "-")
-        group = groups[field.section]
+        choices, group = field.choices, groups[field.section]
+        if key == "data_format" and script != "train":  # evaluator.py refuses imagenet; train_ImageNet.py reads only it
+            choices = ("imagenet",) if script == "train_imagenet" else tuple(c for c in choices if c != "imagenet")
+            default = choices[0] if len(choices) == 1 else default
         text = field.help if default in (None, []) else f"{field.help} (default: {_show(default)})"
         if field.kind == "bool":
             group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=text)
@@ -528,7 +531,7 @@ def build_parser(script, defaults=None):
                                help=text + "; --amp = true")
             group.add_argument("--no-" + flag[2:], dest=key, action="store_false", help="same as --amp false")
         else:
-            metavar = "{" + ",".join(field.choices) + "}" if field.choices else \
+            metavar = "{" + ",".join(choices) + "}" if choices else \
                 METAVARS.get(key, {"int": "N", "float": "X"}.get(field.kind, key.upper()))
             group.add_argument(flag, dest=key, type=field.parse, nargs="+" if field.kind == "floats" else None,
                                metavar=metavar, help=text)

@@ -270,8 +270,10 @@ class BatchScorer:
     score as they are, their scores only rank the predicted classes (no probabilities), or are None where no
     classes were predicted."""
 
-    def __init__(self, views, thresholds, threshold, save_maps, overlay_dir, class_names, from_files=False):
+    def __init__(self, views, thresholds, threshold, save_maps, overlay_dir, class_names, from_files=False,
+                 block_layers=()):
         self.views, self.thresholds, self.threshold = views, thresholds, threshold
+        self.block_layers = block_layers  # the layer number of each spatial-aware block: its overlay panel's name
         self.save_maps = Path(save_maps) if save_maps else None
         self.overlay_dir = Path(overlay_dir) if overlay_dir else None
         self.class_names = class_names
@@ -366,7 +368,7 @@ class BatchScorer:
         ``block_maps`` (sat), each spatial-aware block's map and box first, then the fused map (the paper's
         visualization)."""
         panels = [render_overlay(crop, sat_map(m, self.views.img_size), sat_box(m, threshold, self.views.img_size),
-                                 gt, f"block {k + 1} of {len(block_maps)}") for k, m in enumerate(block_maps)]
+                                 gt, f"block {layer}") for layer, m in zip(self.block_layers, block_maps)]
         if protocol == "sat":
             normalised = sat_map(loc_map, self.views.img_size)
         else:
@@ -479,7 +481,8 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     class_names = getattr(getattr(loader, "dataset", None), "classes", None)
     wsol_overlays = protocol == "wsol" and overlay_dir is not None
     scorer = BatchScorer(views, evaluated, wsol_threshold if protocol == "wsol" else threshold, save_maps,
-                         overlay_dir, class_names, from_files=saved_maps is not None)
+                         overlay_dir, class_names, from_files=saved_maps is not None,
+                         block_layers=model.spatial_layers if overlay_blocks and model is not None else ())
     total, rows, pending_overlays = Counters(protocol, evaluated, views.img_size), [], []
     size_mismatches = 0  # images whose file is not the size their annotation states
     autocast = autocast_context(device, amp)

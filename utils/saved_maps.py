@@ -24,6 +24,7 @@ from utils.boxes import WSOL_MAP_SIZE, centre_offset, wsol_map
 from utils.errors import ConfigError, DataError
 
 MAP_SUFFIXES = (".npy", ".png")
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every np.save file
 VIEW_FILE = "views.json"  # the centre view (img_size, resize_size) of the sat protocol on these maps
 PREDICTION_COLUMNS = ("image_id", "top5")
 # metrics.json keys that need each image's predicted classes
@@ -94,6 +95,10 @@ def read_map(folder, image_id, allow_constant=False):
         raise DataError(f"no map for image {image_id}: {Path(folder) / image_id}.npy (or .png) not found")
     try:
         if path.suffix == ".npy":
+            with open(path, "rb") as f:
+                if f.read(6) != NPY_MAGIC:  # np.load would call text "pickled data" and return an .npz's archive
+                    raise DataError(f"map {path}: not a NumPy .npy file (no NPY header), expected an array "
+                                    "written by np.save")
             loc_map = np.load(path, allow_pickle=False)
         else:
             with Image.open(path) as image:
