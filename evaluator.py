@@ -153,12 +153,22 @@ def check_maps_folder(folder, overwrite):
                           "evaluation is complete), or choose another folder")
 
 
+def searched_thresholds(args, protocol):
+    """The map thresholds --thresholds searches: the sat protocol's (none without it)."""
+    return list(args.thresholds) if protocol in ("sat", "both") else []
+
+
 def evaluate_settings(args, protocol, output_dir, info):
     """The ``evaluate`` arguments both jobs take from the flags: the map thresholds of the protocol, overlays
     (drawn under their partial_name until the evaluation is complete), per-image rows, box processes."""
     overlay_dir = output_dir / partial_name(OVERLAYS) if args.overlays else None
+    unused = [flag for flag, given, used in (("--thresholds", args.thresholds, protocol in ("sat", "both")),
+                                             ("--wsol-threshold", args.wsol_threshold is not None,
+                                              protocol in ("wsol", "both"))) if given and not used]
+    if unused and info.is_main:
+        _logger.warning("%s not used: the %s protocol does not read it", " and ".join(unused), protocol)
     return dict(threshold=args.threshold if protocol != "wsol" else None,
-                thresholds=args.thresholds if protocol in ("sat", "both") else (), wsol_threshold=args.wsol_threshold,
+                thresholds=searched_thresholds(args, protocol), wsol_threshold=args.wsol_threshold,
                 distributed=info.distributed, overlay_dir=overlay_dir, overlays=overlay_count(args),
                 per_image=True, box_processes=args.box_processes,
                 progress=info.is_main)
@@ -227,7 +237,7 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
               "data_format": fmt, "data_root": os.path.abspath(root), "split": split,
               "eval_protocol": protocol, "views": list(views.names), "tencrop": views.tencrop,
               "precision": describe(info.device, args.amp), "compile": args.compile,
-              "search_thresholds": args.thresholds, **metrics}
+              "search_thresholds": searched_thresholds(args, protocol), **metrics}
     if info.is_main:
         write_outputs(args, output_dir, previous, record, rows, curves, loader.dataset.classes)
     return record
@@ -264,6 +274,9 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
     dataset = build_dataset(fmt, root, split, metadata_root=getattr(args, "metadata_root", None),
                             val_boxes=args.val_boxes)
     protocol = resolve_protocol(args.eval_protocol, dataset)
+    if protocol == "cls" and args.eval_protocol == "cls":
+        raise ConfigError("--maps with --eval-protocol cls: maps are scored by a localization protocol (sat, wsol or "
+                          "both); classification alone needs a --checkpoint")
     if protocol == "cls":
         raise ConfigError(f"--maps: the {split} split of {root} has neither boxes nor masks: no localization to score")
     unused = [flag for flag, on in (("--amp", args.amp), ("--compile", args.compile),
@@ -282,12 +295,18 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
     ids = [item.image_id for item in dataset.items]
     predictions = read_predictions(args.predictions, ids, num_classes) if args.predictions else None
     maps = SavedMaps(args.maps, views, predictions, num_classes, args.allow_constant_maps)
+    strangers = maps.strangers(ids) if info.is_main else []
+    if strangers:
+        _logger.warning("--maps %s: %d map file(s) of images not in the %s split, ignored (first: %s): maps of "
+                        "another split or dataset version?", args.maps, len(strangers), split, strangers[0])
     loader = map_loader(dataset, views, overlay_count(args), args.eval_batch_size, args.workers, info.distributed)
     sat = protocol in ("sat", "both")
+    scored = {"sat": "GT-known Loc and IoU30/50/70", "wsol": "the wsol metrics",
+              "both": "GT-known Loc, IoU30/50/70 and the wsol metrics"}[protocol]
     _logger.info("scoring the maps in %s on %d images of %s, protocol %s%s; %s", args.maps, len(dataset), root,
                  protocol, f" (sat: the centre {views.img_size} crop of {views.resize_size}x{views.resize_size}, "
                  f"threshold {args.threshold:g})" if sat else "", f"classes from {args.predictions}" if predictions
-                 else "no --predictions: no Top-1 / Top-5 Loc or Cls (GT-known Loc and the wsol metrics only)")
+                 else f"no --predictions: no Top-1 / Top-5 Loc or Cls ({scored} only)")
     metrics = evaluate(loader, None, info.device, saved_maps=maps,
                        **evaluate_settings(args, protocol, output_dir, info))
     if predictions is None:
@@ -297,7 +316,7 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
               "img_size": views.img_size, "resize_size": views.resize_size, "data_format": fmt,
               "data_root": os.path.abspath(root),
               "split": split, "eval_protocol": protocol, "views": list(views.names), "tencrop": False,
-              "search_thresholds": args.thresholds, **metrics}
+              "search_thresholds": searched_thresholds(args, protocol), **metrics}
     if info.is_main:
         write_outputs(args, output_dir, previous, record, rows, curves, dataset.classes)
     return record

@@ -103,6 +103,34 @@ def test_runs_without_per_image_rows_or_curves_still_compare(tmp_path, capsys):
     assert not (tmp_path / "out" / "compare.png").exists()
 
 
+def test_different_sat_settings_are_pointed_out(tmp_path, capsys):
+    sat = {"num_images": 2, "eval_protocol": "sat", "img_size": 128, "resize_size": 144, "tencrop": False,
+           "threshold": 0.4, "gt_known_loc": 50.0}
+    first = write_run(tmp_path / "x", sat)
+    second = write_run(tmp_path / "y", {**sat, "img_size": 224, "resize_size": 256})
+    wsol = write_run(tmp_path / "w", {"num_images": 2, "eval_protocol": "wsol", "img_size": 224, "maxboxacc": 50.0})
+    record = compare_main([str(first), str(second), "--output-dir", str(tmp_path / "out")])
+    note = ("the runs' sat numbers come from different settings (x: img_size 128, resize_size 144, tencrop False, "
+            "threshold 0.4; y: img_size 224, resize_size 256, tencrop False, threshold 0.4): not like for like")
+    assert note in capsys.readouterr().out and record["notes"][0].startswith(note)
+    record = compare_main([str(first), str(wsol), "--output-dir", str(tmp_path / "wsol")])  # no sat numbers in w
+    assert "different settings" not in capsys.readouterr().out and record["notes"] == []
+
+
+def test_no_shared_flag_or_image_is_no_per_image_comparison(runs, tmp_path, capsys):
+    """Nothing to compare per image is said, not reported as 0 differing images in an empty CSV."""
+    wsol_rows = [(image_id, label, "", "", "") for image_id, label, *_ in ROWS_A]  # a wsol-only run: empty flags
+    wsol = write_run(tmp_path / "wsol", {"num_images": 5, "eval_protocol": "wsol"}, wsol_rows)
+    strangers = write_run(tmp_path / "strangers", METRICS_A, [("z", 0, 1, 1, 0.9)])
+    record = compare_main([str(runs[0]), str(wsol), str(strangers), "--output-dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "sat vs wsol: no per-image comparison (neither gt_known nor top1_loc scored by both: a wsol-only run " \
+           "has neither)" in out
+    assert "sat vs strangers: no per-image comparison (no image evaluated by both)" in out
+    assert "differing images" not in out and not list((tmp_path / "out").glob("per_image_*.csv"))
+    assert record["per_image"]["sat vs strangers"]["differing"] is None
+
+
 def test_folder_without_metrics_is_one_error_line(tmp_path, runs, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exit_info:

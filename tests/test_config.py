@@ -294,6 +294,9 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
                                         "<output-dir>/overlays/)"),
     ("evaluate", ["--save-scoremaps", "d"], "--save-scoremaps was renamed: use --save-maps DIR"),
     ("evaluate", ["--overlays", "some"], "--overlays: expected all or an integer >= 0, got 'some'"),
+    ("evaluate", ["--wsol-threshold", "0.555"], "--wsol-threshold: expected a number in [0, 0.99] (one of "
+                                                "wsolevaluation's map thresholds 0, 0.01, ..., 0.99) or null, got "
+                                                "'0.555'"),  # it failed after the whole evaluation
     ("evaluate", ["--data-format", "imagenet"], "--data-format imagenet: use evaluator_ImageNet.py"),
     ("evaluate_imagenet", ["--data-format", "cub"], "unknown flag --data-format (evaluator_ImageNet.py does not "
                                                     "take it; train.py, train_ImageNet.py and evaluator.py do)"),

@@ -129,6 +129,43 @@ def test_whole_image_maps_go_through_each_protocols_view(cub, tmp_path):
     assert record["gt_known_loc"] == 100.0 and record["maxboxacc"] == 100.0 and record["iou70"] > 50
 
 
+def test_whole_image_maps_score_alike_at_any_scale_and_offset(cub, tmp_path):
+    """A map of any range: the sat protocol's 1e-5 in (m - min) / (max - min + 1e-5) and its float32 resize
+    saw maps scaled by 1e-5 (GT-known Loc 27 -> 2 on the demo data) or offset by 1000 differently."""
+    root, _ = cub
+    make_baseline_maps([str(tmp_path / "maps"), "--data-root", str(root), "--size", "7"])
+    for name, change in (("small", lambda m: m * 1e-5), ("offset", lambda m: 1000 + 1e-4 * m)):
+        for path in (tmp_path / "maps").rglob("*.npy"):
+            target = tmp_path / name / path.relative_to(tmp_path / "maps")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.save(target, change(np.load(path).astype(np.float64)))
+    keys = ("gt_known_loc", "iou30", "iou50", "iou70", "maxboxacc", "maxboxaccv2")
+    records = [main(["--data-root", str(root), "--maps", str(tmp_path / name), "--eval-protocol", "both",
+                     "--output-dir", str(tmp_path / f"out_{name}"), *CPU]) for name in ("maps", "small", "offset")]
+    scores = [{key: record[key] for key in keys} for record in records]
+    assert scores[1] == scores[0] and scores[2] == scores[0]
+
+
+@pytest.mark.usefixtures("keep_logging")
+def test_flags_and_files_left_unused_are_said(cub, tmp_path, caplog):
+    root, _ = cub
+    make_baseline_maps([str(tmp_path / "maps"), "--data-root", str(root), "--size", "8"])
+    common = ["--data-root", str(root), "--maps", str(tmp_path / "maps"), *CPU]
+    stray = tmp_path / "maps" / "009.Other" / "Other_0001.jpg.npy"  # maps of images not in the split: said
+    stray.parent.mkdir()
+    np.save(stray, np.eye(8))
+    (tmp_path / "maps" / "notes.txt").write_text("not a map")
+    record = main([*common, "--eval-protocol", "wsol", "--thresholds", "0.3", "0.5", "--output-dir",
+                   str(tmp_path / "wsol")])
+    assert f"--maps {tmp_path / 'maps'}: 1 map file(s) of images not in the test split, ignored (first: {stray}): " \
+           "maps of another split or dataset version?" in caplog.text
+    assert record["search_thresholds"] == [] and "best_threshold" not in record  # it recorded [0.3, 0.5]
+    assert "--thresholds not used: the wsol protocol does not read it" in caplog.text
+    record = main([*common, "--eval-protocol", "sat", "--wsol-threshold", "0.5", "--output-dir", str(tmp_path / "sat")])
+    assert "--wsol-threshold not used: the sat protocol does not read it" in caplog.text
+    assert "at_wsol_threshold" not in record
+
+
 def test_imagenet_layout_and_wsol_overlays(tmp_path):
     root = _write_imagenet(tmp_path / "ILSVRC2012")
     boxes = (root / "LOC_val_solution.csv").rename(tmp_path / "LOC_val_solution.csv")  # boxes kept elsewhere
@@ -233,6 +270,8 @@ def test_bad_maps_and_predictions_are_one_line(cub, tmp_path, capsys):
             f"error: map {path}: not a NumPy .npy file (no NPY header), expected an array written by np.save"
     assert error(tmp_path / "good", "--overlay-blocks") == "error: --overlay-blocks with --maps: saved maps hold the " \
         "fused map only (a checkpoint's block maps: --checkpoint, or tools/predict.py --overlay-blocks)"
+    assert error(tmp_path / "good", "--eval-protocol", "cls") == "error: --maps with --eval-protocol cls: maps are " \
+        "scored by a localization protocol (sat, wsol or both); classification alone needs a --checkpoint"
     (tmp_path / "sat_only" / "sat").mkdir(parents=True)  # saved with --eval-protocol sat
     assert error(tmp_path / "sat_only", "--eval-protocol", "both") == (
         f"error: maps {tmp_path / 'sat_only'}: no wsol/ folder, which the wsol protocol reads (saved with another "

@@ -31,6 +31,7 @@ NOT_TABULATED = ("num_classes", "img_size", "resize_size", "search_thresholds", 
 PER_THRESHOLD = "_per_threshold"
 PER_IMAGE_FLAGS = ("gt_known", "top1_loc")
 DATA_KEYS = ("data_format", "data_root", "split")  # metrics.json keys naming the data a run evaluated
+SAT_SETTINGS = ("img_size", "resize_size", "tencrop", "threshold")  # what the sat protocol's numbers depend on
 MAX_CLASSES_DRAWN = 40
 
 
@@ -263,6 +264,31 @@ def main(argv=None):
     return record
 
 
+def setting_notes(runs):
+    """What makes the runs' numbers not like for like: different image counts, data, or settings of the sat
+    protocol (its view and reported map threshold, among the runs that evaluated it)."""
+    notes = []
+    counted = {name: run.metrics.get("num_images") for name, run in runs.items()}
+    if len(set(counted.values())) > 1:
+        each = ", ".join(f"{name} {count}" for name, count in counted.items())
+        notes.append(f"the runs evaluated different numbers of images ({each}): their metrics are over different "
+                     "image sets")
+    keys = [key for key in DATA_KEYS if all(key in run.metrics for run in runs.values())]
+    read = {name: " ".join(str(run.metrics[key]) for key in keys) for name, run in runs.items()}
+    if len(set(read.values())) > 1:
+        each = "; ".join(f"{name}: {data}" for name, data in read.items())
+        notes.append(f"the runs read different data ({each}); images are matched by id in the per-image comparisons")
+    sat = {name: run for name, run in runs.items() if run.metrics.get("eval_protocol") in ("sat", "both")}
+    keys = [key for key in SAT_SETTINGS if all(key in run.metrics for run in sat.values())]
+    used = {name: ", ".join(f"{key} {run.metrics[key]}" for key in keys) for name, run in sat.items()}
+    if len(set(used.values())) > 1:
+        each = "; ".join(f"{name}: {settings}" for name, settings in used.items())
+        notes.append(f"the runs' sat numbers come from different settings ({each}): not like for like (the view "
+                     "of saved maps: their views.json, e.g. make_baseline_maps --img-size / --resize-size; the map "
+                     "threshold: --threshold)")
+    return notes
+
+
 def compare(runs, output_dir, staged):
     """Print the comparison of ``runs`` ({name: Run}, the first the baseline) and write it into ``output_dir``
     (each file at ``staged``'s partial name: utils/outputs.Staged); returns the record of compare.json."""
@@ -272,15 +298,9 @@ def compare(runs, output_dir, staged):
         print(f"{name}: {run.folder}" + (f" ({', '.join(meta)})" if meta else ""))
     table = metric_table(runs)
     print("\n" + format_table(table, names))
-    counted = {name: run.metrics.get("num_images") for name, run in runs.items()}
-    if len(set(counted.values())) > 1:
-        print("the runs evaluated different numbers of images (" + ", ".join(f"{n} {c}" for n, c in counted.items())
-              + "): their metrics are over different image sets")
-    keys = [key for key in DATA_KEYS if all(key in run.metrics for run in runs.values())]
-    read = {name: " ".join(str(run.metrics[key]) for key in keys) for name, run in runs.items()}
-    if len(set(read.values())) > 1:
-        print("the runs read different data (" + "; ".join(f"{n}: {d}" for n, d in read.items()) + "); images "
-              "are matched by id in the per-image comparisons")
+    notes = setting_notes(runs)
+    for note in notes:
+        print(note)
 
     comparisons = {}
     first, *others = names
@@ -291,6 +311,12 @@ def compare(runs, output_dir, staged):
             print(f"\n{first} vs {other}: no per-image comparison ({lacking}: no per_image.csv)")
             continue
         counts, differing = per_image_comparison(a, b)
+        if not counts["shared"] or not any(flag in counts for flag in PER_IMAGE_FLAGS):
+            why = "no image evaluated by both" if not counts["shared"] else \
+                f"neither {' nor '.join(PER_IMAGE_FLAGS)} scored by both: a wsol-only run has neither"
+            print(f"\n{first} vs {other}: no per-image comparison ({why})")
+            comparisons[f"{first} vs {other}"] = {**counts, "differing": None}
+            continue
         path = output_dir / f"per_image_{_file_part(first)}_vs_{_file_part(other)}.csv"
         write_differing(staged.path(path), a, b, (first, other), differing)
         comparisons[f"{first} vs {other}"] = {**counts, "differing": str(path)}
@@ -307,7 +333,7 @@ def compare(runs, output_dir, staged):
     record = {"runs": {name: str(run.folder) for name, run in runs.items()},
               "metrics": {metric: {name: _json_value(value) for name, value in values.items()}
                           for metric, values in table.items()},
-              "per_class_gt_known_loc": per_class, "per_image": comparisons}
+              "per_class_gt_known_loc": per_class, "per_image": comparisons, "notes": notes}
     staged.path(output_dir / "compare.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     rows = figure_panels(runs, per_class)
     if rows:

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from utils.errors import ConfigError, writing_outputs
-from utils.metrics import TRAIN_THRESHOLDS
+from utils.metrics import TRAIN_THRESHOLDS, on_grid
 from utils.optim import SCHEDULES, trainable_blocks
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -317,7 +317,8 @@ FIELDS = {
                         "+ Top-1 Loc) is reported under best_threshold, never as the headline", domain="[0, 1]"),
     "wsol_threshold": Field("evaluator", None, "float", "wsol protocol: also report box accuracy at this map "
                             "threshold (e.g. maxboxacc_threshold chosen on --split val) and draw overlays at it "
-                            "(null: at MaxBoxAcc's)", domain="[0, 1]", nullable=True),
+                            "(null: at MaxBoxAcc's)", domain="[0, 0.99]", nullable=True,
+                            rule=(on_grid, "one of wsolevaluation's map thresholds 0, 0.01, ..., 0.99")),
     "save_maps": Field("evaluator", None, "str", "write each image's maps: the raw sat map as "
                        "DIR/sat/<image_id>.npy, the wsol map (224 x 224, in [0, 1]) as DIR/wsol/<image_id>.npy",
                        nullable=True),

@@ -16,6 +16,12 @@ IOU_THRESHOLDS = (30, 50, 70)  # wsol MaxBoxAccV2's IoU thresholds (%)
 LOC_KEYS = ("gt_known_loc", "top1_loc", "top5_loc", "iou30", "iou50", "iou70")
 
 
+def on_grid(value, grid=WSOL_THRESHOLDS):
+    """Whether the map threshold ``value`` is one of ``grid`` (the wsol protocol's 0, 0.01, ..., 0.99), up to
+    the rounding of its decimal text."""
+    return bool(np.abs(np.asarray(grid, np.float64) - float(value)).min() <= 1e-6)
+
+
 class CounterState:
     """Accumulator base: integer counter arrays named in ``COUNTERS``, summable across processes.
 
@@ -185,7 +191,7 @@ class WSOLBoxAccumulator(CounterState):
     def threshold_index(self, cam_threshold):
         """Index of a map threshold of the grid (e.g. a maxboxacc_threshold chosen on another split)."""
         index = int(np.abs(self.cam_thresholds - float(cam_threshold)).argmin())
-        if abs(self.cam_thresholds[index] - float(cam_threshold)) > 1e-6:
+        if not on_grid(cam_threshold, self.cam_thresholds[index:index + 1]):
             raise ValueError(f"map threshold {cam_threshold} is not on the wsolevaluation grid (0, 0.01, ..., 0.99)")
         return index
 

@@ -130,6 +130,13 @@ def centre_view_map(whole, resize_size, img_size):
     return resized[top:top + img_size, top:top + img_size]
 
 
+def unit_range(loc_map):
+    """A whole-image map min-max normalised to [0, 1] in float64 (a constant one: zeros): its scale and offset
+    do not change its score (the sat normalisation's 1e-5 is made for probabilities, its resize is float32)."""
+    m = np.asarray(loc_map, np.float64) - np.min(loc_map)
+    return m / m.max() if m.max() > 0 else m
+
+
 def wsol_score_map(loc_map):
     """A map read from a file -> the wsol protocol's 224x224 map (float64): a 224x224 map in [0, 1] as it is
     (wsolevaluation's evaluation.py scores its score maps unchanged), any other through ``wsol_map`` (bicubic
@@ -204,6 +211,18 @@ class SavedMaps:
         self.folders = map_folders(root, views.protocol)
         self.allow_constant = allow_constant
 
+    def strangers(self, image_ids):
+        """The map files of images not in ``image_ids`` (ignored by the evaluation; many of them hint at maps
+        of another split or dataset version), sorted."""
+        known, found = set(image_ids), set()
+        for folder in {folder for folder, _ in self.folders.values()}:
+            for path in Path(folder).rglob("*"):
+                if path.suffix in MAP_SUFFIXES and path.is_file():
+                    image_id = path.relative_to(folder).as_posix()[:-len(path.suffix)]
+                    if image_id not in known:
+                        found.add(str(path))
+        return sorted(found)
+
     def scores(self, image_ids):
         """(B, classes): 5, 4, ... 1 at each image's predicted classes, 0 elsewhere; None without predictions."""
         if self.predictions is None:
@@ -217,7 +236,9 @@ class SavedMaps:
     def sat_map(self, image_id):
         folder, whole_image = self.folders["sat"]
         loc_map = read_map(folder, image_id, self.allow_constant)
-        return centre_view_map(loc_map, self.views.resize_size, self.views.img_size) if whole_image else loc_map
+        if not whole_image:  # a sat/ map of --save-maps: SAT's raw map, as the checkpoint's evaluation has it
+            return loc_map
+        return centre_view_map(unit_range(loc_map), self.views.resize_size, self.views.img_size)
 
     def wsol_map(self, image_id):
         return wsol_score_map(read_map(self.folders["wsol"][0], image_id, self.allow_constant))
