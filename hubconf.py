@@ -21,7 +21,7 @@ def _entry_point(arch):
     def entry_point(pretrained=False, checkpoint=None, **kwargs):
         if checkpoint is not None:
             return _build_model_from_checkpoint(checkpoint, arch=arch, spelling="hub", **kwargs)[0]
-        return _build_model(arch, pretrained=pretrained, **kwargs)
+        return _build_model(arch, pretrained=pretrained, spelling="hub", **kwargs)
 
     entry_point.__name__ = entry_point.__qualname__ = arch
     entry_point.__doc__ = (f"{getattr(_sat, arch).__doc__}\n\nArguments: pretrained=False | True | DeiT weights file, "

@@ -91,6 +91,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     if lock is not None:  # first: another job writing into the folder is what to say (on every process)
         dist_utils.run_on_main(info.is_main, lock.acquire)
     replaced = previous_outputs(cfg, output_dir)
+    progress["previous_kept"] = bool(replaced)  # --overwrite: the previous run stays until this one can start
     setup_logging(output_dir, info.is_main, info.rank, log_file=not replaced)  # not into the old run's log
     if replaced:
         _logger.info("--overwrite: the previous run's %s in %s go once this run has its data, model and first "
@@ -136,6 +137,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     if replaced:  # the new run can start: the old one goes
         load_first_batch(train_loader, info)
         replace_previous_run(output_dir, replaced, info)
+        progress["previous_kept"] = False
 
     # resume: weights, optimizer, schedule, RNG states and the position in the epoch of last.pth
     # (a last.pth saved when the evaluation after an epoch failed holds that epoch's training: ``trained``)
@@ -601,7 +603,12 @@ def how_to_continue(checkpoint_dir, resumed_from, resume):
     if resumed_from is not None:
         copy = checkpoint_dir / Path(resumed_from).name
         return f"continue with: {resume} {shlex.quote(str(copy if copy.exists() else resumed_from))}"
-    return f"start again with: {resume.removesuffix('--resume')}--overwrite"
+    return f"start again with: {restart_command(resume)}"
+
+
+def restart_command(resume):
+    """The command that starts the run afresh: ``resume`` with --overwrite in place of --resume."""
+    return f"{resume.removesuffix('--resume')}--overwrite"
 
 
 def interrupted_message(cfg, progress, resume, cause="interrupted"):
@@ -609,6 +616,9 @@ def interrupted_message(cfg, progress, resume, cause="interrupted"):
     command that resumes it (as after SIGTERM / SIGUSR1 during the epochs)."""
     where = "before training started" if progress["epoch"] is None else (
         "in the final test" if progress["epoch"] >= cfg.epochs else f"in epoch {progress['epoch'] + 1}/{cfg.epochs}")
+    if progress.get("previous_kept"):  # --overwrite had not yet replaced the previous run: nothing to resume
+        return f"{cause} {where}; the previous run in {cfg.output_dir} is as it was; start again with: " \
+               f"{restart_command(resume)}"
     last = Path(cfg.output_dir) / "checkpoints" / "last.pth"
     held = [f"{progress['saved']} finished epoch(s)"] if progress["saved"] else []
     if progress.get("step"):  # a mid-epoch save (save_every_steps)

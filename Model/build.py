@@ -22,18 +22,21 @@ def list_archs():
     return sorted(timm.list_models("deit_sat_*"))
 
 
-def build_model(arch: str, num_classes: int = 1000, pretrained=False, **overrides) -> SATVisionTransformer:
+def build_model(arch: str, num_classes: int = 1000, pretrained=False, *, spelling="flags",
+                **overrides) -> SATVisionTransformer:
     """Build a SAT model by name.
 
     ``pretrained``: False (random init), True (the matching DeiT ImageNet-1k weights through timm's
     pretrained mechanism) or the path of a local DeiT / timm / SAT state dict. ``overrides`` are
     constructor arguments (``img_size``, ``num_spatial_blocks``, ``drop_path_rate``, ``attn_impl``...).
+    ``spelling``: how errors name the options (SPELLINGS: the scripts' flags or torch.hub's arguments).
     """
+    words = SPELLINGS[spelling]
     if arch not in list_archs():
         raise ConfigError(f"unknown arch {arch!r}; known: {', '.join(list_archs())}")
     if pretrained is True and not timm.models.get_pretrained_cfg(arch).hf_hub_id:
-        raise ConfigError(f"{arch} has no DeiT weights to start from: --pretrained false (random initialisation) "
-                          "or --pretrained PATH (a weights file)")
+        raise ConfigError(f"{arch} has no DeiT weights to start from: {words['no_weights']} (random "
+                          f"initialisation) or {words['weights_file']} (a weights file)")
     try:
         if pretrained is True:
             _check_hub_reachable(arch)
@@ -43,8 +46,8 @@ def build_model(arch: str, num_classes: int = 1000, pretrained=False, **override
             raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"could not get the DeiT weights of {arch} from the timm hub ({reason}); download "
-                              "them once with network access, or pass a local file (--pretrained PATH) or "
-                              "--pretrained false") from None
+                              f"them once with network access, or pass a local file ({words['weights_file']}) or "
+                              f"{words['no_weights']}") from None
 
 
 def checkpoint_weights(model):
@@ -74,9 +77,11 @@ def weight_shapes(state_dict):
 # them: the scripts' flags, or torch.hub's entry point (hubconf.py) and keyword argument.
 SPELLINGS = {
     "flags": {"arch": "--arch {}", "num_classes": "--num-classes {}", "fix_arch": "drop --arch",
-              "fix_classes": "drop --num-classes"},
+              "fix_classes": "drop --num-classes", "no_weights": "--pretrained false",
+              "weights_file": "--pretrained PATH"},
     "hub": {"arch": "the entry point {}", "num_classes": "num_classes={}",
-            "fix_arch": "load it with torch.hub's entry point {}", "fix_classes": "leave out num_classes="},
+            "fix_arch": "load it with torch.hub's entry point {}", "fix_classes": "leave out num_classes=",
+            "no_weights": "pretrained=False", "weights_file": "pretrained='PATH'"},
 }
 
 

@@ -1,5 +1,6 @@
 import contextlib
 import gc
+import signal
 import socket
 import subprocess
 import sys
@@ -112,3 +113,15 @@ def refused_for_lock(line, folder, job, holder):
     return line.startswith(f"error: --output-dir {folder}: another job is writing into it ({job}, pid {holder.pid} "
                            "on ") and line.endswith(f"; {folder / '.lock'}): wait for it to end, or choose another "
                                                     "--output-dir")
+
+
+@pytest.fixture
+def sigterm_not_handled_fails():
+    """While the test runs, a SIGTERM that the code under test does not handle fails the test (instead of ending
+    the test process, as the default handler would)."""
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached the test's handler: the code under test did not handle it")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, previous)

@@ -125,6 +125,23 @@ def test_no_config_is_said_on_stdout(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_resume_without_config_reads_the_runs_own(tmp_path, capsys):
+    """A plain --resume goes on with the run's settings (it took the defaults' config: demo.yaml's 60 epochs and
+    3 blocks for a run of 4 epochs and 4 blocks); the checkpoint's own run folder when resumed elsewhere."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("# resolved\narch: deit_sat_nano_patch16_224\nnum_spatial_blocks: 4\nepochs: 4\n"
+                                     f"output_dir: {run}\n")
+    cfg = train("--output-dir", str(run), "--resume")
+    assert (cfg.config, cfg.num_spatial_blocks, cfg.epochs) == (str(run / "config.yaml"), 4, 4)
+    assert capsys.readouterr().out == f"no --config: using {run / 'config.yaml'} (the resumed run's own)\n"
+    cfg = train("--output-dir", str(tmp_path / "new"), "--resume", str(run / "checkpoints" / "last.pth"),
+                "--epochs", "6")
+    assert (cfg.config, cfg.num_spatial_blocks, cfg.epochs) == (str(run / "config.yaml"), 4, 6)
+    assert train("--output-dir", str(tmp_path / "new")).config == str(CONFIGS / "demo.yaml")  # no --resume
+    assert train("--output-dir", str(tmp_path / "none"), "--resume").config == str(CONFIGS / "demo.yaml")
+
+
 def test_flags_override_the_file_which_overrides_defaults(tmp_path):
     path = write(tmp_path, "epochs: 3\nlr: 0.5\nval_split: true\ntencrop: false\n")
     cfg = train("--config", path, "--lr", "0.01", "--batch-size", "8", "--no-amp", "--no-val-split",

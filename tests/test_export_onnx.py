@@ -70,3 +70,26 @@ def test_an_opset_the_exporter_cannot_write_is_one_line(tmp_path, capsys, caplog
     assert not [record for record in caplog.records if record.name.startswith("onnxscript")]  # its traceback
     assert err.endswith(f"error: {tmp_path / 'x.onnx'}: the exporter wrote opset 18, not the --opset 14 asked "
                         "for; not written\n") and not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.usefixtures("sigterm_not_handled_fails")
+@pytest.mark.parametrize("stop, status", [("SIGTERM", 143), ("Ctrl-C", 130)])
+def test_a_stopped_export_leaves_nothing_and_says_so(tmp_path, monkeypatch, caplog, stop, status):
+    """SIGTERM or Ctrl-C during the check of the export: no temporary file (SIGTERM left an empty one), one line
+    (Ctrl-C gave a traceback), the status of a stopped process."""
+    import signal
+    import tools.export_onnx as export
+    from test_evaluation import save_nano_checkpoint
+    checkpoint, output = save_nano_checkpoint(tmp_path / "nano.pth"), tmp_path / "onnx" / "x.onnx"
+
+    def stopped(*args):
+        if stop == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "onnxruntime_max_abs_diff", stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(checkpoint), "--output", str(output)])
+    assert exit_info.value.code == status and list(output.parent.iterdir()) == []
+    assert f"stopped: {output} not written; {'stopped by SIGTERM' if stop == 'SIGTERM' else 'interrupted'}" \
+        in caplog.text

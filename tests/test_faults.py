@@ -384,18 +384,6 @@ def test_a_stop_signal_in_the_final_test_ends_with_the_resume_command(data_root,
                                                            "complete")
 
 
-@pytest.fixture
-def sigterm_not_handled_fails():
-    """While the test runs, a SIGTERM that the code under test does not handle fails the test (instead of ending
-    the test process, as the default handler would)."""
-    def unhandled(signum, frame):
-        raise AssertionError("SIGTERM reached the test's handler: the code under test did not handle it")
-
-    previous = signal.signal(signal.SIGTERM, unhandled)
-    yield
-    signal.signal(signal.SIGTERM, previous)
-
-
 @pytest.mark.usefixtures("sigterm_not_handled_fails")
 def test_a_stop_signal_before_training_starts_ends_with_one_line_and_frees_the_folder(data_root, tmp_path,
                                                                                        monkeypatch):
@@ -410,6 +398,22 @@ def test_a_stop_signal_before_training_starts_ends_with_one_line_and_frees_the_f
     monkeypatch.undo()
     train.main(args(data_root, out, "--epochs", "1", "--resume"))  # the printed command starts the run
     assert epochs_logged(out) == [1]
+
+
+@pytest.mark.usefixtures("sigterm_not_handled_fails")
+def test_a_stop_before_overwrite_replaced_the_run_says_to_start_again(data_root, tmp_path, monkeypatch, caplog):
+    """Stopped while --overwrite still keeps the previous run: it is as it was, and the line gives the --overwrite
+    command again (it said to resume, which would continue the run the user meant to replace)."""
+    out = tmp_path / "run"
+    train.main(args(data_root, out, "--epochs", "1"))
+    results = (out / "results.json").read_bytes()
+    sigterm_first(monkeypatch, "load_first_batch")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args(data_root, out, "--epochs", "1", "--overwrite"))
+    assert exit_info.value.code == 128 + signal.SIGTERM and (out / "results.json").read_bytes() == results
+    line = next(line for line in caplog.text.splitlines() if "stopped by SIGTERM" in line)
+    assert f"stopped by SIGTERM before training started; the previous run in {out} is as it was; start again " \
+           "with: python train.py " in line and line.endswith(f"--output-dir {out} --epochs 1 --overwrite")
 
 
 def test_the_lock_file_goes_with_its_job_and_a_file_removed_meanwhile_is_not_locked(tmp_path, monkeypatch):
@@ -443,12 +447,31 @@ def test_the_lock_file_goes_with_its_job_and_a_file_removed_meanwhile_is_not_loc
 
 
 @pytest.mark.usefixtures("sigterm_not_handled_fails")
+def test_a_stop_signal_once_the_evaluation_is_complete_keeps_it(data_root, tmp_path, monkeypatch):
+    """SIGTERM while the outputs of a complete evaluation are written: they are kept and the job ends as finished
+    (it printed 'nothing of it was kept' after metrics.json was written, with a traceback from a DataLoader)."""
+    import evaluator
+    out = tmp_path / "eval"
+    write_per_image = evaluator.write_per_image
+
+    def signalled(*call_args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        write_per_image(*call_args)
+
+    monkeypatch.setattr(evaluator, "write_per_image", signalled)
+    record = eval_main(["--checkpoint", str(save_nano_checkpoint(tmp_path / "nano.pth")), "--data-root", data_root,
+                        "--output-dir", str(out), "--workers", "0", "--device", "cpu"])
+    assert json.loads((out / "metrics.json").read_text())["gt_known_loc"] == record["gt_known_loc"]
+    assert (out / "per_image.csv").is_file() and "stopped" not in (out / "log.txt").read_text()
+
+
+@pytest.mark.usefixtures("sigterm_not_handled_fails")
 @pytest.mark.parametrize("stop, status", [("SIGTERM", 128 + signal.SIGTERM), ("Ctrl-C", 130)])
 def test_a_stopped_evaluation_leaves_the_earlier_one_whole_and_says_so(data_root, tmp_path, monkeypatch, stop,
                                                                        status):
-    """SIGTERM (a job's time limit) or Ctrl-C while an evaluation writes its outputs: one line, the status of a
-    stopped job, the earlier evaluation's files as they were and no partial files (SIGTERM ended the process
-    without a word and left them; Ctrl-C printed a traceback)."""
+    """SIGTERM (a job's time limit) as the evaluation ends, or Ctrl-C while it writes its outputs: one line, the
+    status of a stopped job, the earlier evaluation's files as they were and no partial files (SIGTERM ended the
+    process without a word and left them; Ctrl-C printed a traceback)."""
     import evaluator
     out, maps = tmp_path / "eval", tmp_path / "maps"
     flags = ["--checkpoint", str(save_nano_checkpoint(tmp_path / "nano.pth")), "--data-root", data_root,
@@ -456,16 +479,20 @@ def test_a_stopped_evaluation_leaves_the_earlier_one_whole_and_says_so(data_root
              "--device", "cpu"]
     eval_main(flags)
     before, maps_before = files(out), files(maps)
-    write_per_image = evaluator.write_per_image
+    # SIGTERM once the metrics are computed (overlays and maps staged; later it lets the evaluation finish:
+    # test_a_stop_signal_once_the_evaluation_is_complete_keeps_it); Ctrl-C with metrics.json staged too
+    where = "evaluate" if stop == "SIGTERM" else "write_per_image"
+    original = getattr(evaluator, where)
 
-    def stopped(*call_args):
-        write_per_image(*call_args)  # metrics.json, overlays and maps staged: the moment with most to undo
+    def stopped(*call_args, **kwargs):
+        result = original(*call_args, **kwargs)
         if stop == "SIGTERM":
             os.kill(os.getpid(), signal.SIGTERM)
         else:
             raise KeyboardInterrupt
+        return result
 
-    monkeypatch.setattr(evaluator, "write_per_image", stopped)
+    monkeypatch.setattr(evaluator, where, stopped)
     with pytest.raises(SystemExit) as exit_info:
         eval_main([*flags, "--overwrite"])
     assert exit_info.value.code == status

@@ -5,7 +5,7 @@ import torch
 import hubconf
 from Model import SATVisionTransformer, build_model
 from utils.checkpoint import model_spec, save_checkpoint
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, ConfigError
 
 from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_ROOT
 
@@ -48,3 +48,7 @@ def test_hub_checkpoint_errors_name_the_entry_point_and_keyword(tmp_path):
     with pytest.raises(CheckpointError) as err:
         torch.hub.load(str(REPO_ROOT), nano, source="local", checkpoint=str(path), num_classes=5)
     assert str(err.value) == f"checkpoint {path} has 3 classes, not num_classes=5; leave out num_classes="
+    with pytest.raises(ConfigError) as err:  # named as hub callers pass it (it said --pretrained false)
+        torch.hub.load(str(REPO_ROOT), nano, source="local", pretrained=True)
+    assert str(err.value) == (f"{nano} has no DeiT weights to start from: pretrained=False (random initialisation) "
+                              "or pretrained='PATH' (a weights file)")

@@ -279,3 +279,55 @@ def test_the_earlier_flag_names_say_their_new_names(tmp_path, capsys, old, new):
         run_cli(predict_main, ["--checkpoint", "unused.pth", old, "4", str(tmp_path)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {old.split('=')[0]} was renamed: use {new} (as the evaluators call it)\n"
+
+
+@pytest.mark.usefixtures("sigterm_not_handled_fails")
+@pytest.mark.parametrize("stop, status", [("SIGTERM", 143), ("Ctrl-C", 130)])
+def test_stopped_predictions_keep_the_earlier_ones_and_say_so(tmp_path, monkeypatch, caplog, stop, status):
+    """SIGTERM or Ctrl-C once every image is predicted: the earlier predictions as they were, no partial file and
+    one line (SIGTERM ended it silently and left the .partial.png overlays, Ctrl-C gave a traceback); partial
+    files a killed run left are removed by the next run."""
+    import os
+    import signal
+    import tools.predict as tool
+    checkpoint, out = save_nano_checkpoint(tmp_path / "nano.pth"), tmp_path / "out"
+    image = tmp_path / "a.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(image)
+    flags = ["--checkpoint", str(checkpoint), "--output-dir", str(out), "--device", "cpu", str(image)]
+    predict_main(flags)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"}
+    original = tool.predict
+
+    def stopped(*args):
+        original(*args)  # every overlay staged
+        if stop == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, "predict", stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main([*flags, "--overwrite"])
+    assert exit_info.value.code == status
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before
+    assert f"stopped: no predictions written (the outputs in {out} are as they were); " \
+           f"{'stopped by SIGTERM' if stop == 'SIGTERM' else 'interrupted'}" in caplog.text
+    monkeypatch.undo()
+    (out / "a.partial.png").write_bytes(b"left by a killed run")
+    predict_main([*flags, "--overwrite"])
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["a.png", "predictions.json"]
+
+
+def test_photos_are_turned_as_their_exif_orientation_says(tmp_path):
+    """A phone photo stored 60 x 40 with orientation 6 (rotate 90 degrees clockwise) is shown 40 x 60: its size,
+    box and overlay are of the turned image (they were of the stored one: the overlay came out sideways)."""
+    photo = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(photo, exif=exif)
+    record = predict_main(["--checkpoint", str(save_nano_checkpoint(tmp_path / "nano.pth")), "--output-dir",
+                           str(tmp_path / "out"), "--device", "cpu", str(photo)])
+    pred = record["predictions"][0]
+    assert pred["image_size"] == [40, 60]
+    x0, y0, x1, y1 = pred["box"]
+    assert 0 <= x0 <= x1 <= 40 and 0 <= y0 <= y1 <= 60
+    assert Image.open(pred["overlay"]).size[1] > Image.open(pred["overlay"]).size[0]  # portrait, as shown

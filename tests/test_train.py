@@ -144,6 +144,13 @@ def test_resume_drops_metrics_of_unsaved_epochs_and_extends_a_run(data_root, tmp
                        r"test again, --overwrite \(or a new --output-dir\) trains 1 epoch\(s\) anew$"):
         main(args(data_root, out, "--epochs", "1", "--resume"))
     assert (out / "config.yaml").read_text() == config and epochs_logged(out) == [1, 2]
+    # a changed model or global batch: refused before the weights load (it trained the 3-block weights as 1 block)
+    last = out / "checkpoints" / "last.pth"
+    with pytest.raises(ConfigError, match=rf"^--resume {re.escape(str(last))}: the run was trained with "
+                       r"num_spatial_blocks 3 \(now 1\), batch_size 8 \(now 4\), which a resumed run keeps \(the "
+                       r"model; the schedule counts steps of that batch\): resume with those values"):
+        main(args(data_root, out, "--epochs", "3", "--resume", "--num-spatial-blocks", "1", "--batch-size", "4"))
+    assert (out / "config.yaml").read_text() == config
 
 
 def test_resume_without_checkpoint_starts_from_scratch(data_root, tmp_path):

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from Model import build_model_from_checkpoint  # noqa: E402
 from utils.config import OneLineParser, at_least  # noqa: E402
 from utils.errors import ConfigError, SATError, run_cli  # noqa: E402
+from utils.preemption import stopped_as_said  # noqa: E402
 
 INPUT_NAMES = ["images"]
 OUTPUT_NAMES = ["logits", "maps"]
@@ -76,6 +77,32 @@ def onnxruntime_max_abs_diff(model, path, batch_size=3):
             for name, out, ref in zip(OUTPUT_NAMES, outputs, expected)}
 
 
+def write_checked(model, output, args):
+    """Export to a temporary file beside ``output``, check it (opset, onnxruntime against PyTorch), then move it
+    in place; (opset written, max |difference| per output or None without onnxruntime). The temporary file is
+    removed whatever happens."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp's file is private)
+    try:
+        export_onnx(model, tmp, args.opset)
+        opset = written_opset(tmp)
+        if args.opset is not None and opset != args.opset:
+            raise SATError(f"{args.output}: the exporter wrote opset {opset}, not the --opset {args.opset} asked "
+                           "for; not written")
+        diff = onnxruntime_max_abs_diff(model, tmp)
+        if diff is not None and max(diff.values()) > args.atol:
+            raise SATError(f"{args.output}: onnxruntime differs from PyTorch by {diff} (> --atol {args.atol}); "
+                           "not written")
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return opset, diff
+
+
 def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)
@@ -96,25 +123,8 @@ def main(argv=None):
                           "choose another path")
     model, _ = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp's file is private)
-    try:
-        export_onnx(model, tmp, args.opset)
-        opset = written_opset(tmp)
-        if args.opset is not None and opset != args.opset:
-            raise SATError(f"{args.output}: the exporter wrote opset {opset}, not the --opset {args.opset} asked "
-                           "for; not written")
-        diff = onnxruntime_max_abs_diff(model, tmp)
-        if diff is not None and max(diff.values()) > args.atol:
-            raise SATError(f"{args.output}: onnxruntime differs from PyTorch by {diff} (> --atol {args.atol}); "
-                              "not written")
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with stopped_as_said(f"stopped: {output} not written"):
+        opset, diff = write_checked(model, output, args)
     height, width = model.patch_embed.img_size
     record = {"output": str(output), "checkpoint": str(args.checkpoint), "opset": opset,
               "inputs": {"images": ["batch", 3, height, width]},

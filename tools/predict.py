@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,7 +31,9 @@ from Model import build_model_from_checkpoint  # noqa: E402
 from utils.config import FIELDS, OneLineParser, at_least  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
-from utils.outputs import FolderLock, Staged, check_output_file, partial_name, previous_outputs  # noqa: E402
+from utils.outputs import (PARTIAL, FolderLock, Staged, check_output_file, partial_name,  # noqa: E402
+                           previous_outputs)
+from utils.preemption import stopped_as_said, work_complete  # noqa: E402
 from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
 
@@ -59,10 +61,11 @@ def image_paths(inputs, outputs=()):
 
 
 def load_rgb(path):
-    """The image as RGB; any failure to decode it (decoders raise many kinds of errors) is a DataError."""
+    """The image as RGB, turned as its EXIF orientation says (as viewers show photos; the datasets' images are
+    read as stored, as the official code reads them); any failure to decode it is a DataError."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
     except Exception as err:
         raise DataError(f"{path}: not a readable image ({err.__class__.__name__}: {err})") from None
 
@@ -100,6 +103,13 @@ def previous_predictions(output_dir, overwrite):
     written = record.stat().st_mtime
     return found + [png for png in pngs if (Path(output_dir) / png).is_file()
                     and (Path(output_dir) / png).stat().st_mtime <= written + 1]
+
+
+def discard_leftovers(output_dir, inputs):
+    """Delete the partial files a killed run left in ``output_dir`` (never an input image)."""
+    for path in Path(output_dir).glob(f"*{PARTIAL}.*"):
+        if path.is_file() and path.resolve() not in inputs:
+            path.unlink()
 
 
 def _unique_png(output_dir, stem, used, free):
@@ -162,9 +172,12 @@ def main(argv=None):
     threshold = args.threshold if args.threshold is not None else float(meta.get("best_thr") or 0.4)
     names = meta.get("class_names") or [str(k) for k in range(model.num_classes)]
     staged = Staged()  # the new files, moved in place of the previous ones once every image is predicted
-    with FolderLock(output_dir, "tools/predict.py"), writing_outputs(output_dir):  # one line for a full disk
+    stopped = f"stopped: no predictions written (the outputs in {output_dir} are as they were)"
+    with stopped_as_said(stopped), FolderLock(output_dir, "tools/predict.py"), writing_outputs(output_dir):
+        discard_leftovers(output_dir, inputs)
         try:
             record = predict(args, model, paths, view, threshold, names, output_dir, staged, set(previous))
+            work_complete()  # a stop signal from now on lets the predictions be kept
             staged.commit(output_dir, previous)
         except BaseException:
             staged.discard()

@@ -251,6 +251,7 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
         if not path.is_file():
             raise
         raise CheckpointError(f"--resume: {err}; {_instead(path)}") from None
+    check_unchanged(ckpt.get("config") or {}, cfg, path)
     meta = load_state(ckpt, path, model)
     if isinstance(meta.get("epoch"), int) and meta["epoch"] > cfg.epochs:  # before config.yaml says otherwise
         raise ConfigError(f"--resume {path}: {meta['epoch']} epochs done, more than --epochs {cfg.epochs}: a run is "
@@ -296,6 +297,24 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
     else:
         _logger.info("resumed from %s: %d of %d epochs done%s", path, meta["epoch"], cfg.epochs, where)
     return meta
+
+
+# keys a run keeps when resumed: the model's shape and meaning, and the global batch (the schedule counts its
+# optimizer steps; last.pth's position in an epoch is one of them)
+FIXED_ON_RESUME = ("arch", "img_size", "num_spatial_blocks", "batch_size")
+
+
+def check_unchanged(saved, cfg, path):
+    """ConfigError when ``cfg`` changes a key of FIXED_ON_RESUME that the checkpoint's config ``saved`` records,
+    before its weights are loaded (another arch said as such, not as keys that differ)."""
+    changed = [key for key in FIXED_ON_RESUME if key in saved and saved[key] != getattr(cfg, key)]
+    if changed:
+        why = "the model" if "batch_size" not in changed else "the schedule counts steps of that batch" \
+            if changed == ["batch_size"] else "the model; the schedule counts steps of that batch"
+        values = ", ".join(f"{key} {saved[key]} (now {getattr(cfg, key)})" for key in changed)
+        raise ConfigError(f"--resume {path}: the run was trained with {values}, which a resumed run keeps ({why}): "
+                          "resume with those values (--resume without --config reads the run's own config.yaml), or "
+                          f"start a new run from its weights with --pretrained {path} in a new --output-dir")
 
 
 def set_schedule(optimizer, scheduler, steps):

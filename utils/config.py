@@ -504,9 +504,10 @@ def build_parser(script, defaults=None):
                                  "wsol curves and overlays, once the new evaluation is complete); without it "
                                  "such a folder is refused")
     else:
-        parser.add_argument("--config", metavar="FILE", help="YAML file of config keys (default: " + (
-            f"config/{DEMO_CONFIG} without --data-root, else config/{spec.defaults})" if script == "train"
-            else f"config/{spec.defaults})"))
+        parser.add_argument("--config", metavar="FILE", help="YAML file of config keys (default: with --resume, the "
+                            "run's config.yaml; else " + (
+                                f"config/{DEMO_CONFIG} without --data-root, config/{spec.defaults} with it)"
+                                if script == "train" else f"config/{spec.defaults})"))
         parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                             help="continue a run: from PATH, or from <output-dir>/checkpoints/last.pth when no PATH")
         parser.add_argument("--overwrite", action="store_true",
@@ -609,11 +610,25 @@ def _default_config(script, data_root):
     return CONFIG_DIR / SCRIPTS[script].defaults
 
 
+def _run_config(cli, default_config, script, values):
+    """The config.yaml of the run a --resume without --config continues (its --output-dir's, else that of the
+    run whose checkpoint it names), so that it goes on with its own settings; None when there is none."""
+    resume = cli.get("resume")
+    if resume is None:
+        return None
+    output_dir = cli.get("output_dir") or _read(default_config, script)[0].get("output_dir", values["output_dir"])
+    candidates = [Path(output_dir) / "config.yaml"]
+    if resume != "auto":
+        candidates.append(Path(resume).resolve().parent.parent / "config.yaml")
+    return next((path for path in candidates if path.is_file()), None)
+
+
 def parse_config(argv=None, script="train"):
     """The resolved configuration of ``script`` (train, train_imagenet, evaluate, evaluate_imagenet): defaults <
-    config file < flags. The training scripts read ``--config`` or, without it, their config file of defaults
-    (said on stdout); the evaluators read ``--config`` over theirs. Returns an ``argparse.Namespace`` of the
-    script's keys plus ``config``, ``ignored_config_keys`` (keys of --config the script does not read),
+    config file < flags. The training scripts read ``--config`` or, without it, the resumed run's config.yaml
+    (with --resume) or their config file of defaults (said on stdout); the evaluators read ``--config`` over
+    theirs. Returns an ``argparse.Namespace`` of the script's keys plus ``config``, ``ignored_config_keys`` (keys
+    of --config the script does not read),
     ``from_file`` ({key read from it: the file, --config or its base}) and ``overwrite``, and for training
     ``resume`` and ``local_rank``."""
     values = script_defaults(script)
@@ -626,8 +641,11 @@ def parse_config(argv=None, script="train"):
     ignored, config = [], cli.get("config")
     if script in TRAINERS and config is None:
         config = _default_config(script, cli.get("data_root"))
+        own = _run_config(cli, config, script, values)
         if os.environ.get("RANK", "0") == "0":
-            print(f"no --config: using config/{config.name}", flush=True)
+            print(f"no --config: using {own} (the resumed run's own)" if own else f"no --config: using "
+                  f"config/{config.name}", flush=True)
+        config = own or config
     read, from_file = {}, {}
     if config is not None:
         read, ignored, from_file = _read(config, script)

@@ -98,12 +98,33 @@ class StopAtOnce(StopSignals):
     once with the command that continues it (a plain SIGTERM ends it without a word). Each process acts on its
     own signal, with no agreement: every process must receive it (SLURM and torchrun send it to all)."""
 
+    active = []  # the instances entered, innermost last (see :func:`work_complete`)
+
     def __init__(self, message, signals=STOP_SIGNALS):
         super().__init__(signals)
         self.message = message
+        self.complete = False
+
+    def __enter__(self):
+        StopAtOnce.active.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        StopAtOnce.active.remove(self)
+        return super().__exit__(*exc)
 
     def _handle(self, signum, frame):
+        if self.complete:  # the work is kept: a signal now would only say, falsely, that nothing was
+            self.received = self.received or signum
+            return
         raise Preempted(self.message(signal_name(signum)), signum)
+
+
+def work_complete():
+    """Said by a job about to keep its results (e.g. moving its outputs in place): from now on a stop signal
+    no longer stops the :class:`StopAtOnce` blocks around it, so that the job ends as finished."""
+    for stop in StopAtOnce.active:
+        stop.complete = True
 
 
 @contextlib.contextmanager
@@ -120,6 +141,16 @@ def exit_when_stopped(is_main, interrupted):
         if is_main:
             _logger.warning("%s", interrupted())
         raise SystemExit(130) from None
+
+
+@contextlib.contextmanager
+def stopped_as_said(message, is_main=True):
+    """For a job that keeps nothing until it ends (an evaluation, predictions, an export): a stop signal raises
+    at once, so that its cleanup runs, and the job ends with the line ``message; stopped by SIGTERM`` (Ctrl-C:
+    ``message; interrupted``) and the status of a stopped process (:func:`exit_when_stopped`)."""
+    with exit_when_stopped(is_main, lambda: f"{message}; interrupted"), \
+            StopAtOnce(lambda name: f"{message}; stopped by {name}"):
+        yield
 
 
 def ignore_stop_signals():
