@@ -207,11 +207,12 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
         _logger.info("--eval-protocol auto: %s (%s)", protocol, {"sat": "the data has boxes", "wsol": "masks only",
                                                                 "cls": "neither boxes nor masks"}[protocol])
     arch = meta["arch"]
-    _logger.info("evaluating %s (%s, %d classes, input %d) on %d images of %s, protocol %s, views %s, "
-                 "threshold %g%s, %s", args.checkpoint, arch, model.num_classes, img_size, len(loader.dataset), root,
-                 protocol, "+".join(views.names), args.threshold,
-                 f" (searching {args.thresholds} for best_threshold)" if args.thresholds else "",
-                 describe(info.device, args.amp))
+    thresholds = "the wsol map thresholds 0, 0.01, ..., 0.99" if protocol == "wsol" else \
+        f"threshold {args.threshold:g}" + (f" (searching {args.thresholds} for best_threshold)" if args.thresholds
+                                           else "")
+    _logger.info("evaluating %s (%s, %d classes, input %d) on %d images of %s, protocol %s, views %s, %s, %s",
+                 args.checkpoint, arch, model.num_classes, img_size, len(loader.dataset), root, protocol,
+                 "+".join(views.names), thresholds, describe(info.device, args.amp))
     if args.save_boxes and protocol == "wsol":
         raise ConfigError("--save-boxes writes the sat protocol's boxes: use --eval-protocol both (or sat / cls)")
     start = time.perf_counter()
@@ -406,8 +407,12 @@ def match_classes(dataset, model, meta, checkpoint):
         mapping = [index[name] for name in dataset.classes]
         dataset.items = [dataclasses.replace(item, label=mapping[item.label]) for item in dataset.items]
         dataset.classes = list(names)
-        _logger.warning("the data has %d of the checkpoint's %d classes: evaluating on that class subset, labels "
-                        "matched by name", len(mapping), len(names))
+        if len(mapping) == len(names):
+            _logger.warning("the data has the checkpoint's %d classes in another order: labels matched by name",
+                            len(names))
+        else:
+            _logger.warning("the data has %d of the checkpoint's %d classes: evaluating on that class subset, labels "
+                            "matched by name", len(mapping), len(names))
         return "name"
     if dataset.num_classes > model.num_classes:
         extra = dataset.classes[model.num_classes:][:3]

@@ -254,6 +254,16 @@ def test_class_subset_and_foreign_classes(cub, tmp_path, caplog, keep_logging):
         record = main(["--checkpoint", str(renamed), *common])
     assert "data '001.Ringed_Disc' vs checkpoint 'a'" in caplog.text and record["labels_matched_by"] == "index"
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["labels_matched_by"] == "index"
+    reordered = tmp_path / "reordered.pth"  # the data's classes in another order: said as such (not a 'subset')
+    ckpt = torch.load(save_nano_checkpoint(tmp_path / "three.pth"), weights_only=True)
+    ckpt["class_names"] = ckpt["class_names"][::-1]
+    torch.save(ckpt, reordered)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        record = main(["--checkpoint", str(reordered), *common])
+    assert "the data has the checkpoint's 3 classes in another order: labels matched by name" in caplog.text
+    assert "subset" not in caplog.text and record["labels_matched_by"] == "name"
+    assert list(record["per_class"]) == ckpt["class_names"]
 
 
 def test_official_format_checkpoint_needs_no_arch_and_nan_maps_are_one_line(cub, tmp_path, capsys, keep_logging):

@@ -1,5 +1,6 @@
 """SAT model: official-checkpoint equivalence, registration, pretrained files, attention paths, errors."""
 import os
+import re
 import subprocess
 import sys
 
@@ -295,7 +296,7 @@ def test_not_a_checkpoint_names_the_file(tmp_path):
     (bytes(range(7, 256)) * 64, "not a torch.save file (neither a zip archive nor a pickle)"),
     (b"", "the file is empty"),
     (b"\x80\x04\x95" + bytes(64), "a pickle that a safe load cannot read: not written by torch.save, or holding "
-                                  "more than tensors and plain containers ("),  # (torch's reason)
+                                  "more than tensors, plain containers and numbers ("),  # (torch's reason)
 ])
 def test_unreadable_checkpoint_says_what_the_file_is_not_and_never_to_load_it_unsafely(tmp_path, content, what):
     path = tmp_path / "download.pth"
@@ -304,6 +305,28 @@ def test_unreadable_checkpoint_says_what_the_file_is_not_and_never_to_load_it_un
         read_checkpoint(path)
     assert str(err.value).startswith(f"{path} is not a readable checkpoint: {what}")
     assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_checkpoints_holding_training_args_and_numpy_numbers_load(tmp_path):
+    """As DeiT's main.py saves them (args: an argparse.Namespace) or with a threshold as np.float64: read (they
+    were called 'cut short or damaged'); a class beyond those is refused as what it is, the file not run."""
+    import argparse
+    import pathlib
+    import numpy as np
+    model = build_model(NANO, num_classes=3)
+    path = tmp_path / "deit_style.pth"
+    torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=5e-4, model="deit"),
+                "best_thr": np.float64(0.35), "epoch": np.int64(7)}, path)
+    rebuilt, meta = build_model_from_checkpoint(path)
+    assert meta["args"].lr == 5e-4 and float(meta["best_thr"]) == 0.35 and rebuilt.num_classes == 3
+    torch.save({"model": model.state_dict(), "data": pathlib.PurePosixPath("data")}, path)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    assert re.fullmatch(re.escape(f"{path} is not a readable checkpoint: a torch.save archive holding more than "
+                                  "tensors, plain containers and numbers (Unsupported global: GLOBAL pathlib.")
+                        + r"(_local\.)?" + re.escape("PurePosixPath was not an allowed global by default), which the "
+                                                     "safe load used here does not rebuild: save its weights alone, "
+                                                     "e.g. torch.save({'model': state_dict}, path)"), str(err.value))
 
 
 def test_state_dict_layout_and_module_prefixes_load(tmp_path):

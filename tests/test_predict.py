@@ -331,3 +331,17 @@ def test_photos_are_turned_as_their_exif_orientation_says(tmp_path):
     x0, y0, x1, y1 = pred["box"]
     assert 0 <= x0 <= x1 <= 40 and 0 <= y0 <= y1 <= 60
     assert Image.open(pred["overlay"]).size[1] > Image.open(pred["overlay"]).size[0]  # portrait, as shown
+
+
+def test_a_checkpoint_without_a_threshold_gets_the_evaluators_default_said(tmp_path, capsys):
+    """Official ImageNet files record best_thr 0: a 1000-class model is boxed at evaluator_ImageNet.py's 0.3 (it
+    was 0.4, silently), others at evaluator.py's 0.4."""
+    image = tmp_path / "a.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(image)
+    for classes, threshold, script in ((1000, 0.3, "evaluator_ImageNet.py"), (3, 0.4, "evaluator.py")):
+        checkpoint = save_nano_checkpoint(tmp_path / f"c{classes}.pth", num_classes=classes, best_thr=0)
+        record = predict_main(["--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / f"o{classes}"),
+                               "--device", "cpu", str(image)])
+        assert record["threshold"] == threshold
+        assert f"{checkpoint} records no map threshold (best_thr 0): using {threshold}, {script}'s default" in \
+            capsys.readouterr().err

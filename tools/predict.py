@@ -28,7 +28,7 @@ from DataLoader.eval_views import EvalViews  # noqa: E402
 from DataLoader.formats.folder import is_image_file  # noqa: E402
 from utils.boxes import centre_offset, coco_detections, crop_box_to_original, sat_boxes, sat_map  # noqa: E402
 from Model import build_model_from_checkpoint  # noqa: E402
-from utils.config import FIELDS, OneLineParser, at_least  # noqa: E402
+from utils.config import FIELDS, SCRIPTS, OneLineParser, at_least, script_defaults  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
 from utils.outputs import (PARTIAL, FolderLock, Staged, check_output_file, partial_name,  # noqa: E402
@@ -112,6 +112,19 @@ def discard_leftovers(output_dir, inputs):
             path.unlink()
 
 
+def recorded_threshold(path, meta, num_classes):
+    """The map threshold the checkpoint records (best_thr, selected in training), else the evaluators' default
+    for a model of ``num_classes`` (ImageNet's for 1000 classes; official ImageNet files record best_thr 0),
+    said in a line."""
+    if meta.get("best_thr"):
+        return float(meta["best_thr"])
+    script = "evaluate_imagenet" if num_classes == 1000 else "evaluate"
+    threshold = script_defaults(script)["threshold"]
+    print(f"{path} records no map threshold (best_thr {meta.get('best_thr')}): using {threshold}, "
+          f"{SCRIPTS[script].file}'s default", file=sys.stderr)
+    return threshold
+
+
 def _unique_png(output_dir, stem, used, free):
     """A new PNG path in ``output_dir``: never a file already there (an input image may live in it) unless
     it is in ``free`` (an earlier run's overlay, replaced)."""
@@ -135,7 +148,8 @@ def main(argv=None):
     parser.add_argument("--arch", help="architecture (default: recorded in the file, or read off its weights' shapes)")
     parser.add_argument("--num-classes", type=int, help="classes (default: read off the head's shape)")
     parser.add_argument("--threshold", type=FIELDS["threshold"].parse,
-                        help="localization threshold (default: the checkpoint's best_thr, else 0.4)")
+                        help="localization threshold (default: the checkpoint's best_thr, else the evaluators' "
+                             "default: evaluator_ImageNet.py's for a 1000-class model, evaluator.py's for others)")
     parser.add_argument("--resize-size", type=at_least(1),
                         help="resize before the centre crop (default: the checkpoint's training setting, "
                              "else 256/224 x the input size)")
@@ -169,7 +183,8 @@ def main(argv=None):
     img_size = int(model.patch_embed.img_size[0])
     view = EvalViews("sat", tencrop=False, img_size=img_size,
                      resize_size=args.resize_size or (meta.get("config") or {}).get("resize_size"))
-    threshold = args.threshold if args.threshold is not None else float(meta.get("best_thr") or 0.4)
+    threshold = args.threshold if args.threshold is not None else recorded_threshold(args.checkpoint, meta,
+                                                                                      model.num_classes)
     names = meta.get("class_names") or [str(k) for k in range(model.num_classes)]
     staged = Staged()  # the new files, moved in place of the previous ones once every image is predicted
     stopped = f"stopped: no predictions written (the outputs in {output_dir} are as they were)"

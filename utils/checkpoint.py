@@ -7,6 +7,8 @@ Official release files are legacy ``torch.save`` dicts ``{'model', 'best_thr', '
 model (``arch``, ``num_classes``, ``img_size``, ``model_kwargs``, ``class_names``) and the config; ``last.pth``
 also the training state. ``epoch`` counts completed epochs.
 """
+import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -66,6 +68,23 @@ def _os_error_in(err):
     return None
 
 
+def plain_globals():
+    """Values many checkpoints hold beside their tensors, which a safe load may rebuild (they run no code of
+    the file): numpy scalars and dtypes (e.g. a best threshold saved as np.float64) and argparse.Namespace (the
+    training arguments, as DeiT's main.py saves them)."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray.scalar, np.dtype, argparse.Namespace,
+            *{type(np.dtype(code)) for code in np.typecodes["All"]}]
+
+
+def _allowing(safe):
+    """A context in which torch.load(weights_only=True) rebuilds ``safe`` too (torch < 2.5: added for good)."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(safe)
+    torch.serialization.add_safe_globals(safe)
+    return contextlib.nullcontext()
+
+
 ZIP_HEADER = b"PK\x03\x04"  # torch.save's archive; the legacy format is a pickle (first byte 0x80)
 
 
@@ -77,16 +96,19 @@ def _unreadable(path, err):
     text = str(err).strip()
     if not head:
         return "the file is empty"
+    refused = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    reason = f" ({refused.group(1).strip().split('. ')[0]})" if refused else ""
+    holding = "holding more than tensors, plain containers and numbers"
+    if head == ZIP_HEADER and refused and re.search(r"global|Can only build", refused.group(1)):
+        return (f"a torch.save archive {holding}{reason}, which the safe load used here does not rebuild: save "
+                "its weights alone, e.g. torch.save({'model': state_dict}, path)")
     if head == ZIP_HEADER:
         detail = text.split(". ")[0].removeprefix("PytorchStreamReader failed reading zip archive: ")
         return f"a torch.save archive cut short or damaged, as by an interrupted write or copy ({detail})"
     if head[:1] != b"\x80":
         return "not a torch.save file (neither a zip archive nor a pickle)"
     if "weights_only" in text:
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        return ("a pickle that a safe load cannot read: not written by torch.save, or holding more than tensors "
-                "and plain containers"
-                + (f" ({detail.group(1).strip()})" if detail else ""))
+        return f"a pickle that a safe load cannot read: not written by torch.save, or {holding}{reason}"
     return f"a pickle cut short or damaged ({type(err).__name__}{': ' + text.splitlines()[0] if text else ''})"
 
 
@@ -106,7 +128,8 @@ def read_checkpoint(path, what="checkpoint") -> Dict[str, Any]:
                 from safetensors.torch import load_file  # a dependency of timm
                 ckpt = load_file(path, device="cpu")
             else:
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+                with _allowing(plain_globals()):
+                    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for non-checkpoint files
         raise CheckpointError(f"{path} is not a readable checkpoint: {_unreadable(path, err)}") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
