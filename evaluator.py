@@ -25,6 +25,8 @@ from DataLoader.build import build_dataset
 from DataLoader.check import check_split
 from DataLoader.eval_loader import build_eval_loader, resolve_data, resolve_protocol
 from DataLoader.eval_views import EvalViews, views_of
+from DataLoader.gpu_decode import warn_on_cpu
+from DataLoader.loader import check_workers
 from Model import build_model_from_checkpoint
 from utils.amp import describe
 from utils.boxes import coco_detections
@@ -196,6 +198,10 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
         return loader, match_classes(loader.dataset, model, meta, args.checkpoint)
 
     model, meta = run_everywhere(load_model)
+    if info.is_main:
+        check_workers(args.workers)
+        if args.gpu_decode:
+            warn_on_cpu(info.device)
     img_size = int(model.patch_embed.img_size[0])
     resize_size = args.resize_size or (meta.get("config") or {}).get("resize_size")
     fmt, root = resolve_data(getattr(args, "data_format", "imagenet"), args.data_root, imagenet, info.is_main)
@@ -236,7 +242,7 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
               "labels_matched_by": labels_matched_by, "img_size": img_size, "resize_size": views.resize_size,
               "data_format": fmt, "data_root": os.path.abspath(root), "split": split,
               "eval_protocol": protocol, "views": list(views.names), "tencrop": views.tencrop,
-              "precision": describe(info.device, args.amp), "compile": args.compile,
+              "precision": describe(info.device, args.amp), "compile": args.compile, "gpu_decode": args.gpu_decode,
               "search_thresholds": searched_thresholds(args, protocol), **metrics}
     work_complete()  # every process: a stop signal from now on lets the outputs be kept
     if info.is_main:

@@ -27,7 +27,9 @@ from DataLoader.check import check_splits
 from DataLoader.device_transforms import on_device
 from DataLoader.eval_loader import build_eval_loader, resolve_data, split_annotations
 from DataLoader.eval_views import default_resize_size, views_of
+from DataLoader.gpu_decode import warn_on_cpu
 from DataLoader.image_cache import attach_image_cache
+from DataLoader.loader import check_workers
 from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
 from Model import SATLoss, build_model, checkpoint_weights
 from Model.losses import area_span
@@ -122,6 +124,10 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
                  "" if cfg.val_split else " (no --val-split: as the official code does)")
     if cfg.images_per_class and info.is_main:
         log_short_classes(train_set, cfg.images_per_class)
+    if info.is_main:
+        check_workers(cfg.workers)
+        if cfg.gpu_decode:
+            warn_on_cpu(info.device)
     check_data(cfg, info, train_set, {selection_split: selection_loader.dataset, "test": test_loader.dataset})
 
     # model, loss, optimizer and learning-rate schedule
@@ -292,8 +298,9 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
     test_loader = selection_loader if not cfg.val_split and not tencrop else \
         eval_loader("test", plan.protocol, tencrop=tencrop)
     if cfg.cache_images:
+        said = set()  # the selection and test loaders of one split share its cache: said once
         for dataset in dict.fromkeys(loader.dataset for loader in (train_loader, selection_loader, test_loader)):
-            attach_image_cache(dataset, Path(cfg.output_dir) / IMAGE_CACHE)
+            attach_image_cache(dataset, Path(cfg.output_dir) / IMAGE_CACHE, said)
     return train_loader, selection_loader, test_loader, plan
 
 
@@ -481,7 +488,7 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, 
     tencrop = cfg.tencrop and plan.classifies_official_view
     results = {"checkpoint": str(best_path), "epoch": meta["epoch"], "selection": meta["selection"], "split": "test",
                "eval_protocol": plan.protocol, **({"threshold": cfg.threshold} if sat else {}),
-               "tencrop": tencrop, "precision": "fp32",
+               "tencrop": tencrop, "precision": "fp32", "train_precision": describe(info.device, cfg.amp),
                **{key: metrics[key] for key in recorded_keys(metrics, plan)},
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if cfg.report_best_threshold and sat:

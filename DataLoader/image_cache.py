@@ -109,11 +109,12 @@ def cache_name(dataset, size):
     return f"{socket.gethostname()}-{digest.hexdigest()[:16]}_{size}px.cache"
 
 
-def attach_image_cache(dataset, folder):
+def attach_image_cache(dataset, folder, said=None):
     """Give ``dataset`` (a WSOLDataset) an ImageCache under ``folder`` when its transform reads only the
     ``Resize((R, R))`` of each image (TrainPixels, EvalPixels of protocol sat / cls); returns the cache,
     or None (logged) for a transform that needs the original image (the wsol view of the whole image) or its
-    file (``gpu_decode``), or when the disk has no room for it (a warning; the run goes on uncached)."""
+    file (``gpu_decode``), or when the disk has no room for it (a warning; the run goes on uncached). ``said``:
+    the cache files logged already (two loaders of one split share one), to which this one is added."""
     resize_size = getattr(dataset.transform, "cache_size", None)
     if resize_size is None:
         why = "--gpu-decode decodes on the device" if getattr(dataset.transform, "gpu_decode", False) else \
@@ -133,6 +134,10 @@ def attach_image_cache(dataset, folder):
                         folder, free / 1e9, needed / 1e9)
         return None
     dataset.cache = ImageCache(path, len(dataset), resize_size)
+    if said is not None:
+        if path in said:
+            return dataset.cache
+        said.add(path)
     _logger.info("cache_images: %d images at %dx%d in %s (%.1f GB when full, %d cached)", len(dataset), resize_size,
                  resize_size, dataset.cache.path, dataset.cache.nbytes / 1e9, dataset.cache.num_cached())
     return dataset.cache

@@ -1,11 +1,15 @@
 """Batching: the collate function, the loader that spreads each batch over the workers, and its factory."""
 import hashlib
+import logging
 import random
 import traceback
+import warnings
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
+
+from utils.distributed import cpu_share
 
 from .background import Background
 from .dataset import Skipped
@@ -15,6 +19,20 @@ from .sampler import ResumableSampler
 MIN_PART = 4  # images per worker task, at least: smaller slices cost more in overhead than they save
 PREFETCH_BATCHES = 4  # slices each worker loads ahead: with one slice of each batch per worker, 4 batches
 READY_BATCHES = 2  # joined batches waiting for the caller
+
+
+# PyTorch's own note on more workers than CPUs is a multi-line warning on every loader: check_workers says it once
+warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+
+
+def check_workers(workers):
+    """One warning when ``workers`` (per process) exceed this process's share of the CPUs: they then share them,
+    and fewer may load faster."""
+    share = cpu_share()
+    if workers > share:
+        logging.getLogger("sat").warning(
+            "--workers %d: this process has %d CPU(s) (those it may run on, over the machine's processes), which "
+            "the workers share; %d or fewer may load faster", workers, share, share)
 
 
 def collate_samples(samples):

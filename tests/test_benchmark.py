@@ -38,6 +38,7 @@ def test_eval_benchmark_reports_box_cost():
     assert result["images_per_second"] > 0 and result["box_ms_per_image"] > 0
     assert result["thresholds"] == [0.3, 0.35, 0.4, 0.45]
     assert "box_ms_per_image" not in run("--mode", "eval", "--protocol", "wsol")  # a sat protocol cost
+    assert run("--mode", "eval", "--warmup", "0")["images_per_second"] > 0  # (no warm-up: 'no images accumulated')
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -49,12 +50,21 @@ def test_eval_benchmark_reports_box_cost():
     (["--thresholds", "2"], "--thresholds: expected a number in [0, 1], got '2'"),
     (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
     (["--arch", "foo"], "unknown arch 'foo'"),
+    (["--batch-parts", "0"], "--batch-parts: expected an integer >= 1, got '0'"),
 ])
 def test_bad_flags_are_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda argv: run(*argv), flags)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_data_with_more_classes_than_the_head_is_one_line(tmp_path, capsys):
+    root = make_demo_dataset(tmp_path / "cub", num_classes=4, train_per_class=2, test_per_class=1, image_size=64)
+    with pytest.raises(SystemExit):  # (an IndexError in the loss)
+        run_cli(lambda argv: run(*argv), ["--mode", "train", "--data-root", str(root), "--workers", "0"])
+    assert capsys.readouterr().err == f"error: --num-classes 3: the data at {root} has 4 classes; pass " \
+                                      "--num-classes 4\n"
 
 
 def test_short_batches_count_the_images_they_hold(tmp_path):

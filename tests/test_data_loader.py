@@ -201,3 +201,16 @@ def test_slices_of_a_resumed_epoch_form_its_batches(drop_last):
         batches[parts] = [b["index"] for b in loader]
         assert len(loader) == len(batches[parts])
     assert batches[3] == batches[1] and [len(b) for b in batches[3]] == ([12] if drop_last else [12, 6])
+
+
+def test_more_workers_than_cpus_is_one_warning_of_ours(monkeypatch, caplog):
+    """PyTorch's multi-line note (per loader) gives way to one line per script (train.py, the evaluators)."""
+    import logging
+    from DataLoader import loader as loader_module
+    monkeypatch.setattr(loader_module, "cpu_share", lambda: 2)
+    with caplog.at_level(logging.WARNING, logger="sat"):
+        loader_module.check_workers(2)
+        assert caplog.text == ""
+        loader_module.check_workers(14)
+    assert "--workers 14: this process has 2 CPU(s) (those it may run on, over the machine's processes), which " \
+           "the workers share; 2 or fewer may load faster" in caplog.text

@@ -275,6 +275,6 @@ def test_box_pool_processes_are_forked_from_a_server_that_imported_torch():
 def test_box_processes_default_scales_on_gpu_machines_only(monkeypatch, device, cpus, local, expected):
     """README (Performance): on a GPU machine a thread pool halves the evaluation rate (GIL); CPU runs keep
     threads; the processes of one node share its CPUs."""
-    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))  # the CPUs this process may use
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
     assert default_box_processes(device) == expected

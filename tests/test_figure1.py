@@ -67,7 +67,7 @@ def fake_run(folder, images_per_class, trainable, params, loc):
     (folder / "results.json").write_text(json.dumps({"gt_known_loc": loc, "trainable_params": params}))
 
 
-def test_collect_and_draw(tmp_path):
+def test_collect_and_draw(tmp_path, capsys):
     """A real tiny training run (--trainable last:1) and fake ImageNet-sized results, collected and drawn."""
     runs = tmp_path / "runs"
     data = make_demo_dataset(tmp_path / "data", num_classes=3, train_per_class=4, test_per_class=2, image_size=64)
@@ -84,8 +84,11 @@ def test_collect_and_draw(tmp_path):
     for k, params, loc in ((3, 8_781_928, 72.0), (0, 3_458_536, 71.1)):
         fake_run(runs / f"last_{k}", None, f"last:{k}", params, loc)
     png = tmp_path / "figure1.png"
+    capsys.readouterr()  # the training's progress bars
     rows = figure1.main(["collect", str(runs), "--output", str(png)])
     assert len(rows) == 7
+    assert capsys.readouterr().err == "warning: 1 run(s) not trained on ImageNet, drawn beside the paper's " \
+                                      "ImageNet points: tiny_last_1 (cub)\n"  # (they were drawn without a word)
     table = json.loads((runs / "figure1.json").read_text())
     assert table["shots"] == [[1, 70.1], [3, 71.2], [10, 72.5], [None, 73.0]]
     assert table["params_m"] == [[tiny["trainable_params"] / 1e6, tiny["gt_known_loc"]], [3.458536, 71.1],
@@ -94,6 +97,10 @@ def test_collect_and_draw(tmp_path):
     assert image.shape == (440, 960, 3)
     for bgr in (figure1.OURS, figure1.PAPER):  # both curves are drawn
         assert ((image == bgr).all(axis=2)).sum() > 100
+    fake_run(runs / "full_again", None, "all", 25_123_432, 72.8)
+    figure1.main(["collect", str(runs), "--output", str(png)])
+    assert "warning: full and full_again are the same point of the sweep (images_per_class None, trainable all): " \
+           "both are drawn\n" in capsys.readouterr().err
 
 
 def test_collect_names_a_results_file_without_parameter_count(tmp_path):

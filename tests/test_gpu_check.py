@@ -10,6 +10,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO_ROOT
@@ -177,6 +178,20 @@ def test_cli_writes_the_markdown_table_and_its_json(runs, tmp_path):
     assert len(saved["rows"]) == 13 and saved["note"] == "quick."
 
 
+def test_quick_rows_meet_no_target_and_a_table_of_failed_runs_fails(runs, tmp_path):
+    """--quick measures the plumbing: no 'met: yes' (a 6 s nano run met the 2-minute goal); at a script's end, a
+    table whose every run failed is an error (the scripts exited 0 with a table of 'not run')."""
+    table = [sys.executable, "tools/gpu_table.py", "check", str(runs)]
+    out = subprocess.run([*table, "--quick", "--final"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "| yes |" not in out.stdout and "| n/a (--quick) |" in out.stdout
+    for name in runs.iterdir():
+        if name.name not in ("env.json", "pytest.txt"):
+            shutil.rmtree(name) if name.is_dir() else name.unlink()
+    out = subprocess.run([*table, "--final"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.strip() == (f"error: no row was measured: every run failed (their "
+                                                          f"output: {runs}/*/stdout.txt, {runs}/*.err)")
+
+
 def test_each_run_leaves_the_table_so_far_and_the_runs_small_files(runs, tmp_path):
     """gpu_lib.sh's ``run`` ends with ``snapshot``: a script stopped at a time limit keeps what it measured."""
     (runs / "train_pil_fp32" / "checkpoints").mkdir(exist_ok=True)
@@ -222,12 +237,33 @@ def test_scripts_stop_at_once_when_requirements_are_not_met(tmp_path, script):
     assert (tmp_path / "out" / f"{script[:-3]}.log").read_text() == out.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA GPU")
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_record.sh"])
+def test_scripts_stop_at_once_without_a_cuda_gpu(tmp_path, script):
+    """--device cuda (the default) where torch sees no GPU: every run would fail (they ran 5 minutes, wrote
+    1.2 GB of data and exited 0)."""
+    out = subprocess.run(["bash", str(REPO_ROOT / "tools" / script), "--work", str(tmp_path / "work")],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OUT": str(tmp_path)})
+    assert out.returncode == 2 and "error: --device cuda, but torch " in out.stdout
+    assert "sees no CUDA GPU: run this on a GPU machine, or with --device cpu --quick" in out.stdout
+    assert not (tmp_path / "work" / "data").exists() and "## data" not in out.stdout
+
+
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_record.sh"])
 def test_scripts_parse_and_refuse_unknown_options(script):
     path = REPO_ROOT / "tools" / script
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
     out = subprocess.run(["bash", str(path), "--nope"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "unknown option --nope" in out.stderr
+    for flags, message in ((["--timeout"], "error: --timeout needs a value (see --help)"),
+                           (["--work", "--quick"], "error: --work needs a value (see --help)"),
+                           (["--device", "gpu"], "error: --device gpu: expected cuda or cpu")):
+        out = subprocess.run(["bash", str(path), *flags], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and out.stderr.strip() == message, (flags, out.stderr)
+    if script == "gpu_record.sh":
+        out = subprocess.run(["bash", str(path), "--parts", "cub,cbu"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2
+        assert out.stderr.strip() == "error: --parts: unknown part cbu (cub, imagenet, accuracy)"
     out = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, timeout=30)
     header = path.read_text().split("\nset -u\n")[0].splitlines()[1:]  # the comment under the shebang, whole
     assert out.returncode == 0 and out.stdout.splitlines() == header and "# Options: --device" in out.stdout

@@ -87,6 +87,7 @@ def test_train_py_end_to_end(data_root, tmp_path):
     assert results["epoch"] == meta["epoch"] == last["best"]["best.pth"]["epoch"]
     assert (results["threshold"], results["tencrop"], results["precision"], results["num_images"]) == \
         (0.4, True, "fp32", 12)
+    assert results["train_precision"] == "fp32"  # (TINY: --device cpu, amp false)
     section = results["at_best_threshold"]  # as the evaluators' metrics.json holds it
     assert section["chosen_on"] == "test" and results["best_threshold"] in saved["eval_thresholds"]
     # The top level is what the evaluator CLI reports for best.pth with its defaults (CUB: 0.4, ten-crop, fp32).

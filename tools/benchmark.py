@@ -31,10 +31,11 @@ batches per worker (a plain DataLoader, the official code) instead of one slice 
 ``--image-ms`` of waiting in a worker (a stand-in for decoding: waiting, so that ``--workers`` workers run side
 by side even on a 2-core machine) are consumed by a loop that waits ``--step-ms`` per batch (a stand-in for the
 training step). It reports one pass's rate (the second: workers started) with whole batches per worker and
-with slices (``--batch-parts``, default: as train.py), each as a ratio of the step-only rate. The defaults are
-the H200 runs of docs/performance.md, "Measured on GPUs": 14 workers, batches of 256, the fp32 DeiT-S step
-(215 ms), 4,000 images, and 3.7 ms per image and worker, the value for which whole batches give the measured 913
-images/s.
+with slices (``--batch-parts``, default: as train.py), each as a ratio of the step-only rate. The defaults of
+``--step-ms``, ``--images`` and ``--image-ms`` are those of the H200 runs of docs/performance.md, "Measured on
+GPUs": the fp32 DeiT-S step (215 ms), 4,000 images, and 3.7 ms per image and worker, the value for which whole
+batches give the measured 913 images/s; their loader also needs ``--workers 14 --batch-size 256`` (the
+defaults, 4 and 16, are the other modes').
 
 ``--mode check --data-root DIR`` times the check of a split before training (DataLoader/check.py) on the first
 ``--images`` items of ``--split``: the header alone (what tools/check_dataset.py read before), the default check
@@ -72,7 +73,7 @@ from Model.sat import ATTENTION_IMPLS  # noqa: E402
 from utils.amp import LossScaler, autocast_context, describe  # noqa: E402
 from utils.config import FIELDS, OneLineParser, at_least  # noqa: E402
 from utils.engine import CompiledFullBatches, evaluate, forward_in_parts, train_one_epoch  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
+from utils.errors import ConfigError, run_cli  # noqa: E402
 from utils.metrics import TRAIN_THRESHOLDS, SATLocAccumulator  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -112,7 +113,7 @@ def parse_args(argv=None):
     p.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=False,
                    help="with --data-root and --pipeline device: decode and resize on the device (train.py / "
                         "evaluator.py --gpu-decode)")
-    p.add_argument("--batch-parts", type=int, default=None, metavar="N",
+    p.add_argument("--batch-parts", type=at_least(1), default=None, metavar="N",
                    help="with --data-root: workers loading each batch (default: as train.py, one slice per "
                         "worker; 1: whole batches, as a plain DataLoader)")
     p.add_argument("--time-pass", action="store_true",
@@ -310,7 +311,8 @@ def run_eval(args, model, device, batches=None):
                                               args.num_classes, views.num_views, gen, pin=device.type == "cuda"))
     kwargs = dict(device=device, thresholds=args.thresholds, views=views, amp=args.amp, progress=False,
                   box_processes=args.box_processes, compile=args.compile)
-    evaluate(Take(batches, args.warmup), model, **kwargs)
+    if args.warmup:  # (an evaluation of no batch has nothing to score)
+        evaluate(Take(batches, args.warmup), model, **kwargs)
     sync(device)
     timed = Take(batches, args.steps)
     start = time.perf_counter()
@@ -401,12 +403,15 @@ def benchmark(args):
     if args.mode == "check":
         return run_check(args)
     device = torch.device(args.device)
+    loader = file_loader(args) if args.data_root else None
+    if loader is not None and loader.dataset.num_classes > args.num_classes:  # labels beyond the head
+        raise ConfigError(f"--num-classes {args.num_classes}: the data at {args.data_root} has "
+                          f"{loader.dataset.num_classes} classes; pass --num-classes {loader.dataset.num_classes}")
     model = bench_model(args, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run = run_train if args.mode == "train" else run_eval
     if args.data_root:
-        loader = file_loader(args)
         pass_rate = time_pass(loader, device) if args.time_pass else None
         batches = endless(loader)  # one iterator: the workers keep loading ahead
         data_rate = time_data(args, batches, device)

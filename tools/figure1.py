@@ -65,11 +65,29 @@ def collect(runs_dir):
         missing = [key for key in ("gt_known_loc", "trainable_params") if key not in results]
         if missing:
             raise DataError(f"{results_path}: no {', '.join(missing)} (a results.json of train.py expected)")
-        rows.append({"run": str(results_path.parent.relative_to(runs_dir)),
+        rows.append({"run": str(results_path.parent.relative_to(runs_dir)), "data_format": config.get("data_format"),
                      "images_per_class": config.get("images_per_class"), "trainable": config.get("trainable", "all"),
                      "trainable_params": int(results["trainable_params"]),
                      "gt_known_loc": float(results["gt_known_loc"])})
     return rows
+
+
+def doubts(rows):
+    """Warnings on what ``rows`` plot beside the paper's ImageNet points: runs on other data, and runs that are
+    the same point of the sweep (same images per class and trainable part)."""
+    lines = []
+    other = [f"{row['run']} ({row['data_format']})" for row in rows if row["data_format"] not in (None, "imagenet")]
+    if other:
+        lines.append(f"{len(other)} run(s) not trained on ImageNet, drawn beside the paper's ImageNet points: "
+                     + ", ".join(other[:3]) + (", ..." if len(other) > 3 else ""))
+    first = {}
+    for row in rows:
+        point = (row["images_per_class"], row["trainable"])
+        if point in first:
+            lines.append(f"{first[point]} and {row['run']} are the same point of the sweep (images_per_class "
+                         f"{point[0]}, trainable {point[1]}): both are drawn")
+        first.setdefault(point, row["run"])
+    return lines
 
 
 def curves(rows):
@@ -194,6 +212,8 @@ def main(argv=None):
     rows = collect(runs_dir)
     if not rows:
         raise DataError(f"{runs_dir}: no results.json found below it")
+    for line in doubts(rows):
+        print(f"warning: {line}", file=sys.stderr)
     shots, params = curves(rows)
     (runs_dir / "figure1.json").write_text(json.dumps({"runs": rows, "shots": shots, "params_m": params},
                                                       indent=1) + "\n", encoding="utf-8")

@@ -17,23 +17,24 @@
 # or has too old; the check stops at once when requirements.txt is not met). Each run is limited by `timeout`;
 # a run that fails or times out shows as "not run" in the table. The data is made while the suite runs (both use only the CPU).
 set -u
+source "$(dirname "$0")/gpu_lib.sh"
 DEVICE=cuda QUICK=0 TESTS=1 WORK=/tmp/gpu_check RUN_TIMEOUT="" SUITE_TIMEOUT=240 WHEELS=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --device) DEVICE=$2; shift 2 ;;
+    --device) value "$@"; DEVICE=$2; shift 2 ;;
     --quick) QUICK=1; TESTS=0; shift ;;
     --tests) TESTS=1; shift ;;
     --no-tests) TESTS=0; shift ;;
-    --work) WORK=$2; shift 2 ;;
-    --wheels) WHEELS=$2; shift 2 ;;
-    --timeout) RUN_TIMEOUT=$2; shift 2 ;;
-    --suite-timeout) SUITE_TIMEOUT=$2; shift 2 ;;
+    --work) value "$@"; WORK=$2; shift 2 ;;
+    --wheels) value "$@"; WHEELS=$2; shift 2 ;;
+    --timeout) value "$@"; RUN_TIMEOUT=$2; shift 2 ;;
+    --suite-timeout) value "$@"; SUITE_TIMEOUT=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+check_device
 cd "$(dirname "$0")/.." || exit 2
-source tools/gpu_lib.sh
 RUNS=$WORK/runs DATA=$WORK/data
 start_log gpu_check
 
@@ -51,6 +52,7 @@ NOTE="$NOTE; $TRAIN_N train + $TEST_N test synthetic JPEGs of $MIN_PX-$MAX_PX px
 NOTE="$NOTE CUB.yaml, 2 epochs, random init, batch $BS, $WORKERS workers. Targets: one H100-class GPU, 16 cores."
 
 T0=$(date +%s)
+QUICK_FLAG="" && [ $QUICK = 1 ] && QUICK_FLAG=--quick
 # bench NAME ARGS...: tools/benchmark.py's JSON line into RUNS/NAME.json
 bench() {
   local name=$1; shift
@@ -58,7 +60,9 @@ bench() {
   timeout "$TIMEOUT" python3 tools/benchmark.py --device "$DEVICE" --arch "$ARCH" --img-size $IMG \
       --resize-size $RESIZE --num-classes $CLASSES --steps $STEPS --warmup $WARMUP "$@" \
       > "$RUNS/$name.json" 2> "$RUNS/$name.err"
-  echo "  rc $?"; tail -c 400 "$RUNS/$name.json"; echo
+  local rc=$?
+  echo "  rc $rc"; tail -c 400 "$RUNS/$name.json"; echo
+  [ $rc = 0 ] || tail -n 2 "$RUNS/$name.err" | cut -c1-300
   snapshot
 }
 
@@ -123,5 +127,5 @@ evaluator evaluator_gpu_decode $EVAL_BS --no-tencrop --gpu-decode
 evaluator evaluator_tencrop $TENCROP_BS --tencrop
 
 t "## table"
-python3 tools/gpu_table.py check "$RUNS" --output "$OUTDIR/gpu_check.md" --note "$NOTE"
+python3 tools/gpu_table.py check "$RUNS" --output "$OUTDIR/gpu_check.md" --note "$NOTE" $QUICK_FLAG --final || exit 1
 t "done: $OUTDIR/gpu_check.md, .json, .log and gpu_check_runs.tgz"

@@ -1,6 +1,16 @@
 # Shell helpers of tools/gpu_check.sh and tools/gpu_record.sh (sourced). They expect RUNS (the folder the
 # runs write into), TIMEOUT (seconds per run) and T0 (the start, in seconds since the epoch).
 
+# value OPTION ARGS...: stops the script (exit 2) unless OPTION is followed by a value (not another option)
+value() {
+  [ $# -ge 2 ] && [ "${2#--}" = "$2" ] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
+}
+
+# check_device: stops the script (exit 2) unless DEVICE is cuda or cpu (every run would refuse another)
+check_device() {
+  case "$DEVICE" in cuda|cpu) ;; *) echo "error: --device $DEVICE: expected cuda or cpu" >&2; exit 2 ;; esac
+}
+
 # start_log NAME: OUTDIR ($OUT, else /tmp) and RUNS made, unbuffered Python, and everything from here on
 # printed and copied to OUTDIR/NAME.log; NAME gpu_check or gpu_record also names the table of ``snapshot``
 start_log() {
@@ -12,7 +22,7 @@ start_log() {
 
 # machine_env: the wheels of WHEELS (--wheels DIR: packages the GPU machine lacks, carried there) installed
 # without an index, then the machine and versions into RUNS/env.json; stops the script (exit 2) when
-# requirements.txt is not met, since every run would fail
+# requirements.txt is not met, or --device cuda finds no CUDA GPU, since every run would fail
 machine_env() {
   if [ -n "${WHEELS:-}" ]; then
     python3 -m pip install -q --no-index --no-deps "$WHEELS"/*.whl \
@@ -46,7 +56,7 @@ run() {
 # .json, and the runs' files under 3 MB (outputs, logs, metrics; no checkpoints) into OUTDIR/gpu_KIND_runs.tgz,
 # after each run: a script stopped at a time limit (a GPU machine's per-command limit) leaves what it measured
 snapshot() {
-  python3 tools/gpu_table.py "$KIND" "$RUNS" --output "$OUTDIR/gpu_$KIND.md" --note "${NOTE:-}" > /dev/null 2>&1
+  python3 tools/gpu_table.py "$KIND" "$RUNS" --output "$OUTDIR/gpu_$KIND.md" --note "${NOTE:-}" ${QUICK_FLAG:-} > /dev/null 2>&1
   (cd "$RUNS" && find . -type f -size -3M -print0 | tar czf "$OUTDIR/gpu_${KIND}_runs.tgz" --null -T -) 2> /dev/null
 }
 

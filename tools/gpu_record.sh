@@ -22,29 +22,37 @@
 # default 600), --wheels DIR (as tools/gpu_check.sh's).
 # All runs start from random weights (--pretrained false: no download).
 set -u
+source "$(dirname "$0")/gpu_lib.sh"
 DEVICE=cuda QUICK=0 SMALL_MODEL=0 SEEDS_ARG="" PARTS=cub,imagenet,accuracy COMPILE_TIME=0 OFFICIAL_TIME=0
 WORK=/tmp/gpu_record TIMEOUT=600 WHEELS=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --device) DEVICE=$2; shift 2 ;;
+    --device) value "$@"; DEVICE=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
     --small-model) SMALL_MODEL=1; shift ;;
-    --seeds) SEEDS_ARG=$2; shift 2 ;;
-    --parts) PARTS=$2; shift 2 ;;
+    --seeds) value "$@"; SEEDS_ARG=$2; shift 2 ;;
+    --parts) value "$@"; PARTS=$2; shift 2 ;;
     --compile-time) COMPILE_TIME=1; shift ;;
     --official-time) OFFICIAL_TIME=1; shift ;;
-    --work) WORK=$2; shift 2 ;;
-    --wheels) WHEELS=$2; shift 2 ;;
-    --timeout) TIMEOUT=$2; shift 2 ;;
+    --work) value "$@"; WORK=$2; shift 2 ;;
+    --wheels) value "$@"; WHEELS=$2; shift 2 ;;
+    --timeout) value "$@"; TIMEOUT=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+check_device
+for p in ${PARTS//,/ }; do
+  case "$p" in
+    cub|imagenet|accuracy) ;;
+    *) echo "error: --parts: unknown part $p (cub, imagenet, accuracy)" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.." || exit 2
-source tools/gpu_lib.sh
 RUNS=$WORK/runs
 start_log gpu_record
 T0=$(date +%s)
+QUICK_FLAG="" && [ $QUICK = 1 ] && QUICK_FLAG=--quick
 part() { case ",$PARTS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 if [ $QUICK = 1 ]; then
@@ -115,5 +123,5 @@ if part accuracy; then
 fi
 
 t "## table"
-python3 tools/gpu_table.py record "$RUNS" --output "$OUTDIR/gpu_record.md" --note "$NOTE"
+python3 tools/gpu_table.py record "$RUNS" --output "$OUTDIR/gpu_record.md" --note "$NOTE" $QUICK_FLAG --final || exit 1
 t "done: $OUTDIR/gpu_record.md, .json, .log and gpu_record_runs.tgz"

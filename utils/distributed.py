@@ -141,6 +141,12 @@ def init_distributed(device="auto", local_rank_arg=None):
     return info
 
 
+def cpu_share():
+    """The CPUs of this process: those it may run on, shared by the node's processes (LOCAL_WORLD_SIZE)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

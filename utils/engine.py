@@ -31,7 +31,7 @@ from utils.amp import autocast_context
 from utils.boxes import (WSOL_MAP_SIZE, contour_boxes, crop_box_to_original, gt_boxes_sat, gt_boxes_wsol, max_iou,
                          sat_box, sat_boxes_of_maps, sat_map, wsol_map)
 from utils.cv import cv2
-from utils.distributed import all_gather_object, all_reduce_sum, raise_first
+from utils.distributed import all_gather_object, all_reduce_sum, cpu_share, raise_first
 from utils.errors import ConfigError, DataError, OutputError, SATError, user_message, writing_outputs
 from utils.metrics import Counters, per_class_metrics
 from utils.visualize import render_overlay, save_rgb
@@ -415,8 +415,7 @@ def default_box_processes(device):
     thread pool serialises on the GIL); 0 (a thread pool) when that is fewer than 2, and on CPUs."""
     if torch.device(device).type != "cuda":
         return 0
-    share = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    processes = min(8, share // 2)
+    processes = min(8, cpu_share() // 2)
     return processes if processes >= 2 else 0
 
 
