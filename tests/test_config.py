@@ -140,6 +140,9 @@ def test_resume_without_config_reads_the_runs_own(tmp_path, capsys):
     assert (cfg.config, cfg.num_spatial_blocks, cfg.epochs) == (str(run / "config.yaml"), 4, 6)
     assert train("--output-dir", str(tmp_path / "new")).config == str(CONFIGS / "demo.yaml")  # no --resume
     assert train("--output-dir", str(tmp_path / "none"), "--resume").config == str(CONFIGS / "demo.yaml")
+    (tmp_path / "config.yaml").write_text("epochs: 9\n")  # beside a download, not a run's: not read
+    cfg = train("--output-dir", str(tmp_path / "none"), "--resume", str(tmp_path / "downloads" / "best.pth"))
+    assert cfg.config == str(CONFIGS / "demo.yaml")
 
 
 def test_flags_override_the_file_which_overrides_defaults(tmp_path):

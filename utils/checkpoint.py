@@ -274,7 +274,8 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
         if not path.is_file():
             raise
         raise CheckpointError(f"--resume: {err}; {_instead(path)}") from None
-    check_unchanged(ckpt.get("config") or {}, cfg, path)
+    if isinstance(ckpt.get("config"), dict) and "arch" in ckpt:  # a checkpoint of this project's training
+        check_unchanged(ckpt["config"], cfg, path)
     meta = load_state(ckpt, path, model)
     if isinstance(meta.get("epoch"), int) and meta["epoch"] > cfg.epochs:  # before config.yaml says otherwise
         raise ConfigError(f"--resume {path}: {meta['epoch']} epochs done, more than --epochs {cfg.epochs}: a run is "

@@ -618,7 +618,7 @@ def _run_config(cli, default_config, script, values):
         return None
     output_dir = cli.get("output_dir") or _read(default_config, script)[0].get("output_dir", values["output_dir"])
     candidates = [Path(output_dir) / "config.yaml"]
-    if resume != "auto":
+    if resume != "auto" and Path(resume).resolve().parent.name == "checkpoints":  # <run>/checkpoints/last.pth
         candidates.append(Path(resume).resolve().parent.parent / "config.yaml")
     return next((path for path in candidates if path.is_file()), None)
 
