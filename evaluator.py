@@ -36,7 +36,7 @@ from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
 from utils.errors import CheckpointError, ConfigError, DataError, echoed, run_cli, writing_outputs
 from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
-from utils.preemption import ignore_stop_signals, stopped_as_said, work_complete
+from utils.preemption import ignore_stop_signals, signals_held, stopped_as_said, work_complete
 from utils.outputs import FolderLock, Staged, check_output_file, partial_name, previous_outputs
 from utils.saved_maps import SavedMaps, drop_class_metrics, map_loader, read_predictions, saved_view, write_saved_view
 from utils.visualize import plot_curves
@@ -66,7 +66,8 @@ def main(argv=None, imagenet=False):
                 # an error: every process has stopped writing (errors are shared), the main one cleans up; a
                 # stop signal: each process cleans up as it stops, the last after the others' last file
                 if info.is_main or not isinstance(err, Exception):
-                    discard_partials(args, output_dir)
+                    with signals_held():  # a second Ctrl-C (or the launcher's copy of the first) waits for it
+                        discard_partials(args, output_dir)
                 raise
     except Exception as err:
         log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)
@@ -278,30 +279,12 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
     annotations without pixels, the maps and the predictions' classes in place of the forward."""
     fmt, root = resolve_data(getattr(args, "data_format", "imagenet"), args.data_root, imagenet, info.is_main)
     split = getattr(args, "split", "test")
-    dataset = build_dataset(fmt, root, split, metadata_root=getattr(args, "metadata_root", None),
-                            val_boxes=args.val_boxes)
-    protocol = resolve_protocol(args.eval_protocol, dataset)
-    if protocol == "cls" and args.eval_protocol == "cls":
-        raise ConfigError("--maps with --eval-protocol cls: maps are scored by a localization protocol (sat, wsol or "
-                          "both); classification alone needs a --checkpoint")
-    if protocol == "cls":
-        raise ConfigError(f"--maps: the {split} split of {root} has neither boxes nor masks: no localization to score")
     unused = [flag for flag, on in (("--amp", args.amp), ("--compile", args.compile),
                                     ("--gpu-decode", args.gpu_decode)) if on]
-    if unused:
+    if unused and info.is_main:
         _logger.warning("--maps: %s not used (saved maps need no forward and no decoding)", ", ".join(unused))
-    if args.overlay_blocks:
-        raise ConfigError("--overlay-blocks with --maps: saved maps hold the fused map only (a checkpoint's "
-                          "block maps: --checkpoint, or tools/predict.py --overlay-blocks)")
-    if args.save_boxes:
-        raise ConfigError("--save-boxes with --maps: COCO detections need class scores, which saved maps and "
-                          "predictions do not carry (per_image.csv holds the boxes)")
-    views = EvalViews(protocol, False, *saved_view(args.maps, args.resize_size))
-    num_classes = max(args.num_classes or 0, dataset.num_classes)  # predictions may name classes beyond the data's
-    dataset.classes += [str(k) for k in range(dataset.num_classes, num_classes)]
-    ids = [item.image_id for item in dataset.items]
-    predictions = read_predictions(args.predictions, ids, num_classes) if args.predictions else None
-    maps = SavedMaps(args.maps, views, predictions, num_classes, args.allow_constant_maps)
+    dataset, protocol, views, predictions, maps = run_everywhere(load_maps, args, fmt, root, split)
+    num_classes, ids = maps.num_classes, [item.image_id for item in dataset.items]
     strangers = maps.strangers(ids) if info.is_main else []
     if strangers:
         _logger.warning("--maps %s: %d map file(s) of images not in the %s split, ignored (first: %s): maps of "
@@ -328,6 +311,33 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
     if info.is_main:
         write_outputs(args, output_dir, previous, record, rows, curves, dataset.classes)
     return record
+
+
+def load_maps(args, fmt, root, split):
+    """(dataset, protocol, views, predictions, saved maps) of --maps on ``split``: the annotations without pixels,
+    the protocol the maps are scored by, their views (views.json), the --predictions and the maps folder. Run by
+    every process (its errors are said once: utils.distributed.run_everywhere)."""
+    dataset = build_dataset(fmt, root, split, metadata_root=getattr(args, "metadata_root", None),
+                            val_boxes=args.val_boxes)
+    protocol = resolve_protocol(args.eval_protocol, dataset)
+    if protocol == "cls" and args.eval_protocol == "cls":
+        raise ConfigError("--maps with --eval-protocol cls: maps are scored by a localization protocol (sat, wsol or "
+                          "both); classification alone needs a --checkpoint")
+    if protocol == "cls":
+        raise ConfigError(f"--maps: the {split} split of {root} has neither boxes nor masks: no localization to score")
+    if args.overlay_blocks:
+        raise ConfigError("--overlay-blocks with --maps: saved maps hold the fused map only (a checkpoint's "
+                          "block maps: --checkpoint, or tools/predict.py --overlay-blocks)")
+    if args.save_boxes:
+        raise ConfigError("--save-boxes with --maps: COCO detections need class scores, which saved maps and "
+                          "predictions do not carry (per_image.csv holds the boxes)")
+    views = EvalViews(protocol, False, *saved_view(args.maps, args.resize_size))
+    num_classes = max(args.num_classes or 0, dataset.num_classes)  # predictions may name classes beyond the data's
+    dataset.classes += [str(k) for k in range(dataset.num_classes, num_classes)]
+    ids = [item.image_id for item in dataset.items]
+    predictions = read_predictions(args.predictions, ids, num_classes) if args.predictions else None
+    return dataset, protocol, views, predictions, SavedMaps(args.maps, views, predictions, num_classes,
+                                                           args.allow_constant_maps)
 
 
 def write_outputs(args, output_dir, previous, record, rows, curves, class_names):

@@ -39,7 +39,7 @@ from utils.checkpoint import (carry_best, copy_checkpoint, load_checkpoint, mode
                               save_checkpoint, seed_everything, set_rng_state)
 from utils.config import config_dict, parse_config, save_config
 from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
-from utils.errors import CheckpointError, ConfigError, DataError, OutputError, run_cli, user_message
+from utils.errors import CheckpointError, ConfigError, DataError, OutputError, restated, run_cli, user_message
 from utils.logger import MetricsLog, close_logging, log_error, open_log_file, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 from utils.outputs import FolderLock, check_output_folder, delete_outputs, write_text_atomic
@@ -92,13 +92,14 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     checkpoint_dir = output_dir / "checkpoints"
     if lock is not None:  # first: another job writing into the folder is what to say (on every process)
         dist_utils.run_on_main(info.is_main, lock.acquire)
-    replaced = previous_outputs(cfg, output_dir)
+    with dist_utils.said_by_main(info.is_main):  # (from the flags and what the main process finds)
+        replaced = previous_outputs(cfg, output_dir)
+        micro_batch = per_process_batch(cfg, info.world_size)
     progress["previous_kept"] = bool(replaced)  # --overwrite: the previous run stays until this one can start
     setup_logging(output_dir, info.is_main, info.rank, log_file=not replaced)  # not into the old run's log
     if replaced:
         _logger.info("--overwrite: the previous run's %s in %s go once this run has its data, model and first "
                      "batch", ", ".join(replaced), output_dir)
-    micro_batch = per_process_batch(cfg, info.world_size)
     cfg.resize_size = cfg.resize_size or default_resize_size(cfg.img_size)
     cfg.eval_batch_size = cfg.eval_batch_size or micro_batch
     seed_everything(cfg.seed + info.rank)
@@ -150,7 +151,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     start_epoch, start_step, meters_state, best, trained = 0, 0, None, {}, None
     path = resumed_from = resume_path(cfg, checkpoint_dir)
     if path is not None:
-        meta = restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per_epoch)
+        meta = dist_utils.run_everywhere(restore, path, cfg, info, model, optimizer, scheduler, loss_scaler,
+                                         steps_per_epoch)
         start_epoch, start_step, best = meta["epoch"], meta.get("epoch_step", 0), meta["best"]
         trained = meta.get("epoch_stats")
         if start_step and not trained and len(meta["epoch_meters"]) == info.world_size:
@@ -218,9 +220,9 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
                                            distributed=info.distributed, progress=info.is_main)
                     except DataError as err:  # a file changed under the run (every process raises it)
                         path = save_trained(epoch, stats, before)
-                        raise DataError(f"the evaluation after epoch {epoch + 1} failed: {user_message(err)}; the "
-                                        f"epoch's training is saved in {path}: once the data is fixed, continue "
-                                        f"with (it evaluates epoch {epoch + 1} again): {resume}") from None
+                        raise restated(err, f"the evaluation after epoch {epoch + 1} failed: {user_message(err)}; "
+                                            f"the epoch's training is saved in {path}: once the data is fixed, "
+                                            f"continue with (it evaluates epoch {epoch + 1} again): {resume}") from None
                     metrics.update(metrics.get("at_best_threshold", {}))  # model selection: at the best threshold
                     improved = update_best(best, metrics, plan.selection_metric, epoch, plan.sat)
                     shown = (*recorded_keys(metrics, plan), *(("best_threshold",) if plan.sat else ()))
@@ -235,7 +237,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
                     log_epoch(cfg, epoch, stats, metrics, improved, selection_split, plan)
                 checkpointer.end_of_epoch(epoch, checkpoint_dir / "last.pth")
     except (CheckpointError, OutputError) as err:  # a checkpoint or the metrics could not be written
-        raise type(err)(f"{err}; once that is fixed, {how_to_continue(checkpoint_dir, resumed_from, resume)}") \
+        raise restated(err, f"{err}; once that is fixed, {how_to_continue(checkpoint_dir, resumed_from, resume)}") \
             from None
     finally:
         if metrics_log is not None:
@@ -249,8 +251,9 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
                                  name: interrupted_message(cfg, progress, resume, f"stopped by {name}"))
         except (DataError, CheckpointError, OutputError) as err:
             fixed = "the data" if isinstance(err, DataError) else "that"
-            raise type(err)(f"the final test failed: {user_message(err)}; every epoch is saved in {checkpoint_dir}: "
-                            f"once {fixed} is fixed, run the final test again with: {resume}") from None
+            raise restated(err, f"the final test failed: {user_message(err)}; every epoch is saved in "
+                                f"{checkpoint_dir}: once {fixed} is fixed, run the final test again with: {resume}") \
+                from None
         if cfg.cache_images:  # a finished run does not need it again; an interrupted one keeps it
             dist_utils.barrier()  # every process is done reading it
             if info.is_main:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.errors import DataError
+from utils.preemption import leave_stops_to_the_parent
 
 from .formats.annotations import check_boxes
 from .dataset import UNREADABLE, size_difference_warning
@@ -151,7 +152,8 @@ def check_split(dataset, split, workers=0, decode=False, progress=False):
     chunks = Chunks(jobs)
     processes = min(workers, len(chunks))
     start = time.perf_counter()
-    runs = DataLoader(chunks, batch_size=None, num_workers=processes) if processes > 1 else \
+    runs = DataLoader(chunks, batch_size=None, num_workers=processes,
+                      worker_init_fn=leave_stops_to_the_parent) if processes > 1 else \
         map(chunks.__getitem__, range(len(chunks)))
     results = []
     with tqdm(total=len(jobs), desc=f"check {split}", unit="image", disable=not progress, dynamic_ncols=True,

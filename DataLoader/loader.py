@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from utils.distributed import cpu_share
+from utils.preemption import leave_stops_to_the_parent
 
 from .background import Background
 from .dataset import Skipped
@@ -64,8 +65,10 @@ def collate_samples(samples):
 
 
 def init_worker(worker_id):
-    """Seed numpy and random in each worker from torch's per-worker seed. (Each worker runs one torch
-    thread, set by the DataLoader, and one OpenCV thread, inherited: utils/cv.py.)"""
+    """Seed numpy and random in each worker from torch's per-worker seed, and leave stop signals to the main
+    process (utils/preemption.py). (Each worker runs one torch thread, set by the DataLoader, and one OpenCV
+    thread, inherited: utils/cv.py.)"""
+    leave_stops_to_the_parent()
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -190,3 +190,13 @@ def test_each_process_writes_its_warnings_into_the_log(imagenet_root, tmp_path):
     assert log.count("3 unreadable training images skipped") == 1  # a global count: said once
     named = [str(path) for path in bad if str(path) in log]
     assert len(named) == len(bad)  # every skipped image is in the log, whichever process read it
+
+
+def test_an_error_every_process_meets_alike_is_said_by_the_main_one():
+    from utils.distributed import said_by_main
+    from utils.errors import ConfigError
+    for is_main in (True, False):
+        with pytest.raises(ConfigError) as err:
+            with said_by_main(is_main):
+                raise ConfigError("batch_size 33 (global, per optimizer step) must be a multiple of processes")
+        assert err.value.echo is not is_main  # run_cli prints an echo's line only where it is not one

@@ -225,3 +225,35 @@ def test_an_error_every_rank_meets_loading_is_said_once(tmp_path):
     assert records[0]["error"] == records[1]["error"] and "is not a readable checkpoint" in records[0]["error"]
     assert [record["echo"] for record in records] == [False, True]
     assert (tmp_path / "eval" / "log.txt").read_text().count("is not a readable checkpoint") == 1
+
+
+def _bad_flags_rank(rank, port, root, maps, out_dir):
+    """evaluator.py --maps under torchrun with flags each process refuses alike (a parse error, a protocol
+    error met while loading the maps)."""
+    from evaluator import main
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=port)
+    records = []
+    for flags in (["--wsol-threshold", "0.123"], ["--eval-protocol", "cls"]):
+        try:
+            main(["--data-root", root, "--maps", maps, "--output-dir", os.path.join(out_dir, "eval"), "--device",
+                  "cpu", "--workers", "0", *flags])
+            records.append({"error": None})
+        except SATError as err:
+            records.append({"error": user_message(err), "echo": err.echo})
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(records, f)
+
+
+def test_flags_every_rank_refuses_are_said_once(tmp_path):
+    """A flag's error and a --maps refusal under two processes: rank 0 says it, rank 1's is an echo (each was
+    printed by every process)."""
+    from tools.make_baseline_maps import main as make_baseline_maps
+    root = make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=1, test_per_class=3, image_size=64)
+    make_baseline_maps([str(tmp_path / "maps"), "--data-root", str(root), "--size", "8"])
+    ranks = _two_ranks(root, tmp_path / "maps", tmp_path, _bad_flags_rank, init=str(free_port()))
+    for k, fragment in enumerate(("--wsol-threshold: expected a number in [0, 0.99]", "--maps with --eval-protocol "
+                                                                                     "cls: maps are scored")):
+        assert ranks[0][k]["error"] == ranks[1][k]["error"] and ranks[0][k]["error"].startswith(fragment)
+        assert [ranks[0][k]["echo"], ranks[1][k]["echo"]] == [False, True]

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from Model import build_model_from_checkpoint  # noqa: E402
 from utils.config import OneLineParser, at_least  # noqa: E402
 from utils.errors import ConfigError, SATError, run_cli  # noqa: E402
-from utils.preemption import stopped_as_said  # noqa: E402
+from utils.preemption import ignore_stop_signals, stopped_as_said  # noqa: E402
 
 INPUT_NAMES = ["images"]
 OUTPUT_NAMES = ["logits", "maps"]
@@ -136,3 +136,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_cli(main)
+    ignore_stop_signals()  # the work is complete

@@ -33,7 +33,7 @@ from utils.distributed import select_device  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
 from utils.outputs import (PARTIAL, FolderLock, Staged, check_output_file, partial_name,  # noqa: E402
                            previous_outputs)
-from utils.preemption import stopped_as_said, work_complete  # noqa: E402
+from utils.preemption import ignore_stop_signals, stopped_as_said, work_complete  # noqa: E402
 from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
 
@@ -267,3 +267,4 @@ def predict(args, model, paths, view, threshold, names, output_dir, staged, free
 
 if __name__ == "__main__":
     run_cli(main)
+    ignore_stop_signals()  # the work is complete

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from utils.errors import ConfigError, writing_outputs
+from utils.distributed import cpu_share
+from utils.errors import ConfigError, echoed, writing_outputs
 from utils.metrics import TRAIN_THRESHOLDS, on_grid
 from utils.optim import SCHEDULES, trainable_blocks
 
@@ -285,8 +286,9 @@ FIELDS = {
     "amp": Field("run", False, "amp", "mixed precision: false = fp32; true = bf16 autocast (CUDA: fp16 + grad "
                  "scaler on GPUs without bf16; CPU: needs native bf16); auto = true where supported, else fp32. "
                  "train.py's final test is always fp32", scripts=BOTH),
-    "workers": Field("run", 8, "int", "data loading processes per process (the evaluators: 4, at most the number "
-                     "of CPUs)", domain=">= 0", scripts=BOTH, evaluator_default=min(4, os.cpu_count() or 1)),
+    "workers": Field("run", 8, "int", "data loading processes per process (the evaluators: 4, at most the "
+                     "process's share of the CPUs)", domain=">= 0", scripts=BOTH,
+                     evaluator_default=min(4, cpu_share())),
     "cache_images": Field("run", False, "bool", "keep each split's decoded, resized images in "
                           "<output_dir>/image_cache (filled during the first epoch; later epochs skip decoding); "
                           "removed when the run finishes"),
@@ -624,6 +626,15 @@ def _run_config(cli, default_config, script, values):
 
 
 def parse_config(argv=None, script="train"):
+    """:func:`read_config`; its error, the same in every process of a job (they read the same flags and files),
+    is printed by the first process alone (utils.errors.SATError.echo)."""
+    try:
+        return read_config(argv, script)
+    except ConfigError as err:
+        raise echoed(err) if os.environ.get("RANK", "0") != "0" else err
+
+
+def read_config(argv=None, script="train"):
     """The resolved configuration of ``script`` (train, train_imagenet, evaluate, evaluate_imagenet): defaults <
     config file < flags. The training scripts read ``--config`` or, without it, the resumed run's config.yaml
     (with --resume) or their config file of defaults (said on stdout); the evaluators read ``--config`` over

@@ -1,6 +1,7 @@
 """Process-group setup for torchrun (environment variables), ``torch.distributed.launch``
 (``--local-rank`` argument) and SLURM's ``srun`` (one task per GPU, no torchrun), NCCL on GPUs and gloo
 on the CPU, plus small collective helpers that are no-ops in a single process."""
+import contextlib
 import itertools
 import os
 import re
@@ -208,6 +209,16 @@ def run_everywhere(fn, *args, **kwargs):
         failure = (type(err), user_message(err))
     raise_first(all_gather_object(failure))
     return result
+
+
+@contextlib.contextmanager
+def said_by_main(is_main):
+    """For an error every process meets alike (from the same flags, or from what the main process found and
+    shared): the main process says it, the others' are echoes (utils.errors.SATError.echo)."""
+    try:
+        yield
+    except SATError as err:
+        raise err if is_main else echoed(err)
 
 
 def raise_first(failures, kind=None):

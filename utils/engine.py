@@ -34,6 +34,7 @@ from utils.cv import cv2
 from utils.distributed import all_gather_object, all_reduce_sum, cpu_share, raise_first
 from utils.errors import ConfigError, DataError, OutputError, SATError, user_message, writing_outputs
 from utils.metrics import Counters, per_class_metrics
+from utils.preemption import leave_stops_to_the_parent
 from utils.visualize import render_overlay, save_rgb
 
 LOSS_KEYS = ("loss", "ce", "area", "norm")
@@ -405,8 +406,9 @@ def _overlay_crops(images, batch, views, overlays):
 
 def _init_box_process():
     """Box-pool process: one torch thread and (utils/cv.py) one OpenCV thread: the processes are the
-    parallelism."""
+    parallelism; stop signals are its parent's (utils/preemption.py)."""
     torch.set_num_threads(1)
+    leave_stops_to_the_parent()
 
 
 def default_box_processes(device):

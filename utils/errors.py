@@ -22,6 +22,13 @@ def echoed(err: SATError) -> SATError:
     return err
 
 
+def restated(err: SATError, message: str) -> SATError:
+    """An error of ``err``'s type saying ``message`` (``err`` with what to do next), an echo where ``err`` was."""
+    new = type(err)(message)
+    new.echo = err.echo
+    return new
+
+
 class DataError(SATError):
     """A dataset file, annotation or image is missing or malformed."""
 

@@ -124,14 +124,21 @@ class Staged:
     def commit(self, output_dir, previous=()):
         """Delete the names of ``previous`` (the earlier run's, in ``output_dir``) that no staged output replaces,
         then move every staged output that was written in place of its final path (a folder there is replaced
-        whole)."""
+        whole: renamed aside, the new one renamed in, then the old one deleted, so that no moment leaves half
+        of it)."""
         delete_outputs(output_dir, [name for name in previous if Path(output_dir) / name not in self.paths])
+        replaced = []  # earlier folders, moved aside: a folder is swapped by two renames, deleted after
         for final, staged in self.paths.items():
             if not staged.exists():
                 continue
             if final.is_dir() and not final.is_symlink():
-                shutil.rmtree(final)
+                aside = final.with_name(f".{final.name}.replaced")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(final, aside)
+                replaced.append(aside)
             os.replace(staged, final)
+        for aside in replaced:
+            shutil.rmtree(aside)
 
     def discard(self):
         """Delete what was staged (after a failure: the previous outputs stay as they were)."""

@@ -153,6 +153,28 @@ def stopped_as_said(message, is_main=True):
         yield
 
 
+def leave_stops_to_the_parent(*_):
+    """In a helper process (a loader worker, a box process): SIGTERM, SIGUSR1 and Ctrl-C's SIGINT are ignored.
+    SLURM and torchrun send them to the whole process group; a helper they killed made its parent fail with
+    "worker killed" (PyTorch raises it wherever the parent is, even while it replaces its outputs) instead of
+    stopping as it should. The parent shuts its helpers down; they end by themselves when it dies."""
+    for signum in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Stop signals and Ctrl-C ignored while the block runs (the cleanup after a stop: a second Ctrl-C, or the
+    launcher's forwarded copy of the first, must not interrupt it and leave half of it)."""
+    signums = (signal.SIGINT, *STOP_SIGNALS)
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def ignore_stop_signals():
     """For a script whose run is complete: a stop signal while the interpreter exits (its garbage collection can
     take seconds) must not end it with the status of a stopped run (143), which job scripts take as a reason to
