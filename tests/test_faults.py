@@ -503,3 +503,27 @@ def test_a_stopped_evaluation_leaves_the_earlier_one_whole_and_says_so(data_root
     assert files(maps) == maps_before and not list(tmp_path.glob("*.partial*")) and not list(out.glob("*.partial*"))
     assert f"the evaluation stopped: nothing of it was kept (the outputs in {out} are as they were); " \
            f"{'stopped by SIGTERM' if stop == 'SIGTERM' else 'interrupted'}" in log.decode()
+
+
+def test_outputs_are_moved_in_place_whole_through_a_ctrl_c(tmp_path, monkeypatch):
+    """Staged.commit holds Ctrl-C off for its few renames: an earlier folder is never left half deleted (a
+    Ctrl-C, or a worker's death, in the middle of deleting it left 20 of 100 overlays)."""
+    from utils.outputs import Staged
+    (tmp_path / "overlays").mkdir()
+    (tmp_path / "overlays" / "old.png").write_bytes(b"old")
+    staged = Staged()
+    new = staged.path(tmp_path / "overlays")
+    new.mkdir()
+    (new / "new.png").write_bytes(b"new")
+    replace, calls = os.replace, []
+
+    def interrupted(*args):
+        if not calls:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between the two renames of the folder
+        calls.append(args)
+        return replace(*args)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    staged.commit(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overlays"] and len(calls) == 2
+    assert [p.name for p in (tmp_path / "overlays").iterdir()] == ["new.png"]

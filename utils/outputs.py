@@ -126,6 +126,11 @@ class Staged:
         then move every staged output that was written in place of its final path (a folder there is replaced
         whole: renamed aside, the new one renamed in, then the old one deleted, so that no moment leaves half
         of it)."""
+        from utils.preemption import signals_held  # (torch: imported by the jobs, not for this module alone)
+        with signals_held():  # a few deletions and renames: a Ctrl-C waits for them
+            self._commit(output_dir, previous)
+
+    def _commit(self, output_dir, previous):
         delete_outputs(output_dir, [name for name in previous if Path(output_dir) / name not in self.paths])
         replaced = []  # earlier folders, moved aside: a folder is swapped by two renames, deleted after
         for final, staged in self.paths.items():

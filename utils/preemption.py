@@ -6,6 +6,7 @@ import logging
 import shlex
 import signal
 import sys
+import threading
 
 import torch
 
@@ -164,8 +165,11 @@ def leave_stops_to_the_parent(*_):
 
 @contextlib.contextmanager
 def signals_held():
-    """Stop signals and Ctrl-C ignored while the block runs (the cleanup after a stop: a second Ctrl-C, or the
-    launcher's forwarded copy of the first, must not interrupt it and leave half of it)."""
+    """Stop signals and Ctrl-C ignored while the block runs: a few renames that keep outputs, or the cleanup
+    after a stop (a second Ctrl-C, or the launcher's forwarded copy of the first, must not leave half of it)."""
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread handles signals)
+        yield
+        return
     signums = (signal.SIGINT, *STOP_SIGNALS)
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
     try:
