@@ -524,6 +524,9 @@ def test_outputs_are_moved_in_place_whole_through_a_ctrl_c(tmp_path, monkeypatch
         return replace(*args)
 
     monkeypatch.setattr(os, "replace", interrupted)
-    staged.commit(tmp_path)
+    try:
+        staged.commit(tmp_path)
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C interrupted the commit")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["overlays"] and len(calls) == 2
     assert [p.name for p in (tmp_path / "overlays").iterdir()] == ["new.png"]
