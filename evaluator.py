@@ -25,8 +25,7 @@ from DataLoader.build import build_dataset
 from DataLoader.check import check_split
 from DataLoader.eval_loader import build_eval_loader, resolve_data, resolve_protocol
 from DataLoader.eval_views import EvalViews, views_of
-from DataLoader.gpu_decode import warn_on_cpu
-from DataLoader.loader import check_workers
+from DataLoader.loader import check_loading
 from Model import build_model_from_checkpoint
 from utils.amp import describe
 from utils.boxes import coco_detections
@@ -200,9 +199,7 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
 
     model, meta = run_everywhere(load_model)
     if info.is_main:
-        check_workers(args.workers)
-        if args.gpu_decode:
-            warn_on_cpu(info.device)
+        check_loading(args.workers, args.gpu_decode, info.device)
     img_size = int(model.patch_embed.img_size[0])
     resize_size = args.resize_size or (meta.get("config") or {}).get("resize_size")
     fmt, root = resolve_data(getattr(args, "data_format", "imagenet"), args.data_root, imagenet, info.is_main)

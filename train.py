@@ -27,9 +27,8 @@ from DataLoader.check import check_splits
 from DataLoader.device_transforms import on_device
 from DataLoader.eval_loader import build_eval_loader, resolve_data, split_annotations
 from DataLoader.eval_views import default_resize_size, views_of
-from DataLoader.gpu_decode import warn_on_cpu
 from DataLoader.image_cache import attach_image_cache
-from DataLoader.loader import check_workers
+from DataLoader.loader import check_loading
 from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
 from Model import SATLoss, build_model, checkpoint_weights
 from Model.losses import area_span
@@ -126,9 +125,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     if cfg.images_per_class and info.is_main:
         log_short_classes(train_set, cfg.images_per_class)
     if info.is_main:
-        check_workers(cfg.workers)
-        if cfg.gpu_decode:
-            warn_on_cpu(info.device)
+        check_loading(cfg.workers, cfg.gpu_decode, info.device)
     check_data(cfg, info, train_set, {selection_split: selection_loader.dataset, "test": test_loader.dataset})
 
     # model, loss, optimizer and learning-rate schedule

@@ -13,7 +13,6 @@ the device, else ``decode_image`` on the CPU, else PIL; a file none of them read
 PIL path: skipped and named in training (a DataError with ``strict_data``), a DataError in evaluation.
 """
 import io
-import logging
 
 import numpy as np
 import torch
@@ -26,14 +25,6 @@ from utils.errors import DataError
 from .dataset import UNREADABLE, unreadable_message
 
 PER_IMAGE = ("encoded", "path", "jpeg")  # the keys of a gpu_decode sample that collate keeps as lists
-
-
-def warn_on_cpu(device):
-    """One warning for --gpu-decode on a device that is not CUDA: it works, but slower than the default."""
-    if torch.device(device).type != "cuda":
-        logging.getLogger("sat").warning(
-            "--gpu-decode on %s: the JPEGs are decoded in the main process, one after another (nvJPEG needs CUDA); "
-            "the default, PIL in the workers, is faster here", device)
 
 
 def pack(encoded):

@@ -22,18 +22,21 @@ PREFETCH_BATCHES = 4  # slices each worker loads ahead: with one slice of each b
 READY_BATCHES = 2  # joined batches waiting for the caller
 
 
-# PyTorch's own note on more workers than CPUs is a multi-line warning on every loader: check_workers says it once
+# PyTorch's own note on more workers than CPUs is a multi-line warning on every loader: check_loading says it once
 warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
 
 
-def check_workers(workers):
-    """One warning when ``workers`` (per process) exceed this process's share of the CPUs: they then share them,
-    and fewer may load faster."""
-    share = cpu_share()
+def check_loading(workers, gpu_decode, device):
+    """A warning for each loading setting slower than it need be here, said once by a script's main process:
+    ``workers`` (per process) above this process's share of the CPUs (they then share them), ``gpu_decode`` on
+    a device that is not CUDA (decoded in the main process, one image after another)."""
+    logger, share = logging.getLogger("sat"), cpu_share()
     if workers > share:
-        logging.getLogger("sat").warning(
-            "--workers %d: this process has %d CPU(s) (those it may run on, over the machine's processes), which "
-            "the workers share; %d or fewer may load faster", workers, share, share)
+        logger.warning("--workers %d: this process has %d CPU(s) (those it may run on, over the machine's "
+                       "processes), which the workers share; %d or fewer may load faster", workers, share, share)
+    if gpu_decode and torch.device(device).type != "cuda":
+        logger.warning("--gpu-decode on %s: the JPEGs are decoded in the main process, one after another (nvJPEG "
+                       "needs CUDA); the default, PIL in the workers, is faster here", device)
 
 
 def collate_samples(samples):

@@ -209,8 +209,8 @@ def test_more_workers_than_cpus_is_one_warning_of_ours(monkeypatch, caplog):
     from DataLoader import loader as loader_module
     monkeypatch.setattr(loader_module, "cpu_share", lambda: 2)
     with caplog.at_level(logging.WARNING, logger="sat"):
-        loader_module.check_workers(2)
+        loader_module.check_loading(2, False, "cpu")
         assert caplog.text == ""
-        loader_module.check_workers(14)
+        loader_module.check_loading(14, False, "cpu")
     assert "--workers 14: this process has 2 CPU(s) (those it may run on, over the machine's processes), which " \
            "the workers share; 2 or fewer may load faster" in caplog.text

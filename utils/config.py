@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from utils.distributed import cpu_share
-from utils.errors import ConfigError, echoed, writing_outputs
+from utils.distributed import cpu_share, said_by_main
+from utils.errors import ConfigError, writing_outputs
 from utils.metrics import TRAIN_THRESHOLDS, on_grid
 from utils.optim import SCHEDULES, trainable_blocks
 
@@ -627,11 +627,9 @@ def _run_config(cli, default_config, script, values):
 
 def parse_config(argv=None, script="train"):
     """:func:`read_config`; its error, the same in every process of a job (they read the same flags and files),
-    is printed by the first process alone (utils.errors.SATError.echo)."""
-    try:
+    is printed by the first process alone (utils.distributed.said_by_main)."""
+    with said_by_main(os.environ.get("RANK", "0") == "0"):
         return read_config(argv, script)
-    except ConfigError as err:
-        raise echoed(err) if os.environ.get("RANK", "0") != "0" else err
 
 
 def read_config(argv=None, script="train"):

@@ -14,6 +14,7 @@ from utils.distributed import all_reduce_max
 
 _logger = logging.getLogger("sat")
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+HELD_SIGNALS = (signal.SIGINT, *STOP_SIGNALS)  # the stop signals and Ctrl-C: what helpers and cleanups ignore
 
 
 class Preempted(BaseException):
@@ -159,7 +160,7 @@ def leave_stops_to_the_parent(*_):
     SLURM and torchrun send them to the whole process group; a helper they killed made its parent fail with
     "worker killed" (PyTorch raises it wherever the parent is, even while it replaces its outputs) instead of
     stopping as it should. The parent shuts its helpers down; they end by themselves when it dies."""
-    for signum in (signal.SIGINT, *STOP_SIGNALS):
+    for signum in HELD_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
 
@@ -170,8 +171,7 @@ def signals_held():
     if threading.current_thread() is not threading.main_thread():  # (only the main thread handles signals)
         yield
         return
-    signums = (signal.SIGINT, *STOP_SIGNALS)
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in HELD_SIGNALS}
     try:
         yield
     finally:
