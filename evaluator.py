@@ -412,7 +412,8 @@ def write_curves(output_dir, curves, staged):
 def match_classes(dataset, model, meta, checkpoint):
     """Align the dataset's labels with the model's classes: by name when the checkpoint records its class
     names (a class subset is remapped, with a warning), else by index. A class the model lacks is an
-    error; names that differ are a warning naming a few. Returns how labels were matched ("name" or
+    error, and so are names all unlike the data's for another class count (a checkpoint of another dataset);
+    names that differ are a warning naming a few (renamed classes). Returns how labels were matched ("name" or
     "index"), for metrics.json."""
     names = meta.get("class_names")
     if names and set(dataset.classes) <= set(names) and dataset.classes != list(names):
@@ -427,6 +428,10 @@ def match_classes(dataset, model, meta, checkpoint):
             _logger.warning("the data has %d of the checkpoint's %d classes: evaluating on that class subset, labels "
                             "matched by name", len(mapping), len(names))
         return "name"
+    if names and dataset.num_classes != len(names) and not set(dataset.classes) & set(names):
+        raise CheckpointError(f"checkpoint {checkpoint} was trained on other classes: none of its {len(names)} class "
+                              f"names is among the data's {dataset.num_classes} (e.g. checkpoint {names[0]!r}, data "
+                              f"{dataset.classes[0]!r}); is it for another dataset?")
     if dataset.num_classes > model.num_classes:
         extra = dataset.classes[model.num_classes:][:3]
         raise CheckpointError(f"checkpoint {checkpoint} predicts {model.num_classes} classes but the data has "

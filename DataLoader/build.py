@@ -50,7 +50,8 @@ def check_data_root(fmt, root):
 
 def _root_hint(fmt, root):
     """What to try for a ``root`` that lacks format ``fmt``'s entries: the formats its entries fit, else the
-    one subfolder that fits ``fmt``; '' when neither. An ILSVRC2012 root (which the folder format's entries fit
+    one subfolder that fits ``fmt``, else the parent or grandparent that does (a folder inside the release, such
+    as Images/ or devkit/, given as the root); '' when none. An ILSVRC2012 root (which the folder format's entries fit
     too) is sent to the ImageNet scripts."""
     if fmt != "imagenet" and _looks_like_imagenet(root):
         return "; it looks like ILSVRC2012 (wnid folders / ILSVRC2012_val_ files): train_ImageNet.py and " \
@@ -65,6 +66,9 @@ def _root_hint(fmt, root):
     if inner is None and fmt == "imagenet":  # Kaggle's download: the images two or three levels down
         inner = next((str(Path(root) / sub) for sub in KAGGLE_IMAGE_ROOTS
                       if not _layout_problem(fmt, Path(root) / sub)), None)
+    if inner is None:
+        inner = next((str(above) for above in Path(root).resolve().parents[:2] if not _layout_problem(fmt, above)),
+                     None)
     return f"; did you mean --data-root {inner}?" if inner else ""
 
 

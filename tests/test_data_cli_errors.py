@@ -130,6 +130,10 @@ CASES = {
         r"data root (\S+): missing images/, images.txt, image_class_labels.txt, train_test_split.txt, "
         r"bounding_boxes.txt, classes.txt \(expected the CUB-200-2011 release layout\); "
         r"did you mean --data-root \1/data\?"),
+    "a folder inside the release given as the root": (  # its parent fits: named
+        lambda root: ["--data-format", "cub", "--data-root", str(root / "images"), "--split", "test"],
+        r"data root (\S+)/images: missing images/, .* \(expected the CUB-200-2011 release layout\); "
+        r"did you mean --data-root \1\?$"),
     "cub data read as aircraft": (  # CUB has images/ as FGVC-Aircraft's data/ does, but no variants.txt
         lambda root: ["--data-format", "aircraft", "--data-root", str(root), "--split", "test"],
         r"data root \S+: has none of data/variants.txt, variants.txt \(expected the FGVC-Aircraft 2013b release "

@@ -107,11 +107,13 @@ def test_dogs_bad_input(dogs):
                                  "annotation_list": cell([f"{DOG_CLASSES[1]}/n02085782_17"]),
                                  "labels": np.array([[1.0]])})
     assert dogs_error(dogs) == (f"{test_list} entry 1: label 1 is class 'n02085620-Chihuahua' but the file is in "
-                                "'n02085782-Japanese_spaniel'")
+                                f"'n02085782-Japanese_spaniel' ({dogs / 'Images' / DOG_CLASSES[0]} is a folder no "
+                                "entry is in)")
     scipy.io.savemat(test_list, {"file_list": cell(["x.jpg"]), "labels": np.array([[1.0]])})
     assert dogs_error(dogs) == (f"{test_list}: no variable 'annotation_list' (expected variables file_list, "
                                 f"annotation_list, labels (the Stanford Dogs release layout: Images/<wnid>-<breed>/, "
-                                f"Annotation/<wnid>-<breed>/, lists/train_list.mat and test_list.mat))")
+                                f"Annotation/<wnid>-<breed>/, train_list.mat and test_list.mat in lists/ or the "
+                                f"root))")
     write_dogs_list(test_list, rows)
     xml = dogs / "Annotation" / DOG_CLASSES[1] / "n02085782_17"
     xml.write_text(voc_xml("n02085782_17", (50, 32), [(1, 1, 20, 30), (24, 5, 60, 31)]))
@@ -124,7 +126,28 @@ def test_dogs_bad_input(dogs):
     assert dogs_error(dogs, "train") == (f"{dogs / 'lists/train_list.mat'} entry 1: image "
                                          f"{dogs / 'Images' / DOG_CLASSES[0] / 'n02085620_10074.jpg'} not found")
     test_list.unlink()
-    assert dogs_error(dogs).startswith(f"{test_list}: file not found (expected the Stanford Dogs release layout")
+    assert dogs_error(dogs).startswith(f"{test_list}: file not found, nor {dogs / 'test_list.mat'} (expected the "
+                                       "Stanford Dogs release layout")
+
+
+def test_dogs_folder_that_is_no_breed(dogs):
+    """A folder in Images/ that the lists do not use would be a class of its own (a 121-way head on the real
+    data) or shift every label after it: refused, naming the folder."""
+    (dogs / "Images" / "resized").mkdir()  # sorts after the breeds: a class no image has
+    assert dogs_error(dogs) == (f"{dogs / 'Images/resized'}: a folder after the highest label of "
+                                f"{dogs / 'lists/test_list.mat'} (a class no image has; 1 such folder(s)): move it "
+                                "out of Images/")
+    (dogs / "Images" / "resized").rename(dogs / "Images" / "extra")  # sorts first: every label is off by one
+    assert dogs_error(dogs, "train").endswith(f"but the file is in 'n02085620-Chihuahua' ({dogs / 'Images/extra'} "
+                                              "is a folder no entry is in)")
+    (dogs / "Images" / "extra").rmdir()
+    for folder in DOG_CLASSES:
+        for file in (dogs / "Images" / folder).iterdir():
+            file.unlink()
+        (dogs / "Images" / folder).rmdir()
+    assert dogs_error(dogs) == (f"{dogs / 'Images'}: no class folders (expected the Stanford Dogs release layout: "
+                                "Images/<wnid>-<breed>/, Annotation/<wnid>-<breed>/, train_list.mat and test_list.mat "
+                                "in lists/ or the root)")
 
 
 # ---------------------------------------------------------------- Stanford Cars
@@ -176,6 +199,23 @@ def test_cars_devkit_files_in_the_root(cars):
     for path in (cars / "devkit").iterdir():
         path.rename(cars / path.name)
     assert len(build_dataset("cars", cars, "test")) == 2
+
+
+def test_cars_kaggle_mirror(cars):
+    """Kaggle's copy unpacks the devkit into car_devkit/devkit/, each image folder into itself, and names the
+    test labels as a browser's second download."""
+    (cars / "car_devkit").mkdir()
+    (cars / "devkit").rename(cars / "car_devkit" / "devkit")
+    kaggle_test = cars / "cars_test_annos_withlabels (1).mat"
+    (cars / "car_devkit" / "devkit" / CAR_FILES["test"]).rename(kaggle_test)
+    for split in CARS:
+        (cars / f"cars_{split}").rename(cars / "inner")
+        (cars / f"cars_{split}").mkdir()
+        (cars / "inner").rename(cars / f"cars_{split}" / f"cars_{split}")
+    train, test = build_dataset("cars", cars, "train"), build_dataset("cars", cars, "test")
+    assert train.classes == CAR_CLASSES and train.items[0].path == "cars_train/cars_train/00001.jpg"
+    assert [(item.label, item.boxes.tolist()) for item in test.items] == [(1, [[2, 3, 44, 28]]), (2, [[4, 6, 25, 33]])]
+    assert test.items[0].source.startswith(f"{kaggle_test} annotations entry 1")
 
 
 def write_all_images_annotations(path, tests):

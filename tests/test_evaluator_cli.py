@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import REPO_ROOT
 from DataLoader import DEFAULT_DEMO_ROOT, build_dataset, make_demo_dataset
 from utils.boxes import gt_boxes_wsol
-from utils.errors import run_cli
+from utils.errors import CheckpointError, run_cli
 from evaluator import check_trained_on_demo, main
 from utils.metrics import WSOLBoxAccumulator
 
@@ -245,9 +245,16 @@ def test_class_subset_and_foreign_classes(cub, tmp_path, caplog, keep_logging):
     with caplog.at_level(logging.WARNING):
         record = main(["--checkpoint", str(bigger), *common])
     assert record["num_images"] == 12 and "class subset" in caplog.text and record["labels_matched_by"] == "name"
-    renamed = tmp_path / "renamed.pth"
+    foreign = tmp_path / "foreign.pth"  # another dataset's classes (none in common, another count): refused
     ckpt = torch.load(bigger, weights_only=True)
     ckpt["class_names"] = ["a", "b", "c", "d", "e"]
+    torch.save(ckpt, foreign)
+    with pytest.raises(CheckpointError, match=r"trained on other classes: none of its 5 class names is among the "
+                                              r"data's 3 \(e.g. checkpoint 'a', data '001.Ringed_Disc'\)"):
+        main(["--checkpoint", str(foreign), *common])
+    renamed = tmp_path / "renamed.pth"  # the data's class count under other names: matched by index, said
+    ckpt = torch.load(save_nano_checkpoint(tmp_path / "three.pth"), weights_only=True)
+    ckpt["class_names"] = ["a", "b", "c"]
     torch.save(ckpt, renamed)
     caplog.clear()
     with caplog.at_level(logging.WARNING):

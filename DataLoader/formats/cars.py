@@ -2,7 +2,9 @@
 
 - ``cars_train/``, ``cars_test/`` and the devkit files ``cars_meta.mat`` (``class_names``),
   ``cars_train_annos.mat`` and ``cars_test_annos_withlabels.mat`` (struct array ``annotations`` with
-  bbox_x1, bbox_y1, bbox_x2, bbox_y2, class 1-based, fname), under the root or its ``devkit/`` folder;
+  bbox_x1, bbox_y1, bbox_x2, bbox_y2, class 1-based, fname), under the root or its ``devkit/`` folder; also as
+  the Kaggle mirror has it (the devkit in ``car_devkit/devkit/``, the images one folder deeper in
+  ``cars_train/cars_train/``, the test labels as ``cars_test_annos_withlabels (1).mat``);
 - ``car_ims/`` with ``cars_annos.mat`` (``annotations`` with relative_im_path, the bbox fields, class and
   test 0/1; ``class_names``): the same images, split and boxes, numbered as the official SAT lists are.
 """
@@ -22,9 +24,22 @@ ALL_IMAGES_FILE = "cars_annos.mat"
 BOX_FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
 
 
+DEVKIT_FOLDERS = ("devkit", ".", "car_devkit/devkit")
+# The test labels' file as Kaggle's mirror names it (a browser's second download of the same name).
+KAGGLE_NAMES = {SPLIT_FILES["test"]: "cars_test_annos_withlabels (1).mat"}
+
+
 def find_devkit_file(root, name):
-    """``root/devkit/<name>`` or ``root/<name>``, whichever exists (None if neither)."""
-    return next((path for path in (root / "devkit" / name, root / name) if path.is_file()), None)
+    """``<name>`` in ``root/devkit/``, ``root`` or ``root/car_devkit/devkit/``, the first that exists (None if none)."""
+    names = (name, KAGGLE_NAMES[name]) if name in KAGGLE_NAMES else (name,)
+    return next((root / folder / file for file in names for folder in DEVKIT_FOLDERS
+                 if (root / folder / file).is_file()), None)
+
+
+def image_folder(root, split):
+    """``cars_<split>``, or ``cars_<split>/cars_<split>`` where the images are one folder deeper (Kaggle)."""
+    inner = f"cars_{split}/cars_{split}"
+    return inner if (root / inner).is_dir() else f"cars_{split}"
 
 
 def require_devkit_file(root, name):
@@ -72,9 +87,10 @@ def load_cars(root, split):
         classes = read_class_names(require_devkit_file(root, "cars_meta.mat"))
         path = require_devkit_file(root, SPLIT_FILES[split])
         columns, count = read_annotations(path, "fname")
+        folder = image_folder(root, split)
         for index in range(count):
             fname = entry_text(columns["fname"][index], path, entry(index), "fname")
-            rows.append((index, f"cars_{split}/{fname}"))
+            rows.append((index, f"{folder}/{fname}"))
     else:
         path = all_images
         classes = read_class_names(path)

@@ -11,7 +11,7 @@ from .imagenet import read_voc_xml
 from .matlab import entry_integer, entry_text, read_mat
 
 DOGS_LAYOUT = ("the Stanford Dogs release layout: Images/<wnid>-<breed>/, Annotation/<wnid>-<breed>/, "
-               "lists/train_list.mat and test_list.mat")
+               "train_list.mat and test_list.mat in lists/ or the root")
 LIST_VARIABLES = ("file_list", "annotation_list", "labels")
 
 
@@ -21,7 +21,7 @@ def find_list(root, split):
     for path in (root / "lists" / name, root / name):
         if path.is_file():
             return path
-    raise DataError(f"{root / 'lists' / name}: file not found (expected {DOGS_LAYOUT})")
+    raise DataError(f"{root / 'lists' / name}: file not found, nor {root / name} (expected {DOGS_LAYOUT})")
 
 
 def load_dogs(root, split):
@@ -34,23 +34,26 @@ def load_dogs(root, split):
     if split not in ("train", "test"):
         raise DataError(f"{root}: Stanford Dogs has no '{split}' split (train/test)")
     root = Path(root)
-    classes = class_folders(root / "Images")
+    classes = class_folders(root / "Images", DOGS_LAYOUT)
     path = find_list(root, split)
     lists = read_mat(path, LIST_VARIABLES, f"variables {', '.join(LIST_VARIABLES)} ({DOGS_LAYOUT})")
     files, annotations, labels = (lists[name] for name in LIST_VARIABLES)
     if not len(files) == len(annotations) == len(labels):
         raise DataError(f"{path}: file_list, annotation_list and labels differ in length "
                         f"({len(files)}, {len(annotations)}, {len(labels)})")
+    files = [entry_text(file, path, f"entry {index}", "file_list '<wnid>-<breed>/<file>.jpg'")
+             for index, file in enumerate(files, 1)]
+    unlisted = sorted(set(classes) - {file.split("/")[0] for file in files})
+    stray = f" ({root / 'Images' / unlisted[0]} is a folder no entry is in)" if unlisted else ""
     items = []
     for index, (file, annotation, label) in enumerate(zip(files, annotations, labels), 1):
         where = f"entry {index}"
-        file = entry_text(file, path, where, "file_list '<wnid>-<breed>/<file>.jpg'")
         label = entry_integer(label, path, where, "labels (1-based class index)")
         check_label(label, range(1, len(classes) + 1), f"{path} {where}")
         folder = file.split("/")[0]
         if folder != classes[label - 1]:
             raise DataError(f"{path} {where}: label {label} is class {classes[label - 1]!r} but the "
-                            f"file is in {folder!r}")
+                            f"file is in {folder!r}{stray}")
         if not (root / "Images" / file).is_file():
             raise DataError(f"{path} {where}: image {root / 'Images' / file} not found")
         item = Item(file, label - 1)
@@ -63,4 +66,8 @@ def load_dogs(root, split):
         items.append(item)
     if not items:
         raise DataError(f"{path}: lists no images (expected {DOGS_LAYOUT})")
+    beyond = classes[max(item.label for item in items) + 1:]
+    if beyond:  # the lists name every breed: a folder sorted after them would be a class of its own
+        raise DataError(f"{root / 'Images' / beyond[0]}: a folder after the highest label of {path} (a class no "
+                        f"image has; {len(beyond)} such folder(s)): move it out of Images/")
     return root / "Images", items, classes

@@ -26,11 +26,11 @@ def is_image_file(name):
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def class_folders(directory):
-    """Sorted names of the class sub-folders of ``directory``."""
+def class_folders(directory, layout=FOLDER_LAYOUT):
+    """Sorted names of the class sub-folders of ``directory`` (``layout``: the expected one, for the error)."""
     names = [name for name, is_dir in list_dir(directory) if is_dir]
     if not names:
-        raise DataError(f"{directory}: no class folders (expected {FOLDER_LAYOUT})")
+        raise DataError(f"{directory}: no class folders (expected {layout})")
     return names
 
 
