@@ -162,8 +162,8 @@ def check_split(dataset, split, workers=0, decode=False, progress=False):
             results += run
             bar.update(len(run))
     bad = [(job[0], reason) for job, (reason, _) in zip(jobs, results) if reason is not None]
-    other_size = [(path, tuple(stated), tuple(size), source)
-                  for (path, boxes, stated, source, *_), (_, size) in zip(jobs, results)
+    other_size = [(path, tuple(stated), tuple(size), item.size_source or source)
+                  for (path, boxes, stated, source, *_), (_, size), item in zip(jobs, results, dataset.items)
                   if boxes is not None and stated and size and tuple(stated) != tuple(size)]
     return CheckReport(split, len(jobs), bad, time.perf_counter() - start, other_size)
 

@@ -19,6 +19,18 @@ def unreadable_message(path, err):
     return f"unreadable image {path} ({err.__class__.__name__}: {err})"
 
 
+
+def rgb(image):
+    """``image`` as 8-bit RGB, as the official code reads images (PIL's convert), but for 16- and 32-bit grey
+    images (modes I;16, I, F), whose convert clips every value above 255 (a 16-bit PNG became all white): their
+    high byte is kept, as PIL itself reads 16-bit colour PNGs."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or values.max() > 255:
+            values = np.clip(values, 0, 65535) / 256
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
 class Skipped(NamedTuple):
     """What an unreadable train image gives instead of a sample: ``collate_samples`` drops it and
     lists ``message`` (naming the file) in ``batch['skipped']``, which the training loop logs."""
@@ -73,7 +85,7 @@ class WSOLDataset(Dataset):
         path = self.image_path(index)
         try:
             with Image.open(path) as image:
-                return image if getattr(self.transform, "gpu_decode", False) else image.convert("RGB")
+                return image if getattr(self.transform, "gpu_decode", False) else rgb(image)
         except UNREADABLE as err:
             message = unreadable_message(path, err)
             if self.strict or self.evaluation:

@@ -22,7 +22,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from utils.errors import DataError
 
-from .dataset import UNREADABLE, unreadable_message
+from .dataset import UNREADABLE, rgb, unreadable_message
 
 PER_IMAGE = ("encoded", "path", "jpeg")  # the keys of a gpu_decode sample that collate keeps as lists
 
@@ -48,12 +48,15 @@ def _decode_one(data, device, jpeg):
         except RuntimeError:
             pass
     try:
-        return decode_image(data, mode=ImageReadMode.RGB).to(device)
+        decoded = decode_image(data, mode=ImageReadMode.RGB)
+        if decoded.dtype != torch.uint8:  # a 16-bit PNG: its high byte, as PIL and dataset.rgb read it
+            decoded = (decoded.to(torch.int32) >> 8).to(torch.uint8)
+        return decoded.to(device)
     except RuntimeError:
         pass
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).to(device)
+            return torch.from_numpy(np.array(rgb(image))).permute(2, 0, 1).to(device)
     except UNREADABLE as err:  # only its message is used; its traceback would keep the callers' frames in a cycle
         return err.with_traceback(None)
 

@@ -50,3 +50,25 @@ def test_explicit_boxes_csv_and_errors(custom, tmp_path):
         build_dataset("folder", custom, "test")
     with pytest.raises(DataError, match="val: not found"):
         build_dataset("folder", custom, "val")
+
+
+def test_a_class_folder_without_images_is_refused(custom):
+    """An empty train class folder (or one of files the reader skips) would be a class no image has, and shift
+    the labels of the classes after it: refused when either split is loaded, naming it."""
+    (custom / "train" / "aaa_empty").mkdir()
+    (custom / "train" / "aaa_empty" / "clip.gif").write_bytes(b"GIF89a")
+    for split in ("train", "test"):
+        with pytest.raises(DataError) as err:
+            build_dataset("folder", custom, split)
+        assert str(err.value) == (f"{custom / 'train' / 'aaa_empty'}: a class folder with no image (.jpg, .jpeg, "
+                                  ".png, .ppm, .bmp, .pgm, .tif, .tiff, .webp): remove it, or it would be a class of "
+                                  "its own")
+
+
+def test_boxes_csv_quoted_as_spreadsheets_write_it(custom):
+    """A path holding a comma, double-quoted as csv writers do, is one field."""
+    (custom / "test" / "cat" / "0.png").rename(custom / "test" / "cat" / "a,b.png")
+    (custom / "boxes.csv").write_text('image,x0,y0,x1,y1\n"test/cat/a,b.png",3,3,9,9\n"test/dog/0.png", 1,2,30,18\n')
+    test = build_dataset("folder", custom, "test")
+    assert [(item.path, item.boxes.tolist()) for item in test.items] == [
+        ("test/cat/a,b.png", [[3, 3, 9, 9]]), ("test/dog/0.png", [[1, 2, 30, 18]])]

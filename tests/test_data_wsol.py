@@ -158,3 +158,40 @@ def test_the_check_of_a_split_reads_its_masks(mask_set):
     assert [path for path, _ in bad] == [dataset.image_path(0), dataset.image_path(1)]
     assert bad[0][1] == f"mask {images / 'mask/x_ig.png'}: not an image file PIL recognises"
     assert bad[1][1].startswith(f"mask {images / 'mask/y_m1.png'}: ")
+
+
+def test_listing_and_box_line_errors(boxes_set):
+    """An image listed twice would count twice; an empty split would fail only after training; a box line short
+    of a column is no mask line; a negative or non-number coordinate is said as such."""
+    images, meta = boxes_set
+    ids = ["val/ILSVRC2012_val_00000001.JPEG", "val/ILSVRC2012_val_00000002.JPEG"]
+    test = meta / "test"
+
+    def error(split="test"):
+        with pytest.raises(DataError) as err:
+            build_dataset("wsol", images, split, metadata_root=meta)
+        return str(err.value)
+
+    write(test / "image_ids.txt", f"{ids[0]}\n{ids[1]}\n{ids[0]}\n")
+    assert error() == f"{test / 'image_ids.txt'} line 3: image '{ids[0]}' is listed twice (line 1)"
+    write(meta / "train" / "image_ids.txt", "train/n00/img0.JPEG\n" * 2)
+    assert error("train") == f"{meta / 'train/image_ids.txt'} line 2: image 'train/n00/img0.JPEG' is listed twice " \
+                             "(line 1)"
+    write(test / "image_ids.txt", "\n")
+    assert error() == (f"{test / 'image_ids.txt'}: lists no images (expected wsolevaluation metadata: image_ids.txt, "
+                       "class_labels.txt, image_sizes.txt, localization.txt)")
+    write(test / "image_ids.txt", f"{ids[0]}\n{ids[1]}\n")
+    for line, said in ((f"{ids[0]},1,1,20", "line 1: expected 'image_id,x0,y0,x1,y1' (one line per box)"),
+                       (f"{ids[0]},-5,1,20,20", "line 1: box (-5, 1, 20, 20) has a negative coordinate"),
+                       (f"{ids[0]},nan,1,20,20", "line 1: box (nan, 1, 20, 20) has a coordinate that is no finite")):
+        write(test / "localization.txt", f"{line}\n{ids[1]},0,0,29,29\n")
+        assert error().startswith(f"{test / 'localization.txt'} {said}"), line
+
+
+def test_size_warning_names_image_sizes_txt(boxes_set):
+    images, meta = boxes_set
+    ids = ["val/ILSVRC2012_val_00000001.JPEG", "val/ILSVRC2012_val_00000002.JPEG"]
+    write(meta / "test" / "image_sizes.txt", f"{ids[0]},60,40\n{ids[1]},30,30\n")  # the file is 50x40
+    report = check_split(build_dataset("wsol", images, "test", metadata_root=meta), "test")
+    assert report.bad == [] and f"({meta / 'test/image_sizes.txt'} line 1 states 60x40, the file is 50x40)" in \
+        report.size_warning()

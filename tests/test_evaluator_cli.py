@@ -373,6 +373,25 @@ def test_overlays_show_each_block_map_beside_the_fused_one(cub, tmp_path):
         assert not np.array_equal(panels[:, :width], fused)
 
 
+def test_overlays_of_images_sharing_a_name_keep_the_extension(tmp_path):
+    """a.jpg and a.png of one folder: their overlays are a.jpg.png and a.png.png (one overwrote the other);
+    the others keep the documented name without the extension."""
+    root = tmp_path / "own"
+    for path in ("train/001.Ringed_Disc/t.jpg", "test/001.Ringed_Disc/a.jpg", "test/001.Ringed_Disc/a.png",
+                 "test/002.Checkered_Square/b.jpg"):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(root / path)
+    (root / "train/002.Checkered_Square").mkdir()
+    Image.new("RGB", (40, 30)).save(root / "train/002.Checkered_Square/u.jpg")
+    (root / "boxes.csv").write_text("test/001.Ringed_Disc/a.jpg,1,1,20,20\ntest/001.Ringed_Disc/a.png,1,1,20,20\n"
+                                    "test/002.Checkered_Square/b.jpg,1,1,20,20\n")
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth", num_classes=2)
+    main(["--data-format", "folder", "--data-root", str(root), "--checkpoint", str(checkpoint), "--overlays", "all",
+          "--no-tencrop", "--workers", "0", "--device", "cpu", "--output-dir", str(tmp_path / "out")])
+    assert sorted(str(p.relative_to(tmp_path / "out/overlays")) for p in (tmp_path / "out/overlays").rglob("*.png")) \
+        == ["test/001.Ringed_Disc/a.jpg.png", "test/001.Ringed_Disc/a.png.png", "test/002.Checkered_Square/b.png"]
+
+
 @pytest.mark.parametrize("config", ["CUB.yaml", "demo.yaml"])
 def test_training_config_writes_nothing_outside_the_output_dir(cub, tmp_path, monkeypatch, config):
     """A training config given to the evaluator (as the docs suggest) reads its data / evaluation / test keys;

@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from DataLoader import build_dataset, build_loader, make_demo_dataset
+from DataLoader.dataset import rgb
 from DataLoader.device_transforms import IMAGENET_STD, on_device
 from DataLoader.eval_loader import build_eval_loader
 from DataLoader.gpu_decode import decode, resize
@@ -121,6 +122,19 @@ def test_a_file_the_batched_decoder_refuses_is_decoded_alone():
     first, second = decode([jpeg, png], [True, True], "cpu")
     assert torch.equal(first, decode_jpeg(jpeg, mode=ImageReadMode.RGB))
     assert torch.equal(second, torch.from_numpy(array).permute(2, 0, 1))  # PNG: lossless
+
+
+def test_16_bit_grey_png_keeps_its_high_byte(tmp_path):
+    """A 16-bit grey PNG (PIL mode I;16) is read as its 8-bit values by PIL's path (dataset.rgb) and by the
+    decoders (uint16 from torchvision): PIL's own convert('RGB') clipped it to 255, all white."""
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    expected = np.repeat(grey[:, :, None], 3, axis=2)
+    with Image.open(tmp_path / "grey16.png") as image:
+        assert image.mode == "I;16" and (np.asarray(image.convert("RGB"))[1:] == 255).all()  # the fault fixed
+        assert np.array_equal(np.asarray(rgb(image)), expected)
+    (decoded,) = decode([torch.from_numpy(np.fromfile(tmp_path / "grey16.png", np.uint8))], [False], "cpu")
+    assert decoded.dtype == torch.uint8 and np.array_equal(decoded.permute(1, 2, 0).numpy(), expected)
 
 
 def _replace(root, name, write):

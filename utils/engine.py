@@ -11,7 +11,7 @@ import math
 import multiprocessing
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -272,8 +272,9 @@ class BatchScorer:
     classes were predicted."""
 
     def __init__(self, views, thresholds, threshold, save_maps, overlay_dir, class_names, from_files=False,
-                 block_layers=()):
+                 block_layers=(), suffix_kept=()):
         self.views, self.thresholds, self.threshold = views, thresholds, threshold
+        self.suffix_kept = set(suffix_kept)  # image ids whose overlay keeps the extension (overlay_names_shared)
         self.block_layers = block_layers  # the layer number of each spatial-aware block: its overlay panel's name
         self.save_maps = Path(save_maps) if save_maps else None
         self.overlay_dir = Path(overlay_dir) if overlay_dir else None
@@ -379,9 +380,17 @@ class BatchScorer:
         caption = f"{name}  IoU {max_iou(np.asarray(box)[None], gt)[0]:.2f} @ {threshold:g}".strip() if len(gt) \
             else name
         panels.append(render_overlay(crop, normalised, box, gt, caption))
-        path = (self.overlay_dir / image_id).with_suffix(".png")
+        path = self.overlay_dir / f"{image_id}.png" if image_id in self.suffix_kept else \
+            (self.overlay_dir / image_id).with_suffix(".png")
         with writing_outputs(path):
             save_rgb(path, np.concatenate(panels, axis=1))
+
+
+def overlay_names_shared(items):
+    """The image ids of ``items`` that another item shares but for the extension (a.jpg, a.png): their
+    overlays keep it (a.jpg.png), so that neither overwrites the other."""
+    stems = Counter(os.path.splitext(item.image_id)[0] for item in items)
+    return {item.image_id for item in items if stems[os.path.splitext(item.image_id)[0]] > 1}
 
 
 def predicted_class(scores, k):
@@ -479,11 +488,13 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
         raise ValueError("distributed evaluation needs a loader with a ShardSampler (build_eval_loader)")
     device = torch.device(device)
     model = getattr(model, "module", model)  # DDP wrapper: no collectives in the forward of uneven shards
-    class_names = getattr(getattr(loader, "dataset", None), "classes", None)
+    dataset = getattr(loader, "dataset", None)
+    class_names = getattr(dataset, "classes", None)
     wsol_overlays = protocol == "wsol" and overlay_dir is not None
     scorer = BatchScorer(views, evaluated, wsol_threshold if protocol == "wsol" else threshold, save_maps,
                          overlay_dir, class_names, from_files=saved_maps is not None,
-                         block_layers=model.spatial_layers if overlay_blocks and model is not None else ())
+                         block_layers=model.spatial_layers if overlay_blocks and model is not None else (),
+                         suffix_kept=overlay_names_shared(getattr(dataset, "items", ())) if overlay_dir else ())
     total, rows, pending_overlays = Counters(protocol, evaluated, views.img_size), [], []
     size_mismatches = 0  # images whose file is not the size their annotation states
     autocast = autocast_context(device, amp)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from DataLoader.dataset import UNREADABLE, unreadable_message
+from DataLoader.dataset import UNREADABLE, rgb, unreadable_message
 from DataLoader.eval_loader import ShardSampler
 from DataLoader.loader import BatchLoader
 from utils.boxes import WSOL_MAP_SIZE, centre_offset, wsol_map
@@ -270,8 +270,8 @@ class MapSamples(Dataset):
     def _crop(self, image):
         views = self.transform
         if "wsol" in views.slices and len(views.slices) == 1:
-            return np.asarray(image.convert("RGB").resize((WSOL_MAP_SIZE, WSOL_MAP_SIZE), Image.BILINEAR))
-        resized = np.asarray(image.convert("RGB").resize((views.resize_size, views.resize_size), Image.BILINEAR))
+            return np.asarray(rgb(image).resize((WSOL_MAP_SIZE, WSOL_MAP_SIZE), Image.BILINEAR))
+        resized = np.asarray(rgb(image).resize((views.resize_size, views.resize_size), Image.BILINEAR))
         top = centre_offset(views.resize_size, views.img_size)
         return resized[top:top + views.img_size, top:top + views.img_size]
 

@@ -1,4 +1,5 @@
 """Annotation records and strict parsing helpers shared by the dataset formats."""
+import csv
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ class Item:
     boxes: np.ndarray = None  # (K, 4) float32 x0, y0, x1, y1 in original pixels
     size: tuple = None  # (W, H) when the annotation states it
     source: str = ""  # where the boxes come from, for error messages
+    size_source: str = None  # where the size is stated, when elsewhere than the boxes (wsol's image_sizes.txt)
     mask_paths: list = None  # absolute paths of the foreground masks (mask datasets)
     ignore_path: str = None
 
@@ -49,10 +51,11 @@ def read_lines(path, expected):
         raise DataError(f"{path}: cannot read ({err.__class__.__name__}; expected {expected})") from None
 
 
-def read_table(path, types, expected, sep=None, header=None):
+def read_table(path, types, expected, sep=None, header=None, quoted=False):
     """Rows ``(line number, converted fields)`` of a file with one record per non-blank line.
 
-    ``types`` converts each column (int, float, str); the last column takes the rest of the line.
+    ``types`` converts each column (int, float, str); the last column takes the rest of the line (with
+    ``quoted``: a CSV line, "double-quoted" fields may hold commas, as spreadsheets and pandas write them).
     A line with fewer columns or a value that does not convert raises DataError naming the file,
     the line and ``expected``. A first line whose first field is ``header`` is skipped.
     """
@@ -60,7 +63,9 @@ def read_table(path, types, expected, sep=None, header=None):
     for lineno, line in enumerate(read_lines(path, expected), 1):
         if not line.strip():
             continue
-        fields = [field.strip() for field in line.strip().split(sep, len(types) - 1)]
+        fields = next(csv.reader([line.strip()], skipinitialspace=True)) if quoted else \
+            line.strip().split(sep, len(types) - 1)
+        fields = [field.strip() for field in fields]
         if not rows and header is not None and fields[0] == header:
             continue
         if len(fields) != len(types):
@@ -104,16 +109,17 @@ def check_boxes(boxes, size, where, size_from=None):
     """
     for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         text = f"({x0:g}, {y0:g}, {x1:g}, {y1:g})"
+        if not np.isfinite([x0, y0, x1, y1]).all():
+            raise DataError(f"{where}: box {text} has a coordinate that is no finite number")
         if not (x1 > x0 and y1 > y0):
             raise DataError(f"{where}: box {text} has x1 <= x0 or y1 <= y0")
-        outside = min(x0, y0) < -BOX_TOLERANCE
-        if size is not None:
-            outside = outside or x1 > size[0] + BOX_TOLERANCE or y1 > size[1] + BOX_TOLERANCE
-        if outside:
-            image = f"the {size[0]}x{size[1]} image" if size is not None else "the image"
+        if min(x0, y0) < -BOX_TOLERANCE:
+            raise DataError(f"{where}: box {text} has a negative coordinate (expected pixels from the top-left "
+                            "corner)")
+        if size is not None and (x1 > size[0] + BOX_TOLERANCE or y1 > size[1] + BOX_TOLERANCE):
             stated = (f" that {size_from} states (likely a wrong size there: compare it with the image file)"
-                      if size_from and size is not None else "")
-            raise DataError(f"{where}: box {text} lies outside {image}{stated}")
+                      if size_from else "")
+            raise DataError(f"{where}: box {text} lies outside the {size[0]}x{size[1]} image{stated}")
 
 
 def check_label(label, valid, where):

@@ -39,6 +39,19 @@ def image_files(directory):
     return [name for name, is_dir in list_dir(directory) if not is_dir and is_image_file(name)]
 
 
+def check_class_has_images(directory):
+    """DataError when the class folder ``directory`` holds no image file: it would be a class no image has,
+    shifting the labels of the classes sorted after it."""
+    try:
+        with os.scandir(directory) as scan:
+            if any(is_image_file(entry.name) and not entry.is_dir() for entry in scan):
+                return
+    except OSError as err:
+        raise DataError(f"{directory}: cannot list the folder ({err.strerror})") from None
+    raise DataError(f"{directory}: a class folder with no image ({', '.join(IMAGE_EXTENSIONS)}): remove it, or it "
+                    "would be a class of its own")
+
+
 def scan_class_folders(root, split, classes):
     """Items of ``<root>/<split>/<class>/<image>`` labelled by the class's index in ``classes``."""
     split_dir = Path(root) / split
@@ -59,7 +72,7 @@ def read_boxes_csv(path, root):
     ``test/cat/1.jpg`` or ``./test/cat/1.jpg``, or absolute under root)."""
     rows = {}
     for lineno, (image, *box) in read_table(path, (str, float, float, float, float),
-                                            "'image,x0,y0,x1,y1'", sep=",", header="image"):
+                                            "'image,x0,y0,x1,y1'", header="image", quoted=True):
         where = f"{path} line {lineno}"
         if not os.path.exists(Path(root) / image):
             raise DataError(f"{where}: image {Path(root) / image} not found")
@@ -80,7 +93,10 @@ def load_folder(root, split, boxes_csv=None):
     split_dir = root / split
     if not split_dir.is_dir():
         raise DataError(f"{split_dir}: not found (expected {FOLDER_LAYOUT})")
-    classes = class_folders(root / "train" if (root / "train").is_dir() else split_dir)
+    classes_dir = root / "train" if (root / "train").is_dir() else split_dir
+    classes = class_folders(classes_dir)
+    for name in classes:
+        check_class_has_images(classes_dir / name)
     items = scan_class_folders(root, split, classes)
     csv_path = Path(boxes_csv) if boxes_csv else root / "boxes.csv"
     if split != "train" and (boxes_csv or csv_path.exists()):

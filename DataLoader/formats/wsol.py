@@ -35,12 +35,20 @@ def _existing(root, relpath, where):
 
 def _read_localization(path, ids):
     """({image id: rows}, True for mask lines / False for box lines) of localization.txt."""
-    first = next((line for line in read_lines(path, "localization lines") if line.strip()), "")
-    if first.count(",") == 2:
+    first = next((line for line in read_lines(path, "localization lines") if line.strip()), "").split(",")
+    if len(first) == 3 and not _is_number(first[1]):  # a box line short of a column is said as such below
         expected = "'image_id,mask_path,ignore_path'"
         return rows_by_id(path, (str, str, str), expected, ids, IDS_FILE, sep=",", unique=False), True
     expected = "'image_id,x0,y0,x1,y1' (one line per box)"
     return rows_by_id(path, (str, float, float, float, float), expected, ids, IDS_FILE, sep=",", unique=False), False
+
+
+def _is_number(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load_wsol(image_root, metadata_root, split):
@@ -51,8 +59,12 @@ def load_wsol(image_root, metadata_root, split):
     ids_path, labels_path = meta / "image_ids.txt", meta / "class_labels.txt"
     ids = {}
     for lineno, (image_id,) in read_table(ids_path, (str,), "'image_id' (a path under the image root)"):
+        if image_id in ids:  # it would be trained on, or scored, twice
+            raise DataError(f"{ids_path} line {lineno}: image {image_id!r} is listed twice (line {ids[image_id]})")
         _existing(image_root, image_id, f"{ids_path} line {lineno}")
         ids[image_id] = lineno
+    if not ids:
+        raise DataError(f"{ids_path}: lists no images (expected {WSOL_LAYOUT})")
     labels = rows_by_id(labels_path, (str, int), LABELS_EXPECTED, ids, IDS_FILE, sep=",")
     num_classes = _num_classes(metadata_root, labels)
     sizes_path = meta / "image_sizes.txt"
@@ -66,7 +78,8 @@ def load_wsol(image_root, metadata_root, split):
         [(lineno, (label,))] = entries(labels, image_id, labels_path, IDS_FILE)
         check_label(label, range(num_classes), f"{labels_path} line {lineno}")
         [(size_line, size)] = sizes.get(image_id, [(None, None)])
-        item = Item(image_id, label, size=tuple(size) if size else None)
+        item = Item(image_id, label, size=tuple(size) if size else None,
+                    size_source=f"{sizes_path} line {size_line}" if size_line else None)
         if split != "train":
             rows = entries(localization, image_id, loc_path, IDS_FILE)
             item.source = lines_source(loc_path, [lineno for lineno, _ in rows])
@@ -76,8 +89,7 @@ def load_wsol(image_root, metadata_root, split):
                 item.ignore_path = _existing(image_root, ignores[0], item.source) if ignores else None
             else:
                 item.boxes = np.array([box for _, box in rows], np.float32)
-                check_boxes(item.boxes, item.size, item.source,
-                            size_from=f"{sizes_path} line {size_line}" if size_line else None)
+                check_boxes(item.boxes, item.size, item.source, size_from=item.size_source)
         items.append(item)
     return Path(image_root), items, [str(label) for label in range(num_classes)]
 
