@@ -37,7 +37,7 @@ from utils.amp import LossScaler, autocast_context, describe
 from utils.checkpoint import (carry_best, copy_checkpoint, load_checkpoint, model_spec, resume_path, restore, rng_state,
                               save_checkpoint, seed_everything, set_rng_state)
 from utils.config import config_dict, parse_config, save_config
-from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
+from utils.engine import LOSS_KEYS, CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
 from utils.errors import CheckpointError, ConfigError, DataError, OutputError, restated, run_cli, user_message
 from utils.logger import MetricsLog, close_logging, log_error, open_log_file, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
@@ -460,10 +460,10 @@ def log_epoch(cfg, epoch, stats, metrics, improved, split, plan):
     if stats["num_skipped"]:
         _logger.warning("epoch %d: %d unreadable training images skipped (named in the log above; "
                         "--strict-data makes them an error)", epoch + 1, stats["num_skipped"])
-    _logger.info("epoch %d/%d done in %.0fs (%.0f%% of it waiting for data): loss %.4f (ce %.4f area %.4f norm "
-                 "%.4f), train acc %.2f, lr %.3g", epoch + 1, cfg.epochs, stats["time"],
-                 100 * stats["data_wait"] / max(stats["time"], 1e-9), stats["loss"], stats["ce"], stats["area"],
-                 stats["norm"], stats["acc1"], stats["lr"])
+    terms = " ".join(f"{key} {stats[key]:.4f}" for key in LOSS_KEYS if key != "loss")
+    _logger.info("epoch %d/%d done in %.0fs (%.0f%% of it waiting for data): loss %.4f (%s), train acc %.2f, lr %.3g",
+                 epoch + 1, cfg.epochs, stats["time"], 100 * stats["data_wait"] / max(stats["time"], 1e-9),
+                 stats["loss"], terms, stats["acc1"], stats["lr"])
 
 
 # ------------------------------------------------------------------------------------------- final test

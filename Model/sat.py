@@ -8,6 +8,7 @@ kernels. The localization map is the mean of ``P`` over the spatial-aware blocks
 classification is a 3x3 conv over the patch grid followed by global average pooling.
 """
 import logging
+import os
 from functools import partial
 from typing import List, Optional, Tuple
 
@@ -129,6 +130,7 @@ class SATVisionTransformer(nn.Module):
         self.grid_size = self.patch_embed.grid_size
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # the paper's spatial token and its own position embedding (named as in the official checkpoints)
         self.loc_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.loc_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -190,13 +192,13 @@ class SATVisionTransformer(nn.Module):
         B = x.shape[0]
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
-        x = torch.cat([x, (self.loc_token + self.loc_embed).expand(B, -1, -1)], dim=1)
+        x = torch.cat([x, (self.loc_token + self.loc_embed).expand(B, -1, -1)], dim=1)  # spatial token, last
         x = self.pos_drop(x)
         probs = []
         for block in self.blocks:
             x, prob = block(x)
-            if prob is not None:
-                probs.append(prob[:, 1:-1])
+            if prob is not None:  # a spatial-aware block: its foreground probability of the patch tokens
+                probs.append(prob[:, 1:-1])  # (without the cls and the spatial token)
         x = self.norm(x)
         gh, gw = self.grid_size
         patches = x[:, 1:-1].transpose(1, 2).reshape(B, self.embed_dim, gh, gw)
@@ -227,9 +229,14 @@ def checkpoint_filter_fn(state_dict: dict, model: SATVisionTransformer) -> dict:
         if value.shape != own[key].shape:
             mismatched.append(f"{key}: pretrained {tuple(value.shape)} vs model {tuple(own[key].shape)}")
         out[key] = value
+    shape = f"embed dim {model.embed_dim}, depth {len(model.blocks)}"
     if mismatched:
-        raise CheckpointError(f"pretrained weights do not fit the model (wrong DeiT size?): {len(mismatched)} "
-                              f"tensors differ, e.g. {'; '.join(mismatched[:2])}")
+        raise CheckpointError(f"pretrained weights do not fit the model ({shape}; wrong DeiT size?): "
+                              f"{len(mismatched)} tensors differ, e.g. {'; '.join(mismatched[:2])}")
+    if not any(key.startswith("blocks.") for key in out):  # e.g. a CNN's weights: nothing would be loaded
+        theirs = ", ".join(list(clean_state_dict(state_dict))[:3])
+        raise CheckpointError(f"pretrained weights hold no tensor of the model's transformer blocks (expected a "
+                              f"DeiT / timm ViT or SAT state dict: blocks.0.attn.qkv.weight, ...; got {theirs}, ...)")
     model.newly_initialized_keys = sorted(k for k in own if k not in out)
     _logger.info("pretrained weights: newly initialised keys: %s", ", ".join(model.newly_initialized_keys))
     return out
@@ -270,6 +277,7 @@ def _create_sat(variant: str, pretrained=False, **kwargs) -> SATVisionTransforme
     weights = None
     if isinstance(pretrained, (str, bytes)) or hasattr(pretrained, "__fspath__"):
         # a local file: read as the checkpoints are (one-line errors for a folder, a file that is no state dict)
+        pretrained_path = pretrained
         weights, pretrained = read_checkpoint(pretrained, "pretrained weights")["model"], False
     model = build_model_with_cfg(
         SATVisionTransformer, variant, pretrained,
@@ -278,7 +286,10 @@ def _create_sat(variant: str, pretrained=False, **kwargs) -> SATVisionTransforme
         **kwargs,
     )
     if weights is not None:
-        model.load_state_dict(checkpoint_filter_fn(weights, model), strict=False)
+        try:
+            model.load_state_dict(checkpoint_filter_fn(weights, model), strict=False)
+        except CheckpointError as err:
+            raise CheckpointError(f"{os.fsdecode(pretrained_path)}: {err}") from None
     return model
 
 

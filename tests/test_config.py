@@ -42,8 +42,10 @@ def test_every_key_has_a_section_and_a_description():
 
 @pytest.mark.parametrize("name", ["CUB.yaml", "ILSVRC.yaml"])
 def test_official_configs_list_every_training_key(name):
-    text = (CONFIGS / name).read_text()
-    assert "base:" not in text and set(load_yaml(CONFIGS / name)) == TRAINING_KEYS
+    assert "base:" not in (CONFIGS / name).read_text(), f"{name} is complete: no base"
+    listed = set(load_yaml(CONFIGS / name))
+    assert listed == TRAINING_KEYS, f"{name}: missing {sorted(TRAINING_KEYS - listed)}, unknown " \
+                                    f"{sorted(listed - TRAINING_KEYS)}"
 
 
 @pytest.mark.parametrize("name, base, differs", [
@@ -186,9 +188,10 @@ def test_evaluator_reads_a_training_config_without_translation(tmp_path):
     assert args.workers == FIELDS["workers"].evaluator_default
     assert args.ignored_config_keys == ["epochs", "lr", "batch_size", "arch", "resize_size", "workers", "amp",
                                         "output_dir", "device"]
-    flags = evaluate("--config", config, "--checkpoint", "c.pth", "--arch", "a", "--amp", "--eval-batch-size", "3",
-                     "--output-dir", "o")
-    assert (flags.arch, flags.amp, flags.eval_batch_size, flags.output_dir) == ("a", True, 3, "o")
+    flags = evaluate("--config", config, "--checkpoint", "c.pth", "--arch", "deit_sat_nano_patch16_224", "--amp",
+                     "--eval-batch-size", "3", "--output-dir", "o")
+    assert (flags.arch, flags.amp, flags.eval_batch_size, flags.output_dir) == \
+        ("deit_sat_nano_patch16_224", True, 3, "o")
 
 
 def test_evaluator_config_file_over_its_script_defaults(tmp_path):
@@ -285,6 +288,13 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
     ("train", ["--epochs", "0"], "--epochs: expected an integer >= 1, got '0'"),
     ("train", ["--num-spatial-blocks", "0"], "--num-spatial-blocks: expected an integer >= 1, got '0'"),
     ("train", ["--epochs"], "--epochs: expected one argument"),
+    # refused when parsed (they were said after the data was read and checked)
+    ("train", ["--arch", "deit_tiny"], "unknown arch 'deit_tiny' (--arch deit_tiny); known: "
+                                      "deit_sat_base_patch16_224, deit_sat_nano_patch16_224, "
+                                      "deit_sat_small_patch16_224, deit_sat_tiny_patch16_224"),
+    ("train", ["--arch", "deit_sat_nano_patch16_224", "--num-spatial-blocks", "7"],
+     "num_spatial_blocks must be in [1, 6] (the depth of deit_sat_nano_patch16_224): --num-spatial-blocks 7"),
+    ("evaluate", ["--arch", "deit_small"], "unknown arch 'deit_small' (--arch deit_small); known: "),
     ("train", ["--lr-schedule", "step"], "--lr-schedule: expected one of constant, cosine, got 'step'"),
     ("train", ["--area-loss-scope", "1.5"], "--area-loss-scope: expected global, process or an integer >= 1, got "
                                             "'1.5'"),

@@ -223,9 +223,21 @@ def test_pretrained_file_of_wrong_size_names_keys(tmp_path):
     with pytest.raises(CheckpointError) as err:  # one line, not one per tensor
         build_model(TINY, num_classes=20, pretrained=path)
     # every tensor of the 12 blocks (12 each), the tokens, patch embedding and final norm: 12 * 12 + 6
-    assert str(err.value) == "pretrained weights do not fit the model (wrong DeiT size?): 150 tensors differ, e.g. " \
-                             "cls_token: pretrained (1, 1, 384) vs model (1, 1, 192); pos_embed: pretrained " \
-                             "(1, 197, 384) vs model (1, 197, 192)"
+    assert str(err.value) == f"{path}: pretrained weights do not fit the model (embed dim 192, depth 12; wrong " \
+                             "DeiT size?): 150 tensors differ, e.g. cls_token: pretrained (1, 1, 384) vs model " \
+                             "(1, 1, 192); pos_embed: pretrained (1, 197, 384) vs model (1, 197, 192)"
+
+
+def test_pretrained_file_of_another_network_is_refused(tmp_path):
+    """A CNN's state dict shares no tensor with SAT: nothing would load (it trained from random weights, with an
+    INFO line listing every key as newly initialised)."""
+    path = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        build_model(TINY, num_classes=20, pretrained=path)
+    assert str(err.value) == (f"{path}: pretrained weights hold no tensor of the model's transformer blocks "
+                              "(expected a DeiT / timm ViT or SAT state dict: blocks.0.attn.qkv.weight, ...; got "
+                              "conv1.weight, bn1.weight, bn1.bias, ...)")
 
 
 def test_pretrained_files_that_are_not_weights_are_one_line(tmp_path):
@@ -235,9 +247,9 @@ def test_pretrained_files_that_are_not_weights_are_one_line(tmp_path):
     torch.save({"model": [1, 2, 3]}, tmp_path / "list.pth")
     for name, message in (("nope.pth", "pretrained weights {}: file not found"),
                           ("", "pretrained weights {}: a folder, not a pretrained weights file"),
-                          ("text.pth", "{} is not a readable checkpoint"),
-                          ("empty.pth", "{} is not a readable checkpoint"),
-                          ("list.pth", "{} is not a checkpoint: expected a state dict")):
+                          ("text.pth", "{} is not a readable pretrained weights file"),
+                          ("empty.pth", "{} is not a readable pretrained weights file"),
+                          ("list.pth", "{} is not a pretrained weights file: expected a state dict")):
         path = tmp_path / name
         with pytest.raises(CheckpointError) as err:
             build_model(TINY, pretrained=str(path))

@@ -125,7 +125,7 @@ def test_kill_and_resume_gives_the_uninterrupted_run(data_root, tmp_path):
         {**json.loads((out / "results.json").read_text()), "checkpoint": str(reference / "checkpoints" / "best.pth")}
 
 
-def test_resume_drops_metrics_of_unsaved_epochs_and_extends_a_run(data_root, tmp_path):
+def test_resume_drops_metrics_of_unsaved_epochs_and_extends_a_run(data_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
     main(args(data_root, out, "--epochs", "1"))
     with open(out / "metrics.jsonl", "a") as f:  # as if killed after logging epoch 2, before its last.pth
@@ -135,9 +135,12 @@ def test_resume_drops_metrics_of_unsaved_epochs_and_extends_a_run(data_root, tmp
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[1])["train_loss"] > 0
     log = (out / "log.txt").read_text()
     assert "resume: epochs was 1 in the checkpoint, now 2" in log
-    # --resume on a finished run: nothing to train, the final test runs again
-    main(args(data_root, out, "--epochs", "2", "--resume"))
+    # --resume on a finished run: nothing to train, the final test runs again; the run named by a relative path
+    # is the folder the checkpoint recorded, not a change
+    monkeypatch.chdir(tmp_path)
+    main(args(data_root, Path("run"), "--epochs", "2", "--resume"))
     assert epochs_logged(out) == [1, 2]
+    assert "resume: output_dir" not in (out / "log.txt").read_text()[len(log):]
     # fewer epochs than done: refused before config.yaml is rewritten with them
     config = (out / "config.yaml").read_text()
     with pytest.raises(ConfigError, match=rf"^--resume {re.escape(str(out / 'checkpoints' / 'last.pth'))}: 2 epochs "

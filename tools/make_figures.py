@@ -3,7 +3,8 @@
     python tools/make_figures.py [--demo-run output/demo] [--output-dir img]
 
 writes img/architecture.png and, when the demo run's overlays exist (``python train.py --config
-config/demo.yaml``), img/demo_overlays.png with the first images of each class.
+config/demo.yaml``), img/demo_overlays.png with the first images of each class. img/ holds the README's
+figures: to look at your own run's grid, give another --output-dir.
 """
 import sys
 from pathlib import Path
@@ -28,9 +29,12 @@ PURPLE = (200, 120, 170)
 def box(img, x0, y0, x1, y1, fill, text="", scale=0.5, text_color=INK):
     cv2.rectangle(img, (x0, y0), (x1, y1), fill, -1, cv2.LINE_AA)
     cv2.rectangle(img, (x0, y0), (x1, y1), INK, 1, cv2.LINE_AA)
-    for i, line in enumerate(text.split("\n")):
+    lines = text.split("\n")
+    widest = max(cv2.getTextSize(line, FONT, scale, 1)[0][0] for line in lines)
+    scale *= min(1.0, (x1 - x0 - 16) / max(widest, 1))  # a margin of 8 px whatever OpenCV's font metrics
+    for i, line in enumerate(lines):
         (w, h), _ = cv2.getTextSize(line, FONT, scale, 1)
-        n = len(text.split("\n"))
+        n = len(lines)
         y = (y0 + y1) // 2 + h // 2 + int((i - (n - 1) / 2) * (h + 6))
         cv2.putText(img, line, ((x0 + x1 - w) // 2, y), FONT, scale, text_color, 1, cv2.LINE_AA)
 

@@ -112,12 +112,22 @@ def _unreadable(path, err):
     return f"a pickle cut short or damaged ({type(err).__name__}{': ' + text.splitlines()[0] if text else ''})"
 
 
+def _same_setting(old, new):
+    """Whether a config value recorded in a checkpoint is the value now: equal, or paths naming the same file
+    (``out/run`` now, ``/home/me/out/run`` recorded)."""
+    if old == new:
+        return True
+    return isinstance(old, str) and isinstance(new, str) and os.path.isabs(old) != os.path.isabs(new) and \
+        os.path.abspath(old) == os.path.abspath(new)
+
+
 def read_checkpoint(path, what="checkpoint") -> Dict[str, Any]:
     """Load a checkpoint file to CPU and check that it holds a state dict: ``{'model': ...}`` (this project's
     and the official files), ``{'state_dict': ...}`` (as many PyTorch projects save them; returned under
     'model') or a bare state dict (also as .safetensors). ``what`` names the file in the errors (e.g.
     'pretrained weights')."""
     path = Path(path)
+    kind = what if what == "checkpoint" else f"{what} file"
     if not path.is_file():
         raise CheckpointError(f"{what} {path}: " + (f"a folder, not a {what} file" if path.is_dir() else
                                                   "file not found"))
@@ -131,7 +141,7 @@ def read_checkpoint(path, what="checkpoint") -> Dict[str, Any]:
                 with _allowing(plain_globals()):
                     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for non-checkpoint files
-        raise CheckpointError(f"{path} is not a readable checkpoint: {_unreadable(path, err)}") from None
+        raise CheckpointError(f"{path} is not a readable {kind}: {_unreadable(path, err)}") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         return ckpt
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
@@ -139,7 +149,7 @@ def read_checkpoint(path, what="checkpoint") -> Dict[str, Any]:
         return {**meta, "model": ckpt["state_dict"]}
     if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return {"model": ckpt}  # a bare state dict
-    raise CheckpointError(f"{path} is not a checkpoint: expected a state dict or a dict with a 'model' or "
+    raise CheckpointError(f"{path} is not a {kind}: expected a state dict or a dict with a 'model' or "
                           "'state_dict' state dict")
 
 
@@ -294,10 +304,12 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
         missing = [key for key in TRAINING_STATE if key not in meta]
         raise CheckpointError(f"{path} is not a training checkpoint of this project (no {', '.join(missing)}); "
                               "to start from its weights use --pretrained PATH")
-    changed = {key: (meta["config"].get(key), value) for key, value in config_dict(cfg).items()
-               if meta["config"].get(key) != value}
-    for key, (old, new) in changed.items():
-        warn("resume: %s was %r in the checkpoint, now %r", key, old, new)
+    recorded = meta["config"]
+    for key, value in config_dict(cfg).items():
+        if key not in recorded:
+            warn("resume: %s is not in the checkpoint's config (a key added since), now %r", key, value)
+        elif not _same_setting(recorded[key], value):
+            warn("resume: %s was %r in the checkpoint, now %r", key, recorded[key], value)
     states = meta.get("rng_states") or []
     if len(states) == info.world_size:
         set_rng_state(states[info.rank])

@@ -681,7 +681,14 @@ def validate(cfg, script, flags=()):
             return f"--{key.replace('_', '-')} {value}"
         return f"{key}: {value} ({'config file ' + cfg.from_file[key] if key in cfg.from_file else 'default'})"
 
+    from Model.sat import ARCH_ARGS  # here, not at the top: Model imports utils.checkpoint, which imports this
+    if getattr(cfg, "arch", None) is not None and cfg.arch not in ARCH_ARGS:
+        raise ConfigError(f"unknown arch {cfg.arch!r} ({named('arch')}); known: {', '.join(sorted(ARCH_ARGS))}")
     if script in TRAINERS:
+        depth = ARCH_ARGS[cfg.arch]["depth"]
+        if cfg.num_spatial_blocks > depth:
+            raise ConfigError(f"num_spatial_blocks must be in [1, {depth}] (the depth of {cfg.arch}): "
+                              f"{named('num_spatial_blocks')}")
         if cfg.resume is not None and cfg.overwrite:
             raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
         if cfg.resize_size is not None and cfg.resize_size < cfg.img_size:
