@@ -428,7 +428,8 @@ def match_classes(dataset, model, meta, checkpoint):
             _logger.warning("the data has %d of the checkpoint's %d classes: evaluating on that class subset, labels "
                             "matched by name", len(mapping), len(names))
         return "name"
-    if names and dataset.num_classes != len(names) and not set(dataset.classes) & set(names):
+    named = not all(str(name).isdigit() for name in dataset.classes)  # wsol metadata names classes by index
+    if names and named and dataset.num_classes != len(names) and not set(dataset.classes) & set(names):
         raise CheckpointError(f"checkpoint {checkpoint} was trained on other classes: none of its {len(names)} class "
                               f"names is among the data's {dataset.num_classes} (e.g. checkpoint {names[0]!r}, data "
                               f"{dataset.classes[0]!r}); is it for another dataset?")

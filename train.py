@@ -38,7 +38,8 @@ from utils.checkpoint import (carry_best, copy_checkpoint, load_checkpoint, mode
                               save_checkpoint, seed_everything, set_rng_state)
 from utils.config import config_dict, parse_config, save_config
 from utils.engine import LOSS_KEYS, CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
-from utils.errors import CheckpointError, ConfigError, DataError, OutputError, restated, run_cli, user_message
+from utils.errors import (CheckpointError, ConfigError, DataError, OutputError, SATError, restated, run_cli,
+                          user_message)
 from utils.logger import MetricsLog, close_logging, log_error, open_log_file, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 from utils.outputs import FolderLock, check_output_folder, delete_outputs, write_text_atomic
@@ -72,6 +73,12 @@ def main(argv=None, imagenet=False):
                 StopAtOnce(lambda name: interrupted_message(cfg, progress, resume, f"stopped by {name}")):
             return train(cfg, info, imagenet, progress, resume, lock)
     except Exception as err:
+        if info.distributed and dist_utils.lost_peer(err):  # a backend traceback named neither cause nor resume
+            err = SATError(interrupted_message(cfg, progress, resume, "another process of the job ended (killed, "
+                                               "out of memory or its node failed: its own output says why; here: "
+                                               f"{dist_utils.first_line(err)})"))
+            log_error(err)
+            raise err from None
         log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)
         raise
     finally:
@@ -136,6 +143,9 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
     scheduler = build_scheduler(optimizer, schedule=cfg.lr_schedule, lr=cfg.lr, min_lr=cfg.min_lr,
                                 epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=steps_per_epoch)
+    if cfg.warmup_epochs >= cfg.epochs and info.is_main:  # e.g. demo.yaml's 3 warm-up epochs with --epochs 2
+        _logger.warning("warmup_epochs %g >= epochs %d: the learning rate rises all run and never reaches lr %g",
+                        cfg.warmup_epochs, cfg.epochs, cfg.lr)
     loss_scaler = LossScaler(info.device, cfg.amp)
     autocast = autocast_context(info.device, cfg.amp)
     if replaced:  # the new run can start: the old one goes
@@ -278,13 +288,19 @@ def build_loaders(cfg, fmt, root, info, micro_batch):
     train_set = build_dataset(fmt, root, "train", TrainPixels(cfg.img_size, cfg.resize_size, cfg.gpu_decode),
                               images_per_class=cfg.images_per_class, seed=cfg.seed, strict=cfg.strict_data,
                               **common)
-    if len(train_set) < micro_batch * info.world_size:
-        raise DataError(f"{root}: the train split has {len(train_set)} images, fewer than one batch "
-                        f"({micro_batch} x {info.world_size} processes); lower --batch-size")
+    if len(train_set) < cfg.batch_size:
+        subset = f" (--images-per-class {cfg.images_per_class})" if cfg.images_per_class else ""
+        if cfg.drop_last:  # every batch would be dropped: nothing to train
+            raise DataError(f"{root}: the train split has {len(train_set)} images{subset}, fewer than one batch "
+                            f"(--batch-size {cfg.batch_size}) with drop_last: no batch to train on; lower "
+                            "--batch-size or give --no-drop-last")
+        if info.is_main:
+            _logger.warning("the train split has %d images%s, fewer than one batch (--batch-size %d): each epoch "
+                            "is one partial batch", len(train_set), subset, cfg.batch_size)
     pin_memory = info.device.type == "cuda"
     train_loader = build_loader(train_set, micro_batch, train=True, workers=cfg.workers,
                                 distributed=info.distributed, seed=cfg.seed, drop_last=cfg.drop_last,
-                                pin_memory=pin_memory)
+                                pin_memory=pin_memory, accum_steps=cfg.accum_steps)
 
     def eval_loader(split, protocol, tencrop):
         return build_eval_loader(fmt, root, split, protocol=protocol, tencrop=tencrop, img_size=cfg.img_size,

@@ -229,15 +229,17 @@ def _join_thread_setup(device):
 
 
 def build_loader(dataset, batch_size, *, train, workers, distributed=False, seed=0, drop_last=None, parts=None,
-                 pin_memory=None):
+                 pin_memory=None, accum_steps=1):
     """BatchLoader over ``dataset``. ``train``: shuffled by a ResumableSampler (this process's share when
     ``distributed``; call ``loader.sampler.set_epoch(epoch[, start_batch])`` each epoch) and by default
-    dropping the last partial batch. Otherwise in order, in this process (sharded evaluation loaders:
-    DataLoader/eval_loader.py). ``pin_memory``: BatchLoader's."""
+    dropping the last partial batch (with ``accum_steps`` batches per optimizer step, the last partial step's).
+    Otherwise in order, in this process (sharded evaluation loaders: DataLoader/eval_loader.py).
+    ``pin_memory``: BatchLoader's."""
     drop_last = train if drop_last is None else drop_last
     sampler = None
     if train:  # one process: the same order as DistributedSampler's with one replica
         sampler = ResumableSampler(dataset, batch_size, num_replicas=None if distributed else 1,
-                                   rank=None if distributed else 0, seed=seed)
+                                   rank=None if distributed else 0, seed=seed,
+                                   whole=batch_size * accum_steps if drop_last else None)
     return BatchLoader(dataset, batch_size, sampler, workers=workers, drop_last=drop_last, seed=seed, parts=parts,
                        pin_memory=pin_memory)

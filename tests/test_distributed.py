@@ -1,5 +1,6 @@
 """DDP on the CPU: train_ImageNet.py with 2 gloo processes under torchrun, torch.distributed.launch and as
 SLURM srun tasks, on a tiny generated ILSVRC2012 layout (train/<wnid>/, flat val/ + LOC_val_solution.csv)."""
+import datetime
 import json
 import os
 import random
@@ -7,18 +8,21 @@ import signal
 import socket
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from DataLoader.demo import CLASS_TEMPLATES, render_image
 from utils.checkpoint import read_checkpoint
+from utils import distributed
 from utils.distributed import (SLURM_PORT_BASE, SLURM_PORT_RANGE, expand_nodelist, init_distributed,
-                               slurm_environment)
+                               slurm_environment, tasks_on_node)
 from utils.errors import ConfigError
 
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT, free_port, wait_for_file
 
 WNIDS = ["n01440764", "n01443537", "n02102040"]
 RUN = ["--config", str(REPO_ROOT / "config" / "demo.yaml"), "--img-size", "64", "--resize-size", "72",
@@ -106,7 +110,7 @@ def test_local_rank_argument_when_the_environment_lacks_it(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ SLURM
 def free_slurm_port():
-    """A free port that a SLURM job id maps to (SLURM_PORT_BASE + job id % SLURM_PORT_RANGE)."""
+    """A free port that a SLURM job id maps to (SLURM_PORT_BASE + job id % SLURM_PORT_RANGE in step 0)."""
     for port in random.Random().sample(range(SLURM_PORT_BASE, SLURM_PORT_BASE + SLURM_PORT_RANGE), 100):
         with socket.socket() as sock:
             try:
@@ -128,46 +132,133 @@ def test_slurm_node_lists_expand_as_scontrol_show_hostnames():
 
 def test_slurm_environment_and_torchrun_precedence():
     slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
-             "SLURM_JOB_NODELIST": "node[03-04]"}
-    assert slurm_environment(slurm) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
-                                        "MASTER_ADDR": "node03", "MASTER_PORT": "23456"}  # 20000 + 123456 % 20000
-    # the step's node list first; MASTER_ADDR / MASTER_PORT already set are kept
+             "SLURM_JOB_NODELIST": "node[03-04]", "SLURM_STEP_ID": "0", "SLURM_NODEID": "1",
+             "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}
+    assert slurm_environment(slurm) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                                        "MASTER_ADDR": "node03", "MASTER_PORT": "13456"}  # 10000 + 123456 % 20000
+    # another step of the job (an evaluation beside the training) gets another port
+    assert slurm_environment({**slurm, "SLURM_STEP_ID": "1"})["MASTER_PORT"] == str(10000 + (123456 + 7919) % 20000)
+    # the step's node list and task count first; MASTER_ADDR / MASTER_PORT already set are kept
     assert slurm_environment({**slurm, "SLURM_STEP_NODELIST": "gpu[2-3]"})["MASTER_ADDR"] == "gpu2"
+    assert slurm_environment({**slurm, "SLURM_STEP_NUM_TASKS": "6"})["WORLD_SIZE"] == "6"
     kept = slurm_environment({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "1234"})
     assert (kept["MASTER_ADDR"], kept["MASTER_PORT"]) == ("head", "1234")
-    # torchrun started inside an srun task: its variables win; a batch script without srun tasks: nothing
+    # torchrun started inside an srun task: its variables win; the batch script or an salloc shell (no step:
+    # SLURM_PROCID / SLURM_NTASKS there describe the job): one process, where it waited 30 minutes for 8
     assert slurm_environment({**slurm, "WORLD_SIZE": "16", "RANK": "3"}) == {}
+    assert slurm_environment({key: v for key, v in slurm.items() if key != "SLURM_STEP_ID"}) == {}
     assert slurm_environment({"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "node1"}) == {}
-    assert slurm_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == {"RANK": "0", "WORLD_SIZE": "1",
-                                                                             "LOCAL_RANK": "0"}
+    assert slurm_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEPID": "0"}) == {
+        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    with pytest.raises(ConfigError, match=r"^SLURM: SLURM_NTASKS='two', expected an integer$"):
+        slurm_environment({**slurm, "SLURM_NTASKS": "two"})
+    with pytest.raises(ConfigError, match=r"^SLURM: SLURM_PROCID=8 is not a rank of 8 tasks \(SLURM_NTASKS\)$"):
+        slurm_environment({**slurm, "SLURM_PROCID": "8"})
+    assert [tasks_on_node("4(x2),3", node) for node in range(4)] == [4, 4, 3, None]
+    assert tasks_on_node("odd", 0) is None
 
 
-def test_srun_tasks_form_one_two_process_job_without_torchrun(imagenet_root, tmp_path):
-    """Two processes with the variables srun gives its tasks (no WORLD_SIZE / MASTER_*): one gloo job."""
-    out = tmp_path / "run"
+def test_srun_tasks_that_do_not_all_start_stop_with_one_line(monkeypatch):
+    """A task that never starts (SLURM_NTASKS 2, one process): the other waits RENDEZVOUS_TIMEOUT, then says
+    what to check, instead of torch's 30 minutes in silence; a port in use is said as such."""
+    port = free_slurm_port()
+    monkeypatch.setattr(distributed, "RENDEZVOUS_TIMEOUT", datetime.timedelta(seconds=2))
+    launch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0",
+              "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": str(port)}
+    with mock.patch.dict(os.environ, launch):  # the environment init_distributed writes is restored after
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+            os.environ.pop(key, None)
+        with pytest.raises(ConfigError) as err:
+            init_distributed("cpu")
+        assert str(err.value).startswith(f"SLURM: the 2 tasks did not all meet at localhost:{port} within 2 s "
+                                         "(this is rank 0): did srun start them all?")
+        assert not torch.distributed.is_initialized()
+    with mock.patch.dict(os.environ, launch), socket.socket() as taken:  # another step on the port
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+            os.environ.pop(key, None)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        os.environ["MASTER_PORT"] = str(taken.getsockname()[1])
+        with pytest.raises(ConfigError, match=f"^SLURM: port {taken.getsockname()[1]} on localhost is in use "
+                                              r"\(another job step\?\): set MASTER_PORT to a free port$"):
+            init_distributed("cpu")
+
+
+@pytest.mark.parametrize("affinity, tasks, per_task, share", [
+    (32, "4", None, 8),  # torchrun's 4 processes on 32 CPUs
+    (8, "4", "8", 8),  # srun binds each task to its own 8 CPUs: nothing to share (it gave 2)
+    (32, "4", "8", 8),  # unbound: a quarter of the node
+    (32, "4", "16", 16),  # --cpus-per-task above a quarter: what SLURM gives
+])
+def test_cpu_share(monkeypatch, affinity, tasks, per_task, share):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", tasks)
+    if per_task is None:
+        monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", per_task)
+    assert distributed.cpu_share() == share
+
+
+def start_srun_tasks(imagenet_root, out, *extra):
+    """Two train_ImageNet.py processes with the variables srun gives its tasks (no WORLD_SIZE / MASTER_*), and
+    the port their job id maps to."""
     port = free_slurm_port()
     env = {key: value for key, value in os.environ.items()
            if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
            and not key.startswith("SLURM_")}
     job_id = port - SLURM_PORT_BASE + 7 * SLURM_PORT_RANGE  # a job id whose derived port is free
-    env.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=str(job_id))
+    env.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=str(job_id), SLURM_STEP_ID="0",
+               SLURM_STEP_TASKS_PER_NODE="2")
     procs = [subprocess.Popen([sys.executable, "train_ImageNet.py", *RUN, "--device", "cpu", "--data-root",
-                               str(imagenet_root), "--output-dir", str(out)], cwd=REPO_ROOT, text=True,
+                               str(imagenet_root), "--output-dir", str(out), *extra], cwd=REPO_ROOT, text=True,
                               env=dict(env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
              for rank in range(2)]
+    return procs, port
+
+
+def finish(procs, timeout=240):
+    """(stdout, stderr) of each process; all are killed if one outlives ``timeout``."""
     outputs = []
     for proc in procs:
         try:
-            outputs.append(proc.communicate(timeout=240))
+            outputs.append(proc.communicate(timeout=timeout))
         except subprocess.TimeoutExpired:
             for p in procs:
                 os.killpg(p.pid, signal.SIGKILL)
             outputs.append(proc.communicate())
+    return outputs
+
+
+def test_srun_tasks_form_one_two_process_job_without_torchrun(imagenet_root, tmp_path):
+    """Two processes with the variables srun gives its tasks: one gloo job."""
+    out = tmp_path / "run"
+    procs, port = start_srun_tasks(imagenet_root, out)
+    outputs = finish(procs)
     for proc, (stdout, stderr) in zip(procs, outputs):
         assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
     check_run(out, 0, *outputs[0])
     assert f"processes started by srun (2 SLURM tasks, master localhost:{port})" in (out / "log.txt").read_text()
+
+
+def test_a_process_killed_leaves_the_other_one_line_and_the_resume_command(imagenet_root, tmp_path):
+    """SIGKILL of one task (a node failure, the OOM killer): the other stops at its next collective with one line
+    naming what happened, what is saved and the resume command (it printed gloo's traceback)."""
+    out = tmp_path / "run"
+    procs, _ = start_srun_tasks(imagenet_root, out, "--epochs", "40")
+    wait_for_file(procs[1], out / "checkpoints" / "last.pth")
+    procs[1].send_signal(signal.SIGKILL)
+    (_, stderr), _ = finish(procs, timeout=120)
+    assert procs[0].returncode == 2, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: another process of the job ended (killed, out of memory or its node failed: its "
+                           "own output says why; here: "), line
+    assert ") in epoch " in line, line
+    assert f"; {out / 'checkpoints' / 'last.pth'} holds " in line
+    assert "; resume with: the same launcher (torchrun, srun ...) with train_ImageNet.py --config " in line
+    assert line.endswith(f" --output-dir {out} --epochs 40 --resume"), line
+    assert line[len("error: "):] in (out / "log.txt").read_text()
 
 
 def test_each_process_writes_its_warnings_into_the_log(imagenet_root, tmp_path):

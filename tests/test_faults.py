@@ -69,8 +69,9 @@ def test_overwrite_that_cannot_start_leaves_the_old_run_intact(data_root, finish
     assert any(name.startswith("tensorboard/") for name in before)
     # fails with the data (fewer than one batch)
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(train.main, args(data_root, out, "--epochs", "1", "--overwrite", "--images-per-class", "2"))
-    assert "fewer than one batch" in error_line(capsys.readouterr().err, exit_info)
+        run_cli(train.main, args(data_root, out, "--epochs", "1", "--overwrite", "--images-per-class", "2",
+                                 "--drop-last"))
+    assert "(--images-per-class 2), fewer than one batch" in error_line(capsys.readouterr().err, exit_info)
     assert files(out) == before  # nothing deleted, nothing appended to the old run's log
     # fails in the first batch, once data and model are built: every training image cut short, --strict-data
     broken = shutil.copytree(data_root, tmp_path / "broken")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from DataLoader import make_demo_dataset
+from DataLoader import build_loader, make_demo_dataset
 from DataLoader.sampler import ResumableSampler
 from Model.losses import SATLoss
 from utils.checkpoint import read_checkpoint
@@ -45,6 +45,20 @@ def test_sampler_epoch_order_split_and_skip():
         sampler = ResumableSampler(data, batch_size=2, num_replicas=2, rank=rank, seed=6)
         sampler.set_epoch(1, start_batch=1)
         assert list(sampler) == list(reference)[2:] and len(sampler) == 3
+
+
+def test_drop_last_with_accumulation_drops_the_partial_optimizer_step():
+    """24 images, micro-batches of 8, 2 per optimizer step: the last micro-batch alone would make a step of 8
+    images; drop_last drops it (one step of 16, as with --batch-size 16 and no accumulation)."""
+    data = list(range(24))
+    loader = build_loader(data, 8, train=True, workers=0, drop_last=True, accum_steps=2)
+    loader.sampler.set_epoch(0)
+    assert len(loader.sampler) == 16 and len(list(loader)) == 2
+    kept = build_loader(data, 8, train=True, workers=0, drop_last=False, accum_steps=2)
+    kept.sampler.set_epoch(0)
+    assert len(kept.sampler) == 24
+    loader.sampler.set_epoch(0, start_batch=1)
+    assert len(loader.sampler) == 8
 
 
 def test_loader_resumed_mid_epoch_yields_the_remaining_batches():

@@ -216,7 +216,8 @@ def test_both_protocols_record_the_wsol_metrics_too(data_root, tmp_path):
     (["--batch-size", "6", "--accum-steps", "4"], "batch_size 6 (global, per optimizer step) must be a multiple"),
     (["--val-split"], "no 'val' split"),
     (["--resume", "missing.pth"], "missing.pth: file not found"),
-    (["--batch-size", "64"], "fewer than one batch"),
+    (["--batch-size", "64", "--drop-last"], "fewer than one batch (--batch-size 64) with drop_last: no batch to "
+                                            "train on; lower --batch-size or give --no-drop-last"),
 ])
 def test_user_errors_are_one_line(data_root, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:

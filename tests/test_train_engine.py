@@ -57,6 +57,16 @@ def test_accumulation_matches_one_large_batch():
     assert stats_whole["ce"] == pytest.approx(stats_acc["ce"], rel=1e-3)
 
 
+def test_epoch_loss_is_a_mean_over_images():
+    """A partial last batch counts for its images: the cross-entropy (a per-image mean) of batches of 4 and 2
+    equals that of the same 6 images in one batch (lr 1e-12: the same weights); a mean of batch means differs."""
+    (six,) = batches(1, 6)
+    parts = [{"image": six["image"][s], "label": six["label"][s], "num_skipped": 0} for s in (slice(0, 4), slice(4, 6))]
+    whole, _, _ = run(make_model(), [six], lr=1e-12)
+    split, _, _ = run(make_model(), parts, lr=1e-12)
+    assert split["ce"] == pytest.approx(whole["ce"], abs=1e-6) and split["images"] == 6
+
+
 def test_partial_accumulation_group_at_epoch_end_still_steps():
     stats, optimizer, scheduler = run(make_model(), batches(5, 2), accum_steps=2)
     assert stats["steps"] == 3 and scheduler.last_epoch == 3

@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from utils.config import config_dict
+from utils.config import FIELDS, config_dict
 from utils.errors import CheckpointError, ConfigError
 
 _logger = logging.getLogger("sat")
@@ -307,7 +307,8 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
     recorded = meta["config"]
     for key, value in config_dict(cfg).items():
         if key not in recorded:
-            warn("resume: %s is not in the checkpoint's config (a key added since), now %r", key, value)
+            if value != FIELDS[key].default:
+                warn("resume: %s is not in the checkpoint's config (a key added since), now %r", key, value)
         elif not _same_setting(recorded[key], value):
             warn("resume: %s was %r in the checkpoint, now %r", key, recorded[key], value)
     states = meta.get("rng_states") or []

@@ -232,11 +232,12 @@ FIELDS = {
     "val_boxes": Field("data", None, "str", "ImageNet val boxes (XML folder, LOC_val_solution.csv or val_gt.txt; "
                        "null: looked for under data_root) or the folder format's boxes CSV (null: "
                        "<data_root>/boxes.csv)", nullable=True, scripts=BOTH),
-    "val_split": Field("data", False, "bool", "select the model and threshold on the held-out 'val' split "
-                       "(wsolevaluation train-fullsup) instead of test"),
+    "val_split": Field("data", False, "bool", "select the model (best.pth) on the held-out 'val' split "
+                       "(wsolevaluation train-fullsup) instead of test; the final test keeps its fixed threshold"),
     "images_per_class": Field("data", None, "int", "few-shot: train on N images per class", domain=">= 1",
                               nullable=True),
-    "drop_last": Field("data", False, "bool", "drop each epoch's last partial training batch"),
+    "drop_last": Field("data", False, "bool", "drop each epoch's last partial training batch (with accum_steps, "
+                       "the images of its last partial optimizer step)"),
     "check_train_split": Field("data", False, "bool", "also check every training image before the first step (the "
                                "evaluation splits always are; bad ones are then skipped, or an error with "
                                "strict_data)"),

@@ -2,6 +2,7 @@
 (``--local-rank`` argument) and SLURM's ``srun`` (one task per GPU, no torchrun), NCCL on GPUs and gloo
 on the CPU, plus small collective helpers that are no-ops in a single process."""
 import contextlib
+import datetime
 import itertools
 import os
 import re
@@ -14,8 +15,14 @@ import torch.distributed as dist
 
 from utils.errors import ConfigError, OutputError, SATError, echoed, output_error, user_message
 
-SLURM_PORT_BASE = 20000  # MASTER_PORT under srun: SLURM_PORT_BASE + job id % SLURM_PORT_RANGE
+# MASTER_PORT under srun: SLURM_PORT_BASE + (job id + SLURM_STEP_PORT_STRIDE * step id) % SLURM_PORT_RANGE, so that
+# two steps of one job on a node (training and an evaluation) differ, below Linux's ephemeral ports (32768-)
+SLURM_PORT_BASE = 10000
 SLURM_PORT_RANGE = 20000
+SLURM_STEP_PORT_STRIDE = 7919
+# How long srun's tasks wait for each other to join (torch's default, 30 minutes, left a job whose tasks did not
+# all start silent for that long)
+RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 @dataclass
@@ -35,9 +42,10 @@ class DistInfo:
         return self.rank == 0
 
 
-def select_device(device="auto", local_rank=0, local_processes=1):
+def select_device(device="auto", local_rank=0, local_processes=1, per_node_flag="--nproc_per_node"):
     """``auto``: this process's GPU when CUDA is available, else the CPU. ``local_processes``: the
-    processes on this node (torchrun's LOCAL_WORLD_SIZE), each of which needs its own visible GPU."""
+    processes on this node (torchrun's LOCAL_WORLD_SIZE), each of which needs its own visible GPU;
+    ``per_node_flag``: the launcher's flag for their number, for the error."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda requested but CUDA is not available; use --device cpu")
     if device == "cpu" or not torch.cuda.is_available():
@@ -45,7 +53,7 @@ def select_device(device="auto", local_rank=0, local_processes=1):
     visible, needed = torch.cuda.device_count(), max(local_processes, local_rank + 1)
     if needed > visible:
         raise ConfigError(f"device {device}: {needed} processes on this node but {visible} visible GPU(s) "
-                          f"(local rank {local_rank}); launch at most {visible} (--nproc_per_node {visible}) "
+                          f"(local rank {local_rank}); launch at most {visible} ({per_node_flag} {visible}) "
                           "or use --device cpu")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
@@ -91,16 +99,48 @@ def first_host(nodelist):
     return hosts[0]
 
 
+def _slurm_integer(environ, key):
+    try:
+        return int(environ[key])
+    except ValueError:
+        raise ConfigError(f"SLURM: {key}={environ[key]!r}, expected an integer") from None
+
+
+def tasks_on_node(tasks_per_node, node_id):
+    """The number of tasks on node ``node_id`` of a SLURM tasks-per-node list (``4(x2),3``: 4, 4, 3), or None
+    when it cannot be read."""
+    counts = []
+    for part in tasks_per_node.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not match:
+            return None
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts[node_id] if 0 <= node_id < len(counts) else None
+
+
 def slurm_environment(environ):
-    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) for a process
-    started by ``srun``, or {} when this is not an srun task or a launcher (torchrun) already set
-    WORLD_SIZE. MASTER_ADDR / MASTER_PORT already in the environment are kept; otherwise the first
-    host of the step's node list and a port derived from the job id (the same in every task)."""
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) for a
+    process started by ``srun``, or {} when this is not an srun task (no step id: the batch script or an salloc
+    shell, where SLURM_PROCID / SLURM_NTASKS describe the job, not a process of several) or a launcher
+    (torchrun) already set WORLD_SIZE. MASTER_ADDR / MASTER_PORT already in the environment are kept; otherwise
+    the first host of the step's node list and a port derived from the job and step ids (the same in every
+    task of the step)."""
     if "WORLD_SIZE" in environ or "SLURM_PROCID" not in environ or "SLURM_NTASKS" not in environ:
         return {}
-    env = {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_NTASKS"],
-           "LOCAL_RANK": environ.get("SLURM_LOCALID", "0")}
-    if int(env["WORLD_SIZE"]) == 1:
+    step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID"))
+    if step is None:
+        return {}
+    world_key = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS"
+    rank, world_size = _slurm_integer(environ, "SLURM_PROCID"), _slurm_integer(environ, world_key)
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"SLURM: SLURM_PROCID={rank} is not a rank of {world_size} tasks ({world_key})")
+    env = {"RANK": str(rank), "WORLD_SIZE": str(world_size),
+           "LOCAL_RANK": str(_slurm_integer(environ, "SLURM_LOCALID")) if "SLURM_LOCALID" in environ else "0"}
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE", environ.get("SLURM_TASKS_PER_NODE"))
+    local = tasks_on_node(per_node, int(environ.get("SLURM_NODEID", "0") or 0)) if per_node else None
+    if local:  # the CPUs of a node are shared by its tasks (cpu_share), as under torchrun
+        env["LOCAL_WORLD_SIZE"] = str(local)
+    if world_size == 1:
         return env
     nodelist = next((environ[key] for key in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
                      if environ.get(key)), None)
@@ -108,9 +148,35 @@ def slurm_environment(environ):
         raise ConfigError("SLURM: SLURM_NTASKS > 1 but no SLURM_JOB_NODELIST / SLURM_NODELIST to find the "
                           "master host; set MASTER_ADDR")
     env["MASTER_ADDR"] = environ.get("MASTER_ADDR") or first_host(nodelist)
-    job_id = environ.get("SLURM_JOB_ID", environ.get("SLURM_JOBID", "0"))
-    env["MASTER_PORT"] = environ.get("MASTER_PORT") or str(SLURM_PORT_BASE + int(job_id) % SLURM_PORT_RANGE)
+    job_id = int(environ.get("SLURM_JOB_ID", environ.get("SLURM_JOBID", "0")) or 0)
+    step_id = int(step) if step.isdigit() else 0
+    env["MASTER_PORT"] = environ.get("MASTER_PORT") or str(
+        SLURM_PORT_BASE + (job_id + SLURM_STEP_PORT_STRIDE * step_id) % SLURM_PORT_RANGE)
     return env
+
+
+def first_line(err):
+    """The first line of an error's text (its type without one), at most 200 characters: what a one-line error
+    keeps of a backend's multi-line message."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _srun_store(info):
+    """The TCP store through which srun's tasks find each other, with RENDEZVOUS_TIMEOUT: a ConfigError naming
+    what to check when they do not all arrive in time, or the port is taken."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        return dist.TCPStore(host, port, info.world_size, is_master=info.is_main, timeout=RENDEZVOUS_TIMEOUT,
+                             wait_for_workers=True)
+    except (RuntimeError, dist.DistError) as err:
+        first = first_line(err)
+        if "EADDRINUSE" in str(err) or "address already in use" in str(err).lower():
+            raise ConfigError(f"SLURM: port {port} on {host} is in use (another job step?): set MASTER_PORT to a "
+                              "free port") from None
+        raise ConfigError(f"SLURM: the {info.world_size} tasks did not all meet at {host}:{port} within "
+                          f"{RENDEZVOUS_TIMEOUT.total_seconds():.0f} s (this is rank {info.rank}): did srun start "
+                          f"them all? ({first})") from None
 
 
 def init_distributed(device="auto", local_rank_arg=None):
@@ -132,20 +198,47 @@ def init_distributed(device="auto", local_rank_arg=None):
         raise ConfigError("WORLD_SIZE is set but RANK is not: launch with torchrun or torch.distributed.launch")
     gpu = local_rank
     if slurm and torch.cuda.is_available() and torch.cuda.device_count() == 1:
-        gpu = 0  # srun --gpus-per-task=1 / --gpu-bind: each task sees only its own GPU
-    info = DistInfo(int(os.environ["RANK"]), world_size, local_rank, select_device(device, gpu, local_processes))
-    if slurm:
-        info.launcher = "srun ({} SLURM tasks, master {MASTER_ADDR}:{MASTER_PORT})".format(world_size, **os.environ)
+        gpu, local_processes = 0, 1  # srun --gpus-per-task=1 / --gpu-bind: each task sees only its own GPU
+    info = DistInfo(int(os.environ["RANK"]), world_size, local_rank,
+                    select_device(device, gpu, local_processes, "--ntasks-per-node" if slurm else "--nproc_per_node"))
     backend = "nccl" if info.device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=world_size,
-                            device_id=info.device if backend == "nccl" else None)
+    device_id = info.device if backend == "nccl" else None
+    if not slurm:
+        dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=world_size,
+                                device_id=device_id)
+        return info
+    info.launcher = "srun ({} SLURM tasks, master {MASTER_ADDR}:{MASTER_PORT})".format(world_size, **os.environ)
+    if "OMP_NUM_THREADS" not in os.environ:  # torch's threads: this task's share of the node's CPUs, not all
+        torch.set_num_threads(cpu_share())
+    store = _srun_store(info)
+    try:
+        dist.init_process_group(backend, store=store, rank=info.rank, world_size=world_size, device_id=device_id)
+    except (RuntimeError, dist.DistError) as err:  # rank 0 gave up waiting for the others: each task says so
+        raise ConfigError(f"SLURM: the {world_size} tasks did not all meet at {os.environ['MASTER_ADDR']}:"
+                          f"{os.environ['MASTER_PORT']} (this is rank {info.rank}; rank 0 stopped waiting for "
+                          f"the others: did srun start them all?) ({first_line(err)})") from None
     return info
 
 
+# What gloo says when a peer process is gone (NCCL raises DistBackendError)
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def lost_peer(err):
+    """Whether ``err``, met in a collective operation, says that another process of the job is gone."""
+    return isinstance(err, dist.DistBackendError) or (isinstance(err, RuntimeError) and
+                                                      any(text in str(err) for text in PEER_LOST))
+
+
 def cpu_share():
-    """The CPUs of this process: those it may run on, shared by the node's processes (LOCAL_WORLD_SIZE)."""
+    """The CPUs of this process: those it may run on, shared by the node's processes (LOCAL_WORLD_SIZE); at least
+    SLURM's CPUs per task where they fit (srun binds each task to its own CPUs: none to share)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    share = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit():
+        share = max(share, min(cpus, int(per_task)))
+    return max(1, share)
 
 
 def cleanup():

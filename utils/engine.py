@@ -146,7 +146,9 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
                         logits, maps = model(images)
                     losses = criterion(logits, maps, labels)
                     loss_scaler(losses["loss"] / group_size, optimizer, clip_grad=clip_grad, update_grad=last_of_group)
-                meters.update(**{key: losses[key].detach() for key in LOSS_KEYS}, batches=1, images=len(images),
+                # loss terms weighted by images (a partial batch counts for its images, as in train_acc1)
+                meters.update(**{key: losses[key].detach() * len(images) for key in LOSS_KEYS}, batches=1,
+                              images=len(images),
                               correct=(logits.detach().argmax(dim=1) == labels).sum())
                 window.append((step, losses["loss"].detach()))
             elif last_of_group:  # every image of the group's last micro-batch was unreadable: step on the rest
@@ -158,7 +160,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
                 if window and ((step + 1) % log_every == 0 or step + 1 == num_steps):
                     _check_window(window, first_step, epoch, world_size)
                     window.clear()
-                    sums = torch.stack([meters.sums[key] for key in (*LOSS_KEYS, "batches")]).tolist()
+                    sums = torch.stack([meters.sums[key] for key in (*LOSS_KEYS, "images")]).tolist()
                     _logger.info("epoch %d step %d/%d  %s  lr %.3g", epoch + 1, step + 1, num_steps,
                                  "  ".join(f"{k} {v / sums[-1]:.4f}" for k, v in zip(LOSS_KEYS, sums)), lr)
                 if on_step is not None:
@@ -166,8 +168,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
             bar.update(1)
     elapsed = time.perf_counter() - start
     totals = meters.totals()
-    batches, images = max(totals["batches"], 1), totals["images"]
-    stats = {key: totals[key] / batches for key in LOSS_KEYS}
+    images = totals["images"]
+    stats = {key: totals[key] / max(images, 1) for key in LOSS_KEYS}
     stats.update(acc1=100.0 * totals["correct"] / max(images, 1), lr=lr, steps=num_steps, images=int(images),
                  num_skipped=int(totals["skipped"]), time=elapsed, images_per_sec=images / max(elapsed, 1e-9),
                  data_wait=loaded.wait)

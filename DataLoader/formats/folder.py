@@ -44,7 +44,8 @@ def check_class_has_images(directory):
     shifting the labels of the classes sorted after it."""
     try:
         with os.scandir(directory) as scan:
-            if any(is_image_file(entry.name) and not entry.is_dir() for entry in scan):
+            if any(is_image_file(entry.name) and not entry.name.startswith(".") and not entry.is_dir()
+                   for entry in scan):  # as image_files lists them (hidden: macOS's ._ files)
                 return
     except OSError as err:
         raise DataError(f"{directory}: cannot list the folder ({err.strerror})") from None
