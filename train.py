@@ -10,6 +10,7 @@ checkpoints -> the final test of best.pth (results.json). train_ImageNet.py runs
 config. Every config key is also a flag (``python train.py --help``); ``--resume`` continues a run.
 """
 import collections
+import contextlib
 import functools
 import json
 import logging
@@ -30,7 +31,7 @@ from DataLoader.eval_views import default_resize_size, views_of
 from DataLoader.image_cache import attach_image_cache
 from DataLoader.loader import check_loading
 from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
-from Model import SATLoss, build_model, checkpoint_weights
+from Model import SATLoss, build_model, check_pretrained, checkpoint_weights
 from Model.losses import area_span
 from utils import distributed as dist_utils
 from utils.amp import LossScaler, autocast_context, describe
@@ -120,9 +121,15 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     if info.launcher:
         _logger.info("processes started by %s", info.launcher)
 
+    # the checkpoint a --resume continues; else the DeiT weights to start from, found before the data is read
+    path = resumed_from = resume_path(cfg, checkpoint_dir)
+    if path is None:
+        dist_utils.run_everywhere(check_pretrained, cfg.arch, cfg.pretrained)
+
     # data: the training split, the split that selects best.pth, and the final test split
     fmt, root = resolve_data(cfg.data_format, cfg.data_root, imagenet, info.is_main)
     cfg.data_format = fmt
+    _logger.info("reading the %s data at %s (listing the splits, checking the evaluation images)", fmt, root)
     train_loader, selection_loader, test_loader, plan = dist_utils.run_everywhere(build_loaders, cfg, fmt, root, info,
                                                                                  micro_batch)
     train_set, selection_split = train_loader.dataset, "val" if cfg.val_split else "test"
@@ -136,7 +143,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     check_data(cfg, info, train_set, {selection_split: selection_loader.dataset, "test": test_loader.dataset})
 
     # model, loss, optimizer and learning-rate schedule
-    model, train_model = build_training_model(cfg, train_set.num_classes, info, micro_batch)
+    model, train_model = build_training_model(cfg, train_set.num_classes, info, micro_batch,
+                                              pretrained=cfg.pretrained if path is None else False)
     spec = model_spec(model, cfg.arch, train_set.classes, num_spatial_blocks=cfg.num_spatial_blocks)
     criterion = SATLoss(cfg.area_thr, cfg.area_loss_scope, micro_batch=micro_batch)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.decay_tokens)
@@ -156,7 +164,6 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     # resume: weights, optimizer, schedule, RNG states and the position in the epoch of last.pth
     # (a last.pth saved when the evaluation after an epoch failed holds that epoch's training: ``trained``)
     start_epoch, start_step, meters_state, best, trained = 0, 0, None, {}, None
-    path = resumed_from = resume_path(cfg, checkpoint_dir)
     if path is not None:
         meta = dist_utils.run_everywhere(restore, path, cfg, info, model, optimizer, scheduler, loss_scaler,
                                          steps_per_epoch)
@@ -333,14 +340,32 @@ def log_short_classes(train_set, images_per_class):
 def check_data(cfg, info, train_set, eval_sets):
     """Before the first step: every image of the evaluation splits (and of the training split with
     check_train_split) complete and its boxes inside it (DataLoader/check.py); one DataError line otherwise,
-    on every process, so that a broken test image is not found after training. One process reads the files."""
+    on every process, so that a broken test image is not found after training. Each process reads its share
+    of the files (a main process alone made the others wait past NCCL's timeout on a slow file system)."""
     # --strict-data with several processes: a bad training image would stop one process alone mid-epoch while
     # the others wait in the gradient all-reduce, so the training split is checked first
     check_train = cfg.check_train_split or (cfg.strict_data and info.world_size > 1)
     if info.is_main and check_train and not cfg.check_train_split:
         _logger.info("--strict-data with %d processes: checking the training split too", info.world_size)
-    dist_utils.run_on_main(info.is_main, check_splits, train_set, eval_sets, workers=cfg.workers,
-                           check_train=check_train, strict=cfg.strict_data, progress=True)
+    options = dict(workers=cfg.workers, check_train=check_train, strict=cfg.strict_data, progress=True)
+    if not info.distributed:
+        check_splits(train_set, eval_sets, **options)
+        return
+
+    def gather(report):  # every process's report, or the failure of one whose check broke (said by that one)
+        failures = dist_utils.all_gather_object(report if isinstance(report, str) else None)
+        dist_utils.raise_first(failures, SATError)
+        return dist_utils.all_gather_object(report)
+
+    with dist_utils.said_by_main(info.is_main):
+        try:
+            check_splits(train_set, eval_sets, **options, shard=(info.rank, info.world_size), gather=gather)
+        except SATError:
+            raise
+        except Exception as err:  # no other process may wait for this one's report in vain: they stop with a line
+            with contextlib.suppress(SATError):
+                gather(f"the data check failed on process {info.rank}: {type(err).__name__}: {err}")
+            raise
 
 
 # ----------------------------------------------------------------------------------- evaluation plan
@@ -430,10 +455,10 @@ def update_best(best, metrics, selection_metric, epoch, sat=True):
 
 
 # ------------------------------------------------------------------------------------------------ model
-def build_training_model(cfg, num_classes, info, micro_batch):
+def build_training_model(cfg, num_classes, info, micro_batch, pretrained):
     """(the model, the module that trains it: DDP-wrapped and / or compiled as configured; compiled for
-    batches of ``micro_batch`` images)."""
-    model = build_model(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained, img_size=cfg.img_size,
+    batches of ``micro_batch`` images). ``pretrained``: the initial weights (False when a checkpoint's follow)."""
+    model = build_model(cfg.arch, num_classes=num_classes, pretrained=pretrained, img_size=cfg.img_size,
                         drop_path_rate=cfg.drop_path, num_spatial_blocks=cfg.num_spatial_blocks,
                         attn_impl=cfg.attn_impl)
     trainable = set_trainable(model, cfg.trainable)

@@ -120,6 +120,17 @@ class CheckReport:
     bad: list
     seconds: float
     other_size: list = field(default_factory=list)
+    positions: list = field(default_factory=list)  # the dataset index of each bad item (to merge shards' reports)
+
+    @staticmethod
+    def merged(reports):
+        """One report of the shards' reports of a split (each process's, :func:`check_split` with ``shard``):
+        the bad items in dataset order, the time of the slowest."""
+        bad = sorted((position, item) for report in reports for position, item in zip(report.positions, report.bad))
+        return CheckReport(reports[0].split, sum(report.checked for report in reports), [item for _, item in bad],
+                           max(report.seconds for report in reports),
+                           sorted(entry for report in reports for entry in report.other_size),
+                           [position for position, _ in bad])
 
     def summary(self):
         """One line: the split, how many bad images, and the first NAMED of them."""
@@ -144,11 +155,14 @@ def mask_files(item):
     return [*(item.mask_paths or []), *([item.ignore_path] if getattr(item, "ignore_path", None) else [])]
 
 
-def check_split(dataset, split, workers=0, decode=False, progress=False):
+def check_split(dataset, split, workers=0, decode=False, progress=False, shard=(0, 1)):
     """A :class:`CheckReport` of every item of ``dataset`` (a WSOLDataset), read by ``workers`` processes
-    (0: in this process). Boxes are checked in evaluation splits only: training does not use them."""
+    (0: in this process). Boxes are checked in evaluation splits only: training does not use them.
+    ``shard``: (k, n): only the items k, k + n, k + 2n, ... (the share of process k of n)."""
+    indices = range(shard[0], len(dataset.items), shard[1])
+    items = [dataset.items[index] for index in indices]
     jobs = [(dataset.image_path(index), item.boxes if dataset.evaluation else None, item.size, item.source,
-             mask_files(item) if dataset.evaluation else [], decode) for index, item in enumerate(dataset.items)]
+             mask_files(item) if dataset.evaluation else [], decode) for index, item in zip(indices, items)]
     chunks = Chunks(jobs)
     processes = min(workers, len(chunks))
     start = time.perf_counter()
@@ -161,32 +175,40 @@ def check_split(dataset, split, workers=0, decode=False, progress=False):
         for run in runs:
             results += run
             bar.update(len(run))
-    bad = [(job[0], reason) for job, (reason, _) in zip(jobs, results) if reason is not None]
+    found = [(index, (job[0], reason)) for index, job, (reason, _) in zip(indices, jobs, results) if reason is not None]
     other_size = [(path, tuple(stated), tuple(size), item.size_source or source)
-                  for (path, boxes, stated, source, *_), (_, size), item in zip(jobs, results, dataset.items)
+                  for (path, boxes, stated, source, *_), (_, size), item in zip(jobs, results, items)
                   if boxes is not None and stated and size and tuple(stated) != tuple(size)]
-    return CheckReport(split, len(jobs), bad, time.perf_counter() - start, other_size)
+    return CheckReport(split, len(jobs), [bad for _, bad in found], time.perf_counter() - start, other_size,
+                       [index for index, _ in found])
 
 
-def check_splits(train_set, eval_sets, workers=0, check_train=False, strict=False, decode=False, progress=False):
+def check_splits(train_set, eval_sets, workers=0, check_train=False, strict=False, decode=False, progress=False,
+                 shard=(0, 1), gather=None):
     """Check the evaluation splits (``eval_sets``: {split name: WSOLDataset}) and, with ``check_train``, the
     training split before training starts; the reports.
 
     A bad evaluation image raises a one-line DataError (metrics must cover the whole split), as does a bad
     training image with ``strict``; otherwise bad training images are named in a warning and skipped in
-    training, as they are when met there.
+    training, as they are when met there. Several processes share the work: each checks its ``shard`` and
+    ``gather`` (all_gather_object) gives every one all the reports, so that each raises the same error; the
+    first shard's process says the rest.
     """
     splits = dict(eval_sets)
     if check_train:
         splits["train"] = train_set
-    reports = []
+    reports, says = [], shard[0] == 0
     for split, dataset in splits.items():
-        report = check_split(dataset, split, workers, decode, progress)
+        report = check_split(dataset, split, workers, decode, progress and says, shard)
+        if gather is not None:
+            report = CheckReport.merged(gather(report))
         reports.append(report)
         if report.bad and (split != "train" or strict):
             raise DataError(report.summary())
-        if report.bad:
+        if report.bad and says:
             _logger.warning("%s (skipped in training; --strict-data makes them an error)", report.summary())
+    if not says:
+        return reports
     _logger.info("checked the %s of %s in %.1fs", METHODS[decode],
                  " and ".join(f"the {r.split} split ({r.checked} images)" for r in reports),
                  sum(r.seconds for r in reports))

@@ -31,23 +31,39 @@ def build_model(arch: str, num_classes: int = 1000, pretrained=False, *, spellin
     constructor arguments (``img_size``, ``num_spatial_blocks``, ``drop_path_rate``, ``attn_impl``...).
     ``spelling``: how errors name the options (SPELLINGS: the scripts' flags or torch.hub's arguments).
     """
-    words = SPELLINGS[spelling]
-    if arch not in list_archs():
-        raise ConfigError(f"unknown arch {arch!r}; known: {', '.join(list_archs())}")
-    if pretrained is True and not timm.models.get_pretrained_cfg(arch).hf_hub_id:
-        raise ConfigError(f"{arch} has no DeiT weights to start from: {words['no_weights']} (random "
-                          f"initialisation) or {words['weights_file']} (a weights file)")
+    check_pretrained(arch, pretrained, spelling)
     try:
-        if pretrained is True:
-            _check_hub_reachable(arch)
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **overrides)
     except OSError as err:  # hub / network / cache errors of the pretrained download
         if pretrained is not True:
             raise
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"could not get the DeiT weights of {arch} from the timm hub ({reason}); download "
-                              f"them once with network access, or pass a local file ({words['weights_file']}) or "
-                              f"{words['no_weights']}") from None
+        raise _hub_error(arch, err, spelling) from None
+
+
+def check_pretrained(arch, pretrained=True, spelling="flags"):
+    """A ConfigError for an unknown ``arch`` or one without DeiT weights, and with ``pretrained`` True a
+    CheckpointError at once when the timm hub cannot serve them (training calls this before reading its data,
+    so that an offline node says so in seconds, not after the data scan)."""
+    words = SPELLINGS[spelling]
+    if arch not in list_archs():
+        raise ConfigError(f"unknown arch {arch!r}; known: {', '.join(list_archs())}")
+    if pretrained is not True:
+        return
+    if not timm.models.get_pretrained_cfg(arch).hf_hub_id:
+        raise ConfigError(f"{arch} has no DeiT weights to start from: {words['no_weights']} (random "
+                          f"initialisation) or {words['weights_file']} (a weights file)")
+    try:
+        _check_hub_reachable(arch)
+    except OSError as err:
+        raise _hub_error(arch, err, spelling) from None
+
+
+def _hub_error(arch, err, spelling):
+    words = SPELLINGS[spelling]
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CheckpointError(f"could not get the DeiT weights of {arch} from the timm hub ({reason}); download "
+                           f"them once with network access, or pass a local file ({words['weights_file']}) or "
+                           f"{words['no_weights']}")
 
 
 def checkpoint_weights(model):

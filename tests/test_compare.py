@@ -140,7 +140,7 @@ def test_folder_without_metrics_is_one_error_line(tmp_path, runs, capsys):
                                        "output folder)\n")
     (tmp_path / "empty" / "metrics.json").write_text("{not json")
     with pytest.raises(SystemExit):
-        run_cli(compare_main, [str(runs[0]), str(tmp_path / "empty")])
+        run_cli(compare_main, [str(runs[0]), str(tmp_path / "empty"), "--output-dir", str(tmp_path / "out")])
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'empty' / 'metrics.json'}: not valid JSON (")
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from DataLoader import WSOLDataset, build_dataset, make_demo_dataset
 from DataLoader.formats.annotations import Item
-from DataLoader.check import CHUNK, check_split, check_splits
+from DataLoader.check import CHUNK, CheckReport, check_split, check_splits
 from tools.check_dataset import main as check_main
 from utils.errors import DataError, run_cli
 
@@ -151,6 +151,10 @@ def test_workers_find_what_one_process_finds(tmp_path):
         (str(tmp_path / cut), "truncated JPEG: no end marker"), (str(tmp_path / missing), "file not found"),
         (str(tmp_path / boxed), f"boxes.txt line {len(files)}: box (0, 0, 30, 10) lies outside the 16x16 image")]
     assert serial.checked == parallel.checked == len(files)
+    # several processes, each its share (every third item), then merged: the same report, in dataset order
+    merged = CheckReport.merged([check_split(dataset, "test", shard=(k, 3)) for k in range(3)])
+    assert merged.bad == serial.bad and merged.checked == len(files) and merged.positions == [3, CHUNK + 1,
+                                                                                              len(files) - 1]
 
 
 def test_check_dataset_counts_the_boxes_it_read_and_reports_truncated_files(cub, capsys):
@@ -201,22 +205,25 @@ def test_strict_data_with_several_processes_checks_the_training_split_first(cub)
     bad.write_bytes(bad.read_bytes()[:-30])
     train_set, test_set = (build_dataset("cub", cub, split) for split in ("train", "test"))
     cfg = SimpleNamespace(workers=0, check_train_split=False, strict_data=True)
-    check_data(cfg, SimpleNamespace(is_main=True, world_size=1), train_set, {"test": test_set})  # not checked
+    one, two = (SimpleNamespace(is_main=True, rank=0, world_size=n, distributed=False) for n in (1, 2))
+    check_data(cfg, one, train_set, {"test": test_set})  # not checked
     with pytest.raises(DataError, match=re.escape(f"train split: 1 bad image of 6: {bad} (truncated JPEG")):
-        check_data(cfg, SimpleNamespace(is_main=True, world_size=2), train_set, {"test": test_set})
-    check_data(SimpleNamespace(**{**vars(cfg), "strict_data": False}), SimpleNamespace(is_main=True, world_size=2),
-               train_set, {"test": test_set})  # skipped in training: nothing to stop
+        check_data(cfg, two, train_set, {"test": test_set})
+    check_data(SimpleNamespace(**{**vars(cfg), "strict_data": False}), two, train_set,
+               {"test": test_set})  # skipped in training: nothing to stop
 
 
 def test_check_dataset_checks_the_few_shot_subset_training_uses(tmp_path, capsys):
     """--images-per-class: by default the tool checks the subset training draws with its default seed (6), not
     another one; the images outside it are broken here, so checking another subset would report them."""
-    root = make_demo_dataset(tmp_path / "cub", num_classes=2, train_per_class=6, test_per_class=1, image_size=40)
+    root = make_demo_dataset(tmp_path / "cub", num_classes=2, train_per_class=6, test_per_class=3, image_size=40)
     chosen = {item.path for item in build_dataset("cub", root, "train", images_per_class=2, seed=6).items}
     assert chosen != {item.path for item in build_dataset("cub", root, "train", images_per_class=2, seed=0).items}
     for path in cub_paths(root, train=True):
         if str(path.relative_to(root / "images")) not in chosen:
             path.write_bytes(path.read_bytes()[:-30])
-    run_cli(check_main, ["--data-format", "cub", "--data-root", str(root), "--split", "train",
+    run_cli(check_main, ["--data-format", "cub", "--data-root", str(root), "--split", "train", "test",
                          "--images-per-class", "2"])
-    assert capsys.readouterr().out.splitlines()[0] == "train: 4 images, 2 classes, 4 boxes, 0 with masks, 0 bad"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "train: 4 images, 2 classes, 4 boxes, 0 with masks, 0 bad"
+    assert lines[1] == "test: 6 images, 2 classes, 6 boxes, 0 with masks, 0 bad"  # whole, as training evaluates

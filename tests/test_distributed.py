@@ -261,6 +261,24 @@ def test_a_process_killed_leaves_the_other_one_line_and_the_resume_command(image
     assert line[len("error: "):] in (out / "log.txt").read_text()
 
 
+def test_processes_share_the_data_check_and_stop_alike_on_a_broken_test_image(imagenet_root, tmp_path):
+    """Each process checks its share of the evaluation images; a broken one stops both before training, the
+    error said once (by the main process), whichever process read the file."""
+    import shutil
+    root = tmp_path / "ILSVRC2012"
+    shutil.copytree(imagenet_root, root)
+    broken = sorted((root / "val").glob("*.JPEG"))[1]  # the second: in process 1's share
+    broken.write_bytes(broken.read_bytes()[:200])
+    out = tmp_path / "run"
+    procs, _ = start_srun_tasks(root, out)
+    outputs = finish(procs)
+    assert [proc.returncode for proc in procs] == [2, 2], outputs[0][1][-3000:]
+    main_error = [line for line in outputs[0][1].splitlines() if line.startswith("error: ")]
+    assert len(main_error) == 1 and main_error[0].startswith(f"error: test split: 1 bad image of 6: {broken} (")
+    assert "error: " not in outputs[1][1] and "Traceback" not in outputs[0][1] + outputs[1][1]
+    assert not (out / "checkpoints").exists()
+
+
 def test_each_process_writes_its_warnings_into_the_log(imagenet_root, tmp_path):
     """Unreadable training images are skipped by the process whose batch holds them: the other process's lines
     reach log.txt too, marked [rank 1] (only its terminal had them, so the error of a process that stopped a

@@ -63,7 +63,8 @@ def test_predict_end_to_end(tmp_path):
 
 def test_bad_path_is_one_error_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(predict_main, ["--checkpoint", "unused.pth", str(tmp_path / "missing.jpg")])
+        run_cli(predict_main, ["--checkpoint", "unused.pth", str(tmp_path / "missing.jpg"), "--output-dir",
+                               str(tmp_path / "out")])  # not the default output/predict: a user's may be there
     assert exit_info.value.code == 2
     expected = f"error: {tmp_path / 'missing.jpg'}: not found (expected an image file or a folder of images)\n"
     assert capsys.readouterr().err == expected
@@ -248,7 +249,7 @@ def test_a_coco_path_that_cannot_be_written_is_refused_before_predicting(tmp_pat
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as exit_info:
         run_cli(predict_main, ["--checkpoint", "unused.pth", "--save-boxes", str(tmp_path / "file" / "boxes.json"),
-                               str(tmp_path / "file")])
+                               "--output-dir", str(tmp_path / "out"), str(tmp_path / "file")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: --save-boxes {tmp_path / 'file' / 'boxes.json'}: a parent of it is a " \
                                       "file, not a folder\n"

@@ -20,7 +20,7 @@ from PIL import Image
 from DataLoader import make_demo_dataset
 from Model import build_model, build_model_from_checkpoint, checkpoint_weights
 from utils.checkpoint import read_checkpoint
-from utils.errors import ConfigError, run_cli
+from utils.errors import CheckpointError, ConfigError, run_cli
 from evaluator import main as eval_main
 from train import build_loaders, log_short_classes, main
 from utils.config import parse_config
@@ -474,3 +474,22 @@ def test_training_on_mask_data_selects_on_pxap(tmp_path):
     assert 0 <= record["test_pxap"] <= 100 and "test_top1_loc" not in record
     results = json.loads((out / "results.json").read_text())
     assert results["eval_protocol"] == "wsol" and results["selection"]["metric"] == "pxap" and "pxap" in results
+
+
+def test_deit_weights_are_looked_for_before_the_data_and_not_on_resume(data_root, tmp_path, monkeypatch):
+    """An offline node is told at once that the DeiT weights cannot be fetched (it read and checked the whole
+    dataset first); a --resume takes its weights from the checkpoint and needs no network."""
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://sat-hub-probe.invalid")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for key in [key for key in os.environ if "proxy" in key.lower()]:
+        monkeypatch.delenv(key)
+    deit = ["--arch", "deit_sat_tiny_patch16_224", "--pretrained", "true"]
+    with pytest.raises(CheckpointError, match="^could not get the DeiT weights of deit_sat_tiny_patch16_224 from "
+                                              "the timm hub"):
+        main(args(str(tmp_path / "no_data_here"), tmp_path / "new", *deit))
+    out = tmp_path / "run"
+    main(args(data_root, out, "--epochs", "1", "--arch", "deit_sat_tiny_patch16_224", "--pretrained", "false"))
+    main(args(data_root, out, "--epochs", "2", *deit, "--resume"))
+    assert epochs_logged(out) == [1, 2]

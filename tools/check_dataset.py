@@ -23,7 +23,8 @@ def main(argv=None):
     parser.add_argument("--metadata-root", help="wsolevaluation metadata folder (holds <split>/ folders)")
     parser.add_argument("--val-boxes", help="ImageNet val boxes (XML folder, LOC_val_solution.csv or val_gt.txt), "
                                             "or the folder format's boxes CSV")
-    parser.add_argument("--images-per-class", type=int, help="check the seeded few-shot subset only")
+    parser.add_argument("--images-per-class", type=int, help="check the seeded few-shot subset of the train split "
+                                                              "only (training evaluates whole splits)")
     parser.add_argument("--seed", type=int, default=FIELDS["seed"].default,
                         help="the training seed, which picks the --images-per-class subset (default %(default)s, "
                              "training's)")
@@ -37,7 +38,7 @@ def main(argv=None):
     for split in args.split:
         # The check reads the files itself, so the images need no transform.
         dataset = build_dataset(args.data_format, args.data_root, split, lambda image: image,
-                                images_per_class=args.images_per_class,
+                                images_per_class=args.images_per_class if split == "train" else None,
                                 seed=args.seed, metadata_root=args.metadata_root, val_boxes=args.val_boxes,
                                 strict=args.strict_data)
         report = check_split(dataset, split, args.workers, args.decode, progress=sys.stderr.isatty())

@@ -39,7 +39,12 @@ class ValRecord:
 
 
 def _has_xml(directory):
-    return any(name.lower().endswith(".xml") for name, _ in list_dir(directory))
+    """Whether ``directory`` holds an XML file (stops at the first: val/ holds 50,000 images)."""
+    try:
+        with os.scandir(directory) as scan:
+            return any(entry.name.lower().endswith(".xml") and not entry.name.startswith(".") for entry in scan)
+    except OSError as err:
+        raise DataError(f"{directory}: cannot list the folder ({err.strerror})") from None
 
 
 def find_val_boxes(root, explicit=None):
