@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -409,6 +410,9 @@ def write_curves(output_dir, curves, staged):
         plot_curves(staged.path(output_dir / "wsol_curves.png"), panels)
 
 
+WNID = re.compile(r"n\d{8}")
+
+
 def match_classes(dataset, model, meta, checkpoint):
     """Align the dataset's labels with the model's classes: by name when the checkpoint records its class
     names (a class subset is remapped, with a warning), else by index. A class the model lacks is an
@@ -442,6 +446,12 @@ def match_classes(dataset, model, meta, checkpoint):
         differ = [(a, b) for a, b in zip(dataset.classes, names) if a != b][:3]
         _logger.warning("the checkpoint's class names differ from the data's (labels matched by index), e.g. %s",
                         "; ".join(f"data {a!r} vs checkpoint {b!r}" for a, b in differ))
+    if dataset.num_classes < model.num_classes and not names and all(WNID.fullmatch(str(c)) for c in dataset.classes):
+        # an ImageNet class's index is its place among all 1000 wnids, which a subset of them does not tell
+        raise CheckpointError(f"the data has {dataset.num_classes} of ImageNet's wnids ({dataset.classes[0]}, ...) "
+                              f"and checkpoint {checkpoint} records no class names for its {model.num_classes} "
+                              "classes: their indices cannot be told from a subset; give the data its train/ with "
+                              "every wnid folder (the class list), or evaluate the whole val set")
     if dataset.num_classes < model.num_classes:
         _logger.warning("the data has %d classes, the model predicts %d: evaluating on a class subset (labels "
                         "taken as the model's first %d classes)", dataset.num_classes, model.num_classes,

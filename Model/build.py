@@ -99,6 +99,10 @@ SPELLINGS = {
             "fix_arch": "load it with torch.hub's entry point {}", "fix_classes": "leave out num_classes=",
             "no_weights": "pretrained=False", "weights_file": "pretrained='PATH'"},
 }
+# How to build a model of other widths or depths: its options, which only Python and torch.hub take
+OTHER_SHAPES = {"flags": "the scripts build the registered ones only; load it with torch.hub (an entry point, "
+                         "checkpoint=PATH and the options, e.g. embed_dim=...) or in Python",
+                "hub": "pass the model's options (embed_dim=..., depth=..., num_heads=...)"}
 
 
 def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="flags", **overrides):
@@ -129,7 +133,7 @@ def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="
     name = recorded or arch or fitted
     if name is None:
         raise CheckpointError(f"checkpoint {path}: embed dim {shapes[0]} and depth {shapes[1]} fit no registered "
-                              "SAT architecture; pass --arch (and the model's options)")
+                              f"SAT architecture; {OTHER_SHAPES[spelling]}")
     kwargs = dict(ckpt.get("model_kwargs") or {})
     kwargs.setdefault("img_size", ckpt.get("img_size") or shapes[3])
     kwargs.update(overrides)

@@ -5,6 +5,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -480,3 +481,20 @@ def test_an_evaluation_stopped_by_a_bad_image_names_every_bad_image(cub, tmp_pat
     err = _one_error_line(capsys, ["--checkpoint", str(checkpoint), "--data-root", str(root), "--output-dir",
                                    str(tmp_path / "out"), "--workers", "0", "--device", "cpu"])
     assert err.startswith(f"error: test split: 2 bad images of 12, first {bad[0]} (") and f", {bad[1]} (" in err
+
+
+def test_imagenet_subset_with_a_nameless_checkpoint_of_more_classes_is_refused(tmp_path):
+    """An official ImageNet file (no class names) on val images of a few wnids without train/: the wnids' class
+    indices (their places among all 1000) are unknown; it scored them as the model's first classes. With train/
+    (every wnid folder: here the model's 3) the indices are known and the run goes on."""
+    root = _write_imagenet(tmp_path / "ILSVRC2012")
+    checkpoint = tmp_path / "official.pth.tar"
+    ckpt = torch.load(save_nano_checkpoint(tmp_path / "nano.pth", num_classes=5), weights_only=True)
+    torch.save({"model": {f"module.{k}": v for k, v in ckpt["model"].items()}, "best_thr": 0.0}, checkpoint)
+    shutil.rmtree(root / "train")
+    proc = run_script("evaluator_ImageNet.py", "--data-root", root, "--checkpoint", checkpoint, "--output-dir",
+                      tmp_path / "out", "--workers", 0, "--device", "cpu")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: the data has 3 of ImageNet's wnids ({WNIDS[0]}, ...) and checkpoint {checkpoint} records no class "
+        "names for its 5 classes: their indices cannot be told from a subset; give the data its train/ with every "
+        "wnid folder (the class list), or evaluate the whole val set"), proc.stderr[-2000:]
