@@ -114,6 +114,9 @@ def start_logging(args, info, lock):
     if args.ignored_config_keys:
         _logger.info("config %s: not read by the evaluator (model, optimisation, run and training-only keys): %s",
                      args.config, ", ".join(args.ignored_config_keys))
+    if info.distributed:
+        _logger.info("%d processes%s, each evaluating its share of the images", info.world_size,
+                     f" started by {info.launcher}" if info.launcher else "")
     return output_dir, previous
 
 

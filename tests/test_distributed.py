@@ -173,6 +173,14 @@ def test_srun_tasks_that_do_not_all_start_stop_with_one_line(monkeypatch):
         assert str(err.value).startswith(f"SLURM: the 2 tasks did not all meet at localhost:{port} within 2 s "
                                          "(this is rank 0): did srun start them all?")
         assert not torch.distributed.is_initialized()
+    with mock.patch.dict(os.environ, {**launch, "SLURM_PROCID": "1"}):  # rank 0 never started: said in time too
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+            os.environ.pop(key, None)
+        with pytest.raises(ConfigError) as err:
+            init_distributed("cpu")
+        assert str(err.value).startswith(f"SLURM: the 2 tasks did not all meet at localhost:{port} within 2 s "
+                                         "(this is rank 1): did srun start them all? (rank 0's store at "
+                                         f"localhost:{port} never answered: ")
     with mock.patch.dict(os.environ, launch), socket.socket() as taken:  # another step on the port
         for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
             os.environ.pop(key, None)

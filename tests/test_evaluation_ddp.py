@@ -214,6 +214,7 @@ def test_the_evaluator_stopped_by_bad_images_names_them_all_on_every_rank(tmp_pa
     assert [record["echo"] for record in records] == [False, True]  # rank 0 found them: printed once, by rank 0
     log = (tmp_path / "eval" / "log.txt").read_text()
     assert log.count("ERROR error: test split: 2 bad images") == 1 and "[rank 1]" not in log  # once, not per rank
+    assert log.count("2 processes, each evaluating its share of the images") == 1  # the launch is logged
 
 
 def test_an_error_every_rank_meets_loading_is_said_once(tmp_path):

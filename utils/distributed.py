@@ -7,7 +7,9 @@ import itertools
 import os
 import re
 import shutil
+import socket
 import subprocess
+import time
 from dataclasses import dataclass
 
 import torch
@@ -159,24 +161,51 @@ def first_line(err):
     """The first line of an error's text (its type without one), at most 200 characters: what a one-line error
     keeps of a backend's multi-line message."""
     text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[0]
+    return line if len(line) <= 200 else line[:200].rsplit(" ", 1)[0] + " ..."
+
+
+def _not_met(info, host, port, why):
+    return ConfigError(f"SLURM: the {info.world_size} tasks did not all meet at {host}:{port} within "
+                       f"{RENDEZVOUS_TIMEOUT.total_seconds():.0f} s (this is rank {info.rank}): did srun start them "
+                       f"all? ({why})")
+
+
+def _wait_for_master(info, host, port):
+    """Wait until rank 0's store accepts connections, RENDEZVOUS_TIMEOUT at most (torch's client retries past
+    its timeout, without a word, when rank 0 never starts)."""
+    deadline = time.monotonic() + RENDEZVOUS_TIMEOUT.total_seconds()
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=5):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise _not_met(info, host, port, f"rank 0's store at {host}:{port} never answered: "
+                                                 f"{err.strerror or err}") from None
+            time.sleep(1)
 
 
 def _srun_store(info):
     """The TCP store through which srun's tasks find each other, with RENDEZVOUS_TIMEOUT: a ConfigError naming
-    what to check when they do not all arrive in time, or the port is taken."""
+    what to check when they do not all arrive in time, or the port is taken. Its keys are the job step's (a
+    task that reached another job's store on the same port waits for its own peers, not theirs)."""
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if not info.is_main:
+        _wait_for_master(info, host, port)
     try:
-        return dist.TCPStore(host, port, info.world_size, is_master=info.is_main, timeout=RENDEZVOUS_TIMEOUT,
-                             wait_for_workers=True)
+        store = dist.TCPStore(host, port, info.world_size, is_master=info.is_main, timeout=RENDEZVOUS_TIMEOUT,
+                              wait_for_workers=True)
     except (RuntimeError, dist.DistError) as err:
-        first = first_line(err)
         if "EADDRINUSE" in str(err) or "address already in use" in str(err).lower():
             raise ConfigError(f"SLURM: port {port} on {host} is in use (another job step?): set MASTER_PORT to a "
                               "free port") from None
-        raise ConfigError(f"SLURM: the {info.world_size} tasks did not all meet at {host}:{port} within "
-                          f"{RENDEZVOUS_TIMEOUT.total_seconds():.0f} s (this is rank {info.rank}): did srun start "
-                          f"them all? ({first})") from None
+        raise _not_met(info, host, port, first_line(err)) from None
+    step = "{}.{}".format(os.environ.get("SLURM_JOB_ID", os.environ.get("SLURM_JOBID", "")),
+                          os.environ.get("SLURM_STEP_ID", os.environ.get("SLURM_STEPID", "")))
+    return dist.PrefixStore(f"sat-slurm-{step}", store)
 
 
 def init_distributed(device="auto", local_rank_arg=None):
@@ -214,9 +243,8 @@ def init_distributed(device="auto", local_rank_arg=None):
     try:
         dist.init_process_group(backend, store=store, rank=info.rank, world_size=world_size, device_id=device_id)
     except (RuntimeError, dist.DistError) as err:  # rank 0 gave up waiting for the others: each task says so
-        raise ConfigError(f"SLURM: the {world_size} tasks did not all meet at {os.environ['MASTER_ADDR']}:"
-                          f"{os.environ['MASTER_PORT']} (this is rank {info.rank}; rank 0 stopped waiting for "
-                          f"the others: did srun start them all?) ({first_line(err)})") from None
+        raise _not_met(info, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"],
+                       f"rank 0 stopped waiting: {first_line(err)}") from None
     return info
 
 
