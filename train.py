@@ -66,7 +66,7 @@ def main(argv=None, imagenet=False):
     cfg = parse_config(argv, "train_imagenet" if imagenet else "train")
     info = dist_utils.init_distributed(cfg.device, cfg.local_rank)
     script = "train_ImageNet.py" if imagenet else "train.py"
-    resume = resume_command(None if argv is None else [script, *argv], distributed=info.world_size > 1)
+    resume = resume_command(None if argv is None else [script, *argv], info.world_size > 1, info.launcher)
     progress = {"epoch": None, "saved": None}
     lock = FolderLock(cfg.output_dir, script)
     try:  # a stop signal outside the epochs (which save first) and the final test ends the run with this line
@@ -94,7 +94,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     errors that stop it; ``lock``: the output folder's FolderLock, taken first (the caller releases it).
     Returns the record written to results.json."""
     progress = {} if progress is None else progress
-    resume = resume or resume_command(distributed=info.world_size > 1)
+    resume = resume or resume_command(None, info.world_size > 1, getattr(info, "launcher", ""))
     output_dir = Path(cfg.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     if lock is not None:  # first: another job writing into the folder is what to say (on every process)

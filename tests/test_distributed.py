@@ -264,7 +264,7 @@ def test_a_process_killed_leaves_the_other_one_line_and_the_resume_command(image
                            "own output says why; here: "), line
     assert ") in epoch " in line, line
     assert f"; {out / 'checkpoints' / 'last.pth'} holds " in line
-    assert "; resume with: the same launcher (torchrun, srun ...) with train_ImageNet.py --config " in line
+    assert "; resume with: the same launcher (srun) with train_ImageNet.py --config " in line
     assert line.endswith(f" --output-dir {out} --epochs 40 --resume"), line
     assert line[len("error: "):] in (out / "log.txt").read_text()
 

@@ -89,6 +89,8 @@ def test_resume_command():
     assert resume_command(["train.py", "--resume", "--epochs", "3"]) == "python train.py --epochs 3 --resume"
     assert resume_command(["train_ImageNet.py", "--epochs", "3"], distributed=True) == \
         "the same launcher (torchrun, srun ...) with train_ImageNet.py --epochs 3 --resume"
+    assert resume_command(["train_ImageNet.py"], True, "srun (2 SLURM tasks, master n1:10042)") == \
+        "the same launcher (srun) with train_ImageNet.py --resume"  # the tasks srun started itself
 
 
 # ----------------------------------------------------------------------------- train.py end to end

@@ -187,10 +187,10 @@ def ignore_stop_signals():
         signal.signal(signum, signal.SIG_IGN)
 
 
-def resume_command(argv=None, distributed=False):
+def resume_command(argv=None, distributed=False, launcher=""):
     """The command line that continues this run: the same arguments with ``--resume`` (from the run's
     last.pth) instead of any ``--resume PATH`` / ``--overwrite``; for several processes, to be started by
-    the same launcher."""
+    the same launcher (``launcher``: DistInfo.launcher, naming srun when it started them)."""
     argv = list(sys.argv if argv is None else argv)
     kept, skip_value = [], False
     for arg in argv:
@@ -202,7 +202,9 @@ def resume_command(argv=None, distributed=False):
             continue
         kept.append(arg)
     command = shlex.join([*kept, "--resume"])
-    return f"the same launcher (torchrun, srun ...) with {command}" if distributed else f"python {command}"
+    if not distributed:
+        return f"python {command}"
+    return f"the same launcher ({'srun' if launcher.startswith('srun') else 'torchrun, srun ...'}) with {command}"
 
 
 def signal_name(signum):
