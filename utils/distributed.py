@@ -139,7 +139,8 @@ def slurm_environment(environ):
     env = {"RANK": str(rank), "WORLD_SIZE": str(world_size),
            "LOCAL_RANK": str(_slurm_integer(environ, "SLURM_LOCALID")) if "SLURM_LOCALID" in environ else "0"}
     per_node = environ.get("SLURM_STEP_TASKS_PER_NODE", environ.get("SLURM_TASKS_PER_NODE"))
-    local = tasks_on_node(per_node, int(environ.get("SLURM_NODEID", "0") or 0)) if per_node else None
+    node = _slurm_integer(environ, "SLURM_NODEID") if environ.get("SLURM_NODEID") else 0
+    local = tasks_on_node(per_node, node) if per_node else None
     if local:  # the CPUs of a node are shared by its tasks (cpu_share), as under torchrun
         env["LOCAL_WORLD_SIZE"] = str(local)
     if world_size == 1:
@@ -150,7 +151,8 @@ def slurm_environment(environ):
         raise ConfigError("SLURM: SLURM_NTASKS > 1 but no SLURM_JOB_NODELIST / SLURM_NODELIST to find the "
                           "master host; set MASTER_ADDR")
     env["MASTER_ADDR"] = environ.get("MASTER_ADDR") or first_host(nodelist)
-    job_id = int(environ.get("SLURM_JOB_ID", environ.get("SLURM_JOBID", "0")) or 0)
+    job_key = "SLURM_JOB_ID" if environ.get("SLURM_JOB_ID") else "SLURM_JOBID"
+    job_id = _slurm_integer(environ, job_key) if environ.get(job_key) else 0
     step_id = int(step) if step.isdigit() else 0
     env["MASTER_PORT"] = environ.get("MASTER_PORT") or str(
         SLURM_PORT_BASE + (job_id + SLURM_STEP_PORT_STRIDE * step_id) % SLURM_PORT_RANGE)
