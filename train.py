@@ -10,7 +10,6 @@ checkpoints -> the final test of best.pth (results.json). train_ImageNet.py runs
 config. Every config key is also a flag (``python train.py --help``); ``--resume`` continues a run.
 """
 import collections
-import contextlib
 import functools
 import json
 import logging
@@ -358,14 +357,7 @@ def check_data(cfg, info, train_set, eval_sets):
         return dist_utils.all_gather_object(report)
 
     with dist_utils.said_by_main(info.is_main):
-        try:
-            check_splits(train_set, eval_sets, **options, shard=(info.rank, info.world_size), gather=gather)
-        except SATError:
-            raise
-        except Exception as err:  # no other process may wait for this one's report in vain: they stop with a line
-            with contextlib.suppress(SATError):
-                gather(f"the data check failed on process {info.rank}: {type(err).__name__}: {err}")
-            raise
+        check_splits(train_set, eval_sets, **options, shard=(info.rank, info.world_size), gather=gather)
 
 
 # ----------------------------------------------------------------------------------- evaluation plan

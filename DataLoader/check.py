@@ -8,6 +8,7 @@ training: a JPEG with bytes after its end marker is not rejected. ``decode=True`
 times slower). Files are read by DataLoader worker processes, as the training loader reads them (a pool of a
 fork server or of spawned processes would import torch again in each process: seconds before the first file).
 """
+import contextlib
 import logging
 import math
 import time
@@ -17,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils.errors import DataError
+from utils.errors import DataError, SATError
 from utils.preemption import leave_stops_to_the_parent
 
 from .formats.annotations import check_boxes
@@ -191,15 +192,21 @@ def check_splits(train_set, eval_sets, workers=0, check_train=False, strict=Fals
     A bad evaluation image raises a one-line DataError (metrics must cover the whole split), as does a bad
     training image with ``strict``; otherwise bad training images are named in a warning and skipped in
     training, as they are when met there. Several processes share the work: each checks its ``shard`` and
-    ``gather`` (all_gather_object) gives every one all the reports, so that each raises the same error; the
-    first shard's process says the rest.
+    ``gather`` gives every one all the reports, so that each raises the same error (a string: this process's
+    check broke, which gather raises on the others); the first shard's process says the rest.
     """
     splits = dict(eval_sets)
     if check_train:
         splits["train"] = train_set
     reports, says = [], shard[0] == 0
     for split, dataset in splits.items():
-        report = check_split(dataset, split, workers, decode, progress and says, shard)
+        try:
+            report = check_split(dataset, split, workers, decode, progress and says, shard)
+        except Exception as err:  # no other process may wait for this one's report in vain: they stop with a line
+            if gather is not None:
+                with contextlib.suppress(SATError):
+                    gather(f"the data check failed on process {shard[0]}: {type(err).__name__}: {err}")
+            raise
         if gather is not None:
             report = CheckReport.merged(gather(report))
         reports.append(report)

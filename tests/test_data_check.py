@@ -227,3 +227,17 @@ def test_check_dataset_checks_the_few_shot_subset_training_uses(tmp_path, capsys
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "train: 4 images, 2 classes, 4 boxes, 0 with masks, 0 bad"
     assert lines[1] == "test: 6 images, 2 classes, 6 boxes, 0 with masks, 0 bad"  # whole, as training evaluates
+
+
+def test_a_process_whose_check_breaks_tells_the_others(cub, monkeypatch):
+    """With several processes each checks its share and the reports are gathered: one whose check breaks (a
+    worker killed, a bug) sends the others its failure through the same gather, so that none waits for its report
+    in vain, and raises its own error."""
+    import DataLoader.check as check
+
+    sent = []
+    monkeypatch.setattr(check, "check_split", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom")))
+    test_set = build_dataset("cub", cub, "test")
+    with pytest.raises(RuntimeError, match="boom"):
+        check.check_splits(None, {"test": test_set}, shard=(1, 2), gather=lambda report: sent.append(report))
+    assert sent == ["the data check failed on process 1: RuntimeError: boom"]
