@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 import huggingface_hub
 import timm
 
-from utils.checkpoint import check_finite_weights, clean_state_dict, load_state, read_checkpoint
+from utils.checkpoint import check_finite_weights, clean_state_dict, load_state, read_checkpoint, require_file
 from utils.errors import CheckpointError, ConfigError
 
 from .losses import gaussian_kernel_3x3
@@ -41,12 +41,15 @@ def build_model(arch: str, num_classes: int = 1000, pretrained=False, *, spellin
 
 
 def check_pretrained(arch, pretrained=True, spelling="flags"):
-    """A ConfigError for an unknown ``arch`` or one without DeiT weights, and with ``pretrained`` True a
-    CheckpointError at once when the timm hub cannot serve them (training calls this before reading its data,
-    so that an offline node says so in seconds, not after the data scan)."""
+    """A ConfigError for an unknown ``arch`` or one without DeiT weights, a CheckpointError for a ``pretrained``
+    path that is no file, and with ``pretrained`` True a CheckpointError at once when the timm hub cannot serve
+    them (training calls this before reading its data, so that an offline node or a mistyped path is said in
+    seconds, not after the data scan)."""
     words = SPELLINGS[spelling]
     if arch not in list_archs():
         raise ConfigError(f"unknown arch {arch!r}; known: {', '.join(list_archs())}")
+    if isinstance(pretrained, (str, bytes)) or hasattr(pretrained, "__fspath__"):
+        require_file(os.fsdecode(pretrained), "pretrained weights")  # a mistyped path: said before the data
     if pretrained is not True:
         return
     if not timm.models.get_pretrained_cfg(arch).hf_hub_id:

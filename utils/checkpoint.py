@@ -121,16 +121,22 @@ def _same_setting(old, new):
         os.path.abspath(old) == os.path.abspath(new)
 
 
+def require_file(path, what="checkpoint"):
+    """``path`` as a Path; a CheckpointError naming ``what`` when it is no file (missing, or a folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path}: " + (f"a folder, not a {what} file" if path.is_dir() else
+                                                  "file not found"))
+    return path
+
+
 def read_checkpoint(path, what="checkpoint") -> Dict[str, Any]:
     """Load a checkpoint file to CPU and check that it holds a state dict: ``{'model': ...}`` (this project's
     and the official files), ``{'state_dict': ...}`` (as many PyTorch projects save them; returned under
     'model') or a bare state dict (also as .safetensors). ``what`` names the file in the errors (e.g.
     'pretrained weights')."""
-    path = Path(path)
+    path = require_file(path, what)
     kind = what if what == "checkpoint" else f"{what} file"
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path}: " + (f"a folder, not a {what} file" if path.is_dir() else
-                                                  "file not found"))
     try:
         with warnings.catch_warnings():  # torch's note on a pickle protocol it does not expect: the error says it
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
