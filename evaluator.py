@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from DataLoader import DEFAULT_DEMO_ROOT
 from DataLoader.build import build_dataset
 from DataLoader.check import check_split
 from DataLoader.eval_loader import build_eval_loader, resolve_data, resolve_protocol
+from DataLoader.formats.imagenet import WNID
 from DataLoader.eval_views import EvalViews, views_of
 from DataLoader.loader import check_loading
 from Model import build_model_from_checkpoint
@@ -411,9 +411,6 @@ def write_curves(output_dir, curves, staged):
                        (0, 1), (0, 1)))
     if panels:
         plot_curves(staged.path(output_dir / "wsol_curves.png"), panels)
-
-
-WNID = re.compile(r"n\d{8}")
 
 
 def match_classes(dataset, model, meta, checkpoint):

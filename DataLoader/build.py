@@ -12,7 +12,7 @@ from .formats.cars import CARS_LAYOUT, load_cars
 from .formats.cub import CUB_FILES, CUB_LAYOUT, load_cub
 from .formats.dogs import DOGS_LAYOUT, load_dogs
 from .formats.folder import FOLDER_LAYOUT, load_folder
-from .formats.imagenet import load_imagenet
+from .formats.imagenet import WNID, load_imagenet
 from .formats.wsol import load_wsol
 from .subsets import few_shot
 
@@ -82,7 +82,7 @@ LOOKS_LIKE = ("cub", "folder", "dogs", "cars", "aircraft")
 SUBFOLDER_SEARCH_LIMIT = 100
 
 
-IMAGENET_NAME = re.compile(r"n\d{8}|ILSVRC2012_val_\d{8}\.JPEG")
+IMAGENET_NAME = re.compile(rf"{WNID.pattern}|ILSVRC2012_val_\d{{8}}\.JPEG")
 
 
 def _looks_like_imagenet(root):

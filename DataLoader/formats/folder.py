@@ -22,6 +22,16 @@ def list_dir(directory):
         raise DataError(f"{directory}: cannot list the folder ({err.strerror})") from None
 
 
+def has_file(directory, fits):
+    """Whether ``directory`` holds a file (hidden ones left out, as list_dir does) whose name ``fits``; stops at
+    the first, without listing a large folder whole."""
+    try:
+        with os.scandir(directory) as scan:
+            return any(not entry.name.startswith(".") and fits(entry.name) and not entry.is_dir() for entry in scan)
+    except OSError as err:
+        raise DataError(f"{directory}: cannot list the folder ({err.strerror})") from None
+
+
 def is_image_file(name):
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -42,13 +52,8 @@ def image_files(directory):
 def check_class_has_images(directory):
     """DataError when the class folder ``directory`` holds no image file: it would be a class no image has,
     shifting the labels of the classes sorted after it."""
-    try:
-        with os.scandir(directory) as scan:
-            if any(is_image_file(entry.name) and not entry.name.startswith(".") and not entry.is_dir()
-                   for entry in scan):  # as image_files lists them (hidden: macOS's ._ files)
-                return
-    except OSError as err:
-        raise DataError(f"{directory}: cannot list the folder ({err.strerror})") from None
+    if has_file(directory, is_image_file):  # as image_files lists them (hidden ones, macOS's ._ files, left out)
+        return
     raise DataError(f"{directory}: a class folder with no image ({', '.join(IMAGE_EXTENSIONS)}): remove it, or it "
                     "would be a class of its own")
 

@@ -12,7 +12,7 @@ import numpy as np
 from utils.errors import DataError
 
 from .annotations import Item, bad_line, check_boxes, lines_source, read_lines
-from .folder import class_folders, image_files, is_image_file, list_dir, scan_class_folders
+from .folder import class_folders, has_file, image_files, is_image_file, list_dir, scan_class_folders
 
 _logger = logging.getLogger("sat")
 
@@ -20,6 +20,7 @@ _logger = logging.getLogger("sat")
 VAL_BOX_CANDIDATES = ("val_boxes", "bbox_val", "val_bbox", "bbox/val", "Annotations/CLS-LOC/val", "val",
                       "LOC_val_solution.csv", "val_gt.txt")
 # Kaggle's download (ILSVRC/Data/CLS-LOC/{train,val}/ is the image root): its boxes, relative to that root.
+WNID = re.compile(r"n\d{8}")  # an ImageNet class: its WordNet id, the name of its train/ folder
 KAGGLE_ROOT = ("Data", "CLS-LOC")
 KAGGLE_BOX_CANDIDATES = ("../../Annotations/CLS-LOC/val", "../../../LOC_val_solution.csv")
 VAL_BOX_KINDS = "a folder of PASCAL-VOC XML files, LOC_val_solution.csv or val_gt.txt"
@@ -40,11 +41,7 @@ class ValRecord:
 
 def _has_xml(directory):
     """Whether ``directory`` holds an XML file (stops at the first: val/ holds 50,000 images)."""
-    try:
-        with os.scandir(directory) as scan:
-            return any(entry.name.lower().endswith(".xml") and not entry.name.startswith(".") for entry in scan)
-    except OSError as err:
-        raise DataError(f"{directory}: cannot list the folder ({err.strerror})") from None
+    return has_file(directory, lambda name: name.lower().endswith(".xml"))
 
 
 def find_val_boxes(root, explicit=None):
