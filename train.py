@@ -370,7 +370,7 @@ class EvalPlan:
 
     @property
     def sat(self):
-        """Whether the sat protocol is evaluated (map thresholds, best_top1 / best_gt files)."""
+        """Whether the sat protocol is evaluated (map thresholds, best_top1_loc.pth / best_gt_known_loc.pth)."""
         return self.protocol in ("sat", "both")
 
     @property

@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from utils.errors import DataError
 
-from .formats.annotations import check_boxes
+from .formats.annotations import CompactItems, check_boxes
 
 # What PIL raises for missing, truncated or corrupt files.
 UNREADABLE = (OSError, ValueError, SyntaxError)
@@ -57,11 +57,13 @@ class WSOLDataset(Dataset):
     states, else the file's: the official code maps boxes with its lists' sizes), ``'file_size'``, ``'image_id'``
     and mask paths.
     An unreadable training image gives a ``Skipped`` naming it (dropped and logged by the training loop)
-    unless ``strict``; in an evaluation split it is a DataError, so that metrics cover the whole split."""
+    unless ``strict``; in an evaluation split it is a DataError, so that metrics cover the whole split.
+    A training split keeps its items' paths and labels only, in buffers that forked loader workers share
+    (CompactItems)."""
 
     def __init__(self, image_root, items, classes, transform, *, evaluation, strict=False):
         self.image_root = str(image_root)
-        self.items = items
+        self.items = items if evaluation else CompactItems(items)
         self.classes = list(classes)
         self.transform = transform
         self.evaluation = evaluation

@@ -181,7 +181,7 @@ class SATVisionTransformer(nn.Module):
         return [k + 1 for k, block in enumerate(self.blocks) if block.spatial_aware]
 
     def spatial_parameters(self) -> List[nn.Parameter]:
-        """Parameters of the spatial token, its embedding, the spatial-aware blocks and the head."""
+        """Parameters of the spatial token, its embedding, the spatial-aware blocks, the final norm and the head."""
         params = [self.loc_token, self.loc_embed]
         for block in self.blocks:
             if block.spatial_aware:

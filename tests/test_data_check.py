@@ -157,10 +157,10 @@ def test_workers_find_what_one_process_finds(tmp_path):
                                                                                               len(files) - 1]
 
 
-def test_check_dataset_counts_the_boxes_it_read_and_reports_truncated_files(cub, capsys):
+def test_check_dataset_counts_the_test_boxes_it_read_and_reports_truncated_files(cub, capsys):
     run_cli(check_main, ["--data-format", "cub", "--data-root", str(cub)])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:-1] == ["train: 6 images, 2 classes, 6 boxes, 0 with masks, 0 bad",
+    assert lines[:-1] == ["train: 6 images, 2 classes, 0 bad",
                           "test: 4 images, 2 classes, 4 boxes, 0 with masks, 0 bad"]
     assert re.fullmatch(r"checked the headers, end markers and boxes of 10 images in \d+\.\ds", lines[-1])
     boxes = cub / "bounding_boxes.txt"  # a train image without a box is fine: training needs none
@@ -171,7 +171,7 @@ def test_check_dataset_counts_the_boxes_it_read_and_reports_truncated_files(cub,
         run_cli(check_main, ["--data-format", "cub", "--data-root", str(cub)])
     assert exit_info.value.code == 2
     out, err = capsys.readouterr()
-    assert out.splitlines()[:-1] == ["train: 6 images, 2 classes, 5 boxes, 0 with masks, 0 bad",
+    assert out.splitlines()[:-1] == ["train: 6 images, 2 classes, 0 bad",
                                      "test: 4 images, 2 classes, 4 boxes, 0 with masks, 1 bad",
                                      f"  {bad}: truncated JPEG: no end marker"]
     assert err == f"error: test split: 1 bad image of 4: {bad} (truncated JPEG: no end marker)\n"
@@ -225,7 +225,7 @@ def test_check_dataset_checks_the_few_shot_subset_training_uses(tmp_path, capsys
     run_cli(check_main, ["--data-format", "cub", "--data-root", str(root), "--split", "train", "test",
                          "--images-per-class", "2"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "train: 4 images, 2 classes, 4 boxes, 0 with masks, 0 bad"
+    assert lines[0] == "train: 4 images, 2 classes, 0 bad"
     assert lines[1] == "test: 6 images, 2 classes, 6 boxes, 0 with masks, 0 bad"  # whole, as training evaluates
 
 

@@ -52,10 +52,12 @@ def main(argv=None):
                 check_every_image_annotated(dataset, annotations)
             except DataError as err:
                 fatal.append(str(err))
-        boxes = sum(len(item.boxes) for item in dataset.items if item.boxes is not None)
-        masks = sum(1 for item in dataset.items if item.mask_paths is not None)
+        annotated = ""  # training reads no annotations (the training split keeps none: CompactItems)
+        if dataset.evaluation:
+            boxes = sum(len(item.boxes) for item in dataset.items if item.boxes is not None)
+            annotated = f"{boxes} boxes, {sum(1 for item in dataset.items if item.mask_paths is not None)} with masks, "
         name = "test (the ILSVRC2012 val set)" if args.data_format == "imagenet" and split == "test" else split
-        print(f"{name}: {len(dataset)} images, {dataset.num_classes} classes, {boxes} boxes, {masks} with masks, "
+        print(f"{name}: {len(dataset)} images, {dataset.num_classes} classes, {annotated}"
               f"{len(report.bad)} bad{' (skipped in training)' if skipped and report.bad else ''}")
         for path, reason in report.bad:
             print(f"  {path}: {reason}")

@@ -1,6 +1,7 @@
-"""Preemption: SIGTERM and SIGUSR1 (what SLURM sends before a time limit or a preemption, see
-``sbatch --signal``) ask training to save ``last.pth`` at the next optimizer step and stop cleanly;
-the job then continues with ``--resume``."""
+"""Stop signals. In training, SIGTERM and SIGUSR1 (what SLURM sends before a time limit or a preemption, see
+``sbatch --signal``) ask for ``last.pth`` at the next optimizer step and a clean stop; the job then continues
+with ``--resume``. In the evaluators and the final test a signal stops at once (StopAtOnce); helper processes
+leave signals to their parent."""
 import contextlib
 import logging
 import shlex

@@ -1,5 +1,7 @@
 """Annotation records and strict parsing helpers shared by the dataset formats."""
 import csv
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +29,35 @@ class Item:
     def __post_init__(self):
         if self.image_id is None:
             self.image_id = self.path
+
+
+class CompactItems(Sequence):
+    """The paths and labels of a training split's items (training reads nothing else), kept in two buffers
+    instead of one Python object per image. Loader workers are forked from the main process and share its
+    memory until they write to it; reading a list of Items writes reference counts, so every worker came to
+    hold its own copy (about 270 MB per worker for ImageNet's 1.28 M images). Indexing gives an Item made on
+    the fly, without annotations."""
+
+    def __init__(self, items):
+        paths = [item.path.encode("utf-8", "surrogateescape") for item in items]  # file names need not be UTF-8
+        self._paths = b"".join(paths)
+        self._ends = np.cumsum([len(path) for path in paths], dtype=np.int64)
+        self._labels = np.fromiter((item.label for item in items), np.int64, len(paths))
+
+    def __len__(self):
+        return len(self._labels)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[position] for position in range(*index.indices(len(self)))]
+        index = operator.index(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} of {len(self)}")
+        start = int(self._ends[index - 1]) if index else 0
+        path = self._paths[start:int(self._ends[index])].decode("utf-8", "surrogateescape")
+        return Item(path, int(self._labels[index]))
 
 
 def bad_line(path, lineno, expected, line):
