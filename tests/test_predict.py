@@ -346,3 +346,17 @@ def test_a_checkpoint_without_a_threshold_gets_the_evaluators_default_said(tmp_p
         assert record["threshold"] == threshold
         assert f"{checkpoint} records no map threshold (best_thr 0): using {threshold}, {script}'s default" in \
             capsys.readouterr().err
+
+
+def test_an_imagenet_run_without_a_threshold_gets_the_imagenet_default(tmp_path, capsys):
+    """A train_ImageNet.py checkpoint on a class subset that records no best_thr (best.pth selected by the wsol
+    protocol) is boxed at evaluator_ImageNet.py's 0.3, as its run was tested, not at evaluator.py's 0.4."""
+    image = tmp_path / "a.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(image)
+    checkpoint = save_nano_checkpoint(tmp_path / "inet.pth", num_classes=3, best_thr=None)
+    meta = torch.load(checkpoint, weights_only=False)
+    save_checkpoint({**meta, "config": {"data_format": "imagenet", "threshold": 0.3}}, checkpoint)
+    record = predict_main(["--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "o"), "--device", "cpu",
+                           str(image)])
+    assert record["threshold"] == 0.3
+    assert "using 0.3, evaluator_ImageNet.py's default" in capsys.readouterr().err

@@ -154,7 +154,24 @@ def test_resume_drops_metrics_of_unsaved_epochs_and_extends_a_run(data_root, tmp
                        r"num_spatial_blocks 3 \(now 1\), batch_size 8 \(now 4\), which a resumed run keeps \(the "
                        r"model; the schedule counts steps of that batch\): resume with those values"):
         main(args(data_root, out, "--epochs", "3", "--resume", "--num-spatial-blocks", "1", "--batch-size", "4"))
+    # a few-shot subset where the run trained on all images: its epochs would be another length (steps lost)
+    with pytest.raises(ConfigError, match=r"images_per_class None \(now 2\), which a resumed run keeps \(the epochs "
+                       r"are steps over that few-shot subset\)"):
+        main(args(data_root, out, "--epochs", "3", "--resume", "--images-per-class", "2"))
     assert (out / "config.yaml").read_text() == config
+
+
+def test_resume_keeps_the_seed_of_a_few_shot_subset(tmp_path):
+    """The seed picks a few-shot subset's images: another seed on resume is refused for a few-shot run only."""
+    from types import SimpleNamespace
+
+    from utils.checkpoint import check_unchanged
+
+    saved = {"arch": "deit_sat_tiny_patch16_224", "batch_size": 8, "images_per_class": 5, "seed": 6}
+    with pytest.raises(ConfigError, match=r"trained with seed 6 \(now 7\), which a resumed run keeps \(the epochs"):
+        check_unchanged(saved, SimpleNamespace(**dict(saved, seed=7)), tmp_path / "last.pth")
+    check_unchanged(dict(saved, images_per_class=None), SimpleNamespace(**dict(saved, images_per_class=None, seed=7)),
+                    tmp_path / "last.pth")  # the whole split: another seed only reorders the epochs (a warning)
 
 
 def test_resume_without_checkpoint_starts_from_scratch(data_root, tmp_path):

@@ -115,11 +115,12 @@ def discard_leftovers(output_dir, inputs):
 
 def recorded_threshold(path, meta, num_classes):
     """The map threshold the checkpoint records (best_thr, selected in training), else the evaluators' default
-    for a model of ``num_classes`` (ImageNet's for 1000 classes; official ImageNet files record best_thr 0),
-    said in a line."""
+    for a model of ``num_classes`` (ImageNet's for 1000 classes, official ImageNet files recording best_thr 0, and
+    for a model this project trained on ImageNet data, a class subset included), said in a line."""
     if meta.get("best_thr"):
         return float(meta["best_thr"])
-    script = "evaluate_imagenet" if num_classes == 1000 else "evaluate"
+    imagenet = num_classes == 1000 or (meta.get("config") or {}).get("data_format") == "imagenet"
+    script = "evaluate_imagenet" if imagenet else "evaluate"
     threshold = script_defaults(script)["threshold"]
     print(f"{path} records no map threshold (best_thr {meta.get('best_thr')}): using {threshold}, "
           f"{SCRIPTS[script].file}'s default", file=sys.stderr)

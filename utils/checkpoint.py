@@ -344,16 +344,21 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
 
 # keys a run keeps when resumed: the model's shape and meaning, and the global batch (the schedule counts its
 # optimizer steps; last.pth's position in an epoch is one of them)
-FIXED_ON_RESUME = ("arch", "img_size", "num_spatial_blocks", "batch_size")
+FIXED_ON_RESUME = ("arch", "img_size", "num_spatial_blocks", "batch_size", "images_per_class")
 
 
 def check_unchanged(saved, cfg, path):
-    """ConfigError when ``cfg`` changes a key of FIXED_ON_RESUME that the checkpoint's config ``saved`` records,
-    before its weights are loaded (another arch said as such, not as keys that differ)."""
+    """ConfigError when ``cfg`` changes a key of FIXED_ON_RESUME that the checkpoint's config ``saved`` records
+    (and the seed of a few-shot subset, which picks its images), before its weights are loaded (another arch
+    said as such, not as keys that differ)."""
     changed = [key for key in FIXED_ON_RESUME if key in saved and saved[key] != getattr(cfg, key)]
+    if saved.get("images_per_class") and "seed" in saved and saved["seed"] != cfg.seed:
+        changed.append("seed")
     if changed:
-        why = "the model" if "batch_size" not in changed else "the schedule counts steps of that batch" \
-            if changed == ["batch_size"] else "the model; the schedule counts steps of that batch"
+        reasons = {"the model": {"arch", "img_size", "num_spatial_blocks"},
+                   "the schedule counts steps of that batch": {"batch_size"},
+                   "the epochs are steps over that few-shot subset": {"images_per_class", "seed"}}
+        why = "; ".join(reason for reason, keys in reasons.items() if keys & set(changed))
         values = ", ".join(f"{key} {saved[key]} (now {getattr(cfg, key)})" for key in changed)
         raise ConfigError(f"--resume {path}: the run was trained with {values}, which a resumed run keeps ({why}): "
                           "resume with those values (--resume without --config reads the run's own config.yaml), or "
