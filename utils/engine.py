@@ -22,7 +22,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from DataLoader.dataset import size_difference_warning, size_differences
-from DataLoader.device_transforms import on_device, to_device
+from DataLoader.device_transforms import on_device
 from DataLoader.eval_loader import ShardSampler
 from DataLoader.eval_views import TENCROP_CENTRE, views_of
 from DataLoader.transforms import denormalize
@@ -35,6 +35,7 @@ from utils.distributed import all_gather_object, all_reduce_sum, cpu_share, rais
 from utils.errors import ConfigError, DataError, OutputError, SATError, user_message, writing_outputs
 from utils.metrics import Counters, per_class_metrics
 from utils.preemption import leave_stops_to_the_parent
+from utils.saved_maps import write_maps
 from utils.visualize import render_overlay, save_rgb
 
 LOSS_KEYS = ("loss", "ce", "area", "norm")
@@ -313,7 +314,7 @@ class BatchScorer:
                          for paths, ignore in zip(batch["mask_paths"], batch["ignore_path"])]
                 counters.parts["pxap"].update(loc_maps, *map(np.stack, zip(*masks)), normalised=self.from_files)
         if self.save_maps:
-            self._save_maps(ids, out)
+            write_maps(self.save_maps, ids, out)
         column = self.thresholds.index(self.threshold) if pred_boxes is not None and self.threshold is not None \
             else None
         rows = self._rows(batch, out, pred_boxes, ious, column)
@@ -326,17 +327,6 @@ class BatchScorer:
                 self.overlay(ids[k], crop, out["wsol"][1][k], "wsol", self.threshold, None,
                              gt_boxes_wsol(boxes[k], sizes[k], WSOL_MAP_SIZE), predicted_class(out["wsol"][0], k))
         return counters, rows
-
-    def _save_maps(self, ids, out):
-        """``<save_maps>/sat/<id>.npy``: the raw localization map of the sat view (before any normalisation);
-        ``<save_maps>/wsol/<id>.npy``: the wsol protocol's 224x224 map in [0, 1], as wsolevaluation reads it."""
-        for key, save in (("sat", lambda m: m), ("wsol", wsol_map)):
-            if key in out:
-                for image_id, loc_map in zip(ids, out[key][1]):
-                    path = self.save_maps / key / f"{image_id}.npy"
-                    with writing_outputs(path):
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        np.save(path, save(loc_map))
 
     def _rows(self, batch, out, pred_boxes, ious, column):
         """One record per image: the prediction of the sat view (of the wsol view without one) and, at the
@@ -459,6 +449,104 @@ def _sum_over_processes(device):
     return reduce
 
 
+def model_outputs(batches, model, views, autocast, overlays, blocks=False):
+    """(batch, outputs, crops) of each batch of ``batches`` through ``model`` (``forward_views``): the outputs as
+    numpy, checked finite, and the uint8 crops of its overlays (``_overlay_crops``; ``overlays`` 0: none). Each
+    batch is yielded once the next batch's forward is queued: the device computes while the caller scores on
+    the CPU, and the copy of the outputs to the CPU (``HostOutputs``) is waited for only then."""
+    previous = None
+    for batch in batches:
+        images = batch["image"]
+        images = images if images.dim() == 5 else images[:, None]  # (B, V, 3, S, S)
+        if images.shape[1] != views.num_views or images.shape[-1] != views.img_size:
+            raise ValueError(f"batch views {tuple(images.shape[1:])} do not fit {views}")
+        outputs = forward_views(model, images, views, autocast, blocks=blocks)
+        crops = _overlay_crops(images, batch, views, overlays) if overlays != 0 else {}
+        if previous is not None:
+            yield _on_host(*previous)
+        previous = batch, outputs, crops
+    if previous is not None:
+        yield _on_host(*previous)
+
+
+def _on_host(batch, outputs, crops):
+    """The batch's outputs as numpy (waiting for their copy), checked finite."""
+    out = outputs.numpy()
+    check_finite(out, batch["image_id"])
+    return batch, out, crops
+
+
+def saved_outputs(batches, saved_maps):
+    """(batch, outputs, crops) of each batch of a ``map_loader`` (utils/saved_maps.py): the outputs read from
+    files by ``saved_maps`` (a ``SavedMaps``, which checks them), the crops those the loader read for the
+    overlays. No forward to queue first: each batch is yielded at once."""
+    for batch in batches:
+        yield batch, saved_maps(batch), {k: crop for k, crop in enumerate(batch["crop"]) if crop is not None}
+
+
+class PooledScoring:
+    """Batches scored by a ``BatchScorer`` in the box pool, merged in the order they were submitted into one
+    ``Counters`` and the per-image rows. ``submit`` returns once at most ``keep`` batches are being scored (the
+    loop runs ahead of the pool by no more than that); ``finish`` waits for the rest."""
+
+    def __init__(self, pool, scorer, counters, keep):
+        self.pool, self.scorer, self.counters, self.keep = pool, scorer, counters, keep
+        self.rows, self.pending = [], deque()
+
+    def submit(self, batch, out, crops):
+        annotations = {key: value for key, value in batch.items() if key not in ("image", "crop")}  # no pixels
+        self.pending.append(self.pool.submit(self.scorer, annotations, out, crops))
+        self._collect(self.keep)
+
+    def finish(self):
+        """(Counters, rows) of every submitted batch."""
+        self._collect(0)
+        return self.counters, self.rows
+
+    def _collect(self, keep):
+        """Merge the finished batches in order, waiting while more than ``keep`` are pending."""
+        while self.pending and (len(self.pending) > keep or self.pending[0].done()):
+            counters, rows = self.pending.popleft().result()
+            self.counters.merge(counters)
+            self.rows.extend(rows)
+
+
+class HeldOverlays:
+    """The wsol overlays of an evaluation without a given map threshold: drawn at MaxBoxAcc's threshold, known
+    once every batch is counted (over all processes), so each batch's crops and maps are held until then."""
+
+    def __init__(self, scorer):
+        self.scorer, self.held = scorer, []
+
+    def hold(self, batch, out, crops):
+        """Keep the batch's overlays; the crops left to draw with the batch: none."""
+        scores, loc_maps = out["wsol"]
+        self.held.extend((batch["image_id"][k], crop, loc_maps[k], batch["boxes"][k], batch["size"][k],
+                          predicted_class(scores, k)) for k, crop in crops.items())
+        return {}
+
+    def draw(self, threshold):
+        """Draw the held overlays at ``threshold``; the OutputError of one that cannot be written is returned (the
+        caller shares it with the other processes), None when all were."""
+        try:
+            for image_id, crop, loc_map, boxes, size, pred in self.held:
+                self.scorer.overlay(image_id, crop, loc_map, "wsol", threshold, None,
+                                    gt_boxes_wsol(boxes, size, WSOL_MAP_SIZE), pred)
+        except OutputError as err:
+            return err
+        return None
+
+
+def _stop_together(failure, distributed):
+    """Raise ``failure`` (this process's SATError, or None); ``distributed``: every process calls this (an
+    all_gather_object) and all raise the first process's failure, so that none goes on into a collective that
+    one which stopped never joins (a hang under NCCL)."""
+    if distributed:
+        raise_first(all_gather_object(failure and (type(failure), user_message(failure))))
+    if failure is not None:
+        raise failure
+
+
 def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_threshold=None, amp=False,
              distributed=False, save_maps=None, overlay_dir=None, overlays=None, per_image=False,
              progress=True, threads=None, box_processes=None, views=None, saved_maps=None, overlay_blocks=False,
@@ -492,12 +580,12 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     model = getattr(model, "module", model)  # DDP wrapper: no collectives in the forward of uneven shards
     dataset = getattr(loader, "dataset", None)
     class_names = getattr(dataset, "classes", None)
-    wsol_overlays = protocol == "wsol" and overlay_dir is not None
     scorer = BatchScorer(views, evaluated, wsol_threshold if protocol == "wsol" else threshold, save_maps,
                          overlay_dir, class_names, from_files=saved_maps is not None,
                          block_layers=model.spatial_layers if overlay_blocks and model is not None else (),
                          suffix_kept=overlay_names_shared(getattr(dataset, "items", ())) if overlay_dir else ())
-    total, rows, pending_overlays = Counters(protocol, evaluated, views.img_size), [], []
+    held = HeldOverlays(scorer) if protocol == "wsol" and overlay_dir is not None and wsol_threshold is None \
+        else None  # wsol overlays at the threshold this evaluation chooses
     size_mismatches = 0  # images whose file is not the size their annotation states
     autocast = autocast_context(device, amp)
     rank = dist.get_rank() if distributed else 0
@@ -510,61 +598,26 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     failure = None  # a file this process could not read: with several processes, each stops on it (below)
     try:
         with box_pool(threads, box_processes) as pool, torch.inference_mode():
-            pending = deque()
-
-            def score(batch, outputs, crops):
-                """The CPU side of a batch, once the next batch's forward is queued on the device."""
-                nonlocal size_mismatches
-                if saved_maps is None:
-                    out = outputs.numpy()
-                    check_finite(out, batch["image_id"])
-                else:  # read and checked by saved_maps
-                    out = outputs
-                size_mismatches += size_differences(batch)
-                if wsol_overlays and wsol_threshold is None:  # drawn once maxboxacc's threshold is known
-                    scores, loc_maps = out["wsol"]
-                    pending_overlays.extend((batch["image_id"][k], crop, loc_maps[k], batch["boxes"][k],
-                                             batch["size"][k], predicted_class(scores, k)) for k, crop in crops.items())
-                    crops = {}
-                annotations = {key: value for key, value in batch.items() if key not in ("image", "crop")}
-                pending.append(pool.submit(scorer, annotations, out, crops))
-                collect(keep=2 * threads)
-
-            def collect(keep):
-                """Merge the finished batches in order, waiting while more than ``keep`` are pending."""
-                while pending and (len(pending) > keep or pending[0].done()):
-                    counters, batch_rows = pending.popleft().result()
-                    total.merge(counters)
-                    rows.extend(batch_rows)
-
             # on CUDA, the next batch is prepared on a side stream
-            batches = on_device(loader, device) if saved_maps is None else loader
-            previous = None
-            for batch in tqdm(batches, desc="eval", unit="batch", dynamic_ncols=True, disable=not progress or rank):
-                if saved_maps is not None:  # outputs read from files: no forward to queue first
-                    score(batch, saved_maps(batch), {k: c for k, c in enumerate(batch["crop"]) if c is not None})
-                    continue
-                images = to_device(batch["image"], device)
-                images = images if images.dim() == 5 else images[:, None]  # (B, V, 3, S, S)
-                if images.shape[1] != views.num_views or images.shape[-1] != views.img_size:
-                    raise ValueError(f"batch views {tuple(images.shape[1:])} do not fit {views}")
-                outputs = forward_views(forward, images, views, autocast, blocks=overlay_blocks and bool(overlay_dir))
-                crops = _overlay_crops(images, batch, views, overlays) if overlay_dir else {}
-                if previous is not None:
-                    score(*previous)
-                previous = batch, outputs, crops
-            if previous is not None:
-                score(*previous)
-            collect(keep=0)
+            batches = tqdm(on_device(loader, device) if saved_maps is None else loader, desc="eval", unit="batch",
+                           dynamic_ncols=True, disable=not progress or rank)
+            if saved_maps is None:
+                outputs = model_outputs(batches, forward, views, autocast, overlays if overlay_dir else 0,
+                                        blocks=overlay_blocks and bool(overlay_dir))
+            else:
+                outputs = saved_outputs(batches, saved_maps)
+            scoring = PooledScoring(pool, scorer, Counters(protocol, evaluated, views.img_size), keep=2 * threads)
+            with contextlib.closing(outputs):  # a failure ends the loader's pass (workers, threads) here
+                for batch, out, crops in outputs:
+                    size_mismatches += size_differences(batch)
+                    scoring.submit(batch, out, crops if held is None else held.hold(batch, out, crops))
+            total, rows = scoring.finish()
     except (DataError, NonFiniteOutputError, OutputError) as err:  # OutputError: an overlay or a saved map
         failure = err
     finally:
         if model is not None:
             model.train(was_training)
-    if distributed:  # the loop holds no collectives: every process gets here, and all stop on one's failure
-        raise_first(all_gather_object(failure and (type(failure), user_message(failure))))
-    if failure is not None:
-        raise failure
+    _stop_together(failure, distributed)  # the loop holds no collectives: every process gets here
     if distributed:
         total.reduce(_sum_over_processes(device))
         size_mismatches = int(_sum_over_processes(device)(size_mismatches))
@@ -575,17 +628,9 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     if curves:
         metrics["curves"] = curves
     chosen = metrics.get("maxboxacc_threshold", metrics.get("piou_threshold"))  # boxes, else masks
-    if pending_overlays and chosen is not None:  # drawn by the processes that hold them: a failure is shared
-        try:
-            for image_id, crop, loc_map, boxes, size, pred in pending_overlays:
-                scorer.overlay(image_id, crop, loc_map, "wsol", chosen, None,
-                               gt_boxes_wsol(boxes, size, WSOL_MAP_SIZE), pred)
-        except OutputError as err:
-            failure = err
-    if wsol_overlays and wsol_threshold is None and chosen is not None and distributed:  # alike on every process
-        raise_first(all_gather_object(failure and user_message(failure)), OutputError)
-    if failure is not None:
-        raise failure
+    # drawn by the processes that hold them; ``held`` and ``chosen`` are alike on every process: all share a failure
+    if held is not None and chosen is not None:
+        _stop_together(held.draw(chosen), distributed)
     if per_image:
         rows = [row for part in all_gather_object(rows) for row in part] if distributed else rows
         metrics["per_image"] = sorted(rows, key=lambda row: row["index"])

@@ -1,4 +1,5 @@
-"""Saved localization maps of any method, scored in place of a model's outputs (``evaluator.py --maps DIR``).
+"""Saved localization maps: written by ``--save-maps DIR`` (:func:`write_maps`, :func:`write_saved_view`), and
+any method's, scored in place of a model's outputs (``evaluator.py --maps DIR``).
 
 ``SavedMaps`` gives each batch's ``{'sat' | 'wsol': (scores, loc_maps)}`` from files, as ``forward_views`` gives
 a model's, so that ``evaluate`` (utils/engine.py) scores them as it scores a checkpoint; the classes come from an
@@ -21,7 +22,7 @@ from DataLoader.dataset import UNREADABLE, rgb, unreadable_message
 from DataLoader.eval_loader import ShardSampler
 from DataLoader.loader import BatchLoader
 from utils.boxes import WSOL_MAP_SIZE, centre_offset, wsol_map
-from utils.errors import ConfigError, DataError
+from utils.errors import ConfigError, DataError, writing_outputs
 
 MAP_SUFFIXES = (".npy", ".png")
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every np.save file
@@ -84,6 +85,19 @@ def write_saved_view(root, img_size, resize_size):
     Path(root).mkdir(parents=True, exist_ok=True)
     (Path(root) / VIEW_FILE).write_text(json.dumps({"img_size": img_size, "resize_size": resize_size}) + "\n",
                                         encoding="utf-8")
+
+
+def write_maps(root, image_ids, out):
+    """A batch's maps of ``out`` (``{'sat' | 'wsol': (scores, loc_maps)}``, numpy): ``<root>/sat/<id>.npy``, the
+    raw localization map of the sat view (before any normalisation); ``<root>/wsol/<id>.npy``, the wsol protocol's
+    224x224 map in [0, 1], as wsolevaluation reads it. One-line OutputError where a file cannot be written."""
+    for key, save in (("sat", lambda m: m), ("wsol", wsol_map)):
+        if key in out:
+            for image_id, loc_map in zip(image_ids, out[key][1]):
+                path = Path(root) / key / f"{image_id}.npy"
+                with writing_outputs(path):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(path, save(loc_map))
 
 
 def read_map(folder, image_id, allow_constant=False):
