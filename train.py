@@ -34,9 +34,9 @@ from Model import SATLoss, build_model, check_pretrained, checkpoint_weights
 from Model.losses import area_span
 from utils import distributed as dist_utils
 from utils.amp import LossScaler, autocast_context, describe
-from utils.checkpoint import (carry_best, copy_checkpoint, load_checkpoint, model_spec, resume_path, restore, rng_state,
-                              save_checkpoint, seed_everything, set_rng_state)
-from utils.config import config_dict, parse_config, save_config
+from utils.checkpoint import (TrainingCheckpoints, load_checkpoint, model_spec, resume_path, resume_training, rng_state,
+                              seed_everything, set_rng_state)
+from utils.config import parse_config, save_config
 from utils.engine import LOSS_KEYS, CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
 from utils.errors import (CheckpointError, ConfigError, DataError, OutputError, SATError, restated, run_cli,
                           user_message)
@@ -88,10 +88,11 @@ def main(argv=None, imagenet=False):
 
 
 def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
-    """One training run; ``progress`` ({'epoch', 'saved'}) is kept up to date for the message after an
+    """One training run; ``progress`` ({'epoch', 'saved', 'steps_done'}) is kept up to date for the message after an
     interruption; ``resume``: the command that continues the run (default: from sys.argv), for the lines of
     errors that stop it; ``lock``: the output folder's FolderLock, taken first (the caller releases it).
     Returns the record written to results.json."""
+    # setup: the output folder (this run's, or an earlier run's that it continues or replaces), the log, the seed
     progress = {} if progress is None else progress
     resume = resume or resume_command(None, info.world_size > 1, getattr(info, "launcher", ""))
     output_dir = Path(cfg.output_dir)
@@ -99,7 +100,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     if lock is not None:  # first: another job writing into the folder is what to say (on every process)
         dist_utils.run_on_main(info.is_main, lock.acquire)
     with dist_utils.said_by_main(info.is_main):  # (from the flags and what the main process finds)
-        replaced = previous_outputs(cfg, output_dir)
+        replaced = check_run_folder(cfg, output_dir)
         micro_batch = per_process_batch(cfg, info.world_size)
     progress["previous_kept"] = bool(replaced)  # --overwrite: the previous run stays until this one can start
     setup_logging(output_dir, info.is_main, info.rank, log_file=not replaced)  # not into the old run's log
@@ -121,8 +122,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
         _logger.info("processes started by %s", info.launcher)
 
     # the checkpoint a --resume continues; else the DeiT weights to start from, found before the data is read
-    path = resumed_from = resume_path(cfg, checkpoint_dir)
-    if path is None:
+    resumed_from = resume_path(cfg, checkpoint_dir)
+    if resumed_from is None:
         dist_utils.run_everywhere(check_pretrained, cfg.arch, cfg.pretrained)
 
     # data: the training split, the split that selects best.pth, and the final test split
@@ -143,7 +144,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
 
     # model, loss, optimizer and learning-rate schedule
     model, train_model = build_training_model(cfg, train_set.num_classes, info, micro_batch,
-                                              pretrained=cfg.pretrained if path is None else False)
+                                              pretrained=cfg.pretrained if resumed_from is None else False)
     spec = model_spec(model, cfg.arch, train_set.classes, num_spatial_blocks=cfg.num_spatial_blocks)
     criterion = SATLoss(cfg.area_thr, cfg.area_loss_scope, micro_batch=micro_batch)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.decay_tokens)
@@ -162,66 +163,36 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
 
     # resume: weights, optimizer, schedule, RNG states and the position in the epoch of last.pth
     # (a last.pth saved when the evaluation after an epoch failed holds that epoch's training: ``trained``)
-    start_epoch, start_step, meters_state, best, trained = 0, 0, None, {}, None
-    if path is not None:
-        meta = dist_utils.run_everywhere(restore, path, cfg, info, model, optimizer, scheduler, loss_scaler,
-                                         steps_per_epoch)
-        start_epoch, start_step, best = meta["epoch"], meta.get("epoch_step", 0), meta["best"]
-        trained = meta.get("epoch_stats")
-        if start_step and not trained and len(meta["epoch_meters"]) == info.world_size:
-            meters_state = meta["epoch_meters"][info.rank]
-        best = carry_over(best, path, checkpoint_dir, start_epoch, "optimizer" in meta, cfg, info)
-    progress.update(epoch=start_epoch, saved=start_epoch, step=start_step)
-    metrics_log = dist_utils.run_on_main(info.is_main, MetricsLog, output_dir, start_epoch)
+    resumed = resume_training(resumed_from, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per_epoch,
+                              checkpoint_dir)
+    progress.update(epoch=resumed.epoch, saved=resumed.epoch, steps_done=resumed.steps_done)
+    metrics_log = dist_utils.run_on_main(info.is_main, MetricsLog, output_dir, resumed.epoch)
     dist_utils.run_on_main(info.is_main, save_config, cfg, output_dir / "config.yaml")
-
-    def training_state():
-        return dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                    scaler=loss_scaler.state_dict())
-
-    def save_position(epoch, steps_done, meters):
-        """last.pth in the middle of ``epoch``: its optimizer steps done and each process's RNG state and
-        running sums, so that --resume continues exactly there. Collective."""
-        states = dist_utils.all_gather_object((rng_state(info.device), meters.state()))
-        path = save_last(epoch, steps_done, rng_states=[rng for rng, _ in states],
-                         epoch_meters=[sums for _, sums in states])
-        progress.update(saved=epoch, step=steps_done)
-        return path
-
-    def save_trained(epoch, stats, rng):
-        """last.pth after the training of ``epoch`` when its evaluation failed: the epoch's statistics and each
-        process's RNG state ``rng`` from before the evaluation, so that --resume evaluates it as the
-        uninterrupted run would have. Collective."""
-        return save_last(epoch, steps_per_epoch, rng_states=dist_utils.all_gather_object(rng), epoch_stats=stats)
-
-    def save_last(epoch, steps_done, **position):
-        """last.pth, written by the main process (a failure is raised on every process). Collective."""
-        dist_utils.run_on_main(info.is_main, lambda: save_checkpoint(
-            {"model": checkpoint_weights(model), "epoch": epoch, "epoch_step": steps_done, "config": config_dict(cfg),
-             **spec, "best_thr": None, **training_state(), **position, "best": best}, checkpoint_dir / "last.pth"))
-        return checkpoint_dir / "last.pth"
+    checkpoints = TrainingCheckpoints(checkpoint_dir, functools.partial(checkpoint_weights, model), spec, cfg, info,
+                                      optimizer, scheduler, loss_scaler, steps_per_epoch, best=resumed.best,
+                                      progress=progress)
 
     # the epochs: train, evaluate (from eval_start_epoch), keep the best checkpoints, save last.pth
     stop = StopSignals()
-    checkpointer = StepCheckpoint(stop, save_position, steps_per_epoch=steps_per_epoch,
+    checkpointer = StepCheckpoint(stop, checkpoints.save_position, steps_per_epoch=steps_per_epoch,
                                   save_every_steps=cfg.save_every_steps, check_every=cfg.log_every,
                                   device=info.device, world_size=info.world_size, resume=resume)
     try:
         with stop:
-            for epoch in range(start_epoch, cfg.epochs):
+            for epoch in range(resumed.epoch, cfg.epochs):
                 progress["epoch"] = epoch
-                first_step = start_step if epoch == start_epoch else 0
-                if trained and epoch == start_epoch:
-                    stats = trained
+                steps_done = resumed.steps_done if epoch == resumed.epoch else 0
+                if resumed.trained and epoch == resumed.epoch:
+                    stats = resumed.trained
                 else:
                     # this epoch's order, and each image's crop seed in the loader workers (BatchLoader), depend
                     # only on (seed, epoch): a resumed run sees the samples of the uninterrupted one
-                    train_loader.sampler.set_epoch(epoch, first_step * cfg.accum_steps)
+                    train_loader.sampler.set_epoch(epoch, steps_done * cfg.accum_steps)
                     stats = train_one_epoch(train_model, criterion, train_loader, optimizer, info.device, epoch,
                                             loss_scaler, scheduler=scheduler, accum_steps=cfg.accum_steps,
                                             autocast=autocast, clip_grad=cfg.clip_grad, log_every=cfg.log_every,
                                             world_size=info.world_size, progress=info.is_main,
-                                            start_step=first_step, meters_state=meters_state if first_step else None,
+                                            steps_done=steps_done, meters_state=resumed.meters if steps_done else None,
                                             on_step=functools.partial(checkpointer, epoch))
                 record = {"epoch": epoch + 1, **{f"train_{key}": value for key, value in stats.items()}}
                 metrics, improved = None, []
@@ -232,23 +203,19 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
                                            thresholds=cfg.eval_thresholds if plan.sat else (), amp=cfg.amp,
                                            distributed=info.distributed, progress=info.is_main)
                     except DataError as err:  # a file changed under the run (every process raises it)
-                        path = save_trained(epoch, stats, before)
+                        path = checkpoints.save_trained(epoch, stats, before)
                         raise restated(err, f"the evaluation after epoch {epoch + 1} failed: {user_message(err)}; "
                                             f"the epoch's training is saved in {path}: once the data is fixed, "
                                             f"continue with (it evaluates epoch {epoch + 1} again): {resume}") from None
                     metrics.update(metrics.get("at_best_threshold", {}))  # model selection: at the best threshold
-                    improved = update_best(best, metrics, plan.selection_metric, epoch, plan.sat)
+                    improved = update_best(checkpoints.best, metrics, plan.selection_metric, epoch, plan.sat)
                     shown = (*recorded_keys(metrics, plan), *(("best_threshold",) if plan.sat else ()))
                     record.update({f"{selection_split}_{key}": metrics[key] for key in shown})
                     record[f"{selection_split}_time"] = time.perf_counter() - started  # seconds, loading included
-                rng_states = dist_utils.all_gather_object(rng_state(info.device))
-                dist_utils.run_on_main(info.is_main, save_epoch, checkpoint_dir, model, spec, cfg, epoch, metrics,
-                                       improved, best, metrics_log, record,
-                                       training_state=dict(training_state(), rng_states=rng_states))
-                progress.update(saved=epoch + 1, step=0)
+                checkpoints.save_epoch(epoch, metrics, improved, metrics_log, record)
                 if info.is_main:  # the epoch's numbers are global: logged once
                     log_epoch(cfg, epoch, stats, metrics, improved, selection_split, plan)
-                checkpointer.end_of_epoch(epoch, checkpoint_dir / "last.pth")
+                checkpointer.end_of_epoch(epoch, checkpoints.path)
     except (CheckpointError, OutputError) as err:  # a checkpoint or the metrics could not be written
         raise restated(err, f"{err}; once that is fixed, {how_to_continue(checkpoint_dir, resumed_from, resume)}") \
             from None
@@ -467,18 +434,6 @@ def build_training_model(cfg, num_classes, info, micro_batch, pretrained):
 
 
 # ------------------------------------------------------------------------------------------- each epoch
-def save_epoch(checkpoint_dir, model, spec, cfg, epoch, metrics, improved, best, metrics_log, record,
-               training_state):
-    """Rank 0: the improved best checkpoints, the metrics line, then last.pth, written last: a run killed
-    before it redoes this epoch, and on resume MetricsLog drops the line written here (each epoch logged once)."""
-    state = {"model": checkpoint_weights(model), "epoch": epoch + 1, "config": config_dict(cfg), **spec,
-             "best_thr": metrics.get("best_threshold") if metrics else None}
-    for name in improved:
-        save_checkpoint(dict(state, selection=best[name]), checkpoint_dir / name)
-    metrics_log.log_epoch(record)
-    save_checkpoint(dict(state, **training_state, best=best), checkpoint_dir / "last.pth")
-
-
 def log_epoch(cfg, epoch, stats, metrics, improved, split, plan):
     if metrics is not None:
         best_mark = "  * best" if "best.pth" in improved else ""
@@ -544,12 +499,13 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, 
 
 
 # ------------------------------------------------------------------------------------ the run's folder
-def previous_outputs(cfg, output_dir):
-    """The outputs of an earlier run in ``output_dir`` that this one replaces (--overwrite; deleted by
-    ``replace_previous_run`` once this run can start), as the main process finds them, on every process. A folder
-    holding a checkpoint or results.json holds a previous run: refused without --resume or --overwrite, with a
-    plain --resume when it has no last.pth, and with --resume of another folder's checkpoint (one-line
-    ConfigError, nothing touched); what a start that failed before its first checkpoint left is reused as it is."""
+def check_run_folder(cfg, output_dir):
+    """Whether this run may start in ``output_dir`` (one-line ConfigError, nothing touched, when not), as the main
+    process finds it, on every process; returns the outputs of an earlier run there that this one replaces
+    (--overwrite; deleted by ``replace_previous_run`` once this run can start). A folder holding a checkpoint or
+    results.json holds a previous run: refused without --resume or --overwrite, with a plain --resume when it has
+    no last.pth, and with --resume of another folder's checkpoint; what a start that failed before its first
+    checkpoint left is reused as it is."""
     check_output_folder(output_dir)
     run = [f"checkpoints/{path.name}" for path in sorted((output_dir / "checkpoints").glob("*.pth"))]
     if (output_dir / "results.json").exists():
@@ -576,34 +532,6 @@ def previous_outputs(cfg, output_dir):
         raise ConfigError(f"{output_dir} holds a previous run ({', '.join(run)}): --resume to continue it, "
                           "--overwrite to start again, or choose another --output-dir")
     return outputs if cfg.overwrite else []
-
-
-def carry_over(best, path, checkpoint_dir, epochs_done, full_state, cfg, info):
-    """The ``best`` record a resumed run continues with. Resumed from another folder's checkpoint ``path``, the
-    run moves into ``checkpoint_dir``: its best checkpoints are copied there (those not found are selected again
-    by this run's evaluations, with a warning), and ``path`` as last.pth when it holds the training state
-    (``full_state``), so that a plain --resume continues the run there. A run with no epoch left to train and no
-    best.pth is refused (one line): its final test would have nothing to test."""
-    def carry():
-        carried, _, _ = carry_best(best, Path(path).parent, checkpoint_dir, copy=False)
-        if "best.pth" not in carried and epochs_done >= cfg.epochs:  # refused before anything is copied
-            raise ConfigError(f"--resume {path}: {epochs_done} epochs done and --epochs {cfg.epochs}, so none is "
-                              f"left to train, and {checkpoint_dir} has no best.pth for the final test: raise "
-                              f"--epochs above {epochs_done}")
-        carried, copied, dropped = carry_best(best, Path(path).parent, checkpoint_dir)
-        last = checkpoint_dir / "last.pth"
-        if full_state and not last.exists():
-            copy_checkpoint(path, last)
-            copied.append(f"{Path(path).name} (as last.pth)")
-        if copied:
-            _logger.info("--resume: copied %s from %s into %s", ", ".join(copied), Path(path).parent, checkpoint_dir)
-        if dropped:
-            _logger.warning("--resume: %s not found beside %s: this run's evaluations select %s again",
-                            ", ".join(f"{name} (epoch {best[name]['epoch']})" for name in dropped), path,
-                            "it" if len(dropped) == 1 else "them")
-        return carried
-
-    return dist_utils.all_gather_object(dist_utils.run_on_main(info.is_main, carry))[0]
 
 
 def load_first_batch(train_loader, info):
@@ -661,8 +589,8 @@ def interrupted_message(cfg, progress, resume, cause="interrupted"):
                f"{restart_command(resume)}"
     last = Path(cfg.output_dir) / "checkpoints" / "last.pth"
     held = [f"{progress['saved']} finished epoch(s)"] if progress["saved"] else []
-    if progress.get("step"):  # a mid-epoch save (save_every_steps)
-        held.append(f"{progress['step']} optimizer steps of epoch {progress['saved'] + 1}")
+    if progress.get("steps_done"):  # a mid-epoch save (save_every_steps)
+        held.append(f"{progress['steps_done']} optimizer steps of epoch {progress['saved'] + 1}")
     if held:
         saved = f"{last} holds {' and '.join(held)}"
     elif last.exists():

@@ -190,8 +190,9 @@ def test_ctrl_c_line_says_what_last_pth_holds(tmp_path):
     cfg = parse_config(["--epochs", "30", "--output-dir", str(tmp_path)])
     last = tmp_path / "checkpoints" / "last.pth"
 
-    def line(epoch, saved, step=0):
-        return interrupted_message(cfg, {"epoch": epoch, "saved": saved, "step": step}, "python train.py --resume")
+    def line(epoch, saved, steps_done=0):
+        return interrupted_message(cfg, {"epoch": epoch, "saved": saved, "steps_done": steps_done},
+                                   "python train.py --resume")
 
     assert line(None, None) == "interrupted before training started; no checkpoint yet; resume with: python " \
                                "train.py --resume"

@@ -1,6 +1,7 @@
 """Checkpoints: atomic saving; reading this project's files and the official SAT release and loading their
 weights into a model (``Model.build_model_from_checkpoint`` rebuilds the model they hold); the
-training state of a run (optimizer, scheduler, scaler, RNG states) and resuming it.
+training state of a run (optimizer, scheduler, scaler, RNG states): writing it (``TrainingCheckpoints``, the
+checkpoints a training run writes) and resuming it (``resume_training``).
 
 Official release files are legacy ``torch.save`` dicts ``{'model', 'best_thr', 'epoch'}`` whose keys carry
 ``module.`` and which hold the fixed smoothing kernel as ``weight``. This project's files add what rebuilds the
@@ -17,12 +18,14 @@ import re
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
+from utils import distributed as dist_utils
 from utils.config import FIELDS, config_dict
 from utils.errors import CheckpointError, ConfigError
 
@@ -277,6 +280,105 @@ def resume_path(cfg, checkpoint_dir):
 TRAINING_STATE = ("optimizer", "scheduler", "epoch", "config", "best")  # what last.pth adds to the weights
 
 
+class TrainingCheckpoints:
+    """The checkpoints a training run writes into ``checkpoint_dir``: last.pth, the training state that
+    :func:`restore` reads back (TRAINING_STATE, the RNG states and the position in the epoch), and at the end of
+    each epoch the best*.pth that improved. Each holds ``weights()`` (Model.checkpoint_weights of the model,
+    passed in: Model imports this module), ``spec`` (:func:`model_spec`) and the config. ``best``: the best
+    checkpoints' records (train.py's update_best changes them); ``progress``: its 'saved' and 'steps_done' say
+    what last.pth holds (train.py's line after an interruption). The main process writes; each save is collective
+    (a failure is raised on every process)."""
+
+    def __init__(self, checkpoint_dir, weights, spec, cfg, info, optimizer, scheduler, loss_scaler, steps_per_epoch,
+                 best, progress):
+        self.checkpoint_dir, self.path = Path(checkpoint_dir), Path(checkpoint_dir) / "last.pth"
+        self.weights, self.spec, self.cfg, self.info = weights, spec, cfg, info
+        self.optimizer, self.scheduler, self.loss_scaler = optimizer, scheduler, loss_scaler
+        self.steps_per_epoch, self.best, self.progress = steps_per_epoch, best, progress
+
+    def save_position(self, epoch, steps_done, meters):
+        """last.pth in the middle of ``epoch``: its optimizer steps done and each process's RNG state and
+        running sums, so that --resume continues exactly there (utils/preemption.StepCheckpoint's ``save``).
+        Collective."""
+        states = dist_utils.all_gather_object((rng_state(self.info.device), meters.state()))
+        self._save_last(epoch, steps_done, rng_states=[rng for rng, _ in states],
+                        epoch_meters=[sums for _, sums in states])
+        self.progress.update(saved=epoch, steps_done=steps_done)
+        return self.path
+
+    def save_trained(self, epoch, stats, rng):
+        """last.pth after the training of ``epoch`` when its evaluation failed: the epoch's statistics and each
+        process's RNG state ``rng`` from before the evaluation, so that --resume evaluates it as the
+        uninterrupted run would have. Collective."""
+        return self._save_last(epoch, self.steps_per_epoch, rng_states=dist_utils.all_gather_object(rng),
+                               epoch_stats=stats)
+
+    def save_epoch(self, epoch, metrics, improved, metrics_log, record):
+        """After ``epoch`` (0-based) and its evaluation ``metrics`` (None when not evaluated): the best*.pth
+        that ``improved``, the metrics line ``record``, then last.pth, written last: a run killed before it
+        redoes this epoch, and on resume MetricsLog drops the line written here (each epoch logged once).
+        Collective."""
+        rng_states = dist_utils.all_gather_object(rng_state(self.info.device))
+
+        def write():
+            state = self._state(epoch + 1, best_thr=metrics.get("best_threshold") if metrics else None)
+            for name in improved:
+                save_checkpoint(dict(state, selection=self.best[name]), self.checkpoint_dir / name)
+            metrics_log.log_epoch(record)
+            self._write_last(state, rng_states=rng_states)
+
+        dist_utils.run_on_main(self.info.is_main, write)
+        self.progress.update(saved=epoch + 1, steps_done=0)
+
+    def _save_last(self, epoch, steps_done, **position):
+        """last.pth in ``epoch`` after ``steps_done`` of its optimizer steps. Collective."""
+        dist_utils.run_on_main(self.info.is_main, lambda: self._write_last(
+            self._state(epoch, steps_done=steps_done), **position))
+        return self.path
+
+    def _state(self, epoch, best_thr=None, steps_done=None):
+        """What every checkpoint of the run holds: the weights after ``epoch`` epochs (and ``steps_done``
+        optimizer steps of the next, in last.pth saved within an epoch), the config and the model's spec."""
+        return {"model": self.weights(), "epoch": epoch,
+                **({} if steps_done is None else {"epoch_step": steps_done}), "config": config_dict(self.cfg),
+                **self.spec, "best_thr": best_thr}
+
+    def _write_last(self, state, **position):
+        """last.pth: ``state`` with the optimizer, schedule and scaler, the RNG states and the rest of the
+        ``position`` in the epoch, and ``best``."""
+        save_checkpoint({**state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                         "scaler": self.loss_scaler.state_dict(), **position, "best": self.best}, self.path)
+
+
+@dataclass
+class Resumed:
+    """Where a run starts (a fresh run: the defaults): ``epoch`` epochs done and ``steps_done`` optimizer steps
+    of the next; ``meters``: this process's running sums of those steps (None when the number of processes
+    changed); ``best``: the best checkpoints' records; ``trained``: the statistics of epoch ``epoch + 1`` when
+    last.pth was saved after its training because its evaluation failed (the evaluation runs again)."""
+    epoch: int = 0
+    steps_done: int = 0
+    meters: Optional[Any] = None
+    best: Dict[str, Any] = field(default_factory=dict)
+    trained: Optional[Dict[str, Any]] = None
+
+
+def resume_training(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per_epoch, checkpoint_dir):
+    """The :class:`Resumed` record of a run resumed from checkpoint ``path`` (None: a fresh start): its weights,
+    optimizer, schedule and RNG states restored (:func:`restore`) on every process, its best checkpoints carried
+    into ``checkpoint_dir`` when ``path`` is another folder's. Collective."""
+    if path is None:
+        return Resumed()
+    meta = dist_utils.run_everywhere(restore, path, cfg, info, model, optimizer, scheduler, loss_scaler,
+                                     steps_per_epoch)
+    epoch, steps_done, trained = meta["epoch"], meta.get("epoch_step", 0), meta.get("epoch_stats")
+    meters = None
+    if steps_done and not trained and len(meta["epoch_meters"]) == info.world_size:
+        meters = meta["epoch_meters"][info.rank]
+    best = _carry_over(meta["best"], path, checkpoint_dir, epoch, "optimizer" in meta, cfg, info)
+    return Resumed(epoch, steps_done, meters, best, trained)
+
+
 def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per_epoch):
     """Load a checkpoint of this run into the training state; returns its metadata. From last.pth: all of it
     (weights, optimizer, schedule, RNG states, position in the epoch); from a best*.pth written by training:
@@ -325,16 +427,16 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
             warn("resume: %d processes now, %d saved RNG states: re-seeding", info.world_size,
                  len(states))
         seed_everything(cfg.seed + info.rank + 1000 * meta["epoch"])
-    position = meta.get("epoch_step", 0)
+    steps_done = meta.get("epoch_step", 0)
     if "epoch_stats" in meta:
         where = f", and the training of epoch {meta['epoch'] + 1}, whose evaluation runs again"
     else:
-        where = f", and {position} optimizer steps of epoch {meta['epoch'] + 1}" if position else ""
-        if position and len(meta["epoch_meters"]) != info.world_size:
+        where = f", and {steps_done} optimizer steps of epoch {meta['epoch'] + 1}" if steps_done else ""
+        if steps_done and len(meta["epoch_meters"]) != info.world_size:
             warn("resume: %d processes now, %d when saved in the middle of an epoch: the rest of epoch "
                  "%d is split differently (some samples may repeat or be left out)", info.world_size,
                  len(meta["epoch_meters"]), meta["epoch"] + 1)
-    if meta["epoch"] >= cfg.epochs and not position and "epoch_stats" not in meta:  # nothing left to train
+    if meta["epoch"] >= cfg.epochs and not steps_done and "epoch_stats" not in meta:  # nothing left to train
         _logger.info("resumed from %s: %d epochs done, --epochs %d: no epoch left to train, the final test runs",
                      path, meta["epoch"], cfg.epochs)
     else:
@@ -413,6 +515,34 @@ def carry_best(best, source_dir, checkpoint_dir, copy=True):
         kept[name] = record
         copied.append(name)
     return kept, copied, dropped
+
+
+def _carry_over(best, path, checkpoint_dir, epochs_done, full_state, cfg, info):
+    """The ``best`` record a resumed run continues with. Resumed from another folder's checkpoint ``path``, the
+    run moves into ``checkpoint_dir``: its best checkpoints are copied there (those not found are selected again
+    by this run's evaluations, with a warning), and ``path`` as last.pth when it holds the training state
+    (``full_state``), so that a plain --resume continues the run there. A run with no epoch left to train and no
+    best.pth is refused (one line): its final test would have nothing to test. Collective."""
+    def carry():
+        carried, _, _ = carry_best(best, Path(path).parent, checkpoint_dir, copy=False)
+        if "best.pth" not in carried and epochs_done >= cfg.epochs:  # refused before anything is copied
+            raise ConfigError(f"--resume {path}: {epochs_done} epochs done and --epochs {cfg.epochs}, so none is "
+                              f"left to train, and {checkpoint_dir} has no best.pth for the final test: raise "
+                              f"--epochs above {epochs_done}")
+        carried, copied, dropped = carry_best(best, Path(path).parent, checkpoint_dir)
+        last = checkpoint_dir / "last.pth"
+        if full_state and not last.exists():
+            copy_checkpoint(path, last)
+            copied.append(f"{Path(path).name} (as last.pth)")
+        if copied:
+            _logger.info("--resume: copied %s from %s into %s", ", ".join(copied), Path(path).parent, checkpoint_dir)
+        if dropped:
+            _logger.warning("--resume: %s not found beside %s: this run's evaluations select %s again",
+                            ", ".join(f"{name} (epoch {best[name]['epoch']})" for name in dropped), path,
+                            "it" if len(dropped) == 1 else "them")
+        return carried
+
+    return dist_utils.all_gather_object(dist_utils.run_on_main(info.is_main, carry))[0]
 
 
 def copy_checkpoint(source, target):

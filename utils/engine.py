@@ -103,18 +103,18 @@ def _check_window(window, first_step, epoch, world_size):
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_scaler, *, scheduler, accum_steps=1,
                     autocast=contextlib.nullcontext, clip_grad=None, log_every=20, max_steps=None, world_size=1,
-                    progress=True, start_step=0, meters_state=None, on_step=None):
+                    progress=True, steps_done=0, meters_state=None, on_step=None):
     """Train ``model`` (possibly DDP-wrapped) for one pass over ``loader``: ``criterion(logits, loc_maps, labels)``
     (SATLoss), backward / clipping / step through ``loss_scaler``, ``scheduler`` stepped per optimizer step.
-    ``accum_steps`` micro-batches make a step (each its own batch area loss); ``start_step`` / ``meters_state``
-    continue an epoch resumed in its middle; ``on_step(steps_done, meters)`` runs after each step (mid-epoch
-    checkpoints, stops). Returns the epoch's averages over the processes (metrics.jsonl's train_* keys,
-    docs/training.md)."""
+    ``accum_steps`` micro-batches make a step (each its own batch area loss); ``steps_done`` (the epoch's
+    optimizer steps already done) / ``meters_state`` continue an epoch resumed in its middle;
+    ``on_step(steps_done, meters)`` runs after each step (mid-epoch checkpoints, stops). Returns the epoch's
+    averages over the processes (metrics.jsonl's train_* keys, docs/training.md)."""
     model.train()
-    done = start_step * accum_steps  # micro-batches of the epoch before this call
+    done = steps_done * accum_steps  # micro-batches of the epoch before this call
     num_batches = done + len(loader) if max_steps is None else min(done + len(loader), max_steps * accum_steps)
     num_steps = math.ceil(num_batches / accum_steps)
-    first_step = scheduler.last_epoch - start_step  # optimizer steps done before this epoch
+    first_step = scheduler.last_epoch - steps_done  # optimizer steps done before this epoch
     meters = Meters((*LOSS_KEYS, "correct", "batches", "images", "skipped"), device, meters_state)
     window = []  # (optimizer step, loss) since the last read-back
     lr = optimizer.param_groups[0]["lr"]
