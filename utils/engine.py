@@ -115,7 +115,9 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
     num_batches = done + len(loader) if max_steps is None else min(done + len(loader), max_steps * accum_steps)
     num_steps = math.ceil(num_batches / accum_steps)
     first_step = scheduler.last_epoch - steps_done  # optimizer steps done before this epoch
-    meters = Meters((*LOSS_KEYS, "correct", "batches", "images", "skipped"), device, meters_state)
+    # "this_run": the images of this call, not restored with a resumed epoch's sums: images/s is of the time measured
+    meters = Meters((*LOSS_KEYS, "correct", "batches", "images", "skipped", "this_run"), device,
+                    {name: value for name, value in (meters_state or {}).items() if name != "this_run"})
     window = []  # (optimizer step, loss) since the last read-back
     lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
@@ -149,7 +151,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
                     loss_scaler(losses["loss"] / group_size, optimizer, clip_grad=clip_grad, update_grad=last_of_group)
                 # loss terms weighted by images (a partial batch counts for its images, as in train_acc1)
                 meters.update(**{key: losses[key].detach() * len(images) for key in LOSS_KEYS}, batches=1,
-                              images=len(images),
+                              images=len(images), this_run=len(images),
                               correct=(logits.detach().argmax(dim=1) == labels).sum())
                 window.append((step, losses["loss"].detach()))
             elif last_of_group:  # every image of the group's last micro-batch was unreadable: step on the rest
@@ -172,7 +174,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
     images = totals["images"]
     stats = {key: totals[key] / max(images, 1) for key in LOSS_KEYS}
     stats.update(acc1=100.0 * totals["correct"] / max(images, 1), lr=lr, steps=num_steps, images=int(images),
-                 num_skipped=int(totals["skipped"]), time=elapsed, images_per_sec=images / max(elapsed, 1e-9),
+                 num_skipped=int(totals["skipped"]), time=elapsed,
+                 images_per_sec=totals["this_run"] / max(elapsed, 1e-9),
                  data_wait=loaded.wait)
     return stats
 
