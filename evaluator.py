@@ -38,7 +38,8 @@ from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
 from utils.preemption import ignore_stop_signals, signals_held, stopped_as_said, work_complete
 from utils.outputs import FolderLock, Staged, check_output_file, partial_name, previous_outputs
-from utils.saved_maps import SavedMaps, drop_class_metrics, map_loader, read_predictions, saved_view, write_saved_view
+from utils.saved_maps import (VIEW_FILE, SavedMaps, drop_class_metrics, map_loader, read_predictions, saved_view,
+                              write_saved_view)
 from utils.visualize import plot_curves
 
 _logger = logging.getLogger("sat")
@@ -290,6 +291,12 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
     if strangers:
         _logger.warning("--maps %s: %d map file(s) of images not in the %s split, ignored (first: %s): maps of "
                         "another split or dataset version?", args.maps, len(strangers), split, strangers[0])
+    whole_image = maps.folders.get("sat", (None, True))[1]
+    if not whole_image and info.is_main and not (Path(args.maps) / VIEW_FILE).is_file():
+        _logger.warning("--maps %s: a sat/ folder without the %s that --save-maps writes beside it; its maps are "
+                        "read as SAT's raw maps of the centre %d crop of %dx%d (whole-image maps of another method go "
+                        "in %s itself, each protocol taking them through its own view)", args.maps, VIEW_FILE,
+                        views.img_size, views.resize_size, views.resize_size, args.maps)
     loader = map_loader(dataset, views, overlay_count(args), args.eval_batch_size, args.workers, info.distributed)
     sat = protocol in ("sat", "both")
     scored = {"sat": "GT-known Loc and IoU30/50/70", "wsol": "the wsol metrics",

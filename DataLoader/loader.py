@@ -1,9 +1,13 @@
 """Batching: the collate function, the loader that spreads each batch over the workers, and its factory."""
+import atexit
 import hashlib
 import logging
+import multiprocessing.util  # noqa: F401  (its exit handler registered first: _shut_down_at_exit runs before it)
+import os
 import random
 import traceback
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -21,6 +25,22 @@ MIN_PART = 4  # images per worker task, at least: smaller slices cost more in ov
 PREFETCH_BATCHES = 4  # slices each worker loads ahead: with one slice of each batch per worker, 4 batches
 READY_BATCHES = 2  # joined batches waiting for the caller
 
+
+# The loaders with workers, for ``_shut_down_at_exit``
+_WITH_WORKERS = weakref.WeakSet()
+
+
+def _shut_down_at_exit():
+    """At the interpreter's exit, the persistent workers of the loaders still alive (one referenced by an uncaught
+    error's traceback, or by a module's globals) shut down as a pass left early shuts them down. After this
+    handler, multiprocessing's ends its daemonic children with SIGTERM, which the workers ignore (``init_worker``),
+    and then waits for them: without it the process never exits."""
+    for loader in list(_WITH_WORKERS):
+        if loader.owner == os.getpid():  # (a forked child's copy: the workers are its parent's)
+            loader.shutdown()
+
+
+atexit.register(_shut_down_at_exit)  # after multiprocessing's and torch's handlers: runs before them
 
 # PyTorch's own note on more workers than CPUs is a multi-line warning on every loader: check_loading says it once
 warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
@@ -189,6 +209,18 @@ class BatchLoader:
                                  persistent_workers=workers > 0, worker_init_fn=init_worker,
                                  generator=torch.Generator().manual_seed(seed),
                                  prefetch_factor=PREFETCH_BATCHES if self.parts > 1 else None)
+        self.owner = os.getpid()
+        if workers:
+            _WITH_WORKERS.add(self)
+
+    def shutdown(self):
+        """Shut the persistent workers down (they start again with the next pass)."""
+        if self._joiner is not None:
+            self._joiner.stopping.set()  # (not joined: its thread may be waiting for a worker)
+            self._joiner = None
+        iterator, self.loader._iterator = getattr(self.loader, "_iterator", None), None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     def __len__(self):
         return len(self.batch_sampler)

@@ -51,6 +51,10 @@ def test_eval_benchmark_reports_box_cost():
     (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
     (["--arch", "foo"], "unknown arch 'foo'"),
     (["--batch-parts", "0"], "--batch-parts: expected an integer >= 1, got '0'"),
+    (["--mode", "train", "--resize-size", "48"], "--resize-size: expected at least --img-size 64 (the crops are "
+     "taken from the resized image), got 48"),
+    (["--mode", "eval", "--resize-size", "0"], "--resize-size: expected at least --img-size 64"),
+    (["--mode", "loader", "--image-ms", "-1"], "--image-ms: expected a number >= 0, got '-1'"),  # (a worker's error)
 ])
 def test_bad_flags_are_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -260,3 +260,56 @@ def test_loader_workers_share_the_training_items():
     grown = dict(line.split() for line in out.stdout.splitlines())
     assert float(grown["list"]) > 30, out  # the test measures what it should: Items are copied
     assert float(grown["CompactItems"]) < 5, out
+
+
+EXIT_WITH_LIVE_WORKERS = """
+import sys
+sys.path.insert(0, {root!r})
+from DataLoader.loader import BatchLoader
+
+class Numbers:
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return {{"label": index}}
+
+loader = BatchLoader(Numbers(), 4, workers={workers})
+kept = [loader, iter(loader)]
+kept.append(kept)  # a reference cycle, as the traceback of an error raised mid-evaluation keeps its loader
+next(kept[1])
+print("error: a one-line error", file=sys.stderr)
+sys.exit(2)
+"""
+
+
+def test_script_ending_with_a_live_loader_exits():
+    """The workers ignore SIGTERM (utils.preemption.leave_stops_to_the_parent), with which multiprocessing's exit
+    hook ends them before joining them: a script that stopped on an error mid-pass (a missing map, an
+    unreadable image) while its loader was still referenced printed its error, then waited for ever."""
+    script = EXIT_WITH_LIVE_WORKERS.format(root=str(REPO_ROOT), workers=2)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "a one-line error" in proc.stderr
+
+
+class _Items(Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        return {"image": torch.zeros(1), "label": 0, "index": index}
+
+
+def test_workers_left_running_are_shut_down_at_exit():
+    """Workers ignore SIGTERM (init_worker), and multiprocessing's exit handler ends daemonic children with
+    SIGTERM then waits for them: a loader still alive at exit (referenced by an uncaught error's traceback, or a
+    module's global) hung the process for ever. The loader's own exit handler shuts its workers down first."""
+    import DataLoader.loader as loader_module
+    loader = build_loader(_Items(), 8, train=False, workers=2)
+    assert [len(b["label"]) for b in loader] == [8, 8] and loader.parts == 2
+    workers = list(loader.loader._iterator._workers)
+    assert workers and all(w.is_alive() for w in workers)  # persistent: alive after the pass
+    assert loader in loader_module._WITH_WORKERS
+    loader.shutdown()  # what loader_module._shut_down_at_exit does for each live loader
+    assert not any(w.is_alive() for w in workers)
+    assert [len(b["label"]) for b in loader] == [8, 8]  # a later pass starts new workers

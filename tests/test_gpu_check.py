@@ -247,6 +247,7 @@ def test_scripts_stop_at_once_without_a_cuda_gpu(tmp_path, script):
     assert out.returncode == 2 and "error: --device cuda, but torch " in out.stdout
     assert "sees no CUDA GPU: run this on a GPU machine, or with --device cpu --quick" in out.stdout
     assert not (tmp_path / "work" / "data").exists() and "## data" not in out.stdout
+    assert not (tmp_path / "work").exists()  # no folder left behind by a check that ran nothing
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_record.sh"])
@@ -314,3 +315,12 @@ def test_benchmark_data_goes_into_a_new_folder(tmp_path, capsys):
         run_cli(make_data_main, ["--output-dir", str(tmp_path / "d"), "--train", "1", "--test", "1"])
     assert capsys.readouterr().err == f"error: --output-dir {tmp_path / 'd'}: not empty; expected a new or empty " \
         "folder (images of another set would stay in it)\n"
+
+
+def test_table_of_a_missing_runs_folder_is_one_line(tmp_path, capsys):
+    for path, what in ((tmp_path / "nope", "not found"), (RUNS / "env.json", "not a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            gpu_table.main(["check", str(path)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr() == ("", f"error: {path}: {what} (expected the folder the runs of "
+                                           "tools/gpu_check.sh wrote into)\n")

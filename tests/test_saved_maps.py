@@ -350,3 +350,43 @@ def test_save_maps_replaces_only_earlier_maps_and_only_once_complete(cub, tmp_pa
     main([*data, "--save-maps", str(maps), "--overwrite", "--eval-protocol", "sat", "--output-dir",
           str(tmp_path / "e4")])
     assert sorted(p.name for p in maps.iterdir()) == ["sat", "views.json"]  # the earlier wsol/ maps gone
+
+
+def test_a_missing_map_names_the_file_it_may_be_under(tmp_path):
+    """Maps named as the image with its extension replaced (``x.npy``, ``x.png``, as most tools write them) or
+    without the id's subfolders were 'not found', and the warning on the unmatched files asked whether they were
+    of another split: the error now names the file found and the name expected."""
+    from utils.saved_maps import read_map
+    from utils.errors import DataError
+
+    image_id = "001.Ringed_Disc/Ringed_Disc_0002.jpg"
+    (tmp_path / "001.Ringed_Disc").mkdir()
+    for misnamed in ("001.Ringed_Disc/Ringed_Disc_0002.npy", "Ringed_Disc_0002.jpg.png"):
+        np.save(tmp_path / "map.npy", np.eye(4))
+        (tmp_path / "map.npy").rename(tmp_path / misnamed)
+        with pytest.raises(DataError) as err:
+            read_map(tmp_path, image_id)
+        assert str(err.value) == (
+            f"no map for image {image_id}: {tmp_path / image_id}.npy (or .png) not found; found "
+            f"{tmp_path / misnamed}: name each map <image_id>.npy (or .png), the image id with its extension and "
+            f"subfolders, e.g. {image_id}{Path(misnamed).suffix}")
+        (tmp_path / misnamed).unlink()
+    with pytest.raises(DataError) as err:
+        read_map(tmp_path, image_id)
+    assert str(err.value) == f"no map for image {image_id}: {tmp_path / image_id}.npy (or .png) not found"
+
+
+def test_a_sat_folder_without_its_views_file_is_said(cub, tmp_path, caplog):
+    """Whole-image maps put into DIR/sat/ (as if the folders were one per protocol) were scored as SAT's raw maps
+    of the centre crop without a word (IoU 0.99 -> 0.80 for maps that are the GT box): --save-maps always writes
+    DIR/views.json, so a sat/ folder without it is named in a warning."""
+    root, _ = cub
+    make_baseline_maps([str(tmp_path / "maps" / "sat"), "--data-root", str(root), "--size", "8"])
+    common = ["--data-root", str(root), "--maps", str(tmp_path / "maps"), "--eval-protocol", "sat", *CPU]
+    warning = f"--maps {tmp_path / 'maps'}: a sat/ folder without the views.json that --save-maps writes beside it"
+    main([*common, "--output-dir", str(tmp_path / "out")])
+    assert warning in caplog.text
+    caplog.clear()
+    (tmp_path / "maps" / "views.json").write_text('{"img_size": 224, "resize_size": 256}')
+    main([*common, "--output-dir", str(tmp_path / "out"), "--overwrite"])
+    assert warning not in caplog.text and "metrics written" in caplog.text

@@ -121,8 +121,9 @@ def parse_args(argv=None):
     p.add_argument("--images", type=at_least(1), default=4000,
                    help="loader mode: items in a pass; check mode: items checked (the first of the split)")
     p.add_argument("--split", choices=SPLITS, default="test", help="check mode: the split checked")
-    p.add_argument("--image-ms", type=float, default=3.7, help="loader mode: a worker's time per item")
-    p.add_argument("--step-ms", type=float, default=215.0, help="loader mode: the step's time per batch")
+    p.add_argument("--image-ms", type=at_least(0, float), default=3.7, help="loader mode: a worker's time per item")
+    p.add_argument("--step-ms", type=at_least(0.001, float), default=215.0,
+                   help="loader mode: the step's time per batch")
     args = p.parse_args(argv)
     if args.gpu_decode and (args.pipeline != "device" or not args.data_root):
         p.error("--gpu-decode decodes image files on the device: it needs --data-root and --pipeline device")
@@ -132,6 +133,9 @@ def parse_args(argv=None):
         p.error("--mode check reads image files: it needs --data-root")
     if args.img_size % 16:
         p.error(f"--img-size: expected a multiple of the patch size 16, got {args.img_size}")
+    if args.resize_size is not None and args.resize_size < args.img_size:  # (train mode: a worker's ValueError)
+        p.error(f"--resize-size: expected at least --img-size {args.img_size} (the crops are taken from the resized "
+                f"image), got {args.resize_size}")
     try:
         device = torch.device(args.device)
     except RuntimeError:

@@ -16,6 +16,7 @@ CPU. The official code needs scikit-image (``--official-deps DIR`` is put on its
 """
 import argparse
 import contextlib
+import importlib.machinery
 import io
 import json
 import os
@@ -33,17 +34,40 @@ REPO_ROOT = TOOLS.parent
 TRAIN_THRESHOLDS = [0.3, 0.35, 0.4, 0.45]
 
 
+# The models both projects build (ours also has a nano size, the official code does not).
+ARCHS = ("deit_sat_tiny_patch16_224", "deit_sat_small_patch16_224", "deit_sat_base_patch16_224")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (plain argparse: the workers cannot import our utils package, whose
+    name the official code's takes)."""
+
+    def error(self, message):
+        print(f"error: {message.removeprefix('argument ')}", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--official-root", required=True, help="a checkout of wpy1999/SAT")
     p.add_argument("--official-deps", help="folder with the official code's extra packages (scikit-image)")
-    p.add_argument("--arch", default="deit_sat_small_patch16_224")
-    p.add_argument("--num-classes", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=2, help="batches per measurement")
-    p.add_argument("--rounds", type=int, default=7, help="measurements per variant, after a warm-up round")
+    p.add_argument("--arch", choices=ARCHS, default="deit_sat_small_patch16_224")
+    p.add_argument("--num-classes", type=positive, default=200)
+    p.add_argument("--batch-size", type=positive, default=32)
+    p.add_argument("--steps", type=positive, default=2, help="batches per measurement")
+    p.add_argument("--rounds", type=positive, default=7, help="measurements per variant, after a warm-up round")
     p.add_argument("--modes", nargs="+", choices=("train", "eval"), default=["train", "eval"])
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive, default=1,
                    help="torch threads per process (default 1: on a machine shared with other jobs, a thread that "
                         "waits at every operator for a descheduled sibling would dominate the times)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -53,7 +77,21 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=("train", "eval"), help=argparse.SUPPRESS)
     p.add_argument("--worker-amp", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-compile", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.worker:  # what the workers need, said before they start (they would fail with a traceback)
+        root = Path(args.official_root)
+        missing = [name for name in ("evaluator.py", "Model/SAT.py") if not (root / name).is_file()]
+        if missing:
+            p.error(f"--official-root {root}: {'not found' if not root.exists() else 'has no ' + ', '.join(missing)}"
+                    " (expected a checkout of wpy1999/SAT)")
+        if args.official_deps and not Path(args.official_deps).is_dir():
+            p.error(f"--official-deps {args.official_deps}: not a folder")
+        if importlib.machinery.PathFinder.find_spec("skimage", [d for d in (args.official_deps,) if d] + sys.path) \
+                is None:
+            p.error("the official evaluator needs scikit-image, not found here"
+                    + (f" nor in --official-deps {args.official_deps}" if args.official_deps else "")
+                    + ": pip install --target DIR --no-deps scikit-image lazy_loader, then --official-deps DIR")
+    return args
 
 
 # ------------------------------------------------------------------------------------------ the workers

@@ -31,7 +31,10 @@ machine_env() {
   python3 tools/gpu_table.py env --device "$DEVICE" > "$RUNS/env.json"
   local rc=$?
   cat "$RUNS/env.json"
-  [ $rc = 0 ] || exit 2
+  if [ $rc != 0 ]; then  # nothing ran: the folders made for the runs go (the log in OUTDIR says why)
+    rm -f "$RUNS/env.json"; rmdir "$RUNS" "$(dirname "$RUNS")" 2> /dev/null
+    exit 2
+  fi
 }
 
 # t MESSAGE: the message with the seconds since the start

@@ -450,6 +450,9 @@ def main(argv=None):
     if not args.runs:
         p.error(f"{args.kind} needs the runs folder")
     runs = Path(args.runs)
+    if not runs.is_dir():  # (a table of "not run" rows would say the runs failed)
+        p.exit(2, f"error: {runs}: {'not a folder' if runs.exists() else 'not found'} (expected the folder the "
+                  f"runs of tools/gpu_{args.kind}.sh wrote into)\n")
     env = last_json(runs / "env.json") or {}
     rows = check_rows(runs) if args.kind == "check" else record_rows(runs)
     if args.quick:  # the plumbing on tiny sizes: no target can be met or missed

@@ -106,7 +106,8 @@ def read_map(folder, image_id, allow_constant=False):
     unreadable file, a map that is not 2-D, holds NaN / Inf, or is constant (unless ``allow_constant``)."""
     path = next((p for p in (Path(folder) / f"{image_id}{suffix}" for suffix in MAP_SUFFIXES) if p.is_file()), None)
     if path is None:
-        raise DataError(f"no map for image {image_id}: {Path(folder) / image_id}.npy (or .png) not found")
+        raise DataError(f"no map for image {image_id}: {Path(folder) / image_id}.npy (or .png) not found"
+                        f"{misnamed_hint(folder, image_id)}")
     try:
         if path.suffix == ".npy":
             with open(path, "rb") as f:
@@ -133,6 +134,22 @@ def read_map(folder, image_id, allow_constant=False):
         raise DataError(f"map {path}: constant ({loc_map.flat[0]:g}), it localizes nothing; "
                         "--allow-constant-maps scores it (all zeros once normalised, as wsolevaluation does)")
     return loc_map
+
+
+def misnamed_hint(folder, image_id):
+    """For a map not found: '; found FILE, ...' when the map is there under another name maps are often given
+    (the image's extension replaced, not kept; or without the id's subfolders), else ''."""
+    image = Path(image_id)
+    names = [image.with_suffix(""), Path(image.name), Path(image.stem)] if image.suffix else [Path(image.name)]
+    for name in dict.fromkeys(names):
+        if name == image:
+            continue
+        found = next((Path(folder) / f"{name}{suffix}" for suffix in MAP_SUFFIXES
+                      if (Path(folder) / f"{name}{suffix}").is_file()), None)
+        if found is not None:
+            return (f"; found {found}: name each map <image_id>.npy (or .png), the image id with its extension and "
+                    f"subfolders, e.g. {image_id}{found.suffix}")
+    return ""
 
 
 def centre_view_map(whole, resize_size, img_size):
