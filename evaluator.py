@@ -185,14 +185,24 @@ def overlay_count(args):
     return None if args.overlays == "all" else args.overlays
 
 
+def load_model(args, imagenet):
+    """The model and metadata of --checkpoint (without --data-root: refused unless trained on the demo data)."""
+    model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
+    if args.data_root is None and not imagenet:
+        check_trained_on_demo(meta, args.checkpoint)
+    return model, meta
+
+
 def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
     """The evaluation job: model, loader, ``evaluate``, then the tables and files of the output folder. (Each
     process loads the model and the data; an error there is said once: run_everywhere.)"""
-    def load_model():
-        model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
-        if args.data_root is None and not imagenet:
-            check_trained_on_demo(meta, args.checkpoint)
-        return model, meta
+    model, meta = run_everywhere(load_model, args, imagenet)
+    if info.is_main:
+        check_loading(args.workers, args.gpu_decode, info.device)
+    img_size = int(model.patch_embed.img_size[0])
+    resize_size = args.resize_size or (meta.get("config") or {}).get("resize_size")
+    fmt, root = resolve_data(getattr(args, "data_format", "imagenet"), args.data_root, imagenet, info.is_main)
+    split = getattr(args, "split", "test")
 
     def load_data():
         loader = build_eval_loader(fmt, root, split, protocol=args.eval_protocol, tencrop=args.tencrop,
@@ -202,13 +212,6 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
                                    gpu_decode=args.gpu_decode, pin_memory=info.device.type == "cuda")
         return loader, match_classes(loader.dataset, model, meta, args.checkpoint)
 
-    model, meta = run_everywhere(load_model)
-    if info.is_main:
-        check_loading(args.workers, args.gpu_decode, info.device)
-    img_size = int(model.patch_embed.img_size[0])
-    resize_size = args.resize_size or (meta.get("config") or {}).get("resize_size")
-    fmt, root = resolve_data(getattr(args, "data_format", "imagenet"), args.data_root, imagenet, info.is_main)
-    split = getattr(args, "split", "test")
     loader, labels_matched_by = run_everywhere(load_data)
     views = views_of(loader.dataset)
     protocol = views.protocol

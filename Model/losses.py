@@ -17,13 +17,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 AREA_LOSS_SCOPES = ("global", "process")
+# What sat_loss returns, each averaged over the epoch's images into metrics.jsonl (train_<key>) and the epoch's line
+LOSS_KEYS = ("loss", "ce", "area", "norm")
 
 
 def sat_loss(logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, area_thr: float,
              area_loss_scope="global", micro_batch=None) -> Dict[str, torch.Tensor]:
     """Total SAT loss = cross-entropy + batch area loss + normalization loss (all weights 1).
 
-    Returns a dict with ``loss`` (to backpropagate) and the detached terms ``ce``, ``area``, ``norm``.
+    Returns a dict with ``loss`` (to backpropagate) and the detached terms ``ce``, ``area``, ``norm`` (LOSS_KEYS).
     The map terms are computed in float32 whatever the autocast dtype.
     """
     maps = maps.float()

@@ -27,6 +27,7 @@ from DataLoader.eval_loader import ShardSampler
 from DataLoader.eval_views import TENCROP_CENTRE, views_of
 from DataLoader.transforms import denormalize
 from DataLoader.formats.wsol import load_mask
+from Model.losses import LOSS_KEYS
 from utils.amp import autocast_context
 from utils.boxes import (WSOL_MAP_SIZE, contour_boxes, crop_box_to_original, gt_boxes_sat, gt_boxes_wsol, max_iou,
                          sat_box, sat_boxes_of_maps, sat_map, wsol_map)
@@ -38,7 +39,6 @@ from utils.preemption import leave_stops_to_the_parent
 from utils.saved_maps import write_maps
 from utils.visualize import render_overlay, save_rgb
 
-LOSS_KEYS = ("loss", "ce", "area", "norm")
 _logger = logging.getLogger("sat")
 
 
@@ -88,7 +88,7 @@ class CompiledFullBatches:
         return getattr(self.module, name)
 
 
-def _check_window(window, first_step, epoch, world_size):
+def _check_window(window, steps_before_epoch, epoch, world_size):
     """Raise NonFiniteLossError naming the first optimizer step whose loss (averaged over the
     processes) is not finite; ``window`` holds one loss tensor per micro-batch since the last check.
     One host-device sync (and one all-reduce with DDP) per call."""
@@ -98,7 +98,8 @@ def _check_window(window, first_step, epoch, world_size):
         step = window[bad[0]][0]
         raise NonFiniteLossError(
             f"training loss is {losses[bad[0]].item()} at epoch {epoch + 1}, optimizer step {step + 1} of the "
-            f"epoch (global step {first_step + step + 1}); stopping: lower --lr, set --clip-grad or leave out --amp")
+            f"epoch (global step {steps_before_epoch + step + 1}); stopping: lower --lr, set --clip-grad or leave "
+            "out --amp")
 
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_scaler, *, scheduler, accum_steps=1,
@@ -114,7 +115,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
     done = steps_done * accum_steps  # micro-batches of the epoch before this call
     num_batches = done + len(loader) if max_steps is None else min(done + len(loader), max_steps * accum_steps)
     num_steps = math.ceil(num_batches / accum_steps)
-    first_step = scheduler.last_epoch - steps_done  # optimizer steps done before this epoch
+    steps_before_epoch = scheduler.last_epoch - steps_done  # optimizer steps done before this epoch
     # "this_run": the images of this call, not restored with a resumed epoch's sums: images/s is of the time measured
     meters = Meters((*LOSS_KEYS, "correct", "batches", "images", "skipped", "this_run"), device,
                     {name: value for name, value in (meters_state or {}).items() if name != "this_run"})
@@ -161,7 +162,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
                 if window and ((step + 1) % log_every == 0 or step + 1 == num_steps):
-                    _check_window(window, first_step, epoch, world_size)
+                    _check_window(window, steps_before_epoch, epoch, world_size)
                     window.clear()
                     sums = torch.stack([meters.sums[key] for key in (*LOSS_KEYS, "images")]).tolist()
                     _logger.info("epoch %d step %d/%d  %s  lr %.3g", epoch + 1, step + 1, num_steps,
