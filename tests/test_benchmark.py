@@ -49,6 +49,9 @@ def test_eval_benchmark_reports_box_cost():
     (["--img-size", "50"], "--img-size: expected a multiple of the patch size 16, got 50"),
     (["--thresholds", "2"], "--thresholds: expected a number in [0, 1], got '2'"),
     (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    (["--device", "meta"], "--device: expected cpu, cuda or cuda:N, got 'meta'"),
+    (["--num-classes", "0"], "--num-classes: expected an integer >= 1, got '0'"),
+    (["--img-size", "0"], "--img-size: expected an integer >= 16, got '0'"),
     (["--arch", "foo"], "unknown arch 'foo'"),
     (["--batch-parts", "0"], "--batch-parts: expected an integer >= 1, got '0'"),
     (["--mode", "train", "--resize-size", "48"], "--resize-size: expected at least --img-size 64 (the crops are "

@@ -82,8 +82,8 @@ def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--mode", choices=("train", "eval", "loader", "check"), default="train")
     p.add_argument("--arch", default="deit_sat_small_patch16_224")
-    p.add_argument("--num-classes", type=int, default=200)
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--num-classes", type=at_least(1), default=200)
+    p.add_argument("--img-size", type=at_least(16), default=224)
     p.add_argument("--batch-size", type=at_least(1), default=16)
     p.add_argument("--steps", type=at_least(1), default=5, help="timed steps (batches), after --warmup untimed ones")
     p.add_argument("--warmup", type=at_least(0), default=2)
@@ -139,6 +139,8 @@ def parse_args(argv=None):
     try:
         device = torch.device(args.device)
     except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         p.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible here")
