@@ -9,10 +9,36 @@ timm) or the path of a local DeiT / timm state dict. ``checkpoint`` loads SAT we
 by train.py or released by the official code (official files record neither the architecture nor the number
 of classes: the entry point gives the first, the head's shape the second). Other keyword arguments are
 constructor options (``num_classes``, ``img_size``, ``num_spatial_blocks``, ``attn_impl``, ...).
+
+The repository's top-level packages are ``Model``, ``utils`` and ``DataLoader``: a module of one of those names
+already imported from elsewhere (e.g. your project's ``utils``) is refused in one line, and once loaded these
+names are SAT's in ``sys.modules`` (a later ``import utils`` gets SAT's).
 """
-from Model import build_model as _build_model
-from Model import build_model_from_checkpoint as _build_model_from_checkpoint
-from Model import sat as _sat
+import os as _os
+import sys as _sys
+
+_REPO = _os.path.dirname(_os.path.realpath(__file__))
+
+
+def _check_no_foreign_modules(names=("Model", "utils", "DataLoader")):
+    """ImportError naming the module and its folder when one of ``names`` is already imported from outside this
+    repository (importing ours would then fail on it or mix the two)."""
+    for name in names:
+        module = _sys.modules.get(name)
+        if module is None:
+            continue
+        where = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", None) or []), None)
+        if where is None or not _os.path.realpath(where).startswith(_REPO + _os.sep):
+            raise ImportError(f"torch.hub: a module named {name!r} is already imported from {where or 'elsewhere'}, "
+                              f"not from {_REPO}; SAT's hubconf.py needs its own top-level {name!r} package: load "
+                              "SAT in a process that has not imported a module of that name (or rename yours)")
+
+
+_check_no_foreign_modules()
+
+from Model import build_model as _build_model  # noqa: E402
+from Model import build_model_from_checkpoint as _build_model_from_checkpoint  # noqa: E402
+from Model import sat as _sat  # noqa: E402
 
 dependencies = ["torch", "timm"]
 

@@ -134,6 +134,12 @@ def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="
         raise CheckpointError(f"checkpoint {path} has {shapes[2]} classes, not "
                               f"{words['num_classes'].format(num_classes)}; {words['fix_classes']}")
     name = recorded or arch or fitted
+    if arch and not recorded and not fitted and arch in ARCH_ARGS:
+        built = {**ARCH_ARGS[arch], **overrides}
+        if (built["embed_dim"], built["depth"]) != shapes[:2]:  # else: "153 keys differ" from the loader
+            raise CheckpointError(f"checkpoint {path}: embed dim {shapes[0]} and depth {shapes[1]} fit no registered "
+                                  f"SAT architecture, not {words['arch'].format(arch)} (embed dim "
+                                  f"{built['embed_dim']}, depth {built['depth']}); {OTHER_SHAPES[spelling]}")
     if name is None:
         raise CheckpointError(f"checkpoint {path}: embed dim {shapes[0]} and depth {shapes[1]} fit no registered "
                               f"SAT architecture; {OTHER_SHAPES[spelling]}")

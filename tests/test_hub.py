@@ -52,3 +52,40 @@ def test_hub_checkpoint_errors_name_the_entry_point_and_keyword(tmp_path):
         torch.hub.load(str(REPO_ROOT), nano, source="local", pretrained=True)
     assert str(err.value) == (f"{nano} has no DeiT weights to start from: pretrained=False (random initialisation) "
                               "or pretrained='PATH' (a weights file)")
+
+
+def test_hub_official_checkpoint_of_unregistered_width_says_which_options(tmp_path):
+    # the entry point alone builds DeiT-Tiny's width (192): the one line says to pass the options, not "153 keys"
+    with pytest.raises(CheckpointError) as err:
+        torch.hub.load(str(REPO_ROOT), OFFICIAL_ARCH, source="local", checkpoint=str(OFFICIAL_CKPT))
+    assert str(err.value) == (f"checkpoint {OFFICIAL_CKPT}: embed dim 48 and depth 12 fit no registered SAT "
+                              f"architecture, not the entry point {OFFICIAL_ARCH} (embed dim 192, depth 12); pass "
+                              "the model's options (embed_dim=..., depth=..., num_heads=...)")
+
+
+def test_hub_refuses_a_foreign_module_of_the_repos_package_names(tmp_path, monkeypatch):
+    # a researcher's own `utils` package imported first: one line naming it, not "No module named utils.checkpoint"
+    import types
+    foreign = types.ModuleType("DataLoader")
+    foreign.__file__ = str(tmp_path / "DataLoader" / "__init__.py")
+    monkeypatch.setitem(__import__("sys").modules, "DataLoader", foreign)
+    with pytest.raises(ImportError, match=r"a module named 'DataLoader' is already imported from .*tmp.*not from"):
+        torch.hub.load(str(REPO_ROOT), "deit_sat_nano_patch16_224", source="local", num_classes=3)
+
+
+@pytest.mark.parametrize("options", [{"num_spatial_blocks": 1}, {"embed_dim": 48, "num_heads": 2}])
+def test_checkpoint_saved_as_documented_rebuilds_the_model_built(tmp_path, options):
+    # docs/evaluation.md: save_checkpoint(dict(model_spec(model, arch), model=...)) then rebuild without flags
+    nano = "deit_sat_nano_patch16_224"
+    torch.manual_seed(0)
+    model = build_model(nano, num_classes=3, img_size=64, **options).eval()
+    path = tmp_path / "sat.pth"
+    save_checkpoint(dict(model_spec(model, nano), model=model.state_dict()), path)
+    rebuilt = torch.hub.load(str(REPO_ROOT), nano, source="local", checkpoint=str(path)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = model(images), rebuilt(images)
+    assert rebuilt.num_spatial_blocks == model.num_spatial_blocks
+    assert rebuilt.blocks[0].attn.num_heads == model.blocks[0].attn.num_heads
+    torch.testing.assert_close(got[0], expected[0], atol=0, rtol=0)
+    torch.testing.assert_close(got[1], expected[1], atol=0, rtol=0)
