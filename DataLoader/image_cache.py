@@ -105,7 +105,7 @@ def cache_name(dataset, size):
     order) and the resize size."""
     digest = hashlib.sha1(str(size).encode())
     for index in range(len(dataset)):
-        digest.update(dataset.image_path(index).encode() + b"\0")
+        digest.update(os.fsencode(dataset.image_path(index)) + b"\0")  # (file names need not be UTF-8)
     return f"{socket.gethostname()}-{digest.hexdigest()[:16]}_{size}px.cache"
 
 

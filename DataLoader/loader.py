@@ -1,8 +1,7 @@
 """Batching: the collate function, the loader that spreads each batch over the workers, and its factory."""
-import atexit
 import hashlib
 import logging
-import multiprocessing.util  # noqa: F401  (its exit handler registered first: _shut_down_at_exit runs before it)
+import multiprocessing.util
 import os
 import random
 import traceback
@@ -26,21 +25,33 @@ PREFETCH_BATCHES = 4  # slices each worker loads ahead: with one slice of each b
 READY_BATCHES = 2  # joined batches waiting for the caller
 
 
-# The loaders with workers, for ``_shut_down_at_exit``
-_WITH_WORKERS = weakref.WeakSet()
+_WITH_WORKERS = weakref.WeakSet()  # the loaders with workers, for _shut_down_at_exit
+_EXIT_HOOK_PID = None  # the process that registered _shut_down_at_exit (a forked child registers its own)
 
 
 def _shut_down_at_exit():
-    """At the interpreter's exit, the persistent workers of the loaders still alive (one referenced by an uncaught
-    error's traceback, or by a module's globals) shut down as a pass left early shuts them down. After this
-    handler, multiprocessing's ends its daemonic children with SIGTERM, which the workers ignore (``init_worker``),
-    and then waits for them: without it the process never exits."""
+    """At a process's exit, the persistent workers of its loaders still alive (one referenced by an uncaught
+    error's traceback, or by a module's globals) shut down as a pass left early shuts them down. multiprocessing's
+    exit then ends its daemonic children with SIGTERM, which the workers ignore (``init_worker``), and waits for
+    them: without this the process never ends."""
     for loader in list(_WITH_WORKERS):
         if loader.owner == os.getpid():  # (a forked child's copy: the workers are its parent's)
-            loader.shutdown()
+            try:
+                loader.shutdown()
+            except Exception:  # the next loaders' workers still go
+                logging.getLogger("sat").debug("shutting down loader workers at exit failed", exc_info=True)
 
 
-atexit.register(_shut_down_at_exit)  # after multiprocessing's and torch's handlers: runs before them
+def _shut_down_when_done(loader):
+    """Track ``loader`` for _shut_down_at_exit, registered once per process as a multiprocessing finalizer: those
+    run first in multiprocessing's exit (an atexit hook in the main process; in a child process started by
+    multiprocessing, its own last step, where atexit hooks come too late or never)."""
+    global _EXIT_HOOK_PID
+    _WITH_WORKERS.add(loader)
+    if _EXIT_HOOK_PID != os.getpid():
+        multiprocessing.util.Finalize(None, _shut_down_at_exit, exitpriority=100)
+        _EXIT_HOOK_PID = os.getpid()
+
 
 # PyTorch's own note on more workers than CPUs is a multi-line warning on every loader: check_loading says it once
 warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
@@ -211,7 +222,7 @@ class BatchLoader:
                                  prefetch_factor=PREFETCH_BATCHES if self.parts > 1 else None)
         self.owner = os.getpid()
         if workers:
-            _WITH_WORKERS.add(self)
+            _shut_down_when_done(self)
 
     def shutdown(self):
         """Shut the persistent workers down (they start again with the next pass)."""

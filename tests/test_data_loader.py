@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from DataLoader import build_dataset, build_loader, collate_samples, make_demo_dataset
+from DataLoader.build import LOADERS
 from DataLoader.eval_views import EvalViews
 from DataLoader.loader import merge_batches
 from DataLoader.transforms import TrainPixels
@@ -223,13 +224,14 @@ def test_training_items_are_compact_and_read_back_as_listed(cub):
     from DataLoader.formats.annotations import CompactItems, Item
     train, test = build_dataset("cub", cub, "train"), build_dataset("cub", cub, "test")
     assert isinstance(train.items, CompactItems) and not isinstance(test.items, CompactItems)
-    assert len(train.items) == 6 and train.image_path(5).endswith(train.items[5].path) and train.items[5].label == 1
+    read = LOADERS["cub"](cub, "train")[1]  # the format's reader: what the split lists
+    assert [(item.path, item.label) for item in train.items] == [(item.path, item.label) for item in read]
     listed = [Item("a/é.jpg", 3), Item(b"b/\xff.jpg".decode("utf-8", "surrogateescape"), 0), Item("c.png", 7)]
     compact = CompactItems(listed)
     assert list(compact) == listed and compact[-1] == listed[-1] and compact[1:] == listed[1:]
     assert compact[0].image_id == "a/é.jpg" and test.items[0].boxes is not None
-    with pytest.raises(IndexError):
-        compact[3]
+    with pytest.raises(IndexError, match="item -4 of 3"):
+        compact[-4]
 
 
 def test_loader_workers_share_the_training_items():
@@ -281,6 +283,42 @@ next(kept[1])
 print("error: a one-line error", file=sys.stderr)
 sys.exit(2)
 """
+
+
+CHILD_WITH_LIVE_WORKERS = """
+import multiprocessing, sys
+sys.path.insert(0, {root!r})
+from DataLoader.loader import BatchLoader
+
+class Numbers:
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return {{"label": index}}
+
+def child():
+    global kept
+    kept = BatchLoader(Numbers(), 4, workers=2)
+    next(iter(kept))
+
+if __name__ == "__main__":
+    process = multiprocessing.get_context({method!r}).Process(target=child)
+    process.start()
+    process.join(60)
+    print(process.exitcode)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_child_process_ending_with_a_live_loader_exits(tmp_path, method):
+    """In a process started by multiprocessing (mp.spawn, the tests' ranks), multiprocessing's own exit ends the
+    daemonic workers, which ignore SIGTERM, before any atexit hook would run: the loaders' shutdown is a
+    finalizer that runs first."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD_WITH_LIVE_WORKERS.format(root=str(REPO_ROOT), method=method))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert proc.stdout.split() == ["0"], proc.stderr
 
 
 def test_script_ending_with_a_live_loader_exits():

@@ -123,3 +123,13 @@ def test_training_with_cache_gives_the_same_run(tmp_path, data_root):
     log = (tmp_path / "cached" / "log.txt").read_text()
     assert "cache_images: 12 images" in log and "cache_images: 9 images" in log
     assert not (tmp_path / "cached" / "image_cache").exists()  # removed at the end of the finished run
+
+
+def test_cache_name_of_file_names_that_are_not_utf8(tmp_path):
+    """A file name that is not UTF-8 (read by os.listdir as surrogate escapes) names its cache; it raised
+    UnicodeEncodeError with --cache-images."""
+    names = ["a.jpg", b"\xff.jpg".decode("utf-8", "surrogateescape")]
+    dataset = type("Listed", (), {"__len__": lambda self: 2, "image_path": lambda self, i: str(tmp_path / names[i])})()
+    other = type("Listed", (), {"__len__": lambda self: 2, "image_path": lambda self, i: str(tmp_path / "ab"[i])})()
+    assert image_cache.cache_name(dataset, 72).endswith("_72px.cache")
+    assert image_cache.cache_name(dataset, 72) != image_cache.cache_name(other, 72)

@@ -18,6 +18,7 @@ from DataLoader import build_loader, make_demo_dataset
 from DataLoader.sampler import ResumableSampler
 from Model.losses import SATLoss
 from utils.checkpoint import read_checkpoint
+from utils.errors import ConfigError
 from utils.preemption import StopSignals, resume_command
 from train import main as train_main
 
@@ -171,6 +172,10 @@ def test_signal_mid_epoch_then_resume_gives_the_uninterrupted_run(data_root, ref
     assert not (out / "metrics.jsonl").read_text()
 
     monkeypatch.undo()
+    # data whose epoch has 5 steps, not 6: refused (the rest of epoch 1 would leave out images)
+    fewer = make_demo_dataset(tmp_path / "fewer", num_classes=3, train_per_class=6, test_per_class=4, image_size=64)
+    with pytest.raises(ConfigError, match=r"saved after 4 of the 6 optimizer steps of epoch 1, which now has 5 "):
+        train_main(run_args(str(fewer), out, "--resume"))
     train_main(run_args(data_root, out, "--resume"))
     assert "0 of 2 epochs done, and 4 optimizer steps of epoch 1" in (out / "log.txt").read_text()
     assert_same_run(out, reference)

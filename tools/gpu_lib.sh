@@ -15,6 +15,7 @@ check_device() {
 # printed and copied to OUTDIR/NAME.log; NAME gpu_check or gpu_record also names the table of ``snapshot``
 start_log() {
   OUTDIR=${OUT:-/tmp} KIND=${1#gpu_}
+  MADE_WORK=0 && [ -e "$(dirname "$RUNS")" ] || MADE_WORK=1  # (removed again when nothing could run)
   mkdir -p "$OUTDIR" "$RUNS"
   export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
   exec > >(tee "$OUTDIR/$1.log") 2>&1
@@ -32,7 +33,8 @@ machine_env() {
   local rc=$?
   cat "$RUNS/env.json"
   if [ $rc != 0 ]; then  # nothing ran: the folders made for the runs go (the log in OUTDIR says why)
-    rm -f "$RUNS/env.json"; rmdir "$RUNS" "$(dirname "$RUNS")" 2> /dev/null
+    rm -f "$RUNS/env.json"; rmdir "$RUNS" 2> /dev/null
+    [ $MADE_WORK = 1 ] && rmdir "$(dirname "$RUNS")" 2> /dev/null
     exit 2
   fi
 }

@@ -151,7 +151,8 @@ def main(argv=None):
     parser.add_argument("--num-classes", type=int, help="classes (default: read off the head's shape)")
     parser.add_argument("--threshold", type=FIELDS["threshold"].parse,
                         help="localization threshold (default: the checkpoint's best_thr, else the evaluators' "
-                             "default: evaluator_ImageNet.py's for a 1000-class model, evaluator.py's for others)")
+                             "default: evaluator_ImageNet.py's for a 1000-class model or one trained on ImageNet "
+                             "data, evaluator.py's for others)")
     parser.add_argument("--resize-size", type=at_least(1),
                         help="resize before the centre crop (default: the checkpoint's training setting, "
                              "else 256/224 x the input size)")

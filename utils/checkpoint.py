@@ -320,7 +320,7 @@ class TrainingCheckpoints:
         running sums, so that --resume continues exactly there (utils/preemption.StepCheckpoint's ``save``).
         Collective."""
         states = dist_utils.all_gather_object((rng_state(self.info.device), meters.state()))
-        self._save_last(epoch, steps_done, rng_states=[rng for rng, _ in states],
+        self._save_last(epoch, steps_done, steps_per_epoch=self.steps_per_epoch, rng_states=[rng for rng, _ in states],
                         epoch_meters=[sums for _, sums in states])
         self.progress.update(saved=epoch, steps_done=steps_done)
         return self.path
@@ -413,6 +413,12 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
         raise CheckpointError(f"--resume: {err}; {_instead(path)}") from None
     if isinstance(ckpt.get("config"), dict) and "arch" in ckpt:  # a checkpoint of this project's training
         check_unchanged(ckpt["config"], cfg, path)
+    saved_steps = ckpt.get("steps_per_epoch")  # of a last.pth saved in the middle of an epoch
+    if ckpt.get("epoch_step") and "epoch_stats" not in ckpt and saved_steps not in (None, steps_per_epoch):
+        raise ConfigError(f"--resume {path}: saved after {ckpt['epoch_step']} of the {saved_steps} optimizer steps of "
+                          f"epoch {ckpt['epoch'] + 1}, which now has {steps_per_epoch} (the training split, drop_last "
+                          "or accum_steps differ): the rest of the epoch would repeat or leave out images; resume "
+                          "with the run's data and settings (--resume without --config reads its config.yaml)")
     meta = load_state(ckpt, path, model)
     if isinstance(meta.get("epoch"), int) and meta["epoch"] > cfg.epochs:  # before config.yaml says otherwise
         raise ConfigError(f"--resume {path}: {meta['epoch']} epochs done, more than --epochs {cfg.epochs}: a run is "

@@ -50,11 +50,11 @@ class CompactItems(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[position] for position in range(*index.indices(len(self)))]
-        index = operator.index(index)
+        given = index = operator.index(index)
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
-            raise IndexError(f"item {index} of {len(self)}")
+            raise IndexError(f"item {given} of {len(self)}")
         start = int(self._ends[index - 1]) if index else 0
         path = self._paths[start:int(self._ends[index])].decode("utf-8", "surrogateescape")
         return Item(path, int(self._labels[index]))
