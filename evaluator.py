@@ -88,7 +88,10 @@ def discard_partials(args, output_dir):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a folder no longer writable: left, as rmtree leaves one (the error said why)
+                pass
 
 
 def start_logging(args, info, lock):

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.errors import DataError, SATError
-from utils.preemption import leave_stops_to_the_parent
+from utils.preemption import leave_stops_to_the_parent, signals_deferred
 
 from .formats.annotations import check_boxes
 from .dataset import UNREADABLE, size_difference_warning
@@ -167,9 +167,12 @@ def check_split(dataset, split, workers=0, decode=False, progress=False, shard=(
     chunks = Chunks(jobs)
     processes = min(workers, len(chunks))
     start = time.perf_counter()
-    runs = DataLoader(chunks, batch_size=None, num_workers=processes,
-                      worker_init_fn=leave_stops_to_the_parent) if processes > 1 else \
-        map(chunks.__getitem__, range(len(chunks)))
+    if processes > 1:
+        with signals_deferred():  # the workers start (utils/preemption.py)
+            runs = iter(DataLoader(chunks, batch_size=None, num_workers=processes,
+                                   worker_init_fn=leave_stops_to_the_parent))
+    else:
+        runs = map(chunks.__getitem__, range(len(chunks)))
     results = []
     with tqdm(total=len(jobs), desc=f"check {split}", unit="image", disable=not progress, dynamic_ncols=True,
               delay=2, leave=False) as bar:  # a bar only for checks that take a while

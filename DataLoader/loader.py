@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from utils.distributed import cpu_share
-from utils.preemption import leave_stops_to_the_parent
+from utils.preemption import leave_stops_to_the_parent, signals_deferred
 
 from .background import Background
 from .dataset import Skipped
@@ -249,10 +249,12 @@ class BatchLoader:
             raise
 
     def _batches(self):
+        with signals_deferred():  # the first pass forks the workers (utils/preemption.py)
+            loaded = iter(self.loader)
         if self.parts == 1:
-            return iter(self.loader)
+            return loaded
         device = torch.cuda.current_device() if self.pin_memory else None  # one per DDP process
-        self._joiner = Background(_joined(iter(self.loader), self._slices.parts_per_batch(), self.pin_memory),
+        self._joiner = Background(_joined(loaded, self._slices.parts_per_batch(), self.pin_memory),
                                   READY_BATCHES, _join_thread_setup(device), name="sat-batch-joiner")
         return self._joiner
 

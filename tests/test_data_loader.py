@@ -351,3 +351,52 @@ def test_workers_left_running_are_shut_down_at_exit():
     loader.shutdown()  # what loader_module._shut_down_at_exit does for each live loader
     assert not any(w.is_alive() for w in workers)
     assert [len(b["label"]) for b in loader] == [8, 8]  # a later pass starts new workers
+
+
+SIGNAL_WHILE_WORKERS_START = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background job may start with SIGINT ignored)
+from DataLoader.loader import BatchLoader
+from utils.preemption import StopAtOnce
+
+class Numbers:
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return {{"label": index}}
+
+# the signal arrives while the parent runs Python's hooks after forking a worker, as one sent to the job does
+sent = []
+os.register_at_fork(after_in_parent=lambda: sent and os.kill(os.getpid(), sent.pop()))
+for name, stop in (("ctrl-c", signal.SIGINT), ("sigterm", signal.SIGTERM)):
+    sent.append(stop)
+    try:
+        with StopAtOnce(lambda name: "stopped by " + name):
+            print(name, sum(len(batch["label"]) for batch in BatchLoader(Numbers(), 4, workers=2)))
+    except BaseException as err:
+        print(name, type(err).__name__)
+
+# a SIGTERM that reaches a worker once PyTorch has set its own handler (which ends it), before init_worker
+from torch.utils.data._utils import signal_handling
+set_handlers = signal_handling._set_worker_signal_handlers
+signal_handling._set_worker_signal_handlers = lambda: (set_handlers(), os.kill(os.getpid(), signal.SIGTERM))
+try:
+    print("worker", sum(len(batch["label"]) for batch in BatchLoader(Numbers(), 4, workers=2)))
+except RuntimeError as err:  # DataLoader worker (pid ...) is killed by signal: Terminated
+    print("worker", "RuntimeError")
+"""
+
+
+def test_a_stop_signal_while_the_workers_start_is_not_lost():
+    """A Ctrl-C or a SIGTERM (raising Preempted in the evaluators and the final test) that arrived while a loader
+    forked its workers ran its handler in the hooks Python runs after a fork, where the exception was printed
+    ("Exception ignored in: ... _releaseLock") and dropped: the evaluation went on to its end, or (Ctrl-C, whose
+    worker then died before it ignored it) failed with "DataLoader worker ... exited unexpectedly"; a worker that
+    a SIGTERM reached before it ignored it was ended by PyTorch's handler ("killed by signal: Terminated")."""
+    script = SIGNAL_WHILE_WORKERS_START.format(root=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["ctrl-c", "KeyboardInterrupt", "sigterm", "Preempted", "worker", "8"], \
+        proc.stdout + proc.stderr
+    assert "Exception ignored" not in proc.stderr, proc.stderr

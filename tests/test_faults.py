@@ -447,6 +447,30 @@ def test_the_lock_file_goes_with_its_job_and_a_file_removed_meanwhile_is_not_loc
         FolderLock("/proc/sat_out", "train.py").acquire()
 
 
+def test_a_folder_made_read_only_mid_job_leaves_the_job_s_own_error(tmp_path, monkeypatch):
+    """A job whose --output-dir stopped taking changes (a file system remounted read-only, a folder made
+    read-only) stopped on its one-line OutputError; removing the lock file, or the evaluator's partial outputs,
+    then raised again: Python's traceback of a PermissionError replaced the line (exit status 1, not 2)."""
+    import pathlib
+    from evaluator import discard_partials
+    from utils.outputs import partial_name
+    out = tmp_path / "out"
+    lock = FolderLock(out, "evaluator.py").acquire()
+    partial = pathlib.Path(partial_name(out / "metrics.json"))
+    partial.write_text("{}")
+
+    def read_only(path, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(pathlib.Path, "unlink", read_only)
+    discard_partials(type("Args", (), {"save_maps": None, "save_boxes": None})(), out)
+    lock.release()
+    monkeypatch.undo()
+    assert lock.fd is None and partial.exists() and (out / ".lock").exists()
+    FolderLock(out, "train.py").acquire().release()  # the file left is not locked: the next job takes it
+    assert not (out / ".lock").exists()
+
+
 @pytest.mark.usefixtures("sigterm_not_handled_fails")
 def test_a_stop_signal_once_the_evaluation_is_complete_keeps_it(data_root, tmp_path, monkeypatch):
     """SIGTERM while the outputs of a complete evaluation are written: they are kept and the job ends as finished

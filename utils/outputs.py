@@ -216,7 +216,10 @@ class FolderLock:
         opened the file meanwhile finds it removed and takes the new one."""
         if self.fd is not None:
             if self._is_current(self.fd):
-                self.path.unlink(missing_ok=True)
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError:  # a folder no longer writable (the error that ended the job says so): the file
+                    pass         # stays, unlocked (closing frees the lock), and the next job takes it
             os.close(self.fd)
             self.fd = None
 

@@ -162,7 +162,9 @@ def leave_stops_to_the_parent(*_):
     "worker killed" (PyTorch raises it wherever the parent is, even while it replaces its outputs) instead of
     stopping as it should. The parent shuts its helpers down; they end by themselves when it dies."""
     for signum in HELD_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signum, signal.SIG_IGN)  # (one pending, blocked by signals_deferred, is dropped)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
 
 
 @contextlib.contextmanager
@@ -178,6 +180,42 @@ def signals_held():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Stop signals and Ctrl-C received while the block runs are acted on (their handlers called, as if sent
+    again) once it ends: for a block that forks helper processes (a loader's first pass starts its workers).
+    A handler that raises (KeyboardInterrupt, :class:`StopAtOnce`'s Preempted) would otherwise run in the hooks
+    Python calls after a fork, where an exception is printed ("Exception ignored in: ... _releaseLock") and
+    dropped: the signal was lost. The signals are also blocked in the children forked here until they leave
+    them to their parent (:func:`leave_stops_to_the_parent`): a loader worker is ended by a SIGTERM that arrives
+    before that (PyTorch's handler of its own, set first), and by Ctrl-C, and the job failed with "DataLoader
+    worker ... killed by signal" instead of stopping as it should."""
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread handles signals)
+        yield
+        return
+    received = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in HELD_SIGNALS}
+    blocked = _block(HELD_SIGNALS)  # (for the children: a signal sent now reaches another thread of this process)
+    try:
+        yield
+    finally:
+        _block(HELD_SIGNALS, blocked)  # one pending here is recorded first
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):  # each to the handler restored (the first that raises ends this)
+            signal.raise_signal(signum)
+
+
+def _block(signums, previous=None):
+    """Block ``signums`` in this thread (``previous``: restore that mask instead); the mask before."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    if previous is None:
+        return signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    return signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def ignore_stop_signals():
