@@ -264,9 +264,8 @@ def test_loader_workers_share_the_training_items():
     assert float(grown["CompactItems"]) < 5, out
 
 
-EXIT_WITH_LIVE_WORKERS = """
-import sys
-sys.path.insert(0, {root!r})
+# the head of the scripts below: the repository importable, and a dataset of 8 numbers
+NUMBERS = """sys.path.insert(0, {root!r})
 from DataLoader.loader import BatchLoader
 
 class Numbers:
@@ -275,7 +274,11 @@ class Numbers:
 
     def __getitem__(self, index):
         return {{"label": index}}
+"""
 
+EXIT_WITH_LIVE_WORKERS = """
+import sys
+{numbers}
 loader = BatchLoader(Numbers(), 4, workers={workers})
 kept = [loader, iter(loader)]
 kept.append(kept)  # a reference cycle, as the traceback of an error raised mid-evaluation keeps its loader
@@ -287,16 +290,7 @@ sys.exit(2)
 
 CHILD_WITH_LIVE_WORKERS = """
 import multiprocessing, sys
-sys.path.insert(0, {root!r})
-from DataLoader.loader import BatchLoader
-
-class Numbers:
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, index):
-        return {{"label": index}}
-
+{numbers}
 def child():
     global kept
     kept = BatchLoader(Numbers(), 4, workers=2)
@@ -316,7 +310,7 @@ def test_a_child_process_ending_with_a_live_loader_exits(tmp_path, method):
     daemonic workers, which ignore SIGTERM, before any atexit hook would run: the loaders' shutdown is a
     finalizer that runs first."""
     script = tmp_path / "child.py"
-    script.write_text(CHILD_WITH_LIVE_WORKERS.format(root=str(REPO_ROOT), method=method))
+    script.write_text(CHILD_WITH_LIVE_WORKERS.format(numbers=NUMBERS.format(root=str(REPO_ROOT)), method=method))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
     assert proc.stdout.split() == ["0"], proc.stderr
 
@@ -325,7 +319,7 @@ def test_script_ending_with_a_live_loader_exits():
     """The workers ignore SIGTERM (utils.preemption.leave_stops_to_the_parent), with which multiprocessing's exit
     hook ends them before joining them: a script that stopped on an error mid-pass (a missing map, an
     unreadable image) while its loader was still referenced printed its error, then waited for ever."""
-    script = EXIT_WITH_LIVE_WORKERS.format(root=str(REPO_ROOT), workers=2)
+    script = EXIT_WITH_LIVE_WORKERS.format(numbers=NUMBERS.format(root=str(REPO_ROOT)), workers=2)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "a one-line error" in proc.stderr
 
@@ -355,17 +349,8 @@ def test_workers_left_running_are_shut_down_at_exit():
 
 SIGNAL_WHILE_WORKERS_START = """
 import os, signal, sys
-sys.path.insert(0, {root!r})
 signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background job may start with SIGINT ignored)
-from DataLoader.loader import BatchLoader
-from utils.preemption import StopAtOnce
-
-class Numbers:
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, index):
-        return {{"label": index}}
+{numbers}from utils.preemption import StopAtOnce
 
 # the signal arrives while the parent runs Python's hooks after forking a worker, as one sent to the job does
 sent = []
@@ -395,7 +380,7 @@ def test_a_stop_signal_while_the_workers_start_is_not_lost():
     ("Exception ignored in: ... _releaseLock") and dropped: the evaluation went on to its end, or (Ctrl-C, whose
     worker then died before it ignored it) failed with "DataLoader worker ... exited unexpectedly"; a worker that
     a SIGTERM reached before it ignored it was ended by PyTorch's handler ("killed by signal: Terminated")."""
-    script = SIGNAL_WHILE_WORKERS_START.format(root=str(REPO_ROOT))
+    script = SIGNAL_WHILE_WORKERS_START.format(numbers=NUMBERS.format(root=str(REPO_ROOT)))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["ctrl-c", "KeyboardInterrupt", "sigterm", "Preempted", "worker", "8"], \
         proc.stdout + proc.stderr
