@@ -188,6 +188,13 @@ def overlay_count(args):
     return None if args.overlays == "all" else args.overlays
 
 
+def data_record(args, fmt, root, split):
+    """The keys of metrics.json that name the data evaluated (tools/compare.py compares them across runs)."""
+    metadata_root = getattr(args, "metadata_root", None)
+    return {"data_format": fmt, "data_root": os.path.abspath(root),
+            "metadata_root": metadata_root and os.path.abspath(metadata_root), "split": split}
+
+
 def load_model(args, imagenet):
     """The model and metadata of --checkpoint (without --data-root: refused unless trained on the demo data)."""
     model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
@@ -249,8 +256,8 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
     rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)
     record = {"checkpoint": str(args.checkpoint), "arch": arch, "num_classes": model.num_classes,
               "labels_matched_by": labels_matched_by, "img_size": img_size, "resize_size": views.resize_size,
-              "data_format": fmt, "data_root": os.path.abspath(root), "split": split,
-              "eval_protocol": protocol, "views": list(views.names), "tencrop": views.tencrop,
+              **data_record(args, fmt, root, split), "eval_protocol": protocol, "views": list(views.names),
+              "tencrop": views.tencrop,
               "precision": describe(info.device, args.amp), "compile": args.compile, "gpu_decode": args.gpu_decode,
               "search_thresholds": searched_thresholds(args, protocol), **metrics}
     work_complete()  # every process: a stop signal from now on lets the outputs be kept
@@ -317,9 +324,8 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
         drop_class_metrics(metrics)
     rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)
     record = {"maps": str(args.maps), "predictions": args.predictions, "num_classes": num_classes,
-              "img_size": views.img_size, "resize_size": views.resize_size, "data_format": fmt,
-              "data_root": os.path.abspath(root),
-              "split": split, "eval_protocol": protocol, "views": list(views.names), "tencrop": False,
+              "img_size": views.img_size, "resize_size": views.resize_size, **data_record(args, fmt, root, split),
+              "eval_protocol": protocol, "views": list(views.names), "tencrop": False,
               "search_thresholds": searched_thresholds(args, protocol), **metrics}
     work_complete()  # every process: a stop signal from now on lets the outputs be kept
     if info.is_main:

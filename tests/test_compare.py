@@ -174,6 +174,12 @@ def test_runs_on_different_data_are_pointed_out(tmp_path, capsys):
     assert "the runs read different data (x: cub data/CUB test; y: cub data/CUB val)" in capsys.readouterr().out
     compare_main([str(first), str(first), "--names", "a", "b", "--output-dir", str(tmp_path / "same")])
     assert "different data" not in capsys.readouterr().out
+    wsol = {"num_images": 3, "data_format": "wsol", "data_root": "data/CUB", "split": "test"}
+    fourth = write_run(tmp_path / "m1", {**wsol, "metadata_root": "metadata/CUB"})
+    fifth = write_run(tmp_path / "m2", {**wsol, "metadata_root": "metadata/CUB_v2"})  # same images, other boxes
+    compare_main([str(fourth), str(fifth), "--output-dir", str(tmp_path / "metadata")])
+    assert "the runs read different data (m1: wsol data/CUB metadata/CUB test; m2: wsol data/CUB metadata/CUB_v2 " \
+        "test)" in capsys.readouterr().out
     third = write_run(tmp_path / "z", {"num_images": 3, "split": "test"})  # keys a run lacks are not compared
     compare_main([str(first), str(third), "--output-dir", str(tmp_path / "lacking")])
     assert "different data" not in capsys.readouterr().out

@@ -30,7 +30,7 @@ from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noq
 NOT_TABULATED = ("num_classes", "img_size", "resize_size", "search_thresholds", "thresholds", "per_class")
 PER_THRESHOLD = "_per_threshold"
 PER_IMAGE_FLAGS = ("gt_known", "top1_loc")
-DATA_KEYS = ("data_format", "data_root", "split")  # metrics.json keys naming the data a run evaluated
+DATA_KEYS = ("data_format", "data_root", "metadata_root", "split")  # metrics.json: the data a run evaluated
 SAT_SETTINGS = ("img_size", "resize_size", "tencrop", "threshold")  # what the sat protocol's numbers depend on
 MAX_CLASSES_DRAWN = 40
 
