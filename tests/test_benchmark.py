@@ -58,6 +58,7 @@ def test_eval_benchmark_reports_box_cost():
      "taken from the resized image), got 48"),
     (["--mode", "eval", "--resize-size", "0"], "--resize-size: expected at least --img-size 64"),
     (["--mode", "loader", "--image-ms", "-1"], "--image-ms: expected a number >= 0, got '-1'"),  # (a worker's error)
+    (["--mode", "loader", "--data-root", "data"], "--mode loader times the loader's scheduling on simulated items"),
 ])
 def test_bad_flags_are_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

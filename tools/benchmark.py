@@ -131,6 +131,9 @@ def parse_args(argv=None):
         p.error(f"--compare-naive compares the model's naive fp32 baseline: --mode train or eval, not {args.mode}")
     if args.mode == "check" and not args.data_root:
         p.error("--mode check reads image files: it needs --data-root")
+    if args.mode == "loader" and args.data_root:  # (it ran its simulation, minutes, and read nothing)
+        p.error("--mode loader times the loader's scheduling on simulated items (--image-ms, --step-ms), not files: "
+                "--mode train or eval with --data-root time the pipeline on files")
     if args.img_size % 16:
         p.error(f"--img-size: expected a multiple of the patch size 16, got {args.img_size}")
     if args.resize_size is not None and args.resize_size < args.img_size:  # (train mode: a worker's ValueError)
