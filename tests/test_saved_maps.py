@@ -198,6 +198,30 @@ def test_baseline_maps_need_a_new_folder_and_sane_values(cub, tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_baseline_maps_that_fill_the_disk_leave_no_part(cub, tmp_path, capsys, monkeypatch):
+    """A full disk part-way: one line that says so (numpy's words alone: '50176 requested and 6112 written'), and
+    none of the maps written is left to be scored as the method's maps of the split."""
+    root, _ = cub
+    save, saved = np.save, []
+
+    def fills(path, array):
+        if saved:
+            raise OSError("50176 requested and 6112 written")
+        saved.append(path)
+        save(path, array)
+
+    monkeypatch.setattr(np, "save", fills)
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        saved.clear()
+        with pytest.raises(SystemExit):
+            run_cli(make_baseline_maps, [str(out), "--data-root", str(root)])
+        assert capsys.readouterr().err == f"error: could not write {out}: 50176 requested and 6112 written (a short " \
+            "write: the disk or quota is probably full)\n"
+        assert saved and not saved[0].exists()
+    assert not (tmp_path / "new").exists() and not any((tmp_path / "empty").iterdir())
+
+
 def test_evaluate_your_own_method_example(cub, tmp_path, capsys):
     """docs/evaluation.md's worked example on demo data: SAT's saved maps and a centred Gaussian baseline
     (scored with and without SAT's predictions), compared."""

@@ -9,6 +9,7 @@ through, e.g. that of a model trained at another input size (default: the offici
     python evaluator.py --maps output/maps_gaussian --eval-protocol both --output-dir output/eval_gaussian
 """
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from DataLoader import FORMATS, build_dataset  # noqa: E402
 from DataLoader.eval_loader import resolve_data  # noqa: E402
 from utils.config import OneLineParser, at_least  # noqa: E402
-from utils.errors import ConfigError, run_cli, writing_outputs  # noqa: E402
+from utils.errors import ConfigError, OutputError, run_cli, writing_outputs  # noqa: E402
 from utils.saved_maps import write_saved_view  # noqa: E402
 
 
@@ -59,13 +60,20 @@ def main(argv=None):
     dataset = build_dataset(fmt, root, args.split, lambda image: image, metadata_root=args.metadata_root,
                             val_boxes=args.val_boxes)
     loc_map = centred_gaussian(args.size, args.sigma)
-    with writing_outputs(output):  # a folder that cannot be written, a full disk: one line
-        for item in dataset.items:
-            path = output / f"{item.image_id}.npy"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, loc_map)
-        if args.img_size is not None:
-            write_saved_view(output, args.img_size, args.resize_size)
+    made = not output.exists()
+    try:
+        with writing_outputs(output):  # a folder that cannot be written, a full disk: one line
+            for item in dataset.items:
+                path = output / f"{item.image_id}.npy"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, loc_map)
+            if args.img_size is not None:
+                write_saved_view(output, args.img_size, args.resize_size)
+    except OutputError:  # the maps written go (the folder was new or empty): a part would be scored as a method's
+        shutil.rmtree(output, ignore_errors=True)
+        if not made:
+            output.mkdir(exist_ok=True)
+        raise
     print(f"{len(dataset.items)} maps ({args.size}x{args.size} centred Gaussian, sigma {args.sigma:g}) written to "
           f"{args.output}")
 

@@ -49,6 +49,8 @@ def output_error(err: OSError, path=None) -> OutputError:
     """The one-line OutputError of an OSError met while writing an output: the file (the error's, else
     ``path``: a full disk's error names none) and the reason."""
     reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    if err.errno is None and " requested and " in reason:  # numpy's short write ("50176 requested and 6112 written")
+        reason += " (a short write: the disk or quota is probably full)"
     where = err.filename or path
     return OutputError(f"could not write {where}: {reason}" if where else f"could not write: {reason}")
 
