@@ -38,8 +38,8 @@ from utils.checkpoint import (TrainingCheckpoints, load_checkpoint, model_spec, 
                               seed_everything, set_rng_state)
 from utils.config import parse_config, save_config
 from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
-from utils.errors import (CheckpointError, ConfigError, DataError, OutputError, SATError, restated, run_cli,
-                          user_message)
+from utils.errors import (CheckpointError, ConfigError, DataError, OutputError, SATError, first_line, restated,
+                          run_cli, user_message)
 from utils.logger import MetricsLog, close_logging, log_error, open_log_file, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 from utils.outputs import FolderLock, check_output_folder, delete_outputs, write_text_atomic
@@ -76,7 +76,7 @@ def main(argv=None, imagenet=False):
         if info.distributed and dist_utils.lost_peer(err):  # a backend traceback named neither cause nor resume
             err = SATError(interrupted_message(cfg, progress, resume, "another process of the job ended (killed, "
                                                "out of memory or its node failed: its own output says why; here: "
-                                               f"{dist_utils.first_line(err)})"))
+                                               f"{first_line(err)})"))
             log_error(err)
             raise err from None
         log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)

@@ -9,7 +9,7 @@ import huggingface_hub
 import timm
 
 from utils.checkpoint import check_finite_weights, clean_state_dict, load_state, read_checkpoint, require_file
-from utils.errors import CheckpointError, ConfigError
+from utils.errors import CheckpointError, ConfigError, first_line
 
 from .losses import gaussian_kernel_3x3
 from .sat import ARCH_ARGS, SATVisionTransformer  # importing sat registers the architectures
@@ -63,8 +63,7 @@ def check_pretrained(arch, pretrained=True, spelling="flags"):
 
 def _hub_error(arch, err, spelling):
     words = SPELLINGS[spelling]
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return CheckpointError(f"could not get the DeiT weights of {arch} from the timm hub ({reason}); download "
+    return CheckpointError(f"could not get the DeiT weights of {arch} from the timm hub ({first_line(err)}); download "
                            f"them once with network access, or pass a local file ({words['weights_file']}) or "
                            f"{words['no_weights']}")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.errors import ConfigError, OutputError, SATError, echoed, output_error, user_message
+from utils.errors import ConfigError, OutputError, SATError, echoed, first_line, output_error, user_message
 
 # MASTER_PORT under srun: SLURM_PORT_BASE + (job id + SLURM_STEP_PORT_STRIDE * step id) % SLURM_PORT_RANGE, so that
 # two steps of one job on a node (training and an evaluation) differ, below Linux's ephemeral ports (32768-)
@@ -157,16 +157,6 @@ def slurm_environment(environ):
     env["MASTER_PORT"] = environ.get("MASTER_PORT") or str(
         SLURM_PORT_BASE + (job_id + SLURM_STEP_PORT_STRIDE * step_id) % SLURM_PORT_RANGE)
     return env
-
-
-def first_line(err):
-    """The first line of an error's text (its type without one), at most 200 characters: what a one-line error
-    keeps of a backend's multi-line message."""
-    text = str(err).strip()
-    if not text:
-        return type(err).__name__
-    line = text.splitlines()[0]
-    return line if len(line) <= 200 else line[:200].rsplit(" ", 1)[0] + " ..."
 
 
 def _not_met(info, host, port, why):

@@ -45,6 +45,16 @@ class OutputError(SATError):
     """An output file cannot be written (a full disk, a folder without write permission)."""
 
 
+def first_line(err):
+    """The first line of an error's text (its type without one), at most 200 characters: what a one-line error
+    keeps of a backend's multi-line message."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[0]
+    return line if len(line) <= 200 else line[:200].rsplit(" ", 1)[0] + " ..."
+
+
 def output_error(err: OSError, path=None) -> OutputError:
     """The one-line OutputError of an OSError met while writing an output: the file (the error's, else
     ``path``: a full disk's error names none) and the reason."""
