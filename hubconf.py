@@ -46,6 +46,9 @@ dependencies = ["torch", "timm"]
 def _entry_point(arch):
     def entry_point(pretrained=False, checkpoint=None, **kwargs):
         if checkpoint is not None:
+            if pretrained is not False:
+                raise ValueError(f"{arch}: pretrained={pretrained!r} and checkpoint= both given; a checkpoint holds "
+                                 "all the weights: pass one of the two")
             return _build_model_from_checkpoint(checkpoint, arch=arch, spelling="hub", **kwargs)[0]
         return _build_model(arch, pretrained=pretrained, spelling="hub", **kwargs)
 

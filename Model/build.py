@@ -1,6 +1,7 @@
 """Building a SAT model: by architecture name (timm registry), or from a checkpoint (this project's or an
 official release, its architecture read off the weights' shapes); the weights a checkpoint stores."""
 import logging
+import numbers
 import os
 import socket
 from urllib.parse import urlparse
@@ -32,6 +33,9 @@ def build_model(arch: str, num_classes: int = 1000, pretrained=False, *, spellin
     ``spelling``: how errors name the options (SPELLINGS: the scripts' flags or torch.hub's arguments).
     """
     check_pretrained(arch, pretrained, spelling)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ConfigError(f"{SPELLINGS[spelling]['num_classes'].format(repr(num_classes))}: the number of classes "
+                          "must be a positive integer")
     try:
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **overrides)
     except OSError as err:  # hub / network / cache errors of the pretrained download
