@@ -241,6 +241,8 @@ def time_data(args, batches, device):
 
 
 def peak_memory_mb(device):
+    """MiB: on CUDA the peak allocated by tensors (counted from the built model on); on a CPU the process's peak
+    resident memory since it started (libraries, model and batches: compare runs by their ratio)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
