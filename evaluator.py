@@ -25,7 +25,7 @@ from DataLoader.build import build_dataset
 from DataLoader.check import check_split
 from DataLoader.eval_loader import build_eval_loader, resolve_data, resolve_protocol
 from DataLoader.formats.imagenet import WNID
-from DataLoader.eval_views import EvalViews, views_of
+from DataLoader.eval_views import EvalViews, includes_sat, includes_wsol, views_of
 from DataLoader.loader import check_loading
 from Model import build_model_from_checkpoint
 from utils.amp import describe
@@ -164,16 +164,16 @@ def check_maps_folder(folder, overwrite):
 
 def searched_thresholds(args, protocol):
     """The map thresholds --thresholds searches: the sat protocol's (none without it)."""
-    return list(args.thresholds) if protocol in ("sat", "both") else []
+    return list(args.thresholds) if includes_sat(protocol) else []
 
 
 def evaluate_settings(args, protocol, output_dir, info):
     """The ``evaluate`` arguments both jobs take from the flags: the map thresholds of the protocol, overlays
     (drawn under their partial_name until the evaluation is complete), per-image rows, box processes."""
     overlay_dir = output_dir / partial_name(OVERLAYS) if args.overlays else None
-    unused = [flag for flag, given, used in (("--thresholds", args.thresholds, protocol in ("sat", "both")),
+    unused = [flag for flag, given, used in (("--thresholds", args.thresholds, includes_sat(protocol)),
                                              ("--wsol-threshold", args.wsol_threshold is not None,
-                                              protocol in ("wsol", "both"))) if given and not used]
+                                              includes_wsol(protocol))) if given and not used]
     if unused and info.is_main:
         _logger.warning("%s not used: the %s protocol does not read it", " and ".join(unused), protocol)
     return dict(threshold=args.threshold if protocol != "wsol" else None,
@@ -311,7 +311,7 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
                         "in %s itself, each protocol taking them through its own view)", args.maps, VIEW_FILE,
                         views.img_size, views.resize_size, views.resize_size, args.maps)
     loader = map_loader(dataset, views, overlay_count(args), args.eval_batch_size, args.workers, info.distributed)
-    sat = protocol in ("sat", "both")
+    sat = includes_sat(protocol)
     scored = {"sat": "GT-known Loc and IoU30/50/70", "wsol": "the wsol metrics",
               "both": "GT-known Loc, IoU30/50/70 and the wsol metrics"}[protocol]
     _logger.info("scoring the maps in %s on %d images of %s, protocol %s%s; %s", args.maps, len(dataset), root,

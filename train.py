@@ -8,16 +8,16 @@ The procedure, as the official train.py: config -> data -> model -> loss, optimi
 epochs of ``train_one_epoch``, each followed from ``eval_start_epoch`` on by an evaluation that keeps the best
 checkpoints -> the final test of best.pth (results.json). train_ImageNet.py runs the same with ImageNet's
 config. Every config key is also a flag (``python train.py --help``); ``--resume`` continues a run.
+Which epochs are evaluated and which metric picks best.pth: utils/selection.py; whether a run may start in its
+folder (--resume, --overwrite) and the lines after a stop: utils/run_folder.py.
 """
 import collections
 import functools
 import json
 import logging
 import math
-import shlex
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,8 +25,8 @@ import torch
 from DataLoader import build_dataset, build_loader
 from DataLoader.check import check_splits
 from DataLoader.device_transforms import on_device
-from DataLoader.eval_loader import build_eval_loader, resolve_data, split_annotations
-from DataLoader.eval_views import default_resize_size, views_of
+from DataLoader.eval_loader import build_eval_loader, resolve_data
+from DataLoader.eval_views import default_resize_size
 from DataLoader.image_cache import attach_image_cache
 from DataLoader.loader import check_loading
 from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
@@ -40,23 +40,14 @@ from utils.config import parse_config, save_config
 from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
 from utils.errors import (CheckpointError, ConfigError, DataError, OutputError, SATError, first_line, restated,
                           run_cli, user_message)
-from utils.logger import MetricsLog, close_logging, log_error, open_log_file, setup_logging
+from utils.logger import MetricsLog, close_logging, log_error, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
-from utils.outputs import FolderLock, check_output_folder, delete_outputs, write_text_atomic
+from utils.outputs import FolderLock, write_text_atomic
 from utils.preemption import (StepCheckpoint, StopAtOnce, StopSignals, exit_when_stopped, ignore_stop_signals,
                               resume_command, signal_name)
+from utils.run_folder import IMAGE_CACHE, check_run_folder, how_to_continue, interrupted_message, replace_previous_run
+from utils.selection import plan_evaluation, recorded_keys, should_evaluate, update_best
 
-RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
-               "num_images")
-SAT_THRESHOLD_KEYS = ("threshold", "best_threshold")  # recorded on their own (results.json: with at_best_threshold)
-# The checkpoints kept during training, each the first epoch reaching the maximum of its metric, as the
-# official train.py keeps best_loc / best_top1 / best_gt; best.pth follows selection_metric (official: loc).
-EXTRA_BEST = {"best_top1_loc.pth": "top1_loc", "best_gt_known_loc.pth": "gt_known_loc"}
-# What a run writes into --output-dir (--overwrite deletes them).
-IMAGE_CACHE = "image_cache"  # cache_images: one file per split (DataLoader/image_cache.py)
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.json", "config.yaml", "log.txt", "tensorboard", "overlays",
-               IMAGE_CACHE)
-EVALUATION_FILES = ("metrics.json", "per_image.csv")  # evaluator.py's: a new run does not start beside them
 _logger = logging.getLogger("sat")
 
 
@@ -243,6 +234,50 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     return results
 
 
+# ------------------------------------------------------------------------------------------- final test
+def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, stopped=None):
+    """Evaluate best.pth on the test split as the official evaluator does (fp32, at ``threshold``, ten-crop
+    classification with ``tencrop``) and write results.json; with report_best_threshold, also the metrics at
+    the best of eval_thresholds chosen on the test split itself (labelled so). Without boxes: the plan's
+    protocol (wsol metrics, or classification only). A stop signal while best.pth is loaded and evaluated
+    raises Preempted at once with the line ``stopped(signal name)`` (utils/preemption.StopAtOnce)."""
+    dist_utils.barrier()
+    best_path = checkpoint_dir / "best.pth"
+    sat, started = plan.sat, time.perf_counter()
+    with StopAtOnce(stopped or (lambda name: f"stopped by {name} in the final test")):
+        meta = load_checkpoint(best_path, model)
+        metrics = evaluate(test_loader, model, info.device, threshold=cfg.threshold if sat else None,
+                           thresholds=cfg.eval_thresholds if cfg.report_best_threshold and sat else (),
+                           distributed=info.distributed, overlay_dir=output_dir / "overlays" if cfg.overlays else None,
+                           overlays=None if cfg.overlays == "all" else cfg.overlays, progress=info.is_main)
+    seconds = time.perf_counter() - started
+    if info.is_main:
+        log_evaluation_time(metrics, seconds)
+    tencrop = cfg.tencrop and plan.classifies_official_view
+    results = {"checkpoint": str(best_path), "epoch": meta["epoch"], "selection": meta["selection"], "split": "test",
+               "eval_protocol": plan.protocol, **({"threshold": cfg.threshold} if sat else {}),
+               "tencrop": tencrop, "precision": "fp32", "train_precision": describe(info.device, cfg.amp),
+               **{key: metrics[key] for key in recorded_keys(metrics, plan)},
+               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if cfg.report_best_threshold and sat:
+        results["best_threshold"] = metrics["best_threshold"]  # as in the evaluators' metrics.json
+        results["at_best_threshold"] = {
+            "chosen_on": "test", "note": "the threshold maximising Top-1 + GT-known Loc on the evaluated split "
+                                         "itself (not held out)",
+            **{key: metrics[key] for key in ("num_images", "top1_cls", "top5_cls")}, **metrics["at_best_threshold"]}
+    dist_utils.run_on_main(info.is_main, write_text_atomic, output_dir / "results.json",
+                           json.dumps(results, indent=2) + "\n")
+    if info.is_main:
+        shown = [key for key in recorded_keys(metrics, plan) if key != "num_images" and not key.endswith("threshold")]
+        rows = "\n".join(f"  {key:<15} {metrics[key]:8.2f}" for key in shown)
+        classification = f"{'ten-crop' if tencrop else 'centre-crop'} classification"
+        setting = (f"threshold {cfg.threshold:.2f}, {classification}" if sat else
+                   f"{plan.protocol}, {classification}" if plan.classifies_official_view else plan.protocol)
+        _logger.info("test results of %s (epoch %d, %s, fp32):\n%s\nwritten to %s", best_path, meta["epoch"],
+                     setting, rows, output_dir / "results.json")
+    return results
+
+
 # ------------------------------------------------------------------------------------------------- data
 def per_process_batch(cfg, world_size):
     """Images per process and micro-batch: the global ``batch_size`` over processes and accumulation steps."""
@@ -327,90 +362,21 @@ def check_data(cfg, info, train_set, eval_sets):
         check_splits(train_set, eval_sets, **options, shard=(info.rank, info.world_size), gather=gather)
 
 
-# ----------------------------------------------------------------------------------- evaluation plan
-@dataclass
-class EvalPlan:
-    """How training evaluates: ``protocol`` (eval_protocol resolved from the data) and the ``selection_metric``
-    that exists for the evaluation split's annotations."""
-    protocol: str
-    selection_metric: str
-
-    @property
-    def sat(self):
-        """Whether the sat protocol is evaluated (map thresholds, best_top1_loc.pth / best_gt_known_loc.pth)."""
-        return self.protocol in ("sat", "both")
-
-    @property
-    def classifies_official_view(self):
-        """Whether classification is scored on the official test view (centre or ten-crop): every protocol
-        but wsol, which scores its own whole-image view."""
-        return self.protocol != "wsol"
-
-
-def selection_metrics(protocol, annotations):
-    """The selection metrics an evaluation produces, the natural choice first."""
-    sat = ("loc", "top1_loc", "gt_known_loc")
-    wsol = {"boxes": ("maxboxaccv2",), "masks": ("pxap",), None: ()}[annotations]
-    return {"sat": sat, "wsol": wsol, "both": sat + wsol, "cls": ()}[protocol] + ("top1_cls",)
-
-
-def plan_evaluation(cfg, dataset):
-    """The :class:`EvalPlan` of the evaluation split ``dataset`` (whose views follow the resolved protocol);
-    logs the protocol and the selection metric."""
-    protocol = views_of(dataset).protocol
-    annotations = split_annotations(dataset)
-    available = selection_metrics(protocol, annotations)
-    metric = cfg.selection_metric if cfg.selection_metric in available else available[0]
-    names = {"sat": "sat protocol", "wsol": "wsol protocol", "both": "sat and wsol protocols",
-             "cls": "classification only"}
-    _logger.info("evaluation: %s (eval_protocol %s; the evaluation split has %s); best.pth by %s%s", names[protocol],
-                 cfg.eval_protocol, annotations or "neither boxes nor masks", metric,
-                 "" if metric == cfg.selection_metric else f" (selection_metric {cfg.selection_metric} does not "
-                 f"exist for this evaluation)")
-    return EvalPlan(protocol, metric)
-
-
-def should_evaluate(cfg, epoch):
-    """Whether the model after ``epoch`` (0-based) is evaluated for selection: from eval_start_epoch every
-    eval_every epochs (official CUB: every epoch from 26 of 30), and always after the last epoch."""
-    done = epoch + 1
-    return done == cfg.epochs or (done >= cfg.eval_start_epoch and done % cfg.eval_every == 0)
-
-
-def scalars(metrics):
-    """The numeric entries of an evaluation's metrics (no per-threshold lists or per-IoU tables)."""
-    return {key: value for key, value in metrics.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
-
-
-def recorded_keys(metrics, plan):
-    """The metrics an evaluation's line in metrics.jsonl and results.json hold: RESULT_KEYS under the sat
-    protocol, every scalar metric under the others, and under both the sat protocol's with the wsol ones."""
-    keys = RESULT_KEYS if plan.sat else ()
-    if plan.protocol != "sat":
-        keys += tuple(key for key in scalars(metrics) if key not in keys and key not in SAT_THRESHOLD_KEYS)
-    return keys
-
-
-def selection_value(metrics, metric):
-    """The value best.pth maximises: ``loc`` is Top-1 Loc + GT-known Loc (official best_loc), else the metric."""
-    if metric == "loc":
-        return float(metrics["top1_loc"]) + float(metrics["gt_known_loc"])
-    return float(metrics[metric])
-
-
-def update_best(best, metrics, selection_metric, epoch, sat=True):
-    """Update ``best`` ({checkpoint file: {'metric', 'value', 'epoch', 'threshold'}}) with this epoch's
-    metrics; a file improves only on a strictly higher value (the first epoch wins ties, as the official
-    ``>``); with the sat protocol, best_top1_loc.pth and best_gt_known_loc.pth too. Returns the improved files."""
-    improved = []
-    for name, metric in {"best.pth": selection_metric, **(EXTRA_BEST if sat else {})}.items():
-        value = selection_value(metrics, metric)
-        if name not in best or value > best[name]["value"]:
-            best[name] = {"metric": metric, "value": value, "epoch": epoch + 1,
-                          "threshold": metrics.get("best_threshold")}
-            improved.append(name)
-    return improved
+def load_first_batch(train_loader, info):
+    """Read the first training batch (to the device), as a check before --overwrite deletes anything; the RNG
+    states are put back, so that the run draws what it would have drawn without it. One DataError on every
+    process when one of them could not."""
+    state = rng_state(info.device)
+    failure = None
+    try:
+        batches = iter(on_device(train_loader, info.device))
+        next(batches, None)
+        batches.close()
+    except DataError as err:
+        failure = user_message(err)
+    finally:
+        set_rng_state(state)
+    dist_utils.raise_first(dist_utils.all_gather_object(failure), DataError)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -452,152 +418,6 @@ def log_epoch(cfg, epoch, stats, metrics, improved, split, plan):
     _logger.info("epoch %d/%d done in %.0fs (%.0f%% of it waiting for data): loss %.4f (%s), train acc %.2f, lr %.3g",
                  epoch + 1, cfg.epochs, stats["time"], 100 * stats["data_wait"] / max(stats["time"], 1e-9),
                  stats["loss"], terms, stats["acc1"], stats["lr"])
-
-
-# ------------------------------------------------------------------------------------------- final test
-def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, stopped=None):
-    """Evaluate best.pth on the test split as the official evaluator does (fp32, at ``threshold``, ten-crop
-    classification with ``tencrop``) and write results.json; with report_best_threshold, also the metrics at
-    the best of eval_thresholds chosen on the test split itself (labelled so). Without boxes: the plan's
-    protocol (wsol metrics, or classification only). A stop signal while best.pth is loaded and evaluated
-    raises Preempted at once with the line ``stopped(signal name)`` (utils/preemption.StopAtOnce)."""
-    dist_utils.barrier()
-    best_path = checkpoint_dir / "best.pth"
-    sat, started = plan.sat, time.perf_counter()
-    with StopAtOnce(stopped or (lambda name: f"stopped by {name} in the final test")):
-        meta = load_checkpoint(best_path, model)
-        metrics = evaluate(test_loader, model, info.device, threshold=cfg.threshold if sat else None,
-                           thresholds=cfg.eval_thresholds if cfg.report_best_threshold and sat else (),
-                           distributed=info.distributed, overlay_dir=output_dir / "overlays" if cfg.overlays else None,
-                           overlays=None if cfg.overlays == "all" else cfg.overlays, progress=info.is_main)
-    seconds = time.perf_counter() - started
-    if info.is_main:
-        log_evaluation_time(metrics, seconds)
-    tencrop = cfg.tencrop and plan.classifies_official_view
-    results = {"checkpoint": str(best_path), "epoch": meta["epoch"], "selection": meta["selection"], "split": "test",
-               "eval_protocol": plan.protocol, **({"threshold": cfg.threshold} if sat else {}),
-               "tencrop": tencrop, "precision": "fp32", "train_precision": describe(info.device, cfg.amp),
-               **{key: metrics[key] for key in recorded_keys(metrics, plan)},
-               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    if cfg.report_best_threshold and sat:
-        results["best_threshold"] = metrics["best_threshold"]  # as in the evaluators' metrics.json
-        results["at_best_threshold"] = {
-            "chosen_on": "test", "note": "the threshold maximising Top-1 + GT-known Loc on the evaluated split "
-                                         "itself (not held out)",
-            **{key: metrics[key] for key in ("num_images", "top1_cls", "top5_cls")}, **metrics["at_best_threshold"]}
-    dist_utils.run_on_main(info.is_main, write_text_atomic, output_dir / "results.json",
-                           json.dumps(results, indent=2) + "\n")
-    if info.is_main:
-        shown = [key for key in recorded_keys(metrics, plan) if key != "num_images" and not key.endswith("threshold")]
-        rows = "\n".join(f"  {key:<15} {metrics[key]:8.2f}" for key in shown)
-        classification = f"{'ten-crop' if tencrop else 'centre-crop'} classification"
-        setting = (f"threshold {cfg.threshold:.2f}, {classification}" if sat else
-                   f"{plan.protocol}, {classification}" if plan.classifies_official_view else plan.protocol)
-        _logger.info("test results of %s (epoch %d, %s, fp32):\n%s\nwritten to %s", best_path, meta["epoch"],
-                     setting, rows, output_dir / "results.json")
-    return results
-
-
-# ------------------------------------------------------------------------------------ the run's folder
-def check_run_folder(cfg, output_dir):
-    """Whether this run may start in ``output_dir`` (one-line ConfigError, nothing touched, when not), as the main
-    process finds it, on every process; returns the outputs of an earlier run there that this one replaces
-    (--overwrite; deleted by ``replace_previous_run`` once this run can start). A folder holding a checkpoint or
-    results.json holds a previous run: refused without --resume or --overwrite, with a plain --resume when it has
-    no last.pth, and with --resume of another folder's checkpoint; what a start that failed before its first
-    checkpoint left is reused as it is."""
-    check_output_folder(output_dir)
-    run = [f"checkpoints/{path.name}" for path in sorted((output_dir / "checkpoints").glob("*.pth"))]
-    if (output_dir / "results.json").exists():
-        run.append("results.json")
-    outputs = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
-    run, outputs = dist_utils.all_gather_object((run, outputs))[0]
-    elsewhere = cfg.resume not in (None, "auto") and \
-        Path(cfg.resume).resolve().parent != (output_dir / "checkpoints").resolve()
-    if elsewhere and run:  # another run's checkpoint into a folder holding a run: the two would mix
-        raise ConfigError(f"--resume {cfg.resume}: {output_dir} holds another run ({', '.join(run)}): continue that "
-                          "run in a new --output-dir, or this folder's own run with --resume alone")
-    if cfg.resume == "auto" and run and "checkpoints/last.pth" not in run:  # not a start: nothing to continue
-        best = "checkpoints/best.pth"
-        continue_from = f"--resume {output_dir / best} continues from its weights, " if best in run else ""
-        raise ConfigError(f"--resume: {output_dir} holds a previous run ({', '.join(run)}) but no "
-                          f"checkpoints/last.pth: {continue_from}--overwrite starts again")
-    evaluation = dist_utils.all_gather_object([name for name in EVALUATION_FILES if (output_dir / name).exists()])[0]
-    if evaluation and not (cfg.resume is not None and run):  # a new run: not beside an evaluator's files
-        raise ConfigError(f"{output_dir} holds an evaluator's outputs ({', '.join(evaluation)}): choose another "
-                          "--output-dir")
-    if cfg.resume is not None:
-        return []
-    if run and not cfg.overwrite:
-        raise ConfigError(f"{output_dir} holds a previous run ({', '.join(run)}): --resume to continue it, "
-                          "--overwrite to start again, or choose another --output-dir")
-    return outputs if cfg.overwrite else []
-
-
-def load_first_batch(train_loader, info):
-    """Read the first training batch (to the device), as a check before --overwrite deletes anything; the RNG
-    states are put back, so that the run draws what it would have drawn without it. One DataError on every
-    process when one of them could not."""
-    state = rng_state(info.device)
-    failure = None
-    try:
-        batches = iter(on_device(train_loader, info.device))
-        next(batches, None)
-        batches.close()
-    except DataError as err:
-        failure = user_message(err)
-    finally:
-        set_rng_state(state)
-    dist_utils.raise_first(dist_utils.all_gather_object(failure), DataError)
-
-
-def replace_previous_run(output_dir, names, info):
-    """The main process deletes ``names`` (of RUN_OUTPUTS) from ``output_dir`` and starts log.txt; every
-    process waits for it (and stops if it failed)."""
-    def replace():
-        delete_outputs(output_dir, names)
-        open_log_file(output_dir)
-        _logger.info("--overwrite: deleted the previous run's %s in %s", ", ".join(names), output_dir)
-
-    dist_utils.run_on_main(info.is_main, replace)
-
-
-def how_to_continue(checkpoint_dir, resumed_from, resume):
-    """The command that continues a run stopped by a file it could not write: ``resume`` (from last.pth);
-    before the run has a last.pth, from the checkpoint it was resumed from (``resumed_from``: its copy in the run's
-    folder when there is one), or, for a run started afresh, the same command with --overwrite."""
-    if (checkpoint_dir / "last.pth").exists():
-        return f"continue with: {resume}"
-    if resumed_from is not None:
-        copy = checkpoint_dir / Path(resumed_from).name
-        return f"continue with: {resume} {shlex.quote(str(copy if copy.exists() else resumed_from))}"
-    return f"start again with: {restart_command(resume)}"
-
-
-def restart_command(resume):
-    """The command that starts the run afresh: ``resume`` with --overwrite in place of --resume."""
-    return f"{resume.removesuffix('--resume')}--overwrite"
-
-
-def interrupted_message(cfg, progress, resume, cause="interrupted"):
-    """One line after Ctrl-C (or a stop signal in the final test): where training stopped, what is saved, and the
-    command that resumes it (as after SIGTERM / SIGUSR1 during the epochs)."""
-    where = "before training started" if progress["epoch"] is None else (
-        "in the final test" if progress["epoch"] >= cfg.epochs else f"in epoch {progress['epoch'] + 1}/{cfg.epochs}")
-    if progress.get("previous_kept"):  # --overwrite had not yet replaced the previous run: nothing to resume
-        return f"{cause} {where}; the previous run in {cfg.output_dir} is as it was; start again with: " \
-               f"{restart_command(resume)}"
-    last = Path(cfg.output_dir) / "checkpoints" / "last.pth"
-    held = [f"{progress['saved']} finished epoch(s)"] if progress["saved"] else []
-    if progress.get("steps_done"):  # a mid-epoch save (save_every_steps)
-        held.append(f"{progress['steps_done']} optimizer steps of epoch {progress['saved'] + 1}")
-    if held:
-        saved = f"{last} holds {' and '.join(held)}"
-    elif last.exists():
-        saved = f"{last} holds the last saved position"
-    else:
-        saved = "no checkpoint yet"
-    return f"{cause} {where}; {saved}; resume with: {resume}"
 
 
 if __name__ == "__main__":

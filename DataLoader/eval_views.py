@@ -27,12 +27,23 @@ def default_resize_size(img_size):
     return round(img_size * 256 / 224)
 
 
+def includes_sat(protocol):
+    """Whether ``protocol`` scores the sat protocol (map thresholds, Top-1 / GT-known Loc): sat and both.
+    (utils/metrics.py and tools/compare.py spell both predicates out: they are imported without the data code.)"""
+    return protocol in ("sat", "both")
+
+
+def includes_wsol(protocol):
+    """Whether ``protocol`` scores the wsol protocol (the wsol view, MaxBoxAcc, PxAP): wsol and both."""
+    return protocol in ("wsol", "both")
+
+
 def protocol_views(protocol, tencrop=False):
     """The views a protocol reads: ``sat`` / ``cls`` -> (centre | tencrop), ``wsol`` -> (wsol), ``both`` -> both."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r} (expected one of {', '.join(PROTOCOLS)})")
     official = ("tencrop" if tencrop else "centre",) if protocol != "wsol" else ()
-    return official + (("wsol",) if protocol in ("wsol", "both") else ())
+    return official + (("wsol",) if includes_wsol(protocol) else ())
 
 
 class EvalViews:

@@ -9,9 +9,9 @@ from DataLoader import FORMATS
 from DataLoader.build import LAYOUTS, LOADERS
 from DataLoader.eval_views import PROTOCOLS, default_resize_size
 from Model.sat import ATTENTION_IMPLS
-from train import selection_metrics
 from utils.config import FIELDS, SECTIONS, keys_of, load_yaml, markdown, parse_config, save_config
 from utils.errors import ConfigError, run_cli
+from utils.selection import selection_metrics
 
 from conftest import REPO_ROOT
 

@@ -4,8 +4,8 @@ import torch
 
 from reference_boxes import naive_sat_boxes, random_maps
 from utils.boxes import max_iou, sat_box, sat_boxes, sat_map
-from train import update_best
 from utils.metrics import SATLocAccumulator, topk_correct
+from utils.selection import update_best
 
 
 @pytest.fixture(scope="module")

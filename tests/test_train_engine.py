@@ -12,10 +12,12 @@ from Model.losses import SATLoss
 from utils.amp import LossScaler, autocast_context, cpu_supports_bf16
 from utils.engine import NonFiniteLossError, train_one_epoch
 from utils.optim import build_optimizer, build_scheduler, set_trainable
-from train import how_to_continue, interrupted_message, per_process_batch, should_evaluate, update_best
+from train import per_process_batch
 from utils.checkpoint import rng_state, set_rng_state
 from utils.config import parse_config
 from utils.errors import ConfigError
+from utils.run_folder import how_to_continue, interrupted_message
+from utils.selection import should_evaluate, update_best
 
 NANO = "deit_sat_nano_patch16_224"
 IMG = 48

@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from DataLoader import FORMATS, SPLITS, build_dataset, build_loader  # noqa: E402
 from DataLoader.check import check_split, image_problem  # noqa: E402
 from DataLoader.device_transforms import on_device  # noqa: E402
-from DataLoader.eval_views import EvalViews, default_resize_size  # noqa: E402
+from DataLoader.eval_views import EvalViews, default_resize_size, includes_sat  # noqa: E402
 from DataLoader.transforms import TrainPixels, train_transform  # noqa: E402
 from Model import build_model  # noqa: E402
 from Model.losses import SATLoss  # noqa: E402
@@ -456,7 +456,7 @@ def benchmark(args):
                       eval_vs_forward=round((step_rate if args.data_root else result["images_per_second"])
                                             / forward_rate, 3))
         result.update(protocol=args.protocol, tencrop=args.tencrop, thresholds=args.thresholds)
-        if args.protocol in ("sat", "both"):
+        if includes_sat(args.protocol):
             result.update(box_ms_per_image=round(box_ms_per_image(args.thresholds, args.img_size), 3))
     return result
 

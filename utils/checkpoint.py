@@ -304,9 +304,9 @@ class TrainingCheckpoints:
     :func:`restore` reads back (TRAINING_STATE, the RNG states and the position in the epoch), and at the end of
     each epoch the best*.pth that improved. Each holds ``weights()`` (Model.checkpoint_weights of the model,
     passed in: Model imports this module), ``spec`` (:func:`model_spec`) and the config. ``best``: the best
-    checkpoints' records (train.py's update_best changes them); ``progress``: its 'saved' and 'steps_done' say
-    what last.pth holds (train.py's line after an interruption). The main process writes; each save is collective
-    (a failure is raised on every process)."""
+    checkpoints' records (utils/selection.py's update_best changes them); ``progress``: its 'saved' and
+    'steps_done' say what last.pth holds (the line after an interruption, utils/run_folder.py). The main process
+    writes; each save is collective (a failure is raised on every process)."""
 
     def __init__(self, checkpoint_dir, weights, spec, cfg, info, optimizer, scheduler, loss_scaler, steps_per_epoch,
                  best, progress):

@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from DataLoader.dataset import size_difference_warning, size_differences
 from DataLoader.device_transforms import on_device
 from DataLoader.eval_loader import ShardSampler
-from DataLoader.eval_views import TENCROP_CENTRE, views_of
+from DataLoader.eval_views import TENCROP_CENTRE, includes_sat, views_of
 from DataLoader.transforms import denormalize
 from DataLoader.formats.wsol import load_mask
 from Model.losses import LOSS_KEYS
@@ -574,9 +574,9 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     thresholds = [float(t) for t in thresholds]
     threshold = None if threshold is None else float(threshold)
     evaluated = list(dict.fromkeys(([threshold] if threshold is not None else []) + thresholds))
-    if protocol in ("sat", "both") and not evaluated:
+    if includes_sat(protocol) and not evaluated:
         raise ConfigError("the sat protocol needs the reported threshold and/or thresholds to search")
-    if protocol in ("sat", "both") and (overlay_dir or per_image) and threshold is None:
+    if includes_sat(protocol) and (overlay_dir or per_image) and threshold is None:
         raise ConfigError("overlays and per-image rows are at the reported threshold: pass threshold")
     if distributed and not isinstance(loader.sampler, ShardSampler):
         raise ValueError("distributed evaluation needs a loader with a ShardSampler (build_eval_loader)")
@@ -638,6 +638,6 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     if per_image:
         rows = [row for part in all_gather_object(rows) for row in part] if distributed else rows
         metrics["per_image"] = sorted(rows, key=lambda row: row["index"])
-        if protocol in ("sat", "both"):
+        if includes_sat(protocol):
             metrics["per_class"] = per_class_metrics(rows, class_names)
     return metrics
