@@ -101,6 +101,14 @@ def test_official_training_defaults(argv, script, official):
     assert _official(parse_config(argv, script)) == official
 
 
+def test_train_imagenet_config_of_its_own_starts_from_the_official_imagenet_settings(tmp_path, capsys):
+    own = write(tmp_path, "output_dir: out\n", "mine.yaml")  # no base: (it started from CUB's area_thr, lr, ...)
+    assert _official(parse_config(["--config", own], "train_imagenet")) == OFFICIAL_IMAGENET
+    with pytest.raises(SystemExit):  # and --help shows those values
+        parse_config(["--help"], "train_imagenet")
+    assert "(default: 1.5e-05)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_built_in_defaults_are_the_official_cub_ones():
     assert _official(argparse.Namespace(**{key: field.default for key, field in FIELDS.items()})) == OFFICIAL_CUB
 
@@ -286,6 +294,9 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
     ("train", ["--trainable", "some"], "--trainable: expected all, sat, head or last:K, got 'some'"),
     ("train", ["--epochs", "x"], "--epochs: expected an integer >= 1, got 'x'"),
     ("train", ["--epochs", "0"], "--epochs: expected an integer >= 1, got '0'"),
+    # torch.manual_seed raised a traceback after the output folder was set up
+    ("train", ["--seed", "99999999999999999999"], "--seed: expected an integer in [0, 4294967295], got "
+                                                 "'99999999999999999999'"),
     ("train", ["--num-spatial-blocks", "0"], "--num-spatial-blocks: expected an integer >= 1, got '0'"),
     ("train", ["--epochs"], "--epochs: expected one argument"),
     # refused when parsed (they were said after the data was read and checked)
@@ -310,6 +321,10 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
                                       "<output-dir>/overlays/)"),
     ("train", ["--no-test-tencrop"], "--no-test-tencrop was renamed: use --no-tencrop"),
     ("train", ["--no-epochs"], "unknown flag --no-epochs (--epochs is not a true/false flag: give it a value)"),
+    # the key's spelling (and the official code's): was "train.py does not take it; train.py ... do"
+    ("train", ["--data_root", "d"], "unknown flag --data_root (did you mean --data-root?)"),
+    ("train", ["--no-val_split"], "unknown flag --no-val_split (did you mean --no-val-split?)"),
+    ("evaluate", ["--eval_batch_size", "4"], "unknown flag --eval_batch_size (did you mean --eval-batch-size?)"),
     ("evaluate", ["--threshold", "1.5"], "--threshold: expected a number in [0, 1], got '1.5'"),
     ("evaluate", ["--thresholds", "0.3", "-0.2"], "--thresholds: expected numbers in [0, 1], got '-0.2'"),
     ("evaluate", ["--thresh", "0.3"], "unknown flag --thresh (did you mean --threshold?)"),
@@ -416,6 +431,12 @@ def test_saved_config_round_trips(tmp_path):
     assert saved["epochs"] == 4 and set(saved) == TRAINING_KEYS
     again = train("--config", str(tmp_path / "config.yaml"))
     assert {k: getattr(again, k) for k in TRAINING_KEYS} == {k: getattr(cfg, k) for k in TRAINING_KEYS}
+    # strings that this project's loader reads as numbers (YAML 1.2 floats): a run named by its learning rate
+    cfg = train("--config", str(CONFIGS / "demo.yaml"), "--output-dir", "1e-4", "--data-root", "2.5e3",
+                "--pretrained", "1e5")
+    save_config(cfg, tmp_path / "config.yaml")
+    again = train("--config", str(tmp_path / "config.yaml"))
+    assert (again.output_dir, again.data_root, again.pretrained) == ("1e-4", "2.5e3", "1e5")
 
 
 def test_reference_page_is_current():

@@ -281,7 +281,7 @@ FIELDS = {
     "output_dir": Field("run", "output/run", "str", "folder of the outputs: checkpoints, logs, metrics, results "
                         "(the config files set their own, e.g. output/cub; the evaluators: output/eval)",
                         scripts=BOTH, evaluator_default="output/eval"),
-    "seed": Field("run", 6, "int", "random seed (each process adds its rank)"),
+    "seed": Field("run", 6, "int", "random seed (each process adds its rank)", domain="[0, 4294967295]"),
     "device": Field("run", "auto", "str", "auto = CUDA when available", choices=("auto", "cuda", "cpu"),
                     scripts=BOTH),
     "amp": Field("run", False, "amp", "mixed precision: false = fp32; true = bf16 autocast (CUDA: fp16 + grad "
@@ -392,12 +392,16 @@ def _mapping_once(loader, node, deep=False):
     return loader.construct_mapping(node, deep)
 
 
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes the strings :class:`_Loader` reads as numbers (``1e-4``: a float there, an unquoted
+    string to PyYAML's YAML 1.1 dumper), so that a saved config.yaml reads back as it was written."""
+
+
+_FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+                        r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
 
 
 def _error_line(err):
@@ -563,6 +567,9 @@ def _unknown_flag(token, script, parser, argv=()):
         return f"unexpected argument {token!r}"
     name = flag.lstrip("-")
     negated, key = name.startswith("no-"), name.removeprefix("no-").replace("-", "_")
+    spelt = "--" + ("no-" if negated else "") + key.replace("_", "-")  # the flag of that key, with dashes
+    if flag != spelt and key in keys_of(script) and (not negated or FIELDS[key].kind == "bool"):
+        return f"unknown flag {flag} (did you mean {spelt}?)"  # --data_root: the key's spelling, not its flag's
     if key in RENAMED and key not in keys_of(script):
         new, metavar, why = RENAMED[key]
         new_flag = "--" + ("no-" if negated else "") + new.replace("_", "-")
@@ -590,10 +597,11 @@ def _unknown_flag(token, script, parser, argv=()):
 
 # ---------------------------------------------------------------------------------------- resolve
 def script_defaults(script):
-    """``script``'s defaults: the built-in ones, and for the evaluators the keys of their config file of
-    defaults (config/CUB.yaml, config/ILSVRC.yaml) that they read."""
+    """``script``'s defaults: the built-in ones (the official CUB settings), and for the evaluators and
+    train_ImageNet.py the keys of their config file of defaults (config/CUB.yaml, config/ILSVRC.yaml) that they
+    read: a --config file without ``base:`` overrides those, and --help shows them."""
     values = defaults_of(script)
-    if script in EVALUATORS:
+    if script in EVALUATORS or script == "train_imagenet":
         values.update(_read(CONFIG_DIR / SCRIPTS[script].defaults, script)[0])
     return values
 
@@ -724,7 +732,7 @@ def save_config(cfg, path):
     header = f"# resolved configuration (from {cfg.config or 'built-in defaults'} and command-line flags)\n"
     with writing_outputs(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(header + yaml.safe_dump(config_dict(cfg), sort_keys=False), encoding="utf-8")
+        path.write_text(header + yaml.dump(config_dict(cfg), Dumper=_Dumper, sort_keys=False), encoding="utf-8")
 
 
 # -------------------------------------------------------------------------------------- reference
@@ -749,9 +757,10 @@ def markdown():
              "",
              "Defaults: the built-in ones are the official CUB settings (`config/CUB.yaml`). `train.py` without "
              f"`--config` reads `config/CUB.yaml` (`config/{DEMO_CONFIG}` without `--data-root`), "
-             "`train_ImageNet.py` `config/ILSVRC.yaml`. `evaluator.py` takes the data, evaluation and test keys "
-             "of `config/CUB.yaml` as its defaults, `evaluator_ImageNet.py` those of `config/ILSVRC.yaml` "
-             "(threshold 0.3, no ten-crop); a `--config` file overrides them.", ""]
+             "`train_ImageNet.py` `config/ILSVRC.yaml`, whose keys are its defaults (a `--config` file without "
+             "`base:` overrides the official ImageNet settings, not CUB's). `evaluator.py` takes the data, "
+             "evaluation and test keys of `config/CUB.yaml` as its defaults, `evaluator_ImageNet.py` those of "
+             "`config/ILSVRC.yaml` (threshold 0.3, no ten-crop); a `--config` file overrides them.", ""]
     for section, text in SECTIONS.items():
         lines += [f"## {section}", "", text, "", "| key | default | values | scripts | description |",
                   "| :-- | :-- | :-- | :-- | :-- |"]
