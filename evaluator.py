@@ -176,6 +176,10 @@ def evaluate_settings(args, protocol, output_dir, info):
                                               includes_wsol(protocol))) if given and not used]
     if unused and info.is_main:
         _logger.warning("%s not used: the %s protocol does not read it", " and ".join(unused), protocol)
+    if getattr(args, "overlay_blocks", False) and info.is_main and (protocol == "wsol" or not args.overlays):
+        _logger.warning("--overlay-blocks not used: %s", "the wsol protocol's overlays show the fused map only (the "
+                        "block maps are drawn on the sat protocol's: --eval-protocol both)" if args.overlays else
+                        "no --overlays to draw")
     return dict(threshold=args.threshold if protocol != "wsol" else None,
                 thresholds=searched_thresholds(args, protocol), wsol_threshold=args.wsol_threshold,
                 distributed=info.distributed, overlay_dir=overlay_dir, overlays=overlay_count(args),

@@ -498,3 +498,20 @@ def test_imagenet_subset_with_a_nameless_checkpoint_of_more_classes_is_refused(t
         f"error: the data has 3 of ImageNet's wnids ({WNIDS[0]}, ...) and checkpoint {checkpoint} records no class "
         "names for its 5 classes: their indices cannot be told from a subset; give the data its train/ with every "
         "wnid folder (the class list), or evaluate the whole val set"), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("protocol, overlays, said", [
+    ("wsol", 5, "--overlay-blocks not used: the wsol protocol's overlays show the fused map only"),
+    ("sat", 0, "--overlay-blocks not used: no --overlays to draw"),
+    ("sat", 5, None), ("both", "all", None)])
+def test_overlay_blocks_that_draw_nothing_are_said(tmp_path, caplog, protocol, overlays, said):
+    """--overlay-blocks drew no block panel with --eval-protocol wsol or without --overlays, and said nothing."""
+    import argparse
+
+    from evaluator import evaluate_settings
+    from utils.distributed import DistInfo
+    args = argparse.Namespace(overlays=overlays, overlay_blocks=True, thresholds=[], wsol_threshold=None,
+                              threshold=0.4, box_processes=0)
+    with caplog.at_level(logging.WARNING, logger="sat"):
+        evaluate_settings(args, protocol, tmp_path, DistInfo())
+    assert (said in caplog.text) if said else "--overlay-blocks" not in caplog.text

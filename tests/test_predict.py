@@ -272,6 +272,19 @@ def test_save_boxes_never_replaces_an_input_or_the_predictions(tmp_path, capsys)
     assert Image.open(image).size == (20, 20) and not (tmp_path / "out").exists()
 
 
+def test_an_overlay_never_takes_the_save_boxes_name(tmp_path):
+    """--save-boxes out/a.png with an input a.jpg: the overlay is a_2.png (it was a.png, then replaced by the
+    COCO file, and predictions.json named a JSON file as the overlay)."""
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth", best_thr=0.4)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(tmp_path / "a.jpg")
+    out = tmp_path / "out"
+    record = predict_main(["--checkpoint", str(checkpoint), "--output-dir", str(out), "--device", "cpu",
+                           "--save-boxes", str(out / "a.png"), str(tmp_path / "a.jpg")])
+    assert Path(record["predictions"][0]["overlay"]).name == "a_2.png"
+    assert Image.open(out / "a_2.png").size == (60, 40)
+    assert json.loads((out / "a.png").read_text())["annotations"][0]["bbox"]
+
+
 @pytest.mark.parametrize("old, new", [("--coco=x.json", "--save-boxes"), ("--blocks", "--overlay-blocks"),
                                       ("--batch-size", "--eval-batch-size")])
 def test_the_earlier_flag_names_say_their_new_names(tmp_path, capsys, old, new):

@@ -40,3 +40,35 @@ def test_make_figures_draws_the_architecture_and_a_grid_of_a_runs_overlays(tmp_p
     assert grid.shape == (2 * 160, 2 * 160, 3)  # a row per class, the first 2 overlays of each, 160 px tiles
     assert (grid[80, 80] == (0, 0, 255)).all() and (grid[80, 240] == (0, 255, 0)).all()
     assert (grid[240, 80] == (9, 9, 9)).all() and (grid[240, 240] == 255).all()  # a short class: padded white
+
+
+def test_make_figures_reads_nested_class_folders_and_names_an_unreadable_png(tmp_path):
+    import pytest
+
+    from tools.make_figures import main as make_figures
+    from utils.errors import DataError
+    run = tmp_path / "folder_run"  # a folder dataset's overlays: overlays/test/<class>/<name>.png
+    for name, fill in (("a", (0, 0, 255)), ("b", (0, 255, 0))):
+        (run / "overlays" / "test" / name).mkdir(parents=True)
+        cv2.imwrite(str(run / "overlays" / "test" / name / "0.png"), np.full((40, 40, 3), fill, np.uint8))
+    make_figures(["--demo-run", str(run), "--output-dir", str(tmp_path / "img"), "--per-class", "1"])
+    grid = cv2.imread(str(tmp_path / "img" / "demo_overlays.png"))
+    assert grid.shape == (2 * 160, 160, 3)  # one row per class folder, not one blank row for test/
+    assert (grid[80, 80] == (0, 0, 255)).all() and (grid[240, 80] == (0, 255, 0)).all()
+    (run / "overlays" / "test" / "a" / "0.png").write_text("not a png")
+    with pytest.raises(DataError, match="0.png: not a readable PNG"):
+        make_figures(["--demo-run", str(run), "--output-dir", str(tmp_path / "img2")])
+
+
+def test_captions_and_figure_labels_fit_whatever_sizes_the_font_is_drawn_at():
+    """OpenCV 5 draws its fonts at a few discrete sizes: a scale shrunk in proportion to the width drew the
+    caption of a 224 px overlay past its right edge and the architecture's labels onto their boxes' borders."""
+    from tools.make_figures import GREY, box
+    caption = "001.A_very_long_class_name_that_would_not_fit  IoU 0.75 @ 0.4"
+    image = np.zeros((60, 224, 3), np.uint8)
+    drawn = (render_overlay(image, np.zeros((7, 7)), caption=caption) != render_overlay(image, np.zeros((7, 7))))
+    columns = np.flatnonzero(drawn.any(axis=(0, 2)))
+    assert columns.min() >= 4 and columns.max() < 224 - 4
+    panel = np.full((60, 400, 3), 255, np.uint8)
+    box(panel, 20, 5, 370, 55, GREY, "spatial-aware block 1: softmax(QK^T/sqrt(d)) @ (P * V)", 0.45)
+    assert (panel[10:50, 23:28] == GREY).all() and (panel[10:50, 363:368] == GREY).all()  # margins untouched

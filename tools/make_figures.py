@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.config import OneLineParser, at_least  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli  # noqa: E402
+from utils.visualize import fit_scale  # noqa: E402
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 INK = (40, 40, 40)
@@ -30,8 +31,7 @@ def box(img, x0, y0, x1, y1, fill, text="", scale=0.5, text_color=INK):
     cv2.rectangle(img, (x0, y0), (x1, y1), fill, -1, cv2.LINE_AA)
     cv2.rectangle(img, (x0, y0), (x1, y1), INK, 1, cv2.LINE_AA)
     lines = text.split("\n")
-    widest = max(cv2.getTextSize(line, FONT, scale, 1)[0][0] for line in lines)
-    scale *= min(1.0, (x1 - x0 - 16) / max(widest, 1))  # a margin of 8 px whatever OpenCV's font metrics
+    scale = fit_scale(lines, x1 - x0 - 16, scale, font=FONT)  # a margin of 8 px whatever OpenCV's font metrics
     for i, line in enumerate(lines):
         (w, h), _ = cv2.getTextSize(line, FONT, scale, 1)
         n = len(lines)
@@ -88,12 +88,20 @@ def draw() -> np.ndarray:
     return img
 
 
+def read_tile(path: Path, tile: int) -> np.ndarray:
+    image = cv2.imread(str(path))
+    if image is None:
+        raise DataError(f"{path}: not a readable PNG")
+    return cv2.resize(image, (tile, tile), interpolation=cv2.INTER_AREA)
+
+
 def overlay_grid(image_dir: Path, per_class: int = 4, tile: int = 160) -> np.ndarray:
-    """Rows of classes, ``per_class`` overlays each (sorted file names), every tile ``tile`` px."""
+    """Rows of classes, ``per_class`` overlays each (sorted file names), every tile ``tile`` px. A row is each
+    folder holding PNGs, at any depth (CUB: overlays/<class>/; folder datasets: overlays/test/<class>/)."""
+    folders = sorted({p.parent for p in image_dir.rglob("*.png") if p.is_file() and p.parent != image_dir})
     rows = []
-    for class_dir in sorted(p for p in image_dir.iterdir() if p.is_dir()):
-        tiles = [cv2.resize(cv2.imread(str(f)), (tile, tile), interpolation=cv2.INTER_AREA)
-                 for f in sorted(class_dir.glob("*.png"))[:per_class]]
+    for class_dir in folders:
+        tiles = [read_tile(f, tile) for f in sorted(f for f in class_dir.glob("*.png") if f.is_file())[:per_class]]
         tiles += [np.full((tile, tile, 3), 255, np.uint8)] * (per_class - len(tiles))
         rows.append(np.concatenate(tiles, axis=1))
     if not rows:

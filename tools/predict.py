@@ -129,7 +129,8 @@ def recorded_threshold(path, meta, num_classes):
 
 def _unique_png(output_dir, stem, used, free):
     """A new PNG path in ``output_dir``: never a file already there (an input image may live in it) unless
-    it is in ``free`` (an earlier run's overlay, replaced)."""
+    it is in ``free`` (an earlier run's overlay, replaced), nor a name in ``used`` (this run's overlays and its
+    --save-boxes file)."""
     name, k = stem, 1
     while name in used or (f"{name}.png" not in free and (output_dir / f"{name}.png").exists()):
         k += 1
@@ -212,6 +213,9 @@ def predict(args, model, paths, view, threshold, names, output_dir, staged, free
     img_size, resize_size = view.img_size, view.resize_size
     device = next(model.parameters()).device
     predictions, skipped, used = [], [], set()
+    boxes_file = Path(args.save_boxes).resolve() if args.save_boxes else None
+    if boxes_file and boxes_file.parent == output_dir.resolve() and boxes_file.suffix == ".png":
+        used.add(boxes_file.stem)  # an overlay under the --save-boxes name would be overwritten by the COCO file
     for start in range(0, len(paths), args.eval_batch_size):
         chunk = []
         for path in paths[start:start + args.eval_batch_size]:

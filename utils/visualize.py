@@ -27,6 +27,16 @@ def draw_boxes(image: np.ndarray, boxes: Sequence[Sequence[float]], color, thick
     return out
 
 
+def fit_scale(lines, width, scale, thickness=1, font=cv2.FONT_HERSHEY_SIMPLEX, smallest=0.1):
+    """The largest font scale up to ``scale`` at which every one of ``lines`` is at most ``width`` pixels wide
+    (``smallest`` if none is), measured by OpenCV at that scale: its fonts are drawn at a few discrete sizes
+    (OpenCV 5), so that shrinking the scale in proportion to the width can leave the text as wide as before."""
+    lines = [lines] if isinstance(lines, str) else lines
+    while scale > smallest and max(cv2.getTextSize(line, font, scale, thickness)[0][0] for line in lines) > width:
+        scale = max(smallest, scale * 0.95)
+    return scale
+
+
 def render_overlay(image: np.ndarray, score_map: np.ndarray, pred_box=None, gt_boxes=None,
                    caption: Optional[str] = None) -> np.ndarray:
     """Heat map + predicted box + GT boxes + an optional caption, as an RGB uint8 image."""
@@ -37,8 +47,7 @@ def render_overlay(image: np.ndarray, score_map: np.ndarray, pred_box=None, gt_b
         out = draw_boxes(out, [pred_box], PRED_COLOR)
     if caption:
         font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.4
-        width = cv2.getTextSize(caption, font, scale, 1)[0][0]
-        scale *= min(1.0, (out.shape[1] - 8) / max(width, 1))  # shrink to fit the image width
+        scale = fit_scale(caption, out.shape[1] - 8, scale, thickness=3, font=font)  # shrink to fit the width
         cv2.putText(out, caption, (4, 12), font, scale, (0, 0, 0), 3, cv2.LINE_AA)
         cv2.putText(out, caption, (4, 12), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
     return out
