@@ -13,6 +13,7 @@ folder (--resume, --overwrite) and the lines after a stop: utils/run_folder.py.
 """
 import collections
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from utils import distributed as dist_utils
 from utils.amp import LossScaler, autocast_context, describe
 from utils.checkpoint import (TrainingCheckpoints, load_checkpoint, model_spec, resume_path, resume_training, rng_state,
                               seed_everything, set_rng_state)
-from utils.config import parse_config, save_config
+from utils.config import job_settings, parse_config, save_config
 from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
 from utils.errors import (CheckpointError, ConfigError, DataError, OutputError, SATError, first_line, restated,
                           run_cli, user_message)
@@ -45,7 +46,8 @@ from utils.optim import build_optimizer, build_scheduler, set_trainable
 from utils.outputs import FolderLock, write_text_atomic
 from utils.preemption import (StepCheckpoint, StopAtOnce, StopSignals, exit_when_stopped, ignore_stop_signals,
                               resume_command, signal_name)
-from utils.run_folder import IMAGE_CACHE, check_run_folder, how_to_continue, interrupted_message, replace_previous_run
+from utils.run_folder import (IMAGE_CACHE, check_run_folder, check_shared_folder, how_to_continue, interrupted_message,
+                              replace_previous_run)
 from utils.selection import plan_evaluation, recorded_keys, should_evaluate, update_best
 
 _logger = logging.getLogger("sat")
@@ -90,6 +92,9 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     checkpoint_dir = output_dir / "checkpoints"
     if lock is not None:  # first: another job writing into the folder is what to say (on every process)
         dist_utils.run_on_main(info.is_main, lock.acquire)
+        check_shared_folder(lock, info)
+    dist_utils.check_agreement(job_settings(cfg), "their settings", "start the processes of every node with the same "
+                               "config and flags")
     with dist_utils.said_by_main(info.is_main):  # (from the flags and what the main process finds)
         replaced = check_run_folder(cfg, output_dir)
         micro_batch = per_process_batch(cfg, info.world_size)
@@ -124,6 +129,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     train_loader, selection_loader, test_loader, plan = dist_utils.run_everywhere(build_loaders, cfg, fmt, root, info,
                                                                                  micro_batch)
     train_set, selection_split = train_loader.dataset, "val" if cfg.val_split else "test"
+    dist_utils.check_agreement(data_summary(train_set, selection_loader.dataset, test_loader.dataset),
+                               "the data they read", "give every node the same dataset (--data-root)", DataError)
     _logger.info("data %s at %s: %d train images, %d classes; model selection on the %s split (%d images)%s",
                  fmt, root, len(train_set), train_set.num_classes, selection_split, len(selection_loader.dataset),
                  "" if cfg.val_split else " (no --val-split: as the official code does)")
@@ -279,6 +286,14 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, 
 
 
 # ------------------------------------------------------------------------------------------------- data
+def data_summary(train_set, selection_set, test_set):
+    """What the processes of a job must read alike: the classes and the number of images of each split (the
+    steps of an epoch, the evaluation's shards)."""
+    names = hashlib.sha1("\n".join(train_set.classes).encode()).hexdigest()[:12]
+    return {"train images": len(train_set), "classes": len(train_set.classes), "class names (digest)": names,
+            "evaluation images": len(selection_set), "test images": len(test_set)}
+
+
 def per_process_batch(cfg, world_size):
     """Images per process and micro-batch: the global ``batch_size`` over processes and accumulation steps."""
     micro, rest = divmod(cfg.batch_size, world_size * cfg.accum_steps)

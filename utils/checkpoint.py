@@ -320,7 +320,8 @@ class TrainingCheckpoints:
         running sums, so that --resume continues exactly there (utils/preemption.StepCheckpoint's ``save``).
         Collective."""
         states = dist_utils.all_gather_object((rng_state(self.info.device), meters.state()))
-        self._save_last(epoch, steps_done, steps_per_epoch=self.steps_per_epoch, rng_states=[rng for rng, _ in states],
+        self._save_last(epoch, steps_done, saved=dict(saved=epoch, steps_done=steps_done),
+                        steps_per_epoch=self.steps_per_epoch, rng_states=[rng for rng, _ in states],
                         epoch_meters=[sums for _, sums in states])
         self.progress.update(saved=epoch, steps_done=steps_done)
         return self.path
@@ -345,14 +346,21 @@ class TrainingCheckpoints:
                 save_checkpoint(dict(state, selection=self.best[name]), self.checkpoint_dir / name)
             metrics_log.log_epoch(record)
             self._write_last(state, rng_states=rng_states)
+            # said at once: a peer lost in run_on_main's collective after the write leaves this line to say it
+            self.progress.update(saved=epoch + 1, steps_done=0)
 
         dist_utils.run_on_main(self.info.is_main, write)
         self.progress.update(saved=epoch + 1, steps_done=0)
 
-    def _save_last(self, epoch, steps_done, **position):
-        """last.pth in ``epoch`` after ``steps_done`` of its optimizer steps. Collective."""
-        dist_utils.run_on_main(self.info.is_main, lambda: self._write_last(
-            self._state(epoch, steps_done=steps_done), **position))
+    def _save_last(self, epoch, steps_done, saved=None, **position):
+        """last.pth in ``epoch`` after ``steps_done`` of its optimizer steps; ``saved``: what ``progress`` then
+        says last.pth holds, updated by the main process as soon as the file is written (before the collective
+        that shares its success, which a lost peer breaks). Collective."""
+        def write():
+            self._write_last(self._state(epoch, steps_done=steps_done), **position)
+            self.progress.update(saved or {})
+
+        dist_utils.run_on_main(self.info.is_main, write)
         return self.path
 
     def _state(self, epoch, best_thr=None, steps_done=None):

@@ -726,6 +726,19 @@ def config_dict(cfg):
     return {key: getattr(cfg, key) for key in FIELDS if hasattr(cfg, key)}
 
 
+# Settings each node may have its own of: where it finds the files, and how it loads and computes
+PER_NODE_KEYS = ("data_root", "metadata_root", "val_boxes", "output_dir", "pretrained", "device", "workers",
+                 "cache_images", "compile", "gpu_decode", "attn_impl")
+
+
+def job_settings(cfg):
+    """The settings every process of a job must share (train.py checks them with utils/distributed's
+    check_agreement): the config keys but PER_NODE_KEYS, and --resume / --overwrite (a process that starts
+    afresh beside others that resume)."""
+    settings = {key: value for key, value in config_dict(cfg).items() if key not in PER_NODE_KEYS}
+    return {**settings, "resume": cfg.resume is not None, "overwrite": bool(getattr(cfg, "overwrite", False))}
+
+
 def save_config(cfg, path):
     """The resolved configuration as YAML (a run's config.yaml); an OSError is one OutputError line."""
     path = Path(path)

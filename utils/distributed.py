@@ -345,6 +345,22 @@ def raise_first(failures, kind=None):
     raise error if origin == (dist.get_rank() if _active() else 0) else echoed(error)
 
 
+def check_agreement(values, what, hint, kind=ConfigError):
+    """Every process's ``values`` ({name: value}) equal to the main process's, else ``kind`` on every process (said
+    by the main one): ``the processes of the job differ in <what>: <name> <value> on rank 0 but <value> on rank N;
+    <hint>``. Processes started with other flags (another node's command line, data root) otherwise train with
+    mismatched collectives: a crash whose message blames a dead peer, a hang, or, for a setting no collective
+    depends on (lr), silently different models in one job. Collective."""
+    gathered = all_gather_object(values)
+    differences = [f"{key} {gathered[0].get(key)!r} on rank 0 but {other.get(key)!r} on rank {rank}"
+                   for rank, other in enumerate(gathered[1:], 1)
+                   for key in dict.fromkeys([*gathered[0], *other]) if other.get(key) != gathered[0].get(key)]
+    if differences:
+        shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+        error = kind(f"the processes of the job differ in {what}: {shown}; {hint}")
+        raise error if not _active() or dist.get_rank() == 0 else echoed(error)
+
+
 def all_gather_object(obj):
     """List of ``obj`` from every process, in rank order."""
     if not _active():

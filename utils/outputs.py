@@ -163,6 +163,7 @@ class FolderLock:
 
     def __init__(self, folder, job):
         self.path, self.job, self.fd = Path(folder) / self.NAME, job, None
+        self.line = None  # what this lock wrote into its file (None: unlocked)
 
     def acquire(self):
         """Take the lock (creating the folder; nothing when this lock holds it already); a ConfigError when
@@ -196,7 +197,9 @@ class FolderLock:
             if self._is_current(fd):
                 since = datetime.datetime.now().isoformat(timespec="seconds")
                 os.ftruncate(fd, 0)
-                os.write(fd, f"{self.job}, pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode())
+                self.line = f"{self.job}, pid {os.getpid()} on {socket.gethostname()} since {since}"
+                os.write(fd, f"{self.line}\n".encode())
+                os.fsync(fd)  # seen at once by the other nodes of a job (train.py's check_shared_folder)
                 self.fd = fd
                 return self
             os.close(fd)  # the file of a job that has just ended and removed it: lock the one at the path now
@@ -221,7 +224,7 @@ class FolderLock:
                 except OSError:  # a folder no longer writable (the error that ended the job says so): the file
                     pass         # stays, unlocked (closing frees the lock), and the next job takes it
             os.close(self.fd)
-            self.fd = None
+            self.fd, self.line = None, None
 
     def __enter__(self):
         return self.acquire()

@@ -5,10 +5,12 @@ that say how to go on after a run stopped (``interrupted_message``, ``how_to_con
 """
 import logging
 import shlex
+import socket
+import time
 from pathlib import Path
 
 from utils import distributed as dist_utils
-from utils.errors import ConfigError
+from utils.errors import ConfigError, echoed
 from utils.logger import open_log_file
 from utils.outputs import check_output_folder, delete_outputs
 
@@ -53,6 +55,41 @@ def check_run_folder(cfg, output_dir):
         raise ConfigError(f"{output_dir} holds a previous run ({', '.join(run)}): --resume to continue it, "
                           "--overwrite to start again, or choose another --output-dir")
     return outputs if cfg.overwrite else []
+
+
+def check_shared_folder(lock, info, wait=10.0):
+    """Every process sees the main process's lock file (``lock``: the run's FolderLock) in its --output-dir: one
+    folder shared by the nodes (a network file system), as the job needs: only the main process writes the
+    checkpoints, and every process reads them (the final test's best.pth, --resume). A node with a folder of its
+    own trained the whole run, then failed the final test (best.pth not found), and with --resume started afresh
+    beside the resuming main process. The other processes look for up to ``wait`` seconds (a network file
+    system may show the file late); a ConfigError on every process otherwise (said by the main one); nothing
+    checked when the main process runs unlocked. Collective."""
+    line = dist_utils.all_gather_object(lock.line if info.is_main else None)[0]
+    seen = info.is_main or line is None or _shows(lock.path, line, wait)
+    apart = [(rank, host, folder) for rank, (ok, host, folder) in enumerate(dist_utils.all_gather_object(
+        (seen, socket.gethostname(), str(lock.path.parent)))) if not ok]
+    if apart:
+        rank, host, folder = apart[0]
+        error = ConfigError(f"--output-dir {lock.path.parent}: rank {rank} (on {host}) does not find in its "
+                            f"--output-dir {folder} the lock file that the main process holds ({lock.path}: "
+                            f"{line}): every node must reach the run's folder (one shared file system), where "
+                            "the main process writes the checkpoints that every process reads")
+        raise error if info.is_main else echoed(error)
+
+
+def _shows(path, line, wait):
+    """Whether the file at ``path`` holds ``line``, looked at until ``wait`` seconds have passed."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            if path.read_text(encoding="utf-8", errors="replace").strip() == line:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
 
 
 def replace_previous_run(output_dir, names, info):
