@@ -4,6 +4,7 @@ import torch
 
 from reference_boxes import naive_wsol_boxes, random_maps
 from utils.boxes import WSOL_THRESHOLDS, contour_boxes, wsol_map
+from utils.errors import DataError
 from utils.metrics import PxAPAccumulator, WSOLBoxAccumulator
 
 
@@ -175,5 +176,6 @@ def test_pxap_merge_equals_single_pass_and_input_checks():
         single.update(maps[:1], masks[:1, :100])
     with pytest.raises(ValueError, match="cam_thresholds"):
         PxAPAccumulator(np.arange(0.1, 1, 0.1))
-    with pytest.raises(ValueError, match="foreground"):
+    # every mask empty: the data's fault, a one-line DataError (evaluator.py printed a traceback)
+    with pytest.raises(DataError, match="masks of the 1 evaluated images hold no foreground pixel"):
         _pxap([maps[0]], [np.zeros((224, 224), bool)])

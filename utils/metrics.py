@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from utils.boxes import WSOL_THRESHOLDS, as_numpy, flat_contour_boxes, max_iou, sat_boxes_of_maps, wsol_map
+from utils.errors import DataError
 
 TRAIN_THRESHOLDS = (0.3, 0.35, 0.4, 0.45)  # official train.py's --threshold list, searched each evaluation
 IOU_LEVELS = np.array([0.3, 0.5, 0.7])  # rows of the sat IoU hit counters; 0.5 is GT-known Loc
@@ -258,16 +259,17 @@ class PxAPAccumulator(CounterState):
             score = cam_map if normalised else wsol_map(cam_map)
             if fg.shape != score.shape or ign.shape != score.shape:
                 raise ValueError(f"masks must be {score.shape}, got {fg.shape} and ignore {ign.shape}")
-            bins = np.searchsorted(self.bin_edges, score, side="right") - 1  # np.histogram's bins, faster
-            self.hist_fg += np.bincount(bins[fg], minlength=len(self.hist_fg))
-            self.hist_bg += np.bincount(bins[~fg & ~ign], minlength=len(self.hist_bg))
+            self.hist_fg += np.histogram(score[fg], bins=self.bin_edges)[0]  # as MaskEvaluator
+            self.hist_bg += np.histogram(score[~fg & ~ign], bins=self.bin_edges)[0]
             self.num_images += 1
 
     def _counts(self):
         """Pixel counts (tp, fp, fn) for scores >= 2, >= 1, >= t_last, ..., >= t_0 (descending)."""
         self._check_nonempty()
-        if self.hist_fg.sum() == 0:
-            raise ValueError("PxAP: no foreground pixel in the ground truth")
+        if self.hist_fg.sum() == 0:  # the data's fault (every mask empty): a one-line error, not a traceback
+            raise DataError(f"PxAP: the masks of the {int(self.num_images)} evaluated images hold no foreground "
+                            "pixel (a mask's foreground: its pixels above 0.5 once resized to 224x224), nothing "
+                            "to localize; check the mask files of the split's localization.txt")
         tp = self.hist_fg[::-1].cumsum()
         fp = self.hist_bg[::-1].cumsum()
         return tp, fp, self.hist_fg.sum() - tp
