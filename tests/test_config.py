@@ -171,6 +171,23 @@ def test_flags_override_the_file_which_overrides_defaults(tmp_path):
     assert train("--pretrained", "false").pretrained is False
 
 
+
+@pytest.mark.parametrize("key, word, value", [
+    ("amp", "Auto", "auto"), ("amp", "on", True), ("amp", "1", True), ("amp", '"true"', True), ("amp", "off", False),
+    ("pretrained", '"true"', True), ("pretrained", "on", True), ("pretrained", "0", False),
+    ("pretrained", "weights.pth", "weights.pth"), ("resize_size", "None", None), ("resize_size", '"null"', None),
+])
+def test_a_word_means_the_same_in_a_config_file_and_as_a_flag(tmp_path, key, word, value):
+    """amp: Auto was refused while --amp AUTO was auto; pretrained: "true" was a weights file named 'true'
+    while --pretrained true was true; --amp on was refused while amp: on was true."""
+    from_file = getattr(train("--config", write(tmp_path, f"{key}: {word}\n")), key)
+    from_flag = getattr(train("--" + key.replace("_", "-"), word.strip('"')), key)
+    assert from_file == from_flag == value and type(from_file) is type(value)
+    with pytest.raises(ConfigError, match=r"^config file .*c.yaml: amp must be true, false or auto, got 'maybe'$"):
+        train("--config", write(tmp_path, 'amp: "maybe"\n'))
+    with pytest.raises(ConfigError, match=r"^--amp: expected true, false or auto, got 'maybe'$"):
+        train("--amp", "maybe")
+
 def test_resume_and_launcher_arguments():
     assert train().resume is None and train().overwrite is False
     assert train("--resume").resume == "auto" and train("--overwrite").overwrite is True

@@ -122,3 +122,26 @@ def test_collect_names_a_results_file_without_parameter_count(tmp_path):
 def test_the_y_grid_keeps_at_most_ten_labels(ylo, yhi, step):
     """The paper's ranges (a few points) get a label per point; a smoke run's 0-74 one every 10, not 75."""
     assert figure1.grid_step(ylo, yhi) == step
+
+
+def test_a_run_in_neither_curve_is_named_and_labels_stay_inside_the_frame(tmp_path, capsys):
+    """A run with both images_per_class and a trainable subset was left out of both curves and the table
+    without a word; the label of a point at the bottom of the y range was drawn under the frame, over the x
+    tick labels ('42.0' over 'full' and '0')."""
+    runs = tmp_path / "runs"
+    fake_run(runs / "full", None, "all", 25_123_432, 42.0)
+    fake_run(runs / "shots_1", 1, "all", 25_123_432, 50.0)
+    fake_run(runs / "last_0", None, "last:0", 3_458_536, 42.0)
+    fake_run(runs / "mixed", 5, "last:3", 8_781_928, 60.0)
+    png = tmp_path / "figure1.png"
+    assert len(figure1.main(["collect", str(runs), "--output", str(png)])) == 4
+    out, err = capsys.readouterr()
+    assert err == ("warning: 1 run(s) in neither curve nor the table (curve (a) trains everything, (b) uses all "
+                   "images; these set both; kept in figure1.json): mixed (images_per_class 5, trainable last:3)\n")
+    table = json.loads((runs / "figure1.json").read_text())
+    assert "60.00" not in out and 60.0 not in [y for _, y in table["shots"] + table["params_m"]]
+    assert [row["run"] for row in table["runs"]] == ["full", "last_0", "mixed", "shots_1"]
+    image = cv2.imread(str(png)).astype(int)
+    red = image[:, :, 2] - image[:, :, 1] > 60  # this code's colour (BGR 40, 40, 220), not ink or the paper's grey
+    bottom = 40 + 320  # the frame's last row (figure1._panel)
+    assert red[:bottom + 9].sum() > 100 and not red[bottom + 9:].any()  # markers reach 8 px below it, labels none

@@ -164,14 +164,19 @@ def test_unreadable_images_are_skipped_and_a_file_given_twice_is_predicted_once(
 
 
 def test_no_readable_image_is_an_error(tmp_path, capsys):
+    """... and leaves nothing new behind: the --output-dir (and --save-boxes folder) it made are removed, a folder
+    that was there stays (the failed run left an empty out/deeper/)."""
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tmp_path / "kept").mkdir()
     with pytest.raises(SystemExit) as exit_info:
         run_cli(predict_main, ["--checkpoint", str(save_nano_checkpoint(tmp_path / "nano.pth")), "--device", "cpu",
-                               "--output-dir", str(tmp_path / "out"), str(tmp_path / "broken.jpg")])
+                               "--output-dir", str(tmp_path / "out" / "deeper"), str(tmp_path / "broken.jpg"),
+                               "--save-boxes", str(tmp_path / "kept" / "coco" / "boxes.json")])
     err = capsys.readouterr().err.splitlines()
     assert exit_info.value.code == 2 and err[-1] == "error: none of the 1 images could be read"
     assert err[0].startswith(f"warning: {tmp_path / 'broken.jpg'}: not a readable image (")
-    assert not (tmp_path / "out" / "predictions.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jpg", "kept", "nano.pth"]
+    assert not any((tmp_path / "kept").iterdir())
 
 
 @pytest.mark.parametrize("num_spatial_blocks", [3, 1])

@@ -26,8 +26,16 @@ def test_boxes_and_caption_are_drawn(tmp_path):
     assert np.array_equal(cv2.imread(str(path))[:, :, ::-1], out)
 
 
-def test_make_figures_draws_the_architecture_and_a_grid_of_a_runs_overlays(tmp_path):
+def test_make_figures_draws_the_architecture_and_a_grid_of_a_runs_overlays(tmp_path, monkeypatch, capsys):
+    from tools import make_figures as module
     from tools.make_figures import main as make_figures
+    # no demo run: the grid is skipped, in the one line that says what was drawn (it was skipped silently)
+    monkeypatch.setattr(module, "__file__", str(tmp_path / "repo" / "tools" / "make_figures.py"))
+    make_figures(["--output-dir", str(tmp_path / "arch")])
+    assert capsys.readouterr().out == (f"drew {tmp_path / 'arch' / 'architecture.png'}; skipped demo_overlays.png: "
+                                       f"no demo run at {tmp_path / 'repo' / 'output' / 'demo'} (python train.py "
+                                       "--config config/demo.yaml writes one; or give --demo-run)\n")
+    assert sorted(p.name for p in (tmp_path / "arch").iterdir()) == ["architecture.png"]
     run = tmp_path / "demo_run"
     colours = {"001.a": [(0, 0, 255), (0, 255, 0), (255, 0, 0)], "002.b": [(9, 9, 9)]}
     for name, fills in colours.items():
@@ -35,6 +43,8 @@ def test_make_figures_draws_the_architecture_and_a_grid_of_a_runs_overlays(tmp_p
         for k, fill in enumerate(fills):
             cv2.imwrite(str(run / "overlays" / name / f"{k}.png"), np.full((40, 60, 3), fill, np.uint8))
     make_figures(["--demo-run", str(run), "--output-dir", str(tmp_path / "img"), "--per-class", "2"])
+    assert capsys.readouterr().out == (f"drew {tmp_path / 'img' / 'architecture.png'} and "
+                                       f"{tmp_path / 'img' / 'demo_overlays.png'} (from {run / 'overlays'})\n")
     assert cv2.imread(str(tmp_path / "img" / "architecture.png")) is not None
     grid = cv2.imread(str(tmp_path / "img" / "demo_overlays.png"))
     assert grid.shape == (2 * 160, 2 * 160, 3)  # a row per class, the first 2 overlays of each, 160 px tiles

@@ -11,7 +11,8 @@ The sweep: config/ILSVRC_fewshot.yaml with 1 / 3 / 5 / 10 images per class (ever
 config/ILSVRC.yaml on the full training set with ``--trainable last:k`` (the head, the spatial token and
 the last k blocks) for k = 0 / 3 / 6 / 9, plus the full run (everything trained on all images). ``collect``
 reads every ``results.json`` below the folder with the ``config.yaml`` beside it; it writes
-``figure1.json`` there and the PNG.
+``figure1.json`` there and the PNG. A run with both fewer images per class and a trainable subset is in
+neither curve: a warning names it.
 """
 import argparse
 import json
@@ -73,9 +74,15 @@ def collect(runs_dir):
 
 
 def doubts(rows):
-    """Warnings on what ``rows`` plot beside the paper's ImageNet points: runs on other data, and runs that are
-    the same point of the sweep (same images per class and trainable part)."""
+    """Warnings on what ``rows`` plot beside the paper's ImageNet points: runs on other data, runs that are
+    the same point of the sweep (same images per class and trainable part), and runs in neither curve."""
     lines = []
+    neither = [f"{row['run']} (images_per_class {row['images_per_class']}, trainable {row['trainable']})"
+               for row in rows if row["trainable"] != "all" and row["images_per_class"] is not None]
+    if neither:
+        lines.append(f"{len(neither)} run(s) in neither curve nor the table (curve (a) trains everything, (b) "
+                     "uses all images; these set both; kept in figure1.json): "
+                     + ", ".join(neither[:3]) + (", ..." if len(neither) > 3 else ""))
     other = [f"{row['run']} ({row['data_format']})" for row in rows if row["data_format"] not in (None, "imagenet")]
     if other:
         lines.append(f"{len(other)} run(s) not trained on ImageNet, drawn beside the paper's ImageNet points: "
@@ -112,6 +119,15 @@ def grid_step(ylo, yhi):
     return next(step for step in (1, 2, 5, 10, 20, 25, 50, 100) if (yhi - ylo) / step <= 10)
 
 
+def label_baseline(py, below, top, bottom, text_height=10):
+    """The baseline row of the value label of a point at row ``py``: below the point (``below``) or above it,
+    on the other side where that one would leave the frame's rows [top, bottom] (a point at the bottom of the
+    range had its label drawn under the frame, over the x tick labels), else kept inside."""
+    spots = (py + 22, py - 10) if below else (py - 10, py + 22)
+    inside = [y for y in spots if top + text_height + 2 <= y <= bottom - 3]
+    return inside[0] if inside else min(max(spots[0], top + text_height + 2), bottom - 3)
+
+
 def _panel(img, x0, title, xlabel, ticks, measured, paper, y_range):
     """One plot in the 480 x 420 px area starting at column ``x0``; ``ticks`` [(x, label)], points
     [(x, y)] in the same x units."""
@@ -134,13 +150,15 @@ def _panel(img, x0, title, xlabel, ticks, measured, paper, y_range):
     cv2.putText(img, xlabel, (left + width // 2 - 5 * len(xlabel), top + height + 48), FONT, 0.5, INK, 1,
                 cv2.LINE_AA)
     cv2.putText(img, title, (left, top - 14), FONT, 0.55, INK, 1, cv2.LINE_AA)
-    for points, color, marker, dy in ((paper, PAPER, cv2.MARKER_STAR, -10), (measured, OURS, cv2.MARKER_DIAMOND, 22)):
+    for points, color, marker, below in ((paper, PAPER, cv2.MARKER_STAR, False),
+                                         (measured, OURS, cv2.MARKER_DIAMOND, True)):
         pixels = [at(x, min(max(y, ylo), yhi)) for x, y in points]
         for p, q in zip(pixels, pixels[1:]):
             cv2.line(img, p, q, color, 2, cv2.LINE_AA)
         for (x, y), p in zip(points, pixels):
             cv2.drawMarker(img, p, color, marker, 14, 2, cv2.LINE_AA)
-            cv2.putText(img, f"{y:.1f}", (p[0] - 14, p[1] + dy), FONT, 0.4, color, 1, cv2.LINE_AA)
+            cv2.putText(img, f"{y:.1f}", (p[0] - 14, label_baseline(p[1], below, top, top + height)), FONT, 0.4,
+                        color, 1, cv2.LINE_AA)
     for i, (name, color) in enumerate((("this code", OURS), ("paper", PAPER))):
         y = top + height - 40 + 18 * i
         cv2.line(img, (left + width - 110, y), (left + width - 85, y), color, 2, cv2.LINE_AA)

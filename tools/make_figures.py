@@ -3,8 +3,9 @@
     python tools/make_figures.py [--demo-run output/demo] [--output-dir img]
 
 writes img/architecture.png and, when the demo run's overlays exist (``python train.py --config
-config/demo.yaml``), img/demo_overlays.png with the first images of each class. img/ holds the README's
-figures: to look at your own run's grid, give another --output-dir.
+config/demo.yaml``), img/demo_overlays.png with the first images of each class; one line says what was drawn
+and what was skipped (why). img/ holds the README's figures: to look at your own run's grid, give another
+--output-dir.
 """
 import sys
 from pathlib import Path
@@ -125,10 +126,12 @@ def main(argv=None):
         raise DataError(f"--demo-run {args.demo_run}: no overlays/ folder (expected the output folder of a demo run)")
     out.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out / "architecture.png"), draw())
-    print(out / "architecture.png")
     if images.is_dir():
         cv2.imwrite(str(out / "demo_overlays.png"), overlay_grid(images, args.per_class))
-        print(out / "demo_overlays.png")
+        print(f"drew {out / 'architecture.png'} and {out / 'demo_overlays.png'} (from {images})")
+    else:
+        print(f"drew {out / 'architecture.png'}; skipped demo_overlays.png: no demo run at {images.parent} "
+              "(python train.py --config config/demo.yaml writes one; or give --demo-run)")
 
 
 if __name__ == "__main__":

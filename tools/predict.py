@@ -7,7 +7,7 @@ with ``--save-boxes FILE``, writes the boxes as COCO-format pseudo-labels (bbox 
 category_id = class index + 1, categories named from the checkpoint). ``--overlay-blocks`` also draws the map of
 each spatial-aware block beside the fused map. An image given twice is predicted once; an unreadable one
 is named and skipped. An --output-dir holding earlier predictions is refused unless --overwrite; overlay
-names never replace a file already there.
+names never replace a file already there. A run that fails leaves no new folder behind.
 
     python tools/predict.py --checkpoint best.pth --output-dir preds photo.jpg more_photos/
     python tools/predict.py --checkpoint best.pth --save-boxes pseudo_labels.json images/
@@ -33,7 +33,7 @@ from utils.config import FIELDS, SCRIPTS, OneLineParser, at_least, script_defaul
 from utils.distributed import select_device  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
 from utils.outputs import (PARTIAL, FolderLock, Staged, check_output_file, partial_name,  # noqa: E402
-                           previous_outputs)
+                           previous_outputs, removed_if_failed)
 from utils.preemption import ignore_stop_signals, stopped_as_said, work_complete  # noqa: E402
 from utils.visualize import render_overlay, save_rgb  # noqa: E402
 
@@ -192,7 +192,8 @@ def main(argv=None):
     names = meta.get("class_names") or [str(k) for k in range(model.num_classes)]
     staged = Staged()  # the new files, moved in place of the previous ones once every image is predicted
     stopped = f"stopped: no predictions written (the outputs in {output_dir} are as they were)"
-    with stopped_as_said(stopped), FolderLock(output_dir, "tools/predict.py"), writing_outputs(output_dir):
+    new_folders = removed_if_failed(output_dir, *([Path(args.save_boxes).parent] if args.save_boxes else []))
+    with stopped_as_said(stopped), new_folders, FolderLock(output_dir, "tools/predict.py"), writing_outputs(output_dir):
         discard_leftovers(output_dir, inputs)
         try:
             record = predict(args, model, paths, view, threshold, names, output_dir, staged, set(previous))

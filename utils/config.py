@@ -102,7 +102,18 @@ class Field:
         return text + (" or null" if self.nullable else "")
 
     def check(self, value):
-        """``value`` as read from YAML, checked (ints are accepted for floats); ValueError if it does not fit."""
+        """``value`` as read from YAML, checked (ints are accepted for floats); ValueError if it does not fit.
+        A word means what it means as a flag's text (:meth:`parse`): null or none (any case) for a nullable key;
+        for the true/false keys, amp and pretrained, a quoted or differently cased true/false/auto (yes/no,
+        on/off, 1/0)."""
+        if isinstance(value, str) and self.nullable and value.lower() in ("none", "null"):
+            return None
+        if self.kind in ("bool", "amp", "pretrained") and (isinstance(value, str)
+                                                            or type(value) is int and value in (0, 1)):
+            try:
+                value = {"bool": _bool, "amp": _amp, "pretrained": _pretrained}[self.kind](str(value))
+            except ValueError:
+                raise ValueError(self.expected()) from None
         if (value is None and self.nullable) or value in self.words:
             return value
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -158,7 +169,9 @@ def _within(value, domain):
 
 
 def _bool(text):
-    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(str(text).lower())
+    """A flag's true/false word (any case): those YAML reads as booleans (true, yes, on; false, no, off) and 1, 0."""
+    value = {"true": True, "yes": True, "on": True, "1": True,
+             "false": False, "no": False, "off": False, "0": False}.get(str(text).lower())
     if value is None:
         raise ValueError(text)
     return value
@@ -765,8 +778,10 @@ def markdown():
     lines = ["# Config keys", "",
              "Generated from `utils/config.py` by `python -m utils.config --markdown > docs/config.md`.", "",
              "Every key is a config-file key and a flag (`eval_batch_size` -> `--eval-batch-size`; booleans also "
-             "take `--no-...`). Flags override the config file, which overrides the defaults. A config file may "
-             "start from another one: `base: CUB.yaml` (a path relative to the file), then states what differs.",
+             "take `--no-...`). A value means the same in both: `true`/`false` (also yes/no, on/off, 1/0), `auto` "
+             "and `null` (also none), in any case, quoted or not. Flags override the config file, which overrides "
+             "the defaults. A config file may start from another one: `base: CUB.yaml` (a path relative to the "
+             "file), then states what differs.",
              "",
              "Defaults: the built-in ones are the official CUB settings (`config/CUB.yaml`). `train.py` without "
              f"`--config` reads `config/CUB.yaml` (`config/{DEMO_CONFIG}` without `--data-root`), "

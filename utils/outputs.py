@@ -4,6 +4,7 @@
 outputs) keeps them. One job at a time per folder (``FolderLock``); output paths checked before the work
 (``check_output_folder``, ``check_output_file``); files written whole (``write_text_atomic``).
 """
+import contextlib
 import datetime
 import errno
 import json
@@ -106,6 +107,28 @@ def delete_outputs(output_dir, names):
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+@contextlib.contextmanager
+def removed_if_failed(*folders):
+    """Context manager: when the block fails, remove each of ``folders`` and those of their parents that did not
+    exist before it, where they are empty, so that a failed run leaves no new folder behind (one that existed, or
+    one holding a file, stays)."""
+    new = set()
+    for folder in folders:
+        path = Path(folder).absolute()
+        while not os.path.lexists(path) and path != path.parent:
+            new.add(path)
+            path = path.parent
+    try:
+        yield
+    except BaseException:
+        for path in sorted(new, key=lambda p: len(p.parts), reverse=True):  # the deepest first
+            try:
+                path.rmdir()
+            except OSError:  # not empty, or not there
+                pass
+        raise
 
 
 class Staged:
