@@ -130,7 +130,10 @@ def check_output_paths(args, output_dir):
     --save-maps paths of the wrong kind."""
     previous = previous_outputs(output_dir, EVAL_FILES, args.overwrite, "evaluation")
     if (output_dir / OVERLAYS).exists():
-        if previous:
+        # beside a training run's results, overlays/ is its final test's, even with an evaluation there too (one
+        # that drew no overlays): --overwrite --overlays replaced them
+        trained = (output_dir / "results.json").exists() or (output_dir / "checkpoints").is_dir()
+        if previous and not trained:
             previous.append(OVERLAYS)
         elif args.overlays:
             raise ConfigError(f"{output_dir} holds an {OVERLAYS}/ folder that no evaluation wrote (train.py's final "

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from utils.errors import (CheckpointError, ConfigError, DataError, OutputError, 
                           run_cli, user_message)
 from utils.logger import MetricsLog, close_logging, log_error, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
-from utils.outputs import FolderLock, write_text_atomic
+from utils.outputs import FolderLock, delete_outputs, write_text_atomic
 from utils.preemption import (StepCheckpoint, StopAtOnce, StopSignals, exit_when_stopped, ignore_stop_signals,
                               resume_command, signal_name)
 from utils.run_folder import (IMAGE_CACHE, check_run_folder, check_shared_folder, how_to_continue, interrupted_message,
@@ -98,6 +99,10 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     with dist_utils.said_by_main(info.is_main):  # (from the flags and what the main process finds)
         replaced = check_run_folder(cfg, output_dir)
         micro_batch = per_process_batch(cfg, info.world_size)
+    if cfg.cache_images and IMAGE_CACHE in replaced:  # this run makes its caches there (build_loaders): the old
+        # ones (of an interrupted run, rebuilt from the images) go now, not once the new ones are open
+        dist_utils.run_on_main(info.is_main, delete_outputs, output_dir, [IMAGE_CACHE])
+        replaced = [name for name in replaced if name != IMAGE_CACHE]
     progress["previous_kept"] = bool(replaced)  # --overwrite: the previous run stays until this one can start
     setup_logging(output_dir, info.is_main, info.rank, log_file=not replaced)  # not into the old run's log
     if replaced:
@@ -219,7 +224,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
             from None
     finally:
         if metrics_log is not None:
-            metrics_log.close()
+            metrics_log.close(quiet=sys.exc_info()[1] is not None)  # (an error stops the run: its line is said)
 
     # the final test of best.pth, as the official evaluator
     progress["epoch"] = cfg.epochs

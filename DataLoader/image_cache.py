@@ -10,6 +10,7 @@ page cache keeps it in memory when it fits). It is keyed by the image paths, not
 images change in place. train.py removes it at the end of a finished run; an interrupted run keeps it for
 --resume.
 """
+import errno
 import hashlib
 import logging
 import os
@@ -52,18 +53,26 @@ class ImageCache:
         self._map = None
 
     def _create(self):
-        """Create the file (sparse: disk is used as images are written) unless it exists; atomic, so that
-        concurrent processes of one run end up with one file."""
+        """Create the file unless it exists, its disk space taken at once (``reserve``); atomic, so that
+        concurrent processes of one run end up with one file. OSError ENOSPC where the disk has no room."""
         if self.path.exists():
             if self.path.stat().st_size != self.nbytes:
                 raise DataError(f"image cache {self.path} has {self.path.stat().st_size} bytes, expected "
                                 f"{self.nbytes}: delete it (the run writes it again)")
+            fd = os.open(self.path, os.O_RDWR)  # (one left sparse by an interrupted run: its holes taken now)
+            try:
+                reserve(fd, self.nbytes)
+            finally:
+                os.close(fd)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
-            os.ftruncate(fd, self.nbytes)
-            os.close(fd)
+            try:
+                os.ftruncate(fd, self.nbytes)
+                reserve(fd, self.nbytes)
+            finally:
+                os.close(fd)
             try:
                 os.link(tmp, self.path)  # fails if another process created it first: use theirs
             except FileExistsError:
@@ -97,6 +106,20 @@ class ImageCache:
 
     def __getstate__(self):  # workers started by spawn map the file themselves
         return {**self.__dict__, "_map": None}
+
+
+def reserve(fd, nbytes):
+    """Allocate the disk space of the file ``fd`` (``nbytes``) now. A sparse file is filled through a shared
+    map, and a write to a mapped page the disk has no room for kills the process with SIGBUS, without a word
+    (a checkpoint written meanwhile took the room that the check in attach_image_cache had found): here, a
+    full disk is an OSError before the run uses the cache. A file system without the call keeps the file sparse."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
 
 
 def cache_name(dataset, size):
@@ -133,7 +156,15 @@ def attach_image_cache(dataset, folder, said=None):
                         "need %.1f GB more (free some space or use a --output-dir on a larger disk)", len(dataset),
                         folder, free / 1e9, needed / 1e9)
         return None
-    dataset.cache = ImageCache(path, len(dataset), resize_size)
+    try:
+        dataset.cache = ImageCache(path, len(dataset), resize_size)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _logger.warning("cache_images: not for the loader of %d images: %s has no room for its %.1f GB (%s; free "
+                        "some space or use a --output-dir on a larger disk)", len(dataset), folder,
+                        cache_bytes(len(dataset), resize_size) / 1e9, err.strerror)
+        return None
     if said is not None:
         if path in said:
             return dataset.cache

@@ -444,6 +444,8 @@ def test_output_paths_that_cannot_be_written_are_refused_before_evaluating(cub, 
     (tmp_path / "file").write_text("x")
     train_run = tmp_path / "train_run"  # train.py's final test drew overlays there
     (train_run / "overlays").mkdir(parents=True)
+    (train_run / "overlays" / "a.png").write_bytes(b"drawn by the final test")
+    (train_run / "results.json").write_text("{}")
     cases = {("--output-dir", tmp_path / "file"): f"--output-dir {tmp_path / 'file'}: a file, or inside one; "
              "expected a folder",
              ("--output-dir", train_run, "--overlays", "2"): f"{train_run} holds an overlays/ folder that no "
@@ -466,6 +468,11 @@ def test_output_paths_that_cannot_be_written_are_refused_before_evaluating(cub, 
     assert not (tmp_path / "out").exists()
     main([*common, "--output-dir", str(train_run)])  # no overlays drawn: training's are left alone
     assert (train_run / "overlays").is_dir() and (train_run / "metrics.json").exists()
+    # beside that evaluation, still training's: --overwrite --overlays replaced them
+    assert _one_error_line(capsys, [*common, "--output-dir", str(train_run), "--overlays", "2", "--overwrite"]) == \
+        f"error: {cases[('--output-dir', train_run, '--overlays', '2')]}"
+    main([*common, "--output-dir", str(train_run), "--overwrite"])
+    assert [p.name for p in (train_run / "overlays").iterdir()] == ["a.png"]
     main([*common, "--output-dir", str(tmp_path / "out"), "--save-boxes", str(tmp_path / "coco.json"), "--overwrite"])
     assert len(json.loads((tmp_path / "coco.json").read_text())["images"]) == 12  # the earlier boxes replaced
 

@@ -93,3 +93,28 @@ def test_a_stopped_export_leaves_nothing_and_says_so(tmp_path, monkeypatch, capl
     assert exit_info.value.code == status and list(output.parent.iterdir()) == []
     assert f"stopped: {output} not written; {'stopped by SIGTERM' if stop == 'SIGTERM' else 'interrupted'}" \
         in caplog.text
+
+
+def test_a_full_disk_or_a_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, capsys):
+    """A full disk while the file is written, an --output under a file: one line naming the file (tracebacks
+    ending in OSError), the earlier .onnx left as it was."""
+    import errno
+    import tools.export_onnx as export
+    from test_evaluation import save_nano_checkpoint
+    checkpoint, output = save_nano_checkpoint(tmp_path / "nano.pth"), tmp_path / "x.onnx"
+    output.write_bytes(b"an earlier export")
+
+    def full(model, path, opset_version=None):
+        with open(path, "wb") as file:
+            file.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "export_onnx", full)
+    with pytest.raises(SystemExit):
+        run_cli(main, ["--checkpoint", str(checkpoint), "--output", str(output)])
+    assert capsys.readouterr().err == f"error: could not write {output}: no space left on the device\n"
+    assert output.read_bytes() == b"an earlier export" and sorted(tmp_path.iterdir()) == [checkpoint, output]
+    with pytest.raises(SystemExit):
+        run_cli(main, ["--checkpoint", str(checkpoint), "--output", str(checkpoint / "x.onnx")])
+    assert capsys.readouterr().err == f"error: --output {checkpoint / 'x.onnx'}: a parent of it is a file, not a " \
+        "folder\n"

@@ -169,6 +169,9 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert kept["epoch"] == 1 and torch.equal(kept["model"]["w"], torch.ones(1 << 20))
     save_checkpoint({"model": {"w": torch.zeros(4)}, "epoch": 3}, path)  # the next save clears the leftover
     assert [p.name for p in path.parent.iterdir()] == ["last.pth"] and read_checkpoint(path)["epoch"] == 3
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as torch.save makes it (0600: a teammate could not read)
 
 
 def test_full_disk_when_saving_keeps_the_previous_checkpoint(data_root, tmp_path, capsys, monkeypatch):
@@ -445,6 +448,12 @@ def test_the_lock_file_goes_with_its_job_and_a_file_removed_meanwhile_is_not_loc
         FolderLock(tmp_path / "odd", "train.py").acquire()
     with pytest.raises(ConfigError, match=r"--output-dir /proc/sat_out: cannot be created \("):
         FolderLock("/proc/sat_out", "train.py").acquire()
+    # a full disk: the lock file is made, its line cannot be written (an OSError naming no file: every job said
+    # "could not write: no space left on the device")
+    monkeypatch.setattr(outputs.os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(ConfigError, match=r"^--output-dir \S+out: cannot write its lock file \S+out/.lock \(no space "
+                                          r"left on the device\)$"):
+        FolderLock(tmp_path / "out", "train.py").acquire()
 
 
 def test_a_folder_made_read_only_mid_job_leaves_the_job_s_own_error(tmp_path, monkeypatch):
@@ -555,3 +564,66 @@ def test_outputs_are_moved_in_place_whole_through_a_ctrl_c(tmp_path, monkeypatch
         pytest.fail("the Ctrl-C interrupted the commit")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["overlays"] and len(calls) == 2
     assert [p.name for p in (tmp_path / "overlays").iterdir()] == ["new.png"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+def test_a_log_that_a_full_disk_keeps_out_leaves_the_job_s_own_error(tmp_path):
+    """log.txt's lines left unwritten on a full disk (each left out without a word) were written again when the
+    job closed its log: their OSError, raised from close_logging in the job's finally, replaced its one-line
+    error with a traceback."""
+    import logging
+    from utils.logger import close_logging, setup_logging
+    (tmp_path / "log.txt").symlink_to("/dev/full")  # every write: ENOSPC
+    setup_logging(tmp_path).info("a line the disk has no room for")
+    close_logging()  # raised OSError: [Errno 28] No space left on device
+    assert not [h for h in logging.getLogger().handlers if getattr(h, "_sat_run", False)]
+
+
+def test_metrics_and_config_rewritten_on_resume_are_kept_whole_on_a_full_disk(tmp_path, monkeypatch):
+    """A --resume rewrites metrics.jsonl (the lines of the epochs done) and config.yaml: written in place, a full
+    disk (or a kill) after the truncation lost the earlier epochs' lines, and left a config.yaml that the next
+    --resume without --config reads."""
+    import pathlib
+    from utils.config import parse_config, save_config
+    from utils.errors import OutputError
+    from utils.logger import MetricsLog
+    out = tmp_path / "run"
+    out.mkdir()
+    lines = "".join(json.dumps({"epoch": epoch, "train_loss": 1.0 / epoch}) + "\n" for epoch in (1, 2))
+    (out / "metrics.jsonl").write_text(lines)
+    (out / "config.yaml").write_text("epochs: 2\n")
+
+    def full(path, text, encoding=None):  # what a full disk does: the file opened (emptied), part of it written
+        with open(path, "w", encoding=encoding) as file:
+            file.write(text[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    with pytest.raises(OutputError, match="metrics.jsonl: no space left on the device"):
+        MetricsLog(out, 2, tensorboard=False)
+    with pytest.raises(OutputError, match="config.yaml: no space left on the device"):
+        save_config(parse_config(["--output-dir", str(out)]), out / "config.yaml")
+    assert (out / "metrics.jsonl").read_text() == lines and (out / "config.yaml").read_text() == "epochs: 2\n"
+    assert sorted(path.name for path in out.iterdir()) == ["config.yaml", "metrics.jsonl"]  # no temporary left
+
+
+def test_tensorboard_events_a_removed_folder_lost_leave_the_job_s_own_error(tmp_path, caplog):
+    """--output-dir removed (or the disk full) mid-run: TensorBoard's writer thread fails, log_epoch stops the run
+    with one line; closing the writer in train.py's finally raised the thread's error again, a traceback (exit 1)
+    in place of the line, which named the file as bytes (b'...')."""
+    import logging
+    from utils.errors import output_error
+    from utils.logger import MetricsLog
+    log = MetricsLog(tmp_path, tensorboard=False)
+
+    class Failed:
+        def close(self):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", os.fsencode(tmp_path / "events"))
+
+    log.writer = Failed()
+    log.close(quiet=True)  # raised FileNotFoundError
+    log.writer = Failed()
+    with caplog.at_level(logging.WARNING):
+        log.close()
+    assert f"TensorBoard: could not write {tmp_path / 'events'}: No such file or directory" in caplog.text
+    assert str(output_error(FileNotFoundError(2, "x", b"/a/b"))) == "could not write /a/b: x"

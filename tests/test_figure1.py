@@ -118,6 +118,26 @@ def test_collect_names_a_results_file_without_parameter_count(tmp_path):
         figure1.main(["collect", str(tmp_path / "nothere")])
 
 
+def test_collect_into_a_folder_it_cannot_write_is_one_line(tmp_path, monkeypatch):
+    """figure1.json and the PNG on a full disk or a read-only folder: one OutputError line each (OSError
+    tracebacks), an earlier file left as it was."""
+    from utils.errors import OutputError
+    fake_run(tmp_path / "runs" / "full", None, "all", 25_123_432, 73.0)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match=r"^could not write \S*/file"):
+        figure1.main(["collect", str(tmp_path / "runs"), "--output", str(tmp_path / "file" / "f.png")])
+    (tmp_path / "f.png").write_bytes(b"an earlier figure")
+    monkeypatch.setattr(figure1.cv2, "imwrite", lambda path, img: False)  # what OpenCV does on a full disk
+    with pytest.raises(OutputError, match=f"^could not write {tmp_path / 'f.png'}: OpenCV could not write"):
+        figure1.main(["collect", str(tmp_path / "runs"), "--output", str(tmp_path / "f.png")])
+    assert (tmp_path / "f.png").read_bytes() == b"an earlier figure"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["f.png", "file", "runs"]  # no temporary left
+    monkeypatch.setattr("pathlib.Path.write_text", lambda *args, **kwargs: (_ for _ in ()).throw(
+        OSError(28, "No space left on device")))
+    with pytest.raises(OutputError, match=r"^could not write \S*figure1.json: no space left on the device"):
+        figure1.main(["collect", str(tmp_path / "runs"), "--output", str(tmp_path / "f.png")])
+
+
 @pytest.mark.parametrize("ylo, yhi, step", [(64.5, 71.5, 1), (57.5, 72.5, 2), (-0.5, 74.5, 10), (0, 100, 10)])
 def test_the_y_grid_keeps_at_most_ten_labels(ylo, yhi, step):
     """The paper's ranges (a few points) get a label per point; a smoke run's 0-74 one every 10, not 75."""

@@ -1,5 +1,6 @@
 """cache_images: the cached samples are the uncached ones (bit for bit), later passes read no image file,
 and a training run with the cache ends with the weights of the same run without it."""
+import errno
 import logging
 import shutil
 from types import SimpleNamespace
@@ -104,20 +105,36 @@ def test_no_cache_where_the_disk_has_no_room(tmp_path, data_root, monkeypatch, c
     train = build_dataset("cub", data_root, "train", TrainPixels(64, 72))
     test = build_dataset("cub", data_root, "test", EvalViews("sat", False, 64, 72).pixels())
     free = cache_bytes(len(train), 72) + cache_bytes(len(test), 72) - 1
-    monkeypatch.setattr(image_cache.shutil, "disk_usage", lambda folder: SimpleNamespace(free=free))
     folder = tmp_path / "cache"
+
+    def taken():  # the disk space of the caches made (each takes its whole size when made)
+        return sum(path.stat().st_blocks * 512 for path in folder.glob("*.cache"))
+
+    monkeypatch.setattr(image_cache.shutil, "disk_usage", lambda folder: SimpleNamespace(free=free - taken()))
     assert attach_image_cache(train, folder) is not None  # fits alone
     with caplog.at_level(logging.WARNING):
         assert attach_image_cache(test, folder) is None and test.cache is None
     assert "not for the loader of 9 images" in caplog.text and "image caches need" in caplog.text
-    samples(train)  # the train cache is filled: it needs no more space
-    assert attach_image_cache(test, folder) is not None
+    # a cache an interrupted run left sparse (made before its space was taken at once) counts what it has yet to take
+    for path in folder.glob("*.cache"):
+        path.unlink()
+    sparse = folder / image_cache.cache_name(train, 72)
+    with open(sparse, "wb") as file:
+        file.truncate(cache_bytes(len(train), 72))
+    assert image_cache.unfilled_bytes(folder) > 0
+    assert attach_image_cache(test, folder) is None
 
 
 def test_training_with_cache_gives_the_same_run(tmp_path, data_root):
     common = [*TINY, "--data-root", str(data_root), "--epochs", "2", "--workers", "1"]
     main([*common, "--output-dir", str(tmp_path / "plain")])
-    main([*common, "--output-dir", str(tmp_path / "cached"), "--cache-images"])
+    # into a previous run that kept its caches (interrupted): --overwrite deleted image_cache/ after the new run had
+    # made its caches there, and the first pass to open one ended in FileNotFoundError (the final test's, after
+    # the whole run)
+    cached = shutil.copytree(tmp_path / "plain", tmp_path / "cached")
+    (cached / "image_cache").mkdir()
+    (cached / "image_cache" / "vm-0123456789abcdef_72px.cache").write_bytes(b"\0" * 4096)
+    main([*common, "--output-dir", str(cached), "--cache-images", "--overwrite", "--tencrop"])
     a, b = (read_checkpoint(tmp_path / run / "checkpoints" / "last.pth")["model"] for run in ("plain", "cached"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = (tmp_path / "cached" / "log.txt").read_text()
@@ -133,3 +150,22 @@ def test_cache_name_of_file_names_that_are_not_utf8(tmp_path):
     other = type("Listed", (), {"__len__": lambda self: 2, "image_path": lambda self, i: str(tmp_path / "ab"[i])})()
     assert image_cache.cache_name(dataset, 72).endswith("_72px.cache")
     assert image_cache.cache_name(dataset, 72) != image_cache.cache_name(other, 72)
+
+
+def test_the_cache_takes_its_disk_space_when_made(tmp_path, data_root, monkeypatch, caplog):
+    """A sparse cache found room at the start, then lost it to the checkpoints written meanwhile: the first
+    evaluation's writes to its mapped pages killed train.py with SIGBUS (exit 135, nothing in log.txt). The space
+    is taken when the file is made; a disk without it: the warning, no cache."""
+    train = build_dataset("cub", data_root, "train", TrainPixels(64, 72))
+    assert attach_image_cache(train, tmp_path / "cache") is not None
+    assert image_cache.unfilled_bytes(tmp_path / "cache") == 0  # nothing left to take once filling starts
+    test = build_dataset("cub", data_root, "test", EvalViews("sat", False, 64, 72).pixels())
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(image_cache.os, "posix_fallocate", full)
+    with caplog.at_level(logging.WARNING):
+        assert attach_image_cache(test, tmp_path / "cache") is None and test.cache is None
+    assert "not for the loader of 9 images" in caplog.text and "No space left on device" in caplog.text
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the train cache alone: no file left of this one

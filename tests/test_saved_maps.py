@@ -414,3 +414,13 @@ def test_a_sat_folder_without_its_views_file_is_said(cub, tmp_path, caplog):
     (tmp_path / "maps" / "views.json").write_text('{"img_size": 224, "resize_size": 256}')
     main([*common, "--output-dir", str(tmp_path / "out"), "--overwrite"])
     assert warning not in caplog.text and "metrics written" in caplog.text
+
+
+def test_a_views_file_that_cannot_be_written_is_one_line(tmp_path):
+    """evaluator.py --save-maps on a disk filled by the maps: views.json, written last, ended in an OSError
+    traceback (one line expected, naming the file)."""
+    from utils.errors import OutputError
+    from utils.saved_maps import write_saved_view
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match=r"^could not write \S*/file/maps\.partial(/views\.json)?: "):
+        write_saved_view(tmp_path / "file" / "maps.partial", 224, 256)

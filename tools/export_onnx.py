@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from Model import build_model_from_checkpoint  # noqa: E402
 from utils.config import OneLineParser, at_least  # noqa: E402
-from utils.errors import ConfigError, SATError, run_cli  # noqa: E402
+from utils.errors import ConfigError, SATError, output_error, run_cli, writing_outputs  # noqa: E402
+from utils.outputs import mode_as_opened  # noqa: E402
 from utils.preemption import ignore_stop_signals, stopped_as_said  # noqa: E402
 
 INPUT_NAMES = ["images"]
@@ -82,10 +83,8 @@ def write_checked(model, output, args):
     in place; (opset written, max |difference| per output or None without onnxruntime). The temporary file is
     removed whatever happens."""
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    mode_as_opened(fd)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp's file is private)
     try:
         export_onnx(model, tmp, args.opset)
         opset = written_opset(tmp)
@@ -121,10 +120,16 @@ def main(argv=None):
     if output.exists() and output.suffix.lower() != ".onnx":  # e.g. the checkpoint itself: never replaced
         raise ConfigError(f"--output {output}: an existing file that is not an .onnx file (never replaced); "
                           "choose another path")
+    if any(parent.exists() and not parent.is_dir() for parent in output.parents):
+        raise ConfigError(f"--output {output}: a parent of it is a file, not a folder")
     model, _ = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    with writing_outputs(output):  # a folder that cannot be made or written, a full disk: one line
+        output.parent.mkdir(parents=True, exist_ok=True)
     with stopped_as_said(f"stopped: {output} not written"):
-        opset, diff = write_checked(model, output, args)
+        try:
+            opset, diff = write_checked(model, output, args)
+        except OSError as err:  # (met writing the temporary file: the line names the output, left as it was)
+            raise output_error(OSError(err.errno, err.strerror or str(err)), output) from None
     height, width = model.patch_embed.img_size
     record = {"output": str(output), "checkpoint": str(args.checkpoint), "opset": opset,
               "inputs": {"images": ["batch", 3, height, width]},

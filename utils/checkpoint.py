@@ -28,6 +28,7 @@ import torch
 from utils import distributed as dist_utils
 from utils.config import FIELDS, config_dict
 from utils.errors import CheckpointError, ConfigError
+from utils.outputs import mode_as_opened
 
 _logger = logging.getLogger("sat")
 
@@ -45,6 +46,7 @@ def save_checkpoint(state: Dict[str, Any], path) -> None:
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        mode_as_opened(fd)  # as torch.save(path) would create it
         with os.fdopen(fd, "wb") as f:
             torch.save(dict(state, format_version=FORMAT_VERSION), f)
             f.flush()

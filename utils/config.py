@@ -19,6 +19,7 @@ import yaml
 
 from utils.distributed import cpu_share, said_by_main
 from utils.errors import ConfigError, writing_outputs
+from utils.outputs import write_text_atomic
 from utils.metrics import TRAIN_THRESHOLDS, on_grid
 from utils.optim import SCHEDULES, trainable_blocks
 
@@ -758,7 +759,8 @@ def save_config(cfg, path):
     header = f"# resolved configuration (from {cfg.config or 'built-in defaults'} and command-line flags)\n"
     with writing_outputs(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(header + yaml.dump(config_dict(cfg), Dumper=_Dumper, sort_keys=False), encoding="utf-8")
+    # whole or not at all: a --resume without --config reads it (rewritten in place, a kill left it empty)
+    write_text_atomic(path, header + yaml.dump(config_dict(cfg), Dumper=_Dumper, sort_keys=False))
 
 
 # -------------------------------------------------------------------------------------- reference

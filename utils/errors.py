@@ -6,6 +6,7 @@ a traceback.
 """
 import contextlib
 import errno
+import os
 import sys
 
 
@@ -62,6 +63,8 @@ def output_error(err: OSError, path=None) -> OutputError:
     if err.errno is None and " requested and " in reason:  # numpy's short write ("50176 requested and 6112 written")
         reason += " (a short write: the disk or quota is probably full)"
     where = err.filename or path
+    if isinstance(where, bytes):  # (TensorBoard's writer names its file in bytes)
+        where = os.fsdecode(where)
     return OutputError(f"could not write {where}: {reason}" if where else f"could not write: {reason}")
 
 

@@ -8,7 +8,8 @@ import math
 import sys
 from pathlib import Path
 
-from utils.errors import SATError, user_message, writing_outputs
+from utils.errors import SATError, output_error, user_message, writing_outputs
+from utils.outputs import write_text_atomic
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -47,6 +48,14 @@ class RunLogFile(logging.FileHandler):
     def handleError(self, record):
         if not isinstance(sys.exc_info()[1], OSError):
             super().handleError(record)
+
+    def close(self):
+        """Close the file; lines still buffered that cannot be written (the disk is full) are left out: closing
+        raised their OSError, whose traceback replaced the job's own one-line error."""
+        try:
+            super().close()
+        except OSError:
+            pass
 
 
 class PendingLog(logging.Handler):
@@ -120,8 +129,7 @@ class MetricsLog:
                     continue
                 if isinstance(record, dict) and record.get("epoch", math.inf) <= start_epoch:
                     kept.append(line + "\n")
-        with writing_outputs(self.path):
-            self.path.write_text("".join(kept), encoding="utf-8")
+        write_text_atomic(self.path, "".join(kept))  # (rewritten in place, a full disk or a kill lost the lines)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import, rank 0 only
@@ -139,6 +147,14 @@ class MetricsLog:
                     self.writer.add_scalar(key.replace(".", "/"), value, record["epoch"])
             self.writer.flush()
 
-    def close(self):
+    def close(self, quiet=False):
+        """Close TensorBoard's writer. An event its thread could not write (a full disk, a folder removed) is
+        raised again here: a warning line, or nothing with ``quiet`` (the job stops on that error already; its
+        traceback from the job's ``finally`` replaced the one-line error)."""
         if self.writer is not None:
-            self.writer.close()
+            writer, self.writer = self.writer, None
+            try:
+                writer.close()
+            except OSError as err:
+                if not quiet:
+                    logging.getLogger("sat").warning("TensorBoard: %s", output_error(err))

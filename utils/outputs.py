@@ -86,6 +86,21 @@ def previous_outputs(output_dir, names, overwrite, what="run"):
     return found
 
 
+def _read_umask():
+    mask = os.umask(0)  # (read at import: setting it to read it races with threads creating files)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
+def mode_as_opened(fd):
+    """Give a file made by tempfile.mkstemp (private: 0600) the mode open() creates files with (0666 less the
+    umask), so that a checkpoint or an export renamed in place is readable by the team as other outputs are."""
+    os.fchmod(fd, 0o666 & ~UMASK)
+
+
 def write_text_atomic(path, text):
     """Write ``text`` (UTF-8) to ``path`` through a temporary file renamed in place: a reader, or a job killed
     while writing, never leaves a half-written file. An OSError (a full disk) is one OutputError line."""
@@ -219,11 +234,17 @@ class FolderLock:
                                   f"{self.path}): wait for it to end, or choose another --output-dir") from None
             if self._is_current(fd):
                 since = datetime.datetime.now().isoformat(timespec="seconds")
-                os.ftruncate(fd, 0)
-                self.line = f"{self.job}, pid {os.getpid()} on {socket.gethostname()} since {since}"
-                os.write(fd, f"{self.line}\n".encode())
-                os.fsync(fd)  # seen at once by the other nodes of a job (train.py's check_shared_folder)
-                self.fd = fd
+                line = f"{self.job}, pid {os.getpid()} on {socket.gethostname()} since {since}"
+                try:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{line}\n".encode())
+                    os.fsync(fd)  # seen at once by the other nodes of a job (train.py's check_shared_folder)
+                except OSError as err:  # a full disk (an error naming no file): said as the file it is
+                    os.close(fd)
+                    reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or err)
+                    raise ConfigError(f"--output-dir {self.path.parent}: cannot write its lock file {self.path} "
+                                      f"({reason})") from None
+                self.line, self.fd = line, fd
                 return self
             os.close(fd)  # the file of a job that has just ended and removed it: lock the one at the path now
         if fcntl is not None:

@@ -81,10 +81,12 @@ def read_view_file(path):
 
 
 def write_saved_view(root, img_size, resize_size):
-    """``DIR/views.json``: the sat protocol's centre view on the maps of DIR (see :func:`saved_view`)."""
-    Path(root).mkdir(parents=True, exist_ok=True)
-    (Path(root) / VIEW_FILE).write_text(json.dumps({"img_size": img_size, "resize_size": resize_size}) + "\n",
-                                        encoding="utf-8")
+    """``DIR/views.json``: the sat protocol's centre view on the maps of DIR (see :func:`saved_view`); one-line
+    OutputError where it cannot be written (a full disk)."""
+    path = Path(root) / VIEW_FILE
+    with writing_outputs(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"img_size": img_size, "resize_size": resize_size}) + "\n", encoding="utf-8")
 
 
 def write_maps(root, image_ids, out):
