@@ -39,6 +39,7 @@ _check_no_foreign_modules()
 from Model import build_model as _build_model  # noqa: E402
 from Model import build_model_from_checkpoint as _build_model_from_checkpoint  # noqa: E402
 from Model import sat as _sat  # noqa: E402
+from utils.errors import ConfigError as _ConfigError  # noqa: E402
 
 dependencies = ["torch", "timm"]
 
@@ -46,9 +47,9 @@ dependencies = ["torch", "timm"]
 def _entry_point(arch):
     def entry_point(pretrained=False, checkpoint=None, **kwargs):
         if checkpoint is not None:
-            if pretrained is not False:
-                raise ValueError(f"{arch}: pretrained={pretrained!r} and checkpoint= both given; a checkpoint holds "
-                                 "all the weights: pass one of the two")
+            if pretrained is not False and pretrained is not None:  # None: no weights, as build_model reads it
+                raise _ConfigError(f"{arch}: pretrained={pretrained!r} and checkpoint= both given; a checkpoint "
+                                   "holds all the weights: pass one of the two")
             return _build_model_from_checkpoint(checkpoint, arch=arch, spelling="hub", **kwargs)[0]
         return _build_model(arch, pretrained=pretrained, spelling="hub", **kwargs)
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,7 @@ from utils.outputs import FolderLock, delete_outputs, write_text_atomic
 from utils.preemption import (StepCheckpoint, StopAtOnce, StopSignals, exit_when_stopped, ignore_stop_signals,
                               resume_command, signal_name)
 from utils.run_folder import (IMAGE_CACHE, check_run_folder, check_shared_folder, how_to_continue, interrupted_message,
-                              replace_previous_run)
+                              remove_image_cache, replace_previous_run)
 from utils.selection import plan_evaluation, recorded_keys, should_evaluate, update_best
 
 _logger = logging.getLogger("sat")
@@ -237,10 +236,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
             raise restated(err, f"the final test failed: {user_message(err)}; every epoch is saved in "
                                 f"{checkpoint_dir}: once {fixed} is fixed, run the final test again with: {resume}") \
                 from None
-        if cfg.cache_images:  # a finished run does not need it again; an interrupted one keeps it
-            dist_utils.barrier()  # every process is done reading it
-            if info.is_main:
-                shutil.rmtree(output_dir / IMAGE_CACHE, ignore_errors=True)
+        remove_image_cache(output_dir, cfg.cache_images, info)  # an interrupted run keeps it
         if stop.received and info.is_main:
             _logger.info("%s received after the final test: the run is complete", signal_name(stop.received))
     return results

@@ -448,6 +448,20 @@ def test_the_lock_file_goes_with_its_job_and_a_file_removed_meanwhile_is_not_loc
         FolderLock(tmp_path / "odd", "train.py").acquire()
     with pytest.raises(ConfigError, match=r"--output-dir /proc/sat_out: cannot be created \("):
         FolderLock("/proc/sat_out", "train.py").acquire()
+    # the lock's line cannot be written (a quota, a full disk): one line, not a traceback; no fsync: not an error
+    def failing_fsync(code):
+        def fsync(fd):
+            raise OSError(code, "x")
+        return fsync
+
+    for code, refused in ((errno.EDQUOT, True), (errno.EINVAL, False)):
+        monkeypatch.setattr(outputs.os, "fsync", failing_fsync(code))
+        if refused:
+            with pytest.raises(ConfigError, match=r"--output-dir \S+/quota: cannot write its lock file \S+ \(x\)$"):
+                FolderLock(tmp_path / "quota", "train.py").acquire()
+        else:
+            FolderLock(tmp_path / "quota", "train.py").acquire().release()
+    FolderLock(tmp_path / "quota", "train.py").acquire().release()  # the refused one left it unlocked
     # a full disk: the lock file is made, its line cannot be written (an OSError naming no file: every job said
     # "could not write: no space left on the device")
     monkeypatch.setattr(outputs.os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))

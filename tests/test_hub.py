@@ -52,8 +52,10 @@ def test_hub_checkpoint_errors_name_the_entry_point_and_keyword(tmp_path):
         torch.hub.load(str(REPO_ROOT), nano, source="local", pretrained=True)
     assert str(err.value) == (f"{nano} has no DeiT weights to start from: pretrained=False (random initialisation) "
                               "or pretrained='PATH' (a weights file)")
-    with pytest.raises(ValueError, match=r"pretrained=True and checkpoint= both given"):  # pretrained was ignored
+    with pytest.raises(ConfigError, match=r"pretrained=True and checkpoint= both given"):  # pretrained was ignored
         torch.hub.load(str(REPO_ROOT), nano, source="local", pretrained=True, checkpoint=str(path))
+    # pretrained=None means no weights, as without checkpoint=: not refused (and a ConfigError, as the others)
+    assert torch.hub.load(str(REPO_ROOT), nano, source="local", pretrained=None, checkpoint=str(path)).num_classes == 3
     with pytest.raises(ConfigError) as err:  # a TypeError from inside nn.Conv2d before
         torch.hub.load(str(REPO_ROOT), nano, source="local", num_classes="3")
     assert str(err.value) == "num_classes='3': the number of classes must be a positive integer"

@@ -2,6 +2,7 @@
 settings (another node's flags: a crash blaming a dead peer, or with another lr silently different models), the
 data (another node's --data-root: DDP's traceback) and the output folder (a folder of its own: the final test
 failed after the whole run); and the line after a lost peer names what last.pth holds once written."""
+import datetime
 import json
 import re
 import types
@@ -16,7 +17,7 @@ from utils.checkpoint import TrainingCheckpoints
 from utils.config import PER_NODE_KEYS, job_settings, parse_config
 from utils.errors import DataError, SATError
 from utils.outputs import FolderLock
-from utils.run_folder import check_shared_folder
+from utils.run_folder import IMAGE_CACHE, check_shared_folder, remove_image_cache
 
 
 def _outcome(fn):
@@ -28,7 +29,7 @@ def _outcome(fn):
 
 
 def _rank(rank, init, folder):
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
     info = dist_utils.DistInfo(rank=rank, world_size=2)
     try:
         base = ["--config", "config/demo.yaml", "--data-root", f"/data/node{rank}", "--workers", str(rank)]
@@ -48,6 +49,12 @@ def _rank(rank, init, folder):
             shared.acquire()
         results["apart"] = _outcome(lambda: check_shared_folder(lock, info, wait=0.2))
         results["shared"] = _outcome(lambda: check_shared_folder(shared, info))
+        if rank == 1:  # cache_images on the second node only (a per-node key): its cache in the shared folder
+            (shared.path.parent / IMAGE_CACHE).mkdir()
+            (shared.path.parent / IMAGE_CACHE / "node1.cache").write_bytes(b"x")
+        dist.barrier()
+        results["cache"] = _outcome(lambda: remove_image_cache(shared.path.parent, rank == 1, info))
+        dist.barrier()  # (a process that skipped the collective met the other's next one: a mismatch or a hang)
         with open(f"{folder}/rank{rank}.json", "w") as file:
             json.dump(results, file)
     finally:
@@ -68,6 +75,7 @@ def test_nodes_must_share_settings_data_and_output_folder(tmp_path):
     assert message.startswith(f"--output-dir {tmp_path / 'out0'}: rank 1 (on ") and \
         f"does not find in its --output-dir {tmp_path / 'out1'} the lock file that the main process holds" in message
     assert main["shared"] is None and other["shared"] is None
+    assert main["cache"] is None and other["cache"] is None and not (tmp_path / "shared" / IMAGE_CACHE).exists()
 
 
 def test_lost_peer_after_last_pth_is_written_says_what_it_holds(tmp_path, monkeypatch):

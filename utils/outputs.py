@@ -189,6 +189,15 @@ class Staged:
             delete_outputs(staged.parent, [staged.name])
 
 
+def _sync(fd):
+    """fsync ``fd``; a file system that does not offer it (EINVAL, ENOTSUP) is not an error."""
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+
+
 class FolderLock:
     """An exclusive lock on an output folder while a job (``job``: the script's name) writes into it
     (``<folder>/.lock``, removed when the job ends): a second job started into the same folder (one job submitted
@@ -238,13 +247,13 @@ class FolderLock:
                 try:
                     os.ftruncate(fd, 0)
                     os.write(fd, f"{line}\n".encode())
-                    os.fsync(fd)  # seen at once by the other nodes of a job (train.py's check_shared_folder)
-                except OSError as err:  # a full disk (an error naming no file): said as the file it is
+                    _sync(fd)  # seen at once by the other nodes of a job (utils/run_folder.py's check_shared_folder)
+                except OSError as err:  # a full disk, a quota: one line (closing frees the lock)
                     os.close(fd)
                     reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or err)
                     raise ConfigError(f"--output-dir {self.path.parent}: cannot write its lock file {self.path} "
                                       f"({reason})") from None
-                self.line, self.fd = line, fd
+                self.fd, self.line = fd, line
                 return self
             os.close(fd)  # the file of a job that has just ended and removed it: lock the one at the path now
         if fcntl is not None:

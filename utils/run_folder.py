@@ -1,10 +1,13 @@
 """A training run's folder (--output-dir): what a run writes there (``RUN_OUTPUTS``), whether a run may start
 in it (``check_run_folder``: a previous run is continued with --resume or replaced with --overwrite, never
-mixed), the previous run's outputs deleted once the new run can start (``replace_previous_run``), and the lines
-that say how to go on after a run stopped (``interrupted_message``, ``how_to_continue``).
+mixed), one folder that every node of a job reaches (``check_shared_folder``), the previous run's outputs deleted
+once the new run can start (``replace_previous_run``), the image cache deleted once the run is complete
+(``remove_image_cache``), and the lines that say how to go on after a run stopped (``interrupted_message``,
+``how_to_continue``).
 """
 import logging
 import shlex
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -101,6 +104,16 @@ def replace_previous_run(output_dir, names, info):
         _logger.info("--overwrite: deleted the previous run's %s in %s", ", ".join(names), output_dir)
 
     dist_utils.run_on_main(info.is_main, replace)
+
+
+def remove_image_cache(output_dir, cache_images, info):
+    """After the final test: the main process deletes ``output_dir``'s image cache (a finished run does not need it
+    again) once every process is done reading its own. ``cache_images`` is each node's own choice (a per-node key):
+    the processes decide together, so that all or none of them meet in this collective (a barrier on the nodes
+    with the cache alone ended a complete run with 'another process of the job ended'). Collective."""
+    cached = any(dist_utils.all_gather_object(bool(cache_images)))  # also the wait for every process's last read
+    if cached and info.is_main:
+        shutil.rmtree(Path(output_dir) / IMAGE_CACHE, ignore_errors=True)
 
 
 def how_to_continue(checkpoint_dir, resumed_from, resume):
