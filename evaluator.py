@@ -131,8 +131,9 @@ def check_output_paths(args, output_dir):
     previous = previous_outputs(output_dir, EVAL_FILES, args.overwrite, "evaluation")
     if (output_dir / OVERLAYS).exists():
         # beside a training run's results, overlays/ is its final test's, even with an evaluation there too (one
-        # that drew no overlays): --overwrite --overlays replaced them
-        trained = (output_dir / "results.json").exists() or (output_dir / "checkpoints").is_dir()
+        # that drew no overlays): --overwrite --overlays replaced them. Told by train.py's own files: a folder
+        # with a checkpoints/ of the user's own held the evaluator's overlays, refused, or kept beside new metrics
+        trained = any((output_dir / name).exists() for name in ("results.json", "metrics.jsonl"))
         if previous and not trained:
             previous.append(OVERLAYS)
         elif args.overlays:

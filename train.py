@@ -43,11 +43,11 @@ from utils.errors import (CheckpointError, ConfigError, DataError, OutputError, 
                           run_cli, user_message)
 from utils.logger import MetricsLog, close_logging, log_error, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
-from utils.outputs import FolderLock, delete_outputs, write_text_atomic
+from utils.outputs import FolderLock, write_text_atomic
 from utils.preemption import (StepCheckpoint, StopAtOnce, StopSignals, exit_when_stopped, ignore_stop_signals,
                               resume_command, signal_name)
 from utils.run_folder import (IMAGE_CACHE, check_run_folder, check_shared_folder, how_to_continue, interrupted_message,
-                              remove_image_cache, replace_previous_run)
+                              remove_image_cache, remove_old_image_cache, replace_previous_run)
 from utils.selection import plan_evaluation, recorded_keys, should_evaluate, update_best
 
 _logger = logging.getLogger("sat")
@@ -98,10 +98,9 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     with dist_utils.said_by_main(info.is_main):  # (from the flags and what the main process finds)
         replaced = check_run_folder(cfg, output_dir)
         micro_batch = per_process_batch(cfg, info.world_size)
-    if cfg.cache_images and IMAGE_CACHE in replaced:  # this run makes its caches there (build_loaders): the old
-        # ones (of an interrupted run, rebuilt from the images) go now, not once the new ones are open
-        dist_utils.run_on_main(info.is_main, delete_outputs, output_dir, [IMAGE_CACHE])
-        replaced = [name for name in replaced if name != IMAGE_CACHE]
+    # a run with caches makes them there (build_loaders): the old ones (rebuilt from the images) go now, not once
+    # the new ones are open
+    replaced = remove_old_image_cache(output_dir, replaced, cfg.cache_images, info)
     progress["previous_kept"] = bool(replaced)  # --overwrite: the previous run stays until this one can start
     setup_logging(output_dir, info.is_main, info.rank, log_file=not replaced)  # not into the old run's log
     if replaced:

@@ -10,18 +10,26 @@ page cache keeps it in memory when it fits). It is keyed by the image paths, not
 images change in place. train.py removes it at the end of a finished run; an interrupted run keeps it for
 --resume.
 """
+import contextlib
+import ctypes
 import errno
 import hashlib
 import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from utils.errors import DataError
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system
+    fcntl = None
 
 _logger = logging.getLogger("sat")
 HEADER_ALIGN = 4096
@@ -54,18 +62,20 @@ class ImageCache:
 
     def _create(self):
         """Create the file unless it exists, its disk space taken at once (``reserve``); atomic, so that
-        concurrent processes of one run end up with one file. OSError ENOSPC where the disk has no room."""
+        concurrent processes of one run end up with one file (attach_image_cache lets one process at a time make
+        a node's caches). OSError ENOSPC where the disk has no room (a file left sparse by an interrupted run: its
+        holes taken now)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             if self.path.stat().st_size != self.nbytes:
                 raise DataError(f"image cache {self.path} has {self.path.stat().st_size} bytes, expected "
                                 f"{self.nbytes}: delete it (the run writes it again)")
-            fd = os.open(self.path, os.O_RDWR)  # (one left sparse by an interrupted run: its holes taken now)
+            fd = os.open(self.path, os.O_RDWR)
             try:
                 reserve(fd, self.nbytes)
             finally:
                 os.close(fd)
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
             try:
@@ -74,11 +84,11 @@ class ImageCache:
             finally:
                 os.close(fd)
             try:
-                os.link(tmp, self.path)  # fails if another process created it first: use theirs
+                os.link(tmp, self.path)  # (fails if another process created it first: use theirs)
             except FileExistsError:
                 pass
         finally:
-            os.unlink(tmp)
+            os.unlink(tmp)  # (where the reservation failed: the space it took is given back)
 
     def _arrays(self):
         if self._map is None:  # opened lazily in each process (a worker maps the file itself)
@@ -108,18 +118,60 @@ class ImageCache:
         return {**self.__dict__, "_map": None}
 
 
+@contextlib.contextmanager
+def _one_at_a_time(lock_path):
+    """An exclusive flock on ``lock_path`` for the block (none where fcntl is missing)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _linux_fallocate():
+    """Linux's fallocate(2) (mode 0), or None elsewhere. Not os.posix_fallocate: where the file system lacks the
+    call (NFSv3, FUSE, ZFS before 2.2), glibc's posix_fallocate writes a byte into every 4 KiB block instead (a
+    read and a write per block: 25 million of each for a 100 GB cache, over the network on NFS, again at each
+    --resume), and may zero a byte another process has just written."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    return call
+
+
+_FALLOCATE = _linux_fallocate()
+
+
 def reserve(fd, nbytes):
     """Allocate the disk space of the file ``fd`` (``nbytes``) now. A sparse file is filled through a shared
     map, and a write to a mapped page the disk has no room for kills the process with SIGBUS, without a word
     (a checkpoint written meanwhile took the room that the check in attach_image_cache had found): here, a
     full disk is an OSError before the run uses the cache. A file system without the call keeps the file sparse."""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    try:
-        os.posix_fallocate(fd, 0, nbytes)
-    except OSError as err:
-        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
+    while True:
+        if _FALLOCATE is not None:
+            code = 0 if _FALLOCATE(fd, 0, 0, nbytes) == 0 else ctypes.get_errno()
+        elif hasattr(os, "posix_fallocate"):  # (not Linux: the system's own call, no emulation)
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+                code = 0
+            except OSError as err:
+                code = err.errno
+        else:
+            return
+        if code != errno.EINTR:
+            break
+    if code and code not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+        raise OSError(code, os.strerror(code))
 
 
 def cache_name(dataset, size):
@@ -148,23 +200,26 @@ def attach_image_cache(dataset, folder, said=None):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / cache_name(dataset, resize_size)
     # A write to a mapped page the disk has no room for kills the worker (SIGBUS): check first, counting the
-    # caches of this folder not filled yet (the other splits, another run's).
-    needed = unfilled_bytes(folder) + (0 if path.exists() else cache_bytes(len(dataset), resize_size))
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        _logger.warning("cache_images: not for the loader of %d images: %s has %.1f GB free, its image caches "
-                        "need %.1f GB more (free some space or use a --output-dir on a larger disk)", len(dataset),
-                        folder, free / 1e9, needed / 1e9)
-        return None
-    try:
-        dataset.cache = ImageCache(path, len(dataset), resize_size)
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        _logger.warning("cache_images: not for the loader of %d images: %s has no room for its %.1f GB (%s; free "
-                        "some space or use a --output-dir on a larger disk)", len(dataset), folder,
-                        cache_bytes(len(dataset), resize_size) / 1e9, err.strerror)
-        return None
+    # caches of this folder not filled yet (the other splits, another run's). One process at a time: the room
+    # another process of the node took for the file it was making was not there for the others, which then read
+    # the files.
+    with _one_at_a_time(folder / ".create.lock"):
+        needed = unfilled_bytes(folder) + (0 if path.exists() else cache_bytes(len(dataset), resize_size))
+        free = shutil.disk_usage(folder).free
+        if needed > free:
+            _logger.warning("cache_images: not for the loader of %d images: %s has %.1f GB free, its image caches "
+                            "need %.1f GB more (free some space or use a --output-dir on a larger disk)",
+                            len(dataset), folder, free / 1e9, needed / 1e9)
+            return None
+        try:
+            dataset.cache = ImageCache(path, len(dataset), resize_size)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            _logger.warning("cache_images: not for the loader of %d images: %s has no room for its %.1f GB (%s; "
+                            "free some space or use a --output-dir on a larger disk)", len(dataset), folder,
+                            cache_bytes(len(dataset), resize_size) / 1e9, err.strerror)
+            return None
     if said is not None:
         if path in said:
             return dataset.cache

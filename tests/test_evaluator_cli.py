@@ -522,3 +522,22 @@ def test_overlay_blocks_that_draw_nothing_are_said(tmp_path, caplog, protocol, o
     with caplog.at_level(logging.WARNING, logger="sat"):
         evaluate_settings(args, protocol, tmp_path, DistInfo())
     assert (said in caplog.text) if said else "--overlay-blocks" not in caplog.text
+
+
+def test_an_evaluation_s_own_overlays_beside_a_checkpoints_folder_are_its_own(tmp_path):
+    """A folder holding the user's checkpoints/ (evaluated into the folder of the checkpoint) was taken for a
+    training run's: --overwrite --overlays was refused ('an overlays/ folder that no evaluation wrote', the one
+    the last evaluation drew), and --overwrite alone kept the old overlays beside the new metrics."""
+    from types import SimpleNamespace
+    from evaluator import check_output_paths
+    from utils.errors import ConfigError
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.pth").write_bytes(b"x")
+    (tmp_path / "overlays").mkdir()
+    (tmp_path / "metrics.json").write_text("{}")
+    args = SimpleNamespace(overwrite=True, overlays=2, save_boxes=None, save_maps=None)
+    assert check_output_paths(args, tmp_path) == ["metrics.json", "overlays"]
+    (tmp_path / "metrics.jsonl").write_text("")  # a training run's folder: overlays/ is its final test's
+    with pytest.raises(ConfigError, match="holds an overlays/ folder that no evaluation wrote"):
+        check_output_paths(args, tmp_path)
+    assert check_output_paths(SimpleNamespace(**{**vars(args), "overlays": 0}), tmp_path) == ["metrics.json"]

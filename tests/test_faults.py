@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,7 +154,7 @@ save_checkpoint({"model": {"w": torch.full((1 << 20,), 2.0)}, "epoch": 2}, sys.a
 """
 
 
-def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "last.pth"
     save_checkpoint({"model": {"w": torch.ones(1 << 20)}, "epoch": 1}, path)
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], cwd=REPO_ROOT, text=True,
@@ -172,6 +173,12 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as torch.save makes it (0600: a teammate could not read)
+    # a file system that refuses the mode (FAT, exFAT: EPERM): the checkpoint is written all the same
+    import utils.outputs
+    monkeypatch.setattr(utils.outputs.os, "fchmod", lambda fd, mode: (_ for _ in ()).throw(PermissionError(
+        errno.EPERM, "Operation not permitted")))
+    save_checkpoint({"model": {"w": torch.zeros(4)}, "epoch": 4}, path)
+    assert read_checkpoint(path)["epoch"] == 4
 
 
 def test_full_disk_when_saving_keeps_the_previous_checkpoint(data_root, tmp_path, capsys, monkeypatch):
@@ -641,3 +648,18 @@ def test_tensorboard_events_a_removed_folder_lost_leave_the_job_s_own_error(tmp_
         log.close()
     assert f"TensorBoard: could not write {tmp_path / 'events'}: No such file or directory" in caplog.text
     assert str(output_error(FileNotFoundError(2, "x", b"/a/b"))) == "could not write /a/b: x"
+
+
+def test_a_failed_run_removes_only_the_folders_it_made(tmp_path, monkeypatch):
+    """removed_if_failed took ``new/../kept/sub`` for three new folders, ``kept`` among them (``new/..`` did not
+    exist yet): the failure removed the user's empty kept/ too."""
+    from utils.outputs import removed_if_failed
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "kept")
+    for output in ("new/../kept/sub", "link/deeper/sub", "made/a/b"):
+        with pytest.raises(RuntimeError):
+            with removed_if_failed(output):
+                Path(output).mkdir(parents=True)
+                raise RuntimeError("the run failed")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "link"] and not any((tmp_path / "kept").iterdir())

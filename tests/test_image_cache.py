@@ -1,8 +1,15 @@
 """cache_images: the cached samples are the uncached ones (bit for bit), later passes read no image file,
 and a training run with the cache ends with the weights of the same run without it."""
+import ctypes
 import errno
 import logging
+import multiprocessing
+import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,6 +27,8 @@ from utils.errors import DataError
 from train import main
 
 from test_train import TINY
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -161,11 +170,74 @@ def test_the_cache_takes_its_disk_space_when_made(tmp_path, data_root, monkeypat
     assert image_cache.unfilled_bytes(tmp_path / "cache") == 0  # nothing left to take once filling starts
     test = build_dataset("cub", data_root, "test", EvalViews("sat", False, 64, 72).pixels())
 
-    def full(fd, offset, length):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(image_cache.os, "posix_fallocate", full)
+    monkeypatch.setattr(image_cache, "_FALLOCATE", failing_fallocate(errno.ENOSPC))
+    monkeypatch.setattr(image_cache.os, "posix_fallocate", failing_fallocate(errno.ENOSPC, raises=True))
     with caplog.at_level(logging.WARNING):
         assert attach_image_cache(test, tmp_path / "cache") is None and test.cache is None
     assert "not for the loader of 9 images" in caplog.text and "No space left on device" in caplog.text
-    assert len(list((tmp_path / "cache").iterdir())) == 1  # the train cache alone: no file left of this one
+    assert len(list((tmp_path / "cache").glob("*.cache*"))) == 1  # the train cache alone: no file left of this one
+
+
+def failing_fallocate(code, raises=False):
+    """A fallocate(2) (through ctypes: -1 and errno) or os.posix_fallocate (``raises``) failing with ``code``."""
+    def call(fd, *args):
+        if raises:
+            raise OSError(code, os.strerror(code))
+        ctypes.set_errno(code)
+        return -1
+    return call
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (its fault injection)")
+def test_a_file_system_without_fallocate_keeps_the_cache_sparse(tmp_path):
+    """Where the file system has no fallocate (NFSv3, FUSE, ZFS before 2.2), glibc's posix_fallocate wrote a byte
+    into every 4 KiB block instead: a read and a write per block (25 million each for a 100 GB cache, over the
+    network on NFS, at every start and --resume), where the docstring said the file stays sparse."""
+    code = ("import importlib.util, os; "
+            "spec = importlib.util.spec_from_file_location('c', 'DataLoader/image_cache.py'); "
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "  # (no torch: fast)
+            f"c = module.ImageCache({str(tmp_path / 'x.cache')!r}, 400, 64); print(os.stat(c.path).st_blocks * 512)")
+    done = subprocess.run(["strace", "-f", "-qq", "-o", os.devnull, "-e", "inject=fallocate:error=EOPNOTSUPP",
+                           sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    if done.returncode and "ptrace" in done.stderr:
+        pytest.skip("strace cannot trace here")
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) < cache_bytes(400, 64) // 100  # sparse (it was allocated block by block)
+
+
+def test_the_processes_of_a_node_make_one_cache_and_all_use_it(tmp_path, data_root, monkeypatch):
+    """Each process reserved the cache's space in a temporary file of its own before one of them was linked in
+    place: on a disk with room for one copy, the node's other processes found no room (a warning) and read the
+    files every epoch."""
+    train = build_dataset("cub", data_root, "train", TrainPixels(64, 72))
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    budget = cache_bytes(len(train), 72) * 3 // 2
+
+    def disk_usage(path):  # room for one copy: what every file of the folder takes is gone
+        return SimpleNamespace(free=budget - sum(p.stat().st_blocks * 512 for p in folder.iterdir()))
+
+    reserve = image_cache.reserve
+
+    def slow_reserve(fd, nbytes):  # (the other process looks meanwhile)
+        reserve(fd, nbytes)
+        time.sleep(0.3)
+
+    monkeypatch.setattr(image_cache.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(image_cache, "reserve", slow_reserve)
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(2), context.Queue()
+
+    def process():
+        barrier.wait()
+        results.put(attach_image_cache(train, folder) is not None)
+
+    processes = [context.Process(target=process) for _ in range(2)]
+    for each in processes:
+        each.start()
+    for each in processes:
+        each.join(30)
+    if not any(p.stat().st_blocks for p in folder.glob("*.cache")):
+        pytest.skip("this file system does not allocate ahead (no fallocate)")
+    assert [results.get(timeout=5) for _ in processes] == [True, True]
+    assert len(list(folder.glob("*.cache"))) == 1

@@ -17,7 +17,7 @@ from utils.checkpoint import TrainingCheckpoints
 from utils.config import PER_NODE_KEYS, job_settings, parse_config
 from utils.errors import DataError, SATError
 from utils.outputs import FolderLock
-from utils.run_folder import IMAGE_CACHE, check_shared_folder, remove_image_cache
+from utils.run_folder import IMAGE_CACHE, check_shared_folder, remove_image_cache, remove_old_image_cache
 
 
 def _outcome(fn):
@@ -49,6 +49,13 @@ def _rank(rank, init, folder):
             shared.acquire()
         results["apart"] = _outcome(lambda: check_shared_folder(lock, info, wait=0.2))
         results["shared"] = _outcome(lambda: check_shared_folder(shared, info))
+        if rank == 1:  # --overwrite of a run with an image cache, --cache-images on the second node only: the old
+            (shared.path.parent / IMAGE_CACHE).mkdir()  # cache goes at the start (a collective on rank 1 alone)
+        dist.barrier()
+        results["old_cache"] = _outcome(lambda: results.update(replaced=remove_old_image_cache(
+            shared.path.parent, ["results.json", IMAGE_CACHE], rank == 1, info)))
+        results["old_cache_kept"] = (shared.path.parent / IMAGE_CACHE).exists()
+        dist.barrier()
         if rank == 1:  # cache_images on the second node only (a per-node key): its cache in the shared folder
             (shared.path.parent / IMAGE_CACHE).mkdir()
             (shared.path.parent / IMAGE_CACHE / "node1.cache").write_bytes(b"x")
@@ -75,6 +82,8 @@ def test_nodes_must_share_settings_data_and_output_folder(tmp_path):
     assert message.startswith(f"--output-dir {tmp_path / 'out0'}: rank 1 (on ") and \
         f"does not find in its --output-dir {tmp_path / 'out1'} the lock file that the main process holds" in message
     assert main["shared"] is None and other["shared"] is None
+    assert main["old_cache"] is None and other["old_cache"] is None and not main["old_cache_kept"]
+    assert main["replaced"] == other["replaced"] == ["results.json"]  # (the main process deletes it later otherwise)
     assert main["cache"] is None and other["cache"] is None and not (tmp_path / "shared" / IMAGE_CACHE).exists()
 
 

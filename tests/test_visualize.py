@@ -1,7 +1,9 @@
 """Overlay rendering: heat map blending, box colours, caption fitting, PNG writing."""
 import cv2
 import numpy as np
+import pytest
 
+from utils.errors import OutputError
 from utils.visualize import GT_COLOR, PRED_COLOR, heatmap_overlay, render_overlay, save_rgb
 
 
@@ -36,6 +38,16 @@ def test_make_figures_draws_the_architecture_and_a_grid_of_a_runs_overlays(tmp_p
                                        f"no demo run at {tmp_path / 'repo' / 'output' / 'demo'} (python train.py "
                                        "--config config/demo.yaml writes one; or give --demo-run)\n")
     assert sorted(p.name for p in (tmp_path / "arch").iterdir()) == ["architecture.png"]
+    # a full disk (cv2.imwrite returns False): one line naming the file, not 'drew ...' with exit 0; the figure
+    # already there is left whole
+    before = (tmp_path / "arch" / "architecture.png").read_bytes()
+    monkeypatch.setattr(module.cv2, "imwrite", lambda path, image: open(path, "wb").close() or False)
+    with pytest.raises(OutputError, match=r"^could not write \S+/arch/architecture.png: OpenCV could not write"):
+        make_figures(["--output-dir", str(tmp_path / "arch")])
+    assert capsys.readouterr().out == ""
+    assert sorted(p.name for p in (tmp_path / "arch").iterdir()) == ["architecture.png"]
+    assert (tmp_path / "arch" / "architecture.png").read_bytes() == before
+    monkeypatch.undo()
     run = tmp_path / "demo_run"
     colours = {"001.a": [(0, 0, 255), (0, 255, 0), (255, 0, 0)], "002.b": [(9, 9, 9)]}
     for name, fills in colours.items():

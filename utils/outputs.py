@@ -97,8 +97,16 @@ UMASK = _read_umask()
 
 def mode_as_opened(fd):
     """Give a file made by tempfile.mkstemp (private: 0600) the mode open() creates files with (0666 less the
-    umask), so that a checkpoint or an export renamed in place is readable by the team as other outputs are."""
-    os.fchmod(fd, 0o666 & ~UMASK)
+    umask), so that a checkpoint or an export renamed in place is readable by the team as other outputs are. Only
+    where the file system takes it: FAT and exFAT (a USB disk) refuse such a change with EPERM, which stopped every
+    checkpoint write; a file system without modes (or a system without fchmod) keeps its own."""
+    fchmod = getattr(os, "fchmod", None)  # (Windows before Python 3.13 has none)
+    if fchmod is None:
+        return
+    try:
+        fchmod(fd, 0o666 & ~UMASK)
+    except OSError:
+        pass
 
 
 def write_text_atomic(path, text):
@@ -131,10 +139,17 @@ def removed_if_failed(*folders):
     one holding a file, stays)."""
     new = set()
     for folder in folders:
-        path = Path(folder).absolute()
+        path, below = Path(folder).absolute(), []
         while not os.path.lexists(path) and path != path.parent:
-            new.add(path)
+            below.append(path.name)
             path = path.parent
+        # the folders the path names, from where it exists on (its real place: ``new/../kept/sub`` named kept
+        # itself as new, since new/.. did not exist, and a failure removed that empty folder of the user's)
+        path = path.resolve()
+        for name in reversed(below):
+            path = path.parent if name == ".." else path / name
+            if not os.path.lexists(path):
+                new.add(path)
     try:
         yield
     except BaseException:

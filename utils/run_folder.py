@@ -106,6 +106,19 @@ def replace_previous_run(output_dir, names, info):
     dist_utils.run_on_main(info.is_main, replace)
 
 
+def remove_old_image_cache(output_dir, replaced, cache_images, info):
+    """--overwrite (``replaced``: the previous run's outputs, the main process's finding, alike on every process):
+    where any process makes an image cache (``cache_images`` is each node's own choice), the main process deletes
+    the previous run's image_cache/ now, before the new caches are made there (once the new run had started it
+    deleted the new ones, which the final test then failed to open); returns ``replaced`` less it. The processes
+    decide together: a collective on the caching nodes alone mismatched every later one (a traceback at the
+    start). Collective."""
+    if IMAGE_CACHE not in replaced or not any(dist_utils.all_gather_object(bool(cache_images))):
+        return replaced
+    dist_utils.run_on_main(info.is_main, delete_outputs, output_dir, [IMAGE_CACHE])
+    return [name for name in replaced if name != IMAGE_CACHE]
+
+
 def remove_image_cache(output_dir, cache_images, info):
     """After the final test: the main process deletes ``output_dir``'s image cache (a finished run does not need it
     again) once every process is done reading its own. ``cache_images`` is each node's own choice (a per-node key):
