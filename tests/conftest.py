@@ -1,5 +1,6 @@
 import contextlib
 import gc
+import os
 import signal
 import socket
 import subprocess
@@ -22,6 +23,14 @@ OFFICIAL_CKPT = OFFICIAL_DIR / "sat_narrow_original_format.pth.tar"
 OFFICIAL_ARCH = "deit_sat_tiny_patch16_224"
 OFFICIAL_MODEL_KWARGS = {"embed_dim": 48}
 
+# One torch (OpenMP) thread for the suite, here and in the scripts it starts (they inherit OMP_NUM_THREADS): the
+# tests' models and batches are tiny, and on a 2-core machine a second thread spinning beside the loader workers
+# and the other processes of a test made steps take seconds instead of a fraction of one. One setting for both,
+# so that a run in a script and its reference run in this process compute alike. A value set before is kept.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def official_outputs():
@@ -34,16 +43,6 @@ def official_boxes():
     """Maps, thresholds, the official evaluator's boxes, GT boxes and official IoUs."""
     with np.load(OFFICIAL_DIR / "original_boxes.npz") as data:
         return {key: data[key] for key in data.files}
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny forwards: one intra-op thread is faster, and much faster on a busy 2-core machine (a module asks
-    for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -1,14 +1,11 @@
 """tools/benchmark.py in a small configuration: it runs the engine paths and reports sane numbers."""
 import json
-import subprocess
-import sys
 
 import pytest
 
 from DataLoader import make_demo_dataset
 from tools.benchmark import main as benchmark_main
 from utils.errors import run_cli
-from conftest import REPO_ROOT
 
 SMALL = ["--arch", "deit_sat_nano_patch16_224", "--img-size", "64", "--batch-size", "2", "--steps", "1",
          "--warmup", "1", "--num-classes", "3", "--device", "cpu"]
@@ -19,12 +16,12 @@ def run(*argv):
     return benchmark_main([*SMALL, *argv])
 
 
-def test_train_benchmark_with_naive_baseline():
-    """As a user runs it: the script prints its result as the last line (the baseline: another process)."""
-    out = subprocess.run([sys.executable, "tools/benchmark.py", *SMALL, "--mode", "train", "--compare-naive"],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+def test_train_benchmark_with_naive_baseline(capsys):
+    """The result is printed as the last line: the naive baseline is the script run as a user runs it (another
+    process), whose last line is read back."""
+    returned = run("--mode", "train", "--compare-naive")
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result == returned
     assert (result["mode"], result["attn_impl"], result["steps"], result["batch_size"]) == ("train", "fused", 1, 2)
     assert result["images_per_second"] > 0 and result["peak_memory_mb"] > 0
     assert result["baseline"]["attn_impl"] == "naive" and result["baseline"]["precision"] == "fp32"

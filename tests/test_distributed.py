@@ -65,7 +65,7 @@ def launch(launcher, imagenet_root, out, *extra, timeout=240):
     return proc.returncode, stdout, stderr
 
 
-def check_run(out, returncode, stdout, stderr, epochs=1):
+def check_run(out, returncode, stdout, stderr, epochs=1, train_images=24):
     assert returncode == 0, stdout[-2000:] + stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "2 process(es) on cpu, global batch 8 = 4 per process x 1 accumulation steps" in log
@@ -73,7 +73,7 @@ def check_run(out, returncode, stdout, stderr, epochs=1):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == list(range(1, epochs + 1))
     record = json.loads(lines[-1])
-    assert record["train_images"] == 24 and record["train_steps"] == 3  # global counts over both processes
+    assert record["train_images"] == train_images and record["train_steps"] == 3  # global counts, both processes
     last = read_checkpoint(out / "checkpoints" / "last.pth")
     assert last["epoch"] == epochs and len(last["rng_states"]) == 2 and last["class_names"] == WNIDS
     assert not any(key.startswith("module.") for key in last["model"])
@@ -81,15 +81,18 @@ def check_run(out, returncode, stdout, stderr, epochs=1):
     assert results["num_images"] == 6  # each val image counted once over the two shards
 
 
-def test_legacy_launch_then_torchrun_overwrite_and_resume(imagenet_root, tmp_path):
-    """A run under torch.distributed.launch (which passes --local-rank), then in the same folder under torchrun:
-    --overwrite (every process must agree that there is a run to delete, whichever looks first) and --resume for
-    one more epoch."""
+def test_legacy_launch_overwrite_then_torchrun_resume(imagenet_root, tmp_path):
+    """A run under torch.distributed.launch (which passes --local-rank) with --overwrite over a previous run's
+    folder (every process must agree that there is a run to delete, whichever looks first), then in the same
+    folder under torchrun --resume for one more epoch."""
     out, torchrun = tmp_path / "run", ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     legacy = ["torch.distributed.launch", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    check_run(out, *launch(legacy, imagenet_root, out))
-    (out / "metrics.jsonl").write_text('{"epoch": 7}\n')  # gone with the overwrite
-    check_run(out, *launch(torchrun, imagenet_root, out, "--overwrite"))
+    (out / "checkpoints").mkdir(parents=True)  # a previous run, all gone with the overwrite
+    for name in ("checkpoints/last.pth", "checkpoints/best.pth", "results.json", "log.txt"):
+        (out / name).write_text("a line of the previous run\n")
+    (out / "metrics.jsonl").write_text('{"epoch": 7}\n')
+    check_run(out, *launch(legacy, imagenet_root, out, "--overwrite"))
+    assert "a line of the previous run" not in (out / "log.txt").read_text()
     check_run(out, *launch(torchrun, imagenet_root, out, "--resume", "--epochs", "2"), epochs=2)
 
 
@@ -162,7 +165,7 @@ def test_srun_tasks_that_do_not_all_start_stop_with_one_line(monkeypatch):
     """A task that never starts (SLURM_NTASKS 2, one process): the other waits RENDEZVOUS_TIMEOUT, then says
     what to check, instead of torch's 30 minutes in silence; a port in use is said as such."""
     port = free_slurm_port()
-    monkeypatch.setattr(distributed, "RENDEZVOUS_TIMEOUT", datetime.timedelta(seconds=2))
+    monkeypatch.setattr(distributed, "RENDEZVOUS_TIMEOUT", datetime.timedelta(seconds=1))
     launch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0",
               "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": str(port)}
     with mock.patch.dict(os.environ, launch):  # the environment init_distributed writes is restored after
@@ -170,7 +173,7 @@ def test_srun_tasks_that_do_not_all_start_stop_with_one_line(monkeypatch):
             os.environ.pop(key, None)
         with pytest.raises(ConfigError) as err:
             init_distributed("cpu")
-        assert str(err.value).startswith(f"SLURM: the 2 tasks did not all meet at localhost:{port} within 2 s "
+        assert str(err.value).startswith(f"SLURM: the 2 tasks did not all meet at localhost:{port} within 1 s "
                                          "(this is rank 0): did srun start them all?")
         assert not torch.distributed.is_initialized()
     with mock.patch.dict(os.environ, {**launch, "SLURM_PROCID": "1"}):  # rank 0 never started: said in time too
@@ -178,7 +181,7 @@ def test_srun_tasks_that_do_not_all_start_stop_with_one_line(monkeypatch):
             os.environ.pop(key, None)
         with pytest.raises(ConfigError) as err:
             init_distributed("cpu")
-        assert str(err.value).startswith(f"SLURM: the 2 tasks did not all meet at localhost:{port} within 2 s "
+        assert str(err.value).startswith(f"SLURM: the 2 tasks did not all meet at localhost:{port} within 1 s "
                                          "(this is rank 1): did srun start them all? (rank 0's store at "
                                          f"localhost:{port} never answered: ")
     with mock.patch.dict(os.environ, launch), socket.socket() as taken:  # another step on the port
@@ -212,8 +215,8 @@ def start_srun_tasks(imagenet_root, out, *extra):
     """Two train_ImageNet.py processes with the variables srun gives its tasks (no WORLD_SIZE / MASTER_*), and
     the port their job id maps to."""
     port = free_slurm_port()
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {key: value for key, value in os.environ.items()  # (no OMP_NUM_THREADS: each task takes its cpu_share)
+           if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
            and not key.startswith("SLURM_")}
     job_id = port - SLURM_PORT_BASE + 7 * SLURM_PORT_RANGE  # a job id whose derived port is free
     env.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=str(job_id), SLURM_STEP_ID="0",
@@ -239,15 +242,29 @@ def finish(procs, timeout=240):
     return outputs
 
 
-def test_srun_tasks_form_one_two_process_job_without_torchrun(imagenet_root, tmp_path):
-    """Two processes with the variables srun gives its tasks: one gloo job."""
+def test_srun_tasks_form_one_job_and_each_process_writes_its_warnings_into_the_log(imagenet_root, tmp_path):
+    """Two processes with the variables srun gives its tasks: one gloo job. Unreadable training images are
+    skipped by the process whose batch holds them: the other process's lines reach log.txt too, marked [rank 1]
+    (only its terminal had them, so the error of a process that stopped a job alone was missing from the log)."""
+    import shutil
+    root = tmp_path / "ILSVRC2012"
+    shutil.copytree(imagenet_root, root)
+    bad = sorted((root / "train").rglob("*_1.JPEG"))  # one image of each class: never a whole batch of 4
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:200])
     out = tmp_path / "run"
-    procs, port = start_srun_tasks(imagenet_root, out)
+    procs, port = start_srun_tasks(root, out)
     outputs = finish(procs)
     for proc, (stdout, stderr) in zip(procs, outputs):
         assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
-    check_run(out, 0, *outputs[0])
-    assert f"processes started by srun (2 SLURM tasks, master localhost:{port})" in (out / "log.txt").read_text()
+    check_run(out, 0, *outputs[0], train_images=24 - len(bad))
+    log = (out / "log.txt").read_text()
+    assert f"processes started by srun (2 SLURM tasks, master localhost:{port})" in log
+    rank1 = [line for line in log.splitlines() if line.startswith("[rank 1] ")]
+    assert rank1 and all(" WARNING epoch 1: skipping unreadable image " in line for line in rank1), rank1
+    assert log.count("3 unreadable training images skipped") == 1  # a global count: said once
+    named = [str(path) for path in bad if str(path) in log]
+    assert len(named) == len(bad)  # every skipped image is in the log, whichever process read it
 
 
 def test_a_process_killed_leaves_the_other_one_line_and_the_resume_command(imagenet_root, tmp_path):
@@ -285,28 +302,6 @@ def test_processes_share_the_data_check_and_stop_alike_on_a_broken_test_image(im
     assert len(main_error) == 1 and main_error[0].startswith(f"error: test split: 1 bad image of 6: {broken} (")
     assert "error: " not in outputs[1][1] and "Traceback" not in outputs[0][1] + outputs[1][1]
     assert not (out / "checkpoints").exists()
-
-
-def test_each_process_writes_its_warnings_into_the_log(imagenet_root, tmp_path):
-    """Unreadable training images are skipped by the process whose batch holds them: the other process's lines
-    reach log.txt too, marked [rank 1] (only its terminal had them, so the error of a process that stopped a
-    job alone was missing from the log)."""
-    import shutil
-    root = tmp_path / "ILSVRC2012"
-    shutil.copytree(imagenet_root, root)
-    bad = sorted((root / "train").rglob("*_1.JPEG"))  # one image of each class: never a whole batch of 4
-    for path in bad:
-        path.write_bytes(path.read_bytes()[:200])
-    out = tmp_path / "run"
-    returncode, stdout, stderr = launch(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"], root,
-                                        out)
-    assert returncode == 0, stderr[-3000:]
-    log = (out / "log.txt").read_text()
-    rank1 = [line for line in log.splitlines() if line.startswith("[rank 1] ")]
-    assert rank1 and all(" WARNING epoch 1: skipping unreadable image " in line for line in rank1), rank1
-    assert log.count("3 unreadable training images skipped") == 1  # a global count: said once
-    named = [str(path) for path in bad if str(path) in log]
-    assert len(named) == len(bad)  # every skipped image is in the log, whichever process read it
 
 
 def test_an_error_every_process_meets_alike_is_said_by_the_main_one():

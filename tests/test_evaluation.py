@@ -44,9 +44,6 @@ def save_nano_checkpoint(path, num_classes=3, img_size=64, best_thr=0.35):
     return path
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     return tiny_demo(tmp_path_factory.mktemp("demo"))

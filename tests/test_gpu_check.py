@@ -241,19 +241,18 @@ def test_scripts_stop_at_once_when_requirements_are_not_met(tmp_path, script):
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_record.sh"])
 def test_scripts_stop_at_once_without_a_cuda_gpu(tmp_path, script):
     """--device cuda (the default) where torch sees no GPU: every run would fail (they ran 5 minutes, wrote
-    1.2 GB of data and exited 0)."""
-    out = subprocess.run(["bash", str(REPO_ROOT / "tools" / script), "--work", str(tmp_path / "work")],
+    1.2 GB of data and exited 0). No folder is left behind by a check that ran nothing, but a --work folder made
+    before stays: gpu_lib.sh's rule, shared by both scripts, so gpu_check.sh runs into a folder made before and
+    gpu_record.sh into a new one."""
+    work = tmp_path / "work"
+    if script == "gpu_check.sh":
+        work.mkdir()
+    out = subprocess.run(["bash", str(REPO_ROOT / "tools" / script), "--work", str(work)],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "OUT": str(tmp_path)})
     assert out.returncode == 2 and "error: --device cuda, but torch " in out.stdout
     assert "sees no CUDA GPU: run this on a GPU machine, or with --device cpu --quick" in out.stdout
-    assert not (tmp_path / "work" / "data").exists() and "## data" not in out.stdout
-    assert not (tmp_path / "work").exists()  # no folder left behind by a check that ran nothing
-    if script == "gpu_record.sh":  # the --work rule is gpu_lib.sh's, shared by both scripts: checked once
-        return
-    (tmp_path / "mine").mkdir()  # but a --work folder made before stays
-    subprocess.run(["bash", str(REPO_ROOT / "tools" / script), "--work", str(tmp_path / "mine")],
-                   capture_output=True, timeout=120, env={**os.environ, "OUT": str(tmp_path)})
-    assert (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "runs").exists()
+    assert not (work / "data").exists() and not (work / "runs").exists() and "## data" not in out.stdout
+    assert work.is_dir() == (script == "gpu_check.sh")
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_record.sh"])

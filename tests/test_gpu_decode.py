@@ -39,9 +39,6 @@ CUDA_MEAN_LEVELS = 2.0
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG decoding)")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture(scope="module", params=[300, 144], ids=["down", "up"])
 def demo(tmp_path_factory, request):
     return make_demo_dataset(tmp_path_factory.mktemp(f"demo{request.param}"), num_classes=2, train_per_class=3,

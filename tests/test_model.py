@@ -383,11 +383,20 @@ def test_losses_match_official_per_image_terms(official_outputs):
     assert normalization_loss(maps).item() == pytest.approx(official_outputs["norm_per_image"].mean().item(), abs=1e-6)
 
 
-def test_import_model_registers_in_fresh_process():
-    code = ("import Model, timm; m = timm.create_model('deit_sat_nano_patch16_224', num_classes=2); "
-            "print(type(m).__name__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "SATVisionTransformer"
+@pytest.fixture(scope="module")
+def fresh_offline_process():
+    """One fresh Python process (hub offline: HF_HUB_OFFLINE=1) that imports Model, makes a SAT model by its timm
+    name and prints its class, then asks for the DeiT weights (pretrained=True) as the scripts do (run_cli)."""
+    code = ("import Model, timm\nfrom utils.errors import run_cli\n"
+            "print(type(timm.create_model('deit_sat_nano_patch16_224', num_classes=2)).__name__, flush=True)\n"
+            "run_cli(lambda argv: Model.build_model('deit_sat_tiny_patch16_224', num_classes=3, pretrained=True))")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_import_model_registers_in_fresh_process(fresh_offline_process):
+    assert fresh_offline_process.stdout.strip() == "SATVisionTransformer", fresh_offline_process.stderr[-3000:]
 
 
 def test_bf16_autocast_stays_close_to_fp32(official_outputs):
@@ -408,12 +417,8 @@ def test_bf16_autocast_stays_close_to_fp32(official_outputs):
     assert torch.equal(logits16.argmax(1), logits32.argmax(1))
 
 
-def test_pretrained_hub_unreachable_is_one_clear_error():
-    code = ("import Model\nfrom utils.errors import run_cli\n"
-            "run_cli(lambda argv: Model.build_model('deit_sat_tiny_patch16_224', num_classes=3, pretrained=True))")
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, env=env,
-                         timeout=120)
+def test_pretrained_hub_unreachable_is_one_clear_error(fresh_offline_process):
+    out = fresh_offline_process
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "error: could not get the DeiT weights of deit_sat_tiny_patch16_224" in out.stderr
     assert "--pretrained PATH" in out.stderr
