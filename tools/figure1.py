@@ -15,9 +15,7 @@ reads every ``results.json`` below the folder with the ``config.yaml`` beside it
 neither curve: a warning names it.
 """
 import argparse
-import errno
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -32,6 +30,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from utils.config import OneLineParser, read_yaml_mapping  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
 from utils.outputs import write_text_atomic  # noqa: E402
+from utils.visualize import write_image  # noqa: E402
 SHOTS = (1, 3, 5, 10)
 LAST_BLOCKS = (0, 3, 6, 9)
 # The paper's Figure 1 (ImageNet, DeiT-S): GT-known Loc per training images per class (None: all), and
@@ -186,17 +185,9 @@ def draw(shots, params, path):
     _panel(img, 480, "GT-known Loc vs fine-tuned parameters", "fine-tuned parameters (M)",
            [(x, f"{x:g}") for x in np.arange(0, xmax + 1e-9, 5.0)], params, sorted(PAPER_PARAMS.items()), y_range)
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # (its extension picks the format) renamed in place
     with writing_outputs(path):  # a full disk, a folder that cannot be written: one line
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not cv2.imwrite(str(tmp), img):
-                raise OSError(errno.EIO, "OpenCV could not write the image (a full disk, or no write permission?)",
-                              str(path))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_image(path, img)
 
 
 # ---------------------------------------------------------------------------------------------- cli

@@ -7,8 +7,6 @@ config/demo.yaml``), img/demo_overlays.png with the first images of each class; 
 and what was skipped (why). img/ holds the README's figures: to look at your own run's grid, give another
 --output-dir.
 """
-import errno
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.config import OneLineParser, at_least  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
-from utils.visualize import fit_scale  # noqa: E402
+from utils.visualize import fit_scale, write_image  # noqa: E402
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 INK = (40, 40, 40)
@@ -112,22 +110,6 @@ def overlay_grid(image_dir: Path, per_class: int = 4, tile: int = 160) -> np.nda
     return np.concatenate(rows, axis=0)
 
 
-def write_image(path, image):
-    """``image`` written whole to ``path``: through a temporary file renamed in place (cv2.imwrite reports a full
-    disk by returning False: the figure was said drawn, exit 0, and img/'s figure was left cut short or gone);
-    one OutputError line where it cannot be written."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # (its extension picks the format)
-    with writing_outputs(path):
-        try:
-            if not cv2.imwrite(str(tmp), image):
-                raise OSError(errno.EIO, "OpenCV could not write the image (a full disk, or no write permission?)",
-                              str(path))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-
-
 def main(argv=None):
     repo = Path(__file__).resolve().parents[1]
     default_run = repo / "output" / "demo"
@@ -142,10 +124,12 @@ def main(argv=None):
     images = Path(args.demo_run or default_run) / "overlays"
     if args.demo_run and not images.is_dir():
         raise DataError(f"--demo-run {args.demo_run}: no overlays/ folder (expected the output folder of a demo run)")
-    out.mkdir(parents=True, exist_ok=True)
-    write_image(out / "architecture.png", draw())
+    with writing_outputs(out):  # a full disk, a folder that cannot be written: one line naming the file
+        out.mkdir(parents=True, exist_ok=True)
+        write_image(out / "architecture.png", draw())
+        if images.is_dir():
+            write_image(out / "demo_overlays.png", overlay_grid(images, args.per_class))
     if images.is_dir():
-        write_image(out / "demo_overlays.png", overlay_grid(images, args.per_class))
         print(f"drew {out / 'architecture.png'} and {out / 'demo_overlays.png'} (from {images})")
     else:
         print(f"drew {out / 'architecture.png'}; skipped demo_overlays.png: no demo run at {images.parent} "

@@ -1,5 +1,6 @@
 """Overlays of localization maps: heat map blended on the image, predicted box (green), GT boxes (red)."""
 import errno
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -60,6 +61,22 @@ def save_rgb(path, image: np.ndarray) -> Path:
     if not cv2.imwrite(str(path), np.ascontiguousarray(image[:, :, ::-1])):
         raise OSError(errno.EIO, "OpenCV could not write the image (a full disk, or no write permission?)", str(path))
     return path
+
+
+def write_image(path, image: np.ndarray) -> None:
+    """Write a BGR uint8 image (format by extension) whole: through a temporary file beside ``path`` renamed in
+    place, so that a figure that cannot be written (cv2.imwrite reports a full disk by returning False) leaves the
+    previous one as it was; an OSError naming ``path`` then (callers say it in one line: writing_outputs)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # (its extension picks the format)
+    try:
+        if not cv2.imwrite(str(tmp), image):
+            raise OSError(errno.EIO, "OpenCV could not write the image (a full disk, or no write permission?)",
+                          str(path))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 SERIES_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]  # RGB
