@@ -47,12 +47,16 @@ def test_export_of_official_weights_gives_official_outputs(tmp_path, capsys, off
 
 
 def test_bad_output_and_values_are_one_line(tmp_path, capsys):
+    ONNX = tmp_path / "earlier.onnx"
+    ONNX.write_bytes(b"an earlier export")  # replaced only with --overwrite (test below)
     for flags, message in ((["--output", str(tmp_path)], f"--output {tmp_path}: a folder; expected the path of the "
                                                          ".onnx file to write"),
                            (["--output", "x.onnx", "--atol", "-1"], "--atol: expected a number >= 0, got '-1'"),
                            (["--output", str(OFFICIAL_CKPT)], f"--output {OFFICIAL_CKPT}: an existing file that "
                                                               "is not an .onnx file (never replaced); choose another "
-                                                              "path")):
+                                                              "path"),
+                           (["--output", str(ONNX)], f"--output {ONNX}: holds an earlier export: --overwrite to "
+                                                     "replace it, or choose another path")):
         with pytest.raises(SystemExit):
             run_cli(main, ["--checkpoint", str(OFFICIAL_CKPT), *flags])
         assert capsys.readouterr().err == f"error: {message}\n"
@@ -114,7 +118,7 @@ def test_a_full_disk_or_a_folder_that_cannot_be_made_is_one_line(tmp_path, monke
 
     monkeypatch.setattr(export, "export_onnx", full)
     with pytest.raises(SystemExit):
-        run_cli(main, ["--checkpoint", str(checkpoint), "--output", str(output)])
+        run_cli(main, ["--checkpoint", str(checkpoint), "--output", str(output), "--overwrite"])
     assert capsys.readouterr().err == f"error: could not write {output}: no space left on the device\n"
     assert output.read_bytes() == b"an earlier export" and sorted(tmp_path.iterdir()) == [checkpoint, output]
     with pytest.raises(SystemExit):

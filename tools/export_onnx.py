@@ -5,7 +5,8 @@ the released models); ``logits`` (B, num_classes); ``maps`` (B, S/16, S/16), the
 blocks (sigmoid probabilities) from which the evaluators draw boxes. The graph is the eval-mode forward with a
 dynamic batch dimension, written as one file by torch's default (torch.export-based) exporter, which needs the
 `onnx` and `onnxscript` packages. When onnxruntime is installed the file is run on a random batch and compared
-with PyTorch; a difference above --atol is an error and nothing is written. Prints one JSON line.
+with PyTorch; a difference above --atol is an error and nothing is written. An existing .onnx file is replaced
+only with --overwrite. Prints one JSON line.
 
     python tools/export_onnx.py --checkpoint output/demo/checkpoints/best.pth --output sat.onnx
     python tools/export_onnx.py --checkpoint best_loc.pth.tar --output sat.onnx   # an official release file
@@ -112,6 +113,7 @@ def main(argv=None):
     parser.add_argument("--opset", type=at_least(1), help="ONNX opset version (default: the exporter's)")
     parser.add_argument("--atol", type=at_least(0, float), default=1e-4,
                         help="largest accepted |ONNX - PyTorch| (default 1e-4)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing .onnx file at --output")
     args = parser.parse_args(argv)
 
     output = Path(args.output)
@@ -120,6 +122,9 @@ def main(argv=None):
     if output.exists() and output.suffix.lower() != ".onnx":  # e.g. the checkpoint itself: never replaced
         raise ConfigError(f"--output {output}: an existing file that is not an .onnx file (never replaced); "
                           "choose another path")
+    if output.exists() and not args.overwrite:
+        raise ConfigError(f"--output {output}: holds an earlier export: --overwrite to replace it, or choose "
+                          "another path")
     if any(parent.exists() and not parent.is_dir() for parent in output.parents):
         raise ConfigError(f"--output {output}: a parent of it is a file, not a folder")
     model, _ = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
