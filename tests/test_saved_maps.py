@@ -102,10 +102,15 @@ def test_wsolevaluation_format_maps_give_its_numbers(tmp_path, kind):
     assert record["pxap"] == expected["pxap"] and "maxboxacc" not in record
 
 
-def test_score_maps_in_part_of_the_unit_range_are_not_normalised_again(tmp_path):
+@pytest.mark.usefixtures("keep_logging")
+def test_score_maps_in_part_of_the_unit_range_are_not_normalised_again(tmp_path, caplog):
     """wsolevaluation's evaluation.py scores a 224x224 map in [0, 1] unchanged: maps squeezed into [0.2, 0.8]
-    give its PxAP of 44.298 (min-max normalising them again would give back the 44.350 of the originals)."""
-    record = main(_wsol_split(tmp_path, "OpenImages", "scoremaps", lambda m: 0.2 + 0.6 * m))
+    give its PxAP of 44.298 (min-max normalising them again would give back the 44.350 of the originals).
+    --wsol-threshold on mask data (nothing to report at it) is said, not ignored silently."""
+    record = main(_wsol_split(tmp_path, "OpenImages", "scoremaps", lambda m: 0.2 + 0.6 * m) +
+                  ["--wsol-threshold", "0.5"])
+    assert "--wsol-threshold not used: the split has masks, not boxes" in caplog.text
+    assert "at_wsol_threshold" not in record
     assert record["pxap"] == pytest.approx(44.298, abs=5e-4)
     assert abs(record["pxap"] - EXPECTED["OpenImages"]["scoremaps"]["pxap"]) > 0.04
 
