@@ -390,14 +390,24 @@ def unmet_requirements(path=Path(__file__).resolve().parents[1] / "requirements.
 
 
 def environment(device):
-    """The machine and versions, for the table's header."""
-    import torch
-    versions = {"torch": torch.__version__}
-    for module in ("torchvision", "timm", "cv2", "PIL"):
+    """The machine and versions, for the table's header. Torch is imported for a CUDA device only (its version
+    then names the CUDA build): a check that stops at unmet requirements stops at once."""
+    from importlib.metadata import PackageNotFoundError, version
+    versions = {}
+    for name in ("torch", "torchvision", "timm"):  # read without importing them (seconds each)
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    for module in ("cv2", "PIL"):
         try:
             versions[module] = __import__(module).__version__
         except ImportError:
             versions[module] = None
+    card = f"no GPU: {platform.processor() or platform.machine()} CPU"
+    if device == "cuda":
+        import torch
+        versions["torch"] = torch.__version__
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         card = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
@@ -407,8 +417,6 @@ def environment(device):
             card += f", driver {driver}"
         except (OSError, IndexError, subprocess.SubprocessError):
             pass
-    else:
-        card = f"no GPU: {platform.processor() or platform.machine()} CPU"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "device": device, "card": card, "cores": cores, **versions}
 
@@ -442,10 +450,11 @@ def main(argv=None):
         if unmet:
             raise SystemExit("error: requirements.txt is not met: " + "; ".join(unmet) + ". Carry wheels of "
                              "these (pip download --no-deps NAME==VERSION -d DIR) and pass --wheels DIR")
-        import torch
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(f"error: --device cuda, but torch {torch.__version__} sees no CUDA GPU: run this on "
-                             "a GPU machine, or with --device cpu --quick to try the runs and the table")
+        if args.device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                raise SystemExit(f"error: --device cuda, but torch {torch.__version__} sees no CUDA GPU: run this "
+                                 "on a GPU machine, or with --device cpu --quick to try the runs and the table")
         return None
     if not args.runs:
         p.error(f"{args.kind} needs the runs folder")
