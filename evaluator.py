@@ -141,7 +141,7 @@ def check_output_paths(args, output_dir):
                               "test draws one): choose another --output-dir for the overlays")
     if args.save_boxes:
         own = [output_dir / name for name in (*EVAL_FILES, *PARTIALS, "log.txt")]
-        check_output_file("--save-boxes", args.save_boxes, args.overwrite, outputs=own)
+        check_output_file(args.save_boxes, args.overwrite, outputs=own)
     if args.save_maps:
         check_maps_folder(args.save_maps, args.overwrite)
     return previous

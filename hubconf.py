@@ -20,10 +20,10 @@ import sys as _sys
 _REPO = _os.path.dirname(_os.path.realpath(__file__))
 
 
-def _check_no_foreign_modules(names=("Model", "utils", "DataLoader")):
-    """ImportError naming the module and its folder when one of ``names`` is already imported from outside this
-    repository (importing ours would then fail on it or mix the two)."""
-    for name in names:
+def _check_no_foreign_modules():
+    """ImportError naming the module and its folder when Model, utils or DataLoader is already imported from outside
+    this repository (importing ours would then fail on it or mix the two)."""
+    for name in ("Model", "utils", "DataLoader"):
         module = _sys.modules.get(name)
         if module is None:
             continue

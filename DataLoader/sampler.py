@@ -11,8 +11,8 @@ class ResumableSampler(DistributedSampler):
     ``whole``: this process's share is cut to a multiple of that many images (drop_last with gradient
     accumulation: the images of one optimizer step; None: kept whole)."""
 
-    def __init__(self, dataset, batch_size, *, num_replicas=None, rank=None, shuffle=True, seed=0, whole=None):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+    def __init__(self, dataset, batch_size, *, num_replicas=None, rank=None, seed=0, whole=None):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.batch_size, self.whole = batch_size, whole
         self.start_batch = 0
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.config import OneLineParser  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
-from utils.outputs import FolderLock, Staged, previous_outputs  # noqa: E402
+from utils.outputs import FolderLock, Staged, previous_outputs, read_json  # noqa: E402
 from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noqa: E402
 
 # metrics.json keys not in the table: settings of the model and inputs, the threshold lists (their results
@@ -52,10 +52,7 @@ class Run:
 def _read_json(path, what):
     if not path.is_file():
         raise DataError(f"{path.parent}: no {path.name} (expected {what})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -95,11 +95,12 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------ the workers
-def synthetic_batches(args, n, seed):
+def synthetic_batches(args):
+    """``args.steps`` random batches of ``args.batch_size`` 224 x 224 images and labels."""
     import torch
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(0)
     return [(torch.randn(args.batch_size, 3, 224, 224, generator=gen),
-             torch.randint(0, args.num_classes, (args.batch_size,), generator=gen)) for _ in range(n)]
+             torch.randint(0, args.num_classes, (args.batch_size,), generator=gen)) for _ in range(args.steps)]
 
 
 def import_official(root, deps):
@@ -117,16 +118,17 @@ def import_official(root, deps):
     return SAT, evaluator
 
 
-def official_optimizer(model, lr=1e-4, weight_decay=0.05):
+def official_optimizer(model):
     """AdamW as the official create_optimizerv2 builds it on its DataParallel wrapper (which hides
-    no_weight_decay): 1-D parameters and biases without weight decay, the rest with it."""
+    no_weight_decay), with its defaults lr 1e-4 and weight decay 0.05: 1-D parameters and biases without weight
+    decay, the rest with it."""
     import torch
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
     return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
-                              {"params": decay, "weight_decay": weight_decay}], lr=lr, weight_decay=0.0)
+                              {"params": decay, "weight_decay": 0.05}], lr=1e-4, weight_decay=0.0)
 
 
 def official_measure(args):
@@ -137,7 +139,7 @@ def official_measure(args):
     train = args.mode == "train"
     model = getattr(SAT, args.arch)(num_classes=args.num_classes, drop_path_rate=0.1 if train else 0.0,
                                     pretrained=False)
-    batches = synthetic_batches(args, args.steps, seed=0)
+    batches = synthetic_batches(args)
     if train:
         optimizer, loss_fn, area_thr = official_optimizer(model), torch.nn.CrossEntropyLoss(), 0.25
         model.train()

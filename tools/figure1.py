@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from utils.config import OneLineParser, read_yaml_mapping  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
-from utils.outputs import write_text_atomic  # noqa: E402
+from utils.outputs import read_json, write_text_atomic  # noqa: E402
 from utils.visualize import write_image  # noqa: E402
 SHOTS = (1, 3, 5, 10)
 LAST_BLOCKS = (0, 3, 6, 9)
@@ -40,14 +40,14 @@ PAPER_PARAMS = {4.5: 71.4, 9.0: 72.2, 15.0: 72.9, 20.0: 73.1}
 
 
 # ------------------------------------------------------------------------------------------- sweep
-def sweep(data_root, runs_dir, launcher="python", shots=SHOTS, last_blocks=LAST_BLOCKS):
+def sweep(data_root, runs_dir, launcher="python"):
     """(run folder, command) of each training run of the figure."""
     base = [*shlex.split(launcher), "train_ImageNet.py", "--data-root", str(data_root)]
     runs = [(Path(runs_dir) / "full", [*base, "--config", "config/ILSVRC.yaml"])]
     runs += [(Path(runs_dir) / f"shots_{n}", [*base, "--config", "config/ILSVRC_fewshot.yaml",
-                                              "--images-per-class", str(n)]) for n in shots]
+                                              "--images-per-class", str(n)]) for n in SHOTS]
     runs += [(Path(runs_dir) / f"last_{k}", [*base, "--config", "config/ILSVRC.yaml", "--trainable", f"last:{k}"])
-             for k in last_blocks]
+             for k in LAST_BLOCKS]
     return [(folder, [*command, "--output-dir", str(folder)]) for folder, command in runs]
 
 
@@ -60,10 +60,7 @@ def collect(runs_dir):
         config_path = results_path.parent / "config.yaml"
         if not config_path.is_file():
             raise DataError(f"{config_path}: missing (every run folder has the config.yaml of its run)")
-        try:
-            results = json.loads(results_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise DataError(f"{results_path}: not valid JSON ({err})") from None
+        results = read_json(results_path)
         config = read_yaml_mapping(config_path)
         missing = [key for key in ("gt_known_loc", "trainable_params") if key not in results]
         if missing:

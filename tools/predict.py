@@ -175,7 +175,7 @@ def main(argv=None):
 
     output_dir = Path(args.output_dir)
     if args.save_boxes:
-        check_output_file("--save-boxes", args.save_boxes, args.overwrite,
+        check_output_file(args.save_boxes, args.overwrite,
                           outputs=[output_dir / "predictions.json", output_dir / partial_name("predictions.json")])
     previous = previous_predictions(output_dir, args.overwrite)
     paths = image_paths(args.inputs, outputs={(output_dir / name).resolve() for name in previous})

@@ -69,11 +69,11 @@ def gt_boxes_sat(boxes, size, resize_size=256, crop_size=224):
     return np.trunc(mapped).astype(np.int64)
 
 
-def gt_boxes_wsol(boxes, size, img_size=WSOL_MAP_SIZE):
+def gt_boxes_wsol(boxes, size):
     """Original-pixel boxes -> the wsol 224x224 frame: int(x * 224 / W), int(y * 224 / H)."""
     boxes = _as_boxes(boxes)
     width, height = size
-    return np.trunc(boxes * img_size / np.array([width, height] * 2)).astype(np.int64)
+    return np.trunc(boxes * WSOL_MAP_SIZE / np.array([width, height] * 2)).astype(np.int64)
 
 
 def crop_box_to_original(box, size, resize_size, img_size):
@@ -131,10 +131,10 @@ def sat_box(loc_map, threshold, size=224):
 
 
 # ----------------------------------------------------------------------------------------- wsol protocol
-def wsol_map(loc_map, size=WSOL_MAP_SIZE):
-    """float64 bicubic resize to size x size, then min-max to [0, 1] (constant or NaN -> zeros). Also the map
-    saved for wsolevaluation: normalising it again is the identity."""
-    m = cv2.resize(as_numpy(loc_map, np.float64), (size, size), interpolation=cv2.INTER_CUBIC)
+def wsol_map(loc_map):
+    """float64 bicubic resize to WSOL_MAP_SIZE x WSOL_MAP_SIZE, then min-max to [0, 1] (constant or NaN -> zeros).
+    Also the map saved for wsolevaluation: normalising it again is the identity."""
+    m = cv2.resize(as_numpy(loc_map, np.float64), (WSOL_MAP_SIZE, WSOL_MAP_SIZE), interpolation=cv2.INTER_CUBIC)
     if np.isnan(m).any() or m.min() == m.max():
         return np.zeros_like(m)
     m -= m.min()

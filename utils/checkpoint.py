@@ -191,26 +191,25 @@ def _mismatch_report(path, state_dict, model) -> Optional[str]:
     return f"checkpoint {path} does not fit the model ({len(differ)} keys differ, first: {'; '.join(differ[:3])})"
 
 
-def load_checkpoint(path, model: torch.nn.Module, strict: bool = True) -> Dict[str, Any]:
+def load_checkpoint(path, model: torch.nn.Module) -> Dict[str, Any]:
     """Load the weights of an official SAT release file or of this project's checkpoint into ``model``.
 
     Returns the metadata (everything but the weights): ``epoch``, ``best_thr`` and, for this project's
     files, ``arch``, ``num_classes``, ``class_names``, optimizer state and so on.
     Raises :class:`CheckpointError` naming the file, the number of differing keys and the first ones.
     """
-    return load_state(read_checkpoint(path), path, model, strict)
+    return load_state(read_checkpoint(path), path, model)
 
 
-def load_state(ckpt: Dict[str, Any], path, model: torch.nn.Module, strict: bool = True) -> Dict[str, Any]:
+def load_state(ckpt: Dict[str, Any], path, model: torch.nn.Module) -> Dict[str, Any]:
     state_dict = clean_state_dict(ckpt["model"])
     for key in _IGNORED_KEYS & set(state_dict):
         if key not in model.state_dict():
             state_dict.pop(key)
-    if strict:
-        report = _mismatch_report(path, state_dict, model)
-        if report:
-            raise CheckpointError(report)
-    model.load_state_dict(state_dict, strict=strict)
+    report = _mismatch_report(path, state_dict, model)
+    if report:
+        raise CheckpointError(report)
+    model.load_state_dict(state_dict)
     meta = {k: v for k, v in ckpt.items() if k != "model"}
     _logger.info("loaded %s (epoch %s)", path, meta.get("epoch"))
     return meta

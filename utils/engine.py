@@ -306,7 +306,7 @@ class BatchScorer:
             ious = counters.parts["sat"].update_boxes(pred_boxes, gt_sat, out["sat"][0], labels)
         if "wsol" in out:
             scores, loc_maps = out["wsol"]
-            gt_wsol = [gt_boxes_wsol(b, s, WSOL_MAP_SIZE) for b, s in zip(boxes, sizes)]
+            gt_wsol = [gt_boxes_wsol(b, s) for b, s in zip(boxes, sizes)]
             if scores is not None:
                 counters.parts["wsol_cls"].update(scores, labels)
             with_boxes = [i for i, b in enumerate(gt_wsol) if len(b)]
@@ -329,7 +329,7 @@ class BatchScorer:
                              out["blocks"][1][k] if "blocks" in out else ())
             elif "wsol" in out and self.threshold is not None:  # wsol at a given map threshold
                 self.overlay(ids[k], crop, out["wsol"][1][k], "wsol", self.threshold, None,
-                             gt_boxes_wsol(boxes[k], sizes[k], WSOL_MAP_SIZE), predicted_class(out["wsol"][0], k))
+                             gt_boxes_wsol(boxes[k], sizes[k]), predicted_class(out["wsol"][0], k))
         return counters, rows
 
     def _rows(self, batch, out, pred_boxes, ious, column):
@@ -535,7 +535,7 @@ class HeldOverlays:
         try:
             for image_id, crop, loc_map, boxes, size, pred in self.held:
                 self.scorer.overlay(image_id, crop, loc_map, "wsol", threshold, None,
-                                    gt_boxes_wsol(boxes, size, WSOL_MAP_SIZE), pred)
+                                    gt_boxes_wsol(boxes, size), pred)
         except OutputError as err:
             return err
         return None

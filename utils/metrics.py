@@ -59,12 +59,12 @@ def percent(count, num_images):
     return 100.0 * np.asarray(count, np.float64) / int(num_images)
 
 
-def topk_correct(scores, labels, ks=(1, 5)):
-    """Per image, whether the label is among the top-k scores, for each k -> list of bool (B,)."""
+def topk_correct(scores, labels):
+    """Per image, whether the label is among the top-1 and among the top-5 scores -> [bool (B,), bool (B,)]."""
     scores, labels = torch.as_tensor(scores), torch.as_tensor(labels).reshape(-1, 1)
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1, largest=True, sorted=True).indices
+    top = scores.topk(min(5, scores.shape[1]), dim=1, largest=True, sorted=True).indices
     hits = (top == labels).cpu().numpy()
-    return [hits[:, :k].any(axis=1) for k in ks]
+    return [hits[:, :k].any(axis=1) for k in (1, 5)]
 
 
 class ClassAccumulator(CounterState):
@@ -170,9 +170,9 @@ class WSOLBoxAccumulator(CounterState):
 
     COUNTERS = ("num_images", "hits_largest", "hits_all")
 
-    def __init__(self, iou_thresholds=IOU_THRESHOLDS, cam_thresholds=WSOL_THRESHOLDS):
-        self.iou_thresholds = [int(i) for i in iou_thresholds]
-        self.cam_thresholds = np.asarray(cam_thresholds, dtype=np.float64)
+    def __init__(self):
+        self.iou_thresholds = list(IOU_THRESHOLDS)
+        self.cam_thresholds = np.asarray(WSOL_THRESHOLDS, dtype=np.float64)
         self.num_images = np.zeros((), np.int64)
         self.hits_largest = np.zeros(len(self.cam_thresholds), np.int64)  # largest contour, IoU >= 0.5
         self.hits_all = np.zeros((len(self.iou_thresholds), len(self.cam_thresholds)), np.int64)
@@ -237,10 +237,8 @@ class PxAPAccumulator(CounterState):
 
     COUNTERS = ("num_images", "hist_fg", "hist_bg")
 
-    def __init__(self, cam_thresholds=WSOL_THRESHOLDS):
-        self.cam_thresholds = np.asarray(cam_thresholds, dtype=np.float64)
-        if self.cam_thresholds[0] != 0 or (np.diff(self.cam_thresholds) <= 0).any() or self.cam_thresholds[-1] >= 1:
-            raise ValueError("PxAP cam_thresholds must rise from 0 to below 1, like np.arange(0, 1, 0.01)")
+    def __init__(self):
+        self.cam_thresholds = np.asarray(WSOL_THRESHOLDS, dtype=np.float64)
         # bins [0, t_1), ..., [t_last, 1), [1, 2), [2, 3] as the benchmark's MaskEvaluator
         self.bin_edges = np.append(self.cam_thresholds, [1.0, 2.0, 3.0])
         self.num_images = np.zeros((), np.int64)

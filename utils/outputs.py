@@ -2,7 +2,8 @@
 ``--overwrite``, and then only what the job itself writes is replaced, once the new run is complete
 (``Staged``). Nothing else in the folder is touched, so a folder shared with other files (or with another job's
 outputs) keeps them. One job at a time per folder (``FolderLock``); output paths checked before the work
-(``check_output_folder``, ``check_output_file``); files written whole (``write_text_atomic``).
+(``check_output_folder``, ``check_output_file``); files written whole (``write_text_atomic``); an earlier job's
+JSON outputs read back by the tools (``read_json``).
 """
 import contextlib
 import datetime
@@ -14,7 +15,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from .errors import ConfigError, writing_outputs
+from .errors import ConfigError, DataError, writing_outputs
 
 try:
     import fcntl
@@ -40,28 +41,37 @@ def check_output_folder(output_dir):
         raise ConfigError(f"--output-dir {output_dir}: a file, or inside one; expected a folder")
 
 
-def check_output_file(flag, path, overwrite=False, outputs=()):
-    """A one-line ConfigError, before any work, for the COCO boxes file ``flag`` names when it cannot or may not
-    be written there: a folder, a path under a file or under a folder this process may not write into, one of
+def check_output_file(path, overwrite, outputs):
+    """A one-line ConfigError, before any work, for the COCO boxes file of --save-boxes when it cannot or may
+    not be written there: a folder, a path under a file or under a folder this process may not write into, one of
     ``outputs`` (the job's own files), an existing file that is not a COCO detection file (a checkpoint, an input
     image, metrics: never replaced), or an earlier COCO file without ``overwrite``."""
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"{flag} {path}: a folder; expected the path of a JSON file")
+        raise ConfigError(f"--save-boxes {path}: a folder; expected the path of a JSON file")
     if path.resolve() in {Path(output).resolve() for output in outputs}:
-        raise ConfigError(f"{flag} {path}: a file this job writes itself; choose another path")
+        raise ConfigError(f"--save-boxes {path}: a file this job writes itself; choose another path")
     if path.exists():
         if not is_coco_detections(path):
-            raise ConfigError(f"{flag} {path}: an existing file that is not a COCO detection file (never "
+            raise ConfigError(f"--save-boxes {path}: an existing file that is not a COCO detection file (never "
                               "replaced); choose another path")
         if not overwrite:
-            raise ConfigError(f"{flag} {path}: holds earlier COCO boxes: --overwrite to replace them, or choose "
+            raise ConfigError(f"--save-boxes {path}: holds earlier COCO boxes: --overwrite to replace them, or choose "
                               "another path")
     if any(parent.exists() and not parent.is_dir() for parent in path.parents):
-        raise ConfigError(f"{flag} {path}: a parent of it is a file, not a folder")
+        raise ConfigError(f"--save-boxes {path}: a parent of it is a file, not a folder")
     existing = next(parent for parent in path.absolute().parents if parent.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path}: no permission to write into {existing}")
+        raise ConfigError(f"--save-boxes {path}: no permission to write into {existing}")
+
+
+def read_json(path):
+    """The JSON value of an earlier job's output file (metrics.json, results.json, ...); a one-line DataError naming
+    the file when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
 
 
 def is_coco_detections(path):

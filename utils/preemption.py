@@ -69,8 +69,7 @@ class StopSignals:
     """Context manager: while active, the signals of ``STOP_SIGNALS`` are recorded instead of ending
     the process; :meth:`received_by_any` tells whether to stop."""
 
-    def __init__(self, signals=STOP_SIGNALS):
-        self.signals = signals
+    def __init__(self):
         self.received = 0  # the first signal number received by this process, 0 for none
         self._previous = {}
 
@@ -78,7 +77,7 @@ class StopSignals:
         self.received = self.received or signum
 
     def __enter__(self):
-        for signum in self.signals:
+        for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -103,8 +102,8 @@ class StopAtOnce(StopSignals):
 
     active = []  # the instances entered, innermost last (see :func:`work_complete`)
 
-    def __init__(self, message, signals=STOP_SIGNALS):
-        super().__init__(signals)
+    def __init__(self, message):
+        super().__init__()
         self.message = message
         self.complete = False
 
