@@ -112,6 +112,9 @@ def test_collect_names_a_results_file_without_parameter_count(tmp_path):
     (tmp_path / "old" / "results.json").write_text("{not json")
     with pytest.raises(DataError, match="old/results.json: not valid JSON"):
         figure1.main(["collect", str(tmp_path), "--output", str(tmp_path / "f.png")])
+    (tmp_path / "old" / "results.json").write_text("72.5")  # a TypeError traceback before
+    with pytest.raises(DataError, match="old/results.json: expected a JSON object, got float"):
+        figure1.main(["collect", str(tmp_path), "--output", str(tmp_path / "f.png")])
     with pytest.raises(ConfigError, match="expected a .png"):
         figure1.main(["collect", str(tmp_path), "--output", str(tmp_path / "f.xyz")])
     with pytest.raises(DataError, match="nothere: not found"):

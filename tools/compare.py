@@ -52,10 +52,7 @@ class Run:
 def _read_json(path, what):
     if not path.is_file():
         raise DataError(f"{path.parent}: no {path.name} (expected {what})")
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json(path)
 
 
 def read_per_image(path):

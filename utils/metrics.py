@@ -170,9 +170,9 @@ class WSOLBoxAccumulator(CounterState):
 
     COUNTERS = ("num_images", "hits_largest", "hits_all")
 
-    def __init__(self):
-        self.iou_thresholds = list(IOU_THRESHOLDS)
-        self.cam_thresholds = np.asarray(WSOL_THRESHOLDS, dtype=np.float64)
+    def __init__(self, iou_thresholds=IOU_THRESHOLDS, cam_thresholds=WSOL_THRESHOLDS):
+        self.iou_thresholds = [int(i) for i in iou_thresholds]
+        self.cam_thresholds = np.asarray(cam_thresholds, dtype=np.float64)
         self.num_images = np.zeros((), np.int64)
         self.hits_largest = np.zeros(len(self.cam_thresholds), np.int64)  # largest contour, IoU >= 0.5
         self.hits_all = np.zeros((len(self.iou_thresholds), len(self.cam_thresholds)), np.int64)
@@ -237,8 +237,10 @@ class PxAPAccumulator(CounterState):
 
     COUNTERS = ("num_images", "hist_fg", "hist_bg")
 
-    def __init__(self):
-        self.cam_thresholds = np.asarray(WSOL_THRESHOLDS, dtype=np.float64)
+    def __init__(self, cam_thresholds=WSOL_THRESHOLDS):
+        self.cam_thresholds = np.asarray(cam_thresholds, dtype=np.float64)
+        if self.cam_thresholds[0] != 0 or (np.diff(self.cam_thresholds) <= 0).any() or self.cam_thresholds[-1] >= 1:
+            raise ValueError("PxAP cam_thresholds must rise from 0 to below 1, like np.arange(0, 1, 0.01)")
         # bins [0, t_1), ..., [t_last, 1), [1, 2), [2, 3] as the benchmark's MaskEvaluator
         self.bin_edges = np.append(self.cam_thresholds, [1.0, 2.0, 3.0])
         self.num_images = np.zeros((), np.int64)

@@ -66,12 +66,15 @@ def check_output_file(path, overwrite, outputs):
 
 
 def read_json(path):
-    """The JSON value of an earlier job's output file (metrics.json, results.json, ...); a one-line DataError naming
-    the file when it is not valid JSON."""
+    """The JSON object of an earlier job's output file (metrics.json, results.json, ...); a one-line DataError naming
+    the file when it is not valid JSON or not an object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def is_coco_detections(path):
