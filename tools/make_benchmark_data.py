@@ -59,7 +59,8 @@ def render_learnable(index, label, seed, min_size, max_size):
     return pixels, (x0, y0, x1 - x0, y1 - y0)
 
 
-def write_image(job):
+def draw_photo(job):
+    """One image of the dataset (a pool job): rendered, saved as a JPEG under images/; returns its box."""
     index, label, root, relpath, seed, min_size, max_size, learnable = job
     pixels, box = render_learnable(index, label, seed, min_size, max_size) if learnable \
         else render(index, seed, min_size, max_size)
@@ -82,7 +83,7 @@ def make_benchmark_data(root, train, test, num_classes=200, min_size=300, max_si
     jobs = [(i, label, str(root), path, seed, min_size, max_size, learnable)
             for i, (label, path) in enumerate(zip(labels, paths))]
     with ProcessPoolExecutor(processes or os.cpu_count()) as pool:
-        boxes = list(pool.map(write_image, jobs, chunksize=32))
+        boxes = list(pool.map(draw_photo, jobs, chunksize=32))
     rows = range(1, total + 1)
     files = {
         "classes.txt": [f"{c + 1} {name}" for c, name in enumerate(classes)],
