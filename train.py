@@ -31,11 +31,11 @@ from DataLoader.eval_views import default_resize_size
 from DataLoader.image_cache import attach_image_cache
 from DataLoader.loader import check_loading
 from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
-from Model import SATLoss, build_model, check_pretrained, checkpoint_weights
+from Model import SATLoss, build_model, check_pretrained, checkpoint_weights, model_spec
 from Model.losses import LOSS_KEYS, area_span
 from utils import distributed as dist_utils
 from utils.amp import LossScaler, autocast_context, describe
-from utils.checkpoint import (TrainingCheckpoints, load_checkpoint, model_spec, resume_path, resume_training, rng_state,
+from utils.checkpoint import (TrainingCheckpoints, load_checkpoint, resume_path, resume_training, rng_state,
                               seed_everything, set_rng_state)
 from utils.config import job_settings, parse_config, save_config
 from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch

@@ -1,5 +1,6 @@
 """Building a SAT model: by architecture name (timm registry), or from a checkpoint (this project's or an
-official release, its architecture read off the weights' shapes); the weights a checkpoint stores."""
+official release, its architecture read off the weights' shapes); the weights a checkpoint stores, and what it
+records to rebuild the model (``model_spec``)."""
 import logging
 import numbers
 import os
@@ -77,6 +78,34 @@ def checkpoint_weights(model):
     including its fixed smoothing kernel ``weight``, so that the official ``SAT`` loads it strictly."""
     return {**model.state_dict(), "weight": gaussian_kernel_3x3()}
 
+
+def model_spec(model, arch: str, class_names=None, **model_kwargs) -> dict:
+    """What a checkpoint records so that evaluators can rebuild ``model`` without flags: the model's own
+    ``num_spatial_blocks`` and the width, depth, heads and MLP ratio where they are not ``arch``'s (read off the
+    model, so that a model built with other options rebuilds as it was), and ``model_kwargs`` given."""
+    return {
+        "arch": arch,
+        "num_classes": model.num_classes,
+        "img_size": int(model.patch_embed.img_size[0]),
+        "model_kwargs": {**_structure_kwargs(model, arch), **model_kwargs},
+        "class_names": list(class_names) if class_names is not None else None,
+    }
+
+
+def _structure_kwargs(model, arch):
+    """The constructor options that shape ``model`` (num_spatial_blocks always; embed_dim, depth, num_heads,
+    mlp_ratio where they differ from ``arch``'s), read off the model."""
+    kwargs = {}
+    if hasattr(model, "num_spatial_blocks"):
+        kwargs["num_spatial_blocks"] = int(model.num_spatial_blocks)
+    blocks = getattr(model, "blocks", None)
+    if arch not in ARCH_ARGS or not blocks:
+        return kwargs
+    actual = {"embed_dim": int(model.embed_dim), "depth": len(blocks), "num_heads": int(blocks[0].attn.num_heads),
+              "mlp_ratio": blocks[0].mlp.fc1.out_features / model.embed_dim}
+    defaults = {"mlp_ratio": 4.0, **ARCH_ARGS[arch]}
+    kwargs.update({key: value for key, value in actual.items() if value != defaults[key]})
+    return kwargs
 
 
 # -------------------------------------------------------------------------------- from a checkpoint

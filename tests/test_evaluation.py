@@ -11,9 +11,9 @@ from DataLoader import build_dataset, load_mask, make_demo_dataset
 from DataLoader import transforms as T
 from DataLoader.eval_loader import ShardSampler, build_eval_loader
 from DataLoader.eval_views import EvalViews, default_resize_size
-from Model import build_model, build_model_from_checkpoint
+from Model import build_model, build_model_from_checkpoint, model_spec
 from utils.boxes import gt_boxes_sat, gt_boxes_wsol, iou_plus1
-from utils.checkpoint import model_spec, save_checkpoint
+from utils.checkpoint import save_checkpoint
 from utils import engine
 from utils.engine import box_pool, default_box_processes, evaluate, images_per_forward
 from utils.errors import ConfigError

@@ -6,9 +6,9 @@ import stat
 import pytest
 import torch
 
-from Model import build_model_from_checkpoint
+from Model import build_model_from_checkpoint, model_spec
 from tools.export_onnx import main
-from utils.checkpoint import model_spec, save_checkpoint
+from utils.checkpoint import save_checkpoint
 from utils.errors import run_cli
 
 from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import hubconf
-from Model import SATVisionTransformer, build_model
-from utils.checkpoint import model_spec, save_checkpoint
+from Model import SATVisionTransformer, build_model, model_spec
+from utils.checkpoint import save_checkpoint
 from utils.errors import CheckpointError, ConfigError
 
 from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_ROOT

@@ -8,10 +8,10 @@ import pytest
 import timm
 import torch
 
-from Model import build_model, build_model_from_checkpoint, list_archs
+from Model import build_model, build_model_from_checkpoint, list_archs, model_spec
 from Model.losses import (area_per_image, batch_area_loss, gaussian_kernel_3x3, normalization_loss,
                           normalization_per_image, sat_loss)
-from utils.checkpoint import load_checkpoint, model_spec, read_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from utils.errors import CheckpointError, ConfigError
 
 from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_ROOT

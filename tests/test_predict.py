@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from utils.boxes import crop_box_to_original, gt_boxes_sat
-from Model import build_model
+from Model import build_model, model_spec
 from evaluator import main as eval_main
 from tools.predict import full_image_map, main as predict_main
-from utils.checkpoint import model_spec, save_checkpoint
+from utils.checkpoint import save_checkpoint
 from utils.errors import run_cli
 
 from test_evaluation import ARCH, CLASS_NAMES, save_nano_checkpoint, tiny_demo

@@ -215,36 +215,6 @@ def load_state(ckpt: Dict[str, Any], path, model: torch.nn.Module) -> Dict[str, 
     return meta
 
 
-def model_spec(model, arch: str, class_names=None, **model_kwargs) -> Dict[str, Any]:
-    """What a checkpoint records so that evaluators can rebuild ``model`` without flags: the model's own
-    ``num_spatial_blocks`` and the width, depth, heads and MLP ratio where they are not ``arch``'s (read off the
-    model, so that a model built with other options rebuilds as it was), and ``model_kwargs`` given."""
-    return {
-        "arch": arch,
-        "num_classes": model.num_classes,
-        "img_size": int(model.patch_embed.img_size[0]),
-        "model_kwargs": {**_structure_kwargs(model, arch), **model_kwargs},
-        "class_names": list(class_names) if class_names is not None else None,
-    }
-
-
-def _structure_kwargs(model, arch):
-    """The constructor options that shape ``model`` (num_spatial_blocks always; embed_dim, depth, num_heads,
-    mlp_ratio where they differ from ``arch``'s), read off the model."""
-    from Model.sat import ARCH_ARGS  # Model imports this module
-    kwargs = {}
-    if hasattr(model, "num_spatial_blocks"):
-        kwargs["num_spatial_blocks"] = int(model.num_spatial_blocks)
-    blocks = getattr(model, "blocks", None)
-    if arch not in ARCH_ARGS or not blocks:
-        return kwargs
-    actual = {"embed_dim": int(model.embed_dim), "depth": len(blocks), "num_heads": int(blocks[0].attn.num_heads),
-              "mlp_ratio": blocks[0].mlp.fc1.out_features / model.embed_dim}
-    defaults = {"mlp_ratio": 4.0, **ARCH_ARGS[arch]}
-    kwargs.update({key: value for key, value in actual.items() if value != defaults[key]})
-    return kwargs
-
-
 def check_finite_weights(state_dict, path):
     """CheckpointError naming the first tensors holding NaN or Inf."""
     bad = [key for key, value in state_dict.items()
@@ -304,7 +274,7 @@ class TrainingCheckpoints:
     """The checkpoints a training run writes into ``checkpoint_dir``: last.pth, the training state that
     :func:`restore` reads back (TRAINING_STATE, the RNG states and the position in the epoch), and at the end of
     each epoch the best*.pth that improved. Each holds ``weights()`` (Model.checkpoint_weights of the model,
-    passed in: Model imports this module), ``spec`` (:func:`model_spec`) and the config. ``best``: the best
+    passed in: Model imports this module), ``spec`` (Model.model_spec) and the config. ``best``: the best
     checkpoints' records (utils/selection.py's update_best changes them); ``progress``: its 'saved' and
     'steps_done' say what last.pth holds (the line after an interruption, utils/run_folder.py). The main process
     writes; each save is collective (a failure is raised on every process)."""
