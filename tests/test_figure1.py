@@ -130,8 +130,9 @@ def test_collect_into_a_folder_it_cannot_write_is_one_line(tmp_path, monkeypatch
     with pytest.raises(OutputError, match=r"^could not write \S*/file"):
         figure1.main(["collect", str(tmp_path / "runs"), "--output", str(tmp_path / "file" / "f.png")])
     (tmp_path / "f.png").write_bytes(b"an earlier figure")
-    monkeypatch.setattr(figure1.cv2, "imwrite", lambda path, img: False)  # what OpenCV does on a full disk
-    with pytest.raises(OutputError, match=f"^could not write {tmp_path / 'f.png'}: OpenCV could not write"):
+    from test_visualize import full_disk_write
+    monkeypatch.setattr("pathlib.Path.write_bytes", full_disk_write)
+    with pytest.raises(OutputError, match=f"^could not write {tmp_path / 'f.png'}: no space left on the device$"):
         figure1.main(["collect", str(tmp_path / "runs"), "--output", str(tmp_path / "f.png")])
     assert (tmp_path / "f.png").read_bytes() == b"an earlier figure"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["f.png", "file", "runs"]  # no temporary left

@@ -1,4 +1,8 @@
 """Overlay rendering: heat map blending, box colours, caption fitting, PNG writing."""
+import errno
+import os
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -28,6 +32,13 @@ def test_boxes_and_caption_are_drawn(tmp_path):
     assert np.array_equal(cv2.imread(str(path))[:, :, ::-1], out)
 
 
+def full_disk_write(path, data):
+    """Path.write_bytes on a full disk: part of the file written, then ENOSPC."""
+    with open(path, "wb") as file:
+        file.write(data[:10])
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def test_make_figures_draws_the_architecture_and_a_grid_of_a_runs_overlays(tmp_path, monkeypatch, capsys):
     from tools import make_figures as module
     from tools.make_figures import main as make_figures
@@ -38,11 +49,11 @@ def test_make_figures_draws_the_architecture_and_a_grid_of_a_runs_overlays(tmp_p
                                        f"no demo run at {tmp_path / 'repo' / 'output' / 'demo'} (python train.py "
                                        "--config config/demo.yaml writes one; or give --demo-run)\n")
     assert sorted(p.name for p in (tmp_path / "arch").iterdir()) == ["architecture.png"]
-    # a full disk (cv2.imwrite returns False): one line naming the file, not 'drew ...' with exit 0; the figure
-    # already there is left whole
+    # a full disk: one line naming the file and the cause, not 'drew ...' with exit 0 (nor libpng's own error
+    # line, as cv2.imwrite printed); the figure already there is left whole
     before = (tmp_path / "arch" / "architecture.png").read_bytes()
-    monkeypatch.setattr(module.cv2, "imwrite", lambda path, image: open(path, "wb").close() or False)
-    with pytest.raises(OutputError, match=r"^could not write \S+/arch/architecture.png: OpenCV could not write"):
+    monkeypatch.setattr(Path, "write_bytes", full_disk_write)
+    with pytest.raises(OutputError, match=r"^could not write \S+/arch/architecture.png: no space left on the device$"):
         make_figures(["--output-dir", str(tmp_path / "arch")])
     assert capsys.readouterr().out == ""
     assert sorted(p.name for p in (tmp_path / "arch").iterdir()) == ["architecture.png"]

@@ -1,5 +1,4 @@
 """Overlays of localization maps: heat map blended on the image, predicted box (green), GT boxes (red)."""
-import errno
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -54,26 +53,36 @@ def render_overlay(image: np.ndarray, score_map: np.ndarray, pred_box=None, gt_b
     return out
 
 
+def encoded(path, image: np.ndarray) -> bytes:
+    """A BGR uint8 image as the bytes of the file format of ``path``'s extension (PNG, JPEG, ...). Encoded in
+    memory and written by Python, a full disk or a folder without permission is an OSError naming its cause
+    (cv2.imwrite returns False for both, after printing libpng's own error line)."""
+    ok, data = cv2.imencode(Path(path).suffix, image)
+    if not ok:
+        raise ValueError(f"{path}: OpenCV could not encode the image as {Path(path).suffix}")
+    return data.tobytes()
+
+
 def save_rgb(path, image: np.ndarray) -> Path:
     """Write an RGB uint8 image (PNG/JPEG by extension), creating parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), np.ascontiguousarray(image[:, :, ::-1])):
-        raise OSError(errno.EIO, "OpenCV could not write the image (a full disk, or no write permission?)", str(path))
+    path.write_bytes(encoded(path, np.ascontiguousarray(image[:, :, ::-1])))
     return path
 
 
 def write_image(path, image: np.ndarray) -> None:
     """Write a BGR uint8 image (format by extension) whole: through a temporary file beside ``path`` renamed in
-    place, so that a figure that cannot be written (cv2.imwrite reports a full disk by returning False) leaves the
-    previous one as it was; an OSError naming ``path`` then (callers say it in one line: writing_outputs)."""
+    place, so that a figure that cannot be written (a full disk) leaves the previous one as it was; an OSError
+    naming ``path`` then (callers say it in one line: writing_outputs)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # (its extension picks the format)
+    data = encoded(path, image)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        if not cv2.imwrite(str(tmp), image):
-            raise OSError(errno.EIO, "OpenCV could not write the image (a full disk, or no write permission?)",
-                          str(path))
+        tmp.write_bytes(data)
         os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
