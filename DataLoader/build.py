@@ -55,7 +55,7 @@ def _root_hint(fmt, root):
     too) is sent to the ImageNet scripts."""
     if fmt != "imagenet" and _looks_like_imagenet(root):
         return "; it looks like ILSVRC2012 (wnid folders / ILSVRC2012_val_ files): train_ImageNet.py and " \
-               "evaluator_ImageNet.py read it"
+               "evaluator_ImageNet.py read it (the tools, such as tools/check_dataset.py: --data-format imagenet)"
     others = [other for other in LOOKS_LIKE if other != fmt and not _layout_problem(other, root)]
     if others:
         # The ImageNet scripts read the ILSVRC2012 layout whatever --data-format says, so the flag is named with

@@ -115,6 +115,17 @@ def test_different_sat_settings_are_pointed_out(tmp_path, capsys):
     assert note in capsys.readouterr().out and record["notes"][0].startswith(note)
     record = compare_main([str(first), str(wsol), "--output-dir", str(tmp_path / "wsol")])  # no sat numbers in w
     assert "different settings" not in capsys.readouterr().out and record["notes"] == []
+    # a checkpoint's ten-crop run against saved maps scored with its predictions (docs/evaluation.md's worked
+    # example): the maps run's tencrop false is no setting of its numbers; its view still is
+    tencrop = write_run(tmp_path / "t", {**sat, "tencrop": True})
+    maps = write_run(tmp_path / "m", {**sat, "maps": "maps_sat", "predictions": "t/per_image.csv"})
+    record = compare_main([str(tencrop), str(maps), "--output-dir", str(tmp_path / "maps")])
+    assert "different settings" not in capsys.readouterr().out and record["notes"] == []
+    other_view = write_run(tmp_path / "v", {**sat, "maps": "maps_224", "img_size": 224, "resize_size": 256})
+    record = compare_main([str(tencrop), str(other_view), "--output-dir", str(tmp_path / "view")])
+    assert record["notes"][0].startswith("the runs' sat numbers come from different settings (t: img_size 128, "
+                                         "resize_size 144, tencrop True, threshold 0.4; v: img_size 224, "
+                                         "resize_size 256, threshold 0.4)")
 
 
 def test_no_shared_flag_or_image_is_no_per_image_comparison(runs, tmp_path, capsys):

@@ -124,7 +124,8 @@ CASES = {
         lambda root: imagenet_root(root) and ["--data-format", "cub", "--data-root", str(root)],
         r"data root \S+: missing images/, images.txt, image_class_labels.txt, train_test_split.txt, "
         r"bounding_boxes.txt, classes.txt \(expected the CUB-200-2011 release layout\); it looks like ILSVRC2012 "
-        r"\(wnid folders / ILSVRC2012_val_ files\): train_ImageNet.py and evaluator_ImageNet.py read it$"),
+        r"\(wnid folders / ILSVRC2012_val_ files\): train_ImageNet.py and evaluator_ImageNet.py read it \(the "
+        r"tools, such as tools/check_dataset.py: --data-format imagenet\)$"),
     "release extracted into the data root": (  # the CUB tarball extracts to CUB_200_2011/ (here: data/)
         lambda root: ["--data-format", "cub", "--data-root", str(root.parent)],
         r"data root (\S+): missing images/, images.txt, image_class_labels.txt, train_test_split.txt, "

@@ -274,8 +274,13 @@ def setting_notes(runs):
         notes.append(f"the runs read different data ({each}); images are matched by id in the per-image comparisons")
     sat = {name: run for name, run in runs.items() if run.metrics.get("eval_protocol") in ("sat", "both")}
     keys = [key for key in SAT_SETTINGS if all(key in run.metrics for run in sat.values())]
-    used = {name: ", ".join(f"{key} {run.metrics[key]}" for key in keys) for name, run in sat.items()}
-    if len(set(used.values())) > 1:
+    # a run of saved maps (--maps) takes its classes from --predictions, whatever view made them: its
+    # tencrop (false: it runs no forward) is no setting of its numbers, so it differs from no other run's
+    applies = {name: [key for key in keys if not (key == "tencrop" and run.metrics.get("maps"))]
+               for name, run in sat.items()}
+    differ = any(len({run.metrics[key] for name, run in sat.items() if key in applies[name]}) > 1 for key in keys)
+    used = {name: ", ".join(f"{key} {run.metrics[key]}" for key in applies[name]) for name, run in sat.items()}
+    if differ:
         each = "; ".join(f"{name}: {settings}" for name, settings in used.items())
         notes.append(f"the runs' sat numbers come from different settings ({each}): not like for like (the view "
                      "of saved maps: their views.json, e.g. make_baseline_maps --img-size / --resize-size; the map "

@@ -779,11 +779,11 @@ def markdown():
     """docs/config.md: every key by section (name, default, accepted values, scripts, description)."""
     lines = ["# Config keys", "",
              "Generated from `utils/config.py` by `python -m utils.config --markdown > docs/config.md`.", "",
-             "Every key is a config-file key and a flag (`eval_batch_size` -> `--eval-batch-size`; booleans also "
-             "take `--no-...`). A value means the same in both: `true`/`false` (also yes/no, on/off, 1/0), `auto` "
-             "and `null` (also none), in any case, quoted or not. Flags override the config file, which overrides "
-             "the defaults. A config file may start from another one: `base: CUB.yaml` (a path relative to the "
-             "file), then states what differs.",
+             "Every key is a config-file key and a flag (`eval_batch_size` -> `--eval-batch-size`; a boolean key is "
+             "a flag without a value, `--tencrop` / `--no-tencrop`). A value means the same in both: `true`/`false` "
+             "(also yes/no, on/off, 1/0), `auto` and `null` (also none), in any case, quoted or not. Flags "
+             "override the config file, which overrides the defaults. A config file may start from another one: "
+             "`base: CUB.yaml` (a path relative to the file), then states what differs.",
              "",
              "Defaults: the built-in ones are the official CUB settings (`config/CUB.yaml`). `train.py` without "
              f"`--config` reads `config/CUB.yaml` (`config/{DEMO_CONFIG}` without `--data-root`), "
