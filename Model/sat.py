@@ -8,6 +8,7 @@ kernels. The localization map is the mean of ``P`` over the spatial-aware blocks
 classification is a 3x3 conv over the patch grid followed by global average pooling.
 """
 import logging
+import math
 import os
 from functools import partial
 from typing import List, Optional, Tuple
@@ -213,30 +214,44 @@ class SATVisionTransformer(nn.Module):
 def checkpoint_filter_fn(state_dict: dict, model: SATVisionTransformer) -> dict:
     """Adapt a DeiT / timm ViT (or SAT) state dict to ``model``.
 
-    Unwraps a ``'model'`` key, strips ``module.`` prefixes, drops the classifier and the official
-    smoothing kernel (``weight``) and resamples ``pos_embed`` to the model's grid. The keys of ``model``
-    that stay uninitialised are logged and stored in ``model.newly_initialized_keys``.
+    Unwraps a ``'model'`` key, strips ``module.`` prefixes, drops the classifier, a distilled DeiT's
+    distillation token and head and the official smoothing kernel (``weight``) and resamples ``pos_embed`` to
+    the model's grid; any other tensor the model has no place for (layer scale) is a CheckpointError. The keys
+    of ``model`` that stay uninitialised are logged and stored in ``model.newly_initialized_keys``.
     """
     if "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
     own = model.state_dict()
+    state_dict = dict(clean_state_dict(state_dict))
+    if "dist_token" in state_dict:  # a distilled DeiT: its distillation token, its position and its head go
+        state_dict = {key: value for key, value in state_dict.items()
+                      if key != "dist_token" and not key.startswith("head_dist.")}
+        if "pos_embed" in state_dict:
+            state_dict["pos_embed"] = torch.cat([state_dict["pos_embed"][:, :1], state_dict["pos_embed"][:, 2:]], 1)
+        _logger.info("pretrained weights: a distilled DeiT; its distillation token and head are left out")
     out, mismatched = {}, []
-    for key, value in clean_state_dict(state_dict).items():
+    for key, value in state_dict.items():
         if key not in own or key.startswith("head."):
             continue
-        if key == "pos_embed" and value.shape != own[key].shape:
+        if key == "pos_embed" and value.shape != own[key].shape and math.isqrt(value.shape[1] - 1) ** 2 == \
+                value.shape[1] - 1:  # (a class-token position and a square grid; else said below as differing)
             value = resample_abs_pos_embed(value, new_size=model.grid_size, num_prefix_tokens=1)
         if value.shape != own[key].shape:
             mismatched.append(f"{key}: pretrained {tuple(value.shape)} vs model {tuple(own[key].shape)}")
         out[key] = value
+    if not any(key.startswith("blocks.") for key in out):  # e.g. a CNN's weights: nothing would be loaded
+        theirs = ", ".join(list(state_dict)[:3])
+        raise CheckpointError(f"pretrained weights hold no tensor of the model's transformer blocks (expected a "
+                              f"DeiT / timm ViT or SAT state dict: blocks.0.attn.qkv.weight, ...; got {theirs}, ...)")
+    unused = [key for key in state_dict if key not in own and not key.startswith("head.") and key != "weight"]
+    if unused:  # e.g. DeiT III's layer scale: left out, the model would compute another function than theirs
+        raise CheckpointError(f"pretrained weights hold {len(unused)} tensors the model has no place for, e.g. "
+                              f"{', '.join(unused[:3])} (expected a DeiT / timm ViT or SAT state dict: no layer "
+                              "scale or register tokens)")
     shape = f"embed dim {model.embed_dim}, depth {len(model.blocks)}"
     if mismatched:
         raise CheckpointError(f"pretrained weights do not fit the model ({shape}; wrong DeiT size?): "
                               f"{len(mismatched)} tensors differ, e.g. {'; '.join(mismatched[:2])}")
-    if not any(key.startswith("blocks.") for key in out):  # e.g. a CNN's weights: nothing would be loaded
-        theirs = ", ".join(list(clean_state_dict(state_dict))[:3])
-        raise CheckpointError(f"pretrained weights hold no tensor of the model's transformer blocks (expected a "
-                              f"DeiT / timm ViT or SAT state dict: blocks.0.attn.qkv.weight, ...; got {theirs}, ...)")
     model.newly_initialized_keys = sorted(k for k in own if k not in out)
     _logger.info("pretrained weights: newly initialised keys: %s", ", ".join(model.newly_initialized_keys))
     return out

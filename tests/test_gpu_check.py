@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -209,6 +210,25 @@ def test_each_run_leaves_the_table_so_far_and_the_runs_small_files(runs, tmp_pat
         assert tar.extractfile("./late_run/stdout.txt").read() == b"measured\n"
     assert {"./step_fp32.json", "./env.json", "./train_pil_fp32/metrics.jsonl"} <= names
     assert "./train_pil_fp32/checkpoints/last.pth" not in names
+
+
+IGNORES_SIGTERM = "import signal, time; signal.signal(signal.SIGTERM, lambda *_: None); time.sleep(60)"
+
+
+def test_a_run_that_outlives_its_timeout_is_killed_and_named_in_the_exit_status(runs, tmp_path):
+    """A run that survives its timeout's SIGTERM (train.py and the evaluators handle it themselves; a process
+    waiting for a hung thread never acts on it) is killed KILL_AFTER seconds later instead of running into the
+    device machine's per-command limit with the rest of the script; failed runs are named and exit 3."""
+    script = (f"source tools/gpu_lib.sh; RUNS={runs} OUTDIR={tmp_path / 'out'} KIND=check TIMEOUT=1 T0=$(date +%s); "
+              "snapshot() { :; }; mkdir -p $OUTDIR; run fine true; run crashed false; "
+              f"run stuck {sys.executable} -c '{IGNORES_SIGTERM}'; finish $OUTDIR/gpu_check.md")
+    started = time.monotonic()
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=50,
+                          env={**os.environ, "KILL_AFTER": "1"})
+    assert time.monotonic() - started < 30
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "failed runs: crashed (exit 1) stuck (timed out)"
+    assert (runs / "fine" / "wall_s").exists() and not (runs / "stuck" / "wall_s").exists()
 
 
 def test_requirements_of_this_environment_are_met_and_unmet_ones_are_named(tmp_path):

@@ -18,6 +18,7 @@ from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_R
 
 TINY = "deit_sat_tiny_patch16_224"
 NANO = "deit_sat_nano_patch16_224"
+SMALL = "deit_sat_small_patch16_224"
 
 
 @pytest.mark.parametrize("impl", ["fused", "naive"])
@@ -254,6 +255,27 @@ def test_pretrained_files_that_are_not_weights_are_one_line(tmp_path):
         with pytest.raises(CheckpointError) as err:
             build_model(TINY, pretrained=str(path))
         assert str(err.value).startswith(message.format(path)) and "\n" not in str(err.value), str(err.value)
+
+
+def test_pretrained_distilled_deit_loads_and_layer_scale_is_refused(tmp_path):
+    """A distilled DeiT's distillation token, its position and head are left out (a traceback from the
+    pos_embed resampling before); DeiT III's layer scale, which SAT's blocks lack, is a one-line error (it was
+    dropped silently: the model computed another function than the weights')."""
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
+    path = tmp_path / "deit_tiny_distilled.pth"
+    torch.save({"model": distilled.state_dict()}, path)
+    model = build_model(TINY, num_classes=20, pretrained=path)
+    assert model.newly_initialized_keys == ["head.bias", "head.weight", "loc_embed", "loc_token"]
+    torch.testing.assert_close(model.pos_embed, torch.cat([distilled.pos_embed[:, :1], distilled.pos_embed[:, 2:]], 1))
+    torch.testing.assert_close(model.blocks[5].attn.qkv.weight, distilled.blocks[5].attn.qkv.weight)
+    assert build_model(TINY, num_classes=20, pretrained=path, img_size=64).pos_embed.shape == (1, 17, 192)
+    path = tmp_path / "deit3_small.pth"
+    torch.save(timm.create_model("deit3_small_patch16_224", pretrained=False).state_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        build_model(SMALL, num_classes=20, pretrained=path)
+    assert str(err.value) == (f"{path}: pretrained weights hold 24 tensors the model has no place for, e.g. "
+                              "blocks.0.ls1.gamma, blocks.0.ls2.gamma, blocks.1.ls1.gamma (expected a DeiT / timm ViT "
+                              "or SAT state dict: no layer scale or register tokens)")
 
 
 def test_pretrained_safetensors_file(tmp_path):

@@ -160,6 +160,27 @@ def test_resume_drops_metrics_of_unsaved_epochs_and_extends_a_run(data_root, tmp
     assert (out / "config.yaml").read_text() == config
 
 
+def test_resume_applies_a_changed_lr_and_weight_decay_and_refuses_another_trainable(data_root, tmp_path):
+    """--lr / --weight-decay on --resume are used from the first resumed step (the checkpoint's optimizer and
+    schedule held the old ones: warned as changed, trained unchanged); --trainable / --decay-tokens, whose
+    parameter groups the optimizer's state is of, are refused in one line (a traceback from torch before)."""
+    out = tmp_path / "run"
+    main(args(data_root, out, "--epochs", "1", "--lr-schedule", "constant", "--lr", "1e-3"))
+    main(args(data_root, out, "--epochs", "2", "--lr-schedule", "constant", "--lr", "5e-3", "--weight-decay", "0.2",
+              "--resume"))
+    lrs = [json.loads(line)["train_lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [1e-3, 5e-3]
+    groups = read_checkpoint(out / "checkpoints" / "last.pth")["optimizer"]["param_groups"]
+    assert sorted(group["weight_decay"] for group in groups) == [0.0, 0.2]
+    assert {group["lr"] for group in groups} == {group["initial_lr"] for group in groups} == {5e-3}
+    for flag, message in ((["--trainable", "head"], "trainable all (now head)"),
+                          (["--no-decay-tokens"], "decay_tokens True (now False)")):
+        with pytest.raises(ConfigError, match=rf"the run was trained with {re.escape(message)}, which a resumed run "
+                           r"keeps \(the optimizer's state is of those parameter groups\)"):
+            main(args(data_root, out, "--epochs", "3", "--lr-schedule", "constant", "--resume", *flag))
+    assert epochs_logged(out) == [1, 2]
+
+
 def test_resume_keeps_the_seed_of_a_few_shot_subset(tmp_path):
     """The seed picks a few-shot subset's images: another seed on resume is refused for a few-shot run only."""
     from types import SimpleNamespace

@@ -14,8 +14,10 @@
 # the suite too), --no-tests,
 # --work DIR (data and runs; default /tmp/gpu_check), --timeout S (each run; default 180, --quick 300),
 # --suite-timeout S (default 240), --wheels DIR (wheels installed first, without an index: what the machine lacks
-# or has too old; the check stops at once when requirements.txt is not met). Each run is limited by `timeout`;
-# a run that fails or times out shows as "not run" in the table. The data is made while the suite runs (both use only the CPU).
+# or has too old; the check stops at once when requirements.txt is not met). Each run is limited by `timeout`
+# (killed 30 s after it, KILL_AFTER); a run that fails or times out shows as "not run" in the table, is named in
+# the last line, and makes the exit status 3 (1: no row measured; 2: nothing could run). The data is made while
+# the suite runs (both use only the CPU).
 set -u
 source "$(dirname "$0")/gpu_lib.sh"
 DEVICE=cuda QUICK=0 TESTS=1 WORK=/tmp/gpu_check RUN_TIMEOUT="" SUITE_TIMEOUT=240 WHEELS=""
@@ -57,10 +59,11 @@ QUICK_FLAG="" && [ $QUICK = 1 ] && QUICK_FLAG=--quick
 bench() {
   local name=$1; shift
   t "$name: benchmark.py $*"
-  timeout "$TIMEOUT" python3 tools/benchmark.py --device "$DEVICE" --arch "$ARCH" --img-size $IMG \
+  limited "$TIMEOUT" python3 tools/benchmark.py --device "$DEVICE" --arch "$ARCH" --img-size $IMG \
       --resize-size $RESIZE --num-classes $CLASSES --steps $STEPS --warmup $WARMUP "$@" \
       > "$RUNS/$name.json" 2> "$RUNS/$name.err"
   local rc=$?
+  note "$name" $rc
   echo "  rc $rc"; tail -c 400 "$RUNS/$name.json"; echo
   [ $rc = 0 ] || tail -n 2 "$RUNS/$name.err" | cut -c1-300
   snapshot
@@ -85,8 +88,9 @@ if [ $TESTS = 1 ]; then
   FILES=(tests/test_device.py tests/test_device_transforms.py tests/test_gpu_decode.py tests/test_data_loader.py
          tests/test_evaluation_ddp.py tests/test_area_loss_scope.py)
   for f in tests/test_*.py; do [[ " ${FILES[*]} " == *" $f "* ]] || FILES+=("$f"); done
-  env ${XDIST:+OMP_NUM_THREADS=1} timeout "$SUITE_TIMEOUT" python3 -m pytest -v -p no:cacheprovider --durations=10 $XDIST \
-      "${FILES[@]}" > "$RUNS/pytest.txt" 2>&1
+  limited "$SUITE_TIMEOUT" env ${XDIST:+OMP_NUM_THREADS=1} python3 -m pytest -v -p no:cacheprovider --durations=10 \
+      $XDIST "${FILES[@]}" > "$RUNS/pytest.txt" 2>&1
+  note "test suite" $?
   grep -E "^(FAILED|ERROR) |^=+ .*[0-9]+ (passed|failed)|^[0-9.]+s (call|setup)" "$RUNS/pytest.txt" | tail -25 | cut -c1-300
   snapshot
 else
@@ -128,4 +132,4 @@ evaluator evaluator_tencrop $TENCROP_BS --tencrop
 
 t "## table"
 python3 tools/gpu_table.py check "$RUNS" --output "$OUTDIR/gpu_check.md" --note "$NOTE" $QUICK_FLAG --final || exit 1
-t "done: $OUTDIR/gpu_check.md, .json, .log and gpu_check_runs.tgz"
+finish "$OUTDIR/gpu_check.md"

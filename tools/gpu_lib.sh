@@ -1,6 +1,37 @@
 # Shell helpers of tools/gpu_check.sh and tools/gpu_record.sh (sourced). They expect RUNS (the folder the
 # runs write into), TIMEOUT (seconds per run) and T0 (the start, in seconds since the epoch).
 
+# A run still alive KILL_AFTER seconds after its timeout's SIGTERM is killed (train.py and the evaluators handle
+# SIGTERM themselves, and a process waiting for a hung thread or worker never ends on it: the device machine's
+# per-command limit would then stop the whole script). FAILED: "name (why)" of each run that failed.
+KILL_AFTER=${KILL_AFTER:-30}
+FAILED=()
+
+# limited SECONDS CMD...: CMD under `timeout`, killed KILL_AFTER seconds after its SIGTERM (status 137)
+limited() {
+  local seconds=$1; shift
+  timeout -k "$KILL_AFTER" "$seconds" "$@"
+}
+
+# note NAME STATUS: NAME added to FAILED unless STATUS is 0
+note() {
+  case "$2" in
+    0) ;;
+    124|137) FAILED+=("$1 (timed out)") ;;
+    *) FAILED+=("$1 (exit $2)") ;;
+  esac
+}
+
+# finish TABLE: the script's last lines; exit 3 when some run failed or timed out (named; the table shows them
+# as "not run")
+finish() {
+  t "done: $1, .json, .log and gpu_${KIND}_runs.tgz"
+  if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "failed runs: ${FAILED[*]}"
+    exit 3
+  fi
+}
+
 # value OPTION ARGS...: stops the script (exit 2) unless OPTION is followed by a value (not another option)
 value() {
   [ $# -ge 2 ] && [ "${2#--}" = "$2" ] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
@@ -50,9 +81,10 @@ run() {
   t "$(basename "$dir"): $*"
   local start end rc
   start=$(date +%s.%N)
-  timeout "$TIMEOUT" "$@" > "$dir/stdout.txt" 2>&1; rc=$?
+  limited "$TIMEOUT" "$@" > "$dir/stdout.txt" 2>&1; rc=$?
   end=$(date +%s.%N)
   [ $rc = 0 ] && awk "BEGIN { printf \"%.2f\n\", $end - $start }" > "$dir/wall_s"
+  note "$(basename "$dir")" $rc
   echo "  rc $rc"; tail -n 2 "$dir/stdout.txt" | cut -c1-300
   snapshot
 }

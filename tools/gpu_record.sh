@@ -19,7 +19,8 @@
 # 64 px, 2 workers, images of 80-120 px; the data's counts and the schedule of the full runs), --seeds LIST,
 # --parts LIST, --compile-time (also time the full recipe with --compile: 3+ minutes, slower than without on an
 # H200), --official-time (also with CUB.yaml), --work DIR (default /tmp/gpu_record), --timeout S (each run;
-# default 600), --wheels DIR (as tools/gpu_check.sh's).
+# default 600), --wheels DIR (as tools/gpu_check.sh's). Exit status as tools/gpu_check.sh's (3: some run failed or
+# timed out, named in the last line).
 # All runs start from random weights (--pretrained false: no download).
 set -u
 source "$(dirname "$0")/gpu_lib.sh"
@@ -124,4 +125,4 @@ fi
 
 t "## table"
 python3 tools/gpu_table.py record "$RUNS" --output "$OUTDIR/gpu_record.md" --note "$NOTE" $QUICK_FLAG --final || exit 1
-t "done: $OUTDIR/gpu_record.md, .json, .log and gpu_record_runs.tgz"
+finish "$OUTDIR/gpu_record.md"

@@ -399,6 +399,10 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
                           "or accum_steps differ): the rest of the epoch would repeat or leave out images; resume "
                           "with the run's data and settings (--resume without --config reads its config.yaml)")
     meta = load_state(ckpt, path, model)
+    # this run's lr and weight decay (a flag may change them): the checkpoint's optimizer and schedule hold the old
+    fresh_groups = [{"weight_decay": group["weight_decay"], "initial_lr": group["initial_lr"]}
+                    for group in optimizer.param_groups]
+    fresh_base_lrs = list(scheduler.base_lrs)
     if isinstance(meta.get("epoch"), int) and meta["epoch"] > cfg.epochs:  # before config.yaml says otherwise
         raise ConfigError(f"--resume {path}: {meta['epoch']} epochs done, more than --epochs {cfg.epochs}: a run is "
                           f"not shortened once trained; --epochs {meta['epoch']} runs its final test again, "
@@ -407,6 +411,7 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
         optimizer.load_state_dict(meta["optimizer"])
         scheduler.load_state_dict(meta["scheduler"])
         loss_scaler.load_state_dict(meta.get("scaler"))
+        apply_settings(optimizer, scheduler, fresh_groups, fresh_base_lrs)
     elif {"epoch", "config", "selection"} <= set(meta):
         warn("resume from %s: its weights after epoch %d; it holds no optimizer state: AdamW's moments "
              "start again from zero", path, meta["epoch"])
@@ -449,8 +454,9 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
 
 
 # keys a run keeps when resumed: the model's shape and meaning, and the global batch (the schedule counts its
-# optimizer steps; last.pth's position in an epoch is one of them)
-FIXED_ON_RESUME = ("arch", "img_size", "num_spatial_blocks", "batch_size", "images_per_class")
+# optimizer steps; last.pth's position in an epoch is one of them; the parameters the optimizer's state is of)
+FIXED_ON_RESUME = ("arch", "img_size", "num_spatial_blocks", "batch_size", "images_per_class", "trainable",
+                   "decay_tokens")
 
 
 def check_unchanged(saved, cfg, path):
@@ -463,12 +469,24 @@ def check_unchanged(saved, cfg, path):
     if changed:
         reasons = {"the model": {"arch", "img_size", "num_spatial_blocks"},
                    "the schedule counts steps of that batch": {"batch_size"},
-                   "the epochs are steps over that few-shot subset": {"images_per_class", "seed"}}
+                   "the epochs are steps over that few-shot subset": {"images_per_class", "seed"},
+                   "the optimizer's state is of those parameter groups": {"trainable", "decay_tokens"}}
         why = "; ".join(reason for reason, keys in reasons.items() if keys & set(changed))
         values = ", ".join(f"{key} {saved[key]} (now {getattr(cfg, key)})" for key in changed)
         raise ConfigError(f"--resume {path}: the run was trained with {values}, which a resumed run keeps ({why}): "
                           "resume with those values (--resume without --config reads the run's own config.yaml), or "
                           f"start a new run from its weights with --pretrained {path} in a new --output-dir")
+
+
+def apply_settings(optimizer, scheduler, groups, base_lrs):
+    """Put this run's weight decay and base learning rates (``groups``, ``base_lrs``: those the optimizer and
+    schedule were built with) into a restored optimizer and schedule, at the step the schedule restored: a
+    resumed run with another --lr or --weight-decay uses them from its first step (the same numbers when
+    unchanged)."""
+    for group, fresh in zip(optimizer.param_groups, groups):
+        group.update(fresh)
+    scheduler.base_lrs = list(base_lrs)
+    set_schedule(optimizer, scheduler, scheduler.last_epoch)
 
 
 def set_schedule(optimizer, scheduler, steps):
