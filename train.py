@@ -154,8 +154,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
     scheduler = build_scheduler(optimizer, schedule=cfg.lr_schedule, lr=cfg.lr, min_lr=cfg.min_lr,
                                 epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=steps_per_epoch)
-    if cfg.warmup_epochs >= cfg.epochs and info.is_main:  # e.g. demo.yaml's 3 warm-up epochs with --epochs 2
-        _logger.warning("warmup_epochs %g >= epochs %d: the learning rate rises all run and never reaches lr %g",
+    if cfg.warmup_epochs > cfg.epochs and info.is_main:  # e.g. demo.yaml's 3 warm-up epochs with --epochs 2
+        _logger.warning("warmup_epochs %g > epochs %d: the learning rate rises all run and never reaches lr %g",
                         cfg.warmup_epochs, cfg.epochs, cfg.lr)
     loss_scaler = LossScaler(info.device, cfg.amp)
     autocast = autocast_context(info.device, cfg.amp)

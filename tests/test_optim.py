@@ -94,3 +94,9 @@ def test_amp_selection_on_cpu():
     else:
         with pytest.raises(ConfigError, match="native bf16"):
             amp_dtype("cpu", True)
+
+
+def test_a_warmup_as_long_as_the_run_reaches_lr_at_its_last_step():
+    """warmup_epochs == epochs: the last step trains at lr (train.py warns only for a longer warm-up)."""
+    factors = [lr_factor(s, schedule="cosine", total_steps=8, warmup_steps=8, min_ratio=0.0) for s in range(8)]
+    assert factors == pytest.approx([0.125 * (s + 1) for s in range(8)]) and factors[-1] == 1.0
