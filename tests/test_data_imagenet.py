@@ -212,3 +212,13 @@ def test_a_bom_uppercase_xml_and_repeated_lines(imagenet):
     for i, (wnid, size, boxes) in VAL.items():
         write_xml(imagenet / "val_boxes" / f"{val_name(i)}.XML", wnid, size, boxes)
     check_val(build_dataset("imagenet", imagenet, "test"))
+
+
+def test_an_empty_train_wnid_folder_is_refused(imagenet):
+    """A train/<wnid>/ folder without images would be a class no image has (the model one class too many, the
+    labels of the wnids sorted after it shifted): refused for either split, naming it, as the folder format does."""
+    write_csv(imagenet / "LOC_val_solution.csv")
+    (imagenet / "train" / "n01000000").mkdir()
+    for split in ("train", "test"):
+        with pytest.raises(DataError, match=f"^{imagenet / 'train' / 'n01000000'}: a class folder with no image "):
+            build_dataset("imagenet", imagenet, split)

@@ -17,7 +17,7 @@ from torch.utils.data import DistributedSampler
 from DataLoader import build_loader, make_demo_dataset
 from DataLoader.sampler import ResumableSampler
 from Model.losses import SATLoss
-from utils.checkpoint import read_checkpoint
+from utils.checkpoint import read_checkpoint, save_checkpoint
 from utils.errors import ConfigError
 from utils.preemption import StopSignals, resume_command
 from train import main as train_main
@@ -207,6 +207,28 @@ def test_periodic_checkpoint_then_crash_then_resume(data_root, reference, tmp_pa
     monkeypatch.undo()
     train_main(run_args(data_root, out, "--save-every-steps", "4", "--resume"))
     assert_same_run(out, reference)
+
+
+def test_resumed_on_fewer_processes_the_epoch_still_counts_its_steps_before_the_stop(data_root, reference, tmp_path,
+                                                                                     monkeypatch):
+    """A last.pth saved mid-epoch by 2 processes, resumed by 1: the epoch's losses and images in metrics.jsonl
+    are of the whole epoch (the saved processes' sums were dropped: the epoch counted only its rest)."""
+    out = tmp_path / "run"
+    interrupt(monkeypatch, at=4, signum=signal.SIGTERM)
+    with pytest.raises(SystemExit):
+        train_main(run_args(data_root, out))
+    monkeypatch.undo()
+    path = out / "checkpoints" / "last.pth"
+    last = read_checkpoint(path)
+    (sums,) = last["epoch_meters"]
+    last["epoch_meters"] = [{k: v / 4 for k, v in sums.items()}, {k: v * 3 / 4 for k, v in sums.items()}]
+    last["rng_states"] *= 2  # as two processes saved them
+    save_checkpoint(last, path)
+    train_main(run_args(data_root, out, "--resume"))
+    assert "1 processes now, 2 when saved in the middle of an epoch" in (out / "log.txt").read_text()
+    first, expected = metrics_lines(out)[0], metrics_lines(reference)[0]
+    assert first["train_images"] == expected["train_images"] == STEPS * 4
+    assert first["train_steps"] == STEPS
 
 
 def test_train_py_killed_with_sigterm_resumes_with_the_printed_command(data_root, tmp_path):

@@ -346,8 +346,10 @@ def test_flags_of_the_forward_are_named_as_unused_with_maps(cub, tmp_path, caplo
     make_baseline_maps([str(tmp_path / "maps"), "--data-root", str(root), "--size", "8"])
     with caplog.at_level(logging.WARNING):
         main(["--maps", str(tmp_path / "maps"), "--data-root", str(root), "--amp", "--compile",
-              "--output-dir", str(tmp_path / "out"), *CPU])
-    assert "--maps: --amp, --compile not used (saved maps need no forward and no decoding)" in caplog.text
+              "--arch", "deit_sat_tiny_patch16_224", "--output-dir", str(tmp_path / "out"), *CPU])
+    # --arch was dropped without a word (a model's setting: saved maps have none)
+    assert "--maps: --amp, --compile, --arch not used (saved maps need no model, no forward and no decoding)" \
+        in caplog.text
 
 
 @pytest.mark.usefixtures("keep_logging")
@@ -429,3 +431,29 @@ def test_a_views_file_that_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(OutputError, match=r"^could not write \S*/file/maps\.partial(/views\.json)?: "):
         write_saved_view(tmp_path / "file" / "maps.partial", 224, 256)
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "I"])
+def test_png_maps_read_as_their_values_in_the_unit_range(tmp_path, monkeypatch, mode):
+    """8- and 16-bit grey PNG maps are the npy map they were written from, scaled to [0, 1]. Pillow up to 10.1
+    (requirements.txt admits 9.0+) opens a 16-bit grey PNG in mode I, not I;16: such maps were refused as 'a I
+    PNG, expected grayscale (8 or 16 bit)'. An RGB PNG is still refused in one line."""
+    from utils.errors import DataError
+    from utils.saved_maps import read_map
+
+    full = 255 if mode == "L" else 65535
+    values = np.arange(12, dtype=np.int64).reshape(3, 4) * (full // 11)
+    Image.fromarray(values.astype(np.uint8 if mode == "L" else np.uint16)).save(tmp_path / "a.jpg.png")
+    if mode == "I":  # Pillow <= 10.1's reading of the same file
+        real_open = Image.open
+
+        def old_open(path, *args, **kwargs):
+            with real_open(path, *args, **kwargs) as image:
+                return image.convert("I") if image.mode == "I;16" else image.copy()
+        monkeypatch.setattr(Image, "open", old_open)
+    with Image.open(tmp_path / "a.jpg.png") as image:
+        assert image.mode == mode
+    np.testing.assert_allclose(read_map(tmp_path, "a.jpg"), values / full, rtol=1e-6)
+    Image.new("RGB", (4, 3), (10, 20, 30)).save(tmp_path / "b.jpg.png")
+    with pytest.raises(DataError, match=r"b\.jpg\.png: a RGB PNG, expected grayscale \(8 or 16 bit\)$"):
+        read_map(tmp_path, "b.jpg")

@@ -370,11 +370,18 @@ def resume_training(path, cfg, info, model, optimizer, scheduler, loss_scaler, s
     meta = dist_utils.run_everywhere(restore, path, cfg, info, model, optimizer, scheduler, loss_scaler,
                                      steps_per_epoch)
     epoch, steps_done, trained = meta["epoch"], meta.get("epoch_step", 0), meta.get("epoch_stats")
-    meters = None
-    if steps_done and not trained and len(meta["epoch_meters"]) == info.world_size:
-        meters = meta["epoch_meters"][info.rank]
+    meters = resumed_meters(meta["epoch_meters"], info) if steps_done and not trained else None
     best = _carry_over(meta["best"], path, checkpoint_dir, epoch, "optimizer" in meta, cfg, info)
     return Resumed(epoch, steps_done, meters, best, trained)
+
+
+def resumed_meters(saved, info):
+    """This process's running sums of an epoch resumed in its middle: its own when as many processes saved them;
+    else the main process takes all of them, so that the epoch's totals (summed over the processes) still count
+    the steps done before the stop."""
+    if len(saved) == info.world_size:
+        return saved[info.rank]
+    return {name: sum(sums[name] for sums in saved) for name in saved[0]} if info.is_main else None
 
 
 def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per_epoch):

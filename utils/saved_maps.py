@@ -26,6 +26,8 @@ from utils.errors import ConfigError, DataError, writing_outputs
 
 MAP_SUFFIXES = (".npy", ".png")
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every np.save file
+# a PNG map's mode -> its full scale: 8-bit grey, 16-bit grey ("I": as Pillow up to 10.1 opens 16-bit grey PNGs)
+PNG_SCALES = {"L": 255, "I;16": 65535, "I": 65535}
 VIEW_FILE = "views.json"  # the centre view (img_size, resize_size) of the sat protocol on these maps
 PREDICTION_COLUMNS = ("image_id", "top5")
 # metrics.json keys that need each image's predicted classes
@@ -119,9 +121,9 @@ def read_map(folder, image_id, allow_constant=False):
             loc_map = np.load(path, allow_pickle=False)
         else:
             with Image.open(path) as image:
-                if image.mode not in ("L", "I;16"):
+                if image.mode not in PNG_SCALES:
                     raise DataError(f"map {path}: a {image.mode} PNG, expected grayscale (8 or 16 bit)")
-                loc_map = np.asarray(image, np.float32) / (255 if image.mode == "L" else 65535)
+                loc_map = np.asarray(image, np.float32) / PNG_SCALES[image.mode]
     except (OSError, ValueError) as err:
         raise DataError(f"map {path}: unreadable ({err.__class__.__name__}: {err})") from None
     if loc_map.ndim != 2 or 0 in loc_map.shape:

@@ -12,7 +12,8 @@ import numpy as np
 from utils.errors import DataError
 
 from .annotations import Item, bad_line, check_boxes, lines_source, read_lines
-from .folder import class_folders, has_file, image_files, is_image_file, list_dir, scan_class_folders
+from .folder import (check_class_has_images, class_folders, has_file, image_files, is_image_file, list_dir,
+                     scan_class_folders)
 
 _logger = logging.getLogger("sat")
 
@@ -150,6 +151,15 @@ def _val_images(val_dir):
     return found
 
 
+def train_classes(train_dir):
+    """Sorted wnids of ``train/``; DataError for a folder without images (a class of its own, shifting the labels
+    of the wnids sorted after it)."""
+    classes = class_folders(train_dir)
+    for wnid in classes:
+        check_class_has_images(train_dir / wnid)
+    return classes
+
+
 def load_imagenet(root, split, val_boxes=None):
     """(image root, items, class names) of 'train' or 'test' (= the ILSVRC2012 val set)."""
     if split not in ("train", "test"):
@@ -161,14 +171,14 @@ def load_imagenet(root, split, val_boxes=None):
     if split == "train":
         if not train_dir.is_dir():
             raise DataError(f"{train_dir}: not found (expected train/<wnid>/ image folders)")
-        classes = class_folders(train_dir)
+        classes = train_classes(train_dir)
         return root, scan_class_folders(root, "train", classes), classes
 
     box_source = find_val_boxes(root, val_boxes)
     records = sorted(read_val_records(box_source), key=lambda r: r.stem)
     if not records:
         raise DataError(f"{root}: the val boxes list no images (expected {VAL_BOX_KINDS})")
-    classes = class_folders(train_dir) if train_dir.is_dir() else sorted({r.wnid for r in records})
+    classes = train_classes(train_dir) if train_dir.is_dir() else sorted({r.wnid for r in records})
     index = {wnid: label for label, wnid in enumerate(classes)}
     images = _val_images(root / "val")
     items = []
