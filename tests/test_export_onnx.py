@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from Model import build_model_from_checkpoint, model_spec
-from tools.export_onnx import main
+from tools.export_onnx import TESTED_TORCH, main
 from utils.checkpoint import save_checkpoint
 from utils.errors import run_cli
 
@@ -15,6 +15,9 @@ from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS
 
 pytest.importorskip("onnxscript", reason="the ONNX exporter needs onnx + onnxscript (requirements-dev.txt)")
 ort = pytest.importorskip("onnxruntime", reason="checking the export needs onnxruntime (requirements-dev.txt)")
+if tuple(map(int, torch.__version__.split("+")[0].split(".")[:2])) < tuple(map(int, TESTED_TORCH.split("."))):
+    pytest.skip(f"the ONNX export is tested with torch >= {TESTED_TORCH} (torch 2.9's exporter fails on the "
+                "official file's batch dimension)", allow_module_level=True)
 
 
 def test_export_of_official_weights_gives_official_outputs(tmp_path, capsys, official_outputs):
@@ -125,3 +128,20 @@ def test_a_full_disk_or_a_folder_that_cannot_be_made_is_one_line(tmp_path, monke
         run_cli(main, ["--checkpoint", str(checkpoint), "--output", str(checkpoint / "x.onnx")])
     assert capsys.readouterr().err == f"error: --output {checkpoint / 'x.onnx'}: a parent of it is a file, not a " \
         "folder\n"
+
+
+def test_a_failing_exporter_is_one_line_naming_the_torch_version(tmp_path, capsys, monkeypatch):
+    """The exporter's own failure (as torch 2.9's on official files) is one line with torch's version and the
+    oldest torch tested, not the exporter's page of traceback; nothing is written."""
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("Failed to export the model with torch.export.\n- Modify the model code ...")
+
+    from test_evaluation import save_nano_checkpoint
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "x.onnx")])
+    assert exit_info.value.code == 2 and sorted(tmp_path.iterdir()) == [checkpoint]
+    assert capsys.readouterr().err == (f"error: torch.onnx.export failed with torch {torch.__version__} (RuntimeError: "
+                                       "Failed to export the model with torch.export.); the export is tested with "
+                                       f"torch >= {TESTED_TORCH}\n")

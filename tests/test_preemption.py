@@ -279,4 +279,5 @@ def test_processes_agree_on_a_signal_only_one_received():
     procs = [subprocess.Popen([sys.executable, "-c", AGREE], cwd=REPO_ROOT, env=dict(env, RANK=str(rank)), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in range(2)]
     outputs = [proc.communicate(timeout=120) for proc in procs]
-    assert [out.strip() for out, _ in outputs] == [f"0 {int(signal.SIGUSR1)}"] * 2, outputs
+    # (the last line: gloo of torch <= 2.9 prints a line of its own when connected)
+    assert [out.strip().splitlines()[-1] for out, _ in outputs] == [f"0 {int(signal.SIGUSR1)}"] * 2, outputs

@@ -31,6 +31,7 @@ from utils.preemption import ignore_stop_signals, stopped_as_said  # noqa: E402
 
 INPUT_NAMES = ["images"]
 OUTPUT_NAMES = ["logits", "maps"]
+TESTED_TORCH = "2.11"  # the oldest torch whose exporter the tests passed with (2.9's failed on official files)
 
 
 def example_images(model, batch_size, seed=0):
@@ -52,6 +53,10 @@ def export_onnx(model, path, opset_version=None):
     except ImportError as err:  # onnx / onnxscript missing
         raise ConfigError(f"exporting to ONNX needs the onnx and onnxscript packages ({err}): "
                           "pip install -r requirements-dev.txt") from None
+    except Exception as err:  # the exporter's own failure (e.g. torch 2.9's on official checkpoints' batch dim)
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        raise SATError(f"torch.onnx.export failed with torch {torch.__version__} ({err.__class__.__name__}: "
+                       f"{first}); the export is tested with torch >= {TESTED_TORCH}") from None
     finally:
         converter.setLevel(level)
 
