@@ -176,11 +176,16 @@ def evaluate_settings(args, protocol, annotations, output_dir, info):
     (drawn under their partial_name until the evaluation is complete), per-image rows, box processes. Flags the
     protocol or the split's ``annotations`` ('boxes', 'masks', None) leave unused are warned."""
     overlay_dir = output_dir / partial_name(OVERLAYS) if args.overlays else None
+    flags = getattr(args, "flags_given", ())  # --threshold / --tencrop have defaults: said when given as flags
     unused = [flag for flag, given, used in (("--thresholds", args.thresholds, includes_sat(protocol)),
                                              ("--wsol-threshold", args.wsol_threshold is not None,
-                                              includes_wsol(protocol))) if given and not used]
+                                              includes_wsol(protocol)),
+                                             ("--threshold", "threshold" in flags, protocol != "wsol"),
+                                             ("--tencrop", "tencrop" in flags, protocol != "wsol"))
+              if given and not used]
     if unused and info.is_main:
-        _logger.warning("%s not used: the %s protocol does not read it", " and ".join(unused), protocol)
+        _logger.warning("%s not used: the %s protocol does not read %s", " and ".join(unused), protocol,
+                        "them" if len(unused) > 1 else "it")
     if args.wsol_threshold is not None and includes_wsol(protocol) and annotations == "masks" and info.is_main:
         _logger.warning("--wsol-threshold not used: the split has masks, not boxes (PxAP takes every map threshold; "
                         "overlays are drawn at its piou_threshold)")

@@ -166,9 +166,15 @@ def test_flags_and_files_left_unused_are_said(cub, tmp_path, caplog):
            "maps of another split or dataset version?" in caplog.text
     assert record["search_thresholds"] == [] and "best_threshold" not in record  # it recorded [0.3, 0.5]
     assert "--thresholds not used: the wsol protocol does not read it" in caplog.text
+    assert "--threshold not used" not in caplog.text  # its default is not said
     record = main([*common, "--eval-protocol", "sat", "--wsol-threshold", "0.5", "--output-dir", str(tmp_path / "sat")])
     assert "--wsol-threshold not used: the sat protocol does not read it" in caplog.text
     assert "at_wsol_threshold" not in record
+    # the sat protocol's map threshold and ten-crop, given with wsol, were dropped without a word
+    record = main([*common, "--eval-protocol", "wsol", "--threshold", "0.3", "--tencrop", "--output-dir",
+                   str(tmp_path / "wsol_flags")])
+    assert "--threshold and --tencrop not used: the wsol protocol does not read them" in caplog.text
+    assert "threshold" not in record and not record["tencrop"]
 
 
 def test_imagenet_layout_and_wsol_overlays(tmp_path):

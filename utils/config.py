@@ -661,8 +661,8 @@ def read_config(argv=None, script="train"):
     (with --resume) or their config file of defaults (said on stdout); the evaluators read ``--config`` over
     theirs. Returns an ``argparse.Namespace`` of the script's keys plus ``config``, ``ignored_config_keys`` (keys
     of --config the script does not read),
-    ``from_file`` ({key read from it: the file, --config or its base}) and ``overwrite``, and for training
-    ``resume`` and ``local_rank``."""
+    ``from_file`` ({key read from it: the file, --config or its base}), ``flags_given`` (the keys given as
+    flags) and ``overwrite``, and for training ``resume`` and ``local_rank``."""
     values = script_defaults(script)
     parser = build_parser(script, values)
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
@@ -685,7 +685,7 @@ def read_config(argv=None, script="train"):
     flags = [key for key in cli if key in values]
     values.update({key: cli[key] for key in flags})
     cfg = argparse.Namespace(**values, config=None if config is None else str(config), ignored_config_keys=ignored,
-                             from_file=from_file)
+                             from_file=from_file, flags_given=frozenset(flags))
     cfg.overwrite = cli.get("overwrite", False)
     if script in TRAINERS:
         cfg.resume, cfg.local_rank = cli.get("resume"), cli.get("local_rank")
