@@ -312,7 +312,8 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
     fmt, root = resolve_data(getattr(args, "data_format", "imagenet"), args.data_root, imagenet, info.is_main)
     split = getattr(args, "split", "test")
     unused = [flag for flag, on in (("--amp", args.amp), ("--compile", args.compile),
-                                    ("--gpu-decode", args.gpu_decode), ("--arch", args.arch is not None)) if on]
+                                    ("--gpu-decode", args.gpu_decode), ("--arch", args.arch is not None),
+                                    ("--tencrop", "tencrop" in getattr(args, "flags_given", ()))) if on]
     if unused and info.is_main:
         _logger.warning("--maps: %s not used (saved maps need no model, no forward and no decoding)",
                         ", ".join(unused))

@@ -352,10 +352,10 @@ def test_flags_of_the_forward_are_named_as_unused_with_maps(cub, tmp_path, caplo
     make_baseline_maps([str(tmp_path / "maps"), "--data-root", str(root), "--size", "8"])
     with caplog.at_level(logging.WARNING):
         main(["--maps", str(tmp_path / "maps"), "--data-root", str(root), "--amp", "--compile",
-              "--arch", "deit_sat_tiny_patch16_224", "--output-dir", str(tmp_path / "out"), *CPU])
-    # --arch was dropped without a word (a model's setting: saved maps have none)
-    assert "--maps: --amp, --compile, --arch not used (saved maps need no model, no forward and no decoding)" \
-        in caplog.text
+              "--arch", "deit_sat_tiny_patch16_224", "--tencrop", "--output-dir", str(tmp_path / "out"), *CPU])
+    # --arch and --tencrop were dropped without a word (a model's setting, views of a forward: saved maps have none)
+    assert "--maps: --amp, --compile, --arch, --tencrop not used (saved maps need no model, no forward and no " \
+        "decoding)" in caplog.text
 
 
 @pytest.mark.usefixtures("keep_logging")
