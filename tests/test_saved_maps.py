@@ -458,7 +458,7 @@ def test_png_maps_read_as_their_values_in_the_unit_range(tmp_path, monkeypatch, 
                 return image.convert("I") if image.mode == "I;16" else image.copy()
         monkeypatch.setattr(Image, "open", old_open)
     with Image.open(tmp_path / "a.jpg.png") as image:
-        assert image.mode == mode
+        assert image.mode == mode or (mode, image.mode) == ("I;16", "I")  # (the latter: Pillow <= 10.1)
     np.testing.assert_allclose(read_map(tmp_path, "a.jpg"), values / full, rtol=1e-6)
     Image.new("RGB", (4, 3), (10, 20, 30)).save(tmp_path / "b.jpg.png")
     with pytest.raises(DataError, match=r"b\.jpg\.png: a RGB PNG, expected grayscale \(8 or 16 bit\)$"):

@@ -15,7 +15,8 @@ def read_mat(path, names, expected):
         content = scipy.io.loadmat(path, squeeze_me=True)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found (expected {expected})") from None
-    except (scipy.io.matlab.MatReadError, OSError, ValueError, TypeError, NotImplementedError) as err:
+    except (scipy.io.matlab.MatReadError, OSError, ValueError, TypeError, IndexError, NotImplementedError) as err:
+        # (scipy 1.9 raises IndexError on some files that are not MATLAB files)
         raise DataError(f"{path}: not a readable MATLAB file ({err.__class__.__name__}: {err}; "
                         f"expected {expected})") from None
     missing = [name for name in names if name not in content]
