@@ -10,6 +10,7 @@ classification is a 3x3 conv over the patch grid followed by global average pool
 import logging
 import math
 import os
+import re
 from functools import partial
 from typing import List, Optional, Tuple
 
@@ -211,13 +212,19 @@ class SATVisionTransformer(nn.Module):
         return logits, maps
 
 
+# what a ViT computes after its blocks' tokens are pooled, which SAT replaces by its conv head: the classifier,
+# the norm of the pooled features (timm's fc_norm) and the representation layer of the original in21k ViTs
+CLASSIFIER_KEYS = ("head.", "fc_norm.", "pre_logits.")
+
+
 def checkpoint_filter_fn(state_dict: dict, model: SATVisionTransformer) -> dict:
     """Adapt a DeiT / timm ViT (or SAT) state dict to ``model``.
 
-    Unwraps a ``'model'`` key, strips ``module.`` prefixes, drops the classifier, a distilled DeiT's
-    distillation token and head and the official smoothing kernel (``weight``) and resamples ``pos_embed`` to
-    the model's grid; any other tensor the model has no place for (layer scale) is a CheckpointError. The keys
-    of ``model`` that stay uninitialised are logged and stored in ``model.newly_initialized_keys``.
+    Unwraps a ``'model'`` key, strips ``module.`` prefixes, drops the classifier side (``CLASSIFIER_KEYS``), a
+    distilled DeiT's distillation token and head and the official smoothing kernel (``weight``) and resamples
+    ``pos_embed`` to the model's grid; any other tensor the model has no place for (layer scale), then tensors
+    of other shapes or a deeper network's blocks, are a CheckpointError. The keys of ``model`` that stay
+    uninitialised are logged and stored in ``model.newly_initialized_keys``.
     """
     if "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
@@ -231,7 +238,7 @@ def checkpoint_filter_fn(state_dict: dict, model: SATVisionTransformer) -> dict:
         _logger.info("pretrained weights: a distilled DeiT; its distillation token and head are left out")
     out, mismatched = {}, []
     for key, value in state_dict.items():
-        if key not in own or key.startswith("head."):
+        if key not in own or key.startswith(CLASSIFIER_KEYS):
             continue
         if key == "pos_embed" and value.shape != own[key].shape and math.isqrt(value.shape[1] - 1) ** 2 == \
                 value.shape[1] - 1:  # (a class-token position and a square grid; else said below as differing)
@@ -243,15 +250,20 @@ def checkpoint_filter_fn(state_dict: dict, model: SATVisionTransformer) -> dict:
         theirs = ", ".join(list(state_dict)[:3])
         raise CheckpointError(f"pretrained weights hold no tensor of the model's transformer blocks (expected a "
                               f"DeiT / timm ViT or SAT state dict: blocks.0.attn.qkv.weight, ...; got {theirs}, ...)")
-    unused = [key for key in state_dict if key not in own and not key.startswith("head.") and key != "weight"]
+    unused = [key for key in state_dict if key not in own and not key.startswith(CLASSIFIER_KEYS) and key != "weight"]
+    depth = len(model.blocks)
+    blocks = {key: int(key.split(".")[1]) for key in unused if re.match(r"blocks\.\d+\.", key)}
+    deeper = {key: index + 1 for key, index in blocks.items() if index >= depth}  # a deeper network's blocks: said
+    unused = [key for key in unused if key not in deeper]  # below as its depth, not as layer scale
     if unused:  # e.g. DeiT III's layer scale: left out, the model would compute another function than theirs
         raise CheckpointError(f"pretrained weights hold {len(unused)} tensors the model has no place for, e.g. "
                               f"{', '.join(unused[:3])} (expected a DeiT / timm ViT or SAT state dict: no layer "
                               "scale or register tokens)")
-    shape = f"embed dim {model.embed_dim}, depth {len(model.blocks)}"
-    if mismatched:
-        raise CheckpointError(f"pretrained weights do not fit the model ({shape}; wrong DeiT size?): "
-                              f"{len(mismatched)} tensors differ, e.g. {'; '.join(mismatched[:2])}")
+    if mismatched or deeper:
+        theirs = f"; pretrained depth {max(deeper.values())}" if deeper else ""
+        differ = f": {len(mismatched)} tensors differ, e.g. {'; '.join(mismatched[:2])}" if mismatched else ""
+        raise CheckpointError(f"pretrained weights do not fit the model (embed dim {model.embed_dim}, depth {depth}"
+                              f"{theirs}; wrong DeiT size?){differ}")
     model.newly_initialized_keys = sorted(k for k in own if k not in out)
     _logger.info("pretrained weights: newly initialised keys: %s", ", ".join(model.newly_initialized_keys))
     return out

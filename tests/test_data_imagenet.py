@@ -222,3 +222,15 @@ def test_an_empty_train_wnid_folder_is_refused(imagenet):
     for split in ("train", "test"):
         with pytest.raises(DataError, match=f"^{imagenet / 'train' / 'n01000000'}: a class folder with no image "):
             build_dataset("imagenet", imagenet, split)
+
+
+def test_an_empty_train_folder_of_a_val_class_is_a_class_for_the_test_split(imagenet):
+    """Evaluating, a train/<wnid>/ folder without images whose wnid the val boxes name (its train images not
+    extracted) is that class, at its sorted place: the val labels stay right (it was refused, and removing it as
+    the error said left its val images without a class)."""
+    write_csv(imagenet / "LOC_val_solution.csv")
+    for image in (imagenet / "train" / WNIDS[1]).iterdir():
+        image.unlink()
+    check_val(build_dataset("imagenet", imagenet, "test"))
+    with pytest.raises(DataError, match=f"^{imagenet / 'train' / WNIDS[1]}: a class folder with no image "):
+        build_dataset("imagenet", imagenet, "train")

@@ -280,6 +280,33 @@ def test_pretrained_distilled_deit_loads_and_layer_scale_is_refused(tmp_path):
                               "or SAT state dict: no layer scale or register tokens)")
 
 
+def test_pretrained_classifier_side_tensors_are_left_out_as_the_head(tmp_path):
+    """The representation layer of the original in21k ViTs (pre_logits, as in timm's old jx_*_in21k files) and
+    timm's fc_norm of an average-pooled ViT act after the pooling SAT's conv head replaces: left out as the head
+    is (refused as tensors the model has no place for before)."""
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, global_pool="avg")
+    weights = {**vit.state_dict(), "pre_logits.fc.weight": torch.randn(192, 192),
+               "pre_logits.fc.bias": torch.zeros(192)}
+    torch.save(weights, tmp_path / "vit.pth")
+    model = build_model(TINY, num_classes=20, pretrained=tmp_path / "vit.pth")
+    assert model.newly_initialized_keys == ["head.bias", "head.weight", "loc_embed", "loc_token", "norm.bias",
+                                            "norm.weight"]
+    torch.testing.assert_close(model.blocks[11].mlp.fc2.weight, vit.blocks[11].mlp.fc2.weight)
+
+
+def test_pretrained_deeper_network_is_said_as_its_depth(tmp_path):
+    """A DeiT deeper than the model: its depth is named (not 'layer scale or register tokens')."""
+    path = tmp_path / "deit_tiny.pth"
+    torch.save(timm.create_model("deit_tiny_patch16_224", pretrained=False).state_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        build_model(TINY, num_classes=20, pretrained=path, depth=6)
+    assert str(err.value) == (f"{path}: pretrained weights do not fit the model (embed dim 192, depth 6; pretrained "
+                              "depth 12; wrong DeiT size?)")
+    with pytest.raises(CheckpointError, match=r"\(embed dim 96, depth 6; pretrained depth 12; wrong DeiT size\?\): 78 "
+                       r"tensors differ, e.g. cls_token: pretrained \(1, 1, 192\) vs model \(1, 1, 96\)"):
+        build_model(NANO, num_classes=20, pretrained=path)
+
+
 def test_pretrained_safetensors_file(tmp_path):
     """timm's hub weights are .safetensors files: a local copy loads as a .pth does."""
     from safetensors.torch import save_file

@@ -151,12 +151,14 @@ def _val_images(val_dir):
     return found
 
 
-def train_classes(train_dir):
+def train_classes(train_dir, val_wnids=()):
     """Sorted wnids of ``train/``; DataError for a folder without images (a class of its own, shifting the labels
-    of the wnids sorted after it)."""
+    of the wnids sorted after it) unless the val boxes name its wnid (``val_wnids``: a class, its train images
+    missing, whose label is right)."""
     classes = class_folders(train_dir)
     for wnid in classes:
-        check_class_has_images(train_dir / wnid)
+        if wnid not in val_wnids:
+            check_class_has_images(train_dir / wnid)
     return classes
 
 
@@ -178,7 +180,8 @@ def load_imagenet(root, split, val_boxes=None):
     records = sorted(read_val_records(box_source), key=lambda r: r.stem)
     if not records:
         raise DataError(f"{root}: the val boxes list no images (expected {VAL_BOX_KINDS})")
-    classes = train_classes(train_dir) if train_dir.is_dir() else sorted({r.wnid for r in records})
+    val_wnids = {record.wnid for record in records}
+    classes = train_classes(train_dir, val_wnids) if train_dir.is_dir() else sorted(val_wnids)
     index = {wnid: label for label, wnid in enumerate(classes)}
     images = _val_images(root / "val")
     items = []
