@@ -15,9 +15,6 @@ from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS
 
 pytest.importorskip("onnxscript", reason="the ONNX exporter needs onnx + onnxscript (requirements-dev.txt)")
 ort = pytest.importorskip("onnxruntime", reason="checking the export needs onnxruntime (requirements-dev.txt)")
-if tuple(map(int, torch.__version__.split("+")[0].split(".")[:2])) < tuple(map(int, TESTED_TORCH.split("."))):
-    pytest.skip(f"the ONNX export is tested with torch >= {TESTED_TORCH} (torch 2.9's exporter fails on the "
-                "official file's batch dimension)", allow_module_level=True)
 
 
 def test_export_of_official_weights_gives_official_outputs(tmp_path, capsys, official_outputs):
