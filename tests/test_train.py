@@ -179,6 +179,11 @@ def test_resume_applies_a_changed_lr_and_weight_decay_and_refuses_another_traina
                            r"keeps \(the optimizer's state is of those parameter groups\)"):
             main(args(data_root, out, "--epochs", "3", "--lr-schedule", "constant", "--resume", *flag))
     assert epochs_logged(out) == [1, 2]
+    # a best*.pth holds no optimizer state: its resume builds a new optimizer, of whichever parameters
+    best = read_checkpoint(out / "checkpoints" / "best.pth")["epoch"]
+    main(args(data_root, out, "--epochs", "3", "--lr-schedule", "constant", "--resume",
+              str(out / "checkpoints" / "best.pth"), "--trainable", "head"))
+    assert epochs_logged(out) == list(range(1, best + 1)) + list(range(best + 1, 4))
 
 
 def test_resume_keeps_the_seed_of_a_few_shot_subset(tmp_path):

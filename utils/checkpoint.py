@@ -398,7 +398,7 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
             raise
         raise CheckpointError(f"--resume: {err}; {_instead(path)}") from None
     if isinstance(ckpt.get("config"), dict) and "arch" in ckpt:  # a checkpoint of this project's training
-        check_unchanged(ckpt["config"], cfg, path)
+        check_unchanged(ckpt["config"], cfg, path, optimizer_state="optimizer" in ckpt)
     saved_steps = ckpt.get("steps_per_epoch")  # of a last.pth saved in the middle of an epoch
     if ckpt.get("epoch_step") and "epoch_stats" not in ckpt and saved_steps not in (None, steps_per_epoch):
         raise ConfigError(f"--resume {path}: saved after {ckpt['epoch_step']} of the {saved_steps} optimizer steps of "
@@ -466,18 +466,23 @@ FIXED_ON_RESUME = ("arch", "img_size", "num_spatial_blocks", "batch_size", "imag
                    "decay_tokens")
 
 
-def check_unchanged(saved, cfg, path):
+# of FIXED_ON_RESUME, those an optimizer's state depends on: free when the file holds none (a best*.pth)
+OPTIMIZER_KEYS = ("trainable", "decay_tokens")
+
+
+def check_unchanged(saved, cfg, path, optimizer_state=True):
     """ConfigError when ``cfg`` changes a key of FIXED_ON_RESUME that the checkpoint's config ``saved`` records
     (and the seed of a few-shot subset, which picks its images), before its weights are loaded (another arch
-    said as such, not as keys that differ)."""
-    changed = [key for key in FIXED_ON_RESUME if key in saved and saved[key] != getattr(cfg, key)]
+    said as such, not as keys that differ); ``optimizer_state``: whether the file holds one to restore."""
+    fixed = [key for key in FIXED_ON_RESUME if optimizer_state or key not in OPTIMIZER_KEYS]
+    changed = [key for key in fixed if key in saved and saved[key] != getattr(cfg, key)]
     if saved.get("images_per_class") and "seed" in saved and saved["seed"] != cfg.seed:
         changed.append("seed")
     if changed:
         reasons = {"the model": {"arch", "img_size", "num_spatial_blocks"},
                    "the schedule counts steps of that batch": {"batch_size"},
                    "the epochs are steps over that few-shot subset": {"images_per_class", "seed"},
-                   "the optimizer's state is of those parameter groups": {"trainable", "decay_tokens"}}
+                   "the optimizer's state is of those parameter groups": set(OPTIMIZER_KEYS)}
         why = "; ".join(reason for reason, keys in reasons.items() if keys & set(changed))
         values = ", ".join(f"{key} {saved[key]} (now {getattr(cfg, key)})" for key in changed)
         raise ConfigError(f"--resume {path}: the run was trained with {values}, which a resumed run keeps ({why}): "
