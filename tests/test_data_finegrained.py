@@ -136,6 +136,22 @@ def test_dogs_bad_input(dogs):
                                        "Stanford Dogs release layout")
 
 
+def test_an_image_listed_twice_is_named_by_its_list_entries(dogs, aircraft):
+    """The repeat is said where it is (the list's entries / lines), in either split, not as its annotation file."""
+    train_list = dogs / "lists" / "train_list.mat"
+    rows = [row for row in DOGS if row[4] == "train"]
+    write_dogs_list(train_list, rows + rows[:1])
+    assert dogs_error(dogs, "train") == (f"{train_list} entry 4: image {DOG_CLASSES[0]}/n02085620_10074.jpg is "
+                                         "listed twice (entry 1)")
+    for split in ("trainval", "test"):
+        listing = aircraft / "data" / f"images_variant_{split}.txt"
+        lines = listing.read_text().splitlines()
+        listing.write_text("\n".join(lines + lines[:1]) + "\n")
+        image_id = lines[0].split()[0]
+        assert aircraft_error(aircraft, "test" if split == "test" else "train") == (
+            f"{listing} line {len(lines) + 1}: image {image_id!r} is listed twice (line 1)")
+
+
 def test_dogs_folder_that_is_no_breed(dogs):
     """A folder in Images/ that the lists do not use would be a class of its own (a 121-way head on the real
     data) or shift every label after it: refused, naming the folder."""

@@ -52,9 +52,11 @@ def load_aircraft(root, split):
     boxes_path, boxes = data / "images_box.txt", {}
     if split == "test" or boxes_path.exists():
         boxes = rows_by_id(boxes_path, (str, float, float, float, float), "'image_id xmin ymin xmax ymax'")
-    items = []
+    items, listed = [], {}
     for lineno, (image_id, variant) in rows:
         where = f"{split_path} line {lineno}"
+        if listed.setdefault(image_id, lineno) != lineno:
+            raise DataError(f"{where}: image {image_id!r} is listed twice (line {listed[image_id]})")
         if variant not in index:
             raise DataError(f"{where}: variant {variant!r} is not listed in variants.txt (unknown class)")
         path = f"{image_id}.jpg"

@@ -45,9 +45,11 @@ def load_dogs(root, split):
              for index, file in enumerate(files, 1)]
     unlisted = sorted(set(classes) - {file.split("/")[0] for file in files})
     stray = f" ({root / 'Images' / unlisted[0]} is a folder no entry is in)" if unlisted else ""
-    items = []
+    items, listed = [], {}
     for index, (file, annotation, label) in enumerate(zip(files, annotations, labels), 1):
         where = f"entry {index}"
+        if listed.setdefault(file, index) != index:
+            raise DataError(f"{path} {where}: image {file} is listed twice (entry {listed[file]})")
         label = entry_integer(label, path, where, "labels (1-based class index)")
         check_label(label, range(1, len(classes) + 1), f"{path} {where}")
         folder = file.split("/")[0]
