@@ -65,3 +65,12 @@ def test_missing_scikit_image_is_one_line(official, tmp_path, capsys):
 def test_bad_counts_and_archs_are_one_line(official, flags, message, capsys):
     root, deps = official
     assert error_of(["--official-root", str(root), "--official-deps", str(deps), *flags], capsys).startswith(message)
+
+
+def test_help_describes_both_measurements(capsys):
+    """--help gives the docstring's whole first paragraph (its first line alone stopped at 'side by side: the
+    training')."""
+    with pytest.raises(SystemExit):
+        compare_official.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the training step (forward, SAT losses, backward, AdamW step) and evaluation end to end" in text

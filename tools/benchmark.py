@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from DataLoader import FORMATS, SPLITS, build_dataset, build_loader  # noqa: E402
 from DataLoader.check import check_split, image_problem  # noqa: E402
 from DataLoader.device_transforms import on_device  # noqa: E402
-from DataLoader.eval_views import EvalViews, default_resize_size, includes_sat  # noqa: E402
+from DataLoader.eval_views import EvalViews, default_resize_size, includes_sat, includes_wsol  # noqa: E402
 from DataLoader.transforms import TrainPixels, train_transform  # noqa: E402
 from Model import build_model  # noqa: E402
 from Model.losses import SATLoss  # noqa: E402
@@ -74,7 +74,7 @@ from utils.amp import LossScaler, autocast_context, describe  # noqa: E402
 from utils.config import FIELDS, OneLineParser, at_least  # noqa: E402
 from utils.engine import CompiledFullBatches, evaluate, forward_in_parts, train_one_epoch  # noqa: E402
 from utils.errors import ConfigError, run_cli  # noqa: E402
-from utils.metrics import TRAIN_THRESHOLDS, SATLocAccumulator  # noqa: E402
+from utils.metrics import TRAIN_THRESHOLDS, SATLocAccumulator, WSOLBoxAccumulator  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler  # noqa: E402
 
 
@@ -276,19 +276,32 @@ def run_train(args, model, device, batches=None):
     return time.perf_counter() - start, timed.images
 
 
-def box_ms_per_image(thresholds, img_size=224):
-    """The sat protocol's box extraction + IoU at ``thresholds``, per image, on 64 random-blob maps of the
-    model's patch grid (14x14 at 224) upsampled to ``img_size``."""
-    n, rng = 64, np.random.default_rng(0)
+def blob_maps(img_size=224, n=64):
+    """``n`` random-blob maps of the model's patch grid (14x14 at 224) and a GT box each, in ``img_size`` pixels."""
+    rng = np.random.default_rng(0)
     grid = img_size // 16
     yy, xx = np.mgrid[:grid, :grid]
     maps = np.stack([np.exp(-((xx - rng.uniform(0.15, 0.85) * grid) ** 2 + (yy - rng.uniform(0.15, 0.85) * grid) ** 2)
                             / (rng.uniform(0.02, 0.1) * grid ** 2)) for _ in range(n)]).astype(np.float32)
+    return maps, [np.array([[0.13, 0.18, 0.67, 0.76]]) * img_size] * n
+
+
+def box_ms_per_image(thresholds, img_size=224):
+    """The sat protocol's box extraction + IoU at ``thresholds``, per image, on 64 random-blob maps."""
+    maps, gt = blob_maps(img_size)
     acc = SATLocAccumulator(thresholds, map_size=img_size)
-    gt = [np.array([[0.13, 0.18, 0.67, 0.76]]) * img_size] * n
     start = time.perf_counter()
-    acc.update(maps, gt, np.zeros((n, 5), np.float32), np.zeros(n, np.int64))
-    return (time.perf_counter() - start) * 1000 / n
+    acc.update(maps, gt, np.zeros((len(maps), 5), np.float32), np.zeros(len(maps), np.int64))
+    return (time.perf_counter() - start) * 1000 / len(maps)
+
+
+def wsol_box_ms_per_image():
+    """The wsol protocol's box extraction + IoU at its 100 map thresholds, per image, on the same maps (224 px)."""
+    maps, gt = blob_maps()
+    acc = WSOLBoxAccumulator()
+    start = time.perf_counter()
+    acc.update(maps, gt)
+    return (time.perf_counter() - start) * 1000 / len(maps)
 
 
 def run_forward(args, model, device):
@@ -458,6 +471,8 @@ def benchmark(args):
         result.update(protocol=args.protocol, tencrop=args.tencrop, thresholds=args.thresholds)
         if includes_sat(args.protocol):
             result.update(box_ms_per_image=round(box_ms_per_image(args.thresholds, args.img_size), 3))
+        if includes_wsol(args.protocol):
+            result.update(wsol_box_ms_per_image=round(wsol_box_ms_per_image(), 3))
     return result
 
 

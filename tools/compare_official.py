@@ -58,7 +58,7 @@ def positive(text):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.splitlines()[0])
+    p = Parser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--official-root", required=True, help="a checkout of wpy1999/SAT")
     p.add_argument("--official-deps", help="folder with the official code's extra packages (scikit-image)")
     p.add_argument("--arch", choices=ARCHS, default="deit_sat_small_patch16_224")
