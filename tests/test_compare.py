@@ -191,6 +191,9 @@ def test_runs_on_different_data_are_pointed_out(tmp_path, capsys):
     compare_main([str(fourth), str(fifth), "--output-dir", str(tmp_path / "metadata")])
     assert "the runs read different data (m1: wsol data/CUB metadata/CUB test; m2: wsol data/CUB metadata/CUB_v2 " \
         "test)" in capsys.readouterr().out
+    sixth = write_run(tmp_path / "m3", {**wsol, "metadata_root": None})  # the default metadata: unset, not 'None'
+    compare_main([str(fourth), str(sixth), "--output-dir", str(tmp_path / "unset")])
+    assert "(m1: wsol data/CUB metadata/CUB test; m3: wsol data/CUB test)" in capsys.readouterr().out
     third = write_run(tmp_path / "z", {"num_images": 3, "split": "test"})  # keys a run lacks are not compared
     compare_main([str(first), str(third), "--output-dir", str(tmp_path / "lacking")])
     assert "different data" not in capsys.readouterr().out

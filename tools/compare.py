@@ -268,7 +268,8 @@ def setting_notes(runs):
         notes.append(f"the runs evaluated different numbers of images ({each}): their metrics are over different "
                      "image sets")
     keys = [key for key in DATA_KEYS if all(key in run.metrics for run in runs.values())]
-    read = {name: " ".join(str(run.metrics[key]) for key in keys) for name, run in runs.items()}
+    read = {name: " ".join(str(run.metrics[key]) for key in keys if run.metrics[key] is not None)  # (unset: left out)
+            for name, run in runs.items()}
     if len(set(read.values())) > 1:
         each = "; ".join(f"{name}: {data}" for name, data in read.items())
         notes.append(f"the runs read different data ({each}); images are matched by id in the per-image comparisons")
