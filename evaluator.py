@@ -176,7 +176,7 @@ def evaluate_settings(args, protocol, annotations, output_dir, info):
     (drawn under their partial_name until the evaluation is complete), per-image rows, box processes. Flags the
     protocol or the split's ``annotations`` ('boxes', 'masks', None) leave unused are warned."""
     overlay_dir = output_dir / partial_name(OVERLAYS) if args.overlays else None
-    flags = getattr(args, "flags_given", ())  # --threshold / --tencrop have defaults: said when given as flags
+    flags = args.flags_given  # --threshold / --tencrop have defaults: said when given as flags
     unused = [flag for flag, given, used in (("--thresholds", args.thresholds, includes_sat(protocol)),
                                              ("--wsol-threshold", args.wsol_threshold is not None,
                                               includes_wsol(protocol)),
@@ -313,7 +313,7 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
     split = getattr(args, "split", "test")
     unused = [flag for flag, on in (("--amp", args.amp), ("--compile", args.compile),
                                     ("--gpu-decode", args.gpu_decode), ("--arch", args.arch is not None),
-                                    ("--tencrop", "tencrop" in getattr(args, "flags_given", ()))) if on]
+                                    ("--tencrop", "tencrop" in args.flags_given)) if on]
     if unused and info.is_main:
         _logger.warning("--maps: %s not used (saved maps need no model, no forward and no decoding)",
                         ", ".join(unused))

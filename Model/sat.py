@@ -252,15 +252,15 @@ def checkpoint_filter_fn(state_dict: dict, model: SATVisionTransformer) -> dict:
                               f"DeiT / timm ViT or SAT state dict: blocks.0.attn.qkv.weight, ...; got {theirs}, ...)")
     unused = [key for key in state_dict if key not in own and not key.startswith(CLASSIFIER_KEYS) and key != "weight"]
     depth = len(model.blocks)
-    blocks = {key: int(key.split(".")[1]) for key in unused if re.match(r"blocks\.\d+\.", key)}
-    deeper = {key: index + 1 for key, index in blocks.items() if index >= depth}  # a deeper network's blocks: said
-    unused = [key for key in unused if key not in deeper]  # below as its depth, not as layer scale
+    block = {key: int(found.group(1)) for key in unused if (found := re.match(r"blocks\.(\d+)\.", key))}
+    deeper = [block[key] + 1 for key in block if block[key] >= depth]  # a deeper network's blocks: said below
+    unused = [key for key in unused if block.get(key, -1) < depth]  # as its depth, not as layer scale
     if unused:  # e.g. DeiT III's layer scale: left out, the model would compute another function than theirs
         raise CheckpointError(f"pretrained weights hold {len(unused)} tensors the model has no place for, e.g. "
                               f"{', '.join(unused[:3])} (expected a DeiT / timm ViT or SAT state dict: no layer "
                               "scale or register tokens)")
     if mismatched or deeper:
-        theirs = f"; pretrained depth {max(deeper.values())}" if deeper else ""
+        theirs = f"; pretrained depth {max(deeper)}" if deeper else ""
         differ = f": {len(mismatched)} tensors differ, e.g. {'; '.join(mismatched[:2])}" if mismatched else ""
         raise CheckpointError(f"pretrained weights do not fit the model (embed dim {model.embed_dim}, depth {depth}"
                               f"{theirs}; wrong DeiT size?){differ}")

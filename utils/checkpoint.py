@@ -409,7 +409,6 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
     # this run's lr and weight decay (a flag may change them): the checkpoint's optimizer and schedule hold the old
     fresh_groups = [{"weight_decay": group["weight_decay"], "initial_lr": group["initial_lr"]}
                     for group in optimizer.param_groups]
-    fresh_base_lrs = list(scheduler.base_lrs)
     if isinstance(meta.get("epoch"), int) and meta["epoch"] > cfg.epochs:  # before config.yaml says otherwise
         raise ConfigError(f"--resume {path}: {meta['epoch']} epochs done, more than --epochs {cfg.epochs}: a run is "
                           f"not shortened once trained; --epochs {meta['epoch']} runs its final test again, "
@@ -418,7 +417,7 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
         optimizer.load_state_dict(meta["optimizer"])
         scheduler.load_state_dict(meta["scheduler"])
         loss_scaler.load_state_dict(meta.get("scaler"))
-        apply_settings(optimizer, scheduler, fresh_groups, fresh_base_lrs)
+        apply_settings(optimizer, scheduler, fresh_groups)
     elif {"epoch", "config", "selection"} <= set(meta):
         warn("resume from %s: its weights after epoch %d; it holds no optimizer state: AdamW's moments "
              "start again from zero", path, meta["epoch"])
@@ -460,14 +459,11 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
     return meta
 
 
-# keys a run keeps when resumed: the model's shape and meaning, and the global batch (the schedule counts its
-# optimizer steps; last.pth's position in an epoch is one of them; the parameters the optimizer's state is of)
-FIXED_ON_RESUME = ("arch", "img_size", "num_spatial_blocks", "batch_size", "images_per_class", "trainable",
-                   "decay_tokens")
-
-
-# of FIXED_ON_RESUME, those an optimizer's state depends on: free when the file holds none (a best*.pth)
+# keys that make the parameter groups an optimizer's state is of: kept on resume from a file holding one
 OPTIMIZER_KEYS = ("trainable", "decay_tokens")
+# keys a run keeps when resumed: the model's shape and meaning, and the global batch (the schedule counts its
+# optimizer steps; last.pth's position in an epoch is one of them); and OPTIMIZER_KEYS (not from a best*.pth)
+FIXED_ON_RESUME = ("arch", "img_size", "num_spatial_blocks", "batch_size", "images_per_class") + OPTIMIZER_KEYS
 
 
 def check_unchanged(saved, cfg, path, optimizer_state=True):
@@ -490,14 +486,13 @@ def check_unchanged(saved, cfg, path, optimizer_state=True):
                           f"start a new run from its weights with --pretrained {path} in a new --output-dir")
 
 
-def apply_settings(optimizer, scheduler, groups, base_lrs):
-    """Put this run's weight decay and base learning rates (``groups``, ``base_lrs``: those the optimizer and
-    schedule were built with) into a restored optimizer and schedule, at the step the schedule restored: a
-    resumed run with another --lr or --weight-decay uses them from its first step (the same numbers when
-    unchanged)."""
+def apply_settings(optimizer, scheduler, groups):
+    """Put this run's weight decay and base learning rate (``groups``: each parameter group's, as the optimizer
+    was built with them) into a restored optimizer and schedule, at the step the schedule restored: a resumed
+    run with another --lr or --weight-decay uses them from its first step (the same numbers when unchanged)."""
     for group, fresh in zip(optimizer.param_groups, groups):
         group.update(fresh)
-    scheduler.base_lrs = list(base_lrs)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]  # as LambdaLR takes them
     set_schedule(optimizer, scheduler, scheduler.last_epoch)
 
 
