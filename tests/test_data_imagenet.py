@@ -234,3 +234,18 @@ def test_an_empty_train_folder_of_a_val_class_is_a_class_for_the_test_split(imag
     check_val(build_dataset("imagenet", imagenet, "test"))
     with pytest.raises(DataError, match=f"^{imagenet / 'train' / WNIDS[1]}: a class folder with no image "):
         build_dataset("imagenet", imagenet, "train")
+
+
+def test_the_val_box_source_found_is_logged(imagenet, caplog):
+    """Where several box sources exist, the one read (the first in the documented order) is said."""
+    write_csv(imagenet / "LOC_val_solution.csv")
+    for i, (wnid, size, boxes) in VAL.items():
+        write_xml(imagenet / "val_boxes" / f"{val_name(i)}.xml", wnid, size, boxes)
+    with caplog.at_level("INFO", logger="sat"):
+        check_val(build_dataset("imagenet", imagenet, "test"))
+    assert f"val boxes: {imagenet / 'val_boxes'} (3 images) (the first found; --val-boxes PATH names another)" \
+        in caplog.messages
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sat"):
+        check_val(build_dataset("imagenet", imagenet, "test", val_boxes=imagenet / "LOC_val_solution.csv"))
+    assert f"val boxes: {imagenet / 'LOC_val_solution.csv'} (3 images)" in caplog.messages

@@ -180,6 +180,8 @@ def load_imagenet(root, split, val_boxes=None):
     records = sorted(read_val_records(box_source), key=lambda r: r.stem)
     if not records:
         raise DataError(f"{root}: the val boxes list no images (expected {VAL_BOX_KINDS})")
+    _logger.info("val boxes: %s (%d images)%s", box_source, len(records),
+                 "" if val_boxes is not None else " (the first found; --val-boxes PATH names another)")
     val_wnids = {record.wnid for record in records}
     classes = train_classes(train_dir, val_wnids) if train_dir.is_dir() else sorted(val_wnids)
     index = {wnid: label for label, wnid in enumerate(classes)}
