@@ -37,23 +37,28 @@ from utils.errors import CheckpointError, ConfigError, DataError, echoed, run_cl
 from utils.logger import close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
 from utils.preemption import ignore_stop_signals, signals_held, stopped_as_said, work_complete
-from utils.outputs import FolderLock, Staged, check_output_file, partial_name, previous_outputs
+from utils.outputs import (EVALUATION_FILES, FolderLock, Staged, check_output_file, partial_name,
+                           previous_outputs)
 from utils.saved_maps import (VIEW_FILE, SavedMaps, drop_class_metrics, map_loader, read_predictions, saved_view,
                               write_saved_view)
 from utils.visualize import plot_curves
 
 _logger = logging.getLogger("sat")
-# What an evaluation writes into --output-dir besides log.txt (--overwrite replaces them), each written under
-# its partial_name until the evaluation is complete; "overlays" counts as the evaluation's only beside one of
-# the files (train.py's final test draws overlays too).
-EVAL_FILES = ("metrics.json", "per_image.csv", "wsol_curves.json", "wsol_curves.png")
+# What an evaluation writes into --output-dir besides log.txt: utils/outputs.EVALUATION_FILES and the overlays,
+# each written under its partial_name until the evaluation is complete; "overlays" counts as the evaluation's
+# only beside one of the files (train.py's final test draws overlays too).
 OVERLAYS = "overlays"
-PARTIALS = [partial_name(name) for name in EVAL_FILES + (OVERLAYS,)]
+PARTIALS = [partial_name(name) for name in EVALUATION_FILES + (OVERLAYS,)]
+# The data keys evaluator_ImageNet.py takes no flag for (utils/config.py: NOT_IMAGENET_EVAL, split): it reads
+# ILSVRC2012's val/ (build_dataset's 'test' split of the imagenet format), never wsolevaluation metadata.
+IMAGENET_DATA = {"data_format": "imagenet", "metadata_root": None, "split": "test"}
 
 
 def main(argv=None, imagenet=False):
     """Evaluate a checkpoint (or saved maps) as the flags say; returns the record written to metrics.json."""
     args = parse_config(argv, "evaluate_imagenet" if imagenet else "evaluate")
+    if imagenet:
+        vars(args).update(IMAGENET_DATA)
     info = init_distributed(args.device)
     job = evaluate_checkpoint if args.maps is None else evaluate_maps
     lock = FolderLock(args.output_dir, "evaluator_ImageNet.py" if imagenet else "evaluator.py")
@@ -128,7 +133,7 @@ def check_output_paths(args, output_dir):
     """The previous evaluation's files in ``output_dir`` (utils/outputs.py: refused without --overwrite); a
     ConfigError for an overlays/ folder no evaluation wrote when this one draws overlays, and for --save-boxes /
     --save-maps paths of the wrong kind."""
-    previous = previous_outputs(output_dir, EVAL_FILES, args.overwrite, "evaluation")
+    previous = previous_outputs(output_dir, EVALUATION_FILES, args.overwrite, "evaluation")
     if (output_dir / OVERLAYS).exists():
         # beside a training run's results, overlays/ is its final test's, even with an evaluation there too (one
         # that drew no overlays): --overwrite --overlays replaced them. Told by train.py's own files: a folder
@@ -140,14 +145,14 @@ def check_output_paths(args, output_dir):
             raise ConfigError(f"{output_dir} holds an {OVERLAYS}/ folder that no evaluation wrote (train.py's final "
                               "test draws one): choose another --output-dir for the overlays")
     if args.save_boxes:
-        own = [output_dir / name for name in (*EVAL_FILES, *PARTIALS, "log.txt")]
+        own = [output_dir / name for name in (*EVALUATION_FILES, *PARTIALS, "log.txt")]
         check_output_file(args.save_boxes, args.overwrite, outputs=own)
     if args.save_maps:
         check_maps_folder(args.save_maps, args.overwrite)
     return previous
 
 
-SAVED_MAPS = ("sat", "wsol", "views.json")  # what --save-maps writes into its folder
+SAVED_MAPS = ("sat", "wsol", VIEW_FILE)  # what --save-maps writes into its folder (utils/saved_maps.write_maps)
 
 
 def check_maps_folder(folder, overwrite):
@@ -189,7 +194,7 @@ def evaluate_settings(args, protocol, annotations, output_dir, info):
     if args.wsol_threshold is not None and includes_wsol(protocol) and annotations == "masks" and info.is_main:
         _logger.warning("--wsol-threshold not used: the split has masks, not boxes (PxAP takes every map threshold; "
                         "overlays are drawn at its piou_threshold)")
-    if getattr(args, "overlay_blocks", False) and info.is_main and (protocol == "wsol" or not args.overlays):
+    if args.overlay_blocks and info.is_main and (protocol == "wsol" or not args.overlays):
         _logger.warning("--overlay-blocks not used: %s", "the wsol protocol's overlays show the fused map only (the "
                         "block maps are drawn on the sat protocol's: --eval-protocol both)" if args.overlays else
                         "no --overlays to draw")
@@ -207,9 +212,8 @@ def overlay_count(args):
 
 def data_record(args, fmt, root, split):
     """The keys of metrics.json that name the data evaluated (tools/compare.py compares them across runs)."""
-    metadata_root = getattr(args, "metadata_root", None)
     return {"data_format": fmt, "data_root": os.path.abspath(root),
-            "metadata_root": metadata_root and os.path.abspath(metadata_root), "split": split}
+            "metadata_root": args.metadata_root and os.path.abspath(args.metadata_root), "split": split}
 
 
 def load_model(args, imagenet):
@@ -228,14 +232,14 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
         check_loading(args.workers, args.gpu_decode, info.device)
     img_size = int(model.patch_embed.img_size[0])
     resize_size = args.resize_size or (meta.get("config") or {}).get("resize_size")
-    fmt, root = resolve_data(getattr(args, "data_format", "imagenet"), args.data_root, imagenet, info.is_main)
-    split = getattr(args, "split", "test")
+    fmt, root = resolve_data(args.data_format, args.data_root, imagenet, info.is_main)
+    split = args.split
 
     def load_data():
         loader = build_eval_loader(fmt, root, split, protocol=args.eval_protocol, tencrop=args.tencrop,
                                    img_size=img_size, resize_size=resize_size, batch_size=args.eval_batch_size,
                                    workers=args.workers, distributed=info.distributed,
-                                   metadata_root=getattr(args, "metadata_root", None), val_boxes=args.val_boxes,
+                                   metadata_root=args.metadata_root, val_boxes=args.val_boxes,
                                    gpu_decode=args.gpu_decode, pin_memory=info.device.type == "cuda")
         return loader, match_classes(loader.dataset, model, meta, args.checkpoint)
 
@@ -309,8 +313,8 @@ def bad_images(dataset, split, workers, info):
 def evaluate_maps(args, imagenet, info, output_dir, previous):
     """Saved maps of any method (utils/saved_maps.py) through the same ``evaluate``: a loader of the split's
     annotations without pixels, the maps and the predictions' classes in place of the forward."""
-    fmt, root = resolve_data(getattr(args, "data_format", "imagenet"), args.data_root, imagenet, info.is_main)
-    split = getattr(args, "split", "test")
+    fmt, root = resolve_data(args.data_format, args.data_root, imagenet, info.is_main)
+    split = args.split
     unused = [flag for flag, on in (("--amp", args.amp), ("--compile", args.compile),
                                     ("--gpu-decode", args.gpu_decode), ("--arch", args.arch is not None),
                                     ("--tencrop", "tencrop" in args.flags_given)) if on]
@@ -356,8 +360,7 @@ def load_maps(args, fmt, root, split):
     """(dataset, protocol, views, predictions, saved maps) of --maps on ``split``: the annotations without pixels,
     the protocol the maps are scored by, their views (views.json), the --predictions and the maps folder. Run by
     every process (its errors are said once: utils.distributed.run_everywhere)."""
-    dataset = build_dataset(fmt, root, split, metadata_root=getattr(args, "metadata_root", None),
-                            val_boxes=args.val_boxes)
+    dataset = build_dataset(fmt, root, split, metadata_root=args.metadata_root, val_boxes=args.val_boxes)
     protocol = resolve_protocol(args.eval_protocol, dataset)
     if protocol == "cls" and args.eval_protocol == "cls":
         raise ConfigError("--maps with --eval-protocol cls: maps are scored by a localization protocol (sat, wsol or "

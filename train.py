@@ -27,7 +27,7 @@ from DataLoader import build_dataset, build_loader
 from DataLoader.check import check_splits
 from DataLoader.device_transforms import on_device
 from DataLoader.eval_loader import build_eval_loader, resolve_data
-from DataLoader.eval_views import default_resize_size
+from DataLoader.eval_views import default_resize_size, views_of
 from DataLoader.image_cache import attach_image_cache
 from DataLoader.loader import check_loading
 from DataLoader.transforms import TrainPixels  # uint8 pixels: the engine crops on the device
@@ -81,10 +81,10 @@ def main(argv=None, imagenet=False):
 
 
 def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
-    """One training run; ``progress`` ({'epoch', 'saved', 'steps_done'}) is kept up to date for the message after an
-    interruption; ``resume``: the command that continues the run (default: from sys.argv), for the lines of
-    errors that stop it; ``lock``: the output folder's FolderLock, taken first (the caller releases it).
-    Returns the record written to results.json."""
+    """One training run; ``progress`` ({'epoch', 'saved', 'steps_done', 'previous_kept'}) is kept up to date for the
+    message after an interruption (utils/run_folder.interrupted_message); ``resume``: the command that continues
+    the run (default: from sys.argv), for the lines of errors that stop it; ``lock``: the output folder's
+    FolderLock, taken first (the caller releases it). Returns the record written to results.json."""
     # setup: the output folder (this run's, or an earlier run's that it continues or replaces), the log, the seed
     progress = {} if progress is None else progress
     resume = resume or resume_command(None, info.world_size > 1, getattr(info, "launcher", ""))
@@ -262,7 +262,7 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, 
     seconds = time.perf_counter() - started
     if info.is_main:
         log_evaluation_time(metrics, seconds)
-    tencrop = cfg.tencrop and plan.classifies_official_view
+    tencrop = views_of(test_loader.dataset).tencrop  # (build_loaders: cfg.tencrop where the protocol classifies)
     results = {"checkpoint": str(best_path), "epoch": meta["epoch"], "selection": meta["selection"], "split": "test",
                "eval_protocol": plan.protocol, **({"threshold": cfg.threshold} if sat else {}),
                "tencrop": tencrop, "precision": "fp32", "train_precision": describe(info.device, cfg.amp),

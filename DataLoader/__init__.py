@@ -1,8 +1,6 @@
 """Datasets (CUB release, ILSVRC2012, wsolevaluation metadata, custom folders, synthetic demo),
 official transforms and loaders for SAT."""
-import importlib
-
-from . import demo
+from . import demo, transforms
 from .build import FORMATS, SPLITS, build_dataset, check_data_root
 from .dataset import WSOLDataset
 from .demo import DEFAULT_DEMO_ROOT, make_demo_dataset
@@ -11,10 +9,3 @@ from .loader import build_loader, collate_samples
 
 __all__ = ["FORMATS", "SPLITS", "DEFAULT_DEMO_ROOT", "WSOLDataset", "build_dataset", "build_loader",
            "check_data_root", "collate_samples", "demo", "load_mask", "make_demo_dataset", "transforms"]
-
-
-def __getattr__(name):
-    """Import the torchvision-based ``transforms`` module on first use (keeps CLI start-up fast)."""
-    if name == "transforms":
-        return importlib.import_module(f"{__name__}.transforms")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,6 +15,7 @@ from .formats.folder import FOLDER_LAYOUT, load_folder
 from .formats.imagenet import WNID, load_imagenet
 from .formats.wsol import load_wsol
 from .subsets import few_shot
+from .transforms import test_transform, train_transform
 
 FORMATS = ("cub", "imagenet", "wsol", "folder", "dogs", "cars", "aircraft")
 SPLITS = ("train", "val", "test")
@@ -167,7 +168,5 @@ def build_dataset(fmt, root, split, transform=None, *, images_per_class=None, se
         items = few_shot(items, images_per_class, seed)
     evaluation = split != "train"
     if transform is None:
-        from .transforms import test_transform, train_transform  # torchvision is slow to import
-
         transform = test_transform() if evaluation else train_transform()
     return WSOLDataset(image_root, items, classes, transform, evaluation=evaluation, strict=strict)

@@ -65,7 +65,8 @@ def resolve_data(fmt, root, imagenet=False, is_main=True):
     return "cub", str(DEFAULT_DEMO_ROOT)
 
 
-# The annotations each protocol needs in the evaluated split, and those that make 'auto' choose it.
+# The annotations that make 'auto' choose each protocol (what each needs: sat and both boxes, wsol boxes or masks;
+# resolve_protocol).
 ANNOTATIONS = {"sat": "boxes", "wsol": "masks", "cls": None}
 
 

@@ -1,7 +1,9 @@
 """The shared training loop: accumulation, trainable subsets, AMP on/off, the loss scaler, NaN detection, RNG
 state, the evaluation schedule and the best-checkpoint rule."""
 import random
+import re
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,13 +12,13 @@ import torch
 from Model import build_model
 from Model.losses import SATLoss
 from utils.amp import LossScaler, autocast_context, cpu_supports_bf16
-from utils.engine import NonFiniteLossError, train_one_epoch
+from utils.engine import Meters, NonFiniteLossError, train_one_epoch
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 from train import per_process_batch
 from utils.checkpoint import rng_state, set_rng_state
 from utils.config import parse_config
 from utils.errors import ConfigError
-from utils.run_folder import how_to_continue, interrupted_message
+from utils.run_folder import check_run_folder, how_to_continue, interrupted_message
 from utils.selection import should_evaluate, update_best
 
 NANO = "deit_sat_nano_patch16_224"
@@ -99,11 +101,18 @@ def test_non_finite_loss_names_the_step():
         run(make_model(), loader, log_every=100)
 
 
-def test_max_steps_and_skipped_images():
-    loader = batches(4, 2)
+def test_skipped_images_counted():
+    loader = batches(2, 2)
     loader[0]["num_skipped"] = 1
-    stats, _, scheduler = run(make_model(), loader, max_steps=2)
+    stats, _, scheduler = run(make_model(), loader)
     assert stats["steps"] == 2 and scheduler.last_epoch == 2 and stats["images"] == 4 and stats["num_skipped"] == 1
+
+
+def test_meters_resume_from_sums_no_longer_kept():
+    # a mid-epoch last.pth of an earlier version also holds a "batches" sum, which nothing read
+    saved = {"images": torch.tensor(4.0, dtype=torch.float64), "batches": torch.tensor(2.0, dtype=torch.float64)}
+    meters = Meters(("images",), "cpu", saved)
+    assert meters.state() == {"images": torch.tensor(4.0, dtype=torch.float64)}
 
 
 def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
@@ -261,3 +270,12 @@ def test_images_per_sec_of_a_resumed_epoch_counts_the_images_trained_since():
                             scheduler=scheduler, progress=False, steps_done=3, meters_state=saved[3])
     assert stats["images"] == 16 and stats["steps"] == 4  # the epoch's totals include the restored steps
     assert stats["images_per_sec"] * stats["time"] == pytest.approx(4.0)  # the 4 images trained in the time
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "per_image.csv", "wsol_curves.json", "wsol_curves.png"])
+def test_a_run_does_not_start_beside_any_evaluation_file(tmp_path, name):
+    # the files an evaluation writes are one list (utils/outputs.EVALUATION_FILES), read by evaluator.py and here
+    (tmp_path / name).write_text("x")
+    cfg = SimpleNamespace(resume=None, overwrite=True)
+    with pytest.raises(ConfigError, match=rf"holds an evaluator's outputs \({re.escape(name)}\)"):
+        check_run_folder(cfg, tmp_path)

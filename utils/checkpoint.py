@@ -267,7 +267,8 @@ def resume_path(cfg, checkpoint_dir):
     return Path(cfg.resume)
 
 
-TRAINING_STATE = ("optimizer", "scheduler", "epoch", "config", "best")  # what last.pth adds to the weights
+# what a checkpoint needs to continue a run: last.pth holds them all (best*.pth: no optimizer, scheduler or best)
+TRAINING_STATE = ("optimizer", "scheduler", "epoch", "config", "best")
 
 
 class TrainingCheckpoints:

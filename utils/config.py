@@ -66,6 +66,8 @@ SCRIPTS = {
 }
 DEMO_CONFIG = "demo.yaml"  # train.py without --config and --data-root
 EVALUATOR_BATCH = 32  # the evaluators' eval_batch_size when it is null (no training micro-batch to follow)
+EVALUATOR_WORKERS = 4  # the evaluators' workers: at most this, and at most the process's share of the CPUs
+EVALUATOR_OUTPUT = "output/eval"  # the evaluators' output_dir
 _SAME = object()
 
 
@@ -293,17 +295,17 @@ FIELDS = {
                       scripts=BOTH),
     # run
     "output_dir": Field("run", "output/run", "str", "folder of the outputs: checkpoints, logs, metrics, results "
-                        "(the config files set their own, e.g. output/cub; the evaluators: output/eval)",
-                        scripts=BOTH, evaluator_default="output/eval"),
+                        f"(the config files set their own, e.g. output/cub; the evaluators: {EVALUATOR_OUTPUT})",
+                        scripts=BOTH, evaluator_default=EVALUATOR_OUTPUT),
     "seed": Field("run", 6, "int", "random seed (each process adds its rank)", domain="[0, 4294967295]"),
     "device": Field("run", "auto", "str", "auto = CUDA when available", choices=("auto", "cuda", "cpu"),
                     scripts=BOTH),
     "amp": Field("run", False, "amp", "mixed precision: false = fp32; true = bf16 autocast (CUDA: fp16 + grad "
                  "scaler on GPUs without bf16; CPU: needs native bf16); auto = true where supported, else fp32. "
                  "train.py's final test is always fp32", scripts=BOTH),
-    "workers": Field("run", 8, "int", "data loading processes per process (the evaluators: 4, at most the "
-                     "process's share of the CPUs)", domain=">= 0", scripts=BOTH,
-                     evaluator_default=min(4, cpu_share())),
+    "workers": Field("run", 8, "int", f"data loading processes per process (the evaluators: {EVALUATOR_WORKERS}, at "
+                     "most the process's share of the CPUs)", domain=">= 0", scripts=BOTH,
+                     evaluator_default=min(EVALUATOR_WORKERS, cpu_share())),
     "cache_images": Field("run", False, "bool", "keep each split's decoded, resized images in "
                           "<output_dir>/image_cache (filled during the first epoch; later epochs skip decoding); "
                           "removed when the run finishes"),

@@ -53,7 +53,8 @@ class Meters:
     def __init__(self, names, device, state=None):
         self.sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in names}
         for name, value in (state or {}).items():
-            self.sums[name] += value.to(device)
+            if name in self.sums:  # a last.pth of an earlier version may hold sums no longer kept ("batches")
+                self.sums[name] += value.to(device)
 
     def state(self):
         """This process's sums, on the CPU (saved with a mid-epoch last.pth)."""
@@ -103,7 +104,7 @@ def _check_window(window, steps_before_epoch, epoch, world_size):
 
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_scaler, *, scheduler, accum_steps=1,
-                    autocast=contextlib.nullcontext, clip_grad=None, log_every=20, max_steps=None, world_size=1,
+                    autocast=contextlib.nullcontext, clip_grad=None, log_every=20, world_size=1,
                     progress=True, steps_done=0, meters_state=None, on_step=None):
     """Train ``model`` (possibly DDP-wrapped) for one pass over ``loader``: ``criterion(logits, loc_maps, labels)``
     (SATLoss), backward / clipping / step through ``loss_scaler``, ``scheduler`` stepped per optimizer step.
@@ -113,11 +114,11 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
     averages over the processes (metrics.jsonl's train_* keys, docs/training.md)."""
     model.train()
     done = steps_done * accum_steps  # micro-batches of the epoch before this call
-    num_batches = done + len(loader) if max_steps is None else min(done + len(loader), max_steps * accum_steps)
+    num_batches = done + len(loader)
     num_steps = math.ceil(num_batches / accum_steps)
     steps_before_epoch = scheduler.last_epoch - steps_done  # optimizer steps done before this epoch
     # "this_run": the images of this call, not restored with a resumed epoch's sums: images/s is of the time measured
-    meters = Meters((*LOSS_KEYS, "correct", "batches", "images", "skipped", "this_run"), device,
+    meters = Meters((*LOSS_KEYS, "correct", "images", "skipped", "this_run"), device,
                     {name: value for name, value in (meters_state or {}).items() if name != "this_run"})
     window = []  # (optimizer step, loss) since the last read-back
     lr = optimizer.param_groups[0]["lr"]
@@ -129,8 +130,6 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
     with bar, redirect:
         loaded = on_device(loader, device)
         for i, batch in enumerate(loaded, start=done):
-            if i >= num_batches:
-                break
             step, position = divmod(i, accum_steps)
             group_size = min(accum_steps, num_batches - step * accum_steps)
             last_of_group = position == group_size - 1
@@ -151,7 +150,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
                     losses = criterion(logits, maps, labels)
                     loss_scaler(losses["loss"] / group_size, optimizer, clip_grad=clip_grad, update_grad=last_of_group)
                 # loss terms weighted by images (a partial batch counts for its images, as in train_acc1)
-                meters.update(**{key: losses[key].detach() * len(images) for key in LOSS_KEYS}, batches=1,
+                meters.update(**{key: losses[key].detach() * len(images) for key in LOSS_KEYS},
                               images=len(images), this_run=len(images),
                               correct=(logits.detach().argmax(dim=1) == labels).sum())
                 window.append((step, losses["loss"].detach()))

@@ -25,6 +25,9 @@ except ImportError:  # not a POSIX system: runs are not locked
 _logger = logging.getLogger("sat")
 
 PARTIAL = ".partial"  # marks the outputs being written, until Staged.commit moves them in place
+# What an evaluation (evaluator.py) writes into --output-dir besides log.txt and overlays/: --overwrite replaces
+# them, and a training run does not start beside them (utils/run_folder.py)
+EVALUATION_FILES = ("metrics.json", "per_image.csv", "wsol_curves.json", "wsol_curves.png")
 
 
 def partial_name(name):

@@ -15,13 +15,12 @@ from pathlib import Path
 from utils import distributed as dist_utils
 from utils.errors import ConfigError, echoed
 from utils.logger import open_log_file
-from utils.outputs import check_output_folder, delete_outputs
+from utils.outputs import EVALUATION_FILES, check_output_folder, delete_outputs
 
 IMAGE_CACHE = "image_cache"  # cache_images: one file per split (DataLoader/image_cache.py)
 # What a run writes into --output-dir (--overwrite deletes them).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.json", "config.yaml", "log.txt", "tensorboard", "overlays",
                IMAGE_CACHE)
-EVALUATION_FILES = ("metrics.json", "per_image.csv")  # evaluator.py's: a new run does not start beside them
 _logger = logging.getLogger("sat")
 
 
