@@ -275,3 +275,16 @@ def test_box_processes_default_scales_on_gpu_machines_only(monkeypatch, device, 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))  # the CPUs this process may use
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
     assert default_box_processes(device) == expected
+
+
+def test_wsol_protocol_alone_classifies_its_own_view(demo_root):
+    """Under --eval-protocol wsol the plain top1_cls / top5_cls are the wsol view's (under both: wsol_top1_cls),
+    recomputed here one image at a time (docs/evaluation.md, the wsol protocol)."""
+    model = nano_model(img_size=64)
+    loader = build_eval_loader("cub", demo_root, "test", protocol="wsol", tencrop=False, img_size=64, batch_size=5,
+                               workers=0)
+    result = evaluate(loader, model, "cpu", progress=False, threads=2)
+    reference = _per_image_reference(model, build_dataset("cub", demo_root, "test", lambda im: im), 64,
+                                     TRAIN_THRESHOLDS)
+    assert (result["top1_cls"], result["top5_cls"]) == (reference["wsol_top1_cls"], reference["wsol_top5_cls"])
+    assert "wsol_top1_cls" not in result and result["maxboxaccv2"] == reference["maxboxaccv2"]
