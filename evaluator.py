@@ -210,10 +210,15 @@ def overlay_count(args):
     return None if args.overlays == "all" else args.overlays
 
 
-def data_record(args, fmt, root, split):
-    """The keys of metrics.json that name the data evaluated (tools/compare.py compares them across runs)."""
-    return {"data_format": fmt, "data_root": os.path.abspath(root),
-            "metadata_root": args.metadata_root and os.path.abspath(args.metadata_root), "split": split}
+def evaluation_record(args, fmt, root, split, protocol, views):
+    """The keys of metrics.json that say what was evaluated and how, for a checkpoint and for saved maps alike: the
+    views' sizes, the data (tools/compare.py compares these across runs), the protocol, its views, the searched
+    map thresholds."""
+    return {"img_size": views.img_size, "resize_size": views.resize_size, "data_format": fmt,
+            "data_root": os.path.abspath(root),
+            "metadata_root": args.metadata_root and os.path.abspath(args.metadata_root), "split": split,
+            "eval_protocol": protocol, "views": list(views.names), "tencrop": views.tencrop,
+            "search_thresholds": searched_thresholds(args, protocol)}
 
 
 def load_model(args, imagenet):
@@ -276,11 +281,9 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
     log_evaluation_time(metrics, seconds)
     rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)
     record = {"checkpoint": str(args.checkpoint), "arch": arch, "num_classes": model.num_classes,
-              "labels_matched_by": labels_matched_by, "img_size": img_size, "resize_size": views.resize_size,
-              **data_record(args, fmt, root, split), "eval_protocol": protocol, "views": list(views.names),
-              "tencrop": views.tencrop,
+              "labels_matched_by": labels_matched_by, **evaluation_record(args, fmt, root, split, protocol, views),
               "precision": describe(info.device, args.amp), "compile": args.compile, "gpu_decode": args.gpu_decode,
-              "search_thresholds": searched_thresholds(args, protocol), **metrics}
+              **metrics}
     work_complete()  # every process: a stop signal from now on lets the outputs be kept
     if info.is_main:
         write_outputs(args, output_dir, previous, record, rows, curves, loader.dataset.classes)
@@ -347,9 +350,7 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
         drop_class_metrics(metrics)
     rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)
     record = {"maps": str(args.maps), "predictions": args.predictions, "num_classes": num_classes,
-              "img_size": views.img_size, "resize_size": views.resize_size, **data_record(args, fmt, root, split),
-              "eval_protocol": protocol, "views": list(views.names), "tencrop": False,
-              "search_thresholds": searched_thresholds(args, protocol), **metrics}
+              **evaluation_record(args, fmt, root, split, protocol, views), **metrics}
     work_complete()  # every process: a stop signal from now on lets the outputs be kept
     if info.is_main:
         write_outputs(args, output_dir, previous, record, rows, curves, dataset.classes)
