@@ -37,6 +37,8 @@ def build_model(arch: str, num_classes: int = 1000, pretrained=False, *, spellin
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ConfigError(f"{SPELLINGS[spelling]['num_classes'].format(repr(num_classes))}: the number of classes "
                           "must be a positive integer")
+    if "img_size" in overrides:
+        check_img_size(overrides["img_size"], overrides.get("patch_size", PATCH_SIZE), spelling)
     try:
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **overrides)
     except OSError as err:  # hub / network / cache errors of the pretrained download
@@ -114,6 +116,22 @@ ARCH_BY_SHAPE = {(args["embed_dim"], args["depth"]): name for name, args in ARCH
 PATCH_SIZE = 16
 
 
+def _pair(size):
+    """An int or a (height, width) pair as a tuple of two, for comparing img_size values."""
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+
+def check_img_size(img_size, patch_size=16, spelling="flags"):
+    """ConfigError unless the input size (an int or a pair) is a positive multiple of the patch size: the patch
+    embedding drops the pixels past the last whole patch, so the map would not cover the whole input."""
+    for size in _pair(img_size):
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < patch_size \
+                or size % patch_size:
+            raise ConfigError(f"{SPELLINGS[spelling]['img_size'].format(repr(img_size))}: the input size must be a "
+                              f"positive integer multiple of the patch size {patch_size} (the localization map "
+                              "covers whole patches)")
+
+
 def weight_shapes(state_dict):
     """(embed dim, depth, classes, input size) of a SAT state dict, from its tensors' shapes."""
     if "pos_embed" not in state_dict or "head.weight" not in state_dict:
@@ -129,10 +147,11 @@ def weight_shapes(state_dict):
 SPELLINGS = {
     "flags": {"arch": "--arch {}", "num_classes": "--num-classes {}", "fix_arch": "drop --arch",
               "fix_classes": "drop --num-classes", "no_weights": "--pretrained false",
-              "weights_file": "--pretrained PATH"},
+              "weights_file": "--pretrained PATH", "img_size": "--img-size {}", "fix_img_size": "drop --img-size"},
     "hub": {"arch": "the entry point {}", "num_classes": "num_classes={}",
             "fix_arch": "load it with torch.hub's entry point {}", "fix_classes": "leave out num_classes=",
-            "no_weights": "pretrained=False", "weights_file": "pretrained='PATH'"},
+            "no_weights": "pretrained=False", "weights_file": "pretrained='PATH'", "img_size": "img_size={}",
+            "fix_img_size": "leave out img_size="},
 }
 # How to build a model of other widths or depths: its options, which only Python and torch.hub take
 OTHER_SHAPES = {"flags": "the scripts build the registered ones only; load it with torch.hub (an entry point, "
@@ -156,6 +175,9 @@ def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="
     shapes = weight_shapes(state_dict)
     if shapes is None:
         raise CheckpointError(f"checkpoint {path} is not a SAT model (no pos_embed / head.weight)")
+    if "loc_token" not in state_dict and state_dict["head.weight"].dim() == 2:  # a ViT's linear head, no SAT token
+        raise CheckpointError(f"checkpoint {path} holds a plain ViT / DeiT's weights (a linear head, no spatial "
+                              f"token loc_token), not SAT's; to start SAT from them: {words['weights_file']}")
     recorded, fitted = ckpt.get("arch"), ARCH_BY_SHAPE.get(shapes[:2])
     if arch and fitted and arch != fitted and "embed_dim" not in overrides:
         raise CheckpointError(f"checkpoint {path} does not fit {words['arch'].format(arch)}: it "
@@ -175,6 +197,9 @@ def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="
     if name is None:
         raise CheckpointError(f"checkpoint {path}: embed dim {shapes[0]} and depth {shapes[1]} fit no registered "
                               f"SAT architecture; {OTHER_SHAPES[spelling]}")
+    if "img_size" in overrides and _pair(overrides["img_size"]) != (shapes[3], shapes[3]):  # else: "1 keys differ"
+        raise CheckpointError(f"checkpoint {path} takes {shapes[3]} x {shapes[3]} inputs, not "
+                              f"{words['img_size'].format(overrides['img_size'])}; {words['fix_img_size']}")
     kwargs = dict(ckpt.get("model_kwargs") or {})
     kwargs.setdefault("img_size", ckpt.get("img_size") or shapes[3])
     kwargs.update(overrides)

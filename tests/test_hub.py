@@ -96,3 +96,41 @@ def test_checkpoint_saved_as_documented_rebuilds_the_model_built(tmp_path, optio
     assert rebuilt.blocks[0].attn.num_heads == model.blocks[0].attn.num_heads
     torch.testing.assert_close(got[0], expected[0], atol=0, rtol=0)
     torch.testing.assert_close(got[1], expected[1], atol=0, rtol=0)
+
+
+def test_hub_checkpoint_of_a_plain_deit_says_it_is_pretrained_weights(tmp_path):
+    # a timm DeiT file given as checkpoint=: one line saying what it is, not "has 1000 classes, not num_classes=5;
+    # leave out num_classes=" (then "3 keys differ") or "load it with the entry point deit_sat_tiny" (the same)
+    import timm
+    path = tmp_path / "deit_tiny.pth"
+    torch.save(timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=7).state_dict(), path)
+    for entry_point, options in (("deit_sat_tiny_patch16_224", {"num_classes": 5}),
+                                 ("deit_sat_small_patch16_224", {})):
+        with pytest.raises(CheckpointError) as err:
+            torch.hub.load(str(REPO_ROOT), entry_point, source="local", checkpoint=str(path), **options)
+        assert str(err.value) == (f"checkpoint {path} holds a plain ViT / DeiT's weights (a linear head, no spatial "
+                                  "token loc_token), not SAT's; to start SAT from them: pretrained='PATH'")
+
+
+def test_hub_checkpoint_with_another_img_size_names_the_checkpoints_size(tmp_path):
+    nano = "deit_sat_nano_patch16_224"
+    path = tmp_path / "nano.pth"
+    model = build_model(nano, num_classes=3, img_size=64)
+    save_checkpoint({"model": model.state_dict(), **model_spec(model, nano)}, path)
+    with pytest.raises(CheckpointError) as err:  # was: "does not fit the model (1 keys differ, first: pos_embed ..."
+        torch.hub.load(str(REPO_ROOT), nano, source="local", checkpoint=str(path), img_size=224)
+    assert str(err.value) == f"checkpoint {path} takes 64 x 64 inputs, not img_size=224; leave out img_size="
+    for same in (64, (64, 64)):
+        assert torch.hub.load(str(REPO_ROOT), nano, source="local", checkpoint=str(path),
+                              img_size=same).patch_embed.img_size == (64, 64)
+
+
+def test_hub_img_size_not_a_multiple_of_the_patch_size_is_refused():
+    # img_size=100 built a model whose patch embedding drops 4 pixels: a 6 x 6 map over 96 of the 100 pixels
+    for size in (100, (128, 100)):
+        with pytest.raises(ConfigError) as err:
+            torch.hub.load(str(REPO_ROOT), "deit_sat_nano_patch16_224", source="local", num_classes=2, img_size=size)
+        assert str(err.value) == (f"img_size={size!r}: the input size must be a positive integer multiple of the "
+                                  "patch size 16 (the localization map covers whole patches)")
+    assert torch.hub.load(str(REPO_ROOT), "deit_sat_nano_patch16_224", source="local", num_classes=2,
+                          img_size=(64, 96)).patch_embed.img_size == (64, 96)

@@ -499,3 +499,19 @@ def test_the_smoothing_kernel_first_made_under_inference_mode_serves_training():
     maps = torch.rand(2, 4, 4, dtype=torch.float64, requires_grad=True)
     normalization_loss(maps).backward()
     assert maps.grad is not None and maps.grad.abs().sum() > 0
+
+
+def test_not_a_checkpoint_says_what_the_file_holds(tmp_path):
+    # an optimizer-only file, as some training loops save it: the line said only what was expected
+    model = build_model(NANO, num_classes=2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for name, content, holds in (("optim.pth", {"optimizer": optimizer.state_dict()},
+                                  "it holds a dict of the keys 'optimizer'"),
+                                 ("optim_sd.pth", optimizer.state_dict(),
+                                  "it holds an optimizer's state (state, param_groups), not model weights"),
+                                 ("list.pth", [1, 2, 3], "it holds a list")):
+        torch.save(content, tmp_path / name)
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(tmp_path / name, model)
+        assert str(err.value) == (f"{tmp_path / name} is not a checkpoint: expected a state dict or a dict with a "
+                                  f"'model' or 'state_dict' state dict; {holds}")

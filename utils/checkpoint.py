@@ -161,7 +161,17 @@ def read_checkpoint(path, what="checkpoint") -> Dict[str, Any]:
     if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return {"model": ckpt}  # a bare state dict
     raise CheckpointError(f"{path} is not a {kind}: expected a state dict or a dict with a 'model' or "
-                          "'state_dict' state dict")
+                          f"'state_dict' state dict; {_holds(ckpt)}")
+
+
+def _holds(obj):
+    """What a loaded file that is no checkpoint holds, in a few words (for the refusal's line)."""
+    if isinstance(obj, dict) and {"state", "param_groups"} <= set(obj):
+        return "it holds an optimizer's state (state, param_groups), not model weights"
+    if isinstance(obj, dict) and obj:
+        keys = [repr(key) for key in obj]
+        return f"it holds a dict of the keys {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+    return f"it holds {'an empty dict' if isinstance(obj, dict) else 'a ' + type(obj).__name__}"
 
 
 def clean_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
