@@ -23,7 +23,7 @@ LAYOUTS = {
     "cub": CUB_LAYOUT,
     "imagenet": "the ILSVRC2012 layout: train/<wnid>/ and/or val/",
     "wsol": "the image root that wsolevaluation image ids are relative to",
-    "folder": f"the custom layout: {FOLDER_LAYOUT}",
+    "folder": f"the folder layout: {FOLDER_LAYOUT}",
     "dogs": DOGS_LAYOUT,
     "cars": CARS_LAYOUT,
     "aircraft": AIRCRAFT_LAYOUT,

@@ -71,9 +71,10 @@ ANNOTATIONS = {"sat": "boxes", "wsol": "masks", "cls": None}
 
 
 def protocol_for_data(dataset):
-    """``auto`` resolved from what the data has: boxes -> sat, masks only -> wsol, neither -> cls."""
+    """``auto`` resolved from what the data has: boxes -> sat, masks only -> wsol, neither -> cls. A split read
+    with a box file (``item.boxes`` not None) has boxes, even when the file names none of its images."""
     items = dataset.items
-    if any(item.boxes is not None and len(item.boxes) for item in items):
+    if any(item.boxes is not None for item in items):
         return "sat"
     if any(item.mask_paths is not None for item in items):
         return "wsol"

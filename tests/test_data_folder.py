@@ -72,3 +72,34 @@ def test_boxes_csv_quoted_as_spreadsheets_write_it(custom):
     test = build_dataset("folder", custom, "test")
     assert [(item.path, item.boxes.tolist()) for item in test.items] == [
         ("test/cat/a,b.png", [[3, 3, 9, 9]]), ("test/dog/0.png", [[1, 2, 30, 18]])]
+
+
+def test_a_boxes_csv_without_a_box_of_the_split_is_refused(custom):
+    """A boxes.csv that names none of an evaluation split's images (empty, or only train rows) is refused as one
+    that misses some images is, not taken for data without boxes (evaluated as classification only)."""
+    from DataLoader.eval_loader import resolve_protocol
+    for text in ("image,x0,y0,x1,y1\n", "train/cat/0.png,1,1,5,5\n"):
+        (custom / "boxes.csv").write_text(text)
+        test = build_dataset("folder", custom, "test")
+        with pytest.raises(DataError, match=r"2 of the 2 evaluation images have no boxes \(first: test/cat/0.png\); "
+                                            r".*\(--eval-protocol cls\)"):
+            resolve_protocol("auto", test)
+        assert resolve_protocol("cls", test) == "cls"
+    (custom / "boxes.csv").unlink()
+    assert resolve_protocol("auto", build_dataset("folder", custom, "test")) == "cls"  # no file: no boxes
+
+
+def test_images_in_a_folder_inside_a_class_folder_are_not_read_and_said(custom, caplog):
+    """ImageFolder users keep images in sub-folders of a class: they are left out, with a warning naming them."""
+    (custom / "train" / "dog" / "batch2" / "more").mkdir(parents=True)
+    Image.new("RGB", (40, 20)).save(custom / "train" / "dog" / "batch2" / "5.png")
+    with caplog.at_level("WARNING", logger="sat"):
+        train = build_dataset("folder", custom, "train")
+    assert len(train) == 4
+    assert caplog.messages == [f"{custom / 'train'}: 1 folder(s) inside class folders (first: "
+                               f"{custom / 'train' / 'dog' / 'batch2'}): the images in them are not read (only the "
+                               "files directly in a class folder are)"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sat"):
+        build_dataset("folder", custom, "test")
+    assert caplog.messages == []

@@ -195,3 +195,19 @@ def test_size_warning_names_image_sizes_txt(boxes_set):
     report = check_split(build_dataset("wsol", images, "test", metadata_root=meta), "test")
     assert report.bad == [] and f"({meta / 'test/image_sizes.txt'} line 1 states 60x40, the file is 50x40)" in \
         report.size_warning()
+
+
+def test_a_class_number_no_training_image_has_is_warned(boxes_set, caplog):
+    """Labels 0, 1 and 3: class 2 is a class of its own with no image (the classes are 0 to the largest label)."""
+    images, meta = boxes_set
+    write_metadata(meta / "train", [f"train/n0{i % 2}/img{i}.JPEG" for i in range(4)], [0, 1, 3, 1])
+    with caplog.at_level("WARNING", logger="sat"):
+        train = build_dataset("wsol", images, "train", metadata_root=meta)
+    assert len(train.classes) == 4
+    assert caplog.messages == [f"{meta / 'train' / 'class_labels.txt'}: no image of class 2 (the classes are 0 to "
+                               "the largest label, 3)"]
+    caplog.clear()
+    write_metadata(meta / "train", [f"train/n0{i % 2}/img{i}.JPEG" for i in range(4)], [0, 1, 0, 1])
+    with caplog.at_level("WARNING", logger="sat"):
+        build_dataset("wsol", images, "train", metadata_root=meta)
+    assert caplog.messages == []

@@ -211,6 +211,22 @@ def test_pxap_on_synthetic_masks(tmp_path):
                           metadata_root=metadata)
 
 
+@pytest.mark.parametrize("wsol_threshold", [None, 0.5])  # drawn once PxAP's threshold is known / at once
+def test_mask_data_overlays_outline_the_gt_mask_in_red(tmp_path, wsol_threshold):
+    """On mask data the overlays' ground truth is the mask's outline (they drew none: no boxes), in the wsol 224 x
+    224 frame: image 0's mask, rows 8-29 and columns 6-39 of 48, is rows 37-139 and columns 28-186 there."""
+    images, metadata = _write_mask_dataset(tmp_path)
+    loader = build_eval_loader("wsol", images, "test", protocol="wsol", tencrop=False, img_size=64, batch_size=4,
+                               workers=0, metadata_root=metadata)
+    evaluate(loader, nano_model(num_classes=2), "cpu", progress=False, overlay_dir=tmp_path / "overlays",
+             wsol_threshold=wsol_threshold)
+    red = (np.asarray(Image.open(tmp_path / "overlays" / "test/a/x.png").convert("RGB")) == (255, 0, 0)).all(-1)
+    rows, columns = np.nonzero(red)
+    assert abs(rows.min() - 37) <= 1 and abs(rows.max() - 139) <= 1
+    assert abs(columns.min() - 28) <= 1 and abs(columns.max() - 186) <= 1
+    assert not red[50:130, 40:175].any()  # an outline, inside it the heat map
+
+
 def test_shard_sampler_covers_each_index_once():
     shards = [list(ShardSampler(10, rank, 3)) for rank in range(3)]
     assert sorted(sum(shards, [])) == list(range(10))

@@ -105,3 +105,12 @@ def test_captions_and_figure_labels_fit_whatever_sizes_the_font_is_drawn_at():
     panel = np.full((60, 400, 3), 255, np.uint8)
     box(panel, 20, 5, 370, 55, GREY, "spatial-aware block 1: softmax(QK^T/sqrt(d)) @ (P * V)", 0.45)
     assert (panel[10:50, 23:28] == GREY).all() and (panel[10:50, 363:368] == GREY).all()  # margins untouched
+
+
+def test_a_caption_with_accents_is_drawn_as_its_ascii_letters():
+    """OpenCV's fonts have ASCII only and drew each byte of a class name's 'é' as '?' ('grey h??ron'): accents
+    are dropped, so that the overlay reads as the ASCII caption does."""
+    image = np.zeros((40, 224, 3), np.uint8)
+    accented, plain = (render_overlay(image, np.zeros((7, 7)), caption=f"grey h{e}ron  IoU 0.75 @ 0.4")
+                       for e in ("\u00e9", "e"))
+    assert np.array_equal(accented, plain)

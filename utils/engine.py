@@ -291,7 +291,7 @@ class BatchScorer:
         views, protocol = self.views, self.views.protocol
         counters = Counters(protocol, self.thresholds, views.img_size)
         labels, boxes, sizes, ids = batch["label"], batch["boxes"], batch["size"], batch["image_id"]
-        pred_boxes = ious = gt_sat = None
+        pred_boxes = ious = gt_sat = gt_masks = None
         if "cls" in counters.parts:
             counters.parts["cls"].update(out["sat"][0], labels)
         if "sat" in out and self.thresholds:  # the sat boxes at each map threshold (predictions without GT too)
@@ -316,6 +316,7 @@ class BatchScorer:
                 masks = [load_mask(paths, ignore, WSOL_MAP_SIZE)
                          for paths, ignore in zip(batch["mask_paths"], batch["ignore_path"])]
                 counters.parts["pxap"].update(loc_maps, *map(np.stack, zip(*masks)), normalised=self.from_files)
+                gt_masks = [foreground for foreground, _ in masks]
         if self.save_maps:
             write_maps(self.save_maps, ids, out)
         column = self.thresholds.index(self.threshold) if pred_boxes is not None and self.threshold is not None \
@@ -328,7 +329,8 @@ class BatchScorer:
                              out["blocks"][1][k] if "blocks" in out else ())
             elif "wsol" in out and self.threshold is not None:  # wsol at a given map threshold
                 self.overlay(ids[k], crop, out["wsol"][1][k], "wsol", self.threshold, None,
-                             gt_boxes_wsol(boxes[k], sizes[k]), predicted_class(out["wsol"][0], k))
+                             gt_boxes_wsol(boxes[k], sizes[k]), predicted_class(out["wsol"][0], k),
+                             gt_mask=gt_masks[k] if gt_masks else None)
         return counters, rows
 
     def _rows(self, batch, out, pred_boxes, ious, column):
@@ -360,10 +362,10 @@ class BatchScorer:
             rows.append(row)
         return rows
 
-    def overlay(self, image_id, crop, loc_map, protocol, threshold, box, gt, pred, block_maps=()):
-        """One overlay PNG: heat map, predicted box at ``threshold`` (green), GT boxes (red), caption; with
-        ``block_maps`` (sat), each spatial-aware block's map and box first, then the fused map (the paper's
-        visualization)."""
+    def overlay(self, image_id, crop, loc_map, protocol, threshold, box, gt, pred, block_maps=(), gt_mask=None):
+        """One overlay PNG: heat map, predicted box at ``threshold`` (green), GT boxes or the GT mask's outline
+        (wsol, mask data; red), caption; with ``block_maps`` (sat), each spatial-aware block's map and box first,
+        then the fused map (the paper's visualization)."""
         panels = [render_overlay(crop, sat_map(m, self.views.img_size), sat_box(m, threshold, self.views.img_size),
                                  gt, f"block {layer}") for layer, m in zip(self.block_layers, block_maps)]
         if protocol == "sat":
@@ -374,7 +376,7 @@ class BatchScorer:
         name = "" if pred is None else self.class_names[pred] if self.class_names else str(pred)
         caption = f"{name}  IoU {max_iou(np.asarray(box)[None], gt)[0]:.2f} @ {threshold:g}".strip() if len(gt) \
             else name
-        panels.append(render_overlay(crop, normalised, box, gt, caption))
+        panels.append(render_overlay(crop, normalised, box, gt, caption, gt_mask))
         path = self.overlay_dir / f"{image_id}.png" if image_id in self.suffix_kept else \
             (self.overlay_dir / image_id).with_suffix(".png")
         with writing_outputs(path):
@@ -524,17 +526,20 @@ class HeldOverlays:
     def hold(self, batch, out, crops):
         """Keep the batch's overlays; the crops left to draw with the batch: none."""
         scores, loc_maps = out["wsol"]
+        masks = batch.get("mask_paths")
         self.held.extend((batch["image_id"][k], crop, loc_maps[k], batch["boxes"][k], batch["size"][k],
-                          predicted_class(scores, k)) for k, crop in crops.items())
+                          predicted_class(scores, k),
+                          load_mask(masks[k], None, WSOL_MAP_SIZE)[0] if masks else None)
+                         for k, crop in crops.items())
         return {}
 
     def draw(self, threshold):
         """Draw the held overlays at ``threshold``; the OutputError of one that cannot be written is returned (the
         caller shares it with the other processes), None when all were."""
         try:
-            for image_id, crop, loc_map, boxes, size, pred in self.held:
+            for image_id, crop, loc_map, boxes, size, pred, gt_mask in self.held:
                 self.scorer.overlay(image_id, crop, loc_map, "wsol", threshold, None,
-                                    gt_boxes_wsol(boxes, size), pred)
+                                    gt_boxes_wsol(boxes, size), pred, gt_mask=gt_mask)
         except OutputError as err:
             return err
         return None

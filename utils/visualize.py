@@ -1,5 +1,6 @@
 """Overlays of localization maps: heat map blended on the image, predicted box (green), GT boxes (red)."""
 import os
+import unicodedata
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,6 +28,13 @@ def draw_boxes(image: np.ndarray, boxes: Sequence[Sequence[float]], color, thick
     return out
 
 
+def drawable(text) -> str:
+    """``text`` as OpenCV's Hershey fonts can draw it: they have ASCII only and draw every byte of another
+    character's UTF-8 as '?' ('héron' -> 'h??ron'); accents are dropped ('heron'), other characters one '?'."""
+    text = unicodedata.normalize("NFKD", str(text))
+    return "".join(c if c.isascii() else "?" for c in text if not unicodedata.combining(c))
+
+
 def fit_scale(lines, width, scale, thickness=1, font=cv2.FONT_HERSHEY_SIMPLEX, smallest=0.1):
     """The largest font scale up to ``scale`` at which every one of ``lines`` is at most ``width`` pixels wide
     (``smallest`` if none is), measured by OpenCV at that scale: its fonts are drawn at a few discrete sizes
@@ -38,14 +46,19 @@ def fit_scale(lines, width, scale, thickness=1, font=cv2.FONT_HERSHEY_SIMPLEX, s
 
 
 def render_overlay(image: np.ndarray, score_map: np.ndarray, pred_box=None, gt_boxes=None,
-                   caption: Optional[str] = None) -> np.ndarray:
-    """Heat map + predicted box + GT boxes + an optional caption, as an RGB uint8 image."""
+                   caption: Optional[str] = None, gt_mask=None) -> np.ndarray:
+    """Heat map + predicted box + GT boxes (or the outline of a GT mask of the image's size) + an optional
+    caption, as an RGB uint8 image."""
     out = heatmap_overlay(image, score_map)
     if gt_boxes is not None and len(gt_boxes):
         out = draw_boxes(out, gt_boxes, GT_COLOR)
+    if gt_mask is not None:
+        contours, _ = cv2.findContours(np.asarray(gt_mask, np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        out = cv2.drawContours(np.ascontiguousarray(out).copy(), contours, -1, GT_COLOR, 2)
     if pred_box is not None:
         out = draw_boxes(out, [pred_box], PRED_COLOR)
     if caption:
+        caption = drawable(caption)
         font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.4
         scale = fit_scale(caption, out.shape[1] - 8, scale, thickness=3, font=font)  # shrink to fit the width
         cv2.putText(out, caption, (4, 12), font, scale, (0, 0, 0), 3, cv2.LINE_AA)
@@ -113,9 +126,9 @@ def line_panel(title, series, x_range, y_range, size=(480, 360)):
         line = np.array([point(x, y) for x, y in zip(xs, ys)], np.int32)
         if len(line):
             cv2.polylines(image, [line], False, color, 2, cv2.LINE_AA)
-        cv2.putText(image, name, (left + 8, top + 16 + 14 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, color, 1,
-                    cv2.LINE_AA)
-    cv2.putText(image, title, (left, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(image, drawable(name), (left + 8, top + 16 + 14 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, color,
+                    1, cv2.LINE_AA)
+    cv2.putText(image, drawable(title), (left, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     return image
 
 
@@ -126,7 +139,7 @@ def bar_panel(title, labels, series, y_range, size=(480, 360)):
     (y0, y1), height = y_range, size[1]
     left, right, top, gap = 48, 12, 28, 4
     font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.35
-    names = [str(label)[:28] for label in labels]
+    names = [drawable(label)[:28] for label in labels]
     bottom = 8 + max([cv2.getTextSize(name, font, scale, 1)[0][0] for name in names] + [0])
     bar_width = int(np.clip((size[0] - left - right) // max(1, len(names)) // max(1, len(series)), 6, 24))
     group = len(series) * bar_width + gap
@@ -153,9 +166,9 @@ def bar_panel(title, labels, series, y_range, size=(480, 360)):
         column = x + max(0, (group - gap - strip.shape[1]) // 2)
         image[base + 4:base + 4 + strip.shape[0], column:column + strip.shape[1]] = strip[:, :width - column]
     for k, name in enumerate(series):
-        cv2.putText(image, name, (left + 8, top + 16 + 14 * k), font, 0.4, SERIES_COLORS[k % len(SERIES_COLORS)],
-                    1, cv2.LINE_AA)
-    cv2.putText(image, title, (left, 18), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(image, drawable(name), (left + 8, top + 16 + 14 * k), font, 0.4,
+                    SERIES_COLORS[k % len(SERIES_COLORS)], 1, cv2.LINE_AA)
+    cv2.putText(image, drawable(title), (left, 18), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     return image
 
 

@@ -1,5 +1,6 @@
 """Custom data as image folders per class, ``<root>/<split>/<class>/<image>``, with optional boxes
 in ``<root>/boxes.csv`` (``image,x0,y0,x1,y1`` per box, image relative to root, header optional)."""
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from .annotations import Item, check_boxes, lines_source, read_table
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FOLDER_LAYOUT = "<split>/<class>/<image> folders"
+_logger = logging.getLogger("sat")
 
 
 def list_dir(directory):
@@ -62,14 +64,20 @@ def scan_class_folders(root, split, classes):
     """Items of ``<root>/<split>/<class>/<image>`` labelled by the class's index in ``classes``."""
     split_dir = Path(root) / split
     index = {name: label for label, name in enumerate(classes)}
-    items = []
+    items, nested = [], []
     for name in class_folders(split_dir):
         if name not in index:
             raise DataError(f"{split_dir / name}: class folder is not one of the {len(classes)} "
                             f"train classes (label outside the class range)")
-        items += [Item(f"{split}/{name}/{file}", index[name]) for file in image_files(split_dir / name)]
+        entries = list_dir(split_dir / name)
+        items += [Item(f"{split}/{name}/{file}", index[name]) for file, is_dir in entries
+                  if not is_dir and is_image_file(file)]
+        nested += [split_dir / name / file for file, is_dir in entries if is_dir]
     if not items:
         raise DataError(f"{split_dir}: no images found (expected {FOLDER_LAYOUT})")
+    if nested:  # torchvision's ImageFolder reads them: say that these are not
+        _logger.warning("%s: %d folder(s) inside class folders (first: %s): the images in them are not read (only "
+                        "the files directly in a class folder are)", split_dir, len(nested), nested[0])
     return items
 
 
@@ -107,7 +115,6 @@ def load_folder(root, split, boxes_csv=None):
     csv_path = Path(boxes_csv) if boxes_csv else root / "boxes.csv"
     if split != "train" and (boxes_csv or csv_path.exists()):
         boxes = read_boxes_csv(csv_path, root)
-        for item in items:
-            if item.path in boxes:
-                item.boxes, item.source = boxes[item.path]
+        for item in items:  # an image the file misses has no box (not None: the split is annotated, by the file)
+            item.boxes, item.source = boxes.get(item.path, (np.zeros((0, 4), np.float32), str(csv_path)))
     return root, items, classes

@@ -1,6 +1,7 @@
 """wsolevaluation metadata folders ``<metadata_root>/<split>/`` (CUB, ILSVRC, OpenImages30k):
 image_ids.txt, class_labels.txt (``id,class``), optional image_sizes.txt (``id,w,h``) and, for val/test,
 localization.txt (``id,x0,y0,x1,y1`` per box, or ``id,mask_path,ignore_path`` per mask)."""
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from .annotations import Item, check_boxes, check_label, entries, lines_source, 
 WSOL_LAYOUT = "wsolevaluation metadata: image_ids.txt, class_labels.txt, image_sizes.txt, localization.txt"
 LABELS_EXPECTED = "'image_id,class'"
 IDS_FILE = "image_ids.txt"
+_logger = logging.getLogger("sat")
 
 
 def _num_classes(metadata_root, labels):
@@ -67,6 +69,12 @@ def load_wsol(image_root, metadata_root, split):
         raise DataError(f"{ids_path}: lists no images (expected {WSOL_LAYOUT})")
     labels = rows_by_id(labels_path, (str, int), LABELS_EXPECTED, ids, IDS_FILE, sep=",")
     num_classes = _num_classes(metadata_root, labels)
+    if split == "train":  # a class number no image has is a class of its own, never trained on
+        seen = {rows[0][1][0] for rows in labels.values()}
+        empty = [label for label in range(num_classes) if label not in seen]
+        if empty:
+            _logger.warning("%s: no image of class %s (the classes are 0 to the largest label, %d)", labels_path,
+                            ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else ""), num_classes - 1)
     sizes_path = meta / "image_sizes.txt"
     sizes = (rows_by_id(sizes_path, (str, int, int), "'image_id,width,height'", ids, IDS_FILE, sep=",")
              if sizes_path.exists() else {})
