@@ -349,3 +349,12 @@ def test_table_of_a_missing_runs_folder_is_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2
         assert capsys.readouterr() == ("", f"error: {path}: {what} (expected the folder the runs of "
                                            "tools/gpu_check.sh wrote into)\n")
+
+
+def test_help_gives_the_whole_description(capsys):
+    """--help gives the docstring whole (its first line alone stopped at 'against their')."""
+    with pytest.raises(SystemExit):
+        gpu_table.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "against their targets) and tools/gpu_record.sh (the one-GPU record" in text
+    assert "python tools/gpu_table.py check RUNS" in text

@@ -3,8 +3,11 @@ no download)."""
 import re
 
 import pytest
+from PIL import Image
 
 from conftest import REPO_ROOT
+from DataLoader import build_dataset
+from DataLoader.build import SPLITS
 
 
 def python_blocks(doc, section):
@@ -69,3 +72,16 @@ def test_the_quick_start_states_the_versions_requirements_admit():
         return f"{major}.{int(minor) - 1}"
     assert stated.groups() == (pins["torch"][0], below(pins["torch"][1]),
                                pins["torchvision"][0], below(pins["torchvision"][1]))
+
+
+def test_the_datasets_page_names_every_split_the_folder_format_reads(tmp_path):
+    """Your own data: each split the folder reader builds (val/ too: --val-split, evaluator.py --split val) is
+    named on the datasets page as ROOT/<split>/."""
+    for split in SPLITS:
+        (tmp_path / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "cat" / "0.png")
+    text = (REPO_ROOT / "docs" / "datasets.md").read_text(encoding="utf-8")
+    section = text.split("\n## Your own data (`folder`)\n", 1)[1].split("\n## ", 1)[0]
+    for split in SPLITS:
+        assert len(build_dataset("folder", tmp_path, split)) == 1
+        assert f"`ROOT/{split}/" in section, f"datasets.md does not name the folder format's {split}/ split"

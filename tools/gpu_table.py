@@ -439,7 +439,7 @@ TITLES = {"check": "GPU check: the input pipeline and evaluation where users run
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=("env", "check", "record"))
     p.add_argument("runs", nargs="?", help="the folder the runs wrote into")
     p.add_argument("--device", default="cuda", help="env: the device measured")

@@ -249,7 +249,8 @@ FIELDS = {
                        "null: looked for under data_root) or the folder format's boxes CSV (null: "
                        "<data_root>/boxes.csv)", nullable=True, scripts=BOTH),
     "val_split": Field("data", False, "bool", "select the model (best.pth) on the held-out 'val' split "
-                       "(wsolevaluation train-fullsup) instead of test; the final test keeps its fixed threshold"),
+                       "(wsolevaluation train-fullsup, or a folder dataset's val/) instead of test; the final test "
+                       "keeps its fixed threshold"),
     "images_per_class": Field("data", None, "int", "few-shot: train on N images per class", domain=">= 1",
                               nullable=True),
     "drop_last": Field("data", False, "bool", "drop each epoch's last partial training batch (with accum_steps, "
@@ -330,12 +331,13 @@ FIELDS = {
                                  "normalised, as wsolevaluation scores it) instead of stopping at it"),
     "num_classes": Field("evaluator", None, "int", "classes of the model (null: read off the head's shape)",
                          domain=">= 1", nullable=True),
-    "split": Field("evaluator", "test", "str", "split to evaluate: test, or val (wsolevaluation train-fullsup)",
+    "split": Field("evaluator", "test", "str", "split to evaluate: test, or val (wsolevaluation train-fullsup, or "
+                   "a folder dataset's val/)",
                    choices=("test", "val"), scripts=("evaluate",)),
     "thresholds": Field("evaluator", [], "floats", "map thresholds searched on the evaluated split: the best (GT-known "
                         "+ Top-1 Loc) is reported under best_threshold, never as the headline", domain="[0, 1]"),
     "wsol_threshold": Field("evaluator", None, "float", "wsol protocol: also report box accuracy at this map "
-                            "threshold (e.g. maxboxacc_threshold chosen on --split val) and draw overlays at it "
+                            "threshold (e.g. a maxboxacc_threshold chosen on a val split) and draw overlays at it "
                             "(null: at MaxBoxAcc's)", domain="[0, 0.99]", nullable=True,
                             rule=(on_grid, "one of wsolevaluation's map thresholds 0, 0.01, ..., 0.99")),
     "save_maps": Field("evaluator", None, "str", "write each image's maps: the raw sat map as "
