@@ -459,8 +459,9 @@ def match_classes(dataset, model, meta, checkpoint):
     """Align the dataset's labels with the model's classes: by name when the checkpoint records its class
     names (a class subset is remapped, with a warning), else by index. A class the model lacks is an
     error, and so are names all unlike the data's for another class count (a checkpoint of another dataset);
-    names that differ are a warning naming a few (renamed classes). Returns how labels were matched ("name" or
-    "index"), for metrics.json."""
+    names that differ are a warning naming a few (renamed classes), unless a name both have sits at another index
+    (a class renamed, the others shifted: an error). Returns how labels were matched ("name" or "index"), for
+    metrics.json."""
     names = meta.get("class_names")
     if names and set(dataset.classes) <= set(names) and dataset.classes != list(names):
         index = {name: k for k, name in enumerate(names)}
@@ -484,6 +485,14 @@ def match_classes(dataset, model, meta, checkpoint):
         raise CheckpointError(f"checkpoint {checkpoint} predicts {model.num_classes} classes but the data has "
                               f"{dataset.num_classes}; classes outside the model: {', '.join(map(str, extra))}")
     matched = "name" if names and list(names[:dataset.num_classes]) == list(dataset.classes) else "index"
+    moved = [(name, list(names).index(name), k) for k, name in enumerate(dataset.classes)
+             if names and name in names and list(names).index(name) != k]
+    if matched == "index" and moved:  # by index it would be scored as another class; by name a class is missing
+        name, theirs, ours = moved[0]
+        missing = next(c for c in dataset.classes if c not in names)
+        raise CheckpointError(f"checkpoint {checkpoint}: class {name!r} is its class {theirs} but the data's class "
+                              f"{ours}, and the data's class {missing!r} is not among the checkpoint's: labels match "
+                              "neither by index nor by name; give the data the class names the model was trained on")
     if names and matched == "index":
         differ = [(a, b) for a, b in zip(dataset.classes, names) if a != b][:3]
         _logger.warning("the checkpoint's class names differ from the data's (labels matched by index), e.g. %s",

@@ -262,6 +262,12 @@ def test_class_subset_and_foreign_classes(cub, tmp_path, caplog, keep_logging):
         record = main(["--checkpoint", str(renamed), *common])
     assert "data '001.Ringed_Disc' vs checkpoint 'a'" in caplog.text and record["labels_matched_by"] == "index"
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["labels_matched_by"] == "index"
+    shifted = tmp_path / "shifted.pth"  # a class renamed: the others sort to other indices; by index they would
+    ckpt["class_names"] = ["002.Checkered_Square", "003.Striped_Triangle", "zebra"]  # score as their neighbours
+    torch.save(ckpt, shifted)
+    with pytest.raises(CheckpointError, match=r"class '002.Checkered_Square' is its class 0 but the data's class 1, "
+                                              r"and the data's class '001.Ringed_Disc' is not among the checkpoint's"):
+        main(["--checkpoint", str(shifted), *common])
     reordered = tmp_path / "reordered.pth"  # the data's classes in another order: said as such (not a 'subset')
     ckpt = torch.load(save_nano_checkpoint(tmp_path / "three.pth"), weights_only=True)
     ckpt["class_names"] = ckpt["class_names"][::-1]
