@@ -110,7 +110,10 @@ def check_every_image_annotated(dataset, annotations):
     else:
         missing = [item for item in dataset.items if not item.mask_paths]
     if missing:
+        # a box file that misses an image is named (the folder format's boxes.csv, or --val-boxes FILE)
+        where = f" in {missing[0].source}" if annotations == "boxes" and missing[0].boxes is not None and \
+            missing[0].source else ""
         raise DataError(f"{dataset.image_root}: {len(missing)} of the {len(dataset.items)} evaluation images have "
-                        f"no {annotations} (first: {missing[0].path}); "
+                        f"no {annotations}{where} (first: {missing[0].path}); "
                         "localization metrics need every image annotated: add them, or evaluate classification "
                         "only (--eval-protocol cls)")

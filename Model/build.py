@@ -2,6 +2,7 @@
 official release, its architecture read off the weights' shapes); the weights a checkpoint stores, and what it
 records to rebuild the model (``model_spec``)."""
 import logging
+import math
 import numbers
 import os
 import socket
@@ -177,7 +178,8 @@ def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="
         raise CheckpointError(f"checkpoint {path} is not a SAT model (no pos_embed / head.weight)")
     if "loc_token" not in state_dict and state_dict["head.weight"].dim() == 2:  # a ViT's linear head, no SAT token
         raise CheckpointError(f"checkpoint {path} holds a plain ViT / DeiT's weights (a linear head, no spatial "
-                              f"token loc_token), not SAT's; to start SAT from them: {words['weights_file']}")
+                              f"token loc_token), not SAT's; to start SAT from them: "
+                              f"{'train.py ' if spelling == 'flags' else ''}{words['weights_file']}")
     recorded, fitted = ckpt.get("arch"), ARCH_BY_SHAPE.get(shapes[:2])
     if arch and fitted and arch != fitted and "embed_dim" not in overrides:
         raise CheckpointError(f"checkpoint {path} does not fit {words['arch'].format(arch)}: it "
@@ -197,10 +199,20 @@ def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="
     if name is None:
         raise CheckpointError(f"checkpoint {path}: embed dim {shapes[0]} and depth {shapes[1]} fit no registered "
                               f"SAT architecture; {OTHER_SHAPES[spelling]}")
-    if "img_size" in overrides and _pair(overrides["img_size"]) != (shapes[3], shapes[3]):  # else: "1 keys differ"
-        raise CheckpointError(f"checkpoint {path} takes {shapes[3]} x {shapes[3]} inputs, not "
-                              f"{words['img_size'].format(overrides['img_size'])}; {words['fix_img_size']}")
     kwargs = dict(ckpt.get("model_kwargs") or {})
+    if "img_size" in overrides:  # its patch grid must be the checkpoint's (else: "1 keys differ, first: pos_embed")
+        patch = overrides.get("patch_size", kwargs.get("patch_size", PATCH_SIZE))
+        check_img_size(overrides["img_size"], patch, spelling)
+        height, width = _pair(overrides["img_size"])
+        positions = int(state_dict["pos_embed"].shape[1]) - 1
+        side = math.isqrt(positions)
+        if (height // patch) * (width // patch) != positions:
+            given = words['img_size'].format(overrides['img_size'])
+            if side * side == positions:
+                raise CheckpointError(f"checkpoint {path} takes {side * patch} x {side * patch} inputs, not {given}; "
+                                      f"{words['fix_img_size']}")
+            raise CheckpointError(f"checkpoint {path} takes inputs of {positions} patches of {patch} pixels (not a "
+                                  f"square), not {given}; give {words['img_size'].format('(height, width)')} as built")
     kwargs.setdefault("img_size", ckpt.get("img_size") or shapes[3])
     kwargs.update(overrides)
     model = build_model(name, num_classes=shapes[2], **kwargs)

@@ -81,8 +81,8 @@ def test_a_boxes_csv_without_a_box_of_the_split_is_refused(custom):
     for text in ("image,x0,y0,x1,y1\n", "train/cat/0.png,1,1,5,5\n"):
         (custom / "boxes.csv").write_text(text)
         test = build_dataset("folder", custom, "test")
-        with pytest.raises(DataError, match=r"2 of the 2 evaluation images have no boxes \(first: test/cat/0.png\); "
-                                            r".*\(--eval-protocol cls\)"):
+        with pytest.raises(DataError, match=r"2 of the 2 evaluation images have no boxes in .*boxes.csv \(first: "
+                                            r"test/cat/0.png\); .*\(--eval-protocol cls\)"):
             resolve_protocol("auto", test)
         assert resolve_protocol("cls", test) == "cls"
     (custom / "boxes.csv").unlink()
@@ -103,3 +103,19 @@ def test_images_in_a_folder_inside_a_class_folder_are_not_read_and_said(custom, 
     with caplog.at_level("WARNING", logger="sat"):
         build_dataset("folder", custom, "test")
     assert caplog.messages == []
+
+
+def test_a_val_split_the_box_file_does_not_name_is_refused_naming_the_file(custom, tmp_path):
+    """--val-split / --split val with a val/ folder: a box file of the test images only names itself in the
+    refusal (the line named the data root alone, not which file lacks the val images' boxes)."""
+    from DataLoader.eval_loader import resolve_protocol
+    for name in ("cat", "dog"):
+        (custom / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (40, 20), (1, 2, 3)).save(custom / "val" / name / "0.png")
+    csv = tmp_path / "test_boxes.csv"
+    csv.write_text("test/cat/0.png,1,1,5,5\ntest/dog/0.png,2,2,9,9\n")
+    assert resolve_protocol("auto", build_dataset("folder", custom, "test", val_boxes=csv)) == "sat"
+    with pytest.raises(DataError) as err:
+        resolve_protocol("auto", build_dataset("folder", custom, "val", val_boxes=csv))
+    assert str(err.value).startswith(f"{custom}: 2 of the 2 evaluation images have no boxes in {csv} (first: "
+                                     "val/cat/0.png); ")

@@ -278,8 +278,9 @@ def test_a_boxes_csv_that_misses_test_images_stops_before_training(tmp_path, cap
                 Image.new("RGB", (64, 48), (40 * k, 90, 160)).save(root / split / name / f"{k}.png")
     (root / "boxes.csv").write_text("image,x0,y0,x1,y1\ntest/cat/0.png,1,2,30,18\ntest/cat/1.png,0,0,5,5\n"
                                     "test/dog/1.png,3,3,9,9\n")  # test/dog/0.png has none
-    expected = f"error: {root}: 1 of the 4 evaluation images have no boxes (first: test/dog/0.png); localization " \
-               "metrics need every image annotated: add them, or evaluate classification only (--eval-protocol cls)"
+    expected = f"error: {root}: 1 of the 4 evaluation images have no boxes in {root / 'boxes.csv'} (first: " \
+               "test/dog/0.png); localization metrics need every image annotated: add them, or evaluate " \
+               "classification only (--eval-protocol cls)"
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train.main, args(str(root), out, "--data-format", "folder", "--epochs", "1"))

@@ -134,3 +134,24 @@ def test_hub_img_size_not_a_multiple_of_the_patch_size_is_refused():
                                   "patch size 16 (the localization map covers whole patches)")
     assert torch.hub.load(str(REPO_ROOT), "deit_sat_nano_patch16_224", source="local", num_classes=2,
                           img_size=(64, 96)).patch_embed.img_size == (64, 96)
+
+
+def test_hub_checkpoint_of_a_non_square_or_other_patch_size_model_loads_with_its_img_size(tmp_path):
+    # img_size= is compared by patch grid, not as a square of 16-pixel patches: a (64, 96) model's checkpoint
+    # (4 x 6 patches) was refused as "takes 80 x 80 inputs", and a patch_size=8 one as "takes 128 x 128 inputs"
+    nano = "deit_sat_nano_patch16_224"
+    for name, options in (("wide.pth", {"img_size": (64, 96)}), ("p8.pth", {"img_size": 64, "patch_size": 8})):
+        model = build_model(nano, num_classes=3, **options)
+        save_checkpoint({"model": model.state_dict(), **model_spec(model, nano)}, tmp_path / name)
+        loaded = torch.hub.load(str(REPO_ROOT), nano, source="local", checkpoint=str(tmp_path / name), **options)
+        assert tuple(loaded.patch_embed.img_size) == tuple(model.patch_embed.img_size)
+        torch.testing.assert_close(loaded.pos_embed, model.pos_embed, atol=0, rtol=0)
+    with pytest.raises(CheckpointError) as err:
+        torch.hub.load(str(REPO_ROOT), nano, source="local", checkpoint=str(tmp_path / "wide.pth"), img_size=(96, 96))
+    assert str(err.value) == (f"checkpoint {tmp_path / 'wide.pth'} takes inputs of 24 patches of 16 pixels (not a "
+                              "square), not img_size=(96, 96); give img_size=(height, width) as built")
+    with pytest.raises(CheckpointError) as err:
+        torch.hub.load(str(REPO_ROOT), nano, source="local", checkpoint=str(tmp_path / "p8.pth"), img_size=96,
+                       patch_size=8)
+    assert str(err.value) == (f"checkpoint {tmp_path / 'p8.pth'} takes 64 x 64 inputs, not img_size=96; leave out "
+                              "img_size=")

@@ -515,3 +515,12 @@ def test_not_a_checkpoint_says_what_the_file_holds(tmp_path):
             load_checkpoint(tmp_path / name, model)
         assert str(err.value) == (f"{tmp_path / name} is not a checkpoint: expected a state dict or a dict with a "
                                   f"'model' or 'state_dict' state dict; {holds}")
+
+
+def test_a_plain_deit_given_to_a_script_as_checkpoint_names_train_pys_flag(tmp_path):
+    # evaluator.py / tools/predict.py / tools/export_onnx.py have no --pretrained: the advice names train.py's
+    path = tmp_path / "deit_tiny.pth"
+    torch.save(timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=3).state_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        build_model_from_checkpoint(path)
+    assert str(err.value).endswith("not SAT's; to start SAT from them: train.py --pretrained PATH")
