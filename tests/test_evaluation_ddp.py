@@ -258,3 +258,31 @@ def test_flags_every_rank_refuses_are_said_once(tmp_path):
                                                                                      "cls: maps are scored")):
         assert ranks[0][k]["error"] == ranks[1][k]["error"] and ranks[0][k]["error"].startswith(fragment)
         assert [ranks[0][k]["echo"], ranks[1][k]["echo"]] == [False, True]
+
+
+def _warning_rank(rank, init_method, out_dir):
+    """Each rank runs the same warning-raising work through run_everywhere; what its 'sat' logger let through."""
+    import logging
+    from utils.distributed import run_everywhere
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    try:
+        seen = []
+        handler = logging.Handler()
+        handler.emit = lambda record: seen.append(record.getMessage())
+        sat = logging.getLogger("sat")
+        sat.addHandler(handler)
+        run_everywhere(lambda: sat.warning("val/ holds 5 images, the val boxes name 3"))
+        sat.warning("epoch 1: skipping unreadable image x.jpg")  # outside it: each process says its own
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(seen, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_warning_every_process_meets_in_run_everywhere_is_said_by_rank_0_alone(tmp_path):
+    """Building the data on every process said its warnings once per process (log.txt: again, marked [rank 1])."""
+    ranks = start_ranks(_warning_rank, (rendezvous(tmp_path), str(tmp_path)), nprocs=2)
+    assert ranks is None or ranks.join()
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert seen == [["val/ holds 5 images, the val boxes name 3", "epoch 1: skipping unreadable image x.jpg"],
+                    ["epoch 1: skipping unreadable image x.jpg"]]

@@ -4,6 +4,7 @@ on the CPU, plus small collective helpers that are no-ops in a single process.""
 import contextlib
 import datetime
 import itertools
+import logging
 import os
 import re
 import shutil
@@ -314,14 +315,31 @@ def run_on_main(is_main, fn, *args, **kwargs):
 def run_everywhere(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` on every process, for work that holds no collective operation (building datasets,
     loading a checkpoint): its SATError is raised on every process once all have run it, printed and logged by
-    the first process that met it (the others' are echoes), instead of once per process. Collective."""
+    the first process that met it (the others' are echoes), instead of once per process; its warnings (each
+    process meets the same ones: the same data, the same file) are said by the first process alone. Collective."""
     result, failure = None, None
     try:
-        result = fn(*args, **kwargs)
+        with _warnings_of_rank_0():
+            result = fn(*args, **kwargs)
     except SATError as err:
         failure = (type(err), user_message(err))
     raise_first(all_gather_object(failure))
     return result
+
+
+@contextlib.contextmanager
+def _warnings_of_rank_0():
+    """Drop the 'sat' logger's records below ERROR on the processes other than the first (rank 0 says them)."""
+    if not _active() or dist.get_rank() == 0:
+        yield
+        return
+    sat = logging.getLogger("sat")
+    keep = lambda record: record.levelno >= logging.ERROR  # noqa: E731
+    sat.addFilter(keep)
+    try:
+        yield
+    finally:
+        sat.removeFilter(keep)
 
 
 @contextlib.contextmanager
