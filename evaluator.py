@@ -191,9 +191,6 @@ def evaluate_settings(args, protocol, annotations, output_dir, info):
     if unused and info.is_main:
         _logger.warning("%s not used: the %s protocol does not read %s", " and ".join(unused), protocol,
                         "them" if len(unused) > 1 else "it")
-    if args.wsol_threshold is not None and includes_wsol(protocol) and annotations == "masks" and info.is_main:
-        _logger.warning("--wsol-threshold not used: the split has masks, not boxes (PxAP takes every map threshold; "
-                        "overlays are drawn at its piou_threshold)")
     if args.overlay_blocks and info.is_main and (protocol == "wsol" or not args.overlays):
         _logger.warning("--overlay-blocks not used: %s", "the wsol protocol's overlays show the fused map only (the "
                         "block maps are drawn on the sat protocol's: --eval-protocol both)" if args.overlays else

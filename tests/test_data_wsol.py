@@ -125,6 +125,31 @@ def test_missing_mask_file(mask_set):
         build_dataset("wsol", images, "test", metadata_root=meta)
 
 
+def test_a_16_bit_mask_is_read_at_its_depth(mask_set):
+    """Any non-zero pixel is foreground, in a 16-bit mask too (read as its high byte, values 1 ... 255 were 0)."""
+    images, meta = mask_set
+    mask = np.zeros((32, 32), np.uint16)
+    mask[4:12, 4:12] = 1
+    Image.fromarray(mask).save(images / "mask/y_m1.png")
+    second = build_dataset("wsol", images, "test", metadata_root=meta)[1]
+    foreground, _ = load_mask(second["mask_paths"], None, size=32)
+    assert foreground.sum() == 64
+
+
+def test_two_ignore_masks_of_one_image_are_refused(mask_set):
+    """wsolevaluation reads one ignore mask per image; a second on another line was silently dropped."""
+    images, meta = mask_set
+    ids = ["test/c1/x.jpg", "test/c2/y.jpg"]
+    write(meta / "test/localization.txt", f"{ids[0]},mask/x_m1.png,mask/x_ig.png\n{ids[0]},mask/x_m2.png,"
+          f"mask/x_m1.png\n{ids[1]},mask/y_m1.png,\n")
+    with pytest.raises(DataError, match=r"localization.txt lines 1, 2: image 'test/c1/x.jpg' has two ignore masks, "
+                                        r"mask/x_ig.png and mask/x_m1.png"):
+        build_dataset("wsol", images, "test", metadata_root=meta)
+    write(meta / "test/localization.txt", f"{ids[0]},mask/x_m1.png,\n{ids[0]},mask/x_m2.png,mask/x_ig.png\n"
+          f"{ids[1]},mask/y_m1.png,\n")  # the one ignore mask on a later line, or the same on each: fine
+    assert build_dataset("wsol", images, "test", metadata_root=meta)[0]["ignore_path"] == str(images / "mask/x_ig.png")
+
+
 def test_cub_format_with_metadata(tmp_path):
     write_metadata(tmp_path / "meta/val", ["001.A/a.jpg"], [0], [(20, 20)], ["001.A/a.jpg,0,0,10,10"])
     release, flat = tmp_path / "CUB_200_2011", tmp_path / "dataset_CUB"

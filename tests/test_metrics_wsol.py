@@ -162,6 +162,21 @@ def test_pxap_ignores_ignore_region_outside_foreground():
     assert _pxap([score], [mask], [ignore])["pxap"] == pytest.approx(100.0)
 
 
+def test_piou_at_a_fixed_map_threshold():
+    """compute_at: the pixel IoU at a map threshold chosen on another split; at piou_threshold it is piou."""
+    mask = _score((0, 10, 0, 10)).astype(bool)  # 100 foreground pixels
+    score = 0.35 * _score((0, 10, 0, 5)) + 0.65 * _score((0, 10, 5, 10)) + 0.15 * _score((100, 110, 100, 105))
+    acc = PxAPAccumulator()
+    acc.update(score[None], mask[None], normalised=True)
+    assert acc.compute_at(0.3) == {"wsol_threshold": 0.3, "piou": pytest.approx(100.0)}  # all 100, no false one
+    assert acc.compute_at(0.6)["piou"] == pytest.approx(50.0)  # half of them
+    assert acc.compute_at(0.1)["piou"] == pytest.approx(100 / 150 * 100)  # all, and 50 false positives
+    best = acc.compute()
+    assert acc.compute_at(best["piou_threshold"])["piou"] == best["piou"]
+    with pytest.raises(ValueError, match="not on the wsolevaluation grid"):
+        acc.compute_at(0.555)
+
+
 def test_pxap_merge_equals_single_pass_and_input_checks():
     maps = np.stack(random_maps(6, seed=5))
     masks = np.zeros((6, 224, 224), np.uint8)

@@ -106,11 +106,16 @@ def test_wsolevaluation_format_maps_give_its_numbers(tmp_path, kind):
 def test_score_maps_in_part_of_the_unit_range_are_not_normalised_again(tmp_path, caplog):
     """wsolevaluation's evaluation.py scores a 224x224 map in [0, 1] unchanged: maps squeezed into [0.2, 0.8]
     give its PxAP of 44.298 (min-max normalising them again would give back the 44.350 of the originals).
-    --wsol-threshold on mask data (nothing to report at it) is said, not ignored silently."""
+    --wsol-threshold on mask data reports the pixel IoU at that map threshold (a piou_threshold chosen on val,
+    applied to test); it was warned as not used, with no way to apply val's threshold."""
     record = main(_wsol_split(tmp_path, "OpenImages", "scoremaps", lambda m: 0.2 + 0.6 * m) +
                   ["--wsol-threshold", "0.5"])
-    assert "--wsol-threshold not used: the split has masks, not boxes" in caplog.text
-    assert "at_wsol_threshold" not in record
+    assert "--wsol-threshold not used" not in caplog.text
+    curve = json.loads((tmp_path / "out" / "wsol_curves.json").read_text())["pxap"]
+    precision, recall = curve["precision"][50], curve["recall"][50]
+    assert record["at_wsol_threshold"]["wsol_threshold"] == 0.5
+    assert record["at_wsol_threshold"]["piou"] == pytest.approx(100 / (1 / precision + 1 / recall - 1), abs=1e-9)
+    assert "pIoU" in (tmp_path / "out" / "log.txt").read_text()
     assert record["pxap"] == pytest.approx(44.298, abs=5e-4)
     assert abs(record["pxap"] - EXPECTED["OpenImages"]["scoremaps"]["pxap"]) > 0.04
 

@@ -336,9 +336,10 @@ FIELDS = {
                    choices=("test", "val"), scripts=("evaluate",)),
     "thresholds": Field("evaluator", [], "floats", "map thresholds searched on the evaluated split: the best (GT-known "
                         "+ Top-1 Loc) is reported under best_threshold, never as the headline", domain="[0, 1]"),
-    "wsol_threshold": Field("evaluator", None, "float", "wsol protocol: also report box accuracy at this map "
-                            "threshold (e.g. a maxboxacc_threshold chosen on a val split) and draw overlays at it "
-                            "(null: at MaxBoxAcc's)", domain="[0, 0.99]", nullable=True,
+    "wsol_threshold": Field("evaluator", None, "float", "wsol protocol: also report box accuracy (mask data: "
+                            "the pixel IoU) at this map threshold (e.g. a maxboxacc_threshold or piou_threshold "
+                            "chosen on a val split) and draw overlays at it (null: at MaxBoxAcc's, or piou_threshold)",
+                            domain="[0, 0.99]", nullable=True,
                             rule=(on_grid, "one of wsolevaluation's map thresholds 0, 0.01, ..., 0.99")),
     "save_maps": Field("evaluator", None, "str", "write each image's maps: the raw sat map as "
                        "DIR/sat/<image_id>.npy, the wsol map (224 x 224, in [0, 1]) as DIR/wsol/<image_id>.npy",

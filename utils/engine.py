@@ -563,7 +563,8 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     is an ``EvalViews`` (``views``: that EvalViews, for a loader without a dataset): it gives the protocol.
 
     sat: at ``threshold`` (the reported map threshold) and/or the best of ``thresholds`` (chosen on this
-    split: model selection); wsol: every map threshold of its grid, and box accuracy at ``wsol_threshold``.
+    split: model selection); wsol: every map threshold of its grid, and box accuracy (on mask data the pixel
+    IoU) at ``wsol_threshold``.
     ``distributed``: the loader holds this rank's shard (ShardSampler); counters are summed over the ranks.
     ``save_maps``: folder for the localization maps; ``overlay_dir``: overlay PNGs of the images with dataset
     index below ``overlays`` (None: all; ``overlay_blocks``: each block's map beside the fused one);

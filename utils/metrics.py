@@ -191,10 +191,7 @@ class WSOLBoxAccumulator(CounterState):
 
     def threshold_index(self, cam_threshold):
         """Index of a map threshold of the grid (e.g. a maxboxacc_threshold chosen on another split)."""
-        index = int(np.abs(self.cam_thresholds - float(cam_threshold)).argmin())
-        if not on_grid(cam_threshold, self.cam_thresholds[index:index + 1]):
-            raise ValueError(f"map threshold {cam_threshold} is not on the wsolevaluation grid (0, 0.01, ..., 0.99)")
-        return index
+        return grid_index(self.cam_thresholds, cam_threshold)
 
     def compute_at(self, cam_threshold):
         """Box accuracies (%) at one fixed map threshold: boxacc (largest contour, IoU >= 0.5) and
@@ -230,6 +227,14 @@ class WSOLBoxAccumulator(CounterState):
             "maxboxaccv2_threshold_per_iou": {
                 i: float(self.cam_thresholds[best_all[k]]) for k, i in enumerate(self.iou_thresholds)},
         }
+
+
+def grid_index(cam_thresholds, cam_threshold):
+    """Index of a map threshold of the grid ``cam_thresholds`` (one chosen on another split)."""
+    index = int(np.abs(cam_thresholds - float(cam_threshold)).argmin())
+    if not on_grid(cam_threshold, cam_thresholds[index:index + 1]):
+        raise ValueError(f"map threshold {cam_threshold} is not on the wsolevaluation grid (0, 0.01, ..., 0.99)")
+    return index
 
 
 class PxAPAccumulator(CounterState):
@@ -284,6 +289,14 @@ class PxAPAccumulator(CounterState):
         return {"cam_thresholds": self.cam_thresholds.tolist(),
                 "precision": [None if np.isnan(p) else float(p) for p in precision[order]],
                 "recall": (tp / (tp + fn))[order].tolist()}
+
+    def compute_at(self, cam_threshold):
+        """The pixel IoU (%) at one fixed map threshold of the grid, e.g. the piou_threshold chosen on another
+        split (PxAP itself takes every map threshold)."""
+        index = grid_index(self.cam_thresholds, cam_threshold)
+        tp, fp, fn = self._counts()
+        piou = (tp / (tp + fp + fn))[::-1][: len(self.cam_thresholds)] * 100  # ascending thresholds
+        return {"wsol_threshold": float(self.cam_thresholds[index]), "piou": float(piou[index])}
 
     def compute(self):
         """pxap (%), and the best pixel IoU (%) over map thresholds (piou) with its threshold."""
@@ -356,6 +369,8 @@ class Counters:
                     out["at_wsol_threshold"] = boxes.compute_at(wsol_threshold)
             if int(pxap.num_images):
                 out.update({k: v for k, v in pxap.compute().items() if k != "num_images"})
+                if wsol_threshold is not None:
+                    out.setdefault("at_wsol_threshold", {}).update(pxap.compute_at(wsol_threshold))
             out.setdefault("num_images", int(max(boxes.num_images, pxap.num_images)))
         return out
 
@@ -433,14 +448,18 @@ def format_tables(metrics, protocol, classification):
             columns += [("MaxBoxAcc", metrics["maxboxacc"]), ("MaxBoxAccV2", metrics["maxboxaccv2"])]
             columns += [(f"V2 IoU{iou}", acc) for iou, acc in metrics["maxboxaccv2_per_iou"].items()]
         if "pxap" in metrics:
-            columns += [("PxAP", metrics["pxap"])]
+            columns += [("PxAP", metrics["pxap"]), ("pIoU", metrics["piou"])]
         tables.append(_table(f"wsol protocol (wsolevaluation, 224x224 maps): {metrics['num_images']} images",
                              columns))
         if "at_wsol_threshold" in metrics:
             fixed = metrics["at_wsol_threshold"]
-            tables.append(_table(f"wsol box accuracy at the given map threshold {fixed['wsol_threshold']:g}",
-                                 [("BoxAcc", fixed["boxacc"]), ("BoxAccV2", fixed["boxaccv2"])]
-                                 + [(f"V2 IoU{iou}", acc) for iou, acc in fixed["boxaccv2_per_iou"].items()]))
+            columns = []
+            if "boxacc" in fixed:
+                columns += [("BoxAcc", fixed["boxacc"]), ("BoxAccV2", fixed["boxaccv2"])]
+                columns += [(f"V2 IoU{iou}", acc) for iou, acc in fixed["boxaccv2_per_iou"].items()]
+            if "piou" in fixed:
+                columns += [("pIoU", fixed["piou"])]
+            tables.append(_table(f"wsol protocol at the given map threshold {fixed['wsol_threshold']:g}", columns))
     return "\n\n".join(tables)
 
 

@@ -93,8 +93,16 @@ def load_wsol(image_root, metadata_root, split):
             item.source = lines_source(loc_path, [lineno for lineno, _ in rows])
             if masks:
                 item.mask_paths = [_existing(image_root, mask, item.source) for _, (mask, _) in rows]
-                ignores = [ignore for _, (_, ignore) in rows if ignore]
-                item.ignore_path = _existing(image_root, ignores[0], item.source) if ignores else None
+                ignores = {}  # each ignore path: its first line
+                for lineno, (_, ignore) in rows:
+                    if ignore:
+                        ignores.setdefault(ignore, lineno)
+                if len(ignores) > 1:  # one ignore mask per image (wsolevaluation asserts it); one would be dropped
+                    (first, line), (second, other) = list(ignores.items())[:2]
+                    raise DataError(f"{loc_path} lines {line}, {other}: image {image_id!r} has two ignore masks, "
+                                    f"{first} and {second} (expected one per image, on one of its lines; the "
+                                    "others' ignore_path empty)")
+                item.ignore_path = _existing(image_root, next(iter(ignores)), item.source) if ignores else None
             else:
                 item.boxes = np.array([box for _, box in rows], np.float32)
                 check_boxes(item.boxes, item.size, item.source, size_from=item.size_source)
@@ -103,7 +111,9 @@ def load_wsol(image_root, metadata_root, split):
 
 
 def _read_mask(path, size):
-    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    # at the file's bit depth: IMREAD_GRAYSCALE alone turns a 16-bit mask into its high byte, so a 16-bit
+    # label mask (values 1, 2, ...) read as empty; any non-zero pixel is foreground
+    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
     if mask is None:
         raise DataError(f"{path}: unreadable mask (expected a grayscale PNG)")
     return cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_NEAREST) > 0.5
