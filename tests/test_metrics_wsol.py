@@ -175,6 +175,8 @@ def test_piou_at_a_fixed_map_threshold():
     assert acc.compute_at(best["piou_threshold"])["piou"] == best["piou"]
     with pytest.raises(ValueError, match="not on the wsolevaluation grid"):
         acc.compute_at(0.555)
+    # reported as written, without np.arange's noise (0.5700000000000001, 0.29000000000000004)
+    assert [acc.compute_at(t)["wsol_threshold"] for t in (0.57, 0.29)] == [0.57, 0.29]
 
 
 def test_pxap_merge_equals_single_pass_and_input_checks():

@@ -200,7 +200,7 @@ class WSOLBoxAccumulator(CounterState):
         index = self.threshold_index(cam_threshold)
         per_iou = {i: float(percent(self.hits_all[k, index], self.num_images))
                    for k, i in enumerate(self.iou_thresholds)}
-        return {"wsol_threshold": float(self.cam_thresholds[index]),
+        return {"wsol_threshold": reported_threshold(self.cam_thresholds[index]),
                 "boxacc": float(percent(self.hits_largest[index], self.num_images)),
                 "boxaccv2": float(np.mean(list(per_iou.values()))), "boxaccv2_per_iou": per_iou}
 
@@ -221,12 +221,18 @@ class WSOLBoxAccumulator(CounterState):
         return {
             "num_images": int(self.num_images),
             "maxboxacc": float(acc_largest.max()),
-            "maxboxacc_threshold": float(self.cam_thresholds[acc_largest.argmax()]),
+            "maxboxacc_threshold": reported_threshold(self.cam_thresholds[acc_largest.argmax()]),
             "maxboxaccv2": float(acc_all.max(axis=1).mean()),
             "maxboxaccv2_per_iou": {i: float(acc_all[k, best_all[k]]) for k, i in enumerate(self.iou_thresholds)},
             "maxboxaccv2_threshold_per_iou": {
-                i: float(self.cam_thresholds[best_all[k]]) for k, i in enumerate(self.iou_thresholds)},
+                i: reported_threshold(self.cam_thresholds[best_all[k]]) for k, i in enumerate(self.iou_thresholds)},
         }
+
+
+def reported_threshold(cam_threshold):
+    """A map threshold of the grid as metrics.json reports it: 0.57, not np.arange's 0.5700000000000001 (the
+    comparisons use the grid's own values, as wsolevaluation does)."""
+    return round(float(cam_threshold), 10)
 
 
 def grid_index(cam_thresholds, cam_threshold):
@@ -296,7 +302,7 @@ class PxAPAccumulator(CounterState):
         index = grid_index(self.cam_thresholds, cam_threshold)
         tp, fp, fn = self._counts()
         piou = (tp / (tp + fp + fn))[::-1][: len(self.cam_thresholds)] * 100  # ascending thresholds
-        return {"wsol_threshold": float(self.cam_thresholds[index]), "piou": float(piou[index])}
+        return {"wsol_threshold": reported_threshold(self.cam_thresholds[index]), "piou": float(piou[index])}
 
     def compute(self):
         """pxap (%), and the best pixel IoU (%) over map thresholds (piou) with its threshold."""
@@ -311,7 +317,7 @@ class PxAPAccumulator(CounterState):
             "num_images": int(self.num_images),
             "pxap": float(pxap),
             "piou": float(piou.max()),
-            "piou_threshold": float(self.cam_thresholds[piou.argmax()]),
+            "piou_threshold": reported_threshold(self.cam_thresholds[piou.argmax()]),
         }
 
 
