@@ -304,3 +304,15 @@ def test_wsol_protocol_alone_classifies_its_own_view(demo_root):
                                      TRAIN_THRESHOLDS)
     assert (result["top1_cls"], result["top5_cls"]) == (reference["wsol_top1_cls"], reference["wsol_top5_cls"])
     assert "wsol_top1_cls" not in result and result["maxboxaccv2"] == reference["maxboxaccv2"]
+
+
+def test_an_empty_mask_is_warned(tmp_path, caplog):
+    images, metadata = _write_mask_dataset(tmp_path)
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(images / "masks/1_m.png")  # image 1's object: gone
+    loader = build_eval_loader("wsol", images, "test", protocol="wsol", tencrop=False, img_size=64, batch_size=4,
+                               workers=0, metadata_root=metadata)
+    with caplog.at_level("WARNING", logger="sat"):
+        result = evaluate(loader, nano_model(num_classes=2), "cpu", progress=False)
+    assert result["empty_masks"] == 1
+    assert caplog.messages == ["1 of the 2 images have a mask with no foreground pixel (at 224 x 224): PxAP counts "
+                               "all their pixels as background; check those mask files"]

@@ -196,3 +196,16 @@ def test_pxap_merge_equals_single_pass_and_input_checks():
     # every mask empty: the data's fault, a one-line DataError (evaluator.py printed a traceback)
     with pytest.raises(DataError, match="masks of the 1 evaluated images hold no foreground pixel"):
         _pxap([maps[0]], [np.zeros((224, 224), bool)])
+
+
+def test_images_whose_mask_is_empty_are_counted():
+    """An empty mask is scored as wsolevaluation scores it (all background), and counted: likely a broken file."""
+    mask = _score((0, 10, 0, 10)).astype(bool)
+    acc = PxAPAccumulator()
+    acc.update(np.stack([_score((0, 10, 0, 10))] * 3), np.stack([mask, np.zeros_like(mask), mask]), normalised=True)
+    assert acc.compute()["empty_masks"] == 1
+    merged = PxAPAccumulator().merge(acc.state()).merge(acc.state())
+    assert merged.compute()["empty_masks"] == 2
+    full = PxAPAccumulator()
+    full.update(_score((0, 10, 0, 10))[None], mask[None], normalised=True)
+    assert "empty_masks" not in full.compute()

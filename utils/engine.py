@@ -633,6 +633,10 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     if size_mismatches and rank == 0:
         _logger.warning(size_difference_warning(size_mismatches))
     metrics = total.metrics(protocol, threshold, thresholds, wsol_threshold)
+    if metrics.get("empty_masks") and rank == 0:  # scored as wsolevaluation does, but likely a broken mask file
+        _logger.warning("%d of the %d images have a mask with no foreground pixel (at 224 x 224): PxAP counts all "
+                        "their pixels as background; check those mask files", metrics["empty_masks"],
+                        metrics["num_images"])
     curves = total.curves()
     if curves:
         metrics["curves"] = curves

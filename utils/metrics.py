@@ -246,7 +246,7 @@ def grid_index(cam_thresholds, cam_threshold):
 class PxAPAccumulator(CounterState):
     """Score histograms of GT-foreground and GT-background pixels (ignore regions left out) for PxAP."""
 
-    COUNTERS = ("num_images", "hist_fg", "hist_bg")
+    COUNTERS = ("num_images", "hist_fg", "hist_bg", "empty_masks")
 
     def __init__(self, cam_thresholds=WSOL_THRESHOLDS):
         self.cam_thresholds = np.asarray(cam_thresholds, dtype=np.float64)
@@ -257,6 +257,7 @@ class PxAPAccumulator(CounterState):
         self.num_images = np.zeros((), np.int64)
         self.hist_fg = np.zeros(len(self.bin_edges) - 1, np.int64)
         self.hist_bg = np.zeros(len(self.bin_edges) - 1, np.int64)
+        self.empty_masks = np.zeros((), np.int64)  # images whose mask holds no foreground pixel at 224 x 224
 
     def update(self, maps, masks, ignore_masks=None, normalised=False):
         """maps (B, h, w); masks (B, 224, 224) nonzero = foreground; ignore_masks likewise (optional).
@@ -273,6 +274,7 @@ class PxAPAccumulator(CounterState):
             self.hist_fg += np.histogram(score[fg], bins=self.bin_edges)[0]  # as MaskEvaluator
             self.hist_bg += np.histogram(score[~fg & ~ign], bins=self.bin_edges)[0]
             self.num_images += 1
+            self.empty_masks += not fg.any()
 
     def _counts(self):
         """Pixel counts (tp, fp, fn) for scores >= 2, >= 1, >= t_last, ..., >= t_0 (descending)."""
@@ -318,6 +320,7 @@ class PxAPAccumulator(CounterState):
             "pxap": float(pxap),
             "piou": float(piou.max()),
             "piou_threshold": reported_threshold(self.cam_thresholds[piou.argmax()]),
+            **({"empty_masks": int(self.empty_masks)} if self.empty_masks else {}),
         }
 
 
