@@ -57,7 +57,11 @@ def check_pretrained(arch, pretrained=True, spelling="flags"):
     if arch not in list_archs():
         raise ConfigError(f"unknown arch {arch!r}; known: {', '.join(list_archs())}")
     if isinstance(pretrained, (str, bytes)) or hasattr(pretrained, "__fspath__"):
-        require_file(os.fsdecode(pretrained), "pretrained weights")  # a mistyped path: said before the data
+        try:  # a mistyped path (or a word such as 'none'): said before the data, with what the option takes
+            require_file(os.fsdecode(pretrained), "pretrained weights")
+        except CheckpointError as err:
+            raise CheckpointError(f"{err} (expected a weights file, or {words['no_weights']} for random "
+                                  f"initialisation)") from None
     if pretrained is not True:
         return
     if not timm.models.get_pretrained_cfg(arch).hf_hub_id:

@@ -155,6 +155,18 @@ def test_folder_without_metrics_is_one_error_line(tmp_path, runs, capsys):
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'empty' / 'metrics.json'}: not valid JSON (")
 
 
+def test_names_of_another_count_and_unknown_flags_are_one_line(tmp_path, runs, capsys):
+    """--names of the wrong count says what is expected ('1 names for 2 runs' before); an unknown flag is said
+    as the training scripts and evaluators say it, not as argparse's 'unrecognized arguments: --output_dir x'."""
+    for extra, line in ((["--names", "a"], "--names: expected 2 names (one per run, in order), got 1"),
+                        (["--output_dir", "x"], "unknown flag --output_dir (did you mean --output-dir?)"),
+                        (["--bogus=1"], "unknown flag --bogus")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(compare_main, [str(runs[0]), str(runs[1]), "--output-dir", str(tmp_path / "out"), *extra])
+        assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {line}\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_metric_rows_flatten_nested_results_and_skip_settings():
     rows = metric_rows({"img_size": 224, "tencrop": True, "views": ["centre"], "at_best_threshold": {"iou50": 1.5},
                         "thresholds": [0.5, 0.1], "top1_loc_per_threshold": [3.0, 4.0], "pxap": 7.25})

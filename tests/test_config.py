@@ -323,6 +323,8 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
     ("train", ["--arch", "deit_sat_nano_patch16_224", "--num-spatial-blocks", "7"],
      "num_spatial_blocks must be in [1, 6] (the depth of deit_sat_nano_patch16_224): --num-spatial-blocks 7"),
     ("evaluate", ["--arch", "deit_small"], "unknown arch 'deit_small' (--arch deit_small); known: "),
+    ("train", ["--arch", "deit_sat_nano_patch16_224", "--trainable", "last:7"],
+     "trainable last:K must have K <= 6 (the depth of deit_sat_nano_patch16_224): --trainable last:7"),
     ("train", ["--lr-schedule", "step"], "--lr-schedule: expected one of constant, cosine, got 'step'"),
     ("train", ["--area-loss-scope", "1.5"], "--area-loss-scope: expected global, process or an integer >= 1, got "
                                             "'1.5'"),

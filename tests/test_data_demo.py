@@ -64,7 +64,22 @@ def test_default_location_and_cli(tmp_path, capsys):
     assert done.returncode == 0 and (tmp_path / "d" / MANIFEST).is_file()
     with pytest.raises(SystemExit) as bad:  # the script's error path, in this process
         run_cli(make_demo_data, ["--output-dir", str(tmp_path / "e"), "--num-classes", "9"])
-    assert bad.value.code == 2 and capsys.readouterr().err.startswith("error: demo classes must be 2..6")
+    assert bad.value.code == 2 and capsys.readouterr().err == "error: --num-classes: expected an integer in 2..6, " \
+                                                              "got '9'\n"
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("flag, value, expected", [("--num-classes", "1", "an integer in 2..6"),
+                                                   ("--train-per-class", "0", "an integer >= 1"),
+                                                   ("--test-per-class", "0", "an integer >= 1"),
+                                                   ("--image-size", "8", "an integer >= 32")])
+def test_bad_flags_are_named(tmp_path, capsys, flag, value, expected):
+    """The script's line names the flag (it said 'demo needs at least 1 train and 1 test image per class and
+    images of 32 px or more, got 50, 20, 8', the values unnamed and in no flag's order)."""
+    with pytest.raises(SystemExit) as bad:
+        run_cli(make_demo_data, ["--output-dir", str(tmp_path / "e"), flag, value])
+    assert bad.value.code == 2
+    assert capsys.readouterr().err == f"error: {flag}: expected {expected}, got {value!r}\n"
     assert not (tmp_path / "e").exists()
 
 

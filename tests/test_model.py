@@ -259,6 +259,16 @@ def test_pretrained_files_that_are_not_weights_are_one_line(tmp_path):
         assert str(err.value).startswith(message.format(path)) and "\n" not in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize("spelling, fix", [("flags", "--pretrained false"), ("hub", "pretrained=False")])
+def test_pretrained_word_that_is_no_file_says_what_the_option_takes(tmp_path, spelling, fix):
+    """--pretrained none (a word the option does not take) said only 'pretrained weights none: file not found':
+    the line now says what is expected, in the caller's spelling."""
+    with pytest.raises(CheckpointError) as err:
+        build_model(TINY, pretrained=str(tmp_path / "none"), spelling=spelling)
+    assert str(err.value) == (f"pretrained weights {tmp_path / 'none'}: file not found (expected a weights file, or "
+                              f"{fix} for random initialisation)")
+
+
 def test_pretrained_distilled_deit_loads_and_layer_scale_is_refused(tmp_path):
     """A distilled DeiT's distillation token, its position and head are left out (a traceback from the
     pos_embed resampling before); DeiT III's layer scale, which SAT's blocks lack, is a one-line error (it was

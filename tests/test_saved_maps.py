@@ -205,7 +205,7 @@ def test_baseline_maps_need_a_new_folder_and_sane_values(cub, tmp_path, capsys):
                            ([tmp_path / "m", "--size", "0"], "--size: expected an integer >= 1, got '0'"),
                            ([tmp_path / "m", "--img-size", "64", "--resize-size", "32"], "--resize-size 32: the "
                             "centre view crops --img-size 64 pixels of it, resize to at least that"),
-                           ([tmp_path / "m", "--sig", "0.3"], "unrecognized arguments: --sig 0.3"),
+                           ([tmp_path / "m", "--sig", "0.3"], "unknown flag --sig (did you mean --sigma?)"),
                            ([tmp_path / "file" / "m"], f"could not write {tmp_path / 'file' / 'm'}/001.Ringed_Disc: "
                                                        "Not a directory")):
         with pytest.raises(SystemExit):

@@ -211,7 +211,7 @@ def run_names(folders, names):
     given = names is not None
     if given:
         if len(names) != len(folders):
-            raise ConfigError(f"--names: {len(names)} names for {len(folders)} runs")
+            raise ConfigError(f"--names: expected {len(folders)} names (one per run, in order), got {len(names)}")
     else:
         names = [Path(f).name or str(f) for f in folders]
         if len(set(names)) < len(names):

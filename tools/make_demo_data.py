@@ -1,21 +1,33 @@
 """Write the synthetic demo dataset (CUB-200-2011 release format); a no-op when it is already complete."""
+import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from DataLoader.demo import DEFAULT_DEMO_ROOT, make_demo_dataset  # noqa: E402
-from utils.config import OneLineParser  # noqa: E402
+from DataLoader.demo import CLASS_TEMPLATES, DEFAULT_DEMO_ROOT, make_demo_dataset  # noqa: E402
+from utils.config import OneLineParser, at_least  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+
+
+def _num_classes(text):
+    """--num-classes: 2 to the number of demo class templates (said with the flag, as the other flags' errors)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 2 <= value <= len(CLASS_TEMPLATES):
+        raise argparse.ArgumentTypeError(f"expected an integer in 2..{len(CLASS_TEMPLATES)}, got {text!r}")
+    return value
 
 
 def main(argv=None):
     parser = OneLineParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--output-dir", default=str(DEFAULT_DEMO_ROOT), help="dataset folder (default %(default)s)")
-    parser.add_argument("--num-classes", type=int, default=5)
-    parser.add_argument("--train-per-class", type=int, default=50)
-    parser.add_argument("--test-per-class", type=int, default=20)
-    parser.add_argument("--image-size", type=int, default=144)
+    parser.add_argument("--num-classes", type=_num_classes, default=5, help=f"2 to {len(CLASS_TEMPLATES)}")
+    parser.add_argument("--train-per-class", type=at_least(1), default=50)
+    parser.add_argument("--test-per-class", type=at_least(1), default=20)
+    parser.add_argument("--image-size", type=at_least(32), default=144)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     root = make_demo_dataset(args.output_dir, num_classes=args.num_classes, train_per_class=args.train_per_class,

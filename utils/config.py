@@ -500,6 +500,19 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         raise ConfigError(re.sub(r"^argument (--[\w-]+)(/--no-[\w-]+)?: ", r"\1: ", message))
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, with a word it does not know said as the training scripts and evaluators say it:
+        'unknown flag --x (did you mean --y?)' or 'unexpected argument', not 'unrecognized arguments: ...'."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            flag = next((word.split("=", 1)[0] for word in extra if word.startswith("-")), None)
+            if flag is None:
+                raise ConfigError(f"unexpected argument {extra[0]!r}")
+            known = [option for option in self._option_string_actions if option.startswith("--")]
+            close = difflib.get_close_matches(flag, known, n=1)
+            raise ConfigError(f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+        return parsed
+
 
 def at_least(least, kind=int):
     """An argparse type for the tools' flags: a number of ``kind`` (int or float) >= ``least``."""
@@ -717,6 +730,10 @@ def validate(cfg, script, flags=()):
         if cfg.num_spatial_blocks > depth:
             raise ConfigError(f"num_spatial_blocks must be in [1, {depth}] (the depth of {cfg.arch}): "
                               f"{named('num_spatial_blocks')}")
+        blocks = trainable_blocks(cfg.trainable)  # refused when parsed, naming where it was given (it was said
+        if blocks is not None and blocks > depth:  # once the data was read, as a flag even from a config file)
+            raise ConfigError(f"trainable last:K must have K <= {depth} (the depth of {cfg.arch}): "
+                              f"{named('trainable')}")
         if cfg.resume is not None and cfg.overwrite:
             raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
         if cfg.resize_size is not None and cfg.resize_size < cfg.img_size:
