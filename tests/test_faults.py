@@ -248,8 +248,8 @@ def test_truncated_last_pth_on_resume_names_the_newest_loadable_checkpoint(data_
         run_cli(train.main, args(data_root, out, "--epochs", "2", "--resume"))
     assert error_line(capsys.readouterr().err, exit_info) == (
         f"error: --resume: {last} is not a readable checkpoint: a torch.save archive cut short or damaged, as by an "
-        "interrupted write or copy (failed finding central directory); the newest checkpoint of the run that loads "
-        f"is {best} (epoch 1, its weights only: it holds no optimizer state, whose moments start again): continue "
+        f"interrupted write or copy (failed finding central directory); the newest checkpoint in {best.parent} that "
+        f"loads is {best} (epoch 1, its weights only: it holds no optimizer state, whose moments start again): continue "
         f"from it with --resume {best}")
     train.main(args(data_root, out, "--epochs", "2", "--resume", str(best)))
     assert epochs_logged(out) == [1, 2] and read_checkpoint(last)["epoch"] == 2

@@ -615,5 +615,5 @@ def _instead(path):
                 "with --overwrite if --output-dir holds a run)")
     epoch, full, _, newest = max(found)
     state = "" if full else ", its weights only: it holds no optimizer state, whose moments start again"
-    return f"the newest checkpoint of the run that loads is {newest} (epoch {epoch}{state}): continue from it " \
-           f"with --resume {newest}"
+    return f"the newest checkpoint in {newest.parent} that loads is {newest} (epoch {epoch}{state}): continue " \
+           f"from it with --resume {newest}"
