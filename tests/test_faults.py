@@ -249,8 +249,8 @@ def test_truncated_last_pth_on_resume_names_the_newest_loadable_checkpoint(data_
     assert error_line(capsys.readouterr().err, exit_info) == (
         f"error: --resume: {last} is not a readable checkpoint: a torch.save archive cut short or damaged, as by an "
         f"interrupted write or copy (failed finding central directory); the newest checkpoint in {best.parent} that "
-        f"loads is {best} (epoch 1, its weights only: it holds no optimizer state, whose moments start again): continue "
-        f"from it with --resume {best}")
+        f"loads is {best} (epoch 1, its weights only: it holds no optimizer state, whose moments start again): "
+        f"continue from it with --resume {best}")
     train.main(args(data_root, out, "--epochs", "2", "--resume", str(best)))
     assert epochs_logged(out) == [1, 2] and read_checkpoint(last)["epoch"] == 2
     assert f"resume from {best}: its weights after epoch 1; it holds no optimizer state" in \

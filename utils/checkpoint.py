@@ -399,7 +399,7 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
     """Load a checkpoint of this run into the training state; returns its metadata. From last.pth: all of it
     (weights, optimizer, schedule, RNG states, position in the epoch); from a best*.pth written by training:
     its weights and epoch and the schedule at that epoch, with fresh optimizer moments (it holds no optimizer
-    state). A file that does not load: one line naming the newest checkpoint of the run that does."""
+    state). A file that does not load: one line naming the newest checkpoint of its folder that does."""
     path = Path(path)
     warn = _logger.warning if info.is_main else (lambda *args: None)  # the same on every process: said once
     try:
