@@ -59,3 +59,13 @@ def test_denormalize_inverts_normalisation(image):
     restored = T.denormalize(T.wsol_transform(80)(image.resize((80, 80))))
     assert restored.dtype == np.uint8 and restored.shape == (80, 80, 3)
     assert np.abs(restored.astype(int) - np.asarray(image.resize((80, 80)))).max() <= 1
+
+
+def test_normalisation_is_imagenets_mean_and_std():
+    """A pixel (255, 0, 128) -> ((1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225), the
+    ImageNet statistics DeiT was trained with, in every view."""
+    image = Image.new("RGB", (40, 30), (255, 0, 128))
+    expected = torch.tensor([2.2489083, -2.0357143, 0.4264924]).view(3, 1, 1)
+    for view in (T.train_transform(16, 20), T.test_transform(16, 20), T.wsol_transform(16)):
+        torch.testing.assert_close(view(image), expected.expand(3, 16, 16), atol=1e-6, rtol=0)
+    torch.testing.assert_close(T.tencrop_transform(16, 20)(image), expected.expand(10, 3, 16, 16), atol=1e-6, rtol=0)

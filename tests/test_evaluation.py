@@ -1,5 +1,6 @@
 """utils.evaluation: the views, evaluate() against a straightforward per-image recomputation with the
 metrics functions, the official fixture boxes through evaluate(), PxAP on synthetic masks, sharding."""
+import contextlib
 import os
 
 import numpy as np
@@ -316,3 +317,24 @@ def test_an_empty_mask_is_warned(tmp_path, caplog):
     assert result["empty_masks"] == 1
     assert caplog.messages == ["1 of the 2 images have a mask with no foreground pixel (at 224 x 224): PxAP counts "
                                "all their pixels as background; check those mask files"]
+
+
+class _CropLogits(torch.nn.Module):
+    """Stands in for a model: crop k of the ten (its pixels filled with k) gets logits [20, 0] for k = 0, else
+    [0, 1], and the map filled with k."""
+
+    def forward(self, x):
+        crop = x[:, 0, 0, 0].round()
+        logits = torch.where((crop == 0)[:, None], torch.tensor([20.0, 0.0]), torch.tensor([0.0, 1.0]))
+        return logits, crop[:, None, None].expand(-1, 2, 2)
+
+
+def test_tencrop_scores_are_the_mean_of_the_ten_softmaxes_and_the_map_the_centre_crops():
+    """Official ten-crop: softmax per crop, then the mean (0.342 / 0.658 here: class 1), not the mean of the
+    logits (2.0 / 0.9: class 0); the map is crop 4's (the centre crop)."""
+    images = torch.arange(10.0).view(1, 10, 1, 1, 1).expand(1, 10, 3, 16, 16)
+    scores, maps = engine.forward_views(_CropLogits(), images, EvalViews("sat", tencrop=True, img_size=16),
+                                        contextlib.nullcontext).numpy()["sat"]
+    p = 1 / (1 + np.exp(-1.0))  # softmax([0, 1])[1]
+    np.testing.assert_allclose(scores, [[(1 + 9 * (1 - p)) / 10, 9 * p / 10]], rtol=1e-6)
+    assert (maps == 4).all()

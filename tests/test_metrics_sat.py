@@ -4,7 +4,7 @@ import torch
 
 from reference_boxes import naive_sat_boxes, random_maps
 from utils.boxes import max_iou, sat_box, sat_boxes, sat_map
-from utils.metrics import SATLocAccumulator, topk_correct
+from utils.metrics import SATLocAccumulator, per_class_metrics, topk_correct
 from utils.selection import update_best
 
 
@@ -170,3 +170,35 @@ def test_equal_hit_counts_are_ranked_as_the_official_floats_rank_them():
 def test_compute_without_images_raises():
     with pytest.raises(ValueError, match="no images"):
         SATLocAccumulator().compute()
+
+
+def test_iou_exactly_at_each_level_counts_as_a_hit():
+    """IoU >= 0.3 / 0.5 / 0.7 (the official evaluator's ``>=``), met exactly: the predicted box [0, 0, 9, 9] is
+    100 pixels (+1 convention), the GT boxes [0, 0, 2|4|6, 9] 30, 50 and 70 pixels inside it."""
+    acc = SATLocAccumulator([0.5])
+    gt = [np.array([[0, 0, x1, 9]]) for x1 in (2, 4, 6)]  # IoU 0.3, 0.5, 0.7
+    ious = acc.update_boxes(np.array([[[0, 0, 9, 9]]] * 3), gt, torch.eye(3) * 5, torch.arange(3))
+    assert ious[:, 0].tolist() == [0.3, 0.5, 0.7]
+    result = acc.compute_at(0.5)
+    assert (result["iou30"], result["iou50"], result["iou70"]) == pytest.approx((100, 200 / 3, 100 / 3))
+    assert result["gt_known_loc"] == result["top1_loc"] == result["top5_loc"] == pytest.approx(200 / 3)
+
+
+def test_per_class_metrics_hand_checked():
+    """Each class's Top-1 Cls / Top-1 Loc / GT-known Loc from its own rows' flags; a flag that is None (no classes
+    predicted) leaves its metric out; a label without a name is named by its number."""
+    rows = [{"label": 0, "cls_correct": True, "top1_loc": True, "gt_known": True},
+            {"label": 0, "cls_correct": False, "top1_loc": False, "gt_known": True},
+            {"label": 1, "cls_correct": True, "top1_loc": False, "gt_known": False},
+            {"label": 2, "cls_correct": None, "top1_loc": None, "gt_known": True}]
+    assert per_class_metrics(rows, ["a", "b"]) == {
+        "a": {"num_images": 2, "top1_cls": 50.0, "top1_loc": 50.0, "gt_known_loc": 100.0},
+        "b": {"num_images": 1, "top1_cls": 100.0, "top1_loc": 0.0, "gt_known_loc": 0.0},
+        "2": {"num_images": 1, "gt_known_loc": 100.0}}
+
+
+def test_top5_is_five_classes_deep():
+    """Scores 6, 5, ..., 0 for classes 0 .. 6: class 4 is the 5th (a top-5 hit), class 5 the 6th (a miss)."""
+    scores = torch.arange(6.0, -1, -1).expand(3, 7)
+    top1, top5 = topk_correct(scores, torch.tensor([0, 4, 5]))
+    assert top1.tolist() == [True, False, False] and top5.tolist() == [True, True, False]

@@ -209,3 +209,33 @@ def test_images_whose_mask_is_empty_are_counted():
     full = PxAPAccumulator()
     full.update(_score((0, 10, 0, 10))[None], mask[None], normalised=True)
     assert "empty_masks" not in full.compute()
+
+
+def _boundary_images():
+    """Four score maps and GT boxes whose IoUs are hand-checked: a 9x9 blob at rows / columns 10-18 has the box
+    [10, 10, 19, 19] (100 pixels, +1 convention) at every map threshold; GT [10, 10, 12|14|16, 19] covers 30, 50
+    and 70 of them (IoU exactly 0.3, 0.5, 0.7). The fourth map has a larger second blob, and its GT is the small
+    blob's box: hit by all contours (IoU 1), missed by the largest."""
+    blob = _score((10, 19, 10, 19))
+    two = _score((10, 19, 10, 19), (100, 200, 100, 200))
+    gts = [np.array([[10, 10, x1, 19]]) for x1 in (12, 14, 16)] + [np.array([[10, 10, 19, 19]])]
+    return [blob, blob, blob, two], gts
+
+
+def test_box_iou_exactly_at_the_iou_threshold_counts():
+    """wsolevaluation counts IoU >= threshold / 100 (MaxBoxAcc at 0.5, MaxBoxAccV2 at 0.3 / 0.5 / 0.7)."""
+    result = _box_result(*_boundary_images())
+    assert result["maxboxacc"] == 50.0  # largest contour: images 2 (IoU 0.5) and 3 (0.7)
+    assert result["maxboxaccv2_per_iou"] == {30: 100.0, 50: 75.0, 70: 50.0}
+    assert result["maxboxaccv2"] == pytest.approx(75.0)
+
+
+def test_box_accuracy_at_a_fixed_map_threshold_hand_checked():
+    """compute_at: BoxAcc from the largest contour, BoxAccV2 the mean of its per-IoU accuracies."""
+    acc = WSOLBoxAccumulator()
+    maps, gts = _boundary_images()
+    acc.update(np.stack(maps), gts, normalised=True)
+    fixed = acc.compute_at(0.5)
+    assert fixed["wsol_threshold"] == 0.5 and fixed["boxacc"] == 50.0
+    assert fixed["boxaccv2_per_iou"] == {30: 100.0, 50: 75.0, 70: 50.0}
+    assert fixed["boxaccv2"] == pytest.approx(75.0)
