@@ -279,3 +279,23 @@ def test_a_run_does_not_start_beside_any_evaluation_file(tmp_path, name):
     cfg = SimpleNamespace(resume=None, overwrite=True)
     with pytest.raises(ConfigError, match=rf"holds an evaluator's outputs \({re.escape(name)}\)"):
         check_run_folder(cfg, tmp_path)
+
+
+def test_resume_from_a_best_file_puts_the_cosine_schedule_at_its_epoch(tmp_path):
+    """A best*.pth holds no schedule: resuming from one after epoch 2 of 4 (5 steps each) sets the cosine lr at step
+    10 of 20, halfway: (lr + min_lr) / 2 = 5.05e-5 (not restarting the schedule, nor one epoch off: 9.1e-5 at step
+    5, 2.6e-5 at step 15)."""
+    from utils.checkpoint import restore, save_checkpoint
+    from utils.config import config_dict
+    cfg = parse_config(["--epochs", "4", "--lr-schedule", "cosine", "--lr", "1e-4", "--min-lr", "1e-6"], "train")
+    model = make_model()
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)
+    scheduler = build_scheduler(optimizer, schedule="cosine", lr=1e-4, min_lr=1e-6, epochs=4, warmup_epochs=0,
+                                steps_per_epoch=5)
+    path = tmp_path / "best.pth"
+    save_checkpoint({"model": make_model().state_dict(), "epoch": 2, "config": config_dict(cfg),
+                     "selection": {"metric": "loc", "value": 1.0}}, path)  # as train.py writes a best*.pth
+    restore(path, cfg, SimpleNamespace(is_main=True, world_size=1, rank=0), model, optimizer, scheduler,
+            LossScaler("cpu"), steps_per_epoch=5)
+    assert scheduler.last_epoch == 10
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([5.05e-5] * len(optimizer.param_groups))
