@@ -202,3 +202,16 @@ def test_top5_is_five_classes_deep():
     scores = torch.arange(6.0, -1, -1).expand(3, 7)
     top1, top5 = topk_correct(scores, torch.tensor([0, 4, 5]))
     assert top1.tolist() == [True, False, False] and top5.tolist() == [True, True, False]
+
+
+def test_searched_thresholds_alone_report_the_classification_too():
+    """sat_metrics with --thresholds and no reported threshold (model selection): the classification keys come
+    from the search's accumulator, Top-5 included. Three images of 6 classes, the label ranked 1st, 2nd and 6th:
+    Top-1 1 of 3, Top-5 2 of 3."""
+    from utils.metrics import sat_metrics
+    acc = SATLocAccumulator([0.3, 0.5])
+    scores = torch.tensor([[9., 1, 2, 3, 4, 5], [1., 2, 9, 8, 7, 0], [6., 5, 4, 3, 2, 1]])
+    boxes = np.array([[[0, 0, 9, 9], [0, 0, 9, 9]]] * 3)
+    acc.update_boxes(boxes, [np.array([[0, 0, 9, 9]])] * 3, scores, torch.tensor([0, 3, 5]))
+    out = sat_metrics(acc, None, [0.3, 0.5])
+    assert (out["num_images"], out["top1_cls"], out["top5_cls"]) == (3, pytest.approx(100 / 3), pytest.approx(200 / 3))
