@@ -255,8 +255,11 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, 
     sat, started = plan.sat, time.perf_counter()
     with StopAtOnce(stopped or (lambda name: f"stopped by {name} in the final test")):
         meta = load_checkpoint(best_path, model)
+        # selected on held-out val: the wsol protocol's numbers also at val's map threshold (the fair protocol)
+        held_out = meta["selection"].get("wsol_threshold") if cfg.val_split else None
         metrics = evaluate(test_loader, model, info.device, threshold=cfg.threshold if sat else None,
                            thresholds=cfg.eval_thresholds if cfg.report_best_threshold and sat else (),
+                           wsol_threshold=held_out,
                            distributed=info.distributed, overlay_dir=output_dir / "overlays" if cfg.overlays else None,
                            overlays=None if cfg.overlays == "all" else cfg.overlays, progress=info.is_main)
     seconds = time.perf_counter() - started
@@ -268,6 +271,8 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, 
                "tencrop": tencrop, "precision": "fp32", "train_precision": describe(info.device, cfg.amp),
                **{key: metrics[key] for key in recorded_keys(metrics, plan)},
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if "at_wsol_threshold" in metrics:
+        results["at_wsol_threshold"] = {"chosen_on": "val", **metrics["at_wsol_threshold"]}
     if cfg.report_best_threshold and sat:
         results["best_threshold"] = metrics["best_threshold"]  # as in the evaluators' metrics.json
         results["at_best_threshold"] = {

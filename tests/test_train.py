@@ -329,6 +329,21 @@ def test_training_with_val_split_selects_on_val_and_tests_on_test(data_root, tmp
     assert results["split"] == "test" and results["num_images"] == 12
 
 
+def test_val_split_reports_the_wsol_metrics_of_test_at_vals_map_threshold(data_root, tmp_path):
+    """The fair wsol protocol: best.pth's val MaxBoxAcc threshold is applied to test (results.json's
+    at_wsol_threshold, labelled chosen_on val), beside test's own maxima."""
+    meta = tmp_path / "metadata"
+    write_metadata(Path(data_root), meta)
+    out = tmp_path / "run"
+    main(args(data_root, out, "--epochs", "1", "--val-split", "--metadata-root", str(meta), "--eval-protocol", "both"))
+    record = json.loads((out / "metrics.jsonl").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert results["selection"]["wsol_threshold"] == record["val_maxboxacc_threshold"]
+    fixed = results["at_wsol_threshold"]
+    assert fixed["chosen_on"] == "val" and fixed["wsol_threshold"] == record["val_maxboxacc_threshold"]
+    assert set(fixed) >= {"boxacc", "boxaccv2", "boxaccv2_per_iou"} and fixed["boxacc"] <= results["maxboxacc"]
+
+
 def test_best_pth_is_the_first_epoch_with_the_best_loc_sum_and_loads_into_the_official_class(data_root, tmp_path):
     out = tmp_path / "run"
     main(args(data_root, out, "--epochs", "3", "--lr", "3e-3", "--lr-schedule", "constant"))

@@ -90,14 +90,17 @@ def selection_value(metrics, metric):
 
 
 def update_best(best, metrics, selection_metric, epoch, sat=True):
-    """Update ``best`` ({checkpoint file: {'metric', 'value', 'epoch', 'threshold'}}) with this epoch's
-    metrics; a file improves only on a strictly higher value (the first epoch wins ties, as the official
+    """Update ``best`` ({checkpoint file: {'metric', 'value', 'epoch', 'threshold'}, with the wsol protocol also
+    'wsol_threshold': the epoch's MaxBoxAcc or PxAP map threshold, for the final test to report at}) with this
+    epoch's metrics; a file improves only on a strictly higher value (the first epoch wins ties, as the official
     ``>``); with the sat protocol, best_top1_loc.pth and best_gt_known_loc.pth too. Returns the improved files."""
     improved = []
+    wsol_threshold = metrics.get("maxboxacc_threshold", metrics.get("piou_threshold"))
     for name, metric in {"best.pth": selection_metric, **(EXTRA_BEST if sat else {})}.items():
         value = selection_value(metrics, metric)
         if name not in best or value > best[name]["value"]:
             best[name] = {"metric": metric, "value": value, "epoch": epoch + 1,
-                          "threshold": metrics.get("best_threshold")}
+                          "threshold": metrics.get("best_threshold"),
+                          **({"wsol_threshold": wsol_threshold} if wsol_threshold is not None else {})}
             improved.append(name)
     return improved
