@@ -508,9 +508,8 @@ class OneLineParser(argparse.ArgumentParser):
             flag = next((word.split("=", 1)[0] for word in extra if word.startswith("-")), None)
             if flag is None:
                 raise ConfigError(f"unexpected argument {extra[0]!r}")
-            known = [option for option in self._option_string_actions if option.startswith("--")]
-            close = difflib.get_close_matches(flag, known, n=1)
-            raise ConfigError(f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+            raise ConfigError(unknown_flag_line(flag, {option: option for option in self._option_string_actions
+                                                       if option.startswith("--") and option != "--help"}))
         return parsed
 
 
@@ -620,11 +619,15 @@ def _unknown_flag(token, script, parser, argv=()):
                and option != "--help"}
     meaning.update({"--" + old.replace("_", "-"): "--" + new.replace("_", "-") for old, (new, _, _) in RENAMED.items()
                     if old not in keys_of(script)})
+    return unknown_flag_line(flag, meaning)
+
+
+def unknown_flag_line(flag, meaning):
+    """'unknown flag --x (did you mean --y?)': ``meaning`` maps each flag taken (or an old name) to the flag it is
+    now; one the unknown word begins is preferred, else the closest."""
     prefixed = [option for option in meaning if option.startswith(flag)]
     close = difflib.get_close_matches(flag, prefixed or meaning, n=1, cutoff=0 if prefixed else 0.6)
-    if close:
-        return f"unknown flag {flag} (did you mean {meaning[close[0]]}?)"
-    return f"unknown flag {flag}"
+    return f"unknown flag {flag}" + (f" (did you mean {meaning[close[0]]}?)" if close else "")
 
 
 # ---------------------------------------------------------------------------------------- resolve
