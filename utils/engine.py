@@ -34,7 +34,7 @@ from utils.boxes import (WSOL_MAP_SIZE, contour_boxes, crop_box_to_original, gt_
 from utils.cv import cv2
 from utils.distributed import all_gather_object, all_reduce_sum, cpu_share, raise_first
 from utils.errors import ConfigError, DataError, OutputError, SATError, user_message, writing_outputs
-from utils.metrics import Counters, per_class_metrics
+from utils.metrics import Counters, chosen_wsol_threshold, per_class_metrics
 from utils.preemption import leave_stops_to_the_parent
 from utils.saved_maps import write_maps
 from utils.visualize import render_overlay, save_rgb
@@ -640,7 +640,7 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     curves = total.curves()
     if curves:
         metrics["curves"] = curves
-    chosen = metrics.get("maxboxacc_threshold", metrics.get("piou_threshold"))  # boxes, else masks
+    chosen = chosen_wsol_threshold(metrics)
     # drawn by the processes that hold them; ``held`` and ``chosen`` are alike on every process: all share a failure
     if held is not None and chosen is not None:
         _stop_together(held.draw(chosen), distributed)

@@ -229,6 +229,12 @@ class WSOLBoxAccumulator(CounterState):
         }
 
 
+def chosen_wsol_threshold(metrics):
+    """The map threshold a wsol evaluation chose on its split: MaxBoxAcc's with boxes, else PxAP's pIoU one (mask
+    data); None without the wsol protocol."""
+    return metrics.get("maxboxacc_threshold", metrics.get("piou_threshold"))
+
+
 def reported_threshold(cam_threshold):
     """A map threshold of the grid as metrics.json reports it: 0.57, not np.arange's 0.5700000000000001 (the
     comparisons use the grid's own values, as wsolevaluation does)."""

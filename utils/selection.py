@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from DataLoader.eval_loader import split_annotations
 from DataLoader.eval_views import includes_sat, views_of
+from utils.metrics import chosen_wsol_threshold
 
 RESULT_KEYS = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70",
                "num_images")
@@ -95,7 +96,7 @@ def update_best(best, metrics, selection_metric, epoch, sat=True):
     epoch's metrics; a file improves only on a strictly higher value (the first epoch wins ties, as the official
     ``>``); with the sat protocol, best_top1_loc.pth and best_gt_known_loc.pth too. Returns the improved files."""
     improved = []
-    wsol_threshold = metrics.get("maxboxacc_threshold", metrics.get("piou_threshold"))
+    wsol_threshold = chosen_wsol_threshold(metrics)
     for name, metric in {"best.pth": selection_metric, **(EXTRA_BEST if sat else {})}.items():
         value = selection_value(metrics, metric)
         if name not in best or value > best[name]["value"]:
