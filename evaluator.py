@@ -482,8 +482,8 @@ def match_classes(dataset, model, meta, checkpoint):
         raise CheckpointError(f"checkpoint {checkpoint} predicts {model.num_classes} classes but the data has "
                               f"{dataset.num_classes}; classes outside the model: {', '.join(map(str, extra))}")
     matched = "name" if names and list(names[:dataset.num_classes]) == list(dataset.classes) else "index"
-    moved = [(name, list(names).index(name), k) for k, name in enumerate(dataset.classes)
-             if names and name in names and list(names).index(name) != k]
+    position = {name: k for k, name in enumerate(names or ())}  # in the checkpoint
+    moved = [(name, position[name], k) for k, name in enumerate(dataset.classes) if position.get(name, k) != k]
     if matched == "index" and moved:  # by index it would be scored as another class; by name a class is missing
         name, theirs, ours = moved[0]
         missing = next(c for c in dataset.classes if c not in names)
