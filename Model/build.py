@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 import huggingface_hub
 import timm
+from timm.layers import to_2tuple
 
 from utils.checkpoint import check_finite_weights, clean_state_dict, load_state, read_checkpoint, require_file
 from utils.errors import CheckpointError, ConfigError, first_line
@@ -121,15 +122,10 @@ ARCH_BY_SHAPE = {(args["embed_dim"], args["depth"]): name for name, args in ARCH
 PATCH_SIZE = 16
 
 
-def _pair(size):
-    """An int or a (height, width) pair as a tuple of two, for comparing img_size values."""
-    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-
-
 def check_img_size(img_size, patch_size=16, spelling="flags"):
     """ConfigError unless the input size (an int or a pair) is a positive multiple of the patch size: the patch
     embedding drops the pixels past the last whole patch, so the map would not cover the whole input."""
-    for size in _pair(img_size):
+    for size in to_2tuple(img_size):
         if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < patch_size \
                 or size % patch_size:
             raise ConfigError(f"{SPELLINGS[spelling]['img_size'].format(repr(img_size))}: the input size must be a "
@@ -207,7 +203,7 @@ def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="
     if "img_size" in overrides:  # its patch grid must be the checkpoint's (else: "1 keys differ, first: pos_embed")
         patch = overrides.get("patch_size", kwargs.get("patch_size", PATCH_SIZE))
         check_img_size(overrides["img_size"], patch, spelling)
-        height, width = _pair(overrides["img_size"])
+        height, width = to_2tuple(overrides["img_size"])
         positions = int(state_dict["pos_embed"].shape[1]) - 1
         side = math.isqrt(positions)
         if (height // patch) * (width // patch) != positions:
