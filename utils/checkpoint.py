@@ -5,8 +5,9 @@ checkpoints a training run writes) and resuming it (``resume_training``).
 
 Official release files are legacy ``torch.save`` dicts ``{'model', 'best_thr', 'epoch'}`` whose keys carry
 ``module.`` and which hold the fixed smoothing kernel as ``weight``. This project's files add what rebuilds the
-model (``arch``, ``num_classes``, ``img_size``, ``model_kwargs``, ``class_names``) and the config; ``last.pth``
-also the training state. ``epoch`` counts completed epochs.
+model (``arch``, ``num_classes``, ``img_size``, ``model_kwargs``, ``class_names``), the config and
+``format_version`` (a file of a newer format than ``FORMAT_VERSION`` is refused); ``last.pth`` also the training
+state. ``epoch`` counts completed epochs.
 """
 import argparse
 import contextlib
@@ -153,6 +154,11 @@ def read_checkpoint(path, what="checkpoint") -> Dict[str, Any]:
                     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for non-checkpoint files
         raise CheckpointError(f"{path} is not a readable {kind}: {_unreadable(path, err)}") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("format_version"), int) and \
+            ckpt["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer version of this project (checkpoint format "
+                              f"{ckpt['format_version']}; this one reads format {FORMAT_VERSION} and older): update "
+                              "the code (git pull) to read it")
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         return ckpt
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
