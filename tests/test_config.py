@@ -245,6 +245,19 @@ def test_base_config_is_inherited_relative_to_the_file(tmp_path):
     assert (cfg.epochs, cfg.lr, cfg.seed, cfg.batch_size) == (5, 0.02, 4, FIELDS["batch_size"].default)
 
 
+def test_home_in_paths_is_expanded_as_the_shell_would(tmp_path, monkeypatch):
+    # ~ in a config file (or in --flag=~/..., which the shell leaves as it is) was read as a folder named '~'
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write(tmp_path, "epochs: 5\n", "configs/parent.yaml")
+    write(tmp_path, "base: ~/configs/parent.yaml\ndata_root: ~/data/CUB\npretrained: ~/deit.pth\n", "c.yaml")
+    cfg = train("--config=~/c.yaml", "--output-dir=~/out", "--resume=~/out/checkpoints/last.pth")
+    assert (cfg.epochs, cfg.data_root, cfg.pretrained, cfg.output_dir, cfg.resume) == (
+        5, f"{tmp_path}/data/CUB", f"{tmp_path}/deit.pth", f"{tmp_path}/out", f"{tmp_path}/out/checkpoints/last.pth")
+    cfg = evaluate("--checkpoint=~/best.pth", "--save-maps=~/maps", "--data-root", "~user_unknown/x")
+    assert (cfg.checkpoint, cfg.save_maps) == (f"{tmp_path}/best.pth", f"{tmp_path}/maps")
+    assert cfg.data_root == "~user_unknown/x"  # an unknown user's ~ stays, as in the shell
+
+
 @pytest.mark.parametrize("files, message", [
     ({"c.yaml": "base: a.yaml\n", "a.yaml": "base: c.yaml\n"}, "a.yaml: base c.yaml includes this file again"),
     ({"c.yaml": "base: c.yaml\n"}, "c.yaml: base c.yaml includes this file again"),

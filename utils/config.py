@@ -81,10 +81,10 @@ class Field:
     """
 
     def __init__(self, section, default, kind, help, *, domain=None, choices=None, words=(), nullable=False,
-                 rule=None, scripts=None, evaluator_default=_SAME):
+                 rule=None, path=False, scripts=None, evaluator_default=_SAME):
         self.section, self.default, self.kind, self.help = section, default, kind, help
         self.domain, self.choices, self.words, self.nullable = domain, choices, words, nullable
-        self.rule = rule
+        self.rule, self.path = rule, path
         self.scripts = scripts or (EVALUATORS if section == "evaluator" else TRAINERS)
         self.evaluator_default = default if evaluator_default is _SAME else evaluator_default
 
@@ -132,6 +132,8 @@ class Field:
             raise ValueError(self.expected())
         if self.kind == "float":
             return float(value)
+        if self.path and isinstance(value, str):  # ~ as the shell would (a config file, or --flag=~/...)
+            return os.path.expanduser(value)
         return [float(v) for v in value] if self.kind == "floats" else value
 
     def parse(self, text):
@@ -198,7 +200,7 @@ FIELDS = {
                   "one the file fits)",
                   scripts=BOTH, evaluator_default=None),
     "pretrained": Field("model", True, "pretrained", "initial weights: true = DeiT ImageNet-1k via timm, false = "
-                        "random, or a weights file"),
+                        "random, or a weights file", path=True),
     "img_size": Field("model", 224, "int", "input crop size (a multiple of the patch size 16)", domain=">= 16",
                       rule=(lambda size: size % 16 == 0, "a multiple of 16")),
     "resize_size": Field("model", None, "int", "resize before cropping (null: round(img_size * 256 / 224)); the "
@@ -242,12 +244,12 @@ FIELDS = {
                          scripts=NOT_IMAGENET_EVAL),
     "data_root": Field("data", None, "str", "dataset root (null: the synthetic demo dataset, which evaluator.py "
                        "reads only for a checkpoint trained on it; train_ImageNet.py and evaluator_ImageNet.py need "
-                       "one)", nullable=True, scripts=BOTH),
+                       "one)", nullable=True, scripts=BOTH, path=True),
     "metadata_root": Field("data", None, "str", "wsolevaluation metadata folder (<split>/image_ids.txt ...)",
-                           nullable=True, scripts=NOT_IMAGENET_EVAL),
+                           nullable=True, scripts=NOT_IMAGENET_EVAL, path=True),
     "val_boxes": Field("data", None, "str", "ImageNet val boxes (XML folder, LOC_val_solution.csv or val_gt.txt; "
                        "null: looked for under data_root) or the folder format's boxes CSV (null: "
-                       "<data_root>/boxes.csv)", nullable=True, scripts=BOTH),
+                       "<data_root>/boxes.csv)", nullable=True, scripts=BOTH, path=True),
     "val_split": Field("data", False, "bool", "select the model (best.pth) on the held-out 'val' split "
                        "(wsolevaluation train-fullsup, or a folder dataset's val/) instead of test; the final test "
                        "keeps its fixed threshold"),
@@ -297,7 +299,7 @@ FIELDS = {
     # run
     "output_dir": Field("run", "output/run", "str", "folder of the outputs: checkpoints, logs, metrics, results "
                         f"(the config files set their own, e.g. output/cub; the evaluators: {EVALUATOR_OUTPUT})",
-                        scripts=BOTH, evaluator_default=EVALUATOR_OUTPUT),
+                        scripts=BOTH, evaluator_default=EVALUATOR_OUTPUT, path=True),
     "seed": Field("run", 6, "int", "random seed (each process adds its rank)", domain="[0, 4294967295]"),
     "device": Field("run", "auto", "str", "auto = CUDA when available", choices=("auto", "cuda", "cpu"),
                     scripts=BOTH),
@@ -319,12 +321,12 @@ FIELDS = {
                        domain=">= 1"),
     # evaluator
     "checkpoint": Field("evaluator", None, "str", "checkpoint of this project or an official SAT release file",
-                        nullable=True),
+                        nullable=True, path=True),
     "maps": Field("evaluator", None, "str", "evaluate saved localization maps of any method instead of a "
-                  "checkpoint (docs/evaluation.md)", nullable=True),
+                  "checkpoint (docs/evaluation.md)", nullable=True, path=True),
     "predictions": Field("evaluator", None, "str", "with --maps: CSV of each image's top-5 classes (columns image_id, "
                          "top5; an evaluator's per_image.csv is one) for Top-1 / Top-5 Loc and Cls; null: GT-known "
-                         "Loc and the wsol metrics only", nullable=True),
+                         "Loc and the wsol metrics only", nullable=True, path=True),
     "overlay_blocks": Field("evaluator", False, "bool", "overlays also show each spatial-aware block's map and box "
                             "beside the fused one (the paper's visualization; with --checkpoint)"),
     "allow_constant_maps": Field("evaluator", False, "bool", "with --maps: score a constant map (all zeros once "
@@ -343,9 +345,10 @@ FIELDS = {
                             rule=(on_grid, "one of wsolevaluation's map thresholds 0, 0.01, ..., 0.99")),
     "save_maps": Field("evaluator", None, "str", "write each image's maps: the raw sat map as "
                        "DIR/sat/<image_id>.npy, the wsol map (224 x 224, in [0, 1]) as DIR/wsol/<image_id>.npy",
-                       nullable=True),
+                       nullable=True, path=True),
     "save_boxes": Field("evaluator", None, "str", "write the sat protocol's boxes of the whole split (at threshold, "
-                        "original pixels) as a COCO-format detection FILE (file_name: the image id)", nullable=True),
+                        "original pixels) as a COCO-format detection FILE (file_name: the image id)", nullable=True,
+                        path=True),
     "box_processes": Field("evaluator", None, "int", "extract boxes in N processes (0: a thread pool): same "
                            "numbers, scales with cores (null: on a GPU machine half of this process's share of the "
                            "CPUs, at most 8; else 0)", domain=">= 0", nullable=True),
@@ -474,7 +477,7 @@ def load_yaml(path, _seen=(), sources=None):
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"config file {path}: base must be a config file path, got {base!r}")
-        base_path = path.parent / base
+        base_path = path.parent / os.path.expanduser(base)
         if base_path.resolve() in _seen or base_path.resolve() == path.resolve():
             raise ConfigError(f"config file {path}: base {base} includes this file again")
         if not base_path.is_file():
@@ -534,7 +537,8 @@ def build_parser(script, defaults=None):
                            allow_abbrev=False, epilog="Flags override the --config file, which overrides the "
                                                       "defaults (every key: docs/config.md).")
     if evaluator:
-        parser.add_argument("--config", metavar="FILE", help="YAML file of config keys, e.g. a training config: "
+        parser.add_argument("--config", metavar="FILE", type=os.path.expanduser,
+                            help="YAML file of config keys, e.g. a training config: "
                             f"its {', '.join(FILE_SECTIONS['evaluate'])} keys are read, the others ignored "
                             f"(defaults: config/{spec.defaults})")
         parser.add_argument("--overwrite", action="store_true",
@@ -542,11 +546,12 @@ def build_parser(script, defaults=None):
                                  "wsol curves and overlays, once the new evaluation is complete); without it "
                                  "such a folder is refused")
     else:
-        parser.add_argument("--config", metavar="FILE", help="YAML file of config keys (default: with --resume, the "
+        parser.add_argument("--config", metavar="FILE", type=os.path.expanduser,
+                            help="YAML file of config keys (default: with --resume, the "
                             "run's config.yaml; else " + (
                                 f"config/{DEMO_CONFIG} without --data-root, config/{spec.defaults} with it)"
                                 if script == "train" else f"config/{spec.defaults})"))
-        parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
+        parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH", type=os.path.expanduser,
                             help="continue a run: from PATH, or from <output-dir>/checkpoints/last.pth when no PATH")
         parser.add_argument("--overwrite", action="store_true",
                             help="start again in an --output-dir that holds a previous run (its checkpoints, "
@@ -808,7 +813,8 @@ def markdown():
              "a flag without a value, `--tencrop` / `--no-tencrop`). A value means the same in both: `true`/`false` "
              "(also yes/no, on/off, 1/0), `auto` and `null` (also none), in any case, quoted or not. Flags "
              "override the config file, which overrides the defaults. A config file may start from another one: "
-             "`base: CUB.yaml` (a path relative to the file), then states what differs.",
+             "`base: CUB.yaml` (a path relative to the file), then states what differs. A path (of a file or "
+             "folder, and `--config`, `--resume`, `base`) may start with `~`, your home folder, as in a shell.",
              "",
              "Defaults: the built-in ones are the official CUB settings (`config/CUB.yaml`). `train.py` without "
              f"`--config` reads `config/CUB.yaml` (`config/{DEMO_CONFIG}` without `--data-root`), "
