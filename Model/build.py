@@ -219,7 +219,11 @@ def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="
     if not recorded and not arch:
         _logger.info("checkpoint %s records no architecture: %s from its shapes (embed dim %d, depth %d, "
                      "%d classes)", path, fitted, *shapes[:3])
-    return model, {**load_state(ckpt, path, model), "arch": name}
+    meta = load_state(ckpt, path, model)
+    names = meta.get("class_names")  # where timm keeps a model's class names (torch.hub returns the model alone)
+    model.pretrained_cfg = {**model.pretrained_cfg, "num_classes": shapes[2],
+                            "label_names": tuple(names) if names else None}
+    return model, {**meta, "arch": name}
 
 
 HUB_PROBE_TIMEOUT = 5.0  # seconds

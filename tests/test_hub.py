@@ -30,6 +30,7 @@ def test_hub_load_local_official_checkpoint(official_outputs):
     model = torch.hub.load(str(REPO_ROOT), OFFICIAL_ARCH, source="local", checkpoint=str(OFFICIAL_CKPT),
                            **OFFICIAL_MODEL_KWARGS)
     assert model.num_classes == 10  # read off the official file's head
+    assert model.pretrained_cfg["num_classes"] == 10 and model.pretrained_cfg["label_names"] is None  # none recorded
     with torch.no_grad():
         logits, maps = model.eval()(official_outputs["input"])
     torch.testing.assert_close(logits, official_outputs["logits_test"], atol=1e-6, rtol=0)
@@ -110,6 +111,18 @@ def test_hub_checkpoint_of_a_plain_deit_says_it_is_pretrained_weights(tmp_path):
             torch.hub.load(str(REPO_ROOT), entry_point, source="local", checkpoint=str(path), **options)
         assert str(err.value) == (f"checkpoint {path} holds a plain ViT / DeiT's weights (a linear head, no spatial "
                                   "token loc_token), not SAT's; to start SAT from them: pretrained='PATH'")
+
+
+def test_hub_model_of_a_checkpoint_carries_its_class_names_where_timm_keeps_them(tmp_path):
+    # torch.hub returns the model alone: the class names of a trained checkpoint were out of reach without torch.load
+    nano = "deit_sat_nano_patch16_224"
+    path = tmp_path / "best.pth"
+    model = build_model(nano, num_classes=3)
+    save_checkpoint({"model": model.state_dict(), **model_spec(model, nano, ["Albatross", "Gull", "Tern"])}, path)
+    loaded = torch.hub.load(str(REPO_ROOT), nano, source="local", checkpoint=str(path))
+    assert loaded.pretrained_cfg["label_names"] == ("Albatross", "Gull", "Tern")
+    assert loaded.pretrained_cfg["num_classes"] == 3 and loaded.pretrained_cfg["input_size"] == (3, 224, 224)
+    assert build_model(nano, num_classes=3).pretrained_cfg.get("label_names") is None  # a new model has none
 
 
 def test_hub_checkpoint_with_another_img_size_names_the_checkpoints_size(tmp_path):
