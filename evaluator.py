@@ -376,8 +376,9 @@ def load_maps(args, fmt, root, split):
     dataset.classes += [str(k) for k in range(dataset.num_classes, num_classes)]
     ids = [item.image_id for item in dataset.items]
     predictions = read_predictions(args.predictions, ids, num_classes) if args.predictions else None
-    return dataset, protocol, views, predictions, SavedMaps(args.maps, views, predictions, num_classes,
-                                                           args.allow_constant_maps)
+    maps = SavedMaps(args.maps, views, predictions, num_classes, args.allow_constant_maps)
+    maps.check_complete(ids, split)
+    return dataset, protocol, views, predictions, maps
 
 
 def write_outputs(args, output_dir, previous, record, rows, curves, class_names):

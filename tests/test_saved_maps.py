@@ -291,6 +291,16 @@ def test_bad_maps_and_predictions_are_one_line(cub, tmp_path, capsys):
     (missing / "002.Checkered_Square" / "Checkered_Square_0003.jpg.npy").unlink()
     image_id = "002.Checkered_Square/Checkered_Square_0003.jpg"
     assert error(missing) == f"error: no map for image {image_id}: {missing / image_id}.npy (or .png) not found"
+    # several missing: counted and named before any is scored (the evaluation stopped at the first, naming it alone)
+    folder = missing / "002.Checkered_Square"
+    for name in ("Checkered_Square_0002", "Checkered_Square_0004"):
+        (folder / f"{name}.jpg.npy").rename(folder / f"{name}.npy")
+    assert error(missing) == (
+        f"error: maps {missing}: no map for 3 of the {len(list((tmp_path / 'good').rglob('*.npy')))} images of the "
+        "test split, first 002.Checkered_Square/Checkered_Square_0002.jpg, 002.Checkered_Square/Checkered_Square_0003"
+        f".jpg, 002.Checkered_Square/Checkered_Square_0004.jpg (expected <image_id>.npy or .png); found "
+        f"{folder}/Checkered_Square_0002.npy: name each map <image_id>.npy (or .png), the image id with its extension "
+        "and subfolders, e.g. 002.Checkered_Square/Checkered_Square_0002.jpg.npy")
     nan = np.ones((8, 8), np.float32)
     nan[2, 3] = np.nan
     path = _bad(tmp_path, "nan", nan)

@@ -245,18 +245,36 @@ class SavedMaps:
         self.views, self.predictions, self.num_classes = views, predictions, num_classes
         self.folders = map_folders(root, views.protocol)
         self.allow_constant = allow_constant
+        self._listed = {}
+
+    def _files(self, folder):
+        """{image id: map file} of the maps in ``folder`` and its subfolders (listed once)."""
+        if folder not in self._listed:
+            self._listed[folder] = {path.relative_to(folder).as_posix()[:-len(path.suffix)]: path
+                                    for path in Path(folder).rglob("*")
+                                    if path.suffix in MAP_SUFFIXES and path.is_file()}
+        return self._listed[folder]
 
     def strangers(self, image_ids):
         """The map files of images not in ``image_ids`` (ignored by the evaluation; many of them hint at maps
         of another split or dataset version), sorted."""
-        known, found = set(image_ids), set()
-        for folder in {folder for folder, _ in self.folders.values()}:
-            for path in Path(folder).rglob("*"):
-                if path.suffix in MAP_SUFFIXES and path.is_file():
-                    image_id = path.relative_to(folder).as_posix()[:-len(path.suffix)]
-                    if image_id not in known:
-                        found.add(str(path))
-        return sorted(found)
+        known = set(image_ids)
+        return sorted({str(path) for folder, _ in self.folders.values()
+                       for image_id, path in self._files(folder).items() if image_id not in known})
+
+    def check_complete(self, image_ids, split):
+        """A DataError, before any is scored, when images of ``image_ids`` have no map: the count and the first
+        few (one missing: :func:`read_map`'s line, which says where it may lie under another name)."""
+        for folder in dict.fromkeys(folder for folder, _ in self.folders.values()):
+            files = self._files(folder)
+            missing = [image_id for image_id in image_ids if image_id not in files]
+            if len(missing) == 1:
+                read_map(folder, missing[0])
+            if missing:
+                first = ", ".join(missing[:3])
+                raise DataError(f"maps {folder}: no map for {len(missing)} of the {len(image_ids)} images of the "
+                                f"{split} split, first {first} (expected <image_id>.npy or .png)"
+                                f"{misnamed_hint(folder, missing[0])}")
 
     def scores(self, image_ids):
         """(B, classes): 5, 4, ... 1 at each image's predicted classes, 0 elsewhere; None without predictions."""
