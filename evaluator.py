@@ -39,8 +39,8 @@ from utils.metrics import format_per_class, format_tables
 from utils.preemption import ignore_stop_signals, signals_held, stopped_as_said, work_complete
 from utils.outputs import (EVALUATION_FILES, FolderLock, Staged, check_output_file, partial_name,
                            previous_outputs)
-from utils.saved_maps import (VIEW_FILE, SavedMaps, drop_class_metrics, map_loader, read_predictions, saved_view,
-                              write_saved_view)
+from utils.saved_maps import (CLASS_KEYS, TOP5_KEYS, VIEW_FILE, SavedMaps, drop_class_metrics, map_loader,
+                              read_predictions, saved_view, top1_only, write_saved_view)
 from utils.visualize import plot_curves
 
 _logger = logging.getLogger("sat")
@@ -337,14 +337,16 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
     sat = includes_sat(protocol)
     scored = {"sat": "GT-known Loc and IoU30/50/70", "wsol": "the wsol metrics",
               "both": "GT-known Loc, IoU30/50/70 and the wsol metrics"}[protocol]
+    top1 = top1_only(predictions, num_classes)
     _logger.info("scoring the maps in %s on %d images of %s, protocol %s%s; %s", args.maps, len(dataset), root,
                  protocol, f" (sat: the centre {views.img_size} crop of {views.resize_size}x{views.resize_size}, "
-                 f"threshold {args.threshold:g})" if sat else "", f"classes from {args.predictions}" if predictions
+                 f"threshold {args.threshold:g})" if sat else "", f"classes from {args.predictions}"
+                 f"{' (top-1 alone: no Top-5 Loc or Cls)' if top1 else ''}" if predictions
                  else f"no --predictions: no Top-1 / Top-5 Loc or Cls ({scored} only)")
     metrics = evaluate(loader, None, info.device, saved_maps=maps,
                        **evaluate_settings(args, protocol, split_annotations(dataset), output_dir, info))
-    if predictions is None:
-        drop_class_metrics(metrics)
+    if predictions is None or top1:
+        drop_class_metrics(metrics, TOP5_KEYS if top1 else CLASS_KEYS)
     rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)
     record = {"maps": str(args.maps), "predictions": args.predictions, "num_classes": num_classes,
               **evaluation_record(args, fmt, root, split, protocol, views), **metrics}

@@ -72,6 +72,26 @@ def test_round_trip_gives_the_checkpoint_numbers(cub, tmp_path, protocol):
                               np.asarray(Image.open(tmp_path / "saved" / path)))
 
 
+def test_top1_predictions_give_the_top1_metrics_of_top5_ones_and_no_top5(cub, tmp_path):
+    # a method that gives its top-1 class alone could not be scored (five classes were required per image)
+    root, _ = cub
+    make_baseline_maps([str(tmp_path / "maps"), "--data-root", str(root), "--size", "8"])
+    common = ["--maps", str(tmp_path / "maps"), "--data-root", str(root), "--eval-protocol", "both", *CPU]
+    main([*common, "--output-dir", str(tmp_path / "none")])
+    labels = {row["image_id"]: int(row["label"]) for row in _rows(tmp_path / "none" / "per_image.csv")}
+    best = {image_id: (label + k % 2) % 3 for k, (image_id, label) in enumerate(labels.items())}  # half right
+    (tmp_path / "top5.csv").write_text("image_id,top5\n" + "".join(
+        f"{i},{c} {(c + 1) % 3} {(c + 2) % 3}\n" for i, c in best.items()))
+    (tmp_path / "top1.csv").write_text("image_id,top1\n" + "".join(f"{i},{c}\n" for i, c in best.items()))
+    top5, top1 = (main([*common, "--predictions", str(tmp_path / f"{name}.csv"), "--output-dir", str(tmp_path / name)])
+                  for name in ("top5", "top1"))
+    right = sum(best[i] == label for i, label in labels.items())
+    assert top1["top1_cls"] == top5["top1_cls"] == pytest.approx(100 * right / len(labels)) and 0 < right < len(labels)
+    assert top1["top1_loc"] == top5["top1_loc"] and top1["gt_known_loc"] == top5["gt_known_loc"]
+    assert "top5_cls" not in top1 and "top5_loc" not in top1 and top5["top5_cls"] == 100  # 3 classes: all in top 5
+    assert [row["top5"] for row in _rows(tmp_path / "top1" / "per_image.csv")] == [str(c) for c in best.values()]
+
+
 def _wsol_split(tmp_path, dataset, kind, transform=None):
     """(data root with the split's images as empty files, masks copied; flat maps folder) of a fixture set."""
     images = tmp_path / "images"
@@ -343,6 +363,10 @@ def test_bad_maps_and_predictions_are_one_line(cub, tmp_path, capsys):
                                                                      "out of range (the data has 3 classes: 0 to 2)"
     assert predictions(good[:1] + [f"{ids[1]},0 1"] + good[2:]) == f"error: predictions {table} line 3: top5 '0 1', " \
                                                                    "expected 3 distinct class indices, best first"
+    assert predictions(good[:1] + [f"{ids[1]},0"] + good[2:]) == f"error: predictions {table} line 3: top5 '0', " \
+        "expected 3 distinct class indices, best first (a method's top-1 classes alone: a column top1 instead)"
+    assert predictions([f"{i},0 1" for i in ids], "image_id,top1") == f"error: predictions {table} line 2: top1 " \
+                                                                     "'0 1', expected one class index"
     assert predictions(good, "id,classes").startswith(f"error: predictions {table}: no column image_id")
     assert _one_error_line(capsys, ["--checkpoint", "x.pth", "--predictions", str(table), *common]) == \
         "error: --predictions goes with --maps (a checkpoint predicts its own classes)"

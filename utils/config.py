@@ -325,8 +325,9 @@ FIELDS = {
     "maps": Field("evaluator", None, "str", "evaluate saved localization maps of any method instead of a "
                   "checkpoint (docs/evaluation.md)", nullable=True, path=True),
     "predictions": Field("evaluator", None, "str", "with --maps: CSV of each image's top-5 classes (columns image_id, "
-                         "top5; an evaluator's per_image.csv is one) for Top-1 / Top-5 Loc and Cls; null: GT-known "
-                         "Loc and the wsol metrics only", nullable=True, path=True),
+                         "top5; an evaluator's per_image.csv is one) for Top-1 / Top-5 Loc and Cls (a column top1 "
+                         "instead: Top-1 only); null: GT-known Loc and the wsol metrics only", nullable=True,
+                         path=True),
     "overlay_blocks": Field("evaluator", False, "bool", "overlays also show each spatial-aware block's map and box "
                             "beside the fused one (the paper's visualization; with --checkpoint)"),
     "allow_constant_maps": Field("evaluator", False, "bool", "with --maps: score a constant map (all zeros once "

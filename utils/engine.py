@@ -346,7 +346,8 @@ class BatchScorer:
                 else np.zeros((len(batch["image_id"]), 0), np.int64))  # as topk_correct
         rows = []
         for k, (image_id, label, size) in enumerate(zip(batch["image_id"], batch["label"].tolist(), batch["size"])):
-            top5_k = [int(c) for c in top5[k]]
+            # saved maps: the classes their predictions name (scores 0: classes a top-1 file does not rank)
+            top5_k = [int(c) for c in top5[k] if not self.from_files or scores[k, c] > 0]
             row = {"index": int(batch["index"][k]), "image_id": image_id, "label": int(label), "top5": top5_k,
                    "score": None if probs is None else float(probs[k, top5_k[0]]), "box_crop": None,
                    "box_original": None, "iou": None, "cls_correct": top5_k[0] == label if predicted else None,

@@ -29,9 +29,10 @@ NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every np.save file
 # a PNG map's mode -> its full scale: 8-bit grey, 16-bit grey ("I": as Pillow up to 10.1 opens 16-bit grey PNGs)
 PNG_SCALES = {"L": 255, "I;16": 65535, "I": 65535}
 VIEW_FILE = "views.json"  # the centre view (img_size, resize_size) of the sat protocol on these maps
-PREDICTION_COLUMNS = ("image_id", "top5")
+PREDICTION_COLUMNS = ("image_id", "top5")  # or ("image_id", "top1"): a method's top-1 classes alone
 # metrics.json keys that need each image's predicted classes
 CLASS_KEYS = ("top1_cls", "top5_cls", "top1_loc", "top5_loc", "top1_loc_per_threshold")
+TOP5_KEYS = ("top5_cls", "top5_loc")  # not reported from top-1 predictions
 
 
 def map_folders(root, protocol):
@@ -185,7 +186,8 @@ def wsol_score_map(loc_map):
 def read_predictions(path, image_ids, num_classes):
     """{image id: classes, best first} of a predictions CSV: a header naming ``image_id`` and ``top5`` (the
     top min(5, num_classes) class indices, space-separated; other columns ignored, so an evaluator's
-    per_image.csv is one), one row per image of the split. One-line DataError naming the file and line."""
+    per_image.csv is one) or, without ``top5``, ``top1`` (one class index: Top-1 metrics only), one row per
+    image of the split. One-line DataError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"predictions {path}: {'a folder, not a file' if path.is_dir() else 'file not found'}")
@@ -197,27 +199,31 @@ def read_predictions(path, image_ids, num_classes):
 
 
 def _read_predictions(path, image_ids, num_classes):
-    want = min(5, num_classes)
     predictions, lines, known = {}, {}, set(image_ids)
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in PREDICTION_COLUMNS if c not in (reader.fieldnames or [])]
+        fields = reader.fieldnames or []
+        column = "top1" if "top5" not in fields and "top1" in fields else "top5"
+        want = 1 if column == "top1" else min(5, num_classes)
+        missing = [c for c in ("image_id", column) if c not in fields]
         if missing:
             raise DataError(f"predictions {path}: no column {missing[0]} (expected a header naming image_id and "
-                            f"top5, found {', '.join(reader.fieldnames or []) or 'an empty file'})")
+                            f"top5 or top1, found {', '.join(fields) or 'an empty file'})")
         for lineno, row in enumerate(reader, start=2):
-            image_id, cells = row["image_id"], (row["top5"] or "").split()
+            image_id, cells = row["image_id"], (row[column] or "").split()
             if image_id in lines:
                 raise DataError(f"predictions {path} line {lineno}: image {image_id} again (first on line "
                                 f"{lines[image_id]})")
             try:
                 classes = [int(c) for c in cells]
             except ValueError:
-                raise DataError(f"predictions {path} line {lineno}: top5 {row['top5']!r}, expected class indices "
-                                "separated by spaces") from None
+                raise DataError(f"predictions {path} line {lineno}: {column} {row[column]!r}, expected class "
+                                f"{'index' if want == 1 else 'indices separated by spaces'}") from None
             if len(classes) != want or len(set(classes)) != want:
-                raise DataError(f"predictions {path} line {lineno}: top5 {row['top5']!r}, expected {want} distinct "
-                                "class indices, best first")
+                expected = "one class index" if want == 1 else f"{want} distinct class indices, best first"
+                hint = " (a method's top-1 classes alone: a column top1 instead)" if len(classes) == 1 else ""
+                raise DataError(f"predictions {path} line {lineno}: {column} {row[column]!r}, expected "
+                                f"{expected}{hint}")
             wrong = next((c for c in classes if not 0 <= c < num_classes), None)
             if wrong is not None:
                 raise DataError(f"predictions {path} line {lineno}: class {wrong} out of range (the data has "
@@ -350,9 +356,15 @@ def map_loader(dataset, views, overlays, batch_size, workers, distributed=False)
                        ShardSampler(len(dataset)) if distributed else None, workers=workers, pin_memory=False)
 
 
-def drop_class_metrics(metrics):
-    """Without predictions: the metrics that need each image's classes left out (not reported as zeros)."""
+def drop_class_metrics(metrics, keys=CLASS_KEYS):
+    """Without predictions: the metrics that need each image's classes left out (not reported as zeros); with
+    top-1 predictions alone, ``keys`` TOP5_KEYS: those that need five."""
     for part in (metrics, metrics.get("at_best_threshold", {})):
-        for key in CLASS_KEYS:
+        for key in keys:
             part.pop(key, None)
     return metrics
+
+
+def top1_only(predictions, num_classes):
+    """Whether ``predictions`` (:func:`read_predictions`) hold each image's top-1 class alone (a top1 column)."""
+    return predictions is not None and num_classes > 1 and all(len(classes) == 1 for classes in predictions.values())
