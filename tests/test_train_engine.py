@@ -17,7 +17,7 @@ from utils.optim import build_optimizer, build_scheduler, set_trainable
 from train import per_process_batch
 from utils.checkpoint import rng_state, set_rng_state
 from utils.config import parse_config
-from utils.errors import ConfigError
+from utils.errors import ConfigError, DataError
 from utils.run_folder import check_run_folder, how_to_continue, interrupted_message
 from utils.selection import should_evaluate, update_best
 
@@ -251,6 +251,19 @@ def test_how_to_continue_after_a_file_could_not_be_written(tmp_path):
     assert how_to_continue(checkpoints, other, resume) == f"continue with: {resume} {checkpoints / 'best.pth'}"
     (checkpoints / "last.pth").write_bytes(b"")
     assert how_to_continue(checkpoints, other, resume) == f"continue with: {resume}"
+
+
+def test_a_batch_of_unreadable_images_alone_stops_several_processes_naming_epoch_and_batch():
+    # the line counted batches from 0, without the epoch
+    data = batches(3, 2)
+    data[1] = {"image": torch.zeros(0, 3, IMG, IMG), "label": torch.zeros(0, dtype=torch.long), "num_skipped": 2}
+    with pytest.raises(DataError) as err:
+        run(make_model(), data, world_size=2)
+    assert str(err.value) == ("epoch 1, batch 2 of 3: every image was unreadable (named above); with several "
+                              "processes this would desynchronise them: remove the unreadable files "
+                              "(tools/check_dataset.py --split train lists them)")
+    stats = run(make_model(), data)[0]  # one process steps on the other batches
+    assert stats["images"] == 4 and stats["num_skipped"] == 2
 
 
 def test_images_per_sec_of_a_resumed_epoch_counts_the_images_trained_since():

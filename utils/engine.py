@@ -139,8 +139,9 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
             if not len(images) and world_size > 1:
-                raise DataError(f"every image of batch {i} was unreadable; with several processes this would "
-                                "desynchronise them: remove the unreadable files")
+                raise DataError(f"epoch {epoch + 1}, batch {i + 1} of {num_batches}: every image was unreadable "
+                                "(named above); with several processes this would desynchronise them: remove the "
+                                "unreadable files (tools/check_dataset.py --split train lists them)")
             if len(images):
                 # Gradients are all-reduced only on the last micro-batch of an accumulation group.
                 sync = contextlib.nullcontext() if last_of_group or not hasattr(model, "no_sync") else model.no_sync()
