@@ -37,7 +37,7 @@ from utils import distributed as dist_utils
 from utils.amp import LossScaler, autocast_context, describe
 from utils.checkpoint import (TrainingCheckpoints, load_checkpoint, resume_path, resume_training, rng_state,
                               seed_everything, set_rng_state)
-from utils.config import job_settings, parse_config, save_config
+from utils.config import given_as, job_settings, parse_config, save_config
 from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
 from utils.errors import (CheckpointError, ConfigError, DataError, OutputError, SATError, first_line, restated,
                           run_cli, user_message)
@@ -155,8 +155,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     scheduler = build_scheduler(optimizer, schedule=cfg.lr_schedule, lr=cfg.lr, min_lr=cfg.min_lr,
                                 epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=steps_per_epoch)
     if cfg.warmup_epochs > cfg.epochs and info.is_main:  # e.g. demo.yaml's 3 warm-up epochs with --epochs 2
-        _logger.warning("warmup_epochs %g > epochs %d: the learning rate rises all run and never reaches lr %g",
-                        cfg.warmup_epochs, cfg.epochs, cfg.lr)
+        _logger.warning("warmup epochs > epochs (%s; %s): the learning rate rises all run and never reaches lr %g",
+                        given_as(cfg, "warmup_epochs"), given_as(cfg, "epochs"), cfg.lr)
     loss_scaler = LossScaler(info.device, cfg.amp)
     autocast = autocast_context(info.device, cfg.amp)
     if replaced:  # the new run can start: the old one goes

@@ -188,6 +188,18 @@ def test_a_word_means_the_same_in_a_config_file_and_as_a_flag(tmp_path, key, wor
     with pytest.raises(ConfigError, match=r"^--amp: expected true, false or auto, got 'maybe'$"):
         train("--amp", "maybe")
 
+def test_a_key_is_named_as_it_was_given(tmp_path):
+    # messages name a key as the user gave it: the warm-up warning said 'warmup_epochs 3 > epochs 2' for the demo
+    # config's warmup_epochs and a flag --epochs 2
+    from utils.config import given_as
+    cfg = train("--epochs", "2")  # no --config: config/demo.yaml (base: CUB.yaml)
+    demo, cub = REPO_ROOT / "config" / "demo.yaml", REPO_ROOT / "config" / "CUB.yaml"
+    assert (given_as(cfg, "epochs"), given_as(cfg, "warmup_epochs"), given_as(cfg, "area_thr")) == (
+        "--epochs 2", f"warmup_epochs: 3.0 (config file {demo})", f"area_thr: 0.25 (config file {demo})")
+    assert given_as(cfg, "weight_decay") == f"weight_decay: 0.05 (config file {cub})"
+    assert given_as(train("--config", write(tmp_path, "epochs: 3\n")), "seed") == "seed: 6 (default)"
+
+
 def test_resume_and_launcher_arguments():
     assert train().resume is None and train().overwrite is False
     assert train("--resume").resume == "auto" and train("--overwrite").overwrite is True

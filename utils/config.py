@@ -718,36 +718,42 @@ def read_config(argv=None, script="train"):
         cfg.resume, cfg.local_rank = cli.get("resume"), cli.get("local_rank")
     elif cfg.eval_batch_size is None:
         cfg.eval_batch_size = EVALUATOR_BATCH
-    validate(cfg, script, flags)
+    validate(cfg, script)
     return cfg
 
 
-def validate(cfg, script, flags=()):
-    """Checks across keys (each key's own values are checked as it is read); ConfigError naming each key as it
-    was given (``flags``: the keys given as flags; the others come from the config file or the defaults)."""
-    def named(key):
-        value = _show(getattr(cfg, key))
-        if key in flags:
-            return f"--{key.replace('_', '-')} {value}"
-        return f"{key}: {value} ({'config file ' + cfg.from_file[key] if key in cfg.from_file else 'default'})"
+def given_as(cfg, key):
+    """Key ``key`` of ``cfg`` (:func:`read_config`'s) and its value as the user gave it: '--epochs 2' for a flag,
+    'epochs: 30 (config file config/CUB.yaml)' or 'epochs: 30 (default)' otherwise."""
+    value = _show(getattr(cfg, key))
+    if key in getattr(cfg, "flags_given", ()):
+        return f"--{key.replace('_', '-')} {value}"
+    from_file = getattr(cfg, "from_file", {})
+    return f"{key}: {value} ({'config file ' + from_file[key] if key in from_file else 'default'})"
 
+
+def validate(cfg, script):
+    """Checks across keys (each key's own values are checked as it is read); ConfigError naming each key as it
+    was given (:func:`given_as`)."""
     from Model.sat import ARCH_ARGS  # here, not at the top: Model imports utils.checkpoint, which imports this
     if getattr(cfg, "arch", None) is not None and cfg.arch not in ARCH_ARGS:
-        raise ConfigError(f"unknown arch {cfg.arch!r} ({named('arch')}); known: {', '.join(sorted(ARCH_ARGS))}")
+        raise ConfigError(f"unknown arch {cfg.arch!r} ({given_as(cfg, 'arch')}); known: "
+                          f"{', '.join(sorted(ARCH_ARGS))}")
     if script in TRAINERS:
         depth = ARCH_ARGS[cfg.arch]["depth"]
         if cfg.num_spatial_blocks > depth:
             raise ConfigError(f"num_spatial_blocks must be in [1, {depth}] (the depth of {cfg.arch}): "
-                              f"{named('num_spatial_blocks')}")
+                              f"{given_as(cfg, 'num_spatial_blocks')}")
         blocks = trainable_blocks(cfg.trainable)  # refused when parsed, naming where it was given (it was said
         if blocks is not None and blocks > depth:  # once the data was read, as a flag even from a config file)
             raise ConfigError(f"trainable last:K must have K <= {depth} (the depth of {cfg.arch}): "
-                              f"{named('trainable')}")
+                              f"{given_as(cfg, 'trainable')}")
         if cfg.resume is not None and cfg.overwrite:
             raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
         if cfg.resize_size is not None and cfg.resize_size < cfg.img_size:
-            raise ConfigError(f"resize_size must be at least img_size: {named('resize_size')}, {named('img_size')}")
-        if script == "train_imagenet" and "data_format" in flags and cfg.data_format != "imagenet":
+            raise ConfigError(f"resize_size must be at least img_size: {given_as(cfg, 'resize_size')}, "
+                              f"{given_as(cfg, 'img_size')}")
+        if script == "train_imagenet" and "data_format" in cfg.flags_given and cfg.data_format != "imagenet":
             raise ConfigError(f"--data-format {cfg.data_format}: train_ImageNet.py reads only the ImageNet layout "
                               f"(ILSVRC2012); train.py reads the other formats")
         return
