@@ -155,6 +155,20 @@ def test_folder_without_metrics_is_one_error_line(tmp_path, runs, capsys):
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'empty' / 'metrics.json'}: not valid JSON (")
 
 
+def test_a_training_run_folder_is_one_line_naming_the_evaluator_command(tmp_path, runs, capsys):
+    """A sweep's train.py folders (results.json, no metrics.json): the line says what to run instead."""
+    run = tmp_path / "train_run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"gt_known_loc": 50.0}))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(compare_main, [str(runs[0]), str(run), "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: {run}: a training run's folder (results.json), not an evaluator "
+                                       "output folder: evaluate its checkpoint with python evaluator.py --checkpoint "
+                                       f"{run / 'checkpoints' / 'best.pth'} --output-dir DIR (with the run's "
+                                       "--data-root) and compare DIR\n")
+
+
 def test_names_of_another_count_and_unknown_flags_are_one_line(tmp_path, runs, capsys):
     """--names of the wrong count says what is expected ('1 names for 2 runs' before); an unknown flag is said
     as the training scripts and evaluators say it, not as argparse's 'unrecognized arguments: --output_dir x'."""

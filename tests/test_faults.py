@@ -428,6 +428,29 @@ def test_a_stop_before_overwrite_replaced_the_run_says_to_start_again(data_root,
            "with: python train.py " in line and line.endswith(f"--output-dir {out} --epochs 1 --overwrite")
 
 
+@pytest.mark.usefixtures("sigterm_not_handled_fails")
+def test_a_stop_while_overwrite_deletes_the_run_deletes_it_whole(data_root, tmp_path, monkeypatch, caplog):
+    """A signal while --overwrite deletes the previous run waits for the deletion: the folder held the old
+    results.json and log without checkpoints, and the line said the previous run was as it was."""
+    import utils.run_folder as run_folder
+    out = tmp_path / "run"
+    train.main(args(data_root, out, "--epochs", "1"))
+    delete = run_folder.delete_outputs
+
+    def signalled_mid_way(output_dir, names):
+        delete(output_dir, names[:1])
+        os.kill(os.getpid(), signal.SIGTERM)
+        delete(output_dir, names[1:])
+
+    monkeypatch.setattr(run_folder, "delete_outputs", signalled_mid_way)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args(data_root, out, "--epochs", "1", "--overwrite"))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
+    line = next(line for line in caplog.text.splitlines() if "stopped by SIGTERM" in line)
+    assert "is as it was" not in line and "no checkpoint yet; resume with: python train.py " in line
+
+
 def test_the_lock_file_goes_with_its_job_and_a_file_removed_meanwhile_is_not_locked(tmp_path, monkeypatch):
     lock = FolderLock(tmp_path / "out", "train.py").acquire()
     assert (tmp_path / "out" / ".lock").read_text().startswith(f"train.py, pid {os.getpid()} on ")

@@ -42,6 +42,11 @@ class Run:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise DataError(f"{self.folder}: not found (expected an evaluator output folder with metrics.json)")
+        if not (self.folder / "metrics.json").is_file() and (self.folder / "results.json").is_file():
+            raise DataError(f"{self.folder}: a training run's folder (results.json), not an evaluator output folder: "
+                            f"evaluate its checkpoint with python evaluator.py --checkpoint "
+                            f"{self.folder / 'checkpoints' / 'best.pth'} --output-dir DIR (with the run's "
+                            "--data-root) and compare DIR")
         self.metrics = _read_json(self.folder / "metrics.json", "an evaluator output folder")
         curves = self.folder / "wsol_curves.json"
         self.curves = _read_json(curves, "the evaluator's wsol curves") if curves.is_file() else {}
