@@ -171,7 +171,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
                               checkpoint_dir)
     progress.update(epoch=resumed.epoch, saved=resumed.epoch, steps_done=resumed.steps_done)
     metrics_log = dist_utils.run_on_main(info.is_main, MetricsLog, output_dir, resumed.epoch)
-    dist_utils.run_on_main(info.is_main, save_config, cfg, output_dir / "config.yaml")
+    dist_utils.run_on_main(info.is_main, save_config, cfg, output_dir / "config.yaml", resumed.changed_line())
     checkpoints = TrainingCheckpoints(checkpoint_dir, functools.partial(checkpoint_weights, model), spec, cfg, info,
                                       optimizer, scheduler, loss_scaler, steps_per_epoch, best=resumed.best,
                                       progress=progress)

@@ -134,12 +134,16 @@ def test_resume_drops_metrics_of_unsaved_epochs_and_extends_a_run(data_root, tmp
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[1])["train_loss"] > 0
     log = (out / "log.txt").read_text()
     assert "resume: epochs was 1 in the checkpoint, now 2" in log
+    # config.yaml holds the values now and says what the epochs before were trained with (it said epochs: 2 alone)
+    resumed = ["# resumed after 1 epoch(s), trained with the values before: epochs 1 -> 2"]
+    assert [line for line in (out / "config.yaml").read_text().splitlines() if line.startswith("# resumed")] == resumed
     # --resume on a finished run: nothing to train, the final test runs again; the run named by a relative path
     # is the folder the checkpoint recorded, not a change
     monkeypatch.chdir(tmp_path)
     main(args(data_root, Path("run"), "--epochs", "2", "--resume"))
     assert epochs_logged(out) == [1, 2]
     assert "resume: output_dir" not in (out / "log.txt").read_text()[len(log):]
+    assert [line for line in (out / "config.yaml").read_text().splitlines() if line.startswith("# resumed")] == resumed
     # fewer epochs than done: refused before config.yaml is rewritten with them
     config = (out / "config.yaml").read_text()
     with pytest.raises(ConfigError, match=rf"^--resume {re.escape(str(out / 'checkpoints' / 'last.pth'))}: 2 epochs "

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from utils import distributed as dist_utils
-from utils.config import FIELDS, config_dict
+from utils.config import FIELDS, RESUMED_LINE, config_dict
 from utils.errors import CheckpointError, ConfigError
 from utils.outputs import mode_as_opened
 
@@ -370,12 +370,22 @@ class Resumed:
     """Where a run starts (a fresh run: the defaults): ``epoch`` epochs done and ``steps_done`` optimizer steps
     of the next; ``meters``: this process's running sums of those steps (None when the number of processes
     changed); ``best``: the best checkpoints' records; ``trained``: the statistics of epoch ``epoch + 1`` when
-    last.pth was saved after its training because its evaluation failed (the evaluation runs again)."""
+    last.pth was saved after its training because its evaluation failed (the evaluation runs again);
+    ``changed``: (key, value in the checkpoint, value now) of the settings the resumed run changes."""
     epoch: int = 0
     steps_done: int = 0
     meters: Optional[Any] = None
     best: Dict[str, Any] = field(default_factory=dict)
     trained: Optional[Dict[str, Any]] = None
+    changed: list = field(default_factory=list)
+
+    def changed_line(self):
+        """config.yaml's line on the settings this resume changes (utils/config.RESUMED_LINE); None if none."""
+        if not self.changed:
+            return None
+        steps = f" and {self.steps_done} steps of epoch {self.epoch + 1}" if self.steps_done else ""
+        changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in self.changed)
+        return (f"{RESUMED_LINE}after {self.epoch} epoch(s){steps}, trained with the values before: {changes}")
 
 
 def resume_training(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per_epoch, checkpoint_dir):
@@ -389,7 +399,7 @@ def resume_training(path, cfg, info, model, optimizer, scheduler, loss_scaler, s
     epoch, steps_done, trained = meta["epoch"], meta.get("epoch_step", 0), meta.get("epoch_stats")
     meters = resumed_meters(meta["epoch_meters"], info) if steps_done and not trained else None
     best = _carry_over(meta["best"], path, checkpoint_dir, epoch, "optimizer" in meta, cfg, info)
-    return Resumed(epoch, steps_done, meters, best, trained)
+    return Resumed(epoch, steps_done, meters, best, trained, meta.get("changed", []))
 
 
 def resumed_meters(saved, info):
@@ -444,13 +454,14 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
         missing = [key for key in TRAINING_STATE if key not in meta]
         raise CheckpointError(f"{path} is not a training checkpoint of this project (no {', '.join(missing)}); "
                               "to start from its weights use --pretrained PATH")
-    recorded = meta["config"]
+    recorded, meta["changed"] = meta["config"], []
     for key, value in config_dict(cfg).items():
         if key not in recorded:
             if value != FIELDS[key].default:
                 warn("resume: %s is not in the checkpoint's config (a key added since), now %r", key, value)
         elif not _same_setting(recorded[key], value):
             warn("resume: %s was %r in the checkpoint, now %r", key, recorded[key], value)
+            meta["changed"].append((key, recorded[key], value))
     states = meta.get("rng_states") or []
     if len(states) == info.world_size:
         set_rng_state(states[info.rank])

@@ -790,12 +790,22 @@ def job_settings(cfg):
     return {**settings, "resume": cfg.resume is not None, "overwrite": bool(getattr(cfg, "overwrite", False))}
 
 
-def save_config(cfg, path):
-    """The resolved configuration as YAML (a run's config.yaml); an OSError is one OutputError line."""
+RESUMED_LINE = "# resumed "
+
+
+def save_config(cfg, path, resumed_line=None):
+    """The resolved configuration as YAML (a run's config.yaml); an OSError is one OutputError line. The lines
+    of resumes that changed settings (``resumed_line``, starting with RESUMED_LINE: the file holds the values
+    now, what was trained before them used others) are kept under the first, the new one last."""
     path = Path(path)
     header = f"# resolved configuration (from {cfg.config or 'built-in defaults'} and command-line flags)\n"
     with writing_outputs(path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            header += "".join(line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                              if line.startswith(RESUMED_LINE))
+    if resumed_line:
+        header += resumed_line + "\n"
     # whole or not at all: a --resume without --config reads it (rewritten in place, a kill left it empty)
     write_text_atomic(path, header + yaml.dump(config_dict(cfg), Dumper=_Dumper, sort_keys=False))
 
