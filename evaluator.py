@@ -277,8 +277,9 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
     seconds = time.perf_counter() - start
     log_evaluation_time(metrics, seconds)
     rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)
-    record = {"checkpoint": str(args.checkpoint), "arch": arch, "num_classes": model.num_classes,
-              "labels_matched_by": labels_matched_by, **evaluation_record(args, fmt, root, split, protocol, views),
+    record = {"checkpoint": str(args.checkpoint), "arch": arch, "num_spatial_blocks": model.num_spatial_blocks,
+              "num_classes": model.num_classes, "labels_matched_by": labels_matched_by,
+              **evaluation_record(args, fmt, root, split, protocol, views),
               "precision": describe(info.device, args.amp), "compile": args.compile, "gpu_decode": args.gpu_decode,
               **metrics}
     work_complete()  # every process: a stop signal from now on lets the outputs be kept

@@ -69,6 +69,7 @@ def test_cub_evaluator_both_protocols_end_to_end(cub, tmp_path):
     assert metrics["num_images"] == 12 and metrics["tencrop"] is True and metrics["threshold"] == 0.4
     assert metrics["precision"] == "fp32" and "best_threshold" not in metrics
     assert metrics["checkpoint"] == str(checkpoint) and metrics["arch"] == "deit_sat_nano_patch16_224"
+    assert metrics["num_spatial_blocks"] == 3  # the model's (a sweep over it: runs told apart)
     for key in SAT_KEYS[1:] + WSOL_KEYS:
         assert 0 <= metrics[key] <= 100, key
     assert set(metrics["maxboxaccv2_per_iou"]) == {"30", "50", "70"}

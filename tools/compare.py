@@ -27,7 +27,8 @@ from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noq
 
 # metrics.json keys not in the table: settings of the model and inputs, the threshold lists (their results
 # are the <metric>@<threshold> rows) and per_class (a table of its own)
-NOT_TABULATED = ("num_classes", "img_size", "resize_size", "search_thresholds", "thresholds", "per_class")
+NOT_TABULATED = ("num_spatial_blocks", "num_classes", "img_size", "resize_size", "search_thresholds", "thresholds",
+                 "per_class")
 PER_THRESHOLD = "_per_threshold"
 PER_IMAGE_FLAGS = ("gt_known", "top1_loc")
 DATA_KEYS = ("data_format", "data_root", "metadata_root", "split")  # metrics.json: the data a run evaluated
