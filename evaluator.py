@@ -28,6 +28,7 @@ from DataLoader.formats.imagenet import WNID
 from DataLoader.eval_views import EvalViews, includes_sat, includes_wsol, views_of
 from DataLoader.loader import check_loading
 from Model import build_model_from_checkpoint
+from Model.build import square_img_size
 from utils.amp import describe
 from utils.boxes import coco_detections
 from utils.distributed import all_gather_object, cleanup, init_distributed, run_everywhere, run_on_main
@@ -221,6 +222,7 @@ def evaluation_record(args, fmt, root, split, protocol, views):
 def load_model(args, imagenet):
     """The model and metadata of --checkpoint (without --data-root: refused unless trained on the demo data)."""
     model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
+    square_img_size(model, args.checkpoint)
     if args.data_root is None and not imagenet:
         check_trained_on_demo(meta, args.checkpoint)
     return model, meta

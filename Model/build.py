@@ -102,7 +102,8 @@ def model_spec(model, arch: str, class_names=None, **model_kwargs) -> dict:
 
 def _structure_kwargs(model, arch):
     """The constructor options that shape ``model`` (num_spatial_blocks always; embed_dim, depth, num_heads,
-    mlp_ratio where they differ from ``arch``'s), read off the model."""
+    mlp_ratio, patch_size where they differ from ``arch``'s; img_size as (height, width) where not square), read
+    off the model."""
     kwargs = {}
     if hasattr(model, "num_spatial_blocks"):
         kwargs["num_spatial_blocks"] = int(model.num_spatial_blocks)
@@ -113,6 +114,12 @@ def _structure_kwargs(model, arch):
               "mlp_ratio": blocks[0].mlp.fc1.out_features / model.embed_dim}
     defaults = {"mlp_ratio": 4.0, **ARCH_ARGS[arch]}
     kwargs.update({key: value for key, value in actual.items() if value != defaults[key]})
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None:  # the checkpoint's img_size is one side: a non-square input and the patch size
+        if int(patch_embed.patch_size[0]) != defaults["patch_size"]:
+            kwargs["patch_size"] = int(patch_embed.patch_size[0])
+        if patch_embed.img_size[0] != patch_embed.img_size[1]:
+            kwargs["img_size"] = [int(side) for side in patch_embed.img_size]
     return kwargs
 
 
@@ -200,6 +207,11 @@ def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="
         raise CheckpointError(f"checkpoint {path}: embed dim {shapes[0]} and depth {shapes[1]} fit no registered "
                               f"SAT architecture; {OTHER_SHAPES[spelling]}")
     kwargs = dict(ckpt.get("model_kwargs") or {})
+    if "num_spatial_blocks" in kwargs and overrides.get("num_spatial_blocks", kwargs["num_spatial_blocks"]) != \
+            kwargs["num_spatial_blocks"]:  # no tensor tells them apart: other blocks would compute its maps
+        raise CheckpointError(f"checkpoint {path} was trained with num_spatial_blocks="
+                              f"{kwargs['num_spatial_blocks']}, not num_spatial_blocks="
+                              f"{overrides['num_spatial_blocks']!r}; leave out num_spatial_blocks=")
     if "img_size" in overrides:  # its patch grid must be the checkpoint's (else: "1 keys differ, first: pos_embed")
         patch = overrides.get("patch_size", kwargs.get("patch_size", PATCH_SIZE))
         check_img_size(overrides["img_size"], patch, spelling)
@@ -224,6 +236,17 @@ def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="
     model.pretrained_cfg = {**model.pretrained_cfg, "num_classes": shapes[2],
                             "label_names": tuple(names) if names else None}
     return model, {**meta, "arch": name}
+
+
+def square_img_size(model, path) -> int:
+    """The input side of a checkpoint's model for the scripts, whose views are square crops; a model built with a
+    (height, width) input (in Python or torch.hub) -> one-line CheckpointError."""
+    height, width = (int(side) for side in model.patch_embed.img_size)
+    if height != width:
+        raise CheckpointError(f"checkpoint {path} takes {height} x {width} inputs (height x width); the evaluators "
+                              "and tools/predict.py take square crops only: use the model in Python "
+                              "(docs/evaluation.md) or tools/export_onnx.py")
+    return height
 
 
 HUB_PROBE_TIMEOUT = 5.0  # seconds

@@ -240,9 +240,14 @@ def checkpoint_filter_fn(state_dict: dict, model: SATVisionTransformer) -> dict:
     for key, value in state_dict.items():
         if key not in own or key.startswith(CLASSIFIER_KEYS):
             continue
-        if key == "pos_embed" and value.shape != own[key].shape and math.isqrt(value.shape[1] - 1) ** 2 == \
-                value.shape[1] - 1:  # (a class-token position and a square grid; else said below as differing)
+        if key == "pos_embed" and value.shape != own[key].shape and value.shape[-1] == own[key].shape[-1] and \
+                math.isqrt(value.shape[1] - 1) ** 2 == value.shape[1] - 1:
+            # (a class-token position, a square grid and the model's width; else said below as the file holds it)
+            side = math.isqrt(value.shape[1] - 1)
             value = resample_abs_pos_embed(value, new_size=model.grid_size, num_prefix_tokens=1)
+            _logger.info("pretrained weights: position embeddings (pos_embed) resampled bicubically from their "
+                         "%d x %d patch grid to the model's %d x %d (img_size %s)", side, side, *model.grid_size,
+                         " x ".join(str(n) for n in dict.fromkeys(model.patch_embed.img_size)))
         if value.shape != own[key].shape:
             mismatched.append(f"{key}: pretrained {tuple(value.shape)} vs model {tuple(own[key].shape)}")
         out[key] = value

@@ -138,6 +138,20 @@ def test_hub_checkpoint_with_another_img_size_names_the_checkpoints_size(tmp_pat
                               img_size=same).patch_embed.img_size == (64, 64)
 
 
+def test_hub_checkpoint_with_another_num_spatial_blocks_is_refused(tmp_path):
+    # no tensor shape tells the spatial-aware blocks apart: num_spatial_blocks=3 silently made block 4 spatial-aware
+    nano = "deit_sat_nano_patch16_224"
+    path = tmp_path / "nano.pth"
+    model = build_model(nano, num_classes=3, img_size=64, num_spatial_blocks=2)
+    save_checkpoint({"model": model.state_dict(), **model_spec(model, nano)}, path)
+    with pytest.raises(CheckpointError) as err:
+        torch.hub.load(str(REPO_ROOT), nano, source="local", checkpoint=str(path), num_spatial_blocks=3)
+    assert str(err.value) == (f"checkpoint {path} was trained with num_spatial_blocks=2, not num_spatial_blocks=3; "
+                              "leave out num_spatial_blocks=")
+    assert torch.hub.load(str(REPO_ROOT), nano, source="local", checkpoint=str(path),
+                          num_spatial_blocks=2).spatial_layers == [5, 6]
+
+
 def test_hub_img_size_not_a_multiple_of_the_patch_size_is_refused():
     # img_size=100 built a model whose patch embedding drops 4 pixels: a 6 x 6 map over 96 of the 100 pixels
     for size in (100, (128, 100)):

@@ -334,6 +334,28 @@ def test_pretrained_pos_embed_resampled_for_other_img_size(tmp_path):
     assert model.pos_embed.shape == (1, 101, 192)
 
 
+def test_pretrained_pos_embed_resampling_is_logged(tmp_path, caplog):
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    path = tmp_path / "deit.pth"
+    torch.save(deit.state_dict(), path)
+    with caplog.at_level("INFO", logger="Model.sat"):
+        build_model(TINY, num_classes=3, img_size=(160, 320), pretrained=path)
+        build_model(TINY, num_classes=3, img_size=224, pretrained=path)  # the file's grid: nothing resampled
+    said = [r.getMessage() for r in caplog.records if "pos_embed" in r.getMessage()]
+    assert said == ["pretrained weights: position embeddings (pos_embed) resampled bicubically from their 14 x 14 "
+                    "patch grid to the model's 10 x 20 (img_size 160 x 320)"]
+
+
+def test_pretrained_file_of_wrong_width_at_another_img_size_names_the_files_shape(tmp_path):
+    # pos_embed was resampled to the model's grid before the width was compared: "pretrained (1, 65, 384)", a
+    # shape the 224 px file does not hold
+    deit = timm.create_model("deit_small_patch16_224", pretrained=False)
+    path = tmp_path / "deit_small.pth"
+    torch.save(deit.state_dict(), path)
+    with pytest.raises(CheckpointError, match=re.escape("pos_embed: pretrained (1, 197, 384) vs model (1, 65, 192)")):
+        build_model(TINY, num_classes=20, img_size=128, pretrained=path)
+
+
 def test_own_checkpoint_roundtrip_records_model_spec(tmp_path):
     model = build_model(NANO, num_classes=3, img_size=112, num_spatial_blocks=2)
     path = tmp_path / "ckpt" / "last.pth"
@@ -345,6 +367,18 @@ def test_own_checkpoint_roundtrip_records_model_spec(tmp_path):
     assert rebuilt.num_spatial_blocks == 2 and rebuilt.grid_size == (7, 7)
     for key, value in model.state_dict().items():
         assert torch.equal(value, rebuilt.state_dict()[key])
+
+
+@pytest.mark.parametrize("options", [{"img_size": (64, 96)}, {"img_size": 64, "patch_size": 8}])
+def test_non_square_or_other_patch_size_checkpoint_rebuilds_without_options(tmp_path, options):
+    # the checkpoint recorded img_size 64 only: "does not fit the model (1 keys differ, first: pos_embed ..."
+    model = build_model(NANO, num_classes=3, **options)
+    path = tmp_path / "model.pth"
+    save_checkpoint(dict(model_spec(model, NANO), model=model.state_dict()), path)
+    rebuilt, _ = build_model_from_checkpoint(path)
+    assert rebuilt.patch_embed.img_size == model.patch_embed.img_size
+    assert rebuilt.patch_embed.patch_size == model.patch_embed.patch_size
+    torch.testing.assert_close(rebuilt.pos_embed, model.pos_embed, atol=0, rtol=0)
 
 
 def test_checkpoint_shape_mismatch_is_one_line():

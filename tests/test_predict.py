@@ -77,6 +77,24 @@ def test_threshold_outside_unit_interval_is_rejected(tmp_path, capsys):
     assert capsys.readouterr().err == "error: --threshold: expected a number in [0, 1], got '1.5'\n"
 
 
+def test_a_non_square_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    # its model_spec recorded one side (img_size 64): the rebuild failed as "does not fit the model (1 keys
+    # differ, first: pos_embed ..."; rebuilt as (64, 96), the square crop would end in an AssertionError traceback
+    model = build_model(ARCH, num_classes=2, img_size=(64, 96))
+    path = tmp_path / "wide.pth"
+    save_checkpoint(dict(model_spec(model, ARCH), model=model.state_dict()), path)
+    Image.new("RGB", (40, 30)).save(tmp_path / "photo.png")
+    for script, flags in ((predict_main, [str(tmp_path / "photo.png"), "--output-dir", str(tmp_path / "out")]),
+                          (eval_main, ["--data-root", str(tmp_path), "--output-dir", str(tmp_path / "eval")])):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(script, ["--checkpoint", str(path), "--device", "cpu", *flags])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: checkpoint {path} takes 64 x 96 inputs (height x width); the evaluators and tools/predict.py "
+            "take square crops only: use the model in Python (docs/evaluation.md) or tools/export_onnx.py")
+    assert not (tmp_path / "out").exists()  # (the evaluator keeps its log.txt of the error)
+
+
 def test_whole_crop_maps_back_on_a_wide_image():
     # 400x100 image: resized to 256x256, the 224 crop starts at 16; x scale 400/256, y scale 100/256
     np.testing.assert_allclose(crop_box_to_original([0, 0, 224, 224], (400, 100), 256, 224), [25, 6.25, 375, 93.75])

@@ -29,6 +29,7 @@ from DataLoader.eval_views import EvalViews  # noqa: E402
 from DataLoader.formats.folder import is_image_file  # noqa: E402
 from utils.boxes import centre_offset, coco_detections, crop_box_to_original, sat_boxes, sat_map  # noqa: E402
 from Model import build_model_from_checkpoint  # noqa: E402
+from Model.build import square_img_size  # noqa: E402
 from utils.config import FIELDS, SCRIPTS, OneLineParser, at_least, script_defaults  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
@@ -184,7 +185,7 @@ def main(argv=None):
     device = select_device(args.device)
     model, meta = build_model_from_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     model.to(device).eval()
-    img_size = int(model.patch_embed.img_size[0])
+    img_size = square_img_size(model, args.checkpoint)
     view = EvalViews("sat", tencrop=False, img_size=img_size,
                      resize_size=args.resize_size or (meta.get("config") or {}).get("resize_size"))
     threshold = args.threshold if args.threshold is not None else recorded_threshold(args.checkpoint, meta,
