@@ -267,8 +267,11 @@ def checkpoint_filter_fn(state_dict: dict, model: SATVisionTransformer) -> dict:
     if mismatched or deeper:
         theirs = f"; pretrained depth {max(deeper)}" if deeper else ""
         differ = f": {len(mismatched)} tensors differ, e.g. {'; '.join(mismatched[:2])}" if mismatched else ""
+        patch = "patch_embed.proj.weight" in state_dict and tuple(state_dict["patch_embed.proj.weight"].shape[-2:]) \
+            != tuple(own["patch_embed.proj.weight"].shape[-2:])
+        hint = f"patch size {model.patch_embed.patch_size[0]}; another patch size?" if patch else "wrong DeiT size?"
         raise CheckpointError(f"pretrained weights do not fit the model (embed dim {model.embed_dim}, depth {depth}"
-                              f"{theirs}; wrong DeiT size?){differ}")
+                              f"{theirs}; {hint}){differ}")
     model.newly_initialized_keys = sorted(k for k in own if k not in out)
     _logger.info("pretrained weights: newly initialised keys: %s", ", ".join(model.newly_initialized_keys))
     return out

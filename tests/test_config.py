@@ -424,12 +424,13 @@ def test_checks_across_keys_name_the_config_file_or_the_default(tmp_path):
     with pytest.raises(ConfigError) as err:
         parse_config(["--config", path], "train")
     assert str(err.value) == f"resize_size must be at least img_size: resize_size: 100 (config file {path}), " \
-                             "img_size: 224 (default)"
+                             "img_size: 224 (default); give --resize-size N >= 224, or --resize-size null (the " \
+                             "official 256/224 of img_size)"
     child = write(tmp_path, "base: c.yaml\nimg_size: 112\n", "child.yaml")  # the file that gave each key
     with pytest.raises(ConfigError) as err:
         parse_config(["--config", child], "train")
-    assert str(err.value) == f"resize_size must be at least img_size: resize_size: 100 (config file {path}), " \
-                             f"img_size: 112 (config file {child})"
+    assert str(err.value).startswith(f"resize_size must be at least img_size: resize_size: 100 (config file "
+                                     f"{path}), img_size: 112 (config file {child}); give --resize-size N >= 112")
     # a config file given to train_ImageNet.py may name another format: its model and schedule settings apply
     assert parse_config(["--config", str(REPO_ROOT / "config" / "CUB.yaml")], "train_imagenet").data_format == "cub"
 

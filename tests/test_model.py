@@ -317,6 +317,17 @@ def test_pretrained_deeper_network_is_said_as_its_depth(tmp_path):
         build_model(NANO, num_classes=20, pretrained=path)
 
 
+def test_pretrained_weights_of_another_patch_size_are_said_as_such(tmp_path):
+    # a ViT of patch 32 at the model's width: the hint said 'wrong DeiT size?', pointing at the width
+    path = tmp_path / "vit_patch32.pth"
+    torch.save(build_model(NANO, num_classes=2, patch_size=32).state_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        build_model(NANO, num_classes=2, pretrained=path)
+    assert str(err.value) == (f"{path}: pretrained weights do not fit the model (embed dim 96, depth 6; patch size "
+                              "16; another patch size?): 1 tensors differ, e.g. patch_embed.proj.weight: pretrained "
+                              "(96, 3, 32, 32) vs model (96, 3, 16, 16)")
+
+
 def test_pretrained_safetensors_file(tmp_path):
     """timm's hub weights are .safetensors files: a local copy loads as a .pth does."""
     from safetensors.torch import save_file

@@ -227,7 +227,7 @@ def load_state(ckpt: Dict[str, Any], path, model: torch.nn.Module) -> Dict[str, 
         raise CheckpointError(report)
     model.load_state_dict(state_dict)
     meta = {k: v for k, v in ckpt.items() if k != "model"}
-    _logger.info("loaded %s (epoch %s)", path, meta.get("epoch"))
+    _logger.info("loaded %s%s", path, "" if meta.get("epoch") is None else f" (epoch {meta['epoch']})")
     return meta
 
 

@@ -752,7 +752,8 @@ def validate(cfg, script):
             raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
         if cfg.resize_size is not None and cfg.resize_size < cfg.img_size:
             raise ConfigError(f"resize_size must be at least img_size: {given_as(cfg, 'resize_size')}, "
-                              f"{given_as(cfg, 'img_size')}")
+                              f"{given_as(cfg, 'img_size')}; give --resize-size N >= {cfg.img_size}, or "
+                              "--resize-size null (the official 256/224 of img_size)")
         if script == "train_imagenet" and "data_format" in cfg.flags_given and cfg.data_format != "imagenet":
             raise ConfigError(f"--data-format {cfg.data_format}: train_ImageNet.py reads only the ImageNet layout "
                               f"(ILSVRC2012); train.py reads the other formats")
