@@ -124,6 +124,20 @@ def test_kill_and_resume_gives_the_uninterrupted_run(data_root, tmp_path):
         {**json.loads((out / "results.json").read_text()), "checkpoint": str(reference / "checkpoints" / "best.pth")}
 
 
+def test_resume_that_changes_workers_from_or_to_0_says_the_crops_change(data_root, tmp_path):
+    """--workers 0 draws the random crops from the main process's RNG, workers from (seed, epoch, image): a resume
+    across 0 no longer gives the uninterrupted run, which the change's warning says; between workers it does."""
+    out = tmp_path / "run"
+    main(args(data_root, out, "--epochs", "1"))  # TINY: --workers 0
+    main(args(data_root, out, "--epochs", "1", "--workers", "1", "--resume"))  # no epoch left: the final test
+    log = (out / "log.txt").read_text()
+    assert "resume: workers was 0 in the checkpoint, now 1; the random crops and flips are drawn differently " \
+           "with --workers 0 than with workers, so the resumed run will differ from the uninterrupted one (resume " \
+           "with --workers 0 to continue it exactly)" in log
+    main(args(data_root, out, "--epochs", "1", "--workers", "2", "--resume"))
+    assert "resume: workers was 0 in the checkpoint, now 2; the random crops" in (out / "log.txt").read_text()
+
+
 def test_resume_drops_metrics_of_unsaved_epochs_and_extends_a_run(data_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
     main(args(data_root, out, "--epochs", "1"))

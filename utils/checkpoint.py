@@ -460,7 +460,8 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
             if value != FIELDS[key].default:
                 warn("resume: %s is not in the checkpoint's config (a key added since), now %r", key, value)
         elif not _same_setting(recorded[key], value):
-            warn("resume: %s was %r in the checkpoint, now %r", key, recorded[key], value)
+            warn("resume: %s was %r in the checkpoint, now %r%s", key, recorded[key], value,
+                 _change_note(key, recorded[key], value))
             meta["changed"].append((key, recorded[key], value))
     states = meta.get("rng_states") or []
     if len(states) == info.world_size:
@@ -492,6 +493,17 @@ OPTIMIZER_KEYS = ("trainable", "decay_tokens")
 # keys a run keeps when resumed: the model's shape and meaning, and the global batch (the schedule counts its
 # optimizer steps; last.pth's position in an epoch is one of them); and OPTIMIZER_KEYS (not from a best*.pth)
 FIXED_ON_RESUME = ("arch", "img_size", "num_spatial_blocks", "batch_size", "images_per_class") + OPTIMIZER_KEYS
+
+
+def _change_note(key, old, new):
+    """What a resumed run's changed setting does beyond itself: ``workers`` from or to 0 changes how the random
+    crops and flips are drawn (loader workers: from (seed, epoch, image); 0: the main process's RNG), so the run
+    no longer equals the uninterrupted one (docs/training.md, preemption)."""
+    if key == "workers" and isinstance(old, int) and isinstance(new, int) and (old == 0) != (new == 0):
+        return ("; the random crops and flips are drawn differently with --workers 0 than with workers, so the "
+                "resumed run will differ from the uninterrupted one (resume with --workers %s to continue it exactly)"
+                % ("0" if old == 0 else "1 or more"))
+    return ""
 
 
 def check_unchanged(saved, cfg, path, optimizer_state=True):
