@@ -831,7 +831,8 @@ def markdown():
              "a flag without a value, `--tencrop` / `--no-tencrop`). A value means the same in both: `true`/`false` "
              "(also yes/no, on/off, 1/0), `auto` and `null` (also none), in any case, quoted or not. Flags "
              "override the config file, which overrides the defaults. A config file may start from another one: "
-             "`base: CUB.yaml` (a path relative to the file), then states what differs. A path (of a file or "
+             "`base: CUB.yaml` (a path relative to the file: a config copied out of `config/` names its base by "
+             "its full path), then states what differs. A path (of a file or "
              "folder, and `--config`, `--resume`, `base`) may start with `~`, your home folder, as in a shell.",
              "",
              "Defaults: the built-in ones are the official CUB settings (`config/CUB.yaml`). `train.py` without "
