@@ -12,6 +12,7 @@ import huggingface_hub
 import timm
 from timm.layers import to_2tuple
 
+from DataLoader.eval_views import default_resize_size
 from utils.checkpoint import check_finite_weights, clean_state_dict, load_state, read_checkpoint, require_file
 from utils.errors import CheckpointError, ConfigError, first_line
 
@@ -232,10 +233,26 @@ def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="
         _logger.info("checkpoint %s records no architecture: %s from its shapes (embed dim %d, depth %d, "
                      "%d classes)", path, fitted, *shapes[:3])
     meta = load_state(ckpt, path, model)
-    names = meta.get("class_names")  # where timm keeps a model's class names (torch.hub returns the model alone)
-    model.pretrained_cfg = {**model.pretrained_cfg, "num_classes": shapes[2],
-                            "label_names": tuple(names) if names else None}
+    model.pretrained_cfg = {**model.pretrained_cfg, **_data_config(model, meta, shapes[2])}
     return model, {**meta, "arch": name}
+
+
+def _data_config(model, meta, num_classes):
+    """pretrained_cfg keys of a checkpoint's model (torch.hub returns the model alone): its class names, and for
+    a square input the official test view, Resize((R, R)) bilinear then CenterCrop(S) (R: the checkpoint's
+    resize_size, else 256/224 of S), as timm's crop_mode 'squash', so that timm.data.resolve_data_config +
+    create_transform give it (DeiT's cfg said 224 px, bicubic, a shorter-side resize)."""
+    names = meta.get("class_names")
+    out = {"num_classes": num_classes, "label_names": tuple(names) if names else None}
+    height, width = (int(side) for side in model.patch_embed.img_size)
+    if height != width:
+        return out
+    resize = (meta.get("config") or {}).get("resize_size") or default_resize_size(height)
+    crop_pct = height / resize
+    if math.floor(height / crop_pct) != resize:  # (rounding: timm takes floor(S / crop_pct) as R)
+        crop_pct = math.nextafter(crop_pct, 0)
+    return {**out, "input_size": (3, height, width), "crop_pct": crop_pct, "crop_mode": "squash",
+            "interpolation": "bilinear", "fixed_input_size": True}
 
 
 def square_img_size(model, path) -> int:

@@ -1,8 +1,13 @@
 """hubconf.py: torch.hub.load(<repo dir>, <arch>, source='local', ...) builds SAT models and loads checkpoints."""
+import numpy as np
 import pytest
+import timm
 import torch
+from PIL import Image
 
 import hubconf
+from DataLoader.eval_views import default_resize_size
+from DataLoader.transforms import test_transform as centre_transform
 from Model import SATVisionTransformer, build_model, model_spec
 from utils.checkpoint import save_checkpoint
 from utils.errors import CheckpointError, ConfigError
@@ -123,6 +128,21 @@ def test_hub_model_of_a_checkpoint_carries_its_class_names_where_timm_keeps_them
     assert loaded.pretrained_cfg["label_names"] == ("Albatross", "Gull", "Tern")
     assert loaded.pretrained_cfg["num_classes"] == 3 and loaded.pretrained_cfg["input_size"] == (3, 224, 224)
     assert build_model(nano, num_classes=3).pretrained_cfg.get("label_names") is None  # a new model has none
+
+
+@pytest.mark.parametrize("img_size, resize_size", [(224, None), (320, None), (448, None), (64, 73), (128, 144)])
+def test_timm_data_config_of_a_checkpoints_model_gives_the_official_test_view(tmp_path, img_size, resize_size):
+    # timm's data config of a loaded model said DeiT's 224 px, bicubic, shorter-side resize, whatever the checkpoint
+    nano = "deit_sat_nano_patch16_224"
+    path = tmp_path / "best.pth"
+    model = build_model(nano, num_classes=3, img_size=img_size)
+    save_checkpoint({"model": model.state_dict(), **model_spec(model, nano), "config": {"resize_size": resize_size}},
+                    path)
+    loaded = torch.hub.load(str(REPO_ROOT), nano, source="local", checkpoint=str(path))
+    config = timm.data.resolve_data_config({}, model=loaded)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 410, 3), dtype=np.uint8))
+    official = centre_transform(img_size, resize_size or default_resize_size(img_size))  # Resize((R, R)), CenterCrop
+    assert torch.equal(timm.data.create_transform(**config)(image), official(image))
 
 
 def test_hub_checkpoint_with_another_img_size_names_the_checkpoints_size(tmp_path):
