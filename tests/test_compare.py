@@ -155,18 +155,36 @@ def test_folder_without_metrics_is_one_error_line(tmp_path, runs, capsys):
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'empty' / 'metrics.json'}: not valid JSON (")
 
 
-def test_a_training_run_folder_is_one_line_naming_the_evaluator_command(tmp_path, runs, capsys):
-    """A sweep's train.py folders (results.json, no metrics.json): the line says what to run instead."""
-    run = tmp_path / "train_run"
-    run.mkdir()
-    (run / "results.json").write_text(json.dumps({"gt_known_loc": 50.0}))
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(compare_main, [str(runs[0]), str(run), "--output-dir", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err == (f"error: {run}: a training run's folder (results.json), not an evaluator "
-                                       "output folder: evaluate its checkpoint with python evaluator.py --checkpoint "
-                                       f"{run / 'checkpoints' / 'best.pth'} --output-dir DIR (with the run's "
-                                       "--data-root) and compare DIR\n")
+def test_training_run_folders_are_compared_by_their_final_test_and_settings(tmp_path, runs, capsys):
+    """A sweep's train.py folders (results.json and config.yaml, no metrics.json) were refused: their final tests
+    are tabulated with an evaluator's run, and the settings the training runs differ in are named."""
+    from utils.config import parse_config, save_config
+    trained = []
+    for name, area_thr, gt_known in (("area0.25", "0.25", 60.0), ("area0.1", "0.1", 45.0)):
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg = parse_config(["--area-thr", area_thr, "--output-dir", str(folder), "--workers", "3"], "train")
+        save_config(cfg, folder / "config.yaml")
+        (folder / "results.json").write_text(json.dumps({
+            "checkpoint": str(folder / "checkpoints" / "best.pth"), "epoch": 2, "split": "test",
+            "eval_protocol": "sat", "num_images": 5, "top1_cls": 80.0, "threshold": 0.4, "tencrop": True,
+            "gt_known_loc": gt_known, "top1_loc": 40.0}))
+        trained.append(folder)
+    record = compare_main([str(runs[0]), *map(str, trained), "--output-dir", str(tmp_path / "out")])
+    assert record["metrics"]["gt_known_loc"] == {"sat": 60.0, "area0.25": 60.0, "area0.1": 45.0}
+    assert record["metrics"]["epoch"] == {"sat": None, "area0.25": 2, "area0.1": 2}
+    # the demo config's view (128 of 144) is not the evaluator run's 224: said; of the settings, area_thr alone
+    assert record["notes"][-2] == "the training runs' settings differ (config.yaml): area_thr (area0.25 0.25, " \
+                                  "area0.1 0.1)"
+    assert "the runs' sat numbers come from different settings (sat: img_size 224" in record["notes"][-1]
+    out = capsys.readouterr().out
+    assert "sat vs area0.25: no per-image comparison (area0.25: no per_image.csv; of a training run: evaluator.py " \
+           "--checkpoint <run>/checkpoints/best.pth writes it)" in out
+    (trained[0] / "config.yaml").unlink()
+    with pytest.raises(SystemExit):
+        run_cli(compare_main, [str(runs[0]), str(trained[0]), "--output-dir", str(tmp_path / "out2")])
+    assert capsys.readouterr().err == f"error: {trained[0]}: results.json without config.yaml (a training run's " \
+                                      "folder holds both)\n"
 
 
 def test_names_of_another_count_and_unknown_flags_are_one_line(tmp_path, runs, capsys):

@@ -1,4 +1,5 @@
-"""Compare evaluation runs: the folders the evaluator writes (metrics.json, per_image.csv, wsol_curves.json).
+"""Compare evaluation runs: the folders the evaluator writes (metrics.json, per_image.csv, wsol_curves.json), and
+training runs' folders (their final test, results.json, with a note on the config.yaml settings they differ in).
 
 Prints one table of every metric of every run ('-' where a run lacks it) and writes to ``--output-dir``:
 ``compare.json`` (the table, per-class GT-known Loc, per-image counts), ``compare.png`` (GT-known Loc per
@@ -14,13 +15,15 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.config import OneLineParser  # noqa: E402
+from DataLoader.eval_views import default_resize_size  # noqa: E402
+from utils.config import OneLineParser, read_yaml_mapping  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
 from utils.outputs import FolderLock, Staged, previous_outputs, read_json  # noqa: E402
 from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noqa: E402
@@ -33,26 +36,45 @@ PER_THRESHOLD = "_per_threshold"
 PER_IMAGE_FLAGS = ("gt_known", "top1_loc")
 DATA_KEYS = ("data_format", "data_root", "metadata_root", "split")  # metrics.json: the data a run evaluated
 SAT_SETTINGS = ("img_size", "resize_size", "tencrop", "threshold")  # what the sat protocol's numbers depend on
+# config.yaml keys of training runs not named when they differ: where a run wrote and ran, and its data (said
+# with the data note)
+NOT_SETTINGS = ("output_dir", "device", "workers", "log_every", "cache_images", "data_root", "metadata_root",
+                "val_boxes")
 MAX_CLASSES_DRAWN = 40
 
 
 class Run:
-    """One evaluator output folder: its metrics, and its per-image rows and wsol curves when written."""
+    """One evaluator output folder: its metrics, and its per-image rows and wsol curves when written; or a training
+    run's folder: its final test (results.json) and its settings (config.yaml, ``config``; None for an evaluator's
+    folder)."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise DataError(f"{self.folder}: not found (expected an evaluator output folder with metrics.json)")
+        self.curves, self.rows, self.config = {}, None, None
         if not (self.folder / "metrics.json").is_file() and (self.folder / "results.json").is_file():
-            raise DataError(f"{self.folder}: a training run's folder (results.json), not an evaluator output folder: "
-                            f"evaluate its checkpoint with python evaluator.py --checkpoint "
-                            f"{self.folder / 'checkpoints' / 'best.pth'} --output-dir DIR (with the run's "
-                            "--data-root) and compare DIR")
+            self.metrics, self.config = training_record(self.folder)
+            return
         self.metrics = _read_json(self.folder / "metrics.json", "an evaluator output folder")
         curves = self.folder / "wsol_curves.json"
         self.curves = _read_json(curves, "the evaluator's wsol curves") if curves.is_file() else {}
         per_image = self.folder / "per_image.csv"
         self.rows = read_per_image(per_image) if per_image.is_file() else None
+
+
+def training_record(folder):
+    """(metrics, config) of a training run's folder: the final test of results.json with the data and the sat view
+    its config.yaml names (the keys the notes compare across runs, as an evaluator's metrics.json holds them)."""
+    results = _read_json(folder / "results.json", "a training run's final test")
+    if not (folder / "config.yaml").is_file():
+        raise DataError(f"{folder}: results.json without config.yaml (a training run's folder holds both)")
+    config = read_yaml_mapping(folder / "config.yaml")
+    img_size = config.get("img_size")
+    data = {key: config.get(key) for key in ("data_format", "data_root", "metadata_root")}
+    data.update({key: os.path.abspath(data[key]) for key in ("data_root", "metadata_root") if data[key]})
+    return {**results, **data, "img_size": img_size,
+            "resize_size": config.get("resize_size") or (img_size and default_resize_size(img_size))}, config
 
 
 def _read_json(path, what):
@@ -239,8 +261,9 @@ def _json_value(value):
 def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="evaluator output folders (the first is the baseline "
-                                                                "of the per-image comparison)")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="evaluator output folders or training run folders "
+                                                                "(the first is the baseline of the per-image "
+                                                                "comparison of evaluator folders)")
     parser.add_argument("--names", nargs="+", help="the runs' names in the table (default: the folders' names)")
     parser.add_argument("--output-dir", default="output/compare", help="default: output/compare")
     parser.add_argument("--overwrite", action="store_true",
@@ -279,6 +302,13 @@ def setting_notes(runs):
     if len(set(read.values())) > 1:
         each = "; ".join(f"{name}: {data}" for name, data in read.items())
         notes.append(f"the runs read different data ({each}); images are matched by id in the per-image comparisons")
+    trained = {name: run.config for name, run in runs.items() if run.config is not None}
+    keys = sorted({key for config in trained.values() for key in config} - set(NOT_SETTINGS))
+    differ = [key for key in keys if len({json.dumps(config.get(key)) for config in trained.values()}) > 1]
+    if len(trained) > 1 and differ:
+        each = "; ".join(f"{key} ({', '.join(f'{name} {config.get(key)}' for name, config in trained.items())})"
+                         for key in differ)
+        notes.append(f"the training runs' settings differ (config.yaml): {each}")
     sat = {name: run for name, run in runs.items() if run.metrics.get("eval_protocol") in ("sat", "both")}
     keys = [key for key in SAT_SETTINGS if all(key in run.metrics for run in sat.values())]
     # a run of saved maps (--maps) takes its classes from --predictions, whatever view made them: its
@@ -314,7 +344,10 @@ def compare(runs, output_dir, staged):
         a, b = runs[first].rows, runs[other].rows
         if a is None or b is None:
             lacking = " and ".join(name for name, rows in ((first, a), (other, b)) if rows is None)
-            print(f"\n{first} vs {other}: no per-image comparison ({lacking}: no per_image.csv)")
+            trained = any(runs[name].config is not None for name in (first, other))
+            how = "; of a training run: evaluator.py --checkpoint <run>/checkpoints/best.pth writes it" if trained \
+                else ""
+            print(f"\n{first} vs {other}: no per-image comparison ({lacking}: no per_image.csv{how})")
             continue
         counts, differing = per_image_comparison(a, b)
         if not counts["shared"] or not any(flag in counts for flag in PER_IMAGE_FLAGS):
