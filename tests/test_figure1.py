@@ -119,6 +119,9 @@ def test_collect_names_a_results_file_without_parameter_count(tmp_path):
         figure1.main(["collect", str(tmp_path), "--output", str(tmp_path / "f.xyz")])
     with pytest.raises(DataError, match="nothere: not found"):
         figure1.main(["collect", str(tmp_path / "nothere")])
+    # a subcommand's flag abbreviated was taken as the flag (the scripts refuse abbreviations)
+    with pytest.raises(ConfigError, match=r"^unknown flag --out \(did you mean --output\?\)$"):
+        figure1.main(["collect", str(tmp_path), "--out", str(tmp_path / "f.png")])
 
 
 def test_collect_into_a_folder_it_cannot_write_is_one_line(tmp_path, monkeypatch):

@@ -200,13 +200,13 @@ def main(argv=None):
     parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="print (or run with --execute) the sweep's training commands")
+    run = sub.add_parser("run", help="print (or run with --execute) the sweep's training commands", allow_abbrev=False)
     run.add_argument("--data-root", required=True, help="ILSVRC2012 folder")
     run.add_argument("--runs-dir", default="output/figure1", help="one run folder per point is made in it")
     run.add_argument("--launcher", default="python", help='e.g. "torchrun --nproc_per_node 8" or "srun python"')
     run.add_argument("--execute", action="store_true", help="run the commands one after the other (skips runs "
                                                             "whose results.json exists)")
-    coll = sub.add_parser("collect", help="table and PNG from the runs' results.json files")
+    coll = sub.add_parser("collect", help="table and PNG from the runs' results.json files", allow_abbrev=False)
     coll.add_argument("runs_dir", help="the --runs-dir of the sweep (every results.json below it is read)")
     coll.add_argument("--output", default="img/figure1.png", help="PNG to write")
     args = parser.parse_args(argv)

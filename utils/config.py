@@ -512,7 +512,10 @@ class OneLineParser(argparse.ArgumentParser):
             flag = next((word.split("=", 1)[0] for word in extra if word.startswith("-")), None)
             if flag is None:
                 raise ConfigError(f"unexpected argument {extra[0]!r}")
-            raise ConfigError(unknown_flag_line(flag, {option: option for option in self._option_string_actions
+            parsers = [self, *(sub for action in self._actions if isinstance(action, argparse._SubParsersAction)
+                               for sub in action.choices.values())]  # a subcommand's flags too
+            raise ConfigError(unknown_flag_line(flag, {option: option for parser in parsers
+                                                       for option in parser._option_string_actions
                                                        if option.startswith("--") and option != "--help"}))
         return parsed
 
