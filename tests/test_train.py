@@ -169,7 +169,9 @@ def test_resume_drops_metrics_of_unsaved_epochs_and_extends_a_run(data_root, tmp
     last = out / "checkpoints" / "last.pth"
     with pytest.raises(ConfigError, match=rf"^--resume {re.escape(str(last))}: the run was trained with "
                        r"num_spatial_blocks 3 \(now 1\), batch_size 8 \(now 4\), which a resumed run keeps \(the "
-                       r"model; the schedule counts steps of that batch\): resume with those values"):
+                       r"model; the schedule counts steps of that batch\): resume with those values .* or start a "
+                       r"new run from its weights \(all but the classifier head, which starts anew\) with "
+                       r"--pretrained"):
         main(args(data_root, out, "--epochs", "3", "--resume", "--num-spatial-blocks", "1", "--batch-size", "4"))
     # a few-shot subset where the run trained on all images: its epochs would be another length (steps lost)
     with pytest.raises(ConfigError, match=r"images_per_class None \(now 2\), which a resumed run keeps \(the epochs "

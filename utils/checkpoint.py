@@ -523,7 +523,8 @@ def check_unchanged(saved, cfg, path, optimizer_state=True):
         values = ", ".join(f"{key} {saved[key]} (now {getattr(cfg, key)})" for key in changed)
         raise ConfigError(f"--resume {path}: the run was trained with {values}, which a resumed run keeps ({why}): "
                           "resume with those values (--resume without --config reads the run's own config.yaml), or "
-                          f"start a new run from its weights with --pretrained {path} in a new --output-dir")
+                          f"start a new run from its weights (all but the classifier head, which starts anew) with "
+                          f"--pretrained {path} in a new --output-dir")
 
 
 def apply_settings(optimizer, scheduler, groups):
