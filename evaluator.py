@@ -149,6 +149,16 @@ def check_output_paths(args, output_dir):
         own = [output_dir / name for name in (*EVALUATION_FILES, *PARTIALS, "log.txt")]
         check_output_file(args.save_boxes, args.overwrite, outputs=own)
     if args.save_maps:
+        maps, out = Path(args.save_maps).resolve(), output_dir.resolve()
+        if maps == out or maps in out.parents:  # the maps' folder, moved in place last, would replace the evaluation
+            where = "is the --output-dir" if maps == out else f"holds the --output-dir {output_dir}"
+            raise ConfigError(f"--save-maps {args.save_maps}: {where} (its maps would replace the evaluation's "
+                              f"files); choose a folder of its own, e.g. {output_dir / 'maps'}")
+        overlays = out / OVERLAYS
+        if maps == overlays or overlays in maps.parents:  # overlays/ is replaced whole, the maps in it with it
+            raise ConfigError(f"--save-maps {args.save_maps}: inside the {OVERLAYS}/ folder of the --output-dir "
+                              f"(replaced whole by the evaluation's {OVERLAYS}); choose a folder of its own, e.g. "
+                              f"{output_dir / 'maps'}")
         check_maps_folder(args.save_maps, args.overwrite)
     return previous
 
@@ -159,6 +169,9 @@ SAVED_MAPS = ("sat", "wsol", VIEW_FILE)  # what --save-maps writes into its fold
 def check_maps_folder(folder, overwrite):
     """ConfigError for a --save-maps folder that is a file, holds other files than saved maps (never touched:
     maps mixed from two sources would be scored as one method's), or earlier saved maps without --overwrite."""
+    if os.path.basename(os.path.normpath(folder)) in (os.curdir, os.pardir):  # '.', '..': no name to stage it by
+        raise ConfigError(f"--save-maps {folder}: name the folder by its path, e.g. {os.path.abspath(folder)} (it "
+                          "is written beside it and moved in place once the evaluation is complete)")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--save-maps {folder}: not a folder")

@@ -127,8 +127,8 @@ def check_listed_once(items, image_root, split):
     """DataError naming the first image that a split lists twice (under two ids, as a repeated id is said where
     the annotation file is read): it would be trained on, or scored, twice."""
     seen = {}
-    for item in items:
-        first = seen.setdefault(item.path, item)
+    for item in items:  # the path as the file system takes it: a/./b.jpg and a/b.jpg are one image
+        first = seen.setdefault(os.path.normpath(item.path), item)
         if first is not item:
             where = f" ({first.source}; {item.source})" if first.source and item.source else \
                 f" (as {first.image_id!r} and {item.image_id!r})" if first.image_id != item.image_id else ""

@@ -1,6 +1,7 @@
 """tools/compare.py on two small hand-written evaluator output folders (counts checked by hand)."""
 import csv
 import json
+from pathlib import Path
 
 import cv2
 import pytest
@@ -83,6 +84,23 @@ def test_per_image_wins_and_losses_on_the_shared_images(runs, tmp_path, capsys):
     assert [row["image_id"] for row in rows] == ["b", "c", "d"]
     assert rows[0] == {"image_id": "b", "label": "0", "gt_known_sat": "1", "gt_known_other": "0", "top1_loc_sat": "0",
                        "top1_loc_other": "0", "iou_sat": "0.6", "iou_other": "0.3"}
+
+
+def test_each_pair_gets_its_own_per_image_file_whatever_the_names(tmp_path):
+    """Runs named 'x y' and 'x_y' gave one file name (per_image_sat_vs_x_y.csv): the second pair's rows replaced
+    the first's, both entries of compare.json naming it; run folders with long paths gave a name too long."""
+    long = "d" * 150
+    runs = [write_run(tmp_path / "sat", METRICS_A, ROWS_A), write_run(tmp_path / "x y", METRICS_B, ROWS_B),
+            write_run(tmp_path / "x_y", METRICS_A, ROWS_A), write_run(tmp_path / long / "a", METRICS_B, ROWS_B)]
+    record = compare_main([*map(str, runs), "--output-dir", str(tmp_path / "out")])["per_image"]
+    files = [record[f"sat vs {name}"]["differing"] for name in ("x y", "x_y", "a")]
+    assert [Path(path).name for path in files] == ["per_image_sat_vs_x_y.csv", "per_image_sat_vs_x_y_2.csv",
+                                                   "per_image_sat_vs_a.csv"]
+    with open(files[1], newline="") as f:  # the pair's own rows: x_y is the same run as sat, no image differs
+        assert list(csv.DictReader(f)) == []
+    names = ["sat", "b" * 150]
+    record = compare_main([*map(str, runs[:2]), "--names", *names, "--output-dir", str(tmp_path / "out2")])
+    assert Path(record["per_image"][f"sat vs {names[1]}"]["differing"]).name == f"per_image_sat_vs_{'b' * 100}.csv"
 
 
 def test_figure_has_the_curves_and_the_per_class_bars(runs, tmp_path):

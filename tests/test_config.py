@@ -155,6 +155,17 @@ def test_resume_without_config_reads_the_runs_own(tmp_path, capsys):
     assert cfg.config == str(CONFIGS / "demo.yaml")
 
 
+def test_resume_naming_a_run_folder_is_one_line_before_the_data_is_read(tmp_path):
+    """--resume RUN (the folder, not its checkpoint) read no config.yaml: the run took the defaults' config, read
+    (or generated) the demo data and built the model before 'checkpoint RUN: a folder, not a checkpoint file'."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError) as err:
+        train("--resume", str(run))
+    assert str(err.value) == f"--resume {run}: a folder, not a checkpoint file; to continue the run it holds: " \
+                             f"--output-dir {run} --resume (or --resume {run / 'checkpoints' / 'last.pth'})"
+
+
 def test_flags_override_the_file_which_overrides_defaults(tmp_path):
     path = write(tmp_path, "epochs: 3\nlr: 0.5\nval_split: true\ntencrop: false\n")
     cfg = train("--config", path, "--lr", "0.01", "--batch-size", "8", "--no-amp", "--no-val-split",

@@ -118,3 +118,61 @@ def test_an_image_listed_twice_is_an_error(cub):
         build_dataset("cub", cub, "test")
     assert str(err.value) == f"image {cub / 'images' / path} is listed twice in the test split ({boxes} line " \
                              f"{lines - 1}; {boxes} line {lines}): it would count twice"
+
+
+@pytest.mark.parametrize("outside", ["absolute", "../../elsewhere/x.jpg"])
+def test_an_image_path_leading_out_of_images_is_an_error(cub, outside):
+    """An images.txt path that is absolute or climbs out with '..' was read from wherever it led, and the image's
+    overlay (<output_dir>/overlays/<id>.png) and saved map (--save-maps DIR/sat/<id>.npy) were written there."""
+    elsewhere = cub.parent / "elsewhere"
+    elsewhere.mkdir()
+    lines = (cub / "images.txt").read_text().splitlines()
+    image_id, path = lines[5].split()  # a test image
+    (elsewhere / "x.jpg").write_bytes((cub / "images" / path).read_bytes())
+    relpath = str(elsewhere / "x.jpg") if outside == "absolute" else outside
+    lines[5] = f"{image_id} {relpath}"
+    (cub / "images.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as err:
+        build_dataset("cub", cub, "test")
+    assert str(err.value) == f"{cub / 'images.txt'} line 6: image {relpath!r} is not under {cub / 'images'} " \
+                             "(expected a path relative to it, without '..' leading out of it)"
+    lines[5] = f"{image_id} 001.Ringed_Disc/../{path}"  # '..' that stay inside are a path like another
+    (cub / "images.txt").write_text("\n".join(lines) + "\n")
+    assert build_dataset("cub", cub, "test").items[0].path == f"001.Ringed_Disc/../{path}"
+
+
+def test_an_image_listed_twice_under_another_spelling_is_an_error(cub):
+    """001.X/./a.jpg is 001.X/a.jpg: the check compared the strings, so the image was scored twice (and its
+    overlay and saved map, one file, written twice)."""
+    lines = (cub / "images.txt").read_text().splitlines()
+    first, path = lines[5].split()
+    second = lines[6].split()[0]  # another test image of the class
+    folder, name = path.split("/")
+    lines[6] = f"{second} {folder}/./{name}"
+    (cub / "images.txt").write_text("\n".join(lines) + "\n")
+    boxes = cub / "bounding_boxes.txt"
+    with pytest.raises(DataError) as err:
+        build_dataset("cub", cub, "test")
+    assert str(err.value) == f"image {cub / 'images' / folder / '.' / name} is listed twice in the test split " \
+                             f"({boxes} line {first}; {boxes} line {second}): it would count twice"
+
+
+def test_a_class_name_listed_twice_is_an_error(cub):
+    """metrics.json's per_class and the per-class table are keyed by the name: one class's numbers were lost."""
+    (cub / "classes.txt").write_text('1 Bird/Sparrow, "house"\n2 Bird/Sparrow, "house"\n3 Other\n')
+    with pytest.raises(DataError) as err:
+        build_dataset("cub", cub, "test")
+    assert str(err.value) == f"{cub / 'classes.txt'} line 2: class name 'Bird/Sparrow, \"house\"' again (first on " \
+                             "line 1)"
+
+
+def test_a_file_name_with_a_unicode_line_separator_is_read(cub):
+    """U+0085 (NEL) or U+2028 may be part of a file name; str.splitlines() broke images.txt's line there, and the
+    error named the next line ('expected 'image_id relative_path', got ...')."""
+    lines = (cub / "images.txt").read_text().splitlines()
+    image_id, path = lines[5].split()
+    renamed = path.replace("_0", "\u0085\u2028_0")
+    (cub / "images" / path).rename(cub / "images" / renamed)
+    lines[5] = f"{image_id} {renamed}"
+    (cub / "images.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert build_dataset("cub", cub, "test").items[0].path == renamed

@@ -355,6 +355,10 @@ def test_aircraft_bad_input(aircraft):
     test.write_text("0034309 F/A-18\n0056978 Boeing 747\n")
     assert aircraft_error(aircraft) == (f"{test} line 2: variant 'Boeing 747' is not listed in variants.txt "
                                         "(unknown class)")
+    (data / "elsewhere.jpg").write_bytes((data / "images" / "0056978.jpg").read_bytes())
+    test.write_text("0034309 F/A-18\n../elsewhere Cessna 172\n")  # read, and its overlay written, outside
+    assert aircraft_error(aircraft) == (f"{test} line 2: image '../elsewhere.jpg' is not under {data / 'images'} "
+                                        "(expected a path relative to it, without '..' leading out of it)")
     boxes.unlink()  # training needs no boxes; evaluation does
     assert all(item.boxes is None for item in build_dataset("aircraft", aircraft, "train").items)
     assert aircraft_error(aircraft) == f"{boxes}: file not found (expected 'image_id xmin ymin xmax ymax')"

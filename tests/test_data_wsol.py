@@ -236,3 +236,17 @@ def test_a_class_number_no_training_image_has_is_warned(boxes_set, caplog):
     with caplog.at_level("WARNING", logger="sat"):
         build_dataset("wsol", images, "train", metadata_root=meta)
     assert caplog.messages == []
+
+
+@pytest.mark.parametrize("outside", ["absolute", "../elsewhere/x.JPEG"])
+def test_an_image_id_leading_out_of_the_data_root_is_an_error(boxes_set, outside):
+    """An image_ids.txt id that is absolute or climbs out with '..' was read from wherever it led, and its
+    overlay and saved map (named after the id) were written there, outside the output folders."""
+    images, meta = boxes_set
+    write_image(images.parent / "elsewhere" / "x.JPEG", (40, 30))
+    image_id = str(images.parent / "elsewhere" / "x.JPEG") if outside == "absolute" else outside
+    write_metadata(meta / "val", [image_id], [1], [(40, 30)], [f"{image_id},1,2,30,20"])
+    with pytest.raises(DataError) as err:
+        build_dataset("wsol", images, "val", metadata_root=meta)
+    assert str(err.value) == f"{meta / 'val' / 'image_ids.txt'} line 1: image {image_id!r} is not under {images} " \
+                             "(expected a path relative to it, without '..' leading out of it)"

@@ -308,6 +308,20 @@ def test_an_overlay_never_takes_the_save_boxes_name(tmp_path):
     assert json.loads((out / "a.png").read_text())["annotations"][0]["bbox"]
 
 
+def test_an_input_with_a_long_file_name_gets_an_overlay_name_that_fits(tmp_path):
+    """A photo named with 240 bytes (a name file systems take) stopped the run: its overlay, written as
+    <stem>.partial.png until the run was complete, was a name too long ('File name too long')."""
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth", best_thr=0.4)
+    photo = tmp_path / ("é" * 118 + ".jpg")  # 240 bytes of UTF-8
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(photo)
+    out = tmp_path / "out"
+    record = predict_main(["--checkpoint", str(checkpoint), "--output-dir", str(out), "--device", "cpu",
+                           "--overlay-blocks", str(photo)])
+    pred = record["predictions"][0]
+    assert Path(pred["overlay"]).name == "é" * 100 + ".png" and Path(pred["overlay"]).is_file()
+    assert Path(pred["blocks_overlay"]).name == "é" * 100 + "_blocks.png" and Path(pred["blocks_overlay"]).is_file()
+
+
 @pytest.mark.parametrize("old, new", [("--coco=x.json", "--save-boxes"), ("--blocks", "--overlay-blocks"),
                                       ("--batch-size", "--eval-batch-size")])
 def test_the_earlier_flag_names_say_their_new_names(tmp_path, capsys, old, new):

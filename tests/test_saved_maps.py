@@ -398,6 +398,42 @@ def test_flags_of_the_forward_are_named_as_unused_with_maps(cub, tmp_path, caplo
 
 
 @pytest.mark.usefixtures("keep_logging")
+def test_save_maps_at_or_above_the_output_dir_is_refused(cub, tmp_path, capsys):
+    """--save-maps naming the --output-dir (or a folder above it) passed the check (a new folder), then the maps'
+    folder, moved in place last, replaced it: metrics.json, per_image.csv and log.txt were gone without a word;
+    maps inside its overlays/ went with the overlays/ folder the new overlays replaced."""
+    root, checkpoint = cub
+    data = ["--checkpoint", str(checkpoint), "--data-root", str(root), *CPU]
+    out = tmp_path / "eval"
+    assert _one_error_line(capsys, [*data, "--output-dir", str(out), "--save-maps", f"{out}/"]) == \
+        f"error: --save-maps {out}/: is the --output-dir (its maps would replace the evaluation's files); choose " \
+        f"a folder of its own, e.g. {out / 'maps'}"
+    assert _one_error_line(capsys, [*data, "--output-dir", str(out / "sub"), "--save-maps", str(out)]) == \
+        f"error: --save-maps {out}: holds the --output-dir {out / 'sub'} (its maps would replace the " \
+        f"evaluation's files); choose a folder of its own, e.g. {out / 'sub' / 'maps'}"
+    maps = out / "overlays" / "maps"  # the maps were deleted with the overlays/ folder the new overlays replaced
+    assert _one_error_line(capsys, [*data, "--output-dir", str(out), "--overlays", "2", "--save-maps", str(maps)]) \
+        == f"error: --save-maps {maps}: inside the overlays/ folder of the --output-dir (replaced whole by the " \
+        f"evaluation's overlays); choose a folder of its own, e.g. {out / 'maps'}"
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("keep_logging")
+def test_save_maps_dot_is_one_error_line(cub, tmp_path, capsys, monkeypatch):
+    """--save-maps . (run from the empty folder meant for the maps) ended in a ValueError traceback ('.' has an
+    empty name: the maps are written beside their folder, under its name), leaving an empty --output-dir."""
+    root, checkpoint = cub
+    (tmp_path / "maps").mkdir()
+    monkeypatch.chdir(tmp_path / "maps")
+    out = tmp_path / "eval"
+    assert _one_error_line(capsys, ["--checkpoint", str(checkpoint), "--data-root", str(root), *CPU,
+                                    "--output-dir", str(out), "--save-maps", "."]) == \
+        f"error: --save-maps .: name the folder by its path, e.g. {tmp_path / 'maps'} (it is written beside it and " \
+        "moved in place once the evaluation is complete)"
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("keep_logging")
 def test_save_maps_replaces_only_earlier_maps_and_only_once_complete(cub, tmp_path, capsys):
     """A --save-maps folder holding maps is refused without --overwrite (two evaluations' maps mixed would be
     scored as one method's), one holding anything else always; with --overwrite the earlier maps are replaced

@@ -254,6 +254,19 @@ def _file_part(name):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
 
 
+def _differing_path(output_dir, first, other, used):
+    """``per_image_<A>_vs_<B>.csv``: each name cut to 100 characters (a file name has 255 bytes, its partial
+    name included), numbered where two pairs of names give one file (names differing only in characters
+    _file_part replaces: 'a b', 'a_b'); ``used``: the stems taken."""
+    stem = f"per_image_{_file_part(first)[:100]}_vs_{_file_part(other)[:100]}"
+    name, k = stem, 1
+    while name in used:
+        k += 1
+        name = f"{stem}_{k}"
+    used.add(name)
+    return output_dir / f"{name}.csv"
+
+
 def _json_value(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -340,6 +353,7 @@ def compare(runs, output_dir, staged):
 
     comparisons = {}
     first, *others = names
+    used = set()  # the per-image files' names
     for other in others:
         a, b = runs[first].rows, runs[other].rows
         if a is None or b is None:
@@ -356,7 +370,7 @@ def compare(runs, output_dir, staged):
             print(f"\n{first} vs {other}: no per-image comparison ({why})")
             comparisons[f"{first} vs {other}"] = {**counts, "differing": None}
             continue
-        path = output_dir / f"per_image_{_file_part(first)}_vs_{_file_part(other)}.csv"
+        path = _differing_path(output_dir, first, other, used)
         write_differing(staged.path(path), a, b, (first, other), differing)
         comparisons[f"{first} vs {other}"] = {**counts, "differing": str(path)}
         left_out = (f" ({counts['only_in_a']} images only in {first} and {counts['only_in_b']} only in {other} "

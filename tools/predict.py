@@ -128,6 +128,18 @@ def recorded_threshold(path, meta, num_classes):
     return threshold
 
 
+# The most bytes of an input's file name an overlay's name keeps: with "_blocks", a "_<k>" and ".partial.png" (its
+# name until the run is complete) it stays within the 255 bytes file systems allow.
+OVERLAY_STEM_BYTES = 200
+
+
+def overlay_stem(stem):
+    """``stem`` cut to OVERLAY_STEM_BYTES bytes of UTF-8 (at a character's boundary)."""
+    encoded = stem.encode("utf-8", "surrogateescape")
+    return stem if len(encoded) <= OVERLAY_STEM_BYTES else \
+        encoded[:OVERLAY_STEM_BYTES].decode("utf-8", "ignore")
+
+
 def _unique_png(output_dir, stem, used, free):
     """A new PNG path in ``output_dir``: never a file already there (an input image may live in it) unless
     it is in ``free`` (an earlier run's overlay, replaced), nor a name in ``used`` (this run's overlays and its
@@ -243,7 +255,7 @@ def predict(args, model, paths, view, threshold, names, output_dir, staged, free
             box, overlay = map_overlay(image, maps[k], threshold, resize_size, img_size,
                                        f"{pred['class_name']} {pred['score']:.0%}")
             pred.update(box=box, image_size=list(image.size))
-            png = _unique_png(output_dir, path.stem, used, free)
+            png = _unique_png(output_dir, overlay_stem(path.stem), used, free)
             save_rgb(staged.path(png), overlay)
             pred["overlay"] = str(png)
             if args.overlay_blocks:

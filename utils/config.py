@@ -753,6 +753,10 @@ def validate(cfg, script):
                               f"{given_as(cfg, 'trainable')}")
         if cfg.resume is not None and cfg.overwrite:
             raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
+        if cfg.resume not in (None, "auto") and Path(cfg.resume).is_dir():  # (said once the data was read)
+            raise ConfigError(f"--resume {cfg.resume}: a folder, not a checkpoint file; to continue the run it holds: "
+                              f"--output-dir {cfg.resume} --resume (or --resume "
+                              f"{Path(cfg.resume) / 'checkpoints' / 'last.pth'})")
         if cfg.resize_size is not None and cfg.resize_size < cfg.img_size:
             raise ConfigError(f"resize_size must be at least img_size: {given_as(cfg, 'resize_size')}, "
                               f"{given_as(cfg, 'img_size')}; give --resize-size N >= {cfg.img_size}, or "

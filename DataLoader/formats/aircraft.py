@@ -15,7 +15,7 @@ import numpy as np
 
 from utils.errors import DataError
 
-from .annotations import Item, check_boxes, entries, lines_source, read_lines, read_table, rows_by_id
+from .annotations import Item, check_boxes, check_under_root, entries, lines_source, read_lines, read_table, rows_by_id
 
 AIRCRAFT_LAYOUT = ("the FGVC-Aircraft 2013b release layout: data/images/, data/variants.txt, "
                    "data/images_variant_trainval.txt, data/images_variant_test.txt, data/images_box.txt")
@@ -60,6 +60,7 @@ def load_aircraft(root, split):
         if variant not in index:
             raise DataError(f"{where}: variant {variant!r} is not listed in variants.txt (unknown class)")
         path = f"{image_id}.jpg"
+        check_under_root(path, data / "images", where)
         if not (data / "images" / path).is_file():
             raise DataError(f"{where}: image {data / 'images' / path} not found")
         item = Item(path, index[variant])

@@ -1,6 +1,7 @@
 """Annotation records and strict parsing helpers shared by the dataset formats."""
 import csv
 import operator
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -75,7 +76,8 @@ def read_lines(path, expected):
     """Lines of a text annotation file; DataError naming it when missing or unreadable."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # a BOM (Excel, Notepad) is not part of the first line
-            return f.read().splitlines()
+            lines = f.read().split("\n")  # \r\n, \r read as \n; not splitlines(): U+0085, U+2028 ... may be in a name
+        return lines[:-1] if lines[-1] == "" else lines
     except FileNotFoundError:
         raise DataError(f"{path}: file not found (expected {expected})") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -129,6 +131,16 @@ def entries(table, image_id, path, listed_in):
     if image_id not in table:
         raise DataError(f"{path}: no entry for image {image_id!r} (listed in {listed_in})")
     return table[image_id]
+
+
+def check_under_root(relpath, root, where):
+    """DataError unless the image path ``relpath`` (an annotation file's, relative to ``root``) stays under
+    ``root``: an absolute path or one whose '..' climb out of it would be read from elsewhere, and its overlay
+    and saved map (named after the image id) written outside the output folders."""
+    normal = os.path.normpath(relpath)
+    if os.path.isabs(relpath) or normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        raise DataError(f"{where}: image {relpath!r} is not under {root} (expected a path relative to it, without "
+                        "'..' leading out of it)")
 
 
 def check_boxes(boxes, size, where, size_from=None):

@@ -7,7 +7,8 @@ import numpy as np
 
 from utils.errors import DataError
 
-from .annotations import Item, bad_line, check_boxes, check_label, entries, lines_source, read_table, rows_by_id
+from .annotations import (Item, bad_line, check_boxes, check_label, check_under_root, entries, lines_source, read_table,
+                          rows_by_id)
 
 CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt", "classes.txt")
 CUB_LAYOUT = "the CUB-200-2011 release layout"
@@ -30,12 +31,15 @@ def _read_boxes(path, known_ids):
 
 def read_classes(path):
     """Class names of classes.txt (ids must run 1..N in order)."""
-    names = []
+    names, lines = [], {}
     for lineno, (class_id, name) in read_table(path, (int, str), "'class_id class_name'"):
         if class_id != len(names) + 1:
             raise DataError(f"{path} line {lineno}: expected class id {len(names) + 1} (ids 1..N in order), "
                             f"got {class_id}")
+        if name in lines:  # the per-class table and metrics.json, keyed by name, would keep one of the two
+            raise DataError(f"{path} line {lineno}: class name {name!r} again (first on line {lines[name]})")
         names.append(name)
+        lines[name] = lineno
     if not names:
         raise DataError(f"{path}: no classes listed")
     return names
@@ -66,6 +70,7 @@ def load_cub(root, split):
                            f"{image_id} {flag}")
         if flag != (split == "train"):
             continue
+        check_under_root(relpath, root / "images", f"{images_path} line {lineno}")
         if not os.path.exists(root / "images" / relpath):
             raise DataError(f"{images_path} line {lineno}: image {root / 'images' / relpath} not found")
         item = Item(relpath, label - 1)

@@ -10,7 +10,8 @@ import numpy as np
 from utils.cv import cv2
 from utils.errors import DataError
 
-from .annotations import Item, check_boxes, check_label, entries, lines_source, read_lines, read_table, rows_by_id
+from .annotations import (Item, check_boxes, check_label, check_under_root, entries, lines_source, read_lines,
+                          read_table, rows_by_id)
 
 WSOL_LAYOUT = "wsolevaluation metadata: image_ids.txt, class_labels.txt, image_sizes.txt, localization.txt"
 LABELS_EXPECTED = "'image_id,class'"
@@ -63,6 +64,7 @@ def load_wsol(image_root, metadata_root, split):
     for lineno, (image_id,) in read_table(ids_path, (str,), "'image_id' (a path under the image root)"):
         if image_id in ids:  # it would be trained on, or scored, twice
             raise DataError(f"{ids_path} line {lineno}: image {image_id!r} is listed twice (line {ids[image_id]})")
+        check_under_root(image_id, image_root, f"{ids_path} line {lineno}")
         _existing(image_root, image_id, f"{ids_path} line {lineno}")
         ids[image_id] = lineno
     if not ids:
