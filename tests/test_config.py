@@ -148,6 +148,11 @@ def test_resume_without_config_reads_the_runs_own(tmp_path, capsys):
     cfg = train("--output-dir", str(tmp_path / "new"), "--resume", str(run / "checkpoints" / "last.pth"),
                 "--epochs", "6")
     assert (cfg.config, cfg.num_spatial_blocks, cfg.epochs) == (str(run / "config.yaml"), 4, 6)
+    assert cfg.output_dir == str(tmp_path / "new")  # --output-dir given: continued there (from the other's weights)
+    # no --output-dir: the run goes on in its folder, which its config.yaml names relative to where it started
+    (run / "config.yaml").write_text("epochs: 4\noutput_dir: out/run\n")
+    cfg = train("--resume", str(run / "checkpoints" / "last.pth"), "--epochs", "6")
+    assert (cfg.config, cfg.output_dir, cfg.epochs) == (str(run / "config.yaml"), str(run), 6)
     assert train("--output-dir", str(tmp_path / "new")).config == str(CONFIGS / "demo.yaml")  # no --resume
     assert train("--output-dir", str(tmp_path / "none"), "--resume").config == str(CONFIGS / "demo.yaml")
     (tmp_path / "config.yaml").write_text("epochs: 9\n")  # beside a download, not a run's: not read

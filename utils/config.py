@@ -671,11 +671,21 @@ def _run_config(cli, default_config, script, values):
     resume = cli.get("resume")
     if resume is None:
         return None
+    run = resumed_run(resume)
+    if run is not None and not cli.get("output_dir"):  # the run of the checkpoint named: it goes on in its folder
+        return run / "config.yaml" if (run / "config.yaml").is_file() else None
     output_dir = cli.get("output_dir") or _read(default_config, script)[0].get("output_dir", values["output_dir"])
-    candidates = [Path(output_dir) / "config.yaml"]
-    if resume != "auto" and Path(resume).resolve().parent.name == "checkpoints":  # <run>/checkpoints/last.pth
-        candidates.append(Path(resume).resolve().parent.parent / "config.yaml")
+    candidates = [Path(output_dir) / "config.yaml", *([run / "config.yaml"] if run is not None else [])]
     return next((path for path in candidates if path.is_file()), None)
+
+
+def resumed_run(resume):
+    """The run folder of a --resume PATH naming a file of <run>/checkpoints/ (None otherwise: a plain --resume,
+    another file)."""
+    if resume in (None, "auto"):
+        return None
+    path = Path(resume).resolve()
+    return path.parent.parent if path.parent.name == "checkpoints" else None
 
 
 def parse_config(argv=None, script="train"):
@@ -700,7 +710,7 @@ def read_config(argv=None, script="train"):
     if extra:
         raise ConfigError(_unknown_flag(extra[0], script, parser, argv))
     cli = vars(cli)
-    ignored, config = [], cli.get("config")
+    ignored, config, own = [], cli.get("config"), None
     if script in TRAINERS and config is None:
         config = _default_config(script, cli.get("data_root"))
         own = _run_config(cli, config, script, values)
@@ -712,6 +722,8 @@ def read_config(argv=None, script="train"):
     if config is not None:
         read, ignored, from_file = _read(config, script)
         values.update(read)
+    if own is not None and own.parent == resumed_run(cli.get("resume")) and not cli.get("output_dir"):
+        values["output_dir"] = str(own.parent)  # its config.yaml may name it relative to where the run was started
     flags = [key for key in cli if key in values]
     values.update({key: cli[key] for key in flags})
     cfg = argparse.Namespace(**values, config=None if config is None else str(config), ignored_config_keys=ignored,
