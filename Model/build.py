@@ -234,6 +234,8 @@ def build_model_from_checkpoint(path, arch=None, num_classes=None, *, spelling="
                      "%d classes)", path, fitted, *shapes[:3])
     meta = load_state(ckpt, path, model)
     model.pretrained_cfg = {**model.pretrained_cfg, **_data_config(model, meta, shapes[2])}
+    if hasattr(model, "default_cfg"):  # timm's alias of pretrained_cfg (it still said DeiT's 224 px, bicubic)
+        model.default_cfg = model.pretrained_cfg
     return model, {**meta, "arch": name}
 
 
@@ -245,8 +247,8 @@ def _data_config(model, meta, num_classes):
     names = meta.get("class_names")
     out = {"num_classes": num_classes, "label_names": tuple(names) if names else None}
     height, width = (int(side) for side in model.patch_embed.img_size)
-    if height != width:
-        return out
+    if height != width:  # no official view of a non-square input: its size (DeiT's cfg said 224 x 224)
+        return {**out, "input_size": (3, height, width), "fixed_input_size": True}
     resize = (meta.get("config") or {}).get("resize_size") or default_resize_size(height)
     crop_pct = height / resize
     if math.floor(height / crop_pct) != resize:  # (rounding: timm takes floor(S / crop_pct) as R)

@@ -205,6 +205,39 @@ def test_training_run_folders_are_compared_by_their_final_test_and_settings(tmp_
                                       "folder holds both)\n"
 
 
+def test_a_training_run_on_the_demo_data_reads_the_data_its_evaluator_run_reads(tmp_path):
+    """config.yaml's data_root null is the built-in demo data, which the evaluator records by its path: a demo
+    run beside the evaluation of its best.pth was said to read different data ('cub test' vs 'cub <path> test')."""
+    from DataLoader.demo import DEFAULT_DEMO_ROOT
+    from utils.config import parse_config, save_config
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    save_config(parse_config(["--output-dir", str(folder)], "train"), folder / "config.yaml")
+    (folder / "results.json").write_text(json.dumps({"split": "test", "eval_protocol": "sat", "num_images": 5,
+                                                     "gt_known_loc": 60.0, "threshold": 0.4, "tencrop": True}))
+    evaluated = write_run(tmp_path / "eval", {**METRICS_A, "data_format": "cub", "data_root": str(DEFAULT_DEMO_ROOT),
+                                              "metadata_root": None, "img_size": 128, "resize_size": 144}, ROWS_A)
+    record = compare_main([str(folder), str(evaluated), "--output-dir", str(tmp_path / "out")])
+    assert not [note for note in record["notes"] if "different data" in note]
+
+
+def test_a_training_runs_relative_data_root_is_of_the_folder_it_ran_in(tmp_path, monkeypatch):
+    """config.yaml keeps --data-root as given (cub, relative to where train.py ran): compare.py run from another
+    folder resolved it against its own and said the run and the evaluation of its best.pth read different data."""
+    from utils.config import parse_config, save_config
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweep").mkdir()
+    save_config(parse_config(["--data-root", "cub", "--output-dir", "sweep/run"], "train"),
+                tmp_path / "sweep" / "run" / "config.yaml")
+    (tmp_path / "sweep" / "run" / "results.json").write_text(json.dumps({"split": "test", "eval_protocol": "sat",
+                                                                         "num_images": 5, "gt_known_loc": 60.0}))
+    evaluated = write_run(tmp_path / "eval", {**METRICS_A, "data_format": "cub", "data_root": str(tmp_path / "cub"),
+                                              "metadata_root": None}, ROWS_A)
+    monkeypatch.chdir(tmp_path / "sweep")
+    record = compare_main(["run", str(evaluated), "--output-dir", str(tmp_path / "out")])
+    assert not [note for note in record["notes"] if "different data" in note]
+
+
 def test_names_of_another_count_and_unknown_flags_are_one_line(tmp_path, runs, capsys):
     """--names of the wrong count says what is expected ('1 names for 2 runs' before); an unknown flag is said
     as the training scripts and evaluators say it, not as argparse's 'unrecognized arguments: --output_dir x'."""

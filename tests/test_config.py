@@ -500,6 +500,20 @@ def test_saved_config_round_trips(tmp_path):
     assert (again.output_dir, again.data_root, again.pretrained) == ("1e-4", "2.5e3", "1e5")
 
 
+def test_saved_config_keeps_each_resume_line_once_and_a_new_run_none(tmp_path):
+    # a resume that failed before its first checkpoint, resumed again with the same flags, wrote its line twice;
+    # a new run in a folder whose config.yaml was left (its checkpoints deleted by hand) kept the old run's lines
+    path, line = tmp_path / "config.yaml", "# resumed after 1 epoch(s), trained with the values before: epochs 1 -> 2"
+    resumed = train("--config", str(CONFIGS / "demo.yaml"), "--resume")
+    for _ in range(2):
+        save_config(resumed, path, line)
+        with open(path, "ab") as f:  # edited by hand in Latin-1: a UnicodeDecodeError traceback on the next resume
+            f.write("# \u00e1rea\n".encode("latin-1"))
+    assert [text for text in path.read_text(errors="replace").splitlines() if text.startswith("# resumed")] == [line]
+    save_config(train("--config", str(CONFIGS / "demo.yaml")), path)
+    assert not [text for text in path.read_text(errors="replace").splitlines() if text.startswith("# resumed")]
+
+
 def test_reference_page_is_current():
     # regenerate with: python -m utils.config --markdown > docs/config.md
     assert (REPO_ROOT / "docs" / "config.md").read_text() == markdown()

@@ -122,6 +122,9 @@ def test_collect_names_a_results_file_without_parameter_count(tmp_path):
     # a subcommand's flag abbreviated was taken as the flag (the scripts refuse abbreviations)
     with pytest.raises(ConfigError, match=r"^unknown flag --out \(did you mean --output\?\)$"):
         figure1.main(["collect", str(tmp_path), "--out", str(tmp_path / "f.png")])
+    # another subcommand's flag: it said "unknown flag --data-root (did you mean --data-root?)"
+    with pytest.raises(ConfigError, match=r"^unknown flag --data-root for collect \(a flag of run\)$"):
+        figure1.main(["collect", str(tmp_path), "--data-root", str(tmp_path)])
 
 
 def test_collect_into_a_folder_it_cannot_write_is_one_line(tmp_path, monkeypatch):

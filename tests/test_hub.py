@@ -145,6 +145,17 @@ def test_timm_data_config_of_a_checkpoints_model_gives_the_official_test_view(tm
     assert torch.equal(timm.data.create_transform(**config)(image), official(image))
 
 
+def test_timm_data_config_of_a_non_square_checkpoints_model_and_timms_alias(tmp_path):
+    # a (height, width) model's data config said DeiT's 224 x 224; timm's alias default_cfg kept DeiT's cfg
+    nano = "deit_sat_nano_patch16_224"
+    path = tmp_path / "best.pth"
+    model = build_model(nano, num_classes=3, img_size=(64, 128))
+    save_checkpoint({"model": model.state_dict(), **model_spec(model, nano, ["a", "b", "c"])}, path)
+    loaded = torch.hub.load(str(REPO_ROOT), nano, source="local", checkpoint=str(path))
+    assert timm.data.resolve_data_config({}, model=loaded)["input_size"] == (3, 64, 128)
+    assert loaded.default_cfg is loaded.pretrained_cfg and loaded.default_cfg["label_names"] == ("a", "b", "c")
+
+
 def test_hub_checkpoint_with_another_img_size_names_the_checkpoints_size(tmp_path):
     nano = "deit_sat_nano_patch16_224"
     path = tmp_path / "nano.pth"

@@ -512,11 +512,20 @@ class OneLineParser(argparse.ArgumentParser):
             flag = next((word.split("=", 1)[0] for word in extra if word.startswith("-")), None)
             if flag is None:
                 raise ConfigError(f"unexpected argument {extra[0]!r}")
-            parsers = [self, *(sub for action in self._actions if isinstance(action, argparse._SubParsersAction)
-                               for sub in action.choices.values())]  # a subcommand's flags too
-            raise ConfigError(unknown_flag_line(flag, {option: option for parser in parsers
-                                                       for option in parser._option_string_actions
-                                                       if option.startswith("--") and option != "--help"}))
+            parsers, others = [self], {}
+            for action in self._actions:  # the flags of the subcommand given too; another one's are said as such
+                if isinstance(action, argparse._SubParsersAction):
+                    chosen = getattr(parsed, action.dest, None) if action.dest != argparse.SUPPRESS else None
+                    for name, sub in action.choices.items():
+                        if chosen in (None, name):
+                            parsers.append(sub)
+                        else:
+                            others.update({option: name for option in sub._option_string_actions})
+            taken = {option: option for parser in parsers for option in parser._option_string_actions
+                     if option.startswith("--") and option != "--help"}
+            if flag in others and flag not in taken:
+                raise ConfigError(f"unknown flag {flag} for {chosen} (a flag of {others[flag]})")
+            raise ConfigError(unknown_flag_line(flag, taken))
         return parsed
 
 
@@ -821,10 +830,11 @@ def save_config(cfg, path, resumed_line=None):
     header = f"# resolved configuration (from {cfg.config or 'built-in defaults'} and command-line flags)\n"
     with writing_outputs(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file():
-            header += "".join(line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                              if line.startswith(RESUMED_LINE))
-    if resumed_line:
+        if path.is_file() and getattr(cfg, "resume", None) is not None:  # a new run has none of them
+            header += "".join(dict.fromkeys(line for line in path.read_text(encoding="utf-8", errors="replace")
+                                          .splitlines(keepends=True) if line.startswith(RESUMED_LINE)))
+            # (errors: a config.yaml edited by hand in another encoding stopped the resume in a traceback)
+    if resumed_line and resumed_line + "\n" not in header:  # (a resume again after one that failed at its start)
         header += resumed_line + "\n"
     # whole or not at all: a --resume without --config reads it (rewritten in place, a kill left it empty)
     write_text_atomic(path, header + yaml.dump(config_dict(cfg), Dumper=_Dumper, sort_keys=False))
