@@ -45,7 +45,7 @@ from utils.logger import MetricsLog, close_logging, log_error, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 from utils.outputs import FolderLock, write_text_atomic
 from utils.preemption import (StepCheckpoint, StopAtOnce, StopSignals, exit_when_stopped, ignore_stop_signals,
-                              resume_command, signal_name, signals_deferred)
+                              resume_command, signal_name)
 from utils.run_folder import (IMAGE_CACHE, check_run_folder, check_shared_folder, how_to_continue, interrupted_message,
                               remove_image_cache, remove_old_image_cache, replace_previous_run)
 from utils.selection import plan_evaluation, recorded_keys, should_evaluate, update_best
@@ -161,9 +161,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     autocast = autocast_context(info.device, cfg.amp)
     if replaced:  # the new run can start: the old one goes
         load_first_batch(train_loader, info)
-        with signals_deferred():  # a stop in the middle would leave half of the previous run, said to be kept
-            replace_previous_run(output_dir, replaced, info)
-            progress["previous_kept"] = False
+        replace_previous_run(output_dir, replaced, info, deleted=lambda: progress.update(previous_kept=False))
+        progress["previous_kept"] = False
 
     # resume: weights, optimizer, schedule, RNG states and the position in the epoch of last.pth
     # (a last.pth saved when the evaluation after an epoch failed holds that epoch's training: ``trained``)

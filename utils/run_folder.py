@@ -16,6 +16,7 @@ from utils import distributed as dist_utils
 from utils.errors import ConfigError, echoed
 from utils.logger import open_log_file
 from utils.outputs import EVALUATION_FILES, check_output_folder, delete_outputs
+from utils.preemption import signals_deferred
 
 IMAGE_CACHE = "image_cache"  # cache_images: one file per split (DataLoader/image_cache.py)
 # What a run writes into --output-dir (--overwrite deletes them).
@@ -94,11 +95,16 @@ def _shows(path, line, wait):
         time.sleep(0.5)
 
 
-def replace_previous_run(output_dir, names, info):
-    """The main process deletes ``names`` (of RUN_OUTPUTS) from ``output_dir`` and starts log.txt; every
-    process waits for it (and stops if it failed)."""
+def replace_previous_run(output_dir, names, info, deleted=None):
+    """The main process deletes ``names`` (of RUN_OUTPUTS) from ``output_dir``, calls ``deleted`` and starts
+    log.txt; every process waits for it (and stops if it failed). A stop signal meanwhile waits for the deletion
+    and ``deleted`` (it left half of the previous run, said to be kept); the other processes' wait stays open to
+    signals (a launcher's SIGTERM)."""
     def replace():
-        delete_outputs(output_dir, names)
+        with signals_deferred():
+            delete_outputs(output_dir, names)
+            if deleted is not None:
+                deleted()
         open_log_file(output_dir)
         _logger.info("--overwrite: deleted the previous run's %s in %s", ", ".join(names), output_dir)
 
