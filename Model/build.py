@@ -8,7 +8,6 @@ import os
 import socket
 from urllib.parse import urlparse
 
-import huggingface_hub
 import timm
 from timm.layers import to_2tuple
 
@@ -276,7 +275,13 @@ def _check_hub_reachable(arch):
     proxy, no offline mode, and no TCP connection to the hub within HUB_PROBE_TIMEOUT (without network,
     the download's own retries take about a minute to fail). Otherwise leave it to timm."""
     repo = timm.models.get_pretrained_cfg(arch).hf_hub_id
-    if not repo or huggingface_hub.constants.HF_HUB_OFFLINE:
+    if not repo:
+        return
+    try:  # an optional dependency of timm: only the hub's weights need it
+        import huggingface_hub
+    except ImportError:
+        raise OSError("huggingface_hub is not installed: pip install huggingface_hub") from None
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
         return
     if any(isinstance(huggingface_hub.try_to_load_from_cache(repo, name), str)
            for name in ("model.safetensors", "pytorch_model.bin")):

@@ -240,6 +240,17 @@ def test_requirements_of_this_environment_are_met_and_unmet_ones_are_named(tmp_p
                                                   "no-such-package-sat missing (needs >=1)"]
 
 
+
+def test_requirements_are_read_without_the_packaging_module(tmp_path, monkeypatch):
+    """``packaging`` is neither a requirement nor a dependency of torch: a venv of torch alone (a GPU machine's)
+    lacks it, and the check stopped with a traceback instead of naming the missing packages. pip's copy reads
+    them."""
+    monkeypatch.setitem(sys.modules, "packaging", None)
+    monkeypatch.setitem(sys.modules, "packaging.requirements", None)
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("numpy>=99,<100\nno-such-package-sat>=1\n")
+    assert gpu_table.unmet_requirements(reqs)[1] == "no-such-package-sat missing (needs >=1)"
+
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_record.sh"])
 def test_scripts_stop_at_once_when_requirements_are_not_met(tmp_path, script):
     """A GPU machine brings its own packages: with one too old, every run would fail after minutes of device
@@ -252,9 +263,27 @@ def test_scripts_stop_at_once_when_requirements_are_not_met(tmp_path, script):
                           str(tmp_path / "work")], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OUT": str(tmp_path / "out")})
     assert out.returncode == 2
-    assert "error: requirements.txt is not met: numpy " in out.stdout and "(needs >=99)" in out.stdout
+    assert "error: requirements are not met: numpy " in out.stdout and "(needs >=99)" in out.stdout
     assert "--wheels DIR" in out.stdout and "step_fp32" not in out.stdout and "## data" not in out.stdout
+    # wheels for this Python (numpy's or scipy's downloaded by another Python would not install)
+    python = subprocess.run(["python3", "-c", "import sys; print(*sys.version_info[:2], sep='.')"],
+                            capture_output=True, text=True).stdout.strip()
+    assert f"(pip download --no-deps --only-binary :all: --python-version {python} NAME==VERSION -d DIR)" in out.stdout
     assert (tmp_path / "out" / f"{script[:-3]}.log").read_text() == out.stdout
+
+
+def test_the_check_with_its_suite_needs_pytest_at_once(tmp_path):
+    """A machine without pytest showed it only at the end (the suite 'not run', exit 3, after the data and runs)."""
+    (tmp_path / "tools").mkdir()
+    shutil.copy(REPO_ROOT / "tools" / "gpu_table.py", tmp_path / "tools" / "gpu_table.py")
+    (tmp_path / "requirements.txt").write_text("numpy\n")
+    (tmp_path / "requirements-dev.txt").write_text("pytest>=999\nonnx>=999\n")  # (onnx: its tests skip without)
+    env = [sys.executable, str(tmp_path / "tools" / "gpu_table.py"), "env", "--device", "cpu"]
+    assert subprocess.run(env, capture_output=True, text=True, timeout=120).returncode == 0
+    out = subprocess.run([*env, "--tests"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith("error: requirements are not met: pytest ")
+    assert "(needs >=999) for the test suite (requirements-dev.txt; or --no-tests)." in out.stderr
+    assert "onnx" not in out.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA GPU")

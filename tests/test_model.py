@@ -219,6 +219,20 @@ def test_pretrained_true_for_an_arch_without_deit_weights_is_one_config_error():
         build_model(NANO, num_classes=3, pretrained=True)
 
 
+
+def test_models_build_without_huggingface_hub(monkeypatch):
+    """huggingface_hub is an optional dependency of timm (a GPU machine given timm's wheel alone, `pip download
+    --no-deps`, lacks it): building from random weights needs it not; the hub's weights say it is missing."""
+    import importlib.util
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    spec = importlib.util.spec_from_file_location("Model._build_without_hub", REPO_ROOT / "Model" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert build.build_model(NANO, num_classes=3, img_size=32).num_classes == 3
+    with pytest.raises(CheckpointError, match=f"^could not get the DeiT weights of {TINY} from the timm hub "
+                                              r"\(huggingface_hub is not installed: pip install huggingface_hub\)"):
+        build.check_pretrained(TINY, True)
+
 def test_pretrained_file_of_wrong_size_names_keys(tmp_path):
     deit = timm.create_model("deit_small_patch16_224", pretrained=False)
     path = tmp_path / "deit_small.pth"
@@ -330,9 +344,9 @@ def test_pretrained_weights_of_another_patch_size_are_said_as_such(tmp_path):
 
 def test_pretrained_safetensors_file(tmp_path):
     """timm's hub weights are .safetensors files: a local copy loads as a .pth does."""
-    from safetensors.torch import save_file
+    safetensors = pytest.importorskip("safetensors.torch", reason="no safetensors (optional for timm)")
     deit = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    save_file(deit.state_dict(), tmp_path / "model.safetensors")
+    safetensors.save_file(deit.state_dict(), tmp_path / "model.safetensors")
     model = build_model(TINY, num_classes=20, pretrained=tmp_path / "model.safetensors")
     torch.testing.assert_close(model.blocks[11].attn.qkv.weight, deit.blocks[11].attn.qkv.weight)
 

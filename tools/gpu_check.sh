@@ -14,8 +14,8 @@
 # the suite too), --no-tests,
 # --work DIR (data and runs; default /tmp/gpu_check), --timeout S (each run; default 180, --quick 300),
 # --suite-timeout S (default 240), --wheels DIR (wheels installed first, without an index: what the machine lacks
-# or has too old; the check stops at once when requirements.txt is not met). Each run is limited by `timeout`
-# (killed 30 s after it, KILL_AFTER); a run that fails or times out shows as "not run" in the table, is named in
+# or has too old; the check stops at once when requirements.txt, or pytest for the suite, is not met). Each run
+# is limited by `timeout` (killed 30 s after it, KILL_AFTER); a run that fails or times out shows as "not run" in the table, is named in
 # the last line, and makes the exit status 3 (1: no row measured; 2: nothing could run). The data is made while
 # the suite runs (both use only the CPU).
 set -u
@@ -70,7 +70,7 @@ bench() {
 }
 
 t "## machine"
-machine_env
+if [ $TESTS = 1 ]; then machine_env --tests; else machine_env; fi
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 t "## data (in the background while the suite runs)"

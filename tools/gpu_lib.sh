@@ -52,15 +52,16 @@ start_log() {
   exec > >(tee "$OUTDIR/$1.log") 2>&1
 }
 
-# machine_env: the wheels of WHEELS (--wheels DIR: packages the GPU machine lacks, carried there) installed
-# without an index, then the machine and versions into RUNS/env.json; stops the script (exit 2) when
-# requirements.txt is not met, or --device cuda finds no CUDA GPU, since every run would fail
+# machine_env [--tests]: the wheels of WHEELS (--wheels DIR: packages the GPU machine lacks, carried there)
+# installed without an index, then the machine and versions into RUNS/env.json; stops the script (exit 2) when
+# requirements.txt (and with --tests, pytest) is not met, or --device cuda finds no CUDA GPU, since every run
+# would fail
 machine_env() {
   if [ -n "${WHEELS:-}" ]; then
     python3 -m pip install -q --no-index --no-deps "$WHEELS"/*.whl \
       || { echo "error: installing the wheels in $WHEELS failed" >&2; exit 2; }
   fi
-  python3 tools/gpu_table.py env --device "$DEVICE" > "$RUNS/env.json"
+  python3 tools/gpu_table.py env --device "$DEVICE" "$@" > "$RUNS/env.json"
   local rc=$?
   cat "$RUNS/env.json"
   if [ $rc != 0 ]; then  # nothing ran: the folders made for the runs go (the log in OUTDIR says why)

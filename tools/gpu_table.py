@@ -3,7 +3,7 @@ targets) and tools/gpu_record.sh (the one-GPU record: CUB_fast.yaml end to end, 
 fast vs official accuracy), read from what their runs left in one folder.
 
     python tools/gpu_table.py env --device cuda > RUNS/env.json      # the machine, at the start of a check;
-                                                                     # exit 2 if requirements.txt is not met
+                                                                     # exit 2 if requirements are not met
     python tools/gpu_table.py check RUNS [--output FILE.md]          # markdown table; FILE.json alongside
     python tools/gpu_table.py record RUNS [--output FILE.md]
 
@@ -19,6 +19,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -372,17 +373,22 @@ def record_rows(runs):
 
 
 # ---------------------------------------------------------------------------------------------- output
-def unmet_requirements(path=Path(__file__).resolve().parents[1] / "requirements.txt"):
-    """What this Python lacks of ``path`` ("timm 0.9.16 (needs >=1.0.23,<2)"): a GPU machine comes with its own
-    packages, and a check run on a missing or too old one would fail in every run."""
+def unmet_requirements(path=Path(__file__).resolve().parents[1] / "requirements.txt", only=None):
+    """What this Python lacks of ``path`` ("timm 0.9.16 (needs >=1.0.23,<2)"; ``only``: of those names): a GPU
+    machine comes with its own packages, and a check run on a missing or too old one would fail in every run."""
     from importlib.metadata import PackageNotFoundError, version
-    from packaging.requirements import Requirement
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # neither a requirement nor a dependency of torch: a venv of torch alone has pip's copy
+        from pip._vendor.packaging.requirements import Requirement
     unmet = []
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.split("#")[0].strip()
         if not line:
             continue
         req = Requirement(line)
+        if only is not None and req.name not in only:
+            continue
         try:
             found = version(req.name)
         except PackageNotFoundError:
@@ -447,13 +453,19 @@ def main(argv=None):
     p.add_argument("--note", default="", help="a sentence added under the title (sizes, mode)")
     p.add_argument("--quick", action="store_true", help="the runs of --quick: no target is met or missed")
     p.add_argument("--final", action="store_true", help="exit 1 when no row was measured (the end of a script)")
+    p.add_argument("--tests", action="store_true", help="env: the test suite runs too (pytest is required)")
     args = p.parse_args(argv)
     if args.kind == "env":
         print(json.dumps(environment(args.device)))
         unmet = unmet_requirements()
+        if args.tests:  # (the suite would be "not run" only at the end, after the data and the runs)
+            unmet += [f"{line} for the test suite (requirements-dev.txt; or --no-tests)" for line in
+                      unmet_requirements(Path(__file__).resolve().parents[1] / "requirements-dev.txt", ("pytest",))]
         if unmet:
-            raise SystemExit("error: requirements.txt is not met: " + "; ".join(unmet) + ". Carry wheels of "
-                             "these (pip download --no-deps NAME==VERSION -d DIR) and pass --wheels DIR")
+            python = f"{sys.version_info.major}.{sys.version_info.minor}"  # (compiled wheels are made per version)
+            raise SystemExit("error: requirements are not met: " + "; ".join(unmet) + ". Carry wheels of "
+                             f"these (pip download --no-deps --only-binary :all: --python-version {python} "
+                             "NAME==VERSION -d DIR) and pass --wheels DIR")
         if args.device == "cuda":
             import torch
             if not torch.cuda.is_available():
