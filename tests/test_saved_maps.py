@@ -90,6 +90,11 @@ def test_top1_predictions_give_the_top1_metrics_of_top5_ones_and_no_top5(cub, tm
     assert top1["top1_loc"] == top5["top1_loc"] and top1["gt_known_loc"] == top5["gt_known_loc"]
     assert "top5_cls" not in top1 and "top5_loc" not in top1 and top5["top5_cls"] == 100  # 3 classes: all in top 5
     assert [row["top5"] for row in _rows(tmp_path / "top1" / "per_image.csv")] == [str(c) for c in best.values()]
+    # that per_image.csv (a top5 column of one class each) is such predictions, as an evaluator's per_image.csv is
+    again = main([*common, "--predictions", str(tmp_path / "top1" / "per_image.csv"), "--output-dir",
+                  str(tmp_path / "again")])
+    assert {k: v for k, v in again.items() if k != "predictions"} == {k: v for k, v in top1.items()
+                                                                       if k != "predictions"}
 
 
 def _wsol_split(tmp_path, dataset, kind, transform=None):

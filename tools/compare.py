@@ -357,7 +357,8 @@ def compare(runs, output_dir, staged):
     (each file at ``staged``'s partial name: utils/outputs.Staged); returns the record of compare.json."""
     names = list(runs)
     for name, run in runs.items():
-        meta = [f"{key} {run.metrics[key]}" for key in ("checkpoint", "split", "eval_protocol") if key in run.metrics]
+        meta = [f"{key} {run.metrics[key]}" for key in ("checkpoint", "arch", "num_spatial_blocks", "split",
+                                                         "eval_protocol") if key in run.metrics]
         print(f"{name}: {run.folder}" + (f" ({', '.join(meta)})" if meta else ""))
     table = metric_table(runs)
     print("\n" + format_table(table, names))

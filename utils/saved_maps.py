@@ -199,12 +199,11 @@ def read_predictions(path, image_ids, num_classes):
 
 
 def _read_predictions(path, image_ids, num_classes):
-    predictions, lines, known = {}, {}, set(image_ids)
+    rows, lines, known = [], {}, set(image_ids)
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         column = "top1" if "top5" not in fields and "top1" in fields else "top5"
-        want = 1 if column == "top1" else min(5, num_classes)
         missing = [c for c in ("image_id", column) if c not in fields]
         if missing:
             raise DataError(f"predictions {path}: no column {missing[0]} (expected a header naming image_id and "
@@ -218,17 +217,23 @@ def _read_predictions(path, image_ids, num_classes):
                 classes = [int(c) for c in cells]
             except ValueError:
                 raise DataError(f"predictions {path} line {lineno}: {column} {row[column]!r}, expected class "
-                                f"{'index' if want == 1 else 'indices separated by spaces'}") from None
-            if len(classes) != want or len(set(classes)) != want:
-                expected = "one class index" if want == 1 else f"{want} distinct class indices, best first"
-                hint = " (a method's top-1 classes alone: a column top1 instead)" if len(classes) == 1 else ""
-                raise DataError(f"predictions {path} line {lineno}: {column} {row[column]!r}, expected "
-                                f"{expected}{hint}")
-            wrong = next((c for c in classes if not 0 <= c < num_classes), None)
-            if wrong is not None:
-                raise DataError(f"predictions {path} line {lineno}: class {wrong} out of range (the data has "
-                                f"{num_classes} classes: 0 to {num_classes - 1})")
-            predictions[image_id], lines[image_id] = classes, lineno
+                                f"{'index' if column == 'top1' else 'indices separated by spaces'}") from None
+            rows.append((lineno, image_id, row[column], classes))
+            lines[image_id] = lineno
+    # one class in every top5 cell: the per_image.csv of an evaluation of top-1 predictions
+    top1 = column == "top1" or (bool(rows) and all(len(classes) == 1 for *_, classes in rows))
+    want = 1 if top1 else min(5, num_classes)
+    predictions = {}
+    for lineno, image_id, cell, classes in rows:
+        if len(classes) != want or len(set(classes)) != want:
+            expected = "one class index" if want == 1 else f"{want} distinct class indices, best first"
+            hint = " (a method's top-1 classes alone: a column top1 instead)" if len(classes) == 1 else ""
+            raise DataError(f"predictions {path} line {lineno}: {column} {cell!r}, expected {expected}{hint}")
+        wrong = next((c for c in classes if not 0 <= c < num_classes), None)
+        if wrong is not None:
+            raise DataError(f"predictions {path} line {lineno}: class {wrong} out of range (the data has "
+                            f"{num_classes} classes: 0 to {num_classes - 1})")
+        predictions[image_id] = classes
     unknown = [image_id for image_id in predictions if image_id not in known]
     if unknown:
         raise DataError(f"predictions {path}: {len(unknown)} image id(s) not in the evaluated split, first "
