@@ -284,6 +284,13 @@ def test_home_in_paths_is_expanded_as_the_shell_would(tmp_path, monkeypatch):
     cfg = evaluate("--checkpoint=~/best.pth", "--save-maps=~/maps", "--data-root", "~user_unknown/x")
     assert (cfg.checkpoint, cfg.save_maps) == (f"{tmp_path}/best.pth", f"{tmp_path}/maps")
     assert cfg.data_root == "~user_unknown/x"  # an unknown user's ~ stays, as in the shell
+    # the tools' own flags (tools/predict.py --output-dir=~/out made a folder named '~')
+    from utils.config import OneLineParser
+    parser = OneLineParser()
+    parser.add_argument("--output-dir")
+    parser.add_argument("--note")
+    assert vars(parser.parse_args(["--output-dir=~/out", "--note=a~b"])) == {"output_dir": f"{tmp_path}/out",
+                                                                              "note": "a~b"}
 
 
 @pytest.mark.parametrize("files, message", [

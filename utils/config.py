@@ -499,7 +499,12 @@ def load_yaml(path, _seen=(), sources=None):
 
 # ------------------------------------------------------------------------------------------ flags
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one ConfigError line naming the flag (``--help`` keeps the usage)."""
+    """argparse whose errors are one ConfigError line naming the flag (``--help`` keeps the usage), and which
+    reads ``--flag=~/x`` as ``--flag ~/x`` reaches it from a shell: with ``~`` the home folder."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else [str(arg) for arg in args]
+        return super().parse_known_args([_home_after_equals(arg) for arg in args], namespace)
 
     def error(self, message):
         raise ConfigError(re.sub(r"^argument (--[\w-]+)(/--no-[\w-]+)?: ", r"\1: ", message))
@@ -527,6 +532,14 @@ class OneLineParser(argparse.ArgumentParser):
                 raise ConfigError(f"unknown flag {flag} for {chosen} (a flag of {others[flag]})")
             raise ConfigError(unknown_flag_line(flag, taken))
         return parsed
+
+
+def _home_after_equals(word):
+    """``--flag=~/x`` with the home folder for ``~`` (a shell expands ``~`` in ``--flag ~/x``, not after '=')."""
+    flag, equals, value = word.partition("=")
+    if word.startswith("--") and equals and value.startswith("~"):
+        return f"{flag}={os.path.expanduser(value)}"
+    return word
 
 
 def at_least(least, kind=int):
@@ -862,7 +875,8 @@ def markdown():
              "override the config file, which overrides the defaults. A config file may start from another one: "
              "`base: CUB.yaml` (a path relative to the file: a config copied out of `config/` names its base by "
              "its full path), then states what differs. A path (of a file or "
-             "folder, and `--config`, `--resume`, `base`) may start with `~`, your home folder, as in a shell.",
+             "folder, and `--config`, `--resume`, `base`) may start with `~`, your home folder, as in a shell (in "
+             "a config file and after `=`, as in `--output-dir=~/runs`, for the tools' flags too).",
              "",
              "Defaults: the built-in ones are the official CUB settings (`config/CUB.yaml`). `train.py` without "
              f"`--config` reads `config/CUB.yaml` (`config/{DEMO_CONFIG}` without `--data-root`), "
