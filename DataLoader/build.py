@@ -123,6 +123,16 @@ def _layout_problem(fmt, root):
     return None
 
 
+def check_class_names_once(classes, fmt, root):
+    """DataError naming a class name the data gives two classes (the per-class results and the matching of a
+    checkpoint's classes are by name; CUB's classes.txt is refused with its line where it is read)."""
+    first = {}
+    for index, name in enumerate(classes):
+        if first.setdefault(name, index) != index:
+            raise DataError(f"data root {root}: the {fmt} data names classes {first[name]} and {index} (counted from "
+                            f"0) alike, {name!r}: class names must differ (results per class are keyed by name)")
+
+
 def check_listed_once(items, image_root, split):
     """DataError naming the first image that a split lists twice (under two ids, as a repeated id is said where
     the annotation file is read): it would be trained on, or scored, twice."""
@@ -164,6 +174,7 @@ def build_dataset(fmt, root, split, transform=None, *, images_per_class=None, se
     else:
         raise DataError(f"dataset format {fmt!r} has no reader in DataLoader/build.py (LOADERS)")
     check_listed_once(items, image_root, split)
+    check_class_names_once(classes, fmt, root)
     if images_per_class is not None:
         items = few_shot(items, images_per_class, seed)
     evaluation = split != "train"

@@ -135,7 +135,7 @@ def test_no_config_is_said_on_stdout(capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_resume_without_config_reads_the_runs_own(tmp_path, capsys):
+def test_resume_without_config_reads_the_runs_own(tmp_path, capsys, monkeypatch):
     """A plain --resume goes on with the run's settings (it took the defaults' config: demo.yaml's 60 epochs and
     3 blocks for a run of 4 epochs and 4 blocks); the checkpoint's own run folder when resumed elsewhere."""
     run = tmp_path / "run"
@@ -153,6 +153,9 @@ def test_resume_without_config_reads_the_runs_own(tmp_path, capsys):
     (run / "config.yaml").write_text("epochs: 4\noutput_dir: out/run\n")
     cfg = train("--resume", str(run / "checkpoints" / "last.pth"), "--epochs", "6")
     assert (cfg.config, cfg.output_dir, cfg.epochs) == (str(run / "config.yaml"), str(run), 6)
+    monkeypatch.chdir(tmp_path)  # in the folder it started in: kept as recorded (config.yaml and the checkpoint)
+    (run / "config.yaml").write_text("epochs: 4\noutput_dir: run\n")
+    assert train("--resume", str(run / "checkpoints" / "last.pth")).output_dir == "run"
     assert train("--output-dir", str(tmp_path / "new")).config == str(CONFIGS / "demo.yaml")  # no --resume
     assert train("--output-dir", str(tmp_path / "none"), "--resume").config == str(CONFIGS / "demo.yaml")
     (tmp_path / "config.yaml").write_text("epochs: 9\n")  # beside a download, not a run's: not read

@@ -281,6 +281,11 @@ def cars_error(cars, split="test"):
 
 
 def test_cars_bad_input(cars):
+    meta = cars / "devkit" / "cars_meta.mat"
+    scipy.io.savemat(meta, {"class_names": np.array(CAR_CLASSES[:2] * 2, dtype=object).reshape(1, -1)})
+    assert cars_error(cars) == (f"data root {cars}: the cars data names classes 0 and 2 (counted from 0) alike, "
+                                f"{CAR_CLASSES[0]!r}: class names must differ (results per class are keyed by name)")
+    scipy.io.savemat(meta, {"class_names": np.array(CAR_CLASSES, dtype=object).reshape(1, -1)})
     path = cars / "devkit" / CAR_FILES["test"]
     write_car_annotations(path, [("00001.jpg", None, (2, 3, 44, 28), 4)])
     assert cars_error(cars) == f"{path} annotations entry 1: label 4 outside the class range 1..3"
@@ -288,6 +293,10 @@ def test_cars_bad_input(cars):
     assert cars_error(cars) == f"{path} annotations entry 1: box (2, 3, 46, 28) lies outside the 44x28 image"
     write_car_annotations(path, [("00009.jpg", None, (2, 3, 40, 28), 2)])
     assert cars_error(cars) == f"{path} annotations entry 1: image {cars / 'cars_test' / '00009.jpg'} not found"
+    image(cars.parent / "elsewhere.jpg", (44, 28))  # read, and its overlay written, outside the data root
+    write_car_annotations(path, [("../../elsewhere.jpg", None, (2, 3, 40, 28), 2)])
+    assert cars_error(cars) == (f"{path} annotations entry 1: image 'cars_test/../../elsewhere.jpg' is not under "
+                                f"{cars} (expected a path relative to it, without '..' leading out of it)")
     write_car_annotations(path, CARS["test"], fields=CAR_FIELDS[:4] + ("fname",))
     assert cars_error(cars) == (f"{path}: variable 'annotations' has no field 'class' (expected a struct array "
                                 f"with fields {', '.join(CAR_FIELDS)})")

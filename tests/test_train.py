@@ -138,6 +138,21 @@ def test_resume_that_changes_workers_from_or_to_0_says_the_crops_change(data_roo
     assert "resume: workers was 0 in the checkpoint, now 2; the random crops" in (out / "log.txt").read_text()
 
 
+def test_resume_of_a_checkpoint_from_another_folder_is_no_change_of_output_dir(data_root, tmp_path, monkeypatch):
+    """--resume PATH without --config from another folder goes on in the run's folder, named there by its full
+    path: not a changed output_dir (it warned 'resume: output_dir was ...' and config.yaml said it was trained
+    with the relative one)."""
+    monkeypatch.chdir(tmp_path)
+    main(args(data_root, Path("run"), "--epochs", "1"))
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    main(["--resume", "../run/checkpoints/last.pth", "--epochs", "2"])
+    out = tmp_path / "run"
+    assert epochs_logged(out) == [1, 2] and "resume: output_dir" not in (out / "log.txt").read_text()
+    assert [line for line in (out / "config.yaml").read_text().splitlines() if line.startswith("# resumed")] == \
+        ["# resumed after 1 epoch(s), trained with the values before: epochs 1 -> 2"]
+
+
 def test_resume_drops_metrics_of_unsaved_epochs_and_extends_a_run(data_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
     main(args(data_root, out, "--epochs", "1"))

@@ -127,6 +127,12 @@ def _same_setting(old, new):
         os.path.abspath(old) == os.path.abspath(new)
 
 
+def _checkpoint_of(output_dir, path):
+    """Whether checkpoint ``path`` lies in ``output_dir``'s checkpoints/: the run goes on in its own folder, however
+    its output_dir was spelt (a relative one recorded where the run started, its full path in another folder)."""
+    return Path(output_dir).resolve() == Path(path).resolve().parent.parent
+
+
 def require_file(path, what="checkpoint"):
     """``path`` as a Path; a CheckpointError naming ``what`` when it is no file (missing, or a folder)."""
     path = Path(path)
@@ -459,7 +465,7 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
         if key not in recorded:
             if value != FIELDS[key].default:
                 warn("resume: %s is not in the checkpoint's config (a key added since), now %r", key, value)
-        elif not _same_setting(recorded[key], value):
+        elif not _same_setting(recorded[key], value) and not (key == "output_dir" and _checkpoint_of(value, path)):
             warn("resume: %s was %r in the checkpoint, now %r%s", key, recorded[key], value,
                  _change_note(key, recorded[key], value))
             meta["changed"].append((key, recorded[key], value))

@@ -744,7 +744,8 @@ def read_config(argv=None, script="train"):
     if config is not None:
         read, ignored, from_file = _read(config, script)
         values.update(read)
-    if own is not None and own.parent == resumed_run(cli.get("resume")) and not cli.get("output_dir"):
+    if own is not None and own.parent == resumed_run(cli.get("resume")) and not cli.get("output_dir") and \
+            Path(values["output_dir"]).resolve() != own.parent:  # (as recorded where it names the folder from here)
         values["output_dir"] = str(own.parent)  # its config.yaml may name it relative to where the run was started
     flags = [key for key in cli if key in values]
     values.update({key: cli[key] for key in flags})
@@ -787,7 +788,7 @@ def validate(cfg, script):
                               f"{given_as(cfg, 'trainable')}")
         if cfg.resume is not None and cfg.overwrite:
             raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: choose one")
-        if cfg.resume not in (None, "auto") and Path(cfg.resume).is_dir():  # (said once the data was read)
+        if cfg.resume not in (None, "auto") and Path(cfg.resume).is_dir():  # (it was said once the data was read)
             raise ConfigError(f"--resume {cfg.resume}: a folder, not a checkpoint file; to continue the run it holds: "
                               f"--output-dir {cfg.resume} --resume (or --resume "
                               f"{Path(cfg.resume) / 'checkpoints' / 'last.pth'})")

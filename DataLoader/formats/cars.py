@@ -14,7 +14,7 @@ import numpy as np
 
 from utils.errors import DataError
 
-from .annotations import Item, check_boxes, check_label
+from .annotations import Item, check_boxes, check_label, check_under_root
 from .matlab import entry_integer, entry_number, entry_text, read_mat, struct_fields
 
 CARS_LAYOUT = ("the Stanford Cars release layout: cars_train/, cars_test/ and cars_meta.mat, cars_train_annos.mat, "
@@ -107,6 +107,7 @@ def load_cars(root, split):
         where = f"{path} {entry(index)}"
         label = entry_integer(columns["class"][index], path, entry(index), "class (1-based)")
         check_label(label, range(1, len(classes) + 1), where)
+        check_under_root(relpath, root, where)
         if not (root / relpath).is_file():
             raise DataError(f"{where}: image {root / relpath} not found")
         box = [entry_number(columns[field][index], path, entry(index), field) for field in BOX_FIELDS]
