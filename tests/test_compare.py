@@ -14,7 +14,8 @@ from conftest import folder_locked_by, refused_for_lock
 # per_image.csv of the two runs: image_id, label, gt_known, top1_loc, iou
 ROWS_A = [("a", 0, 1, 1, 0.8), ("b", 0, 1, 0, 0.6), ("c", 0, 0, 0, 0.2), ("d", 1, 1, 1, 0.7), ("e", 1, 0, 0, 0.1)]
 ROWS_B = [("b", 0, 0, 0, 0.3), ("c", 0, 1, 1, 0.6), ("d", 1, 1, 0, 0.65), ("e", 1, 0, 0, 0.2), ("f", 1, 1, 1, 0.9)]
-METRICS_A = {"checkpoint": "sat.pth", "split": "test", "eval_protocol": "sat", "num_classes": 2, "img_size": 224,
+METRICS_A = {"checkpoint": "sat.pth", "arch": "deit_sat_small_patch16_224", "num_spatial_blocks": 2, "split": "test",
+             "eval_protocol": "sat", "num_classes": 2, "img_size": 224,
              "tencrop": True, "num_images": 5, "top1_cls": 80.0, "threshold": 0.4, "gt_known_loc": 60.0,
              "top1_loc": 40.0, "thresholds": [0.4, 0.2], "gt_known_loc_per_threshold": [60.0, 20.0],
              "top1_loc_per_threshold": [40.0, 20.0],
@@ -60,6 +61,8 @@ def test_table_lists_every_metric_of_every_run(runs, tmp_path, capsys):
     assert table["maxboxaccv2_per_iou.70"] == {"sat": None, "other": 20.0}
     assert table["top1_cls"] == {"sat": 80.0, "other": 60.0}
     lines = out.splitlines()
+    assert lines[0] == f"sat: {runs[0]} (checkpoint sat.pth, arch deit_sat_small_patch16_224, num_spatial_blocks 2, " \
+                       "split test, eval_protocol sat)"  # the model: a sweep over num_spatial_blocks told apart
     assert any(line.split() == ["metric", "sat", "other"] for line in lines)
     assert any(line.split() == ["gt_known_loc@0.2", "20.00", "-"] for line in lines)
     assert any(line.split() == ["maxboxacc_threshold", "-", "0.35"] for line in lines)
