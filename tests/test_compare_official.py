@@ -38,6 +38,14 @@ def test_good_flags_parse(official):
     assert (args.rounds, args.steps, args.batch_size) == (1, 2, 32)
 
 
+def test_home_after_equals_is_the_home_folder(official, monkeypatch):
+    """--official-root=~/SAT is read as the shell passes --official-root ~/SAT (as the other tools read it)."""
+    root, deps = official
+    monkeypatch.setenv("HOME", str(root.parent))
+    args = compare_official.parse_args(["--official-root=~/SAT", "--official-deps=~/deps"])
+    assert (args.official_root, args.official_deps) == (str(root), str(deps))
+
+
 def test_a_wrong_official_root_is_one_line(official, tmp_path, capsys):
     _, deps = official
     assert error_of(["--official-root", str(tmp_path / "nope"), "--official-deps", str(deps)], capsys) == \

@@ -136,6 +136,17 @@ def test_dogs_bad_input(dogs):
                                        "Stanford Dogs release layout")
 
 
+def test_dogs_image_path_leading_out_of_images_refused(dogs):
+    """A file_list entry in its breed's folder whose '..' lead out of Images/ is refused, as in the other formats."""
+    test_list = dogs / "lists" / "test_list.mat"
+    file = f"{DOG_CLASSES[0]}/../../elsewhere.jpg"
+    image(dogs / "elsewhere.jpg", (36, 36))
+    scipy.io.savemat(test_list, {"file_list": cell([file]), "annotation_list": cell([f"{DOG_CLASSES[0]}/x"]),
+                                 "labels": np.array([[1.0]])})
+    assert dogs_error(dogs) == (f"{test_list} entry 1: image {file!r} is not under {dogs / 'Images'} (expected a "
+                                "path relative to it, without '..' leading out of it)")
+
+
 def test_an_image_listed_twice_is_named_by_its_list_entries(dogs, aircraft):
     """The repeat is said where it is (the list's entries / lines), in either split, not as its annotation file."""
     train_list = dogs / "lists" / "train_list.mat"

@@ -46,6 +46,14 @@ class Parser(argparse.ArgumentParser):
         print(f"error: {message.removeprefix('argument ')}", file=sys.stderr)
         sys.exit(2)
 
+    def parse_known_args(self, args=None, namespace=None):
+        """``--flag=~/x`` with the home folder for ``~``, as a shell passes ``--flag ~/x`` (utils.config's
+        OneLineParser does the same for the other tools)."""
+        args = sys.argv[1:] if args is None else [str(arg) for arg in args]
+        home = [f"{flag}={os.path.expanduser(value)}" if word.startswith("--") and equals and value.startswith("~")
+                else word for word in args for flag, equals, value in [word.partition("=")]]
+        return super().parse_known_args(home, namespace)
+
 
 def positive(text):
     try:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from utils.errors import DataError
 
-from .annotations import Item, check_label
+from .annotations import Item, check_label, check_under_root
 from .folder import class_folders
 from .imagenet import read_voc_xml
 from .matlab import entry_integer, entry_text, read_mat
@@ -53,6 +53,7 @@ def load_dogs(root, split):
         label = entry_integer(label, path, where, "labels (1-based class index)")
         check_label(label, range(1, len(classes) + 1), f"{path} {where}")
         folder = file.split("/")[0]
+        check_under_root(file, root / "Images", f"{path} {where}")
         if folder != classes[label - 1]:
             raise DataError(f"{path} {where}: label {label} is class {classes[label - 1]!r} but the "
                             f"file is in {folder!r}{stray}")
