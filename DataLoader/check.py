@@ -82,8 +82,9 @@ def image_problem(path, decode=False):
 
 def item_problem(job):
     """(why item ``job`` = (path, boxes or None, the image size the annotation states or None, where the boxes
-    come from, its mask files, decode) is bad or None, the file's (W, H) or None); boxes are checked against the
-    stated size, else the file's; masks as images are."""
+    come from, its mask files, decode) is bad or None, the file's (W, H) or None, its first mask of another aspect
+    ratio as (mask, (W, H)) or None); boxes are checked against the stated size, else the file's; masks as images
+    are."""
     path, boxes, stated_size, source, masks, decode = job
     size, reason = image_problem(path, decode)
     if reason is None and boxes is not None:
@@ -91,11 +92,20 @@ def item_problem(job):
             check_boxes(boxes, stated_size or size, source)
         except DataError as err:
             reason = str(err)
+    skewed = None
     for mask in masks if reason is None else ():
-        problem = image_problem(mask, decode)[1]
+        mask_size, problem = image_problem(mask, decode)
         if problem is not None:
-            return f"mask {mask}: {problem}", size
-    return reason, size
+            return f"mask {mask}: {problem}", size, None
+        if skewed is None and not same_aspect(mask_size, size):
+            skewed = (mask, mask_size)
+    return reason, size, skewed
+
+
+def same_aspect(a, b, tolerance=0.01):
+    """Whether sizes ``a`` and ``b`` (W, H) have one aspect ratio, within ``tolerance``: a mask resized to the
+    224 x 224 map as its image is (wsolevaluation's rule) then lies over the same pixels."""
+    return abs(a[0] * b[1] - a[1] * b[0]) <= tolerance * a[0] * b[1]
 
 
 class Chunks(Dataset):
@@ -122,6 +132,7 @@ class CheckReport:
     seconds: float
     other_size: list = field(default_factory=list)
     positions: list = field(default_factory=list)  # the dataset index of each bad item (to merge shards' reports)
+    skewed_masks: list = field(default_factory=list)  # (mask, its (W, H), the image's (W, H)), another aspect ratio
 
     @staticmethod
     def merged(reports):
@@ -131,7 +142,8 @@ class CheckReport:
         return CheckReport(reports[0].split, sum(report.checked for report in reports), [item for _, item in bad],
                            max(report.seconds for report in reports),
                            sorted(entry for report in reports for entry in report.other_size),
-                           [position for position, _ in bad])
+                           [position for position, _ in bad],
+                           sorted(entry for report in reports for entry in report.skewed_masks))
 
     def summary(self):
         """One line: the split, how many bad images, and the first NAMED of them."""
@@ -149,6 +161,16 @@ class CheckReport:
         path, stated, size, source = self.other_size[0]
         first = f", first {path} ({source} states {stated[0]}x{stated[1]}, the file is {size[0]}x{size[1]})"
         return f"{self.split} split: {size_difference_warning(len(self.other_size), first)}"
+
+    def mask_warning(self):
+        """One line on the images with a mask of another aspect ratio than theirs, naming the first; None when
+        there are none."""
+        if not self.skewed_masks:
+            return None
+        mask, (mw, mh), (w, h) = self.skewed_masks[0]
+        return (f"{self.split} split: {len(self.skewed_masks)} image(s) have a mask of another aspect ratio, first "
+                f"{mask} ({mw}x{mh}, its image {w}x{h}): masks are resized to 224 x 224 as their images are "
+                "(wsolevaluation's rule), so such a mask does not lie over its object")
 
 
 def mask_files(item):
@@ -179,12 +201,14 @@ def check_split(dataset, split, workers=0, decode=False, progress=False, shard=(
         for run in runs:
             results += run
             bar.update(len(run))
-    found = [(index, (job[0], reason)) for index, job, (reason, _) in zip(indices, jobs, results) if reason is not None]
+    found = [(index, (job[0], reason)) for index, job, (reason, *_) in zip(indices, jobs, results)
+             if reason is not None]
     other_size = [(path, tuple(stated), tuple(size), item.size_source or source)
-                  for (path, boxes, stated, source, *_), (_, size), item in zip(jobs, results, items)
+                  for (path, boxes, stated, source, *_), (_, size, _), item in zip(jobs, results, items)
                   if boxes is not None and stated and size and tuple(stated) != tuple(size)]
+    skewed = [(str(skew[0]), tuple(skew[1]), tuple(size)) for _, size, skew in results if skew is not None]
     return CheckReport(split, len(jobs), [bad for _, bad in found], time.perf_counter() - start, other_size,
-                       [index for index, _ in found])
+                       [index for index, _ in found], skewed)
 
 
 def check_splits(train_set, eval_sets, workers=0, check_train=False, strict=False, decode=False, progress=False,
@@ -217,6 +241,8 @@ def check_splits(train_set, eval_sets, workers=0, check_train=False, strict=Fals
             raise DataError(report.summary())
         if report.bad and says:
             _logger.warning("%s (skipped in training; --strict-data makes them an error)", report.summary())
+        if report.mask_warning() and says:
+            _logger.warning(report.mask_warning())
     if not says:
         return reports
     _logger.info("checked the %s of %s in %.1fs", METHODS[decode],

@@ -136,6 +136,21 @@ def test_a_16_bit_mask_is_read_at_its_depth(mask_set):
     assert foreground.sum() == 64
 
 
+def test_a_mask_of_another_aspect_ratio_is_warned_by_the_check(mask_set):
+    """Masks are stretched to 224 x 224 as their images are: one of another aspect ratio than its image lies over
+    other pixels, silently; one of another size but the same aspect ratio is fine."""
+    images, meta = mask_set
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(images / "mask/x_m2.png")  # twice the size: not warned
+    report = check_split(build_dataset("wsol", images, "test", metadata_root=meta), "test")
+    assert report.bad == [] and report.mask_warning() is None
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(images / "mask/y_m1.png")  # 32 wide, 16 high
+    report = check_split(build_dataset("wsol", images, "test", metadata_root=meta), "test")
+    assert report.mask_warning() == (
+        f"test split: 1 image(s) have a mask of another aspect ratio, first {images / 'mask/y_m1.png'} (32x16, its "
+        "image 32x32): masks are resized to 224 x 224 as their images are (wsolevaluation's rule), so such a mask "
+        "does not lie over its object")
+
+
 def test_two_ignore_masks_of_one_image_are_refused(mask_set):
     """wsolevaluation reads one ignore mask per image; a second on another line was silently dropped."""
     images, meta = mask_set

@@ -61,8 +61,9 @@ def main(argv=None):
               f"{len(report.bad)} bad{' (skipped in training)' if skipped and report.bad else ''}")
         for path, reason in report.bad:
             print(f"  {path}: {reason}")
-        if report.size_warning():
-            print(f"  warning: {report.size_warning()}")
+        for warning in (report.size_warning(), report.mask_warning()):
+            if warning:
+                print(f"  warning: {warning}")
     print(f"checked the {METHODS[args.decode]} of {checked} images in {seconds:.1f}s")
     if fatal:
         raise DataError(fatal[0])
