@@ -128,6 +128,20 @@ def test_wsolevaluation_format_maps_give_its_numbers(tmp_path, kind):
 
 
 @pytest.mark.usefixtures("keep_logging")
+def test_a_mask_of_another_aspect_ratio_is_counted_and_warned(tmp_path, caplog):
+    """Masks are stretched to 224 x 224 as their images are: one of another aspect ratio than its image lies over
+    other pixels, which nothing said (the fixture's masks are their images' sizes: not counted)."""
+    argv = _wsol_split(tmp_path, "OpenImages", "scoremaps")
+    assert "skewed_masks" not in main(argv) and "aspect ratio" not in caplog.text
+    mask = tmp_path / "images" / "test/02wxyz/2c3d4e5f60718293_m02wxyz_00.png"  # of a 120 x 40 image
+    Image.open(mask).resize((40, 40)).save(mask)
+    record = main([*argv, "--overwrite"])
+    assert record["skewed_masks"] == 1
+    assert "1 of the 5 images have a mask of another aspect ratio than the image: masks are resized to 224 x 224 " \
+           "as their images are" in caplog.text
+
+
+@pytest.mark.usefixtures("keep_logging")
 def test_score_maps_in_part_of_the_unit_range_are_not_normalised_again(tmp_path, caplog):
     """wsolevaluation's evaluation.py scores a 224x224 map in [0, 1] unchanged: maps squeezed into [0.2, 0.8]
     give its PxAP of 44.298 (min-max normalising them again would give back the 44.350 of the originals).

@@ -26,7 +26,8 @@ from DataLoader.device_transforms import on_device
 from DataLoader.eval_loader import ShardSampler
 from DataLoader.eval_views import TENCROP_CENTRE, includes_sat, views_of
 from DataLoader.transforms import denormalize
-from DataLoader.formats.wsol import load_mask
+from DataLoader.check import same_aspect
+from DataLoader.formats.wsol import load_mask, read_masks
 from Model.losses import LOSS_KEYS
 from utils.amp import autocast_context
 from utils.boxes import (WSOL_MAP_SIZE, contour_boxes, crop_box_to_original, gt_boxes_sat, gt_boxes_wsol, max_iou,
@@ -314,9 +315,13 @@ class BatchScorer:
                 counters.parts["wsol_boxes"].update(loc_maps[with_boxes], [gt_wsol[i] for i in with_boxes],
                                                     normalised=self.from_files)
             if "mask_paths" in batch:
-                masks = [load_mask(paths, ignore, WSOL_MAP_SIZE)
-                         for paths, ignore in zip(batch["mask_paths"], batch["ignore_path"])]
-                counters.parts["pxap"].update(loc_maps, *map(np.stack, zip(*masks)), normalised=self.from_files)
+                read = [read_masks(paths, ignore, WSOL_MAP_SIZE)
+                        for paths, ignore in zip(batch["mask_paths"], batch["ignore_path"])]
+                masks = [(foreground, ignore) for foreground, ignore, _ in read]
+                skewed = sum(any(not same_aspect(shape, size) for shape in shapes)
+                             for (*_, shapes), size in zip(read, batch.get("file_size", sizes)))
+                counters.parts["pxap"].update(loc_maps, *map(np.stack, zip(*masks)), normalised=self.from_files,
+                                              skewed=skewed)
                 gt_masks = [foreground for foreground, _ in masks]
         if self.save_maps:
             write_maps(self.save_maps, ids, out)
@@ -635,6 +640,10 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     if size_mismatches and rank == 0:
         _logger.warning(size_difference_warning(size_mismatches))
     metrics = total.metrics(protocol, threshold, thresholds, wsol_threshold)
+    if metrics.get("skewed_masks") and rank == 0:  # stretched to 224 x 224 as the image is: over other pixels
+        _logger.warning("%d of the %d images have a mask of another aspect ratio than the image: masks are resized to "
+                        "224 x 224 as their images are (wsolevaluation's rule), so such a mask does not lie over its "
+                        "object (tools/check_dataset.py names them)", metrics["skewed_masks"], metrics["num_images"])
     if metrics.get("empty_masks") and rank == 0:  # scored as wsolevaluation does, but likely a broken mask file
         _logger.warning("%d of the %d images have a mask with no foreground pixel (at 224 x 224): PxAP counts all "
                         "their pixels as background; check those mask files", metrics["empty_masks"],

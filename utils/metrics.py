@@ -252,7 +252,7 @@ def grid_index(cam_thresholds, cam_threshold):
 class PxAPAccumulator(CounterState):
     """Score histograms of GT-foreground and GT-background pixels (ignore regions left out) for PxAP."""
 
-    COUNTERS = ("num_images", "hist_fg", "hist_bg", "empty_masks")
+    COUNTERS = ("num_images", "hist_fg", "hist_bg", "empty_masks", "skewed_masks")
 
     def __init__(self, cam_thresholds=WSOL_THRESHOLDS):
         self.cam_thresholds = np.asarray(cam_thresholds, dtype=np.float64)
@@ -264,10 +264,12 @@ class PxAPAccumulator(CounterState):
         self.hist_fg = np.zeros(len(self.bin_edges) - 1, np.int64)
         self.hist_bg = np.zeros(len(self.bin_edges) - 1, np.int64)
         self.empty_masks = np.zeros((), np.int64)  # images whose mask holds no foreground pixel at 224 x 224
+        self.skewed_masks = np.zeros((), np.int64)  # images with a mask of another aspect ratio than theirs
 
-    def update(self, maps, masks, ignore_masks=None, normalised=False):
+    def update(self, maps, masks, ignore_masks=None, normalised=False, skewed=0):
         """maps (B, h, w); masks (B, 224, 224) nonzero = foreground; ignore_masks likewise (optional).
-        ``normalised``: the maps are already the 224x224 maps to score (saved maps, scored as they are).
+        ``normalised``: the maps are already the 224x224 maps to score (saved maps, scored as they are);
+        ``skewed``: how many of the images have a mask of another aspect ratio (counted, for the warning).
 
         Ignored pixels are those in an ignore mask and outside the foreground (as the benchmark).
         """
@@ -281,6 +283,7 @@ class PxAPAccumulator(CounterState):
             self.hist_bg += np.histogram(score[~fg & ~ign], bins=self.bin_edges)[0]
             self.num_images += 1
             self.empty_masks += not fg.any()
+        self.skewed_masks += skewed
 
     def _counts(self):
         """Pixel counts (tp, fp, fn) for scores >= 2, >= 1, >= t_last, ..., >= t_0 (descending)."""
@@ -327,6 +330,7 @@ class PxAPAccumulator(CounterState):
             "piou": float(piou.max()),
             "piou_threshold": reported_threshold(self.cam_thresholds[piou.argmax()]),
             **({"empty_masks": int(self.empty_masks)} if self.empty_masks else {}),
+            **({"skewed_masks": int(self.skewed_masks)} if self.skewed_masks else {}),
         }
 
 

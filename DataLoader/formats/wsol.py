@@ -113,12 +113,22 @@ def load_wsol(image_root, metadata_root, split):
 
 
 def _read_mask(path, size):
+    """(the mask resized to size x size as booleans, its (W, H) as stored)."""
     # at the file's bit depth: IMREAD_GRAYSCALE alone turns a 16-bit mask into its high byte, so a 16-bit
     # label mask (values 1, 2, ...) read as empty; any non-zero pixel is foreground
     mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
     if mask is None:
         raise DataError(f"{path}: unreadable mask (expected a grayscale PNG)")
-    return cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_NEAREST) > 0.5
+    return cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_NEAREST) > 0.5, mask.shape[::-1]
+
+
+def read_masks(mask_paths, ignore_path=None, size=224):
+    """:func:`load_mask`'s (foreground, ignore) and the instance masks' (W, H) as stored (a mask of another aspect
+    ratio than its image is stretched over other pixels: evaluations count them)."""
+    read = [_read_mask(path, size) for path in mask_paths]
+    foreground = np.any([mask for mask, _ in read], axis=0)
+    ignore = np.zeros_like(foreground) if ignore_path is None else _read_mask(ignore_path, size)[0] & ~foreground
+    return foreground, ignore, [shape for _, shape in read]
 
 
 def load_mask(mask_paths, ignore_path=None, size=224):
@@ -126,6 +136,4 @@ def load_mask(mask_paths, ignore_path=None, size=224):
 
     Foreground is the union of the instance masks; ignore is the ignore mask minus the foreground.
     """
-    foreground = np.any([_read_mask(path, size) for path in mask_paths], axis=0)
-    ignore = np.zeros_like(foreground) if ignore_path is None else _read_mask(ignore_path, size) & ~foreground
-    return foreground, ignore
+    return read_masks(mask_paths, ignore_path, size)[:2]
