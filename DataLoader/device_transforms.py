@@ -80,7 +80,10 @@ def to_device(images, device):
 
 def batch_on_device(batch, device):
     """The batch with its 'image' through ``to_device`` (file bytes decoded first: ``decode_batch``, which
-    may drop unreadable images from the batch)."""
+    may drop unreadable images from the batch); an ``(images, labels)`` pair (a torch DataLoader of (image, label)
+    samples) becomes ``{'image': images, 'label': labels}``."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        batch = {"image": batch[0], "label": batch[1]}
     if isinstance(batch["image"], dict) and "encoded" in batch["image"]:
         batch = decode_batch(batch, device)
     return {**batch, "image": to_device(batch["image"], device)}

@@ -92,5 +92,13 @@ class EvalViews:
 
 
 def views_of(dataset):
-    """The ``EvalViews`` a dataset's samples follow: its transform, or the views of its uint8 half."""
-    return getattr(dataset.transform, "views", dataset.transform)
+    """The ``EvalViews`` a dataset's samples follow: its transform, or the views of its uint8 half; a dataset
+    without them (another transform, a loader without a dataset) is a ConfigError in one line."""
+    transform = getattr(dataset, "transform", None)
+    views = getattr(transform, "views", transform)
+    if not hasattr(views, "protocol"):
+        raise ConfigError(f"the loader's dataset ({type(dataset).__name__}, transform {type(transform).__name__}) "
+                          "has no EvalViews, which give the protocol and views to evaluate: build the loader with "
+                          "build_eval_loader, give build_dataset transform=EvalViews(...), or pass "
+                          "views=EvalViews(...)")
+    return views

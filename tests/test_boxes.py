@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.boxes import iou_plus1, max_iou
+from utils.boxes import iou_plus1, max_iou, sat_box, wsol_map
 from utils.metrics import CounterState
 
 
@@ -19,6 +19,14 @@ def test_iou_plus1_degenerate_and_shapes():
     assert iou_plus1([[5, 5, 3, 3]], [[5, 5, 3, 3]])[0, 0] == 0.0  # malformed: non-positive union
     assert iou_plus1(np.zeros((3, 4)), torch.zeros(2, 4)).shape == (3, 2)
 
+
+@pytest.mark.parametrize("to_box", [lambda m: sat_box(m, 0.4), wsol_map])
+def test_a_batch_of_maps_where_one_map_is_taken_is_a_one_line_error(to_box):
+    """model(images)'s maps (B, h, w) given whole: OpenCV took them as an image of h x w pixels and B channels
+    (sat_box: 'too many values to unpack'; wsol_map: a (224, 224, B) map, silently)."""
+    with pytest.raises(ValueError, match=r"a localization map is 2-D \(h, w\), got shape \(2, 14, 14\).*loc_maps\[0\]"):
+        to_box(torch.rand(2, 14, 14))
+    assert np.shape(to_box(torch.rand(14, 14))) in ((4,), (224, 224))
 
 def test_max_iou_takes_best_gt_box():
     pred = np.array([[0, 0, 9, 9], [20, 20, 29, 29]])

@@ -257,7 +257,22 @@ def test_evaluate_argument_errors(demo_root):
         evaluate(loader, model, "cpu", threshold=0.4, distributed=True, progress=False)
     with pytest.raises(ConfigError, match="reported threshold"):
         evaluate(loader, model, "cpu", thresholds=[0.3, 0.4], per_image=True, progress=False)
+    with pytest.raises(ConfigError, match=r"views are 64 x 64 pixels, the model takes 96 x 96: .*img_size=96"):
+        evaluate(loader, nano_model(img_size=96), "cpu", threshold=0.4, progress=False)  # not timm's AssertionError
+    with pytest.raises(ConfigError, match="the loader's dataset has 3 classes, the model 2"):
+        evaluate(loader, nano_model(num_classes=2), "cpu", threshold=0.4, progress=False)  # not Top-1 Cls 0 silently
 
+
+
+def test_a_loader_without_eval_views_is_a_one_line_error(demo_root):
+    """build_dataset's default test transform (a Compose) or a plain torch loader give no protocol: a ConfigError
+    naming the dataset and transform and the ways to give EvalViews, not an AttributeError."""
+    dataset = build_dataset("cub", demo_root, "test")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
+    with pytest.raises(ConfigError, match=r"\(WSOLDataset, transform Compose\) has no EvalViews.*build_eval_loader"):
+        evaluate(loader, nano_model(), "cpu", threshold=0.4, progress=False)
+    with pytest.raises(ConfigError, match=r"\(NoneType, transform NoneType\) has no EvalViews"):
+        evaluate([], nano_model(), "cpu", threshold=0.4, progress=False)
 
 def test_box_process_pool_gives_the_same_numbers(demo_root):
     model = nano_model()

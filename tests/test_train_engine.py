@@ -101,6 +101,24 @@ def test_non_finite_loss_names_the_step():
         run(make_model(), loader, log_every=100)
 
 
+def test_a_torch_loader_of_pairs_without_scheduler():
+    """As DeiT's engine: a torch DataLoader of (image, label) samples (no num_skipped) and no scheduler (the
+    optimizer's lr throughout) train; a non-finite loss then names no global step (no scheduler counts them)."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(6, 3, IMG, IMG, generator=g),
+                                          torch.randint(0, 3, (6,), generator=g))
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train_one_epoch(model, SATLoss(0.25), torch.utils.data.DataLoader(data, batch_size=2), optimizer, "cpu", 0,
+                            LossScaler("cpu"), progress=False)
+    assert stats["images"] == 6 and stats["steps"] == 3 and stats["num_skipped"] == 0 and stats["lr"] == 1e-3
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    data.tensors[0][2] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 2 of the epoch; stopping"):
+        train_one_epoch(model, SATLoss(0.25), torch.utils.data.DataLoader(data, batch_size=2), optimizer, "cpu", 0,
+                        LossScaler("cpu"), progress=False)
+
 def test_skipped_images_counted():
     loader = batches(2, 2)
     loader[0]["num_skipped"] = 1

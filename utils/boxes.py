@@ -85,9 +85,19 @@ def crop_box_to_original(box, size, resize_size, img_size):
 
 
 # ------------------------------------------------------------------------------------------ sat protocol
+def one_map(loc_map, dtype):
+    """One localization map (h, w) as a numpy array of ``dtype``; another shape (a batch (B, h, w): one map per
+    call, or sat_boxes_of_maps) is a one-line ValueError, not OpenCV resizing it as an image of channels."""
+    m = as_numpy(loc_map, dtype)
+    if m.ndim != 2:
+        raise ValueError(f"a localization map is 2-D (h, w), got shape {tuple(m.shape)}: pass one map (e.g. "
+                         "loc_maps[0]); for a batch (B, h, w), sat_boxes_of_maps(loc_maps, thresholds)")
+    return m
+
+
 def sat_map(loc_map, size=224):
     """``(m - min) / (max - min + 1e-5)`` in float32, then OpenCV bilinear resize to size x size."""
-    m = as_numpy(loc_map, np.float32)
+    m = one_map(loc_map, np.float32)
     norm = (m - m.min()) / (m.max() - m.min() + np.float32(1e-5))
     return cv2.resize(norm, (size, size), interpolation=cv2.INTER_LINEAR)
 
@@ -134,7 +144,7 @@ def sat_box(loc_map, threshold, size=224):
 def wsol_map(loc_map):
     """float64 bicubic resize to WSOL_MAP_SIZE x WSOL_MAP_SIZE, then min-max to [0, 1] (constant or NaN -> zeros).
     Also the map saved for wsolevaluation: normalising it again is the identity."""
-    m = cv2.resize(as_numpy(loc_map, np.float64), (WSOL_MAP_SIZE, WSOL_MAP_SIZE), interpolation=cv2.INTER_CUBIC)
+    m = cv2.resize(one_map(loc_map, np.float64), (WSOL_MAP_SIZE, WSOL_MAP_SIZE), interpolation=cv2.INTER_CUBIC)
     if np.isnan(m).any() or m.min() == m.max():
         return np.zeros_like(m)
     m -= m.min()

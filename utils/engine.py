@@ -93,22 +93,28 @@ class CompiledFullBatches:
 def _check_window(window, steps_before_epoch, epoch, world_size):
     """Raise NonFiniteLossError naming the first optimizer step whose loss (averaged over the
     processes) is not finite; ``window`` holds one loss tensor per micro-batch since the last check.
-    One host-device sync (and one all-reduce with DDP) per call."""
+    One host-device sync (and one all-reduce with DDP) per call; ``steps_before_epoch`` None: not known (no
+    scheduler)."""
     losses = all_reduce_sum(torch.stack([loss for _, loss in window])) / world_size
     bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
     if bad:
         step = window[bad[0]][0]
+        global_step = "" if steps_before_epoch is None else f" (global step {steps_before_epoch + step + 1})"
         raise NonFiniteLossError(
             f"training loss is {losses[bad[0]].item()} at epoch {epoch + 1}, optimizer step {step + 1} of the "
-            f"epoch (global step {steps_before_epoch + step + 1}); stopping: lower --lr, set --clip-grad or leave "
-            "out --amp")
+            f"epoch{global_step}; stopping: lower --lr, set --clip-grad or leave out --amp")
 
 
-def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_scaler, *, scheduler, accum_steps=1,
-                    autocast=contextlib.nullcontext, clip_grad=None, log_every=20, world_size=1,
+def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_scaler, *, scheduler=None,
+                    accum_steps=1, autocast=contextlib.nullcontext, clip_grad=None, log_every=20, world_size=1,
                     progress=True, steps_done=0, meters_state=None, on_step=None):
     """Train ``model`` (possibly DDP-wrapped) for one pass over ``loader``: ``criterion(logits, loc_maps, labels)``
-    (SATLoss), backward / clipping / step through ``loss_scaler``, ``scheduler`` stepped per optimizer step.
+    (SATLoss), backward / clipping / step through ``loss_scaler`` (a ``utils.amp.LossScaler``: called as
+    ``loss_scaler(loss, optimizer, clip_grad=, update_grad=)``, and ``loss_scaler.step(optimizer, clip_grad=)``),
+    ``scheduler`` (a torch ``LRScheduler``, e.g. ``utils.optim.build_scheduler``'s; None: the optimizer's lr
+    throughout) stepped per optimizer step. ``loader``'s batches: ``build_loader``'s, dicts of ``image`` (a
+    normalised float batch, or the loader's uint8 pixels) and ``label`` (``num_skipped``: unreadable images left
+    out, 0 if absent), or ``(images, labels)`` pairs as a torch DataLoader of (image, label) samples gives.
     ``accum_steps`` micro-batches make a step (each its own batch area loss); ``steps_done`` (the epoch's
     optimizer steps already done) / ``meters_state`` continue an epoch resumed in its middle;
     ``on_step(steps_done, meters)`` runs after each step (mid-epoch checkpoints, stops). Returns the epoch's
@@ -117,7 +123,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
     done = steps_done * accum_steps  # micro-batches of the epoch before this call
     num_batches = done + len(loader)
     num_steps = math.ceil(num_batches / accum_steps)
-    steps_before_epoch = scheduler.last_epoch - steps_done  # optimizer steps done before this epoch
+    # optimizer steps done before this epoch (None without a scheduler, which counts them)
+    steps_before_epoch = None if scheduler is None else scheduler.last_epoch - steps_done
     # "this_run": the images of this call, not restored with a resumed epoch's sums: images/s is of the time measured
     meters = Meters((*LOSS_KEYS, "correct", "images", "skipped", "this_run"), device,
                     {name: value for name, value in (meters_state or {}).items() if name != "this_run"})
@@ -134,7 +141,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
             step, position = divmod(i, accum_steps)
             group_size = min(accum_steps, num_batches - step * accum_steps)
             last_of_group = position == group_size - 1
-            meters.update(skipped=batch["num_skipped"])
+            meters.update(skipped=batch.get("num_skipped", 0))
             for message in batch.get("skipped", ()):
                 _logger.warning("epoch %d: %s", epoch + 1, message)
             images = batch["image"].to(device, non_blocking=True)
@@ -161,7 +168,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
             if last_of_group:
                 optimizer.zero_grad(set_to_none=True)
                 lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
+                if scheduler is not None:
+                    scheduler.step()
                 if window and ((step + 1) % log_every == 0 or step + 1 == num_steps):
                     _check_window(window, steps_before_epoch, epoch, world_size)
                     window.clear()
@@ -581,7 +589,7 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     forward of ``model`` (None); its loader's batches hold no pixels, and ``'crop'``: those of the overlays.
     ``compile``: the forwards of the full size through ``torch.compile`` (``CompiledFullBatches``).
     """
-    views = views or views_of(loader.dataset)
+    views = views or views_of(getattr(loader, "dataset", None))
     protocol = views.protocol
     thresholds = [float(t) for t in thresholds]
     threshold = None if threshold is None else float(threshold)
@@ -594,8 +602,18 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
         raise ValueError("distributed evaluation needs a loader with a ShardSampler (build_eval_loader)")
     device = torch.device(device)
     model = getattr(model, "module", model)  # DDP wrapper: no collectives in the forward of uneven shards
+    model_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if model_size is not None and tuple(model_size) != (views.img_size, views.img_size):
+        raise ConfigError(f"the loader's views are {views.img_size} x {views.img_size} pixels, the model takes "
+                          f"{model_size[0]} x {model_size[1]}: build the loader with img_size={model_size[0]} (or the "
+                          f"model with img_size={views.img_size})")
     dataset = getattr(loader, "dataset", None)
     class_names = getattr(dataset, "classes", None)
+    num_classes = getattr(model, "num_classes", None)
+    if class_names and num_classes and len(class_names) > num_classes:  # those labels could never be predicted
+        raise ConfigError(f"the loader's dataset has {len(class_names)} classes, the model {num_classes}: labels "
+                          f"{num_classes} and above could never be predicted; use a model with num_classes="
+                          f"{len(class_names)} (evaluator.py matches a checkpoint's named classes to the data's)")
     scorer = BatchScorer(views, evaluated, wsol_threshold if protocol == "wsol" else threshold, save_maps,
                          overlay_dir, class_names, from_files=saved_maps is not None,
                          block_layers=model.spatial_layers if overlay_blocks and model is not None else (),
