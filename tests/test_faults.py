@@ -624,6 +624,28 @@ def test_a_log_that_a_full_disk_keeps_out_leaves_the_job_s_own_error(tmp_path):
     assert not [h for h in logging.getLogger().handlers if getattr(h, "_sat_run", False)]
 
 
+@pytest.mark.parametrize("is_main", [True, False])
+def test_closing_the_log_gives_the_root_logger_its_level_back(tmp_path, is_main):
+    """A run (train.py's or an evaluator's main, from Python code or a test) left the root logger at INFO: the
+    tests after it in the same process then saw INFO records that a fresh process does not."""
+    import logging
+    from utils.logger import close_logging, setup_logging
+    root = logging.getLogger()
+    before = root.level
+    try:
+        root.setLevel(logging.ERROR)
+        setup_logging(tmp_path, is_main=is_main)
+        setup_logging(tmp_path, is_main=is_main)  # a second run in the same process
+        assert root.level == (logging.INFO if is_main else logging.WARNING)
+        close_logging()
+        assert root.level == logging.ERROR
+        close_logging()  # again: nothing more to give back
+        assert root.level == logging.ERROR
+    finally:
+        close_logging()
+        root.setLevel(before)
+
+
 def test_metrics_and_config_rewritten_on_resume_are_kept_whole_on_a_full_disk(tmp_path, monkeypatch):
     """A --resume rewrites metrics.jsonl (the lines of the epochs done) and config.yaml: written in place, a full
     disk (or a kill) after the truncation lost the earlier epochs' lines, and left a config.yaml that the next

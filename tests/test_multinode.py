@@ -19,6 +19,9 @@ from utils.errors import DataError, SATError
 from utils.outputs import FolderLock
 from utils.run_folder import IMAGE_CACHE, check_shared_folder, remove_image_cache, remove_old_image_cache
 
+# The config by its full path: the tests do not depend on the folder pytest is started from.
+DEMO_CONFIG = str(REPO_ROOT / "config" / "demo.yaml")
+
 
 def _outcome(fn):
     try:
@@ -32,7 +35,7 @@ def _rank(rank, init, folder):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
     info = dist_utils.DistInfo(rank=rank, world_size=2)
     try:
-        base = ["--config", "config/demo.yaml", "--data-root", f"/data/node{rank}", "--workers", str(rank)]
+        base = ["--config", DEMO_CONFIG, "--data-root", f"/data/node{rank}", "--workers", str(rank)]
         cfg = parse_config(base + (["--batch-size", "16"] if rank else []), "train_imagenet")
         same = parse_config(base, "train_imagenet")
         data = types.SimpleNamespace(classes=["a", "b"] if rank == 0 else ["a", "c"])
@@ -90,7 +93,7 @@ def test_nodes_must_share_settings_data_and_output_folder(tmp_path):
 def test_lost_peer_after_last_pth_is_written_says_what_it_holds(tmp_path, monkeypatch):
     """The main process wrote last.pth at the end of epoch 3, then the collective that shares its success met a
     dead peer: the line must not say that last.pth holds epoch 3's first steps only."""
-    cfg = parse_config(["--config", "config/demo.yaml", "--output-dir", str(tmp_path)], "train")
+    cfg = parse_config(["--config", DEMO_CONFIG, "--output-dir", str(tmp_path)], "train")
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

@@ -14,11 +14,21 @@ from utils.outputs import write_text_atomic
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
+# The root logger's level before setup_logging set it, given back by close_logging (None: not set by us).
+_level_before = None
+
+
 def close_logging():
-    """Remove and close the handlers added by :func:`setup_logging` (others are left alone)."""
+    """Remove and close the handlers added by :func:`setup_logging` (others are left alone) and give the root
+    logger back the level it had before (a run from Python code, or a test, leaves the process's logging as it
+    found it)."""
+    global _level_before
     for handler in _run_handlers():
         logging.getLogger().removeHandler(handler)
         handler.close()
+    if _level_before is not None:
+        logging.getLogger().setLevel(_level_before)
+        _level_before = None
 
 
 def log_error(err):
@@ -74,8 +84,10 @@ def setup_logging(output_dir, is_main=True, rank=0, log_file=True):
     """Configure the root logger for this process and return the 'sat' logger; replaces the handlers
     of an earlier call (several runs in one process, e.g. tests). ``log_file=False``: the main process's
     log.txt is opened later, by :func:`open_log_file` (the folder still holds a previous run's log)."""
+    global _level_before
     close_logging()
     root = logging.getLogger()
+    _level_before = root.level
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter(FORMAT if is_main else f"[rank {rank}] {FORMAT}", "%H:%M:%S"))
     _add(console)
