@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from utils import distributed as dist_utils
-from utils.config import FIELDS, RESUMED_LINE, config_dict
+from utils.config import FIELDS, RESUMED_LINE, config_dict, resumed_run
 from utils.errors import CheckpointError, ConfigError
 from utils.outputs import mode_as_opened
 
@@ -125,12 +125,6 @@ def _same_setting(old, new):
         return True
     return isinstance(old, str) and isinstance(new, str) and os.path.isabs(old) != os.path.isabs(new) and \
         os.path.abspath(old) == os.path.abspath(new)
-
-
-def _checkpoint_of(output_dir, path):
-    """Whether checkpoint ``path`` lies in ``output_dir``'s checkpoints/: the run goes on in its own folder, however
-    its output_dir was spelt (a relative one recorded where the run started, its full path in another folder)."""
-    return Path(output_dir).resolve() == Path(path).resolve().parent.parent
 
 
 def require_file(path, what="checkpoint"):
@@ -465,7 +459,8 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
         if key not in recorded:
             if value != FIELDS[key].default:
                 warn("resume: %s is not in the checkpoint's config (a key added since), now %r", key, value)
-        elif not _same_setting(recorded[key], value) and not (key == "output_dir" and _checkpoint_of(value, path)):
+        elif not _same_setting(recorded[key], value) and not (key == "output_dir" and  # the run goes on in its folder
+                                                              resumed_run(path) == Path(value).resolve()):
             warn("resume: %s was %r in the checkpoint, now %r%s", key, recorded[key], value,
                  _change_note(key, recorded[key], value))
             meta["changed"].append((key, recorded[key], value))

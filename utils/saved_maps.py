@@ -29,7 +29,6 @@ NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every np.save file
 # a PNG map's mode -> its full scale: 8-bit grey, 16-bit grey ("I": as Pillow up to 10.1 opens 16-bit grey PNGs)
 PNG_SCALES = {"L": 255, "I;16": 65535, "I": 65535}
 VIEW_FILE = "views.json"  # the centre view (img_size, resize_size) of the sat protocol on these maps
-PREDICTION_COLUMNS = ("image_id", "top5")  # or ("image_id", "top1"): a method's top-1 classes alone
 # metrics.json keys that need each image's predicted classes
 CLASS_KEYS = ("top1_cls", "top5_cls", "top1_loc", "top5_loc", "top1_loc_per_threshold")
 TOP5_KEYS = ("top5_cls", "top5_loc")  # not reported from top-1 predictions
