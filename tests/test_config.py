@@ -163,6 +163,31 @@ def test_resume_without_config_reads_the_runs_own(tmp_path, capsys, monkeypatch)
     assert cfg.config == str(CONFIGS / "demo.yaml")
 
 
+def test_a_relative_path_of_a_run_started_elsewhere_names_that_folder(tmp_path, monkeypatch):
+    """A run started in A with --data-root mydata, resumed from B: its config.yaml's data_root was read from B and
+    failed far into the start as 'data root mydata: not found', naming neither A nor what to do."""
+    started, elsewhere = tmp_path / "A", tmp_path / "B"
+    (started / "mydata").mkdir(parents=True)
+    (started / "runs" / "r1").mkdir(parents=True)
+    elsewhere.mkdir()
+    config = started / "runs" / "r1" / "config.yaml"
+    config.write_text("epochs: 4\noutput_dir: runs/r1\ndata_root: mydata\n")
+    last = str(started / "runs" / "r1" / "checkpoints" / "last.pth")
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ConfigError, match=rf"^data_root: mydata \(config file {config}\) is relative to {started}, "
+                       rf"where the run was started, and not found from this folder \({elsewhere}\): run from "
+                       rf"{started}, or give --data-root {started / 'mydata'}$"):
+        train("--resume", last)
+    with pytest.raises(ConfigError, match="is relative to"):
+        train("--config", str(config))  # a new run with the run's config.yaml: the same
+    assert train("--resume", last, "--data-root", str(started / "mydata")).data_root == str(started / "mydata")
+    (elsewhere / "mydata").mkdir()  # found from here: read from here, as any relative path
+    assert train("--resume", last).data_root == "mydata"
+    monkeypatch.chdir(started)
+    (elsewhere / "mydata").rmdir()
+    assert train("--resume", last).data_root == "mydata"
+
+
 def test_resume_naming_a_run_folder_is_one_line_before_the_data_is_read(tmp_path):
     """--resume RUN (the folder, not its checkpoint) read no config.yaml: the run took the defaults' config, read
     (or generated) the demo data and built the model before 'checkpoint RUN: a folder, not a checkpoint file'."""
@@ -214,7 +239,7 @@ def test_a_key_is_named_as_it_was_given(tmp_path):
     cfg = train("--epochs", "2")  # no --config: config/demo.yaml (base: CUB.yaml)
     demo, cub = REPO_ROOT / "config" / "demo.yaml", REPO_ROOT / "config" / "CUB.yaml"
     assert (given_as(cfg, "epochs"), given_as(cfg, "warmup_epochs"), given_as(cfg, "area_thr")) == (
-        "--epochs 2", f"warmup_epochs: 3.0 (config file {demo})", f"area_thr: 0.25 (config file {demo})")
+        "--epochs 2", f"warmup_epochs: 3 (config file {demo})", f"area_thr: 0.25 (config file {demo})")
     assert given_as(cfg, "weight_decay") == f"weight_decay: 0.05 (config file {cub})"
     assert given_as(train("--config", write(tmp_path, "epochs: 3\n")), "seed") == "seed: 6 (default)"
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader.demo import DEFAULT_DEMO_ROOT  # noqa: E402
 from DataLoader.eval_views import default_resize_size  # noqa: E402
-from utils.config import OneLineParser, read_yaml_mapping  # noqa: E402
+from utils.config import OneLineParser, read_yaml_mapping, run_started_in  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
 from utils.outputs import FolderLock, Staged, previous_outputs, read_json  # noqa: E402
 from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noqa: E402
@@ -75,20 +75,11 @@ def training_record(folder):
     data = {key: config.get(key) for key in ("data_format", "data_root", "metadata_root")}
     if data["data_root"] is None and data["data_format"] == "cub":  # the built-in demo data (train.py reads it)
         data["data_root"] = str(DEFAULT_DEMO_ROOT)
-    started_in = _started_in(folder, config.get("output_dir"))
+    started_in = run_started_in(folder, config.get("output_dir"))
     data.update({key: os.path.abspath(os.path.join(started_in, data[key]))
                  for key in ("data_root", "metadata_root") if data[key]})
     return {**results, **data, "img_size": img_size,
             "resize_size": config.get("resize_size") or (img_size and default_resize_size(img_size))}, config
-
-
-def _started_in(folder, output_dir):
-    """The folder train.py ran in, which config.yaml's relative paths are relative to: ``folder`` less its relative
-    ``output_dir`` (the relative paths were read from this process's folder, whatever folder that was); else '.'."""
-    folder, out = Path(folder).resolve(), Path(output_dir or ".")
-    if not out.is_absolute() and folder.parts[len(folder.parts) - len(out.parts):] == out.parts:
-        return str(folder.parents[len(out.parts) - 1]) if out.parts else str(folder)
-    return "."
 
 
 def _read_json(path, what):

@@ -701,6 +701,31 @@ def _run_config(cli, default_config, script, values):
     return next((path for path in candidates if path.is_file()), None)
 
 
+def run_started_in(folder, output_dir):
+    """The folder train.py ran in, which the relative paths of its run ``folder``'s config.yaml are relative to:
+    ``folder`` less its relative ``output_dir`` (they were read from that process's folder, whatever folder that
+    was); else '.'."""
+    folder, out = Path(folder).resolve(), Path(output_dir or ".")
+    if not out.is_absolute() and folder.parts[len(folder.parts) - len(out.parts):] == out.parts:
+        return str(folder.parents[len(out.parts) - 1]) if out.parts else str(folder)
+    return "."
+
+
+def _check_relative_paths(read, from_file, config, cli):
+    """A relative path of a run's config.yaml (a --resume or --config of a run started in another folder) names a
+    path from the folder the run was started in: refused in one line naming that folder when it is not found from
+    here and is from there (the output folder is the run's own: read_config)."""
+    started = run_started_in(Path(config).parent, read.get("output_dir"))
+    if started == "." or Path(started) == Path.cwd():
+        return
+    for key, value in read.items():
+        if key != "output_dir" and FIELDS[key].path and key not in cli and isinstance(value, str) and \
+                not os.path.isabs(value) and not os.path.exists(value) and os.path.exists(os.path.join(started, value)):
+            raise ConfigError(f"{key}: {value} (config file {from_file[key]}) is relative to {started}, where the "
+                              f"run was started, and not found from this folder ({os.getcwd()}): run from {started}, "
+                              f"or give --{key.replace('_', '-')} {os.path.join(started, value)}")
+
+
 def resumed_run(resume):
     """The run folder of a --resume PATH naming a file of <run>/checkpoints/ (None otherwise: a plain --resume,
     another file)."""
@@ -744,6 +769,7 @@ def read_config(argv=None, script="train"):
     if config is not None:
         read, ignored, from_file = _read(config, script)
         values.update(read)
+        _check_relative_paths(read, from_file, config, cli)
     if own is not None and own.parent == resumed_run(cli.get("resume")) and not cli.get("output_dir") and \
             Path(values["output_dir"]).resolve() != own.parent:  # (as recorded where it names the folder from here)
         values["output_dir"] = str(own.parent)  # its config.yaml may name it relative to where the run was started
@@ -762,8 +788,10 @@ def read_config(argv=None, script="train"):
 
 def given_as(cfg, key):
     """Key ``key`` of ``cfg`` (:func:`read_config`'s) and its value as the user gave it: '--epochs 2' for a flag,
-    'epochs: 30 (config file config/CUB.yaml)' or 'epochs: 30 (default)' otherwise."""
-    value = _show(getattr(cfg, key))
+    'epochs: 30 (config file config/CUB.yaml)' or 'epochs: 30 (default)' otherwise; a whole float reads as the
+    user wrote it, 3 rather than 3.0."""
+    value = getattr(cfg, key)
+    value = _show(int(value) if isinstance(value, float) and value.is_integer() else value)
     if key in getattr(cfg, "flags_given", ()):
         return f"--{key.replace('_', '-')} {value}"
     from_file = getattr(cfg, "from_file", {})
