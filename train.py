@@ -35,8 +35,8 @@ from Model import SATLoss, build_model, check_pretrained, checkpoint_weights, mo
 from Model.losses import LOSS_KEYS, area_span
 from utils import distributed as dist_utils
 from utils.amp import LossScaler, autocast_context, describe
-from utils.checkpoint import (TrainingCheckpoints, load_checkpoint, resume_path, resume_training, rng_state,
-                              seed_everything, set_rng_state)
+from utils.checkpoint import (TrainingCheckpoints, check_resumable, load_checkpoint, resume_path, resume_training,
+                              rng_state, seed_everything, set_rng_state)
 from utils.config import given_as, job_settings, parse_config, save_config
 from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
 from utils.errors import (CheckpointError, ConfigError, DataError, OutputError, SATError, first_line, restated,
@@ -98,6 +98,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     with dist_utils.said_by_main(info.is_main):  # (from the flags and what the main process finds)
         replaced = check_run_folder(cfg, output_dir)
         micro_batch = per_process_batch(cfg, info.world_size)
+    dist_utils.run_everywhere(check_resumable, cfg, checkpoint_dir)  # before the log, data and model
     # a run with caches makes them there (build_loaders): the old ones (rebuilt from the images) go now, not once
     # the new ones are open
     replaced = remove_old_image_cache(output_dir, replaced, cfg.cache_images, info)

@@ -455,7 +455,14 @@ def test_the_lock_file_goes_with_its_job_and_a_file_removed_meanwhile_is_not_loc
     lock = FolderLock(tmp_path / "out", "train.py").acquire()
     assert (tmp_path / "out" / ".lock").read_text().startswith(f"train.py, pid {os.getpid()} on ")
     lock.release()
-    assert not (tmp_path / "out" / ".lock").exists()
+    assert not (tmp_path / "out").exists()  # made by the lock and left empty (a job refused at its start): removed
+    lock = FolderLock(tmp_path / "a" / "b" / "out", "train.py").acquire()
+    (tmp_path / "a" / "b" / "kept.txt").write_text("")
+    lock.release()  # its outputs' folders stay (here a.b's file): only empty folders the lock made go
+    assert sorted(path.name for path in (tmp_path / "a" / "b").iterdir()) == ["kept.txt"]
+    (tmp_path / "out").mkdir()
+    FolderLock(tmp_path / "out", "train.py").acquire().release()
+    assert (tmp_path / "out").is_dir() and not (tmp_path / "out" / ".lock").exists()  # not made by it: kept
     # the job holding the file opened here ends (and removes it) before the lock is taken: the new file is locked
     import utils.outputs as outputs
     lockf, calls = outputs.fcntl.lockf, []

@@ -57,6 +57,7 @@ def test_official_checkpoint_architecture_read_off_its_shapes(tmp_path):
     path = official_format_file(build_model(TINY, num_classes=10), tmp_path / "best_loc.pth.tar")
     model, meta = build_model_from_checkpoint(path)  # the release file records no architecture
     assert model.embed_dim == 192 and len(model.blocks) == 12 and model.num_classes == 10 and meta["epoch"] == 30
+    assert read_checkpoint(path, mmap=True)["epoch"] == 30  # the legacy format (no mmap in torch.load): read whole
     with pytest.raises(CheckpointError) as err:
         build_model_from_checkpoint(path, arch="deit_sat_small_patch16_224")
     assert str(err.value) == (f"checkpoint {path} does not fit --arch deit_sat_small_patch16_224: it has the "

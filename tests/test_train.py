@@ -193,6 +193,13 @@ def test_resume_drops_metrics_of_unsaved_epochs_and_extends_a_run(data_root, tmp
                        r"are steps over that few-shot subset\)"):
         main(args(data_root, out, "--epochs", "3", "--resume", "--images-per-class", "2"))
     assert (out / "config.yaml").read_text() == config
+    # refused before the log, the data and the model: from another folder it read the data, built the model and
+    # left <output_dir>/log.txt; now nothing is written, not even the folder, and the data is not read (no root)
+    log, elsewhere = (out / "log.txt").read_text(), tmp_path / "elsewhere"
+    with pytest.raises(ConfigError, match=r"num_spatial_blocks 3 \(now 1\), which a resumed run keeps"):
+        main(args(str(tmp_path / "no_data"), elsewhere / "output", "--epochs", "3", "--resume", str(last),
+                  "--num-spatial-blocks", "1"))
+    assert not elsewhere.exists() and (out / "log.txt").read_text() == log
 
 
 def test_resume_applies_a_changed_lr_and_weight_decay_and_refuses_another_trainable(data_root, tmp_path):

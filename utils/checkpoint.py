@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -136,11 +137,11 @@ def require_file(path, what="checkpoint"):
     return path
 
 
-def read_checkpoint(path, what="checkpoint") -> Dict[str, Any]:
+def read_checkpoint(path, what="checkpoint", mmap=False) -> Dict[str, Any]:
     """Load a checkpoint file to CPU and check that it holds a state dict: ``{'model': ...}`` (this project's
     and the official files), ``{'state_dict': ...}`` (as many PyTorch projects save them; returned under
     'model') or a bare state dict (also as .safetensors). ``what`` names the file in the errors (e.g.
-    'pretrained weights')."""
+    'pretrained weights'); ``mmap``: tensors stay in the file until read (a look at its metadata)."""
     path = require_file(path, what)
     kind = what if what == "checkpoint" else f"{what} file"
     try:
@@ -151,7 +152,8 @@ def read_checkpoint(path, what="checkpoint") -> Dict[str, Any]:
                 ckpt = load_file(path, device="cpu")
             else:
                 with _allowing(plain_globals()):
-                    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+                    ckpt = torch.load(path, map_location="cpu", weights_only=True,
+                                      mmap=mmap and zipfile.is_zipfile(path))  # (not files of torch < 1.6)
     except Exception as err:  # torch raises many types for non-checkpoint files
         raise CheckpointError(f"{path} is not a readable {kind}: {_unreadable(path, err)}") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("format_version"), int) and \
@@ -418,14 +420,7 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
     state). A file that does not load: one line naming the newest checkpoint of its folder that does."""
     path = Path(path)
     warn = _logger.warning if info.is_main else (lambda *args: None)  # the same on every process: said once
-    try:
-        ckpt = read_checkpoint(path)
-    except CheckpointError as err:
-        if not path.is_file():
-            raise
-        raise CheckpointError(f"--resume: {err}; {_instead(path)}") from None
-    if isinstance(ckpt.get("config"), dict) and "arch" in ckpt:  # a checkpoint of this project's training
-        check_unchanged(ckpt["config"], cfg, path, optimizer_state="optimizer" in ckpt)
+    ckpt = _read_resumable(path, cfg)
     saved_steps = ckpt.get("steps_per_epoch")  # of a last.pth saved in the middle of an epoch
     if ckpt.get("epoch_step") and "epoch_stats" not in ckpt and saved_steps not in (None, steps_per_epoch):
         raise ConfigError(f"--resume {path}: saved after {ckpt['epoch_step']} of the {saved_steps} optimizer steps of "
@@ -436,10 +431,6 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
     # this run's lr and weight decay (a flag may change them): the checkpoint's optimizer and schedule hold the old
     fresh_groups = [{"weight_decay": group["weight_decay"], "initial_lr": group["initial_lr"]}
                     for group in optimizer.param_groups]
-    if isinstance(meta.get("epoch"), int) and meta["epoch"] > cfg.epochs:  # before config.yaml says otherwise
-        raise ConfigError(f"--resume {path}: {meta['epoch']} epochs done, more than --epochs {cfg.epochs}: a run is "
-                          f"not shortened once trained; --epochs {meta['epoch']} runs its final test again, "
-                          f"--overwrite (or a new --output-dir) trains {cfg.epochs} epoch(s) anew")
     if all(key in meta for key in TRAINING_STATE):
         optimizer.load_state_dict(meta["optimizer"])
         scheduler.load_state_dict(meta["scheduler"])
@@ -487,6 +478,34 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
     else:
         _logger.info("resumed from %s: %d of %d epochs done%s", path, meta["epoch"], cfg.epochs, where)
     return meta
+
+
+def check_resumable(cfg, checkpoint_dir):
+    """The checks of :func:`restore` that need neither data nor model, made before the run opens its log and
+    reads its data: a --resume file that does not load, of another model or batch size, or of more epochs than
+    --epochs, is refused in one line with nothing written (it was refused once ImageNet had been listed)."""
+    path = checkpoint_dir / "last.pth" if cfg.resume == "auto" else cfg.resume and Path(cfg.resume)
+    if path and (path.is_file() or cfg.resume != "auto"):
+        _read_resumable(path, cfg, mmap=True)
+
+
+def _read_resumable(path, cfg, mmap=False):
+    """The checkpoint ``path`` read for a resume with ``cfg``: one line when it does not load (naming the newest
+    of its folder that does), when it is of this project's training and ``cfg`` changes what a resumed run keeps
+    (:func:`check_unchanged`), or when it has more epochs done than ``cfg.epochs``."""
+    try:
+        ckpt = read_checkpoint(path, mmap=mmap)
+    except CheckpointError as err:
+        if not path.is_file():
+            raise
+        raise CheckpointError(f"--resume: {err}; {_instead(path)}") from None
+    if isinstance(ckpt.get("config"), dict) and "arch" in ckpt:  # a checkpoint of this project's training
+        check_unchanged(ckpt["config"], cfg, path, optimizer_state="optimizer" in ckpt)
+    if isinstance(ckpt.get("epoch"), int) and ckpt["epoch"] > cfg.epochs:  # before config.yaml says otherwise
+        raise ConfigError(f"--resume {path}: {ckpt['epoch']} epochs done, more than --epochs {cfg.epochs}: a run is "
+                          f"not shortened once trained; --epochs {ckpt['epoch']} runs its final test again, "
+                          f"--overwrite (or a new --output-dir) trains {cfg.epochs} epoch(s) anew")
+    return ckpt
 
 
 # keys that make the parameter groups an optimizer's state is of: kept on resume from a file holding one

@@ -242,6 +242,7 @@ class FolderLock:
     def __init__(self, folder, job):
         self.path, self.job, self.fd = Path(folder) / self.NAME, job, None
         self.line = None  # what this lock wrote into its file (None: unlocked)
+        self.created = []  # the folders it made, deepest first: removed at the end when the job left them empty
 
     def acquire(self):
         """Take the lock (creating the folder; nothing when this lock holds it already); a ConfigError when
@@ -249,6 +250,7 @@ class FolderLock:
         if self.fd is not None:
             return self
         check_output_folder(self.path.parent)
+        self.created = [folder for folder in (self.path.parent, *self.path.parent.parents) if not folder.exists()]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -300,7 +302,8 @@ class FolderLock:
 
     def release(self):
         """Remove the lock file (when it is still this lock's), then free the lock: in that order, a job that
-        opened the file meanwhile finds it removed and takes the new one."""
+        opened the file meanwhile finds it removed and takes the new one. The folders the lock made go too when
+        they are empty (a job refused at its start leaves no empty output folder)."""
         if self.fd is not None:
             if self._is_current(self.fd):
                 try:
@@ -309,6 +312,12 @@ class FolderLock:
                     pass         # stays, unlocked (closing frees the lock), and the next job takes it
             os.close(self.fd)
             self.fd, self.line = None, None
+            for folder in self.created:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (the job's outputs, or another job's lock file): kept
+                    break
+            self.created = []
 
     def __enter__(self):
         return self.acquire()
