@@ -426,13 +426,15 @@ def build_training_model(cfg, num_classes, info, micro_batch, pretrained):
 def log_epoch(cfg, epoch, stats, metrics, improved, split, plan):
     if metrics is not None:
         best_mark = "  * best" if "best.pth" in improved else ""
-        wsol = "  ".join(f"{key} {metrics[key]:.2f}" for key in ("maxboxaccv2", "pxap") if key in metrics)
+        # the metrics by the names of the printed tables (utils.metrics.format_tables), as in the sat branch
+        wsol = "  ".join(f"{name} {metrics[key]:.2f}" for key, name in (("maxboxaccv2", "MaxBoxAccV2"),
+                                                                         ("pxap", "PxAP")) if key in metrics)
         if plan.sat:
-            _logger.info("epoch %d %s: Top-1 Loc %.2f  GT-known Loc %.2f  Top-1 Cls %.2f  (best of the thresholds: "
-                         "%.2f)%s%s", epoch + 1, split, metrics["top1_loc"], metrics["gt_known_loc"],
+            _logger.info("epoch %d %s: Top-1 Loc %.2f  GT-known Loc %.2f  Top-1 Cls %.2f  (at best_threshold %.2f "
+                         "of eval_thresholds)%s%s", epoch + 1, split, metrics["top1_loc"], metrics["gt_known_loc"],
                          metrics["top1_cls"], metrics["best_threshold"], f"  {wsol}" if wsol else "", best_mark)
         else:
-            _logger.info("epoch %d %s: %s%s", epoch + 1, split, "  ".join(filter(None, (wsol, f"top1_cls "
+            _logger.info("epoch %d %s: %s%s", epoch + 1, split, "  ".join(filter(None, (wsol, f"Top-1 Cls "
                          f"{metrics['top1_cls']:.2f}"))), best_mark)
     if stats["num_skipped"]:
         _logger.warning("epoch %d: %d unreadable training images skipped (named in the log above; "

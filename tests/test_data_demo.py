@@ -69,6 +69,18 @@ def test_default_location_and_cli(tmp_path, capsys):
     assert not (tmp_path / "e").exists()
 
 
+def test_cli_defaults_are_the_built_in_demo(tmp_path, monkeypatch, capsys):
+    # tools/make_demo_data.py without flags writes the data train.py uses without --data-root (make_demo_dataset's
+    # defaults): a default of its own would make train.py regenerate the folder the tool wrote
+    import inspect
+    import tools.make_demo_data as tool
+    calls = []
+    monkeypatch.setattr(tool, "make_demo_dataset", lambda root, **kwargs: calls.append(kwargs) or root)
+    make_demo_data(["--output-dir", str(tmp_path / "d")])
+    built_in = {name: p.default for name, p in inspect.signature(make_demo_dataset).parameters.items()}
+    assert calls == [{key: value for key, value in built_in.items() if key != "root"}]
+
+
 @pytest.mark.parametrize("flag, value, expected", [("--num-classes", "1", "an integer in 2..6"),
                                                    ("--train-per-class", "0", "an integer >= 1"),
                                                    ("--test-per-class", "0", "an integer >= 1"),

@@ -85,3 +85,21 @@ def test_the_datasets_page_names_every_split_the_folder_format_reads(tmp_path):
     for split in SPLITS:
         assert len(build_dataset("folder", tmp_path, split)) == 1
         assert f"`ROOT/{split}/" in section, f"datasets.md does not name the folder format's {split}/ split"
+
+
+def test_the_training_page_config_table_states_the_config_files_values():
+    """docs/training.md's table of configs (batch, lr, epochs, area_thr, arch) restates the files: one source."""
+    from utils.config import load_yaml
+    text = (REPO_ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `config/(\w+\.yaml)` \| [^|]* \| ([^|]*) \| ([^|]*) \| ([^|]*) \| ([^|]*) \| ([^|]*) \|$",
+                      text, flags=re.M)
+    checked = 0
+    for name, arch, batch, lr, epochs, area_thr in rows:
+        if not batch.strip():  # "as CUB": no numbers of its own
+            continue
+        cfg = load_yaml(REPO_ROOT / "config" / name)
+        assert arch.split()[0] == cfg["arch"], name
+        assert (int(batch), float(lr), int(epochs), float(area_thr)) == \
+            (cfg["batch_size"], cfg["lr"], cfg["epochs"], cfg["area_thr"]), name
+        checked += 1
+    assert checked == 4, rows  # CUB, ILSVRC, ILSVRC_fewshot, demo

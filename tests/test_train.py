@@ -293,7 +293,7 @@ def test_both_protocols_record_the_wsol_metrics_too(data_root, tmp_path):
     assert {"top1_loc", "gt_known_loc", "maxboxacc", "maxboxaccv2"} <= set(results)
     assert "best_threshold" not in results and "at_best_threshold" not in results  # --report-best-threshold's
     log = (out / "log.txt").read_text()
-    assert f"maxboxaccv2 {record['test_maxboxaccv2']:.2f}" in log and "maxboxaccv2" in log.split("test results")[-1]
+    assert f"MaxBoxAccV2 {record['test_maxboxaccv2']:.2f}" in log and "maxboxaccv2" in log.split("test results")[-1]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -596,3 +596,20 @@ def test_deit_weights_are_looked_for_before_the_data_and_not_on_resume(data_root
     main(args(data_root, out, "--epochs", "1", "--arch", "deit_sat_tiny_patch16_224", "--pretrained", "false"))
     main(args(data_root, out, "--epochs", "2", *deit, "--resume"))
     assert epochs_logged(out) == [1, 2]
+
+
+def test_epoch_log_line_names_the_metrics_as_the_tables_and_json_do(caplog):
+    """The epoch's evaluation line: the printed tables' metric names (not the JSON keys) in every protocol, and the
+    map threshold it is at by its JSON key, best_threshold, of eval_thresholds."""
+    import types
+    from train import log_epoch
+    cfg, stats = types.SimpleNamespace(epochs=2), dict(num_skipped=0, time=1.0, data_wait=0.0, loss=1.0, ce=1.0,
+                                                        area=0.1, norm=0.1, acc1=50.0, lr=1e-4)
+    sat = dict(top1_loc=10.0, gt_known_loc=20.0, top1_cls=30.0, best_threshold=0.35, maxboxaccv2=40.0)
+    with caplog.at_level(logging.INFO, logger="sat"):
+        log_epoch(cfg, 0, stats, sat, set(), "test", types.SimpleNamespace(sat=True))
+        log_epoch(cfg, 0, stats, dict(pxap=50.0, top1_cls=30.0), set(), "test", types.SimpleNamespace(sat=False))
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0] == "epoch 1 test: Top-1 Loc 10.00  GT-known Loc 20.00  Top-1 Cls 30.00  (at best_threshold 0.35 " \
+                       "of eval_thresholds)  MaxBoxAccV2 40.00"
+    assert lines[2] == "epoch 1 test: PxAP 50.00  Top-1 Cls 30.00"

@@ -1,5 +1,6 @@
 """Write the synthetic demo dataset (CUB-200-2011 release format); a no-op when it is already complete."""
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
@@ -21,14 +22,23 @@ def _num_classes(text):
     return value
 
 
+# make_demo_dataset's own defaults: the data train.py writes without --data-root (another value here would make
+# train.py regenerate the folder this tool wrote)
+DEFAULTS = {name: p.default for name, p in inspect.signature(make_demo_dataset).parameters.items()}
+
+
 def main(argv=None):
     parser = OneLineParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--output-dir", default=str(DEFAULT_DEMO_ROOT), help="dataset folder (default %(default)s)")
-    parser.add_argument("--num-classes", type=_num_classes, default=5, help=f"2 to {len(CLASS_TEMPLATES)}")
-    parser.add_argument("--train-per-class", type=at_least(1), default=50)
-    parser.add_argument("--test-per-class", type=at_least(1), default=20)
-    parser.add_argument("--image-size", type=at_least(32), default=144)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-classes", type=_num_classes, default=DEFAULTS["num_classes"],
+                        help=f"2 to {len(CLASS_TEMPLATES)} (default %(default)s)")
+    parser.add_argument("--train-per-class", type=at_least(1), default=DEFAULTS["train_per_class"],
+                        help="default %(default)s")
+    parser.add_argument("--test-per-class", type=at_least(1), default=DEFAULTS["test_per_class"],
+                        help="default %(default)s")
+    parser.add_argument("--image-size", type=at_least(32), default=DEFAULTS["image_size"],
+                        help="image side in pixels (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="default %(default)s")
     args = parser.parse_args(argv)
     root = make_demo_dataset(args.output_dir, num_classes=args.num_classes, train_per_class=args.train_per_class,
                              test_per_class=args.test_per_class, image_size=args.image_size, seed=args.seed)

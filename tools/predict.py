@@ -164,7 +164,7 @@ def main(argv=None):
     parser.add_argument("--arch", help="architecture (default: recorded in the file, or read off its weights' shapes)")
     parser.add_argument("--num-classes", type=int, help="classes (default: read off the head's shape)")
     parser.add_argument("--threshold", type=FIELDS["threshold"].parse,
-                        help="localization threshold (default: the checkpoint's best_thr, else the evaluators' "
+                        help="map threshold (default: the checkpoint's best_thr, else the evaluators' "
                              "default: evaluator_ImageNet.py's for a 1000-class model or one trained on ImageNet "
                              "data, evaluator.py's for others)")
     parser.add_argument("--resize-size", type=at_least(1),

@@ -896,6 +896,8 @@ def _scripts_label(scripts):
 
 def markdown():
     """docs/config.md: every key by section (name, default, accepted values, scripts, description)."""
+    imagenet = script_defaults("evaluate_imagenet")  # config/ILSVRC.yaml's, stated here from that one source
+    view = "ten-crop" if imagenet["tencrop"] else "no ten-crop"
     lines = ["# Config keys", "",
              "Generated from `utils/config.py` by `python -m utils.config --markdown > docs/config.md`.", "",
              "Every key is a config-file key and a flag (`eval_batch_size` -> `--eval-batch-size`; a boolean key is "
@@ -912,7 +914,8 @@ def markdown():
              "`train_ImageNet.py` `config/ILSVRC.yaml`, whose keys are its defaults (a `--config` file without "
              "`base:` overrides the official ImageNet settings, not CUB's). `evaluator.py` takes the data, "
              "evaluation and test keys of `config/CUB.yaml` as its defaults, `evaluator_ImageNet.py` those of "
-             "`config/ILSVRC.yaml` (threshold 0.3, no ten-crop); a `--config` file overrides them.", ""]
+             f"`config/ILSVRC.yaml` (threshold {imagenet['threshold']}, {view}); a `--config` file overrides them.",
+             ""]
     for section, text in SECTIONS.items():
         lines += [f"## {section}", "", text, "", "| key | default | values | scripts | description |",
                   "| :-- | :-- | :-- | :-- | :-- |"]
