@@ -29,13 +29,13 @@ def test_train_benchmark_with_naive_baseline(capsys):
 
 
 def test_eval_benchmark_reports_box_cost():
-    result = run("--mode", "eval", "--protocol", "both", "--no-amp", "--attn-impl", "naive")
+    result = run("--mode", "eval", "--eval-protocol", "both", "--no-amp", "--attn-impl", "naive")
     assert (result["mode"], result["protocol"], result["precision"], result["attn_impl"]) == (
         "eval", "both", "fp32", "naive")
     assert result["images_per_second"] > 0 and result["box_ms_per_image"] > 0
     assert result["thresholds"] == [0.3, 0.35, 0.4, 0.45]
     assert result["wsol_box_ms_per_image"] > 0  # the 100 map thresholds' cost (docs/performance.md's wsol row)
-    wsol = run("--mode", "eval", "--protocol", "wsol")
+    wsol = run("--mode", "eval", "--protocol", "wsol")  # the former name still read
     assert "box_ms_per_image" not in wsol and wsol["wsol_box_ms_per_image"] > 0  # each protocol's own cost
     sat = run("--mode", "eval", "--warmup", "0")
     assert sat["images_per_second"] > 0 and "wsol_box_ms_per_image" not in sat  # (no warm-up: 'no images accumulated')
@@ -86,7 +86,7 @@ def test_short_batches_count_the_images_they_hold(tmp_path):
 def test_benchmark_from_image_files(tmp_path, mode, pipeline):
     root = make_demo_dataset(tmp_path / "cub", num_classes=3, train_per_class=2, test_per_class=2, image_size=64)
     result = run("--mode", mode, "--data-root", str(root), "--workers", "1", "--pipeline", pipeline,
-                 "--protocol", "both", "--tencrop")
+                 "--eval-protocol", "both", "--tencrop")
     assert (result["mode"], result["pipeline"], result["workers"], result["images_in_split"]) == (mode, pipeline, 1, 6)
     for key in ("images_per_second", "data_images_per_second", "step_images_per_second"):
         assert result[key] > 0, key

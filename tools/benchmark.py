@@ -94,8 +94,9 @@ def parse_args(argv=None):
                    help="bf16 autocast, as train.py --amp (default: fp32, as train.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model as the scripts' --compile does "
                    "(full batches; eval: full forwards)")
-    p.add_argument("--protocol", choices=("sat", "wsol", "both"), default="sat",
-                   help="eval mode: the evaluation protocol, as --eval-protocol of train.py / the evaluators")
+    p.add_argument("--eval-protocol", "--protocol", dest="protocol", choices=("sat", "wsol", "both"), default="sat",
+                   help="eval mode: the evaluation protocol, as train.py's and the evaluators' (--protocol: its "
+                   "former name)")
     p.add_argument("--tencrop", action="store_true", help="eval mode: ten-crop classification")
     p.add_argument("--thresholds", type=FIELDS["threshold"].parse, nargs="+", default=list(TRAIN_THRESHOLDS),
                    help="eval mode: the map thresholds searched, as train.py --eval-thresholds (default: its default)")
