@@ -30,7 +30,7 @@ from DataLoader.formats.folder import is_image_file  # noqa: E402
 from utils.boxes import centre_offset, coco_detections, crop_box_to_original, sat_boxes, sat_map  # noqa: E402
 from Model import build_model_from_checkpoint  # noqa: E402
 from Model.build import square_img_size  # noqa: E402
-from utils.config import FIELDS, SCRIPTS, OneLineParser, at_least, script_defaults  # noqa: E402
+from utils.config import EVALUATOR_BATCH, FIELDS, SCRIPTS, OneLineParser, at_least, script_defaults  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
 from utils.outputs import (PARTIAL, FolderLock, Staged, check_output_file, partial_name,  # noqa: E402
@@ -174,7 +174,8 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the predictions --output-dir holds (predictions.json and its overlays) and "
                              "an earlier --save-boxes file; without it they are refused")
-    parser.add_argument("--eval-batch-size", type=at_least(1), default=16, help="images per forward (default 16)")
+    parser.add_argument("--eval-batch-size", type=at_least(1), default=EVALUATOR_BATCH,
+                        help="images per batch, as the evaluators' (default %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--save-boxes", metavar="FILE", help="also write the boxes as a COCO-format detection file")
     parser.add_argument("--overlay-blocks", action="store_true",
