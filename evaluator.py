@@ -347,8 +347,11 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
     if not whole_image and info.is_main and not (Path(args.maps) / VIEW_FILE).is_file():
         _logger.warning("--maps %s: a sat/ folder without the %s that --save-maps writes beside it; its maps are "
                         "read as SAT's raw maps of the centre %d crop of %dx%d (whole-image maps of another method go "
-                        "in %s itself, each protocol taking them through its own view)", args.maps, VIEW_FILE,
-                        views.img_size, views.resize_size, views.resize_size, args.maps)
+                        "in %s itself, each protocol taking them through its own view); maps of another view (an "
+                        "earlier version's --save-scoremaps or --save-maps of a model of another input size): write "
+                        "%s beside sat/, e.g. {\"img_size\": 128, \"resize_size\": 144} (the model's input and resize "
+                        "sizes)", args.maps, VIEW_FILE, views.img_size, views.resize_size, views.resize_size, args.maps,
+                        Path(args.maps) / VIEW_FILE)
     loader = map_loader(dataset, views, overlay_count(args), args.eval_batch_size, args.workers, info.distributed)
     sat = includes_sat(protocol)
     scored = {"sat": "GT-known Loc and IoU30/50/70", "wsol": "the wsol metrics",

@@ -333,3 +333,30 @@ def test_a_comparison_that_fails_to_write_leaves_the_previous_one(runs, tmp_path
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: could not write {out}: no space left on the device\n"
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # the previous comparison, whole
+
+
+def test_a_training_run_of_an_earlier_version_is_read_in_this_versions_form(tmp_path):
+    """An earlier version's results.json reported the numbers at best_threshold (no threshold key, no eval_protocol;
+    later a best_threshold record) and its config.yaml has test_tencrop / save_images: its Top-1 Loc at 0.6 sat in
+    one row with another run's at 0.4 without a note, and the renamed keys were told as settings that differ."""
+    from utils.config import parse_config, save_config
+    folders = []
+    for name, results in (("old", {"best_threshold": 0.6, "top1_loc": 28.0, "gt_known_loc": 43.0}),
+                          ("mid", {"threshold": 0.4, "eval_protocol": "sat", "top1_loc": 13.0, "gt_known_loc": 23.0,
+                                   "best_threshold": {"threshold": 0.6, "top1_loc": 28.0, "gt_known_loc": 43.0}})):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_config(parse_config(["--output-dir", str(folder), "--no-tencrop"], "train"), folder / "config.yaml")
+        if name == "old":
+            text = (folder / "config.yaml").read_text()
+            (folder / "config.yaml").write_text(text.replace("\ntencrop:", "\ntest_tencrop:"))
+        (folder / "results.json").write_text(json.dumps({"split": "test", "num_images": 100, "tencrop": False,
+                                                         **results}))
+        folders.append(str(folder))
+    record = compare_main([*folders, "--output-dir", str(tmp_path / "out")])
+    assert record["metrics"]["threshold"] == {"old": 0.6, "mid": 0.4}
+    assert record["metrics"]["best_threshold"] == {"old": 0.6, "mid": 0.6}
+    assert record["metrics"]["at_best_threshold.top1_loc"] == {"old": None, "mid": 28.0}
+    assert "the runs' sat numbers come from different settings (old: img_size 128, resize_size 144, tencrop False, " \
+           "threshold 0.6; mid: img_size 128, resize_size 144, tencrop False, threshold 0.4)" in record["notes"][-1]
+    assert not [note for note in record["notes"] if "settings differ (config.yaml)" in note]

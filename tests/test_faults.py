@@ -716,3 +716,35 @@ def test_a_failed_run_removes_only_the_folders_it_made(tmp_path, monkeypatch):
                 Path(output).mkdir(parents=True)
                 raise RuntimeError("the run failed")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "link"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_a_last_pth_of_an_earlier_version_resumes_or_is_one_line(data_root, finished_run, tmp_path, capsys):
+    """last.pth files of earlier versions (format_version 1 as now) hold one best record {'epoch', 'score',
+    'threshold'} (a TypeError traceback on resume) and a config without decay_tokens, whose optimizer did not decay
+    the tokens (a ValueError traceback from optimizer.load_state_dict under this version's default)."""
+    out = copy_run(finished_run, tmp_path)
+    last = out / "checkpoints" / "last.pth"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt["best"] = {"epoch": 1, "score": [20.0, 40.0], "threshold": 0.4}
+    del ckpt["config"]["drop_last"]  # the training loader dropped the last batch: the epochs now have more steps
+    torch.save(ckpt, last)
+    train.main(args(data_root, out, "--epochs", "2", "--resume"))
+    log = (out / "log.txt").read_text()
+    assert f"resume: {last} was written by an older version (one best record" in log
+    assert "resume: drop_last is not in the checkpoint's config (a key added since; the version that wrote it ran " \
+           "as True), now False" in log
+    assert epochs_logged(out) == [1, 2] and read_checkpoint(last)["best"]["best.pth"]["epoch"] == 2
+    out = tmp_path / "no_key"
+    shutil.copytree(finished_run, out)
+    last = out / "checkpoints" / "last.pth"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    del ckpt["config"]["decay_tokens"]  # its groups are this version's: with --no-decay-tokens they do not fit
+    torch.save(ckpt, last)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args(data_root, out, "--epochs", "2", "--resume"))
+    assert "the run was trained with decay_tokens False (now True; not in its config: the version that wrote it " \
+           "had no such key, give --no-decay-tokens)" in error_line(capsys.readouterr().err, exit_info)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args(data_root, out, "--epochs", "2", "--resume", "--no-decay-tokens"))
+    assert error_line(capsys.readouterr().err, exit_info).startswith(
+        f"error: --resume {last}: its optimizer state does not fit this run's optimizer (")

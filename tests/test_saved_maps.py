@@ -517,6 +517,10 @@ def test_a_sat_folder_without_its_views_file_is_said(cub, tmp_path, caplog):
     warning = f"--maps {tmp_path / 'maps'}: a sat/ folder without the views.json that --save-maps writes beside it"
     main([*common, "--output-dir", str(tmp_path / "out")])
     assert warning in caplog.text
+    # what to do with maps of another view (an earlier version's --save-scoremaps wrote sat/ without views.json)
+    assert f"maps of another view (an earlier version's --save-scoremaps or --save-maps of a model of another input " \
+           f"size): write {tmp_path / 'maps' / 'views.json'} beside sat/, e.g. {{\"img_size\": 128, " \
+           f"\"resize_size\": 144}} (the model's input and resize sizes)" in caplog.text
     caplog.clear()
     (tmp_path / "maps" / "views.json").write_text('{"img_size": 224, "resize_size": 256}')
     main([*common, "--output-dir", str(tmp_path / "out"), "--overwrite"])

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader.demo import DEFAULT_DEMO_ROOT  # noqa: E402
 from DataLoader.eval_views import default_resize_size  # noqa: E402
-from utils.config import OneLineParser, read_yaml_mapping, run_started_in  # noqa: E402
+from utils.config import FIELDS, RENAMED, OneLineParser, read_yaml_mapping, run_started_in  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
 from utils.outputs import FolderLock, Staged, previous_outputs, read_json  # noqa: E402
 from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noqa: E402
@@ -71,6 +71,9 @@ def training_record(folder):
     if not (folder / "config.yaml").is_file():
         raise DataError(f"{folder}: results.json without config.yaml (a training run's folder holds both)")
     config = read_yaml_mapping(folder / "config.yaml")
+    config = {RENAMED[key][0] if key in RENAMED and key not in FIELDS else key: value  # an earlier version's keys
+              for key, value in config.items()}
+    results = _current_results(results)
     img_size = config.get("img_size")
     data = {key: config.get(key) for key in ("data_format", "data_root", "metadata_root")}
     if data["data_root"] is None and data["data_format"] == "cub":  # the built-in demo data (train.py reads it)
@@ -80,6 +83,23 @@ def training_record(folder):
                  for key in ("data_root", "metadata_root") if data[key]})
     return {**results, **data, "img_size": img_size,
             "resize_size": config.get("resize_size") or (img_size and default_resize_size(img_size))}, config
+
+
+def _current_results(results):
+    """An earlier version's results.json in this version's form: without ``threshold``, its numbers were at its
+    ``best_threshold`` (the best of the thresholds on the test split); a ``best_threshold`` that is a record holds
+    the numbers of ``at_best_threshold`` and the threshold; without ``eval_protocol``, it reported the sat protocol."""
+    results = dict(results)
+    best = results.get("best_threshold")
+    if isinstance(best, dict):
+        best = dict(best)
+        results["best_threshold"] = best.pop("threshold", None)
+        results.setdefault("at_best_threshold", best)
+    elif "threshold" not in results and isinstance(best, (int, float)):
+        results["threshold"] = best
+    if "eval_protocol" not in results and "gt_known_loc" in results:  # the sat protocol's numbers alone
+        results["eval_protocol"] = "sat"
+    return results
 
 
 def _read_json(path, what):

@@ -432,7 +432,12 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
     fresh_groups = [{"weight_decay": group["weight_decay"], "initial_lr": group["initial_lr"]}
                     for group in optimizer.param_groups]
     if all(key in meta for key in TRAINING_STATE):
-        optimizer.load_state_dict(meta["optimizer"])
+        try:
+            optimizer.load_state_dict(meta["optimizer"])
+        except ValueError as err:  # parameter groups of another split than this run's optimizer
+            raise CheckpointError(f"--resume {path}: its optimizer state does not fit this run's optimizer ({err}): "
+                                  f"start a new run from its weights with --pretrained {path} in a new "
+                                  "--output-dir") from None
         scheduler.load_state_dict(meta["scheduler"])
         loss_scaler.load_state_dict(meta.get("scaler"))
         apply_settings(optimizer, scheduler, fresh_groups)
@@ -445,10 +450,17 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
         missing = [key for key in TRAINING_STATE if key not in meta]
         raise CheckpointError(f"{path} is not a training checkpoint of this project (no {', '.join(missing)}); "
                               "to start from its weights use --pretrained PATH")
+    if _legacy_best(meta.get("best")):
+        warn("resume: %s was written by an older version (one best record, no best_top1_loc.pth / "
+             "best_gt_known_loc.pth): this run's evaluations select its best checkpoints again", path)
+        meta["best"] = {}
     recorded, meta["changed"] = meta["config"], []
     for key, value in config_dict(cfg).items():
         if key not in recorded:
-            if value != FIELDS[key].default:
+            if key in LEGACY_VALUES and value != LEGACY_VALUES[key]:
+                warn("resume: %s is not in the checkpoint's config (a key added since; the version that wrote it "
+                     "ran as %r), now %r", key, LEGACY_VALUES[key], value)
+            elif key not in LEGACY_VALUES and value != FIELDS[key].default:
                 warn("resume: %s is not in the checkpoint's config (a key added since), now %r", key, value)
         elif not _same_setting(recorded[key], value) and not (key == "output_dir" and  # the run goes on in its folder
                                                               resumed_run(path) == Path(value).resolve()):
@@ -508,8 +520,17 @@ def _read_resumable(path, cfg, mmap=False):
     return ckpt
 
 
+def _legacy_best(best):
+    """Whether ``best`` is the record of the versions before the three best checkpoints: {'epoch', 'score',
+    'threshold'} of best.pth alone, not {file name: selection record}."""
+    return isinstance(best, dict) and "score" in best and not any(str(key).endswith(".pth") for key in best)
+
+
 # keys that make the parameter groups an optimizer's state is of: kept on resume from a file holding one
 OPTIMIZER_KEYS = ("trainable", "decay_tokens")
+# the value a key had in the versions that wrote checkpoints before the key existed (their config lacks it)
+LEGACY_VALUES = {"decay_tokens": False,  # the tokens and position embeddings were not decayed
+                 "drop_last": True}  # the training loader dropped the last, partial batch
 # keys a run keeps when resumed: the model's shape and meaning, and the global batch (the schedule counts its
 # optimizer steps; last.pth's position in an epoch is one of them); and OPTIMIZER_KEYS (not from a best*.pth)
 FIXED_ON_RESUME = ("arch", "img_size", "num_spatial_blocks", "batch_size", "images_per_class") + OPTIMIZER_KEYS
@@ -531,6 +552,9 @@ def check_unchanged(saved, cfg, path, optimizer_state=True):
     (and the seed of a few-shot subset, which picks its images), before its weights are loaded (another arch
     said as such, not as keys that differ); ``optimizer_state``: whether the file holds one to restore."""
     fixed = [key for key in FIXED_ON_RESUME if optimizer_state or key not in OPTIMIZER_KEYS]
+    unrecorded = {key: value for key, value in LEGACY_VALUES.items()  # the value of the version that wrote it
+                  if key in fixed and key not in saved and hasattr(cfg, key)}
+    saved = {**unrecorded, **saved}
     changed = [key for key in fixed if key in saved and saved[key] != getattr(cfg, key)]
     if saved.get("images_per_class") and "seed" in saved and saved["seed"] != cfg.seed:
         changed.append("seed")
@@ -540,7 +564,10 @@ def check_unchanged(saved, cfg, path, optimizer_state=True):
                    "the epochs are steps over that few-shot subset": {"images_per_class", "seed"},
                    "the optimizer's state is of those parameter groups": set(OPTIMIZER_KEYS)}
         why = "; ".join(reason for reason, keys in reasons.items() if keys & set(changed))
-        values = ", ".join(f"{key} {saved[key]} (now {getattr(cfg, key)})" for key in changed)
+        values = ", ".join(f"{key} {saved[key]} (now {getattr(cfg, key)}" +
+                           (f"; not in its config: the version that wrote it had no such key, give "
+                            f"--{'' if saved[key] else 'no-'}{key.replace('_', '-')})" if key in unrecorded else ")")
+                           for key in changed)
         raise ConfigError(f"--resume {path}: the run was trained with {values}, which a resumed run keeps ({why}): "
                           "resume with those values (--resume without --config reads the run's own config.yaml), or "
                           f"start a new run from its weights (all but the classifier head, which starts anew) with "
