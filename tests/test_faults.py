@@ -727,9 +727,11 @@ def test_a_last_pth_of_an_earlier_version_resumes_or_is_one_line(data_root, fini
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     ckpt["best"] = {"epoch": 1, "score": [20.0, 40.0], "threshold": 0.4}
     del ckpt["config"]["drop_last"]  # the training loader dropped the last batch: the epochs now have more steps
+    ckpt["config"]["test_tencrop"] = ckpt["config"].pop("tencrop")  # a key renamed since: compared under its name
     torch.save(ckpt, last)
     train.main(args(data_root, out, "--epochs", "2", "--resume"))
     log = (out / "log.txt").read_text()
+    assert "resume: tencrop" not in log  # it said 'tencrop is not in the checkpoint's config (a key added since)'
     assert f"resume: {last} was written by an older version (one best record" in log
     assert "resume: drop_last is not in the checkpoint's config (a key added since; the version that wrote it ran " \
            "as True), now False" in log

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader.demo import DEFAULT_DEMO_ROOT  # noqa: E402
 from DataLoader.eval_views import default_resize_size  # noqa: E402
-from utils.config import FIELDS, RENAMED, OneLineParser, read_yaml_mapping, run_started_in  # noqa: E402
+from utils.config import OneLineParser, current_keys, read_yaml_mapping, run_started_in  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
 from utils.outputs import FolderLock, Staged, previous_outputs, read_json  # noqa: E402
 from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noqa: E402
@@ -71,8 +71,7 @@ def training_record(folder):
     if not (folder / "config.yaml").is_file():
         raise DataError(f"{folder}: results.json without config.yaml (a training run's folder holds both)")
     config = read_yaml_mapping(folder / "config.yaml")
-    config = {RENAMED[key][0] if key in RENAMED and key not in FIELDS else key: value  # an earlier version's keys
-              for key, value in config.items()}
+    config = current_keys(config)  # an earlier version's keys under their names now
     results = _current_results(results)
     img_size = config.get("img_size")
     data = {key: config.get(key) for key in ("data_format", "data_root", "metadata_root")}

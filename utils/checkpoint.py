@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from utils import distributed as dist_utils
-from utils.config import FIELDS, RESUMED_LINE, config_dict, resumed_run
+from utils.config import FIELDS, RESUMED_LINE, config_dict, current_keys, resumed_run
 from utils.errors import CheckpointError, ConfigError
 from utils.outputs import mode_as_opened
 
@@ -454,7 +454,7 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
         warn("resume: %s was written by an older version (one best record, no best_top1_loc.pth / "
              "best_gt_known_loc.pth): this run's evaluations select its best checkpoints again", path)
         meta["best"] = {}
-    recorded, meta["changed"] = meta["config"], []
+    recorded, meta["changed"] = current_keys(meta["config"]), []
     for key, value in config_dict(cfg).items():
         if key not in recorded:
             if key in LEGACY_VALUES and value != LEGACY_VALUES[key]:

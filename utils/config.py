@@ -368,6 +368,12 @@ RENAMED = {
 }
 
 
+def current_keys(config):
+    """An earlier version's recorded config (a run's config.yaml, a checkpoint's) with the keys renamed since under
+    their names now (training's batch_size stays: RENAMED's is the evaluators' flag)."""
+    return {RENAMED[key][0] if key in RENAMED and key not in FIELDS else key: value for key, value in config.items()}
+
+
 def keys_of(script):
     """The keys ``script`` takes (as flags and, by section, from a config file)."""
     return [key for key, field in FIELDS.items() if script in field.scripts]
