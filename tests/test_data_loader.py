@@ -265,15 +265,9 @@ def test_loader_workers_share_the_training_items():
 
 
 # the head of the scripts below: the repository importable, and a dataset of 8 numbers
-NUMBERS = """sys.path.insert(0, {root!r})
+NUMBERS = """sys.path[:0] = [{root!r}, {root!r} + "/tests"]
 from DataLoader.loader import BatchLoader
-
-class Numbers:
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, index):
-        return {{"label": index}}
+from loader_numbers import Numbers  # importable by workers started by spawn, unlike a class of a -c script
 """
 
 EXIT_WITH_LIVE_WORKERS = """
@@ -348,7 +342,8 @@ def test_workers_left_running_are_shut_down_at_exit():
 
 
 SIGNAL_WHILE_WORKERS_START = """
-import os, signal, sys
+import multiprocessing, os, signal, sys
+multiprocessing.set_start_method("fork", force=True)  # the hooks after a fork (macOS's default, spawn, has none)
 signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background job may start with SIGINT ignored)
 {numbers}from utils.preemption import StopAtOnce
 

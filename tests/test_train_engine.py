@@ -330,3 +330,13 @@ def test_resume_from_a_best_file_puts_the_cosine_schedule_at_its_epoch(tmp_path)
             LossScaler("cpu"), steps_per_epoch=5)
     assert scheduler.last_epoch == 10
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([5.05e-5] * len(optimizer.param_groups))
+
+
+def test_train_one_epoch_refuses_mps_in_one_line_before_training():
+    """A Mac user's DeiT-style call with device "mps" (the scripts' --device refuses it): one ConfigError naming the
+    device, before the model is touched, not torch's error deep inside (Meters' float64 sums: MPS has none)."""
+    model = make_model().eval()
+    with pytest.raises(ConfigError, match=r"^train_one_epoch: device mps is not supported .*'cpu' or 'cuda'"):
+        train_one_epoch(model, SATLoss(0.25), batches(1, 2), build_optimizer(model, 1e-3, 0.05), "mps", 0,
+                        LossScaler("cpu"), progress=False)
+    assert not model.training

@@ -119,6 +119,9 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
     optimizer steps already done) / ``meters_state`` continue an epoch resumed in its middle;
     ``on_step(steps_done, meters)`` runs after each step (mid-epoch checkpoints, stops). Returns the epoch's
     averages over the processes (metrics.jsonl's train_* keys, docs/training.md)."""
+    if torch.device(device).type == "mps":  # Meters' float64 sums (MPS has no float64) failed deep in torch
+        raise ConfigError("train_one_epoch: device mps is not supported (its running sums are float64, which MPS "
+                          "lacks); train on 'cpu' or 'cuda', as the scripts' --device does")
     model.train()
     done = steps_done * accum_steps  # micro-batches of the epoch before this call
     num_batches = done + len(loader)
