@@ -75,6 +75,9 @@ def test_threshold_outside_unit_interval_is_rejected(tmp_path, capsys):
         run_cli(predict_main, ["--checkpoint", "unused.pth", "--threshold", "1.5", str(tmp_path)])
     assert exit_info.value.code == 2  # one line, no usage
     assert capsys.readouterr().err == "error: --threshold: expected a number in [0, 1], got '1.5'\n"
+    with pytest.raises(SystemExit):  # as the scripts say it (it was argparse's "invalid choice: 'mps' (choose ...")
+        run_cli(predict_main, ["--checkpoint", "unused.pth", "--device", "mps", str(tmp_path)])
+    assert capsys.readouterr().err == "error: --device: expected one of auto, cuda, cpu, got 'mps'\n"
 
 
 def test_a_non_square_checkpoint_is_refused_in_one_line(tmp_path, capsys):

@@ -176,7 +176,8 @@ def main(argv=None):
                              "an earlier --save-boxes file; without it they are refused")
     parser.add_argument("--eval-batch-size", type=at_least(1), default=EVALUATOR_BATCH,
                         help="images per batch, as the evaluators' (default %(default)s)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", type=FIELDS["device"].parse, help=FIELDS["device"].help,
+                        metavar="{" + ",".join(FIELDS["device"].choices) + "}")
     parser.add_argument("--save-boxes", metavar="FILE", help="also write the boxes as a COCO-format detection file")
     parser.add_argument("--overlay-blocks", action="store_true",
                         help="also write <image>_blocks.png: the map of each spatial-aware block and the fused map "
