@@ -188,6 +188,24 @@ def test_a_relative_path_of_a_run_started_elsewhere_names_that_folder(tmp_path, 
     assert train("--resume", last).data_root == "mydata"
 
 
+def test_a_relative_pretrained_path_of_a_run_started_elsewhere_is_not_refused_on_resume(tmp_path, monkeypatch):
+    """A resumed checkpoint's run reads no pretrained weights (train.py: only a run that starts anew): its
+    config.yaml's relative pretrained path, found only from where the run was started, was refused all the same."""
+    started, elsewhere = tmp_path / "A", tmp_path / "B"
+    (started / "runs" / "r1" / "checkpoints").mkdir(parents=True)
+    (started / "deit.pth").write_bytes(b"")
+    elsewhere.mkdir()
+    config = started / "runs" / "r1" / "config.yaml"
+    config.write_text("output_dir: runs/r1\npretrained: deit.pth\n")
+    last = started / "runs" / "r1" / "checkpoints" / "last.pth"
+    last.write_bytes(b"")
+    monkeypatch.chdir(elsewhere)
+    assert train("--resume", str(last)).pretrained == "deit.pth"
+    assert train("--resume", "--output-dir", str(started / "runs" / "r1")).pretrained == "deit.pth"
+    with pytest.raises(ConfigError, match=r"^pretrained: deit.pth \(config file .*\) is relative to "):
+        train("--config", str(config))  # a new run reads them
+
+
 def test_resume_naming_a_run_folder_is_one_line_before_the_data_is_read(tmp_path):
     """--resume RUN (the folder, not its checkpoint) read no config.yaml: the run took the defaults' config, read
     (or generated) the demo data and built the model before 'checkpoint RUN: a folder, not a checkpoint file'."""

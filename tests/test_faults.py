@@ -716,6 +716,10 @@ def test_a_failed_run_removes_only_the_folders_it_made(tmp_path, monkeypatch):
                 Path(output).mkdir(parents=True)
                 raise RuntimeError("the run failed")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "link"] and not any((tmp_path / "kept").iterdir())
+        # FolderLock's empty folders (a job refused at its start) by the same rule: it took new/.. and kept for
+        # folders it made, removed the user's kept/ and left new/
+        FolderLock(output, "train.py").acquire().release()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "link"] and not any((tmp_path / "kept").iterdir())
 
 
 def test_a_last_pth_of_an_earlier_version_resumes_or_is_one_line(data_root, finished_run, tmp_path, capsys):

@@ -613,3 +613,18 @@ def test_epoch_log_line_names_the_metrics_as_the_tables_and_json_do(caplog):
     assert lines[0] == "epoch 1 test: Top-1 Loc 10.00  GT-known Loc 20.00  Top-1 Cls 30.00  (at best_threshold 0.35 " \
                        "of eval_thresholds)  MaxBoxAccV2 40.00"
     assert lines[2] == "epoch 1 test: PxAP 50.00  Top-1 Cls 30.00"
+
+
+def test_resume_of_a_file_that_is_not_a_training_checkpoint_is_refused_before_the_log(tmp_path):
+    """An official release file (epoch 30, no optimizer or config) was told '30 epochs done, more than --epochs 1
+    ... --epochs 30 runs its final test again' (which then refused it), and with --epochs 31 was refused only once
+    the data was read and the model built (left <output_dir>/log.txt): now one line, nothing written, data unread."""
+    from test_model import official_format_file
+    path = official_format_file(build_model("deit_sat_nano_patch16_224", num_classes=2, img_size=64),
+                                tmp_path / "best_loc.pth.tar")
+    out = tmp_path / "run"
+    for epochs in ("1", "31"):
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))} is not a training checkpoint of this "
+                           r"project \(no optimizer, scheduler, config, best\); to start from its weights use "):
+            main(args(str(tmp_path / "no_data"), out, "--epochs", epochs, "--resume", str(path)))
+        assert not out.exists()

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from utils import distributed as dist_utils
-from utils.config import FIELDS, RESUMED_LINE, config_dict, current_keys, resumed_run
+from utils.config import FIELDS, RESUMED_LINE, config_dict, current_keys, resume_file, resumed_run
 from utils.errors import CheckpointError, ConfigError
 from utils.outputs import mode_as_opened
 
@@ -274,15 +274,11 @@ def set_rng_state(state):
 
 def resume_path(cfg, checkpoint_dir):
     """The checkpoint to resume from, or None (``--resume`` without a path and no last.pth yet)."""
-    if cfg.resume is None:
+    path = resume_file(cfg.resume, checkpoint_dir.parent)
+    if cfg.resume == "auto" and not path.is_file():
+        _logger.info("--resume: no %s yet, starting from scratch", path)
         return None
-    if cfg.resume == "auto":
-        path = checkpoint_dir / "last.pth"
-        if not path.is_file():
-            _logger.info("--resume: no %s yet, starting from scratch", path)
-            return None
-        return path
-    return Path(cfg.resume)
+    return path
 
 
 # what a checkpoint needs to continue a run: last.pth holds them all (best*.pth: no optimizer, scheduler or best)
@@ -441,15 +437,11 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
         scheduler.load_state_dict(meta["scheduler"])
         loss_scaler.load_state_dict(meta.get("scaler"))
         apply_settings(optimizer, scheduler, fresh_groups)
-    elif {"epoch", "config", "selection"} <= set(meta):
+    else:  # a best*.pth (_read_resumable refused other files)
         warn("resume from %s: its weights after epoch %d; it holds no optimizer state: AdamW's moments "
              "start again from zero", path, meta["epoch"])
         set_schedule(optimizer, scheduler, meta["epoch"] * steps_per_epoch)
         meta["best"] = best_of_run(path.parent, meta["epoch"])
-    else:
-        missing = [key for key in TRAINING_STATE if key not in meta]
-        raise CheckpointError(f"{path} is not a training checkpoint of this project (no {', '.join(missing)}); "
-                              "to start from its weights use --pretrained PATH")
     if _legacy_best(meta.get("best")):
         warn("resume: %s was written by an older version (one best record, no best_top1_loc.pth / "
              "best_gt_known_loc.pth): this run's evaluations select its best checkpoints again", path)
@@ -494,23 +486,29 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
 
 def check_resumable(cfg, checkpoint_dir):
     """The checks of :func:`restore` that need neither data nor model, made before the run opens its log and
-    reads its data: a --resume file that does not load, of another model or batch size, or of more epochs than
-    --epochs, is refused in one line with nothing written (it was refused once ImageNet had been listed)."""
-    path = checkpoint_dir / "last.pth" if cfg.resume == "auto" else cfg.resume and Path(cfg.resume)
+    reads its data: a --resume file that does not load, that is not a training checkpoint, of another model or
+    batch size, or of more epochs than --epochs, is refused in one line with nothing written (it was refused once
+    ImageNet had been listed)."""
+    path = resume_file(cfg.resume, checkpoint_dir.parent)
     if path and (path.is_file() or cfg.resume != "auto"):
         _read_resumable(path, cfg, mmap=True)
 
 
 def _read_resumable(path, cfg, mmap=False):
     """The checkpoint ``path`` read for a resume with ``cfg``: one line when it does not load (naming the newest
-    of its folder that does), when it is of this project's training and ``cfg`` changes what a resumed run keeps
-    (:func:`check_unchanged`), or when it has more epochs done than ``cfg.epochs``."""
+    of its folder that does), when it is not a checkpoint of this project's training (last.pth or a best*.pth),
+    when ``cfg`` changes what a resumed run keeps (:func:`check_unchanged`), or when it has more epochs done than
+    ``cfg.epochs``."""
     try:
         ckpt = read_checkpoint(path, mmap=mmap)
     except CheckpointError as err:
         if not path.is_file():
             raise
         raise CheckpointError(f"--resume: {err}; {_instead(path)}") from None
+    if not all(key in ckpt for key in TRAINING_STATE) and not {"epoch", "config", "selection"} <= set(ckpt):
+        missing = [key for key in TRAINING_STATE if key not in ckpt]  # neither last.pth nor a best*.pth
+        raise CheckpointError(f"{path} is not a training checkpoint of this project (no {', '.join(missing)}); "
+                              "to start from its weights use --pretrained PATH")
     if isinstance(ckpt.get("config"), dict) and "arch" in ckpt:  # a checkpoint of this project's training
         check_unchanged(ckpt["config"], cfg, path, optimizer_state="optimizer" in ckpt)
     if isinstance(ckpt.get("epoch"), int) and ckpt["epoch"] > cfg.epochs:  # before config.yaml says otherwise

@@ -720,16 +720,27 @@ def run_started_in(folder, output_dir):
 def _check_relative_paths(read, from_file, config, cli):
     """A relative path of a run's config.yaml (a --resume or --config of a run started in another folder) names a
     path from the folder the run was started in: refused in one line naming that folder when it is not found from
-    here and is from there (the output folder is the run's own: read_config)."""
+    here and is from there (the output folder is the run's own: read_config; pretrained weights are not read when
+    a checkpoint is resumed)."""
     started = run_started_in(Path(config).parent, read.get("output_dir"))
     if started == "." or Path(started) == Path.cwd():
         return
+    resumed = resume_file(cli.get("resume"), Path(config).parent)
+    unread = {"output_dir", *(["pretrained"] if resumed and resumed.is_file() else [])}
     for key, value in read.items():
-        if key != "output_dir" and FIELDS[key].path and key not in cli and isinstance(value, str) and \
+        if key not in unread and FIELDS[key].path and key not in cli and isinstance(value, str) and \
                 not os.path.isabs(value) and not os.path.exists(value) and os.path.exists(os.path.join(started, value)):
             raise ConfigError(f"{key}: {value} (config file {from_file[key]}) is relative to {started}, where the "
                               f"run was started, and not found from this folder ({os.getcwd()}): run from {started}, "
                               f"or give --{key.replace('_', '-')} {os.path.join(started, value)}")
+
+
+def resume_file(resume, output_dir):
+    """The checkpoint a --resume continues from: ``<output_dir>/checkpoints/last.pth`` for a plain --resume
+    ('auto'), else its PATH; None without --resume."""
+    if resume is None:
+        return None
+    return Path(output_dir) / "checkpoints" / "last.pth" if resume == "auto" else Path(resume)
 
 
 def resumed_run(resume):

@@ -153,6 +153,17 @@ def removed_if_failed(*folders):
     """Context manager: when the block fails, remove each of ``folders`` and those of their parents that did not
     exist before it, where they are empty, so that a failed run leaves no new folder behind (one that existed, or
     one holding a file, stays)."""
+    new = missing_folders(*folders)
+    try:
+        yield
+    except BaseException:
+        remove_empty(new)
+        raise
+
+
+def missing_folders(*folders):
+    """The folders that creating each of ``folders`` (with its parents) would make, by their real paths, the
+    deepest first."""
     new = set()
     for folder in folders:
         path, below = Path(folder).absolute(), []
@@ -166,15 +177,16 @@ def removed_if_failed(*folders):
             path = path.parent if name == ".." else path / name
             if not os.path.lexists(path):
                 new.add(path)
-    try:
-        yield
-    except BaseException:
-        for path in sorted(new, key=lambda p: len(p.parts), reverse=True):  # the deepest first
-            try:
-                path.rmdir()
-            except OSError:  # not empty, or not there
-                pass
-        raise
+    return sorted(new, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_empty(folders):
+    """Remove each of ``folders`` that is empty (one holding a file, or not there, stays)."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:  # not empty, or not there
+            pass
 
 
 class Staged:
@@ -250,7 +262,7 @@ class FolderLock:
         if self.fd is not None:
             return self
         check_output_folder(self.path.parent)
-        self.created = [folder for folder in (self.path.parent, *self.path.parent.parents) if not folder.exists()]
+        self.created = missing_folders(self.path.parent)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -312,11 +324,7 @@ class FolderLock:
                     pass         # stays, unlocked (closing frees the lock), and the next job takes it
             os.close(self.fd)
             self.fd, self.line = None, None
-            for folder in self.created:
-                try:
-                    folder.rmdir()
-                except OSError:  # not empty (the job's outputs, or another job's lock file): kept
-                    break
+            remove_empty(self.created)  # (a folder holding the job's outputs or another job's lock file stays)
             self.created = []
 
     def __enter__(self):
