@@ -35,7 +35,7 @@ from utils.distributed import all_gather_object, cleanup, init_distributed, run_
 from utils.config import parse_config
 from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
 from utils.errors import CheckpointError, ConfigError, DataError, echoed, run_cli, writing_outputs
-from utils.logger import close_logging, log_error, setup_logging
+from utils.logger import LOG_FILE_ONLY, close_logging, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
 from utils.preemption import ignore_stop_signals, signals_held, stopped_as_said, work_complete
 from utils.outputs import (EVALUATION_FILES, FolderLock, Staged, check_output_file, partial_name,
@@ -431,10 +431,11 @@ def write_outputs(args, output_dir, previous, record, rows, curves, class_names)
     if args.save_boxes:
         _logger.info("COCO-format boxes written to %s%s", args.save_boxes,
                      "" if protocol != "cls" else " (predictions: the data has no boxes to score them against)")
-    if "per_class" in record:
+    if "per_class" in record:  # a line per class (200 for CUB, 1000 for ImageNet): log.txt alone
         _logger.info("per class (sat protocol, threshold %g):\n%s", args.threshold,
-                     format_per_class(record["per_class"]))
-    _logger.info("metrics written to %s", output_dir / "metrics.json")
+                     format_per_class(record["per_class"]), extra=LOG_FILE_ONLY)
+    _logger.info("metrics written to %s%s", output_dir / "metrics.json",
+                 f"; the per-class table to {output_dir / 'log.txt'}" if "per_class" in record else "")
 
 
 PER_IMAGE_COLUMNS = ("image_id", "label", "top5", "score", "box_crop", "box_original", "iou", "cls_correct",

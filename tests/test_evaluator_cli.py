@@ -200,7 +200,7 @@ def _read_per_image(path):
         return list(csv.DictReader(f))
 
 
-def test_per_image_csv_recomputes_the_summary_exactly(cub, tmp_path):
+def test_per_image_csv_recomputes_the_summary_exactly(cub, tmp_path, capsys):
     root, checkpoint = cub
     out = tmp_path / "out"
     record = main(["--data-root", str(root), "--checkpoint", str(checkpoint), "--output-dir", str(out),
@@ -237,6 +237,10 @@ def test_per_image_csv_recomputes_the_summary_exactly(cub, tmp_path):
     assert [c["num_images"] for c in per_class.values()] == [4, 4, 4]
     assert sum(c["top1_cls"] for c in per_class.values()) / 3 == pytest.approx(record["top1_cls"])
     assert "GT-known Loc" in (out / "log.txt").read_text().split("per class")[1]
+    # the table goes to log.txt alone: a line per class (1000 for ImageNet) scrolled the summary off the console
+    console = capsys.readouterr().out
+    assert "001.Ringed_Disc" not in console and "GT-known Loc" in console
+    assert console.rstrip().endswith(f"the per-class table to {out / 'log.txt'}")
 
 
 def test_class_subset_and_foreign_classes(cub, tmp_path, caplog, keep_logging):

@@ -12,6 +12,8 @@ from utils.errors import SATError, output_error, user_message, writing_outputs
 from utils.outputs import write_text_atomic
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
+# ``extra=`` of a record for log.txt alone (a long table that would scroll the console's summary away)
+LOG_FILE_ONLY = {"log_file_only": True}
 
 
 # The root logger's level before setup_logging set it, given back by close_logging (None: not set by us).
@@ -90,6 +92,7 @@ def setup_logging(output_dir, is_main=True, rank=0, log_file=True):
     _level_before = root.level
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter(FORMAT if is_main else f"[rank {rank}] {FORMAT}", "%H:%M:%S"))
+    console.addFilter(lambda record: not getattr(record, "log_file_only", False))
     _add(console)
     if is_main:
         if log_file:
