@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from utils.errors import ConfigError
+from utils.outputs import write_text_atomic
 
 DEFAULT_DEMO_ROOT = Path(__file__).resolve().parents[1] / "data" / "demo_cub"
 MANIFEST = "demo_manifest.json"
@@ -126,7 +127,7 @@ def make_demo_dataset(root=DEFAULT_DEMO_ROOT, num_classes=5, train_per_class=50,
     params = {"generator": GENERATOR, "num_classes": num_classes, "train_per_class": train_per_class,
               "test_per_class": test_per_class, "image_size": image_size, "seed": seed}
     manifest = root / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text(encoding="utf-8")) == params and _complete(root):
+    if manifest.is_file() and _read_manifest(manifest) == params and _complete(root):
         return root
     manifest.unlink(missing_ok=True)
 
@@ -149,5 +150,14 @@ def make_demo_dataset(root=DEFAULT_DEMO_ROOT, num_classes=5, train_per_class=50,
     for name, lines in (("images.txt", images), ("image_class_labels.txt", labels),
                         ("train_test_split.txt", splits), ("bounding_boxes.txt", boxes)):
         _write_lines(root / name, lines)
-    manifest.write_text(json.dumps(params, indent=1), encoding="utf-8")
+    write_text_atomic(manifest, json.dumps(params, indent=1))
     return root
+
+
+def _read_manifest(path):
+    """The manifest's parameters, or None for one that is not JSON (an earlier version's, written in place, cut
+    short by a kill): the folder is generated again."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None

@@ -30,7 +30,7 @@ def test_train_benchmark_with_naive_baseline(capsys):
 
 def test_eval_benchmark_reports_box_cost():
     result = run("--mode", "eval", "--eval-protocol", "both", "--no-amp", "--attn-impl", "naive")
-    assert (result["mode"], result["protocol"], result["precision"], result["attn_impl"]) == (
+    assert (result["mode"], result["eval_protocol"], result["precision"], result["attn_impl"]) == (
         "eval", "both", "fp32", "naive")
     assert result["images_per_second"] > 0 and result["box_ms_per_image"] > 0
     assert result["thresholds"] == [0.3, 0.35, 0.4, 0.45]

@@ -176,6 +176,20 @@ def test_folder_without_metrics_is_one_error_line(tmp_path, runs, capsys):
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'empty' / 'metrics.json'}: not valid JSON (")
 
 
+def test_a_training_run_without_its_final_test_is_said_to_be_one(tmp_path, runs, capsys):
+    """a train.py folder whose run stopped (a NaN loss, a time limit) or runs still: it was "no metrics.json
+    (expected an evaluator output folder)", as if it were not a training run"""
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text("arch: deit_sat_nano_patch16_224\n")
+    (stopped / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.5}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(compare_main, [str(runs[0]), str(stopped), "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: {stopped}: a training run without results.json (its final test): "
+                                       "the run has not finished, or stopped before it (its log.txt says why)\n")
+
+
 def test_training_run_folders_are_compared_by_their_final_test_and_settings(tmp_path, runs, capsys):
     """A sweep's train.py folders (results.json and config.yaml, no metrics.json) were refused: their final tests
     are tabulated with an evaluator's run, and the settings the training runs differ in are named."""

@@ -41,6 +41,18 @@ def test_half_written_folder_is_regenerated(tmp_path):
     assert snapshot(root) == files
 
 
+def test_a_manifest_cut_short_is_regenerated(tmp_path):
+    """a kill while the manifest was written (in place) left it empty: every later run ended in a
+    JSONDecodeError traceback instead of generating the folder again"""
+    root = make_demo_dataset(tmp_path / "demo", **SMALL)
+    files = snapshot(root)
+    for text in ("", '{"generator": '):
+        (root / MANIFEST).write_text(text)
+        assert make_demo_dataset(root, **SMALL) == root
+        assert snapshot(root) == files
+    assert not [p.name for p in root.iterdir() if p.name.endswith(".tmp")]  # (written through a temporary file)
+
+
 def test_reads_back_as_cub_with_tight_boxes(tmp_path):
     root = make_demo_dataset(tmp_path / "demo", **SMALL)
     train, test = build_dataset("cub", root, "train"), build_dataset("cub", root, "test")

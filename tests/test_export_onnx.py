@@ -102,6 +102,29 @@ def test_a_stopped_export_leaves_nothing_and_says_so(tmp_path, monkeypatch, capl
         in caplog.text
 
 
+def test_nan_outputs_fail_the_check_and_write_nothing(tmp_path, monkeypatch, capsys):
+    """|ONNX - PyTorch| is NaN where the model outputs NaN (weights that overflow): NaN > --atol is False, so the
+    export was written and its JSON line held "logits": NaN (refused by strict JSON parsers)."""
+    import tools.export_onnx as export
+    from test_evaluation import save_nano_checkpoint
+    checkpoint, output = save_nano_checkpoint(tmp_path / "nano.pth"), tmp_path / "x.onnx"
+
+    def stand_in(model, path, opset_version=None):  # (the real export takes seconds)
+        with open(path, "wb") as file:
+            file.write(b"onnx")
+
+    monkeypatch.setattr(export, "export_onnx", stand_in)
+    monkeypatch.setattr(export, "written_opset", lambda path: 18)
+    monkeypatch.setattr(export, "onnxruntime_max_abs_diff", lambda model, path: {"logits": float("nan"),
+                                                                                 "maps": 1e-7})
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--checkpoint", str(checkpoint), "--output", str(output)])
+    assert exit_info.value.code != 0 and capsys.readouterr().err == (
+        f"error: {output}: the model outputs NaN/Inf logits on the check batch (a checkpoint whose weights "
+        "overflow?); not written\n")
+    assert sorted(tmp_path.iterdir()) == [checkpoint]
+
+
 def test_a_full_disk_or_a_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, capsys):
     """A full disk while the file is written, an --output under a file: one line naming the file (tracebacks
     ending in OSError), the earlier .onnx left as it was."""

@@ -200,6 +200,24 @@ def test_no_readable_image_is_an_error(tmp_path, capsys):
     assert not any((tmp_path / "kept").iterdir())
 
 
+def test_a_model_giving_nan_scores_is_one_error_line_and_writes_no_nan(tmp_path, capsys):
+    """finite weights whose scores overflow: predictions.json held "score": NaN (refused by strict JSON parsers),
+    where the evaluators stop with one line naming the checkpoint"""
+    path = save_nano_checkpoint(tmp_path / "nano.pth")
+    state = torch.load(path, weights_only=False)
+    state["model"]["head.weight"] = state["model"]["head.weight"] * 3e38  # finite, the logits are not
+    save_checkpoint({key: value for key, value in state.items() if key != "format_version"}, path)
+    Image.new("RGB", (40, 30), (90, 120, 30)).save(tmp_path / "photo.png")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(predict_main, ["--checkpoint", str(path), "--device", "cpu", "--output-dir", str(tmp_path / "out"),
+                               str(tmp_path / "photo.png")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: checkpoint {path}: the model outputs NaN/Inf scores or maps for 1 image(s) of a batch, first "
+        f"{tmp_path / 'photo.png'}")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("num_spatial_blocks", [3, 1])
 def test_blocks_draws_each_spatial_aware_block_beside_the_fused_map(tmp_path, num_spatial_blocks):
     torch.manual_seed(0)

@@ -470,7 +470,7 @@ def benchmark(args):
         result.update(forward_images_per_second=round(forward_rate, 3),
                       eval_vs_forward=round((step_rate if args.data_root else result["images_per_second"])
                                             / forward_rate, 3))
-        result.update(protocol=args.protocol, tencrop=args.tencrop, thresholds=args.thresholds)
+        result.update(eval_protocol=args.protocol, tencrop=args.tencrop, thresholds=args.thresholds)
         if includes_sat(args.protocol):
             result.update(box_ms_per_image=round(box_ms_per_image(args.thresholds, args.img_size), 3))
         if includes_wsol(args.protocol):

@@ -57,6 +57,9 @@ class Run:
         if not (self.folder / "metrics.json").is_file() and (self.folder / "results.json").is_file():
             self.metrics, self.config = training_record(self.folder)
             return
+        if not (self.folder / "metrics.json").is_file() and (self.folder / "metrics.jsonl").is_file():
+            raise DataError(f"{self.folder}: a training run without results.json (its final test): the run has not "
+                            "finished, or stopped before it (its log.txt says why)")
         self.metrics = _read_json(self.folder / "metrics.json", "an evaluator output folder")
         curves = self.folder / "wsol_curves.json"
         self.curves = _read_json(curves, "the evaluator's wsol curves") if curves.is_file() else {}

@@ -14,6 +14,7 @@ only with --overwrite. Prints one JSON line.
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -98,6 +99,10 @@ def write_checked(model, output, args):
             raise SATError(f"{args.output}: the exporter wrote opset {opset}, not the --opset {args.opset} asked "
                            "for; not written")
         diff = onnxruntime_max_abs_diff(model, tmp)
+        nonfinite = [name for name, value in (diff or {}).items() if not math.isfinite(value)]
+        if nonfinite:  # (NaN > atol is False: such an export passed the check, its JSON line held NaN)
+            raise SATError(f"{args.output}: the model outputs NaN/Inf {' and '.join(nonfinite)} on the check batch "
+                           f"(a checkpoint whose weights overflow?); not written")
         if diff is not None and max(diff.values()) > args.atol:
             raise SATError(f"{args.output}: onnxruntime differs from PyTorch by {diff} (> --atol {args.atol}); "
                            "not written")

@@ -32,6 +32,7 @@ from Model import build_model_from_checkpoint  # noqa: E402
 from Model.build import square_img_size  # noqa: E402
 from utils.config import EVALUATOR_BATCH, FIELDS, SCRIPTS, OneLineParser, at_least, script_defaults  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
+from utils.engine import NonFiniteOutputError, check_finite  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
 from utils.outputs import (PARTIAL, FolderLock, Staged, check_output_file, partial_name,  # noqa: E402
                            previous_outputs, removed_if_failed)
@@ -246,6 +247,11 @@ def predict(args, model, paths, view, threshold, names, output_dir, staged, free
         with torch.inference_mode():
             outputs = model(views, return_block_maps=args.overlay_blocks)
         logits, maps = outputs[:2]
+        try:  # as the evaluators: NaN scores would be written as NaN, which strict JSON readers refuse
+            check_finite({"centre": (logits.float().cpu().numpy(), maps.float().cpu().numpy())},
+                         [str(path) for path, _ in chunk])
+        except NonFiniteOutputError as err:
+            raise DataError(f"checkpoint {args.checkpoint}: {err}") from None
         probs = logits.float().softmax(dim=1).cpu()
         top = probs.topk(min(5, model.num_classes), dim=1)
         for k, (path, image) in enumerate(chunk):
