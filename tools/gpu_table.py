@@ -444,6 +444,15 @@ TITLES = {"check": "GPU check: the input pipeline and evaluation where users run
           "record": "One-GPU record: `config/CUB_fast.yaml`"}
 
 
+def _write_atomic(path, text):
+    """``text`` into ``path`` whole or not at all (a kill leaves the previous file): a temporary file renamed.
+    (utils.outputs.write_text_atomic's rule; this tool runs before the project's requirements are checked, so it
+    imports nothing of the project.)"""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=("env", "check", "record"))
@@ -489,10 +498,9 @@ def main(argv=None):
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(table, encoding="utf-8")
-        out.with_suffix(".json").write_text(json.dumps({"env": env, "note": args.note,
-                                                        "rows": [asdict(r) for r in rows]}, indent=1) + "\n",
-                                            encoding="utf-8")
+        _write_atomic(out.with_suffix(".json"), json.dumps({"env": env, "note": args.note,
+                                                            "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+        _write_atomic(out, table)
     if args.final and all(row.value == "not run" for row in rows if row.what != SUITE):
         raise SystemExit(f"error: no row was measured: every run failed (their output: {runs}/*/stdout.txt, "
                          f"{runs}/*.err)")
