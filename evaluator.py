@@ -434,8 +434,12 @@ def write_outputs(args, output_dir, previous, record, rows, curves, class_names)
     if "per_class" in record:  # a line per class (200 for CUB, 1000 for ImageNet): log.txt alone
         _logger.info("per class (sat protocol, threshold %g):\n%s", args.threshold,
                      format_per_class(record["per_class"]), extra=LOG_FILE_ONLY)
-    _logger.info("metrics written to %s%s", output_dir / "metrics.json",
-                 f"; the per-class table to {output_dir / 'log.txt'}" if "per_class" in record else "")
+    written = [f"the per-class table to {output_dir / 'log.txt'}"] if "per_class" in record else []
+    if args.overlays:  # asked for: where they are, beside the metrics (the last line on screen)
+        written.append(f"the overlays to {output_dir / OVERLAYS}")
+    if args.save_maps:
+        written.append(f"the maps to {args.save_maps}")
+    _logger.info("metrics written to %s%s", output_dir / "metrics.json", "".join(f"; {what}" for what in written))
 
 
 PER_IMAGE_COLUMNS = ("image_id", "label", "top5", "score", "box_crop", "box_original", "iou", "cls_correct",

@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -415,6 +416,12 @@ def build_training_model(cfg, num_classes, info, micro_batch, pretrained):
     model.to(info.device)
     train_model = model
     if info.distributed:
+        # a process's batch of one image (a skipped unreadable image, a last partial batch, a global batch of one
+        # per process) leaves the class and spatial tokens' gradients as views into the token sequence's, with
+        # strides DDP's buckets do not share: DDP copies them (a few hundred values) and torch says so in a
+        # multi-line UserWarning per process that breaks into the progress bar; nothing for the user to do
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides",
+                                category=UserWarning)
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if cfg.compile:

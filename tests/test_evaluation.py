@@ -353,3 +353,15 @@ def test_tencrop_scores_are_the_mean_of_the_ten_softmaxes_and_the_map_the_centre
     p = 1 / (1 + np.exp(-1.0))  # softmax([0, 1])[1]
     np.testing.assert_allclose(scores, [[(1 + 9 * (1 - p)) / 10, 9 * p / 10]], rtol=1e-6)
     assert (maps == 4).all()
+
+
+def test_the_eval_progress_bar_is_cleared_when_done(capsys):
+    """The eval bar leaves no finished line on the terminal (training evaluates each epoch: one left-over
+    'eval: 100%' line per epoch among its log lines); the line after it says how the evaluation went."""
+    model = nano_model(num_classes=2)
+    batch = {"image": torch.randn(2, 3, 64, 64), "label": torch.tensor([0, 1]),
+             "boxes": [torch.tensor([[4.0, 4.0, 40.0, 40.0]])] * 2, "size": [(64, 64)] * 2,
+             "image_id": list("ab"), "index": [0, 1]}
+    evaluate([batch, batch], model, "cpu", threshold=0.5, views=EvalViews("sat", img_size=64), progress=True)
+    err = capsys.readouterr().err
+    assert "eval" in err and "\n" not in err and not err.rstrip("\r").split("\r")[-1].strip(), repr(err)

@@ -150,7 +150,7 @@ def _one_error_line(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda a: main(a), argv)
     lines = [line for line in capsys.readouterr().err.strip().replace("\r", "\n").splitlines()
-             if not line.startswith("eval:")]  # the progress bar aside
+             if line.strip() and not line.startswith("eval:")]  # the progress bar (and its clearing) aside
     assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
 
@@ -552,3 +552,14 @@ def test_an_evaluation_s_own_overlays_beside_a_checkpoints_folder_are_its_own(tm
     with pytest.raises(ConfigError, match="holds an overlays/ folder that no evaluation wrote"):
         check_output_paths(args, tmp_path)
     assert check_output_paths(SimpleNamespace(**{**vars(args), "overlays": 0}), tmp_path) == ["metrics.json"]
+
+
+def test_the_last_line_says_where_the_overlays_and_saved_maps_are(cub, tmp_path, capsys, keep_logging):
+    """--overlays and --save-maps wrote their folders without a word on the console: the last line names them."""
+    root, checkpoint = cub
+    out, maps = tmp_path / "out", tmp_path / "maps"
+    main(["--data-root", str(root), "--checkpoint", str(checkpoint), "--output-dir", str(out), "--no-tencrop",
+          "--overlays", "2", "--save-maps", str(maps), "--workers", "0", "--device", "cpu"])
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last.endswith(f"; the overlays to {out / 'overlays'}; the maps to {maps}"), last
+    assert (out / "overlays").is_dir() and (maps / "sat").is_dir()

@@ -215,3 +215,16 @@ def test_searched_thresholds_alone_report_the_classification_too():
     acc.update_boxes(boxes, [np.array([[0, 0, 9, 9]])] * 3, scores, torch.tensor([0, 3, 5]))
     out = sat_metrics(acc, None, [0.3, 0.5])
     assert (out["num_images"], out["top1_cls"], out["top5_cls"]) == (3, pytest.approx(100 / 3), pytest.approx(200 / 3))
+
+
+def test_per_threshold_table_columns_line_up():
+    # the 'GT-known / Top-1' cells are wider than their header ('0.4'): header and values must still line up
+    from utils.metrics import format_tables
+    metrics = {"num_images": 4, "threshold": 0.4, "top1_cls": 50.0, "top5_cls": 100.0, "top1_loc": 25.0,
+               "top5_loc": 50.0, "gt_known_loc": 50.0, "iou30": 75.0, "iou50": 50.0, "iou70": 25.0,
+               "thresholds": [0.4, 0.3], "gt_known_loc_per_threshold": [50.0, 75.0],
+               "top1_loc_per_threshold": [25.0, 50.0]}
+    for table in format_tables(metrics, "sat", "centre-crop").split("\n\n"):
+        header, values = table.splitlines()[1:]
+        assert [i for i, c in enumerate(header) if c == "|"] == [i for i, c in enumerate(values) if c == "|"], table
+        assert len(header) == len(values), table

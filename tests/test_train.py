@@ -628,3 +628,27 @@ def test_resume_of_a_file_that_is_not_a_training_checkpoint_is_refused_before_th
                            r"project \(no optimizer, scheduler, config, best\); to start from its weights use "):
             main(args(str(tmp_path / "no_data"), out, "--epochs", epochs, "--resume", str(path)))
         assert not out.exists()
+
+
+def test_a_process_batch_of_one_image_under_ddp_prints_no_torch_warning(tmp_path):
+    """A batch of one image in a process (an unreadable image skipped, a global batch of one per process) made
+    DDP print torch's multi-line 'Grad strides do not match bucket view strides' UserWarning in each process,
+    across the progress bar (the class and spatial tokens' gradients are views into the sequence's)."""
+    import warnings
+    from types import SimpleNamespace
+    import torch.distributed as dist
+    from conftest import rendezvous
+    from train import build_training_model
+    cfg = SimpleNamespace(arch="deit_sat_nano_patch16_224", img_size=64, drop_path=0.0, num_spatial_blocks=3,
+                          attn_impl="fused", trainable="all", compile=False)
+    dist.init_process_group("gloo", init_method=rendezvous(tmp_path), rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, ddp = build_training_model(cfg, 2, SimpleNamespace(device=torch.device("cpu"), distributed=True), 1,
+                                          pretrained=False)
+            logits, _ = ddp(torch.randn(1, 3, 64, 64))
+            logits.sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert not [str(w.message) for w in caught if "Grad strides" in str(w.message)]

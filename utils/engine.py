@@ -636,8 +636,10 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     try:
         with box_pool(threads, box_processes) as pool, torch.inference_mode():
             # on CUDA, the next batch is prepared on a side stream
+            # cleared when done, as the epoch bar is: the line that follows says it (the evaluator's
+            # 'evaluated N images in T s', training's 'epoch N test: ...'), so no finished bar is left on screen
             batches = tqdm(on_device(loader, device) if saved_maps is None else loader, desc="eval", unit="batch",
-                           dynamic_ncols=True, disable=not progress or rank)
+                           dynamic_ncols=True, disable=not progress or rank, leave=False)
             if saved_maps is None:
                 outputs = model_outputs(batches, forward, views, autocast, overlays if overlay_dir else 0,
                                         blocks=overlay_blocks and bool(overlay_dir))

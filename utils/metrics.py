@@ -417,15 +417,14 @@ def per_class_metrics(rows, class_names):
     return out
 
 
-def _row(cells):
-    return " | ".join(f"{cell:>{max(9, len(name))}}" for name, cell in cells)
-
-
 def _table(title, columns):
-    """A titled two-line table of (name, value) columns; floats with two decimals, None as n/a (not reported)."""
+    """A titled two-line table of (name, value) columns; floats with two decimals, None as n/a (not reported).
+    Each column is as wide as its name or its value, whichever is wider (at least 9)."""
     cells = [(name, f"{value:.2f}" if isinstance(value, float) else "n/a" if value is None else str(value))
              for name, value in columns]
-    return "\n".join([title, _row([(n, n) for n, _ in cells]), _row(cells)])
+    widths = [max(9, len(name), len(cell)) for name, cell in cells]
+    return "\n".join([title] + [" | ".join(f"{text:>{width}}" for text, width in zip(row, widths))
+                                for row in ([name for name, _ in cells], [cell for _, cell in cells])])
 
 
 def format_tables(metrics, protocol, classification):
