@@ -289,8 +289,9 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, 
         classification = f"{'ten-crop' if tencrop else 'centre-crop'} classification"
         setting = (f"threshold {cfg.threshold:.2f}, {classification}" if sat else
                    f"{plan.protocol}, {classification}" if plan.classifies_official_view else plan.protocol)
-        _logger.info("test results of %s (epoch %d, %s, fp32):\n%s\nwritten to %s", best_path, meta["epoch"],
-                     setting, rows, output_dir / "results.json")
+        overlays = f"; the overlays to {output_dir / 'overlays'}" if cfg.overlays else ""  # (README's demo ones)
+        _logger.info("test results of %s (epoch %d, %s, fp32):\n%s\nwritten to %s%s", best_path, meta["epoch"],
+                     setting, rows, output_dir / "results.json", overlays)
     return results
 
 

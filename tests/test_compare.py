@@ -285,6 +285,9 @@ def test_an_earlier_comparison_is_refused_then_replaced_with_overwrite(runs, tmp
     assert exit_info.value.code == 2 and capsys.readouterr().err == (
         f"error: {out} holds a previous comparison (compare.json, compare.png, per_image_sat_vs_other.csv): "
         "--overwrite to replace it, or choose another --output-dir\n")
+    with pytest.raises(SystemExit):  # a run that is not there is what to say first (it said the folder above)
+        run_cli(compare_main, [str(runs[0]), str(tmp_path / "missing"), "--output-dir", str(out)])
+    assert "missing" in capsys.readouterr().err
     record = compare_main([*map(str, runs), "--names", "A", "B", "--output-dir", str(out), "--overwrite"])
     assert not old_csv.exists() and (out / "per_image_A_vs_B.csv").exists() and list(record["runs"]) == ["A", "B"]
     assert (out / "notes.txt").read_text() == "mine"  # not the tool's: kept

@@ -75,6 +75,7 @@ def test_train_py_end_to_end(data_root, tmp_path):
     log = (out / "log.txt").read_text()
     assert "model selection on the test split" in log and "test results of" in log
     assert "evaluated 12 images in" in log  # the final test's time
+    assert f"written to {out / 'results.json'}; the overlays to {out / 'overlays'}" in log  # (the README's demo)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(list((out / "overlays").rglob("*.png"))) == 2
 

@@ -311,11 +311,11 @@ def main(argv=None):
                              "CSVs); without it such a folder is refused")
     args = parser.parse_args(argv)
 
+    names = run_names(args.runs, args.names)
+    runs = {name: Run(folder) for name, folder in zip(names, args.runs)}  # first: a missing run is the error to say
     output_dir = Path(args.output_dir)
     written = ["compare.json", "compare.png", *sorted(p.name for p in output_dir.glob("per_image_*_vs_*.csv"))]
     previous = previous_outputs(output_dir, written, args.overwrite, "comparison")
-    names = run_names(args.runs, args.names)
-    runs = {name: Run(folder) for name, folder in zip(names, args.runs)}
     staged = Staged()  # the new files, moved in place of the previous comparison's once all are written
     with FolderLock(output_dir, "tools/compare.py"), writing_outputs(output_dir):  # one line for a full disk
         try:
