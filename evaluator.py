@@ -270,8 +270,8 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
     thresholds = "the wsol map thresholds 0, 0.01, ..., 0.99" if protocol == "wsol" else \
         f"threshold {args.threshold:g}" + (f" (searching {args.thresholds} for best_threshold)" if args.thresholds
                                            else "")
-    _logger.info("evaluating %s (%s, %d classes, input %d) on %d images of %s, protocol %s, views %s, %s, %s",
-                 args.checkpoint, arch, model.num_classes, img_size, len(loader.dataset), root, protocol,
+    _logger.info("evaluating %s (%d classes, input %d) on %d images of %s, protocol %s, views %s, %s, %s",
+                 arch, model.num_classes, img_size, len(loader.dataset), root, protocol,
                  "+".join(views.names), thresholds, describe(info.device, args.amp))
     if args.save_boxes and protocol == "wsol":
         raise ConfigError("--save-boxes writes the sat protocol's boxes: use --eval-protocol both (or sat / cls)")

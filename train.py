@@ -136,11 +136,10 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     train_set, selection_split = train_loader.dataset, "val" if cfg.val_split else "test"
     dist_utils.check_agreement(data_summary(train_set, selection_loader.dataset, test_loader.dataset),
                                "the data they read", "give every node the same dataset (--data-root)", DataError)
-    _logger.info("data %s at %s: %d train images, %d classes; model selection on the %s (%d images)%s",
-                 fmt, root, len(train_set), train_set.num_classes,
-                 f"{selection_split} split (ILSVRC2012's val/)" if fmt == "imagenet" and selection_split == "test"
-                 else f"{selection_split} split", len(selection_loader.dataset),
-                 "" if cfg.val_split else " (no --val-split: as the official code does)")
+    _logger.info("data %s at %s: %d train images, %d classes; model selection on the %s split (%s%d images%s)",
+                 fmt, root, len(train_set), train_set.num_classes, selection_split,
+                 "ILSVRC2012's val/, " if fmt == "imagenet" and selection_split == "test" else "",
+                 len(selection_loader.dataset), "" if cfg.val_split else "; no --val-split: as the official code does")
     if cfg.images_per_class and info.is_main:
         log_short_classes(train_set, cfg.images_per_class)
     if info.is_main:

@@ -70,7 +70,7 @@ def check_run(out, returncode, stdout, stderr, epochs=1, train_images=24):
     log = (out / "log.txt").read_text()
     assert "2 process(es) on cpu, global batch 8 = 4 per process x 1 accumulation steps" in log
     assert "data imagenet at" in log and "the ImageNet scripts read the ImageNet layout" in log
-    assert "model selection on the test split (ILSVRC2012's val/)" in log  # the test split is ImageNet's val/
+    assert "model selection on the test split (ILSVRC2012's val/, " in log  # the test split is ImageNet's val/
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == list(range(1, epochs + 1))
     record = json.loads(lines[-1])

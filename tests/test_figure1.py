@@ -99,7 +99,7 @@ def test_collect_and_draw(tmp_path, capsys):
         assert ((image == bgr).all(axis=2)).sum() > 100
     fake_run(runs / "full_again", None, "all", 25_123_432, 72.8)
     figure1.main(["collect", str(runs), "--output", str(png)])
-    assert "warning: full and full_again are the same point of the sweep (images_per_class None, trainable all): " \
+    assert "warning: full and full_again are the same point of the sweep (images_per_class all, trainable all): " \
            "both are drawn\n" in capsys.readouterr().err
 
 

@@ -91,7 +91,7 @@ def doubts(rows):
         point = (row["images_per_class"], row["trainable"])
         if point in first:
             lines.append(f"{first[point]} and {row['run']} are the same point of the sweep (images_per_class "
-                         f"{point[0]}, trainable {point[1]}): both are drawn")
+                         f"{point[0] or 'all'}, trainable {point[1]}): both are drawn")  # (None: every image)
         first.setdefault(point, row["run"])
     return lines
 
