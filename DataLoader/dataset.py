@@ -15,8 +15,10 @@ UNREADABLE = (OSError, ValueError, SyntaxError)
 
 
 def unreadable_message(path, err):
-    """How an unreadable image is named, in Skipped messages and DataErrors alike."""
-    return f"unreadable image {path} ({err.__class__.__name__}: {err})"
+    """How an unreadable image is named, in Skipped messages and DataErrors alike (PIL's own message names the
+    file again: said once)."""
+    reason = str(err).replace(f" '{path}'", "").replace(str(path), "the file")
+    return f"unreadable image {path} ({err.__class__.__name__}: {reason})"
 
 
 

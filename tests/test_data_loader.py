@@ -39,6 +39,16 @@ def test_collate_stacks_and_counts_skipped():
     assert empty["num_skipped"] == 2 and empty["label"].numel() == 0 and empty["skipped"] == ["a", "b"]
 
 
+def test_an_unreadable_image_is_named_once(tmp_path):
+    from PIL import Image, UnidentifiedImageError
+    from DataLoader.dataset import unreadable_message
+    (tmp_path / "a.jpg").write_bytes(b"not an image")
+    with pytest.raises(UnidentifiedImageError) as err:
+        Image.open(tmp_path / "a.jpg")
+    assert unreadable_message(tmp_path / "a.jpg", err.value) == (  # PIL's message named the file a second time
+        f"unreadable image {tmp_path / 'a.jpg'} (UnidentifiedImageError: cannot identify image file)")
+
+
 def test_truncated_train_image_is_skipped_and_named(cub):
     train = build_dataset("cub", cub, "train")
     with warnings.catch_warnings():
