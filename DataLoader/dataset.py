@@ -16,8 +16,12 @@ UNREADABLE = (OSError, ValueError, SyntaxError)
 
 def unreadable_message(path, err):
     """How an unreadable image is named, in Skipped messages and DataErrors alike (PIL's own message names the
-    file again: said once)."""
-    reason = str(err).replace(f" '{path}'", "").replace(str(path), "the file")
+    file again: said once). PIL names it as Python's repr does (a quote or a backslash in it escaped); an
+    OSError of the file itself ('[Errno 13] Permission denied: <path>') says its strerror alone."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        reason = err.strerror
+    else:
+        reason = str(err).replace(f" {str(path)!r}", "")
     return f"unreadable image {path} ({err.__class__.__name__}: {reason})"
 
 

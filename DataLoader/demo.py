@@ -129,6 +129,7 @@ def make_demo_dataset(root=DEFAULT_DEMO_ROOT, num_classes=5, train_per_class=50,
     manifest = root / MANIFEST
     if manifest.is_file() and _read_manifest(manifest) == params and _complete(root):
         return root
+    _check_not_a_dataset(root)
     manifest.unlink(missing_ok=True)
 
     templates = CLASS_TEMPLATES[:num_classes]
@@ -161,3 +162,19 @@ def _read_manifest(path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
+
+
+def _check_not_a_dataset(root):
+    """A ConfigError for a folder whose images.txt lists no demo image (e.g. tools/make_demo_data.py
+    --output-dir data/CUB_200_2011): the demo writes its own annotation files over the ones there."""
+    try:
+        lines = [line.split() for line in (root / "images.txt").read_text(encoding="utf-8").splitlines()]
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError):
+        lines = [["?", "?"]]
+    demo = {f"{label + 1:03d}.{template[0]}" for label, template in enumerate(CLASS_TEMPLATES)}
+    listed = [fields[1] for fields in lines if len(fields) > 1]
+    if listed and not any(path.split("/")[0] in demo for path in listed):
+        raise ConfigError(f"{root / 'images.txt'}: lists images of another dataset ({listed[0]}, ...), not the "
+                          "demo's: the demo is written into a folder of its own (an empty or new one)")

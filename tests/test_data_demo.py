@@ -111,3 +111,17 @@ def test_bad_flags_are_named(tmp_path, capsys, flag, value, expected):
 def test_bad_parameters(tmp_path, kwargs):
     with pytest.raises(ConfigError, match="demo"):
         make_demo_dataset(tmp_path, **kwargs)
+
+
+def test_a_folder_of_another_dataset_is_not_written_over(tmp_path):
+    """make_demo_data.py --output-dir data/CUB_200_2011 replaced the real images.txt, classes.txt, labels,
+    split and boxes with the demo's, silently"""
+    root = tmp_path / "cub"
+    (root / "images" / "001.Black_footed_Albatross").mkdir(parents=True)
+    (root / "images.txt").write_text("1 001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg\n")
+    with pytest.raises(ConfigError, match=r"images.txt: lists images of another dataset \(001.Black_footed"):
+        make_demo_dataset(root, **SMALL)
+    assert (root / "images.txt").read_text().startswith("1 001.Black_footed") and not (root / MANIFEST).exists()
+    (root / "images.txt").write_text("1 001.Ringed_Disc/Ringed_Disc_0001.jpg\n")  # a demo cut short: regenerated
+    assert make_demo_dataset(root, **SMALL) == root and (root / MANIFEST).exists()
+    assert len((root / "images.txt").read_text().splitlines()) == 4 * 5

@@ -390,3 +390,22 @@ def test_a_stop_signal_while_the_workers_start_is_not_lost():
     assert proc.stdout.split() == ["ctrl-c", "KeyboardInterrupt", "sigterm", "Preempted", "worker", "8"], \
         proc.stdout + proc.stderr
     assert "Exception ignored" not in proc.stderr, proc.stderr
+
+
+def test_an_unreadable_image_is_named_once_whatever_its_name(tmp_path):
+    from PIL import Image, UnidentifiedImageError
+    from DataLoader.dataset import unreadable_message
+    for name in ("it's a.jpg", "C:\\data\\x.jpg", "a"):  # a quote, backslashes (PIL's repr), a one-letter name
+        path = str(tmp_path / name)
+        with open(path, "wb") as f:
+            f.write(b"not an image")
+        with pytest.raises(UnidentifiedImageError) as err:
+            Image.open(path)
+        assert unreadable_message(path, err.value) == (
+            f"unreadable image {path} (UnidentifiedImageError: cannot identify image file)")
+    with pytest.raises(OSError) as err:
+        open(tmp_path / "gone.jpg", "rb")
+    assert unreadable_message(tmp_path / "gone.jpg", err.value) == (  # not '... No such file or directory:)'
+        f"unreadable image {tmp_path / 'gone.jpg'} (FileNotFoundError: No such file or directory)")
+    assert unreadable_message("a", OSError("broken data stream when reading image file")) == (
+        "unreadable image a (OSError: broken data stream when reading image file)")

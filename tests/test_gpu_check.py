@@ -388,3 +388,20 @@ def test_help_gives_the_whole_description(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "against their targets) and tools/gpu_record.sh (the one-GPU record" in text
     assert "python tools/gpu_table.py check RUNS" in text
+
+
+def test_cli_output_cut_short_keeps_the_previous_table_and_leaves_no_temporary_file(runs, tmp_path, monkeypatch):
+    from pathlib import Path
+    (tmp_path / "t.md").write_text("previous table\n")
+    (tmp_path / "t.json").write_text("{}\n")
+    write_text = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):  # half the text written, then the disk is full
+        write_text(self, text[:len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError):
+        gpu_table.main(["check", str(runs), "--output", str(tmp_path / "t.md")])
+    monkeypatch.undo()
+    assert (tmp_path / "t.md").read_text() == "previous table\n" and (tmp_path / "t.json").read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".t")) == []

@@ -449,8 +449,11 @@ def _write_atomic(path, text):
     (utils.outputs.write_text_atomic's rule; this tool runs before the project's requirements are checked, so it
     imports nothing of the project.)"""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:  # (a full disk: no half-written temporary file left beside the table)
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv=None):
