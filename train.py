@@ -419,7 +419,8 @@ def build_training_model(cfg, num_classes, info, micro_batch, pretrained):
         # a process's batch of one image (a skipped unreadable image, a last partial batch, a global batch of one
         # per process) leaves the class and spatial tokens' gradients as views into the token sequence's, with
         # strides DDP's buckets do not share: DDP copies them (a few hundred values) and torch says so in a
-        # multi-line UserWarning per process that breaks into the progress bar; nothing for the user to do
+        # multi-line UserWarning per process that breaks into the progress bar; nothing for the user to do (the
+        # filter is process-wide and stays after the run: it matches that message alone)
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides",
                                 category=UserWarning)
         train_model = torch.nn.parallel.DistributedDataParallel(
