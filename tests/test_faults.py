@@ -754,3 +754,24 @@ def test_a_last_pth_of_an_earlier_version_resumes_or_is_one_line(data_root, fini
         run_cli(train.main, args(data_root, out, "--epochs", "2", "--resume", "--no-decay-tokens"))
     assert error_line(capsys.readouterr().err, exit_info).startswith(
         f"error: --resume {last}: its optimizer state does not fit this run's optimizer (")
+
+
+def test_tensorboard_a_resume_hides_the_epochs_it_redoes(tmp_path):
+    """A run killed after epoch 2's metrics line but before last.pth (which still says 1 epoch) redoes epoch 2 on
+    --resume: TensorBoard shows each epoch once, at step = ``epoch`` as in metrics.jsonl (no zigzag)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from utils.logger import MetricsLog
+    killed = MetricsLog(tmp_path)
+    for epoch in (1, 2):
+        killed.log_epoch({"epoch": epoch, "train_loss": 10.0 + epoch})
+    killed.close()
+    resumed = MetricsLog(tmp_path, start_epoch=1)
+    for epoch in (2, 3):
+        resumed.log_epoch({"epoch": epoch, "train_loss": float(epoch)})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = [(event.step, event.value) for event in events.Scalars("train_loss")]
+    assert scalars == [(1, 11.0), (2, 2.0), (3, 3.0)]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["epoch"], line["train_loss"]) for line in lines] == scalars
