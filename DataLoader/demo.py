@@ -135,7 +135,7 @@ def make_demo_dataset(root=DEFAULT_DEMO_ROOT, num_classes=5, train_per_class=50,
     templates = CLASS_TEMPLATES[:num_classes]
     images, labels, splits, boxes = [], [], [], []
     for label, template in enumerate(templates):
-        folder = f"{label + 1:03d}.{template[0]}"
+        folder = _class_folder(label)
         (root / "images" / folder).mkdir(parents=True, exist_ok=True)
         for k in range(train_per_class + test_per_class):
             rng = np.random.default_rng([seed, label, k])
@@ -147,12 +147,17 @@ def make_demo_dataset(root=DEFAULT_DEMO_ROOT, num_classes=5, train_per_class=50,
             labels.append(f"{image_id} {label + 1}")
             splits.append(f"{image_id} {int(k < train_per_class)}")
             boxes.append(f"{image_id} {x0:.1f} {y0:.1f} {x1 - x0:.1f} {y1 - y0:.1f}")
-    _write_lines(root / "classes.txt", [f"{i + 1} {i + 1:03d}.{t[0]}" for i, t in enumerate(templates)])
+    _write_lines(root / "classes.txt", [f"{label + 1} {_class_folder(label)}" for label in range(num_classes)])
     for name, lines in (("images.txt", images), ("image_class_labels.txt", labels),
                         ("train_test_split.txt", splits), ("bounding_boxes.txt", boxes)):
         _write_lines(root / name, lines)
     write_text_atomic(manifest, json.dumps(params, indent=1))
     return root
+
+
+def _class_folder(label):
+    """The folder (and class name) of class ``label`` (0-based): '001.Ringed_Disc', as CUB names its classes."""
+    return f"{label + 1:03d}.{CLASS_TEMPLATES[label][0]}"
 
 
 def _read_manifest(path):
@@ -173,7 +178,7 @@ def _check_not_a_dataset(root):
         return
     except (OSError, UnicodeDecodeError):
         lines = [["?", "?"]]
-    demo = {f"{label + 1:03d}.{template[0]}" for label, template in enumerate(CLASS_TEMPLATES)}
+    demo = {_class_folder(label) for label in range(len(CLASS_TEMPLATES))}
     listed = [fields[1] for fields in lines if len(fields) > 1]
     if listed and not any(path.split("/")[0] in demo for path in listed):
         raise ConfigError(f"{root / 'images.txt'}: lists images of another dataset ({listed[0]}, ...), not the "
