@@ -272,11 +272,13 @@ def set_rng_state(state):
     random.setstate((version, tuple(mt_state.tolist()), gauss))
 
 
-def resume_path(cfg, checkpoint_dir):
-    """The checkpoint to resume from, or None (``--resume`` without a path and no last.pth yet)."""
+def resume_path(cfg, checkpoint_dir, say=True):
+    """The checkpoint to resume from, or None (``--resume`` without a path and no last.pth yet; ``say``: log
+    that the run starts from scratch)."""
     path = resume_file(cfg.resume, checkpoint_dir.parent)
     if cfg.resume == "auto" and not path.is_file():
-        _logger.info("--resume: no %s yet, starting from scratch", path)
+        if say:
+            _logger.info("--resume: no %s yet, starting from scratch", path)
         return None
     return path
 
@@ -489,8 +491,8 @@ def check_resumable(cfg, checkpoint_dir):
     reads its data: a --resume file that does not load, that is not a training checkpoint, of another model or
     batch size, or of more epochs than --epochs, is refused in one line with nothing written (it was refused once
     ImageNet had been listed)."""
-    path = resume_file(cfg.resume, checkpoint_dir.parent)
-    if path and (path.is_file() or cfg.resume != "auto"):
+    path = resume_path(cfg, checkpoint_dir, say=False)  # (said once the log is open)
+    if path is not None:
         _read_resumable(path, cfg, mmap=True)
 
 
