@@ -10,19 +10,25 @@ from utils.errors import DataError
 
 from .formats.annotations import CompactItems, check_boxes
 
-# What PIL raises for missing, truncated or corrupt files.
-UNREADABLE = (OSError, ValueError, SyntaxError)
+# What PIL raises for missing, truncated or corrupt files, and for an image of more than twice PIL's
+# MAX_IMAGE_PIXELS (DecompressionBombError, not an OSError: a traceback in the loader workers and the data check).
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def unreadable_message(path, err):
-    """How an unreadable image is named, in Skipped messages and DataErrors alike (PIL's own message names the
-    file again: said once). PIL names it as Python's repr does (a quote or a backslash in it escaped); an
-    OSError of the file itself ('[Errno 13] Permission denied: <path>') says its strerror alone."""
+    """How an unreadable image is named, in Skipped messages and DataErrors alike."""
+    return f"unreadable image {path} ({why_unreadable(path, err)})"
+
+
+def why_unreadable(path, err):
+    """'<error class>: <reason>' of the error ``err`` reading ``path``, without the path (PIL's own message names
+    the file again: said once by the caller). PIL names it as Python's repr does (a quote or a backslash in it
+    escaped); an OSError of the file itself ('[Errno 13] Permission denied: <path>') says its strerror alone."""
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         reason = err.strerror
     else:
         reason = str(err).replace(f" {str(path)!r}", "")
-    return f"unreadable image {path} ({err.__class__.__name__}: {reason})"
+    return f"{err.__class__.__name__}: {reason}"
 
 
 

@@ -49,6 +49,8 @@ def _decode_one(data, device, jpeg):
             pass
     try:
         decoded = decode_image(data, mode=ImageReadMode.RGB)
+        if decoded.ndim == 4:  # an animated GIF, (frames, 3, H, W): its first frame, as PIL reads it
+            decoded = decoded[0]
         if decoded.dtype != torch.uint8:  # a 16-bit PNG: its high byte, as PIL and dataset.rgb read it
             decoded = (decoded.to(torch.int32) >> 8).to(torch.uint8)
         return decoded.to(device)

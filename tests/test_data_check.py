@@ -67,6 +67,21 @@ def test_png_without_iend_is_found(tmp_path):
     assert report.bad == [(str(tmp_path / "cut.png"), "truncated PNG: no IEND chunk")]
 
 
+def test_an_image_over_twice_the_decompression_bomb_limit_is_bad_not_a_traceback(tmp_path, monkeypatch):
+    """PIL's DecompressionBombError (an image of more than 2 x MAX_IMAGE_PIXELS, e.g. a 200-megapixel photo) is no
+    OSError: it is a bad image in the check, skipped in training, a DataError in evaluation, as others are."""
+    noise((40, 30)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1200 pixels: over twice the limit
+    reason = "DecompressionBombError: Image size (1200 pixels) exceeds limit of 1000 pixels, could be " \
+             "decompression bomb DOS attack."
+    assert check_split(split_of(tmp_path, ["big.png"]), "test").bad == [(str(tmp_path / "big.png"), reason)]
+    items = [Item("big.png", 0)]
+    train = WSOLDataset(tmp_path, items, ["thing"], lambda image: image, evaluation=False)
+    assert train[0].message == f"skipping unreadable image {tmp_path / 'big.png'} ({reason})"
+    with pytest.raises(DataError, match=re.escape(f"unreadable image {tmp_path / 'big.png'} ({reason})")):
+        split_of(tmp_path, ["big.png"])[0]
+
+
 def test_complete_files_pass_with_padding_or_bytes_after_the_end_marker(tmp_path):
     """Zero padding is stripped; other bytes after the marker make the check decode the file, which succeeds,
     as it does in training."""

@@ -136,6 +136,20 @@ def test_a_16_bit_mask_is_read_at_its_depth(mask_set):
     assert foreground.sum() == 64
 
 
+def test_a_mask_with_an_exif_orientation_is_read_as_stored(mask_set):
+    """As its image is (PIL, no EXIF turn; cv2.imread turned it: the mask over other pixels, unwarned)."""
+    images, meta = mask_set
+    mask = np.zeros((32, 32), np.uint8)
+    mask[0:8, 0:16] = 255  # the top-left corner, 16 wide, 8 high
+    image = Image.fromarray(mask)
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to display
+    image.save(images / "mask/y_m1.png", exif=exif.tobytes())
+    second = build_dataset("wsol", images, "test", metadata_root=meta)[1]
+    foreground, _ = load_mask(second["mask_paths"], None, size=32)
+    assert (foreground == (mask > 0)).all()
+
+
 def test_a_mask_of_another_aspect_ratio_is_warned_by_the_check(mask_set):
     """Masks are stretched to 224 x 224 as their images are: one of another aspect ratio than its image lies over
     other pixels, silently; one of another size but the same aspect ratio is fine."""

@@ -135,6 +135,19 @@ def test_16_bit_grey_png_keeps_its_high_byte(tmp_path):
     assert decoded.dtype == torch.uint8 and np.array_equal(decoded.permute(1, 2, 0).numpy(), expected)
 
 
+def test_an_animated_gif_is_its_first_frame_as_in_pils_path(tmp_path):
+    """decode_image gives all frames of an animated GIF, (frames, 3, H, W): resize failed on it ('too many values
+    to unpack'); PIL's path reads the first frame (a GIF reaches the loader by the lists of the cub, imagenet and
+    wsol formats)."""
+    frames = [Image.fromarray(np.full((12, 20, 3), level, np.uint8)) for level in (30, 200, 90)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
+    with Image.open(tmp_path / "moving.gif") as image:
+        expected = torch.from_numpy(np.array(rgb(image))).permute(2, 0, 1)
+    (decoded,) = decode([torch.from_numpy(np.fromfile(tmp_path / "moving.gif", np.uint8))], [False], "cpu")
+    assert torch.equal(decoded, expected)
+    assert resize([decoded], 16).shape == (1, 16, 16, 3)
+
+
 def _replace(root, name, write):
     path = next((root / "images").rglob(name))
     write(path)

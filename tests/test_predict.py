@@ -180,6 +180,7 @@ def test_unreadable_images_are_skipped_and_a_file_given_twice_is_predicted_once(
     assert len(err) == 4 and err[-1] == "3 of 4 images skipped: unreadable (named above)"
     for line, name in zip(err, unreadable):
         assert line.startswith(f"warning: {folder / name}: not a readable image (") and line.endswith("; skipped")
+        assert line.count(name) == 1  # PIL's message named the file a second time
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png", "predictions.json"]
     assert json.loads((tmp_path / "out" / "predictions.json").read_text()) == record
 

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from DataLoader.dataset import rgb  # noqa: E402
+from DataLoader.dataset import rgb, why_unreadable  # noqa: E402
 from DataLoader.eval_views import EvalViews  # noqa: E402
 from DataLoader.formats.folder import is_image_file  # noqa: E402
 from utils.boxes import centre_offset, coco_detections, crop_box_to_original, sat_boxes, sat_map  # noqa: E402
@@ -70,7 +70,7 @@ def load_rgb(path):
         with Image.open(path) as image:
             return rgb(ImageOps.exif_transpose(image))
     except Exception as err:
-        raise DataError(f"{path}: not a readable image ({err.__class__.__name__}: {err})") from None
+        raise DataError(f"{path}: not a readable image ({why_unreadable(path, err)})") from None
 
 
 def full_image_map(score, resize_size, img_size):

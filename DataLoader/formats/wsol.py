@@ -115,8 +115,9 @@ def load_wsol(image_root, metadata_root, split):
 def _read_mask(path, size):
     """(the mask resized to size x size as booleans, its (W, H) as stored)."""
     # at the file's bit depth: IMREAD_GRAYSCALE alone turns a 16-bit mask into its high byte, so a 16-bit
-    # label mask (values 1, 2, ...) read as empty; any non-zero pixel is foreground
-    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+    # label mask (values 1, 2, ...) read as empty; any non-zero pixel is foreground. As stored, as its image is
+    # read (PIL, no EXIF turn): cv2.imread turns a file with an EXIF orientation tag, a mask over other pixels
+    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION)
     if mask is None:
         raise DataError(f"{path}: unreadable mask (expected a grayscale PNG)")
     return cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_NEAREST) > 0.5, mask.shape[::-1]
