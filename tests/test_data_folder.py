@@ -105,6 +105,19 @@ def test_images_in_a_folder_inside_a_class_folder_are_not_read_and_said(custom, 
     assert caplog.messages == []
 
 
+def test_photos_of_a_type_the_format_does_not_read_are_warned(custom, caplog):
+    """An iPhone's .HEIC or a .gif in a class folder is not read (as torchvision's ImageFolder): said in one
+    warning, where a notes.txt beside the images stays silent."""
+    (custom / "test" / "dog" / "IMG_0001.HEIC").write_bytes(b"")
+    (custom / "test" / "dog" / "clip.gif").write_bytes(b"GIF89a")
+    with caplog.at_level("WARNING", logger="sat"):
+        test = build_dataset("folder", custom, "test")
+    assert len(test) == 2
+    assert caplog.messages == [f"{custom / 'test'}: 2 image(s) of a type the folder format does not read (first: "
+                               f"{custom / 'test' / 'dog' / 'IMG_0001.HEIC'}): not read; convert them to one of "
+                               ".jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp"]
+
+
 def test_a_val_split_the_box_file_does_not_name_is_refused_naming_the_file(custom, tmp_path):
     """--val-split / --split val with a val/ folder: a box file of the test images only names itself in the
     refusal (the line named the data root alone, not which file lacks the val images' boxes)."""

@@ -11,6 +11,8 @@ from utils.errors import DataError
 from .annotations import Item, check_boxes, lines_source, read_table
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Photo types the folder format does not read (torchvision's ImageFolder neither): warned, not skipped silently
+OTHER_PHOTO_EXTENSIONS = (".gif", ".heic", ".heif", ".jfif", ".avif", ".jxl", ".jp2")
 FOLDER_LAYOUT = "<split>/<class>/<image> folders"
 _logger = logging.getLogger("sat")
 
@@ -64,7 +66,7 @@ def scan_class_folders(root, split, classes):
     """Items of ``<root>/<split>/<class>/<image>`` labelled by the class's index in ``classes``."""
     split_dir = Path(root) / split
     index = {name: label for label, name in enumerate(classes)}
-    items, nested = [], []
+    items, nested, other = [], [], []
     for name in class_folders(split_dir):
         if name not in index:
             raise DataError(f"{split_dir / name}: class folder is not one of the {len(classes)} "
@@ -73,11 +75,16 @@ def scan_class_folders(root, split, classes):
         items += [Item(f"{split}/{name}/{file}", index[name]) for file, is_dir in entries
                   if not is_dir and is_image_file(file)]
         nested += [split_dir / name / file for file, is_dir in entries if is_dir]
+        other += [split_dir / name / file for file, is_dir in entries
+                  if not is_dir and file.lower().endswith(OTHER_PHOTO_EXTENSIONS)]
     if not items:
         raise DataError(f"{split_dir}: no images found (expected {FOLDER_LAYOUT})")
     if nested:  # torchvision's ImageFolder reads them: say that these are not
         _logger.warning("%s: %d folder(s) inside class folders (first: %s): the images in them are not read (only "
                         "the files directly in a class folder are)", split_dir, len(nested), nested[0])
+    if other:
+        _logger.warning("%s: %d image(s) of a type the folder format does not read (first: %s): not read; convert them "
+                        "to one of %s", split_dir, len(other), other[0], ", ".join(IMAGE_EXTENSIONS))
     return items
 
 
