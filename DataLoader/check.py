@@ -11,6 +11,7 @@ fork server or of spawned processes would import torch again in each process: se
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -54,12 +55,12 @@ def ends_with_marker(path, fmt):
         return tail_has_end_marker(f.read(), fmt)
 
 
-def unreadable_reason(err):
-    """Why a file does not open or decode, without its path (the report names it)."""
+def unreadable_reason(err, path):
+    """Why the file ``path`` does not open or decode, without its path (the report names it)."""
     if isinstance(err, FileNotFoundError):
         return "file not found"
     if isinstance(err, UnidentifiedImageError):
-        return "not an image file PIL recognises"
+        return "empty file (0 bytes)" if os.path.getsize(path) == 0 else "not an image file PIL recognises"
     return f"{err.__class__.__name__}: {err}"
 
 
@@ -74,9 +75,9 @@ def image_problem(path, decode=False):
                     image.load()
                 except UNREADABLE as err:
                     return None, (f"truncated {fmt}: no {END_MARKERS[fmt][1]}" if complete is False
-                                  else unreadable_reason(err))
+                                  else unreadable_reason(err, path))
     except UNREADABLE as err:
-        return None, unreadable_reason(err)
+        return None, unreadable_reason(err, path)
     return size, None
 
 

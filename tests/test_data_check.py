@@ -93,7 +93,7 @@ def test_complete_files_pass_with_padding_or_bytes_after_the_end_marker(tmp_path
     files = ["padded.jpg", "trailer.jpg", "other.bmp", "empty.jpg", "absent.jpg"]
     for decode in (False, True):
         assert check_split(split_of(tmp_path, files), "test", decode=decode).bad == [
-            (str(tmp_path / "empty.jpg"), "not an image file PIL recognises"),
+            (str(tmp_path / "empty.jpg"), "empty file (0 bytes)"),
             (str(tmp_path / "absent.jpg"), "file not found")]
 
 
@@ -128,7 +128,7 @@ def test_bad_evaluation_images_are_one_error_line(cub):
     (test.items, test.evaluation) = (test.items[:1], True)
     with pytest.raises(DataError) as err:
         check_splits(train, {"test": test})
-    assert str(err.value) == f"test split: 1 bad image of 1: {paths[0]} (not an image file PIL recognises)"
+    assert str(err.value) == f"test split: 1 bad image of 1: {paths[0]} (empty file (0 bytes))"
 
 
 def test_bad_train_images_are_skipped_unless_strict(cub, caplog):

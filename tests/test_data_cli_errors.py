@@ -98,7 +98,7 @@ CASES = {
     "unreadable test image": (
         lambda root: (root / "images/002.Checkered_Square/Checkered_Square_0005.jpg").write_bytes(b"") or
         ["--data-format", "cub", "--data-root", str(root), "--split", "test"],
-        r"test split: 1 bad image of 6: \S+Checkered_Square_0005.jpg \(not an image file PIL recognises\)"),
+        r"test split: 1 bad image of 6: \S+Checkered_Square_0005.jpg \(empty file \(0 bytes\)\)"),
     "malformed val_gt.txt": (
         lambda root: (imagenet_root(root) / "val_gt.txt").write_text(
             "n01440764\\ILSVRC2012_val_00000001.JPEG 40 30 ; 1 2 3\n") and
