@@ -59,6 +59,9 @@ def test_eval_benchmark_reports_box_cost():
     (["--mode", "eval", "--resize-size", "0"], "--resize-size: expected at least --img-size 64"),
     (["--mode", "loader", "--image-ms", "-1"], "--image-ms: expected a number >= 0, got '-1'"),  # (a worker's error)
     (["--mode", "loader", "--data-root", "data"], "--mode loader times the loader's scheduling on simulated items"),
+    (["--gpu-decode"], "--gpu-decode decodes image files on the device: it needs --data-root and --pipeline device"),
+    (["--mode", "check"], "--mode check reads image files: it needs --data-root"),
+    (["extra"], "unexpected argument 'extra'"),  # (a tool's parser: OneLineParser.parse_args)
 ])
 def test_bad_flags_are_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -124,3 +127,10 @@ def test_check_benchmark_reads_boxes_kept_elsewhere(tmp_path):
     result = run("--mode", "check", "--data-format", "imagenet", "--data-root", str(root), "--val-boxes", str(boxes),
                  "--images", "4", "--workers", "0")
     assert result["images"] == 4 and result["data_format"] == "imagenet"
+
+
+def test_time_pass_adds_the_rate_of_a_whole_pass(tmp_path):
+    root = make_demo_dataset(tmp_path / "cub", num_classes=3, train_per_class=2, test_per_class=2, image_size=64)
+    common = ["--mode", "eval", "--data-root", str(root), "--workers", "0"]
+    assert run(*common, "--time-pass")["data_pass_images_per_second"] > 0
+    assert "data_pass_images_per_second" not in run(*common)

@@ -322,6 +322,15 @@ def test_runs_on_different_data_are_pointed_out(tmp_path, capsys):
         run_cli(compare_main, [str(first), str(third), "--output-dir", str(tmp_path / "never")])
     assert capsys.readouterr().err == f"error: {third / 'per_image.csv'}: not UTF-8 text (expected the " \
         "evaluator's per_image.csv)\n"
+    for text, message in (("image_id,gt_known\na.jpg,1\n", "missing column(s) top1_loc"),
+                          ("image_id,gt_known,top1_loc\na.jpg,1,1\nb.jpg,yes,1\n", "line 3: gt_known must be 0, 1 or "
+                                                                                "empty, got 'yes'")):
+        (third / "per_image.csv").write_text(text)
+        with pytest.raises(SystemExit):
+            run_cli(compare_main, [str(first), str(third), "--output-dir", str(tmp_path / "never")])
+        assert capsys.readouterr().err == f"error: {third / 'per_image.csv'}{'' if 'line' in message else ':'} " \
+                                          f"{message}\n"
+    assert not (tmp_path / "never").exists()
 
 
 def test_a_comparison_into_a_folder_another_job_writes_is_refused(runs, tmp_path, capsys):

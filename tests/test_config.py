@@ -390,6 +390,14 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, message):
         assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("text", ["", "# settings to come\n"])
+def test_an_empty_config_file_sets_nothing(tmp_path, text):
+    """A config file with no key (empty, or comments alone) is read as no setting: the built-in defaults."""
+    cfg = train("--config", write(tmp_path, text), "--data-root", "d")
+    assert {key: getattr(cfg, key) for key in TRAINING_KEYS if key not in ("data_root",)} == \
+        {key: FIELDS[key].default for key in TRAINING_KEYS if key not in ("data_root",)}
+
+
 @pytest.mark.parametrize("script, argv, message", [
     ("train", ["--epoch", "1"], "unknown flag --epoch (did you mean --epochs?)"),
     ("train", ["--lr-schedul", "cosine"], "unknown flag --lr-schedul (did you mean --lr-schedule?)"),

@@ -91,6 +91,34 @@ CASES = {
         lambda root: edit_line(root / "image_class_labels.txt", 5, "5 4") or
         ["--data-format", "cub", "--data-root", str(root)],
         r"\S+image_class_labels.txt line 5: label 4 outside the class range 1..3"),
+    "class ids out of order": (
+        lambda root: edit_line(root / "classes.txt", 2, "3 002.Checkered_Square") or
+        ["--data-format", "cub", "--data-root", str(root)],
+        r"\S+classes.txt line 2: expected class id 2 \(ids 1..N in order\), got 3"),
+    "no classes listed": (
+        lambda root: (root / "classes.txt").write_text("") or ["--data-format", "cub", "--data-root", str(root)],
+        r"\S+classes.txt: no classes listed"),
+    "is_training_image other than 0 or 1": (
+        lambda root: edit_line(root / "train_test_split.txt", 1, "1 2") or
+        ["--data-format", "cub", "--data-root", str(root)],
+        r"\S+train_test_split.txt line 1: expected 'image_id is_training_image' with is_training_image 0 or 1, "
+        r"got '1 2'"),
+    "box of an image not in images.txt": (
+        lambda root: edit_line(root / "bounding_boxes.txt", 2, "99 1.0 1.0 2.0 2.0") or
+        ["--data-format", "cub", "--data-root", str(root)],
+        r"\S+bounding_boxes.txt line 2: image id 99 is not listed in images.txt"),
+    "malformed LOC_val_solution.csv": (
+        lambda root: (imagenet_root(root) / "LOC_val_solution.csv").write_text(
+            "ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764 1 2 3\n") and
+        ["--data-format", "imagenet", "--data-root", str(root), "--split", "test"],
+        r"\S+LOC_val_solution.csv line 2: expected 'ImageId,wnid xmin ymin xmax ymax \[wnid xmin ymin xmax ymax "
+        r"\.\.\.\]', got 'ILSVRC2012_val_00000001,n01440764 1 2 3'"),
+    "non-numeric box in LOC_val_solution.csv": (
+        lambda root: (imagenet_root(root) / "LOC_val_solution.csv").write_text(
+            "ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764 1 2 x 4\n") and
+        ["--data-format", "imagenet", "--data-root", str(root), "--split", "test"],
+        r"\S+LOC_val_solution.csv line 2: expected 'ImageId,wnid .*', got 'ILSVRC2012_val_00000001,n01440764 1 2 x "
+        r"4'"),
     "unreadable train image with --strict-data": (
         lambda root: truncate(root / "images/002.Checkered_Square/Checkered_Square_0001.jpg") or
         ["--data-format", "cub", "--data-root", str(root), "--split", "train", "--strict-data"],
@@ -147,7 +175,8 @@ CASES = {
 }
 
 
-OWN_DATA = ("malformed val_gt.txt", "missing --val-boxes file", "missing ignore mask", "folder data read as cub",
+OWN_DATA = ("malformed val_gt.txt", "malformed LOC_val_solution.csv", "non-numeric box in LOC_val_solution.csv",
+            "missing --val-boxes file", "missing ignore mask", "folder data read as cub",
             "imagenet data read as cub")
 
 

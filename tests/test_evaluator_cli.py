@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import REPO_ROOT
 from DataLoader import DEFAULT_DEMO_ROOT, build_dataset, make_demo_dataset
 from utils.boxes import gt_boxes_wsol
-from utils.errors import CheckpointError, run_cli
+from utils.errors import CheckpointError, ConfigError, run_cli
 from evaluator import check_trained_on_demo, main
 from utils.metrics import WSOLBoxAccumulator
 
@@ -167,6 +167,10 @@ def test_checkpoint_errors_are_one_line(cub, tmp_path, capsys, keep_logging):
                    "model: 003.Striped_Triangle")
     assert _one_error_line(capsys, ["--checkpoint", str(root), *common]) == \
         f"error: checkpoint {root}: a folder, not a checkpoint file"
+    other_model = tmp_path / "resnet.pth"  # another network's weights
+    torch.save({"fc.weight": torch.zeros(2, 4), "fc.bias": torch.zeros(2)}, other_model)
+    assert _one_error_line(capsys, ["--checkpoint", str(other_model), *common]) == \
+        f"error: checkpoint {other_model} is not a SAT model (no pos_embed / head.weight)"
 
     proc = run_script("evaluator.py", "--checkpoint", tmp_path / "absent.pth", *common)  # the real script
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -363,6 +367,11 @@ def test_auto_protocol_is_classification_only_without_boxes_or_masks(tmp_path):
     assert 0 <= record["top1_cls"] <= 100 and "gt_known_loc" not in record
     rows = list(csv.DictReader(open(out / "per_image.csv")))  # predictions: class and box, nothing to score
     assert len(rows) == 2 and all(row["iou"] == "" and len(row["box_original"].split()) == 4 for row in rows)
+    (tmp_path / "maps").mkdir()  # saved maps of such data: nothing to score them against
+    with pytest.raises(ConfigError, match=r"^--maps: the test split of \S+/data has neither boxes nor masks: no "
+                                          r"localization to score$"):
+        main(["--data-root", str(tmp_path / "data"), "--data-format", "folder", "--maps", str(tmp_path / "maps"),
+              "--output-dir", str(tmp_path / "maps_out"), "--workers", "0", "--device", "cpu"])
 
 
 def test_overlays_show_each_block_map_beside_the_fused_one(cub, tmp_path):
@@ -563,3 +572,47 @@ def test_the_last_line_says_where_the_overlays_and_saved_maps_are(cub, tmp_path,
     last = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert last.endswith(f"; the overlays to {out / 'overlays'}; the maps to {maps}"), last
     assert (out / "overlays").is_dir() and (maps / "sat").is_dir()
+
+
+def test_a_nameless_checkpoint_of_more_classes_is_evaluated_on_its_first_classes(cub, tmp_path, caplog, keep_logging):
+    """A checkpoint that records no class names (the official releases) predicting more classes than the data
+    has: labels are taken as its first classes, with a warning (the data's names are not wnids)."""
+    root, _ = cub
+    nameless = tmp_path / "nameless.pth"
+    ckpt = torch.load(save_nano_checkpoint(tmp_path / "five.pth", num_classes=5), weights_only=True)
+    del ckpt["class_names"]
+    torch.save(ckpt, nameless)
+    with caplog.at_level(logging.WARNING):
+        record = main(["--checkpoint", str(nameless), "--data-root", str(root), "--output-dir", str(tmp_path / "out"),
+                       "--workers", "0", "--device", "cpu"])
+    assert "the data has 3 classes, the model predicts 5: evaluating on a class subset (labels taken as the " \
+           "model's first 3 classes)" in caplog.text
+    assert record["num_images"] == 12 and record["labels_matched_by"] == "index"
+
+
+def test_save_boxes_with_the_wsol_protocol_alone_is_one_line(cub, tmp_path, capsys, keep_logging):
+    root, checkpoint = cub
+    err = _one_error_line(capsys, ["--checkpoint", str(checkpoint), "--data-root", str(root), "--eval-protocol",
+                                   "wsol", "--save-boxes", str(tmp_path / "boxes.json"), "--output-dir",
+                                   str(tmp_path / "out"), "--workers", "0", "--device", "cpu"])
+    assert err == "error: --save-boxes writes the sat protocol's boxes: use --eval-protocol both (or sat / cls)"
+    assert not (tmp_path / "boxes.json").exists() and not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_no_data_root_evaluates_a_demo_checkpoint_on_the_demo_data(tmp_path, monkeypatch, caplog, keep_logging):
+    """The documented use without --data-root: a checkpoint trained on the demo data is evaluated on it, the
+    demo data written first where it is missing (here a small one, in place of data/demo_cub)."""
+    import DataLoader.eval_loader as eval_loader
+    import evaluator
+    demo = tmp_path / "demo_cub"
+    monkeypatch.setattr(eval_loader, "DEFAULT_DEMO_ROOT", demo)
+    monkeypatch.setattr(evaluator, "DEFAULT_DEMO_ROOT", demo)
+    monkeypatch.setattr(eval_loader, "make_demo_dataset", tiny_demo)
+    checkpoint = torch.load(save_nano_checkpoint(tmp_path / "nano.pth"), weights_only=True)
+    checkpoint["config"] = {"data_root": None}  # train.py without --data-root
+    torch.save(checkpoint, tmp_path / "demo.pth")
+    with caplog.at_level(logging.INFO):
+        record = main(["--checkpoint", str(tmp_path / "demo.pth"), "--output-dir", str(tmp_path / "out"),
+                       "--workers", "0", "--device", "cpu"])
+    assert f"no --data-root: using the built-in demo data at {demo} (CUB layout)" in caplog.text
+    assert record["num_images"] == 12 and (demo / "images.txt").is_file()

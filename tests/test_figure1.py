@@ -175,3 +175,34 @@ def test_a_run_in_neither_curve_is_named_and_labels_stay_inside_the_frame(tmp_pa
     red = image[:, :, 2] - image[:, :, 1] > 60  # this code's colour (BGR 40, 40, 220), not ink or the paper's grey
     bottom = 40 + 320  # the frame's last row (figure1._panel)
     assert red[:bottom + 9].sum() > 100 and not red[bottom + 9:].any()  # markers reach 8 px below it, labels none
+
+
+def test_run_prints_the_sweep_and_execute_runs_only_the_unfinished_runs(tmp_path, capsys, monkeypatch):
+    runs_dir = tmp_path / "runs"
+    figure1.main(["run", "--data-root", "/data/ILSVRC2012", "--runs-dir", str(runs_dir)])
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 9 and all(" train_ImageNet.py --data-root /data/ILSVRC2012 " in line for line in printed)
+    assert not runs_dir.exists()  # printing makes no folder
+    started = []
+
+    def fake_run(command, cwd):
+        started.append(command[command.index("--output-dir") + 1])
+        return type("Done", (), {"returncode": 0})()
+    monkeypatch.setattr(figure1.subprocess, "run", fake_run)
+    for folder, _ in figure1.sweep("/data", runs_dir)[1:]:  # all but 'full' finished
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text("{}")
+    figure1.main(["run", "--data-root", "/data", "--runs-dir", str(runs_dir), "--execute"])
+    assert started == [str((runs_dir / "full").resolve())]
+    monkeypatch.setattr(figure1.subprocess, "run", lambda command, cwd: type("Failed", (), {"returncode": 3})())
+    with pytest.raises(DataError, match=r"^the run into \S+/full failed with status 3$"):
+        figure1.main(["run", "--data-root", "/data", "--runs-dir", str(runs_dir), "--execute"])
+
+
+def test_collect_refuses_an_output_that_is_no_png_file(tmp_path):
+    (tmp_path / "out.png").mkdir()
+    for output, message in (("figure.pdf", "expected a .png (or .jpg) file"),
+                            (str(tmp_path / "out.png"), "a folder; expected the path of a PNG file")):
+        with pytest.raises(ConfigError) as err:
+            figure1.main(["collect", str(tmp_path), "--output", output])
+        assert str(err.value) == f"--output {output}: {message}"

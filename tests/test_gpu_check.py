@@ -379,6 +379,12 @@ def test_table_of_a_missing_runs_folder_is_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2
         assert capsys.readouterr() == ("", f"error: {path}: {what} (expected the folder the runs of "
                                            "tools/gpu_check.sh wrote into)\n")
+    for kind in ("check", "record"):  # none given: the same one line (argparse's usage and 'gpu_table.py: error:')
+        with pytest.raises(SystemExit) as exit_info:
+            gpu_table.main([kind])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr() == ("", f"error: {kind} needs the runs folder (the folder the runs of "
+                                           f"tools/gpu_{kind}.sh wrote into)\n")
 
 
 def test_help_gives_the_whole_description(capsys):
@@ -405,3 +411,22 @@ def test_cli_output_cut_short_keeps_the_previous_table_and_leaves_no_temporary_f
     monkeypatch.undo()
     assert (tmp_path / "t.md").read_text() == "previous table\n" and (tmp_path / "t.json").read_text() == "{}\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".t")) == []
+
+
+def test_photo_data_has_images_of_the_sizes_asked_with_boxes_inside_and_is_seeded(tmp_path):
+    """The default data (gpu_check.sh's measurements; --learnable aside): photo-sized JPEGs of a random size in
+    [--min-size, --max-size], one box each, inside its image; the same seed draws the same set."""
+    made = [make_benchmark_data(tmp_path / name, train=3, test=3, num_classes=2, min_size=40, max_size=56, seed=seed,
+                                processes=1) for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    images = [line.split()[1] for line in (made[0] / "images.txt").read_text().splitlines()]
+    boxes = [[float(v) for v in line.split()[1:]] for line in (made[0] / "bounding_boxes.txt").read_text().splitlines()]
+    assert len(images) == len(boxes) == 6
+    for relpath, (x, y, w, h) in zip(images, boxes):
+        with Image.open(made[0] / "images" / relpath) as image:
+            width, height = image.size
+        assert 40 <= width <= 56 and 40 <= height <= 56
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= width and y + h <= height
+
+    def files(root):
+        return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    assert files(made[0]) == files(made[1]) and files(made[0]) != files(made[2])

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from Model import build_model
-from utils.amp import LossScaler, amp_dtype, autocast_context, cpu_supports_bf16
+from utils import amp
+from utils.amp import LossScaler, amp_dtype, autocast_context, cpu_supports_bf16, describe
 from utils.errors import ConfigError
 from utils.optim import build_optimizer, build_scheduler, lr_factor, param_groups, set_trainable
 
@@ -100,3 +101,18 @@ def test_a_warmup_as_long_as_the_run_reaches_lr_at_its_last_step():
     """warmup_epochs == epochs: the last step trains at lr (train.py warns only for a longer warm-up)."""
     factors = [lr_factor(s, schedule="cosine", total_steps=8, warmup_steps=8, min_ratio=0.0) for s in range(8)]
     assert factors == pytest.approx([0.125 * (s + 1) for s in range(8)]) and factors[-1] == 1.0
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_amp_on_a_cpu_with_and_without_native_bf16(monkeypatch, native_bf16):
+    """Both CPU kinds, whichever this machine is: bf16 autocast where oneDNN has native bf16; else --amp is
+    refused in one line and amp: auto is fp32."""
+    monkeypatch.setattr(amp, "cpu_supports_bf16", lambda: native_bf16)
+    if native_bf16:
+        assert amp_dtype("cpu", True) == amp_dtype("cpu", "auto") == torch.bfloat16
+        assert describe("cpu", "auto") == "bf16 autocast"
+    else:
+        with pytest.raises(ConfigError, match=r"^--amp \(amp: true\) needs CUDA or a CPU with native bf16"):
+            amp_dtype("cpu", True)
+        assert amp_dtype("cpu", "auto") is None and describe("cpu", "auto") == "fp32"
+        assert autocast_context("cpu", "auto") is contextlib.nullcontext

@@ -68,6 +68,13 @@ def test_bad_path_is_one_error_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     expected = f"error: {tmp_path / 'missing.jpg'}: not found (expected an image file or a folder of images)\n"
     assert capsys.readouterr().err == expected
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no image here")
+    with pytest.raises(SystemExit):
+        run_cli(predict_main, ["--checkpoint", "unused.pth", str(tmp_path / "notes"), "--output-dir",
+                               str(tmp_path / "out")])
+    assert capsys.readouterr().err == f"error: {tmp_path / 'notes'}: no image files in this folder\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_threshold_outside_unit_interval_is_rejected(tmp_path, capsys):

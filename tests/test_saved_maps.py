@@ -245,6 +245,8 @@ def test_baseline_maps_need_a_new_folder_and_sane_values(cub, tmp_path, capsys):
                            ([tmp_path / "m", "--img-size", "64", "--resize-size", "32"], "--resize-size 32: the "
                             "centre view crops --img-size 64 pixels of it, resize to at least that"),
                            ([tmp_path / "m", "--sig", "0.3"], "unknown flag --sig (did you mean --sigma?)"),
+                           ([tmp_path / "m", "--img-size", "64"], "--img-size and --resize-size go together (the "
+                            "centre img_size crop of a resize_size image)"),
                            ([tmp_path / "file" / "m"], f"could not write {tmp_path / 'file' / 'm'}/001.Ringed_Disc: "
                                                        "Not a directory")):
         with pytest.raises(SystemExit):
@@ -561,3 +563,27 @@ def test_png_maps_read_as_their_values_in_the_unit_range(tmp_path, monkeypatch, 
     Image.new("RGB", (4, 3), (10, 20, 30)).save(tmp_path / "b.jpg.png")
     with pytest.raises(DataError, match=r"b\.jpg\.png: a RGB PNG, expected grayscale \(8 or 16 bit\)$"):
         read_map(tmp_path, "b.jpg")
+
+
+@pytest.mark.usefixtures("keep_logging")
+def test_flags_that_saved_maps_cannot_serve_are_one_line(cub, tmp_path, capsys):
+    """--save-maps / --save-boxes with --maps, and a --resize-size the maps' centre view cannot take, are refused
+    before any map is read."""
+    root, _ = cub
+    make_baseline_maps([str(tmp_path / "whole"), "--data-root", str(root), "--size", "8"])  # whole-image maps
+    make_baseline_maps([str(tmp_path / "view"), "--data-root", str(root), "--size", "8", "--img-size", "64",
+                        "--resize-size", "72"])  # with views.json: the centre crop of a 72 x 72 image
+    common = ["--data-root", str(root), "--output-dir", str(tmp_path / "out"), *CPU]
+
+    def error(maps, *flags):
+        return _one_error_line(capsys, ["--maps", str(tmp_path / maps), *map(str, flags), *common])
+
+    assert error("whole", "--save-maps", tmp_path / "again") == "error: --save-maps with --maps: the maps are saved " \
+                                                                "already"
+    assert error("whole", "--save-boxes", tmp_path / "boxes.json") == "error: --save-boxes with --maps: COCO " \
+        "detections need class scores, which saved maps and predictions do not carry (per_image.csv holds the boxes)"
+    assert error("whole", "--resize-size", 200) == "error: --resize-size 200: the centre view crops 224 pixels, " \
+                                                   "resize to at least 224"
+    assert error("view", "--resize-size", 80) == f"error: --resize-size 80: the maps in {tmp_path / 'view'} are of " \
+        f"the centre crop of a 72x72 image ({tmp_path / 'view' / 'views.json'})"
+    assert not (tmp_path / "out" / "metrics.json").exists() and not (tmp_path / "again").exists()

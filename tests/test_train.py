@@ -653,3 +653,23 @@ def test_a_process_batch_of_one_image_under_ddp_prints_no_torch_warning(tmp_path
     finally:
         dist.destroy_process_group()
     assert not [str(w.message) for w in caught if "Grad strides" in str(w.message)]
+
+
+def test_a_format_other_than_the_demo_s_needs_a_data_root(tmp_path, capsys):
+    """Without --data-root train.py trains on the built-in demo data, which is in the CUB layout: another
+    --data-format is refused in one line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [*TINY, "--data-format", "folder", "--output-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: data_format folder needs --data-root (only the built-in demo data " \
+                                      "needs none)\n"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_train_split_smaller_than_one_batch_is_said(data_root, tmp_path, caplog):
+    cfg = parse_config(args(data_root, tmp_path / "run", "--batch-size", "64"), "train")
+    with caplog.at_level(logging.WARNING, logger="sat"):
+        train_loader = build_loaders(cfg, "cub", data_root, init_distributed("cpu"), micro_batch=64)[0]
+    assert "the train split has 24 images, fewer than one batch (--batch-size 64): each epoch is one partial " \
+           "batch" in caplog.text
+    assert len(train_loader) == 1

@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from utils.errors import OutputError
+from tools.make_figures import main as make_figures
+from utils.errors import OutputError, run_cli
 from utils.visualize import GT_COLOR, PRED_COLOR, heatmap_overlay, render_overlay, save_rgb
 
 
@@ -114,3 +115,19 @@ def test_a_caption_with_accents_is_drawn_as_its_ascii_letters():
     accented, plain = (render_overlay(image, np.zeros((7, 7)), caption=f"grey h{e}ron  IoU 0.75 @ 0.4")
                        for e in ("\u00e9", "e"))
     assert np.array_equal(accented, plain)
+
+
+def test_make_figures_refuses_an_output_file_and_a_run_without_overlays_in_one_line(tmp_path, capsys):
+    (tmp_path / "file.png").write_text("x")
+    (tmp_path / "bare_run").mkdir()
+    (tmp_path / "empty_run" / "overlays" / "001.a").mkdir(parents=True)
+    for argv, message in (
+            (["--output-dir", str(tmp_path / "file.png")], f"--output-dir {tmp_path / 'file.png'}: not a folder"),
+            (["--demo-run", str(tmp_path / "bare_run"), "--output-dir", str(tmp_path / "img")],
+             f"--demo-run {tmp_path / 'bare_run'}: no overlays/ folder (expected the output folder of a demo run)"),
+            (["--demo-run", str(tmp_path / "empty_run"), "--output-dir", str(tmp_path / "img")],
+             f"{tmp_path / 'empty_run' / 'overlays'}: no overlays (class folders of PNGs) in it")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(make_figures, argv)
+        assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+    assert (tmp_path / "file.png").read_text() == "x" and not (tmp_path / "img" / "demo_overlays.png").exists()

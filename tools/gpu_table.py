@@ -485,7 +485,8 @@ def main(argv=None):
                                  "on a GPU machine, or with --device cpu --quick to try the runs and the table")
         return None
     if not args.runs:
-        p.error(f"{args.kind} needs the runs folder")
+        p.exit(2, f"error: {args.kind} needs the runs folder (the folder the runs of tools/gpu_{args.kind}.sh wrote "
+                  "into)\n")
     runs = Path(args.runs)
     if not runs.is_dir():  # (a table of "not run" rows would say the runs failed)
         p.exit(2, f"error: {runs}: {'not a folder' if runs.exists() else 'not found'} (expected the folder the "

@@ -10,7 +10,6 @@ model (``arch``, ``num_classes``, ``img_size``, ``model_kwargs``, ``class_names`
 state. ``epoch`` counts completed epochs.
 """
 import argparse
-import contextlib
 import errno
 import logging
 import os
@@ -84,14 +83,6 @@ def plain_globals():
             *{type(np.dtype(code)) for code in np.typecodes["All"]}]
 
 
-def _allowing(safe):
-    """A context in which torch.load(weights_only=True) rebuilds ``safe`` too (torch < 2.5: added for good)."""
-    if hasattr(torch.serialization, "safe_globals"):
-        return torch.serialization.safe_globals(safe)
-    torch.serialization.add_safe_globals(safe)
-    return contextlib.nullcontext()
-
-
 ZIP_HEADER = b"PK\x03\x04"  # torch.save's archive; the legacy format is a pickle (first byte 0x80)
 
 
@@ -151,7 +142,7 @@ def read_checkpoint(path, what="checkpoint", mmap=False) -> Dict[str, Any]:
                 from safetensors.torch import load_file  # a dependency of timm
                 ckpt = load_file(path, device="cpu")
             else:
-                with _allowing(plain_globals()):
+                with torch.serialization.safe_globals(plain_globals()):
                     ckpt = torch.load(path, map_location="cpu", weights_only=True,
                                       mmap=mmap and zipfile.is_zipfile(path))  # (not files of torch < 1.6)
     except Exception as err:  # torch raises many types for non-checkpoint files
