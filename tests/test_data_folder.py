@@ -1,3 +1,5 @@
+import os
+
 import pytest
 from PIL import Image
 
@@ -132,3 +134,15 @@ def test_a_val_split_the_box_file_does_not_name_is_refused_naming_the_file(custo
         resolve_protocol("auto", build_dataset("folder", custom, "val", val_boxes=csv))
     assert str(err.value).startswith(f"{custom}: 2 of the 2 evaluation images have no boxes in {csv} (first: "
                                      "val/cat/0.png); ")
+
+
+def test_boxes_csv_looks_each_image_up_once(custom, monkeypatch):
+    """An image with several boxes (ImageNet-sized data: 50,000 images, 3 boxes each) is looked up on disk once,
+    not once per box line; its boxes are all kept."""
+    (custom / "boxes.csv").write_text("".join(f"test/dog/0.png,{k},0,{k + 5},5\n" for k in range(6)) +
+                                      "test/cat/0.png,3,3,9,9\n./test/cat/0.png,0,0,4,4\n")
+    looked_up, exists = [], os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: looked_up.append(str(p)) or exists(p))
+    test = build_dataset("folder", custom, "test")
+    assert test[1]["boxes"].shape == (6, 4) and test[0]["boxes"].tolist() == [[3, 3, 9, 9], [0, 0, 4, 4]]
+    assert sum(p.endswith("0.png") for p in looked_up) == 3  # dog/0.png, cat/0.png and ./cat/0.png: once each

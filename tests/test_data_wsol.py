@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import DataLoader.formats.annotations as annotations
 from DataLoader import build_dataset, build_loader, load_mask
 from DataLoader.check import check_split
 from utils.errors import DataError
@@ -279,3 +280,18 @@ def test_an_image_id_leading_out_of_the_data_root_is_an_error(boxes_set, outside
         build_dataset("wsol", images, "val", metadata_root=meta)
     assert str(err.value) == f"{meta / 'val' / 'image_ids.txt'} line 1: image {image_id!r} is not under {images} " \
                              "(expected a path relative to it, without '..' leading out of it)"
+
+
+def test_the_train_split_reads_its_class_labels_once(boxes_set, monkeypatch):
+    """The train split's class_labels.txt (ILSVRC: 1.28 M lines) gives its labels and the class count in one
+    read; an evaluation split reads it for the class count alone."""
+    reads, read_lines = [], annotations.read_lines
+    monkeypatch.setattr(annotations, "read_lines", lambda path, expected: reads.append(str(path)) or
+                        read_lines(path, expected))
+    images, meta = boxes_set
+    train = build_dataset("wsol", images, "train", metadata_root=meta)
+    assert train.classes == ["0", "1"] and len(train) == 4
+    assert sum(path.endswith("train/class_labels.txt") for path in reads) == 1
+    reads.clear()
+    assert build_dataset("wsol", images, "test", metadata_root=meta).classes == ["0", "1"]
+    assert sum(path.endswith("train/class_labels.txt") for path in reads) == 1

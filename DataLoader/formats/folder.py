@@ -92,15 +92,18 @@ def read_boxes_csv(path, root):
     """{image path relative to root: (boxes, source)} from a boxes CSV (its paths relative to root, as
     ``test/cat/1.jpg`` or ``./test/cat/1.jpg``, or absolute under root)."""
     rows = {}
+    resolved = {}  # each image as written -> its path relative to root: looked up once, not once per box line
     for lineno, (image, *box) in read_table(path, (str, float, float, float, float),
                                             "'image,x0,y0,x1,y1'", header="image", quoted=True):
         where = f"{path} line {lineno}"
-        if not os.path.exists(Path(root) / image):
-            raise DataError(f"{where}: image {Path(root) / image} not found")
-        relative = os.path.relpath(Path(root) / image, root).replace(os.sep, "/")
-        if relative.startswith("../"):
-            raise DataError(f"{where}: image {image} is not under the data root {root}")
-        image = relative
+        if image not in resolved:
+            if not os.path.exists(Path(root) / image):
+                raise DataError(f"{where}: image {Path(root) / image} not found")
+            relative = os.path.relpath(Path(root) / image, root).replace(os.sep, "/")
+            if relative.startswith("../"):
+                raise DataError(f"{where}: image {image} is not under the data root {root}")
+            resolved[image] = relative
+        image = resolved[image]
         check_boxes(box, None, where)
         rows.setdefault(image, []).append((box, lineno))
     return {image: (np.array([box for box, _ in entries], np.float32),

@@ -19,10 +19,11 @@ IDS_FILE = "image_ids.txt"
 _logger = logging.getLogger("sat")
 
 
-def _num_classes(metadata_root, labels):
-    """1 + the largest label of the train split (this split's when there is no train metadata)."""
+def _num_classes(metadata_root, split, labels):
+    """1 + the largest label of the train split (this split's ``labels`` when there is no train metadata, and when
+    it is the train split: its class_labels.txt, read once, 1.28 M lines for ILSVRC)."""
     train_labels = Path(metadata_root) / "train" / "class_labels.txt"
-    if train_labels.is_file():
+    if split != "train" and train_labels.is_file():
         values = [label for _, (_, label) in read_table(train_labels, (str, int), LABELS_EXPECTED, sep=",")]
     else:
         values = [rows[0][1][0] for rows in labels.values()]
@@ -70,7 +71,7 @@ def load_wsol(image_root, metadata_root, split):
     if not ids:
         raise DataError(f"{ids_path}: lists no images (expected {WSOL_LAYOUT})")
     labels = rows_by_id(labels_path, (str, int), LABELS_EXPECTED, ids, IDS_FILE, sep=",")
-    num_classes = _num_classes(metadata_root, labels)
+    num_classes = _num_classes(metadata_root, split, labels)
     if split == "train":  # a class number no image has is a class of its own, never trained on
         seen = {rows[0][1][0] for rows in labels.values()}
         empty = [label for label in range(num_classes) if label not in seen]
