@@ -40,8 +40,8 @@ from utils.metrics import format_per_class, format_tables
 from utils.preemption import ignore_stop_signals, signals_held, stopped_as_said, work_complete
 from utils.outputs import (EVALUATION_FILES, FolderLock, Staged, check_output_file, partial_name,
                            previous_outputs)
-from utils.saved_maps import (CLASS_KEYS, TOP5_KEYS, VIEW_FILE, SavedMaps, drop_class_metrics, map_loader,
-                              read_predictions, saved_view, top1_only, write_saved_view)
+from utils.saved_maps import (CLASS_KEYS, TOP5_KEYS, VIEW_FILE, SavedMaps, check_room_for_maps, drop_class_metrics,
+                              map_loader, read_predictions, saved_view, top1_only, write_saved_view)
 from utils.visualize import plot_curves
 
 _logger = logging.getLogger("sat")
@@ -275,6 +275,10 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
                  "+".join(views.names), thresholds, describe(info.device, args.amp))
     if args.save_boxes and protocol == "wsol":
         raise ConfigError("--save-boxes writes the sat protocol's boxes: use --eval-protocol both (or sat / cls)")
+    if args.save_maps:
+        needed = run_everywhere(check_room_for_maps, args.save_maps, len(loader.dataset), protocol,
+                                img_size // model.patch_embed.patch_size[0])
+        _logger.info("--save-maps: %s MB of maps into %s", f"{needed / 1e6:,.1f}", args.save_maps)
     start = time.perf_counter()
     try:
         metrics = evaluate(loader, model.to(info.device), info.device, amp=args.amp, compile=args.compile,

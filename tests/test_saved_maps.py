@@ -18,7 +18,7 @@ from evaluator import main
 from tools.compare import main as compare
 from tools.make_baseline_maps import main as make_baseline_maps
 from utils.errors import run_cli
-from utils.saved_maps import centre_view_map
+from utils.saved_maps import centre_view_map, saved_maps_bytes
 
 from test_evaluation import save_nano_checkpoint, tiny_demo
 from test_evaluator_cli import _one_error_line, _write_imagenet, keep_logging  # noqa: F401 (a fixture)
@@ -50,6 +50,9 @@ def test_round_trip_gives_the_checkpoint_numbers(cub, tmp_path, protocol):
               "0.7", "0.8", "--overlays", "3", "--eval-batch-size", "5", *CPU]
     direct = main(["--checkpoint", str(checkpoint), "--save-maps", str(tmp_path / "maps"),
                    "--output-dir", str(tmp_path / "direct"), *common])
+    # the room checked before: the files as written, in 4 KiB blocks (the nano model's 4 x 4 grid at 64 px)
+    written = sum(-(-path.stat().st_size // 4096) * 4096 for path in (tmp_path / "maps").rglob("*.npy"))
+    assert written == saved_maps_bytes(direct["num_images"], protocol, grid=4) > 0
     saved = main(["--maps", str(tmp_path / "maps"), "--predictions", str(tmp_path / "direct" / "per_image.csv"),
                   "--output-dir", str(tmp_path / "saved"), *common])
     assert {k: v for k, v in saved.items() if k not in SETTINGS} == \
@@ -587,3 +590,20 @@ def test_flags_that_saved_maps_cannot_serve_are_one_line(cub, tmp_path, capsys):
     assert error("view", "--resize-size", 80) == f"error: --resize-size 80: the maps in {tmp_path / 'view'} are of " \
         f"the centre crop of a 72x72 image ({tmp_path / 'view' / 'views.json'})"
     assert not (tmp_path / "out" / "metrics.json").exists() and not (tmp_path / "again").exists()
+
+
+@pytest.mark.usefixtures("keep_logging")
+def test_maps_the_disk_has_no_room_for_are_refused_before_the_evaluation(cub, tmp_path, capsys, monkeypatch):
+    """ImageNet's 50,000 val images take 20 GB of wsol maps (float64, 224 x 224): a disk without that room is
+    said at the start, not by a failed write at the end; nothing is written."""
+    assert saved_maps_bytes(50000, "wsol", grid=14) == 50000 * 405504  # 401,536-byte files in 4 KiB blocks
+    assert saved_maps_bytes(50000, "sat", grid=14) == 50000 * 4096
+    root, checkpoint = cub
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 50000, 50000))
+    maps = tmp_path / "new" / "maps"  # (not made yet: the room of the disk it goes to)
+    assert _one_error_line(capsys, ["--checkpoint", str(checkpoint), "--data-root", str(root), "--save-maps",
+                                    str(maps), "--eval-protocol", "both", "--output-dir", str(tmp_path / "out"),
+                                    *CPU]) == \
+        f"error: --save-maps {maps}: the maps of 12 images need 4.9 MB, {tmp_path} has 0.1 MB free (free some " \
+        "space or save them on a larger disk)"
+    assert not (tmp_path / "new").exists() and not (tmp_path / "out" / "metrics.json").exists()

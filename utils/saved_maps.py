@@ -12,6 +12,7 @@ which each protocol takes through its own view (:func:`centre_view_map`, :func:`
 """
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset
 
 from DataLoader.dataset import UNREADABLE, rgb, unreadable_message
 from DataLoader.eval_loader import ShardSampler
+from DataLoader.eval_views import includes_wsol
 from DataLoader.loader import BatchLoader
 from utils.boxes import WSOL_MAP_SIZE, centre_offset, wsol_map
 from utils.errors import ConfigError, DataError, writing_outputs
@@ -102,6 +104,27 @@ def write_maps(root, image_ids, out):
                 with writing_outputs(path):
                     path.parent.mkdir(parents=True, exist_ok=True)
                     np.save(path, save(loc_map))
+
+
+def saved_maps_bytes(num_images, protocol, grid, block=4096):
+    """The disk room ``write_maps`` takes for ``num_images``: per image a float32 sat map of ``grid`` x ``grid``
+    (protocols other than wsol) and a float64 224 x 224 wsol map (wsol, both; 401,536 bytes: 20 GB for the
+    50,000 ImageNet val images), each .npy file (128-byte header) in whole ``block``-byte blocks of the disk."""
+    payloads = ([4 * grid * grid] if protocol != "wsol" else []) + \
+        ([8 * WSOL_MAP_SIZE * WSOL_MAP_SIZE] if includes_wsol(protocol) else [])
+    return num_images * sum(-(-(128 + payload) // block) * block for payload in payloads)
+
+
+def check_room_for_maps(folder, num_images, protocol, grid):
+    """Before the evaluation: a one-line ConfigError when the disk of ``folder`` (the --save-maps folder) has
+    less room than the maps need (found out only at the end of a long evaluation otherwise); the size, else."""
+    needed = saved_maps_bytes(num_images, protocol, grid)
+    existing = next(path for path in (Path(folder).absolute(), *Path(folder).absolute().parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise ConfigError(f"--save-maps {folder}: the maps of {num_images} images need {needed / 1e6:,.1f} MB, "
+                          f"{existing} has {free / 1e6:,.1f} MB free (free some space or save them on a larger disk)")
+    return needed
 
 
 def read_map(folder, image_id, allow_constant=False):
