@@ -1,3 +1,4 @@
+import gc
 import os
 import re
 import subprocess
@@ -409,3 +410,22 @@ def test_an_unreadable_image_is_named_once_whatever_its_name(tmp_path):
         f"unreadable image {tmp_path / 'gone.jpg'} (FileNotFoundError: No such file or directory)")
     assert unreadable_message("a", OSError("broken data stream when reading image file")) == (
         "unreadable image a (OSError: broken data stream when reading image file)")
+
+
+def test_a_split_is_listed_with_the_cyclic_collector_paused(cub, monkeypatch):
+    """Python's cyclic collector is off while a format lists its split (ImageNet's 1.28 M lines made it run
+    again and again: half the wsol format's listing time), and as it was after, the listing failed or not."""
+    states, read = [], LOADERS["cub"]
+    monkeypatch.setitem(LOADERS, "cub", lambda *args: states.append(gc.isenabled()) or read(*args))
+    assert len(build_dataset("cub", cub, "train")) == 6 and states == [False] and gc.isenabled()
+    monkeypatch.setitem(LOADERS, "cub", lambda *args: states.append(gc.isenabled()) or read(cub / "absent", "train"))
+    with pytest.raises(DataError):
+        build_dataset("cub", cub, "train")
+    assert states == [False, False] and gc.isenabled()
+    monkeypatch.setitem(LOADERS, "cub", read)
+    gc.disable()
+    try:
+        build_dataset("cub", cub, "test")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -3,6 +3,7 @@ import pytest
 from PIL import Image
 
 import DataLoader.formats.annotations as annotations
+import DataLoader.formats.wsol as wsol
 from DataLoader import build_dataset, build_loader, load_mask
 from DataLoader.check import check_split
 from utils.errors import DataError
@@ -268,7 +269,7 @@ def test_a_class_number_no_training_image_has_is_warned(boxes_set, caplog):
     assert caplog.messages == []
 
 
-@pytest.mark.parametrize("outside", ["absolute", "../elsewhere/x.JPEG"])
+@pytest.mark.parametrize("outside", ["absolute", "../elsewhere/x.JPEG", "val/../../elsewhere/x.JPEG"])
 def test_an_image_id_leading_out_of_the_data_root_is_an_error(boxes_set, outside):
     """An image_ids.txt id that is absolute or climbs out with '..' was read from wherever it led, and its
     overlay and saved map (named after the id) were written there, outside the output folders."""
@@ -286,8 +287,11 @@ def test_the_train_split_reads_its_class_labels_once(boxes_set, monkeypatch):
     """The train split's class_labels.txt (ILSVRC: 1.28 M lines) gives its labels and the class count in one
     read; an evaluation split reads it for the class count alone."""
     reads, read_lines = [], annotations.read_lines
-    monkeypatch.setattr(annotations, "read_lines", lambda path, expected: reads.append(str(path)) or
-                        read_lines(path, expected))
+    def counted(path, expected):
+        reads.append(str(path))
+        return read_lines(path, expected)
+    monkeypatch.setattr(annotations, "read_lines", counted)
+    monkeypatch.setattr(wsol, "read_lines", counted)  # an evaluation split reads the label column alone
     images, meta = boxes_set
     train = build_dataset("wsol", images, "train", metadata_root=meta)
     assert train.classes == ["0", "1"] and len(train) == 4
@@ -295,3 +299,37 @@ def test_the_train_split_reads_its_class_labels_once(boxes_set, monkeypatch):
     reads.clear()
     assert build_dataset("wsol", images, "test", metadata_root=meta).classes == ["0", "1"]
     assert sum(path.endswith("train/class_labels.txt") for path in reads) == 1
+
+
+def test_an_evaluation_split_reads_the_train_label_column_alone(boxes_set, monkeypatch):
+    """The class count of an evaluation split: the largest label of train/class_labels.txt (ILSVRC: 1.28 M
+    lines) without read_table's rows; a blank line there is skipped and a malformed one named as read_table does."""
+    images, meta = boxes_set
+    read_table = annotations.read_table
+    monkeypatch.setattr(wsol, "read_table", lambda path, *args, **kwargs: pytest.fail(f"read_table({path})")
+                        if str(path).endswith("train/class_labels.txt") else read_table(path, *args, **kwargs))
+    assert build_dataset("wsol", images, "test", metadata_root=meta).classes == ["0", "1"]
+    monkeypatch.setattr(wsol, "read_table", read_table)
+    labels = meta / "train" / "class_labels.txt"
+    lines = labels.read_text().splitlines()
+    labels.write_text("\n".join(lines[:2] + ["  ", lines[2].replace(",0", ", 2 ")] + lines[3:]) + "\n")
+    assert build_dataset("wsol", images, "test", metadata_root=meta).classes == ["0", "1", "2"]
+    labels.write_text("\n".join(lines[:2] + ["", lines[2].replace(",0", ";0")] + lines[3:]) + "\n")
+    with pytest.raises(DataError) as err:
+        build_dataset("wsol", images, "test", metadata_root=meta)
+    assert str(err.value) == f"{labels} line 4: expected 'image_id,class', got 'train/n00/img2.JPEG;0'"
+
+
+def test_listed_images_are_checked_without_a_path_object_each(boxes_set, monkeypatch):
+    """Each image_ids.txt id that exists is checked with os.path (a Path object each: seconds at 1.28 M ids);
+    a missing one is named as before."""
+    images, meta = boxes_set
+    existing = wsol._existing
+    monkeypatch.setattr(wsol, "_existing", lambda *args: pytest.fail("a Path per existing image"))
+    assert len(build_dataset("wsol", images, "train", metadata_root=meta)) == 4
+    monkeypatch.setattr(wsol, "_existing", existing)
+    (images / "train/n01/img3.JPEG").unlink()
+    with pytest.raises(DataError) as err:
+        build_dataset("wsol", images, "train", metadata_root=meta)
+    assert str(err.value) == \
+        f"{meta / 'train' / 'image_ids.txt'} line 4: file {images / 'train/n01/img3.JPEG'} not found"

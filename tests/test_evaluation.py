@@ -16,7 +16,7 @@ from Model import build_model, build_model_from_checkpoint, model_spec
 from utils.boxes import gt_boxes_sat, gt_boxes_wsol, iou_plus1
 from utils.checkpoint import save_checkpoint
 from utils import engine
-from utils.engine import box_pool, default_box_processes, evaluate, images_per_forward
+from utils.engine import BatchScorer, box_pool, default_box_processes, evaluate, images_per_forward
 from utils.errors import ConfigError
 from utils.metrics import (LOC_KEYS, TRAIN_THRESHOLDS, ClassAccumulator, PxAPAccumulator, SATLocAccumulator,
                            WSOLBoxAccumulator)
@@ -282,6 +282,18 @@ def test_box_process_pool_gives_the_same_numbers(demo_root):
     threads = evaluate(loader, model, "cpu", **settings)
     processes = evaluate(loader, model, "cpu", box_processes=2, **settings)
     assert processes == threads and len(processes["per_image"]) == 12
+
+
+def test_an_evaluation_without_per_image_rows_builds_none(demo_root, monkeypatch):
+    """A training-time evaluation (per_image=False) makes no per-image rows (50 MiB per 50k images, unused)
+    and gives the same metrics."""
+    loader = build_eval_loader("cub", demo_root, "test", protocol="both", tencrop=False, img_size=64, batch_size=4,
+                               workers=0)
+    settings = dict(threshold=0.4, thresholds=TRAIN_THRESHOLDS, progress=False, threads=1)
+    with_rows = evaluate(loader, nano_model(), "cpu", per_image=True, **settings)
+    monkeypatch.setattr(BatchScorer, "_rows", lambda *args: pytest.fail("per-image rows built"))
+    without = evaluate(loader, nano_model(), "cpu", **settings)
+    assert without == {key: value for key, value in with_rows.items() if key not in ("per_image", "per_class")}
 
 
 def _parent_has_torch_loaded():

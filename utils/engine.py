@@ -291,8 +291,9 @@ class BatchScorer:
     classes were predicted."""
 
     def __init__(self, views, thresholds, threshold, save_maps, overlay_dir, class_names, from_files=False,
-                 block_layers=(), suffix_kept=()):
+                 block_layers=(), suffix_kept=(), per_image=True):
         self.views, self.thresholds, self.threshold = views, thresholds, threshold
+        self.per_image = per_image  # False: no per-image rows (training's evaluations: 50 MiB per 50k images, unused)
         self.suffix_kept = set(suffix_kept)  # image ids whose overlay keeps the extension (overlay_names_shared)
         self.block_layers = block_layers  # the layer number of each spatial-aware block: its overlay panel's name
         self.save_maps = Path(save_maps) if save_maps else None
@@ -338,7 +339,7 @@ class BatchScorer:
             write_maps(self.save_maps, ids, out)
         column = self.thresholds.index(self.threshold) if pred_boxes is not None and self.threshold is not None \
             else None
-        rows = self._rows(batch, out, pred_boxes, ious, column)
+        rows = self._rows(batch, out, pred_boxes, ious, column) if self.per_image else []
         for k, crop in crops.items():
             if column is not None:
                 self.overlay(ids[k], crop, out["sat"][1][k], "sat", self.threshold, pred_boxes[k, column],
@@ -620,7 +621,8 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     scorer = BatchScorer(views, evaluated, wsol_threshold if protocol == "wsol" else threshold, save_maps,
                          overlay_dir, class_names, from_files=saved_maps is not None,
                          block_layers=model.spatial_layers if overlay_blocks and model is not None else (),
-                         suffix_kept=overlay_names_shared(getattr(dataset, "items", ())) if overlay_dir else ())
+                         suffix_kept=overlay_names_shared(getattr(dataset, "items", ())) if overlay_dir else (),
+                         per_image=per_image)
     held = HeldOverlays(scorer) if protocol == "wsol" and overlay_dir is not None and wsol_threshold is None \
         else None  # wsol overlays at the threshold this evaluation chooses
     size_mismatches = 0  # images whose file is not the size their annotation states

@@ -24,17 +24,32 @@ def _num_classes(metadata_root, split, labels):
     it is the train split: its class_labels.txt, read once, 1.28 M lines for ILSVRC)."""
     train_labels = Path(metadata_root) / "train" / "class_labels.txt"
     if split != "train" and train_labels.is_file():
-        values = [label for _, (_, label) in read_table(train_labels, (str, int), LABELS_EXPECTED, sep=",")]
-    else:
-        values = [rows[0][1][0] for rows in labels.values()]
-    return max(values, default=-1) + 1
+        return _largest_label(train_labels) + 1
+    return max((rows[0][1][0] for rows in labels.values()), default=-1) + 1
+
+
+def _largest_label(path):
+    """The largest label of a class_labels.txt from its label column alone: an evaluation split reads the train
+    split's (ILSVRC: 1.28 M lines, 0.45 s; 4.3 s through read_table). A blank or malformed line hands it to
+    read_table, which skips the one and names the other as it does everywhere."""
+    try:
+        return max((int(line.split(",", 1)[1]) for line in read_lines(path, LABELS_EXPECTED)), default=-1)
+    except (IndexError, ValueError):
+        return max((label for _, (_, label) in read_table(path, (str, int), LABELS_EXPECTED, sep=",")), default=-1)
 
 
 def _existing(root, relpath, where):
+    """str(Path(root) / relpath); DataError naming ``where`` unless that file exists."""
     path = Path(root) / relpath
     if not os.path.exists(path):
         raise DataError(f"{where}: file {path} not found")
     return str(path)
+
+
+def _check_exists(root, relpath, where):
+    """:func:`_existing`'s check without its Path object for a file that exists (1.28 M ids: seconds)."""
+    if not os.path.exists(os.path.join(root, relpath)):
+        _existing(root, relpath, where)  # its error, and its verdict where Path differs (a trailing '/')
 
 
 def _read_localization(path, ids):
@@ -65,8 +80,9 @@ def load_wsol(image_root, metadata_root, split):
     for lineno, (image_id,) in read_table(ids_path, (str,), "'image_id' (a path under the image root)"):
         if image_id in ids:  # it would be trained on, or scored, twice
             raise DataError(f"{ids_path} line {lineno}: image {image_id!r} is listed twice (line {ids[image_id]})")
-        check_under_root(image_id, image_root, f"{ids_path} line {lineno}")
-        _existing(image_root, image_id, f"{ids_path} line {lineno}")
+        where = f"{ids_path} line {lineno}"
+        check_under_root(image_id, image_root, where)
+        _check_exists(image_root, image_id, where)
         ids[image_id] = lineno
     if not ids:
         raise DataError(f"{ids_path}: lists no images (expected {WSOL_LAYOUT})")
