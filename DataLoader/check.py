@@ -23,6 +23,7 @@ from utils.errors import DataError, SATError
 from utils.preemption import leave_stops_to_the_parent, signals_deferred
 
 from .formats.annotations import check_boxes
+from .formats.wsol import alpha_problem
 from .dataset import UNREADABLE, size_difference_warning
 
 _logger = logging.getLogger("sat")
@@ -96,6 +97,7 @@ def item_problem(job):
     skewed = None
     for mask in masks if reason is None else ():
         mask_size, problem = image_problem(mask, decode)
+        problem = problem or alpha_problem(mask)
         if problem is not None:
             return f"mask {mask}: {problem}", size, None
         if skewed is None and not same_aspect(mask_size, size):

@@ -333,3 +333,21 @@ def test_listed_images_are_checked_without_a_path_object_each(boxes_set, monkeyp
         build_dataset("wsol", images, "train", metadata_root=meta)
     assert str(err.value) == \
         f"{meta / 'train' / 'image_ids.txt'} line 4: file {images / 'train/n01/img3.JPEG'} not found"
+
+
+def test_a_mask_with_an_alpha_channel_is_refused_in_the_check_and_the_evaluation(mask_set):
+    """A cut-out (the object opaque, the rest transparent, its colour black) read as grey alone was an empty
+    mask, silently; refused by the data check and by the evaluation's read, in one line naming it."""
+    images, meta = mask_set
+    cutout = np.zeros((32, 32, 4), np.uint8)
+    cutout[4:12, 4:20, 3] = 255
+    Image.fromarray(cutout, "RGBA").save(images / "mask/y_m1.png")
+    dataset = build_dataset("wsol", images, "test", metadata_root=meta)
+    reason = f"mask {images / 'mask/y_m1.png'}: has an alpha channel (mode RGBA), which is not read: expected a " \
+             "grayscale mask, its non-zero pixels the foreground (save the alpha channel as the mask)"
+    assert check_split(dataset, "test").bad == [(dataset.image_path(1), reason)]
+    with pytest.raises(DataError) as err:
+        load_mask(dataset[1]["mask_paths"], None)
+    assert str(err.value) == reason
+    Image.fromarray(cutout[:, :, 3], "L").save(images / "mask/y_m1.png")  # its alpha channel as the mask
+    assert check_split(dataset, "test").bad == [] and load_mask(dataset[1]["mask_paths"], None)[0].any()

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from utils.cv import cv2
 from utils.errors import DataError
@@ -129,6 +130,17 @@ def load_wsol(image_root, metadata_root, split):
     return Path(image_root), items, [str(label) for label in range(num_classes)]
 
 
+def alpha_problem(path):
+    """Why the mask ``path`` cannot be read as the user meant, or None: a mask with an alpha channel (a cut-out)
+    is read as its grey level alone, which says nothing of its transparency (a black cut-out: an empty mask)."""
+    with Image.open(path) as image:  # (the header alone)
+        mode = image.mode
+    if "A" in mode:
+        return f"has an alpha channel (mode {mode}), which is not read: expected a grayscale mask, its non-zero " \
+               "pixels the foreground (save the alpha channel as the mask)"
+    return None
+
+
 def _read_mask(path, size):
     """(the mask resized to size x size as booleans, its (W, H) as stored)."""
     # at the file's bit depth: IMREAD_GRAYSCALE alone turns a 16-bit mask into its high byte, so a 16-bit
@@ -137,6 +149,9 @@ def _read_mask(path, size):
     mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION)
     if mask is None:
         raise DataError(f"{path}: unreadable mask (expected a grayscale PNG)")
+    problem = alpha_problem(path)
+    if problem:
+        raise DataError(f"mask {path}: {problem}")
     return cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_NEAREST) > 0.5, mask.shape[::-1]
 
 
