@@ -11,7 +11,6 @@ fork server or of spawned processes would import torch again in each process: se
 import contextlib
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ from utils.preemption import leave_stops_to_the_parent, signals_deferred
 
 from .formats.annotations import check_boxes
 from .formats.wsol import alpha_problem
-from .dataset import UNREADABLE, size_difference_warning
+from .dataset import EMPTY_FILE, UNREADABLE, is_empty_file, size_difference_warning
 
 _logger = logging.getLogger("sat")
 
@@ -61,7 +60,7 @@ def unreadable_reason(err, path):
     if isinstance(err, FileNotFoundError):
         return "file not found"
     if isinstance(err, UnidentifiedImageError):
-        return "empty file (0 bytes)" if os.path.getsize(path) == 0 else "not an image file PIL recognises"
+        return EMPTY_FILE if is_empty_file(path) else "not an image file PIL recognises"
     return f"{err.__class__.__name__}: {err}"
 
 

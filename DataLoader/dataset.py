@@ -20,10 +20,24 @@ def unreadable_message(path, err):
     return f"unreadable image {path} ({why_unreadable(path, err)})"
 
 
+EMPTY_FILE = "empty file (0 bytes)"  # what PIL calls a file it does not recognise, when the file has no byte
+
+
+def is_empty_file(path):
+    """Whether ``path`` is a file of 0 bytes (a failed copy or download), said as EMPTY_FILE by every reader."""
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
+
+
 def why_unreadable(path, err):
     """'<error class>: <reason>' of the error ``err`` reading ``path``, without the path (PIL's own message names
-    the file again: said once by the caller). PIL names it as Python's repr does (a quote or a backslash in it
-    escaped); an OSError of the file itself ('[Errno 13] Permission denied: <path>') says its strerror alone."""
+    the file again: said once by the caller), or EMPTY_FILE. PIL names it as Python's repr does (a quote or a
+    backslash in it escaped); an OSError of the file itself ('[Errno 13] Permission denied: <path>') says its
+    strerror alone."""
+    if isinstance(err, Image.UnidentifiedImageError) and is_empty_file(path):
+        return EMPTY_FILE
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         reason = err.strerror
     else:

@@ -58,7 +58,7 @@ def test_a_class_folder_without_images_is_refused(custom):
     """An empty train class folder (or one of files the reader skips) would be a class no image has, and shift
     the labels of the classes after it: refused when either split is loaded, naming it."""
     (custom / "train" / "aaa_empty").mkdir()
-    (custom / "train" / "aaa_empty" / "clip.gif").write_bytes(b"GIF89a")
+    (custom / "train" / "aaa_empty" / "notes.txt").write_text("not an image")
     for split in ("train", "test"):
         with pytest.raises(DataError) as err:
             build_dataset("folder", custom, split)
@@ -117,6 +117,25 @@ def test_photos_of_a_type_the_format_does_not_read_are_warned(custom, caplog):
     assert len(test) == 2
     assert caplog.messages == [f"{custom / 'test'}: 2 image(s) of a type the folder format does not read (first: "
                                f"{custom / 'test' / 'dog' / 'IMG_0001.HEIC'}): not read; convert them to one of "
+                               ".jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp"]
+
+
+def test_a_class_or_split_of_photos_of_an_unread_type_alone_says_so(custom, caplog):
+    """A class folder of iPhone photos alone (.HEIC) is not 'a class folder with no image: remove it' (the user
+    would remove the class), and a test split of them alone keeps the warning that says why it has no images."""
+    for path in (custom / "train" / "dog").iterdir():
+        path.rename(path.with_suffix(".HEIC"))
+    with pytest.raises(DataError, match=r"train/dog: a class folder with photos of a type the folder format does "
+                                        r"not read only: convert them to one of \.jpg, "):
+        build_dataset("folder", custom, "train")
+    for path in (custom / "train" / "dog").iterdir():
+        path.rename(path.with_suffix(".png"))
+    for name in ("cat", "dog"):
+        (custom / "test" / name / "0.png").rename(custom / "test" / name / "0.heic")
+    with caplog.at_level("WARNING", logger="sat"), pytest.raises(DataError, match="test: no images found"):
+        build_dataset("folder", custom, "test")
+    assert caplog.messages == [f"{custom / 'test'}: 2 image(s) of a type the folder format does not read (first: "
+                               f"{custom / 'test' / 'cat' / '0.heic'}): not read; convert them to one of "
                                ".jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp"]
 
 

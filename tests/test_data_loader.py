@@ -50,6 +50,17 @@ def test_an_unreadable_image_is_named_once(tmp_path):
         f"unreadable image {tmp_path / 'a.jpg'} (UnidentifiedImageError: cannot identify image file)")
 
 
+def test_a_zero_byte_image_is_an_empty_file_in_training_as_in_the_data_check(cub):
+    """A 0-byte file (a failed copy) is named 'empty file (0 bytes)' by the loader's skip message and its
+    DataError, as the data check names it, not as a file PIL does not recognise."""
+    from DataLoader.check import image_problem
+    train = build_dataset("cub", cub, "train")
+    path = train.image_path(0)
+    open(path, "wb").close()
+    assert train[0].message == f"skipping unreadable image {path} (empty file (0 bytes))"
+    assert image_problem(path) == (None, "empty file (0 bytes)")
+
+
 def test_truncated_train_image_is_skipped_and_named(cub):
     train = build_dataset("cub", cub, "train")
     with warnings.catch_warnings():

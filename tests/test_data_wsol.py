@@ -6,6 +6,7 @@ import DataLoader.formats.annotations as annotations
 import DataLoader.formats.wsol as wsol
 from DataLoader import build_dataset, build_loader, load_mask
 from DataLoader.check import check_split
+from utils.cv import cv2
 from utils.errors import DataError
 
 
@@ -343,11 +344,35 @@ def test_a_mask_with_an_alpha_channel_is_refused_in_the_check_and_the_evaluation
     cutout[4:12, 4:20, 3] = 255
     Image.fromarray(cutout, "RGBA").save(images / "mask/y_m1.png")
     dataset = build_dataset("wsol", images, "test", metadata_root=meta)
-    reason = f"mask {images / 'mask/y_m1.png'}: has an alpha channel (mode RGBA), which is not read: expected a " \
-             "grayscale mask, its non-zero pixels the foreground (save the alpha channel as the mask)"
+    reason = f"mask {images / 'mask/y_m1.png'}: has transparent pixels (mode RGBA), which are not read: expected " \
+             "a grayscale mask, its non-zero pixels the foreground (save the alpha channel as the mask)"
     assert check_split(dataset, "test").bad == [(dataset.image_path(1), reason)]
     with pytest.raises(DataError) as err:
         load_mask(dataset[1]["mask_paths"], None)
     assert str(err.value) == reason
     Image.fromarray(cutout[:, :, 3], "L").save(images / "mask/y_m1.png")  # its alpha channel as the mask
     assert check_split(dataset, "test").bad == [] and load_mask(dataset[1]["mask_paths"], None)[0].any()
+
+
+def test_a_mask_opaque_everywhere_is_read_and_a_palette_cut_out_refused(mask_set):
+    """An alpha channel opaque everywhere (matplotlib's imsave writes masks so) hides nothing: read by its grey
+    level, as before and as wsolevaluation reads it. A palette PNG with a transparent colour is a cut-out too."""
+    images, meta = mask_set
+    dataset = build_dataset("wsol", images, "test", metadata_root=meta)
+    grey = np.zeros((32, 32), np.uint8)
+    grey[4:12, 4:20] = 255
+    for mode, channels in (("RGBA", [grey, grey, grey]), ("LA", [grey])):
+        Image.fromarray(np.stack([*channels, np.full_like(grey, 255)], -1), mode).save(images / "mask/y_m1.png")
+        assert check_split(dataset, "test").bad == []
+        assert load_mask(dataset[1]["mask_paths"], None)[0].sum() > 0
+    palette = Image.fromarray((grey > 0).astype(np.uint8), "P")
+    palette.putpalette([0, 0, 0, 0, 0, 0])  # both colours black: the object told by its transparency alone
+    palette.save(images / "mask/y_m1.png", transparency=0)
+    reason = f"mask {images / 'mask/y_m1.png'}: has transparent pixels (mode P), which are not read: expected " \
+             "a grayscale mask, its non-zero pixels the foreground (save the alpha channel as the mask)"
+    assert check_split(dataset, "test").bad == [(dataset.image_path(1), reason)]
+    with pytest.raises(DataError, match="has transparent pixels"):
+        load_mask(dataset[1]["mask_paths"], None)
+    hdr = images / "mask/y_m1.hdr"  # a mask cv2 reads and PIL does not: read as before, no PIL traceback
+    cv2.imwrite(str(hdr), np.repeat((grey > 0).astype(np.float32)[:, :, None], 3, axis=2))
+    assert load_mask([str(hdr)], None)[0].sum() > 0

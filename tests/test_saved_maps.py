@@ -17,8 +17,8 @@ from DataLoader import build_dataset
 from evaluator import main
 from tools.compare import main as compare
 from tools.make_baseline_maps import main as make_baseline_maps
-from utils.errors import run_cli
-from utils.saved_maps import centre_view_map, saved_maps_bytes
+from utils.errors import ConfigError, run_cli
+from utils.saved_maps import centre_view_map, check_room_for_maps, saved_maps_bytes
 
 from test_evaluation import save_nano_checkpoint, tiny_demo
 from test_evaluator_cli import _one_error_line, _write_imagenet, keep_logging  # noqa: F401 (a fixture)
@@ -607,3 +607,21 @@ def test_maps_the_disk_has_no_room_for_are_refused_before_the_evaluation(cub, tm
         f"error: --save-maps {maps}: the maps of 12 images need 4.9 MB, {tmp_path} has 0.1 MB free (free some " \
         "space or save them on a larger disk)"
     assert not (tmp_path / "new").exists() and not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_the_room_for_maps_is_that_of_the_disk_they_are_written_to(tmp_path, monkeypatch):
+    """The maps are written beside the --save-maps folder (DIR.partial, moved in place at the end): a DIR that
+    is a link to (or a mount point of) a larger disk does not lend its room to the disk they are written to."""
+    (tmp_path / "large_disk").mkdir()
+    (tmp_path / "maps").symlink_to(tmp_path / "large_disk", target_is_directory=True)
+    large = (tmp_path / "large_disk").resolve()
+
+    def room(path):  # 1 TB free on the large disk, 0.1 MB on the other
+        free = 10 ** 12 if Path(path).resolve() == large else 10 ** 5
+        return shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - free, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", room)
+    with pytest.raises(ConfigError, match=rf"^--save-maps {tmp_path / 'maps'}: the maps of 1000 images need "
+                                          rf"405.5 MB, {tmp_path} has 0.1 MB free"):
+        check_room_for_maps(tmp_path / "maps", 1000, "wsol", grid=14)
+    assert check_room_for_maps(tmp_path / "large_disk" / "maps", 1000, "wsol", grid=14) == 1000 * 405504

@@ -25,6 +25,7 @@ from DataLoader.eval_views import includes_wsol
 from DataLoader.loader import BatchLoader
 from utils.boxes import WSOL_MAP_SIZE, centre_offset, wsol_map
 from utils.errors import ConfigError, DataError, writing_outputs
+from utils.outputs import partial_name
 
 MAP_SUFFIXES = (".npy", ".png")
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every np.save file
@@ -117,9 +118,12 @@ def saved_maps_bytes(num_images, protocol, grid, block=4096):
 
 def check_room_for_maps(folder, num_images, protocol, grid):
     """Before the evaluation: a one-line ConfigError when the disk of ``folder`` (the --save-maps folder) has
-    less room than the maps need (found out only at the end of a long evaluation otherwise); the size, else."""
+    less room than the maps need (found out only at the end of a long evaluation otherwise); the size, else. The
+    disk is the one they are written to: beside ``folder`` (:func:`utils.outputs.partial_name`), the disk of its
+    parent, which is not the folder's own where ``folder`` is a mount point or a link to another disk."""
     needed = saved_maps_bytes(num_images, protocol, grid)
-    existing = next(path for path in (Path(folder).absolute(), *Path(folder).absolute().parents) if path.exists())
+    written = Path(partial_name(Path(folder).absolute()))
+    existing = next(path for path in (written, *written.parents) if path.exists())
     free = shutil.disk_usage(existing).free
     if needed > free:
         raise ConfigError(f"--save-maps {folder}: the maps of {num_images} images need {needed / 1e6:,.1f} MB, "

@@ -40,6 +40,16 @@ def is_image_file(name):
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def is_other_photo(name):
+    """Whether ``name`` is a photo of a type the folder format does not read (OTHER_PHOTO_EXTENSIONS)."""
+    return name.lower().endswith(OTHER_PHOTO_EXTENSIONS)
+
+
+def convert_hint():
+    """What to do with photos of such a type, as the warning and the errors say it."""
+    return f"convert them to one of {', '.join(IMAGE_EXTENSIONS)}"
+
+
 def class_folders(directory, layout=FOLDER_LAYOUT):
     """Sorted names of the class sub-folders of ``directory`` (``layout``: the expected one, for the error)."""
     names = [name for name, is_dir in list_dir(directory) if is_dir]
@@ -58,6 +68,9 @@ def check_class_has_images(directory):
     shifting the labels of the classes sorted after it."""
     if has_file(directory, is_image_file):  # as image_files lists them (hidden ones, macOS's ._ files, left out)
         return
+    if has_file(directory, is_other_photo):  # (iPhone's .heic): not a folder to remove
+        raise DataError(f"{directory}: a class folder with photos of a type the folder format does not read only: "
+                        f"{convert_hint()}")
     raise DataError(f"{directory}: a class folder with no image ({', '.join(IMAGE_EXTENSIONS)}): remove it, or it "
                     "would be a class of its own")
 
@@ -75,16 +88,15 @@ def scan_class_folders(root, split, classes):
         items += [Item(f"{split}/{name}/{file}", index[name]) for file, is_dir in entries
                   if not is_dir and is_image_file(file)]
         nested += [split_dir / name / file for file, is_dir in entries if is_dir]
-        other += [split_dir / name / file for file, is_dir in entries
-                  if not is_dir and file.lower().endswith(OTHER_PHOTO_EXTENSIONS)]
+        other += [split_dir / name / file for file, is_dir in entries if not is_dir and is_other_photo(file)]
+    if other:  # (before the error of a split of such photos alone: it says why)
+        _logger.warning("%s: %d image(s) of a type the folder format does not read (first: %s): not read; %s",
+                        split_dir, len(other), other[0], convert_hint())
     if not items:
         raise DataError(f"{split_dir}: no images found (expected {FOLDER_LAYOUT})")
     if nested:  # torchvision's ImageFolder reads them: say that these are not
         _logger.warning("%s: %d folder(s) inside class folders (first: %s): the images in them are not read (only "
                         "the files directly in a class folder are)", split_dir, len(nested), nested[0])
-    if other:
-        _logger.warning("%s: %d image(s) of a type the folder format does not read (first: %s): not read; convert them "
-                        "to one of %s", split_dir, len(other), other[0], ", ".join(IMAGE_EXTENSIONS))
     return items
 
 

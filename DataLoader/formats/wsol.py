@@ -11,6 +11,7 @@ from PIL import Image
 from utils.cv import cv2
 from utils.errors import DataError
 
+from ..dataset import UNREADABLE
 from .annotations import (Item, check_boxes, check_label, check_under_root, entries, lines_source, read_lines,
                           read_table, rows_by_id)
 
@@ -130,15 +131,27 @@ def load_wsol(image_root, metadata_root, split):
     return Path(image_root), items, [str(label) for label in range(num_classes)]
 
 
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")  # PIL modes with an alpha channel (LAB's A is a colour)
+
+
 def alpha_problem(path):
-    """Why the mask ``path`` cannot be read as the user meant, or None: a mask with an alpha channel (a cut-out)
-    is read as its grey level alone, which says nothing of its transparency (a black cut-out: an empty mask)."""
-    with Image.open(path) as image:  # (the header alone)
-        mode = image.mode
-    if "A" in mode:
-        return f"has an alpha channel (mode {mode}), which is not read: expected a grayscale mask, its non-zero " \
-               "pixels the foreground (save the alpha channel as the mask)"
-    return None
+    """Why the mask ``path`` cannot be read as the user meant, or None: a mask with transparent pixels (a cut-out:
+    an alpha channel, or a palette with a transparent colour) is read as its grey level alone, which says nothing
+    of its transparency (a black cut-out: an empty mask). An alpha opaque everywhere (matplotlib's imsave, image
+    editors) hides nothing: such a mask is read, as wsolevaluation reads it. A file PIL does not read (a cv2 format
+    such as .hdr, a truncated PNG the header-only data check passed) is not this check's to refuse: None (the data
+    check names it unreadable; the evaluation reads it with cv2, as wsolevaluation does)."""
+    try:
+        with Image.open(path) as image:  # the header alone, but for a mask that holds transparency data
+            if image.mode not in ALPHA_MODES and "transparency" not in image.info:  # (Pillow's has_transparency_data,
+                return None                                                  # which Pillow < 10.1 lacks)
+            mode = image.mode
+            if image.convert("RGBA").getchannel("A").getextrema()[0] == 255:
+                return None
+    except UNREADABLE:
+        return None
+    return f"has transparent pixels (mode {mode}), which are not read: expected a grayscale mask, its non-zero " \
+           "pixels the foreground (save the alpha channel as the mask)"
 
 
 def _read_mask(path, size):
