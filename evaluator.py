@@ -175,6 +175,11 @@ def check_maps_folder(folder, overwrite):
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--save-maps {folder}: not a folder")
+    if folder.is_symlink() or os.path.ismount(folder):  # the staged folder could not be renamed onto it at the end
+        where = f"a link to {os.path.realpath(folder)}: name that folder" if folder.is_symlink() else \
+            "a mount point: choose a folder inside it"
+        raise ConfigError(f"--save-maps {folder}: {where} (the maps are written beside the folder and moved in "
+                          "place once the evaluation is complete)")
     entries = sorted(os.listdir(folder)) if folder.is_dir() else []
     others = [name for name in entries if name not in SAVED_MAPS]
     if others:
@@ -278,7 +283,7 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
     if args.save_maps:
         needed = run_everywhere(check_room_for_maps, args.save_maps, len(loader.dataset), protocol,
                                 img_size // model.patch_embed.patch_size[0])
-        _logger.info("--save-maps: %s MB of maps into %s", f"{needed / 1e6:,.1f}", args.save_maps)
+        _logger.info("--save-maps: %s MB of maps into %s", f"{needed / 1e6:,.2f}", args.save_maps)
     start = time.perf_counter()
     try:
         metrics = evaluate(loader, model.to(info.device), info.device, amp=args.amp, compile=args.compile,

@@ -5,6 +5,7 @@ view; bad maps and predictions are one error line."""
 import csv
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -625,3 +626,20 @@ def test_the_room_for_maps_is_that_of_the_disk_they_are_written_to(tmp_path, mon
                                           rf"405.5 MB, {tmp_path} has 0.1 MB free"):
         check_room_for_maps(tmp_path / "maps", 1000, "wsol", grid=14)
     assert check_room_for_maps(tmp_path / "large_disk" / "maps", 1000, "wsol", grid=14) == 1000 * 405504
+
+
+@pytest.mark.usefixtures("keep_logging")
+def test_a_maps_folder_given_as_a_link_is_refused_before_the_evaluation(cub, tmp_path, capsys):
+    """The maps are written beside the folder and renamed onto it at the end: onto a link that failed ('Not a
+    directory') after the whole evaluation, the maps lost; refused first, naming the folder to give."""
+    root, checkpoint = cub
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert _one_error_line(capsys, ["--checkpoint", str(checkpoint), "--data-root", str(root), "--save-maps",
+                                    str(tmp_path / "link"), "--output-dir", str(tmp_path / "out"), *CPU]) == \
+        f"error: --save-maps {tmp_path / 'link'}: a link to {os.path.realpath(tmp_path / 'real')}: name that folder " \
+        "(the maps are written beside the folder and moved in place once the evaluation is complete)"
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    main(["--checkpoint", str(checkpoint), "--data-root", str(root), "--save-maps", str(tmp_path / "real"),
+          "--output-dir", str(tmp_path / "out"), *CPU])
+    assert len(list((tmp_path / "real" / "sat").rglob("*.npy"))) == 12
