@@ -22,7 +22,7 @@ from utils.errors import DataError, SATError
 from utils.preemption import leave_stops_to_the_parent, signals_deferred
 
 from .formats.annotations import check_boxes
-from .formats.wsol import alpha_problem
+from .formats.wsol import alpha_problem, reader_problem
 from .dataset import EMPTY_FILE, UNREADABLE, is_empty_file, size_difference_warning
 
 _logger = logging.getLogger("sat")
@@ -96,7 +96,7 @@ def item_problem(job):
     skewed = None
     for mask in masks if reason is None else ():
         mask_size, problem = image_problem(mask, decode)
-        problem = problem or alpha_problem(mask)
+        problem = problem or alpha_problem(mask) or reader_problem(mask)
         if problem is not None:
             return f"mask {mask}: {problem}", size, None
         if skewed is None and not same_aspect(mask_size, size):

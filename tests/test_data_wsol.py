@@ -376,3 +376,21 @@ def test_a_mask_opaque_everywhere_is_read_and_a_palette_cut_out_refused(mask_set
     hdr = images / "mask/y_m1.hdr"  # a mask cv2 reads and PIL does not: read as before, no PIL traceback
     cv2.imwrite(str(hdr), np.repeat((grey > 0).astype(np.float32)[:, :, None], 3, axis=2))
     assert load_mask([str(hdr)], None)[0].sum() > 0
+
+
+def test_a_mask_opencv_cannot_read_is_named_by_the_data_check(mask_set):
+    """The data check reads a mask's header with PIL, the evaluation reads the mask with OpenCV: a mask PIL reads
+    and OpenCV does not (.tga, .pcx; .gif with OpenCV 4.8, the floor) passed the check, and the evaluation
+    stopped on it after the evaluation pass ('unreadable mask'). The check names it, before any work."""
+    images, meta = mask_set
+    grey = np.zeros((32, 32), np.uint8)
+    grey[4:12, 4:20] = 255
+    Image.fromarray(grey).save(images / "mask/y_m1.png", format="TGA")  # PIL reads it; OpenCV has no reader
+    dataset = build_dataset("wsol", images, "test", metadata_root=meta)
+    reason = f"mask {images / 'mask/y_m1.png'}: unreadable by OpenCV {cv2.__version__}, which the evaluation " \
+             "reads masks with (expected a grayscale PNG)"
+    assert check_split(dataset, "test").bad == [(dataset.image_path(1), reason)]
+    with pytest.raises(DataError, match="unreadable mask"):
+        load_mask(dataset[1]["mask_paths"], None)
+    Image.fromarray(grey).save(images / "mask/y_m1.png")
+    assert check_split(dataset, "test").bad == []

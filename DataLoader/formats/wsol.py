@@ -154,6 +154,16 @@ def alpha_problem(path):
            "pixels the foreground (save the alpha channel as the mask)"
 
 
+def reader_problem(path):
+    """Why the evaluation cannot read the mask ``path``, or None: it reads masks with OpenCV, as wsolevaluation
+    does, and the data check reads them with PIL, which reads files OpenCV has no reader for (.tga, .pcx, .ico;
+    .gif with OpenCV 4.8): without this, the data check passed them and the evaluation stopped on them. Reads
+    the file's signature alone."""
+    if cv2.haveImageReader(str(path)):
+        return None
+    return f"unreadable by OpenCV {cv2.__version__}, which the evaluation reads masks with (expected a grayscale PNG)"
+
+
 def _read_mask(path, size):
     """(the mask resized to size x size as booleans, its (W, H) as stored)."""
     # at the file's bit depth: IMREAD_GRAYSCALE alone turns a 16-bit mask into its high byte, so a 16-bit
