@@ -35,7 +35,7 @@ from utils.distributed import all_gather_object, cleanup, init_distributed, run_
 from utils.config import parse_config
 from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
 from utils.errors import CheckpointError, ConfigError, DataError, echoed, run_cli, writing_outputs
-from utils.logger import LOG_FILE_ONLY, close_logging, log_error, setup_logging
+from utils.logger import LOG_FILE_ONLY, close_logging, log_environment, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
 from utils.preemption import ignore_stop_signals, signals_held, stopped_as_said, work_complete
 from utils.outputs import (EVALUATION_FILES, FolderLock, Staged, check_output_file, partial_name,
@@ -118,6 +118,7 @@ def start_logging(args, info, lock):
 
     previous = all_gather_object(run_on_main(info.is_main, prepare))[0]
     setup_logging(output_dir, info.is_main, info.rank)
+    log_environment(info.device)
     if previous:
         _logger.info("--overwrite: the previous evaluation's %s in %s are replaced once this one is complete",
                      ", ".join(previous), output_dir)

@@ -42,7 +42,7 @@ from utils.config import given_as, job_settings, parse_config, save_config
 from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
 from utils.errors import (CheckpointError, ConfigError, DataError, OutputError, SATError, first_line, restated,
                           run_cli, user_message)
-from utils.logger import MetricsLog, close_logging, log_error, setup_logging
+from utils.logger import MetricsLog, close_logging, log_environment, log_error, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 from utils.outputs import FolderLock, write_text_atomic
 from utils.preemption import (StepCheckpoint, StopAtOnce, StopSignals, exit_when_stopped, ignore_stop_signals,
@@ -116,6 +116,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
                  micro_batch, cfg.accum_steps, describe(info.device, cfg.amp),
                  f"{area_span(cfg.area_loss_scope, micro_batch, info.world_size)} images (area_loss_scope "
                  f"{cfg.area_loss_scope})")
+    log_environment(info.device)
     if cfg.ignored_config_keys:
         _logger.info("config %s: evaluator keys, not read by training: %s", cfg.config,
                      ", ".join(cfg.ignored_config_keys))

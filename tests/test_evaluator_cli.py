@@ -244,6 +244,7 @@ def test_per_image_csv_recomputes_the_summary_exactly(cub, tmp_path, capsys):
     # the table goes to log.txt alone: a line per class (1000 for ImageNet) scrolled the summary off the console
     console = capsys.readouterr().out
     assert "001.Ringed_Disc" not in console and "GT-known Loc" in console
+    assert "INFO environment: code " in (out / "log.txt").read_text() and "environment:" not in console
     assert console.rstrip().endswith(f"the per-class table to {out / 'log.txt'}")
 
 

@@ -76,6 +76,13 @@ def test_train_py_end_to_end(data_root, tmp_path):
     assert "model selection on the test split" in log and "test results of" in log
     assert "evaluated 12 images in" in log  # the final test's time
     assert f"written to {out / 'results.json'}; the overlays to {out / 'overlays'}" in log  # (the README's demo)
+    # where it ran, in log.txt alone: the command, the code's commit, the versions, the device
+    assert f"INFO command: {Path(sys.executable).name} train.py --config " in log
+    assert f" --data-root {data_root} --output-dir {out} --epochs 2 " in log
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    code = f"git {head.stdout.strip()}" if head.returncode == 0 else "not a git checkout"
+    assert f"INFO environment: code {code}" in log and f"torch {torch.__version__}, " in log
+    assert "environment:" not in proc.stdout + proc.stderr
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(list((out / "overlays").rglob("*.png"))) == 2
 

@@ -5,6 +5,10 @@ one process that stops a multi-process job is there too."""
 import json
 import logging
 import math
+import os
+import platform
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -115,6 +119,42 @@ def open_log_file(output_dir, line_format=FORMAT):
         for record in pending.records:
             handler.handle(record)
     _add(handler)
+
+
+def code_version(root=Path(__file__).resolve().parents[1]):
+    """The git commit of the code at ``root`` ('git 1a2b3c4d5e6f', '+ uncommitted changes' when tracked files
+    differ from it), or 'not a git checkout' (a copy, no git)."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "not a git checkout"
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "not a git checkout"
+    return f"git {head.stdout.strip()}{' + uncommitted changes' if changed else ''}"
+
+
+def log_environment(device):
+    """Into log.txt alone: the command, the code's commit, the versions of Python and of the packages the
+    numbers depend on, and the device: what a result needs to be reproduced or compared (config.yaml holds the
+    settings, not where they ran)."""
+    import cv2
+    import numpy
+    import PIL
+    import timm
+    import torch
+    import torchvision
+
+    log = logging.getLogger("sat")
+    log.info("command: %s", shlex.join([Path(sys.executable).name, *sys.argv]), extra=LOG_FILE_ONLY)
+    hardware = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, cuDNN " \
+        f"{torch.backends.cudnn.version()}" if getattr(device, "type", device) == "cuda" else \
+        f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    log.info("environment: code %s; Python %s, torch %s, torchvision %s, timm %s, numpy %s, Pillow %s, OpenCV %s; "
+             "%s", code_version(), platform.python_version(), torch.__version__, torchvision.__version__,
+             timm.__version__, numpy.__version__, PIL.__version__, cv2.__version__, hardware, extra=LOG_FILE_ONLY)
 
 
 def _add(handler):
