@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from evaluator import main as eval_main
 from train import build_loaders, log_short_classes, main
 from utils.config import parse_config
 from utils.distributed import init_distributed
+from utils.logger import code_version
 
 from test_evaluation import save_nano_checkpoint
 from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, REPO_ROOT, wait_for_file
@@ -80,7 +82,7 @@ def test_train_py_end_to_end(data_root, tmp_path):
     assert f"INFO command: {Path(sys.executable).name} train.py --config " in log
     assert f" --data-root {data_root} --output-dir {out} --epochs 2 " in log
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-    code = f"git {head.stdout.strip()}" if head.returncode == 0 else "not a git checkout"
+    code = f"git {head.stdout.strip()}" if head.returncode == 0 else "commit unknown"
     assert f"INFO environment: code {code}" in log and f"torch {torch.__version__}, " in log
     assert "environment:" not in proc.stdout + proc.stderr
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
@@ -680,3 +682,20 @@ def test_a_train_split_smaller_than_one_batch_is_said(data_root, tmp_path, caplo
     assert "the train split has 24 images, fewer than one batch (--batch-size 64): each epoch is one partial " \
            "batch" in caplog.text
     assert len(train_loader) == 1
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_the_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
+    """log.txt's environment line: the commit of the code, '+ uncommitted changes' when a tracked file differs
+    from it (an untracked one does not count), 'commit unknown' for a copy without .git."""
+    assert code_version(tmp_path) == "commit unknown (not a git checkout, or git not available)"
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "sat.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "sat.py"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "notes.txt").write_text("untracked")
+    assert code_version(tmp_path) == f"git {sha[:12]}"
+    (tmp_path / "sat.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == f"git {sha[:12]} + uncommitted changes"

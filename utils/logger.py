@@ -123,16 +123,16 @@ def open_log_file(output_dir, line_format=FORMAT):
 
 def code_version(root=Path(__file__).resolve().parents[1]):
     """The git commit of the code at ``root`` ('git 1a2b3c4d5e6f', '+ uncommitted changes' when tracked files
-    differ from it), or 'not a git checkout' (a copy, no git)."""
+    differ from it), or 'commit unknown (...)' (a copy without .git, no git, or git refusing the folder)."""
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                               text=True, timeout=10)
         if head.returncode != 0:
-            return "not a git checkout"
+            return "commit unknown (not a git checkout, or git not available)"
         changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                  capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "not a git checkout"
+        return "commit unknown (not a git checkout, or git not available)"
     return f"git {head.stdout.strip()}{' + uncommitted changes' if changed else ''}"
 
 
