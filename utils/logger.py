@@ -140,12 +140,13 @@ def log_environment(device):
     """Into log.txt alone: the command, the code's commit, the versions of Python and of the packages the
     numbers depend on, and the device: what a result needs to be reproduced or compared (config.yaml holds the
     settings, not where they ran)."""
-    import cv2
     import numpy
     import PIL
     import timm
     import torch
     import torchvision
+
+    from utils.cv import cv2
 
     log = logging.getLogger("sat")
     log.info("command: %s", shlex.join([Path(sys.executable).name, *sys.argv]), extra=LOG_FILE_ONLY)
