@@ -589,3 +589,17 @@ def test_choice_lists_are_those_of_the_code_that_reads_them():
     every_selection = {metric for protocol in PROTOCOLS for annotations in ("boxes", "masks", None)
                        for metric in selection_metrics(protocol, annotations)}
     assert set(FIELDS["selection_metric"].choices) == every_selection
+
+
+@pytest.mark.parametrize("script, example", [("train", "    python train.py --config config/CUB.yaml --data-root"),
+                                             ("train_imagenet", "    torchrun --nproc_per_node 8 train_ImageNet.py"),
+                                             ("evaluate", "    python evaluator.py --checkpoint"),
+                                             ("evaluate_imagenet", "    python evaluator_ImageNet.py --data-root")])
+def test_help_starts_with_what_the_script_is_for_and_an_example(capsys, monkeypatch, script, example):
+    monkeypatch.setenv("COLUMNS", "80")  # argparse's width
+    with pytest.raises(SystemExit):
+        parse_config(["--help"], script)
+    out = capsys.readouterr().out
+    lines = out.split("options:")[0].splitlines()
+    assert any(line.startswith(example) for line in lines), out  # kept on one line, as a shell takes it
+    assert max(len(line) for line in out.split("options:")[1].splitlines()) <= 80  # the rest wrapped as before

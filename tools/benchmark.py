@@ -80,14 +80,17 @@ from utils.optim import build_optimizer, build_scheduler  # noqa: E402
 
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--mode", choices=("train", "eval", "loader", "check"), default="train")
-    p.add_argument("--arch", default="deit_sat_small_patch16_224")
-    p.add_argument("--num-classes", type=at_least(1), default=200)
-    p.add_argument("--img-size", type=at_least(16), default=224)
-    p.add_argument("--batch-size", type=at_least(1), default=16)
-    p.add_argument("--steps", type=at_least(1), default=5, help="timed steps (batches), after --warmup untimed ones")
-    p.add_argument("--warmup", type=at_least(0), default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mode", choices=("train", "eval", "loader", "check"), default="train",
+                   help="what is measured (default %(default)s)")
+    p.add_argument("--arch", default="deit_sat_small_patch16_224", help="model architecture (default %(default)s)")
+    p.add_argument("--num-classes", type=at_least(1), default=200, help="classes of the model (default %(default)s)")
+    p.add_argument("--img-size", type=at_least(16), default=224, help="input crop size in pixels (default %(default)s)")
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="images per batch (default %(default)s)")
+    p.add_argument("--steps", type=at_least(1), default=5,
+                   help="timed steps (batches), after --warmup untimed ones (default %(default)s)")
+    p.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps first (default %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--attn-impl", choices=ATTENTION_IMPLS, default="fused",
                    help="attention implementation, as the config key attn_impl")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
@@ -96,7 +99,7 @@ def parse_args(argv=None):
                    "(full batches; eval: full forwards)")
     p.add_argument("--eval-protocol", "--protocol", dest="protocol", choices=("sat", "wsol", "both"), default="sat",
                    help="eval mode: the evaluation protocol, as train.py's and the evaluators' (--protocol: its "
-                   "former name)")
+                   "former name; default %(default)s)")
     p.add_argument("--tencrop", action="store_true", help="eval mode: ten-crop classification")
     p.add_argument("--thresholds", type=FIELDS["threshold"].parse, nargs="+", default=list(TRAIN_THRESHOLDS),
                    help="eval mode: the map thresholds searched, as train.py --eval-thresholds (default: its default)")
@@ -104,10 +107,11 @@ def parse_args(argv=None):
                    help="eval mode: box extraction processes (default: as evaluator.py; 0: a thread pool)")
     p.add_argument("--compare-naive", action="store_true", help="also run the naive fp32 baseline")
     p.add_argument("--data-root", help="read this dataset's image files (train or test split) end to end")
-    p.add_argument("--data-format", choices=FORMATS, default="cub", help="with --data-root")
+    p.add_argument("--data-format", choices=FORMATS, default="cub", help="with --data-root (default %(default)s)")
     p.add_argument("--metadata-root", help="with --data-root: wsolevaluation metadata (the wsol format needs it)")
     p.add_argument("--val-boxes", help="with --data-root: ImageNet val boxes or the folder format's boxes CSV")
-    p.add_argument("--workers", type=at_least(0), default=4, help="with --data-root: loader worker processes")
+    p.add_argument("--workers", type=at_least(0), default=4,
+                   help="with --data-root: loader worker processes (default %(default)s)")
     p.add_argument("--resize-size", type=int, help="with --data-root (default 256/224 x --img-size)")
     p.add_argument("--pipeline", choices=("device", "host"), default="device",
                    help="with --data-root: crops and normalisation on the device (train.py, evaluators) or "
@@ -121,11 +125,14 @@ def parse_args(argv=None):
     p.add_argument("--time-pass", action="store_true",
                    help="with --data-root: also time a whole pass over the split (data only)")
     p.add_argument("--images", type=at_least(1), default=4000,
-                   help="loader mode: items in a pass; check mode: items checked (the first of the split)")
-    p.add_argument("--split", choices=SPLITS, default="test", help="check mode: the split checked")
-    p.add_argument("--image-ms", type=at_least(0, float), default=3.7, help="loader mode: a worker's time per item")
+                   help="loader mode: items in a pass; check mode: items checked (the first of the split) (default "
+                        "%(default)s)")
+    p.add_argument("--split", choices=SPLITS, default="test",
+                   help="check mode: the split checked (default %(default)s)")
+    p.add_argument("--image-ms", type=at_least(0, float), default=3.7,
+                   help="loader mode: a worker's time per item, in ms (default %(default)s)")
     p.add_argument("--step-ms", type=at_least(0.001, float), default=215.0,
-                   help="loader mode: the step's time per batch")
+                   help="loader mode: the step's time per batch, in ms (default %(default)s)")
     args = p.parse_args(argv)
     if args.gpu_decode and (args.pipeline != "device" or not args.data_root):
         p.error("--gpu-decode decodes image files on the device: it needs --data-root and --pipeline device")

@@ -1,6 +1,11 @@
 """Validate a dataset without writing anything: build each split, check every image (it opens and is complete;
 in evaluation splits its boxes lie inside it, and every image has boxes or masks when some have) as train.py
-does before training, and print the counts and every bad image."""
+does before training, and print the counts and every bad image.
+
+    python tools/check_dataset.py --data-root /data/CUB_200_2011
+    python tools/check_dataset.py --data-root data/demo_cub --split test --decode   # the demo data, in full
+"""
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -15,11 +20,13 @@ from utils.errors import DataError, run_cli  # noqa: E402
 
 
 def main(argv=None):
-    parser = OneLineParser(description=__doc__, allow_abbrev=False)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           allow_abbrev=False)
     parser.add_argument("--data-format", default=FIELDS["data_format"].default, choices=FORMATS,
                         help="as training's (default %(default)s)")
-    parser.add_argument("--data-root", required=True)
-    parser.add_argument("--split", nargs="+", choices=SPLITS, default=["train", "test"])
+    parser.add_argument("--data-root", required=True, help="dataset root (as training's --data-root)")
+    parser.add_argument("--split", nargs="+", choices=SPLITS, default=["train", "test"],
+                        help="splits to check (default: train test)")
     parser.add_argument("--metadata-root", help="wsolevaluation metadata folder (holds <split>/ folders)")
     parser.add_argument("--val-boxes", help="ImageNet val boxes (XML folder, LOC_val_solution.csv or val_gt.txt), "
                                             "or the folder format's boxes CSV")
@@ -29,7 +36,8 @@ def main(argv=None):
                         help="the training seed, which picks the --images-per-class subset (default %(default)s, "
                              "training's)")
     parser.add_argument("--strict-data", action="store_true", help="bad train images are errors")
-    parser.add_argument("--workers", type=at_least(0), default=os.cpu_count(), help="processes reading the images")
+    parser.add_argument("--workers", type=at_least(0), default=os.cpu_count(),
+                        help="processes reading the images (default: one per core)")
     parser.add_argument("--decode", action="store_true",
                         help="decode every image in full (default: header and end marker; a file without its "
                              "end marker is decoded)")

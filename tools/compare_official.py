@@ -66,15 +66,17 @@ def positive(text):
 
 
 def parse_args(argv=None):
-    p = Parser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = Parser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--official-root", required=True, help="a checkout of wpy1999/SAT")
     p.add_argument("--official-deps", help="folder with the official code's extra packages (scikit-image)")
-    p.add_argument("--arch", choices=ARCHS, default="deit_sat_small_patch16_224")
-    p.add_argument("--num-classes", type=positive, default=200)
-    p.add_argument("--batch-size", type=positive, default=32)
-    p.add_argument("--steps", type=positive, default=2, help="batches per measurement")
-    p.add_argument("--rounds", type=positive, default=7, help="measurements per variant, after a warm-up round")
-    p.add_argument("--modes", nargs="+", choices=("train", "eval"), default=["train", "eval"])
+    p.add_argument("--arch", choices=ARCHS, default="deit_sat_small_patch16_224", help="model (default %(default)s)")
+    p.add_argument("--num-classes", type=positive, default=200, help="classes (default %(default)s)")
+    p.add_argument("--batch-size", type=positive, default=32, help="images per batch (default %(default)s)")
+    p.add_argument("--steps", type=positive, default=2, help="batches per measurement (default %(default)s)")
+    p.add_argument("--rounds", type=positive, default=7,
+                   help="measurements per variant, after a warm-up round (default %(default)s)")
+    p.add_argument("--modes", nargs="+", choices=("train", "eval"), default=["train", "eval"],
+                   help="what is timed (default: train eval)")
     p.add_argument("--threads", type=positive, default=1,
                    help="torch threads per process (default 1: on a machine shared with other jobs, a thread that "
                         "waits at every operator for a descheduled sibling would dominate the times)")

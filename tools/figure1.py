@@ -2,7 +2,7 @@
 number of fine-tuned parameters, measured by this code beside the paper's points.
 
     # print (or, with --execute, run one after the other) the training runs of the sweep
-    python tools/figure1.py run --data-root /data/ILSVRC2012 --runs-dir output/figure1 \
+    python tools/figure1.py run --data-root /data/ILSVRC2012 --runs-dir output/figure1 \\
         [--launcher "torchrun --nproc_per_node 8"] [--execute]
     # collect the runs' results.json into a table and draw the figure
     python tools/figure1.py collect output/figure1 [--output img/figure1.png]
@@ -197,18 +197,21 @@ def table(shots, params):
 
 
 def main(argv=None):
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = OneLineParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="print (or run with --execute) the sweep's training commands", allow_abbrev=False)
     run.add_argument("--data-root", required=True, help="ILSVRC2012 folder")
-    run.add_argument("--runs-dir", default="output/figure1", help="one run folder per point is made in it")
-    run.add_argument("--launcher", default="python", help='e.g. "torchrun --nproc_per_node 8" or "srun python"')
+    run.add_argument("--runs-dir", default="output/figure1",
+                     help="one run folder per point is made in it (default %(default)s)")
+    run.add_argument("--launcher", default="python",
+                     help='e.g. "torchrun --nproc_per_node 8" or "srun python" (default %(default)s)')
     run.add_argument("--execute", action="store_true", help="run the commands one after the other (skips runs "
                                                             "whose results.json exists)")
     coll = sub.add_parser("collect", help="table and PNG from the runs' results.json files", allow_abbrev=False)
     coll.add_argument("runs_dir", help="the --runs-dir of the sweep (every results.json below it is read)")
-    coll.add_argument("--output", default="img/figure1.png", help="PNG to write")
+    coll.add_argument("--output", default="img/figure1.png", help="PNG to write (default %(default)s)")
     args = parser.parse_args(argv)
 
     if args.command == "run":

@@ -458,9 +458,10 @@ def _write_atomic(path, text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=("env", "check", "record"))
+    p.add_argument("kind", choices=("env", "check", "record"),
+                   help="env: the machine as JSON; check / record: the table of tools/gpu_check.sh / gpu_record.sh")
     p.add_argument("runs", nargs="?", help="the folder the runs wrote into")
-    p.add_argument("--device", default="cuda", help="env: the device measured")
+    p.add_argument("--device", default="cuda", help="env: the device measured (default %(default)s)")
     p.add_argument("--output", help="also write the table to this file (and the rows as JSON next to it)")
     p.add_argument("--note", default="", help="a sentence added under the title (sizes, mode)")
     p.add_argument("--quick", action="store_true", help="the runs of --quick: no target is met or missed")

@@ -35,11 +35,11 @@ def main(argv=None):
                            allow_abbrev=False)
     parser.add_argument("output", help="folder of the maps: a new or empty one")
     parser.add_argument("--data-root", help="dataset folder (default: the built-in demo data)")
-    parser.add_argument("--data-format", default="cub", choices=FORMATS)
+    parser.add_argument("--data-format", default="cub", choices=FORMATS, help="as evaluator.py's (default %(default)s)")
     parser.add_argument("--metadata-root", help="wsolevaluation metadata folder (holds <split>/ folders)")
     parser.add_argument("--val-boxes", help="ImageNet val boxes or the folder format's boxes CSV, where not under "
                                             "the data root (as evaluator.py --val-boxes)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="split whose images get a map (default %(default)s)")
     parser.add_argument("--size", type=at_least(1), default=224, help="map side in pixels (default %(default)s)")
     parser.add_argument("--sigma", type=at_least(1e-3, float), default=0.25,
                         help="Gaussian width, in units of the image side (default %(default)s)")

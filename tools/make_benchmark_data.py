@@ -102,12 +102,14 @@ def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)
     parser.add_argument("--output-dir", required=True, help="a new or empty folder")
-    parser.add_argument("--train", type=at_least(1), default=2000, help="training images")
-    parser.add_argument("--test", type=at_least(1), default=2000, help="test images")
-    parser.add_argument("--num-classes", type=at_least(1), default=200)
-    parser.add_argument("--min-size", type=at_least(32), default=300, help="smallest image side in pixels")
-    parser.add_argument("--max-size", type=at_least(32), default=500, help="largest image side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=at_least(1), default=2000, help="training images (default %(default)s)")
+    parser.add_argument("--test", type=at_least(1), default=2000, help="test images (default %(default)s)")
+    parser.add_argument("--num-classes", type=at_least(1), default=200, help="default %(default)s")
+    parser.add_argument("--min-size", type=at_least(32), default=300,
+                        help="smallest image side in pixels (default %(default)s)")
+    parser.add_argument("--max-size", type=at_least(32), default=500,
+                        help="largest image side in pixels (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="default %(default)s")
     parser.add_argument("--processes", type=at_least(1), default=None, help="default: one per core")
     parser.add_argument("--learnable", action="store_true",
                         help=f"each class its own object (at most {LEARNABLE_CLASSES} classes), exact boxes")

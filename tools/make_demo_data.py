@@ -1,4 +1,8 @@
-"""Write the synthetic demo dataset (CUB-200-2011 release format); a no-op when it is already complete."""
+"""Write the synthetic demo dataset (CUB-200-2011 release format); a no-op when it is already complete.
+
+    python tools/make_demo_data.py                                   # what train.py without --data-root reads
+    python tools/make_demo_data.py --output-dir /tmp/tiny_cub --num-classes 2 --train-per-class 4 --test-per-class 3
+"""
 import argparse
 import inspect
 import sys
@@ -28,7 +32,8 @@ DEFAULTS = {name: p.default for name, p in inspect.signature(make_demo_dataset).
 
 
 def main(argv=None):
-    parser = OneLineParser(description=__doc__, allow_abbrev=False)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           allow_abbrev=False)
     parser.add_argument("--output-dir", default=str(DEFAULT_DEMO_ROOT), help="dataset folder (default %(default)s)")
     parser.add_argument("--num-classes", type=_num_classes, default=DEFAULTS["num_classes"],
                         help=f"2 to {len(CLASS_TEMPLATES)} (default %(default)s)")

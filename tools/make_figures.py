@@ -7,6 +7,7 @@ config/demo.yaml``), img/demo_overlays.png with the first images of each class; 
 and what was skipped (why). img/ holds the README's figures: to look at your own run's grid, give another
 --output-dir.
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -113,10 +114,13 @@ def overlay_grid(image_dir: Path, per_class: int = 4, tile: int = 160) -> np.nda
 def main(argv=None):
     repo = Path(__file__).resolve().parents[1]
     default_run = repo / "output" / "demo"
-    parser = OneLineParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--output-dir", default=str(repo / "img"))
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           allow_abbrev=False)
+    parser.add_argument("--output-dir", default=str(repo / "img"),
+                        help="folder the PNGs are written to (default: the README's own figures, %(default)s)")
     parser.add_argument("--demo-run", help=f"output folder of a demo run (default: {default_run}, when it exists)")
-    parser.add_argument("--per-class", type=at_least(1), default=4)
+    parser.add_argument("--per-class", type=at_least(1), default=4,
+                        help="overlays per class in the demo grid (default %(default)s)")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():

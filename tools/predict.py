@@ -160,8 +160,9 @@ RENAMED = {"--coco": "--save-boxes", "--blocks": "--overlay-blocks", "--batch-si
 def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)
-    parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS")
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS", help="image files, or folders of them")
+    parser.add_argument("--checkpoint", required=True,
+                        help="this project's checkpoint or an official release file")
     parser.add_argument("--arch", help="architecture (default: recorded in the file, or read off its weights' shapes)")
     parser.add_argument("--num-classes", type=int, help="classes (default: read off the head's shape)")
     parser.add_argument("--threshold", type=FIELDS["threshold"].parse,

@@ -56,13 +56,26 @@ class Script:
 
 SCRIPTS = {
     "train": Script("train.py", "Train SAT on CUB-200-2011 or other WSOL data (the synthetic demo without "
-                                "--data-root).", "CUB.yaml"),
-    "train_imagenet": Script("train_ImageNet.py", "Train SAT on ImageNet (ILSVRC2012).", "ILSVRC.yaml"),
+                                "--data-root).\n\n"
+                                "    python train.py                        # the demo: config/demo.yaml, on a CPU\n"
+                                "    python train.py --config config/CUB.yaml --data-root /data/CUB_200_2011 "
+                                "--output-dir output/cub", "CUB.yaml"),
+    "train_imagenet": Script("train_ImageNet.py", "Train SAT on ImageNet (ILSVRC2012).\n\n"
+                                                  "    torchrun --nproc_per_node 8 train_ImageNet.py --config "
+                                                  "config/ILSVRC.yaml --data-root /data/ILSVRC2012 --output-dir "
+                                                  "output/imagenet", "ILSVRC.yaml"),
     "evaluate": Script("evaluator.py", "Evaluate a SAT checkpoint (or with --maps any method's saved maps) on "
                                        "CUB-200-2011, another dataset format or a folder dataset; without "
-                                       "--data-root on the demo data.", "CUB.yaml"),
+                                       "--data-root on the demo data.\n\n"
+                                       "    python evaluator.py --checkpoint output/demo/checkpoints/best.pth "
+                                       "--output-dir output/eval_demo   # after the demo\n"
+                                       "    python evaluator.py --data-root /data/CUB_200_2011 --checkpoint "
+                                       "best_loc.pth.tar --output-dir output/eval_cub", "CUB.yaml"),
     "evaluate_imagenet": Script("evaluator_ImageNet.py", "Evaluate a SAT checkpoint on the ILSVRC2012 validation "
-                                                         "set.", "ILSVRC.yaml"),
+                                                         "set.\n\n"
+                                                         "    python evaluator_ImageNet.py --data-root "
+                                                         "/data/ILSVRC2012 --checkpoint best_loc.pth.tar "
+                                                         "--output-dir output/eval_imagenet", "ILSVRC.yaml"),
 }
 DEMO_CONFIG = "demo.yaml"  # train.py without --config and --data-root
 EVALUATOR_BATCH = 32  # the evaluators' eval_batch_size when it is null (no training micro-batch to follow)
@@ -504,6 +517,16 @@ def load_yaml(path, _seen=(), sources=None):
 
 
 # ------------------------------------------------------------------------------------------ flags
+class ExampleFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that a paragraph of lines indented by 4 spaces (example commands) is kept
+    as written."""
+
+    def _fill_text(self, text, width, indent):
+        return "\n\n".join(indent + block.replace("\n", "\n" + indent) if block.startswith("    ")
+                           else super(ExampleFormatter, self)._fill_text(block, width, indent)
+                           for block in text.split("\n\n"))
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one ConfigError line naming the flag (``--help`` keeps the usage), and which
     reads ``--flag=~/x`` as ``--flag ~/x`` reaches it from a shell: with ``~`` the home folder."""
@@ -566,6 +589,7 @@ def build_parser(script, defaults=None):
     """The flags of ``script``; ``defaults`` (shown in --help): :func:`script_defaults`."""
     spec, evaluator = SCRIPTS[script], script in EVALUATORS
     parser = OneLineParser(prog=spec.file, description=spec.description, argument_default=argparse.SUPPRESS,
+                           formatter_class=ExampleFormatter,
                            allow_abbrev=False, epilog="Flags override the --config file, which overrides the "
                                                       "defaults (every key: docs/config.md).")
     if evaluator:
@@ -601,6 +625,10 @@ def build_parser(script, defaults=None):
             choices = ("imagenet",) if script == "train_imagenet" else tuple(c for c in choices if c != "imagenet")
             default = choices[0] if len(choices) == 1 else default
         text = field.help if default in (None, []) else f"{field.help} (default: {_show(default)})"
+        if script == "train" and key == "output_dir":  # without --config train.py reads a file that sets its own
+            demo, cub = (_read(CONFIG_DIR / name, script)[0].get(key, default) for name in (DEMO_CONFIG, spec.defaults))
+            text = f"{field.help} (default: {demo} without --data-root, {cub} with it; {default} under a --config " \
+                   "that sets none, nor its base)"
         if field.kind == "bool":
             group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=text)
         elif field.kind == "amp":
