@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from DataLoader import make_demo_dataset
 from tools.benchmark import main as benchmark_main
@@ -48,8 +49,8 @@ def test_eval_benchmark_reports_box_cost():
     (["--batch-size", "x"], "--batch-size: expected an integer >= 1, got 'x'"),
     (["--img-size", "50"], "--img-size: expected a multiple of the patch size 16, got 50"),
     (["--thresholds", "2"], "--thresholds: expected a number in [0, 1], got '2'"),
-    (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
-    (["--device", "meta"], "--device: expected cpu, cuda or cuda:N, got 'meta'"),
+    (["--device", "gpu"], "--device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--device", "meta"], "--device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
     (["--num-classes", "0"], "--num-classes: expected an integer >= 1, got '0'"),
     (["--img-size", "0"], "--img-size: expected an integer >= 16, got '0'"),
     (["--arch", "foo"], "unknown arch 'foo'"),
@@ -134,3 +135,9 @@ def test_time_pass_adds_the_rate_of_a_whole_pass(tmp_path):
     common = ["--mode", "eval", "--data-root", str(root), "--workers", "0"]
     assert run(*common, "--time-pass")["data_pass_images_per_second"] > 0
     assert "data_pass_images_per_second" not in run(*common)
+
+
+def test_device_auto_is_the_scripts_choice():
+    """--device auto (every script's default and flag) is the GPU where there is one, else the CPU."""
+    result = run("--mode", "eval", "--device", "auto")
+    assert result["device"] == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -89,8 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=at_least(1), default=5,
                    help="timed steps (batches), after --warmup untimed ones (default %(default)s)")
     p.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps first (default %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (default auto: cuda when available, else cpu, as the scripts')")
     p.add_argument("--attn-impl", choices=ATTENTION_IMPLS, default="fused",
                    help="attention implementation, as the config key attn_impl")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
@@ -148,12 +148,14 @@ def parse_args(argv=None):
     if args.resize_size is not None and args.resize_size < args.img_size:  # (train mode: a worker's ValueError)
         p.error(f"--resize-size: expected at least --img-size {args.img_size} (the crops are taken from the resized "
                 f"image), got {args.resize_size}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(args.device)
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        p.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+        p.error(f"--device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible here")
     return args
