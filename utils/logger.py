@@ -121,25 +121,31 @@ def open_log_file(output_dir, line_format=FORMAT):
     _add(handler)
 
 
+UNKNOWN_COMMIT = "commit unknown (not a git checkout, or git not available)"
+
+
 def code_version(root=Path(__file__).resolve().parents[1]):
     """The git commit of the code at ``root`` ('git 1a2b3c4d5e6f', '+ uncommitted changes' when tracked files
-    differ from it), or 'commit unknown (...)' (a copy without .git, no git, or git refusing the folder)."""
+    differ from it), or UNKNOWN_COMMIT (a copy without .git, no git, or git refusing the folder)."""
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                               text=True, timeout=10)
         if head.returncode != 0:
-            return "commit unknown (not a git checkout, or git not available)"
+            return UNKNOWN_COMMIT
         changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                  capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "commit unknown (not a git checkout, or git not available)"
+        return UNKNOWN_COMMIT
     return f"git {head.stdout.strip()}{' + uncommitted changes' if changed else ''}"
 
 
 def log_environment(device):
     """Into log.txt alone: the command, the code's commit, the versions of Python and of the packages the
     numbers depend on, and the device: what a result needs to be reproduced or compared (config.yaml holds the
-    settings, not where they ran)."""
+    settings, not where they ran). Nothing on the processes that log no INFO (all but the first): no git runs."""
+    log = logging.getLogger("sat")
+    if not log.isEnabledFor(logging.INFO):
+        return
     import numpy
     import PIL
     import timm
@@ -148,7 +154,6 @@ def log_environment(device):
 
     from utils.cv import cv2
 
-    log = logging.getLogger("sat")
     log.info("command: %s", shlex.join([Path(sys.executable).name, *sys.argv]), extra=LOG_FILE_ONLY)
     hardware = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, cuDNN " \
         f"{torch.backends.cudnn.version()}" if getattr(device, "type", device) == "cuda" else \
