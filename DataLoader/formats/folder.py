@@ -13,6 +13,7 @@ from .annotations import Item, check_boxes, lines_source, read_table
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Photo types the folder format does not read (torchvision's ImageFolder neither): warned, not skipped silently
 OTHER_PHOTO_EXTENSIONS = (".gif", ".heic", ".heif", ".jfif", ".avif", ".jxl", ".jp2")
+CONVERT_HINT = f"convert them to one of {', '.join(IMAGE_EXTENSIONS)}"  # what to do with such photos
 FOLDER_LAYOUT = "<split>/<class>/<image> folders"
 _logger = logging.getLogger("sat")
 
@@ -45,11 +46,6 @@ def is_other_photo(name):
     return name.lower().endswith(OTHER_PHOTO_EXTENSIONS)
 
 
-def convert_hint():
-    """What to do with photos of such a type, as the warning and the errors say it."""
-    return f"convert them to one of {', '.join(IMAGE_EXTENSIONS)}"
-
-
 def class_folders(directory, layout=FOLDER_LAYOUT):
     """Sorted names of the class sub-folders of ``directory`` (``layout``: the expected one, for the error)."""
     names = [name for name, is_dir in list_dir(directory) if is_dir]
@@ -70,7 +66,7 @@ def check_class_has_images(directory):
         return
     if has_file(directory, is_other_photo):  # (iPhone's .heic): not a folder to remove
         raise DataError(f"{directory}: a class folder with photos of a type the folder format does not read only: "
-                        f"{convert_hint()}")
+                        f"{CONVERT_HINT}")
     raise DataError(f"{directory}: a class folder with no image ({', '.join(IMAGE_EXTENSIONS)}): remove it, or it "
                     "would be a class of its own")
 
@@ -91,7 +87,7 @@ def scan_class_folders(root, split, classes):
         other += [split_dir / name / file for file, is_dir in entries if not is_dir and is_other_photo(file)]
     if other:  # (before the error of a split of such photos alone: it says why)
         _logger.warning("%s: %d image(s) of a type the folder format does not read (first: %s): not read; %s",
-                        split_dir, len(other), other[0], convert_hint())
+                        split_dir, len(other), other[0], CONVERT_HINT)
     if not items:
         raise DataError(f"{split_dir}: no images found (expected {FOLDER_LAYOUT})")
     if nested:  # torchvision's ImageFolder reads them: say that these are not
