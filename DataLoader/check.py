@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from utils.errors import DataError, SATError
+from utils.logger import progress_bar
 from utils.preemption import leave_stops_to_the_parent, signals_deferred
 
 from .formats.annotations import check_boxes
@@ -198,8 +198,8 @@ def check_split(dataset, split, workers=0, decode=False, progress=False, shard=(
     else:
         runs = map(chunks.__getitem__, range(len(chunks)))
     results = []
-    with tqdm(total=len(jobs), desc=f"check {split}", unit="image", disable=not progress, dynamic_ncols=True,
-              delay=2, leave=False) as bar:  # a bar only for checks that take a while
+    # a bar only for checks that take a while
+    with progress_bar(total=len(jobs), desc=f"check {split}", unit="image", disable=not progress, delay=2) as bar:
         for run in runs:
             results += run
             bar.update(len(run))

@@ -1,5 +1,6 @@
 import contextlib
 import gc
+import io
 import os
 import signal
 import socket
@@ -52,6 +53,14 @@ def collector_off():
     gc.disable()
     yield
     gc.enable()
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal (a progress bar is redrawn there), for sys.stderr in a test's body (pytest
+    puts its own capture back between a fixture and the test)."""
+
+    def isatty(self):
+        return True
 
 
 def free_port():

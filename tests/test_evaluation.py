@@ -2,6 +2,7 @@
 metrics functions, the official fixture boxes through evaluate(), PxAP on synthetic masks, sharding."""
 import contextlib
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from utils.errors import ConfigError
 from utils.metrics import (LOC_KEYS, TRAIN_THRESHOLDS, ClassAccumulator, PxAPAccumulator, SATLocAccumulator,
                            WSOLBoxAccumulator)
 
-from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS
+from conftest import OFFICIAL_ARCH, OFFICIAL_CKPT, OFFICIAL_MODEL_KWARGS, Terminal
 
 ARCH = "deit_sat_nano_patch16_224"
 CLASS_NAMES = ["001.Ringed_Disc", "002.Checkered_Square", "003.Striped_Triangle"]  # the demo data's
@@ -367,13 +368,15 @@ def test_tencrop_scores_are_the_mean_of_the_ten_softmaxes_and_the_map_the_centre
     assert (maps == 4).all()
 
 
-def test_the_eval_progress_bar_is_cleared_when_done(capsys):
+def test_the_eval_progress_bar_is_cleared_when_done(monkeypatch):
     """The eval bar leaves no finished line on the terminal (training evaluates each epoch: one left-over
     'eval: 100%' line per epoch among its log lines); the line after it says how the evaluation went."""
     model = nano_model(num_classes=2)
     batch = {"image": torch.randn(2, 3, 64, 64), "label": torch.tensor([0, 1]),
              "boxes": [torch.tensor([[4.0, 4.0, 40.0, 40.0]])] * 2, "size": [(64, 64)] * 2,
              "image_id": list("ab"), "index": [0, 1]}
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     evaluate([batch, batch], model, "cpu", threshold=0.5, views=EvalViews("sat", img_size=64), progress=True)
-    err = capsys.readouterr().err
+    err = terminal.getvalue()
     assert "eval" in err and "\n" not in err and not err.rstrip("\r").split("\r")[-1].strip(), repr(err)

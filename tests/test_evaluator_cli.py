@@ -65,6 +65,7 @@ def test_cub_evaluator_both_protocols_end_to_end(cub, tmp_path):
     assert "sat protocol (official SAT): 12 images, ten-crop classification, threshold 0.4" in proc.stdout
     assert "wsol protocol (wsolevaluation, 224x224" in proc.stdout and "WARNING" not in proc.stdout
     assert "Top-1 Loc" in proc.stdout and "MaxBoxAccV2" in proc.stdout
+    assert "\r" not in proc.stderr  # stderr is a pipe: no progress bar redraws (a line a minute, none in seconds)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 12 and metrics["tencrop"] is True and metrics["threshold"] == 0.4
     assert metrics["precision"] == "fp32" and "best_threshold" not in metrics

@@ -49,7 +49,7 @@ def main(argv=None):
                                 images_per_class=args.images_per_class if split == "train" else None,
                                 seed=args.seed, metadata_root=args.metadata_root, val_boxes=args.val_boxes,
                                 strict=args.strict_data)
-        report = check_split(dataset, split, args.workers, args.decode, progress=sys.stderr.isatty())
+        report = check_split(dataset, split, args.workers, args.decode, progress=True)
         checked, seconds = checked + report.checked, seconds + report.seconds
         skipped = split == "train" and not args.strict_data
         if report.bad and not skipped:

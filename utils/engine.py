@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from DataLoader.dataset import size_difference_warning, size_differences
@@ -35,6 +34,7 @@ from utils.boxes import (WSOL_MAP_SIZE, contour_boxes, crop_box_to_original, gt_
 from utils.cv import cv2
 from utils.distributed import all_gather_object, all_reduce_sum, cpu_share, raise_first
 from utils.errors import ConfigError, DataError, OutputError, SATError, user_message, writing_outputs
+from utils.logger import progress_bar
 from utils.metrics import Counters, chosen_wsol_threshold, per_class_metrics
 from utils.preemption import leave_stops_to_the_parent
 from utils.saved_maps import write_maps
@@ -134,8 +134,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
     window = []  # (optimizer step, loss) since the last read-back
     lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
-    bar = tqdm(total=num_batches, initial=done, desc=f"epoch {epoch + 1}", disable=not progress, dynamic_ncols=True,
-               leave=False)
+    bar = progress_bar(total=num_batches, initial=done, desc=f"epoch {epoch + 1}", disable=not progress)
     redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
     optimizer.zero_grad(set_to_none=True)
     with bar, redirect:
@@ -638,10 +637,10 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     try:
         with box_pool(threads, box_processes) as pool, torch.inference_mode():
             # on CUDA, the next batch is prepared on a side stream
-            # cleared when done, as the epoch bar is: the line that follows says it (the evaluator's
-            # 'evaluated N images in T s', training's 'epoch N test: ...'), so no finished bar is left on screen
-            batches = tqdm(on_device(loader, device) if saved_maps is None else loader, desc="eval", unit="batch",
-                           dynamic_ncols=True, disable=not progress or rank, leave=False)
+            # cleared when done: the line that follows says it (the evaluator's 'evaluated N images in T s',
+            # training's 'epoch N test: ...')
+            batches = progress_bar(on_device(loader, device) if saved_maps is None else loader, desc="eval",
+                                   unit="batch", disable=not progress or rank)
             if saved_maps is None:
                 outputs = model_outputs(batches, forward, views, autocast, overlays if overlay_dir else 0,
                                         blocks=overlay_blocks and bool(overlay_dir))

@@ -12,12 +12,45 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from utils.errors import SATError, output_error, user_message, writing_outputs
 from utils.outputs import write_text_atomic
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 # ``extra=`` of a record for log.txt alone (a long table that would scroll the console's summary away)
 LOG_FILE_ONLY = {"log_file_only": True}
+
+
+# a progress bar whose stderr is no terminal (a SLURM job's file, a pipe) writes a line this often, the first after
+# as long: a minute-long loop shows nothing there, an ImageNet epoch one line a minute instead of one per batch
+FILE_BAR_SECONDS = 60
+
+
+class _BarLines:
+    """The stream of a progress bar written to a file: each redraw as a line of its own, not carriage returns
+    that pile every update of a run onto one line (and the bar's clearing, spaces, as nothing)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(iterable=None, **kwargs):
+    """``tqdm`` on stderr, redrawn in place at the terminal's width, cleared when done (the log line that follows
+    says it); where stderr is no terminal, a plain (ASCII) line every ``FILE_BAR_SECONDS``."""
+    kwargs = {"dynamic_ncols": True, "leave": False, **kwargs}
+    if not getattr(sys.stderr, "isatty", lambda: False)():
+        kwargs.update(file=_BarLines(sys.stderr), ascii=True, mininterval=FILE_BAR_SECONDS,
+                      maxinterval=FILE_BAR_SECONDS, delay=max(kwargs.get("delay", 0), FILE_BAR_SECONDS))
+    return tqdm(iterable, **kwargs)
 
 
 # The root logger's level before setup_logging set it, given back by close_logging (None: not set by us).
