@@ -74,6 +74,7 @@ from utils.amp import LossScaler, autocast_context, describe  # noqa: E402
 from utils.config import FIELDS, OneLineParser, at_least  # noqa: E402
 from utils.engine import CompiledFullBatches, evaluate, forward_in_parts, train_one_epoch  # noqa: E402
 from utils.errors import ConfigError, run_cli  # noqa: E402
+from utils.host_memory import keep_freed_memory  # noqa: E402
 from utils.metrics import TRAIN_THRESHOLDS, SATLocAccumulator, WSOLBoxAccumulator  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -425,7 +426,8 @@ def run_check(args):
 
 def bench_model(args, device):
     """The timed model, seeded: drop path in train mode, and ``--compile`` as train.py does it (evaluation
-    compiles inside ``evaluate``)."""
+    compiles inside ``evaluate``); the process's host memory kept as the scripts keep it (select_device)."""
+    keep_freed_memory()
     torch.manual_seed(0)
     model = build_model(args.arch, num_classes=args.num_classes, img_size=args.img_size,
                         drop_path_rate=0.1 if args.mode == "train" else 0.0, attn_impl=args.attn_impl).to(device)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from utils.errors import ConfigError, OutputError, SATError, echoed, first_line, output_error, user_message
+from utils.host_memory import keep_freed_memory
 
 # MASTER_PORT under srun: SLURM_PORT_BASE + (job id + SLURM_STEP_PORT_STRIDE * step id) % SLURM_PORT_RANGE, so that
 # two steps of one job on a node (training and an evaluation) differ, below Linux's ephemeral ports (32768-)
@@ -48,7 +49,9 @@ class DistInfo:
 def select_device(device="auto", local_rank=0, local_processes=1, per_node_flag="--nproc_per_node"):
     """``auto``: this process's GPU when CUDA is available, else the CPU. ``local_processes``: the
     processes on this node (torchrun's LOCAL_WORLD_SIZE), each of which needs its own visible GPU;
-    ``per_node_flag``: the launcher's flag for their number, for the error."""
+    ``per_node_flag``: the launcher's flag for their number, for the error. The process keeps the host memory it
+    frees for its next tensors, whatever the device (utils.host_memory)."""
+    keep_freed_memory()
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda requested but CUDA is not available; use --device cpu")
     if device == "cpu" or not torch.cuda.is_available():
