@@ -430,3 +430,11 @@ def test_photo_data_has_images_of_the_sizes_asked_with_boxes_inside_and_is_seede
     def files(root):
         return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
     assert files(made[0]) == files(made[1]) and files(made[0]) != files(made[2])
+
+
+def test_gpu_lib_run_by_itself_says_which_scripts_to_run():
+    """gpu_lib.sh is sourced by the two GPU scripts; run on its own (e.g. with --help) it did nothing, silently."""
+    out = subprocess.run(["bash", "tools/gpu_lib.sh", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "tools/gpu_check.sh and tools/gpu_record.sh" in out.stderr and len(out.stderr.splitlines()) == 1

@@ -1,6 +1,12 @@
 # Shell helpers of tools/gpu_check.sh and tools/gpu_record.sh (sourced). They expect RUNS (the folder the
 # runs write into), TIMEOUT (seconds per run) and T0 (the start, in seconds since the epoch).
 
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # run, not sourced: say what to run
+  echo "tools/gpu_lib.sh holds the helpers of tools/gpu_check.sh and tools/gpu_record.sh: run one of those" \
+       "(--help says how)" >&2
+  exit 2
+fi
+
 # A run still alive KILL_AFTER seconds after its timeout's SIGTERM is killed (train.py and the evaluators handle
 # SIGTERM themselves, and a process waiting for a hung thread or worker never ends on it: the device machine's
 # per-command limit would then stop the whole script). FAILED: "name (why)" of each run that failed.
