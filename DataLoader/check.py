@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from utils.errors import DataError, SATError
@@ -23,7 +23,7 @@ from utils.preemption import leave_stops_to_the_parent, signals_deferred
 
 from .formats.annotations import check_boxes
 from .formats.wsol import alpha_problem, reader_problem
-from .dataset import EMPTY_FILE, UNREADABLE, is_empty_file, size_difference_warning
+from .dataset import UNREADABLE, size_difference_warning, why_unreadable
 
 _logger = logging.getLogger("sat")
 
@@ -55,15 +55,6 @@ def ends_with_marker(path, fmt):
         return tail_has_end_marker(f.read(), fmt)
 
 
-def unreadable_reason(err, path):
-    """Why the file ``path`` does not open or decode, without its path (the report names it)."""
-    if isinstance(err, FileNotFoundError):
-        return "file not found"
-    if isinstance(err, UnidentifiedImageError):
-        return EMPTY_FILE if is_empty_file(path) else "not an image file PIL recognises"
-    return f"{err.__class__.__name__}: {err}"
-
-
 def image_problem(path, decode=False):
     """((W, H), None) for a complete image, else (None, why it is unreadable)."""
     try:
@@ -75,9 +66,9 @@ def image_problem(path, decode=False):
                     image.load()
                 except UNREADABLE as err:
                     return None, (f"truncated {fmt}: no {END_MARKERS[fmt][1]}" if complete is False
-                                  else unreadable_reason(err, path))
+                                  else why_unreadable(path, err))
     except UNREADABLE as err:
-        return None, unreadable_reason(err, path)
+        return None, why_unreadable(path, err)
     return size, None
 
 

@@ -32,18 +32,19 @@ def is_empty_file(path):
 
 
 def why_unreadable(path, err):
-    """'<error class>: <reason>' of the error ``err`` reading ``path``, without the path (PIL's own message names
-    the file again: said once by the caller), or EMPTY_FILE. PIL names it as Python's repr does (a quote or a
-    backslash in it escaped); an OSError of the file itself ('[Errno 13] Permission denied: <path>') says its
-    strerror alone."""
-    if isinstance(err, Image.UnidentifiedImageError) and is_empty_file(path):
-        return EMPTY_FILE
+    """Why ``path`` does not open or decode, from the error ``err``, without the path (the caller names it once):
+    'file not found', EMPTY_FILE, 'not an image file PIL recognises', else '<error class>: <reason>' (PIL's
+    message names the file again, as Python's repr does: removed; an OSError of the file itself, '[Errno 13]
+    Permission denied: <path>', says its strerror alone). The data check, training and predict all say it so."""
+    if isinstance(err, FileNotFoundError):
+        return "file not found"
+    if isinstance(err, Image.UnidentifiedImageError):
+        return EMPTY_FILE if is_empty_file(path) else "not an image file PIL recognises"
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         reason = err.strerror
     else:
         reason = str(err).replace(f" {str(path)!r}", "")
     return f"{err.__class__.__name__}: {reason}"
-
 
 
 def rgb(image):
