@@ -1,5 +1,6 @@
 """The map-style dataset every format builds: image loading, the skip policy and sample dicts."""
 import os
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -13,6 +14,9 @@ from .formats.annotations import CompactItems, check_boxes
 # What PIL raises for missing, truncated or corrupt files, and for an image of more than twice PIL's
 # MAX_IMAGE_PIXELS (DecompressionBombError, not an OSError: a traceback in the loader workers and the data check).
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# An image of 1 to 2 x MAX_IMAGE_PIXELS (a large photo or scan) loads as any other; PIL's note on it is a two-line
+# Python warning that names no file, printed by each loader worker every epoch into the job's output
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def unreadable_message(path, err):

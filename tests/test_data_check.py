@@ -3,6 +3,8 @@ truncated files with intact headers, boxes outside their image, the one-line err
 import io
 import logging
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -80,6 +82,22 @@ def test_an_image_over_twice_the_decompression_bomb_limit_is_bad_not_a_traceback
     assert train[0].message == f"skipping unreadable image {tmp_path / 'big.png'} ({reason})"
     with pytest.raises(DataError, match=re.escape(f"unreadable image {tmp_path / 'big.png'} ({reason})")):
         split_of(tmp_path, ["big.png"])[0]
+
+
+def test_an_image_between_one_and_two_bomb_limits_loads_without_a_python_warning(tmp_path):
+    """PIL loads an image of 1 to 2 x MAX_IMAGE_PIXELS (a large photo) with a DecompressionBombWarning: two lines
+    naming no file, from every loader worker each epoch, in a batch job's output. It is read as any image.
+    (A process of its own: pytest resets the warning filters that importing the package sets.)"""
+    noise((40, 30)).save(tmp_path / "big.png")
+    code = ("import sys; from PIL import Image; from DataLoader.dataset import WSOLDataset; "
+            "from DataLoader.formats.annotations import Item; Image.MAX_IMAGE_PIXELS = 1000; "  # 1200 px: 1-2 x
+            "sample = WSOLDataset(sys.argv[1], [Item('big.png', 0)], ['thing'], lambda image: image, "
+            "evaluation=False)[0]; "
+            "print(type(sample).__name__)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.strip() != "Skipped"
 
 
 def test_complete_files_pass_with_padding_or_bytes_after_the_end_marker(tmp_path):

@@ -1,6 +1,7 @@
 """Bad input through tools/check_dataset.py: exit 2, one 'error:' line naming the path, nothing written."""
 import contextlib
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -228,3 +229,19 @@ def test_unreadable_train_image_is_a_warning_without_strict(tmp_path):
         "test: 2 images, 2 classes, 2 boxes, 0 with masks, 0 bad"]
     assert re.fullmatch(r"checked the headers, end markers and boxes of 6 images in \d+\.\ds",
                         done.stdout.splitlines()[-1])
+
+
+def test_a_job_file_holds_the_report_before_its_error_line(tmp_path):
+    """stdout and stderr into one file (a SLURM job's slurm-%j.out), stdout not unbuffered by the environment:
+    the report's lines come in the order printed, the error line they lead to last (Python's block buffering of
+    stdout put that line first, the report after it at exit)."""
+    root = make_demo_dataset(tmp_path / "cub", num_classes=2, train_per_class=1, test_per_class=1, image_size=40)
+    bad = root / "images/001.Ringed_Disc/Ringed_Disc_0002.jpg"  # the test image of class 1
+    truncate(bad)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    with open(tmp_path / "job.out", "w") as job:
+        done = subprocess.run([sys.executable, CHECK, "--data-format", "cub", "--data-root", str(root)],
+                              stdout=job, stderr=subprocess.STDOUT, env=env)
+    lines = (tmp_path / "job.out").read_text().splitlines()
+    assert done.returncode == 2
+    assert lines[0].startswith("train: ") and lines[-1].startswith(f"error: test split: 1 bad image of 2: {bad}")

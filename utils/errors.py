@@ -88,9 +88,24 @@ def user_message(err: SATError) -> str:
     return text
 
 
+def line_buffered_stdout():
+    """Make stdout write each line as it is printed. Into a file or a pipe (a SLURM job's ``slurm-%j.out``,
+    ``> job.out 2>&1``) Python buffers stdout in 8 KB blocks but not stderr: a script's report lines came after
+    the ``error:`` line they led to, its warnings apart from its results, and ``tail -f`` showed them at exit."""
+    stream = sys.stdout
+    if getattr(stream, "line_buffering", True) or not hasattr(stream, "reconfigure"):
+        return
+    try:
+        stream.reconfigure(line_buffering=True)
+    except (OSError, ValueError):  # (a closed or detached stream: nothing to order)
+        pass
+
+
 def run_cli(main, argv=None):
-    """Run ``main(argv)``; turn :class:`SATError` into an ``error:`` message and exit status 2 (the process that
-    met an error shared by several prints it, not each of them)."""
+    """Run ``main(argv)`` with stdout line-buffered (:func:`line_buffered_stdout`); turn :class:`SATError` into an
+    ``error:`` message and exit status 2 (the process that met an error shared by several prints it, not each of
+    them)."""
+    line_buffered_stdout()
     try:
         result = main(argv)
     except SATError as err:
