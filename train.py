@@ -211,7 +211,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
                         path = checkpoints.save_trained(epoch, stats, before)
                         raise restated(err, f"the evaluation after epoch {epoch + 1} failed: {user_message(err)}; "
                                             f"the epoch's training is saved in {path}: once the data is fixed, "
-                                            f"continue with (it evaluates epoch {epoch + 1} again): {resume}") from None
+                                            f"resume with (it evaluates epoch {epoch + 1} again): {resume}") from None
                     metrics.update(metrics.get("at_best_threshold", {}))  # model selection: at the best threshold
                     improved = update_best(checkpoints.best, metrics, plan.selection_metric, epoch, plan.sat)
                     shown = (*recorded_keys(metrics, plan), *(("best_threshold",) if plan.sat else ()))

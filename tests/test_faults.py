@@ -202,7 +202,7 @@ def test_full_disk_when_saving_keeps_the_previous_checkpoint(data_root, tmp_path
     line = error_line(capsys.readouterr().err, exit_info)
     last = out / "checkpoints" / "last.pth"
     assert line.startswith(f"error: could not write checkpoint {last}: no space left on the device; the previous "
-                           "last.pth is left as it was; once that is fixed, continue with: python train.py ")
+                           "last.pth is left as it was; once that is fixed, resume with: python train.py ")
     assert line.endswith(" --resume") and line in (out / "log.txt").read_text()
     assert read_checkpoint(last)["epoch"] == 1
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
@@ -228,7 +228,7 @@ def test_full_disk_for_the_metrics_or_results_is_one_line_with_the_resume_comman
         run_cli(train.main, args(data_root, out, "--epochs", "2"))
     line = error_line(capsys.readouterr().err, exit_info)
     assert line.startswith(f"error: could not write {out / 'metrics.jsonl'}: no space left on the device; once that "
-                           "is fixed, continue with: python train.py ") and line.endswith(" --resume")
+                           "is fixed, resume with: python train.py ") and line.endswith(" --resume")
     monkeypatch.undo()
     monkeypatch.setattr(train, "write_text_atomic", full)
     with pytest.raises(SystemExit) as exit_info:

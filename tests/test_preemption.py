@@ -168,7 +168,7 @@ def test_signal_mid_epoch_then_resume_gives_the_uninterrupted_run(data_root, ref
     assert (last["epoch"], last["epoch_step"]) == (0, 4)  # saved at the end of that step
     log = (out / "log.txt").read_text()
     assert f"stopped by SIGTERM at epoch 1, optimizer step 4/{STEPS}: {out / 'checkpoints' / 'last.pth'} saved; " \
-           "continue with: python " in log
+           "resume with: python " in log
     assert not (out / "metrics.jsonl").read_text()
 
     monkeypatch.undo()
@@ -248,7 +248,7 @@ def test_train_py_killed_with_sigterm_resumes_with_the_printed_command(data_root
     assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
     message = [line for line in stdout.splitlines() if "stopped by SIGTERM" in line]
     assert len(message) == 1 and "Traceback" not in stderr and "killed by signal" not in stderr
-    command = message[0].split("continue with: ")[1]
+    command = message[0].split("resume with: ")[1]
     assert command == shlex.join(["python", "train.py", *argv, "--resume"])
     train_main(shlex.split(command)[2:])  # the command's train.py arguments, run in this process
     reference = tmp_path / "reference"  # (workers draw the crops as one another, not as the main process does)

@@ -264,11 +264,11 @@ def test_how_to_continue_after_a_file_could_not_be_written(tmp_path):
                                                          "--overwrite"
     # resumed from another folder's best.pth (no optimizer state: no last.pth here yet), its copy here first
     other = tmp_path / "other run" / "best.pth"
-    assert how_to_continue(checkpoints, other, resume) == f"continue with: {resume} '{other}'"
+    assert how_to_continue(checkpoints, other, resume) == f"resume with: {resume} '{other}'"
     (checkpoints / "best.pth").write_bytes(b"")
-    assert how_to_continue(checkpoints, other, resume) == f"continue with: {resume} {checkpoints / 'best.pth'}"
+    assert how_to_continue(checkpoints, other, resume) == f"resume with: {resume} {checkpoints / 'best.pth'}"
     (checkpoints / "last.pth").write_bytes(b"")
-    assert how_to_continue(checkpoints, other, resume) == f"continue with: {resume}"
+    assert how_to_continue(checkpoints, other, resume) == f"resume with: {resume}"
 
 
 def test_a_batch_of_unreadable_images_alone_stops_several_processes_naming_epoch_and_batch():

@@ -55,13 +55,13 @@ class StepCheckpoint:
             path = self.save(epoch, steps_done, meters)
         if signum:
             raise Preempted(f"stopped by {signal_name(signum)} at epoch {epoch + 1}, optimizer step {steps_done}/"
-                            f"{self.steps_per_epoch}: {path} saved; continue with: {self.resume}", signum)
+                            f"{self.steps_per_epoch}: {path} saved; resume with: {self.resume}", signum)
 
     def end_of_epoch(self, epoch, path):
         """After the end-of-epoch last.pth: raise :class:`Preempted` if a stop signal arrived (collective)."""
         signum = self.stop.received_by_any(self.device, self.world_size)
         if signum:
-            raise Preempted(f"stopped by {signal_name(signum)} after epoch {epoch + 1}: {path} saved; continue "
+            raise Preempted(f"stopped by {signal_name(signum)} after epoch {epoch + 1}: {path} saved; resume "
                             f"with: {self.resume}", signum)
 
 

@@ -139,10 +139,10 @@ def how_to_continue(checkpoint_dir, resumed_from, resume):
     before the run has a last.pth, from the checkpoint it was resumed from (``resumed_from``: its copy in the run's
     folder when there is one), or, for a run started afresh, the same command with --overwrite."""
     if (checkpoint_dir / "last.pth").exists():
-        return f"continue with: {resume}"
+        return f"resume with: {resume}"
     if resumed_from is not None:
         copy = checkpoint_dir / Path(resumed_from).name
-        return f"continue with: {resume} {shlex.quote(str(copy if copy.exists() else resumed_from))}"
+        return f"resume with: {resume} {shlex.quote(str(copy if copy.exists() else resumed_from))}"
     return f"start again with: {restart_command(resume)}"
 
 
