@@ -206,7 +206,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
                     try:
                         metrics = evaluate(selection_loader, model, info.device,
                                            thresholds=cfg.eval_thresholds if plan.sat else (), amp=cfg.amp,
-                                           distributed=info.distributed, progress=info.is_main)
+                                           distributed=info.distributed, progress=info.is_main,
+                                           label=f"epoch {epoch + 1} {selection_split}")
                     except DataError as err:  # a file changed under the run (every process raises it)
                         path = checkpoints.save_trained(epoch, stats, before)
                         raise restated(err, f"the evaluation after epoch {epoch + 1} failed: {user_message(err)}; "
@@ -263,7 +264,8 @@ def final_test(cfg, info, model, test_loader, checkpoint_dir, output_dir, plan, 
                            thresholds=cfg.eval_thresholds if cfg.report_best_threshold and sat else (),
                            wsol_threshold=held_out,
                            distributed=info.distributed, overlay_dir=output_dir / "overlays" if cfg.overlays else None,
-                           overlays=None if cfg.overlays == "all" else cfg.overlays, progress=info.is_main)
+                           overlays=None if cfg.overlays == "all" else cfg.overlays, progress=info.is_main,
+                           label="final test")
     seconds = time.perf_counter() - started
     if info.is_main:
         log_evaluation_time(metrics, seconds)

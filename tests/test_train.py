@@ -26,6 +26,7 @@ from evaluator import main as eval_main
 from train import build_loaders, log_short_classes, main
 from utils.config import parse_config
 from utils.distributed import init_distributed
+import utils.logger
 from utils.logger import code_version
 
 from test_evaluation import save_nano_checkpoint
@@ -369,11 +370,14 @@ def write_metadata(root, meta):
             f"{ids[k]},{x:g},{y:g},{x + w:g},{y + h:g}\n" for k in keys for x, y, w, h in [boxes[k]]))
 
 
-def test_training_with_val_split_selects_on_val_and_tests_on_test(data_root, tmp_path):
+def test_training_with_val_split_selects_on_val_and_tests_on_test(data_root, tmp_path, monkeypatch, capsys):
     meta = tmp_path / "metadata"
     write_metadata(Path(data_root), meta)
     out = tmp_path / "run"
+    monkeypatch.setattr(utils.logger, "FILE_BAR_SECONDS", 0)  # stderr is no terminal here: a bar line per update
     main(args(data_root, out, "--epochs", "1", "--val-split", "--metadata-root", str(meta)))
+    bars = {line.split(":")[0] for line in capsys.readouterr().err.splitlines() if "%|" in line}
+    assert bars == {"epoch 1", "epoch 1 val", "final test"}  # each evaluation's bar says which it is
     record = json.loads((out / "metrics.jsonl").read_text())
     assert record["val_num_images"] == 3 and "test_top1_loc" not in record
     assert "model selection on the val split (3 images)" in (out / "log.txt").read_text()

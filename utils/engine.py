@@ -576,7 +576,7 @@ def _stop_together(failure, distributed):
 def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_threshold=None, amp=False,
              distributed=False, save_maps=None, overlay_dir=None, overlays=None, per_image=False,
              progress=True, threads=None, box_processes=None, views=None, saved_maps=None, overlay_blocks=False,
-             compile=False):
+             compile=False, label="eval"):
     """Metrics (percentages; keys in docs/evaluation.md) of ``model`` on ``loader``, whose dataset's transform
     is an ``EvalViews`` (``views``: that EvalViews, for a loader without a dataset): it gives the protocol.
 
@@ -591,6 +591,7 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
     ``saved_maps``: a ``SavedMaps`` (utils/saved_maps.py) giving each batch's outputs from files instead of a
     forward of ``model`` (None); its loader's batches hold no pixels, and ``'crop'``: those of the overlays.
     ``compile``: the forwards of the full size through ``torch.compile`` (``CompiledFullBatches``).
+    ``label``: the progress bar's (training's: which epoch's evaluation, or the final test).
     """
     views = views or views_of(getattr(loader, "dataset", None))
     protocol = views.protocol
@@ -639,7 +640,7 @@ def evaluate(loader, model, device, *, threshold=None, thresholds=(), wsol_thres
             # on CUDA, the next batch is prepared on a side stream
             # cleared when done: the line that follows says it (the evaluator's 'evaluated N images in T s',
             # training's 'epoch N test: ...')
-            batches = progress_bar(on_device(loader, device) if saved_maps is None else loader, desc="eval",
+            batches = progress_bar(on_device(loader, device) if saved_maps is None else loader, desc=label,
                                    unit="batch", disable=not progress or rank)
             if saved_maps is None:
                 outputs = model_outputs(batches, forward, views, autocast, overlays if overlay_dir else 0,
