@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from utils.distributed import cpu_share
+from utils.host_memory import keep_freed_memory
 from utils.preemption import leave_stops_to_the_parent, signals_deferred
 
 from .background import Background
@@ -101,8 +102,10 @@ def collate_samples(samples):
 def init_worker(worker_id):
     """Seed numpy and random in each worker from torch's per-worker seed, and leave stop signals to the main
     process (utils/preemption.py). (Each worker runs one torch thread, set by the DataLoader, and one OpenCV
-    thread, inherited: utils/cv.py.)"""
+    thread, inherited: utils/cv.py.) Its freed host memory is kept (utils/host_memory.py: inherited when forked;
+    set here where workers start as fresh interpreters, forkserver or spawn)."""
     leave_stops_to_the_parent()
+    keep_freed_memory()
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

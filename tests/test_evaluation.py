@@ -311,6 +311,18 @@ def test_box_pool_processes_are_forked_from_a_server_that_imported_torch():
         assert pool.submit(_parent_has_torch_loaded).result()
 
 
+def _freed_memory_kept():
+    from utils import host_memory
+    return host_memory._kept
+
+
+def test_box_pool_processes_keep_their_freed_host_memory():
+    """The fork server is a fresh interpreter (no fork of the script's process, which selected its device), so each
+    box process sets utils.host_memory's thresholds itself, as every other process of the scripts has them."""
+    with box_pool(1, processes=1) as pool:
+        assert pool.submit(_freed_memory_kept).result() is not None
+
+
 @pytest.mark.parametrize("device, cpus, local, expected", [
     ("cuda", 16, 1, 8), ("cuda", 64, 1, 8), ("cuda", 8, 1, 4), ("cuda", 4, 1, 2), ("cuda", 2, 1, 0),
     ("cuda", 64, 8, 4), ("cuda", 16, 8, 0), ("cpu", 16, 1, 0)])

@@ -34,6 +34,7 @@ from utils.boxes import (WSOL_MAP_SIZE, contour_boxes, crop_box_to_original, gt_
 from utils.cv import cv2
 from utils.distributed import all_gather_object, all_reduce_sum, cpu_share, raise_first
 from utils.errors import ConfigError, DataError, OutputError, SATError, user_message, writing_outputs
+from utils.host_memory import keep_freed_memory
 from utils.logger import progress_bar
 from utils.metrics import Counters, chosen_wsol_threshold, per_class_metrics
 from utils.preemption import leave_stops_to_the_parent
@@ -430,7 +431,9 @@ def _overlay_crops(images, batch, views, overlays):
 
 def _init_box_process():
     """Box-pool process: one torch thread and (utils/cv.py) one OpenCV thread: the processes are the
-    parallelism; stop signals are its parent's (utils/preemption.py)."""
+    parallelism; stop signals are its parent's (utils/preemption.py); its freed host memory kept, as the
+    scripts' processes keep theirs (utils.host_memory: the fork server is a fresh interpreter, not a fork of them)."""
+    keep_freed_memory()
     torch.set_num_threads(1)
     leave_stops_to_the_parent()
 

@@ -15,6 +15,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc's mal
 MMAP_THRESHOLD = 32 << 20  # blocks up to this size come from the heap (glibc's largest)
 TRIM_THRESHOLD = 512 << 20  # free memory at the heap's top kept up to this size
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+USER_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")  # the same, in GLIBC_TUNABLES
 
 _kept = None  # whether keep_freed_memory set the thresholds (None: not called yet)
 
@@ -22,8 +23,8 @@ _kept = None  # whether keep_freed_memory set the thresholds (None: not called y
 def keep_freed_memory() -> bool:
     """Set glibc malloc's thresholds (once per process; loader workers forked later inherit them); whether they
     were set. Nothing is changed outside Linux with glibc, or where the user set MALLOC_MMAP_THRESHOLD_ or
-    MALLOC_TRIM_THRESHOLD_ (theirs stand). With another allocator preloaded (jemalloc, tcmalloc), glibc's
-    settings are simply unused."""
+    MALLOC_TRIM_THRESHOLD_, or either in GLIBC_TUNABLES (theirs stand). With another allocator preloaded (jemalloc,
+    tcmalloc), glibc's settings are simply unused."""
     global _kept
     if _kept is None:
         _kept = _set_thresholds()
@@ -34,6 +35,9 @@ def _set_thresholds():
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     if any(name in os.environ for name in USER_SETTINGS):
+        return False
+    tunables = [item.split("=")[0].strip() for item in os.environ.get("GLIBC_TUNABLES", "").split(":")]
+    if any(name in tunables for name in USER_TUNABLES):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
