@@ -38,3 +38,13 @@ def test_a_bar_on_a_terminal_is_redrawn_in_place_and_cleared(monkeypatch):
     text = terminal.getvalue()
     assert text.count("\r") >= 4 and "\n" not in text  # redraws, then cleared (leave=False)
     assert "epoch 1:" in text and text.rstrip("\r").endswith(" ")
+
+
+def test_a_bar_in_a_jupyter_notebook_is_redrawn_as_on_a_terminal(monkeypatch):
+    """A notebook's output stream (ipykernel's OutStream) says it is no terminal but shows carriage returns as
+    redraws: a library user's bar there stays a bar."""
+    notebook_stream = type("OutStream", (io.StringIO,), {"__module__": "ipykernel.iostream"})()
+    monkeypatch.setattr(sys, "stderr", notebook_stream)
+    for _ in progress_bar(range(3), desc="eval", mininterval=0):
+        pass
+    assert notebook_stream.getvalue().count("\r") >= 4

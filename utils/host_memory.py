@@ -4,7 +4,8 @@ glibc's malloc serves blocks above an adaptive threshold (128 KiB, raised up to 
 with fresh pages from the OS and returns freed memory at the heap's top beyond a trim threshold. An eager CPU
 forward allocates and frees tensors of several MiB at every operator, so each of them came back as new pages the
 kernel zero-fills on first touch: a DeiT-S forward ran 1.03-1.28x faster without them on a 2-core VM, evaluation
-end to end 1.09x (docs/performance.md). Fixing both thresholds high makes freed blocks reused. The computation is unchanged (the same values, bit for bit).
+end to end 1.09x (docs/performance.md). Fixing both thresholds high makes freed blocks reused. The computation is
+unchanged (the same values, bit for bit).
 """
 import ctypes
 import os

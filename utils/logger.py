@@ -43,11 +43,17 @@ class _BarLines:
         self.stream.flush()
 
 
+def redrawn_in_place(stream):
+    """Whether ``stream`` shows a carriage return as a redraw: a terminal, or a Jupyter notebook's output (whose
+    stream says it is no terminal)."""
+    return getattr(stream, "isatty", lambda: False)() or type(stream).__module__.startswith("ipykernel.")
+
+
 def progress_bar(iterable=None, **kwargs):
     """``tqdm`` on stderr, redrawn in place at the terminal's width, cleared when done (the log line that follows
-    says it); where stderr is no terminal, a plain (ASCII) line every ``FILE_BAR_SECONDS``."""
+    says it); where stderr is a file or a pipe, a plain (ASCII) line every ``FILE_BAR_SECONDS``."""
     kwargs = {"dynamic_ncols": True, "leave": False, **kwargs}
-    if not getattr(sys.stderr, "isatty", lambda: False)():
+    if not redrawn_in_place(sys.stderr):
         kwargs.update(file=_BarLines(sys.stderr), ascii=True, mininterval=FILE_BAR_SECONDS,
                       maxinterval=FILE_BAR_SECONDS, delay=max(kwargs.get("delay", 0), FILE_BAR_SECONDS))
     return tqdm(iterable, **kwargs)
