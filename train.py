@@ -211,8 +211,9 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
                     except DataError as err:  # a file changed under the run (every process raises it)
                         path = checkpoints.save_trained(epoch, stats, before)
                         raise restated(err, f"the evaluation after epoch {epoch + 1} failed: {user_message(err)}; "
-                                            f"the epoch's training is saved in {path}: once the data is fixed, "
-                                            f"resume with (it evaluates epoch {epoch + 1} again): {resume}") from None
+                                            f"the epoch's training is saved in {path} (a resumed run evaluates "
+                                            f"epoch {epoch + 1} again): once the data is fixed, resume with: "
+                                            f"{resume}") from None
                     metrics.update(metrics.get("at_best_threshold", {}))  # model selection: at the best threshold
                     improved = update_best(checkpoints.best, metrics, plan.selection_metric, epoch, plan.sat)
                     shown = (*recorded_keys(metrics, plan), *(("best_threshold",) if plan.sat else ()))
@@ -238,8 +239,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
         except (DataError, CheckpointError, OutputError) as err:
             fixed = "the data" if isinstance(err, DataError) else "that"
             raise restated(err, f"the final test failed: {user_message(err)}; every epoch is saved in "
-                                f"{checkpoint_dir}: once {fixed} is fixed, run the final test again with: {resume}") \
-                from None
+                                f"{checkpoint_dir} (a resumed run only runs the final test again): once {fixed} is "
+                                f"fixed, resume with: {resume}") from None
         remove_image_cache(output_dir, cfg.cache_images, info)  # an interrupted run keeps it
         if stop.received and info.is_main:
             _logger.info("%s received after the final test: the run is complete", signal_name(stop.received))

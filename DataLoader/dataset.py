@@ -16,7 +16,7 @@ from .formats.annotations import CompactItems, check_boxes
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # An image of 1 to 2 x MAX_IMAGE_PIXELS (a large photo or scan) loads as any other; PIL's note on it is a two-line
 # Python warning that names no file, printed by each loader worker every epoch into the job's output
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, append=True)  # -W, PYTHONWARNINGS win
 
 
 def unreadable_message(path, err):

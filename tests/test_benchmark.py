@@ -119,6 +119,15 @@ def test_check_benchmark_times_each_method(tmp_path):
     assert serial["workers_vs_serial"] == {}
 
 
+def test_check_benchmark_times_a_split_with_an_unreadable_image(tmp_path):
+    """The header pass opened each image bare: a file PIL does not recognise ended the benchmark in a
+    traceback (UnidentifiedImageError), where the check's own passes count it as bad."""
+    root = make_demo_dataset(tmp_path / "cub", num_classes=2, train_per_class=1, test_per_class=2, image_size=40)
+    for image in (root / "images").rglob("*.jpg"):  # (each split's, whichever is timed)
+        image.write_bytes(b"not an image")
+    result = run("--mode", "check", "--data-root", str(root), "--split", "train", "--workers", "0")
+    assert result["images"] == 2 and result["images_per_second"]["header"] > 0
+
 def test_check_benchmark_reads_boxes_kept_elsewhere(tmp_path):
     """--val-boxes (and --metadata-root) reach the dataset as in the scripts: an ImageNet root whose boxes are
     not under it (the flags were missing: such data could not be benchmarked)."""

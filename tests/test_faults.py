@@ -116,7 +116,8 @@ def test_evaluation_failing_after_an_epoch_keeps_its_training(data_root, finishe
     line = error_line(capsys.readouterr().err, exit_info)
     last = out / "checkpoints" / "last.pth"
     assert line.startswith(f"error: the evaluation after epoch 1 failed: unreadable image {test_image}")
-    assert f"the epoch's training is saved in {last}" in line and line.endswith(" --resume")
+    assert f"the epoch's training is saved in {last} (a resumed run evaluates epoch 1 again): once the data is " \
+           "fixed, resume with: python train.py " in line and line.endswith(" --resume")  # the one phrase
     assert line in (out / "log.txt").read_text()
     saved = read_checkpoint(last)
     assert saved["epoch"] == 0 and saved["epoch_stats"]["steps"] == 3 and not (out / "metrics.jsonl").read_text()
@@ -235,8 +236,8 @@ def test_full_disk_for_the_metrics_or_results_is_one_line_with_the_resume_comman
         run_cli(train.main, args(data_root, out, "--epochs", "2", "--resume"))
     line = error_line(capsys.readouterr().err, exit_info)
     assert line.startswith(f"error: the final test failed: could not write {out / 'results.json'}: no space left on "
-                           f"the device; every epoch is saved in {out / 'checkpoints'}: once that is fixed, run the "
-                           "final test again with: python train.py ")
+                           f"the device; every epoch is saved in {out / 'checkpoints'} (a resumed run only runs the "
+                           "final test again): once that is fixed, resume with: python train.py ")  # the one phrase
 
 
 def test_truncated_last_pth_on_resume_names_the_newest_loadable_checkpoint(data_root, finished_run, tmp_path,

@@ -438,3 +438,11 @@ def test_gpu_lib_run_by_itself_says_which_scripts_to_run():
                          timeout=30)
     assert out.returncode == 2 and out.stdout == ""
     assert "tools/gpu_check.sh and tools/gpu_record.sh" in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no sh")
+def test_gpu_lib_run_with_sh_says_which_scripts_to_run():
+    """`sh tools/gpu_lib.sh` (dash on Debian/Ubuntu) said only 'tools/gpu_lib.sh: 4: Bad substitution'."""
+    out = subprocess.run(["sh", "tools/gpu_lib.sh"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and out.stdout == "" and "Bad substitution" not in out.stderr
+    assert "tools/gpu_check.sh and tools/gpu_record.sh" in out.stderr and len(out.stderr.splitlines()) == 1

@@ -513,6 +513,19 @@ def test_a_missing_map_names_the_file_it_may_be_under(tmp_path):
     assert str(err.value) == f"no map for image {image_id}: {tmp_path / image_id}.npy (or .png) not found"
 
 
+def test_an_unreadable_png_map_is_said_as_an_unreadable_image(tmp_path):
+    """A .png map PIL does not read said 'unreadable (UnidentifiedImageError: cannot identify image file <path>)':
+    the path twice, and a 0-byte file not called empty, where the data check and training say why_unreadable's."""
+    from utils.saved_maps import read_map
+    from utils.errors import DataError
+
+    (tmp_path / "a.jpg.png").write_bytes(b"not a png")
+    (tmp_path / "b.jpg.png").write_bytes(b"")
+    for image_id, why in (("a.jpg", "not an image file PIL recognises"), ("b.jpg", "empty file (0 bytes)")):
+        with pytest.raises(DataError) as err:
+            read_map(tmp_path, image_id)
+        assert str(err.value) == f"map {tmp_path / image_id}.png: unreadable ({why})"
+
 def test_a_sat_folder_without_its_views_file_is_said(cub, tmp_path, caplog):
     """Whole-image maps put into DIR/sat/ (as if the folders were one per protocol) were scored as SAT's raw maps
     of the centre crop without a word (IoU 0.99 -> 0.80 for maps that are the GT box): --save-maps always writes

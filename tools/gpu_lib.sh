@@ -1,7 +1,8 @@
 # Shell helpers of tools/gpu_check.sh and tools/gpu_record.sh (sourced). They expect RUNS (the folder the
 # runs write into), TIMEOUT (seconds per run) and T0 (the start, in seconds since the epoch).
 
-if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # run, not sourced: say what to run
+# run, not sourced (by sh too, which has no BASH_SOURCE: it said "Bad substitution"): say what to run
+if [ -z "${BASH_VERSION:-}" ] || [ "${BASH_SOURCE[0]}" = "$0" ]; then
   echo "tools/gpu_lib.sh holds the helpers of tools/gpu_check.sh and tools/gpu_record.sh: run one of those" \
        "(--help says how)" >&2
   exit 2

@@ -46,7 +46,8 @@ class _BarLines:
 def redrawn_in_place(stream):
     """Whether ``stream`` shows a carriage return as a redraw: a terminal, or a Jupyter notebook's output (whose
     stream says it is no terminal)."""
-    return getattr(stream, "isatty", lambda: False)() or type(stream).__module__.startswith("ipykernel.")
+    return getattr(stream, "isatty", lambda: False)() or any(cls.__module__.startswith("ipykernel.")
+                                                             for cls in type(stream).__mro__)
 
 
 def progress_bar(iterable=None, **kwargs):

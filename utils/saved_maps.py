@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from DataLoader.dataset import UNREADABLE, rgb, unreadable_message
+from DataLoader.dataset import UNREADABLE, rgb, unreadable_message, why_unreadable
 from DataLoader.eval_loader import ShardSampler
 from DataLoader.eval_views import includes_wsol
 from DataLoader.loader import BatchLoader
@@ -151,8 +151,8 @@ def read_map(folder, image_id, allow_constant=False):
                 if image.mode not in PNG_SCALES:
                     raise DataError(f"map {path}: a {image.mode} PNG, expected grayscale (8 or 16 bit)")
                 loc_map = np.asarray(image, np.float32) / PNG_SCALES[image.mode]
-    except (OSError, ValueError) as err:
-        raise DataError(f"map {path}: unreadable ({err.__class__.__name__}: {err})") from None
+    except (OSError, ValueError) as err:  # (said as the dataset says an unreadable image: the path once)
+        raise DataError(f"map {path}: unreadable ({why_unreadable(path, err)})") from None
     if loc_map.ndim != 2 or 0 in loc_map.shape:
         raise DataError(f"map {path}: shape {loc_map.shape}, expected a non-empty 2-D map (height, width)")
     if loc_map.dtype.kind not in "fiub":
