@@ -115,7 +115,7 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
                  "batch area loss over %s", cfg.config or "(defaults)", info.world_size, info.device, cfg.batch_size,
                  micro_batch, cfg.accum_steps, describe(info.device, cfg.amp),
                  f"{area_span(cfg.area_loss_scope, micro_batch, info.world_size)} images (area_loss_scope "
-                 f"{cfg.area_loss_scope})")
+                 f"{cfg.area_loss_scope}){loss_weights(cfg)}")
     log_environment(info.device)
     if cfg.ignored_config_keys:
         _logger.info("config %s: evaluator keys, not read by training: %s", cfg.config,
@@ -151,7 +151,8 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
     model, train_model = build_training_model(cfg, train_set.num_classes, info, micro_batch,
                                               pretrained=cfg.pretrained if resumed_from is None else False)
     spec = model_spec(model, cfg.arch, train_set.classes, num_spatial_blocks=cfg.num_spatial_blocks)
-    criterion = SATLoss(cfg.area_thr, cfg.area_loss_scope, micro_batch=micro_batch)
+    criterion = SATLoss(cfg.area_thr, cfg.area_loss_scope, micro_batch=micro_batch,
+                        area_loss_weight=cfg.area_loss_weight, norm_loss_weight=cfg.norm_loss_weight)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.decay_tokens)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
     scheduler = build_scheduler(optimizer, schedule=cfg.lr_schedule, lr=cfg.lr, min_lr=cfg.min_lr,
@@ -245,6 +246,14 @@ def train(cfg, info, imagenet=False, progress=None, resume=None, lock=None):
         if stop.received and info.is_main:
             _logger.info("%s received after the final test: the run is complete", signal_name(stop.received))
     return results
+
+
+def loss_weights(cfg):
+    """The start line's words for loss weights other than the official 1 and 1 ('' for those)."""
+    if cfg.area_loss_weight == 1 and cfg.norm_loss_weight == 1:
+        return ""
+    return (f"; loss = ce + {cfg.area_loss_weight:g} x area + {cfg.norm_loss_weight:g} x norm (official: "
+            f"weights 1)")
 
 
 # ------------------------------------------------------------------------------------------- final test

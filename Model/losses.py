@@ -22,17 +22,20 @@ LOSS_KEYS = ("loss", "ce", "area", "norm")
 
 
 def sat_loss(logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, area_thr: float,
-             area_loss_scope="global", micro_batch=None) -> Dict[str, torch.Tensor]:
-    """Total SAT loss = cross-entropy + batch area loss + normalization loss (all weights 1).
+             area_loss_scope="global", micro_batch=None, area_loss_weight=1.0,
+             norm_loss_weight=1.0) -> Dict[str, torch.Tensor]:
+    """Total SAT loss = cross-entropy + batch area loss + normalization loss (official weights 1; other weights,
+    0 included, for ablations of the map terms).
 
-    Returns a dict with ``loss`` (to backpropagate) and the detached terms ``ce``, ``area``, ``norm`` (LOSS_KEYS).
-    The map terms are computed in float32 whatever the autocast dtype.
+    Returns a dict with ``loss`` (to backpropagate) and the detached terms ``ce``, ``area``, ``norm`` (LOSS_KEYS),
+    unweighted: a term weighted 0 is still reported. The map terms are computed in float32 whatever the autocast
+    dtype.
     """
     maps = maps.float()
     ce = F.cross_entropy(logits.float(), targets)
     area = batch_area_loss(maps, area_thr, area_loss_scope, micro_batch)
     norm = normalization_loss(maps)
-    loss = ce + area + norm
+    loss = ce + area_loss_weight * area + norm_loss_weight * norm
     return {"loss": loss, "ce": ce.detach(), "area": area.detach(), "norm": norm.detach()}
 
 
@@ -45,16 +48,20 @@ class SATLoss(nn.Module):
     process forwards per call (see :func:`batch_area_loss`).
     """
 
-    def __init__(self, area_thr: float, area_loss_scope="global", micro_batch=None):
+    def __init__(self, area_thr: float, area_loss_scope="global", micro_batch=None, area_loss_weight=1.0,
+                 norm_loss_weight=1.0):
         super().__init__()
         self.area_thr, self.micro_batch = area_thr, micro_batch
         self.area_loss_scope = check_area_loss_scope(area_loss_scope)
+        self.area_loss_weight, self.norm_loss_weight = area_loss_weight, norm_loss_weight
 
     def forward(self, logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return sat_loss(logits, maps, targets, self.area_thr, self.area_loss_scope, self.micro_batch)
+        return sat_loss(logits, maps, targets, self.area_thr, self.area_loss_scope, self.micro_batch,
+                        self.area_loss_weight, self.norm_loss_weight)
 
     def extra_repr(self) -> str:
-        return f"area_thr={self.area_thr}, area_loss_scope={self.area_loss_scope}, micro_batch={self.micro_batch}"
+        return (f"area_thr={self.area_thr}, area_loss_scope={self.area_loss_scope}, micro_batch={self.micro_batch}, "
+                f"area_loss_weight={self.area_loss_weight}, norm_loss_weight={self.norm_loss_weight}")
 
 
 # ------------------------------------------------------------------- the two map terms

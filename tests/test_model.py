@@ -10,7 +10,7 @@ import torch
 
 from Model import build_model, build_model_from_checkpoint, list_archs, model_spec
 from Model.losses import (area_per_image, batch_area_loss, gaussian_kernel_3x3, normalization_loss,
-                          normalization_per_image, sat_loss)
+                          normalization_per_image, sat_loss, SATLoss)
 from utils.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from utils.errors import CheckpointError, ConfigError
 
@@ -492,6 +492,26 @@ def test_losses_on_hand_checked_maps():
     assert terms["ce"].item() == pytest.approx(1.3862944, abs=1e-6)
     assert terms["area"].item() == pytest.approx(0.2, abs=1e-7)
     assert terms["loss"].item() == pytest.approx(1.3862944 + 0.2 + 0.2405365762, abs=1e-6)
+
+
+def test_loss_weights_scale_the_map_terms_and_weight_0_leaves_a_term_out():
+    """The paper's ablation of the losses: the total weighs the batch area and normalization terms; the reported
+    terms stay unweighted; a term weighted 0 sends no gradient to the maps."""
+    maps = torch.full((2, 1, 1), 0.5, requires_grad=True)
+    terms = sat_loss(torch.zeros(2, 4), maps, torch.tensor([0, 3]), area_thr=0.3, area_loss_weight=0.5,
+                     norm_loss_weight=2.0)
+    assert terms["area"].item() == pytest.approx(0.2, abs=1e-7)  # unweighted, as above
+    assert terms["norm"].item() == pytest.approx(0.2405365762, abs=1e-7)
+    assert terms["loss"].item() == pytest.approx(1.3862944 + 0.5 * 0.2 + 2 * 0.2405365762, abs=1e-6)
+    area_only = SATLoss(0.3, area_loss_weight=1.0, norm_loss_weight=0.0)(torch.zeros(2, 4), maps, torch.tensor([0, 3]))
+    area_only["loss"].backward()
+    # d|mean(m) - 0.3| / dm_i = sign(0.5 - 0.3) / 2 = 0.5 for each of the two 1x1 maps: the normalization's
+    # gradient (1 - 2 M') x the kernel centre, non-zero at 0.5, is absent
+    assert maps.grad.flatten().tolist() == pytest.approx([0.5, 0.5], abs=1e-7)
+    maps.grad = None
+    SATLoss(0.3, area_loss_weight=0.0, norm_loss_weight=0.0)(torch.zeros(2, 4), maps, torch.tensor([0, 3]))[
+        "loss"].backward()
+    assert maps.grad is None or not maps.grad.any()  # cross-entropy alone: the maps get nothing
 
 
 def test_losses_match_official_per_image_terms(official_outputs):

@@ -292,6 +292,17 @@ def test_accumulation_and_no_amp_flags(data_root, tmp_path):
     assert "global batch 8 = 4 per process x 2 accumulation steps, fp32" in log
 
 
+def test_loss_weights_weigh_the_total_and_are_said_and_recorded(data_root, tmp_path):
+    out = tmp_path / "run"
+    main(args(data_root, out, "--epochs", "1", "--area-loss-weight", "0", "--norm-loss-weight", "0.5"))
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert record["train_area"] > 0 and record["train_norm"] > 0  # the terms, unweighted
+    assert record["train_loss"] == pytest.approx(record["train_ce"] + 0.5 * record["train_norm"], rel=1e-5)
+    assert "loss = ce + 0 x area + 0.5 x norm (official: weights 1)" in (out / "log.txt").read_text()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["area_loss_weight"], saved["norm_loss_weight"]) == (0.0, 0.5)
+
+
 def test_both_protocols_record_the_wsol_metrics_too(data_root, tmp_path):
     out = tmp_path / "run"
     main(args(data_root, out, "--epochs", "1", "--eval-protocol", "both", "--selection-metric", "maxboxaccv2"))

@@ -228,6 +228,10 @@ FIELDS = {
                              "micro-batch of every process; process = each process's own micro-batch; N = groups of "
                              "N images of the processes' micro-batches in rank order, one term per group, averaged",
                              domain=">= 1", words=("global", "process")),
+    "area_loss_weight": Field("model", 1.0, "float", "weight of the batch area loss in the total loss (official: 1; "
+                              "0 trains without it: an ablation of the loss terms)", domain=">= 0"),
+    "norm_loss_weight": Field("model", 1.0, "float", "weight of the normalization loss in the total loss (official: "
+                              "1; 0 trains without it)", domain=">= 0"),
     # optimisation
     "epochs": Field("optimisation", 30, "int", "training epochs", domain=">= 1"),
     "batch_size": Field("optimisation", 256, "int", "GLOBAL batch of one optimizer step: each process loads "
