@@ -78,13 +78,18 @@ def to_device(images, device):
     return normalize(views[0] if len(views) == 1 else torch.cat(views, dim=1))
 
 
+def holds_file_bytes(batch):
+    """Whether ``batch``'s images are the files' bytes of ``--gpu-decode`` (an ``(images, labels)`` pair never is)."""
+    return isinstance(batch, dict) and isinstance(batch.get("image"), dict) and "encoded" in batch["image"]
+
+
 def batch_on_device(batch, device):
     """The batch with its 'image' through ``to_device`` (file bytes decoded first: ``decode_batch``, which
     may drop unreadable images from the batch); an ``(images, labels)`` pair (a torch DataLoader of (image, label)
     samples) becomes ``{'image': images, 'label': labels}``."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         batch = {"image": batch[0], "label": batch[1]}
-    if isinstance(batch["image"], dict) and "encoded" in batch["image"]:
+    if holds_file_bytes(batch):
         batch = decode_batch(batch, device)
     return {**batch, "image": to_device(batch["image"], device)}
 
@@ -148,7 +153,7 @@ class on_device:
         ahead = self.device.type == "cuda" and not getattr(self.loader, "reads_in_caller", False)
         background = self.background
         if background is None:
-            background = ahead and isinstance(first["image"], dict) and "encoded" in first["image"]
+            background = ahead and holds_file_bytes(first)
         if background:
             setup = None
             if self.device.type == "cuda":  # the thread's current device: this one's when the index is not given

@@ -140,8 +140,12 @@ def test_nccl_one_process(tmp_path):
     assert json.loads((tmp_path / "nccl.json").read_text()) == json.loads(json.dumps(single))
 
 
+# (attention on the math kernel: the fused kernels' backward passes need not be deterministic, and AdamW turns a
+# gradient's flipped sign near 0 into a step of the learning rate)
 DETERMINISTIC = ("import sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); "
-                 "torch.backends.cudnn.benchmark = False; from utils.errors import run_cli; "
+                 "torch.backends.cudnn.benchmark = False; torch.backends.cuda.enable_flash_sdp(False); "
+                 "torch.backends.cuda.enable_mem_efficient_sdp(False); torch.backends.cuda.enable_cudnn_sdp(False); "
+                 "from utils.errors import run_cli; "
                  "from train import main; run_cli(main, sys.argv[1:])")
 
 

@@ -1,13 +1,15 @@
 """The device-side input pipeline gives the tensors of the official torchvision transforms: train
 (RandomCrop + flip from the same RNG draws), centre crop, ten-crop and the wsol resize, also through
 loader workers and the prefetching iterator."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from DataLoader import build_dataset, build_loader, collate_samples, make_demo_dataset
-from DataLoader.device_transforms import on_device, to_device
+from DataLoader.device_transforms import batch_on_device, holds_file_bytes, on_device, to_device
 from DataLoader.eval_loader import build_eval_loader
 from DataLoader.eval_views import EvalViews
 from DataLoader.transforms import EvalPixels, TrainPixels, tencrop_boxes, train_transform
@@ -130,3 +132,28 @@ def test_training_and_evaluation_on_pixels_equal_the_official_path(tmp_path):
     official = build_loader(build_dataset("cub", root, "test", EvalViews(**settings)), 4, train=False, workers=0)
     assert evaluate(pixels, model, "cpu", threshold=0.4, per_image=True, progress=False) == \
         evaluate(official, model, "cpu", threshold=0.4, per_image=True, progress=False)
+
+
+def test_a_torch_loader_of_pairs_on_cuda_is_not_taken_for_file_bytes(monkeypatch):
+    """On CUDA, on_device looks at the first batch to choose its background thread (--gpu-decode's file bytes);
+    a torch DataLoader's (images, labels) pair, which train_one_epoch takes, failed there ('list indices must be
+    integers or slices, not str') before any batch. The preparation (CUDA streams) is stubbed out: CPU only."""
+    monkeypatch.setattr(on_device, "_prepared", lambda self, first, rest: ((batch_on_device(b, "cpu"), None)
+                                                                          for b in itertools.chain([first], rest)))
+    pairs = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 3, 8, 8), torch.arange(4)),
+                                        batch_size=2)
+    batches = list(on_device(pairs, "cuda"))
+    assert [b["label"].tolist() for b in batches] == [[0, 1], [2, 3]]
+    assert not holds_file_bytes([torch.zeros(1), torch.zeros(1)]) and not holds_file_bytes({"image": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_torch_loader_of_pairs_through_on_device(device):
+    """The same without the stub: on CUDA (the GPU check) the pairs' images are prepared on the side stream."""
+    pairs = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(4, 3, 8, 8), torch.arange(4)),
+                                        batch_size=2)
+    batches = list(on_device(pairs, device))
+    assert [b["label"].tolist() for b in batches] == [[0, 1], [2, 3]]
+    assert all(b["image"].device.type == device for b in batches)
+    torch.testing.assert_close(torch.cat([b["image"].cpu() for b in batches]), pairs.dataset.tensors[0], rtol=0,
+                               atol=0)
