@@ -40,8 +40,8 @@ from utils.checkpoint import (TrainingCheckpoints, check_resumable, load_checkpo
                               rng_state, seed_everything, set_rng_state)
 from utils.config import given_as, job_settings, parse_config, save_config
 from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
-from utils.errors import (CheckpointError, ConfigError, DataError, OutputError, SATError, first_line, restated,
-                          run_cli, user_message)
+from utils.errors import (CheckpointError, ConfigError, DataError, OutputError, SATError, first_line,
+                          out_of_memory, out_of_memory_message, restated, run_cli, user_message)
 from utils.logger import MetricsLog, close_logging, log_environment, log_error, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 from utils.outputs import FolderLock, write_text_atomic
@@ -52,6 +52,10 @@ from utils.run_folder import (IMAGE_CACHE, check_run_folder, check_shared_folder
 from utils.selection import plan_evaluation, recorded_keys, should_evaluate, update_best
 
 _logger = logging.getLogger("sat")
+# What may change after running out of memory (a resumed run keeps batch_size; --accum-steps changes the batch
+# area loss's images, see docs/training.md)
+OUT_OF_MEMORY_ADVICE = ("less is needed with --accum-steps K (K micro-batches per step), a smaller --eval-batch-size "
+                        "or --amp")
 
 
 def main(argv=None, imagenet=False):
@@ -71,6 +75,10 @@ def main(argv=None, imagenet=False):
             err = SATError(interrupted_message(cfg, progress, resume, "another process of the job ended (killed, "
                                                "out of memory or its node failed: its own output says why; here: "
                                                f"{first_line(err)})"))
+            log_error(err)
+            raise err from None
+        if out_of_memory(err):  # where it stopped, what is saved, and how to resume with less memory
+            err = SATError(interrupted_message(cfg, progress, resume, out_of_memory_message(err, OUT_OF_MEMORY_ADVICE)))
             log_error(err)
             raise err from None
         log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)

@@ -209,6 +209,46 @@ def test_full_disk_when_saving_keeps_the_previous_checkpoint(data_root, tmp_path
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+class MemoryHungryLoss(train.SATLoss):
+    """The SAT criterion that, at its 5th call (optimizer step 2 of epoch 2 here), asks the allocator for 4 PiB:
+    the CPU allocator's real error, handled as a GPU's OutOfMemoryError is."""
+
+    def forward(self, *args):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 5:
+            torch.empty(2 ** 50, dtype=torch.uint8)
+        return super().forward(*args)
+
+
+def test_out_of_memory_is_one_line_with_what_to_change_and_the_resume_command(data_root, tmp_path, capsys,
+                                                                              monkeypatch):
+    monkeypatch.setattr("train.SATLoss", MemoryHungryLoss)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args(data_root, out, "--epochs", "2"))
+    line = error_line(capsys.readouterr().err, exit_info)
+    assert line.startswith("error: out of memory (torch: [enforce fail at ") and "can't allocate memory" in line
+    assert f"less is needed with --accum-steps K (K micro-batches per step), a smaller --eval-batch-size or --amp) " \
+           f"in epoch 2/2; {out / 'checkpoints' / 'last.pth'} holds 1 finished epoch(s); resume with: python " \
+           "train.py " in line and line.endswith(" --resume")
+    assert line in (out / "log.txt").read_text() and "Traceback" not in (out / "log.txt").read_text()
+    assert read_checkpoint(out / "checkpoints" / "last.pth")["epoch"] == 1
+
+
+def test_out_of_memory_in_any_script_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda argv: torch.empty(2 ** 50, dtype=torch.uint8))
+    line = error_line(capsys.readouterr().err, exit_info)
+    assert line.startswith("error: out of memory (torch: [enforce fail at ") and \
+        line.endswith("; less is needed with a smaller batch or --amp: see --help)")
+
+    def fails(argv):
+        raise RuntimeError("another error")
+
+    with pytest.raises(RuntimeError, match="another error"):  # any other error keeps its traceback
+        run_cli(fails)
+
+
 def test_full_disk_for_the_metrics_or_results_is_one_line_with_the_resume_command(data_root, tmp_path, capsys,
                                                                                    monkeypatch):
     def full(path, *_):

@@ -78,6 +78,20 @@ def writing_outputs(path=None):
         raise output_error(err, path) from None
 
 
+def out_of_memory(err) -> bool:
+    """Whether ``err`` is a failed allocation: torch's OutOfMemoryError (a GPU's memory) or the CPU allocator's
+    refusal (a RuntimeError)."""
+    import torch  # (loaded by every script already)
+
+    return isinstance(err, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(err)
+
+
+def out_of_memory_message(err, advice="less is needed with a smaller batch or --amp: see --help") -> str:
+    """The words of an out-of-memory error: torch's first line (what was asked for, what is free) and what to
+    change; a traceback said neither."""
+    return f"out of memory (torch: {first_line(err)}; {advice})"
+
+
 def user_message(err: SATError) -> str:
     """The error's own message; for one re-raised from a DataLoader worker (whose text carries the
     worker's traceback), only the original message line."""
@@ -104,12 +118,17 @@ def line_buffered_stdout():
 def run_cli(main, argv=None):
     """Run ``main(argv)`` with stdout line-buffered (:func:`line_buffered_stdout`); turn :class:`SATError` into an
     ``error:`` message and exit status 2 (the process that met an error shared by several prints it, not each of
-    them)."""
+    them), and so an out-of-memory error (:func:`out_of_memory_message`)."""
     line_buffered_stdout()
     try:
         result = main(argv)
     except SATError as err:
         if not err.echo:
             print(f"error: {user_message(err)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        if not out_of_memory(err):
+            raise
+        print(f"error: {out_of_memory_message(err)}", file=sys.stderr)
         sys.exit(2)
     return result
