@@ -23,7 +23,7 @@ from pathlib import Path
 from DataLoader import DEFAULT_DEMO_ROOT
 from DataLoader.build import build_dataset
 from DataLoader.check import check_split
-from DataLoader.eval_loader import build_eval_loader, resolve_data, resolve_protocol, split_annotations
+from DataLoader.eval_loader import build_eval_loader, resolve_data, resolve_protocol
 from DataLoader.formats.imagenet import WNID
 from DataLoader.eval_views import EvalViews, includes_sat, includes_wsol, views_of
 from DataLoader.loader import check_loading
@@ -196,10 +196,10 @@ def searched_thresholds(args, protocol):
     return list(args.thresholds) if includes_sat(protocol) else []
 
 
-def evaluate_settings(args, protocol, annotations, output_dir, info):
+def evaluate_settings(args, protocol, output_dir, info):
     """The ``evaluate`` arguments both jobs take from the flags: the map thresholds of the protocol, overlays
     (drawn under their partial_name until the evaluation is complete), per-image rows, box processes. Flags the
-    protocol or the split's ``annotations`` ('boxes', 'masks', None) leave unused are warned."""
+    protocol leaves unused are warned."""
     overlay_dir = output_dir / partial_name(OVERLAYS) if args.overlays else None
     flags = args.flags_given  # --threshold / --tencrop have defaults: said when given as flags
     unused = [flag for flag, given, used in (("--thresholds", args.thresholds, includes_sat(protocol)),
@@ -290,7 +290,7 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
         metrics = evaluate(loader, model.to(info.device), info.device, amp=args.amp, compile=args.compile,
                            save_maps=args.save_maps and partial_name(args.save_maps),
                            overlay_blocks=args.overlay_blocks,
-                           **evaluate_settings(args, protocol, split_annotations(loader.dataset), output_dir, info))
+                           **evaluate_settings(args, protocol, output_dir, info))
     except NonFiniteOutputError as err:
         error = DataError(f"checkpoint {args.checkpoint}: {err}")
         raise echoed(error) if err.echo else error from None
@@ -373,7 +373,7 @@ def evaluate_maps(args, imagenet, info, output_dir, previous):
                  f"{' (top-1 alone: no Top-5 Loc or Cls)' if top1 else ''}" if predictions
                  else f"no --predictions: no Top-1 / Top-5 Loc or Cls ({scored} only)")
     metrics = evaluate(loader, None, info.device, saved_maps=maps,
-                       **evaluate_settings(args, protocol, split_annotations(dataset), output_dir, info))
+                       **evaluate_settings(args, protocol, output_dir, info))
     if predictions is None or top1:
         drop_class_metrics(metrics, TOP5_KEYS if top1 else CLASS_KEYS)
     rows, curves = metrics.pop("per_image"), metrics.pop("curves", None)

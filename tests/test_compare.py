@@ -386,3 +386,12 @@ def test_a_training_run_of_an_earlier_version_is_read_in_this_versions_form(tmp_
     assert "the runs' sat numbers come from different settings (old: img_size 128, resize_size 144, tencrop False, " \
            "threshold 0.6; mid: img_size 128, resize_size 144, tencrop False, threshold 0.4)" in record["notes"][-1]
     assert not [note for note in record["notes"] if "settings differ (config.yaml)" in note]
+
+
+def test_a_nan_or_infinite_metric_is_written_as_null():
+    """compare.json and metrics.jsonl write a NaN / infinite metric as JSON null (json.dumps would write NaN /
+    Infinity, which strict JSON readers refuse) through utils.outputs.finite_or_none."""
+    import math
+
+    from utils.outputs import finite_or_none
+    assert [finite_or_none(v) for v in (math.nan, -math.inf, 1.5, 3, "x", None)] == [None, None, 1.5, 3, "x", None]

@@ -542,7 +542,7 @@ def test_overlay_blocks_that_draw_nothing_are_said(tmp_path, caplog, protocol, o
     args = argparse.Namespace(overlays=overlays, overlay_blocks=True, thresholds=[], wsol_threshold=None,
                               threshold=0.4, box_processes=0, flags_given=frozenset())
     with caplog.at_level(logging.WARNING, logger="sat"):
-        evaluate_settings(args, protocol, "boxes", tmp_path, DistInfo())
+        evaluate_settings(args, protocol, tmp_path, DistInfo())
     assert (said in caplog.text) if said else "--overlay-blocks" not in caplog.text
 
 

@@ -148,12 +148,6 @@ def test_an_animated_gif_is_its_first_frame_as_in_pils_path(tmp_path):
     assert resize([decoded], 16).shape == (1, 16, 16, 3)
 
 
-def _replace(root, name, write):
-    path = next((root / "images").rglob(name))
-    write(path)
-    return path
-
-
 @pytest.fixture
 def mixed(tmp_path):
     """A demo dataset where one train file is a PNG and one a CMYK JPEG (names kept: PIL reads content)."""

@@ -86,12 +86,12 @@ def test_amp_selection_on_cpu():
     assert amp_dtype("cpu", False) is None
     assert amp_dtype("cpu", "auto") == (torch.bfloat16 if cpu_supports_bf16() else None)
     assert autocast_context("cpu", False) is contextlib.nullcontext
-    assert not LossScaler("cpu", False).enabled
+    assert not LossScaler("cpu", False).scaler.is_enabled()
     if cpu_supports_bf16():
         assert amp_dtype("cpu", True) == torch.bfloat16
         with autocast_context("cpu", True)():
             assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
-        assert not LossScaler("cpu", True).enabled  # bf16 needs no grad scaler
+        assert not LossScaler("cpu", True).scaler.is_enabled()  # bf16 needs no grad scaler
     else:
         with pytest.raises(ConfigError, match="native bf16"):
             amp_dtype("cpu", True)

@@ -165,7 +165,7 @@ def test_loss_scaler_unscales_before_clipping_and_skips_overflowing_steps():
     assert loss_scaler.state_dict()["scale"] == 2.0 ** 11
     # disabled (fp32, bf16): plain backward and step, nothing to save
     fp32 = LossScaler("cpu")
-    assert not fp32.enabled and fp32.state_dict() == {}
+    assert not fp32.scaler.is_enabled() and fp32.state_dict() == {}
 
 
 def test_a_group_without_gradients_steps_nothing():

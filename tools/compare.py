@@ -14,7 +14,6 @@ compared per image on the images they share. An --output-dir holding a compariso
 import argparse
 import csv
 import json
-import math
 import os
 import re
 import sys
@@ -26,7 +25,7 @@ from DataLoader.demo import DEFAULT_DEMO_ROOT  # noqa: E402
 from DataLoader.eval_views import default_resize_size  # noqa: E402
 from utils.config import OneLineParser, current_keys, read_yaml_mapping, run_started_in  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
-from utils.outputs import FolderLock, Staged, previous_outputs, read_json  # noqa: E402
+from utils.outputs import FolderLock, Staged, finite_or_none, previous_outputs, read_json  # noqa: E402
 from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noqa: E402
 
 # metrics.json keys not in the table: settings of the model and inputs, the threshold lists (their results
@@ -294,10 +293,6 @@ def _differing_path(output_dir, first, other, used):
     return output_dir / f"{name}.csv"
 
 
-def _json_value(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)
@@ -412,7 +407,7 @@ def compare(runs, output_dir, staged):
 
     per_class = per_class_table(runs)
     record = {"runs": {name: str(run.folder) for name, run in runs.items()},
-              "metrics": {metric: {name: _json_value(value) for name, value in values.items()}
+              "metrics": {metric: {name: finite_or_none(value) for name, value in values.items()}
                           for metric, values in table.items()},
               "per_class_gt_known_loc": per_class, "per_image": comparisons, "notes": notes}
     staged.path(output_dir / "compare.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")

@@ -63,10 +63,6 @@ class LossScaler:
         device = torch.device(device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, amp) == torch.float16)
 
-    @property
-    def enabled(self):
-        return self.scaler.is_enabled()
-
     def __call__(self, loss, optimizer, *, clip_grad=None, update_grad=True):
         """Backpropagate ``loss``; then, when ``update_grad`` (the last micro-batch of an accumulation
         group), :meth:`step`. Returns the gradient norm before clipping when it steps with clipping."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils.errors import SATError, output_error, user_message, writing_outputs
-from utils.outputs import write_text_atomic
+from utils.outputs import finite_or_none, write_text_atomic
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 # ``extra=`` of a record for log.txt alone (a long table that would scroll the console's summary away)
@@ -208,10 +208,6 @@ def _add(handler):
     logging.getLogger().addHandler(handler)
 
 
-def _finite_or_none(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 class MetricsLog:
     """``metrics.jsonl`` (one object per epoch, key ``epoch`` = completed epochs) and TensorBoard.
 
@@ -239,7 +235,7 @@ class MetricsLog:
 
     def log_epoch(self, record):
         """Append ``record`` (must hold 'epoch'); scalars also go to TensorBoard at step = epoch."""
-        record = {key: _finite_or_none(value) for key, value in record.items()}
+        record = {key: finite_or_none(value) for key, value in record.items()}
         with writing_outputs(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:

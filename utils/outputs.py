@@ -10,6 +10,7 @@ import datetime
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -66,6 +67,12 @@ def check_output_file(path, overwrite, outputs):
     existing = next(parent for parent in path.absolute().parents if parent.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--save-boxes {path}: no permission to write into {existing}")
+
+
+def finite_or_none(value):
+    """``value`` as a results JSON holds it: a NaN or infinite float as None (JSON null; json.dumps would write
+    NaN / Infinity, which strict JSON readers refuse), anything else as it is."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def read_json(path):

@@ -387,13 +387,13 @@ def map_loader(dataset, views, overlays, batch_size, workers, distributed=False)
                        ShardSampler(len(dataset)) if distributed else None, workers=workers, pin_memory=False)
 
 
-def drop_class_metrics(metrics, keys=CLASS_KEYS):
-    """Without predictions: the metrics that need each image's classes left out (not reported as zeros); with
-    top-1 predictions alone, ``keys`` TOP5_KEYS: those that need five."""
+def drop_class_metrics(metrics, keys):
+    """Leave ``keys`` out of ``metrics`` (and its at_best_threshold), in place: CLASS_KEYS without predictions, the
+    metrics that need each image's classes (not reported as zeros); TOP5_KEYS with top-1 predictions alone, those
+    that need five."""
     for part in (metrics, metrics.get("at_best_threshold", {})):
         for key in keys:
             part.pop(key, None)
-    return metrics
 
 
 def top1_only(predictions, num_classes):
