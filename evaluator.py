@@ -424,19 +424,25 @@ def write_outputs(args, output_dir, previous, record, rows, curves, class_names)
     classification = "ten-crop" if record["tencrop"] else "centre-crop"
     if "maps" in record:
         classification = f"{record['predictions']}'s" if record["predictions"] else "no predictions: no"
-    with writing_outputs(output_dir):  # a full disk: one line (and main() removes what was staged)
+    # a full disk: one line naming the file (its error names none; main() removes what was staged)
+    with writing_outputs(output_dir):
         output_dir.mkdir(parents=True, exist_ok=True)
+    with writing_outputs(output_dir / "metrics.json"):
         staged.path(output_dir / "metrics.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        _logger.info("\n%s\n", format_tables(record, protocol, classification))
+    _logger.info("\n%s\n", format_tables(record, protocol, classification))
+    with writing_outputs(output_dir / "per_image.csv"):
         write_per_image(staged.path(output_dir / "per_image.csv"), rows)
-        if args.save_boxes:
-            entries = [{"file_name": row["image_id"], "size": (row["width"], row["height"]),
-                        "class": row["top5"][0], "score": row["score"], "box": row["box_original"]} for row in rows]
+    if args.save_boxes:
+        entries = [{"file_name": row["image_id"], "size": (row["width"], row["height"]),
+                    "class": row["top5"][0], "score": row["score"], "box": row["box_original"]} for row in rows]
+        with writing_outputs(args.save_boxes):
             Path(args.save_boxes).parent.mkdir(parents=True, exist_ok=True)
             staged.path(args.save_boxes).write_text(json.dumps(coco_detections(entries, class_names)) + "\n",
                                                     encoding="utf-8")
-        if curves:
+    if curves:
+        with writing_outputs(output_dir / "wsol_curves.json"):  # (the PNG's error names it: write_image)
             write_curves(output_dir, curves, staged)
+    with writing_outputs(output_dir):
         staged.commit(output_dir, previous)
     if args.save_boxes:
         _logger.info("COCO-format boxes written to %s%s", args.save_boxes,

@@ -184,6 +184,15 @@ def cache_name(dataset, size):
     return f"{socket.gethostname()}-{digest.hexdigest()[:16]}_{size}px.cache"
 
 
+def readable_size(nbytes):
+    """``nbytes`` in the largest unit of GB, MB, KB it reaches ('6.2 MB'): the demo's caches, in GB, were all
+    '0.0 GB' ('has 0.0 GB free, its image caches need 0.0 GB more')."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
 def attach_image_cache(dataset, folder, said=None):
     """Give ``dataset`` (a WSOLDataset) an ImageCache under ``folder`` when its transform reads only the
     ``Resize((R, R))`` of each image (TrainPixels, EvalPixels of protocol sat / cls); returns the cache,
@@ -207,23 +216,23 @@ def attach_image_cache(dataset, folder, said=None):
         needed = unfilled_bytes(folder) + (0 if path.exists() else cache_bytes(len(dataset), resize_size))
         free = shutil.disk_usage(folder).free
         if needed > free:
-            _logger.warning("cache_images: not for the loader of %d images: %s has %.1f GB free, its image caches "
-                            "need %.1f GB more (free some space or use a --output-dir on a larger disk)",
-                            len(dataset), folder, free / 1e9, needed / 1e9)
+            _logger.warning("cache_images: not for the loader of %d images: %s has %s free, its image caches "
+                            "need %s more (free some space or use a --output-dir on a larger disk)",
+                            len(dataset), folder, readable_size(free), readable_size(needed))
             return None
         try:
             dataset.cache = ImageCache(path, len(dataset), resize_size)
         except OSError as err:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            _logger.warning("cache_images: not for the loader of %d images: %s has no room for its %.1f GB (%s; "
+            _logger.warning("cache_images: not for the loader of %d images: %s has no room for its %s (%s; "
                             "free some space or use a --output-dir on a larger disk)", len(dataset), folder,
-                            cache_bytes(len(dataset), resize_size) / 1e9, err.strerror)
+                            readable_size(cache_bytes(len(dataset), resize_size)), err.strerror)
             return None
     if said is not None:
         if path in said:
             return dataset.cache
         said.add(path)
-    _logger.info("cache_images: %d images at %dx%d in %s (%.1f GB when full, %d cached)", len(dataset), resize_size,
-                 resize_size, dataset.cache.path, dataset.cache.nbytes / 1e9, dataset.cache.num_cached())
+    _logger.info("cache_images: %d images at %dx%d in %s (%s when full, %d cached)", len(dataset), resize_size,
+                 resize_size, dataset.cache.path, readable_size(dataset.cache.nbytes), dataset.cache.num_cached())
     return dataset.cache

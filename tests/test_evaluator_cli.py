@@ -618,3 +618,28 @@ def test_no_data_root_evaluates_a_demo_checkpoint_on_the_demo_data(tmp_path, mon
                        "--workers", "0", "--device", "cpu"])
     assert f"no --data-root: using the built-in demo data at {demo} (CUB layout)" in caplog.text
     assert record["num_images"] == 12 and (demo / "images.txt").is_file()
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "boxes.json"])
+def test_a_full_disk_at_the_results_names_the_file(cub, tmp_path, capsys, keep_logging, monkeypatch, name):
+    """The results written into a full disk: the error named the --output-dir folder ("could not write out: no
+    space left on the device"), not the file (a full disk's OSError names none); nothing partial is left."""
+    import errno
+    import pathlib
+    _, checkpoint = cub
+    out, boxes = tmp_path / "out", tmp_path / "boxes.json"
+    write_text = pathlib.Path.write_text
+
+    def full(path, text, *args, **kwargs):
+        if path.name.startswith(pathlib.Path(name).stem):
+            write_text(path, text[:10], *args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    err = _one_error_line(capsys, ["--checkpoint", str(checkpoint), "--data-root", str(tiny_demo(tmp_path / "demo")),
+                                   "--output-dir", str(out), "--workers", "0", "--device", "cpu",
+                                   "--save-boxes", str(boxes)])
+    assert err == f"error: could not write {out / name if name == 'metrics.json' else boxes}: no space left on the " \
+                  "device"
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt"] and not boxes.exists()

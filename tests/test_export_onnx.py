@@ -165,3 +165,19 @@ def test_a_failing_exporter_is_one_line_naming_the_torch_version(tmp_path, capsy
     assert capsys.readouterr().err == (f"error: torch.onnx.export failed with torch {torch.__version__} (RuntimeError: "
                                        "Failed to export the model with torch.export.); the export is tested with "
                                        f"torch >= {TESTED_TORCH}\n")
+
+
+def test_the_exporter_s_own_full_disk_names_the_output_not_the_torch_version(tmp_path, monkeypatch):
+    """torch.onnx.export on a full disk raises OSError: it was taken for the exporter's failure ("torch.onnx.export
+    failed with torch 2.x (OSError: [Errno 28] ...); the export is tested with torch >= ..."), naming no file."""
+    import errno
+    import tools.export_onnx as export
+    from test_evaluation import nano_model
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.onnx, "export", full)
+    with pytest.raises(OSError) as info:  # main's writing_outputs: "could not write <output>: no space left ..."
+        export.export_onnx(nano_model(3, 64), tmp_path / "x.onnx")
+    assert info.value.errno == errno.ENOSPC

@@ -547,6 +547,10 @@ def test_the_lock_file_goes_with_its_job_and_a_file_removed_meanwhile_is_not_loc
     with pytest.raises(ConfigError, match=r"^--output-dir \S+out: cannot write its lock file \S+out/.lock \(no space "
                                           r"left on the device\)$"):
         FolderLock(tmp_path / "out", "train.py").acquire()
+    assert not (tmp_path / "out" / ".lock").exists()  # its empty lock file was left behind
+    with pytest.raises(ConfigError, match="no space left on the device"):
+        FolderLock(tmp_path / "new" / "out", "train.py").acquire()
+    assert not (tmp_path / "new").exists()  # and the folders made for it
 
 
 def test_a_folder_made_read_only_mid_job_leaves_the_job_s_own_error(tmp_path, monkeypatch):
@@ -816,3 +820,24 @@ def test_tensorboard_a_resume_hides_the_epochs_it_redoes(tmp_path):
     assert scalars == [(1, 11.0), (2, 2.0), (3, 3.0)]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(line["epoch"], line["train_loss"]) for line in lines] == scalars
+
+
+def test_tensorboard_on_a_full_disk_is_one_line_naming_its_folder(tmp_path):
+    """TensorBoard's events past what the disk takes (here a file-size limit: EFBIG, as a full disk's ENOSPC, from
+    the writer thread's real write): the error named no file ("could not write: ..."), and the writer thread's
+    traceback (some 30 lines, "Exception in thread Thread-1") followed the job's one-line error."""
+    script = ("import resource, signal, sys\n"
+              "from utils.errors import run_cli\n"
+              "from utils.logger import MetricsLog\n"
+              "def main(argv):\n"
+              "    log = MetricsLog(argv[0])\n"
+              "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+              "    for epoch in range(1, 200):\n"
+              "        log.log_epoch({'epoch': epoch, **{f'k{i}': 1.0 for i in range(20)}})\n"
+              "run_cli(main, sys.argv[1:])\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (2, f"error: could not write {tmp_path / 'tensorboard'}: "
+                                                 f"{os.strerror(errno.EFBIG)}\n")
+    assert all(json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())

@@ -124,6 +124,9 @@ def test_no_cache_where_the_disk_has_no_room(tmp_path, data_root, monkeypatch, c
     with caplog.at_level(logging.WARNING):
         assert attach_image_cache(test, folder) is None and test.cache is None
     assert "not for the loader of 9 images" in caplog.text and "image caches need" in caplog.text
+    assert "0.0 GB" not in caplog.text and f"need {image_cache.readable_size(cache_bytes(len(test), 72))} more" \
+        in caplog.text  # (in GB, the small caches were '0.0 GB')
+    assert image_cache.readable_size(2.3e9) == "2.3 GB" and image_cache.readable_size(6224896) == "6.2 MB"
     # a cache an interrupted run left sparse (made before its space was taken at once) counts what it has yet to take
     for path in folder.glob("*.cache"):
         path.unlink()

@@ -439,3 +439,28 @@ def test_an_imagenet_run_without_a_threshold_gets_the_imagenet_default(tmp_path,
                            str(image)])
     assert record["threshold"] == 0.3
     assert "using 0.3, evaluator_ImageNet.py's default" in capsys.readouterr().err
+
+
+def test_a_full_disk_at_predictions_json_names_the_file(tmp_path, capsys, monkeypatch):
+    """predictions.json into a full disk: the error named the --output-dir folder, not the file (a full disk's
+    OSError names none); nothing is left of the run."""
+    import errno
+    import os
+    checkpoint = save_nano_checkpoint(tmp_path / "nano.pth")
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    write_text = Path.write_text
+
+    def full(path, text, *args, **kwargs):
+        if path.name.startswith("predictions"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(predict_main, ["--checkpoint", str(checkpoint), "--output-dir", str(out), "--device", "cpu",
+                               str(tmp_path / "a.png")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: could not write {out / 'predictions.json'}: no space left on the device\n"
+    assert not out.exists()

@@ -131,3 +131,17 @@ def test_make_figures_refuses_an_output_file_and_a_run_without_overlays_in_one_l
             run_cli(make_figures, argv)
         assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
     assert (tmp_path / "file.png").read_text() == "x" and not (tmp_path / "img" / "demo_overlays.png").exists()
+
+
+def test_save_rgb_on_a_full_disk_leaves_no_partial_png(tmp_path, monkeypatch):
+    """train.py's final test draws its overlays in place: a full disk left an empty or cut PNG among them (a later
+    look took it for an overlay), named by no error (the OSError of a full disk names no file)."""
+    image = np.zeros((8, 8, 3), np.uint8)
+    kept = save_rgb(tmp_path / "kept.png", image)
+    before = kept.read_bytes()
+    monkeypatch.setattr(Path, "write_bytes", full_disk_write)
+    for path in (tmp_path / "new.png", kept):
+        with pytest.raises(OSError) as info:
+            save_rgb(path, np.full((8, 8, 3), 255, np.uint8))
+        assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.png"] and kept.read_bytes() == before

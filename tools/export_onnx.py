@@ -54,6 +54,8 @@ def export_onnx(model, path, opset_version=None):
     except ImportError as err:  # onnx / onnxscript missing
         raise ConfigError(f"exporting to ONNX needs the onnx and onnxscript packages ({err}): "
                           "pip install -r requirements-dev.txt") from None
+    except OSError:  # a full disk, a folder that cannot be written: main's one line naming the output, not an
+        raise        # exporter failure blamed on the torch version
     except Exception as err:  # the exporter's own failure (e.g. torch 2.9's on official checkpoints' batch dim)
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
         raise SATError(f"torch.onnx.export failed with torch {torch.__version__} ({err.__class__.__name__}: "

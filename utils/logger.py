@@ -10,6 +10,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from tqdm import tqdm
@@ -208,6 +209,24 @@ def _add(handler):
     logging.getLogger().addHandler(handler)
 
 
+def quiet_event_writer_errors():
+    """Let TensorBoard's writer thread fail quietly on an OSError (a full disk): it keeps the error for the job's
+    thread, which raises it again (MetricsLog: one line), then re-raises it, and Python printed its traceback too
+    (``Exception in thread Thread-1``, some 30 lines) below the job's one-line error. Other threads' errors are
+    printed as before."""
+    previous = threading.excepthook
+    if getattr(previous, "_sat_quiet_events", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    hook._sat_quiet_events = True
+    threading.excepthook = hook
+
+
 class MetricsLog:
     """``metrics.jsonl`` (one object per epoch, key ``epoch`` = completed epochs) and TensorBoard.
 
@@ -231,7 +250,10 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import, rank 0 only
 
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_epoch + 1)
+            self.events = Path(output_dir) / "tensorboard"
+            quiet_event_writer_errors()
+            with writing_outputs(self.events):  # (writes its first event: a full disk's error names no file)
+                self.writer = SummaryWriter(str(self.events), purge_step=start_epoch + 1)
 
     def log_epoch(self, record):
         """Append ``record`` (must hold 'epoch'); scalars also go to TensorBoard at step = epoch."""
@@ -239,10 +261,11 @@ class MetricsLog:
         with writing_outputs(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key.replace(".", "/"), value, record["epoch"])
-            self.writer.flush()
+            with writing_outputs(self.events):  # (the writer thread's error, raised here, names no file)
+                for key, value in record.items():
+                    if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.writer.add_scalar(key.replace(".", "/"), value, record["epoch"])
+                self.writer.flush()
 
     def close(self, quiet=False):
         """Close TensorBoard's writer. An event its thread could not write (a full disk, a folder removed) is

@@ -300,8 +300,10 @@ class FolderLock:
                     os.ftruncate(fd, 0)
                     os.write(fd, f"{line}\n".encode())
                     _sync(fd)  # seen at once by the other nodes of a job (utils/run_folder.py's check_shared_folder)
-                except OSError as err:  # a full disk, a quota: one line (closing frees the lock)
+                except OSError as err:  # a full disk, a quota: one line (closing frees the lock); the empty file
+                    self.path.unlink(missing_ok=True)  # and the folders made for it go (still this lock's: held)
                     os.close(fd)
+                    remove_empty(self.created)
                     reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or err)
                     raise ConfigError(f"--output-dir {self.path.parent}: cannot write its lock file {self.path} "
                                       f"({reason})") from None

@@ -77,10 +77,12 @@ def encoded(path, image: np.ndarray) -> bytes:
 
 
 def save_rgb(path, image: np.ndarray) -> Path:
-    """Write an RGB uint8 image (PNG/JPEG by extension), creating parent folders."""
+    """Write an RGB uint8 image (PNG/JPEG by extension), creating parent folders; whole (:func:`write_image`): a
+    full disk left a truncated or empty PNG among the overlays of train.py's final test, which writes them in
+    place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encoded(path, np.ascontiguousarray(image[:, :, ::-1])))
+    write_image(path, np.ascontiguousarray(image[:, :, ::-1]))
     return path
 
 
