@@ -395,3 +395,23 @@ def test_a_nan_or_infinite_metric_is_written_as_null():
 
     from utils.outputs import finite_or_none
     assert [finite_or_none(v) for v in (math.nan, -math.inf, 1.5, 3, "x", None)] == [None, None, 1.5, 3, "x", None]
+
+
+def test_a_training_run_resumed_with_changed_settings_is_said_to_be_one(tmp_path):
+    """config.yaml holds a resumed run's values after the change (area_loss_weight 0): the comparison named that
+    value alone, as if every epoch had trained without the area loss; the resume's line now comes with it."""
+    from utils.config import parse_config, save_config
+    trained, line = [], "# resumed after 1 epoch(s), trained with the values before: area_loss_weight 1.0 -> 0.0"
+    for name, flags, resumed in (("base", [], None), ("res", ["--area-loss-weight", "0"], line)):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_config(parse_config(flags + ["--output-dir", str(folder)], "train"), folder / "config.yaml", resumed)
+        (folder / "results.json").write_text(json.dumps({"epoch": 2, "split": "test", "eval_protocol": "sat",
+                                                         "num_images": 5, "threshold": 0.4, "tencrop": True,
+                                                         "gt_known_loc": 60.0, "top1_loc": 40.0}))
+        trained.append(str(folder))
+    record = compare_main([*trained, "--output-dir", str(tmp_path / "out")])
+    resumed = ("res was resumed after 1 epoch(s), trained with the values before: area_loss_weight 1.0 -> 0.0 "
+               "(config.yaml holds the values after the change)")
+    assert record["notes"] == ["the training runs' settings differ (config.yaml): area_loss_weight (base 1.0, res 0.0)",
+                               resumed]

@@ -575,6 +575,13 @@ def test_saved_config_keeps_each_resume_line_once_and_a_new_run_none(tmp_path):
     assert not [text for text in path.read_text(errors="replace").splitlines() if text.startswith("# resumed")]
 
 
+def test_resume_lines_spell_values_as_config_yaml_does():
+    # config.yaml says clip_grad: null; its resume line said 'clip_grad 1.0 -> None', Python's spelling
+    from utils.checkpoint import Resumed
+    assert Resumed(epoch=1, changed=[("clip_grad", 1.0, None), ("tencrop", True, False)]).changed_line() == \
+        "# resumed after 1 epoch(s), trained with the values before: clip_grad 1.0 -> null, tencrop true -> false"
+
+
 def test_reference_page_is_current():
     # regenerate with: python -m utils.config --markdown > docs/config.md
     assert (REPO_ROOT / "docs" / "config.md").read_text() == markdown()

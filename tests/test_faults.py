@@ -783,7 +783,7 @@ def test_a_last_pth_of_an_earlier_version_resumes_or_is_one_line(data_root, fini
     assert "resume: tencrop" not in log  # it said 'tencrop is not in the checkpoint's config (a key added since)'
     assert f"resume: {last} was written by an older version (one best record" in log
     assert "resume: drop_last is not in the checkpoint's config (a key added since; the version that wrote it ran " \
-           "as True), now False" in log
+           "as true), now false" in log
     assert epochs_logged(out) == [1, 2] and read_checkpoint(last)["best"]["best.pth"]["epoch"] == 2
     out = tmp_path / "no_key"
     shutil.copytree(finished_run, out)
@@ -793,7 +793,7 @@ def test_a_last_pth_of_an_earlier_version_resumes_or_is_one_line(data_root, fini
     torch.save(ckpt, last)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train.main, args(data_root, out, "--epochs", "2", "--resume"))
-    assert "the run was trained with decay_tokens False (now True; not in its config: the version that wrote it " \
+    assert "the run was trained with decay_tokens false (now true; not in its config: the version that wrote it " \
            "had no such key, give --no-decay-tokens)" in error_line(capsys.readouterr().err, exit_info)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train.main, args(data_root, out, "--epochs", "2", "--resume", "--no-decay-tokens"))

@@ -200,7 +200,7 @@ def test_resume_drops_metrics_of_unsaved_epochs_and_extends_a_run(data_root, tmp
                        r"--pretrained"):
         main(args(data_root, out, "--epochs", "3", "--resume", "--num-spatial-blocks", "1", "--batch-size", "4"))
     # a few-shot subset where the run trained on all images: its epochs would be another length (steps lost)
-    with pytest.raises(ConfigError, match=r"images_per_class None \(now 2\), which a resumed run keeps \(the epochs "
+    with pytest.raises(ConfigError, match=r"images_per_class null \(now 2\), which a resumed run keeps \(the epochs "
                        r"are steps over that few-shot subset\)"):
         main(args(data_root, out, "--epochs", "3", "--resume", "--images-per-class", "2"))
     assert (out / "config.yaml").read_text() == config
@@ -227,7 +227,7 @@ def test_resume_applies_a_changed_lr_and_weight_decay_and_refuses_another_traina
     assert sorted(group["weight_decay"] for group in groups) == [0.0, 0.2]
     assert {group["lr"] for group in groups} == {group["initial_lr"] for group in groups} == {5e-3}
     for flag, message in ((["--trainable", "head"], "trainable all (now head)"),
-                          (["--no-decay-tokens"], "decay_tokens True (now False)")):
+                          (["--no-decay-tokens"], "decay_tokens true (now false)")):
         with pytest.raises(ConfigError, match=rf"the run was trained with {re.escape(message)}, which a resumed run "
                            r"keeps \(the optimizer's state is of those parameter groups\)"):
             main(args(data_root, out, "--epochs", "3", "--lr-schedule", "constant", "--resume", *flag))

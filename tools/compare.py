@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader.demo import DEFAULT_DEMO_ROOT  # noqa: E402
 from DataLoader.eval_views import default_resize_size  # noqa: E402
-from utils.config import OneLineParser, current_keys, read_yaml_mapping, run_started_in  # noqa: E402
+from utils.config import RESUMED_LINE, OneLineParser, current_keys, read_yaml_mapping, run_started_in  # noqa: E402
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
 from utils.outputs import FolderLock, Staged, finite_or_none, previous_outputs, read_json  # noqa: E402
 from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noqa: E402
@@ -52,9 +52,10 @@ class Run:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise DataError(f"{self.folder}: not found (expected an evaluator output folder with metrics.json)")
-        self.curves, self.rows, self.config = {}, None, None
+        self.curves, self.rows, self.config, self.resumed = {}, None, None, []
         if not (self.folder / "metrics.json").is_file() and (self.folder / "results.json").is_file():
             self.metrics, self.config = training_record(self.folder)
+            self.resumed = resumed_changes(self.folder / "config.yaml")
             return
         if not (self.folder / "metrics.json").is_file() and (self.folder / "metrics.jsonl").is_file():
             raise DataError(f"{self.folder}: a training run without results.json (its final test): the run has not "
@@ -84,6 +85,14 @@ def training_record(folder):
                  for key in ("data_root", "metadata_root") if data[key]})
     return {**results, **data, "img_size": img_size,
             "resize_size": config.get("resize_size") or (img_size and default_resize_size(img_size))}, config
+
+
+def resumed_changes(config_path):
+    """The lines train.py wrote at the top of a run's config.yaml for each resume that changed settings, without
+    their '# ' ('resumed after 1 epoch(s), trained with the values before: area_thr 0.25 -> 0.3'): the file holds
+    the values after the change, which not all of the run's epochs trained with."""
+    text = config_path.read_text(encoding="utf-8", errors="replace")
+    return [line[2:].strip() for line in text.splitlines() if line.startswith(RESUMED_LINE)]
 
 
 def _current_results(results):
@@ -344,6 +353,9 @@ def setting_notes(runs):
         each = "; ".join(f"{key} ({', '.join(f'{name} {config.get(key)}' for name, config in trained.items())})"
                          for key in differ)
         notes.append(f"the training runs' settings differ (config.yaml): {each}")
+    for name, run in runs.items():  # config.yaml's values are the last resume's, not those of every epoch
+        if run.resumed:
+            notes.append(f"{name} was {'; then '.join(run.resumed)} (config.yaml holds the values after the change)")
     sat = {name: run for name, run in runs.items() if run.metrics.get("eval_protocol") in ("sat", "both")}
     keys = [key for key in SAT_SETTINGS if all(key in run.metrics for run in sat.values())]
     # a run of saved maps (--maps) takes its classes from --predictions, whatever view made them: its

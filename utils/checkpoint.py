@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from utils import distributed as dist_utils
-from utils.config import FIELDS, RESUMED_LINE, config_dict, current_keys, resume_file, resumed_run
+from utils.config import FIELDS, RESUMED_LINE, config_dict, current_keys, resume_file, resumed_run, show_value
 from utils.errors import CheckpointError, ConfigError
 from utils.outputs import mode_as_opened
 
@@ -375,7 +375,7 @@ class Resumed:
         if not self.changed:
             return None
         steps = f" and {self.steps_done} steps of epoch {self.epoch + 1}" if self.steps_done else ""
-        changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in self.changed)
+        changes = ", ".join(f"{key} {show_value(old)} -> {show_value(new)}" for key, old, new in self.changed)
         return (f"{RESUMED_LINE}after {self.epoch} epoch(s){steps}, trained with the values before: {changes}")
 
 
@@ -444,12 +444,13 @@ def restore(path, cfg, info, model, optimizer, scheduler, loss_scaler, steps_per
         if key not in recorded:
             if key in LEGACY_VALUES and value != LEGACY_VALUES[key]:
                 warn("resume: %s is not in the checkpoint's config (a key added since; the version that wrote it "
-                     "ran as %r), now %r", key, LEGACY_VALUES[key], value)
+                     "ran as %s), now %s", key, show_value(LEGACY_VALUES[key]), show_value(value))
             elif key not in LEGACY_VALUES and value != FIELDS[key].default:
-                warn("resume: %s is not in the checkpoint's config (a key added since), now %r", key, value)
+                warn("resume: %s is not in the checkpoint's config (a key added since), now %s", key,
+                     show_value(value))
         elif not _same_setting(recorded[key], value) and not (key == "output_dir" and  # the run goes on in its folder
                                                               resumed_run(path) == Path(value).resolve()):
-            warn("resume: %s was %r in the checkpoint, now %r%s", key, recorded[key], value,
+            warn("resume: %s was %s in the checkpoint, now %s%s", key, show_value(recorded[key]), show_value(value),
                  _change_note(key, recorded[key], value))
             meta["changed"].append((key, recorded[key], value))
     states = meta.get("rng_states") or []
@@ -555,7 +556,7 @@ def check_unchanged(saved, cfg, path, optimizer_state=True):
                    "the epochs are steps over that few-shot subset": {"images_per_class", "seed"},
                    "the optimizer's state is of those parameter groups": set(OPTIMIZER_KEYS)}
         why = "; ".join(reason for reason, keys in reasons.items() if keys & set(changed))
-        values = ", ".join(f"{key} {saved[key]} (now {getattr(cfg, key)}" +
+        values = ", ".join(f"{key} {show_value(saved[key])} (now {show_value(getattr(cfg, key))}" +
                            (f"; not in its config: the version that wrote it had no such key, give "
                             f"--{'' if saved[key] else 'no-'}{key.replace('_', '-')})" if key in unrecorded else ")")
                            for key in changed)

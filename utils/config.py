@@ -628,7 +628,7 @@ def build_parser(script, defaults=None):
         if key == "data_format" and script != "train":  # evaluator.py refuses imagenet; train_ImageNet.py reads only it
             choices = ("imagenet",) if script == "train_imagenet" else tuple(c for c in choices if c != "imagenet")
             default = choices[0] if len(choices) == 1 else default
-        text = field.help if default in (None, []) else f"{field.help} (default: {_show(default)})"
+        text = field.help if default in (None, []) else f"{field.help} (default: {show_value(default)})"
         if script == "train" and key == "output_dir":  # without --config train.py reads a file that sets its own
             demo, cub = (_read(CONFIG_DIR / name, script)[0].get(key, default) for name in (DEMO_CONFIG, spec.defaults))
             text = f"{field.help} (default: {demo} without --data-root, {cub} with it; {default} under a --config " \
@@ -840,7 +840,7 @@ def given_as(cfg, key):
     'epochs: 30 (config file config/CUB.yaml)' or 'epochs: 30 (default)' otherwise; a whole float reads as the
     user wrote it, 3 rather than 3.0."""
     value = getattr(cfg, key)
-    value = _show(int(value) if isinstance(value, float) and value.is_integer() else value)
+    value = show_value(int(value) if isinstance(value, float) and value.is_integer() else value)
     if key in getattr(cfg, "flags_given", ()):
         return f"--{key.replace('_', '-')} {value}"
     from_file = getattr(cfg, "from_file", {})
@@ -932,7 +932,9 @@ def save_config(cfg, path, resumed_line=None):
 
 
 # -------------------------------------------------------------------------------------- reference
-def _show(value):
+def show_value(value):
+    """A config value as config.yaml and the docs spell it (null, true, [0.3, 0.4], not Python's None, True): in
+    --help, docs/config.md and the messages that name a setting."""
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
 
 
@@ -968,7 +970,7 @@ def markdown():
     for section, text in SECTIONS.items():
         lines += [f"## {section}", "", text, "", "| key | default | values | scripts | description |",
                   "| :-- | :-- | :-- | :-- | :-- |"]
-        lines += [f"| `{key}` | `{_show(field.default)}` | {field.expected()} | {_scripts_label(field.scripts)} | "
+        lines += [f"| `{key}` | `{show_value(field.default)}` | {field.expected()} | {_scripts_label(field.scripts)} | "
                   f"{field.help.replace('<', '&lt;')} |"
                   for key, field in FIELDS.items() if field.section == section]
         lines.append("")
