@@ -306,7 +306,7 @@ def evaluate_checkpoint(args, imagenet, info, output_dir, previous):
               "num_classes": model.num_classes, "labels_matched_by": labels_matched_by,
               **evaluation_record(args, fmt, root, split, protocol, views),
               "precision": describe(info.device, args.amp), "compile": args.compile, "gpu_decode": args.gpu_decode,
-              **metrics}
+              "training_config": meta.get("config"), **metrics}
     work_complete()  # every process: a stop signal from now on lets the outputs be kept
     if info.is_main:
         write_outputs(args, output_dir, previous, record, rows, curves, loader.dataset.classes)

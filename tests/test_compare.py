@@ -209,8 +209,8 @@ def test_training_run_folders_are_compared_by_their_final_test_and_settings(tmp_
     assert record["metrics"]["gt_known_loc"] == {"sat": 60.0, "area0.25": 60.0, "area0.1": 45.0}
     assert record["metrics"]["epoch"] == {"sat": None, "area0.25": 2, "area0.1": 2}
     # the demo config's view (128 of 144) is not the evaluator run's 224: said; of the settings, area_thr alone
-    assert record["notes"][-2] == "the training runs' settings differ (config.yaml): area_thr (area0.25 0.25, " \
-                                  "area0.1 0.1)"
+    assert record["notes"][-2] == "the runs were trained with different settings (their config.yaml or checkpoint): " \
+                                  "area_thr (area0.25 0.25, area0.1 0.1)"
     assert "the runs' sat numbers come from different settings (sat: img_size 224" in record["notes"][-1]
     out = capsys.readouterr().out
     assert "sat vs area0.25: no per-image comparison (area0.25: no per_image.csv; of a training run: evaluator.py " \
@@ -385,7 +385,7 @@ def test_a_training_run_of_an_earlier_version_is_read_in_this_versions_form(tmp_
     assert record["metrics"]["at_best_threshold.top1_loc"] == {"old": None, "mid": 28.0}
     assert "the runs' sat numbers come from different settings (old: img_size 128, resize_size 144, tencrop False, " \
            "threshold 0.6; mid: img_size 128, resize_size 144, tencrop False, threshold 0.4)" in record["notes"][-1]
-    assert not [note for note in record["notes"] if "settings differ (config.yaml)" in note]
+    assert not [note for note in record["notes"] if "trained with different settings" in note]
 
 
 def test_a_nan_or_infinite_metric_is_written_as_null():
@@ -413,5 +413,19 @@ def test_a_training_run_resumed_with_changed_settings_is_said_to_be_one(tmp_path
     record = compare_main([*trained, "--output-dir", str(tmp_path / "out")])
     resumed = ("res was resumed after 1 epoch(s), trained with the values before: area_loss_weight 1.0 -> 0.0 "
                "(config.yaml holds the values after the change)")
-    assert record["notes"] == ["the training runs' settings differ (config.yaml): area_loss_weight (base 1.0, res 0.0)",
-                               resumed]
+    assert record["notes"] == ["the runs were trained with different settings (their config.yaml or checkpoint): "
+                               "area_loss_weight (base 1.0, res 0.0)", resumed]
+
+
+def test_evaluations_of_checkpoints_trained_differently_are_said_to_be(tmp_path):
+    """An evaluator's metrics.json holds the checkpoint's training config (training_config; none in the official
+    release files): the note names the settings its runs were trained with that differ, as for training runs."""
+    trained = {"arch": "deit_sat_small_patch16_224", "area_loss_weight": 1.0, "output_dir": "runs/base", "seed": 6}
+    base = write_run(tmp_path / "base", {**METRICS_A, "training_config": trained}, ROWS_A)
+    ablated = write_run(tmp_path / "noarea", {**METRICS_A, "training_config": {
+        **trained, "area_loss_weight": 0.0, "output_dir": "runs/noarea"}}, ROWS_A)
+    released = write_run(tmp_path / "released", {**METRICS_A, "training_config": None}, ROWS_A)
+    record = compare_main([str(base), str(ablated), str(released), "--output-dir", str(tmp_path / "out")])
+    assert record["notes"] == ["the runs were trained with different settings (their config.yaml or checkpoint): "
+                               "area_loss_weight (base 1.0, noarea 0.0)"]  # (output_dir is no setting)
+    assert not [key for key in record["metrics"] if key.startswith("training_config")]

@@ -106,6 +106,7 @@ def test_train_py_end_to_end(data_root, tmp_path):
                str(tmp_path / "eval"), "--workers", "0", "--eval-batch-size", "12"])  # the run's batch: same sums
     official = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert official["threshold"] == 0.4 and official["tencrop"] and official["precision"] == "fp32"
+    assert official["training_config"] == saved  # what the checkpoint was trained with (tools/compare.py's notes)
     keys = ("top1_loc", "top5_loc", "gt_known_loc", "top1_cls", "top5_cls", "iou30", "iou50", "iou70", "num_images")
     assert {key: results[key] for key in keys} == {key: official[key] for key in keys}
 

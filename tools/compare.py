@@ -31,7 +31,7 @@ from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noq
 # metrics.json keys not in the table: settings of the model and inputs, the threshold lists (their results
 # are the <metric>@<threshold> rows) and per_class (a table of its own)
 NOT_TABULATED = ("num_spatial_blocks", "num_classes", "img_size", "resize_size", "search_thresholds", "thresholds",
-                 "per_class")
+                 "per_class", "training_config")
 PER_THRESHOLD = "_per_threshold"
 PER_IMAGE_FLAGS = ("gt_known", "top1_loc")
 DATA_KEYS = ("data_format", "data_root", "metadata_root", "split")  # metrics.json: the data a run evaluated
@@ -61,6 +61,8 @@ class Run:
             raise DataError(f"{self.folder}: a training run without results.json (its final test): the run has not "
                             "finished, or stopped before it (its log.txt says why)")
         self.metrics = _read_json(self.folder / "metrics.json", "an evaluator output folder")
+        trained = self.metrics.get("training_config")  # the checkpoint's (none in the official release files)
+        self.config = current_keys(trained) if isinstance(trained, dict) else None
         curves = self.folder / "wsol_curves.json"
         self.curves = _read_json(curves, "the evaluator's wsol curves") if curves.is_file() else {}
         per_image = self.folder / "per_image.csv"
@@ -352,7 +354,7 @@ def setting_notes(runs):
     if len(trained) > 1 and differ:
         each = "; ".join(f"{key} ({', '.join(f'{name} {config.get(key)}' for name, config in trained.items())})"
                          for key in differ)
-        notes.append(f"the training runs' settings differ (config.yaml): {each}")
+        notes.append(f"the runs were trained with different settings (their config.yaml or checkpoint): {each}")
     for name, run in runs.items():  # config.yaml's values are the last resume's, not those of every epoch
         if run.resumed:
             notes.append(f"{name} was {'; then '.join(run.resumed)} (config.yaml holds the values after the change)")
