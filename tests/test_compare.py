@@ -429,3 +429,33 @@ def test_evaluations_of_checkpoints_trained_differently_are_said_to_be(tmp_path)
     assert record["notes"] == ["the runs were trained with different settings (their config.yaml or checkpoint): "
                                "area_loss_weight (base 1.0, noarea 0.0)"]  # (output_dir is no setting)
     assert not [key for key in record["metrics"] if key.startswith("training_config")]
+
+
+def test_the_settings_note_spells_values_as_config_yaml_does(tmp_path):
+    """null, true, false as config.yaml and the resume messages spell them (show_value), not Python's None, True."""
+    trained = {"arch": "deit_sat_small_patch16_224", "clip_grad": None, "decay_tokens": True}
+    base = write_run(tmp_path / "base", {**METRICS_A, "training_config": trained}, ROWS_A)
+    clipped = write_run(tmp_path / "clipped", {**METRICS_A, "training_config": {
+        **trained, "clip_grad": 1.0, "decay_tokens": False}}, ROWS_A)
+    record = compare_main([str(base), str(clipped), "--output-dir", str(tmp_path / "out")])
+    assert record["notes"] == ["the runs were trained with different settings (their config.yaml or checkpoint): "
+                               "clip_grad (base null, clipped 1.0); decay_tokens (base true, clipped false)"]
+
+
+def test_a_full_disk_at_compare_json_names_the_file(runs, tmp_path, capsys, monkeypatch):
+    """A full disk's error names no file: the line named the output folder, not the file that did not fit."""
+    import errno
+    import pathlib
+    out = tmp_path / "out"
+    write_text = pathlib.Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.startswith("compare.") and self.suffix == ".json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(compare_main, [*map(str, runs), "--output-dir", str(out)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: could not write {out / 'compare.json'}: no space left on the device\n"

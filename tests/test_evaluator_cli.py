@@ -643,3 +643,18 @@ def test_a_full_disk_at_the_results_names_the_file(cub, tmp_path, capsys, keep_l
     assert err == f"error: could not write {out / name if name == 'metrics.json' else boxes}: no space left on the " \
                   "device"
     assert sorted(p.name for p in out.iterdir()) == ["log.txt"] and not boxes.exists()
+
+
+def test_out_of_memory_is_one_line_in_log_txt_with_the_evaluator_s_flags(cub, tmp_path, capsys, keep_logging,
+                                                                         monkeypatch):
+    """The CPU allocator's real refusal: the terminal's line named '--amp' and 'a smaller batch' (the evaluator's
+    flag is --eval-batch-size), and log.txt held the traceback instead of that line."""
+    _, checkpoint = cub
+    out = tmp_path / "out"
+    monkeypatch.setattr("evaluator.evaluate", lambda *args, **kwargs: torch.empty(2 ** 50, dtype=torch.uint8))
+    err = _one_error_line(capsys, ["--checkpoint", str(checkpoint), "--data-root", str(tiny_demo(tmp_path / "demo")),
+                                   "--output-dir", str(out), "--workers", "0", "--device", "cpu"])
+    assert err.startswith("error: out of memory (torch: [enforce fail at ") and \
+        err.endswith("; less is needed with a smaller --eval-batch-size or --amp)")
+    log = (out / "log.txt").read_text()
+    assert err in log and "Traceback" not in log

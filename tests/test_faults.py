@@ -240,13 +240,32 @@ def test_out_of_memory_in_any_script_is_one_line(capsys):
         run_cli(lambda argv: torch.empty(2 ** 50, dtype=torch.uint8))
     line = error_line(capsys.readouterr().err, exit_info)
     assert line.startswith("error: out of memory (torch: [enforce fail at ") and \
-        line.endswith("; less is needed with a smaller batch or --amp: see --help)")
+        line.endswith("; a smaller batch needs less: see --help)")
 
     def fails(argv):
         raise RuntimeError("another error")
 
     with pytest.raises(RuntimeError, match="another error"):  # any other error keeps its traceback
         run_cli(fails)
+
+
+class MemoryHungryImages(torch.utils.data.Dataset):
+    """Images whose loading asks the allocator for 4 PiB: the CPU allocator's real error, in a DataLoader worker."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return torch.empty(2 ** 50, dtype=torch.uint8)
+
+
+def test_out_of_memory_in_a_dataloader_worker_says_torch_s_line_not_the_worker_s_header(capsys):
+    """The worker's error comes back with its traceback in its text: the line must be torch's (what was asked
+    for), not 'Caught RuntimeError in DataLoader worker process 0.'"""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda argv: list(torch.utils.data.DataLoader(MemoryHungryImages(), num_workers=1)))
+    line = error_line(capsys.readouterr().err, exit_info)
+    assert line.startswith("error: out of memory (torch: [enforce fail at ") and "can't allocate memory" in line
 
 
 def test_full_disk_for_the_metrics_or_results_is_one_line_with_the_resume_command(data_root, tmp_path, capsys,
@@ -820,6 +839,18 @@ def test_tensorboard_a_resume_hides_the_epochs_it_redoes(tmp_path):
     assert scalars == [(1, 11.0), (2, 2.0), (3, 3.0)]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(line["epoch"], line["train_loss"]) for line in lines] == scalars
+
+
+def test_tensorboard_s_quiet_writer_errors_last_as_long_as_its_log(tmp_path):
+    """MetricsLog quiets TensorBoard's writer thread through the process's threading.excepthook: closed, it puts
+    the hook back (a library user's own hook, or Python's, is theirs again)."""
+    import threading
+    from utils.logger import MetricsLog
+    before = threading.excepthook
+    log = MetricsLog(tmp_path)
+    assert threading.excepthook is not before
+    log.close()
+    assert threading.excepthook is before
 
 
 def test_tensorboard_on_a_full_disk_is_one_line_naming_its_folder(tmp_path):

@@ -28,7 +28,7 @@ from test_wsolevaluation_reference import EXPECTED, FIXTURES, make_maps, write_s
 CPU = ["--workers", "0", "--device", "cpu"]
 # metrics.json keys that name what was evaluated rather than measure it
 SETTINGS = ("checkpoint", "arch", "num_spatial_blocks", "labels_matched_by", "precision", "compile", "gpu_decode",
-            "maps", "predictions", "tencrop", "views")
+            "maps", "predictions", "tencrop", "views", "training_config")
 # the wsol view's own classification: a forward that saved maps do not have (their classes are reported once)
 WSOL_VIEW_CLASSES = ("wsol_top1_cls", "wsol_top5_cls")
 

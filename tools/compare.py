@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DataLoader.demo import DEFAULT_DEMO_ROOT  # noqa: E402
 from DataLoader.eval_views import default_resize_size  # noqa: E402
-from utils.config import RESUMED_LINE, OneLineParser, current_keys, read_yaml_mapping, run_started_in  # noqa: E402
+from utils.config import (RESUMED_LINE, OneLineParser, current_keys, read_yaml_mapping, run_started_in,  # noqa: E402
+                          show_value)
 from utils.errors import ConfigError, DataError, run_cli, writing_outputs  # noqa: E402
 from utils.outputs import FolderLock, Staged, finite_or_none, previous_outputs, read_json  # noqa: E402
 from utils.visualize import bar_panel, line_panel, save_rgb, stack_panels  # noqa: E402
@@ -352,8 +353,9 @@ def setting_notes(runs):
     keys = sorted({key for config in trained.values() for key in config} - set(NOT_SETTINGS))
     differ = [key for key in keys if len({json.dumps(config.get(key)) for config in trained.values()}) > 1]
     if len(trained) > 1 and differ:
-        each = "; ".join(f"{key} ({', '.join(f'{name} {config.get(key)}' for name, config in trained.items())})"
-                         for key in differ)
+        values = {key: ", ".join(f"{name} {show_value(config.get(key))}" for name, config in trained.items())
+                  for key in differ}  # (null, true: as config.yaml spells them)
+        each = "; ".join(f"{key} ({values[key]})" for key in differ)
         notes.append(f"the runs were trained with different settings (their config.yaml or checkpoint): {each}")
     for name, run in runs.items():  # config.yaml's values are the last resume's, not those of every epoch
         if run.resumed:
@@ -408,7 +410,8 @@ def compare(runs, output_dir, staged):
             comparisons[f"{first} vs {other}"] = {**counts, "differing": None}
             continue
         path = _differing_path(output_dir, first, other, used)
-        write_differing(staged.path(path), a, b, (first, other), differing)
+        with writing_outputs(path):  # (a full disk's error names no file)
+            write_differing(staged.path(path), a, b, (first, other), differing)
         comparisons[f"{first} vs {other}"] = {**counts, "differing": str(path)}
         left_out = (f" ({counts['only_in_a']} images only in {first} and {counts['only_in_b']} only in {other} "
                     "left out)" if counts["only_in_a"] or counts["only_in_b"] else "")
@@ -424,7 +427,8 @@ def compare(runs, output_dir, staged):
               "metrics": {metric: {name: finite_or_none(value) for name, value in values.items()}
                           for metric, values in table.items()},
               "per_class_gt_known_loc": per_class, "per_image": comparisons, "notes": notes}
-    staged.path(output_dir / "compare.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    with writing_outputs(output_dir / "compare.json"):  # (a full disk's error names no file)
+        staged.path(output_dir / "compare.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     rows = figure_panels(runs, per_class)
     if rows:
         save_rgb(staged.path(output_dir / "compare.png"), stack_panels(rows))

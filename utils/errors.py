@@ -86,13 +86,14 @@ def out_of_memory(err) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(err)
 
 
-def out_of_memory_message(err, advice="less is needed with a smaller batch or --amp: see --help") -> str:
+def out_of_memory_message(err, advice="a smaller batch needs less: see --help") -> str:
     """The words of an out-of-memory error: torch's first line (what was asked for, what is free) and what to
-    change; a traceback said neither."""
-    return f"out of memory (torch: {first_line(err)}; {advice})"
+    change; a traceback said neither. One re-raised from a DataLoader worker says the worker's line, not
+    'Caught RuntimeError in DataLoader worker process 0.'"""
+    return f"out of memory (torch: {first_line(user_message(err) or err)}; {advice})"
 
 
-def user_message(err: SATError) -> str:
+def user_message(err) -> str:
     """The error's own message; for one re-raised from a DataLoader worker (whose text carries the
     worker's traceback), only the original message line."""
     text = str(err)

@@ -213,10 +213,10 @@ def quiet_event_writer_errors():
     """Let TensorBoard's writer thread fail quietly on an OSError (a full disk): it keeps the error for the job's
     thread, which raises it again (MetricsLog: one line), then re-raises it, and Python printed its traceback too
     (``Exception in thread Thread-1``, some 30 lines) below the job's one-line error. Other threads' errors are
-    printed as before."""
+    printed as before. Returns the hook it replaced (None: in place already), which MetricsLog.close puts back."""
     previous = threading.excepthook
     if getattr(previous, "_sat_quiet_events", False):
-        return
+        return None
 
     def hook(args):
         if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
@@ -225,6 +225,7 @@ def quiet_event_writer_errors():
 
     hook._sat_quiet_events = True
     threading.excepthook = hook
+    return previous
 
 
 class MetricsLog:
@@ -246,14 +247,18 @@ class MetricsLog:
                 if isinstance(record, dict) and record.get("epoch", math.inf) <= start_epoch:
                     kept.append(line + "\n")
         write_text_atomic(self.path, "".join(kept))  # (rewritten in place, a full disk or a kill lost the lines)
-        self.writer = None
+        self.writer = self.hook_before = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import, rank 0 only
 
             self.events = Path(output_dir) / "tensorboard"
-            quiet_event_writer_errors()
-            with writing_outputs(self.events):  # (writes its first event: a full disk's error names no file)
-                self.writer = SummaryWriter(str(self.events), purge_step=start_epoch + 1)
+            self.hook_before = quiet_event_writer_errors()
+            try:
+                with writing_outputs(self.events):  # (writes its first event: a full disk's error names no file)
+                    self.writer = SummaryWriter(str(self.events), purge_step=start_epoch + 1)
+            except BaseException:
+                self.close(quiet=True)
+                raise
 
     def log_epoch(self, record):
         """Append ``record`` (must hold 'epoch'); scalars also go to TensorBoard at step = epoch."""
@@ -278,3 +283,5 @@ class MetricsLog:
             except OSError as err:
                 if not quiet:
                     logging.getLogger("sat").warning("TensorBoard: %s", output_error(err))
+        if self.hook_before is not None:  # (the writer thread is done: the process's hook as it was)
+            threading.excepthook, self.hook_before = self.hook_before, None
