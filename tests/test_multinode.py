@@ -78,7 +78,7 @@ def test_nodes_must_share_settings_data_and_output_folder(tmp_path):
                                 "their settings: batch_size 32 on rank 0 but 16 on rank 1; x"}
     assert other["settings"]["echo"] and other["settings"]["message"] == main["settings"]["message"]
     assert main["per_node"] is None and other["per_node"] is None  # --data-root, --workers: each node's own
-    assert main["data"]["type"] == "DataError" and "names ['a', 'b'] on rank 0 but ['a', 'c'] on rank 1" in \
+    assert main["data"]["type"] == "DataError" and "names [a, b] on rank 0 but [a, c] on rank 1" in \
         main["data"]["message"]
     assert main["apart"]["type"] == "ConfigError" and other["apart"]["echo"]
     message = main["apart"]["message"]

@@ -514,7 +514,7 @@ def load_yaml(path, _seen=(), sources=None):
         try:
             values[key] = FIELDS[key].check(value)
         except ValueError as err:
-            raise ConfigError(f"config file {path}: {key} must be {err}, got {value!r}") from None
+            raise ConfigError(f"config file {path}: {key} must be {err}, got {show_value(value)}") from None
         if sources is not None:
             sources[key] = str(path)
     return values

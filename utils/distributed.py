@@ -372,8 +372,10 @@ def check_agreement(values, what, hint, kind=ConfigError):
     <hint>``. Processes started with other flags (another node's command line, data root) otherwise train with
     mismatched collectives: a crash whose message blames a dead peer, a hang, or, for a setting no collective
     depends on (lr), silently different models in one job. Collective."""
+    from utils.config import show_value  # (utils.config imports this module)
+
     gathered = all_gather_object(values)
-    differences = [f"{key} {gathered[0].get(key)!r} on rank 0 but {other.get(key)!r} on rank {rank}"
+    differences = [f"{key} {show_value(gathered[0].get(key))} on rank 0 but {show_value(other.get(key))} on rank {rank}"
                    for rank, other in enumerate(gathered[1:], 1)
                    for key in dict.fromkeys([*gathered[0], *other]) if other.get(key) != gathered[0].get(key)]
     if differences:
