@@ -213,6 +213,8 @@ def test_training_run_folders_are_compared_by_their_final_test_and_settings(tmp_
                                   "area_thr (area0.25 0.25, area0.1 0.1)"
     assert "the runs' sat numbers come from different settings (sat: img_size 224" in record["notes"][-1]
     out = capsys.readouterr().out
+    assert f"area0.1: {trained[1]} (checkpoint {trained[1] / 'checkpoints' / 'best.pth'}, arch " \
+           "deit_sat_nano_patch16_224, num_spatial_blocks 3, split test, eval_protocol sat)" in out.splitlines()
     assert "sat vs area0.25: no per-image comparison (area0.25: no per_image.csv; of a training run: evaluator.py " \
            "--checkpoint <run>/checkpoints/best.pth writes it)" in out
     (trained[0] / "config.yaml").unlink()

@@ -86,7 +86,8 @@ def training_record(folder):
     started_in = run_started_in(folder, config.get("output_dir"))
     data.update({key: os.path.abspath(os.path.join(started_in, data[key]))
                  for key in ("data_root", "metadata_root") if data[key]})
-    return {**results, **data, "img_size": img_size,
+    model = {key: config[key] for key in ("arch", "num_spatial_blocks") if key in config}  # (the header's)
+    return {**results, **model, **data, "img_size": img_size,
             "resize_size": config.get("resize_size") or (img_size and default_resize_size(img_size))}, config
 
 
