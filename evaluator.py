@@ -34,8 +34,8 @@ from utils.boxes import coco_detections
 from utils.distributed import all_gather_object, cleanup, init_distributed, run_everywhere, run_on_main
 from utils.config import parse_config
 from utils.engine import NonFiniteOutputError, evaluate, log_evaluation_time
-from utils.errors import (CheckpointError, ConfigError, DataError, SATError, echoed, out_of_memory,
-                          out_of_memory_message, run_cli, writing_outputs)
+from utils.errors import (CheckpointError, ConfigError, DataError, SATError, echoed, resources_message, run_cli,
+                          writing_outputs)
 from utils.logger import LOG_FILE_ONLY, close_logging, log_environment, log_error, setup_logging
 from utils.metrics import format_per_class, format_tables
 from utils.preemption import ignore_stop_signals, signals_held, stopped_as_said, work_complete
@@ -78,8 +78,9 @@ def main(argv=None, imagenet=False):
                         discard_partials(args, output_dir)
                 raise
     except Exception as err:
-        if out_of_memory(err):  # one line in log.txt as on the terminal, naming the evaluator's own flags
-            err = SATError(out_of_memory_message(err, "less is needed with a smaller --eval-batch-size or --amp"))
+        limit = resources_message(err, "less is needed with a smaller --eval-batch-size or --amp")
+        if limit:  # one line in log.txt as on the terminal, naming the evaluator's own flags
+            err = SATError(limit)
             log_error(err)
             raise err from None
         log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)

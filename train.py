@@ -41,7 +41,7 @@ from utils.checkpoint import (TrainingCheckpoints, check_resumable, load_checkpo
 from utils.config import given_as, job_settings, parse_config, save_config
 from utils.engine import CompiledFullBatches, evaluate, log_evaluation_time, train_one_epoch
 from utils.errors import (CheckpointError, ConfigError, DataError, OutputError, SATError, first_line,
-                          out_of_memory, out_of_memory_message, restated, run_cli, user_message)
+                          resources_message, restated, run_cli, user_message)
 from utils.logger import MetricsLog, close_logging, log_environment, log_error, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_trainable
 from utils.outputs import FolderLock, write_text_atomic
@@ -77,8 +77,9 @@ def main(argv=None, imagenet=False):
                                                f"{first_line(err)})"))
             log_error(err)
             raise err from None
-        if out_of_memory(err):  # where it stopped, what is saved, and how to resume with less memory
-            err = SATError(interrupted_message(cfg, progress, resume, out_of_memory_message(err, OUT_OF_MEMORY_ADVICE)))
+        limit = resources_message(err, OUT_OF_MEMORY_ADVICE)
+        if limit:  # out of memory, a loader worker killed: where it stopped, what is saved, how to resume
+            err = SATError(interrupted_message(cfg, progress, resume, limit))
             log_error(err)
             raise err from None
         log_error(err)  # the terminal gets the line from run_cli (a traceback from Python for other errors)

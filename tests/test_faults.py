@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -266,6 +267,34 @@ def test_out_of_memory_in_a_dataloader_worker_says_torch_s_line_not_the_worker_s
         run_cli(lambda argv: list(torch.utils.data.DataLoader(MemoryHungryImages(), num_workers=1)))
     line = error_line(capsys.readouterr().err, exit_info)
     assert line.startswith("error: out of memory (torch: [enforce fail at ") and "can't allocate memory" in line
+
+
+class KilledWorkerData(torch.utils.data.Dataset):
+    """A dataset whose loader worker is killed (SIGKILL, as the kernel's out-of-memory killer ends one) at item 2."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        if index == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return index
+
+
+def test_a_loader_worker_killed_is_one_line_naming_the_likely_cause(capsys):
+    def main(argv):
+        for _ in torch.utils.data.DataLoader(KilledWorkerData(), num_workers=1, multiprocessing_context="fork"):
+            pass
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main)
+    line = error_line(capsys.readouterr().err, exit_info)  # (was torch's traceback, exit status 1)
+    # torch says either, by which of its checks sees the worker gone first
+    said = (r"DataLoader worker \(pid \d+\) is killed by signal: Killed\.|"
+            r"DataLoader worker \(pid\(s\) \d+\) exited unexpectedly")
+    assert re.fullmatch(rf"error: a data loading worker ended \(torch: (?:{said}); a killed worker was most often "
+                        r"killed by the kernel's out-of-memory killer, which dmesg names: fewer --workers need less "
+                        r"host memory\)", line), line
 
 
 def test_full_disk_for_the_metrics_or_results_is_one_line_with_the_resume_command(data_root, tmp_path, capsys,

@@ -7,6 +7,7 @@ a traceback.
 import contextlib
 import errno
 import os
+import re
 import sys
 
 
@@ -93,6 +94,26 @@ def out_of_memory_message(err, advice="a smaller batch needs less: see --help") 
     return f"out of memory (torch: {first_line(user_message(err) or err)}; {advice})"
 
 
+# torch's words for a DataLoader worker that ended without raising (killed by a signal, or crashed)
+_WORKER_ENDED = re.compile(r"DataLoader worker \(pid(?:\(s\))? [^)]*\) (?:is killed by signal|exited unexpectedly)")
+
+
+def resources_message(err, memory_advice=None):
+    """The one line for an error of the machine's limits, else None: out of memory (:func:`out_of_memory_message`,
+    with ``memory_advice`` where given), or a data loading worker that ended without raising (killed: most often
+    by the kernel's out-of-memory killer; another signal or exit status: torch's words alone), which printed
+    torch's traceback and no cause."""
+    if out_of_memory(err):
+        return out_of_memory_message(err, *([memory_advice] if memory_advice else []))
+    if isinstance(err, RuntimeError) and _WORKER_ENDED.search(str(err)):
+        said = first_line(err)
+        if "signal: Killed" in said or said.endswith("exited unexpectedly"):  # (SIGKILL, or its end seen first)
+            said += ("; a killed worker was most often killed by the kernel's out-of-memory killer, which dmesg "
+                     "names: fewer --workers need less host memory")
+        return f"a data loading worker ended (torch: {said})"
+    return None
+
+
 def user_message(err) -> str:
     """The error's own message; for one re-raised from a DataLoader worker (whose text carries the
     worker's traceback), only the original message line."""
@@ -119,7 +140,7 @@ def line_buffered_stdout():
 def run_cli(main, argv=None):
     """Run ``main(argv)`` with stdout line-buffered (:func:`line_buffered_stdout`); turn :class:`SATError` into an
     ``error:`` message and exit status 2 (the process that met an error shared by several prints it, not each of
-    them), and so an out-of-memory error (:func:`out_of_memory_message`)."""
+    them), and so an error of the machine's limits (:func:`resources_message`)."""
     line_buffered_stdout()
     try:
         result = main(argv)
@@ -128,8 +149,9 @@ def run_cli(main, argv=None):
             print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
     except Exception as err:
-        if not out_of_memory(err):
+        message = resources_message(err)
+        if message is None:
             raise
-        print(f"error: {out_of_memory_message(err)}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     return result
