@@ -297,6 +297,39 @@ def test_a_loader_worker_killed_is_one_line_naming_the_likely_cause(capsys):
                         r"host memory\)", line), line
 
 
+def _hand_over_then_die(queue):
+    queue.put(torch.arange(4))  # (its storage shared through a socket of this process)
+    queue.close()
+    queue.join_thread()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_batch_whose_worker_was_killed_before_handing_it_over_is_the_same_line(capsys):
+    """A worker killed while a batch it made was in flight: the main process met the worker's socket gone
+    (ConnectionRefusedError or ConnectionResetError in torch's rebuild_storage_fd), not torch's worker check."""
+    def main(argv):
+        context = torch.multiprocessing.get_context("fork")
+        queue = context.Queue()
+        worker = context.Process(target=_hand_over_then_die, args=(queue,))
+        worker.start()
+        worker.join()
+        queue.get(timeout=60)
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main)
+    line = error_line(capsys.readouterr().err, exit_info)
+    assert re.fullmatch(r"error: a data loading worker ended \(torch: Connection(?:Refused|Reset)Error receiving a "
+                        r"batch: \[Errno \d+\] Connection (?:refused|reset by peer); a killed worker was most often "
+                        r"killed by the kernel's out-of-memory killer, which dmesg names: fewer --workers need less "
+                        r"host memory\)", line), line
+
+    def refused(argv):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    with pytest.raises(ConnectionRefusedError):  # another connection refused keeps its traceback
+        run_cli(refused)
+
+
 def test_full_disk_for_the_metrics_or_results_is_one_line_with_the_resume_command(data_root, tmp_path, capsys,
                                                                                    monkeypatch):
     def full(path, *_):

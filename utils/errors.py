@@ -9,6 +9,7 @@ import errno
 import os
 import re
 import sys
+import traceback
 
 
 class SATError(Exception):
@@ -101,17 +102,22 @@ _WORKER_ENDED = re.compile(r"DataLoader worker \(pid(?:\(s\))? [^)]*\) (?:is kil
 def resources_message(err, memory_advice=None):
     """The one line for an error of the machine's limits, else None: out of memory (:func:`out_of_memory_message`,
     with ``memory_advice`` where given), or a data loading worker that ended without raising (killed: most often
-    by the kernel's out-of-memory killer; another signal or exit status: torch's words alone), which printed
-    torch's traceback and no cause."""
+    by the kernel's out-of-memory killer; another signal or exit status: torch's words alone), seen by torch or
+    by the main process receiving a batch the worker had put in shared memory; each printed a traceback and no
+    cause."""
     if out_of_memory(err):
         return out_of_memory_message(err, *([memory_advice] if memory_advice else []))
-    if isinstance(err, RuntimeError) and _WORKER_ENDED.search(str(err)):
-        said = first_line(err)
-        if "signal: Killed" in said or said.endswith("exited unexpectedly"):  # (SIGKILL, or its end seen first)
-            said += ("; a killed worker was most often killed by the kernel's out-of-memory killer, which dmesg "
-                     "names: fewer --workers need less host memory")
-        return f"a data loading worker ended (torch: {said})"
-    return None
+    ended = isinstance(err, RuntimeError) and _WORKER_ENDED.search(str(err))
+    # a batch in shared memory whose worker ended before handing it over: its socket is gone
+    handing_over = isinstance(err, ConnectionError) and any(
+        frame.f_code.co_name == "rebuild_storage_fd" for frame, _ in traceback.walk_tb(err.__traceback__))
+    if not (ended or handing_over):
+        return None
+    said = first_line(err) if ended else f"{type(err).__name__} receiving a batch: {first_line(err)}"
+    if handing_over or "signal: Killed" in said or said.endswith("exited unexpectedly"):  # (SIGKILL, or its end)
+        said += ("; a killed worker was most often killed by the kernel's out-of-memory killer, which dmesg "
+                 "names: fewer --workers need less host memory")
+    return f"a data loading worker ended (torch: {said})"
 
 
 def user_message(err) -> str:
