@@ -88,25 +88,19 @@ def out_of_memory(err) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(err)
 
 
-def out_of_memory_message(err, advice="a smaller batch needs less: see --help") -> str:
-    """The words of an out-of-memory error: torch's first line (what was asked for, what is free) and what to
-    change; a traceback said neither. One re-raised from a DataLoader worker says the worker's line, not
-    'Caught RuntimeError in DataLoader worker process 0.'"""
-    return f"out of memory (torch: {first_line(user_message(err) or err)}; {advice})"
-
-
 # torch's words for a DataLoader worker that ended without raising (killed by a signal, or crashed)
 _WORKER_ENDED = re.compile(r"DataLoader worker \(pid(?:\(s\))? [^)]*\) (?:is killed by signal|exited unexpectedly)")
 
 
-def resources_message(err, memory_advice=None):
-    """The one line for an error of the machine's limits, else None: out of memory (:func:`out_of_memory_message`,
-    with ``memory_advice`` where given), or a data loading worker that ended without raising (killed: most often
-    by the kernel's out-of-memory killer; another signal or exit status: torch's words alone), seen by torch or
-    by the main process receiving a batch the worker had put in shared memory; each printed a traceback and no
-    cause."""
+def resources_message(err, memory_advice="a smaller batch needs less: see --help"):
+    """The one line for an error of the machine's limits, else None; each printed a traceback and no cause. Out of
+    memory: torch's first line (what was asked for, what is free; from a DataLoader worker its own line, not
+    'Caught RuntimeError in DataLoader worker process 0.') and ``memory_advice``. A data loading worker that ended
+    without raising (killed: most often by the kernel's out-of-memory killer; another signal or exit status:
+    torch's words alone), seen by torch or by the main process receiving a batch the worker had put in shared
+    memory."""
     if out_of_memory(err):
-        return out_of_memory_message(err, *([memory_advice] if memory_advice else []))
+        return f"out of memory (torch: {first_line(user_message(err) or err)}; {memory_advice})"
     ended = isinstance(err, RuntimeError) and _WORKER_ENDED.search(str(err))
     # a batch in shared memory whose worker ended before handing it over: its socket is gone
     handing_over = isinstance(err, ConnectionError) and any(
