@@ -13,7 +13,6 @@ forward's place (utils/saved_maps.py):
 """
 import csv
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -433,8 +432,7 @@ def write_outputs(args, output_dir, previous, record, rows, curves, class_names)
     # a full disk: one line naming the file (its error names none; main() removes what was staged)
     with writing_outputs(output_dir):
         output_dir.mkdir(parents=True, exist_ok=True)
-    with writing_outputs(output_dir / "metrics.json"):
-        staged.path(output_dir / "metrics.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    staged.write_json(output_dir / "metrics.json", record, indent=1)
     _logger.info("\n%s\n", format_tables(record, protocol, classification))
     with writing_outputs(output_dir / "per_image.csv"):
         write_per_image(staged.path(output_dir / "per_image.csv"), rows)
@@ -443,11 +441,9 @@ def write_outputs(args, output_dir, previous, record, rows, curves, class_names)
                     "class": row["top5"][0], "score": row["score"], "box": row["box_original"]} for row in rows]
         with writing_outputs(args.save_boxes):
             Path(args.save_boxes).parent.mkdir(parents=True, exist_ok=True)
-            staged.path(args.save_boxes).write_text(json.dumps(coco_detections(entries, class_names)) + "\n",
-                                                    encoding="utf-8")
+        staged.write_json(args.save_boxes, coco_detections(entries, class_names))
     if curves:
-        with writing_outputs(output_dir / "wsol_curves.json"):  # (the PNG's error names it: write_image)
-            write_curves(output_dir, curves, staged)
+        write_curves(output_dir, curves, staged)  # (the PNG's error names it: write_image)
     with writing_outputs(output_dir):
         staged.commit(output_dir, previous)
     if args.save_boxes:
@@ -484,7 +480,7 @@ def write_per_image(path, rows):
 def write_curves(output_dir, curves, staged):
     """``wsol_curves.json`` and ``wsol_curves.png`` (``staged``: utils/outputs.Staged): box accuracy against
     the map threshold (per IoU) and the PxAP precision-recall curve."""
-    staged.path(output_dir / "wsol_curves.json").write_text(json.dumps(curves, indent=1) + "\n", encoding="utf-8")
+    staged.write_json(output_dir / "wsol_curves.json", curves, indent=1)
     panels = []
     if "box_accuracy" in curves:
         box = curves["box_accuracy"]

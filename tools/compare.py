@@ -428,8 +428,7 @@ def compare(runs, output_dir, staged):
               "metrics": {metric: {name: finite_or_none(value) for name, value in values.items()}
                           for metric, values in table.items()},
               "per_class_gt_known_loc": per_class, "per_image": comparisons, "notes": notes}
-    with writing_outputs(output_dir / "compare.json"):  # (a full disk's error names no file)
-        staged.path(output_dir / "compare.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    staged.write_json(output_dir / "compare.json", record, indent=1)
     rows = figure_panels(runs, per_class)
     if rows:
         save_rgb(staged.path(output_dir / "compare.png"), stack_panels(rows))

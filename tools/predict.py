@@ -286,16 +286,12 @@ def predict(args, model, paths, view, threshold, names, output_dir, staged, free
         raise DataError(f"none of the {len(paths)} images could be read")
     record = {"checkpoint": str(args.checkpoint), "threshold": threshold, "img_size": img_size,
               "resize_size": resize_size, "predictions": predictions, "skipped": skipped}
-    with writing_outputs(output_dir / "predictions.json"):  # (a full disk's error names no file)
-        staged.path(output_dir / "predictions.json").write_text(json.dumps(record, indent=1) + "\n",
-                                                                encoding="utf-8")
+    staged.write_json(output_dir / "predictions.json", record, indent=1)
     if args.save_boxes:
         Path(args.save_boxes).parent.mkdir(parents=True, exist_ok=True)
         entries = [{"file_name": p["image"], "size": p["image_size"], "class": p["class"], "score": p["score"],
                     "box": p["box"]} for p in predictions]
-        with writing_outputs(args.save_boxes):
-            staged.path(args.save_boxes).write_text(json.dumps(coco_detections(entries, names)) + "\n",
-                                                    encoding="utf-8")
+        staged.write_json(args.save_boxes, coco_detections(entries, names))
     return record
 
 

@@ -209,6 +209,12 @@ class Staged:
         self.paths[final] = Path(partial_name(final))
         return self.paths[final]
 
+    def write_json(self, final, value, indent=None):
+        """Write ``value`` as JSON (and a newline) at the staged path of ``final``; an OSError becomes the one line
+        naming ``final`` (a full disk's error names no file)."""
+        with writing_outputs(final):
+            self.path(final).write_text(json.dumps(value, indent=indent) + "\n", encoding="utf-8")
+
     def commit(self, output_dir, previous=()):
         """Delete the names of ``previous`` (the earlier run's, in ``output_dir``) that no staged output replaces,
         then move every staged output that was written in place of its final path (a folder there is replaced
